@@ -1,0 +1,56 @@
+# Switchboard: the one front door. `make help` lists every target.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+REQS := requirements-dev.txt common/requirements.txt webapi/requirements.txt \
+        websocket/requirements.txt $(wildcard microservices/*/requirements.txt)
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test lint fmt bench bench-rpc up down new-service clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
+	  awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): $(REQS)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements-dev.txt
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the pinned requirements
+
+run: $(STAMP) ## Start everything (embedded Redis unless REDIS_URL is set); Ctrl-C stops it all
+	@exec $(BIN)/python -m common.devrun
+
+test: $(STAMP) ## Run the whole test suite against a real embedded redis-server
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff (lint + format check) and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy common webapi websocket microservices
+
+fmt: $(STAMP) ## Format and auto-fix with ruff
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: bench-rpc ## Run every benchmark (peers side by side, ratios printed)
+
+bench-rpc: $(STAMP) ## RPC benchmark: Switchboard vs the raw pipelined-list floor
+	$(BIN)/python -m bench.rpc
+
+up: ## docker compose up (build images, start the stack)
+	docker compose up --build -d
+
+down: ## docker compose down
+	docker compose down
+
+new-service: $(STAMP) ## Scaffold a worker service: make new-service NAME=foo
+	@test -n "$(NAME)" || (echo "usage: make new-service NAME=foo" && exit 2)
+	$(BIN)/python -m common.scaffold $(NAME)
+
+clean: ## Remove the venv and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

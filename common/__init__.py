@@ -1,0 +1,37 @@
+"""Switchboard's shared library: RPC over Redis, registry, settings, logging.
+
+The public API is listed in `__all__` (guarded by `tests/common/test_exports.py`).
+"""
+
+from common.client import RpcClient
+from common.errors import (
+    InvalidParams,
+    MethodNotFound,
+    Overloaded,
+    RemoteError,
+    RpcError,
+    RpcTimeout,
+    ServiceUnavailable,
+)
+from common.log import get_logger, setup_logging
+from common.registry import InstanceRecord, Registry
+from common.service import Service
+from common.settings import Settings, get_settings
+
+__all__ = [
+    "InstanceRecord",
+    "InvalidParams",
+    "MethodNotFound",
+    "Overloaded",
+    "Registry",
+    "RemoteError",
+    "RpcClient",
+    "RpcError",
+    "RpcTimeout",
+    "Service",
+    "ServiceUnavailable",
+    "Settings",
+    "get_logger",
+    "get_settings",
+    "setup_logging",
+]

@@ -1,0 +1,34 @@
+"""asyncio helpers for long-running loops.
+
+On Python 3.11, a `cancel()` that lands while redis-py finishes a command
+through `asyncio.wait_for` can be swallowed (fixed in 3.12): the command returns
+normally and the task keeps running. Background loops therefore check
+`cancelling()` on every turn, and owners stop them with `cancel_and_wait`, which
+repeats the cancel until the task is really done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+
+def cancelling() -> bool:
+    """True when the current task has been asked to cancel."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None, timeout: float = 10.0) -> None:
+    """Cancel `task` (again and again if a cancel is swallowed) and wait for it to end."""
+    if task is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not task.done() and loop.time() < deadline:
+        task.cancel()
+        await asyncio.wait([task], timeout=0.2)
+    if task.done():
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            task.result()

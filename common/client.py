@@ -1,0 +1,222 @@
+"""`RpcClient`: call service methods over Redis.
+
+```python
+async with RpcClient(redis_url) as rpc:
+    channels = await rpc.call("iptv.list_channels", category="news", timeout=2.0)
+    await rpc.send("logs.write", record)              # fire-and-forget
+```
+
+One client per process is the intended use: it owns one reply inbox (a Redis
+list), read by one background task that resolves the waiting futures by call
+id, so no key, subscription or connection is created per call. A call is one
+atomic enqueue round trip (which also answers "is anyone alive?") plus its
+share of the inbox reads.
+
+Hot path: `invoke`, `_read_inbox`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from common import codec, constants
+from common.aio import cancel_and_wait, cancelling
+from common.connection import REDIS_DOWN_ERRORS, connect
+from common.errors import MethodNotFound, RpcTimeout, ServiceUnavailable, error_from_wire
+from common.log import get_logger, request_id_var
+from common.protocol import ENQUEUE_SCRIPT, Call
+from common.settings import Settings, get_settings
+
+log = get_logger("switchboard.client")
+
+_INBOX_BATCH = 256
+# How long a fire-and-forget message stays worth running if it waits in the queue.
+DEFAULT_SEND_TTL = 300.0
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """`"iptv.list_channels"` -> `("iptv", "list_channels")`, or `MethodNotFound`."""
+    service, sep, method = target.partition(".")
+    if not sep or not service or not method:
+        raise MethodNotFound(f"{target!r} is not of the form service.method")
+    return service, method
+
+
+class RpcClient:
+    """Calls methods of Switchboard services; one per process, shared by all tasks."""
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        redis: aioredis.Redis | None = None,
+        timeout: float | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        settings = settings or get_settings()
+        self._own_redis = redis is None
+        self.redis = redis if redis is not None else connect(redis_url or settings.require_redis_url())
+        self.default_timeout = timeout or settings.rpc_timeout
+        self.client_id = uuid.uuid4().hex
+        self.inbox = constants.inbox_key(self.client_id)
+        self._enqueue = self.redis.register_script(ENQUEUE_SCRIPT)
+        self._ids = itertools.count()
+        self._pending: dict[str, asyncio.Future[Any]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> RpcClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Start reading the reply inbox (idempotent)."""
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_inbox(), name="rpc-inbox")
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._reader)
+        self._reader = None
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ServiceUnavailable("RPC client closed"))
+        self._pending.clear()
+        if self._own_redis:
+            await self.redis.aclose()
+
+    async def call(
+        self,
+        target: str,
+        /,
+        *args: Any,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call `service.method` and return its result (see `invoke` for errors)."""
+        return await self.invoke(target, args, kwargs, timeout=timeout, request_id=request_id)
+
+    async def invoke(
+        self,
+        target: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> Any:
+        """Call with explicit args/kwargs (a method may then take a `timeout` argument itself).
+
+        Raises `ServiceUnavailable` at once when no instance is alive or Redis is
+        unreachable, `MethodNotFound` for an unknown service or method,
+        `InvalidParams`, `RemoteError`, and `RpcTimeout` once `timeout` seconds
+        have passed: never later.
+        """
+        service, method = split_target(target)
+        timeout = self.default_timeout if timeout is None else timeout
+        if self._reader is None:
+            await self.start()
+        call_id = f"{self.client_id[:12]}-{next(self._ids)}"
+        call = Call(
+            call_id=call_id,
+            method=method,
+            args=list(args),
+            kwargs=dict(kwargs or {}),
+            deadline=time.time() + timeout,
+            reply_to=self.inbox,
+            request_id=request_id or request_id_var.get(),
+        )
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = future
+        try:
+            async with asyncio.timeout(timeout):
+                await self._enqueue_call(service, call)
+                return await future
+        except TimeoutError:
+            raise RpcTimeout(f"{target} did not answer within {timeout:g}s") from None
+        finally:
+            self._pending.pop(call_id, None)
+
+    async def send(
+        self,
+        target: str,
+        /,
+        *args: Any,
+        ttl: float = DEFAULT_SEND_TTL,
+        request_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Fire-and-forget: enqueue the call and return; no reply is sent back."""
+        service, method = split_target(target)
+        call = Call(
+            call_id=f"{self.client_id[:12]}-{next(self._ids)}",
+            method=method,
+            args=list(args),
+            kwargs=kwargs,
+            deadline=time.time() + ttl,
+            reply_to=None,
+            request_id=request_id or request_id_var.get(),
+        )
+        await self._enqueue_call(service, call)
+
+    async def _enqueue_call(self, service: str, call: Call) -> None:
+        try:
+            entry = await self._enqueue(
+                keys=[constants.instances_key(service), constants.call_stream(service)],
+                args=[call.encode()],
+            )
+        except REDIS_DOWN_ERRORS as exc:
+            raise ServiceUnavailable(f"redis unreachable: {exc}") from exc
+        if entry == 0:
+            if not await self.redis.hexists(constants.CATALOG, service):
+                raise MethodNotFound(f"unknown service {service!r}")
+            raise ServiceUnavailable(f"no live instance of {service!r}")
+
+    async def _read_inbox(self) -> None:
+        backoff = 0.05
+        while not cancelling():
+            try:
+                item = await self.redis.blpop([self.inbox], timeout=1)
+                if item is not None:
+                    self._deliver(item[1])
+                    while True:
+                        more = await self.redis.lpop(self.inbox, _INBOX_BATCH)
+                        for raw in more or ():
+                            self._deliver(raw)
+                        if not more or len(more) < _INBOX_BATCH:
+                            break
+                backoff = 0.05
+            except REDIS_DOWN_ERRORS as exc:
+                log.warning("reply inbox unreachable", extra={"fields": {"error": str(exc)}})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def _deliver(self, raw: bytes) -> None:
+        try:
+            reply = codec.unpackb(raw)
+            future = self._pending.get(reply["id"])
+        except Exception:
+            log.warning("undecodable reply dropped")
+            return
+        if future is None or future.done():
+            return  # the caller already gave up (timeout)
+        if reply.get("ok"):
+            future.set_result(reply.get("r"))
+        else:
+            future.set_exception(error_from_wire(reply.get("e") or {}))

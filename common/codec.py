@@ -1,0 +1,115 @@
+"""The wire codec: msgpack, extended with the types handlers really return.
+
+Native msgpack covers None, bool, int, float, str, bytes, lists and maps. On
+top of that, extension types carry `datetime` (naive or aware, offset kept),
+`date`, `UUID` and `Decimal` exactly. Dataclasses and pydantic models travel as
+an extension holding the class's registered name and its fields: the receiver
+rebuilds the object when it knows the class (registered with `register`, which
+`Service.method` does for every class in a handler's type hints) and a plain
+dict otherwise. Classes are never imported by name from the wire, so a message
+cannot make a process import or instantiate arbitrary code.
+
+`json_default` makes the same types JSON-serialisable for HTTP responses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import msgpack
+from pydantic import BaseModel
+
+_DATETIME, _DATE, _UUID, _DECIMAL, _OBJECT = 1, 2, 3, 4, 5
+
+_registry: dict[str, type[Any]] = {}
+
+
+def type_name(cls: type[Any]) -> str:
+    """The name a class travels under: `module.QualName`."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register(cls: type[Any]) -> type[Any]:
+    """Let received objects of `cls` (a dataclass or pydantic model) be rebuilt as `cls`."""
+    if not (dataclasses.is_dataclass(cls) or issubclass(cls, BaseModel)):
+        raise TypeError(f"{cls!r} is neither a dataclass nor a pydantic model")
+    _registry[type_name(cls)] = cls
+    return cls
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, BaseModel):
+        return dict(obj)
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def _default(obj: Any) -> msgpack.ExtType:
+    # datetime before date: datetime is a subclass of date.
+    if isinstance(obj, dt.datetime):
+        return msgpack.ExtType(_DATETIME, obj.isoformat().encode())
+    if isinstance(obj, dt.date):
+        return msgpack.ExtType(_DATE, obj.isoformat().encode())
+    if isinstance(obj, uuid.UUID):
+        return msgpack.ExtType(_UUID, obj.bytes)
+    if isinstance(obj, Decimal):
+        return msgpack.ExtType(_DECIMAL, str(obj).encode())
+    if isinstance(obj, BaseModel) or (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
+        return msgpack.ExtType(_OBJECT, packb([type_name(type(obj)), _fields(obj)]))
+    raise TypeError(f"cannot encode {type(obj).__name__} over RPC")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _DATETIME:
+        return dt.datetime.fromisoformat(data.decode())
+    if code == _DATE:
+        return dt.date.fromisoformat(data.decode())
+    if code == _UUID:
+        return uuid.UUID(bytes=data)
+    if code == _DECIMAL:
+        return Decimal(data.decode())
+    if code == _OBJECT:
+        name, fields = unpackb(data)
+        cls = _registry.get(name)
+        if cls is None:
+            return fields
+        if issubclass(cls, BaseModel):
+            return cls.model_validate(fields)
+        return cls(**fields)
+    return msgpack.ExtType(code, data)
+
+
+def _encodable(obj: Any) -> Any:
+    if isinstance(obj, (set, frozenset)):
+        return list(obj)
+    return _default(obj)
+
+
+def packb(obj: Any) -> bytes:
+    """Encode `obj` to bytes (sets become lists, tuples become lists)."""
+    return msgpack.packb(obj, default=_encodable, use_bin_type=True, datetime=False)
+
+
+def unpackb(data: bytes) -> Any:
+    """Decode bytes produced by `packb`."""
+    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+
+
+def json_default(obj: Any) -> Any:
+    """`json.dumps(default=...)` hook for the same types, for HTTP responses."""
+    if isinstance(obj, (dt.datetime, dt.date)):
+        return obj.isoformat()
+    if isinstance(obj, (uuid.UUID, Decimal)):
+        return str(obj)
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", errors="replace")
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _fields(obj)
+    if isinstance(obj, (set, frozenset)):
+        return list(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")

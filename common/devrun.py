@@ -1,0 +1,102 @@
+"""`make run`: everything on one laptop, started and stopped as one.
+
+1. Start an embedded Redis (AOF on, data under `.run/redis`) unless `REDIS_URL` is set.
+2. Start every process of the `Procfile` with honcho (a well-kept Procfile runner),
+   with the venv's `bin/` first on PATH and the repo root on PYTHONPATH.
+3. Print the URLs once the gateway answers `/health`.
+4. On SIGINT (Ctrl-C) or SIGTERM, or when `make` itself dies, stop honcho (which
+   stops its children), then Redis. Nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import FrameType
+
+from common.embedded_redis import EmbeddedRedis
+from common.settings import get_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _print(message: str) -> None:
+    print(f"[make run] {message}", flush=True)
+
+
+def _wait_healthy(url: str, runner: subprocess.Popen[bytes], timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and runner.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def main() -> int:
+    settings = get_settings()
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+
+    redis_server: EmbeddedRedis | None = None
+    if not settings.redis_url:
+        data_dir = ROOT / ".run" / "redis"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        redis_server = EmbeddedRedis(appendonly=True, data_dir=data_dir).start()
+        env["REDIS_URL"] = redis_server.url
+        _print(f"embedded redis {redis_server.url} ({redis_server.binary})")
+    else:
+        _print("using REDIS_URL from the environment")
+
+    stopping = False
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    parent = os.getppid()
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "honcho", "start", "-f", str(ROOT / "Procfile"), "-d", str(ROOT)],
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,  # Ctrl-C reaches honcho through us, once, in order
+    )
+    try:
+        health = f"http://127.0.0.1:{settings.webapi_port}/health"
+        if _wait_healthy(health, runner):
+            _print(f"gateway    http://127.0.0.1:{settings.webapi_port}  (try /health, /api/v1/channels)")
+            _print(f"websocket  ws://127.0.0.1:{settings.websocket_port}/ws")
+            _print("Ctrl-C stops everything")
+        while not stopping and runner.poll() is None:
+            if os.getppid() != parent:  # make was killed: do not outlive it
+                break
+            time.sleep(0.2)
+    finally:
+        if runner.poll() is None:
+            runner.send_signal(signal.SIGTERM)
+            try:
+                runner.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(runner.pid, signal.SIGKILL)
+                runner.wait()
+        if redis_server is not None:
+            redis_server.stop(keep_data=True)
+        _print("stopped")
+    return 0 if stopping else (runner.returncode or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The one error hierarchy of Switchboard.
+
+```
+SwitchboardError                  base of everything raised on purpose
+├── ConfigError                   a setting is missing or malformed
+├── RedisUnavailable              Redis cannot be reached (translated at the boundary)
+├── RpcError                      an RPC call did not produce a result
+│   ├── RpcTimeout                no reply before the call's deadline (also a TimeoutError)
+│   ├── RemoteError               the handler raised; carries the remote type, code and message
+│   ├── MethodNotFound            the service has no such method (or no such service is known)
+│   ├── InvalidParams             the arguments do not fit the handler's signature or type hints
+│   ├── ServiceUnavailable        no live instance of the service: raised at once, not at timeout
+│   └── Overloaded                the service's backlog is over its bound: rejected at enqueue
+└── ServiceError                  raised *by handlers* to answer with an application error
+    ├── BadRequest                the request makes no sense for this service (code "bad_request")
+    ├── Unauthorized              missing or wrong credentials (code "unauthorized")
+    ├── Forbidden                 credentials are valid but not enough (code "forbidden")
+    ├── NotFound                  the thing asked for does not exist (code "not_found")
+    └── Conflict                  the thing already exists or changed meanwhile (code "conflict")
+```
+
+A `ServiceError` raised in a handler reaches the caller as a `RemoteError` whose
+`code` is the service error's code, so a gateway can map it to an HTTP status
+without importing the service's code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SwitchboardError(Exception):
+    """Base of every error Switchboard raises on purpose."""
+
+    code: str = "error"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire/JSON form: `{"code": ..., "message": ...}`."""
+        return {"code": self.code, "message": self.message}
+
+
+class ConfigError(SwitchboardError):
+    """A setting is missing or malformed."""
+
+    code = "config_error"
+
+
+class RedisUnavailable(SwitchboardError):
+    """Redis cannot be reached right now; callers may retry later."""
+
+    code = "redis_unavailable"
+
+
+class RpcError(SwitchboardError):
+    """An RPC call did not produce a result."""
+
+    code = "rpc_error"
+
+
+class RpcTimeout(RpcError, TimeoutError):
+    """No reply arrived before the call's deadline."""
+
+    code = "timeout"
+
+
+class RemoteError(RpcError):
+    """The handler raised; `remote_type` names the exception class on the worker."""
+
+    code = "remote_error"
+
+    def __init__(self, message: str = "", *, remote_type: str = "", code: str | None = None) -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "type": self.remote_type}
+
+
+class MethodNotFound(RpcError):
+    """The service has no method of that name, or the service itself is unknown."""
+
+    code = "method_not_found"
+
+
+class InvalidParams(RpcError):
+    """The arguments do not match the handler's signature or type hints."""
+
+    code = "invalid_params"
+
+    def __init__(self, message: str = "", *, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.details = details or []
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.details:
+            out["details"] = self.details
+        return out
+
+
+class ServiceUnavailable(RpcError):
+    """No live instance of the service exists (or Redis is unreachable)."""
+
+    code = "service_unavailable"
+
+
+class Overloaded(RpcError):
+    """The service's backlog is over its bound; the call was not enqueued."""
+
+    code = "overloaded"
+
+
+class ServiceError(SwitchboardError):
+    """Raised by a handler to answer with an application error and a stable code."""
+
+    code = "service_error"
+
+
+class BadRequest(ServiceError):
+    """The request makes no sense for this service."""
+
+    code = "bad_request"
+
+
+class Unauthorized(ServiceError):
+    """Missing or wrong credentials."""
+
+    code = "unauthorized"
+
+
+class Forbidden(ServiceError):
+    """Valid credentials that are not enough for this action."""
+
+    code = "forbidden"
+
+
+class NotFound(ServiceError):
+    """The thing asked for does not exist."""
+
+    code = "not_found"
+
+
+class Conflict(ServiceError):
+    """The thing already exists, or changed meanwhile."""
+
+    code = "conflict"
+
+
+# Errors the worker reports by code, rebuilt as the same class at the caller.
+_PROTOCOL_ERRORS: dict[str, type[RpcError]] = {
+    cls.code: cls for cls in (MethodNotFound, InvalidParams, Overloaded, ServiceUnavailable)
+}
+
+
+def error_from_wire(payload: dict[str, Any]) -> RpcError:
+    """Rebuild the caller-side exception from a worker's error reply."""
+    code = str(payload.get("code", "remote_error"))
+    message = str(payload.get("message", ""))
+    if code == InvalidParams.code:
+        return InvalidParams(message, details=list(payload.get("details") or []))
+    cls = _PROTOCOL_ERRORS.get(code)
+    if cls is not None:
+        return cls(message)
+    return RemoteError(message, remote_type=str(payload.get("type", "")), code=code)
+
+
+__all__ = [
+    "BadRequest",
+    "ConfigError",
+    "Conflict",
+    "Forbidden",
+    "InvalidParams",
+    "MethodNotFound",
+    "NotFound",
+    "Overloaded",
+    "RedisUnavailable",
+    "RemoteError",
+    "RpcError",
+    "RpcTimeout",
+    "ServiceError",
+    "ServiceUnavailable",
+    "SwitchboardError",
+    "Unauthorized",
+    "error_from_wire",
+]

@@ -1,0 +1,82 @@
+"""Checking RPC arguments against a handler's signature and type hints.
+
+Each handler is inspected once, at registration: its signature binds the
+positional and keyword arguments of a call (missing or unexpected names are
+`InvalidParams`), then each bound argument is validated and coerced by a
+pydantic `TypeAdapter` for its annotation. Coercion is pydantic's lax mode on
+purpose: the gateway forwards JSON, where an ISO string must become a
+`datetime` and a query-string "5" an `int`; a type that cannot be coerced
+(a string where an int is expected, say) is rejected with the field's path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from common import codec
+from common.errors import InvalidParams
+
+
+class MethodSpec:
+    """A registered handler: its name, whether it is async, and its argument checker."""
+
+    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
+        self.name = name
+        self.fn = fn
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.signature = inspect.signature(fn)
+        hints = typing.get_type_hints(fn)
+        self._adapters: dict[str, TypeAdapter[Any]] = {}
+        for param in self.signature.parameters.values():
+            annotation = hints.get(param.name, Any)
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or annotation is Any:
+                continue
+            self._adapters[param.name] = TypeAdapter(annotation)
+            _register_classes(annotation)
+        _register_classes(hints.get("return", Any))
+        self.doc = inspect.getdoc(fn) or ""
+
+    def bind(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        """Validated `(args, kwargs)` for the handler, or `InvalidParams`."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidParams(f"{self.name}: {exc}") from None
+        details: list[dict[str, Any]] = []
+        for name, value in bound.arguments.items():
+            adapter = self._adapters.get(name)
+            if adapter is None:
+                continue
+            try:
+                bound.arguments[name] = adapter.validate_python(value)
+            except ValidationError as exc:
+                for err in exc.errors(include_url=False, include_input=False):
+                    loc = ".".join(str(p) for p in (name, *err["loc"]))
+                    details.append({"field": loc, "message": err["msg"], "type": err["type"]})
+        if details:
+            summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+            raise InvalidParams(f"{self.name}: {summary}", details=details)
+        return list(bound.args), dict(bound.kwargs)
+
+    def describe(self) -> dict[str, Any]:
+        """A short description for the catalog (parameter names and the docstring)."""
+        return {
+            "params": [p for p in self.signature.parameters if not p.startswith("_")],
+            "doc": self.doc.split("\n", 1)[0],
+        }
+
+
+def _register_classes(annotation: Any) -> None:
+    """Register every dataclass / pydantic model reachable from a type hint with the codec."""
+    if isinstance(annotation, type) and (
+        dataclasses.is_dataclass(annotation) or issubclass(annotation, BaseModel)
+    ):
+        codec.register(annotation)
+    for arg in typing.get_args(annotation):
+        _register_classes(arg)

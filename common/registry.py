@@ -1,0 +1,139 @@
+"""The service registry: who is alive, and which services and methods exist.
+
+An instance keeps itself alive by heartbeat: every `heartbeat_interval` it
+scores its id in the service's `instances` sorted set with the moment its lease
+ends (`now + heartbeat_ttl`) and refreshes its JSON record. An instance whose
+lease has ended is dead, whether or not anyone has cleaned up after it yet.
+"Now" is always Redis's clock (`TIME` inside the scripts), so machines with
+skewed clocks agree on who is alive.
+
+The catalog (`sb:catalog`, no expiry) remembers each service's methods, which is
+how a gateway answers "unknown method" (404) apart from "no live instance" (503).
+
+Event fan-out to gateways and a resynced local view come with the registry
+issue; this module keeps the Redis layout they will build on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from common import constants
+
+# KEYS: instances zset, records hash. ARGV: instance id, ttl ms, record JSON.
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+if #dead > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+  redis.call('HDEL', KEYS[2], unpack(dead))
+end
+return now_ms
+"""
+
+# KEYS: instances zset. Returns [now_ms, live ids...].
+_LIVE = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now_ms, '+inf')
+table.insert(ids, 1, now_ms)
+return ids
+"""
+
+
+def new_instance_id(service: str) -> str:
+    """A readable, unique instance id: `iptv-<host>-<pid>-<random>`."""
+    return f"{service}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(slots=True)
+class InstanceRecord:
+    """What the registry knows of one running instance."""
+
+    service: str
+    instance_id: str
+    kind: str = "rpc"  # rpc | http | ws
+    address: str | None = None  # host:port for http/ws instances
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    version: str = "0"
+    weight: int = 1
+    zone: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> InstanceRecord:
+        data = json.loads(raw)
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class Registry:
+    """Instance liveness and the service catalog, over one Redis client."""
+
+    def __init__(self, redis: aioredis.Redis, ttl: float = 3.0) -> None:
+        self.redis = redis
+        self.ttl_ms = int(ttl * 1000)
+        self._heartbeat = redis.register_script(_HEARTBEAT)
+        self._live = redis.register_script(_LIVE)
+
+    async def heartbeat(self, record: InstanceRecord) -> None:
+        """Extend `record`'s lease by the TTL (and prune instances whose lease ended)."""
+        keys = [
+            constants.instances_key(record.service),
+            constants.instance_record_key(record.service),
+        ]
+        await self._heartbeat(keys=keys, args=[record.instance_id, self.ttl_ms, record.to_json()])
+
+    async def deregister(self, service: str, instance_id: str) -> None:
+        """Remove an instance at once (graceful shutdown)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(constants.instances_key(service), instance_id)
+            pipe.hdel(constants.instance_record_key(service), instance_id)
+            await pipe.execute()
+
+    async def live_ids(self, service: str) -> list[str]:
+        """Ids of the instances of `service` whose lease has not ended."""
+        result = await self._live(keys=[constants.instances_key(service)])
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in result[1:]]
+
+    async def live_instances(self, service: str) -> list[InstanceRecord]:
+        """Records of the live instances of `service`."""
+        ids = await self.live_ids(service)
+        if not ids:
+            return []
+        raws = await self.redis.hmget(constants.instance_record_key(service), ids)
+        return [InstanceRecord.from_json(raw) for raw in raws if raw]
+
+    async def publish_catalog(self, service: str, methods: dict[str, Any]) -> None:
+        """Record `service`'s methods in the catalog (kept without expiry)."""
+        entry = {"methods": methods, "updated_at": time.time()}
+        await self.redis.hset(constants.CATALOG, service, json.dumps(entry))
+
+    async def catalog(self) -> dict[str, dict[str, Any]]:
+        """Every service ever registered, with its methods."""
+        raw = await self.redis.hgetall(constants.CATALOG)
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    async def service_methods(self, service: str) -> dict[str, Any] | None:
+        """The methods of `service`, or None if the service was never registered."""
+        raw = await self.redis.hget(constants.CATALOG, service)
+        if raw is None:
+            return None
+        methods: dict[str, Any] = json.loads(raw)["methods"]
+        return methods

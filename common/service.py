@@ -1,0 +1,195 @@
+"""`Service`: declare a worker service's methods and run it.
+
+```python
+svc = Service("iptv")
+
+@svc.method
+async def list_channels(category: str | None = None) -> list[dict]: ...
+
+svc.run()  # or: await svc.serve(redis_url)
+```
+
+Lifecycle of `serve()`: connect to Redis (waiting while it is unreachable),
+publish the method catalog, run the `on_startup` hooks, start consuming, and
+only then register by heartbeat, so an instance is never "live" before it can
+take calls. On SIGTERM/SIGINT it deregisters at once (callers stop counting on
+it), stops taking calls, finishes in-flight ones within `SHUTDOWN_GRACE`, flushes
+their replies and runs the `on_shutdown` hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, overload
+
+import redis.asyncio as aioredis
+
+from common.aio import cancel_and_wait, cancelling
+from common.connection import REDIS_DOWN_ERRORS, connect
+from common.errors import ConfigError
+from common.log import get_logger, setup_logging
+from common.params import MethodSpec
+from common.registry import InstanceRecord, Registry, new_instance_id
+from common.settings import Settings, get_settings
+from common.worker import Worker
+
+log = get_logger("switchboard.service")
+
+F = TypeVar("F", bound=Callable[..., Any])
+Hook = Callable[["Service"], Awaitable[None]]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+
+class Service:
+    """A worker service: a name, its methods, and the loop that serves them."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        version: str = "0",
+        concurrency: int | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        if not _NAME.match(name):
+            raise ConfigError(f"service name {name!r} must match {_NAME.pattern}")
+        self.name = name
+        self.version = version
+        self.settings = settings or get_settings()
+        self.concurrency = concurrency or self.settings.rpc_concurrency
+        self.instance_id = new_instance_id(name)
+        self.methods: dict[str, MethodSpec] = {}
+        self.worker: Worker | None = None
+        self._startup: list[Hook] = []
+        self._shutdown: list[Hook] = []
+        self._redis: aioredis.Redis | None = None
+        self._stop = asyncio.Event()
+
+    @overload
+    def method(self, fn: F) -> F: ...
+    @overload
+    def method(self, *, name: str | None = None) -> Callable[[F], F]: ...
+
+    def method(self, fn: F | None = None, *, name: str | None = None) -> Any:
+        """Register a handler (async, or sync to run in the thread pool) as `service.<name>`."""
+
+        def register(f: F) -> F:
+            method_name = name or f.__name__
+            if not _NAME.match(method_name):
+                raise ConfigError(f"method name {method_name!r} must match {_NAME.pattern}")
+            if method_name in self.methods:
+                raise ConfigError(f"{self.name}.{method_name} is registered twice")
+            self.methods[method_name] = MethodSpec(f"{self.name}.{method_name}", f)
+            return f
+
+        return register(fn) if fn is not None else register
+
+    def on_startup(self, hook: Hook) -> Hook:
+        """Run `hook(service)` once Redis is connected, before any call is taken."""
+        self._startup.append(hook)
+        return hook
+
+    def on_shutdown(self, hook: Hook) -> Hook:
+        """Run `hook(service)` after the last call has been answered."""
+        self._shutdown.append(hook)
+        return hook
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The service's Redis client (available from the startup hooks on)."""
+        if self._redis is None:
+            raise RuntimeError(f"{self.name} is not serving yet")
+        return self._redis
+
+    def request_stop(self) -> None:
+        """Begin graceful shutdown (what SIGTERM does)."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, with JSON logging set up: the entry point of `__main__`."""
+        setup_logging(self.name, self.settings.log_level)
+        asyncio.run(self._run_with_signals())
+
+    async def _run_with_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.serve()
+
+    async def serve(self, redis_url: str | None = None) -> None:
+        """Serve calls until `request_stop()`; then shut down gracefully."""
+        self._stop = asyncio.Event()
+        url = redis_url or self.settings.require_redis_url()
+        self._redis = connect(url, name=self.instance_id)
+        heartbeat: asyncio.Task[None] | None = None
+        registry = Registry(self._redis, self.settings.heartbeat_ttl)
+        record = InstanceRecord(self.name, self.instance_id, kind="rpc", version=self.version)
+        try:
+            if not await self._wait_for_redis():
+                return
+            await registry.publish_catalog(
+                self.name, {n: spec.describe() for n, spec in self.methods.items()}
+            )
+            for hook in self._startup:
+                await hook(self)
+            self.worker = Worker(
+                self._redis,
+                self.name,
+                self.instance_id,
+                self.methods,
+                concurrency=self.concurrency,
+                thread_pool=self.settings.rpc_thread_pool,
+            )
+            await self.worker.start()
+            await registry.heartbeat(record)
+            heartbeat = asyncio.create_task(self._heartbeat(registry, record))
+            log.info(
+                "serving",
+                extra={"fields": {"instance": self.instance_id, "methods": sorted(self.methods)}},
+            )
+            await self._stop.wait()
+            log.info("shutting down", extra={"fields": {"instance": self.instance_id}})
+        finally:
+            await cancel_and_wait(heartbeat)
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                await registry.deregister(self.name, self.instance_id)
+            if self.worker is not None:
+                await self.worker.stop(self.settings.shutdown_grace)
+            for hook in self._shutdown:
+                await hook(self)
+            await self._redis.aclose()
+            self._redis = None
+
+    async def _wait_for_redis(self) -> bool:
+        """Block until Redis answers PING (False if asked to stop meanwhile)."""
+        assert self._redis is not None
+        delay = 0.1
+        while not self._stop.is_set():
+            try:
+                await self._redis.ping()
+                return True
+            except REDIS_DOWN_ERRORS as exc:
+                log.warning("waiting for redis", extra={"fields": {"error": str(exc)}})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                delay = min(delay * 2, 2.0)
+        return False
+
+    async def _heartbeat(self, registry: Registry, record: InstanceRecord) -> None:
+        failing = False
+        while not cancelling():
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            try:
+                await registry.heartbeat(record)
+                if failing:
+                    log.info("heartbeat restored")
+                failing = False
+            except REDIS_DOWN_ERRORS as exc:
+                if not failing:
+                    log.warning("heartbeat failed", extra={"fields": {"error": str(exc)}})
+                failing = True

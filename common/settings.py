@@ -1,0 +1,111 @@
+"""Typed settings, read from the environment once at start-up.
+
+Every tunable lives here; the rest of the code asks `get_settings()` and never
+reads `os.environ` itself. A malformed value fails start-up with a `ConfigError`
+naming the variable, instead of surfacing later as a strange behaviour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, TypeVar
+
+from common.errors import ConfigError
+
+T = TypeVar("T")
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a Switchboard process can be told through its environment."""
+
+    # Redis. Unset means "no Redis configured": `make run` and the test fixtures
+    # then start an embedded one and export its URL to every process they start.
+    redis_url: str | None = field(default=None, metadata={"env": "REDIS_URL"})
+
+    # Network. Loopback by default so a laptop exposes nothing; images set 0.0.0.0.
+    bind_host: str = field(default="127.0.0.1", metadata={"env": "BIND_HOST"})
+    webapi_port: int = field(default=8000, metadata={"env": "WEBAPI_PORT"})
+    websocket_port: int = field(default=8001, metadata={"env": "WEBSOCKET_PORT"})
+
+    log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL"})
+
+    # RPC.
+    rpc_timeout: float = field(default=5.0, metadata={"env": "RPC_TIMEOUT"})
+    rpc_concurrency: int = field(default=64, metadata={"env": "RPC_CONCURRENCY"})
+    rpc_thread_pool: int = field(default=16, metadata={"env": "RPC_THREAD_POOL"})
+    shutdown_grace: float = field(default=10.0, metadata={"env": "SHUTDOWN_GRACE"})
+
+    # Registry: liveness by heartbeat (design §5 defaults).
+    heartbeat_interval: float = field(default=1.0, metadata={"env": "HEARTBEAT_INTERVAL"})
+    heartbeat_ttl: float = field(default=3.0, metadata={"env": "HEARTBEAT_TTL"})
+
+    # auth. No default secret on purpose: without JWT_SECRET the auth service
+    # generates one at first start and keeps it in Redis (never in the repo).
+    jwt_secret: str | None = field(default=None, metadata={"env": "JWT_SECRET"})
+    jwt_ttl: int = field(default=900, metadata={"env": "JWT_TTL"})
+
+    # iptv seed size (a few hundred channels, a week of programmes).
+    iptv_channels: int = field(default=300, metadata={"env": "IPTV_CHANNELS"})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from `environ` (default: the process environment)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = f.metadata["env"]
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(name, raw, _PARSERS[str(f.type)])
+        settings = cls(**values)
+        settings._validate()
+        return settings
+
+    def require_redis_url(self) -> str:
+        """The Redis URL, or a `ConfigError` telling the user how to get one."""
+        if not self.redis_url:
+            raise ConfigError(
+                "REDIS_URL is not set: export it (redis://host:6379/0) or start "
+                "everything with `make run`, which starts an embedded Redis"
+            )
+        return self.redis_url
+
+    def _validate(self) -> None:
+        if self.log_level.upper() not in _LOG_LEVELS:
+            raise ConfigError(f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}")
+        for name, port in (("WEBAPI_PORT", self.webapi_port), ("WEBSOCKET_PORT", self.websocket_port)):
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{name} must be a TCP port, got {port}")
+        if self.heartbeat_ttl <= self.heartbeat_interval:
+            raise ConfigError("HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL")
+        if self.rpc_timeout <= 0 or self.rpc_concurrency <= 0:
+            raise ConfigError("RPC_TIMEOUT and RPC_CONCURRENCY must be positive")
+
+
+def _parse(name: str, raw: str, parser: Callable[[str], T]) -> T:
+    try:
+        return parser(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not valid: {exc}") from exc
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "str": str,
+    "str | None": str,
+    "int": int,
+    "float": float,
+}
+
+
+@cache
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings.from_env()

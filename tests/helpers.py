@@ -1,0 +1,123 @@
+"""Test helpers: real processes on 127.0.0.1, and polling with a deadline (never bare sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from common.embedded_redis import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+__all__ = ["ROOT", "ServiceProcess", "free_port", "wait_for", "wait_for_async"]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except Exception as exc:
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last error: {last_exc!r})")
+
+
+async def wait_for_async(
+    predicate: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.05
+) -> Any:
+    """Async twin of `wait_for`."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = await predicate()
+            if result:
+                return result
+        except Exception as exc:
+            last_exc = exc
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last error: {last_exc!r})")
+
+
+class ServiceProcess:
+    """A real service process (e.g. `python -m webapi`) with the repo root on PYTHONPATH.
+
+    Output goes to a log file whose tail is shown when a test needs it.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.args = [sys.executable if a == "python" else a for a in args]
+        self.name = name or "-".join(a for a in args[1:3] if not a.startswith("-"))
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p
+        )
+        full_env.update(env or {})
+        self.env = full_env
+        log_dir = log_dir or Path(os.environ.get("TEST_LOG_DIR", "/tmp/switchboard-test-logs"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{self.name.replace('/', '_')}-{os.getpid()}-{id(self)}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.args,
+                env=self.env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def send_signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.process is not None
+            self.process.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        """Signal the process and wait for it; SIGKILL its group if it does not exit."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode

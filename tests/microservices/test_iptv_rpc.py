@@ -1,0 +1,201 @@
+"""The iptv worker as a real process, called through RpcClient (Redis DBs 3 and 5)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis.asyncio as aioredis
+
+from common import InvalidParams, RemoteError, RpcClient
+from common.constants import instances_key
+from microservices.iptv.catalog import Keys
+from tests.helpers import ServiceProcess, wait_for_async
+
+pytestmark = pytest.mark.timeout(90)
+
+CHANNELS = 60
+
+
+def db_url(redis_url: str, db: int) -> str:
+    return redis_url.rsplit("/", 1)[0] + f"/{db}"
+
+
+def start_iptv(url: str) -> ServiceProcess:
+    return ServiceProcess(
+        ["python", "-m", "microservices.iptv"],
+        env={"REDIS_URL": url, "IPTV_CHANNELS": str(CHANNELS)},
+    ).start()
+
+
+async def ready(rpc: RpcClient, process: ServiceProcess) -> None:
+    """Poll until the worker answers (it registers only after seeding)."""
+    try:
+        await wait_for_async(lambda: rpc.call("iptv.list_categories", timeout=2.0), timeout=30)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- iptv log ---\n{process.log_tail()}") from None
+
+
+async def flushed(url: str) -> None:
+    client = aioredis.Redis.from_url(url)
+    try:
+        await client.flushdb()
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(scope="module")
+async def iptv(redis_url: str) -> AsyncIterator[ServiceProcess]:
+    url = db_url(redis_url, 3)
+    await flushed(url)
+    process = start_iptv(url)
+    try:
+        yield process
+    finally:
+        process.stop()
+        await flushed(url)
+
+
+@pytest.fixture(scope="module")
+async def rpc(redis_url: str, iptv: ServiceProcess) -> AsyncIterator[RpcClient]:
+    async with RpcClient(db_url(redis_url, 3)) as client:
+        await ready(client, iptv)
+        yield client
+
+
+@pytest.fixture
+def db5(redis_url: str) -> str:
+    return db_url(redis_url, 5)
+
+
+async def test_catalog_is_seeded_with_the_configured_size(rpc: RpcClient) -> None:
+    page = await rpc.call("iptv.list_channels")
+    assert set(page) == {"items", "total", "page", "page_size"}
+    assert (page["total"], page["page"], page["page_size"]) == (CHANNELS, 1, 50)
+    assert len(page["items"]) == 50
+    categories = await rpc.call("iptv.list_categories")
+    assert sum(c["count"] for c in categories) == CHANNELS
+
+
+async def test_list_channels_filters_and_validates(rpc: RpcClient) -> None:
+    news = await rpc.call("iptv.list_channels", category="news", page_size=200)
+    assert news["items"] and {c["category"] for c in news["items"]} == {"news"}
+    with pytest.raises(RemoteError) as caught:
+        await rpc.call("iptv.list_channels", page_size=201)
+    assert caught.value.code == "bad_request"
+    with pytest.raises(RemoteError) as caught:
+        await rpc.call("iptv.list_channels", page=0)
+    assert caught.value.code == "bad_request"
+    with pytest.raises(InvalidParams):
+        await rpc.call("iptv.list_channels", page="first")
+
+
+async def test_get_channel(rpc: RpcClient) -> None:
+    channel = await rpc.call("iptv.get_channel", channel_id="3")  # JSON strings are coerced
+    assert channel["id"] == 3 and channel["name"]
+    with pytest.raises(RemoteError) as caught:
+        await rpc.call("iptv.get_channel", CHANNELS + 1)
+    assert caught.value.code == "not_found"
+
+
+async def test_epg_over_rpc_takes_iso_strings_and_returns_utc(rpc: RpcClient) -> None:
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    end = start + timedelta(hours=3)
+    epg = await rpc.call("iptv.get_epg", 1, start=start.isoformat(), end=end.isoformat())
+    assert (epg["channel_id"], epg["start"], epg["end"]) == (1, start, end)
+    programmes = epg["programmes"]
+    assert programmes and programmes[0]["start"] <= start < programmes[0]["end"]
+    assert all(p["start"] < end and p["end"] > start for p in programmes)
+    assert all(p["start"].tzinfo == UTC for p in programmes)
+    naive = start.replace(tzinfo=None).isoformat()  # "no zone" means UTC
+    assert await rpc.call("iptv.get_epg", 1, start=naive, end=end.isoformat()) == epg
+
+
+async def test_epg_defaults_and_errors(rpc: RpcClient) -> None:
+    before = datetime.now(UTC)
+    epg = await rpc.call("iptv.get_epg", channel_id=2)
+    assert before <= epg["start"] <= datetime.now(UTC)
+    assert epg["end"] - epg["start"] == timedelta(hours=24)
+    now = datetime.now(UTC)
+    for start, end in ((now, now), (now, now + timedelta(days=9))):
+        with pytest.raises(RemoteError) as caught:
+            await rpc.call("iptv.get_epg", 2, start=start, end=end)
+        assert caught.value.code == "bad_request"
+    with pytest.raises(RemoteError) as caught:
+        await rpc.call("iptv.get_epg", CHANNELS + 1)
+    assert caught.value.code == "not_found"
+
+
+async def test_now_playing(rpc: RpcClient) -> None:
+    # The guide starts yesterday 00:00 UTC, so something is on now.
+    playing = await rpc.call("iptv.now_playing", 5)
+    now = datetime.now(UTC)
+    assert playing["channel_id"] == 5 and playing["start"] <= now < playing["end"]
+
+
+async def test_search(rpc: RpcClient) -> None:
+    results = await rpc.call("iptv.search", q="NEWS", limit=5)
+    assert 0 < len(results) <= 5 and all("news" in c["name"].lower() for c in results)
+    with pytest.raises(RemoteError) as caught:
+        await rpc.call("iptv.search", q="  ")
+    assert caught.value.code == "bad_request"
+
+
+async def test_favourites(rpc: RpcClient) -> None:
+    user = "rpc-user-1"
+    assert (await rpc.call("iptv.add_favourite", user, 4))["changed"] is True
+    assert (await rpc.call("iptv.add_favourite", user_id=user, channel_id=2))["changed"]
+    assert [c["id"] for c in await rpc.call("iptv.list_favourites", user)] == [4, 2]
+    assert (await rpc.call("iptv.remove_favourite", user, 4))["changed"] is True
+    assert [c["id"] for c in await rpc.call("iptv.list_favourites", user)] == [2]
+    with pytest.raises(RemoteError) as caught:
+        await rpc.call("iptv.add_favourite", user, CHANNELS + 1)
+    assert caught.value.code == "not_found"
+
+
+async def test_a_restart_does_not_reseed(db5: str) -> None:
+    await flushed(db5)
+    probe = aioredis.Redis.from_url(db5)
+    first = start_iptv(db5)
+    try:
+        async with RpcClient(db5) as rpc:
+            await ready(rpc, first)
+            seeded = await probe.get(Keys.seeded)
+            await rpc.call("iptv.add_favourite", "alice", 7)
+            assert first.stop() == 0  # SIGTERM: a clean exit
+            second = start_iptv(db5)
+            try:
+                await ready(rpc, second)
+                assert await probe.get(Keys.seeded) == seeded
+                assert [c["id"] for c in await rpc.call("iptv.list_favourites", "alice")] == [7]
+            finally:
+                assert second.stop() == 0
+        assert "iptv catalog seeded" not in second.log_path.read_text()
+    finally:
+        first.stop()
+        await probe.flushdb()
+        await probe.aclose()
+
+
+async def test_instances_starting_together_seed_once(db5: str) -> None:
+    await flushed(db5)
+    probe = aioredis.Redis.from_url(db5)
+    processes = [start_iptv(db5), start_iptv(db5)]
+    try:
+        # Both are live once both hold a heartbeat lease; each seeded or waited first.
+        await wait_for_async(lambda: _count(probe, instances_key("iptv"), 2), timeout=30)
+        logs = [p.log_path.read_text() for p in processes]
+        assert sum(log.count("iptv catalog seeded") for log in logs) == 1, logs
+        meta = json.loads(await probe.get(Keys.seeded))
+        assert meta["channels"] == CHANNELS
+    finally:
+        for process in processes:
+            process.stop()
+        await probe.flushdb()
+        await probe.aclose()
+
+
+async def _count(client: aioredis.Redis, key: str, expected: int) -> bool:
+    return int(await client.zcard(key)) == expected

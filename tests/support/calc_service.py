@@ -1,0 +1,74 @@
+"""A small service for tests: `python -m tests.support.calc_service` (name from CALC_NAME)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+
+from common import Service
+from common.errors import NotFound
+from common.log import request_id_var
+
+
+@dataclass
+class Point:
+    x: int
+    y: int
+
+
+def build(name: str = "calc", concurrency: int | None = None) -> Service:
+    svc = Service(name, concurrency=concurrency)
+    runs: dict[str, int] = {}
+
+    @svc.method
+    async def add(a: int, b: int = 1) -> int:
+        return a + b
+
+    @svc.method
+    async def sleep(seconds: float) -> float:
+        await asyncio.sleep(seconds)
+        runs["sleep"] = runs.get("sleep", 0) + 1
+        return seconds
+
+    @svc.method
+    def blocking(seconds: float) -> str:
+        time.sleep(seconds)
+        return threading.current_thread().name
+
+    @svc.method
+    async def fail(message: str = "boom") -> None:
+        raise ValueError(message)
+
+    @svc.method
+    async def missing(key: str) -> None:
+        raise NotFound(f"no such thing: {key}")
+
+    @svc.method
+    async def whoami() -> dict[str, str | None]:
+        return {"request_id": request_id_var.get(), "instance": svc.instance_id}
+
+    @svc.method
+    async def echo(
+        when: dt.datetime, day: dt.date, ident: uuid.UUID, amount: Decimal, blob: bytes, point: Point
+    ) -> dict[str, object]:
+        return {"when": when, "day": day, "ident": ident, "amount": amount, "blob": blob, "point": point}
+
+    @svc.method
+    async def record(key: str, value: str) -> None:
+        await svc.redis.rpush(key, value)
+
+    @svc.method
+    async def run_count(method: str) -> int:
+        return runs.get(method, 0)
+
+    return svc
+
+
+if __name__ == "__main__":
+    build(os.environ.get("CALC_NAME", "calc")).run()

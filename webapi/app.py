@@ -1,0 +1,70 @@
+"""`create_app()`: the gateway's app factory (design §6).
+
+Long-lived resources (the Redis pool, the RPC client, the registry view) are
+opened in `before_server_start` onto the typed `app.ctx` and closed in
+`after_server_stop`; handlers stay thin and delegate to RPC services.
+"""
+
+from __future__ import annotations
+
+from sanic import HTTPResponse, Sanic
+from sanic.config import Config
+
+from common.client import RpcClient
+from common.connection import connect
+from common.log import request_id_var
+from common.registry import Registry
+from common.settings import Settings, get_settings
+from webapi.blueprints import api
+from webapi.context import GatewayApp, GatewayContext, GatewayRequest
+from webapi.errors import JsonErrorHandler
+from webapi.requests import request_id_from
+
+# Bodies larger than this are refused with 413 before they are read (RPC/REST JSON).
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def create_app(settings: Settings | None = None, name: str = "webapi") -> GatewayApp:
+    """Build the gateway app; nothing connects until the server starts."""
+    settings = settings or get_settings()
+    config = Config()
+    config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
+    config.FALLBACK_ERROR_FORMAT = "json"
+    app: GatewayApp = Sanic(
+        name,
+        config=config,
+        ctx=GatewayContext(settings=settings),
+        error_handler=JsonErrorHandler(),
+        configure_logging=False,
+    )
+    app.blueprint(api)
+    app.register_listener(_open_resources, "before_server_start")
+    app.register_listener(_close_resources, "after_server_stop")
+    app.register_middleware(_assign_request_id, "request")
+    app.register_middleware(_echo_request_id, "response")
+    return app
+
+
+async def _open_resources(app: GatewayApp) -> None:
+    ctx = app.ctx
+    ctx.redis = connect(ctx.settings.require_redis_url(), name="webapi")
+    ctx.registry = Registry(ctx.redis, ctx.settings.heartbeat_ttl)
+    ctx.rpc = RpcClient(redis=ctx.redis, settings=ctx.settings)
+    await ctx.rpc.start()
+
+
+async def _close_resources(app: GatewayApp) -> None:
+    await app.ctx.rpc.close()
+    await app.ctx.redis.aclose()
+
+
+async def _assign_request_id(request: GatewayRequest) -> None:
+    request_id = request_id_from(request)
+    request.ctx.request_id = request_id
+    request_id_var.set(request_id)
+
+
+async def _echo_request_id(request: GatewayRequest, response: HTTPResponse) -> None:
+    request_id = getattr(request.ctx, "request_id", None)
+    if request_id:
+        response.headers["X-Request-Id"] = request_id

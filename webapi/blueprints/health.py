@@ -1,0 +1,37 @@
+"""`GET /health`: is Redis reachable, and how many live instances each service has."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sanic import Blueprint, HTTPResponse
+
+from common.connection import REDIS_DOWN_ERRORS
+from webapi.context import GatewayRequest
+from webapi.responses import json_response
+
+bp = Blueprint("health")
+
+_REDIS_CHECK_TIMEOUT = 1.0
+
+
+@bp.get("/health")
+async def health(request: GatewayRequest) -> HTTPResponse:
+    """200 with per-service live instance counts when Redis answers; 503 otherwise."""
+    registry = request.app.ctx.registry
+    try:
+        async with asyncio.timeout(_REDIS_CHECK_TIMEOUT):
+            await request.app.ctx.redis.ping()
+            catalog = await registry.catalog()
+            services: dict[str, Any] = {}
+            for name in sorted(catalog):
+                instances = await registry.live_instances(name)
+                services[name] = {
+                    "live": len(instances),
+                    "instances": [i.instance_id for i in instances],
+                }
+    except (TimeoutError, *REDIS_DOWN_ERRORS) as exc:
+        body = {"status": "degraded", "redis": {"ok": False, "error": str(exc) or "timeout"}}
+        return json_response(body, status=503)
+    return json_response({"status": "ok", "redis": {"ok": True}, "services": services})

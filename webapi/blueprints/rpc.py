@@ -1,0 +1,30 @@
+"""`POST /rpc/<service>/<method>`: the unified entry to any RPC method.
+
+The JSON body is the keyword arguments; the answer is `{"result": ...}` or the
+JSON error body with the status of `webapi.errors.status_for`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sanic import Blueprint, HTTPResponse
+
+from common.errors import MethodNotFound
+from webapi.context import GatewayRequest
+from webapi.requests import json_object
+from webapi.responses import json_response
+
+bp = Blueprint("rpc", url_prefix="/rpc")
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+
+@bp.post("/<service:str>/<method:str>")
+async def call(request: GatewayRequest, service: str, method: str) -> HTTPResponse:
+    """Hot path: parse the body, one RPC call, serialise the result."""
+    if not (_NAME.match(service) and _NAME.match(method)):
+        raise MethodNotFound(f"no method {service}.{method}")
+    kwargs = json_object(request)
+    result = await request.app.ctx.rpc.invoke(f"{service}.{method}", kwargs=kwargs)
+    return json_response({"result": result})

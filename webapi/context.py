@@ -1,0 +1,32 @@
+"""The typed application context: everything long-lived the gateway holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from sanic import Request, Sanic
+from sanic.config import Config
+
+from common.settings import Settings
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from common.client import RpcClient
+    from common.registry import Registry
+
+
+@dataclass
+class GatewayContext:
+    """`app.ctx`: opened in `before_server_start`, closed in `after_server_stop`."""
+
+    settings: Settings
+    redis: aioredis.Redis = field(init=False)
+    rpc: RpcClient = field(init=False)
+    registry: Registry = field(init=False)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+GatewayApp: TypeAlias = Sanic[Config, GatewayContext]
+GatewayRequest: TypeAlias = Request[GatewayApp, Any]

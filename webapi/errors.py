@@ -1,0 +1,121 @@
+"""HTTP errors of the gateway, and the handler that renders every error as JSON.
+
+Every error response has the body `{"error": {"code": ..., "message": ...}}`
+(plus `details` for invalid parameters). RPC errors map to statuses here, in
+one table; bad input is always a 4xx, and only a bug in the gateway is a 500.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sanic import HTTPResponse, Request
+from sanic.exceptions import SanicException
+from sanic.handlers import ErrorHandler
+
+from common.errors import (
+    InvalidParams,
+    MethodNotFound,
+    Overloaded,
+    RemoteError,
+    RpcTimeout,
+    ServiceUnavailable,
+    SwitchboardError,
+)
+from common.log import get_logger
+from webapi.responses import json_response
+
+log = get_logger("webapi.errors")
+
+
+class ApiError(SanicException):
+    """An error the gateway raises itself; `code` is the stable machine-readable name."""
+
+    code = "error"
+
+
+class MalformedJson(ApiError):
+    """The request body is not valid JSON (or not the JSON shape the route takes)."""
+
+    status_code = 400
+    code = "malformed_json"
+    quiet = True
+
+
+class InvalidQuery(ApiError):
+    """A query parameter or path part is not valid."""
+
+    status_code = 422
+    code = "invalid_params"
+    quiet = True
+
+
+_RPC_STATUS: dict[type[SwitchboardError], int] = {
+    MethodNotFound: 404,
+    InvalidParams: 422,
+    ServiceUnavailable: 503,
+    Overloaded: 503,
+    RpcTimeout: 504,
+}
+
+# Application errors raised by handlers (`common.errors.ServiceError` codes).
+_REMOTE_CODE_STATUS = {
+    "bad_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "conflict": 409,
+    "invalid_params": 422,
+}
+
+
+def status_for(exc: SwitchboardError) -> int:
+    """The HTTP status of an RPC error. A handler crash is the upstream's fault: 502."""
+    if isinstance(exc, RemoteError):
+        return _REMOTE_CODE_STATUS.get(exc.code, 502)
+    for cls, status in _RPC_STATUS.items():
+        if isinstance(exc, cls):
+            return status
+    return 502
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+class JsonErrorHandler(ErrorHandler):
+    """Renders every exception as the JSON error body with the right status."""
+
+    def default(self, request: Request, exception: Exception) -> HTTPResponse:
+        headers: dict[str, str] = {}
+        if isinstance(exception, SwitchboardError):
+            status = status_for(exception)
+            body = {"error": exception.to_dict()}
+            if isinstance(exception, Overloaded):
+                headers["Retry-After"] = "1"
+            if status >= 500:
+                log.warning(
+                    "rpc error",
+                    extra={"fields": {"path": request.path, "status": status, "code": exception.code}},
+                )
+        elif isinstance(exception, SanicException):
+            status = exception.status_code
+            code = getattr(exception, "code", None) or _snake(type(exception).__name__)
+            message = str(exception) or code.replace("_", " ")
+            body = error_body(code, message)
+            headers.update(exception.headers or {})
+            if status >= 500:
+                log.error("gateway error", exc_info=exception)
+        else:
+            status = 500
+            body = error_body("internal_error", "internal error")
+            log.error("unhandled error", exc_info=exception, extra={"fields": {"path": request.path}})
+        request_id = getattr(request.ctx, "request_id", None)
+        if request_id:
+            headers["X-Request-Id"] = request_id
+        return json_response(body, status=status, headers=headers)
