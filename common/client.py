@@ -18,7 +18,6 @@ Hot path: `invoke`, `_read_inbox`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
 import uuid
@@ -64,7 +63,9 @@ class RpcClient:
     ) -> None:
         settings = settings or get_settings()
         self._own_redis = redis is None
-        self.redis = redis if redis is not None else connect(redis_url or settings.require_redis_url())
+        self.redis = (
+            redis if redis is not None else connect(redis_url or settings.require_redis_url())
+        )
         self.default_timeout = timeout or settings.rpc_timeout
         self.client_id = uuid.uuid4().hex
         self.inbox = constants.inbox_key(self.client_id)
@@ -207,7 +208,7 @@ class RpcClient:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    def _deliver(self, raw: bytes) -> None:
+    def _deliver(self, raw: Any) -> None:
         try:
             reply = codec.unpackb(raw)
             future = self._pending.get(reply["id"])

@@ -90,7 +90,8 @@ def _encodable(obj: Any) -> Any:
 
 def packb(obj: Any) -> bytes:
     """Encode `obj` to bytes (sets become lists, tuples become lists)."""
-    return msgpack.packb(obj, default=_encodable, use_bin_type=True, datetime=False)
+    data: bytes = msgpack.packb(obj, default=_encodable, use_bin_type=True, datetime=False)
+    return data
 
 
 def unpackb(data: bytes) -> Any:

@@ -16,6 +16,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # Errors that mean "Redis is not reachable right now" as opposed to "Redis said no".
 REDIS_DOWN_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+# The same, plus an `asyncio.timeout()` around a Redis call expiring.
+REDIS_DOWN_OR_SLOW: tuple[type[Exception], ...] = (TimeoutError, *REDIS_DOWN_ERRORS)
 
 
 def connect(

@@ -51,7 +51,7 @@ def main() -> int:
 
     redis_server: EmbeddedRedis | None = None
     if not settings.redis_url:
-        data_dir = ROOT / ".run" / "redis"
+        data_dir = ROOT / settings.run_dir / "redis"
         data_dir.mkdir(parents=True, exist_ok=True)
         redis_server = EmbeddedRedis(appendonly=True, data_dir=data_dir).start()
         env["REDIS_URL"] = redis_server.url
@@ -77,7 +77,8 @@ def main() -> int:
     try:
         health = f"http://127.0.0.1:{settings.webapi_port}/health"
         if _wait_healthy(health, runner):
-            _print(f"gateway    http://127.0.0.1:{settings.webapi_port}  (try /health, /api/v1/channels)")
+            _print(f"gateway    http://127.0.0.1:{settings.webapi_port}")
+            _print("           try /health and /api/v1/channels")
             _print(f"websocket  ws://127.0.0.1:{settings.websocket_port}/ws")
             _print("Ctrl-C stops everything")
         while not stopping and runner.poll() is None:

@@ -72,7 +72,9 @@ class RemoteError(RpcError):
 
     code = "remote_error"
 
-    def __init__(self, message: str = "", *, remote_type: str = "", code: str | None = None) -> None:
+    def __init__(
+        self, message: str = "", *, remote_type: str = "", code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.remote_type = remote_type
         if code is not None:

@@ -52,6 +52,10 @@ return ids
 """
 
 
+def _text(value: bytes | str | int) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def new_instance_id(service: str) -> str:
     """A readable, unique instance id: `iptv-<host>-<pid>-<random>`."""
     return f"{service}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -110,7 +114,7 @@ class Registry:
     async def live_ids(self, service: str) -> list[str]:
         """Ids of the instances of `service` whose lease has not ended."""
         result = await self._live(keys=[constants.instances_key(service)])
-        return [i.decode() if isinstance(i, bytes) else str(i) for i in result[1:]]
+        return [_text(i) for i in result[1:]]
 
     async def live_instances(self, service: str) -> list[InstanceRecord]:
         """Records of the live instances of `service`."""
@@ -128,7 +132,7 @@ class Registry:
     async def catalog(self) -> dict[str, dict[str, Any]]:
         """Every service ever registered, with its methods."""
         raw = await self.redis.hgetall(constants.CATALOG)
-        return {k.decode(): json.loads(v) for k, v in raw.items()}
+        return {_text(k): json.loads(v) for k, v in raw.items()}
 
     async def service_methods(self, service: str) -> dict[str, Any] | None:
         """The methods of `service`, or None if the service was never registered."""

@@ -36,6 +36,9 @@ class Settings:
 
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL"})
 
+    # Where `make run` keeps its embedded Redis data (AOF) between runs.
+    run_dir: str = field(default=".run", metadata={"env": "RUN_DIR"})
+
     # RPC.
     rpc_timeout: float = field(default=5.0, metadata={"env": "RPC_TIMEOUT"})
     rpc_concurrency: int = field(default=64, metadata={"env": "RPC_CONCURRENCY"})
@@ -81,7 +84,10 @@ class Settings:
     def _validate(self) -> None:
         if self.log_level.upper() not in _LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}")
-        for name, port in (("WEBAPI_PORT", self.webapi_port), ("WEBSOCKET_PORT", self.websocket_port)):
+        for name, port in (
+            ("WEBAPI_PORT", self.webapi_port),
+            ("WEBSOCKET_PORT", self.websocket_port),
+        ):
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be a TCP port, got {port}")
         if self.heartbeat_ttl <= self.heartbeat_interval:

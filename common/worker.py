@@ -120,7 +120,9 @@ class Worker:
 
     async def _ensure_group(self) -> None:
         try:
-            await self.redis.xgroup_create(self.stream, constants.WORKER_GROUP, id="0", mkstream=True)
+            await self.redis.xgroup_create(
+                self.stream, constants.WORKER_GROUP, id="0", mkstream=True
+            )
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -134,7 +136,7 @@ class Worker:
                 await self._slot_free.wait()
                 continue
             try:
-                response = await self.redis.xreadgroup(
+                response: Any = await self.redis.xreadgroup(
                     constants.WORKER_GROUP,
                     self.consumer,
                     {self.stream: ">"},

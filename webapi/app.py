@@ -7,8 +7,9 @@ opened in `before_server_start` onto the typed `app.ctx` and closed in
 
 from __future__ import annotations
 
-from sanic import HTTPResponse, Sanic
+from sanic import Sanic
 from sanic.config import Config
+from sanic.response import BaseHTTPResponse
 
 from common.client import RpcClient
 from common.connection import connect
@@ -64,7 +65,7 @@ async def _assign_request_id(request: GatewayRequest) -> None:
     request_id_var.set(request_id)
 
 
-async def _echo_request_id(request: GatewayRequest, response: HTTPResponse) -> None:
+async def _echo_request_id(request: GatewayRequest, response: BaseHTTPResponse) -> None:
     request_id = getattr(request.ctx, "request_id", None)
     if request_id:
         response.headers["X-Request-Id"] = request_id

@@ -101,7 +101,9 @@ class JsonErrorHandler(ErrorHandler):
             if status >= 500:
                 log.warning(
                     "rpc error",
-                    extra={"fields": {"path": request.path, "status": status, "code": exception.code}},
+                    extra={
+                        "fields": {"path": request.path, "status": status, "code": exception.code}
+                    },
                 )
         elif isinstance(exception, SanicException):
             status = exception.status_code
@@ -114,7 +116,9 @@ class JsonErrorHandler(ErrorHandler):
         else:
             status = 500
             body = error_body("internal_error", "internal error")
-            log.error("unhandled error", exc_info=exception, extra={"fields": {"path": request.path}})
+            log.error(
+                "unhandled error", exc_info=exception, extra={"fields": {"path": request.path}}
+            )
         request_id = getattr(request.ctx, "request_id", None)
         if request_id:
             headers["X-Request-Id"] = request_id

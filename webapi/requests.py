@@ -14,7 +14,7 @@ from webapi.errors import MalformedJson
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-def json_object(request: Request, *, empty_ok: bool = True) -> dict[str, Any]:
+def json_object(request: Request[Any, Any], *, empty_ok: bool = True) -> dict[str, Any]:
     """The body as a JSON object; an empty body is `{}` when `empty_ok`."""
     raw = request.body
     if not raw or not raw.strip():
@@ -30,7 +30,7 @@ def json_object(request: Request, *, empty_ok: bool = True) -> dict[str, Any]:
     return value
 
 
-def request_id_from(request: Request) -> str:
+def request_id_from(request: Request[Any, Any]) -> str:
     """The caller's `X-Request-Id` when it is well formed, else a new one."""
     incoming = request.headers.get("x-request-id", "")
     return incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex

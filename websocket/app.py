@@ -11,13 +11,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
+import redis.asyncio as aioredis
 from sanic import HTTPResponse, Request, Sanic
 from sanic.config import Config
 from sanic.response import json as json_response
 from sanic.server.websockets.impl import WebsocketImplProtocol
 
-import redis.asyncio as aioredis
-from common.connection import REDIS_DOWN_ERRORS, connect
+from common.connection import REDIS_DOWN_OR_SLOW, connect
 from common.settings import Settings, get_settings
 
 # Frames larger than this close the connection with 1009 (message too big).
@@ -62,28 +62,33 @@ async def health(request: WsRequest) -> HTTPResponse:
     try:
         async with asyncio.timeout(1.0):
             await request.app.ctx.redis.ping()
-    except (TimeoutError, *REDIS_DOWN_ERRORS) as exc:
+    except REDIS_DOWN_OR_SLOW as exc:
         return json_response({"status": "degraded", "redis": {"ok": False, "error": str(exc)}}, 503)
     return json_response({"status": "ok", "redis": {"ok": True}})
 
 
 def reply_to(message: str | bytes) -> str | None:
-    """The answer to one client message: `ping` -> `pong`, `{"type":"ping"}` -> `{"type":"pong"}`."""
+    """The answer to one client message.
+
+    `ping` -> `pong`; `{"type": "ping", "id": 1}` -> `{"type": "pong", "id": 1}`.
+    """
     text = message.decode(errors="replace") if isinstance(message, bytes) else message
     if text.strip() == "ping":
         return "pong"
     try:
         data = json.loads(text)
     except ValueError:
-        return json.dumps({"type": "error", "error": {"code": "malformed_json", "message": "not JSON"}})
+        return _error("malformed_json", "not JSON")
     if not isinstance(data, dict) or data.get("type") != "ping":
-        return json.dumps(
-            {"type": "error", "error": {"code": "unknown_type", "message": "expected type ping"}}
-        )
+        return _error("unknown_type", "expected a message of type ping")
     answer: dict[str, Any] = {"type": "pong"}
     if "id" in data:
         answer["id"] = data["id"]
     return json.dumps(answer)
+
+
+def _error(code: str, message: str) -> str:
+    return json.dumps({"type": "error", "error": {"code": code, "message": message}})
 
 
 async def ws_endpoint(request: WsRequest, ws: WebsocketImplProtocol) -> None:

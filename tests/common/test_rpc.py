@@ -199,7 +199,8 @@ async def test_one_inbox_per_client_and_no_key_per_call(
 async def test_worker_process_graceful_shutdown_finishes_inflight(redis_url: str) -> None:
     name = f"calc_{uuid.uuid4().hex[:8]}"
     proc = ServiceProcess(
-        ["python", "-m", "tests.support.calc_service"], env={"REDIS_URL": redis_url, "CALC_NAME": name}
+        ["python", "-m", "tests.support.calc_service"],
+        env={"REDIS_URL": redis_url, "CALC_NAME": name},
     ).start()
     try:
         async with RpcClient(redis_url) as client:

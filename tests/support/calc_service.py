@@ -55,9 +55,21 @@ def build(name: str = "calc", concurrency: int | None = None) -> Service:
 
     @svc.method
     async def echo(
-        when: dt.datetime, day: dt.date, ident: uuid.UUID, amount: Decimal, blob: bytes, point: Point
+        when: dt.datetime,
+        day: dt.date,
+        ident: uuid.UUID,
+        amount: Decimal,
+        blob: bytes,
+        point: Point,
     ) -> dict[str, object]:
-        return {"when": when, "day": day, "ident": ident, "amount": amount, "blob": blob, "point": point}
+        return {
+            "when": when,
+            "day": day,
+            "ident": ident,
+            "amount": amount,
+            "blob": blob,
+            "point": point,
+        }
 
     @svc.method
     async def record(key: str, value: str) -> None:

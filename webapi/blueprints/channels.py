@@ -26,9 +26,7 @@ async def list_channels(request: GatewayRequest) -> HTTPResponse:
 
 @bp.get("/channels/<channel_id:str>")
 async def get_channel(request: GatewayRequest, channel_id: str) -> HTTPResponse:
-    result = await request.app.ctx.rpc.invoke(
-        "iptv.get_channel", kwargs={"channel_id": channel_id}
-    )
+    result = await request.app.ctx.rpc.invoke("iptv.get_channel", kwargs={"channel_id": channel_id})
     return json_response(result)
 
 

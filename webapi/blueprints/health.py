@@ -7,7 +7,7 @@ from typing import Any
 
 from sanic import Blueprint, HTTPResponse
 
-from common.connection import REDIS_DOWN_ERRORS
+from common.connection import REDIS_DOWN_OR_SLOW
 from webapi.context import GatewayRequest
 from webapi.responses import json_response
 
@@ -31,7 +31,7 @@ async def health(request: GatewayRequest) -> HTTPResponse:
                     "live": len(instances),
                     "instances": [i.instance_id for i in instances],
                 }
-    except (TimeoutError, *REDIS_DOWN_ERRORS) as exc:
+    except REDIS_DOWN_OR_SLOW as exc:
         body = {"status": "degraded", "redis": {"ok": False, "error": str(exc) or "timeout"}}
         return json_response(body, status=503)
     return json_response({"status": "ok", "redis": {"ok": True}, "services": services})

@@ -1,0 +1,93 @@
+"""`make run` as a newcomer runs it: everything up on an embedded Redis, and Ctrl-C
+(SIGINT to the foreground group) or SIGTERM to `make` leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.helpers import ROOT, free_port, wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@dataclass
+class MakeRun:
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log: Path
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+
+def _ready(base_url: str) -> bool:
+    body = httpx.get(f"{base_url}/health", timeout=2).json()
+    return all(body["services"].get(s, {}).get("live", 0) >= 1 for s in ("iptv", "auth"))
+
+
+@pytest.fixture
+def make_run(tmp_path: Path) -> Iterator[MakeRun]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(
+        WEBAPI_PORT=str(port), WEBSOCKET_PORT=str(free_port()), RUN_DIR=str(tmp_path / "run")
+    )
+    log = tmp_path / "make-run.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            ["make", "--no-print-directory", "run"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own group, as in a terminal
+        )
+    run = MakeRun(process, f"http://127.0.0.1:{port}", log)
+    try:
+        wait_for(lambda: _ready(run.base_url), timeout=90, interval=0.25)
+        yield run
+    except AssertionError:
+        print(log.read_text(errors="replace")[-4000:])
+        raise
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _assert_all_gone(run: MakeRun, pids: list[psutil.Process]) -> None:
+    assert run.process.wait(timeout=60) is not None
+    gone, alive = psutil.wait_procs(pids, timeout=30)
+    assert not alive, f"left behind: {[p.info for p in alive]}"
+    assert "[make run] stopped" in run.log.read_text(errors="replace")
+
+
+def _serves_channels(run: MakeRun) -> None:
+    body = httpx.get(f"{run.base_url}/api/v1/channels", timeout=10).json()
+    assert body["total"] >= 200 and len(body["items"]) > 0
+
+
+def test_ctrl_c_stops_everything(make_run: MakeRun) -> None:
+    _serves_channels(make_run)
+    pids = make_run.descendants()
+    names = " ".join(" ".join(p.cmdline()) for p in pids)
+    for expected in ("redis-server", "honcho", "webapi", "websocket", "microservices.iptv"):
+        assert expected in names
+    os.killpg(make_run.process.pid, signal.SIGINT)
+    _assert_all_gone(make_run, pids)
+
+
+def test_sigterm_to_make_stops_everything(make_run: MakeRun) -> None:
+    pids = make_run.descendants()
+    make_run.process.send_signal(signal.SIGTERM)
+    _assert_all_gone(make_run, pids)

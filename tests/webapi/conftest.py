@@ -1,0 +1,54 @@
+"""A real gateway process with real workers behind it, shared by the module's tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.helpers import ServiceProcess, free_port, wait_for
+
+
+@dataclass
+class Stack:
+    base_url: str
+    redis_url: str
+    processes: dict[str, ServiceProcess]
+
+    def start_worker(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        proc = ServiceProcess(args, env={"REDIS_URL": self.redis_url, **(env or {})}, name=name)
+        self.processes[name] = proc.start()
+
+
+def _live(base_url: str, *services: str) -> bool:
+    body = httpx.get(f"{base_url}/health", timeout=2).json()
+    return all(body["services"].get(s, {}).get("live", 0) >= 1 for s in services)
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url: str) -> Iterator[Stack]:
+    port = free_port()
+    env = {"REDIS_URL": redis_url, "WEBAPI_PORT": str(port), "RPC_TIMEOUT": "1.5"}
+    gateway = ServiceProcess(["python", "-m", "webapi"], env=env, name="webapi").start()
+    s = Stack(f"http://127.0.0.1:{port}", redis_url, {"webapi": gateway})
+    s.start_worker("calc", ["python", "-m", "tests.support.calc_service"])
+    s.start_worker("iptv", ["python", "-m", "microservices.iptv"])
+    s.start_worker("auth", ["python", "-m", "microservices.auth"])
+    try:
+        wait_for(lambda: _live(s.base_url, "calc", "iptv", "auth"), timeout=60)
+        yield s
+    except AssertionError:
+        for name, proc in s.processes.items():
+            print(f"--- {name} ---\n{proc.log_tail()}")
+        raise
+    finally:
+        for proc in s.processes.values():
+            proc.stop()
+
+
+@pytest.fixture
+async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=10) as client:
+        yield client

@@ -1,0 +1,125 @@
+"""`POST /rpc/<service>/<method>` and the JSON error contract, through a real gateway."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.helpers import wait_for
+from tests.webapi.conftest import Stack
+
+
+def _error(response: httpx.Response) -> dict[str, str]:
+    assert response.headers["content-type"].startswith("application/json")
+    error: dict[str, str] = response.json()["error"]
+    assert error["code"] and error["message"]
+    return error
+
+
+async def test_call_returns_result(http: httpx.AsyncClient) -> None:
+    response = await http.post("/rpc/calc/add", json={"a": 2, "b": 3})
+    assert response.status_code == 200
+    assert response.json() == {"result": 5}
+
+
+async def test_empty_body_means_no_arguments(http: httpx.AsyncClient) -> None:
+    response = await http.post("/rpc/calc/whoami")
+    assert response.status_code == 200
+    assert response.json()["result"]["request_id"] == response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ('{"a": ', 400, "malformed_json"),
+        ("[1, 2]", 400, "malformed_json"),
+        ('"text"', 400, "malformed_json"),
+        (b"\xff\xfe", 400, "malformed_json"),
+        ('{"a": "two"}', 422, "invalid_params"),
+        ('{"b": 1}', 422, "invalid_params"),
+        ('{"a": 1, "zzz": 1}', 422, "invalid_params"),
+    ],
+)
+async def test_bad_input_is_a_precise_4xx(
+    http: httpx.AsyncClient, body: str | bytes, status: int, code: str
+) -> None:
+    response = await http.post(
+        "/rpc/calc/add", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == status
+    assert _error(response)["code"] == code
+
+
+async def test_invalid_params_list_the_fields(http: httpx.AsyncClient) -> None:
+    response = await http.post("/rpc/calc/add", json={"a": "x", "b": "y"})
+    assert {d["field"] for d in response.json()["error"]["details"]} == {"a", "b"}
+
+
+@pytest.mark.parametrize(
+    "path", ["/rpc/calc/nope", "/rpc/no_such_service/x", "/rpc/Calc/add", "/rpc/calc/a.b"]
+)
+async def test_unknown_service_or_method_is_404(http: httpx.AsyncClient, path: str) -> None:
+    response = await http.post(path, json={})
+    assert response.status_code == 404
+    assert _error(response)["code"] in ("method_not_found", "not_found")
+
+
+async def test_handler_error_codes_map_to_statuses(http: httpx.AsyncClient) -> None:
+    response = await http.post("/rpc/calc/missing", json={"key": "k"})
+    assert response.status_code == 404
+    assert _error(response)["code"] == "not_found"
+    response = await http.post("/rpc/calc/fail", json={"message": "kaput"})
+    assert response.status_code == 502
+    assert _error(response) == {"code": "remote_error", "message": "kaput", "type": "ValueError"}
+
+
+async def test_timeout_is_504(http: httpx.AsyncClient) -> None:
+    response = await http.post("/rpc/calc/sleep", json={"seconds": 5})
+    assert response.status_code == 504
+    assert _error(response)["code"] == "timeout"
+
+
+async def test_oversized_body_is_413(http: httpx.AsyncClient) -> None:
+    response = await http.post("/rpc/calc/add", content=b"x" * (2 * 1024 * 1024))
+    assert response.status_code == 413
+    _error(response)
+
+
+async def test_unknown_route_and_wrong_method_are_json(http: httpx.AsyncClient) -> None:
+    response = await http.get("/nothing/here")
+    assert response.status_code == 404
+    _error(response)
+    response = await http.get("/rpc/calc/add")
+    assert response.status_code == 405
+    _error(response)
+
+
+async def test_request_id_is_kept_or_made(http: httpx.AsyncClient) -> None:
+    kept = await http.post("/rpc/calc/whoami", headers={"x-request-id": "abc-123"})
+    assert kept.headers["x-request-id"] == "abc-123"
+    assert kept.json()["result"]["request_id"] == "abc-123"
+    replaced = await http.post("/rpc/calc/whoami", headers={"x-request-id": "bad id\x01"})
+    assert replaced.headers["x-request-id"] != "bad id\x01"
+    assert len(replaced.headers["x-request-id"]) == 32
+
+
+async def test_health_lists_redis_and_live_instances(http: httpx.AsyncClient) -> None:
+    body = (await http.get("/health")).json()
+    assert body["status"] == "ok"
+    assert body["redis"]["ok"] is True
+    for service in ("calc", "iptv", "auth"):
+        assert body["services"][service]["live"] >= 1
+
+
+def test_no_live_instance_is_503_at_once(stack: Stack) -> None:
+    """Last in the module: stops the calc worker (graceful, it deregisters)."""
+    stack.processes["calc"].stop()
+    wait_for(lambda: httpx.get(f"{stack.base_url}/health").json()["services"]["calc"]["live"] == 0)
+    started = time.monotonic()
+    response = httpx.post(f"{stack.base_url}/rpc/calc/add", json={"a": 1}, timeout=10)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 503
+    assert _error(response)["code"] == "service_unavailable"
+    assert elapsed < 1.0  # fails fast instead of waiting for the RPC timeout
