@@ -67,7 +67,7 @@ def make_run(tmp_path: Path) -> Iterator[MakeRun]:
 
 def _assert_all_gone(run: MakeRun, pids: list[psutil.Process]) -> None:
     assert run.process.wait(timeout=60) is not None
-    gone, alive = psutil.wait_procs(pids, timeout=30)
+    _gone, alive = psutil.wait_procs(pids, timeout=30)
     assert not alive, f"left behind: {[p.info for p in alive]}"
     assert "[make run] stopped" in run.log.read_text(errors="replace")
 

@@ -1,0 +1,1 @@
+"""Benchmarks: Switchboard measured side by side with its peers (`make bench`)."""
