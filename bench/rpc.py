@@ -16,8 +16,9 @@ process by an asyncio client:
 For each: a warm-up, then `--repeats` runs of `--count` calls (each run also
 capped at `--max-seconds`) at 1 caller and at `--concurrency` (64) callers.
 Throughput is the median run; latency percentiles pool the runs' samples.
-The CPU time that client, worker and redis-server spent per call, and the
-Redis commands per call, are measured over the same runs.
+The CPU time that client, worker and redis-server spent per call, the Redis
+commands per call, and the CPU the rest of the box used meanwhile (a warning
+above 10 %: the figures are then disturbed) are measured over the same runs.
 
 The floor and the load driver are copied from the peers' harness
 (`/work/shared/bench/peers/rpc_bench.py`, outside this repository, so a clean
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import itertools
 import json
 import os
@@ -405,11 +407,14 @@ class Meter:
         cpu = await self.stats.info("cpu")
         cmd = await self.stats.info("commandstats")
         w = self.worker.cpu_times()
+        box = psutil.cpu_times()
         return {
             "client": time.process_time(),
             "worker": w.user + w.system,
             "redis": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
             "cmds": float(sum(v["calls"] for k, v in cmd.items() if k != "cmdstat_info")),
+            "box_busy": box.user + box.nice + box.system + box.irq + box.softirq + box.steal,
+            "wall": time.monotonic(),
         }
 
     @staticmethod
@@ -421,6 +426,15 @@ class Meter:
         out["redis_us"] = round((after["redis"] - before["redis"]) / n * 1e6, 1)
         out["total_us"] = round(out["client_us"] + out["worker_us"] + out["redis_us"], 1)
         out["redis_cmds"] = round((after["cmds"] - before["cmds"]) / n, 2)
+        # The rest of the box's busy time (other sessions, kernel threads), as a share
+        # of all CPUs: above ~10 % the figures are disturbed.
+        # CPU times tick at 10 ms, so a phase shorter than a second says nothing.
+        wall = after["wall"] - before["wall"]
+        out["other_busy_pct"] = None
+        if wall >= 1.0:
+            ours = sum(after[k] - before[k] for k in ("client", "worker", "redis"))
+            other = (after["box_busy"] - before["box_busy"] - ours) / ((os.cpu_count() or 1) * wall)
+            out["other_busy_pct"] = round(max(other, 0.0) * 100, 1)
         return out
 
 
@@ -443,8 +457,9 @@ async def bench_system(system: str, redis_url: str, args: argparse.Namespace) ->
     try:
         client = await make_client(system, redis_url, args.call_timeout)
         await wait_ready(client, proc, args.ready_timeout)
-        await run_load(client, 1, args.warmup, args.max_seconds, args.call_timeout)
-        await run_load(client, conc, args.warmup * 2, args.max_seconds, args.call_timeout)
+        warmup_cap = min(args.max_seconds, 2.0)
+        await run_load(client, 1, args.warmup, warmup_cap, args.call_timeout)
+        await run_load(client, conc, args.warmup * 2, warmup_cap, args.call_timeout)
         meter = Meter(stats, proc.pid)
         for key, c in (("c1", 1), (f"c{conc}", conc)):
             before = await meter.sample()
@@ -470,7 +485,11 @@ async def bench_system(system: str, redis_url: str, args: argparse.Namespace) ->
         t = time.monotonic()
         stop_child(proc)
         out["worker_stop_s"] = round(time.monotonic() - t, 2)
-        await stats.flushall()
+        try:
+            async with asyncio.timeout(5):
+                await stats.flushall()  # the next system starts from an empty Redis
+        except Exception:
+            pass
         await stats.aclose()
     return out
 
@@ -559,9 +578,10 @@ def print_report(doc: dict[str, Any]) -> None:
     print()
     hdr2 = (
         f"{'system':<12} {'phase':>5} {'client µs':>10} {'worker µs':>10} {'redis µs':>9}"
-        f" {'total µs':>9} {'redis cmds':>10}"
+        f" {'total µs':>9} {'redis cmds':>10} {'other %':>8}"
     )
-    print("CPU time (user+sys) and Redis commands, per call:")
+    print("CPU time (user+sys) and Redis commands per call; other % = the rest of the box:")
+    busiest = 0.0
     print(hdr2)
     print("-" * len(hdr2))
     for name, r in results.items():
@@ -572,7 +592,12 @@ def print_report(doc: dict[str, Any]) -> None:
             print(
                 f"{name:<12} {key:>5} {c['client_us']:>10} {c['worker_us']:>10}"
                 f" {c['redis_us']:>9} {c['total_us']:>9} {c['redis_cmds']:>10}"
+                f" {'-' if c['other_busy_pct'] is None else c['other_busy_pct']:>8}"
             )
+            busiest = max(busiest, c["other_busy_pct"] or 0.0)
+    if busiest > 10:
+        print(f"WARNING: other processes used up to {busiest}% of the CPUs during a phase;")
+        print("         the figures are disturbed, run again on a quiet machine.")
     print()
     for k, v in doc["ratios"].items():
         print(f"{k} = {v}x")
@@ -656,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "redis_server": run["redis_server"],
         "loop": args.loop,
+        "common_sha256": common_digest(),
         "params": {
             "quick": args.quick,
             "count": args.count,
@@ -673,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(time.monotonic() - started, 1),
     }
     print_report(doc)
-    print(f"[rpc] total {doc['wall_s']}s")
+    print(f"[rpc] total {doc['wall_s']}s; common/ digest {doc['common_sha256']}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
@@ -687,6 +713,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[rpc] FAILED: {', '.join(failed)} (errors above)", file=sys.stderr)
         return 1
     return 0
+
+
+def common_digest() -> str:
+    """A digest of `common/` (what the figures measured), for comparing runs across edits."""
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "common").rglob("*.py")):
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def versions() -> dict[str, str | None]:

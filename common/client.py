@@ -8,11 +8,13 @@ async with RpcClient(redis_url) as rpc:
 
 One client per process is the intended use: it owns one reply inbox (a Redis
 list), read by one background task that resolves the waiting futures by call
-id, so no key, subscription or connection is created per call. A call is one
-atomic enqueue round trip (which also answers "is anyone alive?") plus its
-share of the inbox reads.
+id, so no key, subscription or connection is created per call. Enqueues go
+through one writer task that sends every call issued meanwhile in a single
+pipelined round trip of the enqueue script (which also answers "is anyone
+alive?" and "is the backlog under its bound?"): at one caller that is one round
+trip per call, at many callers far fewer.
 
-Hot path: `invoke`, `_read_inbox`.
+Hot path: `invoke`, `_write_enqueues`, `_read_inbox`.
 """
 
 from __future__ import annotations
@@ -22,22 +24,31 @@ import itertools
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from common import codec, constants
 from common.aio import cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_ERRORS, connect
-from common.errors import MethodNotFound, RpcTimeout, ServiceUnavailable, error_from_wire
+from common.errors import (
+    MethodNotFound,
+    Overloaded,
+    RpcTimeout,
+    ServiceUnavailable,
+    error_from_wire,
+)
 from common.log import get_logger, request_id_var
-from common.protocol import ENQUEUE_SCRIPT, Call
+from common.protocol import ENQUEUE_SCRIPT, NO_INSTANCE, OVER_BACKLOG, Call
 from common.settings import Settings, get_settings
 
 log = get_logger("switchboard.client")
 
 _INBOX_BATCH = 256
+_ENQUEUE_BATCH = 512
 # How long a fire-and-forget message stays worth running if it waits in the queue.
 DEFAULT_SEND_TTL = 300.0
 
@@ -48,6 +59,13 @@ def split_target(target: str) -> tuple[str, str]:
     if not sep or not service or not method:
         raise MethodNotFound(f"{target!r} is not of the form service.method")
     return service, method
+
+
+@dataclass(slots=True)
+class _Enqueue:
+    keys: tuple[str, str, str]
+    args: tuple[bytes, str]
+    future: asyncio.Future[Any]
 
 
 class RpcClient:
@@ -69,10 +87,12 @@ class RpcClient:
         self.default_timeout = timeout or settings.rpc_timeout
         self.client_id = uuid.uuid4().hex
         self.inbox = constants.inbox_key(self.client_id)
-        self._enqueue = self.redis.register_script(ENQUEUE_SCRIPT)
+        self._enqueue_sha = ""
         self._ids = itertools.count()
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._outbox: asyncio.Queue[_Enqueue] = asyncio.Queue()
 
     async def __aenter__(self) -> RpcClient:
         await self.start()
@@ -87,13 +107,19 @@ class RpcClient:
         await self.close()
 
     async def start(self) -> None:
-        """Start reading the reply inbox (idempotent)."""
+        """Start the enqueue writer and the inbox reader (idempotent)."""
         if self._reader is None:
             self._reader = asyncio.create_task(self._read_inbox(), name="rpc-inbox")
+            self._writer = asyncio.create_task(self._write_enqueues(), name="rpc-enqueue")
 
     async def close(self) -> None:
         await cancel_and_wait(self._reader)
-        self._reader = None
+        await cancel_and_wait(self._writer)
+        self._reader = self._writer = None
+        while not self._outbox.empty():
+            item = self._outbox.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(ServiceUnavailable("RPC client closed"))
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(ServiceUnavailable("RPC client closed"))
@@ -108,10 +134,13 @@ class RpcClient:
         *args: Any,
         timeout: float | None = None,
         request_id: str | None = None,
+        instance: str | None = None,
         **kwargs: Any,
     ) -> Any:
         """Call `service.method` and return its result (see `invoke` for errors)."""
-        return await self.invoke(target, args, kwargs, timeout=timeout, request_id=request_id)
+        return await self.invoke(
+            target, args, kwargs, timeout=timeout, request_id=request_id, instance=instance
+        )
 
     async def invoke(
         self,
@@ -121,13 +150,16 @@ class RpcClient:
         *,
         timeout: float | None = None,
         request_id: str | None = None,
+        instance: str | None = None,
     ) -> Any:
         """Call with explicit args/kwargs (a method may then take a `timeout` argument itself).
 
-        Raises `ServiceUnavailable` at once when no instance is alive or Redis is
-        unreachable, `MethodNotFound` for an unknown service or method,
-        `InvalidParams`, `RemoteError`, and `RpcTimeout` once `timeout` seconds
-        have passed: never later.
+        `instance` directs the call to one instance id (it then fails with
+        `ServiceUnavailable` if that instance is not live, and is never served by
+        another). Raises `ServiceUnavailable` at once when no instance is alive or
+        Redis is unreachable, `Overloaded` when the service's backlog is over its
+        bound, `MethodNotFound` for an unknown service or method, `InvalidParams`,
+        `RemoteError`, and `RpcTimeout` once `timeout` seconds have passed: never later.
         """
         service, method = split_target(target)
         timeout = self.default_timeout if timeout is None else timeout
@@ -147,7 +179,7 @@ class RpcClient:
         self._pending[call_id] = future
         try:
             async with asyncio.timeout(timeout):
-                await self._enqueue_call(service, call)
+                await self._enqueue_call(service, call, instance)
                 return await future
         except TimeoutError:
             raise RpcTimeout(f"{target} did not answer within {timeout:g}s") from None
@@ -176,18 +208,65 @@ class RpcClient:
         )
         await self._enqueue_call(service, call)
 
-    async def _enqueue_call(self, service: str, call: Call) -> None:
-        try:
-            entry = await self._enqueue(
-                keys=[constants.instances_key(service), constants.call_stream(service)],
-                args=[call.encode()],
-            )
-        except REDIS_DOWN_ERRORS as exc:
-            raise ServiceUnavailable(f"redis unreachable: {exc}") from exc
-        if entry == 0:
+    async def _enqueue_call(self, service: str, call: Call, instance: str | None = None) -> None:
+        if self._writer is None:
+            await self.start()
+        stream = (
+            constants.direct_stream(service, instance)
+            if instance
+            else constants.call_stream(service)
+        )
+        item = _Enqueue(
+            keys=(constants.instances_key(service), stream, constants.limits_key(service)),
+            args=(call.encode(), instance or ""),
+            future=asyncio.get_running_loop().create_future(),
+        )
+        self._outbox.put_nowait(item)
+        entry = await item.future
+        if entry == NO_INSTANCE:
+            if instance:
+                raise ServiceUnavailable(f"instance {instance!r} of {service!r} is not live")
             if not await self.redis.hexists(constants.CATALOG, service):
                 raise MethodNotFound(f"unknown service {service!r}")
             raise ServiceUnavailable(f"no live instance of {service!r}")
+        if entry == OVER_BACKLOG:
+            raise Overloaded(f"{service!r} has more calls queued than its bound")
+
+    async def _write_enqueues(self) -> None:
+        """The one writer: every enqueue waiting is sent in one pipelined round trip."""
+        while not cancelling():
+            batch = [await self._outbox.get()]
+            while len(batch) < _ENQUEUE_BATCH and not self._outbox.empty():
+                batch.append(self._outbox.get_nowait())
+            try:
+                results = await self._send_enqueues(batch)
+            except REDIS_DOWN_ERRORS as exc:
+                error = ServiceUnavailable(f"redis unreachable: {exc}")
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+                continue
+            for item, result in zip(batch, results, strict=True):
+                if item.future.done():
+                    continue  # the caller timed out meanwhile
+                if isinstance(result, Exception):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result)
+
+    async def _send_enqueues(self, batch: list[_Enqueue]) -> list[Any]:
+        if not self._enqueue_sha:
+            self._enqueue_sha = await self.redis.script_load(ENQUEUE_SCRIPT)
+        for _attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for item in batch:
+                    pipe.evalsha(self._enqueue_sha, 3, *item.keys, *item.args)
+                results: list[Any] = await pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, NoScriptError) for r in results):
+                return results
+            # Redis restarted (its script cache is empty): load the script, send again.
+            self._enqueue_sha = await self.redis.script_load(ENQUEUE_SCRIPT)
+        return results
 
     async def _read_inbox(self) -> None:
         backoff = 0.05

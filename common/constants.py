@@ -25,9 +25,37 @@ def call_stream(service: str) -> str:
     return f"{PREFIX}:{{{service}}}:calls"
 
 
+def direct_stream(service: str, instance_id: str) -> str:
+    """The stream of calls addressed to one instance (`call(..., instance=id)`)."""
+    return f"{PREFIX}:{{{service}}}:calls:{instance_id}"
+
+
 def instances_key(service: str) -> str:
-    """Sorted set: instance id scored by the time its heartbeat lease expires."""
+    """Sorted set of instances *accepting* calls, scored by when their lease ends.
+
+    A draining instance (SIGTERM received) leaves this set at once but keeps its
+    entry in `leases_key` until its in-flight calls are answered.
+    """
     return f"{PREFIX}:{{{service}}}:instances"
+
+
+def leases_key(service: str) -> str:
+    """Sorted set of instances *holding calls*, scored by when their lease ends.
+
+    A consumer of the call stream without a live lease here is dead: any live
+    instance reclaims its pending calls.
+    """
+    return f"{PREFIX}:{{{service}}}:leases"
+
+
+def limits_key(service: str) -> str:
+    """Hash of the service's limits read by the enqueue script (`max_backlog`)."""
+    return f"{PREFIX}:{{{service}}}:limits"
+
+
+def done_key(service: str, bucket: int) -> str:
+    """Hash call id -> encoded reply, for one time bucket of the deduplication window."""
+    return f"{PREFIX}:{{{service}}}:done:{bucket}"
 
 
 def instance_record_key(service: str) -> str:

@@ -16,9 +16,10 @@ A reply is pushed onto the caller's inbox list:
     {"v": 1, "id": "<call id>", "ok": true, "r": <result>}
     {"v": 1, "id": "<call id>", "ok": false, "e": {"code", "message", "type"?, "details"?}}
 
-Enqueueing is one Lua script, so "is any instance alive?" and "append the call"
-are a single atomic round trip: a call to a service with no live instance fails
-at once with `ServiceUnavailable` instead of waiting for its timeout.
+Enqueueing is one Lua script, so "is any instance accepting?", "is the backlog
+under its bound?" and "append the call" are a single atomic round trip: a call
+to a service with no live instance fails at once with `ServiceUnavailable`, and
+one to a saturated service with `Overloaded`, instead of waiting for a timeout.
 """
 
 from __future__ import annotations
@@ -30,13 +31,28 @@ from common import codec
 from common.constants import PROTOCOL_VERSION
 from common.errors import SwitchboardError
 
-# KEYS: instances zset, call stream. ARGV: encoded envelope.
-# Returns the entry id, or 0 when no instance of the service is alive.
+# Results of the enqueue script other than an entry id.
+NO_INSTANCE = 0
+OVER_BACKLOG = -1
+
+# KEYS: accepting-instances zset, target stream (shared, or one instance's), limits hash.
+# ARGV: encoded envelope, target instance id ("" for any).
 ENQUEUE_SCRIPT = """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if redis.call('ZCOUNT', KEYS[1], '(' .. now_ms, '+inf') == 0 then
-  return 0
+if ARGV[2] == '' then
+  if redis.call('ZCOUNT', KEYS[1], '(' .. now_ms, '+inf') == 0 then
+    return 0
+  end
+else
+  local lease = redis.call('ZSCORE', KEYS[1], ARGV[2])
+  if (not lease) or tonumber(lease) <= now_ms then
+    return 0
+  end
+end
+local bound = tonumber(redis.call('HGET', KEYS[3], 'max_backlog') or '0')
+if bound > 0 and redis.call('XLEN', KEYS[2]) >= bound then
+  return -1
 end
 return redis.call('XADD', KEYS[2], '*', 'c', ARGV[1])
 """

@@ -1,9 +1,13 @@
 """The service registry: who is alive, and which services and methods exist.
 
 An instance keeps itself alive by heartbeat: every `heartbeat_interval` it
-scores its id in the service's `instances` sorted set with the moment its lease
-ends (`now + heartbeat_ttl`) and refreshes its JSON record. An instance whose
-lease has ended is dead, whether or not anyone has cleaned up after it yet.
+scores its id with the moment its lease ends (`now + heartbeat_ttl`) in two
+sorted sets, `instances` (accepting calls: what callers and balancers look at)
+and `leases` (holding calls: what the redelivery reaper looks at), and refreshes
+its JSON record. A draining instance heartbeats with `accepting=False`: it leaves
+`instances` at once but keeps its lease until its in-flight calls are answered.
+An instance whose lease has ended is dead, whether or not anyone has cleaned up
+after it yet.
 "Now" is always Redis's clock (`TIME` inside the scripts), so machines with
 skewed clocks agree on who is alive.
 
@@ -28,19 +32,34 @@ import redis.asyncio as aioredis
 
 from common import constants
 
-# KEYS: instances zset, records hash. ARGV: instance id, ttl ms, record JSON.
+# KEYS: instances zset, leases zset, records hash, the instance's direct stream.
+# ARGV: instance id, ttl ms, record JSON, accepting ("1"/"0"), direct stream ttl ms.
 _HEARTBEAT = """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+local lease_end = now_ms + tonumber(ARGV[2])
+if ARGV[4] == '1' then
+  redis.call('ZADD', KEYS[1], lease_end, ARGV[1])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+redis.call('ZADD', KEYS[2], lease_end, ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('PEXPIRE', KEYS[4], ARGV[5])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms)
 if #dead > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
-  redis.call('HDEL', KEYS[2], unpack(dead))
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)
+  redis.call('HDEL', KEYS[3], unpack(dead))
 end
 return now_ms
 """
+
+# A dead instance's direct stream (calls addressed to it alone) outlives its lease
+# by this many TTLs, then expires: nobody else may serve those calls.
+_DIRECT_STREAM_TTLS = 10
 
 # KEYS: instances zset. Returns [now_ms, live ids...].
 _LIVE = """
@@ -96,19 +115,35 @@ class Registry:
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._live = redis.register_script(_LIVE)
 
-    async def heartbeat(self, record: InstanceRecord) -> None:
-        """Extend `record`'s lease by the TTL (and prune instances whose lease ended)."""
+    async def heartbeat(self, record: InstanceRecord, *, accepting: bool = True) -> None:
+        """Extend `record`'s lease by the TTL (and prune instances whose lease ended).
+
+        `accepting=False` keeps the lease (in-flight calls stay ours) but takes the
+        instance out of the set callers are routed to: the first step of draining.
+        """
+        service, instance_id = record.service, record.instance_id
         keys = [
-            constants.instances_key(record.service),
-            constants.instance_record_key(record.service),
+            constants.instances_key(service),
+            constants.leases_key(service),
+            constants.instance_record_key(service),
+            constants.direct_stream(service, instance_id),
         ]
-        await self._heartbeat(keys=keys, args=[record.instance_id, self.ttl_ms, record.to_json()])
+        args: list[str | int] = [
+            instance_id,
+            self.ttl_ms,
+            record.to_json(),
+            "1" if accepting else "0",
+            self.ttl_ms * _DIRECT_STREAM_TTLS,
+        ]
+        await self._heartbeat(keys=keys, args=args)
 
     async def deregister(self, service: str, instance_id: str) -> None:
-        """Remove an instance at once (graceful shutdown)."""
+        """Remove an instance at once: no calls routed to it, no lease, no direct stream."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zrem(constants.instances_key(service), instance_id)
+            pipe.zrem(constants.leases_key(service), instance_id)
             pipe.hdel(constants.instance_record_key(service), instance_id)
+            pipe.delete(constants.direct_stream(service, instance_id))
             await pipe.execute()
 
     async def live_ids(self, service: str) -> list[str]:

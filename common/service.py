@@ -10,11 +10,15 @@ svc.run()  # or: await svc.serve(redis_url)
 ```
 
 Lifecycle of `serve()`: connect to Redis (waiting while it is unreachable),
-publish the method catalog, run the `on_startup` hooks, start consuming, and
-only then register by heartbeat, so an instance is never "live" before it can
-take calls. On SIGTERM/SIGINT it deregisters at once (callers stop counting on
-it), stops taking calls, finishes in-flight ones within `SHUTDOWN_GRACE`, flushes
-their replies and runs the `on_shutdown` hooks.
+publish the method catalog and limits, run the `on_startup` hooks, take a
+heartbeat lease, and only then start consuming (a consumer without a lease would
+look dead to the other instances' reapers). On SIGTERM/SIGINT it drains: it stops
+accepting at once (callers no longer route to it; with no other instance they
+get `ServiceUnavailable` immediately), stops reading, finishes in-flight calls
+within `SHUTDOWN_GRACE` while keeping its lease, flushes their replies,
+deregisters, and runs the `on_shutdown` hooks. Calls still running after the
+grace period are handed back: they stay pending and the next reap of another
+instance takes them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any, TypeVar, overload
 
 import redis.asyncio as aioredis
 
+from common import constants
 from common.aio import cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_ERRORS, connect
 from common.errors import ConfigError
@@ -54,6 +59,7 @@ class Service:
         *,
         version: str = "0",
         concurrency: int | None = None,
+        max_backlog: int | None = None,
         settings: Settings | None = None,
     ) -> None:
         if not _NAME.match(name):
@@ -62,6 +68,8 @@ class Service:
         self.version = version
         self.settings = settings or get_settings()
         self.concurrency = concurrency or self.settings.rpc_concurrency
+        self.max_backlog = self.settings.rpc_max_backlog if max_backlog is None else max_backlog
+        self._accepting = False
         self.instance_id = new_instance_id(name)
         self.methods: dict[str, MethodSpec] = {}
         self.worker: Worker | None = None
@@ -135,6 +143,9 @@ class Service:
             await registry.publish_catalog(
                 self.name, {n: spec.describe() for n, spec in self.methods.items()}
             )
+            await self._redis.hset(
+                constants.limits_key(self.name), "max_backlog", str(self.max_backlog)
+            )
             for hook in self._startup:
                 await hook(self)
             self.worker = Worker(
@@ -144,10 +155,13 @@ class Service:
                 self.methods,
                 concurrency=self.concurrency,
                 thread_pool=self.settings.rpc_thread_pool,
+                dedup_window=self.settings.rpc_dedup_window,
+                reap_interval=self.settings.heartbeat_interval,
             )
-            await self.worker.start()
+            self._accepting = True
             await registry.heartbeat(record)
             heartbeat = asyncio.create_task(self._heartbeat(registry, record))
+            await self.worker.start()
             log.info(
                 "serving",
                 extra={"fields": {"instance": self.instance_id, "methods": sorted(self.methods)}},
@@ -155,11 +169,14 @@ class Service:
             await self._stop.wait()
             log.info("shutting down", extra={"fields": {"instance": self.instance_id}})
         finally:
+            self._accepting = False
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                await registry.heartbeat(record, accepting=False)
+            if self.worker is not None:
+                await self.worker.stop(self.settings.shutdown_grace)
             await cancel_and_wait(heartbeat)
             with contextlib.suppress(*REDIS_DOWN_ERRORS):
                 await registry.deregister(self.name, self.instance_id)
-            if self.worker is not None:
-                await self.worker.stop(self.settings.shutdown_grace)
             for hook in self._shutdown:
                 await hook(self)
             await self._redis.aclose()
@@ -185,7 +202,7 @@ class Service:
         while not cancelling():
             await asyncio.sleep(self.settings.heartbeat_interval)
             try:
-                await registry.heartbeat(record)
+                await registry.heartbeat(record, accepting=self._accepting)
                 if failing:
                     log.info("heartbeat restored")
                 failing = False

@@ -44,6 +44,10 @@ class Settings:
     rpc_concurrency: int = field(default=64, metadata={"env": "RPC_CONCURRENCY"})
     rpc_thread_pool: int = field(default=16, metadata={"env": "RPC_THREAD_POOL"})
     shutdown_grace: float = field(default=10.0, metadata={"env": "SHUTDOWN_GRACE"})
+    # Calls queued (plus in flight) beyond this are refused with `Overloaded`; 0 = no bound.
+    rpc_max_backlog: int = field(default=10_000, metadata={"env": "RPC_MAX_BACKLOG"})
+    # How long a completed call's reply is kept to answer a redelivery without re-running.
+    rpc_dedup_window: float = field(default=30.0, metadata={"env": "RPC_DEDUP_WINDOW"})
 
     # Registry: liveness by heartbeat (design §5 defaults).
     heartbeat_interval: float = field(default=1.0, metadata={"env": "HEARTBEAT_INTERVAL"})

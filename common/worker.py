@@ -1,12 +1,22 @@
 """The consuming half of RPC: read calls in batches, run handlers, reply in pipelines.
 
 A `Worker` reads up to as many calls as it has free slots (its concurrency
-limit) in one `XREADGROUP`, runs each in its own task (sync handlers in a thread
-pool, so a slow CPU-bound handler never blocks the loop), and hands the
-encoded replies to one flusher task. The flusher writes every reply waiting at
-that moment, plus the `XACK`/`XDEL` of their entries, in a single pipelined
-round trip, and keeps them (retrying) while Redis is unreachable, so a finished
-call's reply is never dropped.
+limit) in one `XREADGROUP` over the service's shared stream and its own direct
+stream, runs each in its own task (sync handlers in a thread pool, so a
+CPU-bound handler never blocks the loop), and hands the results to one flusher
+task. The flusher writes everything finished at that moment in one pipelined
+round trip, in an order that makes a crash at any point safe:
+
+1. the replies into the deduplication window (`done` hash of the current bucket),
+2. the replies onto each caller's inbox (one RPUSH per inbox),
+3. `XACK` + `XDEL` of the entries.
+
+Redelivery: every `reap_interval` a worker runs the reclaim script, which moves
+the pending calls of every consumer without a live lease (a SIGKILLed or
+partitioned instance) to itself. A reclaimed call whose id is in the
+deduplication window already completed: its stored reply is sent again and it
+does not run twice. Calls of a consumer whose lease merely lapsed while it was
+still running may run twice: delivery is at-least-once, as documented.
 
 Hot path: `_consume`, `_run`, `_flush` (covered by `make bench-rpc`).
 """
@@ -17,6 +27,7 @@ import asyncio
 import contextvars
 import functools
 import time
+from collections import defaultdict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +41,7 @@ from common.aio import cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_ERRORS
 from common.errors import MethodNotFound, RemoteError, RpcError, SwitchboardError
 from common.log import get_logger, request_id_var
+from common.metrics import MethodStats
 from common.params import MethodSpec
 from common.protocol import Call, error_reply, ok_reply
 
@@ -39,14 +51,51 @@ log = get_logger("switchboard.worker")
 INBOX_TTL_SECONDS = 60
 _MAX_FLUSH_BATCH = 512
 
-
-@dataclass(slots=True)
-class MethodStats:
-    """Per-method counters, readable from the process (`Worker.stats`)."""
-
-    calls: int = 0
-    errors: int = 0
-    total_seconds: float = 0.0
+# KEYS: shared call stream, leases zset. ARGV: group, this consumer, max calls to claim.
+# Moves the pending calls of consumers without a live lease to this consumer and
+# returns them; entries deleted meanwhile are acked; emptied dead consumers are removed.
+_RECLAIM = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local consumers = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if type(consumers) ~= 'table' or consumers.err then
+  return {}
+end
+local claimed = {}
+local budget = tonumber(ARGV[3])
+for _, c in ipairs(consumers) do
+  local name, pending = c[2], tonumber(c[4])
+  if name ~= ARGV[2] and budget > 0 then
+    local lease = redis.call('ZSCORE', KEYS[2], name)
+    if (not lease) or tonumber(lease) <= now_ms then
+      if pending > 0 then
+        local entries = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', budget, name)
+        local ids = {}
+        for _, e in ipairs(entries) do ids[#ids + 1] = e[1] end
+        if #ids > 0 then
+          local got = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(ids))
+          local present = {}
+          for _, g in ipairs(got) do
+            if g then
+              present[g[1]] = true
+              claimed[#claimed + 1] = g
+            end
+          end
+          for _, id in ipairs(ids) do
+            if not present[id] then redis.call('XACK', KEYS[1], ARGV[1], id) end
+          end
+          budget = budget - #ids
+          pending = pending - #ids
+        end
+      end
+      if pending <= 0 then
+        redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+      end
+    end
+  end
+end
+return claimed
+"""
 
 
 @dataclass(slots=True)
@@ -54,10 +103,24 @@ class WorkerStats:
     methods: dict[str, MethodStats] = field(default_factory=dict)
     expired: int = 0  # calls skipped because their deadline passed while queued
     malformed: int = 0  # entries that could not be decoded (acked and dropped)
+    redelivered: int = 0  # calls reclaimed from dead instances
+    deduplicated: int = 0  # reclaimed calls answered from the stored reply, not re-run
+
+
+@dataclass(slots=True)
+class _Finished:
+    """A processed entry waiting for the flusher."""
+
+    stream: str
+    entry_id: bytes
+    call_id: str | None = None
+    inbox: str | None = None
+    reply: bytes | None = None
+    remember: bool = True  # store the reply in the deduplication window
 
 
 class Worker:
-    """Consumes one service's call stream as one consumer of the shared group."""
+    """Consumes one service's call streams as one consumer of the shared group."""
 
     def __init__(
         self,
@@ -68,6 +131,8 @@ class Worker:
         *,
         concurrency: int,
         thread_pool: int,
+        dedup_window: float = 30.0,
+        reap_interval: float = 1.0,
         block_ms: int = 1000,
     ) -> None:
         self.redis = redis
@@ -76,62 +141,77 @@ class Worker:
         self.methods = methods
         self.concurrency = concurrency
         self.block_ms = block_ms
+        self.reap_interval = reap_interval
         self.stream = constants.call_stream(service)
+        self.direct = constants.direct_stream(service, consumer)
         self.stats = WorkerStats()
+        self._bucket_seconds = max(dedup_window / 2, 1.0)
         self._executor = ThreadPoolExecutor(thread_pool, thread_name_prefix=f"{service}-handler")
+        self._reclaim = redis.register_script(_RECLAIM)
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._replies: asyncio.Queue[tuple[bytes, str | None, bytes | None]] = asyncio.Queue()
+        self._finished: asyncio.Queue[_Finished] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        await self._ensure_group()
+        """Create the consumer groups (both streams) and start consuming."""
+        await self._ensure_groups()
         self._tasks = [
             asyncio.create_task(self._consume(), name=f"{self.service}-consume"),
+            asyncio.create_task(self._reap(), name=f"{self.service}-reap"),
             asyncio.create_task(self._flush(), name=f"{self.service}-flush"),
         ]
 
     async def stop(self, grace: float) -> None:
-        """Stop taking calls, let in-flight ones finish within `grace`, flush their replies."""
+        """Stop taking calls, let in-flight ones finish within `grace`, flush their replies.
+
+        Calls still running after `grace` are cancelled and left pending: once this
+        instance's lease is gone, another instance reclaims them (handed back).
+        """
         self._stopping.set()
         self._slot_free.set()
-        consume = self._tasks[0] if self._tasks else None
+        consume, reap = [*self._tasks, None, None][:2]
         if consume is not None:
             # It notices `_stopping` within one blocking read; cancel only if it does not.
             await asyncio.wait([consume], timeout=self.block_ms / 1000 + 1)
             await cancel_and_wait(consume)
+        await cancel_and_wait(reap)
         if self._inflight:
             _, pending = await asyncio.wait(self._inflight, timeout=grace)
             for task in pending:
-                task.cancel()
+                await cancel_and_wait(task)
             if pending:
                 log.warning(
-                    "shutdown grace expired",
-                    extra={"fields": {"abandoned_calls": len(pending)}},
+                    "shutdown grace expired: calls handed back",
+                    extra={"fields": {"handed_back": len(pending)}},
                 )
         try:
-            await asyncio.wait_for(self._replies.join(), timeout=max(grace, 1.0))
+            await asyncio.wait_for(self._finished.join(), timeout=max(grace, 1.0))
         except TimeoutError:
             log.warning("replies not flushed before shutdown")
         for task in self._tasks:
             await cancel_and_wait(task)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(
-                self.stream, constants.WORKER_GROUP, id="0", mkstream=True
-            )
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+    async def _ensure_groups(self) -> None:
+        for stream in (self.stream, self.direct):
+            try:
+                await self.redis.xgroup_create(
+                    stream, constants.WORKER_GROUP, id="0", mkstream=True
+                )
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def _free_slots(self) -> int:
+        return self.concurrency - len(self._inflight)
 
     async def _consume(self) -> None:
         backoff = 0.05
-        while not self._stopping.is_set():
-            free = self.concurrency - len(self._inflight)
-            if free <= 0:
+        streams = {self.stream: ">", self.direct: ">"}
+        while not self._stopping.is_set() and not cancelling():
+            if self._free_slots() <= 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
@@ -139,8 +219,8 @@ class Worker:
                 response: Any = await self.redis.xreadgroup(
                     constants.WORKER_GROUP,
                     self.consumer,
-                    {self.stream: ">"},
-                    count=free,
+                    streams,  # type: ignore[arg-type]
+                    count=self._free_slots(),
                     block=self.block_ms,
                 )
                 backoff = 0.05
@@ -150,45 +230,94 @@ class Worker:
                 backoff = min(backoff * 2, 2.0)
                 continue
             except ResponseError as exc:
-                if "NOGROUP" in str(exc):  # the stream was deleted (e.g. FLUSHALL)
-                    await self._ensure_group()
+                if "NOGROUP" in str(exc):  # a stream was deleted (expiry, FLUSHALL)
+                    await self._ensure_groups()
                     continue
                 raise
-            for _stream, entries in response or ():
+            for stream, entries in response or ():
+                name = stream.decode() if isinstance(stream, bytes) else stream
                 for entry_id, fields in entries:
-                    task = asyncio.create_task(self._run(entry_id, fields))
-                    self._inflight.add(task)
-                    task.add_done_callback(self._task_done)
+                    self._dispatch(name, entry_id, fields, redelivered=False)
+
+    async def _reap(self) -> None:
+        """Reclaim the calls of dead instances, every `reap_interval`."""
+        keys = [self.stream, constants.leases_key(self.service)]
+        while not self._stopping.is_set() and not cancelling():
+            await asyncio.sleep(self.reap_interval)
+            free = self._free_slots()
+            if free <= 0:
+                continue
+            try:
+                claimed = await self._reclaim(
+                    keys=keys, args=[constants.WORKER_GROUP, self.consumer, free]
+                )
+            except REDIS_DOWN_ERRORS:
+                continue  # the consume loop reports the outage
+            if claimed:
+                self.stats.redelivered += len(claimed)
+                log.info("reclaimed calls of dead instances", extra={"fields": {"n": len(claimed)}})
+            for entry_id, flat in claimed:
+                fields = dict(zip(flat[::2], flat[1::2], strict=True))
+                self._dispatch(self.stream, entry_id, fields, redelivered=True)
+
+    def _dispatch(
+        self, stream: str, entry_id: bytes, fields: dict[bytes, bytes], *, redelivered: bool
+    ) -> None:
+        task = asyncio.create_task(self._run(stream, entry_id, fields, redelivered))
+        self._inflight.add(task)
+        task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._slot_free.set()
 
-    async def _run(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    async def _run(
+        self, stream: str, entry_id: bytes, fields: dict[bytes, bytes], redelivered: bool
+    ) -> None:
         try:
             call = Call.decode(fields[b"c"])
         except Exception:
             self.stats.malformed += 1
             log.warning("malformed call entry dropped", extra={"fields": {"entry": str(entry_id)}})
-            self._replies.put_nowait((entry_id, None, None))
+            self._finished.put_nowait(_Finished(stream, entry_id))
             return
+        if redelivered:
+            stored = await self._stored_reply(call.call_id)
+            if stored is not None:
+                self.stats.deduplicated += 1
+                done = _Finished(stream, entry_id, call.call_id, call.reply_to, stored, False)
+                self._finished.put_nowait(done)
+                return
         if time.time() > call.deadline:
             self.stats.expired += 1
-            self._replies.put_nowait((entry_id, None, None))
+            self._finished.put_nowait(_Finished(stream, entry_id))
             return
         token = request_id_var.set(call.request_id)
         try:
             reply = await self._execute(call)
         finally:
             request_id_var.reset(token)
-        self._replies.put_nowait((entry_id, call.reply_to, reply))
+        self._finished.put_nowait(_Finished(stream, entry_id, call.call_id, call.reply_to, reply))
+
+    async def _stored_reply(self, call_id: str) -> bytes | None:
+        bucket = int(time.time() // self._bucket_seconds)
+        for b in (bucket, bucket - 1):
+            try:
+                stored: Any = await self.redis.hget(constants.done_key(self.service, b), call_id)
+            except REDIS_DOWN_ERRORS:
+                return None
+            if stored is not None:
+                return bytes(stored)
+        return None
 
     async def _execute(self, call: Call) -> bytes:
         spec = self.methods.get(call.method)
         if spec is None:
             error = MethodNotFound(f"{self.service} has no method {call.method!r}")
             return error_reply(call.call_id, error)
-        stats = self.stats.methods.setdefault(call.method, MethodStats())
+        stats = self.stats.methods.get(call.method)
+        if stats is None:
+            stats = self.stats.methods[call.method] = MethodStats()
         stats.calls += 1
         started = time.perf_counter()
         try:
@@ -204,7 +333,7 @@ class Worker:
             stats.errors += 1
             return error_reply(call.call_id, self._as_error(call, exc))
         finally:
-            stats.total_seconds += time.perf_counter() - started
+            stats.latency.observe(time.perf_counter() - started)
 
     def _as_error(self, call: Call, exc: Exception) -> SwitchboardError:
         if isinstance(exc, RpcError) and not isinstance(exc, RemoteError):
@@ -219,28 +348,38 @@ class Worker:
 
     async def _flush(self) -> None:
         while not cancelling():
-            batch = [await self._replies.get()]
-            while len(batch) < _MAX_FLUSH_BATCH and not self._replies.empty():
-                batch.append(self._replies.get_nowait())
+            batch = [await self._finished.get()]
+            while len(batch) < _MAX_FLUSH_BATCH and not self._finished.empty():
+                batch.append(self._finished.get_nowait())
             await self._write_batch(batch)
             for _ in batch:
-                self._replies.task_done()
+                self._finished.task_done()
 
-    async def _write_batch(self, batch: list[tuple[bytes, str | None, bytes | None]]) -> None:
+    async def _write_batch(self, batch: list[_Finished]) -> None:
+        """One round trip for the whole batch; retried (never dropped) while Redis is down."""
+        remembered = {d.call_id: d.reply for d in batch if d.remember and d.call_id and d.reply}
+        by_inbox: dict[str, list[bytes]] = defaultdict(list)
+        by_stream: dict[str, list[bytes]] = defaultdict(list)
+        for done in batch:
+            if done.inbox and done.reply is not None:
+                by_inbox[done.inbox].append(done.reply)
+            by_stream[done.stream].append(done.entry_id)
         backoff = 0.05
         while not cancelling():
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    inboxes: set[str] = set()
-                    for _entry_id, inbox, reply in batch:
-                        if inbox and reply is not None:
-                            pipe.rpush(inbox, reply)
-                            inboxes.add(inbox)
-                    for inbox in inboxes:
+                    if remembered:
+                        key = constants.done_key(
+                            self.service, int(time.time() // self._bucket_seconds)
+                        )
+                        pipe.hset(key, mapping=remembered)  # type: ignore[arg-type]
+                        pipe.pexpire(key, int(self._bucket_seconds * 3000))
+                    for inbox, replies in by_inbox.items():
+                        pipe.rpush(inbox, *replies)
                         pipe.expire(inbox, INBOX_TTL_SECONDS)
-                    ids = [entry_id for entry_id, _, _ in batch]
-                    pipe.xack(self.stream, constants.WORKER_GROUP, *ids)
-                    pipe.xdel(self.stream, *ids)
+                    for stream, ids in by_stream.items():
+                        pipe.xack(stream, constants.WORKER_GROUP, *ids)
+                        pipe.xdel(stream, *ids)
                     await pipe.execute()
                 return
             except REDIS_DOWN_ERRORS as exc:
@@ -250,13 +389,12 @@ class Worker:
                 backoff = min(backoff * 2, 2.0)
 
     def snapshot(self) -> dict[str, Any]:
-        """Counters as plain data (for logs, health and tests)."""
+        """Counters and per-method latency histograms as plain data."""
         return {
             "inflight": len(self._inflight),
             "expired": self.stats.expired,
             "malformed": self.stats.malformed,
-            "methods": {
-                name: {"calls": s.calls, "errors": s.errors, "total_seconds": s.total_seconds}
-                for name, s in self.stats.methods.items()
-            },
+            "redelivered": self.stats.redelivered,
+            "deduplicated": self.stats.deduplicated,
+            "methods": {name: s.snapshot() for name, s in self.stats.methods.items()},
         }

@@ -79,6 +79,17 @@ def build(name: str = "calc", concurrency: int | None = None) -> Service:
     async def run_count(method: str) -> int:
         return runs.get(method, 0)
 
+    @svc.method
+    async def work(x: int, ms: float = 5.0) -> int:
+        """A short handler for load tests: waits `ms` and answers `x`."""
+        await asyncio.sleep(ms / 1000)
+        return x
+
+    @svc.method
+    async def stats() -> dict[str, object]:
+        assert svc.worker is not None
+        return svc.worker.snapshot()
+
     return svc
 
 
