@@ -185,7 +185,8 @@ def _raw_conn(url: str) -> Any:
     from redis.asyncio.connection import Connection
 
     u = urlparse(url)
-    return Connection(host=u.hostname, port=u.port or 6379, db=int((u.path or "/0")[1:] or 0))
+    db = int((u.path or "/0")[1:] or 0)
+    return Connection(host=u.hostname or "127.0.0.1", port=u.port or 6379, db=db)
 
 
 class RawPipeClient:
@@ -241,7 +242,7 @@ async def raw_pipe_server(url: str) -> None:
             if item is None:
                 continue
             pending = [item[1]]
-        cmds = []
+        cmds: list[tuple[Any, ...]] = []
         for raw in pending:
             req = loads(raw)
             cmds.append(("LPUSH", req["reply"], dumps({"id": req["id"], "result": req["args"]})))

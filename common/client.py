@@ -42,7 +42,18 @@ from common.errors import (
     error_from_wire,
 )
 from common.log import get_logger, request_id_var
-from common.protocol import ENQUEUE_SCRIPT, NO_INSTANCE, OVER_BACKLOG, Call
+from common.protocol import (
+    DROPPED,
+    ENQUEUE_SCRIPT,
+    HIGH_WATERMARK,
+    LOW_WATERMARK,
+    NO_INSTANCE,
+    OVER_BACKLOG,
+    POLICIES,
+    PRIORITIES,
+    TASK_SCRIPT,
+    Call,
+)
 from common.settings import Settings, get_settings
 
 log = get_logger("switchboard.client")
@@ -63,9 +74,13 @@ def split_target(target: str) -> tuple[str, str]:
 
 @dataclass(slots=True)
 class _Enqueue:
-    keys: tuple[str, str, str]
-    args: tuple[bytes, str]
+    script: str  # a key of _SCRIPTS
+    keys: tuple[str, ...]
+    args: tuple[bytes | str | float, ...]
     future: asyncio.Future[Any]
+
+
+_SCRIPTS = {"call": ENQUEUE_SCRIPT, "task": TASK_SCRIPT}
 
 
 class RpcClient:
@@ -87,7 +102,8 @@ class RpcClient:
         self.default_timeout = timeout or settings.rpc_timeout
         self.client_id = uuid.uuid4().hex
         self.inbox = constants.inbox_key(self.client_id)
-        self._enqueue_sha = ""
+        self.settings = settings
+        self._shas: dict[str, str] = {}
         self._ids = itertools.count()
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -191,38 +207,99 @@ class RpcClient:
         target: str,
         /,
         *args: Any,
+        priority: int = 1,
+        policy: str = "execute",
+        coalesce_key: str | None = None,
+        **kwargs: Any,
+    ) -> bool:
+        """Fire-and-forget task: enqueue and return; no reply comes back. See `submit`."""
+        return await self.submit(
+            target, args, kwargs, priority=priority, policy=policy, coalesce_key=coalesce_key
+        )
+
+    async def submit(
+        self,
+        target: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        priority: int = 1,
+        policy: str = "execute",
+        coalesce_key: str | None = None,
+        attempts: int | None = None,
         ttl: float = DEFAULT_SEND_TTL,
         request_id: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """Fire-and-forget: enqueue the call and return; no reply is sent back."""
+    ) -> bool:
+        """Enqueue a task; True when accepted, False when dropped (policy `drop`).
+
+        - `priority` 1 is served before anything of priority 2; priority 2 is
+          admitted only while the backlog is under the high watermark (80% of the
+          service's bound), and again once it is under the low one (60%).
+        - `policy`: `execute` (every task runs), `last` (pending tasks with the same
+          `coalesce_key` collapse to the newest), `drop` (discarded and counted,
+          never an error, when the service is saturated or has no live instance:
+          for logging and metrics that must never block a caller).
+        - A task that raises is retried with exponential backoff up to `attempts`
+          runs in all (default `TASK_ATTEMPTS`), then kept in the dead-letter list.
+        Raises `ServiceUnavailable` (no live instance) and `Overloaded` (backlog
+        full) for policies other than `drop`.
+        """
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {PRIORITIES}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}")
+        if policy == "last" and not coalesce_key:
+            raise ValueError("policy 'last' needs a coalesce_key")
         service, method = split_target(target)
+        settings = self.settings
         call = Call(
             call_id=f"{self.client_id[:12]}-{next(self._ids)}",
             method=method,
             args=list(args),
-            kwargs=kwargs,
+            kwargs=dict(kwargs or {}),
             deadline=time.time() + ttl,
             reply_to=None,
             request_id=request_id or request_id_var.get(),
-        )
-        await self._enqueue_call(service, call)
-
-    async def _enqueue_call(self, service: str, call: Call, instance: str | None = None) -> None:
-        if self._writer is None:
-            await self.start()
-        stream = (
-            constants.direct_stream(service, instance)
-            if instance
-            else constants.call_stream(service)
+            priority=priority,
+            policy=policy,
+            key=coalesce_key,
+            max_attempts=attempts or settings.task_attempts,
         )
         item = _Enqueue(
-            keys=(constants.instances_key(service), stream, constants.limits_key(service)),
-            args=(call.encode(), instance or ""),
+            script="task",
+            keys=(
+                constants.instances_key(service),
+                constants.task_stream(service, priority),
+                constants.limits_key(service),
+                constants.call_stream(service),
+                constants.task_stream(service, 1),
+                constants.task_stream(service, 2),
+                constants.coalesce_key(service),
+                constants.task_stats_key(service),
+            ),
+            args=(
+                call.encode(),
+                str(priority),
+                policy,
+                coalesce_key or "",
+                HIGH_WATERMARK,
+                LOW_WATERMARK,
+            ),
             future=asyncio.get_running_loop().create_future(),
         )
+        result = await self._submit(item)
+        if result == DROPPED:
+            return False
+        await self._raise_for(result, service, None)
+        return True
+
+    async def _submit(self, item: _Enqueue) -> Any:
+        if self._writer is None:
+            await self.start()
         self._outbox.put_nowait(item)
-        entry = await item.future
+        return await item.future
+
+    async def _raise_for(self, entry: Any, service: str, instance: str | None) -> None:
         if entry == NO_INSTANCE:
             if instance:
                 raise ServiceUnavailable(f"instance {instance!r} of {service!r} is not live")
@@ -231,6 +308,20 @@ class RpcClient:
             raise ServiceUnavailable(f"no live instance of {service!r}")
         if entry == OVER_BACKLOG:
             raise Overloaded(f"{service!r} has more calls queued than its bound")
+
+    async def _enqueue_call(self, service: str, call: Call, instance: str | None = None) -> None:
+        stream = (
+            constants.direct_stream(service, instance)
+            if instance
+            else constants.call_stream(service)
+        )
+        item = _Enqueue(
+            script="call",
+            keys=(constants.instances_key(service), stream, constants.limits_key(service)),
+            args=(call.encode(), instance or ""),
+            future=asyncio.get_running_loop().create_future(),
+        )
+        await self._raise_for(await self._submit(item), service, instance)
 
     async def _write_enqueues(self) -> None:
         """The one writer: every enqueue waiting is sent in one pipelined round trip."""
@@ -255,17 +346,17 @@ class RpcClient:
                     item.future.set_result(result)
 
     async def _send_enqueues(self, batch: list[_Enqueue]) -> list[Any]:
-        if not self._enqueue_sha:
-            self._enqueue_sha = await self.redis.script_load(ENQUEUE_SCRIPT)
         for _attempt in range(2):
+            for name in {item.script for item in batch} - self._shas.keys():
+                self._shas[name] = await self.redis.script_load(_SCRIPTS[name])
             async with self.redis.pipeline(transaction=False) as pipe:
                 for item in batch:
-                    pipe.evalsha(self._enqueue_sha, 3, *item.keys, *item.args)
+                    pipe.evalsha(self._shas[item.script], len(item.keys), *item.keys, *item.args)
                 results: list[Any] = await pipe.execute(raise_on_error=False)
             if not any(isinstance(r, NoScriptError) for r in results):
                 return results
-            # Redis restarted (its script cache is empty): load the script, send again.
-            self._enqueue_sha = await self.redis.script_load(ENQUEUE_SCRIPT)
+            # Redis restarted (its script cache is empty): load the scripts, send again.
+            self._shas.clear()
         return results
 
     async def _read_inbox(self) -> None:
@@ -275,7 +366,9 @@ class RpcClient:
                 item = await self.redis.blpop([self.inbox], timeout=1)
                 if item is not None:
                     self._deliver(item[1])
-                    while True:
+                    # Drain the rest in batches, unless nobody else is waiting (at one
+                    # caller that LPOP would be one wasted command per call).
+                    while self._pending:
                         more = await self.redis.lpop(self.inbox, _INBOX_BATCH)
                         for raw in more or ():
                             self._deliver(raw)
@@ -290,7 +383,7 @@ class RpcClient:
     def _deliver(self, raw: Any) -> None:
         try:
             reply = codec.unpackb(raw)
-            future = self._pending.get(reply["id"])
+            future = self._pending.pop(reply["id"], None)
         except Exception:
             log.warning("undecodable reply dropped")
             return

@@ -71,3 +71,28 @@ def inbox_key(client_id: str) -> str:
 def data_key(service: str, *parts: str) -> str:
     """A key owned by a service's own data (`sb:{iptv}:channels`, ...)."""
     return ":".join((f"{PREFIX}:{{{service}}}", *parts))
+
+
+def task_stream(service: str, priority: int) -> str:
+    """Fire-and-forget tasks of one priority (1: served first, 2: best effort)."""
+    return f"{PREFIX}:{{{service}}}:tasks:{priority}"
+
+
+def coalesce_key(service: str) -> str:
+    """Hash: coalescing key -> entry id of the newest pending task with policy `last`."""
+    return f"{PREFIX}:{{{service}}}:last"
+
+
+def retry_key(service: str) -> str:
+    """Sorted set of failed tasks' envelopes, scored by when they are due again (ms)."""
+    return f"{PREFIX}:{{{service}}}:retry"
+
+
+def dead_letter_key(service: str) -> str:
+    """List of tasks that failed every attempt, newest first."""
+    return f"{PREFIX}:{{{service}}}:dead"
+
+
+def task_stats_key(service: str) -> str:
+    """Hash of task counters kept in Redis (dropped, coalesced), shared by all callers."""
+    return f"{PREFIX}:{{{service}}}:taskstats"

@@ -9,7 +9,9 @@ msgpack-encoded envelope:
      "a": [...], "k": {}, positional and keyword arguments
      "dl": 1732200000.5,  absolute deadline, epoch seconds; workers skip expired calls
      "rt": "sb:inbox:<client>" | None,  reply inbox (None for fire-and-forget `send`)
-     "rid": "<request id>" | None}      request id for logs, end to end
+     "rid": "<request id>" | None,      request id for logs, end to end
+     "p": 1 | 2, "pol": "execute" | "last" | "drop", "key": str | None,
+     "att": 1, "max": 3}                task fields (fire-and-forget `send` only)
 
 A reply is pushed onto the caller's inbox list:
 
@@ -31,9 +33,63 @@ from common import codec
 from common.constants import PROTOCOL_VERSION
 from common.errors import SwitchboardError
 
-# Results of the enqueue script other than an entry id.
+# Results of the enqueue scripts other than an entry id.
 NO_INSTANCE = 0
 OVER_BACKLOG = -1
+DROPPED = -2
+
+POLICIES = ("execute", "last", "drop")
+PRIORITIES = (1, 2)
+# Priority-2 tasks stop being admitted when the backlog reaches the high watermark
+# and are admitted again once it is under the low one (fractions of `max_backlog`).
+HIGH_WATERMARK = 0.8
+LOW_WATERMARK = 0.6
+
+# KEYS: accepting-instances zset, target task stream, limits hash, calls stream,
+#       priority-1 stream, priority-2 stream, coalesce hash, task stats hash.
+# ARGV: envelope, priority, policy, coalescing key ("" for none), high and low watermarks.
+TASK_SCRIPT = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local policy = ARGV[3]
+local function drop()
+  redis.call('HINCRBY', KEYS[8], 'dropped', 1)
+  return -2
+end
+if redis.call('ZCOUNT', KEYS[1], '(' .. now_ms, '+inf') == 0 then
+  if policy == 'drop' then return drop() end
+  return 0
+end
+local bound = tonumber(redis.call('HGET', KEYS[3], 'max_backlog') or '0')
+if bound > 0 then
+  local backlog = redis.call('XLEN', KEYS[4]) + redis.call('XLEN', KEYS[5])
+    + redis.call('XLEN', KEYS[6])
+  local high, low = bound * tonumber(ARGV[5]), bound * tonumber(ARGV[6])
+  if policy == 'drop' and backlog >= high then return drop() end
+  if ARGV[2] == '2' then
+    local closed = redis.call('HGET', KEYS[3], 'p2_closed') == '1'
+    if closed and backlog < low then
+      redis.call('HSET', KEYS[3], 'p2_closed', '0')
+      closed = false
+    elseif (not closed) and backlog >= high then
+      redis.call('HSET', KEYS[3], 'p2_closed', '1')
+      closed = true
+    end
+    if closed then return -1 end
+  elseif backlog >= bound then
+    return -1
+  end
+end
+local id = redis.call('XADD', KEYS[2], '*', 'c', ARGV[1])
+if policy == 'last' and ARGV[4] ~= '' then
+  local previous = redis.call('HGET', KEYS[7], ARGV[4])
+  if previous and redis.call('XDEL', KEYS[2], previous) == 1 then
+    redis.call('HINCRBY', KEYS[8], 'coalesced', 1)
+  end
+  redis.call('HSET', KEYS[7], ARGV[4], id)
+end
+return id
+"""
 
 # KEYS: accepting-instances zset, target stream (shared, or one instance's), limits hash.
 # ARGV: encoded envelope, target instance id ("" for any).
@@ -70,20 +126,37 @@ class Call:
     reply_to: str | None
     request_id: str | None
     version: int = PROTOCOL_VERSION
+    priority: int = 1
+    policy: str = "execute"
+    key: str | None = None
+    attempt: int = 1
+    max_attempts: int = 1
+
+    @property
+    def is_task(self) -> bool:
+        """Fire-and-forget: nobody waits for a reply."""
+        return self.reply_to is None
 
     def encode(self) -> bytes:
-        return codec.packb(
-            {
-                "v": self.version,
-                "id": self.call_id,
-                "m": self.method,
-                "a": self.args,
-                "k": self.kwargs,
-                "dl": self.deadline,
-                "rt": self.reply_to,
-                "rid": self.request_id,
-            }
-        )
+        env: dict[str, Any] = {
+            "v": self.version,
+            "id": self.call_id,
+            "m": self.method,
+            "a": self.args,
+            "k": self.kwargs,
+            "dl": self.deadline,
+            "rt": self.reply_to,
+            "rid": self.request_id,
+        }
+        if self.is_task:
+            env.update(
+                p=self.priority,
+                pol=self.policy,
+                key=self.key,
+                att=self.attempt,
+                max=self.max_attempts,
+            )
+        return codec.packb(env)
 
     @classmethod
     def decode(cls, data: bytes) -> Call:
@@ -97,6 +170,11 @@ class Call:
             reply_to=env.get("rt"),
             request_id=env.get("rid"),
             version=int(env.get("v", PROTOCOL_VERSION)),
+            priority=int(env.get("p", 1)),
+            policy=str(env.get("pol", "execute")),
+            key=env.get("key"),
+            attempt=int(env.get("att", 1)),
+            max_attempts=int(env.get("max", 1)),
         )
 
 

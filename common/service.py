@@ -157,6 +157,8 @@ class Service:
                 thread_pool=self.settings.rpc_thread_pool,
                 dedup_window=self.settings.rpc_dedup_window,
                 reap_interval=self.settings.heartbeat_interval,
+                retry_delay=self.settings.task_retry_delay,
+                dead_letter_cap=self.settings.dead_letter_cap,
             )
             self._accepting = True
             await registry.heartbeat(record)

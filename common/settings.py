@@ -48,6 +48,11 @@ class Settings:
     rpc_max_backlog: int = field(default=10_000, metadata={"env": "RPC_MAX_BACKLOG"})
     # How long a completed call's reply is kept to answer a redelivery without re-running.
     rpc_dedup_window: float = field(default=30.0, metadata={"env": "RPC_DEDUP_WINDOW"})
+    # Tasks (fire-and-forget): runs in all before a failing task is dead-lettered,
+    # first retry delay (doubled each time), and how many dead letters are kept.
+    task_attempts: int = field(default=3, metadata={"env": "TASK_ATTEMPTS"})
+    task_retry_delay: float = field(default=1.0, metadata={"env": "TASK_RETRY_DELAY"})
+    dead_letter_cap: int = field(default=10_000, metadata={"env": "DEAD_LETTER_CAP"})
 
     # Registry: liveness by heartbeat (design §5 defaults).
     heartbeat_interval: float = field(default=1.0, metadata={"env": "HEARTBEAT_INTERVAL"})

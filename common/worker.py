@@ -36,10 +36,16 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from common import constants
+from common import constants, deadletters
 from common.aio import cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_ERRORS
-from common.errors import MethodNotFound, RemoteError, RpcError, SwitchboardError
+from common.errors import (
+    InvalidParams,
+    MethodNotFound,
+    RemoteError,
+    RpcError,
+    SwitchboardError,
+)
 from common.log import get_logger, request_id_var
 from common.metrics import MethodStats
 from common.params import MethodSpec
@@ -51,51 +57,72 @@ log = get_logger("switchboard.worker")
 INBOX_TTL_SECONDS = 60
 _MAX_FLUSH_BATCH = 512
 
-# KEYS: shared call stream, leases zset. ARGV: group, this consumer, max calls to claim.
-# Moves the pending calls of consumers without a live lease to this consumer and
-# returns them; entries deleted meanwhile are acked; emptied dead consumers are removed.
+# KEYS: the shared streams (calls, tasks:1, tasks:2), then the leases zset.
+# ARGV: group, this consumer, max calls to claim.
+# Moves the pending entries of consumers without a live lease to this consumer and
+# returns them as {stream index, entry}; entries deleted meanwhile are acked;
+# emptied dead consumers are removed.
 _RECLAIM = """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local consumers = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
-if type(consumers) ~= 'table' or consumers.err then
-  return {}
-end
+local leases = KEYS[#KEYS]
 local claimed = {}
 local budget = tonumber(ARGV[3])
-for _, c in ipairs(consumers) do
-  local name, pending = c[2], tonumber(c[4])
-  if name ~= ARGV[2] and budget > 0 then
-    local lease = redis.call('ZSCORE', KEYS[2], name)
-    if (not lease) or tonumber(lease) <= now_ms then
-      if pending > 0 then
-        local entries = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', budget, name)
-        local ids = {}
-        for _, e in ipairs(entries) do ids[#ids + 1] = e[1] end
-        if #ids > 0 then
-          local got = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(ids))
-          local present = {}
-          for _, g in ipairs(got) do
-            if g then
-              present[g[1]] = true
-              claimed[#claimed + 1] = g
+for si = 1, #KEYS - 1 do
+  local stream = KEYS[si]
+  local consumers = redis.pcall('XINFO', 'CONSUMERS', stream, ARGV[1])
+  if type(consumers) == 'table' and not consumers.err then
+    for _, c in ipairs(consumers) do
+      local name, pending = c[2], tonumber(c[4])
+      if name ~= ARGV[2] and budget > 0 then
+        local lease = redis.call('ZSCORE', leases, name)
+        if (not lease) or tonumber(lease) <= now_ms then
+          if pending > 0 then
+            local entries = redis.call('XPENDING', stream, ARGV[1], '-', '+', budget, name)
+            local ids = {}
+            for _, e in ipairs(entries) do ids[#ids + 1] = e[1] end
+            if #ids > 0 then
+              local got = redis.call('XCLAIM', stream, ARGV[1], ARGV[2], 0, unpack(ids))
+              local present = {}
+              for _, g in ipairs(got) do
+                if g then
+                  present[g[1]] = true
+                  claimed[#claimed + 1] = {si, g}
+                end
+              end
+              for _, id in ipairs(ids) do
+                if not present[id] then redis.call('XACK', stream, ARGV[1], id) end
+              end
+              budget = budget - #ids
+              pending = pending - #ids
             end
           end
-          for _, id in ipairs(ids) do
-            if not present[id] then redis.call('XACK', KEYS[1], ARGV[1], id) end
+          if pending <= 0 then
+            redis.call('XGROUP', 'DELCONSUMER', stream, ARGV[1], name)
           end
-          budget = budget - #ids
-          pending = pending - #ids
         end
-      end
-      if pending <= 0 then
-        redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
       end
     end
   end
 end
 return claimed
 """
+
+# KEYS: retry zset, tasks:1 stream, tasks:2 stream. ARGV: max to move.
+# Moves failed tasks whose retry is due back onto their priority's stream.
+_MOVE_DUE = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, member in ipairs(due) do
+  local stream = KEYS[2]
+  if string.sub(member, 1, 1) == '2' then stream = KEYS[3] end
+  redis.call('XADD', stream, '*', 'c', string.sub(member, 2))
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+"""
+_MAX_RETRY_DELAY = 60.0
 
 
 @dataclass(slots=True)
@@ -105,6 +132,8 @@ class WorkerStats:
     malformed: int = 0  # entries that could not be decoded (acked and dropped)
     redelivered: int = 0  # calls reclaimed from dead instances
     deduplicated: int = 0  # reclaimed calls answered from the stored reply, not re-run
+    retried: int = 0  # failed tasks scheduled for another attempt
+    dead_lettered: int = 0  # tasks that failed every attempt
 
 
 @dataclass(slots=True)
@@ -117,6 +146,8 @@ class _Finished:
     inbox: str | None = None
     reply: bytes | None = None
     remember: bool = True  # store the reply in the deduplication window
+    retry: tuple[bytes, float] | None = None  # (retry zset member, due epoch ms)
+    dead: bytes | None = None  # dead-letter record
 
 
 class Worker:
@@ -134,6 +165,8 @@ class Worker:
         dedup_window: float = 30.0,
         reap_interval: float = 1.0,
         block_ms: int = 1000,
+        retry_delay: float = 1.0,
+        dead_letter_cap: int = 10_000,
     ) -> None:
         self.redis = redis
         self.service = service
@@ -144,10 +177,14 @@ class Worker:
         self.reap_interval = reap_interval
         self.stream = constants.call_stream(service)
         self.direct = constants.direct_stream(service, consumer)
+        self.tasks = (constants.task_stream(service, 1), constants.task_stream(service, 2))
+        self.retry_delay = retry_delay
+        self.dead_letter_cap = dead_letter_cap
         self.stats = WorkerStats()
         self._bucket_seconds = max(dedup_window / 2, 1.0)
         self._executor = ThreadPoolExecutor(thread_pool, thread_name_prefix=f"{service}-handler")
         self._reclaim = redis.register_script(_RECLAIM)
+        self._move_due = redis.register_script(_MOVE_DUE)
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -195,7 +232,7 @@ class Worker:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _ensure_groups(self) -> None:
-        for stream in (self.stream, self.direct):
+        for stream in (self.stream, self.direct, *self.tasks):
             try:
                 await self.redis.xgroup_create(
                     stream, constants.WORKER_GROUP, id="0", mkstream=True
@@ -208,10 +245,19 @@ class Worker:
         return self.concurrency - len(self._inflight)
 
     async def _consume(self) -> None:
+        """Priority order: calls, direct calls and priority-1 tasks before priority 2.
+
+        A non-blocking read of the first group takes every free slot it can; only
+        when it finds nothing does a blocking read include the priority-2 stream
+        (it returns at once if anything is waiting there). That blocking read takes
+        at most `free // 4` entries per stream so it cannot overshoot the limit.
+        """
         backoff = 0.05
-        streams = {self.stream: ">", self.direct: ">"}
+        first = {self.stream: ">", self.direct: ">", self.tasks[0]: ">"}
+        everything = {**first, self.tasks[1]: ">"}
         while not self._stopping.is_set() and not cancelling():
-            if self._free_slots() <= 0:
+            free = self._free_slots()
+            if free <= 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
@@ -219,10 +265,17 @@ class Worker:
                 response: Any = await self.redis.xreadgroup(
                     constants.WORKER_GROUP,
                     self.consumer,
-                    streams,  # type: ignore[arg-type]
-                    count=self._free_slots(),
-                    block=self.block_ms,
+                    first,  # type: ignore[arg-type]
+                    count=free,
                 )
+                if not response:
+                    response = await self.redis.xreadgroup(
+                        constants.WORKER_GROUP,
+                        self.consumer,
+                        everything,  # type: ignore[arg-type]
+                        count=max(1, free // 4),
+                        block=self.block_ms,
+                    )
                 backoff = 0.05
             except REDIS_DOWN_ERRORS as exc:
                 log.warning("redis unreachable, retrying", extra={"fields": {"error": str(exc)}})
@@ -241,13 +294,16 @@ class Worker:
 
     async def _reap(self) -> None:
         """Reclaim the calls of dead instances, every `reap_interval`."""
-        keys = [self.stream, constants.leases_key(self.service)]
+        shared = [self.stream, *self.tasks]
+        keys = [*shared, constants.leases_key(self.service)]
+        retry_keys = [constants.retry_key(self.service), *self.tasks]
         while not self._stopping.is_set() and not cancelling():
             await asyncio.sleep(self.reap_interval)
-            free = self._free_slots()
-            if free <= 0:
-                continue
             try:
+                await self._move_due(keys=retry_keys, args=[1000])
+                free = self._free_slots()
+                if free <= 0:
+                    continue
                 claimed = await self._reclaim(
                     keys=keys, args=[constants.WORKER_GROUP, self.consumer, free]
                 )
@@ -256,9 +312,9 @@ class Worker:
             if claimed:
                 self.stats.redelivered += len(claimed)
                 log.info("reclaimed calls of dead instances", extra={"fields": {"n": len(claimed)}})
-            for entry_id, flat in claimed:
+            for index, (entry_id, flat) in claimed:
                 fields = dict(zip(flat[::2], flat[1::2], strict=True))
-                self._dispatch(self.stream, entry_id, fields, redelivered=True)
+                self._dispatch(shared[int(index) - 1], entry_id, fields, redelivered=True)
 
     def _dispatch(
         self, stream: str, entry_id: bytes, fields: dict[bytes, bytes], *, redelivered: bool
@@ -294,10 +350,31 @@ class Worker:
             return
         token = request_id_var.set(call.request_id)
         try:
-            reply = await self._execute(call)
+            reply, error = await self._execute(call)
         finally:
             request_id_var.reset(token)
-        self._finished.put_nowait(_Finished(stream, entry_id, call.call_id, call.reply_to, reply))
+        done = _Finished(stream, entry_id, call.call_id, call.reply_to, reply)
+        if error is not None and call.is_task:
+            self._after_task_failure(call, error, done)
+        self._finished.put_nowait(done)
+
+    def _after_task_failure(self, call: Call, error: SwitchboardError, done: _Finished) -> None:
+        """Schedule another attempt with backoff, or keep it as a dead letter."""
+        permanent = isinstance(error, (MethodNotFound, InvalidParams))
+        if not permanent and call.attempt < call.max_attempts:
+            delay = min(self.retry_delay * 2 ** (call.attempt - 1), _MAX_RETRY_DELAY)
+            call.attempt += 1
+            member = str(call.priority).encode() + call.encode()
+            done.retry = (member, (time.time() + delay) * 1000)
+            done.remember = False  # the retry must run, not find this failure stored
+            self.stats.retried += 1
+        else:
+            done.dead = deadletters.encode(call, error.to_dict())
+            self.stats.dead_lettered += 1
+            log.warning(
+                "task dead-lettered",
+                extra={"fields": {"method": call.method, "attempts": call.attempt}},
+            )
 
     async def _stored_reply(self, call_id: str) -> bytes | None:
         bucket = int(time.time() // self._bucket_seconds)
@@ -310,11 +387,14 @@ class Worker:
                 return bytes(stored)
         return None
 
-    async def _execute(self, call: Call) -> bytes:
+    async def _execute(self, call: Call) -> tuple[bytes, SwitchboardError | None]:
+        """The encoded reply, and the error when the call failed."""
         spec = self.methods.get(call.method)
         if spec is None:
-            error = MethodNotFound(f"{self.service} has no method {call.method!r}")
-            return error_reply(call.call_id, error)
+            error: SwitchboardError = MethodNotFound(
+                f"{self.service} has no method {call.method!r}"
+            )
+            return error_reply(call.call_id, error), error
         stats = self.stats.methods.get(call.method)
         if stats is None:
             stats = self.stats.methods[call.method] = MethodStats()
@@ -328,10 +408,11 @@ class Worker:
                 ctx = contextvars.copy_context()
                 fn = functools.partial(ctx.run, spec.fn, *args, **kwargs)
                 result = await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-            return ok_reply(call.call_id, result)
+            return ok_reply(call.call_id, result), None
         except Exception as exc:
             stats.errors += 1
-            return error_reply(call.call_id, self._as_error(call, exc))
+            error = self._as_error(call, exc)
+            return error_reply(call.call_id, error), error
         finally:
             stats.latency.observe(time.perf_counter() - started)
 
@@ -374,6 +455,14 @@ class Worker:
                         )
                         pipe.hset(key, mapping=remembered)  # type: ignore[arg-type]
                         pipe.pexpire(key, int(self._bucket_seconds * 3000))
+                    retries = {d.retry[0]: d.retry[1] for d in batch if d.retry}
+                    if retries:
+                        pipe.zadd(constants.retry_key(self.service), retries)
+                    dead = [d.dead for d in batch if d.dead]
+                    if dead:
+                        key = constants.dead_letter_key(self.service)
+                        pipe.lpush(key, *dead)
+                        pipe.ltrim(key, 0, self.dead_letter_cap - 1)
                     for inbox, replies in by_inbox.items():
                         pipe.rpush(inbox, *replies)
                         pipe.expire(inbox, INBOX_TTL_SECONDS)
@@ -396,5 +485,7 @@ class Worker:
             "malformed": self.stats.malformed,
             "redelivered": self.stats.redelivered,
             "deduplicated": self.stats.deduplicated,
+            "retried": self.stats.retried,
+            "dead_lettered": self.stats.dead_lettered,
             "methods": {name: s.snapshot() for name, s in self.stats.methods.items()},
         }

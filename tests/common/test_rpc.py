@@ -146,7 +146,7 @@ async def test_send_is_fire_and_forget(
     calc: Service, rpc: RpcClient, redis_client: aioredis.Redis
 ) -> None:
     key = f"test:send:{uuid.uuid4().hex}"
-    assert await rpc.send(f"{calc.name}.record", key=key, value="v1") is None
+    assert await rpc.send(f"{calc.name}.record", key=key, value="v1") is True
     assert await wait_for_async(lambda: redis_client.lrange(key, 0, -1)) == [b"v1"]
 
 

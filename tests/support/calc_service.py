@@ -86,6 +86,15 @@ def build(name: str = "calc", concurrency: int | None = None) -> Service:
         return x
 
     @svc.method
+    async def flaky(key: str, fail_times: int) -> int:
+        """Fails its first `fail_times` runs (counted in Redis), then succeeds."""
+        runs_so_far = int(await svc.redis.incr(f"{key}:runs"))
+        if runs_so_far <= fail_times:
+            raise RuntimeError(f"failure {runs_so_far} of {fail_times}")
+        await svc.redis.rpush(key, str(runs_so_far))
+        return runs_so_far
+
+    @svc.method
     async def stats() -> dict[str, object]:
         assert svc.worker is not None
         return svc.worker.snapshot()
