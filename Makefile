@@ -39,7 +39,8 @@ fmt: $(STAMP) ## Format and auto-fix with ruff
 
 bench: bench-rpc ## Run every benchmark (peers side by side, ratios printed)
 
-bench-rpc: $(STAMP) ## RPC benchmark: Switchboard vs the raw pipelined-list floor
+bench-rpc: $(STAMP) ## RPC benchmark: Switchboard vs asyncredisrpc, FastStream and the raw floor
+	$(BIN)/pip install --disable-pip-version-check -q -r bench/requirements.txt
 	$(BIN)/python -m bench.rpc
 
 up: ## docker compose up (build images, start the stack)

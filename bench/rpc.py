@@ -1,4 +1,4 @@
-"""RPC benchmark: Switchboard against the raw pipelined-list floor, in one run.
+"""RPC benchmark: Switchboard, its peers and the raw pipelined-list floor, in one run.
 
     python -m bench.rpc [--quick] [--json PATH] [--loop uvloop|asyncio] ...
 
@@ -6,12 +6,21 @@ One private redis-server (`EmbeddedRedis`) is started. Then, one system at a
 time, its echo worker is started in its OWN process and driven from this
 process by an asyncio client:
 
-  switchboard  `Service("bench")` with `async def echo(x: dict[str, Any])`,
-               called with `RpcClient.call("bench.echo", payload)`.
-  floor        the peers' `raw-pipe`: LPUSH+BRPOP written in one send per call
-               on a private connection; the worker drains up to 256 requests
-               per wake-up and pipelines the replies. The physical floor for
-               list-based RPC in Python on this box.
+  switchboard    `Service("bench")` with `async def echo(x: dict[str, Any])`,
+                 called with `RpcClient.call("bench.echo", payload)`.
+  asyncredisrpc  PyPI `asyncredisrpc` (22.11): its own `AsyncServer` with an
+                 `echo(x)` task, called with its own `AsyncClient.call("echo", x)`.
+  faststream     FastStream's `RedisBroker`: `subscriber(list=...)` returning
+                 the value, called with `broker.request(payload, list=...)`
+                 (the reply comes back over pub/sub). A benchmark-only
+                 dependency (bench/requirements.txt): when it is not
+                 installed, this peer is skipped and the output says so.
+  floor          the peers' `raw-pipe`: LPUSH+BRPOP written in one send per call
+                 on a private connection; the worker drains up to 256 requests
+                 per wake-up and pipelines the replies. The physical floor for
+                 list-based RPC in Python on this box.
+
+Opt-in (`--systems ...,faststream-w64`): FastStream with `max_workers=64`.
 
 For each: a warm-up, then `--repeats` runs of `--count` calls (each run also
 capped at `--max-seconds`) at 1 caller and at `--concurrency` (64) callers.
@@ -20,11 +29,12 @@ The CPU time that client, worker and redis-server spent per call, the Redis
 commands per call, and the CPU the rest of the box used meanwhile (a warning
 above 10 %: the figures are then disturbed) are measured over the same runs.
 
-The floor and the load driver are copied from the peers' harness
-(`/work/shared/bench/peers/rpc_bench.py`, outside this repository, so a clean
-clone can run this file): the same payload, the same count/time bounds, the
-same per-call timeout and echo check, so the figures compare with the peers'.
-Peers `asyncredisrpc` and FastStream are not run yet (a later issue adds them).
+The floor, the asyncredisrpc and FastStream peers and the load driver are
+copied from the peers' harness (`/work/shared/bench/peers/rpc_bench.py`,
+outside this repository, so a clean clone can run this file): the same
+payload, the same count/time bounds, the same per-call timeout and echo check,
+so the figures compare with the peers'. Every peer's ratio to Switchboard is
+printed.
 
 Every process started here is stopped by its PID on exit, Ctrl-C or SIGTERM;
 the workers also exit by themselves if this process dies.
@@ -35,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import importlib
 import itertools
 import json
 import os
@@ -54,13 +65,23 @@ import redis.asyncio as aioredis
 from common.embedded_redis import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = ("switchboard", "floor")
+DEFAULT_SYSTEMS = ("switchboard", "asyncredisrpc", "faststream", "floor")
+SYSTEMS = (*DEFAULT_SYSTEMS, "faststream-w64")  # the last one only when asked for
 DESCRIPTIONS = {
     "switchboard": "Service + RpcClient (1 worker process)",
+    "asyncredisrpc": "asyncredisrpc AsyncServer/AsyncClient (PyPI)",
+    "faststream": "FastStream RedisBroker request/reply, list subscriber",
+    "faststream-w64": "FastStream, subscriber max_workers=64",
     "floor": "raw-pipe: pipelined LPUSH+BRPOP, batched worker",
 }
-NOT_MEASURED = ("asyncredisrpc", "faststream")
+# The module each system needs in this process and its worker, and how to get it.
+NEEDS = {
+    "asyncredisrpc": ("asyncredisrpc", "pip install -r requirements-dev.txt"),
+    "faststream": ("faststream.redis", "pip install -r bench/requirements.txt"),
+    "faststream-w64": ("faststream.redis", "pip install -r bench/requirements.txt"),
+}
 SERVICE = "bench"
+W = max(len(s) for s in SYSTEMS)  # width of the name column
 
 
 # --------------------------------------------------------------------------
@@ -166,9 +187,28 @@ def serve(system: str, redis_url: str, loop: str) -> None:
             return x
 
         svc.run()  # REDIS_URL from the environment; SIGTERM = graceful stop
+        return
+    # The peers' servers have no graceful stop: SIGTERM ends the process, as in
+    # the peers' harness.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    if system == "asyncredisrpc":
+        asyncio.run(arr_server(redis_url))
+    elif system.startswith("faststream"):
+        asyncio.run(fs_server(redis_url, 64 if system == "faststream-w64" else 1))
     else:
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
         asyncio.run(raw_pipe_server(redis_url))
+
+
+def unavailable(system: str) -> str | None:
+    """Why `system` cannot run here (its package is not importable), or None."""
+    if system not in NEEDS:
+        return None
+    module, how = NEEDS[system]
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # ImportError, or a broken install
+        return f"{module} is not importable ({type(e).__name__}: {e}); {how}"
+    return None
 
 
 # --------------------------------------------------------------------------
@@ -254,6 +294,91 @@ async def raw_pipe_server(url: str) -> None:
 
 
 # --------------------------------------------------------------------------
+# The asyncredisrpc peer, copied from /work/shared/bench/peers/rpc_bench.py
+# (`arr_server`, `ArrClient`, `arr_client`), unchanged but for style: the
+# library's own AsyncServer (RPUSH/BLPOP, one call at a time) and AsyncClient
+# (RPUSH the request, BLPOP a per-call reply list, no timeout of its own).
+# --------------------------------------------------------------------------
+ARR_QUEUE = "bench"
+
+
+async def arr_server(url: str) -> None:
+    from urllib.parse import urlparse
+
+    from asyncredisrpc.server import AsyncServer
+
+    u = urlparse(url)
+    srv = AsyncServer(ARR_QUEUE, host=u.hostname or "127.0.0.1", port=u.port or 6379)
+
+    @srv.task
+    async def echo(x: Any) -> Any:
+        return x
+
+    await srv.async_run()
+
+
+class ArrClient:
+    def __init__(self, url: str) -> None:
+        from urllib.parse import urlparse
+
+        from asyncredisrpc.client import AsyncClient
+
+        u = urlparse(url)
+        self.c = AsyncClient(ARR_QUEUE, host=u.hostname or "127.0.0.1", port=u.port or 6379)
+
+    async def call(self, payload: Any) -> Any:
+        err, res = await self.c.call("echo", payload)
+        if err != 0:
+            raise RuntimeError(f"asyncredisrpc error {err}")
+        return res
+
+    async def aclose(self) -> None:
+        if self.c.redis is not None:
+            await self.c.redis.aclose()
+
+
+# --------------------------------------------------------------------------
+# The FastStream peer, copied from /work/shared/bench/peers/rpc_bench.py
+# (`_fs_server_factory`, `FsClient`, `fs_client`), unchanged but for style:
+# a RedisBroker list subscriber that returns its argument, and
+# `broker.request(payload, list=...)`, which publishes the request to the list
+# and waits for the reply on a fresh pub/sub channel.
+# --------------------------------------------------------------------------
+FS_LIST = "fs:echo"
+
+
+async def fs_server(url: str, max_workers: int) -> None:
+    from faststream.redis import RedisBroker
+
+    broker = RedisBroker(url, logger=None, max_connections=512)
+    kw = {"max_workers": max_workers} if max_workers > 1 else {}
+
+    @broker.subscriber(list=FS_LIST, **kw)
+    async def echo(x: Any) -> Any:
+        return x
+
+    await broker.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await broker.stop()
+
+
+class FsClient:
+    def __init__(self, url: str) -> None:
+        from faststream.redis import RedisBroker
+
+        self.broker = RedisBroker(url, logger=None, max_connections=512)
+
+    async def call(self, payload: Any) -> Any:
+        msg = await self.broker.request(payload, list=FS_LIST, timeout=5.0)
+        return await msg.decode()
+
+    async def aclose(self) -> None:
+        await self.broker.stop()
+
+
+# --------------------------------------------------------------------------
 # Switchboard client, behind the same `call(payload)` / `aclose()` shape.
 # --------------------------------------------------------------------------
 class SwitchboardClient:
@@ -275,6 +400,14 @@ async def make_client(system: str, url: str, call_timeout: float) -> Any:
         client = SwitchboardClient(url, call_timeout)
         await client.rpc.start()
         return client
+    if system == "asyncredisrpc":
+        arr = ArrClient(url)
+        await arr.c.connect()
+        return arr
+    if system.startswith("faststream"):
+        fs = FsClient(url)
+        await fs.broker.connect()
+        return fs
     return RawPipeClient(url)
 
 
@@ -501,10 +634,16 @@ async def run_all(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
     await probe.aclose()
     print(f"[rpc] redis-server {server_version} at {redis_url}, loop {args.loop}", flush=True)
     results: dict[str, Any] = {}
+    not_measured: dict[str, str] = {}
     conc = args.concurrency
     for system in args.systems:
         t = time.monotonic()
         print(f"[rpc] {system} ...", flush=True)
+        why = unavailable(system)
+        if why:
+            not_measured[system] = why
+            print(f"[rpc]   NOT MEASURED: {why}", flush=True)
+            continue
         res = await bench_system(system, redis_url, args)
         res["wall_s"] = round(time.monotonic() - t, 1)
         results[system] = res
@@ -519,25 +658,51 @@ async def run_all(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
                 f"p99 {a['lat_ms']['p99']}ms | c{conc} {b['calls_per_s']}/s ({res['wall_s']}s)",
                 flush=True,
             )
-    return {"redis_server": server_version, "systems": results}
+    return {"redis_server": server_version, "systems": results, "not_measured": not_measured}
 
 
 def ratios(results: dict[str, Any], conc: int) -> dict[str, float]:
-    sb, fl = results.get("switchboard"), results.get("floor")
-    if not sb or not fl or "error" in sb or "error" in fl:
+    """Each peer against Switchboard: throughput as peer/switchboard (above 1 =
+    the peer is faster), latency at 1 caller as switchboard/peer (above 1 =
+    Switchboard is slower)."""
+    sb = results.get("switchboard")
+    if not sb or "error" in sb:
         return {}
     out: dict[str, float] = {}
-    for key in ("c1", f"c{conc}"):
-        if sb[key]["calls_per_s"]:
-            out[f"floor/switchboard throughput {key}"] = round(
-                fl[key]["calls_per_s"] / sb[key]["calls_per_s"], 2
-            )
-    for q in ("p50", "p99"):
-        if fl["c1"]["lat_ms"][q]:
-            out[f"switchboard/floor latency {q} c1"] = round(
-                sb["c1"]["lat_ms"][q] / fl["c1"]["lat_ms"][q], 2
-            )
+    for peer, r in results.items():
+        if peer == "switchboard" or "error" in r:
+            continue
+        for key in ("c1", f"c{conc}"):
+            if sb[key]["calls_per_s"]:
+                out[f"{peer}/switchboard throughput {key}"] = round(
+                    r[key]["calls_per_s"] / sb[key]["calls_per_s"], 2
+                )
+        for q in ("p50", "p99"):
+            if r["c1"]["lat_ms"][q] and sb["c1"]["lat_ms"][q]:
+                out[f"switchboard/{peer} latency {q} c1"] = round(
+                    sb["c1"]["lat_ms"][q] / r["c1"]["lat_ms"][q], 2
+                )
     return out
+
+
+# Issue 3's goal, with redelivery and deduplication on (Switchboard's defaults):
+# at c64 at least the floor's throughput, at c1 a p50 within 1.2x of the floor's.
+GOAL_C64_THROUGHPUT = 1.0  # switchboard / floor, at least
+GOAL_C1_P50 = 1.2  # switchboard / floor, at most
+
+
+def goal(ratio: dict[str, float], conc: int) -> dict[str, Any]:
+    thr = ratio.get(f"floor/switchboard throughput c{conc}")
+    p50 = ratio.get("switchboard/floor latency p50 c1")
+    if thr is None or p50 is None or not thr:
+        return {}
+    sb_over_floor = round(1 / thr, 2)
+    return {
+        f"switchboard/floor throughput c{conc}": sb_over_floor,
+        f"c{conc} throughput met": sb_over_floor >= GOAL_C64_THROUGHPUT,
+        "switchboard/floor latency p50 c1": p50,
+        "c1 p50 met": p50 <= GOAL_C1_P50,
+    }
 
 
 def spread(m: dict[str, Any]) -> str:
@@ -550,17 +715,22 @@ def spread(m: dict[str, Any]) -> str:
 def print_report(doc: dict[str, Any]) -> None:
     conc = doc["params"]["concurrency"]
     results = doc["systems"]
+    skipped = doc["not_measured"]
     cN = f"c{conc}"
     hdr = (
-        f"{'system':<12} {'c1 calls/s':>11} {'±%':>4} {'p50 ms':>7} {'p99 ms':>7}"
+        f"{'system':<{W}} {'c1 calls/s':>11} {'±%':>4} {'p50 ms':>7} {'p99 ms':>7}"
         f" {cN + ' calls/s':>12} {'±%':>4} {'p50 ms':>7} {'p99 ms':>7} {'err':>4}"
     )
     print()
     print(hdr)
     print("-" * len(hdr))
-    for name, r in results.items():
+    for name in doc["params"]["systems"]:
+        if name in skipped:
+            print(f"{name:<{W}} NOT MEASURED (see the end of the output)")
+            continue
+        r = results[name]
         if "error" in r:
-            print(f"{name:<12} ERROR {r['error']}")
+            print(f"{name:<{W}} ERROR {r['error']}")
             continue
         a, b = r["c1"], r[cN]
 
@@ -568,7 +738,7 @@ def print_report(doc: dict[str, Any]) -> None:
             return "*" if m["hit_time_cap"] else ""
 
         print(
-            f"{name:<12} {a['calls_per_s']:>10}{cap(a):1} {spread(a):>4} {a['lat_ms']['p50']:>7}"
+            f"{name:<{W}} {a['calls_per_s']:>10}{cap(a):1} {spread(a):>4} {a['lat_ms']['p50']:>7}"
             f" {a['lat_ms']['p99']:>7} {b['calls_per_s']:>11}{cap(b):1} {spread(b):>4}"
             f" {b['lat_ms']['p50']:>7} {b['lat_ms']['p99']:>7} {a['errors'] + b['errors']:>4}"
         )
@@ -578,7 +748,7 @@ def print_report(doc: dict[str, Any]) -> None:
     )
     print()
     hdr2 = (
-        f"{'system':<12} {'phase':>5} {'client µs':>10} {'worker µs':>10} {'redis µs':>9}"
+        f"{'system':<{W}} {'phase':>5} {'client µs':>10} {'worker µs':>10} {'redis µs':>9}"
         f" {'total µs':>9} {'redis cmds':>10} {'other %':>8}"
     )
     print("CPU time (user+sys) and Redis commands per call; other % = the rest of the box:")
@@ -591,7 +761,7 @@ def print_report(doc: dict[str, Any]) -> None:
         for key in ("c1", cN):
             c = r[key]["cpu_per_call"]
             print(
-                f"{name:<12} {key:>5} {c['client_us']:>10} {c['worker_us']:>10}"
+                f"{name:<{W}} {key:>5} {c['client_us']:>10} {c['worker_us']:>10}"
                 f" {c['redis_us']:>9} {c['total_us']:>9} {c['redis_cmds']:>10}"
                 f" {'-' if c['other_busy_pct'] is None else c['other_busy_pct']:>8}"
             )
@@ -599,23 +769,55 @@ def print_report(doc: dict[str, Any]) -> None:
     if busiest > 10:
         print(f"WARNING: other processes used up to {busiest}% of the CPUs during a phase;")
         print("         the figures are disturbed, run again on a quiet machine.")
-    print()
-    for k, v in doc["ratios"].items():
-        print(f"{k} = {v}x")
-    print(
-        f"not measured yet: {', '.join(NOT_MEASURED)} (out of scope for now; "
-        "a later issue adds them)"
-    )
+    ratio = doc["ratios"]
+    peers = [n for n in results if n != "switchboard" and f"{n}/switchboard throughput c1" in ratio]
+    if peers:
+        print()
+        print("Each peer against switchboard (same run): throughput = peer / switchboard")
+        print("(above 1: the peer is faster); latency = switchboard / peer (above 1: switchboard")
+        print("is slower):")
+        hdr3 = f"{'peer':<{W}} {'c1 calls/s':>11} {cN + ' calls/s':>12} {'c1 p50':>7} {'c1 p99':>7}"
+        print(hdr3)
+        print("-" * len(hdr3))
+
+        def x(key: str) -> str:
+            return f"{ratio[key]:.2f}x" if key in ratio else "-"
+
+        for n in peers:
+            print(
+                f"{n:<{W}} {x(f'{n}/switchboard throughput c1'):>11}"
+                f" {x(f'{n}/switchboard throughput {cN}'):>12}"
+                f" {x(f'switchboard/{n} latency p50 c1'):>7}"
+                f" {x(f'switchboard/{n} latency p99 c1'):>7}"
+            )
+    g = doc["goal"]
+    if g:
+        print()
+        thr_met = "met" if g[f"{cN} throughput met"] else "NOT met"
+        p50_met = "met" if g["c1 p50 met"] else "NOT met"
+        print(
+            "Issue 3's goal (redelivery and deduplication on): "
+            f"switchboard/floor {cN} throughput {g[f'switchboard/floor throughput {cN}']:.2f}x"
+            f" (goal >= {GOAL_C64_THROUGHPUT}x: {thr_met}),"
+            f" c1 p50 {g['switchboard/floor latency p50 c1']:.2f}x"
+            f" (goal <= {GOAL_C1_P50}x: {p50_met})"
+        )
+    for name, why in skipped.items():
+        print(f"NOT MEASURED: {name}: {why}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m bench.rpc",
-        description="RPC benchmark: Switchboard vs the raw pipelined-list floor.",
+        description="RPC benchmark: Switchboard vs asyncredisrpc, FastStream and the raw floor.",
     )
     ap.add_argument("--quick", action="store_true", help="a short run (a few seconds)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list from {SYSTEMS}")
+    ap.add_argument(
+        "--systems",
+        default=",".join(DEFAULT_SYSTEMS),
+        help=f"comma list from {', '.join(SYSTEMS)} (default: all but faststream-w64)",
+    )
     ap.add_argument("--count", type=int, help="calls per run (default 5000; quick 300)")
     ap.add_argument("--repeats", type=int, help="runs per measurement (default 3; quick 1)")
     ap.add_argument("--max-seconds", type=float, help="time cap per run (default 4; quick 1)")
@@ -685,6 +887,7 @@ def main(argv: list[str] | None = None) -> int:
         "common_sha256": common_digest(),
         "params": {
             "quick": args.quick,
+            "systems": args.systems,
             "count": args.count,
             "repeats": args.repeats,
             "max_seconds": args.max_seconds,
@@ -696,9 +899,10 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "systems": run["systems"],
         "ratios": ratios(run["systems"], args.concurrency),
-        "not_measured": list(NOT_MEASURED),
+        "not_measured": run["not_measured"],
         "wall_s": round(time.monotonic() - started, 1),
     }
+    doc["goal"] = goal(doc["ratios"], args.concurrency)
     print_report(doc)
     print(f"[rpc] total {doc['wall_s']}s; common/ digest {doc['common_sha256']}")
     if args.json:
@@ -728,7 +932,15 @@ def versions() -> dict[str, str | None]:
     import importlib.metadata as md
 
     out: dict[str, str | None] = {}
-    for pkg in ("redis", "hiredis", "msgpack", "uvloop"):
+    for pkg in (
+        "redis",
+        "hiredis",
+        "msgpack",
+        "uvloop",
+        "asyncredisrpc",
+        "faststream",
+        "fast-depends",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

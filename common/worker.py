@@ -190,6 +190,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._finished: asyncio.Queue[_Finished] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self._expiry_set: dict[str, float] = {}
 
     async def start(self) -> None:
         """Create the consumer groups (both streams) and start consuming."""
@@ -247,12 +248,16 @@ class Worker:
     async def _consume(self) -> None:
         """Priority order: calls, direct calls and priority-1 tasks before priority 2.
 
-        A non-blocking read of the first group takes every free slot it can; only
-        when it finds nothing does a blocking read include the priority-2 stream
-        (it returns at once if anything is waiting there). That blocking read takes
-        at most `free // 4` entries per stream so it cannot overshoot the limit.
+        While there is a backlog (the last read came back full), a non-blocking
+        read of the first group takes every free slot it can; only when it finds
+        nothing does a blocking read include the priority-2 stream (it returns at
+        once if anything is waiting there). That blocking read takes at most
+        `free // 4` entries per stream so it cannot overshoot the limit. When the
+        last read was partial (no backlog) the probe is skipped: at one caller it
+        would cost a round trip per call.
         """
         backoff = 0.05
+        probe_first = True
         first = {self.stream: ">", self.direct: ">", self.tasks[0]: ">"}
         everything = {**first, self.tasks[1]: ">"}
         while not self._stopping.is_set() and not cancelling():
@@ -262,20 +267,26 @@ class Worker:
                 await self._slot_free.wait()
                 continue
             try:
-                response: Any = await self.redis.xreadgroup(
-                    constants.WORKER_GROUP,
-                    self.consumer,
-                    first,  # type: ignore[arg-type]
-                    count=free,
-                )
-                if not response:
+                response: Any = None
+                if probe_first:
+                    response = await self.redis.xreadgroup(
+                        constants.WORKER_GROUP,
+                        self.consumer,
+                        first,  # type: ignore[arg-type]
+                        count=free,
+                    )
+                if response:
+                    probe_first = True
+                else:
+                    per_stream = max(1, free // 4)
                     response = await self.redis.xreadgroup(
                         constants.WORKER_GROUP,
                         self.consumer,
                         everything,  # type: ignore[arg-type]
-                        count=max(1, free // 4),
+                        count=per_stream,
                         block=self.block_ms,
                     )
+                    probe_first = any(len(e) >= per_stream for _, e in response or ())
                 backoff = 0.05
             except REDIS_DOWN_ERRORS as exc:
                 log.warning("redis unreachable, retrying", extra={"fields": {"error": str(exc)}})
@@ -454,7 +465,8 @@ class Worker:
                             self.service, int(time.time() // self._bucket_seconds)
                         )
                         pipe.hset(key, mapping=remembered)  # type: ignore[arg-type]
-                        pipe.pexpire(key, int(self._bucket_seconds * 3000))
+                        if self._expire_due(key):
+                            pipe.pexpire(key, int(self._bucket_seconds * 3000))
                     retries = {d.retry[0]: d.retry[1] for d in batch if d.retry}
                     if retries:
                         pipe.zadd(constants.retry_key(self.service), retries)
@@ -465,7 +477,8 @@ class Worker:
                         pipe.ltrim(key, 0, self.dead_letter_cap - 1)
                     for inbox, replies in by_inbox.items():
                         pipe.rpush(inbox, *replies)
-                        pipe.expire(inbox, INBOX_TTL_SECONDS)
+                        if self._expire_due(inbox):
+                            pipe.expire(inbox, INBOX_TTL_SECONDS)
                     for stream, ids in by_stream.items():
                         pipe.xack(stream, constants.WORKER_GROUP, *ids)
                         pipe.xdel(stream, *ids)
@@ -476,6 +489,20 @@ class Worker:
                 log.warning("reply flush failed, retrying", extra={"fields": {"error": str(exc)}})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+
+    def _expire_due(self, key: str) -> bool:
+        """Whether to (re)set `key`'s expiry in this batch: at most once a second per key.
+
+        The expiries only clean up after departed clients and old buckets, so once
+        a second is plenty, and it saves a command per batch on the hot path.
+        """
+        now = time.monotonic()
+        if now - self._expiry_set.get(key, -1.0) < 1.0:
+            return False
+        if len(self._expiry_set) > 10_000:
+            self._expiry_set.clear()
+        self._expiry_set[key] = now
+        return True
 
     def snapshot(self) -> dict[str, Any]:
         """Counters and per-method latency histograms as plain data."""
