@@ -19,6 +19,12 @@ WORKER_GROUP = "workers"
 # "unknown method" (404) from "no instance running right now" (503).
 CATALOG = f"{PREFIX}:catalog"
 
+# Every service name that ever registered an instance, of any kind (rpc, http, ws).
+SERVICES = f"{PREFIX}:services"
+
+# Pub/sub channel of registry changes: JSON {"type": "up"|"down", "service", "instance_id"}.
+REGISTRY_EVENTS = f"{PREFIX}:events:registry"
+
 
 def call_stream(service: str) -> str:
     """The stream all instances of `service` consume (competing consumers)."""

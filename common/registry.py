@@ -43,7 +43,7 @@ if ARGV[4] == '1' then
 else
   redis.call('ZREM', KEYS[1], ARGV[1])
 end
-redis.call('ZADD', KEYS[2], lease_end, ARGV[1])
+local added = redis.call('ZADD', KEYS[2], lease_end, ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 if redis.call('EXISTS', KEYS[4]) == 1 then
   redis.call('PEXPIRE', KEYS[4], ARGV[5])
@@ -54,12 +54,22 @@ if #dead > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)
   redis.call('HDEL', KEYS[3], unpack(dead))
 end
-return now_ms
+table.insert(dead, 1, added)
+return dead
 """
 
 # A dead instance's direct stream (calls addressed to it alone) outlives its lease
 # by this many TTLs, then expires: nobody else may serve those calls.
 _DIRECT_STREAM_TTLS = 10
+
+# KEYS: instances zset. Returns [now_ms, id, lease end ms, id, lease end ms, ...].
+_LIVE_WITH_LEASES = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now_ms, '+inf', 'WITHSCORES')
+table.insert(out, 1, now_ms)
+return out
+"""
 
 # KEYS: instances zset. Returns [now_ms, live ids...].
 _LIVE = """
@@ -69,6 +79,10 @@ local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now_ms, '+inf')
 table.insert(ids, 1, now_ms)
 return ids
 """
+
+
+def _event(kind: str, service: str, instance_id: str) -> str:
+    return json.dumps({"type": kind, "service": service, "instance_id": instance_id})
 
 
 def _text(value: bytes | str | int) -> str:
@@ -95,6 +109,7 @@ class InstanceRecord:
     zone: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
+    health_path: str | None = None  # http/ws instances: GET this for active health checks
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -114,6 +129,7 @@ class Registry:
         self.ttl_ms = int(ttl * 1000)
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._live = redis.register_script(_LIVE)
+        self._live_with_leases = redis.register_script(_LIVE_WITH_LEASES)
 
     async def heartbeat(self, record: InstanceRecord, *, accepting: bool = True) -> None:
         """Extend `record`'s lease by the TTL (and prune instances whose lease ended).
@@ -135,7 +151,16 @@ class Registry:
             "1" if accepting else "0",
             self.ttl_ms * _DIRECT_STREAM_TTLS,
         ]
-        await self._heartbeat(keys=keys, args=args)
+        added, *dead = await self._heartbeat(keys=keys, args=args)
+        if added or dead:
+            # Outside the script: these keys live in other cluster slots than {service}'s.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if added:
+                    pipe.sadd(constants.SERVICES, service)
+                    pipe.publish(constants.REGISTRY_EVENTS, _event("up", service, instance_id))
+                for gone in dead:
+                    pipe.publish(constants.REGISTRY_EVENTS, _event("down", service, _text(gone)))
+                await pipe.execute()
 
     async def deregister(self, service: str, instance_id: str) -> None:
         """Remove an instance at once: no calls routed to it, no lease, no direct stream."""
@@ -144,7 +169,27 @@ class Registry:
             pipe.zrem(constants.leases_key(service), instance_id)
             pipe.hdel(constants.instance_record_key(service), instance_id)
             pipe.delete(constants.direct_stream(service, instance_id))
+            pipe.publish(constants.REGISTRY_EVENTS, _event("down", service, instance_id))
             await pipe.execute()
+
+    async def leases(self, service: str) -> tuple[float, list[tuple[InstanceRecord, float]]]:
+        """Redis's clock (epoch s) and each accepting instance with its lease end (epoch s)."""
+        flat = await self._live_with_leases(keys=[constants.instances_key(service)])
+        now = int(flat[0]) / 1000
+        ids = [_text(i) for i in flat[1::2]]
+        ends = [float(s) / 1000 for s in flat[2::2]]
+        if not ids:
+            return now, []
+        raws = await self.redis.hmget(constants.instance_record_key(service), ids)
+        out = [
+            (InstanceRecord.from_json(raw), end) for raw, end in zip(raws, ends, strict=True) if raw
+        ]
+        return now, out
+
+    async def service_names(self) -> set[str]:
+        """Every service that ever registered an instance or published a catalog."""
+        names = {_text(n) for n in await self.redis.smembers(constants.SERVICES)}
+        return names | {_text(n) for n in await self.redis.hkeys(constants.CATALOG)}
 
     async def live_ids(self, service: str) -> list[str]:
         """Ids of the instances of `service` whose lease has not ended."""

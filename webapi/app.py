@@ -15,6 +15,7 @@ from common.client import RpcClient
 from common.connection import connect
 from common.log import request_id_var
 from common.registry import Registry
+from common.registry_view import RegistryView
 from common.settings import Settings, get_settings
 from webapi.blueprints import api
 from webapi.context import GatewayApp, GatewayContext, GatewayRequest
@@ -52,9 +53,12 @@ async def _open_resources(app: GatewayApp) -> None:
     ctx.registry = Registry(ctx.redis, ctx.settings.heartbeat_ttl)
     ctx.rpc = RpcClient(redis=ctx.redis, settings=ctx.settings)
     await ctx.rpc.start()
+    ctx.view = RegistryView(ctx.redis)
+    await ctx.view.start()
 
 
 async def _close_resources(app: GatewayApp) -> None:
+    await app.ctx.view.close()
     await app.ctx.rpc.close()
     await app.ctx.redis.aclose()
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from common.client import RpcClient
     from common.registry import Registry
+    from common.registry_view import RegistryView
 
 
 @dataclass
@@ -25,6 +26,7 @@ class GatewayContext:
     redis: aioredis.Redis = field(init=False)
     rpc: RpcClient = field(init=False)
     registry: Registry = field(init=False)
+    view: RegistryView = field(init=False)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -52,3 +52,17 @@ def stack(redis_url: str) -> Iterator[Stack]:
 async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=stack.base_url, timeout=10) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def gateway(redis_url: str) -> Iterator[str]:
+    """Just a gateway process (no workers); its base URL."""
+    port = free_port()
+    env = {"REDIS_URL": redis_url, "WEBAPI_PORT": str(port), "HEARTBEAT_TTL": "1.5"}
+    proc = ServiceProcess(["python", "-m", "webapi"], env=env, name="webapi-only").start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: httpx.get(f"{base}/health", timeout=2).status_code == 200, timeout=30)
+        yield base
+    finally:
+        proc.stop()

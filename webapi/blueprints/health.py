@@ -23,9 +23,8 @@ async def health(request: GatewayRequest) -> HTTPResponse:
     try:
         async with asyncio.timeout(_REDIS_CHECK_TIMEOUT):
             await request.app.ctx.redis.ping()
-            catalog = await registry.catalog()
             services: dict[str, Any] = {}
-            for name in sorted(catalog):
+            for name in sorted(await registry.service_names()):
                 instances = await registry.live_instances(name)
                 services[name] = {
                     "live": len(instances),

@@ -1,0 +1,89 @@
+"""The local registry view: current from events at once, and from leases without them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from common.registry import InstanceRecord, Registry
+from common.registry_view import RegistryView
+from tests.helpers import wait_for_async
+
+
+@pytest.fixture
+async def view(redis_client: aioredis.Redis) -> AsyncIterator[RegistryView]:
+    # A long resync interval: these tests see what events alone (and leases) do.
+    v = RegistryView(redis_client, resync_interval=60)
+    await v.start()
+    yield v
+    await v.close()
+
+
+def _record(service: str, n: int) -> InstanceRecord:
+    return InstanceRecord(service, f"{service}@127.0.0.1:{9000 + n}", kind="http",
+                          address=f"127.0.0.1:{9000 + n}")  # fmt: skip
+
+
+async def _ids(view: RegistryView, service: str) -> set[str]:
+    return {r.instance_id for r in view.instances(service)}
+
+
+async def test_up_and_down_events_update_the_view_quickly(
+    view: RegistryView, redis_client: aioredis.Redis
+) -> None:
+    service = f"web_{uuid.uuid4().hex[:6]}"
+    registry = Registry(redis_client, ttl=3.0)
+    a, b = _record(service, 1), _record(service, 2)
+    started = time.monotonic()
+    await registry.heartbeat(a)
+    await registry.heartbeat(b)
+    await wait_for_async(lambda: _has(view, service, {a.instance_id, b.instance_id}), timeout=5)
+    assert time.monotonic() - started < 1.0  # events, not the 60 s resync
+    await registry.deregister(service, a.instance_id)
+    await wait_for_async(lambda: _has(view, service, {b.instance_id}), timeout=5)
+
+
+async def _has(view: RegistryView, service: str, ids: set[str]) -> bool:
+    return await _ids(view, service) == ids
+
+
+async def test_instance_that_stops_heartbeating_disappears_within_the_ttl(
+    view: RegistryView, redis_client: aioredis.Redis
+) -> None:
+    service = f"web_{uuid.uuid4().hex[:6]}"
+    registry = Registry(redis_client, ttl=1.0)
+    record = _record(service, 1)
+    await registry.heartbeat(record)
+    await wait_for_async(lambda: _has(view, service, {record.instance_id}), timeout=5)
+    last_beat = time.monotonic()
+    await wait_for_async(lambda: _has(view, service, set()), timeout=5)
+    # Gone by lease expiry alone: no event was sent and the resync is 60 s away.
+    assert time.monotonic() - last_beat < 1.0 + 0.5
+
+
+async def test_resync_repairs_what_events_missed(redis_client: aioredis.Redis) -> None:
+    service = f"web_{uuid.uuid4().hex[:6]}"
+    record = _record(service, 1)
+    # Written behind the view's back: no event at all.
+    from common import constants
+
+    await redis_client.zadd(
+        constants.instances_key(service), {record.instance_id: (time.time() + 30) * 1000}
+    )
+    await redis_client.hset(
+        constants.instance_record_key(service), record.instance_id, record.to_json()
+    )
+    await redis_client.sadd(constants.SERVICES, service)
+    v = RegistryView(redis_client, resync_interval=0.2)
+    await v.start()
+    try:
+        assert [r.instance_id for r in v.instances(service)] == [record.instance_id]
+        assert v.instances(service, kind="rpc") == []
+    finally:
+        await v.close()
+    await asyncio.sleep(0)

@@ -1,0 +1,63 @@
+"""`POST /heartbeat`: both forms register instances; bad bodies are a precise 4xx."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+
+from tests.helpers import wait_for
+
+
+def _live(base: str, service: str) -> list[str]:
+    body = httpx.get(f"{base}/health", timeout=5).json()
+    return list(body["services"].get(service, {}).get("instances", []))
+
+
+def test_original_dispatcher_form(gateway: str) -> None:
+    name = f"nlp{uuid.uuid4().hex[:6]}"
+    body = {"params": {"data": [
+        {"servicename": f"{name}_v2", "addrip": "127.0.0.1:9001"},
+        {"servicename": name, "addrip": "127.0.0.1:9002"},
+    ]}}  # fmt: skip
+    response = httpx.post(f"{gateway}/heartbeat", json=body)
+    assert response.status_code == 200
+    assert response.json()["registered"] == [f"{name}@127.0.0.1:9001", f"{name}@127.0.0.1:9002"]
+    assert sorted(_live(gateway, name)) == [f"{name}@127.0.0.1:9001", f"{name}@127.0.0.1:9002"]
+
+
+def test_native_form_and_expiry_within_the_ttl(gateway: str) -> None:
+    name = f"svc{uuid.uuid4().hex[:6]}"
+    body = {"service": name, "address": "127.0.0.1:9100", "version": "v3", "weight": 5,
+            "health_path": "/healthz", "metadata": {"gpu": "a100"}}  # fmt: skip
+    response = httpx.post(f"{gateway}/heartbeat", json=body)
+    assert response.status_code == 200
+    assert _live(gateway, name) == [f"{name}@127.0.0.1:9100"]
+    # No more heartbeats: gone once the 1.5 s lease ends.
+    wait_for(lambda: _live(gateway, name) == [], timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"{", 400),
+        (b"[]", 400),
+        (b"{}", 422),
+        (b'{"params": {"data": []}}', 422),
+        (b'{"params": {"data": [{"servicename": 5, "addrip": "h:1"}]}}', 422),
+        (b'{"params": {"data": [{"servicename": "a", "addrip": "nohostport"}]}}', 422),
+        (b'{"service": "x", "address": "127.0.0.1:99999"}', 422),
+        (b'{"service": "x", "address": "bad host!:80"}', 422),
+        (b'{"service": "X Y", "address": "127.0.0.1:80"}', 422),
+        (b'{"service": "x", "address": "127.0.0.1:80", "weight": 0}', 422),
+        (b'{"service": "x", "address": "127.0.0.1:80", "kind": "ftp"}', 422),
+        (b'{"service": "x", "address": "127.0.0.1:80", "health_path": "../etc"}', 422),
+    ],
+)
+def test_bad_heartbeats(gateway: str, body: bytes, status: int) -> None:
+    response = httpx.post(
+        f"{gateway}/heartbeat", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == status
+    assert response.json()["error"]["code"]

@@ -1,0 +1,22 @@
+"""`POST /heartbeat`: HTTP/WebSocket backends register (and stay registered) here."""
+
+from __future__ import annotations
+
+from sanic import Blueprint, HTTPResponse
+
+from webapi.context import GatewayRequest
+from webapi.heartbeats import parse_heartbeat
+from webapi.requests import json_object
+from webapi.responses import json_response
+
+bp = Blueprint("heartbeat")
+
+
+@bp.post("/heartbeat")
+async def heartbeat(request: GatewayRequest) -> HTTPResponse:
+    records = parse_heartbeat(json_object(request, empty_ok=False))
+    registry = request.app.ctx.registry
+    for record in records:
+        await registry.heartbeat(record)
+    ttl = request.app.ctx.settings.heartbeat_ttl
+    return json_response({"registered": [r.instance_id for r in records], "ttl": ttl})

@@ -1,0 +1,125 @@
+"""Registration of HTTP/WebSocket backends by heartbeat (`POST /heartbeat`).
+
+Two forms are accepted:
+
+- the original dispatcher's: `{"params": {"data": [{"servicename": "nlp_v2",
+  "addrip": "10.0.0.5:8080"}]}}`: the name is `service_tag`, split at the first
+  `_` (`nlp_v2` is service `nlp`, tag `v2`; `nlp` alone has tag "0");
+- the native one: `{"service": "nlp", "address": "10.0.0.5:8080", "kind": "http",
+  "version": "v2", "weight": 1, "zone": null, "health_path": "/health",
+  "metadata": {}, "instance_id": "optional"}`.
+
+An instance's id defaults to `service@address`, stable across heartbeats. It is
+live for `HEARTBEAT_TTL` (3 s) after each heartbeat.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+from common.registry import InstanceRecord
+from webapi.errors import ApiError
+
+_SERVICE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_HOST = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
+_INSTANCE_ID = re.compile(r"^[A-Za-z0-9._@:\[\]-]{1,200}$")
+_KINDS = ("http", "ws")
+_MAX_INSTANCES_PER_BEAT = 100
+
+
+class InvalidHeartbeat(ApiError):
+    """The heartbeat body names no valid instance."""
+
+    status_code = 422
+    code = "invalid_heartbeat"
+    quiet = True
+
+
+def parse_heartbeat(body: dict[str, Any]) -> list[InstanceRecord]:
+    """The instance records a heartbeat body announces, or `InvalidHeartbeat`."""
+    if "params" in body:
+        return _parse_original(body["params"])
+    return [_record(body)]
+
+
+def _parse_original(params: Any) -> list[InstanceRecord]:
+    data = params.get("data") if isinstance(params, dict) else None
+    if not isinstance(data, list) or not data:
+        raise InvalidHeartbeat("params.data must be a non-empty list")
+    if len(data) > _MAX_INSTANCES_PER_BEAT:
+        raise InvalidHeartbeat(f"at most {_MAX_INSTANCES_PER_BEAT} instances per heartbeat")
+    records = []
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise InvalidHeartbeat(f"params.data[{i}] must be an object")
+        name = item.get("servicename")
+        if not isinstance(name, str):
+            raise InvalidHeartbeat(f"params.data[{i}].servicename must be a string")
+        service, _, tag = name.partition("_")
+        records.append(
+            _record({"service": service, "version": tag or "0", "address": item.get("addrip")})
+        )
+    return records
+
+
+def _record(item: dict[str, Any]) -> InstanceRecord:
+    service = item.get("service")
+    if not isinstance(service, str) or not _SERVICE.match(service):
+        raise InvalidHeartbeat(f"service must match {_SERVICE.pattern}")
+    address = _address(item.get("address"))
+    kind = item.get("kind", "http")
+    if kind not in _KINDS:
+        raise InvalidHeartbeat(f"kind must be one of {', '.join(_KINDS)}")
+    version = str(item.get("version", "0"))
+    if not _VERSION.match(version):
+        raise InvalidHeartbeat(f"version must match {_VERSION.pattern}")
+    weight = item.get("weight", 1)
+    if not isinstance(weight, int) or isinstance(weight, bool) or not 0 < weight <= 1000:
+        raise InvalidHeartbeat("weight must be an integer from 1 to 1000")
+    health_path = item.get("health_path")
+    if health_path is not None and (
+        not isinstance(health_path, str) or not health_path.startswith("/") or ".." in health_path
+    ):
+        raise InvalidHeartbeat("health_path must be an absolute path")
+    zone = item.get("zone")
+    metadata = item.get("metadata") or {}
+    if zone is not None and not isinstance(zone, str):
+        raise InvalidHeartbeat("zone must be a string")
+    if not isinstance(metadata, dict):
+        raise InvalidHeartbeat("metadata must be an object")
+    instance_id = item.get("instance_id") or f"{service}@{address}"
+    if not isinstance(instance_id, str) or not _INSTANCE_ID.match(instance_id):
+        raise InvalidHeartbeat("instance_id must be a short name")
+    return InstanceRecord(
+        service=service,
+        instance_id=instance_id,
+        kind=kind,
+        address=address,
+        host=address.rsplit(":", 1)[0],
+        pid=0,
+        version=version,
+        weight=weight,
+        zone=zone,
+        metadata=metadata,
+        health_path=health_path,
+    )
+
+
+def _address(value: Any) -> str:
+    """`host:port` with a plausible host and a TCP port; IPv6 as `[::1]:8080`."""
+    if not isinstance(value, str):
+        raise InvalidHeartbeat("address must be host:port")
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidHeartbeat("address must be host:port with a port from 1 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise InvalidHeartbeat("address has an invalid IPv6 host") from None
+    elif not _HOST.match(host):
+        raise InvalidHeartbeat("address has an invalid host")
+    return value
