@@ -102,3 +102,7 @@ def dead_letter_key(service: str) -> str:
 def task_stats_key(service: str) -> str:
     """Hash of task counters kept in Redis (dropped, coalesced), shared by all callers."""
     return f"{PREFIX}:{{{service}}}:taskstats"
+
+
+# Hash: service -> balancing strategy name, changeable at runtime (read by every gateway).
+BALANCING = f"{PREFIX}:policy:balancing"

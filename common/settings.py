@@ -36,6 +36,10 @@ class Settings:
 
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL"})
 
+    # Reverse proxy: connect timeout, and the read timeout (no progress) / head deadline.
+    proxy_connect_timeout: float = field(default=2.0, metadata={"env": "PROXY_CONNECT_TIMEOUT"})
+    proxy_timeout: float = field(default=30.0, metadata={"env": "PROXY_TIMEOUT"})
+
     # Where `make run` keeps its embedded Redis data (AOF) between runs.
     run_dir: str = field(default=".run", metadata={"env": "RUN_DIR"})
 

@@ -7,10 +7,13 @@ opened in `before_server_start` onto the typed `app.ctx` and closed in
 
 from __future__ import annotations
 
+import asyncio
+
 from sanic import Sanic
 from sanic.config import Config
 from sanic.response import BaseHTTPResponse
 
+from common.aio import cancel_and_wait
 from common.client import RpcClient
 from common.connection import connect
 from common.log import request_id_var
@@ -20,6 +23,9 @@ from common.settings import Settings, get_settings
 from webapi.blueprints import api
 from webapi.context import GatewayApp, GatewayContext, GatewayRequest
 from webapi.errors import JsonErrorHandler
+from webapi.proxy.forward import Proxy
+from webapi.proxy.health import ActiveChecker
+from webapi.proxy.upstream import UpstreamPool
 from webapi.requests import request_id_from
 
 # Bodies larger than this are refused with 413 before they are read (RPC/REST JSON).
@@ -55,9 +61,24 @@ async def _open_resources(app: GatewayApp) -> None:
     await ctx.rpc.start()
     ctx.view = RegistryView(ctx.redis)
     await ctx.view.start()
+    settings = ctx.settings
+    pool = UpstreamPool(
+        connect_timeout=settings.proxy_connect_timeout, read_timeout=settings.proxy_timeout
+    )
+    ctx.proxy = Proxy(ctx.view, pool, ctx.redis, timeout=settings.proxy_timeout)
+    checker = ActiveChecker(ctx.view, ctx.proxy.book)
+    ctx.extra["checker"] = checker
+    ctx.extra["tasks"] = [
+        asyncio.create_task(ctx.proxy.watch_policy(), name="balancing-policy"),
+        asyncio.create_task(checker.run(), name="active-health"),
+    ]
 
 
 async def _close_resources(app: GatewayApp) -> None:
+    for task in app.ctx.extra.get("tasks", []):
+        await cancel_and_wait(task)
+    await app.ctx.extra["checker"].close()
+    await app.ctx.proxy.pool.close()
     await app.ctx.view.close()
     await app.ctx.rpc.close()
     await app.ctx.redis.aclose()

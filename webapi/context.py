@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from common.client import RpcClient
     from common.registry import Registry
     from common.registry_view import RegistryView
+    from webapi.proxy.forward import Proxy
 
 
 @dataclass
@@ -27,6 +28,7 @@ class GatewayContext:
     rpc: RpcClient = field(init=False)
     registry: Registry = field(init=False)
     view: RegistryView = field(init=False)
+    proxy: Proxy = field(init=False)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

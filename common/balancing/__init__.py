@@ -1,0 +1,61 @@
+"""Choosing an upstream instance: the balancing strategies of design §5.
+
+`make_strategy(name, **options)` returns a `Strategy`; the gateway calls
+`pick(candidates, key)` for every proxied request (hot path), then `started(ep)`
+when the request goes out and `finished(ep, seconds, ok)` when it ends. Keep one
+strategy object per pool of interchangeable instances (a service, or a service's
+version); the candidates are that pool's healthy members, in any order, in a new
+list each time if need be. Strategies are not thread-safe: one event loop each.
+
+    round_robin  each candidate in turn, in instance-id order: exactly even
+    weighted     nginx's smooth weighted round-robin (5/1/1: a a b a c a a)
+    random       random, in proportion to weight
+    least_conn   power of two choices on in-flight requests per unit of weight
+    least_time   power of two choices on peak-EWMA latency x (in flight + 1)
+    hash         consistent hash ring on `key` (sticky); round-robin without one
+
+The first three live in `_rotation`, the next two in `_load`, hash in `_hashing`.
+`weight` is relative capacity everywhere; values below 1 count as 1. State for
+instances that leave is bounded: per candidate set, the 16 sets used last; per
+instance, only while requests are in flight (least_conn) or for `forget_after`
+seconds after the last request (least_time).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from common.balancing._base import Endpoint, Strategy, select_version
+from common.balancing._hashing import ConsistentHash
+from common.balancing._load import LeastConn, LeastTime
+from common.balancing._rotation import RandomChoice, RoundRobin, Weighted
+
+__all__ = ["STRATEGIES", "Endpoint", "Strategy", "make_strategy", "select_version"]
+
+_CLASSES: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (RoundRobin, Weighted, LeastConn, LeastTime, ConsistentHash, RandomChoice)
+}
+STRATEGIES: tuple[str, ...] = tuple(_CLASSES)
+
+
+def make_strategy(name: str, **options: Any) -> Strategy:
+    """A new strategy by name (one of `STRATEGIES`), with its keyword options.
+
+    Options: least_conn and random take `seed`; least_time takes `decay`,
+    `failure_penalty`, `forget_after`, `seed` and `clock`; hash takes `vnodes`.
+    Raises ValueError for an unknown name, an unknown option or a bad value.
+    """
+    cls = _CLASSES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown balancing strategy {name!r}; valid: {', '.join(STRATEGIES)}")
+    accepted = list(inspect.signature(cls).parameters)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        valid = ", ".join(accepted) or "none"
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for {name!r}; valid: {valid}")
+    try:
+        return cls(**options)
+    except TypeError as exc:  # an option of the wrong type
+        raise ValueError(f"bad option for {name!r}: {exc}") from exc

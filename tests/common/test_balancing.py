@@ -1,0 +1,324 @@
+"""Balancing strategies (design §5): pure, deterministic, no Redis, no sleeps."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from common.balancing import STRATEGIES, Endpoint, Strategy, make_strategy, select_version
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def eps(*names: str, **weights: int) -> list[Endpoint]:
+    return [Endpoint(n, f"10.0.0.{i}:80", weights.get(n, 1)) for i, n in enumerate(names)]
+
+
+def ids(strategy: Strategy, candidates: list[Endpoint], n: int, key: str | None = None) -> str:
+    return "".join(strategy.pick(candidates, key).instance_id for _ in range(n))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_strategy_names() -> None:
+    assert STRATEGIES == ("round_robin", "weighted", "least_conn", "least_time", "hash", "random")
+
+
+# -- round_robin ---------------------------------------------------------------------
+
+
+def test_round_robin_exactly_even_over_three() -> None:
+    rr = make_strategy("round_robin")
+    a_b_c = eps("a", "b", "c")
+    picks = ids(rr, a_b_c, 300)
+    assert picks == "abc" * 100
+
+
+def test_round_robin_exactly_even_when_the_list_changes() -> None:
+    rr = make_strategy("round_robin")
+    members = eps("a", "b", "c", "d")
+    shuffler = random.Random(7)
+    # The same set as a new list in a new order on every call, and as a tuple.
+    counts = Counter(rr.pick(shuffler.sample(members[:3], 3)).instance_id for _ in range(30))
+    assert counts == {"a": 10, "b": 10, "c": 10}
+    counts = Counter(rr.pick(tuple(shuffler.sample(members, 4))).instance_id for _ in range(40))
+    assert counts == {"a": 10, "b": 10, "c": 10, "d": 10}
+    # An instance leaves: the others keep taking exact turns, continuing the cycle.
+    without_b = [members[0], members[2], members[3]]
+    assert sorted(Counter(ids(rr, without_b, 30)).values()) == [10, 10, 10]
+
+
+def test_round_robin_pools_that_alternate_each_stay_even() -> None:
+    rr = make_strategy("round_robin")
+    v1, v2 = eps("a", "b"), eps("c", "d", "e")
+    counts = Counter(rr.pick(v1 if i % 2 else v2).instance_id for i in range(120))
+    assert counts == {"a": 30, "b": 30, "c": 20, "d": 20, "e": 20}
+
+
+# -- weighted ------------------------------------------------------------------------
+
+
+def test_weighted_5_1_1_interleaves_like_nginx() -> None:
+    w = make_strategy("weighted")
+    candidates = eps("c", "a", "b", a=5)  # candidate order does not matter
+    assert ids(w, candidates, 7 * 100) == "aabacaa" * 100
+
+
+def test_weighted_3_2_1_exact_proportions_and_interleaving() -> None:
+    w = make_strategy("weighted")
+    assert ids(w, eps("a", "b", "c", a=3, b=2), 6 * 50) == "abacba" * 50
+
+
+def test_weighted_scales_and_clamps_weights() -> None:
+    w = make_strategy("weighted")
+    assert ids(w, eps("a", "b", "c", a=50, b=10, c=10), 7) == "aabacaa"  # gcd 10
+    w = make_strategy("weighted")
+    assert ids(w, eps("a", "b", "c", b=0, c=-3), 9) == "abc" * 3  # below 1 counts as 1
+
+
+def test_weighted_long_cycles_are_stepped_live_and_stay_exact() -> None:
+    w = make_strategy("weighted")
+    candidates = eps("a", "b", "c", a=5000)  # a cycle of 5002: longer than the memo
+    picks = ids(w, candidates, 2 * 5002)
+    assert Counter(picks) == {"a": 10000, "b": 2, "c": 2}
+    assert picks[:5002] == picks[5002:]
+    b, c = picks.index("b"), picks.index("c")
+    assert abs(b - 5002 / 3) < 5 and abs(c - 2 * 5002 / 3) < 5  # evenly spread, not bunched
+
+
+# -- least_conn ----------------------------------------------------------------------
+
+
+def test_least_conn_avoids_the_instance_with_many_in_flight() -> None:
+    lc = make_strategy("least_conn", seed=1)
+    a, b, c = eps("a", "b", "c")
+    for _ in range(10):
+        lc.started(a)
+    counts = Counter(ids(lc, [a, b, c], 1000))
+    assert counts["a"] == 0 and counts["b"] > 300 and counts["c"] > 300
+    for _ in range(10):
+        lc.finished(a, 0.01, True)
+    assert Counter(ids(lc, [a, b, c], 1000))["a"] > 200
+
+
+def test_least_conn_follows_in_flight_per_unit_of_weight() -> None:
+    lc = make_strategy("least_conn", seed=2)
+    a, b = eps("a", "b", b=3)
+    assert ids(lc, [a, b], 50) == "b" * 50  # a tie at nothing in flight: the heavier
+    for _ in range(3):
+        lc.started(b)  # b: 4/3 per unit of weight against a: 1/1
+    assert ids(lc, [a, b], 50) == "a" * 50
+
+
+# -- least_time ----------------------------------------------------------------------
+
+
+def simulate(
+    lt: Strategy, clock: FakeClock, latency: dict[str, float], members: list[Endpoint], n: int
+) -> list[str]:
+    """`n` requests, one at a time, 10 ms apart; each takes its instance's latency."""
+    picks = []
+    for _ in range(n):
+        ep = lt.pick(members)
+        lt.started(ep)
+        clock.now += latency[ep.instance_id]
+        lt.finished(ep, latency[ep.instance_id], True)
+        clock.now += 0.010
+        picks.append(ep.instance_id)
+    return picks
+
+
+def test_least_time_prefers_the_fast_instance_and_returns_to_a_recovered_one() -> None:
+    clock = FakeClock()
+    lt = make_strategy("least_time", seed=3, clock=clock)
+    members = eps("fast", "slow")
+    latency = {"fast": 0.010, "slow": 0.200}
+    picks = simulate(lt, clock, latency, members, 3000)  # about 60 s
+    assert picks.count("slow") < 10  # the first probes, then one every ~30 s
+    assert "slow" in picks[1000:]  # decay: it is probed again, not starved
+
+    latency["slow"] = 0.010
+    picks = simulate(lt, clock, latency, members, 3000)
+    assert picks[1500:].count("slow") > 500  # back to a fair share once fast again
+
+
+def test_least_time_weighs_latency_by_requests_in_flight() -> None:
+    clock = FakeClock()
+    lt = make_strategy("least_time", seed=4, clock=clock)
+    fast, slower = eps("fast", "slower")
+    for ep, seconds in ((fast, 0.010), (slower, 0.030)):
+        lt.started(ep)
+        lt.finished(ep, seconds, True)
+    assert ids(lt, [fast, slower], 20) == "fast" * 20
+    for _ in range(5):
+        lt.started(fast)  # 10 ms x 6 against 30 ms x 1
+    assert lt.pick([fast, slower]).instance_id == "slower"
+
+
+def test_least_time_nobody_starves() -> None:
+    clock = FakeClock()
+    lt = make_strategy("least_time", seed=5, clock=clock)
+    members = eps("a", "b", "c", "d")
+    latency = {"a": 0.005, "b": 0.020, "c": 0.080, "d": 0.300}
+    simulate(lt, clock, latency, members, 1000)
+    for _ in range(3):  # three windows of about 60 s each
+        counts = Counter(simulate(lt, clock, latency, members, 4000))
+        assert set(counts) == set(latency)
+        assert counts["a"] > counts["b"] > counts["d"]
+
+
+def test_least_time_probes_a_new_instance_one_request_at_a_time() -> None:
+    clock = FakeClock()
+    lt = make_strategy("least_time", seed=6, clock=clock)
+    a, b, new = eps("a", "b", "n")
+    simulate(lt, clock, {"a": 0.01, "b": 0.01}, [a, b], 100)
+    assert ids(lt, [a, b, new], 30).count("n") > 10  # it costs 0 until it has answered
+    lt.started(new)
+    assert "n" not in ids(lt, [a, b, new], 200)  # its probe is out: wait for the answer
+    lt.finished(new, 0.005, True)  # answered, and faster than the others
+    assert ids(lt, [a, b, new], 30).count("n") > 10
+
+
+def test_least_time_does_not_prefer_an_instance_that_fails_fast() -> None:
+    clock = FakeClock()
+    lt = make_strategy("least_time", seed=7, clock=clock)
+    good, failing = eps("good", "failing")
+    lt.finished(good, 0.050, True)
+    lt.finished(failing, 0.001, False)
+    clock.now += 1
+    assert ids(lt, [good, failing], 50) == "good" * 50
+
+
+# -- hash ----------------------------------------------------------------------------
+
+KEYS = [f"user-{i}" for i in range(1000)]
+
+
+def owners(strategy: Strategy, candidates: list[Endpoint]) -> dict[str, str]:
+    return {k: strategy.pick(candidates, k).instance_id for k in KEYS}
+
+
+def test_hash_is_sticky_and_spreads_keys_evenly() -> None:
+    h = make_strategy("hash")
+    members = eps("a", "b", "c")
+    first = owners(h, members)
+    assert owners(h, list(reversed(members))) == first
+    assert owners(make_strategy("hash"), members) == first  # another gateway replica
+    for share in Counter(first.values()).values():
+        assert 250 <= share <= 420  # 333 each if perfectly even
+
+
+def test_hash_moves_only_the_keys_of_the_instance_that_left_or_came() -> None:
+    h = make_strategy("hash")
+    members = eps("a", "b", "c", "d")
+    before = owners(h, members)
+    after = owners(h, [ep for ep in members if ep.instance_id != "b"])
+    moved = {k for k in KEYS if before[k] != after[k]}
+    assert moved == {k for k in KEYS if before[k] == "b"} and 150 < len(moved) < 350
+    back = owners(h, members)
+    assert back == before  # and when it returns, exactly its keys come back
+
+
+def test_hash_is_the_same_in_every_process() -> None:
+    h = make_strategy("hash")
+    # crc32 and blake2b, not Python's per-process str hash: fixed for good.
+    assert ids(h, eps("a", "b", "c"), 1, key="session-42") == "c"
+    assert "".join(h.pick(eps("a", "b", "c"), f"k{i}").instance_id for i in range(12)) == (
+        "abbccbcabbbc"
+    )
+
+
+def test_hash_spreads_by_weight_and_round_robins_without_a_key() -> None:
+    h = make_strategy("hash")
+    shares = Counter(owners(h, eps("a", "b", a=3)).values())
+    assert 650 < shares["a"] < 850
+    assert ids(h, eps("a", "b", "c"), 9) == "abc" * 3
+
+
+# -- random, select_version, errors, state -------------------------------------------
+
+
+def test_random_covers_all_in_proportion_to_weight() -> None:
+    r = make_strategy("random", seed=8)
+    assert set(ids(r, eps("a", "b", "c", "d"), 200)) == {"a", "b", "c", "d"}
+    counts = Counter(ids(r, eps("a", "b", a=3), 4000))
+    assert 2800 < counts["a"] < 3200
+    first, again = make_strategy("random", seed=9), make_strategy("random", seed=9)
+    assert ids(first, eps("a", "b", "c"), 100) == ids(again, eps("a", "b", "c"), 100)
+
+
+def test_select_version() -> None:
+    members = [Endpoint("a", "h:1", version="v1"), Endpoint("b", "h:2", version="v2")]
+    assert select_version(members, None) == members
+    assert select_version(members, "v2") == [members[1]]
+    assert select_version(members, "v3") == []
+
+
+def test_unknown_strategy_or_option_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="round_robin, weighted, least_conn"):
+        make_strategy("fastest")
+    with pytest.raises(ValueError, match="valid: seed"):
+        make_strategy("least_conn", decay=1.0)
+    with pytest.raises(ValueError, match="decay"):
+        make_strategy("least_time", decay=0)
+    with pytest.raises(ValueError, match="vnodes"):
+        make_strategy("hash", vnodes="many")
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_rejects_no_candidates_and_takes_a_lone_one(name: str) -> None:
+    strategy = make_strategy(name)
+    for key in (None, "k"):
+        with pytest.raises(ValueError, match="no candidates"):
+            strategy.pick([], key)
+        (only,) = eps("only")
+        assert strategy.pick([only], key) == only
+        strategy.started(only)
+        strategy.finished(only, 0.01, True)
+
+
+@pytest.mark.parametrize("name", ["round_robin", "weighted", "hash", "random"])
+def test_state_per_candidate_set_is_bounded(name: str) -> None:
+    strategy = make_strategy(name)
+    for i in range(100):
+        strategy.pick(eps(f"a{i}", f"b{i}"), "k")
+        strategy.pick(eps(f"a{i}", f"b{i}"))
+    assert 0 < strategy.tracked() <= 32
+
+
+def test_least_conn_keeps_state_only_while_requests_are_in_flight() -> None:
+    lc = make_strategy("least_conn")
+    for ep in eps(*(f"i{n}" for n in range(50))):
+        lc.started(ep)
+        lc.started(ep)
+        assert lc.tracked() == 1
+        lc.finished(ep, 0.1, True)
+        lc.finished(ep, 0.1, False)
+        lc.finished(ep, 0.1, True)  # one too many does no harm
+    assert lc.tracked() == 0
+
+
+def test_least_time_forgets_instances_not_seen_for_a_while() -> None:
+    clock = FakeClock()
+    lt = make_strategy("least_time", clock=clock, forget_after=60.0)
+    members = eps(*(f"i{n}" for n in range(50)))
+    for ep in members:
+        lt.started(ep)
+        lt.finished(ep, 0.01, True)
+    busy = members[0]
+    lt.started(busy)
+    assert lt.tracked() == 50
+    clock.now += 59
+    lt.pick(members[:2])
+    assert lt.tracked() == 50
+    clock.now += 62
+    lt.pick(members[:2])
+    assert lt.tracked() == 1  # only the one with a request still in flight

@@ -1,0 +1,200 @@
+"""The reverse proxy through a real gateway and three real backends registered by heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from common import constants
+from tests.helpers import ServiceProcess, free_port, wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@dataclass
+class Backends:
+    gateway: str
+    redis_url: str
+    service: str
+    procs: dict[str, ServiceProcess] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def start(self, name: str, *, version: str = "0", weight: int = 1) -> None:
+        port = self.ports.get(name) or free_port()
+        self.ports[name] = port
+        env = {"PORT": str(port), "NAME": name, "GATEWAY": self.gateway,
+               "SERVICE": self.service, "VERSION": version, "WEIGHT": str(weight)}  # fmt: skip
+        self.procs[name] = ServiceProcess(
+            ["python", "-m", "tests.support.http_backend"], env=env, name=name
+        ).start()
+
+    def live(self) -> set[str]:
+        body = httpx.get(f"{self.gateway}/health", timeout=5).json()
+        return set(body["services"].get(self.service, {}).get("instances", []))
+
+
+@pytest.fixture
+def backends(gateway: str, redis_url: str) -> Iterator[Backends]:
+    b = Backends(gateway, redis_url, f"web{uuid.uuid4().hex[:6]}")
+    for name in ("a", "b", "c"):
+        b.start(f"{b.service}-{name}")
+    try:
+        wait_for(lambda: len(b.live()) == 3, timeout=30)
+        # the gateway's view has them too (it routes from its local view)
+        wait_for(lambda: _ok(b, "/echo"), timeout=10)
+        yield b
+    finally:
+        for proc in b.procs.values():
+            proc.stop()
+
+
+def _ok(b: Backends, path: str) -> bool:
+    return httpx.get(f"{b.gateway}/svc/{b.service}{path}", timeout=5).status_code == 200
+
+
+def _spread(b: Backends, n: int, path: str = "/echo", **kw) -> Counter[str]:
+    with httpx.Client(base_url=b.gateway, timeout=10) as client:
+        return Counter(
+            client.get(f"/svc/{b.service}{path}", **kw).json()["instance"] for _ in range(n)
+        )
+
+
+def _set_strategy(redis_url: str, service: str, name: str) -> None:
+    import redis
+
+    redis.Redis.from_url(redis_url).hset(constants.BALANCING, service, name)
+
+
+def test_round_robin_spreads_exactly_evenly(backends: Backends) -> None:
+    assert sorted(_spread(backends, 300).values()) == [100, 100, 100]
+
+
+def test_weights_are_honoured(backends: Backends) -> None:
+    name = f"{backends.service}-heavy"
+    backends.start(name, weight=3)
+    wait_for(lambda: len(backends.live()) == 4, timeout=20)
+    _set_strategy(backends.redis_url, backends.service, "weighted")
+    wait_for(lambda: _spread(backends, 60)[name] == 30, timeout=10)  # 3 of 6 per cycle
+
+
+def test_headers_and_request_id(backends: Backends) -> None:
+    response = httpx.get(
+        f"{backends.gateway}/svc/{backends.service}/echo?x=1",
+        headers={
+            "x-request-id": "rid-42",
+            "connection": "keep-alive, x-secret",
+            "x-secret": "1",
+            "x-forwarded-for": "10.9.9.9",
+        },
+    )
+    body = response.json()
+    assert body["query"] == "x=1"
+    seen = body["headers"]
+    assert seen["x-request-id"] == "rid-42"
+    assert seen["x-forwarded-for"] == "10.9.9.9, 127.0.0.1"
+    assert seen["x-forwarded-proto"] == "http"
+    assert "x-secret" not in seen  # named in Connection: hop-by-hop
+    assert float(response.headers["x-upstream-latency"]) >= 0
+    assert float(response.headers["x-gateway-latency"]) >= 0
+    assert response.headers["x-request-id"] == "rid-42"
+
+
+@pytest.mark.parametrize("path", ["/../../etc/passwd", "/a/%2e%2e/b", "/a%2fb", "/a/%5c/b"])
+def test_path_traversal_is_refused(backends: Backends, path: str) -> None:
+    response = httpx.get(f"{backends.gateway}/svc/{backends.service}{path}")
+    assert response.status_code in (400, 404)
+    assert response.json()["error"]["code"]
+
+
+def test_error_statuses(backends: Backends, gateway: str) -> None:
+    assert httpx.get(f"{gateway}/svc/nosuchservice/x").status_code == 404
+    slow = httpx.get(f"{gateway}/svc/{backends.service}/slow?ms=3000", timeout=30)
+    assert slow.status_code == 504  # the test gateway's PROXY_TIMEOUT is 1 s
+    assert slow.json()["error"]["code"] == "upstream_timeout"
+    assert _ok(backends, "/echo")  # a slow answer did not eject anyone
+    upstream_500 = httpx.get(f"{gateway}/svc/{backends.service}/status/500")
+    assert upstream_500.status_code == 500  # an upstream's own answer passes through
+
+
+def test_streaming_upload_and_download(backends: Backends) -> None:
+    size = 100 * 1024 * 1024
+    chunk = bytes(range(256)) * 256
+
+    def body() -> Iterator[bytes]:
+        for _ in range(size // len(chunk)):
+            yield chunk
+
+    expected = hashlib.sha256(chunk * (size // len(chunk))).hexdigest()
+    up = httpx.post(
+        f"{backends.gateway}/svc/{backends.service}/upload", content=body(), timeout=120
+    )
+    assert up.status_code == 200
+    assert up.json()["bytes"] == size and up.json()["sha256"] == expected
+    received = 0
+    with httpx.stream("GET", f"{backends.gateway}/svc/{backends.service}/download?mb=100",
+                      timeout=120) as down:  # fmt: skip
+        assert down.status_code == 200
+        for part in down.iter_bytes():
+            received += len(part)
+    assert received == size
+
+
+def test_nlp_and_ai_server_compatibility(backends: Backends) -> None:
+    nlp = httpx.post(
+        f"{backends.gateway}/nlp", json={"service_name": backends.service, "text": "hi"}
+    )
+    assert nlp.status_code == 200
+    assert nlp.json()["echo"] == {"service_name": backends.service, "text": "hi"}
+    envelope = {"server_name": backends.service, "params": {"k": 1}, "data": [1, 2]}
+    ai = httpx.post(f"{backends.gateway}/ai_server/", json=envelope)
+    body = ai.json()
+    assert set(body) == {"server_name", "status", "msg", "data", "duration"}
+    assert body["status"] == 0 and body["server_name"] == backends.service
+    assert body["data"]["got"] == envelope
+    bad = httpx.post(f"{backends.gateway}/nlp", json={"text": "no service"})
+    assert bad.status_code == 400
+    unknown = httpx.post(f"{backends.gateway}/nlp", json={"service_name": "nobody_here"})
+    assert unknown.status_code == 404
+
+
+def test_least_time_prefers_the_fast_instance_and_recovers(backends: Backends) -> None:
+    _set_strategy(backends.redis_url, backends.service, "least_time")
+    slow_name = f"{backends.service}-a"
+    httpx.post(f"http://127.0.0.1:{backends.ports[slow_name]}/admin/delay?ms=80")
+    wait_for(lambda: _spread(backends, 60)[slow_name] < 10, timeout=20)
+    httpx.post(f"http://127.0.0.1:{backends.ports[slow_name]}/admin/delay?ms=0")
+    wait_for(lambda: _spread(backends, 90)[slow_name] >= 10, timeout=60, interval=0.5)
+
+
+def test_sigkill_under_load_fails_no_idempotent_request(backends: Backends) -> None:
+    victim = f"{backends.service}-b"
+    results: list[int] = []
+
+    async def load(stop: asyncio.Event) -> None:
+        async with httpx.AsyncClient(base_url=backends.gateway, timeout=10) as client:
+            while not stop.is_set():
+                r = await client.get(f"/svc/{backends.service}/echo")
+                results.append(r.status_code)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        workers = [asyncio.create_task(load(stop)) for _ in range(8)]
+        await asyncio.sleep(0.5)
+        backends.procs[victim].stop(signal.SIGKILL)
+        await asyncio.sleep(1.5)
+        stop.set()
+        await asyncio.gather(*workers)
+
+    asyncio.run(scenario())
+    assert results and all(code == 200 for code in results)
+    wait_for(lambda: victim not in backends.live(), timeout=5)  # gone within the TTL
+    backends.start(victim)  # same port, same id: it takes traffic again
+    wait_for(lambda: _spread(backends, 30)[victim] > 0, timeout=30)

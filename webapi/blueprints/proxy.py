@@ -1,0 +1,167 @@
+"""The reverse proxy routes: `/svc/<service>/<path>`, and the original dispatcher's
+`POST /nlp` and `POST /ai_server/` compatibility endpoints.
+
+`/svc/...` streams both ways: the request body is read from the client as it
+arrives and written upstream chunk by chunk, and the response body the same
+way back, so a 100 MB upload or download never sits in the gateway's memory.
+Headers: `X-Service-Version` picks a version/tag, `X-Balance-Key` is the key of
+the `hash` strategy (sticky sessions); responses carry `X-Upstream-Latency` and
+`X-Gateway-Latency` (milliseconds) and `X-Upstream-Instance`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sanic import Blueprint, HTTPResponse
+
+from webapi.context import GatewayRequest
+from webapi.errors import MalformedJson
+from webapi.proxy.forward import Forwarded, hop_headers_out
+from webapi.proxy.paths import upstream_target
+from webapi.proxy.upstream import strip_hop_by_hop
+from webapi.requests import json_object
+from webapi.responses import json_response
+
+bp = Blueprint("proxy")
+
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# A streamed request body larger than this is refused with 413 (1 GiB).
+MAX_PROXY_BODY = 1024 * 1024 * 1024
+
+
+def _headers_out(request: GatewayRequest, upstream_hint: str) -> list[tuple[str, str]]:
+    return hop_headers_out(
+        list(request.headers.items()),
+        client_ip=request.ip or "",
+        scheme=request.scheme,
+        host=request.host,
+        request_id=request.ctx.request_id,
+        upstream=upstream_hint,
+    )
+
+
+async def _body(request: GatewayRequest) -> AsyncIterator[bytes]:
+    while True:
+        chunk = await request.stream.read()  # type: ignore[union-attr]
+        if chunk is None:
+            return
+        yield chunk
+
+
+def _has_body(request: GatewayRequest) -> bool:
+    return ("content-length" in request.headers and request.headers["content-length"] != "0") or (
+        "transfer-encoding" in request.headers
+    )
+
+
+@bp.route("/svc/<service:str>/<path:path>", methods=METHODS, stream=True)  # type: ignore[untyped-decorator]
+async def svc(request: GatewayRequest, service: str, path: str) -> HTTPResponse | None:
+    """Hot path: pick an instance, stream the request up and the response down."""
+    received = time.perf_counter()
+    target = upstream_target(request.raw_url, f"/svc/{service}")
+    if request.stream is not None:
+        request.stream.request_max_size = MAX_PROXY_BODY
+    body = _body(request) if _has_body(request) else None
+    proxy = request.app.ctx.proxy
+    forwarded = await proxy.forward(
+        service,
+        request.method,
+        target,
+        _headers_out(request, service),
+        body,
+        version=request.headers.get("x-service-version"),
+        key=request.headers.get("x-balance-key"),
+    )
+    upstream = forwarded.response
+    headers = [
+        (k, v) for k, v in strip_hop_by_hop(upstream.headers) if k.lower() != "content-length"
+    ]
+    headers += _latency_headers(forwarded, received)
+    response = await request.respond(status=upstream.status, headers=_header_dict(headers))
+    try:
+        if request.method != "HEAD":
+            async for chunk in upstream.stream():
+                await response.send(chunk)
+        await response.eof()
+    finally:
+        await upstream.aclose()
+    return None
+
+
+def _header_dict(headers: list[tuple[str, str]]) -> Any:
+    from sanic.compat import Header
+
+    return Header(headers)
+
+
+def _latency_headers(forwarded: Forwarded, received: float) -> list[tuple[str, str]]:
+    total = time.perf_counter() - received
+    return [
+        ("X-Upstream-Latency", f"{forwarded.upstream_seconds * 1000:.3f}"),
+        ("X-Gateway-Latency", f"{max(total - forwarded.upstream_seconds, 0) * 1000:.3f}"),
+        ("X-Upstream-Instance", forwarded.instance.instance_id),
+    ]
+
+
+async def _json_exchange(
+    request: GatewayRequest, service: str, path: str, payload: dict[str, Any]
+) -> tuple[Forwarded, Any, bytes]:
+    body = json.dumps(payload).encode()
+    headers = [*_headers_out(request, service), ("Content-Type", "application/json")]
+    forwarded = await request.app.ctx.proxy.forward(service, "POST", path, headers, body)
+    try:
+        raw = await forwarded.response.read()
+    finally:
+        await forwarded.response.aclose()
+    try:
+        data = json.loads(raw) if raw else None
+    except ValueError:
+        data = raw.decode("utf-8", errors="replace")
+    return forwarded, data, raw
+
+
+@bp.post("/nlp")
+async def nlp(request: GatewayRequest) -> HTTPResponse:
+    """The original dispatcher: `service_name` in the body picks the service; its `/nlp` answers."""
+    received = time.perf_counter()
+    body = json_object(request, empty_ok=False)
+    service = body.get("service_name")
+    if not isinstance(service, str) or not service:
+        raise MalformedJson("service_name (a string) is required")
+    forwarded, _data, raw = await _json_exchange(request, service, "/nlp", body)
+    headers = dict(_latency_headers(forwarded, received))
+    content_type = dict((k.lower(), v) for k, v in forwarded.response.headers).get(
+        "content-type", "application/json"
+    )
+    return HTTPResponse(
+        raw, status=forwarded.response.status, headers=headers, content_type=content_type
+    )
+
+
+@bp.post("/ai_server/")
+async def ai_server(request: GatewayRequest) -> HTTPResponse:
+    """`{"server_name", "params", "data"}` in; out `{"server_name", "status", "msg", "data",
+    "duration"}`.
+
+    The envelope is sent as is to the instance's `/ai_server/`; `status` is 0 when it
+    answered 2xx (its HTTP status otherwise) and `data` is its JSON answer.
+    """
+    received = time.perf_counter()
+    body = json_object(request, empty_ok=False)
+    service = body.get("server_name")
+    if not isinstance(service, str) or not service:
+        raise MalformedJson("server_name (a string) is required")
+    forwarded, data, _raw = await _json_exchange(request, service, "/ai_server/", body)
+    status = forwarded.response.status
+    envelope = {
+        "server_name": service,
+        "status": 0 if 200 <= status < 300 else status,
+        "msg": "ok" if 200 <= status < 300 else f"upstream answered {status}",
+        "data": data,
+        "duration": round(time.perf_counter() - received, 6),
+    }
+    return json_response(envelope, headers=dict(_latency_headers(forwarded, received)))

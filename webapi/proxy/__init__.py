@@ -1,0 +1,24 @@
+"""The reverse proxy's upstream side: a keep-alive HTTP/1.1 client pool (`UpstreamPool`)."""
+
+from webapi.proxy.errors import (
+    UpstreamBodyTooLarge,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from webapi.proxy.headers import strip_hop_by_hop
+from webapi.proxy.response import UpstreamResponse
+from webapi.proxy.upstream import IDEMPOTENT_METHODS, UpstreamPool
+
+__all__ = [
+    "IDEMPOTENT_METHODS",
+    "UpstreamBodyTooLarge",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamPool",
+    "UpstreamProtocolError",
+    "UpstreamResponse",
+    "UpstreamTimeout",
+    "strip_hop_by_hop",
+]

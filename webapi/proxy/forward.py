@@ -1,0 +1,245 @@
+"""Forwarding one request to one healthy instance: the reverse proxy's core.
+
+For each request: the live instances of the service come from the local
+registry view (no Redis on the hot path), are narrowed to the requested
+version (`X-Service-Version`) and to healthy ones (`HealthBook`), and the
+service's balancing strategy picks one. Failures are reported to the health
+book and the strategy. A connect failure (nothing was sent) ejects the instance
+and is retried on another one; a broken connection is retried only for
+idempotent methods whose body was not streamed; both only while the retry
+budget allows. A timeout is not retried (slow is not dead: our users run
+models that take seconds, and a retry would double the load on a slow pool):
+it answers 504 and counts toward the instance's failure streak.
+
+Errors: 404 unknown service, 503 no healthy instance, 502 upstream failed,
+504 upstream timeout (all JSON, via `webapi.errors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from common import constants
+from common.aio import cancelling
+from common.balancing import STRATEGIES, Endpoint, Strategy, make_strategy, select_version
+from common.connection import REDIS_DOWN_ERRORS
+from common.log import get_logger
+from common.registry import InstanceRecord
+from common.registry_view import RegistryView
+from webapi.errors import ApiError
+from webapi.proxy.budget import RetryBudget
+from webapi.proxy.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
+from webapi.proxy.health import HealthBook
+from webapi.proxy.upstream import UpstreamPool, UpstreamResponse
+
+log = get_logger("webapi.proxy")
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+DEFAULT_STRATEGY = "round_robin"
+
+
+class UnknownService(ApiError):
+    status_code = 404
+    code = "unknown_service"
+    quiet = True
+
+
+class NoHealthyInstance(ApiError):
+    status_code = 503
+    code = "no_healthy_instance"
+    quiet = True
+
+
+class UpstreamFailed(ApiError):
+    status_code = 502
+    code = "upstream_failed"
+    quiet = True
+
+
+class UpstreamTimedOut(ApiError):
+    status_code = 504
+    code = "upstream_timeout"
+    quiet = True
+
+
+@dataclass(slots=True)
+class Forwarded:
+    """An upstream response on its way back, with what the headers report."""
+
+    response: UpstreamResponse
+    instance: Endpoint
+    upstream_seconds: float
+    attempts: int
+
+
+class Proxy:
+    """Everything the proxy routes share in one gateway process."""
+
+    def __init__(
+        self,
+        view: RegistryView,
+        pool: UpstreamPool,
+        redis: aioredis.Redis,
+        *,
+        book: HealthBook | None = None,
+        max_attempts: int = 3,
+        policy_interval: float = 1.0,
+        timeout: float = 30.0,
+    ) -> None:
+        self.view, self.pool, self.redis = view, pool, redis
+        self.book = book or HealthBook()
+        self.budget = RetryBudget()
+        self.max_attempts = max_attempts
+        self.timeout = timeout
+        self.policy_interval = policy_interval
+        self._strategy_names: dict[str, str] = {}
+        self._strategies: dict[str, Strategy] = {}
+        self._endpoints: dict[str, Endpoint] = {}
+        view.on_change(self._forget_endpoints)
+
+    def _forget_endpoints(self, service: str) -> None:
+        self._endpoints.clear()
+
+    def strategy(self, service: str) -> Strategy:
+        """The service's strategy object (re-created when its policy name changes)."""
+        strategy = self._strategies.get(service)
+        if strategy is None:
+            name = self._strategy_names.get(service, DEFAULT_STRATEGY)
+            strategy = self._strategies[service] = make_strategy(name)
+        return strategy
+
+    def endpoint(self, record: InstanceRecord) -> Endpoint:
+        endpoint = self._endpoints.get(record.instance_id)
+        if endpoint is None:
+            endpoint = Endpoint(
+                instance_id=record.instance_id,
+                address=record.address or "",
+                weight=record.weight,
+                version=record.version,
+                zone=record.zone,
+            )
+            self._endpoints[record.instance_id] = endpoint
+        return endpoint
+
+    def candidates(self, service: str, version: str | None, kind: str = "http") -> list[Endpoint]:
+        """Healthy endpoints of `service` (and `version`). Hot path: no I/O."""
+        records = self.view.instances(service, kind=kind)
+        if not records:
+            if service not in self.view.services():
+                raise UnknownService(f"no service named {service!r} is registered")
+            raise NoHealthyInstance(f"no live instance of {service!r}")
+        usable = self.book.usable(records)
+        endpoints = select_version([self.endpoint(r) for r in usable], version)
+        if not endpoints:
+            raise NoHealthyInstance(f"no healthy instance of {service!r}" + (
+                f" at version {version!r}" if version else ""))  # fmt: skip
+        return endpoints
+
+    async def forward(
+        self,
+        service: str,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes | AsyncIterator[bytes] | None,
+        *,
+        version: str | None = None,
+        key: str | None = None,
+        timeout: float | None = None,
+        kind: str = "http",
+    ) -> Forwarded:
+        """Send the request to a chosen instance, retrying where it is safe."""
+        self.budget.deposit()
+        replayable = body is None or isinstance(body, bytes)
+        tried: set[str] = set()
+        attempt = 0
+        while True:
+            attempt += 1
+            candidates = self.candidates(service, version, kind)
+            fresh = [c for c in candidates if c.instance_id not in tried] or candidates
+            strategy = self.strategy(service)
+            endpoint: Endpoint = strategy.pick(fresh, key)
+            tried.add(endpoint.instance_id)
+            self.book.started(endpoint.instance_id)
+            strategy.started(endpoint)
+            started = time.perf_counter()
+            try:
+                response = await self.pool.request(
+                    endpoint.address, method, target, headers, body, timeout=timeout or self.timeout
+                )
+            except UpstreamError as exc:
+                elapsed = time.perf_counter() - started
+                strategy.finished(endpoint, elapsed, False)
+                connect_failed = isinstance(exc, UpstreamConnectError)
+                self.book.failed(endpoint.instance_id, fatal=connect_failed)
+                safe = connect_failed or (
+                    not isinstance(exc, UpstreamTimeout) and method in IDEMPOTENT and replayable
+                )
+                if safe and attempt < self.max_attempts and self.budget.try_spend():
+                    log.info(
+                        "retrying on another instance",
+                        extra={"fields": {"instance": endpoint.instance_id, "error": str(exc)}},
+                    )
+                    continue
+                if isinstance(exc, UpstreamTimeout):
+                    raise UpstreamTimedOut(f"{service} did not answer in time") from exc
+                raise UpstreamFailed(f"{service}: {exc.message or type(exc).__name__}") from exc
+            elapsed = time.perf_counter() - started
+            ok = response.status < 500
+            strategy.finished(endpoint, elapsed, ok)
+            if ok:
+                self.book.succeeded(endpoint.instance_id)
+            else:
+                self.book.failed(endpoint.instance_id, fatal=False)
+            return Forwarded(response, endpoint, elapsed, attempt)
+
+    async def watch_policy(self) -> None:
+        """Keep the per-service strategy names current from Redis (changeable at runtime)."""
+        while not cancelling():
+            try:
+                raw = await self.redis.hgetall(constants.BALANCING)
+                pairs = {_text(k): _text(v) for k, v in raw.items()}
+                names = {k: v for k, v in pairs.items() if v in STRATEGIES}
+                for service in set(names) | set(self._strategy_names):
+                    if names.get(service) != self._strategy_names.get(service):
+                        self._strategies.pop(service, None)
+                self._strategy_names = names
+            except REDIS_DOWN_ERRORS:
+                pass  # keep the last known policy
+            await asyncio.sleep(self.policy_interval)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def hop_headers_out(
+    headers: Sequence[tuple[str, str]],
+    *,
+    client_ip: str,
+    scheme: str,
+    host: str,
+    request_id: str,
+    upstream: str,
+) -> list[tuple[str, str]]:
+    """The headers sent upstream: hop-by-hop stripped, X-Forwarded-* and X-Request-Id set."""
+    from webapi.proxy.upstream import strip_hop_by_hop
+
+    drop = {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
+            "content-length", "transfer-encoding"}  # fmt: skip
+    prior = [v for k, v in headers if k.lower() == "x-forwarded-for"]
+    out = [(k, v) for k, v in strip_hop_by_hop(list(headers)) if k.lower() not in drop]
+    forwarded_for = ", ".join([*prior, client_ip]) if prior else client_ip
+    out += [
+        ("Host", upstream),
+        ("X-Forwarded-For", forwarded_for),
+        ("X-Forwarded-Proto", scheme),
+        ("X-Forwarded-Host", host),
+        ("X-Request-Id", request_id),
+    ]
+    return out

@@ -1,0 +1,38 @@
+"""The upstream request target of a proxied request, refusing path traversal."""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+from webapi.errors import ApiError
+
+
+class InvalidProxyPath(ApiError):
+    """The proxied path tries to leave the service's space or is malformed."""
+
+    status_code = 400
+    code = "invalid_path"
+    quiet = True
+
+
+def upstream_target(raw_url: bytes, prefix: str) -> str:
+    """`/svc/web/a/b?q=1` with prefix `/svc/web` -> `/a/b?q=1`, kept percent-encoded.
+
+    Refuses segments that are (or decode to) `.` or `..`, and encoded slashes,
+    backslashes or NUL, which different servers would interpret differently.
+    """
+    try:
+        url = raw_url.decode("ascii")
+    except UnicodeDecodeError:
+        raise InvalidProxyPath("the URL must be ASCII (percent-encode the rest)") from None
+    path, sep, query = url.partition("?")
+    if not path.startswith(prefix):
+        raise InvalidProxyPath("unexpected path")
+    rest = path[len(prefix) :] or "/"
+    if not rest.startswith("/"):
+        raise InvalidProxyPath("unexpected path")
+    for segment in rest.split("/"):
+        decoded = unquote(segment)
+        if decoded in (".", "..") or any(c in decoded for c in ("/", "\\", "\x00")):
+            raise InvalidProxyPath("path traversal is not allowed")
+    return rest + (sep + query if sep else "")

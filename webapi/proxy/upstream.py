@@ -1,0 +1,249 @@
+"""The gateway's upstream HTTP/1.1 client: a keep-alive connection pool per `host:port`.
+
+    pool = UpstreamPool(connect_timeout=2.0, read_timeout=30.0)
+    resp = await pool.request("10.0.0.5:8080", "GET", "/items?page=2", headers)
+    async for chunk in resp.stream():
+        ...
+    await resp.aclose()
+
+Built on `asyncio.Protocol` and httptools rather than a general client because the
+proxy's cost per request is what limits the gateway (design §6: aiohttp's client
+costs ~80 µs per request). Timeouts: `connect_timeout` bounds each connect;
+`read_timeout` bounds every gap without progress (no byte received, no request body
+byte accepted by the upstream, no body chunk taken by a consumer that made the
+socket pause); the per-request `timeout` bounds the time to the response head,
+connect included.
+
+Retry rule. A request is retried once, transparently, on a new connection only when
+all of these hold:
+  * it went out on a *reused* idle connection,
+  * that connection ended (EOF or reset) before a single response byte arrived,
+  * the method is idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE),
+  * the body can be sent again: none, or bytes (never an async iterator).
+That is the race of a server closing an idle keep-alive connection as the request
+is written. A non-idempotent request is not retried even with a bytes body: the
+server may have read and applied it before the connection died (RFC 9112 §9.3.1),
+so the caller gets `UpstreamProtocolError` and decides. To keep that race rare,
+idle connections are dropped after `idle_timeout` (below common server keep-alive
+timeouts) and the most recently used idle connection is taken first; a connection
+the server closed while idle is noticed and dropped before it could be taken.
+Connect failures are never retried here: `UpstreamConnectError` is for the caller,
+which may try another instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+from webapi.proxy.connection import Connection, StaleConnection
+from webapi.proxy.errors import (
+    UpstreamBodyTooLarge,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from webapi.proxy.headers import RequestBody, build_request_head, strip_hop_by_hop
+from webapi.proxy.response import UpstreamResponse
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+class _Host:
+    """The connections to one `host:port`: all open ones, and the idle ones (LIFO)."""
+
+    __slots__ = (
+        "address",
+        "connects",
+        "conns",
+        "host",
+        "idle",
+        "pool",
+        "port",
+        "retries",
+        "reuses",
+    )
+
+    def __init__(self, pool: UpstreamPool, address: str) -> None:
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"upstream address {address!r} is not host:port")
+        self.pool = pool
+        self.address = address
+        self.host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        self.port = int(port)
+        self.idle: deque[Connection] = deque()
+        self.conns: set[Connection] = set()
+        self.connects = 0
+        self.reuses = 0
+        self.retries = 0
+
+    def take_idle(self, now: float) -> Connection | None:
+        idle = self.idle
+        limit = self.pool.idle_timeout
+        if idle and now - idle[0].idle_since >= limit:
+            idle.popleft().close()  # expire the oldest, one per request
+        while idle:
+            conn = idle.pop()
+            if now - conn.idle_since < limit and conn.usable():
+                conn.reused = True
+                self.reuses += 1
+                return conn
+            conn.close()
+        return None
+
+    def release(self, conn: Connection) -> None:
+        if self.pool.closed or len(self.idle) >= self.pool.max_idle_per_host:
+            conn.close()
+            return
+        conn.idle_since = asyncio.get_running_loop().time()
+        self.idle.append(conn)
+
+    def forget(self, conn: Connection) -> None:
+        self.conns.discard(conn)
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+
+class UpstreamPool:
+    """Keep-alive HTTP/1.1 connections to upstream servers, shared by all requests.
+
+    One per process, opened at start-up and closed at shutdown (it lives on `app.ctx`).
+    `max_idle_per_host` bounds the connections kept idle per address (there is no
+    bound on those in use: the caller bounds concurrency). `max_body` bounds each
+    response body (`UpstreamBodyTooLarge`); request bodies are the caller's to bound.
+    """
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 30.0,
+        max_idle_per_host: int = 32,
+        max_body: int | None = None,
+        idle_timeout: float = 4.0,
+    ) -> None:
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_idle_per_host = max_idle_per_host
+        self.max_body = max_body
+        self.idle_timeout = idle_timeout
+        self.closed = False
+        self._hosts: dict[str, _Host] = {}
+
+    async def request(
+        self,
+        address: str,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: RequestBody = None,
+        timeout: float | None = None,
+    ) -> UpstreamResponse:
+        """Send a request to `address` ("host:port") and return once the response head
+        has arrived; the body is then read from the response, which must be closed.
+
+        `headers` are sent as given, plus `Host` if missing and the body framing
+        (`Content-Length`, or `Transfer-Encoding: chunked` for an async iterator
+        without a `Content-Length`). `timeout` bounds the wait for the head.
+        Raises `UpstreamConnectError`, `UpstreamTimeout`, `UpstreamProtocolError`; an
+        exception from the body iterator is raised as is.
+
+        Hot path: one call per proxied request; it allocates the response, one future
+        and one timer, and a connection only when no idle one is left.
+        """
+        if self.closed:
+            raise UpstreamError("the upstream pool is closed")
+        host = self._hosts.get(address)
+        if host is None:
+            host = self._hosts[address] = _Host(self, address)
+        head, framing, length = build_request_head(method, target, headers, address, body)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = None if timeout is None else now + timeout
+        head_request = method == "HEAD"
+
+        conn = host.take_idle(now)
+        if conn is not None:
+            try:
+                return await conn.exchange(head, body, framing, length, head_request, deadline)
+            except StaleConnection as exc:
+                if method not in IDEMPOTENT_METHODS or not (
+                    body is None or isinstance(body, bytes | bytearray)
+                ):
+                    raise UpstreamProtocolError(str(exc)) from exc
+                host.retries += 1
+        conn = await self._connect(host, loop, deadline)
+        return await conn.exchange(head, body, framing, length, head_request, deadline)
+
+    async def _connect(
+        self, host: _Host, loop: asyncio.AbstractEventLoop, deadline: float | None
+    ) -> Connection:
+        timeout, total_bound = self.connect_timeout, False
+        if deadline is not None and deadline - loop.time() < timeout:
+            timeout, total_bound = deadline - loop.time(), True
+        conn = Connection(host, loop, self.read_timeout, self.max_body)
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.create_connection(lambda: conn, host.host, host.port)
+        except TimeoutError as exc:
+            if total_bound:
+                raise UpstreamTimeout(f"no response head from {host.address} in time") from exc
+            raise UpstreamConnectError(
+                f"connect to {host.address} timed out after {timeout:g} s"
+            ) from exc
+        except OSError as exc:
+            raise UpstreamConnectError(f"cannot connect to {host.address}: {exc}") from exc
+        if self.closed:
+            conn.close()
+            raise UpstreamError("the upstream pool is closed")
+        host.conns.add(conn)
+        host.connects += 1
+        return conn
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per address: connections `open`, `idle` and `active`, and the counts of
+        `connects`, `reuses` (requests on an idle connection) and stale `retries`."""
+        return {
+            address: {
+                "open": len(host.conns),
+                "idle": len(host.idle),
+                "active": len(host.conns) - len(host.idle),
+                "connects": host.connects,
+                "reuses": host.reuses,
+                "retries": host.retries,
+            }
+            for address, host in self._hosts.items()
+        }
+
+    async def close(self) -> None:
+        """Close every connection; requests still in progress fail with `UpstreamError`."""
+        self.closed = True
+        conns = [conn for host in self._hosts.values() for conn in host.conns]
+        for host in self._hosts.values():
+            host.idle.clear()
+        for conn in conns:
+            conn.close()
+        if conns:
+            await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=5)
+
+    async def __aenter__(self) -> UpstreamPool:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+
+__all__ = [
+    "IDEMPOTENT_METHODS",
+    "UpstreamBodyTooLarge",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamPool",
+    "UpstreamProtocolError",
+    "UpstreamResponse",
+    "UpstreamTimeout",
+    "strip_hop_by_hop",
+]
