@@ -39,6 +39,8 @@ class Settings:
     # Reverse proxy: connect timeout, and the read timeout (no progress) / head deadline.
     proxy_connect_timeout: float = field(default=2.0, metadata={"env": "PROXY_CONNECT_TIMEOUT"})
     proxy_timeout: float = field(default=30.0, metadata={"env": "PROXY_TIMEOUT"})
+    # least_time: how fast a latency peak is forgotten (seconds, time constant).
+    least_time_decay: float = field(default=10.0, metadata={"env": "LEAST_TIME_DECAY"})
 
     # Where `make run` keeps its embedded Redis data (AOF) between runs.
     run_dir: str = field(default=".run", metadata={"env": "RUN_DIR"})

@@ -65,7 +65,13 @@ async def _open_resources(app: GatewayApp) -> None:
     pool = UpstreamPool(
         connect_timeout=settings.proxy_connect_timeout, read_timeout=settings.proxy_timeout
     )
-    ctx.proxy = Proxy(ctx.view, pool, ctx.redis, timeout=settings.proxy_timeout)
+    ctx.proxy = Proxy(
+        ctx.view,
+        pool,
+        ctx.redis,
+        timeout=settings.proxy_timeout,
+        least_time_decay=settings.least_time_decay,
+    )
     checker = ActiveChecker(ctx.view, ctx.proxy.book)
     ctx.extra["checker"] = checker
     ctx.extra["tasks"] = [

@@ -20,7 +20,7 @@ from sanic.response import HTTPResponse
 
 NAME = os.environ.get("NAME", "backend")
 app = Sanic("backend_" + "".join(c if c.isalnum() else "_" for c in NAME))
-state = {"delay_ms": 0.0}
+state = {"delay_ms": 0.0, "healthy": 1.0}
 
 
 @app.get("/echo")
@@ -76,7 +76,14 @@ async def download(request: Request) -> None:
 
 @app.get("/health")
 async def health(request: Request) -> HTTPResponse:
-    return response.json({"ok": True})
+    ok = bool(state["healthy"])
+    return response.json({"ok": ok}, status=200 if ok else 503)
+
+
+@app.post("/admin/health")
+async def set_health(request: Request) -> HTTPResponse:
+    state["healthy"] = float(request.args.get("ok", "1"))
+    return response.json(state)
 
 
 @app.post("/admin/delay")

@@ -59,7 +59,7 @@ def gateway(redis_url: str) -> Iterator[str]:
     """Just a gateway process (no workers); its base URL."""
     port = free_port()
     env = {"REDIS_URL": redis_url, "WEBAPI_PORT": str(port), "HEARTBEAT_TTL": "1.5",
-           "PROXY_TIMEOUT": "1"}  # fmt: skip
+           "PROXY_TIMEOUT": "1", "LEAST_TIME_DECAY": "2"}  # fmt: skip
     proc = ServiceProcess(["python", "-m", "webapi"], env=env, name="webapi-only").start()
     base = f"http://127.0.0.1:{port}"
     try:

@@ -198,3 +198,77 @@ def test_sigkill_under_load_fails_no_idempotent_request(backends: Backends) -> N
     wait_for(lambda: victim not in backends.live(), timeout=5)  # gone within the TTL
     backends.start(victim)  # same port, same id: it takes traffic again
     wait_for(lambda: _spread(backends, 30)[victim] > 0, timeout=30)
+
+
+def test_version_selection(backends: Backends) -> None:
+    name = f"{backends.service}-v2"
+    backends.start(name, version="v2")
+    wait_for(lambda: len(backends.live()) == 4, timeout=20)
+    picked = _spread(backends, 12, headers={"x-service-version": "v2"})
+    assert picked == Counter({name: 12})
+    missing = httpx.get(
+        f"{backends.gateway}/svc/{backends.service}/echo", headers={"x-service-version": "v9"}
+    )
+    assert missing.status_code == 503
+
+
+def test_consistent_hash_is_sticky(backends: Backends) -> None:
+    _set_strategy(backends.redis_url, backends.service, "hash")
+
+    def owners(key: str) -> set[str]:
+        return set(_spread(backends, 10, headers={"x-balance-key": key}))
+
+    wait_for(lambda: all(len(owners(f"user-{i}")) == 1 for i in range(5)), timeout=10)
+    spread = {next(iter(owners(f"user-{i}"))) for i in range(40)}
+    assert len(spread) >= 2  # different keys land on different instances
+
+
+async def _concurrent_spread(b: Backends, total: int, concurrency: int = 8) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    remaining = [total]
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while remaining[0] > 0:
+            remaining[0] -= 1
+            r = await client.get(f"/svc/{b.service}/echo")
+            counts[r.json()["instance"]] += 1
+
+    async with httpx.AsyncClient(base_url=b.gateway, timeout=10) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    return counts
+
+
+def test_least_conn_avoids_the_slow_instance_under_load(backends: Backends) -> None:
+    _set_strategy(backends.redis_url, backends.service, "least_conn")
+    slow = f"{backends.service}-c"
+    httpx.post(f"http://127.0.0.1:{backends.ports[slow]}/admin/delay?ms=100")
+    wait_for(lambda: asyncio.run(_concurrent_spread(backends, 120))[slow] < 20, timeout=30)
+    httpx.post(f"http://127.0.0.1:{backends.ports[slow]}/admin/delay?ms=0")
+    wait_for(lambda: asyncio.run(_concurrent_spread(backends, 120))[slow] >= 25, timeout=30)
+
+
+def test_active_health_check_removes_and_readmits(backends: Backends) -> None:
+    sick = f"{backends.service}-a"
+    httpx.post(f"http://127.0.0.1:{backends.ports[sick]}/admin/health?ok=0")
+    # Down after two failed checks (2 s apart), without any request failing.
+    wait_for(lambda: sick not in _spread(backends, 30), timeout=15, interval=0.5)
+    httpx.post(f"http://127.0.0.1:{backends.ports[sick]}/admin/health?ok=1")
+    wait_for(lambda: sick in _spread(backends, 30), timeout=15, interval=0.5)
+
+
+def test_dead_only_instance_is_502_then_503(gateway: str) -> None:
+    service = f"dead{uuid.uuid4().hex[:6]}"
+    closed_port = free_port()  # nothing listens there
+    beat = {"service": service, "address": f"127.0.0.1:{closed_port}"}
+    assert httpx.post(f"{gateway}/heartbeat", json=beat).status_code == 200
+
+    def known() -> httpx.Response | None:
+        r = httpx.get(f"{gateway}/svc/{service}/x")
+        return r if r.status_code != 404 else None  # 404 until the gateway's view has it
+
+    first = wait_for(known, timeout=5)
+    assert first.status_code == 502, first.text  # the connect failure itself
+    assert first.json()["error"]["code"] == "upstream_failed"
+    then = httpx.get(f"{gateway}/svc/{service}/x")  # ejected now
+    assert then.status_code == 503
+    assert then.json()["error"]["code"] == "no_healthy_instance"

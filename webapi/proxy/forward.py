@@ -90,12 +90,14 @@ class Proxy:
         max_attempts: int = 3,
         policy_interval: float = 1.0,
         timeout: float = 30.0,
+        least_time_decay: float = 10.0,
     ) -> None:
         self.view, self.pool, self.redis = view, pool, redis
         self.book = book or HealthBook()
         self.budget = RetryBudget()
         self.max_attempts = max_attempts
         self.timeout = timeout
+        self.least_time_decay = least_time_decay
         self.policy_interval = policy_interval
         self._strategy_names: dict[str, str] = {}
         self._strategies: dict[str, Strategy] = {}
@@ -110,7 +112,8 @@ class Proxy:
         strategy = self._strategies.get(service)
         if strategy is None:
             name = self._strategy_names.get(service, DEFAULT_STRATEGY)
-            strategy = self._strategies[service] = make_strategy(name)
+            options = {"decay": self.least_time_decay} if name == "least_time" else {}
+            strategy = self._strategies[service] = make_strategy(name, **options)
         return strategy
 
     def endpoint(self, record: InstanceRecord) -> Endpoint:
@@ -157,11 +160,21 @@ class Proxy:
         self.budget.deposit()
         replayable = body is None or isinstance(body, bytes)
         tried: set[str] = set()
+        failure: ApiError | None = None  # the last attempt's error, if we are retrying
         attempt = 0
         while True:
             attempt += 1
-            candidates = self.candidates(service, version, kind)
-            fresh = [c for c in candidates if c.instance_id not in tried] or candidates
+            try:
+                candidates = self.candidates(service, version, kind)
+            except (UnknownService, NoHealthyInstance):
+                if failure is not None:
+                    raise failure from None  # the failure itself, not "nobody left"
+                raise
+            fresh = [c for c in candidates if c.instance_id not in tried]
+            if not fresh:
+                if failure is not None:
+                    raise failure
+                fresh = candidates
             strategy = self.strategy(service)
             endpoint: Endpoint = strategy.pick(fresh, key)
             tried.add(endpoint.instance_id)
@@ -180,15 +193,17 @@ class Proxy:
                 safe = connect_failed or (
                     not isinstance(exc, UpstreamTimeout) and method in IDEMPOTENT and replayable
                 )
+                if isinstance(exc, UpstreamTimeout):
+                    failure = UpstreamTimedOut(f"{service} did not answer in time")
+                else:
+                    failure = UpstreamFailed(f"{service}: {exc.message or type(exc).__name__}")
                 if safe and attempt < self.max_attempts and self.budget.try_spend():
                     log.info(
                         "retrying on another instance",
                         extra={"fields": {"instance": endpoint.instance_id, "error": str(exc)}},
                     )
                     continue
-                if isinstance(exc, UpstreamTimeout):
-                    raise UpstreamTimedOut(f"{service} did not answer in time") from exc
-                raise UpstreamFailed(f"{service}: {exc.message or type(exc).__name__}") from exc
+                raise failure from exc
             elapsed = time.perf_counter() - started
             ok = response.status < 500
             strategy.finished(endpoint, elapsed, ok)
