@@ -10,7 +10,9 @@ Two forms are accepted:
   "metadata": {}, "instance_id": "optional"}`.
 
 An instance's id defaults to `service@address`, stable across heartbeats. It is
-live for `HEARTBEAT_TTL` (3 s) after each heartbeat.
+live for `HEARTBEAT_TTL` (3 s) after each heartbeat. A backend shutting down
+gracefully sends its native heartbeat once more with `"leaving": true`: it is
+removed at once instead of after the TTL.
 """
 
 from __future__ import annotations

@@ -38,6 +38,16 @@ def test_native_form_and_expiry_within_the_ttl(gateway: str) -> None:
     wait_for(lambda: _live(gateway, name) == [], timeout=5)
 
 
+def test_leaving_deregisters_at_once(gateway: str) -> None:
+    name = f"svc{uuid.uuid4().hex[:6]}"
+    body = {"service": name, "address": "127.0.0.1:9200"}
+    httpx.post(f"{gateway}/heartbeat", json=body)
+    assert _live(gateway, name) == [f"{name}@127.0.0.1:9200"]
+    gone = httpx.post(f"{gateway}/heartbeat", json={**body, "leaving": True})
+    assert gone.json() == {"deregistered": [f"{name}@127.0.0.1:9200"]}
+    assert _live(gateway, name) == []  # at once, not after the TTL
+
+
 @pytest.mark.parametrize(
     ("body", "status"),
     [

@@ -14,8 +14,13 @@ bp = Blueprint("heartbeat")
 
 @bp.post("/heartbeat")
 async def heartbeat(request: GatewayRequest) -> HTTPResponse:
-    records = parse_heartbeat(json_object(request, empty_ok=False))
+    body = json_object(request, empty_ok=False)
+    records = parse_heartbeat(body)
     registry = request.app.ctx.registry
+    if body.get("leaving") is True:
+        for record in records:
+            await registry.deregister(record.service, record.instance_id)
+        return json_response({"deregistered": [r.instance_id for r in records]})
     for record in records:
         await registry.heartbeat(record)
     ttl = request.app.ctx.settings.heartbeat_ttl
