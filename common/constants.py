@@ -104,5 +104,19 @@ def task_stats_key(service: str) -> str:
     return f"{PREFIX}:{{{service}}}:taskstats"
 
 
+def push_channel(channel: str) -> str:
+    """The Redis pub/sub channel behind a client-visible push channel (`iptv:now:7`).
+
+    Clients of the websocket service subscribe by the short name; the prefix
+    keeps them away from internal channels such as `REGISTRY_EVENTS`.
+    """
+    return f"{PREFIX}:push:{channel}"
+
+
+def iptv_now_channel(channel_id: int | str) -> str:
+    """The push channel of one iptv channel's "now playing" changes."""
+    return f"iptv:now:{channel_id}"
+
+
 # Hash: service -> balancing strategy name, changeable at runtime (read by every gateway).
 BALANCING = f"{PREFIX}:policy:balancing"

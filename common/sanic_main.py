@@ -16,9 +16,15 @@ from common.settings import Settings, get_settings
 
 
 def serve(
-    name: str, create_app: Callable[[Settings], Any], port: Callable[[Settings], int]
+    name: str,
+    create_app: Callable[[Settings], Any],
+    port: Callable[[Settings], int],
+    **run_options: Any,
 ) -> None:
-    """Set up JSON logging, build the app from the settings and serve it until SIGTERM."""
+    """Set up JSON logging, build the app from the settings and serve it until SIGTERM.
+
+    `run_options` go to `app.run` (the websocket service passes its `protocol`).
+    """
     settings = get_settings()
     setup_logging(name, settings.log_level)
     app = create_app(settings)
@@ -28,4 +34,5 @@ def serve(
         single_process=True,
         access_log=False,
         motd=False,
+        **run_options,
     )

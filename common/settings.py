@@ -69,6 +69,26 @@ class Settings:
     jwt_secret: str | None = field(default=None, metadata={"env": "JWT_SECRET"})
     jwt_ttl: int = field(default=900, metadata={"env": "JWT_TTL"})
 
+    # websocket service (design §7). Frames over WS_MAX_MESSAGE_BYTES close with
+    # 1009; a client whose WS_SEND_QUEUE pushed messages are not yet written is
+    # closed with 1013; no pong within WS_PING_TIMEOUT of a ping (sent every
+    # WS_PING_INTERVAL) closes with 1011; beyond WS_MAX_CONNECTIONS new
+    # connections get HTTP 503; a client has WS_AUTH_TIMEOUT to authenticate.
+    ws_max_message_bytes: int = field(default=1024 * 1024, metadata={"env": "WS_MAX_MESSAGE_BYTES"})
+    ws_send_queue: int = field(default=256, metadata={"env": "WS_SEND_QUEUE"})
+    ws_ping_interval: float = field(default=20.0, metadata={"env": "WS_PING_INTERVAL"})
+    ws_ping_timeout: float = field(default=20.0, metadata={"env": "WS_PING_TIMEOUT"})
+    ws_max_connections: int = field(default=10_000, metadata={"env": "WS_MAX_CONNECTIONS"})
+    ws_auth_timeout: float = field(default=5.0, metadata={"env": "WS_AUTH_TIMEOUT"})
+    ws_max_subscriptions: int = field(default=100, metadata={"env": "WS_MAX_SUBSCRIPTIONS"})
+    # JSON-RPC calls one connection may have in flight; more are answered with an error.
+    ws_max_calls_in_flight: int = field(default=32, metadata={"env": "WS_MAX_CALLS_IN_FLIGHT"})
+    # How long SIGTERM waits for clients to acknowledge the 1001 close.
+    ws_drain_timeout: float = field(default=5.0, metadata={"env": "WS_DRAIN_TIMEOUT"})
+
+    # iptv: how often the worker checks which programme is on air, to publish changes.
+    iptv_now_interval: float = field(default=15.0, metadata={"env": "IPTV_NOW_INTERVAL"})
+
     # iptv seed size (a few hundred channels, a week of programmes).
     iptv_channels: int = field(default=300, metadata={"env": "IPTV_CHANNELS"})
 
@@ -109,6 +129,20 @@ class Settings:
             raise ConfigError("HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL")
         if self.rpc_timeout <= 0 or self.rpc_concurrency <= 0:
             raise ConfigError("RPC_TIMEOUT and RPC_CONCURRENCY must be positive")
+        for name, value in (
+            ("WS_MAX_MESSAGE_BYTES", self.ws_max_message_bytes),
+            ("WS_SEND_QUEUE", self.ws_send_queue),
+            ("WS_PING_INTERVAL", self.ws_ping_interval),
+            ("WS_PING_TIMEOUT", self.ws_ping_timeout),
+            ("WS_MAX_CONNECTIONS", self.ws_max_connections),
+            ("WS_AUTH_TIMEOUT", self.ws_auth_timeout),
+            ("WS_MAX_SUBSCRIPTIONS", self.ws_max_subscriptions),
+            ("WS_MAX_CALLS_IN_FLIGHT", self.ws_max_calls_in_flight),
+            ("WS_DRAIN_TIMEOUT", self.ws_drain_timeout),
+            ("IPTV_NOW_INTERVAL", self.iptv_now_interval),
+        ):
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive")
 
 
 def _parse(name: str, raw: str, parser: Callable[[str], T]) -> T:

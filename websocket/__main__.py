@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from common.sanic_main import serve
 from websocket.app import create_app
+from websocket.auth import BearerProtocol
 
 if __name__ == "__main__":
-    serve("websocket", create_app, lambda settings: settings.websocket_port)
+    serve(
+        "websocket", create_app, lambda settings: settings.websocket_port, protocol=BearerProtocol
+    )

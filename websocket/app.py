@@ -1,13 +1,23 @@
-"""`create_app()` for the WebSocket service: `/health` and a `/ws` endpoint.
+"""`create_app()` for the WebSocket service (design §7).
 
-This first cut answers pings; subscriptions, JSON-RPC and the streaming proxy
-come with the websocket issue and build on the same app and context.
+Routes:
+
+    GET /health                        200 when Redis answers; open connections
+    WS  /ws                            authenticated clients: subscriptions, JSON-RPC (`session`)
+    WS  /ws/stream                     the original dispatcher's envelope mode (`envelope`)
+    WS  /ws/proxy/<service>/<path>     relayed to an instance of `service` (`relay`)
+
+Authentication on `/ws` is described in `websocket.auth`, close codes in
+`websocket.connections`. Limits (settings `WS_*`): frames over
+WS_MAX_MESSAGE_BYTES close with 1009; pings every WS_PING_INTERVAL, no pong
+within WS_PING_TIMEOUT closes with 1011; a client more than WS_SEND_QUEUE
+pushed messages behind is closed with 1013; beyond WS_MAX_CONNECTIONS the
+upgrade is refused with HTTP 503; SIGTERM closes every connection with 1001.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -17,17 +27,32 @@ from sanic.config import Config
 from sanic.response import json as json_response
 from sanic.server.websockets.impl import WebsocketImplProtocol
 
+from common.aio import cancel_and_wait
+from common.client import RpcClient
 from common.connection import REDIS_DOWN_OR_SLOW, connect
+from common.errors import Unauthorized
+from common.registry_view import RegistryView
 from common.settings import Settings, get_settings
-
-# Frames larger than this close the connection with 1009 (message too big).
-MAX_MESSAGE_BYTES = 64 * 1024
+from websocket.auth import SUBPROTOCOL, Verifier, presented_token
+from websocket.connections import TRY_AGAIN_LATER, Connections
+from websocket.envelope import stream_endpoint
+from websocket.hub import ChannelHub
+from websocket.relay import proxy_endpoint
+from websocket.session import Session
+from websocket.upstreams import Upstreams
 
 
 @dataclass
 class WsContext:
     settings: Settings
+    connections: Connections = field(init=False)
     redis: aioredis.Redis = field(init=False)
+    rpc: RpcClient = field(init=False)
+    view: RegistryView = field(init=False)
+    upstreams: Upstreams = field(init=False)
+    hub: ChannelHub = field(init=False)
+    verifier: Verifier = field(init=False)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 WsApp: TypeAlias = Sanic[Config, WsContext]
@@ -37,62 +62,120 @@ WsRequest: TypeAlias = Request[WsApp, Any]
 def create_app(settings: Settings | None = None, name: str = "websocket") -> WsApp:
     settings = settings or get_settings()
     config = Config()
-    config.WEBSOCKET_MAX_SIZE = MAX_MESSAGE_BYTES
+    config.WEBSOCKET_MAX_SIZE = settings.ws_max_message_bytes
+    # Sanic annotates these as int but takes seconds as any number.
+    config.WEBSOCKET_PING_INTERVAL = settings.ws_ping_interval  # type: ignore[assignment]
+    config.WEBSOCKET_PING_TIMEOUT = settings.ws_ping_timeout  # type: ignore[assignment]
+    config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.ws_drain_timeout
     config.FALLBACK_ERROR_FORMAT = "json"
-    app: WsApp = Sanic(
-        name, config=config, ctx=WsContext(settings=settings), configure_logging=False
-    )
+    ctx = WsContext(settings=settings)
+    ctx.connections = Connections(settings.ws_max_connections)
+    app: WsApp = Sanic(name, config=config, ctx=ctx, configure_logging=False)
     app.add_route(health, "/health", methods=["GET"])
-    app.add_websocket_route(ws_endpoint, "/ws")
+    app.add_websocket_route(_counted(client_endpoint), "/ws", subprotocols=[SUBPROTOCOL])
+    app.add_websocket_route(_counted(stream_endpoint), "/ws/stream")
+    app.add_websocket_route(_counted(proxy_endpoint), "/ws/proxy/<service:str>")
+    app.add_websocket_route(
+        _counted(proxy_endpoint), "/ws/proxy/<service:str>/<path:path>", name="proxy_path"
+    )
+    app.register_middleware(_admit, "request")
     app.register_listener(_open, "before_server_start")
+    app.register_listener(_drain, "before_server_stop")
     app.register_listener(_close, "after_server_stop")
     return app
 
 
 async def _open(app: WsApp) -> None:
-    app.ctx.redis = connect(app.ctx.settings.require_redis_url(), name="websocket")
+    ctx, settings = app.ctx, app.ctx.settings
+    ctx.redis = connect(settings.require_redis_url(), name="websocket")
+    ctx.rpc = RpcClient(redis=ctx.redis, settings=settings)
+    await ctx.rpc.start()
+    ctx.view = RegistryView(ctx.redis)
+    await ctx.view.start()
+    ctx.upstreams = Upstreams(
+        ctx.view,
+        ctx.redis,
+        connect_timeout=settings.proxy_connect_timeout,
+        max_size=settings.ws_max_message_bytes,
+    )
+    ctx.hub = ChannelHub(ctx.redis)
+    ctx.verifier = Verifier(ctx.redis, settings.jwt_secret)
+    ctx.tasks.append(asyncio.create_task(ctx.upstreams.watch_policy(), name="balancing-policy"))
+
+
+async def _drain(app: WsApp) -> None:
+    await app.ctx.connections.drain(app.ctx.settings.ws_drain_timeout)
 
 
 async def _close(app: WsApp) -> None:
+    for task in app.ctx.tasks:
+        await cancel_and_wait(task)
+    await app.ctx.hub.close()
+    await app.ctx.view.close()
+    await app.ctx.rpc.close()
     await app.ctx.redis.aclose()
 
 
+async def _admit(request: WsRequest) -> HTTPResponse | None:
+    """Refuse an upgrade before it happens: 503 when full, 401 for a bad token on /ws."""
+    if not request.path.startswith("/ws"):
+        return None
+    ctx = request.app.ctx
+    if ctx.connections.full():
+        return _refuse(503, "too_many_connections", "connection limit reached, retry later")
+    request.ctx.claims = None
+    if request.path == "/ws":
+        token = presented_token(request)
+        if token is not None:
+            try:
+                request.ctx.claims = await ctx.verifier.verify(token)
+            except Unauthorized as exc:
+                return _refuse(401, "unauthorized", exc.message)
+    return None
+
+
+def _refuse(status: int, code: str, message: str) -> HTTPResponse:
+    return json_response({"error": {"code": code, "message": message}}, status)
+
+
+def _counted(handler: Any) -> Any:
+    """`handler` counted against the connection cap (closed with 1013 past it)."""
+
+    async def counted(request: WsRequest, ws: WebsocketImplProtocol, **params: Any) -> None:
+        connections = request.app.ctx.connections
+        if not connections.add(ws):
+            await ws.close(TRY_AGAIN_LATER, "connection limit reached")
+            return
+        try:
+            await handler(request, ws, **params)
+        finally:
+            connections.discard(ws)
+
+    counted.__name__ = handler.__name__
+    return counted
+
+
 async def health(request: WsRequest) -> HTTPResponse:
-    """200 when Redis answers within a second, 503 otherwise."""
+    """200 when Redis answers within a second, 503 otherwise; with the open connections."""
+    connections = len(request.app.ctx.connections)
     try:
         async with asyncio.timeout(1.0):
             await request.app.ctx.redis.ping()
     except REDIS_DOWN_OR_SLOW as exc:
-        return json_response({"status": "degraded", "redis": {"ok": False, "error": str(exc)}}, 503)
-    return json_response({"status": "ok", "redis": {"ok": True}})
+        body = {"status": "degraded", "redis": {"ok": False, "error": str(exc)}}
+        return json_response({**body, "connections": connections}, 503)
+    return json_response({"status": "ok", "redis": {"ok": True}, "connections": connections})
 
 
-def reply_to(message: str | bytes) -> str | None:
-    """The answer to one client message.
-
-    `ping` -> `pong`; `{"type": "ping", "id": 1}` -> `{"type": "pong", "id": 1}`.
-    """
-    text = message.decode(errors="replace") if isinstance(message, bytes) else message
-    if text.strip() == "ping":
-        return "pong"
+async def client_endpoint(request: WsRequest, ws: WebsocketImplProtocol) -> None:
+    """An authenticated client: see `websocket.session`."""
+    session = Session(request.app.ctx, ws)
     try:
-        data = json.loads(text)
-    except ValueError:
-        return _error("malformed_json", "not JSON")
-    if not isinstance(data, dict) or data.get("type") != "ping":
-        return _error("unknown_type", "expected a message of type ping")
-    answer: dict[str, Any] = {"type": "pong"}
-    if "id" in data:
-        answer["id"] = data["id"]
-    return json.dumps(answer)
-
-
-def _error(code: str, message: str) -> str:
-    return json.dumps({"type": "error", "error": {"code": code, "message": message}})
-
-
-async def ws_endpoint(request: WsRequest, ws: WebsocketImplProtocol) -> None:
-    async for message in ws:
-        answer = reply_to(message)
-        if answer is not None:
-            await ws.send(answer)
+        claims = request.ctx.claims
+        if claims is not None:
+            session.authenticated(claims, reply=False)
+        elif not await session.authenticate_first():
+            return
+        await session.serve()
+    finally:
+        await session.close()

@@ -15,6 +15,8 @@ list each time if need be. Strategies are not thread-safe: one event loop each.
     hash         consistent hash ring on `key` (sticky); round-robin without one
 
 The first three live in `_rotation`, the next two in `_load`, hash in `_hashing`.
+`HealthBook` (`_health`) narrows the candidates to the instances not ejected
+after connect errors, timeouts or failure streaks.
 `weight` is relative capacity everywhere; values below 1 count as 1. State for
 instances that leave is bounded: per candidate set, the 16 sets used last; per
 instance, only while requests are in flight (least_conn) or for `forget_after`
@@ -28,10 +30,18 @@ from typing import Any
 
 from common.balancing._base import Endpoint, Strategy, select_version
 from common.balancing._hashing import ConsistentHash
+from common.balancing._health import HealthBook
 from common.balancing._load import LeastConn, LeastTime
 from common.balancing._rotation import RandomChoice, RoundRobin, Weighted
 
-__all__ = ["STRATEGIES", "Endpoint", "Strategy", "make_strategy", "select_version"]
+__all__ = [
+    "STRATEGIES",
+    "Endpoint",
+    "HealthBook",
+    "Strategy",
+    "make_strategy",
+    "select_version",
+]
 
 _CLASSES: dict[str, type[Strategy]] = {
     cls.name: cls

@@ -12,15 +12,13 @@ sb:{auth}:user:<user id>   hash    user_id, username, password_hash, created_at
 sb:{auth}:jwt_secret       string  the generated signing secret when JWT_SECRET is unset
 ```
 
-Tokens are HS256 JWTs with `sub`, `name`, `iat`, `exp`, `iss`, `aud` and `jti`
-claims and a `kid` header naming the signing key, so key rotation can add keys
-without changing the token format.
+Tokens are made and verified by `common.tokens` (HS256 JWTs with a `kid`
+header), the one implementation the services that verify locally share.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import re
 import secrets
@@ -30,27 +28,23 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import jwt
 import redis.asyncio as aioredis
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from common.constants import data_key
-from common.errors import BadRequest, ConfigError, Conflict, Unauthorized
+from common.errors import BadRequest, Conflict, Unauthorized
 from common.log import get_logger
+from common.tokens import SECRET_KEY, Tokens, key_id, shared_secret
+
+__all__ = ["Accounts", "Keys", "key_id", "shared_secret"]
 
 log = get_logger(__name__)
 
 SERVICE = "auth"
-ISSUER = "switchboard"
-AUDIENCE = "switchboard"
-ALGORITHM = "HS256"
-# RFC 7518 §3.2: an HS256 key must be at least as long as the hash output.
-MIN_SECRET_BYTES = 32
 USERNAME = re.compile(r"[A-Za-z0-9_.-]{3,64}")
 MIN_PASSWORD, MAX_PASSWORD = 8, 256
 INVALID_LOGIN = "invalid username or password"
-REQUIRED_CLAIMS = ("sub", "name", "iat", "exp", "iss", "aud", "jti")
 
 T = TypeVar("T")
 
@@ -68,31 +62,12 @@ class Keys:
     """Names of the auth keys, in one place (see the module docstring)."""
 
     usernames = data_key(SERVICE, "usernames")
-    jwt_secret = data_key(SERVICE, "jwt_secret")
+    jwt_secret = SECRET_KEY
 
     @staticmethod
     def user(user_id: str) -> str:
         """One user's record."""
         return data_key(SERVICE, "user", user_id)
-
-
-async def shared_secret(redis: aioredis.Redis, configured: str | None) -> str:
-    """The JWT signing secret: `configured` if given, else one generated on the
-    first start of any auth instance and shared by all of them through Redis."""
-    if configured:
-        if len(configured.encode()) < MIN_SECRET_BYTES:
-            raise ConfigError(f"JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes long")
-        return configured
-    await redis.set(Keys.jwt_secret, secrets.token_urlsafe(48), nx=True)
-    stored = await redis.get(Keys.jwt_secret)
-    if stored is None:  # deleted between SET NX and GET: a broken deployment
-        raise ConfigError(f"{Keys.jwt_secret} vanished right after it was set")
-    return stored.decode() if isinstance(stored, bytes) else str(stored)
-
-
-def key_id(secret: str) -> str:
-    """A public, stable name for a signing key; it reveals nothing usable about the key."""
-    return hashlib.sha256(b"switchboard-kid:" + secret.encode()).hexdigest()[:16]
 
 
 def _valid_password(password: str) -> bool:
@@ -115,9 +90,9 @@ class Accounts:
         self.redis = redis
         self.ttl = ttl
         self.hasher = hasher or PasswordHasher()
-        self.kid = key_id(secret)
+        self.tokens = Tokens(secret, clock=clock)
+        self.kid = self.tokens.kid
         self.clock = clock
-        self._secret = secret
         self._slots = asyncio.Semaphore(hash_concurrency or os.cpu_count() or 2)
         self._dummy_hash: str | None = None
         self._create_user = redis.register_script(_CREATE_USER)
@@ -167,38 +142,12 @@ class Accounts:
 
     def issue(self, user_id: str, username: str) -> dict[str, Any]:
         """A signed access token for a user (no credential check: callers do that)."""
-        now = int(self.clock())
-        claims = {
-            "sub": user_id,
-            "name": username,
-            "iat": now,
-            "exp": now + self.ttl,
-            "iss": ISSUER,
-            "aud": AUDIENCE,
-            "jti": uuid.uuid4().hex,
-        }
-        token = jwt.encode(claims, self._secret, algorithm=ALGORITHM, headers={"kid": self.kid})
+        token = self.tokens.issue(user_id, username, self.ttl)
         return {"access_token": token, "token_type": "bearer", "expires_in": self.ttl}
 
     def verify(self, token: str) -> dict[str, Any]:
-        """The claims of a valid access token; `Unauthorized` for anything else
-        (expired, bad signature, other algorithm, unknown key, wrong audience or issuer)."""
-        try:
-            if jwt.get_unverified_header(token).get("kid") != self.kid:
-                raise Unauthorized("invalid token: unknown signing key")
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                self._secret,
-                algorithms=[ALGORITHM],
-                audience=AUDIENCE,
-                issuer=ISSUER,
-                options={"require": list(REQUIRED_CLAIMS)},
-            )
-        except jwt.ExpiredSignatureError:
-            raise Unauthorized("token expired") from None
-        except jwt.PyJWTError as exc:
-            raise Unauthorized(f"invalid token: {exc}") from None
-        return claims
+        """The claims of a valid access token; `Unauthorized` for anything else."""
+        return self.tokens.verify(token)
 
     async def _find(self, username: str) -> dict[str, str] | None:
         if not USERNAME.fullmatch(username):

@@ -12,6 +12,7 @@ sb:{iptv}:categories          hash  category name -> {"name","title","count","or
 sb:{iptv}:names               hash  channel id -> channel name (the search index)
 sb:{iptv}:epg:<channel id>    zset  programme JSON scored by its start (epoch seconds)
 sb:{iptv}:favourites:<user>   zset  channel id scored by the time it was added
+sb:{iptv}:now:<channel id>    string  id of the programme last announced as on air
 sb:{iptv}:seeded              string  seed metadata; its presence means "seeded"
 sb:{iptv}:seed_lock           string  held (SET NX EX) by the instance that is seeding
 ```
@@ -64,6 +65,11 @@ class Keys:
     def epg(channel_id: int | str) -> str:
         """Programmes of one channel, scored by start time (`"*"`: a SCAN pattern)."""
         return data_key(SERVICE, "epg", str(channel_id))
+
+    @staticmethod
+    def now(channel_id: int | str) -> str:
+        """The programme last announced as on air on one channel (see `now_playing`)."""
+        return data_key(SERVICE, "now", str(channel_id))
 
     @staticmethod
     def favourites(user_id: str) -> str:
@@ -190,6 +196,22 @@ class Catalog:
         now = self.clock()
         programmes = await self._overlapping(channel_id, now, now + timedelta(seconds=1))
         return programmes[0] if programmes else None
+
+    async def now_playing_all(self) -> dict[int, dict[str, Any] | None]:
+        """What is on air on every channel now (None in a gap), in one round trip."""
+        now = self.clock()
+        low, now_epoch = int((now - MAX_PROGRAMME).timestamp()), now.timestamp()
+        ids = [int(i) for i in cast("list[bytes]", await self.redis.zrange(Keys.numbers, 0, -1))]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for channel_id in ids:
+                pipe.zrangebyscore(Keys.epg(channel_id), low, now_epoch)
+            guides = await pipe.execute()
+        playing: dict[int, dict[str, Any] | None] = {}
+        for channel_id, raws in zip(ids, guides, strict=True):
+            on_air = [p for p in (_programme(channel_id, r) for r in raws)
+                      if p["end"].timestamp() > now_epoch]  # fmt: skip
+            playing[channel_id] = on_air[-1] if on_air else None
+        return playing
 
     async def _overlapping(
         self, channel_id: int, start: datetime, end: datetime

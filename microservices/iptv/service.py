@@ -6,11 +6,14 @@ its validation live in `catalog.py`, the demo data in `seed.py`.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Any
 
 from common import Service
+from common.aio import cancel_and_wait
 from microservices.iptv.catalog import Catalog
+from microservices.iptv.now_playing import NowPlaying
 from microservices.iptv.seed import ensure_seeded
 
 svc = Service("iptv")
@@ -20,6 +23,7 @@ class _Context:
     """What the startup hook builds for the handlers (set before any call is taken)."""
 
     catalog: Catalog
+    now_playing: asyncio.Task[None] | None = None
 
 
 ctx = _Context()
@@ -27,9 +31,18 @@ ctx = _Context()
 
 @svc.on_startup
 async def prepare(service: Service) -> None:
-    """Seed the catalog on the very first start (once across instances), then serve it."""
+    """Seed the catalog on the very first start (once across instances), then serve it,
+    and announce "now playing" changes in the background."""
     await ensure_seeded(service.redis, service.settings.iptv_channels)
     ctx.catalog = Catalog(service.redis)
+    announcer = NowPlaying(service.redis, ctx.catalog, service.settings.iptv_now_interval)
+    ctx.now_playing = asyncio.create_task(announcer.run(), name="iptv-now-playing")
+
+
+@svc.on_shutdown
+async def stop_announcing(service: Service) -> None:
+    await cancel_and_wait(ctx.now_playing)
+    ctx.now_playing = None
 
 
 @svc.method

@@ -1,0 +1,104 @@
+"""A real upstream WebSocket server for the websocket tests: `python -m tests.support.ws_backend`.
+
+Env: PORT, NAME (instance id), REDIS_URL, SERVICE (registers itself in the
+registry by heartbeat every 0.3 s, TTL 1.5 s), KIND ("ws" or "http"), VERSION.
+
+`/ws` speaks the original dispatcher's envelope protocol: a request
+`{"service_name", "frames": n, "fail": bool, "die_after": k}` is answered with
+n frames `{"ret": 0, "flag": 0, "result": "<NAME>:<i>"}` and a last one with
+`flag: 1`; `fail` answers `{"ret": 2, "flag": 0, "result": "boom"}` instead;
+`die_after` sends k frames then kills the process (no close frame).
+
+Any other path echoes text and binary frames, except these text commands:
+`whoami` -> `{"instance", "path"}`; `close <code> <reason>` -> closes so;
+`die` -> the process exits at once (no close frame); `last_close` -> the code
+and reason of the previous connection's close by the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from common.connection import connect
+from common.registry import InstanceRecord, Registry
+
+NAME = os.environ.get("NAME", "wsb")
+state: dict[str, object] = {"last_close": None}
+
+
+async def handler(ws: ServerConnection) -> None:
+    path = ws.request.path if ws.request else "/"
+    try:
+        if path == "/ws":
+            await envelope(ws)
+        else:
+            await echo(ws, path)
+    except ConnectionClosed:
+        pass
+    finally:
+        rcvd = ws.protocol.close_rcvd
+        if rcvd is not None:
+            state["last_close"] = [rcvd.code, rcvd.reason]
+
+
+async def echo(ws: ServerConnection, path: str) -> None:
+    async for message in ws:
+        if message == "whoami":
+            await ws.send(json.dumps({"instance": NAME, "path": path}))
+        elif message == "last_close":
+            await ws.send(json.dumps(state["last_close"]))
+        elif message == "die":
+            os._exit(1)
+        elif isinstance(message, str) and message.startswith("close "):
+            _, code, reason = message.split(" ", 2)
+            await ws.close(int(code), reason)
+        else:
+            await ws.send(message)
+
+
+async def envelope(ws: ServerConnection) -> None:
+    async for message in ws:
+        request = json.loads(message)
+        if request.get("fail"):
+            await ws.send(json.dumps({"ret": 2, "flag": 0, "result": "boom"}))
+            continue
+        frames = int(request.get("frames", 2))
+        die_after = request.get("die_after")
+        for i in range(frames):
+            if die_after is not None and i == die_after:
+                os._exit(1)
+            await ws.send(json.dumps({"ret": 0, "flag": 0, "result": f"{NAME}:{i}"}))
+        await ws.send(json.dumps({"ret": 0, "flag": 1, "result": "done"}))
+
+
+async def heartbeat(port: int) -> None:
+    redis_url, service = os.environ.get("REDIS_URL"), os.environ.get("SERVICE")
+    if not redis_url or not service:
+        return
+    registry = Registry(connect(redis_url), ttl=1.5)
+    record = InstanceRecord(
+        service,
+        NAME,
+        kind=os.environ.get("KIND", "ws"),
+        address=f"127.0.0.1:{port}",
+        version=os.environ.get("VERSION", "0"),
+    )
+    while True:
+        await registry.heartbeat(record)
+        await asyncio.sleep(0.3)
+
+
+async def main() -> None:
+    port = int(os.environ["PORT"])
+    async with serve(handler, "127.0.0.1", port, compression=None):
+        await heartbeat(port)
+        await asyncio.Future()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,147 @@
+"""Real websocket service processes, real upstream WebSocket backends, tokens to connect with."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from common.tokens import Tokens
+from tests.helpers import ServiceProcess, free_port, wait_for, wait_for_async
+
+SECRET = "websocket-tests-secret-" + "x" * 32
+
+
+def token(ttl: int = 600, sub: str = "u1") -> str:
+    """A valid access token, signed like the auth service signs them."""
+    return Tokens(SECRET).issue(sub, "alice", ttl)
+
+
+def bearer(ttl: int = 600) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(ttl)}"}
+
+
+@dataclass
+class WsServer:
+    address: str  # 127.0.0.1:port
+    proc: ServiceProcess
+
+    def url(self, path: str) -> str:
+        return f"ws://{self.address}{path}"
+
+    def health(self) -> dict[str, Any]:
+        body: dict[str, Any] = httpx.get(f"http://{self.address}/health", timeout=5).json()
+        return body
+
+    def connect(self, path: str = "/ws", **kwargs: Any) -> Any:
+        """An authenticated connection (header) unless `additional_headers` is given."""
+        kwargs.setdefault("additional_headers", bearer())
+        return websockets.connect(self.url(path), compression=None, **kwargs)
+
+
+def start_ws_server(redis_url: str, **env: str) -> WsServer:
+    port = free_port()
+    full_env = {"REDIS_URL": redis_url, "WEBSOCKET_PORT": str(port), "JWT_SECRET": SECRET,
+                "RPC_TIMEOUT": "1.5", "WS_AUTH_TIMEOUT": "1", "PROXY_CONNECT_TIMEOUT": "1",
+                "WS_MAX_MESSAGE_BYTES": str(64 * 1024), **env}  # fmt: skip
+    proc = ServiceProcess(["python", "-m", "websocket"], env=full_env, name="websocket").start()
+    server = WsServer(f"127.0.0.1:{port}", proc)
+    try:
+        wait_for(lambda: server.health()["status"] == "ok", 30)
+    except AssertionError:
+        proc.stop()
+        print(proc.log_tail())
+        raise
+    return server
+
+
+@pytest.fixture(scope="module")
+def ws_server(redis_url: str) -> Iterator[WsServer]:
+    """One websocket service with default limits, shared by a module's tests."""
+    server = start_ws_server(redis_url)
+    try:
+        yield server
+    finally:
+        server.proc.stop()
+
+
+@pytest.fixture
+def make_ws_server(redis_url: str) -> Iterator[Callable[..., WsServer]]:
+    """Start websocket services with particular settings (stopped after the test)."""
+    started: list[WsServer] = []
+
+    def make(**env: str) -> WsServer:
+        server = start_ws_server(redis_url, **env)
+        started.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in started:
+            server.proc.stop()
+
+
+@dataclass
+class Backends:
+    """Upstream WebSocket servers of one service, registered by heartbeat."""
+
+    redis_url: str
+    service: str = field(default_factory=lambda: f"up{uuid.uuid4().hex[:8]}")
+    procs: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def start(self, name: str, *, kind: str = "ws", version: str = "0") -> ServiceProcess:
+        env = {"PORT": str(free_port()), "NAME": name, "REDIS_URL": self.redis_url,
+               "SERVICE": self.service, "KIND": kind, "VERSION": version}  # fmt: skip
+        proc = ServiceProcess(["python", "-m", "tests.support.ws_backend"], env=env, name=name)
+        self.procs[name] = proc.start()
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.stop()
+
+
+@pytest.fixture
+def backends(redis_url: str) -> Iterator[Backends]:
+    b = Backends(redis_url)
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+async def whoami(server: WsServer, service: str, path: str = "/echo") -> str | None:
+    """The instance a new relayed connection reaches, or None if none was reached."""
+    try:
+        async with server.connect(f"/ws/proxy/{service}{path}") as ws:
+            await ws.send("whoami")
+            return str(json.loads(await ws.recv())["instance"])
+    except (websockets.ConnectionClosed, OSError):
+        return None
+
+
+async def wait_reachable(server: WsServer, service: str, names: set[str]) -> None:
+    """Poll until relayed connections have reached every instance in `names`."""
+    seen: set[str] = set()
+
+    async def all_seen() -> bool:
+        name = await whoami(server, service)
+        if name:
+            seen.add(name)
+        return names <= seen
+
+    await wait_for_async(all_seen, timeout=30)
+
+
+async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> Any:
+    import asyncio
+
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))

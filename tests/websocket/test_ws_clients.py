@@ -1,0 +1,215 @@
+"""`/ws` clients through a real websocket service: authentication (three ways),
+channel subscriptions fanned out from Redis, JSON-RPC onto a real RPC worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis.asyncio as aioredis
+import websockets
+
+from common import constants
+from tests.helpers import ServiceProcess, wait_for_async
+from tests.websocket.conftest import WsServer, bearer, recv_json, token
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def closed_code(info: pytest.ExceptionInfo[websockets.ConnectionClosed]) -> tuple[int, str]:
+    assert info.value.rcvd is not None
+    return info.value.rcvd.code, info.value.rcvd.reason
+
+
+# --- authentication --------------------------------------------------------------------
+
+
+async def test_auth_by_header(ws_server: WsServer) -> None:
+    async with ws_server.connect(additional_headers=bearer()) as ws:
+        await ws.send("ping")
+        assert await ws.recv() == "pong"
+
+
+async def test_auth_by_subprotocol(ws_server: WsServer) -> None:
+    async with ws_server.connect(additional_headers={}, subprotocols=["bearer", token()]) as ws:
+        assert ws.subprotocol == "bearer"
+        await ws.send("ping")
+        assert await ws.recv() == "pong"
+
+
+async def test_auth_by_first_message(ws_server: WsServer) -> None:
+    async with ws_server.connect(additional_headers={}) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": token(), "id": 1}))
+        answer = await recv_json(ws)
+        assert answer["type"] == "authenticated" and answer["sub"] == "u1" and answer["id"] == 1
+        await ws.send("ping")
+        assert await ws.recv() == "pong"
+
+
+@pytest.mark.parametrize("how", ["header", "subprotocol"])
+async def test_bad_token_before_upgrade_is_401(ws_server: WsServer, how: str) -> None:
+    forged = token()[:-4] + "AAAA"
+    kwargs = (
+        {"additional_headers": {"Authorization": f"Bearer {forged}"}}
+        if how == "header"
+        else {"additional_headers": {}, "subprotocols": ["bearer", forged]}
+    )
+    with pytest.raises(websockets.InvalidStatus) as info:
+        async with ws_server.connect(**kwargs):
+            pass
+    assert info.value.response.status_code == 401
+
+
+@pytest.mark.parametrize(
+    "first, reason",
+    [
+        ("ping", "authentication required"),
+        (json.dumps({"type": "auth", "token": "not.a.jwt"}), "invalid token"),
+        (json.dumps({"type": "auth", "token": token(ttl=-10)}), "token expired"),
+    ],
+)
+async def test_bad_first_message_closes_1008(ws_server: WsServer, first: str, reason: str):
+    async with ws_server.connect(additional_headers={}) as ws:
+        await ws.send(first)
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            await recv_json(ws)
+    code, got = closed_code(info)
+    assert code == 1008 and got.startswith(reason)
+
+
+async def test_no_auth_within_the_timeout_closes_1008(ws_server: WsServer) -> None:
+    async with ws_server.connect(additional_headers={}) as ws:  # WS_AUTH_TIMEOUT is 1 s
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            await recv_json(ws, timeout=10)
+    assert closed_code(info) == (1008, "authentication timed out")
+
+
+async def test_session_closes_1008_when_its_token_expires(ws_server: WsServer) -> None:
+    async with ws_server.connect(additional_headers=bearer(ttl=2)) as ws:
+        await ws.send("ping")
+        assert await ws.recv() == "pong"
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            await recv_json(ws, timeout=10)
+    assert closed_code(info) == (1008, "token expired")
+
+
+# --- subscriptions ---------------------------------------------------------------------
+
+
+async def numsub(redis: aioredis.Redis, channel: str) -> int:
+    counts = await redis.pubsub_numsub(constants.push_channel(channel))
+    return int(counts[0][1])
+
+
+async def subscribe(ws, channel: str) -> None:
+    await ws.send(json.dumps({"type": "subscribe", "channel": channel}))
+    assert await recv_json(ws) == {"type": "subscribed", "channel": channel}
+
+
+async def test_200_clients_on_one_channel_all_receive_a_message(
+    ws_server: WsServer, redis_client: aioredis.Redis
+) -> None:
+    channel = f"iptv:now:{uuid.uuid4().hex[:6]}"
+    clients = [await ws_server.connect().__aenter__() for _ in range(200)]
+    try:
+        await asyncio.gather(*(subscribe(ws, channel) for ws in clients))
+        assert await numsub(redis_client, channel) == 1  # one Redis subscription for all 200
+        payload = {"channel_id": 7, "programme": {"title": "News"}}
+        await redis_client.publish(constants.push_channel(channel), json.dumps(payload))
+        received = await asyncio.gather(*(recv_json(ws) for ws in clients))
+        assert all(m == {"type": "message", "channel": channel, "data": payload} for m in received)
+    finally:
+        await asyncio.gather(*(ws.close() for ws in clients))
+    await wait_for_async(lambda: _zero(redis_client, channel), timeout=10)
+
+
+async def _zero(redis: aioredis.Redis, channel: str) -> bool:
+    return await numsub(redis, channel) == 0
+
+
+async def test_unsubscribe_stops_delivery(ws_server: WsServer, redis_client: aioredis.Redis):
+    a_channel, other = f"c{uuid.uuid4().hex[:6]}", f"c{uuid.uuid4().hex[:6]}"
+    async with ws_server.connect() as stays, ws_server.connect() as leaves:
+        for ws in (stays, leaves):
+            await subscribe(ws, a_channel)
+            await subscribe(ws, other)
+        await leaves.send(json.dumps({"type": "unsubscribe", "channel": a_channel}))
+        assert await recv_json(leaves) == {"type": "unsubscribed", "channel": a_channel}
+        await redis_client.publish(constants.push_channel(a_channel), "plain text")
+        assert (await recv_json(stays))["data"] == "plain text"
+        # `leaves` gets the next message on the channel it kept, and nothing before it
+        await redis_client.publish(constants.push_channel(other), "second")
+        assert (await recv_json(leaves)) == {"type": "message", "channel": other, "data": "second"}
+        assert (await recv_json(stays))["data"] == "second"
+        assert await numsub(redis_client, a_channel) == 1  # `stays` still listens
+        await stays.send(json.dumps({"type": "unsubscribe", "channel": a_channel}))
+        await recv_json(stays)
+        await wait_for_async(lambda: _zero(redis_client, a_channel), timeout=10)
+
+
+# --- JSON-RPC ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calc(redis_url: str) -> Iterator[None]:
+    proc = ServiceProcess(
+        ["python", "-m", "tests.support.calc_service"], env={"REDIS_URL": redis_url}, name="calc"
+    ).start()
+    try:
+        yield
+    finally:
+        proc.stop()
+
+
+async def rpc(ws, request: object) -> dict[str, object]:
+    await ws.send(json.dumps(request))
+    answer: dict[str, object] = await recv_json(ws)
+    return answer
+
+
+async def test_jsonrpc_call_and_errors(ws_server: WsServer, calc: None) -> None:
+    async with ws_server.connect() as ws:
+
+        async def add() -> bool:
+            call = {"jsonrpc": "2.0", "id": 1, "method": "calc.add", "params": {"a": 2, "b": 3}}
+            return await rpc(ws, call) == {"jsonrpc": "2.0", "id": 1, "result": 5}
+
+        await wait_for_async(add, timeout=30)  # the worker may still be starting
+        positional = await rpc(ws, {"jsonrpc": "2.0", "id": "p", "method": "calc.add",
+                                    "params": [40, 2]})  # fmt: skip
+        assert positional["result"] == 42
+        cases = [
+            ({"jsonrpc": "2.0", "id": 2, "method": "calc.nope"}, -32601),
+            ({"jsonrpc": "2.0", "id": 3, "method": "calc.add", "params": {"a": "x"}}, -32602),
+            ({"jsonrpc": "2.0", "id": 4, "method": "calc.missing", "params": {"key": "k"}}, -32000),
+            ({"jsonrpc": "2.0", "id": 5, "method": "nosuchsvc.m"}, -32601),
+            ({"jsonrpc": "1.0", "id": 6, "method": "calc.add"}, -32600),
+            ({"jsonrpc": "2.0", "id": 7, "method": "calc.add", "params": 3}, -32600),
+            ([{"jsonrpc": "2.0", "id": 8, "method": "calc.add"}], -32600),
+            ({"jsonrpc": "2.0", "id": 9, "method": "calc.sleep", "params": {"seconds": 5}}, -32003),
+        ]
+        for request, code in cases:
+            answer = await rpc(ws, request)
+            error = answer["error"]
+            assert isinstance(error, dict) and error["code"] == code, (request, answer)
+            if isinstance(request, dict) and request["jsonrpc"] == "2.0":
+                assert answer["id"] == request["id"]
+        service_error = await rpc(ws, cases[2][0])
+        assert service_error["error"]["data"]["code"] == "not_found"  # type: ignore[index]
+        # a notification runs but gets no answer: the next answer is the ping's
+        await ws.send(json.dumps({"jsonrpc": "2.0", "method": "calc.add", "params": [1]}))
+        await ws.send(json.dumps({"type": "ping", "id": "after"}))
+        assert await recv_json(ws) == {"type": "pong", "id": "after"}
+
+
+async def test_jsonrpc_service_unavailable(ws_server: WsServer, redis_client: aioredis.Redis):
+    from common.registry import Registry
+
+    service = f"idle{uuid.uuid4().hex[:6]}"
+    await Registry(redis_client).publish_catalog(service, {"m": {}})  # known, nobody running
+    async with ws_server.connect() as ws:
+        answer = await rpc(ws, {"jsonrpc": "2.0", "id": 1, "method": f"{service}.m"})
+    assert answer["error"]["code"] == -32001  # type: ignore[index]

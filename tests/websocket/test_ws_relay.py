@@ -1,0 +1,207 @@
+"""`/ws/proxy/<service>/<path>` and the `/ws/stream` envelope mode, through real processes:
+a websocket service and upstream WebSocket servers registered by heartbeat."""
+
+from __future__ import annotations
+
+import json
+import signal
+import uuid
+from collections import Counter
+
+import pytest
+import redis.asyncio as aioredis
+import websockets
+
+from common.registry import InstanceRecord, Registry
+from tests.helpers import free_port, wait_for_async
+from tests.websocket.conftest import Backends, WsServer, recv_json, wait_reachable, whoami
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def test_text_and_binary_frames_pass_both_ways(ws_server: WsServer, backends: Backends):
+    backends.start("a")
+    await wait_reachable(ws_server, backends.service, {"a"})
+    async with ws_server.connect(f"/ws/proxy/{backends.service}/echo/deep?x=1") as ws:
+        await ws.send("whoami")
+        assert await recv_json(ws) == {"instance": "a", "path": "/echo/deep?x=1"}
+        for i in range(50):
+            await ws.send(f"text {i}")
+            assert await ws.recv() == f"text {i}"
+        payload = bytes(range(256)) * 100
+        await ws.send(payload)
+        echoed = await ws.recv()
+        assert isinstance(echoed, bytes) and echoed == payload
+
+
+async def test_upstream_close_code_and_reason_reach_the_client(ws_server, backends):
+    backends.start("a")
+    await wait_reachable(ws_server, backends.service, {"a"})
+    async with ws_server.connect(f"/ws/proxy/{backends.service}/echo") as ws:
+        await ws.send("close 4001 see you")
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            await ws.recv()
+    assert info.value.rcvd is not None
+    assert (info.value.rcvd.code, info.value.rcvd.reason) == (4001, "see you")
+
+
+async def test_client_close_code_and_reason_reach_the_upstream(ws_server, backends):
+    backends.start("a")
+    await wait_reachable(ws_server, backends.service, {"a"})
+    async with ws_server.connect(f"/ws/proxy/{backends.service}/echo") as ws:
+        await ws.send("hello")
+        assert await ws.recv() == "hello"
+        await ws.close(4002, "client done")
+
+    async def upstream_saw_it() -> bool:
+        async with ws_server.connect(f"/ws/proxy/{backends.service}/echo") as probe:
+            await probe.send("last_close")
+            return bool(await recv_json(probe) == [4002, "client done"])
+
+    await wait_for_async(upstream_saw_it, timeout=10)
+
+
+async def test_upstream_death_mid_stream_closes_the_client_1014(ws_server, backends):
+    backends.start("a")
+    await wait_reachable(ws_server, backends.service, {"a"})
+    async with ws_server.connect(f"/ws/proxy/{backends.service}/echo") as ws:
+        await ws.send("still there?")
+        assert await ws.recv() == "still there?"
+        await ws.send("die")  # the upstream process exits without a close frame
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            await ws.recv()
+    assert info.value.rcvd is not None
+    assert info.value.rcvd.code == 1014
+    assert info.value.rcvd.reason == "upstream connection lost"
+
+
+async def test_connect_failure_fails_over_to_another_instance(
+    ws_server: WsServer, backends: Backends, redis_client: aioredis.Redis
+) -> None:
+    backends.start("alive")
+    await wait_reachable(ws_server, backends.service, {"alive"})
+    # A registered instance where nothing listens: every connect to it fails.
+    registry = Registry(redis_client, ttl=60)
+    dead = InstanceRecord(backends.service, "dead", kind="ws", address=f"127.0.0.1:{free_port()}")
+    await registry.heartbeat(dead)
+    try:
+        reached = Counter([await whoami(ws_server, backends.service) for _ in range(10)])
+        assert reached == {"alive": 10}  # round robin tried "dead" too: the client never saw it
+    finally:
+        await registry.deregister(backends.service, "dead")
+
+
+async def test_no_reachable_instance_closes_1014_with_the_reason(ws_server, redis_client):
+    service = f"gone{uuid.uuid4().hex[:6]}"
+    registry = Registry(redis_client, ttl=60)
+    for name in ("d1", "d2"):
+        address = f"127.0.0.1:{free_port()}"
+        await registry.heartbeat(InstanceRecord(service, name, kind="ws", address=address))
+    try:
+        async with ws_server.connect(f"/ws/proxy/{service}/echo") as ws:
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await ws.recv()
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1014
+        assert info.value.rcvd.reason.startswith("upstream unavailable")
+    finally:
+        for name in ("d1", "d2"):
+            await registry.deregister(service, name)
+
+
+async def test_round_robin_over_ws_and_http_kinds(ws_server: WsServer, backends: Backends):
+    backends.start("a", kind="ws")
+    backends.start("b", kind="http")  # the original dispatcher's heartbeat registers "http"
+    await wait_reachable(ws_server, backends.service, {"a", "b"})
+    reached = Counter([await whoami(ws_server, backends.service) for _ in range(10)])
+    assert reached == {"a": 5, "b": 5}
+
+
+async def test_oversized_relayed_frame_closes_1009(ws_server: WsServer, backends: Backends):
+    backends.start("a")
+    await wait_reachable(ws_server, backends.service, {"a"})
+    async with ws_server.connect(f"/ws/proxy/{backends.service}/echo", max_size=None) as ws:
+        await ws.send("x" * (256 * 1024))
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            await ws.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+# --- envelope mode -------------------------------------------------------------------------
+
+
+async def stream(ws, request: dict[str, object]) -> list[dict[str, object]]:
+    """Send one envelope request; the frames up to the one that ends the stream."""
+    await ws.send(json.dumps(request))
+    frames = []
+    while True:
+        frame = await recv_json(ws)
+        frames.append(frame)
+        if frame["flag"] == 1 or frame["ret"] != 0:
+            return frames
+
+
+async def test_envelope_stream_relays_frames_until_flag_1(ws_server, backends):
+    backends.start("a")
+    await wait_reachable(ws_server, backends.service, {"a"})
+    async with ws_server.connect("/ws/stream") as ws:
+        frames = await stream(ws, {"service_name": backends.service, "frames": 3, "text": "hi"})
+        assert frames == [
+            {"ret": 0, "flag": 0, "result": "a:0"},
+            {"ret": 0, "flag": 0, "result": "a:1"},
+            {"ret": 0, "flag": 0, "result": "a:2"},
+            {"ret": 0, "flag": 1, "result": "done"},
+        ]
+        # the connection serves the next request
+        assert len(await stream(ws, {"service_name": backends.service, "frames": 1})) == 2
+
+
+async def test_envelope_service_tag_picks_the_version(ws_server, backends):
+    backends.start("v1", version="v1")
+    backends.start("v2", version="v2")
+    await wait_reachable(ws_server, backends.service, {"v1", "v2"})
+    async with ws_server.connect("/ws/stream") as ws:
+        for _ in range(4):
+            frames = await stream(ws, {"service_name": f"{backends.service}_v2", "frames": 1})
+            assert frames[0]["result"] == "v2:0"
+
+
+async def test_envelope_errors(ws_server: WsServer, backends: Backends) -> None:
+    backends.start("a")
+    await wait_reachable(ws_server, backends.service, {"a"})
+    async with ws_server.connect("/ws/stream") as ws:
+        await ws.send("{not json")
+        assert await recv_json(ws) == {"ret": 1, "flag": 1, "result": "Invalid JSON format"}
+        await ws.send(json.dumps(["a", "list"]))
+        assert await recv_json(ws) == {"ret": 1, "flag": 1, "result": "Invalid JSON format"}
+        await ws.send(json.dumps({"service_name": "no_such_model"}))
+        assert await recv_json(ws) == {"ret": 1, "flag": 1, "result": "model not support"}
+        # ret != 0 from the upstream ends that stream with its error
+        assert await stream(ws, {"service_name": backends.service, "fail": True}) == [
+            {"ret": 2, "flag": 0, "result": "boom"}
+        ]
+        # and the connection still serves requests
+        assert (await stream(ws, {"service_name": backends.service, "frames": 0}))[-1]["flag"] == 1
+
+
+async def test_envelope_upstream_death_mid_stream(ws_server: WsServer, backends: Backends):
+    backends.start("a")
+    await wait_reachable(ws_server, backends.service, {"a"})
+    async with ws_server.connect("/ws/stream") as ws:
+        frames = await stream(ws, {"service_name": backends.service, "frames": 5, "die_after": 2})
+    assert frames[:2] == [{"ret": 0, "flag": 0, "result": f"a:{i}"} for i in range(2)]
+    assert frames[2:] == [{"ret": 1, "flag": 1, "result": "upstream connection lost"}]
+
+
+async def test_drain_on_sigterm_closes_relayed_clients_1001(make_ws_server, backends):
+    server = make_ws_server()
+    backends.start("a")
+    await wait_reachable(server, backends.service, {"a"})
+    async with server.connect(f"/ws/proxy/{backends.service}/echo") as relayed, \
+            server.connect() as client:  # fmt: skip
+        await relayed.send("x")
+        assert await relayed.recv() == "x"
+        server.proc.send_signal(signal.SIGTERM)
+        for ws in (relayed, client):
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await recv_json(ws, timeout=10)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1001

@@ -1,0 +1,78 @@
+"""Authentication of `/ws` clients with the gateway's JWT, verified locally.
+
+A client presents its access token (from `POST /api/v1/auth/login`) in one of
+three ways:
+
+1. `Authorization: Bearer <token>` on the upgrade request (servers, CLIs);
+2. `Sec-WebSocket-Protocol: bearer, <token>` (browsers, which cannot set
+   headers on a WebSocket): the server selects the `bearer` subprotocol;
+3. a first message `{"type": "auth", "token": "<token>"}` within
+   `WS_AUTH_TIMEOUT` seconds, answered with `{"type": "authenticated", ...}`.
+
+A bad token in a header or subprotocol is refused before the upgrade (HTTP 401);
+a bad, missing or late first message closes the connection with 1008. The
+connection is closed with 1008 when its token expires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from sanic import Request
+from sanic.server.protocols.websocket_protocol import WebSocketProtocol
+
+from common.errors import Unauthorized
+from common.tokens import Tokens, shared_secret
+
+SUBPROTOCOL = "bearer"
+
+
+def presented_token(request: Request[Any, Any]) -> str | None:
+    """The token of the upgrade request (header or subprotocol), or None if there is none."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    offered = [p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")]
+    if len(offered) >= 2 and offered[0].lower() == SUBPROTOCOL and offered[1]:
+        return offered[1]
+    return None
+
+
+def offers_bearer(request: Request[Any, Any]) -> bool:
+    offered = request.headers.get("sec-websocket-protocol", "").split(",")
+    return any(p.strip().lower() == SUBPROTOCOL for p in offered)
+
+
+class BearerProtocol(WebSocketProtocol):
+    """Sanic's WebSocket protocol, answering the `bearer` subprotocol only to clients offering it.
+
+    A route's subprotocols are otherwise required of every client (websockets
+    refuses a client offering none with 400), and a browser that offered
+    `bearer, <token>` refuses a server that does not select one.
+    """
+
+    async def websocket_handshake(
+        self, request: Request[Any, Any], subprotocols: Sequence[str] | None = None
+    ) -> Any:
+        if subprotocols and not offers_bearer(request):
+            subprotocols = None
+        return await super().websocket_handshake(request, subprotocols)
+
+
+class Verifier:
+    """Verifies tokens with the shared secret, loaded from settings or Redis on first use."""
+
+    def __init__(self, redis: aioredis.Redis, configured_secret: str | None) -> None:
+        self.redis = redis
+        self.configured = configured_secret
+        self._tokens: Tokens | None = None
+
+    async def verify(self, token: object) -> dict[str, Any]:
+        """The token's claims, or `Unauthorized`."""
+        if not isinstance(token, str) or not token:
+            raise Unauthorized("token must be a non-empty string")
+        if self._tokens is None:
+            self._tokens = Tokens(await shared_secret(self.redis, self.configured))
+        return self._tokens.verify(token)

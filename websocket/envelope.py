@@ -1,0 +1,111 @@
+"""`/ws/stream`: the original dispatcher's envelope mode.
+
+Each text message from the client is one request `{"service_name": "nlp", ...}`.
+It is sent as it is to `ws://<addrip>/ws` of an instance registered under that
+name (a name `service_tag`, as in the original heartbeat, picks the instances
+of that tag when no service has the whole name), and the upstream's frames
+`{"ret": 0, "flag": 0|1, "result": ...}` are relayed until `flag: 1`; a frame
+with `ret != 0` is relayed and ends the stream. The connection then waits for
+the client's next request. Errors are frames of the same shape, and never close
+the connection:
+
+    not JSON (or not an object)        {"ret": 1, "flag": 1, "result": "Invalid JSON format"}
+    no instance under that name        {"ret": 1, "flag": 1, "result": "model not support"}
+    every instance failed to connect   {"ret": 1, "flag": 1, "result": "model unavailable"}
+    the upstream died mid-stream       {"ret": 1, "flag": 1, "result": "upstream connection lost"}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from sanic.server.websockets.impl import WebsocketImplProtocol
+from websockets.exceptions import ConnectionClosed
+
+from websocket.upstreams import NoUpstream, Upstreams
+
+if TYPE_CHECKING:
+    from websocket.app import WsRequest
+
+INVALID_JSON = "Invalid JSON format"
+NOT_SUPPORTED = "model not support"
+UNAVAILABLE = "model unavailable"
+LOST = "upstream connection lost"
+
+
+def failure(result: str) -> str:
+    return json.dumps({"ret": 1, "flag": 1, "result": result})
+
+
+async def stream_endpoint(request: WsRequest, ws: WebsocketImplProtocol) -> None:
+    """Serve envelope requests, one after the other, until the client leaves."""
+    upstreams = request.app.ctx.upstreams
+    while True:
+        message = await ws.recv()
+        if message is None:
+            return
+        text = message.decode(errors="replace") if isinstance(message, bytes) else message
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            await ws.send(failure(INVALID_JSON))
+            continue
+        await serve_one(upstreams, ws, body.get("service_name"), text)
+
+
+def route(upstreams: Upstreams, name: Any) -> tuple[str, str | None] | None:
+    """`(service, version)` for a requested name, or None if nothing is registered under it."""
+    if not isinstance(name, str) or not name:
+        return None
+    if upstreams.records(name):
+        return name, None
+    service, sep, tag = name.partition("_")
+    if sep and upstreams.records(service, tag):
+        return service, tag
+    return None
+
+
+async def serve_one(upstreams: Upstreams, ws: WebsocketImplProtocol, name: Any, text: str) -> None:
+    """Relay one request's stream from an upstream instance to the client."""
+    target = route(upstreams, name)
+    if target is None:
+        await ws.send(failure(NOT_SUPPORTED))
+        return
+    service, version = target
+    try:
+        upstream, endpoint = await upstreams.connect(service, "/ws", version=version)
+    except NoUpstream:
+        await ws.send(failure(UNAVAILABLE))
+        return
+    started, ok = time.monotonic(), False
+    try:
+        await upstream.send(text)
+        async for frame in upstream:
+            await ws.send(frame)
+            if _last(frame):
+                ok = True
+                break
+        else:
+            await ws.send(failure(LOST))  # closed before the last frame
+    except ConnectionClosed:
+        await ws.send(failure(LOST))
+    finally:
+        upstreams.finished(service, endpoint, started, ok)
+        with contextlib.suppress(Exception):
+            await upstream.close()
+
+
+def _last(frame: str | bytes) -> bool:
+    """Whether a frame ends the stream: `flag: 1`, `ret != 0`, or not an envelope at all."""
+    try:
+        body = json.loads(frame)
+    except ValueError:
+        return True
+    if not isinstance(body, dict):
+        return True
+    return body.get("flag") == 1 or body.get("ret", 0) != 0

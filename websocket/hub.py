@@ -1,0 +1,111 @@
+"""Push channels: one Redis pub/sub subscription per channel per process, fanned out locally.
+
+Clients subscribe by a short channel name (`iptv:now:7`); the hub subscribes to
+the Redis channel behind it (`constants.push_channel`) when the first local
+subscriber arrives and unsubscribes when the last one leaves, so Redis sees one
+subscription per channel per process however many clients listen. A published
+message is encoded once, as the text frame
+`{"type": "message", "channel": "iptv:now:7", "data": <the payload>}` (the
+payload parsed as JSON when it is JSON, else as a string), and put in each
+subscriber's bounded `Outbox` (never waiting on any of them).
+
+If the pub/sub connection drops, redis-py resubscribes every channel when it
+reconnects; messages published meanwhile are lost (pub/sub keeps no history).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from common import constants
+from common.aio import cancel_and_wait, cancelling
+from common.connection import REDIS_DOWN_ERRORS
+from common.log import get_logger
+
+log = get_logger("websocket.hub")
+
+CHANNEL = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+# What a subscriber is to the hub: a function taking the encoded frame.
+Deliver = Callable[[str], object]
+
+
+class ChannelHub:
+    """Local subscribers per channel over one Redis pub/sub connection."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        self._subscribers: dict[str, set[Deliver]] = {}
+        self._lock = asyncio.Lock()
+        self._reader: asyncio.Task[None] | None = None
+
+    def channels(self) -> list[str]:
+        return sorted(self._subscribers)
+
+    async def subscribe(self, channel: str, deliver: Deliver) -> None:
+        """Deliver `channel`'s messages to `deliver` (subscribing in Redis if it is the first)."""
+        async with self._lock:
+            subscribers = self._subscribers.get(channel)
+            if subscribers is None:
+                await self._pubsub.subscribe(constants.push_channel(channel))
+                subscribers = self._subscribers[channel] = set()
+                if self._reader is None:
+                    self._reader = asyncio.create_task(self._read(), name="push-hub")
+            subscribers.add(deliver)
+
+    async def unsubscribe(self, channel: str, deliver: Deliver) -> None:
+        """Stop delivering `channel` to `deliver` (unsubscribing in Redis if it was the last)."""
+        async with self._lock:
+            subscribers = self._subscribers.get(channel)
+            if subscribers is None:
+                return
+            subscribers.discard(deliver)
+            if not subscribers:
+                del self._subscribers[channel]
+                try:
+                    await self._pubsub.unsubscribe(constants.push_channel(channel))
+                except REDIS_DOWN_ERRORS as exc:  # the reconnect will not resubscribe it
+                    log.warning("unsubscribe failed", extra={"fields": {"error": str(exc)}})
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._reader)
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _read(self) -> None:
+        prefix = len(constants.push_channel(""))
+        while not cancelling():
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except REDIS_DOWN_ERRORS as exc:
+                log.warning("push channel connection lost", extra={"fields": {"error": str(exc)}})
+                await asyncio.sleep(0.5)
+                continue
+            if message is None or message.get("type") != "message":
+                continue
+            channel = _text(message["channel"])[prefix:]
+            subscribers = self._subscribers.get(channel)
+            if subscribers:
+                frame = encode(channel, message["data"])
+                for deliver in list(subscribers):
+                    deliver(frame)
+
+
+def encode(channel: str, payload: bytes | str) -> str:
+    """The text frame a subscriber receives for one published payload."""
+    text = _text(payload)
+    data: Any
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = text
+    return json.dumps({"type": "message", "channel": channel, "data": data})
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value

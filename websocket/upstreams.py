@@ -1,0 +1,158 @@
+"""Upstream WebSocket connections: which instance, and connecting with failover.
+
+Instances come from the local `RegistryView` (no Redis on the connect path):
+those of kind "ws" and "http" (the original dispatcher registered its
+WebSocket backends with the same heartbeat as HTTP ones). Ejected instances
+(`HealthBook`) are left out; the service's balancing strategy (round_robin
+unless `sb:policy:balancing` names another, re-read every second) picks one.
+A connect failure ejects the instance and the next attempt goes to another
+instance, up to `max_attempts`, before the caller sees `NoUpstream`.
+For `least_conn` the strategy counts open relayed connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import redis.asyncio as aioredis
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidURI
+
+from common import constants
+from common.aio import cancelling
+from common.balancing import STRATEGIES, Endpoint, HealthBook, Strategy, make_strategy
+from common.connection import REDIS_DOWN_ERRORS
+from common.log import get_logger
+from common.registry import InstanceRecord
+from common.registry_view import RegistryView
+
+log = get_logger("websocket.upstreams")
+
+KINDS = ("ws", "http")
+DEFAULT_STRATEGY = "round_robin"
+
+
+class NoUpstream(Exception):
+    """No instance of the service could be connected to; `known` is False for an unknown service."""
+
+    def __init__(self, message: str, *, known: bool = True) -> None:
+        super().__init__(message)
+        self.known = known
+
+
+class Upstreams:
+    """Balancing and failover for WebSocket upstreams, shared by every connection."""
+
+    def __init__(
+        self,
+        view: RegistryView,
+        redis: aioredis.Redis,
+        *,
+        connect_timeout: float,
+        max_size: int,
+        max_attempts: int = 3,
+        policy_interval: float = 1.0,
+    ) -> None:
+        self.view, self.redis = view, redis
+        self.book = HealthBook()
+        self.connect_timeout = connect_timeout
+        self.max_size = max_size
+        self.max_attempts = max_attempts
+        self.policy_interval = policy_interval
+        self._names: dict[str, str] = {}
+        self._strategies: dict[str, Strategy] = {}
+
+    def records(self, service: str, version: str | None = None) -> list[InstanceRecord]:
+        """Live ws/http instances of `service` (of one version if given). No I/O."""
+        return [
+            r
+            for r in self.view.instances(service)
+            if r.kind in KINDS and r.address and (version is None or r.version == version)
+        ]
+
+    def strategy(self, service: str) -> Strategy:
+        strategy = self._strategies.get(service)
+        if strategy is None:
+            name = self._names.get(service, DEFAULT_STRATEGY)
+            strategy = self._strategies[service] = make_strategy(name)
+        return strategy
+
+    async def connect(
+        self,
+        service: str,
+        path: str,
+        *,
+        version: str | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> tuple[ClientConnection, Endpoint]:
+        """An open connection to `ws://<instance><path>`, failing over on connect errors.
+
+        The caller reports the end of the connection with `finished`.
+        """
+        tried: set[str] = set()
+        last_error = "no live instance"
+        for _ in range(self.max_attempts):
+            records = self.records(service, version)
+            if not records:
+                break
+            usable = [r for r in self.book.usable(records) if r.instance_id not in tried]
+            if not usable:
+                break
+            endpoints = [_endpoint(r) for r in usable]
+            strategy = self.strategy(service)
+            endpoint = strategy.pick(endpoints)
+            tried.add(endpoint.instance_id)
+            self.book.started(endpoint.instance_id)
+            try:
+                upstream = await connect(
+                    f"ws://{endpoint.address}{path}",
+                    open_timeout=self.connect_timeout,
+                    max_size=self.max_size,
+                    compression=None,
+                    ping_interval=None,  # the client side of the relay keeps the liveness checks
+                    additional_headers=list(headers),
+                )
+            except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+                self.book.failed(endpoint.instance_id, fatal=True)
+                log.info("upstream connect failed", extra={"fields": {
+                    "instance": endpoint.instance_id, "error": last_error}})  # fmt: skip
+                continue
+            self.book.succeeded(endpoint.instance_id)
+            strategy.started(endpoint)
+            return upstream, endpoint
+        known = bool(self.view.instances(service)) or service in self.view.services()
+        raise NoUpstream(f"{service}: {last_error}", known=known)
+
+    def finished(self, service: str, endpoint: Endpoint, started: float, ok: bool) -> None:
+        self.strategy(service).finished(endpoint, time.monotonic() - started, ok)
+
+    async def watch_policy(self) -> None:
+        """Keep the per-service strategy names current from Redis (changeable at runtime)."""
+        while not cancelling():
+            try:
+                raw = await self.redis.hgetall(constants.BALANCING)
+                names = {_text(k): _text(v) for k, v in raw.items() if _text(v) in STRATEGIES}
+                for service in set(names) | set(self._names):
+                    if names.get(service) != self._names.get(service):
+                        self._strategies.pop(service, None)
+                self._names = names
+            except REDIS_DOWN_ERRORS:
+                pass  # keep the last known policy
+            await asyncio.sleep(self.policy_interval)
+
+
+def _endpoint(record: InstanceRecord) -> Endpoint:
+    return Endpoint(
+        instance_id=record.instance_id,
+        address=record.address or "",
+        weight=record.weight,
+        version=record.version,
+        zone=record.zone,
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
