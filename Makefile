@@ -9,7 +9,7 @@ REQS := requirements-dev.txt common/requirements.txt webapi/requirements.txt \
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint fmt bench bench-rpc up down new-service clean
+.PHONY: help install run test lint fmt bench bench-rpc bench-proxy up down new-service clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -37,11 +37,15 @@ fmt: $(STAMP) ## Format and auto-fix with ruff
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: bench-rpc ## Run every benchmark (peers side by side, ratios printed)
+bench: bench-rpc bench-proxy ## Run every benchmark (peers side by side, ratios printed)
 
 bench-rpc: $(STAMP) ## RPC benchmark: Switchboard vs asyncredisrpc, FastStream and the raw floor
 	$(BIN)/pip install --disable-pip-version-check -q -r bench/requirements.txt
 	$(BIN)/python -m bench.rpc
+
+bench-proxy: $(STAMP) ## Proxy benchmark (wrk): the gateway vs nginx, HAProxy and Python proxies
+	$(BIN)/pip install --disable-pip-version-check -q -r bench/requirements.txt
+	$(BIN)/python -m bench.proxy
 
 up: ## docker compose up (build images, start the stack)
 	docker compose up --build -d
