@@ -29,7 +29,7 @@ from types import TracebackType
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from common import codec, constants
 from common.aio import cancel_and_wait, cancelling
@@ -77,7 +77,12 @@ class _Enqueue:
     script: str  # a key of _SCRIPTS
     keys: tuple[str, ...]
     args: tuple[bytes | str | float, ...]
+    # For a call: the future of its *reply*, failed here only if the enqueue fails
+    # (one future per call). For a task: resolved with the enqueue script's result.
     future: asyncio.Future[Any]
+    service: str = ""
+    instance: str | None = None
+    awaits_reply: bool = False
 
 
 _SCRIPTS = {"call": ENQUEUE_SCRIPT, "task": TASK_SCRIPT}
@@ -109,6 +114,7 @@ class RpcClient:
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._outbox: asyncio.Queue[_Enqueue] = asyncio.Queue()
+        self._failures: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> RpcClient:
         await self.start()
@@ -195,7 +201,7 @@ class RpcClient:
         self._pending[call_id] = future
         try:
             async with asyncio.timeout(timeout):
-                await self._enqueue_call(service, call, instance)
+                self._enqueue_call(service, call, instance, future)
                 return await future
         except TimeoutError:
             raise RpcTimeout(f"{target} did not answer within {timeout:g}s") from None
@@ -300,28 +306,50 @@ class RpcClient:
         return await item.future
 
     async def _raise_for(self, entry: Any, service: str, instance: str | None) -> None:
+        error = await self._error_for(entry, service, instance)
+        if error is not None:
+            raise error
+
+    async def _error_for(self, entry: Any, service: str, instance: str | None) -> Exception | None:
+        """The error an enqueue script's result stands for, or None for an entry id."""
         if entry == NO_INSTANCE:
             if instance:
-                raise ServiceUnavailable(f"instance {instance!r} of {service!r} is not live")
-            if not await self.redis.hexists(constants.CATALOG, service):
-                raise MethodNotFound(f"unknown service {service!r}")
-            raise ServiceUnavailable(f"no live instance of {service!r}")
+                return ServiceUnavailable(f"instance {instance!r} of {service!r} is not live")
+            try:
+                known = await self.redis.hexists(constants.CATALOG, service)
+            except REDIS_DOWN_ERRORS as exc:
+                return ServiceUnavailable(f"redis unreachable: {exc}")
+            if not known:
+                return MethodNotFound(f"unknown service {service!r}")
+            return ServiceUnavailable(f"no live instance of {service!r}")
         if entry == OVER_BACKLOG:
-            raise Overloaded(f"{service!r} has more calls queued than its bound")
+            return Overloaded(f"{service!r} has more calls queued than its bound")
+        return None
 
-    async def _enqueue_call(self, service: str, call: Call, instance: str | None = None) -> None:
-        stream = (
-            constants.direct_stream(service, instance)
-            if instance
-            else constants.call_stream(service)
+    async def _fail_call(self, item: _Enqueue, entry: Any) -> None:
+        error = await self._error_for(entry, item.service, item.instance)
+        if error is not None and not item.future.done():
+            item.future.set_exception(error)
+
+    def _enqueue_call(
+        self, service: str, call: Call, instance: str | None, reply: asyncio.Future[Any]
+    ) -> None:
+        """Queue the call for the writer; a failed enqueue fails `reply` itself."""
+        if instance:
+            stream = constants.direct_stream(service, instance)
+        else:
+            stream = constants.call_stream(service)
+        self._outbox.put_nowait(
+            _Enqueue(
+                script="call",
+                keys=(constants.instances_key(service), stream, constants.limits_key(service)),
+                args=(call.encode(), instance or ""),
+                future=reply,
+                service=service,
+                instance=instance,
+                awaits_reply=True,
+            )
         )
-        item = _Enqueue(
-            script="call",
-            keys=(constants.instances_key(service), stream, constants.limits_key(service)),
-            args=(call.encode(), instance or ""),
-            future=asyncio.get_running_loop().create_future(),
-        )
-        await self._raise_for(await self._submit(item), service, instance)
 
     async def _write_enqueues(self) -> None:
         """The one writer: every enqueue waiting is sent in one pipelined round trip."""
@@ -342,13 +370,29 @@ class RpcClient:
                     continue  # the caller timed out meanwhile
                 if isinstance(result, Exception):
                     item.future.set_exception(result)
-                else:
+                elif not item.awaits_reply:
                     item.future.set_result(result)
+                elif result in (NO_INSTANCE, OVER_BACKLOG):
+                    # Rare path (it may need a catalog lookup): off the writer's loop.
+                    self._failures.add(asyncio.create_task(self._fail_call(item, result)))
+                    self._failures = {t for t in self._failures if not t.done()}
 
     async def _send_enqueues(self, batch: list[_Enqueue]) -> list[Any]:
         for _attempt in range(2):
             for name in {item.script for item in batch} - self._shas.keys():
                 self._shas[name] = await self.redis.script_load(_SCRIPTS[name])
+            if len(batch) == 1:
+                # One call waiting (always, at one caller): a plain command costs
+                # redis-py far less than a pipeline of one.
+                item = batch[0]
+                sha = self._shas[item.script]
+                try:
+                    return [await self.redis.evalsha(sha, len(item.keys), *item.keys, *item.args)]
+                except NoScriptError:
+                    self._shas.clear()
+                    continue
+                except ResponseError as exc:
+                    return [exc]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for item in batch:
                     pipe.evalsha(self._shas[item.script], len(item.keys), *item.keys, *item.args)
