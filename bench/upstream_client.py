@@ -40,6 +40,7 @@ from typing import Any
 import httptools
 import httpx
 
+from bench.harness import free_port
 from webapi.proxy import UpstreamPool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,13 +125,6 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 15
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"upstream not listening on {port} after {timeout}s")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # The load.

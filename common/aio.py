@@ -32,3 +32,22 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None, timeout: float = 10.0)
     if task.done():
         with contextlib.suppress(asyncio.CancelledError, Exception):
             task.result()
+
+
+class Backoff:
+    """Exponential delay between retries of a loop that talks to Redis.
+
+    `await backoff.wait()` after a failure sleeps 50 ms, then 100 ms, ... up to
+    `cap`; `backoff.reset()` after a success starts over.
+    """
+
+    def __init__(self, base: float = 0.05, cap: float = 2.0) -> None:
+        self.base, self.cap = base, cap
+        self.delay = base
+
+    def reset(self) -> None:
+        self.delay = self.base
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.delay * 2, self.cap)

@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from common import codec, constants
-from common.aio import cancel_and_wait, cancelling
+from common.aio import Backoff, cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_ERRORS, connect
 from common.errors import (
     MethodNotFound,
@@ -404,7 +404,7 @@ class RpcClient:
         return results
 
     async def _read_inbox(self) -> None:
-        backoff = 0.05
+        backoff = Backoff()
         while not cancelling():
             try:
                 item = await self.redis.blpop([self.inbox], timeout=1)
@@ -418,11 +418,10 @@ class RpcClient:
                             self._deliver(raw)
                         if not more or len(more) < _INBOX_BATCH:
                             break
-                backoff = 0.05
+                backoff.reset()
             except REDIS_DOWN_ERRORS as exc:
                 log.warning("reply inbox unreachable", extra={"fields": {"error": str(exc)}})
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await backoff.wait()
 
     def _deliver(self, raw: Any) -> None:
         try:

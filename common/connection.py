@@ -46,3 +46,8 @@ def connect(
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+def as_text(value: bytes | str | int) -> str:
+    """A Redis reply item as `str` (clients here return bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -31,6 +31,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from common import constants
+from common.connection import as_text
 
 # KEYS: instances zset, leases zset, records hash, the instance's direct stream.
 # ARGV: instance id, ttl ms, record JSON, accepting ("1"/"0"), direct stream ttl ms.
@@ -83,10 +84,6 @@ return ids
 
 def _event(kind: str, service: str, instance_id: str) -> str:
     return json.dumps({"type": kind, "service": service, "instance_id": instance_id})
-
-
-def _text(value: bytes | str | int) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def new_instance_id(service: str) -> str:
@@ -159,7 +156,7 @@ class Registry:
                     pipe.sadd(constants.SERVICES, service)
                     pipe.publish(constants.REGISTRY_EVENTS, _event("up", service, instance_id))
                 for gone in dead:
-                    pipe.publish(constants.REGISTRY_EVENTS, _event("down", service, _text(gone)))
+                    pipe.publish(constants.REGISTRY_EVENTS, _event("down", service, as_text(gone)))
                 await pipe.execute()
 
     async def deregister(self, service: str, instance_id: str) -> None:
@@ -176,7 +173,7 @@ class Registry:
         """Redis's clock (epoch s) and each accepting instance with its lease end (epoch s)."""
         flat = await self._live_with_leases(keys=[constants.instances_key(service)])
         now = int(flat[0]) / 1000
-        ids = [_text(i) for i in flat[1::2]]
+        ids = [as_text(i) for i in flat[1::2]]
         ends = [float(s) / 1000 for s in flat[2::2]]
         if not ids:
             return now, []
@@ -188,13 +185,13 @@ class Registry:
 
     async def service_names(self) -> set[str]:
         """Every service that ever registered an instance or published a catalog."""
-        names = {_text(n) for n in await self.redis.smembers(constants.SERVICES)}
-        return names | {_text(n) for n in await self.redis.hkeys(constants.CATALOG)}
+        names = {as_text(n) for n in await self.redis.smembers(constants.SERVICES)}
+        return names | {as_text(n) for n in await self.redis.hkeys(constants.CATALOG)}
 
     async def live_ids(self, service: str) -> list[str]:
         """Ids of the instances of `service` whose lease has not ended."""
         result = await self._live(keys=[constants.instances_key(service)])
-        return [_text(i) for i in result[1:]]
+        return [as_text(i) for i in result[1:]]
 
     async def live_instances(self, service: str) -> list[InstanceRecord]:
         """Records of the live instances of `service`."""
@@ -212,7 +209,7 @@ class Registry:
     async def catalog(self) -> dict[str, dict[str, Any]]:
         """Every service ever registered, with its methods."""
         raw = await self.redis.hgetall(constants.CATALOG)
-        return {_text(k): json.loads(v) for k, v in raw.items()}
+        return {as_text(k): json.loads(v) for k, v in raw.items()}
 
     async def service_methods(self, service: str) -> dict[str, Any] | None:
         """The methods of `service`, or None if the service was never registered."""

@@ -23,6 +23,7 @@ from typing import Any
 import jwt
 import redis.asyncio as aioredis
 
+from common.connection import as_text
 from common.constants import data_key
 from common.errors import ConfigError, Unauthorized
 
@@ -47,7 +48,7 @@ async def shared_secret(redis: aioredis.Redis, configured: str | None) -> str:
     stored = await redis.get(SECRET_KEY)
     if stored is None:  # deleted between SET NX and GET: a broken deployment
         raise ConfigError(f"{SECRET_KEY} vanished right after it was set")
-    return stored.decode() if isinstance(stored, bytes) else str(stored)
+    return as_text(stored)
 
 
 def key_id(secret: str) -> str:

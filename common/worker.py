@@ -11,8 +11,8 @@ round trip, in an order that makes a crash at any point safe:
 2. the replies onto each caller's inbox (one RPUSH per inbox),
 3. `XACK` + `XDEL` of the entries.
 
-Redelivery: every `reap_interval` a worker runs the reclaim script, which moves
-the pending calls of every consumer without a live lease (a SIGKILLed or
+Redelivery (`common.redelivery`): every `reap_interval` a worker runs the
+reclaim script, which moves the pending calls of every consumer without a live lease (a SIGKILLed or
 partitioned instance) to itself. A reclaimed call whose id is in the
 deduplication window already completed: its stored reply is sent again and it
 does not run twice. Calls of a consumer whose lease merely lapsed while it was
@@ -37,7 +37,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from common import constants, deadletters
-from common.aio import cancel_and_wait, cancelling
+from common.aio import Backoff, cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_ERRORS
 from common.errors import (
     InvalidParams,
@@ -50,6 +50,7 @@ from common.log import get_logger, request_id_var
 from common.metrics import MethodStats
 from common.params import MethodSpec
 from common.protocol import Call, error_reply, ok_reply
+from common.redelivery import Redelivery
 
 log = get_logger("switchboard.worker")
 
@@ -57,71 +58,6 @@ log = get_logger("switchboard.worker")
 INBOX_TTL_SECONDS = 60
 _MAX_FLUSH_BATCH = 512
 
-# KEYS: the shared streams (calls, tasks:1, tasks:2), then the leases zset.
-# ARGV: group, this consumer, max calls to claim.
-# Moves the pending entries of consumers without a live lease to this consumer and
-# returns them as {stream index, entry}; entries deleted meanwhile are acked;
-# emptied dead consumers are removed.
-_RECLAIM = """
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local leases = KEYS[#KEYS]
-local claimed = {}
-local budget = tonumber(ARGV[3])
-for si = 1, #KEYS - 1 do
-  local stream = KEYS[si]
-  local consumers = redis.pcall('XINFO', 'CONSUMERS', stream, ARGV[1])
-  if type(consumers) == 'table' and not consumers.err then
-    for _, c in ipairs(consumers) do
-      local name, pending = c[2], tonumber(c[4])
-      if name ~= ARGV[2] and budget > 0 then
-        local lease = redis.call('ZSCORE', leases, name)
-        if (not lease) or tonumber(lease) <= now_ms then
-          if pending > 0 then
-            local entries = redis.call('XPENDING', stream, ARGV[1], '-', '+', budget, name)
-            local ids = {}
-            for _, e in ipairs(entries) do ids[#ids + 1] = e[1] end
-            if #ids > 0 then
-              local got = redis.call('XCLAIM', stream, ARGV[1], ARGV[2], 0, unpack(ids))
-              local present = {}
-              for _, g in ipairs(got) do
-                if g then
-                  present[g[1]] = true
-                  claimed[#claimed + 1] = {si, g}
-                end
-              end
-              for _, id in ipairs(ids) do
-                if not present[id] then redis.call('XACK', stream, ARGV[1], id) end
-              end
-              budget = budget - #ids
-              pending = pending - #ids
-            end
-          end
-          if pending <= 0 then
-            redis.call('XGROUP', 'DELCONSUMER', stream, ARGV[1], name)
-          end
-        end
-      end
-    end
-  end
-end
-return claimed
-"""
-
-# KEYS: retry zset, tasks:1 stream, tasks:2 stream. ARGV: max to move.
-# Moves failed tasks whose retry is due back onto their priority's stream.
-_MOVE_DUE = """
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
-for _, member in ipairs(due) do
-  local stream = KEYS[2]
-  if string.sub(member, 1, 1) == '2' then stream = KEYS[3] end
-  redis.call('XADD', stream, '*', 'c', string.sub(member, 2))
-  redis.call('ZREM', KEYS[1], member)
-end
-return #due
-"""
 _MAX_RETRY_DELAY = 60.0
 
 
@@ -183,8 +119,7 @@ class Worker:
         self.stats = WorkerStats()
         self._bucket_seconds = max(dedup_window / 2, 1.0)
         self._executor = ThreadPoolExecutor(thread_pool, thread_name_prefix=f"{service}-handler")
-        self._reclaim = redis.register_script(_RECLAIM)
-        self._move_due = redis.register_script(_MOVE_DUE)
+        self.redelivery = Redelivery(redis, service, consumer, self._bucket_seconds)
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -256,7 +191,7 @@ class Worker:
         last read was partial (no backlog) the probe is skipped: at one caller it
         would cost a round trip per call.
         """
-        backoff = 0.05
+        backoff = Backoff()
         probe_first = True
         first = {self.stream: ">", self.direct: ">", self.tasks[0]: ">"}
         everything = {**first, self.tasks[1]: ">"}
@@ -287,11 +222,10 @@ class Worker:
                         block=self.block_ms,
                     )
                     probe_first = any(len(e) >= per_stream for _, e in response or ())
-                backoff = 0.05
+                backoff.reset()
             except REDIS_DOWN_ERRORS as exc:
                 log.warning("redis unreachable, retrying", extra={"fields": {"error": str(exc)}})
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await backoff.wait()
                 continue
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):  # a stream was deleted (expiry, FLUSHALL)
@@ -304,28 +238,22 @@ class Worker:
                     self._dispatch(name, entry_id, fields, redelivered=False)
 
     async def _reap(self) -> None:
-        """Reclaim the calls of dead instances, every `reap_interval`."""
-        shared = [self.stream, *self.tasks]
-        keys = [*shared, constants.leases_key(self.service)]
-        retry_keys = [constants.retry_key(self.service), *self.tasks]
+        """Every `reap_interval`: put due task retries back, reclaim dead instances' calls."""
         while not self._stopping.is_set() and not cancelling():
             await asyncio.sleep(self.reap_interval)
             try:
-                await self._move_due(keys=retry_keys, args=[1000])
+                await self.redelivery.move_due_retries()
                 free = self._free_slots()
                 if free <= 0:
                     continue
-                claimed = await self._reclaim(
-                    keys=keys, args=[constants.WORKER_GROUP, self.consumer, free]
-                )
+                claimed = await self.redelivery.reclaim(free)
             except REDIS_DOWN_ERRORS:
                 continue  # the consume loop reports the outage
             if claimed:
                 self.stats.redelivered += len(claimed)
                 log.info("reclaimed calls of dead instances", extra={"fields": {"n": len(claimed)}})
-            for index, (entry_id, flat) in claimed:
-                fields = dict(zip(flat[::2], flat[1::2], strict=True))
-                self._dispatch(shared[int(index) - 1], entry_id, fields, redelivered=True)
+            for stream, entry_id, fields in claimed:
+                self._dispatch(stream, entry_id, fields, redelivered=True)
 
     def _dispatch(
         self, stream: str, entry_id: bytes, fields: dict[bytes, bytes], *, redelivered: bool
@@ -349,7 +277,7 @@ class Worker:
             self._finished.put_nowait(_Finished(stream, entry_id))
             return
         if redelivered:
-            stored = await self._stored_reply(call.call_id)
+            stored = await self.redelivery.stored_reply(call.call_id)
             if stored is not None:
                 self.stats.deduplicated += 1
                 done = _Finished(stream, entry_id, call.call_id, call.reply_to, stored, False)
@@ -386,17 +314,6 @@ class Worker:
                 "task dead-lettered",
                 extra={"fields": {"method": call.method, "attempts": call.attempt}},
             )
-
-    async def _stored_reply(self, call_id: str) -> bytes | None:
-        bucket = int(time.time() // self._bucket_seconds)
-        for b in (bucket, bucket - 1):
-            try:
-                stored: Any = await self.redis.hget(constants.done_key(self.service, b), call_id)
-            except REDIS_DOWN_ERRORS:
-                return None
-            if stored is not None:
-                return bytes(stored)
-        return None
 
     async def _execute(self, call: Call) -> tuple[bytes, SwitchboardError | None]:
         """The encoded reply, and the error when the call failed."""
@@ -456,7 +373,7 @@ class Worker:
             if done.inbox and done.reply is not None:
                 by_inbox[done.inbox].append(done.reply)
             by_stream[done.stream].append(done.entry_id)
-        backoff = 0.05
+        backoff = Backoff()
         while not cancelling():
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
@@ -487,8 +404,7 @@ class Worker:
             except REDIS_DOWN_ERRORS as exc:
                 # Keep the replies: they are delivered once Redis is back.
                 log.warning("reply flush failed, retrying", extra={"fields": {"error": str(exc)}})
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await backoff.wait()
 
     def _expire_due(self, key: str) -> bool:
         """Whether to (re)set `key`'s expiry in this batch: at most once a second per key.

@@ -79,7 +79,7 @@ async def _open_resources(app: GatewayApp) -> None:
     checker = ActiveChecker(ctx.view, ctx.proxy.book)
     ctx.extra["checker"] = checker
     ctx.extra["tasks"] = [
-        asyncio.create_task(ctx.proxy.watch_policy(), name="balancing-policy"),
+        asyncio.create_task(ctx.proxy.policy.watch(), name="balancing-policy"),
         asyncio.create_task(checker.run(), name="active-health"),
     ]
 

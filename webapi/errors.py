@@ -51,6 +51,54 @@ class InvalidQuery(ApiError):
     quiet = True
 
 
+class InvalidHeartbeat(ApiError):
+    """The heartbeat body names no valid instance."""
+
+    status_code = 422
+    code = "invalid_heartbeat"
+    quiet = True
+
+
+class InvalidProxyPath(ApiError):
+    """The proxied path tries to leave the service's space or is malformed."""
+
+    status_code = 400
+    code = "invalid_path"
+    quiet = True
+
+
+class UnknownService(ApiError):
+    """No instance of this name was ever registered (proxy routes)."""
+
+    status_code = 404
+    code = "unknown_service"
+    quiet = True
+
+
+class NoHealthyInstance(ApiError):
+    """The service is known but no live, healthy instance can take the request."""
+
+    status_code = 503
+    code = "no_healthy_instance"
+    quiet = True
+
+
+class UpstreamFailed(ApiError):
+    """The chosen instance (and any retry) failed: connect error or broken response."""
+
+    status_code = 502
+    code = "upstream_failed"
+    quiet = True
+
+
+class UpstreamTimedOut(ApiError):
+    """The chosen instance did not answer within the proxy timeout."""
+
+    status_code = 504
+    code = "upstream_timeout"
+    quiet = True
+
+
 _RPC_STATUS: dict[type[SwitchboardError], int] = {
     MethodNotFound: 404,
     InvalidParams: 422,

@@ -22,7 +22,7 @@ import re
 from typing import Any
 
 from common.registry import InstanceRecord
-from webapi.errors import ApiError
+from webapi.errors import InvalidHeartbeat
 
 _SERVICE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -30,14 +30,6 @@ _HOST = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
 _INSTANCE_ID = re.compile(r"^[A-Za-z0-9._@:\[\]-]{1,200}$")
 _KINDS = ("http", "ws")
 _MAX_INSTANCES_PER_BEAT = 100
-
-
-class InvalidHeartbeat(ApiError):
-    """The heartbeat body names no valid instance."""
-
-    status_code = 422
-    code = "invalid_heartbeat"
-    quiet = True
 
 
 def parse_heartbeat(body: dict[str, Any]) -> list[InstanceRecord]:

@@ -100,7 +100,7 @@ async def _open(app: WsApp) -> None:
     )
     ctx.hub = ChannelHub(ctx.redis)
     ctx.verifier = Verifier(ctx.redis, settings.jwt_secret)
-    ctx.tasks.append(asyncio.create_task(ctx.upstreams.watch_policy(), name="balancing-policy"))
+    ctx.tasks.append(asyncio.create_task(ctx.upstreams.policy.watch(), name="balancing-policy"))
 
 
 async def _drain(app: WsApp) -> None:

@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 
 from common import constants
 from common.aio import cancel_and_wait, cancelling
-from common.connection import REDIS_DOWN_ERRORS
+from common.connection import REDIS_DOWN_ERRORS, as_text
 from common.log import get_logger
 
 log = get_logger("websocket.hub")
@@ -88,7 +88,7 @@ class ChannelHub:
                 continue
             if message is None or message.get("type") != "message":
                 continue
-            channel = _text(message["channel"])[prefix:]
+            channel = as_text(message["channel"])[prefix:]
             subscribers = self._subscribers.get(channel)
             if subscribers:
                 frame = encode(channel, message["data"])
@@ -98,14 +98,10 @@ class ChannelHub:
 
 def encode(channel: str, payload: bytes | str) -> str:
     """The text frame a subscriber receives for one published payload."""
-    text = _text(payload)
+    text = as_text(payload)
     data: Any
     try:
         data = json.loads(text)
     except ValueError:
         data = text
     return json.dumps({"type": "message", "channel": channel, "data": data})
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value

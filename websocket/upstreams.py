@@ -12,7 +12,6 @@ For `least_conn` the strategy counts open relayed connections.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 
@@ -20,10 +19,8 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
-from common import constants
-from common.aio import cancelling
-from common.balancing import STRATEGIES, Endpoint, HealthBook, Strategy, make_strategy
-from common.connection import REDIS_DOWN_ERRORS
+from common.balancing import Endpoint, HealthBook
+from common.balancing.policy import BalancingPolicy
 from common.log import get_logger
 from common.registry import InstanceRecord
 from common.registry_view import RegistryView
@@ -31,7 +28,6 @@ from common.registry_view import RegistryView
 log = get_logger("websocket.upstreams")
 
 KINDS = ("ws", "http")
-DEFAULT_STRATEGY = "round_robin"
 
 
 class NoUpstream(Exception):
@@ -60,9 +56,8 @@ class Upstreams:
         self.connect_timeout = connect_timeout
         self.max_size = max_size
         self.max_attempts = max_attempts
-        self.policy_interval = policy_interval
-        self._names: dict[str, str] = {}
-        self._strategies: dict[str, Strategy] = {}
+        self.policy = BalancingPolicy(redis, interval=policy_interval)
+        view.on_change(self.policy.forget_endpoints)
 
     def records(self, service: str, version: str | None = None) -> list[InstanceRecord]:
         """Live ws/http instances of `service` (of one version if given). No I/O."""
@@ -71,13 +66,6 @@ class Upstreams:
             for r in self.view.instances(service)
             if r.kind in KINDS and r.address and (version is None or r.version == version)
         ]
-
-    def strategy(self, service: str) -> Strategy:
-        strategy = self._strategies.get(service)
-        if strategy is None:
-            name = self._names.get(service, DEFAULT_STRATEGY)
-            strategy = self._strategies[service] = make_strategy(name)
-        return strategy
 
     async def connect(
         self,
@@ -100,8 +88,8 @@ class Upstreams:
             usable = [r for r in self.book.usable(records) if r.instance_id not in tried]
             if not usable:
                 break
-            endpoints = [_endpoint(r) for r in usable]
-            strategy = self.strategy(service)
+            endpoints = [self.policy.endpoint(r) for r in usable]
+            strategy = self.policy.strategy(service)
             endpoint = strategy.pick(endpoints)
             tried.add(endpoint.instance_id)
             self.book.started(endpoint.instance_id)
@@ -127,32 +115,4 @@ class Upstreams:
         raise NoUpstream(f"{service}: {last_error}", known=known)
 
     def finished(self, service: str, endpoint: Endpoint, started: float, ok: bool) -> None:
-        self.strategy(service).finished(endpoint, time.monotonic() - started, ok)
-
-    async def watch_policy(self) -> None:
-        """Keep the per-service strategy names current from Redis (changeable at runtime)."""
-        while not cancelling():
-            try:
-                raw = await self.redis.hgetall(constants.BALANCING)
-                names = {_text(k): _text(v) for k, v in raw.items() if _text(v) in STRATEGIES}
-                for service in set(names) | set(self._names):
-                    if names.get(service) != self._names.get(service):
-                        self._strategies.pop(service, None)
-                self._names = names
-            except REDIS_DOWN_ERRORS:
-                pass  # keep the last known policy
-            await asyncio.sleep(self.policy_interval)
-
-
-def _endpoint(record: InstanceRecord) -> Endpoint:
-    return Endpoint(
-        instance_id=record.instance_id,
-        address=record.address or "",
-        weight=record.weight,
-        version=record.version,
-        zone=record.zone,
-    )
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+        self.policy.strategy(service).finished(endpoint, time.monotonic() - started, ok)

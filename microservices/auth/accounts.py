@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from common.connection import as_text
 from common.constants import data_key
 from common.errors import BadRequest, Conflict, Unauthorized
 from common.log import get_logger
@@ -155,10 +156,10 @@ class Accounts:
         user_id = await self.redis.hget(Keys.usernames, username.lower())
         if user_id is None:
             return None
-        raw = await self.redis.hgetall(Keys.user(_text(user_id)))
+        raw = await self.redis.hgetall(Keys.user(as_text(user_id)))
         if not raw:
             return None
-        return {_text(k): _text(v) for k, v in raw.items()}
+        return {as_text(k): as_text(v) for k, v in raw.items()}
 
     async def _verify(self, password_hash: str, password: str) -> bool:
         try:
@@ -179,7 +180,3 @@ class Accounts:
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         async with self._slots:
             return await asyncio.to_thread(fn, *args)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

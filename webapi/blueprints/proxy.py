@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from sanic import Blueprint, HTTPResponse
+from sanic.compat import Header
 
 from webapi.context import GatewayRequest
 from webapi.errors import MalformedJson
@@ -53,9 +54,9 @@ async def _body(request: GatewayRequest) -> AsyncIterator[bytes]:
 
 
 def _has_body(request: GatewayRequest) -> bool:
-    return ("content-length" in request.headers and request.headers["content-length"] != "0") or (
-        "transfer-encoding" in request.headers
-    )
+    """A body follows: chunked, or a Content-Length other than 0."""
+    headers = request.headers
+    return "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
 
 
 @bp.route("/svc/<service:str>/<path:path>", methods=METHODS, stream=True)  # type: ignore[untyped-decorator]
@@ -81,7 +82,7 @@ async def svc(request: GatewayRequest, service: str, path: str) -> HTTPResponse 
         (k, v) for k, v in strip_hop_by_hop(upstream.headers) if k.lower() != "content-length"
     ]
     headers += _latency_headers(forwarded, received)
-    response = await request.respond(status=upstream.status, headers=_header_dict(headers))
+    response = await request.respond(status=upstream.status, headers=Header(headers))
     try:
         if request.method != "HEAD":
             async for chunk in upstream.stream():
@@ -90,12 +91,6 @@ async def svc(request: GatewayRequest, service: str, path: str) -> HTTPResponse 
     finally:
         await upstream.aclose()
     return None
-
-
-def _header_dict(headers: list[tuple[str, str]]) -> Any:
-    from sanic.compat import Header
-
-    return Header(headers)
 
 
 def _latency_headers(forwarded: Forwarded, received: float) -> list[tuple[str, str]]:

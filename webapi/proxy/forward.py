@@ -17,54 +17,31 @@ Errors: 404 unknown service, 503 no healthy instance, 502 upstream failed,
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from common import constants
-from common.aio import cancelling
-from common.balancing import STRATEGIES, Endpoint, Strategy, make_strategy, select_version
-from common.connection import REDIS_DOWN_ERRORS
+from common.balancing import Endpoint, select_version
+from common.balancing.policy import BalancingPolicy
 from common.log import get_logger
-from common.registry import InstanceRecord
 from common.registry_view import RegistryView
-from webapi.errors import ApiError
+from webapi.errors import (
+    ApiError,
+    NoHealthyInstance,
+    UnknownService,
+    UpstreamFailed,
+    UpstreamTimedOut,
+)
 from webapi.proxy.budget import RetryBudget
 from webapi.proxy.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from webapi.proxy.health import HealthBook
-from webapi.proxy.upstream import UpstreamPool, UpstreamResponse
+from webapi.proxy.upstream import UpstreamPool, UpstreamResponse, strip_hop_by_hop
 
 log = get_logger("webapi.proxy")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-DEFAULT_STRATEGY = "round_robin"
-
-
-class UnknownService(ApiError):
-    status_code = 404
-    code = "unknown_service"
-    quiet = True
-
-
-class NoHealthyInstance(ApiError):
-    status_code = 503
-    code = "no_healthy_instance"
-    quiet = True
-
-
-class UpstreamFailed(ApiError):
-    status_code = 502
-    code = "upstream_failed"
-    quiet = True
-
-
-class UpstreamTimedOut(ApiError):
-    status_code = 504
-    code = "upstream_timeout"
-    quiet = True
 
 
 @dataclass(slots=True)
@@ -97,37 +74,10 @@ class Proxy:
         self.budget = RetryBudget()
         self.max_attempts = max_attempts
         self.timeout = timeout
-        self.least_time_decay = least_time_decay
-        self.policy_interval = policy_interval
-        self._strategy_names: dict[str, str] = {}
-        self._strategies: dict[str, Strategy] = {}
-        self._endpoints: dict[str, Endpoint] = {}
-        view.on_change(self._forget_endpoints)
-
-    def _forget_endpoints(self, service: str) -> None:
-        self._endpoints.clear()
-
-    def strategy(self, service: str) -> Strategy:
-        """The service's strategy object (re-created when its policy name changes)."""
-        strategy = self._strategies.get(service)
-        if strategy is None:
-            name = self._strategy_names.get(service, DEFAULT_STRATEGY)
-            options = {"decay": self.least_time_decay} if name == "least_time" else {}
-            strategy = self._strategies[service] = make_strategy(name, **options)
-        return strategy
-
-    def endpoint(self, record: InstanceRecord) -> Endpoint:
-        endpoint = self._endpoints.get(record.instance_id)
-        if endpoint is None:
-            endpoint = Endpoint(
-                instance_id=record.instance_id,
-                address=record.address or "",
-                weight=record.weight,
-                version=record.version,
-                zone=record.zone,
-            )
-            self._endpoints[record.instance_id] = endpoint
-        return endpoint
+        self.policy = BalancingPolicy(
+            redis, interval=policy_interval, options={"least_time": {"decay": least_time_decay}}
+        )
+        view.on_change(self.policy.forget_endpoints)
 
     def candidates(self, service: str, version: str | None, kind: str = "http") -> list[Endpoint]:
         """Healthy endpoints of `service` (and `version`). Hot path: no I/O."""
@@ -137,7 +87,7 @@ class Proxy:
                 raise UnknownService(f"no service named {service!r} is registered")
             raise NoHealthyInstance(f"no live instance of {service!r}")
         usable = self.book.usable(records)
-        endpoints = select_version([self.endpoint(r) for r in usable], version)
+        endpoints = select_version([self.policy.endpoint(r) for r in usable], version)
         if not endpoints:
             raise NoHealthyInstance(f"no healthy instance of {service!r}" + (
                 f" at version {version!r}" if version else ""))  # fmt: skip
@@ -175,7 +125,7 @@ class Proxy:
                 if failure is not None:
                     raise failure
                 fresh = candidates
-            strategy = self.strategy(service)
+            strategy = self.policy.strategy(service)
             endpoint: Endpoint = strategy.pick(fresh, key)
             tried.add(endpoint.instance_id)
             self.book.started(endpoint.instance_id)
@@ -213,25 +163,6 @@ class Proxy:
                 self.book.failed(endpoint.instance_id, fatal=False)
             return Forwarded(response, endpoint, elapsed, attempt)
 
-    async def watch_policy(self) -> None:
-        """Keep the per-service strategy names current from Redis (changeable at runtime)."""
-        while not cancelling():
-            try:
-                raw = await self.redis.hgetall(constants.BALANCING)
-                pairs = {_text(k): _text(v) for k, v in raw.items()}
-                names = {k: v for k, v in pairs.items() if v in STRATEGIES}
-                for service in set(names) | set(self._strategy_names):
-                    if names.get(service) != self._strategy_names.get(service):
-                        self._strategies.pop(service, None)
-                self._strategy_names = names
-            except REDIS_DOWN_ERRORS:
-                pass  # keep the last known policy
-            await asyncio.sleep(self.policy_interval)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
 
 def hop_headers_out(
     headers: Sequence[tuple[str, str]],
@@ -243,8 +174,6 @@ def hop_headers_out(
     upstream: str,
 ) -> list[tuple[str, str]]:
     """The headers sent upstream: hop-by-hop stripped, X-Forwarded-* and X-Request-Id set."""
-    from webapi.proxy.upstream import strip_hop_by_hop
-
     drop = {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
             "content-length", "transfer-encoding"}  # fmt: skip
     prior = [v for k, v in headers if k.lower() == "x-forwarded-for"]

@@ -49,16 +49,10 @@ class ActiveChecker:
             await asyncio.sleep(self.interval)
 
     async def check_all(self) -> None:
-        records = [
-            r
-            for service in self.view.services()
-            for r in self.view.instances(service)
-            if r.kind in ("http", "ws") and r.health_path and r.address
-        ]
-        self.book.forget(
-            r.instance_id for s in self.view.services() for r in self.view.instances(s)
-        )
-        await asyncio.gather(*(self._check(r) for r in records))
+        live = [r for service in self.view.services() for r in self.view.instances(service)]
+        self.book.forget(r.instance_id for r in live)
+        checked = [r for r in live if r.kind in ("http", "ws") and r.health_path and r.address]
+        await asyncio.gather(*(self._check(r) for r in checked))
 
     async def _check(self, record: InstanceRecord) -> None:
         async with self._limit:

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote
 
-from webapi.errors import ApiError
-
-
-class InvalidProxyPath(ApiError):
-    """The proxied path tries to leave the service's space or is malformed."""
-
-    status_code = 400
-    code = "invalid_path"
-    quiet = True
+from webapi.errors import InvalidProxyPath
 
 
 def upstream_target(raw_url: bytes, prefix: str) -> str:

@@ -39,14 +39,14 @@ from typing import Any
 
 from webapi.proxy.connection import Connection, StaleConnection
 from webapi.proxy.errors import (
-    UpstreamBodyTooLarge,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from webapi.proxy.headers import RequestBody, build_request_head, strip_hop_by_hop
-from webapi.proxy.response import UpstreamResponse
+from webapi.proxy.headers import RequestBody, build_request_head
+from webapi.proxy.headers import strip_hop_by_hop as strip_hop_by_hop
+from webapi.proxy.response import UpstreamResponse as UpstreamResponse
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
@@ -236,14 +236,4 @@ class UpstreamPool:
         await self.close()
 
 
-__all__ = [
-    "IDEMPOTENT_METHODS",
-    "UpstreamBodyTooLarge",
-    "UpstreamConnectError",
-    "UpstreamError",
-    "UpstreamPool",
-    "UpstreamProtocolError",
-    "UpstreamResponse",
-    "UpstreamTimeout",
-    "strip_hop_by_hop",
-]
+__all__ = ["IDEMPOTENT_METHODS", "UpstreamPool"]

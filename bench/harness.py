@@ -1,0 +1,295 @@
+"""What the benchmarks share: child processes, CPU sampling, run info and output.
+
+Used by `bench.rpc` and `bench.proxy`:
+
+- processes: `spawn` starts a child in its own session and remembers it;
+  `stop_child` / `stop_all_children` stop only those PIDs (SIGTERM, then
+  SIGKILL); `install_signal_handlers` turns SIGTERM and SIGHUP into SystemExit
+  so the `finally` blocks that stop children run; `exit_with_parent` makes a
+  worker exit when the benchmark process disappears.
+- CPU: `box_busy` (busy CPU seconds of the whole box) and `other_busy_pct`
+  (the share of all CPUs the rest of the box used over a phase).
+- command line: `new_parser`, `apply_defaults`, `comma_list`.
+- run info: `run_header`, `machine_info`, `package_versions`, `digest`.
+- output: `print_header`, `warn_disturbed`, `print_not_measured`,
+  `write_json`, `interrupted`, `report_failed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+OTHER_BUSY_WARN = 10.0  # % of the box used by others above which figures are disturbed
+
+
+# --------------------------------------------------------------------------
+# Processes: only PIDs started here are ever signalled.
+# --------------------------------------------------------------------------
+_CHILDREN: list[subprocess.Popen[bytes]] = []
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    """This process's environment with the repository root first on PYTHONPATH."""
+    env = dict(os.environ)
+    env.update(extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def spawn(
+    argv: list[str], log_path: Path, env: dict[str, str] | None = None, *, append: bool = True
+) -> subprocess.Popen[bytes]:
+    """Start `argv` in its own session, output to `log_path` (appended, or truncated)."""
+    with open(log_path, "ab" if append else "wb") as log:
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a terminal Ctrl-C reaches us, and we stop it
+        )
+    _CHILDREN.append(proc)
+    return proc
+
+
+def stop_child(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM (a Switchboard worker, nginx, haproxy and Sanic then stop), SIGKILL
+    after `grace`."""
+    if proc.poll() is None:
+        try:
+            proc.terminate()
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(grace)
+        except ProcessLookupError:
+            pass
+    if proc in _CHILDREN:
+        _CHILDREN.remove(proc)
+
+
+def stop_all_children() -> None:
+    """Stop every child; a second Ctrl-C or SIGTERM cannot interrupt it."""
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for proc in reversed(list(_CHILDREN)):
+            stop_child(proc, grace=3.0)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the `finally` blocks that stop children
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP exit through the `finally` blocks, as Ctrl-C does."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGHUP, _on_sigterm)
+
+
+def exit_with_parent() -> None:
+    """Exit if the benchmark process dies without stopping us (e.g. SIGKILL)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def set_loop(kind: str, *, fallback: bool = True) -> str:
+    """Install the event loop policy; returns the loop actually used. Without
+    uvloop installed: plain asyncio when `fallback`, else ImportError."""
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            if not fallback:
+                raise
+            return "asyncio"
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return kind
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def record_error(out: dict[str, Any], e: Exception, log: Path, key: str) -> None:
+    """Put `e` and the tail of `log` (under `key`, when there is one) into `out`."""
+    out["error"] = f"{type(e).__name__}: {e}"[:300]
+    tail = log_tail(log)
+    if tail:
+        out[key] = tail
+
+
+def print_error(tag: str, res: dict[str, Any], key: str) -> None:
+    print(f"[{tag}]   ERROR: {res['error']}", flush=True)
+    if res.get(key):
+        print(res[key], flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# --------------------------------------------------------------------------
+# CPU: the box's busy time, and the share the rest of the box used.
+# --------------------------------------------------------------------------
+def box_busy() -> float:
+    """Busy CPU seconds (user, nice, system, irq, softirq, steal) of all CPUs."""
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + t.irq + t.softirq + t.steal)
+
+
+def other_busy_pct(box_delta: float, ours: float, wall: float) -> float | None:
+    """The rest of the box's busy time (other sessions, kernel threads) over a phase
+    of `wall` seconds, as a % of all CPUs: above OTHER_BUSY_WARN the figures are
+    disturbed. CPU times tick at 10 ms, so a phase shorter than a second says
+    nothing (None)."""
+    if wall < 1.0:
+        return None
+    other = (box_delta - ours) / ((os.cpu_count() or 1) * wall)
+    return round(max(other, 0.0) * 100, 1)
+
+
+# --------------------------------------------------------------------------
+# Command line.
+# --------------------------------------------------------------------------
+def new_parser(prog: str, description: str, quick_help: str) -> argparse.ArgumentParser:
+    """A benchmark's parser, with the options every benchmark has: --quick, --json."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    return ap
+
+
+def apply_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
+    """Set each option of `defaults` that was not given (None)."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def comma_list(
+    ap: argparse.ArgumentParser, value: str, known: tuple[str, ...], what: str
+) -> list[str]:
+    """The names of a comma list; an unknown one is a usage error."""
+    names = [n for n in value.split(",") if n]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        ap.error(f"unknown {what} {unknown}; known: {list(known)}")
+    return names
+
+
+# --------------------------------------------------------------------------
+# Run info.
+# --------------------------------------------------------------------------
+def run_header(bench: str) -> dict[str, Any]:
+    """The first keys of a benchmark's JSON: which one, when, on what machine."""
+    return {
+        "bench": bench,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+    }
+
+
+def package_versions(packages: tuple[str, ...]) -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {}
+    for pkg in packages:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def digest(*packages: str) -> str:
+    """A digest of the packages measured, for tying a result to the code."""
+    h = hashlib.sha256()
+    for pkg in packages:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------
+# Output.
+# --------------------------------------------------------------------------
+def print_header(hdr: str) -> None:
+    """A table's header line and its rule."""
+    print(hdr)
+    print("-" * len(hdr))
+
+
+def warn_disturbed(busiest: float, during: str) -> None:
+    """The warning printed when others used more than OTHER_BUSY_WARN % of the box."""
+    if busiest > OTHER_BUSY_WARN:
+        print(f"WARNING: other processes used up to {busiest}% of the CPUs during a {during};")
+        print("         the figures are disturbed, run again on a quiet machine.")
+
+
+def print_not_measured(skipped: dict[str, str]) -> None:
+    for name, why in skipped.items():
+        print(f"NOT MEASURED: {name}: {why}")
+
+
+def write_json(tag: str, path: str | None, doc: dict[str, Any]) -> None:
+    """Write `doc` to `path` (when given) as indented JSON."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"[{tag}] wrote {path}")
+
+
+def interrupted(tag: str) -> int:
+    """Said on Ctrl-C, once every child is stopped; the exit status."""
+    print(f"\n[{tag}] interrupted; every process started was stopped", flush=True)
+    return 130
+
+
+def report_failed(tag: str, failed: list[str]) -> int:
+    """The exit status: 1, said on stderr, when any system failed."""
+    if failed:
+        print(f"[{tag}] FAILED: {', '.join(failed)} (errors above)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,185 @@
+"""What `bench.proxy` derives and prints: x nginx, added latency, ratios, the issue's goals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.harness import (
+    OTHER_BUSY_WARN,
+    print_header,
+    print_not_measured,
+    warn_disturbed,
+)
+from bench.proxy_targets import PYTHON_PEERS, TARGETS
+
+W = max(len(t) for t in TARGETS)
+
+# The issue's goals for the gateway's normal proxy path.
+GOAL_X_NGINX = 0.5  # switchboard req/s at c64 / nginx's, at least
+GOAL_X_PYTHON = 2.0  # switchboard req/s at c64 / the best Python proxy's, at least
+GOAL_C1_ADDED_MS = 0.15  # switchboard c1 p50 - direct c1 p50, under
+
+
+def _measured(results: dict[str, Any]) -> dict[str, Any]:
+    return {n: r for n, r in results.items() if "loaded" in r and r["loaded"]["rps"]}
+
+
+def derive(results: dict[str, Any]) -> None:
+    """x nginx, added latency over direct, and ratios to Switchboard."""
+    by = _measured(results)
+    ng, direct, sb = by.get("nginx"), by.get("direct"), by.get("switchboard")
+    for r in by.values():
+        L, C = r["loaded"], r["c1"]
+        d: dict[str, Any] = {}
+        if ng:
+            d["x_nginx"] = round(L["rps"] / ng["loaded"]["rps"], 3)
+        if direct:
+            dp, cp = direct["loaded"]["lat_ms"]["p50"], direct["c1"]["lat_ms"]["p50"]
+            if dp is not None and L["lat_ms"]["p50"] is not None:
+                d["added_p50_ms_c64"] = round(L["lat_ms"]["p50"] - dp, 3)
+            if cp is not None and C["lat_ms"]["p50"] is not None:
+                d["added_p50_ms_c1"] = round(C["lat_ms"]["p50"] - cp, 3)
+        if sb and r is not sb:
+            # throughput: system / switchboard (above 1: faster than switchboard);
+            # latency: switchboard / system (above 1: switchboard is slower).
+            d["rps_vs_switchboard"] = round(L["rps"] / sb["loaded"]["rps"], 2)
+            sp, p = sb["c1"]["lat_ms"]["p50"], C["lat_ms"]["p50"]
+            if sp and p:
+                d["switchboard_c1_p50_vs"] = round(sp / p, 2)
+        r["derived"] = d
+
+
+def goals(results: dict[str, Any]) -> dict[str, Any]:
+    """The issue's three goals for the gateway's normal path; None = not checkable."""
+    by = _measured(results)
+    sb = by.get("switchboard")
+    if not sb:
+        return {}
+    g: dict[str, Any] = {}
+    x_nginx = sb["derived"].get("x_nginx")
+    g["x_nginx"] = x_nginx
+    g["x_nginx_met"] = None if x_nginx is None else x_nginx >= GOAL_X_NGINX
+    python = {n: by[n]["loaded"]["rps"] for n in PYTHON_PEERS if n in by}
+    if python:
+        best = max(python, key=lambda n: python[n])
+        g["best_python"] = best
+        g["x_best_python"] = round(sb["loaded"]["rps"] / python[best], 2)
+        g["x_best_python_met"] = g["x_best_python"] >= GOAL_X_PYTHON
+    else:
+        g["best_python"], g["x_best_python"], g["x_best_python_met"] = None, None, None
+    added = sb["derived"].get("added_p50_ms_c1")
+    g["added_c1_p50_ms"] = added
+    g["added_c1_p50_met"] = None if added is None else added < GOAL_C1_ADDED_MS
+    involved = ["switchboard", "nginx", "direct"]
+    if g["best_python"]:
+        involved.append(g["best_python"])
+    busiest = 0.0
+    for n in involved:
+        for phase in ("loaded", "c1"):
+            if n in by:
+                busiest = max(busiest, by[n][phase]["cpu"]["other_busy_pct"] or 0.0)
+    g["disturbed"] = busiest > OTHER_BUSY_WARN
+    return g
+
+
+def _f(x: float | None, n: int = 3) -> str:
+    return "-" if x is None else f"{x:.{n}f}"
+
+
+def print_report(doc: dict[str, Any]) -> None:
+    p = doc["params"]
+    c = p["connections"]
+    results, skipped = doc["targets"], doc["not_measured"]
+    hdr = (
+        f"{'target':<{W}} {f'req/s c{c}':>10} {'p50 ms':>7} {'p99 ms':>7} {'x nginx':>7}"
+        f" {'c1 p50':>7} {'c1 p99':>7} {'c1 +p50':>7} {'µs/req':>7} {'cores':>5}"
+        f" {'other%':>6} {'errs':>5}"
+    )
+    print()
+    print_header(hdr)
+    busiest = 0.0
+    for name in p["targets"]:
+        if name in skipped:
+            print(f"{name:<{W}} NOT MEASURED: {skipped[name]}")
+            continue
+        r = results.get(name, {})
+        if "error" in r:
+            print(f"{name:<{W}} ERROR {r['error']}")
+            continue
+        L, C, d = r["loaded"], r["c1"], r.get("derived", {})
+        cpu = L["cpu"]
+        other = max(cpu["other_busy_pct"] or 0.0, C["cpu"]["other_busy_pct"] or 0.0)
+        busiest = max(busiest, other)
+        us = cpu["proxy_us_per_req"] if name != "direct" else cpu["backend_us_per_req"]
+        cores = cpu["proxy_cores"]
+        errs = L["non_2xx"] + sum(L["socket_errors"].values())
+        errs += C["non_2xx"] + sum(C["socket_errors"].values())
+        print(
+            f"{name:<{W}} {L['rps']:>10.0f} {_f(L['lat_ms']['p50']):>7} {_f(L['lat_ms']['p99']):>7}"
+            f" {_f(d.get('x_nginx'), 2):>7} {_f(C['lat_ms']['p50']):>7} {_f(C['lat_ms']['p99']):>7}"
+            f" {_f(d.get('added_p50_ms_c1')):>7} {_f(us, 1):>7} {_f(cores, 2):>5}"
+            f" {other:>6.1f} {errs:>5}"
+        )
+    print(
+        f"(wrk -t1 -c{c} -d{p['duration_s']}s after a {p['warmup_s']} s warm-up; c1 = wrk -t1 -c1"
+        f" -d{p['c1_duration_s']}s; ms;\n c1 +p50 = c1 p50 - direct's c1 p50; µs/req = CPU"
+        f" (user+sys) of the proxy per request at c{c}\n (direct: the backend's); cores = the"
+        " proxy's CPU / wall time; other% = the rest of the box's CPU;\n errs = non-2xx +"
+        " socket errors, both runs)"
+    )
+    warn_disturbed(busiest, "run")
+    by = _measured(results)
+    if "switchboard" in by and len(by) > 1:
+        print()
+        print("Each system against switchboard (same run): req/s = system / switchboard (above 1:")
+        print("faster than switchboard); c1 p50 = switchboard / system (above 1: switchboard is")
+        print("slower); c1 +p50 = the p50 each adds over direct at 1 connection, in ms:")
+        hdr2 = f"{'system':<{W}} {f'req/s c{c}':>10} {'c1 p50':>7} {'c1 +p50':>8}"
+        print_header(hdr2)
+        for name in p["targets"]:
+            if name == "switchboard" or name not in by:
+                continue
+            d = by[name]["derived"]
+            print(
+                f"{name:<{W}} {_f(d.get('rps_vs_switchboard'), 2) + 'x':>10}"
+                f" {_f(d.get('switchboard_c1_p50_vs'), 2) + 'x':>7}"
+                f" {_f(d.get('added_p50_ms_c1')):>8}"
+            )
+        sbd = by["switchboard"]["derived"]
+        print(
+            f"{'switchboard':<{W}} {'1.00x':>10} {'1.00x':>7} {_f(sbd.get('added_p50_ms_c1')):>8}"
+        )
+    g = doc["goals"]
+    if not g and "switchboard" in p["targets"]:
+        print()
+        print("The issue's goals: not checked (switchboard was not measured)")
+    if g:
+
+        def met(v: bool | None) -> str:
+            return "not checked" if v is None else ("met" if v else "NOT met")
+
+        print()
+        print(
+            "The issue's goals for the gateway's normal path"
+            " (/svc/echo/..., no auth or rate limits yet):"
+        )
+        best = g["best_python"] or "none measured"
+        rows = [
+            (f"req/s c{c} >= {GOAL_X_NGINX}x nginx's", f"{_f(g['x_nginx'], 2)}x", g["x_nginx_met"]),
+            (
+                f"req/s c{c} >= {GOAL_X_PYTHON}x the best Python proxy's ({best})",
+                f"{_f(g['x_best_python'], 2)}x",
+                g["x_best_python_met"],
+            ),
+            (
+                f"added p50 at c1 < {GOAL_C1_ADDED_MS} ms",
+                f"{_f(g['added_c1_p50_ms'])} ms",
+                g["added_c1_p50_met"],
+            ),
+        ]
+        width = max(len(label) for label, _, _ in rows)
+        for label, value, ok in rows:
+            print(f"  {label:<{width}} {value:>9}  {met(ok)}")
+        if g["disturbed"]:
+            print("  (not conclusive: the box was busy while these systems ran)")
+    print_not_measured(skipped)

@@ -1,0 +1,135 @@
+"""Redelivery: taking over the calls of dead instances, and answering them once.
+
+Every worker runs `reclaim()` each `reap_interval`: the script moves the pending
+entries of every consumer whose heartbeat lease has ended (a SIGKILLed or
+partitioned instance) to this worker, across the call stream and both task
+streams. Before running a reclaimed call, the worker asks `stored_reply()`:
+a call whose first run completed left its reply in the deduplication window
+(two time buckets), and that reply is sent again instead of running twice.
+`move_due_retries()` puts failed tasks whose retry delay has passed back onto
+their priority's stream.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from common import constants
+from common.connection import REDIS_DOWN_ERRORS
+
+# KEYS: the shared streams (calls, tasks:1, tasks:2), then the leases zset.
+# ARGV: group, this consumer, max calls to claim.
+# Moves the pending entries of consumers without a live lease to this consumer and
+# returns them as {stream index, entry}; entries deleted meanwhile are acked;
+# emptied dead consumers are removed.
+_RECLAIM = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local leases = KEYS[#KEYS]
+local claimed = {}
+local budget = tonumber(ARGV[3])
+for si = 1, #KEYS - 1 do
+  local stream = KEYS[si]
+  local consumers = redis.pcall('XINFO', 'CONSUMERS', stream, ARGV[1])
+  if type(consumers) == 'table' and not consumers.err then
+    for _, c in ipairs(consumers) do
+      local name, pending = c[2], tonumber(c[4])
+      if name ~= ARGV[2] and budget > 0 then
+        local lease = redis.call('ZSCORE', leases, name)
+        if (not lease) or tonumber(lease) <= now_ms then
+          if pending > 0 then
+            local entries = redis.call('XPENDING', stream, ARGV[1], '-', '+', budget, name)
+            local ids = {}
+            for _, e in ipairs(entries) do ids[#ids + 1] = e[1] end
+            if #ids > 0 then
+              local got = redis.call('XCLAIM', stream, ARGV[1], ARGV[2], 0, unpack(ids))
+              local present = {}
+              for _, g in ipairs(got) do
+                if g then
+                  present[g[1]] = true
+                  claimed[#claimed + 1] = {si, g}
+                end
+              end
+              for _, id in ipairs(ids) do
+                if not present[id] then redis.call('XACK', stream, ARGV[1], id) end
+              end
+              budget = budget - #ids
+              pending = pending - #ids
+            end
+          end
+          if pending <= 0 then
+            redis.call('XGROUP', 'DELCONSUMER', stream, ARGV[1], name)
+          end
+        end
+      end
+    end
+  end
+end
+return claimed
+"""
+
+# KEYS: retry zset, tasks:1 stream, tasks:2 stream. ARGV: max to move.
+# Moves failed tasks whose retry is due back onto their priority's stream.
+_MOVE_DUE = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, member in ipairs(due) do
+  local stream = KEYS[2]
+  if string.sub(member, 1, 1) == '2' then stream = KEYS[3] end
+  redis.call('XADD', stream, '*', 'c', string.sub(member, 2))
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+"""
+
+
+class Redelivery:
+    """The redelivery side of one worker (one service, one consumer)."""
+
+    def __init__(
+        self, redis: aioredis.Redis, service: str, consumer: str, bucket_seconds: float
+    ) -> None:
+        self.redis = redis
+        self.service = service
+        self.consumer = consumer
+        self.bucket_seconds = bucket_seconds
+        self.shared = [
+            constants.call_stream(service),
+            constants.task_stream(service, 1),
+            constants.task_stream(service, 2),
+        ]
+        self._reclaim_keys = [*self.shared, constants.leases_key(service)]
+        self._retry_keys = [constants.retry_key(service), *self.shared[1:]]
+        self._reclaim = redis.register_script(_RECLAIM)
+        self._move_due = redis.register_script(_MOVE_DUE)
+
+    async def reclaim(self, budget: int) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
+        """Up to `budget` entries of dead consumers, now ours: (stream, entry id, fields)."""
+        claimed = await self._reclaim(
+            keys=self._reclaim_keys, args=[constants.WORKER_GROUP, self.consumer, budget]
+        )
+        return [
+            (self.shared[int(index) - 1], entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+            for index, (entry_id, flat) in claimed
+        ]
+
+    async def move_due_retries(self, limit: int = 1000) -> int:
+        """Put failed tasks whose retry is due back onto their streams; how many."""
+        return int(await self._move_due(keys=self._retry_keys, args=[limit]))
+
+    async def stored_reply(self, call_id: str) -> bytes | None:
+        """The reply of a completed first run, from the current or previous bucket."""
+        bucket = int(time.time() // self.bucket_seconds)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for b in (bucket, bucket - 1):
+                    pipe.hget(constants.done_key(self.service, b), call_id)
+                found: list[Any] = await pipe.execute()
+        except REDIS_DOWN_ERRORS:
+            return None  # unknown: run the call (at-least-once)
+        stored = next((r for r in found if r is not None), None)
+        return bytes(stored) if stored is not None else None

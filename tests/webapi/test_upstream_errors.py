@@ -1,0 +1,296 @@
+"""The upstream HTTP/1.1 pool: stale-connection retries, timeouts, protocol errors.
+
+Runs against the scripted servers of `tests.webapi.upstream_servers`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+from tests.helpers import free_port, wait_for_async
+from tests.webapi.upstream_servers import (
+    CHUNK,
+    Handler,
+    Peer,
+    Upstream,
+    _no_open,
+    chunks,
+    keep_alive,
+    ok,
+    upstream_pool,  # noqa: F401  (the `pool` fixture)
+)
+from webapi.proxy import (
+    UpstreamBodyTooLarge,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+# Stale connections and retries.
+
+
+def _stale_after_first(reset: bool) -> Handler:
+    """The first connection answers one request, then reads the next one and closes
+    without answering (a server closing an idle connection as the request arrives)."""
+
+    async def handler(peer: Peer) -> None:
+        if peer.index == 1:
+            req = await peer.request()
+            assert req is not None
+            await peer.send(ok(b"first"))
+            await peer.request()
+            peer.reset() if reset else peer.close()
+        else:
+            await keep_alive(peer)
+
+    return handler
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["eof", "reset"])
+async def test_stale_connection_is_retried_for_idempotent_requests(
+    pool: UpstreamPool, reset: bool
+) -> None:
+    async with Upstream(_stale_after_first(reset)) as up:
+        resp = await pool.request(up.address, "GET", "/1", [])
+        assert await resp.read() == b"first"
+        await resp.aclose()
+        resp = await pool.request(up.address, "PUT", "/2", [], body=b"replayable")
+        assert resp.status == 200 and await resp.read() == b"/2"
+        await resp.aclose()
+        assert pool.stats()[up.address]["retries"] == 1
+    assert up.connections == 2
+    assert [r.target for r in up.requests] == ["/1", "/2", "/2"]
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+async def test_stale_connection_is_not_retried_for_non_idempotent_requests(
+    pool: UpstreamPool, method: str
+) -> None:
+    async with Upstream(_stale_after_first(reset=False)) as up:
+        resp = await pool.request(up.address, "GET", "/1", [])
+        await resp.read()
+        await resp.aclose()
+        with pytest.raises(UpstreamProtocolError, match="closed"):
+            await pool.request(up.address, method, "/2", [], body=b"once only")
+        assert pool.stats()[up.address]["retries"] == 0
+    assert up.connections == 1
+
+
+async def test_stale_connection_is_not_retried_with_a_streamed_body(pool: UpstreamPool) -> None:
+    async with Upstream(_stale_after_first(reset=False)) as up:
+        resp = await pool.request(up.address, "GET", "/1", [])
+        await resp.read()
+        await resp.aclose()
+        with pytest.raises(UpstreamProtocolError):
+            await pool.request(up.address, "PUT", "/2", [], body=chunks(2, b"x"))
+    assert up.connections == 1
+
+
+# Errors.
+
+
+async def test_connect_refused_is_a_fast_connect_error(pool: UpstreamPool) -> None:
+    started = time.monotonic()
+    with pytest.raises(UpstreamConnectError):
+        await pool.request(f"127.0.0.1:{free_port()}", "GET", "/", [])
+    assert time.monotonic() - started < 1.0
+
+
+async def test_connect_timeout_is_a_connect_error() -> None:
+    # A listener with a full accept queue drops new SYNs, so connect() hangs.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        async with UpstreamPool(connect_timeout=0.2) as pool:
+            started = time.monotonic()
+            try:
+                resp = await pool.request(f"127.0.0.1:{port}", "GET", "/", [], timeout=5)
+            except UpstreamConnectError as exc:
+                assert "timed out" in str(exc)
+                assert time.monotonic() - started < 2.0
+            else:
+                await resp.aclose()
+                pytest.skip("this kernel accepted a connection over a full backlog")
+    finally:
+        for sock in [*fillers, listener]:
+            sock.close()
+
+
+async def test_silent_server_is_a_read_timeout() -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.reader.read()  # never answers
+
+    async with Upstream(handler) as up, UpstreamPool(read_timeout=0.2) as pool:
+        started = time.monotonic()
+        with pytest.raises(UpstreamTimeout, match="no progress"):
+            await pool.request(up.address, "GET", "/", [])
+        assert time.monotonic() - started < 2.0
+
+
+async def test_trickling_server_hits_the_total_timeout() -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"y" * 1000:
+            await peer.send(bytes([byte]))
+            await asyncio.sleep(0.02)  # the server is slow on purpose
+
+    async with Upstream(handler) as up, UpstreamPool(read_timeout=1.0) as pool:
+        started = time.monotonic()
+        with pytest.raises(UpstreamTimeout, match="no response head"):
+            await pool.request(up.address, "GET", "/", [], timeout=0.3)
+        assert time.monotonic() - started < 1.0
+
+
+async def test_stalled_body_is_a_read_timeout_while_streaming() -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        await peer.reader.read()
+
+    async with Upstream(handler) as up, UpstreamPool(read_timeout=0.2) as pool:
+        resp = await pool.request(up.address, "GET", "/", [])
+        got = []
+        with pytest.raises(UpstreamTimeout):
+            async for chunk in resp.stream():
+                got.append(chunk)
+        assert got == [b"partial"]
+        await resp.aclose()
+        assert pool.stats()[up.address]["open"] <= 1
+        await wait_for_async(_no_open(pool, up.address), timeout=5)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 2000 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nhi\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nhi",
+        b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+    ],
+    ids=["garbage", "status", "cl-and-te", "two-cl", "header", "upgrade"],
+)
+async def test_malformed_response_is_a_protocol_error(pool: UpstreamPool, reply: bytes) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(reply)
+        await peer.reader.read()
+
+    async with Upstream(handler) as up:
+        with pytest.raises(UpstreamProtocolError):
+            await pool.request(up.address, "GET", "/", [])
+        await wait_for_async(_no_open(pool, up.address), timeout=5)
+
+
+async def test_close_before_the_head_is_a_protocol_error(pool: UpstreamPool) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        peer.close()
+
+    async with Upstream(handler) as up:
+        with pytest.raises(UpstreamProtocolError, match="before the response head"):
+            await pool.request(up.address, "GET", "/", [])
+    assert up.connections == 1  # a fresh connection is never retried
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nonly this",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\nonly this\r\n",
+    ],
+    ids=["content-length", "chunked"],
+)
+async def test_truncated_body_is_a_protocol_error_while_streaming(
+    pool: UpstreamPool, reply: bytes
+) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(reply)
+        peer.close()
+
+    async with Upstream(handler) as up:
+        resp = await pool.request(up.address, "GET", "/", [])
+        assert resp.status == 200
+        got = []
+        with pytest.raises(UpstreamProtocolError, match="before the end of the body"):
+            async for chunk in resp.stream():
+                got.append(chunk)
+        assert b"".join(got) == b"only this"
+        await resp.aclose()
+
+
+async def test_body_over_max_body_is_refused() -> None:
+    async def handler(peer: Peer) -> None:
+        async for req in peer.requests():
+            if req.target == "/declared":
+                await peer.send(ok(b"x" * 2000))
+            else:
+                await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                await peer.send(b"400\r\n" + b"x" * 1024 + b"\r\n" + b"400\r\n" + b"x" * 1024)
+
+    async with Upstream(handler) as up, UpstreamPool(max_body=1500) as pool:
+        with pytest.raises(UpstreamBodyTooLarge):
+            await pool.request(up.address, "GET", "/declared", [])
+        resp = await pool.request(up.address, "GET", "/chunked", [])
+        with pytest.raises(UpstreamBodyTooLarge):
+            await resp.read()
+        await resp.aclose()
+
+
+async def test_closing_a_response_early_closes_its_connection(pool: UpstreamPool) -> None:
+    async def handler(peer: Peer) -> None:
+        async for _ in peer.requests():
+            await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + CHUNK)
+            await peer.reader.read()
+
+    async with Upstream(handler) as up:
+        resp = await pool.request(up.address, "GET", "/", [])
+        async for _ in resp.stream():
+            break
+        await resp.aclose()
+        await wait_for_async(_no_open(pool, up.address), timeout=5)
+
+
+async def test_cancelled_request_closes_its_connection(pool: UpstreamPool) -> None:
+    got_request = asyncio.Event()
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        got_request.set()
+        await peer.reader.read()
+
+    async with Upstream(handler) as up:
+        task = asyncio.create_task(pool.request(up.address, "GET", "/", []))
+        await got_request.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_for_async(_no_open(pool, up.address), timeout=5)
+
+
+async def test_closed_pool_refuses_requests() -> None:
+    pool = UpstreamPool()
+    await pool.close()
+    with pytest.raises(UpstreamError, match="closed"):
+        await pool.request("127.0.0.1:1", "GET", "/", [])
