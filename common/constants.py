@@ -118,5 +118,11 @@ def iptv_now_channel(channel_id: int | str) -> str:
     return f"iptv:now:{channel_id}"
 
 
-# Hash: service -> balancing strategy name, changeable at runtime (read by every gateway).
-BALANCING = f"{PREFIX}:policy:balancing"
+# The live policy (`common.policy`): the current document (JSON), its version
+# (an integer, polled by every gateway), the last versions (hash version -> JSON),
+# the audit log (stream), and the channel told of every new version.
+POLICY_DOC = f"{PREFIX}:{{policy}}:doc"
+POLICY_VERSION = f"{PREFIX}:{{policy}}:version"
+POLICY_HISTORY = f"{PREFIX}:{{policy}}:history"
+POLICY_AUDIT = f"{PREFIX}:{{policy}}:audit"
+POLICY_CHANNEL = f"{PREFIX}:{{policy}}:changed"

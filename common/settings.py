@@ -68,6 +68,25 @@ class Settings:
     # generates one at first start and keeps it in Redis (never in the repo).
     jwt_secret: str | None = field(default=None, metadata={"env": "JWT_SECRET"})
     jwt_ttl: int = field(default=900, metadata={"env": "JWT_TTL"})
+    # A refresh token is good for this long (seconds); each use replaces it.
+    jwt_refresh_ttl: int = field(default=14 * 86400, metadata={"env": "JWT_REFRESH_TTL"})
+    # First admin, created at the auth service's start when no admin exists yet
+    # (the password is a deployment secret; there is no default password).
+    auth_admin_username: str | None = field(default=None, metadata={"env": "AUTH_ADMIN_USERNAME"})
+    auth_admin_password: str | None = field(default=None, metadata={"env": "AUTH_ADMIN_PASSWORD"})
+    # Scopes a newly registered user gets (space-separated; "*" = every service, not admin).
+    auth_default_scopes: str = field(default="*", metadata={"env": "AUTH_DEFAULT_SCOPES"})
+    # How long a gateway trusts a cached API key record (revocations are pushed at once).
+    api_key_cache_ttl: float = field(default=5.0, metadata={"env": "API_KEY_CACHE_TTL"})
+
+    # Gateway access: X-Forwarded-For is believed only from these peers
+    # (comma-separated addresses or CIDRs; empty = trust no one).
+    trusted_proxies: str = field(default="", metadata={"env": "TRUSTED_PROXIES"})
+    # Rate limits when Redis is unreachable: "local" (each process enforces the
+    # limits alone), "open" (no limit) or "closed" (refuse with 503).
+    rate_limit_on_redis_down: str = field(
+        default="local", metadata={"env": "RATE_LIMIT_ON_REDIS_DOWN"}
+    )
 
     # websocket service (design §7). Frames over WS_MAX_MESSAGE_BYTES close with
     # 1009; a client whose WS_SEND_QUEUE pushed messages are not yet written is
@@ -125,6 +144,10 @@ class Settings:
         ):
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be a TCP port, got {port}")
+        if self.rate_limit_on_redis_down not in ("local", "open", "closed"):
+            raise ConfigError("RATE_LIMIT_ON_REDIS_DOWN must be local, open or closed")
+        if self.jwt_ttl <= 0 or self.jwt_refresh_ttl <= 0 or self.api_key_cache_ttl < 0:
+            raise ConfigError("JWT_TTL and JWT_REFRESH_TTL must be positive")
         if self.heartbeat_ttl <= self.heartbeat_interval:
             raise ConfigError("HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL")
         if self.rpc_timeout <= 0 or self.rpc_concurrency <= 0:

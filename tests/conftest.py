@@ -32,3 +32,17 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def admin_key(redis_url: str) -> str:
+    """An API key with every scope, admin included, for tests that are not about access."""
+    from tests.helpers import issue_api_key
+
+    return issue_api_key(redis_url, ["*", "admin"])
+
+
+@pytest.fixture(scope="session")
+def auth(admin_key: str) -> dict[str, str]:
+    """Headers carrying `admin_key`."""
+    return {"Authorization": f"Bearer {admin_key}"}

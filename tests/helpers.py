@@ -12,11 +12,37 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import redis
+
+from common.apikeys import new_key, record_key, user_keys_key
 from common.embedded_redis import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["ROOT", "ServiceProcess", "free_port", "wait_for", "wait_for_async"]
+__all__ = [
+    "ROOT",
+    "ServiceProcess",
+    "free_port",
+    "issue_api_key",
+    "wait_for",
+    "wait_for_async",
+]
+
+
+def issue_api_key(
+    redis_url: str, scopes: Sequence[str], *, user_id: str = "test-admin", name: str = "tests"
+) -> str:
+    """An API key with `scopes`, stored as the auth service stores one (shown once: here)."""
+    text, record = new_key(user_id, name, scopes)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        with client.pipeline(transaction=True) as pipe:
+            pipe.hset(record_key(record.key_id), mapping=record.to_fields())  # type: ignore[arg-type]
+            pipe.sadd(user_keys_key(record.user_id), record.key_id)
+            pipe.execute()
+    finally:
+        client.close()
+    return text
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:

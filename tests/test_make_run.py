@@ -73,7 +73,14 @@ def _assert_all_gone(run: MakeRun, pids: list[psutil.Process]) -> None:
 
 
 def _serves_channels(run: MakeRun) -> None:
-    body = httpx.get(f"{run.base_url}/api/v1/channels", timeout=10).json()
+    """As the README goes: nothing without credentials; register, log in, browse."""
+    channels = f"{run.base_url}/api/v1/channels"
+    assert httpx.get(channels, timeout=10).status_code == 401
+    user = {"username": "newcomer", "password": "correct horse battery"}
+    assert httpx.post(f"{run.base_url}/api/v1/auth/register", json=user).status_code == 201
+    login = httpx.post(f"{run.base_url}/api/v1/auth/login", json=user, timeout=10).json()
+    token = {"Authorization": f"Bearer {login['access_token']}"}
+    body = httpx.get(channels, headers=token, timeout=10).json()
     assert body["total"] >= 200 and len(body["items"]) > 0
 
 

@@ -15,11 +15,16 @@ from sanic.response import BaseHTTPResponse
 
 from common.aio import cancel_and_wait
 from common.client import RpcClient
+from common.clientip import parse_networks
 from common.connection import connect
+from common.credentials import Authenticator
 from common.log import request_id_var
+from common.policy import PolicyWatcher
+from common.ratelimit import RateLimiter
 from common.registry import Registry
 from common.registry_view import RegistryView
 from common.settings import Settings, get_settings
+from webapi.access import Gatekeeper, rate_limit_headers
 from webapi.blueprints import api
 from webapi.context import GatewayApp, GatewayContext, GatewayRequest
 from webapi.errors import JsonErrorHandler
@@ -49,7 +54,8 @@ def create_app(settings: Settings | None = None, name: str = "webapi") -> Gatewa
     app.register_listener(_open_resources, "before_server_start")
     app.register_listener(_close_resources, "after_server_stop")
     app.register_middleware(_assign_request_id, "request")
-    app.register_middleware(_echo_request_id, "response")
+    app.register_middleware(_admit, "request")
+    app.register_middleware(_decorate_response, "response")
     return app
 
 
@@ -61,6 +67,8 @@ async def _open_resources(app: GatewayApp) -> None:
     await ctx.rpc.start()
     ctx.view = RegistryView(ctx.redis)
     await ctx.view.start()
+    ctx.policy = PolicyWatcher(ctx.redis)
+    await ctx.policy.start()
     settings = ctx.settings
     # Idle connections kept per upstream: above the concurrency we expect per
     # instance, or a burst closes and reopens connections (seen in bench-proxy at 32).
@@ -72,14 +80,26 @@ async def _open_resources(app: GatewayApp) -> None:
     ctx.proxy = Proxy(
         ctx.view,
         pool,
-        ctx.redis,
+        ctx.policy,
         timeout=settings.proxy_timeout,
         least_time_decay=settings.least_time_decay,
+    )
+    authenticator = Authenticator(
+        ctx.redis,
+        configured_secret=settings.jwt_secret,
+        api_key_cache_ttl=settings.api_key_cache_ttl,
+    )
+    await authenticator.start()
+    ctx.gate = Gatekeeper(
+        authenticator,
+        RateLimiter(ctx.redis, on_redis_down=settings.rate_limit_on_redis_down),
+        ctx.policy,
+        parse_networks(settings.trusted_proxies),
     )
     checker = ActiveChecker(ctx.view, ctx.proxy.book)
     ctx.extra["checker"] = checker
     ctx.extra["tasks"] = [
-        asyncio.create_task(ctx.proxy.policy.watch(), name="balancing-policy"),
+        asyncio.create_task(ctx.policy.run(), name="policy-watcher"),
         asyncio.create_task(checker.run(), name="active-health"),
     ]
 
@@ -88,6 +108,9 @@ async def _close_resources(app: GatewayApp) -> None:
     for task in app.ctx.extra.get("tasks", []):
         await cancel_and_wait(task)
     await app.ctx.extra["checker"].close()
+    await app.ctx.policy.close()
+    await app.ctx.gate.limiter.close()
+    await app.ctx.gate.authenticator.close()
     await app.ctx.proxy.pool.close()
     await app.ctx.view.close()
     await app.ctx.rpc.close()
@@ -100,7 +123,15 @@ async def _assign_request_id(request: GatewayRequest) -> None:
     request_id_var.set(request_id)
 
 
-async def _echo_request_id(request: GatewayRequest, response: BaseHTTPResponse) -> None:
+async def _admit(request: GatewayRequest) -> None:
+    """Credentials, scopes and rate limits (`webapi.access`) before any handler runs."""
+    await request.app.ctx.gate.admit(request)
+
+
+async def _decorate_response(request: GatewayRequest, response: BaseHTTPResponse) -> None:
     request_id = getattr(request.ctx, "request_id", None)
     if request_id:
         response.headers["X-Request-Id"] = request_id
+    decision = getattr(request.ctx, "rate", None)
+    if decision is not None and response.status != 429:
+        response.headers.update(rate_limit_headers(decision))

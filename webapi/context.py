@@ -14,8 +14,10 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
     from common.client import RpcClient
+    from common.policy import PolicyWatcher
     from common.registry import Registry
     from common.registry_view import RegistryView
+    from webapi.access import Gatekeeper
     from webapi.proxy.forward import Proxy
 
 
@@ -29,6 +31,8 @@ class GatewayContext:
     registry: Registry = field(init=False)
     view: RegistryView = field(init=False)
     proxy: Proxy = field(init=False)
+    policy: PolicyWatcher = field(init=False)
+    gate: Gatekeeper = field(init=False)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -7,6 +7,7 @@ one table; bad input is always a 4xx, and only a bug in the gateway is a 500.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -20,10 +21,12 @@ from common.errors import (
     Overloaded,
     RemoteError,
     RpcTimeout,
+    ServiceError,
     ServiceUnavailable,
     SwitchboardError,
 )
 from common.log import get_logger
+from common.ratelimit import Decision
 from webapi.responses import json_response
 
 log = get_logger("webapi.errors")
@@ -75,6 +78,14 @@ class UnknownService(ApiError):
     quiet = True
 
 
+class NoRoute(ApiError):
+    """No route of the gateway or of the live policy matches the path."""
+
+    status_code = 404
+    code = "not_found"
+    quiet = True
+
+
 class NoHealthyInstance(ApiError):
     """The service is known but no live, healthy instance can take the request."""
 
@@ -99,6 +110,46 @@ class UpstreamTimedOut(ApiError):
     quiet = True
 
 
+class NotAuthenticated(ApiError):
+    """No credential, or one that is invalid, expired or revoked."""
+
+    status_code = 401
+    code = "unauthorized"
+    quiet = True
+
+    def __init__(self, message: str, *, invalid: bool = False) -> None:
+        challenge = 'Bearer realm="switchboard"'
+        if invalid:
+            challenge += ', error="invalid_token"'
+        super().__init__(message, headers={"WWW-Authenticate": challenge})
+
+
+class NotAllowed(ApiError):
+    """A valid credential whose scopes do not reach what the request asks for."""
+
+    status_code = 403
+    code = "forbidden"
+    quiet = True
+
+
+class RateLimited(ApiError):
+    """Over a rate limit: `Retry-After` says when the next request will pass."""
+
+    status_code = 429
+    code = "rate_limited"
+    quiet = True
+
+    def __init__(self, decision: Decision) -> None:
+        retry_after = max(1, math.ceil(decision.retry_after))
+        headers = {
+            "Retry-After": str(retry_after),
+            "RateLimit-Limit": str(decision.limit),
+            "RateLimit-Remaining": "0",
+            "RateLimit-Reset": str(max(retry_after, math.ceil(decision.reset))),
+        }
+        super().__init__(f"rate limit exceeded: retry in {retry_after} s", headers=headers)
+
+
 _RPC_STATUS: dict[type[SwitchboardError], int] = {
     MethodNotFound: 404,
     InvalidParams: 422,
@@ -115,6 +166,7 @@ _REMOTE_CODE_STATUS = {
     "not_found": 404,
     "conflict": 409,
     "invalid_params": 422,
+    "policy_invalid": 422,
 }
 
 
@@ -122,6 +174,8 @@ def status_for(exc: SwitchboardError) -> int:
     """The HTTP status of an RPC error. A handler crash is the upstream's fault: 502."""
     if isinstance(exc, RemoteError):
         return _REMOTE_CODE_STATUS.get(exc.code, 502)
+    if isinstance(exc, ServiceError):  # raised in the gateway itself (e.g. a policy check)
+        return _REMOTE_CODE_STATUS.get(exc.code, 400)
     for cls, status in _RPC_STATUS.items():
         if isinstance(exc, cls):
             return status

@@ -30,10 +30,12 @@ from sanic.server.websockets.impl import WebsocketImplProtocol
 from common.aio import cancel_and_wait
 from common.client import RpcClient
 from common.connection import REDIS_DOWN_OR_SLOW, connect
+from common.credentials import Authenticator
 from common.errors import Unauthorized
+from common.policy import PolicyWatcher
 from common.registry_view import RegistryView
 from common.settings import Settings, get_settings
-from websocket.auth import SUBPROTOCOL, Verifier, presented_token
+from websocket.auth import SUBPROTOCOL, authenticate, presented_token
 from websocket.connections import TRY_AGAIN_LATER, Connections
 from websocket.envelope import stream_endpoint
 from websocket.hub import ChannelHub
@@ -49,9 +51,10 @@ class WsContext:
     redis: aioredis.Redis = field(init=False)
     rpc: RpcClient = field(init=False)
     view: RegistryView = field(init=False)
+    policy: PolicyWatcher = field(init=False)
     upstreams: Upstreams = field(init=False)
     hub: ChannelHub = field(init=False)
-    verifier: Verifier = field(init=False)
+    authenticator: Authenticator = field(init=False)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -92,15 +95,22 @@ async def _open(app: WsApp) -> None:
     await ctx.rpc.start()
     ctx.view = RegistryView(ctx.redis)
     await ctx.view.start()
+    ctx.policy = PolicyWatcher(ctx.redis)
+    await ctx.policy.start()
     ctx.upstreams = Upstreams(
         ctx.view,
-        ctx.redis,
+        ctx.policy,
         connect_timeout=settings.proxy_connect_timeout,
         max_size=settings.ws_max_message_bytes,
     )
     ctx.hub = ChannelHub(ctx.redis)
-    ctx.verifier = Verifier(ctx.redis, settings.jwt_secret)
-    ctx.tasks.append(asyncio.create_task(ctx.upstreams.policy.watch(), name="balancing-policy"))
+    ctx.authenticator = Authenticator(
+        ctx.redis,
+        configured_secret=settings.jwt_secret,
+        api_key_cache_ttl=settings.api_key_cache_ttl,
+    )
+    await ctx.authenticator.start()
+    ctx.tasks.append(asyncio.create_task(ctx.policy.run(), name="policy-watcher"))
 
 
 async def _drain(app: WsApp) -> None:
@@ -110,7 +120,9 @@ async def _drain(app: WsApp) -> None:
 async def _close(app: WsApp) -> None:
     for task in app.ctx.tasks:
         await cancel_and_wait(task)
+    await app.ctx.policy.close()
     await app.ctx.hub.close()
+    await app.ctx.authenticator.close()
     await app.ctx.view.close()
     await app.ctx.rpc.close()
     await app.ctx.redis.aclose()
@@ -123,12 +135,12 @@ async def _admit(request: WsRequest) -> HTTPResponse | None:
     ctx = request.app.ctx
     if ctx.connections.full():
         return _refuse(503, "too_many_connections", "connection limit reached, retry later")
-    request.ctx.claims = None
+    request.ctx.principal = None
     if request.path == "/ws":
         token = presented_token(request)
         if token is not None:
             try:
-                request.ctx.claims = await ctx.verifier.verify(token)
+                request.ctx.principal = await authenticate(ctx.authenticator, token)
             except Unauthorized as exc:
                 return _refuse(401, "unauthorized", exc.message)
     return None
@@ -171,9 +183,9 @@ async def client_endpoint(request: WsRequest, ws: WebsocketImplProtocol) -> None
     """An authenticated client: see `websocket.session`."""
     session = Session(request.app.ctx, ws)
     try:
-        claims = request.ctx.claims
-        if claims is not None:
-            session.authenticated(claims, reply=False)
+        principal = request.ctx.principal
+        if principal is not None:
+            session.authenticated(principal, reply=False)
         elif not await session.authenticate_first():
             return
         await session.serve()

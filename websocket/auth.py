@@ -1,7 +1,7 @@
-"""Authentication of `/ws` clients with the gateway's JWT, verified locally.
+"""Authentication of `/ws` clients, verified locally by `common.credentials.Authenticator`.
 
-A client presents its access token (from `POST /api/v1/auth/login`) in one of
-three ways:
+A client presents its access token (from `POST /api/v1/auth/login`), or an API
+key, in one of three ways:
 
 1. `Authorization: Bearer <token>` on the upgrade request (servers, CLIs);
 2. `Sec-WebSocket-Protocol: bearer, <token>` (browsers, which cannot set
@@ -11,7 +11,7 @@ three ways:
 
 A bad token in a header or subprotocol is refused before the upgrade (HTTP 401);
 a bad, missing or late first message closes the connection with 1008. The
-connection is closed with 1008 when its token expires.
+connection is closed with 1008 when its token (or API key) expires.
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
 from sanic import Request
 from sanic.server.protocols.websocket_protocol import WebSocketProtocol
 
+from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized
-from common.tokens import Tokens, shared_secret
 
 SUBPROTOCOL = "bearer"
+# Services whose methods act for whichever user the caller names (auth): only
+# the admin scope reaches them, as through the gateway's `/rpc/`.
+INTERNAL_SERVICES = frozenset({"auth"})
 
 
 def presented_token(request: Request[Any, Any]) -> str | None:
@@ -61,18 +63,18 @@ class BearerProtocol(WebSocketProtocol):
         return await super().websocket_handshake(request, subprotocols)
 
 
-class Verifier:
-    """Verifies tokens with the shared secret, loaded from settings or Redis on first use."""
+async def authenticate(authenticator: Authenticator, credential: object) -> Principal:
+    """The client behind `credential` (from a header or a message), or `Unauthorized`."""
+    if not isinstance(credential, str) or not credential:
+        raise Unauthorized("token must be a non-empty string")
+    return await authenticator.authenticate(credential)
 
-    def __init__(self, redis: aioredis.Redis, configured_secret: str | None) -> None:
-        self.redis = redis
-        self.configured = configured_secret
-        self._tokens: Tokens | None = None
 
-    async def verify(self, token: object) -> dict[str, Any]:
-        """The token's claims, or `Unauthorized`."""
-        if not isinstance(token, str) or not token:
-            raise Unauthorized("token must be a non-empty string")
-        if self._tokens is None:
-            self._tokens = Tokens(await shared_secret(self.redis, self.configured))
-        return self._tokens.verify(token)
+def may_call(principal: Principal | None, method: str) -> bool:
+    """Whether `principal`'s scopes reach the RPC method `service.method`."""
+    if principal is None:
+        return False
+    service, _, name = method.partition(".")
+    if service in INTERNAL_SERVICES:
+        return principal.allows("admin", method)
+    return principal.allows(service, name or None)

@@ -18,6 +18,7 @@ Error codes:
     -32002  overloaded: the service's backlog is full
     -32003  timeout: no answer within RPC_TIMEOUT
     -32004  too many calls in flight on this connection (WS_MAX_CALLS_IN_FLIGHT)
+    -32005  forbidden: the connection's credential has no scope for the method
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ SERVICE_UNAVAILABLE = -32001
 OVERLOADED = -32002
 TIMEOUT = -32003
 TOO_MANY_CALLS = -32004
+FORBIDDEN = -32005
 
 Id = str | int | float | None
 

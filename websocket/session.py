@@ -13,7 +13,9 @@ then `{"type": "message", "channel", "data"}` for every message published on a
 subscribed channel. An `auth` message on an open session replaces its token
 (a client renews before `exp`). Mistakes are answered with
 `{"type": "error", "error": {"code", "message"}}` and never close the session;
-anything that is not JSON gets a JSON-RPC parse error (-32700).
+anything that is not JSON gets a JSON-RPC parse error (-32700). A JSON-RPC
+call needs a scope reaching its method (`common.scopes`; the `auth` service's
+methods need `admin`), else it is answered with -32005.
 Every frame to the client goes through the connection's bounded `Outbox`.
 """
 
@@ -26,8 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from sanic.server.websockets.impl import WebsocketImplProtocol
 
+from common.credentials import Principal
 from common.errors import RpcError, Unauthorized
 from websocket import jsonrpc
+from websocket.auth import authenticate, may_call
 from websocket.connections import POLICY_VIOLATION, Outbox
 from websocket.hub import CHANNEL
 
@@ -45,6 +49,7 @@ class Session:
         self.channels: set[str] = set()
         self.calls: set[asyncio.Task[None]] = set()
         self._expiry: asyncio.TimerHandle | None = None
+        self.principal: Principal | None = None
         self._task = asyncio.current_task()
 
     # -- authentication ---------------------------------------------------------
@@ -61,21 +66,26 @@ class Session:
             await self.ws.close(POLICY_VIOLATION, reason)
             return False
         try:
-            claims = await self.ctx.verifier.verify(message.get("token"))
+            principal = await authenticate(self.ctx.authenticator, message.get("token"))
         except Unauthorized as exc:
             await self.ws.close(POLICY_VIOLATION, exc.message[:120])
             return False
-        self.authenticated(claims, message.get("id"))
+        self.authenticated(principal, message.get("id"))
         return True
 
-    def authenticated(self, claims: dict[str, Any], id_: Any = None, *, reply: bool = True) -> None:
-        """Start (or renew) the session under `claims`; it is closed when they expire."""
+    def authenticated(self, principal: Principal, id_: Any = None, *, reply: bool = True) -> None:
+        """Start (or renew) the session as `principal`; it is closed when the credential expires."""
         if self._expiry is not None:
             self._expiry.cancel()
-        delay = float(claims["exp"]) - time.time()
-        self._expiry = asyncio.get_running_loop().call_later(max(delay, 0.0), self._expired)
+            self._expiry = None
+        self.principal = principal
+        exp = principal.expires_at
+        if exp is not None:  # an API key may never expire
+            delay = max(exp - time.time(), 0.0)
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._expired)
         if reply:
-            answer = {"type": "authenticated", "sub": claims["sub"], "exp": claims["exp"]}
+            expires = None if exp is None else int(exp)
+            answer = {"type": "authenticated", "sub": principal.subject, "exp": expires}
             self.send(_with_id(answer, id_))
 
     def _expired(self) -> None:
@@ -119,11 +129,11 @@ class Session:
 
     async def _reauthenticate(self, message: dict[str, Any], id_: Any) -> None:
         try:
-            claims = await self.ctx.verifier.verify(message.get("token"))
+            principal = await authenticate(self.ctx.authenticator, message.get("token"))
         except Unauthorized as exc:
             self.send(_error("unauthorized", exc.message, id_))
             return
-        self.authenticated(claims, id_)
+        self.authenticated(principal, id_)
 
     async def _subscription(self, kind: str, channel: Any, id_: Any) -> None:
         if not isinstance(channel, str) or not CHANNEL.match(channel):
@@ -150,6 +160,11 @@ class Session:
             id_, method, args, kwargs, notification = jsonrpc.parse(message)
         except jsonrpc.InvalidRequest as exc:
             self.send(jsonrpc.error(exc.id, jsonrpc.INVALID_REQUEST, f"invalid request: {exc}"))
+            return
+        if not may_call(self.principal, method):
+            if not notification:
+                what = f"this credential's scopes do not include {method}"
+                self.send(jsonrpc.error(id_, jsonrpc.FORBIDDEN, what))
             return
         if len(self.calls) >= self.ctx.settings.ws_max_calls_in_flight:
             if not notification:

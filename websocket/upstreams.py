@@ -3,10 +3,14 @@
 Instances come from the local `RegistryView` (no Redis on the connect path):
 those of kind "ws" and "http" (the original dispatcher registered its
 WebSocket backends with the same heartbeat as HTTP ones). Ejected instances
-(`HealthBook`) are left out; the service's balancing strategy (round_robin
-unless `sb:policy:balancing` names another, re-read every second) picks one.
-A connect failure ejects the instance and the next attempt goes to another
-instance, up to `max_attempts`, before the caller sees `NoUpstream`.
+(`HealthBook`) are left out; the live policy's version weights choose a
+version when the client names none, and the service's balancing strategy
+(round_robin unless the policy names another) picks one instance of it
+(`BalancingPolicy`, shared with the gateway). A connect failure ejects the
+instance and the next attempt goes to another instance, up to `max_attempts`
+(the policy's `retries` + 1 when it sets them), before the caller sees
+`NoUpstream`; each connect is bounded by the policy's `connect_timeout`, else
+the service's setting.
 For `least_conn` the strategy counts open relayed connections.
 """
 
@@ -15,13 +19,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
 from common.balancing import Endpoint, HealthBook
 from common.balancing.policy import BalancingPolicy
 from common.log import get_logger
+from common.policy import PolicyWatcher
 from common.registry import InstanceRecord
 from common.registry_view import RegistryView
 
@@ -44,19 +48,18 @@ class Upstreams:
     def __init__(
         self,
         view: RegistryView,
-        redis: aioredis.Redis,
+        watcher: PolicyWatcher,
         *,
         connect_timeout: float,
         max_size: int,
         max_attempts: int = 3,
-        policy_interval: float = 1.0,
     ) -> None:
-        self.view, self.redis = view, redis
+        self.view = view
         self.book = HealthBook()
-        self.connect_timeout = connect_timeout
+        self.connect_timeout = connect_timeout  # defaults, unless the policy sets the service's own
         self.max_size = max_size
         self.max_attempts = max_attempts
-        self.policy = BalancingPolicy(redis, interval=policy_interval)
+        self.policy = BalancingPolicy(watcher)
         view.on_change(self.policy.forget_endpoints)
 
     def records(self, service: str, version: str | None = None) -> list[InstanceRecord]:
@@ -79,9 +82,15 @@ class Upstreams:
 
         The caller reports the end of the connection with `finished`.
         """
+        settings = self.policy.service_policy(service)
+        max_attempts, connect_timeout = self.max_attempts, self.connect_timeout
+        if settings is not None:
+            if settings.retries is not None:
+                max_attempts = settings.retries + 1
+            connect_timeout = settings.connect_timeout or connect_timeout
         tried: set[str] = set()
         last_error = "no live instance"
-        for _ in range(self.max_attempts):
+        for _ in range(max_attempts):
             records = self.records(service, version)
             if not records:
                 break
@@ -90,13 +99,13 @@ class Upstreams:
                 break
             endpoints = [self.policy.endpoint(r) for r in usable]
             strategy = self.policy.strategy(service)
-            endpoint = strategy.pick(endpoints)
+            endpoint = strategy.pick(self.policy.for_request(service, endpoints, version))
             tried.add(endpoint.instance_id)
             self.book.started(endpoint.instance_id)
             try:
                 upstream = await connect(
                     f"ws://{endpoint.address}{path}",
-                    open_timeout=self.connect_timeout,
+                    open_timeout=connect_timeout,
                     max_size=self.max_size,
                     compression=None,
                     ping_interval=None,  # the client side of the relay keeps the liveness checks

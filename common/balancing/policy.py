@@ -1,53 +1,103 @@
-"""Which strategy balances each service, read live from Redis, and endpoints from records.
+"""Each service's balancing as the live policy says, and endpoints from records.
 
 Shared by everything that routes to registered instances (the gateway's proxy,
-the websocket relay): the per-service strategy names in `sb:policy:balancing`
-are re-read every `interval` (a changed name re-creates that service's
-strategy; Redis unreachable keeps the last known policy), and registry records
-become `Endpoint`s once per instance, not once per request.
+the websocket relay). The per-service settings come from a `PolicyWatcher`'s
+document (`services.<name>`): a changed strategy name re-creates that
+service's strategy (a fresh one starts with no load or latency history);
+unchanged services keep theirs. Registry records become `Endpoint`s once per
+instance, not once per request.
+
+Version weights (`version_weights`, tag -> weight) split the requests that
+name no version: a version is drawn by weight among the weighted versions that
+have a candidate left, then the strategy picks among that version's endpoints.
+A version with weight 0, or not listed, gets no traffic while any weighted
+version has a candidate; when none has, every candidate is used as if there
+were no weights, so a rollout never turns into an outage. A request that names
+a version gets that version, whatever the weights.
 """
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
+import random
+from collections.abc import Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
-
-from common import constants
-from common.aio import cancelling
-from common.balancing import STRATEGIES, Endpoint, Strategy, make_strategy
-from common.connection import REDIS_DOWN_ERRORS, as_text
+from common.balancing import Endpoint, Strategy, make_strategy, select_version
+from common.policy import PolicyDocument, PolicyWatcher, ServicePolicy
 from common.registry import InstanceRecord
 
 DEFAULT_STRATEGY = "round_robin"
 
 
 class BalancingPolicy:
-    """The strategy of each service, changeable at runtime."""
+    """The strategy and version split of each service, following the live policy."""
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        watcher: PolicyWatcher,
         *,
-        interval: float = 1.0,
         options: dict[str, dict[str, Any]] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
-        self.redis = redis
-        self.interval = interval
+        self.watcher = watcher
         self.options = options or {}  # per strategy name, e.g. {"least_time": {"decay": 2}}
-        self._names: dict[str, str] = {}
+        self._rng = rng or random.Random()
+        self._services: dict[str, ServicePolicy] = {}
         self._strategies: dict[str, Strategy] = {}
         self._endpoints: dict[str, Endpoint] = {}
+        self._apply(watcher.current)
+        watcher.on_change(self._apply)
+
+    def service_policy(self, service: str) -> ServicePolicy | None:
+        """The service's entry in the current policy, None if it has none (hot path)."""
+        return self._services.get(service)
 
     def strategy(self, service: str) -> Strategy:
         """The service's strategy object (hot path: a dict lookup)."""
         strategy = self._strategies.get(service)
         if strategy is None:
-            name = self._names.get(service, DEFAULT_STRATEGY)
+            settings = self._services.get(service)
+            name = settings.strategy if settings else DEFAULT_STRATEGY
             strategy = make_strategy(name, **self.options.get(name, {}))
             self._strategies[service] = strategy
         return strategy
+
+    def for_request(
+        self,
+        service: str,
+        endpoints: Sequence[Endpoint],
+        version: str | None,
+        key: str | None = None,
+    ) -> Sequence[Endpoint]:
+        """The endpoints the strategy may pick from for one request (hot path).
+
+        `version` named: only its endpoints. Otherwise the service's version
+        weights draw one version (see the module docstring). With a `key`
+        (sticky requests) the draw is a hash of the key, not a random number,
+        so a client stays on one version as long as the weights stay.
+        """
+        if version is not None:
+            return select_version(endpoints, version)
+        settings = self._services.get(service)
+        weights = settings.version_weights if settings else None
+        if not weights:
+            return endpoints
+        present = sorted({ep.version for ep in endpoints if weights.get(ep.version, 0) > 0})
+        if not present:
+            return endpoints
+        chosen = present[0]
+        if len(present) > 1:
+            total = sum(weights[v] for v in present)
+            point = (self._rng.random() if key is None else _fraction(key)) * total
+            for candidate in present:
+                point -= weights[candidate]
+                if point < 0:
+                    chosen = candidate
+                    break
+            else:
+                chosen = present[-1]  # rounding at the very top of the range
+        return [ep for ep in endpoints if ep.version == chosen]
 
     def endpoint(self, record: InstanceRecord) -> Endpoint:
         """The `Endpoint` of a registry record, cached per instance."""
@@ -67,17 +117,21 @@ class BalancingPolicy:
         """Drop cached endpoints (a registry change may have changed weights or versions)."""
         self._endpoints.clear()
 
-    async def watch(self) -> None:
-        """Keep the per-service strategy names current from Redis."""
-        while not cancelling():
-            try:
-                raw = await self.redis.hgetall(constants.BALANCING)
-                pairs = {as_text(k): as_text(v) for k, v in raw.items()}
-                names = {k: v for k, v in pairs.items() if v in STRATEGIES}
-                for service in set(names) | set(self._names):
-                    if names.get(service) != self._names.get(service):
-                        self._strategies.pop(service, None)
-                self._names = names
-            except REDIS_DOWN_ERRORS:
-                pass  # keep the last known policy
-            await asyncio.sleep(self.interval)
+    def _apply(self, document: PolicyDocument) -> None:
+        for service in set(document.services) | set(self._services):
+            old, new = self._services.get(service), document.services.get(service)
+            old_name = old.strategy if old else DEFAULT_STRATEGY
+            new_name = new.strategy if new else DEFAULT_STRATEGY
+            if old_name != new_name:
+                self._strategies.pop(service, None)
+        self._services = dict(document.services)
+
+
+def _fraction(key: str) -> float:
+    """A stable number in [0, 1) for `key`, the same in every process.
+
+    Not crc32: the hash strategy places keys on its ring by crc32, and the keys
+    of one version would then crowd one arc of that version's ring.
+    """
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64

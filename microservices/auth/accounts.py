@@ -1,182 +1,273 @@
-"""Accounts: registration, password login and JWT access tokens.
+"""Accounts: the auth service's operations, over users, sessions, API keys and the keyring.
 
-`Accounts` knows nothing of RPC, so it is tested against Redis directly.
-Passwords are hashed with argon2id; hashing runs in threads (it is CPU- and
-memory-heavy by design) behind a semaphore, so logins neither block the event
-loop nor run more hashes at once than there are CPUs. Redis layout (all keys
-share the `{auth}` hash tag, so one Cluster slot):
+`Accounts` knows nothing of RPC, so it is tested against Redis directly; the
+`service` module maps each public method onto an RPC method of the same name.
+The gateway is trusted to pass the authenticated caller's user id and session
+id, and to allow the admin operations to admins only.
 
-```
-sb:{auth}:usernames        hash    lower-cased username -> user id (uniqueness)
-sb:{auth}:user:<user id>   hash    user_id, username, password_hash, created_at
-sb:{auth}:jwt_secret       string  the generated signing secret when JWT_SECRET is unset
-```
-
-Tokens are made and verified by `common.tokens` (HS256 JWTs with a `kid`
-header), the one implementation the services that verify locally share.
+Revocations last `JWT_TTL` + 60 s (`revoke_for`): by then every access token
+issued before has expired by itself.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import re
-import secrets
 import time
-import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import redis.asyncio as aioredis
 from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 
-from common.connection import as_text
-from common.constants import data_key
-from common.errors import BadRequest, Conflict, Unauthorized
+from common import apikeys, tokens
+from common.errors import BadRequest, ConfigError, Conflict, Forbidden, Unauthorized
 from common.log import get_logger
-from common.tokens import SECRET_KEY, Tokens, key_id, shared_secret
+from common.revocation import REVOKED, revoke
+from common.scopes import covers, parse
+from common.tokens import Keyring
+from microservices.auth.api_keys import ApiKeys
+from microservices.auth.passwords import Passwords
+from microservices.auth.sessions import SESSION_ID, Sessions
+from microservices.auth.users import User, Users
 
-__all__ = ["Accounts", "Keys", "key_id", "shared_secret"]
+__all__ = ["REVOCATION_MARGIN", "Accounts"]
 
 log = get_logger(__name__)
 
-SERVICE = "auth"
-USERNAME = re.compile(r"[A-Za-z0-9_.-]{3,64}")
-MIN_PASSWORD, MAX_PASSWORD = 8, 256
-INVALID_LOGIN = "invalid username or password"
-
-T = TypeVar("T")
-
-# Claim the username and create the user in one step, so a crash can never leave
-# a username pointing at no user, and two registrations cannot both win.
-_CREATE_USER = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('HSET', KEYS[2], 'user_id', ARGV[2], 'username', ARGV[3],
-           'password_hash', ARGV[4], 'created_at', ARGV[5])
-return 1
-"""
-
-
-class Keys:
-    """Names of the auth keys, in one place (see the module docstring)."""
-
-    usernames = data_key(SERVICE, "usernames")
-    jwt_secret = SECRET_KEY
-
-    @staticmethod
-    def user(user_id: str) -> str:
-        """One user's record."""
-        return data_key(SERVICE, "user", user_id)
-
-
-def _valid_password(password: str) -> bool:
-    return MIN_PASSWORD <= len(password) <= MAX_PASSWORD
+# Revocations and retiring keys outlive the longest access token by this much.
+REVOCATION_MARGIN = 60.0
+REVOKE_KINDS = ("session", "token", "key", "user")
 
 
 class Accounts:
-    """Users, password login and token verification over one Redis connection pool."""
+    """Users, sessions, API keys and signing keys over one Redis connection pool."""
 
     def __init__(
         self,
         redis: aioredis.Redis,
-        secret: str,
-        ttl: int = 900,
         *,
+        ttl: int = 900,
+        refresh_ttl: int = 14 * 86400,
+        default_scopes: str = "*",
+        configured_secret: str | None = None,
         hasher: PasswordHasher | None = None,
         hash_concurrency: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
         self.ttl = ttl
-        self.hasher = hasher or PasswordHasher()
-        self.tokens = Tokens(secret, clock=clock)
-        self.kid = self.tokens.kid
         self.clock = clock
-        self._slots = asyncio.Semaphore(hash_concurrency or os.cpu_count() or 2)
-        self._dummy_hash: str | None = None
-        self._create_user = redis.register_script(_CREATE_USER)
+        self.revoke_for = ttl + REVOCATION_MARGIN
+        self.passwords = Passwords(hasher, concurrency=hash_concurrency)
+        try:
+            self.users = Users(redis, self.passwords, default_scopes=parse(default_scopes))
+        except BadRequest as exc:
+            raise ConfigError(f"AUTH_DEFAULT_SCOPES: {exc.message}") from None
+        self.sessions = Sessions(
+            redis, refresh_ttl=refresh_ttl, revoke_for=self.revoke_for, clock=clock
+        )
+        self.api_keys = ApiKeys(redis, revoke_for=self.revoke_for, clock=clock)
+        self.keyring = Keyring(redis, configured_secret=configured_secret, clock=clock)
+
+    async def prepare(self) -> None:
+        """Create the first signing key if there is none; drop retired ones."""
+        await self.keyring.ensure()
+        await self.keyring.prune()
+
+    # -- accounts --------------------------------------------------------------------
 
     async def register(self, username: str, password: str) -> dict[str, Any]:
-        """Create a user; `BadRequest` for a malformed name or password, `Conflict` if taken."""
-        if not USERNAME.fullmatch(username):
-            raise BadRequest("username must be 3 to 64 characters of A-Z, a-z, 0-9, _ . -")
-        if not _valid_password(password):
-            raise BadRequest(f"password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters")
-        folded = username.lower()
-        # Cheap early answer; the script below is what guarantees uniqueness.
-        if await self.redis.hexists(Keys.usernames, folded):
-            raise Conflict(f"username {username!r} is taken")
-        password_hash = await self._in_thread(self.hasher.hash, password)
-        user_id = str(uuid.uuid4())
-        created_at = datetime.now(UTC)
-        created = await self._create_user(
-            keys=[Keys.usernames, Keys.user(user_id)],
-            args=[folded, user_id, username, password_hash, created_at.isoformat()],
+        """A new user: {user_id, username, roles, created_at}."""
+        user = await self.users.create(username, password)
+        return _registered(user)
+
+    async def bootstrap_admin(self, username: str, password: str) -> bool:
+        """Create `username` as an admin unless that user exists; whether it was created."""
+        if await self.users.find(username) is not None:
+            return False
+        try:
+            await self.users.create(username, password, roles=("user", "admin"))
+        except Conflict:  # another instance bootstrapped it first
+            return False
+        except BadRequest as exc:
+            raise ConfigError(f"AUTH_ADMIN_USERNAME/AUTH_ADMIN_PASSWORD: {exc.message}") from None
+        log.info("admin bootstrapped", extra={"fields": {"username": username}})
+        return True
+
+    async def create_admin(self, username: str, password: str) -> dict[str, Any]:
+        """A new admin (the CLI's `create-admin`)."""
+        return _registered(await self.users.create(username, password, roles=("user", "admin")))
+
+    async def me(self, user_id: str) -> dict[str, Any]:
+        return (await self.users.require(user_id)).describe()
+
+    async def list_users(self) -> list[dict[str, Any]]:
+        return [{**u.describe(), "created_at": u.created_at} for u in await self.users.all()]
+
+    async def set_roles(self, user_id: str, roles: list[str]) -> dict[str, Any]:
+        """Set a user's roles. Losing a role ends the user's sessions (tokens carry roles)."""
+        before = await self.users.require(user_id)
+        after = await self.users.set_roles(user_id, roles)
+        await self._narrowed(before, after)
+        return after.describe()
+
+    async def set_scopes(self, user_id: str, scopes: list[str]) -> dict[str, Any]:
+        """Set a user's scopes. Losing any ends the user's sessions and deletes keys beyond them."""
+        before = await self.users.require(user_id)
+        after = await self.users.set_scopes(user_id, scopes)
+        await self._narrowed(before, after)
+        return after.describe()
+
+    async def _narrowed(self, before: User, after: User) -> None:
+        # Tokens carry roles and scopes until they expire: after a narrowing the
+        # old ones must stop now. Logging in again gives the new ones.
+        granted = after.scopes_granted
+        lost = not before.roles <= after.roles or not all(
+            covers(granted, s) for s in before.scopes_granted
         )
-        if not created:
-            raise Conflict(f"username {username!r} is taken")
-        log.info("user registered", extra={"fields": {"user_id": user_id, "username": username}})
-        return {"user_id": user_id, "username": username, "created_at": created_at}
+        if lost:
+            await self.sessions.end_all(after.user_id)
+            await self.api_keys.keep_within(after)
+
+    # -- sessions --------------------------------------------------------------------
 
     async def login(self, username: str, password: str) -> dict[str, Any]:
-        """A bearer access token for valid credentials, else `Unauthorized`.
+        """An access token and a refresh token for valid credentials, else `Unauthorized`."""
+        user = await self.users.check_password(username, password)
+        if await self._user_revoked(user.user_id):
+            raise Unauthorized("this user's credentials are revoked: try again later")
+        sid, refresh_token = await self.sessions.open(user.user_id)
+        log.info("login", extra={"fields": {"user_id": user.user_id, "session_id": sid}})
+        return await self._tokens(user, sid, refresh_token)
 
-        Every failure gives the same message after one argon2 verification, so
-        neither the answer nor its timing tells whether the username exists.
+    async def refresh(self, refresh_token: str) -> dict[str, Any]:
+        """New tokens for a refresh token, which is used up; reuse revokes the session."""
+        sid, user_id, new_refresh = await self.sessions.rotate(refresh_token)
+        user = await self.users.get(user_id)
+        if user is None:
+            raise Unauthorized("invalid refresh token")
+        return await self._tokens(user, sid, new_refresh)
+
+    async def logout(self, session_id: str) -> dict[str, Any]:
+        """End a session: its refresh token and its access tokens stop working."""
+        if not SESSION_ID.fullmatch(session_id):
+            raise BadRequest("session_id must be 32 hexadecimal digits")
+        await self.sessions.end(session_id)
+        return {"revoked": True}
+
+    async def revoke(self, kind: str, id: str) -> dict[str, Any]:
+        """Revoke a session, one access token (its jti), an API key, or all of a user's."""
+        if kind == "session":
+            return await self.logout(id)
+        if kind == "token":
+            if not SESSION_ID.fullmatch(id):  # a jti has the same shape
+                raise BadRequest("a token id (jti) is 32 hexadecimal digits")
+            await revoke(self.redis, f"jti:{id}", self.clock() + self.revoke_for)
+        elif kind == "key":
+            await self.api_keys.revoke(id)
+        elif kind == "user":
+            user = await self.users.require(id)
+            # The user: entry stops the access tokens; sessions and keys are gone for good.
+            await revoke(self.redis, f"user:{user.user_id}", self.clock() + self.revoke_for)
+            await self.sessions.end_all(user.user_id)
+            await self.api_keys.delete_all(user.user_id)
+        else:
+            raise BadRequest(f"kind must be one of {', '.join(REVOKE_KINDS)}")
+        log.info("revoked", extra={"fields": {"kind": kind, "id": id}})
+        return {"revoked": True}
+
+    async def _tokens(self, user: User, sid: str, refresh_token: str) -> dict[str, Any]:
+        key = await self.keyring.current()
+        access = tokens.issue(
+            key,
+            subject=user.user_id,
+            name=user.username,
+            roles=user.roles,
+            scopes=user.scopes_granted,
+            session_id=sid,
+            ttl=self.ttl,
+            now=self.clock(),
+        )
+        return {
+            "access_token": access,
+            "token_type": "bearer",
+            "expires_in": self.ttl,
+            "refresh_token": refresh_token,
+            "refresh_expires_in": self.sessions.refresh_ttl,
+        }
+
+    async def _user_revoked(self, user_id: str) -> bool:
+        expires_at = await self.redis.zscore(REVOKED, f"user:{user_id}")
+        return expires_at is not None and float(expires_at) > self.clock()
+
+    # -- API keys --------------------------------------------------------------------
+
+    async def create_api_key(
+        self, user_id: str, name: str | None, scopes: list[str], expires_in: int | None
+    ) -> dict[str, Any]:
+        owner = await self.users.require(user_id)
+        if await self._user_revoked(user_id):
+            raise Forbidden("this user's credentials are revoked: try again later")
+        return await self.api_keys.create(owner, name, scopes, expires_in)
+
+    async def list_api_keys(self, user_id: str) -> list[dict[str, Any]]:
+        return await self.api_keys.listing(user_id)
+
+    async def delete_api_key(self, user_id: str, key_id: str) -> dict[str, Any]:
+        await self.api_keys.delete(user_id, key_id)
+        return {"revoked": True}
+
+    # -- signing keys and introspection ------------------------------------------------
+
+    async def rotate_signing_key(self) -> dict[str, Any]:
+        """A new current signing key; the old one verifies until its tokens have expired."""
+        key = await self.keyring.rotate(grace=self.revoke_for)
+        log.info("signing key rotated", extra={"fields": {"kid": key.kid}})
+        return {"kid": key.kid}
+
+    async def introspect(self, token: str) -> dict[str, Any]:
+        """`{"active": true, ...claims}` for a valid unrevoked credential, else `{"active": false}`.
+
+        Accepts access tokens and API keys (claims `sub`, `name`, `scope`,
+        `key_id`, `iat`, `exp` for a key).
         """
-        user = await self._find(username)
-        if user is None or not _valid_password(password):
-            await self._verify(await self._dummy(), password[:MAX_PASSWORD])
-            raise Unauthorized(INVALID_LOGIN)
-        stored_hash = user["password_hash"]
-        if not await self._verify(stored_hash, password):
-            raise Unauthorized(INVALID_LOGIN)
-        if self.hasher.check_needs_rehash(stored_hash):
-            # The hasher's parameters changed since this hash was made: upgrade
-            # it now, while we know the password.
-            new_hash = await self._in_thread(self.hasher.hash, password)
-            await self.redis.hset(Keys.user(user["user_id"]), "password_hash", new_hash)
-            log.info("password rehashed", extra={"fields": {"user_id": user["user_id"]}})
-        return self.issue(user["user_id"], user["username"])
-
-    def issue(self, user_id: str, username: str) -> dict[str, Any]:
-        """A signed access token for a user (no credential check: callers do that)."""
-        token = self.tokens.issue(user_id, username, self.ttl)
-        return {"access_token": token, "token_type": "bearer", "expires_in": self.ttl}
-
-    def verify(self, token: str) -> dict[str, Any]:
-        """The claims of a valid access token; `Unauthorized` for anything else."""
-        return self.tokens.verify(token)
-
-    async def _find(self, username: str) -> dict[str, str] | None:
-        if not USERNAME.fullmatch(username):
-            return None
-        user_id = await self.redis.hget(Keys.usernames, username.lower())
-        if user_id is None:
-            return None
-        raw = await self.redis.hgetall(Keys.user(as_text(user_id)))
-        if not raw:
-            return None
-        return {as_text(k): as_text(v) for k, v in raw.items()}
-
-    async def _verify(self, password_hash: str, password: str) -> bool:
         try:
-            return await self._in_thread(self.hasher.verify, password_hash, password)
-        except VerificationError:
-            return False
-        except InvalidHashError:
-            log.error("stored password hash is unreadable")
-            return False
+            if token.startswith(apikeys.PREFIX):
+                claims, members = await self._key_claims(token)
+            else:
+                _, keys = await self.keyring.load()
+                claims = tokens.verify(token, keys, now=self.clock())
+                members = [f"sid:{claims['sid']}", f"jti:{claims['jti']}", f"user:{claims['sub']}"]
+        except Unauthorized:
+            return {"active": False}
+        now = self.clock()
+        scores = await self.redis.zmscore(REVOKED, members)
+        if any(score is not None and score > now for score in scores):
+            return {"active": False}
+        return {"active": True, **claims}
 
-    async def _dummy(self) -> str:
-        """A hash of a random password, made with the current parameters, for
-        unknown users to be verified against."""
-        if self._dummy_hash is None:
-            self._dummy_hash = await self._in_thread(self.hasher.hash, secrets.token_urlsafe(16))
-        return self._dummy_hash
+    async def _key_claims(self, text: str) -> tuple[dict[str, Any], list[str]]:
+        parsed = apikeys.parse_key(text)
+        record = None if parsed is None else await apikeys.read(self.redis, parsed[0])
+        if parsed is None or record is None or not record.matches(parsed[1]):
+            raise Unauthorized("unknown API key")
+        if record.expired(self.clock()):
+            raise Unauthorized("API key expired")
+        claims = {
+            "kind": "api_key",
+            "sub": record.user_id,
+            "key_id": record.key_id,
+            "name": record.name,
+            "scope": " ".join(sorted(record.scopes)),
+            "iat": int(record.created_at),
+            "exp": None if record.expires_at is None else int(record.expires_at),
+        }
+        return claims, [f"key:{record.key_id}", f"user:{record.user_id}"]
 
-    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        async with self._slots:
-            return await asyncio.to_thread(fn, *args)
+
+def _registered(user: User) -> dict[str, Any]:
+    return {
+        "user_id": user.user_id,
+        "username": user.username,
+        "roles": sorted(user.roles),
+        "created_at": user.created_at,
+    }

@@ -1,15 +1,20 @@
 """The auth RPC methods: thin wrappers over `Accounts`.
 
-The method names and parameters are a contract with the gateway. Password
-hashing runs in `Accounts`' own bounded threads, so these handlers are async.
+The method names and parameters are a contract with the gateway, which
+authenticates the caller and passes its user id / session id, and allows the
+admin methods (`revoke`, `set_roles`, `set_scopes`, `list_users`,
+`rotate_signing_key`) to admins only. Password hashing runs in `Accounts`' own
+bounded threads, so these handlers are async.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from common import Service
-from microservices.auth.accounts import Accounts, shared_secret
+from common import Service, get_logger
+from microservices.auth.accounts import Accounts
+
+log = get_logger(__name__)
 
 svc = Service("auth")
 
@@ -25,24 +30,105 @@ ctx = _Context()
 
 @svc.on_startup
 async def prepare(service: Service) -> None:
-    """Load (or create, once for all instances) the signing secret."""
-    secret = await shared_secret(service.redis, service.settings.jwt_secret)
-    ctx.accounts = Accounts(service.redis, secret, service.settings.jwt_ttl)
+    """Create (once for all instances) the first signing key; bootstrap the first admin."""
+    settings = service.settings
+    ctx.accounts = Accounts(
+        service.redis,
+        ttl=settings.jwt_ttl,
+        refresh_ttl=settings.jwt_refresh_ttl,
+        default_scopes=settings.auth_default_scopes,
+        configured_secret=settings.jwt_secret,
+    )
+    await ctx.accounts.prepare()
+    username, password = settings.auth_admin_username, settings.auth_admin_password
+    if username and password:
+        await ctx.accounts.bootstrap_admin(username, password)
+    elif username:
+        log.warning("AUTH_ADMIN_USERNAME is set without AUTH_ADMIN_PASSWORD: no admin created")
 
 
 @svc.method
 async def register(username: str, password: str) -> dict[str, Any]:
-    """Create a user: {"user_id", "username", "created_at"} (bad_request, conflict)."""
+    """Create a user: {user_id, username, roles, created_at} (bad_request, conflict)."""
     return await ctx.accounts.register(username, password)
 
 
 @svc.method
 async def login(username: str, password: str) -> dict[str, Any]:
-    """Exchange credentials for {"access_token", "token_type", "expires_in"} (unauthorized)."""
+    """{access_token, token_type, expires_in, refresh_token, refresh_expires_in} (unauthorized)."""
     return await ctx.accounts.login(username, password)
 
 
 @svc.method
-async def verify(token: str) -> dict[str, Any]:
-    """The claims of a valid access token (unauthorized otherwise)."""
-    return ctx.accounts.verify(token)
+async def refresh(refresh_token: str) -> dict[str, Any]:
+    """New tokens for a refresh token (used up); a reused one revokes its session."""
+    return await ctx.accounts.refresh(refresh_token)
+
+
+@svc.method
+async def logout(session_id: str) -> dict[str, Any]:
+    """End a session: {revoked: true}."""
+    return await ctx.accounts.logout(session_id)
+
+
+@svc.method
+async def revoke(kind: str, id: str) -> dict[str, Any]:
+    """Revoke a "session", "token" (jti), "key" or "user" (admin): {revoked: true}."""
+    return await ctx.accounts.revoke(kind, id)
+
+
+@svc.method
+async def create_api_key(
+    user_id: str, name: str | None = None, scopes: list[str] | None = None,
+    expires_in: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """A new key {key_id, api_key (shown once), name, scopes, created_at, expires_at}."""
+    return await ctx.accounts.create_api_key(user_id, name, scopes or [], expires_in)
+
+
+@svc.method
+async def list_api_keys(user_id: str) -> list[dict[str, Any]]:
+    """The user's keys: [{key_id, name, scopes, created_at, expires_at}]."""
+    return await ctx.accounts.list_api_keys(user_id)
+
+
+@svc.method
+async def delete_api_key(user_id: str, key_id: str) -> dict[str, Any]:
+    """Delete one of the user's keys: {revoked: true} (not_found)."""
+    return await ctx.accounts.delete_api_key(user_id, key_id)
+
+
+@svc.method
+async def me(user_id: str) -> dict[str, Any]:
+    """{user_id, username, roles, scopes} (not_found)."""
+    return await ctx.accounts.me(user_id)
+
+
+@svc.method
+async def set_roles(user_id: str, roles: list[str]) -> dict[str, Any]:
+    """Set a user's roles (admin); losing one ends the user's sessions."""
+    return await ctx.accounts.set_roles(user_id, roles)
+
+
+@svc.method
+async def set_scopes(user_id: str, scopes: list[str]) -> dict[str, Any]:
+    """Set a user's scopes (admin); losing one ends the user's sessions."""
+    return await ctx.accounts.set_scopes(user_id, scopes)
+
+
+@svc.method
+async def list_users() -> list[dict[str, Any]]:
+    """Every user (admin): [{user_id, username, roles, scopes, created_at}]."""
+    return await ctx.accounts.list_users()
+
+
+@svc.method
+async def rotate_signing_key() -> dict[str, Any]:
+    """A new signing key (admin): {kid}; tokens signed before stay valid until they expire."""
+    return await ctx.accounts.rotate_signing_key()
+
+
+@svc.method
+async def introspect(token: str) -> dict[str, Any]:
+    """{active: true, ...claims} for a valid access token or API key, else {active: false}."""
+    return await ctx.accounts.introspect(token)

@@ -1,7 +1,8 @@
 """A real HTTP backend for proxy tests: `python -m tests.support.http_backend`.
 
 Env: PORT, NAME (instance label), and optionally GATEWAY (base URL) + SERVICE
-(+ VERSION, WEIGHT) to register itself by heartbeat every 0.3 s.
+(+ VERSION, WEIGHT) to register itself by heartbeat every 0.3 s, with the
+API key in GATEWAY_API_KEY (a credential with the `registry` scope).
 Routes: /echo, /slow, /status/<n>, /upload (streamed, counts bytes),
 /download?mb=N (streamed), /health, /admin/delay?ms=N (slow every /echo down),
 POST /nlp, POST /ai_server/.
@@ -114,7 +115,8 @@ async def heartbeat(app: Sanic) -> None:
         "health_path": "/health",
         "instance_id": NAME,
     }
-    async with httpx.AsyncClient(timeout=2) as client:
+    headers = {"X-Api-Key": os.environ.get("GATEWAY_API_KEY", "")}
+    async with httpx.AsyncClient(timeout=2, headers=headers) as client:
         while True:
             with contextlib.suppress(httpx.HTTPError):
                 await client.post(f"{gateway}/heartbeat", json=body)

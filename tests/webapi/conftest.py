@@ -3,12 +3,42 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
 
 from tests.helpers import ServiceProcess, free_port, wait_for
+from tests.support.policy import set_document
+
+
+@dataclass
+class AsAdmin:
+    """httpx's `get`/`post`, carrying the session's admin API key (set by a fixture below).
+
+    For tests about something other than access control; access itself is
+    tested without it, in test_access.py.
+    """
+
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return httpx.get(url, **self._with_key(kwargs))
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return httpx.post(url, **self._with_key(kwargs))
+
+    def _with_key(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {**kwargs, "headers": {**self.headers, **(kwargs.get("headers") or {})}}
+
+
+as_admin = AsAdmin()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _admin_headers(auth: dict[str, str]) -> None:
+    as_admin.headers = dict(auth)
 
 
 @dataclass
@@ -29,6 +59,9 @@ def _live(base_url: str, *services: str) -> bool:
 
 @pytest.fixture(scope="module")
 def stack(redis_url: str) -> Iterator[Stack]:
+    # These tests register and log in more often than the default policy's
+    # per-IP limits allow; the limits themselves are tested in test_access.py.
+    set_document(redis_url, limits=[])
     port = free_port()
     env = {"REDIS_URL": redis_url, "WEBAPI_PORT": str(port), "RPC_TIMEOUT": "1.5"}
     gateway = ServiceProcess(["python", "-m", "webapi"], env=env, name="webapi").start()
@@ -49,8 +82,9 @@ def stack(redis_url: str) -> Iterator[Stack]:
 
 
 @pytest.fixture
-async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.base_url, timeout=10) as client:
+async def http(stack: Stack, auth: dict[str, str]) -> AsyncIterator[httpx.AsyncClient]:
+    """A client carrying an admin API key (access itself is tested in test_access.py)."""
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=10, headers=auth) as client:
         yield client
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import uuid
 
-import httpx
 import pytest
 
 from tests.helpers import wait_for
+from tests.webapi.conftest import as_admin
 
 
 def _live(base: str, service: str) -> list[str]:
-    body = httpx.get(f"{base}/health", timeout=5).json()
+    body = as_admin.get(f"{base}/health", timeout=5).json()
     return list(body["services"].get(service, {}).get("instances", []))
 
 
@@ -21,7 +21,7 @@ def test_original_dispatcher_form(gateway: str) -> None:
         {"servicename": f"{name}_v2", "addrip": "127.0.0.1:9001"},
         {"servicename": name, "addrip": "127.0.0.1:9002"},
     ]}}  # fmt: skip
-    response = httpx.post(f"{gateway}/heartbeat", json=body)
+    response = as_admin.post(f"{gateway}/heartbeat", json=body)
     assert response.status_code == 200
     assert response.json()["registered"] == [f"{name}@127.0.0.1:9001", f"{name}@127.0.0.1:9002"]
     assert sorted(_live(gateway, name)) == [f"{name}@127.0.0.1:9001", f"{name}@127.0.0.1:9002"]
@@ -31,7 +31,7 @@ def test_native_form_and_expiry_within_the_ttl(gateway: str) -> None:
     name = f"svc{uuid.uuid4().hex[:6]}"
     body = {"service": name, "address": "127.0.0.1:9100", "version": "v3", "weight": 5,
             "health_path": "/healthz", "metadata": {"gpu": "a100"}}  # fmt: skip
-    response = httpx.post(f"{gateway}/heartbeat", json=body)
+    response = as_admin.post(f"{gateway}/heartbeat", json=body)
     assert response.status_code == 200
     assert _live(gateway, name) == [f"{name}@127.0.0.1:9100"]
     # No more heartbeats: gone once the 1.5 s lease ends.
@@ -41,9 +41,9 @@ def test_native_form_and_expiry_within_the_ttl(gateway: str) -> None:
 def test_leaving_deregisters_at_once(gateway: str) -> None:
     name = f"svc{uuid.uuid4().hex[:6]}"
     body = {"service": name, "address": "127.0.0.1:9200"}
-    httpx.post(f"{gateway}/heartbeat", json=body)
+    as_admin.post(f"{gateway}/heartbeat", json=body)
     assert _live(gateway, name) == [f"{name}@127.0.0.1:9200"]
-    gone = httpx.post(f"{gateway}/heartbeat", json={**body, "leaving": True})
+    gone = as_admin.post(f"{gateway}/heartbeat", json={**body, "leaving": True})
     assert gone.json() == {"deregistered": [f"{name}@127.0.0.1:9200"]}
     assert _live(gateway, name) == []  # at once, not after the TTL
 
@@ -66,7 +66,7 @@ def test_leaving_deregisters_at_once(gateway: str) -> None:
     ],
 )
 def test_bad_heartbeats(gateway: str, body: bytes, status: int) -> None:
-    response = httpx.post(
+    response = as_admin.post(
         f"{gateway}/heartbeat", content=body, headers={"content-type": "application/json"}
     )
     assert response.status_code == status

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from common import constants
-from tests.helpers import ServiceProcess, free_port, wait_for
+from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
+from tests.support.policy import set_service
+from tests.webapi.conftest import as_admin
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -24,6 +25,7 @@ class Backends:
     gateway: str
     redis_url: str
     service: str
+    api_key: str
     procs: dict[str, ServiceProcess] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -31,19 +33,21 @@ class Backends:
         port = self.ports.get(name) or free_port()
         self.ports[name] = port
         env = {"PORT": str(port), "NAME": name, "GATEWAY": self.gateway,
-               "SERVICE": self.service, "VERSION": version, "WEIGHT": str(weight)}  # fmt: skip
+               "SERVICE": self.service, "VERSION": version, "WEIGHT": str(weight),
+               "GATEWAY_API_KEY": self.api_key}  # fmt: skip
         self.procs[name] = ServiceProcess(
             ["python", "-m", "tests.support.http_backend"], env=env, name=name
         ).start()
 
     def live(self) -> set[str]:
-        body = httpx.get(f"{self.gateway}/health", timeout=5).json()
+        body = as_admin.get(f"{self.gateway}/health", timeout=5).json()
         return set(body["services"].get(self.service, {}).get("instances", []))
 
 
 @pytest.fixture
 def backends(gateway: str, redis_url: str) -> Iterator[Backends]:
-    b = Backends(gateway, redis_url, f"web{uuid.uuid4().hex[:6]}")
+    api_key = issue_api_key(redis_url, ["registry"], name="backends")
+    b = Backends(gateway, redis_url, f"web{uuid.uuid4().hex[:6]}", api_key)
     for name in ("a", "b", "c"):
         b.start(f"{b.service}-{name}")
     try:
@@ -57,20 +61,18 @@ def backends(gateway: str, redis_url: str) -> Iterator[Backends]:
 
 
 def _ok(b: Backends, path: str) -> bool:
-    return httpx.get(f"{b.gateway}/svc/{b.service}{path}", timeout=5).status_code == 200
+    return as_admin.get(f"{b.gateway}/svc/{b.service}{path}", timeout=5).status_code == 200
 
 
 def _spread(b: Backends, n: int, path: str = "/echo", **kw) -> Counter[str]:
-    with httpx.Client(base_url=b.gateway, timeout=10) as client:
+    with httpx.Client(base_url=b.gateway, timeout=10, headers=as_admin.headers) as client:
         return Counter(
             client.get(f"/svc/{b.service}{path}", **kw).json()["instance"] for _ in range(n)
         )
 
 
 def _set_strategy(redis_url: str, service: str, name: str) -> None:
-    import redis
-
-    redis.Redis.from_url(redis_url).hset(constants.BALANCING, service, name)
+    set_service(redis_url, service, strategy=name)
 
 
 def test_round_robin_spreads_exactly_evenly(backends: Backends) -> None:
@@ -86,7 +88,7 @@ def test_weights_are_honoured(backends: Backends) -> None:
 
 
 def test_headers_and_request_id(backends: Backends) -> None:
-    response = httpx.get(
+    response = as_admin.get(
         f"{backends.gateway}/svc/{backends.service}/echo?x=1",
         headers={
             "x-request-id": "rid-42",
@@ -109,18 +111,18 @@ def test_headers_and_request_id(backends: Backends) -> None:
 
 @pytest.mark.parametrize("path", ["/../../etc/passwd", "/a/%2e%2e/b", "/a%2fb", "/a/%5c/b"])
 def test_path_traversal_is_refused(backends: Backends, path: str) -> None:
-    response = httpx.get(f"{backends.gateway}/svc/{backends.service}{path}")
+    response = as_admin.get(f"{backends.gateway}/svc/{backends.service}{path}")
     assert response.status_code in (400, 404)
     assert response.json()["error"]["code"]
 
 
 def test_error_statuses(backends: Backends, gateway: str) -> None:
-    assert httpx.get(f"{gateway}/svc/nosuchservice/x").status_code == 404
-    slow = httpx.get(f"{gateway}/svc/{backends.service}/slow?ms=3000", timeout=30)
+    assert as_admin.get(f"{gateway}/svc/nosuchservice/x").status_code == 404
+    slow = as_admin.get(f"{gateway}/svc/{backends.service}/slow?ms=3000", timeout=30)
     assert slow.status_code == 504  # the test gateway's PROXY_TIMEOUT is 1 s
     assert slow.json()["error"]["code"] == "upstream_timeout"
     assert _ok(backends, "/echo")  # a slow answer did not eject anyone
-    upstream_500 = httpx.get(f"{gateway}/svc/{backends.service}/status/500")
+    upstream_500 = as_admin.get(f"{gateway}/svc/{backends.service}/status/500")
     assert upstream_500.status_code == 500  # an upstream's own answer passes through
 
 
@@ -133,14 +135,14 @@ def test_streaming_upload_and_download(backends: Backends) -> None:
             yield chunk
 
     expected = hashlib.sha256(chunk * (size // len(chunk))).hexdigest()
-    up = httpx.post(
+    up = as_admin.post(
         f"{backends.gateway}/svc/{backends.service}/upload", content=body(), timeout=120
     )
     assert up.status_code == 200
     assert up.json()["bytes"] == size and up.json()["sha256"] == expected
     received = 0
     with httpx.stream("GET", f"{backends.gateway}/svc/{backends.service}/download?mb=100",
-                      timeout=120) as down:  # fmt: skip
+                      timeout=120, headers=as_admin.headers) as down:  # fmt: skip
         assert down.status_code == 200
         for part in down.iter_bytes():
             received += len(part)
@@ -148,29 +150,30 @@ def test_streaming_upload_and_download(backends: Backends) -> None:
 
 
 def test_nlp_and_ai_server_compatibility(backends: Backends) -> None:
-    nlp = httpx.post(
+    nlp = as_admin.post(
         f"{backends.gateway}/nlp", json={"service_name": backends.service, "text": "hi"}
     )
     assert nlp.status_code == 200
     assert nlp.json()["echo"] == {"service_name": backends.service, "text": "hi"}
     envelope = {"server_name": backends.service, "params": {"k": 1}, "data": [1, 2]}
-    ai = httpx.post(f"{backends.gateway}/ai_server/", json=envelope)
+    ai = as_admin.post(f"{backends.gateway}/ai_server/", json=envelope)
     body = ai.json()
+    assert ai.status_code == 200, body
     assert set(body) == {"server_name", "status", "msg", "data", "duration"}
     assert body["status"] == 0 and body["server_name"] == backends.service
     assert body["data"]["got"] == envelope
-    bad = httpx.post(f"{backends.gateway}/nlp", json={"text": "no service"})
+    bad = as_admin.post(f"{backends.gateway}/nlp", json={"text": "no service"})
     assert bad.status_code == 400
-    unknown = httpx.post(f"{backends.gateway}/nlp", json={"service_name": "nobody_here"})
+    unknown = as_admin.post(f"{backends.gateway}/nlp", json={"service_name": "nobody_here"})
     assert unknown.status_code == 404
 
 
 def test_least_time_prefers_the_fast_instance_and_recovers(backends: Backends) -> None:
     _set_strategy(backends.redis_url, backends.service, "least_time")
     slow_name = f"{backends.service}-a"
-    httpx.post(f"http://127.0.0.1:{backends.ports[slow_name]}/admin/delay?ms=80")
+    as_admin.post(f"http://127.0.0.1:{backends.ports[slow_name]}/admin/delay?ms=80")
     wait_for(lambda: _spread(backends, 60)[slow_name] < 10, timeout=20)
-    httpx.post(f"http://127.0.0.1:{backends.ports[slow_name]}/admin/delay?ms=0")
+    as_admin.post(f"http://127.0.0.1:{backends.ports[slow_name]}/admin/delay?ms=0")
     wait_for(lambda: _spread(backends, 90)[slow_name] >= 10, timeout=60, interval=0.5)
 
 
@@ -179,7 +182,9 @@ def test_sigkill_under_load_fails_no_idempotent_request(backends: Backends) -> N
     results: list[int] = []
 
     async def load(stop: asyncio.Event) -> None:
-        async with httpx.AsyncClient(base_url=backends.gateway, timeout=10) as client:
+        async with httpx.AsyncClient(
+            base_url=backends.gateway, timeout=10, headers=as_admin.headers
+        ) as client:
             while not stop.is_set():
                 r = await client.get(f"/svc/{backends.service}/echo")
                 results.append(r.status_code)
@@ -206,10 +211,25 @@ def test_version_selection(backends: Backends) -> None:
     wait_for(lambda: len(backends.live()) == 4, timeout=20)
     picked = _spread(backends, 12, headers={"x-service-version": "v2"})
     assert picked == Counter({name: 12})
-    missing = httpx.get(
+    missing = as_admin.get(
         f"{backends.gateway}/svc/{backends.service}/echo", headers={"x-service-version": "v9"}
     )
     assert missing.status_code == 503
+
+
+def test_live_policy_version_weights_and_timeout(backends: Backends) -> None:
+    name = f"{backends.service}-v2"
+    backends.start(name, version="v2")
+    wait_for(lambda: len(backends.live()) == 4, timeout=20)
+    set_service(backends.redis_url, backends.service, version_weights={"v2": 100, "0": 0})
+    wait_for(lambda: _spread(backends, 12) == Counter({name: 12}), timeout=10)
+    named = _spread(backends, 6, headers={"x-service-version": "0"})  # a named version wins
+    assert sum(named.values()) == 6 and name not in named
+    # The test gateway's PROXY_TIMEOUT is 1 s; the service's own timeout replaces it.
+    slow = f"{backends.gateway}/svc/{backends.service}/slow?ms=600"
+    assert as_admin.get(slow, timeout=10).status_code == 200
+    set_service(backends.redis_url, backends.service, version_weights={}, timeout=0.3)
+    wait_for(lambda: as_admin.get(slow, timeout=10).status_code == 504, timeout=10, interval=0.2)
 
 
 def test_consistent_hash_is_sticky(backends: Backends) -> None:
@@ -233,7 +253,9 @@ async def _concurrent_spread(b: Backends, total: int, concurrency: int = 8) -> C
             r = await client.get(f"/svc/{b.service}/echo")
             counts[r.json()["instance"]] += 1
 
-    async with httpx.AsyncClient(base_url=b.gateway, timeout=10) as client:
+    async with httpx.AsyncClient(
+        base_url=b.gateway, timeout=10, headers=as_admin.headers
+    ) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     return counts
 
@@ -241,18 +263,18 @@ async def _concurrent_spread(b: Backends, total: int, concurrency: int = 8) -> C
 def test_least_conn_avoids_the_slow_instance_under_load(backends: Backends) -> None:
     _set_strategy(backends.redis_url, backends.service, "least_conn")
     slow = f"{backends.service}-c"
-    httpx.post(f"http://127.0.0.1:{backends.ports[slow]}/admin/delay?ms=100")
+    as_admin.post(f"http://127.0.0.1:{backends.ports[slow]}/admin/delay?ms=100")
     wait_for(lambda: asyncio.run(_concurrent_spread(backends, 120))[slow] < 20, timeout=30)
-    httpx.post(f"http://127.0.0.1:{backends.ports[slow]}/admin/delay?ms=0")
+    as_admin.post(f"http://127.0.0.1:{backends.ports[slow]}/admin/delay?ms=0")
     wait_for(lambda: asyncio.run(_concurrent_spread(backends, 120))[slow] >= 25, timeout=30)
 
 
 def test_active_health_check_removes_and_readmits(backends: Backends) -> None:
     sick = f"{backends.service}-a"
-    httpx.post(f"http://127.0.0.1:{backends.ports[sick]}/admin/health?ok=0")
+    as_admin.post(f"http://127.0.0.1:{backends.ports[sick]}/admin/health?ok=0")
     # Down after two failed checks (2 s apart), without any request failing.
     wait_for(lambda: sick not in _spread(backends, 30), timeout=15, interval=0.5)
-    httpx.post(f"http://127.0.0.1:{backends.ports[sick]}/admin/health?ok=1")
+    as_admin.post(f"http://127.0.0.1:{backends.ports[sick]}/admin/health?ok=1")
     wait_for(lambda: sick in _spread(backends, 30), timeout=15, interval=0.5)
 
 
@@ -260,15 +282,15 @@ def test_dead_only_instance_is_502_then_503(gateway: str) -> None:
     service = f"dead{uuid.uuid4().hex[:6]}"
     closed_port = free_port()  # nothing listens there
     beat = {"service": service, "address": f"127.0.0.1:{closed_port}"}
-    assert httpx.post(f"{gateway}/heartbeat", json=beat).status_code == 200
+    assert as_admin.post(f"{gateway}/heartbeat", json=beat).status_code == 200
 
     def known() -> httpx.Response | None:
-        r = httpx.get(f"{gateway}/svc/{service}/x")
+        r = as_admin.get(f"{gateway}/svc/{service}/x")
         return r if r.status_code != 404 else None  # 404 until the gateway's view has it
 
     first = wait_for(known, timeout=5)
     assert first.status_code == 502, first.text  # the connect failure itself
     assert first.json()["error"]["code"] == "upstream_failed"
-    then = httpx.get(f"{gateway}/svc/{service}/x")  # ejected now
+    then = as_admin.get(f"{gateway}/svc/{service}/x")  # ejected now
     assert then.status_code == 503
     assert then.json()["error"]["code"] == "no_healthy_instance"

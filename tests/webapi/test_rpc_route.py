@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from tests.helpers import wait_for
-from tests.webapi.conftest import Stack
+from tests.webapi.conftest import Stack, as_admin
 
 
 def _error(response: httpx.Response) -> dict[str, str]:
@@ -118,7 +118,7 @@ def test_no_live_instance_is_503_at_once(stack: Stack) -> None:
     stack.processes["calc"].stop()
     wait_for(lambda: httpx.get(f"{stack.base_url}/health").json()["services"]["calc"]["live"] == 0)
     started = time.monotonic()
-    response = httpx.post(f"{stack.base_url}/rpc/calc/add", json={"a": 1}, timeout=10)
+    response = as_admin.post(f"{stack.base_url}/rpc/calc/add", json={"a": 1}, timeout=10)
     elapsed = time.monotonic() - started
     assert response.status_code == 503
     assert _error(response)["code"] == "service_unavailable"

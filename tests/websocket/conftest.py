@@ -10,28 +10,43 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from common.tokens import Tokens
+from common import tokens
 from tests.helpers import ServiceProcess, free_port, wait_for, wait_for_async
 
 SECRET = "websocket-tests-secret-" + "x" * 32
 
 
-def token(ttl: int = 600, sub: str = "u1") -> str:
-    """A valid access token, signed like the auth service signs them."""
-    return Tokens(SECRET).issue(sub, "alice", ttl)
-
-
-def bearer(ttl: int = 600) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token(ttl)}"}
+def current_key(redis_url: str) -> tokens.SigningKey:
+    """The signing key of the keyring in Redis (the server created it at start if none existed)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        kid = client.get(tokens.CURRENT_KID)
+        assert kid is not None, "no signing key yet: start a websocket server first"
+        raw = client.hget(tokens.SIGNING_KEYS, kid)
+        assert raw is not None
+        return tokens.SigningKey.from_json(kid, raw)
+    finally:
+        client.close()
 
 
 @dataclass
 class WsServer:
     address: str  # 127.0.0.1:port
     proc: ServiceProcess
+    redis_url: str
+
+    def token(self, ttl: int = 600, sub: str = "u1", scopes: tuple[str, ...] = ("*",)) -> str:
+        """A valid access token, signed like the auth service signs them."""
+        return tokens.issue(current_key(self.redis_url), subject=sub, name="alice",
+                            roles=["user"], scopes=scopes, session_id=uuid.uuid4().hex,
+                            ttl=ttl)  # fmt: skip
+
+    def bearer(self, ttl: int = 600) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(ttl)}"}
 
     def url(self, path: str) -> str:
         return f"ws://{self.address}{path}"
@@ -42,7 +57,7 @@ class WsServer:
 
     def connect(self, path: str = "/ws", **kwargs: Any) -> Any:
         """An authenticated connection (header) unless `additional_headers` is given."""
-        kwargs.setdefault("additional_headers", bearer())
+        kwargs.setdefault("additional_headers", self.bearer())
         return websockets.connect(self.url(path), compression=None, **kwargs)
 
 
@@ -52,7 +67,7 @@ def start_ws_server(redis_url: str, **env: str) -> WsServer:
                 "RPC_TIMEOUT": "1.5", "WS_AUTH_TIMEOUT": "1", "PROXY_CONNECT_TIMEOUT": "1",
                 "WS_MAX_MESSAGE_BYTES": str(64 * 1024), **env}  # fmt: skip
     proc = ServiceProcess(["python", "-m", "websocket"], env=full_env, name="websocket").start()
-    server = WsServer(f"127.0.0.1:{port}", proc)
+    server = WsServer(f"127.0.0.1:{port}", proc, redis_url)
     try:
         wait_for(lambda: server.health()["status"] == "ok", 30)
     except AssertionError:

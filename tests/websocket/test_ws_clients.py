@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -12,9 +13,9 @@ import pytest
 import redis.asyncio as aioredis
 import websockets
 
-from common import constants
+from common import apikeys, constants, revocation
 from tests.helpers import ServiceProcess, wait_for_async
-from tests.websocket.conftest import WsServer, bearer, recv_json, token
+from tests.websocket.conftest import WsServer, recv_json
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,13 +29,15 @@ def closed_code(info: pytest.ExceptionInfo[websockets.ConnectionClosed]) -> tupl
 
 
 async def test_auth_by_header(ws_server: WsServer) -> None:
-    async with ws_server.connect(additional_headers=bearer()) as ws:
+    async with ws_server.connect(additional_headers=ws_server.bearer()) as ws:
         await ws.send("ping")
         assert await ws.recv() == "pong"
 
 
 async def test_auth_by_subprotocol(ws_server: WsServer) -> None:
-    async with ws_server.connect(additional_headers={}, subprotocols=["bearer", token()]) as ws:
+    async with ws_server.connect(
+        additional_headers={}, subprotocols=["bearer", ws_server.token()]
+    ) as ws:
         assert ws.subprotocol == "bearer"
         await ws.send("ping")
         assert await ws.recv() == "pong"
@@ -42,7 +45,7 @@ async def test_auth_by_subprotocol(ws_server: WsServer) -> None:
 
 async def test_auth_by_first_message(ws_server: WsServer) -> None:
     async with ws_server.connect(additional_headers={}) as ws:
-        await ws.send(json.dumps({"type": "auth", "token": token(), "id": 1}))
+        await ws.send(json.dumps({"type": "auth", "token": ws_server.token(), "id": 1}))
         answer = await recv_json(ws)
         assert answer["type"] == "authenticated" and answer["sub"] == "u1" and answer["id"] == 1
         await ws.send("ping")
@@ -51,7 +54,7 @@ async def test_auth_by_first_message(ws_server: WsServer) -> None:
 
 @pytest.mark.parametrize("how", ["header", "subprotocol"])
 async def test_bad_token_before_upgrade_is_401(ws_server: WsServer, how: str) -> None:
-    forged = token()[:-4] + "AAAA"
+    forged = ws_server.token()[:-4] + "AAAA"
     kwargs = (
         {"additional_headers": {"Authorization": f"Bearer {forged}"}}
         if how == "header"
@@ -68,10 +71,12 @@ async def test_bad_token_before_upgrade_is_401(ws_server: WsServer, how: str) ->
     [
         ("ping", "authentication required"),
         (json.dumps({"type": "auth", "token": "not.a.jwt"}), "invalid token"),
-        (json.dumps({"type": "auth", "token": token(ttl=-10)}), "token expired"),
+        ("expired", "token expired"),
     ],
 )
 async def test_bad_first_message_closes_1008(ws_server: WsServer, first: str, reason: str):
+    if first == "expired":
+        first = json.dumps({"type": "auth", "token": ws_server.token(ttl=-10)})
     async with ws_server.connect(additional_headers={}) as ws:
         await ws.send(first)
         with pytest.raises(websockets.ConnectionClosed) as info:
@@ -88,7 +93,7 @@ async def test_no_auth_within_the_timeout_closes_1008(ws_server: WsServer) -> No
 
 
 async def test_session_closes_1008_when_its_token_expires(ws_server: WsServer) -> None:
-    async with ws_server.connect(additional_headers=bearer(ttl=2)) as ws:
+    async with ws_server.connect(additional_headers=ws_server.bearer(ttl=2)) as ws:
         await ws.send("ping")
         assert await ws.recv() == "pong"
         with pytest.raises(websockets.ConnectionClosed) as info:
@@ -203,6 +208,38 @@ async def test_jsonrpc_call_and_errors(ws_server: WsServer, calc: None) -> None:
         await ws.send(json.dumps({"jsonrpc": "2.0", "method": "calc.add", "params": [1]}))
         await ws.send(json.dumps({"type": "ping", "id": "after"}))
         assert await recv_json(ws) == {"type": "pong", "id": "after"}
+
+
+async def test_jsonrpc_needs_a_scope_for_the_method(ws_server: WsServer) -> None:
+    narrow = {"Authorization": f"Bearer {ws_server.token(scopes=('calc.add',))}"}
+    async with ws_server.connect(additional_headers=narrow) as ws:
+        for method in ("calc.sleep", "iptv.list_channels", "auth.set_roles"):
+            answer = await rpc(ws, {"jsonrpc": "2.0", "id": 1, "method": method})
+            assert answer["error"]["code"] == -32005, (method, answer)  # type: ignore[index]
+    async with ws_server.connect() as ws:  # scope "*": everything but the admin-only auth
+        answer = await rpc(ws, {"jsonrpc": "2.0", "id": 2, "method": "auth.set_roles"})
+        assert answer["error"]["code"] == -32005  # type: ignore[index]
+
+
+async def test_auth_by_api_key_until_it_is_revoked(
+    ws_server: WsServer, redis_client: aioredis.Redis
+) -> None:
+    text, record = apikeys.new_key(str(uuid.uuid4()), "ws test", ["iptv"])
+    await apikeys.write(redis_client, record)
+    headers = {"Authorization": f"Bearer {text}"}
+    async with ws_server.connect(additional_headers=headers) as ws:
+        await ws.send("ping")
+        assert await ws.recv() == "pong"
+    await revocation.revoke(redis_client, f"key:{record.key_id}", time.time() + 60)
+
+    async def refused() -> bool:
+        try:
+            async with ws_server.connect(additional_headers=headers):
+                return False
+        except websockets.InvalidStatus as exc:
+            return exc.response.status_code == 401
+
+    await wait_for_async(refused, timeout=10)
 
 
 async def test_jsonrpc_service_unavailable(ws_server: WsServer, redis_client: aioredis.Redis):

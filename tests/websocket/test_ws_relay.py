@@ -14,6 +14,7 @@ import websockets
 
 from common.registry import InstanceRecord, Registry
 from tests.helpers import free_port, wait_for_async
+from tests.support.policy import update_service
 from tests.websocket.conftest import Backends, WsServer, recv_json, wait_reachable, whoami
 
 pytestmark = pytest.mark.timeout(120)
@@ -114,6 +115,22 @@ async def test_round_robin_over_ws_and_http_kinds(ws_server: WsServer, backends:
     await wait_reachable(ws_server, backends.service, {"a", "b"})
     reached = Counter([await whoami(ws_server, backends.service) for _ in range(10)])
     assert reached == {"a": 5, "b": 5}
+
+
+async def test_live_policy_version_weights_pick_the_upstream_version(
+    ws_server: WsServer, backends: Backends
+) -> None:
+    backends.start("old")
+    backends.start("new", version="v2")
+    await wait_reachable(ws_server, backends.service, {"old", "new"})
+    await update_service(backends.redis_url, backends.service, version_weights={"v2": 100})
+    await wait_for_async(lambda: _reaches_only(ws_server, backends.service, "new"), timeout=10)
+    await update_service(backends.redis_url, backends.service, version_weights={"0": 1})
+    await wait_for_async(lambda: _reaches_only(ws_server, backends.service, "old"), timeout=10)
+
+
+async def _reaches_only(server: WsServer, service: str, name: str) -> bool:
+    return {await whoami(server, service) for _ in range(6)} == {name}
 
 
 async def test_oversized_relayed_frame_closes_1009(ws_server: WsServer, backends: Backends):

@@ -6,6 +6,7 @@ from typing import Any
 
 from sanic import Blueprint, HTTPResponse
 
+from webapi.access import requires
 from webapi.context import GatewayRequest
 from webapi.responses import json_response
 
@@ -17,33 +18,33 @@ def _query(request: GatewayRequest, **names: str) -> dict[str, Any]:
     return {arg: request.args.get(q) for q, arg in names.items() if request.args.get(q) is not None}
 
 
-@bp.get("/channels")
+@bp.get("/channels", ctx_access=requires("iptv", "list_channels"))
 async def list_channels(request: GatewayRequest) -> HTTPResponse:
     kwargs = _query(request, category="category", page="page", page_size="page_size")
     result = await request.app.ctx.rpc.invoke("iptv.list_channels", kwargs=kwargs)
     return json_response(result)
 
 
-@bp.get("/channels/<channel_id:str>")
+@bp.get("/channels/<channel_id:str>", ctx_access=requires("iptv", "get_channel"))
 async def get_channel(request: GatewayRequest, channel_id: str) -> HTTPResponse:
     result = await request.app.ctx.rpc.invoke("iptv.get_channel", kwargs={"channel_id": channel_id})
     return json_response(result)
 
 
-@bp.get("/channels/<channel_id:str>/epg")
+@bp.get("/channels/<channel_id:str>/epg", ctx_access=requires("iptv", "get_epg"))
 async def get_epg(request: GatewayRequest, channel_id: str) -> HTTPResponse:
     kwargs = {"channel_id": channel_id, **_query(request, **{"from": "start", "to": "end"})}
     result = await request.app.ctx.rpc.invoke("iptv.get_epg", kwargs=kwargs)
     return json_response(result)
 
 
-@bp.get("/categories")
+@bp.get("/categories", ctx_access=requires("iptv", "list_categories"))
 async def list_categories(request: GatewayRequest) -> HTTPResponse:
     result = await request.app.ctx.rpc.invoke("iptv.list_categories")
     return json_response(result)
 
 
-@bp.get("/search")
+@bp.get("/search", ctx_access=requires("iptv", "search"))
 async def search(request: GatewayRequest) -> HTTPResponse:
     kwargs = {"q": request.args.get("q", ""), **_query(request, limit="limit")}
     result = await request.app.ctx.rpc.invoke("iptv.search", kwargs=kwargs)

@@ -8,6 +8,7 @@ from typing import Any
 from sanic import Blueprint, HTTPResponse
 
 from common.connection import REDIS_DOWN_OR_SLOW
+from webapi.access import public
 from webapi.context import GatewayRequest
 from webapi.responses import json_response
 
@@ -16,7 +17,7 @@ bp = Blueprint("health")
 _REDIS_CHECK_TIMEOUT = 1.0
 
 
-@bp.get("/health")
+@bp.get("/health", ctx_access=public("gateway", "health"))
 async def health(request: GatewayRequest) -> HTTPResponse:
     """200 with per-service live instance counts when Redis answers; 503 otherwise."""
     registry = request.app.ctx.registry
@@ -31,6 +32,8 @@ async def health(request: GatewayRequest) -> HTTPResponse:
                     "instances": [i.instance_id for i in instances],
                 }
     except REDIS_DOWN_OR_SLOW as exc:
-        body = {"status": "degraded", "redis": {"ok": False, "error": str(exc) or "timeout"}}
-        return json_response(body, status=503)
-    return json_response({"status": "ok", "redis": {"ok": True}, "services": services})
+        down = {"status": "degraded", "redis": {"ok": False, "error": str(exc) or "timeout"}}
+        return json_response(down, status=503)
+    body: dict[str, Any] = {"status": "ok", "redis": {"ok": True}, "services": services}
+    body["policy_version"] = request.app.ctx.policy.current.version  # the one applied here
+    return json_response(body)

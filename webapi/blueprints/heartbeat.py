@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sanic import Blueprint, HTTPResponse
 
+from webapi.access import requires
 from webapi.context import GatewayRequest
 from webapi.heartbeats import parse_heartbeat
 from webapi.requests import json_object
@@ -12,7 +13,7 @@ from webapi.responses import json_response
 bp = Blueprint("heartbeat")
 
 
-@bp.post("/heartbeat")
+@bp.post("/heartbeat", ctx_access=requires("registry", "heartbeat"))
 async def heartbeat(request: GatewayRequest) -> HTTPResponse:
     body = json_object(request, empty_ok=False)
     records = parse_heartbeat(body)

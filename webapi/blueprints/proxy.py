@@ -19,10 +19,11 @@ from typing import Any
 from sanic import Blueprint, HTTPResponse
 from sanic.compat import Header
 
+from webapi.access import API_KEY_PREFIX, FROM_PATH, IN_HANDLER, POLICY_ROUTED
 from webapi.context import GatewayRequest
-from webapi.errors import MalformedJson
+from webapi.errors import MalformedJson, NoRoute
 from webapi.proxy.forward import Forwarded, hop_headers_out
-from webapi.proxy.paths import upstream_target
+from webapi.proxy.paths import match_route, upstream_target
 from webapi.proxy.upstream import strip_hop_by_hop
 from webapi.requests import json_object
 from webapi.responses import json_response
@@ -34,9 +35,22 @@ METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 MAX_PROXY_BODY = 1024 * 1024 * 1024
 
 
+def _credential_free(request: GatewayRequest) -> list[tuple[str, str]]:
+    """The request's headers without its API key: a backend never sees a reusable
+    key (bearer JWTs pass: they are short-lived and let a backend know the user)."""
+    return [
+        (k, v)
+        for k, v in request.headers.items()
+        if not (
+            (lk := k.lower()) == "x-api-key"
+            or (lk == "authorization" and v[7:].lstrip().startswith(API_KEY_PREFIX))
+        )
+    ]
+
+
 def _headers_out(request: GatewayRequest, upstream_hint: str) -> list[tuple[str, str]]:
     return hop_headers_out(
-        list(request.headers.items()),
+        _credential_free(request),
         client_ip=request.ip or "",
         scheme=request.scheme,
         host=request.host,
@@ -59,11 +73,34 @@ def _has_body(request: GatewayRequest) -> bool:
     return "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
 
 
-@bp.route("/svc/<service:str>/<path:path>", methods=METHODS, stream=True)  # type: ignore[untyped-decorator]
+@bp.route("/svc/<service:str>/<path:path>", methods=METHODS, stream=True, ctx_access=FROM_PATH)  # type: ignore[untyped-decorator]
 async def svc(request: GatewayRequest, service: str, path: str) -> HTTPResponse | None:
     """Hot path: pick an instance, stream the request up and the response down."""
     received = time.perf_counter()
     target = upstream_target(request.raw_url, f"/svc/{service}")
+    return await _stream(request, service, target, received)
+
+
+@bp.route("/<path:path>", methods=METHODS, stream=True, ctx_access=POLICY_ROUTED)  # type: ignore[untyped-decorator]
+async def routed(request: GatewayRequest, path: str) -> HTTPResponse | None:
+    """A route of the live policy (`routes`: path prefix -> service), else 404."""
+    received = time.perf_counter()
+    rule = match_route(request.app.ctx.policy.current.routes, request.path)
+    if rule is None:
+        raise NoRoute(f"no route for {request.path}")
+    gate = request.app.ctx.gate
+    if rule.public:
+        await gate.admit_public(request, rule.service)
+    else:
+        await gate.admit_resource(request, rule.service, None)
+    prefix = rule.prefix.rstrip("/") if rule.strip_prefix else ""
+    target = upstream_target(request.raw_url, prefix)
+    return await _stream(request, rule.service, target, received)
+
+
+async def _stream(
+    request: GatewayRequest, service: str, target: str, received: float
+) -> HTTPResponse | None:
     if request.stream is not None:
         request.stream.request_max_size = MAX_PROXY_BODY
     body = _body(request) if _has_body(request) else None
@@ -119,7 +156,7 @@ async def _json_exchange(
     return forwarded, data, raw
 
 
-@bp.post("/nlp")
+@bp.post("/nlp", ctx_access=IN_HANDLER)
 async def nlp(request: GatewayRequest) -> HTTPResponse:
     """The original dispatcher: `service_name` in the body picks the service; its `/nlp` answers."""
     received = time.perf_counter()
@@ -127,6 +164,7 @@ async def nlp(request: GatewayRequest) -> HTTPResponse:
     service = body.get("service_name")
     if not isinstance(service, str) or not service:
         raise MalformedJson("service_name (a string) is required")
+    await request.app.ctx.gate.admit_resource(request, service, None)
     forwarded, _data, raw = await _json_exchange(request, service, "/nlp", body)
     headers = dict(_latency_headers(forwarded, received))
     content_type = dict((k.lower(), v) for k, v in forwarded.response.headers).get(
@@ -137,7 +175,7 @@ async def nlp(request: GatewayRequest) -> HTTPResponse:
     )
 
 
-@bp.post("/ai_server/")
+@bp.post("/ai_server/", ctx_access=IN_HANDLER, strict_slashes=True)
 async def ai_server(request: GatewayRequest) -> HTTPResponse:
     """`{"server_name", "params", "data"}` in; out `{"server_name", "status", "msg", "data",
     "duration"}`.
@@ -150,6 +188,7 @@ async def ai_server(request: GatewayRequest) -> HTTPResponse:
     service = body.get("server_name")
     if not isinstance(service, str) or not service:
         raise MalformedJson("server_name (a string) is required")
+    await request.app.ctx.gate.admit_resource(request, service, None)
     forwarded, data, _raw = await _json_exchange(request, service, "/ai_server/", body)
     status = forwarded.response.status
     envelope = {

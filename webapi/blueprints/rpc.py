@@ -11,6 +11,7 @@ import re
 from sanic import Blueprint, HTTPResponse
 
 from common.errors import MethodNotFound
+from webapi.access import FROM_PATH
 from webapi.context import GatewayRequest
 from webapi.requests import json_object
 from webapi.responses import json_response
@@ -20,7 +21,7 @@ bp = Blueprint("rpc", url_prefix="/rpc")
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 
-@bp.post("/<service:str>/<method:str>")
+@bp.post("/<service:str>/<method:str>", ctx_access=FROM_PATH)
 async def call(request: GatewayRequest, service: str, method: str) -> HTTPResponse:
     """Hot path: parse the body, one RPC call, serialise the result."""
     if not (_NAME.match(service) and _NAME.match(method)):

@@ -3,13 +3,24 @@
 For each request: the live instances of the service come from the local
 registry view (no Redis on the hot path), are narrowed to the requested
 version (`X-Service-Version`) and to healthy ones (`HealthBook`), and the
-service's balancing strategy picks one. Failures are reported to the health
-book and the strategy. A connect failure (nothing was sent) ejects the instance
-and is retried on another one; a broken connection is retried only for
-idempotent methods whose body was not streamed; both only while the retry
-budget allows. A timeout is not retried (slow is not dead: our users run
+service's balancing strategy picks one (after the live policy's version weights
+chose a version, when the request names none: `BalancingPolicy.for_request`).
+Failures are reported to the health book and the strategy. A connect failure
+(nothing was sent) ejects the instance and is retried on another one; a broken
+connection is retried only for idempotent methods whose body was not streamed;
+both only while the retry budget allows. A timeout is not retried (slow is not dead: our users run
 models that take seconds, and a retry would double the load on a slow pool):
 it answers 504 and counts toward the instance's failure streak.
+
+Per service, the live policy (`services.<name>` of the policy document) may set
+`timeout` (the wait for the response head) and `retries` (attempts after the
+first); without them the gateway's settings apply. A request reads them once,
+when it starts, so a policy change never alters a request in flight. Two
+limits of the upstream pool: its read timeout (PROXY_TIMEOUT, no progress for
+that long) also runs while the head is awaited, so a policy `timeout` can
+shorten the wait but not lengthen it past PROXY_TIMEOUT; and it has one
+connect timeout for every host (PROXY_CONNECT_TIMEOUT), so the policy's
+`connect_timeout` is not applied here (the websocket relay applies it).
 
 Errors: 404 unknown service, 503 no healthy instance, 502 upstream failed,
 504 upstream timeout (all JSON, via `webapi.errors`).
@@ -21,11 +32,10 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from common.balancing import Endpoint, select_version
 from common.balancing.policy import BalancingPolicy
 from common.log import get_logger
+from common.policy import PolicyWatcher
 from common.registry_view import RegistryView
 from webapi.errors import (
     ApiError,
@@ -61,22 +71,19 @@ class Proxy:
         self,
         view: RegistryView,
         pool: UpstreamPool,
-        redis: aioredis.Redis,
+        watcher: PolicyWatcher,
         *,
         book: HealthBook | None = None,
         max_attempts: int = 3,
-        policy_interval: float = 1.0,
         timeout: float = 30.0,
         least_time_decay: float = 10.0,
     ) -> None:
-        self.view, self.pool, self.redis = view, pool, redis
+        self.view, self.pool = view, pool
         self.book = book or HealthBook()
         self.budget = RetryBudget()
-        self.max_attempts = max_attempts
+        self.max_attempts = max_attempts  # defaults, unless the policy sets the service's own
         self.timeout = timeout
-        self.policy = BalancingPolicy(
-            redis, interval=policy_interval, options={"least_time": {"decay": least_time_decay}}
-        )
+        self.policy = BalancingPolicy(watcher, options={"least_time": {"decay": least_time_decay}})
         view.on_change(self.policy.forget_endpoints)
 
     def candidates(self, service: str, version: str | None, kind: str = "http") -> list[Endpoint]:
@@ -106,7 +113,16 @@ class Proxy:
         timeout: float | None = None,
         kind: str = "http",
     ) -> Forwarded:
-        """Send the request to a chosen instance, retrying where it is safe."""
+        """Send the request to a chosen instance, retrying where it is safe.
+
+        `timeout` overrides the policy's and the default wait for the response head.
+        """
+        settings = self.policy.service_policy(service)
+        if timeout is None:
+            timeout = settings.timeout if settings and settings.timeout else self.timeout
+        max_attempts = self.max_attempts
+        if settings is not None and settings.retries is not None:
+            max_attempts = settings.retries + 1
         self.budget.deposit()
         replayable = body is None or isinstance(body, bytes)
         tried: set[str] = set()
@@ -126,14 +142,16 @@ class Proxy:
                     raise failure
                 fresh = candidates
             strategy = self.policy.strategy(service)
-            endpoint: Endpoint = strategy.pick(fresh, key)
+            endpoint: Endpoint = strategy.pick(
+                self.policy.for_request(service, fresh, version, key), key
+            )
             tried.add(endpoint.instance_id)
             self.book.started(endpoint.instance_id)
             strategy.started(endpoint)
             started = time.perf_counter()
             try:
                 response = await self.pool.request(
-                    endpoint.address, method, target, headers, body, timeout=timeout or self.timeout
+                    endpoint.address, method, target, headers, body, timeout=timeout
                 )
             except UpstreamError as exc:
                 elapsed = time.perf_counter() - started
@@ -147,7 +165,7 @@ class Proxy:
                     failure = UpstreamTimedOut(f"{service} did not answer in time")
                 else:
                     failure = UpstreamFailed(f"{service}: {exc.message or type(exc).__name__}")
-                if safe and attempt < self.max_attempts and self.budget.try_spend():
+                if safe and attempt < max_attempts and self.budget.try_spend():
                     log.info(
                         "retrying on another instance",
                         extra={"fields": {"instance": endpoint.instance_id, "error": str(exc)}},

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from urllib.parse import unquote
 
+from common.policy import RouteRule
 from webapi.errors import InvalidProxyPath
 
 
@@ -28,3 +30,14 @@ def upstream_target(raw_url: bytes, prefix: str) -> str:
         if decoded in (".", "..") or any(c in decoded for c in ("/", "\\", "\x00")):
             raise InvalidProxyPath("path traversal is not allowed")
     return rest + (sep + query if sep else "")
+
+
+def match_route(routes: Sequence[RouteRule], path: str) -> RouteRule | None:
+    """The policy route with the longest prefix of `path` (prefixes end with `/`)."""
+    best: RouteRule | None = None
+    for rule in routes:
+        if (path.startswith(rule.prefix) or path == rule.prefix[:-1]) and (
+            best is None or len(rule.prefix) > len(best.prefix)
+        ):
+            best = rule
+    return best

@@ -1,0 +1,97 @@
+"""The caller's IP address, believing `X-Forwarded-For` only from trusted proxies.
+
+Anyone can send `X-Forwarded-For: 1.2.3.4`, so the header counts only when the
+TCP peer is a configured proxy. Each proxy *appends* the address it received
+the request from, so the header is walked from the right: every hop added by a
+trusted proxy is skipped, and the first untrusted address is the client. What a
+client wrote itself sits further left and is never reached. A malformed entry
+ends the walk: the last good hop is the answer (that proxy is the furthest
+point the chain can be followed).
+
+Hot path: `client_ip` (on rate-limited requests keyed by IP).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+
+from common.errors import ConfigError
+
+Network = IPv4Network | IPv6Network
+Address = IPv4Address | IPv6Address
+
+_SEPARATORS = re.compile(r"[\s,]+")
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """Addresses and CIDRs separated by commas or spaces (`TRUSTED_PROXIES`).
+
+    A bare address is a one-host network. Raises `ConfigError` naming the first
+    bad entry (including a CIDR with host bits set, which is most likely a typo).
+    """
+    networks: list[Network] = []
+    for entry in _SEPARATORS.split(text.strip()):
+        if not entry:
+            continue
+        try:
+            networks.append(ip_network(entry, strict=True))
+        except ValueError as exc:
+            raise ConfigError(
+                f"trusted proxies: {entry!r} is not an address or CIDR: {exc}"
+            ) from exc
+    return tuple(networks)
+
+
+def client_ip(peer: str, forwarded_for: str | None, trusted: Sequence[Network]) -> str:
+    """The client's address (normalised text) for a request from TCP peer `peer`.
+
+    `forwarded_for` is the `X-Forwarded-For` value (several headers joined with
+    ","); it is read only when `peer` is in `trusted`. Entries may carry a port
+    (`1.2.3.4:5678`, `[::1]:80`). A `peer` that is not an address is returned as is.
+    """
+    peer_address = _parse(peer)
+    if peer_address is None:
+        return peer
+    if not forwarded_for or not _is_trusted(peer_address, trusted):
+        return str(peer_address)
+    last_good = peer_address
+    for entry in reversed(forwarded_for.split(",")):
+        hop = _parse(entry)
+        if hop is None:
+            break
+        if not _is_trusted(hop, trusted):
+            return str(hop)
+        last_good = hop
+    return str(last_good)
+
+
+def _is_trusted(address: Address, trusted: Sequence[Network]) -> bool:
+    # `in` across IP versions is simply False, so mixed lists need no care here.
+    return any(address in network for network in trusted)
+
+
+def _parse(text: str) -> Address | None:
+    """An address from `a.b.c.d`, `a.b.c.d:port`, `v6`, `[v6]` or `[v6]:port`."""
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        rest = text[end + 1 :]
+        if end < 0 or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
+            return None
+        text = text[1:end]
+    elif text.count(":") == 1:  # IPv4 with a port (IPv6 has at least two colons)
+        text, _, port = text.partition(":")
+        if not port.isdigit():
+            return None
+    try:
+        address = ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # a dual-stack socket's view of an IPv4 client
+    return address
+
+
+__all__ = ["Address", "Network", "client_ip", "parse_networks"]

@@ -1,0 +1,310 @@
+"""Who is calling: `Authenticator` turns a bearer token or an API key into a `Principal`.
+
+Used by every process that admits requests (gateway, websocket). The hot path
+is local: a verified JWT is cached until it expires, API key records for
+`api_key_cache_ttl` seconds, and revocations are checked against a set kept in
+memory by `common.revocation.RevocationView`. So a request costs no RPC call
+and, once its credential is cached, no Redis round trip either. Redis is only
+asked when a key id is new (`kid` unknown: the keyring is reloaded, at most
+once a second), when an API key is not cached, and by the background resyncs.
+
+Needs PyJWT (through `common.tokens`), like every module that verifies tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+
+from common import apikeys, tokens
+from common.aio import cancel_and_wait, cancelling
+from common.apikeys import ApiKeyRecord
+from common.connection import REDIS_DOWN_ERRORS
+from common.errors import ServiceUnavailable, Unauthorized
+from common.log import get_logger
+from common.revocation import RevocationView
+from common.scopes import allows, parse
+from common.tokens import Keyring, SigningKey
+
+__all__ = ["Authenticator", "Principal"]
+
+log = get_logger(__name__)
+
+# An unknown `kid` reloads the keyring at most this often (garbage tokens must
+# not turn into a Redis round trip each).
+KEY_RELOAD_INTERVAL = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller.
+
+    `subject` is the user id (for an API key, its owner's); `name` the username
+    or the key's name; `expires_at` when the credential stops being valid
+    (None: an API key without expiry).
+    """
+
+    kind: Literal["user", "api_key"]
+    subject: str
+    name: str
+    roles: frozenset[str]
+    scopes: frozenset[str]
+    key_id: str | None = None
+    session_id: str | None = None
+    expires_at: float | None = None
+
+    def allows(self, service: str, method: str | None) -> bool:
+        """Whether this credential's scopes reach `(service, method)` (see `common.scopes`)."""
+        return allows(self.scopes, service, method)
+
+
+@dataclass(frozen=True, slots=True)
+class _VerifiedToken:
+    principal: Principal
+    token_id: str
+    kid: str
+    exp: float
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyEntry:
+    record: ApiKeyRecord | None  # None: no such key
+    principal: Principal | None
+    fetched_at: float
+
+
+class Authenticator:
+    """Verifies credentials locally; `start()` before use, `close()` after."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        configured_secret: str | None,
+        api_key_cache_ttl: float = 5.0,
+        resync_interval: float = 5.0,
+        cache_size: int = 10_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.api_key_cache_ttl = api_key_cache_ttl
+        self.resync_interval = resync_interval
+        self.cache_size = cache_size
+        self.clock = clock
+        self.keyring = Keyring(redis, configured_secret=configured_secret, clock=clock)
+        self.revocations = RevocationView(redis, resync_interval=resync_interval, clock=clock)
+        self.revocations.on_revoke(self._revoked)
+        self._keys: dict[str, SigningKey] = {}
+        self._kid_reloaded = -math.inf  # monotonic time of the last reload for an unknown kid
+        self._keys_lock = asyncio.Lock()
+        self._tokens: dict[str, _VerifiedToken] = {}
+        self._api_keys: dict[str, _KeyEntry] = {}
+        self._resync: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Load the signing keys (creating the first one if none exists) and the revocations.
+
+        Redis being down is not fatal: the background resync keeps trying.
+        """
+        try:
+            await self.keyring.ensure()
+            await self._load_keys()
+        except REDIS_DOWN_ERRORS as exc:
+            log.warning("signing keys not loaded yet", extra={"fields": {"error": str(exc)}})
+        await self.revocations.start()
+        self._resync = asyncio.create_task(self._resync_forever(), name="signing-keys-resync")
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._resync)
+        self._resync = None
+        await self.revocations.close()
+
+    async def refresh(self) -> None:
+        """Reload the signing keys and the revocations now (the resync does it periodically)."""
+        await self._load_keys()
+        await self.revocations.refresh()
+
+    async def authenticate(self, credential: str) -> Principal:
+        """The caller behind `credential` (a JWT, or an API key: `sbk_...`), else `Unauthorized`.
+
+        On the request path: normally answered from memory.
+        """
+        if not isinstance(credential, str) or not credential:
+            raise Unauthorized("invalid token: empty credential")
+        if credential.startswith(apikeys.PREFIX):
+            return await self._api_key(credential)
+        return await self._token(credential)
+
+    def authenticate_sync_cached(self, credential: str) -> Principal | None:
+        """The caller if `credential` is cached and still good, else None (then `authenticate`)."""
+        now = self.clock()
+        if credential.startswith(apikeys.PREFIX):
+            parsed = apikeys.parse_key(credential)
+            entry = self._api_keys.get(parsed[0]) if parsed else None
+            if entry is None or parsed is None or not self._fresh(entry, now):
+                return None
+            try:
+                return self._check_key(entry, parsed[1], now)
+            except Unauthorized:
+                return None
+        verified = self._tokens.get(credential)
+        if verified is None or not self._still_valid(verified, now):
+            return None
+        return None if self._token_revoked(verified) else verified.principal
+
+    # -- JWT ---------------------------------------------------------------------------
+
+    async def _token(self, token: str) -> Principal:
+        now = self.clock()
+        verified = self._tokens.get(token)
+        if verified is not None and self._still_valid(verified, now):
+            if self._token_revoked(verified):
+                raise Unauthorized("token revoked")
+            return verified.principal
+        self._tokens.pop(token, None)  # expired, or its key retired: verify for the reason
+        kid = tokens.header_kid(token)
+        if kid is not None and kid not in self._keys:
+            await self._reload_keys_for(kid)
+        verified = _verified(tokens.verify(token, self._keys, now=now), str(kid))
+        if self._token_revoked(verified):
+            raise Unauthorized("token revoked")
+        if len(self._tokens) >= self.cache_size:
+            del self._tokens[next(iter(self._tokens))]  # the oldest: bounded, FIFO
+        self._tokens[token] = verified
+        return verified.principal
+
+    def _still_valid(self, verified: _VerifiedToken, now: float) -> bool:
+        key = self._keys.get(verified.kid)
+        return verified.exp > now and key is not None and key.active(now)
+
+    def _token_revoked(self, verified: _VerifiedToken) -> bool:
+        principal, view = verified.principal, self.revocations
+        return (
+            view.is_revoked(f"sid:{principal.session_id}")
+            or view.is_revoked(f"jti:{verified.token_id}")
+            or view.is_revoked(f"user:{principal.subject}")
+        )
+
+    async def _reload_keys_for(self, kid: str) -> None:
+        """Reload the keys for a kid not seen yet (a rotation elsewhere), at most once per
+        `KEY_RELOAD_INTERVAL`: a request arriving sooner waits for the next reload rather
+        than being refused, so a burst of made-up kids can neither hammer Redis nor
+        make a genuine new key look unknown. Concurrent ones share one reload."""
+        async with self._keys_lock:
+            if kid in self._keys:
+                return
+            wait = KEY_RELOAD_INTERVAL - (time.monotonic() - self._kid_reloaded)
+            if wait > 0:
+                await asyncio.sleep(wait)
+                if kid in self._keys:
+                    return
+            self._kid_reloaded = time.monotonic()
+            try:
+                await self._load_keys()
+            except REDIS_DOWN_ERRORS as exc:
+                log.warning("signing keys reload failed", extra={"fields": {"error": str(exc)}})
+
+    async def _load_keys(self) -> None:
+        _, keys = await self.keyring.load()
+        self._keys = keys
+
+    async def _resync_forever(self) -> None:
+        while not cancelling():
+            await asyncio.sleep(self.resync_interval)
+            try:
+                if not self._keys:
+                    await self.keyring.ensure()
+                await self._load_keys()
+            except REDIS_DOWN_ERRORS as exc:
+                log.warning("signing keys resync failed", extra={"fields": {"error": str(exc)}})
+            except ValueError:
+                log.exception("signing keys unreadable")
+
+    # -- API keys ------------------------------------------------------------------------
+
+    async def _api_key(self, text: str) -> Principal:
+        parsed = apikeys.parse_key(text)
+        if parsed is None:
+            raise Unauthorized("invalid API key: malformed")
+        key_id, secret = parsed
+        if self.revocations.is_revoked(f"key:{key_id}"):
+            raise Unauthorized("API key revoked")
+        now = self.clock()
+        entry = self._api_keys.get(key_id)
+        if entry is None or not self._fresh(entry, now):
+            entry = await self._fetch_key(key_id, entry, now)
+        return self._check_key(entry, secret, now)
+
+    def _check_key(self, entry: _KeyEntry, secret: str, now: float) -> Principal:
+        record, principal = entry.record, entry.principal
+        if record is None or principal is None or not record.matches(secret):
+            raise Unauthorized("unknown API key")
+        if record.expired(now):
+            raise Unauthorized("API key expired")
+        view = self.revocations
+        if view.is_revoked(f"key:{record.key_id}") or view.is_revoked(f"user:{record.user_id}"):
+            raise Unauthorized("API key revoked")
+        return principal
+
+    def _fresh(self, entry: _KeyEntry, now: float) -> bool:
+        return now - entry.fetched_at < self.api_key_cache_ttl
+
+    async def _fetch_key(self, key_id: str, stale: _KeyEntry | None, now: float) -> _KeyEntry:
+        try:
+            record = await apikeys.read(self.redis, key_id)
+        except REDIS_DOWN_ERRORS as exc:
+            if stale is not None:  # better a few seconds stale than refusing everyone
+                return stale
+            raise ServiceUnavailable(f"credential store unreachable: {exc}") from exc
+        except ValueError:
+            log.exception("API key record unreadable", extra={"fields": {"key_id": key_id}})
+            record = None
+        principal = None
+        if record is not None:
+            principal = Principal(
+                kind="api_key",
+                subject=record.user_id,
+                name=record.name,
+                roles=frozenset(),
+                scopes=record.scopes,
+                key_id=record.key_id,
+                expires_at=record.expires_at,
+            )
+        entry = _KeyEntry(record, principal, now)
+        if len(self._api_keys) >= self.cache_size:
+            del self._api_keys[next(iter(self._api_keys))]
+        self._api_keys[key_id] = entry
+        return entry
+
+    def _revoked(self, revoked: str) -> None:
+        """A revocation event: forget cached key records it may concern, at once."""
+        kind, _, ident = revoked.partition(":")
+        if kind == "key":
+            self._api_keys.pop(ident, None)
+        elif kind == "user":
+            for key_id in [k for k, e in self._api_keys.items() if _owner(e) == ident]:
+                del self._api_keys[key_id]
+
+
+def _owner(entry: _KeyEntry) -> str | None:
+    return entry.record.user_id if entry.record is not None else None
+
+
+def _verified(claims: dict[str, Any], kid: str) -> _VerifiedToken:
+    exp = float(claims["exp"])
+    principal = Principal(
+        kind="user",
+        subject=str(claims["sub"]),
+        name=claims["name"],
+        roles=frozenset(claims["roles"]),
+        scopes=parse(claims["scope"]),
+        session_id=claims["sid"],
+        expires_at=exp,
+    )
+    return _VerifiedToken(principal, str(claims["jti"]), kid, exp)

@@ -1,0 +1,121 @@
+"""`python -m common.policy`: read, write, check and audit the live policy from a shell.
+
+    python -m common.policy get [--version N]            the document (JSON) on stdout
+    python -m common.policy put FILE [--expected-version N]
+    python -m common.policy validate FILE                 no Redis needed
+    python -m common.policy history [--limit N] [--json]
+
+FILE is a JSON document, "-" for stdin. Writes are audited as "cli:<os user>".
+Uses REDIS_URL. Exit status: 0 done, 1 refused (invalid policy, version
+conflict, Redis unreachable, unreadable file), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from common.connection import connect
+from common.errors import SwitchboardError
+from common.policy.model import PolicyDocument, PolicyInvalid, validate_json
+from common.policy.store import PolicyStore
+from common.settings import get_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m common.policy", description=__doc__)
+    actions = parser.add_subparsers(dest="action", required=True)
+    get = actions.add_parser("get", help="print the current document (or an older version)")
+    get.add_argument("--version", type=int, help="a version among the last 50")
+    put = actions.add_parser("put", help="validate FILE and store it as the next version")
+    put.add_argument("file")
+    put.add_argument("--expected-version", type=int, help="refuse if the policy moved past it")
+    check = actions.add_parser("validate", help="check FILE without storing it")
+    check.add_argument("file")
+    history = actions.add_parser("history", help="the audit log, newest first")
+    history.add_argument("--limit", type=int, default=20)
+    history.add_argument("--json", action="store_true", help="one JSON object per line")
+    return parser
+
+
+def actor() -> str:
+    """Who writes from this shell: "cli:<os user>"."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for the uid (containers)
+        user = str(os.getuid())
+    return f"cli:{user}"
+
+
+def _read(path: str) -> PolicyDocument:
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SwitchboardError(f"cannot read {path}: {exc}") from exc
+    return validate_json(text)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+async def _with_store(args: argparse.Namespace) -> int:
+    redis = connect(get_settings().require_redis_url(), name="policy-cli")
+    try:
+        store = PolicyStore(redis)
+        if args.action == "get":
+            document = await (store.get() if args.version is None
+                              else store.get_version(args.version))  # fmt: skip
+            if document is None:
+                print(f"version {args.version} is not in the history", file=sys.stderr)
+                return 1
+            _print_json(document.model_dump(mode="json"))
+        elif args.action == "put":
+            stored = await store.put(
+                _read(args.file), actor=actor(), expected_version=args.expected_version
+            )
+            print(f"stored policy version {stored.version}")
+        else:
+            for entry in await store.history(args.limit):
+                if args.json:
+                    print(json.dumps(entry, ensure_ascii=False))
+                else:
+                    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry["at"]))
+                    changes = ", ".join(entry["changes"]) or "(no change)"
+                    print(f"{entry['version']:>6}  {at}  {entry['actor']}  {changes}")
+    finally:
+        await redis.aclose()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.action == "validate":
+            document = _read(args.file)
+            print(f"valid: {len(document.services)} service(s), {len(document.routes)} "
+                  f"route(s), {len(document.limits)} limit(s)")  # fmt: skip
+            return 0
+        return asyncio.run(_with_store(args))
+    except PolicyInvalid as exc:
+        print("invalid policy:", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error['loc']}: {error['msg']}", file=sys.stderr)
+        return 1
+    except SwitchboardError as exc:  # Conflict, RedisUnavailable, ConfigError, unreadable file
+        print(f"error: {exc.message or exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""The live policy document: its models, its defaults and its validation.
+
+One JSON document, kept in Redis by `PolicyStore`, says per service how traffic
+is balanced and bounded (`ServicePolicy`), which extra path prefixes the gateway
+routes (`RouteRule`) and which rate limits apply (`LimitRule`). Every model
+forbids unknown fields and is strict about types (`"5"` is not a number here:
+a policy is written by people, and a silently coerced value hides a mistake).
+`validate_document` is the one entry: it answers a `PolicyDocument` or raises
+`PolicyInvalid` with every reason at once, so a bad policy is never applied.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common.errors import BadRequest
+
+# A service, limit or scope name (the scopes of issue 6 use the same rule).
+NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
+# A version/tag, as the gateway accepts it in heartbeats.
+VERSION_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+# Path segments of a route prefix: unreserved URL characters only, no "." or ".." segment.
+_PREFIX = re.compile(r"^/(?:[A-Za-z0-9_~-][A-Za-z0-9._~-]*/)+$")
+
+# Paths the gateway serves itself (design §6); a route may neither start with
+# one nor cover one (the prefix "/" would swallow them all).
+RESERVED_PREFIXES: tuple[str, ...] = (
+    "/api/",
+    "/rpc/",
+    "/svc/",
+    "/admin/",
+    "/health",
+    "/heartbeat",
+    "/metrics",
+    "/docs",
+    "/nlp",
+    "/ai_server",
+    "/dashboard",
+)
+
+# Kept literal for the type checker; tests/common/test_policy.py checks it equals
+# `common.balancing.STRATEGIES`.
+StrategyName = Literal["round_robin", "weighted", "least_conn", "least_time", "hash", "random"]
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+NameOrAny = Annotated[str, Field(pattern=r"^(?:\*|[a-z][a-z0-9_-]{0,62})$")]  # "*": any
+Version = Annotated[str, Field(pattern=VERSION_PATTERN)]
+
+ROOT = "(document)"  # the `loc` of an error about the document as a whole
+
+# Bounds that keep one document small enough to load on every change.
+MAX_ITEMS = 1000
+MAX_WEIGHT = 1_000_000
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+class ServicePolicy(_Model):
+    """How requests to one service are balanced and bounded.
+
+    `version_weights` splits the traffic of requests that name no version
+    between versions (tag -> relative weight); a version left out gets none.
+    `timeout` bounds the gateway's wait for the response head (it cannot
+    lengthen past the gateway's PROXY_TIMEOUT, which bounds any silence),
+    `connect_timeout` each connect of the websocket relay, `retries` the extra
+    attempts after the first (None: the gateway's settings).
+    """
+
+    strategy: StrategyName = "round_robin"
+    version_weights: dict[Version, Annotated[int, Field(ge=0, le=MAX_WEIGHT)]] = Field(
+        default_factory=dict, max_length=MAX_ITEMS
+    )
+    timeout: Annotated[float, Field(gt=0, le=3600)] | None = None
+    connect_timeout: Annotated[float, Field(gt=0, le=60)] | None = None
+    retries: Annotated[int, Field(ge=0, le=5)] | None = None
+
+    @field_validator("version_weights")
+    @classmethod
+    def _some_weight(cls, weights: dict[str, int]) -> dict[str, int]:
+        if weights and not any(weights.values()):
+            raise ValueError("at least one version needs a weight above 0 (or give no weights)")
+        return weights
+
+
+class RouteRule(_Model):
+    """Requests under `prefix` go to the HTTP instances of `service`."""
+
+    prefix: Annotated[str, Field(max_length=200)]
+    service: Name
+    strip_prefix: bool = True
+    public: bool = False
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, prefix: str) -> str:
+        if not prefix.startswith("/") or not prefix.endswith("/"):
+            raise ValueError("must start and end with '/'")
+        if ".." in prefix:
+            raise ValueError("must not contain '..'")
+        for reserved in RESERVED_PREFIXES:
+            if prefix.startswith(reserved) or reserved.startswith(prefix):
+                raise ValueError(f"overlaps the gateway's reserved prefix {reserved!r}")
+        if not _PREFIX.match(prefix):
+            raise ValueError(
+                "must be '/segment/.../' with letters, digits, '.', '_', '~' or '-' "
+                "in each segment, and no empty or '.' segment"
+            )
+        return prefix
+
+
+class LimitRule(_Model):
+    """A rate limit: `rate` requests per `period` seconds, `burst` back to back.
+
+    `service`/`method` narrow it ("*": any); `key` says whose budget it counts
+    against. A missing `burst` is filled with `rate` on validation.
+    """
+
+    id: Name
+    service: NameOrAny = "*"
+    method: NameOrAny = "*"
+    key: Literal["credential", "user", "ip"] = "credential"
+    rate: Annotated[int, Field(ge=1, le=1_000_000)]
+    period: Annotated[float, Field(gt=0, le=86400)]
+    burst: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_burst(cls, data: Any) -> Any:
+        rate = data.get("rate") if isinstance(data, dict) else None
+        valid_rate = isinstance(rate, int) and not isinstance(rate, bool) and rate >= 1
+        if valid_rate and data.get("burst") is None:  # a bad rate is reported once, as rate
+            return {**data, "burst": rate}
+        return data
+
+
+class PolicyDocument(_Model):
+    """The whole live policy; `version` is set by `PolicyStore.put`, never by hand."""
+
+    version: Annotated[int, Field(ge=0)] = 0
+    services: dict[Name, ServicePolicy] = Field(default_factory=dict, max_length=MAX_ITEMS)
+    routes: list[RouteRule] = Field(default_factory=list, max_length=MAX_ITEMS)
+    limits: list[LimitRule] = Field(default_factory=list, max_length=MAX_ITEMS)
+
+    @field_validator("routes")
+    @classmethod
+    def _unique_prefixes(cls, routes: list[RouteRule]) -> list[RouteRule]:
+        _unique((r.prefix for r in routes), "route prefix", "routes")
+        return routes
+
+    @field_validator("limits")
+    @classmethod
+    def _unique_ids(cls, limits: list[LimitRule]) -> list[LimitRule]:
+        _unique((rule.id for rule in limits), "limit id", "limits")
+        return limits
+
+    def service(self, name: str) -> ServicePolicy | None:
+        """The policy of service `name`, None when the document has none."""
+        return self.services.get(name)
+
+    def to_json(self) -> str:
+        """The canonical stored form (compact JSON)."""
+        return self.model_dump_json()
+
+
+def _unique(values: Iterable[str], what: str, field: str) -> None:
+    seen: dict[str, int] = {}
+    for index, value in enumerate(values):
+        if value in seen:
+            raise ValueError(f"duplicate {what} {value!r} ({field}[{seen[value]}] and [{index}])")
+        seen[value] = index
+
+
+DEFAULT_POLICY = PolicyDocument(
+    limits=[
+        LimitRule(id="login", service="auth", method="login", key="ip", rate=30, period=60,
+                  burst=10),
+        LimitRule(id="register", service="auth", method="register", key="ip", rate=10, period=60,
+                  burst=5),
+    ]
+)  # fmt: skip
+
+
+class PolicyInvalid(BadRequest):
+    """A policy document was rejected; `errors` lists every reason as {loc, msg}."""
+
+    code = "policy_invalid"
+
+    def __init__(self, errors: list[dict[str, str]]) -> None:
+        reasons = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors)
+        super().__init__(f"invalid policy: {reasons}")
+        self.errors = errors
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "details": self.errors}
+
+
+def validate_document(data: object) -> PolicyDocument:
+    """`data` (parsed JSON) as a `PolicyDocument`, or `PolicyInvalid` with every reason."""
+    if isinstance(data, PolicyDocument):
+        data = data.model_dump(mode="json")
+    # Duplicates are found on the raw input too, so they are reported together
+    # with every other error (pydantic skips a list's own check when an item fails).
+    duplicates = _duplicates(data)
+    try:
+        document = PolicyDocument.model_validate(data)
+    except ValidationError as exc:
+        reasons = [_reason(e) for e in exc.errors()]
+        if duplicates:
+            reasons = [r for r in reasons if not r["msg"].startswith("duplicate ")]
+        raise PolicyInvalid(reasons + duplicates) from None
+    return document
+
+
+def validate_json(text: str | bytes) -> PolicyDocument:
+    """A JSON text as a `PolicyDocument`; malformed JSON is a `PolicyInvalid` too."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, or undecodable bytes
+        raise PolicyInvalid([{"loc": ROOT, "msg": f"not valid JSON: {exc}"}]) from None
+    return validate_document(data)
+
+
+def _duplicates(data: object) -> list[dict[str, str]]:
+    """A reason for each route prefix or limit id that repeats an earlier one."""
+    out: list[dict[str, str]] = []
+    if not isinstance(data, dict):
+        return out
+    for field, key, what in (("routes", "prefix", "route prefix"), ("limits", "id", "limit id")):
+        items = data.get(field)
+        if not isinstance(items, list):
+            continue
+        seen: dict[str, int] = {}
+        for index, item in enumerate(items):
+            value = item.get(key) if isinstance(item, dict) else None
+            if not isinstance(value, str):
+                continue
+            if value in seen:
+                msg = f"duplicate {what} {value!r} (also {field}[{seen[value]}])"
+                out.append({"loc": f"{field}[{index}].{key}", "msg": msg})
+            else:
+                seen[value] = index
+    return out
+
+
+def _reason(error: Any) -> dict[str, str]:
+    loc = ""
+    for part in error["loc"]:
+        if isinstance(part, int):
+            loc += f"[{part}]"
+        elif part == "[key]":
+            loc += " (key)"  # pydantic's marker for a bad dict key
+        else:
+            loc += f".{part}" if loc else str(part)
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "model_type" and not error["loc"]:
+        msg = "the policy must be a JSON object"
+    return {"loc": loc or ROOT, "msg": msg}

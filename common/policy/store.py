@@ -1,0 +1,159 @@
+"""Reading and writing the live policy in Redis: versioned, audited, announced.
+
+A write (`put`) is validated first, then applied by one Lua script that checks
+the version it was built on (compare-and-set), so two admins editing at once
+never overwrite each other silently: the second gets `Conflict`. The same
+script keeps the last `HISTORY_KEEP` versions, appends to the audit stream
+(trimmed to about `AUDIT_MAXLEN` entries) with the actor, Redis's time and the
+changed paths, and publishes the new version on `POLICY_CHANNEL`, all
+atomically. Keys are hash-tagged `{policy}`: one Cluster slot.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from common import constants
+from common.connection import REDIS_DOWN_ERRORS, as_text
+from common.errors import Conflict, RedisUnavailable
+from common.policy.diff import changed_paths
+from common.policy.model import DEFAULT_POLICY, PolicyDocument, validate_document
+
+HISTORY_KEEP = 50
+AUDIT_MAXLEN = 1000
+# Attempts of a put without `expected_version` when other writers keep winning the race.
+_CAS_TRIES = 20
+
+# KEYS: doc, version, history, audit.
+# ARGV: version the document was built on, document JSON, versions to keep,
+#       actor, changes JSON, audit length, channel.
+# Returns {1, new version}, or {0, current version} when the version moved.
+_PUT = """
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+if current ~= tonumber(ARGV[1]) then
+  return {0, current}
+end
+local version = current + 1
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], version)
+redis.call('HSET', KEYS[3], version, ARGV[2])
+local floor = version - tonumber(ARGV[3])
+for _, field in ipairs(redis.call('HKEYS', KEYS[3])) do
+  local n = tonumber(field)
+  if n == nil or n <= floor then
+    redis.call('HDEL', KEYS[3], field)
+  end
+end
+local now = redis.call('TIME')
+local at = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*',
+  'version', version, 'actor', ARGV[4], 'at', at, 'changes', ARGV[5])
+redis.call('PUBLISH', ARGV[7], version)
+return {1, version}
+"""
+_KEYS = (constants.POLICY_DOC, constants.POLICY_VERSION, constants.POLICY_HISTORY,
+         constants.POLICY_AUDIT)  # fmt: skip
+
+
+class PolicyStore:
+    """The policy document in Redis. Redis unreachable raises `RedisUnavailable`."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._put = redis.register_script(_PUT)
+
+    async def get(self) -> PolicyDocument:
+        """The current document; `DEFAULT_POLICY` when none was ever stored.
+
+        Raises `PolicyInvalid` if the stored document was corrupted by hand.
+        """
+        try:
+            raw = await self.redis.get(constants.POLICY_DOC)
+        except REDIS_DOWN_ERRORS as exc:
+            raise RedisUnavailable(f"cannot read the policy: {exc}") from exc
+        return DEFAULT_POLICY if raw is None else validate_document(json.loads(raw))
+
+    async def current_version(self) -> int:
+        """The current version number (0: none stored); one cheap GET."""
+        try:
+            raw = await self.redis.get(constants.POLICY_VERSION)
+        except REDIS_DOWN_ERRORS as exc:
+            raise RedisUnavailable(f"cannot read the policy version: {exc}") from exc
+        return 0 if raw is None else int(raw)
+
+    async def get_version(self, version: int) -> PolicyDocument | None:
+        """The document as it was at `version` (one of the last `HISTORY_KEEP`), or None."""
+        if version == 0:
+            return DEFAULT_POLICY
+        try:
+            raw = await self.redis.hget(constants.POLICY_HISTORY, str(version))
+        except REDIS_DOWN_ERRORS as exc:
+            raise RedisUnavailable(f"cannot read the policy history: {exc}") from exc
+        return None if raw is None else validate_document(json.loads(raw))
+
+    async def put(
+        self, data: object, *, actor: str, expected_version: int | None = None
+    ) -> PolicyDocument:
+        """Validate `data` and store it as the next version; the stored document is returned.
+
+        `data`'s own "version" is ignored. With `expected_version`, the write
+        happens only if the current version is that one, else `Conflict`.
+        Raises `PolicyInvalid` (nothing stored) for a bad document.
+        """
+        candidate = validate_document(data)
+        try:
+            for _ in range(_CAS_TRIES):
+                raw_doc, raw_version = await self.redis.mget(
+                    constants.POLICY_DOC, constants.POLICY_VERSION
+                )
+                current = 0 if raw_version is None else int(raw_version)
+                if expected_version is not None and current != expected_version:
+                    raise _conflict(current, expected_version)
+                new = candidate.model_copy(update={"version": current + 1})
+                changes = changed_paths(_loose(raw_doc), new.model_dump(mode="json"))
+                args = (current, new.to_json(), HISTORY_KEEP, actor, json.dumps(changes),
+                        AUDIT_MAXLEN, constants.POLICY_CHANNEL)  # fmt: skip
+                written, version = await self._put(keys=_KEYS, args=args)
+                if written:
+                    return new
+                if expected_version is not None:
+                    raise _conflict(int(version), expected_version)
+        except REDIS_DOWN_ERRORS as exc:
+            raise RedisUnavailable(f"cannot write the policy: {exc}") from exc
+        raise Conflict("the policy kept changing while it was written; try again")
+
+    async def history(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The last `limit` audit entries, newest first: version, actor, at, changes."""
+        try:
+            entries = await self.redis.xrevrange(constants.POLICY_AUDIT, count=limit)
+        except REDIS_DOWN_ERRORS as exc:
+            raise RedisUnavailable(f"cannot read the policy audit log: {exc}") from exc
+        out = []
+        for entry_id, fields in entries or []:
+            f = {as_text(k): as_text(v) for k, v in (fields or {}).items()}
+            out.append({
+                "id": as_text(entry_id or ""),
+                "version": int(f.get("version", 0)),
+                "actor": f.get("actor", ""),
+                "at": float(f.get("at", 0)),
+                "changes": json.loads(f.get("changes", "[]")),
+            })  # fmt: skip
+        return out
+
+
+def _conflict(current: int, expected: int) -> Conflict:
+    return Conflict(f"the policy is at version {current}, not {expected}: reload and retry")
+
+
+def _loose(raw: bytes | str | None) -> dict[str, Any]:
+    """The stored document as plain JSON for the diff (whatever state it is in)."""
+    if raw is None:
+        return DEFAULT_POLICY.model_dump(mode="json")
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,156 @@
+"""A process's current policy, kept in memory and current from Redis.
+
+Readers (the gateway's hot path) read `watcher.current`: an attribute, no I/O.
+It is kept current two ways, as the registry view is:
+
+- the change channel (`POLICY_CHANNEL`, pub/sub): a new version is loaded at
+  once, so every replica applies it well within a second;
+- polling the version key every `interval` (0.5 s), which repairs a missed
+  message (a reconnect, a write that did not publish).
+
+Redis unreachable, or a stored document that does not validate, keeps the last
+good policy: a replica never falls back to defaults because Redis blinked.
+Swapping the document is one assignment, so requests already in flight keep
+the settings they started with and nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from common import constants
+from common.aio import cancel_and_wait, cancelling
+from common.connection import REDIS_DOWN_ERRORS, REDIS_DOWN_OR_SLOW
+from common.errors import RedisUnavailable
+from common.log import get_logger
+from common.policy.model import DEFAULT_POLICY, PolicyDocument, PolicyInvalid
+from common.policy.store import PolicyStore
+
+log = get_logger("switchboard.policy")
+
+Callback = Callable[[PolicyDocument], None]
+
+_UNREACHABLE: tuple[type[Exception], ...] = (RedisUnavailable, *REDIS_DOWN_OR_SLOW)
+
+# How long `start()` waits for the first load before going on with the default.
+_START_TIMEOUT = 5.0
+
+
+class PolicyWatcher:
+    """The current `PolicyDocument` of this process, and who to tell when it changes."""
+
+    def __init__(self, redis: aioredis.Redis, *, interval: float = 0.5) -> None:
+        self.redis = redis
+        self.store = PolicyStore(redis)
+        self.interval = interval
+        self.current: PolicyDocument = DEFAULT_POLICY
+        self._callbacks: list[Callback] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._lock = asyncio.Lock()
+        self._down = False  # Redis was unreachable at the last attempt (log once per outage)
+
+    def on_change(self, callback: Callback) -> None:
+        """Call `callback(document)` after every change of `current` (in the event loop)."""
+        self._callbacks.append(callback)
+
+    async def start(self) -> None:
+        """Load the policy once (up to 5 s; the default stays if Redis does not answer)."""
+        try:
+            async with asyncio.timeout(_START_TIMEOUT):
+                await self.refresh()
+        except TimeoutError:
+            log.warning("policy not loaded yet (redis unreachable?); using the default")
+
+    async def run(self) -> None:
+        """Follow changes until cancelled, or until `close()` (then it returns)."""
+        self._closing = False
+        tasks = self._tasks = [
+            asyncio.create_task(self._listen(), name="policy-events"),
+            asyncio.create_task(self._poll(), name="policy-poll"),
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+        finally:
+            for task in tasks:
+                await cancel_and_wait(task)
+
+    async def close(self) -> None:
+        """Stop following changes (ends a running `run()`); `current` stays readable."""
+        self._closing = True
+        for task in self._tasks:
+            await cancel_and_wait(task)
+
+    async def refresh(self, version: int | None = None) -> bool:
+        """Load the stored policy if its version differs from ours; True if `current` changed.
+
+        `version`, when known (from a change message), saves a round trip. Redis
+        unreachable or an invalid stored document keeps `current`.
+        """
+        async with self._lock:  # the poller and the listener may both notice one change
+            try:
+                if version is None:
+                    version = await self.store.current_version()
+                if version == self.current.version:
+                    self._recovered()
+                    return False
+                document = await self.store.get()
+            except _UNREACHABLE as exc:
+                if not self._down:
+                    log.warning("policy not refreshed, keeping version %d", self.current.version,
+                                extra={"fields": {"error": str(exc)}})  # fmt: skip
+                self._down = True
+                return False
+            except (PolicyInvalid, ValueError, RedisError) as exc:  # not JSON, wrong key type
+                log.error("stored policy is invalid, keeping version %d", self.current.version,
+                          extra={"fields": {"error": str(exc)}})  # fmt: skip
+                return False
+            self._recovered()
+            if document.version == self.current.version:
+                return False
+            self.current = document
+        log.info("policy applied", extra={"fields": {"version": document.version}})
+        for callback in self._callbacks:
+            try:
+                callback(document)
+            except Exception:
+                log.exception("policy change callback failed")
+        return True
+
+    def _recovered(self) -> None:
+        if self._down:
+            log.info("policy store reachable again")
+        self._down = False
+
+    async def _poll(self) -> None:
+        while not cancelling():
+            await self.refresh()
+            await asyncio.sleep(self.interval)
+
+    async def _listen(self) -> None:
+        while not cancelling():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(constants.POLICY_CHANNEL)
+                while not cancelling():
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        await self.refresh(_version(message["data"]))
+            except REDIS_DOWN_ERRORS:
+                await asyncio.sleep(self.interval)  # the poller logs the outage
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _version(data: bytes | str) -> int | None:
+    try:
+        return int(data)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,176 @@
+"""Revoked credentials: the store in Redis and the local view every verifier keeps.
+
+```
+sb:{auth}:revoked       zset     member -> expires_at (unix seconds)
+sb:{auth}:revocations   pub/sub  message = the member just revoked
+```
+
+Members: `sid:<session id>` (a session's access tokens), `jti:<token id>`
+(one access token), `key:<api key id>` (one API key) and `user:<user id>`
+(every credential of a user). An entry only has to outlive the credentials it
+revokes (an access token lives `JWT_TTL` at most), so entries expire and the
+set stays small.
+
+Verifiers never ask Redis per request: `RevocationView` holds the set in memory,
+adds members as they are published, and resyncs the whole set every few seconds
+so a missed message (a dropped subscription, a Redis restart) costs at most one
+resync interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+
+from common.aio import cancel_and_wait, cancelling
+from common.connection import REDIS_DOWN_ERRORS, as_text
+from common.constants import data_key
+from common.log import get_logger
+
+__all__ = ["CHANNEL", "KINDS", "REVOKED", "RevocationView", "member", "revoke"]
+
+log = get_logger(__name__)
+
+REVOKED = data_key("auth", "revoked")
+CHANNEL = data_key("auth", "revocations")
+KINDS = ("sid", "jti", "key", "user")
+# When a published member cannot be looked up, it counts as revoked until the
+# next resync says otherwise: failing closed for a few seconds beats failing open.
+_UNCONFIRMED = 3600.0
+
+
+def member(kind: str, ident: str) -> str:
+    """The set member revoking `ident` of `kind` (`sid`, `jti`, `key` or `user`)."""
+    if kind not in KINDS:
+        raise ValueError(f"revocation kind must be one of {', '.join(KINDS)}")
+    return f"{kind}:{ident}"
+
+
+async def revoke(
+    redis: aioredis.Redis, revoked: str, expires_at: float, *, now: float | None = None
+) -> None:
+    """Revoke `revoked` (a `member()`) until `expires_at`, and tell every verifier at once.
+
+    A later expiry already stored is kept; expired entries are pruned on the way.
+    """
+    now = time.time() if now is None else now
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.zadd(REVOKED, {revoked: expires_at}, gt=True)
+        pipe.zremrangebyscore(REVOKED, "-inf", now)
+        pipe.publish(CHANNEL, revoked)
+        await pipe.execute()
+
+
+class RevocationView:
+    """A process-local copy of the revoked set, kept current by pub/sub and resyncs."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        resync_interval: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.resync_interval = resync_interval
+        self.clock = clock
+        self._revoked: dict[str, float] = {}
+        # Members learnt from messages since the running resync began: kept when it lands.
+        self._recent: dict[str, float] = {}
+        self._listeners: list[Callable[[str], None]] = []
+        self._subscribed = asyncio.Event()
+        self._refreshing = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def on_revoke(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(member)` for each revocation seen (published, or found by a resync)."""
+        self._listeners.append(callback)
+
+    def is_revoked(self, revoked: str) -> bool:
+        """Whether `revoked` (a `member()`) is revoked now. On the request path: one dict lookup."""
+        expires_at = self._revoked.get(revoked)
+        return expires_at is not None and expires_at > self.clock()
+
+    def __len__(self) -> int:
+        return len(self._revoked)
+
+    async def start(self) -> None:
+        """Subscribe, then load the set (so nothing revoked in between is missed)."""
+        self._tasks.append(asyncio.create_task(self._listen(), name="revocations-listen"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscribed.wait(), 2.0)
+        try:
+            await self.refresh()
+        except REDIS_DOWN_ERRORS as exc:
+            log.warning("revocations not loaded yet", extra={"fields": {"error": str(exc)}})
+        self._tasks.append(asyncio.create_task(self._resync_forever(), name="revocations-resync"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            await cancel_and_wait(task)
+        self._tasks.clear()
+
+    async def refresh(self) -> None:
+        """Replace the local set with the live entries in Redis."""
+        async with self._refreshing:
+            self._recent = {}
+            now = self.clock()
+            rows = await self.redis.zrangebyscore(REVOKED, f"({now}", "+inf", withscores=True)
+            fresh = {as_text(row[0]): float(row[1]) for row in rows}
+            for revoked, expires_at in self._recent.items():
+                fresh[revoked] = max(expires_at, fresh.get(revoked, 0.0))
+            new = [m for m in fresh if m not in self._revoked]
+            self._revoked = fresh
+        for revoked in new:
+            self._notify(revoked)
+
+    async def _resync_forever(self) -> None:
+        while not cancelling():
+            await asyncio.sleep(self.resync_interval)
+            try:
+                await self.refresh()
+            except REDIS_DOWN_ERRORS as exc:
+                log.warning("revocation resync failed", extra={"fields": {"error": str(exc)}})
+
+    async def _listen(self) -> None:
+        while not cancelling():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(CHANNEL)
+                self._subscribed.set()
+                while not cancelling():
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        await self._apply(as_text(message["data"]))
+            except REDIS_DOWN_ERRORS as exc:
+                log.warning(
+                    "revocation events lost, resubscribing", extra={"fields": {"error": str(exc)}}
+                )
+                await asyncio.sleep(0.5)
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _apply(self, revoked: str) -> None:
+        # The message names the member; its expiry is in the set. Looking it up
+        # also ignores messages about another Redis database (channels are global).
+        try:
+            score = await self.redis.zscore(REVOKED, revoked)
+            expires_at = None if score is None else float(score)
+        except REDIS_DOWN_ERRORS:
+            expires_at = self.clock() + _UNCONFIRMED
+        if expires_at is not None and expires_at > self.clock():
+            expires_at = max(expires_at, self._revoked.get(revoked, 0.0))
+            self._revoked[revoked] = expires_at
+            self._recent[revoked] = expires_at
+        self._notify(revoked)
+
+    def _notify(self, revoked: str) -> None:
+        for listener in self._listeners:
+            try:
+                listener(revoked)
+            except Exception:
+                log.exception("revocation listener failed")

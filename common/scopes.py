@@ -1,0 +1,70 @@
+"""Scopes: what a credential may reach.
+
+Every protected thing is a *resource* `(service, method)`; `method` is None for
+a whole service (an HTTP service under `/svc/<service>/`, say). A credential
+carries a set of scopes:
+
+```
+*               every service and method, but not the admin API
+svc  or svc.*   every method of svc, and svc's method-less resource
+svc.method      that one method only (never the method-less resource)
+admin           the admin API: the resource ("admin", <anything>); nothing else grants it
+```
+
+Names are `[a-z][a-z0-9_-]{0,62}`. `admin.<anything>` is not a scope: only
+the bare `admin` reaches the admin API, so a look-alike is refused rather than
+silently granting nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterable
+
+__all__ = ["ADMIN", "ALL", "allows", "covers", "parse", "valid_scope"]
+
+ADMIN = "admin"
+ALL = "*"
+
+_NAME = r"[a-z][a-z0-9_-]{0,62}"
+_SCOPE = re.compile(rf"\*|{_NAME}(?:\.(?:\*|{_NAME}))?")
+
+
+def valid_scope(text: str) -> bool:
+    """Whether `text` is one well-formed scope (`*`, `admin`, `svc`, `svc.*`, `svc.method`)."""
+    if not _SCOPE.fullmatch(text):
+        return False
+    return text == ADMIN or not text.startswith(ADMIN + ".")
+
+
+def allows(scopes: Collection[str], service: str, method: str | None) -> bool:
+    """Whether `scopes` reach the resource `(service, method)`.
+
+    On the request path: a handful of set lookups, no parsing.
+    """
+    if service == ADMIN:
+        return ADMIN in scopes
+    if ALL in scopes or service in scopes or f"{service}.*" in scopes:
+        return True
+    return method is not None and f"{service}.{method}" in scopes
+
+
+def covers(granted: Collection[str], scope: str) -> bool:
+    """Whether `granted` reaches everything `scope` would (the subset rule for API keys).
+
+    `scope` must be valid (see `valid_scope`).
+    """
+    if scope == ADMIN:
+        return ADMIN in granted
+    if scope == ALL:
+        return ALL in granted
+    service, _, method = scope.partition(".")
+    if method in ("", "*"):
+        return ALL in granted or service in granted or f"{service}.*" in granted
+    return allows(granted, service, method)
+
+
+def parse(text: str | Iterable[str]) -> frozenset[str]:
+    """Scopes from a space-separated string (the JWT `scope` claim) or an iterable."""
+    items = text.split() if isinstance(text, str) else text
+    return frozenset(item for item in items if item)

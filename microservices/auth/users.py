@@ -1,0 +1,217 @@
+"""Users: accounts with a password, roles and scopes.
+
+```
+sb:{auth}:usernames        hash  lower-cased username -> user id (claimed atomically with the user)
+sb:{auth}:user:<user id>   hash  user_id, username, password_hash, created_at (ISO 8601),
+                                 roles, scopes (both space-separated)
+```
+
+Roles are `user` and `admin`. A user's stored scopes never include `admin`:
+that scope comes with the admin role (`User.scopes_granted`).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from common.connection import as_text
+from common.constants import data_key
+from common.errors import BadRequest, Conflict, NotFound, Unauthorized
+from common.log import get_logger
+from common.scopes import ADMIN, parse, valid_scope
+from microservices.auth.passwords import MAX_PASSWORD, MIN_PASSWORD, Passwords, valid_password
+
+log = get_logger(__name__)
+
+USERNAME = re.compile(r"[A-Za-z0-9_.-]{3,64}")
+USER_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+ROLES = ("user", "admin")
+INVALID_LOGIN = "invalid username or password"
+USERNAMES = data_key("auth", "usernames")
+
+# Claim the username and create the user in one step, so a crash can never leave
+# a username pointing at no user, and two registrations cannot both win.
+_CREATE_USER = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], 'user_id', ARGV[2], 'username', ARGV[3], 'password_hash', ARGV[4],
+           'created_at', ARGV[5], 'roles', ARGV[6], 'scopes', ARGV[7])
+return 1
+"""
+
+
+def user_key(user_id: str) -> str:
+    """One user's record."""
+    return data_key("auth", "user", user_id)
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    user_id: str
+    username: str
+    roles: frozenset[str]
+    scopes: frozenset[str]
+    created_at: datetime
+    password_hash: str = field(repr=False)
+
+    @property
+    def is_admin(self) -> bool:
+        return ADMIN in self.roles
+
+    @property
+    def scopes_granted(self) -> frozenset[str]:
+        """What this user's credentials may reach: the stored scopes, plus `admin` for admins."""
+        return self.scopes | {ADMIN} if self.is_admin else self.scopes
+
+    def describe(self) -> dict[str, Any]:
+        """The public view: {user_id, username, roles, scopes} (never the hash)."""
+        return {
+            "user_id": self.user_id,
+            "username": self.username,
+            "roles": sorted(self.roles),
+            "scopes": sorted(self.scopes_granted),
+        }
+
+
+def check_roles(roles: Iterable[str]) -> frozenset[str]:
+    wanted = frozenset(roles)
+    if not wanted or not wanted <= set(ROLES):
+        raise BadRequest(f"roles must be a non-empty subset of {', '.join(ROLES)}")
+    return wanted
+
+
+def check_user_scopes(scopes: Iterable[str]) -> frozenset[str]:
+    wanted = frozenset(scopes)
+    bad = sorted(s for s in wanted if not valid_scope(s))
+    if bad:
+        raise BadRequest(f"invalid scopes: {', '.join(bad)}")
+    if ADMIN in wanted:
+        raise BadRequest("the admin scope comes with the admin role: use set_roles")
+    return wanted
+
+
+class Users:
+    """User records over one Redis connection pool."""
+
+    def __init__(
+        self, redis: aioredis.Redis, passwords: Passwords, *, default_scopes: frozenset[str]
+    ) -> None:
+        self.redis = redis
+        self.passwords = passwords
+        self.default_scopes = check_user_scopes(default_scopes)
+        self._create = redis.register_script(_CREATE_USER)
+
+    async def create(
+        self, username: str, password: str, *, roles: Iterable[str] = ("user",)
+    ) -> User:
+        """A new user; `BadRequest` for a malformed name or password, `Conflict` if taken."""
+        if not USERNAME.fullmatch(username):
+            raise BadRequest("username must be 3 to 64 characters of A-Z, a-z, 0-9, _ . -")
+        if not valid_password(password):
+            raise BadRequest(f"password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+        roles = check_roles(roles)
+        folded = username.lower()
+        # Cheap early answer; the script below is what guarantees uniqueness.
+        if await self.redis.hexists(USERNAMES, folded):
+            raise Conflict(f"username {username!r} is taken")
+        user = User(
+            user_id=str(uuid.uuid4()),
+            username=username,
+            roles=roles,
+            scopes=self.default_scopes,
+            created_at=datetime.now(UTC),
+            password_hash=await self.passwords.hash(password),
+        )
+        args = [folded, user.user_id, username, user.password_hash, user.created_at.isoformat()]
+        args += [" ".join(sorted(roles)), " ".join(sorted(user.scopes))]
+        created = await self._create(keys=[USERNAMES, user_key(user.user_id)], args=args)
+        if not created:
+            raise Conflict(f"username {username!r} is taken")
+        fields = {"user_id": user.user_id, "username": username, "roles": sorted(roles)}
+        log.info("user registered", extra={"fields": fields})
+        return user
+
+    async def get(self, user_id: str) -> User | None:
+        if not USER_ID.fullmatch(user_id):
+            return None
+        raw = await self.redis.hgetall(user_key(user_id))
+        return self._from_fields(raw) if raw else None
+
+    async def require(self, user_id: str) -> User:
+        """The user, or `NotFound`."""
+        user = await self.get(user_id)
+        if user is None:
+            raise NotFound(f"no user {user_id!r}")
+        return user
+
+    async def find(self, username: str) -> User | None:
+        """The user of `username`, matched ignoring case."""
+        if not USERNAME.fullmatch(username):
+            return None
+        user_id = await self.redis.hget(USERNAMES, username.lower())
+        return None if user_id is None else await self.get(as_text(user_id))
+
+    async def check_password(self, username: str, password: str) -> User:
+        """The user if the password is right, else `Unauthorized`.
+
+        Every failure gives the same message after one argon2 verification, so
+        neither the answer nor its timing tells whether the username exists.
+        """
+        user = await self.find(username)
+        if user is None or not valid_password(password):
+            await self.passwords.verify_dummy(password)
+            raise Unauthorized(INVALID_LOGIN)
+        if not await self.passwords.verify(user.password_hash, password):
+            raise Unauthorized(INVALID_LOGIN)
+        if self.passwords.needs_rehash(user.password_hash):
+            # The hasher's parameters changed since this hash was made: upgrade
+            # it now, while we know the password.
+            new_hash = await self.passwords.hash(password)
+            await self.redis.hset(user_key(user.user_id), "password_hash", new_hash)
+            log.info("password rehashed", extra={"fields": {"user_id": user.user_id}})
+        return user
+
+    async def set_roles(self, user_id: str, roles: Iterable[str]) -> User:
+        wanted = check_roles(roles)
+        await self._update(user_id, "roles", " ".join(sorted(wanted)))
+        return await self.require(user_id)
+
+    async def set_scopes(self, user_id: str, scopes: Iterable[str]) -> User:
+        wanted = check_user_scopes(scopes)
+        await self._update(user_id, "scopes", " ".join(sorted(wanted)))
+        return await self.require(user_id)
+
+    async def all(self) -> list[User]:
+        """Every user, by username."""
+        ids = [as_text(v) for v in (await self.redis.hgetall(USERNAMES)).values()]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user_id in ids:
+                pipe.hgetall(user_key(user_id))
+            rows = await pipe.execute()
+        users = [self._from_fields(raw) for raw in rows if raw]
+        return sorted(users, key=lambda u: u.username.lower())
+
+    async def _update(self, user_id: str, field_name: str, value: str) -> None:
+        await self.require(user_id)
+        await self.redis.hset(user_key(user_id), field_name, value)
+        fields = {"user_id": user_id, field_name: value}
+        log.info(f"user {field_name} set", extra={"fields": fields})
+
+    def _from_fields(self, raw: Mapping[Any, Any]) -> User:
+        fields = {as_text(k): as_text(v) for k, v in raw.items()}
+        # Users created before roles and scopes existed get the defaults.
+        scopes = fields.get("scopes")
+        return User(
+            user_id=fields["user_id"],
+            username=fields["username"],
+            roles=parse(fields.get("roles") or "user"),
+            scopes=self.default_scopes if scopes is None else parse(scopes) - {ADMIN},
+            created_at=datetime.fromisoformat(fields["created_at"]),
+            password_hash=fields["password_hash"],
+        )

@@ -1,0 +1,441 @@
+"""`Authenticator` (JWTs, API keys, revocation, key rotation) against a real Redis (DB 8).
+
+Credentials are made with the same functions the auth service uses
+(`common.tokens.issue`, `common.apikeys.new_key`), or forged by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import jwt
+import pytest
+import redis.asyncio as aioredis
+
+from common import apikeys, revocation, tokens
+from common.credentials import Authenticator, Principal
+from common.errors import ConfigError, Unauthorized
+from common.revocation import RevocationView
+from common.tokens import Keyring, SigningKey
+from tests.helpers import wait_for_async
+
+pytestmark = pytest.mark.timeout(30)
+
+SECRET = "s" * 64
+KEY = SigningKey.create(SECRET, now=0)  # the keyring's first key, made from SECRET
+OWNER = str(uuid.uuid4())
+
+
+class Clock:
+    """The wall clock, moved forward on demand (for retirement and expiry)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/8")
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.flushdb()
+        await client.aclose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def auth(redis: aioredis.Redis, clock: Clock) -> AsyncIterator[Authenticator]:
+    authenticator = Authenticator(
+        redis, configured_secret=SECRET, api_key_cache_ttl=3600, clock=clock
+    )
+    await authenticator.start()
+    try:
+        yield authenticator
+    finally:
+        await authenticator.close()
+
+
+def mint(key: SigningKey = KEY, *, ttl: int = 600, now: float | None = None, **claims: Any) -> str:
+    fields: dict[str, Any] = {
+        "subject": OWNER, "name": "alice", "roles": ["user"], "scopes": ["iptv", "nlp.run"],
+        "session_id": uuid.uuid4().hex,
+    }  # fmt: skip
+    fields.update(claims)
+    return tokens.issue(key, ttl=ttl, now=now, **fields)
+
+
+async def rejected(auth: Authenticator, credential: str) -> str:
+    """The message of the `Unauthorized` that `credential` gets."""
+    with pytest.raises(Unauthorized) as caught:
+        await auth.authenticate(credential)
+    return caught.value.message
+
+
+async def eventually_rejected(auth: Authenticator, credential: str, message: str) -> None:
+    """Poll until `credential` is refused with `message` (revocations travel by pub/sub)."""
+
+    async def refused() -> bool:
+        try:
+            await auth.authenticate(credential)
+        except Unauthorized as exc:
+            return exc.message == message
+        return False
+
+    await wait_for_async(refused, timeout=10)
+
+
+# -- JWT -------------------------------------------------------------------------------
+
+
+async def test_a_valid_token_gives_its_principal(auth: Authenticator) -> None:
+    sid = uuid.uuid4().hex
+    token = mint(session_id=sid, roles=["user", "admin"], scopes=["*", "admin"])
+    assert auth.authenticate_sync_cached(token) is None  # not verified yet
+    principal = await auth.authenticate(token)
+    assert principal == Principal(
+        kind="user",
+        subject=OWNER,
+        name="alice",
+        roles=frozenset({"user", "admin"}),
+        scopes=frozenset({"*", "admin"}),
+        key_id=None,
+        session_id=sid,
+        expires_at=principal.expires_at,
+    )
+    assert principal.expires_at is not None and principal.expires_at > time.time() + 500
+    assert principal.allows("iptv", "search") and principal.allows("admin", "policy")
+    assert auth.authenticate_sync_cached(token) == principal
+    assert await auth.authenticate(token) == principal
+
+
+async def test_scopes_come_from_the_scope_claim(auth: Authenticator) -> None:
+    principal = await auth.authenticate(mint(scopes=["iptv", "nlp.run"]))
+    assert principal.scopes == {"iptv", "nlp.run"}
+    assert principal.allows("iptv", None) and principal.allows("nlp", "run")
+    assert not principal.allows("nlp", "train") and not principal.allows("admin", None)
+
+
+def b64(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def good_claims(**override: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims = {
+        "sub": OWNER, "name": "mallory", "roles": ["user"], "scope": "iptv",
+        "sid": uuid.uuid4().hex, "iat": now, "exp": now + 600,
+        "iss": "switchboard", "aud": "switchboard", "jti": uuid.uuid4().hex,
+    }  # fmt: skip
+    claims.update(override)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+def signed(key: str = SECRET, alg: str = "HS256", kid: str | None = KEY.kid, **claims: Any) -> str:
+    headers = {"kid": kid} if kid else None
+    return jwt.encode(good_claims(**claims), key, algorithm=alg, headers=headers)
+
+
+def forged_tokens() -> dict[str, str]:
+    kid = {"kid": KEY.kid}
+    head, payload, signature = signed().split(".")
+    flipped = ("B" if signature[0] == "A" else "A") + signature[1:]
+    return {
+        "garbage": "not a token",
+        "two segments": f"{head}.{payload}",
+        "malformed base64": f"{head}.{payload}!!.{signature}",
+        "malformed header base64": f"@@{head}.{payload}.{signature}",
+        "header not JSON": f"{base64.urlsafe_b64encode(b'nope').decode()}.{payload}.{signature}",
+        "tampered payload": f"{head}.{b64(good_claims(scope='* admin'))}.{signature}",
+        "tampered signature": f"{head}.{payload}.{flipped}",
+        "alg none": f"{b64({'alg': 'none', 'typ': 'JWT', **kid})}.{payload}.",
+        "alg none via pyjwt": jwt.encode(good_claims(), None, algorithm="none", headers=kid),
+        "HS512": signed(alg="HS512"),
+        "wrong key": signed(key="k" * 48),
+        "wrong audience": signed(aud="other"),
+        "wrong issuer": signed(iss="other"),
+        "no jti": signed(jti=None),
+        "no exp": signed(exp=None),
+        "no sid": signed(sid=None),
+        "no scope": signed(scope=None),
+        "roles not a list": signed(roles="admin"),
+        "exp not a number": signed(exp="tomorrow"),
+        "no kid": signed(kid=None),
+        "unknown kid": signed(kid="0123456789abcdef"),
+        "not yet valid": signed(nbf=int(time.time()) + 600),
+        "issued in the future": signed(iat=int(time.time()) + 600),
+    }
+
+
+async def test_the_forgery_baseline_is_valid(auth: Authenticator) -> None:
+    # The same recipe with nothing forged passes, so each rejection below is
+    # caused by its one defect.
+    assert (await auth.authenticate(signed())).subject == OWNER
+
+
+@pytest.mark.parametrize("case", list(forged_tokens()))
+async def test_forged_tokens_are_rejected(auth: Authenticator, case: str) -> None:
+    message = await rejected(auth, forged_tokens()[case])
+    assert message.startswith("invalid token"), message
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("alg none", "invalid token: The specified alg value is not allowed"),
+        ("wrong key", "invalid token: Signature verification failed"),
+        ("wrong audience", "invalid token: Audience doesn't match"),
+        ("wrong issuer", "invalid token: Invalid issuer"),
+        ("unknown kid", "invalid token: unknown signing key"),
+    ],
+)
+async def test_rejections_say_why(auth: Authenticator, case: str, expected: str) -> None:
+    assert await rejected(auth, forged_tokens()[case]) == expected
+
+
+async def test_an_expired_token_is_rejected(auth: Authenticator, clock: Clock) -> None:
+    assert await rejected(auth, mint(ttl=60, now=time.time() - 3600)) == "token expired"
+    token = mint(ttl=60)
+    await auth.authenticate(token)  # cached now
+    clock.offset = 61
+    assert auth.authenticate_sync_cached(token) is None
+    assert await rejected(auth, token) == "token expired"
+
+
+async def test_an_empty_credential_is_rejected(auth: Authenticator) -> None:
+    assert (await rejected(auth, "")).startswith("invalid token")
+
+
+# -- signing keys ----------------------------------------------------------------------
+
+
+async def test_the_first_key_comes_from_the_configured_secret(
+    auth: Authenticator, redis: aioredis.Redis
+) -> None:
+    assert await redis.get(tokens.CURRENT_KID) == KEY.kid.encode()
+    current = await Keyring(redis).current()
+    assert current.secret == SECRET and current.retire_at is None
+
+
+async def test_without_a_secret_one_key_is_generated_for_everyone(redis: aioredis.Redis) -> None:
+    many = [Authenticator(redis, configured_secret=None) for _ in range(4)]
+    await asyncio.gather(*(a.start() for a in many))
+    try:
+        kid, keys = await Keyring(redis).load()
+        assert kid is not None and list(keys) == [kid] and len(keys[kid].secret) >= 64
+        token = mint(keys[kid])
+        for authenticator in many:
+            assert (await authenticator.authenticate(token)).subject == OWNER
+    finally:
+        for authenticator in many:
+            await authenticator.close()
+
+
+async def test_a_short_configured_secret_is_refused(redis: aioredis.Redis) -> None:
+    with pytest.raises(ConfigError, match="at least 32 bytes"):
+        Authenticator(redis, configured_secret="too-short")
+
+
+async def test_an_unknown_kid_reloads_the_keyring(
+    auth: Authenticator, redis: aioredis.Redis
+) -> None:
+    old_token = mint()
+    await auth.authenticate(old_token)
+    new_key = await Keyring(redis).rotate(grace=960)  # by another process: nobody told `auth`
+    new_token = mint(new_key)
+
+    async def accepted() -> bool:  # reloads happen at most once a second
+        return (await auth.authenticate(new_token)).subject == OWNER
+
+    await wait_for_async(accepted, timeout=10)
+    assert (await auth.authenticate(old_token)).subject == OWNER  # nobody is logged out
+
+
+async def test_an_old_key_verifies_until_it_retires(
+    auth: Authenticator, redis: aioredis.Redis, clock: Clock
+) -> None:
+    cached = mint(ttl=3600)
+    await auth.authenticate(cached)
+    keyring = Keyring(redis, clock=clock)
+    new_key = await keyring.rotate(grace=60)
+    await auth.refresh()
+    assert new_key.kid != KEY.kid
+    assert (await auth.authenticate(cached)).subject == OWNER
+    assert (await auth.authenticate(mint(ttl=3600, now=clock()))).subject == OWNER
+    clock.offset = 61  # past retire_at
+    assert auth.authenticate_sync_cached(cached) is None
+    assert await rejected(auth, cached) == "invalid token: signing key retired"
+    assert await rejected(auth, mint(now=clock())) == "invalid token: signing key retired"
+    assert (await auth.authenticate(mint(new_key, now=clock()))).subject == OWNER
+    assert await keyring.prune() == [KEY.kid]
+    await auth.refresh()
+    assert await rejected(auth, cached) == "invalid token: unknown signing key"
+
+
+# -- revocation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sid", "jti", "user"])
+async def test_revoked_tokens_are_rejected_at_once(
+    auth: Authenticator, redis: aioredis.Redis, kind: str
+) -> None:
+    sid, jti = uuid.uuid4().hex, uuid.uuid4().hex
+    token = mint(session_id=sid, token_id=jti)
+    other = mint()  # another session of the same user
+    await auth.authenticate(token)
+    await auth.authenticate(other)
+    ident = {"sid": sid, "jti": jti, "user": OWNER}[kind]
+    await revocation.revoke(redis, f"{kind}:{ident}", time.time() + 600)
+    await eventually_rejected(auth, token, "token revoked")
+    assert auth.authenticate_sync_cached(token) is None
+    if kind == "user":
+        assert await rejected(auth, other) == "token revoked"
+    else:
+        assert (await auth.authenticate(other)).subject == OWNER
+
+
+async def test_a_missed_revocation_is_found_by_the_resync(redis: aioredis.Redis) -> None:
+    authenticator = Authenticator(redis, configured_secret=SECRET, resync_interval=0.2)
+    await authenticator.start()
+    try:
+        sid = uuid.uuid4().hex
+        token = mint(session_id=sid)
+        await authenticator.authenticate(token)
+        # Written without the message, as if it had been lost.
+        await redis.zadd(revocation.REVOKED, {f"sid:{sid}": time.time() + 600})
+        await eventually_rejected(authenticator, token, "token revoked")
+    finally:
+        await authenticator.close()
+
+
+async def test_revocations_expire(redis: aioredis.Redis, clock: Clock) -> None:
+    view = RevocationView(redis, clock=clock)
+    await view.start()
+    try:
+        await revocation.revoke(redis, "jti:gone", time.time() - 1)  # already over
+        await revocation.revoke(redis, "jti:live", time.time() + 60)
+        await wait_for_async(lambda: _true(view.is_revoked("jti:live")), timeout=10)
+        assert not view.is_revoked("jti:gone") and not view.is_revoked("jti:other")
+        assert await redis.zscore(revocation.REVOKED, "jti:gone") is None  # pruned in Redis
+        clock.offset = 61
+        assert not view.is_revoked("jti:live")
+        await view.refresh()
+        assert len(view) == 0
+    finally:
+        await view.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+# -- API keys --------------------------------------------------------------------------
+
+
+async def stored_key(
+    redis: aioredis.Redis, scopes: tuple[str, ...] = ("iptv",), expires_at: float | None = None
+) -> tuple[str, apikeys.ApiKeyRecord]:
+    text, record = apikeys.new_key(OWNER, "ci", scopes, expires_at=expires_at)
+    await apikeys.write(redis, record)
+    return text, record
+
+
+async def test_a_valid_api_key_gives_its_principal(
+    auth: Authenticator, redis: aioredis.Redis
+) -> None:
+    text, record = await stored_key(redis, scopes=("iptv", "nlp.run"))
+    assert text.startswith("sbk_") and len(text) == 60
+    stored = await redis.hgetall(apikeys.record_key(record.key_id))
+    assert text.split("_", 2)[2].encode() not in repr(stored).encode()  # only the hash is kept
+    principal = await auth.authenticate(text)
+    assert principal == Principal(
+        kind="api_key",
+        subject=OWNER,
+        name="ci",
+        roles=frozenset(),
+        scopes=frozenset({"iptv", "nlp.run"}),
+        key_id=record.key_id,
+        session_id=None,
+        expires_at=None,
+    )
+    assert principal.allows("iptv", None) and not principal.allows("nlp", None)
+    assert auth.authenticate_sync_cached(text) == principal
+
+
+async def test_unknown_and_wrong_api_keys_are_rejected(
+    auth: Authenticator, redis: aioredis.Redis
+) -> None:
+    text, record = await stored_key(redis)
+    unknown = apikeys.new_key(OWNER, "never stored", ["iptv"])[0]
+    wrong_secret = apikeys.format_key(record.key_id, "A" * 43)
+    assert await rejected(auth, unknown) == "unknown API key"
+    assert await rejected(auth, wrong_secret) == "unknown API key"
+    assert auth.authenticate_sync_cached(wrong_secret) is None
+    for malformed in ("sbk_", "sbk_short_x", text[:-1], text + "A", text[:16] + "-" + text[17:]):
+        assert await rejected(auth, malformed) == "invalid API key: malformed"
+    assert (await auth.authenticate(text)).key_id == record.key_id  # the right one still works
+
+
+async def test_an_expired_api_key_is_rejected(
+    auth: Authenticator, redis: aioredis.Redis, clock: Clock
+) -> None:
+    text, _ = await stored_key(redis, expires_at=time.time() - 1)
+    assert await rejected(auth, text) == "API key expired"
+    text, _ = await stored_key(redis, expires_at=time.time() + 60)
+    assert (await auth.authenticate(text)).expires_at is not None
+    clock.offset = 61
+    assert await rejected(auth, text) == "API key expired"
+
+
+@pytest.mark.parametrize("kind", ["key", "user"])
+async def test_a_revoked_api_key_is_rejected_at_once(
+    auth: Authenticator, redis: aioredis.Redis, kind: str
+) -> None:
+    text, record = await stored_key(redis)
+    await auth.authenticate(text)  # cached for an hour
+    ident = record.key_id if kind == "key" else OWNER
+    await revocation.revoke(redis, f"{kind}:{ident}", time.time() + 600)
+    await eventually_rejected(auth, text, "API key revoked")
+
+
+async def test_a_revocation_event_drops_the_cached_record(
+    auth: Authenticator, redis: aioredis.Redis
+) -> None:
+    text, record = await stored_key(redis, scopes=("iptv",))
+    assert (await auth.authenticate(text)).scopes == {"iptv"}
+    narrowed = apikeys.ApiKeyRecord(**{**_fields(record), "scopes": frozenset({"iptv.search"})})
+    await apikeys.write(redis, narrowed)
+    assert (await auth.authenticate(text)).scopes == {"iptv"}  # served from the cache
+    # An event whose entry is already over revokes nothing but still drops the cache.
+    await revocation.revoke(redis, f"key:{record.key_id}", time.time() - 1)
+    await wait_for_async(_scopes_become(auth, text, {"iptv.search"}), timeout=10)
+    await redis.delete(apikeys.record_key(record.key_id))
+    await revocation.revoke(redis, f"user:{OWNER}", time.time() - 1)
+    await eventually_rejected(auth, text, "unknown API key")
+
+
+def _fields(record: apikeys.ApiKeyRecord) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in record.__dataclass_fields__}
+
+
+def _scopes_become(
+    auth: Authenticator, text: str, scopes: set[str]
+) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return (await auth.authenticate(text)).scopes == scopes
+
+    return check

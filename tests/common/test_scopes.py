@@ -1,0 +1,80 @@
+"""Scopes: the grammar and what reaches what (`common.scopes`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.scopes import ADMIN, allows, covers, parse, valid_scope
+
+pytestmark = pytest.mark.timeout(10)
+
+
+@pytest.mark.parametrize(
+    "scope", ["*", "admin", "iptv", "iptv.*", "iptv.list_channels", "a", "nlp-v2.run", "x" * 63]
+)
+def test_valid_scopes(scope: str) -> None:
+    assert valid_scope(scope)
+
+
+@pytest.mark.parametrize(
+    "scope",
+    ["", " ", "**", "IPTV", "1svc", "iptv.", ".m", "iptv.m.x", "iptv.M", "iptv.*.*", "x" * 64,
+     "admin.*", "admin.users", "*.m", "svc m", "svc\n", "svc:m", "é"],
+)  # fmt: skip
+def test_invalid_scopes(scope: str) -> None:
+    assert not valid_scope(scope)
+
+
+@pytest.mark.parametrize(
+    ("scopes", "service", "method", "expected"),
+    [
+        ({"*"}, "iptv", "list_channels", True),
+        ({"*"}, "iptv", None, True),
+        ({"*"}, "admin", None, False),  # "*" is everything but the admin API
+        ({"*"}, "admin", "policy", False),
+        ({"admin"}, "admin", None, True),
+        ({"admin"}, "admin", "auth.revoke", True),
+        ({"admin"}, "iptv", "list_channels", False),  # admin is only the admin API
+        ({"iptv"}, "iptv", "list_channels", True),
+        ({"iptv"}, "iptv", None, True),
+        ({"iptv.*"}, "iptv", "search", True),
+        ({"iptv.*"}, "iptv", None, True),
+        ({"iptv"}, "nlp", "run", False),
+        ({"iptv.search"}, "iptv", "search", True),
+        ({"iptv.search"}, "iptv", "list_channels", False),
+        ({"iptv.search"}, "iptv", None, False),  # a method scope never reaches the whole service
+        ({"iptv.search", "nlp"}, "nlp", None, True),
+        (set(), "iptv", "search", False),
+        (set(), "admin", None, False),
+    ],
+)
+def test_allows(scopes: set[str], service: str, method: str | None, expected: bool) -> None:
+    assert allows(frozenset(scopes), service, method) is expected
+
+
+@pytest.mark.parametrize(
+    ("granted", "scope", "expected"),
+    [
+        ({"*"}, "*", True),
+        ({"*"}, "iptv", True),
+        ({"*"}, "iptv.search", True),
+        ({"*"}, "admin", False),
+        ({"*", "admin"}, "admin", True),
+        ({"iptv"}, "*", False),
+        ({"iptv"}, "iptv.*", True),
+        ({"iptv.*"}, "iptv", True),
+        ({"iptv"}, "iptv.search", True),
+        ({"iptv.search"}, "iptv.search", True),
+        ({"iptv.search"}, "iptv", False),
+        ({"iptv.search"}, "iptv.list_channels", False),
+        ({"nlp"}, "iptv.search", False),
+    ],
+)
+def test_covers_is_the_subset_rule(granted: set[str], scope: str, expected: bool) -> None:
+    assert covers(frozenset(granted), scope) is expected
+
+
+def test_parse() -> None:
+    assert parse("iptv  nlp.run\tadmin") == frozenset({"iptv", "nlp.run", ADMIN})
+    assert parse("") == frozenset()
+    assert parse(["a", "", "b"]) == frozenset({"a", "b"})

@@ -1,0 +1,125 @@
+"""The admin API (scope `admin`): the live policy, users, revocation, signing keys.
+
+Policy: `GET /admin/policy` is the stored document; `PUT /admin/policy`
+replaces it. The new document is validated first; if it is invalid the answer
+is 422 with every reason and the running policy stays. Send the version you
+edited as `If-Match: <version>` (or `?expected_version=`): if someone changed
+the policy since, the answer is 409 and nothing is written. Every change is
+versioned and audited (who, when, which paths changed) and every gateway
+applies it within a second. `POST /admin/policy/validate` checks a document
+without storing it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sanic import Blueprint, HTTPResponse
+
+from common.credentials import Principal
+from common.policy import PolicyStore, validate_document
+from webapi.access import ADMIN
+from webapi.context import GatewayRequest
+from webapi.errors import InvalidQuery, MalformedJson
+from webapi.requests import json_object
+from webapi.responses import json_response
+
+bp = Blueprint("admin", url_prefix="/admin")
+
+
+def _store(request: GatewayRequest) -> PolicyStore:
+    return PolicyStore(request.app.ctx.redis)
+
+
+def _actor(request: GatewayRequest) -> str:
+    principal: Principal = request.ctx.principal
+    if principal.key_id:
+        return f"api_key:{principal.key_id} ({principal.name}, user {principal.subject})"
+    return f"user:{principal.subject} ({principal.name})"
+
+
+def _int_arg(request: GatewayRequest, name: str, value: str | None) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value.strip().strip('"'))
+    except ValueError:
+        raise InvalidQuery(f"{name} must be an integer") from None
+
+
+@bp.get("/policy", ctx_access=ADMIN)
+async def get_policy(request: GatewayRequest) -> HTTPResponse:
+    document = await _store(request).get()
+    return json_response(document.model_dump(mode="json"))
+
+
+@bp.put("/policy", ctx_access=ADMIN)
+async def put_policy(request: GatewayRequest) -> HTTPResponse:
+    body = json_object(request, empty_ok=False)
+    expected = _int_arg(request, "If-Match", request.headers.get("if-match"))
+    if expected is None:
+        expected = _int_arg(request, "expected_version", request.args.get("expected_version"))
+    document = await _store(request).put(body, actor=_actor(request), expected_version=expected)
+    return json_response(document.model_dump(mode="json"))
+
+
+@bp.post("/policy/validate", ctx_access=ADMIN)
+async def validate_policy(request: GatewayRequest) -> HTTPResponse:
+    document = validate_document(json_object(request, empty_ok=False))
+    return json_response({"valid": True, "document": document.model_dump(mode="json")})
+
+
+@bp.get("/policy/history", ctx_access=ADMIN)
+async def policy_history(request: GatewayRequest) -> HTTPResponse:
+    limit = _int_arg(request, "limit", request.args.get("limit")) or 20
+    if not 1 <= limit <= 1000:
+        raise InvalidQuery("limit must be between 1 and 1000")
+    return json_response({"changes": await _store(request).history(limit)})
+
+
+@bp.get("/policy/versions/<version:int>", ctx_access=ADMIN)
+async def policy_version(request: GatewayRequest, version: int) -> HTTPResponse:
+    document = await _store(request).get_version(version)
+    if document is None:
+        raise InvalidQuery(f"policy version {version} is not in the history")
+    return json_response(document.model_dump(mode="json"))
+
+
+async def _auth(request: GatewayRequest, method: str, **kwargs: Any) -> Any:
+    return await request.app.ctx.rpc.invoke(f"auth.{method}", kwargs=kwargs)
+
+
+@bp.get("/users", ctx_access=ADMIN)
+async def list_users(request: GatewayRequest) -> HTTPResponse:
+    return json_response({"users": await _auth(request, "list_users")})
+
+
+@bp.put("/users/<user_id:str>/roles", ctx_access=ADMIN)
+async def set_roles(request: GatewayRequest, user_id: str) -> HTTPResponse:
+    body = json_object(request, empty_ok=False)
+    return json_response(
+        await _auth(request, "set_roles", user_id=user_id, roles=body.get("roles"))
+    )
+
+
+@bp.put("/users/<user_id:str>/scopes", ctx_access=ADMIN)
+async def set_scopes(request: GatewayRequest, user_id: str) -> HTTPResponse:
+    body = json_object(request, empty_ok=False)
+    return json_response(
+        await _auth(request, "set_scopes", user_id=user_id, scopes=body.get("scopes"))
+    )
+
+
+@bp.post("/revoke", ctx_access=ADMIN)
+async def revoke(request: GatewayRequest) -> HTTPResponse:
+    """`{"kind": "session" | "token" | "key" | "user", "id": ...}`: revoked everywhere at once."""
+    body = json_object(request, empty_ok=False)
+    if not isinstance(body.get("kind"), str) or not isinstance(body.get("id"), str):
+        raise MalformedJson('"kind" and "id" (strings) are required')
+    return json_response(await _auth(request, "revoke", kind=body["kind"], id=body["id"]))
+
+
+@bp.post("/signing-keys/rotate", ctx_access=ADMIN)
+async def rotate_signing_key(request: GatewayRequest) -> HTTPResponse:
+    """A new signing key; tokens signed by the old one stay valid until they expire."""
+    return json_response(await _auth(request, "rotate_signing_key"))
