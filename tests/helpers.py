@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
 from common.apikeys import new_key, record_key, user_keys_key
 from common.embedded_redis import free_port
@@ -21,12 +23,42 @@ ROOT = Path(__file__).resolve().parent.parent
 
 __all__ = [
     "ROOT",
+    "Clock",
     "ServiceProcess",
+    "db_url",
     "free_port",
+    "fresh_db",
     "issue_api_key",
     "wait_for",
     "wait_for_async",
 ]
+
+
+def db_url(redis_url: str, db: int) -> str:
+    """The same server, another database: a test module's private keyspace."""
+    return redis_url.rsplit("/", 1)[0] + f"/{db}"
+
+
+@contextlib.asynccontextmanager
+async def fresh_db(url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client on the database of `url`, flushed before and after use."""
+    client = aioredis.Redis.from_url(url)
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.flushdb()
+        await client.aclose()
+
+
+class Clock:
+    """The wall clock, moved forward on demand (`offset`), for expiry and retirement."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
 
 
 def issue_api_key(

@@ -23,7 +23,7 @@ from common.credentials import Authenticator, Principal
 from common.errors import ConfigError, Unauthorized
 from common.revocation import RevocationView
 from common.tokens import Keyring, SigningKey
-from tests.helpers import wait_for_async
+from tests.helpers import Clock, db_url, fresh_db, wait_for_async
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -32,25 +32,10 @@ KEY = SigningKey.create(SECRET, now=0)  # the keyring's first key, made from SEC
 OWNER = str(uuid.uuid4())
 
 
-class Clock:
-    """The wall clock, moved forward on demand (for retirement and expiry)."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/8")
-    await client.flushdb()
-    try:
+    async with fresh_db(db_url(redis_url, 8)) as client:
         yield client
-    finally:
-        await client.flushdb()
-        await client.aclose()
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from common.revocation import REVOKED
 from microservices.auth.accounts import Accounts
 from microservices.auth.sessions import session_key
 from microservices.auth.users import USERNAMES, user_key
-from tests.helpers import wait_for_async
+from tests.helpers import Clock, db_url, fresh_db, wait_for_async
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -77,23 +77,10 @@ class CountingHasher(PasswordHasher):
             self._leave()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/2")
-    await client.flushdb()
-    try:
+    async with fresh_db(db_url(redis_url, 2)) as client:
         yield client
-    finally:
-        await client.flushdb()
-        await client.aclose()
 
 
 def make_accounts(redis: aioredis.Redis, **kwargs: Any) -> Accounts:

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from common import tokens
 from common.credentials import Authenticator
 from microservices.auth.accounts import Accounts
-from tests.helpers import ROOT
+from tests.helpers import ROOT, db_url, fresh_db
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,18 +22,13 @@ PASSWORD = "operator-password-1"
 
 @pytest.fixture
 def url(redis_url: str) -> str:
-    return redis_url.rsplit("/", 1)[0] + "/9"
+    return db_url(redis_url, 9)
 
 
 @pytest.fixture
 async def redis(url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(url)
-    await client.flushdb()
-    try:
+    async with fresh_db(url) as client:
         yield client
-    finally:
-        await client.flushdb()
-        await client.aclose()
 
 
 def cli(url: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:

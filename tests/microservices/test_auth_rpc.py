@@ -12,17 +12,13 @@ import redis.asyncio as aioredis
 from common import InvalidParams, RemoteError, RpcClient, tokens
 from common.constants import instances_key
 from common.tokens import Keyring
-from tests.helpers import ServiceProcess, wait_for, wait_for_async
+from tests.helpers import ServiceProcess, db_url, fresh_db, wait_for, wait_for_async
 
 pytestmark = pytest.mark.timeout(90)
 
 PASSWORD = "hunter2-but-longer"
 TTL = 120
 CALL = 10.0  # argon2 at production cost on a busy test machine
-
-
-def db_url(redis_url: str, db: int) -> str:
-    return redis_url.rsplit("/", 1)[0] + f"/{db}"
 
 
 def start_auth(url: str, secret: str = "", **env: str) -> ServiceProcess:
@@ -46,13 +42,8 @@ async def ready(rpc: RpcClient, process: ServiceProcess) -> None:
 
 @pytest.fixture(scope="module")
 async def redis4(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(db_url(redis_url, 4))
-    await client.flushdb()
-    try:
+    async with fresh_db(db_url(redis_url, 4)) as client:
         yield client
-    finally:
-        await client.flushdb()
-        await client.aclose()
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +64,8 @@ async def rpc(redis_url: str, auth: ServiceProcess) -> AsyncIterator[RpcClient]:
 
 @pytest.fixture
 async def redis5(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(db_url(redis_url, 5))
-    await client.flushdb()
-    try:
+    async with fresh_db(db_url(redis_url, 5)) as client:
         yield client
-    finally:
-        await client.flushdb()
-        await client.aclose()
 
 
 async def test_register_login_refresh_logout(rpc: RpcClient, redis4: aioredis.Redis) -> None:

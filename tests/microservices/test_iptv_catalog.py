@@ -27,6 +27,7 @@ from microservices.iptv.seed import (
     generate_channels,
     generate_guide,
 )
+from tests.helpers import db_url, fresh_db
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,10 +35,6 @@ CHANNELS = 300
 GUIDE_START = default_guide_start()
 # A fixed "now" inside the seeded week, so tests do not depend on the wall clock.
 NOW = GUIDE_START + timedelta(days=1, hours=12, minutes=7)
-
-
-def db_url(redis_url: str, db: int) -> str:
-    return redis_url.rsplit("/", 1)[0] + f"/{db}"
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +59,8 @@ def catalog(seeded: aioredis.Redis) -> Catalog:
 
 @pytest.fixture
 async def empty_db(redis_url: str):
-    client = aioredis.Redis.from_url(db_url(redis_url, 5))
-    await client.flushdb()
-    try:
+    async with fresh_db(db_url(redis_url, 5)) as client:
         yield client
-    finally:
-        await client.flushdb()
-        await client.aclose()
 
 
 # -- seed data ---------------------------------------------------------------------

@@ -12,15 +12,11 @@ import redis.asyncio as aioredis
 from common import InvalidParams, RemoteError, RpcClient
 from common.constants import instances_key
 from microservices.iptv.catalog import Keys
-from tests.helpers import ServiceProcess, wait_for_async
+from tests.helpers import ServiceProcess, db_url, wait_for_async
 
 pytestmark = pytest.mark.timeout(90)
 
 CHANNELS = 60
-
-
-def db_url(redis_url: str, db: int) -> str:
-    return redis_url.rsplit("/", 1)[0] + f"/{db}"
 
 
 def start_iptv(url: str) -> ServiceProcess:

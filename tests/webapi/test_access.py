@@ -26,7 +26,7 @@ import pytest
 import redis
 
 from common.tokens import AUDIENCE, ISSUER, SigningKey
-from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
+from tests.helpers import ServiceProcess, db_url, free_port, issue_api_key, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -79,11 +79,11 @@ def bearer(credential: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def gateways(redis_url: str) -> Iterator[Gateways]:
-    db_url = re.sub(r"/\d+$", "/6", redis_url)
-    redis.Redis.from_url(db_url).flushdb()
+    url = db_url(redis_url, 6)
+    redis.Redis.from_url(url).flushdb()
     password = secrets.token_urlsafe(16)
-    g = Gateways([], db_url, password)
-    common = {"REDIS_URL": db_url, "RPC_TIMEOUT": "2"}
+    g = Gateways([], url, password)
+    common = {"REDIS_URL": url, "RPC_TIMEOUT": "2"}
     try:
         for i in range(2):
             port = free_port()
