@@ -7,7 +7,11 @@ Routes:
     WS  /ws/stream                     the original dispatcher's envelope mode (`envelope`)
     WS  /ws/proxy/<service>/<path>     relayed to an instance of `service` (`relay`)
 
-Authentication on `/ws` is described in `websocket.auth`, close codes in
+Every WebSocket route needs a credential (`websocket.auth`): `/ws/stream` and
+`/ws/proxy/...` with the upgrade request (else HTTP 401; a relay to a service
+outside the credential's scopes is HTTP 403, an envelope request for one is
+answered "model not allowed"), `/ws` with the upgrade or as its first message.
+Close codes are in
 `websocket.connections`. Limits (settings `WS_*`): frames over
 WS_MAX_MESSAGE_BYTES close with 1009; pings every WS_PING_INTERVAL, no pong
 within WS_PING_TIMEOUT closes with 1011; a client more than WS_SEND_QUEUE
@@ -76,10 +80,17 @@ def create_app(settings: Settings | None = None, name: str = "websocket") -> WsA
     app: WsApp = Sanic(name, config=config, ctx=ctx, configure_logging=False)
     app.add_route(health, "/health", methods=["GET"])
     app.add_websocket_route(_counted(client_endpoint), "/ws", subprotocols=[SUBPROTOCOL])
-    app.add_websocket_route(_counted(stream_endpoint), "/ws/stream")
-    app.add_websocket_route(_counted(proxy_endpoint), "/ws/proxy/<service:str>")
+    # Every route takes the `bearer` subprotocol: how a browser presents its credential.
+    bearer = [SUBPROTOCOL]
+    app.add_websocket_route(_counted(stream_endpoint), "/ws/stream", subprotocols=bearer)
     app.add_websocket_route(
-        _counted(proxy_endpoint), "/ws/proxy/<service:str>/<path:path>", name="proxy_path"
+        _counted(proxy_endpoint), "/ws/proxy/<service:str>", subprotocols=bearer
+    )
+    app.add_websocket_route(
+        _counted(proxy_endpoint),
+        "/ws/proxy/<service:str>/<path:path>",
+        name="proxy_path",
+        subprotocols=bearer,
     )
     app.register_middleware(_admit, "request")
     app.register_listener(_open, "before_server_start")
@@ -129,20 +140,28 @@ async def _close(app: WsApp) -> None:
 
 
 async def _admit(request: WsRequest) -> HTTPResponse | None:
-    """Refuse an upgrade before it happens: 503 when full, 401 for a bad token on /ws."""
+    """Refuse an upgrade before it happens: 503 when full, 401 for a missing or bad
+    credential (on `/ws` it may instead come as the first message), 403 for a
+    relay to a service the credential's scopes do not reach."""
     if not request.path.startswith("/ws"):
         return None
     ctx = request.app.ctx
     if ctx.connections.full():
         return _refuse(503, "too_many_connections", "connection limit reached, retry later")
     request.ctx.principal = None
-    if request.path == "/ws":
-        token = presented_token(request)
-        if token is not None:
-            try:
-                request.ctx.principal = await authenticate(ctx.authenticator, token)
-            except Unauthorized as exc:
-                return _refuse(401, "unauthorized", exc.message)
+    token = presented_token(request)
+    if token is None:
+        if request.path == "/ws":
+            return None
+        return _refuse(401, "unauthorized", "credentials required: a bearer token or an API key")
+    try:
+        principal = await authenticate(ctx.authenticator, token)
+    except Unauthorized as exc:
+        return _refuse(401, "unauthorized", exc.message)
+    request.ctx.principal = principal
+    service = request.match_info.get("service")
+    if isinstance(service, str) and not principal.allows(service, None):
+        return _refuse(403, "forbidden", f"this credential's scopes do not include {service}")
     return None
 
 
@@ -174,9 +193,11 @@ async def health(request: WsRequest) -> HTTPResponse:
         async with asyncio.timeout(1.0):
             await request.app.ctx.redis.ping()
     except REDIS_DOWN_OR_SLOW as exc:
-        body = {"status": "degraded", "redis": {"ok": False, "error": str(exc)}}
-        return json_response({**body, "connections": connections}, 503)
-    return json_response({"status": "ok", "redis": {"ok": True}, "connections": connections})
+        down = {"status": "degraded", "redis": {"ok": False, "error": str(exc)}}
+        return json_response({**down, "connections": connections}, 503)
+    body: dict[str, Any] = {"status": "ok", "redis": {"ok": True}, "connections": connections}
+    body["policy_version"] = request.app.ctx.policy.current.version  # the one applied here
+    return json_response(body)
 
 
 async def client_endpoint(request: WsRequest, ws: WebsocketImplProtocol) -> None:

@@ -32,10 +32,14 @@ INTERNAL_SERVICES = frozenset({"auth"})
 
 
 def presented_token(request: Request[Any, Any]) -> str | None:
-    """The token of the upgrade request (header or subprotocol), or None if there is none."""
+    """The credential of the upgrade request (`Authorization: Bearer`, `X-Api-Key` or the
+    `bearer` subprotocol), or None if there is none."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
+    api_key = request.headers.get("x-api-key", "").strip()
+    if api_key:
+        return str(api_key)
     offered = [p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")]
     if len(offered) >= 2 and offered[0].lower() == SUBPROTOCOL and offered[1]:
         return offered[1]

@@ -11,6 +11,7 @@ the connection:
 
     not JSON (or not an object)        {"ret": 1, "flag": 1, "result": "Invalid JSON format"}
     no instance under that name        {"ret": 1, "flag": 1, "result": "model not support"}
+    the credential's scopes lack it    {"ret": 1, "flag": 1, "result": "model not allowed"}
     every instance failed to connect   {"ret": 1, "flag": 1, "result": "model unavailable"}
     the upstream died mid-stream       {"ret": 1, "flag": 1, "result": "upstream connection lost"}
 """
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 INVALID_JSON = "Invalid JSON format"
 NOT_SUPPORTED = "model not support"
+NOT_ALLOWED = "model not allowed"
 UNAVAILABLE = "model unavailable"
 LOST = "upstream connection lost"
 
@@ -55,7 +57,13 @@ async def stream_endpoint(request: WsRequest, ws: WebsocketImplProtocol) -> None
         if not isinstance(body, dict):
             await ws.send(failure(INVALID_JSON))
             continue
-        await serve_one(upstreams, ws, body.get("service_name"), text)
+        target = route(upstreams, body.get("service_name"))
+        if target is None:
+            await ws.send(failure(NOT_SUPPORTED))
+        elif not request.ctx.principal.allows(target[0], None):
+            await ws.send(failure(NOT_ALLOWED))
+        else:
+            await serve_one(upstreams, ws, target, text)
 
 
 def route(upstreams: Upstreams, name: Any) -> tuple[str, str | None] | None:
@@ -70,12 +78,10 @@ def route(upstreams: Upstreams, name: Any) -> tuple[str, str | None] | None:
     return None
 
 
-async def serve_one(upstreams: Upstreams, ws: WebsocketImplProtocol, name: Any, text: str) -> None:
-    """Relay one request's stream from an upstream instance to the client."""
-    target = route(upstreams, name)
-    if target is None:
-        await ws.send(failure(NOT_SUPPORTED))
-        return
+async def serve_one(
+    upstreams: Upstreams, ws: WebsocketImplProtocol, target: tuple[str, str | None], text: str
+) -> None:
+    """Relay one request's stream from an instance of `target` (service, version) to the client."""
     service, version = target
     try:
         upstream, endpoint = await upstreams.connect(service, "/ws", version=version)

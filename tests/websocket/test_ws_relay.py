@@ -222,3 +222,48 @@ async def test_drain_on_sigterm_closes_relayed_clients_1001(make_ws_server, back
             with pytest.raises(websockets.ConnectionClosed) as info:
                 await recv_json(ws, timeout=10)
             assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+
+
+async def test_relay_and_stream_need_a_credential_with_the_service_scope(
+    ws_server: WsServer, backends: Backends
+) -> None:
+    backends.start("a")
+    await wait_reachable(ws_server, backends.service, {"a"})
+    relay = f"/ws/proxy/{backends.service}/echo"
+    for path in (relay, "/ws/stream"):
+        with pytest.raises(websockets.InvalidStatus) as anonymous:
+            async with ws_server.connect(path, additional_headers={}):
+                pass
+        assert anonymous.value.response.status_code == 401
+    other = {"Authorization": f"Bearer {ws_server.token(scopes=('someone_else',))}"}
+    with pytest.raises(websockets.InvalidStatus) as lacking:
+        async with ws_server.connect(relay, additional_headers=other):
+            pass
+    assert lacking.value.response.status_code == 403
+    async with ws_server.connect("/ws/stream", additional_headers=other) as ws:
+        await ws.send(json.dumps({"service_name": backends.service}))
+        assert await recv_json(ws) == {"ret": 1, "flag": 1, "result": "model not allowed"}
+    # A browser presents its token as a subprotocol, and gets `bearer` selected.
+    scoped = ws_server.token(scopes=(backends.service,))
+    async with ws_server.connect(relay, additional_headers={},
+                                 subprotocols=["bearer", scoped]) as ws:  # fmt: skip
+        assert ws.subprotocol == "bearer"
+        await ws.send("ping")
+        assert await ws.recv() == "ping"
+
+
+async def test_a_policy_change_keeps_open_relays(ws_server: WsServer, backends: Backends) -> None:
+    backends.start("a")
+    await wait_reachable(ws_server, backends.service, {"a"})
+    async with ws_server.connect(f"/ws/proxy/{backends.service}/echo") as ws:
+        await ws.send("before")
+        assert await ws.recv() == "before"
+        policy = await update_service(ws_server.redis_url, backends.service,
+                                      strategy="random", version_weights={"0": 100})  # fmt: skip
+
+        async def applied() -> bool:
+            return bool(ws_server.health()["policy_version"] == policy.version)
+
+        await wait_for_async(applied, timeout=5)
+        await ws.send("after")
+        assert await ws.recv() == "after"
