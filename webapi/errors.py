@@ -221,6 +221,13 @@ class JsonErrorHandler(ErrorHandler):
             log.error(
                 "unhandled error", exc_info=exception, extra={"fields": {"path": request.path}}
             )
+        if status < 500:
+            # Design §10: every refused input is logged once, here (never its body or
+            # credential: the message says what was wrong, not what was sent).
+            error = body["error"]
+            fields = {"method": request.method, "path": request.path, "status": status,
+                      "code": error["code"], "message": error["message"]}  # fmt: skip
+            log.info("request refused", extra={"fields": fields})
         request_id = getattr(request.ctx, "request_id", None)
         if request_id:
             headers["X-Request-Id"] = request_id
