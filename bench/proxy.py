@@ -10,7 +10,11 @@ each target:
   nginx          nginx, 1 worker, proxy_pass to an upstream with keepalive 64
   switchboard    `python -m webapi` (1 process) with the backend registered by
                  `POST /heartbeat` as service `echo`, reached at
-                 /svc/echo/api/echo: the gateway's normal proxy path
+                 /svc/echo/api/echo with an API key: the gateway's normal path
+  switchboard-open  the same gateway process, /open/api/echo: a public route of
+                 the live policy (no credential, no rate limit): auth off
+  switchboard-auth  the same gateway process, /svc/echo/api/echo with a JWT and
+                 a rate limit that never refuses (GCRA in Redis): auth on
   haproxy        haproxy, 1 thread, http-reuse always
   aiohttp        aiohttp.web dispatcher with one shared ClientSession
   sanic-aiohttp  Sanic (1 process) with one shared aiohttp ClientSession
@@ -21,7 +25,8 @@ discarded warm-up, `wrk -t1 -c64 -d10s --latency` and `wrk -t1 -c1 -d3s
 are copied from that file (outside this repository, so a clean clone can run
 this one). Printed: req/s at c64, p50/p99, the ratio to nginx, the p50 added at
 1 connection over direct, the CPU each proxy spent per request, each system's
-ratio to Switchboard, and the issue's goals (met / not met).
+ratio to Switchboard, the issue's goals (met / not met), and issue 6's ratio
+switchboard-auth / switchboard-open (goal >= 0.85).
 
 Missing tools (wrk, nginx, haproxy) are apt-get installed when running as
 root, and aiohttp is pip-installed from its pinned line in
@@ -63,15 +68,14 @@ from bench.proxy_report import derive, goals, print_report
 from bench.proxy_targets import (
     BODY,
     DESCRIPTIONS,
+    GATEWAY_TARGETS,
     PATH,
     PYTHON_PEERS,
     SERVERS,
-    SERVICE,
     TARGETS,
-    Heartbeat,
+    Gateway,
     body_ok,
     serve,
-    start_gateway,
     start_haproxy,
     start_nginx_backend,
     start_nginx_proxy,
@@ -107,18 +111,29 @@ def bench_target(
     tools: dict[str, str | None],
     tmp: Path,
     backend: tuple[subprocess.Popen[bytes], int],
-    redis_url: str | None,
+    gateway: Gateway | None,
 ) -> dict[str, Any]:
-    """Start `name`, check it answers the backend's body, measure it, stop it."""
+    """Start `name` (a switchboard target: use the shared gateway), check it answers
+    the backend's body, measure it, stop it (never the shared gateway)."""
     bproc, bport = backend
     backend_url = f"http://127.0.0.1:{bport}"
     out: dict[str, Any] = {"target": name, "desc": DESCRIPTIONS[name]}
-    proc: subprocess.Popen[bytes] | None = None
-    heartbeat: Heartbeat | None = None
+    proc: subprocess.Popen[bytes] | None = None  # the proxy, metered
+    owned = True  # stopped here; the shared gateway is not
+    headers: dict[str, str] = {}
+    redis_pid: int | None = None
     log = tmp / f"{name}.log"
+    failures = 0
     try:
         if name == "direct":
             url = backend_url + PATH
+        elif name in GATEWAY_TARGETS:
+            assert gateway is not None
+            owned, log = False, tmp / Gateway.LOG
+            proc = gateway.start()
+            failures = gateway.heartbeat.failures if gateway.heartbeat else 0
+            redis_pid = gateway.redis_pid
+            url, headers = gateway.target(name)
         else:
             port = free_port()
             url = f"http://127.0.0.1:{port}{PATH}"
@@ -126,39 +141,34 @@ def bench_target(
                 proc = start_nginx_proxy(tools["nginx"] or "nginx", tmp, port, bport)
             elif name == "haproxy":
                 proc = start_haproxy(tools["haproxy"] or "haproxy", tmp, port, bport)
-            elif name == "switchboard":
-                assert redis_url is not None
-                proc = start_gateway(tmp, port, redis_url)
-                gateway = f"http://127.0.0.1:{port}"
-                wait_http(f"{gateway}/health", args.ready_timeout, proc)
-                heartbeat = Heartbeat(gateway, f"127.0.0.1:{bport}")
-                heartbeat.start()
-                url = f"{gateway}/svc/{SERVICE}{PATH}"
             else:
                 proc = start_python(name, tmp, port, backend_url, args.loop)
         out["url"] = url
-        out["body_ok"] = body_ok(wait_http(url, args.ready_timeout, proc))
+        out["body_ok"] = body_ok(wait_http(url, args.ready_timeout, proc, headers))
         if not out["body_ok"]:
             raise RuntimeError(f"{url} answered a body other than the backend's")
+        if gateway is not None and name in GATEWAY_TARGETS:
+            # Once it answers (the backend's registration may take a moment to show).
+            out["checks"] = gateway.check(name, url, headers)
         if not tools.get("wrk"):
             out["not_measured"] = "wrk is not installed (apt-get install wrk)"
             return out
         print(f"[proxy] {name}: measuring {url}", flush=True)
-        out.update(measure(tools["wrk"] or "wrk", url, args, proc.pid if proc else None, bproc.pid))
+        pid = proc.pid if proc else None
+        out.update(measure(tools["wrk"] or "wrk", url, args, pid, bproc.pid,
+                           headers=headers, redis_pid=redis_pid))  # fmt: skip
         for phase in ("loaded", "c1"):
             if not out[phase]["rps"]:
                 raise RuntimeError(f"wrk measured nothing ({phase}): {out[phase].get('raw')}")
         for p, what in ((proc, "the proxy"), (bproc, "the backend")):
             if p is not None and p.poll() is not None:
                 raise RuntimeError(f"{what} exited with {p.returncode} during the run")
-        if heartbeat is not None:
-            out["heartbeat_failures"] = heartbeat.failures
+        if gateway is not None and gateway.heartbeat is not None and name in GATEWAY_TARGETS:
+            out["heartbeat_failures"] = gateway.heartbeat.failures - failures
     except Exception as e:
         record_error(out, e, log, "log_tail")
     finally:
-        if heartbeat is not None:
-            heartbeat.stop()
-        if proc is not None:
+        if proc is not None and owned:
             stop_child(proc)
     return out
 
@@ -178,26 +188,30 @@ def run_all(args: argparse.Namespace, tools: dict[str, str | None], tmp: Path) -
     )
     results: dict[str, Any] = {}
     not_measured: dict[str, str] = {}
-    redis_url = None
+    gateway: Gateway | None = None
     with contextlib.ExitStack() as stack:
-        if "switchboard" in args.targets:
-            from common.embedded_redis import EmbeddedRedis
-
-            redis_url = stack.enter_context(EmbeddedRedis()).url
         try:
             kind, bproc, bport = start_backend(args, tools, tmp)
             print(f"[proxy] backend: {kind} at http://127.0.0.1:{bport}{PATH}", flush=True)
             if kind != "nginx":
                 print("[proxy] NOTE: not the peers' nginx backend; compare only within this run")
-            for name in args.targets:
+            if any(t in GATEWAY_TARGETS for t in args.targets):
+                from common.embedded_redis import EmbeddedRedis
+
+                redis = stack.enter_context(EmbeddedRedis())
+                pid = redis.process.pid if redis.process else None
+                gateway = Gateway(tmp, redis.url, pid, f"127.0.0.1:{bport}", args.ready_timeout)
+            for i, name in enumerate(args.targets):
                 why = unavailable(name, tools, aiohttp_missing)
                 if why:
                     not_measured[name] = why
                     print(f"[proxy] {name}: NOT MEASURED: {why}", flush=True)
                     continue
                 t = time.monotonic()
-                r = bench_target(name, args, tools, tmp, (bproc, bport), redis_url)
+                r = bench_target(name, args, tools, tmp, (bproc, bport), gateway)
                 r["wall_s"] = round(time.monotonic() - t, 1)
+                if gateway is not None and not set(args.targets[i + 1 :]) & set(GATEWAY_TARGETS):
+                    gateway.stop()  # its last target is done: it must not load the next ones
                 if "not_measured" in r:
                     not_measured[name] = r["not_measured"]
                     print(f"[proxy] {name}: body ok; NOT MEASURED: {r['not_measured']}")
@@ -212,6 +226,8 @@ def run_all(args: argparse.Namespace, tools: dict[str, str | None], tmp: Path) -
                     )
                 results[name] = r
         finally:
+            if gateway is not None:
+                gateway.stop()
             stop_all_children()  # before the redis-server goes away
     return {"backend": kind, "targets": results, "not_measured": not_measured}
 

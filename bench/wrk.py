@@ -1,8 +1,10 @@
 """The wrk driver of `bench.proxy`: run wrk, parse its output, meter the CPU around it.
 
-`run_wrk` and `_ms` are copied from the peers' proxy_bench.py; `metered_wrk`
-adds the CPU time of the proxy, the backend and wrk over the run, and the share
-of the box the rest used; `measure` is the peers' warm-up, c64 run and c1 run.
+`run_wrk` and `_ms` are copied from the peers' proxy_bench.py (plus `-H` for
+the request headers a target needs, its credential); `metered_wrk` adds the CPU
+time of the proxy, the backend, the gateway's redis-server and wrk over the
+run, and the share of the box the rest used; `measure` is the peers' warm-up,
+c64 run and c1 run.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 import resource
 import subprocess
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import psutil
@@ -27,11 +30,32 @@ def _ms(tok: str) -> float | None:
     return round(float(m.group(1)) * _UNIT[m.group(2)], 4) if m else None
 
 
-def run_wrk(wrk: str, url: str, conns: int, seconds: int) -> dict[str, Any]:
-    argv = [wrk, "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", "5s", url]
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
+Headers = Mapping[str, str]
+
+
+def _header_args(headers: Headers, *, shown: bool) -> list[str]:
+    """wrk's `-H 'Name: value'` per header; `shown=False` hides the values, so the
+    JSON (which may be shared) never holds a credential, even a throwaway one."""
+    out: list[str] = []
+    for name, value in headers.items():
+        out += ["-H", f"{name}: {value if shown else '<redacted>'}"]
+    return out
+
+
+def run_wrk(
+    wrk: str, url: str, conns: int, seconds: int, headers: Headers | None = None
+) -> dict[str, Any]:
+    head = headers or {}
+    argv = [wrk, "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", "5s"]
+    p = subprocess.run(
+        [*argv, *_header_args(head, shown=True), url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+    )
     out = p.stdout
-    res: dict[str, Any] = {"cmd": " ".join(argv[1:]), "rc": p.returncode}
+    cmd = [*argv[1:], *_header_args(head, shown=False), url]
+    res: dict[str, Any] = {"cmd": " ".join(cmd), "rc": p.returncode}
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     res["rps"] = float(m.group(1)) if m else 0.0
     lat: dict[str, float | None] = {}
@@ -83,32 +107,57 @@ def _wrk_cpu() -> float:
 
 
 def metered_wrk(
-    wrk: str, url: str, conns: int, seconds: int, proxy_pid: int | None, backend_pid: int
+    wrk: str,
+    url: str,
+    conns: int,
+    seconds: int,
+    proxy_pid: int | None,
+    backend_pid: int,
+    *,
+    headers: Headers | None = None,
+    redis_pid: int | None = None,
 ) -> dict[str, Any]:
-    """One wrk run, with the CPU seconds of the proxy, the backend and wrk over it."""
-    proxy, backend = _tree(proxy_pid), _tree(backend_pid)
-    before = (_tree_cpu(proxy), _tree_cpu(backend), _wrk_cpu(), box_busy(), time.monotonic())
-    res = run_wrk(wrk, url, conns, seconds)
-    after = (_tree_cpu(proxy), _tree_cpu(backend), _wrk_cpu(), box_busy(), time.monotonic())
-    d = [a - b for a, b in zip(after, before, strict=True)]
+    """One wrk run, with the CPU seconds of the proxy, the backend, the redis-server
+    (the gateway's: rate limits run a script there) and wrk over it."""
+    proxy, backend, redis = _tree(proxy_pid), _tree(backend_pid), _tree(redis_pid)
+
+    def sample() -> tuple[float, ...]:
+        return (_tree_cpu(proxy), _tree_cpu(backend), _tree_cpu(redis), _wrk_cpu(), box_busy(),
+                time.monotonic())  # fmt: skip
+
+    before = sample()
+    res = run_wrk(wrk, url, conns, seconds, headers)
+    d = [a - b for a, b in zip(sample(), before, strict=True)]
     n = max(res["requests"], 1)
-    wall = d[4]
-    ours = d[0] + d[1] + d[2]
+    wall = d[5]
+    # The redis-server counts as ours: otherwise its work for the gateway would
+    # show up as the rest of the box being busy.
+    ours = d[0] + d[1] + d[2] + d[3]
     res["cpu"] = {
         "proxy_us_per_req": round(d[0] / n * 1e6, 1) if proxy_pid else None,
         "proxy_cores": round(d[0] / wall, 2) if proxy_pid and wall > 0 else None,
         "backend_us_per_req": round(d[1] / n * 1e6, 1),
-        "wrk_us_per_req": round(d[2] / n * 1e6, 1),
-        "other_busy_pct": other_busy_pct(d[3], ours, wall),
+        "redis_us_per_req": round(d[2] / n * 1e6, 1) if redis_pid else None,
+        "wrk_us_per_req": round(d[3] / n * 1e6, 1),
+        "other_busy_pct": other_busy_pct(d[4], ours, wall),
     }
     return res
 
 
 def measure(
-    wrk: str, url: str, args: argparse.Namespace, proxy_pid: int | None, backend_pid: int
+    wrk: str,
+    url: str,
+    args: argparse.Namespace,
+    proxy_pid: int | None,
+    backend_pid: int,
+    *,
+    headers: Headers | None = None,
+    redis_pid: int | None = None,
 ) -> dict[str, Any]:
     """The peers' `measure`: warm-up (discarded), the c64 run, the c1 run."""
-    run_wrk(wrk, url, args.connections, args.warmup)
-    loaded = metered_wrk(wrk, url, args.connections, args.duration, proxy_pid, backend_pid)
-    c1 = metered_wrk(wrk, url, 1, args.c1_duration, proxy_pid, backend_pid)
+    run_wrk(wrk, url, args.connections, args.warmup, headers)
+    loaded = metered_wrk(wrk, url, args.connections, args.duration, proxy_pid, backend_pid,
+                         headers=headers, redis_pid=redis_pid)  # fmt: skip
+    c1 = metered_wrk(wrk, url, 1, args.c1_duration, proxy_pid, backend_pid,
+                     headers=headers, redis_pid=redis_pid)  # fmt: skip
     return {"loaded": loaded, "c1": c1}

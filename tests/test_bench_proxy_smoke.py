@@ -4,7 +4,10 @@ No timing assertions. `--no-install` keeps `make test` away from apt-get and
 pip: a tool that is missing here (wrk, nginx, haproxy, aiohttp) must be
 reported as not measured, never given figures. Every system that can run is
 still started and must answer the backend's body through itself; the gateway
-always can (it needs nothing beyond the dev requirements).
+always can (it needs nothing beyond the dev requirements). Its three targets
+(API key; public route; JWT plus a rate limit) run on one gateway process, and
+each must prove it is what it claims: 401 without its credential, the rate
+limiter's headers exactly where the limit applies.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
 
+from bench.proxy_targets import GATEWAY_TARGETS
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.timeout(150)
@@ -49,14 +54,45 @@ def test_proxy_bench_quick(tmp_path: Path) -> None:
             assert run["rps"] > 0 and run["requests"] > 0, (name, phase)
             assert run["non_2xx"] == 0 and not any(run["socket_errors"].values()), (name, phase)
             assert run["lat_ms"]["p50"] > 0, (name, phase)
-    # The gateway is always started, registers the backend and proxies to it.
-    gateway = doc["targets"]["switchboard"]
-    assert gateway["body_ok"] and gateway["url"].endswith("/svc/echo/api/echo")
+    # The gateway is always started, registers the backend (with a credential:
+    # heartbeats need one) and proxies to it, for each of its three targets.
+    gateways = {name: doc["targets"][name] for name in GATEWAY_TARGETS}
+    for result in gateways.values():
+        assert result["body_ok"]
+    assert gateways["switchboard"]["url"].endswith("/svc/echo/api/echo")
+    assert gateways["switchboard-auth"]["url"] == gateways["switchboard"]["url"]
+    assert gateways["switchboard-open"]["url"].endswith("/open/api/echo")
+    # One gateway process for all three.
+    assert len({urlsplit(r["url"]).netloc for r in gateways.values()}) == 1
+    assert gateways["switchboard"]["checks"] == {
+        "ratelimit_limit": None,
+        "status_without_credential": 401,
+    }
+    assert gateways["switchboard-open"]["checks"] == {"ratelimit_limit": None}
+    assert gateways["switchboard-auth"]["checks"] == {
+        "ratelimit_limit": "1000000",
+        "status_without_credential": 401,
+    }
+    # The credentials sent by wrk are not written out.
+    text = out.read_text()
+    assert "sbk_" not in text and "Bearer" not in text
     if wrk:
-        assert "switchboard" not in doc["not_measured"]
+        for name in GATEWAY_TARGETS:
+            assert name not in doc["not_measured"]
+            sent = "-H Authorization: <redacted>" in gateways[name]["loaded"]["cmd"]
+            assert sent == (name != "switchboard-open"), name
         assert {"x_nginx_met", "x_best_python_met", "added_c1_p50_met"} <= set(doc["goals"])
+        # Issue 6: auth and rate limiting on / off, on the same gateway.
+        issue6 = doc["goals"]["auth_vs_open"]
+        expected = issue6["auth_rps"] / issue6["open_rps"]
+        assert issue6["ratio"] == pytest.approx(expected, abs=0.006)
+        assert issue6["goal"] == 0.85 and isinstance(issue6["met"], bool)
+        verdict = "met" if issue6["met"] else "NOT met"
+        line = f"switchboard-auth / switchboard-open >= 0.85 {issue6['ratio']:>6.2f}  {verdict}"
+        assert line in proc.stdout, proc.stdout[-2000:]
     else:
-        assert "wrk is not installed" in doc["not_measured"]["switchboard"]
+        for name in GATEWAY_TARGETS:
+            assert "wrk is not installed" in doc["not_measured"][name]
         assert not doc["goals"]
     # Nothing is left running: nginx and haproxy name their config under the log dir.
     left = [

@@ -61,8 +61,22 @@ def make_run(tmp_path: Path) -> Iterator[MakeRun]:
         raise
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            _stop_everything(run)
+
+
+def _stop_everything(run: MakeRun) -> None:
+    """After a failed test: Ctrl-C as a user would, then SIGKILL whatever is left, by PID
+    (honcho's children have sessions of their own: killing the group would orphan them)."""
+    left = run.descendants()
+    os.killpg(run.process.pid, signal.SIGINT)
+    try:
+        run.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.process.pid, signal.SIGKILL)
+        run.process.wait()
+    _gone, alive = psutil.wait_procs(left, timeout=10)
+    for proc in alive:
+        proc.kill()
 
 
 def _assert_all_gone(run: MakeRun, pids: list[psutil.Process]) -> None:
