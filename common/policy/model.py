@@ -67,10 +67,10 @@ class ServicePolicy(_Model):
 
     `version_weights` splits the traffic of requests that name no version
     between versions (tag -> relative weight); a version left out gets none.
-    `timeout` bounds the gateway's wait for the response head (it cannot
-    lengthen past the gateway's PROXY_TIMEOUT, which bounds any silence),
-    `connect_timeout` each connect of the websocket relay, `retries` the extra
-    attempts after the first (None: the gateway's settings).
+    `timeout` bounds the wait for the response head (shorter or longer than
+    the gateway's PROXY_TIMEOUT, which still bounds each silence in the bodies),
+    `connect_timeout` each connect (gateway and websocket relay), `retries` the
+    extra attempts after the first (None: the gateway's settings).
     """
 
     strategy: StrategyName = "round_robin"

@@ -230,6 +230,11 @@ def test_live_policy_version_weights_and_timeout(backends: Backends) -> None:
     assert as_admin.get(slow, timeout=10).status_code == 200
     set_service(backends.redis_url, backends.service, version_weights={}, timeout=0.3)
     wait_for(lambda: as_admin.get(slow, timeout=10).status_code == 504, timeout=10, interval=0.2)
+    # Longer than PROXY_TIMEOUT too: a slow model gets the time its policy gives it.
+    slower = f"{backends.gateway}/svc/{backends.service}/slow?ms=1800"
+    assert as_admin.get(slower, timeout=10).status_code == 504  # PROXY_TIMEOUT: 1 s
+    set_service(backends.redis_url, backends.service, timeout=4)
+    wait_for(lambda: as_admin.get(slower, timeout=10).status_code == 200, timeout=10, interval=0.2)
 
 
 def test_consistent_hash_is_sticky(backends: Backends) -> None:

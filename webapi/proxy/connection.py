@@ -163,6 +163,12 @@ class Connection(asyncio.Protocol):
         if deadline is not None and now >= deadline:
             self._fail(UpstreamTimeout(f"no response head from {self._owner.address} in time"))
             return
+        if deadline is not None and self._upload_done:
+            # Request sent, head awaited: the head's own deadline (the request's timeout,
+            # which may be longer than the read timeout: a model may think for a minute
+            # before it answers) is the only bound.
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            return
         writer = self._writer
         assert writer is not None
         gap_end = max(self._progress_at, writer.progress_at) + self._read_timeout

@@ -13,14 +13,11 @@ models that take seconds, and a retry would double the load on a slow pool):
 it answers 504 and counts toward the instance's failure streak.
 
 Per service, the live policy (`services.<name>` of the policy document) may set
-`timeout` (the wait for the response head) and `retries` (attempts after the
-first); without them the gateway's settings apply. A request reads them once,
-when it starts, so a policy change never alters a request in flight. Two
-limits of the upstream pool: its read timeout (PROXY_TIMEOUT, no progress for
-that long) also runs while the head is awaited, so a policy `timeout` can
-shorten the wait but not lengthen it past PROXY_TIMEOUT; and it has one
-connect timeout for every host (PROXY_CONNECT_TIMEOUT), so the policy's
-`connect_timeout` is not applied here (the websocket relay applies it).
+`timeout` (the wait for the response head, shorter or longer than
+PROXY_TIMEOUT, which then still bounds each gap in the bodies),
+`connect_timeout` and `retries` (attempts after the first); without them the
+gateway's settings apply. A request reads them once, when it starts, so a
+policy change never alters a request in flight.
 
 Errors: 404 unknown service, 503 no healthy instance, 502 upstream failed,
 504 upstream timeout (all JSON, via `webapi.errors`).
@@ -120,6 +117,7 @@ class Proxy:
         settings = self.policy.service_policy(service)
         if timeout is None:
             timeout = settings.timeout if settings and settings.timeout else self.timeout
+        connect_timeout = settings.connect_timeout if settings else None
         max_attempts = self.max_attempts
         if settings is not None and settings.retries is not None:
             max_attempts = settings.retries + 1
@@ -151,7 +149,13 @@ class Proxy:
             started = time.perf_counter()
             try:
                 response = await self.pool.request(
-                    endpoint.address, method, target, headers, body, timeout=timeout
+                    endpoint.address,
+                    method,
+                    target,
+                    headers,
+                    body,
+                    timeout=timeout,
+                    connect_timeout=connect_timeout,
                 )
             except UpstreamError as exc:
                 elapsed = time.perf_counter() - started

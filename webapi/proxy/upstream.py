@@ -12,7 +12,8 @@ costs ~80 µs per request). Timeouts: `connect_timeout` bounds each connect;
 `read_timeout` bounds every gap without progress (no byte received, no request body
 byte accepted by the upstream, no body chunk taken by a consumer that made the
 socket pause); the per-request `timeout` bounds the time to the response head,
-connect included.
+connect included, and once the request is sent it alone bounds the wait for the
+head (so it may be longer than `read_timeout`).
 
 Retry rule. A request is retried once, transparently, on a new connection only when
 all of these hold:
@@ -141,13 +142,16 @@ class UpstreamPool:
         headers: list[tuple[str, str]],
         body: RequestBody = None,
         timeout: float | None = None,
+        connect_timeout: float | None = None,
     ) -> UpstreamResponse:
         """Send a request to `address` ("host:port") and return once the response head
         has arrived; the body is then read from the response, which must be closed.
 
         `headers` are sent as given, plus `Host` if missing and the body framing
         (`Content-Length`, or `Transfer-Encoding: chunked` for an async iterator
-        without a `Content-Length`). `timeout` bounds the wait for the head.
+        without a `Content-Length`). `timeout` bounds the wait for the head (it
+        replaces the read timeout until the head arrives), `connect_timeout` the
+        connect (default: the pool's).
         Raises `UpstreamConnectError`, `UpstreamTimeout`, `UpstreamProtocolError`; an
         exception from the body iterator is raised as is.
 
@@ -175,13 +179,17 @@ class UpstreamPool:
                 ):
                     raise UpstreamProtocolError(str(exc)) from exc
                 host.retries += 1
-        conn = await self._connect(host, loop, deadline)
+        conn = await self._connect(host, loop, deadline, connect_timeout or self.connect_timeout)
         return await conn.exchange(head, body, framing, length, head_request, deadline)
 
     async def _connect(
-        self, host: _Host, loop: asyncio.AbstractEventLoop, deadline: float | None
+        self,
+        host: _Host,
+        loop: asyncio.AbstractEventLoop,
+        deadline: float | None,
+        connect_timeout: float,
     ) -> Connection:
-        timeout, total_bound = self.connect_timeout, False
+        timeout, total_bound = connect_timeout, False
         if deadline is not None and deadline - loop.time() < timeout:
             timeout, total_bound = deadline - loop.time(), True
         conn = Connection(host, loop, self.read_timeout, self.max_body)
