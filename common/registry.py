@@ -25,6 +25,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -192,6 +193,18 @@ class Registry:
         """Ids of the instances of `service` whose lease has not ended."""
         result = await self._live(keys=[constants.instances_key(service)])
         return [as_text(i) for i in result[1:]]
+
+    async def live_ids_by_service(self, services: Iterable[str]) -> dict[str, list[str]]:
+        """`live_ids` of many services in one round trip (the same script, pipelined)."""
+        names = sorted(services)
+        if not names:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                await self._live(keys=[constants.instances_key(name)], client=pipe)
+            results = await pipe.execute()
+        pairs = zip(names, results, strict=True)
+        return {name: [as_text(i) for i in result[1:]] for name, result in pairs}
 
     async def live_instances(self, service: str) -> list[InstanceRecord]:
         """Records of the live instances of `service`."""

@@ -24,13 +24,8 @@ async def health(request: GatewayRequest) -> HTTPResponse:
     try:
         async with asyncio.timeout(_REDIS_CHECK_TIMEOUT):
             await request.app.ctx.redis.ping()
-            services: dict[str, Any] = {}
-            for name in sorted(await registry.service_names()):
-                instances = await registry.live_instances(name)
-                services[name] = {
-                    "live": len(instances),
-                    "instances": [i.instance_id for i in instances],
-                }
+            live = await registry.live_ids_by_service(await registry.service_names())
+            services = {name: {"live": len(ids), "instances": ids} for name, ids in live.items()}
     except REDIS_DOWN_OR_SLOW as exc:
         down = {"status": "degraded", "redis": {"ok": False, "error": str(exc) or "timeout"}}
         return json_response(down, status=503)
