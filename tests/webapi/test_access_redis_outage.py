@@ -1,0 +1,80 @@
+"""Redis stopped and restarted under a gateway that checks credentials and rate limits.
+
+Access control must not make Redis a single point of failure for the proxy:
+a credential already verified keeps working (keys and revocations are held in
+the gateway), rate limits fall back to each process's own limiter
+(`RATE_LIMIT_ON_REDIS_DOWN=local`, the default), `/health` reports the outage,
+and everything is back on Redis after it restarts, with nobody restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from common import tokens
+from common.embedded_redis import EmbeddedRedis
+from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
+from tests.support.policy import update_document
+
+pytestmark = pytest.mark.timeout(180)
+
+
+async def _token(url: str) -> str:
+    client = aioredis.Redis.from_url(url)
+    try:
+        key = await tokens.Keyring(client).current()
+    finally:
+        await client.aclose()
+    return tokens.issue(key, subject="u-outage", name="ops", roles=["user"], scopes=["*"],
+                        session_id=uuid.uuid4().hex, ttl=600)  # fmt: skip
+
+
+def test_proxy_keeps_serving_verified_callers_through_a_redis_restart(tmp_path: Path) -> None:
+    server = EmbeddedRedis(appendonly=True, data_dir=tmp_path).start()
+    port, url = server.port, server.url
+    service = f"out{uuid.uuid4().hex[:6]}"
+    limit = {"id": "outage", "service": service, "key": "credential", "rate": 1000,
+             "period": 1, "burst": 1000}  # fmt: skip
+    asyncio.run(update_document(url, limits=[limit]))
+    token = asyncio.run(_token(url))
+    gw_port = free_port()
+    gw_env = {"REDIS_URL": url, "WEBAPI_PORT": str(gw_port)}
+    gateway = ServiceProcess(["python", "-m", "webapi"], env=gw_env, name="gateway").start()
+    base = f"http://127.0.0.1:{gw_port}"
+    registrar = issue_api_key(url, ["registry"])
+    backend_env = {"PORT": str(free_port()), "NAME": f"{service}-a", "SERVICE": service,
+                   "GATEWAY": base, "GATEWAY_API_KEY": registrar}  # fmt: skip
+    backend = ServiceProcess(["python", "-m", "tests.support.http_backend"], env=backend_env,
+                             name="backend").start()  # fmt: skip
+    echo = f"{base}/svc/{service}/echo"
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        first = wait_for(lambda: _ok(echo, auth), timeout=30)
+        assert first.headers["ratelimit-limit"] == "1000"  # checked in Redis
+
+        server.stop(keep_data=True)
+        assert wait_for(lambda: httpx.get(f"{base}/health", timeout=5).status_code == 503)
+        during = [httpx.get(echo, headers=auth, timeout=10) for _ in range(20)]
+        assert [r.status_code for r in during] == [200] * 20
+        assert all("ratelimit-remaining" in r.headers for r in during)  # the local limiter
+        assert httpx.get(echo, timeout=10).status_code == 401  # still no way in without one
+
+        server = EmbeddedRedis(port=port, appendonly=True, data_dir=tmp_path).start()
+        wait_for(lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200, timeout=30)
+        assert _ok(echo, auth) is not None
+        assert gateway.alive() and backend.alive()
+    finally:
+        backend.stop()
+        gateway.stop()
+        server.stop()
+
+
+def _ok(url: str, headers: dict[str, str]) -> httpx.Response | None:
+    response = httpx.get(url, headers=headers, timeout=10)
+    return response if response.status_code == 200 else None
