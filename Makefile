@@ -9,7 +9,7 @@ REQS := requirements-dev.txt common/requirements.txt webapi/requirements.txt \
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint fmt bench bench-rpc bench-proxy up down new-service clean
+.PHONY: help install run test lint fmt bench bench-rpc bench-proxy bench-ws up down new-service clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -37,7 +37,7 @@ fmt: $(STAMP) ## Format and auto-fix with ruff
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: bench-rpc bench-proxy ## Run every benchmark (peers side by side, ratios printed)
+bench: bench-rpc bench-proxy bench-ws ## Run every benchmark (peers side by side, ratios printed)
 
 bench-rpc: $(STAMP) ## RPC benchmark: Switchboard vs asyncredisrpc, FastStream and the raw floor
 	$(BIN)/pip install --disable-pip-version-check -q -r bench/requirements.txt
@@ -46,6 +46,10 @@ bench-rpc: $(STAMP) ## RPC benchmark: Switchboard vs asyncredisrpc, FastStream a
 bench-proxy: $(STAMP) ## Proxy benchmark (wrk): the gateway vs nginx, HAProxy and Python proxies
 	$(BIN)/pip install --disable-pip-version-check -q -r bench/requirements.txt
 	$(BIN)/python -m bench.proxy
+
+bench-ws: $(STAMP) ## WebSocket relay benchmark: /ws/proxy/ vs nginx and Python relays, idle memory
+	$(BIN)/pip install --disable-pip-version-check -q -r bench/requirements.txt
+	$(BIN)/python -m bench.ws
 
 up: ## docker compose up (build images, start the stack)
 	docker compose up --build -d

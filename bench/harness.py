@@ -1,6 +1,6 @@
 """What the benchmarks share: child processes, CPU sampling, run info and output.
 
-Used by `bench.rpc` and `bench.proxy`:
+Used by `bench.rpc`, `bench.proxy` and `bench.ws`:
 
 - processes: `spawn` starts a child in its own session and remembers it;
   `stop_child` / `stop_all_children` stop only those PIDs (SIGTERM, then

@@ -1,4 +1,4 @@
-"""The tools `bench.proxy` needs: wrk, nginx, haproxy and aiohttp.
+"""The tools `bench.proxy` (and `bench.ws`) need: wrk, nginx, haproxy and aiohttp.
 
 Each is found on PATH (or /usr/sbin), apt-get installed when running as root,
 or, for aiohttp, pip-installed from its pinned line in bench/requirements.txt,
@@ -36,15 +36,16 @@ def _run_quiet(argv: list[str], timeout: float) -> tuple[bool, str]:
     return p.returncode == 0, (p.stdout + p.stderr)[-500:]
 
 
-def apt_install(tools: list[str]) -> None:
-    """apt-get the missing tools (as root only); failures leave them missing."""
+def apt_install(tools: list[str], tag: str = "proxy") -> None:
+    """apt-get the missing tools (as root only); failures leave them missing.
+    `tag` names the benchmark in what is printed (bench.ws uses this too)."""
     if not tools:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        print(f"[proxy] missing {', '.join(tools)}: not root or no apt-get, not installing")
+        print(f"[{tag}] missing {', '.join(tools)}: not root or no apt-get, not installing")
         return
     pkgs = [APT_PACKAGE[t] for t in tools]
-    print(f"[proxy] apt-get install {' '.join(pkgs)} ...", flush=True)
+    print(f"[{tag}] apt-get install {' '.join(pkgs)} ...", flush=True)
     _run_quiet(["apt-get", "update", "-qq"], 300)
     base = ["apt-get", "install", "-y", "-qq", "--no-install-recommends"]
     ok, out = _run_quiet(base + pkgs, 600)
@@ -52,7 +53,7 @@ def apt_install(tools: list[str]) -> None:
         for pkg in pkgs:
             ok, out = _run_quiet([*base, pkg], 300)
             if not ok:
-                print(f"[proxy] apt-get install {pkg} failed: {out.strip()[-200:]}")
+                print(f"[{tag}] apt-get install {pkg} failed: {out.strip()[-200:]}")
 
 
 def aiohttp_pin() -> str | None:
@@ -64,13 +65,13 @@ def aiohttp_pin() -> str | None:
     return next((ln.split("#")[0].strip() for ln in lines if ln.startswith("aiohttp")), None)
 
 
-def ensure_aiohttp(install: bool) -> str | None:
+def ensure_aiohttp(install: bool, tag: str = "proxy") -> str | None:
     """None when aiohttp is importable (after a pinned pip install if allowed), else why not."""
     if importlib.util.find_spec("aiohttp") is not None:
         return None
     pin = aiohttp_pin()
     if install and pin:
-        print(f"[proxy] pip install {pin} ...", flush=True)
+        print(f"[{tag}] pip install {pin} ...", flush=True)
         argv = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", pin]
         ok, out = _run_quiet(argv, 300)
         importlib.invalidate_caches()
@@ -78,7 +79,7 @@ def ensure_aiohttp(install: bool) -> str | None:
             return None
         return f"pip install {pin} failed: {out.strip()[-200:]}"
     how = f"pip install {pin}" if pin else "pip install aiohttp"
-    return f"aiohttp is not importable ({how}, or make bench-proxy)"
+    return f"aiohttp is not importable ({how}, or make bench-{tag})"
 
 
 def prepare_tools(targets: list[str], backend: str, install: bool) -> dict[str, str | None]:
