@@ -185,12 +185,12 @@ ARR_QUEUE = "bench"
 async def arr_server(url: str) -> None:
     from urllib.parse import urlparse
 
-    from asyncredisrpc.server import AsyncServer
+    from asyncredisrpc.server import AsyncServer  # type: ignore[import-untyped]  # no types
 
     u = urlparse(url)
     srv = AsyncServer(ARR_QUEUE, host=u.hostname or "127.0.0.1", port=u.port or 6379)
 
-    @srv.task
+    @srv.task  # type: ignore[untyped-decorator]
     async def echo(x: Any) -> Any:
         return x
 
@@ -201,7 +201,7 @@ class ArrClient:
     def __init__(self, url: str) -> None:
         from urllib.parse import urlparse
 
-        from asyncredisrpc.client import AsyncClient
+        from asyncredisrpc.client import AsyncClient  # type: ignore[import-untyped]  # no types
 
         u = urlparse(url)
         self.c = AsyncClient(ARR_QUEUE, host=u.hostname or "127.0.0.1", port=u.port or 6379)
@@ -230,10 +230,10 @@ FS_LIST = "fs:echo"
 async def fs_server(url: str, max_workers: int) -> None:
     from faststream.redis import RedisBroker
 
-    broker = RedisBroker(url, logger=None, max_connections=512)
+    broker = RedisBroker(url, logger=None, max_connections=512)  # type: ignore[arg-type]  # None: silent
     kw = {"max_workers": max_workers} if max_workers > 1 else {}
 
-    @broker.subscriber(list=FS_LIST, **kw)
+    @broker.subscriber(list=FS_LIST, **kw)  # type: ignore[call-overload, untyped-decorator]
     async def echo(x: Any) -> Any:
         return x
 
@@ -248,7 +248,7 @@ class FsClient:
     def __init__(self, url: str) -> None:
         from faststream.redis import RedisBroker
 
-        self.broker = RedisBroker(url, logger=None, max_connections=512)
+        self.broker = RedisBroker(url, logger=None, max_connections=512)  # type: ignore[arg-type]  # None: silent
 
     async def call(self, payload: Any) -> Any:
         msg = await self.broker.request(payload, list=FS_LIST, timeout=5.0)
