@@ -14,7 +14,8 @@ answered "model not allowed"), `/ws` with the upgrade or as its first message.
 Close codes are in
 `websocket.connections`. Limits (settings `WS_*`): frames over
 WS_MAX_MESSAGE_BYTES close with 1009; pings every WS_PING_INTERVAL, no pong
-within WS_PING_TIMEOUT closes with 1011; a client more than WS_SEND_QUEUE
+within WS_PING_TIMEOUT closes with 1011 (not on a spliced relay: its pings are
+end to end, `websocket.splice`); a client more than WS_SEND_QUEUE
 pushed messages behind is closed with 1013; beyond WS_MAX_CONNECTIONS the
 upgrade is refused with HTTP 503; SIGTERM closes every connection with 1001.
 """

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from sanic import Request
-from sanic.server.protocols.websocket_protocol import WebSocketProtocol
 
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized
+from websocket.tap import TapServerProtocol
 
 SUBPROTOCOL = "bearer"
 # Services whose methods act for whichever user the caller names (auth): only
@@ -51,8 +51,9 @@ def offers_bearer(request: Request[Any, Any]) -> bool:
     return any(p.strip().lower() == SUBPROTOCOL for p in offered)
 
 
-class BearerProtocol(WebSocketProtocol):
-    """Sanic's WebSocket protocol, answering the `bearer` subprotocol only to clients offering it.
+class BearerProtocol(TapServerProtocol):
+    """Sanic's WebSocket protocol, answering the `bearer` subprotocol only to clients offering it
+    (and tapping relayed clients for `websocket.splice`).
 
     A route's subprotocols are otherwise required of every client (websockets
     refuses a client offering none with 400), and a browser that offered

@@ -3,10 +3,12 @@
 Close codes used by the service (design §7; tested in tests/websocket):
 
     1000  normal: the peer closed, or an upstream closed with 1000
-    1001  going away: the service is shutting down (SIGTERM drain)
+    1001  going away: the service is shutting down (SIGTERM drain; a spliced relay's
+          upstream gets it too), or, to an upstream, its relayed client went away
     1008  policy violation: authentication missing, invalid or expired
-    1009  message too big: a frame over WS_MAX_MESSAGE_BYTES
-    1011  internal error: no pong within WS_PING_TIMEOUT (Sanic's keepalive)
+    1009  message too big: a message over WS_MAX_MESSAGE_BYTES
+    1011  internal error: no pong within WS_PING_TIMEOUT (Sanic's keepalive; a spliced
+          relay has none: pings pass end to end)
     1013  try again later: the send queue overflowed (slow consumer), or the
           connection cap was reached after the handshake
     1014  bad gateway: the upstream could not be reached or died mid-stream
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import Protocol
 
 from sanic.server.websockets.impl import WebsocketImplProtocol
 
@@ -27,6 +30,7 @@ log = get_logger("websocket.connections")
 
 GOING_AWAY = 1001
 POLICY_VIOLATION = 1008
+MESSAGE_TOO_BIG = 1009
 TRY_AGAIN_LATER = 1013
 BAD_GATEWAY = 1014
 
@@ -93,12 +97,20 @@ class Outbox:
         await cancel_and_wait(self._task)
 
 
+class Closer(Protocol):
+    """What closes a connection whose socket its WebsocketImplProtocol no longer reads
+    (a spliced relay, `websocket.splice`)."""
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
 class Connections:
     """The open connections of this process: counted against the cap, drained on stop."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._open: set[WebsocketImplProtocol] = set()
+        self._closers: dict[WebsocketImplProtocol, Closer] = {}
         self.draining = False
 
     def __len__(self) -> int:
@@ -116,6 +128,11 @@ class Connections:
 
     def discard(self, ws: WebsocketImplProtocol) -> None:
         self._open.discard(ws)
+        self._closers.pop(ws, None)
+
+    def hand_over(self, ws: WebsocketImplProtocol, closer: Closer) -> None:
+        """From now on `closer`, not `ws`, closes this connection (still counted as `ws`)."""
+        self._closers[ws] = closer
 
     async def drain(self, timeout: float) -> None:
         """Close every connection with 1001 and wait (up to `timeout`) for the handshakes."""
@@ -123,7 +140,12 @@ class Connections:
         if not self._open:
             return
         log.info("draining websocket connections", extra={"fields": {"open": len(self._open)}})
-        closes = [_close(ws, GOING_AWAY, "server shutting down") for ws in list(self._open)]
+        closes = [
+            self._closers[ws].close(GOING_AWAY, "server shutting down")
+            if ws in self._closers
+            else _close(ws, GOING_AWAY, "server shutting down")
+            for ws in list(self._open)
+        ]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*closes), timeout)
 

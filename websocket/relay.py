@@ -1,15 +1,20 @@
-"""`/ws/proxy/<service>/<path>`: a client connection relayed frame by frame to an upstream.
+"""`/ws/proxy/<service>/<path>`: a client connection relayed to an upstream.
 
 The upstream is `ws://<instance>/<path>?<query>` on an instance picked by
-`Upstreams` (connect failures fail over to another instance first). Text and
-binary frames are passed as they are, both ways, by two pumps; whichever side
-closes first has its close code and reason passed on to the other. When the
-upstream goes away without a close frame (it died), the client is closed with
-1014 "upstream connection lost"; when no instance can be connected, 1014 too,
-with the reason. Backpressure is end to end: a pump awaits each send, so a slow
-reader slows its writer instead of growing a buffer.
+`Upstreams` (connect failures fail over to another instance first). When no
+instance can be connected, the client is closed with 1014 and the reason.
 
-Hot path: `pump_to_upstream` and `pump_to_client` (one await per frame each way).
+Once both handshakes are done the relay is a byte splice (`websocket.splice`):
+frames, pings and close frames pass as they are, both ways, with end-to-end
+backpressure; close codes and reasons pass through; an upstream that dies
+closes the client with 1014 "upstream connection lost"; a client that vanishes
+closes the upstream with 1001. Messages from the client over
+WS_MAX_MESSAGE_BYTES close it with 1009 (messages from the upstream are not
+limited). When the splice cannot take over safely (say, the client sent a close
+frame while the upstream was being connected), two pumps relay frame by frame
+as below, with the same endings.
+
+Hot path: `websocket.splice`; in the fallback, `pump_to_upstream` and `pump_to_client`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 from websockets.protocol import CLOSED, CLOSING
 
-from websocket.connections import BAD_GATEWAY
+from websocket.connections import BAD_GATEWAY, GOING_AWAY
+from websocket.splice import GONE, Splice
+from websocket.tap import untap
 from websocket.upstreams import NoUpstream
 
 if TYPE_CHECKING:
@@ -48,20 +55,26 @@ async def proxy_endpoint(
         target += f"?{request.query_string}"
     headers = [("X-Forwarded-For", request.remote_addr or request.ip)]
     try:
-        upstream, endpoint = await upstreams.connect(service, target, headers=headers)
+        upstream, endpoint = await upstreams.connect(service, target, headers=headers, splice=True)
     except NoUpstream as exc:
+        untap(ws)
         await ws.close(BAD_GATEWAY, f"upstream unavailable: {exc}"[:120])
         return
     started = time.monotonic()
     ok = False
     try:
-        ok = await relay(ws, upstream)
+        splice = Splice.take_over(ws, upstream, upstreams.max_size)
+        if splice is None:
+            ok = await relay(ws, upstream)
+        else:
+            request.app.ctx.connections.hand_over(ws, splice)
+            ok = await splice.run()
     finally:
         upstreams.finished(service, endpoint, started, ok)
 
 
 async def relay(ws: WebsocketImplProtocol, upstream: ClientConnection) -> bool:
-    """Pump both ways until one side closes, then close the other alike.
+    """Pump both ways until one side closes, then close the other alike (no splice).
 
     True when the upstream ended with a close frame or the client left first.
     """
@@ -114,11 +127,11 @@ def _client_closed(ws: WebsocketImplProtocol) -> bool:
 
 
 async def _close_upstream(ws: WebsocketImplProtocol, upstream: ClientConnection) -> None:
-    """Close the upstream leg with the client's close code and reason."""
+    """Close the upstream leg with the client's close code and reason (1001 if it sent none)."""
     received = ws.ws_proto.close_rcvd
-    code = _code(received.code) if received else 1000
+    code, reason = (_code(received.code), received.reason) if received else (GOING_AWAY, GONE)
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(upstream.close(code, received.reason if received else ""), 2.0)
+        await asyncio.wait_for(upstream.close(code, reason), 2.0)
 
 
 def _code(code: int) -> int:

@@ -28,6 +28,7 @@ from common.log import get_logger
 from common.policy import PolicyWatcher
 from common.registry import InstanceRecord
 from common.registry_view import RegistryView
+from websocket.tap import TapClientConnection
 
 log = get_logger("websocket.upstreams")
 
@@ -77,9 +78,11 @@ class Upstreams:
         *,
         version: str | None = None,
         headers: Sequence[tuple[str, str]] = (),
+        splice: bool = False,
     ) -> tuple[ClientConnection, Endpoint]:
         """An open connection to `ws://<instance><path>`, failing over on connect errors.
 
+        With `splice`, a `TapClientConnection` that `websocket.splice` can take over.
         The caller reports the end of the connection with `finished`.
         """
         settings = self.policy.service_policy(service)
@@ -110,6 +113,7 @@ class Upstreams:
                     compression=None,
                     ping_interval=None,  # the client side of the relay keeps the liveness checks
                     additional_headers=list(headers),
+                    create_connection=TapClientConnection if splice else None,
                 )
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
