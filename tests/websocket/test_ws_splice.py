@@ -50,7 +50,16 @@ class RawClient:
             await asyncio.sleep(0.002)  # pacing, so that each piece is its own TCP segment
 
     async def recv(self, timeout: float = 5.0) -> Frame:
-        """The next frame from the relay (server frames are not masked)."""
+        """The next frame from the relay (server frames are not masked). A ping (the
+        upstream's keepalive, passed through) is answered with a pong, as a client does,
+        and skipped."""
+        while True:
+            received = await self._frame(timeout)
+            if received.opcode is not Opcode.PING:
+                return received
+            await self.send(frame(Opcode.PONG, received.data))
+
+    async def _frame(self, timeout: float) -> Frame:
         async with asyncio.timeout(timeout):
             b0, b1 = await self.reader.readexactly(2)
             assert not b1 & 0x80, "a server frame must not be masked"
@@ -104,8 +113,11 @@ async def test_a_large_message_in_small_reads_and_fragments_pass_as_they_are(
     await wait_reachable(ws_server, backends.service, {"a"})
     raw = await raw_client(f"/ws/proxy/{backends.service}/echo")
     payload = os.urandom(60_000)
-    # Headers split across reads too: 7 bytes per piece for the first frame's 8-byte header.
-    await raw.send(frame(Opcode.BINARY, payload), piece=7)
+    # Headers split across reads too: 7-byte pieces over the first frame's 8-byte header
+    # (and a little beyond), then 4 KB pieces.
+    first = frame(Opcode.BINARY, payload)
+    await raw.send(first[:70], piece=7)
+    await raw.send(first[70:], piece=4096)
     await raw.send(frame(Opcode.BINARY, payload), piece=4096)
     for _ in range(2):
         echoed = await raw.recv()
