@@ -26,6 +26,7 @@ from websockets.utils import accept_key
 from common.registry import InstanceRecord, Registry
 from tests.helpers import free_port, wait_for_async
 from tests.websocket.conftest import Backends, WsServer, recv_json, wait_reachable
+from websocket.splice import CLOSE_TIMEOUT
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -181,14 +182,15 @@ async def test_close_handshakes_end_both_tcp_connections_promptly(
         assert await ws.recv() == "x"
         started = time.monotonic()
         await ws.close(4003, "client first")  # returns once the relay closed TCP
-        assert time.monotonic() - started < 1.5
+        # Closed by the handshake, not by the relay's abort of a stuck closing:
+        assert time.monotonic() - started < CLOSE_TIMEOUT
     async with ws_server.connect(f"/ws/proxy/{backends.service}/echo") as ws:
         started = time.monotonic()
         await ws.send("close 4001 upstream first")
         with pytest.raises(websockets.ConnectionClosed):
             await ws.recv()
-        await asyncio.wait_for(ws.wait_closed(), 1.5)
-        assert time.monotonic() - started < 1.5
+        await asyncio.wait_for(ws.wait_closed(), CLOSE_TIMEOUT)
+        assert time.monotonic() - started < CLOSE_TIMEOUT
     assert await last_close(ws_server, backends.service) == [4001, "upstream first"]
 
 
