@@ -14,15 +14,17 @@ answered "model not allowed"), `/ws` with the upgrade or as its first message.
 Close codes are in
 `websocket.connections`. Limits (settings `WS_*`): frames over
 WS_MAX_MESSAGE_BYTES close with 1009; pings every WS_PING_INTERVAL, no pong
-within WS_PING_TIMEOUT closes with 1011 (not on a spliced relay: its pings are
-end to end, `websocket.splice`); a client more than WS_SEND_QUEUE
-pushed messages behind is closed with 1013; beyond WS_MAX_CONNECTIONS the
+within WS_PING_TIMEOUT closes with 1011 (on `/ws` one task pings every
+connection, `websocket.client`; a spliced relay has none: its pings are end to
+end, `websocket.splice`); a `/ws` client more than WS_SEND_QUEUE
+messages behind a full socket buffer is closed with 1013; beyond WS_MAX_CONNECTIONS the
 upgrade is refused with HTTP 503; SIGTERM closes every connection with 1001.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -35,12 +37,13 @@ from sanic.server.websockets.impl import WebsocketImplProtocol
 from common.aio import cancel_and_wait
 from common.client import RpcClient
 from common.connection import REDIS_DOWN_OR_SLOW, connect
-from common.credentials import Authenticator
+from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized
 from common.policy import PolicyWatcher
 from common.registry_view import RegistryView
 from common.settings import Settings, get_settings
 from websocket.auth import SUBPROTOCOL, authenticate, presented_token
+from websocket.client import ClientProtocol, keepalive
 from websocket.connections import TRY_AGAIN_LATER, Connections
 from websocket.envelope import stream_endpoint
 from websocket.hub import ChannelHub
@@ -80,7 +83,8 @@ def create_app(settings: Settings | None = None, name: str = "websocket") -> WsA
     ctx.connections = Connections(settings.ws_max_connections)
     app: WsApp = Sanic(name, config=config, ctx=ctx, configure_logging=False)
     app.add_route(health, "/health", methods=["GET"])
-    app.add_websocket_route(_counted(client_endpoint), "/ws", subprotocols=[SUBPROTOCOL])
+    # Counted by the connection itself (`websocket.client`): the handler returns at once.
+    app.add_websocket_route(client_endpoint, "/ws", subprotocols=[SUBPROTOCOL])
     # Every route takes the `bearer` subprotocol: how a browser presents its credential.
     bearer = [SUBPROTOCOL]
     app.add_websocket_route(_counted(stream_endpoint), "/ws/stream", subprotocols=bearer)
@@ -123,6 +127,9 @@ async def _open(app: WsApp) -> None:
     )
     await ctx.authenticator.start()
     ctx.tasks.append(asyncio.create_task(ctx.policy.run(), name="policy-watcher"))
+    if settings.ws_ping_interval > 0:
+        pings = keepalive(ctx.connections, settings.ws_ping_interval, settings.ws_ping_timeout)
+        ctx.tasks.append(asyncio.create_task(pings, name="ws-keepalive"))
 
 
 async def _drain(app: WsApp) -> None:
@@ -202,14 +209,28 @@ async def health(request: WsRequest) -> HTTPResponse:
 
 
 async def client_endpoint(request: WsRequest, ws: WebsocketImplProtocol) -> None:
-    """An authenticated client: see `websocket.session`."""
-    session = Session(request.app.ctx, ws)
-    try:
-        principal = request.ctx.principal
-        if principal is not None:
-            session.authenticated(principal, reply=False)
-        elif not await session.authenticate_first():
-            return
-        await session.serve()
-    finally:
-        await session.close()
+    """An authenticated client: its connection is taken from Sanic (`websocket.client`; it
+    needs the `BearerProtocol` that `python -m websocket` runs) and served by callbacks
+    (`websocket.session`). Returns without awaiting anything."""
+    ctx = request.app.ctx
+    settings = ctx.settings
+    taken = ClientProtocol.take_over(ws, settings.ws_max_message_bytes, settings.ws_send_queue)
+    if taken is None:  # the client is already gone
+        return
+    conn, early = taken
+    # Not in this handler's context: Sanic's holds the request, which every timer and
+    # task made here would keep alive for as long as the connection lasts.
+    contextvars.Context().run(_serve, ctx, conn, early, request.ctx.principal)
+
+
+def _serve(ctx: WsContext, conn: ClientProtocol, early: bytes, principal: Principal | None) -> None:
+    session = conn.session = Session(ctx, conn)
+    if not ctx.connections.add(conn, conn):
+        conn.fail(TRY_AGAIN_LATER, "connection limit reached")
+        return
+    if principal is not None:
+        session.authenticated(principal, reply=False)
+    else:
+        session.wait_for_auth()
+    if early:
+        conn.data_received(early)

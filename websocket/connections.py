@@ -1,4 +1,4 @@
-"""Every open client connection of one process: the cap, the drain, the send queue.
+"""Every open client connection of one process: the cap and the drain.
 
 Close codes used by the service (design §7; tested in tests/websocket):
 
@@ -7,8 +7,9 @@ Close codes used by the service (design §7; tested in tests/websocket):
           upstream gets it too), or, to an upstream, its relayed client went away
     1008  policy violation: authentication missing, invalid or expired
     1009  message too big: a message over WS_MAX_MESSAGE_BYTES
-    1011  internal error: no pong within WS_PING_TIMEOUT (Sanic's keepalive; a spliced
-          relay has none: pings pass end to end)
+    1011  internal error: no pong within WS_PING_TIMEOUT (`/ws`: `websocket.client`'s
+          keepalive; the envelope mode: Sanic's; a spliced relay has none: pings pass
+          end to end)
     1013  try again later: the send queue overflowed (slow consumer), or the
           connection cap was reached after the handshake
     1014  bad gateway: the upstream could not be reached or died mid-stream
@@ -18,12 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Hashable, Iterator
 from typing import Protocol
 
 from sanic.server.websockets.impl import WebsocketImplProtocol
 
-from common.aio import cancel_and_wait
 from common.log import get_logger
 
 log = get_logger("websocket.connections")
@@ -31,75 +31,14 @@ log = get_logger("websocket.connections")
 GOING_AWAY = 1001
 POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
+INTERNAL_ERROR = 1011
 TRY_AGAIN_LATER = 1013
 BAD_GATEWAY = 1014
 
-Message = str | bytes
-
-
-class Outbox:
-    """A bounded send queue: what is pushed to one client, written by one task.
-
-    `put` never blocks, so a publisher fanning out to thousands of clients is
-    never slowed by one of them. A client that lets `limit` messages pile up
-    (it reads slower than it is sent to) is closed with 1013 and its queue
-    dropped: memory per connection stays bounded. The writer task exists only
-    while there is something to write.
-    """
-
-    __slots__ = ("_on_overflow", "_queue", "_task", "closed", "limit", "ws")
-
-    def __init__(
-        self, ws: WebsocketImplProtocol, limit: int, on_overflow: Callable[[], None]
-    ) -> None:
-        self.ws = ws
-        self.limit = limit
-        self.closed = False
-        self._on_overflow = on_overflow
-        self._queue: list[Message] = []
-        self._task: asyncio.Task[None] | None = None
-
-    def put(self, message: Message) -> bool:
-        """Queue `message`; False (and the connection closed with 1013) if the queue is full."""
-        if self.closed:
-            return False
-        if len(self._queue) >= self.limit:
-            self.overflow()
-            return False
-        self._queue.append(message)
-        if self._task is None:
-            self._task = asyncio.create_task(self._write())
-        return True
-
-    def overflow(self) -> None:
-        log.warning("slow consumer closed", extra={"fields": {"queued": len(self._queue)}})
-        self.closed = True
-        self._queue.clear()
-        # Synchronous: the writer may hold the send lock while blocked on a full socket.
-        self.ws.fail_connection(TRY_AGAIN_LATER, "send queue full: reading too slowly")
-        self._on_overflow()
-
-    async def _write(self) -> None:
-        try:
-            while self._queue and not self.closed:
-                batch, self._queue = self._queue, []
-                for message in batch:
-                    await self.ws.send(message)
-        except Exception:  # the connection went away under us: nothing more to write
-            self.closed = True
-            self._queue.clear()
-        finally:
-            self._task = None
-
-    async def close(self) -> None:
-        self.closed = True
-        self._queue.clear()
-        await cancel_and_wait(self._task)
-
 
 class Closer(Protocol):
-    """What closes a connection whose socket its WebsocketImplProtocol no longer reads
-    (a spliced relay, `websocket.splice`)."""
+    """What closes a connection whose socket Sanic no longer reads (a spliced relay,
+    `websocket.splice`; a `/ws` client, `websocket.client`)."""
 
     async def close(self, code: int, reason: str) -> None: ...
 
@@ -109,8 +48,9 @@ class Connections:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._open: set[WebsocketImplProtocol] = set()
-        self._closers: dict[WebsocketImplProtocol, Closer] = {}
+        # a Sanic connection (WebsocketImplProtocol) or a `/ws` client (`websocket.client`)
+        self._open: set[Hashable] = set()
+        self._closers: dict[Hashable, Closer] = {}
         self.draining = False
 
     def __len__(self) -> int:
@@ -119,14 +59,20 @@ class Connections:
     def full(self) -> bool:
         return self.draining or len(self._open) >= self.limit
 
-    def add(self, ws: WebsocketImplProtocol) -> bool:
-        """Count `ws` in; False when the cap is reached (the caller closes it with 1013)."""
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(list(self._open))
+
+    def add(self, ws: Hashable, closer: Closer | None = None) -> bool:
+        """Count `ws` in (closed by `closer` on the drain, if given); False when the cap is
+        reached (the caller closes it with 1013)."""
         if self.full():
             return False
         self._open.add(ws)
+        if closer is not None:
+            self._closers[ws] = closer
         return True
 
-    def discard(self, ws: WebsocketImplProtocol) -> None:
+    def discard(self, ws: Hashable) -> None:
         self._open.discard(ws)
         self._closers.pop(ws, None)
 
@@ -140,12 +86,13 @@ class Connections:
         if not self._open:
             return
         log.info("draining websocket connections", extra={"fields": {"open": len(self._open)}})
-        closes = [
-            self._closers[ws].close(GOING_AWAY, "server shutting down")
-            if ws in self._closers
-            else _close(ws, GOING_AWAY, "server shutting down")
-            for ws in list(self._open)
-        ]
+        closes = []
+        for ws in list(self._open):
+            closer = self._closers.get(ws)
+            if closer is not None:
+                closes.append(closer.close(GOING_AWAY, "server shutting down"))
+            elif isinstance(ws, WebsocketImplProtocol):
+                closes.append(_close(ws, GOING_AWAY, "server shutting down"))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*closes), timeout)
 

@@ -6,8 +6,9 @@ subscriber arrives and unsubscribes when the last one leaves, so Redis sees one
 subscription per channel per process however many clients listen. A published
 message is encoded once, as the text frame
 `{"type": "message", "channel": "iptv:now:7", "data": <the payload>}` (the
-payload parsed as JSON when it is JSON, else as a string), and put in each
-subscriber's bounded `Outbox` (never waiting on any of them).
+payload parsed as JSON when it is JSON, else as a string), and handed to each
+subscriber's connection (`websocket.client`: written at once, or queued, bounded,
+behind a full socket buffer), never waiting on any of them.
 
 If the pub/sub connection drops, redis-py resubscribes every channel when it
 reconnects; messages published meanwhile are lost (pub/sub keeps no history).

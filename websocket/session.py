@@ -16,7 +16,12 @@ subscribed channel. An `auth` message on an open session replaces its token
 anything that is not JSON gets a JSON-RPC parse error (-32700). A JSON-RPC
 call needs a scope reaching its method (`common.scopes`; the `auth` service's
 methods need `admin`), else it is answered with -32005.
-Every frame to the client goes through the connection's bounded `Outbox`.
+Messages are handled in the order they come. Most are answered at once, from
+the connection's `data_received` (`websocket.client`); one that must wait
+(`auth`, `subscribe`, `unsubscribe`) is handled by a task, and the messages
+behind it wait for it (past BACKLOG_LIMIT of them the socket is not read). A
+JSON-RPC call runs in a task of its own, at most WS_MAX_CALLS_IN_FLIGHT at once.
+An idle session has no task.
 """
 
 from __future__ import annotations
@@ -24,108 +29,147 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
-
-from sanic.server.websockets.impl import WebsocketImplProtocol
 
 from common.credentials import Principal
 from common.errors import RpcError, Unauthorized
 from websocket import jsonrpc
 from websocket.auth import authenticate, may_call
-from websocket.connections import POLICY_VIOLATION, Outbox
+from websocket.connections import POLICY_VIOLATION
 from websocket.hub import CHANNEL
 
 if TYPE_CHECKING:
     from websocket.app import WsContext
+    from websocket.client import ClientProtocol
+
+BACKLOG_LIMIT = 32  # messages waiting behind a slow one past which the socket is not read
+Work = Coroutine[Any, Any, None]
+# Tasks that leave a closed session's channels: held here, as asyncio holds tasks weakly.
+_leaving: set[asyncio.Task[None]] = set()
 
 
 class Session:
     """The state of one `/ws` connection."""
 
-    def __init__(self, ctx: WsContext, ws: WebsocketImplProtocol) -> None:
+    __slots__ = ("backlog", "calls", "channels", "conn", "ctx", "expiry", "principal", "worker")
+
+    def __init__(self, ctx: WsContext, conn: ClientProtocol) -> None:
         self.ctx = ctx
-        self.ws = ws
-        self.outbox = Outbox(ws, ctx.settings.ws_send_queue, self._abandon)
-        self.channels: set[str] = set()
-        self.calls: set[asyncio.Task[None]] = set()
-        self._expiry: asyncio.TimerHandle | None = None
+        self.conn = conn
+        self.channels: set[str] | None = None
+        self.calls: set[asyncio.Task[None]] | None = None
+        self.expiry: asyncio.TimerHandle | None = None  # the credential's end (or the auth wait)
         self.principal: Principal | None = None
-        self._task = asyncio.current_task()
+        self.backlog: list[str | bytes] | None = None  # messages waiting for `worker`
+        self.worker: asyncio.Task[None] | None = None  # handling a message that must wait
 
     # -- authentication ---------------------------------------------------------
 
-    async def authenticate_first(self) -> bool:
-        """Wait for the `auth` message; close with 1008 and return False without one."""
+    def wait_for_auth(self) -> None:
+        """No credential came with the upgrade: the first message must be `auth`."""
+        delay = self.ctx.settings.ws_auth_timeout
+        self.expiry = asyncio.get_running_loop().call_later(delay, self._auth_timed_out)
+
+    def _auth_timed_out(self) -> None:
+        self.expiry = None
+        self.conn.fail(POLICY_VIOLATION, "authentication timed out")
+
+    def _first(self, text: str) -> Work | None:
         try:
-            raw = await self.ws.recv(timeout=self.ctx.settings.ws_auth_timeout)
-            message = json.loads(raw) if isinstance(raw, str) else None
+            message = json.loads(text)
         except ValueError:
             message = None
         if not isinstance(message, dict) or message.get("type") != "auth":
-            reason = "authentication required" if raw is not None else "authentication timed out"
-            await self.ws.close(POLICY_VIOLATION, reason)
-            return False
+            self.conn.fail(POLICY_VIOLATION, "authentication required")
+            return None
+        return self._authenticate_first(message)
+
+    async def _authenticate_first(self, message: dict[str, Any]) -> None:
         try:
             principal = await authenticate(self.ctx.authenticator, message.get("token"))
         except Unauthorized as exc:
-            await self.ws.close(POLICY_VIOLATION, exc.message[:120])
-            return False
+            self.conn.fail(POLICY_VIOLATION, exc.message)
+            return
         self.authenticated(principal, message.get("id"))
-        return True
 
     def authenticated(self, principal: Principal, id_: Any = None, *, reply: bool = True) -> None:
         """Start (or renew) the session as `principal`; it is closed when the credential expires."""
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
         self.principal = principal
         exp = principal.expires_at
         if exp is not None:  # an API key may never expire
             delay = max(exp - time.time(), 0.0)
-            self._expiry = asyncio.get_running_loop().call_later(delay, self._expired)
+            self.expiry = asyncio.get_running_loop().call_later(delay, self._expired)
         if reply:
             expires = None if exp is None else int(exp)
             answer = {"type": "authenticated", "sub": principal.subject, "exp": expires}
             self.send(_with_id(answer, id_))
 
     def _expired(self) -> None:
-        self.ws.fail_connection(POLICY_VIOLATION, "token expired")
-        self._abandon()
+        self.expiry = None
+        self.conn.fail(POLICY_VIOLATION, "token expired")
 
     # -- messages -------------------------------------------------------------
 
-    async def serve(self) -> None:
-        """Handle the client's messages until it goes away."""
-        while True:
-            raw = await self.ws.recv()
-            if raw is None:
-                return
-            await self.handle(raw)
+    def received(self, raw: str | bytes) -> None:
+        """A message from the client: handled now, or after the one being handled. Hot path."""
+        if self.backlog is not None:
+            self.backlog.append(raw)
+            if len(self.backlog) == BACKLOG_LIMIT:
+                self.conn.transport.pause_reading()
+            return
+        work = self.handle(raw)
+        if work is not None:
+            self.backlog = []
+            self.worker = asyncio.create_task(self._in_order(work))
 
-    async def handle(self, raw: str | bytes) -> None:
+    async def _in_order(self, work: Work) -> None:
+        """Finish `work`, then handle what came meanwhile, in order."""
+        try:
+            await work
+            while self.backlog:
+                if len(self.backlog) == BACKLOG_LIMIT:
+                    self.conn.transport.resume_reading()
+                next_work = self.handle(self.backlog.pop(0))
+                if next_work is not None:
+                    await next_work
+        finally:
+            if self.backlog is not None and len(self.backlog) >= BACKLOG_LIMIT:
+                self.conn.transport.resume_reading()
+            self.backlog = None
+            self.worker = None
+
+    def handle(self, raw: str | bytes) -> Work | None:
+        """Answer `raw`, or return the work that answers it when that must wait."""
         text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+        if self.principal is None:
+            return self._first(text)
         if text.strip() == "ping":
             self.send("pong")
-            return
+            return None
         try:
             message = json.loads(text)
         except ValueError:
             self.send(jsonrpc.error(None, jsonrpc.PARSE_ERROR, "parse error: not JSON"))
-            return
+            return None
         if jsonrpc.is_request(message):
             self.call(message)
-            return
+            return None
         kind = message.get("type") if isinstance(message, dict) else None
         id_ = message.get("id") if isinstance(message, dict) else None
         if kind == "ping":
             self.send(_with_id({"type": "pong"}, id_))
         elif kind == "auth":
-            await self._reauthenticate(message, id_)
+            return self._reauthenticate(message, id_)
         elif kind in ("subscribe", "unsubscribe"):
-            await self._subscription(kind, message.get("channel"), id_)
+            return self._subscription(kind, message.get("channel"), id_)
         else:
             self.send(_error("unknown_type", "expected ping, auth, subscribe, unsubscribe "
                              "or a JSON-RPC 2.0 request", id_))  # fmt: skip
+        return None
 
     async def _reauthenticate(self, message: dict[str, Any], id_: Any) -> None:
         try:
@@ -139,19 +183,22 @@ class Session:
         if not isinstance(channel, str) or not CHANNEL.match(channel):
             self.send(_error("bad_channel", f"channel must match {CHANNEL.pattern}", id_))
             return
+        channels = self.channels
         if kind == "subscribe":
-            if channel not in self.channels:
-                if len(self.channels) >= self.ctx.settings.ws_max_subscriptions:
-                    limit = self.ctx.settings.ws_max_subscriptions
+            if channels is None:
+                channels = self.channels = set()
+            if channel not in channels:
+                limit = self.ctx.settings.ws_max_subscriptions
+                if len(channels) >= limit:
                     self.send(_error("too_many_subscriptions", f"at most {limit}", id_))
                     return
-                self.channels.add(channel)
-                await self.ctx.hub.subscribe(channel, self.outbox.put)
+                channels.add(channel)
+                await self.ctx.hub.subscribe(channel, self.conn.send)
             self.send(_with_id({"type": "subscribed", "channel": channel}, id_))
         else:
-            if channel in self.channels:
-                self.channels.discard(channel)
-                await self.ctx.hub.unsubscribe(channel, self.outbox.put)
+            if channels is not None and channel in channels:
+                channels.discard(channel)
+                await self.ctx.hub.unsubscribe(channel, self.conn.send)
             self.send(_with_id({"type": "unsubscribed", "channel": channel}, id_))
 
     def call(self, message: object) -> None:
@@ -166,6 +213,8 @@ class Session:
                 what = f"this credential's scopes do not include {method}"
                 self.send(jsonrpc.error(id_, jsonrpc.FORBIDDEN, what))
             return
+        if self.calls is None:
+            self.calls = set()
         if len(self.calls) >= self.ctx.settings.ws_max_calls_in_flight:
             if not notification:
                 self.send(jsonrpc.error(id_, jsonrpc.TOO_MANY_CALLS, "too many calls in flight"))
@@ -189,23 +238,29 @@ class Session:
     # -- output and end -------------------------------------------------------
 
     def send(self, frame: str) -> None:
-        self.outbox.put(frame)
+        self.conn.send(frame)
 
-    def _abandon(self) -> None:
-        """The connection is being failed (slow consumer, expired token): stop serving it."""
-        if self._task is not None and self._task is not asyncio.current_task():
-            self._task.cancel()
+    def close(self) -> None:
+        """The connection is closing or gone: stop counting it, stop its timer and tasks,
+        leave its channels."""
+        self.ctx.connections.discard(self.conn)
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        current = asyncio.current_task()
+        for task in [self.worker, *(self.calls or ())]:
+            if task is not None and task is not current:
+                task.cancel()
+        self.backlog = None
+        if self.channels:
+            task = asyncio.create_task(self._leave(list(self.channels)))
+            _leaving.add(task)
+            task.add_done_callback(_leaving.discard)
+        self.channels = None
 
-    async def close(self) -> None:
-        """Leave every channel and stop every call (the connection is gone or going)."""
-        if self._expiry is not None:
-            self._expiry.cancel()
-        for task in list(self.calls):
-            task.cancel()
-        for channel in list(self.channels):
-            await self.ctx.hub.unsubscribe(channel, self.outbox.put)
-        self.channels.clear()
-        await self.outbox.close()
+    async def _leave(self, channels: list[str]) -> None:
+        for channel in channels:
+            await self.ctx.hub.unsubscribe(channel, self.conn.send)
 
 
 def _with_id(answer: dict[str, Any], id_: Any) -> str:

@@ -1,4 +1,5 @@
-"""Holding what each side of a relayed connection sends until `websocket.splice` takes over.
+"""Holding what each side of a relayed connection sends until `websocket.splice` takes over
+(and what a `/ws` client sends until `websocket.client` does).
 
 From the client's upgrade to the take-over (the time it takes to connect the
 upstream), `TapServerProtocol` keeps what the client sends without giving it to
@@ -22,6 +23,7 @@ from websockets.protocol import CLOSED, CONNECTING
 
 TAP_LIMIT = 256 * 1024  # bytes held before the take-over past which the socket is paused
 RELAYED = "/ws/proxy/"  # the routes whose client connections are held for a splice
+CLIENTS = "/ws"  # the route whose connections `websocket.client` takes over
 
 
 class TapServerProtocol(WebSocketProtocol):
@@ -36,7 +38,7 @@ class TapServerProtocol(WebSocketProtocol):
     async def websocket_handshake(
         self, request: Request[Any, Any], subprotocols: Sequence[str] | None = None
     ) -> Any:
-        if request.path.startswith(RELAYED):
+        if request.path.startswith(RELAYED) or request.path == CLIENTS:
             self.tap = bytearray()
         return await super().websocket_handshake(request, subprotocols)
 

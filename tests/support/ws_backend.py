@@ -12,7 +12,8 @@ n frames `{"ret": 0, "flag": 0, "result": "<NAME>:<i>"}` and a last one with
 Any other path echoes text and binary frames, except these text commands:
 `whoami` -> `{"instance", "path"}`; `close <code> <reason>` -> closes so;
 `die` -> the process exits at once (no close frame); `last_close` -> the code
-and reason of the previous connection's close by the peer.
+and reason of the last close received from a peer (the closes of connections
+that asked `last_close` are not recorded, so a probe never hides what it probes).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from common.registry import InstanceRecord, Registry
 
 NAME = os.environ.get("NAME", "wsb")
 state: dict[str, object] = {"last_close": None}
+probes: set[ServerConnection] = set()  # connections that asked `last_close`
 
 
 async def handler(ws: ServerConnection) -> None:
@@ -42,8 +44,9 @@ async def handler(ws: ServerConnection) -> None:
         pass
     finally:
         rcvd = ws.protocol.close_rcvd
-        if rcvd is not None:
+        if rcvd is not None and ws not in probes:
             state["last_close"] = [rcvd.code, rcvd.reason]
+        probes.discard(ws)
 
 
 async def echo(ws: ServerConnection, path: str) -> None:
@@ -51,6 +54,7 @@ async def echo(ws: ServerConnection, path: str) -> None:
         if message == "whoami":
             await ws.send(json.dumps({"instance": NAME, "path": path}))
         elif message == "last_close":
+            probes.add(ws)
             await ws.send(json.dumps(state["last_close"]))
         elif message == "die":
             os._exit(1)
