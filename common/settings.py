@@ -39,6 +39,9 @@ class Settings:
     # Reverse proxy: connect timeout, and the read timeout (no progress) / head deadline.
     proxy_connect_timeout: float = field(default=2.0, metadata={"env": "PROXY_CONNECT_TIMEOUT"})
     proxy_timeout: float = field(default=30.0, metadata={"env": "PROXY_TIMEOUT"})
+    # Answer plain `/svc/...` requests from the connection's protocol, before Sanic
+    # (webapi.fastpath); off: every request goes through Sanic's handler.
+    proxy_fast_path: bool = field(default=True, metadata={"env": "PROXY_FAST_PATH"})
     # least_time: how fast a latency peak is forgotten (seconds, time constant).
     least_time_decay: float = field(default=10.0, metadata={"env": "LEAST_TIME_DECAY"})
 
@@ -175,7 +178,17 @@ def _parse(name: str, raw: str, parser: Callable[[str], T]) -> T:
         raise ConfigError(f"{name}={raw!r} is not valid: {exc}") from exc
 
 
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
+    "bool": _bool,
     "str": str,
     "str | None": str,
     "int": int,

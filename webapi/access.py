@@ -24,7 +24,7 @@ once a credential is cached, no Redis round trip either.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
@@ -83,17 +83,34 @@ UNDECLARED = ADMIN
 
 def presented_credential(request: GatewayRequest) -> str | None:
     """The bearer token or API key of the request, or None when there is none."""
-    authorization: str | None = request.headers.get("authorization")
+    return credential_from(request.headers.get("authorization"), request.headers.get("x-api-key"))
+
+
+def credential_from(authorization: str | None, api_key: str | None) -> str | None:
+    """The credential of an `Authorization` and an `X-Api-Key` header value (None: no
+    credential); raises `NotAuthenticated` for an Authorization that is not a bearer."""
     if authorization:
         scheme, _, value = authorization.partition(" ")
         value = value.strip()
         if scheme.lower() != "bearer" or not value:
             raise NotAuthenticated("Authorization must be 'Bearer <token or API key>'")
         return value
-    api_key: str | None = request.headers.get("x-api-key")
     if api_key is not None:
         return api_key.strip() or None
     return None
+
+
+def credential_free(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`headers` without the request's API key: a backend never sees a reusable key
+    (bearer JWTs pass: they are short-lived and let a backend know the user)."""
+    return [
+        (k, v)
+        for k, v in headers
+        if not (
+            (lk := k.lower()) == "x-api-key"
+            or (lk == "authorization" and v[7:].lstrip().startswith(API_KEY_PREFIX))
+        )
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +220,13 @@ class Gatekeeper:
             if key in ("credential", "user"):
                 return f"u:{principal.subject}"
         return f"ip:{self.client_ip(request)}"
+
+    def has_limits(self, service: str, method: str | None) -> bool:
+        """Whether a rate limit of the live policy applies to `(service, method)`.
+
+        Hot path (the proxy's fast path asks it per request): a dict lookup.
+        """
+        return bool(self._rules(service, method or ""))
 
     def _rules(self, service: str, method: str) -> tuple[_Rule, ...]:
         """The limit rules matching a resource, indexed once per policy version."""

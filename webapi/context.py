@@ -21,6 +21,15 @@ if TYPE_CHECKING:
     from webapi.proxy.forward import Proxy
 
 
+@dataclass(slots=True)
+class FastPathStats:
+    """How many requests the proxy's fast path answered itself, and how many times it
+    handed bytes it had looked at over to Sanic (`webapi.fastpath`)."""
+
+    answered: int = 0
+    handed_over: int = 0
+
+
 @dataclass
 class GatewayContext:
     """`app.ctx`: opened in `before_server_start`, closed in `after_server_stop`."""
@@ -33,6 +42,7 @@ class GatewayContext:
     proxy: Proxy = field(init=False)
     policy: PolicyWatcher = field(init=False)
     gate: Gatekeeper = field(init=False)
+    fast_path: FastPathStats = field(default_factory=FastPathStats)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

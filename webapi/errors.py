@@ -194,41 +194,45 @@ class JsonErrorHandler(ErrorHandler):
     """Renders every exception as the JSON error body with the right status."""
 
     def default(self, request: Request, exception: Exception) -> HTTPResponse:
-        headers: dict[str, str] = {}
-        if isinstance(exception, SwitchboardError):
-            status = status_for(exception)
-            body = {"error": exception.to_dict()}
-            if isinstance(exception, Overloaded):
-                headers["Retry-After"] = "1"
-            if status >= 500:
-                log.warning(
-                    "rpc error",
-                    extra={
-                        "fields": {"path": request.path, "status": status, "code": exception.code}
-                    },
-                )
-        elif isinstance(exception, SanicException):
-            status = exception.status_code
-            code = getattr(exception, "code", None) or _snake(type(exception).__name__)
-            message = str(exception) or code.replace("_", " ")
-            body = error_body(code, message)
-            headers.update(exception.headers or {})
-            if status >= 500:
-                log.error("gateway error", exc_info=exception)
-        else:
-            status = 500
-            body = error_body("internal_error", "internal error")
-            log.error(
-                "unhandled error", exc_info=exception, extra={"fields": {"path": request.path}}
-            )
-        if status < 500:
-            # Design §10: every refused input is logged once, here (never its body or
-            # credential: the message says what was wrong, not what was sent).
-            error = body["error"]
-            fields = {"method": request.method, "path": request.path, "status": status,
-                      "code": error["code"], "message": error["message"]}  # fmt: skip
-            log.info("request refused", extra={"fields": fields})
         request_id = getattr(request.ctx, "request_id", None)
-        if request_id:
-            headers["X-Request-Id"] = request_id
-        return json_response(body, status=status, headers=headers)
+        return error_response(exception, request.method, request.path, request_id)
+
+
+def error_response(
+    exception: Exception, method: str, path: str, request_id: str | None
+) -> HTTPResponse:
+    """The JSON error response of `exception`, logged as the gateway logs every error
+    (`JsonErrorHandler`; the proxy's fast path, which has no Sanic request, too)."""
+    headers: dict[str, str] = {}
+    if isinstance(exception, SwitchboardError):
+        status = status_for(exception)
+        body = {"error": exception.to_dict()}
+        if isinstance(exception, Overloaded):
+            headers["Retry-After"] = "1"
+        if status >= 500:
+            log.warning(
+                "rpc error",
+                extra={"fields": {"path": path, "status": status, "code": exception.code}},
+            )
+    elif isinstance(exception, SanicException):
+        status = exception.status_code
+        code = getattr(exception, "code", None) or _snake(type(exception).__name__)
+        message = str(exception) or code.replace("_", " ")
+        body = error_body(code, message)
+        headers.update(exception.headers or {})
+        if status >= 500:
+            log.error("gateway error", exc_info=exception)
+    else:
+        status = 500
+        body = error_body("internal_error", "internal error")
+        log.error("unhandled error", exc_info=exception, extra={"fields": {"path": path}})
+    if status < 500:
+        # Design §10: every refused input is logged once, here (never its body or
+        # credential: the message says what was wrong, not what was sent).
+        error = body["error"]
+        fields = {"method": method, "path": path, "status": status,
+                  "code": error["code"], "message": error["message"]}  # fmt: skip
+        log.info("request refused", extra={"fields": fields})
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return json_response(body, status=status, headers=headers)

@@ -24,7 +24,8 @@ from typing import Any
 from common.registry import InstanceRecord
 from webapi.errors import InvalidHeartbeat
 
-_SERVICE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+# What a service may be called (the proxy matches `/svc/<name>/` against it too).
+SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _HOST = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
 _INSTANCE_ID = re.compile(r"^[A-Za-z0-9._@:\[\]-]{1,200}$")
@@ -61,8 +62,8 @@ def _parse_original(params: Any) -> list[InstanceRecord]:
 
 def _record(item: dict[str, Any]) -> InstanceRecord:
     service = item.get("service")
-    if not isinstance(service, str) or not _SERVICE.match(service):
-        raise InvalidHeartbeat(f"service must match {_SERVICE.pattern}")
+    if not isinstance(service, str) or not SERVICE_NAME.match(service):
+        raise InvalidHeartbeat(f"service must match {SERVICE_NAME.pattern}")
     address = _address(item.get("address"))
     kind = item.get("kind", "http")
     if kind not in _KINDS:

@@ -32,5 +32,9 @@ def json_object(request: Request[Any, Any], *, empty_ok: bool = True) -> dict[st
 
 def request_id_from(request: Request[Any, Any]) -> str:
     """The caller's `X-Request-Id` when it is well formed, else a new one."""
-    incoming = request.headers.get("x-request-id", "")
-    return incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    return request_id_of(request.headers.get("x-request-id"))
+
+
+def request_id_of(incoming: str | None) -> str:
+    """`incoming` (an `X-Request-Id` value) when it is well formed, else a new id."""
+    return incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex

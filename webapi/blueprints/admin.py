@@ -1,4 +1,5 @@
-"""The admin API (scope `admin`): the live policy, users, revocation, signing keys.
+"""The admin API (scope `admin`): the live policy, users, revocation, signing keys,
+and the proxy's counters (`GET /admin/proxy/stats`).
 
 Policy: `GET /admin/policy` is the stored document; `PUT /admin/policy`
 replaces it. The new document is validated first; if it is invalid the answer
@@ -123,3 +124,20 @@ async def revoke(request: GatewayRequest) -> HTTPResponse:
 async def rotate_signing_key(request: GatewayRequest) -> HTTPResponse:
     """A new signing key; tokens signed by the old one stay valid until they expire."""
     return json_response(await _auth(request, "rotate_signing_key"))
+
+
+@bp.get("/proxy/stats", ctx_access=ADMIN)
+async def proxy_stats(request: GatewayRequest) -> HTTPResponse:
+    """This process's fast-path counters (`webapi.fastpath`) and upstream pool."""
+    ctx = request.app.ctx
+    fast = ctx.fast_path
+    return json_response(
+        {
+            "fast_path": {
+                "enabled": ctx.settings.proxy_fast_path,
+                "answered": fast.answered,
+                "handed_over": fast.handed_over,
+            },
+            "upstreams": ctx.proxy.pool.stats(),
+        }
+    )

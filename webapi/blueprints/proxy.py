@@ -19,10 +19,10 @@ from typing import Any
 from sanic import Blueprint, HTTPResponse
 from sanic.compat import Header
 
-from webapi.access import API_KEY_PREFIX, FROM_PATH, IN_HANDLER, POLICY_ROUTED
+from webapi.access import FROM_PATH, IN_HANDLER, POLICY_ROUTED, credential_free
 from webapi.context import GatewayRequest
 from webapi.errors import MalformedJson, NoRoute
-from webapi.proxy.forward import Forwarded, hop_headers_out
+from webapi.proxy.forward import Forwarded, hop_headers_out, latency_headers
 from webapi.proxy.paths import match_route, upstream_target
 from webapi.proxy.upstream import strip_hop_by_hop
 from webapi.requests import json_object
@@ -35,22 +35,9 @@ METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 MAX_PROXY_BODY = 1024 * 1024 * 1024
 
 
-def _credential_free(request: GatewayRequest) -> list[tuple[str, str]]:
-    """The request's headers without its API key: a backend never sees a reusable
-    key (bearer JWTs pass: they are short-lived and let a backend know the user)."""
-    return [
-        (k, v)
-        for k, v in request.headers.items()
-        if not (
-            (lk := k.lower()) == "x-api-key"
-            or (lk == "authorization" and v[7:].lstrip().startswith(API_KEY_PREFIX))
-        )
-    ]
-
-
 def _headers_out(request: GatewayRequest, upstream_hint: str) -> list[tuple[str, str]]:
     return hop_headers_out(
-        _credential_free(request),
+        credential_free(request.headers.items()),
         client_ip=request.ip or "",
         scheme=request.scheme,
         host=request.host,
@@ -118,7 +105,7 @@ async def _stream(
     headers = [
         (k, v) for k, v in strip_hop_by_hop(upstream.headers) if k.lower() != "content-length"
     ]
-    headers += _latency_headers(forwarded, received)
+    headers += latency_headers(forwarded, received)
     response = await request.respond(status=upstream.status, headers=Header(headers))
     try:
         if request.method != "HEAD":
@@ -128,15 +115,6 @@ async def _stream(
     finally:
         await upstream.aclose()
     return None
-
-
-def _latency_headers(forwarded: Forwarded, received: float) -> list[tuple[str, str]]:
-    total = time.perf_counter() - received
-    return [
-        ("X-Upstream-Latency", f"{forwarded.upstream_seconds * 1000:.3f}"),
-        ("X-Gateway-Latency", f"{max(total - forwarded.upstream_seconds, 0) * 1000:.3f}"),
-        ("X-Upstream-Instance", forwarded.instance.instance_id),
-    ]
 
 
 async def _json_exchange(
@@ -166,7 +144,7 @@ async def nlp(request: GatewayRequest) -> HTTPResponse:
         raise MalformedJson("service_name (a string) is required")
     await request.app.ctx.gate.admit_resource(request, service, None)
     forwarded, _data, raw = await _json_exchange(request, service, "/nlp", body)
-    headers = dict(_latency_headers(forwarded, received))
+    headers = dict(latency_headers(forwarded, received))
     content_type = dict((k.lower(), v) for k, v in forwarded.response.headers).get(
         "content-type", "application/json"
     )
@@ -198,4 +176,4 @@ async def ai_server(request: GatewayRequest) -> HTTPResponse:
         "data": data,
         "duration": round(time.perf_counter() - received, 6),
     }
-    return json_response(envelope, headers=dict(_latency_headers(forwarded, received)))
+    return json_response(envelope, headers=dict(latency_headers(forwarded, received)))

@@ -186,6 +186,17 @@ class Proxy:
             return Forwarded(response, endpoint, elapsed, attempt)
 
 
+def latency_headers(forwarded: Forwarded, received: float) -> list[tuple[str, str]]:
+    """`X-Upstream-Latency`, `X-Gateway-Latency` (ms) and `X-Upstream-Instance` of a
+    response; `received` is when the request arrived (`time.perf_counter()`)."""
+    total = time.perf_counter() - received
+    return [
+        ("X-Upstream-Latency", f"{forwarded.upstream_seconds * 1000:.3f}"),
+        ("X-Gateway-Latency", f"{max(total - forwarded.upstream_seconds, 0) * 1000:.3f}"),
+        ("X-Upstream-Instance", forwarded.instance.instance_id),
+    ]
+
+
 def hop_headers_out(
     headers: Sequence[tuple[str, str]],
     *,

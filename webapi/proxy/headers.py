@@ -39,6 +39,32 @@ def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return kept
 
 
+_HOP_BY_HOP_RAW = frozenset(name.encode() for name in _HOP_BY_HOP)
+
+
+def strip_hop_by_hop_raw(
+    headers: list[tuple[bytes, bytes]], drop: frozenset[bytes] = frozenset()
+) -> list[tuple[bytes, bytes]]:
+    """`strip_hop_by_hop` on header fields as bytes (`UpstreamResponse.raw_headers`), also
+    dropping the lower-case names in `drop`.
+
+    Hot path: the proxy's fast path calls it once per response.
+    """
+    named: set[bytes] = set()
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    kept = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _HOP_BY_HOP_RAW or lower.startswith(b"proxy-") or lower in named:
+            continue
+        if lower in drop:
+            continue
+        kept.append((name, value))
+    return kept
+
+
 def build_request_head(
     method: str,
     target: str,

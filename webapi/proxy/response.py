@@ -66,6 +66,11 @@ class UpstreamResponse:
             ]
         return self._headers
 
+    @property
+    def complete(self) -> bool:
+        """Whether the whole body has arrived (then `read()` returns it without waiting)."""
+        return self._done and self._error is None
+
     def stream(self) -> UpstreamResponse:
         """Iterate over the body chunks as they arrive (`async for chunk in resp.stream()`).
 

@@ -1,0 +1,75 @@
+"""What the proxy's fast path takes as its own (`webapi.fastpath.parse_request`): only
+whole, plainly framed HTTP/1.1 `/svc/` requests; everything else stays Sanic's."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.errors import ConfigError
+from common.settings import Settings
+from webapi.fastpath import MAX_FAST_BODY, Parsed, parse_request
+from webapi.fastpath.request import INCOMPLETE
+
+pytestmark = pytest.mark.timeout(10)
+
+GET = b"GET /svc/web/a/b?q=1 HTTP/1.1\r\nHost: gw\r\nX-Api-Key: k\r\n\r\n"
+
+
+def test_a_plain_request_is_taken_with_its_headers_as_sanic_reads_them() -> None:
+    parsed = parse_request(GET + b"GET /svc/web/next HTTP/1.1\r\n")
+    assert isinstance(parsed, Parsed)
+    assert parsed.size == len(GET)  # only the first of two pipelined requests
+    assert (parsed.method, parsed.service, parsed.target) == ("GET", "web", "/a/b?q=1")
+    assert parsed.headers == [("host", "gw"), ("x-api-key", "k")]
+    assert parsed.keep_alive and parsed.body is None
+
+
+def test_a_small_body_is_taken_whole_and_a_partial_one_is_waited_for() -> None:
+    post = b"POST /svc/web/up HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\nhello"
+    parsed = parse_request(post)
+    assert isinstance(parsed, Parsed)
+    assert (parsed.body, parsed.size) == (b"hello", len(post))
+    assert parse_request(post[:-2]) is INCOMPLETE
+    big = f"POST /svc/web/up HTTP/1.1\r\nContent-Length: {MAX_FAST_BODY + 1}\r\n\r\n"
+    assert parse_request(big.encode() + b"x" * (MAX_FAST_BODY + 1)) is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        GET[:30],  # the head is not whole
+        GET.replace(b"\r\n", b"\n"),  # bare LF
+        GET.replace(b"HTTP/1.1", b"HTTP/1.0"),
+        GET.replace(b"GET", b"TRACE"),
+        GET.replace(b"\r\n\r\n", b"\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        GET.replace(b"\r\n\r\n", b"\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx"),
+        GET.replace(b"\r\n\r\n", b"\r\nUpgrade: websocket\r\n\r\n"),
+        GET.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"),
+        GET.replace(b"\r\n\r\n", b"\r\nHost: other\r\n\r\n"),  # two Hosts
+        GET.replace(b"\r\n\r\n", b"\r\n folded\r\n\r\n"),
+        GET.replace(b"/svc/web/a/b", b"http://gw/svc/web/a/b"),  # absolute form
+        GET.replace(b"/svc/web/a/b", b"/svc/web/"),  # the route needs a path after it
+        GET.replace(b"/svc/web/a/b", b"/svc/web//a"),
+        GET.replace(b"/svc/web/a/b", b"/svc/Web/a"),  # not a service name
+        GET.replace(b"/svc/web/a/b", b"/svc/web/a/%2e%2e/b"),  # traversal: Sanic's 400
+        GET.replace(b"/svc/web/a/b", b"/rpc/web/a"),
+    ],
+)
+def test_anything_else_is_left_to_sanic(raw: bytes) -> None:
+    assert parse_request(raw) is None
+
+
+def test_connection_is_read_as_sanic_reads_it() -> None:
+    closing = GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    other = GET.replace(b"\r\n\r\n", b"\r\nConnection: x-secret\r\n\r\n")
+    for raw in (closing, other):
+        parsed = parse_request(raw)
+        assert isinstance(parsed, Parsed) and not parsed.keep_alive
+
+
+def test_the_switch() -> None:
+    assert Settings.from_env({}).proxy_fast_path is True
+    assert Settings.from_env({"PROXY_FAST_PATH": "off"}).proxy_fast_path is False
+    assert Settings.from_env({"PROXY_FAST_PATH": "1"}).proxy_fast_path is True
+    with pytest.raises(ConfigError, match="PROXY_FAST_PATH"):
+        Settings.from_env({"PROXY_FAST_PATH": "maybe"})

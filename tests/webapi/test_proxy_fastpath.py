@@ -1,0 +1,375 @@
+"""The proxy's fast path (webapi.fastpath) through a real gateway and a real backend.
+
+Which path answered is read from the gateway's own counter (`GET /admin/proxy/stats`,
+`fast_path.answered`): nothing else in this module is proxied while a test counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from common.policy import PolicyStore
+from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
+from tests.support.policy import set_document
+from tests.webapi.conftest import as_admin
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@dataclass
+class Backend:
+    gateway: str
+    redis_url: str
+    service: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.gateway}/svc/{self.service}"
+
+
+@pytest.fixture(scope="module")
+def backend(gateway: str, redis_url: str) -> Iterator[Backend]:
+    api_key = issue_api_key(redis_url, ["registry"], name="fastpath-backend")
+    b = Backend(gateway, redis_url, f"fp{uuid.uuid4().hex[:6]}")
+    env = {"PORT": str(free_port()), "NAME": f"{b.service}-a", "GATEWAY": gateway,
+           "SERVICE": b.service, "GATEWAY_API_KEY": api_key}  # fmt: skip
+    proc = ServiceProcess(["python", "-m", "tests.support.http_backend"], env=env, name="fp")
+    proc.start()
+    try:
+        wait_for(lambda: as_admin.get(f"{b.base}/echo", timeout=5).status_code == 200, timeout=30)
+        yield b
+    finally:
+        proc.stop()
+
+
+def answered(gateway: str) -> int:
+    stats = as_admin.get(f"{gateway}/admin/proxy/stats", timeout=5).json()
+    assert stats["fast_path"]["enabled"] is True
+    return int(stats["fast_path"]["answered"])
+
+
+# A raw HTTP/1.1 client: pipelining and split writes need the socket itself.
+
+
+def _head(method: str, path: str, headers: dict[str, str], body: bytes = b"") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: gateway.test"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    names: list[str]  # every header name, in order
+
+
+class _Responses:
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.done: list[Answer] = []
+        self._headers: dict[str, str] = {}
+        self._names: list[str] = []
+        self._body: list[bytes] = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode().lower()] = value.decode()
+        self._names.append(name.decode().lower())
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        status = self.parser.get_status_code()
+        self.done.append(Answer(status, self._headers, b"".join(self._body), self._names))
+        self._headers, self._body, self._names = {}, [], []
+
+
+def read_answers(sock: socket.socket, count: int) -> list[Answer]:
+    responses = _Responses()
+    deadline = time.monotonic() + 10
+    while len(responses.done) < count and time.monotonic() < deadline:
+        data = sock.recv(65536)
+        if not data:
+            break
+        responses.parser.feed_data(data)
+    assert len(responses.done) == count
+    return responses.done
+
+
+def connect(gateway: str) -> socket.socket:
+    host, port = gateway.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+# The tests.
+
+
+def test_keep_alive_requests_are_answered_by_the_fast_path(backend: Backend) -> None:
+    before = answered(backend.gateway)
+    limits = httpx.Limits(max_connections=1)
+    with httpx.Client(headers=as_admin.headers, limits=limits, timeout=10) as client:
+        replies = [client.get(f"{backend.base}/echo?n={i}") for i in range(50)]
+    assert [r.status_code for r in replies] == [200] * 50
+    assert answered(backend.gateway) - before == 50
+    reply = replies[-1]
+    assert reply.json()["query"] == "n=49"
+    seen = reply.json()["headers"]
+    assert "authorization" not in seen  # an API key never reaches a backend
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["host"] == backend.service
+    assert seen["x-request-id"] == reply.headers["x-request-id"]
+    assert reply.headers["x-upstream-instance"] == f"{backend.service}-a"
+    assert float(reply.headers["x-gateway-latency"]) >= 0
+    assert reply.headers["content-length"] == str(len(reply.content))
+    assert "ratelimit-limit" not in reply.headers
+
+
+def test_pipelined_requests_are_answered_in_order(backend: Backend) -> None:
+    before = answered(backend.gateway)
+    path = f"/svc/{backend.service}/echo"
+    batch = b"".join(
+        _head("GET", f"{path}?i={i}", {**as_admin.headers, "X-Request-Id": f"pipe-{i}"})
+        for i in range(5)
+    )
+    # The third is Sanic's (no credential): the two after it wait for it, in order.
+    batch += _head("GET", path, {"X-Request-Id": "pipe-sanic"})
+    batch += _head("GET", f"{path}?i=last", {**as_admin.headers, "X-Request-Id": "pipe-last"})
+    with connect(backend.gateway) as sock:
+        sock.sendall(batch)
+        replies = read_answers(sock, 7)
+    assert [r.status for r in replies] == [200] * 5 + [401, 200]
+    assert [r.headers["x-request-id"] for r in replies] == [
+        *(f"pipe-{i}" for i in range(5)),
+        "pipe-sanic",
+        "pipe-last",
+    ]
+    assert [r.body.count(f'"i={i}"'.encode()) for i, r in enumerate(replies[:5])] == [1] * 5
+    assert answered(backend.gateway) - before == 5  # the last one followed Sanic's
+
+
+def test_a_request_split_across_reads_is_answered(backend: Backend) -> None:
+    request = _head("GET", f"/svc/{backend.service}/echo", as_admin.headers)
+    body = b"y" * 1000
+    upload = _head("POST", f"/svc/{backend.service}/upload", as_admin.headers, body)
+    before = answered(backend.gateway)
+    with connect(backend.gateway) as sock:
+        sock.sendall(request[:20])
+        time.sleep(0.2)  # not waiting for a condition: two separate reads are the point
+        sock.sendall(request[20:])
+        [reply] = read_answers(sock, 1)
+        assert reply.status == 200
+        assert answered(backend.gateway) - before == 0  # a split head goes to Sanic
+        sock.sendall(request)  # whole this time, on the same connection
+        [again] = read_answers(sock, 1)
+        assert again.status == 200
+        assert answered(backend.gateway) - before == 1
+        # The head, then the body a moment later (as many clients write them): waited for.
+        sock.sendall(upload[:-600])
+        time.sleep(0.2)
+        sock.sendall(upload[-600:])
+        [posted] = read_answers(sock, 1)
+    assert posted.status == 200
+    assert posted.body.count(b'"bytes":1000') == 1
+    assert answered(backend.gateway) - before == 2
+
+
+def test_head_and_small_post_body(backend: Backend) -> None:
+    before = answered(backend.gateway)
+    head = as_admin.get(f"{backend.base}/download?mb=1")  # GET for comparison
+    assert head.status_code == 200
+    reply = httpx.head(f"{backend.base}/echo", headers=as_admin.headers)
+    assert reply.status_code == 405  # the backend's own answer (its /echo is GET only)
+    assert reply.headers["allow"] == "GET"
+    assert int(reply.headers["content-length"]) > 0  # the length a GET would have
+    assert reply.content == b""
+    body = bytes(range(256)) * 40  # 10 KiB
+    posted = as_admin.post(f"{backend.base}/upload", content=body)
+    assert posted.status_code == 200
+    assert posted.json()["bytes"] == len(body)
+    assert posted.json()["sha256"] == hashlib.sha256(body).hexdigest()
+    assert answered(backend.gateway) - before == 3
+    assert len(head.content) == 1024 * 1024  # streamed back chunked
+
+
+def test_a_body_over_the_limit_takes_sanics_path(backend: Backend) -> None:
+    body = b"x" * (64 * 1024 + 1)
+    before = answered(backend.gateway)
+    posted = as_admin.post(f"{backend.base}/upload", content=body)
+    assert posted.status_code == 200
+    assert posted.json()["bytes"] == len(body)
+    assert answered(backend.gateway) - before == 0
+
+
+def test_a_credential_not_cached_yet_takes_sanics_path_once(backend: Backend) -> None:
+    key = issue_api_key(backend.redis_url, [backend.service], user_id="fp-user", name="fp")
+    headers = {"X-Api-Key": key}
+    before = answered(backend.gateway)
+    first = httpx.get(f"{backend.base}/echo", headers=headers)
+    assert first.status_code == 200
+    assert "x-api-key" not in first.json()["headers"]
+    assert answered(backend.gateway) - before == 0
+    assert httpx.get(f"{backend.base}/echo", headers=headers).status_code == 200
+    assert answered(backend.gateway) - before == 1
+
+
+def test_refused_credentials_are_sanics(backend: Backend) -> None:
+    other = issue_api_key(backend.redis_url, ["calc"], user_id="fp-other", name="fp")
+    before = answered(backend.gateway)
+    for _ in range(2):  # the second time the credential is cached: still refused
+        lacking = httpx.get(f"{backend.base}/echo", headers={"X-Api-Key": other})
+        assert lacking.status_code == 403
+        assert lacking.json()["error"]["code"] == "forbidden"
+    missing = httpx.get(f"{backend.base}/echo")
+    assert missing.status_code == 401
+    assert missing.json()["error"]["code"] == "unauthorized"
+    bad = httpx.get(f"{backend.base}/echo", headers={"Authorization": "Basic eDp5"})
+    assert bad.status_code == 401
+    assert answered(backend.gateway) - before == 0
+
+
+def test_a_rate_limited_service_takes_sanics_path(backend: Backend) -> None:
+    rule = {"id": "fastpath", "service": backend.service, "key": "credential",
+            "rate": 1000, "period": 60}  # fmt: skip
+    previous = asyncio.run(_limits(backend.redis_url))
+    set_document(backend.redis_url, limits=[rule])
+    try:
+
+        def limited() -> httpx.Response | None:
+            reply = as_admin.get(f"{backend.base}/echo")
+            return reply if "ratelimit-limit" in reply.headers else None
+
+        before = answered(backend.gateway)
+        reply = wait_for(limited, timeout=10)
+        assert reply.status_code == 200
+        assert reply.headers["ratelimit-limit"] == "1000"
+        assert answered(backend.gateway) == before
+    finally:
+        set_document(backend.redis_url, limits=previous)
+
+
+async def _limits(redis_url: str) -> list[dict[str, Any]]:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        document = await PolicyStore(client).get()
+    finally:
+        await client.aclose()
+    return [rule.model_dump(mode="json") for rule in document.limits]
+
+
+def test_upstream_errors_are_json(backend: Backend, gateway: str) -> None:
+    before = answered(gateway)
+    slow = as_admin.get(f"{backend.base}/slow?ms=3000", timeout=30)
+    assert slow.status_code == 504  # the test gateway's PROXY_TIMEOUT is 1 s
+    assert slow.json()["error"]["code"] == "upstream_timeout"
+    assert slow.headers["x-request-id"]
+    assert answered(gateway) - before == 1
+
+    service = f"fpdead{uuid.uuid4().hex[:6]}"
+    beat = {"service": service, "address": f"127.0.0.1:{free_port()}"}  # nothing listens
+    assert as_admin.post(f"{gateway}/heartbeat", json=beat).status_code == 200
+
+    def known() -> httpx.Response | None:
+        r = as_admin.get(f"{gateway}/svc/{service}/x", headers={"X-Request-Id": "dead-1"})
+        return r if r.status_code != 404 else None
+
+    first = wait_for(known, timeout=5)
+    assert first.status_code == 502, first.text
+    assert first.json()["error"]["code"] == "upstream_failed"
+    assert first.headers["x-request-id"] == "dead-1"
+    then = as_admin.get(f"{gateway}/svc/{service}/x")
+    assert then.status_code == 503
+    assert then.json()["error"]["code"] == "no_healthy_instance"
+    before = answered(gateway)
+    unknown = as_admin.get(f"{gateway}/svc/nosuch{uuid.uuid4().hex[:6]}/x")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "unknown_service"
+    assert answered(gateway) - before == 1
+
+
+def test_connection_close_is_respected(backend: Backend) -> None:
+    before = answered(backend.gateway)
+    request = _head(
+        "GET", f"/svc/{backend.service}/echo", {**as_admin.headers, "Connection": "close"}
+    )
+    with connect(backend.gateway) as sock:
+        sock.sendall(request)
+        [reply] = read_answers(sock, 1)
+        assert reply.headers["connection"] == "close"
+        assert sock.recv(1) == b""  # the gateway closed the connection
+    assert reply.status == 200
+    assert answered(backend.gateway) - before == 1
+
+
+def test_an_upstream_closing_its_connection_keeps_the_client_one(gateway: str) -> None:
+    """An upstream answering `Connection: close`: its connection is not reused, the
+    client's stays open (Connection is hop-by-hop)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed at the end of the test
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n"
+                             b"X-Backend: raw\r\nX-Request-Id: upstream\r\n\r\nhello")  # fmt: skip
+
+    service = f"fpclose{uuid.uuid4().hex[:6]}"
+    beat = {"service": service, "address": f"127.0.0.1:{port}"}
+
+    def heartbeat() -> None:  # the test gateway forgets an instance after 1.5 s
+        while not stop.wait(0.3):
+            as_admin.post(f"{gateway}/heartbeat", json=beat)
+
+    assert as_admin.post(f"{gateway}/heartbeat", json=beat).status_code == 200
+    threading.Thread(target=serve, daemon=True).start()
+    threading.Thread(target=heartbeat, daemon=True).start()
+    try:
+        request = _head("GET", f"/svc/{service}/x", as_admin.headers)
+        with connect(gateway) as sock:
+
+            def routed() -> bool:
+                sock.sendall(request)
+                return read_answers(sock, 1)[0].status == 200
+
+            wait_for(routed, timeout=5)
+            before = answered(gateway)
+            sock.sendall(request * 3)
+            replies = read_answers(sock, 3)
+        assert [(r.status, r.body, r.headers["connection"]) for r in replies] == [
+            (200, b"hello", "keep-alive")
+        ] * 3
+        assert replies[0].headers["x-backend"] == "raw"
+        # The gateway's request id replaces the upstream's, as on Sanic's path.
+        assert replies[0].names.count("x-request-id") == 1
+        assert replies[0].headers["x-request-id"] != "upstream"
+        assert answered(gateway) - before == 3
+    finally:
+        stop.set()
+        listener.close()

@@ -1,0 +1,47 @@
+"""The proxy's fast path: plain `/svc/<service>/<path>` requests answered by the
+connection's protocol, before Sanic builds a request (`PROXY_FAST_PATH`, default on).
+
+Why: Sanic's request cycle (request object, router, middleware, streaming response)
+costs more than the proxying itself. Design §6 measured it on our 2-core machines:
+a Sanic handler reached 0.30-0.55x nginx at best, while an `HttpProtocol` subclass
+answering pass-through requests from `data_received` reached 0.85-1.0x.
+
+`FastPathProtocol.data_received` answers a request itself only when all of these
+hold; otherwise the bytes go to Sanic unchanged and it handles them as it always did:
+
+* Sanic is idle on the connection (no request in progress, nothing buffered, no
+  body left to drain) and no fast request is being answered on it (bytes arriving
+  meanwhile are held, and looked at once it is done: responses stay in order);
+* the whole request is in the buffer: a head of at most 16 KiB that httptools
+  parses (it is strict: no bare LF, no folding, no duplicate Content-Length, which
+  is what request smuggling relies on), HTTP/1.1, a method of the `/svc/` route,
+  no Transfer-Encoding, Upgrade or Expect, one Host at most, and no body or a
+  Content-Length body of at most 64 KiB that has arrived whole. A request split
+  across reads is therefore Sanic's;
+* the path is `/svc/<service>/<rest>` with a valid service name (not an internal
+  one) and passes `upstream_target`, exactly the requests the `/svc/` route serves;
+* the credential is in the authenticator's cache (`authenticate_sync_cached`) and its
+  scopes reach the service. A miss goes to Sanic, which authenticates and fills the
+  cache, so the next request is fast; a bad credential gets Sanic's 401/403;
+* no rate-limit rule of the live policy matches the service (a limit needs Redis,
+  and the answer its `RateLimit-*` headers: Sanic's path does both);
+* the app derives scheme and host from the socket and the Host header (no
+  SERVER_NAME, FORWARDED_SECRET, PROXIES_COUNT or REAL_IP_HEADER).
+
+An admitted request gets what the `/svc/` route would give it: its request id (the
+caller's `X-Request-Id` when well formed), the same upstream headers
+(`credential_free` + `hop_headers_out`), `Proxy.forward` (instance choice, health,
+retries), and a response with the upstream's headers minus hop-by-hop ones, the
+latency headers and `X-Request-Id`: written at once with a Content-Length when the
+body has arrived whole, else streamed chunked. Errors are `error_response`'s JSON,
+logged as `JsonErrorHandler` logs them. Sanic's bookkeeping is kept: keep-alive
+(`Connection` as Sanic reads it, `KEEP_ALIVE`), the keep-alive timeout counted from
+the last write, the response timeout while a fast request runs, graceful shutdown.
+Counters: `app.ctx.fast_path` (`GET /admin/proxy/stats`). `request.py` frames and
+reads a request; `protocol.py` is the protocol.
+"""
+
+from webapi.fastpath.protocol import FastPathProtocol
+from webapi.fastpath.request import MAX_FAST_BODY, MAX_FAST_HEAD, Parsed, parse_request
+
+__all__ = ["MAX_FAST_BODY", "MAX_FAST_HEAD", "FastPathProtocol", "Parsed", "parse_request"]

@@ -1,0 +1,261 @@
+"""`FastPathProtocol`: Sanic's HTTP/1.1 protocol answering eligible `/svc/` requests
+from `data_received` (see the package docstring for what is eligible and why)."""
+
+from __future__ import annotations
+
+import asyncio
+from time import monotonic as current_time
+from typing import Any
+
+from sanic.headers import format_http1_response
+from sanic.helpers import has_message_body
+from sanic.http.constants import Stage
+from sanic.server.protocols.http_protocol import HttpProtocol
+
+from common.log import get_logger, request_id_var
+from webapi.access import INTERNAL_SERVICES, credential_free, credential_from
+from webapi.context import GatewayApp
+from webapi.errors import NotAuthenticated, error_response
+from webapi.fastpath.request import INCOMPLETE, Parsed, parse_request
+from webapi.proxy.forward import Forwarded, hop_headers_out, latency_headers
+from webapi.proxy.headers import strip_hop_by_hop_raw
+from webapi.requests import request_id_of
+
+log = get_logger("webapi.fastpath")
+
+# Bytes held while a fast request is answered; beyond this the socket stops being read.
+_HOLD_LIMIT = 256 * 1024
+# Upstream response headers replaced by the gateway's own (as the `/svc/` route's
+# response middleware replaces X-Request-Id); a HEAD answer keeps Content-Length.
+_REPLACED = frozenset({b"content-length", b"x-request-id"})
+_REPLACED_HEAD = frozenset({b"x-request-id"})
+
+
+class FastPathProtocol(HttpProtocol):
+    """Sanic's HTTP/1.1 protocol, answering eligible `/svc/` requests itself."""
+
+    __slots__ = ("_fast_ok", "_fast_task", "_fast_written", "_held")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._held = bytearray()
+        self._fast_task: asyncio.Task[None] | None = None
+        self._fast_written = False  # some of the current fast response is written
+        config = self.app.config
+        self._fast_ok = not (config.get("SERVER_NAME") or config.FORWARDED_SECRET
+                             or config.PROXIES_COUNT or config.REAL_IP_HEADER)  # fmt: skip
+
+    # asyncio.Protocol callbacks
+
+    def data_received(self, data: bytes) -> None:
+        if self._fast_task is not None or self._held:  # answering, or a body is arriving
+            self._time = current_time()
+            self._held += data
+            if self._fast_task is None:
+                self._pump()
+            elif len(self._held) > _HOLD_LIMIT and self.transport is not None:
+                self.transport.pause_reading()
+            return
+        if not (data and self._fast_ok and self._sanic_idle()):
+            super().data_received(data)
+            return
+        self._time = current_time()
+        self._held += data
+        self._pump()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        task, self._fast_task = self._fast_task, None
+        if task is not None:
+            task.cancel()
+        self._held.clear()
+        super().connection_lost(exc)  # type: ignore[no-untyped-call]
+
+    # Sanic's connection bookkeeping
+
+    def check_timeouts(self) -> None:
+        """Sanic's timeouts; while a fast request runs (Sanic sees an idle connection)
+        the response timeout applies, counted from the last byte read or written."""
+        task = self._fast_task
+        if task is None and self._held:  # a request body on its way: Sanic's request timeout
+            if current_time() - self._time > self.request_timeout:
+                self.close()
+                return
+        elif task is None:
+            super().check_timeouts()  # type: ignore[no-untyped-call]
+            return
+        elif current_time() - self._time > self.response_timeout:
+            log.info("response timeout: closing the connection")
+            task.cancel()
+            self.close()
+            return
+        if not self._task:
+            return
+        interval = min(self.keep_alive_timeout, self.request_timeout, self.response_timeout)
+        self._callback_check_timeouts = self.loop.call_later(
+            max(0.1, interval / 2), self.check_timeouts
+        )
+
+    def close_if_idle(self) -> bool:
+        if self._fast_task is not None:
+            return False  # closed once its response is written (`signal.stopped`)
+        result: bool = super().close_if_idle()
+        return result
+
+    # The fast path
+
+    def _sanic_idle(self) -> bool:
+        http = self.http
+        if http is None:  # the connection task has not started yet (or has ended)
+            return self._task is not None
+        return (
+            http.stage is Stage.IDLE
+            and http.keep_alive
+            and not getattr(http, "request_body", None)  # no body of a request left to drain
+            and not self.recv_buffer
+        )
+
+    def _pump(self) -> None:
+        """Answer the request at the start of the held bytes, or hand them all to Sanic."""
+        app: GatewayApp = self.app
+        try:
+            parsed = parse_request(self._held) if self._sanic_idle() else None
+            if parsed is INCOMPLETE:
+                return  # wait for the rest of the body (`check_timeouts` bounds the wait)
+            admitted = self._admit(parsed) if isinstance(parsed, Parsed) else None
+        except Exception:  # a bug here must not lose the bytes: Sanic still answers them
+            log.exception("fast path: parsing or admission failed")
+            parsed = admitted = None
+        if not isinstance(parsed, Parsed) or admitted is None:
+            data = bytes(self._held)
+            self._held.clear()
+            app.ctx.fast_path.handed_over += 1
+            super().data_received(data)
+            return
+        del self._held[: parsed.size]
+        if len(self._held) <= _HOLD_LIMIT and self.transport is not None:
+            self.transport.resume_reading()
+        self._fast_task = self.loop.create_task(self._answer(parsed, admitted))
+
+    def _admit(self, parsed: Parsed) -> list[tuple[str, str]] | None:
+        """The upstream request headers when the credential is cached and allowed and no
+        rate limit applies; None sends the request to Sanic. Hot path."""
+        if parsed.service in INTERNAL_SERVICES:
+            return None
+        first = parsed.first
+        try:
+            credential = credential_from(first.get(b"authorization"), first.get(b"x-api-key"))
+        except NotAuthenticated:
+            return None
+        if not credential:
+            return None
+        gate = self.app.ctx.gate
+        principal = gate.authenticator.authenticate_sync_cached(credential)
+        if principal is None or not principal.allows(parsed.service, None):
+            return None
+        if gate.has_limits(parsed.service, None):
+            return None
+        request_id = request_id_of(first.get(b"x-request-id"))
+        first[b"x-request-id"] = request_id
+        conn_info = self.conn_info
+        return hop_headers_out(
+            credential_free(parsed.headers),
+            client_ip=conn_info.client_ip if conn_info else "",
+            scheme="https" if conn_info and conn_info.ssl else "http",
+            host=first.get(b"host", ""),
+            request_id=request_id,
+            upstream=parsed.service,
+        )
+
+    async def _answer(self, req: Parsed, headers_out: list[tuple[str, str]]) -> None:
+        """Forward one admitted request and write its response. Hot path."""
+        app: GatewayApp = self.app
+        request_id = req.first[b"x-request-id"]
+        request_id_var.set(request_id)
+        keep_alive = req.keep_alive and bool(app.config.KEEP_ALIVE)
+        self._fast_written = False
+        try:
+            forwarded = await app.ctx.proxy.forward(
+                req.service,
+                req.method,
+                req.target,
+                headers_out,
+                req.body,
+                version=req.first.get(b"x-service-version"),
+                key=req.first.get(b"x-balance-key"),
+            )
+            keep_alive = keep_alive and not self.signal.stopped  # shutting down: say so
+            try:
+                await self._relay(req, forwarded, request_id, keep_alive)
+            finally:
+                await forwarded.response.aclose()
+        except asyncio.CancelledError:
+            raise  # the connection was lost or timed out: nothing more to write
+        except Exception as exc:
+            if self.transport is None or self.transport.is_closing():
+                return  # the client left (`connection_lost` ends the rest)
+            if self._fast_written:
+                # Half written: only closing the connection can tell the client.
+                fields = {"service": req.service, "error": str(exc) or type(exc).__name__}
+                log.warning("upstream body failed", extra={"fields": fields})
+                keep_alive = False
+            else:
+                keep_alive = keep_alive and not self.signal.stopped
+                self._write(self._error(exc, req, request_id, keep_alive))
+        app.ctx.fast_path.answered += 1
+        self._fast_task = None
+        if not keep_alive or self.signal.stopped:
+            self._held.clear()
+            self.close()
+        elif self._held:
+            self._pump()
+
+    async def _relay(
+        self, req: Parsed, forwarded: Forwarded, request_id: str, keep_alive: bool
+    ) -> None:
+        """Write the upstream's response: whole, or streamed (chunked)."""
+        upstream = forwarded.response
+        status = upstream.status
+        head_only = req.method == "HEAD"
+        with_body: bool = has_message_body(status)  # type: ignore[no-untyped-call]
+        whole = head_only or not with_body or upstream.complete
+        body = await upstream.read() if whole and with_body and not head_only else b""
+        # A HEAD response keeps the upstream's Content-Length: the GET's length.
+        kept = strip_hop_by_hop_raw(
+            upstream.raw_headers, _REPLACED_HEAD if head_only else _REPLACED
+        )
+        kept += [(k.encode(), v.encode()) for k, v in latency_headers(forwarded, req.received)]
+        kept.append((b"X-Request-Id", request_id.encode()))
+        if with_body and not head_only:
+            if whole:
+                kept.append((b"content-length", b"%d" % len(body)))
+            else:
+                kept.append((b"transfer-encoding", b"chunked"))
+        kept.append((b"connection", b"keep-alive" if keep_alive else b"close"))
+        head = format_http1_response(status, kept)
+        if whole:
+            self._write(head + body)
+            return
+        self._write(head)
+        async for chunk in upstream.stream():
+            if chunk:
+                await self._can_write.wait()
+                self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        self._write(b"0\r\n\r\n")
+
+    def _error(self, exc: Exception, req: Parsed, request_id: str, keep_alive: bool) -> bytes:
+        """`exc` as the JSON error response Sanic's error handler would write."""
+        path = req.url.partition(b"?")[0].decode("ascii")
+        response = error_response(exc, req.method, path, request_id)
+        body = response.body or b""
+        response.headers["content-length"] = str(len(body))
+        response.headers["connection"] = "keep-alive" if keep_alive else "close"
+        head = format_http1_response(response.status, response.processed_headers)
+        return head if req.method == "HEAD" else head + body
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client connection is closed")
+        transport.write(data)
+        self._fast_written = True
+        self._time = current_time()
