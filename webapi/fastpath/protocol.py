@@ -118,7 +118,8 @@ class FastPathProtocol(HttpProtocol):
         """Answer the request at the start of the held bytes, or hand them all to Sanic."""
         app: GatewayApp = self.app
         try:
-            parsed = parse_request(self._held) if self._sanic_idle() else None
+            worth = self._sanic_idle() and self._may_qualify()
+            parsed = parse_request(self._held) if worth else None
             if parsed is INCOMPLETE:
                 return  # wait for the rest of the body (`check_timeouts` bounds the wait)
             admitted = self._admit(parsed) if isinstance(parsed, Parsed) else None
@@ -135,6 +136,21 @@ class FastPathProtocol(HttpProtocol):
         if len(self._held) <= _HOLD_LIMIT and self.transport is not None:
             self.transport.resume_reading()
         self._fast_task = self.loop.create_task(self._answer(parsed, admitted))
+
+    def _may_qualify(self) -> bool:
+        """A glance at the request line, before any parse: `/svc/<service>/` of a service
+        that no rate limit covers. Keeps a request bound for Sanic anyway (a rate-limited
+        service, another route) from being parsed twice. Hot path."""
+        held = self._held
+        space = held.find(b" ", 0, 16)
+        if space < 0 or held[space + 1 : space + 6] != b"/svc/":
+            return False
+        start = space + 6
+        end = held.find(b"/", start, start + 64)
+        if end <= start:
+            return False
+        service = held[start:end].decode("latin-1")
+        return service not in INTERNAL_SERVICES and not self.app.ctx.gate.has_limits(service, None)
 
     def _admit(self, parsed: Parsed) -> list[tuple[str, str]] | None:
         """The upstream request headers when the credential is cached and allowed and no
