@@ -29,6 +29,7 @@ from common.aio import cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_ERRORS
 from common.log import get_logger
 from common.registry import InstanceRecord, Registry
+from common.subscription import follow
 
 log = get_logger("switchboard.registry")
 
@@ -109,21 +110,8 @@ class RegistryView:
             await asyncio.sleep(self.resync_interval)
 
     async def _listen(self) -> None:
-        while not cancelling():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(constants.REGISTRY_EVENTS)
-                while not cancelling():
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None:
-                        await self._apply(message["data"])
-            except REDIS_DOWN_ERRORS as exc:
-                log.warning(
-                    "registry events lost, resubscribing", extra={"fields": {"error": str(exc)}}
-                )
-                await asyncio.sleep(0.5)
-            finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        lost = "registry events lost, resubscribing"
+        await follow(self.redis, constants.REGISTRY_EVENTS, self._apply, lost=lost)
 
     async def _apply(self, data: bytes | str) -> None:
         try:

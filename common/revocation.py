@@ -30,6 +30,7 @@ from common.aio import cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_ERRORS, as_text
 from common.constants import data_key
 from common.log import get_logger
+from common.subscription import follow
 
 __all__ = ["CHANNEL", "KINDS", "REVOKED", "RevocationView", "member", "revoke"]
 
@@ -137,22 +138,11 @@ class RevocationView:
                 log.warning("revocation resync failed", extra={"fields": {"error": str(exc)}})
 
     async def _listen(self) -> None:
-        while not cancelling():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(CHANNEL)
-                self._subscribed.set()
-                while not cancelling():
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None:
-                        await self._apply(as_text(message["data"]))
-            except REDIS_DOWN_ERRORS as exc:
-                log.warning(
-                    "revocation events lost, resubscribing", extra={"fields": {"error": str(exc)}}
-                )
-                await asyncio.sleep(0.5)
-            finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        async def revoked(data: bytes | str) -> None:
+            await self._apply(as_text(data))
+
+        lost = "revocation events lost, resubscribing"
+        await follow(self.redis, CHANNEL, revoked, lost=lost, on_subscribed=self._subscribed.set)
 
     async def _apply(self, revoked: str) -> None:
         # The message names the member; its expiry is in the set. Looking it up

@@ -24,11 +24,12 @@ from redis.exceptions import RedisError
 
 from common import constants
 from common.aio import cancel_and_wait, cancelling
-from common.connection import REDIS_DOWN_ERRORS, REDIS_DOWN_OR_SLOW
+from common.connection import REDIS_DOWN_OR_SLOW
 from common.errors import RedisUnavailable
 from common.log import get_logger
 from common.policy.model import DEFAULT_POLICY, PolicyDocument, PolicyInvalid
 from common.policy.store import PolicyStore
+from common.subscription import follow
 
 log = get_logger("switchboard.policy")
 
@@ -135,18 +136,11 @@ class PolicyWatcher:
             await asyncio.sleep(self.interval)
 
     async def _listen(self) -> None:
-        while not cancelling():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(constants.POLICY_CHANNEL)
-                while not cancelling():
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None:
-                        await self.refresh(_version(message["data"]))
-            except REDIS_DOWN_ERRORS:
-                await asyncio.sleep(self.interval)  # the poller logs the outage
-            finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        async def changed(data: bytes | str) -> None:
+            await self.refresh(_version(data))
+
+        # Quiet on a lost subscription: the poller logs the outage.
+        await follow(self.redis, constants.POLICY_CHANNEL, changed, retry_delay=self.interval)
 
 
 def _version(data: bytes | str) -> int | None:

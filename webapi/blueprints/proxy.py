@@ -134,15 +134,21 @@ async def _json_exchange(
     return forwarded, data, raw
 
 
+async def _admit_named(request: GatewayRequest, body: dict[str, Any], field: str) -> str:
+    """The service named by `body[field]`, once the caller's scopes and limits allow it."""
+    service = body.get(field)
+    if not isinstance(service, str) or not service:
+        raise MalformedJson(f"{field} (a string) is required")
+    await request.app.ctx.gate.admit_resource(request, service, None)
+    return service
+
+
 @bp.post("/nlp", ctx_access=IN_HANDLER)
 async def nlp(request: GatewayRequest) -> HTTPResponse:
     """The original dispatcher: `service_name` in the body picks the service; its `/nlp` answers."""
     received = time.perf_counter()
     body = json_object(request, empty_ok=False)
-    service = body.get("service_name")
-    if not isinstance(service, str) or not service:
-        raise MalformedJson("service_name (a string) is required")
-    await request.app.ctx.gate.admit_resource(request, service, None)
+    service = await _admit_named(request, body, "service_name")
     forwarded, _data, raw = await _json_exchange(request, service, "/nlp", body)
     headers = dict(latency_headers(forwarded, received))
     content_type = dict((k.lower(), v) for k, v in forwarded.response.headers).get(
@@ -163,10 +169,7 @@ async def ai_server(request: GatewayRequest) -> HTTPResponse:
     """
     received = time.perf_counter()
     body = json_object(request, empty_ok=False)
-    service = body.get("server_name")
-    if not isinstance(service, str) or not service:
-        raise MalformedJson("server_name (a string) is required")
-    await request.app.ctx.gate.admit_resource(request, service, None)
+    service = await _admit_named(request, body, "server_name")
     forwarded, data, _raw = await _json_exchange(request, service, "/ai_server/", body)
     status = forwarded.response.status
     envelope = {
