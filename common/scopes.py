@@ -21,10 +21,14 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterable
 
-__all__ = ["ADMIN", "ALL", "allows", "covers", "parse", "valid_scope"]
+__all__ = ["ADMIN", "ALL", "INTERNAL_SERVICES", "allows", "covers", "parse", "valid_scope"]
 
 ADMIN = "admin"
 ALL = "*"
+# Services whose methods act for whichever user the caller names (auth): they are
+# reached through their own routes; a generic RPC entry (the gateway's `/rpc/...`,
+# JSON-RPC on `/ws`) opens them to the admin scope only.
+INTERNAL_SERVICES = frozenset({"auth"})
 
 _NAME = r"[a-z][a-z0-9_-]{0,62}"
 _SCOPE = re.compile(rf"\*|{_NAME}(?:\.(?:\*|{_NAME}))?")

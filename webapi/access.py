@@ -34,6 +34,7 @@ from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized
 from common.policy import LimitRule, PolicyWatcher
 from common.ratelimit import Decision, Limit, RateLimiter
+from common.scopes import INTERNAL_SERVICES
 from webapi.context import GatewayRequest
 from webapi.errors import InvalidQuery, NotAllowed, NotAuthenticated, RateLimited
 
@@ -69,9 +70,6 @@ def requires(service: str, method: str | None = None) -> Access:
 
 
 FROM_PATH = Access(from_path=True)
-# Services whose methods act for whichever user the gateway names (auth): they
-# are reached through their own routes; through `/rpc/...` only by an admin.
-INTERNAL_SERVICES = frozenset({"auth"})
 # The resource is named in the body; a credential is still required up front.
 IN_HANDLER = Access(in_handler=True)
 # Paths routed by the live policy, which may declare a route public: the handler decides.
@@ -143,7 +141,11 @@ class Gatekeeper:
         route = request.route
         access: Access = getattr(route.ctx, "access", UNDECLARED) if route else UNDECLARED
         credential = presented_credential(request)
-        principal = await self._authenticate(credential) if credential else None
+        principal = None
+        if credential:  # a cached credential needs no coroutine: the common case
+            principal = self.authenticator.authenticate_sync_cached(credential)
+            if principal is None:
+                principal = await self._authenticate(credential)
         request.ctx.principal = principal
         if principal is None and not access.public:
             raise NotAuthenticated("credentials required: a bearer token or an API key")

@@ -23,12 +23,10 @@ from sanic import Request
 
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized
+from common.scopes import INTERNAL_SERVICES
 from websocket.tap import TapServerProtocol
 
 SUBPROTOCOL = "bearer"
-# Services whose methods act for whichever user the caller names (auth): only
-# the admin scope reaches them, as through the gateway's `/rpc/`.
-INTERNAL_SERVICES = frozenset({"auth"})
 
 
 def presented_token(request: Request[Any, Any]) -> str | None:

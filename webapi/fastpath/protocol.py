@@ -13,7 +13,8 @@ from sanic.http.constants import Stage
 from sanic.server.protocols.http_protocol import HttpProtocol
 
 from common.log import get_logger, request_id_var
-from webapi.access import INTERNAL_SERVICES, credential_free, credential_from
+from common.scopes import INTERNAL_SERVICES
+from webapi.access import credential_free, credential_from
 from webapi.context import GatewayApp
 from webapi.errors import NotAuthenticated, error_response
 from webapi.fastpath.request import INCOMPLETE, Parsed, parse_request
