@@ -1,8 +1,9 @@
-"""The auth domain (`Accounts`) against a real Redis (DB 2), without RPC.
+"""Users in the auth domain (`Accounts`) against a real Redis (DB 2), without RPC:
+registration, passwords and login.
 
 Most tests use cheap argon2 parameters to stay fast; the timing and event-loop
 tests use the production defaults, where the cost is what is being tested.
-Tokens are checked the way the gateway checks them: by a real `Authenticator`.
+Fixtures and helpers are in `tests/microservices/auth_fixtures.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,24 +21,24 @@ import pytest
 import redis.asyncio as aioredis
 from argon2 import PasswordHasher
 
-from common import apikeys, tokens
+from common import tokens
 from common.credentials import Authenticator
-from common.errors import BadRequest, ConfigError, Conflict, Forbidden, NotFound, Unauthorized
-from common.revocation import REVOKED
+from common.errors import BadRequest, ConfigError, Conflict, Unauthorized
 from microservices.auth.accounts import Accounts
-from microservices.auth.sessions import session_key
 from microservices.auth.users import USERNAMES, user_key
-from tests.helpers import Clock, db_url, fresh_db, wait_for_async
+from tests.microservices.auth_fixtures import (  # noqa: F401 (fixtures)
+    PASSWORD,
+    SECRET,
+    TTL,
+    accounts_fixture,
+    claims_of,
+    fast_hasher,
+    gateway_fixture,
+    make_accounts,
+    redis_fixture,
+)
 
 pytestmark = pytest.mark.timeout(60)
-
-SECRET = "s" * 64
-PASSWORD = "correct horse battery"
-TTL = 900
-
-
-def fast_hasher(time_cost: int = 1) -> PasswordHasher:
-    return PasswordHasher(time_cost=time_cost, memory_cost=8192, parallelism=1)
 
 
 class CountingHasher(PasswordHasher):
@@ -75,61 +75,6 @@ class CountingHasher(PasswordHasher):
             return super().verify(hash, password)
         finally:
             self._leave()
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    async with fresh_db(db_url(redis_url, 2)) as client:
-        yield client
-
-
-def make_accounts(redis: aioredis.Redis, **kwargs: Any) -> Accounts:
-    kwargs.setdefault("hasher", fast_hasher())
-    return Accounts(redis, ttl=TTL, configured_secret=SECRET, **kwargs)
-
-
-@pytest.fixture
-async def accounts(redis: aioredis.Redis) -> Accounts:
-    accounts = make_accounts(redis)
-    await accounts.prepare()
-    return accounts
-
-
-@pytest.fixture
-async def gateway(redis: aioredis.Redis, accounts: Accounts) -> AsyncIterator[Authenticator]:
-    """What a gateway runs to check credentials."""
-    authenticator = Authenticator(redis, configured_secret=None, api_key_cache_ttl=3600)
-    await authenticator.start()
-    try:
-        yield authenticator
-    finally:
-        await authenticator.close()
-
-
-def claims_of(token: str) -> dict[str, Any]:
-    claims: dict[str, Any] = jwt.decode(
-        token, SECRET, algorithms=["HS256"], audience="switchboard", issuer="switchboard"
-    )
-    return claims
-
-
-async def signed_up(accounts: Accounts, name: str, **login: Any) -> tuple[str, dict[str, Any]]:
-    """Register `name` and log in: (user id, login answer)."""
-    user = await accounts.register(name, PASSWORD)
-    return user["user_id"], await accounts.login(name, PASSWORD)
-
-
-async def refused(gateway: Authenticator, credential: str, message: str) -> None:
-    """Poll until the gateway refuses `credential` with `message` (revocations are pushed)."""
-
-    async def check() -> bool:
-        try:
-            await gateway.authenticate(credential)
-        except Unauthorized as exc:
-            return exc.message == message
-        return False
-
-    await wait_for_async(check, timeout=10)
 
 
 # -- register ------------------------------------------------------------------------
@@ -333,318 +278,3 @@ async def test_secrets_are_never_logged(
         text = repr(record.__dict__)
         for secret in secrets:
             assert secret not in text
-
-
-# -- refresh, logout -------------------------------------------------------------------
-
-
-async def test_refresh_rotates_the_refresh_token(
-    accounts: Accounts, gateway: Authenticator
-) -> None:
-    user_id, first = await signed_up(accounts, "Lena")
-    second = await accounts.refresh(first["refresh_token"])
-    assert second["refresh_token"] != first["refresh_token"]
-    assert second["access_token"] != first["access_token"]
-    old, new = claims_of(first["access_token"]), claims_of(second["access_token"])
-    assert new["sid"] == old["sid"] and new["sub"] == user_id and new["jti"] != old["jti"]
-    third = await accounts.refresh(second["refresh_token"])  # the new one works in turn
-    assert claims_of(third["access_token"])["sid"] == old["sid"]
-    for answer in (first, second, third):
-        assert (await gateway.authenticate(answer["access_token"])).subject == user_id
-
-
-async def test_a_reused_refresh_token_revokes_its_whole_family(
-    accounts: Accounts, gateway: Authenticator
-) -> None:
-    _, first = await signed_up(accounts, "Mallory")
-    _, elsewhere = await signed_up(accounts, "Mallory2")
-    second = await accounts.refresh(first["refresh_token"])
-    with pytest.raises(Unauthorized) as caught:
-        await accounts.refresh(first["refresh_token"])  # replayed: stolen, or a leak
-    assert caught.value.message == "refresh token reused: session revoked"
-    with pytest.raises(Unauthorized, match="invalid refresh token"):
-        await accounts.refresh(second["refresh_token"])  # the newer one dies with its family
-    for answer in (first, second):  # and so do the session's access tokens
-        await refused(gateway, answer["access_token"], "token revoked")
-        assert (await accounts.introspect(answer["access_token"])) == {"active": False}
-    assert (await gateway.authenticate(elsewhere["access_token"])).name == "Mallory2"
-    assert (await accounts.refresh(elsewhere["refresh_token"]))["token_type"] == "bearer"
-
-
-async def test_concurrent_uses_of_one_refresh_token_revoke_the_session(
-    accounts: Accounts,
-) -> None:
-    _, first = await signed_up(accounts, "Nina")
-    results = await asyncio.gather(
-        *(accounts.refresh(first["refresh_token"]) for _ in range(2)), return_exceptions=True
-    )
-    winners = [r for r in results if isinstance(r, dict)]
-    losers = [r for r in results if isinstance(r, Unauthorized)]
-    assert len(winners) == 1 and len(losers) == 1
-    assert losers[0].message == "refresh token reused: session revoked"
-    with pytest.raises(Unauthorized):
-        await accounts.refresh(winners[0]["refresh_token"])
-
-
-@pytest.mark.parametrize(
-    "token", ["", "garbage", "sbr_" + "0" * 32 + "_" + "A" * 43, "sbr_zz_" + "A" * 43]
-)
-async def test_bad_refresh_tokens_are_invalid(accounts: Accounts, token: str) -> None:
-    with pytest.raises(Unauthorized, match="invalid refresh token"):
-        await accounts.refresh(token)
-
-
-async def test_a_forged_refresh_token_of_a_real_session_does_not_revoke_it(
-    accounts: Accounts,
-) -> None:
-    _, first = await signed_up(accounts, "Olga")
-    forged = first["refresh_token"][:37] + "A" * 43  # right session, made-up secret
-    with pytest.raises(Unauthorized, match="invalid refresh token"):
-        await accounts.refresh(forged)
-    assert (await accounts.refresh(first["refresh_token"]))["token_type"] == "bearer"
-
-
-async def test_refresh_tokens_expire(redis: aioredis.Redis) -> None:
-    clock = Clock()
-    accounts = make_accounts(redis, refresh_ttl=3600, clock=clock)
-    _, first = await signed_up(accounts, "Pia")
-    clock.offset = 3601
-    with pytest.raises(Unauthorized, match="refresh token expired"):
-        await accounts.refresh(first["refresh_token"])
-
-
-async def test_logout_ends_the_session(
-    accounts: Accounts, gateway: Authenticator, redis: aioredis.Redis
-) -> None:
-    _, mine = await signed_up(accounts, "Quinn")
-    other = await accounts.login("Quinn", PASSWORD)  # another device
-    sid = claims_of(mine["access_token"])["sid"]
-    await gateway.authenticate(mine["access_token"])
-    assert await accounts.logout(sid) == {"revoked": True}
-    assert not await redis.exists(session_key(sid))
-    await refused(gateway, mine["access_token"], "token revoked")
-    with pytest.raises(Unauthorized, match="invalid refresh token"):
-        await accounts.refresh(mine["refresh_token"])
-    assert (await gateway.authenticate(other["access_token"])).name == "Quinn"
-    assert await accounts.logout(sid) == {"revoked": True}  # idempotent
-    with pytest.raises(BadRequest):
-        await accounts.logout("not-a-session")
-
-
-# -- revoke --------------------------------------------------------------------------
-
-
-async def test_revoke_one_token(accounts: Accounts, gateway: Authenticator) -> None:
-    _, first = await signed_up(accounts, "Rita")
-    second = await accounts.refresh(first["refresh_token"])  # same session
-    jti = claims_of(first["access_token"])["jti"]
-    assert await accounts.revoke("token", jti) == {"revoked": True}
-    await refused(gateway, first["access_token"], "token revoked")
-    assert (await gateway.authenticate(second["access_token"])).name == "Rita"
-
-
-async def test_revoke_a_user(
-    accounts: Accounts, gateway: Authenticator, redis: aioredis.Redis
-) -> None:
-    user_id, first = await signed_up(accounts, "Sam")
-    key = await accounts.create_api_key(user_id, "ci", ["iptv"], None)
-    await gateway.authenticate(key["api_key"])
-    assert await accounts.revoke("user", user_id) == {"revoked": True}
-    await refused(gateway, first["access_token"], "token revoked")
-    await refused(gateway, key["api_key"], "API key revoked")
-    assert await accounts.list_api_keys(user_id) == []
-    with pytest.raises(Unauthorized):
-        await accounts.refresh(first["refresh_token"])
-    with pytest.raises(Unauthorized, match="revoked"):
-        await accounts.login("Sam", PASSWORD)  # until every older token has expired
-    await redis.zrem(REVOKED, f"user:{user_id}")  # as when the entry lapses
-    assert (await accounts.login("Sam", PASSWORD))["token_type"] == "bearer"
-
-
-async def test_revoke_a_key_and_bad_requests(accounts: Accounts, gateway: Authenticator) -> None:
-    user_id, _ = await signed_up(accounts, "Tara")
-    key = await accounts.create_api_key(user_id, "ci", ["iptv"], None)
-    await gateway.authenticate(key["api_key"])
-    assert await accounts.revoke("key", key["key_id"]) == {"revoked": True}
-    await refused(gateway, key["api_key"], "API key revoked")
-    with pytest.raises(NotFound):
-        await accounts.revoke("key", key["key_id"])
-    with pytest.raises(NotFound):
-        await accounts.revoke("user", str(uuid.uuid4()))
-    with pytest.raises(BadRequest):
-        await accounts.revoke("everything", user_id)
-    with pytest.raises(BadRequest):
-        await accounts.revoke("token", "not a jti")
-
-
-# -- API keys --------------------------------------------------------------------------
-
-
-async def test_api_keys_are_created_listed_and_deleted(
-    accounts: Accounts, gateway: Authenticator, redis: aioredis.Redis
-) -> None:
-    user_id, _ = await signed_up(accounts, "Uma")
-    before = datetime.now(UTC)
-    key = await accounts.create_api_key(user_id, "ci", ["iptv", "nlp.run"], 3600)
-    assert set(key) == {"key_id", "api_key", "name", "scopes", "created_at", "expires_at"}
-    assert key["api_key"].startswith(f"sbk_{key['key_id']}_") and key["name"] == "ci"
-    assert key["scopes"] == ["iptv", "nlp.run"]
-    assert before <= key["created_at"] and key["expires_at"] > before
-    assert (key["expires_at"] - key["created_at"]).total_seconds() == pytest.approx(3600)
-    stored = await redis.hgetall(apikeys.record_key(key["key_id"]))
-    assert key["api_key"].split("_", 2)[2].encode() not in b"".join(stored.values())
-    principal = await gateway.authenticate(key["api_key"])
-    assert principal.kind == "api_key" and principal.subject == user_id
-    assert principal.allows("nlp", "run") and not principal.allows("nlp", "train")
-
-    unnamed = await accounts.create_api_key(user_id, None, ["*"], None)
-    assert unnamed["name"] == f"key-{unnamed['key_id']}" and unnamed["expires_at"] is None
-    listed = await accounts.list_api_keys(user_id)
-    assert [k["key_id"] for k in listed] == [key["key_id"], unnamed["key_id"]]
-    assert all(set(k) == {"key_id", "name", "scopes", "created_at", "expires_at"} for k in listed)
-
-    other_id, _ = await signed_up(accounts, "Victor")
-    with pytest.raises(NotFound):
-        await accounts.delete_api_key(other_id, key["key_id"])  # not Victor's
-    assert await accounts.delete_api_key(user_id, key["key_id"]) == {"revoked": True}
-    await refused(gateway, key["api_key"], "API key revoked")
-    assert [k["key_id"] for k in await accounts.list_api_keys(user_id)] == [unnamed["key_id"]]
-    with pytest.raises(NotFound):
-        await accounts.delete_api_key(user_id, key["key_id"])
-
-
-async def test_api_key_scopes_must_be_within_the_owners(accounts: Accounts) -> None:
-    user_id, _ = await signed_up(accounts, "Wendy")
-    await accounts.set_scopes(user_id, ["iptv", "nlp.run"])
-    for allowed in (["iptv"], ["iptv.*"], ["iptv.search", "nlp.run"]):
-        assert (await accounts.create_api_key(user_id, "ok", allowed, None))["scopes"] == sorted(
-            allowed
-        )
-    for beyond in (["*"], ["nlp"], ["nlp.train"], ["logs"], ["admin"]):
-        with pytest.raises(Forbidden, match="beyond"):
-            await accounts.create_api_key(user_id, "too wide", beyond, None)
-    for malformed in ([], ["Bad Scope"], ["admin.users"], ["iptv."]):
-        with pytest.raises(BadRequest):
-            await accounts.create_api_key(user_id, "bad", malformed, None)
-    for expires_in in (0, -5, 10**12):
-        with pytest.raises(BadRequest):
-            await accounts.create_api_key(user_id, "bad", ["iptv"], expires_in)
-    with pytest.raises(BadRequest):
-        await accounts.create_api_key(user_id, "line\nbreak", ["iptv"], None)
-    with pytest.raises(NotFound):
-        await accounts.create_api_key(str(uuid.uuid4()), "nobody", ["iptv"], None)
-
-
-async def test_only_admins_may_give_a_key_the_admin_scope(accounts: Accounts) -> None:
-    user_id, _ = await signed_up(accounts, "Xena")
-    with pytest.raises(Forbidden):
-        await accounts.create_api_key(user_id, "admin key", ["admin"], None)
-    await accounts.set_roles(user_id, ["user", "admin"])
-    key = await accounts.create_api_key(user_id, "admin key", ["admin", "*"], None)
-    assert key["scopes"] == ["*", "admin"]
-
-
-async def test_narrowing_a_user_ends_sessions_and_keys_beyond(
-    accounts: Accounts, gateway: Authenticator
-) -> None:
-    user_id, first = await signed_up(accounts, "Yara")
-    await accounts.set_roles(user_id, ["user", "admin"])  # widening: nobody is logged out
-    assert (await gateway.authenticate(first["access_token"])).roles == {"user"}
-    admin = await accounts.login("Yara", PASSWORD)
-    assert claims_of(admin["access_token"])["scope"] == "* admin"
-    admin_key = await accounts.create_api_key(user_id, "admin", ["admin"], None)
-    iptv_key = await accounts.create_api_key(user_id, "iptv", ["iptv"], None)
-    nlp_key = await accounts.create_api_key(user_id, "nlp", ["nlp"], None)
-
-    described = await accounts.set_roles(user_id, ["user"])
-    assert described["roles"] == ["user"] and described["scopes"] == ["*"]
-    await refused(gateway, admin["access_token"], "token revoked")
-    await refused(gateway, admin_key["api_key"], "API key revoked")
-    assert (await gateway.authenticate(iptv_key["api_key"])).name == "iptv"
-
-    fresh = await accounts.login("Yara", PASSWORD)
-    await accounts.set_scopes(user_id, ["iptv"])
-    await refused(gateway, fresh["access_token"], "token revoked")
-    await refused(gateway, nlp_key["api_key"], "API key revoked")
-    assert [k["name"] for k in await accounts.list_api_keys(user_id)] == ["iptv"]
-    assert claims_of((await accounts.login("Yara", PASSWORD))["access_token"])["scope"] == "iptv"
-    with pytest.raises(BadRequest):
-        await accounts.set_scopes(user_id, ["admin"])  # comes with the role only
-    with pytest.raises(BadRequest):
-        await accounts.set_roles(user_id, ["root"])
-
-
-async def test_list_users(accounts: Accounts) -> None:
-    await accounts.register("zed", PASSWORD)
-    await accounts.register("Amy", PASSWORD)
-    users = await accounts.list_users()
-    assert [u["username"] for u in users] == ["Amy", "zed"]
-    assert set(users[0]) == {"user_id", "username", "roles", "scopes", "created_at"}
-
-
-# -- signing keys ----------------------------------------------------------------------
-
-
-async def test_key_rotation_logs_nobody_out(
-    accounts: Accounts, gateway: Authenticator, redis: aioredis.Redis
-) -> None:
-    _, before = await signed_up(accounts, "Zoe")
-    old_kid = jwt.get_unverified_header(before["access_token"])["kid"]
-    rotated = await accounts.rotate_signing_key()
-    assert rotated["kid"] != old_kid
-    after = await accounts.refresh(before["refresh_token"])
-    assert jwt.get_unverified_header(after["access_token"])["kid"] == rotated["kid"]
-    for answer in (before, after):
-        assert (await accounts.introspect(answer["access_token"]))["active"] is True
-        assert (await gateway.authenticate(answer["access_token"])).name == "Zoe"
-    _, keys = await tokens.Keyring(redis).load()
-    retire_at = keys[old_kid].retire_at
-    assert retire_at is not None
-    assert retire_at == pytest.approx(time.time() + TTL + 60, abs=5)
-    assert keys[rotated["kid"]].retire_at is None
-
-
-async def test_a_configured_secret_only_seeds_the_keyring(redis: aioredis.Redis) -> None:
-    first = make_accounts(redis)
-    await first.prepare()
-    rotated = await first.rotate_signing_key()
-    restarted = make_accounts(redis)  # JWT_SECRET still set: the keyring wins
-    await restarted.prepare()
-    _, answer = await signed_up(restarted, "Abe")
-    assert jwt.get_unverified_header(answer["access_token"])["kid"] == rotated["kid"]
-
-
-# -- admin bootstrap ---------------------------------------------------------------------
-
-
-async def test_admin_bootstrap(accounts: Accounts) -> None:
-    assert await accounts.bootstrap_admin("root", PASSWORD) is True
-    assert await accounts.bootstrap_admin("root", "another password") is False  # exists
-    answer = await accounts.login("root", PASSWORD)
-    claims = claims_of(answer["access_token"])
-    assert claims["roles"] == ["admin", "user"] and claims["scope"] == "* admin"
-    await accounts.register("plain", PASSWORD)
-    assert await accounts.bootstrap_admin("Plain", PASSWORD) is False  # never promotes
-    assert [u["roles"] for u in await accounts.list_users() if u["username"] == "plain"] == [
-        ["user"]
-    ]
-    with pytest.raises(ConfigError):
-        await accounts.bootstrap_admin("admin2", "short")
-
-
-# -- introspection -----------------------------------------------------------------------
-
-
-async def test_introspect(accounts: Accounts) -> None:
-    user_id, answer = await signed_up(accounts, "Bea")
-    active = await accounts.introspect(answer["access_token"])
-    assert active["active"] is True and active["sub"] == user_id and active["name"] == "Bea"
-    assert active["scope"] == "*" and "jti" in active and "sid" in active
-    key = await accounts.create_api_key(user_id, "ci", ["iptv"], None)
-    described = await accounts.introspect(key["api_key"])
-    assert described["active"] is True and described["kind"] == "api_key"
-    assert described["sub"] == user_id and described["scope"] == "iptv"
-    for bad in ("garbage", "", answer["refresh_token"], key["api_key"][:-1] + "x"):
-        assert await accounts.introspect(bad) == {"active": False}
-    await accounts.logout(active["sid"])
-    assert await accounts.introspect(answer["access_token"]) == {"active": False}

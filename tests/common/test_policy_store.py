@@ -1,0 +1,84 @@
+"""The policy store against a real Redis: put/get, versions, conflicts, history, audit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+
+from common import constants
+from common.errors import Conflict
+from common.policy import DEFAULT_POLICY, PolicyDocument, PolicyStore
+from common.policy.store import AUDIT_MAXLEN, HISTORY_KEEP
+from tests.common.policy_fixtures import nlp, store_fixture  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# -- the store --------------------------------------------------------------------------
+
+
+async def test_get_is_the_default_until_something_is_stored(store: PolicyStore) -> None:
+    assert await store.get() == DEFAULT_POLICY
+    assert await store.current_version() == 0
+    assert await store.history() == []
+    assert await store.get_version(0) == DEFAULT_POLICY
+    assert await store.get_version(1) is None
+
+
+async def test_put_and_get_increment_the_version(store: PolicyStore) -> None:
+    first = await store.put({**nlp(strategy="hash"), "version": 77}, actor="alice")
+    assert first.version == 1  # the document's own version is ignored
+    assert (await store.get()) == first
+    second = await store.put(nlp(strategy="random"), actor="bob", expected_version=1)
+    assert second.version == 2
+    assert (await store.get()).services["nlp"].strategy == "random"
+    assert await store.current_version() == 2
+    assert (await store.get_version(1)) == first
+    assert (await store.get_version(2)) == second
+
+
+async def test_expected_version_conflict_changes_nothing(store: PolicyStore) -> None:
+    await store.put(nlp(strategy="hash"), actor="alice", expected_version=0)
+    with pytest.raises(Conflict) as info:
+        await store.put(nlp(strategy="random"), actor="bob", expected_version=0)
+    assert "version 1" in info.value.message
+    assert (await store.get()).services["nlp"].strategy == "hash"
+    assert await store.current_version() == 1
+    assert len(await store.history()) == 1
+
+
+async def test_concurrent_puts_each_get_their_own_version(store: PolicyStore) -> None:
+    docs = await asyncio.gather(*(store.put(nlp(retries=i % 6), actor=f"w{i}") for i in range(10)))
+    assert sorted(d.version for d in docs) == list(range(1, 11))
+    assert await store.current_version() == 10
+    assert [e["version"] for e in await store.history(20)] == list(range(10, 0, -1))
+
+
+async def test_history_and_audit_entries(store: PolicyStore) -> None:
+    await store.put(nlp(strategy="hash"), actor="alice")
+    await store.put(nlp(strategy="hash", version_weights={"v1": 1}), actor="bob")
+    entries = await store.history(10)
+    assert [(e["version"], e["actor"]) for e in entries] == [(2, "bob"), (1, "alice")]
+    assert entries[0]["changes"] == ["services.nlp.version_weights"]
+    assert entries[1]["changes"] == ["limits.login", "limits.register", "services.nlp"]
+    assert entries[0]["at"] >= entries[1]["at"] > 1_600_000_000  # Redis's clock, in seconds
+    assert [e["version"] for e in await store.history(1)] == [2]
+
+
+async def test_history_keeps_the_last_versions_and_the_audit_is_trimmed(
+    store: PolicyStore, redis_client: aioredis.Redis
+) -> None:
+    total = AUDIT_MAXLEN + 150
+    for i in range(total):
+        await store.put(nlp(retries=i % 6), actor="loop")
+    assert await redis_client.hlen(constants.POLICY_HISTORY) == HISTORY_KEEP  # type: ignore[misc]
+    assert await store.get_version(total - HISTORY_KEEP) is None
+    assert (await store.get_version(total - HISTORY_KEEP + 1)) is not None
+    assert AUDIT_MAXLEN <= await redis_client.xlen(constants.POLICY_AUDIT) < total
+
+
+async def test_put_accepts_a_document_object(store: PolicyStore) -> None:
+    doc = PolicyDocument.model_validate(nlp(strategy="least_time"))
+    assert (await store.put(doc, actor="a")).services["nlp"].strategy == "least_time"

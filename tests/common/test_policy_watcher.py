@@ -1,0 +1,117 @@
+"""The policy watcher: pub/sub, polling, and keeping the last good policy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from common import constants
+from common.embedded_redis import EmbeddedRedis
+from common.policy import DEFAULT_POLICY, PolicyStore, PolicyWatcher, validate_document
+from tests.common.policy_fixtures import (  # noqa: F401 (fixtures)
+    nlp,
+    store_fixture,
+    watcher_fixture,
+)
+from tests.helpers import wait_for_async
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# -- the watcher ------------------------------------------------------------------------
+
+
+async def test_watcher_sees_a_change_through_pubsub(store: PolicyStore) -> None:
+    w = PolicyWatcher(store.redis, interval=3600)  # polling would take an hour
+    await w.start()
+    seen: list[int] = []
+    w.on_change(lambda doc: seen.append(doc.version))
+    task = asyncio.create_task(w.run())
+    try:
+        assert w.current == DEFAULT_POLICY
+
+        async def applied() -> bool:
+            # Put until one lands after the subscription is up (the first may precede it).
+            if w.current.version == 0:
+                await store.put(nlp(strategy="hash"), actor="t")
+            return w.current.services.get("nlp") is not None
+
+        await wait_for_async(applied, timeout=10, interval=0.2)
+        assert w.current.version == await store.current_version()
+        assert seen and seen[-1] == w.current.version
+    finally:
+        await w.close()
+        await asyncio.wait_for(task, 5)  # close() ends run()
+
+
+async def test_watcher_polls_when_the_publish_was_missed(
+    store: PolicyStore, watcher: PolicyWatcher, redis_client: aioredis.Redis
+) -> None:
+    doc = validate_document(nlp(strategy="weighted")).model_copy(update={"version": 5})
+    # Written by hand: no PUBLISH, so only the poll of the version key can find it.
+    await redis_client.set(constants.POLICY_DOC, doc.to_json())
+    await redis_client.set(constants.POLICY_VERSION, 5)
+
+    async def applied() -> bool:
+        return watcher.current.version == 5
+
+    await wait_for_async(applied, timeout=5)
+    assert watcher.current.services["nlp"].strategy == "weighted"
+
+
+async def test_watcher_keeps_the_last_policy_when_the_stored_one_is_corrupt(
+    store: PolicyStore, watcher: PolicyWatcher, redis_client: aioredis.Redis, caplog: Any
+) -> None:
+    good = await store.put(nlp(strategy="hash"), actor="t")
+    await wait_for_async(lambda: _at_version(watcher, good.version), timeout=5)
+    caplog.set_level(logging.ERROR, logger="switchboard.policy")
+    await redis_client.set(constants.POLICY_DOC, json.dumps({"services": {"nlp": {"x": 1}}}))
+    await redis_client.set(constants.POLICY_VERSION, good.version + 1)
+    await wait_for_async(_logged(caplog, "stored policy is invalid"), timeout=5)
+    assert watcher.current == good
+
+
+async def test_watcher_keeps_the_last_policy_while_redis_is_down(
+    tmp_path: Path, caplog: Any
+) -> None:
+    server = EmbeddedRedis(appendonly=True, data_dir=tmp_path).start()
+    client = aioredis.Redis.from_url(server.url, socket_connect_timeout=0.5)
+    w = PolicyWatcher(client, interval=0.05)
+    task: asyncio.Task[None] | None = None
+    try:
+        store = PolicyStore(client)
+        first = await store.put(nlp(strategy="hash"), actor="t")
+        await w.start()
+        assert w.current == first
+        task = asyncio.create_task(w.run())
+        caplog.set_level(logging.WARNING, logger="switchboard.policy")
+        server.stop(keep_data=True)
+        await wait_for_async(_logged(caplog, "policy not refreshed"), timeout=15)
+        assert w.current == first  # not the default: Redis blinking changes nothing
+        server = EmbeddedRedis(port=server.port, appendonly=True, data_dir=tmp_path).start()
+        second = await store.put(nlp(strategy="random"), actor="t")
+        await wait_for_async(lambda: _at_version(w, second.version), timeout=15)
+        assert w.current.services["nlp"].strategy == "random"
+    finally:
+        await w.close()
+        if task is not None:
+            task.cancel()
+        await client.aclose()
+        server.stop()
+
+
+async def _at_version(watcher: PolicyWatcher, version: int) -> bool:
+    return watcher.current.version == version
+
+
+def _logged(caplog: Any, text: str) -> Any:
+    async def check() -> bool:
+        return any(text in record.getMessage() for record in caplog.records)
+
+    return check

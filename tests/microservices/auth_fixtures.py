@@ -1,0 +1,85 @@
+"""Fixtures and helpers shared by the `Accounts` tests (`test_auth_*.py` without RPC).
+
+They use a real Redis (DB 2), flushed for each test, and cheap argon2 parameters.
+Tokens are checked the way the gateway checks them: by a real `Authenticator`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jwt
+import pytest
+import redis.asyncio as aioredis
+from argon2 import PasswordHasher
+
+from common.credentials import Authenticator
+from common.errors import Unauthorized
+from microservices.auth.accounts import Accounts
+from tests.helpers import db_url, fresh_db, wait_for_async
+
+SECRET = "s" * 64
+PASSWORD = "correct horse battery"
+TTL = 900
+
+
+def fast_hasher(time_cost: int = 1) -> PasswordHasher:
+    return PasswordHasher(time_cost=time_cost, memory_cost=8192, parallelism=1)
+
+
+@pytest.fixture(name="redis")
+async def redis_fixture(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    async with fresh_db(db_url(redis_url, 2)) as client:
+        yield client
+
+
+def make_accounts(redis: aioredis.Redis, **kwargs: Any) -> Accounts:
+    kwargs.setdefault("hasher", fast_hasher())
+    return Accounts(redis, ttl=TTL, configured_secret=SECRET, **kwargs)
+
+
+@pytest.fixture(name="accounts")
+async def accounts_fixture(redis: aioredis.Redis) -> Accounts:
+    accounts = make_accounts(redis)
+    await accounts.prepare()
+    return accounts
+
+
+@pytest.fixture(name="gateway")
+async def gateway_fixture(
+    redis: aioredis.Redis, accounts: Accounts
+) -> AsyncIterator[Authenticator]:
+    """What a gateway runs to check credentials."""
+    authenticator = Authenticator(redis, configured_secret=None, api_key_cache_ttl=3600)
+    await authenticator.start()
+    try:
+        yield authenticator
+    finally:
+        await authenticator.close()
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    claims: dict[str, Any] = jwt.decode(
+        token, SECRET, algorithms=["HS256"], audience="switchboard", issuer="switchboard"
+    )
+    return claims
+
+
+async def signed_up(accounts: Accounts, name: str, **login: Any) -> tuple[str, dict[str, Any]]:
+    """Register `name` and log in: (user id, login answer)."""
+    user = await accounts.register(name, PASSWORD)
+    return user["user_id"], await accounts.login(name, PASSWORD)
+
+
+async def refused(gateway: Authenticator, credential: str, message: str) -> None:
+    """Poll until the gateway refuses `credential` with `message` (revocations are pushed)."""
+
+    async def check() -> bool:
+        try:
+            await gateway.authenticate(credential)
+        except Unauthorized as exc:
+            return exc.message == message
+        return False
+
+    await wait_for_async(check, timeout=10)

@@ -1,0 +1,77 @@
+"""Roles and scopes of users in `Accounts` (real Redis, DB 2, no RPC), and the admin
+bootstrap."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.credentials import Authenticator
+from common.errors import BadRequest, ConfigError
+from microservices.auth.accounts import Accounts
+from tests.microservices.auth_fixtures import (  # noqa: F401 (fixtures)
+    PASSWORD,
+    accounts_fixture,
+    claims_of,
+    gateway_fixture,
+    redis_fixture,
+    refused,
+    signed_up,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_narrowing_a_user_ends_sessions_and_keys_beyond(
+    accounts: Accounts, gateway: Authenticator
+) -> None:
+    user_id, first = await signed_up(accounts, "Yara")
+    await accounts.set_roles(user_id, ["user", "admin"])  # widening: nobody is logged out
+    assert (await gateway.authenticate(first["access_token"])).roles == {"user"}
+    admin = await accounts.login("Yara", PASSWORD)
+    assert claims_of(admin["access_token"])["scope"] == "* admin"
+    admin_key = await accounts.create_api_key(user_id, "admin", ["admin"], None)
+    iptv_key = await accounts.create_api_key(user_id, "iptv", ["iptv"], None)
+    nlp_key = await accounts.create_api_key(user_id, "nlp", ["nlp"], None)
+
+    described = await accounts.set_roles(user_id, ["user"])
+    assert described["roles"] == ["user"] and described["scopes"] == ["*"]
+    await refused(gateway, admin["access_token"], "token revoked")
+    await refused(gateway, admin_key["api_key"], "API key revoked")
+    assert (await gateway.authenticate(iptv_key["api_key"])).name == "iptv"
+
+    fresh = await accounts.login("Yara", PASSWORD)
+    await accounts.set_scopes(user_id, ["iptv"])
+    await refused(gateway, fresh["access_token"], "token revoked")
+    await refused(gateway, nlp_key["api_key"], "API key revoked")
+    assert [k["name"] for k in await accounts.list_api_keys(user_id)] == ["iptv"]
+    assert claims_of((await accounts.login("Yara", PASSWORD))["access_token"])["scope"] == "iptv"
+    with pytest.raises(BadRequest):
+        await accounts.set_scopes(user_id, ["admin"])  # comes with the role only
+    with pytest.raises(BadRequest):
+        await accounts.set_roles(user_id, ["root"])
+
+
+async def test_list_users(accounts: Accounts) -> None:
+    await accounts.register("zed", PASSWORD)
+    await accounts.register("Amy", PASSWORD)
+    users = await accounts.list_users()
+    assert [u["username"] for u in users] == ["Amy", "zed"]
+    assert set(users[0]) == {"user_id", "username", "roles", "scopes", "created_at"}
+
+
+# -- admin bootstrap ---------------------------------------------------------------------
+
+
+async def test_admin_bootstrap(accounts: Accounts) -> None:
+    assert await accounts.bootstrap_admin("root", PASSWORD) is True
+    assert await accounts.bootstrap_admin("root", "another password") is False  # exists
+    answer = await accounts.login("root", PASSWORD)
+    claims = claims_of(answer["access_token"])
+    assert claims["roles"] == ["admin", "user"] and claims["scope"] == "* admin"
+    await accounts.register("plain", PASSWORD)
+    assert await accounts.bootstrap_admin("Plain", PASSWORD) is False  # never promotes
+    assert [u["roles"] for u in await accounts.list_users() if u["username"] == "plain"] == [
+        ["user"]
+    ]
+    with pytest.raises(ConfigError):
+        await accounts.bootstrap_admin("admin2", "short")
