@@ -6,12 +6,15 @@ Used by `bench.rpc`, `bench.proxy` and `bench.ws`:
   `stop_child` / `stop_all_children` stop only those PIDs (SIGTERM, then
   SIGKILL); `install_signal_handlers` turns SIGTERM and SIGHUP into SystemExit
   so the `finally` blocks that stop children run; `exit_with_parent` makes a
-  worker exit when the benchmark process disappears.
+  worker exit when the benchmark process disappears; `start_server` starts a
+  `--serve KIND` child, `serve_child` is its body.
+- credentials: `issue_token` (a JWT signed with the service's keyring).
 - CPU: `box_busy` (busy CPU seconds of the whole box) and `other_busy_pct`
   (the share of all CPUs the rest of the box used over a phase).
-- command line: `new_parser`, `apply_defaults`, `comma_list`.
+- latency: `pct` and `latency_ms` (a run's p50, p90, p99 and max).
+- command line: `new_parser`, `add_server_options`, `apply_defaults`, `comma_list`.
 - run info: `run_header`, `machine_info`, `package_versions`, `digest`.
-- output: `print_header`, `warn_disturbed`, `print_not_measured`,
+- output: `print_header`, `warn_disturbed`, `vs_switchboard_rows`, `print_not_measured`,
   `write_json`, `interrupted`, `report_failed`.
 """
 
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +138,48 @@ def set_loop(kind: str, *, fallback: bool = True) -> str:
     return kind
 
 
+def serve_child(
+    servers: Mapping[str, Callable[[int, str], None]], kind: str, port: int, url: str, loop: str
+) -> None:
+    """The body of a `--serve KIND` child: run server `kind` on `port` (`url`: what it
+    forwards to), exiting with the benchmark process."""
+    exit_with_parent()
+    set_loop(loop, fallback=False)  # --loop uvloop without uvloop: ImportError
+    servers[kind](port, url)
+
+
+def start_server(
+    bench: str, kind: str, tmp: Path, port: int, url_option: str, url: str, loop: str
+) -> subprocess.Popen[bytes]:
+    """Start `python -m BENCH --serve KIND` (see `serve_child`), logging to tmp/KIND.log."""
+    argv = [sys.executable, "-m", bench, "--serve", kind, "--port", str(port)]
+    argv += [url_option, url, "--loop", loop]
+    return spawn(argv, tmp / f"{kind}.log", env=python_env())
+
+
+# Far longer than any run: a token expiring mid-run would turn into 401s (proxy)
+# or closed connections (ws).
+JWT_TTL = 86_400
+
+
+def issue_token(signing: Any, user: str, roles: list[str]) -> str:
+    """A JWT for `user` with scope `*`, signed with `signing` (a `tokens.SigningKey`
+    of the keyring the service verifies against), as the auth service issues one."""
+    import uuid
+
+    from common import tokens
+
+    return tokens.issue(
+        signing,
+        subject=user,
+        name=user,
+        roles=roles,
+        scopes=["*"],
+        session_id=uuid.uuid4().hex,
+        ttl=JWT_TTL,
+    )
+
+
 def log_tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -183,6 +229,30 @@ def other_busy_pct(box_delta: float, ours: float, wall: float) -> float | None:
 
 
 # --------------------------------------------------------------------------
+# Latency: the peers' percentile (nearest rank on sorted values).
+# --------------------------------------------------------------------------
+def pct(sorted_vals: list[float], q: float) -> float | None:
+    if not sorted_vals:
+        return None
+    k = min(len(sorted_vals) - 1, max(0, round(q / 100.0 * (len(sorted_vals) - 1))))
+    return sorted_vals[k]
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def latency_ms(lat: list[float]) -> dict[str, float | None]:
+    """p50, p90, p99 and max of `lat` (sorted, in ms), rounded to the microsecond."""
+    return {
+        "p50": _r(pct(lat, 50)),
+        "p90": _r(pct(lat, 90)),
+        "p99": _r(pct(lat, 99)),
+        "max": _r(lat[-1] if lat else None),
+    }
+
+
+# --------------------------------------------------------------------------
 # Command line.
 # --------------------------------------------------------------------------
 def new_parser(prog: str, description: str, quick_help: str) -> argparse.ArgumentParser:
@@ -191,6 +261,29 @@ def new_parser(prog: str, description: str, quick_help: str) -> argparse.Argumen
     ap.add_argument("--quick", action="store_true", help=quick_help)
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     return ap
+
+
+def add_server_options(
+    ap: argparse.ArgumentParser, servers: list[str], *, loop_help: str, log_dir_help: str
+) -> None:
+    """The options of a benchmark that installs tools and starts servers: --no-install,
+    --loop, --ready-timeout, --log-dir, and the hidden --serve KIND --port N of a child."""
+    ap.add_argument(
+        "--no-install",
+        dest="install",
+        action="store_false",
+        help="never apt-get or pip install a missing tool; report it as not measured",
+    )
+    ap.add_argument(
+        "--loop",
+        default="uvloop",
+        choices=["uvloop", "asyncio"],
+        help=loop_help,
+    )
+    ap.add_argument("--ready-timeout", type=float, default=20.0)
+    ap.add_argument("--log-dir", help=log_dir_help)
+    ap.add_argument("--serve", choices=servers, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
 
 
 def apply_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
@@ -266,6 +359,16 @@ def warn_disturbed(busiest: float, during: str) -> None:
     if busiest > OTHER_BUSY_WARN:
         print(f"WARNING: other processes used up to {busiest}% of the CPUs during a {during};")
         print("         the figures are disturbed, run again on a quiet machine.")
+
+
+def vs_switchboard_rows(
+    targets: list[str], measured: Mapping[str, Any]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The rows of a table against switchboard: (name, derived figures) of each
+    measured target but switchboard, in `targets` order."""
+    for name in targets:
+        if name != "switchboard" and name in measured:
+            yield name, measured[name]["derived"]
 
 
 def print_not_measured(skipped: dict[str, str]) -> None:

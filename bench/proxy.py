@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import (
+    add_server_options,
     apply_defaults,
     comma_list,
     digest,
@@ -64,6 +65,9 @@ from bench.harness import (
     stop_child,
     write_json,
 )
+from bench.proxy_gateway import Gateway
+from bench.proxy_nginx import start_haproxy, start_nginx_backend, start_nginx_proxy
+from bench.proxy_peers import SERVERS, serve, start_python
 from bench.proxy_report import derive, goals, print_report
 from bench.proxy_targets import (
     BODY,
@@ -71,15 +75,8 @@ from bench.proxy_targets import (
     GATEWAY_TARGETS,
     PATH,
     PYTHON_PEERS,
-    SERVERS,
     TARGETS,
-    Gateway,
     body_ok,
-    serve,
-    start_haproxy,
-    start_nginx_backend,
-    start_nginx_proxy,
-    start_python,
     wait_http,
 )
 from bench.proxy_tools import APT_PACKAGE, ensure_aiohttp, prepare_tools, tool_versions
@@ -255,24 +252,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--duration", type=int, help="seconds of the loaded run (default 10; quick 1)")
     ap.add_argument("--warmup", type=int, help="seconds of discarded warm-up (default 2; quick 1)")
     ap.add_argument("--c1-duration", type=int, help="seconds of the c1 run (default 3; quick 1)")
-    ap.add_argument(
-        "--no-install",
-        dest="install",
-        action="store_false",
-        help="never apt-get or pip install a missing tool; report it as not measured",
+    add_server_options(
+        ap,
+        list(SERVERS),
+        loop_help="event loop of the aiohttp peer and our backend (Sanic always uses uvloop)",
+        log_dir_help="configs and logs of every server (default: a temporary directory)",
     )
-    ap.add_argument(
-        "--loop",
-        default="uvloop",
-        choices=["uvloop", "asyncio"],
-        help="event loop of the aiohttp peer and our backend (Sanic always uses uvloop)",
-    )
-    ap.add_argument("--ready-timeout", type=float, default=20.0)
-    ap.add_argument(
-        "--log-dir", help="configs and logs of every server (default: a temporary directory)"
-    )
-    ap.add_argument("--serve", choices=list(SERVERS), help=argparse.SUPPRESS)
-    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--backend-url", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     apply_defaults(

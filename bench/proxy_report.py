@@ -9,6 +9,7 @@ from bench.harness import (
     OTHER_BUSY_WARN,
     print_header,
     print_not_measured,
+    vs_switchboard_rows,
     warn_disturbed,
 )
 from bench.proxy_targets import PYTHON_PEERS, TARGETS
@@ -186,10 +187,7 @@ def print_report(doc: dict[str, Any]) -> None:
         print("slower); c1 +p50 = the p50 each adds over direct at 1 connection, in ms:")
         hdr2 = f"{'system':<{W}} {f'req/s c{c}':>10} {'c1 p50':>7} {'c1 +p50':>8}"
         print_header(hdr2)
-        for name in p["targets"]:
-            if name == "switchboard" or name not in by:
-                continue
-            d = by[name]["derived"]
+        for name, d in vs_switchboard_rows(p["targets"], by):
             print(
                 f"{name:<{W}} {_f(d.get('rps_vs_switchboard'), 2) + 'x':>10}"
                 f" {_f(d.get('switchboard_c1_p50_vs'), 2) + 'x':>7}"

@@ -16,26 +16,16 @@ from typing import Any
 import psutil
 import redis.asyncio as aioredis
 
-from bench.harness import box_busy, other_busy_pct
+from bench.harness import box_busy, latency_ms, other_busy_pct
 
 
 # --------------------------------------------------------------------------
 # Load driver, copied from /work/shared/bench/peers/rpc_bench.py (`make_payload`,
-# `pct`, `run_load`, `measure`); `measure` takes its parameters explicitly.
+# `pct`, now `bench.harness.pct`, `run_load`, `measure`); `measure` takes its
+# parameters explicitly.
 # --------------------------------------------------------------------------
 def make_payload(i: int) -> dict[str, Any]:
     return {"i": i, "s": "x" * 48}  # ~70 bytes of JSON
-
-
-def pct(sorted_vals: list[float], q: float) -> float | None:
-    if not sorted_vals:
-        return None
-    k = min(len(sorted_vals) - 1, max(0, round(q / 100.0 * (len(sorted_vals) - 1))))
-    return sorted_vals[k]
-
-
-def _r(x: float | None) -> float | None:
-    return None if x is None else round(x, 3)
 
 
 async def run_load(
@@ -108,12 +98,7 @@ async def measure(
         "errors": sum(r["errors"] for r in runs),
         "first_error": next((r["first_error"] for r in runs if r["first_error"]), None),
         "hit_time_cap": any(r["hit_time_cap"] for r in runs),
-        "lat_ms": {
-            "p50": _r(pct(lat, 50)),
-            "p90": _r(pct(lat, 90)),
-            "p99": _r(pct(lat, 99)),
-            "max": _r(lat[-1] if lat else None),
-        },
+        "lat_ms": latency_ms(lat),
     }
 
 

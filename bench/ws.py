@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import (
+    add_server_options,
     apply_defaults,
     comma_list,
     digest,
@@ -297,24 +298,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--settle", type=float, help="pause before each RSS reading (default 1; quick 0.5)"
     )
-    ap.add_argument(
-        "--no-install",
-        dest="install",
-        action="store_false",
-        help="never apt-get or pip install a missing tool; report it as not measured",
+    add_server_options(
+        ap,
+        list(SERVERS),
+        loop_help="event loop of the client and the Python peers (Sanic: uvloop if installed)",
+        log_dir_help="nginx config and logs of every process (default: a temporary directory)",
     )
-    ap.add_argument(
-        "--loop",
-        default="uvloop",
-        choices=["uvloop", "asyncio"],
-        help="event loop of the client and the Python peers (Sanic: uvloop if installed)",
-    )
-    ap.add_argument("--ready-timeout", type=float, default=20.0)
-    ap.add_argument(
-        "--log-dir", help="nginx config and logs of every process (default: a temporary directory)"
-    )
-    ap.add_argument("--serve", choices=list(SERVERS), help=argparse.SUPPRESS)
-    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--upstream-url", default="", help=argparse.SUPPRESS)
     ap.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)
     ap.add_argument("--load-out", help=argparse.SUPPRESS)

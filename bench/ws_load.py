@@ -30,7 +30,14 @@ from typing import Any, NamedTuple
 
 import psutil
 
-from bench.harness import box_busy, other_busy_pct, python_env, spawn, stop_child
+from bench.harness import (
+    box_busy,
+    latency_ms,
+    other_busy_pct,
+    python_env,
+    spawn,
+    stop_child,
+)
 
 MSG_BYTES = 100
 AUTH_ENV = "BENCH_WS_AUTHORIZATION"  # the load client's Authorization header, if any
@@ -40,17 +47,6 @@ UNPINNED = ("redis",)  # metered but never pinned: not on the message path
 def make_msg(conn_id: int, seq: int) -> str:
     """A unique 100-byte ASCII text message."""
     return f"{conn_id:05d}:{seq:010d}:".ljust(MSG_BYTES, "x")
-
-
-def pct(sorted_vals: list[float], q: float) -> float | None:
-    if not sorted_vals:
-        return None
-    k = min(len(sorted_vals) - 1, max(0, round(q / 100.0 * (len(sorted_vals) - 1))))
-    return sorted_vals[k]
-
-
-def _r(x: float | None) -> float | None:
-    return None if x is None else round(x, 3)
 
 
 # --------------------------------------------------------------------------
@@ -275,12 +271,7 @@ async def run_phase(
         "elapsed_s": round(elapsed, 3),
         "msgs_per_s": round(n / elapsed, 1) if elapsed > 0 else 0.0,
         "stopped_by": "count" if n + stats.errors >= per_conn * len(live) else "time",
-        "lat_ms": {
-            "p50": _r(pct(lat, 50)),
-            "p90": _r(pct(lat, 90)),
-            "p99": _r(pct(lat, 99)),
-            "max": _r(lat[-1] if lat else None),
-        },
+        "lat_ms": latency_ms(lat),
     }
     if cpu0 is not None and watch is not None:
         cpu1 = cpu_snapshot(watch)

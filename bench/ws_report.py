@@ -6,7 +6,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from bench.harness import OTHER_BUSY_WARN, print_header, print_not_measured, warn_disturbed
+from bench.harness import (
+    OTHER_BUSY_WARN,
+    print_header,
+    print_not_measured,
+    vs_switchboard_rows,
+    warn_disturbed,
+)
 from bench.ws_targets import TARGETS
 
 W = max(len(t) for t in TARGETS)
@@ -204,10 +210,7 @@ def _print_vs_switchboard(doc: dict[str, Any]) -> None:
     print_header(
         f"{'system':<{W}} {f'msg/s c{c}':>10} {'relay CPU':>9} {'c1 p50':>7} {'c1 +p50':>8}"
     )
-    for name in doc["params"]["targets"]:
-        if name == "switchboard" or name not in by:
-            continue
-        d = by[name]["derived"]
+    for name, d in vs_switchboard_rows(doc["params"]["targets"], by):
         print(
             f"{name:<{W}} {_x(d.get('msgs_vs_switchboard')):>10}"
             f" {_x(d.get('switchboard_cpu_vs')):>9}"

@@ -19,15 +19,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.harness import free_port, python_env, spawn, stop_child
+from bench.harness import free_port, issue_token, python_env, spawn, stop_child
 from bench.ws_load import run_load, upgrade_status, wait_ws
 from bench.ws_targets import RELAY_PATH, SERVICE
-
-JWT_TTL = 86_400  # far longer than any run: a token expiring mid-run would close connections
 
 
 class Credentials:
@@ -49,17 +46,7 @@ class Credentials:
 
     def token(self, user: str = "bench") -> str:
         """A token for `user` with scope `*`, as a logged-in user gets one."""
-        from common import tokens
-
-        return tokens.issue(
-            self.key,
-            subject=user,
-            name=user,
-            roles=["user"],
-            scopes=["*"],
-            session_id=uuid.uuid4().hex,
-            ttl=JWT_TTL,
-        )
+        return issue_token(self.key, user, ["user"])
 
 
 class Heartbeat:

@@ -20,11 +20,10 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from bench.harness import exit_with_parent, free_port, python_env, set_loop, spawn, stop_child
+from bench.harness import free_port, serve_child, spawn, start_server, stop_child
 from bench.ws_load import run_load, wait_ws
 
 WS_PATH = "/ws/echo"  # the upstream's echo endpoint, and what every relay serves
@@ -92,6 +91,21 @@ http {{
 # --------------------------------------------------------------------------
 # Python servers, each in its own process: `python -m bench.ws --serve KIND`.
 # --------------------------------------------------------------------------
+def _run_aiohttp(app: Any, port: int) -> None:
+    """Serve an aiohttp.web app as the peers run theirs: no access log, backlog 4096."""
+    from aiohttp import web
+
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=port,
+        access_log=None,
+        print=None,
+        backlog=4096,
+        shutdown_timeout=1.0,
+    )
+
+
 def serve_upstream_aiohttp(port: int, upstream_url: str) -> None:
     """Echo server: aiohttp.web WebSocketResponse, echoes text and binary."""
     from aiohttp import WSMsgType, web
@@ -108,15 +122,7 @@ def serve_upstream_aiohttp(port: int, upstream_url: str) -> None:
 
     app = web.Application()
     app.router.add_get(WS_PATH, echo)
-    web.run_app(
-        app,
-        host="127.0.0.1",
-        port=port,
-        access_log=None,
-        print=None,
-        backlog=4096,
-        shutdown_timeout=1.0,
-    )
+    _run_aiohttp(app, port)
 
 
 def serve_upstream_websockets(port: int, upstream_url: str) -> None:
@@ -192,15 +198,7 @@ def serve_aiohttp_relay(port: int, upstream_url: str) -> None:
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     app.router.add_get(WS_PATH, relay)
-    web.run_app(
-        app,
-        host="127.0.0.1",
-        port=port,
-        access_log=None,
-        print=None,
-        backlog=4096,
-        shutdown_timeout=1.0,
-    )
+    _run_aiohttp(app, port)
 
 
 def serve_sanic_relay(port: int, upstream_url: str) -> None:
@@ -261,17 +259,13 @@ SERVERS = {
 
 
 def serve(kind: str, port: int, upstream_url: str, loop: str) -> None:
-    exit_with_parent()
-    set_loop(loop, fallback=False)  # --loop uvloop without uvloop: ImportError
-    SERVERS[kind](port, upstream_url)
+    serve_child(SERVERS, kind, port, upstream_url, loop)
 
 
 def start_python(
     kind: str, tmp: Path, port: int, upstream_url: str, loop: str
 ) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "bench.ws", "--serve", kind, "--port", str(port)]
-    argv += ["--upstream-url", upstream_url, "--loop", loop]
-    return spawn(argv, tmp / f"{kind}.log", env=python_env())
+    return start_server("bench.ws", kind, tmp, port, "--upstream-url", upstream_url, loop)
 
 
 # --------------------------------------------------------------------------

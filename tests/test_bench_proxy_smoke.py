@@ -13,18 +13,14 @@ limiter's headers exactly where the limit applies.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import psutil
 import pytest
 
 from bench.proxy_targets import GATEWAY_TARGETS
-from tests.helpers import ROOT
+from tests.bench_smoke import left_running, run_quick
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -32,12 +28,7 @@ pytestmark = pytest.mark.timeout(150)
 def test_proxy_bench_quick(tmp_path: Path) -> None:
     out = tmp_path / "proxy.json"
     logs = tmp_path / "logs"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT)
-    env.pop("REDIS_URL", None)  # the benchmark starts its own redis-server
-    argv = [sys.executable, "-m", "bench.proxy", "--quick", "--no-install"]
-    argv += ["--json", str(out), "--log-dir", str(logs)]
-    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=130)
+    proc = run_quick("bench.proxy", out, logs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     wrk = shutil.which("wrk") is not None
@@ -95,9 +86,5 @@ def test_proxy_bench_quick(tmp_path: Path) -> None:
             assert "wrk is not installed" in doc["not_measured"][name]
         assert not doc["goals"]
     # Nothing is left running: nginx and haproxy name their config under the log dir.
-    left = [
-        p.info["pid"]
-        for p in psutil.process_iter(["pid", "cmdline"])
-        if any(str(logs) in arg for arg in p.info["cmdline"] or [])
-    ]
+    left = left_running(logs)
     assert not left, left

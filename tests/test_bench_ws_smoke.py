@@ -12,17 +12,13 @@ connection of the memory test is an authenticated `/ws` session.
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import psutil
 import pytest
 
-from tests.helpers import ROOT
+from tests.bench_smoke import left_running, run_quick
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -37,12 +33,7 @@ def _listening(url: str) -> bool:
 def test_ws_bench_quick(tmp_path: Path) -> None:
     out = tmp_path / "ws.json"
     logs = tmp_path / "logs"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT)
-    env.pop("REDIS_URL", None)  # the benchmark starts its own redis-server
-    argv = [sys.executable, "-m", "bench.ws", "--quick", "--no-install"]
-    argv += ["--json", str(out), "--log-dir", str(logs)]
-    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=130)
+    proc = run_quick("bench.ws", out, logs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["params"]["targets"] == [
@@ -95,11 +86,7 @@ def test_ws_bench_quick(tmp_path: Path) -> None:
     assert "Bearer" not in text and "eyJ" not in text
     # Nothing is left running: nginx and the load clients name the log dir; the
     # servers each listened on a port of their own.
-    left = [
-        p.info["pid"]
-        for p in psutil.process_iter(["pid", "cmdline"])
-        if any(str(logs) in arg for arg in p.info["cmdline"] or [])
-    ]
+    left = left_running(logs)
     assert not left, left
     urls = [r["url"] for r in doc["targets"].values()] + [m["url"] for m in doc["memory"].values()]
     assert not [u for u in urls if _listening(u)]

@@ -1,0 +1,138 @@
+"""The Python servers of `bench.proxy`, each in its own process (`--serve KIND`).
+
+`aiohttp` and `sanic-aiohttp` are copied from the peers' proxy_bench.py
+(`serve_aiohttp`, `_run_sanic_proxy`, `serve_sanic_aiohttp`), unchanged but
+for style. `backend` is ours: the fallback backend when nginx is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from bench.harness import serve_child, start_server
+from bench.proxy_targets import BODY
+
+
+def serve_backend(port: int, backend: str) -> None:
+    """A minimal keep-alive HTTP/1.1 server answering BODY to every request."""
+    import httptools
+
+    body = BODY.encode()
+    response = (
+        b"HTTP/1.1 200 OK\r\nServer: bench\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+    class Backend(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.parser = httptools.HttpRequestParser(self)
+            self.transport: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                self.transport.close()
+
+        def on_message_complete(self) -> None:
+            self.transport.write(response)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_server(Backend, "127.0.0.1", port, backlog=4096)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def serve_aiohttp(port: int, backend: str) -> None:
+    """Simple dispatcher style: one shared ClientSession, forward body,
+    decode the backend's JSON and return it with json_response()."""
+    from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+
+    async def on_startup(app: Any) -> None:
+        app["session"] = ClientSession(
+            connector=TCPConnector(limit=100), timeout=ClientTimeout(total=10)
+        )
+
+    async def on_cleanup(app: Any) -> None:
+        await app["session"].close()
+
+    async def handler(request: Any) -> Any:
+        body = await request.read()
+        headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+        async with request.app["session"].request(
+            request.method, backend + request.path_qs, data=body or None, headers=headers
+        ) as resp:
+            data = await resp.json(content_type=None)
+            return web.json_response(data, status=resp.status)
+
+    app = web.Application()
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    app.router.add_route("*", "/{tail:.*}", handler)
+    web.run_app(
+        app, host="127.0.0.1", port=port, access_log=None, print=None, backlog=4096,
+        handle_signals=True,
+    )  # fmt: skip
+
+
+def serve_sanic_aiohttp(port: int, backend: str) -> None:
+    """Sanic 1 worker + one shared aiohttp.ClientSession (limit 128), bytes passthrough."""
+    import aiohttp
+    from sanic import Sanic
+    from sanic.response import raw
+
+    app = Sanic("peer_sanic_aiohttp")
+
+    @app.before_server_start
+    async def setup(app: Any) -> None:
+        app.ctx.client = aiohttp.ClientSession(
+            base_url=backend,
+            connector=aiohttp.TCPConnector(limit=128),
+            timeout=aiohttp.ClientTimeout(total=10),
+        )
+
+    @app.after_server_stop
+    async def teardown(app: Any) -> None:
+        await app.ctx.client.close()
+
+    async def forward(request: Any, path: str = "") -> Any:
+        url = "/" + path + (("?" + request.query_string) if request.query_string else "")
+        ctype = request.headers.get("content-type", "application/json")
+        async with app.ctx.client.request(
+            request.method, url, data=request.body or None, headers={"Content-Type": ctype}
+        ) as r:
+            status, body = r.status, await r.read()
+            return raw(body, status=status, content_type=r.headers.get("Content-Type", ctype))
+
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+    app.add_route(forward, "/", methods=methods, name="root")
+    app.add_route(forward, "/<path:path>", methods=methods, name="any")
+    app.run(
+        host="127.0.0.1", port=port, single_process=True, access_log=False, debug=False,
+        motd=False, backlog=4096,
+    )  # fmt: skip
+
+
+SERVERS = {
+    "backend": serve_backend,
+    "aiohttp": serve_aiohttp,
+    "sanic-aiohttp": serve_sanic_aiohttp,
+}
+
+
+def serve(kind: str, port: int, backend: str, loop: str) -> None:
+    serve_child(SERVERS, kind, port, backend, loop)
+
+
+def start_python(
+    kind: str, tmp: Path, port: int, backend: str, loop: str
+) -> subprocess.Popen[bytes]:
+    return start_server("bench.proxy", kind, tmp, port, "--backend-url", backend, loop)
