@@ -44,7 +44,8 @@ Backpressure: a leg whose socket's write buffer is over its high-water mark
 (`pause_writing`) stops reading the other socket until it drains, so a slow
 reader never grows a buffer in this process beyond a socket read.
 
-Hot path: `_Leg.data_received` (one write per socket read, one header walk per frame).
+Hot path: `_Leg.data_received` (one write per socket read; a read of exactly one small
+frame, the usual case, is checked inline; otherwise one header walk per frame).
 """
 
 from __future__ import annotations
@@ -108,6 +109,23 @@ class _Leg(asyncio.Protocol):
         if self.head:
             data = self.head + data
             self.head = b""
+        elif not skip and len(data) < 132 and self.pending is None:
+            # The usual read: exactly one small frame, not a close (checked inline,
+            # about a third of the relay's user time at 100-byte messages).
+            b1 = data[1] if len(data) > 1 else 0
+            opcode = data[0] & 0x0F
+            size = b1 & 0x7F
+            if size < 126 and opcode != 8 and size + (6 if b1 & 0x80 else 2) == len(data):
+                limit = self.limit
+                if limit is not None and opcode < 8:
+                    message = self.message + size if opcode == 0 else size
+                    if message > limit:
+                        self._scan(data, 0)
+                        return
+                    self.message = message
+                if self.forwarding:
+                    self.peer.transport.write(data)
+                return
         self._scan(data, skip)
 
     def _scan(self, data: bytes, pos: int) -> None:

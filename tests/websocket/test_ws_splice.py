@@ -77,26 +77,31 @@ def frame(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
     return Frame(opcode, data, fin=fin).serialize(mask=True)
 
 
+async def open_raw(server: WsServer, path: str) -> RawClient:
+    """A raw WebSocket client of `server`, past the upgrade (authenticated by header)."""
+    host, port = server.address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: {server.address}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: Bearer {server.token()}\r\n\r\n".encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    return RawClient(reader, writer)
+
+
 @pytest_asyncio.fixture
 async def raw_client(ws_server: WsServer) -> AsyncIterator[Any]:
     opened: list[RawClient] = []
 
-    async def open_raw(path: str) -> RawClient:
-        host, port = ws_server.address.split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: {ws_server.address}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {ws_server.token()}\r\n\r\n".encode()
-        )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        assert head.startswith(b"HTTP/1.1 101 "), head
-        client = RawClient(reader, writer)
+    async def open_on_ws_server(path: str) -> RawClient:
+        client = await open_raw(ws_server, path)
         opened.append(client)
         return client
 
-    yield open_raw
+    yield open_on_ws_server
     for client in opened:
         client.writer.transport.abort()
 
@@ -168,6 +173,34 @@ async def test_an_oversized_fragmented_message_closes_1009_and_the_upstream_1001
 
     async def upstream_saw_it() -> bool:
         return bool(await last_close(ws_server, backends.service) == [1001, "client went away"])
+
+    await wait_for_async(upstream_saw_it, timeout=10)
+
+
+async def test_small_frames_each_in_its_own_read_count_towards_the_message_limit(
+    make_ws_server: Any, backends: Backends
+) -> None:
+    # Frames of up to 125 bytes that arrive one per read take the relay's shortcut
+    # (`_Leg.data_received`); the message limit must hold there too.
+    server = make_ws_server(WS_MAX_MESSAGE_BYTES="100")
+    backends.start("a")
+    await wait_reachable(server, backends.service, {"a"})
+    raw = await open_raw(server, f"/ws/proxy/{backends.service}/echo")
+    try:
+        await raw.send(frame(Opcode.TEXT, b"x" * 100))  # exactly the limit: relayed
+        assert (await raw.recv()).data == b"x" * 100
+        await raw.send(frame(Opcode.PING, b"p" * 120))  # control frames are not messages
+        assert (await raw._frame(5)).opcode == Opcode.PONG
+        await raw.send(frame(Opcode.TEXT, b"y" * 60, fin=False))
+        await asyncio.sleep(0.05)  # so that the relay reads the two fragments separately
+        await raw.send(frame(Opcode.CONT, b"y" * 60))  # 120 bytes in all: over the limit
+        closing = await raw.recv()
+        assert closing.opcode == Opcode.CLOSE and Close.parse(closing.data).code == 1009
+    finally:
+        raw.writer.transport.abort()
+
+    async def upstream_saw_it() -> bool:
+        return bool(await last_close(server, backends.service) == [1001, "client went away"])
 
     await wait_for_async(upstream_saw_it, timeout=10)
 
