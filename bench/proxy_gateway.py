@@ -25,6 +25,11 @@ OPEN_PREFIX = "/open/"
 # "Auth off": the gateway has no global switch to disable auth (on purpose), so
 # the baseline is a public policy route to the same service.
 OPEN_ROUTE = {"prefix": OPEN_PREFIX, "service": SERVICE, "strip_prefix": True, "public": True}
+# Design §6's "pure pass-through route", spliced (webapi.passthrough): the backend answers
+# its body on every path, so /raw/api/echo reaches it unchanged.
+PASSTHROUGH_PREFIX = "/raw/"
+PASSTHROUGH_ROUTE = {"prefix": PASSTHROUGH_PREFIX, "service": SERVICE, "strip_prefix": False,
+                     "public": True, "passthrough": True}  # fmt: skip
 # "Rate limiting on": a rule that never refuses (a million per second) but still
 # runs the GCRA script in Redis for every request (batched), as a real limit does.
 BENCH_LIMIT = {
@@ -40,12 +45,12 @@ BENCH_USER = "bench"
 
 
 def bench_policy(*, limited: bool) -> dict[str, Any]:
-    """The default policy (its auth limits match nothing here) plus the /open/ route,
-    and BENCH_LIMIT when `limited`."""
+    """The default policy (its auth limits match nothing here) plus the /open/ and the
+    pass-through /raw/ routes, and BENCH_LIMIT when `limited`."""
     from common.policy import DEFAULT_POLICY
 
     doc = DEFAULT_POLICY.model_dump(mode="json")
-    doc["routes"] = [OPEN_ROUTE]
+    doc["routes"] = [OPEN_ROUTE, PASSTHROUGH_ROUTE]
     if limited:
         doc["limits"] = [*doc["limits"], BENCH_LIMIT]
     return doc
@@ -179,6 +184,8 @@ class Gateway:
         self._use_policy(limited=name == "switchboard-auth")
         if name == "switchboard-open":
             return f"{self.url}{OPEN_PREFIX}{PATH.lstrip('/')}", {}
+        if name == "switchboard-passthrough":
+            return f"{self.url}{PASSTHROUGH_PREFIX}{PATH.lstrip('/')}", {}
         credential = self.token if name == "switchboard-auth" else self.api_key
         return f"{self.url}/svc/{SERVICE}{PATH}", {"Authorization": f"Bearer {credential}"}
 
@@ -211,6 +218,10 @@ class Gateway:
             wrong = "did not run" if limit is None else "ran where no rule must match"
             raise RuntimeError(f"{url}: the rate limiter {wrong} (RateLimit-Limit {limit!r})")
         checks: dict[str, Any] = {"ratelimit_limit": limit}
+        spliced = "x-gateway-latency" not in head  # the gateway adds it on every other path
+        if spliced != (name == "switchboard-passthrough"):
+            raise RuntimeError(f"{url}: {'spliced' if spliced else 'not spliced'}, wrongly")
+        checks["spliced"] = spliced
         if headers:
             without, _, _ = probe(url, {})
             if without != 401:

@@ -5,8 +5,8 @@
   sanic-aiohttp      `python -m bench.proxy --serve KIND` (`bench.proxy_peers`)
   backend            our Python echo backend, the fallback when nginx is missing
   switchboard,       one `python -m webapi` (`Gateway`, `bench.proxy_gateway`) for all
-  switchboard-open,  three, the backend registered by heartbeat; each target is a path,
-  switchboard-auth   a credential and a live policy (see GATEWAY_TARGETS)
+  switchboard-*      four, the backend registered by heartbeat; each target is a path,
+                     a credential and a live policy (see GATEWAY_TARGETS)
 
 `wait_http` polls a target until it answers; `body_ok` checks it answered the
 backend's body.
@@ -40,6 +40,7 @@ TARGETS = (
     "direct",
     "nginx",
     "switchboard",
+    "switchboard-passthrough",
     "switchboard-open",
     "switchboard-auth",
     "haproxy",
@@ -49,13 +50,15 @@ TARGETS = (
 PYTHON_PEERS = ("aiohttp", "sanic-aiohttp")
 # Measured on one gateway process, one after the other:
 #   switchboard       /svc/echo/... with an API key (Authorization: Bearer sbk_...), no limit
+#   switchboard-passthrough  /raw/... : a pass-through policy route to `echo` (spliced)
 #   switchboard-open  /open/... : a public policy route to `echo`, no credential, no limit
 #   switchboard-auth  /svc/echo/... with a JWT and the BENCH_LIMIT rate limit
-GATEWAY_TARGETS = ("switchboard", "switchboard-open", "switchboard-auth")
+GATEWAY_TARGETS = ("switchboard", "switchboard-passthrough", "switchboard-open", "switchboard-auth")
 DESCRIPTIONS = {
     "direct": "wrk -> backend (the floor)",
     "nginx": "nginx 1 worker, upstream keepalive 64",
     "switchboard": "python -m webapi, 1 process, /svc/echo/... with an API key, no rate limit",
+    "switchboard-passthrough": "the same gateway, /raw/... pass-through policy route (a splice)",
     "switchboard-open": "the same gateway, /open/... public policy route: no credential, no limit",
     "switchboard-auth": "the same gateway, /svc/echo/... with a JWT and a rate limit (GCRA)",
     "haproxy": "haproxy nbthread 1, http-reuse always",

@@ -30,6 +30,15 @@ class FastPathStats:
     handed_over: int = 0
 
 
+@dataclass(slots=True)
+class PassThroughStats:
+    """Counters of this process's pass-through splices (`webapi.passthrough`)."""
+
+    connections: int = 0  # splices started
+    requests: int = 0  # requests relayed
+    connect_failures: int = 0  # splices that could reach no instance
+
+
 @dataclass
 class GatewayContext:
     """`app.ctx`: opened in `before_server_start`, closed in `after_server_stop`."""
@@ -43,6 +52,7 @@ class GatewayContext:
     policy: PolicyWatcher = field(init=False)
     gate: Gatekeeper = field(init=False)
     fast_path: FastPathStats = field(default_factory=FastPathStats)
+    passthrough: PassThroughStats = field(default_factory=PassThroughStats)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -96,6 +97,18 @@ class RouteRule(_Model):
     service: Name
     strip_prefix: bool = True
     public: bool = False
+    # Relay the connection byte for byte (`webapi.passthrough`): no credential is
+    # checked and nothing is rewritten, so it must be public and keep its prefix.
+    passthrough: bool = False
+
+    @model_validator(mode="after")
+    def _passthrough_is_plain(self) -> RouteRule:
+        if self.passthrough and (not self.public or self.strip_prefix):
+            raise ValueError(
+                "a passthrough route forwards requests unchanged and without a credential "
+                'check: it needs "public": true and "strip_prefix": false'
+            )
+        return self
 
     @field_validator("prefix")
     @classmethod
@@ -163,6 +176,11 @@ class PolicyDocument(_Model):
     def service(self, name: str) -> ServicePolicy | None:
         """The policy of service `name`, None when the document has none."""
         return self.services.get(name)
+
+    @cached_property
+    def has_passthrough(self) -> bool:
+        """Some route is a pass-through one (the gateway's fast path glances at it)."""
+        return any(rule.passthrough for rule in self.routes)
 
     def to_json(self) -> str:
         """The canonical stored form (compact JSON)."""

@@ -138,6 +138,11 @@ async def proxy_stats(request: GatewayRequest) -> HTTPResponse:
                 "answered": fast.answered,
                 "handed_over": fast.handed_over,
             },
+            "passthrough": {
+                "connections": ctx.passthrough.connections,
+                "requests": ctx.passthrough.requests,
+                "connect_failures": ctx.passthrough.connect_failures,
+            },
             "upstreams": ctx.proxy.pool.stats(),
         }
     )

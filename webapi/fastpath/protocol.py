@@ -13,11 +13,13 @@ from sanic.http.constants import Stage
 from sanic.server.protocols.http_protocol import HttpProtocol
 
 from common.log import get_logger, request_id_var
+from common.policy import RouteRule
 from common.scopes import INTERNAL_SERVICES
 from webapi.access import credential_free, credential_from
 from webapi.context import GatewayApp
 from webapi.errors import NotAuthenticated, error_response
 from webapi.fastpath.request import INCOMPLETE, Parsed, parse_request
+from webapi.passthrough import PASSTHROUGH_METHODS, PassThrough, connect, passthrough_rule
 from webapi.proxy.forward import Forwarded, hop_headers_out, latency_headers
 from webapi.proxy.headers import strip_hop_by_hop_raw
 from webapi.requests import request_id_of
@@ -35,13 +37,14 @@ _REPLACED_HEAD = frozenset({b"x-request-id"})
 class FastPathProtocol(HttpProtocol):
     """Sanic's HTTP/1.1 protocol, answering eligible `/svc/` requests itself."""
 
-    __slots__ = ("_fast_ok", "_fast_task", "_fast_written", "_held")
+    __slots__ = ("_fast_ok", "_fast_task", "_fast_written", "_held", "_passthrough")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._held = bytearray()
         self._fast_task: asyncio.Task[None] | None = None
         self._fast_written = False  # some of the current fast response is written
+        self._passthrough: PassThrough | None = None  # spliced to an upstream (passthrough.py)
         config = self.app.config
         self._fast_ok = not (config.get("SERVER_NAME") or config.FORWARDED_SECRET
                              or config.PROXIES_COUNT or config.REAL_IP_HEADER)  # fmt: skip
@@ -49,6 +52,10 @@ class FastPathProtocol(HttpProtocol):
     # asyncio.Protocol callbacks
 
     def data_received(self, data: bytes) -> None:
+        if self._passthrough is not None:
+            self._time = current_time()
+            self._passthrough.from_client(data)
+            return
         if self._fast_task is not None or self._held:  # answering, or a body is arriving
             self._time = current_time()
             self._held += data
@@ -65,6 +72,9 @@ class FastPathProtocol(HttpProtocol):
         self._pump()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        splice, self._passthrough = self._passthrough, None
+        if splice is not None:
+            splice.close()
         task, self._fast_task = self._fast_task, None
         if task is not None:
             task.cancel()
@@ -75,9 +85,18 @@ class FastPathProtocol(HttpProtocol):
 
     def check_timeouts(self) -> None:
         """Sanic's timeouts; while a fast request runs (Sanic sees an idle connection)
-        the response timeout applies, counted from the last byte read or written."""
-        task = self._fast_task
-        if task is None and self._held:  # a request body on its way: Sanic's request timeout
+        the response timeout applies, counted from the last byte read or written. A
+        pass-through splice gets the response timeout while a request is outstanding,
+        the keep-alive timeout otherwise."""
+        splice, task = self._passthrough, self._fast_task
+        if splice is not None:
+            limit = self.response_timeout if splice.outstanding else self.keep_alive_timeout
+            if current_time() - self._time > limit:
+                splice.close()
+                self._passthrough = None
+                self.close()
+                return
+        elif task is None and self._held:  # a request body on its way: Sanic's request timeout
             if current_time() - self._time > self.request_timeout:
                 self.close()
                 return
@@ -97,10 +116,103 @@ class FastPathProtocol(HttpProtocol):
         )
 
     def close_if_idle(self) -> bool:
+        splice = self._passthrough
+        if splice is not None:
+            if splice.outstanding:  # closed once the upstream has answered
+                splice.end_after_answers()
+                return False
+            splice.close()
+            self._passthrough = None
+            self.close()
+            return True
         if self._fast_task is not None:
             return False  # closed once its response is written (`signal.stopped`)
         result: bool = super().close_if_idle()
         return result
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[no-untyped-call]
+        if self._passthrough is not None:
+            self._passthrough.pause_upstream()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[no-untyped-call]
+        if self._passthrough is not None:
+            self._passthrough.resume_upstream()
+
+    # Pass-through routes (`webapi.passthrough`)
+
+    def touch(self) -> None:
+        self._time = current_time()
+
+    def passthrough_ended(self, leftover: bytes, close: bool) -> None:
+        """The splice has ended: close, or go on as a fresh keep-alive connection."""
+        self._passthrough = None
+        self._time = current_time()
+        if close or self.signal.stopped:
+            self.close()
+        elif leftover:
+            # Straight to Sanic: the splice refused this request, so it must not
+            # be offered to a splice again (a malformed one would go round forever).
+            self.app.ctx.fast_path.handed_over += 1
+            super().data_received(leftover)
+
+    def _passthrough_route(self) -> tuple[RouteRule, str, bytes] | None:
+        """The pass-through route of the held request (and its method and URL), from a
+        glance at the request line; None when it is not one. Hot path."""
+        app: GatewayApp = self.app
+        policy = app.ctx.policy.current
+        if not policy.has_passthrough:
+            return None
+        held = self._held
+        space = held.find(b" ", 0, 16)
+        end = held.find(b" ", space + 1, space + 8193) if space > 0 else -1
+        if end < 0:
+            return None
+        method = bytes(held[:space])
+        if method not in PASSTHROUGH_METHODS:
+            return None
+        url = bytes(held[space + 1 : end])
+        rule = passthrough_rule(policy, url)
+        if rule is None or app.ctx.gate.has_limits(rule.service, None):
+            return None
+        return rule, method.decode("latin-1"), url
+
+    async def _start_passthrough(self, rule: RouteRule, method: str, url: bytes) -> None:
+        """Connect to an instance of the route's service, then splice (or answer the error)."""
+        app: GatewayApp = self.app
+        proxy = app.ctx.proxy
+        settings = proxy.policy.service_policy(rule.service)
+        timeout = (settings.connect_timeout if settings else None) or proxy.pool.connect_timeout
+        try:
+            leg, instance_id = await connect(proxy, rule.service, timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            app.ctx.passthrough.connect_failures += 1
+            self._fast_task = None
+            self._held.clear()
+            if self.transport is not None and not self.transport.is_closing():
+                path = url.partition(b"?")[0].decode("latin-1")
+                response = error_response(exc, method, path, request_id_of(None))
+                body = response.body or b""
+                response.headers["content-length"] = str(len(body))
+                response.headers["connection"] = "close"
+                head = format_http1_response(response.status, response.processed_headers)
+                self.transport.write(head if method == "HEAD" else head + body)
+            self.close()
+            return
+        self._fast_task = None
+        if self.transport is None or self.transport.is_closing():
+            leg.transport.close()  # type: ignore[union-attr]
+            return
+        splice = PassThrough(self, leg, rule, app.ctx.policy, instance_id, app.ctx.passthrough)
+        self._passthrough = splice
+        held = bytes(self._held)
+        self._held.clear()
+        if self.transport is not None:
+            self.transport.resume_reading()
+        splice.from_client(held)
 
     # The fast path
 
@@ -118,6 +230,11 @@ class FastPathProtocol(HttpProtocol):
     def _pump(self) -> None:
         """Answer the request at the start of the held bytes, or hand them all to Sanic."""
         app: GatewayApp = self.app
+        if self._sanic_idle():
+            route = self._passthrough_route()
+            if route is not None:
+                self._fast_task = self.loop.create_task(self._start_passthrough(*route))
+                return
         try:
             worth = self._sanic_idle() and self._may_qualify()
             parsed = parse_request(self._held) if worth else None

@@ -1,0 +1,229 @@
+"""Pass-through routes (`webapi.passthrough`): a real gateway splicing client connections
+to a real backend, byte for byte, while checking each request's route.
+
+What the splice relayed is read from the gateway's counters (`GET /admin/proxy/stats`,
+`passthrough`); the backend echoes the path it saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import wait_for
+from tests.support.policy import set_document
+from tests.webapi.conftest import as_admin
+from tests.webapi.test_proxy_fastpath import Backend, _head, backend, connect, read_answers
+
+pytestmark = pytest.mark.timeout(120)
+
+__all__ = ["backend"]  # the fixture, shared with the fast path's tests
+
+
+def counters(gateway: str) -> dict[str, int]:
+    stats = as_admin.get(f"{gateway}/admin/proxy/stats", timeout=5).json()
+    return dict(stats["passthrough"])
+
+
+def apply_routes(backend: Backend, routes: list[dict[str, Any]]) -> None:
+    """Set the policy's routes and wait until the gateway applies them."""
+    version = set_document(backend.redis_url, routes=routes).version
+
+    def applied() -> bool:
+        health = httpx.get(f"{backend.gateway}/health", timeout=5).json()
+        return int(health.get("policy_version", -1)) >= version
+
+    wait_for(applied, timeout=10)
+
+
+@pytest.fixture
+def passthrough(backend: Backend) -> Iterator[Backend]:
+    """`/echo/` and `/upload` of the backend as pass-through routes; `/echo/private/` a
+    normal (credential) route of the same service."""
+    service = backend.service
+    apply_routes(
+        backend,
+        [
+            {"prefix": "/echo/", "service": service, "public": True, "strip_prefix": False,
+             "passthrough": True},
+            {"prefix": "/upload/", "service": service, "public": True, "strip_prefix": False,
+             "passthrough": True},
+            {"prefix": "/echo/private/", "service": service, "strip_prefix": False},
+            {"prefix": "/nowhere/", "service": f"ghost{uuid.uuid4().hex[:6]}", "public": True,
+             "strip_prefix": False, "passthrough": True},
+        ],
+    )  # fmt: skip
+    try:
+        yield backend
+    finally:
+        apply_routes(backend, [])
+
+
+def get(path: str) -> bytes:
+    return _head("GET", path, {})
+
+
+def test_keep_alive_requests_are_relayed_unchanged(passthrough: Backend) -> None:
+    before = counters(passthrough.gateway)
+    with connect(passthrough.gateway) as sock:
+        for i in range(20):
+            sock.sendall(get(f"/echo/item/{i}?q={i}"))
+            (reply,) = read_answers(sock, 1)
+            assert reply.status == 200
+            assert json.loads(reply.body)["path"] == f"/echo/item/{i}"
+            # Nothing of the gateway's own: a pure pass-through.
+            assert "x-gateway-latency" not in reply.headers
+    after = counters(passthrough.gateway)
+    assert after["connections"] == before["connections"] + 1
+    assert after["requests"] == before["requests"] + 20
+
+
+def test_pipelined_route_requests_are_answered_in_order(passthrough: Backend) -> None:
+    with connect(passthrough.gateway) as sock:
+        sock.sendall(b"".join(get(f"/echo/p/{i}") for i in range(8)))
+        replies = read_answers(sock, 8)
+    assert [json.loads(r.body)["path"] for r in replies] == [f"/echo/p/{i}" for i in range(8)]
+
+
+def test_a_request_of_another_route_goes_to_the_gateway_on_the_same_connection(
+    passthrough: Backend,
+) -> None:
+    before = counters(passthrough.gateway)
+    with connect(passthrough.gateway) as sock:
+        sock.sendall(get("/echo/first"))
+        assert read_answers(sock, 1)[0].status == 200
+        sock.sendall(get("/health"))  # the gateway's own route
+        (health,) = read_answers(sock, 1)
+        assert health.status == 200 and json.loads(health.body)["status"] == "ok"
+        sock.sendall(get("/echo/again"))  # spliced again
+        (again,) = read_answers(sock, 1)
+        assert json.loads(again.body)["path"] == "/echo/again"
+    assert counters(passthrough.gateway)["connections"] == before["connections"] + 2
+
+
+def test_a_request_head_split_across_reads_is_checked_before_any_of_it_goes(
+    passthrough: Backend,
+) -> None:
+    with connect(passthrough.gateway) as sock:
+        sock.sendall(get("/echo/whole"))
+        assert read_answers(sock, 1)[0].status == 200
+        for request, status in ((get("/echo/split"), 200), (get("/health"), 200)):
+            sock.sendall(request[:7])  # "GET /he": whose route, nobody can tell yet
+            time.sleep(0.05)
+            sock.sendall(request[7:])
+            (reply,) = read_answers(sock, 1)
+            assert reply.status == status
+        # The gateway answered /health itself (the backend has a /health too).
+        assert json.loads(reply.body)["status"] == "ok"
+        assert "instance" not in json.loads(reply.body)
+
+
+def test_a_non_public_route_under_the_prefix_is_never_relayed(passthrough: Backend) -> None:
+    before = counters(passthrough.gateway)
+    with connect(passthrough.gateway) as sock:
+        sock.sendall(get("/echo/open"))
+        assert read_answers(sock, 1)[0].status == 200
+        # The longer prefix is a credential route: the gateway answers 401 itself,
+        # also when dot segments try to reach it from the pass-through prefix.
+        for path in ("/echo/private/x", "/echo/a/../private/x", "/echo/a/%2e%2e/private/x"):
+            sock.sendall(get(path))
+            (reply,) = read_answers(sock, 1)
+            assert reply.status in (400, 401), (path, reply.status)
+            assert "error" in json.loads(reply.body)
+    assert counters(passthrough.gateway)["requests"] == before["requests"] + 1
+
+
+def test_a_route_request_pipelined_behind_another_closes_after_the_answers(
+    passthrough: Backend,
+) -> None:
+    with connect(passthrough.gateway) as sock:
+        sock.sendall(get("/echo/one"))
+        assert read_answers(sock, 1)[0].status == 200
+        sock.sendall(get("/echo/two") + get("/health"))  # one read, the second not ours
+        sock.settimeout(10)
+        rest = b""
+        while chunk := sock.recv(65536):
+            rest += chunk
+    assert rest == b""  # neither relayed; the connection closed (the client retries)
+
+
+def test_head_is_answered_by_the_gateway(passthrough: Backend) -> None:
+    before = counters(passthrough.gateway)
+    with connect(passthrough.gateway) as sock:
+        sock.sendall(_head("HEAD", "/echo/h", {}))
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):  # a HEAD answer has no body
+            chunk = sock.recv(65536)
+            assert chunk, head
+            head += chunk
+        # The gateway's normal route forwarded it (the backend allows no HEAD there).
+        assert head.startswith(b"HTTP/1.1 405 ") and b"X-Upstream-Instance" in head
+        sock.sendall(get("/echo/after-head"))
+        (after,) = read_answers(sock, 1)
+    assert json.loads(after.body)["path"] == "/echo/after-head"
+    assert counters(passthrough.gateway)["requests"] == before["requests"] + 1
+
+
+def test_a_large_upload_streams_through(passthrough: Backend) -> None:
+    payload = bytes(range(256)) * 4096 * 8  # 8 MiB
+    with connect(passthrough.gateway) as sock:
+        sock.sendall(_head("POST", "/upload", {"Content-Length": str(len(payload))}))
+        for i in range(0, len(payload), 1 << 20):
+            sock.sendall(payload[i : i + (1 << 20)])
+        (reply,) = read_answers(sock, 1)
+    assert reply.status == 200
+    assert json.loads(reply.body)["sha256"] == hashlib.sha256(payload).hexdigest()
+
+
+def test_no_instance_is_a_json_error_and_the_connection_closes(passthrough: Backend) -> None:
+    before = counters(passthrough.gateway)
+    with connect(passthrough.gateway) as sock:
+        sock.sendall(get("/nowhere/x"))
+        (reply,) = read_answers(sock, 1)
+        assert reply.status in (502, 503, 404)
+        assert "error" in json.loads(reply.body)
+        assert reply.headers["connection"] == "close"
+        assert sock.recv(100) == b""
+    assert counters(passthrough.gateway)["connect_failures"] == before["connect_failures"] + 1
+
+
+def test_a_policy_change_ends_the_route_on_open_connections(passthrough: Backend) -> None:
+    with connect(passthrough.gateway) as sock:
+        sock.sendall(get("/echo/before"))
+        assert read_answers(sock, 1)[0].status == 200
+        apply_routes(passthrough, [])  # the routes are gone
+        sock.sendall(get("/echo/after"))
+        (reply,) = read_answers(sock, 1)
+    assert reply.status == 404 and "error" in json.loads(reply.body)
+
+
+def test_an_unrelated_policy_change_keeps_the_splice(passthrough: Backend) -> None:
+    with connect(passthrough.gateway) as sock:
+        sock.sendall(get("/echo/before"))
+        assert read_answers(sock, 1)[0].status == 200
+        before = counters(passthrough.gateway)
+        routes = set_document(passthrough.redis_url).model_dump(mode="json")["routes"]
+        extra = {"prefix": "/other/", "service": passthrough.service, "public": True}
+        apply_routes(passthrough, [*routes, extra])
+        sock.sendall(get("/echo/after"))
+        (reply,) = read_answers(sock, 1)
+    assert json.loads(reply.body)["path"] == "/echo/after"
+    after = counters(passthrough.gateway)
+    assert (after["connections"], after["requests"]) == (
+        before["connections"],
+        before["requests"] + 1,
+    )
+
+
+def test_a_passthrough_route_must_be_public_and_keep_its_prefix(passthrough: Backend) -> None:
+    document = {"routes": [{"prefix": "/x/", "service": "svc", "passthrough": True}]}
+    reply = as_admin.post(f"{passthrough.gateway}/admin/policy/validate", json=document)
+    assert reply.status_code == 422
+    assert "passthrough" in reply.text

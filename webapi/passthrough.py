@@ -1,0 +1,403 @@
+"""Pure pass-through routes: a client connection relayed byte for byte to one upstream
+connection, the way a TCP proxy relays, while each request is still checked.
+
+A policy route with `"passthrough": true` (it must also be `public` and keep its
+prefix: `"strip_prefix": false`) asks the gateway to do nothing but forward:
+
+    {"prefix": "/static/", "service": "web", "public": true,
+     "strip_prefix": false, "passthrough": true}
+
+When a request of such a route arrives on an idle keep-alive connection (and no
+rate limit covers the service), `FastPathProtocol` connects to an instance of the
+service (chosen by its strategy, connect failures retried on another one) and from
+then on relays the connection's bytes both ways unchanged. Requests and responses
+are not rebuilt: no `X-Forwarded-*`, no request id, no latency headers, no body limit.
+That is the point (design §6: nginx parity needs a route with no per-request work)
+and the price: use a normal route when the backend needs those.
+
+What is still done per request, by httptools parsers on both directions (framing
+only: they see no header, so they cost a few µs):
+
+* each request's method and path are checked against the live policy: a request
+  that is not the route's (another prefix, a HEAD, an upgrade, a dot segment, a
+  malformed request) is never forwarded. When it starts a read, as it does unless
+  the client pipelines, the splice ends once the upstream has answered everything
+  forwarded, and the request goes to Sanic's usual handling on the same
+  connection. When it is pipelined behind a route request in one read, the
+  connection is closed once the forwarded requests are answered (HTTP clients
+  retry idempotent requests on a closed keep-alive connection);
+* response boundaries are counted, so the splice knows when the upstream has
+  answered everything (1xx interim responses are not answers);
+* the upstream closing between responses ends the splice (the next request
+  connects again); closing in the middle of a response closes the client's
+  connection, as the end of that response cannot be told any other way.
+
+Balancing and health are per connection, as in nginx's `stream` module or
+HAProxy's `mode tcp`: the instance is chosen when the splice starts, a connect
+failure ejects it (the health book's fatal failure) and the next instance is tried.
+Timeouts: Sanic's keep-alive timeout while nothing is outstanding, its response
+timeout while a request is (`FastPathProtocol.check_timeouts`). Backpressure: a
+side whose socket buffer is full stops the other side being read.
+
+Hot path: `PassThrough.from_client` and `PassThrough.from_upstream`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, cast
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, HttpResponseParser
+
+from common.log import get_logger
+from common.policy import PolicyDocument, RouteRule
+from webapi.errors import InvalidProxyPath
+from webapi.proxy.paths import match_route, upstream_target
+
+if TYPE_CHECKING:
+    from webapi.context import PassThroughStats
+    from webapi.proxy.forward import Proxy
+
+log = get_logger("webapi.passthrough")
+
+# A request head longer than this is not relayed (Sanic's own limit is 8 KiB by default).
+MAX_HEAD = 64 * 1024
+# HEAD is not relayed: its response has no body, which a response parser cannot know.
+PASSTHROUGH_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
+
+
+def passthrough_rule(policy: PolicyDocument, url: bytes) -> RouteRule | None:
+    """The pass-through route `url` belongs to under `policy`, else None. Hot path."""
+    if not policy.has_passthrough:
+        return None
+    path = url.partition(b"?")[0]
+    try:
+        text = path.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    rule = match_route(policy.routes, text)
+    if rule is None or not rule.passthrough:
+        return None
+    if b"." in path or b"%" in path or b"\\" in path:
+        try:  # dot segments and encoded slashes: refused as the normal routes refuse them
+            upstream_target(path, "")
+        except InvalidProxyPath:
+            return None
+    return rule
+
+
+class CurrentPolicy(Protocol):
+    """Where the live policy is read (`PolicyWatcher`)."""
+
+    @property
+    def current(self) -> PolicyDocument: ...
+
+
+class Owner(Protocol):
+    """What the splice needs of the client connection's protocol (`FastPathProtocol`)."""
+
+    transport: asyncio.Transport | None
+
+    def passthrough_ended(self, leftover: bytes, close: bool) -> None: ...
+
+    def touch(self) -> None: ...
+
+
+class _Requests:
+    """httptools callbacks of the client's side: where requests start and end, their paths."""
+
+    __slots__ = ("begun", "check", "complete", "foreign", "in_head", "url")
+
+    def __init__(self, check: Callable[[bytes], bool]) -> None:
+        self.check = check  # is this URL (of a GET, POST, ...) the route's?
+        self.url = b""
+        self.begun = 0  # requests begun in the bytes not forwarded yet
+        self.complete = 0  # requests whose last byte was read, since the splice started
+        self.foreign = 0  # the index among `begun` of the first request not the route's
+        self.in_head = False  # a request's head is being read
+
+    def on_message_begin(self) -> None:
+        self.begun += 1
+        self.url = b""
+        self.in_head = True
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        if not self.foreign and not self.check(self.url):
+            self.foreign = self.begun
+
+    def on_message_complete(self) -> None:
+        self.complete += 1
+
+
+class _Responses:
+    """httptools callbacks of the upstream's side: how many responses have ended."""
+
+    __slots__ = ("ended", "parser")
+
+    def __init__(self) -> None:
+        self.ended = 0
+        self.parser = HttpResponseParser(self)
+
+    def on_message_complete(self) -> None:
+        if not 100 <= self.parser.get_status_code() < 200:  # interim responses answer nothing
+            self.ended += 1
+
+
+class _UpstreamLeg(asyncio.Protocol):
+    """The upstream connection's protocol: everything goes to the splice."""
+
+    __slots__ = ("splice", "transport")
+
+    def __init__(self) -> None:
+        self.splice: PassThrough | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self.splice is not None:
+            self.splice.from_upstream(data)
+
+    def eof_received(self) -> bool:
+        if self.splice is not None:
+            self.splice.upstream_gone()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.splice is not None:
+            self.splice.upstream_gone()
+
+    def pause_writing(self) -> None:
+        if self.splice is not None:
+            self.splice.pause_client()
+
+    def resume_writing(self) -> None:
+        if self.splice is not None:
+            self.splice.resume_client()
+
+
+class PassThrough:
+    """One client connection spliced to one upstream connection (module docstring)."""
+
+    __slots__ = ("begun", "close_at_end", "document", "ending", "instance_id", "leftover",
+                 "longer", "owner", "parser", "policy", "prefix", "requests", "responses",
+                 "rule", "stats", "unsent", "unsent_complete", "upstream")  # fmt: skip
+
+    def __init__(
+        self,
+        owner: Owner,
+        upstream: _UpstreamLeg,
+        rule: RouteRule,
+        policy: CurrentPolicy,
+        instance_id: str,
+        stats: PassThroughStats,
+    ) -> None:
+        self.owner = owner
+        self.upstream = upstream
+        self.rule = rule
+        self.policy = policy
+        self.instance_id = instance_id
+        self.stats = stats
+        self.requests = _Requests(self._is_ours)
+        self.parser = HttpRequestParser(self.requests)
+        self.responses = _Responses()
+        self.begun = 0  # requests forwarded (wholly or in part) since the splice started
+        self.unsent = b""  # read and parsed, held until the head of a request is whole
+        self.unsent_complete = 0  # `requests.complete` where `unsent` starts
+        self.ending: int | None = None  # responses to wait for before the splice ends
+        self.close_at_end = False  # and then close the client's connection
+        self.leftover = b""  # bytes for Sanic once the splice has ended
+        self.document: PolicyDocument | None = None  # the policy `prefix`, `longer` are of
+        self.prefix = b""
+        self.longer: tuple[bytes, ...] = ()
+        upstream.splice = self
+        stats.connections += 1
+
+    @property
+    def outstanding(self) -> bool:
+        """A forwarded request has no complete response yet."""
+        return self.responses.ended < self.begun
+
+    def _is_ours(self, url: bytes) -> bool:
+        """Whether a request for `url` is the route's: the prefix, no longer route's prefix,
+        nothing to decode or normalise (else the full check). Hot path."""
+        document = self.policy.current
+        if document is not self.document:
+            rule = self.rule
+            current = passthrough_rule(document, rule.prefix.encode())
+            if current is not rule and current != rule:
+                return False  # the route changed or is gone
+            self.document = document
+            self.prefix = rule.prefix.encode()
+            self.longer = tuple(r.prefix.encode() for r in document.routes
+                                if len(r.prefix) > len(rule.prefix)
+                                and r.prefix.startswith(rule.prefix))  # fmt: skip
+        if self.parser.get_method() not in PASSTHROUGH_METHODS:
+            return False
+        if (
+            url.startswith(self.prefix)
+            and b"/." not in url
+            and b"%" not in url
+            and b"\\" not in url
+            and not url.startswith(self.longer)  # () never matches
+        ):
+            return True
+        found = passthrough_rule(document, url)
+        return found is not None and (found is self.rule or found == self.rule)
+
+    def from_client(self, data: bytes) -> None:
+        """Forward `data` unless it holds a request that is not the route's; hold it while
+        a request head is incomplete (its path is not known yet). Hot path."""
+        if self.ending is not None:  # reading is paused; a read already under way
+            self.leftover += data
+            return
+        calls = self.requests
+        if not self.unsent:
+            self.unsent_complete = calls.complete
+            calls.begun = calls.foreign = 0
+        try:
+            self.parser.feed_data(data)
+        except (HttpParserError, HttpParserUpgrade):
+            if not calls.foreign:
+                calls.foreign = max(calls.begun, 1)
+        if self.unsent:
+            data, self.unsent = self.unsent + data, b""
+        if calls.foreign:
+            # A request that is not the route's: none of these bytes are forwarded.
+            # When they start with it, Sanic gets them; else the connection ends.
+            at_boundary = self.unsent_complete == self.begun and calls.foreign == 1
+            if at_boundary:
+                self._end_after(self.unsent_complete, data, close=False)
+            else:
+                self._end_after(self.unsent_complete, b"", close=True)
+            return
+        if calls.in_head:
+            if len(data) > MAX_HEAD:
+                self._end_after(self.unsent_complete, b"", close=True)
+            else:
+                self.unsent = data
+            return
+        self.begun += calls.begun
+        self.stats.requests += calls.begun
+        self.upstream.transport.write(data)  # type: ignore[union-attr]
+
+    def from_upstream(self, data: bytes) -> None:
+        """Forward the upstream's bytes to the client, counting responses. Hot path."""
+        responses = self.responses
+        try:
+            responses.parser.feed_data(data)
+        except (HttpParserError, HttpParserUpgrade) as exc:
+            fields = {"instance": self.instance_id, "error": str(exc)}
+            log.warning("pass-through: malformed upstream response", extra={"fields": fields})
+            self._finish(close=True)
+            return
+        owner = self.owner
+        client = owner.transport
+        if client is not None:
+            client.write(data)
+        owner.touch()
+        if self.ending is not None and responses.ended >= self.ending:
+            self._finish(close=self.close_at_end)
+
+    def end_after_answers(self) -> None:
+        """Close the client's connection once everything forwarded is answered (shutdown)."""
+        if self.ending is None:
+            self._end_after(self.begun, b"", close=True)
+
+    def _end_after(self, answered: int, leftover: bytes, close: bool) -> None:
+        """End the splice once `answered` responses have ended (now, if they have)."""
+        self.ending = answered
+        self.leftover = leftover
+        self.close_at_end = close
+        client = self.owner.transport
+        if client is not None:
+            client.pause_reading()
+        if self.responses.ended >= answered:
+            self._finish(close=close)
+
+    def upstream_gone(self) -> None:
+        """The upstream closed: between responses the splice ends; within one, or with a
+        request unanswered, the client's connection ends too (nothing else can tell the
+        client that its response is cut)."""
+        if self.upstream.splice is None:
+            return
+        cut = self.outstanding
+        if cut:
+            log.info("pass-through: upstream closed with a response outstanding",
+                     extra={"fields": {"instance": self.instance_id}})  # fmt: skip
+        self._finish(close=cut or self.close_at_end or bool(self.unsent))
+
+    def _finish(self, close: bool) -> None:
+        if not self._detach():
+            return
+        client = self.owner.transport
+        if client is not None and not close:
+            client.resume_reading()
+        leftover, self.leftover = self.leftover, b""
+        self.owner.passthrough_ended(leftover, close)
+
+    def _detach(self) -> bool:
+        upstream = self.upstream
+        if upstream.splice is None:
+            return False
+        upstream.splice = None
+        if upstream.transport is not None:
+            upstream.transport.close()
+        return True
+
+    def close(self) -> None:
+        """The client's connection is gone or timed out: close the upstream's too."""
+        self._detach()
+
+    def pause_client(self) -> None:
+        client = self.owner.transport
+        if client is not None:
+            client.pause_reading()
+
+    def resume_client(self) -> None:
+        client = self.owner.transport
+        if client is not None and self.ending is None:
+            client.resume_reading()
+
+    def pause_upstream(self) -> None:
+        if self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_upstream(self) -> None:
+        if self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+
+async def connect(proxy: Proxy, service: str, connect_timeout: float) -> tuple[_UpstreamLeg, str]:
+    """A connection to a healthy instance of `service` (connect failures retried on
+    another instance, each failure ejecting its instance); raises the proxy's errors
+    (`NoHealthyInstance`, `UnknownService`, `UpstreamFailed`) when none can be reached."""
+    from webapi.errors import UpstreamFailed
+
+    loop = asyncio.get_running_loop()
+    tried: set[str] = set()
+    last: Exception | None = None
+    while True:
+        candidates = [c for c in proxy.candidates(service, None) if c.instance_id not in tried]
+        if not candidates:
+            raise UpstreamFailed(f"{service}: no instance could be reached ({last})")
+        endpoint = proxy.policy.strategy(service).pick(
+            proxy.policy.for_request(service, candidates, None, None), None
+        )
+        tried.add(endpoint.instance_id)
+        host, _, port = endpoint.address.rpartition(":")
+        try:
+            async with asyncio.timeout(connect_timeout):
+                _, leg = await loop.create_connection(_UpstreamLeg, host, int(port))
+        except (OSError, TimeoutError) as exc:
+            last = exc
+            proxy.book.failed(endpoint.instance_id, fatal=True)
+            continue
+        proxy.book.succeeded(endpoint.instance_id)
+        return leg, endpoint.instance_id
