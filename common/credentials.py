@@ -105,6 +105,9 @@ class Authenticator:
         self._keys_lock = asyncio.Lock()
         self._tokens: dict[str, _VerifiedToken] = {}
         self._api_keys: dict[str, _KeyEntry] = {}
+        # Whole API key text -> the cache entry whose secret it matched: a hot request
+        # then skips parsing and hashing (valid while that entry is the current one).
+        self._matched: dict[str, _KeyEntry] = {}
         self._resync: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -145,14 +148,26 @@ class Authenticator:
         """The caller if `credential` is cached and still good, else None (then `authenticate`)."""
         now = self.clock()
         if credential.startswith(apikeys.PREFIX):
-            parsed = apikeys.parse_key(credential)
-            entry = self._api_keys.get(parsed[0]) if parsed else None
-            if entry is None or parsed is None or not self._fresh(entry, now):
-                return None
+            entry = self._matched.get(credential)
             try:
-                return self._check_key(entry, parsed[1], now)
+                if (
+                    entry is not None
+                    and entry.record is not None
+                    and self._api_keys.get(entry.record.key_id) is entry
+                    and self._fresh(entry, now)
+                ):
+                    return self._key_principal(entry, now)
+                parsed = apikeys.parse_key(credential)
+                entry = self._api_keys.get(parsed[0]) if parsed else None
+                if entry is None or parsed is None or not self._fresh(entry, now):
+                    return None
+                principal = self._check_key(entry, parsed[1], now)
             except Unauthorized:
                 return None
+            if len(self._matched) >= self.cache_size:
+                self._matched.clear()
+            self._matched[credential] = entry
+            return principal
         verified = self._tokens.get(credential)
         if verified is None or not self._still_valid(verified, now):
             return None
@@ -242,8 +257,15 @@ class Authenticator:
         return self._check_key(entry, secret, now)
 
     def _check_key(self, entry: _KeyEntry, secret: str, now: float) -> Principal:
+        record = entry.record
+        if record is None or not record.matches(secret):
+            raise Unauthorized("unknown API key")
+        return self._key_principal(entry, now)
+
+    def _key_principal(self, entry: _KeyEntry, now: float) -> Principal:
+        """The key's caller, once its secret matched: unless expired or revoked."""
         record, principal = entry.record, entry.principal
-        if record is None or principal is None or not record.matches(secret):
+        if record is None or principal is None:
             raise Unauthorized("unknown API key")
         if record.expired(now):
             raise Unauthorized("API key expired")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import re
-import uuid
 from typing import Any
 
 from sanic import Request
@@ -37,4 +37,5 @@ def request_id_from(request: Request[Any, Any]) -> str:
 
 def request_id_of(incoming: str | None) -> str:
     """`incoming` (an `X-Request-Id` value) when it is well formed, else a new id."""
-    return incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, as `uuid4().hex` but without its object (hot path).
+    return incoming if incoming and _REQUEST_ID.match(incoming) else os.urandom(16).hex()

@@ -182,6 +182,12 @@ class PolicyDocument(_Model):
         """Some route is a pass-through one (the gateway's fast path glances at it)."""
         return any(rule.passthrough for rule in self.routes)
 
+    @cached_property
+    def passthrough_prefixes(self) -> tuple[bytes, ...]:
+        """What the path of a pass-through route's request starts with: each prefix without
+        its last `/` (a route also takes the bare `/prefix`). A first, cheap filter."""
+        return tuple(r.prefix[:-1].encode() for r in self.routes if r.passthrough)
+
     def to_json(self) -> str:
         """The canonical stored form (compact JSON)."""
         return self.model_dump_json()

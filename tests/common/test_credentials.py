@@ -413,6 +413,31 @@ async def test_a_revocation_event_drops_the_cached_record(
     await eventually_rejected(auth, text, "unknown API key")
 
 
+async def test_the_sync_cache_of_a_matched_key_still_checks_expiry_revocation_and_secret(
+    auth: Authenticator, redis: aioredis.Redis, clock: Clock
+) -> None:
+    # The second sync check of a key is answered without parsing or hashing it again.
+    text, record = await stored_key(redis, expires_at=time.time() + 60)
+    principal = await auth.authenticate(text)
+    assert auth.authenticate_sync_cached(text) == principal
+    assert auth.authenticate_sync_cached(text) == principal  # from the memo
+    wrong_secret = apikeys.format_key(record.key_id, "A" * 43)
+    assert auth.authenticate_sync_cached(wrong_secret) is None
+    clock.offset = 61
+    assert auth.authenticate_sync_cached(text) is None  # expired (and the cache is stale)
+    clock.offset = 0
+    other, other_record = await stored_key(redis)
+    await auth.authenticate(other)
+    assert auth.authenticate_sync_cached(other) is not None
+    assert auth.authenticate_sync_cached(other) is not None
+    await revocation.revoke(redis, f"key:{other_record.key_id}", time.time() + 600)
+
+    async def refused() -> bool:
+        return auth.authenticate_sync_cached(other) is None
+
+    await wait_for_async(refused, timeout=10)
+
+
 def _fields(record: apikeys.ApiKeyRecord) -> dict[str, Any]:
     return {name: getattr(record, name) for name in record.__dataclass_fields__}
 

@@ -162,11 +162,14 @@ class FastPathProtocol(HttpProtocol):
         glance at the request line; None when it is not one. Hot path."""
         app: GatewayApp = self.app
         policy = app.ctx.policy.current
-        if not policy.has_passthrough:
+        prefixes = policy.passthrough_prefixes
+        if not prefixes:
             return None
         held = self._held
         space = held.find(b" ", 0, 16)
-        end = held.find(b" ", space + 1, space + 8193) if space > 0 else -1
+        if space < 0 or not held.startswith(prefixes, space + 1):
+            return None
+        end = held.find(b" ", space + 1, space + 8193)
         if end < 0:
             return None
         method = bytes(held[:space])
@@ -230,13 +233,14 @@ class FastPathProtocol(HttpProtocol):
     def _pump(self) -> None:
         """Answer the request at the start of the held bytes, or hand them all to Sanic."""
         app: GatewayApp = self.app
-        if self._sanic_idle():
+        idle = self._sanic_idle()
+        if idle:
             route = self._passthrough_route()
             if route is not None:
                 self._fast_task = self.loop.create_task(self._start_passthrough(*route))
                 return
         try:
-            worth = self._sanic_idle() and self._may_qualify()
+            worth = idle and self._may_qualify()
             parsed = parse_request(self._held) if worth else None
             if parsed is INCOMPLETE:
                 return  # wait for the rest of the body (`check_timeouts` bounds the wait)
@@ -271,8 +275,8 @@ class FastPathProtocol(HttpProtocol):
         return service not in INTERNAL_SERVICES and not self.app.ctx.gate.has_limits(service, None)
 
     def _admit(self, parsed: Parsed) -> list[tuple[str, str]] | None:
-        """The upstream request headers when the credential is cached and allowed and no
-        rate limit applies; None sends the request to Sanic. Hot path."""
+        """The upstream request headers when the credential is cached and allowed; None
+        sends the request to Sanic. Only after `_may_qualify` (no rate limit). Hot path."""
         if parsed.service in INTERNAL_SERVICES:
             return None
         first = parsed.first
@@ -286,8 +290,7 @@ class FastPathProtocol(HttpProtocol):
         principal = gate.authenticator.authenticate_sync_cached(credential)
         if principal is None or not principal.allows(parsed.service, None):
             return None
-        if gate.has_limits(parsed.service, None):
-            return None
+        # No rate limit covers the service: `_may_qualify` checked it in this same turn.
         request_id = request_id_of(first.get(b"x-request-id"))
         first[b"x-request-id"] = request_id
         conn_info = self.conn_info

@@ -25,10 +25,13 @@ def upstream_target(raw_url: bytes, prefix: str) -> str:
     rest = path[len(prefix) :] or "/"
     if not rest.startswith("/"):
         raise InvalidProxyPath("unexpected path")
-    for segment in rest.split("/"):
-        decoded = unquote(segment)
-        if decoded in (".", "..") or any(c in decoded for c in ("/", "\\", "\x00")):
-            raise InvalidProxyPath("path traversal is not allowed")
+    # Every dot segment starts with "/." (`rest` starts with "/"); without that, an escape
+    # or a backslash there is nothing to check (the usual case, on the hot path).
+    if "/." in rest or "%" in rest or "\\" in rest or "\x00" in rest:
+        for segment in rest.split("/"):
+            decoded = unquote(segment)
+            if decoded in (".", "..") or any(c in decoded for c in ("/", "\\", "\x00")):
+                raise InvalidProxyPath("path traversal is not allowed")
     return rest + (sep + query if sep else "")
 
 
