@@ -46,22 +46,29 @@ def test_proxy_bench_quick(tmp_path: Path) -> None:
             assert run["non_2xx"] == 0 and not any(run["socket_errors"].values()), (name, phase)
             assert run["lat_ms"]["p50"] > 0, (name, phase)
     # The gateway is always started, registers the backend (with a credential:
-    # heartbeats need one) and proxies to it, for each of its three targets.
+    # heartbeats need one) and proxies to it, for each of its four targets.
     gateways = {name: doc["targets"][name] for name in GATEWAY_TARGETS}
     for result in gateways.values():
         assert result["body_ok"]
     assert gateways["switchboard"]["url"].endswith("/svc/echo/api/echo")
     assert gateways["switchboard-auth"]["url"] == gateways["switchboard"]["url"]
     assert gateways["switchboard-open"]["url"].endswith("/open/api/echo")
-    # One gateway process for all three.
+    assert gateways["switchboard-passthrough"]["url"].endswith("/raw/api/echo")
+    # One gateway process for all four.
     assert len({urlsplit(r["url"]).netloc for r in gateways.values()}) == 1
     assert gateways["switchboard"]["checks"] == {
         "ratelimit_limit": None,
+        "spliced": False,
         "status_without_credential": 401,
     }
-    assert gateways["switchboard-open"]["checks"] == {"ratelimit_limit": None}
+    assert gateways["switchboard-open"]["checks"] == {"ratelimit_limit": None, "spliced": False}
+    assert gateways["switchboard-passthrough"]["checks"] == {
+        "ratelimit_limit": None,
+        "spliced": True,
+    }
     assert gateways["switchboard-auth"]["checks"] == {
         "ratelimit_limit": "1000000",
+        "spliced": False,
         "status_without_credential": 401,
     }
     # The credentials sent by wrk are not written out.
@@ -71,7 +78,7 @@ def test_proxy_bench_quick(tmp_path: Path) -> None:
         for name in GATEWAY_TARGETS:
             assert name not in doc["not_measured"]
             sent = "-H Authorization: <redacted>" in gateways[name]["loaded"]["cmd"]
-            assert sent == (name != "switchboard-open"), name
+            assert sent == (name not in ("switchboard-open", "switchboard-passthrough")), name
         assert {"x_nginx_met", "x_best_python_met", "added_c1_p50_met"} <= set(doc["goals"])
         # Issue 6: auth and rate limiting on / off, on the same gateway.
         issue6 = doc["goals"]["auth_vs_open"]
@@ -81,6 +88,11 @@ def test_proxy_bench_quick(tmp_path: Path) -> None:
         verdict = "met" if issue6["met"] else "NOT met"
         line = f"switchboard-auth / switchboard-open >= 0.85 {issue6['ratio']:>6.2f}  {verdict}"
         assert line in proc.stdout, proc.stdout[-2000:]
+        # The pass-through route against nginx, when nginx ran.
+        if "x_nginx" in doc["targets"]["switchboard-passthrough"].get("derived", {}):
+            passthrough = doc["goals"]["passthrough"]
+            assert passthrough["goal"] == 1.0 and isinstance(passthrough["met"], bool)
+            assert "switchboard-passthrough >= 1.0x nginx's" in proc.stdout
     else:
         for name in GATEWAY_TARGETS:
             assert "wrk is not installed" in doc["not_measured"][name]

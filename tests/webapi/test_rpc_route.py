@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import httpx
@@ -85,6 +86,26 @@ async def test_oversized_body_is_413(http: httpx.AsyncClient) -> None:
     response = await http.post("/rpc/calc/add", content=b"x" * (2 * 1024 * 1024))
     assert response.status_code == 413
     _error(response)
+
+
+def test_a_413_is_readable_while_the_client_is_still_sending(stack: Stack) -> None:
+    # The gateway refuses the body before reading it; it must keep reading (and
+    # dropping) what the client still sends, or its close resets the connection and
+    # the client never sees the 413 (a lingering close, as nginx does).
+    host, port = stack.base_url.removeprefix("http://").split(":")
+    body = b"x" * (4 * 1024 * 1024)
+    auth = "".join(f"{k}: {v}\r\n" for k, v in as_admin.headers.items())
+    head = (f"POST /rpc/calc/add HTTP/1.1\r\nHost: gw\r\n{auth}"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.encode() + body[:65536])
+        time.sleep(0.5)  # the 413 is written and the close has begun by now
+        sock.sendall(body[65536:])
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b'"error"' in answer
 
 
 async def test_unknown_route_and_wrong_method_are_json(http: httpx.AsyncClient) -> None:
