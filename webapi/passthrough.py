@@ -25,7 +25,9 @@ only: they see no header, so they cost a few µs):
   forwarded, and the request goes to Sanic's usual handling on the same
   connection. When it is pipelined behind a route request in one read, the
   connection is closed once the forwarded requests are answered (HTTP clients
-  retry idempotent requests on a closed keep-alive connection);
+  retry idempotent requests on a closed keep-alive connection). A read that ends
+  inside a request head is held, not forwarded, until the head is whole: no byte
+  of a request goes upstream before its path has been checked;
 * response boundaries are counted, so the splice knows when the upstream has
   answered everything (1xx interim responses are not answers);
 * the upstream closing between responses ends the splice (the next request
