@@ -14,6 +14,7 @@ from typing import Protocol, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from webapi.proxy.deadlines import Deadlines
 from webapi.proxy.errors import (
     UpstreamBodyTooLarge,
     UpstreamError,
@@ -53,8 +54,10 @@ class Connection(asyncio.Protocol):
         loop: asyncio.AbstractEventLoop,
         read_timeout: float,
         max_body: int | None,
+        deadlines: Deadlines,
     ) -> None:
         self._owner = owner
+        self._deadlines = deadlines
         self._loop = loop
         self._read_timeout = read_timeout
         self._max_body = max_body
@@ -69,7 +72,6 @@ class Connection(asyncio.Protocol):
         # The current exchange; `_resp` is None between exchanges.
         self._resp: UpstreamResponse | None = None
         self._head_fut: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._upload: asyncio.Task[None] | None = None
         self._upload_done = True
         self._head_deadline: float | None = None
@@ -117,8 +119,8 @@ class Connection(asyncio.Protocol):
         now = self._progress_at = loop.time()
         self._head_deadline = deadline
         when = now + self._read_timeout
-        self._timer = loop.call_at(
-            when if deadline is None or when < deadline else deadline, self._on_timer
+        self._deadlines.set(
+            self, when if deadline is None or when < deadline else deadline, self._on_timer
         )
 
         if framing == NO_BODY:
@@ -155,7 +157,6 @@ class Connection(asyncio.Protocol):
                 self._fail(exc)
 
     def _on_timer(self) -> None:
-        self._timer = None
         if self._resp is None:
             return
         now = self._loop.time()
@@ -167,7 +168,7 @@ class Connection(asyncio.Protocol):
             # Request sent, head awaited: the head's own deadline (the request's timeout,
             # which may be longer than the read timeout: a model may think for a minute
             # before it answers) is the only bound.
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._deadlines.set(self, deadline, self._on_timer)
             return
         writer = self._writer
         assert writer is not None
@@ -183,7 +184,7 @@ class Connection(asyncio.Protocol):
             )
             return
         when = gap_end if deadline is None or gap_end < deadline else deadline
-        self._timer = self._loop.call_at(when, self._on_timer)
+        self._deadlines.set(self, when, self._on_timer)
 
     def _finish(self) -> None:
         resp = self._resp
@@ -219,9 +220,7 @@ class Connection(asyncio.Protocol):
     def _end_exchange(self) -> None:
         self._resp = None
         self._head_fut = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadlines.clear(self)
         upload = self._upload
         if upload is not None:
             self._upload = None

@@ -39,6 +39,7 @@ from collections import deque
 from typing import Any
 
 from webapi.proxy.connection import Connection, StaleConnection
+from webapi.proxy.deadlines import Deadlines
 from webapi.proxy.errors import (
     UpstreamConnectError,
     UpstreamError,
@@ -133,6 +134,7 @@ class UpstreamPool:
         self.idle_timeout = idle_timeout
         self.closed = False
         self._hosts: dict[str, _Host] = {}
+        self._deadlines: Deadlines | None = None  # the exchanges' timeouts (made in the loop)
 
     async def request(
         self,
@@ -192,7 +194,9 @@ class UpstreamPool:
         timeout, total_bound = connect_timeout, False
         if deadline is not None and deadline - loop.time() < timeout:
             timeout, total_bound = deadline - loop.time(), True
-        conn = Connection(host, loop, self.read_timeout, self.max_body)
+        if self._deadlines is None:
+            self._deadlines = Deadlines(loop)
+        conn = Connection(host, loop, self.read_timeout, self.max_body, self._deadlines)
         try:
             async with asyncio.timeout(timeout):
                 await loop.create_connection(lambda: conn, host.host, host.port)
@@ -236,6 +240,8 @@ class UpstreamPool:
             conn.close()
         if conns:
             await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=5)
+        if self._deadlines is not None:
+            self._deadlines.close()
 
     async def __aenter__(self) -> UpstreamPool:
         return self
