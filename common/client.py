@@ -7,14 +7,8 @@ async with RpcClient(redis_url) as rpc:
 ```
 
 One client per process is the intended use: it owns one reply inbox (a Redis
-list), read by one background task that resolves the waiting futures by call
-id, so no key, subscription or connection is created per call. Enqueues go
-through one writer task that sends every call issued meanwhile in a single
-pipelined round trip of the enqueue script (which also answers "is anyone
-alive?" and "is the backlog under its bound?"): at one caller that is one round
-trip per call, at many callers far fewer.
-
-Hot path: `invoke`, `_write_enqueues`, `_read_inbox`.
+list) and two connections, so no key, subscription or connection is created per
+call. How calls go out and replies come back is `common.client_io`.
 """
 
 from __future__ import annotations
@@ -24,34 +18,28 @@ import itertools
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
-from common import codec, constants
-from common.aio import Backoff, cancel_and_wait, cancelling
-from common.connection import REDIS_DOWN_ERRORS, connect
+from common import constants
+from common.aio import cancel_and_wait
+from common.client_io import ClientIO, Enqueue
+from common.connection import REDIS_DOWN_ERRORS, RawConnection, connect, pack_commands
 from common.errors import (
     MethodNotFound,
-    Overloaded,
     RpcTimeout,
     ServiceUnavailable,
-    error_from_wire,
 )
 from common.log import get_logger, request_id_var
 from common.protocol import (
     DROPPED,
-    ENQUEUE_SCRIPT,
     HIGH_WATERMARK,
     LOW_WATERMARK,
-    NO_INSTANCE,
-    OVER_BACKLOG,
     POLICIES,
     PRIORITIES,
-    TASK_SCRIPT,
     Call,
 )
 from common.settings import Settings, get_settings
@@ -59,6 +47,7 @@ from common.settings import Settings, get_settings
 log = get_logger("switchboard.client")
 
 _INBOX_BATCH = 256
+_INBOX_ERRORS: tuple[type[Exception], ...] = (*REDIS_DOWN_ERRORS, ResponseError)
 _ENQUEUE_BATCH = 512
 # How long a fire-and-forget message stays worth running if it waits in the queue.
 DEFAULT_SEND_TTL = 300.0
@@ -72,23 +61,7 @@ def split_target(target: str) -> tuple[str, str]:
     return service, method
 
 
-@dataclass(slots=True)
-class _Enqueue:
-    script: str  # a key of _SCRIPTS
-    keys: tuple[str, ...]
-    args: tuple[bytes | str | float, ...]
-    # For a call: the future of its *reply*, failed here only if the enqueue fails
-    # (one future per call). For a task: resolved with the enqueue script's result.
-    future: asyncio.Future[Any]
-    service: str = ""
-    instance: str | None = None
-    awaits_reply: bool = False
-
-
-_SCRIPTS = {"call": ENQUEUE_SCRIPT, "task": TASK_SCRIPT}
-
-
-class RpcClient:
+class RpcClient(ClientIO):
     """Calls methods of Switchboard services; one per process, shared by all tasks."""
 
     def __init__(
@@ -108,13 +81,20 @@ class RpcClient:
         self.client_id = uuid.uuid4().hex
         self.inbox = constants.inbox_key(self.client_id)
         self.settings = settings
-        self._shas: dict[str, str] = {}
+        self._enqueuer = RawConnection(self.redis)
+        self._receiver = RawConnection(self.redis)
         self._ids = itertools.count()
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
-        self._outbox: asyncio.Queue[_Enqueue] = asyncio.Queue()
+        self._outbox: asyncio.Queue[Enqueue] = asyncio.Queue()
         self._failures: set[asyncio.Task[None]] = set()
+        # The reader parks when no reply is awaited; `invoke` may then use its
+        # connection (`_direct` is the enqueue it wrote there) and wakes it.
+        self._reader_parked = False
+        self._reader_wake = asyncio.Event()
+        self._direct: Enqueue | None = None
+        self._blpop = pack_commands([("BLPOP", self.inbox, 1)])
 
     async def __aenter__(self) -> RpcClient:
         await self.start()
@@ -146,6 +126,8 @@ class RpcClient:
             if not fut.done():
                 fut.set_exception(ServiceUnavailable("RPC client closed"))
         self._pending.clear()
+        await self._enqueuer.aclose()
+        await self._receiver.aclose()
         if self._own_redis:
             await self.redis.aclose()
 
@@ -201,7 +183,7 @@ class RpcClient:
         self._pending[call_id] = future
         try:
             async with asyncio.timeout(timeout):
-                self._enqueue_call(service, call, instance, future)
+                await self._enqueue_call(service, call, instance, future)
                 return await future
         except TimeoutError:
             raise RpcTimeout(f"{target} did not answer within {timeout:g}s") from None
@@ -271,9 +253,10 @@ class RpcClient:
             key=coalesce_key,
             max_attempts=attempts or settings.task_attempts,
         )
-        item = _Enqueue(
+        item = Enqueue(
             script="task",
-            keys=(
+            args=(
+                8,
                 constants.instances_key(service),
                 constants.task_stream(service, priority),
                 constants.limits_key(service),
@@ -282,8 +265,6 @@ class RpcClient:
                 constants.task_stream(service, 2),
                 constants.coalesce_key(service),
                 constants.task_stats_key(service),
-            ),
-            args=(
                 call.encode(),
                 str(priority),
                 policy,
@@ -298,141 +279,3 @@ class RpcClient:
             return False
         await self._raise_for(result, service, None)
         return True
-
-    async def _submit(self, item: _Enqueue) -> Any:
-        if self._writer is None:
-            await self.start()
-        self._outbox.put_nowait(item)
-        return await item.future
-
-    async def _raise_for(self, entry: Any, service: str, instance: str | None) -> None:
-        error = await self._error_for(entry, service, instance)
-        if error is not None:
-            raise error
-
-    async def _error_for(self, entry: Any, service: str, instance: str | None) -> Exception | None:
-        """The error an enqueue script's result stands for, or None for an entry id."""
-        if entry == NO_INSTANCE:
-            if instance:
-                return ServiceUnavailable(f"instance {instance!r} of {service!r} is not live")
-            try:
-                known = await self.redis.hexists(constants.CATALOG, service)
-            except REDIS_DOWN_ERRORS as exc:
-                return ServiceUnavailable(f"redis unreachable: {exc}")
-            if not known:
-                return MethodNotFound(f"unknown service {service!r}")
-            return ServiceUnavailable(f"no live instance of {service!r}")
-        if entry == OVER_BACKLOG:
-            return Overloaded(f"{service!r} has more calls queued than its bound")
-        return None
-
-    async def _fail_call(self, item: _Enqueue, entry: Any) -> None:
-        error = await self._error_for(entry, item.service, item.instance)
-        if error is not None and not item.future.done():
-            item.future.set_exception(error)
-
-    def _enqueue_call(
-        self, service: str, call: Call, instance: str | None, reply: asyncio.Future[Any]
-    ) -> None:
-        """Queue the call for the writer; a failed enqueue fails `reply` itself."""
-        if instance:
-            stream = constants.direct_stream(service, instance)
-        else:
-            stream = constants.call_stream(service)
-        self._outbox.put_nowait(
-            _Enqueue(
-                script="call",
-                keys=(constants.instances_key(service), stream, constants.limits_key(service)),
-                args=(call.encode(), instance or ""),
-                future=reply,
-                service=service,
-                instance=instance,
-                awaits_reply=True,
-            )
-        )
-
-    async def _write_enqueues(self) -> None:
-        """The one writer: every enqueue waiting is sent in one pipelined round trip."""
-        while not cancelling():
-            batch = [await self._outbox.get()]
-            while len(batch) < _ENQUEUE_BATCH and not self._outbox.empty():
-                batch.append(self._outbox.get_nowait())
-            try:
-                results = await self._send_enqueues(batch)
-            except REDIS_DOWN_ERRORS as exc:
-                error = ServiceUnavailable(f"redis unreachable: {exc}")
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(error)
-                continue
-            for item, result in zip(batch, results, strict=True):
-                if item.future.done():
-                    continue  # the caller timed out meanwhile
-                if isinstance(result, Exception):
-                    item.future.set_exception(result)
-                elif not item.awaits_reply:
-                    item.future.set_result(result)
-                elif result in (NO_INSTANCE, OVER_BACKLOG):
-                    # Rare path (it may need a catalog lookup): off the writer's loop.
-                    self._failures.add(asyncio.create_task(self._fail_call(item, result)))
-                    self._failures = {t for t in self._failures if not t.done()}
-
-    async def _send_enqueues(self, batch: list[_Enqueue]) -> list[Any]:
-        for _attempt in range(2):
-            for name in {item.script for item in batch} - self._shas.keys():
-                self._shas[name] = await self.redis.script_load(_SCRIPTS[name])
-            if len(batch) == 1:
-                # One call waiting (always, at one caller): a plain command costs
-                # redis-py far less than a pipeline of one.
-                item = batch[0]
-                sha = self._shas[item.script]
-                try:
-                    return [await self.redis.evalsha(sha, len(item.keys), *item.keys, *item.args)]
-                except NoScriptError:
-                    self._shas.clear()
-                    continue
-                except ResponseError as exc:
-                    return [exc]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for item in batch:
-                    pipe.evalsha(self._shas[item.script], len(item.keys), *item.keys, *item.args)
-                results: list[Any] = await pipe.execute(raise_on_error=False)
-            if not any(isinstance(r, NoScriptError) for r in results):
-                return results
-            # Redis restarted (its script cache is empty): load the scripts, send again.
-            self._shas.clear()
-        return results
-
-    async def _read_inbox(self) -> None:
-        backoff = Backoff()
-        while not cancelling():
-            try:
-                item = await self.redis.blpop([self.inbox], timeout=1)
-                if item is not None:
-                    self._deliver(item[1])
-                    # Drain the rest in batches, unless nobody else is waiting (at one
-                    # caller that LPOP would be one wasted command per call).
-                    while self._pending:
-                        more = await self.redis.lpop(self.inbox, _INBOX_BATCH)
-                        for raw in more or ():
-                            self._deliver(raw)
-                        if not more or len(more) < _INBOX_BATCH:
-                            break
-                backoff.reset()
-            except REDIS_DOWN_ERRORS as exc:
-                log.warning("reply inbox unreachable", extra={"fields": {"error": str(exc)}})
-                await backoff.wait()
-
-    def _deliver(self, raw: Any) -> None:
-        try:
-            reply = codec.unpackb(raw)
-            future = self._pending.pop(reply["id"], None)
-        except Exception:
-            log.warning("undecodable reply dropped")
-            return
-        if future is None or future.done():
-            return  # the caller already gave up (timeout)
-        if reply.get("ok"):
-            future.set_result(reply.get("r"))
-        else:
-            future.set_exception(error_from_wire(reply.get("e") or {}))

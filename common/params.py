@@ -12,6 +12,7 @@ purpose: the gateway forwards JSON, where an ISO string must become a
 from __future__ import annotations
 
 import dataclasses
+import dis
 import inspect
 import typing
 from collections.abc import Callable
@@ -30,6 +31,7 @@ class MethodSpec:
         self.name = name
         self.fn = fn
         self.is_async = inspect.iscoroutinefunction(fn)
+        self.never_suspends = never_suspends(fn)  # the worker runs it without a task
         self.signature = inspect.signature(fn)
         hints = typing.get_type_hints(fn)
         self._adapters: dict[str, TypeAdapter[Any]] = {}
@@ -80,3 +82,34 @@ def _register_classes(annotation: Any) -> None:
         codec.register(annotation)
     for arg in typing.get_args(annotation):
         _register_classes(arg)
+
+
+# Opcodes through which a coroutine can suspend (`await`, `async with`, `async for`).
+_SUSPENDING_OPS = frozenset(
+    {
+        "GET_AWAITABLE",
+        "SEND",
+        "YIELD_VALUE",
+        "YIELD_FROM",
+        "BEFORE_ASYNC_WITH",
+        "GET_AITER",
+        "GET_ANEXT",
+        "END_ASYNC_FOR",
+    }
+)
+
+
+def never_suspends(fn: Any) -> bool:
+    """True for an `async def` with no `await`, `async with` or `async for` in its body.
+
+    Its coroutine ends at its first step, so the worker runs it to its end in the
+    read loop instead of in a task of its own (a task costs more than a fast
+    handler). Nothing task-bound can happen in it: `asyncio.timeout`, task groups
+    and anything else that suspends need an `await`. Handlers that do await
+    (most real ones), sync handlers and anything that is not a plain function
+    get a task, as always.
+    """
+    code = getattr(fn, "__code__", None)
+    if code is None or not inspect.iscoroutinefunction(fn):
+        return False
+    return not any(op.opname in _SUSPENDING_OPS for op in dis.get_instructions(code))

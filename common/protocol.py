@@ -161,20 +161,22 @@ class Call:
     @classmethod
     def decode(cls, data: bytes) -> Call:
         env = codec.unpackb(data)
+        get = env.get
+        # Positional, in field order: the worker decodes every call (hot path).
         return cls(
-            call_id=str(env["id"]),
-            method=str(env["m"]),
-            args=list(env.get("a") or []),
-            kwargs=dict(env.get("k") or {}),
-            deadline=float(env["dl"]),
-            reply_to=env.get("rt"),
-            request_id=env.get("rid"),
-            version=int(env.get("v", PROTOCOL_VERSION)),
-            priority=int(env.get("p", 1)),
-            policy=str(env.get("pol", "execute")),
-            key=env.get("key"),
-            attempt=int(env.get("att", 1)),
-            max_attempts=int(env.get("max", 1)),
+            str(env["id"]),
+            str(env["m"]),
+            list(get("a") or ()),
+            dict(get("k") or {}),
+            float(env["dl"]),
+            get("rt"),
+            get("rid"),
+            int(get("v", PROTOCOL_VERSION)),
+            int(get("p", 1)),
+            str(get("pol", "execute")),
+            get("key"),
+            int(get("att", 1)),
+            int(get("max", 1)),
         )
 
 

@@ -2,91 +2,56 @@
 
 A `Worker` reads up to as many calls as it has free slots (its concurrency
 limit) in one `XREADGROUP` over the service's shared stream and its own direct
-stream, runs each in its own task (sync handlers in a thread pool, so a
-CPU-bound handler never blocks the loop), and hands the results to one flusher
-task. The flusher writes everything finished at that moment in one pipelined
-round trip, in an order that makes a crash at any point safe:
-
-1. the replies into the deduplication window (`done` hash of the current bucket),
-2. the replies onto each caller's inbox (one RPUSH per inbox),
-3. `XACK` + `XDEL` of the entries.
+stream, on a connection of its own (`RawConnection`), and runs each call in
+its own task (sync handlers in a thread pool, so a CPU-bound handler never
+blocks the loop), except calls to an `async def` that cannot suspend (no
+`await` in it, see `common.params.never_suspends`), which run to their end in
+the read loop; running a call is `common.calls.CallRunner`'s part.
+The read loop lets the calls it just started run up to their first suspension
+before it reads again, and everything finished by then goes out in the same
+write as that next `XREADGROUP`: a fast handler's reply costs no write of its
+own, and under load a batch costs one round trip. What finishes while the loop
+is blocked in a read is written by the flusher task on a second connection.
+Either way a batch is written in an order that makes a crash at any point safe
+(`common.replies`): replies stored for deduplication, then pushed to the callers'
+inboxes, then the entries acked and deleted.
 
 Redelivery (`common.redelivery`): every `reap_interval` a worker runs the
-reclaim script, which moves the pending calls of every consumer without a live lease (a SIGKILLed or
-partitioned instance) to itself. A reclaimed call whose id is in the
+reclaim script, which moves the pending calls of every consumer without a live
+lease (a SIGKILLed or partitioned instance) to itself. A reclaimed call whose id is in the
 deduplication window already completed: its stored reply is sent again and it
 does not run twice. Calls of a consumer whose lease merely lapsed while it was
 still running may run twice: delivery is at-least-once, as documented.
 
-Hot path: `_consume`, `_run`, `_flush` (covered by `make bench-rpc`).
+Hot path: `_consume`, `CallRunner._begin`, `ReplyWrites.commands` (covered by
+`make bench-rpc`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
-import time
-from collections import defaultdict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from common import constants, deadletters
+from common import constants
 from common.aio import Backoff, cancel_and_wait, cancelling
-from common.connection import REDIS_DOWN_ERRORS
-from common.errors import (
-    InvalidParams,
-    MethodNotFound,
-    RemoteError,
-    RpcError,
-    SwitchboardError,
-)
-from common.log import get_logger, request_id_var
-from common.metrics import MethodStats
+from common.calls import CallRunner, WorkerStats
+from common.connection import REDIS_DOWN_ERRORS, RawConnection, pack_commands
+from common.log import get_logger
 from common.params import MethodSpec
-from common.protocol import Call, error_reply, ok_reply
 from common.redelivery import Redelivery
+from common.replies import Finished, ReplyWrites
 
 log = get_logger("switchboard.worker")
 
-# An inbox whose client went away disappears after this long.
-INBOX_TTL_SECONDS = 60
 _MAX_FLUSH_BATCH = 512
 
-_MAX_RETRY_DELAY = 60.0
 
-
-@dataclass(slots=True)
-class WorkerStats:
-    methods: dict[str, MethodStats] = field(default_factory=dict)
-    expired: int = 0  # calls skipped because their deadline passed while queued
-    malformed: int = 0  # entries that could not be decoded (acked and dropped)
-    redelivered: int = 0  # calls reclaimed from dead instances
-    deduplicated: int = 0  # reclaimed calls answered from the stored reply, not re-run
-    retried: int = 0  # failed tasks scheduled for another attempt
-    dead_lettered: int = 0  # tasks that failed every attempt
-
-
-@dataclass(slots=True)
-class _Finished:
-    """A processed entry waiting for the flusher."""
-
-    stream: str
-    entry_id: bytes
-    call_id: str | None = None
-    inbox: str | None = None
-    reply: bytes | None = None
-    remember: bool = True  # store the reply in the deduplication window
-    retry: tuple[bytes, float] | None = None  # (retry zset member, due epoch ms)
-    dead: bytes | None = None  # dead-letter record
-
-
-class Worker:
+class Worker(CallRunner):
     """Consumes one service's call streams as one consumer of the shared group."""
 
     def __init__(
@@ -120,12 +85,24 @@ class Worker:
         self._bucket_seconds = max(dedup_window / 2, 1.0)
         self._executor = ThreadPoolExecutor(thread_pool, thread_name_prefix=f"{service}-handler")
         self.redelivery = Redelivery(redis, service, consumer, self._bucket_seconds)
+        # The read loop's connection (reads, and the writes that ride along) and
+        # the flusher's (writes made while the read loop is blocked in a read).
+        self._reader = RawConnection(redis)
+        self._writer = RawConnection(redis)
+        self._stream_names = {s.encode(): s for s in (self.stream, self.direct, *self.tasks)}
+        # Methods whose handler can never suspend: run in the read loop, no task.
+        self._inline = {name for name, spec in methods.items() if spec.never_suspends}
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._finished: asyncio.Queue[_Finished] = asyncio.Queue()
+        self._finished: list[Finished] = []
+        self._unflushed = 0  # finished entries not yet written
+        self._all_flushed = asyncio.Event()
+        self._flush_wanted = asyncio.Event()
+        self._in_read_loop = False  # finishing now: the read loop writes it next
+        self._started_tasks = False  # the read loop started calls since its last turn
         self._tasks: list[asyncio.Task[None]] = []
-        self._expiry_set: dict[str, float] = {}
+        self._writes = ReplyWrites(service, self._bucket_seconds, dead_letter_cap)
 
     async def start(self) -> None:
         """Create the consumer groups (both streams) and start consuming."""
@@ -159,12 +136,16 @@ class Worker:
                     "shutdown grace expired: calls handed back",
                     extra={"fields": {"handed_back": len(pending)}},
                 )
-        try:
-            await asyncio.wait_for(self._finished.join(), timeout=max(grace, 1.0))
-        except TimeoutError:
-            log.warning("replies not flushed before shutdown")
+        if self._unflushed:
+            self._flush_wanted.set()
+            try:
+                await asyncio.wait_for(self._all_flushed.wait(), timeout=max(grace, 1.0))
+            except TimeoutError:
+                log.warning("replies not flushed before shutdown")
         for task in self._tasks:
             await cancel_and_wait(task)
+        await self._reader.aclose()
+        await self._writer.aclose()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _ensure_groups(self) -> None:
@@ -190,52 +171,79 @@ class Worker:
         `free // 4` entries per stream so it cannot overshoot the limit. When the
         last read was partial (no backlog) the probe is skipped: at one caller it
         would cost a round trip per call.
+
+        Every read carries, in the same write, the replies, acks and bookkeeping
+        of what finished since the last one.
         """
         backoff = Backoff()
         probe_first = True
-        first = {self.stream: ">", self.direct: ">", self.tasks[0]: ">"}
-        everything = {**first, self.tasks[1]: ">"}
+        group, consumer = constants.WORKER_GROUP, self.consumer
+        first = (self.stream, self.direct, self.tasks[0])
+        everything = (*first, self.tasks[1])
+        read_timeout = self.block_ms / 1000 + self._reader.timeout
+        reads: dict[tuple[bool, int], bytes] = {}  # the read commands, packed once
         while not self._stopping.is_set() and not cancelling():
             free = self._free_slots()
             if free <= 0:
+                if self._finished:
+                    self._flush_wanted.set()
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
+            per_stream = free if probe_first else max(1, free // 4)
+            read = reads.get((probe_first, per_stream))
+            if read is None:
+                command: tuple[Any, ...] = ("XREADGROUP", "GROUP", group, consumer)
+                command += ("COUNT", per_stream)
+                streams = first if probe_first else everything
+                if not probe_first:
+                    command += ("BLOCK", self.block_ms)
+                command += ("STREAMS", *streams, *(">",) * len(streams))
+                read = reads[(probe_first, per_stream)] = pack_commands([command])
+            batch = self._take_finished()
+            flush = self._writes.commands(batch) if batch else []
             try:
-                response: Any = None
-                if probe_first:
-                    response = await self.redis.xreadgroup(
-                        constants.WORKER_GROUP,
-                        self.consumer,
-                        first,  # type: ignore[arg-type]
-                        count=free,
-                    )
-                if response:
-                    probe_first = True
-                else:
-                    per_stream = max(1, free // 4)
-                    response = await self.redis.xreadgroup(
-                        constants.WORKER_GROUP,
-                        self.consumer,
-                        everything,  # type: ignore[arg-type]
-                        count=per_stream,
-                        block=self.block_ms,
-                    )
-                    probe_first = any(len(e) >= per_stream for _, e in response or ())
-                backoff.reset()
+                await self._reader.send_packed(pack_commands(flush) + read, len(flush) + 1)
+                if batch:
+                    self._written(batch, await self._reader.read(len(flush)))
+                    batch = []
+                (response,) = await self._reader.read(1, timeout=read_timeout)
             except REDIS_DOWN_ERRORS as exc:
+                self._requeue(batch)
                 log.warning("redis unreachable, retrying", extra={"fields": {"error": str(exc)}})
                 await backoff.wait()
                 continue
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):  # a stream was deleted (expiry, FLUSHALL)
+            except BaseException:
+                self._requeue(batch)  # cancelled mid-write: the flusher writes it again
+                raise
+            if isinstance(response, ResponseError):
+                if "NOGROUP" in str(response):  # a stream was deleted (expiry, FLUSHALL)
                     await self._ensure_groups()
                     continue
-                raise
-            for stream, entries in response or ():
-                name = stream.decode() if isinstance(stream, bytes) else stream
-                for entry_id, fields in entries:
-                    self._dispatch(name, entry_id, fields, redelivered=False)
+                raise response
+            backoff.reset()
+            if isinstance(response, dict):  # RESP3
+                response = list(response.items())
+            if probe_first:
+                probe_first = bool(response)
+            else:
+                probe_first = any(len(e) >= per_stream for _, e in response or ())
+            self._in_read_loop = True
+            try:
+                for stream, entries in response or ():
+                    name = self._stream_names.get(stream) or stream.decode()
+                    for entry_id, flat in entries:
+                        self._start(name, entry_id, _call_field(flat), redelivered=False)
+                if self._started_tasks:
+                    # One turn of the loop: every call just started runs up to its
+                    # first suspension, so those that finish at once (most fast
+                    # handlers) ride along with the next read's write.
+                    self._started_tasks = False
+                    await asyncio.sleep(0)
+            finally:
+                self._in_read_loop = False
+        if self._finished:
+            self._flush_wanted.set()
 
     async def _reap(self) -> None:
         """Every `reap_interval`: put due task retries back, reclaim dead instances' calls."""
@@ -253,12 +261,9 @@ class Worker:
                 self.stats.redelivered += len(claimed)
                 log.info("reclaimed calls of dead instances", extra={"fields": {"n": len(claimed)}})
             for stream, entry_id, fields in claimed:
-                self._dispatch(stream, entry_id, fields, redelivered=True)
+                self._start(stream, entry_id, fields.get(b"c"), redelivered=True)
 
-    def _dispatch(
-        self, stream: str, entry_id: bytes, fields: dict[bytes, bytes], *, redelivered: bool
-    ) -> None:
-        task = asyncio.create_task(self._run(stream, entry_id, fields, redelivered))
+    def _track(self, task: asyncio.Task[None]) -> None:
         self._inflight.add(task)
         task.add_done_callback(self._task_done)
 
@@ -266,159 +271,62 @@ class Worker:
         self._inflight.discard(task)
         self._slot_free.set()
 
-    async def _run(
-        self, stream: str, entry_id: bytes, fields: dict[bytes, bytes], redelivered: bool
-    ) -> None:
-        try:
-            call = Call.decode(fields[b"c"])
-        except Exception:
-            self.stats.malformed += 1
-            log.warning("malformed call entry dropped", extra={"fields": {"entry": str(entry_id)}})
-            self._finished.put_nowait(_Finished(stream, entry_id))
-            return
-        if redelivered:
-            stored = await self.redelivery.stored_reply(call.call_id)
-            if stored is not None:
-                self.stats.deduplicated += 1
-                done = _Finished(stream, entry_id, call.call_id, call.reply_to, stored, False)
-                self._finished.put_nowait(done)
-                return
-        if time.time() > call.deadline:
-            self.stats.expired += 1
-            self._finished.put_nowait(_Finished(stream, entry_id))
-            return
-        token = request_id_var.set(call.request_id)
-        try:
-            reply, error = await self._execute(call)
-        finally:
-            request_id_var.reset(token)
-        done = _Finished(stream, entry_id, call.call_id, call.reply_to, reply)
-        if error is not None and call.is_task:
-            self._after_task_failure(call, error, done)
-        self._finished.put_nowait(done)
+    # ----------------------------------------------------------------------
+    # Writing what finished
+    # ----------------------------------------------------------------------
+    def _finish(self, done: Finished) -> None:
+        self._finished.append(done)
+        self._unflushed += 1
+        self._all_flushed.clear()
+        if not self._in_read_loop:
+            self._flush_wanted.set()  # the read loop may be blocked: the flusher writes it
 
-    def _after_task_failure(self, call: Call, error: SwitchboardError, done: _Finished) -> None:
-        """Schedule another attempt with backoff, or keep it as a dead letter."""
-        permanent = isinstance(error, (MethodNotFound, InvalidParams))
-        if not permanent and call.attempt < call.max_attempts:
-            delay = min(self.retry_delay * 2 ** (call.attempt - 1), _MAX_RETRY_DELAY)
-            call.attempt += 1
-            member = str(call.priority).encode() + call.encode()
-            done.retry = (member, (time.time() + delay) * 1000)
-            done.remember = False  # the retry must run, not find this failure stored
-            self.stats.retried += 1
-        else:
-            done.dead = deadletters.encode(call, error.to_dict())
-            self.stats.dead_lettered += 1
-            log.warning(
-                "task dead-lettered",
-                extra={"fields": {"method": call.method, "attempts": call.attempt}},
+    def _take_finished(self) -> list[Finished]:
+        batch = self._finished[:_MAX_FLUSH_BATCH]
+        del self._finished[:_MAX_FLUSH_BATCH]
+        if self._finished:
+            self._flush_wanted.set()
+        return batch
+
+    def _requeue(self, batch: list[Finished]) -> None:
+        """A write failed: the flusher writes the batch again (it is never dropped)."""
+        if batch:
+            self._finished[:0] = batch
+            self._flush_wanted.set()
+
+    def _written(self, batch: list[Finished], replies: list[Any]) -> None:
+        errors = [r for r in replies if isinstance(r, ResponseError)]
+        if errors:
+            log.error(
+                "reply flush: redis refused a command", extra={"fields": {"error": str(errors[0])}}
             )
-
-    async def _execute(self, call: Call) -> tuple[bytes, SwitchboardError | None]:
-        """The encoded reply, and the error when the call failed."""
-        spec = self.methods.get(call.method)
-        if spec is None:
-            error: SwitchboardError = MethodNotFound(
-                f"{self.service} has no method {call.method!r}"
-            )
-            return error_reply(call.call_id, error), error
-        stats = self.stats.methods.get(call.method)
-        if stats is None:
-            stats = self.stats.methods[call.method] = MethodStats()
-        stats.calls += 1
-        started = time.perf_counter()
-        try:
-            args, kwargs = spec.bind(call.args, call.kwargs)
-            if spec.is_async:
-                result = await spec.fn(*args, **kwargs)
-            else:
-                ctx = contextvars.copy_context()
-                fn = functools.partial(ctx.run, spec.fn, *args, **kwargs)
-                result = await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-            return ok_reply(call.call_id, result), None
-        except Exception as exc:
-            stats.errors += 1
-            error = self._as_error(call, exc)
-            return error_reply(call.call_id, error), error
-        finally:
-            stats.latency.observe(time.perf_counter() - started)
-
-    def _as_error(self, call: Call, exc: Exception) -> SwitchboardError:
-        if isinstance(exc, RpcError) and not isinstance(exc, RemoteError):
-            return exc  # InvalidParams etc. travel as themselves
-        if isinstance(exc, SwitchboardError):
-            return RemoteError(exc.message, remote_type=type(exc).__name__, code=exc.code)
-        if isinstance(exc, TypeError) and "encode" in str(exc):
-            log.error("result not encodable", extra={"fields": {"method": call.method}})
-        else:
-            log.exception("handler raised", extra={"fields": {"method": call.method}})
-        return RemoteError(str(exc) or type(exc).__name__, remote_type=type(exc).__name__)
+        self._unflushed -= len(batch)
+        if self._unflushed <= 0:
+            self._all_flushed.set()
 
     async def _flush(self) -> None:
-        while not cancelling():
-            batch = [await self._finished.get()]
-            while len(batch) < _MAX_FLUSH_BATCH and not self._finished.empty():
-                batch.append(self._finished.get_nowait())
-            await self._write_batch(batch)
-            for _ in batch:
-                self._finished.task_done()
-
-    async def _write_batch(self, batch: list[_Finished]) -> None:
-        """One round trip for the whole batch; retried (never dropped) while Redis is down."""
-        remembered = {d.call_id: d.reply for d in batch if d.remember and d.call_id and d.reply}
-        by_inbox: dict[str, list[bytes]] = defaultdict(list)
-        by_stream: dict[str, list[bytes]] = defaultdict(list)
-        for done in batch:
-            if done.inbox and done.reply is not None:
-                by_inbox[done.inbox].append(done.reply)
-            by_stream[done.stream].append(done.entry_id)
+        """Write what finishes while the read loop is blocked in a read."""
         backoff = Backoff()
         while not cancelling():
-            try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    if remembered:
-                        key = constants.done_key(
-                            self.service, int(time.time() // self._bucket_seconds)
-                        )
-                        pipe.hset(key, mapping=remembered)  # type: ignore[arg-type]
-                        if self._expire_due(key):
-                            pipe.pexpire(key, int(self._bucket_seconds * 3000))
-                    retries = {d.retry[0]: d.retry[1] for d in batch if d.retry}
-                    if retries:
-                        pipe.zadd(constants.retry_key(self.service), retries)
-                    dead = [d.dead for d in batch if d.dead]
-                    if dead:
-                        key = constants.dead_letter_key(self.service)
-                        pipe.lpush(key, *dead)
-                        pipe.ltrim(key, 0, self.dead_letter_cap - 1)
-                    for inbox, replies in by_inbox.items():
-                        pipe.rpush(inbox, *replies)
-                        if self._expire_due(inbox):
-                            pipe.expire(inbox, INBOX_TTL_SECONDS)
-                    for stream, ids in by_stream.items():
-                        pipe.xack(stream, constants.WORKER_GROUP, *ids)
-                        pipe.xdel(stream, *ids)
-                    await pipe.execute()
-                return
-            except REDIS_DOWN_ERRORS as exc:
-                # Keep the replies: they are delivered once Redis is back.
-                log.warning("reply flush failed, retrying", extra={"fields": {"error": str(exc)}})
-                await backoff.wait()
-
-    def _expire_due(self, key: str) -> bool:
-        """Whether to (re)set `key`'s expiry in this batch: at most once a second per key.
-
-        The expiries only clean up after departed clients and old buckets, so once
-        a second is plenty, and it saves a command per batch on the hot path.
-        """
-        now = time.monotonic()
-        if now - self._expiry_set.get(key, -1.0) < 1.0:
-            return False
-        if len(self._expiry_set) > 10_000:
-            self._expiry_set.clear()
-        self._expiry_set[key] = now
-        return True
+            await self._flush_wanted.wait()
+            self._flush_wanted.clear()
+            batch = self._take_finished()
+            while batch and not cancelling():
+                try:
+                    replies = await self._writer.execute(self._writes.commands(batch))
+                except REDIS_DOWN_ERRORS as exc:
+                    # Keep the replies: they are delivered once Redis is back.
+                    log.warning(
+                        "reply flush failed, retrying", extra={"fields": {"error": str(exc)}}
+                    )
+                    await backoff.wait()
+                    continue
+                except BaseException:
+                    self._requeue(batch)
+                    raise
+                backoff.reset()
+                self._written(batch, replies)
+                batch = []
 
     def snapshot(self) -> dict[str, Any]:
         """Counters and per-method latency histograms as plain data."""
@@ -432,3 +340,14 @@ class Worker:
             "dead_lettered": self.stats.dead_lettered,
             "methods": {name: s.snapshot() for name, s in self.stats.methods.items()},
         }
+
+
+def _call_field(flat: Any) -> bytes | None:
+    """The `c` field of a stream entry as XREADGROUP returns it (a flat list)."""
+    if not flat:
+        return None  # an entry deleted while pending
+    if isinstance(flat, dict):
+        return flat.get(b"c")
+    if flat[0] == b"c":
+        return bytes(flat[1])
+    return dict(zip(flat[::2], flat[1::2], strict=False)).get(b"c")

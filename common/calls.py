@@ -1,0 +1,229 @@
+"""Running one call: decode, check the deadline, run the handler, encode the outcome.
+
+`CallRunner` is the half of `common.worker.Worker` that runs what the read loop
+hands it: a call to an `async def` that cannot suspend (`MethodSpec.never_suspends`)
+runs to its end right there, in its own context; any other call in a task of its
+own (sync handlers in the worker's thread pool, so a CPU-bound handler never
+blocks the loop). A redelivered call whose reply is in the deduplication window is
+answered from it and not run again. Every outcome goes to `_finish` as a
+`Finished` entry; failed tasks get a retry with backoff or become dead letters.
+
+Hot path: `_begin`, `_run_inline`, `_run`, `_done`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from common import deadletters
+from common.errors import InvalidParams, MethodNotFound, RemoteError, RpcError, SwitchboardError
+from common.log import get_logger, request_id_var
+from common.metrics import MethodStats
+from common.params import MethodSpec
+from common.protocol import Call, error_reply, ok_reply
+from common.redelivery import Redelivery
+from common.replies import Finished
+
+log = get_logger("switchboard.worker")
+
+_MAX_RETRY_DELAY = 60.0
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    methods: dict[str, MethodStats] = field(default_factory=dict)
+    expired: int = 0  # calls skipped because their deadline passed while queued
+    malformed: int = 0  # entries that could not be decoded (acked and dropped)
+    redelivered: int = 0  # calls reclaimed from dead instances
+    deduplicated: int = 0  # reclaimed calls answered from the stored reply, not re-run
+    retried: int = 0  # failed tasks scheduled for another attempt
+    dead_lettered: int = 0  # tasks that failed every attempt
+
+
+class CallRunner:
+    """Runs calls for a `Worker`, which provides the state declared here."""
+
+    service: str
+    methods: Mapping[str, MethodSpec]
+    stats: WorkerStats
+    retry_delay: float
+    redelivery: Redelivery
+    _executor: ThreadPoolExecutor
+    _inline: set[str]  # methods that never suspend: run without a task
+    _started_tasks: bool  # calls were started in tasks since the read loop's last turn
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        raise NotImplementedError
+
+    def _finish(self, done: Finished) -> None:
+        raise NotImplementedError
+
+    def _start(self, stream: str, entry_id: bytes, data: bytes | None, redelivered: bool) -> None:
+        """Decode an entry and start its call."""
+        try:
+            if data is None:
+                raise ValueError("no call field")
+            call = Call.decode(data)
+        except Exception:
+            self.stats.malformed += 1
+            log.warning("malformed call entry dropped", extra={"fields": {"entry": str(entry_id)}})
+            self._finish(Finished(stream, entry_id))
+            return
+        if redelivered:
+            self._track(asyncio.create_task(self._run_redelivered(stream, entry_id, call)))
+        else:
+            self._begin(stream, entry_id, call)
+
+    async def _run_redelivered(self, stream: str, entry_id: bytes, call: Call) -> None:
+        stored = await self.redelivery.stored_reply(call.call_id)
+        if stored is not None:
+            self.stats.deduplicated += 1
+            self._finish(Finished(stream, entry_id, call.call_id, call.reply_to, stored, False))
+            return
+        task = self._begin(stream, entry_id, call)
+        if task is not None:
+            await task  # keep this slot taken until the call is done
+
+    def _begin(self, stream: str, entry_id: bytes, call: Call) -> asyncio.Task[None] | None:
+        """Start the call in a task of its own (None when there is nothing to run)."""
+        if time.time() > call.deadline:
+            self.stats.expired += 1
+            self._finish(Finished(stream, entry_id))
+            return None
+        spec = self.methods.get(call.method)
+        if spec is None:
+            error: SwitchboardError = MethodNotFound(
+                f"{self.service} has no method {call.method!r}"
+            )
+            self._complete(stream, entry_id, call, error_reply(call.call_id, error), error)
+            return None
+        if call.method in self._inline:
+            # Its own context, as a task would give it; no task, as it cannot suspend.
+            contextvars.copy_context().run(self._run_inline, stream, entry_id, call, spec)
+            return None
+        task = asyncio.create_task(self._run(stream, entry_id, call, spec))
+        self._track(task)
+        self._started_tasks = True
+        return task
+
+    def _run_inline(self, stream: str, entry_id: bytes, call: Call, spec: MethodSpec) -> None:
+        """Run a call whose handler never suspends (see `never_suspends`) to its end, here."""
+        stats = self.stats.methods.get(call.method)
+        if stats is None:
+            stats = self.stats.methods[call.method] = MethodStats()
+        stats.calls += 1
+        started = time.perf_counter()
+        request_id_var.set(call.request_id)
+        try:
+            args, kwargs = spec.bind(call.args, call.kwargs)
+            coro = spec.fn(*args, **kwargs)
+            try:
+                coro.send(None)
+            except StopIteration as stop:
+                result = stop.value
+            else:  # cannot happen for a body without await: refuse rather than hang
+                coro.close()
+                raise RuntimeError(f"{call.method} suspended without awaiting")
+        except (Exception, asyncio.CancelledError) as exc:
+            failure = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+            self._done(stream, entry_id, call, stats, started, None, failure)
+        else:
+            self._done(stream, entry_id, call, stats, started, result, None)
+
+    async def _run(self, stream: str, entry_id: bytes, call: Call, spec: MethodSpec) -> None:
+        """Run one call in a task of its own (its own context and `current_task()`)."""
+        stats = self.stats.methods.get(call.method)
+        if stats is None:
+            stats = self.stats.methods[call.method] = MethodStats()
+        stats.calls += 1
+        started = time.perf_counter()
+        request_id_var.set(call.request_id)
+        try:
+            args, kwargs = spec.bind(call.args, call.kwargs)
+            if spec.is_async:
+                result = await spec.fn(*args, **kwargs)
+            else:
+                ctx = contextvars.copy_context()
+                fn = functools.partial(ctx.run, spec.fn, *args, **kwargs)
+                result = await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        except Exception as exc:
+            self._done(stream, entry_id, call, stats, started, None, exc)
+        else:
+            self._done(stream, entry_id, call, stats, started, result, None)
+
+    def _done(
+        self,
+        stream: str,
+        entry_id: bytes,
+        call: Call,
+        stats: MethodStats,
+        started: float,
+        result: Any,
+        exc: Exception | None,
+    ) -> None:
+        """Encode the outcome of a call that ran, and queue it for writing."""
+        error: SwitchboardError | None = None
+        if exc is None:
+            try:
+                reply = ok_reply(call.call_id, result)
+            except Exception as encode_exc:
+                exc = encode_exc
+        if exc is not None:
+            stats.errors += 1
+            error = self._as_error(call, exc)
+            reply = error_reply(call.call_id, error)
+        stats.latency.observe(time.perf_counter() - started)
+        self._complete(stream, entry_id, call, reply, error)
+
+    def _complete(
+        self,
+        stream: str,
+        entry_id: bytes,
+        call: Call,
+        reply: bytes,
+        error: SwitchboardError | None,
+    ) -> None:
+        done = Finished(stream, entry_id, call.call_id, call.reply_to, reply)
+        if error is not None and call.is_task:
+            self._after_task_failure(call, error, done)
+        self._finish(done)
+
+    def _after_task_failure(self, call: Call, error: SwitchboardError, done: Finished) -> None:
+        """Schedule another attempt with backoff, or keep it as a dead letter."""
+        permanent = isinstance(error, (MethodNotFound, InvalidParams))
+        if not permanent and call.attempt < call.max_attempts:
+            delay = min(self.retry_delay * 2 ** (call.attempt - 1), _MAX_RETRY_DELAY)
+            call.attempt += 1
+            member = str(call.priority).encode() + call.encode()
+            done.retry = (member, (time.time() + delay) * 1000)
+            done.remember = False  # the retry must run, not find this failure stored
+            self.stats.retried += 1
+        else:
+            done.dead = deadletters.encode(call, error.to_dict())
+            self.stats.dead_lettered += 1
+            log.warning(
+                "task dead-lettered",
+                extra={"fields": {"method": call.method, "attempts": call.attempt}},
+            )
+
+    def _as_error(self, call: Call, exc: Exception) -> SwitchboardError:
+        if isinstance(exc, RpcError) and not isinstance(exc, RemoteError):
+            return exc  # InvalidParams etc. travel as themselves
+        if isinstance(exc, SwitchboardError):
+            return RemoteError(exc.message, remote_type=type(exc).__name__, code=exc.code)
+        if isinstance(exc, TypeError) and "encode" in str(exc):
+            log.error("result not encodable", extra={"fields": {"method": call.method}})
+        else:
+            log.error(
+                "handler raised",
+                exc_info=(type(exc), exc, exc.__traceback__),
+                extra={"fields": {"method": call.method}},
+            )
+        return RemoteError(str(exc) or type(exc).__name__, remote_type=type(exc).__name__)

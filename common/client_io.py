@@ -1,0 +1,266 @@
+"""The I/O of `common.client.RpcClient`: one enqueue writer, one inbox reader.
+
+Enqueues go through one writer task that sends every call issued meanwhile in a
+single pipelined round trip of the enqueue script (which also answers "is anyone
+alive?" and "is the backlog under its bound?"): at one caller that is one round
+trip per call, at many callers far fewer. Replies come back on the client's one
+inbox (a Redis list), read by one task that resolves the waiting futures by call
+id. The writer and the reader each own one bare connection (`RawConnection`):
+redis-py's per-command machinery costs more than the round trip itself.
+
+When no other call is waiting for a reply (always, at one caller), the reader's
+connection is idle, and `_enqueue_call` writes the enqueue script and the
+inbox's BLPOP onto it in one write, from the caller's own task: one write and one
+waking task per call, as in the raw pipelined-list floor of `bench.rpc`.
+
+Hot path: `_enqueue_call`, `_write_enqueues`, `_read_inbox`, `_deliver`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, ResponseError
+
+from common import codec, constants
+from common.aio import Backoff, cancelling
+from common.connection import REDIS_DOWN_ERRORS, RawConnection, pack_commands
+from common.errors import MethodNotFound, Overloaded, ServiceUnavailable, error_from_wire
+from common.log import get_logger
+from common.protocol import ENQUEUE_SCRIPT, NO_INSTANCE, OVER_BACKLOG, TASK_SCRIPT, Call
+
+log = get_logger("switchboard.client")
+
+_INBOX_BATCH = 256
+_INBOX_ERRORS: tuple[type[Exception], ...] = (*REDIS_DOWN_ERRORS, ResponseError)
+_ENQUEUE_BATCH = 512
+
+
+@dataclass(slots=True)
+class Enqueue:
+    script: str  # a key of _SCRIPTS
+    # EVALSHA's arguments after the SHA: the number of keys, the keys, the arguments.
+    args: tuple[bytes | str | float | int, ...]
+    # For a call: the future of its *reply*, failed here only if the enqueue fails
+    # (one future per call). For a task: resolved with the enqueue script's result.
+    future: asyncio.Future[Any]
+    service: str = ""
+    instance: str | None = None
+    awaits_reply: bool = False
+
+
+_SCRIPTS = {"call": ENQUEUE_SCRIPT, "task": TASK_SCRIPT}
+# What SCRIPT LOAD would answer: EVALSHA needs no round trip to learn it.
+_SHAS = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()}
+
+
+class ClientIO:
+    """The writer and reader half of `RpcClient`, which sets the state declared here."""
+
+    redis: aioredis.Redis
+    inbox: str
+    _enqueuer: RawConnection
+    _receiver: RawConnection
+    _pending: dict[str, asyncio.Future[Any]]  # call id -> the future of its reply
+    _writer: asyncio.Task[None] | None
+    _outbox: asyncio.Queue[Enqueue]
+    _failures: set[asyncio.Task[None]]
+    _reader_parked: bool
+    _reader_wake: asyncio.Event
+    _direct: Enqueue | None
+    _blpop: bytes
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def _submit(self, item: Enqueue) -> Any:
+        if self._writer is None:
+            await self.start()
+        self._outbox.put_nowait(item)
+        return await item.future
+
+    async def _raise_for(self, entry: Any, service: str, instance: str | None) -> None:
+        error = await self._error_for(entry, service, instance)
+        if error is not None:
+            raise error
+
+    async def _error_for(self, entry: Any, service: str, instance: str | None) -> Exception | None:
+        """The error an enqueue script's result stands for, or None for an entry id."""
+        if entry == NO_INSTANCE:
+            if instance:
+                return ServiceUnavailable(f"instance {instance!r} of {service!r} is not live")
+            try:
+                known = await self.redis.hexists(constants.CATALOG, service)
+            except REDIS_DOWN_ERRORS as exc:
+                return ServiceUnavailable(f"redis unreachable: {exc}")
+            if not known:
+                return MethodNotFound(f"unknown service {service!r}")
+            return ServiceUnavailable(f"no live instance of {service!r}")
+        if entry == OVER_BACKLOG:
+            return Overloaded(f"{service!r} has more calls queued than its bound")
+        return None
+
+    async def _fail_call(self, item: Enqueue, entry: Any) -> None:
+        error = await self._error_for(entry, item.service, item.instance)
+        if error is not None and not item.future.done():
+            item.future.set_exception(error)
+
+    async def _enqueue_call(
+        self, service: str, call: Call, instance: str | None, reply: asyncio.Future[Any]
+    ) -> None:
+        """Send or queue the call's enqueue; a failed enqueue fails `reply` itself."""
+        if instance:
+            stream = constants.direct_stream(service, instance)
+        else:
+            stream = constants.call_stream(service)
+        item = Enqueue(
+            script="call",
+            args=(
+                3,
+                constants.instances_key(service),
+                stream,
+                constants.limits_key(service),
+                call.encode(),
+                instance or "",
+            ),
+            future=reply,
+            service=service,
+            instance=instance,
+            awaits_reply=True,
+        )
+        if self._reader_parked:
+            # Nobody else awaits a reply: the enqueue and the BLPOP for its reply
+            # go in one write on the reader's idle connection.
+            self._reader_parked = False
+            sent = False
+            try:
+                enqueue = pack_commands([("EVALSHA", _SHAS["call"], *item.args)])
+                await self._receiver.send_packed(enqueue + self._blpop, 2)
+                sent = True
+            except REDIS_DOWN_ERRORS:
+                pass  # the writer tries again on its own connection
+            finally:
+                if sent:
+                    self._direct = item
+                self._reader_wake.set()  # even when cancelled: the reader must go on
+            if sent:
+                return
+        self._outbox.put_nowait(item)
+
+    async def _write_enqueues(self) -> None:
+        """The one writer: every enqueue waiting is sent in one pipelined round trip."""
+        while not cancelling():
+            batch = [await self._outbox.get()]
+            while len(batch) < _ENQUEUE_BATCH and not self._outbox.empty():
+                batch.append(self._outbox.get_nowait())
+            try:
+                results = await self._send_enqueues(batch)
+            except REDIS_DOWN_ERRORS as exc:
+                error = ServiceUnavailable(f"redis unreachable: {exc}")
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+                continue
+            for item, result in zip(batch, results, strict=True):
+                self._enqueued(item, result)
+
+    def _enqueued(self, item: Enqueue, result: Any) -> None:
+        """Act on the enqueue script's result (an entry id unless refused)."""
+        if item.future.done():
+            return  # the caller timed out meanwhile
+        if isinstance(result, Exception):
+            item.future.set_exception(result)
+        elif not item.awaits_reply:
+            item.future.set_result(result)
+        elif result in (NO_INSTANCE, OVER_BACKLOG):
+            # Rare path (it may need a catalog lookup): off the writer's loop.
+            self._failures.add(asyncio.create_task(self._fail_call(item, result)))
+            self._failures = {t for t in self._failures if not t.done()}
+
+    async def _send_enqueues(self, batch: list[Enqueue]) -> list[Any]:
+        """The enqueue scripts' results (a `ResponseError` in the slot of a refused one)."""
+        commands = [("EVALSHA", _SHAS[item.script], *item.args) for item in batch]
+        try:
+            results = await self._enqueuer.execute(commands)
+        except REDIS_DOWN_ERRORS:
+            # The connection may have died idle (a Redis restart): one retry on a
+            # fresh one, as redis-py's own retry would. At-least-once: a batch
+            # that did get in before the connection broke is enqueued twice.
+            results = await self._enqueuer.execute(commands)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            # Redis restarted (its script cache is empty): EVAL loads the script.
+            again = [("EVAL", _SCRIPTS[batch[i].script], *batch[i].args) for i in missing]
+            for i, result in zip(missing, await self._enqueuer.execute(again), strict=True):
+                results[i] = result
+        return results
+
+    async def _read_inbox(self) -> None:
+        """BLPOP the inbox while replies are awaited; with several awaited, LPOP the
+        ones queued up in the same write. Parked while none is awaited."""
+        backoff = Backoff()
+        conn = self._receiver
+        drain_then_blpop = pack_commands([("LPOP", self.inbox, _INBOX_BATCH)]) + self._blpop
+        timeout = 1 + conn.timeout
+        drain = False
+        while not cancelling():
+            try:
+                direct, self._direct = self._direct, None
+                if direct is not None:
+                    (entry,) = await conn.read(1)
+                    if isinstance(entry, NoScriptError):
+                        self._outbox.put_nowait(direct)  # the writer loads the script
+                    else:
+                        self._enqueued(direct, entry)
+                    direct = None
+                elif not self._pending:
+                    self._reader_wake.clear()
+                    self._reader_parked = True
+                    await self._reader_wake.wait()
+                    continue
+                else:
+                    # At one caller the LPOP would be one wasted command per call.
+                    if drain:
+                        await conn.send_packed(drain_then_blpop, 2)
+                    else:
+                        await conn.send_packed(self._blpop, 1)
+                    if drain:
+                        # Delivered before the BLPOP's answer, which may take a while.
+                        (drained,) = await conn.read(1)
+                        if isinstance(drained, ResponseError):
+                            raise drained
+                        for raw in drained or ():
+                            self._deliver(raw)
+                (popped,) = await conn.read(1, timeout=timeout)
+                if isinstance(popped, ResponseError):
+                    raise popped
+                if popped is not None:
+                    self._deliver(popped[1])
+                drain = len(self._pending) > 0
+                backoff.reset()
+            except _INBOX_ERRORS as exc:
+                if direct is not None and not direct.future.done():
+                    self._outbox.put_nowait(direct)  # its enqueue's fate is unknown: again
+                log.warning("reply inbox unreachable", extra={"fields": {"error": str(exc)}})
+                drain = True
+                await backoff.wait()
+            finally:
+                self._reader_parked = False
+
+    def _deliver(self, raw: Any) -> None:
+        try:
+            reply = codec.unpackb(raw)
+            future = self._pending.pop(reply["id"], None)
+        except Exception:
+            log.warning("undecodable reply dropped")
+            return
+        if future is None or future.done():
+            return  # the caller already gave up (timeout)
+        if reply.get("ok"):
+            future.set_result(reply.get("r"))
+        else:
+            future.set_exception(error_from_wire(reply.get("e") or {}))

@@ -1,0 +1,100 @@
+"""Writing what a worker finished: the Redis commands for a batch of finished calls.
+
+A batch is written in one pipelined write (`common.worker`), in an order that makes
+a crash at any point safe:
+
+1. the replies into the deduplication window (`done` hash of the current bucket),
+2. the replies onto each caller's inbox (one RPUSH per inbox),
+3. `XACK` + `XDEL` of the entries,
+
+with failed tasks' retries (a zset) and dead letters (a capped list) before the acks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from common import constants
+
+# An inbox whose client went away disappears after this long.
+INBOX_TTL_SECONDS = 60
+
+
+@dataclass(slots=True)
+class Finished:
+    """A processed entry waiting to be written."""
+
+    stream: str
+    entry_id: bytes
+    call_id: str | None = None
+    inbox: str | None = None
+    reply: bytes | None = None
+    remember: bool = True  # store the reply in the deduplication window
+    retry: tuple[bytes, float] | None = None  # (retry zset member, due epoch ms)
+    dead: bytes | None = None  # dead-letter record
+
+
+class ReplyWrites:
+    """Builds the commands that write a batch of `Finished` calls of one service."""
+
+    def __init__(self, service: str, bucket_seconds: float, dead_letter_cap: int) -> None:
+        self.service = service
+        self._bucket_seconds = bucket_seconds
+        self.dead_letter_cap = dead_letter_cap
+        self._expiry_set: dict[str, float] = {}
+
+    def commands(self, batch: list[Finished]) -> list[tuple[Any, ...]]:
+        """The batch's writes, in the crash-safe order of the module docstring."""
+        commands: list[tuple[Any, ...]] = []
+        remembered: list[Any] = []
+        by_inbox: dict[str, list[bytes]] = defaultdict(list)
+        by_stream: dict[str, list[bytes]] = defaultdict(list)
+        retries: list[Any] = []
+        dead: list[bytes] = []
+        for done in batch:
+            if done.reply is not None:
+                if done.remember and done.call_id:
+                    remembered += (done.call_id, done.reply)
+                if done.inbox:
+                    by_inbox[done.inbox].append(done.reply)
+            if done.retry is not None:
+                retries += (done.retry[1], done.retry[0])
+            if done.dead is not None:
+                dead.append(done.dead)
+            by_stream[done.stream].append(done.entry_id)
+        if remembered:
+            key = constants.done_key(self.service, int(time.time() // self._bucket_seconds))
+            commands.append(("HSET", key, *remembered))
+            if self._expire_due(key):
+                commands.append(("PEXPIRE", key, int(self._bucket_seconds * 3000)))
+        if retries:
+            commands.append(("ZADD", constants.retry_key(self.service), *retries))
+        if dead:
+            key = constants.dead_letter_key(self.service)
+            commands.append(("LPUSH", key, *dead))
+            commands.append(("LTRIM", key, 0, self.dead_letter_cap - 1))
+        for inbox, replies in by_inbox.items():
+            commands.append(("RPUSH", inbox, *replies))
+            if self._expire_due(inbox):
+                commands.append(("EXPIRE", inbox, INBOX_TTL_SECONDS))
+        for stream, ids in by_stream.items():
+            commands.append(("XACK", stream, constants.WORKER_GROUP, *ids))
+            commands.append(("XDEL", stream, *ids))
+        return commands
+
+    def _expire_due(self, key: str) -> bool:
+        """Whether to (re)set `key`'s expiry in this batch: at most once a second per key.
+
+        The expiries only clean up after departed clients and old buckets, so once
+        a second is plenty, and it saves a command per batch on the hot path.
+        """
+        now = time.monotonic()
+        if now - self._expiry_set.get(key, -1.0) < 1.0:
+            return False
+        if len(self._expiry_set) > 10_000:
+            self._expiry_set.clear()
+        self._expiry_set[key] = now
+        return True
