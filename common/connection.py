@@ -11,20 +11,24 @@ own settings.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import Sequence
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from hiredis import pack_command as _hiredis_pack
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # How often a `RawConnection` checks whether the read in progress is overdue.
 _WATCH_EVERY = 0.25
+# What hiredis's reader answers while a reply is incomplete.
+_NOT_ENOUGH = object()
 
 # Errors that mean "Redis is not reachable right now" as opposed to "Redis said no".
 REDIS_DOWN_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -65,31 +69,80 @@ def as_text(value: bytes | str | int) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+class _Replies(asyncio.Protocol):
+    """The protocol a `RawConnection`'s socket gets once connected: replies parsed by
+    hiredis as they arrive, and the one reader waiting for enough of them woken."""
+
+    def __init__(self, reader: Any, not_enough: Any) -> None:
+        self.reader = reader
+        self.not_enough = not_enough
+        self.replies: collections.deque[Any] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.wanted = 0  # how many replies the waiter waits for
+        self.lost: BaseException | None = None
+        self.writable: asyncio.Future[None] | None = None  # set while writing is paused
+
+    def data_received(self, data: bytes) -> None:
+        reader, replies, not_enough = self.reader, self.replies, self.not_enough
+        reader.feed(data)
+        try:
+            while (reply := reader.gets()) is not not_enough:
+                replies.append(reply)
+        except Exception as exc:  # a protocol error: the stream cannot be trusted
+            self.connection_lost(exc)
+            return
+        waiter = self.waiter
+        if waiter is not None and len(replies) >= self.wanted and not waiter.done():
+            waiter.set_result(None)
+
+    def eof_received(self) -> bool:
+        self.connection_lost(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost is None:
+            self.lost = exc or RedisConnectionError("connection closed by redis")
+        for future in (self.waiter, self.writable):
+            if future is not None and not future.done():
+                future.set_exception(RedisConnectionError(f"connection lost: {self.lost}"))
+
+    def pause_writing(self) -> None:
+        if self.writable is None or self.writable.done():
+            self.writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+
+
 class RawConnection:
     """One dedicated Redis connection for a hot loop: commands pipelined by hand.
 
     redis-py's command machinery (pool checkout, per-command response callbacks,
-    a pipeline object per batch, a task per timed send) costs far more than the
-    round trip on the RPC hot path, so the client's enqueue writer and inbox
-    reader and the worker's read/flush loop each own one of these instead: a
-    bare redis-py `Connection` built from the client's own pool settings (so
-    AUTH, TLS, db and client name come from the same URL), written with
-    `pack_commands` below and read with the hiredis parser. Replies are raw RESP
-    values (bytes, ints, lists), an error reply is returned as its
-    `ResponseError` (e.g. `NoScriptError`) in its slot. A read that outlives its
-    timeout raises redis-py's `TimeoutError`; the timeout is enforced by one
-    coarse watchdog per connection (`_watch`), not a timer per read. A
-    connection error, a timeout or a cancellation mid-read drops the socket (it
-    may hold unread replies); the next write reconnects.
+    a pipeline object per batch, a task per timed send, a stream reader between
+    the socket and the parser) costs far more than the round trip on the RPC hot
+    path, so the client's enqueue writer and inbox reader and the worker's
+    read/flush loop each own one of these instead. A redis-py `Connection` built
+    from the client's own pool settings makes the connection and its handshake
+    (so AUTH, TLS, db and client name come from the same URL); then the socket's
+    protocol is replaced by `_Replies`, which feeds hiredis as data arrives.
+    Commands are written with `pack_commands` below. Replies are raw RESP values
+    (bytes, ints, lists); an error reply is returned as its `ResponseError`
+    (e.g. `NoScriptError`) in its slot. A read that outlives its timeout raises
+    redis-py's `TimeoutError`; the timeout is enforced by one coarse watchdog per
+    connection (`_watch`), not a timer per read. A connection error, a timeout or
+    a cancellation mid-read drops the socket (it may hold unread replies); the
+    next write reconnects.
     """
 
     def __init__(self, redis: aioredis.Redis, *, timeout: float = 10.0) -> None:
         pool = redis.connection_pool
         # Our own timeout covers each batch of replies, so the connection itself
-        # gets none: redis-py would otherwise wrap each send in `wait_for` (a
-        # task per send on 3.11) and each read in a timer.
+        # gets none: redis-py would otherwise wrap each send in `wait_for`.
         kwargs = {**pool.connection_kwargs, "socket_timeout": None}
         self._conn: Any = pool.connection_class(**kwargs)
+        self._proto: _Replies | None = None
+        self._transport: asyncio.Transport | None = None
         self.timeout = timeout
         self.pending = 0  # replies sent for and not read yet
         # The read in progress: its task, when its replies are due (loop time),
@@ -112,14 +165,19 @@ class RawConnection:
 
     async def send_packed(self, data: bytes, n: int) -> None:
         """Write `n` commands already packed by `pack_commands`."""
-        conn = self._conn
         try:
-            if not conn.is_connected:
-                async with asyncio.timeout(self.timeout):  # the handshake's replies too
-                    await conn.connect()
-            # No timer on the write itself: it only waits when the socket's send
-            # buffer is full, and the replies' read that follows has one.
-            await conn.send_packed_command(data, check_health=False)
+            proto = self._proto
+            if proto is None or proto.lost is not None:
+                await self._connect()
+                proto = self._proto
+                assert proto is not None
+            transport = self._transport
+            assert transport is not None
+            transport.write(data)
+            # No timer on the wait: it happens only when the socket's send buffer is
+            # full, and the replies' read that follows has one.
+            if proto.writable is not None and not proto.writable.done():
+                await proto.writable
         except BaseException as exc:
             await self._drop()
             if isinstance(exc, TimeoutError):
@@ -127,8 +185,33 @@ class RawConnection:
             raise
         self.pending += n
 
+    async def _connect(self) -> None:
+        await self._drop()
+        conn = self._conn
+        async with asyncio.timeout(self.timeout):  # the handshake's replies too
+            await conn.connect()
+        parser = conn._parser
+        reader = hiredis.Reader(
+            protocolError=InvalidResponse,
+            replyError=parser.parse_error,
+            notEnoughData=_NOT_ENOUGH,
+        )
+        proto = _Replies(reader, _NOT_ENOUGH)
+        stream = conn._reader  # what redis-py read past the handshake (nothing, normally)
+        buffered = bytes(getattr(stream, "_buffer", b"")) if stream is not None else b""
+        transport = conn._writer.transport
+        transport.set_protocol(proto)
+        self._proto, self._transport = proto, transport
+        if buffered:
+            proto.data_received(buffered)
+
     async def read(self, n: int, *, timeout: float | None = None) -> list[Any]:
         """The next `n` replies (one timeout for all of them: `timeout`, or the default)."""
+        proto = self._proto
+        if proto is not None and len(proto.replies) >= n:  # already here: no waiting
+            replies = proto.replies
+            self.pending -= n
+            return [replies.popleft() for _ in range(n)]
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("RawConnection.read() must run in a task")
@@ -139,15 +222,18 @@ class RawConnection:
         cancelling = task.cancelling()
         if self._watchdog is None:
             self._watchdog = loop.call_later(_WATCH_EVERY, self._watch)
-        conn = self._conn
-        out: list[Any] = []
         try:
-            for _ in range(n):
+            if proto is None:
+                raise RedisConnectionError("not connected")
+            while len(proto.replies) < n:
+                if proto.lost is not None:
+                    raise RedisConnectionError(f"connection lost: {proto.lost}")
+                proto.wanted = n
+                proto.waiter = waiter = loop.create_future()
                 try:
-                    out.append(await conn.read_response(disconnect_on_error=False))
-                except ResponseError as exc:
-                    out.append(exc)
-                self.pending -= 1
+                    await waiter
+                finally:
+                    proto.waiter = None
         except BaseException as exc:
             timed_out = (
                 self._expired
@@ -161,7 +247,9 @@ class RawConnection:
             raise
         finally:
             self._reading = None
-        return out
+        replies = proto.replies
+        self.pending -= n
+        return [replies.popleft() for _ in range(n)]
 
     def _watch(self) -> None:
         """Cancel a read whose replies are overdue, as `asyncio.timeout` would.
@@ -181,6 +269,10 @@ class RawConnection:
 
     async def _drop(self) -> None:
         self.pending = 0
+        self._proto = None
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.abort()  # unread replies are not worth a graceful close
         with contextlib.suppress(Exception):
             await self._conn.disconnect(nowait=True)
 
