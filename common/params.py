@@ -15,7 +15,7 @@ import dataclasses
 import dis
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -43,20 +43,45 @@ class MethodSpec:
             _register_classes(annotation)
         _register_classes(hints.get("return", Any))
         self.doc = inspect.getdoc(fn) or ""
+        # The parameter names when every one is plain (positional or keyword): a call
+        # giving exactly that many positional arguments then needs no Signature.bind.
+        params = self.signature.parameters.values()
+        plain = all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+        self._plain = tuple(self.signature.parameters) if plain else None
 
     def bind(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-        """Validated `(args, kwargs)` for the handler, or `InvalidParams`."""
+        """Validated `(args, kwargs)` for the handler, or `InvalidParams`. Hot path."""
+        plain = self._plain
+        if plain is not None and not kwargs and len(args) == len(plain):
+            # What Signature.bind would do with these, without it (the usual RPC call).
+            values = list(args)
+            pairs = zip(plain, values, strict=True)
+            self._validate(pairs, values.__setitem__, enumerate_names=True)
+            return values, {}
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise InvalidParams(f"{self.name}: {exc}") from None
+        arguments = bound.arguments
+        self._validate(list(arguments.items()), arguments.__setitem__, enumerate_names=False)
+        return list(bound.args), dict(bound.kwargs)
+
+    def _validate(
+        self,
+        items: Iterable[tuple[str, Any]],
+        store: Callable[[Any, Any], None],
+        *,
+        enumerate_names: bool,
+    ) -> None:
+        """Validate each (name, value), storing the result under its index (when
+        `enumerate_names`) or its name; every failure is reported at once."""
         details: list[dict[str, Any]] = []
-        for name, value in bound.arguments.items():
+        for index, (name, value) in enumerate(items):
             adapter = self._adapters.get(name)
             if adapter is None:
                 continue
             try:
-                bound.arguments[name] = adapter.validate_python(value)
+                store(index if enumerate_names else name, adapter.validate_python(value))
             except ValidationError as exc:
                 for err in exc.errors(include_url=False, include_input=False):
                     loc = ".".join(str(p) for p in (name, *err["loc"]))
@@ -64,7 +89,6 @@ class MethodSpec:
         if details:
             summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
             raise InvalidParams(f"{self.name}: {summary}", details=details)
-        return list(bound.args), dict(bound.kwargs)
 
     def describe(self) -> dict[str, Any]:
         """A short description for the catalog (parameter names and the docstring)."""

@@ -75,10 +75,18 @@ async def test_invalid_params(calc: Service, rpc: RpcClient, args, kwargs, fragm
     assert fragment in info.value.message
 
 
-async def test_invalid_params_name_the_field(calc: Service, rpc: RpcClient) -> None:
+@pytest.mark.parametrize("positional", [False, True])
+async def test_invalid_params_name_the_field(
+    calc: Service, rpc: RpcClient, positional: bool
+) -> None:
+    # Every argument given positionally takes `MethodSpec.bind`'s shortcut: same answer.
     with pytest.raises(InvalidParams) as info:
-        await rpc.call(f"{calc.name}.add", a="x", b="y")
+        if positional:
+            await rpc.call(f"{calc.name}.add", "x", "y")
+        else:
+            await rpc.call(f"{calc.name}.add", a="x", b="y")
     assert {d["field"] for d in info.value.details} == {"a", "b"}
+    assert await rpc.call(f"{calc.name}.add", "2", "3") == 5
 
 
 async def test_unknown_method_and_service(calc: Service, rpc: RpcClient) -> None:
