@@ -396,3 +396,21 @@ def report_failed(tag: str, failed: list[str]) -> int:
         print(f"[{tag}] FAILED: {', '.join(failed)} (errors above)", file=sys.stderr)
         return 1
     return 0
+
+
+def fmt(x: float | None, n: int = 3) -> str:
+    """`x` with `n` decimals, or "-" when it was not measured."""
+    return "-" if x is None else f"{x:.{n}f}"
+
+
+def verdict(ok: bool | None) -> str:
+    return "not checked" if ok is None else ("met" if ok else "NOT met")
+
+
+def print_goal_rows(rows: list[tuple[str, str, bool | None]], disturbed: bool | None) -> None:
+    """One aligned line per (goal, measured value, met?), and the busy-box caveat."""
+    width = max(len(label) for label, _, _ in rows)
+    for label, value, ok in rows:
+        print(f"  {label:<{width}} {value:>9}  {verdict(ok)}")
+    if disturbed:
+        print("  (not conclusive: the box was busy while these systems ran)")

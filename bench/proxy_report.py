@@ -7,10 +7,15 @@ from typing import Any
 
 from bench.harness import (
     OTHER_BUSY_WARN,
+    print_goal_rows,
     print_header,
     print_not_measured,
+    verdict,
     vs_switchboard_rows,
     warn_disturbed,
+)
+from bench.harness import (
+    fmt as _f,
 )
 from bench.proxy_targets import PYTHON_PEERS, TARGETS
 
@@ -145,10 +150,6 @@ def _auth_vs_open(open_: dict[str, Any], auth: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def _f(x: float | None, n: int = 3) -> str:
-    return "-" if x is None else f"{x:.{n}f}"
-
-
 def print_report(doc: dict[str, Any]) -> None:
     p = doc["params"]
     c = p["connections"]
@@ -220,7 +221,7 @@ def print_report(doc: dict[str, Any]) -> None:
         print()
         print("The issue's goal for a pure pass-through route (/raw/..., spliced):")
         label = f"req/s c{c} switchboard-passthrough >= {pt['goal']}x nginx's"
-        print(f"  {label} {_f(pt['x_nginx'], 2):>6}x  {_met(pt['met'])}"
+        print(f"  {label} {_f(pt['x_nginx'], 2):>6}x  {verdict(pt['met'])}"
               f"   (added p50 at c1: {_f(pt['added_c1_p50_ms'])} ms)")  # fmt: skip
         if pt["disturbed"]:
             print("  (not conclusive: the box was busy while these systems ran)")
@@ -230,10 +231,6 @@ def print_report(doc: dict[str, Any]) -> None:
         print()
         print("Issue 6's goal: not checked (switchboard-open or switchboard-auth was not measured)")
     print_not_measured(skipped)
-
-
-def _met(v: bool | None) -> str:
-    return "not checked" if v is None else ("met" if v else "NOT met")
 
 
 def _print_normal_path_goals(g: dict[str, Any], c: int) -> None:
@@ -256,11 +253,7 @@ def _print_normal_path_goals(g: dict[str, Any], c: int) -> None:
             g["added_c1_p50_met"],
         ),
     ]
-    width = max(len(label) for label, _, _ in rows)
-    for label, value, ok in rows:
-        print(f"  {label:<{width}} {value:>9}  {_met(ok)}")
-    if g["disturbed"]:
-        print("  (not conclusive: the box was busy while these systems ran)")
+    print_goal_rows(rows, g["disturbed"])
 
 
 def _print_auth_vs_open(a: dict[str, Any], c: int) -> None:
@@ -268,7 +261,7 @@ def _print_auth_vs_open(a: dict[str, Any], c: int) -> None:
     print("Issue 6's goal: the gateway with JWT verification and rate limiting on, over the same")
     print(f"gateway with them off (Kong: 97k / 127k req/s = {a['kong']:.2f}):")
     label = f"req/s c{c} switchboard-auth / switchboard-open >= {a['goal']}"
-    print(f"  {label} {_f(a['ratio'], 2):>6}  {_met(a['met'])}")
+    print(f"  {label} {_f(a['ratio'], 2):>6}  {verdict(a['met'])}")
     gw, rd = a["gateway_us_per_req"], a["redis_us_per_req"]
     print(
         f"  ({a['auth_rps']:.0f} against {a['open_rps']:.0f} req/s; CPU per request at c{c}:"

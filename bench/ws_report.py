@@ -8,10 +8,14 @@ from typing import Any
 
 from bench.harness import (
     OTHER_BUSY_WARN,
+    print_goal_rows,
     print_header,
     print_not_measured,
     vs_switchboard_rows,
     warn_disturbed,
+)
+from bench.harness import (
+    fmt as _f,
 )
 from bench.ws_targets import TARGETS
 
@@ -102,16 +106,8 @@ def goals(results: dict[str, Any], memory: dict[str, Any]) -> dict[str, Any]:
     return g
 
 
-def _f(x: float | None, n: int = 3) -> str:
-    return "-" if x is None else f"{x:.{n}f}"
-
-
 def _x(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
-
-
-def _met(v: bool | None) -> str:
-    return "not checked" if v is None else ("met" if v else "NOT met")
 
 
 def _errors(r: dict[str, Any]) -> int:
@@ -293,8 +289,4 @@ def _print_goals(doc: dict[str, Any]) -> None:
             g["idle_met"],
         )
     )
-    width = max(len(label) for label, _, _ in rows)
-    for label, value, ok in rows:
-        print(f"  {label:<{width}} {value:>9}  {_met(ok)}")
-    if g.get("disturbed"):
-        print("  (not conclusive: the box was busy while these systems ran)")
+    print_goal_rows(rows, g.get("disturbed"))

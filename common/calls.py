@@ -113,14 +113,18 @@ class CallRunner:
         self._started_tasks = True
         return task
 
-    def _run_inline(self, stream: str, entry_id: bytes, call: Call, spec: MethodSpec) -> None:
-        """Run a call whose handler never suspends (see `never_suspends`) to its end, here."""
+    def _count(self, call: Call) -> tuple[MethodStats, float]:
+        """Count the call in its method's stats, set its request id; when it started."""
         stats = self.stats.methods.get(call.method)
         if stats is None:
             stats = self.stats.methods[call.method] = MethodStats()
         stats.calls += 1
-        started = time.perf_counter()
         request_id_var.set(call.request_id)
+        return stats, time.perf_counter()
+
+    def _run_inline(self, stream: str, entry_id: bytes, call: Call, spec: MethodSpec) -> None:
+        """Run a call whose handler never suspends (see `never_suspends`) to its end, here."""
+        stats, started = self._count(call)
         try:
             args, kwargs = spec.bind(call.args, call.kwargs)
             coro = spec.fn(*args, **kwargs)
@@ -139,12 +143,7 @@ class CallRunner:
 
     async def _run(self, stream: str, entry_id: bytes, call: Call, spec: MethodSpec) -> None:
         """Run one call in a task of its own (its own context and `current_task()`)."""
-        stats = self.stats.methods.get(call.method)
-        if stats is None:
-            stats = self.stats.methods[call.method] = MethodStats()
-        stats.calls += 1
-        started = time.perf_counter()
-        request_id_var.set(call.request_id)
+        stats, started = self._count(call)
         try:
             args, kwargs = spec.bind(call.args, call.kwargs)
             if spec.is_async:

@@ -81,11 +81,10 @@ def passthrough_rule(policy: PolicyDocument, url: bytes) -> RouteRule | None:
     rule = match_route(policy.routes, text)
     if rule is None or not rule.passthrough:
         return None
-    if b"." in path or b"%" in path or b"\\" in path:
-        try:  # dot segments and encoded slashes: refused as the normal routes refuse them
-            upstream_target(path, "")
-        except InvalidProxyPath:
-            return None
+    try:  # dot segments and encoded slashes: refused as the normal routes refuse them
+        upstream_target(path, "")
+    except InvalidProxyPath:
+        return None
     return rule
 
 

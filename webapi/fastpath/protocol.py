@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from time import monotonic as current_time
-from typing import Any, cast
+from typing import Any
 
 from sanic.headers import format_http1_response
 from sanic.helpers import has_message_body
 from sanic.http.constants import Stage
-from sanic.server.protocols.http_protocol import HttpProtocol
 
 from common.log import get_logger, request_id_var
 from common.policy import RouteRule
@@ -19,6 +18,7 @@ from webapi.access import credential_free, credential_from
 from webapi.context import GatewayApp
 from webapi.errors import NotAuthenticated, error_response
 from webapi.fastpath.request import INCOMPLETE, Parsed, parse_request
+from webapi.lingering import LingeringHttpProtocol
 from webapi.passthrough import PASSTHROUGH_METHODS, PassThrough, connect, passthrough_rule
 from webapi.proxy.forward import Forwarded, hop_headers_out, latency_headers
 from webapi.proxy.headers import strip_hop_by_hop_raw
@@ -28,19 +28,16 @@ log = get_logger("webapi.fastpath")
 
 # Bytes held while a fast request is answered; beyond this the socket stops being read.
 _HOLD_LIMIT = 256 * 1024
-# How long a connection closed with a request body unread keeps reading (and dropping)
-# after its response: see `FastPathProtocol.close`.
-LINGER_SECONDS = 2.0
 # Upstream response headers replaced by the gateway's own (as the `/svc/` route's
 # response middleware replaces X-Request-Id); a HEAD answer keeps Content-Length.
 _REPLACED = frozenset({b"content-length", b"x-request-id"})
 _REPLACED_HEAD = frozenset({b"x-request-id"})
 
 
-class FastPathProtocol(HttpProtocol):
+class FastPathProtocol(LingeringHttpProtocol):
     """Sanic's HTTP/1.1 protocol, answering eligible `/svc/` requests itself."""
 
-    __slots__ = ("_fast_ok", "_fast_task", "_fast_written", "_held", "_linger", "_passthrough")
+    __slots__ = ("_fast_ok", "_fast_task", "_fast_written", "_held", "_passthrough")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -48,7 +45,6 @@ class FastPathProtocol(HttpProtocol):
         self._fast_task: asyncio.Task[None] | None = None
         self._fast_written = False  # some of the current fast response is written
         self._passthrough: PassThrough | None = None  # spliced to an upstream (passthrough.py)
-        self._linger: asyncio.TimerHandle | None = None  # closing, the unread body dropped
         config = self.app.config
         self._fast_ok = not (config.get("SERVER_NAME") or config.FORWARDED_SECRET
                              or config.PROXIES_COUNT or config.REAL_IP_HEADER)  # fmt: skip
@@ -56,8 +52,6 @@ class FastPathProtocol(HttpProtocol):
     # asyncio.Protocol callbacks
 
     def data_received(self, data: bytes) -> None:
-        if self._linger is not None:
-            return  # the rest of a refused request's body
         if self._passthrough is not None:
             self._time = current_time()
             self._passthrough.from_client(data)
@@ -78,8 +72,6 @@ class FastPathProtocol(HttpProtocol):
         self._pump()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._linger is not None:
-            self._linger.cancel()
         splice, self._passthrough = self._passthrough, None
         if splice is not None:
             splice.close()
@@ -122,36 +114,6 @@ class FastPathProtocol(HttpProtocol):
         self._callback_check_timeouts = self.loop.call_later(
             max(0.1, interval / 2), self.check_timeouts
         )
-
-    def close(self, timeout: float | None = None) -> None:
-        """Sanic's close, as a lingering close: the response is followed by a FIN, and what
-        the client still sends is read and dropped until it closes or `LINGER_SECONDS`
-        pass (nginx's `lingering_close`). Closing a socket that has unread data (the body
-        of a request refused with 413, or refused before its handler read it) sends a
-        reset, which can destroy the error response before the client has read it.
-        While shutting down, the connection is closed at once."""
-        transport = self.transport
-        if (
-            self._linger is None
-            and transport is not None
-            and not transport.is_closing()
-            and not self.signal.stopped
-            and transport.can_write_eof()
-        ):
-            timeouts = cast("asyncio.TimerHandle | None", self._callback_check_timeouts)
-            if timeouts is not None:  # Sanic's own close cancels it too
-                timeouts.cancel()
-            self.recv_buffer.clear()
-            transport.write_eof()
-            transport.resume_reading()  # Sanic pauses it when its buffer is full
-            self._linger = self.loop.call_later(LINGER_SECONDS, self._end_linger)
-            return
-        super().close(timeout)
-
-    def _end_linger(self) -> None:
-        transport = self.transport
-        if transport is not None:
-            transport.abort()  # what is left to read is dropped either way
 
     def close_if_idle(self) -> bool:
         splice = self._passthrough
