@@ -23,10 +23,12 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class FastPathStats:
-    """How many requests the proxy's fast path answered itself, and how many times it
-    handed bytes it had looked at over to Sanic (`webapi.fastpath`)."""
+    """How many requests the proxy's fast path answered itself (and how many of them
+    it sent on an idle upstream connection from its callbacks: `direct`), and how
+    many times it handed bytes it had looked at over to Sanic (`webapi.fastpath`)."""
 
     answered: int = 0
+    direct: int = 0
     handed_over: int = 0
 
 

@@ -7,8 +7,12 @@ import pytest
 
 from common.errors import ConfigError
 from common.settings import Settings
+from webapi.access import credential_free
 from webapi.fastpath import MAX_FAST_BODY, Parsed, parse_request
+from webapi.fastpath.head import upstream_head
 from webapi.fastpath.request import INCOMPLETE
+from webapi.proxy.forward import hop_headers_out
+from webapi.proxy.headers import build_request_head
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -20,7 +24,8 @@ def test_a_plain_request_is_taken_with_its_headers_as_sanic_reads_them() -> None
     assert isinstance(parsed, Parsed)
     assert parsed.size == len(GET)  # only the first of two pipelined requests
     assert (parsed.method, parsed.service, parsed.target) == ("GET", "web", "/a/b?q=1")
-    assert parsed.headers == [("host", "gw"), ("x-api-key", "k")]
+    assert parsed.headers == [(b"host", b"gw"), (b"x-api-key", b"k")]
+    assert parsed.first == {b"host": "gw", b"x-api-key": "k"}
     assert parsed.keep_alive and parsed.body is None
 
 
@@ -73,3 +78,58 @@ def test_the_switch() -> None:
     assert Settings.from_env({"PROXY_FAST_PATH": "1"}).proxy_fast_path is True
     with pytest.raises(ConfigError, match="PROXY_FAST_PATH"):
         Settings.from_env({"PROXY_FAST_PATH": "maybe"})
+
+
+@pytest.mark.parametrize(
+    ("method", "fields", "body"),
+    [
+        ("GET", [], b""),
+        ("GET", ["Authorization: Bearer sbk_abc.def", "Accept: */*"], b""),
+        ("GET", ["X-Api-Key: sbk_x", "Authorization: Bearer eyJhbGciOi.jwt.sig"], b""),
+        (
+            "GET",
+            [
+                "Connection: keep-alive, X-Secret",
+                "X-Secret: s",
+                "Keep-Alive: 5",
+                "TE: trailers",
+                "Proxy-Authorization: Basic eA==",
+                "Trailer: x",
+            ],
+            b"",
+        ),  # fmt: skip
+        (
+            "GET",
+            [
+                "X-Forwarded-For: 10.0.0.1",
+                "X-Forwarded-For: 10.0.0.2, 10.0.0.3",
+                "X-Forwarded-Proto: https",
+                "X-Forwarded-Host: evil",
+                "X-Request-Id: theirs",
+            ],
+            b"",
+        ),  # fmt: skip
+        ("GET", ["User-Agent: caf\xc3\xa9/1.0 \xff", "X-Empty: "], b""),
+        ("POST", ["Content-Type: application/json"], b'{"a": 1}'),
+        ("POST", [], b""),
+        ("PUT", ["Content-Length: 0"], b""),
+        ("DELETE", [], b""),
+        ("GET", ["Content-Length: 0"], b""),
+    ],
+)
+def test_the_upstream_head_is_the_routes(method: str, fields: list[str], body: bytes) -> None:
+    """`upstream_head` (bytes, the fast path) builds what the `/svc/` route's builders
+    (`credential_free`, `hop_headers_out`, `build_request_head`) build."""
+    lines = [f"{method} /svc/web/a/b?q=1 HTTP/1.1", "Host: gw.example", *fields]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    raw = "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body
+    parsed = parse_request(raw)
+    assert isinstance(parsed, Parsed)
+    ours = upstream_head(parsed, client_ip="127.0.0.9", scheme="http", request_id="rid-1")
+    as_sanic = [(name.decode(), value.decode("utf-8", "surrogateescape"))
+                for name, value in parsed.headers]  # fmt: skip
+    headers = hop_headers_out(credential_free(as_sanic), client_ip="127.0.0.9", scheme="http",
+                              host="gw.example", request_id="rid-1", upstream="web")  # fmt: skip
+    routes, _, _ = build_request_head(method, "/a/b?q=1", headers, "unused:1", body or None)
+    assert ours == routes

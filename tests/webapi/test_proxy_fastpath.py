@@ -12,7 +12,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,9 +57,18 @@ def backend(gateway: str, redis_url: str) -> Iterator[Backend]:
 
 
 def answered(gateway: str) -> int:
+    return fast_path(gateway)["answered"]
+
+
+def direct(gateway: str) -> int:
+    """How many fast requests went out on an idle upstream connection, from callbacks."""
+    return fast_path(gateway)["direct"]
+
+
+def fast_path(gateway: str) -> dict[str, int]:
     stats = as_admin.get(f"{gateway}/admin/proxy/stats", timeout=5).json()
     assert stats["fast_path"]["enabled"] is True
-    return int(stats["fast_path"]["answered"])
+    return {k: int(v) for k, v in stats["fast_path"].items()}
 
 
 # A raw HTTP/1.1 client: pipelining and split writes need the socket itself.
@@ -124,12 +134,14 @@ def connect(gateway: str) -> socket.socket:
 
 
 def test_keep_alive_requests_are_answered_by_the_fast_path(backend: Backend) -> None:
-    before = answered(backend.gateway)
+    before, before_direct = answered(backend.gateway), direct(backend.gateway)
     limits = httpx.Limits(max_connections=1)
     with httpx.Client(headers=as_admin.headers, limits=limits, timeout=10) as client:
         replies = [client.get(f"{backend.base}/echo?n={i}") for i in range(50)]
     assert [r.status_code for r in replies] == [200] * 50
     assert answered(backend.gateway) - before == 50
+    # All but perhaps the first (which may have to connect) on an idle upstream connection.
+    assert direct(backend.gateway) - before_direct >= 49
     reply = replies[-1]
     assert reply.json()["query"] == "n=49"
     seen = reply.json()["headers"]
@@ -276,12 +288,14 @@ async def _limits(redis_url: str) -> list[dict[str, Any]]:
 
 
 def test_upstream_errors_are_json(backend: Backend, gateway: str) -> None:
-    before = answered(gateway)
+    assert as_admin.get(f"{backend.base}/echo").status_code == 200  # an idle connection
+    before, before_direct = answered(gateway), direct(gateway)
     slow = as_admin.get(f"{backend.base}/slow?ms=3000", timeout=30)
     assert slow.status_code == 504  # the test gateway's PROXY_TIMEOUT is 1 s
     assert slow.json()["error"]["code"] == "upstream_timeout"
     assert slow.headers["x-request-id"]
     assert answered(gateway) - before == 1
+    assert direct(gateway) - before_direct == 1  # the timeout of the callback exchange
 
     service = f"fpdead{uuid.uuid4().hex[:6]}"
     beat = {"service": service, "address": f"127.0.0.1:{free_port()}"}  # nothing listens
@@ -319,14 +333,15 @@ def test_connection_close_is_respected(backend: Backend) -> None:
     assert answered(backend.gateway) - before == 1
 
 
-def test_an_upstream_closing_its_connection_keeps_the_client_one(gateway: str) -> None:
-    """An upstream answering `Connection: close`: its connection is not reused, the
-    client's stays open (Connection is hop-by-hop)."""
+@contextmanager
+def raw_upstream(gateway: str, serve: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A registered service whose one instance is `serve(conn)` on each accepted
+    connection (each in its own thread); yields the service's name."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     stop = threading.Event()
 
-    def serve() -> None:
+    def accept() -> None:
         listener.settimeout(0.2)
         while not stop.is_set():
             try:
@@ -335,12 +350,13 @@ def test_an_upstream_closing_its_connection_keeps_the_client_one(gateway: str) -
                 continue
             except OSError:
                 return  # closed at the end of the test
-            with conn:
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n"
-                             b"X-Backend: raw\r\nX-Request-Id: upstream\r\n\r\nhello")  # fmt: skip
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
 
-    service = f"fpclose{uuid.uuid4().hex[:6]}"
+    def serve_one(conn: socket.socket) -> None:
+        with conn:
+            serve(conn)
+
+    service = f"fpraw{uuid.uuid4().hex[:6]}"
     beat = {"service": service, "address": f"127.0.0.1:{port}"}
 
     def heartbeat() -> None:  # the test gateway forgets an instance after 1.5 s
@@ -348,9 +364,36 @@ def test_an_upstream_closing_its_connection_keeps_the_client_one(gateway: str) -
             as_admin.post(f"{gateway}/heartbeat", json=beat)
 
     assert as_admin.post(f"{gateway}/heartbeat", json=beat).status_code == 200
-    threading.Thread(target=serve, daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
     threading.Thread(target=heartbeat, daemon=True).start()
     try:
+        yield service
+    finally:
+        stop.set()
+        listener.close()
+
+
+def _read_request(conn: socket.socket) -> bytes:
+    """One request head (and nothing after it) from `conn`; b"" at its end."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return b""
+        data += chunk
+    return data
+
+
+def test_an_upstream_closing_its_connection_keeps_the_client_one(gateway: str) -> None:
+    """An upstream answering `Connection: close`: its connection is not reused, the
+    client's stays open (Connection is hop-by-hop)."""
+
+    def serve(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n"
+                     b"X-Backend: raw\r\nX-Request-Id: upstream\r\n\r\nhello")  # fmt: skip
+
+    with raw_upstream(gateway, serve) as service:
         request = _head("GET", f"/svc/{service}/x", as_admin.headers)
         with connect(gateway) as sock:
 
@@ -370,6 +413,46 @@ def test_an_upstream_closing_its_connection_keeps_the_client_one(gateway: str) -
         assert replies[0].names.count("x-request-id") == 1
         assert replies[0].headers["x-request-id"] != "upstream"
         assert answered(gateway) - before == 3
-    finally:
-        stop.set()
-        listener.close()
+
+
+def test_a_stale_idle_connection_is_retried_for_idempotent_requests_only(gateway: str) -> None:
+    """The idle-close race on the callback exchange: an upstream that closes a kept-alive
+    connection on its second request, unanswered. A GET is sent again on a new
+    connection (not the instance's fault); a POST may have been applied, so it is a 502."""
+
+    def serve(conn: socket.socket) -> None:
+        if _read_request(conn):  # the first request is answered, keep-alive
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            _read_request(conn)  # the second one is not: the connection just closes
+
+    with raw_upstream(gateway, serve) as service:
+        url = f"{gateway}/svc/{service}/x"
+        wait_for(lambda: as_admin.get(url).status_code == 200, timeout=5)
+        before = direct(gateway)
+        again = as_admin.get(url)  # on the idle connection, which closes: sent again
+        assert (again.status_code, again.text) == (200, "ok")
+        assert direct(gateway) - before == 1
+        post = as_admin.post(url, content=b"x")  # on the new connection's second request
+        assert post.status_code == 502, post.text
+        assert post.json()["error"]["code"] == "upstream_failed"
+        assert direct(gateway) - before == 2
+        assert as_admin.get(url).status_code == 200  # the instance was not ejected
+
+
+def test_a_large_download_streams_to_a_slow_client(backend: Backend) -> None:
+    """A 16 MiB response on the callback exchange, read only after a pause: the upstream's
+    socket is paused meanwhile and read again once the client takes the bytes."""
+    assert as_admin.get(f"{backend.base}/echo").status_code == 200  # an idle connection
+    before = direct(backend.gateway)
+    request = _head("GET", f"/svc/{backend.service}/download?mb=16", as_admin.headers)
+    with connect(backend.gateway) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(request)
+        time.sleep(1.0)  # the gateway's buffers fill up and the upstream is paused
+        [reply] = read_answers(sock, 1)
+    assert reply.status == 200
+    assert reply.headers["transfer-encoding"] == "chunked"  # the backend's is chunked too
+    expected = bytes(range(256)) * 256 * 16 * 16
+    assert len(reply.body) == len(expected)
+    assert hashlib.sha256(reply.body).digest() == hashlib.sha256(expected).digest()
+    assert direct(backend.gateway) - before == 1

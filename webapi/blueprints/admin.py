@@ -136,6 +136,7 @@ async def proxy_stats(request: GatewayRequest) -> HTTPResponse:
             "fast_path": {
                 "enabled": ctx.settings.proxy_fast_path,
                 "answered": fast.answered,
+                "direct": fast.direct,
                 "handed_over": fast.handed_over,
             },
             "passthrough": {

@@ -11,39 +11,40 @@ from sanic.headers import format_http1_response
 from sanic.helpers import has_message_body
 from sanic.http.constants import Stage
 
+from common.balancing import Endpoint
 from common.log import get_logger, request_id_var
 from common.policy import RouteRule
 from common.scopes import INTERNAL_SERVICES
-from webapi.access import credential_free, credential_from
+from webapi.access import credential_from
 from webapi.context import GatewayApp
-from webapi.errors import NotAuthenticated, error_response
+from webapi.errors import ApiError, NotAuthenticated, error_response
+from webapi.fastpath.direct import DirectExchange
+from webapi.fastpath.head import upstream_head
 from webapi.fastpath.request import INCOMPLETE, Parsed, parse_request
+from webapi.fastpath.response import CHUNKED, KEPT, NONE, WHOLE, client_head
 from webapi.lingering import LingeringHttpProtocol
 from webapi.passthrough import PASSTHROUGH_METHODS, PassThrough, connect, passthrough_rule
-from webapi.proxy.forward import Forwarded, hop_headers_out, latency_headers
-from webapi.proxy.headers import strip_hop_by_hop_raw
+from webapi.proxy.attempts import Attempts
+from webapi.proxy.forward import Forwarded
 from webapi.requests import request_id_of
 
 log = get_logger("webapi.fastpath")
 
 # Bytes held while a fast request is answered; beyond this the socket stops being read.
 _HOLD_LIMIT = 256 * 1024
-# Upstream response headers replaced by the gateway's own (as the `/svc/` route's
-# response middleware replaces X-Request-Id); a HEAD answer keeps Content-Length.
-_REPLACED = frozenset({b"content-length", b"x-request-id"})
-_REPLACED_HEAD = frozenset({b"x-request-id"})
 
 
 class FastPathProtocol(LingeringHttpProtocol):
     """Sanic's HTTP/1.1 protocol, answering eligible `/svc/` requests itself."""
 
-    __slots__ = ("_fast_ok", "_fast_task", "_fast_written", "_held", "_passthrough")
+    __slots__ = ("_fast", "_fast_ok", "_fast_written", "_held", "_passthrough")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._held = bytearray()
-        self._fast_task: asyncio.Task[None] | None = None
-        self._fast_written = False  # some of the current fast response is written
+        # The fast request being answered: a coroutine's task, or a `DirectExchange`.
+        self._fast: asyncio.Task[None] | DirectExchange | None = None
+        self._fast_written = False  # some of the current coroutine's response is written
         self._passthrough: PassThrough | None = None  # spliced to an upstream (passthrough.py)
         config = self.app.config
         self._fast_ok = not (config.get("SERVER_NAME") or config.FORWARDED_SECRET
@@ -56,10 +57,10 @@ class FastPathProtocol(LingeringHttpProtocol):
             self._time = current_time()
             self._passthrough.from_client(data)
             return
-        if self._fast_task is not None or self._held:  # answering, or a body is arriving
+        if self._fast is not None or self._held:  # answering, or a body is arriving
             self._time = current_time()
             self._held += data
-            if self._fast_task is None:
+            if self._fast is None:
                 self._pump()
             elif len(self._held) > _HOLD_LIMIT and self.transport is not None:
                 self.transport.pause_reading()
@@ -75,7 +76,7 @@ class FastPathProtocol(LingeringHttpProtocol):
         splice, self._passthrough = self._passthrough, None
         if splice is not None:
             splice.close()
-        task, self._fast_task = self._fast_task, None
+        task, self._fast = self._fast, None
         if task is not None:
             task.cancel()
         self._held.clear()
@@ -88,7 +89,7 @@ class FastPathProtocol(LingeringHttpProtocol):
         the response timeout applies, counted from the last byte read or written. A
         pass-through splice gets the response timeout while a request is outstanding,
         the keep-alive timeout otherwise."""
-        splice, task = self._passthrough, self._fast_task
+        splice, task = self._passthrough, self._fast
         if splice is not None:
             limit = self.response_timeout if splice.outstanding else self.keep_alive_timeout
             if current_time() - self._time > limit:
@@ -125,7 +126,7 @@ class FastPathProtocol(LingeringHttpProtocol):
             self._passthrough = None
             self.close()
             return True
-        if self._fast_task is not None:
+        if self._fast is not None:
             return False  # closed once its response is written (`signal.stopped`)
         result: bool = super().close_if_idle()
         return result
@@ -139,6 +140,8 @@ class FastPathProtocol(LingeringHttpProtocol):
         super().resume_writing()  # type: ignore[no-untyped-call]
         if self._passthrough is not None:
             self._passthrough.resume_upstream()
+        elif isinstance(self._fast, DirectExchange):
+            self._fast.resume()
 
     # Pass-through routes (`webapi.passthrough`)
 
@@ -193,7 +196,7 @@ class FastPathProtocol(LingeringHttpProtocol):
             raise
         except Exception as exc:
             app.ctx.passthrough.connect_failures += 1
-            self._fast_task = None
+            self._fast = None
             self._held.clear()
             if self.transport is not None and not self.transport.is_closing():
                 path = url.partition(b"?")[0].decode("latin-1")
@@ -205,7 +208,7 @@ class FastPathProtocol(LingeringHttpProtocol):
                 self.transport.write(head if method == "HEAD" else head + body)
             self.close()
             return
-        self._fast_task = None
+        self._fast = None
         if self.transport is None or self.transport.is_closing():
             leg.transport.close()  # type: ignore[union-attr]
             return
@@ -237,7 +240,7 @@ class FastPathProtocol(LingeringHttpProtocol):
         if idle:
             route = self._passthrough_route()
             if route is not None:
-                self._fast_task = self.loop.create_task(self._start_passthrough(*route))
+                self._fast = self.loop.create_task(self._start_passthrough(*route))
                 return
         try:
             worth = idle and self._may_qualify()
@@ -257,7 +260,7 @@ class FastPathProtocol(LingeringHttpProtocol):
         del self._held[: parsed.size]
         if len(self._held) <= _HOLD_LIMIT and self.transport is not None:
             self.transport.resume_reading()
-        self._fast_task = self.loop.create_task(self._answer(parsed, admitted))
+        self._start(parsed, admitted)
 
     def _may_qualify(self) -> bool:
         """A glance at the request line, before any parse: `/svc/<service>/` of a service
@@ -274,8 +277,8 @@ class FastPathProtocol(LingeringHttpProtocol):
         service = held[start:end].decode("latin-1")
         return service not in INTERNAL_SERVICES and not self.app.ctx.gate.has_limits(service, None)
 
-    def _admit(self, parsed: Parsed) -> list[tuple[str, str]] | None:
-        """The upstream request headers when the credential is cached and allowed; None
+    def _admit(self, parsed: Parsed) -> bytes | None:
+        """The upstream request head when the credential is cached and allowed; None
         sends the request to Sanic. Only after `_may_qualify` (no rate limit). Hot path."""
         if parsed.service in INTERNAL_SERVICES:
             return None
@@ -294,17 +297,80 @@ class FastPathProtocol(LingeringHttpProtocol):
         request_id = request_id_of(first.get(b"x-request-id"))
         first[b"x-request-id"] = request_id
         conn_info = self.conn_info
-        return hop_headers_out(
-            credential_free(parsed.headers),
+        return upstream_head(
+            parsed,
             client_ip=conn_info.client_ip if conn_info else "",
             scheme="https" if conn_info and conn_info.ssl else "http",
-            host=first.get(b"host", ""),
             request_id=request_id,
-            upstream=parsed.service,
         )
 
-    async def _answer(self, req: Parsed, headers_out: list[tuple[str, str]]) -> None:
-        """Forward one admitted request and write its response. Hot path."""
+    def _start(self, req: Parsed, head: bytes) -> None:
+        """Choose the instance; send on one of its idle connections (`DirectExchange`),
+        or, when it has none, forward from a coroutine. Hot path."""
+        app: GatewayApp = self.app
+        proxy = app.ctx.proxy
+        first = req.first
+        request_id = first[b"x-request-id"]
+        keep_alive = req.keep_alive and bool(app.config.KEEP_ALIVE)
+        try:
+            attempts = proxy.attempts(
+                req.service,
+                req.method,
+                version=first.get(b"x-service-version"),
+                key=first.get(b"x-balance-key"),
+            )
+            endpoint = attempts.next()
+        except ApiError as exc:  # no such service, no healthy instance
+            self.fast_error(exc, req, request_id, keep_alive and not self.signal.stopped)
+            return
+        conn = proxy.pool.idle_connection(endpoint.address)
+        if conn is None:
+            self._fast = self.loop.create_task(self._answer(req, head, attempts, endpoint))
+            return
+        exchange = DirectExchange(self, req, head, request_id, attempts, keep_alive, conn)
+        self._fast = exchange
+        app.ctx.fast_path.direct += 1
+        exchange.start(self.loop.time() + attempts.timeout)
+
+    # What a `DirectExchange` calls.
+
+    def fast_write(self, data: bytes) -> int:
+        """Write to the client; the bytes its socket has yet to take (0 once it is gone:
+        `connection_lost` ends the exchange)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return 0
+        transport.write(data)
+        self._time = current_time()
+        return int(transport.get_write_buffer_size())
+
+    def fast_done(self, keep_alive: bool) -> None:
+        """The fast request's response is written: go on with the connection."""
+        self.app.ctx.fast_path.answered += 1
+        self._fast = None
+        if not keep_alive or self.signal.stopped:
+            self._held.clear()
+            self.close()
+        elif self._held:
+            self._pump()
+
+    def fast_error(self, exc: Exception, req: Parsed, request_id: str, keep_alive: bool) -> None:
+        """Answer the fast request with `exc`'s JSON error response."""
+        self.fast_write(self._error(exc, req, request_id, keep_alive))
+        self.fast_done(keep_alive)
+
+    def fast_retry(self, req: Parsed, head: bytes, attempts: Attempts, same: bool) -> None:
+        """Go on with the request from a coroutine: on the same instance (`same`: its
+        idle connection was stale), else on the next one `attempts` allows."""
+        self._fast = self.loop.create_task(
+            self._answer(req, head, attempts, attempts.endpoint if same else None)
+        )
+
+    async def _answer(
+        self, req: Parsed, head: bytes, attempts: Attempts, first: Endpoint | None
+    ) -> None:
+        """Forward one admitted request from a coroutine (a connect is needed, or a
+        retry) and write its response."""
         app: GatewayApp = self.app
         request_id = req.first[b"x-request-id"]
         request_id_var.set(request_id)
@@ -312,14 +378,9 @@ class FastPathProtocol(LingeringHttpProtocol):
         self._fast_written = False
         try:
             forwarded = await app.ctx.proxy.forward(
-                req.service,
-                req.method,
-                req.target,
-                headers_out,
-                req.body,
-                version=req.first.get(b"x-service-version"),
-                key=req.first.get(b"x-balance-key"),
-            )
+                req.service, req.method, req.target, head, req.body,
+                attempts=attempts, first=first,
+            )  # fmt: skip
             keep_alive = keep_alive and not self.signal.stopped  # shutting down: say so
             try:
                 await self._relay(req, forwarded, request_id, keep_alive)
@@ -338,13 +399,7 @@ class FastPathProtocol(LingeringHttpProtocol):
             else:
                 keep_alive = keep_alive and not self.signal.stopped
                 self._write(self._error(exc, req, request_id, keep_alive))
-        app.ctx.fast_path.answered += 1
-        self._fast_task = None
-        if not keep_alive or self.signal.stopped:
-            self._held.clear()
-            self.close()
-        elif self._held:
-            self._pump()
+        self.fast_done(keep_alive)
 
     async def _relay(
         self, req: Parsed, forwarded: Forwarded, request_id: str, keep_alive: bool
@@ -352,24 +407,25 @@ class FastPathProtocol(LingeringHttpProtocol):
         """Write the upstream's response: whole, or streamed (chunked)."""
         upstream = forwarded.response
         status = upstream.status
-        head_only = req.method == "HEAD"
-        with_body: bool = has_message_body(status)  # type: ignore[no-untyped-call]
-        whole = head_only or not with_body or upstream.complete
-        body = await upstream.read() if whole and with_body and not head_only else b""
-        # A HEAD response keeps the upstream's Content-Length: the GET's length.
-        kept = strip_hop_by_hop_raw(
-            upstream.raw_headers, _REPLACED_HEAD if head_only else _REPLACED
+        if req.method == "HEAD":
+            framing = KEPT
+        elif not has_message_body(status):  # type: ignore[no-untyped-call]
+            framing = NONE
+        else:
+            framing = WHOLE if upstream.complete else CHUNKED
+        body = await upstream.read() if framing == WHOLE else b""
+        head = client_head(
+            status,
+            upstream.raw_headers,
+            framing=framing,
+            length=len(body),
+            upstream_seconds=forwarded.upstream_seconds,
+            received=req.received,
+            instance_id=forwarded.instance.instance_id,
+            request_id=request_id,
+            keep_alive=keep_alive,
         )
-        kept += [(k.encode(), v.encode()) for k, v in latency_headers(forwarded, req.received)]
-        kept.append((b"X-Request-Id", request_id.encode()))
-        if with_body and not head_only:
-            if whole:
-                kept.append((b"content-length", b"%d" % len(body)))
-            else:
-                kept.append((b"transfer-encoding", b"chunked"))
-        kept.append((b"connection", b"keep-alive" if keep_alive else b"close"))
-        head = format_http1_response(status, kept)
-        if whole:
+        if framing != CHUNKED:
             self._write(head + body)
             return
         self._write(head)

@@ -22,6 +22,7 @@ MAX_FAST_HEAD = 16 * 1024
 _METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
 # `/svc/<service>/` and a first path character the route's `<path:path>` accepts.
 _SVC_PATH = re.compile(rb"/svc/(" + SERVICE_NAME.pattern.strip("^$").encode() + rb")/[^/?]")
+_NONE: list[bytes] = []  # shared, never mutated: `connection = [*connection, value]`
 _REFUSED = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
 # Headers whose first value the fast path reads (as Sanic's `headers.get` would).
 _READ = frozenset({b"authorization", b"x-api-key", b"x-request-id", b"x-service-version",
@@ -68,8 +69,9 @@ class Parsed:
     url: bytes
     service: str
     target: str
-    headers: list[tuple[str, str]]  # as Sanic reads them: lower-case names
-    first: dict[bytes, str]  # the first value of the `_READ` headers
+    headers: list[tuple[bytes, bytes]]  # as received, names in lower case
+    first: dict[bytes, str]  # the first value of the `_READ` headers, as Sanic reads it
+    connection: list[bytes]  # the values of `Connection` fields (empty list: none)
     body: bytes | None
     keep_alive: bool
     received: float  # `time.perf_counter()` when it was parsed
@@ -104,21 +106,22 @@ def parse_request(buf: bytes | bytearray) -> Parsed | Incomplete | None:
     method = parser.get_method()
     if parser.get_http_version() != "1.1" or method not in _METHODS:
         return None
-    headers: list[tuple[str, str]] = []
+    headers: list[tuple[bytes, bytes]] = []
     first: dict[bytes, str] = {}
+    connection: list[bytes] = _NONE
     length, keep_alive = 0, True
-    for raw_name, raw_value in calls.headers:
+    for raw_name, value in calls.headers:
         name = raw_name.lower()
         if name in _REFUSED or (name == b"host" and b"host" in first):
             return None
-        value = raw_value.decode("utf-8", "surrogateescape")
         if name == b"content-length":
-            length = int(raw_value)  # httptools allows digits only, and one of them
+            length = int(value)  # httptools allows digits only, and one of them
         elif name == b"connection":
-            keep_alive = raw_value.lower() == b"keep-alive"  # Sanic's reading: the last one
+            keep_alive = value.lower() == b"keep-alive"  # Sanic's reading: the last one
+            connection = [*connection, value]
         if name in _READ and name not in first:
-            first[name] = value
-        headers.append((name.decode("ascii"), value))
+            first[name] = value.decode("utf-8", "surrogateescape")
+        headers.append((name, value))
     url = calls.url
     matched = _SVC_PATH.match(url)
     if matched is None or length > MAX_FAST_BODY:
@@ -140,4 +143,4 @@ def parse_request(buf: bytes | bytearray) -> Parsed | Incomplete | None:
     if not calls.done or calls.begun != 1 or (body is not None and len(body) != length):
         return None
     return Parsed(size + length, method.decode("ascii"), url, service, target, headers,
-                  first, body, keep_alive, time.perf_counter())  # fmt: skip
+                  first, connection, body, keep_alive, time.perf_counter())  # fmt: skip

@@ -1,5 +1,8 @@
 """One keep-alive HTTP/1.1 connection to an upstream: an `asyncio.Protocol` that writes a
-request head once and parses the response with httptools, resolving one future per head.
+request head once and parses the response with httptools. Two ways to run an exchange:
+`exchange()` resolves a future when the head arrives (the caller then reads the body
+from the `UpstreamResponse`); `send()` returns at once and reports the response to a
+`Receiver` from the connection's own callbacks (no future, no task: the fast path).
 
 A connection carries one exchange at a time (no pipelining). It is handed back to its
 owner as soon as the response is complete, keep-alive holds and the request body is
@@ -22,7 +25,7 @@ from webapi.proxy.errors import (
     UpstreamTimeout,
 )
 from webapi.proxy.headers import NO_BODY, RequestBody
-from webapi.proxy.response import HIGH_WATER, UpstreamResponse
+from webapi.proxy.response import HIGH_WATER, Receiver, UpstreamResponse
 from webapi.proxy.writer import BodyWriter
 
 # A bytes body up to this size goes out in the same write as the head; larger ones
@@ -70,7 +73,7 @@ class Connection(asyncio.Protocol):
         self._writer: BodyWriter | None = None
         self._lost_waiter: asyncio.Future[None] | None = None
         # The current exchange; `_resp` is None between exchanges.
-        self._resp: UpstreamResponse | None = None
+        self._resp: Receiver | None = None
         self._head_fut: asyncio.Future[None] | None = None
         self._upload: asyncio.Task[None] | None = None
         self._upload_done = True
@@ -103,9 +106,38 @@ class Connection(asyncio.Protocol):
         """Send one request and return once the response head has arrived."""
         transport = self._transport
         assert transport is not None and self._resp is None and not self.lost
-        loop = self._loop
-        resp = self._resp = UpstreamResponse(self)
-        fut = self._head_fut = loop.create_future()
+        resp = UpstreamResponse(self)
+        fut = self._head_fut = self._loop.create_future()
+        self._begin(resp, head_request, deadline)
+        if framing == NO_BODY:
+            transport.write(head)
+        elif isinstance(body, bytes | bytearray) and len(body) <= INLINE_BODY:
+            transport.write(head + body)
+        else:
+            assert body is not None
+            transport.write(head)
+            self._upload_done = False
+            self._upload = self._loop.create_task(self._send_body(resp, body, framing, length))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            self.abandon()
+            raise
+        return resp
+
+    def send(
+        self, request: bytes, receiver: Receiver, head_request: bool, deadline: float | None
+    ) -> None:
+        """Send one whole request (head and body in `request`) and return at once; the
+        response goes to `receiver` (see `Receiver`). Hot path."""
+        transport = self._transport
+        assert transport is not None and self._resp is None and not self.lost
+        self._head_fut = None
+        self._begin(receiver, head_request, deadline)
+        transport.write(request)
+
+    def _begin(self, resp: Receiver, head_request: bool, deadline: float | None) -> None:
+        self._resp = resp
         self._got_data = self._head_done = self._interim = False
         self._message_done = self._keep_alive = self._framed = False
         self._head_request = head_request
@@ -116,28 +148,12 @@ class Connection(asyncio.Protocol):
         self._content_length = None
         if self._parser is None:
             self._parser = HttpResponseParser(self)
-        now = self._progress_at = loop.time()
+        now = self._progress_at = self._loop.time()
         self._head_deadline = deadline
         when = now + self._read_timeout
         self._deadlines.set(
             self, when if deadline is None or when < deadline else deadline, self._on_timer
         )
-
-        if framing == NO_BODY:
-            transport.write(head)
-        elif isinstance(body, bytes | bytearray) and len(body) <= INLINE_BODY:
-            transport.write(head + body)
-        else:
-            assert body is not None
-            transport.write(head)
-            self._upload_done = False
-            self._upload = loop.create_task(self._send_body(resp, body, framing, length))
-        try:
-            await fut
-        except asyncio.CancelledError:
-            self.abandon()
-            raise
-        return resp
 
     async def _send_body(
         self,
@@ -193,11 +209,12 @@ class Connection(asyncio.Protocol):
         keep = self._keep_alive and not self._broken and self._upload_done and not self.lost
         if self.reading_paused:
             self._resume()
-        resp._complete()
+        # Released first: a receiver may send its connection's next request in _complete.
         if keep:
             self._owner.release(self)
         else:
             self.close()
+        resp._complete()
 
     def _fail(self, exc: BaseException) -> None:
         resp = self._resp
@@ -275,8 +292,11 @@ class Connection(asyncio.Protocol):
             self._broken = True
             if not self._message_done:
                 self._fail_from(UpstreamProtocolError(f"malformed response: {exc}"), exc)
-        if self._message_done and self._resp is resp:
-            self._finish()
+        if self._resp is resp:
+            if self._message_done:
+                self._finish()
+            elif self._head_fut is None:
+                resp._flush()
 
     def _fail_from(self, err: UpstreamError, cause: BaseException) -> None:
         err.__cause__ = cause
@@ -366,7 +386,9 @@ class Connection(asyncio.Protocol):
             self._message_done = True
             self._parser = None
         fut = self._head_fut
-        if fut is not None and not fut.done():
+        if fut is None:
+            resp._head()  # `send()`
+        elif not fut.done():
             fut.set_result(None)
 
     def on_body(self, body: bytes) -> None:

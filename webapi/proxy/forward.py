@@ -5,12 +5,8 @@ registry view (no Redis on the hot path), are narrowed to the requested
 version (`X-Service-Version`) and to healthy ones (`HealthBook`), and the
 service's balancing strategy picks one (after the live policy's version weights
 chose a version, when the request names none: `BalancingPolicy.for_request`).
-Failures are reported to the health book and the strategy. A connect failure
-(nothing was sent) ejects the instance and is retried on another one; a broken
-connection is retried only for idempotent methods whose body was not streamed;
-both only while the retry budget allows. A timeout is not retried (slow is not dead: our users run
-models that take seconds, and a retry would double the load on a slow pool):
-it answers 504 and counts toward the instance's failure streak.
+Each try is reported to the health book and the strategy, and a failed one is
+retried on another instance where that is safe: the rule is `webapi.proxy.attempts`.
 
 Per service, the live policy (`services.<name>` of the policy document) may set
 `timeout` (the wait for the response head, shorter or longer than
@@ -31,24 +27,14 @@ from dataclasses import dataclass
 
 from common.balancing import Endpoint, select_version
 from common.balancing.policy import BalancingPolicy
-from common.log import get_logger
 from common.policy import PolicyWatcher
 from common.registry_view import RegistryView
-from webapi.errors import (
-    ApiError,
-    NoHealthyInstance,
-    UnknownService,
-    UpstreamFailed,
-    UpstreamTimedOut,
-)
+from webapi.errors import NoHealthyInstance, UnknownService
+from webapi.proxy.attempts import Attempts
 from webapi.proxy.budget import RetryBudget
-from webapi.proxy.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
+from webapi.proxy.errors import UpstreamError
 from webapi.proxy.health import HealthBook
 from webapi.proxy.upstream import UpstreamPool, UpstreamResponse, strip_hop_by_hop
-
-log = get_logger("webapi.proxy")
-
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
 @dataclass(slots=True)
@@ -97,56 +83,52 @@ class Proxy:
                 f" at version {version!r}" if version else ""))  # fmt: skip
         return endpoints
 
+    def attempts(
+        self,
+        service: str,
+        method: str,
+        *,
+        version: str | None = None,
+        key: str | None = None,
+        replayable: bool = True,
+        timeout: float | None = None,
+        kind: str = "http",
+    ) -> Attempts:
+        """The tries of one request to `service` (see `webapi.proxy.attempts`)."""
+        return Attempts(self, service, method, version=version, key=key,
+                        replayable=replayable, timeout=timeout, kind=kind)  # fmt: skip
+
     async def forward(
         self,
         service: str,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[str, str]] | bytes,
         body: bytes | AsyncIterator[bytes] | None,
         *,
         version: str | None = None,
         key: str | None = None,
         timeout: float | None = None,
         kind: str = "http",
+        attempts: Attempts | None = None,
+        first: Endpoint | None = None,
     ) -> Forwarded:
         """Send the request to a chosen instance, retrying where it is safe.
 
+        `headers` may be the whole request head as bytes (`UpstreamPool.request`).
         `timeout` overrides the policy's and the default wait for the response head.
+        `attempts` continues a request whose earlier tries were made elsewhere (the
+        fast path's callback exchange), with `first` as this try's instance when it is
+        already chosen (else `attempts` chooses the next).
         """
-        settings = self.policy.service_policy(service)
-        if timeout is None:
-            timeout = settings.timeout if settings and settings.timeout else self.timeout
-        connect_timeout = settings.connect_timeout if settings else None
-        max_attempts = self.max_attempts
-        if settings is not None and settings.retries is not None:
-            max_attempts = settings.retries + 1
-        self.budget.deposit()
-        replayable = body is None or isinstance(body, bytes)
-        tried: set[str] = set()
-        failure: ApiError | None = None  # the last attempt's error, if we are retrying
-        attempt = 0
+        if attempts is None:
+            replayable = body is None or isinstance(body, bytes)
+            attempts = self.attempts(service, method, version=version, key=key,
+                                     replayable=replayable, timeout=timeout, kind=kind)  # fmt: skip
+            endpoint = attempts.next()
+        else:
+            endpoint = first or attempts.next()
         while True:
-            attempt += 1
-            try:
-                candidates = self.candidates(service, version, kind)
-            except (UnknownService, NoHealthyInstance):
-                if failure is not None:
-                    raise failure from None  # the failure itself, not "nobody left"
-                raise
-            fresh = [c for c in candidates if c.instance_id not in tried]
-            if not fresh:
-                if failure is not None:
-                    raise failure
-                fresh = candidates
-            strategy = self.policy.strategy(service)
-            endpoint: Endpoint = strategy.pick(
-                self.policy.for_request(service, fresh, version, key), key
-            )
-            tried.add(endpoint.instance_id)
-            self.book.started(endpoint.instance_id)
-            strategy.started(endpoint)
-            started = time.perf_counter()
             try:
                 response = await self.pool.request(
                     endpoint.address,
@@ -154,36 +136,18 @@ class Proxy:
                     target,
                     headers,
                     body,
-                    timeout=timeout,
-                    connect_timeout=connect_timeout,
+                    timeout=attempts.timeout,
+                    connect_timeout=attempts.connect_timeout,
                 )
             except UpstreamError as exc:
-                elapsed = time.perf_counter() - started
-                strategy.finished(endpoint, elapsed, False)
-                connect_failed = isinstance(exc, UpstreamConnectError)
-                self.book.failed(endpoint.instance_id, fatal=connect_failed)
-                safe = connect_failed or (
-                    not isinstance(exc, UpstreamTimeout) and method in IDEMPOTENT and replayable
-                )
-                if isinstance(exc, UpstreamTimeout):
-                    failure = UpstreamTimedOut(f"{service} did not answer in time")
-                else:
-                    failure = UpstreamFailed(f"{service}: {exc.message or type(exc).__name__}")
-                if safe and attempt < max_attempts and self.budget.try_spend():
-                    log.info(
-                        "retrying on another instance",
-                        extra={"fields": {"instance": endpoint.instance_id, "error": str(exc)}},
-                    )
-                    continue
-                raise failure from exc
-            elapsed = time.perf_counter() - started
-            ok = response.status < 500
-            strategy.finished(endpoint, elapsed, ok)
-            if ok:
-                self.book.succeeded(endpoint.instance_id)
-            else:
-                self.book.failed(endpoint.instance_id, fatal=False)
-            return Forwarded(response, endpoint, elapsed, attempt)
+                attempts.failed(exc)  # raises unless another try is allowed
+                endpoint = attempts.next()
+                continue
+            except BaseException:
+                attempts.abandoned()  # cancelled: the client left
+                raise
+            elapsed = attempts.answered(response.status)
+            return Forwarded(response, endpoint, elapsed, attempts.attempt)
 
 
 def latency_headers(forwarded: Forwarded, received: float) -> list[tuple[str, str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from webapi.proxy.connection import Connection
@@ -14,6 +14,33 @@ if TYPE_CHECKING:
 # bytes wait for the consumer, and is read again once it has taken all but LOW_WATER.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+
+
+class Receiver(Protocol):
+    """What a `Connection` reports one exchange's response to: `UpstreamResponse` (the
+    caller awaits the head, then reads the body), or a receiver that acts in the
+    connection's callbacks (`Connection.send`: the fast path's `DirectExchange`).
+
+    The connection sets `status`, `reason` and `raw_headers` when the head arrives,
+    then calls `_head()` (`send` only), `_feed()` per body chunk (its result is the
+    bytes still waiting for the consumer: over `HIGH_WATER` pauses the socket),
+    `_flush()` after each read that did not end the response (`send` only), and
+    exactly one of `_complete()` or `_fail()`.
+    """
+
+    status: int
+    reason: str
+    raw_headers: list[tuple[bytes, bytes]]
+
+    def _head(self) -> None: ...
+
+    def _feed(self, data: bytes) -> int: ...
+
+    def _flush(self) -> None: ...
+
+    def _complete(self) -> None: ...
+
+    def _fail(self, exc: BaseException) -> None: ...
 
 
 class UpstreamResponse:
@@ -128,7 +155,13 @@ class UpstreamResponse:
     ) -> None:
         await self.aclose()
 
-    # Called by the connection.
+    # Called by the connection (`Receiver`).
+
+    def _head(self) -> None:
+        """Not called: `exchange()` resolves its future instead."""
+
+    def _flush(self) -> None:
+        """Not called: the consumer reads the chunks when it wants them."""
 
     def _feed(self, data: bytes) -> int:
         if self._closed:

@@ -46,7 +46,7 @@ from webapi.proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from webapi.proxy.headers import RequestBody, build_request_head
+from webapi.proxy.headers import NO_BODY, SIZED, RequestBody, build_request_head
 from webapi.proxy.headers import strip_hop_by_hop as strip_hop_by_hop
 from webapi.proxy.response import UpstreamResponse as UpstreamResponse
 
@@ -134,6 +134,7 @@ class UpstreamPool:
         self.idle_timeout = idle_timeout
         self.closed = False
         self._hosts: dict[str, _Host] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by the first connect
         self._deadlines: Deadlines | None = None  # the exchanges' timeouts (made in the loop)
 
     async def request(
@@ -141,7 +142,7 @@ class UpstreamPool:
         address: str,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[str, str]] | bytes,
         body: RequestBody = None,
         timeout: float | None = None,
         connect_timeout: float | None = None,
@@ -151,9 +152,11 @@ class UpstreamPool:
 
         `headers` are sent as given, plus `Host` if missing and the body framing
         (`Content-Length`, or `Transfer-Encoding: chunked` for an async iterator
-        without a `Content-Length`). `timeout` bounds the wait for the head (it
-        replaces the read timeout until the head arrives), `connect_timeout` the
-        connect (default: the pool's).
+        without a `Content-Length`). `headers` may also be the whole request head as
+        bytes, framing included, for a `body` of bytes or None (the fast path builds
+        it once per request, whichever instance it goes to). `timeout` bounds the wait
+        for the head (it replaces the read timeout until the head arrives),
+        `connect_timeout` the connect (default: the pool's).
         Raises `UpstreamConnectError`, `UpstreamTimeout`, `UpstreamProtocolError`; an
         exception from the body iterator is raised as is.
 
@@ -165,7 +168,12 @@ class UpstreamPool:
         host = self._hosts.get(address)
         if host is None:
             host = self._hosts[address] = _Host(self, address)
-        head, framing, length = build_request_head(method, target, headers, address, body)
+        if isinstance(headers, bytes):
+            assert body is None or isinstance(body, bytes | bytearray)
+            head, length = headers, len(body or b"")
+            framing = SIZED if length else NO_BODY
+        else:
+            head, framing, length = build_request_head(method, target, headers, address, body)
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = None if timeout is None else now + timeout
@@ -184,6 +192,14 @@ class UpstreamPool:
         conn = await self._connect(host, loop, deadline, connect_timeout or self.connect_timeout)
         return await conn.exchange(head, body, framing, length, head_request, deadline)
 
+    def idle_connection(self, address: str) -> Connection | None:
+        """An idle keep-alive connection to `address`, taken out of the pool, or None
+        (then `request()` connects). For `Connection.send`; hot path, no I/O."""
+        host = self._hosts.get(address)
+        if host is None or self._loop is None or self.closed:
+            return None
+        return host.take_idle(self._loop.time())
+
     async def _connect(
         self,
         host: _Host,
@@ -195,6 +211,7 @@ class UpstreamPool:
         if deadline is not None and deadline - loop.time() < timeout:
             timeout, total_bound = deadline - loop.time(), True
         if self._deadlines is None:
+            self._loop = loop
             self._deadlines = Deadlines(loop)
         conn = Connection(host, loop, self.read_timeout, self.max_body, self._deadlines)
         try:

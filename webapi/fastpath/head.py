@@ -1,0 +1,60 @@
+"""The upstream request head of a fast-path request, built as bytes once per request.
+
+The same head as the `/svc/` route's (`credential_free`, then `hop_headers_out`, then
+`build_request_head`), without decoding the fields to str and encoding them back:
+
+* the client's API key is dropped (a bearer JWT passes: it is short-lived and tells
+  the backend who the user is);
+* hop-by-hop fields, `Proxy-*` and the fields `Connection` names are dropped, and so
+  are `Host`, `X-Forwarded-*`, `X-Request-Id` and the body framing;
+* `Host` (the service), `X-Forwarded-For` (appended to the client's), `-Proto`,
+  `-Host` and `X-Request-Id` are set, and the body is framed by `Content-Length`.
+
+Nothing is escaped: httptools has refused CR and LF in every field the client sent
+(and the fast path takes only heads that end where httptools says), the target
+comes from `upstream_target`, and the values added here are checked where they are
+made. `tests/webapi/test_fastpath_request.py` compares it with the route's builders.
+"""
+
+from __future__ import annotations
+
+from webapi.access import API_KEY_PREFIX
+from webapi.fastpath.request import Parsed
+
+_DROPPED = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                      b"x-request-id", b"content-length", b"transfer-encoding", b"connection",
+                      b"keep-alive", b"te", b"trailer", b"upgrade", b"x-api-key"})  # fmt: skip
+_API_KEY = API_KEY_PREFIX.encode()
+_EMPTY_BODY = frozenset({"POST", "PUT", "PATCH"})  # an empty body still gets Content-Length: 0
+
+
+def upstream_head(req: Parsed, *, client_ip: str, scheme: str, request_id: str) -> bytes:
+    """The request line and header block sent upstream for `req`. Hot path."""
+    named: set[bytes] = set()
+    for value in req.connection:
+        named.update(token.strip().lower() for token in value.split(b","))
+    prior: list[bytes] = []
+    out = [b"%s %s HTTP/1.1" % (req.method.encode(), req.target.encode("utf-8", "surrogateescape"))]
+    for name, value in req.headers:
+        if name in _DROPPED or name.startswith(b"proxy-") or name in named:
+            if name == b"x-forwarded-for":
+                prior.append(value)
+            continue
+        if name == b"authorization" and value[7:].lstrip().startswith(_API_KEY):
+            continue
+        out.append(name + b": " + value)
+    ip = client_ip.encode()
+    out.append(b"Host: " + req.service.encode())
+    out.append(b"X-Forwarded-For: " + (b", ".join([*prior, ip]) if prior else ip))
+    out.append(b"X-Forwarded-Proto: " + scheme.encode())
+    out.append(
+        b"X-Forwarded-Host: " + req.first.get(b"host", "").encode("utf-8", "surrogateescape")
+    )
+    out.append(b"X-Request-Id: " + request_id.encode())
+    body = req.body
+    if body:
+        out.append(b"Content-Length: %d" % len(body))
+    elif req.method in _EMPTY_BODY:
+        out.append(b"Content-Length: 0")
+    out.append(b"\r\n")
+    return b"\r\n".join(out)
