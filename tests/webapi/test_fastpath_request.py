@@ -97,7 +97,7 @@ def test_the_switch() -> None:
                 "Trailer: x",
             ],
             b"",
-        ),  # fmt: skip
+        ),
         (
             "GET",
             [
@@ -108,7 +108,7 @@ def test_the_switch() -> None:
                 "X-Request-Id: theirs",
             ],
             b"",
-        ),  # fmt: skip
+        ),
         ("GET", ["User-Agent: caf\xc3\xa9/1.0 \xff", "X-Empty: "], b""),
         ("POST", ["Content-Type: application/json"], b'{"a": 1}'),
         ("POST", [], b""),
