@@ -3,6 +3,8 @@ whole, plainly framed HTTP/1.1 `/svc/` requests; everything else stays Sanic's."
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from common.errors import ConfigError
@@ -11,8 +13,9 @@ from webapi.access import credential_free
 from webapi.fastpath import MAX_FAST_BODY, Parsed, parse_request
 from webapi.fastpath.head import upstream_head
 from webapi.fastpath.request import INCOMPLETE
+from webapi.fastpath.response import CHUNKED, KEPT, NONE, WHOLE, client_head
 from webapi.proxy.forward import hop_headers_out
-from webapi.proxy.headers import build_request_head
+from webapi.proxy.headers import build_request_head, strip_hop_by_hop_raw
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -133,3 +136,49 @@ def test_the_upstream_head_is_the_routes(method: str, fields: list[str], body: b
                               host="gw.example", request_id="rid-1", upstream="web")  # fmt: skip
     routes, _, _ = build_request_head(method, "/a/b?q=1", headers, "unused:1", body or None)
     assert ours == routes
+
+
+_UPSTREAM = [(b"Server", b"nginx"), (b"Content-Type", b"application/json"),
+             (b"Content-Length", b"64"), (b"Connection", b"keep-alive")]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        _UPSTREAM,
+        [
+            *_UPSTREAM,
+            (b"Connection", b"X-Secret"),
+            (b"x-secret", b"1"),
+            (b"Proxy-Foo", b"1"),
+            (b"X-Request-Id", b"upstream"),
+        ],
+        [
+            (b"Content-Length", b"3"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"TE", b"x"),
+            (b"connection", b"close"),
+            (b"Trailer", b"x"),
+            (b"Upgrade", b"h2c"),
+        ],
+    ],
+)
+@pytest.mark.parametrize("framing", [WHOLE, KEPT, CHUNKED, NONE])
+def test_the_client_head_keeps_what_the_general_filter_keeps(
+    fields: list[tuple[bytes, bytes]], framing: int
+) -> None:
+    """`client_head`'s one-pass filter drops what `strip_hop_by_hop_raw` drops, then
+    adds the gateway's fields and the framing."""
+    head = client_head(201, fields, framing=framing, length=7, upstream_seconds=0.002,
+                       received=time.perf_counter(), instance_id="web-1", request_id="rid",
+                       keep_alive=False)  # fmt: skip
+    assert head.startswith(b"HTTP/1.1 201 Created\r\n") and head.endswith(b"\r\n\r\n")
+    lines = [tuple(line.split(b": ", 1)) for line in head[:-4].split(b"\r\n")[1:]]
+    framed = {WHOLE: [(b"content-length", b"7")], CHUNKED: [(b"transfer-encoding", b"chunked")]}
+    ours = [*framed.get(framing, []), (b"connection", b"close")]
+    assert lines[-len(ours) :] == ours
+    assert lines[-len(ours) - 2 : -len(ours)] == [(b"X-Upstream-Instance", b"web-1"),
+                                                  (b"X-Request-Id", b"rid")]  # fmt: skip
+    assert lines[-len(ours) - 4][0] == b"X-Upstream-Latency"
+    replaced = {b"x-request-id"} if framing == KEPT else {b"content-length", b"x-request-id"}
+    assert lines[: -len(ours) - 4] == strip_hop_by_hop_raw(fields, frozenset(replaced))

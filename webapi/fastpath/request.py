@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
@@ -29,17 +28,36 @@ _READ = frozenset({b"authorization", b"x-api-key", b"x-request-id", b"x-service-
                    b"x-balance-key", b"host"})  # fmt: skip
 
 
-class _Callbacks:
-    """httptools callbacks for one request."""
+class Parsed:
+    """A complete request the fast path may take, before the access checks. It is also
+    httptools' callbacks object while the request is parsed (one object per request)."""
 
-    __slots__ = ("begun", "body", "done", "head_done", "headers", "url")
+    __slots__ = ("begun", "body", "connection", "done", "first", "head_done", "headers",
+                 "keep_alive", "length", "method", "received", "refused", "service", "size",
+                 "target", "url")  # fmt: skip
 
     def __init__(self) -> None:
+        self.size = 0  # bytes it takes at the start of the buffer
+        self.method = ""
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body: list[bytes] = []
+        self.service = ""
+        self.target = ""
+        self.headers: list[tuple[bytes, bytes]] = []  # as received, names in lower case
+        # The first value of the `_READ` headers, as Sanic reads it.
+        self.first: dict[bytes, str] = {}
+        self.connection: list[bytes] = _NONE  # the values of `Connection` fields
+        self.body: bytes | None = None
+        self.keep_alive = True
+        self.received = 0.0  # `time.perf_counter()` when it was parsed
+        # While parsing.
         self.begun = 0
-        self.head_done = self.done = False
+        self.length = 0
+        self.head_done = self.done = self.refused = False
+
+    def body_length(self) -> int:
+        return 0 if self.body is None else len(self.body)
+
+    # httptools callbacks.
 
     def on_message_begin(self) -> None:
         self.begun += 1
@@ -47,34 +65,28 @@ class _Callbacks:
     def on_url(self, url: bytes) -> None:
         self.url += url
 
-    def on_header(self, name: bytes, value: bytes) -> None:
+    def on_header(self, raw_name: bytes, value: bytes) -> None:
+        name = raw_name.lower()
         self.headers.append((name, value))
+        if name in _SPECIAL:
+            if name in _REFUSED or (name == b"host" and b"host" in self.first):
+                self.refused = True
+            elif name == b"content-length":
+                self.length = int(value)  # httptools allows digits only, and one of them
+            elif name == b"connection":
+                self.keep_alive = value.lower() == b"keep-alive"  # Sanic's reading: the last
+                self.connection = [*self.connection, value]
+            if name in _READ and name not in self.first:
+                self.first[name] = value.decode("utf-8", "surrogateescape")
 
     def on_headers_complete(self) -> None:
         self.head_done = True
 
     def on_body(self, body: bytes) -> None:
-        self.body.append(body)
+        self.body = body if self.body is None else self.body + body
 
     def on_message_complete(self) -> None:
         self.done = True
-
-
-@dataclass(slots=True)
-class Parsed:
-    """A complete request the fast path may take, before the access checks."""
-
-    size: int  # bytes it takes at the start of the buffer
-    method: str
-    url: bytes
-    service: str
-    target: str
-    headers: list[tuple[bytes, bytes]]  # as received, names in lower case
-    first: dict[bytes, str]  # the first value of the `_READ` headers, as Sanic reads it
-    connection: list[bytes]  # the values of `Connection` fields (empty list: none)
-    body: bytes | None
-    keep_alive: bool
-    received: float  # `time.perf_counter()` when it was parsed
 
 
 class Incomplete:
@@ -94,53 +106,44 @@ def parse_request(buf: bytes | bytearray) -> Parsed | Incomplete | None:
     if end < 0 or space < 0 or buf[space : space + 6] != b" /svc/":
         return None
     size = end + 4
-    calls = _Callbacks()
-    parser = HttpRequestParser(calls)
+    req = Parsed()
+    parser = HttpRequestParser(req)
     try:
         parser.feed_data(bytes(buf[:size]))
     except (HttpParserError, HttpParserUpgrade):
         return None
     # One message whose head ends where ours does (else the parser framed it otherwise).
-    if not calls.head_done or calls.begun != 1 or calls.body:
+    if not req.head_done or req.begun != 1 or req.body is not None or req.refused:
         return None
     method = parser.get_method()
-    if parser.get_http_version() != "1.1" or method not in _METHODS:
+    if method not in _METHODS or parser.get_http_version() != "1.1":
         return None
-    headers: list[tuple[bytes, bytes]] = []
-    first: dict[bytes, str] = {}
-    connection: list[bytes] = _NONE
-    length, keep_alive = 0, True
-    for raw_name, value in calls.headers:
-        name = raw_name.lower()
-        if name in _REFUSED or (name == b"host" and b"host" in first):
-            return None
-        if name == b"content-length":
-            length = int(value)  # httptools allows digits only, and one of them
-        elif name == b"connection":
-            keep_alive = value.lower() == b"keep-alive"  # Sanic's reading: the last one
-            connection = [*connection, value]
-        if name in _READ and name not in first:
-            first[name] = value.decode("utf-8", "surrogateescape")
-        headers.append((name, value))
-    url = calls.url
+    url = req.url
     matched = _SVC_PATH.match(url)
+    length = req.length
     if matched is None or length > MAX_FAST_BODY:
         return None
-    service = matched.group(1).decode("ascii")
+    service = req.service = matched.group(1).decode("ascii")
     try:
-        target = upstream_target(url, f"/svc/{service}")
+        req.target = upstream_target(url, f"/svc/{service}")
     except InvalidProxyPath:
         return None
     if len(buf) < size + length:
         return INCOMPLETE
-    body = None
     if length:
         try:
             parser.feed_data(bytes(buf[size : size + length]))
         except (HttpParserError, HttpParserUpgrade):
             return None
-        body = b"".join(calls.body)
-    if not calls.done or calls.begun != 1 or (body is not None and len(body) != length):
+        if req.body_length() != length:
+            return None
+    if not req.done:  # (exactly `length` bytes were fed: no second message can begin)
         return None
-    return Parsed(size + length, method.decode("ascii"), url, service, target, headers,
-                  first, connection, body, keep_alive, time.perf_counter())  # fmt: skip
+    req.size = size + length
+    req.method = method.decode("ascii")
+    req.received = time.perf_counter()
+    return req
+
+
+# The header names `Parsed.on_header` looks at beyond collecting them.
+_SPECIAL = _REFUSED | _READ | {b"content-length", b"connection"}
