@@ -29,11 +29,15 @@ hold; otherwise the bytes go to Sanic unchanged and it handles them as it always
   SERVER_NAME, FORWARDED_SECRET, PROXIES_COUNT or REAL_IP_HEADER).
 
 An admitted request gets what the `/svc/` route would give it: its request id (the
-caller's `X-Request-Id` when well formed), the same upstream headers
-(`credential_free` + `hop_headers_out`), `Proxy.forward` (instance choice, health,
-retries), and a response with the upstream's headers minus hop-by-hop ones, the
-latency headers and `X-Request-Id`: written at once with a Content-Length when the
-body has arrived whole, else streamed chunked. Errors are `error_response`'s JSON,
+caller's `X-Request-Id` when well formed), the same upstream headers (`head.py`,
+built as bytes, tested equal to `credential_free` + `hop_headers_out` +
+`build_request_head`), the same instance choice, health and retries
+(`webapi.proxy.attempts`), and a response with the upstream's headers minus
+hop-by-hop ones, the latency headers and `X-Request-Id` (`response.py`): written at
+once with a Content-Length when the body has arrived whole, else streamed. When the
+instance has an idle upstream connection, the request is sent and answered from the
+two connections' callbacks (`direct.py`: no task per request); otherwise, and for a
+retry, from a coroutine through `Proxy.forward`. Errors are `error_response`'s JSON,
 logged as `JsonErrorHandler` logs them. Sanic's bookkeeping is kept: keep-alive
 (`Connection` as Sanic reads it, `KEEP_ALIVE`), the keep-alive timeout counted from
 the last write, the response timeout while a fast request runs, graceful shutdown.
