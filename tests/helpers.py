@@ -11,13 +11,16 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio as aioredis
 
 from common.apikeys import new_key, record_key, user_keys_key
 from common.embedded_redis import free_port
+
+if TYPE_CHECKING:
+    from common.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,6 +93,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
             last_exc = exc
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s (last error: {last_exc!r})")
+
+
+async def serve_in_task(svc: Service, url: str) -> asyncio.Task[None]:
+    """Run `svc` in a task and return once its worker's three loops are running."""
+    task = asyncio.create_task(svc.serve(url))
+
+    async def consuming() -> bool:
+        return svc.worker is not None and len(svc.worker._tasks) == 3
+
+    await wait_for_async(consuming)
+    return task
 
 
 async def wait_for_async(

@@ -24,7 +24,7 @@ from common.embedded_redis import EmbeddedRedis
 from common.errors import RemoteError, ServiceUnavailable
 from common.log import request_id_var
 from common.params import never_suspends
-from tests.helpers import wait_for_async
+from tests.helpers import serve_in_task
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -93,20 +93,10 @@ async def _raise_soon() -> None:
     raise ValueError("child failed")
 
 
-async def _serve(svc: Service, url: str) -> asyncio.Task[None]:
-    task = asyncio.create_task(svc.serve(url))
-    await wait_for_async(lambda: _consuming(svc))
-    return task
-
-
-async def _consuming(svc: Service) -> bool:
-    return svc.worker is not None and len(svc.worker._tasks) == 3
-
-
 @pytest.fixture
 async def served(redis_url: str) -> AsyncIterator[tuple[Service, RpcClient]]:
     svc = _service()
-    task = await _serve(svc, redis_url)
+    task = await serve_in_task(svc, redis_url)
     async with RpcClient(redis_url) as rpc:
         yield svc, rpc
     svc.request_stop()
@@ -236,7 +226,7 @@ async def test_auth_and_db_from_the_url_and_reconnects(private_redis: EmbeddedRe
     await admin.config_set("requirepass", "s3cret")  # this connection stays authenticated
     url = f"redis://:s3cret@127.0.0.1:{private_redis.port}/3"
     svc = _service()
-    task = await _serve(svc, url)
+    task = await serve_in_task(svc, url)
     try:
         async with RpcClient(url) as rpc:
             assert await rpc.call(f"{svc.name}.now", 1) == 2
@@ -269,7 +259,7 @@ async def test_script_cache_flushed_under_the_client(served: tuple[Service, RpcC
 
 async def test_no_instance_fails_fast_at_one_caller(redis_url: str) -> None:
     svc = _service()
-    task = await _serve(svc, redis_url)
+    task = await serve_in_task(svc, redis_url)
     svc.request_stop()
     await asyncio.wait_for(task, 15)
     async with RpcClient(redis_url) as rpc:

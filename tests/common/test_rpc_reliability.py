@@ -16,7 +16,7 @@ from common import RpcClient, Service, constants
 from common.errors import Overloaded, RpcTimeout, ServiceUnavailable
 from common.protocol import Call, ok_reply
 from common.settings import get_settings
-from tests.helpers import ServiceProcess, wait_for_async
+from tests.helpers import ServiceProcess, serve_in_task, wait_for_async
 from tests.support.calc_service import build
 
 pytestmark = pytest.mark.timeout(180)
@@ -24,16 +24,6 @@ pytestmark = pytest.mark.timeout(180)
 
 def _name() -> str:
     return f"calc_{uuid.uuid4().hex[:8]}"
-
-
-async def _serve(svc: Service, url: str) -> asyncio.Task[None]:
-    task = asyncio.create_task(svc.serve(url))
-    await wait_for_async(lambda: _is_consuming(svc))
-    return task
-
-
-async def _is_consuming(svc: Service) -> bool:
-    return svc.worker is not None and len(svc.worker._tasks) == 3
 
 
 async def _stop(svc: Service, task: asyncio.Task[None]) -> None:
@@ -133,7 +123,7 @@ async def test_dead_workers_call_is_redelivered_and_run_once(
     )
     inbox, key = f"test:inbox:{uuid.uuid4().hex}", f"test:rec:{uuid.uuid4().hex}"
     await _ghost_takes(redis_client, svc.name, _call("record", inbox, key=key, value="v"))
-    task = await _serve(svc, redis_url)
+    task = await serve_in_task(svc, redis_url)
     try:
         assert await wait_for_async(lambda: redis_client.lrange(key, 0, -1)) == [b"v"]
         assert await wait_for_async(lambda: redis_client.llen(inbox)) == 1
@@ -164,7 +154,7 @@ async def test_redelivered_completed_call_returns_stored_reply(
     await redis_client.hset(
         constants.done_key(svc.name, int(time.time() // window)), call.call_id, stored
     )
-    task = await _serve(svc, redis_url)
+    task = await serve_in_task(svc, redis_url)
     try:
         assert await wait_for_async(lambda: redis_client.lrange(inbox, 0, -1)) == [stored]
         assert svc.worker is not None and svc.worker.stats.deduplicated == 1
@@ -181,7 +171,7 @@ async def test_overloaded_at_enqueue(redis_url: str, rpc: RpcClient) -> None:
         await asyncio.sleep(seconds)
         return seconds
 
-    task = await _serve(svc, redis_url)
+    task = await serve_in_task(svc, redis_url)
     try:
         running = [
             asyncio.create_task(rpc.call(f"{svc.name}.slow", 0.5, timeout=10)) for _ in range(3)
@@ -203,7 +193,7 @@ async def _xlen_at_least(redis: aioredis.Redis, key: str, n: int) -> bool:
 async def test_directed_calls_reach_only_that_instance(redis_url: str, rpc: RpcClient) -> None:
     name = _name()
     a, b = build(name), build(name)
-    tasks = [await _serve(a, redis_url), await _serve(b, redis_url)]
+    tasks = [await serve_in_task(a, redis_url), await serve_in_task(b, redis_url)]
     try:
         for target in (a, b):
             answers = await asyncio.gather(
@@ -223,7 +213,7 @@ async def test_shutdown_hands_back_calls_past_the_grace(redis_url: str, rpc: Rpc
     leaving = build(name)
     leaving.settings = quick
     staying = build(name)
-    first = await _serve(leaving, redis_url)
+    first = await serve_in_task(leaving, redis_url)
     try:
         call = asyncio.create_task(
             rpc.call(f"{name}.sleep", seconds=1.5, timeout=30, instance=None)
@@ -231,7 +221,7 @@ async def test_shutdown_hands_back_calls_past_the_grace(redis_url: str, rpc: Rpc
         await wait_for_async(
             lambda: _async(leaving.worker is not None and leaving.worker._inflight)
         )
-        second = await _serve(staying, redis_url)
+        second = await serve_in_task(staying, redis_url)
         await _stop(leaving, first)  # cancels the call after 0.3 s, then deregisters
         assert await call == 1.5  # finished by the other instance
         assert staying.worker is not None and staying.worker.stats.redelivered == 1
@@ -247,7 +237,7 @@ async def _async(value: object) -> object:
 
 async def test_draining_instance_is_not_routed_to(redis_url: str, rpc: RpcClient) -> None:
     svc = build(_name())
-    task = await _serve(svc, redis_url)
+    task = await serve_in_task(svc, redis_url)
     inflight = asyncio.create_task(rpc.call(f"{svc.name}.sleep", seconds=0.8, timeout=10))
     await wait_for_async(lambda: _async(svc.worker is not None and svc.worker._inflight))
     svc.request_stop()
@@ -264,7 +254,7 @@ async def _no_live(redis: aioredis.Redis, service: str) -> bool:
 
 async def test_method_counters_and_histograms(redis_url: str, rpc: RpcClient) -> None:
     svc = build(_name())
-    task = await _serve(svc, redis_url)
+    task = await serve_in_task(svc, redis_url)
     try:
         for i in range(10):
             await rpc.call(f"{svc.name}.add", i)

@@ -15,20 +15,10 @@ from common import RpcClient, Service, constants
 from common.deadletters import DeadLetters
 from common.errors import Overloaded, ServiceUnavailable
 from common.settings import get_settings
-from tests.helpers import wait_for_async
+from tests.helpers import serve_in_task, wait_for_async
 from tests.support.calc_service import build
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def _serve(svc: Service, url: str) -> asyncio.Task[None]:
-    task = asyncio.create_task(svc.serve(url))
-    await wait_for_async(lambda: _value(svc.worker is not None and len(svc.worker._tasks) == 3))
-    return task
-
-
-async def _value(value: object) -> object:
-    return value
 
 
 @pytest.fixture
@@ -44,7 +34,7 @@ async def single_slot(redis_url: str) -> AsyncIterator[Service]:
     svc = build(f"calc_{uuid.uuid4().hex[:8]}", concurrency=1)
     svc.settings = settings
     svc.max_backlog = 10
-    task = await _serve(svc, redis_url)
+    task = await serve_in_task(svc, redis_url)
     yield svc
     svc.request_stop()
     await asyncio.wait_for(task, 30)
@@ -53,7 +43,11 @@ async def single_slot(redis_url: str) -> AsyncIterator[Service]:
 async def _busy(rpc: RpcClient, svc: Service, seconds: float) -> asyncio.Task[object]:
     """Occupy the only slot and wait until it is taken."""
     call = asyncio.create_task(rpc.call(f"{svc.name}.sleep", seconds=seconds, timeout=30))
-    await wait_for_async(lambda: _value(svc.worker is not None and svc.worker._inflight))
+
+    async def taken() -> bool:
+        return svc.worker is not None and bool(svc.worker._inflight)
+
+    await wait_for_async(taken)
     return call
 
 
@@ -112,7 +106,7 @@ async def test_policy_drop_discards_and_counts_when_saturated(
 
 async def test_drop_without_instance_is_not_an_error(rpc: RpcClient, redis_url: str) -> None:
     svc = build(f"calc_{uuid.uuid4().hex[:8]}")
-    task = await _serve(svc, redis_url)
+    task = await serve_in_task(svc, redis_url)
     svc.request_stop()
     await asyncio.wait_for(task, 30)
     assert await rpc.send(f"{svc.name}.add", 1, policy="drop") is False

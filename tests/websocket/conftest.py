@@ -160,3 +160,19 @@ async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> Any:
     import asyncio
 
     return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def last_close(server: WsServer, service: str) -> Any:
+    """The close code and reason the echo upstream of `service` last received."""
+    async with server.connect(f"/ws/proxy/{service}/echo") as probe:
+        await probe.send("last_close")
+        return await recv_json(probe)
+
+
+async def wait_upstream_closed(server: WsServer, service: str, expected: list[Any]) -> None:
+    """Wait until the upstream's last close is `expected` ([code, reason])."""
+
+    async def seen() -> bool:
+        return bool(await last_close(server, service) == expected)
+
+    await wait_for_async(seen, timeout=10)

@@ -15,7 +15,14 @@ import websockets
 from common.registry import InstanceRecord, Registry
 from tests.helpers import free_port, wait_for_async
 from tests.support.policy import update_service
-from tests.websocket.conftest import Backends, WsServer, recv_json, wait_reachable, whoami
+from tests.websocket.conftest import (
+    Backends,
+    WsServer,
+    recv_json,
+    wait_reachable,
+    wait_upstream_closed,
+    whoami,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,12 +61,7 @@ async def test_client_close_code_and_reason_reach_the_upstream(ws_server, backen
         assert await ws.recv() == "hello"
         await ws.close(4002, "client done")
 
-    async def upstream_saw_it() -> bool:
-        async with ws_server.connect(f"/ws/proxy/{backends.service}/echo") as probe:
-            await probe.send("last_close")
-            return bool(await recv_json(probe) == [4002, "client done"])
-
-    await wait_for_async(upstream_saw_it, timeout=10)
+    await wait_upstream_closed(ws_server, backends.service, [4002, "client done"])
 
 
 async def test_upstream_death_mid_stream_closes_the_client_1014(ws_server, backends):

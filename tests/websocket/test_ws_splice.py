@@ -25,7 +25,14 @@ from websockets.utils import accept_key
 
 from common.registry import InstanceRecord, Registry
 from tests.helpers import free_port, wait_for_async
-from tests.websocket.conftest import Backends, WsServer, recv_json, wait_reachable
+from tests.websocket.conftest import (
+    Backends,
+    WsServer,
+    last_close,
+    recv_json,
+    wait_reachable,
+    wait_upstream_closed,
+)
 from websocket.splice import CLOSE_TIMEOUT
 
 pytestmark = pytest.mark.timeout(120)
@@ -106,12 +113,6 @@ async def raw_client(ws_server: WsServer) -> AsyncIterator[Any]:
         client.writer.transport.abort()
 
 
-async def last_close(server: WsServer, service: str) -> Any:
-    async with server.connect(f"/ws/proxy/{service}/echo") as probe:
-        await probe.send("last_close")
-        return await recv_json(probe)
-
-
 async def test_a_large_message_in_small_reads_and_fragments_pass_as_they_are(
     ws_server: WsServer, backends: Backends, raw_client: Any
 ) -> None:
@@ -150,10 +151,7 @@ async def test_a_client_that_vanishes_closes_the_upstream_1001(
     assert (await raw.recv()).data == b"hi"
     raw.writer.transport.abort()  # no close frame, a TCP reset
 
-    async def upstream_saw_it() -> bool:
-        return bool(await last_close(ws_server, backends.service) == [1001, "client went away"])
-
-    await wait_for_async(upstream_saw_it, timeout=10)
+    await wait_upstream_closed(ws_server, backends.service, [1001, "client went away"])
 
 
 async def test_an_oversized_fragmented_message_closes_1009_and_the_upstream_1001(
@@ -171,10 +169,7 @@ async def test_an_oversized_fragmented_message_closes_1009_and_the_upstream_1001
     await raw.send(frame(Opcode.CLOSE, Close(1009, "").serialize()))
     assert await asyncio.wait_for(raw.reader.read(), 5) == b""  # then the relay closes TCP
 
-    async def upstream_saw_it() -> bool:
-        return bool(await last_close(ws_server, backends.service) == [1001, "client went away"])
-
-    await wait_for_async(upstream_saw_it, timeout=10)
+    await wait_upstream_closed(ws_server, backends.service, [1001, "client went away"])
 
 
 async def test_small_frames_each_in_its_own_read_count_towards_the_message_limit(
@@ -199,10 +194,7 @@ async def test_small_frames_each_in_its_own_read_count_towards_the_message_limit
     finally:
         raw.writer.transport.abort()
 
-    async def upstream_saw_it() -> bool:
-        return bool(await last_close(server, backends.service) == [1001, "client went away"])
-
-    await wait_for_async(upstream_saw_it, timeout=10)
+    await wait_upstream_closed(server, backends.service, [1001, "client went away"])
 
 
 async def test_close_handshakes_end_both_tcp_connections_promptly(
@@ -241,11 +233,7 @@ async def test_drain_closes_the_upstream_leg_1001_too(
             await recv_json(ws, timeout=10)
         assert info.value.rcvd is not None and info.value.rcvd.code == 1001
 
-    async def upstream_saw_it() -> bool:
-        closed = await last_close(ws_server, backends.service)
-        return bool(closed == [1001, "server shutting down"])
-
-    await wait_for_async(upstream_saw_it, timeout=10)
+    await wait_upstream_closed(ws_server, backends.service, [1001, "server shutting down"])
 
 
 # --- an upstream in this process, for what the echo backend cannot show ---------------------
