@@ -20,12 +20,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from sanic.helpers import has_message_body
-
 from common.log import get_logger, request_id_var
 from webapi.errors import ApiError
 from webapi.fastpath.request import Parsed
-from webapi.fastpath.response import CHUNKED, KEPT, NONE, WHOLE, client_head
+from webapi.fastpath.response import CHUNKED, KEPT, WHOLE, bodiless_framing, client_head
 from webapi.proxy.connection import StaleConnection
 from webapi.proxy.errors import UpstreamError, UpstreamProtocolError
 from webapi.proxy.upstream import IDEMPOTENT_METHODS
@@ -60,7 +58,8 @@ class Owner(Protocol):
 class DirectExchange:
     """One request on one upstream connection (module docstring). Hot path."""
 
-    __slots__ = ("_attempts", "_body", "_conn", "_framing", "_owner", "_req", "_request_head",
+    __slots__ = ("_attempts", "_body", "_conn", "_framing", "_instance_id", "_owner", "_req",
+                 "_request_head",
                  "_request_id", "_upstream_seconds", "answered", "ended", "head_written",
                  "keep_alive", "raw_headers", "reason", "status")  # fmt: skip
 
@@ -79,6 +78,8 @@ class DirectExchange:
         self._request_head = head  # sent upstream; kept for a retry
         self._request_id = request_id
         self._attempts = attempts
+        assert attempts.endpoint is not None  # the instance `conn` goes to
+        self._instance_id = attempts.endpoint.instance_id
         self._conn = conn
         self.keep_alive = keep_alive
         self.status = 0
@@ -129,7 +130,7 @@ class DirectExchange:
         """A read ended inside the response: once the head is in, start streaming."""
         if self.ended or not self.answered or self.head_written:
             return
-        framing = self._bodiless()
+        framing = bodiless_framing(self._req.method, self.status)
         if framing is None:
             upstream_length = any(name.lower() == b"content-length" for name, _ in self.raw_headers)
             framing = KEPT if upstream_length else CHUNKED
@@ -147,7 +148,7 @@ class DirectExchange:
             if self._framing == CHUNKED:
                 owner.fast_write(b"0\r\n\r\n")
         else:
-            framing = self._bodiless()
+            framing = bodiless_framing(self._req.method, self.status)
             if framing is None:
                 body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
                 self._write_head(WHOLE, len(body), body)
@@ -191,14 +192,6 @@ class DirectExchange:
 
     # Writing.
 
-    def _bodiless(self) -> int | None:
-        """The framing of a response without a body, None for one with a body."""
-        if self._req.method == "HEAD":
-            return KEPT
-        if not has_message_body(self.status):  # type: ignore[no-untyped-call]
-            return NONE
-        return None
-
     def _keep_alive(self) -> bool:
         return self.keep_alive and not self._owner.signal.stopped  # shutting down: say so
 
@@ -212,13 +205,9 @@ class DirectExchange:
             length=length,
             upstream_seconds=self._upstream_seconds,
             received=self._req.received,
-            instance_id=self._conn_instance(),
+            instance_id=self._instance_id,
             request_id=self._request_id,
             keep_alive=self.keep_alive,
         )
         self.head_written = True
         self._owner.fast_write(head + body if body else head)
-
-    def _conn_instance(self) -> str:
-        endpoint = self._attempts.endpoint
-        return endpoint.instance_id if endpoint is not None else ""

@@ -8,7 +8,6 @@ from time import monotonic as current_time
 from typing import Any
 
 from sanic.headers import format_http1_response
-from sanic.helpers import has_message_body
 from sanic.http.constants import Stage
 
 from common.balancing import Endpoint
@@ -21,7 +20,7 @@ from webapi.errors import ApiError, NotAuthenticated, error_response
 from webapi.fastpath.direct import DirectExchange
 from webapi.fastpath.head import upstream_head
 from webapi.fastpath.request import INCOMPLETE, Parsed, parse_request
-from webapi.fastpath.response import CHUNKED, KEPT, NONE, WHOLE, client_head
+from webapi.fastpath.response import CHUNKED, WHOLE, bodiless_framing, client_head
 from webapi.lingering import LingeringHttpProtocol
 from webapi.passthrough import PASSTHROUGH_METHODS, PassThrough, connect, passthrough_rule
 from webapi.proxy.attempts import Attempts
@@ -199,13 +198,7 @@ class FastPathProtocol(LingeringHttpProtocol):
             self._fast = None
             self._held.clear()
             if self.transport is not None and not self.transport.is_closing():
-                path = url.partition(b"?")[0].decode("latin-1")
-                response = error_response(exc, method, path, request_id_of(None))
-                body = response.body or b""
-                response.headers["content-length"] = str(len(body))
-                response.headers["connection"] = "close"
-                head = format_http1_response(response.status, response.processed_headers)
-                self.transport.write(head if method == "HEAD" else head + body)
+                self.transport.write(_error(exc, method, url, request_id_of(None), False))
             self.close()
             return
         self._fast = None
@@ -356,7 +349,7 @@ class FastPathProtocol(LingeringHttpProtocol):
 
     def fast_error(self, exc: Exception, req: Parsed, request_id: str, keep_alive: bool) -> None:
         """Answer the fast request with `exc`'s JSON error response."""
-        self.fast_write(self._error(exc, req, request_id, keep_alive))
+        self.fast_write(_error(exc, req.method, req.url, request_id, keep_alive))
         self.fast_done(keep_alive)
 
     def fast_retry(self, req: Parsed, head: bytes, attempts: Attempts, same: bool) -> None:
@@ -398,7 +391,7 @@ class FastPathProtocol(LingeringHttpProtocol):
                 keep_alive = False
             else:
                 keep_alive = keep_alive and not self.signal.stopped
-                self._write(self._error(exc, req, request_id, keep_alive))
+                self._write(_error(exc, req.method, req.url, request_id, keep_alive))
         self.fast_done(keep_alive)
 
     async def _relay(
@@ -407,11 +400,8 @@ class FastPathProtocol(LingeringHttpProtocol):
         """Write the upstream's response: whole, or streamed (chunked)."""
         upstream = forwarded.response
         status = upstream.status
-        if req.method == "HEAD":
-            framing = KEPT
-        elif not has_message_body(status):  # type: ignore[no-untyped-call]
-            framing = NONE
-        else:
+        framing = bodiless_framing(req.method, status)
+        if framing is None:
             framing = WHOLE if upstream.complete else CHUNKED
         body = await upstream.read() if framing == WHOLE else b""
         head = client_head(
@@ -435,16 +425,6 @@ class FastPathProtocol(LingeringHttpProtocol):
                 self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         self._write(b"0\r\n\r\n")
 
-    def _error(self, exc: Exception, req: Parsed, request_id: str, keep_alive: bool) -> bytes:
-        """`exc` as the JSON error response Sanic's error handler would write."""
-        path = req.url.partition(b"?")[0].decode("ascii")
-        response = error_response(exc, req.method, path, request_id)
-        body = response.body or b""
-        response.headers["content-length"] = str(len(body))
-        response.headers["connection"] = "keep-alive" if keep_alive else "close"
-        head = format_http1_response(response.status, response.processed_headers)
-        return head if req.method == "HEAD" else head + body
-
     def _write(self, data: bytes) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -452,3 +432,13 @@ class FastPathProtocol(LingeringHttpProtocol):
         transport.write(data)
         self._fast_written = True
         self._time = current_time()
+
+
+def _error(exc: Exception, method: str, url: bytes, request_id: str, keep_alive: bool) -> bytes:
+    """`exc` as the JSON error response Sanic's error handler would write."""
+    response = error_response(exc, method, url.partition(b"?")[0].decode("latin-1"), request_id)
+    body = response.body or b""
+    response.headers["content-length"] = str(len(body))
+    response.headers["connection"] = "keep-alive" if keep_alive else "close"
+    head = format_http1_response(response.status, response.processed_headers)
+    return head if method == "HEAD" else head + body

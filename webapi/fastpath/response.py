@@ -8,10 +8,9 @@ and `Connection`. A HEAD answer keeps the upstream's `Content-Length` (the GET's
 
 from __future__ import annotations
 
-import time
+from sanic.helpers import STATUS_CODES, has_message_body
 
-from sanic.helpers import STATUS_CODES
-
+from webapi.proxy.forward import latencies_ms
 from webapi.proxy.headers import strip_hop_by_hop_raw
 
 # Upstream fields replaced by the gateway's own.
@@ -41,7 +40,10 @@ def client_head(
     `length` the body's length for `WHOLE`. Hot path: one pass over the upstream's
     fields, a second only when its `Connection` names some (`strip_hop_by_hop_raw`)."""
     replaced = _REPLACED_HEAD if framing == KEPT else _REPLACED
-    lines = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d %b" % (status, _reason(status))]
+    lines = [
+        _STATUS_LINES.get(status)
+        or b"HTTP/1.1 %d %b" % (status, STATUS_CODES.get(status, b"UNKNOWN"))
+    ]
     for name, value in raw_headers:
         lower = name.lower()
         if lower in _DROPPED or lower in replaced or lower.startswith(b"proxy-"):
@@ -52,8 +54,8 @@ def client_head(
                 break
             continue
         lines.append(name + b": " + value)
-    gateway_ms = max(time.perf_counter() - received - upstream_seconds, 0.0) * 1000
-    lines.append(b"X-Upstream-Latency: %.3f" % (upstream_seconds * 1000))
+    upstream_ms, gateway_ms = latencies_ms(upstream_seconds, received)
+    lines.append(b"X-Upstream-Latency: %.3f" % upstream_ms)
     lines.append(b"X-Gateway-Latency: %.3f" % gateway_ms)
     lines.append(b"X-Upstream-Instance: " + instance_id.encode())
     lines.append(b"X-Request-Id: " + request_id.encode())
@@ -66,8 +68,14 @@ def client_head(
     return b"\r\n".join(lines)
 
 
-def _reason(status: int) -> bytes:
-    return STATUS_CODES.get(status, b"UNKNOWN")
+def bodiless_framing(method: str, status: int) -> int | None:
+    """The framing of a response without a body (`KEPT` for a HEAD's, `NONE` for a 1xx,
+    204 or 304), None for a response with one."""
+    if method == "HEAD":
+        return KEPT
+    if not has_message_body(status):  # type: ignore[no-untyped-call]
+        return NONE
+    return None
 
 
 # Hop-by-hop fields (RFC 9110 §7.6.1), as `strip_hop_by_hop_raw` drops them.

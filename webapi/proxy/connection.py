@@ -295,7 +295,7 @@ class Connection(asyncio.Protocol):
         if self._resp is resp:
             if self._message_done:
                 self._finish()
-            elif self._head_fut is None:
+            elif self._head_fut is None:  # `send()`: the receiver writes as reads end
                 resp._flush()
 
     def _fail_from(self, err: UpstreamError, cause: BaseException) -> None:

@@ -153,12 +153,19 @@ class Proxy:
 def latency_headers(forwarded: Forwarded, received: float) -> list[tuple[str, str]]:
     """`X-Upstream-Latency`, `X-Gateway-Latency` (ms) and `X-Upstream-Instance` of a
     response; `received` is when the request arrived (`time.perf_counter()`)."""
-    total = time.perf_counter() - received
+    upstream_ms, gateway_ms = latencies_ms(forwarded.upstream_seconds, received)
     return [
-        ("X-Upstream-Latency", f"{forwarded.upstream_seconds * 1000:.3f}"),
-        ("X-Gateway-Latency", f"{max(total - forwarded.upstream_seconds, 0) * 1000:.3f}"),
+        ("X-Upstream-Latency", f"{upstream_ms:.3f}"),
+        ("X-Gateway-Latency", f"{gateway_ms:.3f}"),
         ("X-Upstream-Instance", forwarded.instance.instance_id),
     ]
+
+
+def latencies_ms(upstream_seconds: float, received: float) -> tuple[float, float]:
+    """The upstream's and the gateway's share (ms) of a request that arrived at
+    `received` (`time.perf_counter()`) and waited `upstream_seconds` upstream."""
+    total = time.perf_counter() - received
+    return upstream_seconds * 1000, max(total - upstream_seconds, 0.0) * 1000
 
 
 def hop_headers_out(
