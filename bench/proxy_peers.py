@@ -121,8 +121,73 @@ def serve_sanic_aiohttp(port: int, backend: str) -> None:
     )  # fmt: skip
 
 
+def serve_python_floor(port: int, backend: str) -> None:
+    """The least a Python proxy on this event loop can do per request: no parsing of
+    the request (its bytes are forwarded as they come), one upstream keep-alive
+    connection per client connection, the response framed by its Content-Length and
+    written back as received. No checks, no headers added, no choice of instance:
+    not a proxy anyone should run, but the ceiling any Python proxy's throughput
+    is measured against (the gateway does everything above on top of it)."""
+    host, _, port_text = backend.removeprefix("http://").partition(":")
+    upstream_port = int(port_text)
+
+    class Upstream(asyncio.Protocol):
+        def __init__(self, client: asyncio.Transport) -> None:
+            self.client = client
+            self.buf = b""
+
+        def data_received(self, data: bytes) -> None:
+            buf = self.buf + data
+            while (end := buf.find(b"\r\n\r\n")) >= 0:
+                at = buf.lower().find(b"content-length:", 0, end)
+                if at < 0:
+                    raise RuntimeError("the floor proxy frames by Content-Length only")
+                size = end + 4 + int(buf[at + 15 : buf.find(b"\r\n", at)])
+                if len(buf) < size:
+                    break
+                self.client.write(buf[:size])
+                buf = buf[size:]
+            self.buf = buf
+
+    class Client(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.transport: Any = None
+            self.upstream: asyncio.Transport | None = None
+            self.waiting: list[bytes] = []
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+            asyncio.get_running_loop().create_task(self.connect())
+
+        async def connect(self) -> None:
+            loop = asyncio.get_running_loop()
+            upstream, _ = await loop.create_connection(
+                lambda: Upstream(self.transport), host, upstream_port
+            )
+            self.upstream = upstream
+            upstream.write(b"".join(self.waiting))
+
+        def data_received(self, data: bytes) -> None:
+            if self.upstream is None:
+                self.waiting.append(data)
+            else:
+                self.upstream.write(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.upstream is not None:
+                self.upstream.close()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_server(Client, "127.0.0.1", port, backlog=4096)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
 SERVERS = {
     "backend": serve_backend,
+    "python-floor": serve_python_floor,
     "aiohttp": serve_aiohttp,
     "sanic-aiohttp": serve_sanic_aiohttp,
 }

@@ -111,6 +111,12 @@ def _normal_path_goals(by: dict[str, Any]) -> dict[str, Any]:
     added = sb["derived"].get("added_p50_ms_c1")
     g["added_c1_p50_ms"] = added
     g["added_c1_p50_met"] = None if added is None else added < GOAL_C1_ADDED_MS
+    floor = by.get("python-floor")
+    if floor is not None:
+        # For scale: what a Python proxy with no work per request at all reaches here.
+        g["floor_x_nginx"] = floor["derived"].get("x_nginx")
+        g["floor_us_per_req"] = floor["loaded"]["cpu"]["proxy_us_per_req"]
+        g["switchboard_us_per_req"] = sb["loaded"]["cpu"]["proxy_us_per_req"]
     involved = ["switchboard", "nginx", "direct"]
     if g["best_python"]:
         involved.append(g["best_python"])
@@ -254,6 +260,13 @@ def _print_normal_path_goals(g: dict[str, Any], c: int) -> None:
         ),
     ]
     print_goal_rows(rows, g["disturbed"])
+    if "floor_x_nginx" in g:
+        print(
+            f"  (for scale: python-floor, a uvloop byte relay with no parsing and no checks,"
+            f" reached {_f(g['floor_x_nginx'], 2)}x nginx\n   at {_f(g['floor_us_per_req'], 1)}"
+            f" µs of CPU per request; the gateway's normal path took"
+            f" {_f(g['switchboard_us_per_req'], 1)} µs)"
+        )
 
 
 def _print_auth_vs_open(a: dict[str, Any], c: int) -> None:

@@ -44,6 +44,7 @@ TARGETS = (
     "switchboard-open",
     "switchboard-auth",
     "haproxy",
+    "python-floor",
     "aiohttp",
     "sanic-aiohttp",
 )
@@ -62,6 +63,7 @@ DESCRIPTIONS = {
     "switchboard-open": "the same gateway, /open/... public policy route: no credential, no limit",
     "switchboard-auth": "the same gateway, /svc/echo/... with a JWT and a rate limit (GCRA)",
     "haproxy": "haproxy nbthread 1, http-reuse always",
+    "python-floor": "uvloop bytes relay, no parsing or checks: the ceiling of a Python proxy",
     "aiohttp": "aiohttp.web + shared ClientSession, JSON re-encoded",
     "sanic-aiohttp": "Sanic 1 process + shared aiohttp ClientSession",
 }

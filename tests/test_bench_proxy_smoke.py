@@ -88,6 +88,10 @@ def test_proxy_bench_quick(tmp_path: Path) -> None:
         verdict = "met" if issue6["met"] else "NOT met"
         line = f"switchboard-auth / switchboard-open >= 0.85 {issue6['ratio']:>6.2f}  {verdict}"
         assert line in proc.stdout, proc.stdout[-2000:]
+        # The Python floor (it needs uvloop only) is reported beside the goals, for scale.
+        floor = doc["targets"]["python-floor"]
+        assert doc["goals"]["floor_us_per_req"] == floor["loaded"]["cpu"]["proxy_us_per_req"]
+        assert "for scale: python-floor, a uvloop byte relay" in proc.stdout
         # The pass-through route against nginx, when nginx ran.
         if "x_nginx" in doc["targets"]["switchboard-passthrough"].get("derived", {}):
             passthrough = doc["goals"]["passthrough"]
