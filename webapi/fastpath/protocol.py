@@ -69,7 +69,7 @@ class FastPathProtocol(LingeringHttpProtocol):
             return
         self._time = current_time()
         self._held += data
-        self._pump()
+        self._pump(idle=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         splice, self._passthrough = self._passthrough, None
@@ -159,17 +159,17 @@ class FastPathProtocol(LingeringHttpProtocol):
             self.app.ctx.fast_path.handed_over += 1
             super().data_received(leftover)
 
-    def _passthrough_route(self) -> tuple[RouteRule, str, bytes] | None:
+    def _passthrough_route(self, space: int) -> tuple[RouteRule, str, bytes] | None:
         """The pass-through route of the held request (and its method and URL), from a
-        glance at the request line; None when it is not one. Hot path."""
+        glance at the request line (`space`: where its method ends); None when it is
+        not one. Hot path."""
         app: GatewayApp = self.app
         policy = app.ctx.policy.current
         prefixes = policy.passthrough_prefixes
         if not prefixes:
             return None
         held = self._held
-        space = held.find(b" ", 0, 16)
-        if space < 0 or not held.startswith(prefixes, space + 1):
+        if not held.startswith(prefixes, space + 1):
             return None
         end = held.find(b" ", space + 1, space + 8193)
         if end < 0:
@@ -226,17 +226,21 @@ class FastPathProtocol(LingeringHttpProtocol):
             and not self.recv_buffer
         )
 
-    def _pump(self) -> None:
-        """Answer the request at the start of the held bytes, or hand them all to Sanic."""
+    def _pump(self, idle: bool | None = None) -> None:
+        """Answer the request at the start of the held bytes, or hand them all to Sanic.
+        `idle`: whether Sanic's side of the connection is idle, when already known."""
         app: GatewayApp = self.app
-        idle = self._sanic_idle()
-        if idle:
-            route = self._passthrough_route()
+        if idle is None:
+            idle = self._sanic_idle()
+        # Where the method ends: one glance at the request line serves every check below.
+        space = self._held.find(b" ", 0, 16) if idle else -1
+        if space > 0:
+            route = self._passthrough_route(space)
             if route is not None:
                 self._fast = self.loop.create_task(self._start_passthrough(*route))
                 return
         try:
-            worth = idle and self._may_qualify()
+            worth = space > 0 and self._may_qualify(space)
             parsed = parse_request(self._held) if worth else None
             if parsed is INCOMPLETE:
                 return  # wait for the rest of the body (`check_timeouts` bounds the wait)
@@ -255,13 +259,13 @@ class FastPathProtocol(LingeringHttpProtocol):
             self.transport.resume_reading()
         self._start(parsed, admitted)
 
-    def _may_qualify(self) -> bool:
-        """A glance at the request line, before any parse: `/svc/<service>/` of a service
-        that no rate limit covers. Keeps a request bound for Sanic anyway (a rate-limited
-        service, another route) from being parsed twice. Hot path."""
+    def _may_qualify(self, space: int) -> bool:
+        """A glance at the request line (`space`: where its method ends), before any
+        parse: `/svc/<service>/` of a service that no rate limit covers. Keeps a request
+        bound for Sanic anyway (a rate-limited service, another route) from being
+        parsed twice. Hot path."""
         held = self._held
-        space = held.find(b" ", 0, 16)
-        if space < 0 or held[space + 1 : space + 6] != b"/svc/":
+        if held[space + 1 : space + 6] != b"/svc/":
             return False
         start = space + 6
         end = held.find(b"/", start, start + 64)

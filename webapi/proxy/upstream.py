@@ -100,7 +100,8 @@ class _Host:
         if self.pool.closed or len(self.idle) >= self.pool.max_idle_per_host:
             conn.close()
             return
-        conn.idle_since = asyncio.get_running_loop().time()
+        # The loop's clock without `asyncio.get_running_loop()` (a getpid() call: hot path).
+        conn.idle_since = conn.loop_time()
         self.idle.append(conn)
 
     def forget(self, conn: Connection) -> None:
