@@ -22,18 +22,17 @@ from types import TracebackType
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
 from common import constants
 from common.aio import cancel_and_wait
 from common.client_io import ClientIO, Enqueue
-from common.connection import REDIS_DOWN_ERRORS, RawConnection, connect, pack_commands
+from common.connection import RawConnection, connect, pack_commands
 from common.errors import (
     MethodNotFound,
     RpcTimeout,
     ServiceUnavailable,
 )
-from common.log import get_logger, request_id_var
+from common.log import request_id_var
 from common.protocol import (
     DROPPED,
     HIGH_WATERMARK,
@@ -44,11 +43,6 @@ from common.protocol import (
 )
 from common.settings import Settings, get_settings
 
-log = get_logger("switchboard.client")
-
-_INBOX_BATCH = 256
-_INBOX_ERRORS: tuple[type[Exception], ...] = (*REDIS_DOWN_ERRORS, ResponseError)
-_ENQUEUE_BATCH = 512
 # How long a fire-and-forget message stays worth running if it waits in the queue.
 DEFAULT_SEND_TTL = 300.0
 

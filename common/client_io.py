@@ -139,7 +139,7 @@ class ClientIO:
             sent = False
             try:
                 enqueue = pack_commands([("EVALSHA", _SHAS["call"], *item.args)])
-                await self._receiver.send_packed(enqueue + self._blpop, 2)
+                await self._receiver.send_packed(enqueue + self._blpop)
                 sent = True
             except REDIS_DOWN_ERRORS:
                 pass  # the writer tries again on its own connection
@@ -225,16 +225,15 @@ class ClientIO:
                 else:
                     # At one caller the LPOP would be one wasted command per call.
                     if drain:
-                        await conn.send_packed(drain_then_blpop, 2)
-                    else:
-                        await conn.send_packed(self._blpop, 1)
-                    if drain:
+                        await conn.send_packed(drain_then_blpop)
                         # Delivered before the BLPOP's answer, which may take a while.
                         (drained,) = await conn.read(1)
                         if isinstance(drained, ResponseError):
                             raise drained
                         for raw in drained or ():
                             self._deliver(raw)
+                    else:
+                        await conn.send_packed(self._blpop)
                 (popped,) = await conn.read(1, timeout=timeout)
                 if isinstance(popped, ResponseError):
                     raise popped

@@ -73,9 +73,8 @@ class _Replies(asyncio.Protocol):
     """The protocol a `RawConnection`'s socket gets once connected: replies parsed by
     hiredis as they arrive, and the one reader waiting for enough of them woken."""
 
-    def __init__(self, reader: Any, not_enough: Any) -> None:
+    def __init__(self, reader: Any) -> None:
         self.reader = reader
-        self.not_enough = not_enough
         self.replies: collections.deque[Any] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
         self.wanted = 0  # how many replies the waiter waits for
@@ -83,10 +82,10 @@ class _Replies(asyncio.Protocol):
         self.writable: asyncio.Future[None] | None = None  # set while writing is paused
 
     def data_received(self, data: bytes) -> None:
-        reader, replies, not_enough = self.reader, self.replies, self.not_enough
+        reader, replies = self.reader, self.replies
         reader.feed(data)
         try:
-            while (reply := reader.gets()) is not not_enough:
+            while (reply := reader.gets()) is not _NOT_ENOUGH:
                 replies.append(reply)
         except Exception as exc:  # a protocol error: the stream cannot be trusted
             self.connection_lost(exc)
@@ -144,7 +143,6 @@ class RawConnection:
         self._proto: _Replies | None = None
         self._transport: asyncio.Transport | None = None
         self.timeout = timeout
-        self.pending = 0  # replies sent for and not read yet
         # The read in progress: its task, when its replies are due (loop time),
         # whether the watchdog cancelled it.
         self._reading: asyncio.Task[Any] | None = None
@@ -152,19 +150,17 @@ class RawConnection:
         self._expired = False
         self._watchdog: asyncio.TimerHandle | None = None
 
-    async def execute(
-        self, commands: Sequence[Sequence[Any]], *, timeout: float | None = None
-    ) -> list[Any]:
+    async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send `commands` in one write and return their replies in order."""
         await self.send(commands)
-        return await self.read(len(commands), timeout=timeout)
+        return await self.read(len(commands))
 
     async def send(self, commands: Sequence[Sequence[Any]]) -> None:
         """Write `commands` without waiting for their replies (see `read`)."""
-        await self.send_packed(pack_commands(commands), len(commands))
+        await self.send_packed(pack_commands(commands))
 
-    async def send_packed(self, data: bytes, n: int) -> None:
-        """Write `n` commands already packed by `pack_commands`."""
+    async def send_packed(self, data: bytes) -> None:
+        """Write commands already packed by `pack_commands`."""
         try:
             proto = self._proto
             if proto is None or proto.lost is not None:
@@ -183,7 +179,6 @@ class RawConnection:
             if isinstance(exc, TimeoutError):
                 raise RedisTimeoutError("timeout connecting to redis") from exc
             raise
-        self.pending += n
 
     async def _connect(self) -> None:
         await self._drop()
@@ -196,7 +191,7 @@ class RawConnection:
             replyError=parser.parse_error,
             notEnoughData=_NOT_ENOUGH,
         )
-        proto = _Replies(reader, _NOT_ENOUGH)
+        proto = _Replies(reader)
         stream = conn._reader  # what redis-py read past the handshake (nothing, normally)
         buffered = bytes(getattr(stream, "_buffer", b"")) if stream is not None else b""
         transport = conn._writer.transport
@@ -210,7 +205,6 @@ class RawConnection:
         proto = self._proto
         if proto is not None and len(proto.replies) >= n:  # already here: no waiting
             replies = proto.replies
-            self.pending -= n
             return [replies.popleft() for _ in range(n)]
         task = asyncio.current_task()
         if task is None:
@@ -248,7 +242,6 @@ class RawConnection:
         finally:
             self._reading = None
         replies = proto.replies
-        self.pending -= n
         return [replies.popleft() for _ in range(n)]
 
     def _watch(self) -> None:
@@ -268,7 +261,6 @@ class RawConnection:
         self._watchdog = loop.call_later(_WATCH_EVERY, self._watch)
 
     async def _drop(self) -> None:
-        self.pending = 0
         self._proto = None
         transport, self._transport = self._transport, None
         if transport is not None:

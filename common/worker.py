@@ -80,7 +80,6 @@ class Worker(CallRunner):
         self.direct = constants.direct_stream(service, consumer)
         self.tasks = (constants.task_stream(service, 1), constants.task_stream(service, 2))
         self.retry_delay = retry_delay
-        self.dead_letter_cap = dead_letter_cap
         self.stats = WorkerStats()
         self._bucket_seconds = max(dedup_window / 2, 1.0)
         self._executor = ThreadPoolExecutor(thread_pool, thread_name_prefix=f"{service}-handler")
@@ -203,7 +202,7 @@ class Worker(CallRunner):
             batch = self._take_finished()
             flush = self._writes.commands(batch) if batch else []
             try:
-                await self._reader.send_packed(pack_commands(flush) + read, len(flush) + 1)
+                await self._reader.send_packed(pack_commands(flush) + read)
                 if batch:
                     self._written(batch, await self._reader.read(len(flush)))
                     batch = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import subprocess
@@ -32,6 +33,7 @@ __all__ = [
     "free_port",
     "fresh_db",
     "issue_api_key",
+    "serve_in_task",
     "wait_for",
     "wait_for_async",
 ]
@@ -98,23 +100,21 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
 async def serve_in_task(svc: Service, url: str) -> asyncio.Task[None]:
     """Run `svc` in a task and return once its worker's three loops are running."""
     task = asyncio.create_task(svc.serve(url))
-
-    async def consuming() -> bool:
-        return svc.worker is not None and len(svc.worker._tasks) == 3
-
-    await wait_for_async(consuming)
+    await wait_for_async(lambda: svc.worker is not None and len(svc.worker._tasks) == 3)
     return task
 
 
 async def wait_for_async(
-    predicate: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.05
+    predicate: Callable[[], Awaitable[Any] | Any], timeout: float = 10.0, interval: float = 0.05
 ) -> Any:
-    """Async twin of `wait_for`."""
+    """Async twin of `wait_for`: `predicate` may return an awaitable (awaited) or a value."""
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
     while time.monotonic() < deadline:
         try:
-            result = await predicate()
+            result = predicate()
+            if inspect.isawaitable(result):
+                result = await result
             if result:
                 return result
         except Exception as exc:

@@ -54,7 +54,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, Htt
 
 from common.log import get_logger
 from common.policy import PolicyDocument, RouteRule
-from webapi.errors import InvalidProxyPath
+from webapi.errors import InvalidProxyPath, UpstreamFailed
 from webapi.proxy.paths import match_route, upstream_target
 
 if TYPE_CHECKING:
@@ -379,8 +379,6 @@ async def connect(proxy: Proxy, service: str, connect_timeout: float) -> tuple[_
     """A connection to a healthy instance of `service` (connect failures retried on
     another instance, each failure ejecting its instance); raises the proxy's errors
     (`NoHealthyInstance`, `UnknownService`, `UpstreamFailed`) when none can be reached."""
-    from webapi.errors import UpstreamFailed
-
     loop = asyncio.get_running_loop()
     tried: set[str] = set()
     last: Exception | None = None

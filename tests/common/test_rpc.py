@@ -180,15 +180,11 @@ async def test_expired_calls_are_skipped_not_run(rpc: RpcClient, redis_url: str)
             await rpc.call(f"{svc.name}.sleep", seconds=0.0, timeout=0.2)
         assert await busy == 0.6
         assert svc.worker is not None
-        await wait_for_async(lambda: _async_value(svc.worker.stats.expired == 1))
+        await wait_for_async(lambda: svc.worker.stats.expired == 1)
         assert await rpc.call(f"{svc.name}.run_count", method="sleep") == 1
     finally:
         svc.request_stop()
         await asyncio.wait_for(task, 15)
-
-
-async def _async_value(value: object) -> object:
-    return value
 
 
 async def test_one_inbox_per_client_and_no_key_per_call(

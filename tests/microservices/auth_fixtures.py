@@ -66,7 +66,7 @@ def claims_of(token: str) -> dict[str, Any]:
     return claims
 
 
-async def signed_up(accounts: Accounts, name: str, **login: Any) -> tuple[str, dict[str, Any]]:
+async def signed_up(accounts: Accounts, name: str) -> tuple[str, dict[str, Any]]:
     """Register `name` and log in: (user id, login answer)."""
     user = await accounts.register(name, PASSWORD)
     return user["user_id"], await accounts.login(name, PASSWORD)

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from webapi.access import API_KEY_PREFIX
 from webapi.fastpath.request import Parsed
+from webapi.proxy.headers import BODY_METHODS, HOP_BY_HOP_RAW
 
-_DROPPED = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-                      b"x-request-id", b"content-length", b"transfer-encoding", b"connection",
-                      b"keep-alive", b"te", b"trailer", b"upgrade", b"x-api-key"})  # fmt: skip
+# Hop-by-hop fields, the fields the gateway sets itself, the body framing, the API key.
+_DROPPED = HOP_BY_HOP_RAW | {b"host", b"x-forwarded-for", b"x-forwarded-proto",
+                            b"x-forwarded-host", b"x-request-id", b"content-length",
+                            b"x-api-key"}  # fmt: skip
 _API_KEY = API_KEY_PREFIX.encode()
-_EMPTY_BODY = frozenset({"POST", "PUT", "PATCH"})  # an empty body still gets Content-Length: 0
 
 
 def upstream_head(req: Parsed, *, client_ip: str, scheme: str, request_id: str) -> bytes:
@@ -54,7 +55,7 @@ def upstream_head(req: Parsed, *, client_ip: str, scheme: str, request_id: str) 
     body = req.body
     if body:
         out.append(b"Content-Length: %d" % len(body))
-    elif req.method in _EMPTY_BODY:
+    elif req.method in BODY_METHODS:  # an empty body still gets Content-Length: 0
         out.append(b"Content-Length: 0")
     out.append(b"\r\n")
     return b"\r\n".join(out)

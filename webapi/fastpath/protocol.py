@@ -191,9 +191,7 @@ class FastPathProtocol(LingeringHttpProtocol):
         timeout = (settings.connect_timeout if settings else None) or proxy.pool.connect_timeout
         try:
             leg, instance_id = await connect(proxy, rule.service, timeout)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # (a cancellation is not an Exception: it goes through)
             app.ctx.passthrough.connect_failures += 1
             self._fast = None
             self._held.clear()
@@ -209,8 +207,7 @@ class FastPathProtocol(LingeringHttpProtocol):
         self._passthrough = splice
         held = bytes(self._held)
         self._held.clear()
-        if self.transport is not None:
-            self.transport.resume_reading()
+        self.transport.resume_reading()
         splice.from_client(held)
 
     # The fast path

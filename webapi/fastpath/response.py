@@ -11,7 +11,7 @@ from __future__ import annotations
 from sanic.helpers import STATUS_CODES, has_message_body
 
 from webapi.proxy.forward import latencies_ms
-from webapi.proxy.headers import strip_hop_by_hop_raw
+from webapi.proxy.headers import HOP_BY_HOP_RAW, strip_hop_by_hop_raw
 
 # Upstream fields replaced by the gateway's own.
 _REPLACED = frozenset({b"content-length", b"x-request-id"})
@@ -46,7 +46,7 @@ def client_head(
     ]
     for name, value in raw_headers:
         lower = name.lower()
-        if lower in _DROPPED or lower in replaced or lower.startswith(b"proxy-"):
+        if lower in HOP_BY_HOP_RAW or lower in replaced or lower.startswith(b"proxy-"):
             if lower == b"connection" and value.lower() not in _PLAIN_CONNECTION:
                 # It names fields to drop too: the general (slower) filter.
                 kept = strip_hop_by_hop_raw(raw_headers, replaced)
@@ -78,9 +78,6 @@ def bodiless_framing(method: str, status: int) -> int | None:
     return None
 
 
-# Hop-by-hop fields (RFC 9110 §7.6.1), as `strip_hop_by_hop_raw` drops them.
-_DROPPED = frozenset({b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding",
-                      b"upgrade"})  # fmt: skip
 # `Connection` values that name no other field.
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
 _STATUS_LINES = {status: b"HTTP/1.1 %d %b" % (status, reason)

@@ -419,10 +419,6 @@ class Connection(asyncio.Protocol):
 
     # Closing.
 
-    def loop_time(self) -> float:
-        """The event loop's clock."""
-        return self._loop.time()
-
     def usable(self) -> bool:
         """Open and not closing (a closing transport has not reported its loss yet)."""
         return not self.lost and self._transport is not None and not self._transport.is_closing()

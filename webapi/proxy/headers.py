@@ -10,7 +10,7 @@ _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
 )
 # Methods whose request normally has a body: an empty one gets `Content-Length: 0`.
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 # How the request body goes on the wire (`build_request_head`'s second result).
 NO_BODY = 0  # nothing follows the head
@@ -39,7 +39,7 @@ def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return kept
 
 
-_HOP_BY_HOP_RAW = frozenset(name.encode() for name in _HOP_BY_HOP)
+HOP_BY_HOP_RAW = frozenset(name.encode() for name in _HOP_BY_HOP)
 
 
 def strip_hop_by_hop_raw(
@@ -57,7 +57,7 @@ def strip_hop_by_hop_raw(
     kept = []
     for name, value in headers:
         lower = name.lower()
-        if lower in _HOP_BY_HOP_RAW or lower.startswith(b"proxy-") or lower in named:
+        if lower in HOP_BY_HOP_RAW or lower.startswith(b"proxy-") or lower in named:
             continue
         if lower in drop:
             continue
@@ -105,7 +105,7 @@ def build_request_head(
     if body is None:
         if declared is not None and declared != "0":
             raise ValueError(f"Content-Length {declared!r} given without a body")
-        if declared is not None or method in _BODY_METHODS:
+        if declared is not None or method in BODY_METHODS:
             lines.append("Content-Length: 0\r\n")
     elif isinstance(body, bytes | bytearray):
         length = len(body)

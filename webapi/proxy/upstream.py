@@ -100,8 +100,10 @@ class _Host:
         if self.pool.closed or len(self.idle) >= self.pool.max_idle_per_host:
             conn.close()
             return
-        # The loop's clock without `asyncio.get_running_loop()` (a getpid() call: hot path).
-        conn.idle_since = conn.loop_time()
+        # The loop's clock without `asyncio.get_running_loop()` (a getpid() call: hot path);
+        # `_loop` is set by the connect that made `conn`.
+        assert self.pool._loop is not None
+        conn.idle_since = self.pool._loop.time()
         self.idle.append(conn)
 
     def forget(self, conn: Connection) -> None:
