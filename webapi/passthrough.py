@@ -56,6 +56,7 @@ from common.log import get_logger
 from common.policy import PolicyDocument, RouteRule
 from webapi.errors import InvalidProxyPath, UpstreamFailed
 from webapi.proxy.paths import match_route, upstream_target
+from webapi.proxy.upstream import split_address
 
 if TYPE_CHECKING:
     from webapi.context import PassThroughStats
@@ -390,10 +391,10 @@ async def connect(proxy: Proxy, service: str, connect_timeout: float) -> tuple[_
             proxy.policy.for_request(service, candidates, None, None), None
         )
         tried.add(endpoint.instance_id)
-        host, _, port = endpoint.address.rpartition(":")
+        host, port = split_address(endpoint.address)
         try:
             async with asyncio.timeout(connect_timeout):
-                _, leg = await loop.create_connection(_UpstreamLeg, host, int(port))
+                _, leg = await loop.create_connection(_UpstreamLeg, host, port)
         except (OSError, TimeoutError) as exc:
             last = exc
             proxy.book.failed(endpoint.instance_id, fatal=True)

@@ -20,6 +20,8 @@ from sanic import Request, Sanic, response
 from sanic.response import HTTPResponse
 
 NAME = os.environ.get("NAME", "backend")
+HOST = os.environ.get("HOST", "127.0.0.1")  # "::1" for an IPv6 instance
+HOST_IN_ADDRESS = f"[{HOST}]" if ":" in HOST else HOST
 app = Sanic("backend_" + "".join(c if c.isalnum() else "_" for c in NAME))
 state = {"delay_ms": 0.0, "healthy": 1.0}
 
@@ -109,7 +111,7 @@ async def heartbeat(app: Sanic) -> None:
         return
     body = {
         "service": service,
-        "address": f"127.0.0.1:{os.environ['PORT']}",
+        "address": f"{HOST_IN_ADDRESS}:{os.environ['PORT']}",
         "version": os.environ.get("VERSION", "0"),
         "weight": int(os.environ.get("WEIGHT", "1")),
         "health_path": "/health",
@@ -126,5 +128,5 @@ async def heartbeat(app: Sanic) -> None:
 app.add_task(heartbeat)
 
 if __name__ == "__main__":
-    app.run(host="127.0.0.1", port=int(os.environ["PORT"]), single_process=True,
+    app.run(host=HOST, port=int(os.environ["PORT"]), single_process=True,
             access_log=False, motd=False)  # fmt: skip

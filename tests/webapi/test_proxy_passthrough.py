@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import wait_for
+from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
 from tests.support.policy import set_document
 from tests.webapi.conftest import as_admin
 from tests.webapi.test_proxy_fastpath import Backend, _head, backend, connect, read_answers
@@ -227,3 +228,39 @@ def test_a_passthrough_route_must_be_public_and_keep_its_prefix(passthrough: Bac
     reply = as_admin.post(f"{passthrough.gateway}/admin/policy/validate", json=document)
     assert reply.status_code == 422
     assert "passthrough" in reply.text
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_an_instance_registered_at_an_ipv6_address_is_spliced(backend: Backend) -> None:
+    """`[::1]:port` (as the heartbeat accepts it) is connected to without its brackets."""
+    service = f"v6{uuid.uuid4().hex[:6]}"
+    api_key = issue_api_key(backend.redis_url, ["registry"], name="passthrough-v6")
+    env = {"PORT": str(free_port()), "HOST": "::1", "NAME": f"{service}-a",
+           "GATEWAY": backend.gateway, "SERVICE": service, "GATEWAY_API_KEY": api_key}  # fmt: skip
+    proc = ServiceProcess(["python", "-m", "tests.support.http_backend"], env=env, name="v6")
+    proc.start()
+    try:
+        apply_routes(backend, [{"prefix": "/echo/", "service": service, "public": True,
+                                "strip_prefix": False, "passthrough": True}])  # fmt: skip
+
+        def spliced() -> bool:
+            with connect(backend.gateway) as sock:
+                sock.sendall(get("/echo/six"))
+                (reply,) = read_answers(sock, 1)
+            return reply.status == 200 and json.loads(reply.body)["instance"] == f"{service}-a"
+
+        before = counters(backend.gateway)
+        wait_for(spliced, timeout=30)  # (unknown until its first heartbeat is seen)
+        assert counters(backend.gateway)["requests"] > before["requests"]  # it was spliced
+    finally:
+        apply_routes(backend, [])
+        proc.stop()

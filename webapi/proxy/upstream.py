@@ -69,13 +69,9 @@ class _Host:
     )
 
     def __init__(self, pool: UpstreamPool, address: str) -> None:
-        host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"upstream address {address!r} is not host:port")
         self.pool = pool
         self.address = address
-        self.host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        self.port = int(port)
+        self.host, self.port = split_address(address)
         self.idle: deque[Connection] = deque()
         self.conns: set[Connection] = set()
         self.connects = 0
@@ -110,6 +106,15 @@ class _Host:
         self.conns.discard(conn)
         if conn in self.idle:
             self.idle.remove(conn)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """The host and port of a registered `host:port` address; an IPv6 host loses its
+    brackets (`[::1]:8080` -> `("::1", 8080)`), as a socket connect wants it."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"upstream address {address!r} is not host:port")
+    return (host[1:-1] if host.startswith("[") and host.endswith("]") else host), int(port)
 
 
 class UpstreamPool:
