@@ -35,8 +35,12 @@ only: they see no header, so they cost a few µs):
   connection, as the end of that response cannot be told any other way.
 
 Balancing and health are per connection, as in nginx's `stream` module or
-HAProxy's `mode tcp`: the instance is chosen when the splice starts, a connect
-failure ejects it (the health book's fatal failure) and the next instance is tried.
+HAProxy's `mode tcp`: the instance is chosen when the splice starts, by the same
+`Attempts` as a proxied request. A connect failure ejects it (the health book's
+fatal failure) and the next instance is tried, within the service's attempt limit
+and the retry budget; a connect to an ejected instance is its trial. The strategy
+counts the splice as one request from connect to end (least-connections sees open
+splices) that took the connect time (what least-time learns).
 Timeouts: Sanic's keep-alive timeout while nothing is outstanding, its response
 timeout while a request is (`FastPathProtocol.check_timeouts`). Backpressure: a
 side whose socket buffer is full stops the other side being read.
@@ -54,12 +58,14 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, Htt
 
 from common.log import get_logger
 from common.policy import PolicyDocument, RouteRule
-from webapi.errors import InvalidProxyPath, UpstreamFailed
+from webapi.errors import InvalidProxyPath
+from webapi.proxy.errors import UpstreamConnectError
 from webapi.proxy.paths import match_route, upstream_target
 from webapi.proxy.upstream import split_address
 
 if TYPE_CHECKING:
     from webapi.context import PassThroughStats
+    from webapi.proxy.attempts import Attempts
     from webapi.proxy.forward import Proxy
 
 log = get_logger("webapi.passthrough")
@@ -187,7 +193,8 @@ class _UpstreamLeg(asyncio.Protocol):
 class PassThrough:
     """One client connection spliced to one upstream connection (module docstring)."""
 
-    __slots__ = ("begun", "close_at_end", "document", "ending", "instance_id", "leftover",
+    __slots__ = ("attempts", "begun", "close_at_end", "document", "ending", "instance_id",
+                 "leftover",
                  "longer", "owner", "parser", "policy", "prefix", "requests", "responses",
                  "rule", "stats", "unsent", "unsent_complete", "upstream")  # fmt: skip
 
@@ -197,14 +204,16 @@ class PassThrough:
         upstream: _UpstreamLeg,
         rule: RouteRule,
         policy: CurrentPolicy,
-        instance_id: str,
+        attempts: Attempts,
         stats: PassThroughStats,
     ) -> None:
         self.owner = owner
         self.upstream = upstream
         self.rule = rule
         self.policy = policy
-        self.instance_id = instance_id
+        self.attempts = attempts  # the upstream's instance was chosen by it (`connect`)
+        assert attempts.endpoint is not None
+        self.instance_id = attempts.endpoint.instance_id
         self.stats = stats
         self.requests = _Requests(self._is_ours)
         self.parser = HttpRequestParser(self.requests)
@@ -351,6 +360,7 @@ class PassThrough:
         upstream.splice = None
         if upstream.transport is not None:
             upstream.transport.close()
+        self.attempts.closed()
         return True
 
     def close(self) -> None:
@@ -376,28 +386,26 @@ class PassThrough:
             self.upstream.transport.resume_reading()
 
 
-async def connect(proxy: Proxy, service: str, connect_timeout: float) -> tuple[_UpstreamLeg, str]:
-    """A connection to a healthy instance of `service` (connect failures retried on
-    another instance, each failure ejecting its instance); raises the proxy's errors
-    (`NoHealthyInstance`, `UnknownService`, `UpstreamFailed`) when none can be reached."""
+async def connect(proxy: Proxy, service: str, method: str) -> tuple[_UpstreamLeg, Attempts]:
+    """A connection to a healthy instance of `service`, and the `Attempts` it was
+    chosen by (call its `closed()` when the splice ends). Connect failures eject
+    their instance and are retried on another one, within the service's attempt
+    limit and the retry budget (`webapi.proxy.attempts`); raises the proxy's errors
+    (`NoHealthyInstance`, `UnknownService`, `UpstreamFailed`) when none is reached."""
     loop = asyncio.get_running_loop()
-    tried: set[str] = set()
-    last: Exception | None = None
+    attempts = proxy.attempts(service, method, replayable=False)
+    timeout = attempts.connect_timeout or proxy.pool.connect_timeout
     while True:
-        candidates = [c for c in proxy.candidates(service, None) if c.instance_id not in tried]
-        if not candidates:
-            raise UpstreamFailed(f"{service}: no instance could be reached ({last})")
-        endpoint = proxy.policy.strategy(service).pick(
-            proxy.policy.for_request(service, candidates, None, None), None
-        )
-        tried.add(endpoint.instance_id)
+        endpoint = attempts.next()
         host, port = split_address(endpoint.address)
         try:
-            async with asyncio.timeout(connect_timeout):
+            async with asyncio.timeout(timeout):
                 _, leg = await loop.create_connection(_UpstreamLeg, host, port)
         except (OSError, TimeoutError) as exc:
-            last = exc
-            proxy.book.failed(endpoint.instance_id, fatal=True)
-            continue
-        proxy.book.succeeded(endpoint.instance_id)
-        return leg, endpoint.instance_id
+            attempts.failed(UpstreamConnectError(f"{endpoint.address}: {exc or 'timed out'}"))
+            continue  # (`failed` raised if no other try is allowed)
+        except BaseException:  # cancelled: the try ends without an outcome
+            attempts.abandoned()
+            raise
+        attempts.connected()
+        return leg, attempts

@@ -13,6 +13,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import httpx
@@ -33,9 +34,10 @@ def counters(gateway: str) -> dict[str, int]:
     return dict(stats["passthrough"])
 
 
-def apply_routes(backend: Backend, routes: list[dict[str, Any]]) -> None:
-    """Set the policy's routes and wait until the gateway applies them."""
-    version = set_document(backend.redis_url, routes=routes).version
+def apply_routes(backend: Backend, routes: list[dict[str, Any]], **fields: Any) -> None:
+    """Set the policy's routes (and other top-level `fields`) and wait until the
+    gateway applies them."""
+    version = set_document(backend.redis_url, routes=routes, **fields).version
 
     def applied() -> bool:
         health = httpx.get(f"{backend.gateway}/health", timeout=5).json()
@@ -264,3 +266,69 @@ def test_an_instance_registered_at_an_ipv6_address_is_spliced(backend: Backend) 
     finally:
         apply_routes(backend, [])
         proc.stop()
+
+
+def test_connect_failures_are_retried_within_the_services_attempt_limit(
+    backend: Backend,
+) -> None:
+    """A splice's connects go by the same rule as a proxied request's: with `retries: 0`
+    each request tries one instance (ejecting it), not every instance at once."""
+    service = f"ptdead{uuid.uuid4().hex[:6]}"
+    for port in (free_port(), free_port(), free_port()):  # nothing listens there
+        beat = {"service": service, "address": f"127.0.0.1:{port}"}
+        assert as_admin.post(f"{backend.gateway}/heartbeat", json=beat).status_code == 200
+
+    def all_live() -> bool:
+        services = httpx.get(f"{backend.gateway}/health", timeout=5).json()["services"]
+        return services.get(service, {}).get("live") == 3
+
+    wait_for(all_live, timeout=10)
+    route = {"prefix": "/dead/", "service": service, "public": True, "strip_prefix": False,
+             "passthrough": True}  # fmt: skip
+    apply_routes(backend, [route], services={service: {"retries": 0}})
+    try:
+        statuses = []
+        for i in range(4):
+            with connect(backend.gateway) as sock:
+                sock.sendall(get(f"/dead/{i}"))
+                (reply,) = read_answers(sock, 1)
+            statuses.append(reply.status)
+            assert "error" in json.loads(reply.body)
+        # One instance ejected per request; then none is left.
+        assert statuses == [502, 502, 502, 503]
+    finally:
+        apply_routes(backend, [], services={})
+
+
+def test_least_connections_counts_open_splices(backend: Backend) -> None:
+    """A splice is one request to its instance from connect to end: with two instances
+    and least_conn, each second splice opened goes where the fewer are open."""
+    api_key = issue_api_key(backend.redis_url, ["registry"], name="passthrough-b")
+    env = {"PORT": str(free_port()), "NAME": f"{backend.service}-b", "GATEWAY": backend.gateway,
+           "SERVICE": backend.service, "GATEWAY_API_KEY": api_key}  # fmt: skip
+    second = ServiceProcess(["python", "-m", "tests.support.http_backend"], env=env, name="pt-b")
+    second.start()
+    route = {"prefix": "/echo/", "service": backend.service, "public": True,
+             "strip_prefix": False, "passthrough": True}  # fmt: skip
+    try:
+        apply_routes(backend, [route], services={backend.service: {"strategy": "least_conn"}})
+        both = {f"{backend.service}-a", f"{backend.service}-b"}
+        seen: set[str] = set()
+
+        def both_known() -> bool:  # (a proxied request: it has ended when answered)
+            seen.add(as_admin.get(f"{backend.base}/echo", timeout=5).json()["instance"])
+            return seen == both
+
+        wait_for(both_known, timeout=30)
+        with ExitStack() as open_splices:
+            instances = []
+            for i in range(10):
+                sock = open_splices.enter_context(connect(backend.gateway))
+                sock.sendall(get(f"/echo/held/{i}"))
+                (reply,) = read_answers(sock, 1)
+                instances.append(json.loads(reply.body)["instance"])
+        pairs = [set(instances[i : i + 2]) for i in range(0, 10, 2)]
+        assert pairs == [both] * 5, instances
+    finally:
+        apply_routes(backend, [], services={})
+        second.stop()

@@ -186,11 +186,8 @@ class FastPathProtocol(LingeringHttpProtocol):
     async def _start_passthrough(self, rule: RouteRule, method: str, url: bytes) -> None:
         """Connect to an instance of the route's service, then splice (or answer the error)."""
         app: GatewayApp = self.app
-        proxy = app.ctx.proxy
-        settings = proxy.policy.service_policy(rule.service)
-        timeout = (settings.connect_timeout if settings else None) or proxy.pool.connect_timeout
         try:
-            leg, instance_id = await connect(proxy, rule.service, timeout)
+            leg, attempts = await connect(app.ctx.proxy, rule.service, method)
         except Exception as exc:  # (a cancellation is not an Exception: it goes through)
             app.ctx.passthrough.connect_failures += 1
             self._fast = None
@@ -202,8 +199,9 @@ class FastPathProtocol(LingeringHttpProtocol):
         self._fast = None
         if self.transport is None or self.transport.is_closing():
             leg.transport.close()  # type: ignore[union-attr]
+            attempts.closed()
             return
-        splice = PassThrough(self, leg, rule, app.ctx.policy, instance_id, app.ctx.passthrough)
+        splice = PassThrough(self, leg, rule, app.ctx.policy, attempts, app.ctx.passthrough)
         self._passthrough = splice
         held = bytes(self._held)
         self._held.clear()

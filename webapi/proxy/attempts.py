@@ -17,7 +17,10 @@ connection. So the retry rule lives here once:
   attempt limit (`retries` in the live policy, else the gateway's default).
 
 Each try is reported to the health book and the strategy exactly once, by
-`answered` or `failed`.
+`answered` or `failed`. A pass-through splice (`webapi.passthrough`) is one long
+try: `connected` tells the health book, and `closed`, when the splice ends, tells
+the strategy (so least-connections counts open splices, as nginx's `stream` does,
+and least-time learns the connect time, not the connection's lifetime).
 """
 
 from __future__ import annotations
@@ -47,9 +50,9 @@ class Attempts:
     """The tries of one request: `next()` picks an instance, `answered()` or `failed()`
     reports how the try ended. Hot path: one per proxied request."""
 
-    __slots__ = ("_proxy", "_started", "_strategy", "attempt", "connect_timeout", "endpoint",
-                 "failure", "key", "kind", "max_attempts", "method", "replayable", "service",
-                 "timeout", "tried", "version")  # fmt: skip
+    __slots__ = ("_connect_seconds", "_proxy", "_started", "_strategy", "attempt",
+                 "connect_timeout", "endpoint", "failure", "key", "kind", "max_attempts",
+                 "method", "replayable", "service", "timeout", "tried", "version")  # fmt: skip
 
     def __init__(
         self,
@@ -155,6 +158,21 @@ class Attempts:
             )
             return
         raise self.failure from exc
+
+    def connected(self) -> None:
+        """The try's connection is made: a pass-through splice starts on it (call
+        `closed` when it ends). The instance is healthy; its load lasts until `closed`."""
+        endpoint = self.endpoint
+        assert endpoint is not None
+        self._proxy.book.succeeded(endpoint.instance_id)
+        self._connect_seconds = time.perf_counter() - self._started
+
+    def closed(self) -> None:
+        """The splice begun by `connected` has ended."""
+        endpoint, strategy = self.endpoint, self._strategy
+        if endpoint is not None and strategy is not None:
+            self._strategy = None  # exactly once
+            strategy.finished(endpoint, self._connect_seconds, True)
 
     def abandoned(self) -> None:
         """The try ended without an outcome (the client left): released, not judged."""
