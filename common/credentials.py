@@ -148,14 +148,9 @@ class Authenticator:
         """The caller if `credential` is cached and still good, else None (then `authenticate`)."""
         now = self.clock()
         if credential.startswith(apikeys.PREFIX):
-            entry = self._matched.get(credential)
             try:
-                if (
-                    entry is not None
-                    and entry.record is not None
-                    and self._api_keys.get(entry.record.key_id) is entry
-                    and self._fresh(entry, now)
-                ):
+                entry = self._remembered(credential, now)
+                if entry is not None:
                     return self._key_principal(entry, now)
                 parsed = apikeys.parse_key(credential)
                 entry = self._api_keys.get(parsed[0]) if parsed else None
@@ -164,9 +159,7 @@ class Authenticator:
                 principal = self._check_key(entry, parsed[1], now)
             except Unauthorized:
                 return None
-            if len(self._matched) >= self.cache_size:
-                self._matched.clear()
-            self._matched[credential] = entry
+            self._remember(credential, entry)
             return principal
         verified = self._tokens.get(credential)
         if verified is None or not self._still_valid(verified, now):
@@ -244,17 +237,41 @@ class Authenticator:
     # -- API keys ------------------------------------------------------------------------
 
     async def _api_key(self, text: str) -> Principal:
+        now = self.clock()
+        entry = self._remembered(text, now)
+        if entry is not None:
+            return self._key_principal(entry, now)
         parsed = apikeys.parse_key(text)
         if parsed is None:
             raise Unauthorized("invalid API key: malformed")
         key_id, secret = parsed
         if self.revocations.is_revoked(f"key:{key_id}"):
             raise Unauthorized("API key revoked")
-        now = self.clock()
         entry = self._api_keys.get(key_id)
         if entry is None or not self._fresh(entry, now):
             entry = await self._fetch_key(key_id, entry, now)
-        return self._check_key(entry, secret, now)
+        principal = self._check_key(entry, secret, now)
+        self._remember(text, entry)
+        return principal
+
+    def _remembered(self, text: str, now: float) -> _KeyEntry | None:
+        """The cache entry whose secret `text` matched, while it is the key's current and
+        fresh entry: the key's caller without parsing or hashing `text` again."""
+        entry = self._matched.get(text)
+        if (
+            entry is not None
+            and entry.record is not None
+            and self._api_keys.get(entry.record.key_id) is entry
+            and self._fresh(entry, now)
+        ):
+            return entry
+        return None
+
+    def _remember(self, text: str, entry: _KeyEntry) -> None:
+        """`text` matched `entry`'s secret (bounded: cleared when full)."""
+        if len(self._matched) >= self.cache_size:
+            self._matched.clear()
+        self._matched[text] = entry
 
     def _check_key(self, entry: _KeyEntry, secret: str, now: float) -> Principal:
         record = entry.record

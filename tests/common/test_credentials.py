@@ -438,6 +438,33 @@ async def test_the_sync_cache_of_a_matched_key_still_checks_expiry_revocation_an
     await wait_for_async(refused, timeout=10)
 
 
+async def test_a_matched_key_is_not_hashed_again_on_either_path_and_is_still_checked(
+    auth: Authenticator, redis: aioredis.Redis, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text, record = await stored_key(redis, expires_at=time.time() + 60)
+    principal = await auth.authenticate(text)
+    hashed: list[str] = []
+    real_hash = apikeys.hash_secret
+
+    def counting_hash(secret: str) -> str:
+        hashed.append(secret)
+        return real_hash(secret)
+
+    monkeypatch.setattr(apikeys, "hash_secret", counting_hash)
+    assert await auth.authenticate(text) == principal  # the async path (Sanic's, websocket's)
+    assert auth.authenticate_sync_cached(text) == principal  # the fast path's
+    assert hashed == []
+    with pytest.raises(Unauthorized, match="unknown API key"):
+        await auth.authenticate(apikeys.format_key(record.key_id, "A" * 43))
+    assert len(hashed) == 1  # another text of the same key id is hashed and refused
+    clock.offset = 61
+    with pytest.raises(Unauthorized, match="expired"):
+        await auth.authenticate(text)
+    clock.offset = 0
+    await revocation.revoke(redis, f"key:{record.key_id}", time.time() + 600)
+    await eventually_rejected(auth, text, "API key revoked")
+
+
 def _fields(record: apikeys.ApiKeyRecord) -> dict[str, Any]:
     return {name: getattr(record, name) for name in record.__dataclass_fields__}
 
