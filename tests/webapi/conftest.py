@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import ServiceProcess, free_port, wait_for
+from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
 from tests.support.policy import set_document
 
 
@@ -99,5 +100,35 @@ def gateway(redis_url: str) -> Iterator[str]:
     try:
         wait_for(lambda: httpx.get(f"{base}/health", timeout=2).status_code == 200, timeout=30)
         yield base
+    finally:
+        proc.stop()
+
+
+@dataclass
+class Backend:
+    """A `tests.support.http_backend` process, registered by heartbeat as `service`
+    (instance `<service>-a`) with the module's gateway."""
+
+    gateway: str
+    redis_url: str
+    service: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.gateway}/svc/{self.service}"
+
+
+@pytest.fixture(scope="module")
+def backend(gateway: str, redis_url: str) -> Iterator[Backend]:
+    """One backend per module that uses it, reached once through the gateway."""
+    api_key = issue_api_key(redis_url, ["registry"], name="fastpath-backend")
+    b = Backend(gateway, redis_url, f"fp{uuid.uuid4().hex[:6]}")
+    env = {"PORT": str(free_port()), "NAME": f"{b.service}-a", "GATEWAY": gateway,
+           "SERVICE": b.service, "GATEWAY_API_KEY": api_key}  # fmt: skip
+    proc = ServiceProcess(["python", "-m", "tests.support.http_backend"], env=env, name="fp")
+    proc.start()
+    try:
+        wait_for(lambda: as_admin.get(f"{b.base}/echo", timeout=5).status_code == 200, timeout=30)
+        yield b
     finally:
         proc.stop()

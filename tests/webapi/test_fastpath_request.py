@@ -12,7 +12,7 @@ from common.settings import Settings
 from webapi.access import credential_free
 from webapi.fastpath import MAX_FAST_BODY, Parsed, parse_request
 from webapi.fastpath.head import upstream_head
-from webapi.fastpath.request import INCOMPLETE
+from webapi.fastpath.request import Incomplete
 from webapi.fastpath.response import CHUNKED, KEPT, NONE, WHOLE, client_head
 from webapi.proxy.forward import hop_headers_out
 from webapi.proxy.headers import build_request_head, strip_hop_by_hop_raw
@@ -37,7 +37,8 @@ def test_a_small_body_is_taken_whole_and_a_partial_one_is_waited_for() -> None:
     parsed = parse_request(post)
     assert isinstance(parsed, Parsed)
     assert (parsed.body, parsed.size) == (b"hello", len(post))
-    assert parse_request(post[:-2]) is INCOMPLETE
+    incomplete = parse_request(post[:-2])
+    assert isinstance(incomplete, Incomplete) and incomplete.needed == len(post)
     big = f"POST /svc/web/up HTTP/1.1\r\nContent-Length: {MAX_FAST_BODY + 1}\r\n\r\n"
     assert parse_request(big.encode() + b"x" * (MAX_FAST_BODY + 1)) is None
 

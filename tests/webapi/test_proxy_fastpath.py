@@ -14,46 +14,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
-import httptools
 import httpx
 import pytest
 import redis.asyncio as aioredis
 
 from common.policy import PolicyStore
-from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
+from tests.helpers import free_port, issue_api_key, wait_for
 from tests.support.policy import set_document
-from tests.webapi.conftest import as_admin
+from tests.webapi.conftest import Backend, as_admin
+from tests.webapi.raw_http import connect, raw_request, read_answers
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@dataclass
-class Backend:
-    gateway: str
-    redis_url: str
-    service: str
-
-    @property
-    def base(self) -> str:
-        return f"{self.gateway}/svc/{self.service}"
-
-
-@pytest.fixture(scope="module")
-def backend(gateway: str, redis_url: str) -> Iterator[Backend]:
-    api_key = issue_api_key(redis_url, ["registry"], name="fastpath-backend")
-    b = Backend(gateway, redis_url, f"fp{uuid.uuid4().hex[:6]}")
-    env = {"PORT": str(free_port()), "NAME": f"{b.service}-a", "GATEWAY": gateway,
-           "SERVICE": b.service, "GATEWAY_API_KEY": api_key}  # fmt: skip
-    proc = ServiceProcess(["python", "-m", "tests.support.http_backend"], env=env, name="fp")
-    proc.start()
-    try:
-        wait_for(lambda: as_admin.get(f"{b.base}/echo", timeout=5).status_code == 200, timeout=30)
-        yield b
-    finally:
-        proc.stop()
 
 
 def answered(gateway: str) -> int:
@@ -65,69 +38,16 @@ def direct(gateway: str) -> int:
     return fast_path(gateway)["direct"]
 
 
+def pool_retries(gateway: str) -> int:
+    """Stale-connection retries of the upstream pool, over all its upstreams."""
+    stats = as_admin.get(f"{gateway}/admin/proxy/stats", timeout=5).json()
+    return sum(int(host["retries"]) for host in stats["upstreams"].values())
+
+
 def fast_path(gateway: str) -> dict[str, int]:
     stats = as_admin.get(f"{gateway}/admin/proxy/stats", timeout=5).json()
     assert stats["fast_path"]["enabled"] is True
     return {k: int(v) for k, v in stats["fast_path"].items()}
-
-
-# A raw HTTP/1.1 client: pipelining and split writes need the socket itself.
-
-
-def _head(method: str, path: str, headers: dict[str, str], body: bytes = b"") -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "Host: gateway.test"]
-    lines += [f"{k}: {v}" for k, v in headers.items()]
-    if body:
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    names: list[str]  # every header name, in order
-
-
-class _Responses:
-    def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.done: list[Answer] = []
-        self._headers: dict[str, str] = {}
-        self._names: list[str] = []
-        self._body: list[bytes] = []
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers[name.decode().lower()] = value.decode()
-        self._names.append(name.decode().lower())
-
-    def on_body(self, body: bytes) -> None:
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        status = self.parser.get_status_code()
-        self.done.append(Answer(status, self._headers, b"".join(self._body), self._names))
-        self._headers, self._body, self._names = {}, [], []
-
-
-def read_answers(sock: socket.socket, count: int) -> list[Answer]:
-    responses = _Responses()
-    deadline = time.monotonic() + 10
-    while len(responses.done) < count and time.monotonic() < deadline:
-        data = sock.recv(65536)
-        if not data:
-            break
-        responses.parser.feed_data(data)
-    assert len(responses.done) == count
-    return responses.done
-
-
-def connect(gateway: str) -> socket.socket:
-    host, port = gateway.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
 
 
 # The tests.
@@ -159,12 +79,12 @@ def test_pipelined_requests_are_answered_in_order(backend: Backend) -> None:
     before = answered(backend.gateway)
     path = f"/svc/{backend.service}/echo"
     batch = b"".join(
-        _head("GET", f"{path}?i={i}", {**as_admin.headers, "X-Request-Id": f"pipe-{i}"})
+        raw_request("GET", f"{path}?i={i}", {**as_admin.headers, "X-Request-Id": f"pipe-{i}"})
         for i in range(5)
     )
     # The third is Sanic's (no credential): the two after it wait for it, in order.
-    batch += _head("GET", path, {"X-Request-Id": "pipe-sanic"})
-    batch += _head("GET", f"{path}?i=last", {**as_admin.headers, "X-Request-Id": "pipe-last"})
+    batch += raw_request("GET", path, {"X-Request-Id": "pipe-sanic"})
+    batch += raw_request("GET", f"{path}?i=last", {**as_admin.headers, "X-Request-Id": "pipe-last"})
     with connect(backend.gateway) as sock:
         sock.sendall(batch)
         replies = read_answers(sock, 7)
@@ -179,9 +99,9 @@ def test_pipelined_requests_are_answered_in_order(backend: Backend) -> None:
 
 
 def test_a_request_split_across_reads_is_answered(backend: Backend) -> None:
-    request = _head("GET", f"/svc/{backend.service}/echo", as_admin.headers)
+    request = raw_request("GET", f"/svc/{backend.service}/echo", as_admin.headers)
     body = b"y" * 1000
-    upload = _head("POST", f"/svc/{backend.service}/upload", as_admin.headers, body)
+    upload = raw_request("POST", f"/svc/{backend.service}/upload", as_admin.headers, body)
     before = answered(backend.gateway)
     with connect(backend.gateway) as sock:
         sock.sendall(request[:20])
@@ -194,10 +114,13 @@ def test_a_request_split_across_reads_is_answered(backend: Backend) -> None:
         [again] = read_answers(sock, 1)
         assert again.status == 200
         assert answered(backend.gateway) - before == 1
-        # The head, then the body a moment later (as many clients write them): waited for.
+        # The head, then the body a moment later (as many clients write them), here in two
+        # parts: waited for until the whole request has arrived.
         sock.sendall(upload[:-600])
         time.sleep(0.2)
-        sock.sendall(upload[-600:])
+        sock.sendall(upload[-600:-300])
+        time.sleep(0.2)
+        sock.sendall(upload[-300:])
         [posted] = read_answers(sock, 1)
     assert posted.status == 200
     assert posted.body.count(b'"bytes":1000') == 1
@@ -321,7 +244,7 @@ def test_upstream_errors_are_json(backend: Backend, gateway: str) -> None:
 
 def test_connection_close_is_respected(backend: Backend) -> None:
     before = answered(backend.gateway)
-    request = _head(
+    request = raw_request(
         "GET", f"/svc/{backend.service}/echo", {**as_admin.headers, "Connection": "close"}
     )
     with connect(backend.gateway) as sock:
@@ -394,7 +317,7 @@ def test_an_upstream_closing_its_connection_keeps_the_client_one(gateway: str) -
                      b"X-Backend: raw\r\nX-Request-Id: upstream\r\n\r\nhello")  # fmt: skip
 
     with raw_upstream(gateway, serve) as service:
-        request = _head("GET", f"/svc/{service}/x", as_admin.headers)
+        request = raw_request("GET", f"/svc/{service}/x", as_admin.headers)
         with connect(gateway) as sock:
 
             def routed() -> bool:
@@ -428,10 +351,11 @@ def test_a_stale_idle_connection_is_retried_for_idempotent_requests_only(gateway
     with raw_upstream(gateway, serve) as service:
         url = f"{gateway}/svc/{service}/x"
         wait_for(lambda: as_admin.get(url).status_code == 200, timeout=5)
-        before = direct(gateway)
+        before, retries_before = direct(gateway), pool_retries(gateway)
         again = as_admin.get(url)  # on the idle connection, which closes: sent again
         assert (again.status_code, again.text) == (200, "ok")
         assert direct(gateway) - before == 1
+        assert pool_retries(gateway) - retries_before == 1  # the pool's rule, counted there
         post = as_admin.post(url, content=b"x")  # on the new connection's second request
         assert post.status_code == 502, post.text
         assert post.json()["error"]["code"] == "upstream_failed"
@@ -444,7 +368,7 @@ def test_a_large_download_streams_to_a_slow_client(backend: Backend) -> None:
     socket is paused meanwhile and read again once the client takes the bytes."""
     assert as_admin.get(f"{backend.base}/echo").status_code == 200  # an idle connection
     before = direct(backend.gateway)
-    request = _head("GET", f"/svc/{backend.service}/download?mb=16", as_admin.headers)
+    request = raw_request("GET", f"/svc/{backend.service}/download?mb=16", as_admin.headers)
     with connect(backend.gateway) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         sock.sendall(request)

@@ -21,12 +21,10 @@ import pytest
 
 from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
 from tests.support.policy import set_document
-from tests.webapi.conftest import as_admin
-from tests.webapi.test_proxy_fastpath import Backend, _head, backend, connect, read_answers
+from tests.webapi.conftest import Backend, as_admin
+from tests.webapi.raw_http import connect, raw_request, read_answers
 
 pytestmark = pytest.mark.timeout(120)
-
-__all__ = ["backend"]  # the fixture, shared with the fast path's tests
 
 
 def counters(gateway: str) -> dict[str, int]:
@@ -70,7 +68,7 @@ def passthrough(backend: Backend) -> Iterator[Backend]:
 
 
 def get(path: str) -> bytes:
-    return _head("GET", path, {})
+    return raw_request("GET", path, {})
 
 
 def test_keep_alive_requests_are_relayed_unchanged(passthrough: Backend) -> None:
@@ -160,7 +158,7 @@ def test_a_route_request_pipelined_behind_another_closes_after_the_answers(
 def test_head_is_answered_by_the_gateway(passthrough: Backend) -> None:
     before = counters(passthrough.gateway)
     with connect(passthrough.gateway) as sock:
-        sock.sendall(_head("HEAD", "/echo/h", {}))
+        sock.sendall(raw_request("HEAD", "/echo/h", {}))
         head = b""
         while not head.endswith(b"\r\n\r\n"):  # a HEAD answer has no body
             chunk = sock.recv(65536)
@@ -177,7 +175,7 @@ def test_head_is_answered_by_the_gateway(passthrough: Backend) -> None:
 def test_a_large_upload_streams_through(passthrough: Backend) -> None:
     payload = bytes(range(256)) * 4096 * 8  # 8 MiB
     with connect(passthrough.gateway) as sock:
-        sock.sendall(_head("POST", "/upload", {"Content-Length": str(len(payload))}))
+        sock.sendall(raw_request("POST", "/upload", {"Content-Length": str(len(payload))}))
         for i in range(0, len(payload), 1 << 20):
             sock.sendall(payload[i : i + (1 << 20)])
         (reply,) = read_answers(sock, 1)

@@ -26,7 +26,7 @@ from webapi.fastpath.request import Parsed
 from webapi.fastpath.response import CHUNKED, KEPT, WHOLE, bodiless_framing, client_head
 from webapi.proxy.connection import StaleConnection
 from webapi.proxy.errors import UpstreamError, UpstreamProtocolError
-from webapi.proxy.upstream import IDEMPOTENT_METHODS
+from webapi.proxy.upstream import stale_retry_allowed
 
 if TYPE_CHECKING:
     from webapi.proxy.attempts import Attempts
@@ -52,7 +52,7 @@ class Owner(Protocol):
         self, exc: Exception, req: Parsed, request_id: str, keep_alive: bool
     ) -> None: ...
 
-    def fast_retry(self, req: Parsed, head: bytes, attempts: Attempts, same: bool) -> None: ...
+    def fast_retry(self, req: Parsed, head: bytes, attempts: Attempts, stale: bool) -> None: ...
 
 
 class DirectExchange:
@@ -175,7 +175,7 @@ class DirectExchange:
             if isinstance(exc, StaleConnection):
                 # The pool's rule: a reused connection closed before any response
                 # byte is the idle-close race, not the instance's fault.
-                if req.method in IDEMPOTENT_METHODS:
+                if stale_retry_allowed(req.method, req.body):
                     owner.fast_retry(req, self._request_head, self._attempts, True)
                     return
                 exc = UpstreamProtocolError(str(exc))

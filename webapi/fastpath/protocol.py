@@ -19,7 +19,7 @@ from webapi.context import GatewayApp
 from webapi.errors import ApiError, NotAuthenticated, error_response
 from webapi.fastpath.direct import DirectExchange
 from webapi.fastpath.head import upstream_head
-from webapi.fastpath.request import INCOMPLETE, Parsed, parse_request
+from webapi.fastpath.request import Incomplete, Parsed, parse_request
 from webapi.fastpath.response import CHUNKED, WHOLE, bodiless_framing, client_head
 from webapi.lingering import LingeringHttpProtocol
 from webapi.passthrough import PASSTHROUGH_METHODS, PassThrough, connect, passthrough_rule
@@ -36,11 +36,12 @@ _HOLD_LIMIT = 256 * 1024
 class FastPathProtocol(LingeringHttpProtocol):
     """Sanic's HTTP/1.1 protocol, answering eligible `/svc/` requests itself."""
 
-    __slots__ = ("_fast", "_fast_ok", "_fast_written", "_held", "_passthrough")
+    __slots__ = ("_awaiting", "_fast", "_fast_ok", "_fast_written", "_held", "_passthrough")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._held = bytearray()
+        self._awaiting = 0  # held bytes the request needs before it is parsed again
         # The fast request being answered: a coroutine's task, or a `DirectExchange`.
         self._fast: asyncio.Task[None] | DirectExchange | None = None
         self._fast_written = False  # some of the current coroutine's response is written
@@ -60,7 +61,8 @@ class FastPathProtocol(LingeringHttpProtocol):
             self._time = current_time()
             self._held += data
             if self._fast is None:
-                self._pump()
+                if len(self._held) >= self._awaiting:  # (a body still arriving: wait)
+                    self._pump()
             elif len(self._held) > _HOLD_LIMIT and self.transport is not None:
                 self.transport.pause_reading()
             return
@@ -225,6 +227,7 @@ class FastPathProtocol(LingeringHttpProtocol):
         """Answer the request at the start of the held bytes, or hand them all to Sanic.
         `idle`: whether Sanic's side of the connection is idle, when already known."""
         app: GatewayApp = self.app
+        self._awaiting = 0
         if idle is None:
             idle = self._sanic_idle()
         # Where the method ends: one glance at the request line serves every check below.
@@ -237,8 +240,10 @@ class FastPathProtocol(LingeringHttpProtocol):
         try:
             worth = space > 0 and self._may_qualify(space)
             parsed = parse_request(self._held) if worth else None
-            if parsed is INCOMPLETE:
-                return  # wait for the rest of the body (`check_timeouts` bounds the wait)
+            if isinstance(parsed, Incomplete):
+                # Wait for the rest of the body (`check_timeouts` bounds the wait).
+                self._awaiting = parsed.needed
+                return
             admitted = self._admit(parsed) if isinstance(parsed, Parsed) else None
         except Exception:  # a bug here must not lose the bytes: Sanic still answers them
             log.exception("fast path: parsing or admission failed")
@@ -351,15 +356,21 @@ class FastPathProtocol(LingeringHttpProtocol):
         self.fast_write(_error(exc, req.method, req.url, request_id, keep_alive))
         self.fast_done(keep_alive)
 
-    def fast_retry(self, req: Parsed, head: bytes, attempts: Attempts, same: bool) -> None:
-        """Go on with the request from a coroutine: on the same instance (`same`: its
-        idle connection was stale), else on the next one `attempts` allows."""
+    def fast_retry(self, req: Parsed, head: bytes, attempts: Attempts, stale: bool) -> None:
+        """Go on with the request from a coroutine: on the same instance over a new
+        connection (`stale`: its reused one went stale, the pool's retry rule), else on
+        the next instance `attempts` allows."""
         self._fast = self.loop.create_task(
-            self._answer(req, head, attempts, attempts.endpoint if same else None)
+            self._answer(req, head, attempts, attempts.endpoint if stale else None, stale)
         )
 
     async def _answer(
-        self, req: Parsed, head: bytes, attempts: Attempts, first: Endpoint | None
+        self,
+        req: Parsed,
+        head: bytes,
+        attempts: Attempts,
+        first: Endpoint | None,
+        stale_first: bool = False,
     ) -> None:
         """Forward one admitted request from a coroutine (a connect is needed, or a
         retry) and write its response."""
@@ -371,7 +382,7 @@ class FastPathProtocol(LingeringHttpProtocol):
         try:
             forwarded = await app.ctx.proxy.forward(
                 req.service, req.method, req.target, head, req.body,
-                attempts=attempts, first=first,
+                attempts=attempts, first=first, stale_first=stale_first,
             )  # fmt: skip
             keep_alive = keep_alive and not self.signal.stopped  # shutting down: say so
             try:

@@ -91,15 +91,18 @@ class Parsed:
 
 class Incomplete:
     """`parse_request`'s answer for a request whose head qualifies and whose body has
-    not arrived whole yet (clients often write the head and the body separately)."""
+    not arrived whole yet (clients often write the head and the body separately):
+    `needed`, the bytes the whole request takes, says when to parse it again."""
 
+    __slots__ = ("needed",)
 
-INCOMPLETE = Incomplete()
+    def __init__(self, needed: int) -> None:
+        self.needed = needed
 
 
 def parse_request(buf: bytes | bytearray) -> Parsed | Incomplete | None:
     """The request at the start of `buf` if it is whole and plainly framed and its path
-    is a `/svc/` one (see the module docstring), `INCOMPLETE` if only its body is
+    is a `/svc/` one (see the module docstring), `Incomplete` if only its body is
     missing yet, else None. Hot path."""
     end = buf.find(b"\r\n\r\n", 0, MAX_FAST_HEAD)
     space = buf.find(b" ", 0, 8)
@@ -129,7 +132,7 @@ def parse_request(buf: bytes | bytearray) -> Parsed | Incomplete | None:
     except InvalidProxyPath:
         return None
     if len(buf) < size + length:
-        return INCOMPLETE
+        return Incomplete(size + length)
     if length:
         try:
             parser.feed_data(bytes(buf[size : size + length]))

@@ -112,6 +112,7 @@ class Proxy:
         kind: str = "http",
         attempts: Attempts | None = None,
         first: Endpoint | None = None,
+        stale_first: bool = False,
     ) -> Forwarded:
         """Send the request to a chosen instance, retrying where it is safe.
 
@@ -119,7 +120,9 @@ class Proxy:
         `timeout` overrides the policy's and the default wait for the response head.
         `attempts` continues a request whose earlier tries were made elsewhere (the
         fast path's callback exchange), with `first` as this try's instance when it is
-        already chosen (else `attempts` chooses the next).
+        already chosen (else `attempts` chooses the next), and `stale_first` when
+        `first`'s reused connection went stale: the pool's retry rule, applied there
+        (`UpstreamPool.request`'s `fresh`).
         """
         if attempts is None:
             replayable = body is None or isinstance(body, bytes)
@@ -128,6 +131,7 @@ class Proxy:
             endpoint = attempts.next()
         else:
             endpoint = first or attempts.next()
+        fresh = stale_first and first is not None
         while True:
             try:
                 response = await self.pool.request(
@@ -138,10 +142,11 @@ class Proxy:
                     body,
                     timeout=attempts.timeout,
                     connect_timeout=attempts.connect_timeout,
+                    fresh=fresh,
                 )
             except UpstreamError as exc:
                 attempts.failed(exc)  # raises unless another try is allowed
-                endpoint = attempts.next()
+                endpoint, fresh = attempts.next(), False
                 continue
             except BaseException:
                 attempts.abandoned()  # cancelled: the client left

@@ -53,6 +53,12 @@ from webapi.proxy.response import UpstreamResponse as UpstreamResponse
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
+def stale_retry_allowed(method: str, body: RequestBody) -> bool:
+    """Whether a request whose reused connection went stale may be sent again on a new
+    one (the retry rule above: an idempotent method, a body that can be sent again)."""
+    return method in IDEMPOTENT_METHODS and (body is None or isinstance(body, bytes | bytearray))
+
+
 class _Host:
     """The connections to one `host:port`: all open ones, and the idle ones (LIFO)."""
 
@@ -154,6 +160,7 @@ class UpstreamPool:
         body: RequestBody = None,
         timeout: float | None = None,
         connect_timeout: float | None = None,
+        fresh: bool = False,
     ) -> UpstreamResponse:
         """Send a request to `address` ("host:port") and return once the response head
         has arrived; the body is then read from the response, which must be closed.
@@ -164,7 +171,9 @@ class UpstreamPool:
         bytes, framing included, for a `body` of bytes or None (the fast path builds
         it once per request, whichever instance it goes to). `timeout` bounds the wait
         for the head (it replaces the read timeout until the head arrives),
-        `connect_timeout` the connect (default: the pool's).
+        `connect_timeout` the connect (default: the pool's). `fresh`: this is the retry
+        rule's second send, on a new connection, of a request whose reused connection
+        went stale elsewhere (the fast path's callback exchange).
         Raises `UpstreamConnectError`, `UpstreamTimeout`, `UpstreamProtocolError`; an
         exception from the body iterator is raised as is.
 
@@ -187,16 +196,16 @@ class UpstreamPool:
         deadline = None if timeout is None else now + timeout
         head_request = method == "HEAD"
 
-        conn = host.take_idle(now)
+        conn = None if fresh else host.take_idle(now)
         if conn is not None:
             try:
                 return await conn.exchange(head, body, framing, length, head_request, deadline)
             except StaleConnection as exc:
-                if method not in IDEMPOTENT_METHODS or not (
-                    body is None or isinstance(body, bytes | bytearray)
-                ):
+                if not stale_retry_allowed(method, body):
                     raise UpstreamProtocolError(str(exc)) from exc
-                host.retries += 1
+                fresh = True
+        if fresh:
+            host.retries += 1
         conn = await self._connect(host, loop, deadline, connect_timeout or self.connect_timeout)
         return await conn.exchange(head, body, framing, length, head_request, deadline)
 
