@@ -21,7 +21,8 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterable
 
-__all__ = ["ADMIN", "ALL", "INTERNAL_SERVICES", "allows", "covers", "parse", "valid_scope"]
+__all__ = ["ADMIN", "ALL", "INTERNAL_SERVICES", "allows", "covers", "parse", "rpc_resource",
+           "valid_scope"]  # fmt: skip
 
 ADMIN = "admin"
 ALL = "*"
@@ -51,6 +52,15 @@ def allows(scopes: Collection[str], service: str, method: str | None) -> bool:
     if ALL in scopes or service in scopes or f"{service}.*" in scopes:
         return True
     return method is not None and f"{service}.{method}" in scopes
+
+
+def rpc_resource(service: str, method: str | None) -> tuple[str, str | None]:
+    """The resource a generic RPC entry (the gateway's `/rpc/...`, JSON-RPC on `/ws`)
+    checks for a call of `service.method`: the admin scope for an internal service
+    (with the method it names, for the refusal's message), else the method itself."""
+    if service in INTERNAL_SERVICES:
+        return ADMIN, f"{service}.{method}"
+    return service, method
 
 
 def covers(granted: Collection[str], scope: str) -> bool:

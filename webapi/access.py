@@ -34,7 +34,7 @@ from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized
 from common.policy import LimitRule, PolicyWatcher
 from common.ratelimit import Decision, Limit, RateLimiter
-from common.scopes import INTERNAL_SERVICES
+from common.scopes import rpc_resource
 from webapi.context import GatewayRequest
 from webapi.errors import InvalidQuery, NotAllowed, NotAuthenticated, RateLimited
 
@@ -191,9 +191,7 @@ class Gatekeeper:
         service, method = params.get("service"), params.get("method")
         if not isinstance(service, str):
             raise InvalidQuery("the path names no service")
-        if service in INTERNAL_SERVICES:
-            return "admin", f"{service}.{method}"
-        return service, method if isinstance(method, str) else None
+        return rpc_resource(service, method if isinstance(method, str) else None)
 
     @staticmethod
     def _authorize(principal: Principal | None, service: str, method: str | None) -> None:

@@ -23,7 +23,7 @@ from sanic import Request
 
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized
-from common.scopes import INTERNAL_SERVICES
+from common.scopes import rpc_resource
 from websocket.tap import TapServerProtocol
 
 SUBPROTOCOL = "bearer"
@@ -78,6 +78,4 @@ def may_call(principal: Principal | None, method: str) -> bool:
     if principal is None:
         return False
     service, _, name = method.partition(".")
-    if service in INTERNAL_SERVICES:
-        return principal.allows("admin", method)
-    return principal.allows(service, name or None)
+    return principal.allows(*rpc_resource(service, name or None))

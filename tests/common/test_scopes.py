@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.scopes import ADMIN, allows, covers, parse, valid_scope
+from common.scopes import ADMIN, allows, covers, parse, rpc_resource, valid_scope
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -78,3 +78,11 @@ def test_parse() -> None:
     assert parse("iptv  nlp.run\tadmin") == frozenset({"iptv", "nlp.run", ADMIN})
     assert parse("") == frozenset()
     assert parse(["a", "", "b"]) == frozenset({"a", "b"})
+
+
+def test_a_generic_rpc_entry_opens_internal_services_to_admin_only() -> None:
+    assert rpc_resource("auth", "set_roles") == ("admin", "auth.set_roles")
+    assert rpc_resource("calc", "add") == ("calc", "add")
+    assert rpc_resource("calc", None) == ("calc", None)
+    assert not allows({"*", "auth"}, *rpc_resource("auth", "set_roles"))
+    assert allows({"admin"}, *rpc_resource("auth", "set_roles"))
