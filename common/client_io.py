@@ -50,7 +50,11 @@ class Enqueue:
     future: asyncio.Future[Any]
     service: str = ""
     instance: str | None = None
-    awaits_reply: bool = False
+
+    @property
+    def awaits_reply(self) -> bool:
+        """A call's enqueue: its future is the reply's, resolved when the reply arrives."""
+        return self.script == "call"
 
 
 _SCRIPTS = {"call": ENQUEUE_SCRIPT, "task": TASK_SCRIPT}
@@ -130,7 +134,6 @@ class ClientIO:
             future=reply,
             service=service,
             instance=instance,
-            awaits_reply=True,
         )
         if self._reader_parked:
             # Nobody else awaits a reply: the enqueue and the BLPOP for its reply

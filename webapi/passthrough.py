@@ -78,7 +78,7 @@ PASSTHROUGH_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b
 
 def passthrough_rule(policy: PolicyDocument, url: bytes) -> RouteRule | None:
     """The pass-through route `url` belongs to under `policy`, else None. Hot path."""
-    if not policy.has_passthrough:
+    if not policy.passthrough_prefixes:
         return None
     path = url.partition(b"?")[0]
     try:

@@ -178,14 +178,10 @@ class PolicyDocument(_Model):
         return self.services.get(name)
 
     @cached_property
-    def has_passthrough(self) -> bool:
-        """Some route is a pass-through one (the gateway's fast path glances at it)."""
-        return any(rule.passthrough for rule in self.routes)
-
-    @cached_property
     def passthrough_prefixes(self) -> tuple[bytes, ...]:
         """What the path of a pass-through route's request starts with: each prefix without
-        its last `/` (a route also takes the bare `/prefix`). A first, cheap filter."""
+        its last `/` (a route also takes the bare `/prefix`). A first, cheap filter; empty
+        when no route is a pass-through one."""
         return tuple(r.prefix[:-1].encode() for r in self.routes if r.passthrough)
 
     def to_json(self) -> str:
