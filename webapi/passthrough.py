@@ -194,9 +194,9 @@ class PassThrough:
     """One client connection spliced to one upstream connection (module docstring)."""
 
     __slots__ = ("attempts", "begun", "close_at_end", "document", "ending", "instance_id",
-                 "leftover",
-                 "longer", "owner", "parser", "policy", "prefix", "requests", "responses",
-                 "rule", "stats", "unsent", "unsent_complete", "upstream")  # fmt: skip
+                 "leftover", "longer", "owner", "parser", "policy", "prefix", "requests",
+                 "responses", "rule", "stats", "unsent", "unsent_complete",
+                 "upstream")  # fmt: skip
 
     def __init__(
         self,

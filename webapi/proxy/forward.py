@@ -131,7 +131,7 @@ class Proxy:
             endpoint = attempts.next()
         else:
             endpoint = first or attempts.next()
-        fresh = stale_first and first is not None
+        fresh = stale_first  # (only `first`'s try: a retry elsewhere may reuse a connection)
         while True:
             try:
                 response = await self.pool.request(
