@@ -84,7 +84,7 @@ async def serve_one(
     """Relay one request's stream from an instance of `target` (service, version) to the client."""
     service, version = target
     try:
-        upstream, endpoint = await upstreams.connect(service, "/ws", version=version)
+        upstream, endpoint, _ = await upstreams.connect(service, "/ws", version=version)
     except NoUpstream:
         await ws.send(failure(UNAVAILABLE))
         return
@@ -101,7 +101,7 @@ async def serve_one(
     except ConnectionClosed:
         await ws.send(failure(LOST))
     finally:
-        upstreams.finished(service, endpoint, started, ok)
+        upstreams.finished(service, endpoint, time.monotonic() - started, ok)
         with contextlib.suppress(Exception):
             await upstream.close()
 

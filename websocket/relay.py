@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -55,12 +54,13 @@ async def proxy_endpoint(
         target += f"?{request.query_string}"
     headers = [("X-Forwarded-For", request.remote_addr or request.ip)]
     try:
-        upstream, endpoint = await upstreams.connect(service, target, headers=headers, splice=True)
+        upstream, endpoint, connect_seconds = await upstreams.connect(
+            service, target, headers=headers, splice=True
+        )
     except NoUpstream as exc:
         untap(ws)
         await ws.close(BAD_GATEWAY, f"upstream unavailable: {exc}"[:120])
         return
-    started = time.monotonic()
     ok = False
     try:
         splice = Splice.take_over(ws, upstream, upstreams.max_size)
@@ -70,7 +70,7 @@ async def proxy_endpoint(
             request.app.ctx.connections.hand_over(ws, splice)
             ok = await splice.run()
     finally:
-        upstreams.finished(service, endpoint, started, ok)
+        upstreams.finished(service, endpoint, connect_seconds, ok)
 
 
 async def relay(ws: WebsocketImplProtocol, upstream: ClientConnection) -> bool:

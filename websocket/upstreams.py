@@ -12,12 +12,19 @@ instance and the next attempt goes to another instance, up to `max_attempts`
 `NoUpstream`; each connect is bounded by the policy's `connect_timeout`, else
 the service's setting.
 For `least_conn` the strategy counts open relayed connections.
+
+What `least_time` learns is the caller's choice (`finished`'s `seconds`): a relayed
+connection reports its connect time (its lifetime says nothing of the instance's
+speed: a client may hold it for an hour), as the gateway's pass-through splice does
+and nginx's `stream` module measures `least_time connect`; an envelope stream, one
+request per connection, reports the time to its last frame.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidURI
@@ -41,6 +48,14 @@ class NoUpstream(Exception):
     def __init__(self, message: str, *, known: bool = True) -> None:
         super().__init__(message)
         self.known = known
+
+
+class Connected(NamedTuple):
+    """An open upstream connection, the instance it goes to and how long the connect took."""
+
+    connection: ClientConnection
+    endpoint: Endpoint
+    connect_seconds: float
 
 
 class Upstreams:
@@ -79,7 +94,7 @@ class Upstreams:
         version: str | None = None,
         headers: Sequence[tuple[str, str]] = (),
         splice: bool = False,
-    ) -> tuple[ClientConnection, Endpoint]:
+    ) -> Connected:
         """An open connection to `ws://<instance><path>`, failing over on connect errors.
 
         With `splice`, a `TapClientConnection` that `websocket.splice` can take over.
@@ -105,6 +120,7 @@ class Upstreams:
             endpoint = strategy.pick(self.policy.for_request(service, endpoints, version))
             tried.add(endpoint.instance_id)
             self.book.started(endpoint.instance_id)
+            began = time.monotonic()
             try:
                 upstream = await connect(
                     f"ws://{endpoint.address}{path}",
@@ -123,9 +139,11 @@ class Upstreams:
                 continue
             self.book.succeeded(endpoint.instance_id)
             strategy.started(endpoint)
-            return upstream, endpoint
+            return Connected(upstream, endpoint, time.monotonic() - began)
         known = bool(self.view.instances(service)) or service in self.view.services()
         raise NoUpstream(f"{service}: {last_error}", known=known)
 
-    def finished(self, service: str, endpoint: Endpoint, started: float, ok: bool) -> None:
-        self.policy.strategy(service).finished(endpoint, time.monotonic() - started, ok)
+    def finished(self, service: str, endpoint: Endpoint, seconds: float, ok: bool) -> None:
+        """A connection from `connect` has ended; `seconds` is what `least_time` learns
+        of the instance (module docstring), `ok` whether it ended cleanly."""
+        self.policy.strategy(service).finished(endpoint, seconds, ok)

@@ -91,6 +91,7 @@ async def heartbeat(port: int) -> None:
         kind=os.environ.get("KIND", "ws"),
         address=f"127.0.0.1:{port}",
         version=os.environ.get("VERSION", "0"),
+        weight=int(os.environ.get("WEIGHT", "1")),
     )
     while True:
         await registry.heartbeat(record)

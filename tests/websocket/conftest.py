@@ -112,9 +112,12 @@ class Backends:
     service: str = field(default_factory=lambda: f"up{uuid.uuid4().hex[:8]}")
     procs: dict[str, ServiceProcess] = field(default_factory=dict)
 
-    def start(self, name: str, *, kind: str = "ws", version: str = "0") -> ServiceProcess:
+    def start(
+        self, name: str, *, kind: str = "ws", version: str = "0", weight: int = 1
+    ) -> ServiceProcess:
         env = {"PORT": str(free_port()), "NAME": name, "REDIS_URL": self.redis_url,
-               "SERVICE": self.service, "KIND": kind, "VERSION": version}  # fmt: skip
+               "SERVICE": self.service, "KIND": kind, "VERSION": version,
+               "WEIGHT": str(weight)}  # fmt: skip
         proc = ServiceProcess(["python", "-m", "tests.support.ws_backend"], env=env, name=name)
         self.procs[name] = proc.start()
         return proc

@@ -3,6 +3,7 @@ a websocket service and upstream WebSocket servers registered by heartbeat."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import uuid
@@ -133,6 +134,26 @@ async def test_live_policy_version_weights_pick_the_upstream_version(
 
 async def _reaches_only(server: WsServer, service: str, name: str) -> bool:
     return {await whoami(server, service) for _ in range(6)} == {name}
+
+
+async def test_least_time_learns_a_relays_connect_time_not_its_lifetime(
+    ws_server: WsServer, backends: Backends
+) -> None:
+    """A relayed connection held open for seconds must not make its instance look slow.
+    `heavy` (weight 100) wins least_time while its latency is its connect time; had it
+    learnt the held connection's 2.5 s, 25 ms per unit of weight would lose to `light`'s
+    few ms of connect time on every new connection."""
+    await update_service(backends.redis_url, backends.service, strategy="least_time")
+    backends.start("heavy", weight=100)
+    backends.start("light")
+    await wait_reachable(ws_server, backends.service, {"heavy", "light"})
+    async with ws_server.connect(f"/ws/proxy/{backends.service}/echo") as held:
+        await held.send("whoami")
+        assert json.loads(await held.recv())["instance"] == "heavy"
+        await asyncio.sleep(2.5)
+    await asyncio.sleep(0.3)  # the service sees the close and reports the connection
+    reached = Counter([await whoami(ws_server, backends.service) for _ in range(6)])
+    assert reached["heavy"] >= 5, reached
 
 
 async def test_oversized_relayed_frame_closes_1009(ws_server: WsServer, backends: Backends):
