@@ -67,7 +67,7 @@ from bench.harness import (
 )
 from bench.proxy_gateway import Gateway
 from bench.proxy_nginx import start_haproxy, start_nginx_backend, start_nginx_proxy
-from bench.proxy_peers import SERVERS, serve, start_python
+from bench.proxy_peers import LEAN_CREDENTIAL, SERVERS, serve, start_python
 from bench.proxy_report import derive, goals, print_report
 from bench.proxy_targets import (
     BODY,
@@ -75,6 +75,7 @@ from bench.proxy_targets import (
     GATEWAY_TARGETS,
     PATH,
     PYTHON_PEERS,
+    SERVICE,
     TARGETS,
     body_ok,
     wait_http,
@@ -140,6 +141,9 @@ def bench_target(
                 proc = start_haproxy(tools["haproxy"] or "haproxy", tmp, port, bport)
             else:
                 proc = start_python(name, tmp, port, backend_url, args.loop)
+            if name == "python-lean":  # the gateway's request: its path and a credential
+                url = f"http://127.0.0.1:{port}/svc/{SERVICE}{PATH}"
+                headers = {"Authorization": LEAN_CREDENTIAL}
         out["url"] = url
         out["body_ok"] = body_ok(wait_http(url, args.ready_timeout, proc, headers))
         if not out["body_ok"]:

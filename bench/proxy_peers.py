@@ -185,9 +185,183 @@ def serve_python_floor(port: int, backend: str) -> None:
     asyncio.run(main())
 
 
+# What `python-lean` takes as a credential (a toy server's constant, not a secret).
+LEAN_CREDENTIAL = "Bearer sbk_lean_reference"
+# The request fields the gateway's normal path reads or replaces, in one pattern.
+_LEAN_REQUEST_FIELDS = (
+    rb"\r\n(authorization|x-api-key|x-request-id|x-service-version|x-balance-key|host"
+    rb"|content-length|connection|keep-alive|transfer-encoding|upgrade|expect|te|trailer"
+    rb"|proxy-[!-9;-~]+|x-forwarded-[a-z]+):[ \t]*([^\r]*)"
+)
+_LEAN_RESPONSE_DROPPED = (
+    rb"\r\n(connection|keep-alive|proxy-[!-9;-~]+|te|trailer|transfer-encoding|upgrade"
+    rb"|content-length|x-request-id):[^\r]*"
+)
+
+
+def serve_python_lean(port: int, backend: str) -> None:
+    """The per-request header work of the gateway's normal path and nothing else: a
+    reference for what that work alone costs in Python on this event loop, not a
+    proxy anyone should run. Per request: httptools frames the request (no callback
+    per field), one regex reads the fields, the credential is a dict lookup, a
+    request id is made, the upstream head is the client's fields minus the dropped
+    ones plus `Host`, `X-Forwarded-*` and `X-Request-Id`; an idle upstream keep-alive
+    connection is taken (LIFO); httptools frames the response, its hop-by-hop fields
+    go and the latency, instance and request id fields come. Not done (the gateway
+    does all of them): timeouts, health, retries, balancing beyond one instance,
+    stats, logs, streaming, error answers (anything unexpected closes), Sanic."""
+    import os
+    import re
+    import time
+    from collections import deque
+
+    import httptools
+
+    host, _, port_text = backend.removeprefix("http://").partition(":")
+    upstream_port = int(port_text)
+    principals = {LEAN_CREDENTIAL.encode(): frozenset({b"echo"})}
+    request_fields = re.compile(_LEAN_REQUEST_FIELDS, re.IGNORECASE)
+    response_dropped = re.compile(_LEAN_RESPONSE_DROPPED, re.IGNORECASE)
+    id_prefix = os.urandom(8).hex().encode()
+    counter = iter(range(1 << 62))
+    perf = time.perf_counter
+    idle: deque[Upstream] = deque()
+
+    class Upstream(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.parser = httptools.HttpResponseParser(self)
+            self.transport: Any = None
+            self.client: Client | None = None
+            self.data = b""
+            self.body = b""
+            self.done = False
+            self.sent = 0.0
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def send(self, client: Client, head: bytes) -> None:
+            self.client, self.data, self.body, self.done = client, b"", b"", False
+            self.sent = perf()
+            self.transport.write(head)
+
+        def on_body(self, body: bytes) -> None:
+            self.body += body
+
+        def on_message_complete(self) -> None:
+            self.done = True
+
+        def data_received(self, data: bytes) -> None:
+            client = self.client
+            if client is None:
+                self.transport.close()
+                return
+            self.data += data
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                client.transport.close()
+                self.transport.close()
+                return
+            if not self.done:
+                return
+            self.client = None
+            idle.append(self)
+            client.answer(self.parser.get_status_code(), self.data, self.body, self.sent)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self in idle:
+                idle.remove(self)
+            if self.client is not None:
+                self.client.transport.close()
+
+    class Client(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.parser = httptools.HttpRequestParser(self)
+            self.transport: Any = None
+            self.ip = b""
+            self.url = b""
+            self.complete = False
+            self.received = 0.0
+            self.request_id = b""
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+            self.ip = transport.get_extra_info("peername")[0].encode()
+
+        def on_url(self, url: bytes) -> None:
+            self.url += url
+
+        def on_message_complete(self) -> None:
+            self.complete = True
+
+        def data_received(self, data: bytes) -> None:
+            self.received = perf()
+            self.url, self.complete = b"", False
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                self.complete = False
+            url, end = self.url, data.find(b"\r\n\r\n")
+            # One whole request per read, `/svc/<service>/...`, else the connection ends.
+            if not self.complete or end + 4 != len(data) or not url.startswith(b"/svc/"):
+                self.transport.close()
+                return
+            slash = url.find(b"/", 5)
+            service, target = url[5:slash], url[slash:]
+            head = data[:end]
+            fields: dict[bytes, bytes] = {}
+            for name, value in request_fields.findall(head):
+                fields.setdefault(name.lower(), value)
+            allowed = principals.get(fields.get(b"authorization", b""))
+            if slash < 0 or allowed is None or service not in allowed:
+                self.transport.close()
+                return
+            request_id = fields.get(b"x-request-id") or b"%s%016x" % (id_prefix, next(counter))
+            self.request_id = request_id
+            kept = request_fields.sub(b"", head[head.find(b"\r\n") :])
+            upstream_head = (
+                b"%s %s HTTP/1.1%s\r\nHost: %s\r\nX-Forwarded-For: %s\r\n"
+                b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\nX-Request-Id: %s\r\n\r\n"
+                % (self.parser.get_method(), target, kept, service, self.ip,
+                   fields.get(b"host", b""), request_id)
+            )  # fmt: skip
+            if idle:
+                idle.pop().send(self, upstream_head)
+            else:
+                asyncio.get_running_loop().create_task(self.connect(upstream_head))
+
+        async def connect(self, head: bytes) -> None:
+            loop = asyncio.get_running_loop()
+            _, upstream = await loop.create_connection(Upstream, host, upstream_port)
+            upstream.send(self, head)
+
+        def answer(self, status: int, data: bytes, body: bytes, sent: float) -> None:
+            now = perf()
+            head_end = data.find(b"\r\n\r\n")
+            kept = response_dropped.sub(b"", data[data.find(b"\r\n") : head_end])
+            upstream_ms = (now - sent) * 1e3
+            if not self.transport.is_closing():
+                self.transport.write(
+                    b"HTTP/1.1 %d OK%s\r\nX-Upstream-Latency: %.3f\r\nX-Gateway-Latency: %.3f"
+                    b"\r\nX-Upstream-Instance: echo-1\r\nX-Request-Id: %s\r\n"
+                    b"content-length: %d\r\nconnection: keep-alive\r\n\r\n%s"
+                    % (status, kept, upstream_ms, (now - self.received) * 1e3 - upstream_ms,
+                       self.request_id, len(body), body)
+                )  # fmt: skip
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_server(Client, "127.0.0.1", port, backlog=4096)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
 SERVERS = {
     "backend": serve_backend,
     "python-floor": serve_python_floor,
+    "python-lean": serve_python_lean,
     "aiohttp": serve_aiohttp,
     "sanic-aiohttp": serve_sanic_aiohttp,
 }

@@ -117,6 +117,11 @@ def _normal_path_goals(by: dict[str, Any]) -> dict[str, Any]:
         g["floor_x_nginx"] = floor["derived"].get("x_nginx")
         g["floor_us_per_req"] = floor["loaded"]["cpu"]["proxy_us_per_req"]
         g["switchboard_us_per_req"] = sb["loaded"]["cpu"]["proxy_us_per_req"]
+    lean = by.get("python-lean")
+    if lean is not None and lean["loaded"].get("cpu"):
+        # For scale: the normal path's header work alone, in Python, on this loop.
+        g["lean_x_nginx"] = lean["derived"].get("x_nginx")
+        g["lean_us_per_req"] = lean["loaded"]["cpu"]["proxy_us_per_req"]
     involved = ["switchboard", "nginx", "direct"]
     if g["best_python"]:
         involved.append(g["best_python"])
@@ -266,6 +271,12 @@ def _print_normal_path_goals(g: dict[str, Any], c: int) -> None:
             f" reached {_f(g['floor_x_nginx'], 2)}x nginx\n   at {_f(g['floor_us_per_req'], 1)}"
             f" µs of CPU per request; the gateway's normal path took"
             f" {_f(g['switchboard_us_per_req'], 1)} µs)"
+        )
+    if "lean_x_nginx" in g:
+        print(
+            f"  (python-lean, the normal path's header work alone (no Sanic, timeouts, health,"
+            f" retries or stats),\n   reached {_f(g['lean_x_nginx'], 2)}x nginx at"
+            f" {_f(g['lean_us_per_req'], 1)} µs of CPU per request)"
         )
 
 

@@ -45,6 +45,7 @@ TARGETS = (
     "switchboard-auth",
     "haproxy",
     "python-floor",
+    "python-lean",
     "aiohttp",
     "sanic-aiohttp",
 )
@@ -64,6 +65,7 @@ DESCRIPTIONS = {
     "switchboard-auth": "the same gateway, /svc/echo/... with a JWT and a rate limit (GCRA)",
     "haproxy": "haproxy nbthread 1, http-reuse always",
     "python-floor": "uvloop bytes relay, no parsing or checks: the ceiling of a Python proxy",
+    "python-lean": "the normal path's header work only, /svc/echo/... with a key (a reference)",
     "aiohttp": "aiohttp.web + shared ClientSession, JSON re-encoded",
     "sanic-aiohttp": "Sanic 1 process + shared aiohttp ClientSession",
 }

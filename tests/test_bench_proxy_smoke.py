@@ -92,6 +92,11 @@ def test_proxy_bench_quick(tmp_path: Path) -> None:
         floor = doc["targets"]["python-floor"]
         assert doc["goals"]["floor_us_per_req"] == floor["loaded"]["cpu"]["proxy_us_per_req"]
         assert "for scale: python-floor, a uvloop byte relay" in proc.stdout
+        # So is the reference doing the normal path's header work alone, on its request.
+        lean = doc["targets"]["python-lean"]
+        assert lean["url"].endswith("/svc/echo/api/echo") and lean["body_ok"]
+        assert doc["goals"]["lean_us_per_req"] == lean["loaded"]["cpu"]["proxy_us_per_req"]
+        assert "python-lean, the normal path's header work alone" in proc.stdout
         # The pass-through route against nginx, when nginx ran.
         if "x_nginx" in doc["targets"]["switchboard-passthrough"].get("derived", {}):
             passthrough = doc["goals"]["passthrough"]
