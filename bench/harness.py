@@ -180,6 +180,20 @@ def issue_token(signing: Any, user: str, roles: list[str]) -> str:
     )
 
 
+async def signing_key(redis_url: str) -> Any:
+    """The current `tokens.SigningKey` of the keyring in that Redis, the one the
+    services verify against (the keyring creates the first key if there is none)."""
+    import redis.asyncio as aioredis
+
+    from common import tokens
+
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        return await tokens.Keyring(client).current()
+    finally:
+        await client.aclose()
+
+
 def log_tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench.harness import free_port, issue_token, python_env, spawn, stop_child
+from bench.harness import free_port, issue_token, python_env, signing_key, spawn, stop_child
 from bench.proxy_targets import PATH, SERVICE, body_ok, probe, wait_http
 
 OPEN_PREFIX = "/open/"
@@ -61,17 +61,15 @@ async def _credentials(redis_url: str) -> tuple[str, str]:
     a JWT (scope `*`) signed with the keyring the gateway verifies against."""
     import redis.asyncio as aioredis
 
-    from common import apikeys, tokens
+    from common import apikeys
 
     client = aioredis.Redis.from_url(redis_url)
     try:
         api_key, record = apikeys.new_key(BENCH_USER, "bench-proxy", ["*", "admin"])
         await apikeys.write(client, record)
-        signing = await tokens.Keyring(client).current()  # creates the first key if none
-        token = issue_token(signing, BENCH_USER, ["admin"])
     finally:
         await client.aclose()
-    return api_key, token
+    return api_key, issue_token(await signing_key(redis_url), BENCH_USER, ["admin"])
 
 
 async def _put_policy(redis_url: str, doc: dict[str, Any]) -> int:

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.harness import free_port, issue_token, python_env, spawn, stop_child
+from bench.harness import free_port, issue_token, python_env, signing_key, spawn, stop_child
 from bench.ws_load import run_load, upgrade_status, wait_ws
 from bench.ws_targets import RELAY_PATH, SERVICE
 
@@ -31,18 +31,7 @@ class Credentials:
     """Access tokens signed with the keyring the websocket service verifies against."""
 
     def __init__(self, redis_url: str) -> None:
-        from common import tokens
-
-        async def current() -> tokens.SigningKey:
-            import redis.asyncio as aioredis
-
-            client = aioredis.Redis.from_url(redis_url)
-            try:
-                return await tokens.Keyring(client).current()  # creates the first key if none
-            finally:
-                await client.aclose()
-
-        self.key = asyncio.run(current())
+        self.key = asyncio.run(signing_key(redis_url))
 
     def token(self, user: str = "bench") -> str:
         """A token for `user` with scope `*`, as a logged-in user gets one."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,9 +93,16 @@ async def http(stack: Stack, auth: dict[str, str]) -> AsyncIterator[httpx.AsyncC
 @pytest.fixture(scope="module")
 def gateway(redis_url: str) -> Iterator[str]:
     """Just a gateway process (no workers); its base URL."""
+    with running_gateway(redis_url) as base:
+        yield base
+
+
+@contextmanager
+def running_gateway(redis_url: str, **env: str) -> Iterator[str]:
+    """A gateway process (no workers) with the test settings plus `env`; its base URL."""
     port = free_port()
     env = {"REDIS_URL": redis_url, "WEBAPI_PORT": str(port), "HEARTBEAT_TTL": "1.5",
-           "PROXY_TIMEOUT": "1", "LEAST_TIME_DECAY": "2"}  # fmt: skip
+           "PROXY_TIMEOUT": "1", "LEAST_TIME_DECAY": "2", **env}  # fmt: skip
     proc = ServiceProcess(["python", "-m", "webapi"], env=env, name="webapi-only").start()
     base = f"http://127.0.0.1:{port}"
     try:
@@ -121,6 +129,13 @@ class Backend:
 @pytest.fixture(scope="module")
 def backend(gateway: str, redis_url: str) -> Iterator[Backend]:
     """One backend per module that uses it, reached once through the gateway."""
+    with running_backend(gateway, redis_url) as b:
+        yield b
+
+
+@contextmanager
+def running_backend(gateway: str, redis_url: str) -> Iterator[Backend]:
+    """A `tests.support.http_backend` registered with `gateway`, reached once through it."""
     api_key = issue_api_key(redis_url, ["registry"], name="fastpath-backend")
     b = Backend(gateway, redis_url, f"fp{uuid.uuid4().hex[:6]}")
     env = {"PORT": str(free_port()), "NAME": f"{b.service}-a", "GATEWAY": gateway,

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from common.policy import PolicyStore
 from tests.helpers import free_port, issue_api_key, wait_for
 from tests.support.policy import set_document
-from tests.webapi.conftest import Backend, as_admin
+from tests.webapi.conftest import Backend, as_admin, running_backend, running_gateway
 from tests.webapi.raw_http import connect, raw_request, read_answers
 
 pytestmark = pytest.mark.timeout(120)
@@ -254,6 +254,27 @@ def test_connection_close_is_respected(backend: Backend) -> None:
         assert sock.recv(1) == b""  # the gateway closed the connection
     assert reply.status == 200
     assert answered(backend.gateway) - before == 1
+
+
+def test_keep_alive_off_closes_after_each_fast_answer(redis_url: str) -> None:
+    """With Sanic's KEEP_ALIVE off, every fast answer says `close` and closes. Two requests
+    at once: the slow one takes the idle upstream connection (direct) and holds it, so
+    the other has none left and goes through the coroutine's path."""
+    with (
+        running_gateway(redis_url, SANIC_KEEP_ALIVE="false") as gateway,
+        running_backend(gateway, redis_url) as backend,  # its check leaves one idle connection
+        connect(gateway) as first,
+        connect(gateway) as second,
+    ):
+        before, before_direct = answered(gateway), direct(gateway)
+        first.sendall(raw_request("GET", f"/svc/{backend.service}/slow?ms=500", as_admin.headers))
+        second.sendall(raw_request("GET", f"/svc/{backend.service}/echo", as_admin.headers))
+        for sock in (first, second):
+            [reply] = read_answers(sock, 1)
+            assert (reply.status, reply.headers["connection"]) == (200, "close")
+            assert sock.recv(1) == b""  # the gateway closed the connection
+        assert answered(gateway) - before == 2
+        assert direct(gateway) - before_direct == 1
 
 
 @contextmanager

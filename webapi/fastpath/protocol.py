@@ -308,7 +308,8 @@ class FastPathProtocol(LingeringHttpProtocol):
         proxy = app.ctx.proxy
         first = req.first
         request_id = first[b"x-request-id"]
-        keep_alive = req.keep_alive and bool(app.config.KEEP_ALIVE)
+        # Whether the connection stays open after it; a coroutine's try (`_answer`) reads it too.
+        keep_alive = req.keep_alive = req.keep_alive and bool(app.config.KEEP_ALIVE)
         try:
             attempts = proxy.attempts(
                 req.service,
@@ -377,7 +378,7 @@ class FastPathProtocol(LingeringHttpProtocol):
         app: GatewayApp = self.app
         request_id = req.first[b"x-request-id"]
         request_id_var.set(request_id)
-        keep_alive = req.keep_alive and bool(app.config.KEEP_ALIVE)
+        keep_alive = req.keep_alive  # (`_start` applied KEEP_ALIVE)
         self._fast_written = False
         try:
             forwarded = await app.ctx.proxy.forward(

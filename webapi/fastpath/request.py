@@ -47,7 +47,7 @@ class Parsed:
         self.first: dict[bytes, str] = {}
         self.connection: list[bytes] = _NONE  # the values of `Connection` fields
         self.body: bytes | None = None
-        self.keep_alive = True
+        self.keep_alive = True  # the connection stays open after it (`_start`: KEEP_ALIVE too)
         self.received = 0.0  # `time.perf_counter()` when it was parsed
         # While parsing.
         self.begun = 0
