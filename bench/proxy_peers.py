@@ -9,11 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.harness import serve_child, start_server
 from bench.proxy_targets import BODY
+
+
+def _serve_forever(protocol: Callable[[], asyncio.Protocol], port: int) -> None:
+    """Serve `protocol` on 127.0.0.1:`port` until the process is stopped."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_server(protocol, "127.0.0.1", port, backlog=4096)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def _address(backend: str) -> tuple[str, int]:
+    """The host and port of the backend's `http://host:port` URL."""
+    host, _, port = backend.removeprefix("http://").partition(":")
+    return host, int(port)
 
 
 def serve_backend(port: int, backend: str) -> None:
@@ -43,12 +61,7 @@ def serve_backend(port: int, backend: str) -> None:
         def on_message_complete(self) -> None:
             self.transport.write(response)
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        await loop.create_server(Backend, "127.0.0.1", port, backlog=4096)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    _serve_forever(Backend, port)
 
 
 def serve_aiohttp(port: int, backend: str) -> None:
@@ -128,8 +141,7 @@ def serve_python_floor(port: int, backend: str) -> None:
     written back as received. No checks, no headers added, no choice of instance:
     not a proxy anyone should run, but the ceiling any Python proxy's throughput
     is measured against (the gateway does everything above on top of it)."""
-    host, _, port_text = backend.removeprefix("http://").partition(":")
-    upstream_port = int(port_text)
+    host, upstream_port = _address(backend)
 
     class Upstream(asyncio.Protocol):
         def __init__(self, client: asyncio.Transport) -> None:
@@ -177,12 +189,7 @@ def serve_python_floor(port: int, backend: str) -> None:
             if self.upstream is not None:
                 self.upstream.close()
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        await loop.create_server(Client, "127.0.0.1", port, backlog=4096)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    _serve_forever(Client, port)
 
 
 # What `python-lean` takes as a credential (a toy server's constant, not a secret).
@@ -217,8 +224,7 @@ def serve_python_lean(port: int, backend: str) -> None:
 
     import httptools
 
-    host, _, port_text = backend.removeprefix("http://").partition(":")
-    upstream_port = int(port_text)
+    host, upstream_port = _address(backend)
     principals = {LEAN_CREDENTIAL.encode(): frozenset({b"echo"})}
     request_fields = re.compile(_LEAN_REQUEST_FIELDS, re.IGNORECASE)
     response_dropped = re.compile(_LEAN_RESPONSE_DROPPED, re.IGNORECASE)
@@ -303,18 +309,18 @@ def serve_python_lean(port: int, backend: str) -> None:
             except httptools.HttpParserError:
                 self.complete = False
             url, end = self.url, data.find(b"\r\n\r\n")
+            slash = url.find(b"/", 5) if url.startswith(b"/svc/") else -1
             # One whole request per read, `/svc/<service>/...`, else the connection ends.
-            if not self.complete or end + 4 != len(data) or not url.startswith(b"/svc/"):
+            if not self.complete or end + 4 != len(data) or slash < 0:
                 self.transport.close()
                 return
-            slash = url.find(b"/", 5)
             service, target = url[5:slash], url[slash:]
             head = data[:end]
             fields: dict[bytes, bytes] = {}
             for name, value in request_fields.findall(head):
                 fields.setdefault(name.lower(), value)
             allowed = principals.get(fields.get(b"authorization", b""))
-            if slash < 0 or allowed is None or service not in allowed:
+            if allowed is None or service not in allowed:
                 self.transport.close()
                 return
             request_id = fields.get(b"x-request-id") or b"%s%016x" % (id_prefix, next(counter))
@@ -350,12 +356,7 @@ def serve_python_lean(port: int, backend: str) -> None:
                        self.request_id, len(body), body)
                 )  # fmt: skip
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        await loop.create_server(Client, "127.0.0.1", port, backlog=4096)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    _serve_forever(Client, port)
 
 
 SERVERS = {
