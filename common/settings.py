@@ -42,6 +42,12 @@ class Settings:
     # Answer plain `/svc/...` requests from the connection's protocol, before Sanic
     # (webapi.fastpath); off: every request goes through Sanic's handler.
     proxy_fast_path: bool = field(default=True, metadata={"env": "PROXY_FAST_PATH"})
+    # Retry budget of each service (common.balancing.RetryBudget), unless the live
+    # policy sets its own: retries add at most RATIO of the load, plus MIN per second.
+    proxy_retry_budget_ratio: float = field(
+        default=0.2, metadata={"env": "PROXY_RETRY_BUDGET_RATIO"}
+    )
+    proxy_retry_budget_min: float = field(default=10.0, metadata={"env": "PROXY_RETRY_BUDGET_MIN"})
     # least_time: how fast a latency peak is forgotten (seconds, time constant).
     least_time_decay: float = field(default=10.0, metadata={"env": "LEAST_TIME_DECAY"})
 
@@ -153,6 +159,10 @@ class Settings:
             raise ConfigError("JWT_TTL and JWT_REFRESH_TTL must be positive")
         if self.heartbeat_ttl <= self.heartbeat_interval:
             raise ConfigError("HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL")
+        if not 0 <= self.proxy_retry_budget_ratio <= 1:
+            raise ConfigError("PROXY_RETRY_BUDGET_RATIO must be between 0 and 1")
+        if not 0 <= self.proxy_retry_budget_min <= 1000:
+            raise ConfigError("PROXY_RETRY_BUDGET_MIN must be between 0 and 1000 (per second)")
         if self.rpc_timeout <= 0 or self.rpc_concurrency <= 0:
             raise ConfigError("RPC_TIMEOUT and RPC_CONCURRENCY must be positive")
         for name, value in (

@@ -19,7 +19,7 @@ from common.clientip import parse_networks
 from common.connection import connect
 from common.credentials import Authenticator
 from common.log import request_id_var
-from common.policy import PolicyWatcher
+from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.ratelimit import RateLimiter
 from common.registry import Registry
 from common.registry_view import RegistryView
@@ -83,6 +83,7 @@ async def _open_resources(app: GatewayApp) -> None:
         ctx.policy,
         timeout=settings.proxy_timeout,
         least_time_decay=settings.least_time_decay,
+        retry_budget=RetryBudgetPolicy.from_settings(settings),
     )
     authenticator = Authenticator(
         ctx.redis,

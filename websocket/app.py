@@ -39,7 +39,7 @@ from common.client import RpcClient
 from common.connection import REDIS_DOWN_OR_SLOW, connect
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized
-from common.policy import PolicyWatcher
+from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.registry_view import RegistryView
 from common.settings import Settings, get_settings
 from websocket.auth import SUBPROTOCOL, authenticate, presented_token
@@ -118,6 +118,7 @@ async def _open(app: WsApp) -> None:
         ctx.policy,
         connect_timeout=settings.proxy_connect_timeout,
         max_size=settings.ws_max_message_bytes,
+        retry_budget=RetryBudgetPolicy.from_settings(settings),
     )
     ctx.hub = ChannelHub(ctx.redis)
     ctx.authenticator = Authenticator(

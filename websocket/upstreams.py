@@ -10,7 +10,9 @@ version when the client names none, and the service's balancing strategy
 instance and the next attempt goes to another instance, up to `max_attempts`
 (the policy's `retries` + 1 when it sets them), before the caller sees
 `NoUpstream`; each connect is bounded by the policy's `connect_timeout`, else
-the service's setting.
+the service's setting. Each failover also needs the service's retry budget
+(`RetryBudget`, as the gateway's proxy: each connection adds a fifth of a retry by
+default), so a dead pool is not hammered with `max_attempts` connects per client.
 For `least_conn` the strategy counts open relayed connections.
 
 What `least_time` learns is the caller's choice (`finished`'s `seconds`): a relayed
@@ -29,10 +31,10 @@ from typing import NamedTuple
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
-from common.balancing import Endpoint, HealthBook
+from common.balancing import Endpoint, HealthBook, RetryBudget
 from common.balancing.policy import BalancingPolicy
 from common.log import get_logger
-from common.policy import PolicyWatcher
+from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.registry import InstanceRecord
 from common.registry_view import RegistryView
 from websocket.tap import TapClientConnection
@@ -69,13 +71,14 @@ class Upstreams:
         connect_timeout: float,
         max_size: int,
         max_attempts: int = 3,
+        retry_budget: RetryBudgetPolicy | None = None,
     ) -> None:
         self.view = view
         self.book = HealthBook()
         self.connect_timeout = connect_timeout  # defaults, unless the policy sets the service's own
         self.max_size = max_size
         self.max_attempts = max_attempts
-        self.policy = BalancingPolicy(watcher)
+        self.policy = BalancingPolicy(watcher, retry_budget=retry_budget)
         view.on_change(self.policy.forget_endpoints)
 
     def records(self, service: str, version: str | None = None) -> list[InstanceRecord]:
@@ -108,12 +111,19 @@ class Upstreams:
             connect_timeout = settings.connect_timeout or connect_timeout
         tried: set[str] = set()
         last_error = "no live instance"
+        budget: RetryBudget | None = None
         for _ in range(max_attempts):
             records = self.records(service, version)
             if not records:
                 break
             usable = [r for r in self.book.usable(records) if r.instance_id not in tried]
             if not usable:
+                break
+            if budget is None:  # the first try: it pays into the service's budget
+                budget = self.policy.retry_budget(service)
+                budget.deposit()
+            elif not budget.try_spend():  # a retry, and none is left
+                last_error = f"retry budget exhausted after {last_error}"
                 break
             endpoints = [self.policy.endpoint(r) for r in usable]
             strategy = self.policy.strategy(service)

@@ -16,7 +16,8 @@ list each time if need be. Strategies are not thread-safe: one event loop each.
 
 The first three live in `_rotation`, the next two in `_load`, hash in `_hashing`.
 `HealthBook` (`_health`) narrows the candidates to the instances not ejected
-after connect errors, timeouts or failure streaks.
+after connect errors, timeouts or failure streaks; `RetryBudget` (`_budget`)
+bounds how many failed tries may be retried elsewhere.
 `weight` is relative capacity everywhere; values below 1 count as 1. State for
 instances that leave is bounded: per candidate set, the 16 sets used last; per
 instance, only while requests are in flight (least_conn) or for `forget_after`
@@ -29,6 +30,7 @@ import inspect
 from typing import Any
 
 from common.balancing._base import Endpoint, Strategy, select_version
+from common.balancing._budget import RetryBudget
 from common.balancing._hashing import ConsistentHash
 from common.balancing._health import HealthBook
 from common.balancing._load import LeastConn, LeastTime
@@ -38,6 +40,7 @@ __all__ = [
     "STRATEGIES",
     "Endpoint",
     "HealthBook",
+    "RetryBudget",
     "Strategy",
     "make_strategy",
     "select_version",

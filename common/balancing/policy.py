@@ -4,7 +4,9 @@ Shared by everything that routes to registered instances (the gateway's proxy,
 the websocket relay). The per-service settings come from a `PolicyWatcher`'s
 document (`services.<name>`): a changed strategy name re-creates that
 service's strategy (a fresh one starts with no load or latency history);
-unchanged services keep theirs. Registry records become `Endpoint`s once per
+unchanged services keep theirs. The service's retry budget (`retry_budget`,
+else the default given) is one `RetryBudget` per service, re-limited in place
+when the policy changes. Registry records become `Endpoint`s once per
 instance, not once per request.
 
 Version weights (`version_weights`, tag -> weight) split the requests that
@@ -23,8 +25,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from common.balancing import Endpoint, Strategy, make_strategy, select_version
-from common.policy import PolicyDocument, PolicyWatcher, ServicePolicy
+from common.balancing import Endpoint, RetryBudget, Strategy, make_strategy, select_version
+from common.policy import PolicyDocument, PolicyWatcher, RetryBudgetPolicy, ServicePolicy
 from common.registry import InstanceRecord
 
 DEFAULT_STRATEGY = "round_robin"
@@ -38,13 +40,17 @@ class BalancingPolicy:
         watcher: PolicyWatcher,
         *,
         options: dict[str, dict[str, Any]] | None = None,
+        retry_budget: RetryBudgetPolicy | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.watcher = watcher
         self.options = options or {}  # per strategy name, e.g. {"least_time": {"decay": 2}}
+        # For services whose policy sets no `retry_budget`.
+        self.default_retry_budget = retry_budget or RetryBudgetPolicy()
         self._rng = rng or random.Random()
         self._services: dict[str, ServicePolicy] = {}
         self._strategies: dict[str, Strategy] = {}
+        self._budgets: dict[str, RetryBudget] = {}
         self._endpoints: dict[str, Endpoint] = {}
         self._apply(watcher.current)
         watcher.on_change(self._apply)
@@ -62,6 +68,19 @@ class BalancingPolicy:
             strategy = make_strategy(name, **self.options.get(name, {}))
             self._strategies[service] = strategy
         return strategy
+
+    def retry_budget(self, service: str) -> RetryBudget:
+        """The service's retry budget, with the limits the live policy sets (hot path:
+        a dict lookup). Ask only for a service that has instances: one budget each."""
+        budget = self._budgets.get(service)
+        if budget is None:
+            limits = self._budget_limits(self._services.get(service))
+            budget = self._budgets[service] = RetryBudget(limits.ratio, limits.min_per_second)
+        return budget
+
+    def _budget_limits(self, settings: ServicePolicy | None) -> RetryBudgetPolicy:
+        limits = settings.retry_budget if settings else None
+        return limits or self.default_retry_budget
 
     def for_request(
         self,
@@ -124,6 +143,10 @@ class BalancingPolicy:
             new_name = new.strategy if new else DEFAULT_STRATEGY
             if old_name != new_name:
                 self._strategies.pop(service, None)
+            budget = self._budgets.get(service)
+            if budget is not None:  # (its balance is kept)
+                limits = self._budget_limits(new)
+                budget.configure(limits.ratio, limits.min_per_second)
         self._services = dict(document.services)
 
 

@@ -15,11 +15,14 @@ import json
 import re
 from collections.abc import Iterable
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import BadRequest
+
+if TYPE_CHECKING:
+    from common.settings import Settings
 
 # A service, limit or scope name (the scopes of issue 6 use the same rule).
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
@@ -63,6 +66,20 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
+class RetryBudgetPolicy(_Model):
+    """A service's retry budget (`common.balancing.RetryBudget`): retries may add
+    `ratio` of the requests' load, plus `min_per_second` whatever the traffic."""
+
+    ratio: Annotated[float, Field(ge=0, le=1)] = 0.2
+    min_per_second: Annotated[float, Field(ge=0, le=1000)] = 10.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryBudgetPolicy:
+        """The default for services whose policy sets none (PROXY_RETRY_BUDGET_*)."""
+        return cls(ratio=settings.proxy_retry_budget_ratio,
+                   min_per_second=settings.proxy_retry_budget_min)  # fmt: skip
+
+
 class ServicePolicy(_Model):
     """How requests to one service are balanced and bounded.
 
@@ -71,7 +88,8 @@ class ServicePolicy(_Model):
     `timeout` bounds the wait for the response head (shorter or longer than
     the gateway's PROXY_TIMEOUT, which still bounds each silence in the bodies),
     `connect_timeout` each connect (gateway and websocket relay), `retries` the
-    extra attempts after the first (None: the gateway's settings).
+    extra attempts after the first, `retry_budget` how many failed tries may be
+    retried at all (None: the gateway's settings, PROXY_RETRY_BUDGET_*).
     """
 
     strategy: StrategyName = "round_robin"
@@ -81,6 +99,7 @@ class ServicePolicy(_Model):
     timeout: Annotated[float, Field(gt=0, le=3600)] | None = None
     connect_timeout: Annotated[float, Field(gt=0, le=60)] | None = None
     retries: Annotated[int, Field(ge=0, le=5)] | None = None
+    retry_budget: RetryBudgetPolicy | None = None
 
     @field_validator("version_weights")
     @classmethod

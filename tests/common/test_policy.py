@@ -50,6 +50,17 @@ BAD_DOCUMENTS: list[tuple[str, object, str]] = [
     ("retries as float", nlp(retries=1.5), "services.nlp.retries"),
     ("retries as bool", nlp(retries=True), "services.nlp.retries"),
     ("too many retries", nlp(retries=6), "services.nlp.retries"),
+    ("budget ratio over 1", nlp(retry_budget={"ratio": 1.5}), "services.nlp.retry_budget.ratio"),
+    (
+        "negative budget minimum",
+        nlp(retry_budget={"min_per_second": -1}),
+        "services.nlp.retry_budget.min_per_second",
+    ),
+    (
+        "unknown budget field",
+        nlp(retry_budget={"percent": 20}),
+        "services.nlp.retry_budget.percent",
+    ),
     ("negative weight", nlp(version_weights={"v1": -1, "v2": 5}), f"{WEIGHTS}.v1"),
     ("all-zero weights", nlp(version_weights={"v1": 0, "v2": 0}), WEIGHTS),
     ("weight as text", nlp(version_weights={"v1": "5"}), f"{WEIGHTS}.v1"),
@@ -148,7 +159,8 @@ def test_public_names() -> None:
 
     assert sorted(common.policy.__all__) == [
         "DEFAULT_POLICY", "LimitRule", "PolicyDocument", "PolicyInvalid", "PolicyStore",
-        "PolicyWatcher", "RESERVED_PREFIXES", "RouteRule", "ServicePolicy", "StrategyName",
+        "PolicyWatcher", "RESERVED_PREFIXES", "RetryBudgetPolicy", "RouteRule", "ServicePolicy",
+        "StrategyName",
         "changed_paths", "validate_document", "validate_json",
     ]  # fmt: skip
 

@@ -31,6 +31,8 @@ def test_reads_and_types_the_environment() -> None:
         {"LOG_LEVEL": "LOUD"},
         {"HEARTBEAT_TTL": "0.5"},
         {"RPC_TIMEOUT": "-1"},
+        {"PROXY_RETRY_BUDGET_RATIO": "1.5"},
+        {"PROXY_RETRY_BUDGET_MIN": "-1"},
     ],
 )
 def test_malformed_values_name_the_variable(env: dict[str, str]) -> None:

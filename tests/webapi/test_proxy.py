@@ -15,6 +15,7 @@ import pytest
 
 from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
 from tests.support.policy import set_service
+from tests.support.registry import dead_instances
 from tests.webapi.conftest import as_admin
 
 pytestmark = pytest.mark.timeout(180)
@@ -299,3 +300,20 @@ def test_dead_only_instance_is_502_then_503(gateway: str) -> None:
     then = as_admin.get(f"{gateway}/svc/{service}/x")  # ejected now
     assert then.status_code == 503
     assert then.json()["error"]["code"] == "no_healthy_instance"
+
+
+def test_retries_stop_when_the_services_retry_budget_is_spent(gateway: str, redis_url: str) -> None:
+    """Five dead instances, three attempts a request, and a budget of one retry (no share
+    per request, no minimum rate): the first request tries two instances, the next ones
+    only their first; without the budget the first two would try three and two."""
+    service = f"budget{uuid.uuid4().hex[:6]}"
+    doc = set_service(
+        redis_url, service, retries=2, retry_budget={"ratio": 0.0, "min_per_second": 0.0}
+    )
+    wait_for(lambda: as_admin.get(f"{gateway}/health").json()["policy_version"] >= doc.version)
+
+    async def scenario() -> list[int]:
+        async with dead_instances(redis_url, service, 5):
+            return [as_admin.get(f"{gateway}/svc/{service}/x").status_code for _ in range(5)]
+
+    assert asyncio.run(scenario()) == [502, 502, 502, 502, 503]

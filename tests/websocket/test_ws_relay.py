@@ -16,6 +16,7 @@ import websockets
 from common.registry import InstanceRecord, Registry
 from tests.helpers import free_port, wait_for_async
 from tests.support.policy import update_service
+from tests.support.registry import dead_instances
 from tests.websocket.conftest import (
     Backends,
     WsServer,
@@ -110,6 +111,31 @@ async def test_no_reachable_instance_closes_1014_with_the_reason(ws_server, redi
     finally:
         for name in ("d1", "d2"):
             await registry.deregister(service, name)
+
+
+async def test_failover_stops_when_the_services_retry_budget_is_spent(ws_server: WsServer) -> None:
+    """Four dead instances, four attempts a connection, a budget of one retry (no share
+    per connection, no minimum rate): the first connection tries two instances, the
+    next two only their first, then none is left; without the budget the first would
+    try all four."""
+    service = f"wsbudget{uuid.uuid4().hex[:6]}"
+    doc = await update_service(ws_server.redis_url, service, retries=3,
+                               retry_budget={"ratio": 0.0, "min_per_second": 0.0})  # fmt: skip
+    await wait_for_async(lambda: ws_server.health()["policy_version"] >= doc.version, timeout=10)
+    reasons = []
+    async with dead_instances(ws_server.redis_url, service, 4, kind="ws"):
+        for _ in range(4):
+            async with ws_server.connect(f"/ws/proxy/{service}/echo") as ws:
+                with pytest.raises(websockets.ConnectionClosed) as info:
+                    await ws.recv()
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1014
+            reasons.append(info.value.rcvd.reason)
+    unavailable = f"upstream unavailable: {service}: "
+    spent = unavailable + "retry budget exhausted after ConnectionRefusedError"
+    refused = unavailable + "ConnectionRefusedError"  # (the last instance: no retry to refuse)
+    assert [reason[: len(spent)] for reason in reasons[:2]] == [spent, spent], reasons
+    assert reasons[2].startswith(refused), reasons
+    assert reasons[3] == unavailable + "no live instance"
 
 
 async def test_round_robin_over_ws_and_http_kinds(ws_server: WsServer, backends: Backends):

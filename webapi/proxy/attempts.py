@@ -13,8 +13,9 @@ connection. So the retry rule lives here once:
 * a timeout is not retried (slow is not dead: our users run models that take
   seconds, and a retry would double the load on a slow pool): it answers 504 and
   counts toward the instance's failure streak;
-* every retry also needs the retry budget (`RetryBudget`) and the service's
-  attempt limit (`retries` in the live policy, else the gateway's default).
+* every retry also needs the service's retry budget (`RetryBudget`: each
+  request adds a fifth of a retry by default) and its attempt limit (`retries`
+  in the live policy, else the gateway's default).
 
 Each try is reported to the health book and the strategy exactly once, by
 `answered` or `failed`. A pass-through splice (`webapi.passthrough`) is one long
@@ -28,7 +29,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from common.balancing import Endpoint, Strategy
+from common.balancing import Endpoint, RetryBudget, Strategy
 from common.log import get_logger
 from webapi.errors import (
     ApiError,
@@ -50,7 +51,7 @@ class Attempts:
     """The tries of one request: `next()` picks an instance, `answered()` or `failed()`
     reports how the try ended. Hot path: one per proxied request."""
 
-    __slots__ = ("_connect_seconds", "_proxy", "_started", "_strategy", "attempt",
+    __slots__ = ("_budget", "_connect_seconds", "_proxy", "_started", "_strategy", "attempt",
                  "connect_timeout", "endpoint", "failure", "key", "kind", "max_attempts",
                  "method", "replayable", "service", "timeout", "tried", "version")  # fmt: skip
 
@@ -84,8 +85,8 @@ class Attempts:
         self.failure: ApiError | None = None  # the last try's error, while retrying
         self.endpoint: Endpoint | None = None  # the current try's
         self._strategy: Strategy | None = None
+        self._budget: RetryBudget | None = None  # the service's, once it has an instance
         self._started = 0.0
-        proxy.budget.deposit()
 
     def next(self) -> Endpoint:
         """Choose the instance of the next try and mark it started. Raises `ApiError`:
@@ -108,6 +109,9 @@ class Attempts:
                 fresh = candidates
             candidates = fresh
         policy = proxy.policy
+        if self._budget is None:  # the request's first try: it pays into the budget
+            self._budget = policy.retry_budget(service)
+            self._budget.deposit()
         strategy = self._strategy = policy.strategy(service)
         endpoint: Endpoint = strategy.pick(
             policy.for_request(service, candidates, version, self.key), self.key
@@ -151,12 +155,17 @@ class Attempts:
         safe = connect_failed or (
             not timed_out and self.method in IDEMPOTENT_METHODS and self.replayable
         )
-        if safe and self.attempt < self.max_attempts and self._proxy.budget.try_spend():
-            log.info(
-                "retrying on another instance",
-                extra={"fields": {"instance": endpoint.instance_id, "error": str(exc)}},
-            )
-            return
+        if safe and self.attempt < self.max_attempts:
+            fields = {"service": self.service, "instance": endpoint.instance_id, "error": str(exc)}
+            budget = self._budget
+            assert budget is not None  # (set by `next`)
+            was_exhausted = budget.exhausted
+            if budget.try_spend():
+                log.info("retrying on another instance", extra={"fields": fields})
+                return
+            if not was_exhausted:  # once per spell, not once per refused retry
+                log.warning("retry budget exhausted: failures are answered, not retried",
+                            extra={"fields": fields})  # fmt: skip
         raise self.failure from exc
 
     def connected(self) -> None:

@@ -11,8 +11,8 @@ retried on another instance where that is safe: the rule is `webapi.proxy.attemp
 Per service, the live policy (`services.<name>` of the policy document) may set
 `timeout` (the wait for the response head, shorter or longer than
 PROXY_TIMEOUT, which then still bounds each gap in the bodies),
-`connect_timeout` and `retries` (attempts after the first); without them the
-gateway's settings apply. A request reads them once, when it starts, so a
+`connect_timeout`, `retries` (attempts after the first) and `retry_budget`;
+without them the gateway's settings apply. A request reads them once, when it starts, so a
 policy change never alters a request in flight.
 
 Errors: 404 unknown service, 503 no healthy instance, 502 upstream failed,
@@ -27,11 +27,10 @@ from dataclasses import dataclass
 
 from common.balancing import Endpoint, select_version
 from common.balancing.policy import BalancingPolicy
-from common.policy import PolicyWatcher
+from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.registry_view import RegistryView
 from webapi.errors import NoHealthyInstance, UnknownService
 from webapi.proxy.attempts import Attempts
-from webapi.proxy.budget import RetryBudget
 from webapi.proxy.errors import UpstreamError
 from webapi.proxy.health import HealthBook
 from webapi.proxy.upstream import UpstreamPool, UpstreamResponse, strip_hop_by_hop
@@ -60,13 +59,17 @@ class Proxy:
         max_attempts: int = 3,
         timeout: float = 30.0,
         least_time_decay: float = 10.0,
+        retry_budget: RetryBudgetPolicy | None = None,
     ) -> None:
         self.view, self.pool = view, pool
         self.book = book or HealthBook()
-        self.budget = RetryBudget()
         self.max_attempts = max_attempts  # defaults, unless the policy sets the service's own
         self.timeout = timeout
-        self.policy = BalancingPolicy(watcher, options={"least_time": {"decay": least_time_decay}})
+        self.policy = BalancingPolicy(
+            watcher,
+            options={"least_time": {"decay": least_time_decay}},
+            retry_budget=retry_budget,
+        )
         view.on_change(self.policy.forget_endpoints)
 
     def candidates(self, service: str, version: str | None, kind: str = "http") -> list[Endpoint]:
