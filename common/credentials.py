@@ -8,6 +8,13 @@ and, once its credential is cached, no Redis round trip either. Redis is only
 asked when a key id is new (`kid` unknown: the keyring is reloaded, at most
 once a second), when an API key is not cached, and by the background resyncs.
 
+A key record in use is read again ahead of its expiry: the first use after
+`REFRESH_AHEAD` of its TTL starts one background read, and the record keeps
+answering meanwhile (never past its TTL). Under steady traffic a hot key's
+record never lapses, so its requests never all wait on Redis at once; without
+this, every in-flight request of a busy key fell to the slow path each TTL
+(the proxy benchmark's p99 at 64 connections: 19-24 ms, 7.7 ms without it).
+
 Needs PyJWT (through `common.tokens`), like every module that verifies tokens.
 """
 
@@ -39,6 +46,8 @@ log = get_logger(__name__)
 # An unknown `kid` reloads the keyring at most this often (garbage tokens must
 # not turn into a Redis round trip each).
 KEY_RELOAD_INTERVAL = 1.0
+# Share of `api_key_cache_ttl` after which a key record in use is read again.
+REFRESH_AHEAD = 0.8
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +117,7 @@ class Authenticator:
         # Whole API key text -> the cache entry whose secret it matched: a hot request
         # then skips parsing and hashing (valid while that entry is the current one).
         self._matched: dict[str, _KeyEntry] = {}
+        self._refreshing: dict[str, asyncio.Task[None]] = {}  # key id -> its read ahead
         self._resync: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -126,6 +136,8 @@ class Authenticator:
     async def close(self) -> None:
         await cancel_and_wait(self._resync)
         self._resync = None
+        for task in list(self._refreshing.values()):
+            await cancel_and_wait(task)
         await self.revocations.close()
 
     async def refresh(self) -> None:
@@ -264,8 +276,30 @@ class Authenticator:
             and self._api_keys.get(entry.record.key_id) is entry
             and self._fresh(entry, now)
         ):
+            self._refresh_if_due(entry, now)
             return entry
         return None
+
+    def _refresh_if_due(self, entry: _KeyEntry, now: float) -> None:
+        """Read a fresh record in use again once it is `REFRESH_AHEAD` through its TTL
+        (module docstring): one read per key at a time, in the background."""
+        if now - entry.fetched_at < self.api_key_cache_ttl * REFRESH_AHEAD:
+            return
+        record = entry.record
+        if record is None or record.key_id in self._refreshing:
+            return
+        key_id = record.key_id
+        self._refreshing[key_id] = asyncio.get_running_loop().create_task(
+            self._refresh(key_id, entry), name="api-key-refresh"
+        )
+
+    async def _refresh(self, key_id: str, entry: _KeyEntry) -> None:
+        try:
+            await self._fetch_key(key_id, entry, self.clock())
+        except Exception:  # (Redis down is not one: the entry keeps answering until its TTL)
+            log.exception("API key record not refreshed", extra={"fields": {"key_id": key_id}})
+        finally:
+            self._refreshing.pop(key_id, None)
 
     def _remember(self, text: str, entry: _KeyEntry) -> None:
         """`text` matched `entry`'s secret (bounded: cleared when full)."""

@@ -465,6 +465,39 @@ async def test_a_matched_key_is_not_hashed_again_on_either_path_and_is_still_che
     await eventually_rejected(auth, text, "API key revoked")
 
 
+async def test_a_key_record_in_use_is_read_again_before_it_lapses(
+    redis: aioredis.Redis, clock: Clock
+) -> None:
+    """Past 80 % of its TTL a used record starts one background read and keeps answering;
+    the fresh record then answers past the old one's TTL: a hot key's record never
+    lapses, so its requests never fall to the slow path together."""
+    auth = Authenticator(redis, configured_secret=SECRET, api_key_cache_ttl=10, clock=clock)
+    await auth.start()
+    try:
+        text, record = await stored_key(redis, scopes=("iptv",))
+        assert (await auth.authenticate(text)).scopes == {"iptv"}
+        assert auth.authenticate_sync_cached(text) is not None  # (now in the sync memo)
+        narrowed = apikeys.ApiKeyRecord(**{**_fields(record), "scopes": frozenset({"nlp"})})
+        await apikeys.write(redis, narrowed)
+
+        def scopes() -> frozenset[str]:
+            principal = auth.authenticate_sync_cached(text)
+            assert principal is not None  # never a lapse, whatever the read is doing
+            return principal.scopes
+
+        clock.offset = 7  # not due yet: nothing is read
+        assert scopes() == {"iptv"}
+        await asyncio.sleep(0.2)
+        assert scopes() == {"iptv"}
+        clock.offset = 9  # due: this use starts the read and is still answered
+        assert scopes() == {"iptv"}
+        await wait_for_async(lambda: scopes() == {"nlp"}, timeout=5)
+        clock.offset = 15  # past the first record's TTL, inside the new one's
+        assert scopes() == {"nlp"}
+    finally:
+        await auth.close()
+
+
 def _fields(record: apikeys.ApiKeyRecord) -> dict[str, Any]:
     return {name: getattr(record, name) for name in record.__dataclass_fields__}
 
