@@ -10,11 +10,9 @@ import uuid
 from collections import Counter
 
 import pytest
-import redis.asyncio as aioredis
 import websockets
 
-from common.registry import InstanceRecord, Registry
-from tests.helpers import free_port, wait_for_async
+from tests.helpers import wait_for_async
 from tests.support.policy import update_service
 from tests.support.registry import dead_instances
 from tests.websocket.conftest import (
@@ -81,36 +79,24 @@ async def test_upstream_death_mid_stream_closes_the_client_1014(ws_server, backe
 
 
 async def test_connect_failure_fails_over_to_another_instance(
-    ws_server: WsServer, backends: Backends, redis_client: aioredis.Redis
+    ws_server: WsServer, backends: Backends
 ) -> None:
     backends.start("alive")
     await wait_reachable(ws_server, backends.service, {"alive"})
     # A registered instance where nothing listens: every connect to it fails.
-    registry = Registry(redis_client, ttl=60)
-    dead = InstanceRecord(backends.service, "dead", kind="ws", address=f"127.0.0.1:{free_port()}")
-    await registry.heartbeat(dead)
-    try:
+    async with dead_instances(backends.redis_url, backends.service, 1, kind="ws"):
         reached = Counter([await whoami(ws_server, backends.service) for _ in range(10)])
         assert reached == {"alive": 10}  # round robin tried "dead" too: the client never saw it
-    finally:
-        await registry.deregister(backends.service, "dead")
 
 
-async def test_no_reachable_instance_closes_1014_with_the_reason(ws_server, redis_client):
+async def test_no_reachable_instance_closes_1014_with_the_reason(ws_server: WsServer) -> None:
     service = f"gone{uuid.uuid4().hex[:6]}"
-    registry = Registry(redis_client, ttl=60)
-    for name in ("d1", "d2"):
-        address = f"127.0.0.1:{free_port()}"
-        await registry.heartbeat(InstanceRecord(service, name, kind="ws", address=address))
-    try:
+    async with dead_instances(ws_server.redis_url, service, 2, kind="ws"):
         async with ws_server.connect(f"/ws/proxy/{service}/echo") as ws:
             with pytest.raises(websockets.ConnectionClosed) as info:
                 await ws.recv()
         assert info.value.rcvd is not None and info.value.rcvd.code == 1014
         assert info.value.rcvd.reason.startswith("upstream unavailable")
-    finally:
-        for name in ("d1", "d2"):
-            await registry.deregister(service, name)
 
 
 async def test_failover_stops_when_the_services_retry_budget_is_spent(ws_server: WsServer) -> None:
