@@ -13,7 +13,8 @@ instance and the next attempt goes to another instance, up to `max_attempts`
 the service's setting. Each failover also needs the service's retry budget
 (`RetryBudget`, as the gateway's proxy: each connection adds a fifth of a retry by
 default), so a dead pool is not hammered with `max_attempts` connects per client.
-For `least_conn` the strategy counts open relayed connections.
+These steps are the gateway's too (`common.balancing.tries.Tries`). For
+`least_conn` the strategy counts a relayed connection from its connect until it ends.
 
 What `least_time` learns is the caller's choice (`finished`'s `seconds`): a relayed
 connection reports its connect time (its lifetime says nothing of the instance's
@@ -24,15 +25,15 @@ request per connection, reports the time to its last frame.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
-from common.balancing import Endpoint, HealthBook, RetryBudget
+from common.balancing import Endpoint, HealthBook
 from common.balancing.policy import BalancingPolicy
+from common.balancing.tries import Tries
 from common.log import get_logger
 from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.registry import InstanceRecord
@@ -103,34 +104,23 @@ class Upstreams:
         With `splice`, a `TapClientConnection` that `websocket.splice` can take over.
         The caller reports the end of the connection with `finished`.
         """
-        settings = self.policy.service_policy(service)
-        max_attempts, connect_timeout = self.max_attempts, self.connect_timeout
-        if settings is not None:
-            if settings.retries is not None:
-                max_attempts = settings.retries + 1
-            connect_timeout = settings.connect_timeout or connect_timeout
-        tried: set[str] = set()
+        tries = Tries(self.policy, self.book, service, version=version,
+                      max_attempts=self.max_attempts)  # fmt: skip
+        settings = tries.settings
+        connect_timeout = self.connect_timeout
+        if settings is not None and settings.connect_timeout:
+            connect_timeout = settings.connect_timeout
         last_error = "no live instance"
-        budget: RetryBudget | None = None
-        for _ in range(max_attempts):
-            records = self.records(service, version)
-            if not records:
+        while True:
+            usable = self.book.usable(self.records(service, version))
+            candidates = tries.untried([self.policy.endpoint(r) for r in usable])
+            if not candidates:
                 break
-            usable = [r for r in self.book.usable(records) if r.instance_id not in tried]
-            if not usable:
+            if tries.attempt and not tries.spend_retry(error=last_error):
+                if tries.attempt < tries.max_attempts:
+                    last_error = f"retry budget exhausted after {last_error}"
                 break
-            if budget is None:  # the first try: it pays into the service's budget
-                budget = self.policy.retry_budget(service)
-                budget.deposit()
-            elif not budget.try_spend():  # a retry, and none is left
-                last_error = f"retry budget exhausted after {last_error}"
-                break
-            endpoints = [self.policy.endpoint(r) for r in usable]
-            strategy = self.policy.strategy(service)
-            endpoint = strategy.pick(self.policy.for_request(service, endpoints, version))
-            tried.add(endpoint.instance_id)
-            self.book.started(endpoint.instance_id)
-            began = time.monotonic()
+            endpoint = tries.choose(candidates)
             try:
                 upstream = await connect(
                     f"ws://{endpoint.address}{path}",
@@ -143,13 +133,14 @@ class Upstreams:
                 )
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
-                self.book.failed(endpoint.instance_id, fatal=True)
+                tries.report_failure(fatal=True)
                 log.info("upstream connect failed", extra={"fields": {
                     "instance": endpoint.instance_id, "error": last_error}})  # fmt: skip
                 continue
-            self.book.succeeded(endpoint.instance_id)
-            strategy.started(endpoint)
-            return Connected(upstream, endpoint, time.monotonic() - began)
+            except BaseException:  # cancelled: the client left
+                tries.abandoned()
+                raise
+            return Connected(upstream, endpoint, tries.connected())
         known = bool(self.view.instances(service)) or service in self.view.services()
         raise NoUpstream(f"{service}: {last_error}", known=known)
 
