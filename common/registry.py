@@ -87,6 +87,13 @@ def _event(kind: str, service: str, instance_id: str) -> str:
     return json.dumps({"type": kind, "service": service, "instance_id": instance_id})
 
 
+def split_service_tag(name: str) -> tuple[str, str]:
+    """The original dispatcher's `service_tag` names, split at the first `_`:
+    `nlp_v2` -> ("nlp", "v2"); `nlp` -> ("nlp", "") (no tag)."""
+    service, _, tag = name.partition("_")
+    return service, tag
+
+
 def new_instance_id(service: str) -> str:
     """A readable, unique instance id: `iptv-<host>-<pid>-<random>`."""
     return f"{service}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

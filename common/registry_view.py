@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import redis.asyncio as aioredis
 
@@ -28,7 +28,7 @@ from common import constants
 from common.aio import cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_ERRORS
 from common.log import get_logger
-from common.registry import InstanceRecord, Registry
+from common.registry import InstanceRecord, Registry, split_service_tag
 from common.subscription import follow
 
 log = get_logger("switchboard.registry")
@@ -62,6 +62,21 @@ class RegistryView:
 
     def services(self) -> list[str]:
         return sorted(self._view)
+
+    def resolve(self, name: str, kinds: Collection[str]) -> tuple[str, str | None] | None:
+        """The `(service, version)` a client's service name means, or None if no live
+        instance of `kinds` answers to it. Hot path: no I/O.
+
+        The name itself when that service has live instances; else the original
+        dispatcher's `service_tag` form (`nlp_v2`: service `nlp`, version `v2`, as its
+        heartbeat registered it) when that version has live instances.
+        """
+        if any(r.kind in kinds for r in self.instances(name)):
+            return name, None
+        service, tag = split_service_tag(name)
+        if tag and any(r.kind in kinds and r.version == tag for r in self.instances(service)):
+            return service, tag
+        return None
 
     def on_change(self, listener: Listener) -> None:
         """Call `listener(service)` whenever that service's instances may have changed."""

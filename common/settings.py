@@ -19,6 +19,8 @@ from common.errors import ConfigError
 T = TypeVar("T")
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The largest body limit the proxy takes (1 TiB): the setting's and the live policy's.
+MAX_BODY_LIMIT = 1024**4
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,9 @@ class Settings:
     # Reverse proxy: connect timeout, and the read timeout (no progress) / head deadline.
     proxy_connect_timeout: float = field(default=2.0, metadata={"env": "PROXY_CONNECT_TIMEOUT"})
     proxy_timeout: float = field(default=30.0, metadata={"env": "PROXY_TIMEOUT"})
+    # The largest request body the proxy forwards (bytes), unless the live policy sets
+    # the service's own `max_body`; larger is refused with 413 before anything is sent.
+    proxy_max_body: int = field(default=1024**3, metadata={"env": "PROXY_MAX_BODY"})
     # Answer plain `/svc/...` requests from the connection's protocol, before Sanic
     # (webapi.fastpath); off: every request goes through Sanic's handler.
     proxy_fast_path: bool = field(default=True, metadata={"env": "PROXY_FAST_PATH"})
@@ -159,6 +164,8 @@ class Settings:
             raise ConfigError("JWT_TTL and JWT_REFRESH_TTL must be positive")
         if self.heartbeat_ttl <= self.heartbeat_interval:
             raise ConfigError("HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL")
+        if not 0 < self.proxy_max_body <= MAX_BODY_LIMIT:
+            raise ConfigError(f"PROXY_MAX_BODY must be from 1 to {MAX_BODY_LIMIT} (bytes)")
         if not 0 <= self.proxy_retry_budget_ratio <= 1:
             raise ConfigError("PROXY_RETRY_BUDGET_RATIO must be between 0 and 1")
         if not 0 <= self.proxy_retry_budget_min <= 1000:

@@ -84,6 +84,7 @@ async def _open_resources(app: GatewayApp) -> None:
         timeout=settings.proxy_timeout,
         least_time_decay=settings.least_time_decay,
         retry_budget=RetryBudgetPolicy.from_settings(settings),
+        max_body=settings.proxy_max_body,
     )
     authenticator = Authenticator(
         ctx.redis,

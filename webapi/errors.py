@@ -86,6 +86,14 @@ class NoRoute(ApiError):
     quiet = True
 
 
+class BodyTooLarge(ApiError):
+    """The request body is larger than the service takes (`max_body`, PROXY_MAX_BODY)."""
+
+    status_code = 413
+    code = "payload_too_large"  # (the code Sanic's own `PayloadTooLarge` renders as)
+    quiet = True
+
+
 class NoHealthyInstance(ApiError):
     """The service is known but no live, healthy instance can take the request."""
 
@@ -199,10 +207,16 @@ class JsonErrorHandler(ErrorHandler):
 
 
 def error_response(
-    exception: Exception, method: str, path: str, request_id: str | None
+    exception: Exception,
+    method: str,
+    path: str,
+    request_id: str | None,
+    *,
+    envelope: dict[str, Any] | None = None,
 ) -> HTTPResponse:
     """The JSON error response of `exception`, logged as the gateway logs every error
-    (`JsonErrorHandler`; the proxy's fast path, which has no Sanic request, too)."""
+    (`JsonErrorHandler`; the proxy's fast path, which has no Sanic request, too).
+    `envelope`: fields a route's own answer shape puts beside `error` (`/ai_server/`)."""
     headers: dict[str, str] = {}
     if isinstance(exception, SwitchboardError):
         status = status_for(exception)
@@ -235,4 +249,6 @@ def error_response(
         log.info("request refused", extra={"fields": fields})
     if request_id:
         headers["X-Request-Id"] = request_id
+    if envelope:
+        body = {**envelope, **body}
     return json_response(body, status=status, headers=headers)

@@ -21,7 +21,7 @@ import ipaddress
 import re
 from typing import Any
 
-from common.registry import InstanceRecord
+from common.registry import InstanceRecord, split_service_tag
 from webapi.errors import InvalidHeartbeat
 
 # What a service may be called (the proxy matches `/svc/<name>/` against it too).
@@ -53,7 +53,7 @@ def _parse_original(params: Any) -> list[InstanceRecord]:
         name = item.get("servicename")
         if not isinstance(name, str):
             raise InvalidHeartbeat(f"params.data[{i}].servicename must be a string")
-        service, _, tag = name.partition("_")
+        service, tag = split_service_tag(name)
         records.append(
             _record({"service": service, "version": tag or "0", "address": item.get("addrip")})
         )

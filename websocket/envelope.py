@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from sanic.server.websockets.impl import WebsocketImplProtocol
 from websockets.exceptions import ConnectionClosed
 
-from websocket.upstreams import NoUpstream, Upstreams
+from websocket.upstreams import KINDS, NoUpstream, Upstreams
 
 if TYPE_CHECKING:
     from websocket.app import WsRequest
@@ -70,12 +70,7 @@ def route(upstreams: Upstreams, name: Any) -> tuple[str, str | None] | None:
     """`(service, version)` for a requested name, or None if nothing is registered under it."""
     if not isinstance(name, str) or not name:
         return None
-    if upstreams.records(name):
-        return name, None
-    service, sep, tag = name.partition("_")
-    if sep and upstreams.records(service, tag):
-        return service, tag
-    return None
+    return upstreams.view.resolve(name, KINDS)
 
 
 async def serve_one(

@@ -1,8 +1,9 @@
 """Passive health: outlier ejection of upstream instances (`HealthBook`).
 
-Every request to an instance reports its outcome: a connect error or a timeout
-ejects the instance at once, a streak of failures (3 by default, e.g. 5xx
-answers) ejects it. An ejection lasts a backoff that doubles with each
+Every request to an instance reports its outcome: a fatal failure (the callers
+report connect errors as fatal) ejects the instance at once, a streak of failures
+(3 by default: the gateway counts 5xx answers and timeouts, since one slow answer
+does not make an instance dead) ejects it. An ejection lasts a backoff that doubles with each
 consecutive ejection (1 s, 2 s, 4 s ... up to 30 s). When it ends, exactly one
 request is let through as a trial: success re-admits the instance and resets its
 backoff, failure ejects it again. A trial that never reports back (cancelled

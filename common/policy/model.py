@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import BadRequest
+from common.settings import MAX_BODY_LIMIT
 
 if TYPE_CHECKING:
     from common.settings import Settings
@@ -89,7 +90,8 @@ class ServicePolicy(_Model):
     the gateway's PROXY_TIMEOUT, which still bounds each silence in the bodies),
     `connect_timeout` each connect (gateway and websocket relay), `retries` the
     extra attempts after the first, `retry_budget` how many failed tries may be
-    retried at all (None: the gateway's settings, PROXY_RETRY_BUDGET_*).
+    retried at all (None: the gateway's settings, PROXY_RETRY_BUDGET_*), `max_body`
+    the largest request body forwarded, in bytes (None: PROXY_MAX_BODY).
     """
 
     strategy: StrategyName = "round_robin"
@@ -100,6 +102,7 @@ class ServicePolicy(_Model):
     connect_timeout: Annotated[float, Field(gt=0, le=60)] | None = None
     retries: Annotated[int, Field(ge=0, le=5)] | None = None
     retry_budget: RetryBudgetPolicy | None = None
+    max_body: Annotated[int, Field(gt=0, le=MAX_BODY_LIMIT)] | None = None
 
     @field_validator("version_weights")
     @classmethod

@@ -61,6 +61,8 @@ BAD_DOCUMENTS: list[tuple[str, object, str]] = [
         nlp(retry_budget={"percent": 20}),
         "services.nlp.retry_budget.percent",
     ),
+    ("body limit zero", nlp(max_body=0), "services.nlp.max_body"),
+    ("body limit over 1 TiB", nlp(max_body=2**40 + 1), "services.nlp.max_body"),
     ("negative weight", nlp(version_weights={"v1": -1, "v2": 5}), f"{WEIGHTS}.v1"),
     ("all-zero weights", nlp(version_weights={"v1": 0, "v2": 0}), WEIGHTS),
     ("weight as text", nlp(version_weights={"v1": "5"}), f"{WEIGHTS}.v1"),

@@ -33,6 +33,8 @@ def test_reads_and_types_the_environment() -> None:
         {"RPC_TIMEOUT": "-1"},
         {"PROXY_RETRY_BUDGET_RATIO": "1.5"},
         {"PROXY_RETRY_BUDGET_MIN": "-1"},
+        {"PROXY_MAX_BODY": "0"},
+        {"PROXY_MAX_BODY": str(2**40 + 1)},
     ],
 )
 def test_malformed_values_name_the_variable(env: dict[str, str]) -> None:

@@ -5,6 +5,7 @@ Env: PORT, NAME (instance label), and optionally GATEWAY (base URL) + SERVICE
 API key in GATEWAY_API_KEY (a credential with the `registry` scope).
 Routes: /echo, /slow, /status/<n>, /upload (streamed, counts bytes),
 /download?mb=N (streamed), /health, /admin/delay?ms=N (slow every /echo down),
+/admin/state (the delay, the health switch, how many uploads began),
 POST /nlp, POST /ai_server/.
 """
 
@@ -23,7 +24,7 @@ NAME = os.environ.get("NAME", "backend")
 HOST = os.environ.get("HOST", "127.0.0.1")  # "::1" for an IPv6 instance
 HOST_IN_ADDRESS = f"[{HOST}]" if ":" in HOST else HOST
 app = Sanic("backend_" + "".join(c if c.isalnum() else "_" for c in NAME))
-state = {"delay_ms": 0.0, "healthy": 1.0}
+state = {"delay_ms": 0.0, "healthy": 1.0, "uploads": 0.0}
 
 
 @app.get("/echo")
@@ -58,6 +59,7 @@ async def status(request: Request, code: int) -> HTTPResponse:
 
 @app.post("/upload", stream=True)
 async def upload(request: Request) -> HTTPResponse:
+    state["uploads"] += 1
     digest, size = hashlib.sha256(), 0
     assert request.stream is not None
     request.stream.request_max_size = 2**40
@@ -86,6 +88,11 @@ async def health(request: Request) -> HTTPResponse:
 @app.post("/admin/health")
 async def set_health(request: Request) -> HTTPResponse:
     state["healthy"] = float(request.args.get("ok", "1"))
+    return response.json(state)
+
+
+@app.get("/admin/state")
+async def get_state(request: Request) -> HTTPResponse:
     return response.json(state)
 
 

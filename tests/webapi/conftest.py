@@ -134,12 +134,13 @@ def backend(gateway: str, redis_url: str) -> Iterator[Backend]:
 
 
 @contextmanager
-def running_backend(gateway: str, redis_url: str) -> Iterator[Backend]:
-    """A `tests.support.http_backend` registered with `gateway`, reached once through it."""
+def running_backend(gateway: str, redis_url: str, *, version: str = "0") -> Iterator[Backend]:
+    """A `tests.support.http_backend` registered with `gateway` (at `version`), reached
+    once through it."""
     api_key = issue_api_key(redis_url, ["registry"], name="fastpath-backend")
     b = Backend(gateway, redis_url, f"fp{uuid.uuid4().hex[:6]}")
     env = {"PORT": str(free_port()), "NAME": f"{b.service}-a", "GATEWAY": gateway,
-           "SERVICE": b.service, "GATEWAY_API_KEY": api_key}  # fmt: skip
+           "SERVICE": b.service, "GATEWAY_API_KEY": api_key, "VERSION": version}  # fmt: skip
     proc = ServiceProcess(["python", "-m", "tests.support.http_backend"], env=env, name="fp")
     proc.start()
     try:

@@ -21,7 +21,16 @@ from sanic.compat import Header
 
 from webapi.access import FROM_PATH, IN_HANDLER, POLICY_ROUTED, credential_free
 from webapi.context import GatewayRequest
-from webapi.errors import MalformedJson, NoRoute
+from webapi.errors import (
+    BodyTooLarge,
+    MalformedJson,
+    NoHealthyInstance,
+    NoRoute,
+    UnknownService,
+    UpstreamFailed,
+    UpstreamTimedOut,
+    error_response,
+)
 from webapi.proxy.forward import Forwarded, hop_headers_out, latency_headers
 from webapi.proxy.paths import match_route, upstream_target
 from webapi.proxy.upstream import strip_hop_by_hop
@@ -31,8 +40,6 @@ from webapi.responses import json_response
 bp = Blueprint("proxy")
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-# A streamed request body larger than this is refused with 413 (1 GiB).
-MAX_PROXY_BODY = 1024 * 1024 * 1024
 
 
 def _headers_out(request: GatewayRequest, upstream_hint: str) -> list[tuple[str, str]]:
@@ -85,11 +92,25 @@ async def routed(request: GatewayRequest, path: str) -> HTTPResponse | None:
     return await _stream(request, rule.service, target, received)
 
 
+def _limit_body(request: GatewayRequest, service: str, size: int | None = None) -> None:
+    """Refuse a body larger than the service takes (`Proxy.max_body`) with 413: one read
+    whole (`size`), or a streamed one's declared Content-Length, before an instance is
+    chosen. A chunked body is refused when its bytes pass the limit (Sanic's 413; the
+    connection is then closed, and the upstream's, which had the body's start, dropped)."""
+    limit = request.app.ctx.proxy.max_body(service)
+    if size is None:
+        declared = request.headers.get("content-length")  # (Sanic checked it is digits)
+        size = int(declared) if declared is not None else 0
+        if request.stream is not None:
+            request.stream.request_max_size = limit
+    if size > limit:
+        raise BodyTooLarge(f"the request body is larger than {service} takes ({limit} bytes)")
+
+
 async def _stream(
     request: GatewayRequest, service: str, target: str, received: float
 ) -> HTTPResponse | None:
-    if request.stream is not None:
-        request.stream.request_max_size = MAX_PROXY_BODY
+    _limit_body(request, service)
     body = _body(request) if _has_body(request) else None
     proxy = request.app.ctx.proxy
     forwarded = await proxy.forward(
@@ -118,11 +139,14 @@ async def _stream(
 
 
 async def _json_exchange(
-    request: GatewayRequest, service: str, path: str, payload: dict[str, Any]
+    request: GatewayRequest, target: tuple[str, str | None], path: str, payload: dict[str, Any]
 ) -> tuple[Forwarded, Any, bytes]:
+    service, version = target
+    _limit_body(request, service, len(request.body))
     body = json.dumps(payload).encode()
     headers = [*_headers_out(request, service), ("Content-Type", "application/json")]
-    forwarded = await request.app.ctx.proxy.forward(service, "POST", path, headers, body)
+    proxy = request.app.ctx.proxy
+    forwarded = await proxy.forward(service, "POST", path, headers, body, version=version)
     try:
         raw = await forwarded.response.read()
     finally:
@@ -134,22 +158,30 @@ async def _json_exchange(
     return forwarded, data, raw
 
 
-async def _admit_named(request: GatewayRequest, body: dict[str, Any], field: str) -> str:
-    """The service named by `body[field]`, once the caller's scopes and limits allow it."""
-    service = body.get(field)
-    if not isinstance(service, str) or not service:
+def _named(body: dict[str, Any], field: str) -> str:
+    name = body.get(field)
+    if not isinstance(name, str) or not name:
         raise MalformedJson(f"{field} (a string) is required")
-    await request.app.ctx.gate.admit_resource(request, service, None)
-    return service
+    return name
+
+
+async def _admit_named(request: GatewayRequest, name: str) -> tuple[str, str | None]:
+    """The `(service, version)` a compatibility request names (a service, or the original
+    `service_tag` form: `RegistryView.resolve`), once the caller's scopes and limits allow
+    that service. A name nothing answers to is forwarded as a service name: 404 or 503."""
+    target = request.app.ctx.proxy.view.resolve(name, ("http",)) or (name, None)
+    await request.app.ctx.gate.admit_resource(request, target[0], None)
+    return target
 
 
 @bp.post("/nlp", ctx_access=IN_HANDLER)
 async def nlp(request: GatewayRequest) -> HTTPResponse:
-    """The original dispatcher: `service_name` in the body picks the service; its `/nlp` answers."""
+    """The original dispatcher: `service_name` in the body picks the service (`nlp_v2`:
+    service `nlp`, tag `v2`, when no service has the whole name); its `/nlp` answers."""
     received = time.perf_counter()
     body = json_object(request, empty_ok=False)
-    service = await _admit_named(request, body, "service_name")
-    forwarded, _data, raw = await _json_exchange(request, service, "/nlp", body)
+    target = await _admit_named(request, _named(body, "service_name"))
+    forwarded, _data, raw = await _json_exchange(request, target, "/nlp", body)
     headers = dict(latency_headers(forwarded, received))
     content_type = dict((k.lower(), v) for k, v in forwarded.response.headers).get(
         "content-type", "application/json"
@@ -164,16 +196,28 @@ async def ai_server(request: GatewayRequest) -> HTTPResponse:
     """`{"server_name", "params", "data"}` in; out `{"server_name", "status", "msg", "data",
     "duration"}`.
 
-    The envelope is sent as is to the instance's `/ai_server/`; `status` is 0 when it
-    answered 2xx (its HTTP status otherwise) and `data` is its JSON answer.
+    `server_name` picks the service as `/nlp`'s `service_name` does. The envelope is sent
+    as is to the instance's `/ai_server/`; `status` is 0 when it answered 2xx (its HTTP
+    status otherwise) and `data` is its JSON answer. When the gateway cannot get an
+    answer (unknown service 404, no healthy instance 503, upstream failed 502, timed out
+    504), the response has that HTTP status and the envelope too (`status` the same
+    code, `msg` the reason, `data` null), beside the gateway's usual `error` object.
+    Refused requests (bad JSON, credentials, rate limits) get the gateway's usual error.
     """
     received = time.perf_counter()
     body = json_object(request, empty_ok=False)
-    service = await _admit_named(request, body, "server_name")
-    forwarded, data, _raw = await _json_exchange(request, service, "/ai_server/", body)
+    name = _named(body, "server_name")
+    target = await _admit_named(request, name)
+    try:
+        forwarded, data, _raw = await _json_exchange(request, target, "/ai_server/", body)
+    except (UnknownService, NoHealthyInstance, UpstreamFailed, UpstreamTimedOut) as exc:
+        envelope = {"server_name": name, "status": exc.status_code, "msg": str(exc),
+                    "data": None, "duration": round(time.perf_counter() - received, 6)}  # fmt: skip
+        return error_response(exc, request.method, request.path, request.ctx.request_id,
+                              envelope=envelope)  # fmt: skip
     status = forwarded.response.status
     envelope = {
-        "server_name": service,
+        "server_name": name,
         "status": 0 if 200 <= status < 300 else status,
         "msg": "ok" if 200 <= status < 300 else f"upstream answered {status}",
         "data": data,

@@ -279,6 +279,8 @@ class FastPathProtocol(LingeringHttpProtocol):
         sends the request to Sanic. Only after `_may_qualify` (no rate limit). Hot path."""
         if parsed.service in INTERNAL_SERVICES:
             return None
+        if parsed.length and parsed.length > self.app.ctx.proxy.max_body(parsed.service):
+            return None  # (Sanic's route answers 413)
         first = parsed.first
         try:
             credential = credential_from(first.get(b"authorization"), first.get(b"x-api-key"))

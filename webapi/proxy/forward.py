@@ -11,8 +11,9 @@ retried on another instance where that is safe: the rule is `webapi.proxy.attemp
 Per service, the live policy (`services.<name>` of the policy document) may set
 `timeout` (the wait for the response head, shorter or longer than
 PROXY_TIMEOUT, which then still bounds each gap in the bodies),
-`connect_timeout`, `retries` (attempts after the first) and `retry_budget`;
-without them the gateway's settings apply. A request reads them once, when it starts, so a
+`connect_timeout`, `retries` (attempts after the first), `retry_budget` and
+`max_body` (the routes refuse a larger request body with 413); without them the
+gateway's settings apply. A request reads them once, when it starts, so a
 policy change never alters a request in flight.
 
 Errors: 404 unknown service, 503 no healthy instance, 502 upstream failed,
@@ -60,8 +61,10 @@ class Proxy:
         timeout: float = 30.0,
         least_time_decay: float = 10.0,
         retry_budget: RetryBudgetPolicy | None = None,
+        max_body: int = 1024**3,
     ) -> None:
         self.view, self.pool = view, pool
+        self.default_max_body = max_body
         self.book = book or HealthBook()
         self.max_attempts = max_attempts  # defaults, unless the policy sets the service's own
         self.timeout = timeout
@@ -85,6 +88,14 @@ class Proxy:
             raise NoHealthyInstance(f"no healthy instance of {service!r}" + (
                 f" at version {version!r}" if version else ""))  # fmt: skip
         return endpoints
+
+    def max_body(self, service: str) -> int:
+        """The largest request body forwarded to `service` (bytes): its live policy's
+        `max_body`, else the gateway's PROXY_MAX_BODY."""
+        settings = self.policy.service_policy(service)
+        if settings is not None and settings.max_body is not None:
+            return settings.max_body
+        return self.default_max_body
 
     def attempts(
         self,

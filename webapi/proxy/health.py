@@ -2,7 +2,7 @@
 
 Passive (every proxied request reports its outcome) is `HealthBook`, shared
 with the websocket service and so kept in `common.balancing`: a connect error
-or a timeout ejects the instance at once, a streak of 5xx answers ejects it,
+ejects the instance at once, a streak of 5xx answers or timeouts ejects it,
 with a doubling backoff and a single trial request to re-admit it.
 
 Active (instances that registered a `health_path`): a GET every `interval`;
