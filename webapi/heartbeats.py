@@ -9,7 +9,8 @@ Two forms are accepted:
   "version": "v2", "weight": 1, "zone": null, "health_path": "/health",
   "metadata": {}, "instance_id": "optional"}`.
 
-An instance's id defaults to `service@address`, stable across heartbeats. It is
+An instance's id defaults to `service@address` (the original form: the whole
+`service_tag` name, `nlp_v2@10.0.0.5:8080`), stable across heartbeats. It is
 live for `HEARTBEAT_TTL` (3 s) after each heartbeat. A backend shutting down
 gracefully sends its native heartbeat once more with `"leaving": true`: it is
 removed at once instead of after the TTL.
@@ -28,7 +29,7 @@ from webapi.errors import InvalidHeartbeat
 SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _HOST = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
-_INSTANCE_ID = re.compile(r"^[A-Za-z0-9._@:\[\]-]{1,200}$")
+_INSTANCE_ID = re.compile(r"^[A-Za-z0-9_.@:\[\]-]{1,200}$")
 _KINDS = ("http", "ws")
 _MAX_INSTANCES_PER_BEAT = 100
 
@@ -54,9 +55,11 @@ def _parse_original(params: Any) -> list[InstanceRecord]:
         if not isinstance(name, str):
             raise InvalidHeartbeat(f"params.data[{i}].servicename must be a string")
         service, tag = split_service_tag(name)
-        records.append(
-            _record({"service": service, "version": tag or "0", "address": item.get("addrip")})
-        )
+        address = item.get("addrip")
+        # The whole name in the id: `nlp_v1` and `nlp_v2` served at one address are two
+        # instances (one per version), not one whose version flips with each heartbeat.
+        records.append(_record({"service": service, "version": tag or "0", "address": address,
+                                "instance_id": f"{name}@{address}"}))  # fmt: skip
     return records
 
 
