@@ -148,3 +148,20 @@ def running_backend(gateway: str, redis_url: str, *, version: str = "0") -> Iter
         yield b
     finally:
         proc.stop()
+
+
+def policy_version(gateway: str) -> int:
+    """The version of the live policy the gateway has applied (`/health`, public)."""
+    return int(httpx.get(f"{gateway}/health", timeout=5).json()["policy_version"])
+
+
+def fast_path(gateway: str) -> dict[str, int]:
+    """The gateway's fast path counters (`GET /admin/proxy/stats`)."""
+    stats = as_admin.get(f"{gateway}/admin/proxy/stats", timeout=5).json()
+    assert stats["fast_path"]["enabled"] is True
+    return {k: int(v) for k, v in stats["fast_path"].items()}
+
+
+def answered(gateway: str) -> int:
+    """How many requests the gateway's fast path has answered."""
+    return fast_path(gateway)["answered"]

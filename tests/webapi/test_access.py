@@ -27,6 +27,7 @@ import redis
 
 from common.tokens import AUDIENCE, ISSUER, SigningKey
 from tests.helpers import ServiceProcess, db_url, free_port, issue_api_key, wait_for
+from tests.webapi.conftest import policy_version
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -65,12 +66,8 @@ class Gateways:
         assert r.status_code == 200, r.text
         version = r.json()["version"]
         # Every gateway applies it (they report the version they apply).
-        wait_for(lambda: all(_policy_version(u) == version for u in self.urls), timeout=5)
+        wait_for(lambda: all(policy_version(u) == version for u in self.urls), timeout=5)
         return dict(r.json())
-
-
-def _policy_version(url: str) -> int:
-    return int(httpx.get(f"{url}/health", timeout=5).json()["policy_version"])
 
 
 def bearer(credential: str) -> dict[str, str]:

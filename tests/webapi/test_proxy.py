@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
+from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for, wait_for_async
 from tests.support.policy import set_service
 from tests.support.registry import dead_instances
-from tests.webapi.conftest import as_admin
+from tests.webapi.conftest import as_admin, policy_version
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -179,7 +179,12 @@ def test_least_time_prefers_the_fast_instance_and_recovers(backends: Backends) -
 
 
 def test_sigkill_under_load_fails_no_idempotent_request(backends: Backends) -> None:
-    victim = f"{backends.service}-b"
+    # The victim is the only instance of its version, so a request for that version can
+    # go nowhere else: its answer says whether the gateway still tries the victim (502)
+    # or has ejected it (503). The load, naming no version, goes to all four.
+    victim, alone = f"{backends.service}-d", {"x-service-version": "victim"}
+    backends.start(victim, version="victim")
+    wait_for(lambda: _spread(backends, 2, headers=alone) == Counter({victim: 2}), timeout=30)
     results: list[int] = []
 
     async def load(stop: asyncio.Event) -> None:
@@ -190,11 +195,17 @@ def test_sigkill_under_load_fails_no_idempotent_request(backends: Backends) -> N
                 r = await client.get(f"/svc/{backends.service}/echo")
                 results.append(r.status_code)
 
+    def ejected() -> bool:
+        reply = as_admin.get(f"{backends.gateway}/svc/{backends.service}/echo", headers=alone)
+        return reply.status_code == 503 and victim in backends.live()  # still registered
+
     async def scenario() -> None:
         stop = asyncio.Event()
         workers = [asyncio.create_task(load(stop)) for _ in range(8)]
         await asyncio.sleep(0.5)
         backends.procs[victim].stop(signal.SIGKILL)
+        # Ejected within a second: before its lease (HEARTBEAT_TTL, 1.5 s) could end.
+        await wait_for_async(lambda: asyncio.to_thread(ejected), timeout=1.0)
         await asyncio.sleep(1.5)
         stop.set()
         await asyncio.gather(*workers)
@@ -202,7 +213,7 @@ def test_sigkill_under_load_fails_no_idempotent_request(backends: Backends) -> N
     asyncio.run(scenario())
     assert results and all(code == 200 for code in results)
     wait_for(lambda: victim not in backends.live(), timeout=5)  # gone within the TTL
-    backends.start(victim)  # same port, same id: it takes traffic again
+    backends.start(victim, version="victim")  # same port, same id: it takes traffic again
     wait_for(lambda: _spread(backends, 30)[victim] > 0, timeout=30)
 
 
@@ -247,6 +258,31 @@ def test_consistent_hash_is_sticky(backends: Backends) -> None:
     wait_for(lambda: all(len(owners(f"user-{i}")) == 1 for i in range(5)), timeout=10)
     spread = {next(iter(owners(f"user-{i}"))) for i in range(40)}
     assert len(spread) >= 2  # different keys land on different instances
+
+
+def test_hash_on_a_header_the_policy_names(backends: Backends) -> None:
+    doc = set_service(backends.redis_url, backends.service, strategy="hash",
+                      hash_on="header:X-User-Id")  # fmt: skip
+    wait_for(lambda: policy_version(backends.gateway) >= doc.version)
+
+    def owners(user: str) -> set[str]:
+        # X-Balance-Key changes with every request: the policy's header is the key now.
+        svc = {_one(backends, {"x-user-id": user, "x-balance-key": str(i)}) for i in range(6)}
+        nlp = {
+            as_admin.post(f"{backends.gateway}/nlp", headers={"x-user-id": user},
+                          json={"service_name": backends.service}).json()["instance"]
+            for _ in range(3)
+        }  # fmt: skip
+        return svc | nlp
+
+    spread = [owners(f"user-{i}") for i in range(12)]
+    assert all(len(owner) == 1 for owner in spread), spread
+    assert len(set().union(*spread)) >= 2  # different users land on different instances
+
+
+def _one(b: Backends, headers: dict[str, str]) -> str:
+    reply = as_admin.get(f"{b.gateway}/svc/{b.service}/echo", headers=headers, timeout=10)
+    return str(reply.json()["instance"])
 
 
 async def _concurrent_spread(b: Backends, total: int, concurrency: int = 8) -> Counter[str]:
@@ -310,7 +346,7 @@ def test_retries_stop_when_the_services_retry_budget_is_spent(gateway: str, redi
     doc = set_service(
         redis_url, service, retries=2, retry_budget={"ratio": 0.0, "min_per_second": 0.0}
     )
-    wait_for(lambda: as_admin.get(f"{gateway}/health").json()["policy_version"] >= doc.version)
+    wait_for(lambda: policy_version(gateway) >= doc.version)
 
     async def scenario() -> list[int]:
         async with dead_instances(redis_url, service, 5):

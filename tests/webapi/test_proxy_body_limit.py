@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import wait_for
 from tests.support.policy import set_service
-from tests.webapi.conftest import Backend, as_admin, running_backend
+from tests.webapi.conftest import Backend, as_admin, policy_version, running_backend
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,12 +24,8 @@ def limited(gateway: str, redis_url: str) -> Iterator[Backend]:
     """A backend whose service takes bodies of at most `LIMIT` bytes."""
     with running_backend(gateway, redis_url) as b:
         doc = set_service(redis_url, b.service, max_body=LIMIT)
-        wait_for(lambda: _policy_version(gateway) >= doc.version, timeout=10)
+        wait_for(lambda: policy_version(gateway) >= doc.version, timeout=10)
         yield b
-
-
-def _policy_version(gateway: str) -> int:
-    return int(as_admin.get(f"{gateway}/health", timeout=5).json()["policy_version"])
 
 
 def _uploads(b: Backend) -> int:

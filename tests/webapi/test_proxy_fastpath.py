@@ -23,14 +23,17 @@ import redis.asyncio as aioredis
 from common.policy import PolicyStore
 from tests.helpers import free_port, issue_api_key, wait_for
 from tests.support.policy import set_document
-from tests.webapi.conftest import Backend, as_admin, running_backend, running_gateway
+from tests.webapi.conftest import (
+    Backend,
+    answered,
+    as_admin,
+    fast_path,
+    running_backend,
+    running_gateway,
+)
 from tests.webapi.raw_http import connect, raw_request, read_answers
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def answered(gateway: str) -> int:
-    return fast_path(gateway)["answered"]
 
 
 def direct(gateway: str) -> int:
@@ -42,12 +45,6 @@ def pool_retries(gateway: str) -> int:
     """Stale-connection retries of the upstream pool, over all its upstreams."""
     stats = as_admin.get(f"{gateway}/admin/proxy/stats", timeout=5).json()
     return sum(int(host["retries"]) for host in stats["upstreams"].values())
-
-
-def fast_path(gateway: str) -> dict[str, int]:
-    stats = as_admin.get(f"{gateway}/admin/proxy/stats", timeout=5).json()
-    assert stats["fast_path"]["enabled"] is True
-    return {k: int(v) for k, v in stats["fast_path"].items()}
 
 
 # The tests.
