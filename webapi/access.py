@@ -24,7 +24,7 @@ once a credential is cached, no Redis round trip either.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
@@ -173,9 +173,13 @@ class Gatekeeper:
     def client_ip(self, request: GatewayRequest) -> str:
         """The caller's address; `X-Forwarded-For` counts only from trusted proxies."""
         peer = request.conn_info.client_ip if request.conn_info else ""
+        return self.address(peer, request.headers.get)
+
+    def address(self, peer: str, header: Callable[[str], str | None]) -> str:
+        """`client_ip` from the socket's `peer` and `header(name)`, a request header's value."""
         if not self.trusted:
             return peer
-        return client_ip(peer, request.headers.get("x-forwarded-for"), self.trusted)
+        return client_ip(peer, header("x-forwarded-for"), self.trusted)
 
     async def _authenticate(self, credential: str) -> Principal:
         try:

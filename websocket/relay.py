@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 from websockets.protocol import CLOSED, CLOSING
 
+from common.balancing.sticky import balance_key
 from websocket.connections import BAD_GATEWAY, GOING_AWAY
 from websocket.splice import GONE, Splice
 from websocket.tap import untap
@@ -52,10 +53,13 @@ async def proxy_endpoint(
     target = "/" + quote(path, safe=_PATH_SAFE)
     if request.query_string:
         target += f"?{request.query_string}"
-    headers = [("X-Forwarded-For", request.remote_addr or request.ip)]
+    client = request.remote_addr or request.ip
+    headers = [("X-Forwarded-For", client)]
+    settings = upstreams.policy.service_policy(service)
+    key = balance_key(settings.hash_on if settings else None, request.headers.get, lambda: client)
     try:
         upstream, endpoint, connect_seconds = await upstreams.connect(
-            service, target, headers=headers, splice=True
+            service, target, headers=headers, splice=True, key=key
         )
     except NoUpstream as exc:
         untap(ws)

@@ -96,15 +96,17 @@ class Upstreams:
         path: str,
         *,
         version: str | None = None,
+        key: str | None = None,
         headers: Sequence[tuple[str, str]] = (),
         splice: bool = False,
     ) -> Connected:
         """An open connection to `ws://<instance><path>`, failing over on connect errors.
 
-        With `splice`, a `TapClientConnection` that `websocket.splice` can take over.
+        `key` is the sticky key (`common.balancing.sticky`) of the `hash` strategy. With
+        `splice`, a `TapClientConnection` that `websocket.splice` can take over.
         The caller reports the end of the connection with `finished`.
         """
-        tries = Tries(self.policy, self.book, service, version=version,
+        tries = Tries(self.policy, self.book, service, version=version, key=key,
                       max_attempts=self.max_attempts)  # fmt: skip
         settings = tries.settings
         connect_timeout = self.connect_timeout

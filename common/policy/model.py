@@ -55,6 +55,11 @@ StrategyName = Literal["round_robin", "weighted", "least_conn", "least_time", "h
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 NameOrAny = Annotated[str, Field(pattern=r"^(?:\*|[a-z][a-z0-9_-]{0,62})$")]  # "*": any
 Version = Annotated[str, Field(pattern=VERSION_PATTERN)]
+# What the `hash` strategy keys on (and the sticky version draw): a request header, a
+# cookie, or the client's address (`common.balancing.sticky`).
+HashOn = Annotated[
+    str, Field(pattern=r"^(header:[A-Za-z0-9-]{1,64}|cookie:[A-Za-z0-9_.-]{1,64}|client_ip)$")
+]
 
 ROOT = "(document)"  # the `loc` of an error about the document as a whole
 
@@ -91,7 +96,9 @@ class ServicePolicy(_Model):
     `connect_timeout` each connect (gateway and websocket relay), `retries` the
     extra attempts after the first, `retry_budget` how many failed tries may be
     retried at all (None: the gateway's settings, PROXY_RETRY_BUDGET_*), `max_body`
-    the largest request body forwarded, in bytes (None: PROXY_MAX_BODY).
+    the largest request body forwarded, in bytes (None: PROXY_MAX_BODY), `hash_on`
+    the key of sticky requests: `header:<name>`, `cookie:<name>` or `client_ip`
+    (None: the `X-Balance-Key` header).
     """
 
     strategy: StrategyName = "round_robin"
@@ -103,6 +110,7 @@ class ServicePolicy(_Model):
     retries: Annotated[int, Field(ge=0, le=5)] | None = None
     retry_budget: RetryBudgetPolicy | None = None
     max_body: Annotated[int, Field(gt=0, le=MAX_BODY_LIMIT)] | None = None
+    hash_on: HashOn | None = None
 
     @field_validator("version_weights")
     @classmethod

@@ -62,6 +62,8 @@ BAD_DOCUMENTS: list[tuple[str, object, str]] = [
         "services.nlp.retry_budget.percent",
     ),
     ("body limit zero", nlp(max_body=0), "services.nlp.max_body"),
+    ("hash on an unknown source", nlp(hash_on="query:user"), "services.nlp.hash_on"),
+    ("hash on a bad header name", nlp(hash_on="header:X User"), "services.nlp.hash_on"),
     ("body limit over 1 TiB", nlp(max_body=2**40 + 1), "services.nlp.max_body"),
     ("negative weight", nlp(version_weights={"v1": -1, "v2": 5}), f"{WEIGHTS}.v1"),
     ("all-zero weights", nlp(version_weights={"v1": 0, "v2": 0}), WEIGHTS),

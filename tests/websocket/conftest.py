@@ -136,10 +136,15 @@ def backends(redis_url: str) -> Iterator[Backends]:
         b.stop()
 
 
-async def whoami(server: WsServer, service: str, path: str = "/echo") -> str | None:
-    """The instance a new relayed connection reaches, or None if none was reached."""
+async def whoami(
+    server: WsServer, service: str, path: str = "/echo", headers: dict[str, str] | None = None
+) -> str | None:
+    """The instance a new relayed connection reaches (with `headers` beside the
+    credential), or None if none was reached."""
     try:
-        async with server.connect(f"/ws/proxy/{service}{path}") as ws:
+        additional_headers = {**server.bearer(), **(headers or {})}
+        async with server.connect(f"/ws/proxy/{service}{path}",
+                                  additional_headers=additional_headers) as ws:  # fmt: skip
             await ws.send("whoami")
             return str(json.loads(await ws.recv())["instance"])
     except (websockets.ConnectionClosed, OSError):

@@ -132,6 +132,25 @@ async def test_round_robin_over_ws_and_http_kinds(ws_server: WsServer, backends:
     assert reached == {"a": 5, "b": 5}
 
 
+async def test_hash_on_a_cookie_keeps_a_browser_on_one_instance(
+    ws_server: WsServer, backends: Backends
+) -> None:
+    backends.start("a")
+    backends.start("b")
+    await wait_reachable(ws_server, backends.service, {"a", "b"})
+    doc = await update_service(backends.redis_url, backends.service, strategy="hash",
+                               hash_on="cookie:session")  # fmt: skip
+    await wait_for_async(lambda: ws_server.health()["policy_version"] >= doc.version, timeout=10)
+
+    async def owners(session: str) -> set[str | None]:
+        cookie = {"Cookie": f"theme=dark; session={session}"}
+        return {await whoami(ws_server, backends.service, headers=cookie) for _ in range(4)}
+
+    sessions = [await owners(f"s{i}") for i in range(12)]
+    assert all(len(owner) == 1 for owner in sessions), sessions
+    assert {name for owner in sessions for name in owner} == {"a", "b"}  # spread, not one
+
+
 async def test_live_policy_version_weights_pick_the_upstream_version(
     ws_server: WsServer, backends: Backends
 ) -> None:

@@ -5,7 +5,8 @@
 arrives and written upstream chunk by chunk, and the response body the same
 way back, so a 100 MB upload or download never sits in the gateway's memory.
 Headers: `X-Service-Version` picks a version/tag, `X-Balance-Key` is the key of
-the `hash` strategy (sticky sessions); responses carry `X-Upstream-Latency` and
+the `hash` strategy (sticky sessions) unless the policy's `hash_on` names another
+source (`common.balancing.sticky`); responses carry `X-Upstream-Latency` and
 `X-Gateway-Latency` (milliseconds) and `X-Upstream-Instance`.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 from sanic import Blueprint, HTTPResponse
 from sanic.compat import Header
 
+from common.balancing.sticky import balance_key
 from webapi.access import FROM_PATH, IN_HANDLER, POLICY_ROUTED, credential_free
 from webapi.context import GatewayRequest
 from webapi.errors import (
@@ -92,6 +94,14 @@ async def routed(request: GatewayRequest, path: str) -> HTTPResponse | None:
     return await _stream(request, rule.service, target, received)
 
 
+def _balance_key(request: GatewayRequest, service: str) -> str | None:
+    """The request's sticky key under the service's `hash_on` (`common.balancing.sticky`)."""
+    settings = request.app.ctx.proxy.policy.service_policy(service)
+    gate = request.app.ctx.gate
+    return balance_key(settings.hash_on if settings else None, request.headers.get,
+                       lambda: gate.client_ip(request))  # fmt: skip
+
+
 def _limit_body(request: GatewayRequest, service: str, size: int | None = None) -> None:
     """Refuse a body larger than the service takes (`Proxy.max_body`) with 413: one read
     whole (`size`), or a streamed one's declared Content-Length, before an instance is
@@ -120,7 +130,7 @@ async def _stream(
         _headers_out(request, service),
         body,
         version=request.headers.get("x-service-version"),
-        key=request.headers.get("x-balance-key"),
+        key=_balance_key(request, service),
     )
     upstream = forwarded.response
     headers = [
@@ -146,7 +156,8 @@ async def _json_exchange(
     body = json.dumps(payload).encode()
     headers = [*_headers_out(request, service), ("Content-Type", "application/json")]
     proxy = request.app.ctx.proxy
-    forwarded = await proxy.forward(service, "POST", path, headers, body, version=version)
+    forwarded = await proxy.forward(service, "POST", path, headers, body, version=version,
+                                    key=_balance_key(request, service))  # fmt: skip
     try:
         raw = await forwarded.response.read()
     finally:

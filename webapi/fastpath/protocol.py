@@ -4,6 +4,7 @@ from `data_received` (see the package docstring for what is eligible and why).""
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from time import monotonic as current_time
 from typing import Any
 
@@ -11,6 +12,7 @@ from sanic.headers import format_http1_response
 from sanic.http.constants import Stage
 
 from common.balancing import Endpoint
+from common.balancing.sticky import balance_key
 from common.log import get_logger, request_id_var
 from common.policy import RouteRule
 from common.scopes import INTERNAL_SERVICES
@@ -303,6 +305,12 @@ class FastPathProtocol(LingeringHttpProtocol):
             request_id=request_id,
         )
 
+    def _client_address(self, req: Parsed) -> str:
+        """The client's address as the routes read it (`Gatekeeper.client_ip`)."""
+        app: GatewayApp = self.app
+        conn_info = self.conn_info
+        return app.ctx.gate.address(conn_info.client_ip if conn_info else "", req.header)
+
     def _start(self, req: Parsed, head: bytes) -> None:
         """Choose the instance; send on one of its idle connections (`DirectExchange`),
         or, when it has none, forward from a coroutine. Hot path."""
@@ -312,12 +320,14 @@ class FastPathProtocol(LingeringHttpProtocol):
         request_id = first[b"x-request-id"]
         # Whether the connection stays open after it; a coroutine's try (`_answer`) reads it too.
         keep_alive = req.keep_alive = req.keep_alive and bool(app.config.KEEP_ALIVE)
+        settings = proxy.policy.service_policy(req.service)
+        if settings is None or settings.hash_on is None:
+            key = first.get(b"x-balance-key")
+        else:
+            key = balance_key(settings.hash_on, req.header, partial(self._client_address, req))
         try:
             attempts = proxy.attempts(
-                req.service,
-                req.method,
-                version=first.get(b"x-service-version"),
-                key=first.get(b"x-balance-key"),
+                req.service, req.method, version=first.get(b"x-service-version"), key=key
             )
             endpoint = attempts.next()
         except ApiError as exc:  # no such service, no healthy instance

@@ -54,6 +54,14 @@ class Parsed:
         self.length = 0
         self.head_done = self.done = self.refused = False
 
+    def header(self, name: str) -> str | None:
+        """The first value of header `name` (lower case), as Sanic's `headers.get` reads it."""
+        wanted = name.encode("latin-1")
+        for key, value in self.headers:
+            if key == wanted:
+                return value.decode("utf-8", "surrogateescape")
+        return None
+
     def body_length(self) -> int:
         return 0 if self.body is None else len(self.body)
 
