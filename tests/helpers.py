@@ -9,11 +9,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import redis
 import redis.asyncio as aioredis
 
@@ -193,3 +195,35 @@ class ServiceProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         return self.process.returncode
+
+
+def pid_listening_on(port: int) -> int:
+    """The pid of this test run's child process listening on TCP `port`."""
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            for conn in child.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
+                    return child.pid
+    raise LookupError(f"no child process listens on port {port}")
+
+
+@contextlib.contextmanager
+def peak_rss_growth(process: psutil.Process, interval: float = 0.02) -> Iterator[list[int]]:
+    """While the block runs, how far `process`'s resident memory rose above where it
+    was at the start (bytes, sampled every `interval`): read `[0]` after the block."""
+    start = process.memory_info().rss
+    growth = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(interval):
+            with contextlib.suppress(psutil.Error):
+                growth[0] = max(growth[0], process.memory_info().rss - start)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield growth
+    finally:
+        done.set()
+        sampler.join()

@@ -11,9 +11,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
+import psutil
 import pytest
 
-from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for, wait_for_async
+from tests.helpers import (
+    ServiceProcess,
+    free_port,
+    issue_api_key,
+    peak_rss_growth,
+    pid_listening_on,
+    wait_for,
+    wait_for_async,
+)
 from tests.support.policy import set_service
 from tests.support.registry import dead_instances
 from tests.webapi.conftest import as_admin, policy_version
@@ -136,18 +145,22 @@ def test_streaming_upload_and_download(backends: Backends) -> None:
             yield chunk
 
     expected = hashlib.sha256(chunk * (size // len(chunk))).hexdigest()
-    up = as_admin.post(
-        f"{backends.gateway}/svc/{backends.service}/upload", content=body(), timeout=120
-    )
-    assert up.status_code == 200
-    assert up.json()["bytes"] == size and up.json()["sha256"] == expected
-    received = 0
-    with httpx.stream("GET", f"{backends.gateway}/svc/{backends.service}/download?mb=100",
-                      timeout=120, headers=as_admin.headers) as down:  # fmt: skip
-        assert down.status_code == 200
-        for part in down.iter_bytes():
-            received += len(part)
-    assert received == size
+    gateway = psutil.Process(pid_listening_on(int(backends.gateway.rpartition(":")[2])))
+    with peak_rss_growth(gateway) as growth:
+        up = as_admin.post(
+            f"{backends.gateway}/svc/{backends.service}/upload", content=body(), timeout=120
+        )
+        assert up.status_code == 200
+        assert up.json()["bytes"] == size and up.json()["sha256"] == expected
+        received = 0
+        with httpx.stream("GET", f"{backends.gateway}/svc/{backends.service}/download?mb=100",
+                          timeout=120, headers=as_admin.headers) as down:  # fmt: skip
+            assert down.status_code == 200
+            for part in down.iter_bytes():
+                received += len(part)
+        assert received == size
+    # Neither body was held: the gateway's memory grew by far less than 100 MB.
+    assert growth[0] < 32 * 1024 * 1024, f"{growth[0] / 2**20:.1f} MiB"
 
 
 def test_nlp_and_ai_server_compatibility(backends: Backends) -> None:
