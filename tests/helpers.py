@@ -21,8 +21,10 @@ import redis.asyncio as aioredis
 
 from common.apikeys import new_key, record_key, user_keys_key
 from common.embedded_redis import free_port
+from common.errors import Unauthorized
 
 if TYPE_CHECKING:
+    from common.credentials import Authenticator
     from common.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,7 +205,7 @@ def pid_listening_on(port: int) -> int:
         with contextlib.suppress(psutil.Error):
             for conn in child.net_connections(kind="tcp"):
                 if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
-                    return child.pid
+                    return int(child.pid)
     raise LookupError(f"no child process listens on port {port}")
 
 
@@ -227,3 +229,16 @@ def peak_rss_growth(process: psutil.Process, interval: float = 0.02) -> Iterator
     finally:
         done.set()
         sampler.join()
+
+
+async def eventually_refused(auth: Authenticator, credential: str, message: str) -> None:
+    """Poll until `auth` refuses `credential` with `message` (revocations travel by pub/sub)."""
+
+    async def refused() -> bool:
+        try:
+            await auth.authenticate(credential)
+        except Unauthorized as exc:
+            return exc.message == message
+        return False
+
+    await wait_for_async(refused, timeout=10)

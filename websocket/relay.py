@@ -55,8 +55,7 @@ async def proxy_endpoint(
         target += f"?{request.query_string}"
     client = request.remote_addr or request.ip
     headers = [("X-Forwarded-For", client)]
-    settings = upstreams.policy.service_policy(service)
-    key = balance_key(settings.hash_on if settings else None, request.headers.get, lambda: client)
+    key = balance_key(upstreams.policy.hash_on(service), request.headers.get, lambda: client)
     try:
         upstream, endpoint, connect_seconds = await upstreams.connect(
             service, target, headers=headers, splice=True, key=key

@@ -59,6 +59,12 @@ class BalancingPolicy:
         """The service's entry in the current policy, None if it has none (hot path)."""
         return self._services.get(service)
 
+    def hash_on(self, service: str) -> str | None:
+        """Where the service's sticky key comes from (`common.balancing.sticky`), None
+        for the default `X-Balance-Key` header (hot path: a dict lookup)."""
+        settings = self._services.get(service)
+        return settings.hash_on if settings else None
+
     def strategy(self, service: str) -> Strategy:
         """The service's strategy object (hot path: a dict lookup)."""
         strategy = self._strategies.get(service)

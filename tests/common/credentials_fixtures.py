@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from common.credentials import Authenticator
 from common.errors import Unauthorized
 from common.tokens import SigningKey
-from tests.helpers import Clock, db_url, fresh_db, wait_for_async
+from tests.helpers import Clock, db_url, fresh_db
 
 SECRET = "s" * 64
 KEY = SigningKey.create(SECRET, now=0)  # the keyring's first key, made from SECRET
@@ -47,16 +47,3 @@ async def rejected(auth: Authenticator, credential: str) -> str:
     with pytest.raises(Unauthorized) as caught:
         await auth.authenticate(credential)
     return caught.value.message
-
-
-async def eventually_rejected(auth: Authenticator, credential: str, message: str) -> None:
-    """Poll until `credential` is refused with `message` (revocations travel by pub/sub)."""
-
-    async def refused() -> bool:
-        try:
-            await auth.authenticate(credential)
-        except Unauthorized as exc:
-            return exc.message == message
-        return False
-
-    await wait_for_async(refused, timeout=10)

@@ -28,11 +28,10 @@ from tests.common.credentials_fixtures import (  # noqa: F401 (the *_fixture one
     SECRET,
     auth_fixture,
     clock_fixture,
-    eventually_rejected,
     redis_fixture,
     rejected,
 )
-from tests.helpers import Clock, wait_for_async
+from tests.helpers import Clock, eventually_refused, wait_for_async
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -247,7 +246,7 @@ async def test_revoked_tokens_are_rejected_at_once(
     await auth.authenticate(other)
     ident = {"sid": sid, "jti": jti, "user": OWNER}[kind]
     await revocation.revoke(redis, f"{kind}:{ident}", time.time() + 600)
-    await eventually_rejected(auth, token, "token revoked")
+    await eventually_refused(auth, token, "token revoked")
     assert auth.authenticate_sync_cached(token) is None
     if kind == "user":
         assert await rejected(auth, other) == "token revoked"
@@ -264,7 +263,7 @@ async def test_a_missed_revocation_is_found_by_the_resync(redis: aioredis.Redis)
         await authenticator.authenticate(token)
         # Written without the message, as if it had been lost.
         await redis.zadd(revocation.REVOKED, {f"sid:{sid}": time.time() + 600})
-        await eventually_rejected(authenticator, token, "token revoked")
+        await eventually_refused(authenticator, token, "token revoked")
     finally:
         await authenticator.close()
 

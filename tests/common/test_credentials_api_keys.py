@@ -20,11 +20,10 @@ from tests.common.credentials_fixtures import (  # noqa: F401 (the *_fixture one
     SECRET,
     auth_fixture,
     clock_fixture,
-    eventually_rejected,
     redis_fixture,
     rejected,
 )
-from tests.helpers import Clock, wait_for_async
+from tests.helpers import Clock, eventually_refused, wait_for_async
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -95,7 +94,7 @@ async def test_a_revoked_api_key_is_rejected_at_once(
     await auth.authenticate(text)  # cached for an hour
     ident = record.key_id if kind == "key" else OWNER
     await revocation.revoke(redis, f"{kind}:{ident}", time.time() + 600)
-    await eventually_rejected(auth, text, "API key revoked")
+    await eventually_refused(auth, text, "API key revoked")
 
 
 async def test_a_revocation_event_drops_the_cached_record(
@@ -111,7 +110,7 @@ async def test_a_revocation_event_drops_the_cached_record(
     await wait_for_async(_scopes_become(auth, text, {"iptv.search"}), timeout=10)
     await redis.delete(apikeys.record_key(record.key_id))
     await revocation.revoke(redis, f"user:{OWNER}", time.time() - 1)
-    await eventually_rejected(auth, text, "unknown API key")
+    await eventually_refused(auth, text, "unknown API key")
 
 
 async def test_the_sync_cache_of_a_matched_key_still_checks_expiry_revocation_and_secret(
@@ -163,7 +162,7 @@ async def test_a_matched_key_is_not_hashed_again_on_either_path_and_is_still_che
         await auth.authenticate(text)
     clock.offset = 0
     await revocation.revoke(redis, f"key:{record.key_id}", time.time() + 600)
-    await eventually_rejected(auth, text, "API key revoked")
+    await eventually_refused(auth, text, "API key revoked")
 
 
 async def test_a_key_record_in_use_is_read_again_before_it_lapses(

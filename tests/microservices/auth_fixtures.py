@@ -15,9 +15,8 @@ import redis.asyncio as aioredis
 from argon2 import PasswordHasher
 
 from common.credentials import Authenticator
-from common.errors import Unauthorized
 from microservices.auth.accounts import Accounts
-from tests.helpers import db_url, fresh_db, wait_for_async
+from tests.helpers import db_url, fresh_db
 
 SECRET = "s" * 64
 PASSWORD = "correct horse battery"
@@ -70,16 +69,3 @@ async def signed_up(accounts: Accounts, name: str) -> tuple[str, dict[str, Any]]
     """Register `name` and log in: (user id, login answer)."""
     user = await accounts.register(name, PASSWORD)
     return user["user_id"], await accounts.login(name, PASSWORD)
-
-
-async def refused(gateway: Authenticator, credential: str, message: str) -> None:
-    """Poll until the gateway refuses `credential` with `message` (revocations are pushed)."""
-
-    async def check() -> bool:
-        try:
-            await gateway.authenticate(credential)
-        except Unauthorized as exc:
-            return exc.message == message
-        return False
-
-    await wait_for_async(check, timeout=10)

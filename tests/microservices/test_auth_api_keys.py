@@ -12,11 +12,11 @@ from common import apikeys
 from common.credentials import Authenticator
 from common.errors import BadRequest, Forbidden, NotFound
 from microservices.auth.accounts import Accounts
+from tests.helpers import eventually_refused
 from tests.microservices.auth_fixtures import (  # noqa: F401 (fixtures)
     accounts_fixture,
     gateway_fixture,
     redis_fixture,
-    refused,
     signed_up,
 )
 
@@ -53,7 +53,7 @@ async def test_api_keys_are_created_listed_and_deleted(
     with pytest.raises(NotFound):
         await accounts.delete_api_key(other_id, key["key_id"])  # not Victor's
     assert await accounts.delete_api_key(user_id, key["key_id"]) == {"revoked": True}
-    await refused(gateway, key["api_key"], "API key revoked")
+    await eventually_refused(gateway, key["api_key"], "API key revoked")
     assert [k["key_id"] for k in await accounts.list_api_keys(user_id)] == [unnamed["key_id"]]
     with pytest.raises(NotFound):
         await accounts.delete_api_key(user_id, key["key_id"])

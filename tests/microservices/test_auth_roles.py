@@ -8,13 +8,13 @@ import pytest
 from common.credentials import Authenticator
 from common.errors import BadRequest, ConfigError
 from microservices.auth.accounts import Accounts
+from tests.helpers import eventually_refused
 from tests.microservices.auth_fixtures import (  # noqa: F401 (fixtures)
     PASSWORD,
     accounts_fixture,
     claims_of,
     gateway_fixture,
     redis_fixture,
-    refused,
     signed_up,
 )
 
@@ -35,14 +35,14 @@ async def test_narrowing_a_user_ends_sessions_and_keys_beyond(
 
     described = await accounts.set_roles(user_id, ["user"])
     assert described["roles"] == ["user"] and described["scopes"] == ["*"]
-    await refused(gateway, admin["access_token"], "token revoked")
-    await refused(gateway, admin_key["api_key"], "API key revoked")
+    await eventually_refused(gateway, admin["access_token"], "token revoked")
+    await eventually_refused(gateway, admin_key["api_key"], "API key revoked")
     assert (await gateway.authenticate(iptv_key["api_key"])).name == "iptv"
 
     fresh = await accounts.login("Yara", PASSWORD)
     await accounts.set_scopes(user_id, ["iptv"])
-    await refused(gateway, fresh["access_token"], "token revoked")
-    await refused(gateway, nlp_key["api_key"], "API key revoked")
+    await eventually_refused(gateway, fresh["access_token"], "token revoked")
+    await eventually_refused(gateway, nlp_key["api_key"], "API key revoked")
     assert [k["name"] for k in await accounts.list_api_keys(user_id)] == ["iptv"]
     assert claims_of((await accounts.login("Yara", PASSWORD))["access_token"])["scope"] == "iptv"
     with pytest.raises(BadRequest):

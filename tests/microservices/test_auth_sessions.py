@@ -14,7 +14,7 @@ from common.errors import BadRequest, NotFound, Unauthorized
 from common.revocation import REVOKED
 from microservices.auth.accounts import Accounts
 from microservices.auth.sessions import session_key
-from tests.helpers import Clock
+from tests.helpers import Clock, eventually_refused
 from tests.microservices.auth_fixtures import (  # noqa: F401 (fixtures)
     PASSWORD,
     accounts_fixture,
@@ -22,7 +22,6 @@ from tests.microservices.auth_fixtures import (  # noqa: F401 (fixtures)
     gateway_fixture,
     make_accounts,
     redis_fixture,
-    refused,
     signed_up,
 )
 
@@ -59,7 +58,7 @@ async def test_a_reused_refresh_token_revokes_its_whole_family(
     with pytest.raises(Unauthorized, match="invalid refresh token"):
         await accounts.refresh(second["refresh_token"])  # the newer one dies with its family
     for answer in (first, second):  # and so do the session's access tokens
-        await refused(gateway, answer["access_token"], "token revoked")
+        await eventually_refused(gateway, answer["access_token"], "token revoked")
         assert (await accounts.introspect(answer["access_token"])) == {"active": False}
     assert (await gateway.authenticate(elsewhere["access_token"])).name == "Mallory2"
     assert (await accounts.refresh(elsewhere["refresh_token"]))["token_type"] == "bearer"
@@ -116,7 +115,7 @@ async def test_logout_ends_the_session(
     await gateway.authenticate(mine["access_token"])
     assert await accounts.logout(sid) == {"revoked": True}
     assert not await redis.exists(session_key(sid))
-    await refused(gateway, mine["access_token"], "token revoked")
+    await eventually_refused(gateway, mine["access_token"], "token revoked")
     with pytest.raises(Unauthorized, match="invalid refresh token"):
         await accounts.refresh(mine["refresh_token"])
     assert (await gateway.authenticate(other["access_token"])).name == "Quinn"
@@ -133,7 +132,7 @@ async def test_revoke_one_token(accounts: Accounts, gateway: Authenticator) -> N
     second = await accounts.refresh(first["refresh_token"])  # same session
     jti = claims_of(first["access_token"])["jti"]
     assert await accounts.revoke("token", jti) == {"revoked": True}
-    await refused(gateway, first["access_token"], "token revoked")
+    await eventually_refused(gateway, first["access_token"], "token revoked")
     assert (await gateway.authenticate(second["access_token"])).name == "Rita"
 
 
@@ -144,8 +143,8 @@ async def test_revoke_a_user(
     key = await accounts.create_api_key(user_id, "ci", ["iptv"], None)
     await gateway.authenticate(key["api_key"])
     assert await accounts.revoke("user", user_id) == {"revoked": True}
-    await refused(gateway, first["access_token"], "token revoked")
-    await refused(gateway, key["api_key"], "API key revoked")
+    await eventually_refused(gateway, first["access_token"], "token revoked")
+    await eventually_refused(gateway, key["api_key"], "API key revoked")
     assert await accounts.list_api_keys(user_id) == []
     with pytest.raises(Unauthorized):
         await accounts.refresh(first["refresh_token"])
@@ -160,7 +159,7 @@ async def test_revoke_a_key_and_bad_requests(accounts: Accounts, gateway: Authen
     key = await accounts.create_api_key(user_id, "ci", ["iptv"], None)
     await gateway.authenticate(key["api_key"])
     assert await accounts.revoke("key", key["key_id"]) == {"revoked": True}
-    await refused(gateway, key["api_key"], "API key revoked")
+    await eventually_refused(gateway, key["api_key"], "API key revoked")
     with pytest.raises(NotFound):
         await accounts.revoke("key", key["key_id"])
     with pytest.raises(NotFound):

@@ -16,21 +16,31 @@ VIEWS_RESYNCED = 2.0
 
 
 @asynccontextmanager
+async def registered(
+    redis_url: str, service: str, addresses: dict[str, str], *, kind: str = "http"
+) -> AsyncIterator[None]:
+    """Instances of `service` (instance id -> address) with a 60 s lease, no heartbeat
+    needed; deregistered after. Registry views learn of them from the change events."""
+    client = aioredis.Redis.from_url(redis_url)
+    registry = Registry(client, ttl=60)
+    try:
+        for name, address in addresses.items():
+            await registry.heartbeat(InstanceRecord(service, name, kind=kind, address=address))
+        yield
+    finally:
+        for name in addresses:
+            await registry.deregister(service, name)
+        await client.aclose()
+
+
+@asynccontextmanager
 async def dead_instances(
     redis_url: str, service: str, count: int, *, kind: str = "http"
 ) -> AsyncIterator[list[str]]:
-    """`count` instances of `service` where nothing listens (a 60 s lease, no heartbeat
-    needed), known to every process's registry view when this yields; deregistered after."""
-    client = aioredis.Redis.from_url(redis_url)
-    registry = Registry(client, ttl=60)
+    """`count` instances of `service` where nothing listens (`registered`), known to
+    every process's registry view when this yields."""
     names = [f"{service}-dead{i}" for i in range(count)]
-    try:
-        for name in names:
-            address = f"127.0.0.1:{free_port()}"
-            await registry.heartbeat(InstanceRecord(service, name, kind=kind, address=address))
+    addresses = {name: f"127.0.0.1:{free_port()}" for name in names}
+    async with registered(redis_url, service, addresses, kind=kind):
         await asyncio.sleep(VIEWS_RESYNCED)
         yield names
-    finally:
-        for name in names:
-            await registry.deregister(service, name)
-        await client.aclose()

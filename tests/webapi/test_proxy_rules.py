@@ -11,17 +11,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 
 from common.balancing import HealthBook
-from common.registry import InstanceRecord, Registry
 from tests.helpers import issue_api_key, wait_for, wait_for_async
 from tests.support.policy import update_service
+from tests.support.registry import registered
 from tests.webapi.conftest import Backend, answered, policy_version
 from tests.webapi.upstream_servers import Peer, Upstream, keep_alive, ok
 
@@ -71,24 +69,6 @@ class Pair:
         return str(reply.headers.get("x-upstream-instance", "none")).rpartition("-")[2]
 
 
-@asynccontextmanager
-async def _registered(
-    redis_url: str, service: str, ups: dict[str, Upstream]
-) -> AsyncIterator[None]:
-    """`ups` registered as instances `<service>-<name>` (a 60 s lease), deregistered after."""
-    client = aioredis.Redis.from_url(redis_url)
-    registry = Registry(client, ttl=60)
-    try:
-        for name, up in ups.items():
-            record = InstanceRecord(service, f"{service}-{name}", kind="http", address=up.address)
-            await registry.heartbeat(record)
-        yield
-    finally:
-        for name in ups:
-            await registry.deregister(service, f"{service}-{name}")
-        await client.aclose()
-
-
 @pytest.fixture
 async def pair(gateway: str, redis_url: str, auth: dict[str, str]) -> AsyncIterator[Pair]:
     service = f"rules{uuid.uuid4().hex[:6]}"
@@ -96,7 +76,11 @@ async def pair(gateway: str, redis_url: str, auth: dict[str, str]) -> AsyncItera
     async with (
         Upstream(keep_alive) as healthy,
         Upstream(script.serve) as faulty,
-        _registered(redis_url, service, {"healthy": healthy, "faulty": faulty}),
+        registered(
+            redis_url,
+            service,
+            {f"{service}-healthy": healthy.address, f"{service}-faulty": faulty.address},
+        ),  # fmt: skip
         httpx.AsyncClient(base_url=f"{gateway}/svc/{service}", headers=auth, timeout=10) as c,
     ):
 

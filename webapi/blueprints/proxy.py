@@ -96,9 +96,8 @@ async def routed(request: GatewayRequest, path: str) -> HTTPResponse | None:
 
 def _balance_key(request: GatewayRequest, service: str) -> str | None:
     """The request's sticky key under the service's `hash_on` (`common.balancing.sticky`)."""
-    settings = request.app.ctx.proxy.policy.service_policy(service)
     gate = request.app.ctx.gate
-    return balance_key(settings.hash_on if settings else None, request.headers.get,
+    return balance_key(request.app.ctx.proxy.policy.hash_on(service), request.headers.get,
                        lambda: gate.client_ip(request))  # fmt: skip
 
 

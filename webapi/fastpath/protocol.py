@@ -320,11 +320,11 @@ class FastPathProtocol(LingeringHttpProtocol):
         request_id = first[b"x-request-id"]
         # Whether the connection stays open after it; a coroutine's try (`_answer`) reads it too.
         keep_alive = req.keep_alive = req.keep_alive and bool(app.config.KEEP_ALIVE)
-        settings = proxy.policy.service_policy(req.service)
-        if settings is None or settings.hash_on is None:
+        hash_on = proxy.policy.hash_on(req.service)
+        if hash_on is None:  # the default header, already read by the parse
             key = first.get(b"x-balance-key")
         else:
-            key = balance_key(settings.hash_on, req.header, partial(self._client_address, req))
+            key = balance_key(hash_on, req.header, partial(self._client_address, req))
         try:
             attempts = proxy.attempts(
                 req.service, req.method, version=first.get(b"x-service-version"), key=key
