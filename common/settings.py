@@ -21,6 +21,8 @@ T = TypeVar("T")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # The largest body limit the proxy takes (1 TiB): the setting's and the live policy's.
 MAX_BODY_LIMIT = 1024**4
+# The largest whole-exchange bound (PROXY_TOTAL_TIMEOUT, a service's `total_timeout`): a day.
+MAX_TOTAL_TIMEOUT = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,10 @@ class Settings:
     # Reverse proxy: connect timeout, and the read timeout (no progress) / head deadline.
     proxy_connect_timeout: float = field(default=2.0, metadata={"env": "PROXY_CONNECT_TIMEOUT"})
     proxy_timeout: float = field(default=30.0, metadata={"env": "PROXY_TIMEOUT"})
+    # The bound on a whole exchange, from the request's first try to the response's
+    # last byte, unless the live policy sets the service's `total_timeout`. 0: none
+    # (the default: a 100 MB download and a JSON call need very different bounds).
+    proxy_total_timeout: float = field(default=0.0, metadata={"env": "PROXY_TOTAL_TIMEOUT"})
     # The largest request body the proxy forwards (bytes), unless the live policy sets
     # the service's own `max_body`; larger is refused with 413 before anything is sent.
     proxy_max_body: int = field(default=1024**3, metadata={"env": "PROXY_MAX_BODY"})
@@ -164,6 +170,10 @@ class Settings:
             raise ConfigError("JWT_TTL and JWT_REFRESH_TTL must be positive")
         if self.heartbeat_ttl <= self.heartbeat_interval:
             raise ConfigError("HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL")
+        if not 0 <= self.proxy_total_timeout <= MAX_TOTAL_TIMEOUT:
+            raise ConfigError(
+                f"PROXY_TOTAL_TIMEOUT must be from 0 (none) to {MAX_TOTAL_TIMEOUT:g} (seconds)"
+            )
         if not 0 < self.proxy_max_body <= MAX_BODY_LIMIT:
             raise ConfigError(f"PROXY_MAX_BODY must be from 1 to {MAX_BODY_LIMIT} (bytes)")
         if not 0 <= self.proxy_retry_budget_ratio <= 1:

@@ -85,6 +85,7 @@ async def _open_resources(app: GatewayApp) -> None:
         least_time_decay=settings.least_time_decay,
         retry_budget=RetryBudgetPolicy.from_settings(settings),
         max_body=settings.proxy_max_body,
+        total_timeout=settings.proxy_total_timeout or None,
     )
     authenticator = Authenticator(
         ctx.redis,

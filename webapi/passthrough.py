@@ -11,7 +11,8 @@ When a request of such a route arrives on an idle keep-alive connection (and no
 rate limit covers the service), `FastPathProtocol` connects to an instance of the
 service (chosen by its strategy, connect failures retried on another one) and from
 then on relays the connection's bytes both ways unchanged. Requests and responses
-are not rebuilt: no `X-Forwarded-*`, no request id, no latency headers, no body limit.
+are not rebuilt: no `X-Forwarded-*`, no request id, no latency headers, no body limit,
+no total timeout.
 That is the point (design §6: nginx parity needs a route with no per-request work)
 and the price: use a normal route when the backend needs those.
 

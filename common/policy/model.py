@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import BadRequest
-from common.settings import MAX_BODY_LIMIT
+from common.settings import MAX_BODY_LIMIT, MAX_TOTAL_TIMEOUT
 
 if TYPE_CHECKING:
     from common.settings import Settings
@@ -93,8 +93,10 @@ class ServicePolicy(_Model):
     between versions (tag -> relative weight); a version left out gets none.
     `timeout` bounds the wait for the response head (shorter or longer than
     the gateway's PROXY_TIMEOUT, which still bounds each silence in the bodies),
-    `connect_timeout` each connect (gateway and websocket relay), `retries` the
-    extra attempts after the first, `retry_budget` how many failed tries may be
+    `total_timeout` the whole exchange, from the first try to the response's last
+    byte (None: PROXY_TOTAL_TIMEOUT, whose default is no bound), `connect_timeout`
+    each connect (gateway and websocket relay), `retries` the extra attempts after
+    the first, `retry_budget` how many failed tries may be
     retried at all (None: the gateway's settings, PROXY_RETRY_BUDGET_*), `max_body`
     the largest request body forwarded, in bytes (None: PROXY_MAX_BODY), `hash_on`
     the key of sticky requests: `header:<name>`, `cookie:<name>` or `client_ip`
@@ -106,6 +108,7 @@ class ServicePolicy(_Model):
         default_factory=dict, max_length=MAX_ITEMS
     )
     timeout: Annotated[float, Field(gt=0, le=3600)] | None = None
+    total_timeout: Annotated[float, Field(gt=0, le=MAX_TOTAL_TIMEOUT)] | None = None
     connect_timeout: Annotated[float, Field(gt=0, le=60)] | None = None
     retries: Annotated[int, Field(ge=0, le=5)] | None = None
     retry_budget: RetryBudgetPolicy | None = None

@@ -62,6 +62,8 @@ BAD_DOCUMENTS: list[tuple[str, object, str]] = [
         "services.nlp.retry_budget.percent",
     ),
     ("body limit zero", nlp(max_body=0), "services.nlp.max_body"),
+    ("total timeout zero", nlp(total_timeout=0), "services.nlp.total_timeout"),
+    ("total timeout over a day", nlp(total_timeout=86401), "services.nlp.total_timeout"),
     ("hash on an unknown source", nlp(hash_on="query:user"), "services.nlp.hash_on"),
     ("hash on a bad header name", nlp(hash_on="header:X User"), "services.nlp.hash_on"),
     ("body limit over 1 TiB", nlp(max_body=2**40 + 1), "services.nlp.max_body"),

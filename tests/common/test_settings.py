@@ -35,6 +35,8 @@ def test_reads_and_types_the_environment() -> None:
         {"PROXY_RETRY_BUDGET_MIN": "-1"},
         {"PROXY_MAX_BODY": "0"},
         {"PROXY_MAX_BODY": str(2**40 + 1)},
+        {"PROXY_TOTAL_TIMEOUT": "-1"},
+        {"PROXY_TOTAL_TIMEOUT": "86401"},
     ],
 )
 def test_malformed_values_name_the_variable(env: dict[str, str]) -> None:

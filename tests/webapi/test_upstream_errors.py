@@ -159,6 +159,42 @@ async def test_trickling_server_hits_the_total_timeout() -> None:
         assert time.monotonic() - started < 1.0
 
 
+async def test_trickling_body_is_cut_at_the_total_timeout() -> None:
+    """No silence ever reaches the read timeout, but the whole exchange is bounded."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(200):  # 10 s in all, a chunk every 50 ms
+            await peer.send(b"1\r\nx\r\n")
+            await asyncio.sleep(0.05)
+        await peer.send(b"0\r\n\r\n")
+
+    async with Upstream(handler) as up, UpstreamPool(read_timeout=1.0) as pool:
+        resp = await pool.request(up.address, "GET", "/", [], timeout=5, total=0.5)
+        got = b""
+        with pytest.raises(UpstreamTimeout, match="not over in time"):
+            async for chunk in resp.stream():
+                got += chunk
+        await resp.aclose()
+        assert 0 < len(got) < 200  # cut before the end
+        await wait_for_async(_no_open(pool, up.address), timeout=5)
+
+
+async def test_total_timeout_bounds_the_wait_for_the_head_too() -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await asyncio.sleep(0.8)  # within `timeout`, beyond `total`
+        await peer.send(ok())
+
+    async with Upstream(handler) as up, UpstreamPool(read_timeout=5.0) as pool:
+        with pytest.raises(UpstreamTimeout, match="no response head"):
+            await pool.request(up.address, "GET", "/", [], timeout=5, total=0.2)
+        # Without a total timeout the same wait is answered.
+        resp = await pool.request(up.address, "GET", "/", [], timeout=5)
+        assert await resp.read() == b"hello world"
+
+
 async def test_stalled_body_is_a_read_timeout_while_streaming() -> None:
     async def handler(peer: Peer) -> None:
         await peer.request()

@@ -21,6 +21,7 @@ from sanic import Blueprint, HTTPResponse
 from sanic.compat import Header
 
 from common.balancing.sticky import balance_key
+from common.log import get_logger
 from webapi.access import FROM_PATH, IN_HANDLER, POLICY_ROUTED, credential_free
 from webapi.context import GatewayRequest
 from webapi.errors import (
@@ -33,6 +34,7 @@ from webapi.errors import (
     UpstreamTimedOut,
     error_response,
 )
+from webapi.proxy.errors import UpstreamError, UpstreamTimeout
 from webapi.proxy.forward import Forwarded, hop_headers_out, latency_headers
 from webapi.proxy.paths import match_route, upstream_target
 from webapi.proxy.upstream import strip_hop_by_hop
@@ -40,6 +42,7 @@ from webapi.requests import json_object
 from webapi.responses import json_response
 
 bp = Blueprint("proxy")
+log = get_logger("webapi.proxy")
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -142,6 +145,13 @@ async def _stream(
             async for chunk in upstream.stream():
                 await response.send(chunk)
         await response.eof()
+    except UpstreamError as exc:
+        # The head is out: only closing the connection can tell the client that the
+        # body is cut (Sanic's error handling would end it as if it were whole).
+        fields = {"service": service, "error": str(exc) or type(exc).__name__}
+        log.warning("upstream body failed", extra={"fields": fields})
+        if request.transport is not None:
+            request.transport.close()
     finally:
         await upstream.aclose()
     return None
@@ -159,6 +169,10 @@ async def _json_exchange(
                                     key=_balance_key(request, service))  # fmt: skip
     try:
         raw = await forwarded.response.read()
+    except UpstreamTimeout as exc:  # a silence, or the service's total timeout
+        raise UpstreamTimedOut(f"{service} did not finish its answer in time") from exc
+    except UpstreamError as exc:
+        raise UpstreamFailed(f"{service}: {exc.message or type(exc).__name__}") from exc
     finally:
         await forwarded.response.aclose()
     try:

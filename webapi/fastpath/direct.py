@@ -92,11 +92,14 @@ class DirectExchange:
         self.head_written = False  # and has been written to the client
         self.ended = False
 
-    def start(self, deadline: float | None) -> None:
-        req = self._req
+    def start(self, now: float) -> None:
+        """Send the request; `now` is the loop's time (the timeouts count from it)."""
+        req, attempts = self._req, self._attempts
         body = req.body
+        remaining = attempts.remaining()  # of the total timeout, if the service has one
+        end = None if remaining is None else now + remaining
         self._conn.send(self._request_head + body if body else self._request_head, self,
-                        req.method == "HEAD", deadline)  # fmt: skip
+                        req.method == "HEAD", now + attempts.timeout, end)  # fmt: skip
 
     def cancel(self) -> None:
         """The client left or timed out: drop the exchange (its connection is closed)."""

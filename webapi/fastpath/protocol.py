@@ -340,7 +340,7 @@ class FastPathProtocol(LingeringHttpProtocol):
         exchange = DirectExchange(self, req, head, request_id, attempts, keep_alive, conn)
         self._fast = exchange
         app.ctx.fast_path.direct += 1
-        exchange.start(self.loop.time() + attempts.timeout)
+        exchange.start(self.loop.time())
 
     # What a `DirectExchange` calls.
 

@@ -12,7 +12,8 @@ connection. So the retry rule lives here once:
   sent again (not streamed);
 * a timeout is not retried (slow is not dead: our users run models that take
   seconds, and a retry would double the load on a slow pool): it answers 504 and
-  counts toward the instance's failure streak;
+  counts toward the instance's failure streak. That holds for the wait for the
+  head, a silence, and the service's total timeout, which counts from the first try;
 * every retry also needs the service's retry budget (`RetryBudget`: each
   request adds a fifth of a retry by default) and its attempt limit (`retries`
   in the live policy, else the gateway's default).
@@ -29,6 +30,7 @@ and least-time learns the connect time, not the connection's lifetime).
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from common.balancing import Endpoint
@@ -51,8 +53,8 @@ class Attempts(Tries):
     """The tries of one request: `next()` picks an instance, `answered()` or `failed()`
     reports how the try ended. Hot path: one per proxied request."""
 
-    __slots__ = ("_proxy", "connect_timeout", "failure", "kind", "method", "replayable",
-                 "timeout")  # fmt: skip
+    __slots__ = ("_began", "_proxy", "connect_timeout", "failure", "kind", "method",
+                 "replayable", "timeout", "total_timeout")  # fmt: skip
 
     def __init__(
         self,
@@ -74,8 +76,16 @@ class Attempts(Tries):
         if timeout is None:
             timeout = settings.timeout if settings and settings.timeout else proxy.timeout
         self.timeout: float = timeout  # the wait for the response head
+        total = settings.total_timeout if settings and settings.total_timeout else None
+        self.total_timeout = total or proxy.total_timeout  # the whole exchange's bound
+        self._began = time.perf_counter() if self.total_timeout is not None else 0.0
         self.connect_timeout = settings.connect_timeout if settings else None
         self.failure: ApiError | None = None  # the last try's error, while retrying
+
+    def remaining(self) -> float | None:
+        """Seconds left of the request's total timeout (None: it has none)."""
+        total = self.total_timeout
+        return None if total is None else total - (time.perf_counter() - self._began)
 
     def next(self) -> Endpoint:
         """Choose the instance of the next try and mark it started. Raises `ApiError`:

@@ -78,6 +78,7 @@ class Connection(asyncio.Protocol):
         self._upload: asyncio.Task[None] | None = None
         self._upload_done = True
         self._head_deadline: float | None = None
+        self._end_deadline: float | None = None  # the whole exchange's (total timeout)
         self._progress_at = 0.0
         self._got_data = False
         self._head_request = False
@@ -102,13 +103,16 @@ class Connection(asyncio.Protocol):
         length: int,
         head_request: bool,
         deadline: float | None,
+        end: float | None = None,
     ) -> UpstreamResponse:
-        """Send one request and return once the response head has arrived."""
+        """Send one request and return once the response head has arrived: by `deadline`
+        (loop time), and the whole response by `end` (None: no bound but the read
+        timeout's on each silence)."""
         transport = self._transport
         assert transport is not None and self._resp is None and not self.lost
         resp = UpstreamResponse(self)
         fut = self._head_fut = self._loop.create_future()
-        self._begin(resp, head_request, deadline)
+        self._begin(resp, head_request, deadline, end)
         if framing == NO_BODY:
             transport.write(head)
         elif isinstance(body, bytes | bytearray) and len(body) <= INLINE_BODY:
@@ -126,17 +130,25 @@ class Connection(asyncio.Protocol):
         return resp
 
     def send(
-        self, request: bytes, receiver: Receiver, head_request: bool, deadline: float | None
+        self,
+        request: bytes,
+        receiver: Receiver,
+        head_request: bool,
+        deadline: float | None,
+        end: float | None = None,
     ) -> None:
         """Send one whole request (head and body in `request`) and return at once; the
-        response goes to `receiver` (see `Receiver`). Hot path."""
+        response goes to `receiver` (see `Receiver`); `deadline` and `end` as in
+        `exchange`. Hot path."""
         transport = self._transport
         assert transport is not None and self._resp is None and not self.lost
         self._head_fut = None
-        self._begin(receiver, head_request, deadline)
+        self._begin(receiver, head_request, deadline, end)
         transport.write(request)
 
-    def _begin(self, resp: Receiver, head_request: bool, deadline: float | None) -> None:
+    def _begin(
+        self, resp: Receiver, head_request: bool, deadline: float | None, end: float | None
+    ) -> None:
         self._resp = resp
         self._got_data = self._head_done = self._interim = False
         self._message_done = self._keep_alive = self._framed = False
@@ -149,7 +161,10 @@ class Connection(asyncio.Protocol):
         if self._parser is None:
             self._parser = HttpResponseParser(self)
         now = self._progress_at = self._loop.time()
+        if end is not None and (deadline is None or end < deadline):
+            deadline = end  # the head cannot come later than the whole response
         self._head_deadline = deadline
+        self._end_deadline = end
         when = now + self._read_timeout
         self._deadlines.set(
             self, when if deadline is None or when < deadline else deadline, self._on_timer
@@ -176,6 +191,12 @@ class Connection(asyncio.Protocol):
         if self._resp is None:
             return
         now = self._loop.time()
+        end = self._end_deadline
+        if end is not None and now >= end and self._head_done:
+            self._fail(
+                UpstreamTimeout(f"the response from {self._owner.address} was not over in time")
+            )
+            return
         deadline = None if self._head_done else self._head_deadline
         if deadline is not None and now >= deadline:
             self._fail(UpstreamTimeout(f"no response head from {self._owner.address} in time"))
@@ -200,6 +221,8 @@ class Connection(asyncio.Protocol):
             )
             return
         when = gap_end if deadline is None or gap_end < deadline else deadline
+        if end is not None and end < when:
+            when = end
         self._deadlines.set(self, when, self._on_timer)
 
     def _finish(self) -> None:

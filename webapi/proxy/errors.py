@@ -33,7 +33,8 @@ class UpstreamConnectError(UpstreamError):
 
 
 class UpstreamTimeout(UpstreamError, TimeoutError):
-    """No progress for `read_timeout`, or no response head before the total deadline."""
+    """No progress for `read_timeout`, no response head by its deadline, or the whole
+    exchange not over by its total timeout."""
 
     code = "upstream_timeout"
 

@@ -10,7 +10,10 @@ retried on another instance where that is safe: the rule is `webapi.proxy.attemp
 
 Per service, the live policy (`services.<name>` of the policy document) may set
 `timeout` (the wait for the response head, shorter or longer than
-PROXY_TIMEOUT, which then still bounds each gap in the bodies),
+PROXY_TIMEOUT, which then still bounds each gap in the bodies), `total_timeout`
+(the whole exchange, from the first try to the response's last byte: past it, a
+request still waiting for its head gets 504 and a response being streamed is cut,
+its client connection closed; PROXY_TOTAL_TIMEOUT, no bound by default),
 `connect_timeout`, `retries` (attempts after the first), `retry_budget` and
 `max_body` (the routes refuse a larger request body with 413); without them the
 gateway's settings apply. A request reads them once, when it starts, so a
@@ -62,12 +65,14 @@ class Proxy:
         least_time_decay: float = 10.0,
         retry_budget: RetryBudgetPolicy | None = None,
         max_body: int = 1024**3,
+        total_timeout: float | None = None,
     ) -> None:
         self.view, self.pool = view, pool
         self.default_max_body = max_body
         self.book = book or HealthBook()
         self.max_attempts = max_attempts  # defaults, unless the policy sets the service's own
         self.timeout = timeout
+        self.total_timeout = total_timeout
         self.policy = BalancingPolicy(
             watcher,
             options={"least_time": {"decay": least_time_decay}},
@@ -157,6 +162,7 @@ class Proxy:
                     timeout=attempts.timeout,
                     connect_timeout=attempts.connect_timeout,
                     fresh=fresh,
+                    total=attempts.remaining(),
                 )
             except UpstreamError as exc:
                 attempts.failed(exc)  # raises unless another try is allowed

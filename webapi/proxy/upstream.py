@@ -161,6 +161,7 @@ class UpstreamPool:
         timeout: float | None = None,
         connect_timeout: float | None = None,
         fresh: bool = False,
+        total: float | None = None,
     ) -> UpstreamResponse:
         """Send a request to `address` ("host:port") and return once the response head
         has arrived; the body is then read from the response, which must be closed.
@@ -170,7 +171,8 @@ class UpstreamPool:
         without a `Content-Length`). `headers` may also be the whole request head as
         bytes, framing included, for a `body` of bytes or None (the fast path builds
         it once per request, whichever instance it goes to). `timeout` bounds the wait
-        for the head (it replaces the read timeout until the head arrives),
+        for the head (it replaces the read timeout until the head arrives), `total`
+        the whole exchange, connect and last body byte included (None: no bound),
         `connect_timeout` the connect (default: the pool's). `fresh`: this is the retry
         rule's second send, on a new connection, of a request whose reused connection
         went stale elsewhere (the fast path's callback exchange).
@@ -194,12 +196,15 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = None if timeout is None else now + timeout
+        end = None if total is None else now + total
+        if end is not None and (deadline is None or end < deadline):
+            deadline = end  # (the connect is bounded by it too)
         head_request = method == "HEAD"
 
         conn = None if fresh else host.take_idle(now)
         if conn is not None:
             try:
-                return await conn.exchange(head, body, framing, length, head_request, deadline)
+                return await conn.exchange(head, body, framing, length, head_request, deadline, end)
             except StaleConnection as exc:
                 if not stale_retry_allowed(method, body):
                     raise UpstreamProtocolError(str(exc)) from exc
@@ -207,7 +212,7 @@ class UpstreamPool:
         if fresh:
             host.retries += 1
         conn = await self._connect(host, loop, deadline, connect_timeout or self.connect_timeout)
-        return await conn.exchange(head, body, framing, length, head_request, deadline)
+        return await conn.exchange(head, body, framing, length, head_request, deadline, end)
 
     def idle_connection(self, address: str) -> Connection | None:
         """An idle keep-alive connection to `address`, taken out of the pool, or None
