@@ -1,10 +1,12 @@
-"""A service's `total_timeout`: the bound on a whole exchange, end to end.
+"""Answers cut short, end to end: by a service's `total_timeout` (the bound on a whole
+exchange), or by the upstream itself. Either way the client must see the cut.
 
 The gateway's read timeout (PROXY_TIMEOUT, 1 s in the test gateway) bounds each
 silence; an instance that keeps trickling never hits it. The live policy's
 `total_timeout` bounds the whole exchange: past it, a response being streamed is cut
 (its client connection closed: nothing else can tell the client) and a request still
-waiting for its head gets 504. The instance here is a scripted upstream in the
+waiting for its head gets 504. An upstream that closes in the middle of its body
+is cut the same way. The instance here is a scripted upstream in the
 test's own loop, registered straight into the registry.
 """
 
@@ -33,8 +35,13 @@ TRICKLE = 200  # chunks of the trickled answer, one every 50 ms: 10 s in all
 async def _instance(peer: Peer) -> None:
     """`/slow-head` answers after 1.5 s (past the test gateway's 1 s read timeout, within
     the policy's head timeout); `/trickle`, `/nlp` and `/ai_server/` send their head at
-    once and then a JSON body a byte every 50 ms, never silent for long; the rest `ok`."""
+    once and then a JSON body a byte every 50 ms, never silent for long; `/half` sends
+    half its body and closes; the rest `ok`."""
     async for req in peer.requests():
+        if req.target == "/half":
+            await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 50)
+            peer.close()
+            return
         if req.target == "/slow-head":
             await asyncio.sleep(1.5)
             await peer.send(ok(b"{}"))
@@ -82,39 +89,39 @@ async def bounded(gateway: str, redis_url: str, auth: dict[str, str]) -> AsyncIt
 
 
 async def _cut_short(client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> int:
-    """GET a trickled answer: it starts (200) and the connection closes before its end.
-    The bytes that came."""
+    """GET an answer that starts (200) and whose connection closes before its end.
+    The body bytes that came."""
     got = 0
     async with client.stream("GET", url, headers=headers) as reply:
         assert reply.status_code == 200
         with pytest.raises(httpx.RemoteProtocolError):
-            async for chunk in reply.aiter_raw():
+            async for chunk in reply.aiter_bytes():
                 got += len(chunk)
-    assert got < TRICKLE  # cut before the end
     return got
 
 
-async def test_a_trickling_answer_is_cut_at_the_total_timeout_on_both_paths(
-    bounded: Bounded,
+@pytest.mark.parametrize(("target", "whole"), [("/trickle", TRICKLE), ("/half", 100)])
+async def test_a_cut_answer_is_cut_for_the_client_on_both_paths(
+    bounded: Bounded, target: str, whole: int
 ) -> None:
     # A fresh API key: its first request is Sanic's (the credential is not cached yet);
     # later ones take the fast path, straight onto an idle upstream connection.
     key = await asyncio.to_thread(issue_api_key, bounded.redis_url, [bounded.service],
-                                  name="total")  # fmt: skip
+                                  name="cut")  # fmt: skip
     headers = {"X-Api-Key": key}
-    url = f"/svc/{bounded.service}/trickle"
+    url = f"/svc/{bounded.service}{target}"
     direct = (await asyncio.to_thread(fast_path, bounded.gateway))["direct"]
-    await _cut_short(bounded.client, url, headers)
+    assert await _cut_short(bounded.client, url, headers) < whole
     assert (await asyncio.to_thread(fast_path, bounded.gateway))["direct"] == direct
 
     # An answered request leaves an idle connection for the fast path's direct exchange.
     answer = await bounded.client.get(f"/svc/{bounded.service}/fine", headers=headers)
     assert answer.status_code == 200 and answer.text == "/fine"
     direct = (await asyncio.to_thread(fast_path, bounded.gateway))["direct"]
-    await _cut_short(bounded.client, url, headers)
+    assert await _cut_short(bounded.client, url, headers) < whole
     assert (await asyncio.to_thread(fast_path, bounded.gateway))["direct"] == direct + 1
 
-    # The instance is not blamed for a long answer: it still serves.
+    # The instance is not blamed for a cut answer: it still serves.
     answer = await bounded.client.get(f"/svc/{bounded.service}/after", headers=headers)
     assert answer.status_code == 200 and answer.text == "/after"
 
