@@ -60,6 +60,15 @@ class RetryBudget:
         tokens = self.tokens + self.ratio
         self.tokens = tokens if tokens < self.cap else self.cap
 
+    def state(self) -> dict[str, float | int | bool]:
+        """What an operator reads (`GET /admin/proxy/stats`): the retries it may make
+        now (`available`, refilled to this moment; nothing is spent), its `cap`, the
+        retries refused since the start (`denied`) and whether the last was (`exhausted`)."""
+        refill = (self._clock() - self._refilled) * self.min_per_second
+        available = min(self.cap, self.tokens + refill)
+        return {"available": round(available, 3), "cap": self.cap, "denied": self.denied,
+                "exhausted": self.exhausted}  # fmt: skip
+
     def try_spend(self) -> bool:
         """Whether one retry may go now (and, if so, spend it)."""
         now = self._clock()

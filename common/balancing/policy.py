@@ -84,6 +84,10 @@ class BalancingPolicy:
             budget = self._budgets[service] = RetryBudget(limits.ratio, limits.min_per_second)
         return budget
 
+    def retry_budgets(self) -> dict[str, RetryBudget]:
+        """The retry budget of each service this process has forwarded to."""
+        return dict(self._budgets)
+
     def _budget_limits(self, settings: ServicePolicy | None) -> RetryBudgetPolicy:
         limits = settings.retry_budget if settings else None
         return limits or self.default_retry_budget

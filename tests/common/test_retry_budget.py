@@ -68,6 +68,17 @@ def test_exhausted_tells_whether_the_last_retry_was_refused() -> None:
     assert budget.try_spend() and not budget.exhausted
 
 
+def test_state_reports_the_balance_refilled_to_now_without_spending() -> None:
+    clock = Clock()
+    budget = RetryBudget(ratio=0, min_per_second=2, clock=clock)
+    spend_all(budget)
+    clock.now += 1.25
+    state = {"available": 2.5, "cap": 20.0, "denied": 1, "exhausted": True}
+    assert budget.state() == state
+    assert budget.state() == state  # reading it spent nothing and moved nothing
+    assert spend_all(budget) == 2
+
+
 def test_new_limits_keep_the_balance_within_the_new_cap() -> None:
     budget = RetryBudget(ratio=0.2, min_per_second=10, clock=Clock())
     budget.configure(ratio=0.2, min_per_second=0.5)

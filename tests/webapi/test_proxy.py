@@ -366,3 +366,7 @@ def test_retries_stop_when_the_services_retry_budget_is_spent(gateway: str, redi
             return [as_admin.get(f"{gateway}/svc/{service}/x").status_code for _ in range(5)]
 
     assert asyncio.run(scenario()) == [502, 502, 502, 502, 503]
+    # The gateway says so: four retries refused, none left.
+    stats = as_admin.get(f"{gateway}/admin/proxy/stats").json()
+    budget = stats["retry_budgets"][service]
+    assert budget == {"available": 0.0, "cap": 1.0, "denied": 4, "exhausted": True}

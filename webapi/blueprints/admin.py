@@ -128,7 +128,8 @@ async def rotate_signing_key(request: GatewayRequest) -> HTTPResponse:
 
 @bp.get("/proxy/stats", ctx_access=ADMIN)
 async def proxy_stats(request: GatewayRequest) -> HTTPResponse:
-    """This process's fast-path counters (`webapi.fastpath`) and upstream pool."""
+    """This process's fast-path counters (`webapi.fastpath`), upstream pool and the
+    retry budget of each service (`common.balancing.RetryBudget.state`)."""
     ctx = request.app.ctx
     fast = ctx.fast_path
     return json_response(
@@ -145,5 +146,9 @@ async def proxy_stats(request: GatewayRequest) -> HTTPResponse:
                 "connect_failures": ctx.passthrough.connect_failures,
             },
             "upstreams": ctx.proxy.pool.stats(),
+            "retry_budgets": {
+                service: budget.state()
+                for service, budget in ctx.proxy.policy.retry_budgets().items()
+            },
         }
     )
