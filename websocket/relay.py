@@ -1,7 +1,10 @@
 """`/ws/proxy/<service>/<path>`: a client connection relayed to an upstream.
 
 The upstream is `ws://<instance>/<path>?<query>` on an instance picked by
-`Upstreams` (connect failures fail over to another instance first). When no
+`Upstreams` (connect failures fail over to another instance first): of the version
+the `X-Service-Version` header names, as on the gateway's `/svc/` routes, else as
+the live policy's version weights say (a browser cannot set the header: it gets
+the weights). When no
 instance can be connected, the client is closed with 1014 and the reason.
 
 Once both handshakes are done the relay is a byte splice (`websocket.splice`):
@@ -56,9 +59,10 @@ async def proxy_endpoint(
     client = request.remote_addr or request.ip
     headers = [("X-Forwarded-For", client)]
     key = balance_key(upstreams.policy.hash_on(service), request.headers.get, lambda: client)
+    version = request.headers.get("x-service-version")
     try:
         upstream, endpoint, connect_seconds = await upstreams.connect(
-            service, target, headers=headers, splice=True, key=key
+            service, target, headers=headers, splice=True, key=key, version=version
         )
     except NoUpstream as exc:
         untap(ws)

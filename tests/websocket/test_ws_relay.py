@@ -163,6 +163,28 @@ async def test_live_policy_version_weights_pick_the_upstream_version(
     await wait_for_async(lambda: _reaches_only(ws_server, backends.service, "old"), timeout=10)
 
 
+async def test_x_service_version_picks_the_upstream_version(
+    ws_server: WsServer, backends: Backends
+) -> None:
+    backends.start("old")
+    backends.start("new", version="v2")
+    await wait_reachable(ws_server, backends.service, {"old", "new"})
+    for version, name in (("v2", "new"), ("0", "old")):
+        named = {"X-Service-Version": version}
+        assert {await whoami(ws_server, backends.service, headers=named) for _ in range(4)} == {
+            name
+        }
+    # A version nothing serves: closed with 1014 and the reason, as for a dead service.
+    async with ws_server.connect(
+        f"/ws/proxy/{backends.service}/echo",
+        additional_headers={**ws_server.bearer(), "X-Service-Version": "v9"},
+    ) as ws:
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            await ws.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1014
+    assert "upstream unavailable" in info.value.rcvd.reason
+
+
 async def _reaches_only(server: WsServer, service: str, name: str) -> bool:
     return {await whoami(server, service) for _ in range(6)} == {name}
 
