@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from sanic import HTTPResponse, Request
-from sanic.exceptions import SanicException
+from sanic.exceptions import RequestCancelled, SanicException
 from sanic.handlers import ErrorHandler
 
 from common.errors import (
@@ -43,6 +43,15 @@ class MalformedJson(ApiError):
 
     status_code = 400
     code = "malformed_json"
+    quiet = True
+
+
+class MalformedHeader(ApiError):
+    """A header field that HTTP does not allow (a name that is not a token, a control
+    character in a value): refused, never forwarded."""
+
+    status_code = 400
+    code = "malformed_header"
     quiet = True
 
 
@@ -218,6 +227,12 @@ def error_response(
     (`JsonErrorHandler`; the proxy's fast path, which has no Sanic request, too).
     `envelope`: fields a route's own answer shape puts beside `error` (`/ai_server/`)."""
     headers: dict[str, str] = {}
+    if isinstance(exception, RequestCancelled):
+        # The client left before its answer (Sanic cancels the handler): nothing failed
+        # here and nothing can be sent. The status is nginx's "client closed request".
+        log.info("client left before its answer", extra={"fields": {"method": method,
+                                                                     "path": path}})  # fmt: skip
+        return json_response(error_body("client_closed", "the client left"), status=499)
     if isinstance(exception, SwitchboardError):
         status = status_for(exception)
         body = {"error": exception.to_dict()}

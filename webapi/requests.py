@@ -10,9 +10,31 @@ from typing import Any
 
 from sanic import Request
 
-from webapi.errors import MalformedJson
+from webapi.errors import MalformedHeader, MalformedJson
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# RFC 9110 §5.1 and §5.5: a field name is a token (Sanic gives it in lower case); a
+# value holds no control character but horizontal tab.
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_FIELD_VALUE_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def check_header_fields(request: Request[Any, Any]) -> None:
+    """Raise `MalformedHeader` (400) for a header field HTTP does not allow.
+
+    Sanic's own parser is lenient where a proxy must not be: it takes
+    `Transfer-Encoding : chunked` (a space before the colon) as a field named
+    `transfer-encoding ` and keeps a bare LF or a NUL inside a value. Forwarded, such a
+    field could be read differently by the upstream (request smuggling), so every
+    request Sanic parses is checked here, before anything is forwarded. (The fast
+    path's httptools parser refuses them already and hands them to Sanic.)
+    """
+    fullmatch, bad_value = _FIELD_NAME.fullmatch, _FIELD_VALUE_CTL.search
+    for name, value in request.headers.items():
+        if fullmatch(name) is None:
+            raise MalformedHeader(f"malformed header field name {name!r}")
+        if bad_value(value) is not None:
+            raise MalformedHeader(f"control character in the value of header {name!r}")
 
 
 def json_object(request: Request[Any, Any], *, empty_ok: bool = True) -> dict[str, Any]:

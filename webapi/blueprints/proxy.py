@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from sanic import Blueprint, HTTPResponse
 from sanic.compat import Header
+from sanic.http import Http
 
 from common.balancing.sticky import balance_key
 from common.log import get_logger
@@ -58,12 +59,24 @@ def _headers_out(request: GatewayRequest, upstream_hint: str) -> list[tuple[str,
     )
 
 
-async def _body(request: GatewayRequest) -> AsyncIterator[bytes]:
-    while True:
-        chunk = await request.stream.read()  # type: ignore[union-attr]
-        if chunk is None:
+async def _body(request: GatewayRequest) -> AsyncIterator[bytes] | None:
+    """The request body as it arrives, or None when it has none. Its first chunk is read
+    before an instance is chosen, so a body malformed from its start (bad chunking) is
+    refused with 400 and nothing is sent upstream, and a client slow to send its body
+    holds no upstream connection meanwhile. A later malformed chunk cuts the upload."""
+    if request.stream is None or not _has_body(request):
+        return None
+    stream = cast(Http, request.stream)  # (HTTP/1.1: Sanic's `Http` reads the body)
+    first = await stream.read()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        if first is None:
             return
-        yield chunk
+        yield first
+        while (chunk := await stream.read()) is not None:
+            yield chunk
+
+    return chunks()
 
 
 def _has_body(request: GatewayRequest) -> bool:
@@ -123,7 +136,7 @@ async def _stream(
     request: GatewayRequest, service: str, target: str, received: float
 ) -> HTTPResponse | None:
     _limit_body(request, service)
-    body = _body(request) if _has_body(request) else None
+    body = await _body(request)
     proxy = request.app.ctx.proxy
     forwarded = await proxy.forward(
         service,

@@ -1,0 +1,121 @@
+"""Malformed requests to the proxy routes: each gets a 4xx with a JSON error body, none
+reaches the instance, and the gateway goes on serving.
+
+The requests are exact bytes on a socket (`raw_http`), since the point is what no HTTP
+client would send: smuggling attempts (two lengths, a length and chunked framing),
+broken chunking, bad header lines, NUL bytes, oversized heads, paths that climb out of
+the service. Each goes to `/svc/<service>/upload` with a valid credential, so the
+instance's upload counter (`/admin/state`) says whether any of it got through.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.webapi.conftest import Backend, as_admin
+from tests.webapi.raw_http import Answer, connect, read_answers
+
+pytestmark = pytest.mark.timeout(120)
+
+# name: (the fields after the credential, the status and error code expected).
+CASES = {
+    "length and chunked": (
+        "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "two lengths": ("Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400, "bad_request"),
+    "negative length": ("Content-Length: -1\r\n\r\n", 400, "bad_request"),
+    "signed length": ("Content-Length: +5\r\n\r\nhello", 400, "bad_request"),
+    "length not a number": ("Content-Length: 5x\r\n\r\nhello", 400, "bad_request"),
+    "bad chunk size": (
+        "Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "chunked not last": ("Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", 400, "bad_request"),
+    "header without colon": ("Bad Header\r\nContent-Length: 0\r\n\r\n", 400, "bad_request"),
+    "space before colon": (
+        "Transfer-Encoding : chunked\r\nContent-Length: 5\r\n\r\nhello",
+        400,
+        "malformed_header",
+    ),
+    "bare LF in a value": (
+        "X-A: a\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello",
+        400,
+        "malformed_header",
+    ),
+    "nul in a value": ("X-A: a\x00b\r\nContent-Length: 0\r\n\r\n", 400, "malformed_header"),
+    "folded header": ("X-A: a\r\n  folded\r\nContent-Length: 0\r\n\r\n", 400, "bad_request"),
+    "head over the limit": (
+        "X-Big: " + "a" * 20_000 + "\r\nContent-Length: 0\r\n\r\n",
+        413,
+        "payload_too_large",
+    ),
+}
+
+
+def _send(gateway: str, data: bytes) -> Answer:
+    """Send `data` on a new connection; the answer."""
+    with connect(gateway) as sock:
+        sock.sendall(data)
+        return read_answers(sock, 1)[0]
+
+
+def _uploads(backend: Backend) -> int:
+    return int(as_admin.get(f"{backend.base}/admin/state", timeout=5).json()["uploads"])
+
+
+def _credential() -> str:
+    return "".join(f"{k}: {v}\r\n" for k, v in as_admin.headers.items())
+
+
+def _error(answer: Answer) -> str:
+    """The error code of a JSON error answer."""
+    assert answer.headers.get("content-type", "").startswith("application/json"), answer
+    error = json.loads(answer.body)["error"]
+    assert error["message"]
+    return str(error["code"])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_malformed_request_gets_a_json_4xx_and_reaches_nobody(
+    backend: Backend, case: str
+) -> None:
+    fields, status, code = CASES[case]
+    uploads = _uploads(backend)
+    head = f"POST /svc/{backend.service}/upload HTTP/1.1\r\nHost: gateway.test\r\n"
+    answer = _send(backend.gateway, (head + _credential() + fields).encode("latin-1"))
+    assert (answer.status, _error(answer)) == (status, code), answer.body
+    assert _uploads(backend) == uploads  # nothing of it reached the instance
+    assert as_admin.get(f"{backend.base}/echo", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/../admin/state", "/%2e%2e/admin/state", "/a/%2E%2E/%2e%2e/admin", "/a%2fb", "/a%00b"],
+)
+def test_a_path_that_leaves_the_service_is_refused(backend: Backend, target: str) -> None:
+    head = f"GET /svc/{backend.service}{target} HTTP/1.1\r\nHost: gateway.test\r\n"
+    answer = _send(backend.gateway, (head + _credential() + "\r\n").encode())
+    assert (answer.status, _error(answer)) == (400, "invalid_path")
+
+
+@pytest.mark.parametrize(
+    ("request_line", "status", "code"),
+    [
+        ("G@T /svc/{s}/echo HTTP/1.1", 405, "method_not_allowed"),
+        ("GET /svc/{s}/echo", 400, "bad_request"),
+        ("GET /svc/{s}/echo HTTP/1.1 extra", 400, "bad_request"),
+        ("GET /svc/{s}/echo HTTP/2.0", 400, "bad_request"),
+    ],
+    ids=["bad method", "no version", "extra part", "unknown version"],
+)
+def test_a_malformed_request_line_gets_a_json_4xx(
+    backend: Backend, request_line: str, status: int, code: str
+) -> None:
+    line = request_line.format(s=backend.service)
+    answer = _send(backend.gateway, f"{line}\r\nHost: gateway.test\r\n{_credential()}\r\n".encode())
+    assert (answer.status, _error(answer)) == (status, code)
