@@ -31,7 +31,7 @@ from webapi.errors import JsonErrorHandler
 from webapi.proxy.forward import Proxy
 from webapi.proxy.health import ActiveChecker
 from webapi.proxy.upstream import UpstreamPool
-from webapi.requests import check_header_fields, request_id_from
+from webapi.requests import check_head, request_id_from
 
 # Bodies larger than this are refused with 413 before they are read (RPC/REST JSON).
 MAX_BODY_BYTES = 1024 * 1024
@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None, name: str = "webapi") -> Gatewa
     app.register_listener(_open_resources, "before_server_start")
     app.register_listener(_close_resources, "after_server_stop")
     app.register_middleware(_assign_request_id, "request")
-    app.register_middleware(_check_header_fields, "request")
+    app.register_middleware(_check_head, "request")
     app.register_middleware(_admit, "request")
     app.register_middleware(_decorate_response, "response")
     return app
@@ -127,9 +127,9 @@ async def _assign_request_id(request: GatewayRequest) -> None:
     request_id_var.set(request_id)
 
 
-async def _check_header_fields(request: GatewayRequest) -> None:
-    """Refuse header fields HTTP does not allow before anything reads them."""
-    check_header_fields(request)
+async def _check_head(request: GatewayRequest) -> None:
+    """Refuse a head with what HTTP does not allow before anything reads it."""
+    check_head(request)
 
 
 # The method of the request Sanic makes up to answer a head it could not parse

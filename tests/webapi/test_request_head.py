@@ -1,0 +1,53 @@
+"""`webapi.requests.check_head`: what a request head may hold before the gateway reads
+it. The refusals are tested end to end in test_proxy_malformed.py; here, that nothing
+HTTP allows is refused (a false refusal would drop real traffic)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from webapi.errors import MalformedHeader
+from webapi.requests import check_head
+
+TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _request(head: bytes) -> Any:
+    return SimpleNamespace(head=head)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"",  # Sanic's stand-in for a head it could not parse
+        b"GET / HTTP/1.1",
+        b"GET /svc/a/b?q=1&r=%20 HTTP/1.1\r\nHost: x\r\nX-Empty:\r\nX-Tab:\ta\tb ",
+        b"POST /x HTTP/1.1\r\n" + TOKEN_CHARS.encode() + b": v",
+        "GET / HTTP/1.1\r\nX-Name: Zoë, 東京".encode(),  # obs-text: bytes above 0x7f
+        b'GET / HTTP/1.1\r\nCookie: a=1; b="2"\r\nAccept: */*;q=0.8, text/html',
+    ],
+)
+def test_what_http_allows_passes(head: bytes) -> None:
+    check_head(_request(head))
+
+
+@pytest.mark.parametrize(
+    ("head", "near"),
+    [
+        (b"GET / HTTP/1.1\r\nTransfer-Encoding : chunked", "Transfer-Encoding : chunked"),
+        (b"GET / HTTP/1.1\r\nX-A: a\nTransfer-Encoding: chunked", "X-A: a\nTransfer"),
+        (b"GET / HTTP/1.1\r\nX-A: a\rb\r\nHost: x", "X-A: a\rb"),
+        (b"GET / HTTP/1.1\r\nX-A: a\x00b", "X-A: a\x00b"),
+        (b"GET / HTTP/1.1\r\nX-A: a\x7f", "X-A: a\x7f"),
+        (b"GET / HTTP/1.1\r\nX-A: a\r\n folded", " folded"),
+        (b"GET / HTTP/1.1\r\n: no name", ": no name"),
+        (b"GET /\x01 HTTP/1.1\r\nHost: x", "GET /\x01 HTTP/1.1"),
+    ],
+)
+def test_what_http_forbids_is_refused_naming_the_line(head: bytes, near: str) -> None:
+    with pytest.raises(MalformedHeader) as info:
+        check_head(_request(head))
+    assert repr(near)[1:-1][:20] in str(info.value)
