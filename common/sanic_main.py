@@ -14,6 +14,11 @@ from typing import Any
 from common.log import setup_logging
 from common.settings import Settings, get_settings
 
+# The method of the request Sanic makes up to answer a head it could not parse
+# (`sanic.http.http1.Http.create_empty_request`). Request middleware still runs for it:
+# an access check must let it through, or its 401 would replace the parse error (400).
+UNPARSED_METHOD = "NONE"
+
 
 def serve(
     name: str,

@@ -23,6 +23,7 @@ from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.ratelimit import RateLimiter
 from common.registry import Registry
 from common.registry_view import RegistryView
+from common.sanic_main import UNPARSED_METHOD
 from common.settings import Settings, get_settings
 from webapi.access import Gatekeeper, rate_limit_headers
 from webapi.blueprints import api
@@ -132,16 +133,11 @@ async def _check_head(request: GatewayRequest) -> None:
     check_head(request)
 
 
-# The method of the request Sanic makes up to answer a head it could not parse
-# (`sanic.http.http1.Http.create_empty_request`), whose request middleware still runs.
-UNPARSED = "NONE"
-
-
 async def _admit(request: GatewayRequest) -> None:
     """Credentials, scopes and rate limits (`webapi.access`) before any handler runs.
     Not for the stand-in of an unparsed head: it has no headers to read, and the parse
     error (400, 413...) is the answer, not a 401 for the missing credential."""
-    if request.method == UNPARSED:
+    if request.method == UNPARSED_METHOD:
         return
     await request.app.ctx.gate.admit(request)
 

@@ -41,6 +41,7 @@ from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized
 from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.registry_view import RegistryView
+from common.sanic_main import UNPARSED_METHOD
 from common.settings import Settings, get_settings
 from websocket.auth import SUBPROTOCOL, authenticate, presented_token
 from websocket.client import ClientProtocol, keepalive
@@ -151,8 +152,9 @@ async def _close(app: WsApp) -> None:
 async def _admit(request: WsRequest) -> HTTPResponse | None:
     """Refuse an upgrade before it happens: 503 when full, 401 for a missing or bad
     credential (on `/ws` it may instead come as the first message), 403 for a
-    relay to a service the credential's scopes do not reach."""
-    if not request.path.startswith("/ws"):
+    relay to a service the credential's scopes do not reach. A head Sanic could not
+    parse gets its parse error (400), not a 401."""
+    if not request.path.startswith("/ws") or request.method == UNPARSED_METHOD:
         return None
     ctx = request.app.ctx
     if ctx.connections.full():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import httpx
 import pytest
@@ -48,3 +49,15 @@ async def test_oversized_frame_closes_1009(ws_server: WsServer, path: str) -> No
         with pytest.raises(websockets.ConnectionClosed) as info:
             await ws.recv()
     assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+@pytest.mark.parametrize("path", ["/ws", "/ws/proxy/svc/x"])
+def test_a_head_that_cannot_be_parsed_gets_400_not_401(ws_server: WsServer, path: str) -> None:
+    host, port = ws_server.address.rsplit(":", 1)
+    head = f"GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
