@@ -22,6 +22,7 @@ _WELL_FORMED_HEAD = re.compile(
     rb"[^\x00-\x1f\x7f]*(?:\r\n" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*)*"
 )
 _WELL_FORMED_FIELD = re.compile(_TOKEN + rb":[\t\x20-\x7e\x80-\xff]*")
+_WELL_FORMED_NAME = re.compile(_TOKEN)
 
 
 def check_head(request: Request[Any, Any]) -> None:
@@ -38,10 +39,19 @@ def check_head(request: Request[Any, Any]) -> None:
     head = request.head
     if _WELL_FORMED_HEAD.fullmatch(head) is not None:
         return
-    request_line, *fields = head.split(b"\r\n")
-    bad = next((f for f in fields if _WELL_FORMED_FIELD.fullmatch(f) is None), request_line)
-    text = bad.decode("latin-1")
-    raise MalformedHeader(f"malformed request head near {text[:80]!r}")
+    # Say what is wrong and where, never what a value holds: it may be a credential,
+    # and the message is logged (design §10).
+    _request_line, *fields = head.split(b"\r\n")
+    for field in fields:
+        if _WELL_FORMED_FIELD.fullmatch(field) is None:
+            name, colon, _value = field.partition(b":")
+            if not colon:
+                raise MalformedHeader("a header line without a colon (folded lines are refused)")
+            shown = name[:40].decode("latin-1")
+            if _WELL_FORMED_NAME.fullmatch(name) is None:
+                raise MalformedHeader(f"malformed header field name {shown!r}")
+            raise MalformedHeader(f"control character in the value of header {shown!r}")
+    raise MalformedHeader("control character in the request line")
 
 
 def json_object(request: Request[Any, Any], *, empty_ok: bool = True) -> dict[str, Any]:
