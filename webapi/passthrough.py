@@ -12,9 +12,8 @@ rate limit covers the service), `FastPathProtocol` connects to an instance of th
 service (chosen by its strategy, connect failures retried on another one) and from
 then on relays the connection's bytes both ways unchanged. Requests and responses
 are not rebuilt: no `X-Forwarded-*`, no request id, no latency headers, no body limit,
-no total timeout.
-That is the point (design §6: nginx parity needs a route with no per-request work)
-and the price: use a normal route when the backend needs those.
+no total timeout. That is the point (design §6: nginx parity needs a route with no
+per-request work) and the price: use a normal route when the backend needs those.
 
 What is still done per request, by httptools parsers on both directions (framing
 only: they see no header, so they cost a few µs):

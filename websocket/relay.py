@@ -4,8 +4,8 @@ The upstream is `ws://<instance>/<path>?<query>` on an instance picked by
 `Upstreams` (connect failures fail over to another instance first): of the version
 the `X-Service-Version` header names, as on the gateway's `/svc/` routes, else as
 the live policy's version weights say (a browser cannot set the header: it gets
-the weights). When no
-instance can be connected, the client is closed with 1014 and the reason.
+the weights). When no instance can be connected, the client is closed with 1014 and
+the reason.
 
 Once both handshakes are done the relay is a byte splice (`websocket.splice`):
 frames, pings and close frames pass as they are, both ways, with end-to-end
