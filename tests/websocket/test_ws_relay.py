@@ -151,12 +151,17 @@ async def test_hash_on_a_cookie_keeps_a_browser_on_one_instance(
     assert {name for owner in sessions for name in owner} == {"a", "b"}  # spread, not one
 
 
-async def test_live_policy_version_weights_pick_the_upstream_version(
-    ws_server: WsServer, backends: Backends
-) -> None:
+async def _old_and_new(ws_server: WsServer, backends: Backends) -> None:
+    """Instance `old` at version 0 and `new` at v2, both reachable through the relay."""
     backends.start("old")
     backends.start("new", version="v2")
     await wait_reachable(ws_server, backends.service, {"old", "new"})
+
+
+async def test_live_policy_version_weights_pick_the_upstream_version(
+    ws_server: WsServer, backends: Backends
+) -> None:
+    await _old_and_new(ws_server, backends)
     await update_service(backends.redis_url, backends.service, version_weights={"v2": 100})
     await wait_for_async(lambda: _reaches_only(ws_server, backends.service, "new"), timeout=10)
     await update_service(backends.redis_url, backends.service, version_weights={"0": 1})
@@ -166,9 +171,7 @@ async def test_live_policy_version_weights_pick_the_upstream_version(
 async def test_x_service_version_picks_the_upstream_version(
     ws_server: WsServer, backends: Backends
 ) -> None:
-    backends.start("old")
-    backends.start("new", version="v2")
-    await wait_reachable(ws_server, backends.service, {"old", "new"})
+    await _old_and_new(ws_server, backends)
     for version, name in (("v2", "new"), ("0", "old")):
         named = {"X-Service-Version": version}
         assert {await whoami(ws_server, backends.service, headers=named) for _ in range(4)} == {

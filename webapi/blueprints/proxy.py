@@ -35,7 +35,8 @@ from webapi.errors import (
     UpstreamTimedOut,
     error_response,
 )
-from webapi.proxy.errors import UpstreamError, UpstreamTimeout
+from webapi.proxy.attempts import client_error
+from webapi.proxy.errors import UpstreamError
 from webapi.proxy.forward import Forwarded, hop_headers_out, latency_headers
 from webapi.proxy.paths import match_route, upstream_target
 from webapi.proxy.upstream import strip_hop_by_hop
@@ -182,10 +183,8 @@ async def _json_exchange(
                                     key=_balance_key(request, service))  # fmt: skip
     try:
         raw = await forwarded.response.read()
-    except UpstreamTimeout as exc:  # a silence, or the service's total timeout
-        raise UpstreamTimedOut(f"{service} did not finish its answer in time") from exc
-    except UpstreamError as exc:
-        raise UpstreamFailed(f"{service}: {exc.message or type(exc).__name__}") from exc
+    except UpstreamError as exc:  # the body failed: a silence, a total timeout, a cut
+        raise client_error(service, exc) from exc
     finally:
         await forwarded.response.aclose()
     try:

@@ -49,6 +49,14 @@ if TYPE_CHECKING:
     from webapi.proxy.forward import Proxy
 
 
+def client_error(service: str, exc: UpstreamError) -> ApiError:
+    """What the client is answered for a failed exchange with `service`: 504 for a
+    timeout (`UpstreamTimedOut`), 502 for anything else (`UpstreamFailed`)."""
+    if isinstance(exc, UpstreamTimeout):
+        return UpstreamTimedOut(f"{service} did not answer in time")
+    return UpstreamFailed(f"{service}: {exc.message or type(exc).__name__}")
+
+
 class Attempts(Tries):
     """The tries of one request: `next()` picks an instance, `answered()` or `failed()`
     reports how the try ended. Hot path: one per proxied request."""
@@ -128,10 +136,7 @@ class Attempts(Tries):
         connect_failed = isinstance(exc, UpstreamConnectError)
         timed_out = isinstance(exc, UpstreamTimeout)
         self.report_failure(fatal=connect_failed)
-        if timed_out:
-            self.failure = UpstreamTimedOut(f"{self.service} did not answer in time")
-        else:
-            self.failure = UpstreamFailed(f"{self.service}: {exc.message or type(exc).__name__}")
+        self.failure = client_error(self.service, exc)
         safe = connect_failed or (
             not timed_out and self.method in IDEMPOTENT_METHODS and self.replayable
         )
