@@ -119,10 +119,12 @@ def iptv_now_channel(channel_id: int | str) -> str:
 
 
 # The live policy (`common.policy`): the current document (JSON), its version
-# (an integer, polled by every gateway), the last versions (hash version -> JSON),
+# (an integer, polled by every gateway), the store's epoch (an id drawn by the
+# first write into an empty store), the last versions (hash version -> JSON),
 # the audit log (stream), and the channel told of every new version.
 POLICY_DOC = f"{PREFIX}:{{policy}}:doc"
 POLICY_VERSION = f"{PREFIX}:{{policy}}:version"
+POLICY_EPOCH = f"{PREFIX}:{{policy}}:epoch"
 POLICY_HISTORY = f"{PREFIX}:{{policy}}:history"
 POLICY_AUDIT = f"{PREFIX}:{{policy}}:audit"
 POLICY_CHANNEL = f"{PREFIX}:{{policy}}:changed"

@@ -7,11 +7,17 @@ script keeps the last `HISTORY_KEEP` versions, appends to the audit stream
 (trimmed to about `AUDIT_MAXLEN` entries) with the actor, Redis's time and the
 changed paths, and publishes the new version on `POLICY_CHANNEL`, all
 atomically. Keys are hash-tagged `{policy}`: one Cluster slot.
+
+The first write into an empty store also draws the store's epoch, a random id.
+Versions count up from 1 again after Redis loses its data, so a reader that
+must tell "the version I hold" from "a new document that got the same number"
+compares the epoch too (`stamp`, `load`).
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -27,14 +33,17 @@ AUDIT_MAXLEN = 1000
 # Attempts of a put without `expected_version` when other writers keep winning the race.
 _CAS_TRIES = 20
 
-# KEYS: doc, version, history, audit.
+# KEYS: doc, version, history, audit, epoch.
 # ARGV: version the document was built on, document JSON, versions to keep,
-#       actor, changes JSON, audit length, channel.
+#       actor, changes JSON, audit length, channel, an epoch for an empty store.
 # Returns {1, new version}, or {0, current version} when the version moved.
 _PUT = """
 local current = tonumber(redis.call('GET', KEYS[2]) or '0')
 if current ~= tonumber(ARGV[1]) then
   return {0, current}
+end
+if redis.call('EXISTS', KEYS[5]) == 0 then
+  redis.call('SET', KEYS[5], ARGV[8])
 end
 local version = current + 1
 redis.call('SET', KEYS[1], ARGV[2])
@@ -55,7 +64,7 @@ redis.call('PUBLISH', ARGV[7], version)
 return {1, version}
 """
 _KEYS = (constants.POLICY_DOC, constants.POLICY_VERSION, constants.POLICY_HISTORY,
-         constants.POLICY_AUDIT)  # fmt: skip
+         constants.POLICY_AUDIT, constants.POLICY_EPOCH)  # fmt: skip
 
 
 class PolicyStore:
@@ -70,11 +79,24 @@ class PolicyStore:
 
         Raises `PolicyInvalid` if the stored document was corrupted by hand.
         """
+        return (await self.load())[0]
+
+    async def load(self) -> tuple[PolicyDocument, str | None]:
+        """The current document (as `get`) and the store's epoch (None before any write)."""
         try:
-            raw = await self.redis.get(constants.POLICY_DOC)
+            raw, epoch = await self.redis.mget(constants.POLICY_DOC, constants.POLICY_EPOCH)
         except REDIS_DOWN_ERRORS as exc:
             raise RedisUnavailable(f"cannot read the policy: {exc}") from exc
-        return DEFAULT_POLICY if raw is None else validate_document(json.loads(raw))
+        document = DEFAULT_POLICY if raw is None else validate_document(json.loads(raw))
+        return document, _text(epoch)
+
+    async def stamp(self) -> tuple[int, str | None]:
+        """The current version (0: none stored) and the store's epoch, in one round trip."""
+        try:
+            raw, epoch = await self.redis.mget(constants.POLICY_VERSION, constants.POLICY_EPOCH)
+        except REDIS_DOWN_ERRORS as exc:
+            raise RedisUnavailable(f"cannot read the policy version: {exc}") from exc
+        return (0 if raw is None else int(raw)), _text(epoch)
 
     async def current_version(self) -> int:
         """The current version number (0: none stored); one cheap GET."""
@@ -115,7 +137,7 @@ class PolicyStore:
                 new = candidate.model_copy(update={"version": current + 1})
                 changes = changed_paths(_loose(raw_doc), new.model_dump(mode="json"))
                 args = (current, new.to_json(), HISTORY_KEEP, actor, json.dumps(changes),
-                        AUDIT_MAXLEN, constants.POLICY_CHANNEL)  # fmt: skip
+                        AUDIT_MAXLEN, constants.POLICY_CHANNEL, secrets.token_hex(8))  # fmt: skip
                 written, version = await self._put(keys=_KEYS, args=args)
                 if written:
                     return new
@@ -142,6 +164,10 @@ class PolicyStore:
                 "changes": json.loads(f.get("changes", "[]")),
             })  # fmt: skip
         return out
+
+
+def _text(raw: bytes | str | None) -> str | None:
+    return None if raw is None else as_text(raw)
 
 
 def _conflict(current: int, expected: int) -> Conflict:

@@ -10,6 +10,20 @@ It is kept current two ways, as the registry view is:
 
 Redis unreachable, or a stored document that does not validate, keeps the last
 good policy: a replica never falls back to defaults because Redis blinked.
+
+Nor because Redis lost its data (a restart without persistence, a `FLUSHALL`, a
+failover to an empty replica): applying the empty store would quietly drop every
+route, weight and rate limit on every replica. A watcher that finds no policy
+stored while it holds one writes its document back as version 1 instead
+(compare-and-set on version 0: when replicas race, one writes and the others
+load its copy, and an admin who writes first wins). The write is audited under
+`RESTORE_ACTOR` and logged as an error: what Redis lost besides the policy
+(users, API keys, sessions) is not restored. A store that went back to an older
+version (a failover to a replica that had not caught up) is Redis's truth, and
+every replica applies it, with a warning that writes were lost. The poll reads
+the store's epoch with the version (`PolicyStore.stamp`), so a document written
+after a loss is loaded even when it got the number of the one held.
+
 Swapping the document is one assignment, so requests already in flight keep
 the settings they started with and nothing is dropped.
 """
@@ -17,6 +31,9 @@ the settings they started with and nothing is dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
@@ -25,7 +42,7 @@ from redis.exceptions import RedisError
 from common import constants
 from common.aio import cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_OR_SLOW
-from common.errors import RedisUnavailable
+from common.errors import Conflict, RedisUnavailable
 from common.log import get_logger
 from common.policy.model import DEFAULT_POLICY, PolicyDocument, PolicyInvalid
 from common.policy.store import PolicyStore
@@ -39,6 +56,8 @@ _UNREACHABLE: tuple[type[Exception], ...] = (RedisUnavailable, *REDIS_DOWN_OR_SL
 
 # How long `start()` waits for the first load before going on with the default.
 _START_TIMEOUT = 5.0
+# The audit log's actor for a document written back after Redis lost it.
+RESTORE_ACTOR = f"restore:{socket.gethostname()}:{os.getpid()}"
 
 
 class PolicyWatcher:
@@ -49,6 +68,7 @@ class PolicyWatcher:
         self.store = PolicyStore(redis)
         self.interval = interval
         self.current: PolicyDocument = DEFAULT_POLICY
+        self._epoch: str | None = None  # the store's epoch `current` was read in
         self._callbacks: list[Callback] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -90,19 +110,29 @@ class PolicyWatcher:
             await cancel_and_wait(task)
 
     async def refresh(self, version: int | None = None) -> bool:
-        """Load the stored policy if its version differs from ours; True if `current` changed.
+        """Load the stored policy if it is not the one we hold (another version or store
+        epoch), or write ours back if the store lost it; True if `current` changed.
 
         `version`, when known (from a change message), saves a round trip. Redis
         unreachable or an invalid stored document keeps `current`.
         """
         async with self._lock:  # the poller and the listener may both notice one change
             try:
-                if version is None:
-                    version = await self.store.current_version()
-                if version == self.current.version:
+                epoch = self._epoch
+                if version is None or version < self.current.version:
+                    # A poll; or a late change message, or a store that lost data.
+                    version, epoch = await self.store.stamp()
+                if version == self.current.version and epoch == self._epoch:
                     self._recovered()
                     return False
-                document = await self.store.get()
+                if version == 0 and self.current.version > 0:  # nothing stored any more
+                    document, epoch = await self._restore()
+                else:
+                    if version < self.current.version:
+                        log.warning("policy store went back from version %d to %d "
+                                    "(redis lost writes?); applying it",
+                                    self.current.version, version)  # fmt: skip
+                    document, epoch = await self.store.load()
             except _UNREACHABLE as exc:
                 if not self._down:
                     log.warning("policy not refreshed, keeping version %d", self.current.version,
@@ -114,7 +144,8 @@ class PolicyWatcher:
                           extra={"fields": {"error": str(exc)}})  # fmt: skip
                 return False
             self._recovered()
-            if document.version == self.current.version:
+            self._epoch = epoch
+            if document == self.current:
                 return False
             self.current = document
         log.info("policy applied", extra={"fields": {"version": document.version}})
@@ -124,6 +155,17 @@ class PolicyWatcher:
             except Exception:
                 log.exception("policy change callback failed")
         return True
+
+    async def _restore(self) -> tuple[PolicyDocument, str | None]:
+        """Write `current` back into a store that lost it; the document now stored (ours,
+        or that of whoever wrote first) and its epoch (module docstring)."""
+        ours = self.current
+        log.error("no policy stored (redis lost its data?); writing version %d's document "
+                  "back", ours.version, extra={"fields": {"applied": ours.version}})  # fmt: skip
+        with contextlib.suppress(Conflict):  # another replica restored it first, or an admin
+            await self.store.put(ours.model_dump(mode="json"), actor=RESTORE_ACTOR,
+                                 expected_version=0)  # fmt: skip
+        return await self.store.load()
 
     def _recovered(self) -> None:
         if self._down:

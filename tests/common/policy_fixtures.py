@@ -13,7 +13,7 @@ from common import constants
 from common.policy import PolicyStore, PolicyWatcher
 
 KEYS = (constants.POLICY_DOC, constants.POLICY_VERSION, constants.POLICY_HISTORY,
-        constants.POLICY_AUDIT)  # fmt: skip
+        constants.POLICY_AUDIT, constants.POLICY_EPOCH)  # fmt: skip
 
 
 @pytest.fixture(name="store")

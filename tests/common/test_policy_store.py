@@ -11,7 +11,7 @@ from common import constants
 from common.errors import Conflict
 from common.policy import DEFAULT_POLICY, PolicyDocument, PolicyStore
 from common.policy.store import AUDIT_MAXLEN, HISTORY_KEEP
-from tests.common.policy_fixtures import nlp, store_fixture  # noqa: F401 (a fixture)
+from tests.common.policy_fixtures import KEYS, nlp, store_fixture  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,6 +37,22 @@ async def test_put_and_get_increment_the_version(store: PolicyStore) -> None:
     assert await store.current_version() == 2
     assert (await store.get_version(1)) == first
     assert (await store.get_version(2)) == second
+
+
+async def test_the_first_write_into_an_empty_store_draws_its_epoch(
+    store: PolicyStore, redis_client: aioredis.Redis
+) -> None:
+    assert await store.stamp() == (0, None)
+    await store.put(nlp(strategy="hash"), actor="alice")
+    version, epoch = await store.stamp()
+    assert version == 1 and epoch
+    await store.put(nlp(strategy="random"), actor="bob")
+    assert await store.stamp() == (2, epoch)
+    assert (await store.load())[1] == epoch
+    await redis_client.delete(*KEYS)  # Redis lost its data: versions start again at 1
+    await store.put(nlp(strategy="random"), actor="bob")
+    again, other = await store.stamp()
+    assert again == 1 and other and other != epoch
 
 
 async def test_expected_version_conflict_changes_nothing(store: PolicyStore) -> None:

@@ -14,7 +14,9 @@ import redis.asyncio as aioredis
 from common import constants
 from common.embedded_redis import EmbeddedRedis
 from common.policy import DEFAULT_POLICY, PolicyStore, PolicyWatcher, validate_document
+from common.policy.watcher import RESTORE_ACTOR
 from tests.common.policy_fixtures import (  # noqa: F401 (fixtures)
+    KEYS,
     nlp,
     store_fixture,
     watcher_fixture,
@@ -104,6 +106,73 @@ async def test_watcher_keeps_the_last_policy_while_redis_is_down(
             task.cancel()
         await client.aclose()
         server.stop()
+
+
+async def test_replicas_write_the_policy_back_when_redis_restarts_empty(caplog: Any) -> None:
+    server = EmbeddedRedis().start()  # no persistence: a restart loses everything
+    clients = [aioredis.Redis.from_url(server.url, socket_connect_timeout=0.5) for _ in "ab"]
+    replicas = [PolicyWatcher(client, interval=0.05) for client in clients]
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        store = PolicyStore(clients[0])
+        await store.put(nlp(strategy="hash"), actor="t")
+        held = await store.put(nlp(strategy="weighted", retries=3), actor="t")
+        for w in replicas:
+            await w.start()
+            assert w.current == held
+            tasks.append(asyncio.create_task(w.run()))
+        caplog.set_level(logging.ERROR, logger="switchboard.policy")
+        server.stop()
+        server = EmbeddedRedis(port=server.port).start()
+
+        async def restored() -> bool:
+            return all(w.current.version == 1 for w in replicas)
+
+        await wait_for_async(restored, timeout=15)
+        # Both replicas raced; one wrote, the other loaded its copy: one audited restore.
+        assert [e["actor"] for e in await store.history()] == [RESTORE_ACTOR]
+        stored = await store.get()
+        assert stored.version == 1 and stored.services == held.services
+        assert all(w.current == stored for w in replicas)
+        assert await _logged(caplog, "no policy stored")()
+    finally:
+        for w in replicas:
+            await w.close()
+        for task in tasks:
+            task.cancel()
+        for client in clients:
+            await client.aclose()
+        server.stop()
+
+
+async def test_a_late_change_message_writes_nothing_back(
+    store: PolicyStore, watcher: PolicyWatcher
+) -> None:
+    await store.put(nlp(strategy="hash"), actor="t")
+    second = await store.put(nlp(strategy="random"), actor="t")
+    await wait_for_async(lambda: _at_version(watcher, second.version), timeout=5)
+    assert await watcher.refresh(1) is False  # the first put's message, arriving last
+    assert watcher.current == second
+    assert len(await store.history()) == 2
+
+
+@pytest.mark.parametrize("held_versions", [1, 2])
+async def test_a_policy_written_after_redis_lost_its_data_is_applied(
+    store: PolicyStore, redis_client: aioredis.Redis, held_versions: int
+) -> None:
+    # Written after the loss, before the watcher looked: with the number the watcher
+    # holds (only the store's epoch tells them apart), or a lower one.
+    w = PolicyWatcher(store.redis, interval=3600)  # refreshed by hand below
+    for retries in range(held_versions):
+        await store.put(nlp(strategy="hash", retries=retries), actor="t")
+    await w.start()
+    assert w.current.version == held_versions
+    await redis_client.delete(*KEYS)
+    after = await store.put(nlp(strategy="random"), actor="admin")
+    assert after.version == 1
+    assert await w.refresh() is True
+    assert w.current == after
+    assert [e["actor"] for e in await store.history()] == ["admin"]  # nothing written back
 
 
 async def _at_version(watcher: PolicyWatcher, version: int) -> bool:

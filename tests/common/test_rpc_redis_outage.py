@@ -62,3 +62,25 @@ async def _taken(client: RpcClient, name: str, n: int) -> bool:
     from common import constants
 
     return int(await client.redis.xlen(constants.call_stream(name))) >= n
+
+
+async def test_redis_restarted_empty_under_a_worker_and_a_client() -> None:
+    # No AOF: the restart loses the streams, the consumer groups, the registry.
+    server = EmbeddedRedis().start()
+    port, url, name = server.port, server.url, f"calc_{uuid.uuid4().hex[:8]}"
+    worker = ServiceProcess(
+        ["python", "-m", "tests.support.calc_service"],
+        env={"REDIS_URL": url, "CALC_NAME": name},
+        name=name,
+    ).start()
+    try:
+        async with RpcClient(url) as client:
+            await wait_for_async(lambda: client.call(f"{name}.add", 1, timeout=2), 30)
+            server.stop()
+            server = EmbeddedRedis(port=port).start()
+            # The worker registers again and makes its group again; nobody is restarted.
+            assert await wait_for_async(lambda: client.call(f"{name}.add", 41, timeout=2), 30) == 42
+            assert worker.alive()
+    finally:
+        worker.stop()
+        server.stop()

@@ -1,0 +1,111 @@
+"""Redis restarted empty (no persistence, a `FLUSHALL`, a failover to an empty replica)
+under a running gateway.
+
+The gateway's live policy must survive it: the gateway writes the document it has
+applied back into the empty store (`common.policy.watcher`), so its routes and rate
+limits stay in force on every replica, with nobody restarted. What Redis lost besides
+the policy (API keys, users, instance records) is not the gateway's to restore: an
+instance comes back by registering again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from common.embedded_redis import EmbeddedRedis
+from common.policy import PolicyDocument, PolicyStore
+from common.registry import InstanceRecord, Registry
+from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
+from tests.support.policy import update_document
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_a_gateway_keeps_its_policy_when_redis_restarts_empty() -> None:
+    server = EmbeddedRedis().start()  # no persistence: a restart loses everything
+    port, url = server.port, server.url
+    service = f"loss{uuid.uuid4().hex[:6]}"
+    route = {"prefix": f"/{service}/", "service": service, "public": True}
+    limit = {"id": "loss", "service": service, "key": "ip", "rate": 77, "period": 1,
+             "burst": 77}  # fmt: skip
+    asyncio.run(update_document(url, routes=[route]))
+    held = asyncio.run(update_document(url, limits=[limit]))
+    assert held.version == 2  # (the copy written back becomes version 1)
+    backend_port = free_port()
+    backend = ServiceProcess(["python", "-m", "tests.support.http_backend"],
+                             env={"PORT": str(backend_port), "NAME": f"{service}-a"},
+                             name="backend").start()  # fmt: skip
+    gw_port = free_port()
+    gateway = ServiceProcess(["python", "-m", "webapi"],
+                             env={"REDIS_URL": url, "WEBAPI_PORT": str(gw_port)},
+                             name="gateway").start()  # fmt: skip
+    base = f"http://127.0.0.1:{gw_port}"
+    echo = f"{base}/{service}/echo"  # the policy's public route: no credential needed
+    key = {"X-Api-Key": issue_api_key(url, [service])}
+    proxied = f"{base}/svc/{service}/echo"
+    instance = InstanceRecord(service, f"{service}-a", kind="http",
+                              address=f"127.0.0.1:{backend_port}")  # fmt: skip
+    try:
+        asyncio.run(_register(url, instance))
+        first = wait_for(lambda: _ok(echo), timeout=30)
+        assert first.headers["ratelimit-limit"] == "77"
+        assert _health(base) == (200, 2)
+        assert httpx.get(proxied, headers=key, timeout=10).status_code == 200
+
+        server.stop()
+        server = EmbeddedRedis(port=port).start()
+        wait_for(lambda: _health(base) == (200, 1), timeout=30)  # written back as version 1
+        stored, actors = asyncio.run(_stored(url))
+        assert stored.version == 1 and gateway.process is not None
+        assert actors == [f"restore:{socket.gethostname()}:{gateway.process.pid}"]  # audited
+        assert (stored.routes, stored.limits) == (held.routes, held.limits)
+
+        # The instance's record went with the rest; its next heartbeat registers it again.
+        asyncio.run(_register(url, instance))
+        again = wait_for(lambda: _ok(echo), timeout=30)
+        assert again.headers["ratelimit-limit"] == "77"  # the limit is still in force
+        # The API key went with Redis's data: refused once the gateway's cache lapses.
+        wait_for(lambda: _status(proxied, key) == 401, timeout=30)
+        assert gateway.alive() and backend.alive()
+    finally:
+        gateway.stop()
+        backend.stop()
+        server.stop()
+
+
+async def _register(url: str, instance: InstanceRecord) -> None:
+    client = aioredis.Redis.from_url(url)
+    try:
+        await Registry(client, ttl=60).heartbeat(instance)
+    finally:
+        await client.aclose()
+
+
+async def _stored(url: str) -> tuple[PolicyDocument, list[str]]:
+    """The stored policy, and the actors of its audit log (newest first)."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        store = PolicyStore(client)
+        return await store.get(), [entry["actor"] for entry in await store.history()]
+    finally:
+        await client.aclose()
+
+
+def _ok(url: str) -> httpx.Response | None:
+    response = httpx.get(url, timeout=10)
+    return response if response.status_code == 200 else None
+
+
+def _status(url: str, headers: dict[str, str]) -> int:
+    return httpx.get(url, headers=headers, timeout=10).status_code
+
+
+def _health(base: str) -> tuple[int, int]:
+    response = httpx.get(f"{base}/health", timeout=5)
+    return response.status_code, int(response.json().get("policy_version", -1))
