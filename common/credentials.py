@@ -79,6 +79,9 @@ class _VerifiedToken:
     token_id: str
     kid: str
     exp: float
+    # When the key it was verified with was stored: a key stored again under the same
+    # kid (JWT_SECRET seeds it after Redis lost the keyring) is not the same key.
+    key_created_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +194,8 @@ class Authenticator:
         kid = tokens.header_kid(token)
         if kid is not None and kid not in self._keys:
             await self._reload_keys_for(kid)
-        verified = _verified(tokens.verify(token, self._keys, now=now), str(kid))
+        claims = tokens.verify(token, self._keys, now=now)
+        verified = _verified(claims, self._keys[str(kid)])
         if self._token_revoked(verified):
             raise Unauthorized("token revoked")
         if len(self._tokens) >= self.cache_size:
@@ -201,7 +205,12 @@ class Authenticator:
 
     def _still_valid(self, verified: _VerifiedToken, now: float) -> bool:
         key = self._keys.get(verified.kid)
-        return verified.exp > now and key is not None and key.active(now)
+        return (
+            verified.exp > now
+            and key is not None
+            and key.active(now)
+            and key.created_at == verified.key_created_at
+        )
 
     def _token_revoked(self, verified: _VerifiedToken) -> bool:
         principal, view = verified.principal, self.revocations
@@ -369,7 +378,7 @@ def _owner(entry: _KeyEntry) -> str | None:
     return entry.record.user_id if entry.record is not None else None
 
 
-def _verified(claims: dict[str, Any], kid: str) -> _VerifiedToken:
+def _verified(claims: dict[str, Any], key: SigningKey) -> _VerifiedToken:
     exp = float(claims["exp"])
     principal = Principal(
         kind="user",
@@ -380,4 +389,4 @@ def _verified(claims: dict[str, Any], kid: str) -> _VerifiedToken:
         session_id=claims["sid"],
         expires_at=exp,
     )
-    return _VerifiedToken(principal, str(claims["jti"]), kid, exp)
+    return _VerifiedToken(principal, str(claims["jti"]), key.kid, exp, key.created_at)

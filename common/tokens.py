@@ -63,7 +63,8 @@ ALGORITHM = "HS256"
 # RFC 7518 §3.2: an HS256 key must be at least as long as the hash output.
 MIN_SECRET_BYTES = 32
 REQUIRED_CLAIMS = ("sub", "name", "roles", "scope", "sid", "iat", "exp", "iss", "aud", "jti")
-# How far ahead of our clock a token's `iat`/`nbf` may be (clocks of two hosts differ).
+# How far ahead of our clock a token's `iat`/`nbf` may be, and how far behind its key's
+# `created_at` its `iat` may be (the clocks of two hosts differ).
 CLOCK_SKEW = 5.0
 
 SIGNING_KEYS = data_key("auth", "signing_keys")
@@ -167,7 +168,8 @@ def verify(
 
     `Unauthorized` for anything else: expired, bad signature, an algorithm
     other than HS256 (`none` included), an unknown or retired key, wrong
-    audience or issuer, a required claim missing or of the wrong type.
+    audience or issuer, a required claim missing or of the wrong type, issued
+    before its key was stored.
     Times are checked against `now` (default: the clock), not PyJWT's own.
     """
     now = time.time() if now is None else now
@@ -196,6 +198,11 @@ def verify(
     except jwt.PyJWTError as exc:
         raise Unauthorized(f"invalid token: {exc}") from None
     _check_claims(claims, now)
+    if claims["iat"] < key.created_at - CLOCK_SKEW:
+        # Signed by an earlier incarnation of the same secret (JWT_SECRET seeds the key
+        # again after Redis lost the keyring), so checked against sessions and
+        # revocations that are gone with it.
+        raise Unauthorized("invalid token: issued before its signing key was stored")
     return claims
 
 

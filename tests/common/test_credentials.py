@@ -232,6 +232,25 @@ async def test_an_old_key_verifies_until_it_retires(
     assert await rejected(auth, cached) == "invalid token: unknown signing key"
 
 
+async def test_a_token_from_before_redis_lost_the_keyring_is_refused(
+    auth: Authenticator, redis: aioredis.Redis, clock: Clock
+) -> None:
+    # JWT_SECRET seeds the same key again after the loss, but the sessions and the
+    # revocations the token was checked against are gone with the keyring.
+    sid = uuid.uuid4().hex
+    before = mint(session_id=sid, ttl=3600)
+    await auth.authenticate(before)
+    await revocation.revoke(redis, f"sid:{sid}", time.time() + 3600)
+    await eventually_refused(auth, before, "token revoked")
+    await redis.flushdb()
+    clock.offset = 60
+    await auth.keyring.ensure()  # as the resync does when it finds no key
+    await auth.refresh()
+    assert auth.revocations.is_revoked(f"sid:{sid}") is False
+    assert await rejected(auth, before) == "invalid token: issued before its signing key was stored"
+    assert (await auth.authenticate(mint(now=clock()))).subject == OWNER
+
+
 # -- revocation ------------------------------------------------------------------------
 
 
