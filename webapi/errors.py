@@ -8,7 +8,6 @@ one table; bad input is always a 4xx, and only a bug in the gateway is a 500.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from sanic import HTTPResponse, Request
@@ -25,6 +24,7 @@ from common.errors import (
     ServiceUnavailable,
     SwitchboardError,
 )
+from common.http_errors import error_body, error_code
 from common.log import get_logger
 from common.ratelimit import Decision
 from webapi.responses import json_response
@@ -199,14 +199,6 @@ def status_for(exc: SwitchboardError) -> int:
     return 502
 
 
-def _snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
-def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, **extra}}
-
-
 class JsonErrorHandler(ErrorHandler):
     """Renders every exception as the JSON error body with the right status."""
 
@@ -245,7 +237,7 @@ def error_response(
             )
     elif isinstance(exception, SanicException):
         status = exception.status_code
-        code = getattr(exception, "code", None) or _snake(type(exception).__name__)
+        code = error_code(exception)
         message = str(exception) or code.replace("_", " ")
         body = error_body(code, message)
         headers.update(exception.headers or {})

@@ -10,48 +10,18 @@ from typing import Any
 
 from sanic import Request
 
+from common.http_head import head_fault
 from webapi.errors import MalformedHeader, MalformedJson
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-# A request head as HTTP/1.1 allows it (RFC 9110 §5.1, §5.5; RFC 9112 §2.2, §5.1): a
-# request line with no control character, then lines `name:value` after CRLFs, the name
-# a token directly followed by its colon, the value with no control character but tab.
-# (No backtracking: a token holds no colon, a value no CR.)
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_WELL_FORMED_HEAD = re.compile(
-    rb"[^\x00-\x1f\x7f]*(?:\r\n" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*)*"
-)
-_WELL_FORMED_FIELD = re.compile(_TOKEN + rb":[\t\x20-\x7e\x80-\xff]*")
-_WELL_FORMED_NAME = re.compile(_TOKEN)
 
 
 def check_head(request: Request[Any, Any]) -> None:
-    """Raise `MalformedHeader` (400) when the request's head has what HTTP forbids.
-
-    Sanic's own parser is lenient where a proxy must not be: it takes
-    `Transfer-Encoding : chunked` (a space before the colon) as a field named
-    `transfer-encoding ` and keeps a bare LF or a NUL inside a value. Forwarded, such a
-    field could be read differently by the upstream (request smuggling), so the head
-    of every request Sanic parses is checked here, as received (one regex match),
-    before anything reads it. The fast path's httptools parser refuses such heads
-    already and hands them to Sanic.
-    """
-    head = request.head
-    if _WELL_FORMED_HEAD.fullmatch(head) is not None:
-        return
-    # Say what is wrong and where, never what a value holds: it may be a credential,
-    # and the message is logged (design §10).
-    _request_line, *fields = head.split(b"\r\n")
-    for field in fields:
-        if _WELL_FORMED_FIELD.fullmatch(field) is None:
-            name, colon, _value = field.partition(b":")
-            if not colon:
-                raise MalformedHeader("a header line without a colon (folded lines are refused)")
-            shown = name[:40].decode("latin-1")
-            if _WELL_FORMED_NAME.fullmatch(name) is None:
-                raise MalformedHeader(f"malformed header field name {shown!r}")
-            raise MalformedHeader(f"control character in the value of header {shown!r}")
-    raise MalformedHeader("control character in the request line")
+    """Raise `MalformedHeader` (400) when the request's head has what HTTP forbids
+    (`common.http_head`)."""
+    fault = head_fault(request.head)
+    if fault is not None:
+        raise MalformedHeader(fault)
 
 
 def json_object(request: Request[Any, Any], *, empty_ok: bool = True) -> dict[str, Any]:

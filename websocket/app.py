@@ -39,6 +39,7 @@ from common.client import RpcClient
 from common.connection import REDIS_DOWN_OR_SLOW, connect
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized
+from common.http_head import head_fault
 from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.registry_view import RegistryView
 from common.sanic_main import UNPARSED_METHOD
@@ -47,6 +48,7 @@ from websocket.auth import SUBPROTOCOL, authenticate, presented_token
 from websocket.client import ClientProtocol, keepalive
 from websocket.connections import TRY_AGAIN_LATER, Connections
 from websocket.envelope import stream_endpoint
+from websocket.errors import JsonErrorHandler, refusal
 from websocket.hub import ChannelHub
 from websocket.relay import proxy_endpoint
 from websocket.session import Session
@@ -79,10 +81,11 @@ def create_app(settings: Settings | None = None, name: str = "websocket") -> WsA
     config.WEBSOCKET_PING_INTERVAL = settings.ws_ping_interval  # type: ignore[assignment]
     config.WEBSOCKET_PING_TIMEOUT = settings.ws_ping_timeout  # type: ignore[assignment]
     config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.ws_drain_timeout
-    config.FALLBACK_ERROR_FORMAT = "json"
     ctx = WsContext(settings=settings)
     ctx.connections = Connections(settings.ws_max_connections)
-    app: WsApp = Sanic(name, config=config, ctx=ctx, configure_logging=False)
+    app: WsApp = Sanic(
+        name, config=config, ctx=ctx, configure_logging=False, error_handler=JsonErrorHandler()
+    )
     app.add_route(health, "/health", methods=["GET"])
     # Counted by the connection itself (`websocket.client`): the handler returns at once.
     app.add_websocket_route(client_endpoint, "/ws", subprotocols=[SUBPROTOCOL])
@@ -98,6 +101,7 @@ def create_app(settings: Settings | None = None, name: str = "websocket") -> WsA
         name="proxy_path",
         subprotocols=bearer,
     )
+    app.register_middleware(_check_head, "request")
     app.register_middleware(_admit, "request")
     app.register_listener(_open, "before_server_start")
     app.register_listener(_drain, "before_server_stop")
@@ -149,6 +153,13 @@ async def _close(app: WsApp) -> None:
     await app.ctx.redis.aclose()
 
 
+async def _check_head(request: WsRequest) -> HTTPResponse | None:
+    """Refuse a head with what HTTP does not allow (`common.http_head`), as the gateway
+    does, before anything reads it."""
+    fault = head_fault(request.head)
+    return None if fault is None else refusal(400, "malformed_header", fault)
+
+
 async def _admit(request: WsRequest) -> HTTPResponse | None:
     """Refuse an upgrade before it happens: 503 when full, 401 for a missing or bad
     credential (on `/ws` it may instead come as the first message), 403 for a
@@ -158,26 +169,22 @@ async def _admit(request: WsRequest) -> HTTPResponse | None:
         return None
     ctx = request.app.ctx
     if ctx.connections.full():
-        return _refuse(503, "too_many_connections", "connection limit reached, retry later")
+        return refusal(503, "too_many_connections", "connection limit reached, retry later")
     request.ctx.principal = None
     token = presented_token(request)
     if token is None:
         if request.path == "/ws":
             return None
-        return _refuse(401, "unauthorized", "credentials required: a bearer token or an API key")
+        return refusal(401, "unauthorized", "credentials required: a bearer token or an API key")
     try:
         principal = await authenticate(ctx.authenticator, token)
     except Unauthorized as exc:
-        return _refuse(401, "unauthorized", exc.message)
+        return refusal(401, "unauthorized", exc.message)
     request.ctx.principal = principal
     service = request.match_info.get("service")
     if isinstance(service, str) and not principal.allows(service, None):
-        return _refuse(403, "forbidden", f"this credential's scopes do not include {service}")
+        return refusal(403, "forbidden", f"this credential's scopes do not include {service}")
     return None
-
-
-def _refuse(status: int, code: str, message: str) -> HTTPResponse:
-    return json_response({"error": {"code": code, "message": message}}, status)
 
 
 def _counted(handler: Any) -> Any:

@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from common.policy import PolicyStore
 from tests.helpers import free_port, issue_api_key, wait_for
 from tests.support.policy import set_document
+from tests.support.raw_http import connect, raw_request, read_answers
 from tests.webapi.conftest import (
     Backend,
     answered,
@@ -31,7 +32,6 @@ from tests.webapi.conftest import (
     running_backend,
     running_gateway,
 )
-from tests.webapi.raw_http import connect, raw_request, read_answers
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,47 +14,11 @@ import json
 
 import pytest
 
+from tests.support.malformed import CASES
+from tests.support.raw_http import Answer, connect, read_answers
 from tests.webapi.conftest import Backend, as_admin
-from tests.webapi.raw_http import Answer, connect, read_answers
 
 pytestmark = pytest.mark.timeout(120)
-
-# name: (the fields after the credential, the status and error code expected).
-CASES = {
-    "length and chunked": (
-        "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-        400,
-        "bad_request",
-    ),
-    "two lengths": ("Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400, "bad_request"),
-    "negative length": ("Content-Length: -1\r\n\r\n", 400, "bad_request"),
-    "signed length": ("Content-Length: +5\r\n\r\nhello", 400, "bad_request"),
-    "length not a number": ("Content-Length: 5x\r\n\r\nhello", 400, "bad_request"),
-    "bad chunk size": (
-        "Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
-        400,
-        "bad_request",
-    ),
-    "chunked not last": ("Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", 400, "bad_request"),
-    "header without colon": ("Bad Header\r\nContent-Length: 0\r\n\r\n", 400, "bad_request"),
-    "space before colon": (
-        "Transfer-Encoding : chunked\r\nContent-Length: 5\r\n\r\nhello",
-        400,
-        "malformed_header",
-    ),
-    "bare LF in a value": (
-        "X-A: a\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello",
-        400,
-        "malformed_header",
-    ),
-    "nul in a value": ("X-A: a\x00b\r\nContent-Length: 0\r\n\r\n", 400, "malformed_header"),
-    "folded header": ("X-A: a\r\n  folded\r\nContent-Length: 0\r\n\r\n", 400, "bad_request"),
-    "head over the limit": (
-        "X-Big: " + "a" * 20_000 + "\r\nContent-Length: 0\r\n\r\n",
-        413,
-        "payload_too_large",
-    ),
-}
 
 
 def _send(gateway: str, data: bytes) -> Answer:

@@ -21,8 +21,8 @@ import pytest
 
 from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
 from tests.support.policy import set_document
+from tests.support.raw_http import connect, raw_request, read_answers
 from tests.webapi.conftest import Backend, as_admin
-from tests.webapi.raw_http import connect, raw_request, read_answers
 
 pytestmark = pytest.mark.timeout(120)
 

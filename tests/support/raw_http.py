@@ -1,5 +1,5 @@
-"""A raw HTTP/1.1 client for the gateway's tests: pipelining, split writes and exact
-bytes on the wire need the socket itself."""
+"""A raw HTTP/1.1 client for the gateway's and the websocket service's tests:
+pipelining, split writes and exact bytes on the wire need the socket itself."""
 
 from __future__ import annotations
 

@@ -1,0 +1,42 @@
+"""Malformed request heads and bodies, as raw bytes, shared by the gateway's and the
+websocket service's tests: both must answer each with the same JSON 4xx."""
+
+from __future__ import annotations
+
+# name: (the header fields ending a request head, and its body; the status and the
+# error code expected).
+CASES = {
+    "length and chunked": (
+        "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "two lengths": ("Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400, "bad_request"),
+    "negative length": ("Content-Length: -1\r\n\r\n", 400, "bad_request"),
+    "signed length": ("Content-Length: +5\r\n\r\nhello", 400, "bad_request"),
+    "length not a number": ("Content-Length: 5x\r\n\r\nhello", 400, "bad_request"),
+    "bad chunk size": (
+        "Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "chunked not last": ("Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", 400, "bad_request"),
+    "header without colon": ("Bad Header\r\nContent-Length: 0\r\n\r\n", 400, "bad_request"),
+    "space before colon": (
+        "Transfer-Encoding : chunked\r\nContent-Length: 5\r\n\r\nhello",
+        400,
+        "malformed_header",
+    ),
+    "bare LF in a value": (
+        "X-A: a\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello",
+        400,
+        "malformed_header",
+    ),
+    "nul in a value": ("X-A: a\x00b\r\nContent-Length: 0\r\n\r\n", 400, "malformed_header"),
+    "folded header": ("X-A: a\r\n  folded\r\nContent-Length: 0\r\n\r\n", 400, "bad_request"),
+    "head over the limit": (
+        "X-Big: " + "a" * 20_000 + "\r\nContent-Length: 0\r\n\r\n",
+        413,
+        "payload_too_large",
+    ),
+}
