@@ -98,14 +98,6 @@ class PolicyStore:
             raise RedisUnavailable(f"cannot read the policy version: {exc}") from exc
         return (0 if raw is None else int(raw)), _text(epoch)
 
-    async def current_version(self) -> int:
-        """The current version number (0: none stored); one cheap GET."""
-        try:
-            raw = await self.redis.get(constants.POLICY_VERSION)
-        except REDIS_DOWN_ERRORS as exc:
-            raise RedisUnavailable(f"cannot read the policy version: {exc}") from exc
-        return 0 if raw is None else int(raw)
-
     async def get_version(self, version: int) -> PolicyDocument | None:
         """The document as it was at `version` (one of the last `HISTORY_KEEP`), or None."""
         if version == 0:

@@ -53,7 +53,7 @@ async def test_cli(store: PolicyStore, redis_url: str, tmp_path: Path) -> None:
     assert not_stored.returncode != 0 and "services.nlp.retries" in not_stored.stderr
     conflict = await asyncio.to_thread(run, "put", str(good), "--expected-version", "0")
     assert conflict.returncode != 0 and "version 1" in conflict.stderr
-    assert await store.current_version() == 1
+    assert (await store.stamp())[0] == 1
 
     got = await asyncio.to_thread(run, "get")
     assert got.returncode == 0, got.stderr
