@@ -23,11 +23,7 @@ pytestmark = pytest.mark.timeout(180)
 async def test_redis_restart_under_load(tmp_path: Path) -> None:
     server = EmbeddedRedis(appendonly=True, data_dir=tmp_path).start()
     port, url, name = server.port, server.url, f"calc_{uuid.uuid4().hex[:8]}"
-    worker = ServiceProcess(
-        ["python", "-m", "tests.support.calc_service"],
-        env={"REDIS_URL": url, "CALC_NAME": name},
-        name=name,
-    ).start()
+    worker = _calc_worker(url, name)
     try:
         async with RpcClient(url) as client:
             await wait_for_async(lambda: client.call(f"{name}.add", 1, timeout=2), 30)
@@ -57,6 +53,14 @@ async def test_redis_restart_under_load(tmp_path: Path) -> None:
         server.stop()
 
 
+def _calc_worker(url: str, name: str) -> ServiceProcess:
+    """A `tests.support.calc_service` worker serving RPC service `name`, started."""
+    env = {"REDIS_URL": url, "CALC_NAME": name}
+    return ServiceProcess(
+        ["python", "-m", "tests.support.calc_service"], env=env, name=name
+    ).start()
+
+
 async def _taken(client: RpcClient, name: str, n: int) -> bool:
     """All n calls are in the stream (queued or in flight), i.e. accepted by Redis."""
     from common import constants
@@ -68,11 +72,7 @@ async def test_redis_restarted_empty_under_a_worker_and_a_client() -> None:
     # No AOF: the restart loses the streams, the consumer groups, the registry.
     server = EmbeddedRedis().start()
     port, url, name = server.port, server.url, f"calc_{uuid.uuid4().hex[:8]}"
-    worker = ServiceProcess(
-        ["python", "-m", "tests.support.calc_service"],
-        env={"REDIS_URL": url, "CALC_NAME": name},
-        name=name,
-    ).start()
+    worker = _calc_worker(url, name)
     try:
         async with RpcClient(url) as client:
             await wait_for_async(lambda: client.call(f"{name}.add", 1, timeout=2), 30)

@@ -15,22 +15,36 @@ from tests.helpers import free_port
 VIEWS_RESYNCED = 2.0
 
 
-@asynccontextmanager
-async def registered(
+async def register(
     redis_url: str, service: str, addresses: dict[str, str], *, kind: str = "http"
-) -> AsyncIterator[None]:
-    """Instances of `service` (instance id -> address) with a 60 s lease, no heartbeat
-    needed; deregistered after. Registry views learn of them from the change events."""
+) -> None:
+    """Instances of `service` (instance id -> address) with a 60 s lease: one heartbeat
+    each, as the instance's own would be. Registry views learn of them from the events."""
     client = aioredis.Redis.from_url(redis_url)
     registry = Registry(client, ttl=60)
     try:
         for name, address in addresses.items():
             await registry.heartbeat(InstanceRecord(service, name, kind=kind, address=address))
+    finally:
+        await client.aclose()
+
+
+@asynccontextmanager
+async def registered(
+    redis_url: str, service: str, addresses: dict[str, str], *, kind: str = "http"
+) -> AsyncIterator[None]:
+    """`register`ed instances, no heartbeat needed; deregistered after."""
+    await register(redis_url, service, addresses, kind=kind)
+    try:
         yield
     finally:
-        for name in addresses:
-            await registry.deregister(service, name)
-        await client.aclose()
+        client = aioredis.Redis.from_url(redis_url)
+        registry = Registry(client, ttl=60)
+        try:
+            for name in addresses:
+                await registry.deregister(service, name)
+        finally:
+            await client.aclose()
 
 
 @asynccontextmanager

@@ -23,9 +23,9 @@ import redis.asyncio as aioredis
 from common import tokens
 from common.embedded_redis import EmbeddedRedis
 from common.policy import PolicyDocument, PolicyStore
-from common.registry import InstanceRecord, Registry
 from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
 from tests.support.policy import update_document
+from tests.support.registry import register
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -58,10 +58,9 @@ def test_redis_restarted_empty_keeps_the_policy_and_refuses_lost_credentials() -
     echo = f"{base}/{service}/echo"  # the policy's public route: no credential needed
     key = {"X-Api-Key": issue_api_key(url, [service])}
     proxied = f"{base}/svc/{service}/echo"
-    instance = InstanceRecord(service, f"{service}-a", kind="http",
-                              address=f"127.0.0.1:{backend_port}")  # fmt: skip
+    instance = {f"{service}-a": f"127.0.0.1:{backend_port}"}
     try:
-        asyncio.run(_register(url, instance))
+        asyncio.run(register(url, service, instance))
         first = wait_for(lambda: _ok(echo), timeout=30)
         assert first.headers["ratelimit-limit"] == "77"
         assert _health(base) == (200, 2)
@@ -77,7 +76,7 @@ def test_redis_restarted_empty_keeps_the_policy_and_refuses_lost_credentials() -
         assert (stored.routes, stored.limits) == (held.routes, held.limits)
 
         # The instance's record went with the rest; its next heartbeat registers it again.
-        asyncio.run(_register(url, instance))
+        asyncio.run(register(url, service, instance))
         again = wait_for(lambda: _ok(echo), timeout=30)
         assert again.headers["ratelimit-limit"] == "77"  # the limit is still in force
         # The API key went with Redis's data: refused once the gateway's cache lapses.
@@ -109,14 +108,6 @@ async def _token(url: str, service: str, *, age: float = 0) -> str:
         await client.aclose()
     return tokens.issue(key, subject="u-loss", name="ops", roles=["user"], scopes=[service],
                         session_id=uuid.uuid4().hex, ttl=600, now=issued)  # fmt: skip
-
-
-async def _register(url: str, instance: InstanceRecord) -> None:
-    client = aioredis.Redis.from_url(url)
-    try:
-        await Registry(client, ttl=60).heartbeat(instance)
-    finally:
-        await client.aclose()
 
 
 async def _stored(url: str) -> tuple[PolicyDocument, list[str]]:
