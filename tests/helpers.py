@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import os
 import signal
 import subprocess
@@ -173,6 +174,14 @@ class ServiceProcess:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def log_records(self, msg: str) -> list[dict[str, Any]]:
+        """The process's JSON log lines whose message is `msg`, oldest first."""
+        records = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if f'"msg": {json.dumps(msg)}' in line:
+                records.append(json.loads(line))
+        return records
 
     def log_tail(self, lines: int = 40) -> str:
         try:

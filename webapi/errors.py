@@ -24,7 +24,7 @@ from common.errors import (
     ServiceUnavailable,
     SwitchboardError,
 )
-from common.http_errors import error_body, error_code
+from common.http_errors import error_body, error_code, error_message, log_refusal
 from common.log import get_logger
 from common.ratelimit import Decision
 from webapi.responses import json_response
@@ -238,8 +238,7 @@ def error_response(
     elif isinstance(exception, SanicException):
         status = exception.status_code
         code = error_code(exception)
-        message = str(exception) or code.replace("_", " ")
-        body = error_body(code, message)
+        body = error_body(code, error_message(exception, code))
         headers.update(exception.headers or {})
         if status >= 500:
             log.error("gateway error", exc_info=exception)
@@ -247,13 +246,9 @@ def error_response(
         status = 500
         body = error_body("internal_error", "internal error")
         log.error("unhandled error", exc_info=exception, extra={"fields": {"path": path}})
-    if status < 500:
-        # Design §10: every refused input is logged once, here (never its body or
-        # credential: the message says what was wrong, not what was sent).
+    if status < 500:  # design §10: every refused input is logged once, here
         error = body["error"]
-        fields = {"method": method, "path": path, "status": status,
-                  "code": error["code"], "message": error["message"]}  # fmt: skip
-        log.info("request refused", extra={"fields": fields})
+        log_refusal(log, method, path, status, error["code"], error["message"])
     if request_id:
         headers["X-Request-Id"] = request_id
     if envelope:

@@ -48,7 +48,7 @@ from websocket.auth import SUBPROTOCOL, authenticate, presented_token
 from websocket.client import ClientProtocol, keepalive
 from websocket.connections import TRY_AGAIN_LATER, Connections
 from websocket.envelope import stream_endpoint
-from websocket.errors import JsonErrorHandler, refusal
+from websocket.errors import JsonErrorHandler, log_close, refusal
 from websocket.hub import ChannelHub
 from websocket.relay import proxy_endpoint
 from websocket.session import Session
@@ -157,7 +157,7 @@ async def _check_head(request: WsRequest) -> HTTPResponse | None:
     """Refuse a head with what HTTP does not allow (`common.http_head`), as the gateway
     does, before anything reads it."""
     fault = head_fault(request.head)
-    return None if fault is None else refusal(400, "malformed_header", fault)
+    return None if fault is None else refusal(request, 400, "malformed_header", fault)
 
 
 async def _admit(request: WsRequest) -> HTTPResponse | None:
@@ -169,36 +169,48 @@ async def _admit(request: WsRequest) -> HTTPResponse | None:
         return None
     ctx = request.app.ctx
     if ctx.connections.full():
-        return refusal(503, "too_many_connections", "connection limit reached, retry later")
+        return refusal(
+            request, 503, "too_many_connections", "connection limit reached, retry later"
+        )
     request.ctx.principal = None
     token = presented_token(request)
     if token is None:
         if request.path == "/ws":
             return None
-        return refusal(401, "unauthorized", "credentials required: a bearer token or an API key")
+        return refusal(
+            request, 401, "unauthorized", "credentials required: a bearer token or an API key"
+        )
     try:
         principal = await authenticate(ctx.authenticator, token)
     except Unauthorized as exc:
-        return refusal(401, "unauthorized", exc.message)
+        return refusal(request, 401, "unauthorized", exc.message)
     request.ctx.principal = principal
     service = request.match_info.get("service")
     if isinstance(service, str) and not principal.allows(service, None):
-        return refusal(403, "forbidden", f"this credential's scopes do not include {service}")
+        return refusal(
+            request, 403, "forbidden", f"this credential's scopes do not include {service}"
+        )
     return None
 
 
 def _counted(handler: Any) -> Any:
-    """`handler` counted against the connection cap (closed with 1013 past it)."""
+    """`handler` counted against the connection cap (closed with 1013 past it); a
+    connection it closes other than normally is logged (`log_close`)."""
 
     async def counted(request: WsRequest, ws: WebsocketImplProtocol, **params: Any) -> None:
         connections = request.app.ctx.connections
-        if not connections.add(ws):
-            await ws.close(TRY_AGAIN_LATER, "connection limit reached")
-            return
         try:
-            await handler(request, ws, **params)
+            if not connections.add(ws):
+                await ws.close(TRY_AGAIN_LATER, "connection limit reached")
+                return
+            try:
+                await handler(request, ws, **params)
+            finally:
+                connections.discard(ws)
         finally:
-            connections.discard(ws)
+            close = ws.ws_proto.close_sent  # None once spliced: the splice logs its own
+            if close is not None and not ws.ws_proto.close_rcvd_then_sent:
+                log_close(request.path, close.code, close.reason)
 
     counted.__name__ = handler.__name__
     return counted

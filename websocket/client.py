@@ -37,14 +37,13 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import CLOSED, OPEN
 from websockets.server import ServerProtocol
 
-from common.log import get_logger
 from websocket.connections import INTERNAL_ERROR, TRY_AGAIN_LATER, Connections
+from websocket.errors import log_close
 from websocket.tap import TapServerProtocol
 
 if TYPE_CHECKING:
     from websocket.session import Session
 
-log = get_logger("websocket.client")
 
 CLOSE_TIMEOUT = 10.0  # seconds from the start of a closing to aborting the connection
 INVALID_DATA = 1007
@@ -171,8 +170,7 @@ class ClientProtocol(asyncio.Protocol):
         pending = self.pending
         if pending is not None:
             if len(pending) >= self.limit:
-                log.warning("slow consumer closed", extra={"fields": {"queued": len(pending)}})
-                self.fail(TRY_AGAIN_LATER, "send queue full: reading too slowly")
+                self.fail(TRY_AGAIN_LATER, f"send queue full ({len(pending)}): reading too slowly")
             else:
                 pending.append(text)
             return
@@ -232,6 +230,9 @@ class ClientProtocol(asyncio.Protocol):
         session, self.session = self.session, None
         if session is not None:
             session.close()
+            close = self.parser.close_sent
+            if close is not None and not self.parser.close_rcvd_then_sent:
+                log_close("/ws", close.code, close.reason)
         if not self.lost and self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.transport.abort)
 

@@ -28,6 +28,7 @@ from common.log import get_logger
 
 log = get_logger("websocket.connections")
 
+NORMAL_CLOSURE = 1000
 GOING_AWAY = 1001
 POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009

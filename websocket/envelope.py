@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from sanic.server.websockets.impl import WebsocketImplProtocol
 from websockets.exceptions import ConnectionClosed
 
+from websocket.errors import log_refused_message
 from websocket.upstreams import KINDS, NoUpstream, Upstreams
 
 if TYPE_CHECKING:
@@ -55,15 +56,21 @@ async def stream_endpoint(request: WsRequest, ws: WebsocketImplProtocol) -> None
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            await ws.send(failure(INVALID_JSON))
+            await _refuse(request, ws, INVALID_JSON)
             continue
         target = route(upstreams, body.get("service_name"))
         if target is None:
-            await ws.send(failure(NOT_SUPPORTED))
+            await _refuse(request, ws, NOT_SUPPORTED)
         elif not request.ctx.principal.allows(target[0], None):
-            await ws.send(failure(NOT_ALLOWED))
+            await _refuse(request, ws, NOT_ALLOWED)
         else:
             await serve_one(upstreams, ws, target, text)
+
+
+async def _refuse(request: WsRequest, ws: WebsocketImplProtocol, result: str) -> None:
+    """Answer a request this mode does not serve with its failure frame, logged once."""
+    log_refused_message(request.path, result.lower().replace(" ", "_"), result)
+    await ws.send(failure(result))
 
 
 def route(upstreams: Upstreams, name: Any) -> tuple[str, str | None] | None:

@@ -1,6 +1,14 @@
-"""The websocket service's HTTP errors as the platform's JSON error body
-(`common.http_errors`): its own refusals of an upgrade, and Sanic's answers to a
-request it could not parse or route (which would otherwise have Sanic's own shape)."""
+"""The websocket service's refusals, answered and logged the platform's way.
+
+HTTP: its own refusals of an upgrade, and Sanic's answers to a request it could not
+parse or route (which would otherwise have Sanic's own shape), get the platform's
+JSON error body (`common.http_errors`) and one log line each, as the gateway's do.
+
+WebSocket: a message refused with an error frame (`log_refused_message`) and a
+connection the service closes for what the client sent or failed to send
+(`log_close`: 1002, 1007, 1008, 1009, 1013, 1011 for a missing pong) are logged
+once too; a normal closing (1000, 1001) is not.
+"""
 
 from __future__ import annotations
 
@@ -11,26 +19,41 @@ from sanic.exceptions import SanicException
 from sanic.handlers import ErrorHandler
 from sanic.response import json as json_response
 
-from common.http_errors import error_body, error_code
+from common.http_errors import error_body, error_code, error_message, log_refusal
 from common.log import get_logger
+from websocket.connections import GOING_AWAY, NORMAL_CLOSURE
 
 log = get_logger("websocket.errors")
 
 
-def refusal(status: int, code: str, message: str) -> HTTPResponse:
-    """An HTTP answer refusing a request (an upgrade, most often)."""
+def refusal(request: Request[Any, Any], status: int, code: str, message: str) -> HTTPResponse:
+    """An HTTP answer refusing `request` (an upgrade, most often), logged."""
+    log_refusal(log, request.method, request.path, status, code, message)
     return json_response(error_body(code, message), status)
 
 
+def log_refused_message(path: str, code: str | int, message: str) -> None:
+    """Log a client's message answered with an error instead of being served."""
+    fields = {"path": path, "code": code, "message": message}
+    log.info("message refused", extra={"fields": fields})
+
+
+def log_close(path: str, code: int, reason: str) -> None:
+    """Log a connection the service closed with `code` (unless a normal closing)."""
+    if code not in (NORMAL_CLOSURE, GOING_AWAY):
+        log.info("connection closed", extra={"fields": {"path": path, "code": code,
+                                                        "reason": reason}})  # fmt: skip
+
+
 class JsonErrorHandler(ErrorHandler):
-    """Renders every exception as the JSON error body: its status for Sanic's own, a
-    logged 500 `internal_error` for anything else."""
+    """Renders every exception as the JSON error body: its status for Sanic's own
+    (logged as a refusal), a logged 500 `internal_error` for anything else."""
 
     def default(self, request: Request[Any, Any], exception: Exception) -> HTTPResponse:
-        if isinstance(exception, SanicException):
+        if isinstance(exception, SanicException) and exception.status_code < 500:
             code = error_code(exception)
-            response = refusal(exception.status_code, code, str(exception) or code)
+            response = refusal(request, exception.status_code, code, error_message(exception, code))
             response.headers.update(exception.headers or {})
             return response
         log.error("unhandled error", exc_info=exception, extra={"fields": {"path": request.path}})
-        return refusal(500, "internal_error", "internal error")
+        return json_response(error_body("internal_error", "internal error"), 500)

@@ -34,7 +34,8 @@ from websockets.frames import Close
 from websockets.protocol import CLOSED, CLOSING
 
 from common.balancing.sticky import balance_key
-from websocket.connections import BAD_GATEWAY, GOING_AWAY
+from websocket.connections import BAD_GATEWAY, GOING_AWAY, MESSAGE_TOO_BIG
+from websocket.errors import log_close
 from websocket.splice import GONE, Splice
 from websocket.tap import untap
 from websocket.upstreams import NoUpstream
@@ -76,6 +77,8 @@ async def proxy_endpoint(
         else:
             request.app.ctx.connections.hand_over(ws, splice)
             ok = await splice.run()
+            if splice.refused is not None:
+                log_close(request.path, MESSAGE_TOO_BIG, splice.refused)
     finally:
         upstreams.finished(service, endpoint, connect_seconds, ok)
 

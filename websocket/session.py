@@ -37,6 +37,7 @@ from common.errors import RpcError, Unauthorized
 from websocket import jsonrpc
 from websocket.auth import authenticate, may_call
 from websocket.connections import POLICY_VIOLATION
+from websocket.errors import log_refused_message
 from websocket.hub import CHANNEL
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ class Session:
         try:
             message = json.loads(text)
         except ValueError:
-            self.send(jsonrpc.error(None, jsonrpc.PARSE_ERROR, "parse error: not JSON"))
+            self._refuse_call(None, jsonrpc.PARSE_ERROR, "parse error: not JSON")
             return None
         if jsonrpc.is_request(message):
             self.call(message)
@@ -167,21 +168,21 @@ class Session:
         elif kind in ("subscribe", "unsubscribe"):
             return self._subscription(kind, message.get("channel"), id_)
         else:
-            self.send(_error("unknown_type", "expected ping, auth, subscribe, unsubscribe "
-                             "or a JSON-RPC 2.0 request", id_))  # fmt: skip
+            self._refuse("unknown_type", "expected ping, auth, subscribe, unsubscribe "
+                         "or a JSON-RPC 2.0 request", id_)  # fmt: skip
         return None
 
     async def _reauthenticate(self, message: dict[str, Any], id_: Any) -> None:
         try:
             principal = await authenticate(self.ctx.authenticator, message.get("token"))
         except Unauthorized as exc:
-            self.send(_error("unauthorized", exc.message, id_))
+            self._refuse("unauthorized", exc.message, id_)
             return
         self.authenticated(principal, id_)
 
     async def _subscription(self, kind: str, channel: Any, id_: Any) -> None:
         if not isinstance(channel, str) or not CHANNEL.match(channel):
-            self.send(_error("bad_channel", f"channel must match {CHANNEL.pattern}", id_))
+            self._refuse("bad_channel", f"channel must match {CHANNEL.pattern}", id_)
             return
         channels = self.channels
         if kind == "subscribe":
@@ -190,7 +191,7 @@ class Session:
             if channel not in channels:
                 limit = self.ctx.settings.ws_max_subscriptions
                 if len(channels) >= limit:
-                    self.send(_error("too_many_subscriptions", f"at most {limit}", id_))
+                    self._refuse("too_many_subscriptions", f"at most {limit}", id_)
                     return
                 channels.add(channel)
                 await self.ctx.hub.subscribe(channel, self.conn.send)
@@ -206,18 +207,17 @@ class Session:
         try:
             id_, method, args, kwargs, notification = jsonrpc.parse(message)
         except jsonrpc.InvalidRequest as exc:
-            self.send(jsonrpc.error(exc.id, jsonrpc.INVALID_REQUEST, f"invalid request: {exc}"))
+            self._refuse_call(exc.id, jsonrpc.INVALID_REQUEST, f"invalid request: {exc}")
             return
         if not may_call(self.principal, method):
-            if not notification:
-                what = f"this credential's scopes do not include {method}"
-                self.send(jsonrpc.error(id_, jsonrpc.FORBIDDEN, what))
+            what = f"this credential's scopes do not include {method}"
+            self._refuse_call(id_, jsonrpc.FORBIDDEN, what, answer=not notification)
             return
         if self.calls is None:
             self.calls = set()
         if len(self.calls) >= self.ctx.settings.ws_max_calls_in_flight:
-            if not notification:
-                self.send(jsonrpc.error(id_, jsonrpc.TOO_MANY_CALLS, "too many calls in flight"))
+            what = "too many calls in flight"
+            self._refuse_call(id_, jsonrpc.TOO_MANY_CALLS, what, answer=not notification)
             return
         task = asyncio.create_task(self._call(id_, method, args, kwargs, notification))
         self.calls.add(task)
@@ -239,6 +239,19 @@ class Session:
 
     def send(self, frame: str) -> None:
         self.conn.send(frame)
+
+    def _refuse(self, code: str, message: str, id_: Any) -> None:
+        """Answer a message this session does not serve with an error, logged once."""
+        log_refused_message("/ws", code, message)
+        self.send(_with_id({"type": "error", "error": {"code": code, "message": message}}, id_))
+
+    def _refuse_call(
+        self, id_: jsonrpc.Id, code: int, message: str, *, answer: bool = True
+    ) -> None:
+        """Refuse a JSON-RPC request with its error (none for a notification), logged once."""
+        log_refused_message("/ws", code, message)
+        if answer:
+            self.send(jsonrpc.error(id_, code, message))
 
     def close(self) -> None:
         """The connection is closing or gone: stop counting it, stop its timer and tasks,
@@ -267,7 +280,3 @@ def _with_id(answer: dict[str, Any], id_: Any) -> str:
     if id_ is not None:
         answer["id"] = id_
     return json.dumps(answer)
-
-
-def _error(code: str, message: str, id_: Any = None) -> str:
-    return _with_id({"type": "error", "error": {"code": code, "message": message}}, id_)

@@ -175,9 +175,9 @@ class _Leg(asyncio.Protocol):
             if self.pending is not None and at_boundary:
                 self._inject_now()
         if too_big:
-            self.splice.upstream.inject(
-                server_close(MESSAGE_TOO_BIG, f"message over {self.limit} bytes")
-            )
+            reason = f"message over {self.limit} bytes"
+            self.splice.refused = reason
+            self.splice.upstream.inject(server_close(MESSAGE_TOO_BIG, reason))
         if close_at >= 0:
             self.close_seen = True
             self.splice.advance()
@@ -247,6 +247,7 @@ class Splice:
         self.upstream = _Leg(self, upstream, None)
         self.client.peer, self.upstream.peer = self.upstream, self.client
         self.upstream_died = False
+        self.refused: str | None = None  # why the client was closed with 1009, if it was
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._timer: asyncio.TimerHandle | None = None
 

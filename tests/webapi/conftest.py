@@ -97,6 +97,10 @@ def gateway(redis_url: str) -> Iterator[str]:
         yield base
 
 
+# The process behind each gateway `running_gateway` started, by base URL: its log.
+_gateways: dict[str, ServiceProcess] = {}
+
+
 @contextmanager
 def running_gateway(redis_url: str, **env: str) -> Iterator[str]:
     """A gateway process (no workers) with the test settings plus `env`; its base URL."""
@@ -105,11 +109,18 @@ def running_gateway(redis_url: str, **env: str) -> Iterator[str]:
            "PROXY_TIMEOUT": "1", "LEAST_TIME_DECAY": "2", **env}  # fmt: skip
     proc = ServiceProcess(["python", "-m", "webapi"], env=env, name="webapi-only").start()
     base = f"http://127.0.0.1:{port}"
+    _gateways[base] = proc
     try:
         wait_for(lambda: httpx.get(f"{base}/health", timeout=2).status_code == 200, timeout=30)
         yield base
     finally:
+        del _gateways[base]
         proc.stop()
+
+
+def gateway_process(base: str) -> ServiceProcess:
+    """The process of the gateway at `base` (started by `running_gateway`)."""
+    return _gateways[base]
 
 
 @dataclass

@@ -11,12 +11,13 @@ instance's upload counter (`/admin/state`) says whether any of it got through.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
 from tests.support.malformed import CASES
 from tests.support.raw_http import Answer, connect, read_answers
-from tests.webapi.conftest import Backend, as_admin
+from tests.webapi.conftest import Backend, as_admin, gateway_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,6 +31,10 @@ def _send(gateway: str, data: bytes) -> Answer:
 
 def _uploads(backend: Backend) -> int:
     return int(as_admin.get(f"{backend.base}/admin/state", timeout=5).json()["uploads"])
+
+
+def _refusals(backend: Backend) -> list[dict[str, Any]]:
+    return gateway_process(backend.gateway).log_records("request refused")
 
 
 def _credential() -> str:
@@ -50,10 +55,15 @@ def test_a_malformed_request_gets_a_json_4xx_and_reaches_nobody(
 ) -> None:
     fields, status, code = CASES[case]
     uploads = _uploads(backend)
+    refusals = len(_refusals(backend))
     head = f"POST /svc/{backend.service}/upload HTTP/1.1\r\nHost: gateway.test\r\n"
     answer = _send(backend.gateway, (head + _credential() + fields).encode("latin-1"))
     assert (answer.status, _error(answer)) == (status, code), answer.body
     assert _uploads(backend) == uploads  # nothing of it reached the instance
+    # Logged once (design §10), before the answer was written; not the credential.
+    logged = _refusals(backend)[refusals:]
+    assert [(r["status"], r["code"]) for r in logged] == [(status, code)]
+    assert as_admin.headers["Authorization"].split()[1] not in json.dumps(logged)
     assert as_admin.get(f"{backend.base}/echo", timeout=5).status_code == 200
 
 

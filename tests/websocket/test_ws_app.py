@@ -70,11 +70,15 @@ def test_a_malformed_request_gets_the_gateways_json_4xx(
     # and one it took leniently (a space before a colon, a NUL) is refused before any
     # credential is read.
     fields, status, code = CASES[case]
+    refusals = len(ws_server.proc.log_records("request refused"))
     with connect(ws_server.address) as sock:
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: ws.test\r\n{fields}".encode("latin-1"))
         answer = read_answers(sock, 1)[0]
     assert answer.headers["content-type"].startswith("application/json")
     assert (answer.status, json.loads(answer.body)["error"]["code"]) == (status, code)
+    # Logged once (design §10), before the answer was written.
+    logged = ws_server.proc.log_records("request refused")[refusals:]
+    assert [(r["status"], r["code"]) for r in logged] == [(status, code)]
 
 
 def test_an_unknown_path_gets_the_json_error_body(ws_server: WsServer) -> None:

@@ -1,0 +1,160 @@
+"""Every input the websocket service refuses is logged once (design §10), and no
+credential is: refused upgrades (`request refused`), messages answered with an error
+(`message refused`), connections closed for what the client sent or did not send
+(`connection closed`). A normal closing is not logged.
+
+The malformed HTTP requests' log lines are checked with their answers, in test_ws_app.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import websockets
+
+from tests.helpers import wait_for_async
+from tests.websocket.conftest import Backends, WsServer, recv_json, wait_reachable
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class LogWatch:
+    """The records of one message the server logs from now on."""
+
+    def __init__(self, server: WsServer, msg: str) -> None:
+        self.server, self.msg = server, msg
+        self.start = len(server.proc.log_records(msg))
+
+    def new(self) -> list[dict[str, Any]]:
+        return self.server.proc.log_records(self.msg)[self.start :]
+
+    async def wait(self, count: int) -> list[dict[str, Any]]:
+        """The new records once there are `count` of them (logging may follow the answer)."""
+
+        async def enough() -> bool:
+            return len(self.new()) >= count
+
+        await wait_for_async(enough, timeout=10)
+        return self.new()
+
+
+async def test_a_refused_upgrade_is_logged_once_without_its_credential(
+    ws_server: WsServer,
+) -> None:
+    forged = ws_server.token()[:-8] + "AAAAAAAA"  # a signature that does not verify
+    refused = LogWatch(ws_server, "request refused")
+    with pytest.raises(websockets.InvalidStatus) as info:
+        async with ws_server.connect("/ws/stream", additional_headers={
+            "Authorization": f"Bearer {forged}"}):  # fmt: skip
+            pass
+    assert info.value.response.status_code == 401
+    logged = refused.new()
+    assert [(r["status"], r["code"], r["path"]) for r in logged] == [
+        (401, "unauthorized", "/ws/stream")
+    ]
+    assert forged.split(".")[2] not in ws_server.proc.log_path.read_text()
+
+
+async def test_refused_messages_are_logged_once_each(ws_server: WsServer) -> None:
+    refused = LogWatch(ws_server, "message refused")
+    headers = {"Authorization": f"Bearer {ws_server.token(scopes=('iptv',))}"}
+    async with ws_server.connect(additional_headers=headers) as ws:
+        for message in [
+            "{not json",
+            json.dumps({"type": "dance"}),
+            json.dumps({"type": "subscribe", "channel": "no spaces allowed"}),
+            json.dumps({"jsonrpc": "2.0", "id": 1}),  # no method
+            json.dumps({"jsonrpc": "2.0", "id": 2, "method": "auth.whoami"}),  # out of scope
+        ]:
+            await ws.send(message)
+            assert "error" in await recv_json(ws)
+        await ws.send(json.dumps({"jsonrpc": "2.0", "method": "auth.whoami"}))  # unanswered
+        await ws.send("ping")
+        assert await ws.recv() == "pong"
+    codes = [r["code"] for r in refused.new()]
+    assert codes == [-32700, "unknown_type", "bad_channel", -32600, -32005, -32005]
+    assert all(r["path"] == "/ws" and r["message"] for r in refused.new())
+
+
+async def test_an_envelope_request_refused_is_logged_once(ws_server: WsServer) -> None:
+    refused = LogWatch(ws_server, "message refused")
+    async with ws_server.connect("/ws/stream") as ws:
+        await ws.send("not an envelope")
+        assert (await recv_json(ws))["result"] == "Invalid JSON format"
+        await ws.send(json.dumps({"service_name": "nothing-registered"}))
+        assert (await recv_json(ws))["result"] == "model not support"
+    assert [(r["path"], r["code"]) for r in refused.new()] == [
+        ("/ws/stream", "invalid_json_format"),
+        ("/ws/stream", "model_not_support"),
+    ]
+
+
+async def _oversized(ws: Any) -> None:
+    await ws.send("x" * (256 * 1024))  # the test server's limit is 64 KiB
+
+
+async def _not_authenticated(ws: Any) -> None:
+    await ws.send("ping")  # the first message must be `auth`
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "send", "code"),
+    [
+        ("/ws", True, _oversized, 1009),
+        ("/ws/stream", True, _oversized, 1009),
+        ("/ws", False, _not_authenticated, 1008),
+    ],
+    ids=["ws too big", "stream too big", "ws no auth"],
+)
+async def test_a_connection_closed_for_its_input_is_logged_once(
+    ws_server: WsServer,
+    path: str,
+    headers: bool,
+    send: Callable[[Any], Awaitable[None]],
+    code: int,
+) -> None:
+    closed = LogWatch(ws_server, "connection closed")
+    extra = {} if headers else {"additional_headers": {}}
+    async with ws_server.connect(path, max_size=None, **extra) as ws:
+        await send(ws)
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            await recv_json(ws)
+    assert info.value.rcvd is not None and info.value.rcvd.code == code
+    logged = await closed.wait(1)
+    assert [(r["path"], r["code"]) for r in logged] == [(path, code)]
+
+
+async def test_a_spliced_relay_closed_for_a_message_too_big_is_logged_once(
+    ws_server: WsServer, backends: Backends
+) -> None:
+    backends.start("a")
+    await wait_reachable(ws_server, backends.service, {"a"})
+    closed = LogWatch(ws_server, "connection closed")
+    path = f"/ws/proxy/{backends.service}/echo"
+    async with ws_server.connect(path, max_size=None) as ws:
+        await ws.send("spliced?")
+        assert await ws.recv() == "spliced?"
+        await _oversized(ws)
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            await ws.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+    logged = await closed.wait(1)
+    assert [(r["path"], r["code"]) for r in logged] == [(path, 1009)]
+
+
+async def test_a_normal_closing_is_not_logged(ws_server: WsServer) -> None:
+    closed = LogWatch(ws_server, "connection closed")
+    async with ws_server.connect("/ws") as ws:
+        await ws.send("ping")
+        assert await ws.recv() == "pong"
+    async with ws_server.connect("/ws/stream"):
+        pass
+    # A close logged after theirs tells that they were seen and not logged.
+    async with ws_server.connect(additional_headers={}) as ws:
+        await _not_authenticated(ws)
+        with pytest.raises(websockets.ConnectionClosed):
+            await recv_json(ws)
+    assert [r["code"] for r in await closed.wait(1)] == [1008]
