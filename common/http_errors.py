@@ -1,5 +1,6 @@
-"""The JSON error body of every Sanic service (webapi, websocket), and the code an
-exception gets in it.
+"""The JSON error body of every Sanic service (webapi, websocket), the code an
+exception gets in it, and the HTTP status of an RPC error (`status_for`, which also
+tells the websocket service a caller's mistake from a service's failure).
 
 Every error response of the platform has the body `{"error": {"code": ..., "message":
 ...}}`, whoever raised it: our handlers, or Sanic itself for a request it could not
@@ -13,6 +14,17 @@ from __future__ import annotations
 import logging
 import re
 from typing import Any
+
+from common.errors import (
+    InvalidParams,
+    MethodNotFound,
+    Overloaded,
+    RemoteError,
+    RpcTimeout,
+    ServiceError,
+    ServiceUnavailable,
+    SwitchboardError,
+)
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -39,3 +51,35 @@ def log_refusal(log: logging.Logger, method: str, path: str, status: int, code: 
     no credential, no query string), so a refusal's log line carries no secret."""
     fields = {"method": method, "path": path, "status": status, "code": code, "message": message}
     log.info("request refused", extra={"fields": fields})
+
+
+_RPC_STATUS: dict[type[SwitchboardError], int] = {
+    MethodNotFound: 404,
+    InvalidParams: 422,
+    ServiceUnavailable: 503,
+    Overloaded: 503,
+    RpcTimeout: 504,
+}
+
+# Application errors raised by handlers (`common.errors.ServiceError` codes).
+_REMOTE_CODE_STATUS = {
+    "bad_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "conflict": 409,
+    "invalid_params": 422,
+    "policy_invalid": 422,
+}
+
+
+def status_for(exc: SwitchboardError) -> int:
+    """The HTTP status of an RPC error. A handler crash is the upstream's fault: 502."""
+    if isinstance(exc, RemoteError):
+        return _REMOTE_CODE_STATUS.get(exc.code, 502)
+    if isinstance(exc, ServiceError):  # raised in the gateway itself (e.g. a policy check)
+        return _REMOTE_CODE_STATUS.get(exc.code, 400)
+    for cls, status in _RPC_STATUS.items():
+        if isinstance(exc, cls):
+            return status
+    return 502

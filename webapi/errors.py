@@ -1,8 +1,9 @@
 """HTTP errors of the gateway, and the handler that renders every error as JSON.
 
 Every error response has the body `{"error": {"code": ..., "message": ...}}`
-(plus `details` for invalid parameters). RPC errors map to statuses here, in
-one table; bad input is always a 4xx, and only a bug in the gateway is a 500.
+(plus `details` for invalid parameters). RPC errors map to statuses in one table
+(`common.http_errors.status_for`); bad input is always a 4xx, and only a bug in the
+gateway is a 500.
 """
 
 from __future__ import annotations
@@ -15,16 +16,10 @@ from sanic.exceptions import RequestCancelled, SanicException
 from sanic.handlers import ErrorHandler
 
 from common.errors import (
-    InvalidParams,
-    MethodNotFound,
     Overloaded,
-    RemoteError,
-    RpcTimeout,
-    ServiceError,
-    ServiceUnavailable,
     SwitchboardError,
 )
-from common.http_errors import error_body, error_code, error_message, log_refusal
+from common.http_errors import error_body, error_code, error_message, log_refusal, status_for
 from common.log import get_logger
 from common.ratelimit import Decision
 from webapi.responses import json_response
@@ -165,38 +160,6 @@ class RateLimited(ApiError):
             "RateLimit-Reset": str(max(retry_after, math.ceil(decision.reset))),
         }
         super().__init__(f"rate limit exceeded: retry in {retry_after} s", headers=headers)
-
-
-_RPC_STATUS: dict[type[SwitchboardError], int] = {
-    MethodNotFound: 404,
-    InvalidParams: 422,
-    ServiceUnavailable: 503,
-    Overloaded: 503,
-    RpcTimeout: 504,
-}
-
-# Application errors raised by handlers (`common.errors.ServiceError` codes).
-_REMOTE_CODE_STATUS = {
-    "bad_request": 400,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "not_found": 404,
-    "conflict": 409,
-    "invalid_params": 422,
-    "policy_invalid": 422,
-}
-
-
-def status_for(exc: SwitchboardError) -> int:
-    """The HTTP status of an RPC error. A handler crash is the upstream's fault: 502."""
-    if isinstance(exc, RemoteError):
-        return _REMOTE_CODE_STATUS.get(exc.code, 502)
-    if isinstance(exc, ServiceError):  # raised in the gateway itself (e.g. a policy check)
-        return _REMOTE_CODE_STATUS.get(exc.code, 400)
-    for cls, status in _RPC_STATUS.items():
-        if isinstance(exc, cls):
-            return status
-    return 502
 
 
 class JsonErrorHandler(ErrorHandler):

@@ -4,10 +4,11 @@ HTTP: its own refusals of an upgrade, and Sanic's answers to a request it could 
 parse or route (which would otherwise have Sanic's own shape), get the platform's
 JSON error body (`common.http_errors`) and one log line each, as the gateway's do.
 
-WebSocket: a message refused with an error frame (`log_refused_message`) and a
-connection the service closes for what the client sent or failed to send
-(`log_close`: 1002, 1007, 1008, 1009, 1013, 1011 for a missing pong) are logged
-once too; a normal closing (1000, 1001) is not.
+WebSocket: a message refused with an error frame (`log_refused_message`), a
+JSON-RPC call that failed (`log_failed_call`: refused, or a service's failure) and
+a connection the service closes other than normally (`log_close`: 1002, 1007,
+1008, 1009, 1011 for a missing pong, 1013, 1014) are logged once too; a normal
+closing (1000, 1001) is not.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from sanic.exceptions import SanicException
 from sanic.handlers import ErrorHandler
 from sanic.response import json as json_response
 
-from common.http_errors import error_body, error_code, error_message, log_refusal
+from common.errors import RpcError
+from common.http_errors import error_body, error_code, error_message, log_refusal, status_for
 from common.log import get_logger
 from websocket.connections import GOING_AWAY, NORMAL_CLOSURE
 
@@ -36,6 +38,17 @@ def log_refused_message(path: str, code: str | int, message: str) -> None:
     """Log a client's message answered with an error instead of being served."""
     fields = {"path": path, "code": code, "message": message}
     log.info("message refused", extra={"fields": fields})
+
+
+def log_failed_call(path: str, method: str, exc: RpcError) -> None:
+    """Log a JSON-RPC call that failed: a caller's mistake (what the gateway answers
+    with a 4xx: an unknown method, invalid params, `not_found`...) as a refused
+    message, a service's failure as a warning, as the gateway logs them."""
+    if status_for(exc) < 500:
+        log_refused_message(path, exc.code, exc.message or exc.code)
+    else:
+        fields = {"path": path, "method": method, "code": exc.code}
+        log.warning("rpc error", extra={"fields": fields})
 
 
 def log_close(path: str, code: int, reason: str) -> None:

@@ -37,7 +37,7 @@ from common.errors import RpcError, Unauthorized
 from websocket import jsonrpc
 from websocket.auth import authenticate, may_call
 from websocket.connections import POLICY_VIOLATION
-from websocket.errors import log_refused_message
+from websocket.errors import log_failed_call, log_refused_message
 from websocket.hub import CHANNEL
 
 if TYPE_CHECKING:
@@ -229,6 +229,7 @@ class Session:
         try:
             value = await self.ctx.rpc.invoke(method, args, kwargs)
         except RpcError as exc:
+            log_failed_call("/ws", method, exc)
             answer = jsonrpc.error_for(id_, exc)
         else:
             answer = jsonrpc.result(id_, value)

@@ -196,6 +196,8 @@ async def test_jsonrpc_call_and_errors(ws_server: WsServer, calc: None) -> None:
             ([{"jsonrpc": "2.0", "id": 8, "method": "calc.add"}], -32600),
             ({"jsonrpc": "2.0", "id": 9, "method": "calc.sleep", "params": {"seconds": 5}}, -32003),
         ]
+        refused = len(ws_server.proc.log_records("message refused"))
+        failed = len(ws_server.proc.log_records("rpc error"))
         for request, code in cases:
             answer = await rpc(ws, request)
             error = answer["error"]
@@ -204,6 +206,14 @@ async def test_jsonrpc_call_and_errors(ws_server: WsServer, calc: None) -> None:
                 assert answer["id"] == request["id"]
         service_error = await rpc(ws, cases[2][0])
         assert service_error["error"]["data"]["code"] == "not_found"  # type: ignore[index]
+        # Each logged once, before its answer: a caller's mistake as refused (what the
+        # gateway answers with a 4xx), a service's failure (here the timeout) as an error.
+        logged = ws_server.proc.log_records("message refused")[refused:]
+        assert [r["code"] for r in logged] == ["method_not_found", "invalid_params", "not_found",
+                                               "method_not_found", -32600, -32600, -32600,
+                                               "not_found"]  # fmt: skip
+        logged = ws_server.proc.log_records("rpc error")[failed:]
+        assert [(r["method"], r["code"]) for r in logged] == [("calc.sleep", "timeout")]
         # a notification runs but gets no answer: the next answer is the ping's
         await ws.send(json.dumps({"jsonrpc": "2.0", "method": "calc.add", "params": [1]}))
         await ws.send(json.dumps({"type": "ping", "id": "after"}))

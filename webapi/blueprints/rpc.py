@@ -1,7 +1,7 @@
 """`POST /rpc/<service>/<method>`: the unified entry to any RPC method.
 
 The JSON body is the keyword arguments; the answer is `{"result": ...}` or the
-JSON error body with the status of `webapi.errors.status_for`.
+JSON error body with the status of `common.http_errors.status_for`.
 """
 
 from __future__ import annotations
