@@ -36,11 +36,14 @@ async def _instance(peer: Peer) -> None:
     """`/slow-head` answers after 1.5 s (past the test gateway's 1 s read timeout, within
     the policy's head timeout); `/trickle`, `/nlp` and `/ai_server/` send their head at
     once and then a JSON body a byte every 50 ms, never silent for long; `/half` sends
-    half its body and closes; the rest `ok`."""
+    half its body and closes; `/endless-head` a head that does not end; the rest `ok`."""
     async for req in peer.requests():
         if req.target == "/half":
             await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 50)
             peer.close()
+            return
+        if req.target == "/endless-head":
+            await _endless_head(peer)
             return
         if req.target == "/slow-head":
             await asyncio.sleep(1.5)
@@ -54,6 +57,16 @@ async def _instance(peer: Peer) -> None:
             await peer.send(b"1\r\n1\r\n0\r\n\r\n")
         else:
             await peer.send(ok(req.target.encode()))
+
+
+async def _endless_head(peer: Peer) -> None:
+    """A response head that does not end (up to 64 MiB, or until the gateway leaves)."""
+    try:
+        await peer.send(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(4096):
+            await peer.send(b"X-More: header\r\n" * 1024)
+    except ConnectionError:
+        return
 
 
 @dataclass
@@ -124,6 +137,27 @@ async def test_a_cut_answer_is_cut_for_the_client_on_both_paths(
     # The instance is not blamed for a cut answer: it still serves.
     answer = await bounded.client.get(f"/svc/{bounded.service}/after", headers=headers)
     assert answer.status_code == 200 and answer.text == "/after"
+
+
+async def test_a_head_that_does_not_end_is_a_502_on_both_paths(bounded: Bounded) -> None:
+    # Within the total timeout: cut by the head's size limit, not by a deadline. A fresh
+    # API key's first request is Sanic's; once cached, the fast path's direct exchange.
+    key = await asyncio.to_thread(issue_api_key, bounded.redis_url, [bounded.service],
+                                  name="endless")  # fmt: skip
+    headers = {"X-Api-Key": key}
+    url = f"/svc/{bounded.service}/endless-head"
+    for fast in (False, True):
+        direct = (await asyncio.to_thread(fast_path, bounded.gateway))["direct"]
+        reply = await bounded.client.get(url, headers=headers)
+        assert reply.status_code == 502
+        error = reply.json()["error"]
+        assert error["code"] == "upstream_failed"
+        assert error["message"].endswith("response head over 65536 bytes")
+        taken = (await asyncio.to_thread(fast_path, bounded.gateway))["direct"] > direct
+        assert taken == fast
+        # An answered request leaves an idle connection for the fast path's next try.
+        answer = await bounded.client.get(f"/svc/{bounded.service}/fine", headers=headers)
+        assert answer.status_code == 200
 
 
 async def test_the_total_timeout_bounds_the_wait_for_the_head(bounded: Bounded) -> None:

@@ -27,6 +27,7 @@ from webapi.proxy import (
     UpstreamBodyTooLarge,
     UpstreamConnectError,
     UpstreamError,
+    UpstreamHeadTooLarge,
     UpstreamPool,
     UpstreamProtocolError,
     UpstreamTimeout,
@@ -236,6 +237,57 @@ async def test_malformed_response_is_a_protocol_error(pool: UpstreamPool, reply:
         with pytest.raises(UpstreamProtocolError):
             await pool.request(up.address, "GET", "/", [])
         await wait_for_async(_no_open(pool, up.address), timeout=5)
+
+
+def _endless(start: bytes, repeated: bytes) -> Handler:
+    """A server that answers every request with `start`, then `repeated` over and over,
+    up to 64 MiB: a response head that never ends."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(start)
+        block = repeated * (64 * 1024 // len(repeated))
+        for _ in range(1024):
+            if peer.writer.is_closing():
+                return
+            await peer.send(block)
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("start", "repeated"),
+    [
+        (b"HTTP/1.1 200 OK\r\nX-Endless: ", b"a"),
+        (b"HTTP/1.1 200 OK\r\n", b"X-One-More: header\r\n"),
+        (b"", b"HTTP/1.1 100 Continue\r\n\r\n"),
+        (b"HTTP/1.1 200 ", b"reason "),
+    ],
+    ids=["one endless field", "endless fields", "endless 100 continue", "endless reason"],
+)
+async def test_a_response_head_over_the_limit_is_a_protocol_error(
+    pool: UpstreamPool, start: bytes, repeated: bytes
+) -> None:
+    # As nginx's "upstream sent too big header" (proxy_buffer_size): a head that never
+    # ends must not hold the exchange, or grow the gateway's memory, until a timeout.
+    async with Upstream(_endless(start, repeated)) as up:
+        with pytest.raises(UpstreamHeadTooLarge, match="response head over 65536 bytes"):
+            await pool.request(up.address, "GET", "/", [])
+        await wait_for_async(_no_open(pool, up.address), timeout=5)
+
+
+async def test_a_large_head_within_the_limit_is_answered(pool: UpstreamPool) -> None:
+    fields = [f"X-Field-{i}: {'v' * 100}" for i in range(300)]  # 34 KB
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(ok(b"fine", *fields))
+        await peer.reader.read()
+
+    async with Upstream(handler) as up:
+        resp = await pool.request(up.address, "GET", "/", [])
+        assert await resp.read() == b"fine"
+        assert len(resp.raw_headers) >= 300
 
 
 async def test_close_before_the_head_is_a_protocol_error(pool: UpstreamPool) -> None:

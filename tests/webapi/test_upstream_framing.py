@@ -285,6 +285,7 @@ def test_public_names() -> None:
         "UpstreamBodyTooLarge",
         "UpstreamConnectError",
         "UpstreamError",
+        "UpstreamHeadTooLarge",
         "UpstreamPool",
         "UpstreamProtocolError",
         "UpstreamResponse",

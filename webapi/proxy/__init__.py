@@ -4,6 +4,7 @@ from webapi.proxy.errors import (
     UpstreamBodyTooLarge,
     UpstreamConnectError,
     UpstreamError,
+    UpstreamHeadTooLarge,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "UpstreamBodyTooLarge",
     "UpstreamConnectError",
     "UpstreamError",
+    "UpstreamHeadTooLarge",
     "UpstreamPool",
     "UpstreamProtocolError",
     "UpstreamResponse",

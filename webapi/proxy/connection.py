@@ -21,6 +21,7 @@ from webapi.proxy.deadlines import Deadlines
 from webapi.proxy.errors import (
     UpstreamBodyTooLarge,
     UpstreamError,
+    UpstreamHeadTooLarge,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
@@ -31,6 +32,10 @@ from webapi.proxy.writer import BodyWriter
 # A bytes body up to this size goes out in the same write as the head; larger ones
 # (and streamed ones) are written by a task, with write flow control.
 INLINE_BODY = 64 * 1024
+# The most a response head may take, interim (1xx) heads included: beyond it the
+# exchange fails (502), as nginx's "upstream sent too big header" and Envoy's 60 KiB
+# limit, rather than holding it, and a growing head in memory, until a timeout.
+MAX_RESPONSE_HEAD = 64 * 1024
 
 
 class StaleConnection(Exception):
@@ -89,6 +94,7 @@ class Connection(asyncio.Protocol):
         self._framed = False
         self._broken = False
         self._received = 0
+        self._head_bytes = 0  # read before the end of the response head
         self._reason = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._content_length: bytes | None = None
@@ -154,7 +160,7 @@ class Connection(asyncio.Protocol):
         self._message_done = self._keep_alive = self._framed = False
         self._head_request = head_request
         self._upload_done = True
-        self._received = 0
+        self._received = self._head_bytes = 0
         self._reason = b""
         self._raw_headers = []
         self._content_length = None
@@ -306,6 +312,9 @@ class Connection(asyncio.Protocol):
             return
         self._got_data = True
         self._progress_at = self._loop.time()
+        in_head = not self._head_done
+        if in_head:
+            self._head_bytes += len(data)
         try:
             parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -315,6 +324,9 @@ class Connection(asyncio.Protocol):
             self._broken = True
             if not self._message_done:
                 self._fail_from(UpstreamProtocolError(f"malformed response: {exc}"), exc)
+        if in_head and not self._head_done and self._head_bytes > MAX_RESPONSE_HEAD:
+            self._broken = True
+            self._fail(UpstreamHeadTooLarge(f"response head over {MAX_RESPONSE_HEAD} bytes"))
         if self._resp is resp:
             if self._message_done:
                 self._finish()

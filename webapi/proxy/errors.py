@@ -8,6 +8,7 @@ UpstreamError                 the upstream exchange failed (base)
 │                             deadline (also a TimeoutError)
 └── UpstreamProtocolError     malformed response, connection closed before the head or
     │                         before the end of a framed body
+    ├── UpstreamHeadTooLarge  the response head is over `MAX_RESPONSE_HEAD` (64 KiB)
     └── UpstreamBodyTooLarge  the response body is over the pool's `max_body`
 ```
 
@@ -45,6 +46,12 @@ class UpstreamProtocolError(UpstreamError):
     code = "upstream_protocol_error"
 
 
+class UpstreamHeadTooLarge(UpstreamProtocolError):
+    """The response head (interim heads included) is larger than the connection allows."""
+
+    code = "upstream_head_too_large"
+
+
 class UpstreamBodyTooLarge(UpstreamProtocolError):
     """The response body is larger than the pool's `max_body`."""
 
@@ -55,6 +62,7 @@ __all__ = [
     "UpstreamBodyTooLarge",
     "UpstreamConnectError",
     "UpstreamError",
+    "UpstreamHeadTooLarge",
     "UpstreamProtocolError",
     "UpstreamTimeout",
 ]
