@@ -15,10 +15,7 @@ from sanic import HTTPResponse, Request
 from sanic.exceptions import RequestCancelled, SanicException
 from sanic.handlers import ErrorHandler
 
-from common.errors import (
-    Overloaded,
-    SwitchboardError,
-)
+from common.errors import Overloaded, SwitchboardError
 from common.http_errors import error_body, error_code, error_message, log_refusal, status_for
 from common.log import get_logger
 from common.ratelimit import Decision
