@@ -43,7 +43,7 @@ async def _instance(peer: Peer) -> None:
             peer.close()
             return
         if req.target == "/endless-head":
-            await _endless_head(peer)
+            await peer.send_endless(b"HTTP/1.1 200 OK\r\n", b"X-More: header\r\n")
             return
         if req.target == "/slow-head":
             await asyncio.sleep(1.5)
@@ -57,16 +57,6 @@ async def _instance(peer: Peer) -> None:
             await peer.send(b"1\r\n1\r\n0\r\n\r\n")
         else:
             await peer.send(ok(req.target.encode()))
-
-
-async def _endless_head(peer: Peer) -> None:
-    """A response head that does not end (up to 64 MiB, or until the gateway leaves)."""
-    try:
-        await peer.send(b"HTTP/1.1 200 OK\r\n")
-        for _ in range(4096):
-            await peer.send(b"X-More: header\r\n" * 1024)
-    except ConnectionError:
-        return
 
 
 @dataclass

@@ -240,17 +240,11 @@ async def test_malformed_response_is_a_protocol_error(pool: UpstreamPool, reply:
 
 
 def _endless(start: bytes, repeated: bytes) -> Handler:
-    """A server that answers every request with `start`, then `repeated` over and over,
-    up to 64 MiB: a response head that never ends."""
+    """A server that answers a request with `start`, then `repeated` without end."""
 
     async def handler(peer: Peer) -> None:
         await peer.request()
-        await peer.send(start)
-        block = repeated * (64 * 1024 // len(repeated))
-        for _ in range(1024):
-            if peer.writer.is_closing():
-                return
-            await peer.send(block)
+        await peer.send_endless(start, repeated)
 
     return handler
 

@@ -99,6 +99,17 @@ class Peer:
         self.writer.write(data)
         await self.writer.drain()
 
+    async def send_endless(self, start: bytes, repeated: bytes) -> None:
+        """Send `start`, then `repeated` over and over, up to 64 MiB or until the other
+        side leaves: a response head that never ends, say."""
+        block = repeated * (64 * 1024 // len(repeated))
+        try:
+            await self.send(start)
+            for _ in range(1024):
+                await self.send(block)
+        except ConnectionError:
+            return
+
     def close(self) -> None:
         self.writer.close()
 
