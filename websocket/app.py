@@ -209,7 +209,8 @@ def _counted(handler: Any) -> Any:
                 connections.discard(ws)
         finally:
             close = ws.ws_proto.close_sent  # None once spliced: the splice logs its own
-            if close is not None and not ws.ws_proto.close_rcvd_then_sent:
+            relayed = getattr(request.ctx, "close_relayed", False)  # see `proxy_endpoint`
+            if close is not None and not ws.ws_proto.close_rcvd_then_sent and not relayed:
                 log_close(request.path, close.code, close.reason)
 
     counted.__name__ = handler.__name__

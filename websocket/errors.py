@@ -8,7 +8,7 @@ WebSocket: a message refused with an error frame (`log_refused_message`), a
 JSON-RPC call that failed (`log_failed_call`: refused, or a service's failure) and
 a connection the service closes other than normally (`log_close`: 1002, 1007,
 1008, 1009, 1011 for a missing pong, 1013, 1014) are logged once too; a normal
-closing (1000, 1001) is not.
+closing (1000, 1001) is not, nor a close code the relay passes on from an upstream.
 """
 
 from __future__ import annotations

@@ -11,11 +11,12 @@ Once both handshakes are done the relay is a byte splice (`websocket.splice`):
 frames, pings and close frames pass as they are, both ways, with end-to-end
 backpressure; close codes and reasons pass through; an upstream that dies
 closes the client with 1014 "upstream connection lost"; a client that vanishes
-closes the upstream with 1001. Messages from the client over
-WS_MAX_MESSAGE_BYTES close it with 1009 (messages from the upstream are not
-limited). When the splice cannot take over safely (say, the client sent a close
-frame while the upstream was being connected), two pumps relay frame by frame
-as below, with the same endings.
+closes the upstream with 1001. Messages from the client over WS_MAX_MESSAGE_BYTES
+close it with 1009 (messages from the upstream are not limited). The service logs
+the 1014s and 1009s it sends (`log_close`), not the close codes it relays from the
+upstream: those are the application's. When the splice cannot take over safely
+(say, the client sent a close frame while the upstream was being connected), two
+pumps relay frame by frame as below, with the same endings.
 
 Hot path: `websocket.splice`; in the fallback, `pump_to_upstream` and `pump_to_client`.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -36,7 +38,7 @@ from websockets.protocol import CLOSED, CLOSING
 from common.balancing.sticky import balance_key
 from websocket.connections import BAD_GATEWAY, GOING_AWAY, MESSAGE_TOO_BIG
 from websocket.errors import log_close
-from websocket.splice import GONE, Splice
+from websocket.splice import GONE, UPSTREAM_LOST, Splice
 from websocket.tap import untap
 from websocket.upstreams import NoUpstream
 
@@ -73,21 +75,31 @@ async def proxy_endpoint(
     try:
         splice = Splice.take_over(ws, upstream, upstreams.max_size)
         if splice is None:
-            ok = await relay(ws, upstream)
+            ending = await relay(ws, upstream)
+            ok = ending is not Ending.UPSTREAM_LOST
+            # The close the client got is the upstream's: not one for `_counted` to log.
+            request.ctx.close_relayed = ending is Ending.UPSTREAM_CLOSED
         else:
             request.app.ctx.connections.hand_over(ws, splice)
             ok = await splice.run()
             if splice.refused is not None:
                 log_close(request.path, MESSAGE_TOO_BIG, splice.refused)
+            elif not ok:
+                log_close(request.path, BAD_GATEWAY, UPSTREAM_LOST)
     finally:
         upstreams.finished(service, endpoint, connect_seconds, ok)
 
 
-async def relay(ws: WebsocketImplProtocol, upstream: ClientConnection) -> bool:
-    """Pump both ways until one side closes, then close the other alike (no splice).
+class Ending(enum.Enum):
+    """How a relay (without splice) ended."""
 
-    True when the upstream ended with a close frame or the client left first.
-    """
+    CLIENT_LEFT = "client left"  # the upstream was closed with the client's code
+    UPSTREAM_CLOSED = "upstream closed"  # the client got the upstream's close code
+    UPSTREAM_LOST = "upstream lost"  # the client got 1014: the upstream died without a close
+
+
+async def relay(ws: WebsocketImplProtocol, upstream: ClientConnection) -> Ending:
+    """Pump both ways until one side closes, then close the other alike (no splice)."""
     to_upstream = asyncio.create_task(pump_to_upstream(ws, upstream))
     to_client = asyncio.create_task(pump_to_client(upstream, ws))
     try:
@@ -103,13 +115,13 @@ async def relay(ws: WebsocketImplProtocol, upstream: ClientConnection) -> bool:
             # The client left (Sanic may also cancel this handler when it does).
             await _close_upstream(ws, upstream)
     if to_client.cancelled() or to_client.exception() is not None:
-        return True  # the client could not be written to: it is gone
+        return Ending.CLIENT_LEFT  # the client could not be written to: it is gone
     close = to_client.result()
     if close is None:  # the upstream died without a close frame
-        await ws.close(BAD_GATEWAY, "upstream connection lost")
-        return False
+        await ws.close(BAD_GATEWAY, UPSTREAM_LOST)
+        return Ending.UPSTREAM_LOST
     await ws.close(_code(close.code), close.reason)
-    return True
+    return Ending.UPSTREAM_CLOSED
 
 
 async def pump_to_upstream(ws: WebsocketImplProtocol, upstream: ClientConnection) -> None:

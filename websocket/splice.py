@@ -63,6 +63,7 @@ from websocket.tap import TapClientConnection, TapServerProtocol, untap
 
 CLOSE_TIMEOUT = 2.0  # seconds from the start of a closing to aborting what is left
 GONE = "client went away"  # the reason of the 1001 an upstream gets when its client left
+UPSTREAM_LOST = "upstream connection lost"  # the reason of the 1014 when the upstream died
 
 
 def server_close(code: int, reason: str) -> bytes:
@@ -325,7 +326,7 @@ class Splice:
             self.upstream_died = not (leg.close_seen or leg.closed_to or other.ended)
         if not other.ended and not other.closed_to:
             if leg is self.upstream:
-                frame = leg.pending or server_close(BAD_GATEWAY, "upstream connection lost")
+                frame = leg.pending or server_close(BAD_GATEWAY, UPSTREAM_LOST)
             else:
                 frame = leg.pending or client_close(GOING_AWAY, GONE)
             leg.pending = None

@@ -164,6 +164,26 @@ async def wait_reachable(server: WsServer, service: str, names: set[str]) -> Non
     await wait_for_async(all_seen, timeout=30)
 
 
+class LogWatch:
+    """The records of one message the server logs from now on."""
+
+    def __init__(self, server: WsServer, msg: str) -> None:
+        self.server, self.msg = server, msg
+        self.start = len(server.proc.log_records(msg))
+
+    def new(self) -> list[dict[str, Any]]:
+        return self.server.proc.log_records(self.msg)[self.start :]
+
+    async def wait(self, count: int) -> list[dict[str, Any]]:
+        """The new records once there are `count` of them (logging may follow the answer)."""
+
+        async def enough() -> bool:
+            return len(self.new()) >= count
+
+        await wait_for_async(enough, timeout=10)
+        return self.new()
+
+
 async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> Any:
     import asyncio
 

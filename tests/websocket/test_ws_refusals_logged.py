@@ -15,30 +15,9 @@ from typing import Any
 import pytest
 import websockets
 
-from tests.helpers import wait_for_async
-from tests.websocket.conftest import Backends, WsServer, recv_json, wait_reachable
+from tests.websocket.conftest import Backends, LogWatch, WsServer, recv_json, wait_reachable
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class LogWatch:
-    """The records of one message the server logs from now on."""
-
-    def __init__(self, server: WsServer, msg: str) -> None:
-        self.server, self.msg = server, msg
-        self.start = len(server.proc.log_records(msg))
-
-    def new(self) -> list[dict[str, Any]]:
-        return self.server.proc.log_records(self.msg)[self.start :]
-
-    async def wait(self, count: int) -> list[dict[str, Any]]:
-        """The new records once there are `count` of them (logging may follow the answer)."""
-
-        async def enough() -> bool:
-            return len(self.new()) >= count
-
-        await wait_for_async(enough, timeout=10)
-        return self.new()
 
 
 async def test_a_refused_upgrade_is_logged_once_without_its_credential(
@@ -127,22 +106,32 @@ async def test_a_connection_closed_for_its_input_is_logged_once(
     assert [(r["path"], r["code"]) for r in logged] == [(path, code)]
 
 
-async def test_a_spliced_relay_closed_for_a_message_too_big_is_logged_once(
+async def test_a_spliced_relay_logs_its_own_closes_once_not_the_upstreams(
     ws_server: WsServer, backends: Backends
 ) -> None:
     backends.start("a")
     await wait_reachable(ws_server, backends.service, {"a"})
     closed = LogWatch(ws_server, "connection closed")
     path = f"/ws/proxy/{backends.service}/echo"
-    async with ws_server.connect(path, max_size=None) as ws:
-        await ws.send("spliced?")
-        assert await ws.recv() == "spliced?"
-        await _oversized(ws)
-        with pytest.raises(websockets.ConnectionClosed) as info:
-            await ws.recv()
-    assert info.value.rcvd is not None and info.value.rcvd.code == 1009
-    logged = await closed.wait(1)
-    assert [(r["path"], r["code"]) for r in logged] == [(path, 1009)]
+
+    async def close_code(send: Callable[[Any], Awaitable[None]]) -> int:
+        async with ws_server.connect(path, max_size=None) as ws:
+            await ws.send("spliced?")
+            assert await ws.recv() == "spliced?"
+            await send(ws)
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await ws.recv()
+        assert info.value.rcvd is not None
+        return info.value.rcvd.code
+
+    assert await close_code(_oversized) == 1009
+    assert await close_code(lambda ws: ws.send("close 4000 the application's")) == 4000
+    assert await close_code(lambda ws: ws.send("die")) == 1014  # no close frame
+    logged = await closed.wait(2)
+    assert [(r["path"], r["code"], r["reason"]) for r in logged] == [
+        (path, 1009, "message over 65536 bytes"),
+        (path, 1014, "upstream connection lost"),
+    ]
 
 
 async def test_a_normal_closing_is_not_logged(ws_server: WsServer) -> None:

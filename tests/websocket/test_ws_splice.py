@@ -27,6 +27,7 @@ from common.registry import InstanceRecord, Registry
 from tests.helpers import free_port, wait_for_async
 from tests.websocket.conftest import (
     Backends,
+    LogWatch,
     WsServer,
     last_close,
     recv_json,
@@ -408,8 +409,16 @@ async def test_a_close_in_the_same_read_as_the_handshake_response_is_relayed_too
 
     try:
         await wait_for_async(closed_4005, timeout=30)  # once the registry view has it
+        closed = LogWatch(ws_server, "connection closed")
         for _ in range(3):
             assert await closed_4005()
+        # The upstream's closes are not logged as the service's own: a close of its own
+        # after them (1008, a client that does not authenticate) tells they were not.
+        async with ws_server.connect("/ws", additional_headers={}) as ws:
+            await ws.send("ping")
+            with pytest.raises(websockets.ConnectionClosed):
+                await ws.recv()
+        assert [r["code"] for r in await closed.wait(1)] == [1008]
     finally:
         await registry.deregister(service, "raw")
         server.close()
