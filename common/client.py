@@ -83,6 +83,7 @@ class RpcClient(ClientIO):
         self._writer: asyncio.Task[None] | None = None
         self._outbox: asyncio.Queue[Enqueue] = asyncio.Queue()
         self._failures: set[asyncio.Task[None]] = set()
+        self._reached: set[str] = set()
         # The reader parks when no reply is awaited; `invoke` may then use its
         # connection (`_direct` is the enqueue it wrote there) and wakes it.
         self._reader_parked = False

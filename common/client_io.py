@@ -31,6 +31,7 @@ from common.aio import Backoff, cancelling
 from common.connection import REDIS_DOWN_ERRORS, RawConnection, pack_commands
 from common.errors import MethodNotFound, Overloaded, ServiceUnavailable, error_from_wire
 from common.log import get_logger
+from common.outage import Outage
 from common.protocol import ENQUEUE_SCRIPT, NO_INSTANCE, OVER_BACKLOG, TASK_SCRIPT, Call
 
 log = get_logger("switchboard.client")
@@ -73,6 +74,7 @@ class ClientIO:
     _writer: asyncio.Task[None] | None
     _outbox: asyncio.Queue[Enqueue]
     _failures: set[asyncio.Task[None]]
+    _reached: set[str]  # services a call was enqueued to (never "unknown" after)
     _reader_parked: bool
     _reader_wake: asyncio.Event
     _direct: Enqueue | None
@@ -101,7 +103,9 @@ class ClientIO:
                 known = await self.redis.hexists(constants.CATALOG, service)
             except REDIS_DOWN_ERRORS as exc:
                 return ServiceUnavailable(f"redis unreachable: {exc}")
-            if not known:
+            # A service reached before is not unknown, even with the catalog gone (Redis
+            # restarted without its data, its workers not registered again yet).
+            if not known and service not in self._reached:
                 return MethodNotFound(f"unknown service {service!r}")
             return ServiceUnavailable(f"no live instance of {service!r}")
         if entry == OVER_BACKLOG:
@@ -183,6 +187,8 @@ class ClientIO:
             # Rare path (it may need a catalog lookup): off the writer's loop.
             self._failures.add(asyncio.create_task(self._fail_call(item, result)))
             self._failures = {t for t in self._failures if not t.done()}
+        else:
+            self._reached.add(item.service)
 
     async def _send_enqueues(self, batch: list[Enqueue]) -> list[Any]:
         """The enqueue scripts' results (a `ResponseError` in the slot of a refused one)."""
@@ -206,6 +212,7 @@ class ClientIO:
         """BLPOP the inbox while replies are awaited; with several awaited, LPOP the
         ones queued up in the same write. Parked while none is awaited."""
         backoff = Backoff()
+        outage = Outage(log, "reply inbox unreachable", "reply inbox reachable again")
         conn = self._receiver
         drain_then_blpop = pack_commands([("LPOP", self.inbox, _INBOX_BATCH)]) + self._blpop
         timeout = 1 + conn.timeout
@@ -244,10 +251,11 @@ class ClientIO:
                     self._deliver(popped[1])
                 drain = len(self._pending) > 0
                 backoff.reset()
+                outage.recovered()
             except _INBOX_ERRORS as exc:
                 if direct is not None and not direct.future.done():
                     self._outbox.put_nowait(direct)  # its enqueue's fate is unknown: again
-                log.warning("reply inbox unreachable", extra={"fields": {"error": str(exc)}})
+                outage.failed(exc)
                 drain = True
                 await backoff.wait()
             finally:

@@ -35,6 +35,7 @@ from common.apikeys import ApiKeyRecord
 from common.connection import REDIS_DOWN_ERRORS
 from common.errors import ServiceUnavailable, Unauthorized
 from common.log import get_logger
+from common.outage import Outage
 from common.revocation import RevocationView
 from common.scopes import allows, parse
 from common.tokens import Keyring, SigningKey
@@ -122,6 +123,7 @@ class Authenticator:
         self._matched: dict[str, _KeyEntry] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}  # key id -> its read ahead
         self._resync: asyncio.Task[None] | None = None
+        self._outage = Outage(log, "signing keys resync failed", "signing keys resynced")
 
     async def start(self) -> None:
         """Load the signing keys (creating the first one if none exists) and the revocations.
@@ -250,8 +252,9 @@ class Authenticator:
                 if not self._keys:
                     await self.keyring.ensure()
                 await self._load_keys()
+                self._outage.recovered()
             except REDIS_DOWN_ERRORS as exc:
-                log.warning("signing keys resync failed", extra={"fields": {"error": str(exc)}})
+                self._outage.failed(exc)
             except ValueError:
                 log.exception("signing keys unreadable")
 

@@ -15,10 +15,14 @@ import logging
 import re
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from common.errors import (
     InvalidParams,
     MethodNotFound,
     Overloaded,
+    RedisUnavailable,
     RemoteError,
     RpcTimeout,
     ServiceError,
@@ -58,8 +62,19 @@ _RPC_STATUS: dict[type[SwitchboardError], int] = {
     InvalidParams: 422,
     ServiceUnavailable: 503,
     Overloaded: 503,
+    RedisUnavailable: 503,
     RpcTimeout: 504,
 }
+
+
+def translated(exception: Exception) -> Exception:
+    """`exception` as the platform's error: redis-py's "cannot reach Redis" errors, from
+    a handler that talks to Redis itself, are `RedisUnavailable` (a 503 the caller may
+    retry, not a 500 and a traceback per request while Redis is down)."""
+    if isinstance(exception, (RedisConnectionError, RedisTimeoutError)):
+        return RedisUnavailable(f"redis unreachable: {exception}")
+    return exception
+
 
 # Application errors raised by handlers (`common.errors.ServiceError` codes).
 _REMOTE_CODE_STATUS = {

@@ -13,12 +13,21 @@ Each instance is kept with the end of its heartbeat lease, converted from
 Redis's clock to this process's with the offset measured at each resync, and
 `instances()` leaves out any instance whose lease has ended: one that stops
 heartbeating disappears within the TTL even if no resync or event arrives.
+
+While Redis is unreachable, no heartbeat can renew a lease, so leases would end
+with every instance still serving: the view would empty itself and routing would
+stop on account of Redis alone. Instead, leases are read on a clock that stops
+`stale_after` seconds after the last full resync (`_last_sync`): the instances
+live when the view lost touch stay routable until Redis answers again, as Envoy
+keeps its last endpoints when its control plane is away. Those that die meanwhile
+are the health checks' to eject (design §5: passive and active health).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Callable, Collection
 
@@ -28,6 +37,7 @@ from common import constants
 from common.aio import cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_ERRORS
 from common.log import get_logger
+from common.outage import Outage
 from common.registry import InstanceRecord, Registry, split_service_tag
 from common.subscription import follow
 
@@ -43,17 +53,23 @@ class RegistryView:
         self.redis = redis
         self.registry = Registry(redis)
         self.resync_interval = resync_interval
+        # Two resyncs missed: out of touch with Redis (see the module docstring).
+        self.stale_after = 2 * resync_interval
         self._view: dict[str, dict[str, tuple[InstanceRecord, float]]] = {}
         self._listeners: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._synced = asyncio.Event()
+        self._last_sync = math.inf  # time.time() of the last full resync (none yet)
+        self._outage = Outage(
+            log, "registry resync failed: routing on the instances last seen", "registry resynced"
+        )
 
     def instances(self, service: str, kind: str | None = None) -> list[InstanceRecord]:
         """The live instances of `service` (optionally of one kind). Hot path: no I/O."""
         entries = self._view.get(service)
         if not entries:
             return []
-        now = time.time()
+        now = min(time.time(), self._last_sync + self.stale_after)
         return [
             record
             for record, lease_end in entries.values()
@@ -99,6 +115,7 @@ class RegistryView:
 
     async def refresh(self, service: str | None = None) -> None:
         """Reload one service (or all) from Redis now."""
+        started = time.time()
         names = [service] if service else await self.registry.service_names()
         for name in names:
             redis_now, leases = await self.registry.leases(name)
@@ -107,6 +124,8 @@ class RegistryView:
                 record.instance_id: (record, end + offset) for record, end in leases
             }
             self._notify(name)
+        if service is None:
+            self._last_sync = started
 
     def _notify(self, service: str) -> None:
         for listener in self._listeners:
@@ -120,12 +139,13 @@ class RegistryView:
             try:
                 await self.refresh()
                 self._synced.set()
+                self._outage.recovered()
             except REDIS_DOWN_ERRORS as exc:
-                log.warning("registry resync failed", extra={"fields": {"error": str(exc)}})
+                self._outage.failed(exc)
             await asyncio.sleep(self.resync_interval)
 
     async def _listen(self) -> None:
-        lost = "registry events lost, resubscribing"
+        lost = ("registry events lost, resubscribing", "registry events followed again")
         await follow(self.redis, constants.REGISTRY_EVENTS, self._apply, lost=lost)
 
     async def _apply(self, data: bytes | str) -> None:

@@ -30,6 +30,7 @@ from common.aio import cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_ERRORS, as_text
 from common.constants import data_key
 from common.log import get_logger
+from common.outage import Outage
 from common.subscription import follow
 
 __all__ = ["CHANNEL", "KINDS", "REVOKED", "RevocationView", "member", "revoke"]
@@ -86,6 +87,7 @@ class RevocationView:
         self._subscribed = asyncio.Event()
         self._refreshing = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        self._outage = Outage(log, "revocation resync failed", "revocations resynced")
 
     def on_revoke(self, callback: Callable[[str], None]) -> None:
         """Call `callback(member)` for each revocation seen (published, or found by a resync)."""
@@ -134,14 +136,15 @@ class RevocationView:
             await asyncio.sleep(self.resync_interval)
             try:
                 await self.refresh()
+                self._outage.recovered()
             except REDIS_DOWN_ERRORS as exc:
-                log.warning("revocation resync failed", extra={"fields": {"error": str(exc)}})
+                self._outage.failed(exc)
 
     async def _listen(self) -> None:
         async def revoked(data: bytes | str) -> None:
             await self._apply(as_text(data))
 
-        lost = "revocation events lost, resubscribing"
+        lost = ("revocation events lost, resubscribing", "revocation events followed again")
         await follow(self.redis, CHANNEL, revoked, lost=lost, on_subscribed=self._subscribed.set)
 
     async def _apply(self, revoked: str) -> None:

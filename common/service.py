@@ -37,6 +37,7 @@ from common.aio import cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_ERRORS, connect
 from common.errors import ConfigError
 from common.log import get_logger, setup_logging
+from common.outage import Outage
 from common.params import MethodSpec
 from common.registry import InstanceRecord, Registry, new_instance_id
 from common.settings import Settings, get_settings
@@ -188,27 +189,25 @@ class Service:
         """Block until Redis answers PING (False if asked to stop meanwhile)."""
         assert self._redis is not None
         delay = 0.1
+        outage = Outage(log, "waiting for redis", "redis reachable")
         while not self._stop.is_set():
             try:
                 await self._redis.ping()
+                outage.recovered()
                 return True
             except REDIS_DOWN_ERRORS as exc:
-                log.warning("waiting for redis", extra={"fields": {"error": str(exc)}})
+                outage.failed(exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
                 delay = min(delay * 2, 2.0)
         return False
 
     async def _heartbeat(self, registry: Registry, record: InstanceRecord) -> None:
-        failing = False
+        outage = Outage(log, "heartbeat failed", "heartbeat restored")
         while not cancelling():
             await asyncio.sleep(self.settings.heartbeat_interval)
             try:
                 await registry.heartbeat(record, accepting=self._accepting)
-                if failing:
-                    log.info("heartbeat restored")
-                failing = False
+                outage.recovered()
             except REDIS_DOWN_ERRORS as exc:
-                if not failing:
-                    log.warning("heartbeat failed", extra={"fields": {"error": str(exc)}})
-                failing = True
+                outage.failed(exc)

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from common.aio import cancelling
 from common.connection import REDIS_DOWN_ERRORS
 from common.log import get_logger
+from common.outage import Outage
 
 log = get_logger("switchboard.subscription")
 
@@ -26,20 +27,24 @@ async def follow(
     channel: str,
     on_message: Callable[[bytes | str], Awaitable[None]],
     *,
-    lost: str | None = None,
+    lost: tuple[str, str] | None = None,
     on_subscribed: Callable[[], None] | None = None,
     retry_delay: float = 0.5,
 ) -> None:
     """Call `on_message(data)` for each message of `channel` until cancelled.
 
-    `lost` is the warning logged when the subscription drops (None: stay quiet,
-    when the caller's resync already reports the outage); `on_subscribed` runs
-    each time the subscription is (re)made.
+    `lost`: the warning logged when the subscription drops and the info line when it
+    is made again, once per outage (None: stay quiet, when the caller's resync
+    already reports the outage); `on_subscribed` runs each time the subscription is
+    (re)made.
     """
+    outage = Outage(log, *lost, channel=channel) if lost is not None else None
     while not cancelling():
         pubsub = redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(channel)
+            if outage is not None:
+                outage.recovered()
             if on_subscribed is not None:
                 on_subscribed()
             while not cancelling():
@@ -47,8 +52,8 @@ async def follow(
                 if message is not None:
                     await on_message(message["data"])
         except REDIS_DOWN_ERRORS as exc:
-            if lost is not None:
-                log.warning(lost, extra={"fields": {"channel": channel, "error": str(exc)}})
+            if outage is not None:
+                outage.failed(exc)
             await asyncio.sleep(retry_delay)
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -42,6 +42,7 @@ from common.aio import Backoff, cancel_and_wait, cancelling
 from common.calls import CallRunner, WorkerStats
 from common.connection import REDIS_DOWN_ERRORS, RawConnection, pack_commands
 from common.log import get_logger
+from common.outage import Outage
 from common.params import MethodSpec
 from common.redelivery import Redelivery
 from common.replies import Finished, ReplyWrites
@@ -175,6 +176,7 @@ class Worker(CallRunner):
         of what finished since the last one.
         """
         backoff = Backoff()
+        outage = Outage(log, "redis unreachable, retrying", "redis reachable again")
         probe_first = True
         group, consumer = constants.WORKER_GROUP, self.consumer
         first = (self.stream, self.direct, self.tasks[0])
@@ -209,7 +211,7 @@ class Worker(CallRunner):
                 (response,) = await self._reader.read(1, timeout=read_timeout)
             except REDIS_DOWN_ERRORS as exc:
                 self._requeue(batch)
-                log.warning("redis unreachable, retrying", extra={"fields": {"error": str(exc)}})
+                outage.failed(exc)
                 await backoff.wait()
                 continue
             except BaseException:
@@ -221,6 +223,7 @@ class Worker(CallRunner):
                     continue
                 raise response
             backoff.reset()
+            outage.recovered()
             if isinstance(response, dict):  # RESP3
                 response = list(response.items())
             if probe_first:
@@ -306,6 +309,7 @@ class Worker(CallRunner):
     async def _flush(self) -> None:
         """Write what finishes while the read loop is blocked in a read."""
         backoff = Backoff()
+        outage = Outage(log, "reply flush failed, retrying", "replies flushed again")
         while not cancelling():
             await self._flush_wanted.wait()
             self._flush_wanted.clear()
@@ -314,16 +318,14 @@ class Worker(CallRunner):
                 try:
                     replies = await self._writer.execute(self._writes.commands(batch))
                 except REDIS_DOWN_ERRORS as exc:
-                    # Keep the replies: they are delivered once Redis is back.
-                    log.warning(
-                        "reply flush failed, retrying", extra={"fields": {"error": str(exc)}}
-                    )
+                    outage.failed(exc)  # keep the replies: delivered once Redis is back
                     await backoff.wait()
                     continue
                 except BaseException:
                     self._requeue(batch)
                     raise
                 backoff.reset()
+                outage.recovered()
                 self._written(batch, replies)
                 batch = []
 

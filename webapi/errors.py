@@ -16,7 +16,14 @@ from sanic.exceptions import RequestCancelled, SanicException
 from sanic.handlers import ErrorHandler
 
 from common.errors import Overloaded, SwitchboardError
-from common.http_errors import error_body, error_code, error_message, log_refusal, status_for
+from common.http_errors import (
+    error_body,
+    error_code,
+    error_message,
+    log_refusal,
+    status_for,
+    translated,
+)
 from common.log import get_logger
 from common.ratelimit import Decision
 from webapi.responses import json_response
@@ -179,6 +186,7 @@ def error_response(
     (`JsonErrorHandler`; the proxy's fast path, which has no Sanic request, too).
     `envelope`: fields a route's own answer shape puts beside `error` (`/ai_server/`)."""
     headers: dict[str, str] = {}
+    exception = translated(exception)
     if isinstance(exception, RequestCancelled):
         # The client left before its answer (Sanic cancels the handler): nothing failed
         # here and nothing can be sent. The status is nginx's "client closed request".
@@ -200,7 +208,10 @@ def error_response(
         code = error_code(exception)
         body = error_body(code, error_message(exception, code))
         headers.update(exception.headers or {})
-        if status >= 500:
+        if status >= 500 and exception.quiet:  # ours (502, 503, 504): expected, no traceback
+            log.warning("gateway error", extra={"fields": {"path": path, "status": status,
+                                                           "code": code}})  # fmt: skip
+        elif status >= 500:
             log.error("gateway error", exc_info=exception)
     else:
         status = 500

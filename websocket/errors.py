@@ -20,8 +20,15 @@ from sanic.exceptions import SanicException
 from sanic.handlers import ErrorHandler
 from sanic.response import json as json_response
 
-from common.errors import RpcError
-from common.http_errors import error_body, error_code, error_message, log_refusal, status_for
+from common.errors import RpcError, SwitchboardError
+from common.http_errors import (
+    error_body,
+    error_code,
+    error_message,
+    log_refusal,
+    status_for,
+    translated,
+)
 from common.log import get_logger
 from websocket.connections import GOING_AWAY, NORMAL_CLOSURE
 
@@ -60,13 +67,25 @@ def log_close(path: str, code: int, reason: str) -> None:
 
 class JsonErrorHandler(ErrorHandler):
     """Renders every exception as the JSON error body: its status for Sanic's own
-    (logged as a refusal), a logged 500 `internal_error` for anything else."""
+    (logged as a refusal), the gateway's status for the platform's errors (a credential
+    that cannot be checked while Redis is down is a 503, as there), a logged 500
+    `internal_error` for anything else."""
 
     def default(self, request: Request[Any, Any], exception: Exception) -> HTTPResponse:
+        exception = translated(exception)
         if isinstance(exception, SanicException) and exception.status_code < 500:
             code = error_code(exception)
             response = refusal(request, exception.status_code, code, error_message(exception, code))
             response.headers.update(exception.headers or {})
             return response
+        if isinstance(exception, SwitchboardError):
+            status = status_for(exception)
+            if status < 500:
+                return refusal(
+                    request, status, exception.code, error_message(exception, exception.code)
+                )
+            fields = {"path": request.path, "status": status, "code": exception.code}
+            log.warning("request failed", extra={"fields": fields})
+            return json_response({"error": exception.to_dict()}, status)
         log.error("unhandled error", exc_info=exception, extra={"fields": {"path": request.path}})
         return json_response(error_body("internal_error", "internal error"), 500)

@@ -11,12 +11,16 @@ subscriber's connection (`websocket.client`: written at once, or queued, bounded
 behind a full socket buffer), never waiting on any of them.
 
 If the pub/sub connection drops, redis-py resubscribes every channel when it
-reconnects; messages published meanwhile are lost (pub/sub keeps no history).
+reconnects; messages published meanwhile are lost (pub/sub keeps no history). A
+channel whose last subscriber left meanwhile is among them (its UNSUBSCRIBE failed):
+the hub leaves it at its first message. A subscribe while Redis is down raises
+(the session answers `service_unavailable`), and nothing of it is kept.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from collections.abc import Callable
@@ -28,6 +32,7 @@ from common import constants
 from common.aio import cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_ERRORS, as_text
 from common.log import get_logger
+from common.outage import Outage
 
 log = get_logger("websocket.hub")
 
@@ -69,10 +74,13 @@ class ChannelHub:
             subscribers.discard(deliver)
             if not subscribers:
                 del self._subscribers[channel]
-                try:
-                    await self._pubsub.unsubscribe(constants.push_channel(channel))
-                except REDIS_DOWN_ERRORS as exc:  # the reconnect will not resubscribe it
-                    log.warning("unsubscribe failed", extra={"fields": {"error": str(exc)}})
+                await self._leave(channel)
+
+    async def _leave(self, channel: str) -> None:
+        """Unsubscribe `channel` in Redis. When Redis is down, redis-py keeps it and
+        subscribes it again on reconnecting: `_read` leaves it at its first message."""
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await self._pubsub.unsubscribe(constants.push_channel(channel))
 
     async def close(self) -> None:
         await cancel_and_wait(self._reader)
@@ -80,11 +88,13 @@ class ChannelHub:
 
     async def _read(self) -> None:
         prefix = len(constants.push_channel(""))
+        outage = Outage(log, "push channel connection lost", "push channel connection back")
         while not cancelling():
             try:
                 message = await self._pubsub.get_message(timeout=1.0)
+                outage.recovered()
             except REDIS_DOWN_ERRORS as exc:
-                log.warning("push channel connection lost", extra={"fields": {"error": str(exc)}})
+                outage.failed(exc)
                 await asyncio.sleep(0.5)
                 continue
             if message is None or message.get("type") != "message":
@@ -95,6 +105,10 @@ class ChannelHub:
                 frame = encode(channel, message["data"])
                 for deliver in list(subscribers):
                     deliver(frame)
+            else:  # left while Redis was down, subscribed again by the reconnect
+                async with self._lock:
+                    if channel not in self._subscribers:
+                        await self._leave(channel)
 
 
 def encode(channel: str, payload: bytes | str) -> str:

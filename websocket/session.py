@@ -12,7 +12,10 @@ Messages from the client (text frames, JSON unless noted):
 then `{"type": "message", "channel", "data"}` for every message published on a
 subscribed channel. An `auth` message on an open session replaces its token
 (a client renews before `exp`). Mistakes are answered with
-`{"type": "error", "error": {"code", "message"}}` and never close the session;
+`{"type": "error", "error": {"code", "message"}}` and never close the session, as
+is a message that cannot be served while Redis is down (code `service_unavailable`:
+a `subscribe`, an `auth` with an API key not cached here; a first `auth` that cannot
+be checked closes the connection with 1013, try again later);
 anything that is not JSON gets a JSON-RPC parse error (-32700). A JSON-RPC
 call needs a scope reaching its method (`common.scopes`; the `auth` service's
 methods need `admin`), else it is answered with -32005.
@@ -32,17 +35,21 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from common.connection import REDIS_DOWN_ERRORS
 from common.credentials import Principal
-from common.errors import RpcError, Unauthorized
+from common.errors import RpcError, ServiceUnavailable, Unauthorized
+from common.log import get_logger
 from websocket import jsonrpc
 from websocket.auth import authenticate, may_call
-from websocket.connections import POLICY_VIOLATION
+from websocket.connections import INTERNAL_ERROR, POLICY_VIOLATION, TRY_AGAIN_LATER
 from websocket.errors import log_failed_call, log_refused_message
 from websocket.hub import CHANNEL
 
 if TYPE_CHECKING:
     from websocket.app import WsContext
     from websocket.client import ClientProtocol
+
+log = get_logger("websocket.session")
 
 BACKLOG_LIMIT = 32  # messages waiting behind a slow one past which the socket is not read
 Work = Coroutine[Any, Any, None]
@@ -92,6 +99,9 @@ class Session:
         except Unauthorized as exc:
             self.conn.fail(POLICY_VIOLATION, exc.message)
             return
+        except ServiceUnavailable as exc:  # an API key not cached here, Redis down
+            self.conn.fail(TRY_AGAIN_LATER, exc.message)
+            return
         self.authenticated(principal, message.get("id"))
 
     def authenticated(self, principal: Principal, id_: Any = None, *, reply: bool = True) -> None:
@@ -137,6 +147,9 @@ class Session:
                 next_work = self.handle(self.backlog.pop(0))
                 if next_work is not None:
                     await next_work
+        except Exception:  # a bug: say so and end the session rather than go deaf
+            log.exception("message handling failed", extra={"fields": {"path": "/ws"}})
+            self.conn.fail(INTERNAL_ERROR, "internal error")
         finally:
             if self.backlog is not None and len(self.backlog) >= BACKLOG_LIMIT:
                 self.conn.transport.resume_reading()
@@ -178,6 +191,9 @@ class Session:
         except Unauthorized as exc:
             self._refuse("unauthorized", exc.message, id_)
             return
+        except ServiceUnavailable as exc:  # the session goes on with its credential
+            self._unavailable(exc.message, id_)
+            return
         self.authenticated(principal, id_)
 
     async def _subscription(self, kind: str, channel: Any, id_: Any) -> None:
@@ -193,8 +209,13 @@ class Session:
                 if len(channels) >= limit:
                     self._refuse("too_many_subscriptions", f"at most {limit}", id_)
                     return
-                channels.add(channel)
-                await self.ctx.hub.subscribe(channel, self.conn.send)
+                channels.add(channel)  # first: `close` leaves it if it closes meanwhile
+                try:
+                    await self.ctx.hub.subscribe(channel, self.conn.send)
+                except REDIS_DOWN_ERRORS as exc:
+                    channels.discard(channel)  # not subscribed: a retry must subscribe
+                    self._unavailable(f"push channels unavailable: {exc}", id_)
+                    return
             self.send(_with_id({"type": "subscribed", "channel": channel}, id_))
         else:
             if channels is not None and channel in channels:
@@ -245,6 +266,12 @@ class Session:
         """Answer a message this session does not serve with an error, logged once."""
         log_refused_message("/ws", code, message)
         self.send(_with_id({"type": "error", "error": {"code": code, "message": message}}, id_))
+
+    def _unavailable(self, message: str, id_: Any) -> None:
+        """Answer a message the service cannot serve now (Redis is down) with an error."""
+        log.warning("message failed", extra={"fields": {"path": "/ws", "message": message}})
+        error = {"code": "service_unavailable", "message": message}
+        self.send(_with_id({"type": "error", "error": error}, id_))
 
     def _refuse_call(
         self, id_: jsonrpc.Id, code: int, message: str, *, answer: bool = True

@@ -11,19 +11,28 @@ from datetime import datetime
 from typing import Any
 
 from common import Service
-from common.aio import cancel_and_wait
+from common.aio import cancel_and_wait, cancelling
+from common.connection import REDIS_DOWN_ERRORS
+from common.log import get_logger
 from microservices.iptv.catalog import Catalog
 from microservices.iptv.now_playing import NowPlaying
 from microservices.iptv.seed import ensure_seeded
 
 svc = Service("iptv")
+log = get_logger("iptv")
+
+
+# How often a running worker checks the catalog is still there (Redis may have lost it).
+SEED_CHECK_INTERVAL = 5.0
 
 
 class _Context:
     """What the startup hook builds for the handlers (set before any call is taken)."""
 
     catalog: Catalog
-    now_playing: asyncio.Task[None] | None = None
+
+    def __init__(self) -> None:
+        self.tasks: list[asyncio.Task[None]] = []
 
 
 ctx = _Context()
@@ -36,13 +45,29 @@ async def prepare(service: Service) -> None:
     await ensure_seeded(service.redis, service.settings.iptv_channels)
     ctx.catalog = Catalog(service.redis)
     announcer = NowPlaying(service.redis, ctx.catalog, service.settings.iptv_now_interval)
-    ctx.now_playing = asyncio.create_task(announcer.run(), name="iptv-now-playing")
+    ctx.tasks = [
+        asyncio.create_task(announcer.run(), name="iptv-now-playing"),
+        asyncio.create_task(keep_seeded(service), name="iptv-keep-seeded"),
+    ]
+
+
+async def keep_seeded(service: Service, interval: float = SEED_CHECK_INTERVAL) -> None:
+    """Seed the catalog again if Redis lost it (restarted without its data): recovered
+    without restarting the worker, once across instances (`ensure_seeded`'s lock)."""
+    while not cancelling():
+        await asyncio.sleep(interval)
+        try:
+            if await ensure_seeded(service.redis, service.settings.iptv_channels):
+                log.warning("catalog was gone from Redis: seeded it again")
+        except REDIS_DOWN_ERRORS:
+            pass  # the worker's own loop reports the outage
 
 
 @svc.on_shutdown
-async def stop_announcing(service: Service) -> None:
-    await cancel_and_wait(ctx.now_playing)
-    ctx.now_playing = None
+async def stop_background(service: Service) -> None:
+    for task in ctx.tasks:
+        await cancel_and_wait(task)
+    ctx.tasks = []
 
 
 @svc.method

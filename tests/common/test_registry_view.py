@@ -6,10 +6,12 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
+from common.embedded_redis import EmbeddedRedis
 from common.registry import InstanceRecord, Registry
 from common.registry_view import RegistryView
 from tests.helpers import wait_for_async
@@ -87,3 +89,28 @@ async def test_resync_repairs_what_events_missed(redis_client: aioredis.Redis) -
     finally:
         await v.close()
     await asyncio.sleep(0)
+
+
+async def test_a_redis_outage_keeps_the_instances_last_seen(tmp_path: Path) -> None:
+    # No heartbeat can renew a lease while Redis is down: the view must not empty
+    # itself on account of Redis alone (routing would stop with every instance up).
+    server = EmbeddedRedis(appendonly=True, data_dir=tmp_path).start()
+    port, service = server.port, f"web_{uuid.uuid4().hex[:6]}"
+    client = aioredis.Redis.from_url(server.url)
+    view = RegistryView(client, resync_interval=0.2)
+    try:
+        await view.start()
+        record = _record(service, 1)
+        await Registry(client, ttl=1.0).heartbeat(record)
+        await wait_for_async(lambda: _has(view, service, {record.instance_id}), timeout=5)
+        server.stop(keep_data=True)
+        await asyncio.sleep(2.5)  # the lease (1 s) has long ended
+        assert await _ids(view, service) == {record.instance_id}
+
+        # Back in touch: the lease in Redis has ended and nobody renews it: gone.
+        server = EmbeddedRedis(port=port, appendonly=True, data_dir=tmp_path).start()
+        await wait_for_async(lambda: _has(view, service, set()), timeout=10)
+    finally:
+        await view.close()
+        await client.aclose()
+        server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -9,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis.asyncio as aioredis
 
-from common import InvalidParams, RemoteError, RpcClient
+from common import InvalidParams, RemoteError, RpcClient, RpcError
 from common.constants import instances_key
 from microservices.iptv.catalog import Keys
 from tests.helpers import ServiceProcess, db_url, wait_for_async
@@ -195,3 +196,33 @@ async def test_instances_starting_together_seed_once(db5: str) -> None:
 
 async def _count(client: aioredis.Redis, key: str, expected: int) -> bool:
     return int(await client.zcard(key)) == expected
+
+
+async def test_a_catalog_lost_with_redis_data_comes_back_without_a_restart(db5: str) -> None:
+    # Redis restarted without its data (FLUSHDB here): the worker registers again, makes
+    # its consumer group again and seeds again (`keep_seeded`), and meanwhile a client
+    # that reached iptv before is told it is unavailable (503), never that it is unknown.
+    await flushed(db5)
+    worker = start_iptv(db5)
+    try:
+        async with RpcClient(db5) as rpc:
+            await ready(rpc, worker)
+            await flushed(db5)
+            errors: list[str] = []
+            deadline = asyncio.get_running_loop().time() + 60
+            while asyncio.get_running_loop().time() < deadline:
+                try:
+                    page = await rpc.call("iptv.list_channels", timeout=2.0)
+                except RpcError as exc:
+                    errors.append(type(exc).__name__)
+                    page = {"total": None}
+                if page["total"] == CHANNELS:
+                    break
+                await asyncio.sleep(0.05)
+            assert page["total"] == CHANNELS, worker.log_tail()
+            assert "MethodNotFound" not in errors
+        assert worker.alive()
+        assert worker.log_records("catalog was gone from Redis: seeded it again")
+    finally:
+        worker.stop()
+        await flushed(db5)

@@ -10,6 +10,7 @@ and everything is back on Redis after it restarts, with nobody restarted.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 
@@ -64,11 +65,29 @@ def test_proxy_keeps_serving_verified_callers_through_a_redis_restart(tmp_path: 
         assert [r.status_code for r in during] == [200] * 20
         assert all("ratelimit-remaining" in r.headers for r in during)  # the local limiter
         assert httpx.get(echo, timeout=10).status_code == 401  # still no way in without one
+        # The backend's heartbeats cannot be stored: a 503 it may retry, not a 500.
+        beat = httpx.post(
+            f"{base}/heartbeat",
+            headers={"Authorization": f"Bearer {registrar}"},
+            json={"service": service, "address": "127.0.0.1:9"},
+            timeout=10,
+        )
+        assert (beat.status_code, beat.json()["error"]["code"]) == (503, "redis_unavailable")
+        # Past the instance's lease (HEARTBEAT_TTL, 3 s), which no heartbeat could renew:
+        # the gateway still routes to the instances it last saw.
+        time.sleep(4)
+        later = [httpx.get(echo, headers=auth, timeout=10) for _ in range(10)]
+        assert [r.status_code for r in later] == [200] * 10
+        # The outage is logged once, not once per retry or per heartbeat.
+        resync_failed = "registry resync failed: routing on the instances last seen"
+        assert len(gateway.log_records(resync_failed)) == 1
+        assert gateway.log_records("unhandled error") == []
 
         server = EmbeddedRedis(port=port, appendonly=True, data_dir=tmp_path).start()
         wait_for(lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200, timeout=30)
         assert _ok(echo, auth) is not None
         assert gateway.alive() and backend.alive()
+        wait_for(lambda: gateway.log_records("registry resynced"), timeout=10)
     finally:
         backend.stop()
         gateway.stop()

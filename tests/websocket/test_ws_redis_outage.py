@@ -1,0 +1,90 @@
+"""Redis stopped and restarted under the websocket service (design §10: an outage is
+reported and recovered from without restarting anything).
+
+Open connections stay open; what needs Redis now (a new subscription, an API key not
+cached here) gets a clear answer instead of silence or a 500; after the restart a
+subscription really subscribes, and a channel left during the outage is left in
+Redis too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+import websockets
+
+from common import constants
+from common.embedded_redis import EmbeddedRedis
+from tests.helpers import issue_api_key, wait_for, wait_for_async
+from tests.websocket.conftest import recv_json, start_ws_server
+
+pytestmark = pytest.mark.timeout(180)
+
+
+async def test_push_channels_and_credentials_through_a_redis_restart(tmp_path: Path) -> None:
+    server = EmbeddedRedis(appendonly=True, data_dir=tmp_path).start()
+    port, url = server.port, server.url
+    ws_server = start_ws_server(url)
+    uncached = issue_api_key(url, ["*"])  # never shown to the service before the outage
+    try:
+        async with ws_server.connect() as ws, ws_server.connect() as other:
+            for conn, channel in ((ws, "kept"), (other, "left")):
+                await conn.send(json.dumps({"type": "subscribe", "channel": channel}))
+                assert (await recv_json(conn))["type"] == "subscribed"
+
+            server.stop(keep_data=True)
+            wait_for(lambda: ws_server.health()["status"] == "degraded", timeout=15)
+            # A subscription cannot be made: said so, not left unanswered.
+            await ws.send(json.dumps({"type": "subscribe", "channel": "new", "id": 1}))
+            answer = await recv_json(ws)
+            assert (answer["id"], answer["error"]["code"]) == (1, "service_unavailable")
+            # Leaving works locally (the UNSUBSCRIBE cannot reach Redis).
+            await other.send(json.dumps({"type": "unsubscribe", "channel": "left"}))
+            assert (await recv_json(other))["type"] == "unsubscribed"
+            # An API key this service has not checked yet: 503 before the upgrade, and
+            # 1013 (try again later) when it comes as the first message.
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with ws_server.connect(additional_headers={"X-API-Key": uncached}):
+                    pass
+            assert refused.value.response.status_code == 503
+            async with ws_server.connect(additional_headers={}) as late:
+                await late.send(json.dumps({"type": "auth", "token": uncached}))
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await recv_json(late)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+
+            server = EmbeddedRedis(port=port, appendonly=True, data_dir=tmp_path).start()
+            wait_for(lambda: ws_server.health()["status"] == "ok", timeout=30)
+            redis = aioredis.Redis.from_url(url)
+            try:
+                # The retried subscription is made in Redis: its messages arrive.
+                await ws.send(json.dumps({"type": "subscribe", "channel": "new", "id": 2}))
+                assert await recv_json(ws) == {"type": "subscribed", "channel": "new", "id": 2}
+                await redis.publish(constants.push_channel("new"), json.dumps({"n": 1}))
+                assert (await recv_json(ws))["data"] == {"n": 1}
+
+                # The channel kept through the outage delivers again (redis-py resubscribed).
+                async def delivered() -> bool:
+                    await redis.publish(constants.push_channel("kept"), "hello")
+                    return bool((await recv_json(ws, timeout=1))["data"] == "hello")
+
+                await wait_for_async(delivered, timeout=15)
+
+                # The one left during the outage was subscribed again by that reconnect:
+                # left in Redis at its first message.
+                async def left() -> bool:
+                    await redis.publish(constants.push_channel("left"), "nobody listens")
+                    numsub = await redis.pubsub_numsub(constants.push_channel("left"))
+                    return bool(numsub[0][1] == 0)
+
+                await wait_for_async(left, timeout=15)
+            finally:
+                await redis.aclose()
+        assert ws_server.proc.log_records("unhandled error") == []
+        assert len(ws_server.proc.log_records("push channel connection lost")) == 1
+    finally:
+        ws_server.proc.stop()
+        server.stop()
