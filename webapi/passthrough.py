@@ -335,14 +335,16 @@ class PassThrough:
     def upstream_gone(self) -> None:
         """The upstream closed: between responses the splice ends; within one, or with a
         request unanswered, the client's connection ends too (nothing else can tell the
-        client that its response is cut)."""
+        client that its response is cut). So it does within a request's body (an early
+        answer, then the close): the rest of that body must never be read as requests."""
         if self.upstream.splice is None:
             return
         cut = self.outstanding
         if cut:
             log.info("pass-through: upstream closed with a response outstanding",
                      extra={"fields": {"instance": self.instance_id}})  # fmt: skip
-        self._finish(close=cut or self.close_at_end or bool(self.unsent))
+        mid_request = self.requests.complete < self.begun
+        self._finish(close=cut or mid_request or self.close_at_end or bool(self.unsent))
 
     def _finish(self, close: bool) -> None:
         if not self._detach():

@@ -7,6 +7,8 @@ What the splice relayed is read from the gateway's counters (`GET /admin/proxy/s
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import socket
@@ -22,7 +24,9 @@ import pytest
 from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
 from tests.support.policy import set_document
 from tests.support.raw_http import connect, raw_request, read_answers
+from tests.support.registry import registered
 from tests.webapi.conftest import Backend, as_admin
+from tests.webapi.upstream_servers import Peer, Upstream
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -330,3 +334,43 @@ def test_least_connections_counts_open_splices(backend: Backend) -> None:
     finally:
         apply_routes(backend, [], services={})
         second.stop()
+
+
+async def test_an_early_answer_then_close_ends_the_client_connection_mid_body(
+    backend: Backend,
+) -> None:
+    # An instance that answers before reading a request's body (a 401, keep-alive by its
+    # look), then closes its connection, as servers do with an unread body. The rest of
+    # that body must never be read as requests: it would reach the gateway (or another
+    # instance) unchecked, in the bytes of a public route's body (request smuggling).
+    async def early(peer: Peer) -> None:
+        await peer.reader.readuntil(b"\r\n\r\n")
+        await peer.send(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+        peer.close()
+
+    service = f"early{uuid.uuid4().hex[:6]}"
+    hidden = raw_request("GET", "/health", {})
+    body_start = b"x" * 100
+    async with (
+        Upstream(early) as instance,
+        registered(backend.redis_url, service, {f"{service}-a": instance.address}),
+    ):
+        route = {"prefix": "/early/", "service": service, "public": True, "passthrough": True,
+                 "strip_prefix": False}  # fmt: skip
+        await asyncio.to_thread(apply_routes, backend, [route])
+
+        def exchange() -> bytes:
+            with connect(backend.gateway) as sock:
+                head = raw_request("POST", "/early/x", {"Content-Length": str(100 + len(hidden))})
+                sock.sendall(head + body_start)
+                (first,) = read_answers(sock, 1)
+                assert first.status == 401
+                rest = b""
+                with contextlib.suppress(ConnectionError):
+                    sock.sendall(hidden)  # the rest of the POST's body
+                    while chunk := sock.recv(65536):
+                        rest += chunk
+                return rest
+
+        assert await asyncio.to_thread(exchange) == b""  # closed: no answer to /health
+    assert instance.connections == 1
