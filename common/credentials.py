@@ -68,10 +68,18 @@ class Principal:
     key_id: str | None = None
     session_id: str | None = None
     expires_at: float | None = None
+    token_id: str | None = None  # an access token's `jti`
 
     def allows(self, service: str, method: str | None) -> bool:
         """Whether this credential's scopes reach `(service, method)` (see `common.scopes`)."""
         return allows(self.scopes, service, method)
+
+    def revoked_by(self) -> tuple[str, ...]:
+        """The revocation members (`common.revocation`) any of which ends this credential:
+        the ones `Authenticator` checks for it."""
+        if self.kind == "api_key":
+            return (f"key:{self.key_id}", f"user:{self.subject}")
+        return (f"sid:{self.session_id}", f"jti:{self.token_id}", f"user:{self.subject}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +91,7 @@ class _VerifiedToken:
     # When the key it was verified with was stored: a key stored again under the same
     # kid (JWT_SECRET seeds it after Redis lost the keyring) is not the same key.
     key_created_at: float
+    revoked_by: tuple[str, ...]  # the principal's, computed once: checked on every request
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,12 +224,7 @@ class Authenticator:
         )
 
     def _token_revoked(self, verified: _VerifiedToken) -> bool:
-        principal, view = verified.principal, self.revocations
-        return (
-            view.is_revoked(f"sid:{principal.session_id}")
-            or view.is_revoked(f"jti:{verified.token_id}")
-            or view.is_revoked(f"user:{principal.subject}")
-        )
+        return any(map(self.revocations.is_revoked, verified.revoked_by))
 
     async def _reload_keys_for(self, kid: str) -> None:
         """Reload the keys for a kid not seen yet (a rotation elsewhere), at most once per
@@ -391,5 +395,8 @@ def _verified(claims: dict[str, Any], key: SigningKey) -> _VerifiedToken:
         scopes=parse(claims["scope"]),
         session_id=claims["sid"],
         expires_at=exp,
+        token_id=str(claims["jti"]),
     )
-    return _VerifiedToken(principal, str(claims["jti"]), key.kid, exp, key.created_at)
+    return _VerifiedToken(
+        principal, str(claims["jti"]), key.kid, exp, key.created_at, principal.revoked_by()
+    )

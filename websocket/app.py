@@ -132,6 +132,7 @@ async def _open(app: WsApp) -> None:
         api_key_cache_ttl=settings.api_key_cache_ttl,
     )
     await ctx.authenticator.start()
+    ctx.connections.follow(ctx.authenticator.revocations)
     ctx.tasks.append(asyncio.create_task(ctx.policy.run(), name="policy-watcher"))
     if settings.ws_ping_interval > 0:
         pings = keepalive(ctx.connections, settings.ws_ping_interval, settings.ws_ping_timeout)
@@ -203,6 +204,9 @@ def _counted(handler: Any) -> Any:
             if not connections.add(ws):
                 await ws.close(TRY_AGAIN_LATER, "connection limit reached")
                 return
+            principal = getattr(request.ctx, "principal", None)
+            if principal is not None:
+                connections.authenticated(ws, principal)
             try:
                 await handler(request, ws, **params)
             finally:

@@ -1,11 +1,24 @@
-"""Every open client connection of one process: the cap and the drain.
+"""Every open client connection of one process: the cap, the drain, and revocations.
+
+A connection's credential is checked as it opens (on `/ws`, also as its session
+renews it). An open connection must not outlive its credential's revocation (a
+logout, a reused refresh token, `/admin/revoke`, a deleted API key, a narrowed role):
+each authenticated connection is indexed by the revocation members its credential
+answers to (`Principal.revoked_by`), and when the process learns that one of them is
+revoked (`common.revocation`: published, or found by a resync) every connection
+under it is closed with 1008 "credential revoked": a `/ws` session, an envelope-mode
+connection and a relay, spliced or not, alike. A credential's expiry ends `/ws`
+sessions only (they renew with an `auth` message); a relay or an envelope-mode
+connection lasts past its token's expiry, as a WebSocket proxied by nginx or Kong
+does (the credential is checked at the upgrade), but not past its revocation.
 
 Close codes used by the service (design §7; tested in tests/websocket):
 
     1000  normal: the peer closed, or an upstream closed with 1000
     1001  going away: the service is shutting down (SIGTERM drain; a spliced relay's
           upstream gets it too), or, to an upstream, its relayed client went away
-    1008  policy violation: authentication missing, invalid or expired
+    1008  policy violation: authentication missing, invalid or expired, or the
+          credential revoked
     1009  message too big: a message over WS_MAX_MESSAGE_BYTES
     1011  internal error: no pong within WS_PING_TIMEOUT (`/ws`: `websocket.client`'s
           keepalive; the envelope mode: Sanic's; a spliced relay has none: pings pass
@@ -19,12 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from typing import Protocol
 
 from sanic.server.websockets.impl import WebsocketImplProtocol
 
+from common.credentials import Principal
 from common.log import get_logger
+from common.revocation import RevocationView
 
 log = get_logger("websocket.connections")
 
@@ -53,6 +68,15 @@ class Connections:
         self._open: set[Hashable] = set()
         self._closers: dict[Hashable, Closer] = {}
         self.draining = False
+        self._members: dict[Hashable, tuple[str, ...]] = {}  # connection -> its revocations
+        self._by_member: dict[str, set[Hashable]] = {}  # revocation member -> connections
+        self._closing: set[asyncio.Task[None]] = set()
+        self._is_revoked: Callable[[str], bool] = lambda member: False
+
+    def follow(self, revocations: RevocationView) -> None:
+        """Close the connections whose credential `revocations` revokes, from now on."""
+        self._is_revoked = revocations.is_revoked
+        revocations.on_revoke(self.revoked)
 
     def __len__(self) -> int:
         return len(self._open)
@@ -76,6 +100,51 @@ class Connections:
     def discard(self, ws: Hashable) -> None:
         self._open.discard(ws)
         self._closers.pop(ws, None)
+        self._unindex(ws)
+
+    def authenticated(self, ws: Hashable, principal: Principal) -> None:
+        """`ws` now acts as `principal`: closed when its credential is revoked."""
+        if ws not in self._open:
+            return
+        self._unindex(ws)
+        members = self._members[ws] = principal.revoked_by()
+        for member in members:
+            self._by_member.setdefault(member, set()).add(ws)
+        # Revoked since it was checked (an upgrade's handshake lies between): now.
+        for member in filter(self._is_revoked, members):
+            self.revoked(member)
+
+    def revoked(self, member: str) -> None:
+        """`member` was revoked (`RevocationView.on_revoke`): close its connections, 1008."""
+        affected = self._by_member.pop(member, None)
+        if not affected:
+            return
+        kind = member.partition(":")[0]
+        log.info("credential revoked: closing its connections",
+                 extra={"fields": {"kind": kind, "connections": len(affected)}})  # fmt: skip
+        for ws in affected:
+            self._unindex(ws)
+            closing = self._close(ws, POLICY_VIOLATION, "credential revoked")
+            if closing is not None:
+                task = asyncio.ensure_future(closing)
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    def _unindex(self, ws: Hashable) -> None:
+        for member in self._members.pop(ws, ()):
+            connections = self._by_member.get(member)
+            if connections is not None:
+                connections.discard(ws)
+                if not connections:
+                    del self._by_member[member]
+
+    def _close(self, ws: Hashable, code: int, reason: str) -> Awaitable[None] | None:
+        closer = self._closers.get(ws)
+        if closer is not None:
+            return closer.close(code, reason)
+        if isinstance(ws, WebsocketImplProtocol):
+            return _close(ws, code, reason)
+        return None
 
     def hand_over(self, ws: WebsocketImplProtocol, closer: Closer) -> None:
         """From now on `closer`, not `ws`, closes this connection (still counted as `ws`)."""
@@ -87,15 +156,9 @@ class Connections:
         if not self._open:
             return
         log.info("draining websocket connections", extra={"fields": {"open": len(self._open)}})
-        closes = []
-        for ws in list(self._open):
-            closer = self._closers.get(ws)
-            if closer is not None:
-                closes.append(closer.close(GOING_AWAY, "server shutting down"))
-            elif isinstance(ws, WebsocketImplProtocol):
-                closes.append(_close(ws, GOING_AWAY, "server shutting down"))
+        closes = [self._close(ws, GOING_AWAY, "server shutting down") for ws in list(self._open)]
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*closes), timeout)
+            await asyncio.wait_for(asyncio.gather(*(c for c in closes if c is not None)), timeout)
 
 
 async def _close(ws: WebsocketImplProtocol, code: int, reason: str) -> None:

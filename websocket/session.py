@@ -110,6 +110,7 @@ class Session:
             self.expiry.cancel()
             self.expiry = None
         self.principal = principal
+        self.ctx.connections.authenticated(self.conn, principal)  # closed if it is revoked
         exp = principal.expires_at
         if exp is not None:  # an API key may never expire
             delay = max(exp - time.time(), 0.0)

@@ -62,8 +62,10 @@ async def test_a_valid_token_gives_its_principal(auth: Authenticator) -> None:
         key_id=None,
         session_id=sid,
         expires_at=principal.expires_at,
+        token_id=jwt.decode(token, options={"verify_signature": False})["jti"],
     )
     assert principal.expires_at is not None and principal.expires_at > time.time() + 500
+    assert principal.revoked_by() == (f"sid:{sid}", f"jti:{principal.token_id}", f"user:{OWNER}")
     assert principal.allows("iptv", "search") and principal.allows("admin", "policy")
     assert auth.authenticate_sync_cached(token) == principal
     assert await auth.authenticate(token) == principal
