@@ -15,7 +15,9 @@ unparsed by `websocket.tap` and is replayed here.
   message over WS_MAX_MESSAGE_BYTES closes with 1009, bad UTF-8 with 1007.
 * `send` writes to the transport at once. Past the transport's high-water
   mark (`pause_writing`) messages wait in `pending`; more than WS_SEND_QUEUE
-  waiting closes the connection with 1013 (a slow consumer).
+  waiting closes the connection with 1013 (a slow consumer). Meanwhile the socket
+  is not read: a client that sends (pings, say) and never reads cannot make its
+  answers pile up in this process.
 * `keepalive` is the process's one ping task: every WS_PING_INTERVAL it pings
   every connection, and WS_PING_TIMEOUT later closes with 1011 those whose pong
   did not come.
@@ -46,6 +48,9 @@ if TYPE_CHECKING:
 
 
 CLOSE_TIMEOUT = 10.0  # seconds from the start of a closing to aborting the connection
+# Why a connection's socket is not read (`ClientProtocol.hold`): bits of `held`.
+WRITES_FULL = 1  # the transport is past its high-water mark: the client does not read
+BACKLOG_FULL = 2  # the session has BACKLOG_LIMIT messages waiting (`websocket.session`)
 INVALID_DATA = 1007
 _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
 
@@ -53,8 +58,8 @@ _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.P
 class ClientProtocol(asyncio.Protocol):
     """One `/ws` connection's socket: frames in and out; see the module docstring."""
 
-    __slots__ = ("awaiting_pong", "done", "fragments", "limit", "lost", "parser", "pending",
-                 "session", "text", "timer", "transport")  # fmt: skip
+    __slots__ = ("awaiting_pong", "done", "fragments", "held", "limit", "lost", "parser",
+                 "pending", "session", "text", "timer", "transport")  # fmt: skip
 
     def __init__(self, transport: asyncio.Transport, parser: ServerProtocol, limit: int) -> None:
         self.transport = transport
@@ -68,6 +73,7 @@ class ClientProtocol(asyncio.Protocol):
         self.lost = False
         self.timer: asyncio.TimerHandle | None = None  # aborts a closing that takes too long
         self.done: asyncio.Future[None] | None = None  # made by `close`, set when lost
+        self.held = 0  # why the socket is not read: WRITES_FULL | BACKLOG_FULL (0: it is)
 
     @classmethod
     def take_over(
@@ -181,11 +187,26 @@ class ClientProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.pending is None:
             self.pending = []
+        # What the client sends may need answers (pongs to its pings, error frames): read
+        # nothing more until it reads, or those answers pile up here without bound.
+        self.hold(WRITES_FULL, True)
 
     def resume_writing(self) -> None:
         pending, self.pending = self.pending, None
         for text in pending or ():
             self.send(text)  # pauses again, if need be, keeping the order
+        if self.pending is None:
+            self.hold(WRITES_FULL, False)
+
+    def hold(self, reason: int, held: bool) -> None:
+        """Stop reading the socket for `reason` (`held`), or no longer for it: it is read
+        while no reason holds it."""
+        before = self.held
+        self.held = before | reason if held else before & ~reason
+        if self.held and not before:
+            self.transport.pause_reading()
+        elif before and not self.held:
+            self.transport.resume_reading()
 
     def ping(self) -> bool:
         """Send a keepalive ping; False if the connection is closing."""

@@ -41,6 +41,7 @@ from common.errors import RpcError, ServiceUnavailable, Unauthorized
 from common.log import get_logger
 from websocket import jsonrpc
 from websocket.auth import authenticate, may_call
+from websocket.client import BACKLOG_FULL
 from websocket.connections import INTERNAL_ERROR, POLICY_VIOLATION, TRY_AGAIN_LATER
 from websocket.errors import log_failed_call, log_refused_message
 from websocket.hub import CHANNEL
@@ -131,7 +132,7 @@ class Session:
         if self.backlog is not None:
             self.backlog.append(raw)
             if len(self.backlog) == BACKLOG_LIMIT:
-                self.conn.transport.pause_reading()
+                self.conn.hold(BACKLOG_FULL, True)
             return
         work = self.handle(raw)
         if work is not None:
@@ -144,7 +145,7 @@ class Session:
             await work
             while self.backlog:
                 if len(self.backlog) == BACKLOG_LIMIT:
-                    self.conn.transport.resume_reading()
+                    self.conn.hold(BACKLOG_FULL, False)
                 next_work = self.handle(self.backlog.pop(0))
                 if next_work is not None:
                     await next_work
@@ -153,7 +154,7 @@ class Session:
             self.conn.fail(INTERNAL_ERROR, "internal error")
         finally:
             if self.backlog is not None and len(self.backlog) >= BACKLOG_LIMIT:
-                self.conn.transport.resume_reading()
+                self.conn.hold(BACKLOG_FULL, False)
             self.backlog = None
             self.worker = None
 

@@ -51,6 +51,19 @@ class TapServerProtocol(WebSocketProtocol):
         if len(tap) > TAP_LIMIT and self.transport is not None:
             self.transport.pause_reading()  # until the splice takes over
 
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[no-untyped-call]
+        if self.websocket is not None and self.transport is not None:
+            # A WebSocket client that does not read: read nothing more from it, or the
+            # answers its frames get (pongs to its pings) pile up in this process.
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[no-untyped-call]
+        tap_full = self.tap is not None and len(self.tap) > TAP_LIMIT
+        if self.websocket is not None and self.transport is not None and not tap_full:
+            self.transport.resume_reading()
+
     def release(self) -> bytes:
         """Stop holding: what was held, and reading resumed."""
         held, self.tap = bytes(self.tap or b""), None

@@ -6,16 +6,21 @@ SIGTERM) in test_ws_relay; here: 1013 slow consumer, 1011 no pong, the cap.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import json
+import os
 import socket
 import uuid
 
+import psutil
 import pytest
 import redis.asyncio as aioredis
 import websockets
 
 from common import constants
-from tests.helpers import wait_for_async
+from tests.helpers import peak_rss_growth, wait_for_async
 from tests.websocket.conftest import WsServer, recv_json
 
 pytestmark = pytest.mark.timeout(120)
@@ -96,3 +101,41 @@ async def test_connection_cap_refuses_with_503(make_ws_server) -> None:
     finally:
         for ws in held:
             await ws.close()
+
+
+@pytest.mark.parametrize("path", ["/ws", "/ws/stream"])
+async def test_a_client_that_pings_and_never_reads_is_not_read_either(
+    make_ws_server, path: str
+) -> None:
+    # Every ping gets a pong. A client that floods pings and reads nothing would make the
+    # pongs pile up in the service without bound, unless it stops reading that client.
+    server = make_ws_server()
+    process = psutil.Process(server.proc.pid)
+    sock = small_buffer_socket(server)
+    key = base64.b64encode(os.urandom(16)).decode()
+    token = server.token()
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                 f"Authorization: Bearer {token}\r\n\r\n".encode())  # fmt: skip
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101")
+    ping = bytes([0x89, 0x80 | 125]) + b"\0\0\0\0" + b"p" * 125  # masked with a zero key
+    block = ping * (1024 * 1024 // len(ping))
+    limit = 64 * 1024 * 1024
+
+    def flood() -> int:
+        sock.settimeout(3)
+        sent = 0
+        with contextlib.suppress(TimeoutError):
+            while sent < limit:
+                sock.sendall(block)
+                sent += len(block)
+        return sent
+
+    with peak_rss_growth(process) as growth:
+        sent = await asyncio.to_thread(flood)
+    sock.close()
+    assert sent < limit  # the service stopped reading: the sender was held back
+    assert growth[0] < 32 * 1024 * 1024, f"grew {growth[0] // 1024} KiB for {sent // 1024} KiB"
