@@ -9,13 +9,15 @@ rebuilds the object when it knows the class (registered with `register`, which
 dict otherwise. Classes are never imported by name from the wire, so a message
 cannot make a process import or instantiate arbitrary code.
 
-`json_default` makes the same types JSON-serialisable for HTTP responses.
+`json_default` makes the same types JSON-serialisable for HTTP responses;
+`parse_json` reads what a client sends as JSON, strictly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -114,3 +116,23 @@ def json_default(obj: Any) -> Any:
     if isinstance(obj, (set, frozenset)):
         return list(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+_STRICT = json.JSONDecoder(parse_constant=_not_json)
+
+
+def parse_json(data: str | bytes) -> Any:
+    """`data` (a client's) as JSON (RFC 8259), else `ValueError`: for malformed text,
+    bytes that are not UTF-8, `NaN` and `Infinity` (Python's extension, which no strict
+    parser, a browser's included, reads back), and nesting deeper than Python's
+    recursion limit (a `RecursionError` from `json.loads`, which a handler catching
+    `ValueError` would let through as a crash)."""
+    try:
+        text = data.decode() if isinstance(data, bytes) else data
+        return _STRICT.decode(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None

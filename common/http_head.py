@@ -5,9 +5,10 @@ Sanic's own parser is lenient where a proxy must not be: it takes
 `Transfer-Encoding : chunked` (a space before the colon) as a field named
 `transfer-encoding ` and keeps a bare LF or a NUL inside a value. Forwarded, such a
 field could be read differently by the upstream (request smuggling); so every head
-is checked as received (one regex match) before anything reads it, and refused with
-a 400 `malformed_header`. The gateway's fast path needs no such check: its httptools
-parser refuses such heads already and hands them to Sanic.
+is checked as received (one regex match, and one more for Content-Length) before
+anything reads it, refused with a 400 `malformed_header`, and the connection closed
+(the request's framing cannot be trusted). The gateway's fast path needs no such
+check: its httptools parser refuses such heads already and hands them to Sanic.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ _WELL_FORMED_HEAD = re.compile(
 )
 _WELL_FORMED_FIELD = re.compile(_TOKEN + rb":[\t\x20-\x7e\x80-\xff]*")
 _WELL_FORMED_NAME = re.compile(_TOKEN)
+# Content-Length is ASCII digits (RFC 9110 §8.6); Sanic's `int()` would also read
+# U+0665 (an Arabic-Indic five) as 5, where a front end may read no length at all.
+_LENGTH_FIELD = re.compile(rb"\r\ncontent-length:[ \t]*([^\r]*)", re.IGNORECASE)
+_LENGTH_VALUE = re.compile(rb"[0-9]+[ \t]*")
 
 
 def head_fault(head: bytes) -> str | None:
@@ -33,6 +38,9 @@ def head_fault(head: bytes) -> str | None:
     logged, and the value may be a credential (design §10).
     """
     if _WELL_FORMED_HEAD.fullmatch(head) is not None:
+        for length in _LENGTH_FIELD.findall(head):
+            if _LENGTH_VALUE.fullmatch(length) is None:
+                return "Content-Length is not a number in ASCII digits"
         return None
     _request_line, *fields = head.split(b"\r\n")
     for field in fields:

@@ -31,7 +31,7 @@ from typing import Any
 
 from common import codec
 from common.constants import PROTOCOL_VERSION
-from common.errors import SwitchboardError
+from common.errors import InvalidParams, SwitchboardError
 
 # Results of the enqueue scripts other than an entry id.
 NO_INSTANCE = 0
@@ -156,7 +156,10 @@ class Call:
                 att=self.attempt,
                 max=self.max_attempts,
             )
-        return codec.packb(env)
+        try:
+            return codec.packb(env)
+        except (TypeError, OverflowError) as exc:  # an int past 64 bits, an unknown type
+            raise InvalidParams(f"arguments cannot be sent over RPC: {exc}") from None
 
     @classmethod
     def decode(cls, data: bytes) -> Call:

@@ -63,7 +63,7 @@ class Service:
         max_backlog: int | None = None,
         settings: Settings | None = None,
     ) -> None:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise ConfigError(f"service name {name!r} must match {_NAME.pattern}")
         self.name = name
         self.version = version
@@ -89,7 +89,7 @@ class Service:
 
         def register(f: F) -> F:
             method_name = name or f.__name__
-            if not _NAME.match(method_name):
+            if not _NAME.fullmatch(method_name):
                 raise ConfigError(f"method name {method_name!r} must match {_NAME.pattern}")
             if method_name in self.methods:
                 raise ConfigError(f"{self.name}.{method_name} is registered twice")

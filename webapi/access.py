@@ -49,7 +49,8 @@ class Access:
     parameters `service` and `method` instead; `in_handler` leaves the scope
     check and rate limits to the handler (`Gatekeeper.admit_resource`), for
     routes whose resource is named in the body. `public` routes need no
-    credential (but rate limits still apply, keyed by IP).
+    credential (but rate limits still apply, keyed by IP); `own` routes need a
+    credential, whatever its scopes (a caller's own account: see `own`).
     """
 
     service: str | None = None
@@ -57,11 +58,19 @@ class Access:
     public: bool = False
     from_path: bool = False
     in_handler: bool = False
+    own: bool = False
 
 
 def public(service: str, method: str | None = None) -> Access:
     """A route anyone may call; `service`/`method` name it for rate limits."""
     return Access(service, method, public=True)
+
+
+def own(service: str, method: str) -> Access:
+    """A route acting on the caller's own account only (ending its session, reading its
+    profile): any valid credential may, whatever its scopes. A user whose scopes an admin
+    narrowed must still be able to log out."""
+    return Access(service, method, own=True)
 
 
 def requires(service: str, method: str | None = None) -> Access:
@@ -152,7 +161,7 @@ class Gatekeeper:
         if access.in_handler:
             return
         service, method = self._resource(request, access)
-        if not access.public:
+        if not access.public and not access.own:
             self._authorize(principal, service, method)
         await self._limit(request, principal, service, method)
 

@@ -65,14 +65,14 @@ def _parse_original(params: Any) -> list[InstanceRecord]:
 
 def _record(item: dict[str, Any]) -> InstanceRecord:
     service = item.get("service")
-    if not isinstance(service, str) or not SERVICE_NAME.match(service):
+    if not isinstance(service, str) or not SERVICE_NAME.fullmatch(service):
         raise InvalidHeartbeat(f"service must match {SERVICE_NAME.pattern}")
     address = _address(item.get("address"))
     kind = item.get("kind", "http")
     if kind not in _KINDS:
         raise InvalidHeartbeat(f"kind must be one of {', '.join(_KINDS)}")
     version = str(item.get("version", "0"))
-    if not _VERSION.match(version):
+    if not _VERSION.fullmatch(version):
         raise InvalidHeartbeat(f"version must match {_VERSION.pattern}")
     weight = item.get("weight", 1)
     if not isinstance(weight, int) or isinstance(weight, bool) or not 0 < weight <= 1000:
@@ -89,7 +89,7 @@ def _record(item: dict[str, Any]) -> InstanceRecord:
     if not isinstance(metadata, dict):
         raise InvalidHeartbeat("metadata must be an object")
     instance_id = item.get("instance_id") or f"{service}@{address}"
-    if not isinstance(instance_id, str) or not _INSTANCE_ID.match(instance_id):
+    if not isinstance(instance_id, str) or not _INSTANCE_ID.fullmatch(instance_id):
         raise InvalidHeartbeat("instance_id must be a short name")
     return InstanceRecord(
         service=service,
@@ -118,6 +118,6 @@ def _address(value: Any) -> str:
             ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             raise InvalidHeartbeat("address has an invalid IPv6 host") from None
-    elif not _HOST.match(host):
+    elif not _HOST.fullmatch(host):
         raise InvalidHeartbeat("address has an invalid host")
     return value

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 from typing import Any
 
 from sanic import Request
 
+from common.codec import parse_json
 from common.http_head import head_fault
 from webapi.errors import MalformedHeader, MalformedJson
 
@@ -21,6 +21,7 @@ def check_head(request: Request[Any, Any]) -> None:
     (`common.http_head`)."""
     fault = head_fault(request.head)
     if fault is not None:
+        request.stream.keep_alive = False  # type: ignore[union-attr]  # its framing is suspect
         raise MalformedHeader(fault)
 
 
@@ -32,8 +33,8 @@ def json_object(request: Request[Any, Any], *, empty_ok: bool = True) -> dict[st
             return {}
         raise MalformedJson("a JSON object body is required")
     try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        value = parse_json(raw)
+    except ValueError as exc:
         raise MalformedJson(f"body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise MalformedJson(f"body must be a JSON object, not {type(value).__name__}")
@@ -50,7 +51,7 @@ def request_id_of(incoming: str | None) -> str:
     digits, a random 64-bit prefix drawn once per process and a 64-bit counter. Unique
     without a `getrandom` system call per request (hot path); request ids need not be
     unguessable (they are echoed to the caller and logged, never trusted)."""
-    if incoming and _REQUEST_ID.match(incoming):
+    if incoming and _REQUEST_ID.fullmatch(incoming):
         return incoming
     return f"{_id_prefix}{next(_id_counter):016x}"
 

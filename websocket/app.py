@@ -88,7 +88,9 @@ def create_app(settings: Settings | None = None, name: str = "websocket") -> WsA
     )
     app.add_route(health, "/health", methods=["GET"])
     # Counted by the connection itself (`websocket.client`): the handler returns at once.
-    app.add_websocket_route(client_endpoint, "/ws", subprotocols=[SUBPROTOCOL])
+    # Strict: `/ws/` is not `/ws` (the connection take-over and first-message auth are
+    # `/ws`'s alone; `/ws/` was upgraded, then closed at once).
+    app.add_websocket_route(client_endpoint, "/ws", subprotocols=[SUBPROTOCOL], strict_slashes=True)
     # Every route takes the `bearer` subprotocol: how a browser presents its credential.
     bearer = [SUBPROTOCOL]
     app.add_websocket_route(_counted(stream_endpoint), "/ws/stream", subprotocols=bearer)
@@ -158,7 +160,10 @@ async def _check_head(request: WsRequest) -> HTTPResponse | None:
     """Refuse a head with what HTTP does not allow (`common.http_head`), as the gateway
     does, before anything reads it."""
     fault = head_fault(request.head)
-    return None if fault is None else refusal(request, 400, "malformed_header", fault)
+    if fault is None:
+        return None
+    request.stream.keep_alive = False  # type: ignore[union-attr]  # its framing is suspect
+    return refusal(request, 400, "malformed_header", fault)
 
 
 async def _admit(request: WsRequest) -> HTTPResponse | None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from sanic.server.websockets.impl import WebsocketImplProtocol
 from websockets.exceptions import ConnectionClosed
 
+from common.codec import parse_json
 from websocket.errors import log_refused_message
 from websocket.upstreams import KINDS, NoUpstream, Upstreams
 
@@ -52,7 +53,7 @@ async def stream_endpoint(request: WsRequest, ws: WebsocketImplProtocol) -> None
             return
         text = message.decode(errors="replace") if isinstance(message, bytes) else message
         try:
-            body = json.loads(text)
+            body = parse_json(text)
         except ValueError:
             body = None
         if not isinstance(body, dict):
@@ -111,7 +112,7 @@ async def serve_one(
 def _last(frame: str | bytes) -> bool:
     """Whether a frame ends the stream: `flag: 1`, `ret != 0`, or not an envelope at all."""
     try:
-        body = json.loads(frame)
+        body = parse_json(frame)
     except ValueError:
         return True
     if not isinstance(body, dict):

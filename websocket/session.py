@@ -35,6 +35,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from common.codec import parse_json
 from common.connection import REDIS_DOWN_ERRORS
 from common.credentials import Principal
 from common.errors import RpcError, ServiceUnavailable, Unauthorized
@@ -86,7 +87,7 @@ class Session:
 
     def _first(self, text: str) -> Work | None:
         try:
-            message = json.loads(text)
+            message = parse_json(text)
         except ValueError:
             message = None
         if not isinstance(message, dict) or message.get("type") != "auth":
@@ -167,7 +168,7 @@ class Session:
             self.send("pong")
             return None
         try:
-            message = json.loads(text)
+            message = parse_json(text)
         except ValueError:
             self._refuse_call(None, jsonrpc.PARSE_ERROR, "parse error: not JSON")
             return None
@@ -199,7 +200,7 @@ class Session:
         self.authenticated(principal, id_)
 
     async def _subscription(self, kind: str, channel: Any, id_: Any) -> None:
-        if not isinstance(channel, str) or not CHANNEL.match(channel):
+        if not isinstance(channel, str) or not CHANNEL.fullmatch(channel):
             self._refuse("bad_channel", f"channel must match {CHANNEL.pattern}", id_)
             return
         channels = self.channels

@@ -11,7 +11,6 @@ a policy is written by people, and a silently coerced value hides a mistake).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from functools import cached_property
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from common.codec import parse_json
 from common.errors import BadRequest
 from common.settings import MAX_BODY_LIMIT, MAX_TOTAL_TIMEOUT
 
@@ -153,7 +153,7 @@ class RouteRule(_Model):
         for reserved in RESERVED_PREFIXES:
             if prefix.startswith(reserved) or reserved.startswith(prefix):
                 raise ValueError(f"overlaps the gateway's reserved prefix {reserved!r}")
-        if not _PREFIX.match(prefix):
+        if not _PREFIX.fullmatch(prefix):
             raise ValueError(
                 "must be '/segment/.../' with letters, digits, '.', '_', '~' or '-' "
                 "in each segment, and no empty or '.' segment"
@@ -274,7 +274,7 @@ def validate_document(data: object) -> PolicyDocument:
 def validate_json(text: str | bytes) -> PolicyDocument:
     """A JSON text as a `PolicyDocument`; malformed JSON is a `PolicyInvalid` too."""
     try:
-        data = json.loads(text)
+        data = parse_json(text)
     except ValueError as exc:  # JSONDecodeError, or undecodable bytes
         raise PolicyInvalid([{"loc": ROOT, "msg": f"not valid JSON: {exc}"}]) from None
     return validate_document(data)

@@ -22,6 +22,7 @@ TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN
         b"POST /x HTTP/1.1\r\n" + TOKEN_CHARS.encode() + b": v",
         "GET / HTTP/1.1\r\nX-Name: Zoë, 東京".encode(),  # obs-text: bytes above 0x7f
         b'GET / HTTP/1.1\r\nCookie: a=1; b="2"\r\nAccept: */*;q=0.8, text/html',
+        b"POST / HTTP/1.1\r\ncontent-LENGTH:\t12 \r\nHost: x",
     ],
 )
 def test_what_http_allows_passes(head: bytes) -> None:
@@ -39,6 +40,8 @@ def test_what_http_allows_passes(head: bytes) -> None:
         (b"GET / HTTP/1.1\r\nX-A: a\r\n folded", "without a colon"),
         (b"GET / HTTP/1.1\r\n: no name", "field name ''"),
         (b"GET /\x01 HTTP/1.1\r\nHost: x", "in the request line"),
+        ("POST / HTTP/1.1\r\nContent-Length: \u0665".encode(), "Content-Length is not"),
+        (b"POST / HTTP/1.1\r\nContent-Length: 0x5", "Content-Length is not"),
     ],
 )
 def test_what_http_forbids_is_refused_saying_where(head: bytes, says: str) -> None:

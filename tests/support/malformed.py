@@ -15,6 +15,12 @@ CASES = {
     "negative length": ("Content-Length: -1\r\n\r\n", 400, "bad_request"),
     "signed length": ("Content-Length: +5\r\n\r\nhello", 400, "bad_request"),
     "length not a number": ("Content-Length: 5x\r\n\r\nhello", 400, "bad_request"),
+    # U+0665 (an Arabic-Indic five) in UTF-8: Python's int() reads it as 5.
+    "length not ASCII digits": (
+        "Content-Length: \xd9\xa5\r\n\r\nhello",
+        400,
+        "malformed_header",
+    ),
     "bad chunk size": (
         "Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
         400,

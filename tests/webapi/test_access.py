@@ -158,6 +158,10 @@ def test_route_walk_401_without_credentials_403_without_scope(gateways: Gateways
                 assert anonymous.status_code not in (401, 403), where
                 continue
             assert anonymous.status_code == 401, (where, anonymous.text)
+            if access.own:  # the caller's own account: any credential, whatever its scopes
+                assert keyed.status_code != 401, (where, keyed.text)
+                assert "scopes do not include" not in keyed.text, where  # (a key may not log out)
+                continue
             assert keyed.status_code == 403, (where, keyed.text)
             if method != "HEAD":
                 assert anonymous.json()["error"]["code"] == "unauthorized", where
@@ -315,6 +319,27 @@ def test_internal_auth_methods_are_admin_only_over_rpc(gateways: Gateways) -> No
                           json={"user_id": me["user_id"], "roles": ["admin"]},
                           headers=bearer(user["access_token"]))  # fmt: skip
     assert escalate.status_code == 403
+
+
+def test_a_user_whose_scopes_were_narrowed_can_still_read_itself_and_log_out(
+    gateways: Gateways,
+) -> None:
+    name, password = gateways.register()
+    user = gateways.login(name, password)
+    me = httpx.get(f"{gateways.url}/api/v1/auth/me", headers=bearer(user["access_token"])).json()
+    admin = bearer(gateways.admin_token())
+    narrowed = httpx.put(f"{gateways.url}/admin/users/{me['user_id']}/scopes",
+                         json={"scopes": ["calc"]}, headers=admin)  # fmt: skip
+    assert narrowed.status_code == 200
+    session = wait_for(lambda: gateways.login(name, password), timeout=10)
+    headers = bearer(session["access_token"])
+    assert httpx.get(f"{gateways.url}/api/v1/channels", headers=headers).status_code == 403
+    mine = httpx.get(f"{gateways.url}/api/v1/auth/me", headers=headers)
+    assert mine.status_code == 200 and mine.json()["credential"]["scopes"] == ["calc"]
+    assert httpx.post(f"{gateways.url}/api/v1/auth/logout", headers=headers).status_code == 200
+    refreshed = httpx.post(f"{gateways.url}/api/v1/auth/refresh",
+                           json={"refresh_token": session["refresh_token"]})  # fmt: skip
+    assert refreshed.status_code == 401  # the session it ended is over
 
 
 # -- rate limits ---------------------------------------------------------------

@@ -38,6 +38,9 @@ async def test_empty_body_means_no_arguments(http: httpx.AsyncClient) -> None:
         ("[1, 2]", 400, "malformed_json"),
         ('"text"', 400, "malformed_json"),
         (b"\xff\xfe", 400, "malformed_json"),
+        ("[" * 50_000 + "]" * 50_000, 400, "malformed_json"),  # past Python's recursion
+        ('{"a": NaN}', 400, "malformed_json"),  # Python's, not JSON
+        ('{"a": 18446744073709551616}', 422, "invalid_params"),  # 2**64: no RPC int holds it
         ('{"a": "two"}', 422, "invalid_params"),
         ('{"b": 1}', 422, "invalid_params"),
         ('{"a": 1, "zzz": 1}', 422, "invalid_params"),

@@ -58,6 +58,32 @@ async def test_refused_messages_are_logged_once_each(ws_server: WsServer) -> Non
     assert all(r["path"] == "/ws" and r["message"] for r in refused.new())
 
 
+async def test_what_json_cannot_hold_is_answered_and_the_session_goes_on(
+    ws_server: WsServer,
+) -> None:
+    headers = {"Authorization": f"Bearer {ws_server.token(scopes=('iptv',))}"}
+    async with ws_server.connect(additional_headers=headers) as ws:
+        await ws.send("[" * 30_000 + "]" * 30_000)  # past Python's recursion limit
+        assert (await recv_json(ws))["error"]["code"] == -32700
+        await ws.send('{"jsonrpc": "2.0", "id": NaN, "method": "iptv.get_channel"}')
+        assert (await recv_json(ws))["error"]["code"] == -32700  # NaN is not JSON
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": 3, "method": "iptv.get_channel",
+                                  "params": {"channel_id": 2**64}}))  # fmt: skip
+        answer = await recv_json(ws)
+        assert (answer["id"], answer["error"]["code"]) == (3, -32602)  # invalid params
+        await ws.send(json.dumps({"type": "subscribe", "channel": "news\n"}))
+        assert (await recv_json(ws))["error"]["code"] == "bad_channel"  # `$` before a "\n"
+        await ws.send("ping")
+        assert await ws.recv() == "pong"
+
+
+async def test_ws_with_a_trailing_slash_is_not_found(ws_server: WsServer) -> None:
+    with pytest.raises(websockets.InvalidStatus) as info:
+        async with ws_server.connect("/ws/"):
+            pass
+    assert info.value.response.status_code == 404
+
+
 async def test_an_envelope_request_refused_is_logged_once(ws_server: WsServer) -> None:
     refused = LogWatch(ws_server, "message refused")
     async with ws_server.connect("/ws/stream") as ws:

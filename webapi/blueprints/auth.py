@@ -13,7 +13,7 @@ from typing import Any
 from sanic import Blueprint, HTTPResponse
 
 from common.credentials import Principal
-from webapi.access import public, requires
+from webapi.access import own, public, requires
 from webapi.context import GatewayRequest
 from webapi.errors import MalformedJson, NotAllowed
 from webapi.requests import json_object
@@ -64,7 +64,7 @@ async def refresh(request: GatewayRequest) -> HTTPResponse:
     return json_response(await _auth(request, "refresh", refresh_token=body.get("refresh_token")))
 
 
-@bp.post("/logout", ctx_access=requires("auth", "logout"))
+@bp.post("/logout", ctx_access=own("auth", "logout"))
 async def logout(request: GatewayRequest) -> HTTPResponse:
     """Ends the caller's session: its refresh token and access tokens stop working."""
     principal = _user_session(request)
@@ -73,7 +73,7 @@ async def logout(request: GatewayRequest) -> HTTPResponse:
     return json_response(await _auth(request, "logout", session_id=principal.session_id))
 
 
-@bp.get("/me", ctx_access=requires("auth", "me"))
+@bp.get("/me", ctx_access=own("auth", "me"))
 async def me(request: GatewayRequest) -> HTTPResponse:
     principal = _caller(request)
     account = await _auth(request, "me", user_id=principal.subject)

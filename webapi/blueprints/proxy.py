@@ -22,6 +22,7 @@ from sanic.compat import Header
 from sanic.http import Http
 
 from common.balancing.sticky import balance_key
+from common.codec import parse_json
 from common.log import get_logger
 from webapi.access import FROM_PATH, IN_HANDLER, POLICY_ROUTED, credential_free
 from webapi.context import GatewayRequest
@@ -188,7 +189,7 @@ async def _json_exchange(
     finally:
         await forwarded.response.aclose()
     try:
-        data = json.loads(raw) if raw else None
+        data = parse_json(raw) if raw else None
     except ValueError:
         data = raw.decode("utf-8", errors="replace")
     return forwarded, data, raw

@@ -24,7 +24,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 @bp.post("/<service:str>/<method:str>", ctx_access=FROM_PATH)
 async def call(request: GatewayRequest, service: str, method: str) -> HTTPResponse:
     """Hot path: parse the body, one RPC call, serialise the result."""
-    if not (_NAME.match(service) and _NAME.match(method)):
+    if not (_NAME.fullmatch(service) and _NAME.fullmatch(method)):
         raise MethodNotFound(f"no method {service}.{method}")
     kwargs = json_object(request)
     result = await request.app.ctx.rpc.invoke(f"{service}.{method}", kwargs=kwargs)
