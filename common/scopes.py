@@ -21,15 +21,19 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterable
 
-__all__ = ["ADMIN", "ALL", "INTERNAL_SERVICES", "allows", "covers", "parse", "rpc_resource",
-           "valid_scope"]  # fmt: skip
+__all__ = ["ADMIN", "ALL", "INTERNAL_METHODS", "INTERNAL_SERVICES", "allows", "covers",
+           "parse", "rpc_resource", "valid_scope"]  # fmt: skip
 
 ADMIN = "admin"
 ALL = "*"
-# Services whose methods act for whichever user the caller names (auth): they are
-# reached through their own routes; a generic RPC entry (the gateway's `/rpc/...`,
-# JSON-RPC on `/ws`) opens them to the admin scope only.
+# Services (auth) and methods (iptv's favourites) that act for whichever user the
+# caller names: they are reached through their own routes, which name the caller; a
+# generic RPC entry (the gateway's `/rpc/...`, JSON-RPC on `/ws`) opens them to the
+# admin scope only, or anyone could name another user.
 INTERNAL_SERVICES = frozenset({"auth"})
+INTERNAL_METHODS = frozenset(
+    {"iptv.add_favourite", "iptv.remove_favourite", "iptv.list_favourites"}
+)
 
 _NAME = r"[a-z][a-z0-9_-]{0,62}"
 _SCOPE = re.compile(rf"\*|{_NAME}(?:\.(?:\*|{_NAME}))?")
@@ -58,7 +62,7 @@ def rpc_resource(service: str, method: str | None) -> tuple[str, str | None]:
     """The resource a generic RPC entry (the gateway's `/rpc/...`, JSON-RPC on `/ws`)
     checks for a call of `service.method`: the admin scope for an internal service
     (with the method it names, for the refusal's message), else the method itself."""
-    if service in INTERNAL_SERVICES:
+    if service in INTERNAL_SERVICES or f"{service}.{method}" in INTERNAL_METHODS:
         return ADMIN, f"{service}.{method}"
     return service, method
 

@@ -88,6 +88,12 @@ ADMIN = requires("admin")
 UNDECLARED = ADMIN
 
 
+def caller(request: GatewayRequest) -> Principal:
+    """The principal of a request that needed a credential (the access check set it)."""
+    principal: Principal = request.ctx.principal
+    return principal
+
+
 def presented_credential(request: GatewayRequest) -> str | None:
     """The bearer token or API key of the request, or None when there is none."""
     return credential_from(request.headers.get("authorization"), request.headers.get("x-api-key"))

@@ -8,6 +8,9 @@ import uuid
 import httpx
 import pytest
 
+from tests.helpers import issue_api_key
+from tests.webapi.conftest import Stack
+
 
 async def test_channels_are_paginated(http: httpx.AsyncClient) -> None:
     first = (await http.get("/api/v1/channels", params={"page_size": 10})).json()
@@ -135,3 +138,32 @@ async def test_register_bad_input(http: httpx.AsyncClient, body: bytes, status: 
     )
     assert response.status_code == status
     assert response.json()["error"]["code"]
+
+
+async def test_favourites_are_the_callers_own(http: httpx.AsyncClient, stack: Stack) -> None:
+    # The REST routes take the user from the credential; the generic RPC entry keeps the
+    # favourites methods (which take any user id) to admins, or anyone could name another.
+    alice, bob = f"alice{uuid.uuid4().hex[:6]}", f"bob{uuid.uuid4().hex[:6]}"
+    as_alice = {"X-Api-Key": issue_api_key(stack.redis_url, ["iptv"], user_id=alice)}
+    as_bob = {"X-Api-Key": issue_api_key(stack.redis_url, ["iptv"], user_id=bob)}
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=10) as plain:
+        await _favourites_of_their_own(plain, as_alice, as_bob, alice)
+    # An admin (the `http` client's key) still reaches them over RPC.
+    over_rpc = await http.post("/rpc/iptv/list_favourites", json={"user_id": alice})
+    assert over_rpc.status_code == 200 and over_rpc.json() == {"result": []}
+
+
+async def _favourites_of_their_own(
+    http: httpx.AsyncClient, as_alice: dict[str, str], as_bob: dict[str, str], alice: str
+) -> None:
+    added = await http.put("/api/v1/favourites/3", headers=as_alice)
+    assert added.status_code == 200 and added.json()["user_id"] == alice
+    listed = await http.get("/api/v1/favourites", headers=as_alice)
+    assert [c["id"] for c in listed.json()] == [3]
+    assert (await http.get("/api/v1/favourites", headers=as_bob)).json() == []
+    for method, kwargs in [("list_favourites", {"user_id": alice}),
+                           ("remove_favourite", {"user_id": alice, "channel_id": 3})]:  # fmt: skip
+        refused = await http.post(f"/rpc/iptv/{method}", json=kwargs, headers=as_bob)
+        assert refused.status_code == 403
+    assert (await http.delete("/api/v1/favourites/3", headers=as_alice)).status_code == 200
+    assert (await http.get("/api/v1/favourites", headers=as_alice)).json() == []

@@ -13,7 +13,7 @@ from typing import Any
 from sanic import Blueprint, HTTPResponse
 
 from common.credentials import Principal
-from webapi.access import own, public, requires
+from webapi.access import caller, own, public, requires
 from webapi.context import GatewayRequest
 from webapi.errors import MalformedJson, NotAllowed
 from webapi.requests import json_object
@@ -26,14 +26,9 @@ async def _auth(request: GatewayRequest, method: str, **kwargs: Any) -> Any:
     return await request.app.ctx.rpc.invoke(f"auth.{method}", kwargs=kwargs)
 
 
-def _caller(request: GatewayRequest) -> Principal:
-    principal: Principal = request.ctx.principal
-    return principal
-
-
 def _user_session(request: GatewayRequest) -> Principal:
     """The caller, who must be a user signed in with a token (not an API key)."""
-    principal = _caller(request)
+    principal = caller(request)
     if principal.kind != "user":
         raise NotAllowed("API keys cannot manage accounts or keys: sign in with a user token")
     return principal
@@ -75,7 +70,7 @@ async def logout(request: GatewayRequest) -> HTTPResponse:
 
 @bp.get("/me", ctx_access=own("auth", "me"))
 async def me(request: GatewayRequest) -> HTTPResponse:
-    principal = _caller(request)
+    principal = caller(request)
     account = await _auth(request, "me", user_id=principal.subject)
     credential: dict[str, Any] = {"kind": principal.kind, "scopes": sorted(principal.scopes)}
     if principal.key_id:

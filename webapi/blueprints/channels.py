@@ -1,4 +1,6 @@
-"""The iptv catalogue as REST: channels, a channel, its programme guide, search."""
+"""The iptv catalogue as REST: channels, a channel, its programme guide, search; and the
+caller's own favourites (the user is the credential's, never one the request names:
+the generic RPC entries keep the favourites methods to admins, `common.scopes`)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ from typing import Any
 
 from sanic import Blueprint, HTTPResponse
 
-from webapi.access import requires
+from webapi.access import caller, requires
 from webapi.context import GatewayRequest
 from webapi.responses import json_response
 
@@ -49,3 +51,22 @@ async def search(request: GatewayRequest) -> HTTPResponse:
     kwargs = {"q": request.args.get("q", ""), **_query(request, limit="limit")}
     result = await request.app.ctx.rpc.invoke("iptv.search", kwargs=kwargs)
     return json_response(result)
+
+
+@bp.get("/favourites", ctx_access=requires("iptv", "list_favourites"))
+async def list_favourites(request: GatewayRequest) -> HTTPResponse:
+    user_id = caller(request).subject
+    result = await request.app.ctx.rpc.invoke("iptv.list_favourites", kwargs={"user_id": user_id})
+    return json_response(result)
+
+
+@bp.put("/favourites/<channel_id:str>", ctx_access=requires("iptv", "add_favourite"))
+async def add_favourite(request: GatewayRequest, channel_id: str) -> HTTPResponse:
+    kwargs = {"user_id": caller(request).subject, "channel_id": channel_id}
+    return json_response(await request.app.ctx.rpc.invoke("iptv.add_favourite", kwargs=kwargs))
+
+
+@bp.delete("/favourites/<channel_id:str>", ctx_access=requires("iptv", "remove_favourite"))
+async def remove_favourite(request: GatewayRequest, channel_id: str) -> HTTPResponse:
+    kwargs = {"user_id": caller(request).subject, "channel_id": channel_id}
+    return json_response(await request.app.ctx.rpc.invoke("iptv.remove_favourite", kwargs=kwargs))
