@@ -36,7 +36,7 @@ from common.connection import REDIS_DOWN_ERRORS
 from common.errors import ServiceUnavailable, Unauthorized
 from common.log import get_logger
 from common.outage import Outage
-from common.revocation import RevocationView
+from common.revocation import RevocationView, member
 from common.scopes import allows, parse
 from common.tokens import Keyring, SigningKey
 
@@ -78,8 +78,9 @@ class Principal:
         """The revocation members (`common.revocation`) any of which ends this credential:
         the ones `Authenticator` checks for it."""
         if self.kind == "api_key":
-            return (f"key:{self.key_id}", f"user:{self.subject}")
-        return (f"sid:{self.session_id}", f"jti:{self.token_id}", f"user:{self.subject}")
+            return (member("key", str(self.key_id)), member("user", self.subject))
+        return (member("sid", str(self.session_id)), member("jti", str(self.token_id)),
+                member("user", self.subject))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

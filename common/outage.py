@@ -25,16 +25,11 @@ class Outage:
         self.log, self.down_message, self.up_message, self.fields = log, down, up, fields
         self.since: float | None = None  # when the outage began (time.monotonic)
 
-    @property
-    def down(self) -> bool:
-        """True from a failure until the next success."""
-        return self.since is not None
-
-    def failed(self, exc: BaseException) -> None:
-        """One more failure; logged only when it starts an outage."""
+    def failed(self, exc: BaseException, **fields: Any) -> None:
+        """One more failure; logged (with `fields` too) only when it starts an outage."""
         if self.since is None:
             self.since = time.monotonic()
-            fields = {**self.fields, "error": str(exc) or type(exc).__name__}
+            fields = {**self.fields, **fields, "error": str(exc) or type(exc).__name__}
             self.log.warning(self.down_message, extra={"fields": fields})
 
     def recovered(self) -> None:

@@ -44,6 +44,7 @@ from common.aio import cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_OR_SLOW
 from common.errors import Conflict, RedisUnavailable
 from common.log import get_logger
+from common.outage import Outage
 from common.policy.model import DEFAULT_POLICY, PolicyDocument, PolicyInvalid
 from common.policy.store import PolicyStore
 from common.subscription import follow
@@ -73,7 +74,8 @@ class PolicyWatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._lock = asyncio.Lock()
-        self._down = False  # Redis was unreachable at the last attempt (log once per outage)
+        self._outage = Outage(log, "policy not refreshed, keeping the version applied",
+                              "policy store reachable again")  # fmt: skip
 
     def on_change(self, callback: Callback) -> None:
         """Call `callback(document)` after every change of `current` (in the event loop)."""
@@ -123,7 +125,7 @@ class PolicyWatcher:
                     # A poll; or a late change message, or a store that lost data.
                     version, epoch = await self.store.stamp()
                 if version == self.current.version and epoch == self._epoch:
-                    self._recovered()
+                    self._outage.recovered()
                     return False
                 if version == 0 and self.current.version > 0:  # nothing stored any more
                     document, epoch = await self._restore()
@@ -134,16 +136,13 @@ class PolicyWatcher:
                                     self.current.version, version)  # fmt: skip
                     document, epoch = await self.store.load()
             except _UNREACHABLE as exc:
-                if not self._down:
-                    log.warning("policy not refreshed, keeping version %d", self.current.version,
-                                extra={"fields": {"error": str(exc)}})  # fmt: skip
-                self._down = True
+                self._outage.failed(exc, version=self.current.version)
                 return False
             except (PolicyInvalid, ValueError, RedisError) as exc:  # not JSON, wrong key type
                 log.error("stored policy is invalid, keeping version %d", self.current.version,
                           extra={"fields": {"error": str(exc)}})  # fmt: skip
                 return False
-            self._recovered()
+            self._outage.recovered()
             self._epoch = epoch
             if document == self.current:
                 return False
@@ -166,11 +165,6 @@ class PolicyWatcher:
             await self.store.put(ours.model_dump(mode="json"), actor=RESTORE_ACTOR,
                                  expected_version=0)  # fmt: skip
         return await self.store.load()
-
-    def _recovered(self) -> None:
-        if self._down:
-            log.info("policy store reachable again")
-        self._down = False
 
     async def _poll(self) -> None:
         while not cancelling():
