@@ -14,10 +14,11 @@ backend's body.
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 
@@ -97,13 +98,18 @@ def wait_http(
 
 
 def probe(url: str, headers: Mapping[str, str]) -> tuple[int, dict[str, str], str]:
-    """One GET: status, headers (lower-case names) and body, also for a 4xx/5xx."""
-    req = urllib.request.Request(url, headers=dict(headers))
+    """One GET on a keep-alive connection, as wrk sends it (urllib would ask for
+    `Connection: close`, which a pass-through route leaves to the gateway's own
+    handling): status, headers (lower-case names) and body, also for a 4xx/5xx."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.netloc, timeout=5)
     try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read().decode()
+        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""),
+                     headers=dict(headers))  # fmt: skip
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode()
+    finally:
+        conn.close()
 
 
 def body_ok(text: str) -> bool:

@@ -5,10 +5,11 @@ Sanic's own parser is lenient where a proxy must not be: it takes
 `Transfer-Encoding : chunked` (a space before the colon) as a field named
 `transfer-encoding ` and keeps a bare LF or a NUL inside a value. Forwarded, such a
 field could be read differently by the upstream (request smuggling); so every head
-is checked as received (one regex match, and one more for Content-Length) before
-anything reads it, refused with a 400 `malformed_header`, and the connection closed
-(the request's framing cannot be trusted). The gateway's fast path needs no such
-check: its httptools parser refuses such heads already and hands them to Sanic.
+is checked as received (one regex match, and a few more for Content-Length, Host
+and an HTTP/1.0 Transfer-Encoding) before anything reads it, refused with a 400
+`malformed_header`, and the connection closed (the request's framing cannot be
+trusted). The gateway's fast path and pass-through hand to Sanic what their
+httptools parser refuses, and what they do not take (`webapi.fastpath.request`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ _WELL_FORMED_NAME = re.compile(_TOKEN)
 # U+0665 (an Arabic-Indic five) as 5, where a front end may read no length at all.
 _LENGTH_FIELD = re.compile(rb"\r\ncontent-length:[ \t]*([^\r]*)", re.IGNORECASE)
 _LENGTH_VALUE = re.compile(rb"[0-9]+[ \t]*")
+# Host (RFC 9112 §3.2): exactly one in an HTTP/1.1 request, at most one in HTTP/1.0, its
+# value `uri-host [":" port]` (RFC 3986: an IP literal or a reg-name; empty is allowed).
+# A second Host, or one with a space, `@` or a comma list, may be the one a front end
+# routed on and not the one an instance reads.
+_HOST_FIELD = re.compile(rb"\r\nhost:[ \t]*([^\r]*)", re.IGNORECASE)
+_HOST_VALUE = re.compile(
+    rb"(?:\[[0-9A-Za-z:.\-_~!$&'()*+,;=]+\]|[0-9A-Za-z.\-_~%!$&'()*+;=]*)(?::[0-9]*)?[ \t]*"
+)
+_TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding:", re.IGNORECASE)
 
 
 def head_fault(head: bytes) -> str | None:
@@ -41,7 +51,7 @@ def head_fault(head: bytes) -> str | None:
         for length in _LENGTH_FIELD.findall(head):
             if _LENGTH_VALUE.fullmatch(length) is None:
                 return "Content-Length is not a number in ASCII digits"
-        return None
+        return _framing_fault(head)
     _request_line, *fields = head.split(b"\r\n")
     for field in fields:
         if _WELL_FORMED_FIELD.fullmatch(field) is None:
@@ -53,3 +63,27 @@ def head_fault(head: bytes) -> str | None:
                 return f"malformed header field name {shown!r}"
             return f"control character in the value of header {shown!r}"
     return "control character in the request line"
+
+
+def _framing_fault(head: bytes) -> str | None:
+    """What is wrong with a well-formed head's Host or its version's framing, else None."""
+    if not head:
+        return None  # Sanic's stand-in request for one it could not parse (its own 400)
+    end = head.find(b"\r\n")
+    http10 = (head if end == -1 else head[:end]).endswith(b" HTTP/1.0")
+    if http10 and _TRANSFER_ENCODING.search(head) is not None:
+        # RFC 9112 §6.1: HTTP/1.0 has no transfer codings; its framing is faulty.
+        return "Transfer-Encoding in an HTTP/1.0 request"
+    hosts = _HOST_FIELD.findall(head)
+    if len(hosts) > 1:
+        return "more than one Host field"
+    if not hosts:
+        return None if http10 else "an HTTP/1.1 request needs a Host field"
+    if not valid_host(hosts[0]):
+        return "Host is not a host name or address with an optional port"
+    return None
+
+
+def valid_host(value: bytes) -> bool:
+    """Whether `value` is a Host field's value as RFC 9112 §3.2 has it."""
+    return _HOST_VALUE.fullmatch(value) is not None

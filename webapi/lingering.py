@@ -17,6 +17,8 @@ from typing import Any, cast
 
 from sanic.server.protocols.http_protocol import HttpProtocol
 
+from common.strict_http import StrictHttp
+
 LINGER_SECONDS = 2.0
 
 
@@ -39,8 +41,10 @@ class _Drain(asyncio.Protocol):
 
 
 class LingeringHttpProtocol(HttpProtocol):
-    """Sanic's HTTP/1.1 protocol whose close lingers (see the module docstring)."""
+    """Sanic's HTTP/1.1 protocol whose close lingers (see the module docstring), parsing
+    strictly (`common.strict_http`)."""
 
+    HTTP_CLASS = StrictHttp
     __slots__ = ("_lingering",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -16,23 +16,27 @@ no total timeout. That is the point (design §6: nginx parity needs a route with
 per-request work) and the price: use a normal route when the backend needs those.
 
 What is still done per request, by httptools parsers on both directions (framing
-only: they see no header, so they cost a few µs):
+only: of the headers they look at Host alone, so they cost a few µs):
 
-* each request's method and path are checked against the live policy: a request
-  that is not the route's (another prefix, a HEAD, an upgrade, a dot segment, a
-  malformed request) is never forwarded. When it starts a read, as it does unless
-  the client pipelines, the splice ends once the upstream has answered everything
-  forwarded, and the request goes to Sanic's usual handling on the same
-  connection. When it is pipelined behind a route request in one read, the
-  connection is closed once the forwarded requests are answered (HTTP clients
-  retry idempotent requests on a closed keep-alive connection). A read that ends
-  inside a request head is held, not forwarded, until the head is whole: no byte
-  of a request goes upstream before its path has been checked;
+* each request's method, path and Host are checked against the live policy: a
+  request that is not the route's (another prefix, a HEAD, an upgrade, a dot
+  segment, a malformed request, a missing or malformed Host, HTTP/1.0 or
+  `Connection: close`: the last request of its connection) is never forwarded.
+  When it starts a read, as it does unless the client pipelines, the splice ends
+  once the upstream has answered everything forwarded, and the request goes to
+  Sanic's usual handling on the same connection. When it is pipelined behind a
+  route request in one read, the connection is closed once the forwarded requests
+  are answered (HTTP clients retry idempotent requests on a closed keep-alive
+  connection). A read that ends inside a request head is held, not forwarded,
+  until the head is whole: no byte of a request goes upstream before its path has
+  been checked;
 * response boundaries are counted, so the splice knows when the upstream has
   answered everything (1xx interim responses are not answers);
 * the upstream closing between responses ends the splice (the next request
-  connects again); closing in the middle of a response closes the client's
-  connection, as the end of that response cannot be told any other way.
+  connects again), unless its last response said `Connection: close`: then the
+  client's connection closes too, as the relayed response told the client it
+  would; closing in the middle of a response closes the client's connection, as
+  the end of that response cannot be told any other way.
 
 Balancing and health are per connection, as in nginx's `stream` module or
 HAProxy's `mode tcp`: the instance is chosen when the splice starts, by the same
@@ -56,6 +60,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, HttpResponseParser
 
+from common.http_head import valid_host
 from common.log import get_logger
 from common.policy import PolicyDocument, RouteRule
 from webapi.errors import InvalidProxyPath
@@ -115,7 +120,8 @@ class Owner(Protocol):
 class _Requests:
     """httptools callbacks of the client's side: where requests start and end, their paths."""
 
-    __slots__ = ("begun", "check", "complete", "foreign", "in_head", "url")
+    __slots__ = ("begun", "check", "complete", "foreign", "host_ok", "host_seen", "in_head",
+                 "url")  # fmt: skip
 
     def __init__(self, check: Callable[[bytes], bool]) -> None:
         self.check = check  # is this URL (of a GET, POST, ...) the route's?
@@ -124,18 +130,26 @@ class _Requests:
         self.complete = 0  # requests whose last byte was read, since the splice started
         self.foreign = 0  # the index among `begun` of the first request not the route's
         self.in_head = False  # a request's head is being read
+        self.host_seen = False  # the request has a Host field
+        self.host_ok = False  # exactly one, and well formed
 
     def on_message_begin(self) -> None:
         self.begun += 1
         self.url = b""
         self.in_head = True
+        self.host_seen = self.host_ok = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) == 4 and name.lower() == b"host":
+            self.host_ok = not self.host_seen and valid_host(value)
+            self.host_seen = True
+
     def on_headers_complete(self) -> None:
         self.in_head = False
-        if not self.foreign and not self.check(self.url):
+        if not self.foreign and not (self.host_ok and self.check(self.url)):
             self.foreign = self.begun
 
     def on_message_complete(self) -> None:
@@ -145,15 +159,18 @@ class _Requests:
 class _Responses:
     """httptools callbacks of the upstream's side: how many responses have ended."""
 
-    __slots__ = ("ended", "parser")
+    __slots__ = ("closing", "ended", "parser")
 
     def __init__(self) -> None:
         self.ended = 0
+        self.closing = False  # the last response ends its connection (`Connection: close`)
         self.parser = HttpResponseParser(self)
 
     def on_message_complete(self) -> None:
-        if not 100 <= self.parser.get_status_code() < 200:  # interim responses answer nothing
+        parser = self.parser
+        if not 100 <= parser.get_status_code() < 200:  # interim responses answer nothing
             self.ended += 1
+            self.closing = not parser.should_keep_alive()
 
 
 class _UpstreamLeg(asyncio.Protocol):
@@ -249,8 +266,13 @@ class PassThrough:
             self.longer = tuple(r.prefix.encode() for r in document.routes
                                 if len(r.prefix) > len(rule.prefix)
                                 and r.prefix.startswith(rule.prefix))  # fmt: skip
-        if self.parser.get_method() not in PASSTHROUGH_METHODS:
-            return False
+        parser = self.parser
+        if (
+            parser.get_method() not in PASSTHROUGH_METHODS
+            or parser.get_http_version() != "1.1"
+            or not parser.should_keep_alive()
+        ):
+            return False  # (the last request of its connection: Sanic closes after it)
         if (
             url.startswith(self.prefix)
             and b"/." not in url
@@ -336,7 +358,9 @@ class PassThrough:
         """The upstream closed: between responses the splice ends; within one, or with a
         request unanswered, the client's connection ends too (nothing else can tell the
         client that its response is cut). So it does within a request's body (an early
-        answer, then the close): the rest of that body must never be read as requests."""
+        answer, then the close): the rest of that body must never be read as requests;
+        and after a response that said `Connection: close` (relayed to the client as is:
+        RFC 9112 §9.6 has its sender close)."""
         if self.upstream.splice is None:
             return
         cut = self.outstanding
@@ -344,7 +368,8 @@ class PassThrough:
             log.info("pass-through: upstream closed with a response outstanding",
                      extra={"fields": {"instance": self.instance_id}})  # fmt: skip
         mid_request = self.requests.complete < self.begun
-        self._finish(close=cut or mid_request or self.close_at_end or bool(self.unsent))
+        closing = self.responses.closing
+        self._finish(close=cut or mid_request or closing or self.close_at_end or bool(self.unsent))
 
     def _finish(self, close: bool) -> None:
         if not self._detach():

@@ -21,6 +21,8 @@ from sanic.server.websockets.impl import WebsocketImplProtocol
 from websockets.asyncio.client import ClientConnection
 from websockets.protocol import CLOSED, CONNECTING
 
+from common.strict_http import StrictHttp
+
 TAP_LIMIT = 256 * 1024  # bytes held before the take-over past which the socket is paused
 RELAYED = "/ws/proxy/"  # the routes whose client connections are held for a splice
 CLIENTS = "/ws"  # the route whose connections `websocket.client` takes over
@@ -29,6 +31,7 @@ CLIENTS = "/ws"  # the route whose connections `websocket.client` takes over
 class TapServerProtocol(WebSocketProtocol):
     """Sanic's WebSocket protocol; what a relayed client sends is held, unparsed, for the splice."""
 
+    HTTP_CLASS = StrictHttp  # (`common.strict_http`)
     __slots__ = ("tap",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -17,12 +17,18 @@ TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN
     "head",
     [
         b"",  # Sanic's stand-in for a head it could not parse
-        b"GET / HTTP/1.1",
+        b"GET / HTTP/1.1\r\nHost: x",
+        b"GET / HTTP/1.0",  # HTTP/1.0 needs no Host
         b"GET /svc/a/b?q=1&r=%20 HTTP/1.1\r\nHost: x\r\nX-Empty:\r\nX-Tab:\ta\tb ",
-        b"POST /x HTTP/1.1\r\n" + TOKEN_CHARS.encode() + b": v",
-        "GET / HTTP/1.1\r\nX-Name: Zoë, 東京".encode(),  # obs-text: bytes above 0x7f
-        b'GET / HTTP/1.1\r\nCookie: a=1; b="2"\r\nAccept: */*;q=0.8, text/html',
+        b"POST /x HTTP/1.1\r\nHost: x\r\n" + TOKEN_CHARS.encode() + b": v",
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Name: Zoë, 東京".encode(),  # obs-text: above 0x7f
+        b'GET / HTTP/1.1\r\nCookie: a=1; b="2"\r\nAccept: */*;q=0.8, text/html\r\nHOST: x',
         b"POST / HTTP/1.1\r\ncontent-LENGTH:\t12 \r\nHost: x",
+        # Host: a reg-name (sub-delims, percent-encoding), IPv4, IPv6 literal, a port, empty.
+        b"GET / HTTP/1.1\r\nHost: my-host_1.example~!$&'()*+;=%41:8080",
+        b"GET / HTTP/1.1\r\nHost: 10.0.0.1",
+        b"GET / HTTP/1.1\r\nHost: [::1]:8000",
+        b"GET / HTTP/1.1\r\nHost:",
     ],
 )
 def test_what_http_allows_passes(head: bytes) -> None:
@@ -42,6 +48,16 @@ def test_what_http_allows_passes(head: bytes) -> None:
         (b"GET /\x01 HTTP/1.1\r\nHost: x", "in the request line"),
         ("POST / HTTP/1.1\r\nContent-Length: \u0665".encode(), "Content-Length is not"),
         (b"POST / HTTP/1.1\r\nContent-Length: 0x5", "Content-Length is not"),
+        # Host (RFC 9112 §3.2): exactly one in HTTP/1.1, and a host with an optional port.
+        (b"GET / HTTP/1.1", "needs a Host"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nhost: b", "more than one Host"),
+        (b"GET / HTTP/1.0\r\nHost: a\r\nHost: a", "more than one Host"),
+        (b"GET / HTTP/1.1\r\nHost: a b", "Host is not"),
+        (b"GET / HTTP/1.1\r\nHost: user@a", "Host is not"),
+        (b"GET / HTTP/1.1\r\nHost: a, b", "Host is not"),
+        (b"GET / HTTP/1.1\r\nHost: a:8x", "Host is not"),
+        # HTTP/1.0 has no transfer codings (RFC 9112 §6.1).
+        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked", "HTTP/1.0"),
     ],
 )
 def test_what_http_forbids_is_refused_saying_where(head: bytes, says: str) -> None:

@@ -26,7 +26,30 @@ CASES = {
         400,
         "bad_request",
     ),
+    # Chunk-size lines and chunk ends as RFC 9112 §7.1 has them, not as `int(x, 16)`
+    # reads them (`common.strict_http`).
+    "chunk size in hex notation": (
+        "Transfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "chunk size after a space": (
+        "Transfer-Encoding: chunked\r\n\r\n 5\r\nhello\r\n0\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "chunk size in non-ASCII digits": (
+        "Transfer-Encoding: chunked\r\n\r\n\xd9\xa5\r\nhello\r\n0\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "bare CR in a chunk extension": (
+        "Transfer-Encoding: chunked\r\n\r\n5;a\rb\r\nhello\r\n0\r\n\r\n",
+        400,
+        "bad_request",
+    ),
     "chunked not last": ("Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", 400, "bad_request"),
+    "second Host": ("Host: other.test\r\nContent-Length: 0\r\n\r\n", 400, "malformed_header"),
     "header without colon": ("Bad Header\r\nContent-Length: 0\r\n\r\n", 400, "bad_request"),
     "space before colon": (
         "Transfer-Encoding : chunked\r\nContent-Length: 5\r\n\r\nhello",
@@ -46,3 +69,9 @@ CASES = {
         "payload_too_large",
     ),
 }
+
+# The cases whose fault is in the body: a route that reads no body never sees it.
+BODY_CASES = frozenset({
+    "bad chunk size", "chunk size in hex notation", "chunk size after a space",
+    "chunk size in non-ASCII digits", "bare CR in a chunk extension",
+})  # fmt: skip

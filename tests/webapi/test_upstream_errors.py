@@ -224,8 +224,11 @@ async def test_stalled_body_is_a_read_timeout_while_streaming() -> None:
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nhi",
         b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        # A coding the proxy would strip (Transfer-Encoding is hop-by-hop) undecoded.
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nhi",
     ],
-    ids=["garbage", "status", "cl-and-te", "two-cl", "header", "upgrade"],
+    ids=["garbage", "status", "cl-and-te", "two-cl", "header", "upgrade", "gzip-chunked", "gzip"],
 )
 async def test_malformed_response_is_a_protocol_error(pool: UpstreamPool, reply: bytes) -> None:
     async def handler(peer: Peer) -> None:

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 from sanic import Blueprint, HTTPResponse
 from sanic.compat import Header
+from sanic.helpers import has_message_body
 from sanic.http import Http
 
 from common.balancing.sticky import balance_key
@@ -42,7 +43,7 @@ from webapi.proxy.forward import Forwarded, hop_headers_out, latency_headers
 from webapi.proxy.paths import match_route, upstream_target
 from webapi.proxy.upstream import strip_hop_by_hop
 from webapi.requests import json_object
-from webapi.responses import json_response
+from webapi.responses import RelayedResponse, json_response
 
 bp = Blueprint("proxy")
 log = get_logger("webapi.proxy")
@@ -150,16 +151,26 @@ async def _stream(
         key=_balance_key(request, service),
     )
     upstream = forwarded.response
-    headers = [
-        (k, v) for k, v in strip_hop_by_hop(upstream.headers) if k.lower() != "content-length"
-    ]
+    headers = strip_hop_by_hop(upstream.headers)
+    if not has_message_body(upstream.status):  # type: ignore[no-untyped-call]
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
     headers += latency_headers(forwarded, received)
-    response = await request.respond(status=upstream.status, headers=Header(headers))
+    # The instance's Content-Length is kept: the body is sent as it is framed, or
+    # chunked when the instance chunked it (`common.strict_http`: close-delimited for
+    # HTTP/1.0), and a HEAD answer says the GET's length.
+    relayed = RelayedResponse(status=upstream.status, headers=Header(headers))
+    response = await request.respond(relayed)
+    stream = cast(Http, request.stream)
     try:
-        if request.method != "HEAD":
+        if request.method == "HEAD":
+            await response.send(b"", False)  # the head: Sanic sends no body for a HEAD
+            # Ended by hand: Sanic's HEAD sender is synchronous, so its own end-of-
+            # response call after the handler (`await`ing it) would raise.
+            stream.head_response_ignored(b"", True)
+        else:
             async for chunk in upstream.stream():
                 await response.send(chunk)
-        await response.eof()
+            await response.eof()
     except UpstreamError as exc:
         # The head is out: only closing the connection can tell the client that the
         # body is cut (Sanic's error handling would end it as if it were whole).

@@ -12,6 +12,7 @@ import time
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
+from common.http_head import valid_host
 from webapi.errors import InvalidProxyPath
 from webapi.heartbeats import SERVICE_NAME
 from webapi.proxy.paths import upstream_target
@@ -77,8 +78,10 @@ class Parsed:
         name = raw_name.lower()
         self.headers.append((name, value))
         if name in _SPECIAL:
-            if name in _REFUSED or (name == b"host" and b"host" in self.first):
-                self.refused = True
+            if name in _REFUSED or (
+                name == b"host" and (b"host" in self.first or not valid_host(value))
+            ):
+                self.refused = True  # (Sanic's route refuses a bad Host: `common.http_head`)
             elif name == b"content-length":
                 self.length = int(value)  # httptools allows digits only, and one of them
             elif name == b"connection":
@@ -125,6 +128,8 @@ def parse_request(buf: bytes | bytearray) -> Parsed | Incomplete | None:
         return None
     # One message whose head ends where ours does (else the parser framed it otherwise).
     if not req.head_done or req.begun != 1 or req.body is not None or req.refused:
+        return None
+    if b"host" not in req.first:
         return None
     method = parser.get_method()
     if method not in _METHODS or parser.get_http_version() != "1.1":

@@ -92,6 +92,7 @@ class Connection(asyncio.Protocol):
         self._message_done = False
         self._keep_alive = False
         self._framed = False
+        self._coded = False  # a transfer coding other than chunked
         self._broken = False
         self._received = 0
         self._head_bytes = 0  # read before the end of the response head
@@ -387,8 +388,11 @@ class Connection(asyncio.Protocol):
             self._framed = True
             self._content_length = value
         elif size == 17 and name.lower() == b"transfer-encoding":
-            # Only a final `chunked` frames a response; otherwise it runs until close.
-            self._framed = value.rstrip().lower().endswith(b"chunked")
+            # Only `chunked` is taken (as nginx does): the field is hop-by-hop, so any
+            # other coding (`gzip, chunked`) would reach the client undecoded and unsaid.
+            self._framed = True
+            if value.strip().lower() != b"chunked":
+                self._coded = True
 
     def on_headers_complete(self) -> None:
         resp = self._resp
@@ -405,6 +409,10 @@ class Connection(asyncio.Protocol):
             self._raw_headers = []
             self._framed = False
             self._content_length = None
+            return
+        if self._coded:
+            self._broken = True
+            self._fail(UpstreamProtocolError("unsupported transfer coding in the response"))
             return
         resp.status = status
         resp.reason = self._reason.decode("latin-1")

@@ -1,0 +1,123 @@
+"""`StrictHttp`: Sanic's HTTP/1.1 connection handler where a proxy must be stricter than
+Sanic. Both Sanic services serve with it (`HTTP_CLASS` of their protocols).
+
+- **Chunked request bodies** are parsed as RFC 9112 §7.1 writes them: a chunk size is
+  ASCII hex digits (Sanic's `int(size, 16)` also takes `0x5`, ` 5` and Unicode
+  digits), a chunk extension holds no control character, and chunk data ends in a
+  CRLF (Sanic skips the two bytes unchecked). A front end that frames such a body
+  differently from the gateway is the TE.TE request-smuggling vector, and the gateway
+  forwards bodies re-framed: so anything else is a 400 and the connection closes.
+  `Content-Length` is checked before (`common.http_head`).
+- **A target Sanic cannot make a request of** (a TAB in it, CONNECT's authority form)
+  gets the usual 400 JSON error. Sanic builds its error-handling request from the same
+  target, fails again, and the client got no answer at all and the log a traceback.
+- **`Expect: 100-continue`**: a final answer given before the body was asked for (a
+  401, a 413) goes out without the `100 Continue` Sanic would put before it, and the
+  connection closes after it (RFC 9110 §10.1.1): the client then need not send a body
+  nobody reads, and one already sent is drained by the lingering close.
+- **HTTP/1.0 clients** never get `Transfer-Encoding: chunked` (RFC 9112 §6.1): a
+  streamed response of unknown length is delimited by closing the connection, as
+  nginx does.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sanic.exceptions import BadRequest, PayloadTooLarge
+from sanic.headers import format_http1_response
+from sanic.helpers import has_message_body
+from sanic.http import Http, Stage
+
+# `\r\n` (the end of the previous chunk's data, or of the head), then a chunk-size line:
+# hex digits, optionally a chunk extension (`BWS ";" ...`, no control character but
+# tab), and CRLF (RFC 9112 §7.1.1).
+_CHUNK_LINE = re.compile(rb"\r\n[0-9A-Fa-f]+(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?\r\n")
+# The longest chunk-size line taken (Sanic's own bound).
+_MAX_CHUNK_LINE = 64
+
+
+class StrictHttp(Http):
+    """Sanic's `Http` made strict where the module docstring says."""
+
+    __slots__ = ()
+
+    async def read(self) -> bytes | None:
+        declared = self.request_bytes or 0
+        if self.expecting_continue and declared > self.request_max_size:
+            # A declared length over the limit: refused before the 100 Sanic would send.
+            raise PayloadTooLarge("Request body exceeds the size limit")
+        framing: object = self.request_body  # (Sanic's stub says bytes; it is "chunked")
+        if framing == "chunked" and self.request_bytes_left == 0:
+            await self._check_chunk_line()
+        return await super().read()
+
+    async def _check_chunk_line(self) -> None:
+        """Wait for the next chunk-size line and refuse it unless well formed: Sanic's
+        `read()` then parses it again, knowing its size is plain hex."""
+        buf = self.recv_buffer
+        while (end := buf.find(b"\r\n", 2)) == -1:
+            if len(buf) > _MAX_CHUNK_LINE:
+                break
+            await self._receive_more()
+        if end == -1 or _CHUNK_LINE.fullmatch(buf, 0, end + 2) is None:
+            self.keep_alive = False
+            raise BadRequest("Bad chunked encoding")
+
+    async def http1_request_header(self) -> None:
+        try:
+            await super().http1_request_header()  # type: ignore[no-untyped-call]
+        except BadRequest as exc:
+            if not str(exc).startswith("Bad URL"):
+                raise
+            # Sanic's message quotes the target, which may hold a credential and is logged.
+            raise BadRequest("malformed request target") from None
+
+    def create_empty_request(self) -> None:
+        try:
+            super().create_empty_request()
+        except BadRequest:  # the target itself is what failed (Sanic's `BadURL`)
+            self.url = "*"
+            super().create_empty_request()
+
+    async def http1_response_header(self, data: bytes, end_stream: bool) -> None:
+        if self.expecting_continue:
+            # Answered before the body was asked for: no 100, and no keep-alive, since
+            # the client may or may not send the body now. Nor is the body waited for
+            # (Sanic would, to keep the connection): the lingering close drops it.
+            self.expecting_continue = False
+            self.keep_alive = False
+            self.request_body = None
+        response = self.response
+        assert response is not None and self.request is not None
+        if (
+            self.request.version == "1.0"
+            and not end_stream
+            and not self.head_only
+            and "content-length" not in response.headers
+            and has_message_body(response.status)  # type: ignore[no-untyped-call]
+        ):
+            await self._close_delimited_header(data)
+            return
+        await super().http1_response_header(data, end_stream)
+
+    async def _close_delimited_header(self, data: bytes) -> None:
+        """Send a streamed response's head to an HTTP/1.0 client with no framing: its body
+        ends where the connection does."""
+        response = self.response
+        assert response is not None
+        self.keep_alive = False
+        self.response_size = len(data)
+        response.headers["connection"] = "close"
+        if self.protocol.access_log:
+            self.log_response()
+        await self._send(format_http1_response(response.status, response.processed_headers) + data)
+        self.response_func = self._close_delimited_body
+        self.stage = Stage.RESPONSE
+
+    async def _close_delimited_body(self, data: bytes, end_stream: bool) -> None:
+        if data:
+            await self._send(data)
+        if end_stream:
+            self.response_func = None  # type: ignore[assignment]
+            self.stage = Stage.IDLE
