@@ -12,13 +12,17 @@ from webapi.errors import InvalidProxyPath
 def upstream_target(raw_url: bytes, prefix: str) -> str:
     """`/svc/web/a/b?q=1` with prefix `/svc/web` -> `/a/b?q=1`, kept percent-encoded.
 
-    Refuses segments that are (or decode to) `.` or `..`, and encoded slashes,
-    backslashes or NUL, which different servers would interpret differently.
+    An absolute-form target (`http://host/svc/web/a`, which a server must accept: RFC
+    9112 §3.2.2) is read as its origin form. Refuses segments that are (or decode to)
+    `.` or `..`, and encoded slashes, backslashes or NUL, which different servers
+    would interpret differently.
     """
     try:
         url = raw_url.decode("ascii")
     except UnicodeDecodeError:
         raise InvalidProxyPath("the URL must be ASCII (percent-encode the rest)") from None
+    if url[:1] != "/":
+        url = _origin_form(url)
     path, sep, query = url.partition("?")
     if not path.startswith(prefix):
         raise InvalidProxyPath("unexpected path")
@@ -33,6 +37,16 @@ def upstream_target(raw_url: bytes, prefix: str) -> str:
             if decoded in (".", "..") or any(c in decoded for c in ("/", "\\", "\x00")):
                 raise InvalidProxyPath("path traversal is not allowed")
     return rest + (sep + query if sep else "")
+
+
+def _origin_form(url: str) -> str:
+    """The path and query of absolute-form target `url` (`http://host:80/a?b` -> `/a?b`)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        raise InvalidProxyPath("unexpected path")
+    start = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    origin = rest[start:]
+    return origin if origin.startswith("/") else "/" + origin
 
 
 def match_route(routes: Sequence[RouteRule], path: str) -> RouteRule | None:
