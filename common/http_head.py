@@ -5,8 +5,8 @@ Sanic's own parser is lenient where a proxy must not be: it takes
 `Transfer-Encoding : chunked` (a space before the colon) as a field named
 `transfer-encoding ` and keeps a bare LF or a NUL inside a value. Forwarded, such a
 field could be read differently by the upstream (request smuggling); so every head
-is checked as received (one regex match, and a few more for Content-Length, Host
-and an HTTP/1.0 Transfer-Encoding) before anything reads it, refused with a 400
+is checked as received (one regex match, and one scan for Content-Length, Host and
+an HTTP/1.0 Transfer-Encoding) before anything reads it, refused with a 400
 `malformed_header`, and the connection closed (the request's framing cannot be
 trusted). The gateway's fast path and pass-through hand to Sanic what their
 httptools parser refuses, and what they do not take (`webapi.fastpath.request`).
@@ -26,19 +26,20 @@ _WELL_FORMED_HEAD = re.compile(
 )
 _WELL_FORMED_FIELD = re.compile(_TOKEN + rb":[\t\x20-\x7e\x80-\xff]*")
 _WELL_FORMED_NAME = re.compile(_TOKEN)
+# The fields that frame a request or name its target, read in one scan of the head.
+_FRAMING_FIELD = re.compile(
+    rb"\r\n(content-length|host|transfer-encoding):[ \t]*([^\r]*)", re.IGNORECASE
+)
 # Content-Length is ASCII digits (RFC 9110 §8.6); Sanic's `int()` would also read
 # U+0665 (an Arabic-Indic five) as 5, where a front end may read no length at all.
-_LENGTH_FIELD = re.compile(rb"\r\ncontent-length:[ \t]*([^\r]*)", re.IGNORECASE)
 _LENGTH_VALUE = re.compile(rb"[0-9]+[ \t]*")
 # Host (RFC 9112 §3.2): exactly one in an HTTP/1.1 request, at most one in HTTP/1.0, its
 # value `uri-host [":" port]` (RFC 3986: an IP literal or a reg-name; empty is allowed).
 # A second Host, or one with a space, `@` or a comma list, may be the one a front end
 # routed on and not the one an instance reads.
-_HOST_FIELD = re.compile(rb"\r\nhost:[ \t]*([^\r]*)", re.IGNORECASE)
 _HOST_VALUE = re.compile(
     rb"(?:\[[0-9A-Za-z:.\-_~!$&'()*+,;=]+\]|[0-9A-Za-z.\-_~%!$&'()*+;=]*)(?::[0-9]*)?[ \t]*"
 )
-_TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding:", re.IGNORECASE)
 
 
 def head_fault(head: bytes) -> str | None:
@@ -48,9 +49,6 @@ def head_fault(head: bytes) -> str | None:
     logged, and the value may be a credential (design §10).
     """
     if _WELL_FORMED_HEAD.fullmatch(head) is not None:
-        for length in _LENGTH_FIELD.findall(head):
-            if _LENGTH_VALUE.fullmatch(length) is None:
-                return "Content-Length is not a number in ASCII digits"
         return _framing_fault(head)
     _request_line, *fields = head.split(b"\r\n")
     for field in fields:
@@ -66,15 +64,23 @@ def head_fault(head: bytes) -> str | None:
 
 
 def _framing_fault(head: bytes) -> str | None:
-    """What is wrong with a well-formed head's Host or its version's framing, else None."""
+    """What is wrong with a well-formed head's framing fields or Host, else None."""
     if not head:
         return None  # Sanic's stand-in request for one it could not parse (its own 400)
+    hosts, coded = [], False
+    for name, value in _FRAMING_FIELD.findall(head):
+        kind = name.lower()
+        if kind == b"host":
+            hosts.append(value)
+        elif kind == b"transfer-encoding":
+            coded = True
+        elif _LENGTH_VALUE.fullmatch(value) is None:
+            return "Content-Length is not a number in ASCII digits"
     end = head.find(b"\r\n")
     http10 = (head if end == -1 else head[:end]).endswith(b" HTTP/1.0")
-    if http10 and _TRANSFER_ENCODING.search(head) is not None:
+    if http10 and coded:
         # RFC 9112 §6.1: HTTP/1.0 has no transfer codings; its framing is faulty.
         return "Transfer-Encoding in an HTTP/1.0 request"
-    hosts = _HOST_FIELD.findall(head)
     if len(hosts) > 1:
         return "more than one Host field"
     if not hosts:

@@ -43,8 +43,7 @@ class StrictHttp(Http):
     __slots__ = ()
 
     async def read(self) -> bytes | None:
-        declared = self.request_bytes or 0
-        if self.expecting_continue and declared > self.request_max_size:
+        if self.expecting_continue and (self.request_bytes or 0) > self.request_max_size:
             # A declared length over the limit: refused before the 100 Sanic would send.
             raise PayloadTooLarge("Request body exceeds the size limit")
         framing: object = self.request_body  # (Sanic's stub says bytes; it is "chunked")

@@ -160,13 +160,12 @@ async def _stream(
     # HTTP/1.0), and a HEAD answer says the GET's length.
     relayed = RelayedResponse(status=upstream.status, headers=Header(headers))
     response = await request.respond(relayed)
-    stream = cast(Http, request.stream)
     try:
         if request.method == "HEAD":
             await response.send(b"", False)  # the head: Sanic sends no body for a HEAD
             # Ended by hand: Sanic's HEAD sender is synchronous, so its own end-of-
             # response call after the handler (`await`ing it) would raise.
-            stream.head_response_ignored(b"", True)
+            cast(Http, request.stream).head_response_ignored(b"", True)
         else:
             async for chunk in upstream.stream():
                 await response.send(chunk)
