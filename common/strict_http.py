@@ -18,12 +18,22 @@ Sanic. Both Sanic services serve with it (`HTTP_CLASS` of their protocols).
 - **HTTP/1.0 clients** never get `Transfer-Encoding: chunked` (RFC 9112 §6.1): a
   streamed response of unknown length is delimited by closing the connection, as
   nginx does.
+- **Transfer coding names are case-insensitive** (RFC 9112 §7): a request's
+  `Transfer-Encoding: Chunked` is chunked (Sanic compares the value to `chunked`
+  exactly, and refused it as a bad Content-Length). Any other coding (`gzip,
+  chunked`) is a 400 saying so, and the connection closes: its body cannot be
+  framed. (RFC 9112 §6.1 suggests a 501 where the coding is well formed, as nginx
+  answers it; our rule is that a request the gateway cannot take is a 4xx.)
+  `StrictRequest` reads the field as Sanic builds the request, before Sanic does.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
+from sanic import Request
+from sanic.compat import Header
 from sanic.exceptions import BadRequest, PayloadTooLarge
 from sanic.headers import format_http1_response
 from sanic.helpers import has_message_body
@@ -120,3 +130,18 @@ class StrictHttp(Http):
         if end_stream:
             self.response_func = None  # type: ignore[assignment]
             self.stage = Stage.IDLE
+
+
+class StrictRequest(Request):
+    """Sanic's `Request` reading `Transfer-Encoding` as the module docstring says (the
+    `request_class` of both services)."""
+
+    __slots__ = ()
+
+    def __init__(self, url_bytes: bytes, headers: Header, *args: Any, **kwargs: Any) -> None:
+        coding = headers.get("transfer-encoding")
+        if coding is not None and coding != "chunked":
+            if coding.strip().lower() != "chunked":
+                raise BadRequest("Transfer-Encoding: only chunked is supported")
+            headers["transfer-encoding"] = "chunked"  # (Sanic reads this very mapping)
+        super().__init__(url_bytes, headers, *args, **kwargs)

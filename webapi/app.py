@@ -25,6 +25,7 @@ from common.registry import Registry
 from common.registry_view import RegistryView
 from common.sanic_main import UNPARSED_METHOD
 from common.settings import Settings, get_settings
+from common.strict_http import StrictRequest
 from webapi.access import Gatekeeper, rate_limit_headers
 from webapi.blueprints import api
 from webapi.context import GatewayApp, GatewayContext, GatewayRequest
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, name: str = "webapi") -> Gatewa
         config=config,
         ctx=GatewayContext(settings=settings),
         error_handler=JsonErrorHandler(),
+        request_class=StrictRequest,
         configure_logging=False,
     )
     app.blueprint(api)

@@ -20,8 +20,10 @@ only: they see no header, so they cost a few µs):
 
 * each request's method and path are checked against the live policy: a request
   that is not the route's (another prefix, a HEAD, an upgrade, a dot segment, a
-  malformed request, one that is not keep-alive, `Connection: close` or HTTP/1.0:
-  the last request of its connection) is never forwarded.
+  malformed request, an HTTP/1.0 one with a chunked body, one that is not
+  keep-alive, `Connection: close` or HTTP/1.0: the last request of its connection)
+  is never forwarded (but for the head of an HTTP/1.0 request whose chunked body
+  comes in a later read: then the body is not, and the connection closes).
   When it starts a read, as it does unless the client pipelines, the splice ends
   once the upstream has answered everything forwarded, and the request goes to
   Sanic's usual handling on the same connection. When it is pipelined behind a
@@ -42,8 +44,9 @@ Host is not checked here: the gateway routes on the path alone, so a Host it
 would refuse cannot mislead it, and the instance, an HTTP server, judges the Host
 it receives, as behind nginx's `stream` module. (An `on_header` callback for it
 cost the splice about 2 µs a request, near 9% of its throughput in `make
-bench-proxy`, and reading the version as much; `should_keep_alive()` covers the
-version but for an HTTP/1.0 keep-alive request, which is relayed as such.)
+bench-proxy`, and reading the version as much: `should_keep_alive()` covers the
+version, and an HTTP/1.0 keep-alive request's version is read only if its body is
+chunked, to refuse it: RFC 9112 §6.1.)
 
 Balancing and health are per connection, as in nginx's `stream` module or
 HAProxy's `mode tcp`: the instance is chosen when the splice starts, by the same
@@ -126,7 +129,7 @@ class Owner(Protocol):
 class _Requests:
     """httptools callbacks of the client's side: where requests start and end, their paths."""
 
-    __slots__ = ("begun", "check", "complete", "foreign", "in_head", "url")
+    __slots__ = ("begun", "check", "complete", "foreign", "in_head", "parser", "url")
 
     def __init__(self, check: Callable[[bytes], bool]) -> None:
         self.check = check  # is this URL (of a GET, POST, ...) the route's?
@@ -135,6 +138,7 @@ class _Requests:
         self.complete = 0  # requests whose last byte was read, since the splice started
         self.foreign = 0  # the index among `begun` of the first request not the route's
         self.in_head = False  # a request's head is being read
+        self.parser = HttpRequestParser(self)
 
     def on_message_begin(self) -> None:
         self.begun += 1
@@ -148,6 +152,12 @@ class _Requests:
         self.in_head = False
         if not self.foreign and not self.check(self.url):
             self.foreign = self.begun
+
+    def on_chunk_header(self) -> None:
+        # HTTP/1.0 has no transfer codings (RFC 9112 §6.1): an instance may take this
+        # body for requests, none of them checked. (Only chunked bodies pay this.)
+        if not self.foreign and self.parser.get_http_version() == "1.0":
+            self.foreign = max(self.begun, 1)
 
     def on_message_complete(self) -> None:
         self.complete += 1
@@ -230,7 +240,7 @@ class PassThrough:
         self.instance_id = attempts.endpoint.instance_id
         self.stats = stats
         self.requests = _Requests(self._is_ours)
-        self.parser = HttpRequestParser(self.requests)
+        self.parser = self.requests.parser
         self.responses = _Responses()
         self.begun = 0  # requests forwarded (wholly or in part) since the splice started
         self.unsent = b""  # read and parsed, held until the head of a request is whole

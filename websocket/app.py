@@ -44,6 +44,7 @@ from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.registry_view import RegistryView
 from common.sanic_main import UNPARSED_METHOD
 from common.settings import Settings, get_settings
+from common.strict_http import StrictRequest
 from websocket.auth import SUBPROTOCOL, authenticate, presented_token
 from websocket.client import ClientProtocol, keepalive
 from websocket.connections import TRY_AGAIN_LATER, Connections
@@ -84,7 +85,12 @@ def create_app(settings: Settings | None = None, name: str = "websocket") -> WsA
     ctx = WsContext(settings=settings)
     ctx.connections = Connections(settings.ws_max_connections)
     app: WsApp = Sanic(
-        name, config=config, ctx=ctx, configure_logging=False, error_handler=JsonErrorHandler()
+        name,
+        config=config,
+        ctx=ctx,
+        configure_logging=False,
+        error_handler=JsonErrorHandler(),
+        request_class=StrictRequest,
     )
     app.add_route(health, "/health", methods=["GET"])
     # Counted by the connection itself (`websocket.client`): the handler returns at once.

@@ -49,6 +49,11 @@ CASES = {
         "bad_request",
     ),
     "chunked not last": ("Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", 400, "bad_request"),
+    "coding other than chunked": (
+        "Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        400,
+        "bad_request",
+    ),
     "second Host": ("Host: other.test\r\nContent-Length: 0\r\n\r\n", 400, "malformed_header"),
     "header without colon": ("Bad Header\r\nContent-Length: 0\r\n\r\n", 400, "bad_request"),
     "space before colon": (

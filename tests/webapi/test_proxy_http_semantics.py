@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -214,6 +215,38 @@ async def test_http10_with_transfer_encoding_is_refused(relayed: Relayed, path: 
     assert len(relayed.instance.requests) == seen
 
 
+async def test_pass_through_refuses_http10_keep_alive_with_transfer_encoding(
+    relayed: Relayed,
+) -> None:
+    # `should_keep_alive()` is true for it, so it reaches the splice's parser; an instance
+    # that takes HTTP/1.0 as having no transfer coding would read the body as requests.
+    post = _get("/thru/x", "Connection: keep-alive", "Transfer-Encoding: chunked",
+                method="POST", version="1.0")  # fmt: skip
+    body = b"5\r\nhello\r\n0\r\n\r\n"
+    seen = len(relayed.instance.requests)
+    # The connection's first request: Sanic's route refuses it.
+    (answer,), closed = await asyncio.to_thread(relayed.exchange, post + body)
+    assert (answer.status, closed) == (400, True)
+    # Pipelined behind a route request in one read: nothing of the read is relayed, and
+    # the connection closes (the client may retry the first request).
+    assert await asyncio.to_thread(relayed.raw, _get("/thru/a") + post + body) == b""
+    assert len(relayed.instance.requests) == seen
+
+    # Its head in one read, its body in the next: the head went upstream, but not the
+    # body (no chunk reaches the instance) and the connection closes.
+    def split() -> tuple[int, bool]:
+        with connect(relayed.gateway) as sock:
+            sock.sendall(_get("/thru/b"))
+            status = read_answers(sock, 1)[0].status
+            sock.sendall(post)
+            time.sleep(0.3)  # (two reads: the gateway has the head before the body)
+            sock.sendall(body)
+            return status, _closed(sock)
+
+    assert await asyncio.to_thread(split) == (200, True)
+    assert [r.body for r in relayed.instance.requests[seen:]] == [b""]  # /thru/b: no POST
+
+
 async def test_pass_through_honours_connection_close(relayed: Relayed) -> None:
     # The client's `Connection: close`, and an HTTP/1.0 request: closed after the answer.
     for data in (_get("/thru/a", "Connection: close"), _get("/thru/b", version="1.0")):
@@ -256,6 +289,17 @@ async def test_chunk_data_not_ended_by_crlf_cuts_the_upload(relayed: Relayed) ->
     assert (answer.status, closed) == (400, True)
     assert json.loads(answer.body)["error"]["code"] == "bad_request"
     assert len(relayed.instance.requests) == seen  # no whole request reached it
+
+
+async def test_a_transfer_coding_name_is_read_ignoring_case(relayed: Relayed) -> None:
+    # RFC 9112 §7: `Chunked` is chunked (Sanic compared it exactly: a 400 "Bad
+    # content-length"); `Chunked ` too (a field value's trailing space is not its own).
+    for coding in ("Chunked", "CHUNKED ", "chunked"):
+        seen = len(relayed.instance.requests)
+        data = _get("/rel/up", f"Transfer-Encoding: {coding}", method="POST")
+        (answer,), _ = await asyncio.to_thread(relayed.exchange, data + b"2\r\nhi\r\n0\r\n\r\n")
+        assert answer.status == 200, coding
+        assert relayed.instance.requests[seen].body == b"hi"
 
 
 @pytest.mark.parametrize("path", ["/rel/x?q=1", "/thru/x?q=1", "/svc/{service}/x?q=1"])

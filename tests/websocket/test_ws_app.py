@@ -82,3 +82,27 @@ def test_an_unknown_path_gets_the_json_error_body(ws_server: WsServer) -> None:
     answer = httpx.get(f"http://{ws_server.address}/nowhere", timeout=10)
     assert answer.status_code == 404
     assert answer.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("line", ["GET /health\t HTTP/1.1", "CONNECT 127.0.0.1:22 HTTP/1.1"])
+def test_a_target_sanic_cannot_parse_gets_a_json_400(ws_server: WsServer, line: str) -> None:
+    # (`common.strict_http`: Sanic built its error's request from the same target,
+    # failed again, and the client got no answer and the log a traceback.)
+    log = ws_server.proc.log_path
+    lines = len(log.read_text().splitlines())
+    with connect(ws_server.address) as sock:
+        sock.sendall(f"{line}\r\nHost: ws.test\r\n\r\n".encode())
+        answer = read_answers(sock, 1)[0]
+    error = json.loads(answer.body)["error"]
+    assert (answer.status, error["code"]) == (400, "bad_request")
+    assert "\t" not in error["message"]
+    assert [x for x in log.read_text().splitlines()[lines:] if '"level": "error"' in x] == []
+
+
+def test_a_transfer_coding_name_is_read_ignoring_case(ws_server: WsServer) -> None:
+    # RFC 9112 §7: `Chunked` is chunked; its body is read, and the next request follows.
+    request = "GET /health HTTP/1.1\r\nHost: ws.test\r\n"
+    with connect(ws_server.address) as sock:
+        sock.sendall(f"{request}Transfer-Encoding: Chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n".encode())
+        sock.sendall(f"{request}\r\n".encode())
+        assert [a.status for a in read_answers(sock, 2)] == [200, 200]
