@@ -21,8 +21,8 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterable
 
-__all__ = ["ADMIN", "ALL", "INTERNAL_METHODS", "INTERNAL_SERVICES", "allows", "covers",
-           "parse", "rpc_resource", "valid_scope"]  # fmt: skip
+__all__ = ["ADMIN", "ALL", "INTERNAL_METHODS", "INTERNAL_SERVICES", "allows",
+           "channel_resource", "covers", "parse", "rpc_resource", "valid_scope"]  # fmt: skip
 
 ADMIN = "admin"
 ALL = "*"
@@ -36,6 +36,7 @@ INTERNAL_METHODS = frozenset(
 )
 
 _NAME = r"[a-z][a-z0-9_-]{0,62}"
+_SERVICE = re.compile(_NAME)
 _SCOPE = re.compile(rf"\*|{_NAME}(?:\.(?:\*|{_NAME}))?")
 
 
@@ -65,6 +66,26 @@ def rpc_resource(service: str, method: str | None) -> tuple[str, str | None]:
     if service in INTERNAL_SERVICES or f"{service}.{method}" in INTERNAL_METHODS:
         return ADMIN, f"{service}.{method}"
     return service, method
+
+
+def channel_resource(channel: str) -> tuple[str, None]:
+    """The resource a `/ws` push channel's subscriber needs: the method-less resource of
+    the service its first segment names (`iptv:now:7`, or `iptv` with no colon: `iptv`),
+    as for an HTTP route under `/svc/<service>/`; so `*`, `svc` and `svc.*` reach it,
+    `svc.method` does not, `admin:...` needs `admin`, an internal service's channel
+    (`auth:...`) needs `admin` too.
+
+    A first segment that is not a service name (`IPTV`, `9x`, `a.b`, empty) belongs to
+    no service: it is the resource `("*", None)`, which only the `*` scope reaches (a
+    method scope `a.b` must not reach a channel `a.b:x`, as `allows(scopes, "a.b",
+    None)` would let it).
+    """
+    service = channel.partition(":")[0]
+    if not _SERVICE.fullmatch(service):
+        return ALL, None
+    if service in INTERNAL_SERVICES:
+        return ADMIN, None
+    return service, None
 
 
 def covers(granted: Collection[str], scope: str) -> bool:

@@ -23,7 +23,7 @@ from sanic import Request
 
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized
-from common.scopes import rpc_resource
+from common.scopes import channel_resource, rpc_resource
 from websocket.tap import TapServerProtocol
 
 SUBPROTOCOL = "bearer"
@@ -79,3 +79,9 @@ def may_call(principal: Principal | None, method: str) -> bool:
         return False
     service, _, name = method.partition(".")
     return principal.allows(*rpc_resource(service, name or None))
+
+
+def may_subscribe(principal: Principal | None, channel: str) -> bool:
+    """Whether `principal`'s scopes reach the push channel `channel` (its first segment's
+    service, as `/svc/<service>/`: see `common.scopes.channel_resource`)."""
+    return principal is not None and principal.allows(*channel_resource(channel))

@@ -18,7 +18,13 @@ a `subscribe`, an `auth` with an API key not cached here; a first `auth` that ca
 be checked closes the connection with 1013, try again later);
 anything that is not JSON gets a JSON-RPC parse error (-32700). A JSON-RPC
 call needs a scope reaching its method (`common.scopes`; the `auth` service's
-methods need `admin`), else it is answered with -32005.
+methods need `admin`), else it is answered with -32005. A subscribe needs a scope
+reaching the service its channel's first segment names (`iptv:now:7`: `iptv`, as
+`/svc/iptv/` would; `common.scopes.channel_resource`), else it is answered with code
+`forbidden` and nothing is subscribed; unsubscribing needs no scope. An `auth` that
+renews with a credential not reaching a subscribed channel leaves it, with
+`{"type": "unsubscribed", "channel", "reason": "forbidden"}` sent before the
+`authenticated` answer.
 Messages are handled in the order they come. Most are answered at once, from
 the connection's `data_received` (`websocket.client`); one that must wait
 (`auth`, `subscribe`, `unsubscribe`) is handled by a task, and the messages
@@ -41,7 +47,7 @@ from common.credentials import Principal
 from common.errors import RpcError, ServiceUnavailable, Unauthorized
 from common.log import get_logger
 from websocket import jsonrpc
-from websocket.auth import authenticate, may_call
+from websocket.auth import authenticate, may_call, may_subscribe
 from websocket.client import BACKLOG_FULL
 from websocket.connections import INTERNAL_ERROR, POLICY_VIOLATION, TRY_AGAIN_LATER
 from websocket.errors import log_failed_call, log_refused_message
@@ -197,7 +203,20 @@ class Session:
         except ServiceUnavailable as exc:  # the session goes on with its credential
             self._unavailable(exc.message, id_)
             return
+        await self._leave_unreachable(principal)
         self.authenticated(principal, id_)
+
+    async def _leave_unreachable(self, principal: Principal) -> None:
+        """Leave the channels `principal` (a renewal's credential) does not reach, each
+        told with an `unsubscribed` frame giving the reason: before the renewal is
+        answered, so nothing from them follows the `authenticated` answer."""
+        channels = self.channels or set()
+        for channel in sorted(c for c in channels if not may_subscribe(principal, c)):
+            # left before it is forgotten: `close`, if it comes meanwhile, leaves it too
+            await self.ctx.hub.unsubscribe(channel, self.conn.send)
+            channels.discard(channel)
+            answer = {"type": "unsubscribed", "channel": channel, "reason": "forbidden"}
+            self.send(json.dumps(answer))
 
     async def _subscription(self, kind: str, channel: Any, id_: Any) -> None:
         if not isinstance(channel, str) or not CHANNEL.fullmatch(channel):
@@ -205,6 +224,10 @@ class Session:
             return
         channels = self.channels
         if kind == "subscribe":
+            if not may_subscribe(self.principal, channel):
+                what = f"this credential's scopes do not reach the channel {channel}"
+                self._refuse("forbidden", what, id_)
+                return
             if channels is None:
                 channels = self.channels = set()
             if channel not in channels:

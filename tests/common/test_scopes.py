@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from common.scopes import ADMIN, allows, covers, parse, rpc_resource, valid_scope
+from common.scopes import (
+    ADMIN,
+    allows,
+    channel_resource,
+    covers,
+    parse,
+    rpc_resource,
+    valid_scope,
+)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -50,6 +58,45 @@ def test_invalid_scopes(scope: str) -> None:
 )
 def test_allows(scopes: set[str], service: str, method: str | None, expected: bool) -> None:
     assert allows(frozenset(scopes), service, method) is expected
+
+
+@pytest.mark.parametrize(
+    ("channel", "resource"),
+    [
+        ("iptv:now:7", ("iptv", None)),  # the first segment names the service
+        ("iptv", ("iptv", None)),  # no colon: the whole name
+        ("nlp-v2:a:b", ("nlp-v2", None)),
+        ("admin:x", ("admin", None)),
+        ("auth:x", ("admin", None)),  # an internal service, as on /svc/auth/
+        ("IPTV:now:7", ("*", None)),  # not a service name: only "*" reaches it
+        ("a.b:x", ("*", None)),
+        ("9x", ("*", None)),
+        (":x", ("*", None)),
+    ],
+)
+def test_channel_resource(channel: str, resource: tuple[str, None]) -> None:
+    assert channel_resource(channel) == resource
+
+
+@pytest.mark.parametrize(
+    ("scopes", "channel", "expected"),
+    [
+        ({"*"}, "iptv:now:7", True),
+        ({"iptv"}, "iptv:now:7", True),
+        ({"iptv.*"}, "iptv:now:7", True),
+        ({"iptv.get_channel"}, "iptv:now:7", False),
+        ({"iptv"}, "billing:x", False),
+        ({"*"}, "admin:x", False),
+        ({"admin"}, "admin:x", True),
+        ({"*"}, "auth:x", False),
+        ({"auth"}, "auth:x", False),
+        ({"*"}, "IPTV:x", True),
+        ({"a.b"}, "a.b:x", False),  # a method scope never reaches a channel
+        ({"admin"}, "a.b:x", False),
+    ],
+)
+def test_who_reaches_a_channel(scopes: set[str], channel: str, expected: bool) -> None:
+    assert allows(frozenset(scopes), *channel_resource(channel)) is expected
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import websockets
 
 from common import apikeys, constants, revocation
 from tests.helpers import ServiceProcess, wait_for_async
-from tests.websocket.conftest import WsServer, recv_json
+from tests.websocket.conftest import LogWatch, WsServer, recv_json
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -153,6 +153,73 @@ async def test_unsubscribe_stops_delivery(ws_server: WsServer, redis_client: aio
         await stays.send(json.dumps({"type": "unsubscribe", "channel": a_channel}))
         await recv_json(stays)
         await wait_for_async(lambda: _zero(redis_client, a_channel), timeout=10)
+
+
+def scoped(server: WsServer, *scopes: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {server.token(scopes=scopes)}"}
+
+
+async def refused_subscribe(ws, channel: str) -> None:
+    await ws.send(json.dumps({"type": "subscribe", "channel": channel, "id": "s"}))
+    answer = await recv_json(ws)
+    assert (answer["type"], answer["id"], answer["error"]["code"]) == ("error", "s", "forbidden")
+    assert channel in answer["error"]["message"]
+
+
+async def test_subscribing_needs_a_scope_reaching_the_channels_service(
+    ws_server: WsServer, redis_client: aioredis.Redis
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    iptv, billing = f"iptv:now:{tag}", f"billing:{tag}"
+    refused = LogWatch(ws_server, "message refused")
+    async with ws_server.connect(additional_headers=scoped(ws_server, "iptv")) as ws:
+        await subscribe(ws, iptv)
+        await refused_subscribe(ws, billing)
+        assert await numsub(redis_client, billing) == 0  # nothing subscribed in Redis
+        await redis_client.publish(constants.push_channel(billing), "secret")
+        await redis_client.publish(constants.push_channel(iptv), "public")
+        assert await recv_json(ws) == {"type": "message", "channel": iptv, "data": "public"}
+        await ws.send("ping")  # the session goes on
+        assert await ws.recv() == "pong"
+    assert [(r["code"], billing in r["message"]) for r in (await refused.wait(1))] == [
+        ("forbidden", True)
+    ]
+    cases = [  # (scopes, reached, refused)
+        (("iptv.get_channel",), [], [iptv]),  # a method scope never reaches a channel
+        (("iptv.*", "billing.charge"), [iptv], [billing]),
+        (("*",), [iptv, billing, f"c{tag}", f"News:{tag}"], [f"admin:{tag}", f"auth:{tag}"]),
+        (("admin",), [f"admin:{tag}"], [iptv, f"News:{tag}"]),
+        (("a.b",), [], [f"a.b:{tag}"]),  # not a service name: only "*" reaches it
+    ]
+    for scopes, reached, refused_channels in cases:
+        async with ws_server.connect(additional_headers=scoped(ws_server, *scopes)) as ws:
+            for channel in reached:
+                await subscribe(ws, channel)
+            for channel in refused_channels:
+                await refused_subscribe(ws, channel)
+
+
+async def test_a_renewal_leaves_the_channels_its_credential_does_not_reach(
+    ws_server: WsServer, redis_client: aioredis.Redis
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    iptv, billing = f"iptv:now:{tag}", f"billing:{tag}"
+    async with ws_server.connect() as ws:  # scope "*"
+        await subscribe(ws, iptv)
+        await subscribe(ws, billing)
+        narrower = ws_server.token(scopes=("iptv",))
+        await ws.send(json.dumps({"type": "auth", "token": narrower, "id": 2}))
+        left = {"type": "unsubscribed", "channel": billing, "reason": "forbidden"}
+        assert await recv_json(ws) == left
+        answer = await recv_json(ws)
+        assert (answer["type"], answer["id"]) == ("authenticated", 2)
+        await wait_for_async(lambda: _zero(redis_client, billing), timeout=10)
+        await redis_client.publish(constants.push_channel(billing), "no longer yours")
+        await redis_client.publish(constants.push_channel(iptv), "still yours")
+        assert await recv_json(ws) == {"type": "message", "channel": iptv, "data": "still yours"}
+        await refused_subscribe(ws, billing)
+        await ws.send(json.dumps({"type": "unsubscribe", "channel": billing}))  # needs no scope
+        assert await recv_json(ws) == {"type": "unsubscribed", "channel": billing}
 
 
 # --- JSON-RPC ----------------------------------------------------------------------------
