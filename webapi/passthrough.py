@@ -24,12 +24,13 @@ only: they see no header, so they cost a few µs):
   keep-alive, `Connection: close` or HTTP/1.0: the last request of its connection)
   is never forwarded (but for the head of an HTTP/1.0 request whose chunked body
   comes in a later read: then the body is not, and the connection closes).
-  When it starts a read, as it does unless the client pipelines, the splice ends
-  once the upstream has answered everything forwarded, and the request goes to
-  Sanic's usual handling on the same connection. When it is pipelined behind a
-  route request in one read, the connection is closed once the forwarded requests
-  are answered (HTTP clients retry idempotent requests on a closed keep-alive
-  connection). A read that ends inside a request head is held, not forwarded,
+  The route requests before it are forwarded (also those pipelined with it in one
+  read), the splice ends once the upstream has answered them all, and the request
+  goes to Sanic's usual handling on the same connection. Only when the read that
+  holds it starts inside a route request's body (whose end httptools does not
+  tell) is the connection closed once the forwarded requests are answered (HTTP
+  clients retry idempotent requests on a closed keep-alive connection). A read
+  that ends inside a request head is held, not forwarded,
   until the head is whole: no byte of a request goes upstream before its path has
   been checked;
 * response boundaries are counted, so the splice knows when the upstream has
@@ -65,6 +66,7 @@ Hot path: `PassThrough.from_client` and `PassThrough.from_upstream`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -161,6 +163,40 @@ class _Requests:
 
     def on_message_complete(self) -> None:
         self.complete += 1
+
+
+class _Ends:
+    """httptools callbacks counting the requests that end."""
+
+    __slots__ = ("complete",)
+
+    def __init__(self) -> None:
+        self.complete = 0
+
+    def on_message_complete(self) -> None:
+        self.complete += 1
+
+
+def _end_of_requests(data: bytes, count: int) -> int:
+    """Where the first `count` requests of `data` (which starts with a request) end.
+
+    httptools tells no offset, so this parses prefixes of `data` afresh, halving the
+    range each time: only for a read that holds a request of another route behind
+    route requests (a pipelining client). A read that starts inside a request's body
+    cannot be parsed afresh: then both connections close instead, that body cut.
+    """
+    low, high = 0, len(data)
+    while low < high:
+        middle = (low + high) // 2
+        ends = _Ends()
+        # An error is in a later request: the ones before it have ended all the same.
+        with contextlib.suppress(HttpParserError, HttpParserUpgrade):
+            HttpRequestParser(ends).feed_data(data[:middle])
+        if ends.complete >= count:
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 class _Responses:
@@ -305,13 +341,20 @@ class PassThrough:
         if self.unsent:
             data, self.unsent = self.unsent + data, b""
         if calls.foreign:
-            # A request that is not the route's: none of these bytes are forwarded.
-            # When they start with it, Sanic gets them; else the connection ends.
-            at_boundary = self.unsent_complete == self.begun and calls.foreign == 1
-            if at_boundary:
-                self._end_after(self.unsent_complete, data, close=False)
-            else:
+            # A request that is not the route's: it and what follows go to Sanic, once
+            # the requests before it are answered, when this read starts with a request
+            # (theirs are forwarded); else the connection ends (see `_end_of_requests`).
+            if self.unsent_complete != self.begun:
                 self._end_after(self.unsent_complete, b"", close=True)
+                return
+            ours = calls.foreign - 1
+            if ours:
+                end = _end_of_requests(data, ours)
+                self.begun += ours
+                self.stats.requests += ours
+                self.upstream.transport.write(data[:end])  # type: ignore[union-attr]
+                data = data[end:]
+            self._end_after(self.begun, data, close=False)
             return
         if calls.in_head:
             if len(data) > MAX_HEAD:
