@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common import deadletters
-from common.errors import InvalidParams, MethodNotFound, RemoteError, RpcError, SwitchboardError
+from common.errors import (
+    InvalidParams,
+    MethodNotFound,
+    RemoteError,
+    RpcError,
+    ServiceError,
+    SwitchboardError,
+)
 from common.log import get_logger, request_id_var
 from common.metrics import MethodStats
 from common.params import MethodSpec
@@ -216,7 +223,11 @@ class CallRunner:
         if isinstance(exc, RpcError) and not isinstance(exc, RemoteError):
             return exc  # InvalidParams etc. travel as themselves
         if isinstance(exc, SwitchboardError):
-            return RemoteError(exc.message, remote_type=type(exc).__name__, code=exc.code)
+            # A RemoteError from a call the handler made passes its retry_after on too.
+            retry_after = exc.retry_after if isinstance(exc, (ServiceError, RemoteError)) else None
+            return RemoteError(
+                exc.message, remote_type=type(exc).__name__, code=exc.code, retry_after=retry_after
+            )
         if isinstance(exc, TypeError) and "encode" in str(exc):
             log.error("result not encodable", extra={"fields": {"method": call.method}})
         else:

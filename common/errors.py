@@ -16,16 +16,19 @@ SwitchboardError                  base of everything raised on purpose
     ├── Unauthorized              missing or wrong credentials (code "unauthorized")
     ├── Forbidden                 credentials are valid but not enough (code "forbidden")
     ├── NotFound                  the thing asked for does not exist (code "not_found")
-    └── Conflict                  the thing already exists or changed meanwhile (code "conflict")
+    ├── Conflict                  the thing already exists or changed meanwhile (code "conflict")
+    └── TooManyAttempts           refused for now, see `retry_after` (code "too_many_attempts")
 ```
 
 A `ServiceError` raised in a handler reaches the caller as a `RemoteError` whose
 `code` is the service error's code, so a gateway can map it to an HTTP status
-without importing the service's code.
+without importing the service's code. Its `retry_after` (seconds), when set,
+travels in the reply too: the gateway answers it as `Retry-After`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -73,15 +76,22 @@ class RemoteError(RpcError):
     code = "remote_error"
 
     def __init__(
-        self, message: str = "", *, remote_type: str = "", code: str | None = None
+        self,
+        message: str = "",
+        *,
+        remote_type: str = "",
+        code: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.remote_type = remote_type
         if code is not None:
             self.code = code
+        self.retry_after = retry_after
 
     def to_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "type": self.remote_type}
+        out = {"code": self.code, "message": self.message, "type": self.remote_type}
+        return _with_retry_after(out, self.retry_after)
 
 
 class MethodNotFound(RpcError):
@@ -122,6 +132,11 @@ class ServiceError(SwitchboardError):
     """Raised by a handler to answer with an application error and a stable code."""
 
     code = "service_error"
+    # Seconds after which the same call may succeed, when the handler knows.
+    retry_after: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _with_retry_after(super().to_dict(), self.retry_after)
 
 
 class BadRequest(ServiceError):
@@ -154,6 +169,29 @@ class Conflict(ServiceError):
     code = "conflict"
 
 
+class TooManyAttempts(ServiceError):
+    """Too many attempts (failed logins of one username): refused until `retry_after` passes."""
+
+    code = "too_many_attempts"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _with_retry_after(out: dict[str, Any], retry_after: float | None) -> dict[str, Any]:
+    if retry_after is not None:
+        out["retry_after"] = retry_after
+    return out
+
+
+def _seconds(value: Any) -> float | None:
+    """A wire `retry_after`: a finite, non-negative number of seconds, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value >= 0 else None
+
+
 # Errors the worker reports by code, rebuilt as the same class at the caller.
 _PROTOCOL_ERRORS: dict[str, type[RpcError]] = {
     cls.code: cls for cls in (MethodNotFound, InvalidParams, Overloaded, ServiceUnavailable)
@@ -169,7 +207,12 @@ def error_from_wire(payload: dict[str, Any]) -> RpcError:
     cls = _PROTOCOL_ERRORS.get(code)
     if cls is not None:
         return cls(message)
-    return RemoteError(message, remote_type=str(payload.get("type", "")), code=code)
+    return RemoteError(
+        message,
+        remote_type=str(payload.get("type", "")),
+        code=code,
+        retry_after=_seconds(payload.get("retry_after")),
+    )
 
 
 __all__ = [
@@ -188,6 +231,7 @@ __all__ = [
     "ServiceError",
     "ServiceUnavailable",
     "SwitchboardError",
+    "TooManyAttempts",
     "Unauthorized",
     "error_from_wire",
 ]

@@ -12,6 +12,7 @@ Every refusal (a 4xx) is logged once, by the process that refused it (design §1
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any
 
@@ -85,7 +86,15 @@ _REMOTE_CODE_STATUS = {
     "conflict": 409,
     "invalid_params": 422,
     "policy_invalid": 422,
+    "too_many_attempts": 429,
 }
+
+
+def retry_after(exc: SwitchboardError) -> str | None:
+    """The `Retry-After` header of an error that says when to try again (its
+    `retry_after`, in whole seconds rounded up, at least 1), else None."""
+    seconds = exc.retry_after if isinstance(exc, (RemoteError, ServiceError)) else None
+    return None if seconds is None else str(max(1, math.ceil(seconds)))
 
 
 def status_for(exc: SwitchboardError) -> int:

@@ -23,6 +23,9 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MAX_BODY_LIMIT = 1024**4
 # The largest whole-exchange bound (PROXY_TOTAL_TIMEOUT, a service's `total_timeout`): a day.
 MAX_TOTAL_TIMEOUT = 86400.0
+# The longest login lock and failure window (AUTH_LOGIN_LOCK_MAX, AUTH_LOGIN_FAILURE_WINDOW):
+# a day. Longer comes close to the permanent lockout the throttle is meant not to be.
+MAX_LOGIN_LOCK = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,17 @@ class Settings:
     auth_admin_password: str | None = field(default=None, metadata={"env": "AUTH_ADMIN_PASSWORD"})
     # Scopes a newly registered user gets (space-separated; "*" = every service, not admin).
     auth_default_scopes: str = field(default="*", metadata={"env": "AUTH_DEFAULT_SCOPES"})
+    # Login throttling per username (brute force; never a permanent lockout): after
+    # AUTH_LOGIN_MAX_FAILURES failures in a row, a username's logins are refused for
+    # AUTH_LOGIN_LOCK_BASE seconds, doubled at each further failure up to
+    # AUTH_LOGIN_LOCK_MAX; the count is forgotten AUTH_LOGIN_FAILURE_WINDOW seconds
+    # after the last failure (and its lock). A successful login resets it.
+    auth_login_max_failures: int = field(default=5, metadata={"env": "AUTH_LOGIN_MAX_FAILURES"})
+    auth_login_lock_base: float = field(default=1.0, metadata={"env": "AUTH_LOGIN_LOCK_BASE"})
+    auth_login_lock_max: float = field(default=900.0, metadata={"env": "AUTH_LOGIN_LOCK_MAX"})
+    auth_login_failure_window: float = field(
+        default=900.0, metadata={"env": "AUTH_LOGIN_FAILURE_WINDOW"}
+    )
     # How long a gateway trusts a cached API key record (revocations are pushed at once).
     api_key_cache_ttl: float = field(default=5.0, metadata={"env": "API_KEY_CACHE_TTL"})
 
@@ -168,6 +182,17 @@ class Settings:
             raise ConfigError("RATE_LIMIT_ON_REDIS_DOWN must be local, open or closed")
         if self.jwt_ttl <= 0 or self.jwt_refresh_ttl <= 0 or self.api_key_cache_ttl < 0:
             raise ConfigError("JWT_TTL and JWT_REFRESH_TTL must be positive")
+        if self.auth_login_max_failures < 1:
+            raise ConfigError("AUTH_LOGIN_MAX_FAILURES must be at least 1")
+        if not 0 < self.auth_login_lock_base <= self.auth_login_lock_max <= MAX_LOGIN_LOCK:
+            raise ConfigError(
+                "AUTH_LOGIN_LOCK_BASE and AUTH_LOGIN_LOCK_MAX must be positive, the base no "
+                f"longer than the max, the max at most {MAX_LOGIN_LOCK:g} (seconds)"
+            )
+        if not 0 < self.auth_login_failure_window <= MAX_LOGIN_LOCK:
+            raise ConfigError(
+                f"AUTH_LOGIN_FAILURE_WINDOW must be positive, at most {MAX_LOGIN_LOCK:g} (seconds)"
+            )
         if self.heartbeat_ttl <= self.heartbeat_interval:
             raise ConfigError("HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL")
         if not 0 <= self.proxy_total_timeout <= MAX_TOTAL_TIMEOUT:

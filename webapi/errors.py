@@ -21,6 +21,7 @@ from common.http_errors import (
     error_code,
     error_message,
     log_refusal,
+    retry_after,
     status_for,
     translated,
 )
@@ -198,6 +199,8 @@ def error_response(
         body = {"error": exception.to_dict()}
         if isinstance(exception, Overloaded):
             headers["Retry-After"] = "1"
+        elif (seconds := retry_after(exception)) is not None:  # too_many_attempts
+            headers["Retry-After"] = seconds
         if status >= 500:
             log.warning(
                 "rpc error",

@@ -6,7 +6,8 @@ The gateway is trusted to pass the authenticated caller's user id and session
 id, and to allow the admin operations to admins only.
 
 Revocations last `JWT_TTL` + 60 s (`revoke_for`): by then every access token
-issued before has expired by itself.
+issued before has expired by itself. Logins are throttled per username
+(`throttle.LoginThrottle`) before any password is checked.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from common.tokens import Keyring
 from microservices.auth.api_keys import ApiKeys
 from microservices.auth.passwords import Passwords
 from microservices.auth.sessions import SESSION_ID, Sessions
+from microservices.auth.throttle import LoginThrottle, ThrottleRules
 from microservices.auth.users import User, Users
 
 __all__ = ["REVOCATION_MARGIN", "Accounts"]
@@ -51,6 +53,7 @@ class Accounts:
         configured_secret: str | None = None,
         hasher: PasswordHasher | None = None,
         hash_concurrency: int | None = None,
+        throttle: ThrottleRules | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
@@ -66,6 +69,7 @@ class Accounts:
             redis, refresh_ttl=refresh_ttl, revoke_for=self.revoke_for, clock=clock
         )
         self.api_keys = ApiKeys(redis, revoke_for=self.revoke_for, clock=clock)
+        self.throttle = LoginThrottle(redis, throttle or ThrottleRules(), clock=clock)
         self.keyring = Keyring(redis, configured_secret=configured_secret, clock=clock)
 
     async def prepare(self) -> None:
@@ -131,8 +135,11 @@ class Accounts:
     # -- sessions --------------------------------------------------------------------
 
     async def login(self, username: str, password: str) -> dict[str, Any]:
-        """An access token and a refresh token for valid credentials, else `Unauthorized`."""
+        """An access token and a refresh token for valid credentials, else `Unauthorized`;
+        `TooManyAttempts`, without checking the password, while the username is throttled."""
+        await self.throttle.admit(username)
         user = await self.users.check_password(username, password)
+        await self.throttle.succeeded(username)
         if await self._user_revoked(user.user_id):
             raise Unauthorized("this user's credentials are revoked: try again later")
         sid, refresh_token = await self.sessions.open(user.user_id)
@@ -153,6 +160,10 @@ class Accounts:
             raise BadRequest("session_id must be 32 hexadecimal digits")
         await self.sessions.end(session_id)
         return {"revoked": True}
+
+    async def clear_login_failures(self, username: str) -> dict[str, Any]:
+        """Lift a username's login throttle (admin): {cleared: whether it had failures}."""
+        return {"cleared": await self.throttle.clear(username)}
 
     async def revoke(self, kind: str, id: str) -> dict[str, Any]:
         """Revoke a session, one access token (its jti), an API key, or all of a user's."""

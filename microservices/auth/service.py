@@ -3,8 +3,8 @@
 The method names and parameters are a contract with the gateway, which
 authenticates the caller and passes its user id / session id, and allows the
 admin methods (`revoke`, `set_roles`, `set_scopes`, `list_users`,
-`rotate_signing_key`) to admins only. Password hashing runs in `Accounts`' own
-bounded threads, so these handlers are async.
+`rotate_signing_key`, `clear_login_failures`) to admins only. Password hashing
+runs in `Accounts`' own bounded threads, so these handlers are async.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 from common import Service, get_logger
 from microservices.auth.accounts import Accounts
+from microservices.auth.throttle import ThrottleRules
 
 log = get_logger(__name__)
 
@@ -38,6 +39,12 @@ async def prepare(service: Service) -> None:
         refresh_ttl=settings.jwt_refresh_ttl,
         default_scopes=settings.auth_default_scopes,
         configured_secret=settings.jwt_secret,
+        throttle=ThrottleRules(
+            max_failures=settings.auth_login_max_failures,
+            lock_base=settings.auth_login_lock_base,
+            lock_max=settings.auth_login_lock_max,
+            window=settings.auth_login_failure_window,
+        ),
     )
     await ctx.accounts.prepare()
     username, password = settings.auth_admin_username, settings.auth_admin_password
@@ -55,7 +62,8 @@ async def register(username: str, password: str) -> dict[str, Any]:
 
 @svc.method
 async def login(username: str, password: str) -> dict[str, Any]:
-    """{access_token, token_type, expires_in, refresh_token, refresh_expires_in} (unauthorized)."""
+    """{access_token, token_type, expires_in, refresh_token, refresh_expires_in}
+    (unauthorized; too_many_attempts with retry_after while the username is throttled)."""
     return await ctx.accounts.login(username, password)
 
 
@@ -120,6 +128,12 @@ async def set_scopes(user_id: str, scopes: list[str]) -> dict[str, Any]:
 async def list_users() -> list[dict[str, Any]]:
     """Every user (admin): [{user_id, username, roles, scopes, created_at}]."""
     return await ctx.accounts.list_users()
+
+
+@svc.method
+async def clear_login_failures(username: str) -> dict[str, Any]:
+    """Lift a username's login throttle (admin): {cleared: whether it had failures}."""
+    return await ctx.accounts.clear_login_failures(username)
 
 
 @svc.method

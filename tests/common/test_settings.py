@@ -37,6 +37,11 @@ def test_reads_and_types_the_environment() -> None:
         {"PROXY_MAX_BODY": str(2**40 + 1)},
         {"PROXY_TOTAL_TIMEOUT": "-1"},
         {"PROXY_TOTAL_TIMEOUT": "86401"},
+        {"AUTH_LOGIN_MAX_FAILURES": "0"},
+        {"AUTH_LOGIN_LOCK_BASE": "0"},
+        {"AUTH_LOGIN_LOCK_MAX": "0.5"},  # shorter than the base (1 s)
+        {"AUTH_LOGIN_LOCK_MAX": "inf"},
+        {"AUTH_LOGIN_FAILURE_WINDOW": "-1"},
     ],
 )
 def test_malformed_values_name_the_variable(env: dict[str, str]) -> None:

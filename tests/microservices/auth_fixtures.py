@@ -6,6 +6,7 @@ Tokens are checked the way the gateway checks them: by a real `Authenticator`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +22,42 @@ from tests.helpers import db_url, fresh_db
 SECRET = "s" * 64
 PASSWORD = "correct horse battery"
 TTL = 900
+
+
+class CountingHasher(PasswordHasher):
+    """A PasswordHasher that records how many verifications and hashes ran, and
+    the most that ran at the same time."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.verifications = 0
+        self.running = 0
+        self.most_running = 0
+        self._lock = threading.Lock()
+
+    def _enter(self) -> None:
+        with self._lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.running -= 1
+
+    def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
+        self._enter()
+        try:
+            return super().hash(password, salt=salt)
+        finally:
+            self._leave()
+
+    def verify(self, hash: str | bytes, password: str | bytes) -> bool:
+        self.verifications += 1
+        self._enter()
+        try:
+            return super().verify(hash, password)
+        finally:
+            self._leave()
 
 
 def fast_hasher(time_cost: int = 1) -> PasswordHasher:

@@ -10,26 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any
 
 import jwt
 import pytest
 import redis.asyncio as aioredis
-from argon2 import PasswordHasher
 
 from common import tokens
 from common.credentials import Authenticator
 from common.errors import BadRequest, ConfigError, Conflict, Unauthorized
 from microservices.auth.accounts import Accounts
+from microservices.auth.throttle import ThrottleRules
 from microservices.auth.users import USERNAMES, user_key
 from tests.microservices.auth_fixtures import (  # noqa: F401 (fixtures)
     PASSWORD,
     SECRET,
     TTL,
+    CountingHasher,
     accounts_fixture,
     claims_of,
     fast_hasher,
@@ -39,42 +38,6 @@ from tests.microservices.auth_fixtures import (  # noqa: F401 (fixtures)
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class CountingHasher(PasswordHasher):
-    """A PasswordHasher that records how many verifications and hashes ran, and
-    the most that ran at the same time."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.verifications = 0
-        self.running = 0
-        self.most_running = 0
-        self._lock = threading.Lock()
-
-    def _enter(self) -> None:
-        with self._lock:
-            self.running += 1
-            self.most_running = max(self.most_running, self.running)
-
-    def _leave(self) -> None:
-        with self._lock:
-            self.running -= 1
-
-    def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
-        self._enter()
-        try:
-            return super().hash(password, salt=salt)
-        finally:
-            self._leave()
-
-    def verify(self, hash: str | bytes, password: str | bytes) -> bool:
-        self.verifications += 1
-        self._enter()
-        try:
-            return super().verify(hash, password)
-        finally:
-            self._leave()
 
 
 # -- register ------------------------------------------------------------------------
@@ -199,7 +162,8 @@ async def test_unknown_users_are_verified_against_a_dummy_hash(redis: aioredis.R
 
 
 async def test_unknown_user_and_wrong_password_take_similar_time(redis: aioredis.Redis) -> None:
-    accounts = Accounts(redis, configured_secret=SECRET)  # production argon2 parameters
+    # Production argon2 parameters; more failures per name than the login throttle allows.
+    accounts = Accounts(redis, configured_secret=SECRET, throttle=ThrottleRules(max_failures=20))
     await accounts.register("Heidi", PASSWORD)
 
     async def timed(username: str, password: str) -> float:

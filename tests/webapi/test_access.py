@@ -114,7 +114,7 @@ def gateways(redis_url: str) -> Iterator[Gateways]:
 # -- the route-table walk ------------------------------------------------------
 
 PATH_VALUES = {"service": "calc", "method": "add", "path": "walk/x", "channel_id": "1",
-               "key_id": "abc", "user_id": "u1", "version": "1"}  # fmt: skip
+               "key_id": "abc", "user_id": "u1", "version": "1", "username": "walker"}  # fmt: skip
 BODY = {"service_name": "calc", "server_name": "calc"}
 
 

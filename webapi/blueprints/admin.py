@@ -1,5 +1,5 @@
 """The admin API (scope `admin`): the live policy, users, revocation, signing keys,
-and the proxy's counters (`GET /admin/proxy/stats`).
+login throttles, and the proxy's counters (`GET /admin/proxy/stats`).
 
 Policy: `GET /admin/policy` is the stored document; `PUT /admin/policy`
 replaces it. The new document is validated first; if it is invalid the answer
@@ -118,6 +118,12 @@ async def revoke(request: GatewayRequest) -> HTTPResponse:
     if not isinstance(body.get("kind"), str) or not isinstance(body.get("id"), str):
         raise MalformedJson('"kind" and "id" (strings) are required')
     return json_response(await _auth(request, "revoke", kind=body["kind"], id=body["id"]))
+
+
+@bp.delete("/login-failures/<username:str>", ctx_access=ADMIN)
+async def clear_login_failures(request: GatewayRequest, username: str) -> HTTPResponse:
+    """Lift a username's login throttle: `{"cleared": whether it had failures}`."""
+    return json_response(await _auth(request, "clear_login_failures", username=username))
 
 
 @bp.post("/signing-keys/rotate", ctx_access=ADMIN)

@@ -1,0 +1,110 @@
+"""Login throttling per username through the real gateway route `POST
+/api/v1/auth/login` and a real auth worker (Redis DB 12): 429 with `Retry-After`
+and the JSON error body, the same answers for unknown usernames, the lock
+passing (polled, never timed), and the admin's `DELETE /admin/login-failures/...`.
+
+The auth worker locks a username for 2 s after 3 failures (a lock runs from the
+start of the attempt that set it: 2 s leave room for argon2 on a busy machine);
+the policy's per-IP limits are off here, so every 429 is the throttle's.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+
+from tests.helpers import ServiceProcess, db_url, issue_api_key, wait_for
+from tests.support.policy import set_document
+from tests.webapi.conftest import running_gateway
+
+pytestmark = pytest.mark.timeout(120)
+
+PASSWORD = "correct horse battery"
+WRONG = "not the password"
+THROTTLE = {"AUTH_LOGIN_MAX_FAILURES": "3", "AUTH_LOGIN_LOCK_BASE": "2",
+            "AUTH_LOGIN_LOCK_MAX": "4", "AUTH_LOGIN_FAILURE_WINDOW": "60"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gateway(redis_url: str) -> Iterator[str]:
+    url = db_url(redis_url, 12)
+    redis.Redis.from_url(url).flushdb()
+    set_document(url, limits=[])
+    env = {"REDIS_URL": url, "AUTH_ADMIN_USERNAME": "", "AUTH_ADMIN_PASSWORD": "", **THROTTLE}
+    auth = ServiceProcess(["python", "-m", "microservices.auth"], env=env, name="auth").start()
+    try:
+        with running_gateway(url) as base:
+
+            def live() -> bool:
+                services = httpx.get(f"{base}/health", timeout=2).json()["services"]
+                return bool(services.get("auth", {}).get("live"))
+
+            wait_for(live, timeout=60)
+            yield base
+    except AssertionError:
+        print(f"--- auth ---\n{auth.log_tail()}")
+        raise
+    finally:
+        auth.stop()
+        redis.Redis.from_url(url).flushdb()
+
+
+def login(base: str, username: str, password: str) -> httpx.Response:
+    body = {"username": username, "password": password}
+    return httpx.post(f"{base}/api/v1/auth/login", json=body, timeout=10)
+
+
+def registered(base: str) -> str:
+    username = f"u{uuid.uuid4().hex[:10]}"
+    body = {"username": username, "password": PASSWORD}
+    r = httpx.post(f"{base}/api/v1/auth/register", json=body, timeout=10)
+    assert r.status_code == 201, r.text
+    return username
+
+
+def assert_throttled(r: httpx.Response) -> None:
+    assert r.status_code == 429, r.text
+    error = r.json()["error"]
+    assert error["code"] == "too_many_attempts"
+    assert 0 < error["retry_after"] <= 2  # what is left of the first lock
+    retry_after = r.headers["retry-after"]  # whole seconds, rounded up
+    assert retry_after == str(max(1, math.ceil(error["retry_after"])))
+    assert error["message"] == f"too many failed logins: try again in {retry_after} s"
+
+
+def test_failures_then_429_with_retry_after_until_the_lock_passes(gateway: str) -> None:
+    username = registered(gateway)
+    for _ in range(3):
+        assert login(gateway, username, WRONG).status_code == 401
+    assert_throttled(login(gateway, username, PASSWORD))  # the right password, refused
+    assert_throttled(login(gateway, username.upper(), PASSWORD))
+    # The lock passes: the right password gets in again.
+    wait_for(lambda: login(gateway, username, PASSWORD).status_code == 200, timeout=10)
+
+
+def test_unknown_usernames_get_the_same_answers(gateway: str) -> None:
+    answers = {}
+    for username in (registered(gateway), f"nobody{uuid.uuid4().hex[:8]}"):
+        responses = [login(gateway, username, WRONG) for _ in range(4)]
+        answers[username] = [(r.status_code, r.json()["error"]["code"]) for r in responses]
+        assert_throttled(responses[-1])
+    first, second = answers.values()
+    assert first == second == [(401, "unauthorized")] * 3 + [(429, "too_many_attempts")]
+
+
+def test_an_admin_clears_the_throttle(gateway: str, redis_url: str) -> None:
+    admin = {"Authorization": f"Bearer {issue_api_key(db_url(redis_url, 12), ['*', 'admin'])}"}
+    username = registered(gateway)
+    for _ in range(3):
+        assert login(gateway, username, WRONG).status_code == 401
+    assert_throttled(login(gateway, username, PASSWORD))
+    url = f"{gateway}/admin/login-failures/{username}"
+    assert httpx.delete(url, timeout=10).status_code == 401
+    cleared = httpx.delete(url, headers=admin, timeout=10)
+    assert cleared.status_code == 200 and cleared.json() == {"cleared": True}
+    assert login(gateway, username, PASSWORD).status_code == 200
