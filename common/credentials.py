@@ -5,8 +5,16 @@ is local: a verified JWT is cached until it expires, API key records for
 `api_key_cache_ttl` seconds, and revocations are checked against a set kept in
 memory by `common.revocation.RevocationView`. So a request costs no RPC call
 and, once its credential is cached, no Redis round trip either. Redis is only
-asked when a key id is new (`kid` unknown: the keyring is reloaded, at most
-once a second), when an API key is not cached, and by the background resyncs.
+asked when a key id is new, when an API key is not cached, and by the
+background resyncs.
+
+An unknown `kid` (a rotation elsewhere, or a made-up one) waits for the next
+reload of the keyring and is refused at once if that reload does not know it
+either. Reloads start at most once per `KEY_RELOAD_INTERVAL`, and every request
+waiting meanwhile shares the one that is due: a burst of made-up kids costs one
+Redis read a second, not one each, and delays nobody by more than about an
+interval (a lock with a pause per kid once made the N-th forged token, and a
+genuine one behind them, wait N seconds).
 
 A key record in use is read again ahead of its expiry: the first use after
 `REFRESH_AHEAD` of its TTL starts one background read, and the record keeps
@@ -44,8 +52,8 @@ __all__ = ["Authenticator", "Principal"]
 
 log = get_logger(__name__)
 
-# An unknown `kid` reloads the keyring at most this often (garbage tokens must
-# not turn into a Redis round trip each).
+# Unknown `kid`s reload the keyring at most this often, one reload shared by all
+# (garbage tokens must not turn into a Redis round trip each).
 KEY_RELOAD_INTERVAL = 1.0
 # Share of `api_key_cache_ttl` after which a key record in use is read again.
 REFRESH_AHEAD = 0.8
@@ -124,8 +132,12 @@ class Authenticator:
         self.revocations = RevocationView(redis, resync_interval=resync_interval, clock=clock)
         self.revocations.on_revoke(self._revoked)
         self._keys: dict[str, SigningKey] = {}
-        self._kid_reloaded = -math.inf  # monotonic time of the last reload for an unknown kid
-        self._keys_lock = asyncio.Lock()
+        # The reload for unknown kids that is due and not reading yet: every request with
+        # an unknown kid awaits it (module docstring).
+        self._kid_reload: asyncio.Task[None] | None = None
+        self._kid_reloads: set[asyncio.Task[None]] = set()  # due or reading: closed on close()
+        self._kid_reloaded = -math.inf  # monotonic time the last one started reading
+        self.kid_reloads = 0  # how many reloads unknown kids have caused (tests, metrics)
         self._tokens: dict[str, _VerifiedToken] = {}
         self._api_keys: dict[str, _KeyEntry] = {}
         # Whole API key text -> the cache entry whose secret it matched: a hot request
@@ -151,6 +163,8 @@ class Authenticator:
     async def close(self) -> None:
         await cancel_and_wait(self._resync)
         self._resync = None
+        for reload in list(self._kid_reloads):
+            await cancel_and_wait(reload)
         for task in list(self._refreshing.values()):
             await cancel_and_wait(task)
         await self.revocations.close()
@@ -205,7 +219,7 @@ class Authenticator:
         self._tokens.pop(token, None)  # expired, or its key retired: verify for the reason
         kid = tokens.header_kid(token)
         if kid is not None and kid not in self._keys:
-            await self._reload_keys_for(kid)
+            await self._reload_keys_for()
         claims = tokens.verify(token, self._keys, now=now)
         verified = _verified(claims, self._keys[str(kid)])
         if self._token_revoked(verified):
@@ -227,24 +241,41 @@ class Authenticator:
     def _token_revoked(self, verified: _VerifiedToken) -> bool:
         return any(map(self.revocations.is_revoked, verified.revoked_by))
 
-    async def _reload_keys_for(self, kid: str) -> None:
-        """Reload the keys for a kid not seen yet (a rotation elsewhere), at most once per
-        `KEY_RELOAD_INTERVAL`: a request arriving sooner waits for the next reload rather
-        than being refused, so a burst of made-up kids can neither hammer Redis nor
-        make a genuine new key look unknown. Concurrent ones share one reload."""
-        async with self._keys_lock:
-            if kid in self._keys:
-                return
-            wait = KEY_RELOAD_INTERVAL - (time.monotonic() - self._kid_reloaded)
-            if wait > 0:
-                await asyncio.sleep(wait)
-                if kid in self._keys:
-                    return
-            self._kid_reloaded = time.monotonic()
-            try:
-                await self._load_keys()
-            except REDIS_DOWN_ERRORS as exc:
-                log.warning("signing keys reload failed", extra={"fields": {"error": str(exc)}})
+    async def _reload_keys_for(self) -> None:
+        """Wait for the next reload of the keys, for a kid not seen yet (module docstring).
+
+        A reload already reading may have read before the caller's key was stored,
+        so the caller waits for the one due after it (at most `KEY_RELOAD_INTERVAL`
+        after it started); every caller meanwhile waits for that same one.
+        """
+        reload = self._kid_reload
+        if reload is None:
+            delay = max(self._kid_reloaded + KEY_RELOAD_INTERVAL - time.monotonic(), 0.0)
+            reload = asyncio.get_running_loop().create_task(
+                self._reload_keys(delay), name="signing-keys-reload"
+            )
+            self._kid_reload = reload
+            self._kid_reloads.add(reload)
+            reload.add_done_callback(self._reload_done)
+        # Shielded: a caller that goes away must not cancel the others' reload.
+        await asyncio.shield(reload)
+
+    def _reload_done(self, reload: asyncio.Task[None]) -> None:
+        self._kid_reloads.discard(reload)
+        if self._kid_reload is reload:  # cancelled before it read (close)
+            self._kid_reload = None
+
+    async def _reload_keys(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._kid_reload = None  # from now on an unknown kid waits for the next one
+        self._kid_reloaded = time.monotonic()
+        self.kid_reloads += 1
+        try:
+            await self._load_keys()
+        except REDIS_DOWN_ERRORS as exc:
+            log.warning("signing keys reload failed", extra={"fields": {"error": str(exc)}})
+        except ValueError:
+            log.exception("signing keys unreadable")
 
     async def _load_keys(self) -> None:
         _, keys = await self.keyring.load()

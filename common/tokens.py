@@ -153,7 +153,14 @@ def issue(
 
 
 def header_kid(token: str) -> str | None:
-    """The `kid` of a token's header (None if it names none); `Unauthorized` if unreadable."""
+    """The `kid` of a token's header (None if it names none); `Unauthorized` if unreadable.
+
+    The first look at a token's text: a token is ASCII, and anything else (the
+    surrogates a header's undecodable bytes arrive as, or a JSON `\\ud800`) is an
+    invalid token here rather than an encoding error inside PyJWT.
+    """
+    if not token.isascii():
+        raise Unauthorized("invalid token: not ASCII")
     try:
         kid = jwt.get_unverified_header(token).get("kid")
     except jwt.PyJWTError as exc:

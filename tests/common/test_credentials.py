@@ -126,6 +126,9 @@ def forged_tokens() -> dict[str, str]:
         "unknown kid": signed(kid="0123456789abcdef"),
         "not yet valid": signed(nbf=int(time.time()) + 600),
         "issued in the future": signed(iat=int(time.time()) + 600),
+        # A header's bytes that are not UTF-8 arrive as surrogates; JSON can carry one too.
+        "undecodable bytes": "\udcff\udcfe.abc.def",
+        "lone surrogate": "\ud800",
     }
 
 
@@ -149,6 +152,7 @@ async def test_forged_tokens_are_rejected(auth: Authenticator, case: str) -> Non
         ("wrong audience", "invalid token: Audience doesn't match"),
         ("wrong issuer", "invalid token: Invalid issuer"),
         ("unknown kid", "invalid token: unknown signing key"),
+        ("undecodable bytes", "invalid token: not ASCII"),
     ],
 )
 async def test_rejections_say_why(auth: Authenticator, case: str, expected: str) -> None:
@@ -211,6 +215,32 @@ async def test_an_unknown_kid_reloads_the_keyring(
 
     await wait_for_async(accepted, timeout=10)
     assert (await auth.authenticate(old_token)).subject == OWNER  # nobody is logged out
+
+
+async def test_made_up_kids_share_one_reload_and_a_new_key_still_passes(
+    auth: Authenticator, redis: aioredis.Redis
+) -> None:
+    # Forged tokens naming a kid each used to queue on a lock, a reload and a
+    # pause each: the N-th was answered after N seconds, a genuine new kid after them.
+    unknown = "invalid token: unknown signing key"
+
+    async def burst() -> tuple[Principal, list[str]]:
+        forged = [asyncio.create_task(rejected(auth, signed(kid=uuid.uuid4().hex[:16])))
+                  for _ in range(40)]  # fmt: skip
+        gone = asyncio.create_task(auth.authenticate(signed(kid=uuid.uuid4().hex[:16])))
+        await asyncio.sleep(0)  # it waits for the reload now; its caller goes away
+        gone.cancel()
+        new_key = await Keyring(redis).rotate(grace=960)  # by another process, meanwhile
+        genuine = await auth.authenticate(mint(new_key))
+        return genuine, await asyncio.gather(*forged)
+
+    genuine, refusals = await asyncio.wait_for(burst(), timeout=15)
+    assert genuine.subject == OWNER and refusals == [unknown] * 40
+    # One reload for the burst, maybe one more if it read before the rotation.
+    assert 1 <= auth.kid_reloads <= 2
+    reloads = auth.kid_reloads
+    assert await rejected(auth, signed(kid=uuid.uuid4().hex[:16])) == unknown  # one more
+    assert auth.kid_reloads == reloads + 1
 
 
 async def test_an_old_key_verifies_until_it_retires(

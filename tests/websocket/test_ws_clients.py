@@ -4,6 +4,7 @@ channel subscriptions fanned out from Redis, JSON-RPC onto a real RPC worker."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -15,6 +16,7 @@ import websockets
 
 from common import apikeys, constants, revocation
 from tests.helpers import ServiceProcess, wait_for_async
+from tests.support.raw_http import connect, read_answers
 from tests.websocket.conftest import LogWatch, WsServer, recv_json
 
 pytestmark = pytest.mark.timeout(120)
@@ -83,6 +85,40 @@ async def test_bad_first_message_closes_1008(ws_server: WsServer, first: str, re
             await recv_json(ws)
     code, got = closed_code(info)
     assert code == 1008 and got.startswith(reason)
+
+
+def test_a_credential_of_undecodable_bytes_is_401(ws_server: WsServer) -> None:
+    # Bytes that are not UTF-8 arrive as surrogates, which PyJWT could not encode: a 500.
+    headers = [b"Authorization: Bearer \xff\xfe.abc.def", b"Authorization: Bearer eyJ\xed\xa0\x80",
+               b"X-Api-Key: sbk_\xff", b"Authorization: Bearer sbk_\xc3\xa9"]  # fmt: skip
+    for header, path in itertools.product(headers, ["/ws", "/ws/proxy/svc/x"]):
+        head = (f"GET {path} HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n")  # fmt: skip
+        with connect(ws_server.address) as sock:
+            sock.sendall(head.encode() + header + b"\r\n\r\n")
+            answer = read_answers(sock, 1)[0]
+        error = json.loads(answer.body)["error"]
+        assert (answer.status, error["code"]) == (401, "unauthorized"), (header, path)
+
+
+async def test_a_token_with_a_lone_surrogate_is_an_invalid_token(ws_server: WsServer) -> None:
+    # JSON can escape a lone surrogate, which PyJWT could not encode: the connection was
+    # closed with 1011 and a traceback logged, whether it came first or as a renewal.
+    failed = LogWatch(ws_server, "message handling failed")
+    bad = '{"type": "auth", "token": "\\ud800", "id": 3}'
+    async with ws_server.connect(additional_headers={}) as ws:
+        await ws.send(bad)
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            await recv_json(ws)
+    assert closed_code(info) == (1008, "invalid token: not ASCII")
+    async with ws_server.connect() as ws:
+        await ws.send(bad)
+        error = {"code": "unauthorized", "message": "invalid token: not ASCII"}
+        assert await recv_json(ws) == {"type": "error", "error": error, "id": 3}
+        await ws.send("ping")  # the session goes on with its credential
+        assert await ws.recv() == "pong"
+    assert failed.new() == []
 
 
 async def test_no_auth_within_the_timeout_closes_1008(ws_server: WsServer) -> None:
