@@ -30,6 +30,7 @@ from common.errors import (
     RpcError,
     ServiceError,
     SwitchboardError,
+    quoted,
 )
 from common.log import get_logger, request_id_var
 from common.metrics import MethodStats
@@ -107,7 +108,7 @@ class CallRunner:
         spec = self.methods.get(call.method)
         if spec is None:
             error: SwitchboardError = MethodNotFound(
-                f"{self.service} has no method {call.method!r}"
+                f"{self.service} has no method {quoted(call.method)}"
             )
             self._complete(stream, entry_id, call, error_reply(call.call_id, error), error)
             return None

@@ -31,6 +31,7 @@ from common.errors import (
     MethodNotFound,
     RpcTimeout,
     ServiceUnavailable,
+    quoted,
 )
 from common.log import request_id_var
 from common.protocol import (
@@ -51,7 +52,7 @@ def split_target(target: str) -> tuple[str, str]:
     """`"iptv.list_channels"` -> `("iptv", "list_channels")`, or `MethodNotFound`."""
     service, sep, method = target.partition(".")
     if not sep or not service or not method:
-        raise MethodNotFound(f"{target!r} is not of the form service.method")
+        raise MethodNotFound(f"{quoted(target)} is not of the form service.method")
     return service, method
 
 

@@ -29,7 +29,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from common import codec, constants
 from common.aio import Backoff, cancelling
 from common.connection import REDIS_DOWN_ERRORS, RawConnection, pack_commands
-from common.errors import MethodNotFound, Overloaded, ServiceUnavailable, error_from_wire
+from common.errors import MethodNotFound, Overloaded, ServiceUnavailable, error_from_wire, quoted
 from common.log import get_logger
 from common.outage import Outage
 from common.protocol import ENQUEUE_SCRIPT, NO_INSTANCE, OVER_BACKLOG, TASK_SCRIPT, Call
@@ -98,7 +98,9 @@ class ClientIO:
         """The error an enqueue script's result stands for, or None for an entry id."""
         if entry == NO_INSTANCE:
             if instance:
-                return ServiceUnavailable(f"instance {instance!r} of {service!r} is not live")
+                return ServiceUnavailable(
+                    f"instance {quoted(instance)} of {quoted(service)} is not live"
+                )
             try:
                 known = await self.redis.hexists(constants.CATALOG, service)
             except REDIS_DOWN_ERRORS as exc:
@@ -106,10 +108,10 @@ class ClientIO:
             # A service reached before is not unknown, even with the catalog gone (Redis
             # restarted without its data, its workers not registered again yet).
             if not known and service not in self._reached:
-                return MethodNotFound(f"unknown service {service!r}")
-            return ServiceUnavailable(f"no live instance of {service!r}")
+                return MethodNotFound(f"unknown service {quoted(service)}")
+            return ServiceUnavailable(f"no live instance of {quoted(service)}")
         if entry == OVER_BACKLOG:
-            return Overloaded(f"{service!r} has more calls queued than its bound")
+            return Overloaded(f"{quoted(service)} has more calls queued than its bound")
         return None
 
     async def _fail_call(self, item: Enqueue, entry: Any) -> None:

@@ -24,12 +24,36 @@ A `ServiceError` raised in a handler reaches the caller as a `RemoteError` whose
 `code` is the service error's code, so a gateway can map it to an HTTP status
 without importing the service's code. Its `retry_after` (seconds), when set,
 travels in the reply too: the gateway answers it as `Retry-After`.
+
+A message that quotes what a client sent (a service name, a key, a method) quotes
+it through `quoted` or `shortened`: at most `SHOWN_CHARS` characters of it, then
+`...` and its length, so a request carrying a 1 MB name gets an answer and a log
+line of bounded size, not the name back (once per place that quotes it).
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+# How much of a client-supplied value an error message quotes.
+SHOWN_CHARS = 80
+
+
+def shortened(text: str, limit: int = SHOWN_CHARS) -> str:
+    """`text`, or its first `limit` characters, `...` and its length when it is longer."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def quoted(value: object, limit: int = SHOWN_CHARS) -> str:
+    """`value` as `{value!r}` shows it in a message, a long one shortened (`shortened`):
+    for quoting a client's input, whose size the client chooses."""
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        # Cut before `repr`: the repr of a huge string is as huge.
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    return shortened(repr(value), limit)
 
 
 class SwitchboardError(Exception):
@@ -216,6 +240,7 @@ def error_from_wire(payload: dict[str, Any]) -> RpcError:
 
 
 __all__ = [
+    "SHOWN_CHARS",
     "BadRequest",
     "ConfigError",
     "Conflict",
@@ -234,4 +259,6 @@ __all__ = [
     "TooManyAttempts",
     "Unauthorized",
     "error_from_wire",
+    "quoted",
+    "shortened",
 ]

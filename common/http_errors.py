@@ -6,7 +6,9 @@ Every error response of the platform has the body `{"error": {"code": ..., "mess
 ...}}`, whoever raised it: our handlers, or Sanic itself for a request it could not
 parse (`BadRequest` is `bad_request`, `PayloadTooLarge` is `payload_too_large`).
 Every refusal (a 4xx) is logged once, by the process that refused it (design §10):
-`log_refusal`.
+`log_refusal`, its message cut to `MAX_LOGGED_MESSAGE` characters (messages quote a
+client's input shortened already, `common.errors.quoted`: this bounds a line whatever
+a message holds).
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ from common.errors import (
     ServiceError,
     ServiceUnavailable,
     SwitchboardError,
+    shortened,
 )
+
+# The most of a refusal's message a log line carries.
+MAX_LOGGED_MESSAGE = 500
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -53,8 +59,10 @@ def error_message(exception: BaseException, code: str) -> str:
 def log_refusal(log: logging.Logger, method: str, path: str, status: int, code: str,
                 message: str) -> None:  # fmt: skip
     """Log one refused request, at info: what was wrong, never what was sent (no body,
-    no credential, no query string), so a refusal's log line carries no secret."""
-    fields = {"method": method, "path": path, "status": status, "code": code, "message": message}
+    no credential, no query string), so a refusal's log line carries no secret. The
+    message and the path are cut (`MAX_LOGGED_MESSAGE`): a line's size is bounded."""
+    fields = {"method": method, "path": shortened(path, MAX_LOGGED_MESSAGE), "status": status,
+              "code": code, "message": shortened(message, MAX_LOGGED_MESSAGE)}  # fmt: skip
     log.info("request refused", extra={"fields": fields})
 
 

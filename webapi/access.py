@@ -31,7 +31,7 @@ from typing import Any
 
 from common.clientip import client_ip
 from common.credentials import Authenticator, Principal
-from common.errors import Unauthorized
+from common.errors import Unauthorized, shortened
 from common.policy import LimitRule, PolicyWatcher
 from common.ratelimit import Decision, Limit, RateLimiter
 from common.scopes import rpc_resource
@@ -217,7 +217,7 @@ class Gatekeeper:
         if principal is not None and principal.allows(service, method):
             return
         what = f"{service}.{method}" if method else service
-        raise NotAllowed(f"this credential's scopes do not include {what}")
+        raise NotAllowed(f"this credential's scopes do not include {shortened(what)}")
 
     async def _limit(
         self, request: GatewayRequest, principal: Principal | None, service: str, method: str | None

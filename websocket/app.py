@@ -38,7 +38,7 @@ from common.aio import cancel_and_wait
 from common.client import RpcClient
 from common.connection import REDIS_DOWN_OR_SLOW, connect
 from common.credentials import Authenticator, Principal
-from common.errors import Unauthorized
+from common.errors import Unauthorized, shortened
 from common.http_head import head_fault
 from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.registry_view import RegistryView
@@ -200,7 +200,10 @@ async def _admit(request: WsRequest) -> HTTPResponse | None:
     service = request.match_info.get("service")
     if isinstance(service, str) and not principal.allows(service, None):
         return refusal(
-            request, 403, "forbidden", f"this credential's scopes do not include {service}"
+            request,
+            403,
+            "forbidden",
+            f"this credential's scopes do not include {shortened(service)}",
         )
     return None
 

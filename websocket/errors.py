@@ -20,8 +20,9 @@ from sanic.exceptions import SanicException
 from sanic.handlers import ErrorHandler
 from sanic.response import json as json_response
 
-from common.errors import RpcError, SwitchboardError
+from common.errors import RpcError, SwitchboardError, shortened
 from common.http_errors import (
+    MAX_LOGGED_MESSAGE,
     error_body,
     error_code,
     error_message,
@@ -42,8 +43,9 @@ def refusal(request: Request[Any, Any], status: int, code: str, message: str) ->
 
 
 def log_refused_message(path: str, code: str | int, message: str) -> None:
-    """Log a client's message answered with an error instead of being served."""
-    fields = {"path": path, "code": code, "message": message}
+    """Log a client's message answered with an error instead of being served (its
+    message cut to `MAX_LOGGED_MESSAGE`, as the HTTP refusals')."""
+    fields = {"path": path, "code": code, "message": shortened(message, MAX_LOGGED_MESSAGE)}
     log.info("message refused", extra={"fields": fields})
 
 

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from common.codec import parse_json
 from common.connection import REDIS_DOWN_ERRORS
 from common.credentials import Principal
-from common.errors import RpcError, ServiceUnavailable, Unauthorized
+from common.errors import RpcError, ServiceUnavailable, Unauthorized, shortened
 from common.log import get_logger
 from websocket import jsonrpc
 from websocket.auth import authenticate, may_call, may_subscribe
@@ -257,7 +257,7 @@ class Session:
             self._refuse_call(exc.id, jsonrpc.INVALID_REQUEST, f"invalid request: {exc}")
             return
         if not may_call(self.principal, method):
-            what = f"this credential's scopes do not include {method}"
+            what = f"this credential's scopes do not include {shortened(method)}"
             self._refuse_call(id_, jsonrpc.FORBIDDEN, what, answer=not notification)
             return
         if self.calls is None:

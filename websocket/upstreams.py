@@ -34,6 +34,7 @@ from websockets.exceptions import InvalidHandshake, InvalidURI
 from common.balancing import Endpoint, HealthBook
 from common.balancing.policy import BalancingPolicy
 from common.balancing.tries import Tries
+from common.errors import shortened
 from common.log import get_logger
 from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.registry import InstanceRecord
@@ -144,7 +145,7 @@ class Upstreams:
                 raise
             return Connected(upstream, endpoint, tries.connected())
         known = bool(self.view.instances(service)) or service in self.view.services()
-        raise NoUpstream(f"{service}: {last_error}", known=known)
+        raise NoUpstream(f"{shortened(service)}: {last_error}", known=known)
 
     def finished(self, service: str, endpoint: Endpoint, seconds: float, ok: bool) -> None:
         """A connection from `connect` has ended; `seconds` is what `least_time` learns

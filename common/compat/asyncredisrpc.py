@@ -48,6 +48,7 @@ from common.errors import (
     MethodNotFound,
     ServiceUnavailable,
     SwitchboardError,
+    quoted,
 )
 from common.log import get_logger, request_id_var
 from common.service import Service
@@ -200,7 +201,7 @@ class _Adapter:
             )
         spec = self.svc.methods.get(name)
         if spec is None:
-            return _error(MethodNotFound(f"{self.svc.name} has no method {name!r}"))
+            return _error(MethodNotFound(f"{self.svc.name} has no method {quoted(name)}"))
         try:
             args, kwargs = spec.bind(args, kwargs)
             if spec.is_async:

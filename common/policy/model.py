@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.codec import parse_json
-from common.errors import BadRequest
+from common.errors import BadRequest, quoted, shortened
 from common.settings import MAX_BODY_LIMIT, MAX_TOTAL_TIMEOUT
 
 if TYPE_CHECKING:
@@ -226,7 +226,9 @@ def _unique(values: Iterable[str], what: str, field: str) -> None:
     seen: dict[str, int] = {}
     for index, value in enumerate(values):
         if value in seen:
-            raise ValueError(f"duplicate {what} {value!r} ({field}[{seen[value]}] and [{index}])")
+            raise ValueError(
+                f"duplicate {what} {quoted(value)} ({field}[{seen[value]}] and [{index}])"
+            )
         seen[value] = index
 
 
@@ -295,7 +297,7 @@ def _duplicates(data: object) -> list[dict[str, str]]:
             if not isinstance(value, str):
                 continue
             if value in seen:
-                msg = f"duplicate {what} {value!r} (also {field}[{seen[value]}])"
+                msg = f"duplicate {what} {quoted(value)} (also {field}[{seen[value]}])"
                 out.append({"loc": f"{field}[{index}].{key}", "msg": msg})
             else:
                 seen[value] = index
@@ -310,7 +312,7 @@ def _reason(error: Any) -> dict[str, str]:
         elif part == "[key]":
             loc += " (key)"  # pydantic's marker for a bad dict key
         else:
-            loc += f".{part}" if loc else str(part)
+            loc += f".{shortened(part)}" if loc else shortened(str(part))
     msg = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "model_type" and not error["loc"]:
         msg = "the policy must be a JSON object"

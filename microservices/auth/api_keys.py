@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from common import apikeys
 from common.apikeys import ApiKeyRecord
 from common.connection import as_text
-from common.errors import BadRequest, Conflict, Forbidden, NotFound
+from common.errors import BadRequest, Conflict, Forbidden, NotFound, quoted
 from common.log import get_logger
 from common.revocation import revoke
 from common.scopes import covers, valid_scope
@@ -114,14 +114,14 @@ class ApiKeys:
         """Delete one of the user's keys; `NotFound` if it is not theirs (or does not exist)."""
         record = await self._record(key_id)
         if record is None or record.user_id != user_id:
-            raise NotFound(f"no API key {key_id!r} for this user")
+            raise NotFound(f"no API key {quoted(key_id)} for this user")
         await self._delete(user_id, [record.key_id])
 
     async def revoke(self, key_id: str) -> None:
         """Delete a key whoever owns it (admin); `NotFound` if there is none."""
         record = await self._record(key_id)
         if record is None:
-            raise NotFound(f"no API key {key_id!r}")
+            raise NotFound(f"no API key {quoted(key_id)}")
         await self._delete(record.user_id, [record.key_id])
 
     async def delete_all(self, user_id: str) -> list[str]:

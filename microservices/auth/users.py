@@ -8,6 +8,13 @@ sb:{auth}:user:<user id>   hash  user_id, username, password_hash, created_at (I
 
 Roles are `user` and `admin`. A user's stored scopes never include `admin`:
 that scope comes with the admin role (`User.scopes_granted`).
+
+There is always an admin once there was one: taking the admin role from the last
+user who has it is refused (`Conflict`), since nobody could reach the admin API
+afterwards. There is no index of admins: a change removing the admin role reads
+every user's roles under WATCH (`set_roles`), so changes racing on any number of
+instances (two admins demoting each other) cannot leave none. Demotions are rare,
+so the read of every user is affordable.
 """
 
 from __future__ import annotations
@@ -20,10 +27,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import WatchError
 
 from common.connection import as_text
 from common.constants import data_key
-from common.errors import BadRequest, Conflict, NotFound, Unauthorized
+from common.errors import BadRequest, Conflict, NotFound, Unauthorized, quoted
 from common.log import get_logger
 from common.scopes import ADMIN, parse, valid_scope
 from microservices.auth.passwords import MAX_PASSWORD, MIN_PASSWORD, Passwords, valid_password
@@ -34,6 +42,10 @@ USERNAME = re.compile(r"[A-Za-z0-9_.-]{3,64}")
 USER_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 ROLES = ("user", "admin")
 INVALID_LOGIN = "invalid username or password"
+LAST_ADMIN = "the last admin cannot lose the admin role: make another user an admin first"
+# A demotion is retried when a user record changed while it was checked (WATCH);
+# past this many tries it is refused, to try again (each try reads every user).
+DEMOTE_TRIES = 10
 USERNAMES = data_key("auth", "usernames")
 
 # Claim the username and create the user in one step, so a crash can never leave
@@ -147,7 +159,7 @@ class Users:
         """The user, or `NotFound`."""
         user = await self.get(user_id)
         if user is None:
-            raise NotFound(f"no user {user_id!r}")
+            raise NotFound(f"no user {quoted(user_id)}")
         return user
 
     async def find(self, username: str) -> User | None:
@@ -178,9 +190,49 @@ class Users:
         return user
 
     async def set_roles(self, user_id: str, roles: Iterable[str]) -> User:
+        """Set a user's roles; `Conflict` if that would leave no admin."""
         wanted = check_roles(roles)
-        await self._update(user_id, "roles", " ".join(sorted(wanted)))
+        if ADMIN in wanted:
+            await self._update(user_id, "roles", " ".join(sorted(wanted)))
+        else:
+            await self._set_roles_without_admin(user_id, " ".join(sorted(wanted)))
         return await self.require(user_id)
+
+    async def _set_roles_without_admin(self, user_id: str, value: str) -> None:
+        """Store roles without `admin`, unless the user is the last admin.
+
+        Every user record is WATCHed before its roles are read, and the write is a
+        MULTI/EXEC: if any record (or the set of users) changed meanwhile, the write
+        is dropped and the check runs again, so of two demotions racing for the last
+        two admins only one passes.
+        """
+        await self.require(user_id)
+        key = user_key(user_id)
+        for _ in range(DEMOTE_TRIES):
+            async with self.redis.pipeline(transaction=True) as tx:
+                try:
+                    await tx.watch(USERNAMES, key)
+                    ids = [as_text(v) for v in await tx.hvals(USERNAMES)]
+                    await tx.watch(*(user_key(i) for i in ids))
+                    # Read on another connection, in one round trip: the WATCH above
+                    # already covers any change made after it, whoever makes it.
+                    async with self.redis.pipeline(transaction=False) as reads:
+                        for other in ids:
+                            reads.hget(user_key(other), "roles")
+                        rows = await reads.execute()
+                    admins = {i for i, r in zip(ids, rows, strict=True) if _has_admin(r)}
+                    if admins == {user_id}:
+                        raise Conflict(LAST_ADMIN)
+                    if not await tx.exists(key):
+                        raise NotFound(f"no user {quoted(user_id)}")
+                    tx.multi()  # type: ignore[no-untyped-call]
+                    tx.hset(key, "roles", value)
+                    await tx.execute()
+                except WatchError:
+                    continue
+            log.info("user roles set", extra={"fields": {"user_id": user_id, "roles": value}})
+            return
+        raise Conflict("users changed during the role change: try again")
 
     async def set_scopes(self, user_id: str, scopes: Iterable[str]) -> User:
         wanted = check_user_scopes(scopes)
@@ -215,3 +267,8 @@ class Users:
             created_at=datetime.fromisoformat(fields["created_at"]),
             password_hash=fields["password_hash"],
         )
+
+
+def _has_admin(roles: Any) -> bool:
+    """Whether a stored `roles` field (None: a user from before roles, a `user`) has admin."""
+    return roles is not None and ADMIN in parse(as_text(roles))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, get_args
 
 import pytest
@@ -9,6 +10,7 @@ import redis.asyncio as aioredis
 
 from common.balancing import STRATEGIES
 from common.errors import BadRequest
+from common.http_errors import status_for
 from common.policy import (
     DEFAULT_POLICY,
     PolicyInvalid,
@@ -116,6 +118,20 @@ def test_policy_invalid_is_a_bad_request_with_details() -> None:
     assert body["code"] == "policy_invalid"
     assert {d["loc"] for d in body["details"]} == {"services.nlp.strategy", "services.nlp.timeout"}
     assert "services.nlp.strategy" in body["message"]
+
+
+def test_a_huge_name_in_a_policy_is_quoted_shortened() -> None:
+    huge = "z" * 900_000
+    doc = {"services": {huge: {}}, huge.upper(): 1,
+           "limits": [{"id": huge, "rate": 1, "period": 1}] * 2}  # fmt: skip
+    with pytest.raises(PolicyInvalid) as info:
+        validate_document(doc)
+    exc = info.value
+    assert status_for(exc) == 422
+    assert len(exc.errors) >= 4, exc.errors  # the key, the extra field, the ids, the duplicate
+    assert len(exc.message) < 2000 and len(json.dumps(exc.to_dict())) < 4000
+    assert any("(900000 characters)" in e["loc"] for e in exc.errors)
+    assert any("duplicate limit id" in e["msg"] for e in exc.errors)
 
 
 def test_every_error_is_reported_at_once() -> None:

@@ -3,17 +3,21 @@ bootstrap."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+import redis.asyncio as aioredis
 
 from common.credentials import Authenticator
-from common.errors import BadRequest, ConfigError
+from common.errors import BadRequest, ConfigError, Conflict
 from microservices.auth.accounts import Accounts
-from tests.helpers import eventually_refused
+from tests.helpers import db_url, eventually_refused
 from tests.microservices.auth_fixtures import (  # noqa: F401 (fixtures)
     PASSWORD,
     accounts_fixture,
     claims_of,
     gateway_fixture,
+    make_accounts,
     redis_fixture,
     signed_up,
 )
@@ -24,6 +28,7 @@ pytestmark = pytest.mark.timeout(60)
 async def test_narrowing_a_user_ends_sessions_and_keys_beyond(
     accounts: Accounts, gateway: Authenticator
 ) -> None:
+    await accounts.bootstrap_admin("root", PASSWORD)  # Yara is not the last admin
     user_id, first = await signed_up(accounts, "Yara")
     await accounts.set_roles(user_id, ["user", "admin"])  # widening: nobody is logged out
     assert (await gateway.authenticate(first["access_token"])).roles == {"user"}
@@ -57,6 +62,54 @@ async def test_list_users(accounts: Accounts) -> None:
     users = await accounts.list_users()
     assert [u["username"] for u in users] == ["Amy", "zed"]
     assert set(users[0]) == {"user_id", "username", "roles", "scopes", "created_at"}
+
+
+# -- the last admin ------------------------------------------------------------------------
+
+
+async def _admins(accounts: Accounts) -> list[str]:
+    return [u["username"] for u in await accounts.list_users() if "admin" in u["roles"]]
+
+
+async def test_the_last_admin_cannot_lose_the_admin_role(accounts: Accounts) -> None:
+    await accounts.bootstrap_admin("root", PASSWORD)
+    root = (await accounts.users.find("root")).user_id  # type: ignore[union-attr]
+    with pytest.raises(Conflict, match="the last admin cannot lose the admin role"):
+        await accounts.set_roles(root, ["user"])
+    assert await _admins(accounts) == ["root"]
+    await accounts.login("root", PASSWORD)  # its sessions were not ended either
+
+    other, _ = await signed_up(accounts, "other")
+    await accounts.set_roles(other, ["user", "admin"])
+    assert (await accounts.set_roles(root, ["user"]))["roles"] == ["user"]  # one is left
+    with pytest.raises(Conflict):
+        await accounts.set_roles(other, ["user"])
+    assert await _admins(accounts) == ["other"]
+    plain, _ = await signed_up(accounts, "plain")
+    assert (await accounts.set_roles(plain, ["user"]))["roles"] == ["user"]  # not an admin
+
+
+async def test_admins_demoting_each_other_at_once_leave_one(
+    accounts: Accounts, redis_url: str
+) -> None:
+    """Two auth instances (two connection pools), each demoting the other admin."""
+    first, _ = await signed_up(accounts, "first")
+    second, _ = await signed_up(accounts, "second")
+    client = aioredis.Redis.from_url(db_url(redis_url, 2))
+    try:
+        elsewhere = make_accounts(client)
+        for _ in range(10):
+            for user_id in (first, second):
+                await accounts.set_roles(user_id, ["user", "admin"])
+            results = await asyncio.gather(
+                accounts.set_roles(second, ["user"]),
+                elsewhere.set_roles(first, ["user"]),
+                return_exceptions=True,
+            )
+            assert len(await _admins(accounts)) == 1, results
+            assert sum(isinstance(r, Conflict) for r in results) == 1, results
+    finally:
+        await client.aclose()
 
 
 # -- admin bootstrap ---------------------------------------------------------------------

@@ -382,6 +382,28 @@ def test_internal_auth_methods_are_admin_only_over_rpc(gateways: Gateways) -> No
     assert escalate.status_code == 403
 
 
+def test_the_last_admin_cannot_demote_itself(gateways: Gateways) -> None:
+    admin = bearer(gateways.admin_token())
+    me = httpx.get(f"{gateways.url}/api/v1/auth/me", headers=admin).json()
+    users = f"{gateways.url}/admin/users"
+    assert [u["username"] for u in httpx.get(users, headers=admin).json()["users"]
+            if "admin" in u["roles"]] == [ADMIN_NAME]  # fmt: skip
+    refused = httpx.put(f"{users}/{me['user_id']}/roles", json={"roles": ["user"]},
+                        headers=admin)  # fmt: skip
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "conflict"
+    assert "last admin" in refused.json()["error"]["message"]
+    assert httpx.get(users, headers=admin).status_code == 200  # still an admin, still in
+
+    name, _ = gateways.register()
+    other = next(u for u in httpx.get(users, headers=admin).json()["users"]
+                 if u["username"] == name)  # fmt: skip
+    roles = f"{users}/{other['user_id']}/roles"
+    assert httpx.put(roles, json={"roles": ["user", "admin"]}, headers=admin).status_code == 200
+    demoted = httpx.put(roles, json={"roles": ["user"]}, headers=admin)  # not the last one
+    assert demoted.status_code == 200 and demoted.json()["roles"] == ["user"]
+
+
 def test_a_user_whose_scopes_were_narrowed_can_still_read_itself_and_log_out(
     gateways: Gateways,
 ) -> None:

@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers import wait_for
 from tests.support.registry import dead_instances
-from tests.webapi.conftest import Backend, as_admin, running_backend
+from tests.webapi.conftest import Backend, as_admin, gateway_process, running_backend
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -66,3 +68,30 @@ def test_ai_server_answers_the_gateways_failures_in_its_envelope(
     # A request the gateway refuses is not an answer: the usual error only.
     bad = as_admin.post(f"{gateway}/ai_server/", json={"params": {}})
     assert bad.status_code == 400 and set(bad.json()) == {"error"}
+
+
+def test_a_huge_name_is_refused_without_being_echoed_or_logged_whole(gateway: str) -> None:
+    huge = "x" * 900_000
+    process = gateway_process(gateway)
+    before = len(process.log_records("request refused"))
+    size_before = process.log_path.stat().st_size
+
+    nlp = as_admin.post(f"{gateway}/nlp", json={"service_name": huge}, timeout=30)
+    assert nlp.status_code == 404 and nlp.json()["error"]["code"] == "unknown_service"
+    assert len(nlp.content) < 2000
+    ai = as_admin.post(f"{gateway}/ai_server/", json={"server_name": huge}, timeout=30)
+    assert ai.status_code == 404 and ai.json()["error"]["code"] == "unknown_service"
+    # The envelope's `server_name` is the request's (the original dispatcher's answer
+    # echoes it); the reasons beside it are short.
+    body = ai.json()
+    assert body["server_name"] == huge
+    assert len(body["msg"]) < 200 and len(body["error"]["message"]) < 200
+    assert len(ai.content) < len(huge) + 2000
+
+    def logged() -> list[dict[str, object]]:
+        return process.log_records("request refused")[before:]
+
+    wait_for(lambda: len(logged()) >= 2, timeout=5)
+    assert [r["path"] for r in logged()] == ["/nlp", "/ai_server/"]
+    assert all(len(json.dumps(r)) < 2000 for r in logged())
+    assert process.log_path.stat().st_size - size_before < 10_000  # nor any other line has it

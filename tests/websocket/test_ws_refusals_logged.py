@@ -173,3 +173,22 @@ async def test_a_normal_closing_is_not_logged(ws_server: WsServer) -> None:
         with pytest.raises(websockets.ConnectionClosed):
             await recv_json(ws)
     assert [r["code"] for r in await closed.wait(1)] == [1008]
+
+
+async def test_a_huge_method_is_refused_without_being_echoed_or_logged_whole(
+    ws_server: WsServer,
+) -> None:
+    huge = "m" * 60_000  # within the test server's 64 KiB frames
+    refused = LogWatch(ws_server, "message refused")
+    scoped = {"Authorization": f"Bearer {ws_server.token(scopes=('iptv',))}"}
+    async with ws_server.connect(additional_headers=scoped) as ws:
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": f"{huge}.run"}))
+        answer = await recv_json(ws)
+        assert answer["error"]["code"] == -32005 and len(json.dumps(answer)) < 2000
+    async with ws_server.connect() as ws:  # scope "*": the call goes out, to no service
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": 2, "method": f"{huge}.run"}))
+        answer = await recv_json(ws)
+        assert answer["error"]["code"] == -32601 and len(json.dumps(answer)) < 2000
+    logged = await refused.wait(2)
+    assert [r["code"] for r in logged] == [-32005, "method_not_found"]
+    assert all(len(json.dumps(r)) < 2000 for r in logged)

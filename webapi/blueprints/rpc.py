@@ -10,7 +10,7 @@ import re
 
 from sanic import Blueprint, HTTPResponse
 
-from common.errors import MethodNotFound
+from common.errors import MethodNotFound, shortened
 from webapi.access import FROM_PATH
 from webapi.context import GatewayRequest
 from webapi.requests import json_object
@@ -25,7 +25,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 async def call(request: GatewayRequest, service: str, method: str) -> HTTPResponse:
     """Hot path: parse the body, one RPC call, serialise the result."""
     if not (_NAME.fullmatch(service) and _NAME.fullmatch(method)):
-        raise MethodNotFound(f"no method {service}.{method}")
+        raise MethodNotFound(f"no method {shortened(f'{service}.{method}')}")
     kwargs = json_object(request)
     result = await request.app.ctx.rpc.invoke(f"{service}.{method}", kwargs=kwargs)
     return json_response({"result": result})

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from common.balancing import Endpoint, select_version
 from common.balancing.policy import BalancingPolicy
+from common.errors import quoted
 from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.registry_view import RegistryView
 from webapi.errors import NoHealthyInstance, UnknownService
@@ -85,13 +86,13 @@ class Proxy:
         records = self.view.instances(service, kind=kind)
         if not records:
             if service not in self.view.services():
-                raise UnknownService(f"no service named {service!r} is registered")
-            raise NoHealthyInstance(f"no live instance of {service!r}")
+                raise UnknownService(f"no service named {quoted(service)} is registered")
+            raise NoHealthyInstance(f"no live instance of {quoted(service)}")
         usable = self.book.usable(records)
         endpoints = select_version([self.policy.endpoint(r) for r in usable], version)
         if not endpoints:
-            raise NoHealthyInstance(f"no healthy instance of {service!r}" + (
-                f" at version {version!r}" if version else ""))  # fmt: skip
+            raise NoHealthyInstance(f"no healthy instance of {quoted(service)}" + (
+                f" at version {quoted(version)}" if version else ""))  # fmt: skip
         return endpoints
 
     def max_body(self, service: str) -> int:
