@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import re
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -123,16 +124,47 @@ def _not_json(constant: str) -> Any:
 
 
 _STRICT = json.JSONDecoder(parse_constant=_not_json)
+# Any UTF-16 surrogate code point left in a decoded string is a lone one: the decoder
+# joins a high surrogate escape followed by a low one into one character.
+_SURROGATE = re.compile("[\\ud800-\\udfff]")
 
 
-def parse_json(data: str | bytes) -> Any:
+def parse_json(data: str | bytes, *, lone_surrogates: bool = False) -> Any:
     """`data` (a client's) as JSON (RFC 8259), else `ValueError`: for malformed text,
     bytes that are not UTF-8, `NaN` and `Infinity` (Python's extension, which no strict
-    parser, a browser's included, reads back), and nesting deeper than Python's
-    recursion limit (a `RecursionError` from `json.loads`, which a handler catching
-    `ValueError` would let through as a crash)."""
+    parser, a browser's included, reads back), nesting deeper than Python's recursion
+    limit (a `RecursionError` from `json.loads`, which a handler catching `ValueError`
+    would let through as a crash), and a string holding a lone surrogate escape
+    (`"\\ud800"`: the grammar allows it, but it is no Unicode text, and neither UTF-8
+    nor msgpack can carry it; a pair such as `"\\ud83d\\ude00"` is one character and
+    fine). `lone_surrogates=True` lets those through, for an upstream's answer that is
+    relayed rather than used.
+
+    Hot path (every JSON request body): only a text with a `\\ud`/`\\uD` escape in it
+    has its strings searched for a lone surrogate.
+    """
     try:
         text = data.decode() if isinstance(data, bytes) else data
-        return _STRICT.decode(text)
+        value = _STRICT.decode(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+    if not lone_surrogates and ("\\ud" in text or "\\uD" in text) and _has_lone_surrogate(value):
+        raise ValueError("a string holds a lone surrogate escape (\\ud800-\\udfff), not text")
+    return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a string (key or value) anywhere in decoded JSON holds a surrogate code point.
+    Iterative: `value` may be nested as deep as the decoder allowed."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False

@@ -138,6 +138,8 @@ class Call:
         return self.reply_to is None
 
     def encode(self) -> bytes:
+        """The envelope as bytes; `InvalidParams` when the arguments cannot travel (the
+        caller's mistake, which the gateway answers with a 422, not a crash)."""
         env: dict[str, Any] = {
             "v": self.version,
             "id": self.call_id,
@@ -158,7 +160,11 @@ class Call:
             )
         try:
             return codec.packb(env)
-        except (TypeError, OverflowError) as exc:  # an int past 64 bits, an unknown type
+        except UnicodeEncodeError:  # a string with a lone surrogate: msgpack's str is UTF-8
+            what = "a string holds a lone surrogate (\\ud800-\\udfff), which UTF-8 cannot encode"
+            raise InvalidParams(f"arguments cannot be sent over RPC: {what}") from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            # An unknown type, an int past 64 bits, nesting past msgpack's limit.
             raise InvalidParams(f"arguments cannot be sent over RPC: {exc}") from None
 
     @classmethod

@@ -13,12 +13,24 @@ from sanic.response import json as sanic_json
 
 from common.codec import json_default
 
-_dumps = partial(json.dumps, default=json_default, ensure_ascii=False, separators=(",", ":"))
+_utf8_dumps = partial(json.dumps, default=json_default, ensure_ascii=False, separators=(",", ":"))
+_ascii_dumps = partial(json.dumps, default=json_default, separators=(",", ":"))
+
+
+def _dumps(body: Any) -> bytes:
+    """`body` as UTF-8 JSON; as ASCII JSON when a string in it holds a lone surrogate
+    (an upstream's `"\\ud800"`, relayed by `/ai_server/`), which UTF-8 cannot encode
+    and only a `\\u` escape can carry. The same one encode as before on the common path."""
+    try:
+        return _utf8_dumps(body).encode()
+    except UnicodeEncodeError:
+        return _ascii_dumps(body).encode()
 
 
 def json_response(
     body: Any, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> HTTPResponse:
+    """`body` (any JSON-able value, the codec's types included) as a JSON response."""
     return sanic_json(body, status=status, headers=dict(headers or {}), dumps=_dumps)
 
 

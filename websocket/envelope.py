@@ -14,6 +14,9 @@ the connection:
     the credential's scopes lack it    {"ret": 1, "flag": 1, "result": "model not allowed"}
     every instance failed to connect   {"ret": 1, "flag": 1, "result": "model unavailable"}
     the upstream died mid-stream       {"ret": 1, "flag": 1, "result": "upstream connection lost"}
+
+A request holding a lone surrogate escape (`"\\ud800"`) is not JSON, as everywhere
+(`common.codec.parse_json`); an upstream's frame is relayed whatever it holds.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ async def serve_one(
 def _last(frame: str | bytes) -> bool:
     """Whether a frame ends the stream: `flag: 1`, `ret != 0`, or not an envelope at all."""
     try:
-        body = parse_json(frame)
+        body = parse_json(frame, lone_surrogates=True)  # an upstream's frame, relayed as is
     except ValueError:
         return True
     if not isinstance(body, dict):

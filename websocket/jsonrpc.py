@@ -9,10 +9,11 @@ request without `id` is a notification: it runs, nothing is answered. Batches
 
 Error codes:
 
-    -32700  parse error: the message is not JSON
+    -32700  parse error: the message is not JSON (or holds a lone surrogate escape, "\\ud800")
     -32600  invalid request: not a JSON-RPC 2.0 request object (or a batch)
     -32601  method not found: no such service or method
-    -32602  invalid params: the arguments do not fit the method
+    -32602  invalid params: the arguments do not fit the method (or cannot be sent over RPC)
+    -32603  internal error: the call failed here (a bug, a result JSON cannot hold); logged
     -32000  service error: the method raised; `data.code` is its code ("not_found" ...)
     -32001  service unavailable: no live instance of the service
     -32002  overloaded: the service's backlog is full
@@ -41,6 +42,7 @@ PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
 SERVICE_ERROR = -32000
 SERVICE_UNAVAILABLE = -32001
 OVERLOADED = -32002

@@ -16,7 +16,10 @@ subscribed channel. An `auth` message on an open session replaces its token
 is a message that cannot be served while Redis is down (code `service_unavailable`:
 a `subscribe`, an `auth` with an API key not cached here; a first `auth` that cannot
 be checked closes the connection with 1013, try again later);
-anything that is not JSON gets a JSON-RPC parse error (-32700). A JSON-RPC
+anything that is not JSON (a lone surrogate escape such as `"\\ud800"` included:
+`common.codec.parse_json`) gets a JSON-RPC parse error (-32700); a call whose
+answer cannot be had for another reason than an RPC error (a bug, a result JSON
+cannot hold) gets -32603, internal error, logged as `call failed`. A JSON-RPC
 call needs a scope reaching its method (`common.scopes`; the `auth` service's
 methods need `admin`), else it is answered with -32005. A subscribe needs a scope
 reaching the service its channel's first segment names (`iptv:now:7`: `iptv`, as
@@ -275,11 +278,15 @@ class Session:
     ) -> None:
         try:
             value = await self.ctx.rpc.invoke(method, args, kwargs)
+            answer = jsonrpc.result(id_, value)
         except RpcError as exc:
             log_failed_call("/ws", method, exc)
             answer = jsonrpc.error_for(id_, exc)
-        else:
-            answer = jsonrpc.result(id_, value)
+        except Exception:
+            # A bug, or a result JSON cannot hold: answered and logged here, or the call
+            # would go unanswered with only asyncio's "never retrieved" traceback.
+            log.exception("call failed", extra={"fields": {"path": "/ws", "method": method}})
+            answer = jsonrpc.error(id_, jsonrpc.INTERNAL_ERROR, "internal error")
         if not quiet:
             self.send(answer)
 

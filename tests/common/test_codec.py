@@ -75,3 +75,33 @@ def test_json_default_covers_the_same_types() -> None:
         "u": "00000000-0000-0000-0000-000000000001",
         "d": "2026-01-01",
     }
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        r'{"a": "\ud800"}',
+        r'["x\uDC00y"]',  # a low half alone, any case
+        r'{"\udbff": 1}',  # in a key
+        r'"\ud83d"',  # a high half at the end
+        r'"\ude00\ud83d"',  # a pair's halves in the wrong order
+        "[" * 500 + r'"\ud800"' + "]" * 500,  # deep: searched without recursion
+    ],
+)
+def test_parse_json_refuses_a_lone_surrogate(text: str) -> None:
+    with pytest.raises(ValueError, match="lone surrogate"):
+        codec.parse_json(text.encode())
+    with pytest.raises(ValueError, match="lone surrogate"):
+        codec.parse_json(text)
+    # ... unless told to let it through (an upstream's answer, relayed as it is).
+    assert codec.parse_json(text, lone_surrogates=True) == json.loads(text)
+
+
+def test_parse_json_reads_surrogate_pairs_and_escaped_backslashes() -> None:
+    assert codec.parse_json(rb'{"a": "\ud83d\ude00", "\uD83D\uDE00": 1}') == {
+        "a": "\U0001f600",
+        "\U0001f600": 1,
+    }
+    assert codec.parse_json(rb'["\\ud800", "caf\u00e9"]') == ["\\ud800", "café"]
+    with pytest.raises(ValueError, match="lone surrogate"):
+        codec.parse_json(rb'["\ud83d\ude00", "\\\ud800"]')  # an escaped backslash, then one

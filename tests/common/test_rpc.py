@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import signal
 import time
 import uuid
@@ -219,3 +220,21 @@ async def test_worker_process_graceful_shutdown_finishes_inflight(redis_url: str
                 await client.call(f"{name}.add", 1)
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"a": "\ud800"}, "lone surrogate"),
+        ({"a": {"\udfff": 1}}, "lone surrogate"),
+        ({"a": functools.reduce(lambda inner, _: [inner], range(2000), [])}, "recursion limit"),
+    ],
+)
+async def test_arguments_that_cannot_travel_are_invalid_params(
+    calc: Service, rpc: RpcClient, kwargs: dict[str, object], fragment: str
+) -> None:
+    with pytest.raises(InvalidParams, match=fragment):
+        await rpc.call(f"{calc.name}.add", **kwargs)
+    with pytest.raises(InvalidParams, match=fragment):
+        await rpc.send(f"{calc.name}.add", **kwargs)
+    assert await rpc.call(f"{calc.name}.add", 1, b=1) == 2  # the client is unharmed

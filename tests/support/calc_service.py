@@ -95,6 +95,11 @@ def build(name: str = "calc", concurrency: int | None = None) -> Service:
         return runs_so_far
 
     @svc.method
+    async def opaque() -> dict[bytes, int]:
+        """A map with a bytes key: msgpack carries it, JSON cannot hold it."""
+        return {b"key": 1}
+
+    @svc.method
     async def stats() -> dict[str, object]:
         assert svc.worker is not None
         return svc.worker.snapshot()

@@ -6,7 +6,7 @@ API key in GATEWAY_API_KEY (a credential with the `registry` scope).
 Routes: /echo, /slow, /status/<n>, /upload (streamed, counts bytes),
 /download?mb=N (streamed), /health, /admin/delay?ms=N (slow every /echo down),
 /admin/state (the delay, the health switch, how many uploads began),
-POST /nlp, POST /ai_server/.
+POST /nlp, POST /ai_server/ (`params.answer`, a string, is answered as it is).
 """
 
 from __future__ import annotations
@@ -109,6 +109,10 @@ async def nlp(request: Request) -> HTTPResponse:
 
 @app.post("/ai_server/")
 async def ai_server(request: Request) -> HTTPResponse:
+    params = request.json.get("params") if isinstance(request.json, dict) else None
+    answer = params.get("answer") if isinstance(params, dict) else None
+    if isinstance(answer, str):  # a scripted answer: these bytes, as they are
+        return response.raw(answer.encode(), content_type="application/json")
     return response.json({"instance": NAME, "got": request.json})
 
 

@@ -95,3 +95,18 @@ def test_a_huge_name_is_refused_without_being_echoed_or_logged_whole(gateway: st
     assert [r["path"] for r in logged()] == ["/nlp", "/ai_server/"]
     assert all(len(json.dumps(r)) < 2000 for r in logged())
     assert process.log_path.stat().st_size - size_before < 10_000  # nor any other line has it
+
+
+def test_ai_server_relays_an_answers_lone_surrogate_escaped(backend: Backend) -> None:
+    # The instance answers a string holding "\ud800": UTF-8 cannot carry it, so the
+    # envelope is ASCII JSON with the escape, as the instance sent it.
+    answer = r'{"a": "\ud800", "b": "caf\u00e9"}'
+    envelope = {"server_name": backend.service, "params": {"answer": answer}}
+    ai = as_admin.post(f"{backend.gateway}/ai_server/", json=envelope)
+    assert ai.status_code == 200, ai.text
+    assert rb'"data":{"a":"\ud800","b":"caf\u00e9"}' in ai.content
+    assert ai.json()["data"] == {"a": "\ud800", "b": "café"}
+    # A request's own lone surrogate is malformed JSON: the usual 400, no envelope.
+    bad = as_admin.post(f"{backend.gateway}/ai_server/", content=r'{"server_name": "\ud800"}',
+                        headers={"content-type": "application/json"})  # fmt: skip
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "malformed_json"

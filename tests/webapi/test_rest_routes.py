@@ -167,3 +167,37 @@ async def _favourites_of_their_own(
         assert refused.status_code == 403
     assert (await http.delete("/api/v1/favourites/3", headers=as_alice)).status_code == 200
     assert (await http.get("/api/v1/favourites", headers=as_alice)).json() == []
+
+
+async def test_a_lone_surrogate_escape_is_malformed_json_a_pair_is_text(
+    http: httpx.AsyncClient,
+) -> None:
+    json_body = {"content-type": "application/json"}
+    # A pair ("\ud83d\ude00") is one character: registered and logged in with it.
+    username = f"user_{uuid.uuid4().hex[:8]}"
+    pair = rf'{{"username": "{username}", "password": "\ud83d\ude00 correct horse"}}'
+    created = await http.post("/api/v1/auth/register", content=pair, headers=json_body)
+    assert created.status_code == 201, created.text
+    login = await http.post(
+        "/api/v1/auth/login", json={"username": username, "password": "\U0001f600 correct horse"}
+    )
+    assert login.status_code == 200, login.text
+    as_user = {"authorization": f"Bearer {login.json()['access_token']}"}
+    # "\ud800" alone is no text (UTF-8 and msgpack cannot carry it): a 400 on every route
+    # that reads a JSON body, public or not, before anything is called.
+    register = r'{"username": "someone_new", "password": "\ud800xxxxxxxxx"}'
+    routes = [
+        ("POST", "/api/v1/auth/register", register, {}),
+        ("POST", "/api/v1/auth/login", r'{"username": "alice", "password": "\uDFFFxxxxxxx"}', {}),
+        ("POST", "/api/v1/auth/refresh", r'{"refresh_token": "\ud800"}', {}),
+        ("POST", "/api/v1/auth/keys", r'{"name": "\ud800", "scopes": ["iptv"]}', as_user),
+        ("POST", "/rpc/iptv/search", r'{"q": "\ud800"}', {}),
+        ("PUT", f"/admin/users/{uuid.uuid4()}/scopes", r'{"scopes": ["\ud800"]}', {}),
+        ("PUT", f"/admin/users/{uuid.uuid4()}/roles", r'{"roles": ["\ud800"]}', {}),
+        ("POST", "/admin/revoke", r'{"kind": "session", "id": "\ud800"}', {}),
+    ]
+    for method, path, body, headers in routes:
+        response = await http.request(method, path, content=body, headers={**json_body, **headers})
+        assert response.status_code == 400, (path, response.text)
+        error = response.json()["error"]
+        assert error["code"] == "malformed_json" and "lone surrogate" in error["message"]

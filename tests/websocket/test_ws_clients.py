@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 import redis.asyncio as aioredis
 import websockets
+from websockets.asyncio.client import ClientConnection
 
 from common import apikeys, constants, revocation
 from tests.helpers import ServiceProcess, wait_for_async
@@ -321,6 +322,38 @@ async def test_jsonrpc_call_and_errors(ws_server: WsServer, calc: None) -> None:
         await ws.send(json.dumps({"jsonrpc": "2.0", "method": "calc.add", "params": [1]}))
         await ws.send(json.dumps({"type": "ping", "id": "after"}))
         assert await recv_json(ws) == {"type": "pong", "id": "after"}
+
+
+async def test_jsonrpc_lone_surrogate_and_unanswerable_result_are_answered(
+    ws_server: WsServer, calc: None
+) -> None:
+    async with ws_server.connect() as ws:
+        add = {"jsonrpc": "2.0", "id": 1, "method": "calc.add", "params": [1]}
+        await wait_for_async(lambda: _answered(ws, add), timeout=30)  # the worker may be starting
+        # "\ud800" alone is no text: not JSON, a parse error; a pair is one character.
+        await ws.send(
+            r'{"jsonrpc": "2.0", "id": 7, "method": "calc.add", "params": {"a": "\ud800"}}'
+        )
+        answer = await recv_json(ws)
+        assert answer["id"] is None and answer["error"]["code"] == -32700, answer
+        pair = r'{"jsonrpc": "2.0", "id": 8, "method": "calc.add", "params": {"a": "\ud83d\ude00"}}'
+        await ws.send(pair)
+        answer = await recv_json(ws)
+        assert answer["id"] == 8 and answer["error"]["code"] == -32602, answer  # not an int
+        # A result JSON cannot hold: answered as an internal error and logged once.
+        failed = LogWatch(ws_server, "call failed")
+        answer = await rpc(ws, {"jsonrpc": "2.0", "id": 9, "method": "calc.opaque"})
+        assert answer == {"jsonrpc": "2.0", "id": 9,
+                          "error": {"code": -32603, "message": "internal error"}}  # fmt: skip
+        logged = await failed.wait(1)
+        assert [r["method"] for r in logged] == ["calc.opaque"]
+        await ws.send(json.dumps({"type": "ping", "id": "after"}))  # the session goes on
+        assert await recv_json(ws) == {"type": "pong", "id": "after"}
+    assert "never retrieved" not in ws_server.proc.log_tail(400)
+
+
+async def _answered(ws: ClientConnection, call: dict[str, object]) -> bool:
+    return "result" in await rpc(ws, call)
 
 
 async def test_jsonrpc_needs_a_scope_for_the_method(ws_server: WsServer) -> None:

@@ -199,7 +199,9 @@ async def _json_exchange(
     finally:
         await forwarded.response.aclose()
     try:
-        data = parse_json(raw) if raw else None
+        # The instance's answer is relayed, not used: a lone surrogate in it stays (as
+        # /nlp relays it), escaped by `json_response`.
+        data = parse_json(raw, lone_surrogates=True) if raw else None
     except ValueError:
         data = raw.decode("utf-8", errors="replace")
     return forwarded, data, raw
