@@ -21,6 +21,26 @@ from dataclasses import dataclass, field
 _MAX_WINDOW_US = 2**50
 
 
+def window_error(rate: int, period: float, burst: int) -> str | None:
+    """Why `Limit(rate, period, burst)` would be refused, or None when it would not.
+
+    The one rule: the policy validator asks it too, so a limit it accepts can be built.
+    """
+    if rate < 1 or not 0 < period < float("inf") or burst < 1:
+        return "rate >= 1, period > 0, burst >= 1"
+    if _interval_us(rate, period) * burst > _MAX_WINDOW_US:
+        return (
+            f"burst * period / rate ({burst * period / rate:.0f} s) is longer than the "
+            f"longest window the rate limiter keeps ({_MAX_WINDOW_US // 1_000_000} s, "
+            "about 35 years)"
+        )
+    return None
+
+
+def _interval_us(rate: int, period: float) -> int:
+    return max(1, round(period * 1_000_000 / rate))
+
+
 @dataclass(frozen=True, slots=True)
 class Limit:
     """`rate` requests per `period` seconds, `burst` (>= 1) of them back to back.
@@ -36,11 +56,10 @@ class Limit:
     _argv: str = field(init=False, repr=False, compare=False)  # "T tau" for the script
 
     def __post_init__(self) -> None:
-        if self.rate < 1 or not 0 < self.period < float("inf") or self.burst < 1:
-            raise ValueError(f"invalid limit {self!r}: rate >= 1, period > 0, burst >= 1")
-        t_us = max(1, round(self.period * 1_000_000 / self.rate))
-        if t_us * self.burst > _MAX_WINDOW_US:
-            raise ValueError(f"invalid limit {self!r}: burst * period / rate is too long")
+        error = window_error(self.rate, self.period, self.burst)
+        if error:
+            raise ValueError(f"invalid limit {self!r}: {error}")
+        t_us = _interval_us(self.rate, self.period)
         object.__setattr__(self, "_t_us", t_us)
         object.__setattr__(self, "_tau_us", (self.burst - 1) * t_us)
         object.__setattr__(self, "_argv", f"{t_us} {(self.burst - 1) * t_us}")

@@ -7,6 +7,7 @@ pydantic `TypeAdapter` for its annotation. Coercion is pydantic's lax mode on
 purpose: the gateway forwards JSON, where an ISO string must become a
 `datetime` and a query-string "5" an `int`; a type that cannot be coerced
 (a string where an int is expected, say) is rejected with the field's path.
+Lax mode also reads a boolean as 0 or 1: parameters annotated `Integer` refuse one.
 """
 
 from __future__ import annotations
@@ -16,12 +17,23 @@ import dis
 import inspect
 import typing
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, BeforeValidator, TypeAdapter, ValidationError
 
 from common import codec
 from common.errors import InvalidParams
+
+
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
+
+
+# An `int` parameter that refuses JSON true/false, which lax mode reads as 1/0: a
+# duration or a count given as a boolean is a mistake, not a request for 1.
+Integer = Annotated[int, BeforeValidator(_not_a_bool)]
 
 
 class MethodSpec:
@@ -33,7 +45,7 @@ class MethodSpec:
         self.is_async = inspect.iscoroutinefunction(fn)
         self.never_suspends = never_suspends(fn)  # the worker runs it without a task
         self.signature = inspect.signature(fn)
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)  # keeps `Integer`'s check
         self._adapters: dict[str, TypeAdapter[Any]] = {}
         for param in self.signature.parameters.values():
             annotation = hints.get(param.name, Any)

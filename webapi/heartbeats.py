@@ -9,6 +9,10 @@ Two forms are accepted:
   "version": "v2", "weight": 1, "zone": null, "health_path": "/health",
   "metadata": {}, "instance_id": "optional"}`.
 
+`metadata` is a JSON object of at most `MAX_METADATA_DEPTH` (8) levels of
+nesting (the object itself is the first) and `MAX_METADATA_BYTES` (4 KiB) as
+compact JSON: it is stored with every heartbeat and read by every gateway.
+
 An instance's id defaults to `service@address` (the original form: the whole
 `service_tag` name, `nlp_v2@10.0.0.5:8080`), stable across heartbeats. It is
 live for `HEARTBEAT_TTL` (3 s) after each heartbeat. A backend shutting down
@@ -19,6 +23,7 @@ removed at once instead of after the TTL.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from typing import Any
 
@@ -32,6 +37,9 @@ _HOST = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
 _INSTANCE_ID = re.compile(r"^[A-Za-z0-9_.@:\[\]-]{1,200}$")
 _KINDS = ("http", "ws")
 _MAX_INSTANCES_PER_BEAT = 100
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits: str.isdigit() takes "²", which int() refuses
+MAX_METADATA_DEPTH = 8
+MAX_METADATA_BYTES = 4096
 
 
 def parse_heartbeat(body: dict[str, Any]) -> list[InstanceRecord]:
@@ -83,11 +91,9 @@ def _record(item: dict[str, Any]) -> InstanceRecord:
     ):
         raise InvalidHeartbeat("health_path must be an absolute path")
     zone = item.get("zone")
-    metadata = item.get("metadata") or {}
     if zone is not None and not isinstance(zone, str):
         raise InvalidHeartbeat("zone must be a string")
-    if not isinstance(metadata, dict):
-        raise InvalidHeartbeat("metadata must be an object")
+    metadata = _metadata(item.get("metadata") or {})
     instance_id = item.get("instance_id") or f"{service}@{address}"
     if not isinstance(instance_id, str) or not _INSTANCE_ID.fullmatch(instance_id):
         raise InvalidHeartbeat("instance_id must be a short name")
@@ -111,7 +117,7 @@ def _address(value: Any) -> str:
     if not isinstance(value, str):
         raise InvalidHeartbeat("address must be host:port")
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
         raise InvalidHeartbeat("address must be host:port with a port from 1 to 65535")
     if host.startswith("[") and host.endswith("]"):
         try:
@@ -120,4 +126,26 @@ def _address(value: Any) -> str:
             raise InvalidHeartbeat("address has an invalid IPv6 host") from None
     elif not _HOST.fullmatch(host):
         raise InvalidHeartbeat("address has an invalid host")
+    return value
+
+
+def _metadata(value: Any) -> dict[str, Any]:
+    """`value` if it is an object within the bounds of the module docstring."""
+    if not isinstance(value, dict):
+        raise InvalidHeartbeat("metadata must be an object")
+    # Measured without recursion: the record is copied and encoded recursively later,
+    # and a body nested hundreds deep must be refused here, not crash there.
+    level: list[Any] = [value]
+    for depth in range(1, MAX_METADATA_DEPTH + 2):
+        if not level:
+            break
+        if depth > MAX_METADATA_DEPTH:
+            raise InvalidHeartbeat(f"metadata may nest at most {MAX_METADATA_DEPTH} levels deep")
+        level = [child for node in level
+                 for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, dict | list)]  # fmt: skip
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    size = len(text.encode(errors="surrogatepass"))  # a lone surrogate is not this check's
+    if size > MAX_METADATA_BYTES:
+        raise InvalidHeartbeat(f"metadata may be at most {MAX_METADATA_BYTES} bytes as JSON")
     return value

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.codec import parse_json
 from common.errors import BadRequest, quoted, shortened
+from common.gcra import window_error
 from common.settings import MAX_BODY_LIMIT, MAX_TOTAL_TIMEOUT
 
 if TYPE_CHECKING:
@@ -184,6 +185,15 @@ class LimitRule(_Model):
         if valid_rate and data.get("burst") is None:  # a bad rate is reported once, as rate
             return {**data, "burst": rate}
         return data
+
+    @model_validator(mode="after")
+    def _buildable(self) -> LimitRule:
+        # The gateway builds a `gcra.Limit` from each rule on its request path: a rule
+        # it would refuse there must be refused here, by the same check.
+        error = window_error(self.rate, self.period, self.burst or self.rate)
+        if error:
+            raise ValueError(f"limit {self.id!r}: {error}")
+        return self
 
 
 class PolicyDocument(_Model):

@@ -9,7 +9,10 @@ It is kept current two ways, as the registry view is:
   message (a reconnect, a write that did not publish).
 
 Redis unreachable, or a stored document that does not validate, keeps the last
-good policy: a replica never falls back to defaults because Redis blinked.
+good policy: a replica never falls back to defaults because Redis blinked, and a
+document written by hand (or before a validation rule existed) that the gateway
+could not apply never reaches its request path. An invalid document is logged
+once (an error), and stays refused until a valid one is stored over it.
 
 Nor because Redis lost its data (a restart without persistence, a `FLUSHALL`, a
 failover to an empty replica): applying the empty store would quietly drop every
@@ -70,6 +73,7 @@ class PolicyWatcher:
         self.interval = interval
         self.current: PolicyDocument = DEFAULT_POLICY
         self._epoch: str | None = None  # the store's epoch `current` was read in
+        self._refused: tuple[int | None, str | None] | None = None  # the invalid one last seen
         self._callbacks: list[Callback] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -139,8 +143,11 @@ class PolicyWatcher:
                 self._outage.failed(exc, version=self.current.version)
                 return False
             except (PolicyInvalid, ValueError, RedisError) as exc:  # not JSON, wrong key type
-                log.error("stored policy is invalid, keeping version %d", self.current.version,
-                          extra={"fields": {"error": str(exc)}})  # fmt: skip
+                # Said once per stored version: the poll finds it again every interval.
+                if self._refused != (version, epoch):
+                    self._refused = (version, epoch)
+                    log.error("stored policy is invalid, keeping version %d", self.current.version,
+                              extra={"fields": {"error": str(exc)}})  # fmt: skip
                 return False
             self._outage.recovered()
             self._epoch = epoch

@@ -39,6 +39,14 @@ MAX_PROGRAMME = timedelta(minutes=120)
 MAX_EPG_RANGE = timedelta(days=8)
 DEFAULT_EPG_RANGE = timedelta(hours=24)
 MAX_PAGE_SIZE = 200
+# Keeps the offset (page - 1) * page_size far inside the int64 Redis takes.
+MAX_PAGE = 1_000_000
+# Channel ids are 64-bit: a larger one could not go back over RPC (the codec's ints are).
+MAX_CHANNEL_ID = 2**63 - 1
+# EPG times a query may name: the arithmetic around them (the window, MAX_PROGRAMME
+# before it) stays inside what `datetime` can hold.
+EPG_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+EPG_LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 MAX_SEARCH_LIMIT = 100
 MAX_QUERY_LENGTH = 100
 MAX_USER_ID_LENGTH = 128
@@ -133,8 +141,8 @@ class Catalog:
         (matched ignoring case). An unknown category is an empty page, not an error:
         it is a filter.
         """
-        if page < 1:
-            raise BadRequest("page must be at least 1")
+        if not 1 <= page <= MAX_PAGE:
+            raise BadRequest(f"page must be between 1 and {MAX_PAGE}")
         if not 1 <= page_size <= MAX_PAGE_SIZE:
             raise BadRequest(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
         # A blank category (`?category=` from a form) means "no filter".
@@ -154,6 +162,7 @@ class Catalog:
 
     async def get_channel(self, channel_id: int) -> dict[str, Any]:
         """One channel; `NotFound` if there is no such channel."""
+        _check_channel(channel_id)
         raw = await self.redis.hget(Keys.channels, str(channel_id))
         if raw is None:
             raise NotFound(f"channel {channel_id} not found")
@@ -182,8 +191,9 @@ class Catalog:
 
         Defaults: start is now, end is start + 24 h. Naive datetimes are UTC.
         """
-        start = as_utc(start) if start is not None else self.clock()
-        end = as_utc(end) if end is not None else start + DEFAULT_EPG_RANGE
+        _check_channel(channel_id)
+        start = _epg_time("start", start) if start is not None else self.clock()
+        end = _epg_time("end", end) if end is not None else start + DEFAULT_EPG_RANGE
         if end <= start:
             raise BadRequest("end must be after start")
         if end - start > MAX_EPG_RANGE:
@@ -193,6 +203,7 @@ class Catalog:
 
     async def now_playing(self, channel_id: int) -> dict[str, Any] | None:
         """The programme on air on a channel right now, or None in a gap of the guide."""
+        _check_channel(channel_id)
         now = self.clock()
         programmes = await self._overlapping(channel_id, now, now + timedelta(seconds=1))
         return programmes[0] if programmes else None
@@ -263,6 +274,7 @@ class Catalog:
 
     async def add_favourite(self, user_id: str, channel_id: int) -> dict[str, Any]:
         """Add a channel to a user's favourites (idempotent); `NotFound` for no such channel."""
+        _check_channel(channel_id)
         key = Keys.favourites(_check_user(user_id))
         await self.get_channel(channel_id)
         added = await self.redis.zadd(key, {str(channel_id): time.time()}, nx=True)
@@ -275,6 +287,7 @@ class Catalog:
 
     async def remove_favourite(self, user_id: str, channel_id: int) -> dict[str, Any]:
         """Remove a channel from a user's favourites (idempotent)."""
+        _check_channel(channel_id)
         key = Keys.favourites(_check_user(user_id))
         removed = await self.redis.zrem(key, str(channel_id))
         return {
@@ -292,6 +305,22 @@ class Catalog:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _epg_time(name: str, value: datetime) -> datetime:
+    """`value` in UTC, or `BadRequest` outside [EPG_EARLIEST, EPG_LATEST]."""
+    try:
+        utc = as_utc(value)
+    except OverflowError:  # 0001-01-01 or 9999-12-31 in a zone that moves it past either
+        utc = None
+    if utc is None or not EPG_EARLIEST <= utc <= EPG_LATEST:
+        raise BadRequest(f"{name} must be from {EPG_EARLIEST:%Y-%m-%d} to {EPG_LATEST:%Y-%m-%d}")
+    return utc
+
+
+def _check_channel(channel_id: int) -> None:
+    if not -MAX_CHANNEL_ID <= channel_id <= MAX_CHANNEL_ID:
+        raise BadRequest(f"channel_id must be between {-MAX_CHANNEL_ID} and {MAX_CHANNEL_ID}")
 
 
 def _check_user(user_id: str) -> str:

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from common.balancing import STRATEGIES
 from common.errors import BadRequest
+from common.gcra import Limit
 from common.http_errors import status_for
 from common.policy import (
     DEFAULT_POLICY,
@@ -88,6 +89,7 @@ BAD_DOCUMENTS: list[tuple[str, object, str]] = [
     ("limit bad key", limit(key="host"), "limits[0].key"),
     ("limit burst zero", limit(burst=0), "limits[0].burst"),
     ("limit period too long", limit(period=86401), "limits[0].period"),
+    ("limit window too long", limit(period=86400, burst=1_000_000), "limits[0]"),
     ("limit bad service", limit(service="**"), "limits[0].service"),
     ("limit unknown field", limit(x=1), "limits[0].x"),
     ("version as text", {"version": "3"}, "version"),
@@ -153,6 +155,31 @@ def test_every_error_is_reported_at_once() -> None:
         "limits[1].id",
         "extra",
     }
+
+
+@pytest.mark.parametrize(
+    ("rate", "period", "burst"),
+    [(1, 86400, 1_000_000), (1, 86400, 13_032), (1, 86400, 13_031), (1_000_000, 0.001, 1)],
+)
+def test_a_limit_is_valid_exactly_when_the_rate_limiter_can_build_it(
+    rate: int, period: float, burst: int
+) -> None:
+    """Every limit of a valid policy is built into a `gcra.Limit` on the gateway's
+    request path: one the limiter refuses there must be refused here, by name."""
+    try:
+        Limit(rate, period, burst)
+        buildable = True
+    except ValueError:
+        buildable = False
+    doc = {"limits": [{"id": "daily", "rate": rate, "period": period, "burst": burst}]}
+    if buildable:
+        assert validate_document(doc).limits[0].burst == burst
+        return
+    with pytest.raises(PolicyInvalid) as info:
+        validate_document(doc)
+    [error] = info.value.errors
+    assert error["loc"] == "limits[0]"
+    assert error["msg"].startswith("limit 'daily': burst * period / rate")
 
 
 def test_malformed_json_is_invalid_too() -> None:

@@ -79,6 +79,31 @@ async def test_watcher_keeps_the_last_policy_when_the_stored_one_is_corrupt(
     assert watcher.current == good
 
 
+async def test_a_stored_limit_the_gateway_cannot_build_is_refused_and_logged_once(
+    store: PolicyStore, redis_client: aioredis.Redis, caplog: Any
+) -> None:
+    """A document written before its rule was validated (or by hand): keeping it out
+    of `current` keeps it off the request path, where the gateway would fail on it."""
+    w = PolicyWatcher(redis_client, interval=3600)  # refreshed by hand below
+    good = await store.put(nlp(strategy="hash"), actor="t")
+    await w.start()
+    assert w.current == good
+    caplog.set_level(logging.ERROR, logger="switchboard.policy")
+    unbuildable = {"id": "daily", "service": "*", "method": "*", "key": "credential",
+                   "rate": 1, "period": 86400.0, "burst": 1_000_000}  # fmt: skip
+    raw = {**good.model_dump(mode="json"), "version": good.version + 1, "limits": [unbuildable]}
+    await redis_client.set(constants.POLICY_DOC, json.dumps(raw))
+    await redis_client.set(constants.POLICY_VERSION, good.version + 1)
+    for _ in range(3):  # what three polls would do
+        assert await w.refresh() is False
+    assert w.current == good
+    refused = [r for r in caplog.records if "stored policy is invalid" in r.getMessage()]
+    assert len(refused) == 1
+    assert "limit 'daily'" in refused[0].__dict__["fields"]["error"]
+    fixed = await store.put({"limits": []}, actor="t")
+    assert await w.refresh() is True and w.current == fixed
+
+
 async def test_watcher_keeps_the_last_policy_while_redis_is_down(
     tmp_path: Path, caplog: Any
 ) -> None:

@@ -116,6 +116,19 @@ async def test_api_keys_over_rpc(rpc: RpcClient) -> None:
     assert (await rpc.call("auth.introspect", key["api_key"]))["active"] is False
 
 
+async def test_a_key_lifetime_is_a_number_not_a_boolean(rpc: RpcClient) -> None:
+    user = await rpc.call("auth.register", "Bool", PASSWORD, timeout=CALL)
+    for flag in (True, False):  # lax mode read them as 1 and 0: a key living 1 s
+        with pytest.raises(InvalidParams) as caught:
+            await rpc.call("auth.create_api_key", user_id=user["user_id"], scopes=["iptv"],
+                           expires_in=flag)  # fmt: skip
+        assert "expires_in" in str(caught.value) and "boolean" in str(caught.value)
+    assert await rpc.call("auth.list_api_keys", user_id=user["user_id"]) == []
+    key = await rpc.call("auth.create_api_key", user_id=user["user_id"], scopes=["iptv"],
+                         expires_in="3600")  # text is still read as a number  # fmt: skip
+    assert (key["expires_at"] - key["created_at"]).total_seconds() == 3600
+
+
 async def test_admin_methods_over_rpc(rpc: RpcClient, redis4: aioredis.Redis) -> None:
     user = await rpc.call("auth.register", "Ada", PASSWORD, timeout=CALL)
     promoted = await rpc.call("auth.set_roles", user_id=user["user_id"], roles=["user", "admin"])

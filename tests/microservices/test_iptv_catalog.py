@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.errors import BadRequest, NotFound
-from microservices.iptv.catalog import MAX_PROGRAMME, Catalog, Keys, _search_rank
+from microservices.iptv.catalog import MAX_PAGE, MAX_PROGRAMME, Catalog, Keys, _search_rank
 from microservices.iptv.seed import (
     GENRES,
     GUIDE_DAYS,
@@ -139,7 +139,10 @@ async def test_list_channels_by_category(catalog: Catalog) -> None:
     assert unknown["items"] == [] and unknown["total"] == 0
 
 
-@pytest.mark.parametrize(("page", "page_size"), [(0, 50), (-1, 50), (1, 0), (1, 201), (1, -5)])
+@pytest.mark.parametrize(
+    ("page", "page_size"),
+    [(0, 50), (-1, 50), (1, 0), (1, 201), (1, -5), (MAX_PAGE + 1, 50), (10**22, 50)],
+)
 async def test_list_channels_rejects_bad_paging(catalog: Catalog, page: int, page_size: int):
     with pytest.raises(BadRequest):
         await catalog.list_channels(page=page, page_size=page_size)

@@ -6,13 +6,14 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from common import InvalidParams, RemoteError, RpcClient, RpcError
 from common.constants import instances_key
-from microservices.iptv.catalog import Keys
+from microservices.iptv.catalog import MAX_PAGE, Keys
 from tests.helpers import ServiceProcess, db_url, wait_for_async
 
 pytestmark = pytest.mark.timeout(90)
@@ -87,6 +88,40 @@ async def test_list_channels_filters_and_validates(rpc: RpcClient) -> None:
     assert caught.value.code == "bad_request"
     with pytest.raises(InvalidParams):
         await rpc.call("iptv.list_channels", page="first")
+
+
+# Past int64 (as a query string brings them: the gateway forwards them as text).
+HUGE = "99999999999999999999999"
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs"),
+    [
+        ("list_channels", {"page": HUGE}),
+        ("list_channels", {"page": str(2**63 - 1)}),
+        ("list_channels", {"page": str(MAX_PAGE + 1)}),
+        ("get_epg", {"channel_id": 1, "start": "0001-01-01T00:00:00"}),
+        ("get_epg", {"channel_id": 1, "start": "0001-01-01T01:00:00+05:00"}),
+        ("get_epg", {"channel_id": 1, "start": "9999-12-31T23:00:00"}),
+        ("get_channel", {"channel_id": HUGE}),
+        ("get_channel", {"channel_id": str(2**63)}),
+        ("get_epg", {"channel_id": HUGE}),
+        ("now_playing", {"channel_id": HUGE}),
+        ("add_favourite", {"user_id": "rpc-user-2", "channel_id": HUGE}),
+        ("remove_favourite", {"user_id": "rpc-user-2", "channel_id": HUGE}),
+        ("remove_favourite", {"user_id": "rpc-user-2", "channel_id": f"-{HUGE}"}),
+    ],
+)
+async def test_out_of_range_numbers_are_bad_requests(
+    rpc: RpcClient, iptv: ServiceProcess, method: str, kwargs: dict[str, Any]
+) -> None:
+    """Bounded above as below: past them Redis, `datetime` or the RPC codec would fail
+    (a remote error naming a Redis command, a traceback in the worker's log)."""
+    with pytest.raises(RemoteError) as caught:
+        await rpc.call(f"iptv.{method}", **kwargs)
+    assert caught.value.code == "bad_request", caught.value
+    assert "ZRANGE" not in str(caught.value) and "sb:" not in str(caught.value)
+    assert iptv.log_records("handler raised") == []
 
 
 async def test_get_channel(rpc: RpcClient) -> None:

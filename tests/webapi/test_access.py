@@ -504,6 +504,76 @@ def test_policy_admin_api_validates_versions_and_audits(gateways: Gateways) -> N
     assert old.status_code == 200 and old.json()["services"] == current["services"]
 
 
+def test_policy_admin_api_reads_integers_strictly(gateways: Gateways) -> None:
+    admin = bearer(gateways.admin_token())
+    url = f"{gateways.url}/admin/policy"
+    current = httpx.get(url, headers=admin).json()
+    for limit in ("0", "1001", "-1"):
+        refused = httpx.get(f"{url}/history", params={"limit": limit}, headers=admin)
+        assert refused.status_code == 422, (limit, refused.text)
+        assert refused.json()["error"]["message"] == "limit must be between 1 and 1000"
+    version = str(current["version"])
+    # "1_0" is 10 to int(), and Arabic-Indic or fullwidth digits are digits to it.
+    for text in ("1_0", "\u0661", "\uff11", version.translate(str.maketrans("0123456789",
+                 "\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669"))):  # fmt: skip
+        by_query = httpx.put(url, params={"expected_version": text}, json=current, headers=admin)
+        by_header = httpx.put(url, json=current, headers={**admin, "If-Match": text.encode()})
+        for refused, name in ((by_query, "expected_version"), (by_header, "If-Match")):
+            assert refused.status_code == 422, (text, refused.text)
+            error = refused.json()["error"]
+            assert error["code"] == "invalid_params"
+            assert error["message"].startswith(f"{name} must be an integer")
+    assert httpx.get(url, headers=admin).json() == current  # nothing written
+    quoted = httpx.put(url, json=current, headers={**admin, "If-Match": f'"{version}"'})
+    assert quoted.status_code == 200, quoted.text
+
+
+def test_an_api_key_lifetime_is_not_a_boolean(gateways: Gateways) -> None:
+    name, password = gateways.register()
+    session = bearer(gateways.login(name, password)["access_token"])
+    keys = f"{gateways.url}/api/v1/auth/keys"
+    refused = httpx.post(keys, json={"scopes": ["calc.add"], "expires_in": True}, headers=session)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["code"] == "invalid_params"
+    assert httpx.get(keys, headers=session).json()["keys"] == []
+
+
+def test_a_limit_the_rate_limiter_cannot_keep_is_refused_and_never_applied(
+    gateways: Gateways,
+) -> None:
+    """burst * period / rate past the limiter's window (~35 years): validate and put
+    answer 422 naming the limit; the same document written straight into Redis (as
+    before the rule existed) is refused by every gateway, which keeps serving."""
+    admin = bearer(gateways.admin_token())
+    url = f"{gateways.url}/admin/policy"
+    rule = {"id": "daily", "service": "*", "rate": 1, "period": 86400, "burst": 1_000_000}
+    for answer in (httpx.post(f"{url}/validate", json={"limits": [rule]}, headers=admin),
+                   httpx.put(url, json={"limits": [rule]}, headers=admin)):  # fmt: skip
+        assert answer.status_code == 422, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "policy_invalid"
+        assert error["details"][0]["loc"] == "limits[0]"
+        assert "limit 'daily': burst * period / rate" in error["details"][0]["msg"]
+
+    good = gateways.put_policy(admin["Authorization"][7:], limits=[])
+    raw = {**good, "version": good["version"] + 1,
+           "limits": [{**rule, "method": "*", "key": "credential"}]}  # fmt: skip
+    r = redis.Redis.from_url(gateways.redis_url)
+    r.set("sb:{policy}:doc", json.dumps(raw))
+    r.set("sb:{policy}:version", good["version"] + 1)
+    r.publish("sb:{policy}:changed", good["version"] + 1)
+
+    def refused(proc: ServiceProcess) -> bool:
+        return '"msg": "stored policy is invalid' in proc.log_path.read_text(errors="replace")
+
+    wait_for(lambda: all(refused(proc) for proc in gateways.procs[:2]), timeout=5)
+    for gateway in gateways.urls:
+        assert policy_version(gateway) == good["version"]  # the last good one
+        added = httpx.post(f"{gateway}/rpc/calc/add", json={"a": 1, "b": 2}, headers=admin)
+        assert added.status_code == 200, added.text
+    gateways.put_policy(admin["Authorization"][7:], limits=[])  # the admin API still works
+
+
 # -- live policy under load ----------------------------------------------------------
 
 

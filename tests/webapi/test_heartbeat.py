@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import pytest
@@ -11,6 +12,7 @@ import redis.asyncio as aioredis
 from common.registry import InstanceRecord, Registry
 from tests.helpers import wait_for
 from tests.webapi.conftest import as_admin
+from webapi.heartbeats import MAX_METADATA_BYTES, MAX_METADATA_DEPTH
 
 
 def _live(base: str, service: str) -> list[str]:
@@ -77,6 +79,16 @@ def test_leaving_deregisters_at_once(gateway: str) -> None:
     assert _live(gateway, name) == []  # at once, not after the TTL
 
 
+def _long(over: int) -> bytes:
+    """A JSON object `over` bytes longer than the metadata's bound, compactly encoded."""
+    return b'{"a":"' + b"x" * (MAX_METADATA_BYTES - 8 + over) + b'"}'
+
+
+def _nested(depth: int) -> bytes:
+    """A JSON object nested `depth` levels deep."""
+    return b'{"a": ' * (depth - 1) + b'{"a": 1}' + b"}" * (depth - 1)
+
+
 @pytest.mark.parametrize(
     ("body", "status"),
     [
@@ -92,6 +104,14 @@ def test_leaving_deregisters_at_once(gateway: str) -> None:
         (b'{"service": "x", "address": "127.0.0.1:80", "weight": 0}', 422),
         (b'{"service": "x", "address": "127.0.0.1:80", "kind": "ftp"}', 422),
         (b'{"service": "x", "address": "127.0.0.1:80", "health_path": "../etc"}', 422),
+        ('{"service": "x", "address": "127.0.0.1:\u00b2"}'.encode(), 422),  # not int()'s
+        (  # int() reads "\u0668\u0660" as 80
+            '{"service": "x", "address": "127.0.0.1:\u0668\u0660", "instance_id": "x1"}'.encode(),
+            422,
+        ),
+        (b'{"service": "x", "address": "127.0.0.1:80", "metadata": ' + _nested(9) + b"}", 422),
+        (b'{"service": "x", "address": "127.0.0.1:80", "metadata": ' + _nested(900) + b"}", 422),
+        (b'{"service": "x", "address": "127.0.0.1:80", "metadata": ' + _long(1) + b"}", 422),
     ],
 )
 def test_bad_heartbeats(gateway: str, body: bytes, status: int) -> None:
@@ -100,3 +120,32 @@ def test_bad_heartbeats(gateway: str, body: bytes, status: int) -> None:
     )
     assert response.status_code == status
     assert response.json()["error"]["code"]
+
+
+def test_a_refused_heartbeat_says_why(gateway: str) -> None:
+    body = {"service": "x", "address": "127.0.0.1:\u00b2"}
+    refused = as_admin.post(f"{gateway}/heartbeat", json=body).json()["error"]
+    assert refused["code"] == "invalid_heartbeat"
+    assert refused["message"] == "address must be host:port with a port from 1 to 65535"
+    body = {"service": "x", "address": "127.0.0.1:80", "metadata": json.loads(_nested(9))}
+    refused = as_admin.post(f"{gateway}/heartbeat", json=body).json()["error"]
+    assert refused["message"] == "metadata may nest at most 8 levels deep"
+    body["metadata"] = json.loads(_long(1))
+    refused = as_admin.post(f"{gateway}/heartbeat", json=body).json()["error"]
+    assert refused["message"] == "metadata may be at most 4096 bytes as JSON"
+
+
+def test_metadata_up_to_its_bounds_is_stored_past_them_refused(
+    gateway: str, redis_url: str
+) -> None:
+    name = f"svc{uuid.uuid4().hex[:6]}"
+    body: dict[str, object] = {"service": name, "address": "127.0.0.1:9300"}
+    for at_bound, past in ((_nested(MAX_METADATA_DEPTH), _nested(MAX_METADATA_DEPTH + 1)),
+                           (_long(0), _long(1))):  # fmt: skip
+        stored = as_admin.post(
+            f"{gateway}/heartbeat", json={**body, "metadata": json.loads(at_bound)}
+        )
+        assert stored.status_code == 200, stored.text
+        assert _records(redis_url, name)[f"{name}@127.0.0.1:9300"].metadata == json.loads(at_bound)
+        refused = as_admin.post(f"{gateway}/heartbeat", json={**body, "metadata": json.loads(past)})
+        assert refused.status_code == 422, refused.text

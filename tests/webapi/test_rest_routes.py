@@ -38,6 +38,8 @@ async def test_channels_filter_by_category(http: httpx.AsyncClient) -> None:
         ({"page_size": "many"}, 422),
         ({"page": 0}, 400),
         ({"page_size": 0}, 400),
+        ({"page": "99999999999999999999999"}, 400),  # past int64: not a Redis error (502)
+        ({"page": "9223372036854775807"}, 400),
     ],
 )
 async def test_channel_query_errors(
@@ -82,6 +84,7 @@ async def test_epg_by_time_range(http: httpx.AsyncClient) -> None:
     [
         ({"from": "yesterday-ish"}, 422),
         ({"from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"}, 400),
+        ({"from": "0001-01-01T00:00:00Z"}, 400),  # not an OverflowError (500)
     ],
 )
 async def test_epg_errors(http: httpx.AsyncClient, params: dict[str, str], status: int) -> None:

@@ -13,6 +13,7 @@ without storing it.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sanic import Blueprint, HTTPResponse
@@ -39,13 +40,17 @@ def _actor(request: GatewayRequest) -> str:
     return f"user:{principal.subject} ({principal.name})"
 
 
-def _int_arg(request: GatewayRequest, name: str, value: str | None) -> int | None:
+# ASCII digits only: int() also reads "1_0" (10) and other scripts' digits ("\u0661" is 1).
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
+
+
+def _int_arg(name: str, value: str | None) -> int | None:
     if value is None or value == "":
         return None
-    try:
-        return int(value.strip().strip('"'))
-    except ValueError:
-        raise InvalidQuery(f"{name} must be an integer") from None
+    text = value.strip().strip('"')  # If-Match may quote it, as an entity tag
+    if not _INTEGER.fullmatch(text):
+        raise InvalidQuery(f"{name} must be an integer (ASCII digits, at most 18)")
+    return int(text)
 
 
 @bp.get("/policy", ctx_access=ADMIN)
@@ -57,9 +62,9 @@ async def get_policy(request: GatewayRequest) -> HTTPResponse:
 @bp.put("/policy", ctx_access=ADMIN)
 async def put_policy(request: GatewayRequest) -> HTTPResponse:
     body = json_object(request, empty_ok=False)
-    expected = _int_arg(request, "If-Match", request.headers.get("if-match"))
+    expected = _int_arg("If-Match", request.headers.get("if-match"))
     if expected is None:
-        expected = _int_arg(request, "expected_version", request.args.get("expected_version"))
+        expected = _int_arg("expected_version", request.args.get("expected_version"))
     document = await _store(request).put(body, actor=_actor(request), expected_version=expected)
     return json_response(document.model_dump(mode="json"))
 
@@ -72,7 +77,9 @@ async def validate_policy(request: GatewayRequest) -> HTTPResponse:
 
 @bp.get("/policy/history", ctx_access=ADMIN)
 async def policy_history(request: GatewayRequest) -> HTTPResponse:
-    limit = _int_arg(request, "limit", request.args.get("limit")) or 20
+    limit = _int_arg("limit", request.args.get("limit"))
+    if limit is None:
+        limit = 20
     if not 1 <= limit <= 1000:
         raise InvalidQuery("limit must be between 1 and 1000")
     return json_response({"changes": await _store(request).history(limit)})
