@@ -21,6 +21,13 @@ stop on account of Redis alone. Instead, leases are read on a clock that stops
 live when the view lost touch stay routable until Redis answers again, as Envoy
 keeps its last endpoints when its control plane is away. Those that die meanwhile
 are the health checks' to eject (design §5: passive and active health).
+
+When Redis answers again, the first resync finds those leases ended (nothing could
+renew them), though the instances are up and heartbeat again within a second. So
+that resync keeps every instance it last saw for `recovery_grace` more seconds
+(a default heartbeat lease): routing goes on across the outage's end instead of
+answering 503 until each instance's next heartbeat. One that died meanwhile is
+gone when its grace ends, or ejected by the health checks before.
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ class RegistryView:
         self.resync_interval = resync_interval
         # Two resyncs missed: out of touch with Redis (see the module docstring).
         self.stale_after = 2 * resync_interval
+        # After an outage, how long the instances last seen stay (the module docstring):
+        # the default HEARTBEAT_TTL, one lease for their heartbeats to come back.
+        self.recovery_grace = 3.0
         self._view: dict[str, dict[str, tuple[InstanceRecord, float]]] = {}
         self._listeners: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -117,12 +127,20 @@ class RegistryView:
         """Reload one service (or all) from Redis now."""
         started = time.time()
         names = [service] if service else await self.registry.service_names()
+        # Out of touch until now: the leases last seen are kept a grace longer.
+        recovering = service is None and started > self._last_sync + self.stale_after
+        if recovering:
+            names = sorted({*names, *self._view})
         for name in names:
             redis_now, leases = await self.registry.leases(name)
             offset = time.time() - redis_now
-            self._view[name] = {
-                record.instance_id: (record, end + offset) for record, end in leases
-            }
+            fresh = {record.instance_id: (record, end + offset) for record, end in leases}
+            if recovering:
+                grace_end = started + self.recovery_grace
+                for instance_id, (record, _) in self._view.get(name, {}).items():
+                    current, end = fresh.get(instance_id, (record, -math.inf))
+                    fresh[instance_id] = (current, max(end, grace_end))
+            self._view[name] = fresh
             self._notify(name)
         if service is None:
             self._last_sync = started
