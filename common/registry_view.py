@@ -25,7 +25,7 @@ are the health checks' to eject (design §5: passive and active health).
 When Redis answers again, the first resync finds those leases ended (nothing could
 renew them), though the instances are up and heartbeat again within a second. So
 that resync keeps every instance it last saw for `recovery_grace` more seconds
-(a default heartbeat lease): routing goes on across the outage's end instead of
+(one heartbeat lease): routing goes on across the outage's end instead of
 answering 503 until each instance's next heartbeat. One that died meanwhile is
 gone when its grace ends, or ejected by the health checks before.
 """
@@ -56,15 +56,17 @@ Listener = Callable[[str], None]
 class RegistryView:
     """Live instances per service, in memory, current from events plus resync."""
 
-    def __init__(self, redis: aioredis.Redis, *, resync_interval: float = 1.0) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, *, resync_interval: float = 1.0, recovery_grace: float = 3.0
+    ) -> None:
+        """`recovery_grace`: one heartbeat lease (`HEARTBEAT_TTL`), the time the instances
+        last seen are kept after an outage (the module docstring)."""
         self.redis = redis
         self.registry = Registry(redis)
         self.resync_interval = resync_interval
         # Two resyncs missed: out of touch with Redis (see the module docstring).
         self.stale_after = 2 * resync_interval
-        # After an outage, how long the instances last seen stay (the module docstring):
-        # the default HEARTBEAT_TTL, one lease for their heartbeats to come back.
-        self.recovery_grace = 3.0
+        self.recovery_grace = recovery_grace
         self._view: dict[str, dict[str, tuple[InstanceRecord, float]]] = {}
         self._listeners: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []

@@ -69,7 +69,7 @@ async def _open_resources(app: GatewayApp) -> None:
     ctx.registry = Registry(ctx.redis, ctx.settings.heartbeat_ttl)
     ctx.rpc = RpcClient(redis=ctx.redis, settings=ctx.settings)
     await ctx.rpc.start()
-    ctx.view = RegistryView(ctx.redis)
+    ctx.view = RegistryView(ctx.redis, recovery_grace=ctx.settings.heartbeat_ttl)
     await ctx.view.start()
     ctx.policy = PolicyWatcher(ctx.redis)
     await ctx.policy.start()

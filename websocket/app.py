@@ -122,7 +122,7 @@ async def _open(app: WsApp) -> None:
     ctx.redis = connect(settings.require_redis_url(), name="websocket")
     ctx.rpc = RpcClient(redis=ctx.redis, settings=settings)
     await ctx.rpc.start()
-    ctx.view = RegistryView(ctx.redis)
+    ctx.view = RegistryView(ctx.redis, recovery_grace=settings.heartbeat_ttl)
     await ctx.view.start()
     ctx.policy = PolicyWatcher(ctx.redis)
     await ctx.policy.start()

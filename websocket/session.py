@@ -219,7 +219,7 @@ class Session:
             await self.ctx.hub.unsubscribe(channel, self.conn.send)
             channels.discard(channel)
             answer = {"type": "unsubscribed", "channel": channel, "reason": "forbidden"}
-            self.send(json.dumps(answer))
+            self.send(_with_id(answer, None))
 
     async def _subscription(self, kind: str, channel: Any, id_: Any) -> None:
         if not isinstance(channel, str) or not CHANNEL.fullmatch(channel):

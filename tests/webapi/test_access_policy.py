@@ -1,0 +1,187 @@
+"""The admin policy API, through two real gateway processes sharing Redis
+(`access_fixtures`): validation, versions and audit, strict integers, a limit the rate
+limiter cannot keep, and a weight change followed by both gateways under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import httpx
+import pytest
+import redis
+
+from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
+from tests.webapi.access_fixtures import (  # noqa: F401 (the `gateways` fixture)
+    ADMIN_NAME,
+    Gateways,
+    bearer,
+    gateways_fixture,
+)
+from tests.webapi.conftest import policy_version
+
+pytestmark = pytest.mark.timeout(240)
+
+
+# -- the admin policy API --------------------------------------------------------
+
+
+def test_policy_admin_api_validates_versions_and_audits(gateways: Gateways) -> None:
+    admin = bearer(gateways.admin_token())
+    url = f"{gateways.url}/admin/policy"
+    current = httpx.get(url, headers=admin).json()
+    bad = {"services": {"calc": {"strategy": "fastest", "version_weights": {"v1": -1}}},
+           "surprise": 1}  # fmt: skip
+    refused = httpx.put(url, json=bad, headers=admin)
+    assert refused.status_code == 422
+    details = refused.json()["error"]["details"]
+    assert {d["loc"] for d in details} >= {"services.calc.strategy", "surprise"}
+    assert httpx.get(url, headers=admin).json() == current  # nothing changed
+    checked = httpx.post(f"{url}/validate", json=bad, headers=admin)
+    assert checked.status_code == 422
+    assert httpx.put(url, content=b"{nope", headers=admin).status_code == 400
+
+    stale = {**current, "services": {"calc": {"strategy": "random"}}}
+    changed = httpx.put(url, json=stale, headers={**admin, "If-Match": str(current["version"])})
+    assert changed.status_code == 200 and changed.json()["version"] == current["version"] + 1
+    conflict = httpx.put(url, json=stale, headers={**admin, "If-Match": str(current["version"])})
+    assert conflict.status_code == 409
+    history = httpx.get(f"{url}/history", headers=admin).json()["changes"]
+    assert history[0]["version"] == current["version"] + 1
+    assert ADMIN_NAME in history[0]["actor"]
+    assert "services.calc" in " ".join(history[0]["changes"])
+    old = httpx.get(f"{url}/versions/{current['version']}", headers=admin)
+    assert old.status_code == 200 and old.json()["services"] == current["services"]
+
+
+def test_policy_admin_api_reads_integers_strictly(gateways: Gateways) -> None:
+    admin = bearer(gateways.admin_token())
+    url = f"{gateways.url}/admin/policy"
+    current = httpx.get(url, headers=admin).json()
+    for limit in ("0", "1001", "-1"):
+        refused = httpx.get(f"{url}/history", params={"limit": limit}, headers=admin)
+        assert refused.status_code == 422, (limit, refused.text)
+        assert refused.json()["error"]["message"] == "limit must be between 1 and 1000"
+    version = str(current["version"])
+    # "1_0" is 10 to int(), and Arabic-Indic or fullwidth digits are digits to it.
+    for text in ("1_0", "\u0661", "\uff11", version.translate(str.maketrans("0123456789",
+                 "\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669"))):  # fmt: skip
+        by_query = httpx.put(url, params={"expected_version": text}, json=current, headers=admin)
+        by_header = httpx.put(url, json=current, headers={**admin, "If-Match": text.encode()})
+        for refused, name in ((by_query, "expected_version"), (by_header, "If-Match")):
+            assert refused.status_code == 422, (text, refused.text)
+            error = refused.json()["error"]
+            assert error["code"] == "invalid_params"
+            assert error["message"].startswith(f"{name} must be an integer")
+    assert httpx.get(url, headers=admin).json() == current  # nothing written
+    quoted = httpx.put(url, json=current, headers={**admin, "If-Match": f'"{version}"'})
+    assert quoted.status_code == 200, quoted.text
+
+
+def test_a_limit_the_rate_limiter_cannot_keep_is_refused_and_never_applied(
+    gateways: Gateways,
+) -> None:
+    """burst * period / rate past the limiter's window (~35 years): validate and put
+    answer 422 naming the limit; the same document written straight into Redis (as
+    before the rule existed) is refused by every gateway, which keeps serving."""
+    admin = bearer(gateways.admin_token())
+    url = f"{gateways.url}/admin/policy"
+    rule = {"id": "daily", "service": "*", "rate": 1, "period": 86400, "burst": 1_000_000}
+    for answer in (httpx.post(f"{url}/validate", json={"limits": [rule]}, headers=admin),
+                   httpx.put(url, json={"limits": [rule]}, headers=admin)):  # fmt: skip
+        assert answer.status_code == 422, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "policy_invalid"
+        assert error["details"][0]["loc"] == "limits[0]"
+        assert "limit 'daily': burst * period / rate" in error["details"][0]["msg"]
+
+    good = gateways.put_policy(admin["Authorization"][7:], limits=[])
+    raw = {**good, "version": good["version"] + 1,
+           "limits": [{**rule, "method": "*", "key": "credential"}]}  # fmt: skip
+    r = redis.Redis.from_url(gateways.redis_url)
+    r.set("sb:{policy}:doc", json.dumps(raw))
+    r.set("sb:{policy}:version", good["version"] + 1)
+    r.publish("sb:{policy}:changed", good["version"] + 1)
+
+    def refused(proc: ServiceProcess) -> bool:
+        return '"msg": "stored policy is invalid' in proc.log_path.read_text(errors="replace")
+
+    wait_for(lambda: all(refused(proc) for proc in gateways.procs[:2]), timeout=5)
+    for gateway in gateways.urls:
+        assert policy_version(gateway) == good["version"]  # the last good one
+        added = httpx.post(f"{gateway}/rpc/calc/add", json={"a": 1, "b": 2}, headers=admin)
+        assert added.status_code == 200, added.text
+    gateways.put_policy(admin["Authorization"][7:], limits=[])  # the admin API still works
+
+
+# -- live policy under load ----------------------------------------------------------
+
+
+def test_weight_change_applies_on_both_gateways_under_load(gateways: Gateways) -> None:
+    """v1 takes all traffic, then the admin moves it to v2: both gateways follow
+    within a second, and no request fails meanwhile."""
+    admin = gateways.admin_token()
+    service = f"canary{uuid.uuid4().hex[:6]}"
+    registrar = issue_api_key(gateways.redis_url, ["registry"], user_id="backends")
+    backends = []
+    for version in ("v1", "v2"):
+        env = {"PORT": str(free_port()), "NAME": f"{service}-{version}", "SERVICE": service,
+               "VERSION": version, "GATEWAY": gateways.url,
+               "GATEWAY_API_KEY": registrar}  # fmt: skip
+        backends.append(ServiceProcess(["python", "-m", "tests.support.http_backend"], env=env,
+                                       name=env["NAME"]).start())  # fmt: skip
+    try:
+        gateways.put_policy(admin, services={service: {"version_weights": {"v1": 100, "v2": 0}}})
+
+        def routable(url: str) -> bool:
+            r = httpx.get(f"{url}/svc/{service}/echo", headers=bearer(admin), timeout=5)
+            return r.status_code == 200
+
+        wait_for(lambda: all(routable(u) for u in gateways.urls), timeout=30)
+        seen = asyncio.run(_load_while_switching(gateways, service, admin))
+    finally:
+        for proc in backends:
+            proc.stop()
+    failed = [s for *_rest, s in seen if s != 200]
+    assert failed == []
+    for url in gateways.urls:
+        mine = [(t, instance) for u, t, instance, _s in seen if u == url]
+        assert mine[0][1] == f"{service}-v1"  # before the change
+        last_v1 = max(t for t, instance in mine if instance == f"{service}-v1")
+        after = [instance for t, instance in mine if t > last_v1]
+        assert len(after) > 20 and set(after) == {f"{service}-v2"}
+        print(f"{url}: last v1 answer {last_v1:.3f} s after the change was accepted")
+        assert last_v1 < 1.0  # applied within a second of the admin API's answer
+
+
+async def _load_while_switching(
+    gateways: Gateways, service: str, admin: str
+) -> list[tuple[str, float, str, int]]:
+    """(gateway, seconds since the change, instance, status) of every request."""
+    seen: list[tuple[str, float, str, int]] = []
+    changed_at: list[float] = []
+    stop = asyncio.Event()
+
+    async def load(client: httpx.AsyncClient, url: str) -> None:
+        while not stop.is_set():
+            r = await client.get(f"{url}/svc/{service}/echo")
+            since = time.monotonic() - changed_at[0] if changed_at else -1.0
+            instance = r.json().get("instance", "?") if r.status_code == 200 else "?"
+            seen.append((url, since, instance, r.status_code))
+
+    async with httpx.AsyncClient(timeout=10, headers=bearer(admin)) as client:
+        workers = [asyncio.create_task(load(client, url))
+                   for url in gateways.urls for _ in range(4)]  # fmt: skip
+        await asyncio.sleep(0.5)
+        document = {"services": {service: {"version_weights": {"v1": 0, "v2": 100}}}}
+        current = (await client.get(f"{gateways.url}/admin/policy")).json()
+        r = await client.put(f"{gateways.url}/admin/policy", json={**current, **document})
+        assert r.status_code == 200, r.text
+        changed_at.append(time.monotonic())
+        await asyncio.sleep(2.0)
+        stop.set()
+        await asyncio.gather(*workers)
+    return seen
