@@ -59,6 +59,16 @@ def setup_logging(service: str, level: str = "INFO") -> None:
         lg = logging.getLogger(name)
         lg.handlers[:] = []
         lg.propagate = True
+    # httpx logs every request it makes at info: the gateway's active health checks
+    # would write a line per instance every interval. Their warnings still show, and
+    # a DEBUG level shows everything.
+    quiet = logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(quiet)
+
+
+# Libraries that log routine work at info.
+_CHATTY = ("httpx", "httpcore")
 
 
 def get_logger(name: str) -> logging.Logger:

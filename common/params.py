@@ -7,7 +7,11 @@ pydantic `TypeAdapter` for its annotation. Coercion is pydantic's lax mode on
 purpose: the gateway forwards JSON, where an ISO string must become a
 `datetime` and a query-string "5" an `int`; a type that cannot be coerced
 (a string where an int is expected, say) is rejected with the field's path.
-Lax mode also reads a boolean as 0 or 1: parameters annotated `Integer` refuse one.
+Lax mode also reads a boolean as 0 or 1; an `int` refuses one here instead (a
+page, a count or a duration given as `true` is a mistake, not a request for 1):
+every `int` in a parameter's annotation, also inside `X | None`, `list[...]`,
+`dict[...]` or `Annotated[...]`, is checked as `Integer`. (Fields of pydantic
+models and dataclasses keep pydantic's own rules: annotate them `Integer`.)
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from __future__ import annotations
 import dataclasses
 import dis
 import inspect
+import types
 import typing
 from collections.abc import Callable, Iterable
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, BeforeValidator, TypeAdapter, ValidationError
 
@@ -31,9 +36,31 @@ def _not_a_bool(value: Any) -> Any:
     return value
 
 
-# An `int` parameter that refuses JSON true/false, which lax mode reads as 1/0: a
-# duration or a count given as a boolean is a mistake, not a request for 1.
+# An `int` that refuses JSON true/false, which lax mode reads as 1/0: a duration or a
+# count given as a boolean is a mistake, not a request for 1.
 Integer = Annotated[int, BeforeValidator(_not_a_bool)]
+
+
+def strict_ints(annotation: Any) -> Any:
+    """`annotation` with each `int` in it replaced by `Integer` (module docstring)."""
+    if annotation is int:
+        return Integer
+    origin = typing.get_origin(annotation)
+    if origin is None or annotation == Integer or origin is typing.Literal:
+        return annotation
+    args = typing.get_args(annotation)
+    if origin is Annotated:  # (its metadata are values, not types)
+        base = strict_ints(args[0])
+        return annotation if base is args[0] else Annotated[(base, *args[1:])]
+    new = tuple(strict_ints(arg) for arg in args)
+    if all(a is b for a, b in zip(new, args, strict=True)):
+        return annotation
+    if origin in (Union, types.UnionType):
+        return Union[new]  # noqa: UP007 (built from a tuple)
+    try:
+        return origin[new]
+    except TypeError:  # a generic that cannot be rebuilt this way: as written
+        return annotation
 
 
 class MethodSpec:
@@ -51,7 +78,7 @@ class MethodSpec:
             annotation = hints.get(param.name, Any)
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or annotation is Any:
                 continue
-            self._adapters[param.name] = TypeAdapter(annotation)
+            self._adapters[param.name] = TypeAdapter(strict_ints(annotation))
             _register_classes(annotation)
         _register_classes(hints.get("return", Any))
         self.doc = inspect.getdoc(fn) or ""

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from common import Service, get_logger
-from common.params import Integer
 from microservices.auth.accounts import Accounts
 from microservices.auth.throttle import ThrottleRules
 
@@ -89,7 +88,7 @@ async def revoke(kind: str, id: str) -> dict[str, Any]:
 @svc.method
 async def create_api_key(
     user_id: str, name: str | None = None, scopes: list[str] | None = None,
-    expires_in: Integer | None = None,
+    expires_in: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """A new key {key_id, api_key (shown once), name, scopes, created_at, expires_at}."""
     return await ctx.accounts.create_api_key(user_id, name, scopes or [], expires_in)

@@ -68,6 +68,8 @@ async def test_arguments_are_coerced_by_type_hints(calc: Service, rpc: RpcClient
         ((1,), {"c": 2}, "unexpected keyword argument"),
         ((), {"a": "two"}, "valid integer"),
         ((1, 2, 3), {}, "too many positional"),
+        ((), {"a": True}, "a boolean is not a number"),  # (pydantic's lax mode reads 1)
+        ((True, 2), {}, "a boolean is not a number"),  # (`MethodSpec.bind`'s shortcut)
     ],
 )
 async def test_invalid_params(calc: Service, rpc: RpcClient, args, kwargs, fragment) -> None:

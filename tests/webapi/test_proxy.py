@@ -25,7 +25,7 @@ from tests.helpers import (
 )
 from tests.support.policy import set_service
 from tests.support.registry import dead_instances
-from tests.webapi.conftest import as_admin, policy_version
+from tests.webapi.conftest import as_admin, gateway_process, policy_version
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -331,6 +331,9 @@ def test_active_health_check_removes_and_readmits(backends: Backends) -> None:
     wait_for(lambda: sick not in _spread(backends, 30), timeout=15, interval=0.5)
     as_admin.post(f"http://127.0.0.1:{backends.ports[sick]}/admin/health?ok=1")
     wait_for(lambda: sick in _spread(backends, 30), timeout=15, interval=0.5)
+    # The checks (a GET per instance every 2 s) are not logged one line each.
+    log = gateway_process(backends.gateway).log_path.read_text()
+    assert '"logger": "httpx"' not in log
 
 
 def test_dead_only_instance_is_502_then_503(gateway: str) -> None:
