@@ -8,7 +8,11 @@ with a doubling backoff and a single trial request to re-admit it.
 Active (instances that registered a `health_path`): a GET every `interval`;
 `fall` consecutive failures mark the instance down, `rise` consecutive passes
 mark it up again and also clear any passive ejection: a healthy instance is
-re-admitted even if no request would have tried it.
+re-admitted even if no request would have tried it. A check passes on a status
+below 400, read from the response head: its body is not read (a health path that
+streams, an event stream by mistake, must not hold the check open), and the whole
+check has `timeout` to end. So a round of checks ends within `timeout`, whatever
+one instance does, and every instance is checked every `interval` or so.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class ActiveChecker:
     ) -> None:
         self.view, self.book = view, book
         self.interval, self.fall, self.rise = interval, fall, rise
+        self.timeout = timeout
         self.client = httpx.AsyncClient(timeout=timeout)
         self._limit = asyncio.Semaphore(32)
 
@@ -55,11 +60,13 @@ class ActiveChecker:
         await asyncio.gather(*(self._check(r) for r in checked))
 
     async def _check(self, record: InstanceRecord) -> None:
+        url = f"http://{record.address}{record.health_path}"
         async with self._limit:
             try:
-                response = await self.client.get(f"http://{record.address}{record.health_path}")
-                ok = response.status_code < 400
-            except httpx.HTTPError:
+                async with asyncio.timeout(self.timeout):
+                    async with self.client.stream("GET", url) as response:
+                        ok = response.status_code < 400  # (closing drops the body unread)
+            except (httpx.HTTPError, TimeoutError):
                 ok = False
         self.book.active_result(record.instance_id, ok, fall=self.fall, rise=self.rise)
 

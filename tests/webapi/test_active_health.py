@@ -1,0 +1,132 @@
+"""The gateway's active health checks (`ActiveChecker`) against real HTTP servers on
+127.0.0.1, instances registered in Redis and seen through a real `RegistryView`."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from common.balancing import HealthBook
+from common.registry import InstanceRecord, Registry
+from common.registry_view import RegistryView
+from tests.helpers import wait_for_async
+from webapi.proxy.health import ActiveChecker
+
+pytestmark = pytest.mark.timeout(30)
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _failing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+async def _streaming(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A 200 whose body never ends (a health path set to an event stream by mistake)."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+    while True:
+        writer.write(b"6\r\ndata:\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+
+async def _dribbling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers a head one byte at a time, each well within the read timeout, never ending."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+    while True:
+        writer.write(b"x")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+
+class Instances:
+    """Servers registered as instances of one service."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.service = f"hc_{uuid.uuid4().hex[:6]}"
+        self.registry = Registry(redis, ttl=30)
+        self.servers: list[asyncio.Server] = []
+
+    async def add(self, name: str, handler: Handler) -> str:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        self.servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        instance_id = f"{self.service}-{name}"
+        await self.registry.heartbeat(InstanceRecord(
+            self.service, instance_id, kind="http", address=f"127.0.0.1:{port}",
+            health_path="/health",
+        ))  # fmt: skip
+        return instance_id
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+
+@pytest.fixture
+async def instances(redis_client: aioredis.Redis) -> AsyncIterator[Instances]:
+    found = Instances(redis_client)
+    try:
+        yield found
+    finally:
+        found.close()
+
+
+async def _checking(
+    redis_client: aioredis.Redis, instances: Instances, expected: int
+) -> tuple[RegistryView, HealthBook, ActiveChecker]:
+    view = RegistryView(redis_client, resync_interval=0.2)
+    await view.start()
+    await wait_for_async(lambda: _count(view, instances.service, expected), timeout=5)
+    book = HealthBook()
+    return view, book, ActiveChecker(view, book, interval=0.1, timeout=0.5, fall=2, rise=2)
+
+
+async def _count(view: RegistryView, service: str, expected: int) -> bool:
+    return len(view.instances(service)) == expected
+
+
+async def test_an_endless_health_body_holds_no_round_of_checks(
+    redis_client: aioredis.Redis, instances: Instances
+) -> None:
+    streaming = await instances.add("streaming", _streaming)
+    failing = await instances.add("failing", _failing)
+    view, book, checker = await _checking(redis_client, instances, 2)
+    task = asyncio.create_task(checker.run())
+    try:
+        # Two failed checks of the other instance: its rounds were not held open.
+        await wait_for_async(lambda: _ejected(book, failing), timeout=10)
+        assert not book.is_ejected(streaming)  # a 200 head passes; its body is not read
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await checker.close()
+        await view.close()
+
+
+async def test_a_check_whose_head_never_ends_fails_at_its_timeout(
+    redis_client: aioredis.Redis, instances: Instances
+) -> None:
+    slow = await instances.add("slow", _dribbling)
+    view, book, checker = await _checking(redis_client, instances, 1)
+    try:
+        for _ in range(2):  # fall=2
+            await asyncio.wait_for(checker.check_all(), timeout=5)
+        assert book.is_ejected(slow)
+    finally:
+        await checker.close()
+        await view.close()
+
+
+async def _ejected(book: HealthBook, instance_id: str) -> bool:
+    return book.is_ejected(instance_id)
