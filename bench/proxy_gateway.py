@@ -30,6 +30,11 @@ OPEN_ROUTE = {"prefix": OPEN_PREFIX, "service": SERVICE, "strip_prefix": True, "
 PASSTHROUGH_PREFIX = "/raw/"
 PASSTHROUGH_ROUTE = {"prefix": PASSTHROUGH_PREFIX, "service": SERVICE, "strip_prefix": False,
                      "public": True, "passthrough": True}  # fmt: skip
+# The same as a tunnel (webapi.tunnel): after the first request, nothing is read.
+TUNNEL_PREFIX = "/tun/"
+TUNNEL_ROUTE = {**PASSTHROUGH_ROUTE, "prefix": TUNNEL_PREFIX, "tunnel": True}
+# The targets served by a splice: the gateway adds none of its headers.
+SPLICED = {"switchboard-passthrough": PASSTHROUGH_PREFIX, "switchboard-tunnel": TUNNEL_PREFIX}
 # "Rate limiting on": a rule that never refuses (a million per second) but still
 # runs the GCRA script in Redis for every request (batched), as a real limit does.
 BENCH_LIMIT = {
@@ -45,12 +50,12 @@ BENCH_USER = "bench"
 
 
 def bench_policy(*, limited: bool) -> dict[str, Any]:
-    """The default policy (its auth limits match nothing here) plus the /open/ and the
-    pass-through /raw/ routes, and BENCH_LIMIT when `limited`."""
+    """The default policy (its auth limits match nothing here) plus the /open/, the
+    pass-through /raw/ and the tunnel /tun/ routes, and BENCH_LIMIT when `limited`."""
     from common.policy import DEFAULT_POLICY
 
     doc = DEFAULT_POLICY.model_dump(mode="json")
-    doc["routes"] = [OPEN_ROUTE, PASSTHROUGH_ROUTE]
+    doc["routes"] = [OPEN_ROUTE, PASSTHROUGH_ROUTE, TUNNEL_ROUTE]
     if limited:
         doc["limits"] = [*doc["limits"], BENCH_LIMIT]
     return doc
@@ -182,8 +187,8 @@ class Gateway:
         self._use_policy(limited=name == "switchboard-auth")
         if name == "switchboard-open":
             return f"{self.url}{OPEN_PREFIX}{PATH.lstrip('/')}", {}
-        if name == "switchboard-passthrough":
-            return f"{self.url}{PASSTHROUGH_PREFIX}{PATH.lstrip('/')}", {}
+        if name in SPLICED:
+            return f"{self.url}{SPLICED[name]}{PATH.lstrip('/')}", {}
         credential = self.token if name == "switchboard-auth" else self.api_key
         return f"{self.url}/svc/{SERVICE}{PATH}", {"Authorization": f"Bearer {credential}"}
 
@@ -217,7 +222,7 @@ class Gateway:
             raise RuntimeError(f"{url}: the rate limiter {wrong} (RateLimit-Limit {limit!r})")
         checks: dict[str, Any] = {"ratelimit_limit": limit}
         spliced = "x-gateway-latency" not in head  # the gateway adds it on every other path
-        if spliced != (name == "switchboard-passthrough"):
+        if spliced != (name in SPLICED):
             raise RuntimeError(f"{url}: {'spliced' if spliced else 'not spliced'}, wrongly")
         checks["spliced"] = spliced
         if headers:

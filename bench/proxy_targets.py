@@ -42,6 +42,7 @@ TARGETS = (
     "nginx",
     "switchboard",
     "switchboard-passthrough",
+    "switchboard-tunnel",
     "switchboard-open",
     "switchboard-auth",
     "haproxy",
@@ -54,14 +55,17 @@ PYTHON_PEERS = ("aiohttp", "sanic-aiohttp")
 # Measured on one gateway process, one after the other:
 #   switchboard       /svc/echo/... with an API key (Authorization: Bearer sbk_...), no limit
 #   switchboard-passthrough  /raw/... : a pass-through policy route to `echo` (spliced)
+#   switchboard-tunnel  /tun/... : the same route as a tunnel (spliced, unread after the first)
 #   switchboard-open  /open/... : a public policy route to `echo`, no credential, no limit
 #   switchboard-auth  /svc/echo/... with a JWT and the BENCH_LIMIT rate limit
-GATEWAY_TARGETS = ("switchboard", "switchboard-passthrough", "switchboard-open", "switchboard-auth")
+GATEWAY_TARGETS = ("switchboard", "switchboard-passthrough", "switchboard-tunnel",
+                   "switchboard-open", "switchboard-auth")  # fmt: skip
 DESCRIPTIONS = {
     "direct": "wrk -> backend (the floor)",
     "nginx": "nginx 1 worker, upstream keepalive 64",
     "switchboard": "python -m webapi, 1 process, /svc/echo/... with an API key, no rate limit",
     "switchboard-passthrough": "the same gateway, /raw/... pass-through policy route (a splice)",
+    "switchboard-tunnel": "the same gateway, /tun/... the same route as a tunnel (unread splice)",
     "switchboard-open": "the same gateway, /open/... public policy route: no credential, no limit",
     "switchboard-auth": "the same gateway, /svc/echo/... with a JWT and a rate limit (GCRA)",
     "haproxy": "haproxy nbthread 1, http-reuse always",

@@ -46,7 +46,7 @@ def test_proxy_bench_quick(tmp_path: Path) -> None:
             assert run["non_2xx"] == 0 and not any(run["socket_errors"].values()), (name, phase)
             assert run["lat_ms"]["p50"] > 0, (name, phase)
     # The gateway is always started, registers the backend (with a credential:
-    # heartbeats need one) and proxies to it, for each of its four targets.
+    # heartbeats need one) and proxies to it, for each of its five targets.
     gateways = {name: doc["targets"][name] for name in GATEWAY_TARGETS}
     for result in gateways.values():
         assert result["body_ok"]
@@ -54,7 +54,8 @@ def test_proxy_bench_quick(tmp_path: Path) -> None:
     assert gateways["switchboard-auth"]["url"] == gateways["switchboard"]["url"]
     assert gateways["switchboard-open"]["url"].endswith("/open/api/echo")
     assert gateways["switchboard-passthrough"]["url"].endswith("/raw/api/echo")
-    # One gateway process for all four.
+    assert gateways["switchboard-tunnel"]["url"].endswith("/tun/api/echo")
+    # One gateway process for all five.
     assert len({urlsplit(r["url"]).netloc for r in gateways.values()}) == 1
     assert gateways["switchboard"]["checks"] == {
         "ratelimit_limit": None,
@@ -62,10 +63,8 @@ def test_proxy_bench_quick(tmp_path: Path) -> None:
         "status_without_credential": 401,
     }
     assert gateways["switchboard-open"]["checks"] == {"ratelimit_limit": None, "spliced": False}
-    assert gateways["switchboard-passthrough"]["checks"] == {
-        "ratelimit_limit": None,
-        "spliced": True,
-    }
+    for spliced in ("switchboard-passthrough", "switchboard-tunnel"):
+        assert gateways[spliced]["checks"] == {"ratelimit_limit": None, "spliced": True}
     assert gateways["switchboard-auth"]["checks"] == {
         "ratelimit_limit": "1000000",
         "spliced": False,
@@ -78,7 +77,8 @@ def test_proxy_bench_quick(tmp_path: Path) -> None:
         for name in GATEWAY_TARGETS:
             assert name not in doc["not_measured"]
             sent = "-H Authorization: <redacted>" in gateways[name]["loaded"]["cmd"]
-            assert sent == (name not in ("switchboard-open", "switchboard-passthrough")), name
+            public = ("switchboard-open", "switchboard-passthrough", "switchboard-tunnel")
+            assert sent == (name not in public), name
         assert {"x_nginx_met", "x_best_python_met", "added_c1_p50_met"} <= set(doc["goals"])
         # Issue 6: auth and rate limiting on / off, on the same gateway.
         issue6 = doc["goals"]["auth_vs_open"]
@@ -98,10 +98,13 @@ def test_proxy_bench_quick(tmp_path: Path) -> None:
         assert doc["goals"]["lean_us_per_req"] == lean["loaded"]["cpu"]["proxy_us_per_req"]
         assert "python-lean, the normal path's header work alone" in proc.stdout
         # The pass-through route against nginx, when nginx ran.
-        if "x_nginx" in doc["targets"]["switchboard-passthrough"].get("derived", {}):
-            passthrough = doc["goals"]["passthrough"]
-            assert passthrough["goal"] == 1.0 and isinstance(passthrough["met"], bool)
-            assert "switchboard-passthrough >= 1.0x nginx's" in proc.stdout
+        # The pass-through route, checked and as a tunnel, against nginx, when nginx ran.
+        for key, name in (("passthrough", "switchboard-passthrough"),
+                          ("tunnel", "switchboard-tunnel")):  # fmt: skip
+            if "x_nginx" in doc["targets"][name].get("derived", {}):
+                goal = doc["goals"][key]
+                assert goal["goal"] == 1.0 and isinstance(goal["met"], bool)
+                assert f"{name:<23} >= 1.0x nginx's" in proc.stdout
     else:
         for name in GATEWAY_TARGETS:
             assert "wrk is not installed" in doc["not_measured"][name]

@@ -36,7 +36,8 @@ class FastPathStats:
 class PassThroughStats:
     """Counters of this process's pass-through splices (`webapi.passthrough`)."""
 
-    connections: int = 0  # splices started
+    connections: int = 0  # splices started (tunnels included)
+    tunnels: int = 0  # of which tunnels (`webapi.tunnel`)
     requests: int = 0  # requests relayed
     connect_failures: int = 0  # splices that could reach no instance
 

@@ -60,6 +60,9 @@ Timeouts: Sanic's keep-alive timeout while nothing is outstanding, its response
 timeout while a request is (`FastPathProtocol.check_timeouts`). Backpressure: a
 side whose socket buffer is full stops the other side being read.
 
+A route with `"tunnel": true` as well is spliced by `webapi.tunnel.Tunnel` instead,
+which reads nothing after the first request (see there).
+
 Hot path: `PassThrough.from_client` and `PassThrough.from_upstream`.
 """
 
@@ -216,13 +219,25 @@ class _Responses:
             self.closing = not parser.should_keep_alive()
 
 
-class _UpstreamLeg(asyncio.Protocol):
+class Splice(Protocol):
+    """What the upstream connection reports to (`PassThrough`, `webapi.tunnel.Tunnel`)."""
+
+    def from_upstream(self, data: bytes) -> None: ...
+
+    def upstream_gone(self) -> None: ...
+
+    def pause_client(self) -> None: ...
+
+    def resume_client(self) -> None: ...
+
+
+class UpstreamLeg(asyncio.Protocol):
     """The upstream connection's protocol: everything goes to the splice."""
 
     __slots__ = ("splice", "transport")
 
     def __init__(self) -> None:
-        self.splice: PassThrough | None = None
+        self.splice: Splice | None = None
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -261,7 +276,7 @@ class PassThrough:
     def __init__(
         self,
         owner: Owner,
-        upstream: _UpstreamLeg,
+        upstream: UpstreamLeg,
         rule: RouteRule,
         policy: CurrentPolicy,
         attempts: Attempts,
@@ -459,7 +474,7 @@ class PassThrough:
             self.upstream.transport.resume_reading()
 
 
-async def connect(proxy: Proxy, service: str, method: str) -> tuple[_UpstreamLeg, Attempts]:
+async def connect(proxy: Proxy, service: str, method: str) -> tuple[UpstreamLeg, Attempts]:
     """A connection to a healthy instance of `service`, and the `Attempts` it was
     chosen by (call its `closed()` when the splice ends). Connect failures eject
     their instance and are retried on another one, within the service's attempt
@@ -473,7 +488,7 @@ async def connect(proxy: Proxy, service: str, method: str) -> tuple[_UpstreamLeg
         host, port = split_address(endpoint.address)
         try:
             async with asyncio.timeout(timeout):
-                _, leg = await loop.create_connection(_UpstreamLeg, host, port)
+                _, leg = await loop.create_connection(UpstreamLeg, host, port)
         except (OSError, TimeoutError) as exc:
             attempts.failed(UpstreamConnectError(f"{endpoint.address}: {exc or 'timed out'}"))
             continue  # (`failed` raised if no other try is allowed)

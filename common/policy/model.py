@@ -134,6 +134,9 @@ class RouteRule(_Model):
     # Relay the connection byte for byte (`webapi.passthrough`): no credential is
     # checked and nothing is rewritten, so it must be public and keep its prefix.
     passthrough: bool = False
+    # A passthrough route whose connections, after their first request, are relayed
+    # unread (`webapi.tunnel`): for a service that is public as a whole.
+    tunnel: bool = False
 
     @model_validator(mode="after")
     def _passthrough_is_plain(self) -> RouteRule:
@@ -142,6 +145,8 @@ class RouteRule(_Model):
                 "a passthrough route forwards requests unchanged and without a credential "
                 'check: it needs "public": true and "strip_prefix": false'
             )
+        if self.tunnel and not self.passthrough:
+            raise ValueError('a tunnel is a passthrough route: it needs "passthrough": true')
         return self
 
     @field_validator("prefix")

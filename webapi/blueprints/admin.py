@@ -155,6 +155,7 @@ async def proxy_stats(request: GatewayRequest) -> HTTPResponse:
             },
             "passthrough": {
                 "connections": ctx.passthrough.connections,
+                "tunnels": ctx.passthrough.tunnels,
                 "requests": ctx.passthrough.requests,
                 "connect_failures": ctx.passthrough.connect_failures,
             },

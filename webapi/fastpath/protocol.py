@@ -28,6 +28,7 @@ from webapi.passthrough import PASSTHROUGH_METHODS, PassThrough, connect, passth
 from webapi.proxy.attempts import Attempts
 from webapi.proxy.forward import Forwarded
 from webapi.requests import request_id_of
+from webapi.tunnel import Tunnel
 
 log = get_logger("webapi.fastpath")
 
@@ -47,7 +48,8 @@ class FastPathProtocol(LingeringHttpProtocol):
         # The fast request being answered: a coroutine's task, or a `DirectExchange`.
         self._fast: asyncio.Task[None] | DirectExchange | None = None
         self._fast_written = False  # some of the current coroutine's response is written
-        self._passthrough: PassThrough | None = None  # spliced to an upstream (passthrough.py)
+        # Spliced to an upstream (`webapi.passthrough`, `webapi.tunnel`).
+        self._passthrough: PassThrough | Tunnel | None = None
         config = self.app.config
         self._fast_ok = not (config.get("SERVER_NAME") or config.FORWARDED_SECRET
                              or config.PROXIES_COUNT or config.REAL_IP_HEADER)  # fmt: skip
@@ -205,7 +207,11 @@ class FastPathProtocol(LingeringHttpProtocol):
             leg.transport.close()  # type: ignore[union-attr]
             attempts.closed()
             return
-        splice = PassThrough(self, leg, rule, app.ctx.policy, attempts, app.ctx.passthrough)
+        splice: PassThrough | Tunnel
+        if rule.tunnel:
+            splice = Tunnel(self, leg, attempts, app.ctx.passthrough, self.loop)
+        else:
+            splice = PassThrough(self, leg, rule, app.ctx.policy, attempts, app.ctx.passthrough)
         self._passthrough = splice
         held = bytes(self._held)
         self._held.clear()

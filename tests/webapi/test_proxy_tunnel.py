@@ -1,0 +1,114 @@
+"""Tunnel routes (`webapi.tunnel`): after its first request is checked, a client
+connection is relayed to the instance unread, whatever comes next on it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.policy import set_document
+from tests.support.raw_http import connect, raw_request, read_answers
+from tests.webapi.conftest import (
+    Backend,
+    as_admin,
+    gateway_process,
+    running_backend,
+    running_gateway,
+)
+from tests.webapi.test_proxy_passthrough import apply_routes, counters
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _routes(service: str) -> list[dict[str, object]]:
+    return [
+        {"prefix": "/echo/t/", "service": service, "public": True, "strip_prefix": False,
+         "passthrough": True, "tunnel": True},
+        {"prefix": "/echo/private/", "service": service, "strip_prefix": False},
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def tunnel(backend: Backend) -> Iterator[Backend]:
+    """`/echo/t/` of the backend a tunnel route; `/echo/private/` a normal (credential) one."""
+    apply_routes(backend, _routes(backend.service))
+    try:
+        yield backend
+    finally:
+        apply_routes(backend, [])
+
+
+def get(path: str, **headers: str) -> bytes:
+    return raw_request("GET", path, headers)
+
+
+def test_after_the_first_request_everything_reaches_the_instance_unread(tunnel: Backend) -> None:
+    before = counters(tunnel.gateway)
+    with connect(tunnel.gateway) as sock:
+        sock.sendall(get("/echo/t/first"))
+        (first,) = read_answers(sock, 1)
+        assert json.loads(first.body)["path"] == "/echo/t/first"
+        # A path of a credential route, then one no route has: the instance answers
+        # both (a checked splice sends the first to the gateway: 401).
+        sock.sendall(get("/echo/private/x") + get("/echo/anything"))
+        replies = read_answers(sock, 2)
+    assert [json.loads(r.body)["path"] for r in replies] == ["/echo/private/x", "/echo/anything"]
+    assert all("x-gateway-latency" not in r.headers for r in replies)
+    after = counters(tunnel.gateway)
+    assert after["tunnels"] == before["tunnels"] + 1
+    assert after["connections"] == before["connections"] + 1
+    assert after["requests"] == before["requests"]  # a tunnel does not count requests
+
+
+def test_a_new_connection_is_checked_again(tunnel: Backend) -> None:
+    with connect(tunnel.gateway) as sock:
+        sock.sendall(get("/echo/private/x"))  # the first request: not the tunnel's route
+        (reply,) = read_answers(sock, 1)
+    assert reply.status == 401
+
+
+def test_the_instance_closing_closes_the_client_connection(tunnel: Backend) -> None:
+    with connect(tunnel.gateway) as sock:
+        sock.sendall(get("/echo/t/last", Connection="close"))  # the instance closes after it
+        (reply,) = read_answers(sock, 1)
+        assert json.loads(reply.body)["path"] == "/echo/t/last"
+        assert _closed(sock)
+
+
+def test_a_tunnel_needs_a_passthrough_route(tunnel: Backend) -> None:
+    document = {"routes": [{"prefix": "/x/", "service": "svc", "public": True,
+                            "strip_prefix": False, "tunnel": True}]}  # fmt: skip
+    reply = as_admin.post(f"{tunnel.gateway}/admin/policy/validate", json=document)
+    assert reply.status_code == 422
+    assert '\\"passthrough\\": true' in reply.text or '"passthrough": true' in reply.text
+
+
+def test_shutdown_lets_an_answer_under_way_finish_then_closes(redis_url: str) -> None:
+    with running_gateway(redis_url) as gateway, running_backend(gateway, redis_url) as backend:
+        apply_routes(backend, _routes(backend.service))
+        process = gateway_process(gateway)
+        try:
+            with connect(gateway) as sock:
+                sock.sendall(get("/echo/t/first"))
+                assert read_answers(sock, 1)[0].status == 200
+                sock.sendall(get("/slow?ms=1500"))  # unread: the instance's own route
+                time.sleep(0.3)
+                process.send_signal(signal.SIGTERM)
+                (slow,) = read_answers(sock, 1)
+                assert slow.status == 200 and "instance" in json.loads(slow.body)
+                assert _closed(sock)
+        finally:
+            set_document(redis_url, routes=[])  # (this gateway is gone: no wait)
+
+
+def _closed(sock: socket.socket) -> bool:
+    sock.settimeout(10)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
