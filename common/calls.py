@@ -5,8 +5,21 @@ hands it: a call to an `async def` that cannot suspend (`MethodSpec.never_suspen
 runs to its end right there, in its own context; any other call in a task of its
 own (sync handlers in the worker's thread pool, so a CPU-bound handler never
 blocks the loop). A redelivered call whose reply is in the deduplication window is
-answered from it and not run again. Every outcome goes to `_finish` as a
-`Finished` entry; failed tasks get a retry with backoff or become dead letters.
+answered from it and not run again; one delivered more than `max_deliveries`
+times (each worker running it died or was stopped before answering: a handler
+that kills its process, `os._exit` or the OOM killer) is not run again: a call is
+answered with a `RemoteError` (type `WorkerLost`), a task becomes a dead letter.
+Every outcome goes to `_finish` as a `Finished` entry; failed tasks get a retry
+with backoff or become dead letters.
+
+Whatever a handler raises is its call's answer, `BaseException`s included
+(`SystemExit`, `KeyboardInterrupt`, `GeneratorExit`): only a `CancelledError` of a
+call's task that was cancelled keeps its meaning (the worker stopping: the call is
+handed back). An error that cannot be encoded as it is (a `__str__` that raises,
+unencodable `details`) is answered as a plain `RemoteError` naming its type, with
+its code and message when they are text; a `retry_after` that is no number of
+seconds is left out: every call gets an answer and every entry is acked. The
+message a caller gets, and the log line, hold at most `MAX_ERROR_CHARS` characters.
 
 Hot path: `_begin`, `_run_inline`, `_run`, `_done`.
 """
@@ -16,13 +29,16 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import math
 import time
+import traceback
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from common import deadletters
+from common.aio import cancelling
 from common.errors import (
     InvalidParams,
     MethodNotFound,
@@ -31,6 +47,7 @@ from common.errors import (
     ServiceError,
     SwitchboardError,
     quoted,
+    shortened,
 )
 from common.log import get_logger, request_id_var
 from common.metrics import MethodStats
@@ -42,6 +59,10 @@ from common.replies import Finished
 log = get_logger("switchboard.worker")
 
 _MAX_RETRY_DELAY = 60.0
+# Past 2**16 times the first delay, every retry waits `_MAX_RETRY_DELAY` anyway.
+_MAX_BACKOFF_EXPONENT = 16
+# How much of a handler's error message is sent back and logged.
+MAX_ERROR_CHARS = 2000
 
 
 @dataclass(slots=True)
@@ -53,6 +74,7 @@ class WorkerStats:
     deduplicated: int = 0  # reclaimed calls answered from the stored reply, not re-run
     retried: int = 0  # failed tasks scheduled for another attempt
     dead_lettered: int = 0  # tasks that failed every attempt
+    abandoned: int = 0  # delivered more than max_deliveries times, never answered: not run
 
 
 class CallRunner:
@@ -62,6 +84,7 @@ class CallRunner:
     methods: Mapping[str, MethodSpec]
     stats: WorkerStats
     retry_delay: float
+    max_deliveries: int
     redelivery: Redelivery
     _executor: ThreadPoolExecutor
     _inline: set[str]  # methods that never suspend: run without a task
@@ -73,8 +96,9 @@ class CallRunner:
     def _finish(self, done: Finished) -> None:
         raise NotImplementedError
 
-    def _start(self, stream: str, entry_id: bytes, data: bytes | None, redelivered: bool) -> None:
-        """Decode an entry and start its call."""
+    def _start(self, stream: str, entry_id: bytes, data: bytes | None, deliveries: int = 1) -> None:
+        """Decode an entry and start its call (`deliveries` > 1: reclaimed from a dead
+        consumer, its delivery count after the claim)."""
         try:
             if data is None:
                 raise ValueError("no call field")
@@ -84,20 +108,47 @@ class CallRunner:
             log.warning("malformed call entry dropped", extra={"fields": {"entry": str(entry_id)}})
             self._finish(Finished(stream, entry_id))
             return
-        if redelivered:
-            self._track(asyncio.create_task(self._run_redelivered(stream, entry_id, call)))
+        if deliveries > 1:
+            run = self._run_redelivered(stream, entry_id, call, deliveries)
+            self._track(asyncio.create_task(run))
         else:
             self._begin(stream, entry_id, call)
 
-    async def _run_redelivered(self, stream: str, entry_id: bytes, call: Call) -> None:
+    async def _run_redelivered(
+        self, stream: str, entry_id: bytes, call: Call, deliveries: int
+    ) -> None:
         stored = await self.redelivery.stored_reply(call.call_id)
         if stored is not None:
             self.stats.deduplicated += 1
             self._finish(Finished(stream, entry_id, call.call_id, call.reply_to, stored, False))
             return
+        if deliveries > self.max_deliveries:
+            self._abandon(stream, entry_id, call, deliveries)
+            return
         task = self._begin(stream, entry_id, call)
         if task is not None:
             await task  # keep this slot taken until the call is done
+
+    def _abandon(self, stream: str, entry_id: bytes, call: Call, deliveries: int) -> None:
+        """Answer (or dead-letter) a call that every worker it was handed to left unanswered."""
+        self.stats.abandoned += 1
+        log.warning(
+            "call abandoned: delivered too often, never answered",
+            extra={
+                "fields": {"method": call.method, "deliveries": deliveries, "task": call.is_task}
+            },
+        )
+        error = RemoteError(
+            f"{quoted(call.method)} was not run again: its {deliveries - 1} earlier "
+            "deliveries ended without an answer (the worker running it died or stopped)",
+            remote_type="WorkerLost",
+        )
+        done = Finished(stream, entry_id, call.call_id, call.reply_to)
+        done.reply = error_reply(call.call_id, error)
+        if call.is_task:
+            done.dead = deadletters.encode(call, error.to_dict())
+            self.stats.dead_lettered += 1
+        self._finish(done)
 
     def _begin(self, stream: str, entry_id: bytes, call: Call) -> asyncio.Task[None] | None:
         """Start the call in a task of its own (None when there is nothing to run)."""
@@ -143,9 +194,8 @@ class CallRunner:
             else:  # cannot happen for a body without await: refuse rather than hang
                 coro.close()
                 raise RuntimeError(f"{call.method} suspended without awaiting")
-        except (Exception, asyncio.CancelledError) as exc:
-            failure = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
-            self._done(stream, entry_id, call, stats, started, None, failure)
+        except BaseException as exc:  # SystemExit etc. too (nothing cancels a call run here)
+            self._done(stream, entry_id, call, stats, started, None, exc)
         else:
             self._done(stream, entry_id, call, stats, started, result, None)
 
@@ -160,7 +210,9 @@ class CallRunner:
                 ctx = contextvars.copy_context()
                 fn = functools.partial(ctx.run, spec.fn, *args, **kwargs)
                 result = await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit etc. too: the handler's answer, not ours
+            if isinstance(exc, asyncio.CancelledError) and cancelling():
+                raise  # the worker is stopping: the call is handed back
             self._done(stream, entry_id, call, stats, started, None, exc)
         else:
             self._done(stream, entry_id, call, stats, started, result, None)
@@ -173,19 +225,19 @@ class CallRunner:
         stats: MethodStats,
         started: float,
         result: Any,
-        exc: Exception | None,
+        exc: BaseException | None,
     ) -> None:
-        """Encode the outcome of a call that ran, and queue it for writing."""
+        """Encode the outcome of a call that ran, and queue it for writing. Never raises:
+        an inline call runs in the read loop."""
         error: SwitchboardError | None = None
         if exc is None:
             try:
                 reply = ok_reply(call.call_id, result)
-            except Exception as encode_exc:
+            except BaseException as encode_exc:  # the result's own code ran (a model's fields)
                 exc = encode_exc
         if exc is not None:
             stats.errors += 1
-            error = self._as_error(call, exc)
-            reply = error_reply(call.call_id, error)
+            error, reply = self._error_reply(call, exc)
         stats.latency.observe(time.perf_counter() - started)
         self._complete(stream, entry_id, call, reply, error)
 
@@ -206,7 +258,8 @@ class CallRunner:
         """Schedule another attempt with backoff, or keep it as a dead letter."""
         permanent = isinstance(error, (MethodNotFound, InvalidParams))
         if not permanent and call.attempt < call.max_attempts:
-            delay = min(self.retry_delay * 2 ** (call.attempt - 1), _MAX_RETRY_DELAY)
+            exponent = min(call.attempt - 1, _MAX_BACKOFF_EXPONENT)
+            delay = min(self.retry_delay * 2**exponent, _MAX_RETRY_DELAY)
             call.attempt += 1
             member = str(call.priority).encode() + call.encode()
             done.retry = (member, (time.time() + delay) * 1000)
@@ -220,21 +273,85 @@ class CallRunner:
                 extra={"fields": {"method": call.method, "attempts": call.attempt}},
             )
 
-    def _as_error(self, call: Call, exc: Exception) -> SwitchboardError:
+    def _error_reply(self, call: Call, exc: BaseException) -> tuple[SwitchboardError, bytes]:
+        """The error a failed call is answered with, and its encoded reply: the rich form
+        (`_as_error`) when it encodes, else `_plain_error`'s, which always does."""
+        fields = {"method": call.method, "type": _type_name(exc)}
+        try:
+            error = self._as_error(call, exc)
+        except BaseException:  # the error's own code ran (`__str__`): whatever it raised
+            log.error(
+                "handler raised an error that cannot be read",
+                exc_info=exc,
+                extra={"fields": fields},
+            )
+        else:
+            try:
+                return error, error_reply(call.call_id, error)
+            except Exception:  # `_as_error` logged what the handler raised, if it was a bug
+                log.error(
+                    "handler error not encodable, answered by its type", extra={"fields": fields}
+                )
+        error = _plain_error(exc)
+        return error, error_reply(call.call_id, error)
+
+    def _as_error(self, call: Call, exc: BaseException) -> SwitchboardError:
         if isinstance(exc, RpcError) and not isinstance(exc, RemoteError):
             return exc  # InvalidParams etc. travel as themselves
         if isinstance(exc, SwitchboardError):
             # A RemoteError from a call the handler made passes its retry_after on too.
             retry_after = exc.retry_after if isinstance(exc, (ServiceError, RemoteError)) else None
+            if retry_after is not None and not _is_seconds(retry_after):
+                retry_after = None  # a handler's mistake; the error itself still travels
             return RemoteError(
-                exc.message, remote_type=type(exc).__name__, code=exc.code, retry_after=retry_after
+                _bounded(exc.message),
+                remote_type=type(exc).__name__,
+                code=exc.code,
+                retry_after=retry_after,
             )
-        if isinstance(exc, TypeError) and "encode" in str(exc):
+        message = _bounded(str(exc))
+        if isinstance(exc, TypeError) and "encode" in message:
             log.error("result not encodable", extra={"fields": {"method": call.method}})
         else:
-            log.error(
-                "handler raised",
-                exc_info=(type(exc), exc, exc.__traceback__),
-                extra={"fields": {"method": call.method}},
-            )
-        return RemoteError(str(exc) or type(exc).__name__, remote_type=type(exc).__name__)
+            fields = {"method": call.method}
+            if len(message) <= MAX_ERROR_CHARS:
+                log.error("handler raised", exc_info=exc, extra={"fields": fields})
+            else:  # the traceback would end with the whole message: its frames, and this
+                fields["type"], fields["error"] = type(exc).__name__, message
+                fields["traceback"] = "".join(traceback.format_tb(exc.__traceback__))
+                log.error("handler raised", extra={"fields": fields})
+        return RemoteError(message or type(exc).__name__, remote_type=type(exc).__name__)
+
+
+def _bounded(message: str) -> str:
+    return shortened(message, MAX_ERROR_CHARS) if type(message) is str else message
+
+
+def _is_seconds(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) and value >= 0
+
+
+def _type_name(exc: BaseException) -> str:
+    """The exception's class name as text UTF-8 can carry (a name may hold a lone surrogate)."""
+    return type(exc).__name__.encode(errors="replace").decode()
+
+
+def _plain_error(exc: BaseException) -> RemoteError:
+    """An error made of plain text only, so its reply always encodes: the type name, and
+    the code and message when they are strings (made UTF-8-safe)."""
+    name = _type_name(exc)
+    code, message = None, f"{name} (its message could not be encoded)"
+    try:
+        if isinstance(exc, SwitchboardError):
+            text = exc.message
+            if type(exc.code) is str:
+                code = exc.code.encode(errors="replace").decode()
+        else:
+            text = str(exc)
+        if type(text) is str:
+            message = shortened(text, MAX_ERROR_CHARS).encode(errors="replace").decode()
+    except BaseException:  # a `__str__` or property that raises: the type name says enough
+        pass
+    return RemoteError(message or name, remote_type=name, code=code)

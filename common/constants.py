@@ -69,9 +69,13 @@ def instance_record_key(service: str) -> str:
     return f"{PREFIX}:{{{service}}}:records"
 
 
+# Every reply inbox starts so; a worker pushes replies to no other key (`Call.decode`).
+INBOX_PREFIX = f"{PREFIX}:inbox:"
+
+
 def inbox_key(client_id: str) -> str:
     """The one reply list of an RPC client process."""
-    return f"{PREFIX}:inbox:{client_id}"
+    return f"{INBOX_PREFIX}{client_id}"
 
 
 def data_key(service: str, *parts: str) -> str:

@@ -2,7 +2,10 @@
 
 A record is `<priority digit><8-digit envelope length><envelope><msgpack info>`
 so the replay script (Lua) can cut the envelope out without decoding msgpack.
-The list is capped (`DEAD_LETTER_CAP`, oldest dropped). CLI:
+The list is capped (`DEAD_LETTER_CAP`, oldest dropped). A record that does not
+have that form (written by an older version from an envelope whose priority was
+not 1 or 2, which `Call.decode` now refuses) is listed as `{"unreadable": ...}`
+and left in the list by replay (moved to its newest end), never cut wrong. CLI:
 
     python -m common.deadletters list iptv [--limit 20]
     python -m common.deadletters replay iptv [--limit 100]
@@ -21,21 +24,33 @@ import redis.asyncio as aioredis
 
 from common import codec, constants
 from common.connection import connect
+from common.errors import shortened
 from common.protocol import Call
 from common.settings import get_settings
 
 # KEYS: dead list, priority-1 stream, priority-2 stream. ARGV: how many to replay.
 # Oldest first; each record is moved atomically (pop + XADD), so a crash loses none.
+# A record not of the documented form goes back to the list's newest end, each record
+# is looked at once per run, and the envelope cut out must start as a msgpack map.
 _REPLAY = """
 local n = 0
-for _ = 1, tonumber(ARGV[1]) do
+local todo = math.min(tonumber(ARGV[1]), redis.call('LLEN', KEYS[1]))
+for _ = 1, todo do
   local record = redis.call('RPOP', KEYS[1])
   if not record then break end
-  local stream = KEYS[2]
-  if string.sub(record, 1, 1) == '2' then stream = KEYS[3] end
-  local size = tonumber(string.sub(record, 2, 9))
-  redis.call('XADD', stream, '*', 'c', string.sub(record, 10, 9 + size))
-  n = n + 1
+  local digit = string.sub(record, 1, 1)
+  local header = string.sub(record, 2, 9)
+  local size = string.match(header, '^%d%d%d%d%d%d%d%d$') and tonumber(header)
+  local first = size and string.byte(record, 10)
+  local is_map = first and ((first >= 0x80 and first <= 0x8f) or first == 0xde or first == 0xdf)
+  if (digit == '1' or digit == '2') and is_map and #record >= 9 + size then
+    local stream = KEYS[2]
+    if digit == '2' then stream = KEYS[3] end
+    redis.call('XADD', stream, '*', 'c', string.sub(record, 10, 9 + size))
+    n = n + 1
+  else
+    redis.call('LPUSH', KEYS[1], record)
+  end
 end
 return n
 """
@@ -50,11 +65,25 @@ def encode(call: Call, error: dict[str, Any]) -> bytes:
     )  # fmt: skip
     envelope = fresh.encode()
     info = codec.packb({"error": error, "attempts": call.attempt, "failed_at": time.time()})
-    return f"{call.priority}{len(envelope):08d}".encode() + envelope + info
+    # One digit: `Call.decode` admits priorities 1 and 2 only.
+    priority = 2 if call.priority == 2 else 1
+    return f"{priority}{len(envelope):08d}".encode() + envelope + info
 
 
 def decode(record: bytes) -> dict[str, Any]:
-    size = int(record[1:9])
+    """A record as plain data; `{"unreadable": <its start>}` when it is not of the
+    documented form, so one bad record never hides the others."""
+    try:
+        return _decode(record)
+    except Exception:
+        return {"unreadable": shortened(repr(record[:200]))}
+
+
+def _decode(record: bytes) -> dict[str, Any]:
+    header = record[1:9]
+    if record[:1] not in (b"1", b"2") or not (header.isdigit() and len(header) == 8):
+        raise ValueError("not a dead-letter record")
+    size = int(header)
     call = Call.decode(record[9 : 9 + size])
     info = codec.unpackb(record[9 + size :])
     return {

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common import codec
-from common.constants import PROTOCOL_VERSION
+from common.constants import INBOX_PREFIX, PROTOCOL_VERSION
 from common.errors import InvalidParams, SwitchboardError
 
 # Results of the enqueue scripts other than an entry id.
@@ -40,6 +40,8 @@ DROPPED = -2
 
 POLICIES = ("execute", "last", "drop")
 PRIORITIES = (1, 2)
+# The most runs a task gets, whatever its envelope asks (`Call.decode` cuts `max` to it).
+MAX_TASK_ATTEMPTS = 100
 # Priority-2 tasks stop being admitted when the backlog reaches the high watermark
 # and are admitted again once it is under the low one (fractions of `max_backlog`).
 HIGH_WATERMARK = 0.8
@@ -169,8 +171,25 @@ class Call:
 
     @classmethod
     def decode(cls, data: bytes) -> Call:
+        """The envelope in `data`; `ValueError` (or `TypeError`, `KeyError`) for one no
+        client writes, which the worker drops as malformed: a reply-to that is not an
+        inbox (`sb:inbox:...`: a worker pushes to, and sets the expiry of, no other
+        key), a request id or coalescing key that is not a string, a priority other
+        than 1 or 2, an unknown policy, attempt numbers below 1. The run limit
+        (`max`) is cut to `MAX_TASK_ATTEMPTS`, the attempt to the limit.
+
+        Hot path (every call): the checks of a call with a reply-to are two type
+        checks and a prefix test; the task fields are read for tasks only.
+        """
         env = codec.unpackb(data)
         get = env.get
+        reply_to, request_id = get("rt"), get("rid")
+        if request_id is not None and type(request_id) is not str:
+            raise ValueError("request id is not a string")
+        if reply_to is None:
+            return cls._decode_task(env, request_id)
+        if type(reply_to) is not str or not reply_to.startswith(INBOX_PREFIX):
+            raise ValueError("reply-to is not an inbox")
         # Positional, in field order: the worker decodes every call (hot path).
         return cls(
             str(env["id"]),
@@ -178,14 +197,41 @@ class Call:
             list(get("a") or ()),
             dict(get("k") or {}),
             float(env["dl"]),
-            get("rt"),
-            get("rid"),
+            reply_to,
+            request_id,
             int(get("v", PROTOCOL_VERSION)),
-            int(get("p", 1)),
-            str(get("pol", "execute")),
-            get("key"),
-            int(get("att", 1)),
-            int(get("max", 1)),
+        )
+
+    @classmethod
+    def _decode_task(cls, env: dict[str, Any], request_id: str | None) -> Call:
+        get = env.get
+        priority, policy, key = get("p", 1), get("pol", "execute"), get("key")
+        attempt, max_attempts = get("att", 1), get("max", 1)
+        if type(priority) is not int or priority not in PRIORITIES:
+            raise ValueError("priority is not 1 or 2")
+        if type(policy) is not str or policy not in POLICIES:
+            raise ValueError("unknown task policy")
+        if key is not None and type(key) is not str:
+            raise ValueError("coalescing key is not a string")
+        if type(attempt) is not int or type(max_attempts) is not int:
+            raise ValueError("attempt numbers are not integers")
+        if attempt < 1 or max_attempts < 1:
+            raise ValueError("attempt numbers below 1")
+        max_attempts = min(max_attempts, MAX_TASK_ATTEMPTS)
+        return cls(
+            str(env["id"]),
+            str(env["m"]),
+            list(get("a") or ()),
+            dict(get("k") or {}),
+            float(env["dl"]),
+            None,
+            request_id,
+            int(get("v", PROTOCOL_VERSION)),
+            priority,
+            policy,
+            key,
+            min(attempt, max_attempts),
+            max_attempts,
         )
 
 

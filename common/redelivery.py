@@ -3,9 +3,11 @@
 Every worker runs `reclaim()` each `reap_interval`: the script moves the pending
 entries of every consumer whose heartbeat lease has ended (a SIGKILLed or
 partitioned instance) to this worker, across the call stream and both task
-streams. Before running a reclaimed call, the worker asks `stored_reply()`:
-a call whose first run completed left its reply in the deduplication window
-(two time buckets), and that reply is sent again instead of running twice.
+streams, each with its delivery count (how many times a worker was handed it,
+this time included) for the worker's `max_deliveries` check. Before running a
+reclaimed call, the worker asks `stored_reply()`: a call whose first run completed
+left its reply in the deduplication window (two time buckets), and that reply is
+sent again instead of running twice.
 `move_due_retries()` puts failed tasks whose retry delay has passed back onto
 their priority's stream.
 """
@@ -23,8 +25,8 @@ from common.connection import REDIS_DOWN_ERRORS
 # KEYS: the shared streams (calls, tasks:1, tasks:2), then the leases zset.
 # ARGV: group, this consumer, max calls to claim.
 # Moves the pending entries of consumers without a live lease to this consumer and
-# returns them as {stream index, entry}; entries deleted meanwhile are acked;
-# emptied dead consumers are removed.
+# returns them as {stream index, entry, delivery count}; entries deleted meanwhile
+# are acked; emptied dead consumers are removed. XCLAIM counts one more delivery.
 _RECLAIM = """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -42,15 +44,18 @@ for si = 1, #KEYS - 1 do
         if (not lease) or tonumber(lease) <= now_ms then
           if pending > 0 then
             local entries = redis.call('XPENDING', stream, ARGV[1], '-', '+', budget, name)
-            local ids = {}
-            for _, e in ipairs(entries) do ids[#ids + 1] = e[1] end
+            local ids, counts = {}, {}
+            for _, e in ipairs(entries) do
+              ids[#ids + 1] = e[1]
+              counts[e[1]] = tonumber(e[4]) + 1
+            end
             if #ids > 0 then
               local got = redis.call('XCLAIM', stream, ARGV[1], ARGV[2], 0, unpack(ids))
               local present = {}
               for _, g in ipairs(got) do
                 if g then
                   present[g[1]] = true
-                  claimed[#claimed + 1] = {si, g}
+                  claimed[#claimed + 1] = {si, g, counts[g[1]]}
                 end
               end
               for _, id in ipairs(ids) do
@@ -107,14 +112,20 @@ class Redelivery:
         self._reclaim = redis.register_script(_RECLAIM)
         self._move_due = redis.register_script(_MOVE_DUE)
 
-    async def reclaim(self, budget: int) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
-        """Up to `budget` entries of dead consumers, now ours: (stream, entry id, fields)."""
+    async def reclaim(self, budget: int) -> list[tuple[str, bytes, dict[bytes, bytes], int]]:
+        """Up to `budget` entries of dead consumers, now ours: (stream, entry id, fields,
+        delivery count)."""
         claimed = await self._reclaim(
             keys=self._reclaim_keys, args=[constants.WORKER_GROUP, self.consumer, budget]
         )
         return [
-            (self.shared[int(index) - 1], entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
-            for index, (entry_id, flat) in claimed
+            (
+                self.shared[int(index) - 1],
+                entry_id,
+                dict(zip(flat[::2], flat[1::2], strict=True)),
+                int(deliveries),
+            )
+            for index, (entry_id, flat), deliveries in claimed
         ]
 
     async def move_due_retries(self, limit: int = 1000) -> int:

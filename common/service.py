@@ -160,6 +160,7 @@ class Service:
                 reap_interval=self.settings.heartbeat_interval,
                 retry_delay=self.settings.task_retry_delay,
                 dead_letter_cap=self.settings.dead_letter_cap,
+                max_deliveries=self.settings.rpc_max_deliveries,
             )
             self._accepting = True
             await registry.heartbeat(record)

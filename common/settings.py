@@ -77,6 +77,9 @@ class Settings:
     rpc_max_backlog: int = field(default=10_000, metadata={"env": "RPC_MAX_BACKLOG"})
     # How long a completed call's reply is kept to answer a redelivery without re-running.
     rpc_dedup_window: float = field(default=30.0, metadata={"env": "RPC_DEDUP_WINDOW"})
+    # A call handed to workers more times than this (each died or was stopped while
+    # running it) is not run again: answered with an error, or dead-lettered (a task).
+    rpc_max_deliveries: int = field(default=3, metadata={"env": "RPC_MAX_DELIVERIES"})
     # Tasks (fire-and-forget): runs in all before a failing task is dead-lettered,
     # first retry delay (doubled each time), and how many dead letters are kept.
     task_attempts: int = field(default=3, metadata={"env": "TASK_ATTEMPTS"})
@@ -207,6 +210,8 @@ class Settings:
             raise ConfigError("PROXY_RETRY_BUDGET_MIN must be between 0 and 1000 (per second)")
         if self.rpc_timeout <= 0 or self.rpc_concurrency <= 0:
             raise ConfigError("RPC_TIMEOUT and RPC_CONCURRENCY must be positive")
+        if self.rpc_max_deliveries < 1:
+            raise ConfigError("RPC_MAX_DELIVERIES must be at least 1")
         for name, value in (
             ("WS_MAX_MESSAGE_BYTES", self.ws_max_message_bytes),
             ("WS_SEND_QUEUE", self.ws_send_queue),

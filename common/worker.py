@@ -21,7 +21,9 @@ reclaim script, which moves the pending calls of every consumer without a live
 lease (a SIGKILLed or partitioned instance) to itself. A reclaimed call whose id is in the
 deduplication window already completed: its stored reply is sent again and it
 does not run twice. Calls of a consumer whose lease merely lapsed while it was
-still running may run twice: delivery is at-least-once, as documented.
+still running may run twice: delivery is at-least-once, as documented. A call
+delivered more than `max_deliveries` times (`RPC_MAX_DELIVERIES`) is not run
+again but answered with an error, or dead-lettered (`common.calls`).
 
 Hot path: `_consume`, `CallRunner._begin`, `ReplyWrites.commands` (covered by
 `make bench-rpc`).
@@ -69,6 +71,7 @@ class Worker(CallRunner):
         block_ms: int = 1000,
         retry_delay: float = 1.0,
         dead_letter_cap: int = 10_000,
+        max_deliveries: int = 3,
     ) -> None:
         self.redis = redis
         self.service = service
@@ -81,6 +84,7 @@ class Worker(CallRunner):
         self.direct = constants.direct_stream(service, consumer)
         self.tasks = (constants.task_stream(service, 1), constants.task_stream(service, 2))
         self.retry_delay = retry_delay
+        self.max_deliveries = max_deliveries
         self.stats = WorkerStats()
         self._bucket_seconds = max(dedup_window / 2, 1.0)
         self._executor = ThreadPoolExecutor(thread_pool, thread_name_prefix=f"{service}-handler")
@@ -235,7 +239,7 @@ class Worker(CallRunner):
                 for stream, entries in response or ():
                     name = self._stream_names.get(stream) or stream.decode()
                     for entry_id, flat in entries:
-                        self._start(name, entry_id, _call_field(flat), redelivered=False)
+                        self._start(name, entry_id, _call_field(flat))
                 if self._started_tasks:
                     # One turn of the loop: every call just started runs up to its
                     # first suspension, so those that finish at once (most fast
@@ -262,8 +266,8 @@ class Worker(CallRunner):
             if claimed:
                 self.stats.redelivered += len(claimed)
                 log.info("reclaimed calls of dead instances", extra={"fields": {"n": len(claimed)}})
-            for stream, entry_id, fields in claimed:
-                self._start(stream, entry_id, fields.get(b"c"), redelivered=True)
+            for stream, entry_id, fields, deliveries in claimed:
+                self._start(stream, entry_id, fields.get(b"c"), max(deliveries, 2))
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._inflight.add(task)
@@ -339,6 +343,7 @@ class Worker(CallRunner):
             "deduplicated": self.stats.deduplicated,
             "retried": self.stats.retried,
             "dead_lettered": self.stats.dead_lettered,
+            "abandoned": self.stats.abandoned,
             "methods": {name: s.snapshot() for name, s in self.stats.methods.items()},
         }
 

@@ -121,7 +121,7 @@ async def test_dead_workers_call_is_redelivered_and_run_once(
     await redis_client.xgroup_create(
         constants.call_stream(svc.name), constants.WORKER_GROUP, id="0", mkstream=True
     )
-    inbox, key = f"test:inbox:{uuid.uuid4().hex}", f"test:rec:{uuid.uuid4().hex}"
+    inbox, key = constants.inbox_key(f"test-{uuid.uuid4().hex}"), f"test:rec:{uuid.uuid4().hex}"
     await _ghost_takes(redis_client, svc.name, _call("record", inbox, key=key, value="v"))
     task = await serve_in_task(svc, redis_url)
     try:
@@ -144,7 +144,7 @@ async def test_redelivered_completed_call_returns_stored_reply(
     await redis_client.xgroup_create(
         constants.call_stream(svc.name), constants.WORKER_GROUP, id="0", mkstream=True
     )
-    inbox, key = f"test:inbox:{uuid.uuid4().hex}", f"test:rec:{uuid.uuid4().hex}"
+    inbox, key = constants.inbox_key(f"test-{uuid.uuid4().hex}"), f"test:rec:{uuid.uuid4().hex}"
     call = _call("record", inbox, key=key, value="v")
     await _ghost_takes(redis_client, svc.name, call)
     stored = ok_reply(call.call_id, "the first run's result")
