@@ -264,6 +264,8 @@ class ClientIO:
                 self._reader_parked = False
 
     def _deliver(self, raw: Any) -> None:
+        """Resolve the future of the call `raw` answers. Never raises, whatever `raw`
+        holds: the inbox reader serves every call of the process. Hot path."""
         try:
             reply = codec.unpackb(raw)
             future = self._pending.pop(reply["id"], None)
@@ -274,5 +276,9 @@ class ClientIO:
             return  # the caller already gave up (timeout)
         if reply.get("ok"):
             future.set_result(reply.get("r"))
-        else:
-            future.set_exception(error_from_wire(reply.get("e") or {}))
+            return
+        error = reply.get("e")
+        if not isinstance(error, dict):
+            # Rare path: a buggy worker. Its caller gets a RemoteError, not a hang.
+            log.warning("malformed error reply", extra={"fields": {"call_id": quoted(reply["id"])}})
+        future.set_exception(error_from_wire(error))

@@ -216,27 +216,46 @@ def _seconds(value: Any) -> float | None:
     return float(value) if math.isfinite(value) and value >= 0 else None
 
 
+# The message of the `RemoteError` standing for an error reply that is not a map.
+_MALFORMED_ERROR_REPLY = "malformed error reply"
+
 # Errors the worker reports by code, rebuilt as the same class at the caller.
 _PROTOCOL_ERRORS: dict[str, type[RpcError]] = {
     cls.code: cls for cls in (MethodNotFound, InvalidParams, Overloaded, ServiceUnavailable)
 }
 
 
-def error_from_wire(payload: dict[str, Any]) -> RpcError:
-    """Rebuild the caller-side exception from a worker's error reply."""
-    code = str(payload.get("code", "remote_error"))
-    message = str(payload.get("message", ""))
+def error_from_wire(payload: Any) -> RpcError:
+    """Rebuild the caller-side exception from a worker's error reply (its `"e"`).
+
+    Never raises, whatever the reply holds: one buggy handler must not break its
+    callers' clients. A field of the wrong type is left out (an `InvalidParams`'s
+    `details` that is not a list of maps, say); a payload that is not a map is a
+    `RemoteError` "malformed error reply".
+    """
+    if not isinstance(payload, dict):
+        return RemoteError(_MALFORMED_ERROR_REPLY)
+    code = _text(payload.get("code")) or RemoteError.code
+    message = _text(payload.get("message"))
     if code == InvalidParams.code:
-        return InvalidParams(message, details=list(payload.get("details") or []))
+        details = payload.get("details")
+        if not isinstance(details, list):
+            details = []
+        return InvalidParams(message, details=[d for d in details if isinstance(d, dict)])
     cls = _PROTOCOL_ERRORS.get(code)
     if cls is not None:
         return cls(message)
     return RemoteError(
         message,
-        remote_type=str(payload.get("type", "")),
+        remote_type=_text(payload.get("type")),
         code=code,
         retry_after=_seconds(payload.get("retry_after")),
     )
+
+
+def _text(value: Any) -> str:
+    """A wire string field, or "" when it is missing or not a string."""
+    return value if isinstance(value, str) else ""
 
 
 __all__ = [

@@ -1,0 +1,113 @@
+"""The caller's side of RPC under faults: odd replies, Redis down or silent, bad timeouts.
+
+A reply of an unexpected shape fails its own call and nothing else; a `drop` task
+never fails or blocks its caller, whatever Redis does; an inbox a client left keeps
+an expiry; a NaN timeout is refused at the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from common import RpcClient, Service, codec
+from common.errors import InvalidParams, RemoteError
+from tests.helpers import serve_in_task, wait_for_async
+from tests.support.calc_service import build
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def svc(redis_url: str) -> AsyncIterator[Service]:
+    service = build(f"calc_{uuid.uuid4().hex[:8]}")
+
+    @service.method
+    async def bad_details() -> None:
+        await asyncio.sleep(0)
+        raise InvalidParams("bad", details=5)  # type: ignore[arg-type]
+
+    task = await serve_in_task(service, redis_url)
+    probe = aioredis.Redis.from_url(redis_url)
+    try:
+        await wait_for_async(lambda: probe.zcard(f"sb:{{{service.name}}}:instances"))
+    finally:
+        await probe.aclose()
+    yield service
+    service.request_stop()
+    await asyncio.wait_for(task, 15)
+
+
+@pytest.fixture
+async def rpc(redis_url: str) -> AsyncIterator[RpcClient]:
+    async with RpcClient(redis_url) as client:
+        yield client
+
+
+async def test_a_handlers_odd_error_details_fail_only_its_call(
+    svc: Service, rpc: RpcClient
+) -> None:
+    with pytest.raises(InvalidParams) as info:
+        await rpc.call(f"{svc.name}.bad_details", timeout=5)
+    assert (info.value.message, info.value.details) == ("bad", [])
+    # The client goes on: its inbox reader did not die with that reply.
+    assert await rpc.call(f"{svc.name}.add", 1, timeout=5) == 2
+    assert rpc._reader is not None and not rpc._reader.done()
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (5, ("remote_error", "malformed error reply")),
+        ("boom", ("remote_error", "malformed error reply")),
+        (None, ("remote_error", "malformed error reply")),
+        ([{"code": "not_found"}], ("remote_error", "malformed error reply")),
+        ({"code": 5, "message": ["x"], "type": {}, "retry_after": "soon"}, ("remote_error", "")),
+    ],
+)
+async def test_malformed_error_replies_fail_their_call_and_nothing_else(
+    svc: Service,
+    rpc: RpcClient,
+    redis_client: aioredis.Redis,
+    caplog: Any,
+    error: Any,
+    expected: tuple[str, str],
+) -> None:
+    caplog.set_level(logging.WARNING, logger="switchboard.client")
+    call = asyncio.create_task(rpc.call(f"{svc.name}.sleep", 1, timeout=10))
+    await wait_for_async(lambda: rpc._pending)
+    (call_id,) = rpc._pending
+    garbage = [b"\xc1", codec.packb([1, 2]), codec.packb({"id": [call_id]}), codec.packb("x")]
+    # What a buggy worker could write: none of it may stop the inbox reader.
+    await redis_client.rpush(
+        rpc.inbox, *garbage, codec.packb({"v": 1, "id": call_id, "ok": False, "e": error})
+    )
+    with pytest.raises(RemoteError) as info:
+        await call
+    assert (info.value.code, info.value.message) == expected
+    assert info.value.retry_after is None
+    # One line per reply dropped or malformed, at most.
+    warnings = [r.getMessage() for r in caplog.records if r.name == "switchboard.client"]
+    assert warnings.count("undecodable reply dropped") == len(garbage)
+    assert warnings.count("malformed error reply") == (expected[1] != "")
+    assert await rpc.call(f"{svc.name}.add", 1, timeout=5) == 2
+
+
+async def test_odd_invalid_params_details_are_left_out(
+    svc: Service, rpc: RpcClient, redis_client: aioredis.Redis
+) -> None:
+    call = asyncio.create_task(rpc.call(f"{svc.name}.sleep", 1, timeout=10))
+    await wait_for_async(lambda: rpc._pending)
+    (call_id,) = rpc._pending
+    error = {"code": "invalid_params", "message": "no", "details": [1, {"loc": ["a"]}, "x"]}
+    await redis_client.rpush(rpc.inbox, codec.packb({"v": 1, "id": call_id, "e": error}))
+    with pytest.raises(InvalidParams) as info:
+        await call
+    assert info.value.details == [{"loc": ["a"]}]
+    assert await rpc.call(f"{svc.name}.add", 1, timeout=5) == 2
