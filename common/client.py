@@ -91,6 +91,8 @@ class RpcClient(ClientIO):
         self._reader_wake = asyncio.Event()
         self._direct: Enqueue | None = None
         self._blpop = pack_commands([("BLPOP", self.inbox, 1)])
+        self._writes = 0
+        self._stalled_at = -1
 
     async def __aenter__(self) -> RpcClient:
         await self.start()
@@ -222,7 +224,10 @@ class RpcClient(ClientIO):
         - `policy`: `execute` (every task runs), `last` (pending tasks with the same
           `coalesce_key` collapse to the newest), `drop` (discarded and counted,
           never an error, when the service is saturated or has no live instance:
-          for logging and metrics that must never block a caller).
+          for logging and metrics that must never block a caller). A `drop` task
+          is also False, at once, when Redis is unreachable, and after at most
+          `DROP_WAIT_SECONDS` (0.25 s) when Redis does not answer: then it may
+          still run if it had been written already.
         - A task that raises is retried with exponential backoff up to `attempts`
           runs in all (default `TASK_ATTEMPTS`), then kept in the dead-letter list.
         Raises `ServiceUnavailable` (no live instance) and `Overloaded` (backlog
@@ -270,7 +275,10 @@ class RpcClient(ClientIO):
             ),
             future=asyncio.get_running_loop().create_future(),
         )
-        result = await self._submit(item)
+        if policy == "drop":
+            result = await self._submit_drop(item)
+        else:
+            result = await self._submit(item)
         if result == DROPPED:
             return False
         await self._raise_for(result, service, None)

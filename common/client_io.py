@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from common import codec, constants
 from common.aio import Backoff, cancelling
@@ -32,13 +32,15 @@ from common.connection import REDIS_DOWN_ERRORS, RawConnection, pack_commands
 from common.errors import MethodNotFound, Overloaded, ServiceUnavailable, error_from_wire, quoted
 from common.log import get_logger
 from common.outage import Outage
-from common.protocol import ENQUEUE_SCRIPT, NO_INSTANCE, OVER_BACKLOG, TASK_SCRIPT, Call
+from common.protocol import DROPPED, ENQUEUE_SCRIPT, NO_INSTANCE, OVER_BACKLOG, TASK_SCRIPT, Call
 
 log = get_logger("switchboard.client")
 
 _INBOX_BATCH = 256
 _INBOX_ERRORS: tuple[type[Exception], ...] = (*REDIS_DOWN_ERRORS, ResponseError)
 _ENQUEUE_BATCH = 512
+# How long a `drop` task's submit waits for Redis before counting the task as dropped.
+DROP_WAIT_SECONDS = 0.25
 
 
 @dataclass(slots=True)
@@ -79,6 +81,8 @@ class ClientIO:
     _reader_wake: asyncio.Event
     _direct: Enqueue | None
     _blpop: bytes
+    _writes: int  # batches the writer has finished, sent or failed
+    _stalled_at: int  # `_writes` when a drop submit last gave up waiting, else -1
 
     async def start(self) -> None:
         raise NotImplementedError
@@ -88,6 +92,24 @@ class ClientIO:
             await self.start()
         self._outbox.put_nowait(item)
         return await item.future
+
+    async def _submit_drop(self, item: Enqueue) -> Any:
+        """`_submit` for a `drop` task: never an RPC or Redis error, never a wait
+        longer than `DROP_WAIT_SECONDS`. `DROPPED` when Redis is unreachable or slow.
+
+        A submit that gives up unqueues its task (the writer skips it) unless the
+        task is already in the batch being written: that one may still run.
+        """
+        if self._stalled_at == self._writes:
+            return DROPPED  # the writer is still stuck on the batch a drop gave up on
+        try:
+            async with asyncio.timeout(DROP_WAIT_SECONDS):
+                return await self._submit(item)
+        except TimeoutError:
+            self._stalled_at = self._writes
+        except (ServiceUnavailable, RedisError):
+            pass
+        return DROPPED
 
     async def _raise_for(self, entry: Any, service: str, instance: str | None) -> None:
         error = await self._error_for(entry, service, instance)
@@ -166,14 +188,19 @@ class ClientIO:
             batch = [await self._outbox.get()]
             while len(batch) < _ENQUEUE_BATCH and not self._outbox.empty():
                 batch.append(self._outbox.get_nowait())
+            # Skipped: the enqueues whose caller gave up already (a call's timeout, a
+            # drop task's bounded wait).
+            batch = [item for item in batch if not item.future.done()]
             try:
-                results = await self._send_enqueues(batch)
+                results = await self._send_enqueues(batch) if batch else []
             except REDIS_DOWN_ERRORS as exc:
                 error = ServiceUnavailable(f"redis unreachable: {exc}")
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(error)
                 continue
+            finally:
+                self._writes += 1
             for item, result in zip(batch, results, strict=True):
                 self._enqueued(item, result)
 

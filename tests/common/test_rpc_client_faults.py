@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from common import RpcClient, Service, codec
+from common.embedded_redis import EmbeddedRedis
 from common.errors import InvalidParams, RemoteError
-from tests.helpers import serve_in_task, wait_for_async
+from tests.helpers import ServiceProcess, serve_in_task, wait_for_async
 from tests.support.calc_service import build
 
 pytestmark = pytest.mark.timeout(60)
@@ -111,3 +115,48 @@ async def test_odd_invalid_params_details_are_left_out(
         await call
     assert info.value.details == [{"loc": ["a"]}]
     assert await rpc.call(f"{svc.name}.add", 1, timeout=5) == 2
+
+
+async def test_a_drop_task_never_fails_or_blocks_its_caller(tmp_path: Path) -> None:
+    server = EmbeddedRedis(data_dir=tmp_path).start()
+    name = f"calc_{uuid.uuid4().hex[:8]}"
+    worker = ServiceProcess(
+        ["python", "-m", "tests.support.calc_service"],
+        env={"REDIS_URL": server.url, "CALC_NAME": name},
+        name=name,
+    ).start()
+    assert server.process is not None
+    pid = server.process.pid
+    try:
+        async with RpcClient(server.url) as rpc:
+            await wait_for_async(lambda: rpc.call(f"{name}.add", 1, timeout=2), 30)
+            key = f"test:drop:{uuid.uuid4().hex}"
+
+            async def drop(value: str) -> bool:
+                # 5 s: far under what the enqueue's connection waits for a silent Redis.
+                task = rpc.send(f"{name}.record", key=key, value=value, policy="drop")
+                return await asyncio.wait_for(task, 5)
+
+            assert await drop("up") is True
+            os.kill(pid, signal.SIGSTOP)  # Redis silent: a partition, a stall
+            try:
+                assert await drop("silent 1") is False
+                assert await drop("silent 2") is False
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert await wait_for_async(lambda: drop("back"), 10) is True
+            recorded = await wait_for_async(lambda: _recorded(rpc, key, "back"), 10)
+            # "silent 1" was on its way to Redis already and may run; "silent 2" never went.
+            assert "silent 2" not in recorded
+            worker.stop()
+            server.stop()
+            assert await drop("stopped") is False
+    finally:
+        worker.stop()
+        server.stop()
+
+
+async def _recorded(rpc: RpcClient, key: str, value: str) -> list[str]:
+    """The values `calc.record` stored under `key`, once `value` is among them."""
+    values = [v.decode() for v in await rpc.redis.lrange(key, 0, -1)]
+    return values if value in values else []
