@@ -78,8 +78,9 @@ class ReplyWrites:
             commands.append(("LTRIM", key, 0, self.dead_letter_cap - 1))
         for inbox, replies in by_inbox.items():
             commands.append(("RPUSH", inbox, *replies))
-            if self._expire_due(inbox):
-                commands.append(("EXPIRE", inbox, INBOX_TTL_SECONDS))
+            # With every push, not once a second: the client's BLPOP deletes the inbox
+            # it empties, so a push may have just made it again, without an expiry.
+            commands.append(("EXPIRE", inbox, INBOX_TTL_SECONDS))
         for stream, ids in by_stream.items():
             commands.append(("XACK", stream, constants.WORKER_GROUP, *ids))
             commands.append(("XDEL", stream, *ids))
@@ -88,8 +89,9 @@ class ReplyWrites:
     def _expire_due(self, key: str) -> bool:
         """Whether to (re)set `key`'s expiry in this batch: at most once a second per key.
 
-        The expiries only clean up after departed clients and old buckets, so once
-        a second is plenty, and it saves a command per batch on the hot path.
+        For keys nothing deletes (a deduplication bucket): their expiry only cleans up
+        old buckets, so once a second is plenty, and it saves a command per batch on
+        the hot path. Not for inboxes: see `commands`.
         """
         now = time.monotonic()
         if now - self._expiry_set.get(key, -1.0) < 1.0:

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from common import RpcClient, Service, codec
 from common.embedded_redis import EmbeddedRedis
 from common.errors import InvalidParams, RemoteError
+from common.replies import INBOX_TTL_SECONDS
 from tests.helpers import ServiceProcess, serve_in_task, wait_for_async
 from tests.support.calc_service import build
 
@@ -115,6 +116,21 @@ async def test_odd_invalid_params_details_are_left_out(
         await call
     assert info.value.details == [{"loc": ["a"]}]
     assert await rpc.call(f"{svc.name}.add", 1, timeout=5) == 2
+
+
+async def test_an_inbox_a_client_left_keeps_its_expiry(
+    svc: Service, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    client = RpcClient(redis_url)
+    try:
+        assert await client.call(f"{svc.name}.add", 1, timeout=5) == 2
+        # Its reader's BLPOP deleted the emptied inbox; the late reply makes it again.
+        with pytest.raises(TimeoutError):
+            await client.call(f"{svc.name}.sleep", 0.3, timeout=0.05)
+    finally:
+        await client.close()
+    await wait_for_async(lambda: redis_client.exists(client.inbox), timeout=10)
+    assert 0 < await redis_client.ttl(client.inbox) <= INBOX_TTL_SECONDS
 
 
 async def test_a_drop_task_never_fails_or_blocks_its_caller(tmp_path: Path) -> None:
