@@ -56,6 +56,12 @@ def split_target(target: str) -> tuple[str, str]:
     return service, method
 
 
+def _nan_refused(name: str) -> ValueError:
+    """The error for a NaN number of seconds: a deadline of NaN never expires, and
+    nothing could be compared with it. (`x != x` finds a NaN in one comparison.)"""
+    return ValueError(f"{name} must be a number of seconds, not nan")
+
+
 class RpcClient(ClientIO):
     """Calls methods of Switchboard services; one per process, shared by all tasks."""
 
@@ -73,6 +79,8 @@ class RpcClient(ClientIO):
             redis if redis is not None else connect(redis_url or settings.require_redis_url())
         )
         self.default_timeout = timeout or settings.rpc_timeout
+        if self.default_timeout != self.default_timeout:
+            raise _nan_refused("timeout")
         self.client_id = uuid.uuid4().hex
         self.inbox = constants.inbox_key(self.client_id)
         self.settings = settings
@@ -162,9 +170,12 @@ class RpcClient(ClientIO):
         Redis is unreachable, `Overloaded` when the service's backlog is over its
         bound, `MethodNotFound` for an unknown service or method, `InvalidParams`,
         `RemoteError`, and `RpcTimeout` once `timeout` seconds have passed: never later.
+        `timeout=math.inf` waits without a bound; a NaN timeout is a `ValueError`.
         """
         service, method = split_target(target)
         timeout = self.default_timeout if timeout is None else timeout
+        if timeout != timeout:
+            raise _nan_refused("timeout")
         if self._reader is None:
             await self.start()
         call_id = f"{self.client_id[:12]}-{next(self._ids)}"
@@ -239,6 +250,8 @@ class RpcClient(ClientIO):
             raise ValueError(f"policy must be one of {POLICIES}")
         if policy == "last" and not coalesce_key:
             raise ValueError("policy 'last' needs a coalesce_key")
+        if ttl != ttl:
+            raise _nan_refused("ttl")
         service, method = split_target(target)
         settings = self.settings
         call = Call(

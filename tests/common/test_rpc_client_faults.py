@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import uuid
@@ -116,6 +117,18 @@ async def test_odd_invalid_params_details_are_left_out(
         await call
     assert info.value.details == [{"loc": ["a"]}]
     assert await rpc.call(f"{svc.name}.add", 1, timeout=5) == 2
+
+
+async def test_a_timeout_of_nan_is_refused_at_the_call(svc: Service, rpc: RpcClient) -> None:
+    with pytest.raises(ValueError, match="timeout must be a number of seconds, not nan"):
+        await rpc.call(f"{svc.name}.add", 1, timeout=math.nan)
+    with pytest.raises(ValueError, match="ttl must be a number of seconds, not nan"):
+        await rpc.submit(f"{svc.name}.add", (1,), ttl=math.nan)
+    with pytest.raises(ValueError, match="timeout must be a number"):
+        RpcClient("redis://127.0.0.1:1", timeout=math.nan)
+    assert not rpc._pending
+    # An infinite timeout stays what it was: a call without a bound.
+    assert await rpc.call(f"{svc.name}.add", 1, timeout=math.inf) == 2
 
 
 async def test_an_inbox_a_client_left_keeps_its_expiry(
