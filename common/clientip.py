@@ -39,7 +39,7 @@ def parse_networks(text: str) -> tuple[Network, ...]:
             networks.append(ip_network(entry, strict=True))
         except ValueError as exc:
             raise ConfigError(
-                f"trusted proxies: {entry!r} is not an address or CIDR: {exc}"
+                f"TRUSTED_PROXIES: {entry!r} is not an address or CIDR: {exc}"
             ) from exc
     return tuple(networks)
 

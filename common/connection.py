@@ -1,9 +1,10 @@
 """Redis connections, configured once for every Switchboard process.
 
 `connect()` is the only place a Redis client is built: AUTH and TLS come from
-the URL (`redis://user:pass@host`, `rediss://`), commands are retried with
-jittered backoff across short blips, and dead connections are detected by
-keepalive and periodic health checks instead of hanging a caller.
+the URL (`redis://user:pass@host`, `rediss://`; `unix:///path.sock` works too),
+commands are retried with jittered backoff across short blips, and dead
+connections are detected by keepalive and periodic health checks instead of
+hanging a caller.
 `RawConnection` is the hot paths' bare connection, built from such a client's
 own settings.
 """
@@ -49,6 +50,9 @@ def connect(
     The pool blocks (up to `pool_timeout`) when all `max_connections` are busy
     instead of failing, so a burst of concurrent calls queues for a connection.
     """
+    # TCP keepalive finds a peer gone silent; a unix socket has no such peer (and
+    # redis-py's unix connection refuses the option).
+    tcp: dict[str, Any] = {} if url.startswith("unix://") else {"socket_keepalive": True}
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -56,10 +60,10 @@ def connect(
         client_name=name,
         socket_connect_timeout=2.0,
         socket_timeout=socket_timeout,
-        socket_keepalive=True,
         health_check_interval=15,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=2),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        **tcp,
     )
     return aioredis.Redis(connection_pool=pool)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 from common.embedded_redis import EmbeddedRedis
-from common.settings import get_settings
+from common.settings import exit_on_config_error, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,4 +100,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_on_config_error("make run"):
+        sys.exit(main())

@@ -40,7 +40,7 @@ from common.log import get_logger, setup_logging
 from common.outage import Outage
 from common.params import MethodSpec
 from common.registry import InstanceRecord, Registry, new_instance_id
-from common.settings import Settings, get_settings
+from common.settings import Settings, exit_on_config_error, get_settings
 from common.worker import Worker
 
 log = get_logger("switchboard.service")
@@ -67,9 +67,11 @@ class Service:
             raise ConfigError(f"service name {name!r} must match {_NAME.pattern}")
         self.name = name
         self.version = version
-        self.settings = settings or get_settings()
-        self.concurrency = concurrency or self.settings.rpc_concurrency
-        self.max_backlog = self.settings.rpc_max_backlog if max_backlog is None else max_backlog
+        # Read at first use, not here: a service is declared at import, and a bad
+        # setting must reach `run()`, which reports it in one line.
+        self._settings = settings
+        self._concurrency = concurrency
+        self._max_backlog = max_backlog
         self._accepting = False
         self.instance_id = new_instance_id(name)
         self.methods: dict[str, MethodSpec] = {}
@@ -78,6 +80,31 @@ class Service:
         self._shutdown: list[Hook] = []
         self._redis: aioredis.Redis | None = None
         self._stop = asyncio.Event()
+
+    @property
+    def settings(self) -> Settings:
+        """The settings given, else the process's (`get_settings()`)."""
+        if self._settings is None:
+            self._settings = get_settings()
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        self._settings = settings
+
+    @property
+    def concurrency(self) -> int:
+        """Calls run at once by this instance (default `RPC_CONCURRENCY`)."""
+        return self._concurrency or self.settings.rpc_concurrency
+
+    @property
+    def max_backlog(self) -> int:
+        """Calls queued beyond which callers get `Overloaded` (default `RPC_MAX_BACKLOG`)."""
+        return self.settings.rpc_max_backlog if self._max_backlog is None else self._max_backlog
+
+    @max_backlog.setter
+    def max_backlog(self, max_backlog: int) -> None:
+        self._max_backlog = max_backlog
 
     @overload
     def method(self, fn: F) -> F: ...
@@ -120,9 +147,15 @@ class Service:
         self._stop.set()
 
     def run(self) -> None:
-        """Serve until SIGTERM/SIGINT, with JSON logging set up: the entry point of `__main__`."""
-        setup_logging(self.name, self.settings.log_level)
-        asyncio.run(self._run_with_signals())
+        """Serve until SIGTERM/SIGINT, with JSON logging set up: the entry point of `__main__`.
+
+        A `ConfigError` (a bad setting, or one a startup hook refuses) ends the process
+        with one line on stderr and exit status 1.
+        """
+        with exit_on_config_error(self.name):
+            self.settings.require_redis_url()
+            setup_logging(self.name, self.settings.log_level)
+            asyncio.run(self._run_with_signals())
 
     async def _run_with_signals(self) -> None:
         loop = asyncio.get_running_loop()

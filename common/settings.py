@@ -2,18 +2,31 @@
 
 Every tunable lives here; the rest of the code asks `get_settings()` and never
 reads `os.environ` itself. A malformed value fails start-up with a `ConfigError`
-naming the variable, instead of surfacing later as a strange behaviour.
+naming the variable, instead of surfacing later as a strange behaviour: a number
+must be finite (never nan or inf) and within the `Bounds` its field declares
+(durations positive, counts at least 1; 0 only where it means something, said in
+the bounds), and `REDIS_URL` must be a URL redis-py reads as written. An entry
+point runs inside `exit_on_config_error`, which turns such an error into one line
+on stderr and exit status 1. An error quotes a value but never `REDIS_URL`'s
+credentials.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
+from redis.connection import parse_url
+
+from common.clientip import parse_networks
 from common.errors import ConfigError
 
 T = TypeVar("T")
@@ -26,6 +39,65 @@ MAX_TOTAL_TIMEOUT = 86400.0
 # The longest login lock and failure window (AUTH_LOGIN_LOCK_MAX, AUTH_LOGIN_FAILURE_WINDOW):
 # a day. Longer comes close to the permanent lockout the throttle is meant not to be.
 MAX_LOGIN_LOCK = 86400.0
+_DAY = 86400.0
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+# The path of a redis:// URL as redis-py reads it: the database number, or nothing.
+_DB_PATH = re.compile(r"/?\d*/?")
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """The values a numeric setting takes: from `low` (excluded if `above`) to `high`.
+
+    `zero` says what 0 means where 0 is allowed and is not just the smallest amount
+    ("none", "no bound"); `unit` names the unit in the error message.
+    """
+
+    low: float
+    high: float = math.inf
+    above: bool = False
+    zero: str = ""
+    unit: str = ""
+
+    def admits(self, value: float) -> bool:
+        """Whether `value` is finite and within the bounds."""
+        if not math.isfinite(value) or value > self.high:
+            return False
+        return value > self.low if self.above else value >= self.low
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.above:
+            text = f"greater than {low}" + (f" and at most {high}" if high else "")
+        elif high:
+            text = f"from {low} to {high}"
+        else:
+            text = f"at least {low}"
+        notes = [note for note in (self.unit, f"0: {self.zero}" if self.zero else "") if note]
+        return f"{text} ({'; '.join(notes)})" if notes else text
+
+
+def _number(value: float) -> str:
+    """`value` as a bound reads: `86400`, `0.1`; "" for no bound."""
+    if math.isinf(value):
+        return ""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _env(name: str, bounds: Bounds | None = None) -> dict[str, Any]:
+    """A field's metadata: the variable it is read from, and for a number its bounds."""
+    return {"env": name, "bounds": bounds}
+
+
+_PORT = Bounds(0, 65535)
+_COUNT = Bounds(1)
+# Durations: a day is beyond any sensible timeout or interval here, and far from the
+# values the event loop and Redis's millisecond expiries cannot represent.
+_SECONDS = Bounds(0, _DAY, above=True, unit="seconds")
+# Below 0.1 s a heartbeat is a busy loop on Redis, for every instance.
+_HEARTBEAT = Bounds(0.1, _DAY, unit="seconds")
+_TOKEN_TTL = Bounds(1, 365 * _DAY, unit="seconds")
+_LOGIN_SECONDS = Bounds(0, MAX_LOGIN_LOCK, above=True, unit="seconds")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,95 +106,119 @@ class Settings:
 
     # Redis. Unset means "no Redis configured": `make run` and the test fixtures
     # then start an embedded one and export its URL to every process they start.
-    redis_url: str | None = field(default=None, metadata={"env": "REDIS_URL"})
+    redis_url: str | None = field(default=None, metadata=_env("REDIS_URL"))
 
     # Network. Loopback by default so a laptop exposes nothing; images set 0.0.0.0.
-    bind_host: str = field(default="127.0.0.1", metadata={"env": "BIND_HOST"})
-    webapi_port: int = field(default=8000, metadata={"env": "WEBAPI_PORT"})
-    websocket_port: int = field(default=8001, metadata={"env": "WEBSOCKET_PORT"})
+    bind_host: str = field(default="127.0.0.1", metadata=_env("BIND_HOST"))
+    webapi_port: int = field(default=8000, metadata=_env("WEBAPI_PORT", _PORT))
+    websocket_port: int = field(default=8001, metadata=_env("WEBSOCKET_PORT", _PORT))
 
-    log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL"})
+    log_level: str = field(default="INFO", metadata=_env("LOG_LEVEL"))
 
     # Reverse proxy: connect timeout, and the read timeout (no progress) / head deadline.
-    proxy_connect_timeout: float = field(default=2.0, metadata={"env": "PROXY_CONNECT_TIMEOUT"})
-    proxy_timeout: float = field(default=30.0, metadata={"env": "PROXY_TIMEOUT"})
+    proxy_connect_timeout: float = field(
+        default=2.0, metadata=_env("PROXY_CONNECT_TIMEOUT", _SECONDS)
+    )
+    proxy_timeout: float = field(default=30.0, metadata=_env("PROXY_TIMEOUT", _SECONDS))
     # The bound on a whole exchange, from the request's first try to the response's
     # last byte, unless the live policy sets the service's `total_timeout`. 0: none
     # (the default: a 100 MB download and a JSON call need very different bounds).
-    proxy_total_timeout: float = field(default=0.0, metadata={"env": "PROXY_TOTAL_TIMEOUT"})
+    proxy_total_timeout: float = field(
+        default=0.0,
+        metadata=_env(
+            "PROXY_TOTAL_TIMEOUT", Bounds(0, MAX_TOTAL_TIMEOUT, zero="none", unit="seconds")
+        ),
+    )
     # The largest request body the proxy forwards (bytes), unless the live policy sets
     # the service's own `max_body`; larger is refused with 413 before anything is sent.
-    proxy_max_body: int = field(default=1024**3, metadata={"env": "PROXY_MAX_BODY"})
+    proxy_max_body: int = field(
+        default=1024**3, metadata=_env("PROXY_MAX_BODY", Bounds(1, MAX_BODY_LIMIT, unit="bytes"))
+    )
     # Answer plain `/svc/...` requests from the connection's protocol, before Sanic
     # (webapi.fastpath); off: every request goes through Sanic's handler.
-    proxy_fast_path: bool = field(default=True, metadata={"env": "PROXY_FAST_PATH"})
+    proxy_fast_path: bool = field(default=True, metadata=_env("PROXY_FAST_PATH"))
     # Retry budget of each service (common.balancing.RetryBudget), unless the live
     # policy sets its own: retries add at most RATIO of the load, plus MIN per second.
     proxy_retry_budget_ratio: float = field(
-        default=0.2, metadata={"env": "PROXY_RETRY_BUDGET_RATIO"}
+        default=0.2, metadata=_env("PROXY_RETRY_BUDGET_RATIO", Bounds(0, 1))
     )
-    proxy_retry_budget_min: float = field(default=10.0, metadata={"env": "PROXY_RETRY_BUDGET_MIN"})
+    proxy_retry_budget_min: float = field(
+        default=10.0, metadata=_env("PROXY_RETRY_BUDGET_MIN", Bounds(0, 1000, unit="per second"))
+    )
     # least_time: how fast a latency peak is forgotten (seconds, time constant).
-    least_time_decay: float = field(default=10.0, metadata={"env": "LEAST_TIME_DECAY"})
+    least_time_decay: float = field(default=10.0, metadata=_env("LEAST_TIME_DECAY", _SECONDS))
 
     # Where `make run` keeps its embedded Redis data (AOF) between runs.
-    run_dir: str = field(default=".run", metadata={"env": "RUN_DIR"})
+    run_dir: str = field(default=".run", metadata=_env("RUN_DIR"))
 
     # RPC.
-    rpc_timeout: float = field(default=5.0, metadata={"env": "RPC_TIMEOUT"})
-    rpc_concurrency: int = field(default=64, metadata={"env": "RPC_CONCURRENCY"})
-    rpc_thread_pool: int = field(default=16, metadata={"env": "RPC_THREAD_POOL"})
-    shutdown_grace: float = field(default=10.0, metadata={"env": "SHUTDOWN_GRACE"})
+    rpc_timeout: float = field(default=5.0, metadata=_env("RPC_TIMEOUT", _SECONDS))
+    rpc_concurrency: int = field(default=64, metadata=_env("RPC_CONCURRENCY", _COUNT))
+    rpc_thread_pool: int = field(default=16, metadata=_env("RPC_THREAD_POOL", _COUNT))
+    shutdown_grace: float = field(default=10.0, metadata=_env("SHUTDOWN_GRACE", _SECONDS))
     # Calls queued (plus in flight) beyond this are refused with `Overloaded`; 0 = no bound.
-    rpc_max_backlog: int = field(default=10_000, metadata={"env": "RPC_MAX_BACKLOG"})
+    rpc_max_backlog: int = field(
+        default=10_000, metadata=_env("RPC_MAX_BACKLOG", Bounds(0, zero="no bound"))
+    )
     # How long a completed call's reply is kept to answer a redelivery without re-running.
-    rpc_dedup_window: float = field(default=30.0, metadata={"env": "RPC_DEDUP_WINDOW"})
+    rpc_dedup_window: float = field(default=30.0, metadata=_env("RPC_DEDUP_WINDOW", _SECONDS))
     # A call handed to workers more times than this (each died or was stopped while
     # running it) is not run again: answered with an error, or dead-lettered (a task).
-    rpc_max_deliveries: int = field(default=3, metadata={"env": "RPC_MAX_DELIVERIES"})
+    rpc_max_deliveries: int = field(default=3, metadata=_env("RPC_MAX_DELIVERIES", _COUNT))
     # Tasks (fire-and-forget): runs in all before a failing task is dead-lettered,
     # first retry delay (doubled each time), and how many dead letters are kept.
-    task_attempts: int = field(default=3, metadata={"env": "TASK_ATTEMPTS"})
-    task_retry_delay: float = field(default=1.0, metadata={"env": "TASK_RETRY_DELAY"})
-    dead_letter_cap: int = field(default=10_000, metadata={"env": "DEAD_LETTER_CAP"})
+    task_attempts: int = field(default=3, metadata=_env("TASK_ATTEMPTS", _COUNT))
+    task_retry_delay: float = field(default=1.0, metadata=_env("TASK_RETRY_DELAY", _SECONDS))
+    dead_letter_cap: int = field(default=10_000, metadata=_env("DEAD_LETTER_CAP", _COUNT))
 
     # Registry: liveness by heartbeat (design §5 defaults).
-    heartbeat_interval: float = field(default=1.0, metadata={"env": "HEARTBEAT_INTERVAL"})
-    heartbeat_ttl: float = field(default=3.0, metadata={"env": "HEARTBEAT_TTL"})
+    heartbeat_interval: float = field(default=1.0, metadata=_env("HEARTBEAT_INTERVAL", _HEARTBEAT))
+    heartbeat_ttl: float = field(default=3.0, metadata=_env("HEARTBEAT_TTL", _HEARTBEAT))
 
     # auth. No default secret on purpose: without JWT_SECRET the auth service
     # generates one at first start and keeps it in Redis (never in the repo).
-    jwt_secret: str | None = field(default=None, metadata={"env": "JWT_SECRET"})
-    jwt_ttl: int = field(default=900, metadata={"env": "JWT_TTL"})
+    jwt_secret: str | None = field(default=None, metadata=_env("JWT_SECRET"))
+    jwt_ttl: int = field(default=900, metadata=_env("JWT_TTL", _TOKEN_TTL))
     # A refresh token is good for this long (seconds); each use replaces it.
-    jwt_refresh_ttl: int = field(default=14 * 86400, metadata={"env": "JWT_REFRESH_TTL"})
+    jwt_refresh_ttl: int = field(default=14 * 86400, metadata=_env("JWT_REFRESH_TTL", _TOKEN_TTL))
     # First admin, created at the auth service's start when no admin exists yet
     # (the password is a deployment secret; there is no default password).
-    auth_admin_username: str | None = field(default=None, metadata={"env": "AUTH_ADMIN_USERNAME"})
-    auth_admin_password: str | None = field(default=None, metadata={"env": "AUTH_ADMIN_PASSWORD"})
+    auth_admin_username: str | None = field(default=None, metadata=_env("AUTH_ADMIN_USERNAME"))
+    auth_admin_password: str | None = field(default=None, metadata=_env("AUTH_ADMIN_PASSWORD"))
     # Scopes a newly registered user gets (space-separated; "*" = every service, not admin).
-    auth_default_scopes: str = field(default="*", metadata={"env": "AUTH_DEFAULT_SCOPES"})
+    auth_default_scopes: str = field(default="*", metadata=_env("AUTH_DEFAULT_SCOPES"))
     # Login throttling per username (brute force; never a permanent lockout): after
     # AUTH_LOGIN_MAX_FAILURES failures in a row, a username's logins are refused for
     # AUTH_LOGIN_LOCK_BASE seconds, doubled at each further failure up to
     # AUTH_LOGIN_LOCK_MAX; the count is forgotten AUTH_LOGIN_FAILURE_WINDOW seconds
     # after the last failure (and its lock). A successful login resets it.
-    auth_login_max_failures: int = field(default=5, metadata={"env": "AUTH_LOGIN_MAX_FAILURES"})
-    auth_login_lock_base: float = field(default=1.0, metadata={"env": "AUTH_LOGIN_LOCK_BASE"})
-    auth_login_lock_max: float = field(default=900.0, metadata={"env": "AUTH_LOGIN_LOCK_MAX"})
+    auth_login_max_failures: int = field(
+        default=5, metadata=_env("AUTH_LOGIN_MAX_FAILURES", _COUNT)
+    )
+    auth_login_lock_base: float = field(
+        default=1.0, metadata=_env("AUTH_LOGIN_LOCK_BASE", _LOGIN_SECONDS)
+    )
+    auth_login_lock_max: float = field(
+        default=900.0, metadata=_env("AUTH_LOGIN_LOCK_MAX", _LOGIN_SECONDS)
+    )
     auth_login_failure_window: float = field(
-        default=900.0, metadata={"env": "AUTH_LOGIN_FAILURE_WINDOW"}
+        default=900.0, metadata=_env("AUTH_LOGIN_FAILURE_WINDOW", _LOGIN_SECONDS)
     )
     # How long a gateway trusts a cached API key record (revocations are pushed at once).
-    api_key_cache_ttl: float = field(default=5.0, metadata={"env": "API_KEY_CACHE_TTL"})
+    api_key_cache_ttl: float = field(
+        default=5.0,
+        metadata=_env(
+            "API_KEY_CACHE_TTL", Bounds(0, _DAY, zero="read the record at each use", unit="seconds")
+        ),
+    )
 
     # Gateway access: X-Forwarded-For is believed only from these peers
     # (comma-separated addresses or CIDRs; empty = trust no one).
-    trusted_proxies: str = field(default="", metadata={"env": "TRUSTED_PROXIES"})
+    trusted_proxies: str = field(default="", metadata=_env("TRUSTED_PROXIES"))
     # Rate limits when Redis is unreachable: "local" (each process enforces the
     # limits alone), "open" (no limit) or "closed" (refuse with 503).
     rate_limit_on_redis_down: str = field(
-        default="local", metadata={"env": "RATE_LIMIT_ON_REDIS_DOWN"}
+        default="local", metadata=_env("RATE_LIMIT_ON_REDIS_DOWN")
     )
 
     # websocket service (design §7). Frames over WS_MAX_MESSAGE_BYTES close with
@@ -130,23 +226,25 @@ class Settings:
     # closed with 1013; no pong within WS_PING_TIMEOUT of a ping (sent every
     # WS_PING_INTERVAL) closes with 1011; beyond WS_MAX_CONNECTIONS new
     # connections get HTTP 503; a client has WS_AUTH_TIMEOUT to authenticate.
-    ws_max_message_bytes: int = field(default=1024 * 1024, metadata={"env": "WS_MAX_MESSAGE_BYTES"})
-    ws_send_queue: int = field(default=256, metadata={"env": "WS_SEND_QUEUE"})
-    ws_ping_interval: float = field(default=20.0, metadata={"env": "WS_PING_INTERVAL"})
-    ws_ping_timeout: float = field(default=20.0, metadata={"env": "WS_PING_TIMEOUT"})
-    ws_max_connections: int = field(default=10_000, metadata={"env": "WS_MAX_CONNECTIONS"})
-    ws_auth_timeout: float = field(default=5.0, metadata={"env": "WS_AUTH_TIMEOUT"})
-    ws_max_subscriptions: int = field(default=100, metadata={"env": "WS_MAX_SUBSCRIPTIONS"})
+    ws_max_message_bytes: int = field(
+        default=1024 * 1024, metadata=_env("WS_MAX_MESSAGE_BYTES", Bounds(1, unit="bytes"))
+    )
+    ws_send_queue: int = field(default=256, metadata=_env("WS_SEND_QUEUE", _COUNT))
+    ws_ping_interval: float = field(default=20.0, metadata=_env("WS_PING_INTERVAL", _SECONDS))
+    ws_ping_timeout: float = field(default=20.0, metadata=_env("WS_PING_TIMEOUT", _SECONDS))
+    ws_max_connections: int = field(default=10_000, metadata=_env("WS_MAX_CONNECTIONS", _COUNT))
+    ws_auth_timeout: float = field(default=5.0, metadata=_env("WS_AUTH_TIMEOUT", _SECONDS))
+    ws_max_subscriptions: int = field(default=100, metadata=_env("WS_MAX_SUBSCRIPTIONS", _COUNT))
     # JSON-RPC calls one connection may have in flight; more are answered with an error.
-    ws_max_calls_in_flight: int = field(default=32, metadata={"env": "WS_MAX_CALLS_IN_FLIGHT"})
+    ws_max_calls_in_flight: int = field(default=32, metadata=_env("WS_MAX_CALLS_IN_FLIGHT", _COUNT))
     # How long SIGTERM waits for clients to acknowledge the 1001 close.
-    ws_drain_timeout: float = field(default=5.0, metadata={"env": "WS_DRAIN_TIMEOUT"})
+    ws_drain_timeout: float = field(default=5.0, metadata=_env("WS_DRAIN_TIMEOUT", _SECONDS))
 
     # iptv: how often the worker checks which programme is on air, to publish changes.
-    iptv_now_interval: float = field(default=15.0, metadata={"env": "IPTV_NOW_INTERVAL"})
+    iptv_now_interval: float = field(default=15.0, metadata=_env("IPTV_NOW_INTERVAL", _SECONDS))
 
     # iptv seed size (a few hundred channels, a week of programmes).
-    iptv_channels: int = field(default=300, metadata={"env": "IPTV_CHANNELS"})
+    iptv_channels: int = field(default=300, metadata=_env("IPTV_CHANNELS", _COUNT))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -173,59 +271,87 @@ class Settings:
         return self.redis_url
 
     def _validate(self) -> None:
+        for f in dataclasses.fields(self):
+            bounds: Bounds | None = f.metadata.get("bounds")
+            value = getattr(self, f.name)
+            if bounds is not None and not bounds.admits(value):
+                raise ConfigError(f"{f.metadata['env']}={value!r} is not valid: must be {bounds}")
+        if self.redis_url is not None:
+            check_redis_url(self.redis_url)
         if self.log_level.upper() not in _LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}")
-        for name, port in (
-            ("WEBAPI_PORT", self.webapi_port),
-            ("WEBSOCKET_PORT", self.websocket_port),
-        ):
-            if not 0 <= port <= 65535:
-                raise ConfigError(f"{name} must be a TCP port, got {port}")
+        parse_networks(self.trusted_proxies)
         if self.rate_limit_on_redis_down not in ("local", "open", "closed"):
             raise ConfigError("RATE_LIMIT_ON_REDIS_DOWN must be local, open or closed")
-        if self.jwt_ttl <= 0 or self.jwt_refresh_ttl <= 0 or self.api_key_cache_ttl < 0:
-            raise ConfigError("JWT_TTL and JWT_REFRESH_TTL must be positive")
-        if self.auth_login_max_failures < 1:
-            raise ConfigError("AUTH_LOGIN_MAX_FAILURES must be at least 1")
-        if not 0 < self.auth_login_lock_base <= self.auth_login_lock_max <= MAX_LOGIN_LOCK:
-            raise ConfigError(
-                "AUTH_LOGIN_LOCK_BASE and AUTH_LOGIN_LOCK_MAX must be positive, the base no "
-                f"longer than the max, the max at most {MAX_LOGIN_LOCK:g} (seconds)"
-            )
-        if not 0 < self.auth_login_failure_window <= MAX_LOGIN_LOCK:
-            raise ConfigError(
-                f"AUTH_LOGIN_FAILURE_WINDOW must be positive, at most {MAX_LOGIN_LOCK:g} (seconds)"
-            )
+        if self.auth_login_lock_base > self.auth_login_lock_max:
+            raise ConfigError("AUTH_LOGIN_LOCK_BASE must be no longer than AUTH_LOGIN_LOCK_MAX")
         if self.heartbeat_ttl <= self.heartbeat_interval:
             raise ConfigError("HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL")
-        if not 0 <= self.proxy_total_timeout <= MAX_TOTAL_TIMEOUT:
-            raise ConfigError(
-                f"PROXY_TOTAL_TIMEOUT must be from 0 (none) to {MAX_TOTAL_TIMEOUT:g} (seconds)"
+        if bool(self.auth_admin_username) != bool(self.auth_admin_password):
+            given, missing = (
+                ("AUTH_ADMIN_USERNAME", "AUTH_ADMIN_PASSWORD")
+                if self.auth_admin_username
+                else ("AUTH_ADMIN_PASSWORD", "AUTH_ADMIN_USERNAME")
             )
-        if not 0 < self.proxy_max_body <= MAX_BODY_LIMIT:
-            raise ConfigError(f"PROXY_MAX_BODY must be from 1 to {MAX_BODY_LIMIT} (bytes)")
-        if not 0 <= self.proxy_retry_budget_ratio <= 1:
-            raise ConfigError("PROXY_RETRY_BUDGET_RATIO must be between 0 and 1")
-        if not 0 <= self.proxy_retry_budget_min <= 1000:
-            raise ConfigError("PROXY_RETRY_BUDGET_MIN must be between 0 and 1000 (per second)")
-        if self.rpc_timeout <= 0 or self.rpc_concurrency <= 0:
-            raise ConfigError("RPC_TIMEOUT and RPC_CONCURRENCY must be positive")
-        if self.rpc_max_deliveries < 1:
-            raise ConfigError("RPC_MAX_DELIVERIES must be at least 1")
-        for name, value in (
-            ("WS_MAX_MESSAGE_BYTES", self.ws_max_message_bytes),
-            ("WS_SEND_QUEUE", self.ws_send_queue),
-            ("WS_PING_INTERVAL", self.ws_ping_interval),
-            ("WS_PING_TIMEOUT", self.ws_ping_timeout),
-            ("WS_MAX_CONNECTIONS", self.ws_max_connections),
-            ("WS_AUTH_TIMEOUT", self.ws_auth_timeout),
-            ("WS_MAX_SUBSCRIPTIONS", self.ws_max_subscriptions),
-            ("WS_MAX_CALLS_IN_FLIGHT", self.ws_max_calls_in_flight),
-            ("WS_DRAIN_TIMEOUT", self.ws_drain_timeout),
-            ("IPTV_NOW_INTERVAL", self.iptv_now_interval),
-        ):
-            if value <= 0:
-                raise ConfigError(f"{name} must be positive")
+            raise ConfigError(
+                f"{given} is set without {missing}: set both (the first admin) or neither"
+            )
+
+
+def check_redis_url(url: str) -> None:
+    """`ConfigError` naming REDIS_URL unless redis-py reads `url` as written.
+
+    redis-py refuses some URLs with a message quoting part of the password (an
+    unencoded `/`, `#` or `?` in it ends the host part early) and silently misreads
+    others (`redis://:pa/55@host` is localhost, port 0...): both are refused here,
+    quoting the URL with its credentials and query replaced by `***`.
+    """
+    scheme = url.partition("://")[0] if "://" in url else ""
+    if scheme not in _REDIS_SCHEMES:
+        raise ConfigError(
+            f"REDIS_URL={redacted_url(url)} is not valid: it must start with redis://, "
+            "rediss:// (TLS) or unix:// (a socket path)"
+        )
+    options: dict[str, Any] = {}
+    try:
+        options = parse_url(url)  # type: ignore[no-untyped-call]
+        # redis-py ignores a path that is not a database number: read as written,
+        # a Redis URL has none but a number (or an unencoded '/' in the password).
+        path = urlsplit(url).path
+        misread = scheme != "unix" and "db" not in options and not _DB_PATH.fullmatch(path)
+    except ValueError:
+        misread = True
+    if misread:
+        raise ConfigError(
+            f"REDIS_URL={redacted_url(url)} is not a valid Redis URL "
+            "(redis://[[user]:password@]host[:port][/db]): the port and db must be numbers, "
+            "and special characters (/ # ? @ : %) in a user name or password must be "
+            "percent-encoded (urllib.parse.quote(password, safe=''))"
+        )
+    if scheme == "unix" and not options.get("path"):
+        raise ConfigError("REDIS_URL=unix:// needs the socket's path: unix:///path/to/redis.sock")
+
+
+def redacted_url(url: str) -> str:
+    """`url` with whatever may hold a secret replaced by `***`: anything before the
+    last `@` (user and password, even unencoded), and the query."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    _userinfo, at, location = rest.rpartition("@")
+    location, query, _ = location.partition("?")
+    return f"{scheme}{sep}{'***@' if at else ''}{location}{'?***' if query else ''}"
+
+
+@contextlib.contextmanager
+def exit_on_config_error(program: str) -> Iterator[None]:
+    """Run an entry point: a `ConfigError` inside ends the process with one line on
+    stderr (`<program>: <message>`, which names the variable) and exit status 1,
+    instead of a traceback."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise SystemExit(f"{program}: {exc.message}") from None
 
 
 def _parse(name: str, raw: str, parser: Callable[[str], T]) -> T:
@@ -244,12 +370,19 @@ def _bool(raw: str) -> bool:
     raise ValueError("expected 1/0, true/false, yes/no or on/off")
 
 
+def _float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value):  # float() takes "nan" and "inf"; no setting does
+        raise ValueError("expected a finite number")
+    return value
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "bool": _bool,
     "str": str,
     "str | None": str,
     "int": int,
-    "float": float,
+    "float": _float,
 }
 
 

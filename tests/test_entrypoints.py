@@ -112,3 +112,67 @@ def test_cmd_starts_and_healthcheck_passes(dockerfile: Path, redis_url: str) -> 
         _localise(healthcheck), env=check_env, cwd=ROOT, capture_output=True, timeout=20
     )
     assert after.returncode != 0
+
+
+SECRET = "Sup3rS3cretPart"
+# A password with an unencoded '/': redis-py's own error would quote part of it.
+LEAKY_URL = f"redis://:{SECRET}/tail@127.0.0.1:6379/0"
+SERVICES = ("webapi", "websocket", "microservices.iptv", "microservices.auth")
+
+
+def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("AUTH_")}
+    return subprocess.run(
+        [sys.executable, *args],
+        env={**base, "PYTHONPATH": str(ROOT), **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        *((["-m", s], {"REDIS_URL": LEAKY_URL}, "REDIS_URL") for s in SERVICES),
+        *((["-m", s], {}, "REDIS_URL") for s in SERVICES),
+        (["-m", "webapi"], {"REDIS_URL": "redis://127.0.0.1:1/0", "WEBAPI_PORT": "abc"},
+         "WEBAPI_PORT"),
+        (["-m", "websocket"], {"REDIS_URL": "redis://127.0.0.1:1/0", "LOG_LEVEL": "verbose"},
+         "LOG_LEVEL"),
+        (["-m", "microservices.iptv"],
+         {"REDIS_URL": "redis://127.0.0.1:1/0", "HEARTBEAT_INTERVAL": "nan"},
+         "HEARTBEAT_INTERVAL"),
+        (["-m", "microservices.auth"], {"REDIS_URL": "redis://127.0.0.1:1/0", "JWT_TTL": "-1"},
+         "JWT_TTL"),
+        (["-m", "microservices.auth"],
+         {"REDIS_URL": "redis://127.0.0.1:1/0", "AUTH_ADMIN_PASSWORD": SECRET},
+         "AUTH_ADMIN_USERNAME"),
+        (["-m", "microservices.auth.admin", "rotate-signing-key"], {"REDIS_URL": LEAKY_URL},
+         "REDIS_URL"),
+        (["-m", "common.policy", "get"], {"REDIS_URL": LEAKY_URL}, "REDIS_URL"),
+        (["-m", "common.devrun"], {"REDIS_URL": LEAKY_URL}, "REDIS_URL"),
+    ],
+)  # fmt: skip
+def test_a_configuration_error_is_one_line_naming_the_variable(
+    args: list[str], env: dict[str, str], named: str
+) -> None:
+    result = _run(args, env)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and named in lines[0], result.stderr
+    assert SECRET not in result.stderr
+
+
+def test_create_admin_without_a_terminal_asks_for_password_stdin(redis_url: str) -> None:
+    result = _run(
+        ["-m", "microservices.auth.admin", "create-admin", "--username", "root"],
+        {"REDIS_URL": redis_url},
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: no terminal to prompt for the password: use --password-stdin"
+    ]

@@ -9,9 +9,10 @@ python -m microservices.auth.admin rotate-signing-key
 
 Redis is `REDIS_URL`. A password is read from stdin (`--password-stdin`, one
 line) or prompted for without echo, never taken from the command line (where
-`ps` and shell history would show it). `create-key` prints the key on stdout,
+`ps` and shell history would show it); without a terminal to prompt on,
+`create-admin` needs `--password-stdin`. `create-key` prints the key on stdout,
 once; details go to stderr. Exit status: 0 done, 1 refused (the reason on
-stderr), 2 bad usage.
+stderr, one line), 2 bad usage.
 """
 
 from __future__ import annotations
@@ -88,6 +89,12 @@ async def _run(args: argparse.Namespace) -> dict[str, Any] | str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "create-admin" and not args.password_stdin and not sys.stdin.isatty():
+        # getpass would fall back to reading a pipe (or fail at its end) with a warning.
+        print(
+            "error: no terminal to prompt for the password: use --password-stdin", file=sys.stderr
+        )
+        return 2
     try:
         result = asyncio.run(_run(args))
     except (ServiceError, ConfigError) as exc:

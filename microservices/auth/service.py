@@ -11,11 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from common import Service, get_logger
+from common import Service
 from microservices.auth.accounts import Accounts
 from microservices.auth.throttle import ThrottleRules
-
-log = get_logger(__name__)
 
 svc = Service("auth")
 
@@ -48,10 +46,8 @@ async def prepare(service: Service) -> None:
     )
     await ctx.accounts.prepare()
     username, password = settings.auth_admin_username, settings.auth_admin_password
-    if username and password:
+    if username and password:  # the settings refuse one without the other
         await ctx.accounts.bootstrap_admin(username, password)
-    elif username:
-        log.warning("AUTH_ADMIN_USERNAME is set without AUTH_ADMIN_PASSWORD: no admin created")
 
 
 @svc.method

@@ -97,5 +97,5 @@ def test_parse_networks() -> None:
 
 @pytest.mark.parametrize("text", ["10.0.0.0/33", "localhost", "10.0.0.1/8", "1.2.3.4:80", "::g"])
 def test_parse_networks_rejects_bad_entries(text: str) -> None:
-    with pytest.raises(ConfigError, match="trusted proxies"):
+    with pytest.raises(ConfigError, match="TRUSTED_PROXIES"):
         parse_networks(f"10.0.0.0/8, {text}")

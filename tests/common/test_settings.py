@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import pytest
 
 from common.errors import ConfigError
-from common.settings import Settings
+from common.settings import Bounds, Settings
 
 
 def test_defaults() -> None:
@@ -53,3 +56,110 @@ def test_malformed_values_name_the_variable(env: dict[str, str]) -> None:
 def test_missing_redis_url_says_how_to_get_one() -> None:
     with pytest.raises(ConfigError, match="make run"):
         Settings.from_env({}).require_redis_url()
+
+
+def _numeric_fields() -> list[dataclasses.Field[Any]]:
+    return [f for f in dataclasses.fields(Settings) if f.type in ("int", "float")]
+
+
+def test_every_number_declares_its_bounds() -> None:
+    for f in _numeric_fields():
+        assert isinstance(f.metadata.get("bounds"), Bounds), f.metadata["env"]
+    # 0 where it means something (none, no bound, no caching).
+    s = Settings.from_env(
+        {"RPC_MAX_BACKLOG": "0", "PROXY_TOTAL_TIMEOUT": "0", "API_KEY_CACHE_TTL": "0"}
+    )
+    assert (s.rpc_max_backlog, s.proxy_total_timeout, s.api_key_cache_ttl) == (0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "NaN", "1e999"])
+@pytest.mark.parametrize("name", [f.metadata["env"] for f in _numeric_fields()])
+def test_no_number_takes_nan_or_infinity(name: str, raw: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({name: raw})
+    assert info.value.message.startswith(f"{name}="), info.value.message
+
+
+# Durations: 0 and below would busy-loop, expire at once or break the event loop.
+DURATIONS = ("HEARTBEAT_INTERVAL", "RPC_TIMEOUT", "PROXY_TIMEOUT", "PROXY_CONNECT_TIMEOUT",
+             "SHUTDOWN_GRACE", "RPC_DEDUP_WINDOW", "TASK_RETRY_DELAY", "LEAST_TIME_DECAY",
+             "WS_PING_INTERVAL", "WS_PING_TIMEOUT", "WS_AUTH_TIMEOUT", "WS_DRAIN_TIMEOUT",
+             "IPTV_NOW_INTERVAL", "JWT_TTL", "JWT_REFRESH_TTL")  # fmt: skip
+# Counts where 0 makes no sense.
+COUNTS = ("RPC_CONCURRENCY", "RPC_THREAD_POOL", "TASK_ATTEMPTS", "DEAD_LETTER_CAP",
+          "IPTV_CHANNELS", "WS_MAX_CONNECTIONS", "WS_SEND_QUEUE", "WS_MAX_SUBSCRIPTIONS",
+          "WS_MAX_CALLS_IN_FLIGHT", "WS_MAX_MESSAGE_BYTES")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        *({name: value} for value in ("0", "-1") for name in DURATIONS),
+        *({name: "0"} for name in COUNTS),
+        {"RPC_MAX_BACKLOG": "-1"},
+        {"API_KEY_CACHE_TTL": "-1"},
+        {"HEARTBEAT_INTERVAL": "0.001"},  # a busy loop on Redis all the same
+        {"HEARTBEAT_TTL": "1e300"},
+        {"RPC_TIMEOUT": "1e300"},
+        {"WEBSOCKET_PORT": "-1"},
+    ],
+)
+def test_out_of_bounds_numbers_name_the_variable(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    name = next(iter(env))
+    assert info.value.message.startswith(f"{name}="), info.value.message
+    assert "is not valid: must be" in info.value.message
+
+
+SECRET = "Sup3rS3cretPart"
+BAD_REDIS_URLS = [
+    f"redis://:{SECRET}/tail@127.0.0.1:6379/0",  # redis-py's error quotes part of it
+    f"redis://:{SECRET}#tail@127.0.0.1:6379/0",
+    f"redis://:{SECRET}?tail@127.0.0.1:6379/0",
+    f"redis://user:{SECRET}/x@redis:6379",
+    "redis://:1234/" + SECRET + "@redis:6379/0",  # redis-py reads it as localhost:1234
+    f"http://:{SECRET}@redis:6379/0",
+    f"redis://redis:6379/0?password={SECRET}&db=x",
+    "redis://redis:port/0",
+    "unix://",
+]
+GOOD_REDIS_URLS = [
+    "redis://127.0.0.1:6379/0",
+    "redis://redis",
+    "rediss://user:p%2Fw%23rd%3F@redis.example.com:6380/2",
+    "redis://:p%40ss@redis:6379/0?socket_timeout=5",
+    "unix:///run/redis/redis.sock",
+    "unix:///run/redis/redis.sock?db=3",
+]
+
+
+def test_redis_url_is_read_as_redis_py_will_and_never_quoted_with_its_credentials() -> None:
+    for url in GOOD_REDIS_URLS:
+        assert Settings.from_env({"REDIS_URL": url}).redis_url == url
+    for url in BAD_REDIS_URLS:
+        with pytest.raises(ConfigError) as info:
+            Settings.from_env({"REDIS_URL": url})
+        assert info.value.message.startswith("REDIS_URL"), url
+        assert SECRET not in info.value.message and "tail" not in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("env", "missing"),
+    [
+        ({"AUTH_ADMIN_USERNAME": "root"}, "AUTH_ADMIN_PASSWORD"),
+        ({"AUTH_ADMIN_PASSWORD": "a long passphrase"}, "AUTH_ADMIN_USERNAME"),
+    ],
+)
+def test_the_first_admin_needs_both_its_name_and_password(
+    env: dict[str, str], missing: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"without {missing}") as info:
+        Settings.from_env(env)
+    assert "a long passphrase" not in str(info.value)
+
+
+def test_trusted_proxies_are_checked_at_start_up() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"TRUSTED_PROXIES": "10.0.0.0/8, garbage"})
+    assert info.value.message.startswith("TRUSTED_PROXIES")
