@@ -5,7 +5,10 @@
    with the venv's `bin/` first on PATH and the repo root on PYTHONPATH.
 3. Print the URLs once the gateway answers `/health`.
 4. On SIGINT (Ctrl-C) or SIGTERM, or when `make` itself dies, stop honcho (which
-   stops its children), then Redis. Nothing is left behind.
+   stops its children), then Redis. Nothing is left behind. Neither honcho nor
+   Redis is in the terminal's process group, so Ctrl-C reaches them through this
+   process only, in that order: the services still have Redis while they drain,
+   hand back their calls and deregister.
 """
 
 from __future__ import annotations
@@ -49,32 +52,36 @@ def main() -> int:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
 
-    redis_server: EmbeddedRedis | None = None
-    if not settings.redis_url:
-        data_dir = ROOT / settings.run_dir / "redis"
-        data_dir.mkdir(parents=True, exist_ok=True)
-        redis_server = EmbeddedRedis(appendonly=True, data_dir=data_dir).start()
-        env["REDIS_URL"] = redis_server.url
-        _print(f"embedded redis {redis_server.url} ({redis_server.binary})")
-    else:
-        _print("using REDIS_URL from the environment")
-
     stopping = False
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
 
+    # Before Redis starts: from then on, a Ctrl-C must reach the `finally` below.
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     parent = os.getppid()
-    runner = subprocess.Popen(
-        [sys.executable, "-m", "honcho", "start", "-f", str(ROOT / "Procfile"), "-d", str(ROOT)],
-        env=env,
-        cwd=ROOT,
-        start_new_session=True,  # Ctrl-C reaches honcho through us, once, in order
-    )
+    redis_server: EmbeddedRedis | None = None
+    runner: subprocess.Popen[bytes] | None = None
     try:
+        if not settings.redis_url:
+            data_dir = ROOT / settings.run_dir / "redis"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            redis_server = EmbeddedRedis(appendonly=True, data_dir=data_dir).start()
+            env["REDIS_URL"] = redis_server.url
+            _print(f"embedded redis {redis_server.url} ({redis_server.binary})")
+        else:
+            _print("using REDIS_URL from the environment")
+        if stopping:
+            return 0
+        procfile = str(ROOT / "Procfile")
+        runner = subprocess.Popen(
+            [sys.executable, "-m", "honcho", "start", "-f", procfile, "-d", str(ROOT)],
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,  # Ctrl-C reaches honcho through us, once, in order
+        )
         health = f"http://127.0.0.1:{settings.webapi_port}/health"
         if _wait_healthy(health, runner):
             _print(f"gateway    http://127.0.0.1:{settings.webapi_port}")
@@ -86,7 +93,7 @@ def main() -> int:
                 break
             time.sleep(0.2)
     finally:
-        if runner.poll() is None:
+        if runner is not None and runner.poll() is None:
             runner.send_signal(signal.SIGTERM)
             try:
                 runner.wait(timeout=20)
@@ -96,7 +103,7 @@ def main() -> int:
         if redis_server is not None:
             redis_server.stop(keep_data=True)
         _print("stopped")
-    return 0 if stopping else (runner.returncode or 0)
+    return 0 if stopping or runner is None else (runner.returncode or 0)
 
 
 if __name__ == "__main__":

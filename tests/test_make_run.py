@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import redis
 
+from common import constants
+from common.embedded_redis import EmbeddedRedis
 from tests.helpers import ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -36,6 +40,16 @@ def _ready(base_url: str) -> bool:
 
 @pytest.fixture
 def make_run(tmp_path: Path) -> Iterator[MakeRun]:
+    yield from _started(["make", "--no-print-directory", "run"], tmp_path)
+
+
+@pytest.fixture
+def devrun(tmp_path: Path) -> Iterator[MakeRun]:
+    """What `make run` execs once the venv is installed, without make."""
+    yield from _started([sys.executable, "-m", "common.devrun"], tmp_path)
+
+
+def _started(command: list[str], tmp_path: Path) -> Iterator[MakeRun]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env.update(
@@ -44,7 +58,7 @@ def make_run(tmp_path: Path) -> Iterator[MakeRun]:
     log = tmp_path / "make-run.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            ["make", "--no-print-directory", "run"],
+            command,
             cwd=ROOT,
             env=env,
             stdout=out,
@@ -112,3 +126,16 @@ def test_sigterm_to_make_stops_everything(make_run: MakeRun) -> None:
     pids = make_run.descendants()
     make_run.process.send_signal(signal.SIGTERM)
     _assert_all_gone(make_run, pids)
+
+
+def test_ctrl_c_stops_the_services_while_redis_still_runs(devrun: MakeRun, tmp_path: Path) -> None:
+    """Redis is not in the terminal's group: the Ctrl-C reaches it after the services
+    stopped, which is why they could deregister (their records are gone from its AOF)."""
+    os.killpg(devrun.process.pid, signal.SIGINT)
+    assert devrun.process.wait(timeout=60) == 0
+    with (
+        EmbeddedRedis(appendonly=True, data_dir=tmp_path / "run" / "redis") as server,
+        redis.Redis.from_url(server.url) as client,
+    ):
+        left = {s: client.hkeys(constants.instance_record_key(s)) for s in ("iptv", "auth")}
+    assert left == {"iptv": [], "auth": []}
