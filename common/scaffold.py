@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from common.scopes import RESERVED_SERVICES
+
 TEMPLATES = Path(__file__).resolve().parent / "scaffold_templates"
 PLACEHOLDER = "{{name}}"
 
@@ -35,9 +37,11 @@ MIN_LEN, MAX_LEN = 2, 32
 # Lowercase identifier, no leading/trailing/double underscore: also a valid
 # compose service and image name.
 NAME_RE = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*")
-# Top-level folders, compose services and module names a service must not shadow.
-RESERVED = frozenset(
-    {"bench", "common", "microservices", "redis", "test", "tests", "webapi", "websocket"}
+# Top-level folders, compose services and module names a service must not shadow, and
+# the names the gateway gives a meaning of their own (`admin`: the admin API).
+RESERVED = (
+    frozenset({"bench", "common", "microservices", "redis", "test", "tests", "webapi", "websocket"})
+    | RESERVED_SERVICES
 )
 
 # Generated file (relative to the service folder) -> its template.

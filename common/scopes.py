@@ -21,8 +21,9 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterable
 
-__all__ = ["ADMIN", "ALL", "INTERNAL_METHODS", "INTERNAL_SERVICES", "allows",
-           "channel_resource", "covers", "parse", "rpc_resource", "valid_scope"]  # fmt: skip
+__all__ = ["ADMIN", "ALL", "INTERNAL_METHODS", "INTERNAL_SERVICES", "RESERVED_SERVICES",
+           "allows", "channel_resource", "covers", "parse", "rpc_resource",
+           "valid_scope"]  # fmt: skip
 
 ADMIN = "admin"
 ALL = "*"
@@ -34,6 +35,11 @@ INTERNAL_SERVICES = frozenset({"auth"})
 INTERNAL_METHODS = frozenset(
     {"iptv.add_favourite", "iptv.remove_favourite", "iptv.list_favourites"}
 )
+# Service names that mean something to the gateway already (the admin API; the
+# services the generic entries open to admins only): a new service taking one would
+# be reachable by admins only, or mixed with the existing one. The scaffold and an
+# HTTP backend's heartbeat refuse them all; `Service` refuses `admin`.
+RESERVED_SERVICES = frozenset({ADMIN}) | INTERNAL_SERVICES
 
 _NAME = r"[a-z][a-z0-9_-]{0,62}"
 _SERVICE = re.compile(_NAME)

@@ -134,6 +134,8 @@ def test_the_same_name_twice_fails_and_changes_nothing(repo: Path) -> None:
         ("Bad-Name", "lowercase Python identifier"),
         ("common", "reserved"),
         ("redis", "reserved"),
+        ("admin", "reserved"),  # the admin API's scope: only admins could call it
+        ("auth", "reserved"),
         ("iptv", "already exists"),
         ("x", "2 to 32 characters"),
         ("a" * 33, "2 to 32 characters"),

@@ -28,6 +28,7 @@ import re
 from typing import Any
 
 from common.registry import InstanceRecord, split_service_tag
+from common.scopes import RESERVED_SERVICES
 from webapi.errors import InvalidHeartbeat
 
 # What a service may be called (the proxy matches `/svc/<name>/` against it too).
@@ -75,6 +76,8 @@ def _record(item: dict[str, Any]) -> InstanceRecord:
     service = item.get("service")
     if not isinstance(service, str) or not SERVICE_NAME.fullmatch(service):
         raise InvalidHeartbeat(f"service must match {SERVICE_NAME.pattern}")
+    if service in RESERVED_SERVICES:
+        raise InvalidHeartbeat(f"service {service!r} is reserved: pick another name")
     address = _address(item.get("address"))
     kind = item.get("kind", "http")
     if kind not in _KINDS:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from common import Service
+from common.errors import ConfigError
+from common.scaffold import ScaffoldError, check_name
 from common.scopes import (
     ADMIN,
+    RESERVED_SERVICES,
     allows,
     channel_resource,
     covers,
@@ -13,6 +17,8 @@ from common.scopes import (
     rpc_resource,
     valid_scope,
 )
+from webapi.errors import InvalidHeartbeat
+from webapi.heartbeats import parse_heartbeat
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -133,3 +139,19 @@ def test_a_generic_rpc_entry_opens_internal_services_to_admin_only() -> None:
     assert rpc_resource("calc", None) == ("calc", None)
     assert not allows({"*", "auth"}, *rpc_resource("auth", "set_roles"))
     assert allows({"admin"}, *rpc_resource("auth", "set_roles"))
+
+
+@pytest.mark.parametrize("name", sorted(RESERVED_SERVICES))
+def test_a_new_service_cannot_take_a_name_the_gateway_reserves(name: str) -> None:
+    """Not from the scaffold, nor as an HTTP backend (in either heartbeat form)."""
+    with pytest.raises(ScaffoldError, match="reserved"):
+        check_name(name)
+    with pytest.raises(InvalidHeartbeat, match="reserved"):
+        parse_heartbeat({"service": name, "address": "127.0.0.1:80"})
+    with pytest.raises(InvalidHeartbeat, match="reserved"):
+        parse_heartbeat({"params": {"data": [{"servicename": f"{name}_v2", "addrip": "h:80"}]}})
+
+
+def test_no_worker_takes_the_admin_api_name() -> None:
+    with pytest.raises(ConfigError, match="reserved"):
+        Service(ADMIN)

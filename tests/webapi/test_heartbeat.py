@@ -101,6 +101,8 @@ def _nested(depth: int) -> bytes:
         (b'{"service": "x", "address": "127.0.0.1:99999"}', 422),
         (b'{"service": "x", "address": "bad host!:80"}', 422),
         (b'{"service": "X Y", "address": "127.0.0.1:80"}', 422),
+        (b'{"service": "admin", "address": "127.0.0.1:80"}', 422),  # reserved
+        (b'{"params": {"data": [{"servicename": "auth_v2", "addrip": "127.0.0.1:80"}]}}', 422),
         (b'{"service": "x", "address": "127.0.0.1:80", "weight": 0}', 422),
         (b'{"service": "x", "address": "127.0.0.1:80", "kind": "ftp"}', 422),
         (b'{"service": "x", "address": "127.0.0.1:80", "health_path": "../etc"}', 422),
