@@ -153,6 +153,7 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
         (["-m", "microservices.auth.admin", "rotate-signing-key"], {"REDIS_URL": LEAKY_URL},
          "REDIS_URL"),
         (["-m", "common.policy", "get"], {"REDIS_URL": LEAKY_URL}, "REDIS_URL"),
+        (["-m", "common.deadletters", "list", "iptv"], {"REDIS_URL": LEAKY_URL}, "REDIS_URL"),
         (["-m", "common.devrun"], {"REDIS_URL": LEAKY_URL}, "REDIS_URL"),
     ],
 )  # fmt: skip

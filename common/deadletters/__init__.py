@@ -13,20 +13,14 @@ and left in the list by replay (moved to its newest end), never cut wrong. CLI:
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
-import sys
 import time
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from common import codec, constants
-from common.connection import connect
 from common.errors import shortened
 from common.protocol import Call
-from common.settings import get_settings
 
 # KEYS: dead list, priority-1 stream, priority-2 stream. ARGV: how many to replay.
 # Oldest first; each record is moved atomically (pop + XADD), so a crash loses none.
@@ -119,26 +113,3 @@ class DeadLetters:
             constants.task_stream(service, 2),
         ]
         return int(await self._replay(keys=keys, args=[limit]))
-
-
-async def _main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m common.deadletters")
-    parser.add_argument("action", choices=("list", "replay"))
-    parser.add_argument("service")
-    parser.add_argument("--limit", type=int, default=100)
-    args = parser.parse_args(argv)
-    redis = connect(get_settings().require_redis_url(), name="deadletters")
-    try:
-        letters = DeadLetters(redis)
-        if args.action == "list":
-            for letter in await letters.list(args.service, args.limit):
-                print(json.dumps(letter, default=codec.json_default))
-        else:
-            print(f"replayed {await letters.replay(args.service, args.limit)}")
-    finally:
-        await redis.aclose()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(asyncio.run(_main(sys.argv[1:])))

@@ -1,0 +1,38 @@
+"""`python -m common.deadletters list|replay <service>`: see the package docstring."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from common import codec
+from common.connection import connect
+from common.deadletters import DeadLetters
+from common.settings import exit_on_config_error, get_settings
+
+
+async def main(argv: list[str]) -> int:
+    """Run the command line `argv`; the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m common.deadletters")
+    parser.add_argument("action", choices=("list", "replay"))
+    parser.add_argument("service")
+    parser.add_argument("--limit", type=int, default=100)
+    args = parser.parse_args(argv)
+    redis = connect(get_settings().require_redis_url(), name="deadletters")
+    try:
+        letters = DeadLetters(redis)
+        if args.action == "list":
+            for letter in await letters.list(args.service, args.limit):
+                print(json.dumps(letter, default=codec.json_default))
+        else:
+            print(f"replayed {await letters.replay(args.service, args.limit)}")
+    finally:
+        await redis.aclose()
+    return 0
+
+
+if __name__ == "__main__":
+    with exit_on_config_error("deadletters"):
+        sys.exit(asyncio.run(main(sys.argv[1:])))
