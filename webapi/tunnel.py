@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from webapi.passthrough import Owner, UpstreamLeg
+from webapi.splice import Owner, SpliceBase, UpstreamLeg
 
 if TYPE_CHECKING:
     from webapi.context import PassThroughStats
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 QUIET_CLOSE = 0.5
 
 
-class Tunnel:
+class Tunnel(SpliceBase):
     """One client connection spliced to one upstream connection, unread (module docstring)."""
 
     __slots__ = ("attempts", "awaiting", "ending", "loop", "owner", "quiet", "upstream")
@@ -131,20 +131,7 @@ class Tunnel:
         self.attempts.closed()
         return True
 
-    def pause_client(self) -> None:
-        client = self.owner.transport
-        if client is not None:
-            client.pause_reading()
-
     def resume_client(self) -> None:
         client = self.owner.transport
         if client is not None and not self.ending:
             client.resume_reading()
-
-    def pause_upstream(self) -> None:
-        if self.upstream.transport is not None:
-            self.upstream.transport.pause_reading()
-
-    def resume_upstream(self) -> None:
-        if self.upstream.transport is not None:
-            self.upstream.transport.resume_reading()

@@ -24,10 +24,11 @@ from webapi.fastpath.head import upstream_head
 from webapi.fastpath.request import Incomplete, Parsed, parse_request
 from webapi.fastpath.response import CHUNKED, WHOLE, bodiless_framing, client_head
 from webapi.lingering import LingeringHttpProtocol
-from webapi.passthrough import PASSTHROUGH_METHODS, PassThrough, connect, passthrough_rule
+from webapi.passthrough import PASSTHROUGH_METHODS, PassThrough, passthrough_rule
 from webapi.proxy.attempts import Attempts
 from webapi.proxy.forward import Forwarded
 from webapi.requests import request_id_of
+from webapi.splice import connect
 from webapi.tunnel import Tunnel
 
 log = get_logger("webapi.fastpath")

@@ -1,0 +1,119 @@
+"""What a pass-through splice (`webapi.passthrough`) and a tunnel (`webapi.tunnel`)
+share: the upstream connection's protocol, the connect with retries, and the flow
+control between the two connections."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Protocol, cast
+
+from webapi.proxy.errors import UpstreamConnectError
+from webapi.proxy.upstream import split_address
+
+if TYPE_CHECKING:
+    from webapi.proxy.attempts import Attempts
+    from webapi.proxy.forward import Proxy
+
+
+class Owner(Protocol):
+    """What the splice needs of the client connection's protocol (`FastPathProtocol`)."""
+
+    transport: asyncio.Transport | None
+
+    def passthrough_ended(self, leftover: bytes, close: bool) -> None: ...
+
+    def touch(self) -> None: ...
+
+
+class Splice(Protocol):
+    """What the upstream connection reports to (`PassThrough`, `webapi.tunnel.Tunnel`)."""
+
+    def from_upstream(self, data: bytes) -> None: ...
+
+    def upstream_gone(self) -> None: ...
+
+    def pause_client(self) -> None: ...
+
+    def resume_client(self) -> None: ...
+
+
+class UpstreamLeg(asyncio.Protocol):
+    """The upstream connection's protocol: everything goes to the splice."""
+
+    __slots__ = ("splice", "transport")
+
+    def __init__(self) -> None:
+        self.splice: Splice | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self.splice is not None:
+            self.splice.from_upstream(data)
+
+    def eof_received(self) -> bool:
+        if self.splice is not None:
+            self.splice.upstream_gone()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.splice is not None:
+            self.splice.upstream_gone()
+
+    def pause_writing(self) -> None:
+        if self.splice is not None:
+            self.splice.pause_client()
+
+    def resume_writing(self) -> None:
+        if self.splice is not None:
+            self.splice.resume_client()
+
+
+class SpliceBase:
+    """Flow control of a splice: a side whose socket buffer is full stops the other
+    side being read. Subclasses set `owner` and `upstream`."""
+
+    __slots__ = ()
+
+    owner: Owner
+    upstream: UpstreamLeg
+
+    def pause_client(self) -> None:
+        client = self.owner.transport
+        if client is not None:
+            client.pause_reading()
+
+    def pause_upstream(self) -> None:
+        if self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_upstream(self) -> None:
+        if self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+
+async def connect(proxy: Proxy, service: str, method: str) -> tuple[UpstreamLeg, Attempts]:
+    """A connection to a healthy instance of `service`, and the `Attempts` it was
+    chosen by (call its `closed()` when the splice ends). Connect failures eject
+    their instance and are retried on another one, within the service's attempt
+    limit and the retry budget (`webapi.proxy.attempts`); raises the proxy's errors
+    (`NoHealthyInstance`, `UnknownService`, `UpstreamFailed`) when none is reached."""
+    loop = asyncio.get_running_loop()
+    attempts = proxy.attempts(service, method, replayable=False)
+    timeout = attempts.connect_timeout or proxy.pool.connect_timeout
+    while True:
+        endpoint = attempts.next()
+        host, port = split_address(endpoint.address)
+        try:
+            async with asyncio.timeout(timeout):
+                _, leg = await loop.create_connection(UpstreamLeg, host, port)
+        except (OSError, TimeoutError) as exc:
+            attempts.failed(UpstreamConnectError(f"{endpoint.address}: {exc or 'timed out'}"))
+            continue  # (`failed` raised if no other try is allowed)
+        except BaseException:  # cancelled: the try ends without an outcome
+            attempts.abandoned()
+            raise
+        attempts.connected()
+        return leg, attempts
