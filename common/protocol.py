@@ -186,10 +186,13 @@ class Call:
         reply_to, request_id = get("rt"), get("rid")
         if request_id is not None and type(request_id) is not str:
             raise ValueError("request id is not a string")
+        task: tuple[int, str, str | None, int, int] | tuple[()]
         if reply_to is None:
-            return cls._decode_task(env, request_id)
-        if type(reply_to) is not str or not reply_to.startswith(INBOX_PREFIX):
+            task = _task_fields(env)
+        elif type(reply_to) is not str or not reply_to.startswith(INBOX_PREFIX):
             raise ValueError("reply-to is not an inbox")
+        else:
+            task = ()  # a call: the task fields keep their defaults
         # Positional, in field order: the worker decodes every call (hot path).
         return cls(
             str(env["id"]),
@@ -200,39 +203,28 @@ class Call:
             reply_to,
             request_id,
             int(get("v", PROTOCOL_VERSION)),
+            *task,
         )
 
-    @classmethod
-    def _decode_task(cls, env: dict[str, Any], request_id: str | None) -> Call:
-        get = env.get
-        priority, policy, key = get("p", 1), get("pol", "execute"), get("key")
-        attempt, max_attempts = get("att", 1), get("max", 1)
-        if type(priority) is not int or priority not in PRIORITIES:
-            raise ValueError("priority is not 1 or 2")
-        if type(policy) is not str or policy not in POLICIES:
-            raise ValueError("unknown task policy")
-        if key is not None and type(key) is not str:
-            raise ValueError("coalescing key is not a string")
-        if type(attempt) is not int or type(max_attempts) is not int:
-            raise ValueError("attempt numbers are not integers")
-        if attempt < 1 or max_attempts < 1:
-            raise ValueError("attempt numbers below 1")
-        max_attempts = min(max_attempts, MAX_TASK_ATTEMPTS)
-        return cls(
-            str(env["id"]),
-            str(env["m"]),
-            list(get("a") or ()),
-            dict(get("k") or {}),
-            float(env["dl"]),
-            None,
-            request_id,
-            int(get("v", PROTOCOL_VERSION)),
-            priority,
-            policy,
-            key,
-            min(attempt, max_attempts),
-            max_attempts,
-        )
+
+def _task_fields(env: dict[str, Any]) -> tuple[int, str, str | None, int, int]:
+    """A task envelope's priority, policy, coalescing key, attempt and run limit,
+    checked (`Call.decode`)."""
+    get = env.get
+    priority, policy, key = get("p", 1), get("pol", "execute"), get("key")
+    attempt, max_attempts = get("att", 1), get("max", 1)
+    if type(priority) is not int or priority not in PRIORITIES:
+        raise ValueError("priority is not 1 or 2")
+    if type(policy) is not str or policy not in POLICIES:
+        raise ValueError("unknown task policy")
+    if key is not None and type(key) is not str:
+        raise ValueError("coalescing key is not a string")
+    if type(attempt) is not int or type(max_attempts) is not int:
+        raise ValueError("attempt numbers are not integers")
+    if attempt < 1 or max_attempts < 1:
+        raise ValueError("attempt numbers below 1")
+    max_attempts = min(max_attempts, MAX_TASK_ATTEMPTS)
+    return priority, policy, key, min(attempt, max_attempts), max_attempts
 
 
 def ok_reply(call_id: str, result: Any) -> bytes:

@@ -35,12 +35,11 @@ def serve(
     create_app: Callable[[Settings], Any],
     port: Callable[[Settings], int],
     options: Callable[[Settings], dict[str, Any]] | None = None,
-    **run_options: Any,
 ) -> None:
     """Set up JSON logging, build the app from the settings and serve it until SIGTERM.
 
-    `run_options` go to `app.run` (the websocket service passes its `protocol`), and
-    so do those `options` derives from the settings.
+    What `options` derives from the settings goes to `app.run` (both services pass
+    their `protocol`).
     """
     with exit_on_config_error(name):
         settings = get_settings()
@@ -54,6 +53,5 @@ def serve(
             single_process=True,
             access_log=False,
             motd=False,
-            **run_options,
             **(options(settings) if options else {}),
         )

@@ -109,6 +109,17 @@ async def serve_in_task(svc: Service, url: str) -> asyncio.Task[None]:
     return task
 
 
+async def serve_until_live(svc: Service, url: str) -> asyncio.Task[None]:
+    """Run `svc` in a task and return once its instance holds a heartbeat lease (live)."""
+    task = asyncio.create_task(svc.serve(url))
+    probe = aioredis.Redis.from_url(url)
+    try:
+        await wait_for_async(lambda: probe.zcard(f"sb:{{{svc.name}}}:instances"))
+    finally:
+        await probe.aclose()
+    return task
+
+
 async def wait_for_async(
     predicate: Callable[[], Awaitable[Any] | Any], timeout: float = 10.0, interval: float = 0.05
 ) -> Any:

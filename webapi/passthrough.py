@@ -382,20 +382,6 @@ class PassThrough(SpliceBase):
         leftover, self.leftover = self.leftover, b""
         self.owner.passthrough_ended(leftover, close)
 
-    def _detach(self) -> bool:
-        upstream = self.upstream
-        if upstream.splice is None:
-            return False
-        upstream.splice = None
-        if upstream.transport is not None:
-            upstream.transport.close()
-        self.attempts.closed()
-        return True
-
-    def close(self) -> None:
-        """The client's connection is gone or timed out: close the upstream's too."""
-        self._detach()
-
     def resume_client(self) -> None:
         client = self.owner.transport
         if client is not None and self.ending is None:

@@ -72,13 +72,30 @@ class UpstreamLeg(asyncio.Protocol):
 
 
 class SpliceBase:
-    """Flow control of a splice: a side whose socket buffer is full stops the other
-    side being read. Subclasses set `owner` and `upstream`."""
+    """Ending a splice, and its flow control: a side whose socket buffer is full stops
+    the other side being read. Subclasses set `owner`, `upstream` and `attempts`."""
 
     __slots__ = ()
 
     owner: Owner
     upstream: UpstreamLeg
+    attempts: Attempts
+
+    def close(self) -> None:
+        """The client's connection is gone or timed out: close the upstream's too."""
+        self._detach()
+
+    def _detach(self) -> bool:
+        """Close the upstream connection and end the instance's try; False when the
+        splice was detached already."""
+        upstream = self.upstream
+        if upstream.splice is None:
+            return False
+        upstream.splice = None
+        if upstream.transport is not None:
+            upstream.transport.close()
+        self.attempts.closed()
+        return True
 
     def pause_client(self) -> None:
         client = self.owner.transport

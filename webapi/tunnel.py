@@ -114,22 +114,11 @@ class Tunnel(SpliceBase):
         if self._detach():
             self.owner.passthrough_ended(b"", True)
 
-    def close(self) -> None:
-        """The client's connection is gone or timed out: close the upstream's too."""
-        self._detach()
-
     def _detach(self) -> bool:
-        upstream = self.upstream
-        if upstream.splice is None:
-            return False
-        upstream.splice = None
         if self.quiet is not None:
             self.quiet.cancel()
             self.quiet = None
-        if upstream.transport is not None:
-            upstream.transport.close()
-        self.attempts.closed()
-        return True
+        return super()._detach()
 
     def resume_client(self) -> None:
         client = self.owner.transport

@@ -8,5 +8,8 @@ from websocket.auth import BearerProtocol
 
 if __name__ == "__main__":
     serve(
-        "websocket", create_app, lambda settings: settings.websocket_port, protocol=BearerProtocol
+        "websocket",
+        create_app,
+        lambda settings: settings.websocket_port,
+        lambda settings: {"protocol": BearerProtocol},
     )

@@ -22,34 +22,17 @@ from common.errors import (
     RpcTimeout,
     ServiceUnavailable,
 )
-from tests.helpers import ServiceProcess, wait_for_async
+from tests.helpers import ServiceProcess, serve_until_live, wait_for_async
 from tests.support.calc_service import Point, build
-
-
-async def _serve(svc: Service, url: str) -> asyncio.Task[None]:
-    task = asyncio.create_task(svc.serve(url))
-    probe = aioredis.Redis.from_url(url)
-    try:
-        # Live once the instance holds a heartbeat lease.
-        await wait_for_async(lambda: probe.zcard(f"sb:{{{svc.name}}}:instances"))
-    finally:
-        await probe.aclose()
-    return task
 
 
 @pytest.fixture
 async def calc(redis_url: str) -> AsyncIterator[Service]:
     svc = build(f"calc_{uuid.uuid4().hex[:8]}")
-    task = await _serve(svc, redis_url)
+    task = await serve_until_live(svc, redis_url)
     yield svc
     svc.request_stop()
     await asyncio.wait_for(task, 15)
-
-
-@pytest.fixture
-async def rpc(redis_url: str) -> AsyncIterator[RpcClient]:
-    async with RpcClient(redis_url) as client:
-        yield client
 
 
 async def test_call_returns_result(calc: Service, rpc: RpcClient) -> None:
@@ -163,7 +146,7 @@ async def test_send_is_fire_and_forget(
 
 async def test_unavailable_at_once_without_instance(rpc: RpcClient, redis_url: str) -> None:
     svc = build(f"calc_{uuid.uuid4().hex[:8]}")
-    task = await _serve(svc, redis_url)
+    task = await serve_until_live(svc, redis_url)
     assert await rpc.call(f"{svc.name}.add", 1) == 2
     svc.request_stop()
     await asyncio.wait_for(task, 15)
@@ -175,7 +158,7 @@ async def test_unavailable_at_once_without_instance(rpc: RpcClient, redis_url: s
 
 async def test_expired_calls_are_skipped_not_run(rpc: RpcClient, redis_url: str) -> None:
     svc = build(f"calc_{uuid.uuid4().hex[:8]}", concurrency=1)
-    task = await _serve(svc, redis_url)
+    task = await serve_until_live(svc, redis_url)
     try:
         busy = asyncio.create_task(rpc.call(f"{svc.name}.sleep", seconds=0.6))
         await asyncio.sleep(0.1)  # let the only slot be taken

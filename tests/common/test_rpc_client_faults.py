@@ -24,7 +24,7 @@ from common import RpcClient, Service, codec
 from common.embedded_redis import EmbeddedRedis
 from common.errors import InvalidParams, RemoteError
 from common.replies import INBOX_TTL_SECONDS
-from tests.helpers import ServiceProcess, serve_in_task, wait_for_async
+from tests.helpers import ServiceProcess, serve_until_live, wait_for_async
 from tests.support.calc_service import build
 
 pytestmark = pytest.mark.timeout(60)
@@ -39,21 +39,10 @@ async def svc(redis_url: str) -> AsyncIterator[Service]:
         await asyncio.sleep(0)
         raise InvalidParams("bad", details=5)  # type: ignore[arg-type]
 
-    task = await serve_in_task(service, redis_url)
-    probe = aioredis.Redis.from_url(redis_url)
-    try:
-        await wait_for_async(lambda: probe.zcard(f"sb:{{{service.name}}}:instances"))
-    finally:
-        await probe.aclose()
+    task = await serve_until_live(service, redis_url)
     yield service
     service.request_stop()
     await asyncio.wait_for(task, 15)
-
-
-@pytest.fixture
-async def rpc(redis_url: str) -> AsyncIterator[RpcClient]:
-    async with RpcClient(redis_url) as client:
-        yield client
 
 
 async def test_a_handlers_odd_error_details_fail_only_its_call(

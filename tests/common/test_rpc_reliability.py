@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import signal
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -29,12 +28,6 @@ def _name() -> str:
 async def _stop(svc: Service, task: asyncio.Task[None]) -> None:
     svc.request_stop()
     await asyncio.wait_for(task, 30)
-
-
-@pytest.fixture
-async def rpc(redis_url: str) -> AsyncIterator[RpcClient]:
-    async with RpcClient(redis_url) as client:
-        yield client
 
 
 def _worker(name: str, redis_url: str) -> ServiceProcess:

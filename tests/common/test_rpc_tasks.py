@@ -22,12 +22,6 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-async def rpc(redis_url: str) -> AsyncIterator[RpcClient]:
-    async with RpcClient(redis_url) as client:
-        yield client
-
-
-@pytest.fixture
 async def single_slot(redis_url: str) -> AsyncIterator[Service]:
     """One handler at a time, a backlog bound of 10, quick retries."""
     settings = dataclasses.replace(get_settings(), task_retry_delay=0.05, heartbeat_interval=0.2)

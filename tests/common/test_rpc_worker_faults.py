@@ -42,12 +42,6 @@ async def faulty(redis_url: str) -> AsyncIterator[Service]:
     await asyncio.wait_for(task, 30)
 
 
-@pytest.fixture
-async def rpc(redis_url: str) -> AsyncIterator[RpcClient]:
-    async with RpcClient(redis_url) as client:
-        yield client
-
-
 async def _nothing_pending(redis: aioredis.Redis, stream: str) -> bool:
     return int((await redis.xpending(stream, constants.WORKER_GROUP))["pending"]) == 0
 
