@@ -28,6 +28,7 @@ from redis.connection import parse_url
 
 from common.clientip import parse_networks
 from common.errors import ConfigError
+from common.tokens import check_secret
 
 T = TypeVar("T")
 
@@ -287,6 +288,8 @@ class Settings:
             raise ConfigError("AUTH_LOGIN_LOCK_BASE must be no longer than AUTH_LOGIN_LOCK_MAX")
         if self.heartbeat_ttl <= self.heartbeat_interval:
             raise ConfigError("HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL")
+        if self.jwt_secret:  # refused here, before a service starts, not by its listener
+            check_secret(self.jwt_secret)
         if bool(self.auth_admin_username) != bool(self.auth_admin_password):
             given, missing = (
                 ("AUTH_ADMIN_USERNAME", "AUTH_ADMIN_PASSWORD")

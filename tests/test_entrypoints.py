@@ -117,6 +117,7 @@ def test_cmd_starts_and_healthcheck_passes(dockerfile: Path, redis_url: str) -> 
 SECRET = "Sup3rS3cretPart"
 # A password with an unencoded '/': redis-py's own error would quote part of it.
 LEAKY_URL = f"redis://:{SECRET}/tail@127.0.0.1:6379/0"
+SHORT_SECRET = "short-jwt-secret"  # under 32 bytes: refused at settings load
 SERVICES = ("webapi", "websocket", "microservices.iptv", "microservices.auth")
 
 
@@ -150,6 +151,8 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
         (["-m", "microservices.auth"],
          {"REDIS_URL": "redis://127.0.0.1:1/0", "AUTH_ADMIN_PASSWORD": SECRET},
          "AUTH_ADMIN_USERNAME"),
+        *((["-m", s], {"REDIS_URL": "redis://127.0.0.1:1/0", "JWT_SECRET": SHORT_SECRET},
+           "JWT_SECRET") for s in SERVICES),
         (["-m", "microservices.auth.admin", "rotate-signing-key"], {"REDIS_URL": LEAKY_URL},
          "REDIS_URL"),
         (["-m", "common.policy", "get"], {"REDIS_URL": LEAKY_URL}, "REDIS_URL"),
@@ -165,7 +168,7 @@ def test_a_configuration_error_is_one_line_naming_the_variable(
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and named in lines[0], result.stderr
-    assert SECRET not in result.stderr
+    assert SECRET not in result.stderr and SHORT_SECRET not in result.stderr
 
 
 def test_create_admin_without_a_terminal_asks_for_password_stdin(redis_url: str) -> None:

@@ -36,7 +36,7 @@ from sanic.server.websockets.impl import WebsocketImplProtocol
 
 from common.aio import cancel_and_wait
 from common.client import RpcClient
-from common.connection import REDIS_DOWN_OR_SLOW, connect
+from common.connection import REDIS_DOWN_OR_SLOW, connect, redis_down_reason
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized, shortened
 from common.http_head import head_fault
@@ -242,7 +242,7 @@ async def health(request: WsRequest) -> HTTPResponse:
         async with asyncio.timeout(1.0):
             await request.app.ctx.redis.ping()
     except REDIS_DOWN_OR_SLOW as exc:
-        down = {"status": "degraded", "redis": {"ok": False, "error": str(exc)}}
+        down = {"status": "degraded", "redis": {"ok": False, "error": redis_down_reason(exc)}}
         return json_response({**down, "connections": connections}, 503)
     body: dict[str, Any] = {"status": "ok", "redis": {"ok": True}, "connections": connections}
     body["policy_version"] = request.app.ctx.policy.current.version  # the one applied here

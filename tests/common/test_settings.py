@@ -163,3 +163,10 @@ def test_trusted_proxies_are_checked_at_start_up() -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({"TRUSTED_PROXIES": "10.0.0.0/8, garbage"})
     assert info.value.message.startswith("TRUSTED_PROXIES")
+
+
+def test_a_short_jwt_secret_is_refused_at_settings_load() -> None:
+    with pytest.raises(ConfigError, match="JWT_SECRET must be at least 32 bytes") as info:
+        Settings.from_env({"JWT_SECRET": "x" * 31})
+    assert "x" * 31 not in str(info.value)
+    assert Settings.from_env({"JWT_SECRET": "x" * 32}).jwt_secret == "x" * 32

@@ -61,6 +61,9 @@ def test_proxy_keeps_serving_verified_callers_through_a_redis_restart(tmp_path: 
 
         server.stop(keep_data=True)
         assert wait_for(lambda: httpx.get(f"{base}/health", timeout=5).status_code == 503)
+        # Public: the kind of failure, not redis-py's text naming Redis's address.
+        redis_state = httpx.get(f"{base}/health", timeout=5).json()["redis"]
+        assert redis_state == {"ok": False, "error": "unreachable"}
         during = [httpx.get(echo, headers=auth, timeout=10) for _ in range(20)]
         assert [r.status_code for r in during] == [200] * 20
         assert all("ratelimit-remaining" in r.headers for r in during)  # the local limiter

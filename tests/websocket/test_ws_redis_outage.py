@@ -37,6 +37,8 @@ async def test_push_channels_and_credentials_through_a_redis_restart(tmp_path: P
 
             server.stop(keep_data=True)
             wait_for(lambda: ws_server.health()["status"] == "degraded", timeout=15)
+            # Public: the kind of failure, not redis-py's text naming Redis's address.
+            assert ws_server.health()["redis"] == {"ok": False, "error": "unreachable"}
             # A subscription cannot be made: said so, not left unanswered.
             await ws.send(json.dumps({"type": "subscribe", "channel": "new", "id": 1}))
             answer = await recv_json(ws)

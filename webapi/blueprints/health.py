@@ -7,7 +7,7 @@ from typing import Any
 
 from sanic import Blueprint, HTTPResponse
 
-from common.connection import REDIS_DOWN_OR_SLOW
+from common.connection import REDIS_DOWN_OR_SLOW, redis_down_reason
 from webapi.access import public
 from webapi.context import GatewayRequest
 from webapi.responses import json_response
@@ -27,7 +27,7 @@ async def health(request: GatewayRequest) -> HTTPResponse:
             live = await registry.live_ids_by_service(await registry.service_names())
             services = {name: {"live": len(ids), "instances": ids} for name, ids in live.items()}
     except REDIS_DOWN_OR_SLOW as exc:
-        down = {"status": "degraded", "redis": {"ok": False, "error": str(exc) or "timeout"}}
+        down = {"status": "degraded", "redis": {"ok": False, "error": redis_down_reason(exc)}}
         return json_response(down, status=503)
     body: dict[str, Any] = {"status": "ok", "redis": {"ok": True}, "services": services}
     body["policy_version"] = request.app.ctx.policy.current.version  # the one applied here
