@@ -150,15 +150,23 @@ class RevocationView:
     async def _apply(self, revoked: str) -> None:
         # The message names the member; its expiry is in the set. Looking it up
         # also ignores messages about another Redis database (channels are global).
+        # Until the lookup answers, the member counts as revoked: the call that
+        # revoked it may be answered, and its client's next request read, first.
+        known = self._revoked.get(revoked)
+        provisional = None
+        if known is None:
+            provisional = self._revoked[revoked] = self.clock() + _UNCONFIRMED
         try:
             score = await self.redis.zscore(REVOKED, revoked)
             expires_at = None if score is None else float(score)
         except REDIS_DOWN_ERRORS:
             expires_at = self.clock() + _UNCONFIRMED
         if expires_at is not None and expires_at > self.clock():
-            expires_at = max(expires_at, self._revoked.get(revoked, 0.0))
+            expires_at = max(expires_at, known or 0.0)
             self._revoked[revoked] = expires_at
             self._recent[revoked] = expires_at
+        elif provisional is not None and self._revoked.get(revoked) == provisional:
+            del self._revoked[revoked]  # not in this database's set, or already over
         self._notify(revoked)
 
     def _notify(self, revoked: str) -> None:

@@ -319,6 +319,23 @@ async def test_a_missed_revocation_is_found_by_the_resync(redis: aioredis.Redis)
         await authenticator.close()
 
 
+async def test_a_published_revocation_counts_before_its_expiry_is_read(
+    redis: aioredis.Redis,
+) -> None:
+    """The message is acted on before the lookup of its expiry answers: the call that
+    revoked a credential may be answered, and its client's next request read, first."""
+    view = RevocationView(redis)
+    await redis.zadd(revocation.REVOKED, {"key:k1": time.time() + 60})
+    applying = asyncio.create_task(view._apply("key:k1"))  # what the subscription calls
+    await asyncio.sleep(0)  # the handler runs up to its lookup in Redis
+    assert not applying.done() and view.is_revoked("key:k1")
+    await applying
+    assert view.is_revoked("key:k1")
+    # A message for a member this database has not revoked (channels span databases).
+    await view._apply("key:elsewhere")
+    assert not view.is_revoked("key:elsewhere") and len(view) == 1
+
+
 async def test_revocations_expire(redis: aioredis.Redis, clock: Clock) -> None:
     view = RevocationView(redis, clock=clock)
     await view.start()
