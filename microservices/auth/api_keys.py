@@ -4,6 +4,11 @@ The text form, hash and Redis records are `common.apikeys` (shared with the
 verifiers). A key's scopes must be valid and within what its owner may reach
 (`common.scopes.covers`): `admin` only for admins. Deleting a key publishes a
 `key:` revocation, so every verifier drops its cached record at once.
+
+A user holds at most `MAX_KEYS_PER_USER` keys. The count is checked by the
+script that writes the key (`_CREATE`), so creations racing each other (many
+workers, many requests) cannot pass the check together: the ones past the cap
+get `Conflict` and store nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +38,17 @@ MAX_EXPIRES_IN = 10 * 366 * 86400
 KEY_ID = re.compile(r"[0-9a-f]{12}")
 # Printable, no control characters (names end up in logs and dashboards).
 NAME = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
+
+# KEYS: the key's record, the user's set of key ids. ARGV: the cap, the key id, then
+# the record's fields as name, value pairs. 1 if written, 0 (nothing written) at the cap.
+_CREATE = """
+if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('SADD', KEYS[2], ARGV[2])
+return 1
+"""
 
 
 def _when(timestamp: float | None) -> datetime | None:
@@ -74,6 +90,7 @@ class ApiKeys:
         self.redis = redis
         self.revoke_for = revoke_for
         self.clock = clock
+        self._create = redis.register_script(_CREATE)
 
     async def create(
         self, owner: User, name: str | None, scopes: Iterable[str], expires_in: int | None
@@ -84,15 +101,16 @@ class ApiKeys:
             raise BadRequest("name must be 1 to 64 printable characters")
         if expires_in is not None and not 0 < expires_in <= MAX_EXPIRES_IN:
             raise BadRequest(f"expires_in must be between 1 and {MAX_EXPIRES_IN} seconds")
-        if await self.redis.scard(apikeys.user_keys_key(owner.user_id)) >= MAX_KEYS_PER_USER:
-            raise Conflict(f"a user may hold at most {MAX_KEYS_PER_USER} API keys")
         now = self.clock()
         expires_at = None if expires_in is None else now + expires_in
         text, record = apikeys.new_key(owner.user_id, name or "", wanted, expires_at=expires_at,
                                        now=now)  # fmt: skip
         if not name:
             record = replace(record, name=f"key-{record.key_id}")
-        await apikeys.write(self.redis, record)
+        pairs = [item for pair in record.to_fields().items() for item in pair]
+        keys = [apikeys.record_key(record.key_id), apikeys.user_keys_key(owner.user_id)]
+        if not await self._create(keys=keys, args=[MAX_KEYS_PER_USER, record.key_id, *pairs]):
+            raise Conflict(f"a user may hold at most {MAX_KEYS_PER_USER} API keys")
         fields = {"user_id": owner.user_id, "key_id": record.key_id, "scopes": sorted(wanted)}
         log.info("api key created", extra={"fields": fields})
         return {**describe(record), "api_key": text}

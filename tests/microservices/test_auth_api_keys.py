@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 
@@ -10,12 +11,14 @@ import redis.asyncio as aioredis
 
 from common import apikeys
 from common.credentials import Authenticator
-from common.errors import BadRequest, Forbidden, NotFound
+from common.errors import BadRequest, Conflict, Forbidden, NotFound
 from microservices.auth.accounts import Accounts
-from tests.helpers import eventually_refused
+from microservices.auth.api_keys import MAX_KEYS_PER_USER
+from tests.helpers import db_url, eventually_refused
 from tests.microservices.auth_fixtures import (  # noqa: F401 (fixtures)
     accounts_fixture,
     gateway_fixture,
+    make_accounts,
     redis_fixture,
     signed_up,
 )
@@ -88,3 +91,33 @@ async def test_only_admins_may_give_a_key_the_admin_scope(accounts: Accounts) ->
     await accounts.set_roles(user_id, ["user", "admin"])
     key = await accounts.create_api_key(user_id, "admin key", ["admin", "*"], None)
     assert key["scopes"] == ["*", "admin"]
+
+
+async def test_the_key_cap_holds_against_concurrent_creations(
+    accounts: Accounts, redis: aioredis.Redis, redis_url: str
+) -> None:
+    # Two "workers" (own clients, each with up to 100 creations in flight) creating at
+    # once: the count is checked where the key is written, so the creations past the
+    # cap are refused and store nothing.
+    user_id, _ = await signed_up(accounts, "Hoarder")
+    other_client = aioredis.Redis.from_url(db_url(redis_url, 2))
+    try:
+        other = make_accounts(other_client)
+        tries = 2 * MAX_KEYS_PER_USER
+
+        async def create(i: int) -> str | None:
+            try:
+                await (accounts, other)[i % 2].create_api_key(user_id, f"k{i}", ["iptv"], None)
+            except Conflict as exc:
+                return exc.message
+            return None
+
+        refusals = await asyncio.gather(*(create(i) for i in range(tries)))
+    finally:
+        await other_client.aclose()
+    assert refusals.count(None) == MAX_KEYS_PER_USER
+    assert {r for r in refusals if r} == {f"a user may hold at most {MAX_KEYS_PER_USER} API keys"}
+    assert await redis.scard(apikeys.user_keys_key(user_id)) == MAX_KEYS_PER_USER
+    assert len(await accounts.list_api_keys(user_id)) == MAX_KEYS_PER_USER
+    records = [k async for k in redis.scan_iter(match=apikeys.record_key("*"))]
+    assert len(records) == MAX_KEYS_PER_USER
