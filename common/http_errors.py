@@ -95,6 +95,7 @@ _REMOTE_CODE_STATUS = {
     "invalid_params": 422,
     "policy_invalid": 422,
     "too_many_attempts": 429,
+    "policy_unreadable": 503,  # the stored policy is corrupt: no request of the caller's fixes it
 }
 
 

@@ -3,11 +3,12 @@
     python -m common.policy get [--version N]            the document (JSON) on stdout
     python -m common.policy put FILE [--expected-version N]
     python -m common.policy validate FILE                 no Redis needed
-    python -m common.policy history [--limit N] [--json]
+    python -m common.policy history [--limit N] [--json]     N from 1 to 1000 (20)
 
 FILE is a JSON document, "-" for stdin. Writes are audited as "cli:<os user>".
 Uses REDIS_URL. Exit status: 0 done, 1 refused (invalid policy, version
-conflict, Redis unreachable, unreadable file), 2 bad usage.
+conflict, Redis unreachable, unreadable file, a stored version that is not an
+integer), 2 bad usage. An audit entry's field that does not read shows as "?".
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ from common.policy.model import PolicyDocument, PolicyInvalid, validate_json
 from common.policy.store import PolicyStore
 from common.settings import get_settings
 
+# The most audit entries one `history` shows (as `GET /admin/policy/history`).
+MAX_HISTORY = 1000
+
+
+def _history_limit(text: str) -> int:
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_HISTORY:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {MAX_HISTORY}")
+    return limit
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m common.policy", description=__doc__)
@@ -39,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     check = actions.add_parser("validate", help="check FILE without storing it")
     check.add_argument("file")
     history = actions.add_parser("history", help="the audit log, newest first")
-    history.add_argument("--limit", type=int, default=20)
+    history.add_argument("--limit", type=_history_limit, default=20)
     history.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
 
@@ -90,12 +104,19 @@ async def _with_store(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps(entry, ensure_ascii=False))
                 else:
-                    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry["at"]))
-                    changes = ", ".join(entry["changes"]) or "(no change)"
-                    print(f"{entry['version']:>6}  {at}  {entry['actor']}  {changes}")
+                    print(_history_line(entry))
     finally:
         await redis.aclose()
     return 0
+
+
+def _history_line(entry: dict[str, Any]) -> str:
+    """One audit entry as a line; "?" for a field that does not read (`PolicyStore.history`)."""
+    version = "?" if entry["version"] is None else str(entry["version"])
+    at = "?" if entry["at"] is None else time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                         time.gmtime(entry["at"]))  # fmt: skip
+    changes = "?" if entry["changes"] is None else ", ".join(entry["changes"]) or "(no change)"
+    return f"{version:>6}  {at}  {entry['actor']}  {changes}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return asyncio.run(_with_store(args))
     except PolicyInvalid as exc:
-        print("invalid policy:", file=sys.stderr)
+        stored = args.action == "get"  # the document read from Redis, not the one given
+        print("stored policy is invalid:" if stored else "invalid policy:", file=sys.stderr)
         for error in exc.errors:
             print(f"  {error['loc']}: {error['msg']}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.codec import parse_json
-from common.errors import BadRequest, quoted, shortened
+from common.errors import BadRequest, ServiceError, quoted, shortened
 from common.gcra import window_error
 from common.settings import MAX_BODY_LIMIT, MAX_TOTAL_TIMEOUT
 
@@ -269,6 +269,14 @@ class PolicyInvalid(BadRequest):
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "details": self.errors}
+
+
+class PolicyUnreadable(ServiceError):
+    """The policy store holds data no writer of ours writes (set by hand, or corrupted):
+    a version that is not an integer. Nothing was written; it needs repairing in Redis.
+    The gateway answers it 503 (the store's fault, not the request's)."""
+
+    code = "policy_unreadable"
 
 
 def validate_document(data: object) -> PolicyDocument:

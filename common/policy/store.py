@@ -12,11 +12,19 @@ The first write into an empty store also draws the store's epoch, a random id.
 Versions count up from 1 again after Redis loses its data, so a reader that
 must tell "the version I hold" from "a new document that got the same number"
 compares the epoch too (`stamp`, `load`).
+
+Data set by hand (or corrupted) in Redis is an error, never a crash: a stored
+document that is not JSON, or not a valid policy, is `PolicyInvalid` on reading
+(a `put` over it repairs it); a version that is not an integer is
+`PolicyUnreadable`, for reads and writes alike, until it is repaired in Redis. An
+audit entry whose fields do not read shows them as None in `history`.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import secrets
 from typing import Any
 
@@ -24,14 +32,23 @@ import redis.asyncio as aioredis
 
 from common import constants
 from common.connection import REDIS_DOWN_ERRORS, as_text
-from common.errors import Conflict, RedisUnavailable
+from common.errors import Conflict, RedisUnavailable, quoted
 from common.policy.diff import changed_paths
-from common.policy.model import DEFAULT_POLICY, PolicyDocument, validate_document
+from common.policy.model import (
+    DEFAULT_POLICY,
+    PolicyDocument,
+    PolicyUnreadable,
+    validate_document,
+    validate_json,
+)
 
 HISTORY_KEEP = 50
 AUDIT_MAXLEN = 1000
 # Attempts of a put without `expected_version` when other writers keep winning the race.
 _CAS_TRIES = 20
+# A version as the script writes it. (int() also reads " 7", "1_0" and other scripts'
+# digits, which the script's tonumber() does not.)
+_VERSION = re.compile(rb"[0-9]{1,18}")
 
 # KEYS: doc, version, history, audit, epoch.
 # ARGV: version the document was built on, document JSON, versions to keep,
@@ -87,7 +104,7 @@ class PolicyStore:
             raw, epoch = await self.redis.mget(constants.POLICY_DOC, constants.POLICY_EPOCH)
         except REDIS_DOWN_ERRORS as exc:
             raise RedisUnavailable(f"cannot read the policy: {exc}") from exc
-        document = DEFAULT_POLICY if raw is None else validate_document(json.loads(raw))
+        document = DEFAULT_POLICY if raw is None else validate_json(raw)
         return document, _text(epoch)
 
     async def stamp(self) -> tuple[int, str | None]:
@@ -96,7 +113,7 @@ class PolicyStore:
             raw, epoch = await self.redis.mget(constants.POLICY_VERSION, constants.POLICY_EPOCH)
         except REDIS_DOWN_ERRORS as exc:
             raise RedisUnavailable(f"cannot read the policy version: {exc}") from exc
-        return (0 if raw is None else int(raw)), _text(epoch)
+        return _stored_version(raw), _text(epoch)
 
     async def get_version(self, version: int) -> PolicyDocument | None:
         """The document as it was at `version` (one of the last `HISTORY_KEEP`), or None."""
@@ -106,7 +123,7 @@ class PolicyStore:
             raw = await self.redis.hget(constants.POLICY_HISTORY, str(version))
         except REDIS_DOWN_ERRORS as exc:
             raise RedisUnavailable(f"cannot read the policy history: {exc}") from exc
-        return None if raw is None else validate_document(json.loads(raw))
+        return None if raw is None else validate_json(raw)
 
     async def put(
         self, data: object, *, actor: str, expected_version: int | None = None
@@ -115,7 +132,8 @@ class PolicyStore:
 
         `data`'s own "version" is ignored. With `expected_version`, the write
         happens only if the current version is that one, else `Conflict`.
-        Raises `PolicyInvalid` (nothing stored) for a bad document.
+        Raises `PolicyInvalid` (nothing stored) for a bad document, `PolicyUnreadable`
+        for a stored version that is not an integer.
         """
         candidate = validate_document(data)
         try:
@@ -123,7 +141,7 @@ class PolicyStore:
                 raw_doc, raw_version = await self.redis.mget(
                     constants.POLICY_DOC, constants.POLICY_VERSION
                 )
-                current = 0 if raw_version is None else int(raw_version)
+                current = _stored_version(raw_version)
                 if expected_version is not None and current != expected_version:
                     raise _conflict(current, expected_version)
                 new = candidate.model_copy(update={"version": current + 1})
@@ -140,26 +158,71 @@ class PolicyStore:
         raise Conflict("the policy kept changing while it was written; try again")
 
     async def history(self, limit: int = 20) -> list[dict[str, Any]]:
-        """The last `limit` audit entries, newest first: version, actor, at, changes."""
+        """The last `limit` audit entries, newest first: version, actor, at, changes.
+
+        A field of an entry that does not read (set by hand) is None: the other
+        entries, and that entry's other fields, are still shown.
+        """
         try:
             entries = await self.redis.xrevrange(constants.POLICY_AUDIT, count=limit)
         except REDIS_DOWN_ERRORS as exc:
             raise RedisUnavailable(f"cannot read the policy audit log: {exc}") from exc
         out = []
         for entry_id, fields in entries or []:
-            f = {as_text(k): as_text(v) for k, v in (fields or {}).items()}
+            # Not as_text: a field set by hand need not be UTF-8.
+            f = {_lenient(k): _lenient(v) for k, v in (fields or {}).items()}
             out.append({
                 "id": as_text(entry_id or ""),
-                "version": int(f.get("version", 0)),
+                "version": _audit_version(f.get("version", "0")),
                 "actor": f.get("actor", ""),
-                "at": float(f.get("at", 0)),
-                "changes": json.loads(f.get("changes", "[]")),
+                "at": _audit_time(f.get("at", "0")),
+                "changes": _audit_changes(f.get("changes", "[]")),
             })  # fmt: skip
         return out
 
 
 def _text(raw: bytes | str | None) -> str | None:
     return None if raw is None else as_text(raw)
+
+
+def _stored_version(raw: bytes | str | None) -> int:
+    """The stored version (0: none), or `PolicyUnreadable`."""
+    if raw is None:
+        return 0
+    data = raw.encode() if isinstance(raw, str) else raw
+    if not _VERSION.fullmatch(data):
+        shown = quoted(data.decode(errors="replace"))
+        raise PolicyUnreadable(
+            f"the stored policy version is not an integer ({shown}): "
+            f"repair {constants.POLICY_VERSION} in Redis"
+        )
+    return int(data)
+
+
+def _lenient(raw: bytes | str) -> str:
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+
+
+def _audit_version(text: str) -> int | None:
+    return int(text) if _VERSION.fullmatch(text.encode()) else None
+
+
+def _audit_time(text: str) -> float | None:
+    try:
+        at = float(text)
+    except ValueError:
+        return None
+    return at if math.isfinite(at) and at >= 0 else None
+
+
+def _audit_changes(text: str) -> list[str] | None:
+    try:
+        changes = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(changes, list) and all(isinstance(c, str) for c in changes):
+        return changes
+    return None
 
 
 def _conflict(current: int, expected: int) -> Conflict:

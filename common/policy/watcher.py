@@ -8,11 +8,12 @@ It is kept current two ways, as the registry view is:
 - polling the version key every `interval` (0.5 s), which repairs a missed
   message (a reconnect, a write that did not publish).
 
-Redis unreachable, or a stored document that does not validate, keeps the last
-good policy: a replica never falls back to defaults because Redis blinked, and a
-document written by hand (or before a validation rule existed) that the gateway
-could not apply never reaches its request path. An invalid document is logged
-once (an error), and stays refused until a valid one is stored over it.
+Redis unreachable, or a stored document that does not validate (or a version
+that is not an integer), keeps the last good policy: a replica never falls back
+to defaults because Redis blinked, and a document written by hand (or before a
+validation rule existed) that the gateway could not apply never reaches its
+request path. An invalid document is logged once (an error), and stays refused
+until a valid one is stored over it.
 
 Nor because Redis lost its data (a restart without persistence, a `FLUSHALL`, a
 failover to an empty replica): applying the empty store would quietly drop every
@@ -48,7 +49,7 @@ from common.connection import REDIS_DOWN_OR_SLOW
 from common.errors import Conflict, RedisUnavailable
 from common.log import get_logger
 from common.outage import Outage
-from common.policy.model import DEFAULT_POLICY, PolicyDocument, PolicyInvalid
+from common.policy.model import DEFAULT_POLICY, PolicyDocument, PolicyInvalid, PolicyUnreadable
 from common.policy.store import PolicyStore
 from common.subscription import follow
 
@@ -142,7 +143,8 @@ class PolicyWatcher:
             except _UNREACHABLE as exc:
                 self._outage.failed(exc, version=self.current.version)
                 return False
-            except (PolicyInvalid, ValueError, RedisError) as exc:  # not JSON, wrong key type
+            except (PolicyInvalid, PolicyUnreadable, ValueError, RedisError) as exc:
+                # Invalid or not JSON, a version that is no integer, a key of the wrong type.
                 # Said once per stored version: the poll finds it again every interval.
                 if self._refused != (version, epoch):
                     self._refused = (version, epoch)

@@ -208,8 +208,8 @@ def test_public_names() -> None:
 
     assert sorted(common.policy.__all__) == [
         "DEFAULT_POLICY", "LimitRule", "PolicyDocument", "PolicyInvalid", "PolicyStore",
-        "PolicyWatcher", "RESERVED_PREFIXES", "RetryBudgetPolicy", "RouteRule", "ServicePolicy",
-        "StrategyName",
+        "PolicyUnreadable", "PolicyWatcher", "RESERVED_PREFIXES", "RetryBudgetPolicy",
+        "RouteRule", "ServicePolicy", "StrategyName",
         "changed_paths", "validate_document", "validate_json",
     ]  # fmt: skip
 

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
+from common import constants
 from common.policy import PolicyStore, validate_document
 from tests.common.policy_fixtures import nlp, store_fixture  # noqa: F401 (a fixture)
 from tests.helpers import ROOT
@@ -70,3 +72,41 @@ async def test_cli(store: PolicyStore, redis_url: str, tmp_path: Path) -> None:
     missing = await asyncio.to_thread(run, "validate", str(tmp_path / "nope.json"))
     assert missing.returncode != 0 and "cannot read" in missing.stderr
     assert (await asyncio.to_thread(run, "frobnicate")).returncode == 2
+
+
+def _one_line_refusal(done: subprocess.CompletedProcess[str], status: int, text: str) -> None:
+    assert done.returncode == status, done.stderr
+    assert "Traceback" not in done.stderr and text in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 2  # argparse adds its usage line
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "1001", "99999999999999999999", "x"])
+async def test_history_limit_out_of_range_is_bad_usage(
+    store: PolicyStore, redis_url: str, limit: str
+) -> None:
+    done = await asyncio.to_thread(_cli, redis_url, "history", "--limit", limit)
+    _one_line_refusal(done, 2, "--limit: must be an integer from 1 to 1000")
+
+
+async def test_data_set_by_hand_is_a_one_line_refusal(
+    store: PolicyStore, redis_client: aioredis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(nlp(strategy="hash")))
+    await store.put(nlp(strategy="hash"), actor="t")
+    await redis_client.set(constants.POLICY_DOC, "garbage{")
+    got = await asyncio.to_thread(_cli, redis_url, "get")
+    _one_line_refusal(got, 1, "stored policy is invalid:")
+    assert "not valid JSON" in got.stderr
+
+    await redis_client.set(constants.POLICY_VERSION, "abc")
+    put = await asyncio.to_thread(_cli, redis_url, "put", str(good))
+    _one_line_refusal(put, 1, "error: the stored policy version is not an integer ('abc')")
+    assert len(put.stderr.strip().splitlines()) == 1
+
+    await redis_client.xadd(constants.POLICY_AUDIT, {"version": "x", "at": "y"})
+    history = await asyncio.to_thread(_cli, redis_url, "history")
+    assert history.returncode == 0 and not history.stderr, history.stderr
+    newest, oldest = history.stdout.splitlines()
+    assert newest.split() == ["?", "?", "(no", "change)"]
+    assert oldest.split()[0] == "1" and "services.nlp" in oldest

@@ -9,7 +9,13 @@ import redis.asyncio as aioredis
 
 from common import constants
 from common.errors import Conflict
-from common.policy import DEFAULT_POLICY, PolicyDocument, PolicyStore
+from common.policy import (
+    DEFAULT_POLICY,
+    PolicyDocument,
+    PolicyInvalid,
+    PolicyStore,
+    PolicyUnreadable,
+)
 from common.policy.store import AUDIT_MAXLEN, HISTORY_KEEP
 from tests.common.policy_fixtures import KEYS, nlp, store_fixture  # noqa: F401 (a fixture)
 
@@ -98,3 +104,59 @@ async def test_history_keeps_the_last_versions_and_the_audit_is_trimmed(
 async def test_put_accepts_a_document_object(store: PolicyStore) -> None:
     doc = PolicyDocument.model_validate(nlp(strategy="least_time"))
     assert (await store.put(doc, actor="a")).services["nlp"].strategy == "least_time"
+
+
+# -- data set by hand in Redis ----------------------------------------------------------
+
+
+async def test_a_stored_document_that_is_not_json_is_policy_invalid(
+    store: PolicyStore, redis_client: aioredis.Redis
+) -> None:
+    first = await store.put(nlp(strategy="hash"), actor="alice")
+    await redis_client.set(constants.POLICY_DOC, "garbage{")
+    await redis_client.hset(constants.POLICY_HISTORY, "1", b"\xff not JSON")  # type: ignore[misc]
+    for read in (store.get, lambda: store.get_version(1)):
+        with pytest.raises(PolicyInvalid) as info:
+            await read()
+        assert [e["loc"] for e in info.value.errors] == ["(document)"]
+        assert "not valid JSON" in info.value.message
+    repaired = await store.put(nlp(strategy="random"), actor="bob", expected_version=first.version)
+    assert await store.get() == repaired
+
+
+@pytest.mark.parametrize("raw", ["abc", "1_0", " 1", "1.5", "-1", "\u0661", "9" * 40])
+async def test_a_stored_version_that_is_no_integer_is_policy_unreadable(
+    store: PolicyStore, redis_client: aioredis.Redis, raw: str
+) -> None:
+    first = await store.put(nlp(strategy="hash"), actor="alice")
+    await redis_client.set(constants.POLICY_VERSION, raw)
+    with pytest.raises(PolicyUnreadable, match="policy version is not an integer"):
+        await store.stamp()
+    for expected in (None, 1):
+        with pytest.raises(PolicyUnreadable, match=r"repair sb:\{policy\}:version"):
+            await store.put(nlp(strategy="random"), actor="bob", expected_version=expected)
+    assert await store.get() == first  # nothing written, nothing audited
+    assert len(await store.history()) == 1
+
+
+async def test_history_shows_unreadable_audit_fields_as_none(
+    store: PolicyStore, redis_client: aioredis.Redis
+) -> None:
+    await store.put(nlp(strategy="hash"), actor="alice")
+    bad = [
+        {"version": "x", "at": "y"},
+        {"version": "1_0", "actor": b"\xffbob", "at": "inf", "changes": "{not JSON"},
+        {"version": "7", "at": "nan", "changes": '{"a": 1}'},
+        {"at": "-5", "changes": "[1, 2]"},
+    ]
+    for fields in bad:
+        await redis_client.xadd(constants.POLICY_AUDIT, fields)  # type: ignore[arg-type]
+    entries = await store.history(10)
+    assert [(e["version"], e["at"], e["changes"]) for e in entries[:4]] == [
+        (0, None, None),
+        (7, None, None),
+        (None, None, None),
+        (None, None, []),
+    ]
+    assert entries[2]["actor"] == "\ufffdbob"
+    assert (entries[4]["version"], entries[4]["actor"]) == (1, "alice")

@@ -104,6 +104,22 @@ async def test_a_stored_limit_the_gateway_cannot_build_is_refused_and_logged_onc
     assert await w.refresh() is True and w.current == fixed
 
 
+async def test_a_stored_version_that_is_no_integer_is_refused_and_logged_once(
+    store: PolicyStore, redis_client: aioredis.Redis, caplog: Any
+) -> None:
+    w = PolicyWatcher(redis_client, interval=3600)  # refreshed by hand below
+    good = await store.put(nlp(strategy="hash"), actor="t")
+    await w.start()
+    caplog.set_level(logging.ERROR, logger="switchboard.policy")
+    await redis_client.set(constants.POLICY_VERSION, "abc")
+    for _ in range(3):  # what three polls would do
+        assert await w.refresh() is False
+    assert w.current == good
+    refused = [r for r in caplog.records if "stored policy is invalid" in r.getMessage()]
+    assert len(refused) == 1 and not refused[0].exc_info
+    assert "policy version is not an integer ('abc')" in refused[0].__dict__["fields"]["error"]
+
+
 async def test_watcher_keeps_the_last_policy_while_redis_is_down(
     tmp_path: Path, caplog: Any
 ) -> None:

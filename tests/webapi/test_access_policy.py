@@ -117,6 +117,53 @@ def test_a_limit_the_rate_limiter_cannot_keep_is_refused_and_never_applied(
     gateways.put_policy(admin["Authorization"][7:], limits=[])  # the admin API still works
 
 
+def test_policy_data_set_by_hand_gets_an_answer_not_a_500(gateways: Gateways) -> None:
+    """A stored document that is not JSON is 422 on reading (a PUT repairs it); a stored
+    version that is no integer is 503 `policy_unreadable` for every PUT, and the
+    gateways keep the last good policy, saying so once, without a traceback."""
+    admin = bearer(gateways.admin_token())
+    url = f"{gateways.url}/admin/policy"
+    good = gateways.put_policy(admin["Authorization"][7:], limits=[])
+    r = redis.Redis.from_url(gateways.redis_url)
+    r.set("sb:{policy}:doc", "garbage{")
+    got = httpx.get(url, headers=admin)
+    assert got.status_code == 422, got.text
+    assert got.json()["error"]["code"] == "policy_invalid"
+    assert got.json()["error"]["details"][0]["loc"] == "(document)"
+    good = gateways.put_policy(admin["Authorization"][7:], limits=[])  # repairs it
+
+    r.set("sb:{policy}:version", "abc")
+    try:
+        put = httpx.put(url, json={"limits": []}, headers=admin)
+        assert put.status_code == 503, put.text
+        assert put.json()["error"] == {
+            "code": "policy_unreadable",
+            "message": "the stored policy version is not an integer ('abc'): "
+            "repair sb:{policy}:version in Redis",
+        }
+        assert httpx.get(url, headers=admin).json() == good  # nothing written
+        r.xadd("sb:{policy}:audit", {"version": "x", "at": "y"})
+        history = httpx.get(f"{url}/history", headers=admin)
+        assert history.status_code == 200, history.text
+        assert history.json()["changes"][0]["version"] is None
+        assert history.json()["changes"][1]["version"] == good["version"]
+
+        def refusals(proc: ServiceProcess) -> list[str]:
+            return [line for line in proc.log_path.read_text(errors="replace").splitlines()
+                    if '"msg": "stored policy is invalid' in line
+                    and "policy version is not an integer" in line]  # fmt: skip
+
+        wait_for(lambda: all(refusals(proc) for proc in gateways.procs[:2]), timeout=5)
+        for gateway in gateways.urls:
+            assert policy_version(gateway) == good["version"]  # the last good one
+        for proc in gateways.procs[:2]:
+            assert len(refusals(proc)) == 1  # said once
+            assert "Traceback" not in proc.log_path.read_text(errors="replace")
+    finally:
+        r.set("sb:{policy}:version", good["version"])
+    gateways.put_policy(admin["Authorization"][7:], limits=[])  # the admin API works again
+
+
 # -- live policy under load ----------------------------------------------------------
 
 
