@@ -9,9 +9,9 @@ python -m microservices.auth.admin rotate-signing-key
 
 Redis is `REDIS_URL`. A password is read from stdin (`--password-stdin`, one
 line) or prompted for without echo, never taken from the command line (where
-`ps` and shell history would show it); without a terminal to prompt on,
-`create-admin` needs `--password-stdin`. `create-key` prints the key on stdout,
-once; details go to stderr. Exit status: 0 done, 1 refused (the reason on
+`ps` and shell history would show it), and must be UTF-8 text; without a
+terminal to prompt on, `create-admin` needs `--password-stdin`. `create-key`
+prints the key on stdout, once; details go to stderr. Exit status: 0 done, 1 refused (the reason on
 stderr, one line), 2 bad usage.
 """
 
@@ -49,11 +49,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _password(from_stdin: bool) -> str:
-    if from_stdin:
-        return sys.stdin.readline().rstrip("\r\n")
-    password = getpass.getpass("Password: ")
-    if getpass.getpass("Repeat password: ") != password:
-        raise ServiceError("the passwords differ")
+    try:
+        if from_stdin:
+            # Bytes, decoded here: text stdin would give undecodable bytes back as
+            # surrogates, or fail, depending on the locale.
+            return sys.stdin.buffer.readline().decode().rstrip("\r\n")
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            raise ServiceError("the passwords differ")
+    except UnicodeDecodeError:  # (its message would quote the bytes)
+        raise ServiceError("the password is not UTF-8 text") from None
     return password
 
 

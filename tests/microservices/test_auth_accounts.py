@@ -75,6 +75,19 @@ async def test_register_rejects_bad_passwords(accounts: Accounts, password: str)
         await accounts.register("bob", password)
 
 
+async def test_a_password_that_is_not_utf8_text_is_refused(
+    accounts: Accounts, redis: aioredis.Redis
+) -> None:
+    # Bytes that are not UTF-8, read as text with surrogateescape (a CLI's stdin, an
+    # environment variable): argon2 cannot hash the lone surrogates they become.
+    password = b"\xff\xfe a long passphrase".decode(errors="surrogateescape")
+    with pytest.raises(BadRequest, match=r"^password must be UTF-8 text$"):
+        await accounts.register("bob", password)
+    with pytest.raises(ConfigError, match="AUTH_ADMIN_PASSWORD: password must be UTF-8 text"):
+        await accounts.bootstrap_admin("root", password)
+    assert not await redis.hlen(USERNAMES)  # type: ignore[misc]
+
+
 async def test_register_accepts_edge_lengths(accounts: Accounts) -> None:
     await accounts.register("abc", "x" * 8)
     await accounts.register("a" * 64, "x" * 256)

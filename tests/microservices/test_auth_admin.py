@@ -53,6 +53,28 @@ async def test_create_admin_reads_the_password_from_stdin(url: str, redis) -> No
     assert short.returncode == 1 and "password must be" in short.stderr
 
 
+def cli_bytes(
+    url: str, *args: str, stdin: bytes, locale: str
+) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "REDIS_URL": url, "JWT_SECRET": "", "PYTHONPATH": str(ROOT),
+           "LC_ALL": locale}  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "microservices.auth.admin", *args],
+        input=stdin, capture_output=True, env=env, cwd=ROOT, timeout=30,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("locale", ["C.UTF-8", "C"])  # stdin strict, or surrogateescape
+async def test_a_password_line_that_is_not_utf8_is_a_one_line_refusal(
+    url: str, redis, locale: str
+) -> None:
+    done = cli_bytes(url, "create-admin", "--username", "ops", "--password-stdin",
+                     stdin=b"\xff\xfe a long passphrase\n", locale=locale)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr == b"error: the password is not UTF-8 text\n" and not done.stdout
+    assert await Accounts(redis).users.find("ops") is None
+
+
 async def test_create_key_prints_the_key_once(url: str, redis) -> None:
     await Accounts(redis).register("ops", PASSWORD)
     done = cli(url, "create-key", "--username", "ops", "--scopes", "iptv nlp.run", "--name", "ci",
