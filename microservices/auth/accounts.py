@@ -13,7 +13,9 @@ issued before has expired by itself. Logins are throttled per username
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -29,7 +31,7 @@ from microservices.auth.api_keys import ApiKeys
 from microservices.auth.passwords import Passwords
 from microservices.auth.sessions import SESSION_ID, Sessions
 from microservices.auth.throttle import LoginThrottle, ThrottleRules
-from microservices.auth.users import User, Users
+from microservices.auth.users import User, Users, check_roles, check_user_scopes
 
 __all__ = ["REVOCATION_MARGIN", "Accounts"]
 
@@ -110,27 +112,37 @@ class Accounts:
     async def set_roles(self, user_id: str, roles: list[str]) -> dict[str, Any]:
         """Set a user's roles. Losing a role ends the user's sessions (tokens carry roles)."""
         before = await self.users.require(user_id)
-        after = await self.users.set_roles(user_id, roles)
-        await self._narrowed(before, after)
+        mark = _narrowing(before, replace(before, roles=check_roles(roles)))
+        after = await self.users.set_roles(user_id, roles, narrowing=mark)
+        await self._finish_narrowing(after)
         return after.describe()
 
     async def set_scopes(self, user_id: str, scopes: list[str]) -> dict[str, Any]:
         """Set a user's scopes. Losing any ends the user's sessions and deletes keys beyond them."""
         before = await self.users.require(user_id)
-        after = await self.users.set_scopes(user_id, scopes)
-        await self._narrowed(before, after)
+        mark = _narrowing(before, replace(before, scopes=check_user_scopes(scopes)))
+        after = await self.users.set_scopes(user_id, scopes, narrowing=mark)
+        await self._finish_narrowing(after)
         return after.describe()
 
-    async def _narrowed(self, before: User, after: User) -> None:
-        # Tokens carry roles and scopes until they expire: after a narrowing the
-        # old ones must stop now. Logging in again gives the new ones.
-        granted = after.scopes_granted
-        lost = not before.roles <= after.roles or not all(
-            covers(granted, s) for s in before.scopes_granted
-        )
-        if lost:
-            await self.sessions.end_all(after.user_id)
-            await self.api_keys.keep_within(after)
+    async def _finish_narrowing(self, user: User) -> None:
+        """The clean-up after a narrowing, if `user` (as read after it) is marked with one.
+
+        Tokens carry roles and scopes until they expire: after a narrowing the
+        old ones must stop now (logging in again gives the new ones), and keys
+        beyond the new scopes go. The mark is written with the new value and
+        removed only after this, so a worker killed in between leaves it, and the
+        redelivered call, the next set_roles / set_scopes or the user's next login
+        finishes the job: the redelivered call alone could not tell, since the
+        value it reads is already the narrowed one. (Reconciling on every call
+        instead cannot tell which sessions hold older, wider tokens, so it would
+        end them at a widening too.) Both steps are idempotent.
+        """
+        if user.narrowing is None:
+            return
+        await self.sessions.end_all(user.user_id)
+        await self.api_keys.keep_within(user)
+        await self.users.narrowing_done(user.user_id, user.narrowing)
 
     # -- sessions --------------------------------------------------------------------
 
@@ -142,6 +154,8 @@ class Accounts:
         await self.throttle.succeeded(username)
         if await self._user_revoked(user.user_id):
             raise Unauthorized("this user's credentials are revoked: try again later")
+        if user.narrowing is not None:  # a narrowing cut short: its clean-up first
+            await self._finish_narrowing(user)
         sid, refresh_token = await self.sessions.open(user.user_id)
         log.info("login", extra={"fields": {"user_id": user.user_id, "session_id": sid}})
         return await self._tokens(user, sid, refresh_token)
@@ -273,6 +287,15 @@ class Accounts:
             "exp": None if record.expires_at is None else int(record.expires_at),
         }
         return claims, [f"key:{record.key_id}", f"user:{record.user_id}"]
+
+
+def _narrowing(before: User, after: User) -> str | None:
+    """A new narrowing mark if going from `before` to `after` loses a role or a scope."""
+    granted = after.scopes_granted
+    lost = not before.roles <= after.roles or not all(
+        covers(granted, s) for s in before.scopes_granted
+    )
+    return uuid.uuid4().hex if lost else None
 
 
 def _registered(user: User) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 ```
 sb:{auth}:usernames        hash  lower-cased username -> user id (claimed atomically with the user)
 sb:{auth}:user:<user id>   hash  user_id, username, password_hash, created_at (ISO 8601),
-                                 roles, scopes (both space-separated)
+                                 roles, scopes (both space-separated),
+                                 narrowing (only while a narrowing's clean-up is not done)
 ```
 
 Roles are `user` and `admin`. A user's stored scopes never include `admin`:
@@ -15,6 +16,11 @@ afterwards. There is no index of admins: a change removing the admin role reads
 every user's roles under WATCH (`set_roles`), so changes racing on any number of
 instances (two admins demoting each other) cannot leave none. Demotions are rare,
 so the read of every user is affordable.
+
+A change of roles or scopes that narrows them can be marked (`narrowing`: an id)
+in the same write: the mark says the clean-up that must follow (`Accounts`) is
+not done yet, so whoever reads the user next can finish it, and only
+`narrowing_done` with the same id removes it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
+from redis.typing import EncodableT, FieldT
 
 from common.connection import as_text
 from common.constants import data_key
@@ -57,6 +64,14 @@ redis.call('HSET', KEYS[2], 'user_id', ARGV[2], 'username', ARGV[3], 'password_h
 return 1
 """
 
+# Remove a narrowing mark unless a newer narrowing replaced it (whose clean-up is due).
+_NARROWING_DONE = """
+if redis.call('HGET', KEYS[1], 'narrowing') == ARGV[1] then
+  return redis.call('HDEL', KEYS[1], 'narrowing')
+end
+return 0
+"""
+
 
 def user_key(user_id: str) -> str:
     """One user's record."""
@@ -71,6 +86,8 @@ class User:
     scopes: frozenset[str]
     created_at: datetime
     password_hash: str = field(repr=False)
+    # The id of a narrowing of roles or scopes whose clean-up may not be done.
+    narrowing: str | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -118,6 +135,7 @@ class Users:
         self.passwords = passwords
         self.default_scopes = check_user_scopes(default_scopes)
         self._create = redis.register_script(_CREATE_USER)
+        self._narrowing_done = redis.register_script(_NARROWING_DONE)
 
     async def create(
         self, username: str, password: str, *, roles: Iterable[str] = ("user",)
@@ -194,16 +212,21 @@ class Users:
             log.info("password rehashed", extra={"fields": {"user_id": user.user_id}})
         return user
 
-    async def set_roles(self, user_id: str, roles: Iterable[str]) -> User:
-        """Set a user's roles; `Conflict` if that would leave no admin."""
+    async def set_roles(
+        self, user_id: str, roles: Iterable[str], *, narrowing: str | None = None
+    ) -> User:
+        """Set a user's roles, marked `narrowing` if given; `Conflict` if that would leave
+        no admin."""
         wanted = check_roles(roles)
         if ADMIN in wanted:
-            await self._update(user_id, "roles", " ".join(sorted(wanted)))
+            await self._update(user_id, "roles", " ".join(sorted(wanted)), narrowing)
         else:
-            await self._set_roles_without_admin(user_id, " ".join(sorted(wanted)))
+            await self._set_roles_without_admin(user_id, " ".join(sorted(wanted)), narrowing)
         return await self.require(user_id)
 
-    async def _set_roles_without_admin(self, user_id: str, value: str) -> None:
+    async def _set_roles_without_admin(
+        self, user_id: str, value: str, narrowing: str | None
+    ) -> None:
         """Store roles without `admin`, unless the user is the last admin.
 
         Every user record is WATCHed before its roles are read, and the write is a
@@ -231,7 +254,7 @@ class Users:
                     if not await tx.exists(key):
                         raise NotFound(f"no user {quoted(user_id)}")
                     tx.multi()  # type: ignore[no-untyped-call]
-                    tx.hset(key, "roles", value)
+                    tx.hset(key, mapping=_fields("roles", value, narrowing))
                     await tx.execute()
                 except WatchError:
                     continue
@@ -239,10 +262,17 @@ class Users:
             return
         raise Conflict("users changed during the role change: try again")
 
-    async def set_scopes(self, user_id: str, scopes: Iterable[str]) -> User:
+    async def set_scopes(
+        self, user_id: str, scopes: Iterable[str], *, narrowing: str | None = None
+    ) -> User:
+        """Set a user's scopes, marked `narrowing` if given."""
         wanted = check_user_scopes(scopes)
-        await self._update(user_id, "scopes", " ".join(sorted(wanted)))
+        await self._update(user_id, "scopes", " ".join(sorted(wanted)), narrowing)
         return await self.require(user_id)
+
+    async def narrowing_done(self, user_id: str, narrowing: str) -> None:
+        """Remove the mark `narrowing` (its clean-up is done), unless a newer one replaced it."""
+        await self._narrowing_done(keys=[user_key(user_id)], args=[narrowing])
 
     async def all(self) -> list[User]:
         """Every user, by username."""
@@ -254,9 +284,12 @@ class Users:
         users = [self._from_fields(raw) for raw in rows if raw]
         return sorted(users, key=lambda u: u.username.lower())
 
-    async def _update(self, user_id: str, field_name: str, value: str) -> None:
+    async def _update(
+        self, user_id: str, field_name: str, value: str, narrowing: str | None
+    ) -> None:
         await self.require(user_id)
-        await self.redis.hset(user_key(user_id), field_name, value)
+        # One HSET: the value and its mark land together or not at all.
+        await self.redis.hset(user_key(user_id), mapping=_fields(field_name, value, narrowing))
         fields = {"user_id": user_id, field_name: value}
         log.info(f"user {field_name} set", extra={"fields": fields})
 
@@ -271,7 +304,12 @@ class Users:
             scopes=self.default_scopes if scopes is None else parse(scopes) - {ADMIN},
             created_at=datetime.fromisoformat(fields["created_at"]),
             password_hash=fields["password_hash"],
+            narrowing=fields.get("narrowing"),
         )
+
+
+def _fields(name: str, value: str, narrowing: str | None) -> dict[FieldT, EncodableT]:
+    return {name: value} if narrowing is None else {name: value, "narrowing": narrowing}
 
 
 def _has_admin(roles: Any) -> bool:

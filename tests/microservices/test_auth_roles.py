@@ -4,6 +4,8 @@ bootstrap."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -11,6 +13,7 @@ import redis.asyncio as aioredis
 from common.credentials import Authenticator
 from common.errors import BadRequest, ConfigError, Conflict
 from microservices.auth.accounts import Accounts
+from microservices.auth.users import user_key
 from tests.helpers import db_url, eventually_refused
 from tests.microservices.auth_fixtures import (  # noqa: F401 (fixtures)
     PASSWORD,
@@ -54,6 +57,82 @@ async def test_narrowing_a_user_ends_sessions_and_keys_beyond(
         await accounts.set_scopes(user_id, ["admin"])  # comes with the role only
     with pytest.raises(BadRequest):
         await accounts.set_roles(user_id, ["root"])
+
+
+# -- a narrowing cut short ----------------------------------------------------------------
+
+
+async def _cut_short(accounts: Accounts, narrowing: Awaitable[Any]) -> None:
+    """Run `narrowing` until its clean-up begins, and stop it there: what a worker
+    SIGKILLed after writing the new roles or scopes leaves behind."""
+    reached = asyncio.Event()
+
+    async def frozen(user_id: str) -> list[str]:
+        reached.set()
+        await asyncio.Event().wait()  # never set: the worker is gone
+        return []
+
+    original = accounts.sessions.end_all
+    accounts.sessions.end_all = frozen  # type: ignore[method-assign]
+    task = asyncio.ensure_future(narrowing)
+    try:
+        await asyncio.wait_for(reached.wait(), 10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        accounts.sessions.end_all = original  # type: ignore[method-assign]
+
+
+async def _wide_user(accounts: Accounts, name: str, admin: bool) -> tuple[str, str, str]:
+    """A user with a session and a key as wide as they get: (user id, access token, key)."""
+    user_id, _ = await signed_up(accounts, name)
+    if admin:
+        await accounts.bootstrap_admin("root", PASSWORD)  # not the last admin, then
+        await accounts.set_roles(user_id, ["user", "admin"])
+    access = (await accounts.login(name, PASSWORD))["access_token"]
+    key = await accounts.create_api_key(user_id, "wide", ["admin" if admin else "*"], None)
+    return user_id, access, key["api_key"]
+
+
+@pytest.mark.parametrize("change", ["scopes", "roles"])
+async def test_a_narrowing_cut_short_is_finished_by_its_redelivery(
+    accounts: Accounts, gateway: Authenticator, redis: aioredis.Redis, change: str
+) -> None:
+    user_id, access, key = await _wide_user(accounts, "Zoe", admin=change == "roles")
+
+    def narrow(on: Accounts) -> Awaitable[dict[str, Any]]:
+        if change == "scopes":
+            return on.set_scopes(user_id, ["iptv.search"])
+        return on.set_roles(user_id, ["user"])
+
+    await _cut_short(accounts, narrow(accounts))
+    assert (await gateway.authenticate(key)).name == "wide"  # the new value alone is written
+
+    redelivered = make_accounts(redis)  # another worker runs the same call again
+    await narrow(redelivered)
+    await eventually_refused(gateway, key, "API key revoked")
+    await eventually_refused(gateway, access, "token revoked")
+    assert await accounts.list_api_keys(user_id) == []
+    assert await redis.hget(user_key(user_id), "narrowing") is None  # done: nothing pending
+
+
+async def test_a_narrowing_cut_short_is_finished_by_the_next_login_or_change(
+    accounts: Accounts, gateway: Authenticator, redis: aioredis.Redis
+) -> None:
+    user_id, access, key = await _wide_user(accounts, "Ada", admin=False)
+    await _cut_short(accounts, accounts.set_scopes(user_id, ["iptv"]))
+    fresh = await accounts.login("Ada", PASSWORD)  # the redelivery never came
+    await eventually_refused(gateway, key, "API key revoked")
+    await eventually_refused(gateway, access, "token revoked")
+    assert claims_of(fresh["access_token"])["scope"] == "iptv"
+    assert (await gateway.authenticate(fresh["access_token"])).name == "Ada"  # not ended
+
+    other, access, key = await _wide_user(accounts, "Bea", admin=False)
+    await _cut_short(accounts, accounts.set_scopes(other, ["iptv"]))
+    await accounts.set_scopes(other, ["iptv", "nlp"])  # a widening after it still cleans up
+    await eventually_refused(gateway, key, "API key revoked")
+    await eventually_refused(gateway, access, "token revoked")
+    assert await redis.hget(user_key(other), "narrowing") is None
 
 
 async def test_list_users(accounts: Accounts) -> None:
