@@ -22,9 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from common.aio import cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_ERRORS, as_text
@@ -33,7 +34,15 @@ from common.log import get_logger
 from common.outage import Outage
 from common.subscription import follow
 
-__all__ = ["CHANNEL", "KINDS", "REVOKED", "RevocationView", "member", "revoke"]
+__all__ = [
+    "CHANNEL",
+    "KINDS",
+    "REVOKED",
+    "RevocationView",
+    "member",
+    "queue_revocations",
+    "revoke",
+]
 
 log = get_logger(__name__)
 
@@ -59,12 +68,20 @@ async def revoke(
 
     A later expiry already stored is kept; expired entries are pruned on the way.
     """
-    now = time.time() if now is None else now
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.zadd(REVOKED, {revoked: expires_at}, gt=True)
-        pipe.zremrangebyscore(REVOKED, "-inf", now)
-        pipe.publish(CHANNEL, revoked)
+        queue_revocations(pipe, [revoked], expires_at, now=now)
         await pipe.execute()
+
+
+def queue_revocations(
+    pipe: Pipeline, revoked: Sequence[str], expires_at: float, *, now: float | None = None
+) -> None:
+    """Queue on `pipe` what `revoke` does, for each of `revoked`: many in one round trip."""
+    now = time.time() if now is None else now
+    pipe.zadd(REVOKED, dict.fromkeys(revoked, expires_at), gt=True)
+    pipe.zremrangebyscore(REVOKED, "-inf", now)
+    for one in revoked:  # verifiers apply one member per message
+        pipe.publish(CHANNEL, one)
 
 
 class RevocationView:

@@ -7,18 +7,35 @@ replaces it; a token that was already used coming back means it was copied, so
 the whole session (the token family) is revoked at once: its refresh token
 stops working and so do its access tokens (the `sid:` revocation).
 
+Telling a used token from a made-up one takes no list of used tokens: each
+secret is 16 random bytes and an HMAC of them under the session's own key
+(`seal`), so a sealed secret that is not the current one was issued by this
+session and used since (a reuse), while one that is not sealed was never
+issued (invalid, revokes nothing). The state of a session stays the same size
+however often it is refreshed. Whoever reads Redis can seal secrets, but that
+only lets them revoke sessions: using one still needs the current secret,
+which is stored hashed.
+
 ```
-sb:{auth}:session:<sid>          hash  user_id, refresh (sha256 hex), created_at, expires_at
-sb:{auth}:session:<sid>:used     set   hashes of the refresh tokens already used
-sb:{auth}:user_sessions:<uid>    set   the session ids of one user
+sb:{auth}:session:<sid>          hash  user_id, refresh (sha256 hex), seal (hex), created_at,
+                                       expires_at
+sb:{auth}:session:<sid>:used     set   sessions from before seals only: their used tokens'
+                                       hashes, read to detect a reuse until the set expires
+sb:{auth}:user_sessions:<uid>    zset  the session ids of one user -> the session's expires_at
 ```
 
 A session lives `JWT_REFRESH_TTL` after its last refresh; its keys expire then.
+Its id stays in `user_sessions` `revoke_for` longer (while an access token of
+it may be valid, so `end_all` still revokes it) and is pruned at the user's
+next login. A `user_sessions` of the old type (a set, from before the zset) is
+turned into the zset the first time it is met.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import re
 import secrets
 import time
@@ -26,12 +43,14 @@ import uuid
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError, WatchError
 
 from common.connection import as_text
 from common.constants import data_key
-from common.errors import Unauthorized
+from common.errors import Conflict, Unauthorized
 from common.log import get_logger
-from common.revocation import CHANNEL, REVOKED, revoke
+from common.revocation import CHANNEL, REVOKED, queue_revocations, revoke
 
 log = get_logger(__name__)
 
@@ -40,10 +59,16 @@ _TOKEN = re.compile(r"sbr_([0-9a-f]{32})_([A-Za-z0-9_-]{43})")
 SESSION_ID = re.compile(r"[0-9a-f]{32}")
 REUSED = "refresh token reused: session revoked"
 INVALID = "invalid refresh token"
+_NONCE = 16  # random bytes of a secret; an HMAC of them fills the other 16 of its 32
+_UPGRADE_TRIES = 5
 
 # Rotate the refresh token of KEYS[1], or revoke the session if a used one is back.
-# KEYS: session, used, user_sessions, revoked zset.
-# ARGV: presented hash, new hash, now, new expires_at, revoked until, member, channel, sid.
+# KEYS: session, used (old sessions only), user_sessions, revoked zset.
+# ARGV: presented hash, new hash, now, new expires_at, revoked until, member, channel,
+#       sid, '1' if the presented secret is sealed by this session, seal (hex),
+#       user_sessions' new expiry.
+# user_sessions may still be a set from before the zset (pcall: a WRONGTYPE there
+# must not fail the refresh); the next login, logout or end_all upgrades it.
 _ROTATE = """
 local current = redis.call('HGET', KEYS[1], 'refresh')
 if not current then return {'unknown', ''} end
@@ -53,16 +78,21 @@ if current == ARGV[1] then
     return {'expired', user_id}
   end
   local until_ = math.ceil(tonumber(ARGV[4]))
+  if redis.call('HSETNX', KEYS[1], 'seal', ARGV[10]) == 1 then
+    -- a session from before seals: its last unsealed token is remembered as used too
+    redis.call('SADD', KEYS[2], ARGV[1])
+    redis.call('EXPIREAT', KEYS[2], until_)
+  end
   redis.call('HSET', KEYS[1], 'refresh', ARGV[2], 'expires_at', ARGV[4])
-  redis.call('SADD', KEYS[2], ARGV[1])
   redis.call('EXPIREAT', KEYS[1], until_)
-  redis.call('EXPIREAT', KEYS[2], until_)
-  redis.call('EXPIREAT', KEYS[3], until_)
+  redis.pcall('ZADD', KEYS[3], ARGV[4], ARGV[8])
+  redis.call('EXPIREAT', KEYS[3], ARGV[11])
   return {'ok', user_id}
 end
-if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then
+if ARGV[9] == '1' or redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then
   redis.call('DEL', KEYS[1], KEYS[2])
-  redis.call('SREM', KEYS[3], ARGV[8])
+  redis.pcall('ZREM', KEYS[3], ARGV[8])
+  redis.pcall('SREM', KEYS[3], ARGV[8])
   redis.call('ZADD', KEYS[4], 'GT', ARGV[5], ARGV[6])
   redis.call('PUBLISH', ARGV[7], ARGV[6])
   return {'reused', user_id}
@@ -76,6 +106,7 @@ def session_key(sid: str) -> str:
 
 
 def used_key(sid: str) -> str:
+    """The used tokens of a session from before seals (no longer grown)."""
     return data_key("auth", "session", sid, "used")
 
 
@@ -85,6 +116,32 @@ def user_sessions_key(user_id: str) -> str:
 
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _tag(seal: bytes, nonce: bytes) -> bytes:
+    return hmac.new(seal, nonce, hashlib.sha256).digest()[: 32 - _NONCE]
+
+
+def _encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _sealed_secret(seal: bytes) -> str:
+    """A new secret (43 characters, as before seals): random bytes and their HMAC."""
+    nonce = secrets.token_bytes(_NONCE)
+    return _encode(nonce + _tag(seal, nonce))
+
+
+def _is_sealed(seal: bytes, secret: str) -> bool:
+    """Whether `secret` (43 base64url characters) was issued under `seal`."""
+    raw = base64.urlsafe_b64decode(secret + "=")
+    if _encode(raw) != secret:  # a non-canonical spelling of another secret's bytes
+        return False
+    return hmac.compare_digest(_tag(seal, raw[:_NONCE]), raw[_NONCE:])
+
+
+def _wrong_type(exc: ResponseError) -> bool:
+    return "WRONGTYPE" in str(exc)  # (a pipeline prefixes the command to the message)
 
 
 class Sessions:
@@ -110,18 +167,36 @@ class Sessions:
 
     async def open(self, user_id: str) -> tuple[str, str]:
         """A new session of `user_id`: `(session id, refresh token)`."""
-        sid, secret = uuid.uuid4().hex, secrets.token_urlsafe(32)
+        sid, seal = uuid.uuid4().hex, secrets.token_bytes(32)
+        secret = _sealed_secret(seal)
         now = self.clock()
         expires_at = now + self.refresh_ttl
         async with self.redis.pipeline(transaction=True) as pipe:
-            record = {"user_id": user_id, "refresh": _hash(secret)}
+            record = {"user_id": user_id, "refresh": _hash(secret), "seal": seal.hex()}
             record.update(created_at=repr(now), expires_at=repr(expires_at))
             pipe.hset(session_key(sid), mapping=record)  # type: ignore[arg-type]
             pipe.expireat(session_key(sid), int(expires_at) + 1)
-            pipe.sadd(user_sessions_key(user_id), sid)
-            pipe.expireat(user_sessions_key(user_id), int(expires_at) + 1)
-            await pipe.execute()
+            self._index(pipe, user_id, sid, expires_at, now)
+            try:
+                await pipe.execute()
+            except ResponseError as exc:
+                # The session's record is written (MULTI goes on past an error):
+                # only its index entry is left, once the old-type index is upgraded.
+                if not _wrong_type(exc):
+                    raise
+                await self._upgrade(user_id)
+                async with self.redis.pipeline(transaction=True) as again:
+                    self._index(again, user_id, sid, expires_at, now)
+                    await again.execute()
         return sid, f"{PREFIX}{sid}_{secret}"
+
+    def _index(self, pipe: Pipeline, user_id: str, sid: str, expires_at: float, now: float) -> None:
+        # Pruned here, at each login, so the index holds the sessions that may still
+        # have valid access tokens, however long a user keeps logging in.
+        key = user_sessions_key(user_id)
+        pipe.zadd(key, {sid: expires_at})
+        pipe.zremrangebyscore(key, "-inf", now - self.revoke_for)
+        pipe.expireat(key, int(expires_at + self.revoke_for) + 1)
 
     async def rotate(self, refresh_token: str) -> tuple[str, str, str]:
         """`(session id, user id, new refresh token)` for a valid refresh token.
@@ -133,14 +208,19 @@ class Sessions:
         if found is None:
             raise Unauthorized(INVALID)
         sid, secret = found.groups()
-        user_id = await self.redis.hget(session_key(sid), "user_id")
+        user_id, seal_hex = await self.redis.hmget(session_key(sid), ["user_id", "seal"])
         if user_id is None:
             raise Unauthorized(INVALID)
-        new_secret = secrets.token_urlsafe(32)
+        # A session from before seals gets one now, with its first rotation.
+        seal = secrets.token_bytes(32) if seal_hex is None else bytes.fromhex(as_text(seal_hex))
+        sealed = seal_hex is not None and _is_sealed(seal, secret)
+        new_secret = _sealed_secret(seal)
         now = self.clock()
         keys = [session_key(sid), used_key(sid), user_sessions_key(as_text(user_id)), REVOKED]
         args = [_hash(secret), _hash(new_secret), repr(now), repr(now + self.refresh_ttl)]
         args += [repr(now + self.revoke_for), f"sid:{sid}", CHANNEL, sid]
+        args += ["1" if sealed else "0", seal.hex()]
+        args += [str(int(now + self.refresh_ttl + self.revoke_for) + 1)]
         status, _ = await self._rotate(keys=keys, args=args)
         status = as_text(status)
         if status == "ok":
@@ -165,21 +245,71 @@ class Sessions:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(session_key(sid), used_key(sid))
             if user_id is not None:
-                pipe.srem(user_sessions_key(user_id), sid)
-            await pipe.execute()
+                pipe.zrem(user_sessions_key(user_id), sid)
+            try:
+                await pipe.execute()
+            except ResponseError as exc:
+                if user_id is None or not _wrong_type(exc):
+                    raise
+                await self._upgrade(user_id)  # leaves out the session just deleted
         await revoke(self.redis, f"sid:{sid}", self.clock() + self.revoke_for)
 
     async def end_all(self, user_id: str) -> list[str]:
-        """End every session of a user; their ids."""
-        sids = sorted(as_text(s) for s in await self.redis.smembers(user_sessions_key(user_id)))
+        """End every session of a user that may still have valid tokens; their ids.
+
+        One read and one MULTI, however many sessions: the revocations go out in
+        the same round trip as the deletions.
+        """
+        key = user_sessions_key(user_id)
+        now = self.clock()
+        try:
+            found = await self.redis.zrangebyscore(key, now - self.revoke_for, "+inf")
+        except ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            await self._upgrade(user_id)
+            found = await self.redis.zrangebyscore(key, now - self.revoke_for, "+inf")
+        sids = sorted(as_text(s) for s in found if isinstance(s, bytes | str))
         if not sids:
             return []
         async with self.redis.pipeline(transaction=True) as pipe:
             for sid in sids:
                 pipe.delete(session_key(sid), used_key(sid))
-            pipe.delete(user_sessions_key(user_id))
+            # The ids read, not the key: a session opened meanwhile stays indexed.
+            pipe.zrem(key, *sids)
+            members = [f"sid:{sid}" for sid in sids]
+            queue_revocations(pipe, members, now + self.revoke_for)
             await pipe.execute()
-        until = self.clock() + self.revoke_for
-        for sid in sids:
-            await revoke(self.redis, f"sid:{sid}", until)
         return sids
+
+    async def _upgrade(self, user_id: str) -> None:
+        """Turn a user's session index of the old type (a set of ids) into the zset.
+
+        A session whose record is gone is left out: it expired (its access
+        tokens, shorter-lived, are dead) or was ended (and revoked) already.
+        """
+        key = user_sessions_key(user_id)
+        for _ in range(_UPGRADE_TRIES):
+            async with self.redis.pipeline(transaction=True) as tx:
+                try:
+                    await tx.watch(key)
+                    if as_text(await tx.type(key)) != "set":
+                        return  # upgraded meanwhile
+                    sids = sorted(as_text(s) for s in await tx.smembers(key))
+                    async with self.redis.pipeline(transaction=False) as reads:
+                        for sid in sids:
+                            reads.hget(session_key(sid), "expires_at")
+                        rows = await reads.execute()
+                    live = {s: float(e) for s, e in zip(sids, rows, strict=True) if e is not None}
+                    tx.multi()  # type: ignore[no-untyped-call]
+                    tx.delete(key)
+                    if live:
+                        tx.zadd(key, live)
+                        tx.expireat(key, int(max(live.values()) + self.revoke_for) + 1)
+                    await tx.execute()
+                except WatchError:
+                    continue
+            fields = {"user_id": user_id, "ids": len(sids), "kept": len(live)}
+            log.info("session index upgraded to a zset", extra={"fields": fields})
+            return
+        raise Conflict("the user's sessions changed during their upgrade: try again")

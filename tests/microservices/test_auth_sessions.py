@@ -4,8 +4,12 @@ logout, and revoking tokens, users and keys."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import time
 import uuid
+from typing import Any
 
+import jwt
 import pytest
 import redis.asyncio as aioredis
 
@@ -13,7 +17,7 @@ from common.credentials import Authenticator
 from common.errors import BadRequest, NotFound, Unauthorized
 from common.revocation import REVOKED
 from microservices.auth.accounts import Accounts
-from microservices.auth.sessions import session_key
+from microservices.auth.sessions import session_key, used_key, user_sessions_key
 from tests.helpers import Clock, eventually_refused
 from tests.microservices.auth_fixtures import (  # noqa: F401 (fixtures)
     PASSWORD,
@@ -26,6 +30,16 @@ from tests.microservices.auth_fixtures import (  # noqa: F401 (fixtures)
 )
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def _sha(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _sid(answer: dict[str, Any]) -> str:
+    """The session of a login's tokens, issued on a clock moved forward (`Clock`)."""
+    sid: str = jwt.decode(answer["access_token"], options={"verify_signature": False})["sid"]
+    return sid
 
 
 # -- refresh, logout -------------------------------------------------------------------
@@ -79,6 +93,47 @@ async def test_concurrent_uses_of_one_refresh_token_revoke_the_session(
         await accounts.refresh(winners[0]["refresh_token"])
 
 
+async def test_refreshing_keeps_a_sessions_state_the_same_size(
+    accounts: Accounts, gateway: Authenticator, redis: aioredis.Redis
+) -> None:
+    _, first = await signed_up(accounts, "Nell")
+    sid = claims_of(first["access_token"])["sid"]
+    latest = await accounts.refresh(first["refresh_token"])
+    size = await redis.memory_usage(session_key(sid))
+    for _ in range(30):
+        latest = await accounts.refresh(latest["refresh_token"])
+    assert await redis.memory_usage(session_key(sid)) <= size + 8  # (a float's digits vary)
+    assert await redis.keys(f"{session_key(sid)}*") == [session_key(sid).encode()]
+    with pytest.raises(Unauthorized) as caught:  # a token 31 refreshes old is still known
+        await accounts.refresh(first["refresh_token"])
+    assert caught.value.message == "refresh token reused: session revoked"
+    await eventually_refused(gateway, latest["access_token"], "token revoked")
+
+
+async def test_a_session_from_before_seals_keeps_working(
+    accounts: Accounts, redis: aioredis.Redis
+) -> None:
+    """A session stored as before: no seal, its used tokens in a set."""
+    user_id, _ = await signed_up(accounts, "Oona")
+    sid, old, current = uuid.uuid4().hex, "o" * 43, "c" * 43
+    record = {"user_id": user_id, "refresh": _sha(current), "created_at": repr(time.time())}
+    await redis.hset(session_key(sid), mapping={**record, "expires_at": repr(time.time() + 600)})
+    await redis.sadd(used_key(sid), _sha(old))
+    second = await accounts.refresh(f"sbr_{sid}_{current}")
+    third = await accounts.refresh(second["refresh_token"])
+    assert await redis.scard(used_key(sid)) == 2  # the last unsealed token joined; no more
+    with pytest.raises(Unauthorized, match="reused"):
+        await accounts.refresh(f"sbr_{sid}_{current}")
+    with pytest.raises(Unauthorized, match="invalid refresh token"):
+        await accounts.refresh(third["refresh_token"])  # the whole session went with it
+
+    sid = uuid.uuid4().hex
+    await redis.hset(session_key(sid), mapping={**record, "expires_at": repr(time.time() + 600)})
+    await redis.sadd(used_key(sid), _sha(old))
+    with pytest.raises(Unauthorized, match="reused"):  # a token used before the upgrade
+        await accounts.refresh(f"sbr_{sid}_{old}")
+
+
 @pytest.mark.parametrize(
     "token", ["", "garbage", "sbr_" + "0" * 32 + "_" + "A" * 43, "sbr_zz_" + "A" * 43]
 )
@@ -122,6 +177,65 @@ async def test_logout_ends_the_session(
     assert await accounts.logout(sid) == {"revoked": True}  # idempotent
     with pytest.raises(BadRequest):
         await accounts.logout("not-a-session")
+
+
+# -- a user's sessions ---------------------------------------------------------------
+
+
+async def test_a_users_session_index_keeps_the_sessions_that_may_be_live(
+    redis: aioredis.Redis,
+) -> None:
+    clock = Clock()
+    accounts = make_accounts(redis, refresh_ttl=60, clock=clock)
+    user_id, first = await signed_up(accounts, "Uma")
+    clock.offset = 100  # the first session has expired; its access token has not
+    second = await accounts.login("Uma", PASSWORD)
+    key = user_sessions_key(user_id)
+    assert await redis.zcard(key) == 2
+    clock.offset = 150
+    await accounts.refresh(second["refresh_token"])  # the second one now expires at 210
+    clock.offset = 160 + accounts.revoke_for + 10  # past the first one and any of its tokens
+    third = await accounts.login("Uma", PASSWORD)
+    sids = [_sid(answer) for answer in (first, second, third)]
+    assert sorted(await redis.zrange(key, 0, -1)) == sorted(s.encode() for s in sids[1:])
+    assert 0 < await redis.ttl(key) <= clock.offset + 60 + accounts.revoke_for + 1
+
+    ended = await accounts.sessions.end_all(user_id)
+    assert ended == sorted(sids[1:])
+    scores = await redis.zmscore(REVOKED, [f"sid:{s}" for s in sids])
+    assert scores[0] is None and None not in scores[1:]
+    assert not await redis.exists(key)
+
+
+@pytest.mark.parametrize("operation", ["login", "logout", "revoke user"])
+async def test_a_session_index_of_the_old_type_is_upgraded(
+    accounts: Accounts, gateway: Authenticator, redis: aioredis.Redis, operation: str
+) -> None:
+    """`user_sessions` was a set of ids once: a refresh works on it and the first login,
+    logout or revocation turns it into the zset, dropping the ids of sessions long gone."""
+    user_id, first = await signed_up(accounts, "Vera")
+    sid = claims_of(first["access_token"])["sid"]
+    key, stale = user_sessions_key(user_id), [f"{i:032x}" for i in range(200)]
+    await redis.delete(key)
+    await redis.sadd(key, sid, *stale)
+    second = await accounts.refresh(first["refresh_token"])
+    assert await redis.type(key) == b"set"
+
+    if operation == "login":
+        third = await accounts.login("Vera", PASSWORD)
+        live = {sid, claims_of(third["access_token"])["sid"]}
+    elif operation == "logout":
+        await accounts.logout(sid)
+        live = set()
+        await eventually_refused(gateway, second["access_token"], "token revoked")
+    else:
+        await accounts.revoke("user", user_id)
+        live = set()
+        await eventually_refused(gateway, second["access_token"], "token revoked")
+        scores = await redis.zmscore(REVOKED, [f"sid:{s}" for s in stale])
+        assert scores == [None] * len(stale)  # one revocation per live session only
+    assert await redis.type(key) == (b"zset" if live else b"none")
+    assert {s.decode() for s in await redis.zrange(key, 0, -1)} == live
 
 
 # -- revoke --------------------------------------------------------------------------
