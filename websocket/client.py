@@ -17,7 +17,9 @@ unparsed by `websocket.tap` and is replayed here.
   mark (`pause_writing`) messages wait in `pending`; more than WS_SEND_QUEUE
   waiting closes the connection with 1013 (a slow consumer). Meanwhile the socket
   is not read: a client that sends (pings, say) and never reads cannot make its
-  answers pile up in this process.
+  answers pile up in this process. Once the transport is closing, nothing is
+  written (`send`, a ping, a close frame are no-ops): a client that reset its
+  connection is gone, though the hub may still hold its `send` for a moment.
 * `keepalive` is the process's one ping task: every WS_PING_INTERVAL it pings
   every connection, and WS_PING_TIMEOUT later closes with 1011 those whose pong
   did not come.
@@ -169,9 +171,10 @@ class ClientProtocol(asyncio.Protocol):
     # -- outgoing -------------------------------------------------------------
 
     def send(self, text: str) -> None:
-        """Send a text message, or queue it while the transport is full. Hot path."""
+        """Send a text message, or queue it while the transport is full; nothing once the
+        transport is closing (see `_flush`). Hot path."""
         parser = self.parser
-        if parser.state is not OPEN:
+        if parser.state is not OPEN or self.transport.is_closing():
             return
         pending = self.pending
         if pending is not None:
@@ -210,7 +213,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def ping(self) -> bool:
         """Send a keepalive ping; False if the connection is closing."""
-        if self.parser.state is not OPEN:
+        if self.parser.state is not OPEN or self.transport.is_closing():
             return False
         self.awaiting_pong = True
         self.parser.send_ping(b"")
@@ -218,11 +221,18 @@ class ClientProtocol(asyncio.Protocol):
         return True
 
     def _flush(self) -> None:
+        """Write what the parser has for the client; drop it once the transport is closing.
+        A client that reset its connection has a closing transport while its parser is
+        still OPEN, and keeps it after `connection_lost` until the hub or a session task
+        lets go of this connection: uvloop raises RuntimeError on writing to it then."""
+        transport = self.transport
         for data in self.parser.data_to_send():
+            if transport.is_closing():
+                continue
             if data:
-                self.transport.write(data)
+                transport.write(data)
             else:  # the parser's end of stream: the server closes the TCP connection
-                self.transport.close()
+                transport.close()
         if self.parser.state is not OPEN:
             self._end()
 

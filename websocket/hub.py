@@ -15,6 +15,13 @@ reconnects; messages published meanwhile are lost (pub/sub keeps no history). A
 channel whose last subscriber left meanwhile is among them (its UNSUBSCRIBE failed):
 the hub leaves it at its first message. A subscribe while Redis is down raises
 (the session answers `service_unavailable`), and nothing of it is kept.
+
+One subscriber never stops delivery to the others: a `deliver` that raises (a bug)
+is logged (`push delivery failed`, with the traceback) and dropped from its channel,
+and the rest of the fan-out goes on. Any other unexpected error of the reader is
+logged once (`push channel reader failed`) and reading goes on; should the reader
+task end all the same, that is logged (`push channel reader ended`) and it is
+started again.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ class ChannelHub:
         self._subscribers: dict[str, set[Deliver]] = {}
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
+        self._closed = False
 
     def channels(self) -> list[str]:
         return sorted(self._subscribers)
@@ -62,7 +70,7 @@ class ChannelHub:
                 await self._pubsub.subscribe(constants.push_channel(channel))
                 subscribers = self._subscribers[channel] = set()
                 if self._reader is None:
-                    self._reader = asyncio.create_task(self._read(), name="push-hub")
+                    self._start_reader()
             subscribers.add(deliver)
 
     async def unsubscribe(self, channel: str, deliver: Deliver) -> None:
@@ -83,32 +91,58 @@ class ChannelHub:
             await self._pubsub.unsubscribe(constants.push_channel(channel))
 
     async def close(self) -> None:
+        self._closed = True
         await cancel_and_wait(self._reader)
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _start_reader(self) -> None:
+        self._reader = asyncio.create_task(self._read(), name="push-hub")
+        self._reader.add_done_callback(self._reader_ended)
+
+    def _reader_ended(self, task: asyncio.Task[None]) -> None:
+        """Only `close` should end the reader: otherwise every subscriber of this process
+        would stop receiving, /health none the wiser. Say so, and start it again."""
+        if self._closed or task is not self._reader:
+            return
+        error = "cancelled" if task.cancelled() else repr(task.exception())
+        log.error("push channel reader ended", extra={"fields": {"error": error}})
+        self._start_reader()
 
     async def _read(self) -> None:
         prefix = len(constants.push_channel(""))
         outage = Outage(log, "push channel connection lost", "push channel connection back")
+        broken = Outage(log, "push channel reader failed", "push channel reader back")
         while not cancelling():
             try:
                 message = await self._pubsub.get_message(timeout=1.0)
                 outage.recovered()
+                if message is not None and message.get("type") == "message":
+                    await self._fan_out(as_text(message["channel"])[prefix:], message["data"])
+                broken.recovered()
             except REDIS_DOWN_ERRORS as exc:
                 outage.failed(exc)
                 await asyncio.sleep(0.5)
-                continue
-            if message is None or message.get("type") != "message":
-                continue
-            channel = as_text(message["channel"])[prefix:]
-            subscribers = self._subscribers.get(channel)
-            if subscribers:
-                frame = encode(channel, message["data"])
-                for deliver in list(subscribers):
-                    deliver(frame)
-            else:  # left while Redis was down, subscribed again by the reconnect
-                async with self._lock:
-                    if channel not in self._subscribers:
-                        await self._leave(channel)
+            except Exception as exc:  # a bug: logged once, and the others still get theirs
+                broken.failed(exc)
+                await asyncio.sleep(0.5)
+
+    async def _fan_out(self, channel: str, payload: bytes | str) -> None:
+        subscribers = self._subscribers.get(channel)
+        if not subscribers:  # left while Redis was down, subscribed again by the reconnect
+            async with self._lock:
+                if channel not in self._subscribers:
+                    await self._leave(channel)
+            return
+        frame = encode(channel, payload)
+        failed: list[Deliver] | None = None
+        for deliver in list(subscribers):
+            try:
+                deliver(frame)
+            except Exception:  # a bug in one connection must not stop the fan-out
+                log.exception("push delivery failed", extra={"fields": {"channel": channel}})
+                failed = [*(failed or ()), deliver]
+        for deliver in failed or ():
+            await self.unsubscribe(channel, deliver)
 
 
 def encode(channel: str, payload: bytes | str) -> str:
