@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import math
 import re
 import uuid
 from decimal import Decimal
@@ -123,7 +124,16 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
 
 
-_STRICT = json.JSONDecoder(parse_constant=_not_json)
+def _finite(literal: str) -> float:
+    # `1e400` is valid JSON grammar, but a double cannot hold it: Python makes it
+    # inf, which would go out as `Infinity`, the very non-JSON `_not_json` keeps out.
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {literal[:40]} is too large for a double")
+    return value
+
+
+_STRICT = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
 # Any UTF-16 surrogate code point left in a decoded string is a lone one: the decoder
 # joins a high surrogate escape followed by a low one into one character.
 _SURROGATE = re.compile("[\\ud800-\\udfff]")
@@ -132,7 +142,8 @@ _SURROGATE = re.compile("[\\ud800-\\udfff]")
 def parse_json(data: str | bytes, *, lone_surrogates: bool = False) -> Any:
     """`data` (a client's) as JSON (RFC 8259), else `ValueError`: for malformed text,
     bytes that are not UTF-8, `NaN` and `Infinity` (Python's extension, which no strict
-    parser, a browser's included, reads back), nesting deeper than Python's recursion
+    parser, a browser's included, reads back) and a number too large for a double
+    (`1e400`, which Python reads as infinity), nesting deeper than Python's recursion
     limit (a `RecursionError` from `json.loads`, which a handler catching `ValueError`
     would let through as a crash), and a string holding a lone surrogate escape
     (`"\\ud800"`: the grammar allows it, but it is no Unicode text, and neither UTF-8

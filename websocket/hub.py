@@ -6,7 +6,8 @@ subscriber arrives and unsubscribes when the last one leaves, so Redis sees one
 subscription per channel per process however many clients listen. A published
 message is encoded once, as the text frame
 `{"type": "message", "channel": "iptv:now:7", "data": <the payload>}` (the
-payload parsed as JSON when it is JSON, else as a string), and handed to each
+payload parsed as JSON when it is JSON, strictly (`common.codec.parse_json`: `NaN` or
+`1e400` is not), else as a string), and handed to each
 subscriber's connection (`websocket.client`: written at once, or queued, bounded,
 behind a full socket buffer), never waiting on any of them.
 
@@ -37,6 +38,7 @@ import redis.asyncio as aioredis
 
 from common import constants
 from common.aio import cancel_and_wait, cancelling
+from common.codec import parse_json
 from common.connection import REDIS_DOWN_ERRORS, as_text
 from common.log import get_logger
 from common.outage import Outage
@@ -149,8 +151,8 @@ def encode(channel: str, payload: bytes | str) -> str:
     """The text frame a subscriber receives for one published payload."""
     text = as_text(payload)
     data: Any
-    try:
-        data = json.loads(text)
+    try:  # strictly: `NaN` or `1e400` would go out as NaN or Infinity, which is not JSON
+        data = parse_json(text, lone_surrogates=True)
     except ValueError:
         data = text
     return json.dumps({"type": "message", "channel": channel, "data": data})

@@ -91,7 +91,10 @@ def parse(message: object) -> tuple[Id, str, list[Any], dict[str, Any], bool]:
 
 
 def result(id_: Id, value: Any) -> str:
-    return json.dumps({"jsonrpc": "2.0", "id": id_, "result": value}, default=json_default)
+    """The answer to a call that returned `value`; ValueError when `value` holds NaN or an
+    infinity (a float from a service: JSON has no such number), answered as -32603."""
+    answer = {"jsonrpc": "2.0", "id": id_, "result": value}
+    return json.dumps(answer, default=json_default, allow_nan=False)
 
 
 def error(id_: Id, code: int, message: str, data: Any = None) -> str:

@@ -105,3 +105,19 @@ def test_parse_json_reads_surrogate_pairs_and_escaped_backslashes() -> None:
     assert codec.parse_json(rb'["\\ud800", "caf\u00e9"]') == ["\\ud800", "café"]
     with pytest.raises(ValueError, match="lone surrogate"):
         codec.parse_json(rb'["\ud83d\ude00", "\\\ud800"]')  # an escaped backslash, then one
+
+
+@pytest.mark.parametrize("text", ["1e400", "-1e400", '{"id": 1E+400}', "[0.5, -2.5e999]"])
+def test_parse_json_refuses_a_number_too_large_for_a_double(text: str) -> None:
+    # Python reads these as infinity, which would go out as `Infinity`: not JSON.
+    with pytest.raises(ValueError, match="too large for a double"):
+        codec.parse_json(text)
+    with pytest.raises(ValueError, match="too large for a double"):
+        codec.parse_json(text, lone_surrogates=True)
+    # the largest doubles, an underflow (a zero) and a long integer are numbers JSON holds
+    assert codec.parse_json("[1e308, -1.5e-400, 2.5, 12345678901234567890123]") == [
+        1e308,
+        -0.0,
+        2.5,
+        12345678901234567890123,
+    ]

@@ -40,6 +40,7 @@ async def test_empty_body_means_no_arguments(http: httpx.AsyncClient) -> None:
         (b"\xff\xfe", 400, "malformed_json"),
         ("[" * 50_000 + "]" * 50_000, 400, "malformed_json"),  # past Python's recursion
         ('{"a": NaN}', 400, "malformed_json"),  # Python's, not JSON
+        ('{"a": 1e400}', 400, "malformed_json"),  # too large for a double: not infinity
         ('{"a": 18446744073709551616}', 422, "invalid_params"),  # 2**64: no RPC int holds it
         ('{"a": "two"}', 422, "invalid_params"),
         ('{"b": 1}', 422, "invalid_params"),
@@ -54,6 +55,19 @@ async def test_bad_input_is_a_precise_4xx(
     )
     assert response.status_code == status
     assert _error(response)["code"] == code
+
+
+async def test_a_number_too_large_for_a_double_is_malformed_not_infinity(
+    http: httpx.AsyncClient,
+) -> None:
+    # Python reads -1e400 as -inf: the call would run and answer `-Infinity`, not JSON.
+    response = await http.post(
+        "/rpc/calc/sleep",
+        content='{"seconds": -1e400}',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert _error(response)["code"] == "malformed_json"
 
 
 async def test_invalid_params_list_the_fields(http: httpx.AsyncClient) -> None:

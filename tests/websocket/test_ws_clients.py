@@ -9,6 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -350,6 +351,40 @@ async def test_jsonrpc_lone_surrogate_and_unanswerable_result_are_answered(
         await ws.send(json.dumps({"type": "ping", "id": "after"}))  # the session goes on
         assert await recv_json(ws) == {"type": "pong", "id": "after"}
     assert "never retrieved" not in ws_server.proc.log_tail(400)
+
+
+async def test_numbers_json_cannot_hold_are_refused_and_never_sent(
+    ws_server: WsServer, calc: None
+) -> None:
+    async with ws_server.connect() as ws:
+        add = {"jsonrpc": "2.0", "id": 1, "method": "calc.add", "params": [1]}
+        await wait_for_async(lambda: _answered(ws, add), timeout=30)  # the worker may be starting
+        # 1e400 is no double: Python reads infinity, which would be echoed as `Infinity`
+        for message in [
+            '{"type": "ping", "id": 1e400}',
+            '{"type": "subscribe", "channel": "iptv:now:1", "id": -1e400}',
+            '{"jsonrpc": "2.0", "id": 1e400, "method": "calc.add", "params": [1]}',
+        ]:
+            await ws.send(message)
+            answer = _strict(await ws.recv())
+            assert answer["id"] is None and answer["error"]["code"] == -32700, answer
+        # A service's result that is no JSON number (pydantic reads "-inf" as a float):
+        # answered as an internal error and logged once, as any result JSON cannot hold.
+        failed = LogWatch(ws_server, "call failed")
+        sleep = {"jsonrpc": "2.0", "id": 2, "method": "calc.sleep", "params": {"seconds": "-inf"}}
+        await ws.send(json.dumps(sleep))
+        internal = {"code": -32603, "message": "internal error"}
+        assert _strict(await ws.recv()) == {"jsonrpc": "2.0", "id": 2, "error": internal}
+        assert [r["method"] for r in await failed.wait(1)] == ["calc.sleep"]
+
+
+def _strict(text: str | bytes) -> Any:
+    """`text` as JSON, strictly: `Infinity` and `NaN` are not JSON (a browser refuses them)."""
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} in {text!r}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 async def _answered(ws: ClientConnection, call: dict[str, object]) -> bool:

@@ -1,5 +1,5 @@
 """The push hub (`websocket.hub.ChannelHub`) on a real Redis: one subscriber never stops
-delivery to the others."""
+delivery to the others, and what it sends is JSON."""
 
 from __future__ import annotations
 
@@ -53,3 +53,20 @@ async def test_a_subscriber_that_raises_is_dropped_and_the_others_still_receive(
     await hub.subscribe(channel, late.put_nowait)
     await redis_client.publish(constants.push_channel(channel), "4")
     assert json.loads(await asyncio.wait_for(late.get(), 5))["data"] == 4
+
+
+async def test_a_payload_json_cannot_carry_is_delivered_as_a_string(
+    hub: ChannelHub, redis_client: aioredis.Redis
+) -> None:
+    channel = f"hub:{uuid.uuid4().hex[:8]}"
+    received: asyncio.Queue[str] = asyncio.Queue()
+    await hub.subscribe(channel, received.put_nowait)
+    for payload in ("1e400", "NaN", '{"x": -1e400}'):
+        await redis_client.publish(constants.push_channel(channel), payload)
+        frame = await asyncio.wait_for(received.get(), 5)
+        message = json.loads(frame, parse_constant=_not_json)  # never Infinity or NaN
+        assert message == {"type": "message", "channel": channel, "data": payload}
+
+
+def _not_json(constant: str) -> None:
+    raise AssertionError(f"{constant} is not JSON")
