@@ -8,7 +8,8 @@ WebSocket: a message refused with an error frame (`log_refused_message`), a
 JSON-RPC call that failed (`log_failed_call`: refused, or a service's failure) and
 a connection the service closes other than normally (`log_close`: 1002, 1007,
 1008, 1009, 1011 for a missing pong, 1013, 1014) are logged once too; a normal
-closing (1000, 1001) is not, nor a close code the relay passes on from an upstream.
+closing (1000, 1001) is not, nor a close code the relay passes on from an upstream,
+nor a client that goes away (mid-request, or by resetting its connection).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from sanic import HTTPResponse, Request
-from sanic.exceptions import SanicException
+from sanic.exceptions import RequestCancelled, SanicException
 from sanic.handlers import ErrorHandler
 from sanic.response import json as json_response
 
@@ -75,6 +76,11 @@ class JsonErrorHandler(ErrorHandler):
 
     def default(self, request: Request[Any, Any], exception: Exception) -> HTTPResponse:
         exception = translated(exception)
+        if isinstance(exception, RequestCancelled):
+            # The client left mid-request (a head cut short, say): nothing failed here and
+            # nothing can be sent; a client going away is no error (the gateway's 499).
+            log.debug("client left before its answer", extra={"fields": {"path": request.path}})
+            return json_response(error_body("client_closed", "the client left"), 499)
         if isinstance(exception, SanicException) and exception.status_code < 500:
             code = error_code(exception)
             response = refusal(request, exception.status_code, code, error_message(exception, code))

@@ -153,3 +153,14 @@ async def test_a_reset_client_does_not_stop_the_keepalive(make_ws_server) -> Non
     assert frame[0] == 0x8 and struct.unpack("!H", frame[1][:2])[0] == 1011, frame
     silent.close()
     assert error_lines(server) == []
+
+
+async def test_a_client_leaving_mid_head_is_no_error(make_ws_server) -> None:
+    server = make_ws_server(LOG_LEVEL="DEBUG")
+    host, port = server.address.split(":")
+    for _ in range(5):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgr")
+    wait_for(lambda: len(server.proc.log_records("client left before its answer")) == 5, 10)
+    assert error_lines(server) == []
+    assert server.health()["status"] == "ok"
