@@ -27,7 +27,7 @@ from common.http_errors import (
 )
 from common.log import get_logger
 from common.ratelimit import Decision
-from webapi.responses import json_response
+from webapi.responses import NotJson, json_response
 
 log = get_logger("webapi.errors")
 
@@ -227,4 +227,8 @@ def error_response(
         headers["X-Request-Id"] = request_id
     if envelope:
         body = {**envelope, **body}
-    return json_response(body, status=status, headers=headers)
+    try:
+        return json_response(body, status=status, headers=headers)
+    except NotJson:  # a service's error `details` holding NaN: the rest still says it all
+        body["error"] = {k: v for k, v in body["error"].items() if k != "details"}
+        return json_response(body, status=status, headers=headers)

@@ -9,12 +9,24 @@ from functools import partial
 from typing import Any
 
 from sanic import HTTPResponse
+from sanic.exceptions import SanicException
 from sanic.response import json as sanic_json
 
 from common.codec import json_default
 
-_utf8_dumps = partial(json.dumps, default=json_default, ensure_ascii=False, separators=(",", ":"))
-_ascii_dumps = partial(json.dumps, default=json_default, separators=(",", ":"))
+_utf8_dumps = partial(json.dumps, default=json_default, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False)  # fmt: skip
+_ascii_dumps = partial(json.dumps, default=json_default, separators=(",", ":"), allow_nan=False)
+
+
+class NotJson(SanicException):
+    """A body holding NaN or an infinity: a float from a service's answer (the gateway
+    parses no such number from a client). JSON has none, and a strict parser, a
+    browser's included, refuses `NaN`: the service's answer is unusable, a 502."""
+
+    status_code = 502
+    code = "invalid_result"
+    quiet = True
 
 
 def _dumps(body: Any) -> bytes:
@@ -22,9 +34,12 @@ def _dumps(body: Any) -> bytes:
     (an upstream's `"\\ud800"`, relayed by `/ai_server/`), which UTF-8 cannot encode
     and only a `\\u` escape can carry. The same one encode as before on the common path."""
     try:
-        return _utf8_dumps(body).encode()
-    except UnicodeEncodeError:
-        return _ascii_dumps(body).encode()
+        try:
+            return _utf8_dumps(body).encode()
+        except UnicodeEncodeError:
+            return _ascii_dumps(body).encode()
+    except ValueError:  # (allow_nan=False)
+        raise NotJson("the answer holds NaN or an infinity, which JSON cannot carry") from None
 
 
 def json_response(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from common import Service
-from common.errors import NotFound
+from common.errors import InvalidParams, NotFound
 from common.log import request_id_var
 
 
@@ -44,6 +44,11 @@ def build(name: str = "calc", concurrency: int | None = None) -> Service:
     @svc.method
     async def fail(message: str = "boom") -> None:
         raise ValueError(message)
+
+    @svc.method
+    async def refuse(value: float) -> None:
+        """Refuses `value` with it in the error's details (NaN stays NaN there)."""
+        raise InvalidParams("refused", details=[{"loc": ["value"], "input": value}])
 
     @svc.method
     async def missing(key: str) -> None:

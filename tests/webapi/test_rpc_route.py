@@ -134,6 +134,21 @@ async def test_unknown_route_and_wrong_method_are_json(http: httpx.AsyncClient) 
     _error(response)
 
 
+async def test_a_result_json_cannot_carry_is_a_502_not_infinity(http: httpx.AsyncClient) -> None:
+    # pydantic reads the string "-inf" as a float, and `sleep` returns it: -Infinity
+    # is no JSON, which a strict parser (a browser's) refuses.
+    response = await http.post("/rpc/calc/sleep", json={"seconds": "-inf"})
+    assert response.status_code == 502
+    assert _error(response)["code"] == "invalid_result"
+    assert (await http.post("/rpc/calc/sleep", json={"seconds": 0})).json() == {"result": 0}
+    # An error whose details hold NaN: answered without them.
+    refused = await http.post("/rpc/calc/refuse", json={"value": "nan"})
+    assert refused.status_code == 422
+    assert _error(refused) == {"code": "invalid_params", "message": "refused"}
+    kept = await http.post("/rpc/calc/refuse", json={"value": 1.5})
+    assert kept.json()["error"]["details"] == [{"loc": ["value"], "input": 1.5}]
+
+
 async def test_request_id_is_kept_or_made(http: httpx.AsyncClient) -> None:
     kept = await http.post("/rpc/calc/whoami", headers={"x-request-id": "abc-123"})
     assert kept.headers["x-request-id"] == "abc-123"
