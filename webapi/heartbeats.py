@@ -11,7 +11,17 @@ Two forms are accepted:
 
 `metadata` is a JSON object of at most `MAX_METADATA_DEPTH` (8) levels of
 nesting (the object itself is the first) and `MAX_METADATA_BYTES` (4 KiB) as
-compact JSON: it is stored with every heartbeat and read by every gateway.
+compact JSON: it is stored with every heartbeat and read by every gateway. For the
+same reason `zone` is a short name like `version` (64 characters of `A-Za-z0-9._-`),
+and `health_path` is at most `MAX_HEALTH_PATH` (2 KiB) of what a request target may
+hold (RFC 3986's path and query characters: no space, control or non-ASCII character,
+no `#`, no dot segment); the active checker GETs it as it is. Each field must have
+its type (`version` and `zone` strings, `metadata` an object, `leaving` a boolean).
+The address is `host:port`: the host an IP address (IPv6 in brackets, without a
+`%scope`) or a DNS name, the port a number from 1 to 65535 (written without leading
+zeros in the instance id). An address that is the gateway's own (a loopback or
+unspecified host at the gateway's port) is refused: it would send the gateway's
+requests back to itself.
 
 An instance's id defaults to `service@address` (the original form: the whole
 `service_tag` name, `nlp_v2@10.0.0.5:8080`), stable across heartbeats. It is
@@ -34,7 +44,14 @@ from webapi.errors import InvalidHeartbeat
 # What a service may be called (the proxy matches `/svc/<name>/` against it too).
 SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_HOST = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
+_ZONE = _VERSION
+# A DNS name: dot-separated labels of letters, digits and inner hyphens (a final dot
+# allowed); 253 characters at most.
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOST = re.compile(rf"(?=.{{1,253}}\.?$){_LABEL}(\.{_LABEL})*\.?")
+MAX_HEALTH_PATH = 2048
+# RFC 3986 path and query characters (unreserved, sub-delims, ":", "@", "/", "?", "%").
+_HEALTH_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]{0," + str(MAX_HEALTH_PATH - 1) + "}")
 _INSTANCE_ID = re.compile(r"^[A-Za-z0-9_.@:\[\]-]{1,200}$")
 _KINDS = ("http", "ws")
 _MAX_INSTANCES_PER_BEAT = 100
@@ -43,11 +60,46 @@ MAX_METADATA_DEPTH = 8
 MAX_METADATA_BYTES = 4096
 
 
-def parse_heartbeat(body: dict[str, Any]) -> list[InstanceRecord]:
-    """The instance records a heartbeat body announces, or `InvalidHeartbeat`."""
-    if "params" in body:
-        return _parse_original(body["params"])
-    return [_record(body)]
+def parse_heartbeat(body: dict[str, Any], gateway_port: int | None = None) -> list[InstanceRecord]:
+    """The instance records a heartbeat body announces, or `InvalidHeartbeat`.
+    `gateway_port`: the port the gateway listens on (its own address is refused)."""
+    if not isinstance(body.get("leaving", False), bool):
+        raise InvalidHeartbeat("leaving must be true or false")
+    records = _parse_original(body["params"]) if "params" in body else [_record(body)]
+    if gateway_port is not None:
+        for record in records:
+            if record.address and _is_gateway(record.address, gateway_port):
+                raise InvalidHeartbeat(
+                    f"address {record.address} is the gateway's own: its requests would loop"
+                )
+    return records
+
+
+def valid_health_path(value: object) -> bool:
+    """Whether `value` is a health path a heartbeat may give (module docstring)."""
+    return (
+        isinstance(value, str)
+        and _HEALTH_PATH.fullmatch(value) is not None
+        and not _DOT_SEGMENT.search(value.partition("?")[0])
+    )
+
+
+_DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
+
+
+def _is_gateway(address: str, port: int) -> bool:
+    """Whether `address` names this gateway: its port on a loopback or unspecified host
+    (any other host's port may well be a backend's; that loop is caught per request)."""
+    host, _, text = address.rpartition(":")
+    if int(text) != port:
+        return False
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_unspecified
 
 
 def _parse_original(params: Any) -> list[InstanceRecord]:
@@ -64,7 +116,7 @@ def _parse_original(params: Any) -> list[InstanceRecord]:
         if not isinstance(name, str):
             raise InvalidHeartbeat(f"params.data[{i}].servicename must be a string")
         service, tag = split_service_tag(name)
-        address = item.get("addrip")
+        address = _address(item.get("addrip"))
         # The whole name in the id: `nlp_v1` and `nlp_v2` served at one address are two
         # instances (one per version), not one whose version flips with each heartbeat.
         records.append(_record({"service": service, "version": tag or "0", "address": address,
@@ -82,21 +134,23 @@ def _record(item: dict[str, Any]) -> InstanceRecord:
     kind = item.get("kind", "http")
     if kind not in _KINDS:
         raise InvalidHeartbeat(f"kind must be one of {', '.join(_KINDS)}")
-    version = str(item.get("version", "0"))
-    if not _VERSION.fullmatch(version):
-        raise InvalidHeartbeat(f"version must match {_VERSION.pattern}")
+    version = item.get("version", "0")
+    if not isinstance(version, str) or not _VERSION.fullmatch(version):
+        raise InvalidHeartbeat(f"version must be a string matching {_VERSION.pattern}")
     weight = item.get("weight", 1)
     if not isinstance(weight, int) or isinstance(weight, bool) or not 0 < weight <= 1000:
         raise InvalidHeartbeat("weight must be an integer from 1 to 1000")
     health_path = item.get("health_path")
-    if health_path is not None and (
-        not isinstance(health_path, str) or not health_path.startswith("/") or ".." in health_path
-    ):
-        raise InvalidHeartbeat("health_path must be an absolute path")
+    if health_path is not None and not valid_health_path(health_path):
+        raise InvalidHeartbeat(
+            f"health_path must be an absolute path of at most {MAX_HEALTH_PATH} characters"
+            " a request target allows (no space, control, non-ASCII or dot segment)"
+        )
     zone = item.get("zone")
-    if zone is not None and not isinstance(zone, str):
-        raise InvalidHeartbeat("zone must be a string")
-    metadata = _metadata(item.get("metadata") or {})
+    if zone is not None and (not isinstance(zone, str) or not _ZONE.fullmatch(zone)):
+        raise InvalidHeartbeat(f"zone must be a string matching {_ZONE.pattern}")
+    metadata = item.get("metadata")
+    metadata = {} if metadata is None else _metadata(metadata)
     instance_id = item.get("instance_id") or f"{service}@{address}"
     if not isinstance(instance_id, str) or not _INSTANCE_ID.fullmatch(instance_id):
         raise InvalidHeartbeat("instance_id must be a short name")
@@ -123,13 +177,15 @@ def _address(value: Any) -> str:
     if not sep or not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
         raise InvalidHeartbeat("address must be host:port with a port from 1 to 65535")
     if host.startswith("[") and host.endswith("]"):
+        if "%" in host:
+            raise InvalidHeartbeat("address: an IPv6 host with a %scope is not supported")
         try:
             ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             raise InvalidHeartbeat("address has an invalid IPv6 host") from None
     elif not _HOST.fullmatch(host):
-        raise InvalidHeartbeat("address has an invalid host")
-    return value
+        raise InvalidHeartbeat("address must have an IP address or a DNS name as its host")
+    return f"{host}:{int(port)}"  # one spelling per address: `00080` is `80`
 
 
 def _metadata(value: Any) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 
 import pytest
 import redis.asyncio as aioredis
@@ -130,3 +131,28 @@ async def test_a_check_whose_head_never_ends_fails_at_its_timeout(
 
 async def _ejected(book: HealthBook, instance_id: str) -> bool:
     return book.is_ejected(instance_id)
+
+
+async def test_a_health_path_no_url_holds_fails_its_instance_and_stops_no_check(
+    redis_client: aioredis.Redis, instances: Instances
+) -> None:
+    """A record from before heartbeats were checked (or written by hand) whose health
+    path httpx refuses (`InvalidURL`, no `httpx.HTTPError`): its instance fails its
+    checks; the checker goes on checking the others."""
+    failing = await instances.add("failing", _failing)
+    bad = f"{instances.service}-bad"
+    for path in ("/h\r\nX-Injected: 1", "/" + "h" * 100_000):
+        await instances.registry.heartbeat(InstanceRecord(
+            instances.service, bad, kind="http", address="127.0.0.1:9", health_path=path,
+        ))  # fmt: skip
+        view, book, checker = await _checking(redis_client, instances, 2)
+        task = asyncio.create_task(checker.run())
+        try:
+            for instance in (failing, bad):
+                await wait_for_async(partial(_ejected, book, instance), timeout=10)
+            assert not task.done()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await checker.close()
+            await view.close()

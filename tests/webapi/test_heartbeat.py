@@ -114,6 +114,23 @@ def _nested(depth: int) -> bytes:
         (b'{"service": "x", "address": "127.0.0.1:80", "metadata": ' + _nested(9) + b"}", 422),
         (b'{"service": "x", "address": "127.0.0.1:80", "metadata": ' + _nested(900) + b"}", 422),
         (b'{"service": "x", "address": "127.0.0.1:80", "metadata": ' + _long(1) + b"}", 422),
+        # A health path the checker's URL cannot hold, or past its bound; a zone past its.
+        (b'{"service": "x", "address": "127.0.0.1:9", "health_path": "/h\\r\\nX: 1"}', 422),
+        (b'{"service": "x", "address": "127.0.0.1:9", "health_path": "/a b"}', 422),
+        (
+            b'{"service": "x", "address": "127.0.0.1:9", "health_path": "/' + b"h" * 2048 + b'"}',
+            422,
+        ),
+        (b'{"service": "x", "address": "127.0.0.1:9", "zone": "' + b"z" * 65 + b'"}', 422),
+        (b'{"service": "x", "address": "127.0.0.1:9", "zone": "eu 1"}', 422),
+        # Wrong types are refused, not taken as something else.
+        (b'{"service": "x", "address": "127.0.0.1:80", "version": true}', 422),
+        (b'{"service": "x", "address": "127.0.0.1:80", "metadata": 0}', 422),
+        (b'{"service": "x", "address": "127.0.0.1:80", "leaving": "yes"}', 422),
+        # Hosts that are neither an IP address nor a DNS name.
+        (b'{"service": "x", "address": "..:80"}', 422),
+        (b'{"service": "x", "address": "-:80"}', 422),
+        (b'{"service": "x", "address": "[fe80::1%eth0]:8080"}', 422),
     ],
 )
 def test_bad_heartbeats(gateway: str, body: bytes, status: int) -> None:
@@ -151,3 +168,30 @@ def test_metadata_up_to_its_bounds_is_stored_past_them_refused(
         assert _records(redis_url, name)[f"{name}@127.0.0.1:9300"].metadata == json.loads(at_bound)
         refused = as_admin.post(f"{gateway}/heartbeat", json={**body, "metadata": json.loads(past)})
         assert refused.status_code == 422, refused.text
+
+
+def test_bounds_and_spellings_of_an_address_and_a_health_path(gateway: str, redis_url: str) -> None:
+    name = f"svc{uuid.uuid4().hex[:6]}"
+    at_bound = {"service": name, "address": "127.0.0.1:00080", "zone": "z" * 64,
+                "health_path": "/" + "h" * 2000 + "?a=1&b=%20"}  # fmt: skip
+    stored = as_admin.post(f"{gateway}/heartbeat", json=at_bound)
+    assert stored.json()["registered"] == [f"{name}@127.0.0.1:80"]  # one spelling of a port
+    record = _records(redis_url, name)[f"{name}@127.0.0.1:80"]
+    assert (record.address, record.zone) == ("127.0.0.1:80", "z" * 64)
+    for field, value, message in (
+        ("zone", "z" * 900_000, "zone must be a string matching"),
+        ("health_path", "/" + "h" * 900_000, "health_path must be an absolute path"),
+        ("address", "[fe80::1%eth0]:8080", "address: an IPv6 host with a %scope is not supported"),
+    ):
+        refused = as_admin.post(f"{gateway}/heartbeat", json={**at_bound, field: value})
+        assert refused.status_code == 422
+        assert refused.json()["error"]["message"].startswith(message)
+
+
+def test_the_gateways_own_address_is_refused(gateway: str) -> None:
+    port = gateway.rpartition(":")[2]
+    for host in ("127.0.0.1", "localhost", "[::1]", "0.0.0.0"):
+        body = {"service": "loop", "address": f"{host}:{port}"}
+        refused = as_admin.post(f"{gateway}/heartbeat", json=body)
+        assert refused.status_code == 422, refused.text
+        assert "the gateway's own" in refused.json()["error"]["message"]

@@ -16,7 +16,7 @@ bp = Blueprint("heartbeat")
 @bp.post("/heartbeat", ctx_access=requires("registry", "heartbeat"))
 async def heartbeat(request: GatewayRequest) -> HTTPResponse:
     body = json_object(request, empty_ok=False)
-    records = parse_heartbeat(body)
+    records = parse_heartbeat(body, request.app.ctx.settings.webapi_port)
     registry = request.app.ctx.registry
     if body.get("leaving") is True:
         for record in records:

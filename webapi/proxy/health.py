@@ -13,6 +13,12 @@ below 400, read from the response head: its body is not read (a health path that
 streams, an event stream by mistake, must not hold the check open), and the whole
 check has `timeout` to end. So a round of checks ends within `timeout`, whatever
 one instance does, and every instance is checked every `interval` or so.
+
+A check that cannot even be made (a health path no URL can hold, read from a record
+written before heartbeats were checked, say) is a failed check of that instance,
+logged once until a check of it is made again; a round that fails as a whole is
+logged and the next one runs at its time: one instance never stops the checks of
+the others.
 """
 
 from __future__ import annotations
@@ -23,8 +29,12 @@ import httpx
 
 from common.aio import cancelling
 from common.balancing import HealthBook
+from common.log import get_logger
 from common.registry import InstanceRecord
 from common.registry_view import RegistryView
+from webapi.heartbeats import valid_health_path
+
+log = get_logger("webapi.health")
 
 __all__ = ["ActiveChecker", "HealthBook"]
 
@@ -47,28 +57,50 @@ class ActiveChecker:
         self.timeout = timeout
         self.client = httpx.AsyncClient(timeout=timeout)
         self._limit = asyncio.Semaphore(32)
+        self._unchecked: set[str] = set()  # instances whose check could not be made (logged)
+        self._round_failed = False
 
     async def run(self) -> None:
         while not cancelling():
-            await self.check_all()
+            try:
+                await self.check_all()
+            except Exception as exc:  # (a cancellation is not an Exception: it ends the loop)
+                if not self._round_failed:
+                    log.error("active health round failed", extra={"fields": {"error": repr(exc)}})
+                self._round_failed = True
+            else:
+                self._round_failed = False
             await asyncio.sleep(self.interval)
 
     async def check_all(self) -> None:
         live = [r for service in self.view.services() for r in self.view.instances(service)]
         self.book.forget(r.instance_id for r in live)
+        self._unchecked.intersection_update(r.instance_id for r in live)
         checked = [r for r in live if r.kind in ("http", "ws") and r.health_path and r.address]
         await asyncio.gather(*(self._check(r) for r in checked))
 
     async def _check(self, record: InstanceRecord) -> None:
+        instance_id = record.instance_id
         url = f"http://{record.address}{record.health_path}"
         async with self._limit:
             try:
+                if not valid_health_path(record.health_path):
+                    raise ValueError("invalid health_path")  # (httpx would send some of them)
                 async with asyncio.timeout(self.timeout):
                     async with self.client.stream("GET", url) as response:
                         ok = response.status_code < 400  # (closing drops the body unread)
             except (httpx.HTTPError, TimeoutError):
                 ok = False
-        self.book.active_result(record.instance_id, ok, fall=self.fall, rise=self.rise)
+                self._unchecked.discard(instance_id)
+            except Exception as exc:  # the check could not be made: the instance's fault
+                ok = False
+                if instance_id not in self._unchecked:
+                    self._unchecked.add(instance_id)
+                    fields = {"instance": instance_id, "error": repr(exc)[:200]}
+                    log.warning("health check could not be made", extra={"fields": fields})
+            else:
+                self._unchecked.discard(instance_id)
+        self.book.active_result(instance_id, ok, fall=self.fall, rise=self.rise)
 
     async def close(self) -> None:
         await self.client.aclose()
