@@ -43,6 +43,14 @@ _ENQUEUE_BATCH = 512
 DROP_WAIT_SECONDS = 0.25
 
 
+def _redis_unreachable(exc: BaseException) -> ServiceUnavailable:
+    """The caller's error for an enqueue Redis did not take. Generic: redis-py's text
+    names Redis's address, so it is the error's `__cause__` (for the logs) alone."""
+    error = ServiceUnavailable("redis unreachable")
+    error.__cause__ = exc
+    return error
+
+
 @dataclass(slots=True)
 class Enqueue:
     script: str  # a key of _SCRIPTS
@@ -126,7 +134,7 @@ class ClientIO:
             try:
                 known = await self.redis.hexists(constants.CATALOG, service)
             except REDIS_DOWN_ERRORS as exc:
-                return ServiceUnavailable(f"redis unreachable: {exc}")
+                return _redis_unreachable(exc)
             # A service reached before is not unknown, even with the catalog gone (Redis
             # restarted without its data, its workers not registered again yet).
             if not known and service not in self._reached:
@@ -194,7 +202,7 @@ class ClientIO:
             try:
                 results = await self._send_enqueues(batch) if batch else []
             except REDIS_DOWN_ERRORS as exc:
-                error = ServiceUnavailable(f"redis unreachable: {exc}")
+                error = _redis_unreachable(exc)
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(error)

@@ -382,7 +382,8 @@ class Authenticator:
         except REDIS_DOWN_ERRORS as exc:
             if stale is not None:  # better a few seconds stale than refusing everyone
                 return stale
-            raise ServiceUnavailable(f"credential store unreachable: {exc}") from exc
+            # (redis-py's text names Redis's address: the cause, for the log, not the caller)
+            raise ServiceUnavailable("credential store unreachable") from exc
         except ValueError:
             log.exception("API key record unreadable", extra={"fields": {"key_id": key_id}})
             record = None

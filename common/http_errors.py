@@ -79,10 +79,22 @@ _RPC_STATUS: dict[type[SwitchboardError], int] = {
 def translated(exception: Exception) -> Exception:
     """`exception` as the platform's error: redis-py's "cannot reach Redis" errors, from
     a handler that talks to Redis itself, are `RedisUnavailable` (a 503 the caller may
-    retry, not a 500 and a traceback per request while Redis is down)."""
+    retry, not a 500 and a traceback per request while Redis is down). Its message is
+    generic: redis-py's text names Redis's address, so it is only the `__cause__`,
+    which the error's log line carries (`error_detail`)."""
     if isinstance(exception, (RedisConnectionError, RedisTimeoutError)):
-        return RedisUnavailable(f"redis unreachable: {exception}")
+        translation = RedisUnavailable("redis unreachable")
+        translation.__cause__ = exception
+        return translation
     return exception
+
+
+def error_detail(exception: BaseException) -> dict[str, str]:
+    """The log fields of what caused `exception` (`{"error": ...}`), if anything did: the
+    detail a client's message leaves out (redis-py's text, which names Redis's address)."""
+    cause = exception.__cause__
+    return {} if cause is None else {"error": shortened(str(cause) or type(cause).__name__,
+                                                        MAX_LOGGED_MESSAGE)}  # fmt: skip
 
 
 # Application errors raised by handlers (`common.errors.ServiceError` codes).

@@ -19,6 +19,7 @@ from common.errors import Overloaded, SwitchboardError
 from common.http_errors import (
     error_body,
     error_code,
+    error_detail,
     error_message,
     log_refusal,
     retry_after,
@@ -202,10 +203,9 @@ def error_response(
         elif (seconds := retry_after(exception)) is not None:  # too_many_attempts
             headers["Retry-After"] = seconds
         if status >= 500:
-            log.warning(
-                "rpc error",
-                extra={"fields": {"path": path, "status": status, "code": exception.code}},
-            )
+            fields = {"path": path, "status": status, "code": exception.code,
+                      **error_detail(exception)}  # fmt: skip
+            log.warning("rpc error", extra={"fields": fields})
     elif isinstance(exception, SanicException):
         status = exception.status_code
         code = error_code(exception)

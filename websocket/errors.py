@@ -26,6 +26,7 @@ from common.http_errors import (
     MAX_LOGGED_MESSAGE,
     error_body,
     error_code,
+    error_detail,
     error_message,
     log_refusal,
     status_for,
@@ -92,7 +93,8 @@ class JsonErrorHandler(ErrorHandler):
                 return refusal(
                     request, status, exception.code, error_message(exception, exception.code)
                 )
-            fields = {"path": request.path, "status": status, "code": exception.code}
+            fields = {"path": request.path, "status": status, "code": exception.code,
+                      **error_detail(exception)}  # fmt: skip
             log.warning("request failed", extra={"fields": fields})
             return json_response({"error": exception.to_dict()}, status)
         log.error("unhandled error", exc_info=exception, extra={"fields": {"path": request.path}})

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from common.connection import connect
-from common.errors import SwitchboardError
+from common.errors import RedisUnavailable, SwitchboardError
 from common.policy.model import PolicyDocument, PolicyInvalid, validate_json
 from common.policy.store import PolicyStore
 from common.settings import get_settings
@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {error['loc']}: {error['msg']}", file=sys.stderr)
         return 1
     except SwitchboardError as exc:  # Conflict, RedisUnavailable, ConfigError, unreadable file
-        print(f"error: {exc.message or exc}", file=sys.stderr)
+        # The operator's terminal may see the cause (redis-py's text): no client does.
+        cause = f" ({exc.__cause__})" if isinstance(exc, RedisUnavailable) and exc.__cause__ else ""
+        print(f"error: {exc.message or exc}{cause}", file=sys.stderr)
         return 1
 
 

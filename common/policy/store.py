@@ -103,7 +103,7 @@ class PolicyStore:
         try:
             raw, epoch = await self.redis.mget(constants.POLICY_DOC, constants.POLICY_EPOCH)
         except REDIS_DOWN_ERRORS as exc:
-            raise RedisUnavailable(f"cannot read the policy: {exc}") from exc
+            raise RedisUnavailable("cannot read the policy: redis unreachable") from exc
         document = DEFAULT_POLICY if raw is None else validate_json(raw)
         return document, _text(epoch)
 
@@ -112,7 +112,7 @@ class PolicyStore:
         try:
             raw, epoch = await self.redis.mget(constants.POLICY_VERSION, constants.POLICY_EPOCH)
         except REDIS_DOWN_ERRORS as exc:
-            raise RedisUnavailable(f"cannot read the policy version: {exc}") from exc
+            raise RedisUnavailable("cannot read the policy version: redis unreachable") from exc
         return _stored_version(raw), _text(epoch)
 
     async def get_version(self, version: int) -> PolicyDocument | None:
@@ -122,7 +122,7 @@ class PolicyStore:
         try:
             raw = await self.redis.hget(constants.POLICY_HISTORY, str(version))
         except REDIS_DOWN_ERRORS as exc:
-            raise RedisUnavailable(f"cannot read the policy history: {exc}") from exc
+            raise RedisUnavailable("cannot read the policy history: redis unreachable") from exc
         return None if raw is None else validate_json(raw)
 
     async def put(
@@ -154,7 +154,7 @@ class PolicyStore:
                 if expected_version is not None:
                     raise _conflict(int(version), expected_version)
         except REDIS_DOWN_ERRORS as exc:
-            raise RedisUnavailable(f"cannot write the policy: {exc}") from exc
+            raise RedisUnavailable("cannot write the policy: redis unreachable") from exc
         raise Conflict("the policy kept changing while it was written; try again")
 
     async def history(self, limit: int = 20) -> list[dict[str, Any]]:
@@ -166,7 +166,7 @@ class PolicyStore:
         try:
             entries = await self.redis.xrevrange(constants.POLICY_AUDIT, count=limit)
         except REDIS_DOWN_ERRORS as exc:
-            raise RedisUnavailable(f"cannot read the policy audit log: {exc}") from exc
+            raise RedisUnavailable("cannot read the policy audit log: redis unreachable") from exc
         out = []
         for entry_id, fields in entries or []:
             # Not as_text: a field set by hand need not be UTF-8.

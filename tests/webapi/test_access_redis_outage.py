@@ -49,6 +49,7 @@ def test_proxy_keeps_serving_verified_callers_through_a_redis_restart(tmp_path: 
     gateway = ServiceProcess(["python", "-m", "webapi"], env=gw_env, name="gateway").start()
     base = f"http://127.0.0.1:{gw_port}"
     registrar = issue_api_key(url, ["registry"])
+    admin = {"Authorization": f"Bearer {issue_api_key(url, ['admin'])}"}
     backend_env = {"PORT": str(free_port()), "NAME": f"{service}-a", "SERVICE": service,
                    "GATEWAY": base, "GATEWAY_API_KEY": registrar}  # fmt: skip
     backend = ServiceProcess(["python", "-m", "tests.support.http_backend"], env=backend_env,
@@ -58,6 +59,7 @@ def test_proxy_keeps_serving_verified_callers_through_a_redis_restart(tmp_path: 
     try:
         first = wait_for(lambda: _ok(echo, auth), timeout=30)
         assert first.headers["ratelimit-limit"] == "1000"  # checked in Redis
+        assert httpx.get(f"{base}/admin/policy", headers=admin, timeout=10).status_code == 200
 
         server.stop(keep_data=True)
         assert wait_for(lambda: httpx.get(f"{base}/health", timeout=5).status_code == 503)
@@ -76,6 +78,14 @@ def test_proxy_keeps_serving_verified_callers_through_a_redis_restart(tmp_path: 
             timeout=10,
         )
         assert (beat.status_code, beat.json()["error"]["code"]) == (503, "redis_unavailable")
+        # No 503 names Redis's address (redis-py's text): the gateway's log line does.
+        policy = httpx.get(f"{base}/admin/policy", headers=admin, timeout=10)
+        rpc = httpx.post(f"{base}/rpc/{service}/ping", headers=auth, json={}, timeout=10)
+        for answer in (beat, policy, rpc):
+            assert answer.status_code == 503, answer.text
+            assert str(port) not in answer.json()["error"]["message"], answer.text
+        logged = gateway.log_records("rpc error")
+        assert any(str(port) in str(record) for record in logged), logged
         # Past the instance's lease (HEARTBEAT_TTL, 3 s), which no heartbeat could renew:
         # the gateway still routes to the instances it last saw.
         time.sleep(4)
