@@ -104,6 +104,15 @@ class BodyTooLarge(ApiError):
     quiet = True
 
 
+class ProxyLoop(ApiError):
+    """The request has come through the gateway too often: a registered instance sends
+    it back (`webapi.proxy.headers.MAX_VIA_HOPS`)."""
+
+    status_code = 508
+    code = "proxy_loop"
+    quiet = True
+
+
 class NoHealthyInstance(ApiError):
     """The service is known but no live, healthy instance can take the request."""
 

@@ -93,7 +93,7 @@ def _is_gateway(address: str, port: int) -> bool:
     host, _, text = address.rpartition(":")
     if int(text) != port:
         return False
-    if host.strip("[]").lower() == "localhost":
+    if host.strip("[]").lower().rstrip(".") == "localhost":
         return True
     try:
         ip = ipaddress.ip_address(host.strip("[]"))

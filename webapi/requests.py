@@ -11,18 +11,25 @@ from sanic import Request
 
 from common.codec import parse_json
 from common.http_head import head_fault
-from webapi.errors import MalformedHeader, MalformedJson
+from webapi.errors import MalformedHeader, MalformedJson, ProxyLoop
+from webapi.proxy.headers import MAX_VIA_HOPS, VIA_MARK
+
+_VIA_MARK = VIA_MARK.decode()
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def check_head(request: Request[Any, Any]) -> None:
     """Raise `MalformedHeader` (400) when the request's head has what HTTP forbids
-    (`common.http_head`)."""
+    (`common.http_head`), `ProxyLoop` (508) when it has come through the gateway
+    `MAX_VIA_HOPS` times already (its `Via` fields say so)."""
     fault = head_fault(request.head)
     if fault is not None:
         request.stream.keep_alive = False  # type: ignore[union-attr]  # its framing is suspect
         raise MalformedHeader(fault)
+    vias = request.headers.getall("via", None)
+    if vias and sum(via.count(_VIA_MARK) for via in vias) >= MAX_VIA_HOPS:
+        raise ProxyLoop("the request has come through the gateway too often: a proxy loop")
 
 
 def json_object(request: Request[Any, Any], *, empty_ok: bool = True) -> dict[str, Any]:

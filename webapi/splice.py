@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Protocol, cast
 
+from common.errors import quoted
+from webapi.errors import ProxyLoop
 from webapi.proxy.errors import UpstreamConnectError
 from webapi.proxy.upstream import split_address
 
@@ -111,12 +113,19 @@ class SpliceBase:
             self.upstream.transport.resume_reading()
 
 
-async def connect(proxy: Proxy, service: str, method: str) -> tuple[UpstreamLeg, Attempts]:
+async def connect(
+    proxy: Proxy, service: str, method: str, client: asyncio.BaseTransport | None = None
+) -> tuple[UpstreamLeg, Attempts]:
     """A connection to a healthy instance of `service`, and the `Attempts` it was
     chosen by (call its `closed()` when the splice ends). Connect failures eject
     their instance and are retried on another one, within the service's attempt
     limit and the retry budget (`webapi.proxy.attempts`); raises the proxy's errors
-    (`NoHealthyInstance`, `UnknownService`, `UpstreamFailed`) when none is reached."""
+    (`NoHealthyInstance`, `UnknownService`, `UpstreamFailed`) when none is reached.
+
+    A splice forwards no header, so no `Via` can tell a loop: an instance reached on
+    the port `client` (the client's connection) arrived on, at an address of this
+    host, is this gateway. It is ejected and `ProxyLoop` (508) raised: each splice to
+    it would connect again, one connection more each time."""
     loop = asyncio.get_running_loop()
     attempts = proxy.attempts(service, method, replayable=False)
     timeout = attempts.connect_timeout or proxy.pool.connect_timeout
@@ -132,5 +141,25 @@ async def connect(proxy: Proxy, service: str, method: str) -> tuple[UpstreamLeg,
         except BaseException:  # cancelled: the try ends without an outcome
             attempts.abandoned()
             raise
+        if client is not None and _leads_back(leg, client):
+            assert leg.transport is not None
+            leg.transport.close()
+            attempts.report_failure(fatal=True)
+            raise ProxyLoop(f"instance {quoted(endpoint.instance_id)} of {quoted(service)} "
+                            "is this gateway: a proxy loop")  # fmt: skip
         attempts.connected()
         return leg, attempts
+
+
+def _leads_back(leg: UpstreamLeg, client: asyncio.BaseTransport) -> bool:
+    """Whether `leg` goes to the gateway itself: to the port `client` came in on, at an
+    address of this host (its own source address, which a local connect takes)."""
+    upstream = leg.transport
+    if upstream is None:
+        return False
+    peer = upstream.get_extra_info("peername")
+    source = upstream.get_extra_info("sockname")
+    ours = client.get_extra_info("sockname")
+    if not (isinstance(peer, tuple) and isinstance(source, tuple) and isinstance(ours, tuple)):
+        return False  # (a unix socket)
+    return bool(peer[1] == ours[1] and peer[0] in (ours[0], source[0]))

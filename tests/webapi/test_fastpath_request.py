@@ -15,7 +15,7 @@ from webapi.fastpath.head import upstream_head
 from webapi.fastpath.request import Incomplete
 from webapi.fastpath.response import CHUNKED, KEPT, NONE, WHOLE, client_head
 from webapi.proxy.forward import hop_headers_out
-from webapi.proxy.headers import build_request_head, strip_hop_by_hop_raw
+from webapi.proxy.headers import MAX_VIA_HOPS, build_request_head, strip_hop_by_hop_raw
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -66,6 +66,19 @@ def test_a_small_body_is_taken_whole_and_a_partial_one_is_waited_for() -> None:
 )
 def test_anything_else_is_left_to_sanic(raw: bytes) -> None:
     assert parse_request(raw) is None
+
+
+def test_a_request_the_gateway_has_marked_too_often_is_left_to_sanic() -> None:
+    """Sanic's `check_head` answers it 508 `proxy_loop`; fewer marks are the fast path's,
+    and its head adds one more (as the route's builders do: the test below)."""
+    marks = [b"Via: 1.1 switchboard"] * (MAX_VIA_HOPS - 1)
+    fewer = GET.replace(b"Host: gw", b"\r\n".join([b"Host: gw", b"via: 1.0 edge", *marks]))
+    parsed = parse_request(fewer)
+    assert isinstance(parsed, Parsed)
+    head = upstream_head(parsed, client_ip="127.0.0.9", scheme="http", request_id="rid-1")
+    assert head.count(b"switchboard") == MAX_VIA_HOPS
+    looped = fewer.replace(b"Host: gw", b"Host: gw\r\nVia: 1.0 edge, 1.1 switchboard")
+    assert parse_request(looped) is None
 
 
 def test_connection_is_read_as_sanic_reads_it() -> None:

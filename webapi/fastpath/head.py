@@ -8,7 +8,8 @@ The same head as the `/svc/` route's (`credential_free`, then `hop_headers_out`,
 * hop-by-hop fields, `Proxy-*` and the fields `Connection` names are dropped, and so
   are `Host`, `X-Forwarded-*`, `X-Request-Id` and the body framing;
 * `Host` (the service), `X-Forwarded-For` (appended to the client's), `-Proto`,
-  `-Host` and `X-Request-Id` are set, and the body is framed by `Content-Length`.
+  `-Host`, `X-Request-Id` and the gateway's `Via` are set, and the body is framed by
+  `Content-Length`.
 
 Nothing is escaped: httptools has refused CR and LF in every field the client sent
 (and the fast path takes only heads that end where httptools says), the target
@@ -20,13 +21,14 @@ from __future__ import annotations
 
 from webapi.access import API_KEY_PREFIX
 from webapi.fastpath.request import Parsed
-from webapi.proxy.headers import BODY_METHODS, HOP_BY_HOP_RAW
+from webapi.proxy.headers import BODY_METHODS, HOP_BY_HOP_RAW, VIA
 
 # Hop-by-hop fields, the fields the gateway sets itself, the body framing, the API key.
 _DROPPED = HOP_BY_HOP_RAW | {b"host", b"x-forwarded-for", b"x-forwarded-proto",
                             b"x-forwarded-host", b"x-request-id", b"content-length",
                             b"x-api-key"}  # fmt: skip
 _API_KEY = API_KEY_PREFIX.encode()
+_VIA = b"Via: " + VIA.encode()
 
 
 def upstream_head(req: Parsed, *, client_ip: str, scheme: str, request_id: str) -> bytes:
@@ -52,6 +54,7 @@ def upstream_head(req: Parsed, *, client_ip: str, scheme: str, request_id: str) 
         b"X-Forwarded-Host: " + req.first.get(b"host", "").encode("utf-8", "surrogateescape")
     )
     out.append(b"X-Request-Id: " + request_id.encode())
+    out.append(_VIA)
     body = req.body
     if body:
         out.append(b"Content-Length: %d" % len(body))

@@ -194,7 +194,7 @@ class FastPathProtocol(LingeringHttpProtocol):
         """Connect to an instance of the route's service, then splice (or answer the error)."""
         app: GatewayApp = self.app
         try:
-            leg, attempts = await connect(app.ctx.proxy, rule.service, method)
+            leg, attempts = await connect(app.ctx.proxy, rule.service, method, self.transport)
         except Exception as exc:  # (a cancellation is not an Exception: it goes through)
             app.ctx.passthrough.connect_failures += 1
             self._fast = None

@@ -15,6 +15,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from common.http_head import valid_host
 from webapi.errors import InvalidProxyPath
 from webapi.heartbeats import SERVICE_NAME
+from webapi.proxy.headers import MAX_VIA_HOPS, VIA_MARK
 from webapi.proxy.paths import upstream_target
 
 MAX_FAST_BODY = 64 * 1024
@@ -34,8 +35,8 @@ class Parsed:
     httptools' callbacks object while the request is parsed (one object per request)."""
 
     __slots__ = ("begun", "body", "connection", "done", "first", "head_done", "headers",
-                 "keep_alive", "length", "method", "received", "refused", "service", "size",
-                 "target", "url")  # fmt: skip
+                 "hops", "keep_alive", "length", "method", "received", "refused", "service",
+                 "size", "target", "url")  # fmt: skip
 
     def __init__(self) -> None:
         self.size = 0  # bytes it takes at the start of the buffer
@@ -50,6 +51,7 @@ class Parsed:
         self.body: bytes | None = None
         self.keep_alive = True  # the connection stays open after it (`_start`: KEEP_ALIVE too)
         self.received = 0.0  # `time.perf_counter()` when it was parsed
+        self.hops = 0  # the gateway's marks in its `Via` fields
         # While parsing.
         self.begun = 0
         self.length = 0
@@ -87,6 +89,8 @@ class Parsed:
             elif name == b"connection":
                 self.keep_alive = value.lower() == b"keep-alive"  # Sanic's reading: the last
                 self.connection = [*self.connection, value]
+            elif name == b"via":
+                self.hops += value.count(VIA_MARK)
             if name in _READ and name not in self.first:
                 self.first[name] = value.decode("utf-8", "surrogateescape")
 
@@ -129,6 +133,8 @@ def parse_request(buf: bytes | bytearray) -> Parsed | Incomplete | None:
     # One message whose head ends where ours does (else the parser framed it otherwise).
     if not req.head_done or req.begun != 1 or req.body is not None or req.refused:
         return None
+    if req.hops >= MAX_VIA_HOPS:  # a loop: Sanic's route answers it (`check_head`)
+        return None
     if b"host" not in req.first:
         return None
     method = parser.get_method()
@@ -162,4 +168,4 @@ def parse_request(buf: bytes | bytearray) -> Parsed | Incomplete | None:
 
 
 # The header names `Parsed.on_header` looks at beyond collecting them.
-_SPECIAL = _REFUSED | _READ | {b"content-length", b"connection"}
+_SPECIAL = _REFUSED | _READ | {b"content-length", b"connection", b"via"}

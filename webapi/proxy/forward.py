@@ -37,6 +37,7 @@ from common.registry_view import RegistryView
 from webapi.errors import NoHealthyInstance, UnknownService
 from webapi.proxy.attempts import Attempts
 from webapi.proxy.errors import UpstreamError
+from webapi.proxy.headers import VIA
 from webapi.proxy.health import HealthBook
 from webapi.proxy.upstream import UpstreamPool, UpstreamResponse, strip_hop_by_hop
 
@@ -203,7 +204,8 @@ def hop_headers_out(
     request_id: str,
     upstream: str,
 ) -> list[tuple[str, str]]:
-    """The headers sent upstream: hop-by-hop stripped, X-Forwarded-* and X-Request-Id set."""
+    """The headers sent upstream: hop-by-hop stripped, X-Forwarded-*, X-Request-Id and
+    the gateway's `Via` set."""
     drop = {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
             "content-length", "transfer-encoding"}  # fmt: skip
     prior = [v for k, v in headers if k.lower() == "x-forwarded-for"]
@@ -215,5 +217,6 @@ def hop_headers_out(
         ("X-Forwarded-Proto", scheme),
         ("X-Forwarded-Host", host),
         ("X-Request-Id", request_id),
+        ("Via", VIA),  # (added beside the client's own Via fields: one list, RFC 9110 §5.3)
     ]
     return out

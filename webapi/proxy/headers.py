@@ -9,6 +9,14 @@ from collections.abc import AsyncIterable
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
 )
+# What the gateway adds to every request it forwards (RFC 9110 §7.6.3), and how many
+# of its marks a request may carry already: more is a loop (an instance whose address
+# leads back to a gateway), answered 508 `proxy_loop` before it is forwarded again.
+# A few, not one: gateways may be chained on purpose (an edge one, an inner one).
+VIA = "1.1 switchboard"
+VIA_MARK = b"switchboard"
+MAX_VIA_HOPS = 3
+
 # Methods whose request normally has a body: an empty one gets `Content-Length: 0`.
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 

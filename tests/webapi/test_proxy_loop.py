@@ -1,0 +1,118 @@
+"""Proxy loops: an instance whose address leads back to the gateway. Every forwarded
+request carries the gateway's `Via` mark and one that carries `MAX_VIA_HOPS` of them is
+answered 508 `proxy_loop`; a splice (pass-through, tunnel), which forwards no header,
+refuses an instance that is the gateway itself."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from common import tokens
+from common.registry import Registry
+from tests.helpers import wait_for
+from tests.support.policy import set_document
+from tests.support.raw_http import connect, read_answers
+from tests.support.registry import register
+from tests.webapi.conftest import Backend, as_admin
+from webapi.proxy.headers import MAX_VIA_HOPS
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _apply(gateway: str, redis_url: str, routes: list[dict[str, Any]]) -> None:
+    version = set_document(redis_url, routes=routes).version
+
+    def applied() -> bool:
+        health = httpx.get(f"{gateway}/health", timeout=5).json()
+        return int(health.get("policy_version", -1)) >= version
+
+    wait_for(applied, timeout=10)
+
+
+def _live(gateway: str, service: str) -> bool:
+    body = as_admin.get(f"{gateway}/health", timeout=5).json()
+    return bool(body["services"].get(service, {}).get("instances"))
+
+
+@pytest.fixture
+def looping(gateway: str, redis_url: str) -> Iterator[str]:
+    """A service whose one instance is the gateway itself (written to the registry as a
+    record the heartbeat would refuse: a DNS name may lead back just as well), with a
+    public route, a pass-through one and a tunnel one; the service's name."""
+    service = f"loop{uuid.uuid4().hex[:6]}"
+    instance = f"{service}-self"
+    asyncio.run(register(redis_url, service, {instance: f"127.0.0.1:{gateway.rpartition(':')[2]}"}))
+    wait_for(lambda: _live(gateway, service), timeout=10)
+    route = {"service": service, "public": True, "strip_prefix": False}
+    _apply(gateway, redis_url, [
+        {"prefix": f"/{service}/", **route},
+        {"prefix": f"/{service}-pt/", **route, "passthrough": True},
+        {"prefix": f"/{service}-tn/", **route, "passthrough": True, "tunnel": True},
+    ])  # fmt: skip
+    try:
+        yield service
+    finally:
+        _apply(gateway, redis_url, [])
+        asyncio.run(_deregister(redis_url, service, instance))
+
+
+async def _deregister(redis_url: str, service: str, instance: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await Registry(client).deregister(service, instance)
+    finally:
+        await client.aclose()
+
+
+async def _token(url: str) -> str:
+    """A bearer JWT: forwarded upstream (an API key is not), so each hop is admitted."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        key = await tokens.Keyring(client).current()
+    finally:
+        await client.aclose()
+    return tokens.issue(key, subject="u-loop", name="loop", roles=["user"], scopes=["*"],
+                        session_id=uuid.uuid4().hex, ttl=600)  # fmt: skip
+
+
+def test_a_loop_through_svc_ends_in_508(gateway: str, redis_url: str, looping: str) -> None:
+    auth = {"Authorization": f"Bearer {asyncio.run(_token(redis_url))}"}
+    # `/svc/` strips its prefix: a path that names the service again at each hop.
+    path = f"/svc/{looping}" * 10 + "/x"
+    answer = httpx.get(f"{gateway}{path}", headers=auth, timeout=10)
+    assert answer.status_code == 508, answer.text
+    assert answer.json()["error"]["code"] == "proxy_loop"
+    # It went round MAX_VIA_HOPS times at most (each hop adds its latency headers)...
+    assert len(answer.headers.get_list("x-upstream-instance")) <= MAX_VIA_HOPS
+    # ... and the 508s, 5xx answers of the looping instance, have ejected it.
+    again = httpx.get(f"{gateway}{path}", headers=auth, timeout=10)
+    assert again.json()["error"]["code"] in ("proxy_loop", "no_healthy_instance")
+
+
+def test_a_loop_through_a_public_route_ends_in_508(gateway: str, looping: str) -> None:
+    answer = httpx.get(f"{gateway}/{looping}/x", timeout=10)  # no credential: public
+    assert (answer.status_code, answer.json()["error"]["code"]) == (508, "proxy_loop")
+
+
+@pytest.mark.parametrize("suffix", ["-pt", "-tn"])
+def test_a_splice_to_the_gateway_itself_is_refused(gateway: str, looping: str, suffix: str) -> None:
+    with connect(gateway) as sock:
+        sock.sendall(f"GET /{looping}{suffix}/x HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
+        answers = read_answers(sock, 1)
+    assert answers[0].status == 508, answers
+    assert b"proxy_loop" in answers[0].body
+
+
+def test_a_request_with_fewer_marks_is_forwarded_more_is_refused(backend: Backend) -> None:
+    for marks, status in ((MAX_VIA_HOPS - 1, 200), (MAX_VIA_HOPS, 508)):
+        via = ", ".join(["1.1 switchboard"] * marks)
+        for _ in range(2):  # Sanic's route, then the fast path's
+            answer = as_admin.get(f"{backend.base}/echo", headers={"Via": via}, timeout=10)
+            assert answer.status_code == status, answer.text
