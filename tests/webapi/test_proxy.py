@@ -240,6 +240,9 @@ def test_version_selection(backends: Backends) -> None:
         f"{backends.gateway}/svc/{backends.service}/echo", headers={"x-service-version": "v9"}
     )
     assert missing.status_code == 503
+    # An empty one names no version (Sanic's route, then the fast path's): not a 503.
+    unnamed = _spread(backends, 4, headers={"x-service-version": ""})
+    assert sum(unnamed.values()) == 4
 
 
 def test_live_policy_version_weights_and_timeout(backends: Backends) -> None:

@@ -147,7 +147,7 @@ async def _stream(
         target,
         _headers_out(request, service),
         body,
-        version=request.headers.get("x-service-version"),
+        version=request.headers.get("x-service-version") or None,  # empty: none named
         key=_balance_key(request, service),
     )
     upstream = forwarded.response

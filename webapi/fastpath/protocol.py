@@ -334,7 +334,7 @@ class FastPathProtocol(LingeringHttpProtocol):
             key = balance_key(hash_on, req.header, partial(self._client_address, req))
         try:
             attempts = proxy.attempts(
-                req.service, req.method, version=first.get(b"x-service-version"), key=key
+                req.service, req.method, version=first.get(b"x-service-version") or None, key=key
             )
             endpoint = attempts.next()
         except ApiError as exc:  # no such service, no healthy instance
