@@ -115,8 +115,8 @@ class Upstreams:
             connect_timeout = settings.connect_timeout
         last_error = "no live instance"
         while True:
-            usable = self.book.usable(self.records(service, version))
-            candidates = tries.untried([self.policy.endpoint(r) for r in usable])
+            usable = self.book.usable(service, self.records(service, version))
+            candidates = tries.untried(self.policy.endpoints(service, usable))
             if not candidates:
                 break
             if tries.attempt and not tries.spend_retry(error=last_error):

@@ -9,7 +9,13 @@ request is let through as a trial: success re-admits the instance and resets its
 backoff, failure ejects it again. A trial that never reports back (cancelled
 request) is forgotten after `trial_timeout`, so an instance can never stay stuck
 ejected. Active checks (the gateway's `ActiveChecker`) report through
-`active_result`.
+`active_result`; their verdict lasts while the instance is checked at the same health
+path: `forget` drops it for an instance no longer checked (it heartbeats without a
+health path now), and a changed health path starts the count over.
+
+State is kept per service, then per instance id: an id is an instance's name within
+its service (the native heartbeat lets a backend choose it), so two services may
+both have a `worker-1`, and ejecting one leaves the other alone.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class _State:
     active_down: bool = False
     active_fails: int = 0
     active_passes: int = 0
+    active_path: str | None = None  # the health path the active counts are about
 
 
 class HealthBook:
@@ -55,23 +62,35 @@ class HealthBook:
         self.max_ejection = max_ejection
         self.trial_timeout = trial_timeout
         self.clock = clock
-        self._states: dict[str, _State] = {}
+        # service -> instance id -> state; a service with nothing to say has no entry.
+        self._states: dict[str, dict[str, _State]] = {}
 
-    def _state(self, instance_id: str) -> _State:
-        state = self._states.get(instance_id)
+    def _state(self, service: str, instance_id: str) -> _State:
+        states = self._states.get(service)
+        if states is None:
+            states = self._states[service] = {}
+        state = states.get(instance_id)
         if state is None:
-            state = self._states[instance_id] = _State()
+            state = states[instance_id] = _State()
         return state
 
-    def usable(self, candidates: Sequence[T]) -> list[T]:
-        """The candidates a request may go to now (hot path: dict lookups only).
+    def _find(self, service: str, instance_id: str) -> _State | None:
+        states = self._states.get(service)
+        return None if states is None else states.get(instance_id)
+
+    def usable(self, service: str, candidates: Sequence[T]) -> list[T]:
+        """The candidates (instances of `service`) a request may go to now (hot path:
+        dict lookups only).
 
         An instance whose ejection just ended is included once, as the trial.
         """
+        states = self._states.get(service)
+        if not states:
+            return list(candidates)
         now = self.clock()
         out = []
         for record in candidates:
-            state = self._states.get(record.instance_id)
+            state = states.get(record.instance_id)
             if state is None:
                 out.append(record)
             elif state.active_down:
@@ -87,59 +106,79 @@ class HealthBook:
                 out.append(record)
         return out
 
-    def is_ejected(self, instance_id: str) -> bool:
-        state = self._states.get(instance_id)
+    def is_ejected(self, service: str, instance_id: str) -> bool:
+        state = self._find(service, instance_id)
         return state is not None and (state.ejected_until > self.clock() or state.active_down)
 
-    def started(self, instance_id: str) -> None:
+    def started(self, service: str, instance_id: str) -> None:
         """A request is going to this instance (marks the trial after an ejection)."""
-        state = self._states.get(instance_id)
+        state = self._find(service, instance_id)
         if state is not None and state.backoff and state.trial_started is None:
             state.trial_started = self.clock()
 
-    def succeeded(self, instance_id: str) -> None:
-        state = self._states.get(instance_id)
+    def succeeded(self, service: str, instance_id: str) -> None:
+        state = self._find(service, instance_id)
         if state is not None:
             state.failures = 0
             state.backoff = 0.0
             state.trial_started = None
             state.ejected_until = 0.0
 
-    def failed(self, instance_id: str, *, fatal: bool) -> None:
+    def failed(self, service: str, instance_id: str, *, fatal: bool) -> None:
         """`fatal`: connect error or timeout (eject now); otherwise a 5xx (eject on a streak)."""
-        state = self._state(instance_id)
+        state = self._state(service, instance_id)
         state.failures += 1
         trial = state.trial_started is not None
         state.trial_started = None
         if fatal or trial or state.failures >= self.failures_to_eject:
-            self._eject(instance_id, state)
+            self._eject(service, instance_id, state)
 
-    def _eject(self, instance_id: str, state: _State) -> None:
+    def _eject(self, service: str, instance_id: str, state: _State) -> None:
         length = state.backoff or self.base_ejection
         state.ejected_until = self.clock() + length
         state.backoff = min(length * 2, self.max_ejection)
         state.failures = 0
-        log.warning(
-            "upstream ejected", extra={"fields": {"instance": instance_id, "seconds": length}}
-        )
+        fields = {"service": service, "instance": instance_id, "seconds": length}
+        log.warning("upstream ejected", extra={"fields": fields})
 
-    def active_result(self, instance_id: str, ok: bool, *, fall: int, rise: int) -> None:
-        state = self._state(instance_id)
+    def active_result(self, record: InstanceRecord, ok: bool, *, fall: int, rise: int) -> None:
+        """The outcome of one active check of `record` at its `health_path`."""
+        state = self._state(record.service, record.instance_id)
+        if state.active_path != record.health_path:  # another check: its own count
+            _clear_active(state)
+            state.active_path = record.health_path
         if ok:
             state.active_fails = 0
             state.active_passes += 1
             if state.active_passes >= rise and (state.active_down or state.ejected_until):
                 state.active_down = False
-                self.succeeded(instance_id)
+                self.succeeded(record.service, record.instance_id)
         else:
             state.active_passes = 0
             state.active_fails += 1
             if state.active_fails >= fall:
                 state.active_down = True
 
-    def forget(self, keep: Iterable[str]) -> None:
-        """Drop the state of instances that are gone from the registry."""
-        alive = set(keep)
-        for instance_id in list(self._states):
-            if instance_id not in alive:
-                del self._states[instance_id]
+    def forget(
+        self, live: Iterable[InstanceRecord], checked: Iterable[InstanceRecord] = ()
+    ) -> None:
+        """Drop the state of instances gone from the registry, and the active checks'
+        verdict on live instances not in `checked` (they have no health path now, so no
+        check would ever clear it). Not on the request path: once per round of checks."""
+        alive = {(r.service, r.instance_id) for r in live}
+        active = {(r.service, r.instance_id): r.health_path for r in checked}
+        for service, states in list(self._states.items()):
+            for instance_id, state in list(states.items()):
+                key = (service, instance_id)
+                if key not in alive:
+                    del states[instance_id]
+                elif state.active_path is not None and active.get(key) != state.active_path:
+                    _clear_active(state)
+            if not states:
+                del self._states[service]
+
+
+def _clear_active(state: _State) -> None:
+    state.active_down = False
+    state.active_fails = state.active_passes = 0
+    state.active_path = None

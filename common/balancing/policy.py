@@ -7,7 +7,7 @@ service's strategy (a fresh one starts with no load or latency history);
 unchanged services keep theirs. The service's retry budget (`retry_budget`,
 else the default given) is one `RetryBudget` per service, re-limited in place
 when the policy changes. Registry records become `Endpoint`s once per
-instance, not once per request.
+instance of a service (after each change of its records), not once per request.
 
 Version weights (`version_weights`, tag -> weight) split the requests that
 name no version: a version is drawn by weight among the weighted versions that
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from common.balancing import Endpoint, RetryBudget, Strategy, make_strategy, select_version
@@ -51,7 +51,7 @@ class BalancingPolicy:
         self._services: dict[str, ServicePolicy] = {}
         self._strategies: dict[str, Strategy] = {}
         self._budgets: dict[str, RetryBudget] = {}
-        self._endpoints: dict[str, Endpoint] = {}
+        self._endpoints: dict[str, dict[str, Endpoint]] = {}  # service -> instance id ->
         self._apply(watcher.current)
         watcher.on_change(self._apply)
 
@@ -128,23 +128,34 @@ class BalancingPolicy:
                 chosen = present[-1]  # rounding at the very top of the range
         return [ep for ep in endpoints if ep.version == chosen]
 
-    def endpoint(self, record: InstanceRecord) -> Endpoint:
-        """The `Endpoint` of a registry record, cached per instance."""
-        endpoint = self._endpoints.get(record.instance_id)
-        if endpoint is None:
-            endpoint = Endpoint(
-                instance_id=record.instance_id,
-                address=record.address or "",
-                weight=record.weight,
-                version=record.version,
-                zone=record.zone,
-            )
-            self._endpoints[record.instance_id] = endpoint
-        return endpoint
+    def endpoints(self, service: str, records: Iterable[InstanceRecord]) -> list[Endpoint]:
+        """The `Endpoint`s of `service`'s registry records, cached per instance of the
+        service (hot path: a dict lookup for the service, then one per record). Per
+        service, since an instance id names an instance within its service only."""
+        cache = self._endpoints.get(service)
+        if cache is None:
+            cache = self._endpoints[service] = {}
+        out = []
+        for record in records:
+            endpoint = cache.get(record.instance_id)
+            if endpoint is None:
+                endpoint = cache[record.instance_id] = Endpoint(
+                    instance_id=record.instance_id,
+                    address=record.address or "",
+                    weight=record.weight,
+                    version=record.version,
+                    zone=record.zone,
+                )
+            out.append(endpoint)
+        return out
 
     def forget_endpoints(self, service: str | None = None) -> None:
-        """Drop cached endpoints (a registry change may have changed weights or versions)."""
-        self._endpoints.clear()
+        """Drop the cached endpoints of `service` (all with None): a registry change may
+        have changed its instances' addresses, weights or versions."""
+        if service is None:
+            self._endpoints.clear()
+        else:
+            self._endpoints.pop(service, None)
 
     def _apply(self, document: PolicyDocument) -> None:
         for service in set(document.services) | set(self._services):

@@ -87,7 +87,7 @@ class Tries:
         )
         self.attempt += 1
         self.tried.add(endpoint.instance_id)
-        self.book.started(endpoint.instance_id)
+        self.book.started(service, endpoint.instance_id)
         strategy.started(endpoint)
         self.endpoint = endpoint
         self._started = time.perf_counter()
@@ -103,7 +103,7 @@ class Tries:
         endpoint, strategy = self.endpoint, self._strategy
         assert endpoint is not None and strategy is not None
         strategy.finished(endpoint, time.perf_counter() - self._started, False)
-        self.book.failed(endpoint.instance_id, fatal=fatal)
+        self.book.failed(self.service, endpoint.instance_id, fatal=fatal)
 
     def spend_retry(self, **fields: Any) -> bool:
         """Whether another try may follow the current one's failure: the attempt limit
@@ -128,7 +128,7 @@ class Tries:
         `closed`. Returns the connect time in seconds."""
         endpoint = self.endpoint
         assert endpoint is not None
-        self.book.succeeded(endpoint.instance_id)
+        self.book.succeeded(self.service, endpoint.instance_id)
         self._connect_seconds = time.perf_counter() - self._started
         return self._connect_seconds
 

@@ -1,8 +1,8 @@
 """A real HTTP backend for proxy tests: `python -m tests.support.http_backend`.
 
 Env: PORT, NAME (instance label), and optionally GATEWAY (base URL) + SERVICE
-(+ VERSION, WEIGHT) to register itself by heartbeat every 0.3 s, with the
-API key in GATEWAY_API_KEY (a credential with the `registry` scope).
+(+ VERSION, WEIGHT, INSTANCE_ID: NAME by default) to register itself by heartbeat
+every 0.3 s, with the API key in GATEWAY_API_KEY (a credential with the `registry` scope).
 Routes: /echo, /slow, /status/<n>, /upload (streamed, counts bytes),
 /download?mb=N (streamed), /health, /admin/delay?ms=N (slow every /echo down),
 /admin/state (the delay, the health switch, how many uploads began),
@@ -126,7 +126,7 @@ async def heartbeat(app: Sanic) -> None:
         "version": os.environ.get("VERSION", "0"),
         "weight": int(os.environ.get("WEIGHT", "1")),
         "health_path": "/health",
-        "instance_id": NAME,
+        "instance_id": os.environ.get("INSTANCE_ID", NAME),
     }
     headers = {"X-Api-Key": os.environ.get("GATEWAY_API_KEY", "")}
     async with httpx.AsyncClient(timeout=2, headers=headers) as client:

@@ -57,6 +57,7 @@ class Instances:
         self.service = f"hc_{uuid.uuid4().hex[:6]}"
         self.registry = Registry(redis, ttl=30)
         self.servers: list[asyncio.Server] = []
+        self.addresses: dict[str, str] = {}
 
     async def add(self, name: str, handler: Handler) -> str:
         server = await asyncio.start_server(handler, "127.0.0.1", 0)
@@ -67,7 +68,13 @@ class Instances:
             self.service, instance_id, kind="http", address=f"127.0.0.1:{port}",
             health_path="/health",
         ))  # fmt: skip
+        self.addresses[instance_id] = f"127.0.0.1:{port}"
         return instance_id
+
+    async def beat_without_health_path(self, instance_id: str) -> None:
+        await self.registry.heartbeat(InstanceRecord(
+            self.service, instance_id, kind="http", address=self.addresses[instance_id],
+        ))  # fmt: skip
 
     def close(self) -> None:
         for server in self.servers:
@@ -106,8 +113,10 @@ async def test_an_endless_health_body_holds_no_round_of_checks(
     task = asyncio.create_task(checker.run())
     try:
         # Two failed checks of the other instance: its rounds were not held open.
-        await wait_for_async(lambda: _ejected(book, failing), timeout=10)
-        assert not book.is_ejected(streaming)  # a 200 head passes; its body is not read
+        await wait_for_async(lambda: _ejected(book, instances.service, failing), timeout=10)
+        assert not book.is_ejected(
+            instances.service, streaming
+        )  # a 200 head passes; its body is not read
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -123,14 +132,10 @@ async def test_a_check_whose_head_never_ends_fails_at_its_timeout(
     try:
         for _ in range(2):  # fall=2
             await asyncio.wait_for(checker.check_all(), timeout=5)
-        assert book.is_ejected(slow)
+        assert book.is_ejected(instances.service, slow)
     finally:
         await checker.close()
         await view.close()
-
-
-async def _ejected(book: HealthBook, instance_id: str) -> bool:
-    return book.is_ejected(instance_id)
 
 
 async def test_a_health_path_no_url_holds_fails_its_instance_and_stops_no_check(
@@ -149,10 +154,39 @@ async def test_a_health_path_no_url_holds_fails_its_instance_and_stops_no_check(
         task = asyncio.create_task(checker.run())
         try:
             for instance in (failing, bad):
-                await wait_for_async(partial(_ejected, book, instance), timeout=10)
+                await wait_for_async(
+                    partial(_ejected, book, instances.service, instance), timeout=10
+                )
             assert not task.done()
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await checker.close()
             await view.close()
+
+
+async def test_an_instance_marked_down_is_readmitted_once_it_drops_its_health_path(
+    redis_client: aioredis.Redis, instances: Instances
+) -> None:
+    failing = await instances.add("failing", _failing)
+    view, book, checker = await _checking(redis_client, instances, 1)
+    task = asyncio.create_task(checker.run())
+    try:
+        await wait_for_async(lambda: _ejected(book, instances.service, failing), timeout=10)
+        # Its next heartbeat names no health path (the check was removed): no check will
+        # ever pass again, so the checks' verdict must not keep it out of rotation.
+        await instances.beat_without_health_path(failing)
+        await wait_for_async(lambda: _usable(view, book, instances.service, failing), timeout=10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await checker.close()
+        await view.close()
+
+
+async def _usable(view: RegistryView, book: HealthBook, service: str, instance_id: str) -> bool:
+    return [r.instance_id for r in book.usable(service, view.instances(service))] == [instance_id]
+
+
+async def _ejected(book: HealthBook, service: str, instance_id: str) -> bool:
+    return book.is_ejected(service, instance_id)

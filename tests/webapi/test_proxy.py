@@ -39,12 +39,14 @@ class Backends:
     procs: dict[str, ServiceProcess] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
-    def start(self, name: str, *, version: str = "0", weight: int = 1) -> None:
+    def start(
+        self, name: str, *, version: str = "0", weight: int = 1, instance_id: str | None = None
+    ) -> None:
         port = self.ports.get(name) or free_port()
         self.ports[name] = port
         env = {"PORT": str(port), "NAME": name, "GATEWAY": self.gateway,
                "SERVICE": self.service, "VERSION": version, "WEIGHT": str(weight),
-               "GATEWAY_API_KEY": self.api_key}  # fmt: skip
+               "GATEWAY_API_KEY": self.api_key, "INSTANCE_ID": instance_id or name}  # fmt: skip
         self.procs[name] = ServiceProcess(
             ["python", "-m", "tests.support.http_backend"], env=env, name=name
         ).start()
@@ -376,3 +378,30 @@ def test_retries_stop_when_the_services_retry_budget_is_spent(gateway: str, redi
     stats = as_admin.get(f"{gateway}/admin/proxy/stats").json()
     budget = stats["retry_budgets"][service]
     assert budget == {"available": 0.0, "cap": 1.0, "denied": 4, "exhausted": True}
+
+
+def test_two_services_whose_instances_share_an_id_each_get_their_own(
+    gateway: str, redis_url: str
+) -> None:
+    # An instance id names an instance within its service; the native heartbeat lets a
+    # backend choose it, and two teams may well both choose "worker-1".
+    api_key = issue_api_key(redis_url, ["registry"], name="backends")
+    tag = uuid.uuid4().hex[:6]
+    alpha = Backends(gateway, redis_url, f"alpha{tag}", api_key)
+    beta = Backends(gateway, redis_url, f"beta{tag}", api_key)
+    try:
+        for backends in (alpha, beta):
+            backends.start(backends.service, instance_id="worker-1")
+        wait_for(lambda: _ok(alpha, "/echo") and _ok(beta, "/echo"), timeout=30)
+        reached: Counter[str] = Counter()
+        with httpx.Client(base_url=gateway, timeout=10, headers=as_admin.headers) as client:
+            for _ in range(20):
+                for backends in (alpha, beta):
+                    response = client.get(f"/svc/{backends.service}/echo")
+                    assert response.headers["x-upstream-instance"] == "worker-1"
+                    reached[f"{backends.service} -> {response.json()['instance']}"] += 1
+        assert reached == {f"{alpha.service} -> {alpha.service}": 20,
+                           f"{beta.service} -> {beta.service}": 20}  # fmt: skip
+    finally:
+        for proc in [*alpha.procs.values(), *beta.procs.values()]:
+            proc.stop()

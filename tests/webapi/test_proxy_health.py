@@ -14,8 +14,11 @@ class Clock:
         return self.now
 
 
-def _records(*ids: str) -> list[InstanceRecord]:
-    return [InstanceRecord("svc", i, kind="http", address="127.0.0.1:1") for i in ids]
+def _records(
+    *ids: str, service: str = "svc", health_path: str | None = None
+) -> list[InstanceRecord]:
+    return [InstanceRecord(service, i, kind="http", address="127.0.0.1:1",
+                           health_path=health_path) for i in ids]  # fmt: skip
 
 
 def _ids(records: list[InstanceRecord]) -> list[str]:
@@ -26,68 +29,113 @@ def test_connect_error_ejects_at_once_with_doubling_backoff() -> None:
     clock = Clock()
     book = HealthBook(clock=clock)
     records = _records("a", "b")
-    book.failed("a", fatal=True)
-    assert _ids(book.usable(records)) == ["b"]
+    book.failed("svc", "a", fatal=True)
+    assert _ids(book.usable("svc", records)) == ["b"]
     clock.now += 1.01  # first ejection: 1 s
-    assert _ids(book.usable(records)) == ["a", "b"]  # the trial
-    book.started("a")
-    assert _ids(book.usable(records)) == ["b"]  # only one trial at a time
-    book.failed("a", fatal=True)  # the trial failed: ejected for 2 s now
+    assert _ids(book.usable("svc", records)) == ["a", "b"]  # the trial
+    book.started("svc", "a")
+    assert _ids(book.usable("svc", records)) == ["b"]  # only one trial at a time
+    book.failed("svc", "a", fatal=True)  # the trial failed: ejected for 2 s now
     clock.now += 1.5
-    assert _ids(book.usable(records)) == ["b"]
+    assert _ids(book.usable("svc", records)) == ["b"]
     clock.now += 0.6
-    book.started("a")
-    book.succeeded("a")  # the trial passed: re-admitted, backoff reset
-    assert _ids(book.usable(records)) == ["a", "b"]
-    book.failed("a", fatal=True)
+    book.started("svc", "a")
+    book.succeeded("svc", "a")  # the trial passed: re-admitted, backoff reset
+    assert _ids(book.usable("svc", records)) == ["a", "b"]
+    book.failed("svc", "a", fatal=True)
     clock.now += 1.01
-    assert "a" in _ids(book.usable(records))
+    assert "a" in _ids(book.usable("svc", records))
 
 
 def test_5xx_streak_ejects_but_isolated_errors_do_not() -> None:
     clock = Clock()
     book = HealthBook(clock=clock, failures_to_eject=3)
     records = _records("a")
-    book.failed("a", fatal=False)
-    book.failed("a", fatal=False)
-    book.succeeded("a")  # the streak is broken
-    book.failed("a", fatal=False)
-    book.failed("a", fatal=False)
-    assert _ids(book.usable(records)) == ["a"]
-    book.failed("a", fatal=False)
-    assert book.usable(records) == []
+    book.failed("svc", "a", fatal=False)
+    book.failed("svc", "a", fatal=False)
+    book.succeeded("svc", "a")  # the streak is broken
+    book.failed("svc", "a", fatal=False)
+    book.failed("svc", "a", fatal=False)
+    assert _ids(book.usable("svc", records)) == ["a"]
+    book.failed("svc", "a", fatal=False)
+    assert book.usable("svc", records) == []
 
 
 def test_a_lost_trial_does_not_leave_the_instance_stuck() -> None:
     clock = Clock()
     book = HealthBook(clock=clock, trial_timeout=5)
     records = _records("a")
-    book.failed("a", fatal=True)
+    book.failed("svc", "a", fatal=True)
     clock.now += 1.01
-    book.started("a")  # the trial request is cancelled and never reports
-    assert book.usable(records) == []
+    book.started("svc", "a")  # the trial request is cancelled and never reports
+    assert book.usable("svc", records) == []
     clock.now += 5.1
-    assert _ids(book.usable(records)) == ["a"]
+    assert _ids(book.usable("svc", records)) == ["a"]
 
 
 def test_active_checks_mark_down_and_readmit() -> None:
     clock = Clock()
     book = HealthBook(clock=clock)
     records = _records("a", "b")
-    book.active_result("a", False, fall=2, rise=2)
-    assert _ids(book.usable(records)) == ["a", "b"]
-    book.active_result("a", False, fall=2, rise=2)
-    assert _ids(book.usable(records)) == ["b"]
-    book.failed("b", fatal=True)  # passively ejected too
-    book.active_result("b", True, fall=2, rise=2)
-    book.active_result("b", True, fall=2, rise=2)  # healthy again: re-admitted at once
-    book.active_result("a", True, fall=2, rise=2)
-    book.active_result("a", True, fall=2, rise=2)
-    assert _ids(book.usable(records)) == ["a", "b"]
+    a, b = _records("a", "b", health_path="/health")
+    book.active_result(a, False, fall=2, rise=2)
+    assert _ids(book.usable("svc", records)) == ["a", "b"]
+    book.active_result(a, False, fall=2, rise=2)
+    assert _ids(book.usable("svc", records)) == ["b"]
+    book.failed("svc", "b", fatal=True)  # passively ejected too
+    book.active_result(b, True, fall=2, rise=2)
+    book.active_result(b, True, fall=2, rise=2)  # healthy again: re-admitted at once
+    book.active_result(a, True, fall=2, rise=2)
+    book.active_result(a, True, fall=2, rise=2)
+    assert _ids(book.usable("svc", records)) == ["a", "b"]
 
 
 def test_forget_drops_departed_instances() -> None:
     book = HealthBook()
-    book.failed("gone", fatal=True)
-    book.forget(["other"])
-    assert not book.is_ejected("gone")
+    book.failed("svc", "gone", fatal=True)
+    book.forget(_records("other"))
+    assert not book.is_ejected("svc", "gone")
+
+
+def test_instances_of_two_services_with_one_id_are_judged_apart() -> None:
+    # Native heartbeats let a backend choose its id: two teams may both say "worker-1".
+    book = HealthBook()
+    alpha, beta = _records("worker-1", service="alpha"), _records("worker-1", service="beta")
+    book.failed("alpha", "worker-1", fatal=True)
+    assert book.usable("alpha", alpha) == []
+    assert book.usable("beta", beta) == beta
+    assert not book.is_ejected("beta", "worker-1")
+    (checked,) = _records("worker-1", service="beta", health_path="/health")
+    book.active_result(checked, False, fall=1, rise=1)
+    assert book.is_ejected("beta", "worker-1")
+    book.forget(beta, [checked])  # alpha's instance is gone: only its state goes
+    assert book.is_ejected("beta", "worker-1")
+    assert book.usable("alpha", alpha) == alpha
+
+
+def test_an_instance_no_longer_checked_is_not_left_marked_down() -> None:
+    book = HealthBook()
+    (checked,) = _records("a", health_path="/health")
+    book.active_result(checked, False, fall=2, rise=2)
+    book.active_result(checked, False, fall=2, rise=2)
+    assert book.usable("svc", [checked]) == []
+    book.forget([checked], [checked])  # still checked at that path: still down
+    assert book.usable("svc", [checked]) == []
+    # It heartbeats without a health path now: no check will ever pass again.
+    (unchecked,) = _records("a")
+    book.forget([unchecked], [])
+    assert book.usable("svc", [unchecked]) == [unchecked]
+
+
+def test_a_changed_health_path_starts_the_count_over() -> None:
+    book = HealthBook()
+    (old,) = _records("a", health_path="/old")
+    (new,) = _records("a", health_path="/new")
+    for _ in range(2):
+        book.active_result(old, False, fall=2, rise=2)
+    assert book.is_ejected("svc", "a")
+    book.forget([new], [new])
+    assert not book.is_ejected("svc", "a")
+    book.active_result(old, False, fall=2, rise=2)  # a result of the old path, late
+    book.active_result(new, False, fall=2, rise=2)  # one failure at the new path: not yet
+    assert not book.is_ejected("svc", "a")

@@ -122,9 +122,9 @@ class Attempts(Tries):
         ok = status < 500
         strategy.finished(endpoint, elapsed, ok)
         if ok:
-            self.book.succeeded(endpoint.instance_id)
+            self.book.succeeded(self.service, endpoint.instance_id)
         else:
-            self.book.failed(endpoint.instance_id, fatal=False)
+            self.book.failed(self.service, endpoint.instance_id, fatal=False)
         return elapsed
 
     def failed(self, exc: UpstreamError) -> None:

@@ -89,8 +89,8 @@ class Proxy:
             if service not in self.view.services():
                 raise UnknownService(f"no service named {quoted(service)} is registered")
             raise NoHealthyInstance(f"no live instance of {quoted(service)}")
-        usable = self.book.usable(records)
-        endpoints = select_version([self.policy.endpoint(r) for r in usable], version)
+        usable = self.book.usable(service, records)
+        endpoints = select_version(self.policy.endpoints(service, usable), version)
         if not endpoints:
             raise NoHealthyInstance(f"no healthy instance of {quoted(service)}" + (
                 f" at version {quoted(version)}" if version else ""))  # fmt: skip

@@ -57,7 +57,8 @@ class ActiveChecker:
         self.timeout = timeout
         self.client = httpx.AsyncClient(timeout=timeout)
         self._limit = asyncio.Semaphore(32)
-        self._unchecked: set[str] = set()  # instances whose check could not be made (logged)
+        # (service, instance id) of the instances whose check could not be made (logged).
+        self._unchecked: set[tuple[str, str]] = set()
         self._round_failed = False
 
     async def run(self) -> None:
@@ -74,13 +75,13 @@ class ActiveChecker:
 
     async def check_all(self) -> None:
         live = [r for service in self.view.services() for r in self.view.instances(service)]
-        self.book.forget(r.instance_id for r in live)
-        self._unchecked.intersection_update(r.instance_id for r in live)
+        self._unchecked.intersection_update((r.service, r.instance_id) for r in live)
         checked = [r for r in live if r.kind in ("http", "ws") and r.health_path and r.address]
+        self.book.forget(live, checked)  # (an instance no longer checked: its verdict too)
         await asyncio.gather(*(self._check(r) for r in checked))
 
     async def _check(self, record: InstanceRecord) -> None:
-        instance_id = record.instance_id
+        key = (record.service, record.instance_id)
         url = f"http://{record.address}{record.health_path}"
         async with self._limit:
             try:
@@ -91,16 +92,17 @@ class ActiveChecker:
                         ok = response.status_code < 400  # (closing drops the body unread)
             except (httpx.HTTPError, TimeoutError):
                 ok = False
-                self._unchecked.discard(instance_id)
+                self._unchecked.discard(key)
             except Exception as exc:  # the check could not be made: the instance's fault
                 ok = False
-                if instance_id not in self._unchecked:
-                    self._unchecked.add(instance_id)
-                    fields = {"instance": instance_id, "error": repr(exc)[:200]}
+                if key not in self._unchecked:
+                    self._unchecked.add(key)
+                    fields = {"service": record.service, "instance": record.instance_id,
+                              "error": repr(exc)[:200]}  # fmt: skip
                     log.warning("health check could not be made", extra={"fields": fields})
             else:
-                self._unchecked.discard(instance_id)
-        self.book.active_result(instance_id, ok, fall=self.fall, rise=self.rise)
+                self._unchecked.discard(key)
+        self.book.active_result(record, ok, fall=self.fall, rise=self.rise)
 
     async def close(self) -> None:
         await self.client.aclose()
