@@ -7,7 +7,11 @@ and `leases` (holding calls: what the redelivery reaper looks at), and refreshes
 its JSON record. A draining instance heartbeats with `accepting=False`: it leaves
 `instances` at once but keeps its lease until its in-flight calls are answered.
 An instance whose lease has ended is dead, whether or not anyone has cleaned up
-after it yet.
+after it yet. Cleaning up: a heartbeat prunes its own service's dead instances, and
+the resync of every `RegistryView` prunes (`snapshot(prune_after=...)`) those of every
+service whose lease ended `prune_after` ago, then takes a service with no instance left
+out of `sb:services` (`forget_services`): what departed leaves nothing behind in Redis,
+and a resync's cost follows the services that exist, not every name ever seen.
 "Now" is always Redis's clock (`TIME` inside the scripts), so machines with
 skewed clocks agree on who is alive.
 
@@ -25,7 +29,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -64,13 +68,38 @@ return dead
 # by this many TTLs, then expires: nobody else may serve those calls.
 _DIRECT_STREAM_TTLS = 10
 
-# KEYS: instances zset. Returns [now_ms, id, lease end ms, id, lease end ms, ...].
-_LIVE_WITH_LEASES = """
+# KEYS: instances zset, leases zset, records hash. ARGV: prune ms (0: prune nothing).
+# With a prune time, first removes the instances whose lease ended longer ago than
+# that (a record goes with its lease) and, when no instance is left at all, the
+# records hash (orphans only: a heartbeat writes lease and record together).
+# Returns {now_ms, empty (1: the service has no instance left, 0 also when not
+# pruning), pruned ids, {id, lease end ms, ...} of the accepting instances, records}.
+_SNAPSHOT = """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local out = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now_ms, '+inf', 'WITHSCORES')
-table.insert(out, 1, now_ms)
-return out
+local prune_ms = tonumber(ARGV[1])
+local pruned, empty = {}, 0
+if prune_ms > 0 then
+  local cutoff = now_ms - prune_ms
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
+  pruned = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)
+  if #pruned > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
+    for i = 1, #pruned, 1000 do
+      redis.call('HDEL', KEYS[3], unpack(pruned, i, math.min(i + 999, #pruned)))
+    end
+  end
+  if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('EXISTS', KEYS[2]) == 0 then
+    redis.call('DEL', KEYS[3])
+    empty = 1
+  end
+end
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now_ms, '+inf', 'WITHSCORES')
+local records = {}
+for i = 1, #live, 2 do
+  records[#records + 1] = redis.call('HGET', KEYS[3], live[i])
+end
+return {now_ms, empty, pruned, live, records}
 """
 
 # KEYS: instances zset. Returns [now_ms, live ids...].
@@ -126,6 +155,16 @@ class InstanceRecord:
         return cls(**known)
 
 
+@dataclass(slots=True)
+class ServiceSnapshot:
+    """One service as `Registry.snapshot` read it: Redis's clock (epoch s) and each
+    accepting instance with its lease end (epoch s)."""
+
+    now: float
+    leases: list[tuple[InstanceRecord, float]]
+    empty: bool = False  # pruned, and no instance left at all (not even a draining one)
+
+
 class Registry:
     """Instance liveness and the service catalog, over one Redis client."""
 
@@ -134,7 +173,7 @@ class Registry:
         self.ttl_ms = int(ttl * 1000)
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._live = redis.register_script(_LIVE)
-        self._live_with_leases = redis.register_script(_LIVE_WITH_LEASES)
+        self._snapshot = redis.register_script(_SNAPSHOT)
 
     async def heartbeat(self, record: InstanceRecord, *, accepting: bool = True) -> None:
         """Extend `record`'s lease by the TTL (and prune instances whose lease ended).
@@ -179,22 +218,84 @@ class Registry:
 
     async def leases(self, service: str) -> tuple[float, list[tuple[InstanceRecord, float]]]:
         """Redis's clock (epoch s) and each accepting instance with its lease end (epoch s)."""
-        flat = await self._live_with_leases(keys=[constants.instances_key(service)])
-        now = int(flat[0]) / 1000
-        ids = [as_text(i) for i in flat[1::2]]
-        ends = [float(s) / 1000 for s in flat[2::2]]
-        if not ids:
-            return now, []
-        raws = await self.redis.hmget(constants.instance_record_key(service), ids)
-        out = [
-            (InstanceRecord.from_json(raw), end) for raw, end in zip(raws, ends, strict=True) if raw
-        ]
-        return now, out
+        found = (await self.snapshot([service]))[service]
+        return found.now, found.leases
+
+    async def snapshot(
+        self, services: Iterable[str], *, prune_after: float | None = None
+    ) -> dict[str, ServiceSnapshot]:
+        """`leases` of many services in one round trip (one script each, pipelined).
+
+        With `prune_after` (seconds), also removes from Redis each instance whose lease
+        ended longer ago than that (a "down" event each) and says which services have no
+        instance left (`ServiceSnapshot.empty`: see `forget_services`).
+        """
+        names = sorted(services)
+        if not names:
+            return {}
+        prune_ms = max(int(prune_after * 1000), 1) if prune_after is not None else 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                keys = [
+                    constants.instances_key(name),
+                    constants.leases_key(name),
+                    constants.instance_record_key(name),
+                ]
+                await self._snapshot(keys=keys, args=[prune_ms], client=pipe)
+            results = await pipe.execute()
+        out: dict[str, ServiceSnapshot] = {}
+        pruned: list[tuple[str, str]] = []
+        for name, (now_ms, is_empty, gone, live, raws) in zip(names, results, strict=True):
+            ends = [float(end) / 1000 for end in live[1::2]]
+            leases = [
+                (InstanceRecord.from_json(raw), end)
+                for raw, end in zip(raws, ends, strict=True)
+                if raw
+            ]
+            out[name] = ServiceSnapshot(int(now_ms) / 1000, leases, bool(is_empty))
+            pruned += [(name, as_text(i)) for i in gone]
+        if pruned:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name, instance_id in pruned:
+                    pipe.publish(constants.REGISTRY_EVENTS, _event("down", name, instance_id))
+                await pipe.execute()
+        return out
+
+    async def forget_services(self, services: Collection[str]) -> None:
+        """Take services that have no instance left out of `sb:services`.
+
+        The set lives in another cluster slot than a service's keys, so this cannot be
+        one script with the check that the service is empty. Instead: remove, then look
+        again (after the removal has been answered: in a cluster, one pipeline to two
+        nodes has no order), and put back any service an instance registered with
+        meanwhile. Its heartbeat added it itself if it came after the removal, and the
+        second look sees it if it came before: a registration is never lost.
+        """
+        names = sorted(services)
+        if not names:
+            return
+        await self.redis.srem(constants.SERVICES, *names)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.exists(constants.leases_key(name))
+            present = await pipe.execute()
+        back = [name for name, found in zip(names, present, strict=True) if found]
+        if back:
+            await self.redis.sadd(constants.SERVICES, *back)
 
     async def service_names(self) -> set[str]:
-        """Every service that ever registered an instance or published a catalog."""
-        names = {as_text(n) for n in await self.redis.smembers(constants.SERVICES)}
-        return names | {as_text(n) for n in await self.redis.hkeys(constants.CATALOG)}
+        """Every service with instances (live, or gone but not yet pruned) or a catalog."""
+        registered, cataloged = await self.names()
+        return registered | cataloged
+
+    async def names(self) -> tuple[set[str], set[str]]:
+        """The services of `sb:services` (with instances, live or not yet pruned) and
+        those of the catalog, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.smembers(constants.SERVICES)
+            pipe.hkeys(constants.CATALOG)
+            members, keys = await pipe.execute()
+        return {as_text(n) for n in members}, {as_text(n) for n in keys}
 
     async def live_ids(self, service: str) -> list[str]:
         """Ids of the instances of `service` whose lease has not ended."""

@@ -28,6 +28,16 @@ that resync keeps every instance it last saw for `recovery_grace` more seconds
 (one heartbeat lease): routing goes on across the outage's end instead of
 answering 503 until each instance's next heartbeat. One that died meanwhile is
 gone when its grace ends, or ejected by the health checks before.
+
+Each full resync reads every service in one round trip (a script per service,
+pipelined), and prunes what departed: an instance whose lease ended `prune_after`
+(30 s) ago is removed from Redis with its record, and a service left with no instance
+leaves `sb:services` (`Registry.snapshot`, `Registry.forget_services`), then this view;
+with the catalog's services, those are the names a resync reads. It prunes only after
+`prune_after` in touch with Redis, so never what an outage alone kept from
+heartbeating. A service whose last instance left is answered as registered with no
+live instance (503) until it is pruned, then as unknown (404); a heartbeat brings it
+back at once.
 """
 
 from __future__ import annotations
@@ -45,22 +55,31 @@ from common.aio import cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_ERRORS
 from common.log import get_logger
 from common.outage import Outage
-from common.registry import InstanceRecord, Registry, split_service_tag
+from common.registry import InstanceRecord, Registry, ServiceSnapshot, split_service_tag
 from common.subscription import follow
 
 log = get_logger("switchboard.registry")
 
 Listener = Callable[[str], None]
 
+# Ten leases of the default TTL: long dead, and long past any outage's grace.
+PRUNE_AFTER = 30.0
+
 
 class RegistryView:
     """Live instances per service, in memory, current from events plus resync."""
 
     def __init__(
-        self, redis: aioredis.Redis, *, resync_interval: float = 1.0, recovery_grace: float = 3.0
+        self,
+        redis: aioredis.Redis,
+        *,
+        resync_interval: float = 1.0,
+        recovery_grace: float = 3.0,
+        prune_after: float = PRUNE_AFTER,
     ) -> None:
         """`recovery_grace`: one heartbeat lease (`HEARTBEAT_TTL`), the time the instances
-        last seen are kept after an outage (the module docstring)."""
+        last seen are kept after an outage; `prune_after`: how long after its lease ended
+        a departed instance is removed from Redis (the module docstring)."""
         self.redis = redis
         self.registry = Registry(redis)
         self.resync_interval = resync_interval
@@ -72,6 +91,8 @@ class RegistryView:
         self._tasks: list[asyncio.Task[None]] = []
         self._synced = asyncio.Event()
         self._last_sync = math.inf  # time.time() of the last full resync (none yet)
+        self.prune_after = prune_after
+        self._in_touch_since = math.inf  # the first full resync since the last outage
         self._outage = Outage(
             log, "registry resync failed: routing on the instances last seen", "registry resynced"
         )
@@ -128,24 +149,42 @@ class RegistryView:
     async def refresh(self, service: str | None = None) -> None:
         """Reload one service (or all) from Redis now."""
         started = time.time()
-        names = [service] if service else await self.registry.service_names()
+        if service is not None:
+            found = await self.registry.snapshot([service])
+            self._store(service, found[service], None)
+            return
+        registered, cataloged = await self.registry.names()
         # Out of touch until now: the leases last seen are kept a grace longer.
-        recovering = service is None and started > self._last_sync + self.stale_after
-        if recovering:
-            names = sorted({*names, *self._view})
-        for name in names:
-            redis_now, leases = await self.registry.leases(name)
-            offset = time.time() - redis_now
-            fresh = {record.instance_id: (record, end + offset) for record, end in leases}
-            if recovering:
-                grace_end = started + self.recovery_grace
-                for instance_id, (record, _) in self._view.get(name, {}).items():
-                    current, end = fresh.get(instance_id, (record, -math.inf))
-                    fresh[instance_id] = (current, max(end, grace_end))
-            self._view[name] = fresh
+        recovering = started > self._last_sync + self.stale_after
+        grace_end = started + self.recovery_grace if recovering else None
+        # Also every name the view holds instances of: one just forgotten is read once more.
+        names = registered | cataloged | {name for name, entries in self._view.items() if entries}
+        in_touch = not recovering and started - self._in_touch_since >= self.prune_after
+        found = await self.registry.snapshot(
+            names, prune_after=self.prune_after if in_touch else None
+        )
+        for name, snapshot in found.items():
+            if snapshot.leases or name in registered or name in cataloged or grace_end:
+                self._store(name, snapshot, grace_end)
+            elif self._view.pop(name, None) is not None:
+                self._notify(name)
+        for name in [name for name in self._view if name not in found]:
+            del self._view[name]
             self._notify(name)
-        if service is None:
-            self._last_sync = started
+        await self.registry.forget_services([n for n in registered if found[n].empty])
+        if recovering or self._in_touch_since > started:
+            self._in_touch_since = started
+        self._last_sync = started
+
+    def _store(self, name: str, snapshot: ServiceSnapshot, grace_end: float | None) -> None:
+        offset = time.time() - snapshot.now
+        fresh = {record.instance_id: (record, end + offset) for record, end in snapshot.leases}
+        if grace_end is not None:
+            for instance_id, (record, _) in self._view.get(name, {}).items():
+                current, end = fresh.get(instance_id, (record, -math.inf))
+                fresh[instance_id] = (current, max(end, grace_end))
+        self._view[name] = fresh
+        self._notify(name)
 
     def _notify(self, service: str) -> None:
         for listener in self._listeners:

@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from common import constants
 from common.embedded_redis import EmbeddedRedis
 from common.registry import InstanceRecord, Registry
 from common.registry_view import RegistryView
 from tests.helpers import wait_for_async
+
+_SERVICE_KEYS = (constants.instances_key, constants.leases_key, constants.instance_record_key)
 
 
 @pytest.fixture
@@ -72,8 +75,6 @@ async def test_resync_repairs_what_events_missed(redis_client: aioredis.Redis) -
     service = f"web_{uuid.uuid4().hex[:6]}"
     record = _record(service, 1)
     # Written behind the view's back: no event at all.
-    from common import constants
-
     await redis_client.zadd(
         constants.instances_key(service), {record.instance_id: (time.time() + 30) * 1000}
     )
@@ -118,3 +119,45 @@ async def test_a_redis_outage_keeps_the_instances_last_seen(tmp_path: Path) -> N
         await view.close()
         await client.aclose()
         server.stop()
+
+
+async def test_departed_instances_and_services_are_pruned(redis_client: aioredis.Redis) -> None:
+    # Many services, each heartbeated once, then never again: their records, keys and
+    # names must go, or every resync of every gateway reads them forever.
+    tag = uuid.uuid4().hex[:6]
+    names = {f"gone{tag}_{n}" for n in range(300)}
+    registry = Registry(redis_client, ttl=0.2)
+    for name in names:
+        await registry.heartbeat(_record(name, 1))
+    keys = [key(name) for name in names for key in _SERVICE_KEYS]
+    assert await redis_client.exists(*keys) == 3 * len(names)
+    view = RegistryView(redis_client, resync_interval=0.1, prune_after=0.3)
+    await view.start()
+    try:
+
+        async def pruned() -> bool:
+            members = {m.decode() for m in await redis_client.smembers(constants.SERVICES)}
+            left = await redis_client.exists(*keys)
+            return not names & members and left == 0 and not names & set(view.services())
+
+        await wait_for_async(pruned, timeout=10)
+        # A service that heartbeats again afterwards is routed to again.
+        back = _record(min(names), 2)
+        await Registry(redis_client, ttl=30).heartbeat(back)
+        await wait_for_async(lambda: _has(view, back.service, {back.instance_id}), timeout=5)
+        assert await redis_client.sismember(constants.SERVICES, back.service)
+    finally:
+        await view.close()
+
+
+async def test_a_service_forgotten_while_an_instance_registers_is_kept(
+    redis_client: aioredis.Redis,
+) -> None:
+    # The resync found the service empty, and an instance registered before the name was
+    # removed from sb:services (its heartbeat added the name before the removal): the
+    # second look puts it back, so the registration is not lost.
+    service = f"back_{uuid.uuid4().hex[:6]}"
+    registry = Registry(redis_client, ttl=30)
+    await registry.heartbeat(_record(service, 1))
+    await registry.forget_services([service, f"{service}_empty"])
+    assert await redis_client.sismember(constants.SERVICES, service)
