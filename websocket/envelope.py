@@ -15,22 +15,32 @@ the connection:
     every instance failed to connect   {"ret": 1, "flag": 1, "result": "model unavailable"}
     the upstream died mid-stream       {"ret": 1, "flag": 1, "result": "upstream connection lost"}
 
+A client that leaves mid-stream (a close frame, its socket closed, or Sanic
+cancelling the handler) ends that stream: the upstream gets a close 1001 "client
+went away", frames still coming are dropped until its close answers, and whatever
+is not closed within `CLOSE_TIMEOUT` (the splice's, 2 s) is aborted.
+
 A request holding a lone surrogate escape (`"\\ud800"`) is not JSON, as everywhere
 (`common.codec.parse_json`); an upstream's frame is relayed whatever it holds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
 from typing import TYPE_CHECKING, Any
 
 from sanic.server.websockets.impl import WebsocketImplProtocol
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import CLOSED
 
 from common.codec import parse_json
+from websocket.connections import GOING_AWAY, NORMAL_CLOSURE
 from websocket.errors import log_refused_message
+from websocket.splice import CLOSE_TIMEOUT, GONE
 from websocket.upstreams import KINDS, NoUpstream, Upstreams
 
 if TYPE_CHECKING:
@@ -108,8 +118,45 @@ async def serve_one(
         await ws.send(failure(LOST))
     finally:
         upstreams.finished(service, endpoint, time.monotonic() - started, ok)
-        with contextlib.suppress(Exception):
-            await upstream.close()
+        if ok:
+            await close_upstream(upstream, NORMAL_CLOSURE, "")
+        else:  # the client left (or the upstream died: then there is nothing to close)
+            await close_upstream(upstream, GOING_AWAY, GONE)
+
+
+async def close_upstream(upstream: ClientConnection, code: int, reason: str) -> None:
+    """Close `upstream` with `code`, aborting it if that takes over `CLOSE_TIMEOUT` or fails.
+
+    The closing runs on when the caller is cancelled: Sanic cancels the handler as soon
+    as its client's connection is lost, often while the close handshake is under way.
+    """
+    closing = asyncio.ensure_future(_close(upstream, code, reason))
+    _closing.add(closing)
+    closing.add_done_callback(_closing.discard)
+    await asyncio.shield(closing)
+
+
+_closing: set[asyncio.Task[None]] = set()  # closes under way (the loop keeps weak references)
+
+
+async def _close(upstream: ClientConnection, code: int, reason: str) -> None:
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            # Reading stays paused while unread frames fill the queue, and the upstream's
+            # close comes after them: drop them, or the handshake cannot finish.
+            await asyncio.gather(upstream.close(code, reason), _discard(upstream))
+    except Exception:  # timed out or failed: aborted below
+        pass
+    finally:
+        if upstream.state is not CLOSED:
+            upstream.transport.abort()
+
+
+async def _discard(upstream: ClientConnection) -> None:
+    """Read and drop what `upstream` sends until its connection closes."""
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            await upstream.recv(decode=False)
 
 
 def _last(frame: str | bytes) -> bool:
