@@ -240,6 +240,12 @@ class Settings:
     ws_max_calls_in_flight: int = field(default=32, metadata=_env("WS_MAX_CALLS_IN_FLIGHT", _COUNT))
     # How long SIGTERM waits for clients to acknowledge the 1001 close.
     ws_drain_timeout: float = field(default=5.0, metadata=_env("WS_DRAIN_TIMEOUT", _SECONDS))
+    # A relayed connection (`websocket.splice`) one end of which has read nothing of what
+    # it was sent for this long, while the other end waits on it, is cut (nginx's
+    # proxy_send_timeout and send_timeout, 60 s by default).
+    ws_relay_send_timeout: float = field(
+        default=60.0, metadata=_env("WS_RELAY_SEND_TIMEOUT", _SECONDS)
+    )
 
     # iptv: how often the worker checks which programme is on air, to publish changes.
     iptv_now_interval: float = field(default=15.0, metadata=_env("IPTV_NOW_INTERVAL", _SECONDS))

@@ -25,7 +25,8 @@ Close codes used by the service (design §7; tested in tests/websocket):
           end to end)
     1013  try again later: the send queue overflowed (slow consumer), or the
           connection cap was reached after the handshake
-    1014  bad gateway: the upstream could not be reached or died mid-stream
+    1014  bad gateway: the upstream could not be reached, died mid-stream or (on a
+          spliced relay) stopped reading for WS_RELAY_SEND_TIMEOUT
 """
 
 from __future__ import annotations

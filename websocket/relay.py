@@ -12,9 +12,11 @@ frames, pings and close frames pass as they are, both ways, with end-to-end
 backpressure; close codes and reasons pass through; an upstream that dies
 closes the client with 1014 "upstream connection lost"; a client that vanishes
 closes the upstream with 1001. Messages from the client over WS_MAX_MESSAGE_BYTES
-close it with 1009 (messages from the upstream are not limited). The service logs
-the 1014s and 1009s it sends (`log_close`), not the close codes it relays from the
-upstream: those are the application's. When the splice cannot take over safely
+close it with 1009 (messages from the upstream are not limited). An end that stops
+reading for WS_RELAY_SEND_TIMEOUT is cut (`websocket.splice`, "Stalls"). The service
+logs the 1014s and 1009s it sends (`log_close`), and a client cut for not reading
+(as 1006: it gets no close frame), not the close codes it relays from the upstream:
+those are the application's. When the splice cannot take over safely
 (say, the client sent a close frame while the upstream was being connected), two
 pumps relay frame by frame as below, with the same endings.
 
@@ -38,7 +40,7 @@ from websockets.protocol import CLOSED, CLOSING
 from common.balancing.sticky import balance_key
 from websocket.connections import BAD_GATEWAY, GOING_AWAY, MESSAGE_TOO_BIG
 from websocket.errors import log_close
-from websocket.splice import GONE, UPSTREAM_LOST, Splice
+from websocket.splice import CLIENT_STALLED, GONE, UPSTREAM_LOST, UPSTREAM_STALLED, Splice
 from websocket.tap import untap
 from websocket.upstreams import NoUpstream
 
@@ -47,6 +49,8 @@ if TYPE_CHECKING:
 
 # Sanic hands the path decoded: encode it again for the upstream URL.
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
+# What a connection ended without a close frame is logged with (RFC 6455 §7.1.5).
+ABNORMAL_CLOSURE = 1006
 # Codes a peer may not put in a close frame (RFC 6455 §7.4.1): passed on as 1000.
 _RESERVED = frozenset({1005, 1006, 1015})
 
@@ -73,7 +77,8 @@ async def proxy_endpoint(
         return
     ok = False
     try:
-        splice = Splice.take_over(ws, upstream, upstreams.max_size)
+        send_timeout = request.app.ctx.settings.ws_relay_send_timeout
+        splice = Splice.take_over(ws, upstream, upstreams.max_size, send_timeout)
         if splice is None:
             ending = await relay(ws, upstream)
             ok = ending is not Ending.UPSTREAM_LOST
@@ -84,6 +89,10 @@ async def proxy_endpoint(
             ok = await splice.run()
             if splice.refused is not None:
                 log_close(request.path, MESSAGE_TOO_BIG, splice.refused)
+            elif splice.stalled_end == CLIENT_STALLED:
+                log_close(request.path, ABNORMAL_CLOSURE, CLIENT_STALLED)  # aborted: no frame
+            elif splice.stalled_end == UPSTREAM_STALLED:
+                log_close(request.path, BAD_GATEWAY, UPSTREAM_STALLED)
             elif not ok:
                 log_close(request.path, BAD_GATEWAY, UPSTREAM_LOST)
     finally:

@@ -44,6 +44,17 @@ Backpressure: a leg whose socket's write buffer is over its high-water mark
 (`pause_writing`) stops reading the other socket until it drains, so a slow
 reader never grows a buffer in this process beyond a socket read.
 
+Stalls: while the other socket is paused, nothing it does is seen, not even its
+end (a paused transport reads no EOF, and a FIN waits behind the data the
+service does not read). So an end that reads none of what it was sent for
+`send_timeout` (WS_RELAY_SEND_TIMEOUT, 60 s: nginx's proxy_send_timeout and
+send_timeout) while its write buffer is over the mark is aborted (a close frame
+would wait behind what it does not read), and the other end is told as if it
+had vanished: the client gets 1014 "upstream stopped reading", the upstream a
+masked 1001 "client went away"; then the usual closing, bounded by
+`CLOSE_TIMEOUT`. Any byte it reads starts the wait again, so a slow reader is
+not cut, only one that stopped; the timer exists only while a leg is paused.
+
 Hot path: `_Leg.data_received` (one write per socket read; a read of exactly one small
 frame, the usual case, is checked inline; otherwise one header walk per frame).
 """
@@ -64,6 +75,8 @@ from websocket.tap import TapClientConnection, TapServerProtocol, untap
 CLOSE_TIMEOUT = 2.0  # seconds from the start of a closing to aborting what is left
 GONE = "client went away"  # the reason of the 1001 an upstream gets when its client left
 UPSTREAM_LOST = "upstream connection lost"  # the reason of the 1014 when the upstream died
+UPSTREAM_STALLED = "upstream stopped reading"  # the reason of the 1014 when it stopped reading
+CLIENT_STALLED = "client stopped reading"  # why a client was aborted (logged, see `stalled`)
 
 
 def server_close(code: int, reason: str) -> bytes:
@@ -80,7 +93,8 @@ class _Leg(asyncio.Protocol):
     """One end of the splice: reads its socket, writes to the other end's."""
 
     __slots__ = ("close_seen", "closed_to", "ended", "forwarding", "head", "limit", "lost",
-                 "message", "peer", "pending", "skip", "splice", "transport")  # fmt: skip
+                 "message", "peer", "pending", "skip", "splice", "stall", "transport",
+                 "unsent")  # fmt: skip
 
     def __init__(self, splice: Splice, transport: asyncio.Transport, limit: int | None) -> None:
         self.splice = splice
@@ -96,6 +110,8 @@ class _Leg(asyncio.Protocol):
         self.closed_to = False  # a close frame was written to this end
         self.ended = False  # no more reading or writing: EOF, closing or lost
         self.lost = False  # connection_lost was called
+        self.stall: asyncio.TimerHandle | None = None  # while paused: `_stalled`, if no progress
+        self.unsent = 0  # the write buffer's size when `stall` was set
 
     def data_received(self, data: bytes) -> None:
         """Forward `data` to the other end. Hot path."""
@@ -202,10 +218,28 @@ class _Leg(asyncio.Protocol):
     def pause_writing(self) -> None:
         if not self.peer.ended:
             self.peer.transport.pause_reading()
+            self._watch()
 
     def resume_writing(self) -> None:
+        if self.stall is not None:
+            self.stall.cancel()
+            self.stall = None
         if not self.peer.ended:
             self.peer.transport.resume_reading()
+
+    def _watch(self) -> None:
+        """Check in `send_timeout` that this end has read some of what waits for it."""
+        self.unsent = self.transport.get_write_buffer_size()
+        self.stall = asyncio.get_running_loop().call_later(self.splice.send_timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        self.stall = None
+        if self.ended:  # closing: bounded by CLOSE_TIMEOUT
+            return
+        if self.transport.get_write_buffer_size() < self.unsent:  # it reads, slowly
+            self._watch()
+            return
+        self.splice.stalled(self)
 
     def eof_received(self) -> bool:
         self.end()
@@ -213,6 +247,9 @@ class _Leg(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self.stall is not None:
+            self.stall.cancel()
+            self.stall = None
         self.end()
 
     def end(self) -> None:
@@ -242,21 +279,31 @@ class Splice:
         client: asyncio.Transport,
         upstream: asyncio.Transport,
         max_size: int | None,
+        send_timeout: float,
     ) -> None:
         self._sanic = sanic
+        self.send_timeout = send_timeout  # see "Stalls" in the module docstring
         self.client = _Leg(self, client, max_size)
         self.upstream = _Leg(self, upstream, None)
         self.client.peer, self.upstream.peer = self.upstream, self.client
         self.upstream_died = False
         self.refused: str | None = None  # why the client was closed with 1009, if it was
+        self.stalled_end: str | None = None  # UPSTREAM_STALLED or CLIENT_STALLED, if one was
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._timer: asyncio.TimerHandle | None = None
 
     @classmethod
     def take_over(
-        cls, ws: WebsocketImplProtocol, upstream: ClientConnection, max_size: int | None
+        cls,
+        ws: WebsocketImplProtocol,
+        upstream: ClientConnection,
+        max_size: int | None,
+        send_timeout: float,
     ) -> Splice | None:
-        """Splice `ws` to `upstream`, or None when it cannot be done safely (relay as before)."""
+        """Splice `ws` to `upstream`, or None when it cannot be done safely (relay as before).
+
+        `max_size`: the largest message from the client; `send_timeout`: see "Stalls" in
+        the module docstring."""
         sanic = ws.io_proto
         if not isinstance(sanic, TapServerProtocol) or not isinstance(
             upstream, TapClientConnection
@@ -281,7 +328,7 @@ class Splice:
             ws.keepalive_ping_task.cancel()
             ws.keepalive_ping_task = None
         ws.ws_proto.state = CLOSED  # Sanic's own close, after the handler, writes nothing
-        splice = cls(sanic, client, server, max_size)
+        splice = cls(sanic, client, server, max_size, send_timeout)
         client.set_protocol(splice.client)
         server.set_protocol(splice.upstream)
         early = bytes(sanic.recv_buffer) + sanic.release()
@@ -319,6 +366,12 @@ class Splice:
                 leg.ended = True
                 leg.transport.abort()
 
+    def stalled(self, leg: _Leg) -> None:
+        """`leg`'s end read nothing for `send_timeout` while the other end waited on it:
+        abort it; its `connection_lost` tells the other end (`ended`)."""
+        self.stalled_end = UPSTREAM_STALLED if leg is self.upstream else CLIENT_STALLED
+        leg.transport.abort()
+
     def ended(self, leg: _Leg) -> None:
         """`leg`'s connection ended: tell the other end, if it was not told yet."""
         other = leg.peer
@@ -326,7 +379,8 @@ class Splice:
             self.upstream_died = not (leg.close_seen or leg.closed_to or other.ended)
         if not other.ended and not other.closed_to:
             if leg is self.upstream:
-                frame = leg.pending or server_close(BAD_GATEWAY, UPSTREAM_LOST)
+                lost = UPSTREAM_STALLED if self.stalled_end == UPSTREAM_STALLED else UPSTREAM_LOST
+                frame = leg.pending or server_close(BAD_GATEWAY, lost)
             else:
                 frame = leg.pending or client_close(GOING_AWAY, GONE)
             leg.pending = None
