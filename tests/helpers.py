@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ import psutil
 import redis
 import redis.asyncio as aioredis
 
+from common import tokens
 from common.apikeys import new_key, record_key, user_keys_key
 from common.embedded_redis import free_port
 from common.errors import Unauthorized
@@ -85,6 +87,22 @@ def issue_api_key(
     finally:
         client.close()
     return text
+
+
+def issue_user_token(url: str, subject: str, name: str) -> str:
+    """A bearer JWT (scopes `*`, 10 minutes) signed with the current key of the keyring
+    in Redis at `url`, as the auth service would issue it."""
+
+    async def issue() -> str:
+        client = aioredis.Redis.from_url(url)
+        try:
+            key = await tokens.Keyring(client).current()
+        finally:
+            await client.aclose()
+        return tokens.issue(key, subject=subject, name=name, roles=["user"], scopes=["*"],
+                            session_id=uuid.uuid4().hex, ttl=600)  # fmt: skip
+
+    return asyncio.run(issue())
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:

@@ -16,24 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 
-from common import tokens
 from common.embedded_redis import EmbeddedRedis
-from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
+from tests.helpers import ServiceProcess, free_port, issue_api_key, issue_user_token, wait_for
 from tests.support.policy import update_document
 
 pytestmark = pytest.mark.timeout(180)
-
-
-async def _token(url: str) -> str:
-    client = aioredis.Redis.from_url(url)
-    try:
-        key = await tokens.Keyring(client).current()
-    finally:
-        await client.aclose()
-    return tokens.issue(key, subject="u-outage", name="ops", roles=["user"], scopes=["*"],
-                        session_id=uuid.uuid4().hex, ttl=600)  # fmt: skip
 
 
 def test_proxy_keeps_serving_verified_callers_through_a_redis_restart(tmp_path: Path) -> None:
@@ -43,7 +31,7 @@ def test_proxy_keeps_serving_verified_callers_through_a_redis_restart(tmp_path: 
     limit = {"id": "outage", "service": service, "key": "credential", "rate": 1000,
              "period": 1, "burst": 1000}  # fmt: skip
     asyncio.run(update_document(url, limits=[limit]))
-    token = asyncio.run(_token(url))
+    token = issue_user_token(url, "u-outage", "ops")
     gw_port = free_port()
     gw_env = {"REDIS_URL": url, "WEBAPI_PORT": str(gw_port)}
     gateway = ServiceProcess(["python", "-m", "webapi"], env=gw_env, name="gateway").start()

@@ -14,9 +14,8 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from common import tokens
 from common.registry import Registry
-from tests.helpers import wait_for
+from tests.helpers import issue_user_token, wait_for
 from tests.support.policy import set_document
 from tests.support.raw_http import connect, read_answers
 from tests.support.registry import register
@@ -71,19 +70,8 @@ async def _deregister(redis_url: str, service: str, instance: str) -> None:
         await client.aclose()
 
 
-async def _token(url: str) -> str:
-    """A bearer JWT: forwarded upstream (an API key is not), so each hop is admitted."""
-    client = aioredis.Redis.from_url(url)
-    try:
-        key = await tokens.Keyring(client).current()
-    finally:
-        await client.aclose()
-    return tokens.issue(key, subject="u-loop", name="loop", roles=["user"], scopes=["*"],
-                        session_id=uuid.uuid4().hex, ttl=600)  # fmt: skip
-
-
 def test_a_loop_through_svc_ends_in_508(gateway: str, redis_url: str, looping: str) -> None:
-    auth = {"Authorization": f"Bearer {asyncio.run(_token(redis_url))}"}
+    auth = {"Authorization": "Bearer " + issue_user_token(redis_url, "u-loop", "loop")}
     # `/svc/` strips its prefix: a path that names the service again at each hop.
     path = f"/svc/{looping}" * 10 + "/x"
     answer = httpx.get(f"{gateway}{path}", headers=auth, timeout=10)

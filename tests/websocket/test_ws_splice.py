@@ -363,6 +363,16 @@ def rss_kb(server: WsServer) -> int:
     raise AssertionError("no VmRSS")
 
 
+async def handshake_answer(reader: asyncio.StreamReader) -> bytes:
+    """Read a WebSocket upgrade request; the 101 answer that accepts it."""
+    request = await reader.readuntil(b"\r\n\r\n")
+    key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:"))  # fmt: skip
+    accept = accept_key(key.decode()).encode()
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")  # fmt: skip
+
+
 async def test_an_upstream_that_closes_as_it_opens_passes_its_close_on(
     ws_server: WsServer, local_upstream: LocalUpstream
 ) -> None:
@@ -384,14 +394,10 @@ async def test_a_close_in_the_same_read_as_the_handshake_response_is_relayed_too
     # One write with the 101 and a close frame: `websockets` parses both before the relay
     # can take over, so the relay pumps frames instead of splicing (`Splice.take_over`).
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await reader.readuntil(b"\r\n\r\n")
-        key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
-                   if line.lower().startswith(b"sec-websocket-key:"))  # fmt: skip
         writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept_key(key.decode()).encode() + b"\r\n\r\n"
+            await handshake_answer(reader)
             + Frame(Opcode.CLOSE, Close(4005, "bye").serialize()).serialize(mask=False)
-        )  # fmt: skip
+        )
         await writer.drain()
         await reader.read(1024)  # the relay's answering close
         writer.close()
@@ -443,13 +449,7 @@ async def stalled_upstream(redis_client: aioredis.Redis) -> AsyncIterator[Stalle
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream.accepted += 1
-        request = await reader.readuntil(b"\r\n\r\n")
-        key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
-                   if line.lower().startswith(b"sec-websocket-key:"))  # fmt: skip
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept_key(key.decode()).encode() + b"\r\n\r\n"
-        )
+        writer.write(await handshake_answer(reader))
         await upstream.read.wait()
         try:
             while await reader.read(1 << 20):
