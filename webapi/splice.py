@@ -114,7 +114,12 @@ class SpliceBase:
 
 
 async def connect(
-    proxy: Proxy, service: str, method: str, client: asyncio.BaseTransport | None = None
+    proxy: Proxy,
+    service: str,
+    method: str,
+    client: asyncio.BaseTransport | None = None,
+    *,
+    bind_host: str = "",
 ) -> tuple[UpstreamLeg, Attempts]:
     """A connection to a healthy instance of `service`, and the `Attempts` it was
     chosen by (call its `closed()` when the splice ends). Connect failures eject
@@ -123,9 +128,10 @@ async def connect(
     (`NoHealthyInstance`, `UnknownService`, `UpstreamFailed`) when none is reached.
 
     A splice forwards no header, so no `Via` can tell a loop: an instance reached on
-    the port `client` (the client's connection) arrived on, at an address of this
-    host, is this gateway. It is ejected and `ProxyLoop` (508) raised: each splice to
-    it would connect again, one connection more each time."""
+    the port `client` (the client's connection) arrived on, at the address it arrived
+    on, or at any address of this host when the gateway listens on all of them
+    (`bind_host` a wildcard), is this gateway. It is ejected and `ProxyLoop` (508)
+    raised: each splice to it would connect again, one connection more each time."""
     loop = asyncio.get_running_loop()
     attempts = proxy.attempts(service, method, replayable=False)
     timeout = attempts.connect_timeout or proxy.pool.connect_timeout
@@ -141,7 +147,7 @@ async def connect(
         except BaseException:  # cancelled: the try ends without an outcome
             attempts.abandoned()
             raise
-        if client is not None and _leads_back(leg, client):
+        if client is not None and _leads_back(leg, client, bind_host):
             assert leg.transport is not None
             leg.transport.close()
             attempts.report_failure(fatal=True)
@@ -151,15 +157,22 @@ async def connect(
         return leg, attempts
 
 
-def _leads_back(leg: UpstreamLeg, client: asyncio.BaseTransport) -> bool:
-    """Whether `leg` goes to the gateway itself: to the port `client` came in on, at an
-    address of this host (its own source address, which a local connect takes)."""
+def _leads_back(leg: UpstreamLeg, client: asyncio.BaseTransport, bind_host: str) -> bool:
+    """Whether `leg` goes to the gateway itself: to the port `client` came in on, at the
+    address it came in on, or at another address of this host (the source address a
+    local connect takes) when the gateway listens on every address. (Bound to one
+    address, another server of this host may listen on the same port elsewhere.)"""
     upstream = leg.transport
     if upstream is None:
         return False
     peer = upstream.get_extra_info("peername")
-    source = upstream.get_extra_info("sockname")
     ours = client.get_extra_info("sockname")
-    if not (isinstance(peer, tuple) and isinstance(source, tuple) and isinstance(ours, tuple)):
-        return False  # (a unix socket)
-    return bool(peer[1] == ours[1] and peer[0] in (ours[0], source[0]))
+    if not (isinstance(peer, tuple) and isinstance(ours, tuple)) or peer[1] != ours[1]:
+        return False  # (a unix socket, or another port)
+    if peer[0] == ours[0]:
+        return True
+    source = upstream.get_extra_info("sockname")
+    return bind_host in _WILDCARDS and isinstance(source, tuple) and peer[0] == source[0]
+
+
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})

@@ -6,8 +6,11 @@ refuses an instance that is the gateway itself."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -96,6 +99,64 @@ def test_a_splice_to_the_gateway_itself_is_refused(gateway: str, looping: str, s
         answers = read_answers(sock, 1)
     assert answers[0].status == 508, answers
     assert b"proxy_loop" in answers[0].body
+
+
+def _host_address() -> str | None:
+    """An address of this host other than loopback (the one a route out would use)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # (UDP: nothing is sent)
+        except OSError:
+            return None
+        address: str = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+class _Ok(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("suffix", ["-pt", "-tn"])
+def test_another_server_on_the_gateways_port_at_another_address_is_no_loop(
+    gateway: str, redis_url: str, suffix: str
+) -> None:
+    """The gateway listens on 127.0.0.1 only: a server of this host on the same port at
+    another of its addresses is another server, spliced to as any instance."""
+    address = _host_address()
+    if address is None:
+        pytest.skip("no address of this host besides loopback")
+    port = int(gateway.rpartition(":")[2])
+    try:
+        server = ThreadingHTTPServer((address, port), _Ok)
+    except OSError as exc:
+        pytest.skip(f"cannot listen on {address}:{port}: {exc}")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    service = f"near{uuid.uuid4().hex[:6]}"
+    instance = f"{service}-1"
+    try:
+        asyncio.run(register(redis_url, service, {instance: f"{address}:{port}"}))
+        wait_for(lambda: _live(gateway, service), timeout=10)
+        route = {"service": service, "public": True, "strip_prefix": False}
+        _apply(gateway, redis_url, [{"prefix": f"/{service}{suffix}/", **route,
+                                     "passthrough": True, "tunnel": suffix == "-tn"}])  # fmt: skip
+        with connect(gateway) as sock:
+            sock.sendall(f"GET /{service}{suffix}/x HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
+            answers = read_answers(sock, 1)
+        assert (answers[0].status, answers[0].body) == (200, b"ok"), answers
+    finally:
+        server.shutdown()
+        server.server_close()
+        _apply(gateway, redis_url, [])
+        asyncio.run(_deregister(redis_url, service, instance))
 
 
 def test_a_request_with_fewer_marks_is_forwarded_more_is_refused(backend: Backend) -> None:

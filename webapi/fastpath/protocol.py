@@ -194,7 +194,8 @@ class FastPathProtocol(LingeringHttpProtocol):
         """Connect to an instance of the route's service, then splice (or answer the error)."""
         app: GatewayApp = self.app
         try:
-            leg, attempts = await connect(app.ctx.proxy, rule.service, method, self.transport)
+            leg, attempts = await connect(app.ctx.proxy, rule.service, method, self.transport,
+                                          bind_host=app.ctx.settings.bind_host)  # fmt: skip
         except Exception as exc:  # (a cancellation is not an Exception: it goes through)
             app.ctx.passthrough.connect_failures += 1
             self._fast = None
