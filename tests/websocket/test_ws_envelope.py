@@ -17,7 +17,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from common.registry import InstanceRecord, Registry
 from tests.helpers import free_port, wait_for_async
 from tests.websocket.conftest import WsServer, recv_json
-from tests.websocket.test_ws_splice import open_raw
+from tests.websocket.splice_support import open_raw
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -5,23 +5,16 @@ close handshakes and the drain."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import signal
-import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
 import websockets
-from websockets.asyncio.server import ServerConnection, serve
 from websockets.frames import Close, Frame, Opcode
-from websockets.utils import accept_key
 
 from common.registry import InstanceRecord, Registry
 from tests.helpers import free_port, wait_for_async
@@ -34,84 +27,18 @@ from tests.websocket.conftest import (
     wait_reachable,
     wait_upstream_closed,
 )
+from tests.websocket.splice_support import (  # noqa: F401 (the *_fixture ones)
+    LocalUpstream,
+    frame,
+    handshake_answer,
+    local_upstream_fixture,
+    open_raw,
+    raw_client_fixture,
+    reach,
+)
 from websocket.splice import CLOSE_TIMEOUT
 
 pytestmark = pytest.mark.timeout(120)
-
-
-# --- a raw client: exact frames, in exact pieces -------------------------------------------
-
-
-@dataclass
-class RawClient:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-
-    async def send(self, data: bytes, piece: int = 0) -> None:
-        """Write `data`, in pieces of `piece` bytes each read separately by the relay."""
-        if not piece:
-            self.writer.write(data)
-            await self.writer.drain()
-            return
-        for i in range(0, len(data), piece):
-            self.writer.write(data[i : i + piece])
-            await self.writer.drain()
-            await asyncio.sleep(0.002)  # pacing, so that each piece is its own TCP segment
-
-    async def recv(self, timeout: float = 5.0) -> Frame:
-        """The next frame from the relay (server frames are not masked). A ping (the
-        upstream's keepalive, passed through) is answered with a pong, as a client does,
-        and skipped."""
-        while True:
-            received = await self._frame(timeout)
-            if received.opcode is not Opcode.PING:
-                return received
-            await self.send(frame(Opcode.PONG, received.data))
-
-    async def _frame(self, timeout: float) -> Frame:
-        async with asyncio.timeout(timeout):
-            b0, b1 = await self.reader.readexactly(2)
-            assert not b1 & 0x80, "a server frame must not be masked"
-            size = b1 & 0x7F
-            if size == 126:
-                (size,) = struct.unpack("!H", await self.reader.readexactly(2))
-            elif size == 127:
-                (size,) = struct.unpack("!Q", await self.reader.readexactly(8))
-            data = await self.reader.readexactly(size)
-        return Frame(Opcode(b0 & 0x0F), data, fin=bool(b0 & 0x80))
-
-
-def frame(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
-    return Frame(opcode, data, fin=fin).serialize(mask=True)
-
-
-async def open_raw(server: WsServer, path: str) -> RawClient:
-    """A raw WebSocket client of `server`, past the upgrade (authenticated by header)."""
-    host, port = server.address.split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        f"GET {path} HTTP/1.1\r\nHost: {server.address}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        f"Authorization: Bearer {server.token()}\r\n\r\n".encode()
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    assert head.startswith(b"HTTP/1.1 101 "), head
-    return RawClient(reader, writer)
-
-
-@pytest_asyncio.fixture
-async def raw_client(ws_server: WsServer) -> AsyncIterator[Any]:
-    opened: list[RawClient] = []
-
-    async def open_on_ws_server(path: str) -> RawClient:
-        client = await open_raw(ws_server, path)
-        opened.append(client)
-        return client
-
-    yield open_on_ws_server
-    for client in opened:
-        client.writer.transport.abort()
 
 
 async def test_a_large_message_in_small_reads_and_fragments_pass_as_they_are(
@@ -240,69 +167,6 @@ async def test_drain_closes_the_upstream_leg_1001_too(
 # --- an upstream in this process, for what the echo backend cannot show ---------------------
 
 
-class RecordingConnection(ServerConnection):
-    """Notes the pings it receives (the library answers them itself)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.pings_received: list[bytes] = []
-
-    def process_event(self, event: Any) -> None:
-        if isinstance(event, Frame) and event.opcode is Opcode.PING:
-            self.pings_received.append(event.data)
-        super().process_event(event)
-
-
-@dataclass
-class LocalUpstream:
-    service: str = field(default_factory=lambda: f"lu{uuid.uuid4().hex[:8]}")
-    connections: list[RecordingConnection] = field(default_factory=list)
-    sent: int = 0
-    flood: int = 0  # bytes to push to each new connection, 64 KiB at a time
-    close_at_once: tuple[int, str] | None = None  # close each new connection so, at once
-
-
-@pytest_asyncio.fixture
-async def local_upstream(redis_client: aioredis.Redis) -> AsyncIterator[LocalUpstream]:
-    upstream = LocalUpstream()
-
-    async def handler(ws: ServerConnection) -> None:
-        assert isinstance(ws, RecordingConnection)
-        upstream.connections.append(ws)
-        chunk = b"z" * 65536
-        if upstream.close_at_once:
-            await ws.close(*upstream.close_at_once)
-            return
-        try:
-            while upstream.sent < upstream.flood:
-                await ws.send(chunk)
-                upstream.sent += len(chunk)
-            async for message in ws:
-                await ws.send(message)
-        except websockets.ConnectionClosed:
-            pass
-
-    port = free_port()
-    registry = Registry(redis_client, ttl=60)
-    record = InstanceRecord(upstream.service, "local", kind="ws", address=f"127.0.0.1:{port}")
-    async with serve(handler, "127.0.0.1", port, compression=None,
-                     create_connection=RecordingConnection, ping_interval=None):  # fmt: skip
-        await registry.heartbeat(record)
-        try:
-            yield upstream
-        finally:
-            await registry.deregister(upstream.service, "local")
-
-
-async def reach(server: WsServer, upstream: LocalUpstream) -> None:
-    async def echoes() -> bool:
-        async with server.connect(f"/ws/proxy/{upstream.service}/") as ws:
-            await ws.send("up?")
-            return bool(await ws.recv() == "up?")
-
-    await wait_for_async(echoes, timeout=30)
-
-
 async def test_pings_are_answered_end_to_end_and_sanic_no_longer_pings(
     make_ws_server: Any, local_upstream: LocalUpstream
 ) -> None:
@@ -363,16 +227,6 @@ def rss_kb(server: WsServer) -> int:
     raise AssertionError("no VmRSS")
 
 
-async def handshake_answer(reader: asyncio.StreamReader) -> bytes:
-    """Read a WebSocket upgrade request; the 101 answer that accepts it."""
-    request = await reader.readuntil(b"\r\n\r\n")
-    key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
-               if line.lower().startswith(b"sec-websocket-key:"))  # fmt: skip
-    accept = accept_key(key.decode()).encode()
-    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")  # fmt: skip
-
-
 async def test_an_upstream_that_closes_as_it_opens_passes_its_close_on(
     ws_server: WsServer, local_upstream: LocalUpstream
 ) -> None:
@@ -428,109 +282,3 @@ async def test_a_close_in_the_same_read_as_the_handshake_response_is_relayed_too
     finally:
         await registry.deregister(service, "raw")
         server.close()
-
-
-# --- an end that stops reading (`websocket.splice`, "Stalls") ------------------------------
-
-
-@dataclass
-class StalledUpstream:
-    """Completes the WebSocket handshake, then reads nothing until `read` is set."""
-
-    service: str = field(default_factory=lambda: f"st{uuid.uuid4().hex[:8]}")
-    read: asyncio.Event = field(default_factory=asyncio.Event)
-    accepted: int = 0
-    ended: int = 0  # connections read to their end (EOF or a reset) once `read` was set
-
-
-@pytest_asyncio.fixture
-async def stalled_upstream(redis_client: aioredis.Redis) -> AsyncIterator[StalledUpstream]:
-    upstream = StalledUpstream()
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream.accepted += 1
-        writer.write(await handshake_answer(reader))
-        await upstream.read.wait()
-        try:
-            while await reader.read(1 << 20):
-                pass
-        except ConnectionError:
-            pass
-        upstream.ended += 1
-        writer.transport.abort()
-
-    port = free_port()
-    server = await asyncio.start_server(handler, "127.0.0.1", port)
-    registry = Registry(redis_client, ttl=60)
-    record = InstanceRecord(upstream.service, "stalled", kind="ws", address=f"127.0.0.1:{port}")
-    await registry.heartbeat(record)
-    try:
-        yield upstream
-    finally:
-        upstream.read.set()
-        await registry.deregister(upstream.service, "stalled")
-        server.close()
-
-
-async def flood_until_stalled(raw: RawClient) -> None:
-    """Send 60 KB binary frames until they are no longer read (every buffer on the way full)."""
-    data = frame(Opcode.BINARY, b"q" * 60_000)
-    while True:
-        raw.writer.write(data)
-        try:
-            await asyncio.wait_for(raw.writer.drain(), 0.5)
-        except TimeoutError:
-            return
-
-
-async def test_a_client_leaving_an_upstream_that_stopped_reading_frees_its_slot(
-    make_ws_server: Any, stalled_upstream: StalledUpstream
-) -> None:
-    # The client's FIN is not seen (reading it is paused for the upstream): the stall is.
-    server = make_ws_server(WS_MAX_CONNECTIONS="1", WS_RELAY_SEND_TIMEOUT="1")
-    closed = LogWatch(server, "connection closed")
-
-    async def relayed() -> RawClient | None:
-        accepted = stalled_upstream.accepted
-        raw = await open_raw(server, f"/ws/proxy/{stalled_upstream.service}/x")
-        answer = asyncio.ensure_future(raw.reader.read(1))
-        await wait_for_async(lambda: answer.done() or stalled_upstream.accepted > accepted)
-        if answer.done():  # 1014: the registry view does not have it yet
-            raw.writer.transport.abort()
-            return None
-        answer.cancel()
-        return raw
-
-    raw = await wait_for_async(relayed, timeout=30)  # once the registry view has it
-    await flood_until_stalled(raw)
-    raw.writer.close()  # the client goes away (a FIN, behind what the relay did not read)
-
-    await wait_for_async(lambda: server.health()["connections"] == 0, timeout=10)
-    async with server.connect("/ws") as ws:  # the slot is free
-        await ws.send("ping")
-        assert await asyncio.wait_for(ws.recv(), 5) == "pong"
-    assert [(r["code"], r["reason"]) for r in await closed.wait(1)] == [
-        (1014, "upstream stopped reading")
-    ]
-    stalled_upstream.read.set()  # the service closed its connection: it reads to the end
-    await wait_for_async(lambda: stalled_upstream.ended == 1, timeout=10)
-
-
-async def test_a_client_that_stops_reading_is_cut_and_the_upstream_gets_1001(
-    make_ws_server: Any, local_upstream: LocalUpstream
-) -> None:
-    server = make_ws_server(WS_RELAY_SEND_TIMEOUT="1")
-    closed = LogWatch(server, "connection closed")
-    await reach(server, local_upstream)
-    local_upstream.flood = 64 * 1024 * 1024
-    async with server.connect(f"/ws/proxy/{local_upstream.service}/", max_size=None,
-                              ping_interval=None, close_timeout=1) as ws:  # fmt: skip
-        ws.transport.pause_reading()  # the client reads nothing, and stays connected
-        await wait_for_async(lambda: server.health()["connections"] == 0, timeout=10)
-    upstream = local_upstream.connections[-1]
-    await asyncio.wait_for(upstream.wait_closed(), 10)
-    assert upstream.close_code == 1001 and upstream.close_reason == "client went away"
-    assert local_upstream.sent < local_upstream.flood
-    assert [(r["code"], r["reason"]) for r in await closed.wait(1)] == [
-        (1006, "client stopped reading")
-    ]
