@@ -26,8 +26,22 @@ MIN_PASSWORD, MAX_PASSWORD = 8, 256
 T = TypeVar("T")
 
 
+def password_fault(password: str) -> str | None:
+    """Why `password` cannot be a password, or None when it can."""
+    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        return f"password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters"
+    try:
+        password.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate: bytes that were not UTF-8, read as text. RPC and the gateway
+        # never deliver one (neither msgpack nor JSON carries it); the admin CLI and
+        # AUTH_ADMIN_PASSWORD can, and argon2 would fail on it mid-hash.
+        return "password must be UTF-8 text"
+    return None
+
+
 def valid_password(password: str) -> bool:
-    return MIN_PASSWORD <= len(password) <= MAX_PASSWORD
+    return password_fault(password) is None
 
 
 class Passwords:

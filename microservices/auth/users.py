@@ -41,7 +41,7 @@ from common.constants import data_key
 from common.errors import BadRequest, Conflict, NotFound, Unauthorized, quoted
 from common.log import get_logger
 from common.scopes import ADMIN, parse, valid_scope
-from microservices.auth.passwords import MAX_PASSWORD, MIN_PASSWORD, Passwords, valid_password
+from microservices.auth.passwords import Passwords, password_fault, valid_password
 
 log = get_logger(__name__)
 
@@ -143,13 +143,8 @@ class Users:
         """A new user; `BadRequest` for a malformed name or password, `Conflict` if taken."""
         if not USERNAME.fullmatch(username):
             raise BadRequest("username must be 3 to 64 characters of A-Z, a-z, 0-9, _ . -")
-        if not valid_password(password):
-            raise BadRequest(f"password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters")
-        if not _utf8(password):
-            # RPC and the gateway never deliver one (neither msgpack nor JSON carries a
-            # lone surrogate); the admin CLI and AUTH_ADMIN_PASSWORD can, from bytes
-            # that are not UTF-8, and argon2 would fail on it mid-hash.
-            raise BadRequest("password must be UTF-8 text")
+        if (fault := password_fault(password)) is not None:
+            raise BadRequest(fault)
         roles = check_roles(roles)
         folded = username.lower()
         # Cheap early answer; the script below is what guarantees uniqueness.
@@ -315,11 +310,3 @@ def _fields(name: str, value: str, narrowing: str | None) -> dict[FieldT, Encoda
 def _has_admin(roles: Any) -> bool:
     """Whether a stored `roles` field (None: a user from before roles, a `user`) has admin."""
     return roles is not None and ADMIN in parse(as_text(roles))
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:  # a lone surrogate (undecodable bytes read as text)
-        return False
-    return True
