@@ -16,8 +16,11 @@ compares the epoch too (`stamp`, `load`).
 Data set by hand (or corrupted) in Redis is an error, never a crash: a stored
 document that is not JSON, or not a valid policy, is `PolicyInvalid` on reading
 (a `put` over it repairs it); a version that is not an integer is
-`PolicyUnreadable`, for reads and writes alike, until it is repaired in Redis. An
-audit entry whose fields do not read shows them as None in `history`.
+`PolicyUnreadable`, for reads and writes alike, until it is repaired in Redis, and
+so is one of the store's keys holding another Redis type (a `put` checks all five
+before it writes anything: a Lua script's writes are not rolled back when a later
+command of it fails). An audit entry whose fields do not read shows them as None
+in `history`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import secrets
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from common import constants
 from common.connection import REDIS_DOWN_ERRORS, as_text
@@ -52,9 +56,17 @@ _VERSION = re.compile(rb"[0-9]{1,18}")
 
 # KEYS: doc, version, history, audit, epoch.
 # ARGV: version the document was built on, document JSON, versions to keep,
-#       actor, changes JSON, audit length, channel, an epoch for an empty store.
-# Returns {1, new version}, or {0, current version} when the version moved.
+#       actor, changes JSON, audit length, channel, an epoch for an empty store,
+#       then the Redis type each key must have (or not exist).
+# Returns {1, new version}, {0, current version} when the version moved, or
+# {2, key} when a key holds another type: then nothing is written.
 _PUT = """
+for i, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key).ok
+  if kind ~= 'none' and kind ~= ARGV[8 + i] then
+    return {2, key}
+  end
+end
 local current = tonumber(redis.call('GET', KEYS[2]) or '0')
 if current ~= tonumber(ARGV[1]) then
   return {0, current}
@@ -82,6 +94,7 @@ return {1, version}
 """
 _KEYS = (constants.POLICY_DOC, constants.POLICY_VERSION, constants.POLICY_HISTORY,
          constants.POLICY_AUDIT, constants.POLICY_EPOCH)  # fmt: skip
+_KEY_TYPES = ("string", "string", "hash", "stream", "string")
 
 
 class PolicyStore:
@@ -123,6 +136,8 @@ class PolicyStore:
             raw = await self.redis.hget(constants.POLICY_HISTORY, str(version))
         except REDIS_DOWN_ERRORS as exc:
             raise RedisUnavailable("cannot read the policy history: redis unreachable") from exc
+        except ResponseError as exc:
+            raise _wrong_type(constants.POLICY_HISTORY, exc) from None
         return None if raw is None else validate_json(raw)
 
     async def put(
@@ -138,17 +153,18 @@ class PolicyStore:
         candidate = validate_document(data)
         try:
             for _ in range(_CAS_TRIES):
-                raw_doc, raw_version = await self.redis.mget(
-                    constants.POLICY_DOC, constants.POLICY_VERSION
-                )
+                raw_doc, raw_version = await self._read_for_put()
                 current = _stored_version(raw_version)
                 if expected_version is not None and current != expected_version:
                     raise _conflict(current, expected_version)
                 new = candidate.model_copy(update={"version": current + 1})
                 changes = changed_paths(_loose(raw_doc), new.model_dump(mode="json"))
                 args = (current, new.to_json(), HISTORY_KEEP, actor, json.dumps(changes),
-                        AUDIT_MAXLEN, constants.POLICY_CHANNEL, secrets.token_hex(8))  # fmt: skip
+                        AUDIT_MAXLEN, constants.POLICY_CHANNEL, secrets.token_hex(8),
+                        *_KEY_TYPES)  # fmt: skip
                 written, version = await self._put(keys=_KEYS, args=args)
+                if written == 2:
+                    raise _another_type(as_text(version))
                 if written:
                     return new
                 if expected_version is not None:
@@ -156,6 +172,20 @@ class PolicyStore:
         except REDIS_DOWN_ERRORS as exc:
             raise RedisUnavailable("cannot write the policy: redis unreachable") from exc
         raise Conflict("the policy kept changing while it was written; try again")
+
+    async def _read_for_put(self) -> tuple[Any, Any]:
+        """The stored document and version, in one round trip. Unlike MGET (which reads a
+        key of another type as missing), a key of another type is `PolicyUnreadable`:
+        a version read as 0 would answer a put's `expected_version` with a false 409."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(constants.POLICY_DOC)
+        pipe.get(constants.POLICY_VERSION)
+        replies = await pipe.execute(raise_on_error=False)
+        keys = (constants.POLICY_DOC, constants.POLICY_VERSION)
+        for key, reply in zip(keys, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                raise _wrong_type(key, reply)
+        return replies[0], replies[1]
 
     async def history(self, limit: int = 20) -> list[dict[str, Any]]:
         """The last `limit` audit entries, newest first: version, actor, at, changes.
@@ -167,6 +197,8 @@ class PolicyStore:
             entries = await self.redis.xrevrange(constants.POLICY_AUDIT, count=limit)
         except REDIS_DOWN_ERRORS as exc:
             raise RedisUnavailable("cannot read the policy audit log: redis unreachable") from exc
+        except ResponseError as exc:
+            raise _wrong_type(constants.POLICY_AUDIT, exc) from None
         out = []
         for entry_id, fields in entries or []:
             # Not as_text: a field set by hand need not be UTF-8.
@@ -197,6 +229,17 @@ def _stored_version(raw: bytes | str | None) -> int:
             f"repair {constants.POLICY_VERSION} in Redis"
         )
     return int(data)
+
+
+def _wrong_type(key: str, exc: ResponseError) -> Exception:
+    """`PolicyUnreadable` for a WRONGTYPE reply on `key`; any other error reply as it is."""
+    return _another_type(key) if str(exc).startswith("WRONGTYPE") else exc
+
+
+def _another_type(key: str) -> PolicyUnreadable:
+    return PolicyUnreadable(
+        f"{key} holds another Redis type than the policy store writes: repair or delete it in Redis"
+    )
 
 
 def _lenient(raw: bytes | str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 import redis.asyncio as aioredis
@@ -137,6 +138,36 @@ async def test_a_stored_version_that_is_no_integer_is_policy_unreadable(
             await store.put(nlp(strategy="random"), actor="bob", expected_version=expected)
     assert await store.get() == first  # nothing written, nothing audited
     assert len(await store.history()) == 1
+
+
+@pytest.mark.parametrize("key", KEYS)
+async def test_a_key_of_another_redis_type_refuses_a_put_before_any_write(
+    store: PolicyStore, redis_client: aioredis.Redis, key: str
+) -> None:
+    """A Lua script's writes are not rolled back when a later command fails: a put over
+    a store with one key of the wrong type must refuse before writing anything."""
+    first = await store.put(nlp(strategy="hash"), actor="alice")
+    before = {k: await redis_client.dump(k) for k in KEYS}
+    await redis_client.delete(key)
+    await redis_client.rpush(key, "set by hand")
+    before[key] = await redis_client.dump(key)
+    for expected in (None, first.version):
+        with pytest.raises(PolicyUnreadable, match=rf"{re.escape(key)} holds another Redis type"):
+            await store.put(nlp(strategy="random"), actor="bob", expected_version=expected)
+    assert {k: await redis_client.dump(k) for k in KEYS} == before  # nothing written
+
+
+async def test_reads_of_a_history_or_audit_of_another_type_are_policy_unreadable(
+    store: PolicyStore, redis_client: aioredis.Redis
+) -> None:
+    await store.put(nlp(strategy="hash"), actor="alice")
+    for key in (constants.POLICY_HISTORY, constants.POLICY_AUDIT):
+        await redis_client.delete(key)
+        await redis_client.set(key, "set by hand")
+    with pytest.raises(PolicyUnreadable, match=r"sb:\{policy\}:audit holds another Redis type"):
+        await store.history()
+    with pytest.raises(PolicyUnreadable, match=r"sb:\{policy\}:history holds another Redis"):
+        await store.get_version(1)
 
 
 async def test_history_shows_unreadable_audit_fields_as_none(

@@ -163,6 +163,20 @@ def test_policy_data_set_by_hand_gets_an_answer_not_a_500(gateways: Gateways) ->
         r.set("sb:{policy}:version", good["version"])
     gateways.put_policy(admin["Authorization"][7:], limits=[])  # the admin API works again
 
+    r.delete("sb:{policy}:doc")
+    r.rpush("sb:{policy}:doc", "set by hand")  # a key of another Redis type
+    try:
+        put = httpx.put(url, json={"limits": []}, headers=admin)
+        assert put.status_code == 503, put.text
+        assert put.json()["error"] == {
+            "code": "policy_unreadable",
+            "message": "sb:{policy}:doc holds another Redis type than the policy store "
+            "writes: repair or delete it in Redis",
+        }
+    finally:
+        r.delete("sb:{policy}:doc")
+    gateways.put_policy(admin["Authorization"][7:], limits=[])
+
 
 # -- live policy under load ----------------------------------------------------------
 

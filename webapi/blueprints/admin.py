@@ -14,8 +14,10 @@ Data set by hand in Redis gets an answer, not a 500: a stored document that is
 not a valid policy (or not JSON) makes `GET /admin/policy` a 422 `policy_invalid`
 (a `PUT` replaces it); a stored version that is not an integer makes reads of
 the version and every `PUT` a 503 `policy_unreadable` until it is repaired in
-Redis; an audit entry's unreadable field is null in the history. The gateways
-keep applying the last good policy meanwhile (`common.policy.watcher`).
+Redis, and so does a policy key of another Redis type (for the reads of that
+key: the history, the audit log); an audit entry's unreadable field is null in
+the history. The gateways keep applying the last good policy meanwhile
+(`common.policy.watcher`).
 """
 
 from __future__ import annotations
