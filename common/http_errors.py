@@ -90,11 +90,44 @@ def translated(exception: Exception) -> Exception:
 
 
 def error_detail(exception: BaseException) -> dict[str, str]:
-    """The log fields of what caused `exception` (`{"error": ...}`), if anything did: the
-    detail a client's message leaves out (redis-py's text, which names Redis's address)."""
+    """The log fields of what a client's message leaves out (`{"error": ...}`), if
+    anything: what caused `exception` (redis-py's text, which names Redis's address),
+    or a handler crash's own message (`public_error`)."""
+    if isinstance(exception, RemoteError) and is_crash(exception):
+        return {"error": shortened(exception.message, MAX_LOGGED_MESSAGE)}
     cause = exception.__cause__
     return {} if cause is None else {"error": shortened(str(cause) or type(cause).__name__,
                                                         MAX_LOGGED_MESSAGE)}  # fmt: skip
+
+
+# Crashes whose message the platform itself wrote (not the handler's exception's text).
+_OUR_CRASHES = frozenset({"", "WorkerLost"})
+
+
+def is_crash(exc: RemoteError) -> bool:
+    """True if a handler raised an exception that is not an application error (not a
+    `ServiceError` with a code of its own): a bug, or a library's error passed up."""
+    return exc.code == RemoteError.code and exc.remote_type not in _OUR_CRASHES
+
+
+def public_message(exc: SwitchboardError) -> str:
+    """The message a client of the public edge (HTTP, WebSocket) gets for `exc`.
+
+    A handler crash's text may say anything about the worker's insides (redis-py's
+    names Redis's address; others a file path, a query, a secret in a DSN). Callers
+    over RPC get it whole, so services can act on it; clients of the gateway and the
+    WebSocket service get the exception's type only, and the text is in the worker's
+    log and the edge's error line (`error_detail`). Application errors (a
+    `ServiceError`'s code and message) travel as the handler wrote them.
+    """
+    if isinstance(exc, RemoteError) and is_crash(exc):
+        return f"the service's handler failed ({exc.remote_type}); its log has the details"
+    return exc.message
+
+
+def public_error(exc: SwitchboardError) -> dict[str, Any]:
+    """`exc.to_dict()` with `public_message` as its message."""
+    return {**exc.to_dict(), "message": public_message(exc)}
 
 
 # Application errors raised by handlers (`common.errors.ServiceError` codes).

@@ -22,6 +22,7 @@ from common.http_errors import (
     error_detail,
     error_message,
     log_refusal,
+    public_error,
     retry_after,
     status_for,
     translated,
@@ -206,7 +207,7 @@ def error_response(
         return json_response(error_body("client_closed", "the client left"), status=499)
     if isinstance(exception, SwitchboardError):
         status = status_for(exception)
-        body = {"error": exception.to_dict()}
+        body = {"error": public_error(exception)}
         if isinstance(exception, Overloaded):
             headers["Retry-After"] = "1"
         elif (seconds := retry_after(exception)) is not None:  # too_many_attempts

@@ -29,6 +29,7 @@ from common.http_errors import (
     error_detail,
     error_message,
     log_refusal,
+    public_error,
     status_for,
     translated,
 )
@@ -58,7 +59,7 @@ def log_failed_call(path: str, method: str, exc: RpcError) -> None:
     if status_for(exc) < 500:
         log_refused_message(path, exc.code, exc.message or exc.code)
     else:
-        fields = {"path": path, "method": method, "code": exc.code}
+        fields = {"path": path, "method": method, "code": exc.code, **error_detail(exc)}
         log.warning("rpc error", extra={"fields": fields})
 
 
@@ -96,6 +97,6 @@ class JsonErrorHandler(ErrorHandler):
             fields = {"path": request.path, "status": status, "code": exception.code,
                       **error_detail(exception)}  # fmt: skip
             log.warning("request failed", extra={"fields": fields})
-            return json_response({"error": exception.to_dict()}, status)
+            return json_response({"error": public_error(exception)}, status)
         log.error("unhandled error", exc_info=exception, extra={"fields": {"path": request.path}})
         return json_response(error_body("internal_error", "internal error"), 500)

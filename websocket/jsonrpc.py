@@ -37,6 +37,7 @@ from common.errors import (
     RpcTimeout,
     ServiceUnavailable,
 )
+from common.http_errors import public_message
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -119,4 +120,4 @@ def error_for(id_: Id, exc: RpcError) -> str:
     data = {"code": exc.code}
     if isinstance(exc, RemoteError) and exc.remote_type:
         data["type"] = exc.remote_type
-    return error(id_, SERVICE_ERROR, exc.message or exc.code, data)
+    return error(id_, SERVICE_ERROR, public_message(exc) or exc.code, data)

@@ -87,10 +87,34 @@ async def test_unknown_service_or_method_is_404(http: httpx.AsyncClient, path: s
 async def test_handler_error_codes_map_to_statuses(http: httpx.AsyncClient) -> None:
     response = await http.post("/rpc/calc/missing", json={"key": "k"})
     assert response.status_code == 404
-    assert _error(response)["code"] == "not_found"
+    assert _error(response) == {
+        "code": "not_found",
+        "message": "no such thing: k",
+        "type": "NotFound",
+    }
     response = await http.post("/rpc/calc/fail", json={"message": "kaput"})
     assert response.status_code == 502
-    assert _error(response) == {"code": "remote_error", "message": "kaput", "type": "ValueError"}
+    assert _error(response)["code"] == "remote_error"
+
+
+async def test_a_handler_crash_reaches_the_client_by_its_type_only(
+    http: httpx.AsyncClient, stack: Stack
+) -> None:
+    """A crash's text may name the worker's insides (redis-py's names Redis's address):
+    the client gets its type, the gateway's error line its text. An application
+    error (a `ServiceError`, above) keeps its message."""
+    leak = "Error 111 connecting to redis://:hunter2@10.9.8.7:6379. Connection refused."
+    logged = len(stack.processes["webapi"].log_records("rpc error"))
+    response = await http.post("/rpc/calc/fail", json={"message": leak})
+    assert response.status_code == 502
+    assert _error(response) == {
+        "code": "remote_error",
+        "message": "the service's handler failed (ValueError); its log has the details",
+        "type": "ValueError",
+    }
+    assert "10.9.8.7" not in response.text and "hunter2" not in response.text
+    record = stack.processes["webapi"].log_records("rpc error")[logged]
+    assert (record["status"], record["code"], record["error"]) == (502, "remote_error", leak)
 
 
 async def test_timeout_is_504(http: httpx.AsyncClient) -> None:

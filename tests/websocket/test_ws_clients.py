@@ -325,6 +325,31 @@ async def test_jsonrpc_call_and_errors(ws_server: WsServer, calc: None) -> None:
         assert await recv_json(ws) == {"type": "pong", "id": "after"}
 
 
+async def test_jsonrpc_handler_crash_is_answered_by_its_type_only(
+    ws_server: WsServer, calc: None
+) -> None:
+    """As at the gateway: a crash's text (here naming a Redis address) is logged, not sent."""
+    leak = "Error 111 connecting to 10.9.8.7:6379. Connection refused."
+    async with ws_server.connect() as ws:
+
+        async def add() -> bool:
+            call = {"jsonrpc": "2.0", "id": 1, "method": "calc.add", "params": [1, 1]}
+            return await rpc(ws, call) == {"jsonrpc": "2.0", "id": 1, "result": 2}
+
+        await wait_for_async(add, timeout=30)  # the worker may still be starting
+        failed = len(ws_server.proc.log_records("rpc error"))
+        answer = await rpc(ws, {"jsonrpc": "2.0", "id": 2, "method": "calc.fail",
+                                "params": {"message": leak}})  # fmt: skip
+    assert answer["error"] == {
+        "code": -32000,
+        "message": "the service's handler failed (ValueError); its log has the details",
+        "data": {"code": "remote_error", "type": "ValueError"},
+    }
+    record = ws_server.proc.log_records("rpc error")[failed]
+    assert (record["method"], record["code"], record["error"]) == ("calc.fail", "remote_error",
+                                                                   leak)  # fmt: skip
+
+
 async def test_jsonrpc_lone_surrogate_and_unanswerable_result_are_answered(
     ws_server: WsServer, calc: None
 ) -> None:
