@@ -16,9 +16,12 @@ close it with 1009 (messages from the upstream are not limited). An end that sto
 reading for WS_RELAY_SEND_TIMEOUT is cut (`websocket.splice`, "Stalls"). The service
 logs the 1014s and 1009s it sends (`log_close`), and a client cut for not reading
 (as 1006: it gets no close frame), not the close codes it relays from the upstream:
-those are the application's. When the splice cannot take over safely
-(say, the client sent a close frame while the upstream was being connected), two
-pumps relay frame by frame as below, with the same endings.
+those are the application's. When the splice cannot take over safely (one side
+is already closing: say, the client sent a close frame while the upstream was
+being connected, or the upstream closed as soon as it opened), two pumps relay
+frame by frame as below, with the same endings. They need no stall bound of
+their own: with one side closing, the relay ends with that closing handshake,
+whose waits are bounded (Sanic's close timeout; 2 s for the upstream's).
 
 Hot path: `websocket.splice`; in the fallback, `pump_to_upstream` and `pump_to_client`.
 """
