@@ -1,8 +1,9 @@
 """`make run`: everything on one laptop, started and stopped as one.
 
 1. Start an embedded Redis (AOF on, data under `.run/redis`) unless `REDIS_URL` is set.
-2. Start every process of the `Procfile` with honcho (a well-kept Procfile runner),
-   with the venv's `bin/` first on PATH and the repo root on PYTHONPATH.
+2. Start every process of the `Procfile` with honcho (a well-kept Procfile runner,
+   given SHUTDOWN_GRACE to stop them: `common.procrun`), with the venv's `bin/`
+   first on PATH and the repo root on PYTHONPATH.
 3. Print the URLs once the gateway answers `/health`.
 4. On SIGINT (Ctrl-C) or SIGTERM, or when `make` itself dies, stop honcho (which
    stops its children), then Redis. Nothing is left behind. Neither honcho nor
@@ -23,6 +24,7 @@ from pathlib import Path
 from types import FrameType
 
 from common.embedded_redis import EmbeddedRedis
+from common.procrun import kill_wait
 from common.settings import exit_on_config_error, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +79,7 @@ def main() -> int:
             return 0
         procfile = str(ROOT / "Procfile")
         runner = subprocess.Popen(
-            [sys.executable, "-m", "honcho", "start", "-f", procfile, "-d", str(ROOT)],
+            [sys.executable, "-m", "common.procrun", "start", "-f", procfile, "-d", str(ROOT)],
             env=env,
             cwd=ROOT,
             start_new_session=True,  # Ctrl-C reaches honcho through us, once, in order
@@ -95,8 +97,8 @@ def main() -> int:
     finally:
         if runner is not None and runner.poll() is None:
             runner.send_signal(signal.SIGTERM)
-            try:
-                runner.wait(timeout=20)
+            try:  # the runner's own deadline, and then some (`common.procrun`)
+                runner.wait(timeout=kill_wait() + 5)
             except subprocess.TimeoutExpired:
                 os.killpg(runner.pid, signal.SIGKILL)
                 runner.wait()
