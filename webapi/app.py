@@ -45,6 +45,8 @@ def create_app(settings: Settings | None = None, name: str = "webapi") -> Gatewa
     config = Config()
     config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
     config.FALLBACK_ERROR_FORMAT = "json"
+    # How long requests under way may take to finish once SIGTERM arrives (Sanic's 15 s).
+    config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.shutdown_grace
     app: GatewayApp = Sanic(
         name,
         config=config,

@@ -6,7 +6,8 @@ can destroy the error response before the client has read it. So when the gatewa
 closes a connection, it sends a FIN after the response and hands the socket to
 `_Drain`, which reads and drops what the client still sends until the client
 closes or `LINGER_SECONDS` pass (nginx's `lingering_close`). While the server shuts
-down, connections are closed at once. The gateway always serves with this protocol
+down, connections are closed at once, and a request under way is the
+connection's last (`close_if_idle`). The gateway always serves with this protocol
 or its subclass `webapi.fastpath.FastPathProtocol`.
 """
 
@@ -50,6 +51,15 @@ class LingeringHttpProtocol(HttpProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._lingering = False
+
+    def close_if_idle(self) -> bool:
+        """Sanic asks this of every connection as the server stops: an idle one is
+        closed; one with a request under way answers it with `Connection: close`, then
+        closes, instead of reading its client's next requests until the drain's end."""
+        closed: bool = super().close_if_idle()
+        if not closed and self._http is not None:
+            self._http.keep_alive = False
+        return closed
 
     def close(self, timeout: float | None = None) -> None:
         transport = self.transport
