@@ -12,6 +12,7 @@ issued before has expired by itself. Logins are throttled per username
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -149,9 +150,17 @@ class Accounts:
     async def login(self, username: str, password: str) -> dict[str, Any]:
         """An access token and a refresh token for valid credentials, else `Unauthorized`;
         `TooManyAttempts`, without checking the password, while the username is throttled."""
-        await self.throttle.admit(username)
-        user = await self.users.check_password(username, password)
-        await self.throttle.succeeded(username)
+        attempt = await self.throttle.admit(username)
+        try:
+            user = await self.users.check_password(username, password)
+        except Unauthorized:
+            await self.throttle.failed(username, attempt)
+            raise
+        except BaseException:
+            with contextlib.suppress(Exception):  # it stops counting after a while anyway
+                await self.throttle.abandoned(username, attempt)
+            raise
+        await self.throttle.succeeded(username, attempt)
         if await self._user_revoked(user.user_id):
             raise Unauthorized("this user's credentials are revoked: try again later")
         if user.narrowing is not None:  # a narrowing cut short: its clean-up first

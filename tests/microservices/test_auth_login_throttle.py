@@ -20,7 +20,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from common.embedded_redis import free_port
 from common.errors import ServiceError, TooManyAttempts, Unauthorized
 from microservices.auth.accounts import Accounts
-from microservices.auth.throttle import ThrottleRules, failures_key
+from microservices.auth.throttle import (
+    STALE_SECONDS,
+    ThrottleRules,
+    failures_key,
+    pending_key,
+)
 from tests.helpers import Clock, wait_for_async
 from tests.microservices.auth_fixtures import (  # noqa: F401 (fixtures)
     PASSWORD,
@@ -172,6 +177,35 @@ async def test_concurrent_attempts_cannot_exceed_the_limit(redis: aioredis.Redis
     kinds = sorted(type(r).__name__ for r in results)
     assert kinds == ["TooManyAttempts"] * 17 + ["Unauthorized"] * 3
     assert hasher.verifications - verified == 3
+
+
+async def test_concurrent_logins_with_the_right_password_all_get_in(
+    redis: aioredis.Redis,
+) -> None:
+    """More concurrent logins than failures allowed: none is a failure, so none is
+    refused; those over the number allowed under way wait for a place."""
+    first = await throttled(redis)
+    second = await throttled(redis)
+    await first.register("Ivan", PASSWORD)
+    calls = [(first if i % 2 else second).login("Ivan", PASSWORD) for i in range(8)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["dict"] * 8, results
+    assert await redis.exists(failures_key("Ivan"), pending_key("Ivan")) == 0
+
+
+async def test_an_attempt_never_ended_stops_holding_its_place(redis: aioredis.Redis) -> None:
+    """Attempts admitted and never ended (their worker died) hold their places until
+    they are stale: meanwhile one more waits `BUSY_WAIT`, then is refused, unlocked."""
+    clock = Clock()
+    accounts = await throttled(redis, clock=clock)
+    await accounts.register("Judy", PASSWORD)
+    for _ in range(3):  # three failures left before the lock: three places
+        await accounts.throttle.admit("Judy")
+    with pytest.raises(TooManyAttempts, match="logins of this username under way") as caught:
+        await accounts.login("Judy", PASSWORD)
+    assert caught.value.retry_after == 1.0
+    clock.offset += STALE_SECONDS + 1
+    assert (await accounts.login("judy", PASSWORD))["token_type"] == "bearer"
 
 
 async def test_an_admin_clears_the_throttle(redis: aioredis.Redis) -> None:
