@@ -33,20 +33,29 @@ from common.errors import MethodNotFound, Overloaded, ServiceUnavailable, error_
 from common.log import get_logger
 from common.outage import Outage
 from common.protocol import DROPPED, ENQUEUE_SCRIPT, NO_INSTANCE, OVER_BACKLOG, TASK_SCRIPT, Call
+from common.redis_failures import redis_failure, redis_failure_message
 
 log = get_logger("switchboard.client")
 
 _INBOX_BATCH = 256
-_INBOX_ERRORS: tuple[type[Exception], ...] = (*REDIS_DOWN_ERRORS, ResponseError)
+# Redis down, or refusing (out of memory, a read-only replica...): a `ResponseError`
+# is raised, not returned in a reply's slot, when a connection's handshake gets one.
+_REDIS_FAILED: tuple[type[Exception], ...] = (*REDIS_DOWN_ERRORS, ResponseError)
 _ENQUEUE_BATCH = 512
 # How long a `drop` task's submit waits for Redis before counting the task as dropped.
 DROP_WAIT_SECONDS = 0.25
 
 
-def _redis_unreachable(exc: BaseException) -> ServiceUnavailable:
-    """The caller's error for an enqueue Redis did not take. Generic: redis-py's text
-    names Redis's address, so it is the error's `__cause__` (for the logs) alone."""
-    error = ServiceUnavailable("redis unreachable")
+def _redis_failed(exc: Exception) -> Exception:
+    """The caller's error for an enqueue Redis did not take: `ServiceUnavailable` when
+    Redis is down or refusing (`common.redis_failures`), its message naming the kind
+    only ("redis unreachable", "redis refused the write: out of memory"): redis-py's
+    text names Redis's address, so it is the error's `__cause__` (for the logs) alone.
+    An error reply of no known kind (a bug, bad data) is `exc` itself."""
+    kind = redis_failure(exc)
+    if kind is None:
+        return exc
+    error = ServiceUnavailable(redis_failure_message(exc, kind))
     error.__cause__ = exc
     return error
 
@@ -133,8 +142,8 @@ class ClientIO:
                 )
             try:
                 known = await self.redis.hexists(constants.CATALOG, service)
-            except REDIS_DOWN_ERRORS as exc:
-                return _redis_unreachable(exc)
+            except _REDIS_FAILED as exc:
+                return _redis_failed(exc)
             # A service reached before is not unknown, even with the catalog gone (Redis
             # restarted without its data, its workers not registered again yet).
             if not known and service not in self._reached:
@@ -180,8 +189,8 @@ class ClientIO:
                 enqueue = pack_commands([("EVALSHA", _SHAS["call"], *item.args)])
                 await self._receiver.send_packed(enqueue + self._blpop)
                 sent = True
-            except REDIS_DOWN_ERRORS:
-                pass  # the writer tries again on its own connection
+            except _REDIS_FAILED:
+                pass  # the writer tries again on its own connection, and says why not
             finally:
                 if sent:
                     self._direct = item
@@ -201,8 +210,8 @@ class ClientIO:
             batch = [item for item in batch if not item.future.done()]
             try:
                 results = await self._send_enqueues(batch) if batch else []
-            except REDIS_DOWN_ERRORS as exc:
-                error = _redis_unreachable(exc)
+            except _REDIS_FAILED as exc:  # never ends the writer: every later call needs it
+                error = _redis_failed(exc)
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(error)
@@ -216,8 +225,8 @@ class ClientIO:
         """Act on the enqueue script's result (an entry id unless refused)."""
         if item.future.done():
             return  # the caller timed out meanwhile
-        if isinstance(result, Exception):
-            item.future.set_exception(result)
+        if isinstance(result, Exception):  # e.g. the script's write refused (OOM)
+            item.future.set_exception(_redis_failed(result))
         elif not item.awaits_reply:
             item.future.set_result(result)
         elif result in (NO_INSTANCE, OVER_BACKLOG):
@@ -289,7 +298,7 @@ class ClientIO:
                 drain = len(self._pending) > 0
                 backoff.reset()
                 outage.recovered()
-            except _INBOX_ERRORS as exc:
+            except _REDIS_FAILED as exc:
                 if direct is not None and not direct.future.done():
                     self._outbox.put_nowait(direct)  # its enqueue's fate is unknown: again
                 outage.failed(exc)

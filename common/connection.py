@@ -37,12 +37,6 @@ REDIS_DOWN_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTim
 REDIS_DOWN_OR_SLOW: tuple[type[Exception], ...] = (TimeoutError, *REDIS_DOWN_ERRORS)
 
 
-def redis_down_reason(exc: BaseException) -> str:
-    """How a public health answer names a Redis failure: `timeout` or `unreachable`.
-    Never the error's text, which names Redis's address (the outage is logged with it)."""
-    return "timeout" if isinstance(exc, TimeoutError | RedisTimeoutError) else "unreachable"
-
-
 def connect(
     url: str,
     *,

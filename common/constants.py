@@ -25,6 +25,10 @@ SERVICES = f"{PREFIX}:services"
 # Pub/sub channel of registry changes: JSON {"type": "up"|"down", "service", "instance_id"}.
 REGISTRY_EVENTS = f"{PREFIX}:events:registry"
 
+# A key that never exists: `/health` writes it with `SET ... XX` to learn whether Redis
+# takes writes (`common.redis_failures.check_writable`), which writes nothing.
+WRITE_PROBE = f"{PREFIX}:health:write-probe"
+
 
 def call_stream(service: str) -> str:
     """The stream all instances of `service` consume (competing consumers)."""

@@ -18,8 +18,7 @@ import math
 import re
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from common.errors import (
     InvalidParams,
@@ -33,6 +32,7 @@ from common.errors import (
     SwitchboardError,
     shortened,
 )
+from common.redis_failures import redis_failure, redis_failure_message
 
 # The most of a refusal's message a log line carries.
 MAX_LOGGED_MESSAGE = 500
@@ -77,13 +77,16 @@ _RPC_STATUS: dict[type[SwitchboardError], int] = {
 
 
 def translated(exception: Exception) -> Exception:
-    """`exception` as the platform's error: redis-py's "cannot reach Redis" errors, from
-    a handler that talks to Redis itself, are `RedisUnavailable` (a 503 the caller may
-    retry, not a 500 and a traceback per request while Redis is down). Its message is
-    generic: redis-py's text names Redis's address, so it is only the `__cause__`,
-    which the error's log line carries (`error_detail`)."""
-    if isinstance(exception, (RedisConnectionError, RedisTimeoutError)):
-        translation = RedisUnavailable("redis unreachable")
+    """`exception` as the platform's error: redis-py's errors for a Redis failure (down,
+    or up and refusing: out of memory, a read-only replica, the credentials refused...,
+    `common.redis_failures`), from a handler that talks to Redis itself, are
+    `RedisUnavailable` (a 503 the caller may retry, not a 500 and a traceback per
+    request while Redis is down or full). Its message names the kind only ("redis
+    unreachable", "redis refused the write: out of memory"): redis-py's text names
+    Redis's address, so it is only the `__cause__`, which the error's log line carries
+    (`error_detail`)."""
+    if isinstance(exception, RedisError) and (kind := redis_failure(exception)) is not None:
+        translation = RedisUnavailable(redis_failure_message(exception, kind))
         translation.__cause__ = exception
         return translation
     return exception

@@ -6,7 +6,10 @@ retries every half second or so; a warning per attempt would write thousands of
 lines in a minute's outage and bury the one line that matters. So each loop keeps
 one `Outage`: `failed(exc)` on every failure, `recovered()` on every success, and only
 the first failure of an outage (a warning) and the first success after it (an info
-line with how long it lasted) are logged.
+line with how long it lasted) are logged. When Redis is up but refusing (the
+credentials, out of memory, a read-only replica: `common.redis_failures`), the
+warning says so ("waiting for redis: redis refused the credentials"), so a wrong
+password does not read as a network outage; the loop retries all the same.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import logging
 import time
 from typing import Any
+
+from common.redis_failures import REFUSALS, redis_failure, redis_failure_message
 
 
 class Outage:
@@ -29,8 +34,11 @@ class Outage:
         """One more failure; logged (with `fields` too) only when it starts an outage."""
         if self.since is None:
             self.since = time.monotonic()
+            message = self.down_message
+            if (kind := redis_failure(exc)) in REFUSALS:
+                message = f"{message}: {redis_failure_message(exc, kind)}"
             fields = {**self.fields, **fields, "error": str(exc) or type(exc).__name__}
-            self.log.warning(self.down_message, extra={"fields": fields})
+            self.log.warning(message, extra={"fields": fields})
 
     def recovered(self) -> None:
         """A success; logged only when it ends an outage."""

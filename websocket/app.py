@@ -36,11 +36,12 @@ from sanic.server.websockets.impl import WebsocketImplProtocol
 
 from common.aio import cancel_and_wait
 from common.client import RpcClient
-from common.connection import REDIS_DOWN_OR_SLOW, connect, redis_down_reason
+from common.connection import connect
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized, shortened
 from common.http_head import head_fault
 from common.policy import PolicyWatcher, RetryBudgetPolicy
+from common.redis_failures import REDIS_DOWN_OR_REFUSING, check_writable, redis_failure
 from common.registry_view import RegistryView
 from common.sanic_main import UNPARSED_METHOD
 from common.settings import Settings, get_settings
@@ -236,13 +237,16 @@ def _counted(handler: Any) -> Any:
 
 
 async def health(request: WsRequest) -> HTTPResponse:
-    """200 when Redis answers within a second, 503 otherwise; with the open connections."""
+    """200 when Redis takes writes within a second, 503 with the failure's kind
+    (`common.redis_failures`) otherwise; with the open connections."""
     connections = len(request.app.ctx.connections)
     try:
         async with asyncio.timeout(1.0):
-            await request.app.ctx.redis.ping()
-    except REDIS_DOWN_OR_SLOW as exc:
-        down = {"status": "degraded", "redis": {"ok": False, "error": redis_down_reason(exc)}}
+            await check_writable(request.app.ctx.redis)
+    except REDIS_DOWN_OR_REFUSING as exc:
+        if (kind := redis_failure(exc)) is None:
+            raise  # an error reply of no known kind: a 500, logged as such
+        down = {"status": "degraded", "redis": {"ok": False, "error": kind}}
         return json_response({**down, "connections": connections}, 503)
     body: dict[str, Any] = {"status": "ok", "redis": {"ok": True}, "connections": connections}
     body["policy_version"] = request.app.ctx.policy.current.version  # the one applied here

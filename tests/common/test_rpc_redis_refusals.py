@@ -1,0 +1,117 @@
+"""Redis up but refusing (out of memory, a read-only replica, a failed save, a script
+running too long, the credentials): the RPC client raises `ServiceUnavailable` saying
+why, at one caller and at many, for a client started before and one started during
+the refusal, and both go on once Redis takes writes again. A worker given the wrong
+password says so, once, never quoting it, and starts once the password is right."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from common import RpcClient, constants
+from common.embedded_redis import EmbeddedRedis
+from common.errors import ServiceUnavailable
+from tests.helpers import ServiceProcess, wait_for, wait_for_async
+from tests.support.redis_states import MESSAGES, STATES
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def private_redis() -> Iterator[EmbeddedRedis]:
+    """A redis-server of this module's own: it is made to refuse writes."""
+    server = EmbeddedRedis().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def admin(private_redis: EmbeddedRedis) -> Iterator[redis.Redis]:
+    client = redis.Redis(port=private_redis.port)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+async def _live_service(url: str) -> str:
+    """A service with an instance that holds a lease for an hour (and no worker): the
+    enqueue script gets past its liveness check to its write."""
+    service = f"refused_{uuid.uuid4().hex[:8]}"
+    client = aioredis.Redis.from_url(url)
+    try:
+        seconds, _ = await client.time()
+        await client.zadd(constants.instances_key(service), {"fake": (seconds + 3600) * 1000})
+    finally:
+        await client.aclose()
+    return service
+
+
+async def _refusals(rpc: RpcClient, service: str) -> list[BaseException | None]:
+    """What one call, then 20 concurrent calls (the writer's path) raise."""
+    errors: list[BaseException | None] = []
+    try:
+        await rpc.call(f"{service}.m", timeout=5)
+        errors.append(None)
+    except Exception as exc:
+        errors.append(exc)
+    calls = [rpc.call(f"{service}.m", timeout=5) for _ in range(20)]
+    errors += await asyncio.gather(*calls, return_exceptions=True)
+    return errors
+
+
+async def _taken(rpc: RpcClient, service: str) -> bool:
+    """A task is enqueued (the client's writer goes on), within a bound of our own."""
+    async with asyncio.timeout(2):
+        return await rpc.send(f"{service}.m")
+
+
+@pytest.mark.parametrize("kind", list(STATES))
+async def test_calls_refused_by_redis_are_service_unavailable_saying_why(
+    kind: str, private_redis: EmbeddedRedis, admin: redis.Redis
+) -> None:
+    url = private_redis.url
+    service = await _live_service(url)
+    # `during` connects on its first call: while Redis refuses.
+    async with RpcClient(url) as before, RpcClient(url) as during:
+        assert await before.send(f"{service}.m")  # connected, the scripts loaded
+        with STATES[kind](admin):
+            for rpc in (before, during):
+                errors = await _refusals(rpc, service)
+                assert all(isinstance(e, ServiceUnavailable) for e in errors), errors
+                assert {str(e) for e in errors} == {MESSAGES[kind]}
+                assert all(e.__cause__ is not None for e in errors)  # for the log
+        for rpc in (before, during):  # the writer and the reader went on
+            await wait_for_async(lambda rpc=rpc: _taken(rpc, service), timeout=15)
+
+
+def test_a_worker_refused_the_credentials_says_so_once_and_starts_once_they_are_right() -> None:
+    server = EmbeddedRedis().start()
+    admin = redis.Redis(port=server.port)
+    admin.config_set("requirepass", "the-old-Passw0rd")
+    name = f"calc_{uuid.uuid4().hex[:8]}"
+    url = f"redis://:the-new-Passw0rd@127.0.0.1:{server.port}/0"
+    env = {"REDIS_URL": url, "CALC_NAME": name}
+    worker = ServiceProcess(["python", "-m", "tests.support.calc_service"], env=env, name=name)
+    worker.start()
+    try:
+        wait_for(lambda: worker.log_records("waiting for redis: redis refused the credentials"))
+        admin.config_set("requirepass", "the-new-Passw0rd")  # the rotation completes
+        wait_for(lambda: admin.zcard(constants.instances_key(name)) == 1, timeout=15)
+        assert worker.alive()
+        waiting = worker.log_records("waiting for redis: redis refused the credentials")
+        assert len(waiting) == 1  # once, however many retries
+        assert len(worker.log_records("redis reachable")) == 1
+        assert "Passw0rd" not in worker.log_path.read_text()
+    finally:
+        worker.stop()
+        admin.close()
+        server.stop()
