@@ -5,13 +5,22 @@ through `asyncio.wait_for` can be swallowed (fixed in 3.12): the command returns
 normally and the task keeps running. Background loops therefore check
 `cancelling()` on every turn, and owners stop them with `cancel_and_wait`, which
 repeats the cancel until the task is really done.
+
+A background loop hands every failure to its `common.outage.Outage` and goes on; one
+that ends anyway (a bug past its guard) must not do so silently: `background()`
+starts a loop with a callback that logs its death (one error line, with the traceback).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
 from typing import Any
+
+from common.log import get_logger
+
+log = get_logger("switchboard.tasks")
 
 
 def cancelling() -> bool:
@@ -32,6 +41,24 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None, timeout: float = 10.0)
     if task.done():
         with contextlib.suppress(asyncio.CancelledError, Exception):
             task.result()
+
+
+def background(coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
+    """Start a background loop as a task whose death by an exception is logged: an error
+    line naming the task, with the traceback (a loop may also end by returning, as the
+    worker's do when it stops, or be cancelled: both are quiet)."""
+    task = asyncio.create_task(coro, name=name)
+    task.add_done_callback(_ended)
+    return task
+
+
+def _ended(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()  # retrieved now: asyncio will not complain at exit
+    if exc is not None:
+        fields = {"task": task.get_name(), "error": repr(exc)}
+        log.error("background task died", extra={"fields": fields}, exc_info=exc)
 
 
 class Backoff:

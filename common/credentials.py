@@ -38,7 +38,7 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 
 from common import apikeys, tokens
-from common.aio import cancel_and_wait, cancelling
+from common.aio import background, cancel_and_wait, cancelling
 from common.apikeys import ApiKeyRecord
 from common.connection import REDIS_DOWN_ERRORS
 from common.errors import ServiceUnavailable, Unauthorized
@@ -158,7 +158,7 @@ class Authenticator:
         except REDIS_DOWN_ERRORS as exc:
             log.warning("signing keys not loaded yet", extra={"fields": {"error": str(exc)}})
         await self.revocations.start()
-        self._resync = asyncio.create_task(self._resync_forever(), name="signing-keys-resync")
+        self._resync = background(self._resync_forever(), name="signing-keys-resync")
 
     async def close(self) -> None:
         await cancel_and_wait(self._resync)
@@ -289,10 +289,10 @@ class Authenticator:
                     await self.keyring.ensure()
                 await self._load_keys()
                 self._outage.recovered()
-            except REDIS_DOWN_ERRORS as exc:
-                self._outage.failed(exc)
             except ValueError:
                 log.exception("signing keys unreadable")
+            except Exception as exc:  # any (Redis refusing `ensure`'s write, say): again later
+                self._outage.failed(exc)
 
     # -- API keys ------------------------------------------------------------------------
 

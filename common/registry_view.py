@@ -51,8 +51,7 @@ from collections.abc import Callable, Collection
 import redis.asyncio as aioredis
 
 from common import constants
-from common.aio import cancel_and_wait, cancelling
-from common.connection import REDIS_DOWN_ERRORS
+from common.aio import background, cancel_and_wait, cancelling
 from common.log import get_logger
 from common.outage import Outage
 from common.registry import InstanceRecord, Registry, ServiceSnapshot, split_service_tag
@@ -134,8 +133,8 @@ class RegistryView:
     async def start(self) -> None:
         """Load the view once, then keep it current in the background."""
         self._tasks = [
-            asyncio.create_task(self._listen(), name="registry-events"),
-            asyncio.create_task(self._resync_forever(), name="registry-resync"),
+            background(self._listen(), name="registry-events"),
+            background(self._resync_forever(), name="registry-resync"),
         ]
         try:
             await asyncio.wait_for(self._synced.wait(), timeout=5)
@@ -199,7 +198,7 @@ class RegistryView:
                 await self.refresh()
                 self._synced.set()
                 self._outage.recovered()
-            except REDIS_DOWN_ERRORS as exc:
+            except Exception as exc:  # any (Redis refusing the prune, say): resync again
                 self._outage.failed(exc)
             await asyncio.sleep(self.resync_interval)
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
-from common.aio import cancel_and_wait, cancelling
+from common.aio import background, cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_ERRORS, as_text
 from common.constants import data_key
 from common.log import get_logger
@@ -120,14 +120,14 @@ class RevocationView:
 
     async def start(self) -> None:
         """Subscribe, then load the set (so nothing revoked in between is missed)."""
-        self._tasks.append(asyncio.create_task(self._listen(), name="revocations-listen"))
+        self._tasks.append(background(self._listen(), name="revocations-listen"))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._subscribed.wait(), 2.0)
         try:
             await self.refresh()
         except REDIS_DOWN_ERRORS as exc:
             log.warning("revocations not loaded yet", extra={"fields": {"error": str(exc)}})
-        self._tasks.append(asyncio.create_task(self._resync_forever(), name="revocations-resync"))
+        self._tasks.append(background(self._resync_forever(), name="revocations-resync"))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -154,7 +154,7 @@ class RevocationView:
             try:
                 await self.refresh()
                 self._outage.recovered()
-            except REDIS_DOWN_ERRORS as exc:
+            except Exception as exc:  # any: a stopped resync would never see Redis again
                 self._outage.failed(exc)
 
     async def _listen(self) -> None:

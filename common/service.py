@@ -9,10 +9,12 @@ async def list_channels(category: str | None = None) -> list[dict]: ...
 svc.run()  # or: await svc.serve(redis_url)
 ```
 
-Lifecycle of `serve()`: connect to Redis (waiting while it is unreachable),
-publish the method catalog and limits, run the `on_startup` hooks, take a
-heartbeat lease, and only then start consuming (a consumer without a lease would
-look dead to the other instances' reapers). On SIGTERM/SIGINT it drains: it stops
+Lifecycle of `serve()`: connect to Redis, publish the method catalog and limits,
+run the `on_startup` hooks, take a heartbeat lease, and only then start consuming
+(a consumer without a lease would look dead to the other instances' reapers).
+Each of these steps waits out a Redis outage (unreachable, or refusing writes) and
+is tried again, logged once ("waiting for redis", then "redis reachable"), so the
+hooks must be safe to run again after failing half-way. On SIGTERM/SIGINT it drains: it stops
 accepting at once (callers no longer route to it; with no other instance they
 get `ServiceUnavailable` immediately), stops reading, finishes in-flight calls
 within `SHUTDOWN_GRACE` while keeping its lease, flushes their replies,
@@ -25,16 +27,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, overload
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from common import constants
-from common.aio import cancel_and_wait, cancelling
-from common.connection import REDIS_DOWN_ERRORS, connect
+from common.aio import background, cancel_and_wait, cancelling
+from common.connection import connect
 from common.errors import ConfigError
 from common.log import get_logger, setup_logging
 from common.outage import Outage
@@ -175,16 +179,22 @@ class Service:
         registry = Registry(self._redis, self.settings.heartbeat_ttl)
         record = InstanceRecord(self.name, self.instance_id, kind="rpc", version=self.version)
         try:
-            if not await self._wait_for_redis():
-                return
-            await registry.publish_catalog(
-                self.name, {n: spec.describe() for n, spec in self.methods.items()}
-            )
-            await self._redis.hset(
-                constants.limits_key(self.name), "max_backlog", str(self.max_backlog)
-            )
+            # Each step waits out a Redis outage (or Redis refusing writes) and is tried
+            # again, so a Redis blip during start-up delays it instead of ending the
+            # process. Every step is idempotent: a retried one may have half-happened.
+            outage = Outage(log, "waiting for redis", "redis reachable")
+            catalog = {n: spec.describe() for n, spec in self.methods.items()}
+            limits = constants.limits_key(self.name)
+            steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+                ("ping", self._redis.ping),
+                ("catalog", lambda: registry.publish_catalog(self.name, catalog)),
+                ("limits", lambda: self.redis.hset(limits, "max_backlog", str(self.max_backlog))),
+            ]
             for hook in self._startup:
-                await hook(self)
+                steps.append((f"startup hook {_name_of(hook)}", functools.partial(hook, self)))
+            for step, run in steps:
+                if not await self._until_done(step, run, outage):
+                    return
             self.worker = Worker(
                 self._redis,
                 self.name,
@@ -199,9 +209,11 @@ class Service:
                 max_deliveries=self.settings.rpc_max_deliveries,
             )
             self._accepting = True
-            await registry.heartbeat(record)
-            heartbeat = asyncio.create_task(self._heartbeat(registry, record))
-            await self.worker.start()
+            if not await self._until_done("heartbeat", lambda: registry.heartbeat(record), outage):
+                return
+            heartbeat = background(self._heartbeat(registry, record), name=f"{self.name}-heartbeat")
+            if not await self._until_done("consumer groups", self.worker.start, outage):
+                return
             log.info(
                 "serving",
                 extra={"fields": {"instance": self.instance_id, "methods": sorted(self.methods)}},
@@ -210,30 +222,35 @@ class Service:
             log.info("shutting down", extra={"fields": {"instance": self.instance_id}})
         finally:
             self._accepting = False
-            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            with contextlib.suppress(RedisError, OSError):  # the lease ends by itself
                 await registry.heartbeat(record, accepting=False)
             if self.worker is not None:
                 await self.worker.stop(self.settings.shutdown_grace)
             await cancel_and_wait(heartbeat)
-            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            with contextlib.suppress(RedisError, OSError):
                 await registry.deregister(self.name, self.instance_id)
             for hook in self._shutdown:
                 await hook(self)
             await self._redis.aclose()
             self._redis = None
 
-    async def _wait_for_redis(self) -> bool:
-        """Block until Redis answers PING (False if asked to stop meanwhile)."""
-        assert self._redis is not None
+    async def _until_done(
+        self, step: str, run: Callable[[], Awaitable[Any]], outage: Outage
+    ) -> bool:
+        """Run one start-up step until Redis lets it finish (False if asked to stop meanwhile).
+
+        A Redis error (unreachable, or refusing the step: OOM, a read-only replica) is
+        waited out with a backoff, logged by `outage` once; anything else (a
+        `ConfigError` from a hook, a bug) ends the start-up as before.
+        """
         delay = 0.1
-        outage = Outage(log, "waiting for redis", "redis reachable")
         while not self._stop.is_set():
             try:
-                await self._redis.ping()
+                await run()
                 outage.recovered()
                 return True
-            except REDIS_DOWN_ERRORS as exc:
-                outage.failed(exc)
+            except (RedisError, OSError) as exc:
+                outage.failed(exc, step=step)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
                 delay = min(delay * 2, 2.0)
@@ -246,5 +263,9 @@ class Service:
             try:
                 await registry.heartbeat(record, accepting=self._accepting)
                 outage.recovered()
-            except REDIS_DOWN_ERRORS as exc:
+            except Exception as exc:  # any: a heartbeat that stops unregisters a live worker
                 outage.failed(exc)
+
+
+def _name_of(hook: Hook) -> str:
+    return f"{getattr(hook, '__module__', '?')}.{getattr(hook, '__qualname__', repr(hook))}"

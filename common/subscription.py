@@ -39,6 +39,8 @@ async def follow(
     (re)made.
     """
     outage = Outage(log, *lost, channel=channel) if lost is not None else None
+    # Not an outage the caller's resync sees: logged even when `lost` is None.
+    broken = Outage(log, "subscription failed", "subscription working again", channel=channel)
     while not cancelling():
         pubsub = redis.pubsub(ignore_subscribe_messages=True)
         try:
@@ -51,9 +53,13 @@ async def follow(
                 message = await pubsub.get_message(timeout=1.0)
                 if message is not None:
                     await on_message(message["data"])
+                broken.recovered()
         except REDIS_DOWN_ERRORS as exc:
             if outage is not None:
                 outage.failed(exc)
+            await asyncio.sleep(retry_delay)
+        except Exception as exc:  # Redis refusing, or the callback failing: subscribe again
+            broken.failed(exc)
             await asyncio.sleep(retry_delay)
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]

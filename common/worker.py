@@ -40,7 +40,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from common import constants
-from common.aio import Backoff, cancel_and_wait, cancelling
+from common.aio import Backoff, background, cancel_and_wait, cancelling
 from common.calls import CallRunner, WorkerStats
 from common.connection import REDIS_DOWN_ERRORS, RawConnection, pack_commands
 from common.log import get_logger
@@ -112,9 +112,9 @@ class Worker(CallRunner):
         """Create the consumer groups (both streams) and start consuming."""
         await self._ensure_groups()
         self._tasks = [
-            asyncio.create_task(self._consume(), name=f"{self.service}-consume"),
-            asyncio.create_task(self._reap(), name=f"{self.service}-reap"),
-            asyncio.create_task(self._flush(), name=f"{self.service}-flush"),
+            background(self._consume(), name=f"{self.service}-consume"),
+            background(self._reap(), name=f"{self.service}-reap"),
+            background(self._flush(), name=f"{self.service}-flush"),
         ]
 
     async def stop(self, grace: float) -> None:
@@ -181,6 +181,7 @@ class Worker(CallRunner):
         """
         backoff = Backoff()
         outage = Outage(log, "redis unreachable, retrying", "redis reachable again")
+        refused = Outage(log, "redis refused the call read, retrying", "calls read again")
         probe_first = True
         group, consumer = constants.WORKER_GROUP, self.consumer
         first = (self.stream, self.direct, self.tasks[0])
@@ -213,7 +214,7 @@ class Worker(CallRunner):
                     self._written(batch, await self._reader.read(len(flush)))
                     batch = []
                 (response,) = await self._reader.read(1, timeout=read_timeout)
-            except REDIS_DOWN_ERRORS as exc:
+            except Exception as exc:  # any: the connection is dropped, the next read remakes it
                 self._requeue(batch)
                 outage.failed(exc)
                 await backoff.wait()
@@ -222,12 +223,12 @@ class Worker(CallRunner):
                 self._requeue(batch)  # cancelled mid-write: the flusher writes it again
                 raise
             if isinstance(response, ResponseError):
-                if "NOGROUP" in str(response):  # a stream was deleted (expiry, FLUSHALL)
-                    await self._ensure_groups()
-                    continue
-                raise response
+                await self._read_refused(response, refused, backoff)
+                continue
             backoff.reset()
             outage.recovered()
+            if refused.since is not None:  # rare: skip the call on the hot path
+                refused.recovered()
             if isinstance(response, dict):  # RESP3
                 response = list(response.items())
             if probe_first:
@@ -251,8 +252,25 @@ class Worker(CallRunner):
         if self._finished:
             self._flush_wanted.set()
 
+    async def _read_refused(self, error: ResponseError, refused: Outage, backoff: Backoff) -> None:
+        """Redis answered the read with an error: make the groups again if a stream was
+        deleted (expiry, FLUSHALL), else (a stream key of another type, say) wait and
+        read again: the loop must not end while the worker runs."""
+        failure: Exception = error
+        if "NOGROUP" in str(error):
+            try:
+                await self._ensure_groups()
+                return
+            except Exception as exc:
+                failure = exc
+        refused.failed(failure)
+        await backoff.wait()
+
     async def _reap(self) -> None:
         """Every `reap_interval`: put due task retries back, reclaim dead instances' calls."""
+        # Quiet while Redis is unreachable (the consume loop says so); Redis refusing the
+        # scripts (maxmemory reached) or a bug is said here, once per outage.
+        outage = Outage(log, "reap failed, retrying", "reaping again")
         while not self._stopping.is_set() and not cancelling():
             await asyncio.sleep(self.reap_interval)
             try:
@@ -261,8 +279,12 @@ class Worker(CallRunner):
                 if free <= 0:
                     continue
                 claimed = await self.redelivery.reclaim(free)
+                outage.recovered()
             except REDIS_DOWN_ERRORS:
-                continue  # the consume loop reports the outage
+                continue
+            except Exception as exc:
+                outage.failed(exc)
+                continue
             if claimed:
                 self.stats.redelivered += len(claimed)
                 log.info("reclaimed calls of dead instances", extra={"fields": {"n": len(claimed)}})
@@ -321,7 +343,7 @@ class Worker(CallRunner):
             while batch and not cancelling():
                 try:
                     replies = await self._writer.execute(self._writes.commands(batch))
-                except REDIS_DOWN_ERRORS as exc:
+                except Exception as exc:  # any: a flusher that ends leaves replies unwritten
                     outage.failed(exc)  # keep the replies: delivered once Redis is back
                     await backoff.wait()
                     continue

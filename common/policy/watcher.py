@@ -44,7 +44,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from common import constants
-from common.aio import cancel_and_wait, cancelling
+from common.aio import background, cancel_and_wait, cancelling
 from common.connection import REDIS_DOWN_OR_SLOW
 from common.errors import Conflict, RedisUnavailable
 from common.log import get_logger
@@ -98,8 +98,8 @@ class PolicyWatcher:
         """Follow changes until cancelled, or until `close()` (then it returns)."""
         self._closing = False
         tasks = self._tasks = [
-            asyncio.create_task(self._listen(), name="policy-events"),
-            asyncio.create_task(self._poll(), name="policy-poll"),
+            background(self._listen(), name="policy-events"),
+            background(self._poll(), name="policy-poll"),
         ]
         try:
             await asyncio.gather(*tasks)
@@ -177,7 +177,10 @@ class PolicyWatcher:
 
     async def _poll(self) -> None:
         while not cancelling():
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception as exc:  # `refresh` handles Redis's errors; a bug must not end it
+                self._outage.failed(exc, version=self.current.version)
             await asyncio.sleep(self.interval)
 
     async def _listen(self) -> None:

@@ -20,8 +20,8 @@ import redis.asyncio as aioredis
 from common import constants
 from common.aio import cancelling
 from common.codec import json_default
-from common.connection import REDIS_DOWN_ERRORS
 from common.log import get_logger
+from common.outage import Outage
 from microservices.iptv.catalog import Catalog, Keys
 
 log = get_logger("iptv.now_playing")
@@ -62,12 +62,15 @@ class NowPlaying:
         return sum(int(r) for r in results)
 
     async def run(self) -> None:
-        """Check every `interval` until cancelled (Redis outages are logged and waited out)."""
+        """Check every `interval` until cancelled; a failure (Redis down or refusing
+        writes, or anything else) is logged once per outage and the next check goes on."""
+        outage = Outage(log, "now playing check failed", "now playing checks again")
         while not cancelling():
             try:
                 announced = await self.check()
+                outage.recovered()
                 if announced:
                     log.info("now playing changed", extra={"fields": {"channels": announced}})
-            except REDIS_DOWN_ERRORS as exc:
-                log.warning("now playing check failed", extra={"fields": {"error": str(exc)}})
+            except Exception as exc:
+                outage.failed(exc)
             await asyncio.sleep(self.interval)

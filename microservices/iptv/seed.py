@@ -38,6 +38,15 @@ _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# KEYS: the lock. ARGV: the owner's token, the lock's TTL (ms). Taken if free or already
+# the owner's (a seed that Redis failed half-way, whose release failed too).
+_TAKE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,21 +325,26 @@ async def ensure_seeded(
     lock_ttl: float = 120.0,
     wait_timeout: float = 300.0,
     poll_interval: float = 0.1,
+    owner: str | None = None,
 ) -> bool:
     """Seed the catalog unless it already is; True if this call wrote it.
 
     Concurrent callers seed once: one holds the lock, the others poll for the
     marker. If the holder dies, its lock expires after `lock_ttl` and a waiter
     takes over (seeding overwrites, so a half-written catalog is repaired).
+    `owner` (an instance id; default: this call alone) names the lock's holder: a
+    call that Redis failed half-way left its lock behind (its release failed too), and
+    the same owner's next call takes it back at once instead of waiting it out.
+    Never call it concurrently with the same `owner`.
     """
     if channel_count < 1:
         raise ConfigError("IPTV_CHANNELS must be at least 1")
     if await redis.exists(Keys.seeded):
         return False
-    token = uuid.uuid4().hex
+    token = owner or uuid.uuid4().hex
     deadline = time.monotonic() + wait_timeout
     while time.monotonic() < deadline:
-        if await redis.set(Keys.seed_lock, token, nx=True, px=int(lock_ttl * 1000)):
+        if await redis.eval(_TAKE_LOCK, 1, Keys.seed_lock, token, int(lock_ttl * 1000)):
             try:
                 # Someone may have finished between our check and our lock.
                 if await redis.exists(Keys.seeded):

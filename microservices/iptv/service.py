@@ -11,9 +11,9 @@ from datetime import datetime
 from typing import Any
 
 from common import Service
-from common.aio import cancel_and_wait, cancelling
-from common.connection import REDIS_DOWN_ERRORS
+from common.aio import background, cancel_and_wait, cancelling
 from common.log import get_logger
+from common.outage import Outage
 from microservices.iptv.catalog import Catalog
 from microservices.iptv.now_playing import NowPlaying
 from microservices.iptv.seed import ensure_seeded
@@ -41,26 +41,36 @@ ctx = _Context()
 @svc.on_startup
 async def prepare(service: Service) -> None:
     """Seed the catalog on the very first start (once across instances), then serve it,
-    and announce "now playing" changes in the background."""
-    await ensure_seeded(service.redis, service.settings.iptv_channels)
+    and announce "now playing" changes in the background.
+
+    Run again when Redis failed it half-way (`Service` retries a start-up step): the
+    seed lock is this instance's, so the retry takes it back at once."""
+    await ensure_seeded(service.redis, service.settings.iptv_channels, owner=service.instance_id)
     ctx.catalog = Catalog(service.redis)
     announcer = NowPlaying(service.redis, ctx.catalog, service.settings.iptv_now_interval)
     ctx.tasks = [
-        asyncio.create_task(announcer.run(), name="iptv-now-playing"),
-        asyncio.create_task(keep_seeded(service), name="iptv-keep-seeded"),
+        background(announcer.run(), name="iptv-now-playing"),
+        background(keep_seeded(service), name="iptv-keep-seeded"),
     ]
 
 
 async def keep_seeded(service: Service, interval: float = SEED_CHECK_INTERVAL) -> None:
     """Seed the catalog again if Redis lost it (restarted without its data): recovered
-    without restarting the worker, once across instances (`ensure_seeded`'s lock)."""
+    without restarting the worker, once across instances (`ensure_seeded`'s lock).
+    A failure is logged once per outage (Redis refusing writes, say) and retried."""
+    outage = Outage(log, "catalog check failed", "catalog checks again")
     while not cancelling():
         await asyncio.sleep(interval)
         try:
-            if await ensure_seeded(service.redis, service.settings.iptv_channels):
-                log.warning("catalog was gone from Redis: seeded it again")
-        except REDIS_DOWN_ERRORS:
-            pass  # the worker's own loop reports the outage
+            seeded = await ensure_seeded(
+                service.redis, service.settings.iptv_channels, owner=service.instance_id
+            )
+            outage.recovered()
+        except Exception as exc:
+            outage.failed(exc)
+            continue
+        if seeded:
+            log.warning("catalog was gone from Redis: seeded it again")
 
 
 @svc.on_shutdown

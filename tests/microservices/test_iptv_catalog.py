@@ -341,3 +341,17 @@ async def test_favourites_survive_a_reseed(empty_db: aioredis.Redis) -> None:
     assert await ensure_seeded(empty_db, 10, GUIDE_START)
     favourites = await Catalog(empty_db).list_favourites("alice")
     assert [c["id"] for c in favourites] == [3]
+
+
+async def test_a_seeder_takes_its_own_lock_back(empty_db: aioredis.Redis) -> None:
+    # The same instance's seed failed half-way (Redis went away): its release failed
+    # too, so its lock is still there. Its retry seeds at once, not after lock_ttl.
+    await empty_db.set(Keys.seed_lock, "iptv-1", px=120_000)
+    assert await ensure_seeded(empty_db, 10, GUIDE_START, owner="iptv-1", wait_timeout=5)
+    assert await empty_db.hlen(Keys.channels) == 10
+    assert not await empty_db.exists(Keys.seed_lock)
+    # Anyone else's lock is still waited for.
+    await empty_db.delete(Keys.seeded)
+    await empty_db.set(Keys.seed_lock, "iptv-2", px=120_000)
+    with pytest.raises(TimeoutError):
+        await ensure_seeded(empty_db, 10, GUIDE_START, owner="iptv-1", wait_timeout=0.3)
