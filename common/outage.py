@@ -8,8 +8,9 @@ one `Outage`: `failed(exc)` on every failure, `recovered()` on every success, an
 the first failure of an outage (a warning) and the first success after it (an info
 line with how long it lasted) are logged. When Redis is up but refusing (the
 credentials, out of memory, a read-only replica: `common.redis_failures`), the
-warning says so ("waiting for redis: redis refused the credentials"), so a wrong
-password does not read as a network outage; the loop retries all the same.
+warning says so in its fields (`"kind": "auth", "refused": "redis refused the
+credentials"`), so a wrong password does not read as a network outage; the loop
+retries all the same. The message stays the loop's own, for log queries.
 
 A loop hands every failure to its `Outage`, not only "Redis unreachable": Redis
 refusing writes (maxmemory reached: the OOM error), a key of the wrong type, or a bug
@@ -28,6 +29,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from common.errors import RedisUnavailable
 from common.redis_failures import REFUSALS, redis_failure, redis_failure_message
 
 
@@ -44,6 +46,8 @@ class Outage:
     def failed(self, exc: BaseException, **fields: Any) -> None:
         """One more failure; logged (with `fields` too) only when it starts an outage,
         or is the outage's first failure of its kind."""
+        if isinstance(exc, RedisUnavailable) and isinstance(exc.__cause__, Exception):
+            exc = exc.__cause__  # ours, standing for redis-py's error: the cause tells more
         kind = failure_kind(exc)
         if self.since is None:
             self.since = time.monotonic()
@@ -51,12 +55,11 @@ class Outage:
         elif kind in self._kinds:
             return
         self._kinds.add(kind)
-        message = self.down_message
-        if kind in REFUSALS:
-            message = f"{message}: {redis_failure_message(exc, kind)}"
         fields = {**self.fields, **fields, "kind": kind, "error": str(exc) or type(exc).__name__}
+        if kind in REFUSALS:
+            fields["refused"] = redis_failure_message(exc, kind)
         bug = not isinstance(exc, RedisError | OSError)
-        self.log.warning(message, extra={"fields": fields}, exc_info=exc if bug else None)
+        self.log.warning(self.down_message, extra={"fields": fields}, exc_info=exc if bug else None)
 
     def recovered(self) -> None:
         """A success; logged only when it ends an outage."""

@@ -103,15 +103,23 @@ def test_a_worker_refused_the_credentials_says_so_once_and_starts_once_they_are_
     worker = ServiceProcess(["python", "-m", "tests.support.calc_service"], env=env, name=name)
     worker.start()
     try:
-        wait_for(lambda: worker.log_records("waiting for redis: redis refused the credentials"))
+        wait_for(lambda: _refused(worker))
         admin.config_set("requirepass", "the-new-Passw0rd")  # the rotation completes
         wait_for(lambda: admin.zcard(constants.instances_key(name)) == 1, timeout=15)
         assert worker.alive()
-        waiting = worker.log_records("waiting for redis: redis refused the credentials")
-        assert len(waiting) == 1  # once, however many retries
+        assert len(worker.log_records("waiting for redis")) == 1  # once, however many retries
+        assert _refused(worker)
         assert len(worker.log_records("redis reachable")) == 1
         assert "Passw0rd" not in worker.log_path.read_text()
     finally:
         worker.stop()
         admin.close()
         server.stop()
+
+
+def _refused(worker: ServiceProcess) -> bool:
+    """The worker said it waits for Redis because Redis refused its credentials."""
+    return any(
+        (r.get("kind"), r.get("refused")) == ("auth", "redis refused the credentials")
+        for r in worker.log_records("waiting for redis")
+    )
