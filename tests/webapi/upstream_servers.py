@@ -189,6 +189,8 @@ async def upstream_pool() -> AsyncIterator[UpstreamPool]:
 
 def _no_open(pool: UpstreamPool, address: str) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
-        return pool.stats()[address]["open"] == 0
+        # The sweep drops an address's entry once it has no connection left.
+        entry = pool.stats().get(address)
+        return entry is None or entry["open"] == 0
 
     return check

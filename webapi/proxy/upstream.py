@@ -30,6 +30,16 @@ timeouts) and the most recently used idle connection is taken first; a connectio
 the server closed while idle is noticed and dropped before it could be taken.
 Connect failures are never retried here: `UpstreamConnectError` is for the caller,
 which may try another instance.
+
+Idle connections and entries are swept, not only checked when the next request to
+their address comes (an instance that left gets none): one timer per pool, every
+`idle_timeout / 2` (at most 1 s, at least 50 ms) while the pool has any entry,
+closes the idle connections past `idle_timeout` and drops the entry of an address
+with no connection open and none being made, its counts in `stats()` with it. A
+connection to an instance that left is thus closed at most `idle_timeout` plus a
+sweep interval after its last response, even when the instance never closes it.
+Leaving the registry does not close an instance's connections sooner: the pool
+knows addresses, not instances, and the sweep already bounds the wait.
 """
 
 from __future__ import annotations
@@ -50,6 +60,10 @@ from webapi.proxy.headers import NO_BODY, SIZED, RequestBody, build_request_head
 from webapi.proxy.headers import strip_hop_by_hop as strip_hop_by_hop
 from webapi.proxy.response import UpstreamResponse as UpstreamResponse
 
+# The sweep of idle connections and empty entries runs every `idle_timeout / 2`,
+# within these bounds (seconds).
+SWEEP_MIN, SWEEP_MAX = 0.05, 1.0
+
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
@@ -64,6 +78,7 @@ class _Host:
 
     __slots__ = (
         "address",
+        "connecting",
         "connects",
         "conns",
         "host",
@@ -80,6 +95,7 @@ class _Host:
         self.host, self.port = split_address(address)
         self.idle: deque[Connection] = deque()
         self.conns: set[Connection] = set()
+        self.connecting = 0  # connects under way (their connection is not in `conns` yet)
         self.connects = 0
         self.reuses = 0
         self.retries = 0
@@ -150,6 +166,7 @@ class UpstreamPool:
         self._hosts: dict[str, _Host] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # set by the first connect
         self._deadlines: Deadlines | None = None  # the exchanges' timeouts (made in the loop)
+        self._sweep_handle: asyncio.TimerHandle | None = None
 
     async def request(
         self,
@@ -186,7 +203,7 @@ class UpstreamPool:
             raise UpstreamError("the upstream pool is closed")
         host = self._hosts.get(address)
         if host is None:
-            host = self._hosts[address] = _Host(self, address)
+            host = self._add_host(address)
         if isinstance(headers, bytes):
             assert body is None or isinstance(body, bytes | bytearray)
             head, length = headers, len(body or b"")
@@ -209,9 +226,9 @@ class UpstreamPool:
                 if not stale_retry_allowed(method, body):
                     raise UpstreamProtocolError(str(exc)) from exc
                 fresh = True
-        if fresh:
-            host.retries += 1
-        conn = await self._connect(host, loop, deadline, connect_timeout or self.connect_timeout)
+        conn = await self._connect(
+            address, loop, deadline, connect_timeout or self.connect_timeout, fresh
+        )
         return await conn.exchange(head, body, framing, length, head_request, deadline, end)
 
     def idle_connection(self, address: str) -> Connection | None:
@@ -222,13 +239,53 @@ class UpstreamPool:
             return None
         return host.take_idle(self._loop.time())
 
+    def _add_host(self, address: str) -> _Host:
+        host = self._hosts[address] = _Host(self, address)
+        if self._sweep_handle is None and not self.closed:
+            self._sweep_handle = asyncio.get_running_loop().call_later(
+                self._sweep_interval(), self._sweep
+            )
+        return host
+
+    def _sweep_interval(self) -> float:
+        return min(max(self.idle_timeout / 2, SWEEP_MIN), SWEEP_MAX)
+
+    def _sweep(self) -> None:
+        """Close the idle connections past `idle_timeout`; drop the entries of addresses
+        with no connection open or being made (the module docstring)."""
+        self._sweep_handle = None
+        if self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        expired = loop.time() - self.idle_timeout
+        for address, host in list(self._hosts.items()):
+            idle = host.idle
+            # Oldest first (`release` appends). Taken out of `idle` before the close, so
+            # no request can take it; the close frees the socket right away (nothing is
+            # left to write on an idle connection) and `forget` empties `conns` when
+            # the loss is reported, for the next sweep to drop the entry.
+            while idle and idle[0].idle_since <= expired:
+                idle.popleft().close()
+            if not host.conns and not host.connecting:
+                del self._hosts[address]
+        if self._hosts:
+            self._sweep_handle = loop.call_later(self._sweep_interval(), self._sweep)
+
     async def _connect(
         self,
-        host: _Host,
+        address: str,
         loop: asyncio.AbstractEventLoop,
         deadline: float | None,
         connect_timeout: float,
+        retry: bool,
     ) -> Connection:
+        # Looked up here, not passed in: while the request awaited a stale connection's
+        # end, the sweep may have dropped the entry that connection emptied.
+        host = self._hosts.get(address)
+        if host is None:
+            host = self._add_host(address)
+        if retry:
+            host.retries += 1
         timeout, total_bound = connect_timeout, False
         if deadline is not None and deadline - loop.time() < timeout:
             timeout, total_bound = deadline - loop.time(), True
@@ -236,6 +293,7 @@ class UpstreamPool:
             self._loop = loop
             self._deadlines = Deadlines(loop)
         conn = Connection(host, loop, self.read_timeout, self.max_body, self._deadlines)
+        host.connecting += 1  # keeps the entry from the sweep until `conns` holds `conn`
         try:
             async with asyncio.timeout(timeout):
                 await loop.create_connection(lambda: conn, host.host, host.port)
@@ -247,6 +305,8 @@ class UpstreamPool:
             ) from exc
         except OSError as exc:
             raise UpstreamConnectError(f"cannot connect to {host.address}: {exc}") from exc
+        finally:
+            host.connecting -= 1
         if self.closed:
             conn.close()
             raise UpstreamError("the upstream pool is closed")
@@ -256,7 +316,9 @@ class UpstreamPool:
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per address: connections `open`, `idle` and `active`, and the counts of
-        `connects`, `reuses` (requests on an idle connection) and stale `retries`."""
+        `connects`, `reuses` (requests on an idle connection) and stale `retries`.
+        An address is listed while the pool has an entry for it (the module docstring:
+        the sweep drops an entry with no connection left, and its counts)."""
         return {
             address: {
                 "open": len(host.conns),
@@ -272,6 +334,9 @@ class UpstreamPool:
     async def close(self) -> None:
         """Close every connection; requests still in progress fail with `UpstreamError`."""
         self.closed = True
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
         conns = [conn for host in self._hosts.values() for conn in host.conns]
         for host in self._hosts.values():
             host.idle.clear()
