@@ -44,7 +44,7 @@ from common.log import get_logger, setup_logging
 from common.outage import Outage
 from common.params import MethodSpec
 from common.registry import InstanceRecord, Registry, new_instance_id
-from common.scopes import ADMIN
+from common.scopes import PRIVILEGED
 from common.settings import Settings, exit_on_config_error, get_settings
 from common.worker import Worker
 
@@ -70,8 +70,8 @@ class Service:
     ) -> None:
         if not _NAME.fullmatch(name):
             raise ConfigError(f"service name {name!r} must match {_NAME.pattern}")
-        if name == ADMIN:  # the admin API's scope: only admins could call it
-            raise ConfigError(f"service name {name!r} is reserved (the admin API)")
+        if name in PRIVILEGED:  # a privileged scope's: `*` would not reach it
+            raise ConfigError(f"service name {name!r} is reserved (a privileged scope)")
         self.name = name
         self.version = version
         # Read at first use, not here: a service is declared at import, and a bad

@@ -2,7 +2,8 @@
 
 The text form, hash and Redis records are `common.apikeys` (shared with the
 verifiers). A key's scopes must be valid and within what its owner may reach
-(`common.scopes.covers`): `admin` only for admins. Deleting a key publishes a
+(`common.scopes.covers`): `admin` only for admins, `registry` only for admins and
+users given it (`*` includes neither). Deleting a key publishes a
 `key:` revocation, so every verifier drops its cached record at once.
 
 A user holds at most `MAX_KEYS_PER_USER` keys. The count is checked by the

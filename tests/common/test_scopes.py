@@ -9,6 +9,7 @@ from common.errors import ConfigError
 from common.scaffold import ScaffoldError, check_name
 from common.scopes import (
     ADMIN,
+    REGISTRY,
     RESERVED_SERVICES,
     allows,
     channel_resource,
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.timeout(10)
 
 
 @pytest.mark.parametrize(
-    "scope", ["*", "admin", "iptv", "iptv.*", "iptv.list_channels", "a", "nlp-v2.run", "x" * 63]
+    "scope",
+    ["*", "admin", "registry", "iptv", "iptv.*", "iptv.list_channels", "a", "nlp-v2.run", "x" * 63],
 )
 def test_valid_scopes(scope: str) -> None:
     assert valid_scope(scope)
@@ -33,7 +35,8 @@ def test_valid_scopes(scope: str) -> None:
 @pytest.mark.parametrize(
     "scope",
     ["", " ", "**", "IPTV", "1svc", "iptv.", ".m", "iptv.m.x", "iptv.M", "iptv.*.*", "x" * 64,
-     "admin.*", "admin.users", "*.m", "svc m", "svc\n", "svc:m", "é"],
+     "admin.*", "admin.users", "registry.*", "registry.heartbeat", "*.m", "svc m", "svc\n",
+     "svc:m", "é"],
 )  # fmt: skip
 def test_invalid_scopes(scope: str) -> None:
     assert not valid_scope(scope)
@@ -49,6 +52,14 @@ def test_invalid_scopes(scope: str) -> None:
         ({"admin"}, "admin", None, True),
         ({"admin"}, "admin", "auth.revoke", True),
         ({"admin"}, "iptv", "list_channels", False),  # admin is only the admin API
+        # ... and the registry, which "*" (every user's by default) does not reach
+        ({"*"}, "registry", "heartbeat", False),
+        ({"*"}, "registry", None, False),
+        ({"registry"}, "registry", "heartbeat", True),
+        ({"admin"}, "registry", "heartbeat", True),
+        ({"registry"}, "admin", None, False),
+        ({"registry"}, "iptv", None, False),
+        ({"registry.*", "registry.heartbeat"}, "registry", "heartbeat", False),  # look-alikes
         ({"iptv"}, "iptv", "list_channels", True),
         ({"iptv"}, "iptv", None, True),
         ({"iptv.*"}, "iptv", "search", True),
@@ -94,6 +105,7 @@ def test_channel_resource(channel: str, resource: tuple[str, None]) -> None:
         ({"iptv"}, "billing:x", False),
         ({"*"}, "admin:x", False),
         ({"admin"}, "admin:x", True),
+        ({"*"}, "registry:x", False),
         ({"*"}, "auth:x", False),
         ({"auth"}, "auth:x", False),
         ({"*"}, "IPTV:x", True),
@@ -113,6 +125,10 @@ def test_who_reaches_a_channel(scopes: set[str], channel: str, expected: bool) -
         ({"*"}, "iptv.search", True),
         ({"*"}, "admin", False),
         ({"*", "admin"}, "admin", True),
+        ({"*"}, "registry", False),  # a user cannot give a key what `*` lacks
+        ({"registry"}, "registry", True),
+        ({"*", "admin"}, "registry", True),  # an admin hands out backends' keys
+        ({"registry"}, "*", False),
         ({"iptv"}, "*", False),
         ({"iptv"}, "iptv.*", True),
         ({"iptv.*"}, "iptv", True),
@@ -152,6 +168,7 @@ def test_a_new_service_cannot_take_a_name_the_gateway_reserves(name: str) -> Non
         parse_heartbeat({"params": {"data": [{"servicename": f"{name}_v2", "addrip": "h:80"}]}})
 
 
-def test_no_worker_takes_the_admin_api_name() -> None:
+@pytest.mark.parametrize("name", [ADMIN, REGISTRY])
+def test_no_worker_takes_a_privileged_scopes_name(name: str) -> None:
     with pytest.raises(ConfigError, match="reserved"):
-        Service(ADMIN)
+        Service(name)

@@ -93,6 +93,23 @@ async def test_only_admins_may_give_a_key_the_admin_scope(accounts: Accounts) ->
     assert key["scopes"] == ["*", "admin"]
 
 
+async def test_a_registry_key_needs_the_registry_scope_or_admin(accounts: Accounts) -> None:
+    # A registry key registers backends (where other users' requests go): the `*` every
+    # user signing up gets is not enough to mint one.
+    user_id, _ = await signed_up(accounts, "Yuri")
+    with pytest.raises(Forbidden, match="beyond"):
+        await accounts.create_api_key(user_id, "backends", ["registry"], None)
+    with pytest.raises(BadRequest):
+        await accounts.create_api_key(user_id, "backends", ["registry.heartbeat"], None)
+    await accounts.set_scopes(user_id, ["*", "registry"])
+    key = await accounts.create_api_key(user_id, "backends", ["registry"], None)
+    assert key["scopes"] == ["registry"]
+    admin_id, _ = await signed_up(accounts, "Zora")
+    await accounts.set_roles(admin_id, ["user", "admin"])
+    key = await accounts.create_api_key(admin_id, "backends", ["registry"], None)
+    assert key["scopes"] == ["registry"]
+
+
 async def test_the_key_cap_holds_against_concurrent_creations(
     accounts: Accounts, redis: aioredis.Redis, redis_url: str
 ) -> None:
