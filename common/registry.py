@@ -38,9 +38,32 @@ import redis.asyncio as aioredis
 from common import constants
 from common.connection import as_text
 
+# True when the record stored for ARGV[1] in the hash KEYS[3] is of the kind `kind`
+# ('': never). A record that is not a JSON object is of no kind.
+_STORED_KIND_IS = """
+local function stored_kind_is(kind)
+  if kind == '' then
+    return false
+  end
+  local raw = redis.call('HGET', KEYS[3], ARGV[1])
+  if not raw then
+    return false
+  end
+  local ok, stored = pcall(cjson.decode, raw)
+  return ok and type(stored) == 'table' and stored['kind'] == kind
+end
+"""
+
 # KEYS: instances zset, leases zset, records hash, the instance's direct stream.
-# ARGV: instance id, ttl ms, record JSON, accepting ("1"/"0"), direct stream ttl ms.
-_HEARTBEAT = """
+# ARGV: instance id, ttl ms, record JSON, accepting ("1"/"0"), direct stream ttl ms,
+# the kind a stored record of this id must not have ('': any).
+# Returns false (nil), changing nothing, when the stored record has that kind.
+_HEARTBEAT = (
+    _STORED_KIND_IS
+    + """
+if stored_kind_is(ARGV[6]) then
+  return false
+end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease_end = now_ms + tonumber(ARGV[2])
@@ -63,6 +86,24 @@ end
 table.insert(dead, 1, added)
 return dead
 """
+)
+
+# KEYS: instances zset, leases zset, records hash, the instance's direct stream.
+# ARGV: instance id, the kind a stored record of this id must not have ('': any).
+# Returns 0, changing nothing, when the stored record has that kind; else 1.
+_DEREGISTER = (
+    _STORED_KIND_IS
+    + """
+if stored_kind_is(ARGV[2]) then
+  return 0
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('DEL', KEYS[4])
+return 1
+"""
+)
 
 # A dead instance's direct stream (calls addressed to it alone) outlives its lease
 # by this many TTLs, then expires: nobody else may serve those calls.
@@ -114,6 +155,14 @@ return ids
 
 def _event(kind: str, service: str, instance_id: str) -> str:
     return json.dumps({"type": kind, "service": service, "instance_id": instance_id})
+
+
+def _guard(kind: str) -> str:
+    """The kind a stored record may not have for a heartbeat or removal of `kind` to
+    touch it: an RPC worker's registration (its lease holds its calls, its direct
+    stream the calls addressed to it) is its own. `rpc` is unguarded: a worker's own
+    heartbeat reads nothing more."""
+    return "" if kind == "rpc" else "rpc"
 
 
 def split_service_tag(name: str) -> tuple[str, str]:
@@ -172,14 +221,18 @@ class Registry:
         self.redis = redis
         self.ttl_ms = int(ttl * 1000)
         self._heartbeat = redis.register_script(_HEARTBEAT)
+        self._deregister = redis.register_script(_DEREGISTER)
         self._live = redis.register_script(_LIVE)
         self._snapshot = redis.register_script(_SNAPSHOT)
 
-    async def heartbeat(self, record: InstanceRecord, *, accepting: bool = True) -> None:
+    async def heartbeat(self, record: InstanceRecord, *, accepting: bool = True) -> bool:
         """Extend `record`'s lease by the TTL (and prune instances whose lease ended).
 
         `accepting=False` keeps the lease (in-flight calls stay ours) but takes the
         instance out of the set callers are routed to: the first step of draining.
+
+        False, changing nothing, when `record` is not an RPC worker's but its id is one's
+        (`_guard`): an HTTP heartbeat never replaces a worker's registration.
         """
         service, instance_id = record.service, record.instance_id
         keys = [
@@ -194,8 +247,12 @@ class Registry:
             record.to_json(),
             "1" if accepting else "0",
             self.ttl_ms * _DIRECT_STREAM_TTLS,
+            _guard(record.kind),
         ]
-        added, *dead = await self._heartbeat(keys=keys, args=args)
+        result = await self._heartbeat(keys=keys, args=args)
+        if result is None:
+            return False
+        added, *dead = result
         if added or dead:
             # Outside the script: these keys live in other cluster slots than {service}'s.
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -205,16 +262,24 @@ class Registry:
                 for gone in dead:
                     pipe.publish(constants.REGISTRY_EVENTS, _event("down", service, as_text(gone)))
                 await pipe.execute()
+        return True
 
-    async def deregister(self, service: str, instance_id: str) -> None:
-        """Remove an instance at once: no calls routed to it, no lease, no direct stream."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(constants.instances_key(service), instance_id)
-            pipe.zrem(constants.leases_key(service), instance_id)
-            pipe.hdel(constants.instance_record_key(service), instance_id)
-            pipe.delete(constants.direct_stream(service, instance_id))
-            pipe.publish(constants.REGISTRY_EVENTS, _event("down", service, instance_id))
-            await pipe.execute()
+    async def deregister(self, service: str, instance_id: str, *, kind: str = "rpc") -> bool:
+        """Remove an instance at once: no calls routed to it, no lease, no direct stream.
+
+        `kind`: the kind of instance the caller is removing. False, changing nothing, when
+        it is not `rpc` but the instance is an RPC worker (`_guard`).
+        """
+        keys = [
+            constants.instances_key(service),
+            constants.leases_key(service),
+            constants.instance_record_key(service),
+            constants.direct_stream(service, instance_id),
+        ]
+        if not await self._deregister(keys=keys, args=[instance_id, _guard(kind)]):
+            return False
+        await self.redis.publish(constants.REGISTRY_EVENTS, _event("down", service, instance_id))
+        return True
 
     async def leases(self, service: str) -> tuple[float, list[tuple[InstanceRecord, float]]]:
         """Redis's clock (epoch s) and each accepting instance with its lease end (epoch s)."""
@@ -282,6 +347,15 @@ class Registry:
         back = [name for name, found in zip(names, present, strict=True) if found]
         if back:
             await self.redis.sadd(constants.SERVICES, *back)
+
+    async def cataloged(self, services: Iterable[str]) -> set[str]:
+        """Which of `services` the catalog knows: RPC services (a worker published them)."""
+        names = sorted(set(services))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hexists(constants.CATALOG, name)
+            found = await pipe.execute()
+        return {name for name, known in zip(names, found, strict=True) if known}
 
     async def service_names(self) -> set[str]:
         """Every service with instances (live, or gone but not yet pruned) or a catalog."""

@@ -73,6 +73,15 @@ class InvalidHeartbeat(ApiError):
     quiet = True
 
 
+class HeartbeatConflict(ApiError):
+    """The heartbeat names an RPC worker's instance, or a service RPC workers serve:
+    an HTTP backend may not replace, remove or join them."""
+
+    status_code = 409
+    code = "conflict"
+    quiet = True
+
+
 class InvalidProxyPath(ApiError):
     """The proxied path tries to leave the service's space or is malformed."""
 
