@@ -19,9 +19,17 @@ no `#`, no dot segment); the active checker GETs it as it is. Each field must ha
 its type (`version` and `zone` strings, `metadata` an object, `leaving` a boolean).
 The address is `host:port`: the host an IP address (IPv6 in brackets, without a
 `%scope`) or a DNS name, the port a number from 1 to 65535 (written without leading
-zeros in the instance id). An address that is the gateway's own (a loopback or
-unspecified host at the gateway's port) is refused: it would send the gateway's
-requests back to itself.
+zeros in the instance id). An IPv4 address is four decimal numbers without leading
+zeros (`127.0.0.1`), nothing else: libc also reads `127.1`, `2130706433`, `0x7f000001`
+or `0177.0.0.1` as addresses, which a check reading them as names would miss, and a
+host whose last label is a number is no DNS name (RFC 3696 §2: no top-level domain
+is all-numeric). An address that is the gateway's own (a loopback or unspecified
+host at the gateway's port: `localhost` and names under it, `127.0.0.0/8`, `::1`,
+`0.0.0.0`, `::`, and those IPv4 addresses IPv4-mapped, `[::ffff:127.0.0.1]`) is
+refused: it would send the gateway's requests back to itself. Other names are not
+resolved (a heartbeat would wait on DNS, and the answer may change after it): one
+that leads back to the gateway loops until the `Via` mark stops it (508
+`proxy_loop`, `webapi.proxy.headers.MAX_VIA_HOPS`) and the instance is ejected.
 
 An instance's id defaults to `service@address` (the original form: the whole
 `service_tag` name, `nlp_v2@10.0.0.5:8080`), stable across heartbeats. It is
@@ -49,6 +57,11 @@ _ZONE = _VERSION
 # allowed); 253 characters at most.
 _LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
 _HOST = re.compile(rf"(?=.{{1,253}}\.?$){_LABEL}(\.{_LABEL})*\.?")
+# Labels libc's `inet_aton` reads as numbers (decimal, octal, `0x` hex): a host of
+# them only is an IPv4 address to a connect; one whose last label is digits is no
+# DNS name (module docstring). Either must then be a dotted quad.
+_NUMBERS = re.compile(r"(?:[0-9]+|0[xX][0-9A-Fa-f]*)(?:\.(?:[0-9]+|0[xX][0-9A-Fa-f]*))*\.?")
+_DIGITS = re.compile(r"[0-9]+")
 MAX_HEALTH_PATH = 2048
 # RFC 3986 path and query characters (unreserved, sub-delims, ":", "@", "/", "?", "%").
 _HEALTH_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]{0," + str(MAX_HEALTH_PATH - 1) + "}")
@@ -93,12 +106,15 @@ def _is_gateway(address: str, port: int) -> bool:
     host, _, text = address.rpartition(":")
     if int(text) != port:
         return False
-    if host.strip("[]").lower().rstrip(".") == "localhost":
+    name = host.strip("[]").lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761 §6.3: loopback
         return True
     try:
-        ip = ipaddress.ip_address(host.strip("[]"))
+        ip = ipaddress.ip_address(name)
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack socket connects to the IPv4 address
     return ip.is_loopback or ip.is_unspecified
 
 
@@ -185,7 +201,25 @@ def _address(value: Any) -> str:
             raise InvalidHeartbeat("address has an invalid IPv6 host") from None
     elif not _HOST.fullmatch(host):
         raise InvalidHeartbeat("address must have an IP address or a DNS name as its host")
+    elif _numeric(host) and not _ipv4(host):
+        raise InvalidHeartbeat(
+            "address: an IPv4 host must be four decimal numbers without leading zeros"
+        )
     return f"{host}:{int(port)}"  # one spelling per address: `00080` is `80`
+
+
+def _numeric(host: str) -> bool:
+    """Whether `host` (a DNS name by its characters) is numbers only, or ends in one."""
+    return bool(_NUMBERS.fullmatch(host) or _DIGITS.fullmatch(host.rstrip(".").rpartition(".")[2]))
+
+
+def _ipv4(host: str) -> bool:
+    """Whether `host` is an IPv4 address in dotted-quad form (`ipaddress` takes no other)."""
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _metadata(value: Any) -> dict[str, Any]:

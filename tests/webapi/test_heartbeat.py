@@ -190,8 +190,31 @@ def test_bounds_and_spellings_of_an_address_and_a_health_path(gateway: str, redi
 
 def test_the_gateways_own_address_is_refused(gateway: str) -> None:
     port = gateway.rpartition(":")[2]
-    for host in ("127.0.0.1", "localhost", "[::1]", "0.0.0.0"):
+    for host in ("127.0.0.1", "localhost", "[::1]", "0.0.0.0", "app.localhost",
+                 "[::ffff:127.0.0.1]", "[::ffff:7f00:2]", "[::ffff:0.0.0.0]"):  # fmt: skip
         body = {"service": "loop", "address": f"{host}:{port}"}
         refused = as_admin.post(f"{gateway}/heartbeat", json=body)
         assert refused.status_code == 422, refused.text
         assert "the gateway's own" in refused.json()["error"]["message"]
+
+
+def test_an_ipv4_host_is_a_dotted_quad_only(gateway: str) -> None:
+    # libc connects to 127.0.0.1 for each of these: a check reading them as DNS names
+    # let the gateway register itself. Refused at any port: they are no DNS name either.
+    port = gateway.rpartition(":")[2]
+    for host in ("127.1", "2130706433", "0x7f000001", "0X7F000001", "127.000.000.001",
+                 "0177.0.0.1", "0x7f.0.0.1", "0", "1.2.3.4.", "example.1"):  # fmt: skip
+        for at in (port, "8080"):
+            body = {"service": "loop", "address": f"{host}:{at}", "instance_id": "loop-1"}
+            refused = as_admin.post(f"{gateway}/heartbeat", json=body)
+            assert refused.status_code == 422, (host, refused.text)
+            assert refused.json()["error"] == {
+                "code": "invalid_heartbeat",
+                "message": "address: an IPv4 host must be four decimal numbers without leading"
+                " zeros",
+            }
+    name = f"svc{uuid.uuid4().hex[:6]}"
+    for host in ("10.0.0.5", "255.255.255.255", "1.2.3.example", "a.0x1", "0x7f.example"):
+        body = {"service": name, "address": f"{host}:8080"}
+        stored = as_admin.post(f"{gateway}/heartbeat", json=body)
+        assert stored.status_code == 200, (host, stored.text)
