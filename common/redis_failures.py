@@ -57,8 +57,10 @@ REFUSALS = frozenset(_MESSAGES) - {"unreachable", "timeout"}
 # error reply too: `redis_failure` tells them apart.
 REDIS_DOWN_OR_REFUSING: tuple[type[Exception], ...] = (*REDIS_DOWN_OR_SLOW, ResponseError)
 
-# The error code of a refusal, at the start of an error reply, or where Redis 6 quotes
-# it inside a script's error ("Error running script ...: @user_script: 18: -OOM ...").
+# The error code of a refusal, at the start of an error reply, where Redis 6 quotes
+# it inside a script's error ("Error running script ...: @user_script: 18: -OOM ..."),
+# or where redis-py's pipeline quotes it ("Command # 1 (...) of pipeline caused
+# error: ('BUSY ...',)").
 _REFUSAL_CODES = {
     "OOM": "out_of_memory",
     "READONLY": "read_only",
@@ -68,7 +70,7 @@ _REFUSAL_CODES = {
     "NOAUTH": "auth",
     "WRONGPASS": "auth",
 }
-_CODE = re.compile(r"(?:^|: -)(OOM|READONLY|MISCONF|LOADING|BUSY|NOAUTH|WRONGPASS) ")
+_CODE = re.compile(r"(?:^|: -|: \(')(OOM|READONLY|MISCONF|LOADING|BUSY|NOAUTH|WRONGPASS) ")
 
 # redis-py's classes for the codes it knows (it strips the code from their text).
 _REFUSAL_CLASSES: tuple[tuple[type[Exception], str], ...] = (

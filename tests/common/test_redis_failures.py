@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.redis_failures import redis_failure, redis_failure_message
@@ -39,6 +40,17 @@ _REPLIES = [
 @pytest.mark.parametrize(("reply", "kind"), _REPLIES)
 def test_the_kind_of_an_error_reply(reply: str, kind: str | None) -> None:
     assert redis_failure(_parse(reply)) == kind
+
+
+def test_the_kind_of_an_error_reply_in_a_pipeline() -> None:
+    """redis-py's pipeline prefixes the command to the reply (a known class it keeps)."""
+    busy = ResponseError("Command # 1 (HEXISTS sb:catalog x) of pipeline caused error: "
+                         "('BUSY Redis is busy running a script. You can only call SCRIPT "
+                         "KILL or SHUTDOWN NOSAVE.',)")  # fmt: skip
+    assert redis_failure(busy) == "busy"
+    wrong = ResponseError("Command # 1 (HGET k f) of pipeline caused error: ('WRONGTYPE "
+                          "Operation against a key holding the wrong kind of value',)")  # fmt: skip
+    assert redis_failure(wrong) is None
 
 
 def test_the_kind_of_redis_out_of_reach() -> None:
