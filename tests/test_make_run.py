@@ -116,7 +116,7 @@ def test_ctrl_c_stops_everything(make_run: MakeRun) -> None:
     _serves_channels(make_run)
     pids = make_run.descendants()
     names = " ".join(" ".join(p.cmdline()) for p in pids)
-    for expected in ("redis-server", "honcho", "webapi", "websocket", "microservices.iptv"):
+    for expected in ("redis-server", "common.procrun", "webapi", "websocket", "microservices.iptv"):
         assert expected in names
     os.killpg(make_run.process.pid, signal.SIGINT)
     _assert_all_gone(make_run, pids)
