@@ -8,7 +8,11 @@ consecutive ejection (1 s, 2 s, 4 s ... up to 30 s). When it ends, exactly one
 request is let through as a trial: success re-admits the instance and resets its
 backoff, failure ejects it again. A trial that never reports back (cancelled
 request) is forgotten after `trial_timeout`, so an instance can never stay stuck
-ejected. Active checks (the gateway's `ActiveChecker`) report through
+ejected. One incident is one ejection: a failure reported while the instance is
+ejected, or by a request that started before its latest ejection (the other requests
+in flight when it died or restarted), is not judged again (no new ejection, no
+doubling, no log line); the backoff doubles only when the trial fails (a success
+resets it). Active checks (the gateway's `ActiveChecker`) report through
 `active_result`; their verdict lasts while the instance is checked at the same health
 path: `forget` drops it for an instance no longer checked (it heartbeats without a
 health path now), and a changed health path starts the count over.
@@ -37,6 +41,7 @@ T = TypeVar("T", bound=InstanceRecord)
 class _State:
     failures: int = 0  # consecutive 5xx
     ejected_until: float = 0.0
+    ejected_at: float = float("-inf")  # when the latest ejection began
     backoff: float = 0.0  # next ejection's length; 0 = base
     trial_started: float | None = None
     active_down: bool = False
@@ -124,18 +129,31 @@ class HealthBook:
             state.trial_started = None
             state.ejected_until = 0.0
 
-    def failed(self, service: str, instance_id: str, *, fatal: bool) -> None:
-        """`fatal`: connect error or timeout (eject now); otherwise a 5xx (eject on a streak)."""
+    def failed(
+        self, service: str, instance_id: str, *, fatal: bool, elapsed: float | None = None
+    ) -> None:
+        """`fatal`: connect error or timeout (eject now); otherwise a 5xx (eject on a streak).
+
+        `elapsed`: how long the failed request took (seconds), which tells a request
+        that started before the latest ejection; without it only a failure reported
+        during an ejection is recognised as part of it.
+        """
         state = self._state(service, instance_id)
+        now = self.clock()
+        if state.ejected_until > now or (
+            elapsed is not None and now - elapsed < state.ejected_at
+        ):  # the incident that ejected it: judged already
+            return
         state.failures += 1
         trial = state.trial_started is not None
         state.trial_started = None
         if fatal or trial or state.failures >= self.failures_to_eject:
-            self._eject(service, instance_id, state)
+            self._eject(service, instance_id, state, now)
 
-    def _eject(self, service: str, instance_id: str, state: _State) -> None:
+    def _eject(self, service: str, instance_id: str, state: _State, now: float) -> None:
         length = state.backoff or self.base_ejection
-        state.ejected_until = self.clock() + length
+        state.ejected_at = now
+        state.ejected_until = now + length
         state.backoff = min(length * 2, self.max_ejection)
         state.failures = 0
         fields = {"service": service, "instance": instance_id, "seconds": length}

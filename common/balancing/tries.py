@@ -102,8 +102,9 @@ class Tries:
         ejects the instance at once, otherwise it counts toward its failure streak."""
         endpoint, strategy = self.endpoint, self._strategy
         assert endpoint is not None and strategy is not None
-        strategy.finished(endpoint, time.perf_counter() - self._started, False)
-        self.book.failed(self.service, endpoint.instance_id, fatal=fatal)
+        elapsed = time.perf_counter() - self._started
+        strategy.finished(endpoint, elapsed, False)
+        self.book.failed(self.service, endpoint.instance_id, fatal=fatal, elapsed=elapsed)
 
     def spend_retry(self, **fields: Any) -> bool:
         """Whether another try may follow the current one's failure: the attempt limit

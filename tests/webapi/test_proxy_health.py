@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
 from common.registry import InstanceRecord
 from webapi.proxy.health import HealthBook
 
@@ -45,6 +49,73 @@ def test_connect_error_ejects_at_once_with_doubling_backoff() -> None:
     book.failed("svc", "a", fatal=True)
     clock.now += 1.01
     assert "a" in _ids(book.usable("svc", records))
+
+
+def test_one_incident_is_one_ejection_not_one_per_request_in_flight(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The probe's restart: ten requests in flight at "a" all fail within milliseconds.
+    caplog.set_level(logging.WARNING, logger="switchboard.health")
+    clock = Clock()
+    book = HealthBook(clock=clock)
+    records = _records("a", "b")
+    for _ in range(10):
+        book.started("svc", "a")
+    clock.now += 0.5
+    for _ in range(10):
+        book.failed("svc", "a", fatal=True, elapsed=0.5)
+        clock.now += 0.0003
+    assert _ids(book.usable("svc", records)) == ["b"]
+    ejected = [r for r in caplog.records if r.getMessage() == "upstream ejected"]
+    assert [r.fields["seconds"] for r in ejected] == [1.0]  # type: ignore[attr-defined]
+    clock.now += 1.01  # one ejection of 1 s, not 30 s
+    assert _ids(book.usable("svc", records)) == ["a", "b"]
+    book.started("svc", "a")
+    book.failed("svc", "a", fatal=True, elapsed=0.01)  # the trial failed: now it doubles
+    clock.now += 1.5
+    assert _ids(book.usable("svc", records)) == ["b"]
+    clock.now += 0.6
+    assert _ids(book.usable("svc", records)) == ["a", "b"]
+
+
+def test_a_late_failure_from_before_the_ejection_is_not_the_trial_failing() -> None:
+    clock = Clock()
+    book = HealthBook(clock=clock, failures_to_eject=3)
+    records = _records("a")
+    for _ in range(3):
+        book.started("svc", "a")
+    for _ in range(3):  # a streak of 5xx ejects it ...
+        book.failed("svc", "a", fatal=False, elapsed=0.1)
+    assert book.usable("svc", records) == []
+    clock.now += 1.01
+    book.started("svc", "a")  # ... the trial is out when a request sent before the
+    book.failed("svc", "a", fatal=True, elapsed=5.0)  # ejection times out: not judged
+    assert book.usable("svc", records) == []  # (the trial is still out)
+    clock.now += 0.3
+    book.failed("svc", "a", fatal=False, elapsed=0.3)  # the trial fails: 2 s, not 4 s
+    clock.now += 1.9
+    assert book.usable("svc", records) == []
+    clock.now += 0.11
+    assert _ids(book.usable("svc", records)) == ["a"]
+    book.started("svc", "a")
+    book.succeeded("svc", "a")  # the next trial passed
+    book.failed("svc", "a", fatal=True, elapsed=0.01)  # a new incident: the base 1 s again
+    clock.now += 1.01
+    assert _ids(book.usable("svc", records)) == ["a"]
+
+
+def test_failures_reported_during_an_ejection_do_not_lengthen_it() -> None:
+    # Without the request's duration a failure is still recognised while ejected.
+    clock = Clock()
+    book = HealthBook(clock=clock)
+    records = _records("a")
+    book.failed("svc", "a", fatal=True)
+    for _ in range(5):
+        clock.now += 0.1
+        book.failed("svc", "a", fatal=True)
+        book.failed("svc", "a", fatal=False)
+    clock.now += 0.51
+    assert _ids(book.usable("svc", records)) == ["a"]
 
 
 def test_5xx_streak_ejects_but_isolated_errors_do_not() -> None:

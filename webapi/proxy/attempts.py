@@ -124,7 +124,7 @@ class Attempts(Tries):
         if ok:
             self.book.succeeded(self.service, endpoint.instance_id)
         else:
-            self.book.failed(self.service, endpoint.instance_id, fatal=False)
+            self.book.failed(self.service, endpoint.instance_id, fatal=False, elapsed=elapsed)
         return elapsed
 
     def failed(self, exc: UpstreamError) -> None:
