@@ -16,11 +16,12 @@ default), so a dead pool is not hammered with `max_attempts` connects per client
 These steps are the gateway's too (`common.balancing.tries.Tries`). For
 `least_conn` the strategy counts a relayed connection from its connect until it ends.
 
-What `least_time` learns is the caller's choice (`finished`'s `seconds`): a relayed
-connection reports its connect time (its lifetime says nothing of the instance's
-speed: a client may hold it for an hour), as the gateway's pass-through splice does
-and nginx's `stream` module measures `least_time connect`; an envelope stream, one
-request per connection, reports the time to its last frame.
+What `least_time` learns is the connect time once connected, then the caller's choice
+(`finished`'s `seconds`): a relayed connection reports its connect time (its lifetime
+says nothing of the instance's speed: a client may hold it for an hour), as the
+gateway's pass-through splice does and nginx's `stream` module measures `least_time
+connect`; an envelope stream, one request per connection, reports the time to its
+last frame.
 """
 
 from __future__ import annotations
@@ -150,4 +151,4 @@ class Upstreams:
     def finished(self, service: str, endpoint: Endpoint, seconds: float, ok: bool) -> None:
         """A connection from `connect` has ended; `seconds` is what `least_time` learns
         of the instance (module docstring), `ok` whether it ended cleanly."""
-        self.policy.strategy(service).finished(endpoint, seconds, ok)
+        self.policy.strategy(service).closed(endpoint, seconds, ok)

@@ -51,6 +51,14 @@ class Strategy(ABC):
     def finished(self, ep: Endpoint, seconds: float, ok: bool) -> None:  # noqa: B027
         """The request to `ep` ended after `seconds`; `ok` is False for a failure."""
 
+    def connected(self, ep: Endpoint, seconds: float) -> None:  # noqa: B027
+        """The request to `ep` got its answer after `seconds` and is held as a connection
+        (a relay, a tunnel): it still counts as load; end it with `closed`, not `finished`."""
+
+    def closed(self, ep: Endpoint, seconds: float, ok: bool) -> None:
+        """A connection `connected` reported has ended; `seconds` and `ok` as for `finished`."""
+        self.finished(ep, seconds, ok)
+
     def tracked(self) -> int:
         """How many instances or candidate sets this strategy keeps state for."""
         return 0

@@ -57,12 +57,14 @@ class LeastConn(Strategy):
 
 
 class _Latency:
-    __slots__ = ("cost", "inflight", "stamp", "touched")
+    __slots__ = ("cost", "inflight", "since", "stamp", "touched", "waiting")
 
     def __init__(self, now: float) -> None:
         self.cost = 0.0  # peak-EWMA latency in seconds, as of `stamp`
         self.stamp = now  # when `cost` was last set
-        self.inflight = 0
+        self.inflight = 0  # requests waiting for their answer, and connections held
+        self.waiting = 0  # of those, the requests waiting for their answer
+        self.since = now  # the instance's last answer, or when it began to be waited on
         self.touched = now  # last started/finished, for forgetting
 
 
@@ -83,8 +85,15 @@ class LeastTime(Strategy):
     traffic its cost keeps falling until it is cheaper than the others and gets a
     probe, whose answer sets the cost again: no instance starves, and a slow one
     costs a probe every ~decay x ln(slow / fast) seconds. Decaying toward zero
-    rather than toward the others' median keeps each instance's estimate its own;
-    the (in flight + 1) factor stops a decayed instance from taking a burst.
+    rather than toward the others' median keeps each instance's estimate its own.
+    What stops a decayed instance from taking a burst is the wait: while requests
+    wait for an instance's answer, the time since its last answer (or since it was
+    first waited on) is a latency it is showing now, and its cost is at least that.
+    So an instance that went quiet and slow costs more with every moment its first
+    requests of a burst go unanswered (the others' answers set their costs within
+    their latency), and gets about its share of the burst, as with least_conn, not
+    all of it. A connection the caller holds (`connected`) has its answer: it adds
+    to the load until `closed`, but is not waited on.
 
     A new (or forgotten) instance costs 0, so it is probed at once, one request at
     a time until it answers. A failure counts as at least `failure_penalty`
@@ -120,6 +129,8 @@ class LeastTime(Strategy):
         cost = s.cost * math.exp((s.stamp - now) / self._decay)
         if cost == 0.0 and s.inflight:
             return PENALTY + s.inflight
+        if s.waiting and now - s.since > cost:  # overdue: it shows that latency now
+            cost = now - s.since
         return cost * (s.inflight + 1) / ep.weight
 
     def pick(self, candidates: Sequence[Endpoint], key: str | None = None) -> Endpoint:
@@ -142,13 +153,45 @@ class LeastTime(Strategy):
         return s
 
     def started(self, ep: Endpoint) -> None:
-        self._stat(ep, self._clock()).inflight += 1
+        now = self._clock()
+        s = self._stat(ep, now)
+        s.inflight += 1
+        if not s.waiting:
+            s.since = now
+        s.waiting += 1
 
     def finished(self, ep: Endpoint, seconds: float, ok: bool) -> None:
         now = self._clock()
         s = self._stat(ep, now)
         if s.inflight:
             s.inflight -= 1
+        if s.waiting:
+            s.waiting -= 1
+        # `_learn`, written out: this runs once per request.
+        latency = seconds if seconds > 0 else 0.0  # also maps NaN to 0
+        if not ok:
+            latency = max(latency, self._failure_penalty)
+        current = s.cost * math.exp((s.stamp - now) / self._decay)
+        s.cost = max(latency, current)
+        s.stamp = s.since = now
+
+    def connected(self, ep: Endpoint, seconds: float) -> None:
+        now = self._clock()
+        s = self._stat(ep, now)
+        if s.waiting:
+            s.waiting -= 1
+        s.since = now
+        self._learn(s, now, seconds, True)
+
+    def closed(self, ep: Endpoint, seconds: float, ok: bool) -> None:
+        now = self._clock()
+        s = self._stat(ep, now)
+        if s.inflight:
+            s.inflight -= 1
+        self._learn(s, now, seconds, ok)
+
+    def _learn(self, s: _Latency, now: float, seconds: float, ok: bool) -> None:
+        """The estimate takes in `seconds` (as `finished` does)."""
         latency = seconds if seconds > 0 else 0.0  # also maps NaN to 0
         if not ok:
             latency = max(latency, self._failure_penalty)

@@ -131,6 +131,8 @@ class Tries:
         assert endpoint is not None
         self.book.succeeded(self.service, endpoint.instance_id)
         self._connect_seconds = time.perf_counter() - self._started
+        if self._strategy is not None:
+            self._strategy.connected(endpoint, self._connect_seconds)
         return self._connect_seconds
 
     def closed(self) -> None:
@@ -139,7 +141,7 @@ class Tries:
         endpoint, strategy = self.endpoint, self._strategy
         if endpoint is not None and strategy is not None:
             self._strategy = None  # exactly once
-            strategy.finished(endpoint, self._connect_seconds, True)
+            strategy.closed(endpoint, self._connect_seconds, True)
 
     def abandoned(self) -> None:
         """The current try ended without an outcome (the caller left): released, not judged."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections import Counter
 
@@ -195,6 +196,67 @@ def test_least_time_does_not_prefer_an_instance_that_fails_fast() -> None:
     lt.finished(failing, 0.001, False)
     clock.now += 1
     assert ids(lt, [good, failing], 50) == "good" * 50
+
+
+def burst(
+    lt: Strategy,
+    clock: FakeClock,
+    latency: dict[str, float],
+    members: list[Endpoint],
+    clients: int,
+    seconds: float,
+) -> tuple[Counter[str], Counter[str]]:
+    """`clients` concurrent clients, each sending its next request as soon as the last
+    is answered, for `seconds`: the requests answered and those still waiting, by
+    instance."""
+    end = clock.now + seconds
+    answered: Counter[str] = Counter()
+    out: list[tuple[float, int, Endpoint]] = []
+    for client in range(clients):
+        ep = lt.pick(members)
+        lt.started(ep)
+        heapq.heappush(out, (clock.now + latency[ep.instance_id], client, ep))
+    while out[0][0] <= end:
+        clock.now, client, ep = heapq.heappop(out)
+        lt.finished(ep, latency[ep.instance_id], True)
+        answered[ep.instance_id] += 1
+        ep = lt.pick(members)
+        lt.started(ep)
+        heapq.heappush(out, (clock.now + latency[ep.instance_id], client, ep))
+    return answered, Counter(ep.instance_id for _, _, ep in out)
+
+
+def test_least_time_an_instance_that_went_quiet_and_slow_takes_no_whole_burst() -> None:
+    # The probe's case: three instances at 5 ms, a quiet spell during which every
+    # estimate decays toward zero and "a" turns slow, then a burst of 20 clients.
+    clock = FakeClock()
+    lt = make_strategy("least_time", seed=8, clock=clock)
+    members = eps("a", "b", "c")
+    latency = {"a": 0.005, "b": 0.005, "c": 0.005}
+    simulate(lt, clock, latency, members, 200)
+    clock.now += 40
+    latency["a"] = 20.0
+    answered, waiting = burst(lt, clock, latency, members, clients=20, seconds=6)
+    assert waiting["a"] <= 10  # about its share of the first requests, not all 20
+    assert answered["b"] + answered["c"] > 10_000  # the others kept serving
+
+
+def test_least_time_a_held_connection_is_load_but_not_a_wait() -> None:
+    # A relayed connection has its answer (`connected`): however long it is held,
+    # its instance is not "overdue", only loaded by it.
+    clock = FakeClock()
+    lt = make_strategy("least_time", seed=9, clock=clock)
+    big, small = eps("big", "small", big=3)
+    for ep in (big, small):
+        lt.started(ep)
+        lt.finished(ep, 0.010, True)
+    lt.started(big)
+    clock.now += 0.010
+    lt.connected(big, 0.010)
+    clock.now += 60  # held a minute: 10 ms x 2 / 3 against 10 ms x 1, both decayed
+    assert ids(lt, [big, small], 20).count("big") > 5
+    lt.closed(big, 0.010, True)
+    assert lt.tracked() == 2
 
 
 # -- hash ----------------------------------------------------------------------------
