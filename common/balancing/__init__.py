@@ -12,7 +12,7 @@ list each time if need be. Strategies are not thread-safe: one event loop each.
     random       random, in proportion to weight
     least_conn   power of two choices on in-flight requests per unit of weight
     least_time   power of two choices on peak-EWMA latency x (in flight + 1)
-    hash         consistent hash ring on `key` (sticky); round-robin without one
+    hash         consistent (weighted rendezvous) hash of `key`, sticky; round-robin without one
 
 The first three live in `_rotation`, the next two in `_load`, hash in `_hashing`.
 `HealthBook` (`_health`) narrows the candidates to the instances not ejected
@@ -57,7 +57,7 @@ def make_strategy(name: str, **options: Any) -> Strategy:
     """A new strategy by name (one of `STRATEGIES`), with its keyword options.
 
     Options: least_conn and random take `seed`; least_time takes `decay`,
-    `failure_penalty`, `forget_after`, `seed` and `clock`; hash takes `vnodes`.
+    `failure_penalty`, `forget_after`, `seed` and `clock`; hash takes `slots`.
     Raises ValueError for an unknown name, an unknown option or a bad value.
     """
     cls = _CLASSES.get(name)

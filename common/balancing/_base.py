@@ -110,5 +110,10 @@ class Pools(Generic[P]):
         self._last = (snap, pool)
         return pool
 
+    @property
+    def latest(self) -> P | None:
+        """The state `get` returned last, None before the first call."""
+        return self._last[1] if self._last is not None else None
+
     def __len__(self) -> int:
         return len(self._by_set)

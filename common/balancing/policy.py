@@ -174,8 +174,8 @@ class BalancingPolicy:
 def _fraction(key: str) -> float:
     """A stable number in [0, 1) for `key`, the same in every process.
 
-    Not crc32: the hash strategy places keys on its ring by crc32, and the keys
-    of one version would then crowd one arc of that version's ring.
+    Not crc32: the hash strategy places keys in its slots by crc32, and the keys
+    of one version would then crowd a part of that version's slots.
     """
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import random
+import tracemalloc
 from collections import Counter
 
 import pytest
@@ -294,7 +295,7 @@ def test_hash_is_the_same_in_every_process() -> None:
     # crc32 and blake2b, not Python's per-process str hash: fixed for good.
     assert ids(h, eps("a", "b", "c"), 1, key="session-42") == "c"
     assert "".join(h.pick(eps("a", "b", "c"), f"k{i}").instance_id for i in range(12)) == (
-        "abbccbcabbbc"
+        "caaabbababbc"
     )
 
 
@@ -303,6 +304,44 @@ def test_hash_spreads_by_weight_and_round_robins_without_a_key() -> None:
     shares = Counter(owners(h, eps("a", "b", a=3)).values())
     assert 650 < shares["a"] < 850
     assert ids(h, eps("a", "b", "c"), 9) == "abc" * 3
+
+
+def test_hash_honours_weights_above_64() -> None:
+    shares = Counter(owners(make_strategy("hash"), eps("a", "b", a=200, b=100)).values())
+    assert 600 < shares["a"] < 730  # 667 if exact (a ring capped both at 64: 500)
+
+
+def many(n: int) -> list[Endpoint]:
+    return [Endpoint(f"i{k:03}", f"10.1.{k // 250}.{k % 250}:80", 1 + k * 37 % 1000)
+            for k in range(n)]  # fmt: skip
+
+
+def test_hash_of_200_weighted_instances_moves_only_their_keys() -> None:
+    h = make_strategy("hash")
+    members = many(200)
+    before = owners(h, members)
+    gone = {members[7].instance_id, members[150].instance_id}
+    after = owners(h, [ep for ep in members if ep.instance_id not in gone])
+    assert {k for k in KEYS if before[k] != after[k]} == {k for k in KEYS if before[k] in gone}
+    assert owners(h, members) == before
+    # What a set maps to does not depend on the sets seen before (instances came,
+    # went, both): a replica that saw none of them (a fresh strategy) agrees.
+    for changed in (members[:-1], members[:100], members[:101], members[1:101], members[5:]):
+        assert owners(h, changed) == owners(make_strategy("hash"), changed)
+
+
+def test_hash_state_of_a_candidate_set_is_small() -> None:
+    # A ring of 160 points per unit of weight held ~100 MB for this set and took
+    # seconds to build; the slot table is a list of `SLOTS` references.
+    h = make_strategy("hash")
+    members = [Endpoint(f"i{k}", f"10.2.0.{k}:80", 1000) for k in range(200)]
+    tracemalloc.start()
+    try:
+        h.pick(members, "k")
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 1_000_000
 
 
 # -- random, select_version, errors, state -------------------------------------------
@@ -331,8 +370,8 @@ def test_unknown_strategy_or_option_is_a_value_error() -> None:
         make_strategy("least_conn", decay=1.0)
     with pytest.raises(ValueError, match="decay"):
         make_strategy("least_time", decay=0)
-    with pytest.raises(ValueError, match="vnodes"):
-        make_strategy("hash", vnodes="many")
+    with pytest.raises(ValueError, match="slots"):
+        make_strategy("hash", slots="many")
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
