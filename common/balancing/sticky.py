@@ -10,8 +10,10 @@ another source (`services.<name>.hash_on`), as nginx's `hash $http_...` and
     cookie:<name>   that cookie (`cookie:session`): a browser stays on one instance
     client_ip       the client's address (`X-Forwarded-For` only from trusted proxies)
 
-A request without the value has no key: the `hash` strategy then falls back to
-round-robin, as it does without `X-Balance-Key`.
+A request without the value, or with an empty one (`X-Balance-Key:`), has no key:
+the `hash` strategy then falls back to round-robin, as it does without
+`X-Balance-Key`, rather than sending every such request to the one instance
+that owns "".
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ DEFAULT_HEADER = "x-balance-key"
 def balance_key(
     hash_on: str | None, header: Callable[[str], str | None], client_ip: Callable[[], str]
 ) -> str | None:
-    """The request's key under `hash_on` (the policy's, None for the default);
-    `header(name)` gives a request header's first value (`name` in lower case)."""
+    """The request's key under `hash_on` (the policy's, None for the default), None
+    when the value is missing or empty; `header(name)` gives a request header's first
+    value (`name` in lower case)."""
     if hash_on is None:
-        return header(DEFAULT_HEADER)
+        return header(DEFAULT_HEADER) or None
     source, _, name = hash_on.partition(":")
     if source == "header":
-        return header(name.lower())
+        return header(name.lower()) or None
     if source == "cookie":
         return cookie_value(header("cookie"), name)
     return client_ip() or None

@@ -35,3 +35,10 @@ def test_no_cookie_header_and_no_address_give_no_key() -> None:
     assert key("cookie:session", {}) is None
     assert balance_key("client_ip", {}.get, lambda: "") is None
     assert cookie_value("sessionx=1; xsession=2", "session") is None
+
+
+def test_an_empty_header_is_no_key() -> None:
+    # Else every request with `X-Balance-Key:` would go to the one owner of "".
+    empty = {"x-balance-key": "", "x-user-id": ""}
+    assert key(None, empty) is None
+    assert key("header:X-User-Id", empty) is None

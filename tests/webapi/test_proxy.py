@@ -276,6 +276,9 @@ def test_consistent_hash_is_sticky(backends: Backends) -> None:
     wait_for(lambda: all(len(owners(f"user-{i}")) == 1 for i in range(5)), timeout=10)
     spread = {next(iter(owners(f"user-{i}"))) for i in range(40)}
     assert len(spread) >= 2  # different keys land on different instances
+    # An empty key is no key (Sanic's route, then the fast path's): round-robin, as
+    # without the header, not every request to the owner of "".
+    assert len(_spread(backends, 12, headers={"x-balance-key": ""})) == 3
 
 
 def test_hash_on_a_header_the_policy_names(backends: Backends) -> None:

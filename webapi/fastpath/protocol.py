@@ -329,8 +329,8 @@ class FastPathProtocol(LingeringHttpProtocol):
         # Whether the connection stays open after it; a coroutine's try (`_answer`) reads it too.
         keep_alive = req.keep_alive = req.keep_alive and bool(app.config.KEEP_ALIVE)
         hash_on = proxy.policy.hash_on(req.service)
-        if hash_on is None:  # the default header, already read by the parse
-            key = first.get(b"x-balance-key")
+        if hash_on is None:  # the default header, already read by the parse; empty: no key
+            key = first.get(b"x-balance-key") or None
         else:
             key = balance_key(hash_on, req.header, partial(self._client_address, req))
         try:
