@@ -61,6 +61,7 @@ def test_a_small_body_is_taken_whole_and_a_partial_one_is_waited_for() -> None:
         GET.replace(b"/svc/web/a/b", b"/svc/web//a"),
         GET.replace(b"/svc/web/a/b", b"/svc/Web/a"),  # not a service name
         GET.replace(b"/svc/web/a/b", b"/svc/web/a/%2e%2e/b"),  # traversal: Sanic's 400
+        GET.replace(b"/svc/web/a/b", b"/svc/web/a/..;x/b"),  # so is `..` with parameters
         GET.replace(b"/svc/web/a/b", b"/rpc/web/a"),
     ],
 )

@@ -1,6 +1,7 @@
 """HTTP semantics the gateway keeps when it relays: HEAD, HTTP/1.0 clients, an answer
 without Content-Type, transfer codings, Host, `Expect: 100-continue`, request targets
-Sanic cannot parse, and `Connection: close` on pass-through routes.
+Sanic cannot parse, dot segments with parameters, and `Connection: close` on pass-through
+routes.
 
 The instance is a scripted upstream in the test's own loop, registered straight into
 the registry. `/rel/` is a normal public route of it (always Sanic's route: the fast
@@ -290,6 +291,16 @@ async def test_chunk_data_not_ended_by_crlf_cuts_the_upload(relayed: Relayed) ->
     assert (answer.status, closed) == (400, True)
     assert json.loads(answer.body)["error"]["code"] == "bad_request"
     assert len(relayed.instance.requests) == seen  # no whole request reached it
+
+
+@pytest.mark.parametrize("path", ["/rel/a/..;/x", "/rel/a/%2e%2e;x/x", "/thru/..;/x"])
+async def test_a_dot_segment_with_parameters_is_refused(relayed: Relayed, path: str) -> None:
+    # An instance that drops a segment's `;...` before resolving dot segments (Tomcat,
+    # Jetty, Spring) would read `/x`: another route's path, perhaps a credential one.
+    seen = len(relayed.instance.requests)
+    (answer,), _ = await asyncio.to_thread(relayed.exchange, _get(path))
+    assert (answer.status, json.loads(answer.body)["error"]["code"]) == (400, "invalid_path")
+    assert len(relayed.instance.requests) == seen
 
 
 async def test_a_transfer_coding_name_is_read_ignoring_case(relayed: Relayed) -> None:

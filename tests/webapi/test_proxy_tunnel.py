@@ -72,6 +72,16 @@ def test_a_new_connection_is_checked_again(tunnel: Backend) -> None:
     assert reply.status == 401
 
 
+@pytest.mark.parametrize("path", ["/echo/t/..;/private/x", "/echo/t/%2e%2e;x/private/x"])
+def test_a_first_request_climbing_out_of_the_prefix_is_refused(tunnel: Backend, path: str) -> None:
+    # (`..;`: an instance that drops path parameters before dot segments, as Tomcat
+    # does, would have served it `/echo/private/x`.)
+    with connect(tunnel.gateway) as sock:
+        sock.sendall(get(path))
+        (reply,) = read_answers(sock, 1)
+    assert (reply.status, json.loads(reply.body)["error"]["code"]) == (400, "invalid_path")
+
+
 def test_the_instance_closing_closes_the_client_connection(tunnel: Backend) -> None:
     with connect(tunnel.gateway) as sock:
         sock.sendall(get("/echo/t/last", Connection="close"))  # the instance closes after it
