@@ -7,7 +7,14 @@ Sanic. Both Sanic services serve with it (`HTTP_CLASS` of their protocols).
   CRLF (Sanic skips the two bytes unchecked). A front end that frames such a body
   differently from the gateway is the TE.TE request-smuggling vector, and the gateway
   forwards bodies re-framed: so anything else is a 400 and the connection closes.
-  `Content-Length` is checked before (`common.http_head`).
+  A bare LF ending a size line (`5\\nhello`), chunk data or the body is refused as
+  soon as it arrives (Sanic waited for a CRLF that never came, until the response
+  timeout: a 503 for a malformed request). `Content-Length` is checked before
+  (`common.http_head`).
+- **A request head whose lines end in a bare LF** (`GET / HTTP/1.1\\nHost: a\\n\\n`)
+  is a 400 as soon as its empty last line arrives, and the connection closes: Sanic
+  waited for a CRLF CRLF that never came, until the request timeout (408). (A bare
+  LF inside a head that does end in CRLF CRLF is `common.http_head`'s to refuse.)
 - **A target Sanic cannot make a request of** (a TAB in it, CONNECT's authority form)
   gets the usual 400 JSON error. Sanic builds its error-handling request from the same
   target, fails again, and the client got no answer at all and the log a traceback.
@@ -42,9 +49,12 @@ from sanic.http import Http, Stage
 # `\r\n` (the end of the previous chunk's data, or of the head), then a chunk-size line:
 # hex digits, optionally a chunk extension (`BWS ";" ...`, no control character but
 # tab), and CRLF (RFC 9112 §7.1.1).
-_CHUNK_LINE = re.compile(rb"\r\n[0-9A-Fa-f]+(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?\r\n")
+_CHUNK_LINE = re.compile(rb"\r\n([0-9A-Fa-f]+)(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?\r\n")
 # The longest chunk-size line taken (Sanic's own bound).
 _MAX_CHUNK_LINE = 64
+# The empty line ending a head whose lines end in a bare LF, looked for only where
+# there is no CRLF CRLF (the `\n\r\n` a CR precedes is the end of a proper head).
+_LF_HEAD_END = re.compile(rb"\n\r?\n")
 
 
 class StrictHttp(Http):
@@ -65,15 +75,32 @@ class StrictHttp(Http):
         """Wait for the next chunk-size line and refuse it unless well formed: Sanic's
         `read()` then parses it again, knowing its size is plain hex."""
         buf = self.recv_buffer
-        while (end := buf.find(b"\r\n", 2)) == -1:
-            if len(buf) > _MAX_CHUNK_LINE:
+        # The line ends at its first LF, CR or not: a bare LF is refused on arrival,
+        # not waited past. So are two bytes after chunk data that are not CRLF.
+        while (end := buf.find(b"\n", 2)) == -1:
+            if len(buf) > _MAX_CHUNK_LINE or (len(buf) >= 2 and buf[:2] != b"\r\n"):
                 break
             await self._receive_more()
-        if end == -1 or _CHUNK_LINE.fullmatch(buf, 0, end + 2) is None:
+        line = None if end == -1 else _CHUNK_LINE.fullmatch(buf, 0, end + 1)
+        if line is None:
+            self.keep_alive = False
+            raise BadRequest("Bad chunked encoding")
+        if not line.group(1).strip(b"0"):
+            await self._check_body_end(end + 1)
+
+    async def _check_body_end(self, start: int) -> None:
+        """After the last chunk's size line (ending before `start`), the CRLF ending the
+        body (Sanic refuses a trailer): a bare LF there is refused at once, where Sanic
+        waits for a second byte."""
+        buf = self.recv_buffer
+        while len(buf) < start + 2 and buf[start : start + 1] in (b"", b"\r"):
+            await self._receive_more()
+        if buf[start : start + 2] != b"\r\n":
             self.keep_alive = False
             raise BadRequest("Bad chunked encoding")
 
     async def http1_request_header(self) -> None:
+        await self._receive_head()
         try:
             await super().http1_request_header()  # type: ignore[no-untyped-call]
         except BadRequest as exc:
@@ -81,6 +108,22 @@ class StrictHttp(Http):
                 raise
             # Sanic's message quotes the target, which may hold a credential and is logged.
             raise BadRequest("malformed request target") from None
+
+    async def _receive_head(self) -> None:
+        """Wait, as Sanic's `http1_request_header` does, until the buffer holds a CRLF
+        CRLF (or passes Sanic's head size limit, which Sanic then refuses), but refuse
+        a head that has ended in a bare-LF empty line instead. A head that came whole
+        costs one `find`."""
+        buf = self.recv_buffer
+        start = 0
+        while buf.find(b"\r\n\r\n", start) == -1:
+            if _LF_HEAD_END.search(buf, start) is not None:
+                self.keep_alive = False
+                raise BadRequest("the request head's lines must end in CRLF, not a bare LF")
+            start = max(0, len(buf) - 3)
+            if start >= self.HEADER_MAX_SIZE:
+                return
+            await self._receive_more()
 
     def create_empty_request(self) -> None:
         try:

@@ -48,6 +48,12 @@ CASES = {
         400,
         "bad_request",
     ),
+    # A size line ended by a bare LF: refused as it arrives (Sanic waited for a CRLF).
+    "chunk size line ended by a bare LF": (
+        "Transfer-Encoding: chunked\r\n\r\n5\nhello\n0\n\n",
+        400,
+        "bad_request",
+    ),
     "chunked not last": ("Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", 400, "bad_request"),
     "coding other than chunked": (
         "Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
@@ -67,6 +73,8 @@ CASES = {
         "malformed_header",
     ),
     "nul in a value": ("X-A: a\x00b\r\nContent-Length: 0\r\n\r\n", 400, "malformed_header"),
+    # A head whose last lines end in bare LFs never holds the CRLF CRLF Sanic waits for.
+    "head lines ended by bare LFs": ("X-A: a\nContent-Length: 0\n\n", 400, "bad_request"),
     "folded header": ("X-A: a\r\n  folded\r\nContent-Length: 0\r\n\r\n", 400, "bad_request"),
     "head over the limit": (
         "X-Big: " + "a" * 20_000 + "\r\nContent-Length: 0\r\n\r\n",
@@ -79,4 +87,5 @@ CASES = {
 BODY_CASES = frozenset({
     "bad chunk size", "chunk size in hex notation", "chunk size after a space",
     "chunk size in non-ASCII digits", "bare CR in a chunk extension",
+    "chunk size line ended by a bare LF",
 })  # fmt: skip

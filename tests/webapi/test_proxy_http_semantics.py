@@ -1,7 +1,7 @@
 """HTTP semantics the gateway keeps when it relays: HEAD, HTTP/1.0 clients, an answer
 without Content-Type, transfer codings, Host, `Expect: 100-continue`, request targets
-Sanic cannot parse, dot segments with parameters, and `Connection: close` on pass-through
-routes.
+Sanic cannot parse, bare LFs, dot segments with parameters, and `Connection: close` on
+pass-through routes.
 
 The instance is a scripted upstream in the test's own loop, registered straight into
 the registry. `/rel/` is a normal public route of it (always Sanic's route: the fast
@@ -291,6 +291,37 @@ async def test_chunk_data_not_ended_by_crlf_cuts_the_upload(relayed: Relayed) ->
     assert (answer.status, closed) == (400, True)
     assert json.loads(answer.body)["error"]["code"] == "bad_request"
     assert len(relayed.instance.requests) == seen  # no whole request reached it
+
+
+@pytest.mark.parametrize("path", ["/rel/up", "/thru/up", "/svc/{service}/up"])
+@pytest.mark.parametrize("body", [b"5\nhello\n0\n\n", b"5\r\nhello\r\n0\r\n\n"])
+async def test_a_bare_lf_in_chunked_framing_is_a_prompt_400(
+    relayed: Relayed, path: str, body: bytes
+) -> None:
+    # Ending a size line or the body: refused as it arrives. (Sanic waited for a CRLF
+    # until its response timeout, then answered 503 and left the connection open.)
+    credential = [f"{k}: {v}" for k, v in as_admin.headers.items()]
+    data = _get(path.format(service=relayed.service), "Transfer-Encoding: chunked",
+                *credential, method="POST")  # fmt: skip
+    seen, errors = len(relayed.instance.requests), len(relayed.errors())
+    (answer,), closed = await asyncio.to_thread(relayed.exchange, data + body)
+    assert (answer.status, closed) == (400, True)
+    assert json.loads(answer.body)["error"]["code"] == "bad_request"
+    assert len(relayed.instance.requests) == seen  # no whole request reached it
+    assert relayed.errors()[errors:] == []
+
+
+@pytest.mark.parametrize("path", ["/rel/x", "/thru/x", "/svc/{service}/x"])
+async def test_a_head_of_bare_lf_lines_is_a_prompt_400(relayed: Relayed, path: str) -> None:
+    # (Sanic waited for a CRLF CRLF until its request timeout, then answered 408.)
+    credential = "".join(f"{k}: {v}\n" for k, v in as_admin.headers.items())
+    target = path.format(service=relayed.service)
+    data = f"GET {target} HTTP/1.1\nHost: gateway.test\n{credential}\n".encode()
+    seen = len(relayed.instance.requests)
+    (answer,), closed = await asyncio.to_thread(relayed.exchange, data)
+    assert (answer.status, closed) == (400, True)
+    assert json.loads(answer.body)["error"]["code"] == "bad_request"
+    assert len(relayed.instance.requests) == seen
 
 
 @pytest.mark.parametrize("path", ["/rel/a/..;/x", "/rel/a/%2e%2e;x/x", "/thru/..;/x"])
