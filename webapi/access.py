@@ -188,13 +188,16 @@ class Gatekeeper:
     def client_ip(self, request: GatewayRequest) -> str:
         """The caller's address; `X-Forwarded-For` counts only from trusted proxies."""
         peer = request.conn_info.client_ip if request.conn_info else ""
-        return self.address(peer, request.headers.get)
+        return self.address(peer, request.headers.get_all)
 
-    def address(self, peer: str, header: Callable[[str], str | None]) -> str:
-        """`client_ip` from the socket's `peer` and `header(name)`, a request header's value."""
+    def address(self, peer: str, values: Callable[[str], Sequence[str]]) -> str:
+        """`client_ip` from the socket's `peer` and `values(name)`, the values of a request
+        header's field lines in order. Every `X-Forwarded-For` line counts, joined into
+        one list (RFC 9110 §5.3): a proxy that adds its own line after the client's must
+        be read from its line, not from the first, which the client wrote."""
         if not self.trusted:
             return peer
-        return client_ip(peer, header("x-forwarded-for"), self.trusted)
+        return client_ip(peer, ",".join(values("x-forwarded-for")), self.trusted)
 
     async def _authenticate(self, credential: str) -> Principal:
         try:

@@ -317,7 +317,7 @@ class FastPathProtocol(LingeringHttpProtocol):
         """The client's address as the routes read it (`Gatekeeper.client_ip`)."""
         app: GatewayApp = self.app
         conn_info = self.conn_info
-        return app.ctx.gate.address(conn_info.client_ip if conn_info else "", req.header)
+        return app.ctx.gate.address(conn_info.client_ip if conn_info else "", req.header_values)
 
     def _start(self, req: Parsed, head: bytes) -> None:
         """Choose the instance; send on one of its idle connections (`DirectExchange`),

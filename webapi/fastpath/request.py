@@ -65,6 +65,12 @@ class Parsed:
                 return value.decode("utf-8", "surrogateescape")
         return None
 
+    def header_values(self, name: str) -> list[str]:
+        """The values of every field line of header `name` (lower case), in order, as
+        Sanic's `headers.get_all` reads them."""
+        wanted = name.encode("latin-1")
+        return [v.decode("utf-8", "surrogateescape") for k, v in self.headers if k == wanted]
+
     def body_length(self) -> int:
         return 0 if self.body is None else len(self.body)
 
