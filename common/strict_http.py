@@ -100,7 +100,8 @@ class StrictHttp(Http):
             raise BadRequest("Bad chunked encoding")
 
     async def http1_request_header(self) -> None:
-        await self._receive_head()
+        if self.recv_buffer.find(b"\r\n\r\n") == -1:  # not whole yet: rare, once read
+            await self._receive_head()
         try:
             await super().http1_request_header()  # type: ignore[no-untyped-call]
         except BadRequest as exc:
@@ -112,8 +113,8 @@ class StrictHttp(Http):
     async def _receive_head(self) -> None:
         """Wait, as Sanic's `http1_request_header` does, until the buffer holds a CRLF
         CRLF (or passes Sanic's head size limit, which Sanic then refuses), but refuse
-        a head that has ended in a bare-LF empty line instead. A head that came whole
-        costs one `find`."""
+        a head that has ended in a bare-LF empty line instead. (A head that came whole
+        costs its caller one `find`, and no call of this.)"""
         buf = self.recv_buffer
         start = 0
         while buf.find(b"\r\n\r\n", start) == -1:
