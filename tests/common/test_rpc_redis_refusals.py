@@ -18,19 +18,13 @@ from common import RpcClient, constants
 from common.embedded_redis import EmbeddedRedis
 from common.errors import ServiceUnavailable
 from tests.helpers import ServiceProcess, wait_for, wait_for_async
-from tests.support.redis_states import MESSAGES, STATES
+from tests.support.redis_states import (  # noqa: F401 (the *_fixture ones)
+    MESSAGES,
+    STATES,
+    private_redis_fixture,
+)
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def private_redis() -> Iterator[EmbeddedRedis]:
-    """A redis-server of this module's own: it is made to refuse writes."""
-    server = EmbeddedRedis().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -13,8 +13,10 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
+import pytest
 import redis
 
+from common.embedded_redis import EmbeddedRedis
 from tests.helpers import free_port, wait_for
 
 # What a client is told of each (`common.redis_failures.redis_failure_message`).
@@ -118,3 +120,13 @@ def _busy(probe: redis.Redis) -> bool:
     except redis.ResponseError as exc:
         return str(exc).startswith("BUSY")
     return False
+
+
+@pytest.fixture(name="private_redis", scope="module")
+def private_redis_fixture() -> Iterator[EmbeddedRedis]:
+    """A redis-server of the test module's own: it is made to refuse writes."""
+    server = EmbeddedRedis().start()
+    try:
+        yield server
+    finally:
+        server.stop()

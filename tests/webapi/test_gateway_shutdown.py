@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import time
 
 import httpx
 import pytest
 
 from tests.helpers import ServiceProcess, issue_api_key, wait_for
-from tests.support.raw_http import connect, raw_request, read_answers
+from tests.support.raw_http import closed_by_peer, connect, raw_request, read_answers
 from tests.webapi.conftest import gateway_process, running_gateway
 
 pytestmark = pytest.mark.timeout(90)
@@ -36,14 +35,6 @@ def test_a_request_under_way_at_sigterm_is_its_connections_last(redis_url: str) 
                 (answer,) = read_answers(sock, 1)
                 assert answer.status == 200, answer.body
                 assert answer.headers["connection"] == "close"
-                assert _closed(sock)  # no further request is read from it
+                assert closed_by_peer(sock)  # no further request is read from it
     finally:
         worker.stop()
-
-
-def _closed(sock: socket.socket) -> bool:
-    sock.settimeout(5)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True

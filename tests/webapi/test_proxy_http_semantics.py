@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.support.policy import update_document
-from tests.support.raw_http import Answer, connect, read_answers
+from tests.support.raw_http import Answer, closed_by_peer, connect, read_answers
 from tests.support.registry import registered
 from tests.webapi.conftest import as_admin, gateway_process, policy_version
 from tests.webapi.upstream_servers import Peer, Upstream, ok
@@ -72,7 +71,7 @@ class Relayed:
         with connect(self.gateway) as sock:
             sock.sendall(data)
             got = read_answers(sock, answers)
-            return got, _closed(sock)
+            return got, closed_by_peer(sock, 3)
 
     def head_then_get(self, path: str) -> tuple[bytes, Answer]:
         """HEAD `path`, then GET it on the same connection: the HEAD's answer (all
@@ -102,14 +101,6 @@ class Relayed:
         """The gateway's log lines at level error."""
         path = gateway_process(self.gateway).log_path
         return [line for line in path.read_text().splitlines() if '"level": "error"' in line]
-
-
-def _closed(sock: socket.socket) -> bool:
-    sock.settimeout(3)
-    try:
-        return sock.recv(1) == b""
-    except TimeoutError:
-        return False
 
 
 @pytest.fixture
@@ -243,7 +234,7 @@ async def test_pass_through_refuses_http10_keep_alive_with_transfer_encoding(
             sock.sendall(post)
             time.sleep(0.3)  # (two reads: the gateway has the head before the body)
             sock.sendall(body)
-            return status, _closed(sock)
+            return status, closed_by_peer(sock, 3)
 
     assert await asyncio.to_thread(split) == (200, True)
     assert [r.body for r in relayed.instance.requests[seen:]] == [b"", b""]  # the GETs

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.support.policy import set_document
-from tests.support.raw_http import connect, raw_request, read_answers
+from tests.support.raw_http import closed_by_peer, connect, raw_request, read_answers
 from tests.webapi.conftest import (
     Backend,
     as_admin,
@@ -87,7 +86,7 @@ def test_the_instance_closing_closes_the_client_connection(tunnel: Backend) -> N
         sock.sendall(get("/echo/t/last", Connection="close"))  # the instance closes after it
         (reply,) = read_answers(sock, 1)
         assert json.loads(reply.body)["path"] == "/echo/t/last"
-        assert _closed(sock)
+        assert closed_by_peer(sock, 10)
 
 
 def test_a_tunnel_needs_a_passthrough_route(tunnel: Backend) -> None:
@@ -111,14 +110,6 @@ def test_shutdown_lets_an_answer_under_way_finish_then_closes(redis_url: str) ->
                 process.send_signal(signal.SIGTERM)
                 (slow,) = read_answers(sock, 1)
                 assert slow.status == 200 and "instance" in json.loads(slow.body)
-                assert _closed(sock)
+                assert closed_by_peer(sock, 10)
         finally:
             set_document(redis_url, routes=[])  # (this gateway is gone: no wait)
-
-
-def _closed(sock: socket.socket) -> bool:
-    sock.settimeout(10)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True

@@ -16,20 +16,14 @@ import redis
 from common import constants
 from common.embedded_redis import EmbeddedRedis
 from tests.helpers import issue_api_key, wait_for
-from tests.support.redis_states import MESSAGES, STATES
+from tests.support.redis_states import (  # noqa: F401 (the *_fixture ones)
+    MESSAGES,
+    STATES,
+    private_redis_fixture,
+)
 from tests.webapi.conftest import gateway_process, running_gateway
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def private_redis() -> Iterator[EmbeddedRedis]:
-    """A redis-server of this module's own: it is made to refuse writes."""
-    server = EmbeddedRedis().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
