@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from common.connection import as_text
 from common.constants import data_key
 from common.errors import TooManyAttempts
 from microservices.auth.users import USERNAME
@@ -142,7 +143,7 @@ class LoginThrottle:
             refused = await self._admit(keys=_keys(username), args=self._args(attempt))
             if refused is None:
                 return attempt
-            kind, left = (part.decode() if isinstance(part, bytes) else part for part in refused)
+            kind, left = (as_text(part) for part in refused)
             if kind == "locked":
                 seconds = float(left)
                 raise TooManyAttempts(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -90,14 +91,30 @@ async def instances(redis_client: aioredis.Redis) -> AsyncIterator[Instances]:
         found.close()
 
 
+@contextlib.asynccontextmanager
 async def _checking(
-    redis_client: aioredis.Redis, instances: Instances, expected: int
-) -> tuple[RegistryView, HealthBook, ActiveChecker]:
+    redis_client: aioredis.Redis, instances: Instances, expected: int, *, run: bool = True
+) -> AsyncIterator[tuple[RegistryView, HealthBook, ActiveChecker, asyncio.Task[None] | None]]:
+    """A registry view holding `expected` instances, a health book and a checker of
+    them, its `run()` task started unless `run` is False; all stopped on leaving."""
     view = RegistryView(redis_client, resync_interval=0.2)
     await view.start()
-    await wait_for_async(lambda: _count(view, instances.service, expected), timeout=5)
-    book = HealthBook()
-    return view, book, ActiveChecker(view, book, interval=0.1, timeout=0.5, fall=2, rise=2)
+    checker = None
+    task = None
+    try:
+        await wait_for_async(lambda: _count(view, instances.service, expected), timeout=5)
+        book = HealthBook()
+        checker = ActiveChecker(view, book, interval=0.1, timeout=0.5, fall=2, rise=2)
+        if run:
+            task = asyncio.create_task(checker.run())
+        yield view, book, checker, task
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if checker is not None:
+            await checker.close()
+        await view.close()
 
 
 async def _count(view: RegistryView, service: str, expected: int) -> bool:
@@ -109,33 +126,22 @@ async def test_an_endless_health_body_holds_no_round_of_checks(
 ) -> None:
     streaming = await instances.add("streaming", _streaming)
     failing = await instances.add("failing", _failing)
-    view, book, checker = await _checking(redis_client, instances, 2)
-    task = asyncio.create_task(checker.run())
-    try:
+    async with _checking(redis_client, instances, 2) as (_view, book, _checker, _task):
         # Two failed checks of the other instance: its rounds were not held open.
         await wait_for_async(lambda: _ejected(book, instances.service, failing), timeout=10)
         assert not book.is_ejected(
             instances.service, streaming
         )  # a 200 head passes; its body is not read
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await checker.close()
-        await view.close()
 
 
 async def test_a_check_whose_head_never_ends_fails_at_its_timeout(
     redis_client: aioredis.Redis, instances: Instances
 ) -> None:
     slow = await instances.add("slow", _dribbling)
-    view, book, checker = await _checking(redis_client, instances, 1)
-    try:
+    async with _checking(redis_client, instances, 1, run=False) as (_view, book, checker, _task):
         for _ in range(2):  # fall=2
             await asyncio.wait_for(checker.check_all(), timeout=5)
         assert book.is_ejected(instances.service, slow)
-    finally:
-        await checker.close()
-        await view.close()
 
 
 async def test_a_health_path_no_url_holds_fails_its_instance_and_stops_no_check(
@@ -150,38 +156,24 @@ async def test_a_health_path_no_url_holds_fails_its_instance_and_stops_no_check(
         await instances.registry.heartbeat(InstanceRecord(
             instances.service, bad, kind="http", address="127.0.0.1:9", health_path=path,
         ))  # fmt: skip
-        view, book, checker = await _checking(redis_client, instances, 2)
-        task = asyncio.create_task(checker.run())
-        try:
+        async with _checking(redis_client, instances, 2) as (_view, book, _checker, task):
             for instance in (failing, bad):
                 await wait_for_async(
                     partial(_ejected, book, instances.service, instance), timeout=10
                 )
-            assert not task.done()
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await checker.close()
-            await view.close()
+            assert task is not None and not task.done()
 
 
 async def test_an_instance_marked_down_is_readmitted_once_it_drops_its_health_path(
     redis_client: aioredis.Redis, instances: Instances
 ) -> None:
     failing = await instances.add("failing", _failing)
-    view, book, checker = await _checking(redis_client, instances, 1)
-    task = asyncio.create_task(checker.run())
-    try:
+    async with _checking(redis_client, instances, 1) as (view, book, _checker, _task):
         await wait_for_async(lambda: _ejected(book, instances.service, failing), timeout=10)
         # Its next heartbeat names no health path (the check was removed): no check will
         # ever pass again, so the checks' verdict must not keep it out of rotation.
         await instances.beat_without_health_path(failing)
         await wait_for_async(lambda: _usable(view, book, instances.service, failing), timeout=10)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await checker.close()
-        await view.close()
 
 
 async def _usable(view: RegistryView, book: HealthBook, service: str, instance_id: str) -> bool:

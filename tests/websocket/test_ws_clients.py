@@ -331,12 +331,7 @@ async def test_jsonrpc_handler_crash_is_answered_by_its_type_only(
     """As at the gateway: a crash's text (here naming a Redis address) is logged, not sent."""
     leak = "Error 111 connecting to 10.9.8.7:6379. Connection refused."
     async with ws_server.connect() as ws:
-
-        async def add() -> bool:
-            call = {"jsonrpc": "2.0", "id": 1, "method": "calc.add", "params": [1, 1]}
-            return await rpc(ws, call) == {"jsonrpc": "2.0", "id": 1, "result": 2}
-
-        await wait_for_async(add, timeout=30)  # the worker may still be starting
+        await _calc_ready(ws)
         failed = len(ws_server.proc.log_records("rpc error"))
         answer = await rpc(ws, {"jsonrpc": "2.0", "id": 2, "method": "calc.fail",
                                 "params": {"message": leak}})  # fmt: skip
@@ -354,8 +349,7 @@ async def test_jsonrpc_lone_surrogate_and_unanswerable_result_are_answered(
     ws_server: WsServer, calc: None
 ) -> None:
     async with ws_server.connect() as ws:
-        add = {"jsonrpc": "2.0", "id": 1, "method": "calc.add", "params": [1]}
-        await wait_for_async(lambda: _answered(ws, add), timeout=30)  # the worker may be starting
+        await _calc_ready(ws)
         # "\ud800" alone is no text: not JSON, a parse error; a pair is one character.
         await ws.send(
             r'{"jsonrpc": "2.0", "id": 7, "method": "calc.add", "params": {"a": "\ud800"}}'
@@ -382,8 +376,7 @@ async def test_numbers_json_cannot_hold_are_refused_and_never_sent(
     ws_server: WsServer, calc: None
 ) -> None:
     async with ws_server.connect() as ws:
-        add = {"jsonrpc": "2.0", "id": 1, "method": "calc.add", "params": [1]}
-        await wait_for_async(lambda: _answered(ws, add), timeout=30)  # the worker may be starting
+        await _calc_ready(ws)
         # 1e400 is no double: Python reads infinity, which would be echoed as `Infinity`
         for message in [
             '{"type": "ping", "id": 1e400}',
@@ -414,6 +407,12 @@ def _strict(text: str | bytes) -> Any:
 
 async def _answered(ws: ClientConnection, call: dict[str, object]) -> bool:
     return "result" in await rpc(ws, call)
+
+
+async def _calc_ready(ws: ClientConnection) -> None:
+    """Wait until the calc worker answers (it may still be starting)."""
+    add = {"jsonrpc": "2.0", "id": 1, "method": "calc.add", "params": [1]}
+    await wait_for_async(lambda: _answered(ws, add), timeout=30)
 
 
 async def test_jsonrpc_needs_a_scope_for_the_method(ws_server: WsServer) -> None:
