@@ -41,7 +41,6 @@ from redis.exceptions import RedisError
 
 from common.aio import cancel_and_wait, cancelling
 from common.codec import json_default
-from common.connection import REDIS_DOWN_ERRORS
 from common.errors import (
     ConfigError,
     InvalidParams,
@@ -51,6 +50,7 @@ from common.errors import (
     quoted,
 )
 from common.log import get_logger, request_id_var
+from common.outage import Outage
 from common.service import Service
 
 log = get_logger("switchboard.compat.asyncredisrpc")
@@ -87,6 +87,16 @@ class _Adapter:
         self._slots = asyncio.Semaphore(concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
+        # One line as Redis goes away or refuses, one as it is back: not one per retry.
+        self._pop_outage = Outage(
+            log, "asyncredisrpc pop failed, retrying", "asyncredisrpc pop recovered", queue=self.key
+        )
+        self._reply_outage = Outage(
+            log,
+            "asyncredisrpc reply failed, retrying",
+            "asyncredisrpc replies recovered",
+            queue=self.key,
+        )
         self._consumer: asyncio.Task[None] | None = None
 
     async def start(self, svc: Service) -> None:
@@ -124,15 +134,11 @@ class _Adapter:
             await self._slots.acquire()  # a slot for the request BLPOP will bring
             try:
                 raws = await self._pop(redis)
+                self._pop_outage.recovered()
                 backoff = 0.05
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # unreachable, refused, WRONGTYPE...: the loop goes on
                 self._slots.release()
-                if isinstance(exc, REDIS_DOWN_ERRORS):
-                    log.warning(
-                        "redis unreachable, retrying", extra={"fields": {"error": str(exc)}}
-                    )
-                else:  # e.g. WRONGTYPE: someone wrote something else under our key
-                    log.error("asyncredisrpc pop failed", extra={"fields": {"error": str(exc)}})
+                self._pop_outage.failed(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
@@ -225,12 +231,13 @@ class _Adapter:
                     pipe.rpush(key, payload)
                     pipe.expire(key, REPLY_TTL_SECONDS)
                     await pipe.execute()
+                self._reply_outage.recovered()
                 return
-            except REDIS_DOWN_ERRORS as exc:
+            except (RedisError, OSError) as exc:  # unreachable, or refusing (out of memory...)
                 if loop.time() > give_up:
                     log.error("asyncredisrpc reply lost", extra={"fields": {"key": key}})
                     return
-                log.warning("reply failed, retrying", extra={"fields": {"error": str(exc)}})
+                self._reply_outage.failed(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 

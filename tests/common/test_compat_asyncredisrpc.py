@@ -15,7 +15,9 @@ import redis
 import redis.asyncio as aioredis
 from asyncredisrpc.client import AsyncClient  # type: ignore[import-untyped]
 
+from common.embedded_redis import EmbeddedRedis
 from tests.helpers import ServiceProcess, wait_for, wait_for_async
+from tests.support.redis_states import out_of_memory, private_redis_fixture  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -218,3 +220,36 @@ async def test_sigterm_finishes_in_flight_and_answers_abandoned(redis_url: str) 
 async def _started(client: AsyncClient, n: int) -> bool:
     _, stats = await call(client, "slow_stats")
     return bool(stats["started"] >= n)
+
+
+async def test_redis_refusing_is_logged_once_per_loop_and_loses_no_reply(
+    private_redis: EmbeddedRedis,
+) -> None:
+    url = private_redis.url
+    admin = redis.Redis.from_url(url)
+    refused = _start(url)
+    c = await _client(url, refused.queue)
+    try:
+        # The queue's key of the wrong type: every pop fails (WRONGTYPE), for a while.
+        admin.set(refused.key, "not a list")
+        wait_for(lambda: refused.process.log_records("asyncredisrpc pop failed, retrying"))
+        await asyncio.sleep(1.0)  # retries at 0.05, 0.1, 0.2, 0.4, 0.8 s of backoff
+        admin.delete(refused.key)
+        assert await call(c, "add", 1, 2) == (0, 3)
+        assert len(refused.process.log_records("asyncredisrpc pop failed, retrying")) == 1
+        assert refused.process.log_records("asyncredisrpc pop recovered")
+
+        # Redis at maxmemory as the handler answers: the reply is retried, not lost.
+        reply = asyncio.create_task(call(c, "slow", 7, seconds=1.0))
+        await asyncio.sleep(0.3)  # the request is taken well before the handler answers
+        assert admin.llen(refused.key) == 0
+        with out_of_memory(admin):
+            wait_for(lambda: refused.process.log_records("asyncredisrpc reply failed, retrying"))
+            await asyncio.sleep(1.0)
+        assert await reply == (0, 7)
+        assert len(refused.process.log_records("asyncredisrpc reply failed, retrying")) == 1
+        assert refused.process.alive()
+    finally:
+        await c.redis.aclose()
+        admin.close()
+        refused.process.stop()
