@@ -40,7 +40,7 @@ from common.connection import as_text
 from common.constants import data_key
 from common.errors import BadRequest, Conflict, NotFound, Unauthorized, quoted
 from common.log import get_logger
-from common.scopes import ADMIN, parse, valid_scope
+from common.scopes import ADMIN, REGISTRY, parse, valid_scope
 from microservices.auth.passwords import Passwords, password_fault, valid_password
 
 log = get_logger(__name__)
@@ -134,6 +134,10 @@ class Users:
         self.redis = redis
         self.passwords = passwords
         self.default_scopes = check_user_scopes(default_scopes)
+        if REGISTRY in self.default_scopes:
+            # Anyone may sign up: `registry` decides where other users' requests (and
+            # their bearer tokens) go, so only an admin gives it, to a named user or key.
+            raise BadRequest("registry is given by an admin, never to every new user")
         self._create = redis.register_script(_CREATE_USER)
         self._narrowing_done = redis.register_script(_NARROWING_DONE)
 

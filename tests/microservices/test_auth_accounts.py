@@ -119,7 +119,7 @@ async def test_default_scopes_come_from_the_setting(redis: aioredis.Redis) -> No
     accounts = make_accounts(redis, default_scopes="iptv nlp.run")
     user = await accounts.register("Scoped", PASSWORD)
     assert (await accounts.me(user["user_id"]))["scopes"] == ["iptv", "nlp.run"]
-    for bad in ("admin", "Not A Scope"):
+    for bad in ("admin", "Not A Scope", "registry", "iptv registry"):
         with pytest.raises(ConfigError, match="AUTH_DEFAULT_SCOPES"):
             make_accounts(redis, default_scopes=bad)
 
