@@ -76,9 +76,11 @@ class Accounts:
         self.keyring = Keyring(redis, configured_secret=configured_secret, clock=clock)
 
     async def prepare(self) -> None:
-        """Create the first signing key if there is none; drop retired ones."""
+        """Create the first signing key if there is none; drop retired ones; index the
+        admins of a deployment from before their index (once)."""
         await self.keyring.ensure()
         await self.keyring.prune()
+        await self.users.prepare()
 
     # -- accounts --------------------------------------------------------------------
 

@@ -29,7 +29,8 @@ ctx = _Context()
 
 @svc.on_startup
 async def prepare(service: Service) -> None:
-    """Create (once for all instances) the first signing key; bootstrap the first admin."""
+    """Create (once for all instances) the first signing key and the admins index;
+    bootstrap the first admin."""
     settings = service.settings
     ctx.accounts = Accounts(
         service.redis,
