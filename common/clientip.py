@@ -8,13 +8,17 @@ client wrote itself sits further left and is never reached. A malformed entry
 ends the walk: the last good hop is the answer (that proxy is the furthest
 point the chain can be followed).
 
+Every front door reads the client the same way (`request_client_ip`: the gateway's
+routes and fast path, the websocket relay) and passes the chain on the same way
+(`forwarded_for`).
+
 Hot path: `client_ip` (on rate-limited requests keyed by IP).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 from common.errors import ConfigError
@@ -67,6 +71,34 @@ def client_ip(peer: str, forwarded_for: str | None, trusted: Sequence[Network]) 
     return str(last_good)
 
 
+def request_client_ip(
+    peer: str, field_values: Callable[[str], Sequence[str]], trusted: Sequence[Network]
+) -> str:
+    """`client_ip` of a request from TCP peer `peer`; `field_values(name)` gives the values
+    of a request header's field lines in order. Every `X-Forwarded-For` line counts,
+    joined into one list (RFC 9110 §5.3): a proxy that adds its own line after the
+    client's must be read from its line, not from the first, which the client wrote.
+
+    `peer` is the socket's (Sanic's `conn_info.client_ip`), never Sanic's `remote_addr`:
+    that one follows Sanic's own proxy settings (`SANIC_REAL_IP_HEADER`,
+    `SANIC_PROXIES_COUNT`), which believe a header from any peer.
+    """
+    if not trusted:
+        return peer
+    return client_ip(peer, ",".join(field_values("x-forwarded-for")), trusted)
+
+
+def forwarded_for(received: Sequence[str], peer: str) -> str:
+    """The `X-Forwarded-For` value a proxy sends on: the field lines it `received`, in
+    order, then its TCP peer's address (nginx's `$proxy_add_x_forwarded_for`).
+
+    Passed on whoever wrote it, trusted or not: the next hop reads the list from the
+    right with its own trusted proxies, and the hop added here is the one it can
+    believe (as `client_ip` reads it).
+    """
+    return ", ".join([*received, peer]) if received else peer
+
+
 def _is_trusted(address: Address, trusted: Sequence[Network]) -> bool:
     # `in` across IP versions is simply False, so mixed lists need no care here.
     return any(address in network for network in trusted)
@@ -94,4 +126,11 @@ def _parse(text: str) -> Address | None:
     return address
 
 
-__all__ = ["Address", "Network", "client_ip", "parse_networks"]
+__all__ = [
+    "Address",
+    "Network",
+    "client_ip",
+    "forwarded_for",
+    "parse_networks",
+    "request_client_ip",
+]

@@ -213,8 +213,9 @@ class Settings:
         ),
     )
 
-    # Gateway access: X-Forwarded-For is believed only from these peers
-    # (comma-separated addresses or CIDRs; empty = trust no one).
+    # The client's address, at the gateway and the websocket relay: X-Forwarded-For is
+    # believed only from these peers (comma-separated addresses or CIDRs; empty = trust
+    # no one).
     trusted_proxies: str = field(default="", metadata=_env("TRUSTED_PROXIES"))
     # Rate limits when Redis is unreachable: "local" (each process enforces the
     # limits alone), "open" (no limit) or "closed" (refuse with 503).

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
-from common.clientip import client_ip
+from common.clientip import request_client_ip
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized, shortened
 from common.policy import LimitRule, PolicyWatcher
@@ -191,13 +191,9 @@ class Gatekeeper:
         return self.address(peer, request.headers.get_all)
 
     def address(self, peer: str, values: Callable[[str], Sequence[str]]) -> str:
-        """`client_ip` from the socket's `peer` and `values(name)`, the values of a request
-        header's field lines in order. Every `X-Forwarded-For` line counts, joined into
-        one list (RFC 9110 §5.3): a proxy that adds its own line after the client's must
-        be read from its line, not from the first, which the client wrote."""
-        if not self.trusted:
-            return peer
-        return client_ip(peer, ",".join(values("x-forwarded-for")), self.trusted)
+        """The client's address from the socket's `peer` and `values(name)`, the values of
+        a request header's field lines in order (`common.clientip.request_client_ip`)."""
+        return request_client_ip(peer, values, self.trusted)
 
     async def _authenticate(self, credential: str) -> Principal:
         try:

@@ -36,6 +36,7 @@ from sanic.server.websockets.impl import WebsocketImplProtocol
 
 from common.aio import cancel_and_wait
 from common.client import RpcClient
+from common.clientip import Network, parse_networks
 from common.connection import connect
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized, shortened
@@ -60,6 +61,8 @@ from websocket.upstreams import Upstreams
 @dataclass
 class WsContext:
     settings: Settings
+    # Peers whose X-Forwarded-For is believed (`TRUSTED_PROXIES`, as at the gateway).
+    trusted_proxies: tuple[Network, ...] = ()
     connections: Connections = field(init=False)
     redis: aioredis.Redis = field(init=False)
     rpc: RpcClient = field(init=False)
@@ -83,7 +86,7 @@ def create_app(settings: Settings | None = None, name: str = "websocket") -> WsA
     config.WEBSOCKET_PING_INTERVAL = settings.ws_ping_interval  # type: ignore[assignment]
     config.WEBSOCKET_PING_TIMEOUT = settings.ws_ping_timeout  # type: ignore[assignment]
     config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.ws_drain_timeout
-    ctx = WsContext(settings=settings)
+    ctx = WsContext(settings=settings, trusted_proxies=parse_networks(settings.trusted_proxies))
     ctx.connections = Connections(settings.ws_max_connections)
     app: WsApp = Sanic(
         name,

@@ -7,6 +7,15 @@ the live policy's version weights say (a browser cannot set the header: it gets
 the weights). When no instance can be connected, the client is closed with 1014 and
 the reason.
 
+The upstream's handshake carries `X-Forwarded-For`, `-Proto` and `-Host` as the
+gateway's proxy sends them (`webapi.proxy.forward.hop_headers_out`): the
+`X-Forwarded-For` lines received, then the TCP peer (`common.clientip.forwarded_for`),
+`http` or `https`, and the client's `Host`. The client's address (`hash_on: client_ip`)
+is read as the gateway reads it (`common.clientip.request_client_ip`): the peer, or
+behind `TRUSTED_PROXIES` the right-most untrusted hop of `X-Forwarded-For`; never a
+header an untrusted peer wrote, nor Sanic's `remote_addr`, which believes any peer
+when Sanic's own proxy settings (`SANIC_REAL_IP_HEADER`, `SANIC_PROXIES_COUNT`) are set.
+
 Once both handshakes are done the relay is a byte splice (`websocket.splice`):
 frames, pings and close frames pass as they are, both ways, with end-to-end
 backpressure; close codes and reasons pass through; an upstream that dies
@@ -41,6 +50,7 @@ from websockets.frames import Close
 from websockets.protocol import CLOSED, CLOSING
 
 from common.balancing.sticky import balance_key
+from common.clientip import forwarded_for, request_client_ip
 from websocket.connections import BAD_GATEWAY, GOING_AWAY, MESSAGE_TOO_BIG
 from websocket.errors import log_close
 from websocket.splice import CLIENT_STALLED, GONE, UPSTREAM_LOST, UPSTREAM_STALLED, Splice
@@ -66,9 +76,10 @@ async def proxy_endpoint(
     target = "/" + quote(path, safe=_PATH_SAFE)
     if request.query_string:
         target += f"?{request.query_string}"
-    client = request.remote_addr or request.ip
-    headers = [("X-Forwarded-For", client)]
-    key = balance_key(upstreams.policy.hash_on(service), request.headers.get, lambda: client)
+    headers = forwarded_headers(request)
+    key = balance_key(upstreams.policy.hash_on(service), request.headers.get,
+                      lambda: request_client_ip(request.ip, request.headers.get_all,
+                                                request.app.ctx.trusted_proxies))  # fmt: skip
     version = request.headers.get("x-service-version")
     try:
         upstream, endpoint, connect_seconds = await upstreams.connect(
@@ -100,6 +111,21 @@ async def proxy_endpoint(
                 log_close(request.path, BAD_GATEWAY, UPSTREAM_LOST)
     finally:
         upstreams.finished(service, endpoint, connect_seconds, ok)
+
+
+def forwarded_headers(request: WsRequest) -> list[tuple[str, str]]:
+    """The `X-Forwarded-*` fields of the upstream's handshake (module docstring).
+
+    `request.ip` is the socket's peer. Not `request.scheme` nor `request.host`: they
+    follow Sanic's own proxy settings, and `scheme` says `ws` on an upgrade; these are
+    the gateway fast path's values (`http`/`https` from the socket, `Host` as sent)."""
+    received = request.headers.get_all("x-forwarded-for")
+    tls = request.conn_info is not None and request.conn_info.ssl
+    return [
+        ("X-Forwarded-For", forwarded_for(received, request.ip)),
+        ("X-Forwarded-Proto", "https" if tls else "http"),
+        ("X-Forwarded-Host", request.headers.get("host", "")),
+    ]
 
 
 class Ending(enum.Enum):

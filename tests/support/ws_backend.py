@@ -10,7 +10,9 @@ n frames `{"ret": 0, "flag": 0, "result": "<NAME>:<i>"}` and a last one with
 `die_after` sends k frames then kills the process (no close frame).
 
 Any other path echoes text and binary frames, except these text commands:
-`whoami` -> `{"instance", "path"}`; `close <code> <reason>` -> closes so;
+`whoami` -> `{"instance", "path"}`; `forwarded` -> `{"instance", "x-forwarded-for",
+"x-forwarded-proto", "x-forwarded-host"}`, each the list of that field's lines in the
+upgrade request; `close <code> <reason>` -> closes so;
 `die` -> the process exits at once (no close frame); `last_close` -> the code
 and reason of the last close received from a peer (the closes of connections
 that asked `last_close` are not recorded, so a probe never hides what it probes).
@@ -31,6 +33,7 @@ from common.registry import InstanceRecord, Registry
 NAME = os.environ.get("NAME", "wsb")
 state: dict[str, object] = {"last_close": None}
 probes: set[ServerConnection] = set()  # connections that asked `last_close`
+FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
 
 
 async def handler(ws: ServerConnection) -> None:
@@ -53,6 +56,10 @@ async def echo(ws: ServerConnection, path: str) -> None:
     async for message in ws:
         if message == "whoami":
             await ws.send(json.dumps({"instance": NAME, "path": path}))
+        elif message == "forwarded":
+            headers = ws.request.headers if ws.request else None
+            seen = {name: headers.get_all(name) if headers else [] for name in FORWARDED}
+            await ws.send(json.dumps({"instance": NAME, **seen}))
         elif message == "last_close":
             probes.add(ws)
             await ws.send(json.dumps(state["last_close"]))

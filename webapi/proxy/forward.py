@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from common.balancing import Endpoint, select_version
 from common.balancing.policy import BalancingPolicy
+from common.clientip import forwarded_for
 from common.errors import quoted
 from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.registry_view import RegistryView
@@ -210,10 +211,9 @@ def hop_headers_out(
             "content-length", "transfer-encoding"}  # fmt: skip
     prior = [v for k, v in headers if k.lower() == "x-forwarded-for"]
     out = [(k, v) for k, v in strip_hop_by_hop(list(headers)) if k.lower() not in drop]
-    forwarded_for = ", ".join([*prior, client_ip]) if prior else client_ip
     out += [
         ("Host", upstream),
-        ("X-Forwarded-For", forwarded_for),
+        ("X-Forwarded-For", forwarded_for(prior, client_ip)),
         ("X-Forwarded-Proto", scheme),
         ("X-Forwarded-Host", host),
         ("X-Request-Id", request_id),
