@@ -44,7 +44,8 @@ from common.connection import REDIS_DOWN_ERRORS
 from common.errors import ServiceUnavailable, Unauthorized
 from common.log import get_logger
 from common.outage import Outage
-from common.revocation import RevocationView, member
+from common.redis_failures import REDIS_DOWN_OR_REFUSING, redis_failure
+from common.revocation import UNLOADED_RETRY, RevocationView, member
 from common.scopes import allows, parse
 from common.tokens import Keyring, SigningKey
 
@@ -150,13 +151,20 @@ class Authenticator:
     async def start(self) -> None:
         """Load the signing keys (creating the first one if none exists) and the revocations.
 
-        Redis being down is not fatal: the background resync keeps trying.
+        Redis down, or up and refusing (out of memory, a read-only replica after a
+        failover, a failed save, a long script, the credentials: `common.redis_failures`),
+        is not fatal: the service starts, the failure is logged once (the resync's
+        `Outage`, with its kind; `/health` names it too) and the background resync keeps
+        trying. Until the keys are loaded a token is refused (an unknown kid reloads them
+        first). Any other error (an error reply of no known kind, unreadable keys) is.
         """
         try:
             await self.keyring.ensure()
             await self._load_keys()
-        except REDIS_DOWN_ERRORS as exc:
-            log.warning("signing keys not loaded yet", extra={"fields": {"error": str(exc)}})
+        except REDIS_DOWN_OR_REFUSING as exc:
+            if redis_failure(exc) is None:
+                raise
+            self._outage.failed(exc, at="start")
         await self.revocations.start()
         self._resync = background(self._resync_forever(), name="signing-keys-resync")
 
@@ -283,7 +291,9 @@ class Authenticator:
 
     async def _resync_forever(self) -> None:
         while not cancelling():
-            await asyncio.sleep(self.resync_interval)
+            # No keys yet (Redis down or refusing at start): no token verifies, so try
+            # again as often as the other loops do in an outage.
+            await asyncio.sleep(self.resync_interval if self._keys else UNLOADED_RETRY)
             try:
                 if not self._keys:
                     await self.keyring.ensure()

@@ -32,6 +32,7 @@ from common.connection import REDIS_DOWN_ERRORS, as_text
 from common.constants import data_key
 from common.log import get_logger
 from common.outage import Outage
+from common.redis_failures import REDIS_DOWN_OR_REFUSING, redis_failure
 from common.subscription import follow
 
 __all__ = [
@@ -49,6 +50,9 @@ log = get_logger(__name__)
 REVOKED = data_key("auth", "revoked")
 CHANNEL = data_key("auth", "revocations")
 KINDS = ("sid", "jti", "key", "user")
+# How soon a resync tries again while nothing was ever loaded (a start with Redis down
+# or refusing); then every `resync_interval`. Also the signing keys' (`common.credentials`).
+UNLOADED_RETRY = 0.5
 # When a published member cannot be looked up, it counts as revoked until the
 # next resync says otherwise: failing closed for a few seconds beats failing open.
 _UNCONFIRMED = 3600.0
@@ -105,6 +109,7 @@ class RevocationView:
         self._refreshing = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._outage = Outage(log, "revocation resync failed", "revocations resynced")
+        self.loaded = False  # whether the set was ever read from Redis
 
     def on_revoke(self, callback: Callable[[str], None]) -> None:
         """Call `callback(member)` for each revocation seen (published, or found by a resync)."""
@@ -125,8 +130,12 @@ class RevocationView:
             await asyncio.wait_for(self._subscribed.wait(), 2.0)
         try:
             await self.refresh()
-        except REDIS_DOWN_ERRORS as exc:
-            log.warning("revocations not loaded yet", extra={"fields": {"error": str(exc)}})
+        except REDIS_DOWN_OR_REFUSING as exc:
+            # Down or refusing (`common.redis_failures`): not fatal, logged once (the
+            # resync's `Outage`), and the resync keeps trying. Any other error is.
+            if redis_failure(exc) is None:
+                raise
+            self._outage.failed(exc, at="start")
         self._tasks.append(background(self._resync_forever(), name="revocations-resync"))
 
     async def close(self) -> None:
@@ -145,12 +154,15 @@ class RevocationView:
                 fresh[revoked] = max(expires_at, fresh.get(revoked, 0.0))
             new = [m for m in fresh if m not in self._revoked]
             self._revoked = fresh
+            self.loaded = True
         for revoked in new:
             self._notify(revoked)
 
     async def _resync_forever(self) -> None:
         while not cancelling():
-            await asyncio.sleep(self.resync_interval)
+            # Never loaded (Redis down or refusing at start): nothing revoked before now is
+            # known, so try again as often as the other loops do in an outage.
+            await asyncio.sleep(self.resync_interval if self.loaded else UNLOADED_RETRY)
             try:
                 await self.refresh()
                 self._outage.recovered()

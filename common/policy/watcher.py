@@ -8,12 +8,14 @@ It is kept current two ways, as the registry view is:
 - polling the version key every `interval` (0.5 s), which repairs a missed
   message (a reconnect, a write that did not publish).
 
-Redis unreachable, or a stored document that does not validate (or a version
-that is not an integer), keeps the last good policy: a replica never falls back
-to defaults because Redis blinked, and a document written by hand (or before a
-validation rule existed) that the gateway could not apply never reaches its
-request path. An invalid document is logged once (an error), and stays refused
-until a valid one is stored over it.
+Redis unreachable or refusing (`common.redis_failures`), or a stored document that
+does not validate (or a version that is not an integer), keeps the last good
+policy: a replica never falls back to defaults because Redis blinked, and a
+document written by hand (or before a validation rule existed) that the gateway
+could not apply never reaches its request path. An invalid document is logged once
+(an error), and stays refused until a valid one is stored over it; Redis's failure
+is logged once per outage (a warning naming its kind, `common.outage`), never as an
+invalid document.
 
 Nor because Redis lost its data (a restart without persistence, a `FLUSHALL`, a
 failover to an empty replica): applying the empty store would quietly drop every
@@ -51,6 +53,7 @@ from common.log import get_logger
 from common.outage import Outage
 from common.policy.model import DEFAULT_POLICY, PolicyDocument, PolicyInvalid, PolicyUnreadable
 from common.policy.store import PolicyStore
+from common.redis_failures import redis_failure
 from common.subscription import follow
 
 log = get_logger("switchboard.policy")
@@ -144,6 +147,11 @@ class PolicyWatcher:
                 self._outage.failed(exc, version=self.current.version)
                 return False
             except (PolicyInvalid, PolicyUnreadable, ValueError, RedisError) as exc:
+                if isinstance(exc, RedisError) and redis_failure(exc) is not None:
+                    # Redis refusing (busy, a failed save, out of memory for a write-back):
+                    # an outage like Redis down, not an invalid document.
+                    self._outage.failed(exc, version=self.current.version)
+                    return False
                 # Invalid or not JSON, a version that is no integer, a key of the wrong type.
                 # Said once per stored version: the poll finds it again every interval.
                 if self._refused != (version, epoch):

@@ -102,8 +102,9 @@ _gateways: dict[str, ServiceProcess] = {}
 
 
 @contextmanager
-def running_gateway(redis_url: str, **env: str) -> Iterator[str]:
-    """A gateway process (no workers) with the test settings plus `env`; its base URL."""
+def running_gateway(redis_url: str, *, status: int = 200, **env: str) -> Iterator[str]:
+    """A gateway process (no workers) with the test settings plus `env`; its base URL,
+    once its `/health` answers `status` (503: up while Redis is down or refusing)."""
     port = free_port()
     env = {"REDIS_URL": redis_url, "WEBAPI_PORT": str(port), "HEARTBEAT_TTL": "1.5",
            "PROXY_TIMEOUT": "1", "LEAST_TIME_DECAY": "2", **env}  # fmt: skip
@@ -111,11 +112,16 @@ def running_gateway(redis_url: str, **env: str) -> Iterator[str]:
     base = f"http://127.0.0.1:{port}"
     _gateways[base] = proc
     try:
-        wait_for(lambda: httpx.get(f"{base}/health", timeout=2).status_code == 200, timeout=30)
+        wait_for(lambda: not proc.alive() or _health_status(base) == status, timeout=30)
+        assert proc.alive(), f"the gateway exited:\n{proc.log_tail()}"
         yield base
     finally:
         del _gateways[base]
         proc.stop()
+
+
+def _health_status(base: str) -> int:
+    return httpx.get(f"{base}/health", timeout=2).status_code
 
 
 def gateway_process(base: str) -> ServiceProcess:

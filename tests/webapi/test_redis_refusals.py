@@ -2,10 +2,11 @@
 failed save, a script running too long, the credentials): an RPC route and
 `POST /heartbeat` answer 503 saying why, `/health` names the kind, and the log has one
 warning line per request with the detail, never a traceback; all is well again once
-Redis takes writes."""
+Redis takes writes. A gateway started while Redis refuses comes up all the same."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 
@@ -15,7 +16,7 @@ import redis
 
 from common import constants
 from common.embedded_redis import EmbeddedRedis
-from tests.helpers import issue_api_key, wait_for
+from tests.helpers import issue_api_key, issue_user_token, wait_for
 from tests.support.redis_states import (  # noqa: F401 (the *_fixture ones)
     MESSAGES,
     STATES,
@@ -67,3 +68,31 @@ def test_a_redis_refusing_is_a_503_saying_why(
     assert all(r["error"] for r in lines)  # redis-py's text: for the operator only
     assert log.log_records("unhandled error") == []
     assert "Traceback" not in log.log_path.read_text()
+
+
+def test_the_gateway_starts_on_a_fresh_redis_that_is_a_read_only_replica() -> None:
+    """The first signing key cannot be written (a failover to a replica, say): the
+    gateway comes up all the same (it stopped at start-up), `/health` saying why and the
+    keys' loop logging it once; once Redis takes writes the loop creates the key and a
+    token signed with it is accepted."""
+    server = EmbeddedRedis().start()
+    admin = redis.Redis(port=server.port)
+    try:
+        with contextlib.ExitStack() as refusing:
+            refusing.enter_context(STATES["read_only"](admin))
+            with running_gateway(server.url, status=503) as base:
+                health = httpx.get(f"{base}/health", timeout=10).json()
+                assert health["redis"] == {"ok": False, "error": "read_only"}
+                refusing.close()  # Redis takes writes again
+                log = gateway_process(base)
+                wait_for(lambda: log.log_records("signing keys resynced"), timeout=10)
+                token = issue_user_token(server.url, "u1", "alice")  # with the gateway's key
+                answer = httpx.get(f"{base}/svc/nothere/x", timeout=10,
+                                   headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+                assert answer.json()["error"]["code"] == "unknown_service"  # past the check
+                failed = log.log_records("signing keys resync failed")
+                assert [(r["kind"], r["at"]) for r in failed] == [("read_only", "start")]
+                assert "Traceback" not in log.log_path.read_text()
+    finally:
+        admin.close()
+        server.stop()

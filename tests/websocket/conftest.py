@@ -62,7 +62,9 @@ class WsServer:
         return websockets.connect(self.url(path), compression=None, **kwargs)
 
 
-def start_ws_server(redis_url: str, **env: str) -> WsServer:
+def start_ws_server(redis_url: str, *, status: str = "ok", **env: str) -> WsServer:
+    """A websocket service with the test settings plus `env`, once its `/health` says
+    `status` ("degraded": up while Redis is down or refusing)."""
     port = free_port()
     full_env = {"REDIS_URL": redis_url, "WEBSOCKET_PORT": str(port), "JWT_SECRET": SECRET,
                 "RPC_TIMEOUT": "1.5", "WS_AUTH_TIMEOUT": "1", "PROXY_CONNECT_TIMEOUT": "1",
@@ -70,7 +72,8 @@ def start_ws_server(redis_url: str, **env: str) -> WsServer:
     proc = ServiceProcess(["python", "-m", "websocket"], env=full_env, name="websocket").start()
     server = WsServer(f"127.0.0.1:{port}", proc, redis_url)
     try:
-        wait_for(lambda: server.health()["status"] == "ok", 30)
+        wait_for(lambda: not proc.alive() or server.health()["status"] == status, 30)
+        assert proc.alive(), "the websocket service exited"
     except AssertionError:
         proc.stop()
         print(proc.log_tail())

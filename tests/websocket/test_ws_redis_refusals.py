@@ -1,6 +1,8 @@
 """Redis up but refusing writes under the websocket service: a JSON-RPC call is
 answered -32001 (service unavailable) saying why, not -32603 with a traceback in the
-log, and `/health` names the kind; all is well again once Redis takes writes."""
+log, and `/health` names the kind; all is well again once Redis takes writes. A
+service started while Redis refuses comes up all the same, and loads what it could
+not once Redis takes writes."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from common import constants
 from common.embedded_redis import EmbeddedRedis
 from tests.helpers import wait_for
 from tests.support.redis_states import MESSAGES, STATES
-from tests.websocket.conftest import recv_json, start_ws_server
+from tests.websocket.conftest import WsServer, recv_json, start_ws_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,5 +42,33 @@ async def test_a_redis_refusing_writes_is_service_unavailable_saying_why(kind: s
         assert len(ws_server.proc.log_records("rpc error")) == 1
     finally:
         ws_server.proc.stop()
+        admin.close()
+        server.stop()
+
+
+async def test_the_service_starts_on_a_fresh_redis_out_of_memory() -> None:
+    """The first signing key cannot be written: the service comes up all the same,
+    `/health` saying why and the keys' loop logging it once; once Redis takes writes
+    the loop creates the key (retrying every half second meanwhile) and a token signed
+    with it is accepted. (`tests/common/test_start_redis_refusals.py` has every kind.)"""
+    server = EmbeddedRedis().start()
+    admin = redis.Redis(port=server.port)
+    ws_server: WsServer | None = None
+    try:
+        with STATES["out_of_memory"](admin):
+            ws_server = start_ws_server(server.url, status="degraded")
+            assert ws_server.health()["redis"] == {"ok": False, "error": "out_of_memory"}
+        log = ws_server.proc
+        wait_for(lambda: log.log_records("signing keys resynced"), timeout=10)
+        async with ws_server.connect(additional_headers={}) as ws:
+            await ws.send(json.dumps({"type": "auth", "token": ws_server.token()}))
+            assert (await recv_json(ws))["type"] == "authenticated"
+        assert ws_server.health()["status"] == "ok"
+        failed = log.log_records("signing keys resync failed")
+        assert [(r["kind"], r["at"]) for r in failed] == [("out_of_memory", "start")]
+        assert "Traceback" not in log.log_path.read_text()
+    finally:
+        if ws_server is not None:
+            ws_server.proc.stop()
         admin.close()
         server.stop()
