@@ -25,18 +25,20 @@ TTL = 900
 
 
 class CountingHasher(PasswordHasher):
-    """A PasswordHasher that records how many verifications and hashes ran, and
-    the most that ran at the same time."""
+    """A PasswordHasher that records how many verifications and hashes ran, the most
+    that ran at the same time, and the threads they ran on."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.verifications = 0
         self.running = 0
         self.most_running = 0
+        self.threads: set[int] = set()
         self._lock = threading.Lock()
 
     def _enter(self) -> None:
         with self._lock:
+            self.threads.add(threading.get_ident())
             self.running += 1
             self.most_running = max(self.most_running, self.running)
 
