@@ -6,9 +6,11 @@
     watcher.current.services["nlp"].strategy          # hot path: no I/O
 
 `model` holds the document's models and `validate_document`; `store` reads and
-writes it (compare-and-set on the version, history, audit, change events);
-`watcher` keeps a process's copy current; `diff` names what changed. The
-command line is `python -m common.policy get | put FILE | validate FILE | history`.
+writes it (compare-and-set on the version, history, audit, change events), whole
+(`put`) or by a JSON merge patch (`patch`, `merge`); `sections` says what a whole
+write may not leave out; `watcher` keeps a process's copy current; `diff` names
+what changed. The command line is
+`python -m common.policy get | put FILE | patch FILE | validate FILE | history`.
 """
 
 from common.policy.diff import changed_paths

@@ -1,11 +1,16 @@
 """`python -m common.policy`: read, write, check and audit the live policy from a shell.
 
     python -m common.policy get [--version N]            the document (JSON) on stdout
-    python -m common.policy put FILE [--expected-version N]
+    python -m common.policy put FILE [--expected-version N]      replaces the whole document
+    python -m common.policy patch FILE [--expected-version N]    a JSON merge patch (RFC 7396)
     python -m common.policy validate FILE                 no Redis needed
     python -m common.policy history [--limit N] [--json]     N from 1 to 1000 (20)
 
-FILE is a JSON document, "-" for stdin. Writes are audited as "cli:<os user>".
+FILE is a JSON document, "-" for stdin. `put` refuses a document that leaves out a
+section the stored policy has entries in (`"limits": []` removes every limit);
+`patch` changes only what FILE names (`{"services": {"nlp": {"strategy": "hash"}}}`)
+and `validate` warns of the sections FILE leaves out. Writes are audited as
+"cli:<os user>".
 Uses REDIS_URL. Exit status: 0 done, 1 refused (invalid policy, version
 conflict, Redis unreachable, unreadable file, a stored version that is not an
 integer), 2 bad usage. An audit entry's field that does not read shows as "?".
@@ -22,9 +27,11 @@ import sys
 import time
 from typing import Any
 
+from common.codec import parse_json
 from common.connection import connect
 from common.errors import RedisUnavailable, SwitchboardError
-from common.policy.model import PolicyDocument, PolicyInvalid, validate_json
+from common.policy.model import ROOT, PolicyInvalid, validate_document
+from common.policy.sections import omission_warnings
 from common.policy.store import PolicyStore
 from common.settings import get_settings
 
@@ -50,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     put = actions.add_parser("put", help="validate FILE and store it as the next version")
     put.add_argument("file")
     put.add_argument("--expected-version", type=int, help="refuse if the policy moved past it")
+    patch = actions.add_parser("patch", help="apply FILE, a JSON merge patch, to the document")
+    patch.add_argument("file")
+    patch.add_argument("--expected-version", type=int, help="refuse if the policy moved past it")
     check = actions.add_parser("validate", help="check FILE without storing it")
     check.add_argument("file")
     history = actions.add_parser("history", help="the audit log, newest first")
@@ -67,7 +77,8 @@ def actor() -> str:
     return f"cli:{user}"
 
 
-def _read(path: str) -> PolicyDocument:
+def _read(path: str) -> Any:
+    """The JSON in `path` ("-": stdin); not JSON is `PolicyInvalid`."""
     try:
         if path == "-":
             text = sys.stdin.read()
@@ -76,7 +87,10 @@ def _read(path: str) -> PolicyDocument:
                 text = file.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise SwitchboardError(f"cannot read {path}: {exc}") from exc
-    return validate_json(text)
+    try:
+        return parse_json(text)
+    except ValueError as exc:
+        raise PolicyInvalid([{"loc": ROOT, "msg": f"not valid JSON: {exc}"}]) from None
 
 
 def _print_json(data: Any) -> None:
@@ -94,8 +108,9 @@ async def _with_store(args: argparse.Namespace) -> int:
                 print(f"version {args.version} is not in the history", file=sys.stderr)
                 return 1
             _print_json(document.model_dump(mode="json"))
-        elif args.action == "put":
-            stored = await store.put(
+        elif args.action in ("put", "patch"):
+            write = store.put if args.action == "put" else store.patch
+            stored = await write(
                 _read(args.file), actor=actor(), expected_version=args.expected_version
             )
             print(f"stored policy version {stored.version}")
@@ -123,9 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.action == "validate":
-            document = _read(args.file)
+            data = _read(args.file)
+            document = validate_document(data)
             print(f"valid: {len(document.services)} service(s), {len(document.routes)} "
                   f"route(s), {len(document.limits)} limit(s)")  # fmt: skip
+            for warning in omission_warnings(data):
+                print(f"warning: {warning}", file=sys.stderr)
             return 0
         return asyncio.run(_with_store(args))
     except PolicyInvalid as exc:

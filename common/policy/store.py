@@ -1,8 +1,11 @@
 """Reading and writing the live policy in Redis: versioned, audited, announced.
 
-A write (`put`) is validated first, then applied by one Lua script that checks
-the version it was built on (compare-and-set), so two admins editing at once
-never overwrite each other silently: the second gets `Conflict`. The same
+A write (`put` a whole document, or `patch` the stored one with a JSON merge
+patch) is validated first, then applied by one Lua script that checks the version
+it was built on (compare-and-set), so two admins editing at once never overwrite
+each other silently: the second gets `Conflict`, or, without an expected version,
+has its patch applied again to the new version. A `put` that leaves out a section
+the stored policy has entries in is refused (`common.policy.sections`). The same
 script keeps the last `HISTORY_KEEP` versions, appends to the audit stream
 (trimmed to about `AUDIT_MAXLEN` entries) with the actor, Redis's time and the
 changed paths, and publishes the new version on `POLICY_CHANNEL`, all
@@ -15,7 +18,7 @@ compares the epoch too (`stamp`, `load`).
 
 Data set by hand (or corrupted) in Redis is an error, never a crash: a stored
 document that is not JSON, or not a valid policy, is `PolicyInvalid` on reading
-(a `put` over it repairs it); a version that is not an integer is
+and patching (a `put` over it repairs it); a version that is not an integer is
 `PolicyUnreadable`, for reads and writes alike, until it is repaired in Redis, and
 so is one of the store's keys holding another Redis type (a `put` checks all five
 before it writes anything: a Lua script's writes are not rolled back when a later
@@ -29,6 +32,7 @@ import json
 import math
 import re
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -38,13 +42,17 @@ from common import constants
 from common.connection import REDIS_DOWN_ERRORS, as_text
 from common.errors import Conflict, RedisUnavailable, quoted
 from common.policy.diff import changed_paths
+from common.policy.merge import merge_patch
 from common.policy.model import (
     DEFAULT_POLICY,
+    ROOT,
     PolicyDocument,
+    PolicyInvalid,
     PolicyUnreadable,
     validate_document,
     validate_json,
 )
+from common.policy.sections import missing_sections, removal_refusals
 
 HISTORY_KEEP = 50
 AUDIT_MAXLEN = 1000
@@ -147,17 +155,61 @@ class PolicyStore:
 
         `data`'s own "version" is ignored. With `expected_version`, the write
         happens only if the current version is that one, else `Conflict`.
-        Raises `PolicyInvalid` (nothing stored) for a bad document, `PolicyUnreadable`
-        for a stored version that is not an integer.
+        Raises `PolicyInvalid` (nothing stored) for a bad document, or one that leaves
+        out a section the stored policy has entries in (`common.policy.sections`), and
+        `PolicyUnreadable` for a stored version that is not an integer.
         """
         candidate = validate_document(data)
+        missing = missing_sections(data)
+
+        def build(stored: dict[str, Any]) -> PolicyDocument:
+            refusals = removal_refusals(missing, stored)
+            if refusals:
+                raise PolicyInvalid(refusals)
+            return candidate
+
+        return await self._write(build, actor, expected_version)
+
+    async def patch(
+        self, patch: object, *, actor: str, expected_version: int | None = None
+    ) -> PolicyDocument:
+        """Apply JSON merge patch `patch` (RFC 7396, `common.policy.merge`) to the stored
+        document and store the result as the next version; the stored document is returned.
+
+        The patch is applied to the version it is written over (compare-and-set, as
+        `put`): a concurrent write makes it `Conflict` with `expected_version`, else it is
+        applied again to the new version. A "version" in the patch is ignored. Raises
+        `PolicyInvalid` (nothing stored) when the result is not a valid policy, or when the
+        stored document is not one (a `put` replaces it), and `PolicyUnreadable` as `put`.
+        """
+        if not isinstance(patch, dict):
+            raise PolicyInvalid([{"loc": ROOT, "msg": "a merge patch must be a JSON object"}])
+        changes = {k: v for k, v in patch.items() if k != "version"}
+
+        def build(stored: dict[str, Any]) -> PolicyDocument:
+            return validate_document(merge_patch(stored, changes))
+
+        return await self._write(build, actor, expected_version, strict_base=True)
+
+    async def _write(
+        self,
+        build: Callable[[dict[str, Any]], PolicyDocument],
+        actor: str,
+        expected_version: int | None,
+        *,
+        strict_base: bool = False,
+    ) -> PolicyDocument:
+        """Store `build(stored document as JSON)` as the next version, compare-and-set on
+        the version read (retried when another writer wins, unless `expected_version`).
+        `strict_base`: the stored document must be a valid policy, else `PolicyInvalid`."""
         try:
             for _ in range(_CAS_TRIES):
                 raw_doc, raw_version = await self._read_for_put()
                 current = _stored_version(raw_version)
                 if expected_version is not None and current != expected_version:
                     raise _conflict(current, expected_version)
-                new = candidate.model_copy(update={"version": current + 1})
+                stored = _strict(raw_doc) if strict_base else _loose(raw_doc)
+                new = build(stored).model_copy(update={"version": current + 1})
                 changes = changed_paths(_loose(raw_doc), new.model_dump(mode="json"))
                 args = (current, new.to_json(), HISTORY_KEEP, actor, json.dumps(changes),
                         AUDIT_MAXLEN, constants.POLICY_CHANNEL, secrets.token_hex(8),
@@ -270,6 +322,22 @@ def _audit_changes(text: str) -> list[str] | None:
 
 def _conflict(current: int, expected: int) -> Conflict:
     return Conflict(f"the policy is at version {current}, not {expected}: reload and retry")
+
+
+def _strict(raw: bytes | str | None) -> dict[str, Any]:
+    """The stored document as JSON, valid (without its version), or `PolicyInvalid`."""
+    try:
+        document = DEFAULT_POLICY if raw is None else validate_json(raw)
+    except PolicyInvalid as exc:
+        reasons = "; ".join(f"{e['loc']}: {e['msg']}" for e in exc.errors[:3])
+        raise PolicyInvalid([{
+            "loc": ROOT,
+            "msg": f"the stored policy is not valid ({reasons}): a patch cannot apply to it; "
+                   "PUT a whole document to replace it",
+        }]) from None  # fmt: skip
+    data = document.model_dump(mode="json")
+    del data["version"]
+    return data
 
 
 def _loose(raw: bytes | str | None) -> dict[str, Any]:

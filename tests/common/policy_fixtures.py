@@ -34,4 +34,6 @@ async def watcher_fixture(store: PolicyStore) -> AsyncIterator[PolicyWatcher]:
 
 
 def nlp(**fields: Any) -> dict[str, Any]:
-    return {"services": {"nlp": fields}}
+    """A whole document: service `nlp` with `fields`, and no limits (said, as a PUT must
+    say it: `common.policy.sections`)."""
+    return {"services": {"nlp": fields}, "limits": []}

@@ -21,6 +21,8 @@ from common.policy import (
     validate_document,
     validate_json,
 )
+from common.policy.merge import merge_patch
+from common.policy.sections import omission_warnings
 from tests.common.policy_fixtures import KEYS, nlp, store_fixture  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(60)
@@ -248,3 +250,37 @@ def test_changed_paths() -> None:
         "services.old",
     ]
     assert changed_paths(old, {**old, "version": 9}) == []
+
+
+@pytest.mark.parametrize(
+    ("target", "patch", "result"),
+    [  # RFC 7396, appendix A
+        ({"a": "b"}, {"a": "c"}, {"a": "c"}),
+        ({"a": "b"}, {"b": "c"}, {"a": "b", "b": "c"}),
+        ({"a": "b"}, {"a": None}, {}),
+        ({"a": "b", "b": "c"}, {"a": None}, {"b": "c"}),
+        ({"a": ["b"]}, {"a": "c"}, {"a": "c"}),
+        ({"a": "c"}, {"a": ["b"]}, {"a": ["b"]}),
+        ({"a": {"b": "c"}}, {"a": {"b": "d", "c": None}}, {"a": {"b": "d"}}),
+        ({"a": [{"b": "c"}]}, {"a": [1]}, {"a": [1]}),
+        (["a", "b"], ["c", "d"], ["c", "d"]),
+        ({"a": "b"}, ["c"], ["c"]),
+        ({"a": "foo"}, None, None),
+        ({"a": "foo"}, "bar", "bar"),
+        ({"e": None}, {"a": 1}, {"e": None, "a": 1}),
+        ([1, 2], {"a": "b", "c": None}, {"a": "b"}),
+        ({}, {"a": {"bb": {"ccc": None}}}, {"a": {"bb": {}}}),
+    ],
+)
+def test_merge_patch_is_rfc_7396(target: Any, patch: Any, result: Any) -> None:
+    before = json.dumps(target)
+    assert merge_patch(target, patch) == result
+    assert json.dumps(target) == before  # the target is not changed in place
+
+
+def test_omission_warnings_name_each_section_left_out() -> None:
+    assert omission_warnings({"services": {}, "routes": [], "limits": []}) == []
+    warnings = omission_warnings({"services": {"nlp": {"strategy": "hash"}}})
+    assert [w.split()[0] for w in warnings] == ['"routes"', '"limits"']
+    assert "the default policy limits auth.login and auth.register" in warnings[1]
+    assert "PATCH /admin/policy" in warnings[1]

@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from common import constants
-from common.policy import PolicyStore, validate_document
+from common.policy import DEFAULT_POLICY, PolicyStore, validate_document
 from tests.common.policy_fixtures import nlp, store_fixture  # noqa: F401 (a fixture)
 from tests.helpers import ROOT
 
@@ -72,6 +72,33 @@ async def test_cli(store: PolicyStore, redis_url: str, tmp_path: Path) -> None:
     missing = await asyncio.to_thread(run, "validate", str(tmp_path / "nope.json"))
     assert missing.returncode != 0 and "cannot read" in missing.stderr
     assert (await asyncio.to_thread(run, "frobnicate")).returncode == 2
+
+
+async def test_cli_patch_and_the_put_that_would_remove_limits(
+    store: PolicyStore, redis_url: str, tmp_path: Path
+) -> None:
+    """`put` of a document without `limits` is refused naming the default limits (it
+    would remove them); `validate` warns; `patch` changes only what the file names."""
+    change = tmp_path / "change.json"
+    change.write_text(json.dumps({"services": {"nlp": {"strategy": "hash"}}}))
+
+    checked = await asyncio.to_thread(_cli, redis_url, "validate", str(change))
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stderr.count("warning: ") == 2 and '"limits" is missing' in checked.stderr
+    refused = await asyncio.to_thread(_cli, redis_url, "put", str(change))
+    assert refused.returncode == 1
+    assert "limits: missing" in refused.stderr and "('login', 'register')" in refused.stderr
+    assert (await store.stamp())[0] == 0
+
+    patched = await asyncio.to_thread(_cli, redis_url, "patch", str(change),
+                                      "--expected-version", "0")  # fmt: skip
+    assert patched.returncode == 0, patched.stderr
+    assert "version 1" in patched.stdout
+    stored = await store.get()
+    assert stored.services["nlp"].strategy == "hash" and stored.limits == DEFAULT_POLICY.limits
+    stale = await asyncio.to_thread(_cli, redis_url, "patch", str(change),
+                                    "--expected-version", "0")  # fmt: skip
+    assert stale.returncode == 1 and "version 1" in stale.stderr
 
 
 def _one_line_refusal(done: subprocess.CompletedProcess[str], status: int, text: str) -> None:

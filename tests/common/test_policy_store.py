@@ -107,6 +107,79 @@ async def test_put_accepts_a_document_object(store: PolicyStore) -> None:
     assert (await store.put(doc, actor="a")).services["nlp"].strategy == "least_time"
 
 
+# -- leaving a section out, and merge patches --------------------------------------------
+
+
+async def test_a_put_leaving_out_a_section_with_entries_is_refused_naming_them(
+    store: PolicyStore,
+) -> None:
+    """A PUT replaces the whole document: leaving out `limits` (the default's login and
+    register limits), `routes` or `services` while the store has some is refused with one
+    reason per section, and writes nothing; saying it (`"limits": []`) is accepted."""
+    with pytest.raises(PolicyInvalid) as info:
+        await store.put({"services": {"nlp": {"strategy": "hash"}}}, actor="alice")
+    assert [e["loc"] for e in info.value.errors] == ["limits"]
+    assert "remove the 2 limits stored ('login', 'register')" in info.value.errors[0]["msg"]
+    assert await store.stamp() == (0, None)  # nothing written
+    routes = [{"prefix": f"/r{i}/", "service": "web"} for i in range(7)]
+    full = await store.put({"services": {"nlp": {}}, "routes": routes, "limits": []}, actor="a")
+    with pytest.raises(PolicyInvalid) as info:
+        await store.put({"limits": []}, actor="alice", expected_version=full.version)
+    assert [e["loc"] for e in info.value.errors] == ["services", "routes"]
+    assert "the 1 service entries stored ('nlp')" in info.value.errors[0]["msg"]
+    assert "('/r0/', '/r1/', '/r2/', '/r3/', '/r4/' and 2 more)" in info.value.errors[1]["msg"]
+    assert await store.get() == full
+    emptied = await store.put({"services": {}, "routes": [], "limits": []}, actor="a")
+    assert await store.put({}, actor="a") == emptied.model_copy(update={"version": 3})
+
+
+async def test_a_patch_merges_into_the_stored_document(store: PolicyStore) -> None:
+    first = await store.patch({"services": {"nlp": {"strategy": "hash", "retries": 2}},
+                               "version": 99}, actor="alice")  # fmt: skip
+    assert first.version == 1 and first.limits == DEFAULT_POLICY.limits  # kept
+    change = {"services": {"nlp": {"retries": None, "timeout": 3.0}, "iptv": {}}}
+    second = await store.patch(change, actor="bob", expected_version=1)
+    assert second.services["nlp"].model_dump(exclude_none=True) == {
+        "strategy": "hash", "version_weights": {}, "timeout": 3.0}  # fmt: skip
+    assert set(second.services) == {"nlp", "iptv"} and second.limits == DEFAULT_POLICY.limits
+    assert (await store.history(1))[0]["changes"] == [
+        "services.iptv", "services.nlp.retries", "services.nlp.timeout"]  # fmt: skip
+    with pytest.raises(Conflict):
+        await store.patch({"limits": []}, actor="carol", expected_version=1)
+    with pytest.raises(PolicyInvalid) as info:
+        await store.patch({"services": {"nlp": {"strategy": "fastest"}}}, actor="carol")
+    assert [e["loc"] for e in info.value.errors] == ["services.nlp.strategy"]
+    with pytest.raises(PolicyInvalid, match="a merge patch must be a JSON object"):
+        await store.patch([{"op": "remove", "path": "/limits"}], actor="carol")
+    assert await store.get() == second  # none of the three wrote anything
+
+
+async def test_concurrent_patches_are_each_applied_to_the_version_they_write_over(
+    store: PolicyStore,
+) -> None:
+    """Ten patches at once, each setting one service: the compare-and-set applies a
+    patch that lost a race again to the new version, so none is lost."""
+    docs = await asyncio.gather(*(store.patch({"services": {f"s{i}": {"retries": i % 6}}},
+                                              actor=f"w{i}") for i in range(10)))  # fmt: skip
+    assert sorted(d.version for d in docs) == list(range(1, 11))
+    assert set((await store.get()).services) == {f"s{i}" for i in range(10)}
+
+
+async def test_a_patch_over_an_invalid_stored_document_is_refused(
+    store: PolicyStore, redis_client: aioredis.Redis
+) -> None:
+    first = await store.put(nlp(strategy="hash"), actor="alice")
+    await redis_client.set(constants.POLICY_DOC, '{"services": {"nlp": {"strategy": "x"}}}')
+    with pytest.raises(PolicyInvalid) as info:
+        await store.patch({"limits": []}, actor="bob")
+    assert [e["loc"] for e in info.value.errors] == ["(document)"]
+    assert "the stored policy is not valid (services.nlp.strategy:" in info.value.errors[0]["msg"]
+    assert "PUT a whole document" in info.value.errors[0]["msg"]
+    assert (await store.stamp())[0] == first.version  # nothing written
+    repaired = await store.put(nlp(strategy="random"), actor="bob")  # a put replaces it
+    assert repaired.version == first.version + 1
+
+
 # -- data set by hand in Redis ----------------------------------------------------------
 
 

@@ -100,7 +100,7 @@ async def test_a_stored_limit_the_gateway_cannot_build_is_refused_and_logged_onc
     refused = [r for r in caplog.records if "stored policy is invalid" in r.getMessage()]
     assert len(refused) == 1
     assert "limit 'daily'" in refused[0].__dict__["fields"]["error"]
-    fixed = await store.put({"limits": []}, actor="t")
+    fixed = await store.put({"services": {}, "limits": []}, actor="t")
     assert await w.refresh() is True and w.current == fixed
 
 

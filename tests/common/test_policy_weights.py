@@ -85,7 +85,8 @@ async def test_version_weights_split_the_traffic(store: PolicyStore) -> None:
 
 
 async def test_a_strategy_change_recreates_only_that_services_strategy(store: PolicyStore) -> None:
-    await store.put({"services": {"nlp": {"strategy": "hash"}, "iptv": {}}}, actor="t")
+    await store.put({"services": {"nlp": {"strategy": "hash"}, "iptv": {}}, "limits": []},
+                    actor="t")  # fmt: skip
     w = PolicyWatcher(store.redis)
     await w.start()
     policy = BalancingPolicy(w)

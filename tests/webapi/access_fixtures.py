@@ -50,7 +50,10 @@ class Gateways:
         return name, password
 
     def put_policy(self, token: str, **document: Any) -> dict[str, Any]:
-        r = httpx.put(f"{self.url}/admin/policy", json=document, headers=bearer(token), timeout=10)
+        """PUT `document`, its sections left out said empty (a PUT must say it removes
+        them: `common.policy.sections`); every gateway applies it before this returns."""
+        whole = {"services": {}, "routes": [], "limits": [], **document}
+        r = httpx.put(f"{self.url}/admin/policy", json=whole, headers=bearer(token), timeout=10)
         assert r.status_code == 200, r.text
         version = r.json()["version"]
         # Every gateway applies it (they report the version they apply).

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import redis
 
+from common.policy import DEFAULT_POLICY
 from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
 from tests.webapi.access_fixtures import (  # noqa: F401 (the `gateways` fixture)
     ADMIN_NAME,
@@ -55,6 +56,60 @@ def test_policy_admin_api_validates_versions_and_audits(gateways: Gateways) -> N
     assert "services.calc" in " ".join(history[0]["changes"])
     old = httpx.get(f"{url}/versions/{current['version']}", headers=admin)
     assert old.status_code == 200 and old.json()["services"] == current["services"]
+
+
+def test_a_put_that_leaves_out_the_limits_is_refused_and_a_patch_keeps_them(
+    gateways: Gateways,
+) -> None:
+    """README's way to change one service's strategy, `{"services": {"nlp": {"strategy":
+    "hash"}}}`, as a PUT would remove the default limits on login and register: it is 422
+    naming them, and validate warns; as a PATCH (merge patch) it changes the strategy
+    and nothing else, compare-and-set on If-Match as a PUT; `"limits": []` removes them."""
+    token = gateways.admin_token()
+    admin = bearer(token)
+    url = f"{gateways.url}/admin/policy"
+    defaults = DEFAULT_POLICY.model_dump(mode="json")["limits"]
+    before = gateways.put_policy(token, services={"nlp": {"retries": 2}}, limits=defaults)
+    change = {"services": {"nlp": {"strategy": "hash"}}}
+
+    refused = httpx.put(url, json=change, headers=admin)
+    assert refused.status_code == 422, refused.text
+    details = refused.json()["error"]["details"]
+    assert [d["loc"] for d in details] == ["limits"]
+    assert "'login', 'register'" in details[0]["msg"] and '"limits": []' in details[0]["msg"]
+    assert httpx.get(url, headers=admin).json() == before  # nothing written
+    checked = httpx.post(f"{url}/validate", json=change, headers=admin)
+    assert checked.status_code == 200, checked.text
+    warnings = checked.json()["warnings"]
+    assert [w.split()[0] for w in warnings] == ['"routes"', '"limits"']
+    got = httpx.get(url, headers=admin)
+    assert got.headers["accept-patch"] == "application/merge-patch+json"
+
+    patched = httpx.patch(url, json=change, headers={**admin, "If-Match": str(before["version"])})
+    assert patched.status_code == 200, patched.text
+    after = patched.json()
+    assert after["version"] == before["version"] + 1
+    assert after["services"]["nlp"] == {**before["services"]["nlp"], "strategy": "hash"}
+    assert after["limits"] == defaults and after["routes"] == before["routes"]
+    history = httpx.get(f"{url}/history", headers=admin).json()["changes"]
+    assert history[0]["changes"] == ["services.nlp.strategy"]
+    wait_for(lambda: all(policy_version(u) == after["version"] for u in gateways.urls), timeout=5)
+
+    stale = httpx.patch(url, json=change, headers={**admin, "If-Match": str(before["version"])})
+    assert stale.status_code == 409, stale.text
+    bad = httpx.patch(url, json={"services": {"nlp": {"retries": 99}}}, headers=admin)
+    assert bad.status_code == 422 and bad.json()["error"]["details"][0]["loc"] == (
+        "services.nlp.retries")  # fmt: skip
+    assert httpx.patch(url, json=[{"op": "remove", "path": "/limits"}],
+                       headers=admin).status_code == 400  # fmt: skip
+    assert httpx.get(url, headers=admin).json() == after  # none of these wrote anything
+
+    removed = httpx.patch(url, json={"services": {"nlp": None}, "limits": []}, headers=admin)
+    assert removed.status_code == 200, removed.text
+    assert removed.json()["services"] == {} and removed.json()["limits"] == []
+    explicit = httpx.put(url, json={**change, "limits": []}, headers=admin)  # said: accepted
+    assert explicit.status_code == 200, explicit.text
+    gateways.put_policy(token)  # as the other tests expect it: nothing in any section
 
 
 def test_policy_admin_api_reads_integers_strictly(gateways: Gateways) -> None:

@@ -1,14 +1,20 @@
 """The admin API (scope `admin`): the live policy, users, revocation, signing keys,
 login throttles, and the proxy's counters (`GET /admin/proxy/stats`).
 
-Policy: `GET /admin/policy` is the stored document; `PUT /admin/policy`
-replaces it. The new document is validated first; if it is invalid the answer
-is 422 with every reason and the running policy stays. Send the version you
-edited as `If-Match: <version>` (or `?expected_version=`): if someone changed
-the policy since, the answer is 409 and nothing is written. Every change is
-versioned and audited (who, when, which paths changed) and every gateway
-applies it within a second. `POST /admin/policy/validate` checks a document
-without storing it.
+Policy: `GET /admin/policy` is the stored document; `PATCH /admin/policy`
+changes part of it with a JSON merge patch (RFC 7396: `{"services": {"nlp":
+{"strategy": "hash"}}}` changes that one field, `null` removes a member, a list
+is replaced whole); `PUT /admin/policy` replaces it whole, and refuses (422) a
+document that leaves out a section (`services`, `routes`, `limits`) the stored
+policy has entries in, rather than removing them silently: `"limits": []` says
+so (`common.policy.sections`). The new document is validated first; if it is
+invalid the answer is 422 with every reason and the running policy stays. Send
+the version you edited as `If-Match: <version>` (or `?expected_version=`): if
+someone changed the policy since, the answer is 409 and nothing is written (a
+PATCH without it is applied to whatever version is current, atomically). Every
+change is versioned and audited (who, when, which paths changed) and every
+gateway applies it within a second. `POST /admin/policy/validate` checks a
+document without storing it, with `warnings` for the sections it leaves out.
 
 Data set by hand in Redis gets an answer, not a 500: a stored document that is
 not a valid policy (or not JSON) makes `GET /admin/policy` a 422 `policy_invalid`
@@ -29,6 +35,7 @@ from sanic import Blueprint, HTTPResponse
 
 from common.credentials import Principal
 from common.policy import PolicyStore, validate_document
+from common.policy.sections import omission_warnings
 from webapi.access import ADMIN
 from webapi.context import GatewayRequest
 from webapi.errors import InvalidQuery, MalformedJson
@@ -62,26 +69,46 @@ def _int_arg(name: str, value: str | None) -> int | None:
     return int(text)
 
 
+# RFC 5789 §3.1: the patch format PATCH /admin/policy takes, announced on GET.
+_ACCEPT_PATCH = {"Accept-Patch": "application/merge-patch+json"}
+
+
+def _expected_version(request: GatewayRequest) -> int | None:
+    expected = _int_arg("If-Match", request.headers.get("if-match"))
+    if expected is None:
+        expected = _int_arg("expected_version", request.args.get("expected_version"))
+    return expected
+
+
 @bp.get("/policy", ctx_access=ADMIN)
 async def get_policy(request: GatewayRequest) -> HTTPResponse:
     document = await _store(request).get()
-    return json_response(document.model_dump(mode="json"))
+    return json_response(document.model_dump(mode="json"), headers=_ACCEPT_PATCH)
 
 
 @bp.put("/policy", ctx_access=ADMIN)
 async def put_policy(request: GatewayRequest) -> HTTPResponse:
     body = json_object(request, empty_ok=False)
-    expected = _int_arg("If-Match", request.headers.get("if-match"))
-    if expected is None:
-        expected = _int_arg("expected_version", request.args.get("expected_version"))
-    document = await _store(request).put(body, actor=_actor(request), expected_version=expected)
+    document = await _store(request).put(body, actor=_actor(request),
+                                         expected_version=_expected_version(request))  # fmt: skip
+    return json_response(document.model_dump(mode="json"))
+
+
+@bp.patch("/policy", ctx_access=ADMIN)
+async def patch_policy(request: GatewayRequest) -> HTTPResponse:
+    """A JSON merge patch (RFC 7396) of the stored document (module docstring)."""
+    body = json_object(request, empty_ok=False)
+    document = await _store(request).patch(body, actor=_actor(request),
+                                           expected_version=_expected_version(request))  # fmt: skip
     return json_response(document.model_dump(mode="json"))
 
 
 @bp.post("/policy/validate", ctx_access=ADMIN)
 async def validate_policy(request: GatewayRequest) -> HTTPResponse:
-    document = validate_document(json_object(request, empty_ok=False))
-    return json_response({"valid": True, "document": document.model_dump(mode="json")})
+    body = json_object(request, empty_ok=False)
+    document = validate_document(body)
+    return json_response({"valid": True, "document": document.model_dump(mode="json"),
+                          "warnings": omission_warnings(body)})  # fmt: skip
 
 
 @bp.get("/policy/history", ctx_access=ADMIN)
