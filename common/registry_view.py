@@ -86,6 +86,7 @@ class RegistryView:
         self.stale_after = 2 * resync_interval
         self.recovery_grace = recovery_grace
         self._view: dict[str, dict[str, tuple[InstanceRecord, float]]] = {}
+        self._cataloged: frozenset[str] = frozenset()  # RPC services, as of the last resync
         self._listeners: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._synced = asyncio.Event()
@@ -110,6 +111,14 @@ class RegistryView:
 
     def services(self) -> list[str]:
         return sorted(self._view)
+
+    def is_rpc_service(self, service: str) -> bool:
+        """Whether `service` is served by RPC workers (which no HTTP instance may join:
+        `webapi.heartbeats`): the catalog names it, as of the last resync, or a live
+        instance of it is an RPC worker. Hot path: no I/O."""
+        if service in self._cataloged:
+            return True
+        return any(record.kind == "rpc" for record in self.instances(service))
 
     def resolve(self, name: str, kinds: Collection[str]) -> tuple[str, str | None] | None:
         """The `(service, version)` a client's service name means, or None if no live
@@ -153,6 +162,7 @@ class RegistryView:
             self._store(service, found[service], None)
             return
         registered, cataloged = await self.registry.names()
+        self._cataloged = frozenset(cataloged)
         # Out of touch until now: the leases last seen are kept a grace longer.
         recovering = started > self._last_sync + self.stale_after
         grace_end = started + self.recovery_grace if recovering else None

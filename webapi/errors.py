@@ -98,6 +98,15 @@ class UnknownService(ApiError):
     quiet = True
 
 
+class NotAnHttpService(UnknownService):
+    """The service is served by RPC workers: it has no HTTP instance to proxy to, and
+    never will (`RegistryView.is_rpc_service`). A 404, as an unknown service: the URL
+    names nothing that exists, and retrying will not change that (a 503 would invite
+    retries and paging while the service is up)."""
+
+    code = "rpc_service"
+
+
 class NoRoute(ApiError):
     """No route of the gateway or of the live policy matches the path."""
 

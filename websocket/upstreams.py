@@ -146,6 +146,9 @@ class Upstreams:
                 raise
             return Connected(upstream, endpoint, tries.connected())
         known = bool(self.view.instances(service)) or service in self.view.services()
+        if not tries.attempt and self.view.is_rpc_service(service):
+            # Its instances are RPC workers, live or not: "no live instance" would mislead.
+            last_error = "an RPC service: call it with JSON-RPC on /ws"
         raise NoUpstream(f"{shortened(service)}: {last_error}", known=known)
 
     def finished(self, service: str, endpoint: Endpoint, seconds: float, ok: bool) -> None:

@@ -161,3 +161,22 @@ async def test_a_service_forgotten_while_an_instance_registers_is_kept(
     await registry.heartbeat(_record(service, 1))
     await registry.forget_services([service, f"{service}_empty"])
     assert await redis_client.sismember(constants.SERVICES, service)
+
+
+async def test_rpc_services_are_told_apart_without_a_round_trip(
+    view: RegistryView, redis_client: aioredis.Redis
+) -> None:
+    """The catalog, read at each resync, and the kind of the live instances say which
+    services RPC workers serve (the gateway's proxy routes answer those 404, not 503)."""
+    registry = Registry(redis_client, ttl=3.0)
+    cataloged, running, web = (f"{kind}_{uuid.uuid4().hex[:6]}" for kind in ("cat", "rpc", "web"))
+    await registry.publish_catalog(cataloged, {"hello": {}})
+    await registry.heartbeat(InstanceRecord(running, f"{running}-1", kind="rpc"))
+    await registry.heartbeat(_record(web, 1))
+    await view.refresh()
+    assert view.is_rpc_service(cataloged) and not view.instances(cataloged)
+    assert view.is_rpc_service(running)
+    assert not view.is_rpc_service(web) and not view.is_rpc_service("nobody")
+    await redis_client.hdel(constants.CATALOG, cataloged)
+    await registry.deregister(running, f"{running}-1")
+    await registry.deregister(web, f"{web}@127.0.0.1:9001", kind="http")

@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from tests.helpers import wait_for
-from tests.webapi.conftest import Stack, as_admin
+from tests.support.policy import set_document
+from tests.webapi.conftest import Stack, answered, as_admin, policy_version
 
 
 def _error(response: httpx.Response) -> dict[str, str]:
@@ -188,6 +189,40 @@ async def test_health_lists_redis_and_live_instances(http: httpx.AsyncClient) ->
     assert body["redis"]["ok"] is True
     for service in ("calc", "iptv", "auth"):
         assert body["services"][service]["live"] >= 1
+
+
+def test_an_rpc_service_behind_a_proxy_route_is_a_404_naming_its_rpc_route(stack: Stack) -> None:
+    """/svc/<rpc service>/..., /nlp and /ai_server/ naming one, and a policy route to one
+    are 404 `rpc_service` pointing at POST /rpc/<service>/<method>, not 503 "no live
+    instance" while /health shows it live; from the fast path (a keep-alive request
+    whose credential is cached) as from Sanic's handler (a chunked body: never fast)."""
+    base = stack.base_url
+    message = "'calc' is an RPC service, not an HTTP one: call POST /rpc/calc/<method>"
+    error = {"code": "rpc_service", "message": message}
+
+    def refused(response: httpx.Response) -> None:
+        assert (response.status_code, response.json()["error"]) == (404, error), response.text
+
+    assert httpx.get(f"{base}/health").json()["services"]["calc"]["live"] >= 1
+    before = answered(base)
+    with httpx.Client(headers=as_admin.headers, timeout=10) as client:
+        for _ in range(5):
+            refused(client.get(f"{base}/svc/calc/add"))
+        assert answered(base) - before >= 4  # (the first may be Sanic's)
+        before = answered(base)
+        refused(client.post(f"{base}/svc/calc/add", content=iter([b'{"a": 1}'])))  # chunked
+        assert answered(base) == before  # Sanic's
+        refused(client.post(f"{base}/nlp", json={"service_name": "calc"}))
+        envelope = client.post(f"{base}/ai_server/", json={"server_name": "calc"})
+        refused(envelope)
+        assert (envelope.json()["status"], envelope.json()["msg"]) == (404, error["message"])
+
+        doc = set_document(stack.redis_url, routes=[{"prefix": "/calc-http/", "service": "calc"}])
+        try:
+            wait_for(lambda: policy_version(base) >= doc.version, timeout=5)
+            refused(client.get(f"{base}/calc-http/add"))
+        finally:
+            set_document(stack.redis_url, routes=[])
 
 
 def test_no_live_instance_is_503_at_once(stack: Stack) -> None:

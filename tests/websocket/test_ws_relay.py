@@ -99,6 +99,22 @@ async def test_no_reachable_instance_closes_1014_with_the_reason(ws_server: WsSe
         assert info.value.rcvd.reason.startswith("upstream unavailable")
 
 
+async def test_a_relay_to_an_rpc_service_says_it_is_one(ws_server: WsServer) -> None:
+    """An RPC service's instances are live but are no WebSocket upstreams: the close's
+    reason says what it is, not "no live instance"."""
+    service = f"rpcsvc{uuid.uuid4().hex[:6]}"
+    async with (
+        dead_instances(ws_server.redis_url, service, 1, kind="rpc"),
+        ws_server.connect(f"/ws/proxy/{service}/echo") as ws,
+    ):
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            await ws.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1014
+    assert info.value.rcvd.reason == (
+        f"upstream unavailable: {service}: an RPC service: call it with JSON-RPC on /ws"
+    )
+
+
 async def test_failover_stops_when_the_services_retry_budget_is_spent(ws_server: WsServer) -> None:
     """Four dead instances, four attempts a connection, a budget of one retry (no share
     per connection, no minimum rate): the first connection tries two instances, the

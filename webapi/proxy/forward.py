@@ -19,7 +19,8 @@ its client connection closed; PROXY_TOTAL_TIMEOUT, no bound by default),
 gateway's settings apply. A request reads them once, when it starts, so a
 policy change never alters a request in flight.
 
-Errors: 404 unknown service, 503 no healthy instance, 502 upstream failed,
+Errors: 404 unknown service (`rpc_service` for a service RPC workers serve: call it
+at `POST /rpc/<service>/<method>`), 503 no healthy instance, 502 upstream failed,
 504 upstream timeout (all JSON, via `webapi.errors`).
 """
 
@@ -32,10 +33,10 @@ from dataclasses import dataclass
 from common.balancing import Endpoint, select_version
 from common.balancing.policy import BalancingPolicy
 from common.clientip import forwarded_for
-from common.errors import quoted
+from common.errors import quoted, shortened
 from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.registry_view import RegistryView
-from webapi.errors import NoHealthyInstance, UnknownService
+from webapi.errors import NoHealthyInstance, NotAnHttpService, UnknownService
 from webapi.proxy.attempts import Attempts
 from webapi.proxy.errors import UpstreamError
 from webapi.proxy.headers import VIA
@@ -87,6 +88,11 @@ class Proxy:
         """Healthy endpoints of `service` (and `version`). Hot path: no I/O."""
         records = self.view.instances(service, kind=kind)
         if not records:
+            if self.view.is_rpc_service(service):
+                raise NotAnHttpService(
+                    f"{quoted(service)} is an RPC service, not an HTTP one: call "
+                    f"POST /rpc/{shortened(service)}/<method>"
+                )
             if service not in self.view.services():
                 raise UnknownService(f"no service named {quoted(service)} is registered")
             raise NoHealthyInstance(f"no live instance of {quoted(service)}")
