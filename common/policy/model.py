@@ -33,8 +33,9 @@ VERSION_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 # Path segments of a route prefix: unreserved URL characters only, no "." or ".." segment.
 _PREFIX = re.compile(r"^/(?:[A-Za-z0-9_~-][A-Za-z0-9._~-]*/)+$")
 
-# Paths the gateway serves itself (design §6); a route may neither start with
-# one nor cover one (the prefix "/" would swallow them all).
+# Paths the gateway serves itself (design §6), each with every path under it: `/nlp`
+# reserves `/nlp` and `/nlp/...`, not `/nlp-api/` (`overlaps`). A route may neither be
+# under one nor cover one (the prefix "/" would swallow them all).
 RESERVED_PREFIXES: tuple[str, ...] = (
     "/api/",
     "/rpc/",
@@ -157,7 +158,7 @@ class RouteRule(_Model):
         if ".." in prefix:
             raise ValueError("must not contain '..'")
         for reserved in RESERVED_PREFIXES:
-            if prefix.startswith(reserved) or reserved.startswith(prefix):
+            if overlaps(prefix, reserved):
                 raise ValueError(f"overlaps the gateway's reserved prefix {reserved!r}")
         if not _PREFIX.fullmatch(prefix):
             raise ValueError(
@@ -165,6 +166,25 @@ class RouteRule(_Model):
                 "in each segment, and no empty or '.' segment"
             )
         return prefix
+
+
+def overlaps(prefix: str, reserved: str) -> bool:
+    """Whether route `prefix` and reserved path `reserved` share a path, segment by segment.
+
+    A route takes its prefix's path and every path under it (`match_route`: `/a/b/`
+    takes `/a/b` and `/a/b/...`); the gateway's route for `/health` takes `/health/`
+    too (Sanic's slashes are not strict) and, for `/api/`, what is under it. So they
+    overlap exactly when one's segments start the other's: `/health/` and `/api/v2/`
+    do, `/healthz/` and `/nlp-api/` do not (a prefix test by characters would say
+    they do). Sanic matches paths case-sensitively, and so does this.
+    """
+    ours, theirs = _segments(prefix), _segments(reserved)
+    shared = min(len(ours), len(theirs))
+    return ours[:shared] == theirs[:shared]
+
+
+def _segments(path: str) -> list[str]:
+    return [segment for segment in path.split("/") if segment]
 
 
 class LimitRule(_Model):

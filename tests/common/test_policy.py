@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, get_args
 
 import pytest
@@ -24,6 +25,7 @@ from common.policy import (
 from common.policy.merge import merge_patch
 from common.policy.sections import omission_warnings
 from tests.common.policy_fixtures import KEYS, nlp, store_fixture  # noqa: F401 (a fixture)
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -79,7 +81,7 @@ BAD_DOCUMENTS: list[tuple[str, object, str]] = [
     ("bad service name", {"services": {"Bad Name": {}}}, "services.Bad Name"),
     ("routes not a list", {"routes": {"prefix": "/x/"}}, "routes"),
     ("reserved prefix /api/", routes("/api/x/"), "routes[0].prefix"),
-    ("reserved prefix /health", routes("/healthz/"), "routes[0].prefix"),
+    ("reserved prefix /health", routes("/health/"), "routes[0].prefix"),
     ("prefix covering reserved", routes("/"), "routes[0].prefix"),
     ("prefix without slash", routes("/x"), "routes[0].prefix"),
     ("prefix with ..", routes("/a/../b/"), "routes[0].prefix"),
@@ -182,6 +184,39 @@ def test_a_limit_is_valid_exactly_when_the_rate_limiter_can_build_it(
     [error] = info.value.errors
     assert error["loc"] == "limits[0]"
     assert error["msg"].startswith("limit 'daily': burst * period / rate")
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["/nlp/", "/nlp/x/", "/health/", "/health/deep/", "/api/", "/api/v2/", "/admin/x/",
+     "/svc/", "/rpc/calc/", "/heartbeat/", "/ai_server/", "/metrics/", "/docs/"],
+)  # fmt: skip
+def test_a_route_sharing_a_path_with_the_gateways_own_is_refused(prefix: str) -> None:
+    """`/nlp` reserves `/nlp` and what is under it: the gateway's route for `/health`
+    also answers `/health/` (Sanic's slashes are not strict)."""
+    with pytest.raises(PolicyInvalid) as info:
+        validate_document(routes(prefix))
+    assert info.value.errors[0]["loc"] == "routes[0].prefix"
+    assert "overlaps the gateway's reserved prefix" in info.value.errors[0]["msg"]
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["/nlp-api/", "/nlpx/", "/healthz/", "/health-check/", "/svc-old/", "/rpcs/", "/apis/",
+     "/administration/", "/ai_server2/", "/a/nlp/", "/v1/api/", "/NLP/"],
+)  # fmt: skip
+def test_a_route_that_only_starts_with_the_same_letters_is_accepted(prefix: str) -> None:
+    """README's example (`/nlp-api/`) included: path segments are compared, not
+    characters. (`/NLP/`: the gateway's router is case-sensitive, `/NLP` is not its.)"""
+    assert validate_document(routes(prefix)).routes[0].prefix == prefix
+
+
+def test_the_readmes_route_example_is_valid() -> None:
+    readme = (ROOT / "README.md").read_text()
+    examples = re.findall(r'Policy `routes` \(`(\{"prefix".*?\})`\)', readme, re.S)
+    assert examples, "the README's route example moved: update this test"
+    for example in examples:
+        validate_document({"routes": [json.loads(example.replace("\n  ", " "))]})
 
 
 def test_malformed_json_is_invalid_too() -> None:
