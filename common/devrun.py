@@ -1,6 +1,8 @@
 """`make run`: everything on one laptop, started and stopped as one.
 
-1. Start an embedded Redis (AOF on, data under `.run/redis`) unless `REDIS_URL` is set.
+1. Start an embedded Redis (AOF on, data under `.run/redis`) unless `REDIS_URL` is set,
+   and write its URL to `.run/redis-url` (removed on exit) for the operator commands
+   run in another shell, which have no REDIS_URL (`common.settings.cli_redis_url`).
 2. Start every process of the `Procfile` with honcho (a well-kept Procfile runner,
    given SHUTDOWN_GRACE to stop them: `common.procrun`), with the venv's `bin/`
    first on PATH and the repo root on PYTHONPATH.
@@ -25,9 +27,16 @@ from types import FrameType
 
 from common.embedded_redis import EmbeddedRedis
 from common.procrun import kill_wait
-from common.settings import exit_on_config_error, get_settings
+from common.settings import (
+    REPO_ROOT,
+    exit_on_config_error,
+    get_settings,
+    remove_dev_redis_url,
+    run_path,
+    write_dev_redis_url,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 
 
 def _print(message: str) -> None:
@@ -68,11 +77,18 @@ def main() -> int:
     runner: subprocess.Popen[bytes] | None = None
     try:
         if not settings.redis_url:
-            data_dir = ROOT / settings.run_dir / "redis"
+            data_dir = run_path(settings, "redis")
             data_dir.mkdir(parents=True, exist_ok=True)
             redis_server = EmbeddedRedis(appendonly=True, data_dir=data_dir).start()
             env["REDIS_URL"] = redis_server.url
             _print(f"embedded redis {redis_server.url} ({redis_server.binary})")
+            try:
+                written = write_dev_redis_url(settings, redis_server.url)
+                _print(f"its URL is in {written}: the admin commands read it when "
+                       "REDIS_URL is not set")  # fmt: skip
+            except OSError as exc:  # a read-only checkout: everything else still works
+                _print(f"could not write its URL for the admin commands ({exc}): "
+                       f"export REDIS_URL={redis_server.url} in their shell")  # fmt: skip
         else:
             _print("using REDIS_URL from the environment")
         if stopping:
@@ -103,6 +119,7 @@ def main() -> int:
                 os.killpg(runner.pid, signal.SIGKILL)
                 runner.wait()
         if redis_server is not None:
+            remove_dev_redis_url(settings)  # before Redis stops: no command may reach for it
             redis_server.stop(keep_data=True)
         _print("stopped")
     return 0 if stopping or runner is None else (runner.returncode or 0)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -112,14 +113,45 @@ def _serves_channels(run: MakeRun) -> None:
     assert body["total"] >= 200 and len(body["items"]) > 0
 
 
-def test_ctrl_c_stops_everything(make_run: MakeRun) -> None:
+def _command(args: list[str], run_dir: Path, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """An operator command as the README has the newcomer run it next to `make run`: in
+    another shell, where REDIS_URL was never set."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, input=stdin, text=True,
+                          env={**env, "RUN_DIR": str(run_dir)}, capture_output=True,
+                          timeout=60)  # fmt: skip
+
+
+def _admin_commands_find_its_redis(run: MakeRun, run_dir: Path) -> None:
+    """`create-admin` (README's next step), the policy and dead-letter commands reach
+    `make run`'s embedded Redis without REDIS_URL, through the URL file it writes."""
+    password = "a long admin passphrase"
+    created = _command(["microservices.auth.admin", "create-admin", "--username", "root",
+                        "--password-stdin"], run_dir, password + "\n")  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert "REDIS_URL is not set: using the Redis of `make run`" in created.stderr
+    login = httpx.post(f"{run.base_url}/api/v1/auth/login", timeout=10,
+                       json={"username": "root", "password": password})  # fmt: skip
+    assert login.status_code == 200, login.text
+    policy = _command(["common.policy", "get"], run_dir)
+    assert policy.returncode == 0 and json.loads(policy.stdout)["limits"], policy.stderr
+    letters = _command(["common.deadletters", "list", "iptv"], run_dir)
+    assert letters.returncode == 0, letters.stderr
+
+
+def test_ctrl_c_stops_everything(make_run: MakeRun, tmp_path: Path) -> None:
     _serves_channels(make_run)
+    _admin_commands_find_its_redis(make_run, tmp_path / "run")
     pids = make_run.descendants()
     names = " ".join(" ".join(p.cmdline()) for p in pids)
     for expected in ("redis-server", "common.procrun", "webapi", "websocket", "microservices.iptv"):
         assert expected in names
     os.killpg(make_run.process.pid, signal.SIGINT)
     _assert_all_gone(make_run, pids)
+    assert not (tmp_path / "run" / "redis-url").exists()  # removed on the way out
+    after = _command(["common.policy", "get"], tmp_path / "run")
+    assert after.returncode == 1
+    assert after.stderr.startswith("error: REDIS_URL is not set, and no `make run` is running")
 
 
 def test_sigterm_to_make_stops_everything(make_run: MakeRun) -> None:

@@ -10,7 +10,7 @@ import sys
 from common import codec
 from common.connection import connect
 from common.deadletters import DeadLetters
-from common.settings import exit_on_config_error, get_settings
+from common.settings import cli_redis_url, exit_on_config_error, get_settings
 
 
 async def main(argv: list[str]) -> int:
@@ -20,7 +20,7 @@ async def main(argv: list[str]) -> int:
     parser.add_argument("service")
     parser.add_argument("--limit", type=int, default=100)
     args = parser.parse_args(argv)
-    redis = connect(get_settings().require_redis_url(), name="deadletters")
+    redis = connect(cli_redis_url(get_settings(), "deadletters"), name="deadletters")
     try:
         letters = DeadLetters(redis)
         if args.action == "list":

@@ -11,7 +11,8 @@ section the stored policy has entries in (`"limits": []` removes every limit);
 `patch` changes only what FILE names (`{"services": {"nlp": {"strategy": "hash"}}}`)
 and `validate` warns of the sections FILE leaves out. Writes are audited as
 "cli:<os user>".
-Uses REDIS_URL. Exit status: 0 done, 1 refused (invalid policy, version
+Uses REDIS_URL, or, when it is not set, the Redis `make run` started
+(`common.settings.cli_redis_url`). Exit status: 0 done, 1 refused (invalid policy, version
 conflict, Redis unreachable, unreadable file, a stored version that is not an
 integer), 2 bad usage. An audit entry's field that does not read shows as "?".
 """
@@ -33,7 +34,7 @@ from common.errors import RedisUnavailable, SwitchboardError
 from common.policy.model import ROOT, PolicyInvalid, validate_document
 from common.policy.sections import omission_warnings
 from common.policy.store import PolicyStore
-from common.settings import get_settings
+from common.settings import cli_redis_url, get_settings
 
 # The most audit entries one `history` shows (as `GET /admin/policy/history`).
 MAX_HISTORY = 1000
@@ -98,7 +99,7 @@ def _print_json(data: Any) -> None:
 
 
 async def _with_store(args: argparse.Namespace) -> int:
-    redis = connect(get_settings().require_redis_url(), name="policy-cli")
+    redis = connect(cli_redis_url(get_settings(), "policy"), name="policy-cli")
     try:
         store = PolicyStore(redis)
         if args.action == "get":

@@ -7,7 +7,8 @@ python -m microservices.auth.admin create-key --username NAME --scopes "iptv log
 python -m microservices.auth.admin rotate-signing-key
 ```
 
-Redis is `REDIS_URL`. A password is read from stdin (`--password-stdin`, one
+Redis is `REDIS_URL`, or, when it is not set, the one `make run` started
+(`common.settings.cli_redis_url`). A password is read from stdin (`--password-stdin`, one
 line) or prompted for without echo, never taken from the command line (where
 `ps` and shell history would show it), and must be UTF-8 text; without a
 terminal to prompt on, `create-admin` needs `--password-stdin`. `create-key`
@@ -27,7 +28,7 @@ from typing import Any
 
 from common.connection import REDIS_DOWN_ERRORS, connect
 from common.errors import ConfigError, ServiceError
-from common.settings import get_settings
+from common.settings import cli_redis_url, get_settings
 from microservices.auth.accounts import Accounts
 
 
@@ -64,7 +65,7 @@ def _password(from_stdin: bool) -> str:
 
 async def _run(args: argparse.Namespace) -> dict[str, Any] | str:
     settings = get_settings()
-    redis = connect(settings.require_redis_url(), name="auth-admin")
+    redis = connect(cli_redis_url(settings, "auth.admin"), name="auth-admin")
     try:
         accounts = Accounts(
             redis,

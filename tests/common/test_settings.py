@@ -1,12 +1,21 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from common.errors import ConfigError
-from common.settings import Bounds, Settings
+from common.settings import (
+    Bounds,
+    Settings,
+    cli_redis_url,
+    remove_dev_redis_url,
+    write_dev_redis_url,
+)
 
 
 def test_defaults() -> None:
@@ -56,6 +65,36 @@ def test_malformed_values_name_the_variable(env: dict[str, str]) -> None:
 def test_missing_redis_url_says_how_to_get_one() -> None:
     with pytest.raises(ConfigError, match="make run"):
         Settings.from_env({}).require_redis_url()
+
+
+def test_an_operator_command_finds_the_redis_make_run_started(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """REDIS_URL first; else the URL file `make run` writes (and only while the process
+    that wrote it runs); else an error saying what to do."""
+    settings = Settings.from_env({"RUN_DIR": str(tmp_path)})
+    with pytest.raises(ConfigError, match="no `make run` is running in this checkout"):
+        cli_redis_url(settings, "policy")
+    written = write_dev_redis_url(settings, "redis://127.0.0.1:6399/0")
+    assert written == tmp_path / "redis-url" and written.stat().st_mode & 0o777 == 0o600
+    assert cli_redis_url(settings, "policy") == "redis://127.0.0.1:6399/0"
+    assert "policy: REDIS_URL is not set: using the Redis of `make run`" in capsys.readouterr().err
+    given = Settings.from_env({"RUN_DIR": str(tmp_path), "REDIS_URL": "redis://h:1/0"})
+    assert cli_redis_url(given, "policy") == "redis://h:1/0"  # REDIS_URL wins
+
+    dead = subprocess.Popen(["true"])  # a pid that has exited, and been reaped
+    dead.wait()
+    written.write_text(json.dumps({"url": "redis://127.0.0.1:6399/0", "pid": dead.pid}))
+    with pytest.raises(ConfigError, match="is not running any more"):
+        cli_redis_url(settings, "policy")
+    remove_dev_redis_url(settings)  # not this process's: left alone
+    assert written.exists()
+    write_dev_redis_url(settings, "redis://127.0.0.1:6399/0")
+    remove_dev_redis_url(settings)
+    assert not written.exists()
+    written.write_text("garbage")
+    with pytest.raises(ConfigError, match="no `make run` is running"):
+        cli_redis_url(settings, "policy")
 
 
 def _numeric_fields() -> list[dataclasses.Field[Any]]:
