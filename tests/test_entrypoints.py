@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,21 @@ def test_cmd_starts_and_healthcheck_passes(dockerfile: Path, redis_url: str) -> 
     assert after.returncode != 0
 
 
+@pytest.mark.parametrize(("module", "port_var"), [("webapi", "WEBAPI_PORT"),
+                                                  ("websocket", "WEBSOCKET_PORT")])  # fmt: skip
+def test_a_port_already_taken_is_one_line_naming_it(module: str, port_var: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run(["-m", module], {"REDIS_URL": "redis://127.0.0.1:1/0", port_var: str(port)})
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"{module}: cannot listen on BIND_HOST='127.0.0.1', {port_var}={port}: "
+        "Address already in use"
+    ]
+
+
 SECRET = "Sup3rS3cretPart"
 # A password with an unencoded '/': redis-py's own error would quote part of it.
 LEAKY_URL = f"redis://:{SECRET}/tail@127.0.0.1:6379/0"
@@ -143,6 +159,9 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
          "WEBAPI_PORT"),
         (["-m", "websocket"], {"REDIS_URL": "redis://127.0.0.1:1/0", "LOG_LEVEL": "verbose"},
          "LOG_LEVEL"),
+        *((["-m", s], {"REDIS_URL": "redis://127.0.0.1:1/0", "BIND_HOST": host}, "BIND_HOST")
+          for s in ("webapi", "websocket") for host in ("10.0.0.300", "no.such.host.invalid",
+                                                        "192.0.2.1")),
         (["-m", "microservices.iptv"],
          {"REDIS_URL": "redis://127.0.0.1:1/0", "HEARTBEAT_INTERVAL": "nan"},
          "HEARTBEAT_INTERVAL"),

@@ -18,4 +18,5 @@ def _protocol(settings: Settings) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    serve("webapi", create_app, lambda settings: settings.webapi_port, _protocol)
+    serve("webapi", create_app, lambda settings: settings.webapi_port, _protocol,
+          port_setting="WEBAPI_PORT")  # fmt: skip

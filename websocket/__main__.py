@@ -12,4 +12,5 @@ if __name__ == "__main__":
         create_app,
         lambda settings: settings.websocket_port,
         lambda settings: {"protocol": BearerProtocol},
+        port_setting="WEBSOCKET_PORT",
     )
