@@ -38,6 +38,7 @@ from common.protocol import (
     DROPPED,
     HIGH_WATERMARK,
     LOW_WATERMARK,
+    MAX_TASK_ATTEMPTS,
     POLICIES,
     PRIORITIES,
     Call,
@@ -240,7 +241,8 @@ class RpcClient(ClientIO):
           `DROP_WAIT_SECONDS` (0.25 s) when Redis does not answer: then it may
           still run if it had been written already.
         - A task that raises is retried with exponential backoff up to `attempts`
-          runs in all (default `TASK_ATTEMPTS`), then kept in the dead-letter list.
+          runs in all (1 to 100; default `TASK_ATTEMPTS`), then kept in the dead-letter
+          list.
         Raises `ServiceUnavailable` (no live instance) and `Overloaded` (backlog
         full) for policies other than `drop`.
         """
@@ -250,6 +252,9 @@ class RpcClient(ClientIO):
             raise ValueError(f"policy must be one of {POLICIES}")
         if policy == "last" and not coalesce_key:
             raise ValueError("policy 'last' needs a coalesce_key")
+        if attempts is not None and not 1 <= attempts <= MAX_TASK_ATTEMPTS:
+            # A worker would cut it to the bound without a word (`Call.decode`).
+            raise ValueError(f"attempts must be from 1 to {MAX_TASK_ATTEMPTS}")
         if ttl != ttl:
             raise _nan_refused("ttl")
         service, method = split_target(target)

@@ -31,6 +31,7 @@ from redis.connection import parse_url
 
 from common.clientip import parse_networks
 from common.errors import ConfigError
+from common.protocol import MAX_TASK_ATTEMPTS
 from common.tokens import check_secret
 
 T = TypeVar("T")
@@ -93,7 +94,9 @@ def _env(name: str, bounds: Bounds | None = None) -> dict[str, Any]:
     return {"env": name, "bounds": bounds}
 
 
-_PORT = Bounds(0, 65535)
+# 0 (any free port) is refused: a service would listen where no one can find it (`make
+# run` and the health checks ask the configured port); the tests pick free ports.
+_PORT = Bounds(1, 65535)
 _COUNT = Bounds(1)
 # Durations: a day is beyond any sensible timeout or interval here, and far from the
 # values the event loop and Redis's millisecond expiries cannot represent.
@@ -171,7 +174,9 @@ class Settings:
     rpc_max_deliveries: int = field(default=3, metadata=_env("RPC_MAX_DELIVERIES", _COUNT))
     # Tasks (fire-and-forget): runs in all before a failing task is dead-lettered,
     # first retry delay (doubled each time), and how many dead letters are kept.
-    task_attempts: int = field(default=3, metadata=_env("TASK_ATTEMPTS", _COUNT))
+    task_attempts: int = field(
+        default=3, metadata=_env("TASK_ATTEMPTS", Bounds(1, MAX_TASK_ATTEMPTS))
+    )
     task_retry_delay: float = field(default=1.0, metadata=_env("TASK_RETRY_DELAY", _SECONDS))
     dead_letter_cap: int = field(default=10_000, metadata=_env("DEAD_LETTER_CAP", _COUNT))
 

@@ -167,3 +167,6 @@ async def test_bad_task_options_are_refused(rpc: RpcClient) -> None:
         await rpc.send("calc.add", 1, policy="sometimes")
     with pytest.raises(ValueError):
         await rpc.send("calc.add", 1, policy="last")
+    for attempts in (0, 101):  # a worker would have cut 101 to 100 without a word
+        with pytest.raises(ValueError, match="attempts must be from 1 to 100"):
+            await rpc.submit("calc.add", (1,), attempts=attempts)

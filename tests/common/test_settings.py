@@ -16,6 +16,7 @@ from common.settings import (
     remove_dev_redis_url,
     write_dev_redis_url,
 )
+from tests.helpers import ROOT
 
 
 def test_defaults() -> None:
@@ -142,6 +143,9 @@ COUNTS = ("RPC_CONCURRENCY", "RPC_THREAD_POOL", "TASK_ATTEMPTS", "DEAD_LETTER_CA
         {"HEARTBEAT_TTL": "1e300"},
         {"RPC_TIMEOUT": "1e300"},
         {"WEBSOCKET_PORT": "-1"},
+        {"WEBAPI_PORT": "0"},  # any free port: nobody would find the service there
+        {"WEBSOCKET_PORT": "0"},
+        {"TASK_ATTEMPTS": "101"},  # was cut to 100 by the workers, silently
     ],
 )
 def test_out_of_bounds_numbers_name_the_variable(env: dict[str, str]) -> None:
@@ -150,6 +154,14 @@ def test_out_of_bounds_numbers_name_the_variable(env: dict[str, str]) -> None:
     name = next(iter(env))
     assert info.value.message.startswith(f"{name}="), info.value.message
     assert "is not valid: must be" in info.value.message
+
+
+def test_every_setting_is_in_the_readmes_settings_section() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Settings") : readme.index("## Add a service")]
+    missing = [f.metadata["env"] for f in dataclasses.fields(Settings)
+               if f"`{f.metadata['env']}`" not in section]  # fmt: skip
+    assert missing == []
 
 
 SECRET = "Sup3rS3cretPart"
