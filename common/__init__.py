@@ -6,9 +6,12 @@ The public API is listed in `__all__` (guarded by `tests/common/test_exports.py`
 from common.client import RpcClient
 from common.errors import (
     InvalidParams,
+    InvalidResult,
     MethodNotFound,
     Overloaded,
+    PayloadTooLarge,
     RemoteError,
+    ResultTooLarge,
     RpcError,
     RpcTimeout,
     ServiceUnavailable,
@@ -21,10 +24,13 @@ from common.settings import Settings, get_settings
 __all__ = [
     "InstanceRecord",
     "InvalidParams",
+    "InvalidResult",
     "MethodNotFound",
     "Overloaded",
+    "PayloadTooLarge",
     "Registry",
     "RemoteError",
+    "ResultTooLarge",
     "RpcClient",
     "RpcError",
     "RpcTimeout",

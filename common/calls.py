@@ -21,6 +21,14 @@ its code and message when they are text; a `retry_after` that is no number of
 seconds is left out: every call gets an answer and every entry is acked. The
 message a caller gets, and the log line, hold at most `MAX_ERROR_CHARS` characters.
 
+A result the codec cannot encode (a type it does not carry, a string with a lone
+surrogate) is answered with `InvalidResult` naming the cause, and one over
+`RPC_MAX_PAYLOAD_BYTES` encoded with `ResultTooLarge` naming its size: the handler
+did not fail, its result cannot travel. Either is logged once, with the method (an
+error reply over the bound, `details` too large, is answered by its type, code and
+message alone). A task whose result cannot travel is not run again (its handler
+ran, and would answer the same): it becomes a dead letter.
+
 Hot path: `_begin`, `_run_inline`, `_run`, `_done`.
 """
 
@@ -37,12 +45,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from common import deadletters
+from common import codec, deadletters
 from common.aio import cancelling
 from common.errors import (
     InvalidParams,
+    InvalidResult,
     MethodNotFound,
     RemoteError,
+    ResultTooLarge,
     RpcError,
     ServiceError,
     SwitchboardError,
@@ -85,6 +95,7 @@ class CallRunner:
     stats: WorkerStats
     retry_delay: float
     max_deliveries: int
+    max_payload: int  # RPC_MAX_PAYLOAD_BYTES: the largest reply written
     redelivery: Redelivery
     _executor: ThreadPoolExecutor
     _inline: set[str]  # methods that never suspend: run without a task
@@ -120,7 +131,9 @@ class CallRunner:
         stored = await self.redelivery.stored_reply(call.call_id)
         if stored is not None:
             self.stats.deduplicated += 1
-            self._finish(Finished(stream, entry_id, call.call_id, call.reply_to, stored, False))
+            done = Finished(stream, entry_id, call.call_id, call.reply_to, stored, False)
+            done.method = call.method
+            self._finish(done)
             return
         if deliveries > self.max_deliveries:
             self._abandon(stream, entry_id, call, deliveries)
@@ -143,7 +156,7 @@ class CallRunner:
             "deliveries ended without an answer (the worker running it died or stopped)",
             remote_type="WorkerLost",
         )
-        done = Finished(stream, entry_id, call.call_id, call.reply_to)
+        done = Finished(stream, entry_id, call.call_id, call.reply_to, method=call.method)
         done.reply = error_reply(call.call_id, error)
         if call.is_task:
             done.dead = deadletters.encode(call, error.to_dict())
@@ -233,11 +246,19 @@ class CallRunner:
         if exc is None:
             try:
                 reply = ok_reply(call.call_id, result)
+            except (TypeError, ValueError, OverflowError) as encode_exc:  # the codec's refusal
+                error = self._not_encodable(call, encode_exc)
             except BaseException as encode_exc:  # the result's own code ran (a model's fields)
                 exc = encode_exc
+            else:
+                if len(reply) > self.max_payload:
+                    error = self._too_large(call, len(reply))
         if exc is not None:
-            stats.errors += 1
             error, reply = self._error_reply(call, exc)
+        elif error is not None:
+            reply = error_reply(call.call_id, error)
+        if error is not None:
+            stats.errors += 1
         stats.latency.observe(time.perf_counter() - started)
         self._complete(stream, entry_id, call, reply, error)
 
@@ -249,14 +270,14 @@ class CallRunner:
         reply: bytes,
         error: SwitchboardError | None,
     ) -> None:
-        done = Finished(stream, entry_id, call.call_id, call.reply_to, reply)
+        done = Finished(stream, entry_id, call.call_id, call.reply_to, reply, method=call.method)
         if error is not None and call.is_task:
             self._after_task_failure(call, error, done)
         self._finish(done)
 
     def _after_task_failure(self, call: Call, error: SwitchboardError, done: Finished) -> None:
         """Schedule another attempt with backoff, or keep it as a dead letter."""
-        permanent = isinstance(error, (MethodNotFound, InvalidParams))
+        permanent = isinstance(error, (MethodNotFound, InvalidParams, InvalidResult))
         if not permanent and call.attempt < call.max_attempts:
             exponent = min(call.attempt - 1, _MAX_BACKOFF_EXPONENT)
             delay = min(self.retry_delay * 2**exponent, _MAX_RETRY_DELAY)
@@ -276,7 +297,7 @@ class CallRunner:
     def _error_reply(self, call: Call, exc: BaseException) -> tuple[SwitchboardError, bytes]:
         """The error a failed call is answered with, and its encoded reply: the rich form
         (`_as_error`) when it encodes, else `_plain_error`'s, which always does."""
-        fields = {"method": call.method, "type": _type_name(exc)}
+        fields: dict[str, Any] = {"method": call.method, "type": _type_name(exc)}
         try:
             error = self._as_error(call, exc)
         except BaseException:  # the error's own code ran (`__str__`): whatever it raised
@@ -287,13 +308,36 @@ class CallRunner:
             )
         else:
             try:
-                return error, error_reply(call.call_id, error)
+                reply = error_reply(call.call_id, error)
             except Exception:  # `_as_error` logged what the handler raised, if it was a bug
                 log.error(
                     "handler error not encodable, answered by its type", extra={"fields": fields}
                 )
+            else:
+                if len(reply) <= self.max_payload:
+                    return error, reply
+                fields["bytes"] = len(reply)  # its `details`: the message is cut already
+                log.error("handler error too large, answered by its type", extra={"fields": fields})
         error = _plain_error(exc)
         return error, error_reply(call.call_id, error)
+
+    def _not_encodable(self, call: Call, exc: BaseException) -> InvalidResult:
+        """The answer to a call whose result the codec refused, logged once."""
+        reason = codec.encode_failure(exc)
+        fields = {"method": call.method, "error": shortened(reason, MAX_ERROR_CHARS)}
+        log.error("result not encodable", extra={"fields": fields})
+        return InvalidResult(
+            f"the result of {self.service}.{call.method} cannot be sent over RPC: {fields['error']}"
+        )
+
+    def _too_large(self, call: Call, size: int) -> ResultTooLarge:
+        """The answer to a call whose result encodes to `size` bytes, over the bound; logged."""
+        fields = {"method": call.method, "bytes": size, "limit": self.max_payload}
+        log.error("result too large", extra={"fields": fields})
+        return ResultTooLarge(
+            f"the result of {self.service}.{call.method} encodes to {size} bytes, over the "
+            f"{self.max_payload}-byte limit (RPC_MAX_PAYLOAD_BYTES)"
+        )
 
     def _as_error(self, call: Call, exc: BaseException) -> SwitchboardError:
         if isinstance(exc, RpcError) and not isinstance(exc, RemoteError):
@@ -310,16 +354,13 @@ class CallRunner:
                 retry_after=retry_after,
             )
         message = _bounded(str(exc))
-        if isinstance(exc, TypeError) and "encode" in message:
-            log.error("result not encodable", extra={"fields": {"method": call.method}})
-        else:
-            fields = {"method": call.method}
-            if len(message) <= MAX_ERROR_CHARS:
-                log.error("handler raised", exc_info=exc, extra={"fields": fields})
-            else:  # the traceback would end with the whole message: its frames, and this
-                fields["type"], fields["error"] = type(exc).__name__, message
-                fields["traceback"] = "".join(traceback.format_tb(exc.__traceback__))
-                log.error("handler raised", extra={"fields": fields})
+        fields = {"method": call.method}
+        if len(message) <= MAX_ERROR_CHARS:
+            log.error("handler raised", exc_info=exc, extra={"fields": fields})
+        else:  # the traceback would end with the whole message: its frames, and this
+            fields["type"], fields["error"] = type(exc).__name__, message
+            fields["traceback"] = "".join(traceback.format_tb(exc.__traceback__))
+            log.error("handler raised", extra={"fields": fields})
         return RemoteError(message or type(exc).__name__, remote_type=type(exc).__name__)
 
 

@@ -57,10 +57,13 @@ def split_target(target: str) -> tuple[str, str]:
     return service, method
 
 
-def _nan_refused(name: str) -> ValueError:
-    """The error for a NaN number of seconds: a deadline of NaN never expires, and
-    nothing could be compared with it. (`x != x` finds a NaN in one comparison.)"""
-    return ValueError(f"{name} must be a number of seconds, not nan")
+def _check_seconds(name: str, value: float) -> None:
+    """`ValueError` unless `value` is a number of seconds above 0 (`math.inf`: no bound).
+    A deadline of NaN never expires, and nothing could be compared with it; one of 0 or
+    less has passed before the call is sent, which would read as a timeout ("did not
+    answer within -1s") for what is the caller's mistake."""
+    if not value > 0:  # NaN too: every comparison with it is false
+        raise ValueError(f"{name} must be a number of seconds above 0, not {value!r}")
 
 
 class RpcClient(ClientIO):
@@ -79,9 +82,10 @@ class RpcClient(ClientIO):
         self.redis = (
             redis if redis is not None else connect(redis_url or settings.require_redis_url())
         )
-        self.default_timeout = timeout or settings.rpc_timeout
-        if self.default_timeout != self.default_timeout:
-            raise _nan_refused("timeout")
+        self.default_timeout = settings.rpc_timeout if timeout is None else timeout
+        _check_seconds("timeout", self.default_timeout)
+        # Calls whose arguments encode to more are refused here, before anything is sent.
+        self.max_payload = settings.rpc_max_payload_bytes
         self.client_id = uuid.uuid4().hex
         self.inbox = constants.inbox_key(self.client_id)
         self.settings = settings
@@ -170,13 +174,15 @@ class RpcClient(ClientIO):
         another). Raises `ServiceUnavailable` at once when no instance is alive or
         Redis is unreachable, `Overloaded` when the service's backlog is over its
         bound, `MethodNotFound` for an unknown service or method, `InvalidParams`,
-        `RemoteError`, and `RpcTimeout` once `timeout` seconds have passed: never later.
-        `timeout=math.inf` waits without a bound; a NaN timeout is a `ValueError`.
+        `RemoteError`, `PayloadTooLarge` when the arguments encode to more than
+        `RPC_MAX_PAYLOAD_BYTES` (nothing is sent), `InvalidResult` (`ResultTooLarge`)
+        when the handler's result cannot be sent back, and `RpcTimeout` once `timeout`
+        seconds have passed: never later. `timeout=math.inf` waits without a bound; a
+        timeout of NaN, 0 or less is a `ValueError`.
         """
         service, method = split_target(target)
         timeout = self.default_timeout if timeout is None else timeout
-        if timeout != timeout:
-            raise _nan_refused("timeout")
+        _check_seconds("timeout", timeout)
         if self._reader is None:
             await self.start()
         call_id = f"{self.client_id[:12]}-{next(self._ids)}"
@@ -255,8 +261,7 @@ class RpcClient(ClientIO):
         if attempts is not None and not 1 <= attempts <= MAX_TASK_ATTEMPTS:
             # A worker would cut it to the bound without a word (`Call.decode`).
             raise ValueError(f"attempts must be from 1 to {MAX_TASK_ATTEMPTS}")
-        if ttl != ttl:
-            raise _nan_refused("ttl")
+        _check_seconds("ttl", ttl)
         service, method = split_target(target)
         settings = self.settings
         call = Call(
@@ -284,7 +289,7 @@ class RpcClient(ClientIO):
                 constants.task_stream(service, 2),
                 constants.coalesce_key(service),
                 constants.task_stats_key(service),
-                call.encode(),
+                self._encoded(call, service),
                 str(priority),
                 policy,
                 coalesce_key or "",

@@ -29,7 +29,14 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from common import codec, constants
 from common.aio import Backoff, cancelling
 from common.connection import REDIS_DOWN_ERRORS, RawConnection, pack_commands
-from common.errors import MethodNotFound, Overloaded, ServiceUnavailable, error_from_wire, quoted
+from common.errors import (
+    MethodNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    error_from_wire,
+    quoted,
+)
 from common.log import get_logger
 from common.outage import Outage
 from common.protocol import DROPPED, ENQUEUE_SCRIPT, NO_INSTANCE, OVER_BACKLOG, TASK_SCRIPT, Call
@@ -100,6 +107,7 @@ class ClientIO:
     _blpop: bytes
     _writes: int  # batches the writer has finished, sent or failed
     _stalled_at: int  # `_writes` when a drop submit last gave up waiting, else -1
+    max_payload: int  # RPC_MAX_PAYLOAD_BYTES: the largest envelope sent
 
     async def start(self) -> None:
         raise NotImplementedError
@@ -173,7 +181,7 @@ class ClientIO:
                 constants.instances_key(service),
                 stream,
                 constants.limits_key(service),
-                call.encode(),
+                self._encoded(call, service),
                 instance or "",
             ),
             future=reply,
@@ -199,6 +207,19 @@ class ClientIO:
                 return
         self._outbox.put_nowait(item)
 
+    def _encoded(self, call: Call, service: str) -> bytes:
+        """The call's envelope; `PayloadTooLarge` over `RPC_MAX_PAYLOAD_BYTES`, before
+        anything is sent: Redis drops the connection of a write with a value over its
+        own limit, and the other calls of the same write would fail with it."""
+        data = call.encode()
+        if len(data) > self.max_payload:
+            raise PayloadTooLarge(
+                f"the arguments of {quoted(f'{service}.{call.method}')} encode to "
+                f"{len(data)} bytes, over the {self.max_payload}-byte limit "
+                "(RPC_MAX_PAYLOAD_BYTES)"
+            )
+        return data
+
     async def _write_enqueues(self) -> None:
         """The one writer: every enqueue waiting is sent in one pipelined round trip."""
         while not cancelling():
@@ -211,22 +232,42 @@ class ClientIO:
             try:
                 results = await self._send_enqueues(batch) if batch else []
             except _REDIS_FAILED as exc:  # never ends the writer: every later call needs it
-                error = _redis_failed(exc)
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(error)
+                if isinstance(exc, REDIS_DOWN_ERRORS) and await self._enqueuer.answers():
+                    await self._send_apart(batch)  # Redis refused the write: it is not down
+                else:
+                    _fail(batch, _redis_failed(exc))
                 continue
             finally:
                 self._writes += 1
             for item, result in zip(batch, results, strict=True):
                 self._enqueued(item, result)
 
+    async def _send_apart(self, batch: list[Enqueue]) -> None:
+        """Send the enqueues of a write Redis dropped the connection of while it answers
+        a PING, one by one: Redis drops the connection of a command holding a value over
+        its own limit (`proto-max-bulk-len`, set lower than `RPC_MAX_PAYLOAD_BYTES`), and
+        the other calls of that write must not fail with it. One that fails alone (twice:
+        `_send_enqueues` tries again), Redis still answering, is `PayloadTooLarge`."""
+        for i, item in enumerate(batch):
+            try:
+                (result,) = await self._send_enqueues([item])
+            except _REDIS_FAILED as exc:
+                if not (isinstance(exc, REDIS_DOWN_ERRORS) and await self._enqueuer.answers()):
+                    _fail(batch[i:], _redis_failed(exc))
+                    return
+                _fail([item], _refused_by_redis(item))
+                continue
+            self._enqueued(item, result)
+
     def _enqueued(self, item: Enqueue, result: Any) -> None:
         """Act on the enqueue script's result (an entry id unless refused)."""
         if item.future.done():
             return  # the caller timed out meanwhile
         if isinstance(result, Exception):  # e.g. the script's write refused (OOM)
-            item.future.set_exception(_redis_failed(result))
+            if _protocol_error(result):  # read before Redis closed the connection
+                item.future.set_exception(_refused_by_redis(item))
+            else:
+                item.future.set_exception(_redis_failed(result))
         elif not item.awaits_reply:
             item.future.set_result(result)
         elif result in (NO_INSTANCE, OVER_BACKLOG):
@@ -326,3 +367,28 @@ class ClientIO:
             # Rare path: a buggy worker. Its caller gets a RemoteError, not a hang.
             log.warning("malformed error reply", extra={"fields": {"call_id": quoted(reply["id"])}})
         future.set_exception(error_from_wire(error))
+
+
+def _protocol_error(exc: Exception) -> bool:
+    """Whether `exc` is Redis's answer to a command it could not read (then it closes the
+    connection): from us, a value over its `proto-max-bulk-len`."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("Protocol error")
+
+
+def _refused_by_redis(item: Enqueue) -> PayloadTooLarge:
+    """The error of a call Redis refused to take (`_send_apart`), logged."""
+    size = max((len(a) for a in item.args if isinstance(a, bytes)), default=0)
+    fields = {"service": item.service, "bytes": size}
+    log.warning("call refused by redis", extra={"fields": fields})
+    return PayloadTooLarge(
+        f"the call to {quoted(item.service)} ({size} bytes encoded) could not be sent: "
+        "Redis refused it (a value over its proto-max-bulk-len, set lower than "
+        "RPC_MAX_PAYLOAD_BYTES?)"
+    )
+
+
+def _fail(items: list[Enqueue], error: Exception) -> None:
+    """Fail the enqueues of `items` whose caller still waits."""
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(error)

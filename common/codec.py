@@ -1,16 +1,24 @@
 """The wire codec: msgpack, extended with the types handlers really return.
 
-Native msgpack covers None, bool, int, float, str, bytes, lists and maps. On
-top of that, extension types carry `datetime` (naive or aware, offset kept),
-`date`, `UUID` and `Decimal` exactly. Dataclasses and pydantic models travel as
+Native msgpack covers None, bool, int (64 bits), float, str, bytes, lists and
+maps. On top of that, extension types carry an int of any size (past 64 bits:
+its two's-complement bytes), `datetime` (naive or aware, offset kept), `date`,
+`UUID` and `Decimal` exactly. Dataclasses and pydantic models travel as
 an extension holding the class's registered name and its fields: the receiver
 rebuilds the object when it knows the class (registered with `register`, which
 `Service.method` does for every class in a handler's type hints) and a plain
 dict otherwise. Classes are never imported by name from the wire, so a message
 cannot make a process import or instantiate arbitrary code.
 
-`json_default` makes the same types JSON-serialisable for HTTP responses;
-`parse_json` reads what a client sends as JSON, strictly.
+`json_default` makes the same types JSON-serialisable for HTTP and WebSocket
+clients: a datetime, date, UUID or Decimal as its ISO or decimal text, a model or
+dataclass as an object of its fields, a set as an array, bytes as the text they
+encode in UTF-8. Bytes that are not UTF-8 are refused (`NotJsonValue`), never decoded
+with replacement characters: JSON has no bytes type, and a handler that means binary
+data for JSON clients returns it as text (base64) itself. `not_json_reason` says why
+a value could not be written as JSON, for the `invalid_result` answers of the edge.
+`parse_json` reads what a client sends as JSON, strictly; `json_type` names a
+decoded value's JSON type, for messages.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import datetime as dt
 import json
 import math
 import re
+import sys
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -27,7 +36,12 @@ from typing import Any
 import msgpack
 from pydantic import BaseModel
 
-_DATETIME, _DATE, _UUID, _DECIMAL, _OBJECT = 1, 2, 3, 4, 5
+_DATETIME, _DATE, _UUID, _DECIMAL, _OBJECT, _BIGINT = 1, 2, 3, 4, 5, 6
+# What the codec carries, for the message of a value it cannot.
+CARRIED = (
+    "None, bool, int, float, str, bytes, list, tuple, set, dict, datetime, date, UUID, "
+    "Decimal, dataclasses and pydantic models"
+)
 
 _registry: dict[str, type[Any]] = {}
 
@@ -52,6 +66,11 @@ def _fields(obj: Any) -> dict[str, Any]:
 
 
 def _default(obj: Any) -> msgpack.ExtType:
+    # msgpack calls this for an int past 64 bits too (rare path: any other int is native).
+    if isinstance(obj, int):
+        value = int(obj)
+        data = value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True)
+        return msgpack.ExtType(_BIGINT, data)
     # datetime before date: datetime is a subclass of date.
     if isinstance(obj, dt.datetime):
         return msgpack.ExtType(_DATETIME, obj.isoformat().encode())
@@ -63,10 +82,12 @@ def _default(obj: Any) -> msgpack.ExtType:
         return msgpack.ExtType(_DECIMAL, str(obj).encode())
     if isinstance(obj, BaseModel) or (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
         return msgpack.ExtType(_OBJECT, packb([type_name(type(obj)), _fields(obj)]))
-    raise TypeError(f"cannot encode {type(obj).__name__} over RPC")
+    raise TypeError(f"cannot encode {type(obj).__name__} over RPC (it carries {CARRIED})")
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _BIGINT:
+        return int.from_bytes(data, "big", signed=True)
     if code == _DATETIME:
         return dt.datetime.fromisoformat(data.decode())
     if code == _DATE:
@@ -103,14 +124,32 @@ def unpackb(data: bytes) -> Any:
     return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
 
 
+def encode_failure(exc: BaseException) -> str:
+    """Why `packb` refused a value (`exc` is what it raised), in words for a message."""
+    if isinstance(exc, UnicodeEncodeError):  # msgpack's str is UTF-8
+        return "a string holds a lone surrogate (\\ud800-\\udfff), which UTF-8 cannot encode"
+    return str(exc) or type(exc).__name__
+
+
+class NotJsonValue(ValueError):
+    """A value JSON cannot carry (`json_default`); the message says which."""
+
+
 def json_default(obj: Any) -> Any:
-    """`json.dumps(default=...)` hook for the same types, for HTTP responses."""
+    """`json.dumps(default=...)` hook for the same types, for HTTP and WebSocket clients;
+    `NotJsonValue` for bytes that are not UTF-8 (see the module docstring)."""
     if isinstance(obj, (dt.datetime, dt.date)):
         return obj.isoformat()
     if isinstance(obj, (uuid.UUID, Decimal)):
         return str(obj)
     if isinstance(obj, bytes):
-        return obj.decode("utf-8", errors="replace")
+        try:
+            return obj.decode()
+        except UnicodeDecodeError:
+            raise NotJsonValue(
+                f"bytes that are not UTF-8 text ({len(obj)} bytes), which JSON cannot carry: "
+                "a service gives binary data to JSON clients as text (base64, say)"
+            ) from None
     if isinstance(obj, BaseModel):
         return obj.model_dump(mode="json")
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -118,6 +157,39 @@ def json_default(obj: Any) -> Any:
     if isinstance(obj, (set, frozenset)):
         return list(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def not_json_reason(exc: Exception) -> str:
+    """Why `json.dumps(value, default=json_default, allow_nan=False)` refused a value
+    (`exc`, the `ValueError` or `TypeError` it raised), in words for a message."""
+    if isinstance(exc, NotJsonValue):
+        return str(exc)
+    text = str(exc)
+    if text.startswith("Out of range float"):
+        return "a number that is NaN or an infinity, which JSON cannot carry"
+    if "integer string conversion" in text:
+        digits = sys.get_int_max_str_digits()
+        return f"an integer of more than {digits} digits, more than Python writes as text"
+    if text.startswith("keys must be"):  # a map key of another type: bytes, a tuple
+        return f"a map key that is not text ({text})"
+    return f"a value JSON cannot carry ({text or type(exc).__name__})"
+
+
+_JSON_TYPES = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+
+
+def json_type(value: Any) -> str:
+    """The JSON type of a value `parse_json` returned (`null`, `array`...), for messages:
+    a client sent JSON, and Python's names (NoneType, list) mean nothing to it."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
 def _not_json(constant: str) -> Any:

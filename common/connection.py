@@ -248,6 +248,16 @@ class RawConnection:
         replies = proto.replies
         return [replies.popleft() for _ in range(n)]
 
+    async def answers(self) -> bool:
+        """Whether Redis answers a PING here (reconnecting if the connection was dropped):
+        after a write failed, tells Redis refusing that write (it drops the connection
+        of a command holding a value over its `proto-max-bulk-len`) from Redis down."""
+        try:
+            (pong,) = await self.execute([("PING",)])
+        except Exception:  # any: down, slow, or refusing the connection
+            return False
+        return not isinstance(pong, Exception)
+
     def _watch(self) -> None:
         """Cancel a read whose replies are overdue, as `asyncio.timeout` would.
 

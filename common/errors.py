@@ -10,7 +10,13 @@ SwitchboardError                  base of everything raised on purpose
 │   ├── MethodNotFound            the service has no such method (or no such service is known)
 │   ├── InvalidParams             the arguments do not fit the handler's signature or type hints
 │   ├── ServiceUnavailable        no live instance of the service: raised at once, not at timeout
-│   └── Overloaded                the service's backlog is over its bound: rejected at enqueue
+│   ├── Overloaded                the service's backlog is over its bound: rejected at enqueue
+│   ├── PayloadTooLarge           the call's arguments encode to more than RPC_MAX_PAYLOAD_BYTES:
+│   │                             raised by the caller's client, nothing is sent
+│   └── InvalidResult             the handler returned, but its result cannot reach the caller
+│       │                         (a type the codec or JSON cannot carry, NaN for a JSON client)
+│       └── ResultTooLarge        the result encodes to more than RPC_MAX_PAYLOAD_BYTES, or
+│                                 Redis would not take it
 └── ServiceError                  raised *by handlers* to answer with an application error
     ├── BadRequest                the request makes no sense for this service (code "bad_request")
     ├── Unauthorized              missing or wrong credentials (code "unauthorized")
@@ -152,6 +158,29 @@ class Overloaded(RpcError):
     code = "overloaded"
 
 
+class PayloadTooLarge(RpcError):
+    """The call's arguments encode to more than `RPC_MAX_PAYLOAD_BYTES`: refused by the
+    caller's client before anything is sent (a 413 at the gateway)."""
+
+    code = "payload_too_large"
+
+
+class InvalidResult(RpcError):
+    """The handler returned, but what it returned cannot reach the caller: a value the
+    RPC codec cannot encode, or (at the HTTP and WebSocket edge) one JSON cannot carry.
+    The service's fault, not the caller's (a 502 at the gateway); the message names
+    the cause."""
+
+    code = "invalid_result"
+
+
+class ResultTooLarge(InvalidResult):
+    """The handler's result encodes to more than `RPC_MAX_PAYLOAD_BYTES`, or Redis
+    refused to take it (its own bulk limit is lower): answered with this instead."""
+
+    code = "result_too_large"
+
+
 class ServiceError(SwitchboardError):
     """Raised by a handler to answer with an application error and a stable code."""
 
@@ -221,7 +250,15 @@ _MALFORMED_ERROR_REPLY = "malformed error reply"
 
 # Errors the worker reports by code, rebuilt as the same class at the caller.
 _PROTOCOL_ERRORS: dict[str, type[RpcError]] = {
-    cls.code: cls for cls in (MethodNotFound, InvalidParams, Overloaded, ServiceUnavailable)
+    cls.code: cls
+    for cls in (
+        MethodNotFound,
+        InvalidParams,
+        Overloaded,
+        ServiceUnavailable,
+        InvalidResult,
+        ResultTooLarge,
+    )
 }
 
 
@@ -265,11 +302,14 @@ __all__ = [
     "Conflict",
     "Forbidden",
     "InvalidParams",
+    "InvalidResult",
     "MethodNotFound",
     "NotFound",
     "Overloaded",
+    "PayloadTooLarge",
     "RedisUnavailable",
     "RemoteError",
+    "ResultTooLarge",
     "RpcError",
     "RpcTimeout",
     "ServiceError",

@@ -22,8 +22,10 @@ from redis.exceptions import RedisError
 
 from common.errors import (
     InvalidParams,
+    InvalidResult,
     MethodNotFound,
     Overloaded,
+    PayloadTooLarge,
     RedisUnavailable,
     RemoteError,
     RpcTimeout,
@@ -69,6 +71,8 @@ def log_refusal(log: logging.Logger, method: str, path: str, status: int, code: 
 _RPC_STATUS: dict[type[SwitchboardError], int] = {
     MethodNotFound: 404,
     InvalidParams: 422,
+    PayloadTooLarge: 413,  # the caller's arguments
+    InvalidResult: 502,  # the service's result (ResultTooLarge too)
     ServiceUnavailable: 503,
     Overloaded: 503,
     RedisUnavailable: 503,

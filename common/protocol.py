@@ -162,12 +162,10 @@ class Call:
             )
         try:
             return codec.packb(env)
-        except UnicodeEncodeError:  # a string with a lone surrogate: msgpack's str is UTF-8
-            what = "a string holds a lone surrogate (\\ud800-\\udfff), which UTF-8 cannot encode"
-            raise InvalidParams(f"arguments cannot be sent over RPC: {what}") from None
         except (TypeError, ValueError, OverflowError) as exc:
-            # An unknown type, an int past 64 bits, nesting past msgpack's limit.
-            raise InvalidParams(f"arguments cannot be sent over RPC: {exc}") from None
+            # An unknown type, a lone surrogate in a string, nesting past msgpack's limit.
+            what = codec.encode_failure(exc)
+            raise InvalidParams(f"arguments cannot be sent over RPC: {what}") from None
 
     @classmethod
     def decode(cls, data: bytes) -> Call:

@@ -8,6 +8,14 @@ a crash at any point safe:
 3. `XACK` + `XDEL` of the entries,
 
 with failed tasks' retries (a zset) and dead letters (a capped list) before the acks.
+
+A batch Redis will not take (`write_apart`): Redis drops the connection of a write
+holding a value over its own limit (`proto-max-bulk-len`, set lower than
+`RPC_MAX_PAYLOAD_BYTES`), and writing the same batch again would fail forever, the
+other calls of the batch never answered. A write that fails while Redis answers a
+PING is therefore written again entry by entry; an entry that fails alone twice,
+Redis still answering, is answered with `ResultTooLarge` instead (its retry or dead
+letter, if a task's, left out), or failing that only acked, and logged once.
 """
 
 from __future__ import annotations
@@ -18,6 +26,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from common import constants
+from common.connection import RawConnection
+from common.errors import ResultTooLarge
+from common.log import get_logger
+from common.protocol import error_reply
+
+log = get_logger("switchboard.worker")
 
 # An inbox whose client went away disappears after this long.
 INBOX_TTL_SECONDS = 60
@@ -35,6 +49,7 @@ class Finished:
     remember: bool = True  # store the reply in the deduplication window
     retry: tuple[bytes, float] | None = None  # (retry zset member, due epoch ms)
     dead: bytes | None = None  # dead-letter record
+    method: str = ""  # the call's, for the log
 
 
 class ReplyWrites:
@@ -100,3 +115,64 @@ class ReplyWrites:
             self._expiry_set.clear()
         self._expiry_set[key] = now
         return True
+
+    async def write_apart(
+        self, conn: RawConnection, batch: list[Finished]
+    ) -> tuple[list[Any], list[Finished]]:
+        """Write `batch`, which Redis refused whole while it answered a PING, entry by
+        entry (see the module docstring). The replies of what was written, and the
+        entries left unwritten because Redis stopped answering: the caller writes those
+        again as it does during an outage."""
+        replies: list[Any] = []
+        for i, done in enumerate(batch):
+            failure: BaseException | None = None
+            instead = _answered_instead(done, self.service)
+            for attempt in (done, done, instead, _acked_only(done)):
+                try:
+                    replies += await conn.execute(self.commands([attempt]))
+                except Exception as exc:  # any: a bug building the commands is poison too
+                    if not await conn.answers():
+                        return replies, batch[i:]
+                    failure = exc
+                    continue
+                if attempt is not done:
+                    assert failure is not None
+                    _log_refused(done, attempt, failure)
+                break
+            else:  # not even its ack: left pending (`_log_refused` says so)
+                assert failure is not None
+                _log_refused(done, None, failure)
+        return replies, []
+
+
+def _answered_instead(done: Finished, service: str) -> Finished:
+    """`done` with its reply replaced by a `ResultTooLarge` error, without its task
+    writes (a retry, a dead letter: large arguments, not a reply, may be what Redis
+    refused)."""
+    if done.call_id is None or done.reply is None:
+        return _acked_only(done)
+    error = ResultTooLarge(
+        f"the result of {service}.{done.method} ({len(done.reply)} bytes encoded) could not "
+        "be sent: Redis refused it (a value over its proto-max-bulk-len, set lower than "
+        "RPC_MAX_PAYLOAD_BYTES?)"
+    )
+    reply = error_reply(done.call_id, error)
+    return Finished(done.stream, done.entry_id, done.call_id, done.inbox, reply, done.remember,
+                    method=done.method)  # fmt: skip
+
+
+def _acked_only(done: Finished) -> Finished:
+    return Finished(done.stream, done.entry_id, method=done.method)
+
+
+def _log_refused(done: Finished, written: Finished | None, exc: BaseException) -> None:
+    """Log what became of an entry Redis refused (`written`: what was written instead)."""
+    fields = {"method": done.method, "bytes": len(done.reply or b""),
+              "error": str(exc) or type(exc).__name__}  # fmt: skip
+    if written is None:
+        message = "entry refused by redis, left unwritten"
+    elif written.reply is not None:
+        message = "reply refused by redis, answered with an error"
+    else:
+        message = "entry refused by redis, acked without its writes"
+    log.error(message, extra={"fields": fields})

@@ -207,6 +207,7 @@ class Service:
                 retry_delay=self.settings.task_retry_delay,
                 dead_letter_cap=self.settings.dead_letter_cap,
                 max_deliveries=self.settings.rpc_max_deliveries,
+                max_payload=self.settings.rpc_max_payload_bytes,
             )
             self._accepting = True
             if not await self._until_done("heartbeat", lambda: registry.heartbeat(record), outage):

@@ -45,6 +45,9 @@ MAX_TOTAL_TIMEOUT = 86400.0
 # a day. Longer comes close to the permanent lockout the throttle is meant not to be.
 MAX_LOGIN_LOCK = 86400.0
 _DAY = 86400.0
+# The smallest RPC_MAX_PAYLOAD_BYTES: room for any error reply (its message is cut at
+# 2,000 characters, `common.calls.MAX_ERROR_CHARS`).
+MIN_PAYLOAD_LIMIT = 64 * 1024
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 # The path of a redis:// URL as redis-py reads it: the database number, or nothing.
 _DB_PATH = re.compile(r"/?\d*/?")
@@ -166,6 +169,18 @@ class Settings:
     # Calls queued (plus in flight) beyond this are refused with `Overloaded`; 0 = no bound.
     rpc_max_backlog: int = field(
         default=10_000, metadata=_env("RPC_MAX_BACKLOG", Bounds(0, zero="no bound"))
+    )
+    # The largest encoded call (arguments) or reply (result) that goes through Redis: a
+    # call over it is refused by its caller's client (`PayloadTooLarge`), a result over
+    # it answered with `ResultTooLarge`. Well under Redis's own limit on one value
+    # (proto-max-bulk-len, 512 MiB by default), over which Redis drops the connection;
+    # a reply is held by the worker, Redis (twice: the inbox and the deduplication
+    # window) and the caller, several copies each while it is encoded and written.
+    rpc_max_payload_bytes: int = field(
+        default=64 * 1024**2,
+        metadata=_env(
+            "RPC_MAX_PAYLOAD_BYTES", Bounds(MIN_PAYLOAD_LIMIT, 512 * 1024**2, unit="bytes")
+        ),
     )
     # How long a completed call's reply is kept to answer a redelivery without re-running.
     rpc_dedup_window: float = field(default=30.0, metadata=_env("RPC_DEDUP_WINDOW", _SECONDS))

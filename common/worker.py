@@ -14,7 +14,11 @@ own, and under load a batch costs one round trip. What finishes while the loop
 is blocked in a read is written by the flusher task on a second connection.
 Either way a batch is written in an order that makes a crash at any point safe
 (`common.replies`): replies stored for deduplication, then pushed to the callers'
-inboxes, then the entries acked and deleted.
+inboxes, then the entries acked and deleted. A result over `RPC_MAX_PAYLOAD_BYTES`
+encoded is answered with `ResultTooLarge` (`common.calls`), and a batch Redis refuses
+while it answers a PING is written entry by entry, the one it refuses answered with
+an error (`ReplyWrites.write_apart`): one reply never holds back the others, nor the
+worker's shutdown.
 
 Redelivery (`common.redelivery`): every `reap_interval` a worker runs the
 reclaim script, which moves the pending calls of every consumer without a live
@@ -72,6 +76,7 @@ class Worker(CallRunner):
         retry_delay: float = 1.0,
         dead_letter_cap: int = 10_000,
         max_deliveries: int = 3,
+        max_payload: int,
     ) -> None:
         self.redis = redis
         self.service = service
@@ -85,6 +90,7 @@ class Worker(CallRunner):
         self.tasks = (constants.task_stream(service, 1), constants.task_stream(service, 2))
         self.retry_delay = retry_delay
         self.max_deliveries = max_deliveries
+        self.max_payload = max_payload
         self.stats = WorkerStats()
         self._bucket_seconds = max(dedup_window / 2, 1.0)
         self._executor = ThreadPoolExecutor(thread_pool, thread_name_prefix=f"{service}-handler")
@@ -188,6 +194,7 @@ class Worker(CallRunner):
         everything = (*first, self.tasks[1])
         read_timeout = self.block_ms / 1000 + self._reader.timeout
         reads: dict[tuple[bool, int], bytes] = {}  # the read commands, packed once
+        handed_off = False  # a batch failed with the last read: the flusher has it
         while not self._stopping.is_set() and not cancelling():
             free = self._free_slots()
             if free <= 0:
@@ -206,7 +213,7 @@ class Worker(CallRunner):
                     command += ("BLOCK", self.block_ms)
                 command += ("STREAMS", *streams, *(">",) * len(streams))
                 read = reads[(probe_first, per_stream)] = pack_commands([command])
-            batch = self._take_finished()
+            batch = [] if handed_off else self._take_finished()
             flush = self._writes.commands(batch) if batch else []
             try:
                 await self._reader.send_packed(pack_commands(flush) + read)
@@ -216,6 +223,11 @@ class Worker(CallRunner):
                 (response,) = await self._reader.read(1, timeout=read_timeout)
             except Exception as exc:  # any: the connection is dropped, the next read remakes it
                 self._requeue(batch)
+                if batch:
+                    # Redis may be refusing the batch, not down (`common.replies`): the
+                    # flusher finds out and writes it; the next read goes without it.
+                    handed_off = True
+                    continue
                 outage.failed(exc)
                 await backoff.wait()
                 continue
@@ -225,6 +237,7 @@ class Worker(CallRunner):
             if isinstance(response, ResponseError):
                 await self._read_refused(response, refused, backoff)
                 continue
+            handed_off = False
             backoff.reset()
             outage.recovered()
             if refused.since is not None:  # rare: skip the call on the hot path
@@ -332,6 +345,13 @@ class Worker(CallRunner):
         if self._unflushed <= 0:
             self._all_flushed.set()
 
+    async def _write_apart(self, batch: list[Finished]) -> list[Finished]:
+        """Write a batch Redis refused whole, entry by entry (`ReplyWrites.write_apart`);
+        what is left unwritten (Redis stopped answering)."""
+        replies, left = await self._writes.write_apart(self._writer, batch)
+        self._written(batch[: len(batch) - len(left)], replies)
+        return left
+
     async def _flush(self) -> None:
         """Write what finishes while the read loop is blocked in a read."""
         backoff = Backoff()
@@ -344,6 +364,9 @@ class Worker(CallRunner):
                 try:
                     replies = await self._writer.execute(self._writes.commands(batch))
                 except Exception as exc:  # any: a flusher that ends leaves replies unwritten
+                    if await self._writer.answers():  # refused, not down: see the docstring
+                        batch = await self._write_apart(batch)
+                        continue
                     outage.failed(exc)  # keep the replies: delivered once Redis is back
                     await backoff.wait()
                     continue

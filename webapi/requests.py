@@ -9,7 +9,7 @@ from typing import Any
 
 from sanic import Request
 
-from common.codec import parse_json
+from common.codec import json_type, parse_json
 from common.http_head import head_fault
 from webapi.errors import MalformedHeader, MalformedJson, ProxyLoop
 from webapi.proxy.headers import MAX_VIA_HOPS, VIA_MARK
@@ -44,7 +44,7 @@ def json_object(request: Request[Any, Any], *, empty_ok: bool = True) -> dict[st
     except ValueError as exc:
         raise MalformedJson(f"body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise MalformedJson(f"body must be a JSON object, not {type(value).__name__}")
+        raise MalformedJson(f"body must be a JSON object, not {json_type(value)}")
     return value
 
 

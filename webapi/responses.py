@@ -12,7 +12,7 @@ from sanic import HTTPResponse
 from sanic.exceptions import SanicException
 from sanic.response import json as sanic_json
 
-from common.codec import json_default
+from common.codec import json_default, not_json_reason
 
 _utf8_dumps = partial(json.dumps, default=json_default, ensure_ascii=False, separators=(",", ":"),
                       allow_nan=False)  # fmt: skip
@@ -20,9 +20,11 @@ _ascii_dumps = partial(json.dumps, default=json_default, separators=(",", ":"), 
 
 
 class NotJson(SanicException):
-    """A body holding NaN or an infinity: a float from a service's answer (the gateway
-    parses no such number from a client). JSON has none, and a strict parser, a
-    browser's included, refuses `NaN`: the service's answer is unusable, a 502."""
+    """A body JSON cannot carry, from a service's answer (the gateway parses no such
+    value from a client): NaN or an infinity (a strict parser, a browser's included,
+    refuses `NaN`), bytes that are not UTF-8 (`common.codec.json_default`), a map key
+    that is not text, an integer of more digits than Python writes. The service's
+    answer is unusable: a 502, its message naming the cause."""
 
     status_code = 502
     code = "invalid_result"
@@ -38,8 +40,10 @@ def _dumps(body: Any) -> bytes:
             return _utf8_dumps(body).encode()
         except UnicodeEncodeError:
             return _ascii_dumps(body).encode()
-    except ValueError:  # (allow_nan=False)
-        raise NotJson("the answer holds NaN or an infinity, which JSON cannot carry") from None
+    except (ValueError, TypeError) as exc:  # (allow_nan=False; json_default's refusals)
+        raise NotJson(
+            f"the answer cannot be sent as JSON: it holds {not_json_reason(exc)}"
+        ) from None
 
 
 def json_response(

@@ -12,9 +12,12 @@ Error codes:
     -32700  parse error: the message is not JSON (or holds a lone surrogate escape, "\\ud800")
     -32600  invalid request: not a JSON-RPC 2.0 request object (or a batch)
     -32601  method not found: no such service or method
-    -32602  invalid params: the arguments do not fit the method (or cannot be sent over RPC)
-    -32603  internal error: the call failed here (a bug, a result JSON cannot hold); logged
-    -32000  service error: the method raised; `data.code` is its code ("not_found" ...)
+    -32602  invalid params: the arguments do not fit the method (or cannot be sent over RPC:
+            `data.code` "payload_too_large" when they encode to more than RPC_MAX_PAYLOAD_BYTES)
+    -32603  internal error: the call failed here (a bug); logged with its traceback
+    -32000  service error: the method raised; `data.code` is its code ("not_found" ...), or
+            its result cannot be sent: "invalid_result" (what JSON cannot carry: NaN,
+            bytes that are not UTF-8...: the gateway's 502) or "result_too_large"
     -32001  service unavailable: no live instance of the service
     -32002  overloaded: the service's backlog is full
     -32003  timeout: no answer within RPC_TIMEOUT
@@ -27,11 +30,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from common.codec import json_default
+from common.codec import json_default, not_json_reason
 from common.errors import (
     InvalidParams,
+    InvalidResult,
     MethodNotFound,
     Overloaded,
+    PayloadTooLarge,
     RemoteError,
     RpcError,
     RpcTimeout,
@@ -92,17 +97,29 @@ def parse(message: object) -> tuple[Id, str, list[Any], dict[str, Any], bool]:
 
 
 def result(id_: Id, value: Any) -> str:
-    """The answer to a call that returned `value`; ValueError when `value` holds NaN or an
-    infinity (a float from a service: JSON has no such number), answered as -32603."""
+    """The answer to a call that returned `value`; `InvalidResult` when JSON cannot carry
+    `value` (NaN, bytes that are not UTF-8...: `common.codec.not_json_reason`), answered
+    as the gateway answers it (its 502 `invalid_result`)."""
     answer = {"jsonrpc": "2.0", "id": id_, "result": value}
-    return json.dumps(answer, default=json_default, allow_nan=False)
+    try:
+        return json.dumps(answer, default=json_default, allow_nan=False)
+    except (ValueError, TypeError) as exc:
+        reason = not_json_reason(exc)
+        raise InvalidResult(f"the answer cannot be sent as JSON: it holds {reason}") from None
 
 
 def error(id_: Id, code: int, message: str, data: Any = None) -> str:
+    """An error answer; `data` is left out if JSON cannot carry it (a service's `details`
+    holding NaN or bytes that are not UTF-8): the code and message still say it all."""
     body: dict[str, Any] = {"code": code, "message": message}
     if data is not None:
         body["data"] = data
-    return json.dumps({"jsonrpc": "2.0", "id": id_, "error": body}, default=json_default)
+    answer = {"jsonrpc": "2.0", "id": id_, "error": body}
+    try:
+        return json.dumps(answer, default=json_default, allow_nan=False)
+    except (ValueError, TypeError):
+        body.pop("data", None)
+        return json.dumps(answer)
 
 
 def error_for(id_: Id, exc: RpcError) -> str:
@@ -111,6 +128,8 @@ def error_for(id_: Id, exc: RpcError) -> str:
         return error(id_, METHOD_NOT_FOUND, exc.message or "method not found")
     if isinstance(exc, InvalidParams):
         return error(id_, INVALID_PARAMS, exc.message or "invalid params", exc.details or None)
+    if isinstance(exc, PayloadTooLarge):
+        return error(id_, INVALID_PARAMS, exc.message, {"code": exc.code})
     if isinstance(exc, ServiceUnavailable):
         return error(id_, SERVICE_UNAVAILABLE, exc.message or "service unavailable")
     if isinstance(exc, Overloaded):

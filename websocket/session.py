@@ -18,8 +18,10 @@ a `subscribe`, an `auth` with an API key not cached here; a first `auth` that ca
 be checked closes the connection with 1013, try again later);
 anything that is not JSON (a lone surrogate escape such as `"\\ud800"` included:
 `common.codec.parse_json`) gets a JSON-RPC parse error (-32700); a call whose
-answer cannot be had for another reason than an RPC error (a bug, a result JSON
-cannot hold) gets -32603, internal error, logged as `call failed`. A JSON-RPC
+result JSON cannot carry (NaN, bytes that are not UTF-8) gets -32000 with `data.code`
+`invalid_result`, as the gateway's 502, logged as an `rpc error` warning; one whose
+answer cannot be had for another reason than an RPC error (a bug) gets -32603,
+internal error, logged with its traceback as `call failed`. A JSON-RPC
 call needs a scope reaching its method (`common.scopes`; the `auth` service's
 methods need `admin`), else it is answered with -32005. A subscribe needs a scope
 reaching the service its channel's first segment names (`iptv:now:7`: `iptv`, as
@@ -283,8 +285,9 @@ class Session:
             log_failed_call("/ws", method, exc)
             answer = jsonrpc.error_for(id_, exc)
         except Exception:
-            # A bug, or a result JSON cannot hold: answered and logged here, or the call
-            # would go unanswered with only asyncio's "never retrieved" traceback.
+            # A bug: answered and logged here, or the call would go unanswered with only
+            # asyncio's "never retrieved" traceback. (A result JSON cannot carry is an
+            # `InvalidResult`, above: `jsonrpc.result`.)
             log.exception("call failed", extra={"fields": {"path": "/ws", "method": method}})
             answer = jsonrpc.error(id_, jsonrpc.INTERNAL_ERROR, "internal error")
         if not quiet:

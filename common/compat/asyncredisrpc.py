@@ -40,11 +40,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from common.aio import cancel_and_wait, cancelling
-from common.codec import json_default
+from common.codec import json_default, not_json_reason
 from common.errors import (
     ConfigError,
     InvalidParams,
+    InvalidResult,
     MethodNotFound,
+    ResultTooLarge,
     ServiceUnavailable,
     SwitchboardError,
     quoted,
@@ -214,11 +216,32 @@ class _Adapter:
                 result = await spec.fn(*args, **kwargs)
             else:
                 result = await asyncio.to_thread(spec.fn, *args, **kwargs)
-            return _encode({"error": 0, "result": result})
         except Exception as exc:
             if not isinstance(exc, SwitchboardError):
                 log.exception("handler raised", extra={"fields": {"method": name}})
             return _error(exc)
+        return self._answer(name, result)
+
+    def _answer(self, name: str, result: Any) -> bytes:
+        """The reply carrying `result`; an `InvalidResult` error reply when JSON cannot
+        carry it (bytes that are not UTF-8: `common.codec.json_default`) or it is over
+        `RPC_MAX_PAYLOAD_BYTES` (`ResultTooLarge`), logged once: as for `RpcClient`s."""
+        try:
+            payload = _encode({"error": 0, "result": result})
+        except (ValueError, TypeError) as exc:
+            reason = not_json_reason(exc)
+            log.error("result not encodable", extra={"fields": {"method": name, "error": reason}})
+            return _error(InvalidResult(f"the result of {name} cannot be sent as JSON: {reason}"))
+        limit = self.svc.settings.rpc_max_payload_bytes
+        if len(payload) > limit:
+            fields = {"method": name, "bytes": len(payload), "limit": limit}
+            log.error("result too large", extra={"fields": fields})
+            error = ResultTooLarge(
+                f"the result of {name} encodes to {len(payload)} bytes, over the {limit}-byte "
+                "limit (RPC_MAX_PAYLOAD_BYTES)"
+            )
+            return _error(error)
+        return payload
 
     async def _reply(self, redis: aioredis.Redis, req_id: str, payload: bytes) -> None:
         key = f"{self.key}:{req_id}"

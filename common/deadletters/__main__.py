@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+from typing import Any
 
 from common import codec
 from common.connection import connect
@@ -25,12 +26,20 @@ async def main(argv: list[str]) -> int:
         letters = DeadLetters(redis)
         if args.action == "list":
             for letter in await letters.list(args.service, args.limit):
-                print(json.dumps(letter, default=codec.json_default))
+                print(json.dumps(letter, default=_printable))
         else:
             print(f"replayed {await letters.replay(args.service, args.limit)}")
     finally:
         await redis.aclose()
     return 0
+
+
+def _printable(obj: Any) -> Any:
+    """`codec.json_default`, with bytes that are not UTF-8 shown with `\\x` escapes: a
+    dead letter's arguments are listed for a person, whatever they hold."""
+    if isinstance(obj, bytes):
+        return obj.decode(errors="backslashreplace")
+    return codec.json_default(obj)
 
 
 if __name__ == "__main__":

@@ -64,8 +64,73 @@ def test_unregistered_class_arrives_as_dict() -> None:
 
 
 def test_unencodable_type_is_a_clear_error() -> None:
-    with pytest.raises(TypeError, match="cannot encode"):
+    with pytest.raises(TypeError, match="cannot encode") as info:
         codec.packb(object())
+    # ... saying what the codec does carry
+    assert "it carries None, bool, int, float, str, bytes" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        2**64,  # one past msgpack's unsigned 64 bits
+        -(2**63) - 1,  # one past its signed 64 bits
+        2**64 - 1,  # native still
+        -(2**63),
+        10**100,
+        -(10**100),
+        [1, {"n": 2**200, "m": -(2**70)}],
+    ],
+)
+def test_ints_of_any_size_round_trip(value: object) -> None:
+    """JSON allows them (a client's `18446744073709551616`) and Python has them: msgpack's
+    own ints stop at 64 bits, past which an extension type carries them."""
+    decoded = codec.unpackb(codec.packb(value))
+    assert decoded == value
+    assert json.dumps(decoded) == json.dumps(value)  # ints, not another type
+
+
+def test_json_default_gives_utf8_bytes_as_text_and_refuses_others() -> None:
+    """Bytes that are not UTF-8 are refused, never decoded with U+FFFD in their place."""
+    assert json.dumps({"b": "café".encode()}, default=codec.json_default) == '{"b": "caf\\u00e9"}'
+    with pytest.raises(codec.NotJsonValue, match=r"bytes that are not UTF-8 text \(5 bytes\)"):
+        json.dumps([b"\x00\xffPNG"], default=codec.json_default)
+
+
+# An int of more digits than Python writes as text (sys.get_int_max_str_digits(): 4300).
+_LONG_INT = int("9" * 4000) * 10**1000
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (float("nan"), "a number that is NaN or an infinity, which JSON cannot carry"),
+        ([float("-inf")], "a number that is NaN or an infinity, which JSON cannot carry"),
+        (b"\xff", "bytes that are not UTF-8 text (1 bytes)"),
+        ({b"key": 1}, "a map key that is not text"),
+        pytest.param(_LONG_INT, "an integer of more than 4300 digits", id="long-int"),
+    ],
+)
+def test_not_json_reason_names_the_cause(value: object, reason: str) -> None:
+    with pytest.raises((ValueError, TypeError)) as info:
+        json.dumps(value, default=codec.json_default, allow_nan=False)
+    assert codec.not_json_reason(info.value).startswith(reason)
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("null", "null"),
+        ("[1]", "array"),
+        ('"s"', "string"),
+        ("1", "number"),
+        ("1.5", "number"),
+        ("true", "boolean"),
+        ("{}", "object"),
+    ],
+)
+def test_json_type_names_the_json_type(text: str, name: str) -> None:
+    assert codec.json_type(codec.parse_json(text)) == name
 
 
 def test_json_default_covers_the_same_types() -> None:

@@ -124,7 +124,7 @@ async def test_handler_exceptions_answer_error_and_keep_serving(client: AsyncCli
     assert await call(client, "missing", "k") == (1, "NotFound: no such thing: k")
     error, result = await call(client, "unencodable")
     assert error == 1
-    assert result.startswith("TypeError: object is not JSON serialisable")
+    assert result.startswith("InvalidResult: the result of unencodable cannot be sent as JSON")
     assert await call(client, "add", 1, 1) == (0, 2)
 
 

@@ -9,10 +9,13 @@ def test_public_names() -> None:
     assert sorted(common.__all__) == [
         "InstanceRecord",
         "InvalidParams",
+        "InvalidResult",
         "MethodNotFound",
         "Overloaded",
+        "PayloadTooLarge",
         "Registry",
         "RemoteError",
+        "ResultTooLarge",
         "RpcClient",
         "RpcError",
         "RpcTimeout",
@@ -31,7 +34,9 @@ def test_error_hierarchy() -> None:
     from common import errors
 
     for name in ("RpcTimeout", "RemoteError", "MethodNotFound", "InvalidParams",
-                 "ServiceUnavailable", "Overloaded"):  # fmt: skip
+                 "ServiceUnavailable", "Overloaded", "PayloadTooLarge",
+                 "InvalidResult"):  # fmt: skip
         assert issubclass(getattr(errors, name), errors.RpcError)
+    assert issubclass(errors.ResultTooLarge, errors.InvalidResult)
     assert issubclass(errors.RpcTimeout, TimeoutError)
     assert issubclass(errors.RpcError, errors.SwitchboardError)

@@ -2,7 +2,7 @@
 
 A reply of an unexpected shape fails its own call and nothing else; a `drop` task
 never fails or blocks its caller, whatever Redis does; an inbox a client left keeps
-an expiry; a NaN timeout is refused at the call.
+an expiry; a timeout of NaN, 0 or less is refused at the call.
 """
 
 from __future__ import annotations
@@ -109,15 +109,31 @@ async def test_odd_invalid_params_details_are_left_out(
 
 
 async def test_a_timeout_of_nan_is_refused_at_the_call(svc: Service, rpc: RpcClient) -> None:
-    with pytest.raises(ValueError, match="timeout must be a number of seconds, not nan"):
+    with pytest.raises(ValueError, match="timeout must be a number of seconds above 0, not nan"):
         await rpc.call(f"{svc.name}.add", 1, timeout=math.nan)
-    with pytest.raises(ValueError, match="ttl must be a number of seconds, not nan"):
+    with pytest.raises(ValueError, match="ttl must be a number of seconds above 0, not nan"):
         await rpc.submit(f"{svc.name}.add", (1,), ttl=math.nan)
     with pytest.raises(ValueError, match="timeout must be a number"):
         RpcClient("redis://127.0.0.1:1", timeout=math.nan)
     assert not rpc._pending
     # An infinite timeout stays what it was: a call without a bound.
     assert await rpc.call(f"{svc.name}.add", 1, timeout=math.inf) == 2
+
+
+@pytest.mark.parametrize("seconds", [0, -1, -0.5, -math.inf])
+async def test_a_timeout_of_0_or_less_is_refused_at_the_call(
+    svc: Service, rpc: RpcClient, seconds: float
+) -> None:
+    """Not an `RpcTimeout` "did not answer within -1s": the call was never sent."""
+    with pytest.raises(
+        ValueError, match=f"timeout must be a number of seconds above 0, not {seconds!r}"
+    ):
+        await rpc.call(f"{svc.name}.add", 1, timeout=seconds)
+    with pytest.raises(ValueError, match="ttl must be a number of seconds above 0"):
+        await rpc.submit(f"{svc.name}.add", (1,), ttl=seconds)
+    with pytest.raises(ValueError, match="timeout must be a number of seconds above 0"):
+        RpcClient("redis://127.0.0.1:1", timeout=seconds)
+    assert not rpc._pending
 
 
 async def test_an_inbox_a_client_left_keeps_its_expiry(

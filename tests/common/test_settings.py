@@ -63,6 +63,11 @@ def test_malformed_values_name_the_variable(env: dict[str, str]) -> None:
     assert next(iter(env)) in str(info.value)
 
 
+def test_rpc_max_payload_bytes_is_well_under_redis_own_limit() -> None:
+    assert Settings.from_env({}).rpc_max_payload_bytes == 64 * 1024**2
+    assert Settings.from_env({"RPC_MAX_PAYLOAD_BYTES": "65536"}).rpc_max_payload_bytes == 65536
+
+
 def test_missing_redis_url_says_how_to_get_one() -> None:
     with pytest.raises(ConfigError, match="make run"):
         Settings.from_env({}).require_redis_url()
@@ -138,6 +143,8 @@ COUNTS = ("RPC_CONCURRENCY", "RPC_THREAD_POOL", "TASK_ATTEMPTS", "DEAD_LETTER_CA
         *({name: value} for value in ("0", "-1") for name in DURATIONS),
         *({name: "0"} for name in COUNTS),
         {"RPC_MAX_BACKLOG": "-1"},
+        {"RPC_MAX_PAYLOAD_BYTES": "1000"},  # no room for an error reply
+        {"RPC_MAX_PAYLOAD_BYTES": str(512 * 1024**2 + 1)},  # over Redis's own default limit
         {"API_KEY_CACHE_TTL": "-1"},
         {"HEARTBEAT_INTERVAL": "0.001"},  # a busy loop on Redis all the same
         {"HEARTBEAT_TTL": "1e300"},

@@ -105,6 +105,16 @@ def build(name: str = "calc", concurrency: int | None = None) -> Service:
         return {b"key": 1}
 
     @svc.method
+    async def blob(utf8: bool = False) -> bytes:
+        """Bytes: UTF-8 text, or not (a PNG's first bytes)."""
+        return "café".encode() if utf8 else b"\x89PNG\r\n\x1a\n\x00\xff"
+
+    @svc.method
+    async def text(size: int) -> str:
+        """A result of `size` characters (bytes encoded, give or take the envelope)."""
+        return "x" * size
+
+    @svc.method
     async def stats() -> dict[str, object]:
         assert svc.worker is not None
         return svc.worker.snapshot()

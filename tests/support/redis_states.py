@@ -101,6 +101,18 @@ def auth(admin: redis.Redis, password: str = "s3cret-rotated") -> Iterator[None]
         admin.config_set("requirepass", "")
 
 
+@contextmanager
+def small_values(admin: redis.Redis) -> Iterator[None]:
+    """Redis's limit on one value (`proto-max-bulk-len`, 512 MB by default) at its
+    smallest, 1 MB: a command holding a longer value gets its connection dropped."""
+    before = admin.config_get("proto-max-bulk-len")["proto-max-bulk-len"]
+    admin.config_set("proto-max-bulk-len", "1mb")
+    try:
+        yield
+    finally:
+        admin.config_set("proto-max-bulk-len", before)
+
+
 # Every state by its kind, for tests parametrized over them.
 STATES: dict[str, Callable[[redis.Redis], AbstractContextManager[None]]] = {
     "out_of_memory": out_of_memory,

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import socket
 import time
+import uuid
 
 import httpx
 import pytest
 
-from tests.helpers import wait_for
+from common.settings import MIN_PAYLOAD_LIMIT, get_settings
+from tests.helpers import serve_until_live, wait_for, wait_for_async
+from tests.support.calc_service import build
 from tests.support.policy import set_document
-from tests.webapi.conftest import Stack, answered, as_admin, policy_version
+from tests.webapi.conftest import Stack, answered, as_admin, policy_version, running_gateway
 
 
 def _error(response: httpx.Response) -> dict[str, str]:
@@ -42,7 +47,6 @@ async def test_empty_body_means_no_arguments(http: httpx.AsyncClient) -> None:
         ("[" * 50_000 + "]" * 50_000, 400, "malformed_json"),  # past Python's recursion
         ('{"a": NaN}', 400, "malformed_json"),  # Python's, not JSON
         ('{"a": 1e400}', 400, "malformed_json"),  # too large for a double: not infinity
-        ('{"a": 18446744073709551616}', 422, "invalid_params"),  # 2**64: no RPC int holds it
         ('{"a": "two"}', 422, "invalid_params"),
         ('{"b": 1}', 422, "invalid_params"),
         ('{"a": 1, "zzz": 1}', 422, "invalid_params"),
@@ -56,6 +60,44 @@ async def test_bad_input_is_a_precise_4xx(
     )
     assert response.status_code == status
     assert _error(response)["code"] == code
+
+
+@pytest.mark.parametrize(
+    ("body", "json_type"),
+    [
+        ("null", "null"),
+        ("[1, 2]", "array"),
+        ('"text"', "string"),
+        ("1", "number"),
+        ("2.5", "number"),
+        ("true", "boolean"),
+    ],
+)
+async def test_a_body_that_is_no_object_is_named_by_its_json_type(
+    http: httpx.AsyncClient, body: str, json_type: str
+) -> None:
+    """The client sent JSON: Python's names for it (NoneType, list, str) mean nothing to it."""
+    response = await http.post(
+        "/rpc/calc/add", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert _error(response) == {
+        "code": "malformed_json",
+        "message": f"body must be a JSON object, not {json_type}",
+    }
+
+
+async def test_ints_past_64_bits_reach_the_handler_and_come_back(http: httpx.AsyncClient) -> None:
+    """JSON has them and so has Python: the RPC codec carries them (an extension type)."""
+    response = await http.post(
+        "/rpc/calc/add",
+        content='{"a": 18446744073709551616, "b": -1}',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 200
+    assert response.text == '{"result":18446744073709551615}'
+    response = await http.post("/rpc/calc/add", json={"a": -(10**30)})
+    assert response.json() == {"result": -(10**30) + 1}
 
 
 async def test_a_number_too_large_for_a_double_is_malformed_not_infinity(
@@ -172,6 +214,70 @@ async def test_a_result_json_cannot_carry_is_a_502_not_infinity(http: httpx.Asyn
     assert _error(refused) == {"code": "invalid_params", "message": "refused"}
     kept = await http.post("/rpc/calc/refuse", json={"value": 1.5})
     assert kept.json()["error"]["details"] == [{"loc": ["value"], "input": 1.5}]
+
+
+async def test_bytes_reach_the_client_as_utf8_text_or_a_502(http: httpx.AsyncClient) -> None:
+    """Never decoded with U+FFFD in place of what is not UTF-8: JSON has no bytes type."""
+    text = await http.post("/rpc/calc/blob", json={"utf8": True})
+    assert text.status_code == 200
+    assert text.json() == {"result": "café"}
+    binary = await http.post("/rpc/calc/blob", json={})
+    assert binary.status_code == 502
+    error = _error(binary)
+    assert error["code"] == "invalid_result"
+    assert "bytes that are not UTF-8 text (10 bytes)" in error["message"]
+    assert "\ufffd" not in binary.text and "�" not in binary.text
+
+
+async def test_a_result_json_cannot_hold_is_a_502_naming_the_cause(
+    http: httpx.AsyncClient,
+) -> None:
+    # A map with a bytes key (msgpack carries it, JSON does not): not a 500.
+    response = await http.post("/rpc/calc/opaque")
+    assert response.status_code == 502
+    error = _error(response)
+    assert error["code"] == "invalid_result"
+    assert error["message"].startswith(
+        "the answer cannot be sent as JSON: it holds a map key that is not text"
+    )
+    infinity = await http.post("/rpc/calc/sleep", json={"seconds": "-inf"})
+    assert _error(infinity)["message"] == (
+        "the answer cannot be sent as JSON: it holds a number that is NaN or an infinity, "
+        "which JSON cannot carry"
+    )
+
+
+async def test_payloads_over_rpc_max_payload_bytes(redis_url: str, auth: dict[str, str]) -> None:
+    """Arguments over the bound are the caller's: 413, nothing sent. A result over it is
+    the service's: 502 `result_too_large`, the worker answering at once."""
+    limit = MIN_PAYLOAD_LIMIT
+    svc = build(f"calc_{uuid.uuid4().hex[:8]}")
+    svc.settings = dataclasses.replace(get_settings(), rpc_max_payload_bytes=limit)
+    task = await serve_until_live(svc, redis_url)
+    try:
+        with running_gateway(redis_url, RPC_MAX_PAYLOAD_BYTES=str(limit)) as base:
+            async with httpx.AsyncClient(base_url=base, timeout=10, headers=auth) as http:
+                url = f"/rpc/{svc.name}/text"
+                await wait_for_async(lambda: _answered(http, url, {"size": 1}))
+                args = await http.post(url, json={"size": 1, "pad": "x" * limit})
+                assert args.status_code == 413
+                error = _error(args)
+                assert error["code"] == "payload_too_large"
+                assert error["message"].endswith(
+                    f"over the {limit}-byte limit (RPC_MAX_PAYLOAD_BYTES)"
+                )
+                result = await http.post(url, json={"size": limit})
+                assert result.status_code == 502
+                error = _error(result)
+                assert error["code"] == "result_too_large"
+                assert error["message"].startswith(f"the result of {svc.name}.text encodes to ")
+    finally:
+        svc.request_stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def _answered(http: httpx.AsyncClient, url: str, body: dict[str, object]) -> bool:
+    return (await http.post(url, json=body)).status_code == 200
 
 
 async def test_request_id_is_kept_or_made(http: httpx.AsyncClient) -> None:

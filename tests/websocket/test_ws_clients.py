@@ -8,7 +8,7 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -17,6 +17,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from common import apikeys, constants, revocation
+from common.settings import MIN_PAYLOAD_LIMIT
 from tests.helpers import ServiceProcess, wait_for_async
 from tests.support.raw_http import connect, read_answers
 from tests.websocket.conftest import LogWatch, WsServer, recv_json
@@ -360,16 +361,51 @@ async def test_jsonrpc_lone_surrogate_and_unanswerable_result_are_answered(
         await ws.send(pair)
         answer = await recv_json(ws)
         assert answer["id"] == 8 and answer["error"]["code"] == -32602, answer  # not an int
-        # A result JSON cannot hold: answered as an internal error and logged once.
-        failed = LogWatch(ws_server, "call failed")
+        # A result JSON cannot hold (a bytes map key): answered as the gateway's 502
+        # `invalid_result`, logged once as a service's failure, without a traceback.
+        failed = LogWatch(ws_server, "rpc error")
         answer = await rpc(ws, {"jsonrpc": "2.0", "id": 9, "method": "calc.opaque"})
-        assert answer == {"jsonrpc": "2.0", "id": 9,
-                          "error": {"code": -32603, "message": "internal error"}}  # fmt: skip
+        assert answer["error"]["code"] == -32000, answer
+        assert answer["error"]["data"] == {"code": "invalid_result"}
+        assert answer["error"]["message"].startswith(
+            "the answer cannot be sent as JSON: it holds a map key that is not text"
+        )
         logged = await failed.wait(1)
-        assert [r["method"] for r in logged] == ["calc.opaque"]
+        assert [(r["method"], r["code"]) for r in logged] == [("calc.opaque", "invalid_result")]
         await ws.send(json.dumps({"type": "ping", "id": "after"}))  # the session goes on
         assert await recv_json(ws) == {"type": "pong", "id": "after"}
     assert "never retrieved" not in ws_server.proc.log_tail(400)
+    assert ws_server.proc.log_records("call failed") == []
+
+
+async def test_jsonrpc_bytes_are_utf8_text_or_invalid_result(
+    ws_server: WsServer, calc: None
+) -> None:
+    """As at the gateway: never decoded with U+FFFD in place of what is not UTF-8."""
+    async with ws_server.connect() as ws:
+        await _calc_ready(ws)
+        text = await rpc(ws, {"jsonrpc": "2.0", "id": 1, "method": "calc.blob",
+                              "params": {"utf8": True}})  # fmt: skip
+        assert text == {"jsonrpc": "2.0", "id": 1, "result": "café"}
+        binary = await rpc(ws, {"jsonrpc": "2.0", "id": 2, "method": "calc.blob"})
+        assert binary["error"]["code"] == -32000, binary
+        assert binary["error"]["data"] == {"code": "invalid_result"}
+        assert "bytes that are not UTF-8 text (10 bytes)" in binary["error"]["message"]
+
+
+async def test_jsonrpc_arguments_over_rpc_max_payload_bytes_are_invalid_params(
+    make_ws_server: Callable[..., WsServer], calc: None
+) -> None:
+    server = make_ws_server(RPC_MAX_PAYLOAD_BYTES=str(MIN_PAYLOAD_LIMIT),
+                            WS_MAX_MESSAGE_BYTES=str(4 * MIN_PAYLOAD_LIMIT))  # fmt: skip
+    async with server.connect() as ws:
+        await _calc_ready(ws)
+        pad = "x" * MIN_PAYLOAD_LIMIT
+        answer = await rpc(ws, {"jsonrpc": "2.0", "id": 3, "method": "calc.add",
+                                "params": {"a": 1, "pad": pad}})  # fmt: skip
+        assert answer["error"]["code"] == -32602, answer
+        assert answer["error"]["data"] == {"code": "payload_too_large"}
+        assert "RPC_MAX_PAYLOAD_BYTES" in answer["error"]["message"]
 
 
 async def test_numbers_json_cannot_hold_are_refused_and_never_sent(
@@ -387,12 +423,15 @@ async def test_numbers_json_cannot_hold_are_refused_and_never_sent(
             answer = _strict(await ws.recv())
             assert answer["id"] is None and answer["error"]["code"] == -32700, answer
         # A service's result that is no JSON number (pydantic reads "-inf" as a float):
-        # answered as an internal error and logged once, as any result JSON cannot hold.
-        failed = LogWatch(ws_server, "call failed")
+        # answered as the gateway answers it (502 `invalid_result`), logged once as a
+        # service's failure, without a traceback.
+        failed = LogWatch(ws_server, "rpc error")
         sleep = {"jsonrpc": "2.0", "id": 2, "method": "calc.sleep", "params": {"seconds": "-inf"}}
         await ws.send(json.dumps(sleep))
-        internal = {"code": -32603, "message": "internal error"}
-        assert _strict(await ws.recv()) == {"jsonrpc": "2.0", "id": 2, "error": internal}
+        invalid = {"code": -32000, "data": {"code": "invalid_result"},
+                   "message": "the answer cannot be sent as JSON: it holds a number that is "
+                              "NaN or an infinity, which JSON cannot carry"}  # fmt: skip
+        assert _strict(await ws.recv()) == {"jsonrpc": "2.0", "id": 2, "error": invalid}
         assert [r["method"] for r in await failed.wait(1)] == ["calc.sleep"]
 
 

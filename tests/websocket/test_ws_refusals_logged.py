@@ -67,10 +67,13 @@ async def test_what_json_cannot_hold_is_answered_and_the_session_goes_on(
         assert (await recv_json(ws))["error"]["code"] == -32700
         await ws.send('{"jsonrpc": "2.0", "id": NaN, "method": "iptv.get_channel"}')
         assert (await recv_json(ws))["error"]["code"] == -32700  # NaN is not JSON
+        # An int past 64 bits is JSON, and travels over RPC (no longer -32602 here): the
+        # call is made. No iptv worker runs for this module: unknown, or not live if one
+        # registered in this Redis before.
         await ws.send(json.dumps({"jsonrpc": "2.0", "id": 3, "method": "iptv.get_channel",
                                   "params": {"channel_id": 2**64}}))  # fmt: skip
         answer = await recv_json(ws)
-        assert (answer["id"], answer["error"]["code"]) == (3, -32602)  # invalid params
+        assert answer["id"] == 3 and answer["error"]["code"] in (-32601, -32001), answer
         await ws.send(json.dumps({"type": "subscribe", "channel": "news\n"}))
         assert (await recv_json(ws))["error"]["code"] == "bad_channel"  # `$` before a "\n"
         await ws.send("ping")
