@@ -3,6 +3,7 @@
 The public API is listed in `__all__` (guarded by `tests/common/test_exports.py`).
 """
 
+from common.caller import Caller
 from common.client import RpcClient
 from common.errors import (
     InvalidParams,
@@ -22,6 +23,7 @@ from common.service import Service
 from common.settings import Settings, get_settings
 
 __all__ = [
+    "Caller",
     "InstanceRecord",
     "InvalidParams",
     "InvalidResult",

@@ -198,7 +198,7 @@ class CallRunner:
         """Run a call whose handler never suspends (see `never_suspends`) to its end, here."""
         stats, started = self._count(call)
         try:
-            args, kwargs = spec.bind(call.args, call.kwargs)
+            args, kwargs = spec.bind(call.args, call.kwargs, call.who)
             coro = spec.fn(*args, **kwargs)
             try:
                 coro.send(None)
@@ -216,7 +216,7 @@ class CallRunner:
         """Run one call in a task of its own (its own context and `current_task()`)."""
         stats, started = self._count(call)
         try:
-            args, kwargs = spec.bind(call.args, call.kwargs)
+            args, kwargs = spec.bind(call.args, call.kwargs, call.who)
             if spec.is_async:
                 result = await spec.fn(*args, **kwargs)
             else:

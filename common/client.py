@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 
 from common import constants
 from common.aio import cancel_and_wait
+from common.caller import Caller
 from common.client_io import ClientIO, Enqueue
 from common.connection import RawConnection, connect, pack_commands
 from common.errors import (
@@ -150,11 +151,18 @@ class RpcClient(ClientIO):
         timeout: float | None = None,
         request_id: str | None = None,
         instance: str | None = None,
+        caller: Caller | None = None,
         **kwargs: Any,
     ) -> Any:
         """Call `service.method` and return its result (see `invoke` for errors)."""
         return await self.invoke(
-            target, args, kwargs, timeout=timeout, request_id=request_id, instance=instance
+            target,
+            args,
+            kwargs,
+            timeout=timeout,
+            request_id=request_id,
+            instance=instance,
+            caller=caller,
         )
 
     async def invoke(
@@ -166,6 +174,7 @@ class RpcClient(ClientIO):
         timeout: float | None = None,
         request_id: str | None = None,
         instance: str | None = None,
+        caller: Caller | None = None,
     ) -> Any:
         """Call with explicit args/kwargs (a method may then take a `timeout` argument itself).
 
@@ -179,6 +188,11 @@ class RpcClient(ClientIO):
         when the handler's result cannot be sent back, and `RpcTimeout` once `timeout`
         seconds have passed: never later. `timeout=math.inf` waits without a bound; a
         timeout of NaN, 0 or less is a `ValueError`.
+
+        `caller` is the authenticated user the call is made for, which the handler's
+        `Caller` parameter gets (`common.caller`): the gateway and the WebSocket
+        service pass their credential's. Without it the call is made for no one (a
+        service calling another), and a handler requiring a caller refuses it.
         """
         service, method = split_target(target)
         timeout = self.default_timeout if timeout is None else timeout
@@ -194,6 +208,7 @@ class RpcClient(ClientIO):
             deadline=time.time() + timeout,
             reply_to=self.inbox,
             request_id=request_id or request_id_var.get(),
+            who=None if caller is None else caller.to_wire(),
         )
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future

@@ -40,6 +40,7 @@ import redis.asyncio as aioredis
 from common import apikeys, tokens
 from common.aio import background, cancel_and_wait, cancelling
 from common.apikeys import ApiKeyRecord
+from common.caller import Caller
 from common.connection import REDIS_DOWN_ERRORS
 from common.errors import ServiceUnavailable, Unauthorized
 from common.log import get_logger
@@ -82,6 +83,12 @@ class Principal:
     def allows(self, service: str, method: str | None) -> bool:
         """Whether this credential's scopes reach `(service, method)` (see `common.scopes`)."""
         return allows(self.scopes, service, method)
+
+    def as_caller(self) -> Caller:
+        """The `Caller` an RPC call made for this credential carries (`common.caller`)."""
+        if self.kind == "api_key":
+            return Caller(self.subject, "api_key", self.scopes, self.key_id)
+        return Caller(self.subject, "user", self.scopes, username=self.name)
 
     def revoked_by(self) -> tuple[str, ...]:
         """The revocation members (`common.revocation`) any of which ends this credential:

@@ -12,6 +12,12 @@ page, a count or a duration given as `true` is a mistake, not a request for 1):
 every `int` in a parameter's annotation, also inside `X | None`, `list[...]`,
 `dict[...]` or `Annotated[...]`, is checked as `Integer`. (Fields of pydantic
 models and dataclasses keep pydantic's own rules: annotate them `Integer`.)
+
+A parameter annotated `Caller` (or `Caller | None`) is no argument: the worker
+fills it with the call's authenticated caller (`common.caller`), so a call naming
+it is `InvalidParams`, as is a call without a caller to a handler requiring one.
+Any other annotation holding `Caller` is refused at registration (pydantic would
+build a `Caller` from the client's JSON).
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from typing import Annotated, Any, Union
 from pydantic import BaseModel, BeforeValidator, TypeAdapter, ValidationError
 
 from common import codec
-from common.errors import InvalidParams
+from common.caller import Caller
+from common.errors import ConfigError, InvalidParams
 
 
 def _not_a_bool(value: Any) -> Any:
@@ -74,22 +81,76 @@ class MethodSpec:
         self.signature = inspect.signature(fn)
         hints = typing.get_type_hints(fn, include_extras=True)  # keeps `Integer`'s check
         self._adapters: dict[str, TypeAdapter[Any]] = {}
+        # The parameters the worker fills with the call's caller (module docstring),
+        # and whether a call must have one; the others make the signature calls bind to.
+        self._callers: tuple[str, ...] = ()
+        self._caller_required = False
+        arguments: list[inspect.Parameter] = []
         for param in self.signature.parameters.values():
             annotation = hints.get(param.name, Any)
+            required = _caller_parameter(name, param, annotation)
+            if required is not None:
+                self._callers += (param.name,)
+                self._caller_required = self._caller_required or required
+                continue
+            arguments.append(param)
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or annotation is Any:
                 continue
             self._adapters[param.name] = TypeAdapter(strict_ints(annotation))
             _register_classes(annotation)
         _register_classes(hints.get("return", Any))
         self.doc = inspect.getdoc(fn) or ""
+        if self._callers and any(
+            p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL) for p in arguments
+        ):
+            # It gets its arguments by name (`_bind_with_caller`).
+            raise ConfigError(f"{name}: a handler taking a Caller cannot take positional-only "
+                              "parameters or *args")  # fmt: skip
+        self._arguments = self.signature.replace(parameters=arguments)
         # The parameter names when every one is plain (positional or keyword): a call
         # giving exactly that many positional arguments then needs no Signature.bind.
-        params = self.signature.parameters.values()
-        plain = all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
-        self._plain = tuple(self.signature.parameters) if plain else None
+        plain = all(p.kind is p.POSITIONAL_OR_KEYWORD for p in arguments)
+        self._plain = tuple(p.name for p in arguments) if plain else None
+        # Where the positional arguments go, for a handler taking a caller: every one
+        # of its parameters can be named (`_caller_parameter`), so it gets them all by name.
+        self._positional = tuple(p.name for p in arguments if p.kind is p.POSITIONAL_OR_KEYWORD)
 
-    def bind(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-        """Validated `(args, kwargs)` for the handler, or `InvalidParams`. Hot path."""
+    def bind(
+        self, args: list[Any], kwargs: dict[str, Any], who: dict[str, Any] | None = None
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Validated `(args, kwargs)` for the handler, or `InvalidParams`. `who` is the
+        call's caller in its wire form (`Caller.to_wire`, None: no caller), made a
+        `Caller` for the parameters annotated so (module docstring). Hot path."""
+        if self._callers:
+            return self._bind_with_caller(args, kwargs, who)
+        return self._bind_arguments(args, kwargs)
+
+    def _bind_with_caller(
+        self, args: list[Any], kwargs: dict[str, Any], who: dict[str, Any] | None
+    ) -> tuple[list[Any], dict[str, Any]]:
+        for name in self._callers:
+            if name in kwargs:
+                message = "not an argument: the authenticated caller, set by the gateway"
+                detail = {"field": name, "message": message, "type": "caller_not_an_argument"}
+                raise InvalidParams(f"{self.name}: {name}: {message}", details=[detail])
+        caller = None if who is None else _caller_from(self.name, who)
+        if caller is None and self._caller_required:
+            raise InvalidParams(
+                f"{self.name} acts for an authenticated caller and this call has none: "
+                "call it through the gateway (/rpc) or /ws, or pass RpcClient.call a caller="
+            )
+        args, kwargs = self._bind_arguments(args, kwargs)
+        named = dict(zip(self._positional, args, strict=False))
+        named.update(kwargs)
+        for name in self._callers:
+            named[name] = caller
+        return [], named
+
+    def _bind_arguments(
+        self, args: list[Any], kwargs: dict[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Validated `(args, kwargs)` for the handler's arguments (its parameters but
+        the caller's)."""
         plain = self._plain
         if plain is not None and not kwargs and len(args) == len(plain):
             # What Signature.bind would do with these, without it (the usual RPC call).
@@ -98,7 +159,7 @@ class MethodSpec:
             self._validate(pairs, values.__setitem__, enumerate_names=True)
             return values, {}
         try:
-            bound = self.signature.bind(*args, **kwargs)
+            bound = self._arguments.bind(*args, **kwargs)
         except TypeError as exc:
             raise InvalidParams(f"{self.name}: {exc}") from None
         arguments = bound.arguments
@@ -132,9 +193,45 @@ class MethodSpec:
     def describe(self) -> dict[str, Any]:
         """A short description for the catalog (parameter names and the docstring)."""
         return {
-            "params": [p for p in self.signature.parameters if not p.startswith("_")],
+            "params": [p for p in self._arguments.parameters if not p.startswith("_")],
             "doc": self.doc.split("\n", 1)[0],
         }
+
+
+def _caller_parameter(method: str, param: inspect.Parameter, annotation: Any) -> bool | None:
+    """Whether `param` is filled with the call's caller: True when a call must have
+    one (`Caller`), False when it may not (`Caller | None`), None for an argument.
+
+    `ConfigError` for an annotation holding `Caller` otherwise (`list[Caller]`,
+    `Caller | str`: pydantic would build one from the client's JSON), for `*args` or
+    `**kwargs` of callers.
+    """
+    if annotation is Caller:
+        required = True
+    elif typing.get_origin(annotation) in (Union, types.UnionType) and set(
+        typing.get_args(annotation)
+    ) == {Caller, type(None)}:
+        required = False
+    elif _mentions_caller(annotation):
+        raise ConfigError(f"{method}: annotate {param.name} `Caller` or `Caller | None`")
+    else:
+        return None
+    if param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+        raise ConfigError(f"{method}: {param.name} (the caller) must be a named parameter")
+    return required
+
+
+def _caller_from(method: str, who: dict[str, Any]) -> Caller:
+    try:
+        return Caller.from_wire(who)
+    except (ValueError, TypeError) as exc:  # no gateway writes it: a client with Redis access
+        raise InvalidParams(f"{method}: the call's caller is malformed: {exc}") from None
+
+
+def _mentions_caller(annotation: Any) -> bool:
+    if annotation is Caller:
+        return True
+    return any(_mentions_caller(arg) for arg in typing.get_args(annotation))
 
 
 def _register_classes(annotation: Any) -> None:

@@ -10,8 +10,14 @@ msgpack-encoded envelope:
      "dl": 1732200000.5,  absolute deadline, epoch seconds; workers skip expired calls
      "rt": "sb:inbox:<client>" | None,  reply inbox (None for fire-and-forget `send`)
      "rid": "<request id>" | None,      request id for logs, end to end
+     "who": {"sub", "kind", "scp", ...},  optional: the authenticated caller the call is
+                                          made for (`common.caller.Caller.to_wire`)
      "p": 1 | 2, "pol": "execute" | "last" | "drop", "key": str | None,
      "att": 1, "max": 3}                task fields (fire-and-forget `send` only)
+
+Fields are added without a new version: a worker ignores the fields it does not know
+(one older than `who` ignores it), and every field added since version 1 is optional
+(a call without `who` has no caller: a service calling another).
 
 A reply is pushed onto the caller's inbox list:
 
@@ -133,6 +139,9 @@ class Call:
     key: str | None = None
     attempt: int = 1
     max_attempts: int = 1
+    # Who the call is made for, in its wire form (`common.caller.Caller.to_wire`): the
+    # worker builds the `Caller` for a handler that takes one only. None: made for no one.
+    who: dict[str, Any] | None = None
 
     @property
     def is_task(self) -> bool:
@@ -152,6 +161,8 @@ class Call:
             "rt": self.reply_to,
             "rid": self.request_id,
         }
+        if self.who is not None:
+            env["who"] = self.who
         if self.is_task:
             env.update(
                 p=self.priority,
@@ -173,17 +184,21 @@ class Call:
         client writes, which the worker drops as malformed: a reply-to that is not an
         inbox (`sb:inbox:...`: a worker pushes to, and sets the expiry of, no other
         key), a request id or coalescing key that is not a string, a priority other
-        than 1 or 2, an unknown policy, attempt numbers below 1. The run limit
+        than 1 or 2, an unknown policy, attempt numbers below 1, a caller that is not
+        a map (its fields are checked when a handler takes it). The run limit
         (`max`) is cut to `MAX_TASK_ATTEMPTS`, the attempt to the limit.
 
         Hot path (every call): the checks of a call with a reply-to are two type
-        checks and a prefix test; the task fields are read for tasks only.
+        checks and a prefix test (and a lookup for the caller); the task fields are
+        read for tasks only, a caller's fields by the handlers taking it only.
         """
         env = codec.unpackb(data)
         get = env.get
-        reply_to, request_id = get("rt"), get("rid")
+        reply_to, request_id, who = get("rt"), get("rid"), get("who")
         if request_id is not None and type(request_id) is not str:
             raise ValueError("request id is not a string")
+        if who is not None and type(who) is not dict:
+            raise ValueError("caller is not a map")
         task: tuple[int, str, str | None, int, int] | tuple[()]
         if reply_to is None:
             task = _task_fields(env)
@@ -192,7 +207,7 @@ class Call:
         else:
             task = ()  # a call: the task fields keep their defaults
         # Positional, in field order: the worker decodes every call (hot path).
-        return cls(
+        call = cls(
             str(env["id"]),
             str(env["m"]),
             list(get("a") or ()),
@@ -203,6 +218,8 @@ class Call:
             int(get("v", PROTOCOL_VERSION)),
             *task,
         )
+        call.who = who
+        return call
 
 
 def _task_fields(env: dict[str, Any]) -> tuple[int, str, str | None, int, int]:

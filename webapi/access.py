@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
+from common.caller import Caller
 from common.clientip import request_client_ip
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized, shortened
@@ -92,6 +93,14 @@ def caller(request: GatewayRequest) -> Principal:
     """The principal of a request that needed a credential (the access check set it)."""
     principal: Principal = request.ctx.principal
     return principal
+
+
+def rpc_caller(request: GatewayRequest) -> Caller | None:
+    """Who an RPC call made for `request` is made for: its credential's caller, which
+    the handler's `Caller` parameter gets (`common.caller`); None without a credential
+    (a public route called without one). Every RPC call a route makes passes it."""
+    principal: Principal | None = getattr(request.ctx, "principal", None)
+    return None if principal is None else principal.as_caller()
 
 
 def presented_credential(request: GatewayRequest) -> str | None:

@@ -23,13 +23,14 @@ result JSON cannot carry (NaN, bytes that are not UTF-8) gets -32000 with `data.
 answer cannot be had for another reason than an RPC error (a bug) gets -32603,
 internal error, logged with its traceback as `call failed`. A JSON-RPC
 call needs a scope reaching its method (`common.scopes`; the `auth` service's
-methods need `admin`), else it is answered with -32005. A subscribe needs a scope
-reaching the service its channel's first segment names (`iptv:now:7`: `iptv`, as
-`/svc/iptv/` would; `common.scopes.channel_resource`), else it is answered with code
-`forbidden` and nothing is subscribed; unsubscribing needs no scope. An `auth` that
-renews with a credential not reaching a subscribed channel leaves it, with
-`{"type": "unsubscribed", "channel", "reason": "forbidden"}` sent before the
-`authenticated` answer.
+methods need `admin`), else it is answered with -32005; it carries the session's
+credential's caller (`common.caller`), which a handler's `Caller` parameter gets.
+A subscribe needs a scope reaching the service its channel's first segment names
+(`iptv:now:7`: `iptv`, as `/svc/iptv/` would; `common.scopes.channel_resource`),
+else it is answered with code `forbidden` and nothing is subscribed; unsubscribing
+needs no scope. An `auth` that renews with a credential not reaching a subscribed
+channel leaves it, with `{"type": "unsubscribed", "channel", "reason": "forbidden"}`
+sent before the `authenticated` answer.
 Messages are handled in the order they come. Most are answered at once, from
 the connection's `data_received` (`websocket.client`); one that must wait
 (`auth`, `subscribe`, `unsubscribe`) is handled by a task, and the messages
@@ -279,7 +280,9 @@ class Session:
         self, id_: jsonrpc.Id, method: str, args: list[Any], kwargs: dict[str, Any], quiet: bool
     ) -> None:
         try:
-            value = await self.ctx.rpc.invoke(method, args, kwargs)
+            # (Made per call, not kept: an idle session holds no more than it did.)
+            caller = None if self.principal is None else self.principal.as_caller()
+            value = await self.ctx.rpc.invoke(method, args, kwargs, caller=caller)
             answer = jsonrpc.result(id_, value)
         except RpcError as exc:
             log_failed_call("/ws", method, exc)

@@ -56,6 +56,7 @@ def encode(call: Call, error: dict[str, Any]) -> bytes:
         call.call_id, call.method, call.args, call.kwargs,
         time.time() + 86_400, None, call.request_id, priority=call.priority,
         policy=call.policy, key=call.key, attempt=1, max_attempts=call.max_attempts,
+        who=call.who,
     )  # fmt: skip
     envelope = fresh.encode()
     info = codec.packb({"error": error, "attempts": call.attempt, "failed_at": time.time()})

@@ -7,6 +7,7 @@ import common
 
 def test_public_names() -> None:
     assert sorted(common.__all__) == [
+        "Caller",
         "InstanceRecord",
         "InvalidParams",
         "InvalidResult",

@@ -8,11 +8,18 @@ from typing import Any
 
 from sanic import Blueprint, HTTPResponse
 
-from webapi.access import caller, requires
+from webapi.access import caller, requires, rpc_caller
 from webapi.context import GatewayRequest
 from webapi.responses import json_response
 
 bp = Blueprint("channels", url_prefix="/api/v1")
+
+
+async def _iptv(request: GatewayRequest, method: str, **kwargs: Any) -> Any:
+    """Call `iptv.<method>` for the request's caller."""
+    return await request.app.ctx.rpc.invoke(
+        f"iptv.{method}", kwargs=kwargs, caller=rpc_caller(request)
+    )
 
 
 def _query(request: GatewayRequest, **names: str) -> dict[str, Any]:
@@ -23,50 +30,47 @@ def _query(request: GatewayRequest, **names: str) -> dict[str, Any]:
 @bp.get("/channels", ctx_access=requires("iptv", "list_channels"))
 async def list_channels(request: GatewayRequest) -> HTTPResponse:
     kwargs = _query(request, category="category", page="page", page_size="page_size")
-    result = await request.app.ctx.rpc.invoke("iptv.list_channels", kwargs=kwargs)
-    return json_response(result)
+    return json_response(await _iptv(request, "list_channels", **kwargs))
 
 
 @bp.get("/channels/<channel_id:str>", ctx_access=requires("iptv", "get_channel"))
 async def get_channel(request: GatewayRequest, channel_id: str) -> HTTPResponse:
-    result = await request.app.ctx.rpc.invoke("iptv.get_channel", kwargs={"channel_id": channel_id})
-    return json_response(result)
+    return json_response(await _iptv(request, "get_channel", channel_id=channel_id))
 
 
 @bp.get("/channels/<channel_id:str>/epg", ctx_access=requires("iptv", "get_epg"))
 async def get_epg(request: GatewayRequest, channel_id: str) -> HTTPResponse:
     kwargs = {"channel_id": channel_id, **_query(request, **{"from": "start", "to": "end"})}
-    result = await request.app.ctx.rpc.invoke("iptv.get_epg", kwargs=kwargs)
-    return json_response(result)
+    return json_response(await _iptv(request, "get_epg", **kwargs))
 
 
 @bp.get("/categories", ctx_access=requires("iptv", "list_categories"))
 async def list_categories(request: GatewayRequest) -> HTTPResponse:
-    result = await request.app.ctx.rpc.invoke("iptv.list_categories")
-    return json_response(result)
+    return json_response(await _iptv(request, "list_categories"))
 
 
 @bp.get("/search", ctx_access=requires("iptv", "search"))
 async def search(request: GatewayRequest) -> HTTPResponse:
     kwargs = {"q": request.args.get("q", ""), **_query(request, limit="limit")}
-    result = await request.app.ctx.rpc.invoke("iptv.search", kwargs=kwargs)
-    return json_response(result)
+    return json_response(await _iptv(request, "search", **kwargs))
 
 
 @bp.get("/favourites", ctx_access=requires("iptv", "list_favourites"))
 async def list_favourites(request: GatewayRequest) -> HTTPResponse:
-    user_id = caller(request).subject
-    result = await request.app.ctx.rpc.invoke("iptv.list_favourites", kwargs={"user_id": user_id})
-    return json_response(result)
+    return json_response(await _iptv(request, "list_favourites", user_id=caller(request).subject))
 
 
 @bp.put("/favourites/<channel_id:str>", ctx_access=requires("iptv", "add_favourite"))
 async def add_favourite(request: GatewayRequest, channel_id: str) -> HTTPResponse:
-    kwargs = {"user_id": caller(request).subject, "channel_id": channel_id}
-    return json_response(await request.app.ctx.rpc.invoke("iptv.add_favourite", kwargs=kwargs))
+    user_id = caller(request).subject
+    return json_response(
+        await _iptv(request, "add_favourite", user_id=user_id, channel_id=channel_id)
+    )
 
 
 @bp.delete("/favourites/<channel_id:str>", ctx_access=requires("iptv", "remove_favourite"))
 async def remove_favourite(request: GatewayRequest, channel_id: str) -> HTTPResponse:
-    kwargs = {"user_id": caller(request).subject, "channel_id": channel_id}
-    return json_response(await request.app.ctx.rpc.invoke("iptv.remove_favourite", kwargs=kwargs))
+    user_id = caller(request).subject
+    return json_response(
+        await _iptv(request, "remove_favourite", user_id=user_id, channel_id=channel_id)
+    )

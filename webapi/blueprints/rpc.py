@@ -1,7 +1,8 @@
 """`POST /rpc/<service>/<method>`: the unified entry to any RPC method.
 
 The JSON body is the keyword arguments; the answer is `{"result": ...}` or the
-JSON error body with the status of `common.http_errors.status_for`.
+JSON error body with the status of `common.http_errors.status_for`. The call
+carries the credential's caller (`common.caller`), never one the body names.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import re
 from sanic import Blueprint, HTTPResponse
 
 from common.errors import MethodNotFound, shortened
-from webapi.access import FROM_PATH
+from webapi.access import FROM_PATH, rpc_caller
 from webapi.context import GatewayRequest
 from webapi.requests import json_object
 from webapi.responses import json_response
@@ -27,5 +28,6 @@ async def call(request: GatewayRequest, service: str, method: str) -> HTTPRespon
     if not (_NAME.fullmatch(service) and _NAME.fullmatch(method)):
         raise MethodNotFound(f"no method {shortened(f'{service}.{method}')}")
     kwargs = json_object(request)
-    result = await request.app.ctx.rpc.invoke(f"{service}.{method}", kwargs=kwargs)
+    target = f"{service}.{method}"
+    result = await request.app.ctx.rpc.invoke(target, kwargs=kwargs, caller=rpc_caller(request))
     return json_response({"result": result})
