@@ -30,8 +30,8 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterable
 
-__all__ = ["ADMIN", "ALL", "INTERNAL_METHODS", "INTERNAL_SERVICES", "PRIVILEGED", "REGISTRY",
-           "RESERVED_SERVICES", "allows", "channel_resource", "covers", "parse", "rpc_resource",
+__all__ = ["ADMIN", "ALL", "INTERNAL_SERVICES", "PRIVILEGED", "REGISTRY", "RESERVED_SERVICES",
+           "allows", "channel_resource", "covers", "parse", "rpc_resource",
            "valid_scope"]  # fmt: skip
 
 ADMIN = "admin"
@@ -39,14 +39,12 @@ ALL = "*"
 REGISTRY = "registry"
 # The scopes `*` does not include: each only by its bare name (and `registry` by `admin`).
 PRIVILEGED = frozenset({ADMIN, REGISTRY})
-# Services (auth) and methods (iptv's favourites) that act for whichever user the
-# caller names: they are reached through their own routes, which name the caller; a
-# generic RPC entry (the gateway's `/rpc/...`, JSON-RPC on `/ws`) opens them to the
-# admin scope only, or anyone could name another user.
+# Services (auth) whose methods act for whichever user the call names: they are
+# reached through their own routes, which name the caller; a generic RPC entry (the
+# gateway's `/rpc/...`, JSON-RPC on `/ws`) opens them to the admin scope only, or
+# anyone could name another user. A service's own method takes the caller from the
+# call instead (`common.caller.Caller`, which every call through those entries carries).
 INTERNAL_SERVICES = frozenset({"auth"})
-INTERNAL_METHODS = frozenset(
-    {"iptv.add_favourite", "iptv.remove_favourite", "iptv.list_favourites"}
-)
 # Service names that mean something to the gateway already (the admin API, the
 # registry; the services the generic entries open to admins only): a new service
 # taking one would be reachable by admins (or backends) only, or mixed with the
@@ -85,7 +83,7 @@ def rpc_resource(service: str, method: str | None) -> tuple[str, str | None]:
     """The resource a generic RPC entry (the gateway's `/rpc/...`, JSON-RPC on `/ws`)
     checks for a call of `service.method`: the admin scope for an internal service
     (with the method it names, for the refusal's message), else the method itself."""
-    if service in INTERNAL_SERVICES or f"{service}.{method}" in INTERNAL_METHODS:
+    if service in INTERNAL_SERVICES:
         return ADMIN, f"{service}.{method}"
     return service, method
 

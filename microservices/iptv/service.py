@@ -2,6 +2,11 @@
 
 The method names and parameters are a contract with the gateway; the logic and
 its validation live in `catalog.py`, the demo data in `seed.py`.
+
+The favourites methods act for the user they name. A call made for an authenticated
+caller (through the gateway or `/ws`: `common.caller`) may name only the caller's own
+user id, unless its credential has the admin scope; a call made for no one (another
+service, `RpcClient`) may name anyone.
 """
 
 from __future__ import annotations
@@ -10,10 +15,12 @@ import asyncio
 from datetime import datetime
 from typing import Any
 
-from common import Service
+from common import Caller, Service
 from common.aio import background, cancel_and_wait, cancelling
+from common.errors import Forbidden
 from common.log import get_logger
 from common.outage import Outage
+from common.scopes import ADMIN
 from microservices.iptv.catalog import Catalog
 from microservices.iptv.now_playing import NowPlaying
 from microservices.iptv.seed import ensure_seeded
@@ -120,19 +127,30 @@ async def search(q: str, limit: int = 20) -> list[dict[str, Any]]:
     return await ctx.catalog.search(q, limit)
 
 
+def _reachable(user_id: str, caller: Caller | None) -> str:
+    """`user_id`, when `caller` may act for that user (module docstring), else `Forbidden`."""
+    if caller is None or caller.subject == user_id or caller.allows(ADMIN):
+        return user_id
+    raise Forbidden("a caller can reach its own favourites only")
+
+
 @svc.method
-async def add_favourite(user_id: str, channel_id: int) -> dict[str, Any]:
+async def add_favourite(
+    user_id: str, channel_id: int, caller: Caller | None = None
+) -> dict[str, Any]:
     """Add a channel to a user's favourites (idempotent)."""
-    return await ctx.catalog.add_favourite(user_id, channel_id)
+    return await ctx.catalog.add_favourite(_reachable(user_id, caller), channel_id)
 
 
 @svc.method
-async def remove_favourite(user_id: str, channel_id: int) -> dict[str, Any]:
+async def remove_favourite(
+    user_id: str, channel_id: int, caller: Caller | None = None
+) -> dict[str, Any]:
     """Remove a channel from a user's favourites (idempotent)."""
-    return await ctx.catalog.remove_favourite(user_id, channel_id)
+    return await ctx.catalog.remove_favourite(_reachable(user_id, caller), channel_id)
 
 
 @svc.method
-async def list_favourites(user_id: str) -> list[dict[str, Any]]:
+async def list_favourites(user_id: str, caller: Caller | None = None) -> list[dict[str, Any]]:
     """A user's favourite channels, oldest first."""
-    return await ctx.catalog.list_favourites(user_id)
+    return await ctx.catalog.list_favourites(_reachable(user_id, caller))

@@ -144,8 +144,9 @@ async def test_register_bad_input(http: httpx.AsyncClient, body: bytes, status: 
 
 
 async def test_favourites_are_the_callers_own(http: httpx.AsyncClient, stack: Stack) -> None:
-    # The REST routes take the user from the credential; the generic RPC entry keeps the
-    # favourites methods (which take any user id) to admins, or anyone could name another.
+    # The REST routes take the user from the credential; over the generic RPC entry iptv
+    # takes the caller the gateway attaches, and refuses one naming another user (but an
+    # admin's), or anyone could name another.
     alice, bob = f"alice{uuid.uuid4().hex[:6]}", f"bob{uuid.uuid4().hex[:6]}"
     as_alice = {"X-Api-Key": issue_api_key(stack.redis_url, ["iptv"], user_id=alice)}
     as_bob = {"X-Api-Key": issue_api_key(stack.redis_url, ["iptv"], user_id=bob)}
@@ -168,6 +169,9 @@ async def _favourites_of_their_own(
                            ("remove_favourite", {"user_id": alice, "channel_id": 3})]:  # fmt: skip
         refused = await http.post(f"/rpc/iptv/{method}", json=kwargs, headers=as_bob)
         assert refused.status_code == 403
+    over_rpc = await http.post("/rpc/iptv/list_favourites", json={"user_id": alice},
+                               headers=as_alice)  # fmt: skip
+    assert over_rpc.status_code == 200 and [c["id"] for c in over_rpc.json()["result"]] == [3]
     assert (await http.delete("/api/v1/favourites/3", headers=as_alice)).status_code == 200
     assert (await http.get("/api/v1/favourites", headers=as_alice)).json() == []
 

@@ -1,6 +1,6 @@
 """The iptv catalogue as REST: channels, a channel, its programme guide, search; and the
-caller's own favourites (the user is the credential's, never one the request names:
-the generic RPC entries keep the favourites methods to admins, `common.scopes`)."""
+caller's own favourites (the user is the credential's, never one the request names;
+iptv itself refuses a caller naming another user, `microservices.iptv.service`)."""
 
 from __future__ import annotations
 
