@@ -1,10 +1,11 @@
 """Redis connections, configured once for every Switchboard process.
 
-`connect()` is the only place a Redis client is built: AUTH and TLS come from
-the URL (`redis://user:pass@host`, `rediss://`; `unix:///path.sock` works too),
-commands are retried with jittered backoff across short blips, and dead
-connections are detected by keepalive and periodic health checks instead of
-hanging a caller.
+`connect()` is the only place a Redis client is built (`connect_sync()` its
+blocking twin, for the rare thread that must not depend on the event loop): AUTH
+and TLS come from the URL (`redis://user:pass@host`, `rediss://`;
+`unix:///path.sock` works too), commands are retried with jittered backoff across
+short blips, and dead connections are detected by keepalive and periodic health
+checks instead of hanging a caller.
 `RawConnection` is the hot paths' bare connection, built from such a client's
 own settings.
 """
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import hiredis
+import redis
 import redis.asyncio as aioredis
 from hiredis import pack_command as _hiredis_pack
 from redis.asyncio.retry import Retry
@@ -25,6 +27,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry as SyncRetry
 
 # How often a `RawConnection` checks whether the read in progress is overdue.
 _WATCH_EVERY = 0.25
@@ -50,22 +53,47 @@ def connect(
     The pool blocks (up to `pool_timeout`) when all `max_connections` are busy
     instead of failing, so a burst of concurrent calls queues for a connection.
     """
-    # TCP keepalive finds a peer gone silent; a unix socket has no such peer (and
-    # redis-py's unix connection refuses the option).
-    tcp: dict[str, Any] = {} if url.startswith("unix://") else {"socket_keepalive": True}
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=pool_timeout,
-        client_name=name,
-        socket_connect_timeout=2.0,
-        socket_timeout=socket_timeout,
-        health_check_interval=15,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=2),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        **tcp,
+        retry=Retry(_backoff(), retries=2),
+        **_options(url, name, socket_timeout),
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+def connect_sync(
+    url: str, *, name: str | None = None, socket_timeout: float | None = 10.0
+) -> redis.Redis:
+    """A blocking Redis client for `url`, configured as `connect()`'s (AUTH, TLS,
+    retries, keepalive), for one thread's use: a few connections at most."""
+    pool = redis.ConnectionPool.from_url(
+        url,
+        max_connections=4,
+        retry=SyncRetry(_backoff(), retries=2),
+        **_options(url, name, socket_timeout),
+    )
+    return redis.Redis(connection_pool=pool)
+
+
+def _backoff() -> ExponentialWithJitterBackoff:
+    return ExponentialWithJitterBackoff(base=0.05, cap=1.0)
+
+
+def _options(url: str, name: str | None, socket_timeout: float | None) -> dict[str, Any]:
+    """The connection options `connect()` and `connect_sync()` share."""
+    # TCP keepalive finds a peer gone silent; a unix socket has no such peer (and
+    # redis-py's unix connection refuses the option).
+    tcp: dict[str, Any] = {} if url.startswith("unix://") else {"socket_keepalive": True}
+    return {
+        "client_name": name,
+        "socket_connect_timeout": 2.0,
+        "socket_timeout": socket_timeout,
+        "health_check_interval": 15,
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        **tcp,
+    }
 
 
 def as_text(value: bytes | str | int) -> str:

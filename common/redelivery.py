@@ -1,10 +1,11 @@
 """Redelivery: taking over the calls of dead instances, and answering them once.
 
 Every worker runs `reclaim()` each `reap_interval`: the script moves the pending
-entries of every consumer whose heartbeat lease has ended (a SIGKILLed or
-partitioned instance) to this worker, across the call stream and both task
-streams, each with its delivery count (how many times a worker was handed it,
-this time included) for the worker's `max_deliveries` check. Before running a
+entries of every consumer whose heartbeat lease has ended (a SIGKILLed, stopped,
+partitioned or hung instance: a worker's lease is renewed from a thread while its
+event loop makes progress, `common.lease`) to this worker, across the call stream
+and both task streams, each with its delivery count (how many times a worker was
+handed it, this time included) for the worker's `max_deliveries` check. Before running a
 reclaimed call, the worker asks `stored_reply()`: a call whose first run completed
 left its reply in the deduplication window (two time buckets), and that reply is
 sent again instead of running twice.

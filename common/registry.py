@@ -4,8 +4,10 @@ An instance keeps itself alive by heartbeat: every `heartbeat_interval` it
 scores its id with the moment its lease ends (`now + heartbeat_ttl`) in two
 sorted sets, `instances` (accepting calls: what callers and balancers look at)
 and `leases` (holding calls: what the redelivery reaper looks at), and refreshes
-its JSON record. A draining instance heartbeats with `accepting=False`: it leaves
-`instances` at once but keeps its lease until its in-flight calls are answered.
+its JSON record (an RPC worker does so from a thread, `common.lease`, with the
+same script: `HEARTBEAT_SCRIPT`). A draining instance heartbeats with
+`accepting=False`: it leaves `instances` at once but keeps its lease until its
+in-flight calls are answered.
 An instance whose lease has ended is dead, whether or not anyone has cleaned up
 after it yet. Cleaning up: a heartbeat prunes its own service's dead instances, and
 the resync of every `RegistryView` prunes (`snapshot(prune_after=...)`) those of every
@@ -165,6 +167,48 @@ def _guard(kind: str) -> str:
     return "" if kind == "rpc" else "rpc"
 
 
+# The heartbeat script, for a client of its own (`common.lease` renews a worker's lease
+# from a thread, with a blocking client): `heartbeat_request` makes its keys and
+# arguments, `queue_heartbeat_events` what follows a reply that asks for it.
+HEARTBEAT_SCRIPT = _HEARTBEAT
+
+
+def heartbeat_request(
+    record: InstanceRecord, ttl_ms: int, accepting: bool
+) -> tuple[list[str], list[str | int]]:
+    """The heartbeat script's keys and arguments for `record` (see `Registry.heartbeat`)."""
+    service, instance_id = record.service, record.instance_id
+    keys = [
+        constants.instances_key(service),
+        constants.leases_key(service),
+        constants.instance_record_key(service),
+        constants.direct_stream(service, instance_id),
+    ]
+    args: list[str | int] = [
+        instance_id,
+        ttl_ms,
+        record.to_json(),
+        "1" if accepting else "0",
+        ttl_ms * _DIRECT_STREAM_TTLS,
+        _guard(record.kind),
+    ]
+    return keys, args
+
+
+def queue_heartbeat_events(pipe: Any, record: InstanceRecord, result: list[Any]) -> None:
+    """Queue on `pipe` (a pipeline, sync or async) what the heartbeat script's `result`
+    calls for: the service in `sb:services` and an "up" event when the lease is new, a
+    "down" event for each dead instance it pruned. Outside the script: these keys live
+    in other cluster slots than {service}'s."""
+    service, instance_id = record.service, record.instance_id
+    added, *dead = result
+    if added:
+        pipe.sadd(constants.SERVICES, service)
+        pipe.publish(constants.REGISTRY_EVENTS, _event("up", service, instance_id))
+    for gone in dead:
+        pipe.publish(constants.REGISTRY_EVENTS, _event("down", service, as_text(gone)))
+
+
 def split_service_tag(name: str) -> tuple[str, str]:
     """The original dispatcher's `service_tag` names, split at the first `_`:
     `nlp_v2` -> ("nlp", "v2"); `nlp` -> ("nlp", "") (no tag)."""
@@ -234,33 +278,13 @@ class Registry:
         False, changing nothing, when `record` is not an RPC worker's but its id is one's
         (`_guard`): an HTTP heartbeat never replaces a worker's registration.
         """
-        service, instance_id = record.service, record.instance_id
-        keys = [
-            constants.instances_key(service),
-            constants.leases_key(service),
-            constants.instance_record_key(service),
-            constants.direct_stream(service, instance_id),
-        ]
-        args: list[str | int] = [
-            instance_id,
-            self.ttl_ms,
-            record.to_json(),
-            "1" if accepting else "0",
-            self.ttl_ms * _DIRECT_STREAM_TTLS,
-            _guard(record.kind),
-        ]
+        keys, args = heartbeat_request(record, self.ttl_ms, accepting)
         result = await self._heartbeat(keys=keys, args=args)
         if result is None:
             return False
-        added, *dead = result
-        if added or dead:
-            # Outside the script: these keys live in other cluster slots than {service}'s.
+        if result[0] or len(result) > 1:
             async with self.redis.pipeline(transaction=False) as pipe:
-                if added:
-                    pipe.sadd(constants.SERVICES, service)
-                    pipe.publish(constants.REGISTRY_EVENTS, _event("up", service, instance_id))
-                for gone in dead:
-                    pipe.publish(constants.REGISTRY_EVENTS, _event("down", service, as_text(gone)))
+                queue_heartbeat_events(pipe, record, result)
                 await pipe.execute()
         return True
 

@@ -12,6 +12,9 @@ svc.run()  # or: await svc.serve(redis_url)
 Lifecycle of `serve()`: connect to Redis, publish the method catalog and limits,
 run the `on_startup` hooks, take a heartbeat lease, and only then start consuming
 (a consumer without a lease would look dead to the other instances' reapers).
+The lease is then renewed from a thread (`common.lease.LeaseKeeper`) while the event
+loop makes progress: a handler that blocks the loop for a while is warned about,
+not taken for dead, unless it blocks past `LOOP_STALL_LIMIT`.
 Each of these steps waits out a Redis outage (unreachable, or refusing writes) and
 is tried again, logged once ("waiting for redis", then "redis reachable"), so the
 hooks must be safe to run again after failing half-way. On SIGTERM/SIGINT it drains: it stops
@@ -37,9 +40,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from common import constants
-from common.aio import background, cancel_and_wait, cancelling
 from common.connection import connect
 from common.errors import ConfigError
+from common.lease import LeaseKeeper
 from common.log import get_logger, setup_logging
 from common.outage import Outage
 from common.params import MethodSpec
@@ -175,7 +178,7 @@ class Service:
         self._stop = asyncio.Event()
         url = redis_url or self.settings.require_redis_url()
         self._redis = connect(url, name=self.instance_id)
-        heartbeat: asyncio.Task[None] | None = None
+        lease: LeaseKeeper | None = None
         registry = Registry(self._redis, self.settings.heartbeat_ttl)
         record = InstanceRecord(self.name, self.instance_id, kind="rpc", version=self.version)
         try:
@@ -212,7 +215,18 @@ class Service:
             self._accepting = True
             if not await self._until_done("heartbeat", lambda: registry.heartbeat(record), outage):
                 return
-            heartbeat = background(self._heartbeat(registry, record), name=f"{self.name}-heartbeat")
+            # Renewed from a thread from now on: a handler blocking the loop for a while
+            # does not make this instance look dead (common.lease).
+            lease = LeaseKeeper(
+                url,
+                record,
+                ttl=self.settings.heartbeat_ttl,
+                interval=self.settings.heartbeat_interval,
+                stall_limit=self.settings.loop_stall_limit,
+                accepting=lambda: self._accepting,
+                handlers={name: spec.fn for name, spec in self.methods.items()},
+            )
+            lease.start()
             if not await self._until_done("consumer groups", self.worker.start, outage):
                 return
             log.info(
@@ -223,12 +237,15 @@ class Service:
             log.info("shutting down", extra={"fields": {"instance": self.instance_id}})
         finally:
             self._accepting = False
-            with contextlib.suppress(RedisError, OSError):  # the lease ends by itself
-                await registry.heartbeat(record, accepting=False)
-            if self.worker is not None:
-                await self.worker.stop(self.settings.shutdown_grace)
-            await cancel_and_wait(heartbeat)
-            with contextlib.suppress(RedisError, OSError):
+            try:
+                with contextlib.suppress(RedisError, OSError):  # the lease ends by itself
+                    await registry.heartbeat(record, accepting=False)
+                if self.worker is not None:
+                    await self.worker.stop(self.settings.shutdown_grace)
+            finally:
+                if lease is not None:  # first thing, even if cancelled: a lease left
+                    await lease.stop()  # renewed would hold calls nobody runs
+            with contextlib.suppress(RedisError, OSError):  # no heartbeat may follow this
                 await registry.deregister(self.name, self.instance_id)
             for hook in self._shutdown:
                 await hook(self)
@@ -256,16 +273,6 @@ class Service:
                     await asyncio.wait_for(self._stop.wait(), delay)
                 delay = min(delay * 2, 2.0)
         return False
-
-    async def _heartbeat(self, registry: Registry, record: InstanceRecord) -> None:
-        outage = Outage(log, "heartbeat failed", "heartbeat restored")
-        while not cancelling():
-            await asyncio.sleep(self.settings.heartbeat_interval)
-            try:
-                await registry.heartbeat(record, accepting=self._accepting)
-                outage.recovered()
-            except Exception as exc:  # any: a heartbeat that stops unregisters a live worker
-                outage.failed(exc)
 
 
 def _name_of(hook: Hook) -> str:

@@ -198,6 +198,11 @@ class Settings:
     # Registry: liveness by heartbeat (design §5 defaults).
     heartbeat_interval: float = field(default=1.0, metadata=_env("HEARTBEAT_INTERVAL", _HEARTBEAT))
     heartbeat_ttl: float = field(default=3.0, metadata=_env("HEARTBEAT_TTL", _HEARTBEAT))
+    # A worker's lease is renewed by a thread of its own (common.lease), so a handler
+    # that blocks the event loop (a sync call, a CPU-bound step in an `async def`) does
+    # not make the worker look dead and its calls run twice. A loop blocked longer than
+    # this is taken for hung: the lease is no longer renewed and its calls go elsewhere.
+    loop_stall_limit: float = field(default=60.0, metadata=_env("LOOP_STALL_LIMIT", _SECONDS))
 
     # auth. No default secret on purpose: without JWT_SECRET the auth service
     # generates one at first start and keeps it in Redis (never in the repo).

@@ -22,12 +22,15 @@ worker's shutdown.
 
 Redelivery (`common.redelivery`): every `reap_interval` a worker runs the
 reclaim script, which moves the pending calls of every consumer without a live
-lease (a SIGKILLed or partitioned instance) to itself. A reclaimed call whose id is in the
-deduplication window already completed: its stored reply is sent again and it
-does not run twice. Calls of a consumer whose lease merely lapsed while it was
-still running may run twice: delivery is at-least-once, as documented. A call
-delivered more than `max_deliveries` times (`RPC_MAX_DELIVERIES`) is not run
-again but answered with an error, or dead-lettered (`common.calls`).
+lease (a SIGKILLed, stopped or partitioned instance) to itself. A reclaimed call whose
+id is in the deduplication window already completed: its stored reply is sent again
+and it does not run twice. The lease is renewed from a thread (`common.lease`), so a
+handler that blocks the event loop does not lose it, unless the loop stays blocked
+past `LOOP_STALL_LIMIT` (taken for hung). Calls of a consumer whose lease lapsed while
+it was still running (hung, or cut off from Redis) may run twice: delivery is
+at-least-once, as documented. A call delivered more than `max_deliveries` times
+(`RPC_MAX_DELIVERIES`) is not run again but answered with an error, or
+dead-lettered (`common.calls`).
 
 Hot path: `_consume`, `CallRunner._begin`, `ReplyWrites.commands` (covered by
 `make bench-rpc`).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import pytest
@@ -18,13 +18,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from common import RpcClient, Service
+from common import RpcClient, Service, constants
 from common.connection import RawConnection, pack_commands
 from common.embedded_redis import EmbeddedRedis
 from common.errors import RemoteError, ServiceUnavailable
 from common.log import request_id_var
 from common.params import never_suspends
-from tests.helpers import serve_in_task
+from tests.helpers import serve_in_task, wait_for_async
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -242,10 +242,25 @@ async def test_auth_and_db_from_the_url_and_reconnects(private_redis: EmbeddedRe
                     *(rpc.call(f"{svc.name}.later", i, timeout=10) for i in range(50))
                 )
                 assert results == [i + 2 for i in range(50)]
+            # The lease is renewed by a thread on a connection of its own (common.lease):
+            # the same URL, so authenticated and on db 3 too, again after the kills.
+            db3 = aioredis.Redis(port=private_redis.port, db=3, password="s3cret")
+            leases, instance = constants.leases_key(svc.name), svc.instance_id
+            before = await db3.zscore(leases, instance)
+            assert before is not None
+            await wait_for_async(lambda: _later(db3.zscore(leases, instance), before))
+            await db3.aclose()
+            named = [c for c in await admin.client_list() if c["name"] == f"{instance}-lease"]
+            assert [c["db"] for c in named] == ["3"]
     finally:
         svc.request_stop()
         await asyncio.wait_for(task, 15)
         await admin.aclose()
+
+
+async def _later(score: Awaitable[float | None], than: float) -> bool:
+    found = await score
+    return found is not None and found > than
 
 
 async def test_script_cache_flushed_under_the_client(served: tuple[Service, RpcClient]) -> None:

@@ -1,0 +1,140 @@
+"""A worker's lease (common.lease): a handler blocking the event loop for longer than
+the lease is not taken for a dead worker (its call runs once), while a stopped, killed
+or hung worker (blocked past LOOP_STALL_LIMIT) still has its calls redelivered.
+Real redis-server, real worker processes with short leases."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from common import RpcClient
+from common.registry import Registry
+from tests.helpers import ServiceProcess, wait_for, wait_for_async
+
+pytestmark = pytest.mark.timeout(90)
+
+# Leases of 0.6 s renewed (and reaped) every 0.2 s: a 2.5 s block is four leases.
+QUICK = {"HEARTBEAT_INTERVAL": "0.2", "HEARTBEAT_TTL": "0.6"}
+
+
+def _worker(name: str, redis_url: str, **env: str) -> ServiceProcess:
+    return ServiceProcess(
+        ["python", "-m", "tests.support.stall_service"],
+        env={"REDIS_URL": redis_url, "STALL_NAME": name, **QUICK, **env},
+        name=name,
+    ).start()
+
+
+def _instance(worker: ServiceProcess) -> str:
+    """The instance id a worker process serves as (from its "serving" line)."""
+    record = wait_for(lambda: worker.log_records("serving"), timeout=30)[0]
+    return str(record["instance"])
+
+
+def _logged(worker: ServiceProcess, message: str) -> dict[str, Any]:
+    return wait_for(lambda: worker.log_records(message), timeout=10)[0]  # type: ignore[no-any-return]
+
+
+async def _serving(rpc: RpcClient, name: str, worker: ServiceProcess) -> str:
+    """Wait until `worker` consumes its calls; its instance id."""
+    instance = _instance(worker)
+    call = lambda: rpc.call(f"{name}.stats", timeout=2, instance=instance)  # noqa: E731
+    await wait_for_async(call, timeout=30)
+    return instance
+
+
+async def _taken_by(rpc: RpcClient, name: str, worker: ServiceProcess, key: str,
+                    **params: object) -> asyncio.Task[Any]:  # fmt: skip
+    """Call `charge` with `worker` the only instance, so that it takes the call; return
+    the call's task once the handler has started there."""
+    await _serving(rpc, name, worker)
+    call = asyncio.create_task(rpc.call(f"{name}.charge", key=key, timeout=30, **params))
+    await wait_for_async(lambda: rpc.redis.llen(key))
+    return call
+
+
+async def test_handler_blocking_the_loop_past_the_lease_runs_once(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """Before: the blocked worker's lease lapsed, the other worker reclaimed the call
+    and ran it a second time (the side effect twice)."""
+    name, key = f"stall_{uuid.uuid4().hex[:8]}", f"test:charged:{uuid.uuid4().hex}"
+    workers = [_worker(name, redis_url), _worker(name, redis_url)]
+    try:
+        async with RpcClient(redis_url) as rpc:
+            ids = [await _serving(rpc, name, w) for w in workers]
+            ran_by = await rpc.call(f"{name}.charge", key=key, seconds=2.5, timeout=20)
+            assert await redis_client.lrange(key, 0, -1) == [ran_by.encode()]  # ran once
+            for instance in ids:
+                stats = await rpc.call(f"{name}.stats", timeout=5, instance=instance)
+                assert stats["redelivered"] == 0
+            assert sorted(await Registry(redis_client).live_ids(name)) == sorted(ids)
+        runner = workers[ids.index(ran_by)]
+        blocked = _logged(runner, "event loop blocked")  # said once, while it lasted
+        assert blocked["level"] == "warning"
+        assert blocked["seconds"] >= 1
+        assert blocked["methods"] == ["charge"]
+        assert "stall_service.py" in blocked["where"]
+        again = _logged(runner, "event loop running again")
+        assert again["seconds"] >= blocked["seconds"]
+        assert again["lease_given_up"] is False
+        assert len(runner.log_records("event loop blocked")) == 1
+    finally:
+        for w in workers:
+            w.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL], ids=["sigstop", "sigkill"])
+async def test_stopped_or_killed_worker_has_its_call_redelivered(
+    redis_url: str, redis_client: aioredis.Redis, sig: signal.Signals
+) -> None:
+    """The lease's thread stops with its process: the call runs elsewhere."""
+    name, key = f"stall_{uuid.uuid4().hex[:8]}", f"test:charged:{uuid.uuid4().hex}"
+    first = _worker(name, redis_url)
+    workers = [first]
+    try:
+        async with RpcClient(redis_url) as rpc:
+            call = await _taken_by(rpc, name, first, key, seconds=60.0, block=False)
+            gone = _instance(first)
+            first.send_signal(sig)
+            workers.append(_worker(name, redis_url))
+            other = await _serving(rpc, name, workers[1])
+            assert await call == other
+            assert await redis_client.lrange(key, 0, -1) == [gone.encode(), other.encode()]
+    finally:
+        first.stop(signal.SIGKILL)
+        for w in workers:
+            w.stop()
+
+
+async def test_loop_blocked_past_the_stall_limit_has_its_call_redelivered(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """A loop blocked longer than LOOP_STALL_LIMIT is taken for hung: its lease is no
+    longer renewed, and its call runs elsewhere."""
+    name, key = f"stall_{uuid.uuid4().hex[:8]}", f"test:charged:{uuid.uuid4().hex}"
+    hung = _worker(name, redis_url, LOOP_STALL_LIMIT="0.5")
+    workers = [hung]
+    try:
+        async with RpcClient(redis_url) as rpc:
+            call = await _taken_by(rpc, name, hung, key, seconds=30.0)
+            workers.append(_worker(name, redis_url))
+            other = await _serving(rpc, name, workers[1])
+            assert await call == other
+            assert await redis_client.lrange(key, 0, -1) == [_instance(hung).encode(),
+                                                             other.encode()]  # fmt: skip
+        message = "event loop blocked past LOOP_STALL_LIMIT: lease no longer renewed, "
+        given_up = _logged(hung, message + "its calls go to other instances")
+        assert given_up["level"] == "error"
+        assert given_up["limit"] == 0.5
+        assert given_up["methods"] == ["charge"]
+    finally:
+        hung.stop(signal.SIGKILL)
+        for w in workers:
+            w.stop()
