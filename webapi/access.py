@@ -24,7 +24,7 @@ once a credential is cached, no Redis round trip either.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
@@ -38,8 +38,6 @@ from common.ratelimit import Decision, Limit, RateLimiter
 from common.scopes import rpc_resource
 from webapi.context import GatewayRequest
 from webapi.errors import InvalidQuery, NotAllowed, NotAuthenticated, RateLimited
-
-API_KEY_PREFIX = "sbk_"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,19 +118,6 @@ def credential_from(authorization: str | None, api_key: str | None) -> str | Non
     if api_key is not None:
         return api_key.strip() or None
     return None
-
-
-def credential_free(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """`headers` without the request's API key: a backend never sees a reusable key
-    (bearer JWTs pass: they are short-lived and let a backend know the user)."""
-    return [
-        (k, v)
-        for k, v in headers
-        if not (
-            (lk := k.lower()) == "x-api-key"
-            or (lk == "authorization" and v[7:].lstrip().startswith(API_KEY_PREFIX))
-        )
-    ]
 
 
 @dataclass(frozen=True, slots=True)

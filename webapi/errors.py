@@ -125,7 +125,7 @@ class BodyTooLarge(ApiError):
 
 class ProxyLoop(ApiError):
     """The request has come through the gateway too often: a registered instance sends
-    it back (`webapi.proxy.headers.MAX_VIA_HOPS`)."""
+    it back (`common.forwarding.MAX_VIA_HOPS`)."""
 
     status_code = 508
     code = "proxy_loop"

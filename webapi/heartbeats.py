@@ -29,7 +29,7 @@ host at the gateway's port: `localhost` and names under it, `127.0.0.0/8`, `::1`
 refused: it would send the gateway's requests back to itself. Other names are not
 resolved (a heartbeat would wait on DNS, and the answer may change after it): one
 that leads back to the gateway loops until the `Via` mark stops it (508
-`proxy_loop`, `webapi.proxy.headers.MAX_VIA_HOPS`) and the instance is ejected.
+`proxy_loop`, `common.forwarding.MAX_VIA_HOPS`) and the instance is ejected.
 
 An instance's id defaults to `service@address` (the original form: the whole
 `service_tag` name, `nlp_v2@10.0.0.5:8080`), stable across heartbeats. It is

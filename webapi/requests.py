@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
-import os
-import re
 from typing import Any
 
 from sanic import Request
 
 from common.codec import json_type, parse_json
+from common.forwarding import via_loop
 from common.http_head import head_fault
+from common.request_ids import request_id_of
 from webapi.errors import MalformedHeader, MalformedJson, ProxyLoop
-from webapi.proxy.headers import MAX_VIA_HOPS, VIA_MARK
-
-_VIA_MARK = VIA_MARK.decode()
-
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def check_head(request: Request[Any, Any]) -> None:
@@ -27,8 +21,7 @@ def check_head(request: Request[Any, Any]) -> None:
     if fault is not None:
         request.stream.keep_alive = False  # type: ignore[union-attr]  # its framing is suspect
         raise MalformedHeader(fault)
-    vias = request.headers.getall("via", None)
-    if vias and sum(via.count(_VIA_MARK) for via in vias) >= MAX_VIA_HOPS:
+    if via_loop(request.headers.getall("via", None)):
         raise ProxyLoop("the request has come through the gateway too often: a proxy loop")
 
 
@@ -51,23 +44,3 @@ def json_object(request: Request[Any, Any], *, empty_ok: bool = True) -> dict[st
 def request_id_from(request: Request[Any, Any]) -> str:
     """The caller's `X-Request-Id` when it is well formed, else a new one."""
     return request_id_of(request.headers.get("x-request-id"))
-
-
-def request_id_of(incoming: str | None) -> str:
-    """`incoming` (an `X-Request-Id` value) when it is well formed, else a new id: 32 hex
-    digits, a random 64-bit prefix drawn once per process and a 64-bit counter. Unique
-    without a `getrandom` system call per request (hot path); request ids need not be
-    unguessable (they are echoed to the caller and logged, never trusted)."""
-    if incoming and _REQUEST_ID.fullmatch(incoming):
-        return incoming
-    return f"{_id_prefix}{next(_id_counter):016x}"
-
-
-def _new_id_prefix() -> None:
-    global _id_prefix, _id_counter
-    _id_prefix, _id_counter = os.urandom(8).hex(), itertools.count()
-
-
-_id_prefix, _id_counter = "", itertools.count()
-_new_id_prefix()
-os.register_at_fork(after_in_child=_new_id_prefix)  # a forked worker draws its own prefix

@@ -8,14 +8,13 @@ import time
 import pytest
 
 from common.errors import ConfigError
+from common.forwarding import MAX_VIA_HOPS, credential_free, hop_headers_out, strip_hop_by_hop_raw
 from common.settings import Settings
-from webapi.access import credential_free
 from webapi.fastpath import MAX_FAST_BODY, Parsed, parse_request
 from webapi.fastpath.head import upstream_head
 from webapi.fastpath.request import Incomplete
 from webapi.fastpath.response import CHUNKED, KEPT, NONE, WHOLE, client_head
-from webapi.proxy.forward import hop_headers_out
-from webapi.proxy.headers import MAX_VIA_HOPS, build_request_head, strip_hop_by_hop_raw
+from webapi.proxy.headers import build_request_head
 
 pytestmark = pytest.mark.timeout(10)
 

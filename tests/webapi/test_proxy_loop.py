@@ -17,13 +17,13 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from common.forwarding import MAX_VIA_HOPS
 from common.registry import Registry
 from tests.helpers import issue_user_token, wait_for
 from tests.support.policy import set_document
 from tests.support.raw_http import connect, read_answers
 from tests.support.registry import register
 from tests.webapi.conftest import Backend, as_admin
-from webapi.proxy.headers import MAX_VIA_HOPS
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,4 +1,4 @@
-"""Request ids (`webapi.requests.request_id_of`): the caller's when well formed, else
+"""Request ids (`common.request_ids.request_id_of`): the caller's when well formed, else
 new ones that never repeat, in this process or in a process forked from it."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from webapi.requests import request_id_of
+from common.request_ids import request_id_of
 
 pytestmark = pytest.mark.timeout(10)
 

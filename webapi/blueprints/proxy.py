@@ -24,8 +24,9 @@ from sanic.http import Http
 
 from common.balancing.sticky import balance_key
 from common.codec import parse_json
+from common.forwarding import credential_free, hop_headers_out, strip_hop_by_hop
 from common.log import get_logger
-from webapi.access import FROM_PATH, IN_HANDLER, POLICY_ROUTED, credential_free
+from webapi.access import FROM_PATH, IN_HANDLER, POLICY_ROUTED
 from webapi.context import GatewayRequest
 from webapi.errors import (
     BodyTooLarge,
@@ -39,9 +40,8 @@ from webapi.errors import (
 )
 from webapi.proxy.attempts import client_error
 from webapi.proxy.errors import UpstreamError
-from webapi.proxy.forward import Forwarded, hop_headers_out, latency_headers
+from webapi.proxy.forward import Forwarded, latency_headers
 from webapi.proxy.paths import match_route, upstream_target
-from webapi.proxy.upstream import strip_hop_by_hop
 from webapi.requests import json_object
 from webapi.responses import RelayedResponse, json_response
 

@@ -19,9 +19,9 @@ made. `tests/webapi/test_fastpath_request.py` compares it with the route's build
 
 from __future__ import annotations
 
-from webapi.access import API_KEY_PREFIX
+from common.forwarding import API_KEY_PREFIX, HOP_BY_HOP_RAW, VIA
 from webapi.fastpath.request import Parsed
-from webapi.proxy.headers import BODY_METHODS, HOP_BY_HOP_RAW, VIA
+from webapi.proxy.headers import BODY_METHODS
 
 # Hop-by-hop fields, the fields the gateway sets itself, the body framing, the API key.
 _DROPPED = HOP_BY_HOP_RAW | {b"host", b"x-forwarded-for", b"x-forwarded-proto",

@@ -15,6 +15,7 @@ from common.balancing import Endpoint
 from common.balancing.sticky import balance_key
 from common.log import get_logger, request_id_var
 from common.policy import RouteRule
+from common.request_ids import request_id_of
 from common.scopes import INTERNAL_SERVICES
 from webapi.access import credential_from
 from webapi.context import GatewayApp
@@ -27,7 +28,6 @@ from webapi.lingering import LingeringHttpProtocol
 from webapi.passthrough import PASSTHROUGH_METHODS, PassThrough, passthrough_rule
 from webapi.proxy.attempts import Attempts
 from webapi.proxy.forward import Forwarded
-from webapi.requests import request_id_of
 from webapi.splice import connect
 from webapi.tunnel import Tunnel
 

@@ -12,10 +12,10 @@ import time
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
+from common.forwarding import MAX_VIA_HOPS, VIA_MARK
 from common.http_head import valid_host
 from webapi.errors import InvalidProxyPath
 from webapi.heartbeats import SERVICE_NAME
-from webapi.proxy.headers import MAX_VIA_HOPS, VIA_MARK
 from webapi.proxy.paths import upstream_target
 
 MAX_FAST_BODY = 64 * 1024

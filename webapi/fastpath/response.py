@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from sanic.helpers import STATUS_CODES, has_message_body
 
+from common.forwarding import HOP_BY_HOP_RAW, strip_hop_by_hop_raw
 from webapi.proxy.forward import latencies_ms
-from webapi.proxy.headers import HOP_BY_HOP_RAW, strip_hop_by_hop_raw
 
 # Upstream fields replaced by the gateway's own.
 _REPLACED = frozenset({b"content-length", b"x-request-id"})

@@ -1,5 +1,6 @@
 """The reverse proxy's upstream side: a keep-alive HTTP/1.1 client pool (`UpstreamPool`)."""
 
+from common.forwarding import strip_hop_by_hop
 from webapi.proxy.errors import (
     UpstreamBodyTooLarge,
     UpstreamConnectError,
@@ -8,7 +9,6 @@ from webapi.proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from webapi.proxy.headers import strip_hop_by_hop
 from webapi.proxy.response import UpstreamResponse
 from webapi.proxy.upstream import IDEMPOTENT_METHODS, UpstreamPool
 

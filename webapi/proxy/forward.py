@@ -27,21 +27,19 @@ at `POST /rpc/<service>/<method>`), 503 no healthy instance, 502 upstream failed
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from common.balancing import Endpoint, select_version
 from common.balancing.policy import BalancingPolicy
-from common.clientip import forwarded_for
 from common.errors import quoted, shortened
 from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.registry_view import RegistryView
 from webapi.errors import NoHealthyInstance, NotAnHttpService, UnknownService
 from webapi.proxy.attempts import Attempts
 from webapi.proxy.errors import UpstreamError
-from webapi.proxy.headers import VIA
 from webapi.proxy.health import HealthBook
-from webapi.proxy.upstream import UpstreamPool, UpstreamResponse, strip_hop_by_hop
+from webapi.proxy.upstream import UpstreamPool, UpstreamResponse
 
 
 @dataclass(slots=True)
@@ -200,29 +198,3 @@ def latencies_ms(upstream_seconds: float, received: float) -> tuple[float, float
     `received` (`time.perf_counter()`) and waited `upstream_seconds` upstream."""
     total = time.perf_counter() - received
     return upstream_seconds * 1000, max(total - upstream_seconds, 0.0) * 1000
-
-
-def hop_headers_out(
-    headers: Sequence[tuple[str, str]],
-    *,
-    client_ip: str,
-    scheme: str,
-    host: str,
-    request_id: str,
-    upstream: str,
-) -> list[tuple[str, str]]:
-    """The headers sent upstream: hop-by-hop stripped, X-Forwarded-*, X-Request-Id and
-    the gateway's `Via` set."""
-    drop = {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
-            "content-length", "transfer-encoding"}  # fmt: skip
-    prior = [v for k, v in headers if k.lower() == "x-forwarded-for"]
-    out = [(k, v) for k, v in strip_hop_by_hop(list(headers)) if k.lower() not in drop]
-    out += [
-        ("Host", upstream),
-        ("X-Forwarded-For", forwarded_for(prior, client_ip)),
-        ("X-Forwarded-Proto", scheme),
-        ("X-Forwarded-Host", host),
-        ("X-Request-Id", request_id),
-        ("Via", VIA),  # (added beside the client's own Via fields: one list, RFC 9110 §5.3)
-    ]
-    return out

@@ -1,21 +1,9 @@
-"""Header handling for the proxy: hop-by-hop stripping and the upstream request head."""
+"""The upstream request head of the proxy (hop-by-hop stripping and the fields the
+gateway adds are `common.forwarding`'s)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterable
-
-# Headers that describe one connection, never the message (RFC 9110 §7.6.1);
-# `Proxy-*` names are dropped by prefix.
-_HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
-)
-# What the gateway adds to every request it forwards (RFC 9110 §7.6.3), and how many
-# of its marks a request may carry already: more is a loop (an instance whose address
-# leads back to a gateway), answered 508 `proxy_loop` before it is forwarded again.
-# A few, not one: gateways may be chained on purpose (an edge one, an inner one).
-VIA = "1.1 switchboard"
-VIA_MARK = b"switchboard"
-MAX_VIA_HOPS = 3
 
 # Methods whose request normally has a body: an empty one gets `Content-Length: 0`.
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -26,51 +14,6 @@ SIZED = 1  # `Content-Length` bytes follow
 CHUNKED = 2  # `Transfer-Encoding: chunked`
 
 RequestBody = bytes | bytearray | AsyncIterable[bytes] | None
-
-
-def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """`headers` without hop-by-hop fields: Connection, Keep-Alive, Proxy-*, TE, Trailer,
-    Transfer-Encoding, Upgrade, and every field that Connection names.
-
-    Hot path: called once per proxied response (and request).
-    """
-    named: set[str] = set()
-    for name, value in headers:
-        if len(name) == 10 and name.lower() == "connection":
-            named.update(token.strip().lower() for token in value.split(","))
-    kept = []
-    for name, value in headers:
-        lower = name.lower()
-        if lower in _HOP_BY_HOP or lower.startswith("proxy-") or lower in named:
-            continue
-        kept.append((name, value))
-    return kept
-
-
-HOP_BY_HOP_RAW = frozenset(name.encode() for name in _HOP_BY_HOP)
-
-
-def strip_hop_by_hop_raw(
-    headers: list[tuple[bytes, bytes]], drop: frozenset[bytes] = frozenset()
-) -> list[tuple[bytes, bytes]]:
-    """`strip_hop_by_hop` on header fields as bytes (`UpstreamResponse.raw_headers`), also
-    dropping the lower-case names in `drop`.
-
-    Hot path: the proxy's fast path calls it once per response.
-    """
-    named: set[bytes] = set()
-    for name, value in headers:
-        if len(name) == 10 and name.lower() == b"connection":
-            named.update(token.strip().lower() for token in value.split(b","))
-    kept = []
-    for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP_RAW or lower.startswith(b"proxy-") or lower in named:
-            continue
-        if lower in drop:
-            continue
-        kept.append((name, value))
-    return kept
 
 
 def build_request_head(

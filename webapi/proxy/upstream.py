@@ -57,7 +57,6 @@ from webapi.proxy.errors import (
     UpstreamTimeout,
 )
 from webapi.proxy.headers import NO_BODY, SIZED, RequestBody, build_request_head
-from webapi.proxy.headers import strip_hop_by_hop as strip_hop_by_hop
 from webapi.proxy.response import UpstreamResponse as UpstreamResponse
 
 # The sweep of idle connections and empty entries runs every `idle_timeout / 2`,
