@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from common.sanic_main import serve
 from websocket.app import create_app
-from websocket.auth import BearerProtocol
+from websocket.protocol import BearerProtocol
 
 if __name__ == "__main__":
     serve(

@@ -40,6 +40,7 @@ from common.clientip import Network, parse_networks
 from common.connection import connect
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized, shortened
+from common.forwarding import via_loop
 from common.http_head import head_fault
 from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.redis_failures import REDIS_DOWN_OR_REFUSING, check_writable, redis_failure
@@ -56,6 +57,8 @@ from websocket.hub import ChannelHub
 from websocket.relay import proxy_endpoint
 from websocket.session import Session
 from websocket.upstreams import Upstreams
+
+LOOP = "the request has come through the gateway too often: a proxy loop"
 
 
 @dataclass
@@ -168,9 +171,13 @@ async def _close(app: WsApp) -> None:
 
 async def _check_head(request: WsRequest) -> HTTPResponse | None:
     """Refuse a head with what HTTP does not allow (`common.http_head`), as the gateway
-    does, before anything reads it."""
+    does, before anything reads it; and, as the gateway does, one that has come through
+    the gateway `MAX_VIA_HOPS` times already (`common.forwarding.via_loop`: a relay's
+    upstream that leads back here would otherwise loop, each hop adding its `Via`)."""
     fault = head_fault(request.head)
     if fault is None:
+        if via_loop(request.headers.getall("via", None)):
+            return refusal(request, 508, "proxy_loop", LOOP)
         return None
     request.stream.keep_alive = False  # type: ignore[union-attr]  # its framing is suspect
     return refusal(request, 400, "malformed_header", fault)
@@ -258,8 +265,8 @@ async def health(request: WsRequest) -> HTTPResponse:
 
 async def client_endpoint(request: WsRequest, ws: WebsocketImplProtocol) -> None:
     """An authenticated client: its connection is taken from Sanic (`websocket.client`; it
-    needs the `BearerProtocol` that `python -m websocket` runs) and served by callbacks
-    (`websocket.session`). Returns without awaiting anything."""
+    needs the `websocket.protocol.BearerProtocol` that `python -m websocket` runs) and
+    served by callbacks (`websocket.session`). Returns without awaiting anything."""
     ctx = request.app.ctx
     settings = ctx.settings
     taken = ClientProtocol.take_over(ws, settings.ws_max_message_bytes, settings.ws_send_queue)

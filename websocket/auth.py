@@ -16,7 +16,6 @@ connection is closed with 1008 when its token (or API key) expires.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from sanic import Request
@@ -24,7 +23,6 @@ from sanic import Request
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized
 from common.scopes import channel_resource, rpc_resource
-from websocket.tap import TapServerProtocol
 
 SUBPROTOCOL = "bearer"
 
@@ -47,23 +45,6 @@ def presented_token(request: Request[Any, Any]) -> str | None:
 def offers_bearer(request: Request[Any, Any]) -> bool:
     offered = request.headers.get("sec-websocket-protocol", "").split(",")
     return any(p.strip().lower() == SUBPROTOCOL for p in offered)
-
-
-class BearerProtocol(TapServerProtocol):
-    """Sanic's WebSocket protocol, answering the `bearer` subprotocol only to clients offering it
-    (and tapping relayed clients for `websocket.splice`).
-
-    A route's subprotocols are otherwise required of every client (websockets
-    refuses a client offering none with 400), and a browser that offered
-    `bearer, <token>` refuses a server that does not select one.
-    """
-
-    async def websocket_handshake(
-        self, request: Request[Any, Any], subprotocols: Sequence[str] | None = None
-    ) -> Any:
-        if subprotocols and not offers_bearer(request):
-            subprotocols = None
-        return await super().websocket_handshake(request, subprotocols)
 
 
 async def authenticate(authenticator: Authenticator, credential: object) -> Principal:

@@ -15,6 +15,13 @@ the connection:
     every instance failed to connect   {"ret": 1, "flag": 1, "result": "model unavailable"}
     the upstream died mid-stream       {"ret": 1, "flag": 1, "result": "upstream connection lost"}
 
+Each request's upstream handshake carries the client's upgrade fields as the relay's
+does (`websocket.handshake`: cookies, `Origin`, `X-Forwarded-*`, `X-Request-Id`,
+`Via`...), and the `hash` strategy hashes the client's key under the service's
+`hash_on` (`common.balancing.sticky`: `X-Balance-Key`, a header, a cookie or the
+client's address), as on `/ws/proxy/`. An instance that refuses the upgrade with a
+4xx is no failure of its own (`websocket.upstreams`): "model unavailable".
+
 A client that leaves mid-stream (a close frame, its socket closed, or Sanic
 cancelling the handler) ends that stream: the upstream gets a close 1001 "client
 went away", frames still coming are dropped until its close answers, and whatever
@@ -40,8 +47,9 @@ from websockets.protocol import CLOSED
 from common.codec import parse_json
 from websocket.connections import GOING_AWAY, NORMAL_CLOSURE
 from websocket.errors import log_refused_message
+from websocket.handshake import client_key, upstream_headers
 from websocket.splice import CLOSE_TIMEOUT, GONE
-from websocket.upstreams import KINDS, NoUpstream, Upstreams
+from websocket.upstreams import KINDS, NoUpstream, UpstreamRefused, Upstreams
 
 if TYPE_CHECKING:
     from websocket.app import WsRequest
@@ -78,7 +86,7 @@ async def stream_endpoint(request: WsRequest, ws: WebsocketImplProtocol) -> None
         elif not request.ctx.principal.allows(target[0], None):
             await _refuse(request, ws, NOT_ALLOWED)
         else:
-            await serve_one(upstreams, ws, target, text)
+            await serve_one(request, ws, target, text)
 
 
 async def _refuse(request: WsRequest, ws: WebsocketImplProtocol, result: str) -> None:
@@ -95,13 +103,20 @@ def route(upstreams: Upstreams, name: Any) -> tuple[str, str | None] | None:
 
 
 async def serve_one(
-    upstreams: Upstreams, ws: WebsocketImplProtocol, target: tuple[str, str | None], text: str
+    request: WsRequest, ws: WebsocketImplProtocol, target: tuple[str, str | None], text: str
 ) -> None:
     """Relay one request's stream from an instance of `target` (service, version) to the client."""
+    upstreams = request.app.ctx.upstreams
     service, version = target
     try:
-        upstream, endpoint, _ = await upstreams.connect(service, "/ws", version=version)
-    except NoUpstream:
+        upstream, endpoint, _ = await upstreams.connect(
+            service,
+            "/ws",
+            version=version,
+            key=client_key(request, service),
+            headers=upstream_headers(request),
+        )
+    except (NoUpstream, UpstreamRefused):
         await ws.send(failure(UNAVAILABLE))
         return
     started, ok = time.monotonic(), False

@@ -4,17 +4,25 @@ The upstream is `ws://<instance>/<path>?<query>` on an instance picked by
 `Upstreams` (connect failures fail over to another instance first): of the version
 the `X-Service-Version` header names, as on the gateway's `/svc/` routes, else as
 the live policy's version weights say (a browser cannot set the header: it gets
-the weights). When no instance can be connected, the client is closed with 1014 and
-the reason.
+the weights).
 
-The upstream's handshake carries `X-Forwarded-For`, `-Proto` and `-Host` as the
-gateway's proxy sends them (`webapi.proxy.forward.hop_headers_out`): the
-`X-Forwarded-For` lines received, then the TCP peer (`common.clientip.forwarded_for`),
-`http` or `https`, and the client's `Host`. The client's address (`hash_on: client_ip`)
-is read as the gateway reads it (`common.clientip.request_client_ip`): the peer, or
-behind `TRUSTED_PROXIES` the right-most untrusted hop of `X-Forwarded-For`; never a
-header an untrusted peer wrote, nor Sanic's `remote_addr`, which believes any peer
-when Sanic's own proxy settings (`SANIC_REAL_IP_HEADER`, `SANIC_PROXIES_COUNT`) are set.
+The upstream is connected before the client's upgrade is answered, as nginx proxies
+WebSockets (`connect_first`, called by `websocket.protocol`'s handshake), so that:
+
+* the client's subprotocols (all but `bearer` and its token) are offered to the
+  upstream, and the client is answered with the one the upstream chose (with
+  `bearer` if it chose none and the client offered `bearer`, as a browser requires;
+  with none otherwise);
+* an upstream that refuses the upgrade with a 4xx (a path it does not serve, a
+  cookie or an `Origin` it refuses) refuses the client's with that status (JSON
+  body, code `upstream_refused`), and that is no failure of the instance
+  (`websocket.upstreams`).
+
+When no instance can be connected, the upgrade is answered all the same and the
+client closed with 1014 and the reason. The upstream's handshake carries the
+client's fields as the gateway's proxy forwards them, with `X-Forwarded-*`,
+`X-Request-Id` and `Via` (`websocket.handshake`). The client's address (`hash_on:
+client_ip`) is read as the gateway reads it (`websocket.handshake.client_key`).
 
 Once both handshakes are done the relay is a byte splice (`websocket.splice`):
 frames, pings and close frames pass as they are, both ways, with end-to-end
@@ -43,19 +51,24 @@ import enum
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
+from sanic.exceptions import SanicException
 from sanic.server.websockets.impl import WebsocketImplProtocol
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 from websockets.protocol import CLOSED, CLOSING
 
-from common.balancing.sticky import balance_key
-from common.clientip import forwarded_for, request_client_ip
 from websocket.connections import BAD_GATEWAY, GOING_AWAY, MESSAGE_TOO_BIG
 from websocket.errors import log_close
+from websocket.handshake import (
+    client_key,
+    offered_subprotocols,
+    subprotocols_passed_on,
+    upstream_headers,
+)
 from websocket.splice import CLIENT_STALLED, GONE, UPSTREAM_LOST, UPSTREAM_STALLED, Splice
 from websocket.tap import untap
-from websocket.upstreams import NoUpstream
+from websocket.upstreams import Connected, NoUpstream, UpstreamRefused
 
 if TYPE_CHECKING:
     from websocket.app import WsRequest
@@ -67,28 +80,81 @@ ABNORMAL_CLOSURE = 1006
 # Codes a peer may not put in a close frame (RFC 6455 §7.4.1): passed on as 1000.
 _RESERVED = frozenset({1005, 1006, 1015})
 
+Opened = Connected | NoUpstream | UpstreamRefused  # how connecting the upstream went
+
+
+class UpstreamRefusedUpgrade(SanicException):
+    """The client's upgrade refused with the 4xx the upstream refused its own with."""
+
+    code = "upstream_refused"
+
+
+async def connect_first(request: WsRequest) -> str | None:
+    """Connect the upstream of relay `request` before its upgrade is answered; the
+    subprotocol the upstream chose (None: none). Raises `UpstreamRefusedUpgrade` when
+    the upstream refused with a 4xx.
+
+    The connection waits in `request.ctx.upstream` for `proxy_endpoint`; should the
+    upgrade fail (`drop_untaken`, by the caller) or the handler never take it (the
+    client left, or the connection cap refused it), it is aborted: at the latest when
+    the client's connection ends."""
+    opened = request.ctx.upstream = await open_upstream(request)
+    if isinstance(opened, UpstreamRefused):
+        request.ctx.upstream = None
+        raise UpstreamRefusedUpgrade(str(opened), status_code=opened.status)
+    if isinstance(opened, NoUpstream):
+        return None  # the client is upgraded, then closed with the reason (`proxy_endpoint`)
+    task = asyncio.current_task()  # the client connection's: it outlives the handler
+    if task is not None:
+        task.add_done_callback(lambda _: drop_untaken(request))
+    return opened.connection.subprotocol
+
+
+async def open_upstream(request: WsRequest) -> Opened:
+    """A connection to an instance of the relay's service, with the client's fields and
+    subprotocols (`websocket.handshake`), or why there is none."""
+    upstreams = request.app.ctx.upstreams
+    service = request.match_info["service"]
+    target = "/" + quote(request.match_info.get("path", ""), safe=_PATH_SAFE)
+    if request.query_string:
+        target += f"?{request.query_string}"
+    try:
+        return await upstreams.connect(
+            service,
+            target,
+            headers=upstream_headers(request),
+            subprotocols=subprotocols_passed_on(offered_subprotocols(request)),
+            splice=True,
+            key=client_key(request, service),
+            version=request.headers.get("x-service-version"),
+        )
+    except (NoUpstream, UpstreamRefused) as exc:
+        return exc
+
+
+def drop_untaken(request: WsRequest) -> None:
+    """Abort the upstream `connect_first` opened for `request` if no handler took it."""
+    opened, request.ctx.upstream = getattr(request.ctx, "upstream", None), None
+    if isinstance(opened, Connected):
+        opened.connection.transport.abort()
+        service = request.match_info["service"]
+        request.app.ctx.upstreams.finished(service, opened.endpoint, opened.connect_seconds, True)
+
 
 async def proxy_endpoint(
     request: WsRequest, ws: WebsocketImplProtocol, service: str, path: str = ""
 ) -> None:
     """Relay one client connection to an instance of `service`."""
     upstreams = request.app.ctx.upstreams
-    target = "/" + quote(path, safe=_PATH_SAFE)
-    if request.query_string:
-        target += f"?{request.query_string}"
-    headers = forwarded_headers(request)
-    key = balance_key(upstreams.policy.hash_on(service), request.headers.get,
-                      lambda: request_client_ip(request.ip, request.headers.get_all,
-                                                request.app.ctx.trusted_proxies))  # fmt: skip
-    version = request.headers.get("x-service-version")
-    try:
-        upstream, endpoint, connect_seconds = await upstreams.connect(
-            service, target, headers=headers, splice=True, key=key, version=version
-        )
-    except NoUpstream as exc:
+    opened = getattr(request.ctx, "upstream", None)
+    request.ctx.upstream = None  # taken
+    if opened is None:  # not connected before the upgrade (`connect_first`): now, then
+        opened = await open_upstream(request)
+    if not isinstance(opened, Connected):
         untap(ws)
-        await ws.close(BAD_GATEWAY, f"upstream unavailable: {exc}"[:120])
+        await ws.close(BAD_GATEWAY, f"upstream unavailable: {opened}"[:120])
         return
+    upstream, endpoint, connect_seconds = opened
     ok = False
     try:
         send_timeout = request.app.ctx.settings.ws_relay_send_timeout
@@ -111,21 +177,6 @@ async def proxy_endpoint(
                 log_close(request.path, BAD_GATEWAY, UPSTREAM_LOST)
     finally:
         upstreams.finished(service, endpoint, connect_seconds, ok)
-
-
-def forwarded_headers(request: WsRequest) -> list[tuple[str, str]]:
-    """The `X-Forwarded-*` fields of the upstream's handshake (module docstring).
-
-    `request.ip` is the socket's peer. Not `request.scheme` nor `request.host`: they
-    follow Sanic's own proxy settings, and `scheme` says `ws` on an upgrade; these are
-    the gateway fast path's values (`http`/`https` from the socket, `Host` as sent)."""
-    received = request.headers.get_all("x-forwarded-for")
-    tls = request.conn_info is not None and request.conn_info.ssl
-    return [
-        ("X-Forwarded-For", forwarded_for(received, request.ip)),
-        ("X-Forwarded-Proto", "https" if tls else "http"),
-        ("X-Forwarded-Host", request.headers.get("host", "")),
-    ]
 
 
 class Ending(enum.Enum):

@@ -1,10 +1,11 @@
 """Holding what each side of a relayed connection sends until `websocket.splice` takes over
 (and what a `/ws` client sends until `websocket.client` does).
 
-From the client's upgrade to the take-over (the time it takes to connect the
-upstream), `TapServerProtocol` keeps what the client sends without giving it to
-Sanic, and `TapClientConnection` what the upstream sends past its handshake
-response without giving it to `websockets`: neither library parses a frame the
+From the client's upgrade to the take-over (the upstream is connected first:
+`websocket.relay.connect_first`), `TapServerProtocol` keeps what the client sends
+without giving it to Sanic, and `TapClientConnection` what the upstream sends past
+its handshake response (from then until the take-over) without giving it to
+`websockets`: neither library parses a frame the
 splice will relay. Past `TAP_LIMIT` held bytes the socket is paused until the
 take-over. When there is no splice, `untap` gives each library what it did
 not see, and it reads the socket again.

@@ -13,6 +13,11 @@ instance and the next attempt goes to another instance, up to `max_attempts`
 the service's setting. Each failover also needs the service's retry budget
 (`RetryBudget`, as the gateway's proxy: each connection adds a fifth of a retry by
 default), so a dead pool is not hammered with `max_attempts` connects per client.
+An instance that answers the upgrade with a 4xx (a path it does not serve, an `Origin`
+or a cookie of the client's it refuses: `websocket.handshake` passes them on) has
+refused the client, not failed: it is not ejected, nothing is retried, and the caller
+gets `UpstreamRefused` (as the gateway's proxy answers a 4xx and retries nothing). Any
+other answer but 101 is a connect failure.
 These steps are the gateway's too (`common.balancing.tries.Tries`). For
 `least_conn` the strategy counts a relayed connection from its connect until it ends.
 
@@ -30,7 +35,8 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidHandshake, InvalidURI
+from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.typing import Subprotocol
 
 from common.balancing import Endpoint, HealthBook
 from common.balancing.policy import BalancingPolicy
@@ -53,6 +59,16 @@ class NoUpstream(Exception):
     def __init__(self, message: str, *, known: bool = True) -> None:
         super().__init__(message)
         self.known = known
+
+
+class UpstreamRefused(Exception):
+    """The instance answered the upgrade with a 4xx `status`: the client's request is
+    refused (a path the backend does not serve, an `Origin` or a cookie it refuses),
+    which is no failure of the instance (module docstring)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Connected(NamedTuple):
@@ -100,13 +116,18 @@ class Upstreams:
         version: str | None = None,
         key: str | None = None,
         headers: Sequence[tuple[str, str]] = (),
+        subprotocols: Sequence[str] = (),
         splice: bool = False,
     ) -> Connected:
         """An open connection to `ws://<instance><path>`, failing over on connect errors.
 
-        `key` is the sticky key (`common.balancing.sticky`) of the `hash` strategy. With
-        `splice`, a `TapClientConnection` that `websocket.splice` can take over.
-        The caller reports the end of the connection with `finished`.
+        `key` is the sticky key (`common.balancing.sticky`) of the `hash` strategy;
+        `headers` are the handshake's fields besides the library's own (no `User-Agent`
+        of its own: the client's passes, or none), `subprotocols` those offered (the
+        connection's `subprotocol` is the one the instance chose). With `splice`, a
+        `TapClientConnection` that `websocket.splice` can take over. The caller reports
+        the end of the connection with `finished`. Raises `NoUpstream`, or
+        `UpstreamRefused` for an instance that answered with a 4xx.
         """
         tries = Tries(self.policy, self.book, service, version=version, key=key,
                       max_attempts=self.max_attempts)  # fmt: skip
@@ -133,9 +154,19 @@ class Upstreams:
                     compression=None,
                     ping_interval=None,  # the client side of the relay keeps the liveness checks
                     additional_headers=list(headers),
+                    user_agent_header=None,
+                    subprotocols=[Subprotocol(p) for p in subprotocols] or None,
                     create_connection=TapClientConnection if splice else None,
                 )
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+                if isinstance(exc, InvalidStatus) and 400 <= exc.response.status_code < 500:
+                    # The instance is up and answered: the client is refused, not retried.
+                    tries.connected()
+                    tries.closed()
+                    status = exc.response.status_code
+                    raise UpstreamRefused(
+                        f"{shortened(service)} refused the upgrade: HTTP {status}", status
+                    ) from None
                 last_error = f"{type(exc).__name__}: {exc}"
                 tries.report_failure(fatal=True)
                 log.info("upstream connect failed", extra={"fields": {

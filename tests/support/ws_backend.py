@@ -7,12 +7,22 @@ registry by heartbeat every 0.3 s, TTL 1.5 s), KIND ("ws" or "http"), VERSION.
 `{"service_name", "frames": n, "fail": bool, "die_after": k}` is answered with
 n frames `{"ret": 0, "flag": 0, "result": "<NAME>:<i>"}` and a last one with
 `flag: 1`; `fail` answers `{"ret": 2, "flag": 0, "result": "boom"}` instead;
-`die_after` sends k frames then kills the process (no close frame).
+`die_after` sends k frames then kills the process (no close frame); `"handshake":
+true` is answered with one last frame whose `result` is what `handshake` answers.
+
+The handshake: a subprotocol of `SUBPROTOCOLS` (`chat.v2`, `mqtt`) is chosen when the
+client offers one, else none; an `Origin` of `https://refused.example` is refused
+with 403 (a backend's CSRF origin check), a path `/refuse/<status>` with that status,
+and a path `/slow` is answered after a second (`slow_done` counts those answered).
 
 Any other path echoes text and binary frames, except these text commands:
 `whoami` -> `{"instance", "path"}`; `forwarded` -> `{"instance", "x-forwarded-for",
 "x-forwarded-proto", "x-forwarded-host"}`, each the list of that field's lines in the
-upgrade request; `close <code> <reason>` -> closes so;
+upgrade request; `handshake` -> `{"instance", "headers", "subprotocol"}`: every field
+line of the upgrade request, in order, as `[name, value]` (values as received, read as
+ISO-8859-1), and the subprotocol chosen; `open` -> `{"open", "slow_done"}`: the
+connections open now and the `/slow` handshakes answered; `close <code> <reason>` ->
+closes so;
 `die` -> the process exits at once (no close frame); `last_close` -> the code
 and reason of the last close received from a peer (the closes of connections
 that asked `last_close` are not recorded, so a probe never hides what it probes).
@@ -23,21 +33,49 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Sequence
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from common.connection import connect
 from common.registry import InstanceRecord, Registry
 
 NAME = os.environ.get("NAME", "wsb")
-state: dict[str, object] = {"last_close": None}
+state: dict[str, object] = {"last_close": None, "slow_done": 0}
 probes: set[ServerConnection] = set()  # connections that asked `last_close`
+opened: set[ServerConnection] = set()
 FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
+SUBPROTOCOLS = ("chat.v2", "mqtt")
+REFUSED_ORIGIN = "https://refused.example"
+
+
+def select_subprotocol(ws: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    return next((p for p in offered if p in SUBPROTOCOLS), None)
+
+
+async def process_request(ws: ServerConnection, request: Request) -> Response | None:
+    if request.headers.get("origin") == REFUSED_ORIGIN:
+        return ws.respond(403, "origin refused\n")
+    if request.path.startswith("/refuse/"):
+        return ws.respond(int(request.path.split("/")[2]), "refused\n")
+    if request.path == "/slow":
+        await asyncio.sleep(1.0)
+        state["slow_done"] = int(str(state["slow_done"])) + 1
+    return None
+
+
+def handshake(ws: ServerConnection) -> dict[str, object]:
+    headers = ws.request.headers.raw_items() if ws.request else []
+    return {"instance": NAME, "headers": [list(item) for item in headers],
+            "subprotocol": ws.subprotocol}  # fmt: skip
 
 
 async def handler(ws: ServerConnection) -> None:
     path = ws.request.path if ws.request else "/"
+    opened.add(ws)
     try:
         if path == "/ws":
             await envelope(ws)
@@ -50,6 +88,7 @@ async def handler(ws: ServerConnection) -> None:
         if rcvd is not None and ws not in probes:
             state["last_close"] = [rcvd.code, rcvd.reason]
         probes.discard(ws)
+        opened.discard(ws)
 
 
 async def echo(ws: ServerConnection, path: str) -> None:
@@ -60,6 +99,10 @@ async def echo(ws: ServerConnection, path: str) -> None:
             headers = ws.request.headers if ws.request else None
             seen = {name: headers.get_all(name) if headers else [] for name in FORWARDED}
             await ws.send(json.dumps({"instance": NAME, **seen}))
+        elif message == "handshake":
+            await ws.send(json.dumps(handshake(ws)))
+        elif message == "open":
+            await ws.send(json.dumps({"open": len(opened), "slow_done": state["slow_done"]}))
         elif message == "last_close":
             probes.add(ws)
             await ws.send(json.dumps(state["last_close"]))
@@ -75,6 +118,9 @@ async def echo(ws: ServerConnection, path: str) -> None:
 async def envelope(ws: ServerConnection) -> None:
     async for message in ws:
         request = json.loads(message)
+        if request.get("handshake"):
+            await ws.send(json.dumps({"ret": 0, "flag": 1, "result": handshake(ws)}))
+            continue
         if request.get("fail"):
             await ws.send(json.dumps({"ret": 2, "flag": 0, "result": "boom"}))
             continue
@@ -107,7 +153,14 @@ async def heartbeat(port: int) -> None:
 
 async def main() -> None:
     port = int(os.environ["PORT"])
-    async with serve(handler, "127.0.0.1", port, compression=None):
+    async with serve(
+        handler,
+        "127.0.0.1",
+        port,
+        compression=None,
+        select_subprotocol=select_subprotocol,
+        process_request=process_request,
+    ):
         await heartbeat(port)
         await asyncio.Future()
 

@@ -1,0 +1,274 @@
+"""What an upstream's handshake carries on `/ws/proxy/` and `/ws/stream`: the client's
+fields as the gateway's HTTP proxy forwards them (`websocket.handshake`): less the
+hop-by-hop ones and the API key, the `bearer` subprotocol's credential never, with
+`X-Forwarded-*`, `X-Request-Id` and `Via` set; the client's subprotocols offered to the
+upstream and its choice answered; an upstream's 4xx refusal passed on, no failure of
+the instance.
+
+Real websocket services and upstreams (`tests.support.ws_backend`, whose `handshake`
+command answers every field line of its upgrade request and the subprotocol chosen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from tests.helpers import issue_api_key, wait_for_async
+from tests.support.policy import update_service
+from tests.websocket.conftest import Backends, WsServer, recv_json, wait_reachable, whoami
+
+pytestmark = pytest.mark.timeout(120)
+
+VIA = "1.1 switchboard"
+
+
+async def handshake(
+    server: WsServer,
+    service: str,
+    headers: Sequence[tuple[str, str]],
+    *,
+    subprotocols: Sequence[str] | None = None,
+) -> tuple[dict[str, Any], str | None]:
+    """What the upstream of a new relayed connection (the client sending `headers` and
+    offering `subprotocols`) answers `handshake`, and the client's subprotocol."""
+    async with server.connect(f"/ws/proxy/{service}/echo", additional_headers=list(headers),
+                              subprotocols=subprotocols) as ws:  # fmt: skip
+        await ws.send("handshake")
+        return await recv_json(ws), ws.subprotocol
+
+
+def values(seen: dict[str, Any], name: str) -> list[str]:
+    """The values of the field lines named `name` the upstream received, in order."""
+    return [value for field, value in seen["headers"] if field.lower() == name]
+
+
+async def one_instance(server: WsServer, backends: Backends) -> str:
+    backends.start("a")
+    await wait_reachable(server, backends.service, {"a"})
+    return backends.service
+
+
+async def test_the_clients_fields_reach_the_upstream_less_the_hop_by_hop_ones(
+    ws_server: WsServer, backends: Backends
+) -> None:
+    service = await one_instance(ws_server, backends)
+    utf8_and_raw = "café".encode().decode("latin-1") + " \xff"  # the bytes, as sent
+    seen, _ = await handshake(ws_server, service, [
+        *ws_server.bearer().items(),
+        ("Cookie", "session=s3cr3t; theme=dark"),
+        ("Origin", "https://app.example"),
+        ("User-Agent", "Mozilla/5.0 (test)"),
+        ("Accept-Language", "fr-CH, fr;q=0.9"),
+        ("X-Tenant", "acme"),
+        ("X-Name", utf8_and_raw),
+        ("Via", "1.0 edge"),
+        ("X-Request-Id", "trace-1:abc.DEF_2"),
+        # Hop-by-hop: named by Connection, by name, by the `Proxy-` prefix.
+        ("Connection", "X-Hop"),
+        ("X-Hop", "for the next hop only"),
+        ("Keep-Alive", "timeout=5"),
+        ("TE", "trailers"),
+        ("Proxy-Authorization", "Basic eDp5"),
+        # The client library's own: the upstream gets the relay's.
+        ("Sec-WebSocket-Extensions", "permessage-deflate"),
+    ])  # fmt: skip
+    assert values(seen, "cookie") == ["session=s3cr3t; theme=dark"]
+    assert values(seen, "origin") == ["https://app.example"]
+    assert values(seen, "user-agent") == ["Mozilla/5.0 (test)"]  # the client's, alone
+    assert values(seen, "accept-language") == ["fr-CH, fr;q=0.9"]
+    assert values(seen, "x-tenant") == ["acme"]
+    assert values(seen, "x-name") == [utf8_and_raw]  # byte for byte
+    assert values(seen, "x-request-id") == ["trace-1:abc.DEF_2"]  # well formed: kept
+    assert values(seen, "via") == ["1.0 edge", VIA]
+    assert values(seen, "x-forwarded-for") == ["127.0.0.1"]
+    assert values(seen, "x-forwarded-proto") == ["http"]
+    assert values(seen, "x-forwarded-host") == [ws_server.address]
+    names = [field.lower() for field, _ in seen["headers"]]
+    for hop in ("x-hop", "keep-alive", "te", "proxy-authorization", "sec-websocket-extensions"):
+        assert hop not in names, seen
+    assert values(seen, "connection") == ["Upgrade"]  # the relay's own handshake's
+    for own in ("host", "upgrade", "sec-websocket-key", "sec-websocket-version"):
+        assert names.count(own) == 1, seen
+    assert values(seen, "host") != [ws_server.address]  # the instance's, not the client's
+
+
+async def test_a_bearer_jwt_passes_as_to_the_gateways_backends(
+    ws_server: WsServer, backends: Backends
+) -> None:
+    service = await one_instance(ws_server, backends)
+    bearer = ws_server.bearer()
+    seen, _ = await handshake(ws_server, service, list(bearer.items()))
+    assert values(seen, "authorization") == [bearer["Authorization"]]
+
+
+@pytest.mark.parametrize(
+    "way", ["authorization", "x-api-key", "subprotocol-key", "subprotocol-jwt"]
+)
+async def test_the_credential_the_service_took_is_not_passed_on(
+    ws_server: WsServer, backends: Backends, way: str
+) -> None:
+    """No API key, however presented, nor the `bearer` subprotocol's token, reaches the
+    upstream; the client's other fields do."""
+    service = await one_instance(ws_server, backends)
+    key = issue_api_key(backends.redis_url, ["*"])
+    secret = ws_server.token() if way == "subprotocol-jwt" else key
+    headers: list[tuple[str, str]] = [("Cookie", "session=1")]
+    subprotocols = None
+    if way == "authorization":
+        headers.append(("Authorization", f"Bearer {key}"))
+    elif way == "x-api-key":
+        headers.append(("X-Api-Key", key))
+    else:
+        subprotocols = ["bearer", secret]
+    seen, chosen = await handshake(ws_server, service, headers, subprotocols=subprotocols)
+    assert values(seen, "cookie") == ["session=1"]
+    assert not [line for line in seen["headers"] if secret in line[1]], seen
+    names = {field.lower() for field, _ in seen["headers"]}
+    assert not names & {"authorization", "x-api-key", "sec-websocket-protocol"}, seen
+    assert chosen == ("bearer" if subprotocols else None)
+
+
+async def test_a_request_id_is_the_clients_when_well_formed_else_a_new_one(
+    ws_server: WsServer, backends: Backends
+) -> None:
+    service = await one_instance(ws_server, backends)
+    bearer = list(ws_server.bearer().items())
+    ids = []
+    for sent in ([], [("X-Request-Id", "not a valid id!")], [("X-Request-Id", "x" * 129)]):
+        seen, _ = await handshake(ws_server, service, [*bearer, *sent])
+        assert len(values(seen, "x-request-id")) == 1, seen
+        ids.append(values(seen, "x-request-id")[0])
+    assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in ids), ids
+    assert len(set(ids)) == 3
+
+
+async def test_a_request_through_the_gateway_too_often_is_a_loop_508(
+    ws_server: WsServer, backends: Backends
+) -> None:
+    service = await one_instance(ws_server, backends)
+    bearer = list(ws_server.bearer().items())
+    two = [("Via", f"{VIA}, 1.1 other"), ("Via", VIA)]
+    seen, _ = await handshake(ws_server, service, [*bearer, *two])
+    assert values(seen, "via") == [f"{VIA}, 1.1 other", VIA, VIA]
+    with pytest.raises(InvalidStatus) as refused:
+        await handshake(ws_server, service, [*bearer, *two, ("Via", f"1.0 edge, {VIA}")])
+    assert refused.value.response.status_code == 508
+    assert json.loads(refused.value.response.body)["error"]["code"] == "proxy_loop"
+
+
+@pytest.mark.parametrize(
+    ("offered", "header", "client_gets", "upstream_offered"),
+    [
+        (["bearer", "TOKEN", "chat.v2"], False, "chat.v2", ["chat.v2"]),  # a browser
+        (["bearer", "TOKEN", "other", "mqtt"], False, "mqtt", ["other, mqtt"]),
+        (["bearer", "TOKEN", "other"], False, "bearer", ["other"]),  # the upstream chose none
+        (["mqtt"], True, "mqtt", ["mqtt"]),  # a client with the Authorization header
+        (["other"], True, None, ["other"]),
+    ],
+)
+async def test_the_client_gets_the_subprotocol_its_upstream_chose(
+    ws_server: WsServer,
+    backends: Backends,
+    offered: list[str],
+    header: bool,
+    client_gets: str | None,
+    upstream_offered: list[str],
+) -> None:
+    service = await one_instance(ws_server, backends)
+    token = ws_server.token()
+    offered = [token if p == "TOKEN" else p for p in offered]
+    headers = list(ws_server.bearer().items()) if header else []
+    seen, chosen = await handshake(ws_server, service, headers, subprotocols=offered)
+    assert chosen == client_gets
+    assert seen["subprotocol"] == (client_gets if client_gets != "bearer" else None)
+    assert values(seen, "sec-websocket-protocol") == upstream_offered
+
+
+async def test_an_upstreams_4xx_refuses_the_client_and_ejects_no_instance(
+    ws_server: WsServer, backends: Backends
+) -> None:
+    """A backend refusing the client (its CSRF origin check, a path it does not serve)
+    answers that client; the instance, alone in its service, serves the next one."""
+    service = await one_instance(ws_server, backends)
+    bearer = list(ws_server.bearer().items())
+    for path, headers, status in (
+        ("/echo", [("Origin", "https://refused.example")], 403),
+        ("/refuse/404", [], 404),
+    ):
+        for _ in range(3):
+            with pytest.raises(InvalidStatus) as refused:
+                await ws_server.connect(f"/ws/proxy/{service}{path}",
+                                        additional_headers=[*bearer, *headers])  # fmt: skip
+            assert refused.value.response.status_code == status
+            body = json.loads(refused.value.response.body)
+            assert body["error"]["code"] == "upstream_refused", body
+        assert await whoami(ws_server, service) == "a"  # not ejected, not failed over
+
+
+async def test_envelope_requests_carry_the_clients_fields_and_hash_on_its_key(
+    ws_server: WsServer, backends: Backends
+) -> None:
+    backends.start("a")
+    backends.start("b")
+    await wait_reachable(ws_server, backends.service, {"a", "b"})
+    doc = await update_service(backends.redis_url, backends.service, strategy="hash")
+    await wait_for_async(lambda: ws_server.health()["policy_version"] >= doc.version, timeout=10)
+    key = issue_api_key(backends.redis_url, ["*"])
+    headers = [("X-Api-Key", key), ("Cookie", "session=1"), ("X-Balance-Key", "client-7")]
+    async with ws_server.connect("/ws/stream", additional_headers=headers) as ws:
+        owners = set()
+        for _ in range(6):
+            await ws.send(json.dumps({"service_name": backends.service, "frames": 1}))
+            owners.add((await recv_json(ws))["result"].split(":")[0])
+            assert (await recv_json(ws))["flag"] == 1
+        assert len(owners) == 1, owners  # one key, one instance
+        await ws.send(json.dumps({"service_name": backends.service, "handshake": True}))
+        seen = (await recv_json(ws))["result"]
+    assert values(seen, "cookie") == ["session=1"]
+    assert values(seen, "x-balance-key") == ["client-7"]
+    assert values(seen, "x-forwarded-for") == ["127.0.0.1"]
+    assert values(seen, "x-forwarded-host") == [ws_server.address]
+    assert values(seen, "via") == [VIA]
+    assert len(values(seen, "x-request-id")) == 1
+    assert not [line for line in seen["headers"] if key in line[1]], seen
+
+
+async def test_a_client_gone_during_the_upstreams_handshake_leaves_no_upstream_open(
+    ws_server: WsServer, backends: Backends
+) -> None:
+    """The upstream is connected before the client's upgrade is answered: a client that
+    leaves meanwhile takes its upstream connection with it."""
+    service = await one_instance(ws_server, backends)
+    slow = asyncio.ensure_future(ws_server.connect(f"/ws/proxy/{service}/slow").__aenter__())
+    await asyncio.sleep(0.3)  # (not a timing assertion: the client leaves at some point)
+    slow.cancel()
+    with pytest.raises((asyncio.CancelledError, websockets.ConnectionClosed, OSError)):
+        await slow
+
+    async def upstream_state() -> Any:
+        async with ws_server.connect(f"/ws/proxy/{service}/echo") as ws:
+            await ws.send("open")
+            return await recv_json(ws)
+
+    async def answered() -> bool:
+        return bool((await upstream_state())["slow_done"] >= 1)
+
+    await wait_for_async(answered, timeout=10)  # the upstream answered the slow handshake
+    # Then (one more round trip later) only the asking connection is open there.
+    assert (await upstream_state())["open"] == 1
+
+
+@pytest.mark.parametrize("path", ["/ws", "/ws/stream"])
+async def test_a_field_value_that_is_not_utf8_is_no_500(ws_server: WsServer, path: str) -> None:
+    """HTTP allows any byte from 0x80 in a value: the upgrade is answered, not a 500."""
+    headers = [*ws_server.bearer().items(), ("X-Name", "\xff\xfe")]
+    async with ws_server.connect(path, additional_headers=headers) as ws:
+        await ws.ping()

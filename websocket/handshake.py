@@ -1,0 +1,111 @@
+"""The upstream's handshake on a client's behalf: what the relay (`/ws/proxy/`) and the
+envelope mode (`/ws/stream`) send an instance when they open a connection to it.
+
+The same fields as the gateway's HTTP proxy sends (`common.forwarding`): the client's
+handshake fields, less
+
+* the hop-by-hop ones (`Connection`, `Upgrade`, `Proxy-*`, those `Connection` names...)
+  and those the client library writes itself for its own handshake (`Host`,
+  `Sec-WebSocket-Key`, `-Version`, `-Extensions`; `Sec-WebSocket-Protocol` is
+  `subprotocols_passed_on`'s);
+* the client's API key (`X-Api-Key`, `Authorization: Bearer sbk_...`), as the gateway
+  drops it: a backend never sees a reusable key. A bearer JWT in `Authorization`
+  passes, as it does to the gateway's HTTP backends (short-lived; it tells the backend
+  who the user is). A credential in the `bearer` subprotocol never passes (neither
+  the JWT nor the key: `bearer, <token>` is this service's, not the backend's);
+
+then `X-Forwarded-For` (the lines received, then the TCP peer), `-Proto`, `-Host`,
+`X-Request-Id` (the client's when well formed, else a new one) and
+`Via: 1.1 switchboard`. Cookies, `Origin`, `User-Agent`, `Accept-Language` and the
+client's own `X-*` fields pass as sent: backends check them (sessions, CSRF origin
+checks, tenant headers), as behind nginx. A credential never arrives in the query
+string here (`websocket.auth`), so the target's query passes as it is.
+
+Values pass byte for byte: Sanic reads a field as UTF-8 (surrogate escapes for
+other bytes) and `websockets` writes one as ISO-8859-1, so each value is turned back
+into the bytes received (`wire_value`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from common.balancing.sticky import balance_key
+from common.clientip import request_client_ip
+from common.forwarding import credential_free, hop_headers_out
+from common.request_ids import request_id_of
+from websocket.auth import SUBPROTOCOL
+
+if TYPE_CHECKING:
+    from websocket.app import WsRequest
+
+# The fields of a WebSocket handshake that the client library writes for its own
+# (`Host`, `Connection` and `Upgrade` are dropped by `hop_headers_out` already).
+_LIBRARY_OWN = frozenset({"sec-websocket-key", "sec-websocket-version",
+                          "sec-websocket-extensions", "sec-websocket-protocol",
+                          "sec-websocket-accept"})  # fmt: skip
+
+
+def upstream_headers(request: WsRequest) -> list[tuple[str, str]]:
+    """The fields of the upstream's handshake for the client's upgrade `request`
+    (module docstring), as `websockets` writes them (ISO-8859-1 strings).
+
+    `request.ip` is the socket's peer. Not `request.scheme` nor `request.host`: they
+    follow Sanic's own proxy settings, and `scheme` says `ws` on an upgrade; these are
+    the gateway fast path's values (`http`/`https` from the socket, `Host` as sent)."""
+    fields = [(name, value) for name, value in credential_free(request.headers.items())
+              if name.lower() not in _LIBRARY_OWN]  # fmt: skip
+    tls = request.conn_info is not None and request.conn_info.ssl
+    out = hop_headers_out(
+        fields,
+        client_ip=request.ip,
+        scheme="https" if tls else "http",
+        host=request.headers.get("host", ""),
+        request_id=request_id_of(request.headers.get("x-request-id")),
+        upstream=None,  # `websockets` writes the instance's `Host`
+    )
+    return [(name, wire_value(value)) for name, value in out]
+
+
+def client_key(request: WsRequest, service: str) -> str | None:
+    """The client's sticky key for `service` (`common.balancing.sticky`: the `hash`
+    strategy's), under the service's `hash_on`. Its address is read as the gateway reads
+    it (`common.clientip.request_client_ip`): the peer, or behind `TRUSTED_PROXIES` the
+    right-most untrusted hop of `X-Forwarded-For`; never a header an untrusted peer
+    wrote, nor Sanic's `remote_addr`, which believes any peer when Sanic's own proxy
+    settings (`SANIC_REAL_IP_HEADER`, `SANIC_PROXIES_COUNT`) are set."""
+    hash_on = request.app.ctx.upstreams.policy.hash_on(service)
+    return balance_key(hash_on, request.headers.get,
+                       lambda: request_client_ip(request.ip, request.headers.get_all,
+                                                 request.app.ctx.trusted_proxies))  # fmt: skip
+
+
+def offered_subprotocols(request: WsRequest) -> list[str]:
+    """The subprotocols the client offers, in its order (every `Sec-WebSocket-Protocol`
+    line, comma-separated)."""
+    return [token.strip() for line in request.headers.getall("sec-websocket-protocol", [])
+            for token in line.split(",") if token.strip()]  # fmt: skip
+
+
+def subprotocols_passed_on(offered: Sequence[str]) -> list[str]:
+    """What the upstream is offered of the client's subprotocols `offered`: all but
+    `bearer` and the credential that follows it (`bearer, <token>`: `websocket.auth`)."""
+    passed: list[str] = []
+    skip = False
+    for token in offered:
+        if skip:
+            skip = False
+        elif token.lower() == SUBPROTOCOL:
+            skip = True
+        else:
+            passed.append(token)
+    return passed
+
+
+def wire_value(value: str) -> str:
+    """`value` as Sanic read it (UTF-8, surrogate escapes) turned into the string that
+    `websockets` writes as the same bytes (ISO-8859-1)."""
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("latin-1")
