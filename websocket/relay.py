@@ -14,7 +14,8 @@ WebSockets (`connect_first`, called by `websocket.protocol`'s handshake), so tha
   `bearer` if it chose none and the client offered `bearer`, as a browser requires;
   with none otherwise);
 * an upstream that refuses the upgrade with a 4xx (a path it does not serve, a
-  cookie or an `Origin` it refuses) refuses the client's with that status (JSON
+  cookie or an `Origin` it refuses), or redirects it (3xx: never followed), refuses
+  the client's with that status (JSON
   body, code `upstream_refused`), and that is no failure of the instance
   (`websocket.upstreams`).
 
@@ -84,7 +85,7 @@ Opened = Connected | NoUpstream | UpstreamRefused  # how connecting the upstream
 
 
 class UpstreamRefusedUpgrade(SanicException):
-    """The client's upgrade refused with the 4xx the upstream refused its own with."""
+    """The client's upgrade refused with the 3xx or 4xx the upstream answered its own with."""
 
     code = "upstream_refused"
 
@@ -92,7 +93,7 @@ class UpstreamRefusedUpgrade(SanicException):
 async def connect_first(request: WsRequest) -> str | None:
     """Connect the upstream of relay `request` before its upgrade is answered; the
     subprotocol the upstream chose (None: none). Raises `UpstreamRefusedUpgrade` when
-    the upstream refused with a 4xx.
+    the upstream refused with a 3xx or 4xx.
 
     The connection waits in `request.ctx.upstream` for `proxy_endpoint`; should the
     upgrade fail (`drop_untaken`, by the caller) or the handler never take it (the

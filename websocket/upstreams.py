@@ -16,8 +16,9 @@ default), so a dead pool is not hammered with `max_attempts` connects per client
 An instance that answers the upgrade with a 4xx (a path it does not serve, an `Origin`
 or a cookie of the client's it refuses: `websocket.handshake` passes them on) has
 refused the client, not failed: it is not ejected, nothing is retried, and the caller
-gets `UpstreamRefused` (as the gateway's proxy answers a 4xx and retries nothing). Any
-other answer but 101 is a connect failure.
+gets `UpstreamRefused` (as the gateway's proxy answers a 4xx and retries nothing). A
+redirect (3xx) is the same: passed on to the client, never followed (`_NoRedirects`).
+Any other answer but 101 is a connect failure.
 These steps are the gateway's too (`common.balancing.tries.Tries`). For
 `least_conn` the strategy counts a relayed connection from its connect until it ends.
 
@@ -50,6 +51,17 @@ from websocket.tap import TapClientConnection
 
 log = get_logger("websocket.upstreams")
 
+
+class _NoRedirects(connect):
+    """`websockets`' `connect`, minus following an instance's redirects: a proxy answers
+    with what the instance it chose answered (nginx does not follow them either), and
+    a followed redirect would take the client's fields (Cookie, Authorization: dropped
+    by `websockets` only across origins) to whatever address a backend names."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
 KINDS = ("ws", "http")
 
 
@@ -62,7 +74,7 @@ class NoUpstream(Exception):
 
 
 class UpstreamRefused(Exception):
-    """The instance answered the upgrade with a 4xx `status`: the client's request is
+    """The instance answered the upgrade with a 3xx or 4xx `status`: the client's request is
     refused (a path the backend does not serve, an `Origin` or a cookie it refuses),
     which is no failure of the instance (module docstring)."""
 
@@ -127,7 +139,7 @@ class Upstreams:
         connection's `subprotocol` is the one the instance chose). With `splice`, a
         `TapClientConnection` that `websocket.splice` can take over. The caller reports
         the end of the connection with `finished`. Raises `NoUpstream`, or
-        `UpstreamRefused` for an instance that answered with a 4xx.
+        `UpstreamRefused` for an instance that answered with a 3xx or 4xx.
         """
         tries = Tries(self.policy, self.book, service, version=version, key=key,
                       max_attempts=self.max_attempts)  # fmt: skip
@@ -147,7 +159,7 @@ class Upstreams:
                 break
             endpoint = tries.choose(candidates)
             try:
-                upstream = await connect(
+                upstream = await _NoRedirects(
                     f"ws://{endpoint.address}{path}",
                     open_timeout=connect_timeout,
                     max_size=self.max_size,
@@ -159,8 +171,9 @@ class Upstreams:
                     create_connection=TapClientConnection if splice else None,
                 )
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
-                if isinstance(exc, InvalidStatus) and 400 <= exc.response.status_code < 500:
-                    # The instance is up and answered: the client is refused, not retried.
+                if isinstance(exc, InvalidStatus) and 300 <= exc.response.status_code < 500:
+                    # The instance is up and answered: the client is refused, not retried
+                    # (a redirect too: `_NoRedirects`).
                     tries.connected()
                     tries.closed()
                     status = exc.response.status_code

@@ -13,7 +13,8 @@ true` is answered with one last frame whose `result` is what `handshake` answers
 The handshake: a subprotocol of `SUBPROTOCOLS` (`chat.v2`, `mqtt`) is chosen when the
 client offers one, else none; an `Origin` of `https://refused.example` is refused
 with 403 (a backend's CSRF origin check), a path `/refuse/<status>` with that status,
-and a path `/slow` is answered after a second (`slow_done` counts those answered).
+`/redirect` with a 302 to `/echo`, and a path `/slow` is answered after a second
+(`slow_done` counts those answered).
 
 Any other path echoes text and binary frames, except these text commands:
 `whoami` -> `{"instance", "path"}`; `forwarded` -> `{"instance", "x-forwarded-for",
@@ -61,6 +62,10 @@ async def process_request(ws: ServerConnection, request: Request) -> Response | 
         return ws.respond(403, "origin refused\n")
     if request.path.startswith("/refuse/"):
         return ws.respond(int(request.path.split("/")[2]), "refused\n")
+    if request.path == "/redirect":  # to a path it serves: a client following it gets in
+        moved = ws.respond(302, "moved\n")
+        moved.headers["Location"] = "/echo"
+        return moved
     if request.path == "/slow":
         await asyncio.sleep(1.0)
         state["slow_done"] = int(str(state["slow_done"])) + 1

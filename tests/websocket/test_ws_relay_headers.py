@@ -196,12 +196,14 @@ async def test_an_upstreams_4xx_refuses_the_client_and_ejects_no_instance(
     ws_server: WsServer, backends: Backends
 ) -> None:
     """A backend refusing the client (its CSRF origin check, a path it does not serve)
-    answers that client; the instance, alone in its service, serves the next one."""
+    or redirecting it answers that client; the instance, alone in its service, serves the
+    next one."""
     service = await one_instance(ws_server, backends)
     bearer = list(ws_server.bearer().items())
     for path, headers, status in (
         ("/echo", [("Origin", "https://refused.example")], 403),
         ("/refuse/404", [], 404),
+        ("/redirect", [], 302),  # passed on, not followed (with the client's fields)
     ):
         for _ in range(3):
             with pytest.raises(InvalidStatus) as refused:
