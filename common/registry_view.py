@@ -112,6 +112,10 @@ class RegistryView:
     def services(self) -> list[str]:
         return sorted(self._view)
 
+    def registered(self, service: str) -> bool:
+        """Whether `service` is one of `services()` (with or without live instances)."""
+        return service in self._view
+
     def is_rpc_service(self, service: str) -> bool:
         """Whether `service` is served by RPC workers (which no HTTP instance may join:
         `webapi.heartbeats`): the catalog names it, as of the last resync, or a live

@@ -110,7 +110,7 @@ class Upstreams:
         self.max_size = max_size
         self.max_attempts = max_attempts
         self.policy = BalancingPolicy(watcher, retry_budget=retry_budget)
-        view.on_change(self.policy.forget_endpoints)
+        self.policy.follow(view, self.book)
 
     def records(self, service: str, version: str | None = None) -> list[InstanceRecord]:
         """Live ws/http instances of `service` (of one version if given). No I/O."""

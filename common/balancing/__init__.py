@@ -18,10 +18,13 @@ The first three live in `_rotation`, the next two in `_load`, hash in `_hashing`
 `HealthBook` (`_health`) narrows the candidates to the instances not ejected
 after connect errors, timeouts or failure streaks; `RetryBudget` (`_budget`)
 bounds how many failed tries may be retried elsewhere.
-`weight` is relative capacity everywhere; values below 1 count as 1. State for
-instances that leave is bounded: per candidate set, the 16 sets used last; per
-instance, only while requests are in flight (least_conn) or for `forget_after`
-seconds after the last request (least_time).
+`weight` is relative capacity everywhere; values below 1 count as 1. State is
+bounded: per candidate set, the 16 sets used last; per instance, only while requests
+are in flight (least_conn) or for `forget_after` seconds after the last request
+(least_time). `forget_departed(live)` drops, at once, what is kept of instances no
+longer registered (the sets holding one, their latency); `BalancingPolicy.follow`
+calls it at each change of a service's instances, so instances that come and go
+leave nothing behind.
 """
 
 from __future__ import annotations

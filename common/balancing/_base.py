@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Generic, TypeVar
 
@@ -59,6 +59,11 @@ class Strategy(ABC):
         """A connection `connected` reported has ended; `seconds` and `ok` as for `finished`."""
         self.finished(ep, seconds, ok)
 
+    def forget_departed(self, live: Collection[str]) -> None:  # noqa: B027 (no state: no-op)
+        """Drop what this strategy keeps about instances not in `live` (the instance ids
+        its service has now). Not on the request path: once per change of the service's
+        instances (`BalancingPolicy.follow`)."""
+
     def tracked(self) -> int:
         """How many instances or candidate sets this strategy keeps state for."""
         return 0
@@ -83,6 +88,8 @@ class Pools(Generic[P]):
     different set is looked up by its members, order ignored, among the `size`
     sets used last, so pools that alternate (two versions) each keep their state
     and memory stays bounded. `build` receives the members sorted by instance id.
+    `forget_departed` drops the sets that hold an instance gone from the registry:
+    they never come back, and would otherwise stay among the `size` until pushed out.
     """
 
     __slots__ = ("_build", "_by_set", "_last", "_size")
@@ -109,6 +116,14 @@ class Pools(Generic[P]):
         self._by_set[members] = pool
         self._last = (snap, pool)
         return pool
+
+    def forget_departed(self, live: Collection[str]) -> None:
+        """Drop the state of every set with a member not in `live` (instance ids), but
+        the one used last: the next set is usually it less the instance that left, and
+        may be derived from it (the hash strategy's slot table)."""
+        gone = [m for m in self._by_set if any(ep.instance_id not in live for ep in m)]
+        for members in gone:
+            del self._by_set[members]
 
     @property
     def latest(self) -> P | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from math import log
 
 from common.balancing._base import Endpoint, Pools, Strategy
@@ -134,6 +134,10 @@ class ConsistentHash(Strategy):
     def _table(self, members: tuple[Endpoint, ...]) -> SlotTable:
         # The set used last is usually the new one with one instance more or less.
         return SlotTable(members, self._slots, self._tables.latest)
+
+    def forget_departed(self, live: Collection[str]) -> None:
+        self._tables.forget_departed(live)
+        self._no_key.forget_departed(live)
 
     def tracked(self) -> int:
         return len(self._tables) + self._no_key.tracked()

@@ -15,7 +15,9 @@ doubling, no log line); the backoff doubles only when the trial fails (a success
 resets it). Active checks (the gateway's `ActiveChecker`) report through
 `active_result`; their verdict lasts while the instance is checked at the same health
 path: `forget` drops it for an instance no longer checked (it heartbeats without a
-health path now), and a changed health path starts the count over.
+health path now), and a changed health path starts the count over. What is kept of
+an instance gone from the registry is dropped by `forget` (the gateway's checker, once
+a round) and by `forget_departed` (at each change of its service's instances).
 
 State is kept per service, then per instance id: an id is an instance's name within
 its service (the native heartbeat lets a backend choose it), so two services may
@@ -25,7 +27,7 @@ both have a `worker-1`, and ejecting one leaves the other alone.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -176,6 +178,22 @@ class HealthBook:
             state.active_fails += 1
             if state.active_fails >= fall:
                 state.active_down = True
+
+    def tracked(self) -> int:
+        """How many instances this book keeps state for."""
+        return sum(len(states) for states in self._states.values())
+
+    def forget_departed(self, service: str, live: Collection[str]) -> None:
+        """Drop the state of `service`'s instances not in `live` (instance ids). Not on
+        the request path: at each resync of the service's instances (one dict lookup
+        when, as usual, nothing is kept of the service)."""
+        states = self._states.get(service)
+        if states is None:
+            return
+        for instance_id in [i for i in states if i not in live]:
+            del states[instance_id]
+        if not states:
+            del self._states[service]
 
     def forget(
         self, live: Iterable[InstanceRecord], checked: Iterable[InstanceRecord] = ()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from common.balancing._base import Endpoint, Strategy, no_candidates
 
@@ -98,7 +98,8 @@ class LeastTime(Strategy):
     A new (or forgotten) instance costs 0, so it is probed at once, one request at
     a time until it answers. A failure counts as at least `failure_penalty`
     seconds, so an instance that fails fast does not look fastest. State of an
-    instance untouched for `forget_after` seconds with nothing in flight is dropped.
+    instance untouched for `forget_after` seconds with nothing in flight is dropped,
+    and so is that of an instance gone from the registry (`forget_departed`), at once.
     """
 
     name = "least_time"
@@ -198,6 +199,13 @@ class LeastTime(Strategy):
         current = s.cost * math.exp((s.stamp - now) / self._decay)
         s.cost = max(latency, current)
         s.stamp = now
+
+    def forget_departed(self, live: Collection[str]) -> None:
+        # One with requests still in flight keeps its count until they end (then the
+        # sweep drops it): it may be back, as an instance whose lease lapsed once.
+        stats = self._stats
+        for k in [k for k, s in stats.items() if k not in live and not s.inflight]:
+            del stats[k]
 
     def _sweep(self, now: float) -> None:
         horizon = now - self._forget_after

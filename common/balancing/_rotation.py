@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from itertools import accumulate
 
 from common.balancing._base import Endpoint, Pools, Strategy
@@ -73,6 +73,9 @@ class RoundRobin(Strategy):
         self._last_id = ep.instance_id
         return ep
 
+    def forget_departed(self, live: Collection[str]) -> None:
+        self._pools.forget_departed(live)
+
     def tracked(self) -> int:
         return len(self._pools)
 
@@ -111,6 +114,9 @@ class RandomChoice(Strategy):
         if cumulative is None:
             return members[self._bits(32) % len(members)]
         return members[bisect_right(cumulative, self._bits(32) % cumulative[-1])]
+
+    def forget_departed(self, live: Collection[str]) -> None:
+        self._pools.forget_departed(live)
 
     def tracked(self) -> int:
         return len(self._pools)

@@ -9,6 +9,11 @@ else the default given) is one `RetryBudget` per service, re-limited in place
 when the policy changes. Registry records become `Endpoint`s once per
 instance of a service (after each change of its records), not once per request.
 
+What is kept per instance or service follows the registry (`follow`): at each change
+of a service's instances, its strategy and the health book forget the instances that
+left, and a service the registry no longer has loses its strategy and retry budget.
+So memory is bounded by what is registered, however many instances came and went.
+
 Version weights (`version_weights`, tag -> weight) split the requests that
 name no version: a version is drawn by weight among the weighted versions that
 have a candidate left, then the strategy picks among that version's endpoints.
@@ -25,9 +30,17 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from common.balancing import Endpoint, RetryBudget, Strategy, make_strategy, select_version
+from common.balancing import (
+    Endpoint,
+    HealthBook,
+    RetryBudget,
+    Strategy,
+    make_strategy,
+    select_version,
+)
 from common.policy import PolicyDocument, PolicyWatcher, RetryBudgetPolicy, ServicePolicy
 from common.registry import InstanceRecord
+from common.registry_view import RegistryView
 
 DEFAULT_STRATEGY = "round_robin"
 
@@ -52,6 +65,7 @@ class BalancingPolicy:
         self._strategies: dict[str, Strategy] = {}
         self._budgets: dict[str, RetryBudget] = {}
         self._endpoints: dict[str, dict[str, Endpoint]] = {}  # service -> instance id ->
+        self._live: dict[str, frozenset[str]] = {}  # service -> its instance ids, as `follow` saw
         self._apply(watcher.current)
         watcher.on_change(self._apply)
 
@@ -85,7 +99,8 @@ class BalancingPolicy:
         return budget
 
     def retry_budgets(self) -> dict[str, RetryBudget]:
-        """The retry budget of each service this process has forwarded to."""
+        """The retry budget of each service this process has forwarded to (and that is
+        still registered, when `follow`ing a registry view)."""
         return dict(self._budgets)
 
     def _budget_limits(self, settings: ServicePolicy | None) -> RetryBudgetPolicy:
@@ -156,6 +171,29 @@ class BalancingPolicy:
             self._endpoints.clear()
         else:
             self._endpoints.pop(service, None)
+
+    def follow(self, view: RegistryView, book: HealthBook | None = None) -> None:
+        """Keep up with `view`: at each change of a service's instances, drop its cached
+        endpoints (an address or weight may have changed), and what its strategy and
+        `book` keep of instances that are no longer live; a service `view` no longer
+        has also loses its strategy and retry budget (see the module docstring)."""
+
+        def changed(service: str) -> None:
+            self.forget_endpoints(service)
+            live = frozenset(r.instance_id for r in view.instances(service))
+            if book is not None:  # (each time: a failure may be reported after its leaving)
+                book.forget_departed(service, live)
+            if not live and not view.registered(service):  # gone: nothing to balance
+                self._live.pop(service, None)
+                self._strategies.pop(service, None)
+                self._budgets.pop(service, None)
+            elif self._live.get(service) != live:  # (not at every resync: each second)
+                self._live[service] = live
+                strategy = self._strategies.get(service)
+                if strategy is not None:
+                    strategy.forget_departed(live)
+
+        view.on_change(changed)
 
     def _apply(self, document: PolicyDocument) -> None:
         for service in set(document.services) | set(self._services):

@@ -395,6 +395,50 @@ def test_state_per_candidate_set_is_bounded(name: str) -> None:
     assert 0 < strategy.tracked() <= 32
 
 
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_state_of_departed_instances_is_forgotten(name: str) -> None:
+    # Instances come and go (a rolling deploy): what is kept is of the live ones alone.
+    strategy = make_strategy(name)
+    staying = eps("s0", "s1")
+    for wave in range(20):
+        members = [*staying, *(Endpoint(f"w{wave}-{i}", f"10.9.{wave}.{i}:80") for i in range(3))]
+        for n in range(12):
+            for candidates in (members, members[:-1]):  # (an ejection: another set)
+                ep = strategy.pick(candidates, f"k{n}")
+                strategy.started(ep)
+                strategy.finished(ep, 0.01, True)
+        strategy.forget_departed({ep.instance_id for ep in staying})
+    strategy.pick(staying, "k")
+    # One set (of the live instances) or the live instances themselves; least_conn
+    # only counts requests in flight.
+    assert strategy.tracked() <= (0 if name == "least_conn" else 2)
+
+
+def test_least_time_keeps_a_departed_instance_while_it_has_requests_in_flight() -> None:
+    lt = make_strategy("least_time")
+    a, b = eps("a", "b")
+    for ep in (a, b):
+        lt.started(ep)
+    lt.finished(a, 0.01, True)
+    lt.forget_departed(set())
+    assert lt.tracked() == 1  # b's request still counts until it ends
+    lt.finished(b, 0.01, True)
+    lt.forget_departed(set())
+    assert lt.tracked() == 0
+
+
+def test_hash_after_a_departure_is_the_same_as_a_fresh_strategys() -> None:
+    h = make_strategy("hash")
+    members = many(50)
+    before = owners(h, members)
+    h.forget_departed({ep.instance_id for ep in members[1:]})
+    after = owners(h, members[1:])
+    assert after == owners(make_strategy("hash"), members[1:])
+    assert {k for k in KEYS if before[k] != after[k]} == {
+        k for k in KEYS if before[k] == members[0].instance_id
+    }
+
+
 def test_least_conn_keeps_state_only_while_requests_are_in_flight() -> None:
     lc = make_strategy("least_conn")
     for ep in eps(*(f"i{n}" for n in range(50))):

@@ -168,6 +168,19 @@ def test_forget_drops_departed_instances() -> None:
     assert not book.is_ejected("svc", "gone")
 
 
+def test_forget_departed_drops_the_instances_of_one_service_that_left() -> None:
+    book = HealthBook()
+    for instance_id in ("a", "b", "c"):
+        book.failed("svc", instance_id, fatal=True)
+    book.failed("other", "a", fatal=True)
+    assert book.tracked() == 4
+    book.forget_departed("svc", {"b"})
+    assert book.tracked() == 2 and book.is_ejected("svc", "b") and book.is_ejected("other", "a")
+    book.forget_departed("svc", set())
+    book.forget_departed("unknown", set())
+    assert book.tracked() == 1 and book.is_ejected("other", "a")
+
+
 def test_instances_of_two_services_with_one_id_are_judged_apart() -> None:
     # Native heartbeats let a backend choose its id: two teams may both say "worker-1".
     book = HealthBook()

@@ -80,7 +80,7 @@ class Proxy:
             options={"least_time": {"decay": least_time_decay}},
             retry_budget=retry_budget,
         )
-        view.on_change(self.policy.forget_endpoints)
+        self.policy.follow(view, self.book)
 
     def candidates(self, service: str, version: str | None, kind: str = "http") -> list[Endpoint]:
         """Healthy endpoints of `service` (and `version`). Hot path: no I/O."""

@@ -1,0 +1,142 @@
+"""Instances that came, took requests and left leave nothing behind in the gateway.
+
+The gateway's own objects (`Proxy` with its `RegistryView`, live policy and health
+book, on the test Redis) route requests to instances registered and retired as their
+heartbeats register and retire them: some leave gracefully (an event), the others stop
+heartbeating (their lease ends), some after failing requests (an ejection). Then the
+balancing state of every strategy and the health book hold only live instances, and a
+service that left altogether has neither a strategy nor a retry budget any more.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from common.balancing import STRATEGIES
+from common.policy import PolicyWatcher
+from common.registry import InstanceRecord, Registry
+from common.registry_view import RegistryView
+from tests.helpers import wait_for_async
+from tests.support.policy import update_service
+from webapi.errors import ApiError
+from webapi.proxy import UpstreamConnectError, UpstreamPool
+from webapi.proxy.forward import Proxy
+
+pytestmark = pytest.mark.timeout(30)
+
+WAVES = 6  # of instances that come, take requests and go
+PER_WAVE = 8  # per service and wave
+STAYING = 2  # per service, for the whole test
+LEASE = 1.0  # seconds: the lease of the instances that stop heartbeating
+
+
+@pytest.fixture
+async def view(redis_client: aioredis.Redis) -> AsyncIterator[RegistryView]:
+    # Resyncs and prunes soon, so leases that ended and services that left show quickly.
+    v = RegistryView(redis_client, resync_interval=0.1, prune_after=0.3)
+    await v.start()
+    yield v
+    await v.close()
+
+
+def _record(service: str, name: str, port: int) -> InstanceRecord:
+    # (Nothing listens there: these tests report each try's outcome themselves.)
+    return InstanceRecord(service, name, kind="http", address=f"127.0.0.1:{port}")
+
+
+def _live_ids(view: RegistryView, service: str) -> set[str]:
+    return {r.instance_id for r in view.instances(service)}
+
+
+async def _until_live(view: RegistryView, names: dict[str, set[str]]) -> None:
+    """Until `view` has every instance of `names` (service -> instance ids) live."""
+    await wait_for_async(
+        lambda: all(ids <= _live_ids(view, s) for s, ids in names.items()), timeout=5
+    )
+
+
+async def _route(proxy: Proxy, service: str, requests: int, *, failing: set[str]) -> None:
+    """`requests` requests to `service` as the proxy routes them (each with its own sticky
+    key, for `hash`), without the exchange: a try at an instance in `failing` fails to
+    connect (it is ejected, and retried elsewhere), any other is answered 200."""
+    for n in range(requests):
+        attempts = proxy.attempts(service, "GET", key=f"user-{n}", replayable=True)
+        try:
+            endpoint = attempts.next()
+            while endpoint.instance_id in failing:
+                attempts.failed(UpstreamConnectError("refused"))
+                endpoint = attempts.next()
+        except ApiError:
+            continue  # no instance left for this one: answered 502/503
+        attempts.answered(200)
+
+
+async def test_state_of_departed_instances_and_services_is_dropped(
+    redis_client: aioredis.Redis, redis_url: str, view: RegistryView
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    services = {name: f"churn{tag}-{name.replace('_', '-')}" for name in STRATEGIES}
+    gone = f"churn{tag}-gone"  # every instance of it leaves: the service too
+    for name, service in services.items():
+        await update_service(redis_url, service, strategy=name)
+    await update_service(redis_url, gone, strategy="hash")
+    watcher = PolicyWatcher(redis_client)
+    await watcher.start()  # (loads the policy just written; no changes follow)
+    proxy = Proxy(view, UpstreamPool(), watcher)
+    staying, short = Registry(redis_client, ttl=60), Registry(redis_client, ttl=LEASE)
+    port = iter(range(20000, 30000))
+    for service in services.values():
+        for i in range(STAYING):
+            await staying.heartbeat(_record(service, f"stays-{i}", next(port)))
+
+    for wave in range(WAVES):
+        batch = {s: [_record(s, f"w{wave}-{i}", next(port)) for i in range(PER_WAVE)]
+                 for s in [*services.values(), gone]}  # fmt: skip
+        for records in batch.values():
+            for i, record in enumerate(records):
+                await (staying if i % 2 else short).heartbeat(record)
+        await _until_live(view, {s: {r.instance_id for r in rs} for s, rs in batch.items()})
+        for service, records in batch.items():
+            dying = {r.instance_id for r in records[::4]}  # down before they leave
+            await _route(proxy, service, 4 * PER_WAVE, failing=dying)
+        for records in batch.values():
+            for record in records[1::2]:  # the others' leases end
+                await staying.deregister(record.service, record.instance_id)
+
+    live = {s: {f"stays-{i}" for i in range(STAYING)} for s in services.values()}
+    await wait_for_async(
+        lambda: (
+            all(_live_ids(view, s) == ids for s, ids in live.items())
+            and gone not in view.services()
+        ),
+        timeout=10,
+    )
+    # The view's listeners learn of an ended lease at its next resync.
+    await wait_for_async(lambda: _bounded(proxy, services), timeout=5)
+    for service in services.values():  # the sets of live instances only, from now on
+        await _route(proxy, service, 4, failing=set())
+    assert _bounded(proxy, services)
+    for name in ("round_robin", "weighted", "hash", "random"):
+        assert proxy.policy.strategy(services[name]).tracked() > 0  # (the live set's)
+    assert set(proxy.policy.retry_budgets()) == set(services.values())
+    await watcher.close()
+
+
+def _bounded(proxy: Proxy, services: dict[str, str]) -> bool:
+    """Whether the health book keeps nothing (no live instance failed) and each strategy
+    keeps no more than its live instances call for."""
+    for name, service in services.items():
+        kept = proxy.policy.strategy(service).tracked()
+        if name == "least_conn":
+            limit = 0  # (nothing in flight)
+        elif name == "least_time":
+            limit = STAYING
+        else:  # candidate sets: of the live instances alone, 3 at most
+            limit = 2**STAYING - 1
+        if kept > limit:
+            return False
+    return proxy.book.tracked() == 0
