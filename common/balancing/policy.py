@@ -187,7 +187,7 @@ class BalancingPolicy:
                 self._live.pop(service, None)
                 self._strategies.pop(service, None)
                 self._budgets.pop(service, None)
-            elif self._live.get(service) != live:  # (not at every resync: each second)
+            elif self._live.get(service) != live:  # (each resync notices every service)
                 self._live[service] = live
                 strategy = self._strategies.get(service)
                 if strategy is not None:

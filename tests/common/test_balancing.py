@@ -395,6 +395,35 @@ def test_state_per_candidate_set_is_bounded(name: str) -> None:
     assert 0 < strategy.tracked() <= 32
 
 
+class Counted(Endpoint):
+    """An endpoint that counts the field-by-field comparisons made of it."""
+
+    __slots__ = ()
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        Counted.compared += 1
+        return super().__eq__(other)
+
+    __hash__ = Endpoint.__hash__
+
+
+@pytest.mark.parametrize("name", ["round_robin", "weighted", "hash", "random"])
+def test_equal_endpoints_made_anew_are_compared_once_not_at_every_pick(name: str) -> None:
+    # `BalancingPolicy` makes a service's endpoints anew after each registry resync
+    # (every second): equal to those before, new objects.
+    def made() -> list[Endpoint]:
+        return [Counted(f"i{k}", f"10.0.0.{k}:80") for k in range(20)]
+
+    strategy = make_strategy(name)
+    strategy.pick(made(), "k")
+    anew = made()
+    Counted.compared = 0
+    for _ in range(50):
+        strategy.pick(list(anew), "k")
+    assert Counted.compared <= 20  # the set once, then identity (was 20 a pick)
+
+
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_state_of_departed_instances_is_forgotten(name: str) -> None:
     # Instances come and go (a rolling deploy): what is kept is of the live ones alone.
