@@ -39,7 +39,10 @@ only: they see no header, so they cost a few µs):
   connects again), unless its last response said `Connection: close`: then the
   client's connection closes too, as the relayed response told the client it
   would; closing in the middle of a response closes the client's connection, as
-  the end of that response cannot be told any other way.
+  the end of that response cannot be told any other way. So does closing after an
+  early answer (a response that ended before its request's body had all been
+  read from the client), whether the rest of that body came before the close or
+  not (see `PassThrough.upstream_gone`).
 
 Host is not checked here: the gateway routes on the path alone, so a Host it
 would refuse cannot mislead it, and the instance, an HTTP server, judges the Host
@@ -209,9 +212,9 @@ class _Responses:
 class PassThrough(SpliceBase):
     """One client connection spliced to one upstream connection (module docstring)."""
 
-    __slots__ = ("attempts", "begun", "close_at_end", "document", "ending", "instance_id",
-                 "leftover", "longer", "owner", "parser", "policy", "prefix", "requests",
-                 "responses", "rule", "stats", "unsent", "unsent_complete",
+    __slots__ = ("answered_early", "attempts", "begun", "close_at_end", "document", "ending",
+                 "instance_id", "leftover", "longer", "owner", "parser", "policy", "prefix",
+                 "requests", "responses", "rule", "stats", "unsent", "unsent_complete",
                  "upstream")  # fmt: skip
 
     def __init__(
@@ -234,6 +237,9 @@ class PassThrough(SpliceBase):
         self.requests = _Requests(self._is_ours)
         self.parser = self.requests.parser
         self.responses = _Responses()
+        # `responses.ended` when the last response to end did so before its request's
+        # body had all been read from the client (an early answer); 0: none did.
+        self.answered_early = 0
         self.begun = 0  # requests forwarded (wholly or in part) since the splice started
         self.unsent = b""  # read and parsed, held until the head of a request is whole
         self.unsent_complete = 0  # `requests.complete` where `unsent` starts
@@ -332,12 +338,15 @@ class PassThrough(SpliceBase):
             log.warning("pass-through: malformed upstream response", extra={"fields": fields})
             self._finish(close=True)
             return
+        ended = responses.ended
+        if ended > self.requests.complete:  # an answer before the end of its request
+            self.answered_early = ended
         owner = self.owner
         client = owner.transport
         if client is not None:
             client.write(data)
         owner.touch()
-        if self.ending is not None and responses.ended >= self.ending:
+        if self.ending is not None and ended >= self.ending:
             self._finish(close=self.close_at_end)
 
     def end_after_answers(self) -> None:
@@ -361,8 +370,15 @@ class PassThrough(SpliceBase):
         request unanswered, the client's connection ends too (nothing else can tell the
         client that its response is cut). So it does within a request's body (an early
         answer, then the close): the rest of that body must never be read as requests;
-        and after a response that said `Connection: close` (relayed to the client as is:
-        RFC 9112 §9.6 has its sender close)."""
+        after a response that said `Connection: close` (relayed to the client as is:
+        RFC 9112 §9.6 has its sender close); and after an early answer even when the
+        rest of its request's body has been read and forwarded since. Whether that rest
+        reached the gateway before this close or after it is a race between the client
+        and the instance, which answered without it and may have closed unread: the
+        close is the client's only sign of that (RFC 9112 §9.5). Kept open when the
+        rest came first, the connection left a client waiting for that sign hanging
+        until the keep-alive timeout; now one exchange has one outcome (the request
+        is answered: the client's next one connects anew)."""
         if self.upstream.splice is None:
             return
         cut = self.outstanding
@@ -370,8 +386,11 @@ class PassThrough(SpliceBase):
             log.info("pass-through: upstream closed with a response outstanding",
                      extra={"fields": {"instance": self.instance_id}})  # fmt: skip
         mid_request = self.requests.complete < self.begun
+        ended = self.responses.ended
+        early = ended > 0 and self.answered_early == ended  # the last answer was early
         closing = self.responses.closing
-        self._finish(close=cut or mid_request or closing or self.close_at_end or bool(self.unsent))
+        self._finish(close=cut or mid_request or early or closing or self.close_at_end
+                     or bool(self.unsent))  # fmt: skip
 
     def _finish(self, close: bool) -> None:
         if not self._detach():
