@@ -342,6 +342,9 @@ class ClientIO:
             except _REDIS_FAILED as exc:
                 if direct is not None and not direct.future.done():
                     self._outbox.put_nowait(direct)  # its enqueue's fate is unknown: again
+                # A refused LPOP leaves its BLPOP's reply due: read later, it would be
+                # taken for the answer to the next command (an enqueue's, say).
+                await conn.discard()
                 outage.failed(exc)
                 drain = True
                 await backoff.wait()

@@ -302,6 +302,11 @@ class RawConnection:
             task.cancel()
         self._watchdog = loop.call_later(_WATCH_EVERY, self._watch)
 
+    async def discard(self) -> None:
+        """Drop the connection with any replies still due on it (a caller that stops
+        reading midway); the next write makes a new one."""
+        await self._drop()
+
     async def _drop(self) -> None:
         self._proto = None
         transport, self._transport = self._transport, None

@@ -21,7 +21,9 @@ from tests.helpers import ServiceProcess, wait_for, wait_for_async
 from tests.support.redis_states import (  # noqa: F401 (the *_fixture ones)
     MESSAGES,
     STATES,
+    out_of_memory,
     private_redis_fixture,
+    read_only,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -85,6 +87,33 @@ async def test_calls_refused_by_redis_are_service_unavailable_saying_why(
                 assert all(e.__cause__ is not None for e in errors)  # for the log
         for rpc in (before, during):  # the writer and the reader went on
             await wait_for_async(lambda rpc=rpc: _taken(rpc, service), timeout=15)
+
+
+async def test_a_refused_inbox_read_leaves_no_reply_to_be_misread(
+    private_redis: EmbeddedRedis, admin: redis.Redis
+) -> None:
+    # The inbox reader drains (LPOP) and waits (BLPOP) in one write. A replica refuses
+    # the LPOP (a write): the BLPOP's reply, left unread on the connection, was then
+    # read as the answer to the client's next command there, the next call's enqueue
+    # (here: refused for another reason, yet taken as enqueued, and timed out).
+    url = private_redis.url
+    service = await _live_service(url)
+    async with RpcClient(url) as rpc:
+        awaited = asyncio.create_task(rpc.call(f"{service}.m", timeout=60))  # no worker
+        await wait_for_async(lambda: admin.xlen(constants.call_stream(service)))  # enqueued
+        with read_only(admin):
+            await wait_for_async(lambda: _rejected(admin, "lpop"))  # the drain, refused
+            awaited.cancel()
+        await wait_for_async(lambda: rpc._reader_parked)  # none awaited: its connection idle
+        with out_of_memory(admin), pytest.raises(ServiceUnavailable) as refused:
+            await rpc.call(f"{service}.m", timeout=5)
+        assert str(refused.value) == MESSAGES["out_of_memory"]
+
+
+def _rejected(admin: redis.Redis, command: str) -> int:
+    """How many `command`s Redis has refused (before running them)."""
+    stats = admin.info("commandstats").get(f"cmdstat_{command}", {})
+    return int(stats.get("rejected_calls", 0))
 
 
 def test_a_worker_refused_the_credentials_says_so_once_and_starts_once_they_are_right() -> None:
