@@ -65,16 +65,52 @@ class Backoff:
     """Exponential delay between retries of a loop that talks to Redis.
 
     `await backoff.wait()` after a failure sleeps 50 ms, then 100 ms, ... up to
-    `cap`; `backoff.reset()` after a success starts over.
+    `cap`; `backoff.reset()` after a success starts over. `wake()` is for another
+    loop that just reached Redis, so that this one does not lag up to `cap` behind
+    Redis's return: it ends the wait under way, or, if this loop is trying again
+    right then, lets it try once more at once should that try fail (it may have
+    begun before Redis answered).
     """
 
     def __init__(self, base: float = 0.05, cap: float = 2.0) -> None:
         self.base, self.cap = base, cap
         self.delay = base
+        self._waiter: asyncio.Future[None] | None = None
+        self._woken = False  # the next wait is skipped
 
     def reset(self) -> None:
         self.delay = self.base
+        self._woken = False
+
+    @property
+    def failing(self) -> bool:
+        """The loop has failed since its last success (or `wake()`)."""
+        return self.delay > self.base
+
+    def wake(self) -> None:
+        """Redis answers again: end the wait under way, or skip the next one if the
+        loop failed since its last success; start the delays over."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        elif self.failing:
+            self._woken = True
+        self.delay = self.base
 
     async def wait(self) -> None:
-        await asyncio.sleep(self.delay)
-        self.delay = min(self.delay * 2, self.cap)
+        if self._woken:
+            self._woken = False
+            return
+        delay, self.delay = self.delay, min(self.delay * 2, self.cap)
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(delay, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

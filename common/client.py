@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from common import constants
-from common.aio import cancel_and_wait
+from common.aio import Backoff, cancel_and_wait
 from common.caller import Caller
 from common.client_io import ClientIO, Enqueue
 from common.connection import RawConnection, connect, pack_commands
@@ -44,6 +45,8 @@ from common.protocol import (
     PRIORITIES,
     Call,
 )
+from common.registry import Registry
+from common.rejoin import Rejoin
 from common.settings import Settings, get_settings
 
 # How long a fire-and-forget message stays worth running if it waits in the queue.
@@ -107,6 +110,16 @@ class RpcClient(ClientIO):
         self._blpop = pack_commands([("BLPOP", self.inbox, 1)])
         self._writes = 0
         self._stalled_at = -1
+        self._inbox_backoff = Backoff()
+        self._failed_at = -math.inf
+        registry = Registry(self.redis)
+        self._rejoin = Rejoin(
+            lost_touch_at=self._lost_touch_at,
+            live_ids=registry.live_ids,
+            retry=self._outbox.put_nowait,
+            give_up=self._give_up,
+            grace=settings.heartbeat_ttl,
+        )
 
     async def __aenter__(self) -> RpcClient:
         await self.start()
@@ -130,6 +143,8 @@ class RpcClient(ClientIO):
         await cancel_and_wait(self._reader)
         await cancel_and_wait(self._writer)
         self._reader = self._writer = None
+        for item in self._rejoin.close():
+            self._outbox.put_nowait(item)  # failed below with what is still queued
         while not self._outbox.empty():
             item = self._outbox.get_nowait()
             if not item.future.done():
@@ -181,7 +196,9 @@ class RpcClient(ClientIO):
         `instance` directs the call to one instance id (it then fails with
         `ServiceUnavailable` if that instance is not live, and is never served by
         another). Raises `ServiceUnavailable` at once when no instance is alive or
-        Redis is unreachable, `Overloaded` when the service's backlog is over its
+        Redis is unreachable (just after this client lost touch with Redis, "no live
+        instance" waits up to `HEARTBEAT_TTL` for a worker to renew its lease first:
+        `common.rejoin`), `Overloaded` when the service's backlog is over its
         bound, `MethodNotFound` for an unknown service or method, `InvalidParams`,
         `RemoteError`, `PayloadTooLarge` when the arguments encode to more than
         `RPC_MAX_PAYLOAD_BYTES` (nothing is sent), `InvalidResult` (`ResultTooLarge`)
@@ -264,7 +281,8 @@ class RpcClient(ClientIO):
         - A task that raises is retried with exponential backoff up to `attempts`
           runs in all (1 to 100; default `TASK_ATTEMPTS`), then kept in the dead-letter
           list.
-        Raises `ServiceUnavailable` (no live instance) and `Overloaded` (backlog
+        Raises `ServiceUnavailable` (no live instance, after `common.rejoin`'s grace
+        if this client just lost touch with Redis) and `Overloaded` (backlog
         full) for policies other than `drop`.
         """
         if priority not in PRIORITIES:
@@ -312,6 +330,7 @@ class RpcClient(ClientIO):
                 LOW_WATERMARK,
             ),
             future=asyncio.get_running_loop().create_future(),
+            service=service,
         )
         if policy == "drop":
             result = await self._submit_drop(item)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,7 @@ from common.log import get_logger
 from common.outage import Outage
 from common.protocol import DROPPED, ENQUEUE_SCRIPT, NO_INSTANCE, OVER_BACKLOG, TASK_SCRIPT, Call
 from common.redis_failures import redis_failure, redis_failure_message
+from common.rejoin import Rejoin
 
 log = get_logger("switchboard.client")
 
@@ -77,6 +80,7 @@ class Enqueue:
     future: asyncio.Future[Any]
     service: str = ""
     instance: str | None = None
+    deadline: float = math.inf  # the call's (epoch seconds): `common.rejoin` fails it before
 
     @property
     def awaits_reply(self) -> bool:
@@ -108,6 +112,9 @@ class ClientIO:
     _writes: int  # batches the writer has finished, sent or failed
     _stalled_at: int  # `_writes` when a drop submit last gave up waiting, else -1
     max_payload: int  # RPC_MAX_PAYLOAD_BYTES: the largest envelope sent
+    _inbox_backoff: Backoff  # the inbox reader's, between failed reads
+    _failed_at: float  # time.monotonic() when Redis last failed one of our calls
+    _rejoin: Rejoin  # calls told "no live instance" just after an outage
 
     async def start(self) -> None:
         raise NotImplementedError
@@ -161,6 +168,24 @@ class ClientIO:
             return Overloaded(f"{quoted(service)} has more calls queued than its bound")
         return None
 
+    def _lost_touch_at(self) -> float:
+        """When (time.monotonic) this client last saw Redis fail it, or close one of
+        its connections (a restart, noticed at the next write): `common.rejoin`."""
+        return max(self._failed_at, self._enqueuer.found_closed_at, self._receiver.found_closed_at)
+
+    def _redis_failed_us(self) -> None:
+        self._failed_at = time.monotonic()
+
+    def _give_up(self, item: Enqueue) -> None:
+        """Fail a parked enqueue (`common.rejoin`) as its "no live instance" would have."""
+        if item.future.done():
+            return
+        if item.awaits_reply:
+            self._failures.add(asyncio.create_task(self._fail_call(item, NO_INSTANCE)))
+            self._failures = {t for t in self._failures if not t.done()}
+        else:
+            item.future.set_result(NO_INSTANCE)
+
     async def _fail_call(self, item: Enqueue, entry: Any) -> None:
         error = await self._error_for(entry, item.service, item.instance)
         if error is not None and not item.future.done():
@@ -187,6 +212,7 @@ class ClientIO:
             future=reply,
             service=service,
             instance=instance,
+            deadline=call.deadline,
         )
         if self._reader_parked:
             # Nobody else awaits a reply: the enqueue and the BLPOP for its reply
@@ -198,7 +224,7 @@ class ClientIO:
                 await self._receiver.send_packed(enqueue + self._blpop)
                 sent = True
             except _REDIS_FAILED:
-                pass  # the writer tries again on its own connection, and says why not
+                self._redis_failed_us()  # the writer tries again on its own connection
             finally:
                 if sent:
                     self._direct = item
@@ -232,13 +258,21 @@ class ClientIO:
             try:
                 results = await self._send_enqueues(batch) if batch else []
             except _REDIS_FAILED as exc:  # never ends the writer: every later call needs it
+                self._redis_failed_us()
                 if isinstance(exc, REDIS_DOWN_ERRORS) and await self._enqueuer.answers():
-                    await self._send_apart(batch)  # Redis refused the write: it is not down
+                    # Redis refused the write: it is not down (or no longer: the reader,
+                    # which may be waiting out the outage, reads the replies now).
+                    self._inbox_backoff.wake()
+                    await self._send_apart(batch)
                 else:
                     _fail(batch, _redis_failed(exc))
                 continue
             finally:
                 self._writes += 1
+            if self._inbox_backoff.failing and not any(isinstance(r, Exception) for r in results):
+                # Redis took the enqueues: the reader, waiting out a failure, reads the
+                # replies now instead of up to 2 s later.
+                self._inbox_backoff.wake()
             for item, result in zip(batch, results, strict=True):
                 self._enqueued(item, result)
 
@@ -267,7 +301,10 @@ class ClientIO:
             if _protocol_error(result):  # read before Redis closed the connection
                 item.future.set_exception(_refused_by_redis(item))
             else:
+                self._redis_failed_us()
                 item.future.set_exception(_redis_failed(result))
+        elif result == NO_INSTANCE and self._rejoin.park(item):
+            pass  # just after an outage: enqueued again once an instance is back
         elif not item.awaits_reply:
             item.future.set_result(result)
         elif result in (NO_INSTANCE, OVER_BACKLOG):
@@ -287,6 +324,7 @@ class ClientIO:
             # fresh one, as redis-py's own retry would. At-least-once: a batch
             # that did get in before the connection broke is enqueued twice.
             results = await self._enqueuer.execute(commands)
+            self._redis_failed_us()  # the connection had died: Redis went away meanwhile
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
             # Redis restarted (its script cache is empty): EVAL loads the script.
@@ -298,7 +336,7 @@ class ClientIO:
     async def _read_inbox(self) -> None:
         """BLPOP the inbox while replies are awaited; with several awaited, LPOP the
         ones queued up in the same write. Parked while none is awaited."""
-        backoff = Backoff()
+        backoff = self._inbox_backoff
         outage = Outage(log, "reply inbox unreachable", "reply inbox reachable again")
         conn = self._receiver
         drain_then_blpop = pack_commands([("LPOP", self.inbox, _INBOX_BATCH)]) + self._blpop
@@ -345,6 +383,7 @@ class ClientIO:
                 # A refused LPOP leaves its BLPOP's reply due: read later, it would be
                 # taken for the answer to the next command (an enqueue's, say).
                 await conn.discard()
+                self._redis_failed_us()
                 outage.failed(exc)
                 drain = True
                 await backoff.wait()

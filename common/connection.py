@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -181,6 +183,10 @@ class RawConnection:
         self._read_by = 0.0
         self._expired = False
         self._watchdog: asyncio.TimerHandle | None = None
+        # When (time.monotonic) a write last found the connection closed by Redis (a
+        # restart, a client kill) and made a new one: the one loss nobody is told of,
+        # as the write then succeeds. Every other failure is raised to the caller.
+        self.found_closed_at = -math.inf
 
     async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send `commands` in one write and return their replies in order."""
@@ -196,6 +202,8 @@ class RawConnection:
         try:
             proto = self._proto
             if proto is None or proto.lost is not None:
+                if proto is not None:
+                    self.found_closed_at = time.monotonic()
                 await self._connect()
                 proto = self._proto
                 assert proto is not None

@@ -19,6 +19,13 @@ is recent enough:
   logged and the lease is no longer renewed, so its calls are redelivered once it
   lapses, as a dead worker's; renewing starts again if the loop ever comes back.
 
+A heartbeat that fails (Redis away, or refusing writes) is tried again every
+`_RETRY` (0.1 s), not at the next interval: a lease that lapsed in an outage is
+renewed as soon as Redis answers, and the first heartbeat to get through tells the
+loop (`on_renewed`: the worker's loops leave their backoff). One that finds no lease
+of its own (Redis restarted without its data) registers the instance again and says
+so (`on_registered`: the service publishes its catalog and limits again).
+
 A dead process (SIGKILL, a crash), a stopped one (SIGSTOP stops the thread too) or a
 partitioned one still loses its lease within `HEARTBEAT_TTL`. One limit remains: C
 code that holds the GIL for seconds stops the thread too, and the lease lapses as it
@@ -33,6 +40,7 @@ CPU went from 1.5 to 2 ms a second (0.05 % of a core more). Nothing is done per 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import sys
 import threading
@@ -60,6 +68,9 @@ log = get_logger("switchboard.service")
 # HEARTBEAT_INTERVAL is shorter), seconds: a stall is measured to within a tick.
 # At 0.1 s an idle worker spent twice the CPU on it (measured: 1.4 ms/s, not 0.5).
 _TICK = 0.25
+# Between heartbeats that failed, seconds: a lease lapsed in an outage is renewed
+# within this of Redis answering (each attempt also retries inside redis-py, ~0.3 s).
+_RETRY = 0.1
 # A loop blocked this long (seconds) gets its warning.
 _STALL_WARNING = 1.0
 # How long `stop()` waits for the thread's last heartbeat (a Redis call in progress).
@@ -81,15 +92,21 @@ class LeaseKeeper:
         stall_limit: float,
         accepting: Callable[[], bool],
         handlers: Mapping[str, Callable[..., Any]] | None = None,
+        on_renewed: Callable[[], None] | None = None,
+        on_registered: Callable[[], None] | None = None,
     ) -> None:
         """`accepting()`: whether the instance takes calls (read at each heartbeat);
-        `handlers`: method name -> handler, to name the one blocking the loop."""
+        `handlers`: method name -> handler, to name the one blocking the loop;
+        `on_renewed()`, `on_registered()`: run on the loop when a heartbeat gets through
+        after failing, and when it finds no lease of this instance (registers it again)."""
         self.redis_url = redis_url
         self.record = record
         self.ttl_ms = int(ttl * 1000)
         self.interval = interval
         self.stall_limit = stall_limit
         self.accepting = accepting
+        self.on_renewed = on_renewed
+        self.on_registered = on_registered
         self._codes: dict[CodeType, str] = {}
         for name, fn in (handlers or {}).items():
             code = getattr(inspect.unwrap(fn), "__code__", None)
@@ -151,8 +168,10 @@ class LeaseKeeper:
         script = client.register_script(HEARTBEAT_SCRIPT)
         outage = Outage(log, "heartbeat failed", "heartbeat restored")
         next_beat = time.monotonic() + self.interval
+        tick = min(_TICK, self.interval)
+        failing = False
         try:
-            while not self._stop.wait(min(_TICK, self.interval)):
+            while not self._stop.wait(min(tick, _RETRY) if failing else tick):
                 if not self._loop_alive():
                     return  # the loop ended without `stop()`: nothing runs the calls
                 now = time.monotonic()
@@ -163,27 +182,44 @@ class LeaseKeeper:
                 if hung:
                     continue
                 try:
-                    self._beat(client, script)
-                    outage.recovered()
+                    registered = self._beat(client, script)
                 except Exception as exc:  # any: a heartbeat that stops unregisters a live worker
                     outage.failed(exc)
+                    next_beat = now + min(self.interval, _RETRY)
+                    failing = True
+                    continue
+                if failing:
+                    self._on_loop(self.on_renewed)
+                if registered:
+                    self._on_loop(self.on_registered)
+                failing = False
+                outage.recovered()
         finally:
             client.close()
 
-    def _beat(self, client: redis.Redis, script: Any) -> None:
+    def _on_loop(self, callback: Callable[[], None] | None) -> None:
+        """Run `callback` on the event loop (from this thread)."""
+        if callback is not None and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self._loop.call_soon_threadsafe(callback)
+
+    def _beat(self, client: redis.Redis, script: Any) -> bool:
         """One heartbeat; another at once if `accepting` changed meanwhile, so a beat
         sent just before a drain began cannot put the instance back among the
-        accepting ones after the drain's own beat."""
+        accepting ones after the drain's own beat. True when Redis held no lease of
+        this instance (it is registered again)."""
+        registered = False
         while True:
             accepting = self.accepting()
             keys, args = heartbeat_request(self.record, self.ttl_ms, accepting)
             result = script(keys=keys, args=args)
             if result is not None and (result[0] or len(result) > 1):
+                registered = registered or bool(result[0])
                 with client.pipeline(transaction=False) as pipe:
                     queue_heartbeat_events(pipe, self.record, result)
                     pipe.execute()
             if self.accepting() == accepting or self._stop.is_set():
-                return
+                return registered
 
     def _loop_alive(self) -> bool:
         loop = self._loop

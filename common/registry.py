@@ -17,6 +17,18 @@ and a resync's cost follows the services that exist, not every name ever seen.
 "Now" is always Redis's clock (`TIME` inside the scripts), so machines with
 skewed clocks agree on who is alive.
 
+A Redis outage longer than the TTL ends every lease, the live instances' too: nothing
+could renew them. Nobody widens a lease to ride that out (a dead instance must read
+as dead once its lease has ended); instead each side recovers at once. A worker
+retries a failed heartbeat every 0.1 s, so its lease is renewed as soon as Redis
+answers (`common.lease`); when Redis came back without its data, that heartbeat
+registers it again (the script's "added") and the worker publishes its catalog and
+limits again (`common.service`). A gateway's `RegistryView` keeps the instances it
+last saw for one lease after the outage (`recovery_grace`), and an `RpcClient` that
+lost touch with Redis holds a call told "no live instance" for up to one lease until
+a worker is back (`common.rejoin`), since the enqueue script checks liveness in
+Redis itself.
+
 The catalog (`sb:catalog`, no expiry) remembers each service's methods, which is
 how a gateway answers "unknown method" (404) apart from "no live instance" (503).
 

@@ -27,7 +27,9 @@ renew them), though the instances are up and heartbeat again within a second. So
 that resync keeps every instance it last saw for `recovery_grace` more seconds
 (one heartbeat lease): routing goes on across the outage's end instead of
 answering 503 until each instance's next heartbeat. One that died meanwhile is
-gone when its grace ends, or ejected by the health checks before.
+gone when its grace ends, or ejected by the health checks before. (RPC calls do not
+go through this view: the enqueue script checks liveness in Redis, and the client's
+own grace, `common.rejoin`, covers the same moment; see `common.registry`.)
 
 Each full resync reads every service in one round trip (a script per service,
 pipelined), and prunes what departed: an instance whose lease ended `prune_after`

@@ -24,6 +24,14 @@ within `SHUTDOWN_GRACE` while keeping its lease, flushes their replies,
 deregisters, and runs the `on_shutdown` hooks. Calls still running after the
 grace period are handed back: they stay pending and the next reap of another
 instance takes them.
+
+While serving, a heartbeat that fails (Redis away or refusing writes) is retried every
+0.1 s, not at the next interval: a lease that lapsed in an outage is renewed as soon
+as Redis answers, and the worker's read and reply loops, which may be deep in their
+backoff, are woken to retry at once. When Redis holds no lease of the instance any
+more (restarted without its data), that heartbeat registers it again and the service
+publishes its catalog and limits again ("registered again"); the worker's loops make
+its consumer groups again themselves.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from common import constants
+from common.aio import background, cancel_and_wait
 from common.connection import connect
 from common.errors import ConfigError
 from common.lease import LeaseKeeper
@@ -89,6 +98,7 @@ class Service:
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
         self._redis: aioredis.Redis | None = None
+        self._republishing: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
     @property
@@ -188,11 +198,13 @@ class Service:
             outage = Outage(log, "waiting for redis", "redis reachable")
             catalog = {n: spec.describe() for n, spec in self.methods.items()}
             limits = constants.limits_key(self.name)
-            steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
-                ("ping", self._redis.ping),
+            # What Redis must hold of the service: published again should Redis lose it
+            # (restarted without its data: the lease thread finds its lease gone).
+            published: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
                 ("catalog", lambda: registry.publish_catalog(self.name, catalog)),
                 ("limits", lambda: self.redis.hset(limits, "max_backlog", str(self.max_backlog))),
             ]
+            steps = [("ping", self._redis.ping), *published]
             for hook in self._startup:
                 steps.append((f"startup hook {_name_of(hook)}", functools.partial(hook, self)))
             for step, run in steps:
@@ -225,6 +237,8 @@ class Service:
                 stall_limit=self.settings.loop_stall_limit,
                 accepting=lambda: self._accepting,
                 handlers={name: spec.fn for name, spec in self.methods.items()},
+                on_renewed=self._redis_answered,
+                on_registered=lambda: self._publish_again(published),
             )
             lease.start()
             if not await self._until_done("consumer groups", self.worker.start, outage):
@@ -245,12 +259,37 @@ class Service:
             finally:
                 if lease is not None:  # first thing, even if cancelled: a lease left
                     await lease.stop()  # renewed would hold calls nobody runs
+                await cancel_and_wait(self._republishing)
             with contextlib.suppress(RedisError, OSError):  # no heartbeat may follow this
                 await registry.deregister(self.name, self.instance_id)
             for hook in self._shutdown:
                 await hook(self)
             await self._redis.aclose()
             self._redis = None
+
+    def _redis_answered(self) -> None:
+        """The lease thread's heartbeat got through after failing: the worker's loops,
+        possibly deep in their backoff, try again now."""
+        if self.worker is not None:
+            self.worker.redis_answered()
+
+    def _publish_again(self, published: list[tuple[str, Callable[[], Awaitable[Any]]]]) -> None:
+        """The lease thread registered the instance again (Redis had lost its lease, and
+        with it, likely, the catalog and limits): publish them again, in a task. Not
+        once draining: the instance is leaving (and the task would outlive `serve()`)."""
+        if not self._accepting:
+            return
+        log.info("registered again", extra={"fields": {"instance": self.instance_id}})
+        if self._republishing is None or self._republishing.done():
+            self._republishing = background(
+                self._publish(published), name=f"{self.name}-publish-again"
+            )
+
+    async def _publish(self, published: list[tuple[str, Callable[[], Awaitable[Any]]]]) -> None:
+        outage = Outage(log, "publishing again failed", "published again")
+        for step, run in published:
+            if not await self._until_done(step, run, outage):
+                return
 
     async def _until_done(
         self, step: str, run: Callable[[], Awaitable[Any]], outage: Outage

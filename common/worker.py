@@ -116,6 +116,9 @@ class Worker(CallRunner):
         self._started_tasks = False  # the read loop started calls since its last turn
         self._tasks: list[asyncio.Task[None]] = []
         self._writes = ReplyWrites(service, self._bucket_seconds, dead_letter_cap)
+        # The read loop's and the flusher's delays between failed attempts.
+        self._read_backoff = Backoff()
+        self._flush_backoff = Backoff()
 
     async def start(self) -> None:
         """Create the consumer groups (both streams) and start consuming."""
@@ -171,6 +174,12 @@ class Worker(CallRunner):
                 if "BUSYGROUP" not in str(exc):
                     raise
 
+    def redis_answered(self) -> None:
+        """Redis answered another loop of this process (the heartbeat, after failing):
+        a read or a flush waiting out a failure tries again now, not up to 2 s later."""
+        self._read_backoff.wake()
+        self._flush_backoff.wake()
+
     def _free_slots(self) -> int:
         return self.concurrency - len(self._inflight)
 
@@ -188,7 +197,7 @@ class Worker(CallRunner):
         Every read carries, in the same write, the replies, acks and bookkeeping
         of what finished since the last one.
         """
-        backoff = Backoff()
+        backoff = self._read_backoff
         outage = Outage(log, "redis unreachable, retrying", "redis reachable again")
         refused = Outage(log, "redis refused the call read, retrying", "calls read again")
         probe_first = True
@@ -357,7 +366,7 @@ class Worker(CallRunner):
 
     async def _flush(self) -> None:
         """Write what finishes while the read loop is blocked in a read."""
-        backoff = Backoff()
+        backoff = self._flush_backoff
         outage = Outage(log, "reply flush failed, retrying", "replies flushed again")
         while not cancelling():
             await self._flush_wanted.wait()
