@@ -40,7 +40,7 @@ import functools
 import math
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,11 +100,9 @@ class CallRunner:
     _executor: ThreadPoolExecutor
     _inline: set[str]  # methods that never suspend: run without a task
     _started_tasks: bool  # calls were started in tasks since the read loop's last turn
+    _finish: Callable[[Finished], None]  # queues an outcome for writing (`common.outbox`)
 
     def _track(self, task: asyncio.Task[None]) -> None:
-        raise NotImplementedError
-
-    def _finish(self, done: Finished) -> None:
         raise NotImplementedError
 
     def _start(self, stream: str, entry_id: bytes, data: bytes | None, deliveries: int = 1) -> None:
@@ -133,6 +131,7 @@ class CallRunner:
             self.stats.deduplicated += 1
             done = Finished(stream, entry_id, call.call_id, call.reply_to, stored, False)
             done.method = call.method
+            done.deadline = _reply_deadline(call)
             self._finish(done)
             return
         if deliveries > self.max_deliveries:
@@ -158,6 +157,7 @@ class CallRunner:
         )
         done = Finished(stream, entry_id, call.call_id, call.reply_to, method=call.method)
         done.reply = error_reply(call.call_id, error)
+        done.deadline = _reply_deadline(call)
         if call.is_task:
             done.dead = deadletters.encode(call, error.to_dict())
             self.stats.dead_lettered += 1
@@ -270,7 +270,8 @@ class CallRunner:
         reply: bytes,
         error: SwitchboardError | None,
     ) -> None:
-        done = Finished(stream, entry_id, call.call_id, call.reply_to, reply, method=call.method)
+        done = Finished(stream, entry_id, call.call_id, call.reply_to, reply, method=call.method,
+                        deadline=_reply_deadline(call))  # fmt: skip
         if error is not None and call.is_task:
             self._after_task_failure(call, error, done)
         self._finish(done)
@@ -362,6 +363,12 @@ class CallRunner:
             fields["traceback"] = "".join(traceback.format_tb(exc.__traceback__))
             log.error("handler raised", extra={"fields": fields})
         return RemoteError(message or type(exc).__name__, remote_type=type(exc).__name__)
+
+
+def _reply_deadline(call: Call) -> float | None:
+    """Until when a reply to `call` is worth writing: its deadline, past which its caller
+    waits no more; None for a task's, which nobody waits for (`common.outbox`)."""
+    return None if call.reply_to is None else call.deadline
 
 
 def _bounded(message: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from common import constants
-from common.connection import REDIS_DOWN_ERRORS
+from common.redis_failures import REDIS_DOWN_OR_REFUSING
 
 # KEYS: the shared streams (calls, tasks:1, tasks:2), then the leases zset.
 # ARGV: group, this consumer, max calls to claim.
@@ -141,7 +141,7 @@ class Redelivery:
                 for b in (bucket, bucket - 1):
                     pipe.hget(constants.done_key(self.service, b), call_id)
                 found: list[Any] = await pipe.execute()
-        except REDIS_DOWN_ERRORS:
-            return None  # unknown: run the call (at-least-once)
+        except REDIS_DOWN_OR_REFUSING:  # BUSY, LOADING refuse reads too; a call must not
+            return None  # be left unanswered for it. Unknown: run the call (at-least-once)
         stored = next((r for r in found if r is not None), None)
         return bytes(stored) if stored is not None else None

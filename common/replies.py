@@ -16,6 +16,11 @@ other calls of the batch never answered. A write that fails while Redis answers 
 PING is therefore written again entry by entry; an entry that fails alone twice,
 Redis still answering, is answered with `ResultTooLarge` instead (its retry or dead
 letter, if a task's, left out), or failing that only acked, and logged once.
+
+A write Redis refuses for now (`refusal`: out of memory, a read-only replica after a
+failover, a failed save, a script running too long, ...: `common.redis_failures`)
+is different: Redis answers each refused command with an error reply, the batch is
+kept and written again (`common.outbox`), as during an outage.
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from common import constants
 from common.connection import RawConnection
 from common.errors import ResultTooLarge
 from common.log import get_logger
 from common.protocol import error_reply
+from common.redis_failures import REFUSALS, redis_failure
 
 log = get_logger("switchboard.worker")
 
@@ -50,6 +58,9 @@ class Finished:
     retry: tuple[bytes, float] | None = None  # (retry zset member, due epoch ms)
     dead: bytes | None = None  # dead-letter record
     method: str = ""  # the call's, for the log
+    # A call's deadline (epoch seconds): no caller waits for its reply after it, so a
+    # reply Redis refuses is held no longer (`common.outbox`). None: an ack, or a task's.
+    deadline: float | None = None
 
 
 class ReplyWrites:
@@ -118,23 +129,27 @@ class ReplyWrites:
 
     async def write_apart(
         self, conn: RawConnection, batch: list[Finished]
-    ) -> tuple[list[Any], list[Finished]]:
+    ) -> tuple[list[Any], list[Finished], ResponseError | None]:
         """Write `batch`, which Redis refused whole while it answered a PING, entry by
-        entry (see the module docstring). The replies of what was written, and the
-        entries left unwritten because Redis stopped answering: the caller writes those
-        again as it does during an outage."""
+        entry (see the module docstring). The replies of what was written, the entries
+        left unwritten, and why: Redis stopped answering (None), or it refuses writes
+        for now (`refusal`). The caller writes those again as it does during an outage."""
         replies: list[Any] = []
         for i, done in enumerate(batch):
             failure: BaseException | None = None
             instead = _answered_instead(done, self.service)
-            for attempt in (done, done, instead, _acked_only(done)):
+            for attempt in (done, done, instead, acked_only(done)):
                 try:
-                    replies += await conn.execute(self.commands([attempt]))
+                    written = await conn.execute(self.commands([attempt]))
                 except Exception as exc:  # any: a bug building the commands is poison too
                     if not await conn.answers():
-                        return replies, batch[i:]
+                        return replies, batch[i:], None
                     failure = exc
                     continue
+                refused = refusal(written)
+                if refused is not None:  # not this entry's fault: it is written again
+                    return replies, batch[i:], refused
+                replies += written
                 if attempt is not done:
                     assert failure is not None
                     _log_refused(done, attempt, failure)
@@ -142,7 +157,17 @@ class ReplyWrites:
             else:  # not even its ack: left pending (`_log_refused` says so)
                 assert failure is not None
                 _log_refused(done, None, failure)
-        return replies, []
+        return replies, [], None
+
+
+def refusal(replies: list[Any]) -> ResponseError | None:
+    """The first of a write's `replies` that is Redis refusing writes for now (out of
+    memory, a read-only replica, ...: `common.redis_failures.REFUSALS`), if any: the
+    write is to be made again. Other error replies (a key of the wrong type) are not."""
+    for reply in replies:
+        if isinstance(reply, ResponseError) and redis_failure(reply) in REFUSALS:
+            return reply
+    return None
 
 
 def _answered_instead(done: Finished, service: str) -> Finished:
@@ -150,7 +175,7 @@ def _answered_instead(done: Finished, service: str) -> Finished:
     writes (a retry, a dead letter: large arguments, not a reply, may be what Redis
     refused)."""
     if done.call_id is None or done.reply is None:
-        return _acked_only(done)
+        return acked_only(done)
     error = ResultTooLarge(
         f"the result of {service}.{done.method} ({len(done.reply)} bytes encoded) could not "
         "be sent: Redis refused it (a value over its proto-max-bulk-len, set lower than "
@@ -158,10 +183,11 @@ def _answered_instead(done: Finished, service: str) -> Finished:
     )
     reply = error_reply(done.call_id, error)
     return Finished(done.stream, done.entry_id, done.call_id, done.inbox, reply, done.remember,
-                    method=done.method)  # fmt: skip
+                    method=done.method, deadline=done.deadline)  # fmt: skip
 
 
-def _acked_only(done: Finished) -> Finished:
+def acked_only(done: Finished) -> Finished:
+    """`done` without its writes but its entry's ack (and deletion)."""
     return Finished(done.stream, done.entry_id, method=done.method)
 
 

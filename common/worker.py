@@ -14,11 +14,14 @@ own, and under load a batch costs one round trip. What finishes while the loop
 is blocked in a read is written by the flusher task on a second connection.
 Either way a batch is written in an order that makes a crash at any point safe
 (`common.replies`): replies stored for deduplication, then pushed to the callers'
-inboxes, then the entries acked and deleted. A result over `RPC_MAX_PAYLOAD_BYTES`
-encoded is answered with `ResultTooLarge` (`common.calls`), and a batch Redis refuses
-while it answers a PING is written entry by entry, the one it refuses answered with
-an error (`ReplyWrites.write_apart`): one reply never holds back the others, nor the
-worker's shutdown.
+inboxes, then the entries acked and deleted. What finished and is not written yet is
+the `common.outbox.Outbox`'s, which holds what Redis does not take for now (down, or
+refusing writes: out of memory, a read-only replica...) and writes it again; while it
+holds a batch Redis refused, the read loop takes no new calls. A result over
+`RPC_MAX_PAYLOAD_BYTES` encoded is answered with `ResultTooLarge` (`common.calls`), and
+a batch Redis refuses for good while it answers a PING is written entry by entry, the
+one it refuses answered with an error (`ReplyWrites.write_apart`): one reply never
+holds back the others, nor the worker's shutdown.
 
 Redelivery (`common.redelivery`): every `reap_interval` a worker runs the
 reclaim script, which moves the pending calls of every consumer without a live
@@ -52,13 +55,12 @@ from common.calls import CallRunner, WorkerStats
 from common.connection import REDIS_DOWN_ERRORS, RawConnection, pack_commands
 from common.log import get_logger
 from common.outage import Outage
+from common.outbox import Outbox
 from common.params import MethodSpec
 from common.redelivery import Redelivery
-from common.replies import Finished, ReplyWrites
+from common.replies import ReplyWrites
 
 log = get_logger("switchboard.worker")
-
-_MAX_FLUSH_BATCH = 512
 
 
 class Worker(CallRunner):
@@ -102,23 +104,19 @@ class Worker(CallRunner):
         # the flusher's (writes made while the read loop is blocked in a read).
         self._reader = RawConnection(redis)
         self._writer = RawConnection(redis)
+        self._writes = ReplyWrites(service, self._bucket_seconds, dead_letter_cap)
         self._stream_names = {s.encode(): s for s in (self.stream, self.direct, *self.tasks)}
         # Methods whose handler can never suspend: run in the read loop, no task.
         self._inline = {name for name, spec in methods.items() if spec.never_suspends}
         self._inflight: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._finished: list[Finished] = []
-        self._unflushed = 0  # finished entries not yet written
-        self._all_flushed = asyncio.Event()
-        self._flush_wanted = asyncio.Event()
-        self._in_read_loop = False  # finishing now: the read loop writes it next
+        self.outbox = Outbox(self._writer, self._writes, self._slot_free)
+        self._finish = self.outbox.finish
         self._started_tasks = False  # the read loop started calls since its last turn
         self._tasks: list[asyncio.Task[None]] = []
-        self._writes = ReplyWrites(service, self._bucket_seconds, dead_letter_cap)
-        # The read loop's and the flusher's delays between failed attempts.
+        # The read loop's delay between failed attempts (`redis_answered` cuts it short).
         self._read_backoff = Backoff()
-        self._flush_backoff = Backoff()
 
     async def start(self) -> None:
         """Create the consumer groups (both streams) and start consuming."""
@@ -126,7 +124,7 @@ class Worker(CallRunner):
         self._tasks = [
             background(self._consume(), name=f"{self.service}-consume"),
             background(self._reap(), name=f"{self.service}-reap"),
-            background(self._flush(), name=f"{self.service}-flush"),
+            background(self.outbox.run(), name=f"{self.service}-flush"),
         ]
 
     async def stop(self, grace: float) -> None:
@@ -152,12 +150,10 @@ class Worker(CallRunner):
                     "shutdown grace expired: calls handed back",
                     extra={"fields": {"handed_back": len(pending)}},
                 )
-        if self._unflushed:
-            self._flush_wanted.set()
-            try:
-                await asyncio.wait_for(self._all_flushed.wait(), timeout=max(grace, 1.0))
-            except TimeoutError:
-                log.warning("replies not flushed before shutdown")
+        if not await self.outbox.drain(max(grace, 1.0)):
+            # Their entries are left pending when Redis did not take their acks either:
+            # another instance reclaims them.
+            log.warning("replies not flushed before shutdown")
         for task in self._tasks:
             await cancel_and_wait(task)
         await self._reader.aclose()
@@ -178,9 +174,11 @@ class Worker(CallRunner):
         """Redis answered another loop of this process (the heartbeat, after failing):
         a read or a flush waiting out a failure tries again now, not up to 2 s later."""
         self._read_backoff.wake()
-        self._flush_backoff.wake()
+        self.outbox.wake()
 
     def _free_slots(self) -> int:
+        if self.outbox.held:  # Redis refuses writes: a call run now could not be answered
+            return 0
         return self.concurrency - len(self._inflight)
 
     async def _consume(self) -> None:
@@ -207,11 +205,12 @@ class Worker(CallRunner):
         read_timeout = self.block_ms / 1000 + self._reader.timeout
         reads: dict[tuple[bool, int], bytes] = {}  # the read commands, packed once
         handed_off = False  # a batch failed with the last read: the flusher has it
+        outbox = self.outbox
         while not self._stopping.is_set() and not cancelling():
             free = self._free_slots()
             if free <= 0:
-                if self._finished:
-                    self._flush_wanted.set()
+                if outbox.finished:
+                    outbox.wanted.set()
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
@@ -225,16 +224,18 @@ class Worker(CallRunner):
                     command += ("BLOCK", self.block_ms)
                 command += ("STREAMS", *streams, *(">",) * len(streams))
                 read = reads[(probe_first, per_stream)] = pack_commands([command])
-            batch = [] if handed_off else self._take_finished()
-            flush = self._writes.commands(batch) if batch else []
+            batch = [] if handed_off else outbox.take()
             try:
+                # In the `try`: a bug building a batch's commands must not end the loop
+                # (the flusher writes the batch apart, the one at fault acked only).
+                flush = self._writes.commands(batch) if batch else []
                 await self._reader.send_packed(pack_commands(flush) + read)
                 if batch:
-                    self._written(batch, await self._reader.read(len(flush)))
+                    outbox.written(batch, await self._reader.read(len(flush)))
                     batch = []
                 (response,) = await self._reader.read(1, timeout=read_timeout)
             except Exception as exc:  # any: the connection is dropped, the next read remakes it
-                self._requeue(batch)
+                outbox.requeue(batch)
                 if batch:
                     # Redis may be refusing the batch, not down (`common.replies`): the
                     # flusher finds out and writes it; the next read goes without it.
@@ -244,7 +245,7 @@ class Worker(CallRunner):
                 await backoff.wait()
                 continue
             except BaseException:
-                self._requeue(batch)  # cancelled mid-write: the flusher writes it again
+                outbox.requeue(batch)  # cancelled mid-write: the flusher writes it again
                 raise
             if isinstance(response, ResponseError):
                 await self._read_refused(response, refused, backoff)
@@ -260,7 +261,7 @@ class Worker(CallRunner):
                 probe_first = bool(response)
             else:
                 probe_first = any(len(e) >= per_stream for _, e in response or ())
-            self._in_read_loop = True
+            outbox.in_read_loop = True
             try:
                 for stream, entries in response or ():
                     name = self._stream_names.get(stream) or stream.decode()
@@ -273,9 +274,9 @@ class Worker(CallRunner):
                     self._started_tasks = False
                     await asyncio.sleep(0)
             finally:
-                self._in_read_loop = False
-        if self._finished:
-            self._flush_wanted.set()
+                outbox.in_read_loop = False
+        if outbox.finished:
+            outbox.wanted.set()
 
     async def _read_refused(self, error: ResponseError, refused: Outage, backoff: Backoff) -> None:
         """Redis answered the read with an error: make the groups again if a stream was
@@ -323,72 +324,6 @@ class Worker(CallRunner):
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._slot_free.set()
-
-    # ----------------------------------------------------------------------
-    # Writing what finished
-    # ----------------------------------------------------------------------
-    def _finish(self, done: Finished) -> None:
-        self._finished.append(done)
-        self._unflushed += 1
-        self._all_flushed.clear()
-        if not self._in_read_loop:
-            self._flush_wanted.set()  # the read loop may be blocked: the flusher writes it
-
-    def _take_finished(self) -> list[Finished]:
-        batch = self._finished[:_MAX_FLUSH_BATCH]
-        del self._finished[:_MAX_FLUSH_BATCH]
-        if self._finished:
-            self._flush_wanted.set()
-        return batch
-
-    def _requeue(self, batch: list[Finished]) -> None:
-        """A write failed: the flusher writes the batch again (it is never dropped)."""
-        if batch:
-            self._finished[:0] = batch
-            self._flush_wanted.set()
-
-    def _written(self, batch: list[Finished], replies: list[Any]) -> None:
-        errors = [r for r in replies if isinstance(r, ResponseError)]
-        if errors:
-            log.error(
-                "reply flush: redis refused a command", extra={"fields": {"error": str(errors[0])}}
-            )
-        self._unflushed -= len(batch)
-        if self._unflushed <= 0:
-            self._all_flushed.set()
-
-    async def _write_apart(self, batch: list[Finished]) -> list[Finished]:
-        """Write a batch Redis refused whole, entry by entry (`ReplyWrites.write_apart`);
-        what is left unwritten (Redis stopped answering)."""
-        replies, left = await self._writes.write_apart(self._writer, batch)
-        self._written(batch[: len(batch) - len(left)], replies)
-        return left
-
-    async def _flush(self) -> None:
-        """Write what finishes while the read loop is blocked in a read."""
-        backoff = self._flush_backoff
-        outage = Outage(log, "reply flush failed, retrying", "replies flushed again")
-        while not cancelling():
-            await self._flush_wanted.wait()
-            self._flush_wanted.clear()
-            batch = self._take_finished()
-            while batch and not cancelling():
-                try:
-                    replies = await self._writer.execute(self._writes.commands(batch))
-                except Exception as exc:  # any: a flusher that ends leaves replies unwritten
-                    if await self._writer.answers():  # refused, not down: see the docstring
-                        batch = await self._write_apart(batch)
-                        continue
-                    outage.failed(exc)  # keep the replies: delivered once Redis is back
-                    await backoff.wait()
-                    continue
-                except BaseException:
-                    self._requeue(batch)
-                    raise
-                backoff.reset()
-                outage.recovered()
-                self._written(batch, replies)
-                batch = []
 
     def snapshot(self) -> dict[str, Any]:
         """Counters and per-method latency histograms as plain data."""

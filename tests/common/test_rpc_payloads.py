@@ -161,7 +161,7 @@ async def test_a_reply_redis_refuses_fails_its_own_call_only(
     finally:
         svc.request_stop()
         await asyncio.wait_for(task, 30)
-    assert svc.worker is not None and svc.worker._unflushed == 0
+    assert svc.worker is not None and svc.worker.outbox.unflushed == 0
     assert _logged(caplog, "replies not flushed before shutdown") == []
 
 

@@ -115,6 +115,18 @@ def build(name: str = "calc", concurrency: int | None = None) -> Service:
         return "x" * size
 
     @svc.method
+    def gate(path: str, fail: bool = False) -> str:
+        """Waits until a file exists at `path` (a test makes it: the handler ends when the
+        test says, not after some time), then answers its text, or raises it (`fail`)."""
+        while not os.path.exists(path):
+            time.sleep(0.01)
+        with open(path) as file:
+            text = file.read()
+        if fail:
+            raise RuntimeError(text)
+        return text
+
+    @svc.method
     async def stats() -> dict[str, object]:
         assert svc.worker is not None
         return svc.worker.snapshot()
