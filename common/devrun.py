@@ -2,7 +2,7 @@
 
 1. Start an embedded Redis (AOF on, data under `.run/redis`) unless `REDIS_URL` is set,
    and write its URL to `.run/redis-url` (removed on exit) for the operator commands
-   run in another shell, which have no REDIS_URL (`common.settings.cli_redis_url`).
+   run in another shell, which have no REDIS_URL (`common.dev_redis.cli_redis_url`).
 2. Start every process of the `Procfile` with honcho (a well-kept Procfile runner,
    given SHUTDOWN_GRACE to stop them: `common.procrun`), with the venv's `bin/`
    first on PATH and the repo root on PYTHONPATH.
@@ -25,16 +25,10 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
+from common.dev_redis import remove_dev_redis_url, write_dev_redis_url
 from common.embedded_redis import EmbeddedRedis
 from common.procrun import kill_wait
-from common.settings import (
-    REPO_ROOT,
-    exit_on_config_error,
-    get_settings,
-    remove_dev_redis_url,
-    run_path,
-    write_dev_redis_url,
-)
+from common.settings import REPO_ROOT, exit_on_config_error, get_settings, run_path
 
 ROOT = REPO_ROOT
 

@@ -11,7 +11,8 @@ from typing import Any
 from common import codec
 from common.connection import connect
 from common.deadletters import DeadLetters
-from common.settings import cli_redis_url, exit_on_config_error, get_settings
+from common.dev_redis import cli_redis_url
+from common.settings import exit_on_config_error, get_settings
 
 
 async def main(argv: list[str]) -> int:

@@ -12,7 +12,7 @@ section the stored policy has entries in (`"limits": []` removes every limit);
 and `validate` warns of the sections FILE leaves out. Writes are audited as
 "cli:<os user>".
 Uses REDIS_URL, or, when it is not set, the Redis `make run` started
-(`common.settings.cli_redis_url`). Exit status: 0 done, 1 refused (invalid policy, version
+(`common.dev_redis.cli_redis_url`). Exit status: 0 done, 1 refused (invalid policy, version
 conflict, Redis unreachable, unreadable file, a stored version that is not an
 integer), 2 bad usage. An audit entry's field that does not read shows as "?".
 """
@@ -30,11 +30,12 @@ from typing import Any
 
 from common.codec import parse_json
 from common.connection import connect
+from common.dev_redis import cli_redis_url
 from common.errors import RedisUnavailable, SwitchboardError
 from common.policy.model import ROOT, PolicyInvalid, validate_document
 from common.policy.sections import omission_warnings
 from common.policy.store import PolicyStore
-from common.settings import cli_redis_url, get_settings
+from common.settings import get_settings
 
 # The most audit entries one `history` shows (as `GET /admin/policy/history`).
 MAX_HISTORY = 1000

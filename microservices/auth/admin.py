@@ -8,7 +8,7 @@ python -m microservices.auth.admin rotate-signing-key
 ```
 
 Redis is `REDIS_URL`, or, when it is not set, the one `make run` started
-(`common.settings.cli_redis_url`). A password is read from stdin (`--password-stdin`, one
+(`common.dev_redis.cli_redis_url`). A password is read from stdin (`--password-stdin`, one
 line) or prompted for without echo, never taken from the command line (where
 `ps` and shell history would show it), and must be UTF-8 text; without a
 terminal to prompt on, `create-admin` needs `--password-stdin`. `create-key`
@@ -27,8 +27,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from common.connection import REDIS_DOWN_ERRORS, connect
+from common.dev_redis import cli_redis_url
 from common.errors import ConfigError, ServiceError
-from common.settings import cli_redis_url, get_settings
+from common.settings import get_settings
 from microservices.auth.accounts import Accounts
 
 

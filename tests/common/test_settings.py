@@ -8,14 +8,9 @@ from typing import Any
 
 import pytest
 
+from common.dev_redis import cli_redis_url, remove_dev_redis_url, write_dev_redis_url
 from common.errors import ConfigError
-from common.settings import (
-    Bounds,
-    Settings,
-    cli_redis_url,
-    remove_dev_redis_url,
-    write_dev_redis_url,
-)
+from common.settings import Bounds, Settings
 from tests.helpers import ROOT
 
 
