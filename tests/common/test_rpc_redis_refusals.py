@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -21,21 +20,13 @@ from tests.helpers import ServiceProcess, wait_for, wait_for_async
 from tests.support.redis_states import (  # noqa: F401 (the *_fixture ones)
     MESSAGES,
     STATES,
+    admin_fixture,
     out_of_memory,
     private_redis_fixture,
     read_only,
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def admin(private_redis: EmbeddedRedis) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=private_redis.port)
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 async def _live_service(url: str) -> str:

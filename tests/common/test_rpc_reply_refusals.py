@@ -30,6 +30,7 @@ from tests.helpers import ServiceProcess, serve_in_task, wait_for, wait_for_asyn
 from tests.support.calc_service import build
 from tests.support.redis_states import (  # noqa: F401 (the *_fixture ones)
     STATES,
+    admin_fixture,
     busy,
     out_of_memory,
     private_redis_fixture,
@@ -38,15 +39,6 @@ from tests.support.redis_states import (  # noqa: F401 (the *_fixture ones)
 )
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def admin(private_redis: EmbeddedRedis) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=private_redis.port)
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 @pytest.fixture

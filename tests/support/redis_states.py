@@ -144,3 +144,13 @@ def private_redis_fixture() -> Iterator[EmbeddedRedis]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(name="admin")
+def admin_fixture(private_redis: EmbeddedRedis) -> Iterator[redis.Redis]:
+    """A client of `private_redis`, to put it into a state and back out."""
+    client = redis.Redis(port=private_redis.port)
+    try:
+        yield client
+    finally:
+        client.close()
