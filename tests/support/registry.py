@@ -6,9 +6,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
 import redis.asyncio as aioredis
 
 from common.registry import InstanceRecord, Registry
+from common.registry_view import RegistryView
 from tests.helpers import free_port
 
 # Every registry view resyncs each second: after this, every view knows what was registered.
@@ -58,3 +60,13 @@ async def dead_instances(
     async with registered(redis_url, service, addresses, kind=kind):
         await asyncio.sleep(VIEWS_RESYNCED)
         yield names
+
+
+@pytest.fixture(name="view")
+async def quick_view_fixture(redis_client: aioredis.Redis) -> AsyncIterator[RegistryView]:
+    """A registry view that resyncs and prunes soon: leases that ended and services
+    that left show quickly."""
+    v = RegistryView(redis_client, resync_interval=0.1, prune_after=0.3)
+    await v.start()
+    yield v
+    await v.close()

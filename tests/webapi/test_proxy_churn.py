@@ -11,7 +11,6 @@ service that left altogether has neither a strategy nor a retry budget any more.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -22,6 +21,7 @@ from common.registry import InstanceRecord, Registry
 from common.registry_view import RegistryView
 from tests.helpers import wait_for_async
 from tests.support.policy import update_service
+from tests.support.registry import quick_view_fixture  # noqa: F401 (a fixture)
 from webapi.errors import ApiError
 from webapi.proxy import UpstreamConnectError, UpstreamPool
 from webapi.proxy.forward import Proxy
@@ -32,15 +32,6 @@ WAVES = 6  # of instances that come, take requests and go
 PER_WAVE = 8  # per service and wave
 STAYING = 2  # per service, for the whole test
 LEASE = 1.0  # seconds: the lease of the instances that stop heartbeating
-
-
-@pytest.fixture
-async def view(redis_client: aioredis.Redis) -> AsyncIterator[RegistryView]:
-    # Resyncs and prunes soon, so leases that ended and services that left show quickly.
-    v = RegistryView(redis_client, resync_interval=0.1, prune_after=0.3)
-    await v.start()
-    yield v
-    await v.close()
 
 
 def _record(service: str, name: str, port: int) -> InstanceRecord:

@@ -4,7 +4,6 @@ and balancing state go with them (it runs no active health checks that would).""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,17 +13,10 @@ from common.registry import InstanceRecord, Registry
 from common.registry_view import RegistryView
 from tests.helpers import free_port, wait_for_async
 from tests.support.policy import update_service
+from tests.support.registry import quick_view_fixture  # noqa: F401 (a fixture)
 from websocket.upstreams import NoUpstream, Upstreams
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-async def view(redis_client: aioredis.Redis) -> AsyncIterator[RegistryView]:
-    v = RegistryView(redis_client, resync_interval=0.1, prune_after=0.3)
-    await v.start()
-    yield v
-    await v.close()
 
 
 def _record(service: str, name: str) -> InstanceRecord:
