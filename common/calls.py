@@ -129,10 +129,7 @@ class CallRunner:
         stored = await self.redelivery.stored_reply(call.call_id)
         if stored is not None:
             self.stats.deduplicated += 1
-            done = Finished(stream, entry_id, call.call_id, call.reply_to, stored, False)
-            done.method = call.method
-            done.deadline = _reply_deadline(call)
-            self._finish(done)
+            self._finish(_finished(stream, entry_id, call, stored, remember=False))
             return
         if deliveries > self.max_deliveries:
             self._abandon(stream, entry_id, call, deliveries)
@@ -155,9 +152,7 @@ class CallRunner:
             "deliveries ended without an answer (the worker running it died or stopped)",
             remote_type="WorkerLost",
         )
-        done = Finished(stream, entry_id, call.call_id, call.reply_to, method=call.method)
-        done.reply = error_reply(call.call_id, error)
-        done.deadline = _reply_deadline(call)
+        done = _finished(stream, entry_id, call, error_reply(call.call_id, error))
         if call.is_task:
             done.dead = deadletters.encode(call, error.to_dict())
             self.stats.dead_lettered += 1
@@ -270,8 +265,7 @@ class CallRunner:
         reply: bytes,
         error: SwitchboardError | None,
     ) -> None:
-        done = Finished(stream, entry_id, call.call_id, call.reply_to, reply, method=call.method,
-                        deadline=_reply_deadline(call))  # fmt: skip
+        done = _finished(stream, entry_id, call, reply)
         if error is not None and call.is_task:
             self._after_task_failure(call, error, done)
         self._finish(done)
@@ -365,10 +359,15 @@ class CallRunner:
         return RemoteError(message or type(exc).__name__, remote_type=type(exc).__name__)
 
 
-def _reply_deadline(call: Call) -> float | None:
-    """Until when a reply to `call` is worth writing: its deadline, past which its caller
-    waits no more; None for a task's, which nobody waits for (`common.outbox`)."""
-    return None if call.reply_to is None else call.deadline
+def _finished(
+    stream: str, entry_id: bytes, call: Call, reply: bytes | None, *, remember: bool = True
+) -> Finished:
+    """What is written for `call` (entry `entry_id` of `stream`): `reply` to its inbox, worth
+    writing until its deadline, past which its caller waits no more (a task's has none:
+    nobody waits for it, `common.outbox`). Hot path."""
+    deadline = None if call.reply_to is None else call.deadline
+    return Finished(stream, entry_id, call.call_id, call.reply_to, reply, remember,
+                    method=call.method, deadline=deadline)  # fmt: skip
 
 
 def _bounded(message: str) -> str:

@@ -37,6 +37,7 @@ from common.errors import (
 )
 from common.log import request_id_var
 from common.protocol import (
+    DEFAULT_SEND_TTL,
     DROPPED,
     HIGH_WATERMARK,
     LOW_WATERMARK,
@@ -48,9 +49,6 @@ from common.protocol import (
 from common.registry import Registry
 from common.rejoin import Rejoin
 from common.settings import Settings, get_settings
-
-# How long a fire-and-forget message stays worth running if it waits in the queue.
-DEFAULT_SEND_TTL = 300.0
 
 
 def split_target(target: str) -> tuple[str, str]:

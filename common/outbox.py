@@ -40,6 +40,7 @@ from common.aio import Backoff, cancelling
 from common.connection import RawConnection
 from common.log import get_logger
 from common.outage import Outage
+from common.protocol import DEFAULT_SEND_TTL
 from common.redis_failures import REFUSALS, redis_failure
 from common.replies import Finished, ReplyWrites, acked_only, refusal
 
@@ -48,7 +49,7 @@ log = get_logger("switchboard.worker")
 _MAX_FLUSH_BATCH = 512
 # How long a task's writes are held while Redis refuses them (see the docstring): the
 # default time a task may wait to start (`RpcClient.send`'s ttl).
-TASK_HOLD_SECONDS = 300.0
+TASK_HOLD_SECONDS = DEFAULT_SEND_TTL
 
 
 class Outbox:

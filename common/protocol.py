@@ -48,6 +48,9 @@ POLICIES = ("execute", "last", "drop")
 PRIORITIES = (1, 2)
 # The most runs a task gets, whatever its envelope asks (`Call.decode` cuts `max` to it).
 MAX_TASK_ATTEMPTS = 100
+# How long a fire-and-forget message stays worth running if it waits in the queue
+# (`RpcClient.send`'s ttl; the worker holds a task's writes as long: `common.outbox`).
+DEFAULT_SEND_TTL = 300.0
 # Priority-2 tasks stop being admitted when the backlog reaches the high watermark
 # and are admitted again once it is under the low one (fractions of `max_backlog`).
 HIGH_WATERMARK = 0.8

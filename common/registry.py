@@ -72,7 +72,7 @@ end
 # ARGV: instance id, ttl ms, record JSON, accepting ("1"/"0"), direct stream ttl ms,
 # the kind a stored record of this id must not have ('': any).
 # Returns false (nil), changing nothing, when the stored record has that kind.
-_HEARTBEAT = (
+HEARTBEAT_SCRIPT = (
     _STORED_KIND_IS
     + """
 if stored_kind_is(ARGV[6]) then
@@ -182,7 +182,6 @@ def _guard(kind: str) -> str:
 # The heartbeat script, for a client of its own (`common.lease` renews a worker's lease
 # from a thread, with a blocking client): `heartbeat_request` makes its keys and
 # arguments, `queue_heartbeat_events` what follows a reply that asks for it.
-HEARTBEAT_SCRIPT = _HEARTBEAT
 
 
 def heartbeat_request(
@@ -276,7 +275,7 @@ class Registry:
     def __init__(self, redis: aioredis.Redis, ttl: float = 3.0) -> None:
         self.redis = redis
         self.ttl_ms = int(ttl * 1000)
-        self._heartbeat = redis.register_script(_HEARTBEAT)
+        self._heartbeat = redis.register_script(HEARTBEAT_SCRIPT)
         self._deregister = redis.register_script(_DEREGISTER)
         self._live = redis.register_script(_LIVE)
         self._snapshot = redis.register_script(_SNAPSHOT)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -181,9 +181,7 @@ def _answered_instead(done: Finished, service: str) -> Finished:
         "be sent: Redis refused it (a value over its proto-max-bulk-len, set lower than "
         "RPC_MAX_PAYLOAD_BYTES?)"
     )
-    reply = error_reply(done.call_id, error)
-    return Finished(done.stream, done.entry_id, done.call_id, done.inbox, reply, done.remember,
-                    method=done.method, deadline=done.deadline)  # fmt: skip
+    return replace(done, reply=error_reply(done.call_id, error), retry=None, dead=None)
 
 
 def acked_only(done: Finished) -> Finished:
