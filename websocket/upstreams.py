@@ -189,7 +189,7 @@ class Upstreams:
                 tries.abandoned()
                 raise
             return Connected(upstream, endpoint, tries.connected())
-        known = bool(self.view.instances(service)) or service in self.view.services()
+        known = self.view.registered(service)
         if not tries.attempt and self.view.is_rpc_service(service):
             # Its instances are RPC workers, live or not: "no live instance" would mislead.
             last_error = "an RPC service: call it with JSON-RPC on /ws"

@@ -91,7 +91,7 @@ class Proxy:
                     f"{quoted(service)} is an RPC service, not an HTTP one: call "
                     f"POST /rpc/{shortened(service)}/<method>"
                 )
-            if service not in self.view.services():
+            if not self.view.registered(service):
                 raise UnknownService(f"no service named {quoted(service)} is registered")
             raise NoHealthyInstance(f"no live instance of {quoted(service)}")
         usable = self.book.usable(service, records)
