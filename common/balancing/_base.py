@@ -84,11 +84,10 @@ class Pools(Generic[P]):
     """State derived from a candidate set, found again in O(1) for an unchanged set.
 
     The candidates usually equal the previous call's (a fresh list of the same
-    objects): comparing tuples is then an identity check per element, in C. Equal
-    endpoints that are new objects (`BalancingPolicy` makes a service's anew after each
-    registry resync, every second) compare field by field, in Python (45 µs for 200):
-    so the set is kept as the latest call's tuple, and only the first call after such
-    a change pays that. A different set is looked up by its members, order ignored,
+    objects: `BalancingPolicy` keeps an instance's endpoint while its record is
+    unchanged): comparing tuples is then an identity check per element, in C. Equal
+    endpoints that are new objects would compare field by field, in Python (45 µs for
+    200), at every call. A different set is looked up by its members, order ignored,
     among the `size` sets used last, so pools that alternate (two versions) each keep
     their state and memory stays bounded. `build` receives the members sorted by
     instance id. `forget_departed` drops the sets that hold an instance gone from the
@@ -107,8 +106,6 @@ class Pools(Generic[P]):
         snap = tuple(candidates)  # the same object when already a tuple
         last = self._last
         if last is not None and (snap is last[0] or snap == last[0]):
-            if snap is not last[0]:
-                self._last = (snap, last[1])  # (the class docstring: equal, new objects)
             return last[1]
         if not snap:
             raise no_candidates()

@@ -154,33 +154,36 @@ class BalancingPolicy:
         for record in records:
             endpoint = cache.get(record.instance_id)
             if endpoint is None:
-                endpoint = cache[record.instance_id] = Endpoint(
-                    instance_id=record.instance_id,
-                    address=record.address or "",
-                    weight=record.weight,
-                    version=record.version,
-                    zone=record.zone,
-                )
+                endpoint = cache[record.instance_id] = _endpoint(record)
             out.append(endpoint)
         return out
 
-    def forget_endpoints(self, service: str | None = None) -> None:
-        """Drop the cached endpoints of `service` (all with None): a registry change may
-        have changed its instances' addresses, weights or versions."""
-        if service is None:
-            self._endpoints.clear()
-        else:
-            self._endpoints.pop(service, None)
+    def _keep_unchanged_endpoints(self, service: str, records: Iterable[InstanceRecord]) -> None:
+        """Drop the cached endpoints of `service` whose record changed (an address,
+        weight, version or zone) or left. The others stay the same objects: the
+        strategies then find an unchanged candidate set by identity, not field by field
+        (`common.balancing.Pools`), after each resync as before it."""
+        cache = self._endpoints.get(service)
+        if not cache:
+            return
+        current = {record.instance_id: record for record in records}
+        for instance_id, endpoint in list(cache.items()):
+            record = current.get(instance_id)
+            if record is None or _endpoint(record) != endpoint:
+                del cache[instance_id]
+        if not cache:
+            del self._endpoints[service]
 
     def follow(self, view: RegistryView, book: HealthBook | None = None) -> None:
-        """Keep up with `view`: at each change of a service's instances, drop its cached
-        endpoints (an address or weight may have changed), and what its strategy and
-        `book` keep of instances that are no longer live; a service `view` no longer
-        has also loses its strategy and retry budget (see the module docstring)."""
+        """Keep up with `view`: at each change of a service's instances, drop the cached
+        endpoints whose record changed, and what its strategy and `book` keep of
+        instances that are no longer live; a service `view` no longer has also loses its
+        strategy and retry budget (see the module docstring)."""
 
         def changed(service: str) -> None:
-            self.forget_endpoints(service)
-            live = frozenset(r.instance_id for r in view.instances(service))
+            records = view.instances(service)
+            self._keep_unchanged_endpoints(service, records)
+            live = frozenset(r.instance_id for r in records)
             if book is not None:  # (each time: a failure may be reported after its leaving)
                 book.forget_departed(service, live)
             if not live and not view.registered(service):  # gone: nothing to balance
@@ -207,6 +210,16 @@ class BalancingPolicy:
                 limits = self._budget_limits(new)
                 budget.configure(limits.ratio, limits.min_per_second)
         self._services = dict(document.services)
+
+
+def _endpoint(record: InstanceRecord) -> Endpoint:
+    return Endpoint(
+        instance_id=record.instance_id,
+        address=record.address or "",
+        weight=record.weight,
+        version=record.version,
+        zone=record.zone,
+    )
 
 
 def _fraction(key: str) -> float:

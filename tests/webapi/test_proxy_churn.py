@@ -15,7 +15,7 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from common.balancing import STRATEGIES
+from common.balancing import STRATEGIES, Endpoint
 from common.policy import PolicyWatcher
 from common.registry import InstanceRecord, Registry
 from common.registry_view import RegistryView
@@ -131,3 +131,40 @@ def _bounded(proxy: Proxy, services: dict[str, str]) -> bool:
         if kept > limit:
             return False
     return proxy.book.tracked() == 0
+
+
+async def test_an_endpoint_stays_the_same_object_while_its_record_is_unchanged(
+    redis_client: aioredis.Redis, view: RegistryView
+) -> None:
+    # Each resync notices every service; the strategies find an unchanged candidate set
+    # by identity, so an endpoint made anew for an unchanged record would cost every
+    # later pick a field-by-field comparison (`common.balancing.Pools`).
+    service = f"churn{uuid.uuid4().hex[:6]}-same"
+    registry = Registry(redis_client, ttl=60)
+    for i in range(3):
+        await registry.heartbeat(_record(service, f"i{i}", 20000 + i))
+    watcher = PolicyWatcher(redis_client)
+    await watcher.start()
+    proxy = Proxy(view, UpstreamPool(), watcher)
+    await _until_live(view, {service: {"i0", "i1", "i2"}})
+
+    def endpoints() -> dict[str, Endpoint]:
+        return {
+            ep.instance_id: ep for ep in proxy.policy.endpoints(service, view.instances(service))
+        }
+
+    before = endpoints()
+    await view.refresh()  # a resync: the service is noticed, its records unchanged
+    assert all(ep is before[i] for i, ep in endpoints().items())
+
+    await registry.heartbeat(
+        InstanceRecord(service, "i1", kind="http", address="127.0.0.1:20001", weight=5)
+    )
+    await registry.deregister(service, "i2")
+    await wait_for_async(lambda: {r.instance_id: r.weight for r in view.instances(service)}
+                         == {"i0": 1, "i1": 5}, timeout=5)  # fmt: skip
+    after = endpoints()
+    assert after["i0"] is before["i0"]
+    assert after["i1"].weight == 5 and after["i1"] is not before["i1"]
+    assert set(after) == {"i0", "i1"}
+    await watcher.close()
