@@ -201,17 +201,16 @@ class HealthBook:
         """Drop the state of instances gone from the registry, and the active checks'
         verdict on live instances not in `checked` (they have no health path now, so no
         check would ever clear it). Not on the request path: once per round of checks."""
-        alive = {(r.service, r.instance_id) for r in live}
+        alive: dict[str, set[str]] = {}
+        for record in live:
+            alive.setdefault(record.service, set()).add(record.instance_id)
         active = {(r.service, r.instance_id): r.health_path for r in checked}
-        for service, states in list(self._states.items()):
-            for instance_id, state in list(states.items()):
-                key = (service, instance_id)
-                if key not in alive:
-                    del states[instance_id]
-                elif state.active_path is not None and active.get(key) != state.active_path:
+        for service in list(self._states):
+            self.forget_departed(service, alive.get(service, ()))
+            for instance_id, state in self._states.get(service, {}).items():
+                path = active.get((service, instance_id))
+                if state.active_path is not None and path != state.active_path:
                     _clear_active(state)
-            if not states:
-                del self._states[service]
 
 
 def _clear_active(state: _State) -> None:
