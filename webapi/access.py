@@ -24,12 +24,11 @@ once a credential is cached, no Redis round trip either.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
-from common.caller import Caller
 from common.clientip import request_client_ip
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized, shortened
@@ -93,12 +92,15 @@ def caller(request: GatewayRequest) -> Principal:
     return principal
 
 
-def rpc_caller(request: GatewayRequest) -> Caller | None:
-    """Who an RPC call made for `request` is made for: its credential's caller, which
-    the handler's `Caller` parameter gets (`common.caller`); None without a credential
-    (a public route called without one). Every RPC call a route makes passes it."""
+async def call_rpc(
+    request: GatewayRequest, target: str, kwargs: Mapping[str, Any] | None = None
+) -> Any:
+    """Call `target` ("service.method") over RPC for `request`: every RPC call a route
+    makes goes through here, so the handler's `Caller` parameter gets the request's
+    credential (`common.caller`); no caller for a public route called without one."""
     principal: Principal | None = getattr(request.ctx, "principal", None)
-    return None if principal is None else principal.as_caller()
+    who = None if principal is None else principal.as_caller()
+    return await request.app.ctx.rpc.invoke(target, kwargs=kwargs, caller=who)
 
 
 def presented_credential(request: GatewayRequest) -> str | None:

@@ -36,7 +36,7 @@ from sanic import Blueprint, HTTPResponse
 from common.credentials import Principal
 from common.policy import PolicyStore, validate_document
 from common.policy.sections import omission_warnings
-from webapi.access import ADMIN, rpc_caller
+from webapi.access import ADMIN, call_rpc
 from webapi.context import GatewayRequest
 from webapi.errors import InvalidQuery, MalformedJson
 from webapi.requests import json_object
@@ -130,9 +130,7 @@ async def policy_version(request: GatewayRequest, version: int) -> HTTPResponse:
 
 
 async def _auth(request: GatewayRequest, method: str, **kwargs: Any) -> Any:
-    return await request.app.ctx.rpc.invoke(
-        f"auth.{method}", kwargs=kwargs, caller=rpc_caller(request)
-    )
+    return await call_rpc(request, f"auth.{method}", kwargs)
 
 
 @bp.get("/users", ctx_access=ADMIN)

@@ -13,7 +13,7 @@ from typing import Any
 from sanic import Blueprint, HTTPResponse
 
 from common.credentials import Principal
-from webapi.access import caller, own, public, requires, rpc_caller
+from webapi.access import call_rpc, caller, own, public, requires
 from webapi.context import GatewayRequest
 from webapi.errors import MalformedJson, NotAllowed
 from webapi.requests import json_object
@@ -23,9 +23,7 @@ bp = Blueprint("auth", url_prefix="/api/v1/auth")
 
 
 async def _auth(request: GatewayRequest, method: str, **kwargs: Any) -> Any:
-    return await request.app.ctx.rpc.invoke(
-        f"auth.{method}", kwargs=kwargs, caller=rpc_caller(request)
-    )
+    return await call_rpc(request, f"auth.{method}", kwargs)
 
 
 def _user_session(request: GatewayRequest) -> Principal:

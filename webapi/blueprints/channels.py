@@ -8,7 +8,7 @@ from typing import Any
 
 from sanic import Blueprint, HTTPResponse
 
-from webapi.access import caller, requires, rpc_caller
+from webapi.access import call_rpc, caller, requires
 from webapi.context import GatewayRequest
 from webapi.responses import json_response
 
@@ -17,9 +17,7 @@ bp = Blueprint("channels", url_prefix="/api/v1")
 
 async def _iptv(request: GatewayRequest, method: str, **kwargs: Any) -> Any:
     """Call `iptv.<method>` for the request's caller."""
-    return await request.app.ctx.rpc.invoke(
-        f"iptv.{method}", kwargs=kwargs, caller=rpc_caller(request)
-    )
+    return await call_rpc(request, f"iptv.{method}", kwargs)
 
 
 def _query(request: GatewayRequest, **names: str) -> dict[str, Any]:

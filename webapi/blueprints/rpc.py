@@ -12,7 +12,7 @@ import re
 from sanic import Blueprint, HTTPResponse
 
 from common.errors import MethodNotFound, shortened
-from webapi.access import FROM_PATH, rpc_caller
+from webapi.access import FROM_PATH, call_rpc
 from webapi.context import GatewayRequest
 from webapi.requests import json_object
 from webapi.responses import json_response
@@ -29,5 +29,5 @@ async def call(request: GatewayRequest, service: str, method: str) -> HTTPRespon
         raise MethodNotFound(f"no method {shortened(f'{service}.{method}')}")
     kwargs = json_object(request)
     target = f"{service}.{method}"
-    result = await request.app.ctx.rpc.invoke(target, kwargs=kwargs, caller=rpc_caller(request))
+    result = await call_rpc(request, target, kwargs)
     return json_response({"result": result})
