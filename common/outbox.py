@@ -41,7 +41,7 @@ from common.connection import RawConnection
 from common.log import get_logger
 from common.outage import Outage
 from common.protocol import DEFAULT_SEND_TTL
-from common.redis_failures import REFUSALS, redis_failure
+from common.redis_failures import is_refusal
 from common.replies import Finished, ReplyWrites, acked_only, refusal
 
 log = get_logger("switchboard.worker")
@@ -83,12 +83,17 @@ class Outbox:
         if not self.in_read_loop:
             self.wanted.set()  # the read loop may be blocked: the flusher writes it
 
+    def flush_soon(self) -> None:
+        """Have the flusher write what is finished: the read loop, which would write it
+        with its next read, is not reading now (no free slot, or stopping)."""
+        if self.finished:
+            self.wanted.set()
+
     def take(self) -> list[Finished]:
         """The next batch to write (the oldest first)."""
         batch = self.finished[:_MAX_FLUSH_BATCH]
         del self.finished[:_MAX_FLUSH_BATCH]
-        if self.finished:
-            self.wanted.set()
+        self.flush_soon()  # the rest
         return batch
 
     def requeue(self, batch: list[Finished]) -> None:
@@ -159,7 +164,7 @@ class Outbox:
         """After `batch` failed with `exc`: say so (once per outage), wait, and give back
         what to write again: all of it, but what Redis refuses past its bound."""
         self._outage.failed(exc)
-        if redis_failure(exc) in REFUSALS:  # Redis up but refusing writes for now
+        if is_refusal(exc):
             self.held = True
             batch = _past_bounds_acked(batch)
         await self._backoff.wait()

@@ -97,6 +97,12 @@ def redis_failure(exc: BaseException) -> str | None:
     return None
 
 
+def is_refusal(exc: BaseException) -> bool:
+    """Whether `exc` is Redis up but refusing for now (`REFUSALS`: out of memory, a
+    read-only replica, ...): the same write is to be made again later."""
+    return redis_failure(exc) in REFUSALS
+
+
 def redis_failure_message(exc: BaseException, kind: str | None = None) -> str:
     """What a caller is told of the Redis failure `exc` (of `kind`, if known already):
     "redis unreachable", "redis refused the write: out of memory"... Never redis-py's

@@ -37,7 +37,7 @@ from common.connection import RawConnection
 from common.errors import ResultTooLarge
 from common.log import get_logger
 from common.protocol import error_reply
-from common.redis_failures import REFUSALS, redis_failure
+from common.redis_failures import is_refusal
 
 log = get_logger("switchboard.worker")
 
@@ -165,7 +165,7 @@ def refusal(replies: list[Any]) -> ResponseError | None:
     memory, a read-only replica, ...: `common.redis_failures.REFUSALS`), if any: the
     write is to be made again. Other error replies (a key of the wrong type) are not."""
     for reply in replies:
-        if isinstance(reply, ResponseError) and redis_failure(reply) in REFUSALS:
+        if isinstance(reply, ResponseError) and is_refusal(reply):
             return reply
     return None
 

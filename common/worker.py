@@ -209,8 +209,7 @@ class Worker(CallRunner):
         while not self._stopping.is_set() and not cancelling():
             free = self._free_slots()
             if free <= 0:
-                if outbox.finished:
-                    outbox.wanted.set()
+                outbox.flush_soon()
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
@@ -275,8 +274,7 @@ class Worker(CallRunner):
                     await asyncio.sleep(0)
             finally:
                 outbox.in_read_loop = False
-        if outbox.finished:
-            outbox.wanted.set()
+        outbox.flush_soon()
 
     async def _read_refused(self, error: ResponseError, refused: Outage, backoff: Backoff) -> None:
         """Redis answered the read with an error: make the groups again if a stream was
