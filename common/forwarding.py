@@ -33,10 +33,12 @@ HOP_BY_HOP_RAW = frozenset(name.encode() for name in HOP_BY_HOP)
 VIA = "1.1 switchboard"
 VIA_MARK = b"switchboard"
 MAX_VIA_HOPS = 3
+PROXY_LOOP = "the request has come through the gateway too often: a proxy loop"
 _VIA_MARK = VIA_MARK.decode()
 # The fields `hop_headers_out` sets itself (or the body framing sets), never the client's.
-_REPLACED = frozenset({"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
-                       "x-request-id", "content-length", "transfer-encoding"})  # fmt: skip
+REPLACED = frozenset({"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+                      "x-request-id", "content-length", "transfer-encoding"})  # fmt: skip
+REPLACED_RAW = frozenset(name.encode() for name in REPLACED)
 
 
 def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -108,7 +110,7 @@ def hop_headers_out(
     the gateway's `Via` set, and `Host: upstream` unless `upstream` is None (a client
     library that writes its own `Host`, as the websocket relay's)."""
     prior = [v for k, v in headers if k.lower() == "x-forwarded-for"]
-    out = [(k, v) for k, v in strip_hop_by_hop(list(headers)) if k.lower() not in _REPLACED]
+    out = [(k, v) for k, v in strip_hop_by_hop(list(headers)) if k.lower() not in REPLACED]
     if upstream is not None:
         out.append(("Host", upstream))
     out += [

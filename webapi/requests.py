@@ -7,7 +7,7 @@ from typing import Any
 from sanic import Request
 
 from common.codec import json_type, parse_json
-from common.forwarding import via_loop
+from common.forwarding import PROXY_LOOP, via_loop
 from common.http_head import head_fault
 from common.request_ids import request_id_of
 from webapi.errors import MalformedHeader, MalformedJson, ProxyLoop
@@ -22,7 +22,7 @@ def check_head(request: Request[Any, Any]) -> None:
         request.stream.keep_alive = False  # type: ignore[union-attr]  # its framing is suspect
         raise MalformedHeader(fault)
     if via_loop(request.headers.getall("via", None)):
-        raise ProxyLoop("the request has come through the gateway too often: a proxy loop")
+        raise ProxyLoop(PROXY_LOOP)
 
 
 def json_object(request: Request[Any, Any], *, empty_ok: bool = True) -> dict[str, Any]:

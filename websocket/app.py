@@ -40,7 +40,7 @@ from common.clientip import Network, parse_networks
 from common.connection import connect
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized, shortened
-from common.forwarding import via_loop
+from common.forwarding import PROXY_LOOP, via_loop
 from common.http_head import head_fault
 from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.redis_failures import REDIS_DOWN_OR_REFUSING, check_writable, redis_failure
@@ -57,8 +57,6 @@ from websocket.hub import ChannelHub
 from websocket.relay import proxy_endpoint
 from websocket.session import Session
 from websocket.upstreams import Upstreams
-
-LOOP = "the request has come through the gateway too often: a proxy loop"
 
 
 @dataclass
@@ -177,7 +175,7 @@ async def _check_head(request: WsRequest) -> HTTPResponse | None:
     fault = head_fault(request.head)
     if fault is None:
         if via_loop(request.headers.getall("via", None)):
-            return refusal(request, 508, "proxy_loop", LOOP)
+            return refusal(request, 508, "proxy_loop", PROXY_LOOP)
         return None
     request.stream.keep_alive = False  # type: ignore[union-attr]  # its framing is suspect
     return refusal(request, 400, "malformed_header", fault)
