@@ -28,11 +28,10 @@ import sys
 import time
 from typing import Any
 
-from common.codec import parse_json
 from common.connection import connect
 from common.dev_redis import cli_redis_url
 from common.errors import RedisUnavailable, SwitchboardError
-from common.policy.model import ROOT, PolicyInvalid, validate_document
+from common.policy.model import PolicyInvalid, policy_json, validate_document
 from common.policy.sections import omission_warnings
 from common.policy.store import PolicyStore
 from common.settings import get_settings
@@ -89,10 +88,7 @@ def _read(path: str) -> Any:
                 text = file.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise SwitchboardError(f"cannot read {path}: {exc}") from exc
-    try:
-        return parse_json(text)
-    except ValueError as exc:
-        raise PolicyInvalid([{"loc": ROOT, "msg": f"not valid JSON: {exc}"}]) from None
+    return policy_json(text)
 
 
 def _print_json(data: Any) -> None:

@@ -318,11 +318,16 @@ def validate_document(data: object) -> PolicyDocument:
 
 def validate_json(text: str | bytes) -> PolicyDocument:
     """A JSON text as a `PolicyDocument`; malformed JSON is a `PolicyInvalid` too."""
+    return validate_document(policy_json(text))
+
+
+def policy_json(text: str | bytes) -> Any:
+    """A JSON text, parsed but not yet validated (`PolicyStore.put` looks at what the
+    document leaves out); malformed JSON is a `PolicyInvalid`."""
     try:
-        data = parse_json(text)
+        return parse_json(text)
     except ValueError as exc:  # JSONDecodeError, or undecodable bytes
         raise PolicyInvalid([{"loc": ROOT, "msg": f"not valid JSON: {exc}"}]) from None
-    return validate_document(data)
 
 
 def _duplicates(data: object) -> list[dict[str, str]]:

@@ -208,9 +208,10 @@ class PolicyStore:
                 current = _stored_version(raw_version)
                 if expected_version is not None and current != expected_version:
                     raise _conflict(current, expected_version)
-                stored = _strict(raw_doc) if strict_base else _loose(raw_doc)
-                new = build(stored).model_copy(update={"version": current + 1})
-                changes = changed_paths(_loose(raw_doc), new.model_dump(mode="json"))
+                loose = _loose(raw_doc)
+                new = build(_strict(raw_doc) if strict_base else loose)
+                new = new.model_copy(update={"version": current + 1})
+                changes = changed_paths(loose, new.model_dump(mode="json"))
                 args = (current, new.to_json(), HISTORY_KEEP, actor, json.dumps(changes),
                         AUDIT_MAXLEN, constants.POLICY_CHANNEL, secrets.token_hex(8),
                         *_KEY_TYPES)  # fmt: skip
