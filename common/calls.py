@@ -329,10 +329,7 @@ class CallRunner:
         """The answer to a call whose result encodes to `size` bytes, over the bound; logged."""
         fields = {"method": call.method, "bytes": size, "limit": self.max_payload}
         log.error("result too large", extra={"fields": fields})
-        return ResultTooLarge(
-            f"the result of {self.service}.{call.method} encodes to {size} bytes, over the "
-            f"{self.max_payload}-byte limit (RPC_MAX_PAYLOAD_BYTES)"
-        )
+        return ResultTooLarge.over(f"{self.service}.{call.method}", size, self.max_payload)
 
     def _as_error(self, call: Call, exc: BaseException) -> SwitchboardError:
         if isinstance(exc, RpcError) and not isinstance(exc, RemoteError):

@@ -32,6 +32,7 @@ from common import codec, constants
 from common.aio import Backoff, cancelling
 from common.connection import REDIS_DOWN_ERRORS, RawConnection, pack_commands
 from common.errors import (
+    REDIS_REFUSED_VALUE,
     MethodNotFound,
     Overloaded,
     PayloadTooLarge,
@@ -424,8 +425,7 @@ def _refused_by_redis(item: Enqueue) -> PayloadTooLarge:
     log.warning("call refused by redis", extra={"fields": fields})
     return PayloadTooLarge(
         f"the call to {quoted(item.service)} ({size} bytes encoded) could not be sent: "
-        "Redis refused it (a value over its proto-max-bulk-len, set lower than "
-        "RPC_MAX_PAYLOAD_BYTES?)"
+        f"{REDIS_REFUSED_VALUE}"
     )
 
 

@@ -180,6 +180,22 @@ class ResultTooLarge(InvalidResult):
 
     code = "result_too_large"
 
+    @classmethod
+    def over(cls, method: str, size: int, limit: int) -> ResultTooLarge:
+        """The answer to `method` ("service.method"), whose result encodes to `size`
+        bytes, over `limit`."""
+        return cls(
+            f"the result of {method} encodes to {size} bytes, over the {limit}-byte limit "
+            "(RPC_MAX_PAYLOAD_BYTES)"
+        )
+
+
+# Why Redis refused a value (a call's arguments, a result) whose size is within
+# `RPC_MAX_PAYLOAD_BYTES`: the end of the error's message.
+REDIS_REFUSED_VALUE = (
+    "Redis refused it (a value over its proto-max-bulk-len, set lower than RPC_MAX_PAYLOAD_BYTES?)"
+)
+
 
 class ServiceError(SwitchboardError):
     """Raised by a handler to answer with an application error and a stable code."""

@@ -34,7 +34,7 @@ from redis.exceptions import ResponseError
 
 from common import constants
 from common.connection import RawConnection
-from common.errors import ResultTooLarge
+from common.errors import REDIS_REFUSED_VALUE, ResultTooLarge
 from common.log import get_logger
 from common.protocol import error_reply
 from common.redis_failures import is_refusal
@@ -178,8 +178,7 @@ def _answered_instead(done: Finished, service: str) -> Finished:
         return acked_only(done)
     error = ResultTooLarge(
         f"the result of {service}.{done.method} ({len(done.reply)} bytes encoded) could not "
-        "be sent: Redis refused it (a value over its proto-max-bulk-len, set lower than "
-        "RPC_MAX_PAYLOAD_BYTES?)"
+        f"be sent: {REDIS_REFUSED_VALUE}"
     )
     return replace(done, reply=error_reply(done.call_id, error), retry=None, dead=None)
 

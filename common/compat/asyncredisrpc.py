@@ -236,11 +236,7 @@ class _Adapter:
         if len(payload) > limit:
             fields = {"method": name, "bytes": len(payload), "limit": limit}
             log.error("result too large", extra={"fields": fields})
-            error = ResultTooLarge(
-                f"the result of {name} encodes to {len(payload)} bytes, over the {limit}-byte "
-                "limit (RPC_MAX_PAYLOAD_BYTES)"
-            )
-            return _error(error)
+            return _error(ResultTooLarge.over(name, len(payload), limit))
         return payload
 
     async def _reply(self, redis: aioredis.Redis, req_id: str, payload: bytes) -> None:
