@@ -38,12 +38,7 @@ async def prepare(service: Service) -> None:
         refresh_ttl=settings.jwt_refresh_ttl,
         default_scopes=settings.auth_default_scopes,
         configured_secret=settings.jwt_secret,
-        throttle=ThrottleRules(
-            max_failures=settings.auth_login_max_failures,
-            lock_base=settings.auth_login_lock_base,
-            lock_max=settings.auth_login_lock_max,
-            window=settings.auth_login_failure_window,
-        ),
+        throttle=ThrottleRules.of(settings),
     )
     await ctx.accounts.prepare()
     username, password = settings.auth_admin_username, settings.auth_admin_password

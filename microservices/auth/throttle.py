@@ -44,6 +44,7 @@ import redis.asyncio as aioredis
 from common.connection import as_text
 from common.constants import data_key
 from common.errors import TooManyAttempts
+from common.settings import Settings
 from microservices.auth.users import USERNAME
 
 # An attempt under way longer than this (its worker died) no longer holds its place.
@@ -101,14 +102,28 @@ def pending_key(username: str) -> str:
     return failures_key(username).replace(":login_failures:", ":login_pending:", 1)
 
 
+_DEFAULTS = Settings()
+
+
 @dataclass(frozen=True, slots=True)
 class ThrottleRules:
-    """When logins are refused: the `AUTH_LOGIN_*` settings (seconds)."""
+    """When logins are refused: the `AUTH_LOGIN_*` settings (seconds); by default, their
+    defaults."""
 
-    max_failures: int = 5
-    lock_base: float = 1.0
-    lock_max: float = 900.0
-    window: float = 900.0
+    max_failures: int = _DEFAULTS.auth_login_max_failures
+    lock_base: float = _DEFAULTS.auth_login_lock_base
+    lock_max: float = _DEFAULTS.auth_login_lock_max
+    window: float = _DEFAULTS.auth_login_failure_window
+
+    @classmethod
+    def of(cls, settings: Settings) -> ThrottleRules:
+        """The rules `settings` set."""
+        return cls(
+            max_failures=settings.auth_login_max_failures,
+            lock_base=settings.auth_login_lock_base,
+            lock_max=settings.auth_login_lock_max,
+            window=settings.auth_login_failure_window,
+        )
 
 
 class LoginThrottle:
