@@ -238,6 +238,15 @@ class Settings:
             "API_KEY_CACHE_TTL", Bounds(0, _DAY, zero="read the record at each use", unit="seconds")
         ),
     )
+    # How long past API_KEY_CACHE_TTL a cached record still answers while Redis cannot
+    # be read (down, or refusing: `common.credentials`); then such a key's request is a 503.
+    api_key_stale_if_error: float = field(
+        default=300.0,
+        metadata=_env(
+            "API_KEY_STALE_IF_ERROR",
+            Bounds(0, _DAY, zero="never answer with a stale record", unit="seconds"),
+        ),
+    )
 
     # The client's address, at the gateway and the websocket relay: X-Forwarded-For is
     # believed only from these peers (comma-separated addresses or CIDRs; empty = trust

@@ -97,6 +97,7 @@ async def _open_resources(app: GatewayApp) -> None:
         ctx.redis,
         configured_secret=settings.jwt_secret,
         api_key_cache_ttl=settings.api_key_cache_ttl,
+        api_key_stale_if_error=settings.api_key_stale_if_error,
     )
     await authenticator.start()
     ctx.gate = Gatekeeper(

@@ -143,6 +143,7 @@ async def _open(app: WsApp) -> None:
         ctx.redis,
         configured_secret=settings.jwt_secret,
         api_key_cache_ttl=settings.api_key_cache_ttl,
+        api_key_stale_if_error=settings.api_key_stale_if_error,
     )
     await ctx.authenticator.start()
     ctx.connections.follow(ctx.authenticator.revocations)
