@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import jwt
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -20,7 +21,7 @@ from common import apikeys
 from common.connection import connect
 from common.credentials import Authenticator
 from common.embedded_redis import EmbeddedRedis
-from common.errors import ServiceUnavailable
+from common.errors import ServiceUnavailable, Unauthorized
 from tests.common.credentials_fixtures import OWNER, SECRET
 from tests.helpers import Clock, wait_for_async
 from tests.support.redis_states import (  # noqa: F401 (the *_fixture ones)
@@ -65,7 +66,7 @@ def _lines(caplog: Any, message: str) -> list[logging.LogRecord]:
 async def test_a_stale_record_answers_while_redis_refuses_up_to_the_bound(
     kind: str, client: aioredis.Redis, admin: redis.Redis, caplog: Any
 ) -> None:
-    caplog.set_level(logging.INFO, logger="common.credentials")
+    caplog.set_level(logging.INFO, logger="common.apikey_cache")
     clock = Clock()
     auth = await _authenticator(client, clock)
     try:
@@ -96,7 +97,7 @@ async def test_a_stale_record_answers_while_redis_refuses_up_to_the_bound(
 async def test_the_read_ahead_keeps_its_record_and_logs_one_line_while_redis_refuses(
     client: aioredis.Redis, admin: redis.Redis, caplog: Any
 ) -> None:
-    caplog.set_level(logging.INFO, logger="common.credentials")
+    caplog.set_level(logging.INFO, logger="common.apikey_cache")
     clock = Clock()
     auth = await _authenticator(client, clock)
     try:
@@ -107,7 +108,7 @@ async def test_the_read_ahead_keeps_its_record_and_logs_one_line_while_redis_ref
                 clock.offset = offset
                 principal = auth.authenticate_sync_cached(text)  # starts the read ahead
                 assert principal is not None and principal.key_id == key_id
-                await wait_for_async(lambda: not auth._refreshing)  # that read is over
+                await wait_for_async(lambda: not auth.api_keys.reading_ahead)  # that read is over
             assert auth.authenticate_sync_cached(text) is not None
     finally:
         await auth.close()
@@ -115,3 +116,29 @@ async def test_the_read_ahead_keeps_its_record_and_logs_one_line_while_redis_ref
     assert [(r.__dict__["fields"]["kind"], r.__dict__["fields"]["at"]) for r in failed] == [
         ("busy", "read-ahead")]  # fmt: skip
     assert [r for r in caplog.records if r.exc_info] == []
+
+
+@pytest.mark.parametrize("kind", ["busy", "auth"])
+async def test_an_unknown_kid_is_a_503_while_redis_cannot_be_read(
+    kind: str, client: aioredis.Redis, admin: redis.Redis, caplog: Any
+) -> None:
+    # Whether the token is good cannot be told: a 401 would have the client drop a token
+    # signed with a key rotated in elsewhere. A kid the keyring does not have once Redis
+    # answers is a 401, as always.
+    auth = await _authenticator(client, Clock())
+    caplog.set_level(logging.INFO, logger="common.credentials")
+    made_up = jwt.encode({"sub": "u1"}, "k" * 64, algorithm="HS256",
+                         headers={"kid": "0123456789abcdef"})  # fmt: skip
+    try:
+        with STATES[kind](admin):
+            for _ in range(2):
+                with pytest.raises(ServiceUnavailable) as caught:
+                    await auth.authenticate(made_up)
+                assert caught.value.message == f"credential store unavailable: {MESSAGES[kind]}"
+        with pytest.raises(Unauthorized, match="unknown signing key"):
+            await auth.authenticate(made_up)
+    finally:
+        await auth.close()
+    failed = _lines(caplog, "signing keys resync failed")
+    assert [r.__dict__["fields"]["kind"] for r in failed] == [kind]
+    assert failed[0].exc_info is None
