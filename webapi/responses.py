@@ -1,10 +1,10 @@
-"""JSON responses that understand the RPC codec's types (datetime, UUID, Decimal, ...), and
-the response an instance's answer is relayed in."""
+"""JSON responses that understand the RPC codec's types (datetime, UUID, Decimal, ...).
+(The response an instance's answer is relayed in is `common.relayed.RelayedResponse`.)"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -51,22 +51,3 @@ def json_response(
 ) -> HTTPResponse:
     """`body` (any JSON-able value, the codec's types included) as a JSON response."""
     return sanic_json(body, status=status, headers=dict(headers or {}), dumps=_dumps)
-
-
-class RelayedResponse(HTTPResponse):
-    """An instance's response relayed by Sanic's route: its head as the instance sent it.
-
-    Sanic gives a response with no Content-Type its `content_type`, here None, which it
-    writes out as the literal `content-type: None`; an instance that sent no type gets
-    none (nginx adds none either).
-    """
-
-    @property
-    def processed_headers(self) -> Iterator[tuple[bytes, bytes]]:
-        if self.content_type is not None or "content-type" in self.headers:
-            return super().processed_headers
-        sanitize = self._sanitize_header_value
-        return (
-            (sanitize(name).encode("ascii"), sanitize(f"{value}").encode(errors="surrogateescape"))
-            for name, value in self.headers.items()
-        )

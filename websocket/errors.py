@@ -2,7 +2,9 @@
 
 HTTP: its own refusals of an upgrade, and Sanic's answers to a request it could not
 parse or route (which would otherwise have Sanic's own shape), get the platform's
-JSON error body (`common.http_errors`) and one log line each, as the gateway's do.
+JSON error body (`common.http_errors`) and one log line each, as the gateway's do. A
+relayed upgrade its upstream refused gets the upstream's answer (`websocket.refusals`),
+logged the same way.
 
 WebSocket: a message refused with an error frame (`log_refused_message`), a
 JSON-RPC call that failed (`log_failed_call`: refused, or a service's failure) and
@@ -35,6 +37,7 @@ from common.http_errors import (
 )
 from common.log import get_logger
 from websocket.connections import GOING_AWAY, NORMAL_CLOSURE
+from websocket.refusals import UpstreamRefusedUpgrade
 
 log = get_logger("websocket.errors")
 
@@ -83,6 +86,10 @@ class JsonErrorHandler(ErrorHandler):
             # nothing can be sent; a client going away is no error (the gateway's 499).
             log.debug("client left before its answer", extra={"fields": {"path": request.path}})
             return json_response(error_body("client_closed", "the client left"), 499)
+        if isinstance(exception, UpstreamRefusedUpgrade):  # the instance's answer, passed on
+            log_refusal(log, request.method, request.path, exception.status_code,
+                        exception.code, str(exception))  # fmt: skip
+            return exception.answer()
         if isinstance(exception, SanicException) and exception.status_code < 500:
             code = error_code(exception)
             response = refusal(request, exception.status_code, code, error_message(exception, code))

@@ -109,3 +109,12 @@ def wire_value(value: str) -> str:
     if value.isascii():
         return value
     return value.encode("utf-8", "surrogateescape").decode("latin-1")
+
+
+def sanic_value(value: str) -> str:
+    """`value` as `websockets` read it (ISO-8859-1: an upstream's answer) turned into the
+    string that Sanic writes as the same bytes (UTF-8, surrogate escapes): `wire_value`'s
+    reverse."""
+    if value.isascii():
+        return value
+    return value.encode("latin-1").decode("utf-8", "surrogateescape")

@@ -14,10 +14,11 @@ WebSockets (`connect_first`, called by `websocket.protocol`'s handshake), so tha
   `bearer` if it chose none and the client offered `bearer`, as a browser requires;
   with none otherwise);
 * an upstream that refuses the upgrade with a 4xx (a path it does not serve, a
-  cookie or an `Origin` it refuses), or redirects it (3xx: never followed), refuses
-  the client's with that status (JSON
-  body, code `upstream_refused`), and that is no failure of the instance
-  (`websocket.upstreams`).
+  cookie or an `Origin` it refuses, a credential it wants: 401 `WWW-Authenticate`),
+  or redirects it (3xx: never followed), refuses the client's with its answer: that
+  status, its fields less the hop-by-hop ones, its body up to 64 KiB, else a JSON
+  body, code `upstream_refused` (`websocket.refusals`); that is no failure of the
+  instance (`websocket.upstreams`).
 
 When no instance can be connected, the upgrade is answered all the same and the
 client closed with 1014 and the reason. The upstream's handshake carries the
@@ -52,7 +53,6 @@ import enum
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from sanic.exceptions import SanicException
 from sanic.server.websockets.impl import WebsocketImplProtocol
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
@@ -67,6 +67,7 @@ from websocket.handshake import (
     subprotocols_passed_on,
     upstream_headers,
 )
+from websocket.refusals import UpstreamRefusedUpgrade
 from websocket.splice import CLIENT_STALLED, GONE, UPSTREAM_LOST, UPSTREAM_STALLED, Splice
 from websocket.tap import untap
 from websocket.upstreams import Connected, NoUpstream, UpstreamRefused
@@ -84,12 +85,6 @@ _RESERVED = frozenset({1005, 1006, 1015})
 Opened = Connected | NoUpstream | UpstreamRefused  # how connecting the upstream went
 
 
-class UpstreamRefusedUpgrade(SanicException):
-    """The client's upgrade refused with the 3xx or 4xx the upstream answered its own with."""
-
-    code = "upstream_refused"
-
-
 async def connect_first(request: WsRequest) -> str | None:
     """Connect the upstream of relay `request` before its upgrade is answered; the
     subprotocol the upstream chose (None: none). Raises `UpstreamRefusedUpgrade` when
@@ -102,7 +97,7 @@ async def connect_first(request: WsRequest) -> str | None:
     opened = request.ctx.upstream = await open_upstream(request)
     if isinstance(opened, UpstreamRefused):
         request.ctx.upstream = None
-        raise UpstreamRefusedUpgrade(str(opened), status_code=opened.status)
+        raise UpstreamRefusedUpgrade(opened)
     if isinstance(opened, NoUpstream):
         return None  # the client is upgraded, then closed with the reason (`proxy_endpoint`)
     task = asyncio.current_task()  # the client connection's: it outlives the handler

@@ -16,8 +16,10 @@ default), so a dead pool is not hammered with `max_attempts` connects per client
 An instance that answers the upgrade with a 4xx (a path it does not serve, an `Origin`
 or a cookie of the client's it refuses: `websocket.handshake` passes them on) has
 refused the client, not failed: it is not ejected, nothing is retried, and the caller
-gets `UpstreamRefused` (as the gateway's proxy answers a 4xx and retries nothing). A
-redirect (3xx) is the same: passed on to the client, never followed (`_NoRedirects`).
+gets `UpstreamRefused`, with the instance's answer (its fields and body, for the relay
+to pass on: `websocket.refusals`), as the gateway's proxy answers a 4xx and retries
+nothing. A redirect (3xx) is the same: passed on to the client, never followed
+(`_NoRedirects`).
 Any other answer but 101 is a connect failure.
 These steps are the gateway's too (`common.balancing.tries.Tries`). For
 `least_conn` the strategy counts a relayed connection from its connect until it ends.
@@ -32,7 +34,7 @@ last frame.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -76,11 +78,21 @@ class NoUpstream(Exception):
 class UpstreamRefused(Exception):
     """The instance answered the upgrade with a 3xx or 4xx `status`: the client's request is
     refused (a path the backend does not serve, an `Origin` or a cookie it refuses),
-    which is no failure of the instance (module docstring)."""
+    which is no failure of the instance (module docstring). `headers` are its answer's
+    field lines as `websockets` read them (values ISO-8859-1), `body` its body (read by
+    `websockets`, at most its `WEBSOCKETS_MAX_BODY_SIZE`, 1 MiB)."""
 
-    def __init__(self, message: str, status: int) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = list(headers)
+        self.body = body
 
 
 class Connected(NamedTuple):
@@ -176,9 +188,13 @@ class Upstreams:
                     # (a redirect too: `_NoRedirects`).
                     tries.connected()
                     tries.closed()
-                    status = exc.response.status_code
+                    answer = exc.response
+                    status = answer.status_code
                     raise UpstreamRefused(
-                        f"{shortened(service)} refused the upgrade: HTTP {status}", status
+                        f"{shortened(service)} refused the upgrade: HTTP {status}",
+                        status,
+                        answer.headers.raw_items(),
+                        bytes(answer.body),
                     ) from None
                 last_error = f"{type(exc).__name__}: {exc}"
                 tries.report_failure(fatal=True)

@@ -12,7 +12,8 @@ true` is answered with one last frame whose `result` is what `handshake` answers
 
 The handshake: a subprotocol of `SUBPROTOCOLS` (`chat.v2`, `mqtt`) is chosen when the
 client offers one, else none; an `Origin` of `https://refused.example` is refused
-with 403 (a backend's CSRF origin check), a path `/refuse/<status>` with that status,
+with 403 (a backend's CSRF origin check), a path `/refuse/<status>` with that status
+(and the fields and body its query names: `refusal`),
 `/redirect` with a 302 to `/echo`, and a path `/slow` is answered after a second
 (`slow_done` counts those answered).
 
@@ -35,6 +36,7 @@ import asyncio
 import json
 import os
 from collections.abc import Sequence
+from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -61,7 +63,7 @@ async def process_request(ws: ServerConnection, request: Request) -> Response | 
     if request.headers.get("origin") == REFUSED_ORIGIN:
         return ws.respond(403, "origin refused\n")
     if request.path.startswith("/refuse/"):
-        return ws.respond(int(request.path.split("/")[2]), "refused\n")
+        return refusal(ws, request.path)
     if request.path == "/redirect":  # to a path it serves: a client following it gets in
         moved = ws.respond(302, "moved\n")
         moved.headers["Location"] = "/echo"
@@ -70,6 +72,25 @@ async def process_request(ws: ServerConnection, request: Request) -> Response | 
         await asyncio.sleep(1.0)
         state["slow_done"] = int(str(state["slow_done"])) + 1
     return None
+
+
+def refusal(ws: ServerConnection, target: str) -> Response:
+    """`/refuse/<status>?<name>=<value>&...`: that status, each query pair a field line
+    (in order, repeats included), and the body "refused\\n"; `_body=<n>` makes it n bytes
+    of `x`, `_type=<type>` its Content-Type (empty: none)."""
+    parts = urlsplit(target)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    options = dict(pair for pair in pairs if pair[0].startswith("_"))
+    body = "x" * int(options["_body"]) if "_body" in options else "refused\n"
+    answer = ws.respond(int(parts.path.split("/")[2]), body)
+    if "_type" in options:
+        del answer.headers["Content-Type"]
+        if options["_type"]:
+            answer.headers["Content-Type"] = options["_type"]
+    for name, value in pairs:
+        if not name.startswith("_"):
+            answer.headers[name] = value  # (appended: a repeated name is another line)
+    return answer
 
 
 def handshake(ws: ServerConnection) -> dict[str, object]:

@@ -55,11 +55,20 @@ class WsServer:
         body: dict[str, Any] = httpx.get(f"http://{self.address}/health", timeout=5).json()
         return body
 
-    def connect(self, path: str = "/ws", **kwargs: Any) -> Any:
-        """An authenticated connection (header) unless `additional_headers` is given."""
+    def connect(self, path: str = "/ws", *, follow: bool = True, **kwargs: Any) -> Any:
+        """An authenticated connection (header) unless `additional_headers` is given;
+        one that does not follow a redirect (as a browser's WebSocket) unless `follow`."""
         if "additional_headers" not in kwargs:  # a token needs the key in Redis: not always up
             kwargs["additional_headers"] = self.bearer()
-        return websockets.connect(self.url(path), compression=None, **kwargs)
+        connect = websockets.connect if follow else NoRedirects
+        return connect(self.url(path), compression=None, **kwargs)
+
+
+class NoRedirects(websockets.connect):
+    """`websockets`' client minus following redirects: a 3xx is the caller's `InvalidStatus`."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
 
 
 def start_ws_server(redis_url: str, *, status: str = "ok", **env: str) -> WsServer:

@@ -3,7 +3,7 @@ fields as the gateway's HTTP proxy forwards them (`websocket.handshake`): less t
 hop-by-hop ones and the API key, the `bearer` subprotocol's credential never, with
 `X-Forwarded-*`, `X-Request-Id` and `Via` set; the client's subprotocols offered to the
 upstream and its choice answered; an upstream's 4xx refusal passed on, no failure of
-the instance.
+the instance (what the client gets of it: `test_ws_relay_refusals`).
 
 Real websocket services and upstreams (`tests.support.ws_backend`, whose `handshake`
 command answers every field line of its upgrade request and the subprotocol chosen).
@@ -200,19 +200,20 @@ async def test_an_upstreams_4xx_refuses_the_client_and_ejects_no_instance(
     next one."""
     service = await one_instance(ws_server, backends)
     bearer = list(ws_server.bearer().items())
-    for path, headers, status in (
-        ("/echo", [("Origin", "https://refused.example")], 403),
-        ("/refuse/404", [], 404),
-        ("/redirect", [], 302),  # passed on, not followed (with the client's fields)
+    for path, headers, status, body in (
+        ("/echo", [("Origin", "https://refused.example")], 403, b"origin refused\n"),
+        ("/refuse/404", [], 404, b"refused\n"),
+        ("/redirect", [], 302, b"moved\n"),  # passed on, not followed (with the client's fields)
     ):
         for _ in range(3):
             with pytest.raises(InvalidStatus) as refused:
-                await ws_server.connect(f"/ws/proxy/{service}{path}",
+                await ws_server.connect(f"/ws/proxy/{service}{path}", follow=False,
                                         additional_headers=[*bearer, *headers])  # fmt: skip
-            assert refused.value.response.status_code == status
-            body = json.loads(refused.value.response.body)
-            assert body["error"]["code"] == "upstream_refused", body
+            answer = refused.value.response
+            assert answer.status_code == status
+            assert answer.body == body  # the upstream's answer (`test_ws_relay_refusals`)
         assert await whoami(ws_server, service) == "a"  # not ejected, not failed over
+    assert answer.headers.get_all("location") == ["/echo"]  # the redirect's, as it was
 
 
 async def test_envelope_requests_carry_the_clients_fields_and_hash_on_its_key(

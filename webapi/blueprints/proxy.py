@@ -26,6 +26,7 @@ from common.balancing.sticky import balance_key
 from common.codec import parse_json
 from common.forwarding import credential_free, hop_headers_out, strip_hop_by_hop
 from common.log import get_logger
+from common.relayed import RelayedResponse
 from webapi.access import FROM_PATH, IN_HANDLER, POLICY_ROUTED
 from webapi.context import GatewayRequest
 from webapi.errors import (
@@ -43,7 +44,7 @@ from webapi.proxy.errors import UpstreamError
 from webapi.proxy.forward import Forwarded, latency_headers
 from webapi.proxy.paths import match_route, upstream_target
 from webapi.requests import json_object
-from webapi.responses import RelayedResponse, json_response
+from webapi.responses import json_response
 
 bp = Blueprint("proxy")
 log = get_logger("webapi.proxy")
