@@ -36,6 +36,12 @@ def presented_token(request: Request[Any, Any]) -> str | None:
     api_key = request.headers.get("x-api-key", "").strip()
     if api_key:
         return str(api_key)
+    return subprotocol_token(request)
+
+
+def subprotocol_token(request: Request[Any, Any]) -> str | None:
+    """The credential in the `bearer` subprotocol (`Sec-WebSocket-Protocol: bearer,
+    <token>`, first), or None."""
     offered = [p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")]
     if len(offered) >= 2 and offered[0].lower() == SUBPROTOCOL and offered[1]:
         return offered[1]

@@ -11,8 +11,12 @@ handshake fields, less
 * the client's API key (`X-Api-Key`, `Authorization: Bearer sbk_...`), as the gateway
   drops it: a backend never sees a reusable key. A bearer JWT in `Authorization`
   passes, as it does to the gateway's HTTP backends (short-lived; it tells the backend
-  who the user is). A credential in the `bearer` subprotocol never passes (neither
-  the JWT nor the key: `bearer, <token>` is this service's, not the backend's);
+  who the user is). The `bearer` subprotocol and the credential after it are never
+  offered to the backend (`subprotocols_passed_on`: a subprotocol is no secret to a
+  server, which may log it). A browser's JWT in it, the credential this service
+  authenticated, reaches the backend as a header client's does, as `Authorization:
+  Bearer <jwt>` (`subprotocol_credential`; not when the client sent an `Authorization`
+  field of its own: that one passes as it is); an API key in it, never;
 
 then `X-Forwarded-For` (the lines received, then the TCP peer), `-Proto`, `-Host`,
 `X-Request-Id` (the client's when well formed, else a new one) and
@@ -35,7 +39,7 @@ from common.balancing.sticky import balance_key
 from common.clientip import request_client_ip
 from common.forwarding import credential_free, hop_headers_out
 from common.request_ids import request_id_of
-from websocket.auth import SUBPROTOCOL
+from websocket.auth import SUBPROTOCOL, presented_token, subprotocol_token
 
 if TYPE_CHECKING:
     from websocket.app import WsRequest
@@ -54,7 +58,8 @@ def upstream_headers(request: WsRequest) -> list[tuple[str, str]]:
     `request.ip` is the socket's peer. Not `request.scheme` nor `request.host`: they
     follow Sanic's own proxy settings, and `scheme` says `ws` on an upgrade; these are
     the gateway fast path's values (`http`/`https` from the socket, `Host` as sent)."""
-    fields = [(name, value) for name, value in credential_free(request.headers.items())
+    client = [*request.headers.items(), *subprotocol_credential(request)]
+    fields = [(name, value) for name, value in credential_free(client)
               if name.lower() not in _LIBRARY_OWN]  # fmt: skip
     tls = request.conn_info is not None and request.conn_info.ssl
     out = hop_headers_out(
@@ -66,6 +71,21 @@ def upstream_headers(request: WsRequest) -> list[tuple[str, str]]:
         upstream=None,  # `websockets` writes the instance's `Host`
     )
     return [(name, wire_value(value)) for name, value in out]
+
+
+def subprotocol_credential(request: WsRequest) -> list[tuple[str, str]]:
+    """`Authorization: Bearer <jwt>` for a client whose credential, the one this service
+    authenticated (`websocket.app`), is a JWT in the `bearer` subprotocol: the field a
+    header client's JWT reaches the backend in (module docstring). None (an empty
+    list) for an API key, a client with an `Authorization` field of its own, or a
+    subprotocol token that is not the credential authenticated."""
+    token = subprotocol_token(request)
+    principal = getattr(request.ctx, "principal", None)
+    if token is None or principal is None or principal.kind != "user":
+        return []
+    if "authorization" in request.headers or token != presented_token(request):
+        return []
+    return [("Authorization", f"Bearer {token}")]
 
 
 def client_key(request: WsRequest, service: str) -> str | None:

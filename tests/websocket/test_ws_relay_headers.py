@@ -1,6 +1,7 @@
 """What an upstream's handshake carries on `/ws/proxy/` and `/ws/stream`: the client's
 fields as the gateway's HTTP proxy forwards them (`websocket.handshake`): less the
-hop-by-hop ones and the API key, the `bearer` subprotocol's credential never, with
+hop-by-hop ones and the API key, the `bearer` subprotocol never (a JWT authenticated
+in it passes as `Authorization`, as a header client's), with
 `X-Forwarded-*`, `X-Request-Id` and `Via` set; the client's subprotocols offered to the
 upstream and its choice answered; an upstream's 4xx refusal passed on, no failure of
 the instance (what the client gets of it: `test_ws_relay_refusals`).
@@ -109,17 +110,14 @@ async def test_a_bearer_jwt_passes_as_to_the_gateways_backends(
     assert values(seen, "authorization") == [bearer["Authorization"]]
 
 
-@pytest.mark.parametrize(
-    "way", ["authorization", "x-api-key", "subprotocol-key", "subprotocol-jwt"]
-)
-async def test_the_credential_the_service_took_is_not_passed_on(
+@pytest.mark.parametrize("way", ["authorization", "x-api-key", "subprotocol"])
+async def test_an_api_key_however_presented_is_not_passed_on(
     ws_server: WsServer, backends: Backends, way: str
 ) -> None:
-    """No API key, however presented, nor the `bearer` subprotocol's token, reaches the
-    upstream; the client's other fields do."""
+    """No API key reaches the upstream, nor the `bearer` subprotocol; the client's other
+    fields do."""
     service = await one_instance(ws_server, backends)
     key = issue_api_key(backends.redis_url, ["*"])
-    secret = ws_server.token() if way == "subprotocol-jwt" else key
     headers: list[tuple[str, str]] = [("Cookie", "session=1")]
     subprotocols = None
     if way == "authorization":
@@ -127,13 +125,63 @@ async def test_the_credential_the_service_took_is_not_passed_on(
     elif way == "x-api-key":
         headers.append(("X-Api-Key", key))
     else:
-        subprotocols = ["bearer", secret]
+        subprotocols = ["bearer", key]
     seen, chosen = await handshake(ws_server, service, headers, subprotocols=subprotocols)
     assert values(seen, "cookie") == ["session=1"]
-    assert not [line for line in seen["headers"] if secret in line[1]], seen
+    assert not [line for line in seen["headers"] if key in line[1]], seen
     names = {field.lower() for field, _ in seen["headers"]}
     assert not names & {"authorization", "x-api-key", "sec-websocket-protocol"}, seen
     assert chosen == ("bearer" if subprotocols else None)
+
+
+async def test_a_browsers_jwt_reaches_the_upstream_as_a_header_clients_does(
+    ws_server: WsServer, backends: Backends
+) -> None:
+    """A JWT in the `bearer` subprotocol (a browser's: it cannot set `Authorization`)
+    is never offered to the upstream as a subprotocol (a backend may log those), and
+    reaches it as a JWT in `Authorization` does: `Authorization: Bearer <jwt>`."""
+    service = await one_instance(ws_server, backends)
+    jwt = ws_server.token()
+    offered = ["bearer", jwt, "chat.v2"]
+    seen, chosen = await handshake(ws_server, service, [("Cookie", "s=1")], subprotocols=offered)
+    assert values(seen, "authorization") == [f"Bearer {jwt}"]
+    assert values(seen, "sec-websocket-protocol") == ["chat.v2"]
+    assert [name for name, value in seen["headers"] if jwt in value] == ["Authorization"], seen
+    assert (chosen, seen["subprotocol"]) == ("chat.v2", "chat.v2")
+
+
+@pytest.mark.parametrize("other", ["x-api-key", "authorization-jwt", "authorization-basic"])
+async def test_a_subprotocol_jwt_beside_another_credential_is_not_passed_on(
+    ws_server: WsServer, backends: Backends, other: str
+) -> None:
+    """The service authenticates the header's credential first: a subprotocol token it
+    did not check never reaches the upstream, and a client's own `Authorization` field
+    is the one the upstream gets, alone."""
+    service = await one_instance(ws_server, backends)
+    unchecked = ws_server.token(sub="someone-else")
+    headers = {
+        "x-api-key": [("X-Api-Key", issue_api_key(backends.redis_url, ["*"]))],
+        "authorization-jwt": list(ws_server.bearer().items()),
+        "authorization-basic": [("Authorization", "Basic dXNlcjpwdw==")],
+    }[other]
+    seen, _ = await handshake(ws_server, service, headers, subprotocols=["bearer", unchecked])
+    assert not [line for line in seen["headers"] if unchecked in line[1]], seen
+    expected = [value for name, value in headers if name == "Authorization"]
+    assert values(seen, "authorization") == expected
+
+
+async def test_envelope_requests_carry_a_subprotocol_jwt_as_authorization(
+    ws_server: WsServer, backends: Backends
+) -> None:
+    backends.start("a")
+    await wait_reachable(ws_server, backends.service, {"a"})
+    jwt = ws_server.token()
+    async with ws_server.connect("/ws/stream", additional_headers=[],
+                                 subprotocols=["bearer", jwt]) as ws:  # fmt: skip
+        await ws.send(json.dumps({"service_name": backends.service, "handshake": True}))
+        seen = (await recv_json(ws))["result"]
+    assert values(seen, "authorization") == [f"Bearer {jwt}"]
+    assert not values(seen, "sec-websocket-protocol")
 
 
 async def test_a_request_id_is_the_clients_when_well_formed_else_a_new_one(
