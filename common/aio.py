@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
-from typing import Any
+import functools
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from typing import Any, Generic, TypeVar
 
 from common.log import get_logger
 
 log = get_logger("switchboard.tasks")
+
+T = TypeVar("T")
 
 
 def cancelling() -> bool:
@@ -59,6 +62,29 @@ def _ended(task: asyncio.Task[None]) -> None:
     if exc is not None:
         fields = {"task": task.get_name(), "error": repr(exc)}
         log.error("background task died", extra={"fields": fields}, exc_info=exc)
+
+
+class SingleFlight(Generic[T]):
+    """One run of a lookup per key at a time, its result shared by every caller that
+    asks for the same key meanwhile: the calls failing together as a grace ends make
+    one catalog lookup, not one each. A caller cancelled leaves the run to the others;
+    the next caller after the run ends starts a new one."""
+
+    def __init__(self) -> None:
+        self._runs: dict[Hashable, asyncio.Future[T]] = {}
+
+    async def run(self, key: Hashable, lookup: Callable[[], Awaitable[T]]) -> T:
+        """`lookup()`'s result (or error), shared with the run for `key` under way."""
+        run = self._runs.get(key)
+        if run is None:
+            run = self._runs[key] = asyncio.ensure_future(lookup())
+            run.add_done_callback(functools.partial(self._ended, key))
+        return await asyncio.shield(run)
+
+    def _ended(self, key: Hashable, run: asyncio.Future[T]) -> None:
+        del self._runs[key]
+        if not run.cancelled():
+            run.exception()  # retrieved: every caller may have left (asyncio would warn)
 
 
 class Backoff:

@@ -25,7 +25,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from common import constants
-from common.aio import Backoff, cancel_and_wait
+from common.aio import Backoff, SingleFlight, cancel_and_wait
 from common.caller import Caller
 from common.client_io import ClientIO, Enqueue
 from common.connection import RawConnection, connect, pack_commands
@@ -110,6 +110,8 @@ class RpcClient(ClientIO):
         self._stalled_at = -1
         self._inbox_backoff = Backoff()
         self._failed_at = -math.inf
+        self._closes_checked_at = -math.inf
+        self._close_checks: SingleFlight[None] = SingleFlight()
         registry = Registry(self.redis)
         self._rejoin = Rejoin(
             lost_touch_at=self._lost_touch_at,

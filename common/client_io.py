@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import math
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +30,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from common import codec, constants
-from common.aio import Backoff, cancelling
-from common.connection import REDIS_DOWN_ERRORS, RawConnection, pack_commands
+from common.aio import Backoff, SingleFlight, cancelling
+from common.connection import REDIS_DOWN_ERRORS, ConnectionClosed, RawConnection, pack_commands
 from common.errors import (
     REDIS_REFUSED_VALUE,
     MethodNotFound,
@@ -52,6 +53,8 @@ _INBOX_BATCH = 256
 # Redis down, or refusing (out of memory, a read-only replica...): a `ResponseError`
 # is raised, not returned in a reply's slot, when a connection's handshake gets one.
 _REDIS_FAILED: tuple[type[Exception], ...] = (*REDIS_DOWN_ERRORS, ResponseError)
+# Redis failing, or not giving its uptime (a proxy before it): `_check_closes`.
+_NO_UPTIME: tuple[type[Exception], ...] = (*_REDIS_FAILED, KeyError, ValueError)
 _ENQUEUE_BATCH = 512
 # How long a `drop` task's submit waits for Redis before counting the task as dropped.
 DROP_WAIT_SECONDS = 0.25
@@ -116,6 +119,8 @@ class ClientIO:
     _inbox_backoff: Backoff  # the inbox reader's, between failed reads
     _failed_at: float  # time.monotonic() when Redis last failed one of our calls
     _rejoin: Rejoin  # calls told "no live instance" just after an outage
+    _closes_checked_at: float  # time.monotonic() when the last `_check_closes` done began
+    _close_checks: SingleFlight[None]  # one `_check_closes` at a time
 
     async def start(self) -> None:
         raise NotImplementedError
@@ -170,22 +175,65 @@ class ClientIO:
         return None
 
     def _lost_touch_at(self) -> float:
-        """When (time.monotonic) this client last saw Redis fail it, or close one of
-        its connections (a restart, noticed at the next write): `common.rejoin`."""
-        return max(self._failed_at, self._enqueuer.found_closed_at, self._receiver.found_closed_at)
+        """When (time.monotonic) this client last saw Redis fail it, or break one of its
+        connections (a reset, noticed at the next write), or restart (`_check_closes`):
+        `common.rejoin`."""
+        enqueuer, receiver = self._enqueuer, self._receiver
+        return max(self._failed_at, enqueuer.found_broken_at, receiver.found_broken_at)
 
-    def _redis_failed_us(self) -> None:
-        self._failed_at = time.monotonic()
+    def _redis_failed_us(self, exc: BaseException | None = None) -> None:
+        """Redis failed one of our commands (with `exc`): the client lost touch with it.
+        Not so when Redis merely closed the connection in order: `_check_closes` tells."""
+        if not isinstance(exc, ConnectionClosed):
+            self._failed_at = time.monotonic()
+
+    def _closed_unchecked(self) -> bool:
+        """Redis closed a connection of ours in order, within the grace (`common.rejoin`),
+        since the last `_check_closes` done began (or one is under way)."""
+        closed_at = max(self._enqueuer.found_closed_at, self._receiver.found_closed_at)
+        return closed_at > self._closes_checked_at and time.monotonic() < closed_at + (
+            self._rejoin.grace
+        )
+
+    async def _after_close(self, item: Enqueue) -> None:
+        """Hold `item`, refused for "no live instance" just after Redis closed a connection
+        of ours, if Redis restarted then (`common.rejoin`); fail it at once otherwise."""
+        await self._close_checks.run(None, self._check_closes)
+        if not self._rejoin.park(item):
+            self._give_up(item)
+
+    async def _check_closes(self) -> None:
+        """Whether the connections Redis closed were closed by a restart: one lease after
+        Redis started, every live worker has renewed its lease, so the client counts
+        itself out of touch until Redis started only if that was within one lease (its
+        uptime, in whole seconds: rounded down, on the safe side). A close by a Redis up
+        for longer (an idle timeout, a client kill, a proxy's) is no loss. If Redis does
+        not say, the close counts as one."""
+        began = time.monotonic()
+        try:
+            uptime = float((await self.redis.info("server"))["uptime_in_seconds"])
+        except _NO_UPTIME:
+            self._redis_failed_us()
+        else:
+            if uptime < self._rejoin.grace:
+                self._failed_at = max(self._failed_at, time.monotonic() - uptime)
+        # Only now: a call refused meanwhile must wait for this check, not go without it.
+        self._closes_checked_at = began
 
     def _give_up(self, item: Enqueue) -> None:
         """Fail a parked enqueue (`common.rejoin`) as its "no live instance" would have."""
         if item.future.done():
             return
         if item.awaits_reply:
-            self._failures.add(asyncio.create_task(self._fail_call(item, NO_INSTANCE)))
-            self._failures = {t for t in self._failures if not t.done()}
+            self._off_loop(self._fail_call(item, NO_INSTANCE))
         else:
             item.future.set_result(NO_INSTANCE)
+
+    def _off_loop(self, rare: Coroutine[Any, Any, None]) -> None:
+        """Run `rare` (a rare path, which may need a lookup) off the writer's loop, in a
+        task held until it ends."""
+        self._failures.add(asyncio.create_task(rare))
+        self._failures = {t for t in self._failures if not t.done()}
 
     async def _fail_call(self, item: Enqueue, entry: Any) -> None:
         error = await self._error_for(entry, item.service, item.instance)
@@ -224,8 +272,8 @@ class ClientIO:
                 enqueue = pack_commands([("EVALSHA", _SHAS["call"], *item.args)])
                 await self._receiver.send_packed(enqueue + self._blpop)
                 sent = True
-            except _REDIS_FAILED:
-                self._redis_failed_us()  # the writer tries again on its own connection
+            except _REDIS_FAILED as exc:
+                self._redis_failed_us(exc)  # the writer tries again on its own connection
             finally:
                 if sent:
                     self._direct = item
@@ -259,7 +307,7 @@ class ClientIO:
             try:
                 results = await self._send_enqueues(batch) if batch else []
             except _REDIS_FAILED as exc:  # never ends the writer: every later call needs it
-                self._redis_failed_us()
+                self._redis_failed_us(exc)
                 if isinstance(exc, REDIS_DOWN_ERRORS) and await self._enqueuer.answers():
                     # Redis refused the write: it is not down (or no longer: the reader,
                     # which may be waiting out the outage, reads the replies now).
@@ -306,12 +354,12 @@ class ClientIO:
                 item.future.set_exception(_redis_failed(result))
         elif result == NO_INSTANCE and self._rejoin.park(item):
             pass  # just after an outage: enqueued again once an instance is back
+        elif result == NO_INSTANCE and self._closed_unchecked():
+            self._off_loop(self._after_close(item))  # was that close a restart?
         elif not item.awaits_reply:
             item.future.set_result(result)
         elif result in (NO_INSTANCE, OVER_BACKLOG):
-            # Rare path (it may need a catalog lookup): off the writer's loop.
-            self._failures.add(asyncio.create_task(self._fail_call(item, result)))
-            self._failures = {t for t in self._failures if not t.done()}
+            self._off_loop(self._fail_call(item, result))
         else:
             self._reached.add(item.service)
 
@@ -320,12 +368,12 @@ class ClientIO:
         commands = [("EVALSHA", _SHAS[item.script], *item.args) for item in batch]
         try:
             results = await self._enqueuer.execute(commands)
-        except REDIS_DOWN_ERRORS:
+        except REDIS_DOWN_ERRORS as exc:
             # The connection may have died idle (a Redis restart): one retry on a
             # fresh one, as redis-py's own retry would. At-least-once: a batch
             # that did get in before the connection broke is enqueued twice.
             results = await self._enqueuer.execute(commands)
-            self._redis_failed_us()  # the connection had died: Redis went away meanwhile
+            self._redis_failed_us(exc)  # the connection had died: Redis went away meanwhile?
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
             # Redis restarted (its script cache is empty): EVAL loads the script.
@@ -384,7 +432,7 @@ class ClientIO:
                 # A refused LPOP leaves its BLPOP's reply due: read later, it would be
                 # taken for the answer to the next command (an enqueue's, say).
                 await conn.discard()
-                self._redis_failed_us()
+                self._redis_failed_us(exc)
                 outage.failed(exc)
                 drain = True
                 await backoff.wait()

@@ -36,6 +36,13 @@ _WATCH_EVERY = 0.25
 # What hiredis's reader answers while a reply is incomplete.
 _NOT_ENOUGH = object()
 
+
+class ConnectionClosed(RedisConnectionError):
+    """Redis (or a proxy before it) closed a `RawConnection` in order, at end of stream:
+    a restart, a client kill, an idle timeout; not a reset, a timeout or a refusal. By
+    itself it does not say that Redis went away (`common.rejoin`)."""
+
+
 # Errors that mean "Redis is not reachable right now" as opposed to "Redis said no".
 REDIS_DOWN_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 # The same, plus an `asyncio.timeout()` around a Redis call expiring.
@@ -134,10 +141,16 @@ class _Replies(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.lost is None:
-            self.lost = exc or RedisConnectionError("connection closed by redis")
+            self.lost = exc or ConnectionClosed("connection closed by redis")
         for future in (self.waiter, self.writable):
             if future is not None and not future.done():
-                future.set_exception(RedisConnectionError(f"connection lost: {self.lost}"))
+                future.set_exception(self.lost_error())
+
+    def lost_error(self) -> RedisConnectionError:
+        """The error of a read or write on the lost connection: `ConnectionClosed` when
+        Redis closed it in order."""
+        kind = ConnectionClosed if isinstance(self.lost, ConnectionClosed) else RedisConnectionError
+        return kind(f"connection lost: {self.lost}")
 
     def pause_writing(self) -> None:
         if self.writable is None or self.writable.done():
@@ -183,10 +196,13 @@ class RawConnection:
         self._read_by = 0.0
         self._expired = False
         self._watchdog: asyncio.TimerHandle | None = None
-        # When (time.monotonic) a write last found the connection closed by Redis (a
-        # restart, a client kill) and made a new one: the one loss nobody is told of,
-        # as the write then succeeds. Every other failure is raised to the caller.
+        # When (time.monotonic) the connection was last found closed by Redis in order
+        # (`ConnectionClosed`: a restart, a client kill, an idle timeout), and last found
+        # broken (a reset, a keepalive timeout, a protocol error), by a read (which raises)
+        # or by a write (which makes a new connection and succeeds: the one loss nobody is
+        # told of). Every other failure is raised to the caller.
         self.found_closed_at = -math.inf
+        self.found_broken_at = -math.inf
 
     async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send `commands` in one write and return their replies in order."""
@@ -202,9 +218,7 @@ class RawConnection:
         try:
             proto = self._proto
             if proto is None or proto.lost is not None:
-                if proto is not None:
-                    self.found_closed_at = time.monotonic()
-                await self._connect()
+                await self._connect()  # (`_drop` notes the loss)
                 proto = self._proto
                 assert proto is not None
             transport = self._transport
@@ -261,7 +275,7 @@ class RawConnection:
                 raise RedisConnectionError("not connected")
             while len(proto.replies) < n:
                 if proto.lost is not None:
-                    raise RedisConnectionError(f"connection lost: {proto.lost}")
+                    raise proto.lost_error()
                 proto.wanted = n
                 proto.waiter = waiter = loop.create_future()
                 try:
@@ -316,7 +330,12 @@ class RawConnection:
         await self._drop()
 
     async def _drop(self) -> None:
-        self._proto = None
+        proto, self._proto = self._proto, None
+        if proto is not None and proto.lost is not None:
+            if isinstance(proto.lost, ConnectionClosed):
+                self.found_closed_at = time.monotonic()
+            else:
+                self.found_broken_at = time.monotonic()
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.abort()  # unread replies are not worth a graceful close

@@ -17,11 +17,14 @@ ends first, each fails as it would have at once (503, or 404 for a service nobod
 knows); a call whose deadline comes first fails with 503 just before it, not with a
 timeout. Outside the grace nothing changes: a dead service's callers get their 503
 at once. "Lost touch" is anything the client saw of the outage: a Redis call that
-failed or was refused, or a connection Redis closed meanwhile (a restart), found at
-the client's first call after it, which covers a client that was idle throughout.
-The grace is measured from the last such failure, so an outage that goes on keeps it.
-A connection closed for another reason (a proxy's idle timeout) counts as well: the
-cost of that is a dead service's 503 coming up to one lease late, no more.
+failed or was refused, a connection found broken (reset), or Redis restarted: a
+connection Redis closed meanwhile, found at the client's first call after it (which
+covers a client that was idle throughout), if Redis started less than one lease
+before (its uptime, asked once, only when such a close is followed by "no live
+instance"). The grace is measured from the last such failure (from Redis's start
+after a restart), so an outage that goes on keeps it. A connection closed by a Redis
+up for longer (an idle timeout, a client kill, a proxy's) is no loss: every live
+worker has renewed its lease since, and a dead service's 503 comes at once.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class Rejoin:
         self.step = step
         self._parked: dict[Key, list[Any]] = {}
         self._probes: dict[Key, asyncio.Task[None]] = {}
+        self.parked_total = 0  # calls (and tasks) ever parked: for tests and the curious
 
     def holding(self) -> bool:
         """Within the grace after this client last lost touch with Redis."""
@@ -86,6 +90,7 @@ class Rejoin:
             return False
         key = (item.service, item.instance)
         self._parked.setdefault(key, []).append(item)
+        self.parked_total += 1
         if key not in self._probes:
             self._probes[key] = background(self._probe(key), name=f"rpc-rejoin-{key[0]}")
         return True

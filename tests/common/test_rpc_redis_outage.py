@@ -11,6 +11,7 @@ reported.
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 import time
 import uuid
@@ -180,3 +181,43 @@ async def test_a_dead_worker_is_still_reported_after_an_outage(tmp_path: Path) -
     finally:
         worker.stop()
         server.stop()
+
+
+# A lease, and so a grace, of 1 s: a Redis up for a second is up for longer than that.
+ONE_SECOND_LEASES = Settings(heartbeat_interval=0.5, heartbeat_ttl=1.0)
+
+
+async def test_a_connection_closed_by_a_redis_up_all_along_holds_no_call() -> None:
+    # Redis closing the client's connections while it stays up (a client kill here; an
+    # idle timeout or a proxy's alike) is no outage: every live worker has renewed its
+    # lease. A call to a service with no live instance right after it is failed at
+    # once, never parked for a lease.
+    server = EmbeddedRedis().start()
+    admin = aioredis.Redis.from_url(server.url)
+    name = f"calc_{uuid.uuid4().hex[:8]}"
+    try:
+        await admin.hset(constants.CATALOG, name, "{}")  # known, and no worker
+        await wait_for_async(lambda: _uptime(admin, at_least=1))
+        async with RpcClient(server.url, settings=ONE_SECOND_LEASES) as client:
+            with pytest.raises(ServiceUnavailable, match="no live instance"):
+                await client.call(f"{name}.add", 1, timeout=10)
+            await admin.client_kill_filter(_type="normal", skipme=True)
+            await wait_for_async(lambda: _closed(client))  # the client saw the close
+            with pytest.raises(ServiceUnavailable, match="no live instance"):
+                await client.call(f"{name}.add", 1, timeout=10)
+            assert client._rejoin.parked_total == 0
+            assert client._receiver.found_closed_at > -math.inf  # it did find it closed
+    finally:
+        await admin.aclose()
+        server.stop()
+
+
+async def _uptime(admin: aioredis.Redis, *, at_least: int) -> bool:
+    """Redis has been up for `at_least` seconds (its own count, in whole seconds)."""
+    return int((await admin.info("server"))["uptime_in_seconds"]) >= at_least
+
+
+def _closed(client: RpcClient) -> bool:
+    """Every connection of `client`'s own has seen Redis close it (or was never made)."""
+    conns = (client._enqueuer, client._receiver)
+    return all(c._proto is None or c._proto.lost is not None for c in conns)
