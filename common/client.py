@@ -112,6 +112,7 @@ class RpcClient(ClientIO):
         self._failed_at = -math.inf
         self._closes_checked_at = -math.inf
         self._close_checks: SingleFlight[None] = SingleFlight()
+        self._catalog_lookups: SingleFlight[bool] = SingleFlight()
         registry = Registry(self.redis)
         self._rejoin = Rejoin(
             lost_touch_at=self._lost_touch_at,

@@ -19,6 +19,7 @@ Hot path: `_enqueue_call`, `_write_enqueues`, `_read_inbox`, `_deliver`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
 import time
@@ -121,6 +122,7 @@ class ClientIO:
     _rejoin: Rejoin  # calls told "no live instance" just after an outage
     _closes_checked_at: float  # time.monotonic() when the last `_check_closes` done began
     _close_checks: SingleFlight[None]  # one `_check_closes` at a time
+    _catalog_lookups: SingleFlight[bool]  # one catalog lookup per service at a time
 
     async def start(self) -> None:
         raise NotImplementedError
@@ -162,7 +164,10 @@ class ClientIO:
                     f"instance {quoted(instance)} of {quoted(service)} is not live"
                 )
             try:
-                known = await self.redis.hexists(constants.CATALOG, service)
+                # Shared by the calls failing meanwhile (those a rejoin grace held
+                # end together): one lookup, not one per call.
+                lookup = functools.partial(self._cataloged, service)
+                known = await self._catalog_lookups.run(service, lookup)
             except _REDIS_FAILED as exc:
                 return _redis_failed(exc)
             # A service reached before is not unknown, even with the catalog gone (Redis
@@ -173,6 +178,9 @@ class ClientIO:
         if entry == OVER_BACKLOG:
             return Overloaded(f"{quoted(service)} has more calls queued than its bound")
         return None
+
+    async def _cataloged(self, service: str) -> bool:
+        return bool(await self.redis.hexists(constants.CATALOG, service))
 
     def _lost_touch_at(self) -> float:
         """When (time.monotonic) this client last saw Redis fail it, or break one of its

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from common import RpcClient, Service, constants
 from common.embedded_redis import EmbeddedRedis
-from common.errors import RpcTimeout, ServiceUnavailable
+from common.errors import MethodNotFound, RpcTimeout, ServiceUnavailable
 from common.settings import Settings
 from tests.helpers import ServiceProcess, serve_until_live, wait_for_async
 
@@ -210,6 +210,33 @@ async def test_a_connection_closed_by_a_redis_up_all_along_holds_no_call() -> No
     finally:
         await admin.aclose()
         server.stop()
+
+
+async def test_the_calls_a_grace_held_share_one_catalog_lookup() -> None:
+    # Parked together after a restart, failed together as the grace ends: one look in
+    # the catalog (503 or 404?) for them all, not one each.
+    server = EmbeddedRedis().start()
+    name = f"calc_{uuid.uuid4().hex[:8]}"
+    async with RpcClient(server.url, settings=ONE_SECOND_LEASES) as client:
+        admin = None
+        try:
+            with pytest.raises(MethodNotFound):
+                await client.call(f"{name}.add", 1, timeout=10)
+            server.stop()
+            server = EmbeddedRedis(server.port).start()
+            admin = aioredis.Redis.from_url(server.url)
+            await admin.hset(constants.CATALOG, name, "{}")
+            await admin.config_resetstat()
+            calls = [client.call(f"{name}.add", i, timeout=10) for i in range(5)]
+            failed = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(e, ServiceUnavailable) for e in failed), failed
+            assert client._rejoin.parked_total == 5
+            stats = await admin.info("commandstats")
+            assert stats["cmdstat_hexists"]["calls"] == 1
+        finally:
+            if admin is not None:
+                await admin.aclose()
+            server.stop()
 
 
 async def _uptime(admin: aioredis.Redis, *, at_least: int) -> bool:
