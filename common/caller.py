@@ -17,7 +17,7 @@ None`, whatever its name) from the call envelope, never from the call's
 arguments: a client naming it in its JSON gets `InvalidParams` (422), so nobody can
 claim to be someone else. The gateway (`/rpc/...` and its REST routes) and the
 WebSocket service (JSON-RPC on `/ws`) attach the credential's caller to every call
-they make for it; a call made with `RpcClient` carries none unless given
+they make for it; a call or task made with `RpcClient` carries none unless given
 `caller=` (a service calling another acts as itself), and a method that requires a
 `Caller` answers such a call with `InvalidParams` saying so.
 

@@ -247,11 +247,18 @@ class RpcClient(ClientIO):
         priority: int = 1,
         policy: str = "execute",
         coalesce_key: str | None = None,
+        caller: Caller | None = None,
         **kwargs: Any,
     ) -> bool:
         """Fire-and-forget task: enqueue and return; no reply comes back. See `submit`."""
         return await self.submit(
-            target, args, kwargs, priority=priority, policy=policy, coalesce_key=coalesce_key
+            target,
+            args,
+            kwargs,
+            priority=priority,
+            policy=policy,
+            coalesce_key=coalesce_key,
+            caller=caller,
         )
 
     async def submit(
@@ -266,6 +273,7 @@ class RpcClient(ClientIO):
         attempts: int | None = None,
         ttl: float = DEFAULT_SEND_TTL,
         request_id: str | None = None,
+        caller: Caller | None = None,
     ) -> bool:
         """Enqueue a task; True when accepted, False when dropped (policy `drop`).
 
@@ -282,6 +290,8 @@ class RpcClient(ClientIO):
         - A task that raises is retried with exponential backoff up to `attempts`
           runs in all (1 to 100; default `TASK_ATTEMPTS`), then kept in the dead-letter
           list.
+        - `caller`: the user the task is run for, as for `invoke` (the handler's
+          `Caller` parameter; a handler requiring one refuses a task without it).
         Raises `ServiceUnavailable` (no live instance, after `common.rejoin`'s grace
         if this client just lost touch with Redis) and `Overloaded` (backlog
         full) for policies other than `drop`.
@@ -310,6 +320,7 @@ class RpcClient(ClientIO):
             policy=policy,
             key=coalesce_key,
             max_attempts=attempts or settings.task_attempts,
+            who=None if caller is None else caller.to_wire(),
         )
         item = Enqueue(
             script="task",

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from common import RpcClient, Service, constants
+from common import Caller, RpcClient, Service, constants
 from common.deadletters import DeadLetters
 from common.errors import Overloaded, ServiceUnavailable
 from common.settings import get_settings
@@ -170,3 +170,27 @@ async def test_bad_task_options_are_refused(rpc: RpcClient) -> None:
     for attempts in (0, 101):  # a worker would have cut 101 to 100 without a word
         with pytest.raises(ValueError, match="attempts must be from 1 to 100"):
             await rpc.submit("calc.add", (1,), attempts=attempts)
+
+
+async def test_a_task_is_run_for_the_caller_it_is_sent_for(rpc: RpcClient, redis_url: str) -> None:
+    # As `call` does: the handler's `Caller` parameter gets the caller given to `send` or
+    # `submit`, never one named among the task's arguments; None when none is given.
+    alice = Caller("u-alice", "user", frozenset({"*"}), username="alice")
+    key = Caller("u-bob", "api_key", frozenset({"notes"}), key_id="k1")
+    ran: dict[str, Caller | None] = {}
+    svc = Service(f"notes_{uuid.uuid4().hex[:8]}")
+
+    @svc.method
+    async def note(text: str, caller: Caller | None = None) -> None:
+        ran[text] = caller
+
+    task = await serve_in_task(svc, redis_url)
+    try:
+        assert await rpc.send(f"{svc.name}.note", "sent", caller=alice)
+        assert await rpc.submit(f"{svc.name}.note", kwargs={"text": "submitted"}, caller=key)
+        assert await rpc.send(f"{svc.name}.note", "for no one")
+        await wait_for_async(lambda: len(ran) == 3)
+        assert ran == {"sent": alice, "submitted": key, "for no one": None}
+    finally:
+        svc.request_stop()
+        await asyncio.wait_for(task, 30)
