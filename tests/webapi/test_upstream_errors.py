@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 
 import pytest
 
@@ -100,10 +99,10 @@ async def test_stale_connection_is_not_retried_with_a_streamed_body(pool: Upstre
 
 
 async def test_connect_refused_is_a_fast_connect_error(pool: UpstreamPool) -> None:
-    started = time.monotonic()
-    with pytest.raises(UpstreamConnectError):
+    # The refusal itself, not a connect timeout waited out (nor retried into one).
+    with pytest.raises(UpstreamConnectError, match="cannot connect") as info:
         await pool.request(f"127.0.0.1:{free_port()}", "GET", "/", [])
-    assert time.monotonic() - started < 1.0
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
 
 
 async def test_connect_timeout_is_a_connect_error() -> None:
@@ -120,12 +119,11 @@ async def test_connect_timeout_is_a_connect_error() -> None:
             filler.connect_ex(("127.0.0.1", port))
             fillers.append(filler)
         async with UpstreamPool(connect_timeout=0.2) as pool:
-            started = time.monotonic()
             try:
                 resp = await pool.request(f"127.0.0.1:{port}", "GET", "/", [], timeout=5)
             except UpstreamConnectError as exc:
-                assert "timed out" in str(exc)
-                assert time.monotonic() - started < 2.0
+                # The connect timeout's error: the request's 5 s would be an UpstreamTimeout.
+                assert "timed out after 0.2 s" in str(exc)
             else:
                 await resp.aclose()
                 pytest.skip("this kernel accepted a connection over a full backlog")
@@ -140,10 +138,9 @@ async def test_silent_server_is_a_read_timeout() -> None:
         await peer.reader.read()  # never answers
 
     async with Upstream(handler) as up, UpstreamPool(read_timeout=0.2) as pool:
-        started = time.monotonic()
-        with pytest.raises(UpstreamTimeout, match="no progress"):
+        # The read timeout's own error (no other bound is set: without it, a hang).
+        with pytest.raises(UpstreamTimeout, match=r"no progress from .* for 0\.2 s"):
             await pool.request(up.address, "GET", "/", [])
-        assert time.monotonic() - started < 2.0
 
 
 async def test_trickling_server_hits_the_total_timeout() -> None:
@@ -154,10 +151,10 @@ async def test_trickling_server_hits_the_total_timeout() -> None:
             await asyncio.sleep(0.02)  # the server is slow on purpose
 
     async with Upstream(handler) as up, UpstreamPool(read_timeout=1.0) as pool:
-        started = time.monotonic()
+        # The head's deadline (`timeout`) is the only bound that says so: a trickle never
+        # lets the read timeout fire, and the head would not end before the server does.
         with pytest.raises(UpstreamTimeout, match="no response head"):
             await pool.request(up.address, "GET", "/", [], timeout=0.3)
-        assert time.monotonic() - started < 1.0
 
 
 async def test_trickling_body_is_cut_at_the_total_timeout() -> None:
