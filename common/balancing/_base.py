@@ -86,8 +86,10 @@ class Pools(Generic[P]):
     The candidates usually equal the previous call's (a fresh list of the same
     objects: `BalancingPolicy` keeps an instance's endpoint while its record is
     unchanged): comparing tuples is then an identity check per element, in C. Equal
-    endpoints that are new objects would compare field by field, in Python (45 µs for
-    200), at every call. A different set is looked up by its members, order ignored,
+    endpoints that are new objects (instances that left and came back with the same
+    records, say after a Redis outage) compare field by field, in Python (45 µs for
+    200): so the set is kept as the latest call's tuple, and only the first call after
+    such a change pays that. A different set is looked up by its members, order ignored,
     among the `size` sets used last, so pools that alternate (two versions) each keep
     their state and memory stays bounded. `build` receives the members sorted by
     instance id. `forget_departed` drops the sets that hold an instance gone from the
@@ -106,6 +108,8 @@ class Pools(Generic[P]):
         snap = tuple(candidates)  # the same object when already a tuple
         last = self._last
         if last is not None and (snap is last[0] or snap == last[0]):
+            if snap is not last[0]:
+                self._last = (snap, last[1])  # (the class docstring: equal, new objects)
             return last[1]
         if not snap:
             raise no_candidates()

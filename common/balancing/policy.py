@@ -7,7 +7,8 @@ service's strategy (a fresh one starts with no load or latency history);
 unchanged services keep theirs. The service's retry budget (`retry_budget`,
 else the default given) is one `RetryBudget` per service, re-limited in place
 when the policy changes. Registry records become `Endpoint`s once per
-instance of a service (after each change of its records), not once per request.
+instance of a service, not once per request: an endpoint stays the same object while
+its record is unchanged (a resync changes nothing), and is made anew when it changes.
 
 What is kept per instance or service follows the registry (`follow`): at each change
 of a service's instances, its strategy and the health book forget the instances that
