@@ -221,15 +221,13 @@ class ApiKeyCache:
         try:
             record = await apikeys.read(self.redis, key_id)
         except REDIS_DOWN_OR_REFUSING as exc:
-            if (kind := redis_failure(exc)) is None:
+            if redis_failure(exc) is None:
                 raise  # an error reply of no known kind (WRONGTYPE): a bug or bad data
             self._read_failed_at = self.clock()
             self._read_outage.failed(exc, at=at, key_id=key_id)
             if stale is not None and self._may_answer_stale(stale, now):
                 return stale  # better a few minutes stale than refusing everyone
-            # (redis-py's text names Redis's address: the cause, for the log, not the caller)
-            message = redis_failure_message(exc, kind)
-            raise ServiceUnavailable(f"credential store unavailable: {message}") from exc
+            raise store_unavailable(exc) from exc
         except ValueError:
             log.exception("API key record unreadable", extra={"fields": {"key_id": key_id}})
             record = None
@@ -259,6 +257,13 @@ class ApiKeyCache:
         elif kind == "user":
             for key_id in [k for k, e in self._records.items() if _owner(e) == ident]:
                 del self._records[key_id]
+
+
+def store_unavailable(exc: BaseException) -> ServiceUnavailable:
+    """The answer to a credential that cannot be checked while Redis cannot be read
+    (`exc`): a 503 naming the kind of failure, never redis-py's text (it names Redis's
+    address: raise it `from exc`, the cause is for the log)."""
+    return ServiceUnavailable(f"credential store unavailable: {redis_failure_message(exc)}")
 
 
 def _owner(entry: _KeyEntry) -> str | None:

@@ -38,12 +38,12 @@ import redis.asyncio as aioredis
 
 from common import apikeys, tokens
 from common.aio import background, cancel_and_wait, cancelling
-from common.apikey_cache import ApiKeyCache
-from common.errors import ServiceUnavailable, Unauthorized
+from common.apikey_cache import ApiKeyCache, store_unavailable
+from common.errors import Unauthorized
 from common.log import get_logger
 from common.outage import Outage
 from common.principal import Principal
-from common.redis_failures import REDIS_DOWN_OR_REFUSING, redis_failure, redis_failure_message
+from common.redis_failures import REDIS_DOWN_OR_REFUSING, redis_failure
 from common.revocation import UNLOADED_RETRY, RevocationView
 from common.scopes import parse
 from common.tokens import Keyring, SigningKey
@@ -172,8 +172,7 @@ class Authenticator:
         if kid is not None and kid not in self._keys:
             failure = await self._reload_keys_for()
             if failure is not None and kid not in self._keys:
-                message = redis_failure_message(failure)
-                raise ServiceUnavailable(f"credential store unavailable: {message}")
+                raise store_unavailable(failure) from failure
         claims = tokens.verify(token, self._keys, now=now)
         verified = _verified(claims, self._keys[str(kid)])
         if self._token_revoked(verified):

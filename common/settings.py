@@ -239,7 +239,7 @@ class Settings:
         ),
     )
     # How long past API_KEY_CACHE_TTL a cached record still answers while Redis cannot
-    # be read (down, or refusing: `common.credentials`); then such a key's request is a 503.
+    # be read (down, or refusing: `common.apikey_cache`); then such a key's request is a 503.
     api_key_stale_if_error: float = field(
         default=300.0,
         metadata=_env(

@@ -98,7 +98,7 @@ async def test_stale_connection_is_not_retried_with_a_streamed_body(pool: Upstre
 # Errors.
 
 
-async def test_connect_refused_is_a_fast_connect_error(pool: UpstreamPool) -> None:
+async def test_connect_refused_is_a_connect_error_caused_by_the_refusal(pool: UpstreamPool) -> None:
     # The refusal itself, not a connect timeout waited out (nor retried into one).
     with pytest.raises(UpstreamConnectError, match="cannot connect") as info:
         await pool.request(f"127.0.0.1:{free_port()}", "GET", "/", [])
