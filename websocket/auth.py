@@ -42,10 +42,18 @@ def presented_token(request: Request[Any, Any]) -> str | None:
 def subprotocol_token(request: Request[Any, Any]) -> str | None:
     """The credential in the `bearer` subprotocol (`Sec-WebSocket-Protocol: bearer,
     <token>`, first), or None."""
-    offered = [p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")]
-    if len(offered) >= 2 and offered[0].lower() == SUBPROTOCOL and offered[1]:
+    offered = offered_subprotocols(request)
+    if len(offered) >= 2 and offered[0].lower() == SUBPROTOCOL:
         return offered[1]
     return None
+
+
+def offered_subprotocols(request: Request[Any, Any]) -> list[str]:
+    """The subprotocols the client offers, in its order (every `Sec-WebSocket-Protocol`
+    line, comma-separated): one reading for authentication and for what the relay's
+    upstream is offered (`websocket.handshake.subprotocols_passed_on`)."""
+    return [token.strip() for line in request.headers.getall("sec-websocket-protocol", [])
+            for token in line.split(",") if token.strip()]  # fmt: skip
 
 
 def offers_bearer(request: Request[Any, Any]) -> bool:

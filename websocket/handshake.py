@@ -101,13 +101,6 @@ def client_key(request: WsRequest, service: str) -> str | None:
                                                  request.app.ctx.trusted_proxies))  # fmt: skip
 
 
-def offered_subprotocols(request: WsRequest) -> list[str]:
-    """The subprotocols the client offers, in its order (every `Sec-WebSocket-Protocol`
-    line, comma-separated)."""
-    return [token.strip() for line in request.headers.getall("sec-websocket-protocol", [])
-            for token in line.split(",") if token.strip()]  # fmt: skip
-
-
 def subprotocols_passed_on(offered: Sequence[str]) -> list[str]:
     """What the upstream is offered of the client's subprotocols `offered`: all but
     `bearer` and the credential that follows it (`bearer, <token>`: `websocket.auth`)."""

@@ -59,14 +59,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 from websockets.protocol import CLOSED, CLOSING
 
+from websocket.auth import offered_subprotocols
 from websocket.connections import BAD_GATEWAY, GOING_AWAY, MESSAGE_TOO_BIG
 from websocket.errors import log_close
-from websocket.handshake import (
-    client_key,
-    offered_subprotocols,
-    subprotocols_passed_on,
-    upstream_headers,
-)
+from websocket.handshake import client_key, subprotocols_passed_on, upstream_headers
 from websocket.refusals import UpstreamRefusedUpgrade
 from websocket.splice import CLIENT_STALLED, GONE, UPSTREAM_LOST, UPSTREAM_STALLED, Splice
 from websocket.tap import untap

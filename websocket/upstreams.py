@@ -19,7 +19,7 @@ refused the client, not failed: it is not ejected, nothing is retried, and the c
 gets `UpstreamRefused`, with the instance's answer (its fields and body, for the relay
 to pass on: `websocket.refusals`), as the gateway's proxy answers a 4xx and retries
 nothing. A redirect (3xx) is the same: passed on to the client, never followed
-(`_NoRedirects`).
+(`NoRedirects`).
 Any other answer but 101 is a connect failure.
 These steps are the gateway's too (`common.balancing.tries.Tries`). For
 `least_conn` the strategy counts a relayed connection from its connect until it ends.
@@ -54,7 +54,7 @@ from websocket.tap import TapClientConnection
 log = get_logger("websocket.upstreams")
 
 
-class _NoRedirects(connect):
+class NoRedirects(connect):
     """`websockets`' `connect`, minus following an instance's redirects: a proxy answers
     with what the instance it chose answered (nginx does not follow them either), and
     a followed redirect would take the client's fields (Cookie, Authorization: dropped
@@ -171,7 +171,7 @@ class Upstreams:
                 break
             endpoint = tries.choose(candidates)
             try:
-                upstream = await _NoRedirects(
+                upstream = await NoRedirects(
                     f"ws://{endpoint.address}{path}",
                     open_timeout=connect_timeout,
                     max_size=self.max_size,
@@ -185,7 +185,7 @@ class Upstreams:
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
                 if isinstance(exc, InvalidStatus) and 300 <= exc.response.status_code < 500:
                     # The instance is up and answered: the client is refused, not retried
-                    # (a redirect too: `_NoRedirects`).
+                    # (a redirect too: `NoRedirects`).
                     tries.connected()
                     tries.closed()
                     answer = exc.response

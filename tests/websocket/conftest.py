@@ -16,6 +16,7 @@ from websockets.asyncio.client import ClientConnection
 
 from common import tokens
 from tests.helpers import ServiceProcess, free_port, wait_for, wait_for_async
+from websocket.upstreams import NoRedirects
 
 SECRET = "websocket-tests-secret-" + "x" * 32
 
@@ -62,13 +63,6 @@ class WsServer:
             kwargs["additional_headers"] = self.bearer()
         connect = websockets.connect if follow else NoRedirects
         return connect(self.url(path), compression=None, **kwargs)
-
-
-class NoRedirects(websockets.connect):
-    """`websockets`' client minus following redirects: a 3xx is the caller's `InvalidStatus`."""
-
-    def process_redirect(self, exc: Exception) -> Exception | str:
-        return exc
 
 
 def start_ws_server(redis_url: str, *, status: str = "ok", **env: str) -> WsServer:
