@@ -149,9 +149,17 @@ class Gatekeeper:
         self._rules_source: Sequence[LimitRule] = ()
 
     async def admit(self, request: GatewayRequest) -> None:
-        """The request middleware: raises 401/403/429, else records who is calling."""
+        """The request middleware: raises 401/403/429, else records who is calling.
+
+        A request no route took (the router refused it: 405, 404) is not checked: Sanic
+        runs request middleware before its error answer too, and no handler runs for it.
+        Taking it for an undeclared route gave a wrong method 401 or 403 instead of its
+        405 (and the 405 only to an admin)."""
         route = request.route
-        access: Access = getattr(route.ctx, "access", UNDECLARED) if route else UNDECLARED
+        if route is None:
+            request.ctx.principal = None
+            return
+        access: Access = getattr(route.ctx, "access", UNDECLARED)
         credential = presented_credential(request)
         principal = None
         if credential:  # a cached credential needs no coroutine: the common case

@@ -34,6 +34,7 @@ from webapi.proxy.forward import Proxy
 from webapi.proxy.health import ActiveChecker
 from webapi.proxy.upstream import UpstreamPool
 from webapi.requests import check_head, request_id_from
+from webapi.router import GatewayRouter
 
 # Bodies larger than this are refused with 413 before they are read (RPC/REST JSON).
 MAX_BODY_BYTES = 1024 * 1024
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None, name: str = "webapi") -> Gatewa
         ctx=GatewayContext(settings=settings),
         error_handler=JsonErrorHandler(),
         request_class=StrictRequest,
+        router=GatewayRouter(),
         configure_logging=False,
     )
     app.blueprint(api)
