@@ -107,8 +107,8 @@ def passthrough_rule(policy: PolicyDocument, url: bytes) -> RouteRule | None:
     rule = match_route(policy.routes, text)
     if rule is None or not rule.passthrough:
         return None
-    try:  # dot segments and encoded slashes: refused as the normal routes refuse them
-        upstream_target(path, "")
+    try:  # dot segments, encoded slashes, a fragment: refused as the normal routes do
+        upstream_target(url, "")
     except InvalidProxyPath:
         return None
     return rule

@@ -15,9 +15,11 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import wait_for
 from tests.support.malformed import CASES
+from tests.support.policy import set_document
 from tests.support.raw_http import Answer, connect, read_answers
-from tests.webapi.conftest import Backend, as_admin, gateway_process
+from tests.webapi.conftest import Backend, as_admin, gateway_process, policy_version
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -71,12 +73,34 @@ def test_a_malformed_request_gets_a_json_4xx_and_reaches_nobody(
     "target",
     ["/../admin/state", "/%2e%2e/admin/state", "/a/%2E%2E/%2e%2e/admin", "/a%2fb", "/a%00b",
      # Dot segments with path parameters: Tomcat, Jetty and Spring drop `;...` first.
-     "/..;/admin/state", "/a/%2e%2e;x/admin", "/a/..%3bx/admin", "/a/.;/b"],
+     "/..;/admin/state", "/a/%2e%2e;x/admin", "/a/..%3bx/admin", "/a/.;/b",
+     # No request target has a fragment (RFC 9112 §3.2); `..#` is `..` to a backend
+     # that drops it.
+     "/echo#frag", "/..#", "/a/..#/admin/state", "/echo?q=1#frag"],
 )  # fmt: skip
 def test_a_path_that_leaves_the_service_is_refused(backend: Backend, target: str) -> None:
     head = f"GET /svc/{backend.service}{target} HTTP/1.1\r\nHost: gateway.test\r\n"
     answer = _send(backend.gateway, (head + _credential() + "\r\n").encode())
     assert (answer.status, _error(answer)) == (400, "invalid_path")
+
+
+def test_a_fragment_in_a_policy_routes_target_is_refused(backend: Backend) -> None:
+    doc = set_document(backend.redis_url, routes=[
+        {"prefix": "/pub/", "service": backend.service, "strip_prefix": True, "public": True},
+    ])  # fmt: skip
+    try:
+        wait_for(lambda: policy_version(backend.gateway) >= doc.version, timeout=5)
+        uploads = _uploads(backend)
+        for target in ("/pub/upload#frag", "/pub/..#", "/pub/x/..#/upload"):
+            head = f"POST {target} HTTP/1.1\r\nHost: gateway.test\r\nContent-Length: 0\r\n\r\n"
+            answer = _send(backend.gateway, head.encode())
+            assert (answer.status, _error(answer)) == (400, "invalid_path"), target
+        assert _uploads(backend) == uploads  # none reached the instance
+        answer = _send(backend.gateway, b"POST /pub/upload HTTP/1.1\r\nHost: gateway.test\r\n"
+                       b"Content-Length: 0\r\n\r\n")  # fmt: skip
+        assert answer.status == 200 and _uploads(backend) == uploads + 1
+    finally:
+        set_document(backend.redis_url, routes=[])
 
 
 @pytest.mark.parametrize(

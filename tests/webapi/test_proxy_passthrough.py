@@ -187,6 +187,17 @@ def test_a_request_of_another_route_after_a_body_tail_closes_after_the_answers(
     assert rest == b""
 
 
+def test_a_fragment_is_never_relayed(passthrough: Backend) -> None:
+    before = counters(passthrough.gateway)
+    with connect(passthrough.gateway) as sock:
+        for target in ("/echo/x#frag", "/echo/x?q=1#/../..", "/echo/..#"):
+            sock.sendall(get(target))
+            (reply,) = read_answers(sock, 1)
+            assert reply.status == 400, target
+            assert json.loads(reply.body)["error"]["code"] == "invalid_path"
+    assert counters(passthrough.gateway)["requests"] == before["requests"]
+
+
 def test_head_is_answered_by_the_gateway(passthrough: Backend) -> None:
     before = counters(passthrough.gateway)
     with connect(passthrough.gateway) as sock:

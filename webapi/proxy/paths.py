@@ -16,13 +16,19 @@ def upstream_target(raw_url: bytes, prefix: str) -> str:
     9112 §3.2.2) is read as its origin form. Refuses segments that are (or decode to)
     `.` or `..`, also with path parameters (`..;x`, `%2e%2e;x`, `..%3bx`: Tomcat, Jetty
     and Spring drop a segment's `;...` before resolving dot segments, so `/pub/..;/a`
-    reaches their `/a`), and encoded slashes, backslashes or NUL, which different
-    servers would interpret differently.
+    reaches their `/a`), encoded slashes, backslashes or NUL, which different
+    servers would interpret differently, and a fragment (`#`), which no request
+    target has.
     """
     try:
         url = raw_url.decode("ascii")
     except UnicodeDecodeError:
         raise InvalidProxyPath("the URL must be ASCII (percent-encode the rest)") from None
+    if "#" in url:
+        # A request target has no fragment (RFC 9112 §3.2). Forwarded, it reached the
+        # backend (`GET /x#frag`), and `/pub/..#` passed the dot-segment check below
+        # while a backend that drops the fragment resolves `/pub/..`.
+        raise InvalidProxyPath("a request target has no fragment: percent-encode '#' as %23")
     if url[:1] != "/":
         url = _origin_form(url)
     path, sep, query = url.partition("?")
