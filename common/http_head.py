@@ -56,10 +56,12 @@ def head_fault(head: bytes) -> str | None:
             name, colon, _value = field.partition(b":")
             if not colon:
                 return "a header line without a colon (folded lines are refused)"
-            shown = name[:40].decode("latin-1")
+            # Quoted with its bytes escaped (`'X-\xc3\xa9'`): decoded, a UTF-8 name
+            # came out as mojibake (`'X-Ã©'`), naming a field the client never sent.
+            shown = repr(name[:40])[1:]
             if _WELL_FORMED_NAME.fullmatch(name) is None:
-                return f"malformed header field name {shown!r}"
-            return f"control character in the value of header {shown!r}"
+                return f"malformed header field name {shown}"
+            return f"control character in the value of header {shown}"
     return "control character in the request line"
 
 

@@ -83,8 +83,8 @@ def rpc_resource(service: str, method: str | None) -> tuple[str, str | None]:
     """The resource a generic RPC entry (the gateway's `/rpc/...`, JSON-RPC on `/ws`)
     checks for a call of `service.method`: the admin scope for an internal service
     (with the method it names, for the refusal's message), else the method itself."""
-    if service in INTERNAL_SERVICES:
-        return ADMIN, f"{service}.{method}"
+    if service in INTERNAL_SERVICES:  # (`/svc/auth/...` names no method: `admin.auth`)
+        return ADMIN, service if method is None else f"{service}.{method}"
     return service, method
 
 

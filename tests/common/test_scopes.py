@@ -151,6 +151,7 @@ def test_parse() -> None:
 
 def test_a_generic_rpc_entry_opens_internal_services_to_admin_only() -> None:
     assert rpc_resource("auth", "set_roles") == ("admin", "auth.set_roles")
+    assert rpc_resource("auth", None) == ("admin", "auth")  # (`/svc/auth/...`)
     assert rpc_resource("calc", "add") == ("calc", "add")
     assert rpc_resource("calc", None) == ("calc", None)
     assert not allows({"*", "auth"}, *rpc_resource("auth", "set_roles"))
