@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from common.codec import parse_json
 from common.errors import BadRequest, ServiceError, quoted, shortened
 from common.gcra import window_error
+from common.scopes import RESERVED_SERVICES
 from common.settings import MAX_BODY_LIMIT, MAX_TOTAL_TIMEOUT
 
 if TYPE_CHECKING:
@@ -149,6 +150,21 @@ class RouteRule(_Model):
         if self.tunnel and not self.passthrough:
             raise ValueError('a tunnel is a passthrough route: it needs "passthrough": true')
         return self
+
+    @field_validator("service")
+    @classmethod
+    def _not_reserved(cls, service: str) -> str:
+        # `admin`, `registry`, `auth` (`common.scopes.RESERVED_SERVICES`): no HTTP instance
+        # may register under them (`webapi.heartbeats`), so such a route could never be
+        # served; and one to `admin` reads as if it opened the admin API.
+        if service in RESERVED_SERVICES:
+            names = ", ".join(sorted(RESERVED_SERVICES))
+            raise ValueError(
+                f"{service!r} is reserved ({names}: names the gateway gives a meaning of its "
+                "own, which no HTTP instance may register under): a route to it could "
+                "never be served"
+            )
+        return service
 
     @field_validator("prefix")
     @classmethod

@@ -136,6 +136,68 @@ def test_policy_admin_api_reads_integers_strictly(gateways: Gateways) -> None:
     assert quoted.status_code == 200, quoted.text
 
 
+def test_a_route_to_a_reserved_name_is_refused(gateways: Gateways) -> None:
+    """admin, auth, registry: no HTTP instance may register under them."""
+    admin = bearer(gateways.admin_token())
+    url = f"{gateways.url}/admin/policy"
+    current = httpx.get(url, headers=admin).json()
+    for name in ("admin", "auth", "registry"):
+        routes = [{"prefix": "/pub/", "service": name, "public": True}]
+        for answer in (httpx.put(url, json={**current, "routes": routes}, headers=admin),
+                       httpx.patch(url, json={"routes": routes}, headers=admin),
+                       httpx.post(f"{url}/validate", json={**current, "routes": routes},
+                                  headers=admin)):  # fmt: skip
+            assert answer.status_code == 422, (name, answer.text)
+            (detail,) = answer.json()["error"]["details"]
+            assert detail["loc"] == "routes[0].service"
+            assert f"'{name}' is reserved" in detail["msg"]
+    assert httpx.get(url, headers=admin).json() == current  # nothing written
+
+
+def test_a_route_to_an_rpc_service_is_accepted_with_a_warning(gateways: Gateways) -> None:
+    """calc is an RPC service here: its route would answer 404 `rpc_service`."""
+    admin = bearer(gateways.admin_token())
+    url = f"{gateways.url}/admin/policy"
+    current = httpx.get(url, headers=admin).json()
+    routes = [{"prefix": "/pub/", "service": "nocalc"}, {"prefix": "/calc/", "service": "calc"}]
+    checked = httpx.post(f"{url}/validate", json={**current, "routes": routes}, headers=admin)
+    put = httpx.put(url, json={**current, "routes": routes}, headers=admin)
+    patched = httpx.patch(url, json={"routes": routes[::-1]}, headers=admin)
+    for answer, index in ((checked, 1), (put, 1), (patched, 0)):
+        assert answer.status_code == 200, answer.text
+        (warning,) = answer.json()["warnings"]
+        assert warning.startswith(f"routes[{index}].service: 'calc' is served by RPC workers")
+    cleared = httpx.patch(url, json={"routes": []}, headers=admin)
+    assert "warnings" not in cleared.json()  # the document alone, as GET gives it
+
+
+def test_an_if_match_that_is_no_version_is_422_and_an_unkept_version_404(
+    gateways: Gateways,
+) -> None:
+    """`-1` was a 409 ("the policy is at version N, not -1") where `abc` was a 422;
+    `versions/<n>` of a version the history does not keep was a 422."""
+    admin = bearer(gateways.admin_token())
+    url = f"{gateways.url}/admin/policy"
+    current = httpx.get(url, headers=admin).json()
+    version = current["version"]
+    for text in ("-1", "abc", "99999999999999999999"):
+        for answer in (
+            httpx.patch(url, json={"routes": []}, headers={**admin, "If-Match": text}),
+            httpx.put(url, json=current, params={"expected_version": text}, headers=admin),
+        ):
+            assert answer.status_code == 422, (text, answer.text)
+            error = answer.json()["error"]
+            assert error["code"] == "invalid_params"
+            assert "a policy version" in error["message"] and repr(text) in error["message"]
+    assert httpx.get(url, headers=admin).json()["version"] == version
+
+    for missing in ("99999999999999999999", str(version + 1000), "-1"):
+        answer = httpx.get(f"{url}/versions/{missing}", headers=admin)
+        assert answer.status_code == 404, (missing, answer.text)
+        error = answer.json()["error"]
+        assert error["code"] == "not_found" and "not in the history" in error["message"]
+
+
 def test_a_limit_the_rate_limiter_cannot_keep_is_refused_and_never_applied(
     gateways: Gateways,
 ) -> None:

@@ -11,10 +11,15 @@ so (`common.policy.sections`). The new document is validated first; if it is
 invalid the answer is 422 with every reason and the running policy stays. Send
 the version you edited as `If-Match: <version>` (or `?expected_version=`): if
 someone changed the policy since, the answer is 409 and nothing is written (a
-PATCH without it is applied to whatever version is current, atomically). Every
-change is versioned and audited (who, when, which paths changed) and every
-gateway applies it within a second. `POST /admin/policy/validate` checks a
-document without storing it, with `warnings` for the sections it leaves out.
+PATCH without it is applied to whatever version is current, atomically); a value
+that is no version (`abc`, `-1`) is 422 `invalid_params`. Every change is
+versioned and audited (who, when, which paths changed) and every gateway applies
+it within a second. `POST /admin/policy/validate` checks a document without
+storing it, with `warnings` for the sections it leaves out. A route to a service
+RPC workers serve is accepted with a warning (it answers 404 `rpc_service` while
+they do): in `warnings` of the validate answer, and of a PUT or PATCH answer (the
+stored document), which has the key only when there is one. `GET
+/admin/policy/versions/<n>` of a version the history does not keep is 404.
 
 Data set by hand in Redis gets an answer, not a 500: a stored document that is
 not a valid policy (or not JSON) makes `GET /admin/policy` a 422 `policy_invalid`
@@ -34,11 +39,13 @@ from typing import Any
 from sanic import Blueprint, HTTPResponse
 
 from common.credentials import Principal
-from common.policy import PolicyStore, validate_document
+from common.errors import quoted
+from common.policy import PolicyDocument, PolicyStore, validate_document
 from common.policy.sections import omission_warnings
+from common.policy.store import HISTORY_KEEP
 from webapi.access import ADMIN, call_rpc
 from webapi.context import GatewayRequest
-from webapi.errors import InvalidQuery, MalformedJson
+from webapi.errors import InvalidQuery, MalformedJson, NotInHistory
 from webapi.requests import json_object
 from webapi.responses import json_response
 
@@ -74,10 +81,24 @@ _ACCEPT_PATCH = {"Accept-Patch": "application/merge-patch+json"}
 
 
 def _expected_version(request: GatewayRequest) -> int | None:
-    expected = _int_arg("If-Match", request.headers.get("if-match"))
+    expected = _version_arg("If-Match", request.headers.get("if-match"))
     if expected is None:
-        expected = _int_arg("expected_version", request.args.get("expected_version"))
+        expected = _version_arg("expected_version", request.args.get("expected_version"))
     return expected
+
+
+def _version_arg(name: str, value: str | None) -> int | None:
+    """A policy version the client names (If-Match, `expected_version`): 422 for one
+    that is not a version at all, `abc` and `-1` alike (a negative one used to be a
+    409 "the policy is at version N, not -1", as if it could have matched)."""
+    try:
+        version = _int_arg(name, value)
+    except InvalidQuery:
+        version = -1
+    if version is not None and version < 0:
+        raise InvalidQuery(f"{name} must be an integer, a policy version (0 or more, in ASCII "
+                           f"digits, at most 18): {quoted(value)} is not one")  # fmt: skip
+    return version
 
 
 @bp.get("/policy", ctx_access=ADMIN)
@@ -91,7 +112,7 @@ async def put_policy(request: GatewayRequest) -> HTTPResponse:
     body = json_object(request, empty_ok=False)
     document = await _store(request).put(body, actor=_actor(request),
                                          expected_version=_expected_version(request))  # fmt: skip
-    return json_response(document.model_dump(mode="json"))
+    return _written(request, document)
 
 
 @bp.patch("/policy", ctx_access=ADMIN)
@@ -100,15 +121,39 @@ async def patch_policy(request: GatewayRequest) -> HTTPResponse:
     body = json_object(request, empty_ok=False)
     document = await _store(request).patch(body, actor=_actor(request),
                                            expected_version=_expected_version(request))  # fmt: skip
-    return json_response(document.model_dump(mode="json"))
+    return _written(request, document)
+
+
+def _written(request: GatewayRequest, document: PolicyDocument) -> HTTPResponse:
+    """The answer of a write: the document stored, with `warnings` when it has any (only
+    then: the answer of a write without them stays the document, as `GET` gives it)."""
+    answer = document.model_dump(mode="json")
+    if warnings := _route_warnings(request, document):
+        answer["warnings"] = warnings
+    return json_response(answer)
+
+
+def _route_warnings(request: GatewayRequest, document: PolicyDocument) -> list[str]:
+    """A warning for each route to a service RPC workers serve (the catalog names it, or
+    a live instance is an RPC worker): it answers 404 `rpc_service`, since no HTTP
+    instance may join an RPC service (`webapi.heartbeats`). A warning, not a refusal:
+    the service may be retired from RPC and come back as an HTTP one."""
+    view = request.app.ctx.view
+    return [
+        f"routes[{index}].service: {quoted(rule.service)} is served by RPC workers: the "
+        f"route answers 404 rpc_service while it is (call it at /rpc/{rule.service}/...)"
+        for index, rule in enumerate(document.routes)
+        if view.is_rpc_service(rule.service)
+    ]
 
 
 @bp.post("/policy/validate", ctx_access=ADMIN)
 async def validate_policy(request: GatewayRequest) -> HTTPResponse:
     body = json_object(request, empty_ok=False)
     document = validate_document(body)
+    warnings = omission_warnings(body) + _route_warnings(request, document)
     return json_response({"valid": True, "document": document.model_dump(mode="json"),
-                          "warnings": omission_warnings(body)})  # fmt: skip
+                          "warnings": warnings})  # fmt: skip
 
 
 @bp.get("/policy/history", ctx_access=ADMIN)
@@ -124,8 +169,9 @@ async def policy_history(request: GatewayRequest) -> HTTPResponse:
 @bp.get("/policy/versions/<version:int>", ctx_access=ADMIN)
 async def policy_version(request: GatewayRequest, version: int) -> HTTPResponse:
     document = await _store(request).get_version(version)
-    if document is None:
-        raise InvalidQuery(f"policy version {version} is not in the history")
+    if document is None:  # (any integer the path names: -1 and 10**20 too)
+        raise NotInHistory(f"policy version {version} is not in the history (it keeps the "
+                           f"last {HISTORY_KEEP})")  # fmt: skip
     return json_response(document.model_dump(mode="json"))
 
 
