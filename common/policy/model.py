@@ -16,7 +16,15 @@ from collections.abc import Iterable
 from functools import cached_property
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from common.codec import parse_json
 from common.errors import BadRequest, ServiceError, quoted, shortened
@@ -153,11 +161,13 @@ class RouteRule(_Model):
 
     @field_validator("service")
     @classmethod
-    def _not_reserved(cls, service: str) -> str:
+    def _not_reserved(cls, service: str, info: ValidationInfo) -> str:
         # `admin`, `registry`, `auth` (`common.scopes.RESERVED_SERVICES`): no HTTP instance
         # may register under them (`webapi.heartbeats`), so such a route could never be
-        # served; and one to `admin` reads as if it opened the admin API.
-        if service in RESERVED_SERVICES:
+        # served; and one to `admin` reads as if it opened the admin API. Refused when
+        # written; a document stored before this rule is read as it is (`validate_json`),
+        # or a gateway started after an upgrade would run without the whole policy.
+        if service in RESERVED_SERVICES and not (info.context or {}).get("stored"):
             names = ", ".join(sorted(RESERVED_SERVICES))
             raise ValueError(
                 f"{service!r} is reserved ({names}: names the gateway gives a meaning of its "
@@ -315,15 +325,17 @@ class PolicyUnreadable(ServiceError):
     code = "policy_unreadable"
 
 
-def validate_document(data: object) -> PolicyDocument:
-    """`data` (parsed JSON) as a `PolicyDocument`, or `PolicyInvalid` with every reason."""
+def validate_document(data: object, *, stored: bool = False) -> PolicyDocument:
+    """`data` (parsed JSON) as a `PolicyDocument`, or `PolicyInvalid` with every reason.
+    `stored`: a document read back from the store, which rules added since it was
+    written do not refuse (a route to a reserved name)."""
     if isinstance(data, PolicyDocument):
         data = data.model_dump(mode="json")
     # Duplicates are found on the raw input too, so they are reported together
     # with every other error (pydantic skips a list's own check when an item fails).
     duplicates = _duplicates(data)
     try:
-        document = PolicyDocument.model_validate(data)
+        document = PolicyDocument.model_validate(data, context={"stored": stored})
     except ValidationError as exc:
         reasons = [_reason(e) for e in exc.errors()]
         if duplicates:
@@ -333,8 +345,9 @@ def validate_document(data: object) -> PolicyDocument:
 
 
 def validate_json(text: str | bytes) -> PolicyDocument:
-    """A JSON text as a `PolicyDocument`; malformed JSON is a `PolicyInvalid` too."""
-    return validate_document(policy_json(text))
+    """A stored document's JSON text as a `PolicyDocument` (`validate_document`'s
+    `stored`); malformed JSON is a `PolicyInvalid` too."""
+    return validate_document(policy_json(text), stored=True)
 
 
 def policy_json(text: str | bytes) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import pytest
@@ -264,3 +265,19 @@ async def test_history_shows_unreadable_audit_fields_as_none(
     ]
     assert entries[2]["actor"] == "\ufffdbob"
     assert (entries[4]["version"], entries[4]["actor"]) == (1, "alice")
+
+
+async def test_a_route_to_a_reserved_name_stored_before_the_rule_is_read_but_not_written(
+    store: PolicyStore, redis_client: aioredis.Redis
+) -> None:
+    # Routes to `auth`, `admin` or `registry` are refused since a later release; a
+    # document stored before is still read (a gateway started after the upgrade must not
+    # run without the whole policy), and a write must drop the route.
+    route = {"prefix": "/login/", "service": "auth"}
+    stored = {"services": {"nlp": {"strategy": "hash"}}, "routes": [route]}
+    await redis_client.set(constants.POLICY_DOC, json.dumps(stored))
+    document = await store.get()
+    assert document.services["nlp"].strategy == "hash"
+    assert document.routes[0].service == "auth"
+    with pytest.raises(PolicyInvalid, match="reserved"):
+        await store.put(stored, actor="t")
