@@ -42,6 +42,13 @@ _HOST_VALUE = re.compile(
 )
 
 
+def well_formed_field(line: bytes | bytearray) -> bool:
+    """Whether `line` (no line end) is a field line HTTP allows: a token name directly
+    followed by its colon, a value with no control character but tab. For the field
+    lines of a chunked body's trailer section (`common.strict_http`)."""
+    return _WELL_FORMED_FIELD.fullmatch(line) is not None
+
+
 def head_fault(head: bytes) -> str | None:
     """What is wrong with request head `head` (Sanic's `request.head`), else None.
 

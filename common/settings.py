@@ -122,6 +122,10 @@ class Settings:
     websocket_port: int = field(default=8001, metadata=_env("WEBSOCKET_PORT", _PORT))
 
     log_level: str = field(default="INFO", metadata=_env("LOG_LEVEL"))
+    # How long the gateway and the websocket service wait for the rest of a request's
+    # head, or for its body's next bytes, before a 408 (nginx's client_header_timeout
+    # and client_body_timeout, 60 s; Sanic's REQUEST_TIMEOUT).
+    request_timeout: float = field(default=60.0, metadata=_env("REQUEST_TIMEOUT", _SECONDS))
 
     # Reverse proxy: connect timeout, and the read timeout (no progress) / head deadline.
     proxy_connect_timeout: float = field(

@@ -11,6 +11,31 @@ Sanic. Both Sanic services serve with it (`HTTP_CLASS` of their protocols).
   soon as it arrives (Sanic waited for a CRLF that never came, until the response
   timeout: a 503 for a malformed request). `Content-Length` is checked before
   (`common.http_head`).
+- **Trailer fields** after a chunked body's last chunk (`0\\r\\nX-Checksum: abc\\r\\n\\r\\n`,
+  RFC 9112 §7.1.2) are read and dropped: each must be a well-formed field line, the
+  section is bounded as a head is (`HEADER_MAX_SIZE`; more is a 431), and none is
+  passed on (the proxy re-frames the body it forwards, with no trailer, as a proxy
+  that does not know a trailer field may; nor does any handler see one). Sanic
+  refused every trailer with a 400.
+- **A stalled request body** (nginx's `client_body_timeout`): a handler waiting for body
+  bytes that do not come within the request timeout (`REQUEST_TIMEOUT`, Sanic's
+  `REQUEST_TIMEOUT`, the head's bound too) gets a 408 `request_timeout`, and the
+  connection closes. Sanic counted the wait in its response timeout (a 503, as if the
+  service had failed), then waited for the rest of the body with no bound at all: the
+  socket stayed open for as long as the client kept it. Whenever a connection is to
+  close after a response, the unread rest of the body is not waited for (the
+  gateway's lingering close drops what still comes, for a bounded time).
+- **A response given before any of the request's body was read** (a 401 from the access
+  check, a 404) closes the connection after it unless the whole body has already
+  arrived: the body nobody asked for is not waited for (a client sending it slowly
+  held the connection), and keeping the connection would mean reading it all.
+- **An oversized head** is a 431 `request_header_fields_too_large` (a 414
+  `uri_too_long` when its request line alone passes the bound) where Sanic answered
+  413, a status about bodies.
+- **`Connection`** is read as the list of tokens it is (RFC 9110 §7.6.1, RFC 9112 §9.3):
+  a connection closes after the request when a token is `close` (or, in HTTP/1.0,
+  unless one is `keep-alive`). Sanic compared the whole value to `keep-alive`, so
+  `Connection: keep-alive, X-Foo` or `Connection: X-Foo` closed it.
 - **A request head whose lines end in a bare LF** (`GET / HTTP/1.1\\nHost: a\\n\\n`)
   is a 400 as soon as its empty last line arrives, and the connection closes: Sanic
   waited for a CRLF CRLF that never came, until the request timeout (408). (A bare
@@ -36,15 +61,24 @@ Sanic. Both Sanic services serve with it (`HTTP_CLASS` of their protocols).
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
 from sanic import Request
 from sanic.compat import Header
-from sanic.exceptions import BadRequest, PayloadTooLarge
+from sanic.exceptions import (
+    BadRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    SanicException,
+    ServiceUnavailable,
+)
 from sanic.headers import format_http1_response
 from sanic.helpers import has_message_body
 from sanic.http import Http, Stage
+
+from common.http_head import well_formed_field
 
 # `\r\n` (the end of the previous chunk's data, or of the head), then a chunk-size line:
 # hex digits, optionally a chunk extension (`BWS ";" ...`, no control character but
@@ -57,10 +91,71 @@ _MAX_CHUNK_LINE = 64
 _LF_HEAD_END = re.compile(rb"\n\r?\n")
 
 
+# The 408's message (the gateway's fast path, which holds a body itself, says it too).
+BODY_STALLED = "the request body stalled: no byte of it came in time"
+
+
+class HeaderFieldsTooLarge(SanicException):
+    """A request head (or a chunked body's trailer section) over the size bound."""
+
+    status_code = 431
+    code = "request_header_fields_too_large"
+    quiet = True
+
+
+class UriTooLong(SanicException):
+    """A request line over the head's size bound."""
+
+    status_code = 414
+    code = "uri_too_long"
+    quiet = True
+
+
 class StrictHttp(Http):
     """Sanic's `Http` made strict where the module docstring says."""
 
-    __slots__ = ()
+    __slots__ = ("_awaiting_body",)
+
+    def __init__(self, protocol: Any) -> None:
+        super().__init__(protocol)  # type: ignore[no-untyped-call]
+        self._awaiting_body = False  # a handler is waiting for body bytes (or was, when cut)
+        self._receive_more = self._receive_bounded
+
+    def init_for_request(self) -> None:
+        super().init_for_request()  # type: ignore[no-untyped-call]
+        self._awaiting_body = False
+
+    async def _receive_bounded(self) -> None:
+        """Sanic's wait for more bytes; while a handler waits for the request's body,
+        bounded by the request timeout (then 408). The head's wait is bounded by Sanic's
+        own check of the same timeout."""
+        if self.stage is not Stage.HANDLER:
+            await self.protocol.receive_more()  # type: ignore[no-untyped-call]
+            return
+        self._awaiting_body = True
+        try:
+            async with asyncio.timeout(self.protocol.request_timeout):
+                await self.protocol.receive_more()  # type: ignore[no-untyped-call]
+        except TimeoutError:
+            raise self._body_timed_out() from None
+        self._awaiting_body = False
+
+    def _body_timed_out(self) -> RequestTimeout:
+        """The 408 of a stalled body; the connection closes after it, unread."""
+        self.keep_alive = False
+        self.request_body = None  # (the lingering close drops what still comes)
+        return RequestTimeout(BODY_STALLED)
+
+    async def error_response(self, exception: Exception) -> None:
+        if self._awaiting_body and isinstance(exception, ServiceUnavailable):
+            # Sanic's response timeout, struck while the handler waited for the body: the
+            # client's delay, not the service's.
+            exception = self._body_timed_out()
+        await super().error_response(exception)
+        if not self.keep_alive:
+            # Sanic would now wait for the rest of the body with no bound; the lingering
+            # close drops it instead, for a bounded time.
+            self.request_body = None
 
     async def read(self) -> bytes | None:
         if self.expecting_continue and (self.request_bytes or 0) > self.request_max_size:
@@ -89,19 +184,41 @@ class StrictHttp(Http):
             await self._check_body_end(end + 1)
 
     async def _check_body_end(self, start: int) -> None:
-        """After the last chunk's size line (ending before `start`), the CRLF ending the
-        body (Sanic refuses a trailer): a bare LF there is refused at once, where Sanic
-        waits for a second byte."""
+        """After the last chunk's size line (ending before `start`), the trailer section
+        and the CRLF ending the body: trailer fields are checked, then dropped from the
+        buffer (Sanic refuses any), so that they are never passed on. A bare LF is
+        refused at once, where Sanic waits for a second byte."""
         buf = self.recv_buffer
-        while len(buf) < start + 2 and buf[start : start + 1] in (b"", b"\r"):
-            await self._receive_more()
-        if buf[start : start + 2] != b"\r\n":
-            self.keep_alive = False
-            raise BadRequest("Bad chunked encoding")
+        limit = self.HEADER_MAX_SIZE
+        pos = start
+        while True:
+            while (end := buf.find(b"\n", pos)) == -1:
+                if len(buf) - start > limit:
+                    self.keep_alive = False
+                    raise HeaderFieldsTooLarge("the chunked body's trailer fields are too large")
+                await self._receive_more()
+            if end == pos + 1 and buf[pos] == 0x0D:  # the empty line: the body's end
+                break
+            if buf[end - 1] != 0x0D or not well_formed_field(buf[pos : end - 1]):
+                self.keep_alive = False
+                raise BadRequest("Bad chunked encoding")
+            pos = end + 1
+            if pos - start > limit:
+                self.keep_alive = False
+                raise HeaderFieldsTooLarge("the chunked body's trailer fields are too large")
+        del buf[start:pos]  # the trailer fields: read, never passed on
 
     async def http1_request_header(self) -> None:
-        if self.recv_buffer.find(b"\r\n\r\n") == -1:  # not whole yet: rare, once read
+        buf = self.recv_buffer
+        end = buf.find(b"\r\n\r\n")
+        if end == -1:  # not whole yet: rare, once read
             await self._receive_head()
+            end = buf.find(b"\r\n\r\n")
+        if end == -1 or end >= self.HEADER_MAX_SIZE:
+            self.keep_alive = False
+            if buf.find(b"\r\n", 0, self.HEADER_MAX_SIZE) == -1:
+                raise UriTooLong("the request line is too long")
+            raise HeaderFieldsTooLarge("the request's header fields are too large")
         try:
             await super().http1_request_header()  # type: ignore[no-untyped-call]
         except BadRequest as exc:
@@ -109,6 +226,17 @@ class StrictHttp(Http):
                 raise
             # Sanic's message quotes the target, which may hold a credential and is logged.
             raise BadRequest("malformed request target") from None
+        self.keep_alive = self._persistent()
+
+    def _persistent(self) -> bool:
+        """Whether the connection stays open after this request, from its `Connection`
+        tokens (see the module docstring)."""
+        request = self.request
+        values = request.headers.getall("connection", None)
+        tokens = {t.strip().lower() for v in values for t in v.split(",")} if values else ()
+        if "close" in tokens or not self.protocol.app.config.KEEP_ALIVE:
+            return False
+        return request.version == "1.1" or "keep-alive" in tokens
 
     async def _receive_head(self) -> None:
         """Wait, as Sanic's `http1_request_header` does, until the buffer holds a CRLF
@@ -134,10 +262,11 @@ class StrictHttp(Http):
             super().create_empty_request()
 
     async def http1_response_header(self, data: bytes, end_stream: bool) -> None:
-        if self.expecting_continue:
+        if self.expecting_continue or self._body_unread():
             # Answered before the body was asked for: no 100, and no keep-alive, since
-            # the client may or may not send the body now. Nor is the body waited for
-            # (Sanic would, to keep the connection): the lingering close drops it.
+            # the client may or may not send the body now (or is sending it slowly).
+            # Nor is the body waited for (Sanic would, to keep the connection, with no
+            # bound): the lingering close drops it.
             self.expecting_continue = False
             self.keep_alive = False
             self.request_body = None
@@ -153,6 +282,16 @@ class StrictHttp(Http):
             await self._close_delimited_header(data)
             return
         await super().http1_response_header(data, end_stream)
+
+    def _body_unread(self) -> bool:
+        """None of the request's body has been read, and it has not all arrived either
+        (a Content-Length body that has is read at once: the connection may stay)."""
+        framing: object = self.request_body
+        if not framing or self.request_bytes != self.request_bytes_left:
+            return False  # no body, or the handler has read some of it
+        if framing == "chunked":
+            return True
+        return len(self.recv_buffer) < (self.request_bytes_left or 0)
 
     async def _close_delimited_header(self, data: bytes) -> None:
         """Send a streamed response's head to an HTTP/1.0 client with no framing: its body

@@ -3,11 +3,18 @@
 Long-lived resources (the Redis pool, the RPC client, the registry view) are
 opened in `before_server_start` onto the typed `app.ctx` and closed in
 `after_server_stop`; handlers stay thin and delegate to RPC services.
+
+The request middleware (request id, head check, access check: `_prepare`) runs
+before the request's body is read: Sanic reads a whole body before its request
+middleware, so a request the access check refuses (no credential) waited for its
+body first, and a client that never sent it held the connection until a timeout.
+`GatewayRequestClass.receive_body` runs it first; it runs once per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 from sanic import Sanic
 from sanic.config import Config
@@ -45,6 +52,8 @@ def create_app(settings: Settings | None = None, name: str = "webapi") -> Gatewa
     settings = settings or get_settings()
     config = Config()
     config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
+    # A request head, or a body, that stalls this long is a 408 (`common.strict_http`).
+    config.REQUEST_TIMEOUT = settings.request_timeout  # type: ignore[assignment]
     config.FALLBACK_ERROR_FORMAT = "json"
     # How long requests under way may take to finish once SIGTERM arrives (Sanic's 15 s).
     config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.shutdown_grace
@@ -53,16 +62,14 @@ def create_app(settings: Settings | None = None, name: str = "webapi") -> Gatewa
         config=config,
         ctx=GatewayContext(settings=settings),
         error_handler=JsonErrorHandler(),
-        request_class=StrictRequest,
+        request_class=GatewayRequestClass,
         router=GatewayRouter(),
         configure_logging=False,
     )
     app.blueprint(api)
     app.register_listener(_open_resources, "before_server_start")
     app.register_listener(_close_resources, "after_server_stop")
-    app.register_middleware(_assign_request_id, "request")
-    app.register_middleware(_check_head, "request")
-    app.register_middleware(_admit, "request")
+    app.register_middleware(_prepare, "request")
     app.register_middleware(_decorate_response, "response")
     return app
 
@@ -129,24 +136,35 @@ async def _close_resources(app: GatewayApp) -> None:
     await app.ctx.redis.aclose()
 
 
-async def _assign_request_id(request: GatewayRequest) -> None:
-    request_id = request_id_from(request)
-    request.ctx.request_id = request_id
-    request_id_var.set(request_id)
+class GatewayRequestClass(StrictRequest):
+    """The gateway's requests: the request middleware runs before the body is read (see
+    the module docstring)."""
+
+    __slots__ = ()
+
+    async def receive_body(self) -> None:
+        await _prepare(cast("GatewayRequest", self))
+        await super().receive_body()  # type: ignore[no-untyped-call]
 
 
-async def _check_head(request: GatewayRequest) -> None:
-    """Refuse a head with what HTTP does not allow before anything reads it."""
-    check_head(request)
-
-
-async def _admit(request: GatewayRequest) -> None:
-    """Credentials, scopes and rate limits (`webapi.access`) before any handler runs.
-    Not for the stand-in of an unparsed head: it has no headers to read, and the parse
-    error (400, 413...) is the answer, not a 401 for the missing credential."""
-    if request.method == UNPARSED_METHOD:
+async def _prepare(request: GatewayRequest) -> None:
+    """The request middleware, once per request (before its body is read, or as
+    middleware): the request id, the head's check, then the access check. Sanic runs
+    request middleware again for an error raised after it ran (and for a timeout); that
+    call does nothing."""
+    ctx = request.ctx
+    if getattr(ctx, "prepared", False):
         return
-    await request.app.ctx.gate.admit(request)
+    ctx.prepared = True
+    request_id = request_id_from(request)
+    ctx.request_id = request_id
+    request_id_var.set(request_id)
+    check_head(request)  # a head with what HTTP does not allow, before anything reads it
+    # Credentials, scopes and rate limits (`webapi.access`) before any handler runs. Not
+    # for the stand-in of an unparsed head: it has no headers to read, and the parse
+    # error (400, 413...) is the answer, not a 401 for the missing credential.
+    if request.method != UNPARSED_METHOD:
+        await request.app.ctx.gate.admit(request)
 
 
 async def _decorate_response(request: GatewayRequest, response: BaseHTTPResponse) -> None:

@@ -87,6 +87,8 @@ def create_app(settings: Settings | None = None, name: str = "websocket") -> WsA
     config.WEBSOCKET_PING_INTERVAL = settings.ws_ping_interval  # type: ignore[assignment]
     config.WEBSOCKET_PING_TIMEOUT = settings.ws_ping_timeout  # type: ignore[assignment]
     config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.ws_drain_timeout
+    # A request head, or a body, that stalls this long is a 408 (`common.strict_http`).
+    config.REQUEST_TIMEOUT = settings.request_timeout  # type: ignore[assignment]
     ctx = WsContext(settings=settings, trusted_proxies=parse_networks(settings.trusted_proxies))
     ctx.connections = Connections(settings.ws_max_connections)
     app: WsApp = Sanic(

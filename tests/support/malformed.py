@@ -76,10 +76,34 @@ CASES = {
     # A head whose last lines end in bare LFs never holds the CRLF CRLF Sanic waits for.
     "head lines ended by bare LFs": ("X-A: a\nContent-Length: 0\n\n", 400, "bad_request"),
     "folded header": ("X-A: a\r\n  folded\r\nContent-Length: 0\r\n\r\n", 400, "bad_request"),
+    # 431, not the 413 of a body (`common.strict_http`): one field, or many small ones.
     "head over the limit": (
         "X-Big: " + "a" * 20_000 + "\r\nContent-Length: 0\r\n\r\n",
-        413,
-        "payload_too_large",
+        431,
+        "request_header_fields_too_large",
+    ),
+    "too many header fields": (
+        "".join(f"X{i}:v\r\n" for i in range(2000)) + "Content-Length: 0\r\n\r\n",
+        431,
+        "request_header_fields_too_large",
+    ),
+    # Trailer fields are taken (and dropped), but only well formed ones.
+    "trailer field without a colon": (
+        "Transfer-Encoding: chunked\r\n\r\n0\r\nX-Sum abc\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "trailer field ended by a bare LF": (
+        "Transfer-Encoding: chunked\r\n\r\n0\r\nX-Sum: abc\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "trailer fields over the limit": (
+        "Transfer-Encoding: chunked\r\n\r\n0\r\n"
+        + "".join(f"X-T{i}: {'a' * 100}\r\n" for i in range(200))
+        + "\r\n",
+        431,
+        "request_header_fields_too_large",
     ),
 }
 
@@ -87,5 +111,6 @@ CASES = {
 BODY_CASES = frozenset({
     "bad chunk size", "chunk size in hex notation", "chunk size after a space",
     "chunk size in non-ASCII digits", "bare CR in a chunk extension",
-    "chunk size line ended by a bare LF",
+    "chunk size line ended by a bare LF", "trailer field without a colon",
+    "trailer field ended by a bare LF", "trailer fields over the limit",
 })  # fmt: skip

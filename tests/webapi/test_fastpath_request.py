@@ -81,12 +81,20 @@ def test_a_request_the_gateway_has_marked_too_often_is_left_to_sanic() -> None:
     assert parse_request(looped) is None
 
 
-def test_connection_is_read_as_sanic_reads_it() -> None:
-    closing = GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
-    other = GET.replace(b"\r\n\r\n", b"\r\nConnection: x-secret\r\n\r\n")
-    for raw in (closing, other):
-        parsed = parse_request(raw)
-        assert isinstance(parsed, Parsed) and not parsed.keep_alive
+def test_connection_is_read_as_a_list_of_tokens() -> None:
+    # As `common.strict_http` reads it on Sanic's path: only a `close` token closes.
+    def keep_alive(*fields: bytes) -> bool:
+        head = b"".join(b"\r\nConnection: " + field for field in fields)
+        parsed = parse_request(GET.replace(b"\r\n\r\n", head + b"\r\n\r\n"))
+        assert isinstance(parsed, Parsed)
+        return parsed.keep_alive
+
+    assert not keep_alive(b"close")
+    assert not keep_alive(b"x-secret, Close")
+    assert not keep_alive(b"keep-alive", b"te,close")
+    assert keep_alive(b"x-secret")
+    assert keep_alive(b"keep-alive, x-secret")
+    assert keep_alive(b"x-closed, unclose")
 
 
 def test_the_switch() -> None:

@@ -8,6 +8,7 @@ from functools import partial
 from time import monotonic as current_time
 from typing import Any
 
+from sanic.exceptions import RequestTimeout
 from sanic.headers import format_http1_response
 from sanic.http.constants import Stage
 
@@ -17,6 +18,7 @@ from common.log import get_logger, request_id_var
 from common.policy import RouteRule
 from common.request_ids import request_id_of
 from common.scopes import INTERNAL_SERVICES
+from common.strict_http import BODY_STALLED
 from webapi.access import credential_from
 from webapi.context import GatewayApp
 from webapi.errors import ApiError, NotAuthenticated, error_response
@@ -103,9 +105,9 @@ class FastPathProtocol(LingeringHttpProtocol):
                 self._passthrough = None
                 self.close()
                 return
-        elif task is None and self._held:  # a request body on its way: Sanic's request timeout
+        elif task is None and self._held:  # a request body on its way: the request timeout
             if current_time() - self._time > self.request_timeout:
-                self.close()
+                self._body_timed_out()
                 return
         elif task is None:
             super().check_timeouts()  # type: ignore[no-untyped-call]
@@ -251,9 +253,13 @@ class FastPathProtocol(LingeringHttpProtocol):
             worth = space > 0 and self._may_qualify(space)
             parsed = parse_request(self._held) if worth else None
             if isinstance(parsed, Incomplete):
-                # Wait for the rest of the body (`check_timeouts` bounds the wait).
-                self._awaiting = parsed.needed
-                return
+                if self._allowed(parsed.head):
+                    # Wait for the rest of the body (`check_timeouts` bounds the wait).
+                    self._awaiting = parsed.needed
+                    return
+                # Sanic's: a credential it must check, or refuse (401) without waiting
+                # for a body nobody will read.
+                parsed = None
             admitted = self._admit(parsed) if isinstance(parsed, Parsed) else None
         except Exception:  # a bug here must not lose the bytes: Sanic still answers them
             log.exception("fast path: parsing or admission failed")
@@ -284,25 +290,31 @@ class FastPathProtocol(LingeringHttpProtocol):
         service = held[start:end].decode("latin-1")
         return service not in INTERNAL_SERVICES and not self.app.ctx.gate.has_limits(service, None)
 
-    def _admit(self, parsed: Parsed) -> bytes | None:
-        """The upstream request head when the credential is cached and allowed; None
-        sends the request to Sanic. Only after `_may_qualify` (no rate limit). Hot path."""
+    def _allowed(self, parsed: Parsed) -> bool:
+        """Whether the request (its head) may be answered here: its credential is cached
+        and reaches the service, its body is within the service's limit. Else Sanic
+        answers it (authenticating, or refusing). Hot path."""
         if parsed.service in INTERNAL_SERVICES:
-            return None
+            return False
         if parsed.length and parsed.length > self.app.ctx.proxy.max_body(parsed.service):
-            return None  # (Sanic's route answers 413)
+            return False  # (Sanic's route answers 413)
         first = parsed.first
         try:
             credential = credential_from(first.get(b"authorization"), first.get(b"x-api-key"))
         except NotAuthenticated:
-            return None
+            return False
         if not credential:
-            return None
-        gate = self.app.ctx.gate
-        principal = gate.authenticator.authenticate_sync_cached(credential)
-        if principal is None or not principal.allows(parsed.service, None):
+            return False
+        principal = self.app.ctx.gate.authenticator.authenticate_sync_cached(credential)
+        return principal is not None and principal.allows(parsed.service, None)
+
+    def _admit(self, parsed: Parsed) -> bytes | None:
+        """The upstream request head when the credential is cached and allowed; None
+        sends the request to Sanic. Only after `_may_qualify` (no rate limit). Hot path."""
+        if not self._allowed(parsed):
             return None
         # No rate limit covers the service: `_may_qualify` checked it in this same turn.
+        first = parsed.first
         request_id = request_id_of(first.get(b"x-request-id"))
         first[b"x-request-id"] = request_id
         conn_info = self.conn_info
@@ -312,6 +324,20 @@ class FastPathProtocol(LingeringHttpProtocol):
             scheme="https" if conn_info and conn_info.ssl else "http",
             request_id=request_id,
         )
+
+    def _body_timed_out(self) -> None:
+        """The held request's body stalled for the request timeout: a 408, as Sanic's path
+        answers it (`common.strict_http`), and the connection closes (lingering)."""
+        held = self._held
+        method, _, rest = bytes(held[: max(0, held.find(b"\r\n"))]).partition(b" ")
+        url = rest.rpartition(b" ")[0]
+        held.clear()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            error = _error(RequestTimeout(BODY_STALLED), method.decode("latin-1"), url,
+                           request_id_of(None), False)  # fmt: skip
+            transport.write(error)
+        self.close()
 
     def _client_address(self, req: Parsed) -> str:
         """The client's address as the routes read it (`Gatekeeper.client_ip`)."""

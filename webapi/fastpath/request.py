@@ -93,7 +93,10 @@ class Parsed:
             elif name == b"content-length":
                 self.length = int(value)  # httptools allows digits only, and one of them
             elif name == b"connection":
-                self.keep_alive = value.lower() == b"keep-alive"  # Sanic's reading: the last
+                # A list of tokens (`common.strict_http` reads it so too): any `close`
+                # in any of its fields ends the connection; other tokens do not.
+                if b"close" in value.lower() and _CLOSE in _tokens(value):
+                    self.keep_alive = False
                 self.connection = [*self.connection, value]
             elif name == b"via":
                 self.hops += value.count(VIA_MARK)
@@ -113,12 +116,14 @@ class Parsed:
 class Incomplete:
     """`parse_request`'s answer for a request whose head qualifies and whose body has
     not arrived whole yet (clients often write the head and the body separately):
-    `needed`, the bytes the whole request takes, says when to parse it again."""
+    `needed`, the bytes the whole request takes, says when to parse it again; `head`,
+    the request as far as parsed (its head: whether its credential may wait for it)."""
 
-    __slots__ = ("needed",)
+    __slots__ = ("head", "needed")
 
-    def __init__(self, needed: int) -> None:
+    def __init__(self, needed: int, head: Parsed) -> None:
         self.needed = needed
+        self.head = head
 
 
 def parse_request(buf: bytes | bytearray) -> Parsed | Incomplete | None:
@@ -157,7 +162,7 @@ def parse_request(buf: bytes | bytearray) -> Parsed | Incomplete | None:
     except InvalidProxyPath:
         return None
     if len(buf) < size + length:
-        return Incomplete(size + length)
+        return Incomplete(size + length, req)
     if length:
         try:
             parser.feed_data(bytes(buf[size : size + length]))
@@ -171,6 +176,14 @@ def parse_request(buf: bytes | bytearray) -> Parsed | Incomplete | None:
     req.method = method.decode("ascii")
     req.received = time.perf_counter()
     return req
+
+
+_CLOSE = b"close"
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    """The tokens of a `Connection` field value, in lower case."""
+    return [token.strip() for token in value.lower().split(b",")]
 
 
 # The header names `Parsed.on_header` looks at beyond collecting them.

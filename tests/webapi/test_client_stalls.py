@@ -1,0 +1,174 @@
+"""What the gateway does with clients that stall or frame oddly (`common.strict_http`,
+`webapi.app`, the fast path): a body that stops coming gets a 408 and the connection
+closes; a request refused for its credential is refused before its body is waited for;
+oversized heads get 431/414; chunked trailer fields are taken and dropped; a
+`Connection` header listing other tokens keeps the connection.
+
+The requests are raw bytes on a socket. The gateway's `REQUEST_TIMEOUT` is short
+(`_STALL`): a test that waits for a stalled body waits that long, and the read's own
+bound (`read_answers`, 10 s) is what an old gateway, which held such a connection
+for minutes, fails on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.raw_http import Answer, closed_by_peer, connect, read_answers
+from tests.webapi.conftest import Backend, as_admin, fast_path, running_gateway
+
+pytestmark = pytest.mark.timeout(60)
+
+_STALL = "0.5"  # the gateway's REQUEST_TIMEOUT (s)
+
+
+@pytest.fixture(scope="module")
+def gateway(redis_url: str) -> Iterator[str]:
+    """The module's gateway (the `backend` fixture registers with it)."""
+    with running_gateway(redis_url, REQUEST_TIMEOUT=_STALL) as base:
+        yield base
+
+
+def _credential() -> str:
+    return "".join(f"{k}: {v}\r\n" for k, v in as_admin.headers.items())
+
+
+def _code(answer: Answer) -> str:
+    assert answer.headers.get("content-type", "").startswith("application/json"), answer
+    return str(json.loads(answer.body)["error"]["code"])
+
+
+def _cache_credential(gateway: str) -> None:
+    """A request through Sanic's path with the admin key: the fast path then knows it."""
+    assert as_admin.get(f"{gateway}/admin/proxy/stats", timeout=5).status_code == 200
+
+
+# (method and path, framing and the body's first byte) of a request whose body stalls.
+_STALLED = {
+    "public login": ("POST /api/v1/auth/login", "Content-Length: 100\r\n\r\n{", False),
+    "rpc": ("POST /rpc/iptv/search", "Content-Length: 100\r\n\r\n{", True),
+    # The credential is in the cache: the fast path holds the request for its body.
+    "svc, fast path": ("POST /svc/{s}/upload", "Content-Length: 100\r\n\r\n{", True),
+    "svc, chunked": ("POST /svc/{s}/upload", "Transfer-Encoding: chunked\r\n\r\n64\r\n{", True),
+}
+
+
+@pytest.mark.parametrize("case", list(_STALLED))
+def test_a_stalled_body_gets_a_408_and_the_connection_closes(backend: Backend, case: str) -> None:
+    line, rest, credential = _STALLED[case]
+    _cache_credential(backend.gateway)
+    answered = fast_path(backend.gateway)["answered"]
+    head = f"{line.format(s=backend.service)} HTTP/1.1\r\nHost: gateway.test\r\n"
+    head += _credential() if credential else ""
+    with connect(backend.gateway) as sock:
+        sock.sendall((head + rest).encode())
+        answer = read_answers(sock, 1)[0]
+        assert (answer.status, _code(answer)) == (408, "request_timeout")
+        assert answer.headers["connection"] == "close"
+        assert closed_by_peer(sock)  # for real: Sanic kept the socket open for good
+    assert fast_path(backend.gateway)["answered"] == answered  # (a 408 answers nothing)
+
+
+@pytest.mark.parametrize(
+    "line", ["POST /rpc/iptv/search", "POST /svc/{s}/upload", "POST /api/v1/auth/logout"]
+)
+def test_a_request_without_credentials_is_refused_before_its_body(
+    backend: Backend, line: str
+) -> None:
+    head = f"{line.format(s=backend.service)} HTTP/1.1\r\nHost: gateway.test\r\n"
+    with connect(backend.gateway) as sock:
+        sock.sendall((head + "Content-Length: 100\r\n\r\n{").encode())
+        answer = read_answers(sock, 1)[0]  # not the stalled body's 408
+        assert (answer.status, _code(answer)) == (401, "unauthorized")
+        # The body is unread: the connection closes, as the answer says.
+        assert answer.headers["connection"] == "close"
+        assert closed_by_peer(sock)
+
+
+def test_a_refused_request_whose_body_has_arrived_keeps_its_connection(gateway: str) -> None:
+    body = b'{"q": "news"}'
+    first = f"POST /rpc/iptv/search HTTP/1.1\r\nHost: g\r\nContent-Length: {len(body)}\r\n\r\n"
+    with connect(gateway) as sock:
+        sock.sendall(first.encode() + body)
+        answer = read_answers(sock, 1)[0]
+        assert (answer.status, answer.headers["connection"]) == (401, "keep-alive")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: g\r\n\r\n")
+        assert read_answers(sock, 1)[0].status == 200
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "code"),
+    [
+        ("GET /svc/x/a HTTP/1.1\r\nHost: g\r\nX-Big: " + "a" * 60_000 + "\r\n\r\n", 431,
+         "request_header_fields_too_large"),
+        ("GET /svc/x/a HTTP/1.1\r\nHost: g\r\n" + "".join(f"X{i}:v\r\n" for i in range(2000))
+         + "\r\n", 431, "request_header_fields_too_large"),
+        ("GET /svc/x/" + "a" * 100_000 + " HTTP/1.1\r\nHost: g\r\n\r\n", 414, "uri_too_long"),
+    ],
+    ids=["60 KB field", "2,000 fields", "100 KB request line"],
+)  # fmt: skip
+def test_an_oversized_head_gets_431_or_414(gateway: str, head: str, status: int, code: str) -> None:
+    with connect(gateway) as sock:
+        sock.sendall(head.encode())
+        answer = read_answers(sock, 1)[0]
+    assert (answer.status, _code(answer)) == (status, code)
+
+
+def _chunked(line: str, trailer: str) -> bytes:
+    """A chunked request carrying `{}` in two chunks, then trailer fields."""
+    head = f"{line} HTTP/1.1\r\nHost: gateway.test\r\n{_credential()}"
+    body = f"1\r\n{{\r\n1\r\n}}\r\n0\r\n{trailer}\r\n"
+    return f"{head}Transfer-Encoding: chunked\r\n\r\n{body}".encode()
+
+
+@pytest.mark.parametrize("trailer", ["X-Checksum: abc\r\n", "A: 1\r\nB:\r\nC:  x y \r\n"])
+def test_trailer_fields_are_taken_and_not_passed_on(backend: Backend, trailer: str) -> None:
+    with connect(backend.gateway) as sock:
+        # The instance is Sanic, which refuses any trailer: a 200 says it got none.
+        sock.sendall(_chunked(f"POST /svc/{backend.service}/upload", trailer))
+        answer = read_answers(sock, 1)[0]
+        assert answer.status == 200, answer.body
+        assert json.loads(answer.body)["sha256"] == hashlib.sha256(b"{}").hexdigest()
+        # The RPC route too (no such service: the body was read, then the 404).
+        sock.sendall(_chunked("POST /rpc/nosuch/method", trailer))
+        answer = read_answers(sock, 1)[0]
+        assert (answer.status, _code(answer)) == (404, "method_not_found"), answer.body
+        # Nothing of the trailer is read as a next request: this one is answered.
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: g\r\n\r\n")
+        assert read_answers(sock, 1)[0].status == 200
+
+
+def _exchange(sock: socket.socket, head: str) -> Answer:
+    sock.sendall(head.encode())
+    return read_answers(sock, 1)[0]
+
+
+@pytest.mark.parametrize("connection", ["keep-alive, X-Foo", "X-Foo", "x-foo,  Keep-Alive"])
+def test_a_connection_header_without_close_keeps_the_connection(
+    backend: Backend, connection: str
+) -> None:
+    _cache_credential(backend.gateway)
+    fast = f"GET /svc/{backend.service}/echo HTTP/1.1\r\nHost: g\r\n{_credential()}"
+    sanic = "GET /health HTTP/1.1\r\nHost: g\r\n"
+    answered = fast_path(backend.gateway)["answered"]
+    with connect(backend.gateway) as sock:
+        for head in (fast, sanic, fast):
+            answer = _exchange(sock, f"{head}Connection: {connection}\r\n\r\n")
+            assert (answer.status, answer.headers["connection"]) == (200, "keep-alive")
+        assert _exchange(sock, sanic + "\r\n").status == 200  # still open
+    assert fast_path(backend.gateway)["answered"] == answered + 2  # (the fast path's)
+
+
+@pytest.mark.parametrize("path", ["/svc/{s}/echo", "/health"])
+def test_a_close_token_among_others_closes_the_connection(backend: Backend, path: str) -> None:
+    _cache_credential(backend.gateway)
+    head = f"GET {path.format(s=backend.service)} HTTP/1.1\r\nHost: g\r\n{_credential()}"
+    with connect(backend.gateway) as sock:
+        answer = _exchange(sock, head + "Connection: X-Foo\r\nConnection: TE, Close\r\n\r\n")
+        assert (answer.status, answer.headers["connection"]) == (200, "close")
+        assert closed_by_peer(sock)
