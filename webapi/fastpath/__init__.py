@@ -16,8 +16,12 @@ hold; otherwise the bytes go to Sanic unchanged and it handles them as it always
   parses (it is strict: no bare LF, no folding, no duplicate Content-Length, which
   is what request smuggling relies on), HTTP/1.1, a method of the `/svc/` route,
   no Transfer-Encoding, Upgrade or Expect, one Host at most, and no body or a
-  Content-Length body of at most 64 KiB that has arrived whole. A request split
-  across reads is therefore Sanic's;
+  Content-Length body of at most 64 KiB. A body that has not all arrived yet is
+  held until it has when the request's credential qualifies (below), else the
+  request goes to Sanic at once (whose access check refuses it without waiting for
+  the body); a held body silent for `REQUEST_TIMEOUT` gets a 408 and the connection
+  closes, as on Sanic's path (`common.strict_http`). A head split across reads is
+  Sanic's;
 * the path is `/svc/<service>/<rest>` with a valid service name (not an internal
   one) and passes `upstream_target`, exactly the requests the `/svc/` route serves;
 * the credential is in the authenticator's cache (`authenticate_sync_cached`) and its
@@ -39,7 +43,8 @@ instance has an idle upstream connection, the request is sent and answered from 
 two connections' callbacks (`direct.py`: no task per request); otherwise, and for a
 retry, from a coroutine through `Proxy.forward`. Errors are `error_response`'s JSON,
 logged as `JsonErrorHandler` logs them. Sanic's bookkeeping is kept: keep-alive
-(`Connection` as Sanic reads it, `KEEP_ALIVE`), the keep-alive timeout counted from
+(`Connection` read as its list of tokens, as `common.strict_http` reads it on Sanic's
+path; `KEEP_ALIVE`), the keep-alive timeout counted from
 the last write, the response timeout while a fast request runs, graceful shutdown.
 Counters: `app.ctx.fast_path` (`GET /admin/proxy/stats`). `request.py` frames and
 reads a request; `protocol.py` is the protocol.
