@@ -82,14 +82,6 @@ class HeartbeatConflict(ApiError):
     quiet = True
 
 
-class InvalidProxyPath(ApiError):
-    """The proxied path tries to leave the service's space or is malformed."""
-
-    status_code = 400
-    code = "invalid_path"
-    quiet = True
-
-
 class UnknownService(ApiError):
     """No instance of this name was ever registered (proxy routes)."""
 

@@ -79,8 +79,8 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, Htt
 
 from common.log import get_logger
 from common.policy import PolicyDocument, RouteRule
-from webapi.errors import InvalidProxyPath
-from webapi.proxy.paths import match_route, upstream_target
+from common.proxy_paths import InvalidProxyPath, upstream_target
+from webapi.proxy.paths import match_route
 from webapi.splice import Owner, SpliceBase, UpstreamLeg
 
 if TYPE_CHECKING:

@@ -11,6 +11,8 @@ Every WebSocket route needs a credential (`websocket.auth`): `/ws/stream` and
 `/ws/proxy/...` with the upgrade request (else HTTP 401; a relay to a service
 outside the credential's scopes is HTTP 403, an envelope request for one is
 answered "model not allowed"), `/ws` with the upgrade or as its first message.
+A relay's path is checked as the gateway's `/svc/` (400 `invalid_path`), and its
+service must be known (404 `unknown_service`: `websocket.relay.admit_relay`).
 Close codes are in
 `websocket.connections`. Limits (settings `WS_*`): frames over
 WS_MAX_MESSAGE_BYTES close with 1009; pings every WS_PING_INTERVAL, no pong
@@ -54,7 +56,7 @@ from websocket.connections import TRY_AGAIN_LATER, Connections
 from websocket.envelope import stream_endpoint
 from websocket.errors import JsonErrorHandler, log_close, refusal
 from websocket.hub import ChannelHub
-from websocket.relay import proxy_endpoint
+from websocket.relay import admit_relay, proxy_endpoint
 from websocket.session import Session
 from websocket.upstreams import Upstreams
 
@@ -187,8 +189,9 @@ async def _check_head(request: WsRequest) -> HTTPResponse | None:
 async def _admit(request: WsRequest) -> HTTPResponse | None:
     """Refuse an upgrade before it happens: 503 when full, 401 for a missing or bad
     credential (on `/ws` it may instead come as the first message), 403 for a
-    relay to a service the credential's scopes do not reach. A head Sanic could not
-    parse gets its parse error (400), not a 401."""
+    relay to a service the credential's scopes do not reach, then a relay's path
+    (400 `invalid_path`) or unknown service (404 `unknown_service`: `admit_relay`).
+    A head Sanic could not parse gets its parse error (400), not a 401."""
     if not request.path.startswith("/ws") or request.method == UNPARSED_METHOD:
         return None
     ctx = request.app.ctx
@@ -210,14 +213,16 @@ async def _admit(request: WsRequest) -> HTTPResponse | None:
         return refusal(request, 401, "unauthorized", exc.message)
     request.ctx.principal = principal
     service = request.match_info.get("service")
-    if isinstance(service, str) and not principal.allows(service, None):
+    if not isinstance(service, str):
+        return None
+    if not principal.allows(service, None):
         return refusal(
             request,
             403,
             "forbidden",
             f"this credential's scopes do not include {shortened(service)}",
         )
-    return None
+    return admit_relay(request, service)
 
 
 def _counted(handler: Any) -> Any:

@@ -1,10 +1,20 @@
 """`/ws/proxy/<service>/<path>`: a client connection relayed to an upstream.
 
-The upstream is `ws://<instance>/<path>?<query>` on an instance picked by
-`Upstreams` (connect failures fail over to another instance first): of the version
+The upstream is `ws://<instance>/<path>?<query>`, the path and query as the client sent
+them (its percent-escapes untouched, as the gateway's proxy passes them), on an instance
+picked by `Upstreams` (connect failures fail over to another instance first): of the version
 the `X-Service-Version` header names, as on the gateway's `/svc/` routes, else as
 the live policy's version weights say (a browser cannot set the header: it gets
 the weights).
+
+Before the upgrade, as the gateway's `/svc/` refuses the request (`admit_relay`, from the
+service's admission, once the credential is checked): a path that would leave the
+service's space (a `.` or `..` segment, encoded or with parameters: `..;`, an encoded
+slash, a backslash, a NUL; the gateway's own check, `common.proxy_paths`) or that holds
+a fragment (`#`: no part of a request target) is refused with 400 `invalid_path`, and a
+service the registry has never heard of (no instance of it ever registered, none of its
+RPC workers) with 404 `unknown_service`. A known service with no live instance is
+upgraded, then closed with 1014 (below): a browser sees no status, only close codes.
 
 The upstream is connected before the client's upgrade is answered, as nginx proxies
 WebSockets (`connect_first`, called by `websocket.protocol`'s handshake), so that:
@@ -51,34 +61,51 @@ import asyncio
 import contextlib
 import enum
 from typing import TYPE_CHECKING
-from urllib.parse import quote
 
+from sanic import HTTPResponse
 from sanic.server.websockets.impl import WebsocketImplProtocol
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 from websockets.protocol import CLOSED, CLOSING
 
+from common.errors import quoted
+from common.proxy_paths import InvalidProxyPath, upstream_target
 from websocket.auth import offered_subprotocols
 from websocket.connections import BAD_GATEWAY, GOING_AWAY, MESSAGE_TOO_BIG
-from websocket.errors import log_close
+from websocket.errors import log_close, refusal
 from websocket.handshake import client_key, subprotocols_passed_on, upstream_headers
 from websocket.refusals import UpstreamRefusedUpgrade
 from websocket.splice import CLIENT_STALLED, GONE, UPSTREAM_LOST, UPSTREAM_STALLED, Splice
-from websocket.tap import untap
+from websocket.tap import RELAYED, untap
 from websocket.upstreams import Connected, NoUpstream, UpstreamRefused
 
 if TYPE_CHECKING:
     from websocket.app import WsRequest
 
-# Sanic hands the path decoded: encode it again for the upstream URL.
-_PATH_SAFE = "/:@!$&'()*+,;=-._~"
 # What a connection ended without a close frame is logged with (RFC 6455 §7.1.5).
 ABNORMAL_CLOSURE = 1006
 # Codes a peer may not put in a close frame (RFC 6455 §7.4.1): passed on as 1000.
 _RESERVED = frozenset({1005, 1006, 1015})
 
 Opened = Connected | NoUpstream | UpstreamRefused  # how connecting the upstream went
+
+
+def admit_relay(request: WsRequest, service: str) -> HTTPResponse | None:
+    """The refusal of relay `request` to `service` before its upgrade (module docstring),
+    else None, with the upstream's target (path and query) in `request.ctx.target`."""
+    try:
+        target = upstream_target(request.raw_url, RELAYED + service)
+        if "#" in target:  # (`websockets` refuses such a URL: no connect failure of an instance)
+            raise InvalidProxyPath("a fragment (#) is no part of a request target")
+    except InvalidProxyPath as exc:
+        return refusal(request, exc.status_code, exc.code, str(exc))
+    view = request.app.ctx.view
+    if not view.registered(service) and not view.is_rpc_service(service):
+        message = f"no service named {quoted(service)} is registered"
+        return refusal(request, 404, "unknown_service", message)
+    request.ctx.target = target
+    return None
 
 
 async def connect_first(request: WsRequest) -> str | None:
@@ -107,13 +134,10 @@ async def open_upstream(request: WsRequest) -> Opened:
     subprotocols (`websocket.handshake`), or why there is none."""
     upstreams = request.app.ctx.upstreams
     service = request.match_info["service"]
-    target = "/" + quote(request.match_info.get("path", ""), safe=_PATH_SAFE)
-    if request.query_string:
-        target += f"?{request.query_string}"
     try:
         return await upstreams.connect(
             service,
-            target,
+            request.ctx.target,  # (`admit_relay`: checked before the upgrade)
             headers=upstream_headers(request),
             subprotocols=subprotocols_passed_on(offered_subprotocols(request)),
             splice=True,

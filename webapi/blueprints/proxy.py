@@ -26,6 +26,7 @@ from common.balancing.sticky import balance_key
 from common.codec import parse_json
 from common.forwarding import credential_free, hop_headers_out, strip_hop_by_hop
 from common.log import get_logger
+from common.proxy_paths import upstream_target
 from common.relayed import RelayedResponse
 from webapi.access import FROM_PATH, IN_HANDLER, POLICY_ROUTED
 from webapi.context import GatewayRequest
@@ -42,7 +43,7 @@ from webapi.errors import (
 from webapi.proxy.attempts import client_error
 from webapi.proxy.errors import UpstreamError
 from webapi.proxy.forward import Forwarded, latency_headers
-from webapi.proxy.paths import match_route, upstream_target
+from webapi.proxy.paths import match_route
 from webapi.requests import json_object
 from webapi.responses import json_response
 

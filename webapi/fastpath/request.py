@@ -14,9 +14,8 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from common.forwarding import MAX_VIA_HOPS, VIA_MARK
 from common.http_head import valid_host
-from webapi.errors import InvalidProxyPath
+from common.proxy_paths import InvalidProxyPath, upstream_target
 from webapi.heartbeats import SERVICE_NAME
-from webapi.proxy.paths import upstream_target
 
 MAX_FAST_BODY = 64 * 1024
 MAX_FAST_HEAD = 16 * 1024
