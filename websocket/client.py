@@ -23,6 +23,11 @@ unparsed by `websocket.tap` and is replayed here.
 * `keepalive` is the process's one ping task: every WS_PING_INTERVAL it pings
   every connection, and WS_PING_TIMEOUT later closes with 1011 those whose pong
   did not come.
+* The frame parser's own log lines (`websockets` logs "connection closed" at info
+  for every connection a server's parser sees end, cleanly or not, with no path
+  or code) go to `websocket.client` at debug, with the path (`PARSER_LOG`): a
+  client that goes away is no error (README), and the closes worth a line are
+  logged with their code by `log_close`. The parser's errors stay errors.
 * `fail` (1007, 1008, 1009, 1011, 1013) writes a close frame and closes the TCP
   connection once what is buffered is sent; `close` (the 1001 drain) waits for
   the client's close frame. Either is aborted after CLOSE_TIMEOUT. The session
@@ -34,7 +39,8 @@ Hot path: `data_received` and `send`.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Any
 
 from sanic.server.websockets.impl import WebsocketImplProtocol
 from websockets.frames import Frame, Opcode
@@ -55,6 +61,17 @@ WRITES_FULL = 1  # the transport is past its high-water mark: the client does no
 BACKLOG_FULL = 2  # the session has BACKLOG_LIMIT messages waiting (`websocket.session`)
 INVALID_DATA = 1007
 _TEXT, _BINARY, _CONT, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
+
+
+class _InfoAsDebug(logging.LoggerAdapter[logging.Logger]):
+    """A logger whose info lines are written at debug (its others as they are)."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        super().log(logging.DEBUG if level == logging.INFO else level, msg, *args, **kwargs)
+
+
+# The frame parsers' logger, shared by every connection (module docstring).
+PARSER_LOG = _InfoAsDebug(logging.getLogger("websocket.client"), {"fields": {"path": "/ws"}})
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -97,7 +114,7 @@ class ClientProtocol(asyncio.Protocol):
             ws.keepalive_ping_task.cancel()
             ws.keepalive_ping_task = None
         ws.ws_proto.state = CLOSED  # Sanic's own close, after the handler, writes nothing
-        parser = ServerProtocol(max_size=max_size, state=OPEN)
+        parser = ServerProtocol(max_size=max_size, state=OPEN, logger=PARSER_LOG)
         conn = cls(transport, parser, limit)
         transport.set_protocol(conn)
         early = bytes(sanic.recv_buffer) + sanic.release()

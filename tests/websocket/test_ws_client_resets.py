@@ -164,3 +164,23 @@ async def test_a_client_leaving_mid_head_is_no_error(make_ws_server) -> None:
     wait_for(lambda: len(server.proc.log_records("client left before its answer")) == 5, 10)
     assert error_lines(server) == []
     assert server.health()["status"] == "ok"
+
+
+async def test_a_client_going_away_is_logged_at_debug_only(make_ws_server) -> None:
+    # `websockets`' parser logged "connection closed" at info for each (no path, no
+    # code): README says nothing above debug for a client that goes away.
+    server = make_ws_server(LOG_LEVEL="DEBUG")
+    for leave in (socket.socket.close, reset):  # a FIN, a RST: no close frame either way
+        sock = upgraded(server)
+        sock.sendall(text_frame({"type": "ping"}))
+        assert json.loads(read_frame(sock)[1])["type"] == "pong"
+        leave(sock)
+    async with server.connect() as ws:  # and a clean closing handshake
+        await ws.send("ping")
+        assert await ws.recv() == "pong"
+    wait_for(lambda: server.health()["connections"] == 0, 10)
+    closed = server.proc.log_records("connection closed")  # (the FIN's, at least)
+    assert closed
+    assert {(r["level"], r["logger"], r.get("path")) for r in closed} == {
+        ("debug", "websocket.client", "/ws")
+    }
