@@ -46,7 +46,7 @@ from websockets.protocol import CLOSED
 
 from common.codec import parse_json
 from websocket.connections import GOING_AWAY, NORMAL_CLOSURE
-from websocket.errors import log_refused_message
+from websocket.errors import RefusalLog
 from websocket.handshake import client_key, upstream_headers
 from websocket.splice import CLOSE_TIMEOUT, GONE
 from websocket.upstreams import KINDS, NoUpstream, UpstreamRefused, Upstreams
@@ -68,30 +68,35 @@ def failure(result: str) -> str:
 async def stream_endpoint(request: WsRequest, ws: WebsocketImplProtocol) -> None:
     """Serve envelope requests, one after the other, until the client leaves."""
     upstreams = request.app.ctx.upstreams
-    while True:
-        message = await ws.recv()
-        if message is None:
-            return
-        text = message.decode(errors="replace") if isinstance(message, bytes) else message
-        try:
-            body = parse_json(text)
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            await _refuse(request, ws, INVALID_JSON)
-            continue
-        target = route(upstreams, body.get("service_name"))
-        if target is None:
-            await _refuse(request, ws, NOT_SUPPORTED)
-        elif not request.ctx.principal.allows(target[0], None):
-            await _refuse(request, ws, NOT_ALLOWED)
-        else:
-            await serve_one(request, ws, target, text)
+    refusals = RefusalLog(request.path)
+    try:
+        while True:
+            message = await ws.recv()
+            if message is None:
+                return
+            text = message.decode(errors="replace") if isinstance(message, bytes) else message
+            try:
+                body = parse_json(text)
+            except ValueError:
+                body = None
+            if not isinstance(body, dict):
+                await _refuse(refusals, ws, INVALID_JSON)
+                continue
+            target = route(upstreams, body.get("service_name"))
+            if target is None:
+                await _refuse(refusals, ws, NOT_SUPPORTED)
+            elif not request.ctx.principal.allows(target[0], None):
+                await _refuse(refusals, ws, NOT_ALLOWED)
+            else:
+                await serve_one(request, ws, target, text)
+    finally:
+        refusals.flush()
 
 
-async def _refuse(request: WsRequest, ws: WebsocketImplProtocol, result: str) -> None:
-    """Answer a request this mode does not serve with its failure frame, logged once."""
-    log_refused_message(request.path, result.lower().replace(" ", "_"), result)
+async def _refuse(refusals: RefusalLog, ws: WebsocketImplProtocol, result: str) -> None:
+    """Answer a request this mode does not serve with its failure frame, logged once
+    (within the connection's bound: `websocket.errors.RefusalLog`)."""
+    refusals.refused(result.lower().replace(" ", "_"), result)
     await ws.send(failure(result))
 
 

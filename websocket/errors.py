@@ -12,10 +12,22 @@ a connection the service closes other than normally (`log_close`: 1002, 1007,
 1008, 1009, 1011 for a missing pong, 1013, 1014) are logged once too; a normal
 closing (1000, 1001) is not, nor a close code the relay passes on from an upstream,
 nor a client that goes away (mid-request, or by resetting its connection).
+
+Refused messages are logged through their connection's `RefusalLog`, which bounds
+them: at most `LOGGED_REFUSALS` lines a connection per `REFUSAL_WINDOW` seconds,
+then one `message refusals not logged` line with how many were not (when the next
+refusal comes after the window, or when the connection ends). A client sending
+mistakes in a loop (5,000 bad messages wrote 5,000 lines in 0.4 s) so costs the log
+a dozen lines a minute, and the connection is still served as before: a mistake
+never closes a session (`websocket.session`), and answering one costs no more than
+answering a ping, which is not logged at all. (Closing such a client with 1008
+would bound the log too, but would end a buggy client's good work with its bad,
+and the client would reconnect and start again.)
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sanic import HTTPResponse, Request
@@ -55,14 +67,54 @@ def log_refused_message(path: str, code: str | int, message: str) -> None:
     log.info("message refused", extra={"fields": fields})
 
 
-def log_failed_call(path: str, method: str, exc: RpcError) -> None:
+# A connection's refused messages logged per window; the window (seconds).
+LOGGED_REFUSALS = 10
+REFUSAL_WINDOW = 60.0
+
+
+class RefusalLog:
+    """The refused messages of one connection, logged with a bound (module docstring)."""
+
+    __slots__ = ("logged", "path", "suppressed", "window_end")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.logged = 0  # lines written in this window
+        self.suppressed = 0  # refusals not logged since the last line saying so
+        self.window_end = time.monotonic() + REFUSAL_WINDOW
+
+    def refused(self, code: str | int, message: str) -> None:
+        """Log a refused message (`log_refused_message`), unless this window's lines
+        are spent: then count it."""
+        now = time.monotonic()
+        if now >= self.window_end:
+            self.flush()
+            self.logged, self.window_end = 0, now + REFUSAL_WINDOW
+        if self.logged < LOGGED_REFUSALS:
+            self.logged += 1
+            log_refused_message(self.path, code, message)
+        else:
+            self.suppressed += 1
+
+    def flush(self) -> None:
+        """Log how many refusals went unlogged, if any (the window ended, or the connection)."""
+        if self.suppressed:
+            fields = {"path": self.path, "count": self.suppressed,
+                      "limit": f"{LOGGED_REFUSALS} per {REFUSAL_WINDOW:g} s"}  # fmt: skip
+            log.info("message refusals not logged", extra={"fields": fields})
+            self.suppressed = 0
+
+
+def log_failed_call(refusals: RefusalLog, method: str, exc: RpcError) -> None:
     """Log a JSON-RPC call that failed: a caller's mistake (what the gateway answers
     with a 4xx: an unknown method, invalid params, `not_found`...) as a refused
-    message, a service's failure as a warning, as the gateway logs them."""
+    message (of the connection's `refusals`), a service's failure as a warning, as the
+    gateway logs them."""
     if status_for(exc) < 500:
-        log_refused_message(path, exc.code, exc.message or exc.code)
+        refusals.refused(exc.code, exc.message or exc.code)
     else:
-        fields = {"path": path, "method": method, "code": exc.code, **error_detail(exc)}
+        fields = {"path": refusals.path, "method": method, "code": exc.code,
+                  **error_detail(exc)}  # fmt: skip
         log.warning("rpc error", extra={"fields": fields})
 
 

@@ -12,7 +12,8 @@ Messages from the client (text frames, JSON unless noted):
 then `{"type": "message", "channel", "data"}` for every message published on a
 subscribed channel. An `auth` message on an open session replaces its token
 (a client renews before `exp`). Mistakes are answered with
-`{"type": "error", "error": {"code", "message"}}` and never close the session, as
+`{"type": "error", "error": {"code", "message"}}` and never close the session (each
+is logged, at most 10 a minute a connection: `websocket.errors.RefusalLog`), as
 is a message that cannot be served while Redis is down (code `service_unavailable`:
 a `subscribe`, an `auth` with an API key not cached here; a first `auth` that cannot
 be checked closes the connection with 1013, try again later);
@@ -56,7 +57,7 @@ from websocket import jsonrpc
 from websocket.auth import authenticate, may_call, may_subscribe
 from websocket.client import BACKLOG_FULL
 from websocket.connections import INTERNAL_ERROR, POLICY_VIOLATION, TRY_AGAIN_LATER
-from websocket.errors import log_failed_call, log_refused_message
+from websocket.errors import RefusalLog, log_failed_call
 from websocket.hub import CHANNEL
 
 if TYPE_CHECKING:
@@ -74,7 +75,8 @@ _leaving: set[asyncio.Task[None]] = set()
 class Session:
     """The state of one `/ws` connection."""
 
-    __slots__ = ("backlog", "calls", "channels", "conn", "ctx", "expiry", "principal", "worker")
+    __slots__ = ("backlog", "calls", "channels", "conn", "ctx", "expiry", "principal", "refusals",
+                 "worker")  # fmt: skip
 
     def __init__(self, ctx: WsContext, conn: ClientProtocol) -> None:
         self.ctx = ctx
@@ -85,6 +87,7 @@ class Session:
         self.principal: Principal | None = None
         self.backlog: list[str | bytes] | None = None  # messages waiting for `worker`
         self.worker: asyncio.Task[None] | None = None  # handling a message that must wait
+        self.refusals: RefusalLog | None = None  # made at the first refusal (most have none)
 
     # -- authentication ---------------------------------------------------------
 
@@ -285,7 +288,7 @@ class Session:
             value = await self.ctx.rpc.invoke(method, args, kwargs, caller=caller)
             answer = jsonrpc.result(id_, value)
         except RpcError as exc:
-            log_failed_call("/ws", method, exc)
+            log_failed_call(self._refusal_log(), method, exc)
             answer = jsonrpc.error_for(id_, exc)
         except Exception:
             # A bug: answered and logged here, or the call would go unanswered with only
@@ -301,9 +304,16 @@ class Session:
     def send(self, frame: str) -> None:
         self.conn.send(frame)
 
+    def _refusal_log(self) -> RefusalLog:
+        """This connection's refusal log (`websocket.errors.RefusalLog`: bounded)."""
+        if self.refusals is None:
+            self.refusals = RefusalLog("/ws")
+        return self.refusals
+
     def _refuse(self, code: str, message: str, id_: Any) -> None:
-        """Answer a message this session does not serve with an error, logged once."""
-        log_refused_message("/ws", code, message)
+        """Answer a message this session does not serve with an error, logged once
+        (within the connection's bound: `RefusalLog`)."""
+        self._refusal_log().refused(code, message)
         self.send(_with_id({"type": "error", "error": {"code": code, "message": message}}, id_))
 
     def _unavailable(self, message: str, id_: Any) -> None:
@@ -315,8 +325,9 @@ class Session:
     def _refuse_call(
         self, id_: jsonrpc.Id, code: int, message: str, *, answer: bool = True
     ) -> None:
-        """Refuse a JSON-RPC request with its error (none for a notification), logged once."""
-        log_refused_message("/ws", code, message)
+        """Refuse a JSON-RPC request with its error (none for a notification), logged once
+        (within the connection's bound)."""
+        self._refusal_log().refused(code, message)
         if answer:
             self.send(jsonrpc.error(id_, code, message))
 
@@ -332,6 +343,8 @@ class Session:
             if task is not None and task is not current:
                 task.cancel()
         self.backlog = None
+        if self.refusals is not None:
+            self.refusals.flush()
         if self.channels:
             task = asyncio.create_task(self._leave(list(self.channels)))
             _leaving.add(task)

@@ -289,6 +289,9 @@ async def test_jsonrpc_call_and_errors(ws_server: WsServer, calc: None) -> None:
             return await rpc(ws, call) == {"jsonrpc": "2.0", "id": 1, "result": 5}
 
         await wait_for_async(add, timeout=30)  # the worker may still be starting
+    # A new connection: the one that waited may have spent its logged refusals
+    # (`websocket.errors.RefusalLog`) on calls made before the worker was up.
+    async with ws_server.connect() as ws:
         positional = await rpc(ws, {"jsonrpc": "2.0", "id": "p", "method": "calc.add",
                                     "params": [40, 2]})  # fmt: skip
         assert positional["result"] == 42

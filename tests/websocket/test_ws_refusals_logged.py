@@ -16,6 +16,7 @@ import pytest
 import websockets
 
 from tests.websocket.conftest import Backends, LogWatch, WsServer, recv_json, wait_reachable
+from websocket.errors import LOGGED_REFUSALS
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -195,3 +196,26 @@ async def test_a_huge_method_is_refused_without_being_echoed_or_logged_whole(
     logged = await refused.wait(2)
     assert [r["code"] for r in logged] == [-32005, "method_not_found"]
     assert all(len(json.dumps(r)) < 2000 for r in logged)
+
+
+@pytest.mark.parametrize("path", ["/ws", "/ws/stream"])
+async def test_a_connections_refusals_are_logged_with_a_bound(
+    ws_server: WsServer, path: str
+) -> None:
+    # 5,000 bad messages on one connection wrote 5,000 lines: now the first
+    # `LOGGED_REFUSALS` a window, then one line counting the rest (here, at the
+    # connection's end). Every message is still answered and the session goes on.
+    refused = LogWatch(ws_server, "message refused")
+    summary = LogWatch(ws_server, "message refusals not logged")
+    sent = LOGGED_REFUSALS + 90
+    async with ws_server.connect(path) as ws:
+        for _ in range(sent):
+            await ws.send("{not json")
+        for _ in range(sent):
+            assert "error" in (answer := await recv_json(ws)) or answer["ret"] == 1
+        if path == "/ws":
+            await ws.send("ping")
+            assert await ws.recv() == "pong"
+    [counted] = await summary.wait(1)
+    assert (counted["path"], counted["count"]) == (path, sent - LOGGED_REFUSALS)
+    assert len(refused.new()) == LOGGED_REFUSALS
