@@ -5,10 +5,23 @@ the websocket service's relays (`websocket.handshake`), so both forward the same
 * the client's fields, less the hop-by-hop ones (`strip_hop_by_hop`: RFC 9110 §7.6.1)
   and less its API key (`credential_free`: a backend never sees a reusable key; a
   bearer JWT passes, short-lived, and tells the backend who the user is);
-* `X-Forwarded-For` (the lines received, then the peer), `-Proto`, `-Host`,
-  `X-Request-Id` (`common.request_ids`) and the gateway's `Via` (`hop_headers_out`);
-* a request whose `Via` fields hold the gateway's mark `MAX_VIA_HOPS` times already is
-  a loop (`via_loop`), refused with 508 `proxy_loop` before it is forwarded again.
+* the forwarding fields are the gateway's, never the client's: `X-Forwarded-For` (the
+  lines received, then the peer: `common.clientip` says which of them are believed),
+  `-Proto`, `-Host`, `X-Request-Id` (`common.request_ids`) and the gateway's `Via` are
+  set (`hop_headers_out`), and whatever else a client may write to tell a backend
+  where it came from or how it arrived is dropped: `Forwarded` (RFC 7239), every
+  other `X-Forwarded-*` (`-Port`, `-Prefix`, `-Server`, `-Ssl`...), `X-Real-IP`,
+  `X-Client-IP`, `True-Client-IP`. A backend behind the gateway may believe what it
+  gets of them: nothing of it is a client's word but the left of `X-Forwarded-For`;
+* the credential a backend gets is the one that was checked: a request whose
+  credential fields are ambiguous (`credential_fault`: two `Authorization` fields,
+  two `X-Api-Key`, or a bearer and an `X-Api-Key` that differ) is refused with 400
+  `malformed_header` before anything reads it, so no field the gateway did not
+  authenticate passes beside the one it did;
+* a request about to be forwarded whose `Via` fields name the gateway as the
+  receiver `MAX_VIA_HOPS` times already is a loop (`via_loop`), refused with 508
+  `proxy_loop`. Only a request about to be forwarded: any other route answers as it
+  would without the field.
 """
 
 from __future__ import annotations
@@ -30,15 +43,20 @@ HOP_BY_HOP_RAW = frozenset(name.encode() for name in HOP_BY_HOP)
 # of its marks a request may carry already: more is a loop (an instance whose address
 # leads back to a gateway), answered 508 `proxy_loop` before it is forwarded again.
 # A few, not one: gateways may be chained on purpose (an edge one, an inner one).
-VIA = "1.1 switchboard"
-VIA_MARK = b"switchboard"
+# The gateway's mark is its `received-by` (a pseudonym), counted as a whole token.
+VIA_BY = "switchboard"
+VIA = f"1.1 {VIA_BY}"
 MAX_VIA_HOPS = 3
 PROXY_LOOP = "the request has come through the gateway too often: a proxy loop"
-_VIA_MARK = VIA_MARK.decode()
-# The fields `hop_headers_out` sets itself (or the body framing sets), never the client's.
+# The fields `hop_headers_out` sets itself (or the body framing sets), never the client's,
+# and the forwarding fields it owns and does not set (module docstring); besides these,
+# every `X-Forwarded-*` name (`FORWARDED_PREFIX`).
 REPLACED = frozenset({"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
-                      "x-request-id", "content-length", "transfer-encoding"})  # fmt: skip
+                      "x-request-id", "content-length", "transfer-encoding",
+                      "forwarded", "x-real-ip", "x-client-ip", "true-client-ip"})  # fmt: skip
 REPLACED_RAW = frozenset(name.encode() for name in REPLACED)
+FORWARDED_PREFIX = "x-forwarded-"
+FORWARDED_PREFIX_RAW = FORWARDED_PREFIX.encode()
 
 
 def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -106,11 +124,13 @@ def hop_headers_out(
     request_id: str,
     upstream: str | None,
 ) -> list[tuple[str, str]]:
-    """The headers sent upstream: hop-by-hop stripped, X-Forwarded-*, X-Request-Id and
-    the gateway's `Via` set, and `Host: upstream` unless `upstream` is None (a client
-    library that writes its own `Host`, as the websocket relay's)."""
+    """The headers sent upstream: hop-by-hop stripped, the client's forwarding fields
+    dropped, X-Forwarded-For/-Proto/-Host, X-Request-Id and the gateway's `Via` set
+    (module docstring), and `Host: upstream` unless `upstream` is None (a client library
+    that writes its own `Host`, as the websocket relay's)."""
     prior = [v for k, v in headers if k.lower() == "x-forwarded-for"]
-    out = [(k, v) for k, v in strip_hop_by_hop(list(headers)) if k.lower() not in REPLACED]
+    out = [(k, v) for k, v in strip_hop_by_hop(list(headers))
+           if not ((lk := k.lower()) in REPLACED or lk.startswith(FORWARDED_PREFIX))]  # fmt: skip
     if upstream is not None:
         out.append(("Host", upstream))
     out += [
@@ -123,7 +143,72 @@ def hop_headers_out(
     return out
 
 
+def credential_fault(authorization: Sequence[str], api_key: Sequence[str]) -> str | None:
+    """Why the credential fields of a request, the values of its `Authorization` and of
+    its `X-Api-Key` field lines, are ambiguous (a 400 `malformed_header`), or None.
+
+    Every reader authenticates the first `Authorization` (else the first `X-Api-Key`),
+    and every forwarder passes each field but an API key: a second field would reach
+    the backend unchecked beside, or instead of, the credential authenticated (an API
+    key is dropped, so a forged JWT after it would be all the backend sees). A bearer
+    and an `X-Api-Key` may come together only when they are the same credential. (An
+    `Authorization` that is no bearer is no credential of ours: the gateway refuses it
+    with 401; the websocket service authenticates the other credential and passes that
+    field on as it is, for the backend to judge, as it does beside a `bearer`
+    subprotocol.)"""
+    if len(authorization) > 1:
+        return "more than one Authorization field: one credential per request"
+    if len(api_key) > 1:
+        return "more than one X-Api-Key field: one credential per request"
+    if authorization and api_key:
+        scheme, _, token = authorization[0].partition(" ")
+        if scheme.lower() == "bearer" and token.strip() != api_key[0].strip():
+            return "Authorization and X-Api-Key carry different credentials: send one"
+    return None
+
+
+def via_hops(value: str) -> int:
+    """How many entries of a `Via` field value were received by the gateway: entries
+    `received-protocol received-by [comment]`, comma-separated (RFC 9110 §7.6.3), whose
+    `received-by` is the gateway's `VIA_BY`, whole (not `switchboardX`). Comments,
+    which may hold commas and parentheses, are skipped."""
+    if VIA_BY not in value:  # (most requests: no field, or other proxies' only)
+        return 0
+    if "(" in value:
+        value = _without_comments(value)
+    hops = 0
+    for entry in value.split(","):
+        parts = entry.split()
+        if len(parts) >= 2 and parts[1] == VIA_BY:
+            hops += 1
+    return hops
+
+
+def _without_comments(value: str) -> str:
+    """`value` less its comments (`( ... )`, nested, with quoted pairs: RFC 9110 §5.6.5)."""
+    kept: list[str] = []
+    depth = 0
+    escaped = False
+    for char in value:
+        if depth:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == "(":
+                depth += 1
+            elif char == ")":
+                depth -= 1
+            continue
+        if char == "(":
+            depth = 1
+            kept.append(" ")
+        else:
+            kept.append(char)
+    return "".join(kept)
+
+
 def via_loop(vias: Iterable[str] | None) -> bool:
     """Whether a request whose `Via` field lines are `vias` has come through the gateway
-    `MAX_VIA_HOPS` times already: a proxy loop, not to be forwarded again."""
-    return bool(vias) and sum(via.count(_VIA_MARK) for via in vias or ()) >= MAX_VIA_HOPS
+    `MAX_VIA_HOPS` times already (`via_hops`): a proxy loop, not to be forwarded again."""
+    return bool(vias) and sum(via_hops(via) for via in vias or ()) >= MAX_VIA_HOPS

@@ -7,7 +7,7 @@ from typing import Any
 from sanic import Request
 
 from common.codec import json_type, parse_json
-from common.forwarding import PROXY_LOOP, via_loop
+from common.forwarding import PROXY_LOOP, credential_fault, via_loop
 from common.http_head import head_fault
 from common.request_ids import request_id_of
 from webapi.errors import MalformedHeader, MalformedJson, ProxyLoop
@@ -15,12 +15,24 @@ from webapi.errors import MalformedHeader, MalformedJson, ProxyLoop
 
 def check_head(request: Request[Any, Any]) -> None:
     """Raise `MalformedHeader` (400) when the request's head has what HTTP forbids
-    (`common.http_head`), `ProxyLoop` (508) when it has come through the gateway
-    `MAX_VIA_HOPS` times already (its `Via` fields say so)."""
+    (`common.http_head`) or ambiguous credential fields (`common.forwarding.
+    credential_fault`: the credential forwarded must be the one checked)."""
     fault = head_fault(request.head)
     if fault is not None:
         request.stream.keep_alive = False  # type: ignore[union-attr]  # its framing is suspect
         raise MalformedHeader(fault)
+    headers = request.headers
+    if "authorization" in headers or "x-api-key" in headers:
+        get_all = headers.getall
+        fault = credential_fault(get_all("authorization", []), get_all("x-api-key", []))
+        if fault is not None:
+            raise MalformedHeader(fault)
+
+
+def refuse_loop(request: Request[Any, Any]) -> None:
+    """Raise `ProxyLoop` (508) when a request about to be forwarded to an instance has
+    come through the gateway `MAX_VIA_HOPS` times already (its `Via` fields say so).
+    Only there: another route answers as it would without the field."""
     if via_loop(request.headers.getall("via", None)):
         raise ProxyLoop(PROXY_LOOP)
 

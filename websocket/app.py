@@ -42,7 +42,7 @@ from common.clientip import Network, parse_networks
 from common.connection import connect
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized, shortened
-from common.forwarding import PROXY_LOOP, via_loop
+from common.forwarding import PROXY_LOOP, credential_fault, via_loop
 from common.http_head import head_fault
 from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.redis_failures import REDIS_DOWN_OR_REFUSING, check_writable, redis_failure
@@ -78,6 +78,8 @@ class WsContext:
 
 
 WsApp: TypeAlias = Sanic[Config, WsContext]
+# The handlers that open connections to instances with the client's fields (`_relayed`).
+_RELAYING = frozenset({proxy_endpoint.__name__, stream_endpoint.__name__})
 WsRequest: TypeAlias = Request[WsApp, Any]
 
 
@@ -173,17 +175,33 @@ async def _close(app: WsApp) -> None:
 
 
 async def _check_head(request: WsRequest) -> HTTPResponse | None:
-    """Refuse a head with what HTTP does not allow (`common.http_head`), as the gateway
-    does, before anything reads it; and, as the gateway does, one that has come through
-    the gateway `MAX_VIA_HOPS` times already (`common.forwarding.via_loop`: a relay's
-    upstream that leads back here would otherwise loop, each hop adding its `Via`)."""
+    """Refuse a head with what HTTP does not allow (`common.http_head`), or with
+    ambiguous credential fields (`common.forwarding.credential_fault`: a relay's upstream
+    must get the credential checked, no other), as the gateway does, before anything
+    reads it; and, as the gateway does, a request to be relayed to an instance that has
+    come through the gateway `MAX_VIA_HOPS` times already (`common.forwarding.via_loop`:
+    a relay's upstream that leads back here would otherwise loop, each hop adding its
+    `Via`). Other routes answer as they would without the `Via` field."""
     fault = head_fault(request.head)
-    if fault is None:
-        if via_loop(request.headers.getall("via", None)):
-            return refusal(request, 508, "proxy_loop", PROXY_LOOP)
-        return None
-    request.stream.keep_alive = False  # type: ignore[union-attr]  # its framing is suspect
-    return refusal(request, 400, "malformed_header", fault)
+    if fault is not None:
+        request.stream.keep_alive = False  # type: ignore[union-attr]  # its framing is suspect
+        return refusal(request, 400, "malformed_header", fault)
+    headers = request.headers
+    if "authorization" in headers or "x-api-key" in headers:
+        get_all = headers.getall
+        fault = credential_fault(get_all("authorization", []), get_all("x-api-key", []))
+        if fault is not None:
+            return refusal(request, 400, "malformed_header", fault)
+    if _relayed(request) and via_loop(headers.getall("via", None)):
+        return refusal(request, 508, "proxy_loop", PROXY_LOOP)
+    return None
+
+
+def _relayed(request: WsRequest) -> bool:
+    """Whether `request` is to a route that opens connections to instances for the
+    client, with its fields (`websocket.handshake`): `/ws/proxy/...` and `/ws/stream`."""
+    route = request.route
+    return route is not None and route.handler.__name__ in _RELAYING
 
 
 async def _admit(request: WsRequest) -> HTTPResponse | None:

@@ -18,6 +18,12 @@ handshake fields, less
   Bearer <jwt>` (`subprotocol_credential`; not when the client sent an `Authorization`
   field of its own: that one passes as it is); an API key in it, never;
 
+less the client's forwarding fields (`Forwarded`, every `X-Forwarded-*`, `X-Real-IP`,
+`X-Client-IP`, `True-Client-IP`: they are the front door's, never the client's), and
+less nothing else: a request with ambiguous credential fields (two `Authorization`, two
+`X-Api-Key`, a bearer and an `X-Api-Key` that differ) never gets here (`websocket.app`
+refuses it with 400), so the credential passed on is the one authenticated;
+
 then `X-Forwarded-For` (the lines received, then the TCP peer), `-Proto`, `-Host`,
 `X-Request-Id` (the client's when well formed, else a new one) and
 `Via: 1.1 switchboard`. Cookies, `Origin`, `User-Agent`, `Accept-Language` and the

@@ -69,8 +69,8 @@ def test_anything_else_is_left_to_sanic(raw: bytes) -> None:
 
 
 def test_a_request_the_gateway_has_marked_too_often_is_left_to_sanic() -> None:
-    """Sanic's `check_head` answers it 508 `proxy_loop`; fewer marks are the fast path's,
-    and its head adds one more (as the route's builders do: the test below)."""
+    """Sanic's route answers it 508 `proxy_loop` (`refuse_loop`); fewer marks are the
+    fast path's, and its head adds one more (as the route's builders do: the test below)."""
     marks = [b"Via: 1.1 switchboard"] * (MAX_VIA_HOPS - 1)
     fewer = GET.replace(b"Host: gw", b"\r\n".join([b"Host: gw", b"via: 1.0 edge", *marks]))
     parsed = parse_request(fewer)
@@ -79,6 +79,25 @@ def test_a_request_the_gateway_has_marked_too_often_is_left_to_sanic() -> None:
     assert head.count(b"switchboard") == MAX_VIA_HOPS
     looped = fewer.replace(b"Host: gw", b"Host: gw\r\nVia: 1.0 edge, 1.1 switchboard")
     assert parse_request(looped) is None
+    # Marks are whole received-by tokens: these are other proxies' (and a comment).
+    others = b"Via: 1.1 switchboardX, 2 xswitchboard (1.1 switchboard)"
+    assert isinstance(parse_request(fewer.replace(b"Host: gw", b"Host: gw\r\n" + others)), Parsed)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        b"Authorization: Bearer sbk_key\r\nAuthorization: Bearer forged",
+        b"X-Api-Key: sbk_a\r\nX-Api-Key: sbk_b",
+        b"x-api-key: sbk_a\r\nAuthorization: Bearer forged",
+    ],
+)
+def test_ambiguous_credential_fields_are_left_to_sanic(fields: bytes) -> None:
+    """Sanic's `check_head` refuses them (400 `malformed_header`)."""
+    raw = b"GET /svc/web/a HTTP/1.1\r\nHost: gw\r\n" + fields + b"\r\n\r\n"
+    assert parse_request(raw) is None
+    same = b"GET /svc/web/a HTTP/1.1\r\nHost: gw\r\nX-Api-Key: k\r\nAuthorization: Bearer k\r\n\r\n"
+    assert isinstance(parse_request(same), Parsed)
 
 
 def test_connection_is_read_as_a_list_of_tokens() -> None:
@@ -110,7 +129,8 @@ def test_the_switch() -> None:
     [
         ("GET", [], b""),
         ("GET", ["Authorization: Bearer sbk_abc.def", "Accept: */*"], b""),
-        ("GET", ["X-Api-Key: sbk_x", "Authorization: Bearer eyJhbGciOi.jwt.sig"], b""),
+        ("GET", ["X-Api-Key: sbk_x", "Authorization: Bearer sbk_x"], b""),
+        ("GET", ["Authorization: Bearer eyJhbGciOi.jwt.sig"], b""),
         (
             "GET",
             [
@@ -131,6 +151,20 @@ def test_the_switch() -> None:
                 "X-Forwarded-Proto: https",
                 "X-Forwarded-Host: evil",
                 "X-Request-Id: theirs",
+            ],
+            b"",
+        ),
+        (
+            "GET",
+            [
+                "Forwarded: for=6.6.6.6;proto=https",
+                "X-Real-IP: 6.6.6.6",
+                "X-Client-IP: 6.6.6.6",
+                "True-Client-IP: 6.6.6.6",
+                "X-Forwarded-Port: 443",
+                "x-forwarded-prefix: /admin",
+                "X-Forwarded-For: 6.6.6.6",
+                "X-Tenant: acme",
             ],
             b"",
         ),

@@ -44,7 +44,7 @@ from webapi.proxy.attempts import client_error
 from webapi.proxy.errors import UpstreamError
 from webapi.proxy.forward import Forwarded, latency_headers
 from webapi.proxy.paths import match_route
-from webapi.requests import json_object
+from webapi.requests import json_object, refuse_loop
 from webapi.responses import json_response
 
 bp = Blueprint("proxy")
@@ -140,6 +140,7 @@ def _limit_body(request: GatewayRequest, service: str, size: int | None = None) 
 async def _stream(
     request: GatewayRequest, service: str, target: str, received: float
 ) -> HTTPResponse | None:
+    refuse_loop(request)  # before its body is read or an instance chosen
     _limit_body(request, service)
     body = await _body(request)
     proxy = request.app.ctx.proxy
@@ -188,6 +189,7 @@ async def _json_exchange(
     request: GatewayRequest, target: tuple[str, str | None], path: str, payload: dict[str, Any]
 ) -> tuple[Forwarded, Any, bytes]:
     service, version = target
+    refuse_loop(request)
     _limit_body(request, service, len(request.body))
     body = json.dumps(payload).encode()
     headers = [*_headers_out(request, service), ("Content-Type", "application/json")]

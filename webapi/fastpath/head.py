@@ -6,7 +6,9 @@ The same head as the `/svc/` route's (`credential_free`, then `hop_headers_out`,
 * the client's API key is dropped (a bearer JWT passes: it is short-lived and tells
   the backend who the user is);
 * hop-by-hop fields, `Proxy-*` and the fields `Connection` names are dropped, and so
-  are `Host`, `X-Forwarded-*`, `X-Request-Id` and the body framing;
+  are `Host`, `X-Request-Id`, the body framing and the client's forwarding fields
+  (`Forwarded`, every `X-Forwarded-*`, `X-Real-IP`, `X-Client-IP`, `True-Client-IP`:
+  `common.forwarding`);
 * `Host` (the service), `X-Forwarded-For` (appended to the client's), `-Proto`,
   `-Host`, `X-Request-Id` and the gateway's `Via` are set, and the body is framed by
   `Content-Length`.
@@ -19,12 +21,20 @@ made. `tests/webapi/test_fastpath_request.py` compares it with the route's build
 
 from __future__ import annotations
 
-from common.forwarding import API_KEY_PREFIX, HOP_BY_HOP_RAW, REPLACED_RAW, VIA
+from common.forwarding import (
+    API_KEY_PREFIX,
+    FORWARDED_PREFIX_RAW,
+    HOP_BY_HOP_RAW,
+    REPLACED_RAW,
+    VIA,
+)
 from webapi.fastpath.request import Parsed
 from webapi.proxy.headers import BODY_METHODS
 
-# Hop-by-hop fields, the fields the gateway sets itself, the body framing, the API key.
+# Hop-by-hop fields, the fields the gateway sets or owns, the body framing, the API key;
+# and by prefix, `Proxy-*` and `X-Forwarded-*`.
 _DROPPED = HOP_BY_HOP_RAW | REPLACED_RAW | {b"x-api-key"}
+_DROPPED_PREFIXES = (b"proxy-", FORWARDED_PREFIX_RAW)
 _API_KEY = API_KEY_PREFIX.encode()
 _VIA = b"Via: " + VIA.encode()
 
@@ -37,7 +47,7 @@ def upstream_head(req: Parsed, *, client_ip: str, scheme: str, request_id: str) 
     prior: list[bytes] = []
     out = [b"%s %s HTTP/1.1" % (req.method.encode(), req.target.encode("utf-8", "surrogateescape"))]
     for name, value in req.headers:
-        if name in _DROPPED or name.startswith(b"proxy-") or name in named:
+        if name in _DROPPED or name.startswith(_DROPPED_PREFIXES) or name in named:
             if name == b"x-forwarded-for":
                 prior.append(value)
             continue

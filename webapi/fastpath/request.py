@@ -12,7 +12,7 @@ import time
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from common.forwarding import MAX_VIA_HOPS, VIA_MARK
+from common.forwarding import MAX_VIA_HOPS, credential_fault, via_hops
 from common.http_head import valid_host
 from common.proxy_paths import InvalidProxyPath, upstream_target
 from webapi.heartbeats import SERVICE_NAME
@@ -98,9 +98,12 @@ class Parsed:
                     self.keep_alive = False
                 self.connection = [*self.connection, value]
             elif name == b"via":
-                self.hops += value.count(VIA_MARK)
-            if name in _READ and name not in self.first:
-                self.first[name] = value.decode("utf-8", "surrogateescape")
+                self.hops += via_hops(value.decode("latin-1"))
+            if name in _READ:
+                if name not in self.first:
+                    self.first[name] = value.decode("utf-8", "surrogateescape")
+                elif name in _CREDENTIAL:  # a second one: Sanic's `check_head` refuses it
+                    self.refused = True
 
     def on_headers_complete(self) -> None:
         self.head_done = True
@@ -143,8 +146,15 @@ def parse_request(buf: bytes | bytearray) -> Parsed | Incomplete | None:
     # One message whose head ends where ours does (else the parser framed it otherwise).
     if not req.head_done or req.begun != 1 or req.body is not None or req.refused:
         return None
-    if req.hops >= MAX_VIA_HOPS:  # a loop: Sanic's route answers it (`check_head`)
+    if req.hops >= MAX_VIA_HOPS:  # a loop: Sanic's route answers it (`refuse_loop`)
         return None
+    first = req.first
+    if (
+        b"x-api-key" in first
+        and b"authorization" in first
+        and credential_fault([first[b"authorization"]], [first[b"x-api-key"]])
+    ):
+        return None  # two credentials: Sanic's `check_head` refuses them
     if b"host" not in req.first:
         return None
     method = parser.get_method()
@@ -178,6 +188,8 @@ def parse_request(buf: bytes | bytearray) -> Parsed | Incomplete | None:
 
 
 _CLOSE = b"close"
+# The credential fields: a second one is refused (`common.forwarding.credential_fault`).
+_CREDENTIAL = frozenset({b"authorization", b"x-api-key"})
 
 
 def _tokens(value: bytes) -> list[bytes]:
