@@ -160,7 +160,7 @@ def credential_fault(authorization: Sequence[str], api_key: Sequence[str]) -> st
         return "more than one Authorization field: one credential per request"
     if len(api_key) > 1:
         return "more than one X-Api-Key field: one credential per request"
-    if authorization and api_key:
+    if authorization and api_key and api_key[0].strip():  # (an empty one is no credential)
         scheme, _, token = authorization[0].partition(" ")
         if scheme.lower() == "bearer" and token.strip() != api_key[0].strip():
             return "Authorization and X-Api-Key carry different credentials: send one"

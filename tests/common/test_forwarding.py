@@ -24,6 +24,7 @@ from common.forwarding import (
         (["Bearer sbk_key"], ["sbk_key"]),  # the same credential twice
         (["bearer  sbk_key "], [" sbk_key"]),
         (["Basic dXNlcjpwdw=="], ["sbk_key"]),  # not a bearer: the key is the credential
+        (["Bearer eyJ.jwt.sig"], [" "]),  # an empty X-Api-Key: no second credential
     ],
 )
 def test_one_credential_is_no_fault(authorization: list[str], api_key: list[str]) -> None:
