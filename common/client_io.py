@@ -32,7 +32,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from common import codec, constants
 from common.aio import Backoff, SingleFlight, cancelling
-from common.connection import REDIS_DOWN_ERRORS, ConnectionClosed, RawConnection, pack_commands
+from common.connection import REDIS_DOWN_ERRORS, RawConnection, RedisClosedConnection, pack_commands
 from common.errors import (
     REDIS_REFUSED_VALUE,
     MethodNotFound,
@@ -192,7 +192,7 @@ class ClientIO:
     def _redis_failed_us(self, exc: BaseException | None = None) -> None:
         """Redis failed one of our commands (with `exc`): the client lost touch with it.
         Not so when Redis merely closed the connection in order: `_check_closes` tells."""
-        if not isinstance(exc, ConnectionClosed):
+        if not isinstance(exc, RedisClosedConnection):
             self._failed_at = time.monotonic()
 
     def _closed_unchecked(self) -> bool:

@@ -37,10 +37,11 @@ _WATCH_EVERY = 0.25
 _NOT_ENOUGH = object()
 
 
-class ConnectionClosed(RedisConnectionError):
+class RedisClosedConnection(RedisConnectionError):
     """Redis (or a proxy before it) closed a `RawConnection` in order, at end of stream:
     a restart, a client kill, an idle timeout; not a reset, a timeout or a refusal. By
-    itself it does not say that Redis went away (`common.rejoin`)."""
+    itself it does not say that Redis went away (`common.rejoin`). (Named apart from
+    websockets' `ConnectionClosed`, which the WebSocket service catches throughout.)"""
 
 
 # Errors that mean "Redis is not reachable right now" as opposed to "Redis said no".
@@ -141,15 +142,16 @@ class _Replies(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.lost is None:
-            self.lost = exc or ConnectionClosed("connection closed by redis")
+            self.lost = exc or RedisClosedConnection("connection closed by redis")
         for future in (self.waiter, self.writable):
             if future is not None and not future.done():
                 future.set_exception(self.lost_error())
 
     def lost_error(self) -> RedisConnectionError:
-        """The error of a read or write on the lost connection: `ConnectionClosed` when
-        Redis closed it in order."""
-        kind = ConnectionClosed if isinstance(self.lost, ConnectionClosed) else RedisConnectionError
+        """The error of a read or write on the lost connection: `RedisClosedConnection`
+        when Redis closed it in order."""
+        closed = isinstance(self.lost, RedisClosedConnection)
+        kind = RedisClosedConnection if closed else RedisConnectionError
         return kind(f"connection lost: {self.lost}")
 
     def pause_writing(self) -> None:
@@ -197,7 +199,7 @@ class RawConnection:
         self._expired = False
         self._watchdog: asyncio.TimerHandle | None = None
         # When (time.monotonic) the connection was last found closed by Redis in order
-        # (`ConnectionClosed`: a restart, a client kill, an idle timeout), and last found
+        # (`RedisClosedConnection`: a restart, a client kill, an idle timeout), and last found
         # broken (a reset, a keepalive timeout, a protocol error), by a read (which raises)
         # or by a write (which makes a new connection and succeeds: the one loss nobody is
         # told of). Every other failure is raised to the caller.
@@ -332,7 +334,7 @@ class RawConnection:
     async def _drop(self) -> None:
         proto, self._proto = self._proto, None
         if proto is not None and proto.lost is not None:
-            if isinstance(proto.lost, ConnectionClosed):
+            if isinstance(proto.lost, RedisClosedConnection):
                 self.found_closed_at = time.monotonic()
             else:
                 self.found_broken_at = time.monotonic()
