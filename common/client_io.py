@@ -34,7 +34,6 @@ from common import codec, constants
 from common.aio import Backoff, SingleFlight, cancelling
 from common.connection import REDIS_DOWN_ERRORS, RawConnection, RedisClosedConnection, pack_commands
 from common.errors import (
-    REDIS_REFUSED_VALUE,
     MethodNotFound,
     Overloaded,
     PayloadTooLarge,
@@ -479,10 +478,7 @@ def _refused_by_redis(item: Enqueue) -> PayloadTooLarge:
     size = max((len(a) for a in item.args if isinstance(a, bytes)), default=0)
     fields = {"service": item.service, "bytes": size}
     log.warning("call refused by redis", extra={"fields": fields})
-    return PayloadTooLarge(
-        f"the call to {quoted(item.service)} ({size} bytes encoded) could not be sent: "
-        f"{REDIS_REFUSED_VALUE}"
-    )
+    return PayloadTooLarge.refused(item.service, size)
 
 
 def _fail(items: list[Enqueue], error: Exception) -> None:

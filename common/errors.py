@@ -158,11 +158,27 @@ class Overloaded(RpcError):
     code = "overloaded"
 
 
+# Why Redis refused a value (a call's arguments, a result) whose size is within
+# `RPC_MAX_PAYLOAD_BYTES`: the end of the error's message (`refused` below).
+_REDIS_REFUSED_VALUE = (
+    "Redis refused it (a value over its proto-max-bulk-len, set lower than RPC_MAX_PAYLOAD_BYTES?)"
+)
+
+
 class PayloadTooLarge(RpcError):
     """The call's arguments encode to more than `RPC_MAX_PAYLOAD_BYTES`: refused by the
     caller's client before anything is sent (a 413 at the gateway)."""
 
     code = "payload_too_large"
+
+    @classmethod
+    def refused(cls, service: str, size: int) -> PayloadTooLarge:
+        """The error of a call to `service`, `size` bytes encoded (within
+        `RPC_MAX_PAYLOAD_BYTES`), that Redis refused to take."""
+        return cls(
+            f"the call to {quoted(service)} ({size} bytes encoded) could not be sent: "
+            f"{_REDIS_REFUSED_VALUE}"
+        )
 
 
 class InvalidResult(RpcError):
@@ -189,12 +205,14 @@ class ResultTooLarge(InvalidResult):
             "(RPC_MAX_PAYLOAD_BYTES)"
         )
 
-
-# Why Redis refused a value (a call's arguments, a result) whose size is within
-# `RPC_MAX_PAYLOAD_BYTES`: the end of the error's message.
-REDIS_REFUSED_VALUE = (
-    "Redis refused it (a value over its proto-max-bulk-len, set lower than RPC_MAX_PAYLOAD_BYTES?)"
-)
+    @classmethod
+    def refused(cls, method: str, size: int) -> ResultTooLarge:
+        """The answer to `method` ("service.method"), whose result encodes to `size`
+        bytes (within `RPC_MAX_PAYLOAD_BYTES`), when Redis refused to take the result."""
+        return cls(
+            f"the result of {method} ({size} bytes encoded) could not be sent: "
+            f"{_REDIS_REFUSED_VALUE}"
+        )
 
 
 class ServiceError(SwitchboardError):

@@ -34,7 +34,7 @@ from redis.exceptions import ResponseError
 
 from common import constants
 from common.connection import RawConnection
-from common.errors import REDIS_REFUSED_VALUE, ResultTooLarge
+from common.errors import ResultTooLarge
 from common.log import get_logger
 from common.protocol import error_reply
 from common.redis_failures import is_refusal
@@ -176,10 +176,7 @@ def _answered_instead(done: Finished, service: str) -> Finished:
     refused)."""
     if done.call_id is None or done.reply is None:
         return acked_only(done)
-    error = ResultTooLarge(
-        f"the result of {service}.{done.method} ({len(done.reply)} bytes encoded) could not "
-        f"be sent: {REDIS_REFUSED_VALUE}"
-    )
+    error = ResultTooLarge.refused(f"{service}.{done.method}", len(done.reply))
     return replace(done, reply=error_reply(done.call_id, error), retry=None, dead=None)
 
 
