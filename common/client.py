@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -36,6 +35,7 @@ from common.errors import (
     quoted,
 )
 from common.log import request_id_var
+from common.lost_touch import LostTouch
 from common.protocol import (
     DEFAULT_SEND_TTL,
     DROPPED,
@@ -109,13 +109,12 @@ class RpcClient(ClientIO):
         self._writes = 0
         self._stalled_at = -1
         self._inbox_backoff = Backoff()
-        self._failed_at = -math.inf
-        self._closes_checked_at = -math.inf
-        self._close_checks: SingleFlight[None] = SingleFlight()
+        conns = (self._enqueuer, self._receiver)
+        self._touch = LostTouch(self.redis, conns, grace=settings.heartbeat_ttl)
         self._catalog_lookups: SingleFlight[bool] = SingleFlight()
         registry = Registry(self.redis)
         self._rejoin = Rejoin(
-            lost_touch_at=self._lost_touch_at,
+            lost_touch_at=self._touch.at,
             live_ids=registry.live_ids,
             retry=self._outbox.put_nowait,
             give_up=self._give_up,

@@ -22,7 +22,6 @@ import asyncio
 import functools
 import hashlib
 import math
-import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from common import codec, constants
 from common.aio import Backoff, SingleFlight, cancelling
-from common.connection import REDIS_DOWN_ERRORS, RawConnection, RedisClosedConnection, pack_commands
+from common.connection import REDIS_DOWN_ERRORS, RawConnection, pack_commands
 from common.errors import (
     MethodNotFound,
     Overloaded,
@@ -42,6 +41,7 @@ from common.errors import (
     quoted,
 )
 from common.log import get_logger
+from common.lost_touch import LostTouch
 from common.outage import Outage
 from common.protocol import DROPPED, ENQUEUE_SCRIPT, NO_INSTANCE, OVER_BACKLOG, TASK_SCRIPT, Call
 from common.redis_failures import redis_failure, redis_failure_message
@@ -53,8 +53,6 @@ _INBOX_BATCH = 256
 # Redis down, or refusing (out of memory, a read-only replica...): a `ResponseError`
 # is raised, not returned in a reply's slot, when a connection's handshake gets one.
 _REDIS_FAILED: tuple[type[Exception], ...] = (*REDIS_DOWN_ERRORS, ResponseError)
-# Redis failing, or not giving its uptime (a proxy before it): `_check_closes`.
-_NO_UPTIME: tuple[type[Exception], ...] = (*_REDIS_FAILED, KeyError, ValueError)
 _ENQUEUE_BATCH = 512
 # How long a `drop` task's submit waits for Redis before counting the task as dropped.
 DROP_WAIT_SECONDS = 0.25
@@ -117,10 +115,8 @@ class ClientIO:
     _stalled_at: int  # `_writes` when a drop submit last gave up waiting, else -1
     max_payload: int  # RPC_MAX_PAYLOAD_BYTES: the largest envelope sent
     _inbox_backoff: Backoff  # the inbox reader's, between failed reads
-    _failed_at: float  # time.monotonic() when Redis last failed one of our calls
+    _touch: LostTouch  # when this client last lost touch with Redis
     _rejoin: Rejoin  # calls told "no live instance" just after an outage
-    _closes_checked_at: float  # time.monotonic() when the last `_check_closes` done began
-    _close_checks: SingleFlight[None]  # one `_check_closes` at a time
     _catalog_lookups: SingleFlight[bool]  # one catalog lookup per service at a time
 
     async def start(self) -> None:
@@ -181,51 +177,12 @@ class ClientIO:
     async def _cataloged(self, service: str) -> bool:
         return bool(await self.redis.hexists(constants.CATALOG, service))
 
-    def _lost_touch_at(self) -> float:
-        """When (time.monotonic) this client last saw Redis fail it, or break one of its
-        connections (a reset, noticed at the next write), or restart (`_check_closes`):
-        `common.rejoin`."""
-        enqueuer, receiver = self._enqueuer, self._receiver
-        return max(self._failed_at, enqueuer.found_broken_at, receiver.found_broken_at)
-
-    def _redis_failed_us(self, exc: BaseException | None = None) -> None:
-        """Redis failed one of our commands (with `exc`): the client lost touch with it.
-        Not so when Redis merely closed the connection in order: `_check_closes` tells."""
-        if not isinstance(exc, RedisClosedConnection):
-            self._failed_at = time.monotonic()
-
-    def _closed_unchecked(self) -> bool:
-        """Redis closed a connection of ours in order, within the grace (`common.rejoin`),
-        since the last `_check_closes` done began (or one is under way)."""
-        closed_at = max(self._enqueuer.found_closed_at, self._receiver.found_closed_at)
-        return closed_at > self._closes_checked_at and time.monotonic() < closed_at + (
-            self._rejoin.grace
-        )
-
     async def _after_close(self, item: Enqueue) -> None:
         """Hold `item`, refused for "no live instance" just after Redis closed a connection
-        of ours, if Redis restarted then (`common.rejoin`); fail it at once otherwise."""
-        await self._close_checks.run(None, self._check_closes)
+        of ours, if Redis restarted then (`common.lost_touch`); fail it at once otherwise."""
+        await self._touch.check_closes()
         if not self._rejoin.park(item):
             self._give_up(item)
-
-    async def _check_closes(self) -> None:
-        """Whether the connections Redis closed were closed by a restart: one lease after
-        Redis started, every live worker has renewed its lease, so the client counts
-        itself out of touch until Redis started only if that was within one lease (its
-        uptime, in whole seconds: rounded down, on the safe side). A close by a Redis up
-        for longer (an idle timeout, a client kill, a proxy's) is no loss. If Redis does
-        not say, the close counts as one."""
-        began = time.monotonic()
-        try:
-            uptime = float((await self.redis.info("server"))["uptime_in_seconds"])
-        except _NO_UPTIME:
-            self._redis_failed_us()
-        else:
-            if uptime < self._rejoin.grace:
-                self._failed_at = max(self._failed_at, time.monotonic() - uptime)
-        # Only now: a call refused meanwhile must wait for this check, not go without it.
-        self._closes_checked_at = began
 
     def _give_up(self, item: Enqueue) -> None:
         """Fail a parked enqueue (`common.rejoin`) as its "no live instance" would have."""
@@ -236,10 +193,10 @@ class ClientIO:
         else:
             item.future.set_result(NO_INSTANCE)
 
-    def _off_loop(self, rare: Coroutine[Any, Any, None]) -> None:
-        """Run `rare` (a rare path, which may need a lookup) off the writer's loop, in a
-        task held until it ends."""
-        self._failures.add(asyncio.create_task(rare))
+    def _off_loop(self, settle: Coroutine[Any, Any, None]) -> None:
+        """Run `settle` (what settles a refused enqueue's future, a rare path which may
+        need a Redis lookup first) off the writer's loop, in a task held until it ends."""
+        self._failures.add(asyncio.create_task(settle))
         self._failures = {t for t in self._failures if not t.done()}
 
     async def _fail_call(self, item: Enqueue, entry: Any) -> None:
@@ -280,7 +237,7 @@ class ClientIO:
                 await self._receiver.send_packed(enqueue + self._blpop)
                 sent = True
             except _REDIS_FAILED as exc:
-                self._redis_failed_us(exc)  # the writer tries again on its own connection
+                self._touch.failed(exc)  # the writer tries again on its own connection
             finally:
                 if sent:
                     self._direct = item
@@ -314,7 +271,7 @@ class ClientIO:
             try:
                 results = await self._send_enqueues(batch) if batch else []
             except _REDIS_FAILED as exc:  # never ends the writer: every later call needs it
-                self._redis_failed_us(exc)
+                self._touch.failed(exc)
                 if isinstance(exc, REDIS_DOWN_ERRORS) and await self._enqueuer.answers():
                     # Redis refused the write: it is not down (or no longer: the reader,
                     # which may be waiting out the outage, reads the replies now).
@@ -357,11 +314,11 @@ class ClientIO:
             if _protocol_error(result):  # read before Redis closed the connection
                 item.future.set_exception(_refused_by_redis(item))
             else:
-                self._redis_failed_us()
+                self._touch.failed()
                 item.future.set_exception(_redis_failed(result))
         elif result == NO_INSTANCE and self._rejoin.park(item):
             pass  # just after an outage: enqueued again once an instance is back
-        elif result == NO_INSTANCE and self._closed_unchecked():
+        elif result == NO_INSTANCE and self._touch.closes_unchecked():
             self._off_loop(self._after_close(item))  # was that close a restart?
         elif not item.awaits_reply:
             item.future.set_result(result)
@@ -380,7 +337,7 @@ class ClientIO:
             # fresh one, as redis-py's own retry would. At-least-once: a batch
             # that did get in before the connection broke is enqueued twice.
             results = await self._enqueuer.execute(commands)
-            self._redis_failed_us(exc)  # the connection had died: Redis went away meanwhile?
+            self._touch.failed(exc)  # the connection had died: Redis went away meanwhile?
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
             # Redis restarted (its script cache is empty): EVAL loads the script.
@@ -439,7 +396,7 @@ class ClientIO:
                 # A refused LPOP leaves its BLPOP's reply due: read later, it would be
                 # taken for the answer to the next command (an enqueue's, say).
                 await conn.discard()
-                self._redis_failed_us(exc)
+                self._touch.failed(exc)
                 outage.failed(exc)
                 drain = True
                 await backoff.wait()

@@ -21,12 +21,13 @@ failed or was refused, a connection found broken (reset), or Redis restarted: a
 connection Redis closed meanwhile, found at the client's first call after it (which
 covers a client that was idle throughout), if Redis started less than one lease
 before (its uptime, asked once, only when such a close is followed by "no live
-instance"). The grace is measured from the last such failure (from Redis's start
-after a restart), so an outage that goes on keeps it. A connection closed by a Redis
-up for longer (an idle timeout, a client kill, a proxy's) is no loss: every live
-worker has renewed its lease since, and a dead service's 503 comes at once. (Not told
-apart: a failover to a replica up for longer that lost the newest leases. Comparing
-Redis's `run_id` would tell; a single Redis, as today, cannot fail over.)
+instance": `common.lost_touch`). The grace is measured from the last such failure
+(from Redis's start after a restart), so an outage that goes on keeps it. A
+connection closed by a Redis up for longer (an idle timeout, a client kill, a
+proxy's) is no loss: every live worker has renewed its lease since, and a dead
+service's 503 comes at once. (Not told apart: a failover to a replica up for longer
+that lost the newest leases. Comparing Redis's `run_id` would tell; a single Redis,
+as today, cannot fail over.)
 """
 
 from __future__ import annotations

@@ -1,0 +1,83 @@
+"""When the RPC client last lost touch with Redis: what `common.rejoin`'s grace is
+measured from.
+
+Lost touch is anything the client saw of an outage: a Redis call that failed or was
+refused (`failed`), one of its connections found broken (a reset, a keepalive
+timeout: `RawConnection.found_broken_at`, by a read or by a write), or Redis
+restarted. A connection Redis closed in order (`RedisClosedConnection`: a restart, a
+client kill, an idle timeout, a proxy's) says nothing by itself, so when a call is
+refused for "no live instance" within one grace of such a close, the client asks
+Redis its uptime (`check_closes`: one check at a time, shared by the calls refused
+meanwhile) and counts itself out of touch until Redis started only if that was less
+than one grace ago: a restart, whose workers may not have renewed their leases yet.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from common.aio import SingleFlight
+from common.connection import REDIS_DOWN_ERRORS, RawConnection, RedisClosedConnection
+
+# Redis failing, or not giving its uptime (a proxy before it): `_check`.
+_NO_UPTIME: tuple[type[Exception], ...] = (*REDIS_DOWN_ERRORS, ResponseError, KeyError, ValueError)
+
+
+class LostTouch:
+    """The RPC client's record of losing touch with Redis, and its restart check."""
+
+    def __init__(
+        self, redis: aioredis.Redis, connections: tuple[RawConnection, ...], *, grace: float
+    ) -> None:
+        """`connections`: the client's own, whose closes and breaks count; `grace`: how
+        long after a close a refused call asks whether it was a restart (one lease)."""
+        self._redis = redis
+        self._connections = connections
+        self.grace = grace
+        self._failed_at = -math.inf  # time.monotonic() when Redis last failed us
+        self._checked_at = -math.inf  # time.monotonic() when the last check done began
+        self._checks: SingleFlight[None] = SingleFlight()  # one check at a time
+
+    def at(self) -> float:
+        """When (time.monotonic) this client last saw Redis fail it, or break one of its
+        connections (a reset, noticed at the next write), or restart (`check_closes`)."""
+        broken_at = max(conn.found_broken_at for conn in self._connections)
+        return max(self._failed_at, broken_at)
+
+    def failed(self, exc: BaseException | None = None) -> None:
+        """Redis failed one of our commands (with `exc`): the client lost touch with it.
+        Not so when Redis merely closed the connection in order: `check_closes` tells."""
+        if not isinstance(exc, RedisClosedConnection):
+            self._failed_at = time.monotonic()
+
+    def closes_unchecked(self) -> bool:
+        """Redis closed a connection of ours in order, within the grace, since the last
+        check done began (or one is under way)."""
+        closed_at = max(conn.found_closed_at for conn in self._connections)
+        return closed_at > self._checked_at and time.monotonic() < closed_at + self.grace
+
+    async def check_closes(self) -> None:
+        """Whether the connections Redis closed were closed by a restart (the check under
+        way, if any, or a new one)."""
+        await self._checks.run(None, self._check)
+
+    async def _check(self) -> None:
+        """One lease after Redis started, every live worker has renewed its lease, so the
+        client counts itself out of touch until Redis started only if that was within
+        one lease (its uptime, in whole seconds: rounded down, on the safe side). A close
+        by a Redis up for longer (an idle timeout, a client kill, a proxy's) is no loss.
+        If Redis does not say, the close counts as one."""
+        began = time.monotonic()
+        try:
+            uptime = float((await self._redis.info("server"))["uptime_in_seconds"])
+        except _NO_UPTIME:
+            self.failed()
+        else:
+            if uptime < self.grace:
+                self._failed_at = max(self._failed_at, time.monotonic() - uptime)
+        # Only now: a call refused meanwhile must wait for this check, not go without it.
+        self._checked_at = began
