@@ -9,6 +9,9 @@ repeats the cancel until the task is really done.
 A background loop hands every failure to its `common.outage.Outage` and goes on; one
 that ends anyway (a bug past its guard) must not do so silently: `background()`
 starts a loop with a callback that logs its death (one error line, with the traceback).
+
+Also here: `SingleFlight`, one run of a lookup shared by every caller that asks for
+it meanwhile, and `Backoff`, the delay between a loop's retries.
 """
 
 from __future__ import annotations
@@ -65,10 +68,14 @@ def _ended(task: asyncio.Task[None]) -> None:
 
 
 class SingleFlight(Generic[T]):
-    """One run of a lookup per key at a time, its result shared by every caller that
-    asks for the same key meanwhile: the calls failing together as a grace ends make
-    one catalog lookup, not one each. A caller cancelled leaves the run to the others;
-    the next caller after the run ends starts a new one."""
+    """One run of a lookup per key at a time, its result (or error) shared by every
+    caller that asks for the same key meanwhile; the first caller after the run ends
+    starts a new one.
+
+    The run is a task of its own: a caller cancelled leaves it to the others, and it
+    goes on even when every caller has left (so a lookup is never cut midway by one
+    caller's timeout). A run cancelled (or ending in `CancelledError`) cancels every
+    caller waiting on it: they get `CancelledError`, as from any awaited task."""
 
     def __init__(self) -> None:
         self._runs: dict[Hashable, asyncio.Future[T]] = {}

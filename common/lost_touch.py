@@ -44,7 +44,8 @@ class LostTouch:
 
     def at(self) -> float:
         """When (time.monotonic) this client last saw Redis fail it, or break one of its
-        connections (a reset, noticed at the next write), or restart (`check_closes`)."""
+        connections (a reset, noticed by the next read or write on it), or restart
+        (`check_closes`)."""
         broken_at = max(conn.found_broken_at for conn in self._connections)
         return max(self._failed_at, broken_at)
 
