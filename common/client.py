@@ -133,6 +133,12 @@ class RpcClient(ClientIO):
     ) -> None:
         await self.close()
 
+    @property
+    def parked_total(self) -> int:
+        """How many calls (and tasks) told "no live instance" the rejoin grace has held
+        since this client was made (`common.rejoin`): for tests and monitoring."""
+        return self._rejoin.parked_total
+
     async def start(self) -> None:
         """Start the enqueue writer and the inbox reader (idempotent)."""
         if self._reader is None:

@@ -118,6 +118,11 @@ class Worker(CallRunner):
         # The read loop's delay between failed attempts (`redis_answered` cuts it short).
         self._read_backoff = Backoff()
 
+    @property
+    def inflight(self) -> int:
+        """How many calls (and tasks) this worker is running now."""
+        return len(self._inflight)
+
     async def start(self) -> None:
         """Create the consumer groups (both streams) and start consuming."""
         await self._ensure_groups()
@@ -326,7 +331,7 @@ class Worker(CallRunner):
     def snapshot(self) -> dict[str, Any]:
         """Counters and per-method latency histograms as plain data."""
         return {
-            "inflight": len(self._inflight),
+            "inflight": self.inflight,
             "expired": self.stats.expired,
             "malformed": self.stats.malformed,
             "redelivered": self.stats.redelivered,

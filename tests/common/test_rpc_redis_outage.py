@@ -205,7 +205,7 @@ async def test_a_connection_closed_by_a_redis_up_all_along_holds_no_call() -> No
             await wait_for_async(lambda: _closed(client))  # the client saw the close
             with pytest.raises(ServiceUnavailable, match="no live instance"):
                 await client.call(f"{name}.add", 1, timeout=10)
-            assert client._rejoin.parked_total == 0
+            assert client.parked_total == 0
             assert client._receiver.found_closed_at > -math.inf  # it did find it closed
     finally:
         await admin.aclose()
@@ -230,7 +230,7 @@ async def test_the_calls_a_grace_held_share_one_catalog_lookup() -> None:
             calls = [client.call(f"{name}.add", i, timeout=10) for i in range(5)]
             failed = await asyncio.gather(*calls, return_exceptions=True)
             assert all(isinstance(e, ServiceUnavailable) for e in failed), failed
-            assert client._rejoin.parked_total == 5
+            assert client.parked_total == 5
             stats = await admin.info("commandstats")
             assert stats["cmdstat_hexists"]["calls"] == 1
         finally:

@@ -211,7 +211,7 @@ async def test_shutdown_hands_back_calls_past_the_grace(redis_url: str, rpc: Rpc
         call = asyncio.create_task(
             rpc.call(f"{name}.sleep", seconds=1.5, timeout=30, instance=None)
         )
-        await wait_for_async(lambda: leaving.worker is not None and leaving.worker._inflight)
+        await wait_for_async(lambda: leaving.worker is not None and leaving.worker.inflight > 0)
         second = await serve_in_task(staying, redis_url)
         await _stop(leaving, first)  # cancels the call after 0.3 s, then deregisters
         assert await call == 1.5  # finished by the other instance
@@ -226,7 +226,7 @@ async def test_draining_instance_is_not_routed_to(redis_url: str, rpc: RpcClient
     svc = build(_name())
     task = await serve_in_task(svc, redis_url)
     inflight = asyncio.create_task(rpc.call(f"{svc.name}.sleep", seconds=0.8, timeout=10))
-    await wait_for_async(lambda: svc.worker is not None and svc.worker._inflight)
+    await wait_for_async(lambda: svc.worker is not None and svc.worker.inflight > 0)
     svc.request_stop()
     await wait_for_async(lambda: _no_live(rpc.redis, svc.name))
     with pytest.raises(ServiceUnavailable):  # at once, while the old call still runs

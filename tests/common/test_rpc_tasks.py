@@ -37,7 +37,7 @@ async def single_slot(redis_url: str) -> AsyncIterator[Service]:
 async def _busy(rpc: RpcClient, svc: Service, seconds: float) -> asyncio.Task[object]:
     """Occupy the only slot and wait until it is taken."""
     call = asyncio.create_task(rpc.call(f"{svc.name}.sleep", seconds=seconds, timeout=30))
-    await wait_for_async(lambda: svc.worker is not None and bool(svc.worker._inflight))
+    await wait_for_async(lambda: svc.worker is not None and svc.worker.inflight > 0)
     return call
 
 
