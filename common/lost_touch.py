@@ -62,9 +62,12 @@ class LostTouch:
         return closed_at > self._checked_at and time.monotonic() < closed_at + self.grace
 
     async def check_closes(self) -> None:
-        """Whether the connections Redis closed were closed by a restart (the check under
-        way, if any, or a new one)."""
-        await self._checks.run(None, self._check)
+        """Whether the connections Redis closed were closed by a restart: returns once a
+        check begun after the last close found has ended (or that close's grace is
+        over). The check under way, if any, is shared; but one begun before a close
+        may have read the uptime of the Redis before a restart, so another follows."""
+        while self.closes_unchecked():
+            await self._checks.run(None, self._check)
 
     async def _check(self) -> None:
         """One lease after Redis started, every live worker has renewed its lease, so the

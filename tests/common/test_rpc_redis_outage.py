@@ -25,6 +25,7 @@ from common.embedded_redis import EmbeddedRedis
 from common.errors import MethodNotFound, RpcTimeout, ServiceUnavailable
 from common.settings import Settings
 from tests.helpers import ServiceProcess, serve_until_live, wait_for_async
+from tests.support.redis_closes import closed, uptime_at_least
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -197,12 +198,12 @@ async def test_a_connection_closed_by_a_redis_up_all_along_holds_no_call() -> No
     name = f"calc_{uuid.uuid4().hex[:8]}"
     try:
         await admin.hset(constants.CATALOG, name, "{}")  # known, and no worker
-        await wait_for_async(lambda: _uptime(admin, at_least=1))
+        await wait_for_async(lambda: uptime_at_least(admin, 1))
         async with RpcClient(server.url, settings=ONE_SECOND_LEASES) as client:
             with pytest.raises(ServiceUnavailable, match="no live instance"):
                 await client.call(f"{name}.add", 1, timeout=10)
             await admin.client_kill_filter(_type="normal", skipme=True)
-            await wait_for_async(lambda: _closed(client))  # the client saw the close
+            await wait_for_async(lambda: closed(client))  # the client saw the close
             with pytest.raises(ServiceUnavailable, match="no live instance"):
                 await client.call(f"{name}.add", 1, timeout=10)
             assert client.parked_total == 0
@@ -244,14 +245,3 @@ async def test_the_calls_a_grace_held_share_one_catalog_lookup() -> None:
             if admin is not None:
                 await admin.aclose()
             server.stop()
-
-
-async def _uptime(admin: aioredis.Redis, *, at_least: int) -> bool:
-    """Redis has been up for `at_least` seconds (its own count, in whole seconds)."""
-    return int((await admin.info("server"))["uptime_in_seconds"]) >= at_least
-
-
-def _closed(client: RpcClient) -> bool:
-    """Every connection of `client`'s own has seen Redis close it (or was never made)."""
-    conns = (client._enqueuer, client._receiver)
-    return all(c._proto is None or c._proto.lost is not None for c in conns)

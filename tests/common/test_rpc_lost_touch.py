@@ -1,0 +1,84 @@
+"""The RPC client's restart check (`common.lost_touch`): a call refused for "no live
+instance" just after Redis closed a connection of the client's asks Redis whether it
+restarted, and is held by the rejoin grace (`common.rejoin`) if it did.
+
+The INFO the check asks is answered by a real Redis; `HeldInfo` only holds the answer
+back (or replaces it) so that a test lands a restart, a close or the client's own
+close while a check is under way, which no timing could do reliably.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+
+from common import RpcClient, constants
+from common.embedded_redis import EmbeddedRedis
+from common.errors import ServiceUnavailable
+from common.settings import Settings
+from tests.helpers import wait_for_async
+from tests.support.redis_closes import HeldInfo, closed, uptime_at_least
+
+pytestmark = pytest.mark.timeout(60)
+
+# A lease, and so a grace, of 3 s: a Redis whose uptime reads 3 did not just restart,
+# and one that did is asked well within that. (Redis's uptime is whole seconds of its
+# clock: up to 1 s off either way.)
+LEASES = Settings(heartbeat_interval=1.0, heartbeat_ttl=3.0)
+
+
+def _name() -> str:
+    return f"calc_{uuid.uuid4().hex[:8]}"
+
+
+async def _kill_connections(url: str, client: RpcClient) -> None:
+    """Redis closes every connection of `client`'s (a client kill: Redis stays up);
+    returns once the client has seen its own connections closed."""
+    admin = aioredis.Redis.from_url(url)
+    try:
+        await admin.client_kill_filter(_type="normal", skipme=True)
+    finally:
+        await admin.aclose()
+    await wait_for_async(lambda: closed(client))
+
+
+async def test_a_restart_during_a_check_is_checked_again() -> None:
+    # A check begins (a task refused after a client kill, Redis up for longer than a
+    # lease: no loss), and Redis restarts before it ends. A task refused after the
+    # restart must not take the check under way for its own: that one read the old
+    # Redis's uptime. It waits for a check begun after the close it found, which sees
+    # the restart: both tasks are held by the grace.
+    server = old = EmbeddedRedis().start()
+    name, fence = _name(), _name()
+    held = HeldInfo.connect(old.url)
+    client = RpcClient(redis=held, settings=LEASES)
+    sent: list[asyncio.Task[bool]] = []
+    try:
+        await held.hset(constants.CATALOG, name, "{}")  # known, and no worker
+        await wait_for_async(lambda: uptime_at_least(held, 3))
+        with pytest.raises(ServiceUnavailable, match="no live instance"):
+            await client.send(f"{name}.add", 1)  # connects the writer's connection
+        await _kill_connections(old.url, client)
+        held.hold()
+        sent.append(asyncio.create_task(client.send(f"{name}.add", 1)))
+        await asyncio.wait_for(held.asked.wait(), 10)  # the old Redis answered the check
+        server.stop()
+        server = EmbeddedRedis(old.port).start()
+        await wait_for_async(lambda: closed(client))
+        sent.append(asyncio.create_task(client.send(f"{name}.add", 2)))
+        # Enqueued after the task above, by the same writer: once it is answered, that
+        # task has been refused and has joined the check under way (if it does).
+        assert await client.send(f"{fence}.add", 3, policy="drop") is False
+        held.release()
+        await wait_for_async(lambda: sent[1].done() or client.parked_total == 2)
+        assert client.parked_total == 2, sent[1]
+        assert not sent[1].done()
+    finally:
+        held.release()
+        await client.close()
+        await asyncio.gather(*sent, return_exceptions=True)
+        await held.aclose()
+        server.stop()
