@@ -179,10 +179,15 @@ class ClientIO:
 
     async def _after_close(self, item: Enqueue) -> None:
         """Hold `item`, refused for "no live instance" just after Redis closed a connection
-        of ours, if Redis restarted then (`common.lost_touch`); fail it at once otherwise."""
-        await self._touch.check_closes()
-        if not self._rejoin.park(item):
-            self._give_up(item)
+        of ours, if Redis restarted then (`common.lost_touch`); fail it at once otherwise,
+        and if the check itself fails (a run cancelled under it): never left unsettled."""
+        parked = False
+        try:
+            await self._touch.check_closes()
+            parked = self._rejoin.park(item)
+        finally:
+            if not parked:
+                self._give_up(item)
 
     def _give_up(self, item: Enqueue) -> None:
         """Fail a parked enqueue (`common.rejoin`) as its "no live instance" would have."""

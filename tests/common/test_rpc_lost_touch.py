@@ -82,3 +82,39 @@ async def test_a_restart_during_a_check_is_checked_again() -> None:
         await asyncio.gather(*sent, return_exceptions=True)
         await held.aclose()
         server.stop()
+
+
+# A lease, and so a grace, of 1 s: for a test in which Redis's uptime plays no part.
+SHORT_LEASES = Settings(heartbeat_interval=0.5, heartbeat_ttl=1.0)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [{"uptime_in_seconds": {"a": 1, "b": 2}}, asyncio.CancelledError()],
+    ids=["no_number", "cancelled"],
+)
+async def test_a_check_that_cannot_read_the_uptime_still_settles_the_call(
+    answer: object,
+) -> None:
+    # What a proxy or a Redis-like server might answer to INFO: an uptime that is no
+    # number (redis-py reads "uptime_in_seconds:a=1,b=2" as a dict). Redis did not say:
+    # the close counts as a loss, and the call is held for the grace, then told "no live
+    # instance". A check that ends cancelled under the call: the call is told at once.
+    # Never the caller's timeout, as when the error killed the task settling the call.
+    server = EmbeddedRedis().start()
+    name = _name()
+    held = HeldInfo.connect(server.url)
+    client = RpcClient(redis=held, settings=SHORT_LEASES)
+    try:
+        await held.hset(constants.CATALOG, name, "{}")  # known, and no worker
+        with pytest.raises(ServiceUnavailable, match="no live instance"):
+            await client.call(f"{name}.add", 1)  # connects the client's connection
+        await _kill_connections(server.url, client)
+        held.answer_next(answer)
+        with pytest.raises(ServiceUnavailable, match="no live instance"):
+            await client.call(f"{name}.add", 1, timeout=5)
+        assert client.parked_total == (0 if isinstance(answer, BaseException) else 1)
+    finally:
+        await client.close()
+        await held.aclose()
+        server.stop()
