@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from typing import Any, Generic, TypeVar
 
 from common.log import get_logger
@@ -78,15 +78,21 @@ class SingleFlight(Generic[T]):
     caller waiting on it: they get `CancelledError`, as from any awaited task."""
 
     def __init__(self) -> None:
-        self._runs: dict[Hashable, asyncio.Future[T]] = {}
+        self._runs: dict[Hashable, asyncio.Task[T]] = {}
 
-    async def run(self, key: Hashable, lookup: Callable[[], Awaitable[T]]) -> T:
+    async def run(self, key: Hashable, lookup: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """`lookup()`'s result (or error), shared with the run for `key` under way."""
         run = self._runs.get(key)
         if run is None:
-            run = self._runs[key] = asyncio.ensure_future(lookup())
+            run = self._runs[key] = asyncio.create_task(lookup())
             run.add_done_callback(functools.partial(self._ended, key))
         return await asyncio.shield(run)
+
+    async def close(self) -> None:
+        """Cancel the runs under way and wait for them to end (their callers get
+        `CancelledError`): for an owner that is closing, so that no run outlives it."""
+        for run in list(self._runs.values()):
+            await cancel_and_wait(run)
 
     def _ended(self, key: Hashable, run: asyncio.Future[T]) -> None:
         del self._runs[key]

@@ -98,7 +98,7 @@ class RpcClient(ClientIO):
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._outbox: asyncio.Queue[Enqueue] = asyncio.Queue()
-        self._failures: set[asyncio.Task[None]] = set()
+        self._settling: dict[asyncio.Task[None], Enqueue] = {}
         self._reached: set[str] = set()
         # The reader parks when no reply is awaited; `invoke` may then use its
         # connection (`_direct` is the enqueue it wrote there) and wakes it.
@@ -146,10 +146,24 @@ class RpcClient(ClientIO):
             self._writer = asyncio.create_task(self._write_enqueues(), name="rpc-enqueue")
 
     async def close(self) -> None:
+        """Stop the writer and the reader, and everything that would settle a call later
+        (a parked call's probe, a lookup, a restart check): every call and task still
+        waiting fails with `ServiceUnavailable("RPC client closed")`, and no task of the
+        client's outlives this."""
         await cancel_and_wait(self._reader)
         await cancel_and_wait(self._writer)
         self._reader = self._writer = None
-        for item in self._rejoin.close():
+        stranded = self._rejoin.close()  # and it parks nothing from now on
+        while self._settling:  # (one that ends meanwhile may start another)
+            settling, self._settling = self._settling, {}
+            for task in settling:
+                task.cancel()
+            for task, item in settling.items():
+                await cancel_and_wait(task)
+                stranded.append(item)
+        await self._touch.close()
+        await self._catalog_lookups.close()
+        for item in stranded:
             self._outbox.put_nowait(item)  # failed below with what is still queued
         while not self._outbox.empty():
             item = self._outbox.get_nowait()

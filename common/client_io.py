@@ -105,7 +105,7 @@ class ClientIO:
     _pending: dict[str, asyncio.Future[Any]]  # call id -> the future of its reply
     _writer: asyncio.Task[None] | None
     _outbox: asyncio.Queue[Enqueue]
-    _failures: set[asyncio.Task[None]]
+    _settling: dict[asyncio.Task[None], Enqueue]  # `_off_loop`'s tasks, and their enqueue
     _reached: set[str]  # services a call was enqueued to (never "unknown" after)
     _reader_parked: bool
     _reader_wake: asyncio.Event
@@ -186,7 +186,7 @@ class ClientIO:
             await self._touch.check_closes()
             parked = self._rejoin.park(item)
         finally:
-            if not parked:
+            if not parked and not cancelling():  # cancelled: `close()` fails it
                 self._give_up(item)
 
     def _give_up(self, item: Enqueue) -> None:
@@ -194,15 +194,16 @@ class ClientIO:
         if item.future.done():
             return
         if item.awaits_reply:
-            self._off_loop(self._fail_call(item, NO_INSTANCE))
+            self._off_loop(item, self._fail_call(item, NO_INSTANCE))
         else:
             item.future.set_result(NO_INSTANCE)
 
-    def _off_loop(self, settle: Coroutine[Any, Any, None]) -> None:
-        """Run `settle` (what settles a refused enqueue's future, a rare path which may
-        need a Redis lookup first) off the writer's loop, in a task held until it ends."""
-        self._failures.add(asyncio.create_task(settle))
-        self._failures = {t for t in self._failures if not t.done()}
+    def _off_loop(self, item: Enqueue, settle: Coroutine[Any, Any, None]) -> None:
+        """Run `settle` (what settles `item`'s future, refused by Redis: a rare path which
+        may need a Redis lookup first) off the writer's loop, in a task held until it
+        ends (or `close()` cancels it, and fails `item`)."""
+        self._settling = {t: i for t, i in self._settling.items() if not t.done()}
+        self._settling[asyncio.create_task(settle)] = item
 
     async def _fail_call(self, item: Enqueue, entry: Any) -> None:
         error = await self._error_for(entry, item.service, item.instance)
@@ -324,11 +325,11 @@ class ClientIO:
         elif result == NO_INSTANCE and self._rejoin.park(item):
             pass  # just after an outage: enqueued again once an instance is back
         elif result == NO_INSTANCE and self._touch.closes_unchecked():
-            self._off_loop(self._after_close(item))  # was that close a restart?
+            self._off_loop(item, self._after_close(item))  # was that close a restart?
         elif not item.awaits_reply:
             item.future.set_result(result)
         elif result in (NO_INSTANCE, OVER_BACKLOG):
-            self._off_loop(self._fail_call(item, result))
+            self._off_loop(item, self._fail_call(item, result))
         else:
             self._reached.add(item.service)
 

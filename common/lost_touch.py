@@ -65,6 +65,10 @@ class LostTouch:
         while self.closes_unchecked():
             await self._checks.run(None, self._check)
 
+    async def close(self) -> None:
+        """Cancel the check under way (its waiters get `CancelledError`)."""
+        await self._checks.close()
+
     async def _check(self) -> None:
         """One lease after Redis started, every live worker has renewed its lease, so the
         client counts itself out of touch until Redis started only if that was within

@@ -81,6 +81,7 @@ class Rejoin:
         self._parked: dict[Key, list[Any]] = {}
         self._probes: dict[Key, asyncio.Task[None]] = {}
         self.parked_total = 0  # calls (and tasks) ever parked: for tests and the curious
+        self._closed = False
 
     def holding(self) -> bool:
         """Within the grace after this client last lost touch with Redis."""
@@ -88,8 +89,8 @@ class Rejoin:
 
     def park(self, item: Parkable) -> bool:
         """Hold `item`, refused for "no live instance", if within the grace (True);
-        False, holding nothing, otherwise: the caller fails it at once."""
-        if not self.holding():
+        False, holding nothing, otherwise (and after `close()`): the caller fails it."""
+        if self._closed or not self.holding():
             return False
         key = (item.service, item.instance)
         self._parked.setdefault(key, []).append(item)
@@ -99,7 +100,9 @@ class Rejoin:
         return True
 
     def close(self) -> list[Any]:
-        """Stop the probes and return the calls still parked (for the owner to fail)."""
+        """Stop the probes and return the calls still parked (for the owner to fail);
+        park nothing from now on."""
+        self._closed = True
         for task in self._probes.values():
             task.cancel()
         self._probes.clear()

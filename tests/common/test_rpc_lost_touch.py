@@ -118,3 +118,34 @@ async def test_a_check_that_cannot_read_the_uptime_still_settles_the_call(
         await client.close()
         await held.aclose()
         server.stop()
+
+
+async def test_closing_the_client_during_a_check_tells_the_caller_and_leaves_no_task() -> None:
+    # A task refused after a close waits for the restart check when the client closes:
+    # its caller is told "RPC client closed" then (not, once the check ends, parked on
+    # the closed client for a grace, or told "no live instance"), and nothing of the
+    # client's is left running: not the check's run, not the task waiting for it.
+    server = EmbeddedRedis().start()
+    name = _name()
+    held = HeldInfo.connect(server.url)
+    client = RpcClient(redis=held, settings=LEASES)
+    try:
+        await held.hset(constants.CATALOG, name, "{}")  # known, and no worker
+        with pytest.raises(ServiceUnavailable, match="no live instance"):
+            await client.send(f"{name}.add", 1)  # connects the writer's connection
+        await _kill_connections(server.url, client)
+        held.hold()
+        sent = asyncio.create_task(client.send(f"{name}.add", 1))
+        await asyncio.wait_for(held.asked.wait(), 10)
+        await client.close()
+        held.release()  # had the check gone on, it would end now
+        with pytest.raises(ServiceUnavailable, match="RPC client closed"):
+            await asyncio.wait_for(sent, 10)
+        assert client.parked_total == 0
+        left = asyncio.all_tasks() - {asyncio.current_task()}
+        assert not left, left
+    finally:
+        held.release()
+        await client.close()
+        await held.aclose()
+        server.stop()
