@@ -13,63 +13,41 @@ connection is idle, and `_enqueue_call` writes the enqueue script and the
 inbox's BLPOP onto it in one write, from the caller's own task: one write and one
 waking task per call, as in the raw pipelined-list floor of `bench.rpc`.
 
-Hot path: `_enqueue_call`, `_write_enqueues`, `_read_inbox`, `_deliver`.
+Hot path: `_enqueue_call`, `_write_enqueues`, `_read_inbox`, `_deliver`. What an
+enqueue that was not taken becomes (its error, the rejoin grace) is
+`common.client_refusals`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import math
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from common import codec, constants
-from common.aio import Backoff, SingleFlight, cancelling
+from common.aio import Backoff, cancelling
+from common.client_refusals import REDIS_FAILED, ClientRefusals, redis_failed
 from common.connection import REDIS_DOWN_ERRORS, RawConnection, pack_commands
 from common.errors import (
-    MethodNotFound,
-    Overloaded,
     PayloadTooLarge,
     ServiceUnavailable,
     error_from_wire,
     quoted,
 )
 from common.log import get_logger
-from common.lost_touch import LostTouch
 from common.outage import Outage
 from common.protocol import DROPPED, ENQUEUE_SCRIPT, NO_INSTANCE, OVER_BACKLOG, TASK_SCRIPT, Call
-from common.redis_failures import redis_failure, redis_failure_message
-from common.rejoin import Rejoin
 
 log = get_logger("switchboard.client")
 
 _INBOX_BATCH = 256
-# Redis down, or refusing (out of memory, a read-only replica...): a `ResponseError`
-# is raised, not returned in a reply's slot, when a connection's handshake gets one.
-_REDIS_FAILED: tuple[type[Exception], ...] = (*REDIS_DOWN_ERRORS, ResponseError)
 _ENQUEUE_BATCH = 512
 # How long a `drop` task's submit waits for Redis before counting the task as dropped.
 DROP_WAIT_SECONDS = 0.25
-
-
-def _redis_failed(exc: Exception) -> Exception:
-    """The caller's error for an enqueue Redis did not take: `ServiceUnavailable` when
-    Redis is down or refusing (`common.redis_failures`), its message naming the kind
-    only ("redis unreachable", "redis refused the write: out of memory"): redis-py's
-    text names Redis's address, so it is the error's `__cause__` (for the logs) alone.
-    An error reply of no known kind (a bug, bad data) is `exc` itself."""
-    kind = redis_failure(exc)
-    if kind is None:
-        return exc
-    error = ServiceUnavailable(redis_failure_message(exc, kind))
-    error.__cause__ = exc
-    return error
 
 
 @dataclass(slots=True)
@@ -95,18 +73,16 @@ _SCRIPTS = {"call": ENQUEUE_SCRIPT, "task": TASK_SCRIPT}
 _SHAS = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()}
 
 
-class ClientIO:
-    """The writer and reader half of `RpcClient`, which sets the state declared here."""
+class ClientIO(ClientRefusals):
+    """The writer and reader half of `RpcClient`, which sets the state declared here
+    (and `ClientRefusals`', the rare path of a refused enqueue)."""
 
-    redis: aioredis.Redis
     inbox: str
     _enqueuer: RawConnection
     _receiver: RawConnection
     _pending: dict[str, asyncio.Future[Any]]  # call id -> the future of its reply
     _writer: asyncio.Task[None] | None
     _outbox: asyncio.Queue[Enqueue]
-    _settling: dict[asyncio.Task[None], Enqueue]  # `_off_loop`'s tasks, and their enqueue
-    _reached: set[str]  # services a call was enqueued to (never "unknown" after)
     _reader_parked: bool
     _reader_wake: asyncio.Event
     _direct: Enqueue | None
@@ -115,9 +91,6 @@ class ClientIO:
     _stalled_at: int  # `_writes` when a drop submit last gave up waiting, else -1
     max_payload: int  # RPC_MAX_PAYLOAD_BYTES: the largest envelope sent
     _inbox_backoff: Backoff  # the inbox reader's, between failed reads
-    _touch: LostTouch  # when this client last lost touch with Redis
-    _rejoin: Rejoin  # calls told "no live instance" just after an outage
-    _catalog_lookups: SingleFlight[bool]  # one catalog lookup per service at a time
 
     async def start(self) -> None:
         raise NotImplementedError
@@ -145,70 +118,6 @@ class ClientIO:
         except (ServiceUnavailable, RedisError):
             pass
         return DROPPED
-
-    async def _raise_for(self, entry: Any, service: str, instance: str | None) -> None:
-        error = await self._error_for(entry, service, instance)
-        if error is not None:
-            raise error
-
-    async def _error_for(self, entry: Any, service: str, instance: str | None) -> Exception | None:
-        """The error an enqueue script's result stands for, or None for an entry id."""
-        if entry == NO_INSTANCE:
-            if instance:
-                return ServiceUnavailable(
-                    f"instance {quoted(instance)} of {quoted(service)} is not live"
-                )
-            try:
-                # Shared by the calls failing meanwhile (those a rejoin grace held
-                # end together): one lookup, not one per call.
-                lookup = functools.partial(self._cataloged, service)
-                known = await self._catalog_lookups.run(service, lookup)
-            except _REDIS_FAILED as exc:
-                return _redis_failed(exc)
-            # A service reached before is not unknown, even with the catalog gone (Redis
-            # restarted without its data, its workers not registered again yet).
-            if not known and service not in self._reached:
-                return MethodNotFound(f"unknown service {quoted(service)}")
-            return ServiceUnavailable(f"no live instance of {quoted(service)}")
-        if entry == OVER_BACKLOG:
-            return Overloaded(f"{quoted(service)} has more calls queued than its bound")
-        return None
-
-    async def _cataloged(self, service: str) -> bool:
-        return bool(await self.redis.hexists(constants.CATALOG, service))
-
-    async def _after_close(self, item: Enqueue) -> None:
-        """Hold `item`, refused for "no live instance" just after Redis closed a connection
-        of ours, if Redis restarted then (`common.lost_touch`); fail it at once otherwise,
-        and if the check itself fails (a run cancelled under it): never left unsettled."""
-        parked = False
-        try:
-            await self._touch.check_closes()
-            parked = self._rejoin.park(item)
-        finally:
-            if not parked and not cancelling():  # cancelled: `close()` fails it
-                self._give_up(item)
-
-    def _give_up(self, item: Enqueue) -> None:
-        """Fail a parked enqueue (`common.rejoin`) as its "no live instance" would have."""
-        if item.future.done():
-            return
-        if item.awaits_reply:
-            self._off_loop(item, self._fail_call(item, NO_INSTANCE))
-        else:
-            item.future.set_result(NO_INSTANCE)
-
-    def _off_loop(self, item: Enqueue, settle: Coroutine[Any, Any, None]) -> None:
-        """Run `settle` (what settles `item`'s future, refused by Redis: a rare path which
-        may need a Redis lookup first) off the writer's loop, in a task held until it
-        ends (or `close()` cancels it, and fails `item`)."""
-        self._settling = {t: i for t, i in self._settling.items() if not t.done()}
-        self._settling[asyncio.create_task(settle)] = item
-
-    async def _fail_call(self, item: Enqueue, entry: Any) -> None:
-        error = await self._error_for(entry, item.service, item.instance)
-        if error is not None and not item.future.done():
-            item.future.set_exception(error)
 
     async def _enqueue_call(
         self, service: str, call: Call, instance: str | None, reply: asyncio.Future[Any]
@@ -242,7 +151,7 @@ class ClientIO:
                 enqueue = pack_commands([("EVALSHA", _SHAS["call"], *item.args)])
                 await self._receiver.send_packed(enqueue + self._blpop)
                 sent = True
-            except _REDIS_FAILED as exc:
+            except REDIS_FAILED as exc:
                 self._touch.failed(exc)  # the writer tries again on its own connection
             finally:
                 if sent:
@@ -276,7 +185,7 @@ class ClientIO:
             batch = [item for item in batch if not item.future.done()]
             try:
                 results = await self._send_enqueues(batch) if batch else []
-            except _REDIS_FAILED as exc:  # never ends the writer: every later call needs it
+            except REDIS_FAILED as exc:  # never ends the writer: every later call needs it
                 self._touch.failed(exc)
                 if isinstance(exc, REDIS_DOWN_ERRORS) and await self._enqueuer.answers():
                     # Redis refused the write: it is not down (or no longer: the reader,
@@ -284,7 +193,7 @@ class ClientIO:
                     self._inbox_backoff.wake()
                     await self._send_apart(batch)
                 else:
-                    _fail(batch, _redis_failed(exc))
+                    _fail(batch, redis_failed(exc))
                 continue
             finally:
                 self._writes += 1
@@ -304,9 +213,9 @@ class ClientIO:
         for i, item in enumerate(batch):
             try:
                 (result,) = await self._send_enqueues([item])
-            except _REDIS_FAILED as exc:
+            except REDIS_FAILED as exc:
                 if not (isinstance(exc, REDIS_DOWN_ERRORS) and await self._enqueuer.answers()):
-                    _fail(batch[i:], _redis_failed(exc))
+                    _fail(batch[i:], redis_failed(exc))
                     return
                 _fail([item], _refused_by_redis(item))
                 continue
@@ -321,7 +230,7 @@ class ClientIO:
                 item.future.set_exception(_refused_by_redis(item))
             else:
                 self._touch.failed()
-                item.future.set_exception(_redis_failed(result))
+                item.future.set_exception(redis_failed(result))
         elif result == NO_INSTANCE and self._rejoin.park(item):
             pass  # just after an outage: enqueued again once an instance is back
         elif result == NO_INSTANCE and self._touch.closes_unchecked():
@@ -396,7 +305,7 @@ class ClientIO:
                 drain = len(self._pending) > 0
                 backoff.reset()
                 outage.recovered()
-            except _REDIS_FAILED as exc:
+            except REDIS_FAILED as exc:
                 if direct is not None and not direct.future.done():
                     self._outbox.put_nowait(direct)  # its enqueue's fate is unknown: again
                 # A refused LPOP leaves its BLPOP's reply due: read later, it would be
