@@ -71,11 +71,13 @@ class LostTouch:
 
     async def _check(self) -> None:
         """One lease after Redis started, every live worker has renewed its lease, so the
-        client counts itself out of touch until Redis started only if that was within
-        one lease (its uptime, in whole seconds: rounded down, on the safe side). A close
-        by a Redis up for longer (an idle timeout, a client kill, a proxy's) is no loss.
-        If Redis does not say (it fails, or its answer holds no uptime: a proxy or a
-        Redis-like server before it), the close counts as one."""
+        client counts itself out of touch until Redis started only if that was within one
+        lease (its uptime: whole seconds of Redis's clock since it started, so up to a
+        second off either way; a worker renews within a fraction of a second of Redis
+        answering, so that last second matters little). A close by a Redis up for longer (an
+        idle timeout, a client kill, a proxy's) is no loss. If Redis does not say (it fails,
+        or its answer holds no uptime: a proxy or a Redis-like server before it), the close
+        counts as one."""
         began = time.monotonic()
         try:
             uptime = float((await self._redis.info("server"))["uptime_in_seconds"])
