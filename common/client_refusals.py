@@ -75,17 +75,19 @@ class ClientRefusals:
                 return ServiceUnavailable(
                     f"instance {quoted(instance)} of {quoted(service)} is not live"
                 )
-            try:
-                # Shared by the calls failing meanwhile (those a rejoin grace held
-                # end together): one lookup, not one per call.
-                lookup = functools.partial(self._cataloged, service)
-                known = await self._catalog_lookups.run(service, lookup)
-            except REDIS_FAILED as exc:
-                return redis_failed(exc)
             # A service reached before is not unknown, even with the catalog gone (Redis
-            # restarted without its data, its workers not registered again yet).
-            if not known and service not in self._reached:
-                return MethodNotFound(f"unknown service {quoted(service)}")
+            # restarted without its data, its workers not registered again yet): no
+            # lookup, which a call given up just before its deadline has no time for.
+            if service not in self._reached:
+                try:
+                    # Shared by the calls failing meanwhile (those a rejoin grace held
+                    # end together): one lookup, not one per call.
+                    lookup = functools.partial(self._cataloged, service)
+                    known = await self._catalog_lookups.run(service, lookup)
+                except REDIS_FAILED as exc:
+                    return redis_failed(exc)
+                if not known:
+                    return MethodNotFound(f"unknown service {quoted(service)}")
             return ServiceUnavailable(f"no live instance of {quoted(service)}")
         if entry == OVER_BACKLOG:
             return Overloaded(f"{quoted(service)} has more calls queued than its bound")
