@@ -114,6 +114,33 @@ def passthrough_rule(policy: PolicyDocument, url: bytes) -> RouteRule | None:
     return rule
 
 
+class Gate(Protocol):
+    def has_limits(self, service: str, method: str | None) -> bool: ...
+
+
+def passthrough_request(
+    held: bytes | bytearray, space: int, policy: PolicyDocument, gate: Gate
+) -> tuple[RouteRule, str, bytes] | None:
+    """The pass-through route of the request at the start of `held` (and its method and
+    URL), from a glance at its request line (`space`: where its method ends); None when
+    it is not one, or a rate limit applies to its service (then the normal path counts
+    it). Hot path: the fast path asks it of every request it sees."""
+    prefixes = policy.passthrough_prefixes
+    if not prefixes or not held.startswith(prefixes, space + 1):
+        return None
+    end = held.find(b" ", space + 1, space + 8193)
+    if end < 0:
+        return None
+    method = bytes(held[:space])
+    if method not in PASSTHROUGH_METHODS:
+        return None
+    url = bytes(held[space + 1 : end])
+    rule = passthrough_rule(policy, url)
+    if rule is None or gate.has_limits(rule.service, None):
+        return None
+    return rule, method.decode("latin-1"), url
+
+
 class CurrentPolicy(Protocol):
     """Where the live policy is read (`PolicyWatcher`)."""
 

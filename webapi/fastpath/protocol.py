@@ -9,7 +9,6 @@ from time import monotonic as current_time
 from typing import Any
 
 from sanic.exceptions import RequestTimeout
-from sanic.headers import format_http1_response
 from sanic.http.constants import Stage
 
 from common.balancing import Endpoint
@@ -21,13 +20,13 @@ from common.scopes import INTERNAL_SERVICES
 from common.strict_http import BODY_STALLED
 from webapi.access import credential_from
 from webapi.context import GatewayApp
-from webapi.errors import ApiError, NotAuthenticated, error_response
+from webapi.errors import ApiError, NotAuthenticated
 from webapi.fastpath.direct import DirectExchange
 from webapi.fastpath.head import upstream_head
 from webapi.fastpath.request import Incomplete, Parsed, parse_request
-from webapi.fastpath.response import CHUNKED, WHOLE, bodiless_framing, client_head
+from webapi.fastpath.response import CHUNKED, WHOLE, bodiless_framing, client_head, error_bytes
 from webapi.lingering import LingeringHttpProtocol
-from webapi.passthrough import PASSTHROUGH_METHODS, PassThrough, passthrough_rule
+from webapi.passthrough import PassThrough, passthrough_request
 from webapi.proxy.attempts import Attempts
 from webapi.proxy.forward import Forwarded
 from webapi.splice import connect
@@ -168,30 +167,6 @@ class FastPathProtocol(LingeringHttpProtocol):
             self.app.ctx.fast_path.handed_over += 1
             super().data_received(leftover)
 
-    def _passthrough_route(self, space: int) -> tuple[RouteRule, str, bytes] | None:
-        """The pass-through route of the held request (and its method and URL), from a
-        glance at the request line (`space`: where its method ends); None when it is
-        not one. Hot path."""
-        app: GatewayApp = self.app
-        policy = app.ctx.policy.current
-        prefixes = policy.passthrough_prefixes
-        if not prefixes:
-            return None
-        held = self._held
-        if not held.startswith(prefixes, space + 1):
-            return None
-        end = held.find(b" ", space + 1, space + 8193)
-        if end < 0:
-            return None
-        method = bytes(held[:space])
-        if method not in PASSTHROUGH_METHODS:
-            return None
-        url = bytes(held[space + 1 : end])
-        rule = passthrough_rule(policy, url)
-        if rule is None or app.ctx.gate.has_limits(rule.service, None):
-            return None
-        return rule, method.decode("latin-1"), url
-
     async def _start_passthrough(self, rule: RouteRule, method: str, url: bytes) -> None:
         """Connect to an instance of the route's service, then splice (or answer the error)."""
         app: GatewayApp = self.app
@@ -203,7 +178,7 @@ class FastPathProtocol(LingeringHttpProtocol):
             self._fast = None
             self._held.clear()
             if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(_error(exc, method, url, request_id_of(None), False))
+                self.transport.write(error_bytes(exc, method, url, request_id_of(None), False))
             self.close()
             return
         self._fast = None
@@ -245,7 +220,7 @@ class FastPathProtocol(LingeringHttpProtocol):
         # Where the method ends: one glance at the request line serves every check below.
         space = self._held.find(b" ", 0, 16) if idle else -1
         if space > 0:
-            route = self._passthrough_route(space)
+            route = passthrough_request(self._held, space, app.ctx.policy.current, app.ctx.gate)
             if route is not None:
                 self._fast = self.loop.create_task(self._start_passthrough(*route))
                 return
@@ -334,7 +309,7 @@ class FastPathProtocol(LingeringHttpProtocol):
         held.clear()
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            error = _error(RequestTimeout(BODY_STALLED), method.decode("latin-1"), url,
+            error = error_bytes(RequestTimeout(BODY_STALLED), method.decode("latin-1"), url,
                            request_id_of(None), False)  # fmt: skip
             transport.write(error)
         self.close()
@@ -400,7 +375,7 @@ class FastPathProtocol(LingeringHttpProtocol):
 
     def fast_error(self, exc: Exception, req: Parsed, request_id: str, keep_alive: bool) -> None:
         """Answer the fast request with `exc`'s JSON error response."""
-        self.fast_write(_error(exc, req.method, req.url, request_id, keep_alive))
+        self.fast_write(error_bytes(exc, req.method, req.url, request_id, keep_alive))
         self.fast_done(keep_alive)
 
     def fast_retry(self, req: Parsed, head: bytes, attempts: Attempts, stale: bool) -> None:
@@ -448,7 +423,7 @@ class FastPathProtocol(LingeringHttpProtocol):
                 keep_alive = False
             else:
                 keep_alive = keep_alive and not self.signal.stopped
-                self._write(_error(exc, req.method, req.url, request_id, keep_alive))
+                self._write(error_bytes(exc, req.method, req.url, request_id, keep_alive))
         self.fast_done(keep_alive)
 
     async def _relay(
@@ -489,13 +464,3 @@ class FastPathProtocol(LingeringHttpProtocol):
         transport.write(data)
         self._fast_written = True
         self._time = current_time()
-
-
-def _error(exc: Exception, method: str, url: bytes, request_id: str, keep_alive: bool) -> bytes:
-    """`exc` as the JSON error response Sanic's error handler would write."""
-    response = error_response(exc, method, url.partition(b"?")[0].decode("latin-1"), request_id)
-    body = response.body or b""
-    response.headers["content-length"] = str(len(body))
-    response.headers["connection"] = "keep-alive" if keep_alive else "close"
-    head = format_http1_response(response.status, response.processed_headers)
-    return head if method == "HEAD" else head + body

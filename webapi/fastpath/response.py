@@ -8,9 +8,11 @@ and `Connection`. A HEAD answer keeps the upstream's `Content-Length` (the GET's
 
 from __future__ import annotations
 
+from sanic.headers import format_http1_response
 from sanic.helpers import STATUS_CODES, has_message_body
 
 from common.forwarding import HOP_BY_HOP_RAW, strip_hop_by_hop_raw
+from webapi.errors import error_response
 from webapi.proxy.forward import latencies_ms
 
 # Upstream fields replaced by the gateway's own.
@@ -66,6 +68,18 @@ def client_head(
     lines.append(b"connection: keep-alive" if keep_alive else b"connection: close")
     lines.append(b"\r\n")
     return b"\r\n".join(lines)
+
+
+def error_bytes(
+    exc: Exception, method: str, url: bytes, request_id: str, keep_alive: bool
+) -> bytes:
+    """`exc` as the JSON error response Sanic's error handler would write."""
+    response = error_response(exc, method, url.partition(b"?")[0].decode("latin-1"), request_id)
+    body = response.body or b""
+    response.headers["content-length"] = str(len(body))
+    response.headers["connection"] = "keep-alive" if keep_alive else "close"
+    head = format_http1_response(response.status, response.processed_headers)
+    return head if method == "HEAD" else head + body
 
 
 def bodiless_framing(method: str, status: int) -> int | None:
