@@ -41,11 +41,11 @@ import redis.asyncio as aioredis
 from common import apikeys
 from common.aio import cancel_and_wait
 from common.apikeys import ApiKeyRecord
-from common.errors import ServiceUnavailable, Unauthorized
+from common.errors import Unauthorized
 from common.log import get_logger
 from common.outage import Outage
 from common.principal import Principal
-from common.redis_failures import REDIS_DOWN_OR_REFUSING, redis_failure, redis_failure_message
+from common.redis_failures import REDIS_DOWN_OR_REFUSING, redis_failure, store_unavailable
 from common.revocation import RevocationView
 
 log = get_logger(__name__)
@@ -257,13 +257,6 @@ class ApiKeyCache:
         elif kind == "user":
             for key_id in [k for k, e in self._records.items() if _owner(e) == ident]:
                 del self._records[key_id]
-
-
-def store_unavailable(exc: BaseException) -> ServiceUnavailable:
-    """The answer to a credential that cannot be checked while Redis cannot be read
-    (`exc`): a 503 naming the kind of failure, never redis-py's text (it names Redis's
-    address: raise it `from exc`, the cause is for the log)."""
-    return ServiceUnavailable(f"credential store unavailable: {redis_failure_message(exc)}")
 
 
 def _owner(entry: _KeyEntry) -> str | None:

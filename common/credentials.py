@@ -38,12 +38,12 @@ import redis.asyncio as aioredis
 
 from common import apikeys, tokens
 from common.aio import background, cancel_and_wait, cancelling
-from common.apikey_cache import ApiKeyCache, store_unavailable
+from common.apikey_cache import ApiKeyCache
 from common.errors import Unauthorized
 from common.log import get_logger
 from common.outage import Outage
 from common.principal import Principal
-from common.redis_failures import REDIS_DOWN_OR_REFUSING, redis_failure
+from common.redis_failures import REDIS_DOWN_OR_REFUSING, redis_failure, store_unavailable
 from common.revocation import UNLOADED_RETRY, RevocationView
 from common.scopes import parse
 from common.tokens import Keyring, SigningKey

@@ -27,6 +27,7 @@ the websocket service's relays (`websocket.handshake`), so both forward the same
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from common.apikeys import PREFIX
 from common.clientip import forwarded_for
@@ -165,6 +166,22 @@ def credential_fault(authorization: Sequence[str], api_key: Sequence[str]) -> st
         if scheme.lower() == "bearer" and token.strip() != api_key[0].strip():
             return "Authorization and X-Api-Key carry different credentials: send one"
     return None
+
+
+class MultiHeaders(Protocol):
+    """Header fields as Sanic's `Header` holds them (a field may repeat)."""
+
+    def __contains__(self, name: object) -> bool: ...
+    def getall(self, name: str, default: list[str]) -> list[str]: ...
+
+
+def headers_credential_fault(headers: MultiHeaders) -> str | None:
+    """`credential_fault` of a request's header fields (one dict lookup each when, as
+    usual, there is at most one credential field)."""
+    if "authorization" not in headers and "x-api-key" not in headers:
+        return None
+    get_all = headers.getall
+    return credential_fault(get_all("authorization", []), get_all("x-api-key", []))
 
 
 def via_hops(value: str) -> int:

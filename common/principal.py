@@ -3,7 +3,7 @@ RPC call made for it carries (`common.caller`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from common.caller import Caller
@@ -29,6 +29,16 @@ class Principal:
     session_id: str | None = None
     expires_at: float | None = None
     token_id: str | None = None  # an access token's `jti`
+    # What `as_caller` answers: made once, as principals are cached per credential and
+    # asked for it at every RPC call made for them.
+    _caller: Caller = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind == "api_key":
+            caller = Caller(self.subject, "api_key", self.scopes, self.key_id)
+        else:
+            caller = Caller(self.subject, "user", self.scopes, username=self.name)
+        object.__setattr__(self, "_caller", caller)
 
     def allows(self, service: str, method: str | None) -> bool:
         """Whether this credential's scopes reach `(service, method)` (see `common.scopes`)."""
@@ -36,9 +46,7 @@ class Principal:
 
     def as_caller(self) -> Caller:
         """The `Caller` an RPC call made for this credential carries (`common.caller`)."""
-        if self.kind == "api_key":
-            return Caller(self.subject, "api_key", self.scopes, self.key_id)
-        return Caller(self.subject, "user", self.scopes, username=self.name)
+        return self._caller
 
     def revoked_by(self) -> tuple[str, ...]:
         """The revocation members (`common.revocation`) any of which ends this credential:

@@ -40,6 +40,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import constants
 from common.connection import REDIS_DOWN_OR_SLOW
+from common.errors import ServiceUnavailable
 
 _MESSAGES = {
     "unreachable": "redis unreachable",
@@ -108,6 +109,13 @@ def redis_failure_message(exc: BaseException, kind: str | None = None) -> str:
     "redis unreachable", "redis refused the write: out of memory"... Never redis-py's
     text, which names Redis's address."""
     return _MESSAGES.get(kind or redis_failure(exc) or "unreachable", "redis unreachable")
+
+
+def store_unavailable(exc: BaseException) -> ServiceUnavailable:
+    """The answer to a credential that cannot be checked while Redis cannot be read
+    (`exc`): a 503 naming the kind of failure, never redis-py's text (it names Redis's
+    address: raise it `from exc`, the cause is for the log)."""
+    return ServiceUnavailable(f"credential store unavailable: {redis_failure_message(exc)}")
 
 
 async def check_writable(redis: Redis) -> None:

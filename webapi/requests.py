@@ -7,7 +7,7 @@ from typing import Any
 from sanic import Request
 
 from common.codec import json_type, parse_json
-from common.forwarding import PROXY_LOOP, credential_fault, via_loop
+from common.forwarding import PROXY_LOOP, headers_credential_fault, via_loop
 from common.http_head import head_fault
 from common.request_ids import request_id_of
 from webapi.errors import MalformedHeader, MalformedJson, ProxyLoop
@@ -21,12 +21,9 @@ def check_head(request: Request[Any, Any]) -> None:
     if fault is not None:
         request.stream.keep_alive = False  # type: ignore[union-attr]  # its framing is suspect
         raise MalformedHeader(fault)
-    headers = request.headers
-    if "authorization" in headers or "x-api-key" in headers:
-        get_all = headers.getall
-        fault = credential_fault(get_all("authorization", []), get_all("x-api-key", []))
-        if fault is not None:
-            raise MalformedHeader(fault)
+    fault = headers_credential_fault(request.headers)
+    if fault is not None:
+        raise MalformedHeader(fault)
 
 
 def refuse_loop(request: Request[Any, Any]) -> None:

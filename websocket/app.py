@@ -42,7 +42,7 @@ from common.clientip import Network, parse_networks
 from common.connection import connect
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized, shortened
-from common.forwarding import PROXY_LOOP, credential_fault, via_loop
+from common.forwarding import PROXY_LOOP, headers_credential_fault, via_loop
 from common.http_head import head_fault
 from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.redis_failures import REDIS_DOWN_OR_REFUSING, check_writable, redis_failure
@@ -186,13 +186,10 @@ async def _check_head(request: WsRequest) -> HTTPResponse | None:
     if fault is not None:
         request.stream.keep_alive = False  # type: ignore[union-attr]  # its framing is suspect
         return refusal(request, 400, "malformed_header", fault)
-    headers = request.headers
-    if "authorization" in headers or "x-api-key" in headers:
-        get_all = headers.getall
-        fault = credential_fault(get_all("authorization", []), get_all("x-api-key", []))
-        if fault is not None:
-            return refusal(request, 400, "malformed_header", fault)
-    if _relayed(request) and via_loop(headers.getall("via", None)):
+    fault = headers_credential_fault(request.headers)
+    if fault is not None:
+        return refusal(request, 400, "malformed_header", fault)
+    if _relayed(request) and via_loop(request.headers.getall("via", None)):
         return refusal(request, 508, "proxy_loop", PROXY_LOOP)
     return None
 

@@ -49,7 +49,7 @@ from common.http_errors import (
 )
 from common.log import get_logger
 from websocket.connections import GOING_AWAY, NORMAL_CLOSURE
-from websocket.refusals import UpstreamRefusedUpgrade
+from websocket.refusals import UpstreamRefusedUpgrade, refused_answer
 
 log = get_logger("websocket.errors")
 
@@ -141,7 +141,7 @@ class JsonErrorHandler(ErrorHandler):
         if isinstance(exception, UpstreamRefusedUpgrade):  # the instance's answer, passed on
             log_refusal(log, request.method, request.path, exception.status_code,
                         exception.code, str(exception))  # fmt: skip
-            return exception.answer()
+            return refused_answer(exception.refused)
         if isinstance(exception, SanicException) and exception.status_code < 500:
             code = error_code(exception)
             response = refusal(request, exception.status_code, code, error_message(exception, code))

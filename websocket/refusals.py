@@ -40,17 +40,13 @@ MAX_RELAYED_BODY = 64 * 1024  # the largest body of an instance's refusal passed
 
 class UpstreamRefusedUpgrade(SanicException):
     """The client's upgrade refused with the 3xx or 4xx the upstream answered its own
-    with; `answer()` is the client's response (module docstring)."""
+    with; `refused_answer` is the client's response (module docstring)."""
 
     code = "upstream_refused"
 
     def __init__(self, refused: UpstreamRefused) -> None:
         super().__init__(str(refused), status_code=refused.status)
         self.refused = refused
-
-    def answer(self) -> HTTPResponse:
-        """The response to the client: the instance's answer (module docstring)."""
-        return refused_answer(self.refused)
 
 
 def refused_answer(refused: UpstreamRefused) -> HTTPResponse:

@@ -283,7 +283,6 @@ class Session:
         self, id_: jsonrpc.Id, method: str, args: list[Any], kwargs: dict[str, Any], quiet: bool
     ) -> None:
         try:
-            # (Made per call, not kept: an idle session holds no more than it did.)
             caller = None if self.principal is None else self.principal.as_caller()
             value = await self.ctx.rpc.invoke(method, args, kwargs, caller=caller)
             answer = jsonrpc.result(id_, value)

@@ -68,11 +68,8 @@ KINDS = ("ws", "http")
 
 
 class NoUpstream(Exception):
-    """No instance of the service could be connected to; `known` is False for an unknown service."""
-
-    def __init__(self, message: str, *, known: bool = True) -> None:
-        super().__init__(message)
-        self.known = known
+    """No instance of the service could be connected to (an unknown service is refused
+    before: `websocket.relay.admit_relay`)."""
 
 
 class UpstreamRefused(Exception):
@@ -205,11 +202,10 @@ class Upstreams:
                 tries.abandoned()
                 raise
             return Connected(upstream, endpoint, tries.connected())
-        known = self.view.registered(service)
         if not tries.attempt and self.view.is_rpc_service(service):
             # Its instances are RPC workers, live or not: "no live instance" would mislead.
             last_error = "an RPC service: call it with JSON-RPC on /ws"
-        raise NoUpstream(f"{shortened(service)}: {last_error}", known=known)
+        raise NoUpstream(f"{shortened(service)}: {last_error}")
 
     def finished(self, service: str, endpoint: Endpoint, seconds: float, ok: bool) -> None:
         """A connection from `connect` has ended; `seconds` is what `least_time` learns
