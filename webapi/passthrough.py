@@ -79,7 +79,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, Htt
 
 from common.log import get_logger
 from common.policy import PolicyDocument, RouteRule
-from common.proxy_paths import InvalidProxyPath, upstream_target
+from common.proxy_paths import InvalidProxyPath, plain_target, upstream_target
 from webapi.proxy.paths import match_route
 from webapi.splice import Owner, SpliceBase, UpstreamLeg
 
@@ -303,9 +303,7 @@ class PassThrough(SpliceBase):
             return False  # (not keep-alive: the last request of its connection; Sanic closes)
         if (
             url.startswith(self.prefix)
-            and b"/." not in url
-            and b"%" not in url
-            and b"\\" not in url
+            and plain_target(url)
             and not url.startswith(self.longer)  # () never matches
         ):
             return True

@@ -198,6 +198,19 @@ def test_a_fragment_is_never_relayed(passthrough: Backend) -> None:
     assert counters(passthrough.gateway)["requests"] == before["requests"]
 
 
+def test_a_fragment_is_not_relayed_on_a_spliced_connection_either(passthrough: Backend) -> None:
+    # After a first request, the connection is spliced: the splice checks each next
+    # request's target itself (`PassThrough._is_ours`), as the gateway's route does.
+    with connect(passthrough.gateway) as sock:
+        sock.sendall(get("/echo/ok"))
+        (first,) = read_answers(sock, 1)
+        assert first.status == 200
+        sock.sendall(get("/echo/x#frag"))
+        (reply,) = read_answers(sock, 1)
+    assert reply.status == 400
+    assert json.loads(reply.body)["error"]["code"] == "invalid_path"
+
+
 def test_head_is_answered_by_the_gateway(passthrough: Backend) -> None:
     before = counters(passthrough.gateway)
     with connect(passthrough.gateway) as sock:
