@@ -30,7 +30,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from common import codec, constants
 from common.aio import Backoff, cancelling
-from common.client_refusals import REDIS_FAILED, ClientRefusals, redis_failed
+from common.client_refusals import ClientRefusals, redis_failed
 from common.connection import REDIS_DOWN_ERRORS, RawConnection, pack_commands
 from common.errors import (
     PayloadTooLarge,
@@ -41,6 +41,7 @@ from common.errors import (
 from common.log import get_logger
 from common.outage import Outage
 from common.protocol import DROPPED, ENQUEUE_SCRIPT, NO_INSTANCE, OVER_BACKLOG, TASK_SCRIPT, Call
+from common.redis_failures import REDIS_DOWN_OR_REFUSING
 
 log = get_logger("switchboard.client")
 
@@ -151,7 +152,7 @@ class ClientIO(ClientRefusals):
                 enqueue = pack_commands([("EVALSHA", _SHAS["call"], *item.args)])
                 await self._receiver.send_packed(enqueue + self._blpop)
                 sent = True
-            except REDIS_FAILED as exc:
+            except REDIS_DOWN_OR_REFUSING as exc:
                 self._touch.failed(exc)  # the writer tries again on its own connection
             finally:
                 if sent:
@@ -185,7 +186,7 @@ class ClientIO(ClientRefusals):
             batch = [item for item in batch if not item.future.done()]
             try:
                 results = await self._send_enqueues(batch) if batch else []
-            except REDIS_FAILED as exc:  # never ends the writer: every later call needs it
+            except REDIS_DOWN_OR_REFUSING as exc:  # never ends the writer: later calls need it
                 self._touch.failed(exc)
                 if isinstance(exc, REDIS_DOWN_ERRORS) and await self._enqueuer.answers():
                     # Redis refused the write: it is not down (or no longer: the reader,
@@ -213,7 +214,7 @@ class ClientIO(ClientRefusals):
         for i, item in enumerate(batch):
             try:
                 (result,) = await self._send_enqueues([item])
-            except REDIS_FAILED as exc:
+            except REDIS_DOWN_OR_REFUSING as exc:
                 if not (isinstance(exc, REDIS_DOWN_ERRORS) and await self._enqueuer.answers()):
                     _fail(batch[i:], redis_failed(exc))
                     return
@@ -305,7 +306,7 @@ class ClientIO(ClientRefusals):
                 drain = len(self._pending) > 0
                 backoff.reset()
                 outage.recovered()
-            except REDIS_FAILED as exc:
+            except REDIS_DOWN_OR_REFUSING as exc:
                 if direct is not None and not direct.future.done():
                     self._outbox.put_nowait(direct)  # its enqueue's fate is unknown: again
                 # A refused LPOP leaves its BLPOP's reply due: read later, it would be

@@ -20,23 +20,17 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
 from common import constants
 from common.aio import SingleFlight, cancelling
-from common.connection import REDIS_DOWN_ERRORS
 from common.errors import MethodNotFound, Overloaded, ServiceUnavailable, quoted
 from common.lost_touch import LostTouch
 from common.protocol import NO_INSTANCE, OVER_BACKLOG
-from common.redis_failures import redis_failure, redis_failure_message
+from common.redis_failures import REDIS_DOWN_OR_REFUSING, redis_failure, redis_failure_message
 from common.rejoin import Rejoin
 
 if TYPE_CHECKING:
     from common.client_io import Enqueue
-
-# Redis down, or refusing (out of memory, a read-only replica...): a `ResponseError`
-# is raised, not returned in a reply's slot, when a connection's handshake gets one.
-REDIS_FAILED: tuple[type[Exception], ...] = (*REDIS_DOWN_ERRORS, ResponseError)
 
 
 def redis_failed(exc: Exception) -> Exception:
@@ -84,7 +78,7 @@ class ClientRefusals:
                     # end together): one lookup, not one per call.
                     lookup = functools.partial(self._cataloged, service)
                     known = await self._catalog_lookups.run(service, lookup)
-                except REDIS_FAILED as exc:
+                except REDIS_DOWN_OR_REFUSING as exc:
                     return redis_failed(exc)
                 if not known:
                     return MethodNotFound(f"unknown service {quoted(service)}")

@@ -78,7 +78,7 @@ class MethodSpec:
         self.fn = fn
         self.is_async = inspect.iscoroutinefunction(fn)
         self.never_suspends = never_suspends(fn)  # the worker runs it without a task
-        self.signature = inspect.signature(fn)
+        signature = inspect.signature(fn)
         hints = typing.get_type_hints(fn, include_extras=True)  # keeps `Integer`'s check
         self._adapters: dict[str, TypeAdapter[Any]] = {}
         # The parameters the worker fills with the call's caller (module docstring),
@@ -86,7 +86,7 @@ class MethodSpec:
         self._callers: tuple[str, ...] = ()
         self._caller_required = False
         arguments: list[inspect.Parameter] = []
-        for param in self.signature.parameters.values():
+        for param in signature.parameters.values():
             annotation = hints.get(param.name, Any)
             required = _caller_parameter(name, param, annotation)
             if required is not None:
@@ -106,7 +106,7 @@ class MethodSpec:
             # It gets its arguments by name (`_bind_with_caller`).
             raise ConfigError(f"{name}: a handler taking a Caller cannot take positional-only "
                               "parameters or *args")  # fmt: skip
-        self._arguments = self.signature.replace(parameters=arguments)
+        self._arguments = signature.replace(parameters=arguments)
         # The parameter names when every one is plain (positional or keyword): a call
         # giving exactly that many positional arguments then needs no Signature.bind.
         plain = all(p.kind is p.POSITIONAL_OR_KEYWORD for p in arguments)

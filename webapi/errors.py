@@ -107,14 +107,6 @@ class NoRoute(ApiError):
     quiet = True
 
 
-class NotInHistory(ApiError):
-    """A policy version the history does not keep (`GET /admin/policy/versions/<n>`)."""
-
-    status_code = 404
-    code = "not_found"
-    quiet = True
-
-
 class BodyTooLarge(ApiError):
     """The request body is larger than the service takes (`max_body`, PROXY_MAX_BODY)."""
 

@@ -39,13 +39,13 @@ from typing import Any
 from sanic import Blueprint, HTTPResponse
 
 from common.credentials import Principal
-from common.errors import quoted
+from common.errors import NotFound, quoted
 from common.policy import PolicyDocument, PolicyStore, validate_document
 from common.policy.sections import omission_warnings
 from common.policy.store import HISTORY_KEEP
 from webapi.access import ADMIN, call_rpc
 from webapi.context import GatewayRequest
-from webapi.errors import InvalidQuery, MalformedJson, NotInHistory
+from webapi.errors import InvalidQuery, MalformedJson
 from webapi.requests import json_object
 from webapi.responses import json_response
 
@@ -170,7 +170,7 @@ async def policy_history(request: GatewayRequest) -> HTTPResponse:
 async def policy_version(request: GatewayRequest, version: int) -> HTTPResponse:
     document = await _store(request).get_version(version)
     if document is None:  # (any integer the path names: -1 and 10**20 too)
-        raise NotInHistory(f"policy version {version} is not in the history (it keeps the "
+        raise NotFound(f"policy version {version} is not in the history (it keeps the "
                            f"last {HISTORY_KEEP})")  # fmt: skip
     return json_response(document.model_dump(mode="json"))
 
