@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
 import json
@@ -280,3 +281,14 @@ async def eventually_refused(auth: Authenticator, credential: str, message: str)
         return False
 
     await wait_for_async(refused, timeout=10)
+
+
+def forged_admin_jwt() -> str:
+    """An unsigned (`alg: none`) JWT claiming every scope and the admin role."""
+
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    claims = {"sub": "root", "roles": ["admin", "user"], "scope": "* admin",
+              "exp": 4102444800, "iss": "switchboard", "aud": "switchboard"}  # fmt: skip
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."

@@ -17,7 +17,6 @@ every request it gets (`Recorder`)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import threading
 import uuid
@@ -32,7 +31,7 @@ import redis.asyncio as aioredis
 
 from common.forwarding import MAX_VIA_HOPS, VIA
 from common.registry import Registry
-from tests.helpers import issue_api_key, issue_user_token, wait_for
+from tests.helpers import forged_admin_jwt, issue_api_key, issue_user_token, wait_for
 from tests.support.policy import set_document
 from tests.support.raw_http import Answer, connect, read_answers
 from tests.support.registry import register
@@ -146,17 +145,6 @@ def values(fields: list[tuple[str, str]], name: str) -> list[str]:
     return [value for field, value in fields if field.lower() == name]
 
 
-def _forged_admin_jwt() -> str:
-    """An unsigned (`alg: none`) JWT claiming every scope and the admin role."""
-
-    def part(data: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
-    claims = {"sub": "root", "roles": ["admin", "user"], "scope": "* admin",
-              "exp": 4102444800, "iss": "switchboard", "aud": "switchboard"}  # fmt: skip
-    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
-
-
 @pytest.fixture(scope="module")
 def credentials(recorder: Recorder, redis_url: str) -> dict[str, str]:
     """The credentials of the tests, the good ones in the fast path's cache already."""
@@ -169,7 +157,7 @@ def credentials(recorder: Recorder, redis_url: str) -> dict[str, str]:
         assert send(recorder, "fast", [field], "warm").status == 200
     return {
         **{name: value.removeprefix("Bearer ") for name, (_, value) in good.items()},
-        "forged": _forged_admin_jwt(),
+        "forged": forged_admin_jwt(),
     }
 
 

@@ -16,7 +16,6 @@ answers every field line of its upgrade request)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -26,7 +25,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from common.forwarding import MAX_VIA_HOPS, VIA
-from tests.helpers import issue_api_key
+from tests.helpers import forged_admin_jwt, issue_api_key
 from tests.websocket.conftest import Backends, WsServer, recv_json, wait_reachable
 
 pytestmark = pytest.mark.timeout(60)
@@ -66,17 +65,6 @@ def values(seen: dict[str, Any], name: str) -> list[str]:
     return [value for field, value in seen["headers"] if field.lower() == name]
 
 
-def _forged_admin_jwt() -> str:
-    """An unsigned (`alg: none`) JWT claiming every scope and the admin role."""
-
-    def part(data: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
-    claims = {"sub": "root", "roles": ["admin", "user"], "scope": "* admin",
-              "exp": 4102444800, "iss": "switchboard", "aud": "switchboard"}  # fmt: skip
-    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
-
-
 @pytest.mark.parametrize("route", ["proxy", "stream"])
 @pytest.mark.parametrize(
     "case",
@@ -89,11 +77,11 @@ async def test_ambiguous_credential_fields_refuse_the_upgrade(
     headers = {
         # The probe's: the key authenticated (and dropped), the forged JWT passed on alone.
         "key-then-forged-jwt": [("Authorization", f"Bearer {key}"),
-                                ("Authorization", f"Bearer {_forged_admin_jwt()}")],
+                                ("Authorization", f"Bearer {forged_admin_jwt()}")],
         "jwt-then-garbage": [*ws_server.bearer().items(), ("Authorization", "Bearer garbage")],
         "two-api-keys": [("X-Api-Key", key), ("X-Api-Key", issue_api_key(redis_url, ["*"]))],
         "api-key-and-another-bearer": [("X-Api-Key", key),
-                                       ("Authorization", f"Bearer {_forged_admin_jwt()}")],
+                                       ("Authorization", f"Bearer {forged_admin_jwt()}")],
     }[case]  # fmt: skip
     seen = await seen_by_upstream(ws_server, route, service, headers[:1])  # one: good
     assert values(seen, "authorization") == [v for k, v in headers[:1] if "sbk_" not in v]
