@@ -57,6 +57,7 @@ from common.outage import Outage
 from common.registry import (
     HEARTBEAT_SCRIPT,
     InstanceRecord,
+    heartbeat_events_due,
     heartbeat_request,
     queue_heartbeat_events,
 )
@@ -213,7 +214,7 @@ class LeaseKeeper:
             accepting = self.accepting()
             keys, args = heartbeat_request(self.record, self.ttl_ms, accepting)
             result = script(keys=keys, args=args)
-            if result is not None and (result[0] or len(result) > 1):
+            if heartbeat_events_due(result):
                 registered = registered or bool(result[0])
                 with client.pipeline(transaction=False) as pipe:
                     queue_heartbeat_events(pipe, self.record, result)

@@ -206,6 +206,12 @@ def heartbeat_request(
     return keys, args
 
 
+def heartbeat_events_due(result: list[Any] | None) -> bool:
+    """Whether the heartbeat script's `result` calls for events (`queue_heartbeat_events`):
+    a new lease, or dead instances pruned. Most beats call for none, and send nothing more."""
+    return result is not None and (bool(result[0]) or len(result) > 1)
+
+
 def queue_heartbeat_events(pipe: Any, record: InstanceRecord, result: list[Any]) -> None:
     """Queue on `pipe` (a pipeline, sync or async) what the heartbeat script's `result`
     calls for: the service in `sb:services` and an "up" event when the lease is new, a
@@ -293,7 +299,7 @@ class Registry:
         result = await self._heartbeat(keys=keys, args=args)
         if result is None:
             return False
-        if result[0] or len(result) > 1:
+        if heartbeat_events_due(result):
             async with self.redis.pipeline(transaction=False) as pipe:
                 queue_heartbeat_events(pipe, record, result)
                 await pipe.execute()
