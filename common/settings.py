@@ -218,13 +218,29 @@ class Settings:
     auth_admin_password: str | None = field(default=None, metadata=_env("AUTH_ADMIN_PASSWORD"))
     # Scopes a newly registered user gets (space-separated; "*" = every service, not admin).
     auth_default_scopes: str = field(default="*", metadata=_env("AUTH_DEFAULT_SCOPES"))
-    # Login throttling per username (brute force; never a permanent lockout): after
-    # AUTH_LOGIN_MAX_FAILURES failures in a row, a username's logins are refused for
-    # AUTH_LOGIN_LOCK_BASE seconds, doubled at each further failure up to
-    # AUTH_LOGIN_LOCK_MAX; the count is forgotten AUTH_LOGIN_FAILURE_WINDOW seconds
-    # after the last failure (and its lock). A successful login resets it.
+    # Login throttling (brute force; never a permanent lockout; microservices.auth.throttle):
+    # after AUTH_LOGIN_MAX_FAILURES failures in a row of a username from one client
+    # address, its logins from there are refused for AUTH_LOGIN_LOCK_BASE seconds,
+    # doubled at each further failure up to AUTH_LOGIN_LOCK_MAX; the count is forgotten
+    # AUTH_LOGIN_FAILURE_WINDOW seconds after the last failure (and its lock). A
+    # successful login resets it.
     auth_login_max_failures: int = field(
         default=5, metadata=_env("AUTH_LOGIN_MAX_FAILURES", _COUNT)
+    )
+    # The account-wide backstop against guessing from many addresses: past this many
+    # failures of a username from all addresses, the same growing locks, except for
+    # the addresses its owner logged in from within AUTH_LOGIN_KNOWN_ADDRESS_DAYS.
+    # 20: four addresses' worth of the owner's own typos, well under NIST SP 800-63B's
+    # ceiling of 100 failures in a row.
+    auth_login_max_failures_account: int = field(
+        default=20, metadata=_env("AUTH_LOGIN_MAX_FAILURES_ACCOUNT", _COUNT)
+    )
+    auth_login_known_address_days: int = field(
+        default=30,
+        metadata=_env(
+            "AUTH_LOGIN_KNOWN_ADDRESS_DAYS",
+            Bounds(0, 365, zero="no address escapes the account-wide lock", unit="days"),
+        ),
     )
     auth_login_lock_base: float = field(
         default=1.0, metadata=_env("AUTH_LOGIN_LOCK_BASE", _LOGIN_SECONDS)

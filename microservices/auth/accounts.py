@@ -6,8 +6,9 @@ The gateway is trusted to pass the authenticated caller's user id and session
 id, and to allow the admin operations to admins only.
 
 Revocations last `JWT_TTL` + 60 s (`revoke_for`): by then every access token
-issued before has expired by itself. Logins are throttled per username
-(`throttle.LoginThrottle`) before any password is checked.
+issued before has expired by itself. Logins are throttled per username and
+client address, with an account-wide backstop (`throttle.LoginThrottle`), before
+any password is checked.
 """
 
 from __future__ import annotations
@@ -149,20 +150,24 @@ class Accounts:
 
     # -- sessions --------------------------------------------------------------------
 
-    async def login(self, username: str, password: str) -> dict[str, Any]:
+    async def login(
+        self, username: str, password: str, address: str | None = None
+    ) -> dict[str, Any]:
         """An access token and a refresh token for valid credentials, else `Unauthorized`;
-        `TooManyAttempts`, without checking the password, while the username is throttled."""
-        attempt = await self.throttle.admit(username)
+        `TooManyAttempts`, without checking the password, while the username is throttled
+        for the client `address` (None: a caller that names none, throttled as before
+        addresses were: `throttle`)."""
+        attempt = await self.throttle.admit(username, address)
         try:
             user = await self.users.check_password(username, password)
         except Unauthorized:
-            await self.throttle.failed(username, attempt)
+            await self.throttle.failed(attempt)
             raise
         except BaseException:
             with contextlib.suppress(Exception):  # it stops counting after a while anyway
-                await self.throttle.abandoned(username, attempt)
+                await self.throttle.abandoned(attempt)
             raise
-        await self.throttle.succeeded(username, attempt)
+        await self.throttle.succeeded(attempt)
         if await self._user_revoked(user.user_id):
             raise Unauthorized("this user's credentials are revoked: try again later")
         if user.narrowing is not None:  # a narrowing cut short: its clean-up first

@@ -53,10 +53,14 @@ async def register(username: str, password: str) -> dict[str, Any]:
 
 
 @svc.method
-async def login(username: str, password: str) -> dict[str, Any]:
+async def login(username: str, password: str, address: str | None = None) -> dict[str, Any]:
     """{access_token, token_type, expires_in, refresh_token, refresh_expires_in}
-    (unauthorized; too_many_attempts with retry_after while the username is throttled)."""
-    return await ctx.accounts.login(username, password)
+    (unauthorized; too_many_attempts with retry_after while the username is throttled).
+
+    `address` is the client's, as the gateway read it: failures are counted per
+    username and address (`throttle`). Clients cannot call this service, so they
+    cannot name another address; a caller that names none is throttled per username."""
+    return await ctx.accounts.login(username, password, address)
 
 
 @svc.method

@@ -1,29 +1,63 @@
-"""Login throttling per username: growing locks after failed logins, never a lockout.
+"""Login throttling per username and client address: growing locks after failed
+logins, never a lockout, and no way for a stranger to lock an owner out.
 
 ```
-sb:{auth}:login_failures:<username>   hash  failures, locked_until (epoch seconds)
-sb:{auth}:login_pending:<username>    zset  attempts under way (id -> start, epoch seconds)
+sb:{auth}:login_failures:<username>@<address>  hash  failures, locked_until (epoch seconds)
+sb:{auth}:login_pending:<username>@<address>   zset  attempts under way (id -> start)
+sb:{auth}:login_failures:<username>@*          hash  the same, for the account (every address)
+sb:{auth}:login_pending:<username>@*           zset
+sb:{auth}:login_addresses:<username>           zset  addresses with failures -> when those expire
+sb:{auth}:login_known:<username>               zset  addresses logged in from -> when (last)
+sb:{auth}:login_failures:<username>            hash  logins that name no address (as before)
+sb:{auth}:login_pending:<username>             zset
 ```
 
 `<username>` is the name lower-cased, as `Users.find` matches it; a name that no
 user can have (not 3-64 characters of `A-Z a-z 0-9 _ . -`) is keyed by its
-SHA-256 instead, so a key stays short whatever is sent.
+SHA-256 instead, so a key stays short whatever is sent. `<address>` is the
+client's address as the gateway reads it (`Gatekeeper.client_ip`: the same as
+its rate limits, `X-Forwarded-For` believed from trusted proxies only), an IPv6
+one by its /64 (one host or household: privacy addresses change within it); text
+that is no address is keyed by its SHA-256. Every key has the `{auth}` tag: one
+Cluster slot, so a script may touch all of a user's keys.
 
-An attempt is admitted by the script that checks the lock, and held as under way
-until its password is checked: at most as many attempts are under way at once as
-there are failures left before the lock (at least one), so concurrent attempts
-(through any number of gateways and auth instances) cannot slip in more guesses
-than the rules allow. One over that waits (`BUSY_WAIT`) for those under way to
-end, then is admitted or refused: so concurrent logins of the right password all
-get in, without counting as failures. The failure that brings the count to
-`max_failures` locks the name for `lock_base` seconds; once a lock has passed,
-each failure locks the name again for twice as long as the last lock (at most
-`lock_max`): a guesser gets one try per lock, and the owner, once the lock
-passes, gets in with the right password. Attempts refused during a lock are not
-counted and cost no password check. A successful login deletes the count;
-otherwise it expires `window` seconds after the last failure's lock ends,
-forgetting it. An attempt whose worker died before it ended stops counting as
-under way after `STALE_SECONDS`.
+Why two tiers (OWASP's authentication cheat sheet: a lock keyed by the username
+alone is a denial of service): anyone who knows a name could keep its owner out,
+one failure per lock. So a login is counted in two tiers:
+
+- **per username and address** (`max_failures`, `AUTH_LOGIN_MAX_FAILURES`): the
+  rules below. Only attempts from that address count, so strangers elsewhere
+  cannot lock the owner's address.
+- **per username, every address** (`max_account_failures`,
+  `AUTH_LOGIN_MAX_FAILURES_ACCOUNT`): the same rules and locks with a larger
+  count, a backstop against guessing from many addresses, which no address's
+  count sees. Its lock does not apply at an address the user logged in from
+  within `known_for` (`AUTH_LOGIN_KNOWN_ADDRESS_DAYS`; the `KNOWN_ADDRESSES`
+  most recent are kept): the owner at a usual address gets in whatever strangers
+  do; strangers, and the owner at a new address, wait. Failures from a known
+  address count here too (they are guesses all the same), and a success does
+  not reset this count: it shows the owner is there, not that strangers stopped.
+
+An attempt is refused while a tier that applies to it is locked. It is admitted
+by the script that checks the locks, and held as under way in both tiers until
+its password is checked: at most as many attempts are under way at once as there
+are failures left before a tier's lock (at least one), so concurrent attempts
+(through any number of gateways and auth instances, from any number of addresses)
+cannot slip in more guesses than the rules allow. One over that waits
+(`BUSY_WAIT`) for those under way to end, then is admitted or refused: so
+concurrent logins of the right password all get in, without counting as
+failures. The failure that brings a tier's count to its maximum locks it for
+`lock_base` seconds; once a lock has passed, each failure locks it again for
+twice as long as the last lock (at most `lock_max`): a guesser gets one try per
+lock, and the owner, once the lock passes, gets in with the right password.
+Attempts refused during a lock are not counted and cost no password check. A
+successful login deletes its address's count; a count expires `window` seconds
+after the last failure's lock ends, forgetting it. An attempt whose worker died
+before it ended stops counting as under way after `STALE_SECONDS`.
+
+A login that names no address (an older gateway during a rolling deploy, an
+internal caller) is counted as before this split: in one tier per username, the
+keys without `@`, which older auth instances share.
 
 Every name is counted, registered or not, so the answers (and their timing) are
 the same for both and tell nothing about which names exist.
@@ -33,13 +67,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import math
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from common.connection import as_text
 from common.constants import data_key
@@ -52,54 +89,121 @@ STALE_SECONDS = 30.0
 # How long an attempt over the number allowed under way waits for a place, polling.
 BUSY_WAIT = 2.0
 _BUSY_POLL = 0.05
+# The addresses a user logged in from that are remembered (the most recent): enough
+# for home, work, a phone's networks; few enough to keep the key small.
+KNOWN_ADDRESSES = 10
+# The account tier's address in key names (no address is keyed so).
+ACCOUNT = "*"
+_DAY = 86400.0
 
-# Admit one attempt (ARGV[6], its id) of the name, unless it is locked or as many
-# attempts as it may have are under way. KEYS: failures hash, pending zset.
-# ARGV: now, max_failures, lock_base, lock_max, window, attempt id, stale seconds.
+# Admit one attempt (ARGV[3], its id) unless a tier that applies to it is locked or
+# has as many attempts under way as it may; hold it as under way in every tier.
+# KEYS: the known addresses zset, then per tier its failures hash and pending zset.
+# ARGV: now, stale seconds, attempt id, the address ('' none), known since (epoch
+# seconds), then per tier its max failures and 1 if a known address escapes it.
 # Returns nil when admitted, else {"locked", seconds left} or {"busy", "0"}.
 _ADMIT = """
-local now = tonumber(ARGV[1])
-local locked_until = tonumber(redis.call('HGET', KEYS[1], 'locked_until') or '0')
-if locked_until > now then return {'locked', tostring(locked_until - now)} end
-local stale = tonumber(ARGV[7])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - stale)
-local failures = tonumber(redis.call('HGET', KEYS[1], 'failures') or '0')
-if redis.call('ZCARD', KEYS[2]) >= math.max(1, tonumber(ARGV[2]) - failures) then
-  return {'busy', '0'}
+local now, stale = tonumber(ARGV[1]), tonumber(ARGV[2])
+local seen = ARGV[4] ~= '' and redis.call('ZSCORE', KEYS[1], ARGV[4])
+local known = seen and tonumber(seen) >= tonumber(ARGV[5])
+local tiers, applying = (#KEYS - 1) / 2, {}
+for tier = 1, tiers do
+  if not (known and ARGV[5 + 2 * tier] == '1') then applying[#applying + 1] = tier end
 end
-redis.call('ZADD', KEYS[2], now, ARGV[6])
-redis.call('PEXPIRE', KEYS[2], math.ceil(stale * 1000))
+local left = 0
+for _, tier in ipairs(applying) do
+  local locked_until = tonumber(redis.call('HGET', KEYS[2 * tier], 'locked_until') or '0')
+  left = math.max(left, locked_until - now)
+end
+if left > 0 then return {'locked', tostring(left)} end
+for _, tier in ipairs(applying) do
+  local pending = KEYS[2 * tier + 1]
+  redis.call('ZREMRANGEBYSCORE', pending, '-inf', now - stale)
+  local failures = tonumber(redis.call('HGET', KEYS[2 * tier], 'failures') or '0')
+  if redis.call('ZCARD', pending) >= math.max(1, tonumber(ARGV[4 + 2 * tier]) - failures) then
+    return {'busy', '0'}
+  end
+end
+for tier = 1, tiers do
+  redis.call('ZADD', KEYS[2 * tier + 1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[2 * tier + 1], math.ceil(stale * 1000))
+end
 return false
 """
 
-# Count a failed attempt (ARGV[6]) and lock the name when the count says so.
-# KEYS and ARGV as `_ADMIT`'s.
+# Count a failed attempt (ARGV[5]) in every tier, locking a tier when its count says
+# so; index the first tier's failures under the address (ARGV[6], '' none) until
+# they expire. KEYS: the addresses zset, then per tier its failures hash and pending
+# zset. ARGV: now, lock base, lock max, window, attempt id, address, then per tier
+# its max failures.
 _FAILED = """
 local now = tonumber(ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[6])
-local over = redis.call('HINCRBY', KEYS[1], 'failures', 1) - tonumber(ARGV[2])
-local keep = tonumber(ARGV[5])
-if over >= 0 then
-  local lock = math.min(tonumber(ARGV[3]) * 2 ^ math.min(over, 64), tonumber(ARGV[4]))
-  redis.call('HSET', KEYS[1], 'locked_until', string.format('%.6f', now + lock))
-  keep = keep + lock
+for tier = 1, (#KEYS - 1) / 2 do
+  local failures = KEYS[2 * tier]
+  redis.call('ZREM', KEYS[2 * tier + 1], ARGV[5])
+  local over = redis.call('HINCRBY', failures, 'failures', 1) - tonumber(ARGV[6 + tier])
+  local keep = tonumber(ARGV[4])
+  if over >= 0 then
+    local lock = math.min(tonumber(ARGV[2]) * 2 ^ math.min(over, 64), tonumber(ARGV[3]))
+    redis.call('HSET', failures, 'locked_until', string.format('%.6f', now + lock))
+    keep = keep + lock
+  end
+  redis.call('PEXPIRE', failures, math.ceil(keep * 1000))
+  if tier == 1 and ARGV[6] ~= '' then
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+    redis.call('ZADD', KEYS[1], now + keep, ARGV[6])
+    local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+    redis.call('PEXPIRE', KEYS[1], math.ceil((tonumber(last[2]) - now) * 1000))
+  end
 end
-redis.call('PEXPIRE', KEYS[1], math.ceil(keep * 1000))
 return false
 """
 
 
-def failures_key(username: str) -> str:
-    """The failure count of `username` (matched ignoring case, as logins are)."""
+def login_address(address: str | None) -> str | None:
+    """How a client address is keyed: IPv4 as is, IPv6 by its /64 (IPv4-mapped as
+    IPv4), other text by its SHA-256; None for none (an empty one included)."""
+    if not address:
+        return None
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return "#" + hashlib.sha256(address.encode(errors="replace")).hexdigest()
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip.exploded, 64), strict=False))
+    return str(ip)
+
+
+def _name(username: str) -> str:
     folded = username.lower()
     if not USERNAME.fullmatch(username):
         folded = "#" + hashlib.sha256(folded.encode(errors="replace")).hexdigest()
-    return data_key("auth", "login_failures", folded)
+    return folded
 
 
-def pending_key(username: str) -> str:
+def failures_key(username: str, address: str | None = None) -> str:
+    """The failure count of `username` (matched ignoring case, as logins are) from
+    `address` (as `login_address` keys it; `ACCOUNT`: every address; None: logins
+    naming no address)."""
+    suffix = "" if address is None else f"@{address}"
+    return data_key("auth", "login_failures", _name(username) + suffix)
+
+
+def pending_key(username: str, address: str | None = None) -> str:
     """The attempts of `username` under way (named as `failures_key`)."""
-    return failures_key(username).replace(":login_failures:", ":login_pending:", 1)
+    return failures_key(username, address).replace(":login_failures:", ":login_pending:", 1)
+
+
+def addresses_key(username: str) -> str:
+    """The addresses with a failure count of `username` (for the admin's clear)."""
+    return data_key("auth", "login_addresses", _name(username))
+
+
+def known_key(username: str) -> str:
+    """The addresses `username` logged in from lately."""
+    return data_key("auth", "login_known", _name(username))
 
 
 _DEFAULTS = Settings()
@@ -114,6 +218,8 @@ class ThrottleRules:
     lock_base: float = _DEFAULTS.auth_login_lock_base
     lock_max: float = _DEFAULTS.auth_login_lock_max
     window: float = _DEFAULTS.auth_login_failure_window
+    max_account_failures: int = _DEFAULTS.auth_login_max_failures_account
+    known_for: float = _DEFAULTS.auth_login_known_address_days * _DAY
 
     @classmethod
     def of(cls, settings: Settings) -> ThrottleRules:
@@ -123,11 +229,24 @@ class ThrottleRules:
             lock_base=settings.auth_login_lock_base,
             lock_max=settings.auth_login_lock_max,
             window=settings.auth_login_failure_window,
+            max_account_failures=settings.auth_login_max_failures_account,
+            known_for=settings.auth_login_known_address_days * _DAY,
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """An admitted login attempt: its id, the name, and the address as keyed (None:
+    the login named none)."""
+
+    id: str
+    username: str
+    address: str | None
+
+
 class LoginThrottle:
-    """Failed logins counted per username in Redis, shared by every auth instance.
+    """Failed logins counted per username and address in Redis, shared by every auth
+    instance.
 
     A login calls `admit`, then exactly one of `failed` (wrong password),
     `succeeded` (right password) or `abandoned` (neither was found out).
@@ -146,16 +265,24 @@ class LoginThrottle:
         self._admit = redis.register_script(_ADMIT)
         self._failed = redis.register_script(_FAILED)
 
-    async def admit(self, username: str) -> str:
-        """Admit a login attempt of `username`: its id, for the call that ends it.
+    async def admit(self, username: str, address: str | None = None) -> Attempt:
+        """Admit a login attempt of `username` from the client `address` (None: one
+        that names none), for the call that ends it.
 
-        `TooManyAttempts` while the name is locked, or when the attempts it may have
-        under way still are after `BUSY_WAIT`.
+        `TooManyAttempts` while a tier that applies is locked, or when the attempts
+        it may have under way still are after `BUSY_WAIT`.
         """
-        attempt = uuid.uuid4().hex
+        attempt = Attempt(uuid.uuid4().hex, username, login_address(address))
+        tiers = self._tiers(attempt)
+        keys = [known_key(username)] + [key for tier in tiers for key in tier[:2]]
+        known = attempt.address if self.rules.known_for > 0 else None
+        per_tier = [value for _, _, most, escapes in tiers for value in (most, int(escapes))]
         waited_until = time.monotonic() + BUSY_WAIT
         while True:
-            refused = await self._admit(keys=_keys(username), args=self._args(attempt))
+            now = self.clock()
+            args: list[str | float] = [now, STALE_SECONDS, attempt.id, known or ""]
+            args += [now - self.rules.known_for, *per_tier]
+            refused = await self._admit(keys=keys, args=args)
             if refused is None:
                 return attempt
             kind, left = (as_text(part) for part in refused)
@@ -172,32 +299,71 @@ class LoginThrottle:
                 )
             await asyncio.sleep(_BUSY_POLL)
 
-    async def failed(self, username: str, attempt: str) -> None:
-        """The password was wrong: count a failure (which may lock the name)."""
-        await self._failed(keys=_keys(username), args=self._args(attempt))
+    async def failed(self, attempt: Attempt) -> None:
+        """The password was wrong: count a failure in every tier (which may lock it)."""
+        rules = self.rules
+        tiers = self._tiers(attempt)
+        keys = [addresses_key(attempt.username)] + [key for tier in tiers for key in tier[:2]]
+        args: list[str | float] = [self.clock(), rules.lock_base, rules.lock_max, rules.window]
+        args += [attempt.id, attempt.address or "", *(most for _, _, most, _ in tiers)]
+        await self._failed(keys=keys, args=args)
 
-    async def succeeded(self, username: str, attempt: str) -> None:
-        """The password was right: forget the name's failures."""
-        failures, pending = _keys(username)
+    async def succeeded(self, attempt: Attempt) -> None:
+        """The password was right: forget the failures from its address (not the
+        account's), and remember the address as the user's."""
+        username, address = attempt.username, attempt.address
+        tiers = self._tiers(attempt)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(failures)
-            pipe.zrem(pending, attempt)
+            pipe.delete(tiers[0][0])
+            for _, pending, _, _ in tiers:
+                pipe.zrem(pending, attempt.id)
+            if address is not None:
+                pipe.zrem(addresses_key(username), address)
+                if self.rules.known_for > 0:
+                    self._remember(pipe, known_key(username), address)
             await pipe.execute()
 
-    async def abandoned(self, username: str, attempt: str) -> None:
+    def _remember(self, pipe: Pipeline, known: str, address: str) -> None:
+        now = self.clock()
+        pipe.zadd(known, {address: now})
+        pipe.zremrangebyscore(known, "-inf", now - self.rules.known_for)
+        pipe.zremrangebyrank(known, 0, -KNOWN_ADDRESSES - 1)  # keeps the most recent
+        pipe.pexpire(known, math.ceil(self.rules.known_for * 1000))
+
+    async def abandoned(self, attempt: Attempt) -> None:
         """The attempt ended before its password was found right or wrong: it counts
         for nothing (if this cannot be said, it stops counting after `STALE_SECONDS`)."""
-        await self.redis.zrem(_keys(username)[1], attempt)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for _, pending, _, _ in self._tiers(attempt):
+                pipe.zrem(pending, attempt.id)
+            await pipe.execute()
 
     async def clear(self, username: str) -> bool:
-        """Lift the name's lock and forget its failures (admin); whether there were any."""
-        return bool(await self.redis.delete(failures_key(username)))
+        """Lift every lock of the name, from every address and the account's, and
+        forget its failures (admin); whether there were any. The addresses it knows
+        are kept: they are no failures."""
+        index = addresses_key(username)
+        addresses = [as_text(a) for a in cast("list[bytes]", await self.redis.zrange(index, 0, -1))]
+        # Only the addresses read are unindexed: a failure from another one meanwhile
+        # stays indexed, for the next clear. (The failure script and this transaction
+        # are atomic, so an address read is either cleared or counted again, indexed.)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(failures_key(username), failures_key(username, ACCOUNT),
+                        *(failures_key(username, a) for a in addresses))  # fmt: skip
+            if addresses:
+                pipe.zrem(index, *addresses)
+            deleted = (await pipe.execute())[0]
+        return bool(deleted)
 
-    def _args(self, attempt: str) -> list[str | int | float]:
-        rules = self.rules
-        return [self.clock(), rules.max_failures, rules.lock_base, rules.lock_max,
-                rules.window, attempt, STALE_SECONDS]  # fmt: skip
-
-
-def _keys(username: str) -> list[str]:
-    return [failures_key(username), pending_key(username)]
+    def _tiers(self, attempt: Attempt) -> list[tuple[str, str, int, bool]]:
+        """The tiers `attempt` counts in, first its address's: failures key, pending
+        key, max failures, whether a known address escapes its lock."""
+        username, address, rules = attempt.username, attempt.address, self.rules
+        if address is None:
+            return [(failures_key(username), pending_key(username), rules.max_failures, False)]
+        return [
+            (failures_key(username, address), pending_key(username, address),
+             rules.max_failures, False),
+            (failures_key(username, ACCOUNT), pending_key(username, ACCOUNT),
+             rules.max_account_failures, True),
+        ]  # fmt: skip

@@ -1,6 +1,9 @@
-"""Login throttling per username (`microservices.auth.throttle`) through `Accounts`,
-against a real Redis (DB 2): the lock after N failures, unknown names treated the
-same, resets, expiry, growth, races, the admin's clear, and Redis down.
+"""Login throttling (`microservices.auth.throttle`) through `Accounts`, against a real
+Redis (DB 2): the lock after N failures, unknown names treated the same, resets,
+expiry, growth, races, the admin's clear, and Redis down, for logins naming no
+address (as before addresses); then the two tiers of logins from an address: a
+stranger's failures lock only the stranger's address, the account-wide backstop
+locks every address but the owner's known ones.
 
 Locks are either long with a `Clock` moved past them, or a fraction of a second
 and waited out by polling; nothing asserts how long anything took.
@@ -21,9 +24,14 @@ from common.embedded_redis import free_port
 from common.errors import ServiceError, TooManyAttempts, Unauthorized
 from microservices.auth.accounts import Accounts
 from microservices.auth.throttle import (
+    ACCOUNT,
+    KNOWN_ADDRESSES,
     STALE_SECONDS,
     ThrottleRules,
+    addresses_key,
     failures_key,
+    known_key,
+    login_address,
     pending_key,
 )
 from tests.helpers import Clock, wait_for_async
@@ -37,6 +45,8 @@ from tests.microservices.auth_fixtures import (  # noqa: F401 (fixtures)
 pytestmark = pytest.mark.timeout(60)
 
 WRONG = "not the password"
+# Client addresses (documentation ranges): the owner's, a stranger's, another's.
+OWNER, STRANGER, OTHER = "198.51.100.20", "203.0.113.7", "192.0.2.33"
 
 
 def counting_hasher() -> CountingHasher:
@@ -49,11 +59,15 @@ async def throttled(
     lock_base: float = 10.0,
     lock_max: float = 60.0,
     window: float = 60.0,
+    account: int = 20,
+    known_for: float = 30 * 86400.0,
     clock: Clock | None = None,
     hasher: CountingHasher | None = None,
 ) -> Accounts:
-    """Accounts whose logins lock after 3 failures (for 10 s by default)."""
-    kwargs: dict[str, Any] = {"throttle": ThrottleRules(3, lock_base, lock_max, window)}
+    """Accounts whose logins lock after 3 failures from one address, `account` from
+    all (for 10 s by default)."""
+    rules = ThrottleRules(3, lock_base, lock_max, window, account, known_for)
+    kwargs: dict[str, Any] = {"throttle": rules}
     if clock is not None:
         kwargs["clock"] = clock
     if hasher is not None:
@@ -63,16 +77,18 @@ async def throttled(
     return accounts
 
 
-async def fail(accounts: Accounts, username: str, times: int) -> None:
+async def fail(accounts: Accounts, username: str, times: int, address: str | None = None) -> None:
     for _ in range(times):
         with pytest.raises(Unauthorized, match="invalid username or password"):
-            await accounts.login(username, WRONG)
+            await accounts.login(username, WRONG, address)
 
 
-async def refused(accounts: Accounts, username: str, password: str = PASSWORD) -> float:
+async def refused(
+    accounts: Accounts, username: str, password: str = PASSWORD, *, address: str | None = None
+) -> float:
     """Log in, expecting the throttle's refusal; its retry_after."""
     with pytest.raises(TooManyAttempts) as caught:
-        await accounts.login(username, password)
+        await accounts.login(username, password, address)
     assert caught.value.code == "too_many_attempts"
     assert caught.value.message.startswith("too many failed logins: try again in ")
     retry_after = caught.value.retry_after
@@ -243,3 +259,137 @@ async def test_redis_down_fails_the_login_without_checking_a_password() -> None:
     finally:
         await unreachable.aclose()
     assert hasher.verifications == 0
+
+
+# -- logins from an address: two tiers ---------------------------------------------
+
+
+async def logged_in(accounts: Accounts, username: str, address: str | None) -> bool:
+    return (await accounts.login(username, PASSWORD, address))["token_type"] == "bearer"
+
+
+async def test_a_strangers_failures_do_not_lock_the_owner_elsewhere(
+    redis: aioredis.Redis,
+) -> None:
+    accounts = await throttled(redis)
+    await accounts.register("Kim", PASSWORD)
+    await fail(accounts, "Kim", 3, STRANGER)
+    assert await refused(accounts, "Kim", address=STRANGER) <= 10.0  # the stranger's address
+    assert await logged_in(accounts, "kim", OWNER)  # the owner's is not locked
+    await refused(accounts, "Kim", address=STRANGER)  # nor the stranger's unlocked by it
+    assert await redis.hget(failures_key("Kim", login_address(STRANGER)), "failures") == b"3"
+
+
+async def test_the_account_lock_spares_only_the_owners_known_addresses(
+    redis: aioredis.Redis,
+) -> None:
+    hasher = counting_hasher()
+    accounts = await throttled(redis, account=5, hasher=hasher)
+    await accounts.register("Liam", PASSWORD)
+    assert await logged_in(accounts, "Liam", OWNER)  # a known address from now on
+    await fail(accounts, "Liam", 3, STRANGER)  # locks the stranger's address
+    await fail(accounts, "Liam", 2, OTHER)  # 5 from all addresses: locks the account
+    verified = hasher.verifications
+    await refused(accounts, "Liam", address="192.0.2.99")  # a new address: the right password
+    await refused(accounts, "Liam", address=OTHER)  # one failure left of its own, but locked
+    assert hasher.verifications == verified  # refused unchecked
+    assert await logged_in(accounts, "LIAM", OWNER)  # the owner at a known address gets in
+    await refused(accounts, "Liam", address="192.0.2.99")  # no reset of the account's count
+    await fail(accounts, "Liam", 3, OWNER)  # a known address still has its own count
+    await refused(accounts, "Liam", address=OWNER)
+
+
+async def test_unknown_usernames_are_throttled_the_same_from_addresses(
+    redis: aioredis.Redis,
+) -> None:
+    accounts = await throttled(redis, account=5)
+    await accounts.register("Mona", PASSWORD)
+    answers = {}
+    for name in ("Mona", "nobody"):
+        caught: list[ServiceError] = []
+        for address in [STRANGER] * 4 + [OTHER] * 3 + ["192.0.2.99"]:
+            with pytest.raises(ServiceError) as error:
+                await accounts.login(name, WRONG, address)
+            caught.append(error.value)
+        answers[name] = [type(e).__name__ for e in caught]
+    assert answers["Mona"] == answers["nobody"]
+    assert answers["Mona"] == ["Unauthorized"] * 3 + ["TooManyAttempts"] + [
+        "Unauthorized"] * 2 + ["TooManyAttempts"] * 2  # fmt: skip
+
+
+async def test_a_known_address_is_forgotten_after_its_period_or_past_the_most_recent(
+    redis: aioredis.Redis,
+) -> None:
+    clock = Clock()
+    accounts = await throttled(
+        redis, account=3, lock_base=1000.0, lock_max=1000.0, known_for=100.0, clock=clock
+    )
+    await accounts.register("Nina", PASSWORD)
+    addresses = [f"198.51.100.{i}" for i in range(KNOWN_ADDRESSES + 1)]
+    for address in addresses:  # the first is pushed out by the ten after it
+        clock.offset += 1
+        assert await logged_in(accounts, "Nina", address)
+    known = {a.decode() for a in await redis.zrange(known_key("Nina"), 0, -1)}
+    assert known == set(addresses[1:])
+    await fail(accounts, "Nina", 3, STRANGER)  # locks the account
+    await refused(accounts, "Nina", address=addresses[0])
+    assert await logged_in(accounts, "Nina", addresses[1])
+    clock.offset += 101  # the known addresses' period passes; the lock has not
+    await refused(accounts, "Nina", address=addresses[1])
+
+
+async def test_concurrent_attempts_from_many_addresses_cannot_exceed_the_account_limit(
+    redis: aioredis.Redis,
+) -> None:
+    hasher = counting_hasher()
+    first = await throttled(redis, account=5, hasher=hasher)
+    second = await throttled(redis, account=5, hasher=hasher)
+    await first.register("Omar", PASSWORD)
+    verified = hasher.verifications
+    calls = [(first if i % 2 else second).login("Omar", WRONG, f"192.0.2.{i}") for i in range(20)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    kinds = sorted(type(r).__name__ for r in results)
+    assert kinds == ["TooManyAttempts"] * 15 + ["Unauthorized"] * 5
+    assert hasher.verifications - verified == 5
+
+
+async def test_an_admin_clears_every_address_and_the_account(redis: aioredis.Redis) -> None:
+    accounts = await throttled(redis, account=5)
+    await accounts.register("Pia", PASSWORD)
+    await fail(accounts, "Pia", 3, STRANGER)
+    await fail(accounts, "Pia", 2, OTHER)
+    await fail(accounts, "Pia", 3)  # and logins naming no address
+    for address in (STRANGER, "192.0.2.99", None):
+        await refused(accounts, "Pia", address=address)
+    assert await redis.zcard(addresses_key("Pia")) == 2
+    assert await accounts.clear_login_failures("PIA") == {"cleared": True}
+    assert [key async for key in redis.scan_iter("sb:{auth}:login_failures:*")] == []
+    assert await redis.exists(addresses_key("Pia")) == 0
+    for address in (STRANGER, "192.0.2.99", None):
+        assert await logged_in(accounts, "Pia", address)
+    assert await accounts.clear_login_failures("Pia") == {"cleared": False}
+
+
+async def test_logins_naming_no_address_keep_the_count_per_username(
+    redis: aioredis.Redis,
+) -> None:
+    """As before addresses (and in the keys older auth instances use): they share one
+    count per username, apart from the addresses' counts."""
+    accounts = await throttled(redis)
+    await accounts.register("Quinn", PASSWORD)
+    await fail(accounts, "Quinn", 3)
+    await refused(accounts, "quinn")
+    assert await redis.hget(failures_key("Quinn"), "failures") == b"3"
+    assert await redis.exists(failures_key("Quinn", ACCOUNT)) == 0
+    assert await logged_in(accounts, "Quinn", OWNER)  # an address has its own count
+
+
+def test_addresses_are_keyed_by_host_ipv6_by_its_64() -> None:
+    assert login_address("203.0.113.7") == "203.0.113.7"
+    assert login_address("::ffff:203.0.113.7") == "203.0.113.7"
+    assert login_address("2001:db8:1:2:aaaa::1") == login_address("2001:db8:1:2::bbbb")
+    assert login_address("2001:db8:1:2::1") == "2001:db8:1:2::/64"
+    assert login_address("2001:db8:1:3::1") != login_address("2001:db8:1:2::1")
+    assert login_address("not an address") == login_address("not an address")
+    assert len(login_address("x" * 500) or "") < 70
+    assert login_address("") is None and login_address(None) is None
