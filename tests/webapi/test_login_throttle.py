@@ -1,11 +1,14 @@
-"""Login throttling per username through the real gateway route `POST
-/api/v1/auth/login` and a real auth worker (Redis DB 12): 429 with `Retry-After`
-and the JSON error body, the same answers for unknown usernames, the lock
-passing (polled, never timed), and the admin's `DELETE /admin/login-failures/...`.
+"""Login throttling through the real gateway route `POST /api/v1/auth/login` and a
+real auth worker (Redis DB 12): 429 with `Retry-After` and the JSON error body,
+the same answers for unknown usernames, the lock passing (polled, never timed),
+the admin's `DELETE /admin/login-failures/...`, and the client address the gateway
+passes on: a stranger's failures do not lock the owner out.
 
-The auth worker locks a username for 2 s after 3 failures (a lock runs from the
-start of the attempt that set it: 2 s leave room for argon2 on a busy machine);
-the policy's per-IP limits are off here, so every 429 is the throttle's.
+The auth worker locks a username for 2 s after 3 failures from one address, 5
+from all (a lock runs from the start of the attempt that set it: 2 s leave room
+for argon2 on a busy machine); the policy's per-IP limits are off here, so every
+429 is the throttle's. The gateway trusts `X-Forwarded-For` from 127.0.0.1, so a
+test names the client's address with it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ pytestmark = pytest.mark.timeout(120)
 PASSWORD = "correct horse battery"
 WRONG = "not the password"
 THROTTLE = {"AUTH_LOGIN_MAX_FAILURES": "3", "AUTH_LOGIN_LOCK_BASE": "2",
-            "AUTH_LOGIN_LOCK_MAX": "4", "AUTH_LOGIN_FAILURE_WINDOW": "60"}  # fmt: skip
+            "AUTH_LOGIN_LOCK_MAX": "4", "AUTH_LOGIN_FAILURE_WINDOW": "60",
+            "AUTH_LOGIN_MAX_FAILURES_ACCOUNT": "5"}  # fmt: skip
+# Client addresses (documentation ranges).
+OWNER, STRANGER, OTHER, NEW = "198.51.100.20", "203.0.113.7", "192.0.2.33", "192.0.2.99"
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +44,7 @@ def gateway(redis_url: str) -> Iterator[str]:
     env = {"REDIS_URL": url, "AUTH_ADMIN_USERNAME": "", "AUTH_ADMIN_PASSWORD": "", **THROTTLE}
     auth = ServiceProcess(["python", "-m", "microservices.auth"], env=env, name="auth").start()
     try:
-        with running_gateway(url) as base:
+        with running_gateway(url, TRUSTED_PROXIES="127.0.0.1") as base:
 
             def live() -> bool:
                 services = httpx.get(f"{base}/health", timeout=2).json()["services"]
@@ -54,9 +60,11 @@ def gateway(redis_url: str) -> Iterator[str]:
         redis.Redis.from_url(url).flushdb()
 
 
-def login(base: str, username: str, password: str) -> httpx.Response:
+def login(base: str, username: str, password: str, client: str | None = None) -> httpx.Response:
+    """A login; from `client` (the address a trusted proxy reports) if given."""
     body = {"username": username, "password": password}
-    return httpx.post(f"{base}/api/v1/auth/login", json=body, timeout=10)
+    headers = {"X-Forwarded-For": client} if client else {}
+    return httpx.post(f"{base}/api/v1/auth/login", json=body, headers=headers, timeout=10)
 
 
 def registered(base: str) -> str:
@@ -108,3 +116,18 @@ def test_an_admin_clears_the_throttle(gateway: str, redis_url: str) -> None:
     cleared = httpx.delete(url, headers=admin, timeout=10)
     assert cleared.status_code == 200 and cleared.json() == {"cleared": True}
     assert login(gateway, username, PASSWORD).status_code == 200
+
+
+def test_strangers_cannot_lock_the_owner_out_and_many_addresses_meet_the_backstop(
+    gateway: str,
+) -> None:
+    username = registered(gateway)
+    for _ in range(3):
+        assert login(gateway, username, WRONG, STRANGER).status_code == 401
+    assert_throttled(login(gateway, username, PASSWORD, STRANGER))
+    # The owner elsewhere is not locked out (and the address is known from now on).
+    assert login(gateway, username, PASSWORD, OWNER).status_code == 200
+    for _ in range(2):  # 5 failures from all addresses: the account locks
+        assert login(gateway, username, WRONG, OTHER).status_code == 401
+    assert_throttled(login(gateway, username, PASSWORD, NEW))
+    assert login(gateway, username, PASSWORD, OWNER).status_code == 200  # but not there

@@ -1,7 +1,8 @@
 """Accounts over the `auth` service: register, login, refresh, logout, who am I, API keys.
 
 Register, login and refresh are public (the refresh token is its own
-credential) and rate-limited per client IP by the default policy. Everything
+credential) and rate-limited per client IP by the default policy; a login
+passes that IP on to the auth service's throttle. Everything
 else acts for the authenticated caller: the gateway passes the caller's user
 id and session id from the verified credential, never from the body.
 """
@@ -45,9 +46,16 @@ async def register(request: GatewayRequest) -> HTTPResponse:
 
 @bp.post("/login", ctx_access=public("auth", "login"))
 async def login(request: GatewayRequest) -> HTTPResponse:
+    """Tokens for a username and password. The client's address (read as the rate
+    limits read it) goes with them: the auth service counts failed logins per
+    username and address, so strangers elsewhere cannot lock the owner out."""
     body = json_object(request, empty_ok=False)
     result = await _auth(
-        request, "login", username=body.get("username"), password=body.get("password")
+        request,
+        "login",
+        username=body.get("username"),
+        password=body.get("password"),
+        address=request.app.ctx.gate.client_ip(request),
     )
     return json_response(result)
 
