@@ -211,7 +211,8 @@ async def revoke(request: GatewayRequest) -> HTTPResponse:
 
 @bp.delete("/login-failures/<username:str>", ctx_access=ADMIN)
 async def clear_login_failures(request: GatewayRequest, username: str) -> HTTPResponse:
-    """Lift a username's login throttle: `{"cleared": whether it had failures}`."""
+    """Lift a username's login throttle, from every address and the account's:
+    `{"cleared": whether it had failures}`."""
     return json_response(await _auth(request, "clear_login_failures", username=username))
 
 
