@@ -22,8 +22,8 @@ from common.errors import (
     RpcTimeout,
     ServiceUnavailable,
 )
-from tests.helpers import ServiceProcess, serve_until_live, wait_for_async
-from tests.support.calc_service import Point, build
+from tests.helpers import serve_until_live, wait_for_async
+from tests.support.calc_service import Point, build, start_worker
 
 
 @pytest.fixture
@@ -195,10 +195,7 @@ async def test_one_inbox_per_client_and_no_key_per_call(
 
 async def test_worker_process_graceful_shutdown_finishes_inflight(redis_url: str) -> None:
     name = f"calc_{uuid.uuid4().hex[:8]}"
-    proc = ServiceProcess(
-        ["python", "-m", "tests.support.calc_service"],
-        env={"REDIS_URL": redis_url, "CALC_NAME": name},
-    ).start()
+    proc = start_worker(redis_url, name)
     try:
         async with RpcClient(redis_url) as client:
             await wait_for_async(lambda: client.call(f"{name}.add", 1, timeout=1), timeout=20)

@@ -24,8 +24,8 @@ from common import RpcClient, Service, codec
 from common.embedded_redis import EmbeddedRedis
 from common.errors import InvalidParams, RemoteError
 from common.replies import INBOX_TTL_SECONDS
-from tests.helpers import ServiceProcess, serve_until_live, wait_for_async
-from tests.support.calc_service import build
+from tests.helpers import serve_until_live, wait_for_async
+from tests.support.calc_service import build, start_worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -154,11 +154,7 @@ async def test_an_inbox_a_client_left_keeps_its_expiry(
 async def test_a_drop_task_never_fails_or_blocks_its_caller(tmp_path: Path) -> None:
     server = EmbeddedRedis(data_dir=tmp_path).start()
     name = f"calc_{uuid.uuid4().hex[:8]}"
-    worker = ServiceProcess(
-        ["python", "-m", "tests.support.calc_service"],
-        env={"REDIS_URL": server.url, "CALC_NAME": name},
-        name=name,
-    ).start()
+    worker = start_worker(server.url, name)
     assert server.process is not None
     pid = server.process.pid
     try:

@@ -24,7 +24,8 @@ from common import RpcClient, Service, constants
 from common.embedded_redis import EmbeddedRedis
 from common.errors import MethodNotFound, RpcTimeout, ServiceUnavailable
 from common.settings import Settings
-from tests.helpers import ServiceProcess, serve_until_live, wait_for_async
+from tests.helpers import serve_until_live, wait_for_async
+from tests.support.calc_service import start_worker
 from tests.support.redis_closes import closed, uptime_at_least
 
 pytestmark = pytest.mark.timeout(180)
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.timeout(180)
 async def test_redis_restart_under_load(tmp_path: Path) -> None:
     server = EmbeddedRedis(appendonly=True, data_dir=tmp_path).start()
     port, url, name = server.port, server.url, f"calc_{uuid.uuid4().hex[:8]}"
-    worker = _calc_worker(url, name)
+    worker = start_worker(url, name)
     try:
         async with RpcClient(url) as client:
             await wait_for_async(lambda: client.call(f"{name}.add", 1, timeout=2), 30)
@@ -63,15 +64,6 @@ async def test_redis_restart_under_load(tmp_path: Path) -> None:
         server.stop()
 
 
-def _calc_worker(url: str, name: str, **env: str) -> ServiceProcess:
-    """A `tests.support.calc_service` worker serving RPC service `name`, started (`env`:
-    more of its environment)."""
-    env = {"REDIS_URL": url, "CALC_NAME": name, **env}
-    return ServiceProcess(
-        ["python", "-m", "tests.support.calc_service"], env=env, name=name
-    ).start()
-
-
 async def _taken(client: RpcClient, name: str, n: int) -> bool:
     """All n calls are in the stream (queued or in flight), i.e. accepted by Redis."""
     return int(await client.redis.xlen(constants.call_stream(name))) >= n
@@ -81,7 +73,7 @@ async def test_redis_restarted_empty_under_a_worker_and_a_client() -> None:
     # No AOF: the restart loses the streams, the consumer groups, the registry.
     server = EmbeddedRedis().start()
     port, url, name = server.port, server.url, f"calc_{uuid.uuid4().hex[:8]}"
-    worker = _calc_worker(url, name)
+    worker = start_worker(url, name)
     try:
         async with RpcClient(url) as client:
             await wait_for_async(lambda: client.call(f"{name}.add", 1, timeout=2), 30)
@@ -168,7 +160,7 @@ async def test_a_dead_worker_is_still_reported_after_an_outage(tmp_path: Path) -
     # instance", before its own timeout (shorter than the grace): a 503, not a 504.
     server = EmbeddedRedis(appendonly=True, data_dir=tmp_path).start()
     name = f"calc_{uuid.uuid4().hex[:8]}"
-    worker = _calc_worker(server.url, name, HEARTBEAT_TTL=str(SHORT_LEASES.heartbeat_ttl))
+    worker = start_worker(server.url, name, HEARTBEAT_TTL=str(SHORT_LEASES.heartbeat_ttl))
     try:
         async with RpcClient(server.url, settings=SHORT_LEASES) as client:
             await wait_for_async(lambda: client.call(f"{name}.add", 1, timeout=2), 30)

@@ -17,6 +17,7 @@ from common import RpcClient, constants
 from common.embedded_redis import EmbeddedRedis
 from common.errors import ServiceUnavailable
 from tests.helpers import ServiceProcess, wait_for, wait_for_async
+from tests.support.calc_service import start_worker
 from tests.support.redis_states import (  # noqa: F401 (the *_fixture ones)
     MESSAGES,
     STATES,
@@ -113,9 +114,7 @@ def test_a_worker_refused_the_credentials_says_so_once_and_starts_once_they_are_
     admin.config_set("requirepass", "the-old-Passw0rd")
     name = f"calc_{uuid.uuid4().hex[:8]}"
     url = f"redis://:the-new-Passw0rd@127.0.0.1:{server.port}/0"
-    env = {"REDIS_URL": url, "CALC_NAME": name}
-    worker = ServiceProcess(["python", "-m", "tests.support.calc_service"], env=env, name=name)
-    worker.start()
+    worker = start_worker(url, name)
     try:
         wait_for(lambda: _refused(worker))
         admin.config_set("requirepass", "the-new-Passw0rd")  # the rotation completes

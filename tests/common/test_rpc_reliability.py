@@ -15,8 +15,8 @@ from common import RpcClient, Service, constants
 from common.errors import Overloaded, RpcTimeout, ServiceUnavailable
 from common.protocol import Call, ok_reply
 from common.settings import get_settings
-from tests.helpers import ServiceProcess, serve_in_task, wait_for_async
-from tests.support.calc_service import build
+from tests.helpers import serve_in_task, wait_for_async
+from tests.support.calc_service import build, start_worker
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -30,18 +30,10 @@ async def _stop(svc: Service, task: asyncio.Task[None]) -> None:
     await asyncio.wait_for(task, 30)
 
 
-def _worker(name: str, redis_url: str) -> ServiceProcess:
-    return ServiceProcess(
-        ["python", "-m", "tests.support.calc_service"],
-        env={"REDIS_URL": redis_url, "CALC_NAME": name},
-        name=name,
-    ).start()
-
-
 async def test_sigkill_loses_no_call(redis_url: str) -> None:
     """2 workers, 3,000 calls at concurrency 32; one SIGKILLed halfway and replaced."""
     name = _name()
-    workers = [_worker(name, redis_url), _worker(name, redis_url)]
+    workers = [start_worker(redis_url, name), start_worker(redis_url, name)]
     total, concurrency = 3000, 32
     answers: dict[int, list[object]] = {i: [] for i in range(total)}
     errors: list[BaseException] = []
@@ -71,7 +63,7 @@ async def test_sigkill_loses_no_call(redis_url: str) -> None:
             callers = [asyncio.create_task(caller()) for _ in range(concurrency)]
             await halfway.wait()
             workers[0].stop(signal.SIGKILL)
-            workers.append(_worker(name, redis_url))  # the replacement
+            workers.append(start_worker(redis_url, name))  # the replacement
             await asyncio.gather(*callers)
             assert errors == []
             assert all(answers[i] == [i] for i in range(total))  # exactly one correct reply each

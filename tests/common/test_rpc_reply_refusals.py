@@ -27,7 +27,7 @@ from common.errors import ResultTooLarge, RpcTimeout
 from common.redelivery import Redelivery
 from common.replies import Finished
 from tests.helpers import ServiceProcess, serve_in_task, wait_for, wait_for_async
-from tests.support.calc_service import build
+from tests.support.calc_service import build, start_worker
 from tests.support.redis_states import (  # noqa: F401 (the *_fixture ones)
     STATES,
     admin_fixture,
@@ -45,9 +45,7 @@ pytestmark = pytest.mark.timeout(90)
 def worker(private_redis: EmbeddedRedis, admin: redis.Redis) -> Iterator[ServiceProcess]:
     """A calc service's worker process, live (its name is `worker.name`)."""
     name = f"calc_{uuid.uuid4().hex[:8]}"
-    env = {"REDIS_URL": private_redis.url, "CALC_NAME": name}
-    process = ServiceProcess(["python", "-m", "tests.support.calc_service"], env=env, name=name)
-    process.start()
+    process = start_worker(private_redis.url, name)
     try:
         wait_for(lambda: admin.zcard(constants.instances_key(name)) == 1, timeout=20)
         yield process

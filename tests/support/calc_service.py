@@ -1,4 +1,5 @@
-"""A small service for tests: `python -m tests.support.calc_service` (name from CALC_NAME)."""
+"""A small service for tests: `python -m tests.support.calc_service` (name from CALC_NAME),
+or a process of it started by `start_worker`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from decimal import Decimal
 from common import Service
 from common.errors import InvalidParams, NotFound
 from common.log import request_id_var
+from tests.helpers import ServiceProcess
 
 
 @dataclass
@@ -132,6 +134,15 @@ def build(name: str = "calc", concurrency: int | None = None) -> Service:
         return svc.worker.snapshot()
 
     return svc
+
+
+def start_worker(redis_url: str, name: str = "calc", **env: str) -> ServiceProcess:
+    """A worker process of `build(name)` on `redis_url`, started (not yet live: wait for
+    it); `env`: more of its environment. Its log is named after `name`."""
+    full_env = {"REDIS_URL": redis_url, "CALC_NAME": name, **env}
+    return ServiceProcess(
+        ["python", "-m", "tests.support.calc_service"], env=full_env, name=name
+    ).start()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from tests.helpers import ServiceProcess, db_url, free_port, wait_for
+from tests.support.calc_service import start_worker
 from tests.webapi.conftest import policy_version
 
 ADMIN_NAME = "root"
@@ -82,8 +83,7 @@ def gateways_fixture(redis_url: str) -> Iterator[Gateways]:
         auth_env = {**common, "AUTH_ADMIN_USERNAME": ADMIN_NAME, "AUTH_ADMIN_PASSWORD": password}
         g.procs.append(ServiceProcess(["python", "-m", "microservices.auth"], env=auth_env,
                                       name="auth").start())  # fmt: skip
-        g.procs.append(ServiceProcess(["python", "-m", "tests.support.calc_service"], env=common,
-                                      name="calc").start())  # fmt: skip
+        g.procs.append(start_worker(url, **common))
 
         def ready() -> bool:
             services = httpx.get(f"{g.url}/health", timeout=2).json()["services"]

@@ -10,7 +10,8 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import ServiceProcess, issue_api_key, wait_for
+from tests.helpers import issue_api_key, wait_for
+from tests.support.calc_service import start_worker
 from tests.support.raw_http import closed_by_peer, connect, raw_request, read_answers
 from tests.webapi.conftest import gateway_process, running_gateway
 
@@ -19,8 +20,7 @@ pytestmark = pytest.mark.timeout(90)
 
 def test_a_request_under_way_at_sigterm_is_its_connections_last(redis_url: str) -> None:
     key = issue_api_key(redis_url, ["*"])
-    worker = ServiceProcess(["python", "-m", "tests.support.calc_service"],
-                            env={"REDIS_URL": redis_url}, name="calc").start()  # fmt: skip
+    worker = start_worker(redis_url)
     try:
         with running_gateway(redis_url) as gateway:
             health = f"{gateway}/health"

@@ -18,7 +18,8 @@ from websockets.asyncio.client import ClientConnection
 
 from common import apikeys, constants, revocation
 from common.settings import MIN_PAYLOAD_LIMIT
-from tests.helpers import ServiceProcess, wait_for_async
+from tests.helpers import wait_for_async
+from tests.support.calc_service import start_worker
 from tests.support.raw_http import connect, read_answers
 from tests.websocket.conftest import LogWatch, WsServer, recv_json
 
@@ -266,9 +267,7 @@ async def test_a_renewal_leaves_the_channels_its_credential_does_not_reach(
 
 @pytest.fixture(scope="module")
 def calc(redis_url: str) -> Iterator[None]:
-    proc = ServiceProcess(
-        ["python", "-m", "tests.support.calc_service"], env={"REDIS_URL": redis_url}, name="calc"
-    ).start()
+    proc = start_worker(redis_url)
     try:
         yield
     finally:
