@@ -1,14 +1,17 @@
-"""Changing one service's entry of the live policy from a test, as an admin would."""
+"""Changing the live policy from a test, as an admin would, and waiting until a gateway
+applies it."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
+import httpx
 import redis.asyncio as aioredis
 
 from common.errors import Conflict
 from common.policy import PolicyDocument, PolicyStore
+from tests.helpers import wait_for
 
 
 async def update_service(redis_url: str, service: str, **fields: Any) -> PolicyDocument:
@@ -52,3 +55,18 @@ async def update_document(redis_url: str, **fields: Any) -> PolicyDocument:
 def set_document(redis_url: str, **fields: Any) -> PolicyDocument:
     """`update_document` for synchronous code."""
     return asyncio.run(update_document(redis_url, **fields))
+
+
+def policy_version(gateway: str) -> int:
+    """The version of the live policy the gateway has applied (`/health`, public)."""
+    return int(httpx.get(f"{gateway}/health", timeout=5).json()["policy_version"])
+
+
+def apply_routes(
+    gateway: str, redis_url: str, routes: list[dict[str, Any]], **fields: Any
+) -> PolicyDocument:
+    """Set the policy's routes (and other top-level `fields`) and wait until the
+    gateway has applied them (that version or a later one)."""
+    doc = set_document(redis_url, routes=routes, **fields)
+    wait_for(lambda: policy_version(gateway) >= doc.version, timeout=10)
+    return doc

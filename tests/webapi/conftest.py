@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
-from tests.support.policy import set_document
+from tests.support.policy import policy_version, set_document  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -165,11 +165,6 @@ def running_backend(gateway: str, redis_url: str, *, version: str = "0") -> Iter
         yield b
     finally:
         proc.stop()
-
-
-def policy_version(gateway: str) -> int:
-    """The version of the live policy the gateway has applied (`/health`, public)."""
-    return int(httpx.get(f"{gateway}/health", timeout=5).json()["policy_version"])
 
 
 def fast_path(gateway: str) -> dict[str, int]:

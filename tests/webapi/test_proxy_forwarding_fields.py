@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 from common.forwarding import MAX_VIA_HOPS, VIA
 from common.registry import Registry
 from tests.helpers import forged_admin_jwt, issue_api_key, issue_user_token, wait_for
-from tests.support.policy import set_document
+from tests.support.policy import apply_routes
 from tests.support.raw_http import Answer, connect, read_answers
 from tests.support.registry import register
 from tests.webapi.conftest import answered, as_admin
@@ -92,12 +92,6 @@ class Recorder:
         return f"/svc/{self.service}/{marker}"
 
 
-def _apply_routes(gateway: str, redis_url: str, routes: list[dict[str, Any]]) -> None:
-    version = set_document(redis_url, routes=routes).version
-    wait_for(lambda: int(httpx.get(f"{gateway}/health", timeout=5).json()["policy_version"])
-             >= version, timeout=10)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def recorder(gateway: str, redis_url: str) -> Iterator[Recorder]:
     server = _RecordingServer(("127.0.0.1", 0), _Recording)
@@ -111,10 +105,10 @@ def recorder(gateway: str, redis_url: str) -> Iterator[Recorder]:
         wait_for(lambda: as_admin.get(f"{gateway}/svc/{service}/up", timeout=5).status_code == 200,
                  timeout=10)  # fmt: skip
         route = {"prefix": f"/{service}-r/", "service": service, "strip_prefix": True}
-        _apply_routes(gateway, redis_url, [route])
+        apply_routes(gateway, redis_url, [route])
         yield rec
     finally:
-        _apply_routes(gateway, redis_url, [])
+        apply_routes(gateway, redis_url, [])
         asyncio.run(_deregister(redis_url, service, f"{service}-1"))
         server.shutdown()
         server.server_close()

@@ -20,22 +20,12 @@ import redis.asyncio as aioredis
 from common.forwarding import MAX_VIA_HOPS
 from common.registry import Registry
 from tests.helpers import issue_user_token, wait_for
-from tests.support.policy import set_document
+from tests.support.policy import apply_routes
 from tests.support.raw_http import connect, read_answers
 from tests.support.registry import register
 from tests.webapi.conftest import Backend, as_admin
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _apply(gateway: str, redis_url: str, routes: list[dict[str, Any]]) -> None:
-    version = set_document(redis_url, routes=routes).version
-
-    def applied() -> bool:
-        health = httpx.get(f"{gateway}/health", timeout=5).json()
-        return int(health.get("policy_version", -1)) >= version
-
-    wait_for(applied, timeout=10)
 
 
 def _live(gateway: str, service: str) -> bool:
@@ -53,7 +43,7 @@ def looping(gateway: str, redis_url: str) -> Iterator[str]:
     asyncio.run(register(redis_url, service, {instance: f"127.0.0.1:{gateway.rpartition(':')[2]}"}))
     wait_for(lambda: _live(gateway, service), timeout=10)
     route = {"service": service, "public": True, "strip_prefix": False}
-    _apply(gateway, redis_url, [
+    apply_routes(gateway, redis_url, [
         {"prefix": f"/{service}/", **route},
         {"prefix": f"/{service}-pt/", **route, "passthrough": True},
         {"prefix": f"/{service}-tn/", **route, "passthrough": True, "tunnel": True},
@@ -61,7 +51,7 @@ def looping(gateway: str, redis_url: str) -> Iterator[str]:
     try:
         yield service
     finally:
-        _apply(gateway, redis_url, [])
+        apply_routes(gateway, redis_url, [])
         asyncio.run(_deregister(redis_url, service, instance))
 
 
@@ -145,9 +135,9 @@ def test_another_server_on_the_gateways_port_at_another_address_is_no_loop(
     try:
         asyncio.run(register(redis_url, service, {instance: f"{address}:{port}"}))
         wait_for(lambda: _live(gateway, service), timeout=10)
-        route = {"service": service, "public": True, "strip_prefix": False}
-        _apply(gateway, redis_url, [{"prefix": f"/{service}{suffix}/", **route,
-                                     "passthrough": True, "tunnel": suffix == "-tn"}])  # fmt: skip
+        route = {"prefix": f"/{service}{suffix}/", "service": service, "public": True,
+                 "strip_prefix": False, "passthrough": True, "tunnel": suffix == "-tn"}  # fmt: skip
+        apply_routes(gateway, redis_url, [route])
         with connect(gateway) as sock:
             sock.sendall(f"GET /{service}{suffix}/x HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
             answers = read_answers(sock, 1)
@@ -155,7 +145,7 @@ def test_another_server_on_the_gateways_port_at_another_address_is_no_loop(
     finally:
         server.shutdown()
         server.server_close()
-        _apply(gateway, redis_url, [])
+        apply_routes(gateway, redis_url, [])
         asyncio.run(_deregister(redis_url, service, instance))
 
 

@@ -16,13 +16,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
-from tests.support.policy import set_document
+from tests.support.policy import apply_routes, set_document
 from tests.support.raw_http import connect, raw_request, read_answers
 from tests.support.registry import registered
 from tests.webapi.conftest import Backend, as_admin
@@ -36,39 +35,24 @@ def counters(gateway: str) -> dict[str, int]:
     return dict(stats["passthrough"])
 
 
-def apply_routes(backend: Backend, routes: list[dict[str, Any]], **fields: Any) -> None:
-    """Set the policy's routes (and other top-level `fields`) and wait until the
-    gateway applies them."""
-    version = set_document(backend.redis_url, routes=routes, **fields).version
-
-    def applied() -> bool:
-        health = httpx.get(f"{backend.gateway}/health", timeout=5).json()
-        return int(health.get("policy_version", -1)) >= version
-
-    wait_for(applied, timeout=10)
-
-
 @pytest.fixture
 def passthrough(backend: Backend) -> Iterator[Backend]:
     """`/echo/` and `/upload` of the backend as pass-through routes; `/echo/private/` a
     normal (credential) route of the same service."""
     service = backend.service
-    apply_routes(
-        backend,
-        [
-            {"prefix": "/echo/", "service": service, "public": True, "strip_prefix": False,
-             "passthrough": True},
-            {"prefix": "/upload/", "service": service, "public": True, "strip_prefix": False,
-             "passthrough": True},
-            {"prefix": "/echo/private/", "service": service, "strip_prefix": False},
-            {"prefix": "/nowhere/", "service": f"ghost{uuid.uuid4().hex[:6]}", "public": True,
-             "strip_prefix": False, "passthrough": True},
-        ],
-    )  # fmt: skip
+    apply_routes(backend.gateway, backend.redis_url, [
+        {"prefix": "/echo/", "service": service, "public": True, "strip_prefix": False,
+         "passthrough": True},
+        {"prefix": "/upload/", "service": service, "public": True, "strip_prefix": False,
+         "passthrough": True},
+        {"prefix": "/echo/private/", "service": service, "strip_prefix": False},
+        {"prefix": "/nowhere/", "service": f"ghost{uuid.uuid4().hex[:6]}", "public": True,
+         "strip_prefix": False, "passthrough": True},
+    ])  # fmt: skip
     try:
         yield backend
     finally:
-        apply_routes(backend, [])
+        apply_routes(backend.gateway, backend.redis_url, [])
 
 
 def get(path: str) -> bytes:
@@ -255,7 +239,7 @@ def test_a_policy_change_ends_the_route_on_open_connections(passthrough: Backend
     with connect(passthrough.gateway) as sock:
         sock.sendall(get("/echo/before"))
         assert read_answers(sock, 1)[0].status == 200
-        apply_routes(passthrough, [])  # the routes are gone
+        apply_routes(passthrough.gateway, passthrough.redis_url, [])  # the routes are gone
         sock.sendall(get("/echo/after"))
         (reply,) = read_answers(sock, 1)
     assert reply.status == 404 and "error" in json.loads(reply.body)
@@ -268,7 +252,7 @@ def test_an_unrelated_policy_change_keeps_the_splice(passthrough: Backend) -> No
         before = counters(passthrough.gateway)
         routes = set_document(passthrough.redis_url).model_dump(mode="json")["routes"]
         extra = {"prefix": "/other/", "service": passthrough.service, "public": True}
-        apply_routes(passthrough, [*routes, extra])
+        apply_routes(passthrough.gateway, passthrough.redis_url, [*routes, extra])
         sock.sendall(get("/echo/after"))
         (reply,) = read_answers(sock, 1)
     assert json.loads(reply.body)["path"] == "/echo/after"
@@ -305,8 +289,9 @@ def test_an_instance_registered_at_an_ipv6_address_is_spliced(backend: Backend) 
     proc = ServiceProcess(["python", "-m", "tests.support.http_backend"], env=env, name="v6")
     proc.start()
     try:
-        apply_routes(backend, [{"prefix": "/echo/", "service": service, "public": True,
-                                "strip_prefix": False, "passthrough": True}])  # fmt: skip
+        route = {"prefix": "/echo/", "service": service, "public": True, "strip_prefix": False,
+                 "passthrough": True}  # fmt: skip
+        apply_routes(backend.gateway, backend.redis_url, [route])
 
         def spliced() -> bool:
             with connect(backend.gateway) as sock:
@@ -318,7 +303,7 @@ def test_an_instance_registered_at_an_ipv6_address_is_spliced(backend: Backend) 
         wait_for(spliced, timeout=30)  # (unknown until its first heartbeat is seen)
         assert counters(backend.gateway)["requests"] > before["requests"]  # it was spliced
     finally:
-        apply_routes(backend, [])
+        apply_routes(backend.gateway, backend.redis_url, [])
         proc.stop()
 
 
@@ -339,7 +324,7 @@ def test_connect_failures_are_retried_within_the_services_attempt_limit(
     wait_for(all_live, timeout=10)
     route = {"prefix": "/dead/", "service": service, "public": True, "strip_prefix": False,
              "passthrough": True}  # fmt: skip
-    apply_routes(backend, [route], services={service: {"retries": 0}})
+    apply_routes(backend.gateway, backend.redis_url, [route], services={service: {"retries": 0}})
     try:
         statuses = []
         for i in range(4):
@@ -351,7 +336,7 @@ def test_connect_failures_are_retried_within_the_services_attempt_limit(
         # One instance ejected per request; then none is left.
         assert statuses == [502, 502, 502, 503]
     finally:
-        apply_routes(backend, [], services={})
+        apply_routes(backend.gateway, backend.redis_url, [], services={})
 
 
 def test_least_connections_counts_open_splices(backend: Backend) -> None:
@@ -365,7 +350,12 @@ def test_least_connections_counts_open_splices(backend: Backend) -> None:
     route = {"prefix": "/echo/", "service": backend.service, "public": True,
              "strip_prefix": False, "passthrough": True}  # fmt: skip
     try:
-        apply_routes(backend, [route], services={backend.service: {"strategy": "least_conn"}})
+        apply_routes(
+            backend.gateway,
+            backend.redis_url,
+            [route],
+            services={backend.service: {"strategy": "least_conn"}},
+        )
         both = {f"{backend.service}-a", f"{backend.service}-b"}
         seen: set[str] = set()
 
@@ -384,7 +374,7 @@ def test_least_connections_counts_open_splices(backend: Backend) -> None:
         pairs = [set(instances[i : i + 2]) for i in range(0, 10, 2)]
         assert pairs == [both] * 5, instances
     finally:
-        apply_routes(backend, [], services={})
+        apply_routes(backend.gateway, backend.redis_url, [], services={})
         second.stop()
 
 
@@ -419,7 +409,7 @@ async def test_an_early_answer_then_close_ends_the_client_connection(
     ):
         route = {"prefix": "/early/", "service": service, "public": True, "passthrough": True,
                  "strip_prefix": False}  # fmt: skip
-        await asyncio.to_thread(apply_routes, backend, [route])
+        await asyncio.to_thread(apply_routes, backend.gateway, backend.redis_url, [route])
 
         def exchange() -> bytes:
             with connect(backend.gateway) as sock:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.policy import set_document
+from tests.support.policy import apply_routes, set_document
 from tests.support.raw_http import closed_by_peer, connect, raw_request, read_answers
 from tests.webapi.conftest import (
     Backend,
@@ -19,7 +19,7 @@ from tests.webapi.conftest import (
     running_backend,
     running_gateway,
 )
-from tests.webapi.test_proxy_passthrough import apply_routes, counters
+from tests.webapi.test_proxy_passthrough import counters
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,11 +35,11 @@ def _routes(service: str) -> list[dict[str, object]]:
 @pytest.fixture
 def tunnel(backend: Backend) -> Iterator[Backend]:
     """`/echo/t/` of the backend a tunnel route; `/echo/private/` a normal (credential) one."""
-    apply_routes(backend, _routes(backend.service))
+    apply_routes(backend.gateway, backend.redis_url, _routes(backend.service))
     try:
         yield backend
     finally:
-        apply_routes(backend, [])
+        apply_routes(backend.gateway, backend.redis_url, [])
 
 
 def get(path: str, **headers: str) -> bytes:
@@ -99,7 +99,7 @@ def test_a_tunnel_needs_a_passthrough_route(tunnel: Backend) -> None:
 
 def test_shutdown_lets_an_answer_under_way_finish_then_closes(redis_url: str) -> None:
     with running_gateway(redis_url) as gateway, running_backend(gateway, redis_url) as backend:
-        apply_routes(backend, _routes(backend.service))
+        apply_routes(backend.gateway, backend.redis_url, _routes(backend.service))
         process = gateway_process(gateway)
         try:
             with connect(gateway) as sock:
