@@ -15,9 +15,7 @@ answers every field line of its upgrade request)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -26,23 +24,12 @@ from websockets.exceptions import InvalidStatus
 
 from common.forwarding import MAX_VIA_HOPS, VIA
 from tests.helpers import forged_admin_jwt, issue_api_key
-from tests.websocket.conftest import Backends, WsServer, recv_json, wait_reachable
+from tests.support.ws_relay import service_fixture  # noqa: F401 (one upstream instance)
+from tests.websocket.conftest import WsServer, recv_json
 
 pytestmark = pytest.mark.timeout(60)
 
 LOOP = ", ".join([VIA] * MAX_VIA_HOPS)
-
-
-@pytest.fixture(scope="module")
-def service(ws_server: WsServer, redis_url: str) -> Iterator[str]:
-    """A service of one upstream, reachable through `ws_server`."""
-    backends = Backends(redis_url)
-    try:
-        backends.start("a")
-        asyncio.run(wait_reachable(ws_server, backends.service, {"a"}))
-        yield backends.service
-    finally:
-        backends.stop()
 
 
 async def seen_by_upstream(

@@ -24,6 +24,7 @@ from websockets.exceptions import InvalidStatus
 
 from tests.helpers import issue_api_key, wait_for_async
 from tests.support.policy import update_service
+from tests.support.ws_relay import one_instance
 from tests.websocket.conftest import Backends, WsServer, recv_json, wait_reachable, whoami
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,12 +50,6 @@ async def handshake(
 def values(seen: dict[str, Any], name: str) -> list[str]:
     """The values of the field lines named `name` the upstream received, in order."""
     return [value for field, value in seen["headers"] if field.lower() == name]
-
-
-async def one_instance(server: WsServer, backends: Backends) -> str:
-    backends.start("a")
-    await wait_reachable(server, backends.service, {"a"})
-    return backends.service
 
 
 async def test_the_clients_fields_reach_the_upstream_less_the_hop_by_hop_ones(

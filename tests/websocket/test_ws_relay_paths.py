@@ -11,28 +11,16 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import websockets
 
 from tests.support.raw_http import connect, read_answers
 from tests.support.registry import dead_instances
-from tests.websocket.conftest import Backends, LogWatch, WsServer, recv_json, wait_reachable
+from tests.support.ws_relay import service_fixture  # noqa: F401 (one upstream instance)
+from tests.websocket.conftest import LogWatch, WsServer, recv_json
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-async def service(redis_url: str, ws_server: WsServer) -> AsyncIterator[str]:
-    """One upstream instance, shared by the module's tests."""
-    backends = Backends(redis_url)
-    try:
-        backends.start("a")
-        await wait_reachable(ws_server, backends.service, {"a"})
-        yield backends.service
-    finally:
-        backends.stop()
 
 
 def upgrade(server: WsServer, target: str) -> tuple[int, dict[str, object]]:

@@ -10,30 +10,20 @@ A real websocket service and a real upstream (`tests.support.ws_backend`, whose
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from urllib.parse import urlencode
 
 import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.http11 import Response
 
-from tests.websocket.conftest import Backends, WsServer, wait_reachable, whoami
+# One upstream instance shared by the module's tests: a refusal changes nothing there
+# (the instance is neither ejected nor failed).
+from tests.support.ws_relay import service_fixture  # noqa: F401
+from tests.websocket.conftest import WsServer, whoami
 from websocket.refusals import MAX_RELAYED_BODY
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-async def service(redis_url: str, ws_server: WsServer) -> AsyncIterator[str]:
-    """One upstream instance, shared by the module's tests (a refusal changes nothing
-    there: the instance is neither ejected nor failed)."""
-    backends = Backends(redis_url)
-    try:
-        backends.start("a")
-        await wait_reachable(ws_server, backends.service, {"a"})
-        yield backends.service
-    finally:
-        backends.stop()
 
 
 async def refused(
