@@ -13,14 +13,13 @@ import asyncio
 import uuid
 
 import pytest
-import redis.asyncio as aioredis
 
 from common import RpcClient, constants
 from common.embedded_redis import EmbeddedRedis
 from common.errors import ServiceUnavailable
 from common.settings import Settings
 from tests.helpers import wait_for_async
-from tests.support.redis_closes import HeldInfo, closed, uptime_at_least
+from tests.support.redis_closes import HeldInfo, closed, kill_connections, uptime_at_least
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,17 +31,6 @@ LEASES = Settings(heartbeat_interval=1.0, heartbeat_ttl=3.0)
 
 def _name() -> str:
     return f"calc_{uuid.uuid4().hex[:8]}"
-
-
-async def _kill_connections(url: str, client: RpcClient) -> None:
-    """Redis closes every connection of `client`'s (a client kill: Redis stays up);
-    returns once the client has seen its own connections closed."""
-    admin = aioredis.Redis.from_url(url)
-    try:
-        await admin.client_kill_filter(_type="normal", skipme=True)
-    finally:
-        await admin.aclose()
-    await wait_for_async(lambda: closed(client))
 
 
 async def test_a_restart_during_a_check_is_checked_again() -> None:
@@ -61,7 +49,7 @@ async def test_a_restart_during_a_check_is_checked_again() -> None:
         await wait_for_async(lambda: uptime_at_least(held, 3))
         with pytest.raises(ServiceUnavailable, match="no live instance"):
             await client.send(f"{name}.add", 1)  # connects the writer's connection
-        await _kill_connections(old.url, client)
+        await kill_connections(old.url, client)
         held.hold()
         sent.append(asyncio.create_task(client.send(f"{name}.add", 1)))
         await asyncio.wait_for(held.asked.wait(), 10)  # the old Redis answered the check
@@ -109,7 +97,7 @@ async def test_a_check_that_cannot_read_the_uptime_still_settles_the_call(
         await held.hset(constants.CATALOG, name, "{}")  # known, and no worker
         with pytest.raises(ServiceUnavailable, match="no live instance"):
             await client.call(f"{name}.add", 1)  # connects the client's connection
-        await _kill_connections(server.url, client)
+        await kill_connections(server.url, client)
         held.answer_next(answer)
         with pytest.raises(ServiceUnavailable, match="no live instance"):
             await client.call(f"{name}.add", 1, timeout=5)
@@ -133,7 +121,7 @@ async def test_closing_the_client_during_a_check_tells_the_caller_and_leaves_no_
         await held.hset(constants.CATALOG, name, "{}")  # known, and no worker
         with pytest.raises(ServiceUnavailable, match="no live instance"):
             await client.send(f"{name}.add", 1)  # connects the writer's connection
-        await _kill_connections(server.url, client)
+        await kill_connections(server.url, client)
         held.hold()
         sent = asyncio.create_task(client.send(f"{name}.add", 1))
         await asyncio.wait_for(held.asked.wait(), 10)

@@ -26,7 +26,7 @@ from common.errors import MethodNotFound, RpcTimeout, ServiceUnavailable
 from common.settings import Settings
 from tests.helpers import serve_until_live, wait_for_async
 from tests.support.calc_service import start_worker
-from tests.support.redis_closes import closed, uptime_at_least
+from tests.support.redis_closes import kill_connections, uptime_at_least
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -194,8 +194,7 @@ async def test_a_connection_closed_by_a_redis_up_all_along_holds_no_call() -> No
         async with RpcClient(server.url, settings=ONE_SECOND_LEASES) as client:
             with pytest.raises(ServiceUnavailable, match="no live instance"):
                 await client.call(f"{name}.add", 1, timeout=10)
-            await admin.client_kill_filter(_type="normal", skipme=True)
-            await wait_for_async(lambda: closed(client))  # the client saw the close
+            await kill_connections(server.url, client)  # and the client saw the close
             with pytest.raises(ServiceUnavailable, match="no live instance"):
                 await client.call(f"{name}.add", 1, timeout=10)
             assert client.parked_total == 0

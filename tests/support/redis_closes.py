@@ -1,6 +1,6 @@
 """For tests of what the RPC client makes of Redis closing its connections
-(`common.lost_touch`): Redis's uptime, a client's connections seen closed, and a
-client whose INFO answer a test can hold back or replace.
+(`common.lost_touch`): Redis's uptime, a client's connections closed by Redis (and seen
+closed), and a client whose INFO answer a test can hold back or replace.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from common import RpcClient
 from common.connection import connect
+from tests.helpers import wait_for_async
 
 
 async def uptime_at_least(admin: aioredis.Redis, seconds: int) -> bool:
@@ -24,6 +25,17 @@ def closed(client: RpcClient) -> bool:
     (Private state: RpcClient has no public handle on its connections.)"""
     conns = (client._enqueuer, client._receiver)
     return all(c._proto is None or c._proto.lost is not None for c in conns)
+
+
+async def kill_connections(url: str, client: RpcClient) -> None:
+    """Redis closes every connection of `client`'s (a client kill: Redis stays up);
+    returns once the client has seen its own connections closed."""
+    admin = aioredis.Redis.from_url(url)
+    try:
+        await admin.client_kill_filter(_type="normal", skipme=True)
+    finally:
+        await admin.aclose()
+    await wait_for_async(lambda: closed(client))
 
 
 class HeldInfo(aioredis.Redis):
