@@ -16,17 +16,16 @@ import redis.asyncio as aioredis
 from common import RpcClient
 from common.registry import Registry
 from tests.helpers import ServiceProcess, wait_for, wait_for_async
+from tests.support.leases import QUICK_LEASES_ENV
 
 pytestmark = pytest.mark.timeout(90)
 
-# Leases of 0.6 s renewed (and reaped) every 0.2 s: a 2.5 s block is four leases.
-QUICK = {"HEARTBEAT_INTERVAL": "0.2", "HEARTBEAT_TTL": "0.6"}
-
 
 def _worker(name: str, redis_url: str, **env: str) -> ServiceProcess:
+    # Leases of 0.6 s renewed (and reaped) every 0.2 s: a 2.5 s block is four leases.
     return ServiceProcess(
         ["python", "-m", "tests.support.stall_service"],
-        env={"REDIS_URL": redis_url, "STALL_NAME": name, **QUICK, **env},
+        env={"REDIS_URL": redis_url, "STALL_NAME": name, **QUICK_LEASES_ENV, **env},
         name=name,
     ).start()
 

@@ -17,16 +17,15 @@ import pytest
 from common import RpcClient, constants
 from common.embedded_redis import EmbeddedRedis
 from common.errors import ServiceUnavailable
-from common.settings import Settings
 from tests.helpers import wait_for_async
+from tests.support.leases import ONE_SECOND_LEASES, THREE_SECOND_LEASES
 from tests.support.redis_closes import HeldInfo, closed, kill_connections, uptime_at_least
 
 pytestmark = pytest.mark.timeout(60)
 
-# A lease, and so a grace, of 3 s: a Redis whose uptime reads 3 did not just restart,
-# and one that did is asked well within that. (Redis's uptime is whole seconds of its
-# clock: up to 1 s off either way.)
-LEASES = Settings(heartbeat_interval=1.0, heartbeat_ttl=3.0)
+# Where Redis's uptime plays a part, a lease, and so a grace, of 3 s (THREE_SECOND_LEASES):
+# a Redis whose uptime reads 3 did not just restart, and one that did is asked well within
+# that. (Redis's uptime is whole seconds of its clock: up to 1 s off either way.)
 
 
 def _name() -> str:
@@ -42,7 +41,7 @@ async def test_a_restart_during_a_check_is_checked_again() -> None:
     server = old = EmbeddedRedis().start()
     name, fence = _name(), _name()
     held = HeldInfo.connect(old.url)
-    client = RpcClient(redis=held, settings=LEASES)
+    client = RpcClient(redis=held, settings=THREE_SECOND_LEASES)
     sent: list[asyncio.Task[bool]] = []
     try:
         await held.hset(constants.CATALOG, name, "{}")  # known, and no worker
@@ -72,10 +71,6 @@ async def test_a_restart_during_a_check_is_checked_again() -> None:
         server.stop()
 
 
-# A lease, and so a grace, of 1 s: for a test in which Redis's uptime plays no part.
-SHORT_LEASES = Settings(heartbeat_interval=0.5, heartbeat_ttl=1.0)
-
-
 @pytest.mark.parametrize(
     "answer",
     [{"uptime_in_seconds": {"a": 1, "b": 2}}, asyncio.CancelledError()],
@@ -92,7 +87,7 @@ async def test_a_check_that_cannot_read_the_uptime_still_settles_the_call(
     server = EmbeddedRedis().start()
     name = _name()
     held = HeldInfo.connect(server.url)
-    client = RpcClient(redis=held, settings=SHORT_LEASES)
+    client = RpcClient(redis=held, settings=ONE_SECOND_LEASES)  # uptime plays no part
     try:
         await held.hset(constants.CATALOG, name, "{}")  # known, and no worker
         with pytest.raises(ServiceUnavailable, match="no live instance"):
@@ -116,7 +111,7 @@ async def test_closing_the_client_during_a_check_tells_the_caller_and_leaves_no_
     server = EmbeddedRedis().start()
     name = _name()
     held = HeldInfo.connect(server.url)
-    client = RpcClient(redis=held, settings=LEASES)
+    client = RpcClient(redis=held, settings=THREE_SECOND_LEASES)
     try:
         await held.hset(constants.CATALOG, name, "{}")  # known, and no worker
         with pytest.raises(ServiceUnavailable, match="no live instance"):

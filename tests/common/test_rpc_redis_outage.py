@@ -26,6 +26,7 @@ from common.errors import MethodNotFound, RpcTimeout, ServiceUnavailable
 from common.settings import Settings
 from tests.helpers import serve_until_live, wait_for_async
 from tests.support.calc_service import start_worker
+from tests.support.leases import ONE_SECOND_LEASES, THREE_SECOND_LEASES
 from tests.support.redis_closes import kill_connections, uptime_at_least
 
 pytestmark = pytest.mark.timeout(180)
@@ -176,10 +177,6 @@ async def test_a_dead_worker_is_still_reported_after_an_outage(tmp_path: Path) -
         server.stop()
 
 
-# A lease, and so a grace, of 1 s: a Redis up for a second is up for longer than that.
-ONE_SECOND_LEASES = Settings(heartbeat_interval=0.5, heartbeat_ttl=1.0)
-
-
 async def test_a_connection_closed_by_a_redis_up_all_along_holds_no_call() -> None:
     # Redis closing the client's connections while it stays up (a client kill here; an
     # idle timeout or a proxy's alike) is no outage: every live worker has renewed its
@@ -191,6 +188,7 @@ async def test_a_connection_closed_by_a_redis_up_all_along_holds_no_call() -> No
     try:
         await admin.hset(constants.CATALOG, name, "{}")  # known, and no worker
         await wait_for_async(lambda: uptime_at_least(admin, 1))
+        # A lease, and so a grace, of 1 s: a Redis up for a second is up for longer.
         async with RpcClient(server.url, settings=ONE_SECOND_LEASES) as client:
             with pytest.raises(ServiceUnavailable, match="no live instance"):
                 await client.call(f"{name}.add", 1, timeout=10)
@@ -204,16 +202,11 @@ async def test_a_connection_closed_by_a_redis_up_all_along_holds_no_call() -> No
         server.stop()
 
 
-# A lease, and so a grace, of 3 s: what a test relying on a check made within one grace
-# of Redis starting (its uptime, in whole seconds, under the grace) needs to hold on a
-# slow machine.
-THREE_SECOND_LEASES = Settings(heartbeat_interval=1.0, heartbeat_ttl=3.0)
-
-
 async def test_the_calls_a_grace_held_share_one_catalog_lookup() -> None:
     # Parked together after a restart, failed together as the grace ends: one look in
     # the catalog (503 or 404?) for them all, not one each. (Parked only if the client
-    # asks Redis its uptime within one lease of the restart: hence a lease of 3 s.)
+    # asks Redis its uptime within one lease of the restart: hence a lease of 3 s, which
+    # that uptime, in whole seconds, stays under on a slow machine.)
     server = EmbeddedRedis().start()
     name = f"calc_{uuid.uuid4().hex[:8]}"
     async with RpcClient(server.url, settings=THREE_SECOND_LEASES) as client:

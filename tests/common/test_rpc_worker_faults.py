@@ -21,11 +21,9 @@ from common.protocol import Call
 from common.settings import Settings, get_settings
 from tests.helpers import ServiceProcess, serve_in_task, wait_for_async
 from tests.support.faulty_service import build
+from tests.support.leases import QUICK_LEASES, QUICK_LEASES_ENV
 
 pytestmark = pytest.mark.timeout(120)
-
-# Short leases and reaping, so reclaims happen within a second.
-QUICK = {"HEARTBEAT_INTERVAL": "0.2", "HEARTBEAT_TTL": "0.6"}
 
 
 def _name() -> str:
@@ -35,7 +33,7 @@ def _name() -> str:
 @pytest.fixture
 async def faulty(redis_url: str) -> AsyncIterator[Service]:
     svc = build(_name())
-    svc.settings = dataclasses.replace(get_settings(), heartbeat_interval=0.2, heartbeat_ttl=0.6)
+    svc.settings = dataclasses.replace(get_settings(), **QUICK_LEASES)
     task = await serve_in_task(svc, redis_url)
     yield svc
     svc.request_stop()
@@ -240,7 +238,7 @@ async def test_a_call_delivered_too_often_is_answered_not_run(
     """`RPC_MAX_DELIVERIES` 3: reclaimed as its third delivery, a call runs; as its
     fourth, it is answered with an error instead."""
     svc = build(_name())
-    svc.settings = dataclasses.replace(get_settings(), heartbeat_interval=0.2, heartbeat_ttl=0.6)
+    svc.settings = dataclasses.replace(get_settings(), **QUICK_LEASES)
     stream = constants.call_stream(svc.name)
     await redis_client.xgroup_create(stream, constants.WORKER_GROUP, id="0", mkstream=True)
     inbox, key = constants.inbox_key(uuid.uuid4().hex), f"test:ran:{uuid.uuid4().hex}"
@@ -270,7 +268,8 @@ async def test_a_task_that_kills_its_worker_is_dead_lettered(redis_url: str) -> 
     name = _name()
 
     def worker() -> ServiceProcess:
-        env = {"REDIS_URL": redis_url, "FAULTY_NAME": name, "RPC_MAX_DELIVERIES": "1", **QUICK}
+        env = {"REDIS_URL": redis_url, "FAULTY_NAME": name, "RPC_MAX_DELIVERIES": "1",
+               **QUICK_LEASES_ENV}  # fmt: skip
         args = ["python", "-m", "tests.support.faulty_service"]
         return ServiceProcess(args, env=env, name=name).start()
 
