@@ -31,6 +31,18 @@ async def register(
         await client.aclose()
 
 
+async def deregister(redis_url: str, service: str, *names: str) -> None:
+    """Instances of `service` (by instance id) gone from the registry at once, as their
+    own leaving would do. Registry views learn of it from the events."""
+    client = aioredis.Redis.from_url(redis_url)
+    registry = Registry(client, ttl=60)
+    try:
+        for name in names:
+            await registry.deregister(service, name)
+    finally:
+        await client.aclose()
+
+
 @asynccontextmanager
 async def registered(
     redis_url: str, service: str, addresses: dict[str, str], *, kind: str = "http"
@@ -40,13 +52,7 @@ async def registered(
     try:
         yield
     finally:
-        client = aioredis.Redis.from_url(redis_url)
-        registry = Registry(client, ttl=60)
-        try:
-            for name in addresses:
-                await registry.deregister(service, name)
-        finally:
-            await client.aclose()
+        await deregister(redis_url, service, *addresses)
 
 
 @asynccontextmanager

@@ -27,14 +27,12 @@ from typing import Any
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 
 from common.forwarding import MAX_VIA_HOPS, VIA
-from common.registry import Registry
 from tests.helpers import forged_admin_jwt, issue_api_key, issue_user_token, wait_for
 from tests.support.policy import apply_routes
 from tests.support.raw_http import Answer, connect, read_answers
-from tests.support.registry import register
+from tests.support.registry import deregister, register
 from tests.webapi.conftest import answered, as_admin
 
 pytestmark = pytest.mark.timeout(60)
@@ -109,17 +107,9 @@ def recorder(gateway: str, redis_url: str) -> Iterator[Recorder]:
         yield rec
     finally:
         apply_routes(gateway, redis_url, [])
-        asyncio.run(_deregister(redis_url, service, f"{service}-1"))
+        asyncio.run(deregister(redis_url, service, f"{service}-1"))
         server.shutdown()
         server.server_close()
-
-
-async def _deregister(redis_url: str, service: str, instance: str) -> None:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        await Registry(client).deregister(service, instance)
-    finally:
-        await client.aclose()
 
 
 def send(rec: Recorder, way: str, fields: list[tuple[str, str]], marker: str) -> Answer:

@@ -15,14 +15,12 @@ from typing import Any
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 
 from common.forwarding import MAX_VIA_HOPS
-from common.registry import Registry
 from tests.helpers import issue_user_token, wait_for
 from tests.support.policy import apply_routes
 from tests.support.raw_http import connect, read_answers
-from tests.support.registry import register
+from tests.support.registry import deregister, register
 from tests.webapi.conftest import Backend, as_admin
 
 pytestmark = pytest.mark.timeout(60)
@@ -52,15 +50,7 @@ def looping(gateway: str, redis_url: str) -> Iterator[str]:
         yield service
     finally:
         apply_routes(gateway, redis_url, [])
-        asyncio.run(_deregister(redis_url, service, instance))
-
-
-async def _deregister(redis_url: str, service: str, instance: str) -> None:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        await Registry(client).deregister(service, instance)
-    finally:
-        await client.aclose()
+        asyncio.run(deregister(redis_url, service, instance))
 
 
 def test_a_loop_through_svc_ends_in_508(gateway: str, redis_url: str, looping: str) -> None:
@@ -146,7 +136,7 @@ def test_another_server_on_the_gateways_port_at_another_address_is_no_loop(
         server.shutdown()
         server.server_close()
         apply_routes(gateway, redis_url, [])
-        asyncio.run(_deregister(redis_url, service, instance))
+        asyncio.run(deregister(redis_url, service, instance))
 
 
 def test_a_request_with_fewer_marks_is_forwarded_more_is_refused(backend: Backend) -> None:
