@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import websockets
 
-from tests.websocket.conftest import Backends, LogWatch, WsServer, recv_json, wait_reachable
+from tests.support.ws_relay import one_instance
+from tests.websocket.conftest import Backends, LogWatch, WsServer, recv_json
 from websocket.errors import LOGGED_REFUSALS
 
 pytestmark = pytest.mark.timeout(60)
@@ -139,8 +140,7 @@ async def test_a_connection_closed_for_its_input_is_logged_once(
 async def test_a_spliced_relay_logs_its_own_closes_once_not_the_upstreams(
     ws_server: WsServer, backends: Backends
 ) -> None:
-    backends.start("a")
-    await wait_reachable(ws_server, backends.service, {"a"})
+    await one_instance(ws_server, backends)
     closed = LogWatch(ws_server, "connection closed")
     path = f"/ws/proxy/{backends.service}/echo"
 

@@ -15,6 +15,7 @@ import websockets
 from tests.helpers import wait_for_async
 from tests.support.policy import update_service
 from tests.support.registry import dead_instances
+from tests.support.ws_relay import one_instance
 from tests.websocket.conftest import (
     Backends,
     WsServer,
@@ -28,8 +29,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 async def test_text_and_binary_frames_pass_both_ways(ws_server: WsServer, backends: Backends):
-    backends.start("a")
-    await wait_reachable(ws_server, backends.service, {"a"})
+    await one_instance(ws_server, backends)
     async with ws_server.connect(f"/ws/proxy/{backends.service}/echo/deep?x=1") as ws:
         await ws.send("whoami")
         assert await recv_json(ws) == {"instance": "a", "path": "/echo/deep?x=1"}
@@ -43,8 +43,7 @@ async def test_text_and_binary_frames_pass_both_ways(ws_server: WsServer, backen
 
 
 async def test_upstream_close_code_and_reason_reach_the_client(ws_server, backends):
-    backends.start("a")
-    await wait_reachable(ws_server, backends.service, {"a"})
+    await one_instance(ws_server, backends)
     async with ws_server.connect(f"/ws/proxy/{backends.service}/echo") as ws:
         await ws.send("close 4001 see you")
         with pytest.raises(websockets.ConnectionClosed) as info:
@@ -54,8 +53,7 @@ async def test_upstream_close_code_and_reason_reach_the_client(ws_server, backen
 
 
 async def test_client_close_code_and_reason_reach_the_upstream(ws_server, backends):
-    backends.start("a")
-    await wait_reachable(ws_server, backends.service, {"a"})
+    await one_instance(ws_server, backends)
     async with ws_server.connect(f"/ws/proxy/{backends.service}/echo") as ws:
         await ws.send("hello")
         assert await ws.recv() == "hello"
@@ -65,8 +63,7 @@ async def test_client_close_code_and_reason_reach_the_upstream(ws_server, backen
 
 
 async def test_upstream_death_mid_stream_closes_the_client_1014(ws_server, backends):
-    backends.start("a")
-    await wait_reachable(ws_server, backends.service, {"a"})
+    await one_instance(ws_server, backends)
     async with ws_server.connect(f"/ws/proxy/{backends.service}/echo") as ws:
         await ws.send("still there?")
         assert await ws.recv() == "still there?"
@@ -229,8 +226,7 @@ async def test_least_time_learns_a_relays_connect_time_not_its_lifetime(
 
 
 async def test_oversized_relayed_frame_closes_1009(ws_server: WsServer, backends: Backends):
-    backends.start("a")
-    await wait_reachable(ws_server, backends.service, {"a"})
+    await one_instance(ws_server, backends)
     async with ws_server.connect(f"/ws/proxy/{backends.service}/echo", max_size=None) as ws:
         await ws.send("x" * (256 * 1024))
         with pytest.raises(websockets.ConnectionClosed) as info:
@@ -253,8 +249,7 @@ async def stream(ws, request: dict[str, object]) -> list[dict[str, object]]:
 
 
 async def test_envelope_stream_relays_frames_until_flag_1(ws_server, backends):
-    backends.start("a")
-    await wait_reachable(ws_server, backends.service, {"a"})
+    await one_instance(ws_server, backends)
     async with ws_server.connect("/ws/stream") as ws:
         frames = await stream(ws, {"service_name": backends.service, "frames": 3, "text": "hi"})
         assert frames == [
@@ -278,8 +273,7 @@ async def test_envelope_service_tag_picks_the_version(ws_server, backends):
 
 
 async def test_envelope_errors(ws_server: WsServer, backends: Backends) -> None:
-    backends.start("a")
-    await wait_reachable(ws_server, backends.service, {"a"})
+    await one_instance(ws_server, backends)
     async with ws_server.connect("/ws/stream") as ws:
         await ws.send("{not json")
         assert await recv_json(ws) == {"ret": 1, "flag": 1, "result": "Invalid JSON format"}
@@ -296,8 +290,7 @@ async def test_envelope_errors(ws_server: WsServer, backends: Backends) -> None:
 
 
 async def test_envelope_upstream_death_mid_stream(ws_server: WsServer, backends: Backends):
-    backends.start("a")
-    await wait_reachable(ws_server, backends.service, {"a"})
+    await one_instance(ws_server, backends)
     async with ws_server.connect("/ws/stream") as ws:
         frames = await stream(ws, {"service_name": backends.service, "frames": 5, "die_after": 2})
     assert frames[:2] == [{"ret": 0, "flag": 0, "result": f"a:{i}"} for i in range(2)]
@@ -306,8 +299,7 @@ async def test_envelope_upstream_death_mid_stream(ws_server: WsServer, backends:
 
 async def test_drain_on_sigterm_closes_relayed_clients_1001(make_ws_server, backends):
     server = make_ws_server()
-    backends.start("a")
-    await wait_reachable(server, backends.service, {"a"})
+    await one_instance(server, backends)
     async with server.connect(f"/ws/proxy/{backends.service}/echo") as relayed, \
             server.connect() as client:  # fmt: skip
         await relayed.send("x")
@@ -322,8 +314,7 @@ async def test_drain_on_sigterm_closes_relayed_clients_1001(make_ws_server, back
 async def test_relay_and_stream_need_a_credential_with_the_service_scope(
     ws_server: WsServer, backends: Backends
 ) -> None:
-    backends.start("a")
-    await wait_reachable(ws_server, backends.service, {"a"})
+    await one_instance(ws_server, backends)
     relay = f"/ws/proxy/{backends.service}/echo"
     for path in (relay, "/ws/stream"):
         with pytest.raises(websockets.InvalidStatus) as anonymous:
@@ -348,8 +339,7 @@ async def test_relay_and_stream_need_a_credential_with_the_service_scope(
 
 
 async def test_a_policy_change_keeps_open_relays(ws_server: WsServer, backends: Backends) -> None:
-    backends.start("a")
-    await wait_reachable(ws_server, backends.service, {"a"})
+    await one_instance(ws_server, backends)
     async with ws_server.connect(f"/ws/proxy/{backends.service}/echo") as ws:
         await ws.send("before")
         assert await ws.recv() == "before"

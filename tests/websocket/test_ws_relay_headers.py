@@ -168,8 +168,7 @@ async def test_a_subprotocol_jwt_beside_another_credential_is_not_passed_on(
 async def test_envelope_requests_carry_a_subprotocol_jwt_as_authorization(
     ws_server: WsServer, backends: Backends
 ) -> None:
-    backends.start("a")
-    await wait_reachable(ws_server, backends.service, {"a"})
+    await one_instance(ws_server, backends)
     jwt = ws_server.token()
     async with ws_server.connect("/ws/stream", additional_headers=[],
                                  subprotocols=["bearer", jwt]) as ws:  # fmt: skip

@@ -20,12 +20,12 @@ import websockets
 from common import apikeys
 from common.revocation import revoke
 from tests.helpers import issue_api_key
+from tests.support.ws_relay import one_instance
 from tests.websocket.conftest import (
     Backends,
     LogWatch,
     WsServer,
     recv_json,
-    wait_reachable,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -82,8 +82,7 @@ async def test_a_session_authenticated_by_its_first_message_is_closed_too(
 async def test_a_deleted_api_key_closes_its_relay_and_envelope_connections(
     ws_server: WsServer, backends: Backends, redis_client: aioredis.Redis
 ) -> None:
-    backends.start("a")
-    await wait_reachable(ws_server, backends.service, {"a"})
+    await one_instance(ws_server, backends)
     key = issue_api_key(backends.redis_url, ["*"], name="revoked-key")
     parsed = apikeys.parse_key(key)
     assert parsed is not None

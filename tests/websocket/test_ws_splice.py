@@ -18,13 +18,13 @@ from websockets.frames import Close, Frame, Opcode
 
 from common.registry import InstanceRecord, Registry
 from tests.helpers import free_port, wait_for_async
+from tests.support.ws_relay import one_instance
 from tests.websocket.conftest import (
     Backends,
     LogWatch,
     WsServer,
     last_close,
     recv_json,
-    wait_reachable,
     wait_upstream_closed,
 )
 from tests.websocket.splice_support import (  # noqa: F401 (the *_fixture ones)
@@ -44,8 +44,7 @@ pytestmark = pytest.mark.timeout(120)
 async def test_a_large_message_in_small_reads_and_fragments_pass_as_they_are(
     ws_server: WsServer, backends: Backends, raw_client: Any
 ) -> None:
-    backends.start("a")
-    await wait_reachable(ws_server, backends.service, {"a"})
+    await one_instance(ws_server, backends)
     raw = await raw_client(f"/ws/proxy/{backends.service}/echo")
     payload = os.urandom(60_000)
     # Headers split across reads too: 7-byte pieces over the first frame's 8-byte header
@@ -72,8 +71,7 @@ async def test_a_large_message_in_small_reads_and_fragments_pass_as_they_are(
 async def test_a_client_that_vanishes_closes_the_upstream_1001(
     ws_server: WsServer, backends: Backends, raw_client: Any
 ) -> None:
-    backends.start("a")
-    await wait_reachable(ws_server, backends.service, {"a"})
+    await one_instance(ws_server, backends)
     raw = await raw_client(f"/ws/proxy/{backends.service}/echo")
     await raw.send(frame(Opcode.TEXT, b"hi"))
     assert (await raw.recv()).data == b"hi"
@@ -85,8 +83,7 @@ async def test_a_client_that_vanishes_closes_the_upstream_1001(
 async def test_an_oversized_fragmented_message_closes_1009_and_the_upstream_1001(
     ws_server: WsServer, backends: Backends, raw_client: Any
 ) -> None:
-    backends.start("a")
-    await wait_reachable(ws_server, backends.service, {"a"})
+    await one_instance(ws_server, backends)
     raw = await raw_client(f"/ws/proxy/{backends.service}/echo")
     await raw.send(frame(Opcode.TEXT, b"spliced?"))  # an echo: the splice has taken over
     assert (await raw.recv()).data == b"spliced?"
@@ -106,8 +103,7 @@ async def test_small_frames_each_in_its_own_read_count_towards_the_message_limit
     # Frames of up to 125 bytes that arrive one per read take the relay's shortcut
     # (`_Leg.data_received`); the message limit must hold there too.
     server = make_ws_server(WS_MAX_MESSAGE_BYTES="100")
-    backends.start("a")
-    await wait_reachable(server, backends.service, {"a"})
+    await one_instance(server, backends)
     raw = await open_raw(server, f"/ws/proxy/{backends.service}/echo")
     try:
         await raw.send(frame(Opcode.TEXT, b"x" * 100))  # exactly the limit: relayed
@@ -128,8 +124,7 @@ async def test_small_frames_each_in_its_own_read_count_towards_the_message_limit
 async def test_close_handshakes_end_both_tcp_connections_promptly(
     ws_server: WsServer, backends: Backends
 ) -> None:
-    backends.start("a")
-    await wait_reachable(ws_server, backends.service, {"a"})
+    await one_instance(ws_server, backends)
     async with ws_server.connect(f"/ws/proxy/{backends.service}/echo") as ws:
         await ws.send("x")
         assert await ws.recv() == "x"
@@ -151,8 +146,7 @@ async def test_drain_closes_the_upstream_leg_1001_too(
     make_ws_server: Any, ws_server: WsServer, backends: Backends
 ) -> None:
     server = make_ws_server()
-    backends.start("a")
-    await wait_reachable(server, backends.service, {"a"})
+    await one_instance(server, backends)
     async with server.connect(f"/ws/proxy/{backends.service}/echo") as ws:
         await ws.send("x")
         assert await ws.recv() == "x"
