@@ -126,6 +126,14 @@ class Settings:
     # head, or for its body's next bytes, before a 408 (nginx's client_header_timeout
     # and client_body_timeout, 60 s; Sanic's REQUEST_TIMEOUT).
     request_timeout: float = field(default=60.0, metadata=_env("REQUEST_TIMEOUT", _SECONDS))
+    # The bound on receiving a whole request head, however its bytes are spaced (nginx's
+    # client_header_timeout; REQUEST_TIMEOUT alone restarts at every byte). 0: REQUEST_TIMEOUT.
+    request_head_timeout: float = field(
+        default=0.0,
+        metadata=_env(
+            "REQUEST_HEAD_TIMEOUT", Bounds(0, _DAY, zero="REQUEST_TIMEOUT", unit="seconds")
+        ),
+    )
 
     # Reverse proxy: connect timeout, and the read timeout (no progress) / head deadline.
     proxy_connect_timeout: float = field(

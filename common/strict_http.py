@@ -25,6 +25,12 @@ Sanic. Both Sanic services serve with it (`HTTP_CLASS` of their protocols).
   socket stayed open for as long as the client kept it. Whenever a connection is to
   close after a response, the unread rest of the body is not waited for (the
   gateway's lingering close drops what still comes, for a bounded time).
+- **A request head that keeps trickling** (slowloris; nginx's `client_header_timeout`):
+  the whole head must arrive within `REQUEST_HEAD_TIMEOUT` of the read that began it
+  (the app's `REQUEST_HEAD_TIMEOUT` config, by default its `REQUEST_TIMEOUT`), else a
+  408 `request_timeout` and the connection closes. Sanic's own bound on the head is
+  the request timeout counted from the last byte read: a client sending a byte a
+  little more often held a connection for good.
 - **A response given before any of the request's body was read** (a 401 from the access
   check, a 404) closes the connection after it unless the whole body has already
   arrived: the body nobody asked for is not waited for (a client sending it slowly
@@ -93,6 +99,8 @@ _LF_HEAD_END = re.compile(rb"\n\r?\n")
 
 # The 408's message (the gateway's fast path, which holds a body itself, says it too).
 BODY_STALLED = "the request body stalled: no byte of it came in time"
+# The 408's message when the head has not all come within its deadline.
+HEAD_STALLED = "the request head did not all come in time"
 
 
 class HeaderFieldsTooLarge(SanicException):
@@ -212,7 +220,7 @@ class StrictHttp(Http):
         buf = self.recv_buffer
         end = buf.find(b"\r\n\r\n")
         if end == -1:  # not whole yet: rare, once read
-            await self._receive_head()
+            await self._receive_head_in_time()
             end = buf.find(b"\r\n\r\n")
         if end == -1 or end >= self.HEADER_MAX_SIZE:
             self.keep_alive = False
@@ -237,6 +245,19 @@ class StrictHttp(Http):
         if "close" in tokens or not self.protocol.app.config.KEEP_ALIVE:
             return False
         return request.version == "1.1" or "keep-alive" in tokens
+
+    async def _receive_head_in_time(self) -> None:
+        """`_receive_head` within the head's deadline, counted from now (the read that
+        began the head has just been taken): Sanic's check of the request timeout
+        restarts at every byte, and bounds a head sent a byte at a time not at all."""
+        config = self.protocol.app.config
+        deadline = config.get("REQUEST_HEAD_TIMEOUT") or self.protocol.request_timeout
+        try:
+            async with asyncio.timeout(deadline):
+                await self._receive_head()
+        except TimeoutError:
+            self.keep_alive = False
+            raise RequestTimeout(HEAD_STALLED) from None
 
     async def _receive_head(self) -> None:
         """Wait, as Sanic's `http1_request_header` does, until the buffer holds a CRLF

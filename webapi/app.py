@@ -54,6 +54,8 @@ def create_app(settings: Settings | None = None, name: str = "webapi") -> Gatewa
     config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
     # A request head, or a body, that stalls this long is a 408 (`common.strict_http`).
     config.REQUEST_TIMEOUT = settings.request_timeout  # type: ignore[assignment]
+    # And a head that has not all come this long after it began (0: REQUEST_TIMEOUT).
+    config.REQUEST_HEAD_TIMEOUT = settings.request_head_timeout
     config.FALLBACK_ERROR_FORMAT = "json"
     # How long requests under way may take to finish once SIGTERM arrives (Sanic's 15 s).
     config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.shutdown_grace

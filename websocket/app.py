@@ -93,6 +93,8 @@ def create_app(settings: Settings | None = None, name: str = "websocket") -> WsA
     config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.ws_drain_timeout
     # A request head, or a body, that stalls this long is a 408 (`common.strict_http`).
     config.REQUEST_TIMEOUT = settings.request_timeout  # type: ignore[assignment]
+    # And a head that has not all come this long after it began (0: REQUEST_TIMEOUT).
+    config.REQUEST_HEAD_TIMEOUT = settings.request_head_timeout
     ctx = WsContext(settings=settings, trusted_proxies=parse_networks(settings.trusted_proxies))
     ctx.connections = Connections(settings.ws_max_connections)
     app: WsApp = Sanic(

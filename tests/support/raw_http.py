@@ -3,6 +3,7 @@ pipelining, split writes and exact bytes on the wire need the socket itself."""
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from dataclasses import dataclass
@@ -78,3 +79,21 @@ def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+def trickle(sock: socket.socket, data: bytes, every: float, limit: float = 8.0) -> float:
+    """Send `data` a byte every `every` seconds (a slowloris client) until the other end
+    answers or closes, or `limit` seconds pass; the seconds it took. What was answered
+    is left unread on `sock`."""
+    start = time.monotonic()
+    for byte in data:
+        if time.monotonic() - start > limit:
+            break
+        try:
+            sock.sendall(bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        ready, _, _ = select.select([sock], [], [], every)
+        if ready:  # an answer, or the close
+            break
+    return time.monotonic() - start

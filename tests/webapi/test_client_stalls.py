@@ -1,8 +1,9 @@
 """What the gateway does with clients that stall or frame oddly (`common.strict_http`,
 `webapi.app`, the fast path): a body that stops coming gets a 408 and the connection
-closes; a request refused for its credential is refused before its body is waited for;
-oversized heads get 431/414; chunked trailer fields are taken and dropped; a
-`Connection` header listing other tokens keeps the connection.
+closes, and so does a head trickling in past its deadline (slowloris); a request
+refused for its credential is refused before its body is waited for; oversized heads
+get 431/414; chunked trailer fields are taken and dropped; a `Connection` header
+listing other tokens keeps the connection.
 
 The requests are raw bytes on a socket. The gateway's `REQUEST_TIMEOUT` is short
 (`_STALL`): a test that waits for a stalled body waits that long, and the read's own
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.raw_http import Answer, closed_by_peer, connect, read_answers
+from tests.support.raw_http import Answer, closed_by_peer, connect, read_answers, trickle
 from tests.webapi.conftest import Backend, as_admin, fast_path, running_gateway
 
 pytestmark = pytest.mark.timeout(60)
@@ -72,6 +73,22 @@ def test_a_stalled_body_gets_a_408_and_the_connection_closes(backend: Backend, c
         assert answer.headers["connection"] == "close"
         assert closed_by_peer(sock)  # for real: Sanic kept the socket open for good
     assert fast_path(backend.gateway)["answered"] == answered  # (a 408 answers nothing)
+
+
+@pytest.mark.parametrize("path", ["/health", "/svc/{s}/echo"])
+def test_a_trickling_head_gets_a_408_and_the_connection_closes(backend: Backend, path: str) -> None:
+    # A byte every 0.1 s: never silent for REQUEST_TIMEOUT (0.5 s), which Sanic counts
+    # from the last byte, so a head that never ends held the connection for good. The
+    # head's own deadline (REQUEST_HEAD_TIMEOUT, by default REQUEST_TIMEOUT) ends it.
+    _cache_credential(backend.gateway)  # (the fast path hands a partial head to Sanic)
+    head = f"GET {path.format(s=backend.service)} HTTP/1.1\r\n{_credential()}X-Slow: "
+    with connect(backend.gateway) as sock:
+        taken = trickle(sock, head.encode() + b"a" * 1000, every=0.1)
+        answer = read_answers(sock, 1)[0]
+        assert (answer.status, _code(answer)) == (408, "request_timeout")
+        assert answer.headers["connection"] == "close"
+        assert closed_by_peer(sock)
+    assert taken < 8  # (ended by the gateway, not by the trickle's own limit)
 
 
 @pytest.mark.parametrize(

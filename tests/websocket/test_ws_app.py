@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import httpx
 import pytest
 import websockets
 
 from tests.support.malformed import BODY_CASES, CASES
-from tests.support.raw_http import connect, read_answers
+from tests.support.raw_http import closed_by_peer, connect, read_answers, trickle
 from tests.websocket.conftest import WsServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -106,3 +107,20 @@ def test_a_transfer_coding_name_is_read_ignoring_case(ws_server: WsServer) -> No
         sock.sendall(f"{request}Transfer-Encoding: Chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n".encode())
         sock.sendall(f"{request}\r\n".encode())
         assert [a.status for a in read_answers(sock, 2)] == [200, 200]
+
+
+def test_a_trickling_head_gets_a_408_and_the_connection_closes(
+    make_ws_server: Callable[..., WsServer],
+) -> None:
+    # A byte every 0.3 s is never silent for REQUEST_TIMEOUT (60 s), which restarts at
+    # every byte: only the head's own deadline ends it (`common.strict_http`).
+    server = make_ws_server(REQUEST_HEAD_TIMEOUT="1")
+    head = b"GET /ws HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nX-Slow: " + b"a" * 1000
+    with connect(server.address) as sock:
+        taken = trickle(sock, head, every=0.3)
+        answer = read_answers(sock, 1)[0]
+        assert answer.headers["content-type"].startswith("application/json")
+        assert (answer.status, json.loads(answer.body)["error"]["code"]) == (408, "request_timeout")
+        assert answer.headers["connection"] == "close"
+        assert closed_by_peer(sock)
+    assert taken < 8  # (ended by the server, not by the trickle's own limit)
