@@ -3,8 +3,9 @@ proxy (`webapi.proxy`, and its fast path's byte-level copy, `webapi.fastpath.hea
 the websocket service's relays (`websocket.handshake`), so both forward the same fields.
 
 * the client's fields, less the hop-by-hop ones (`strip_hop_by_hop`: RFC 9110 §7.6.1)
-  and less its API key (`credential_free`: a backend never sees a reusable key; a
-  bearer JWT passes, short-lived, and tells the backend who the user is);
+  and less its API key (`X-Api-Key`, or `Authorization: Bearer sbk_...`: a backend
+  never sees a reusable key; a bearer JWT passes, short-lived, and tells the backend
+  who the user is), all in one pass (`hop_headers_out`);
 * the forwarding fields are the gateway's, never the client's: `X-Forwarded-For` (the
   lines received, then the peer: `common.clientip` says which of them are believed),
   `-Proto`, `-Host`, `X-Request-Id` (`common.request_ids`) and the gateway's `Via` are
@@ -102,36 +103,54 @@ def strip_hop_by_hop_raw(
     return kept
 
 
-def credential_free(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """`headers` without the request's API key (`X-Api-Key`, or `Authorization: Bearer
-    sbk_...`): a backend never sees a reusable key (bearer JWTs pass: they are
-    short-lived and let a backend know the user)."""
-    return [
-        (k, v)
-        for k, v in headers
-        if not (
-            (lk := k.lower()) == "x-api-key"
-            or (lk == "authorization" and v[7:].lstrip().startswith(API_KEY_PREFIX))
-        )
-    ]
+def _is_api_key(authorization: str) -> bool:
+    """Whether an `Authorization` value is `Bearer sbk_...`: an API key (not checked
+    further: the field is dropped either way)."""
+    return authorization[7:].lstrip().startswith(API_KEY_PREFIX)
+
+
+# What `hop_headers_out` drops by name (lower case) and by prefix.
+_DROPPED = HOP_BY_HOP | REPLACED | {"x-api-key"}
+_DROPPED_PREFIXES = ("proxy-", FORWARDED_PREFIX)
 
 
 def hop_headers_out(
-    headers: Sequence[tuple[str, str]],
+    headers: Iterable[tuple[str, str]],
     *,
     client_ip: str,
     scheme: str,
     host: str,
     request_id: str,
     upstream: str | None,
+    drop: frozenset[str] = frozenset(),
 ) -> list[tuple[str, str]]:
-    """The headers sent upstream: hop-by-hop stripped, the client's forwarding fields
-    dropped, X-Forwarded-For/-Proto/-Host, X-Request-Id and the gateway's `Via` set
-    (module docstring), and `Host: upstream` unless `upstream` is None (a client library
-    that writes its own `Host`, as the websocket relay's)."""
-    prior = [v for k, v in headers if k.lower() == "x-forwarded-for"]
-    out = [(k, v) for k, v in strip_hop_by_hop(list(headers))
-           if not ((lk := k.lower()) in REPLACED or lk.startswith(FORWARDED_PREFIX))]  # fmt: skip
+    """The headers sent upstream for a client's `headers`: its API key dropped (module
+    docstring), hop-by-hop fields stripped (`strip_hop_by_hop`), the client's
+    forwarding fields dropped and the lower-case names in `drop`; then
+    X-Forwarded-For/-Proto/-Host, X-Request-Id and the gateway's `Via` set (module
+    docstring), and `Host: upstream` unless `upstream` is None (a client library that
+    writes its own `Host`, as the websocket relay's).
+
+    Hot path: once per proxied request. One pass over the fields, each name lower-cased
+    once (a second pass only when `Connection` names a field not dropped anyway)."""
+    prior: list[str] = []
+    named: set[str] = set()
+    out: list[tuple[str, str]] = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _DROPPED or lower.startswith(_DROPPED_PREFIXES) or lower in drop:
+            if lower == "x-forwarded-for":
+                prior.append(value)
+            elif lower == "connection":
+                named.update(token.strip().lower() for token in value.split(","))
+            continue
+        if lower == "authorization" and _is_api_key(value):
+            continue
+        out.append((name, value))
+    if named:
+        named -= _DROPPED  # (`keep-alive`, `close`: nothing more to drop)
+        if named:
+            out = [(k, v) for k, v in out if k.lower() not in named]
     if upstream is not None:
         out.append(("Host", upstream))
     out += [

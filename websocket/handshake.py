@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 from common.balancing.sticky import balance_key
 from common.clientip import request_client_ip
-from common.forwarding import credential_free, hop_headers_out
+from common.forwarding import hop_headers_out
 from common.request_ids import request_id_of
 from websocket.auth import SUBPROTOCOL, presented_token, subprotocol_token
 
@@ -65,16 +65,15 @@ def upstream_headers(request: WsRequest) -> list[tuple[str, str]]:
     follow Sanic's own proxy settings, and `scheme` says `ws` on an upgrade; these are
     the gateway fast path's values (`http`/`https` from the socket, `Host` as sent)."""
     client = [*request.headers.items(), *subprotocol_credential(request)]
-    fields = [(name, value) for name, value in credential_free(client)
-              if name.lower() not in _LIBRARY_OWN]  # fmt: skip
     tls = request.conn_info is not None and request.conn_info.ssl
     out = hop_headers_out(
-        fields,
+        client,
         client_ip=request.ip,
         scheme="https" if tls else "http",
         host=request.headers.get("host", ""),
         request_id=request_id_of(request.headers.get("x-request-id")),
         upstream=None,  # `websockets` writes the instance's `Host`
+        drop=_LIBRARY_OWN,
     )
     return [(name, wire_value(value)) for name, value in out]
 

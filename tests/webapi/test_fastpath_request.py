@@ -8,7 +8,7 @@ import time
 import pytest
 
 from common.errors import ConfigError
-from common.forwarding import MAX_VIA_HOPS, credential_free, hop_headers_out, strip_hop_by_hop_raw
+from common.forwarding import MAX_VIA_HOPS, hop_headers_out, strip_hop_by_hop_raw
 from common.settings import Settings
 from webapi.fastpath import MAX_FAST_BODY, Parsed, parse_request
 from webapi.fastpath.head import upstream_head
@@ -134,6 +134,18 @@ def test_the_switch() -> None:
         (
             "GET",
             [
+                "X-Secret: s",
+                "Connection: X-Secret, Close",
+                "x-other: o",
+                "connection: X-OTHER",
+                "Close: c",
+                "X-Kept: k",
+            ],
+            b"",
+        ),
+        (
+            "GET",
+            [
                 "Connection: keep-alive, X-Secret",
                 "X-Secret: s",
                 "Keep-Alive: 5",
@@ -178,7 +190,7 @@ def test_the_switch() -> None:
 )
 def test_the_upstream_head_is_the_routes(method: str, fields: list[str], body: bytes) -> None:
     """`upstream_head` (bytes, the fast path) builds what the `/svc/` route's builders
-    (`credential_free`, `hop_headers_out`, `build_request_head`) build."""
+    (`hop_headers_out`, `build_request_head`) build."""
     lines = [f"{method} /svc/web/a/b?q=1 HTTP/1.1", "Host: gw.example", *fields]
     if body:
         lines.append(f"Content-Length: {len(body)}")
@@ -188,7 +200,7 @@ def test_the_upstream_head_is_the_routes(method: str, fields: list[str], body: b
     ours = upstream_head(parsed, client_ip="127.0.0.9", scheme="http", request_id="rid-1")
     as_sanic = [(name.decode(), value.decode("utf-8", "surrogateescape"))
                 for name, value in parsed.headers]  # fmt: skip
-    headers = hop_headers_out(credential_free(as_sanic), client_ip="127.0.0.9", scheme="http",
+    headers = hop_headers_out(as_sanic, client_ip="127.0.0.9", scheme="http",
                               host="gw.example", request_id="rid-1", upstream="web")  # fmt: skip
     routes, _, _ = build_request_head(method, "/a/b?q=1", headers, "unused:1", body or None)
     assert ours == routes

@@ -24,7 +24,7 @@ from sanic.http import Http
 
 from common.balancing.sticky import balance_key
 from common.codec import parse_json
-from common.forwarding import credential_free, hop_headers_out, strip_hop_by_hop
+from common.forwarding import hop_headers_out, strip_hop_by_hop
 from common.log import get_logger
 from common.proxy_paths import upstream_target
 from common.relayed import RelayedResponse
@@ -55,7 +55,7 @@ METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 def _headers_out(request: GatewayRequest, upstream_hint: str) -> list[tuple[str, str]]:
     return hop_headers_out(
-        credential_free(request.headers.items()),
+        request.headers.items(),
         client_ip=request.ip or "",
         scheme=request.scheme,
         host=request.host,

@@ -34,8 +34,8 @@ hold; otherwise the bytes go to Sanic unchanged and it handles them as it always
 
 An admitted request gets what the `/svc/` route would give it: its request id (the
 caller's `X-Request-Id` when well formed), the same upstream headers (`head.py`,
-built as bytes, tested equal to `credential_free` + `hop_headers_out` +
-`build_request_head`), the same instance choice, health and retries
+built as bytes, tested equal to `hop_headers_out` + `build_request_head`), the
+same instance choice, health and retries
 (`webapi.proxy.attempts`), and a response with the upstream's headers minus
 hop-by-hop ones, the latency headers and `X-Request-Id` (`response.py`): written at
 once with a Content-Length when the body has arrived whole, else streamed. When the

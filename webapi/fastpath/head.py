@@ -1,7 +1,7 @@
 """The upstream request head of a fast-path request, built as bytes once per request.
 
-The same head as the `/svc/` route's (`credential_free`, then `hop_headers_out`, then
-`build_request_head`), without decoding the fields to str and encoding them back:
+The same head as the `/svc/` route's (`hop_headers_out`, then `build_request_head`),
+without decoding the fields to str and encoding them back:
 
 * the client's API key is dropped (a bearer JWT passes: it is short-lived and tells
   the backend who the user is);
