@@ -32,6 +32,7 @@ from typing import Protocol
 
 from common.apikeys import PREFIX
 from common.clientip import forwarded_for
+from common.http_head import connection_tokens, connection_tokens_raw
 
 API_KEY_PREFIX = PREFIX  # `sbk_`: what an API key starts with (`common.apikeys`)
 
@@ -70,7 +71,7 @@ def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     named: set[str] = set()
     for name, value in headers:
         if len(name) == 10 and name.lower() == "connection":
-            named.update(token.strip().lower() for token in value.split(","))
+            named.update(connection_tokens(value))
     kept = []
     for name, value in headers:
         lower = name.lower()
@@ -91,7 +92,7 @@ def strip_hop_by_hop_raw(
     named: set[bytes] = set()
     for name, value in headers:
         if len(name) == 10 and name.lower() == b"connection":
-            named.update(token.strip().lower() for token in value.split(b","))
+            named.update(connection_tokens_raw(value))
     kept = []
     for name, value in headers:
         lower = name.lower()
@@ -142,7 +143,7 @@ def hop_headers_out(
             if lower == "x-forwarded-for":
                 prior.append(value)
             elif lower == "connection":
-                named.update(token.strip().lower() for token in value.split(","))
+                named.update(connection_tokens(value))
             continue
         if lower == "authorization" and _is_api_key(value):
             continue

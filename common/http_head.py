@@ -99,6 +99,20 @@ def _framing_fault(head: bytes) -> str | None:
     return None
 
 
+def connection_tokens(value: str) -> list[str]:
+    """The tokens of one `Connection` field value, in lower case: the field is a
+    comma-separated list (RFC 9110 §7.6.1) of the fields it names and of options
+    (`close`, `keep-alive`), never one word to compare whole. Every reader of the field
+    reads it here (the gateway's and the websocket service's keep-alive and hop-by-hop
+    rules); `connection_tokens_raw` for a value as bytes."""
+    return [token.strip().lower() for token in value.split(",")]
+
+
+def connection_tokens_raw(value: bytes) -> list[bytes]:
+    """`connection_tokens` of a value as bytes (the fast path's and the upstream's)."""
+    return [token.strip().lower() for token in value.split(b",")]
+
+
 def valid_host(value: bytes) -> bool:
     """Whether `value` is a Host field's value as RFC 9112 §3.2 has it."""
     return _HOST_VALUE.fullmatch(value) is not None

@@ -84,7 +84,7 @@ from sanic.headers import format_http1_response
 from sanic.helpers import has_message_body
 from sanic.http import Http, Stage
 
-from common.http_head import well_formed_field
+from common.http_head import connection_tokens, well_formed_field
 
 # `\r\n` (the end of the previous chunk's data, or of the head), then a chunk-size line:
 # hex digits, optionally a chunk extension (`BWS ";" ...`, no control character but
@@ -241,7 +241,7 @@ class StrictHttp(Http):
         tokens (see the module docstring)."""
         request = self.request
         values = request.headers.getall("connection", None)
-        tokens = {t.strip().lower() for v in values for t in v.split(",")} if values else ()
+        tokens = {t for v in values for t in connection_tokens(v)} if values else ()
         if "close" in tokens or not self.protocol.app.config.KEEP_ALIVE:
             return False
         return request.version == "1.1" or "keep-alive" in tokens

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.http_head import head_fault
+from common.http_head import connection_tokens, connection_tokens_raw, head_fault
 
 TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -76,3 +76,18 @@ def test_the_refusal_never_repeats_a_value() -> None:
     ):
         fault = head_fault(head.encode())
         assert fault is not None and "secret" not in fault
+
+
+@pytest.mark.parametrize(
+    ("value", "tokens"),
+    [
+        ("close", ["close"]),
+        ("Keep-Alive, X-Foo", ["keep-alive", "x-foo"]),
+        (" TE ,\tCLOSE,", ["te", "close", ""]),  # (an empty element names nothing)
+    ],
+)
+def test_connection_tokens_are_the_lists_elements_in_lower_case(
+    value: str, tokens: list[str]
+) -> None:
+    assert connection_tokens(value) == tokens
+    assert connection_tokens_raw(value.encode()) == [t.encode() for t in tokens]

@@ -28,6 +28,7 @@ from common.forwarding import (
     REPLACED_RAW,
     VIA,
 )
+from common.http_head import connection_tokens_raw
 from webapi.fastpath.request import Parsed
 from webapi.proxy.headers import BODY_METHODS
 
@@ -43,7 +44,7 @@ def upstream_head(req: Parsed, *, client_ip: str, scheme: str, request_id: str) 
     """The request line and header block sent upstream for `req`. Hot path."""
     named: set[bytes] = set()
     for value in req.connection:
-        named.update(token.strip().lower() for token in value.split(b","))
+        named.update(connection_tokens_raw(value))
     prior: list[bytes] = []
     out = [b"%s %s HTTP/1.1" % (req.method.encode(), req.target.encode("utf-8", "surrogateescape"))]
     for name, value in req.headers:

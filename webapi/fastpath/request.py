@@ -13,7 +13,7 @@ import time
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from common.forwarding import MAX_VIA_HOPS, credential_fault, via_hops
-from common.http_head import valid_host
+from common.http_head import connection_tokens_raw, valid_host
 from common.proxy_paths import InvalidProxyPath, upstream_target
 from webapi.heartbeats import SERVICE_NAME
 
@@ -94,7 +94,7 @@ class Parsed:
             elif name == b"connection":
                 # A list of tokens (`common.strict_http` reads it so too): any `close`
                 # in any of its fields ends the connection; other tokens do not.
-                if b"close" in value.lower() and _CLOSE in _tokens(value):
+                if b"close" in value.lower() and _CLOSE in connection_tokens_raw(value):
                     self.keep_alive = False
                 self.connection = [*self.connection, value]
             elif name == b"via":
@@ -190,11 +190,6 @@ def parse_request(buf: bytes | bytearray) -> Parsed | Incomplete | None:
 _CLOSE = b"close"
 # The credential fields: a second one is refused (`common.forwarding.credential_fault`).
 _CREDENTIAL = frozenset({b"authorization", b"x-api-key"})
-
-
-def _tokens(value: bytes) -> list[bytes]:
-    """The tokens of a `Connection` field value, in lower case."""
-    return [token.strip() for token in value.lower().split(b",")]
 
 
 # The header names `Parsed.on_header` looks at beyond collecting them.
