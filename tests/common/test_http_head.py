@@ -2,7 +2,8 @@
 websocket service reads it. The refusals are tested end to end in
 tests/webapi/test_proxy_malformed.py and tests/websocket/test_ws_malformed.py; here,
 that nothing HTTP allows is refused (a false refusal would drop real traffic), and
-that a refusal says where, never what."""
+that a refusal says where, never what. Also `connection_tokens`: how every reader of
+`Connection` splits it."""
 
 from __future__ import annotations
 
