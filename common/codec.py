@@ -16,7 +16,8 @@ dataclass as an object of its fields, a set as an array, bytes as the text they
 encode in UTF-8. Bytes that are not UTF-8 are refused (`NotJsonValue`), never decoded
 with replacement characters: JSON has no bytes type, and a handler that means binary
 data for JSON clients returns it as text (base64) itself. `not_json_reason` says why
-a value could not be written as JSON, for the `invalid_result` answers of the edge.
+a value could not be written as JSON, and `not_json_message` is the text of the
+`invalid_result` answers of the edge that says so.
 `parse_json` reads what a client sends as JSON, strictly; `json_type` names a
 decoded value's JSON type, for messages.
 """
@@ -173,6 +174,14 @@ def not_json_reason(exc: Exception) -> str:
     if text.startswith("keys must be"):  # a map key of another type: bytes, a tuple
         return f"a map key that is not text ({text})"
     return f"a value JSON cannot carry ({text or type(exc).__name__})"
+
+
+def not_json_message(subject: str, exc: Exception) -> str:
+    """The message of the `invalid_result` answer for a value JSON cannot carry:
+    `subject` ("the answer", "the result of iptv.search") cannot be sent as JSON, and
+    why (`not_json_reason` of `exc`, what `json.dumps` raised). Every edge that writes
+    JSON (the gateway, the websocket service, the asyncredisrpc bridge) says it so."""
+    return f"{subject} cannot be sent as JSON: it holds {not_json_reason(exc)}"
 
 
 _JSON_TYPES = {

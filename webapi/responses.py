@@ -12,7 +12,7 @@ from sanic import HTTPResponse
 from sanic.exceptions import SanicException
 from sanic.response import json as sanic_json
 
-from common.codec import json_default, not_json_reason
+from common.codec import json_default, not_json_message
 
 _utf8_dumps = partial(json.dumps, default=json_default, ensure_ascii=False, separators=(",", ":"),
                       allow_nan=False)  # fmt: skip
@@ -41,9 +41,7 @@ def _dumps(body: Any) -> bytes:
         except UnicodeEncodeError:
             return _ascii_dumps(body).encode()
     except (ValueError, TypeError) as exc:  # (allow_nan=False; json_default's refusals)
-        raise NotJson(
-            f"the answer cannot be sent as JSON: it holds {not_json_reason(exc)}"
-        ) from None
+        raise NotJson(not_json_message("the answer", exc)) from None
 
 
 def json_response(

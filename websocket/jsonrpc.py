@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from common.codec import json_default, not_json_reason
+from common.codec import json_default, not_json_message
 from common.errors import (
     InvalidParams,
     InvalidResult,
@@ -98,14 +98,13 @@ def parse(message: object) -> tuple[Id, str, list[Any], dict[str, Any], bool]:
 
 def result(id_: Id, value: Any) -> str:
     """The answer to a call that returned `value`; `InvalidResult` when JSON cannot carry
-    `value` (NaN, bytes that are not UTF-8...: `common.codec.not_json_reason`), answered
+    `value` (NaN, bytes that are not UTF-8...: `common.codec.not_json_message`), answered
     as the gateway answers it (its 502 `invalid_result`)."""
     answer = {"jsonrpc": "2.0", "id": id_, "result": value}
     try:
         return json.dumps(answer, default=json_default, allow_nan=False)
     except (ValueError, TypeError) as exc:
-        reason = not_json_reason(exc)
-        raise InvalidResult(f"the answer cannot be sent as JSON: it holds {reason}") from None
+        raise InvalidResult(not_json_message("the answer", exc)) from None
 
 
 def error(id_: Id, code: int, message: str, data: Any = None) -> str:

@@ -40,7 +40,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from common.aio import cancel_and_wait, cancelling
-from common.codec import json_default, not_json_reason
+from common.codec import json_default, not_json_message, not_json_reason
 from common.errors import (
     ConfigError,
     InvalidParams,
@@ -231,7 +231,7 @@ class _Adapter:
         except (ValueError, TypeError) as exc:
             reason = not_json_reason(exc)
             log.error("result not encodable", extra={"fields": {"method": name, "error": reason}})
-            return _error(InvalidResult(f"the result of {name} cannot be sent as JSON: {reason}"))
+            return _error(InvalidResult(not_json_message(f"the result of {name}", exc)))
         limit = self.svc.settings.rpc_max_payload_bytes
         if len(payload) > limit:
             fields = {"method": name, "bytes": len(payload), "limit": limit}
