@@ -103,6 +103,14 @@ BODY_STALLED = "the request body stalled: no byte of it came in time"
 HEAD_STALLED = "the request head did not all come in time"
 
 
+def head_timeout(protocol: Any) -> float:
+    """How long after its first bytes a request head may take to come whole on the
+    connection of `protocol` (Sanic's `HttpProtocol`): the app's `REQUEST_HEAD_TIMEOUT`,
+    else (0, unset) its request timeout."""
+    deadline: float = protocol.app.config.get("REQUEST_HEAD_TIMEOUT") or protocol.request_timeout
+    return deadline
+
+
 class HeaderFieldsTooLarge(SanicException):
     """A request head (or a chunked body's trailer section) over the size bound."""
 
@@ -250,10 +258,8 @@ class StrictHttp(Http):
         """`_receive_head` within the head's deadline, counted from now (the read that
         began the head has just been taken): Sanic's check of the request timeout
         restarts at every byte, and bounds a head sent a byte at a time not at all."""
-        config = self.protocol.app.config
-        deadline = config.get("REQUEST_HEAD_TIMEOUT") or self.protocol.request_timeout
         try:
-            async with asyncio.timeout(deadline):
+            async with asyncio.timeout(head_timeout(self.protocol)):
                 await self._receive_head()
         except TimeoutError:
             self.keep_alive = False

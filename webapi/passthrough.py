@@ -60,7 +60,11 @@ and the retry budget; a connect to an ejected instance is its trial. The strateg
 counts the splice as one request from connect to end (least-connections sees open
 splices) that took the connect time (what least-time learns).
 Timeouts: Sanic's keep-alive timeout while nothing is outstanding, its response
-timeout while a request is (`FastPathProtocol.check_timeouts`). Backpressure: a
+timeout while a request is (`FastPathProtocol.check_timeouts`), both counted from
+the last byte; and a request head held incomplete must come whole within
+`REQUEST_HEAD_TIMEOUT` of its first bytes (a client trickling it held both
+connections for good), else a 408 and the connection closes; while requests
+forwarded before it are unanswered, it closes once they are answered, with no 408. Backpressure: a
 side whose socket buffer is full stops the other side being read.
 
 A route with `"tunnel": true` as well is spliced by `webapi.tunnel.Tunnel` instead,
@@ -73,6 +77,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from time import monotonic
 from typing import TYPE_CHECKING, Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, HttpResponseParser
@@ -240,9 +245,9 @@ class PassThrough(SpliceBase):
     """One client connection spliced to one upstream connection (module docstring)."""
 
     __slots__ = ("answered_early", "attempts", "begun", "close_at_end", "document", "ending",
-                 "instance_id", "leftover", "longer", "owner", "parser", "policy", "prefix",
-                 "requests", "responses", "rule", "stats", "unsent", "unsent_complete",
-                 "upstream")  # fmt: skip
+                 "head_began", "instance_id", "leftover", "longer", "owner", "parser", "policy",
+                 "prefix", "requests", "responses", "rule", "stats", "unsent",
+                 "unsent_complete", "upstream")  # fmt: skip
 
     def __init__(
         self,
@@ -269,6 +274,7 @@ class PassThrough(SpliceBase):
         self.answered_early = 0
         self.begun = 0  # requests forwarded (wholly or in part) since the splice started
         self.unsent = b""  # read and parsed, held until the head of a request is whole
+        self.head_began = 0.0  # when `unsent` began to be held (`time.monotonic`); 0: none
         self.unsent_complete = 0  # `requests.complete` where `unsent` starts
         self.ending: int | None = None  # responses to wait for before the splice ends
         self.close_at_end = False  # and then close the client's connection
@@ -283,6 +289,12 @@ class PassThrough(SpliceBase):
     def outstanding(self) -> bool:
         """A forwarded request has no complete response yet."""
         return self.responses.ended < self.begun
+
+    def head_overdue(self, now: float, limit: float) -> bool:
+        """Whether the head held in `unsent` began more than `limit` seconds before `now`
+        (a client trickling it: the timeouts that restart at every byte never end it)."""
+        began = self.head_began
+        return bool(began) and self.ending is None and now - began > limit
 
     def _is_ours(self, url: bytes) -> bool:
         """Whether a request for `url` is the route's: the prefix, no longer route's prefix,
@@ -327,6 +339,8 @@ class PassThrough(SpliceBase):
                 calls.foreign = max(calls.begun, 1)
         if self.unsent:
             data, self.unsent = self.unsent + data, b""
+            if not calls.in_head:
+                self.head_began = 0.0  # (whole now)
         if calls.foreign:
             # A request that is not the route's: it and what follows go to Sanic, once
             # the requests before it are answered, when this read starts with a request
@@ -348,6 +362,8 @@ class PassThrough(SpliceBase):
                 self._end_after(self.unsent_complete, b"", close=True)
             else:
                 self.unsent = data
+                if not self.head_began:
+                    self.head_began = monotonic()
             return
         self.begun += calls.begun
         self.stats.requests += calls.begun

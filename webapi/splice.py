@@ -83,6 +83,11 @@ class SpliceBase:
     upstream: UpstreamLeg
     attempts: Attempts
 
+    def head_overdue(self, now: float, limit: float) -> bool:
+        """Whether a request head held unforwarded (incomplete) began more than `limit`
+        seconds before `now` (`time.monotonic`). A tunnel holds none."""
+        return False
+
     def close(self) -> None:
         """The client's connection is gone or timed out: close the upstream's too."""
         self._detach()

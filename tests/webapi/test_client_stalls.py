@@ -22,6 +22,7 @@ import pytest
 
 from tests.support.raw_http import Answer, closed_by_peer, connect, read_answers, trickle
 from tests.webapi.conftest import Backend, as_admin, fast_path, running_gateway
+from tests.webapi.test_proxy_passthrough import apply_routes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -89,6 +90,30 @@ def test_a_trickling_head_gets_a_408_and_the_connection_closes(backend: Backend,
         assert answer.headers["connection"] == "close"
         assert closed_by_peer(sock)
     assert taken < 8  # (ended by the gateway, not by the trickle's own limit)
+
+
+def test_a_trickling_head_on_a_passthrough_route_gets_a_408(backend: Backend) -> None:
+    # The request line comes whole (the splice starts on it), then the rest of the head
+    # a byte at a time: the splice held it, bounded by the keep-alive timeout counted
+    # from the last byte, and held a connection to the instance too.
+    route = {"prefix": "/echo/", "service": backend.service, "public": True,
+             "strip_prefix": False, "passthrough": True}  # fmt: skip
+    apply_routes(backend, [route])
+    try:
+        before = as_admin.get(f"{backend.gateway}/admin/proxy/stats", timeout=5).json()
+        with connect(backend.gateway) as sock:
+            sock.sendall(b"GET /echo/slow HTTP/1.1\r\n")
+            taken = trickle(sock, b"Host: g\r\nX-Slow: " + b"a" * 1000, every=0.1)
+            answer = read_answers(sock, 1)[0]
+            assert (answer.status, _code(answer)) == (408, "request_timeout")
+            assert answer.headers["connection"] == "close"
+            assert closed_by_peer(sock)
+        assert taken < 8  # (ended by the gateway, not by the trickle's own limit)
+        after = as_admin.get(f"{backend.gateway}/admin/proxy/stats", timeout=5).json()
+        spliced = after["passthrough"]["connections"] - before["passthrough"]["connections"]
+        assert spliced == 1  # (it was the splice's, not Sanic's)
+    finally:
+        apply_routes(backend, [])
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from common.log import get_logger, request_id_var
 from common.policy import RouteRule
 from common.request_ids import request_id_of
 from common.scopes import INTERNAL_SERVICES
-from common.strict_http import BODY_STALLED
+from common.strict_http import BODY_STALLED, HEAD_STALLED, head_timeout
 from webapi.access import credential_from
 from webapi.context import GatewayApp
 from webapi.errors import ApiError, NotAuthenticated
@@ -95,11 +95,17 @@ class FastPathProtocol(LingeringHttpProtocol):
         """Sanic's timeouts; while a fast request runs (Sanic sees an idle connection)
         the response timeout applies, counted from the last byte read or written. A
         pass-through splice gets the response timeout while a request is outstanding,
-        the keep-alive timeout otherwise."""
+        the keep-alive timeout otherwise, and a head it holds, the head's deadline
+        (`common.strict_http`)."""
         splice, task = self._passthrough, self._fast
         if splice is not None:
+            now = current_time()
+            if splice.head_overdue(now, head_timeout(self)):
+                self._head_timed_out(splice)
+                if self._passthrough is None:
+                    return
             limit = self.response_timeout if splice.outstanding else self.keep_alive_timeout
-            if current_time() - self._time > limit:
+            if now - self._time > limit:
                 splice.close()
                 self._passthrough = None
                 self.close()
@@ -303,13 +309,29 @@ class FastPathProtocol(LingeringHttpProtocol):
     def _body_timed_out(self) -> None:
         """The held request's body stalled for the request timeout: a 408, as Sanic's path
         answers it (`common.strict_http`), and the connection closes (lingering)."""
-        held = self._held
-        method, _, rest = bytes(held[: max(0, held.find(b"\r\n"))]).partition(b" ")
+        held = bytes(self._held)
+        self._held.clear()
+        self._timed_out(held, BODY_STALLED)
+
+    def _head_timed_out(self, splice: PassThrough | Tunnel) -> None:
+        """A pass-through splice's held head has not come whole in time. With every
+        forwarded request answered, a 408 as Sanic's path answers a head that late, and
+        the connection closes (lingering); else it closes once they are answered."""
+        if splice.outstanding:
+            splice.end_after_answers()
+            return
+        held = splice.unsent if isinstance(splice, PassThrough) else b""
+        splice.close()
+        self._passthrough = None
+        self._timed_out(held, HEAD_STALLED)
+
+    def _timed_out(self, held: bytes, message: str) -> None:
+        """Answer the request at the start of `held` with a 408 saying `message`, and close."""
+        method, _, rest = held[: max(0, held.find(b"\r\n"))].partition(b" ")
         url = rest.rpartition(b" ")[0]
-        held.clear()
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            error = error_bytes(RequestTimeout(BODY_STALLED), method.decode("latin-1"), url,
+            error = error_bytes(RequestTimeout(message), method.decode("latin-1"), url,
                            request_id_of(None), False)  # fmt: skip
             transport.write(error)
         self.close()
