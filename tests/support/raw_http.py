@@ -81,19 +81,19 @@ def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
         return False
 
 
-def trickle(sock: socket.socket, data: bytes, every: float, limit: float = 8.0) -> float:
+def trickle(sock: socket.socket, data: bytes, every: float, limit: float = 8.0) -> bool:
     """Send `data` a byte every `every` seconds (a slowloris client) until the other end
-    answers or closes, or `limit` seconds pass; the seconds it took. What was answered
-    is left unread on `sock`."""
+    answers or closes, or `limit` seconds pass (or `data` is all sent): whether the
+    other end ended it. What was answered is left unread on `sock`."""
     start = time.monotonic()
     for byte in data:
         if time.monotonic() - start > limit:
-            break
+            return False
         try:
             sock.sendall(bytes([byte]))
         except (BrokenPipeError, ConnectionResetError):
-            break
+            return True
         ready, _, _ = select.select([sock], [], [], every)
         if ready:  # an answer, or the close
-            break
-    return time.monotonic() - start
+            return True
+    return False
