@@ -30,6 +30,7 @@ from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.ratelimit import RateLimiter
 from common.registry import Registry
 from common.registry_view import RegistryView
+from common.router import MethodRouter
 from common.sanic_main import UNPARSED_METHOD
 from common.settings import Settings, get_settings
 from common.strict_http import StrictRequest
@@ -41,7 +42,6 @@ from webapi.proxy.forward import Proxy
 from webapi.proxy.health import ActiveChecker
 from webapi.proxy.upstream import UpstreamPool
 from webapi.requests import check_head, request_id_from
-from webapi.router import GatewayRouter
 
 # Bodies larger than this are refused with 413 before they are read (RPC/REST JSON).
 MAX_BODY_BYTES = 1024 * 1024
@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None, name: str = "webapi") -> Gatewa
         ctx=GatewayContext(settings=settings),
         error_handler=JsonErrorHandler(),
         request_class=GatewayRequestClass,
-        router=GatewayRouter(),
+        router=MethodRouter(),
         configure_logging=False,
     )
     app.blueprint(api)

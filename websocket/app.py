@@ -2,7 +2,7 @@
 
 Routes:
 
-    GET /health                        200 when Redis answers; open connections
+    GET /health                        200 when Redis answers; open connections (HEAD too)
     WS  /ws                            authenticated clients: subscriptions, JSON-RPC (`session`)
     WS  /ws/stream                     the original dispatcher's envelope mode (`envelope`)
     WS  /ws/proxy/<service>/<path>     relayed to an instance of `service` (`relay`)
@@ -13,6 +13,8 @@ outside the credential's scopes is HTTP 403, an envelope request for one is
 answered "model not allowed"), `/ws` with the upgrade or as its first message.
 A relay's path is checked as the gateway's `/svc/` (400 `invalid_path`), and its
 service must be known (404 `unknown_service`: `websocket.relay.admit_relay`).
+A method a path does not take is a 405 with `Allow` and a path no route takes a
+404, whatever the credential (`common.router`; a WebSocket route takes GET only).
 Close codes are in
 `websocket.connections`. Limits (settings `WS_*`): frames over
 WS_MAX_MESSAGE_BYTES close with 1009; pings every WS_PING_INTERVAL, no pong
@@ -47,7 +49,7 @@ from common.http_head import head_fault
 from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.redis_failures import REDIS_DOWN_OR_REFUSING, check_writable, redis_failure
 from common.registry_view import RegistryView
-from common.sanic_main import UNPARSED_METHOD
+from common.router import MethodRouter
 from common.settings import Settings, get_settings
 from common.strict_http import StrictRequest
 from websocket.auth import SUBPROTOCOL, authenticate, presented_token
@@ -104,6 +106,7 @@ def create_app(settings: Settings | None = None, name: str = "websocket") -> WsA
         configure_logging=False,
         error_handler=JsonErrorHandler(),
         request_class=StrictRequest,
+        router=MethodRouter(),  # HEAD where GET is, 405s with `Allow` (`common.router`)
     )
     app.add_route(health, "/health", methods=["GET"])
     # Counted by the connection itself (`websocket.client`): the handler returns at once.
@@ -208,8 +211,11 @@ async def _admit(request: WsRequest) -> HTTPResponse | None:
     credential (on `/ws` it may instead come as the first message), 403 for a
     relay to a service the credential's scopes do not reach, then a relay's path
     (400 `invalid_path`) or unknown service (404 `unknown_service`: `admit_relay`).
-    A head Sanic could not parse gets its parse error (400), not a 401."""
-    if not request.path.startswith("/ws") or request.method == UNPARSED_METHOD:
+    A request no route took gets the router's answer whatever its credential, as at
+    the gateway: a wrong method its 405 (`common.router`), an unknown path its 404,
+    a head Sanic could not parse its parse error (400). Sanic runs this middleware
+    before those answers too, with no route, and no handler runs for them."""
+    if request.route is None or not request.path.startswith("/ws"):
         return None
     ctx = request.app.ctx
     if ctx.connections.full():

@@ -1,6 +1,6 @@
 """Methods a route does not take, through a real gateway process: a 405 with `Allow`,
 whatever the credential (none, a user's, an admin's), and HEAD answered wherever GET
-is (`webapi.router`). The access check used to take a request no route took for an
+is (`common.router`). The access check used to take a request no route took for an
 undeclared route: a wrong method got 401 without a credential, 403 with a user's,
 and its 405 only with an admin's."""
 

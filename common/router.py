@@ -1,16 +1,20 @@
-"""The gateway's router: Sanic's, with HEAD served wherever GET is.
+"""`MethodRouter`: Sanic's router, with HEAD served wherever GET is, for both Sanic
+services (the gateway and the websocket service).
 
 HTTP requires it (RFC 9110 §9.3.2: a server answers HEAD as it answers GET, without the
 body), and Sanic's router does not do it by itself: a route declared GET gave HEAD a
 405. A HEAD the router would refuse is routed as the GET of the same path; the handler
 runs as for a GET and Sanic's HTTP/1.1 writer drops the body (`Http.head_only`), so
 the headers are the GET's, Content-Length included. The route, and so its access
-declaration, is the GET's: a HEAD needs what a GET needs.
+declaration, is the GET's: a HEAD needs what a GET needs. Not on a WebSocket route:
+its GET is an upgrade (RFC 6455 §4.1), which a HEAD cannot be; a HEAD there is a 405
+whose `Allow` is GET.
 
 A method the path has no route for is a 405 whose `Allow` names the methods it has
-(with HEAD wherever GET is), whatever the credential: the access check does not run for
-a request no route took (`webapi.access.Gatekeeper.admit`). So is a request for the
-server as a whole (`OPTIONS *`), which the gateway does not answer (an empty `Allow`).
+(with HEAD wherever GET is), whatever the credential: neither service checks access for
+a request no route took (`webapi.access.Gatekeeper.admit`, `websocket.app._admit`).
+So is a request for the server as a whole (`OPTIONS *`), which neither answers (an
+empty `Allow`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from sanic_routing.route import Route
 from common.errors import shortened
 
 
-class GatewayRouter(Router):
+class MethodRouter(Router):
     """Sanic's router, answering HEAD with the GET route (module docstring)."""
 
     def _get(
@@ -42,9 +46,10 @@ class GatewayRouter(Router):
             return super()._get(path, method, host)
         except MethodNotAllowed as exc:
             allowed = set(exc.allowed_methods or ())
-            if "GET" in allowed:
+            get = super()._get(path, "GET", host) if "GET" in allowed else None
+            if get is not None and not getattr(get[0].extra, "websocket", False):
                 if method == "HEAD":
-                    return super()._get(path, "GET", host)
+                    return get
                 allowed.add("HEAD")
             message = f"{shortened(method)} is not allowed for {shortened(path)}"
             allow = sorted(allowed)
