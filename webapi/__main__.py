@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.lingering import LingeringHttpProtocol
 from common.sanic_main import serve
 from common.settings import Settings
 from webapi.app import create_app
 from webapi.fastpath import FastPathProtocol
-from webapi.lingering import LingeringHttpProtocol
 
 
 def _protocol(settings: Settings) -> dict[str, Any]:
-    # Both close connections lingering (webapi.lingering); the fast path also answers
+    # Both close connections lingering (common.lingering); the fast path also answers
     # plain /svc/ requests and splices pass-through routes itself.
     return {"protocol": FastPathProtocol if settings.proxy_fast_path else LingeringHttpProtocol}
 

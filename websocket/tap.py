@@ -22,6 +22,7 @@ from sanic.server.websockets.impl import WebsocketImplProtocol
 from websockets.asyncio.client import ClientConnection
 from websockets.protocol import CLOSED, CONNECTING
 
+from common.lingering import LingeringHttpProtocol
 from common.strict_http import StrictHttp
 
 TAP_LIMIT = 256 * 1024  # bytes held before the take-over past which the socket is paused
@@ -29,8 +30,11 @@ RELAYED = "/ws/proxy/"  # the routes whose client connections are held for a spl
 CLIENTS = "/ws"  # the route whose connections `websocket.client` takes over
 
 
-class TapServerProtocol(WebSocketProtocol):
-    """Sanic's WebSocket protocol; what a relayed client sends is held, unparsed, for the splice."""
+class TapServerProtocol(WebSocketProtocol, LingeringHttpProtocol):
+    """Sanic's WebSocket protocol; what a relayed client sends is held, unparsed, for the
+    splice. Before an upgrade, a connection closes lingering, as the gateway's do
+    (`common.lingering`): a client still sending the head refused with 431, or a body
+    nobody reads, gets its answer instead of a reset."""
 
     HTTP_CLASS = StrictHttp  # (`common.strict_http`)
     __slots__ = ("tap",)

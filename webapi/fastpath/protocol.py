@@ -13,6 +13,7 @@ from sanic.http.constants import Stage
 
 from common.balancing import Endpoint
 from common.balancing.sticky import balance_key
+from common.lingering import LingeringHttpProtocol
 from common.log import get_logger, request_id_var
 from common.policy import RouteRule
 from common.request_ids import request_id_of
@@ -25,7 +26,6 @@ from webapi.fastpath.direct import DirectExchange
 from webapi.fastpath.head import upstream_head
 from webapi.fastpath.request import Incomplete, Parsed, parse_request
 from webapi.fastpath.response import CHUNKED, WHOLE, bodiless_framing, client_head, error_bytes
-from webapi.lingering import LingeringHttpProtocol
 from webapi.passthrough import PassThrough, passthrough_request
 from webapi.proxy.attempts import Attempts
 from webapi.proxy.forward import Forwarded

@@ -1,20 +1,24 @@
-"""`LingeringHttpProtocol`: Sanic's HTTP/1.1 protocol with nginx's lingering close.
+"""`LingeringHttpProtocol`: Sanic's HTTP/1.1 protocol with nginx's lingering close, for
+both Sanic services (the gateway's protocols and the websocket service's derive from it).
 
 Closing a socket that still has unread data (the body of a request refused with
-413, or refused before its handler read it) makes the kernel send a reset, which
-can destroy the error response before the client has read it. So when the gateway
-closes a connection, it sends a FIN after the response and hands the socket to
-`_Drain`, which reads and drops what the client still sends until the client
-closes or `LINGER_SECONDS` pass (nginx's `lingering_close`). While the server shuts
-down, connections are closed at once, and a request under way is the
-connection's last (`close_if_idle`). The gateway always serves with this protocol
-or its subclass `webapi.fastpath.FastPathProtocol`.
+413, the rest of a head refused with 431, or a request refused before its handler
+read it) makes the kernel send a reset, which can destroy the error response before
+the client has read it, and fails a client still writing its request (most then
+never read the answer). So when a server closes a connection, it sends a FIN after
+the response and hands the socket to `_Drain`, which reads and drops what the client
+still sends until the client closes or `LINGER_SECONDS` pass (nginx's
+`lingering_close`). While the server shuts down, connections are closed at once, and
+a request under way is the connection's last (`close_if_idle`). The gateway always
+serves with this protocol or its subclass `webapi.fastpath.FastPathProtocol`; the
+websocket service with `websocket.tap.TapServerProtocol`, Sanic's WebSocket protocol
+on top of this one (an upgraded connection is closed by its WebSocket, not here).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
+from typing import cast
 
 from sanic.server.protocols.http_protocol import HttpProtocol
 
@@ -46,11 +50,10 @@ class LingeringHttpProtocol(HttpProtocol):
     strictly (`common.strict_http`)."""
 
     HTTP_CLASS = StrictHttp
-    __slots__ = ("_lingering",)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._lingering = False
+    # None of its own: `TapServerProtocol` derives from this and from Sanic's
+    # `WebSocketProtocol`, and two bases that both add slots cannot be combined. Whether
+    # the close lingers already is the transport's: its protocol is then a `_Drain`.
+    __slots__ = ()
 
     def close_if_idle(self) -> bool:
         """Sanic asks this of every connection as the server stops: an idle one is
@@ -64,15 +67,14 @@ class LingeringHttpProtocol(HttpProtocol):
     def close(self, timeout: float | None = None) -> None:
         transport = self.transport
         if (
-            self._lingering
-            or transport is None
+            transport is None
+            or isinstance(transport.get_protocol(), _Drain)  # lingering already
             or transport.is_closing()
             or self.signal.stopped
             or not transport.can_write_eof()
         ):
             super().close(timeout)
             return
-        self._lingering = True
         timeouts = cast("asyncio.TimerHandle | None", self._callback_check_timeouts)
         if timeouts is not None:  # Sanic's own close cancels it too
             timeouts.cancel()

@@ -1,0 +1,48 @@
+"""A request refused before the websocket service read all of it: the connection closes
+lingering, as the gateway's (`common.lingering`), so a client still sending reads the
+whole refusal. The service used to close at once: with the rest of the request unread,
+the kernel answered it with a TCP reset, and a client writing its request before
+reading (as most do) failed on its write (`ConnectionResetError`), never reading the
+answer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.support.raw_http import connect, read_answers
+from tests.websocket.conftest import WsServer
+
+pytestmark = pytest.mark.timeout(60)
+
+# Well past what the sockets' buffers take in while the service reads nothing more:
+# the client's write of it ends only if the service keeps reading.
+SENT = 32 * 1024 * 1024
+UPGRADE = (
+    "GET /ws/stream HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+# A head over the 16 KiB bound, refused as soon as the bound is passed.
+HEAD_TOO_LARGE = f"{UPGRADE}X-Big: ".encode() + b"a" * SENT + b"\r\n\r\n"
+# A body that cannot be framed, refused with the head (`common.strict_http`).
+UNFRAMED = f"{UPGRADE}Transfer-Encoding: gzip, chunked\r\n\r\n".encode() + b"b" * SENT
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (HEAD_TOO_LARGE, 431, "request_header_fields_too_large"),
+        (UNFRAMED, 400, "bad_request"),
+    ],
+    ids=["431 head too large", "400 body not framed"],
+)
+def test_a_client_still_sending_reads_the_whole_refusal(
+    ws_server: WsServer, request_bytes: bytes, status: int, code: str
+) -> None:
+    with connect(ws_server.address) as sock:
+        sock.sendall(request_bytes)  # (the old code's reset failed this write)
+        answer = read_answers(sock, 1)[0]
+        assert sock.recv(1) == b""  # then the service's FIN, not a reset
+    assert answer.status == status
+    assert json.loads(answer.body)["error"]["code"] == code
