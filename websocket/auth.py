@@ -50,15 +50,18 @@ def subprotocol_token(request: Request[Any, Any]) -> str | None:
 
 def offered_subprotocols(request: Request[Any, Any]) -> list[str]:
     """The subprotocols the client offers, in its order (every `Sec-WebSocket-Protocol`
-    line, comma-separated): one reading for authentication and for what the relay's
-    upstream is offered (`websocket.handshake.subprotocols_passed_on`)."""
+    line, comma-separated): one reading for authentication, for selecting `bearer`
+    (`offers_bearer`) and for what the relay's upstream is offered
+    (`websocket.handshake.subprotocols_passed_on`)."""
     return [token.strip() for line in request.headers.getall("sec-websocket-protocol", [])
             for token in line.split(",") if token.strip()]  # fmt: skip
 
 
 def offers_bearer(request: Request[Any, Any]) -> bool:
-    offered = request.headers.get("sec-websocket-protocol", "").split(",")
-    return any(p.strip().lower() == SUBPROTOCOL for p in offered)
+    """Whether the client offers the `bearer` subprotocol, anywhere in its offer (every
+    line: `offered_subprotocols`), so that the server selects it
+    (`websocket.protocol.BearerProtocol`)."""
+    return any(p.lower() == SUBPROTOCOL for p in offered_subprotocols(request))
 
 
 async def authenticate(authenticator: Authenticator, credential: object) -> Principal:

@@ -49,6 +49,33 @@ async def test_auth_by_subprotocol(ws_server: WsServer) -> None:
         assert await ws.recv() == "pong"
 
 
+@pytest.mark.parametrize("path", ["/ws", "/ws/stream"])
+def test_bearer_is_selected_on_whichever_line_the_client_offers_it(
+    ws_server: WsServer, path: str
+) -> None:
+    # Every `Sec-WebSocket-Protocol` line is one offer (`websocket.auth.offered_subprotocols`,
+    # as authentication and the relay read it): `bearer` on a second line was not
+    # selected, though it was on the first line's tail.
+    selected = []
+    for lines in (["chat, bearer"], ["chat", "bearer"]):
+        offer = "".join(f"Sec-WebSocket-Protocol: {line}\r\n" for line in lines)
+        head = (f"GET {path} HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {ws_server.token()}\r\n"
+                f"{offer}\r\n")  # fmt: skip
+        with connect(ws_server.address) as sock:
+            sock.sendall(head.encode())
+            answer = b""
+            while b"\r\n\r\n" not in answer and (chunk := sock.recv(4096)):
+                answer += chunk
+        status, *fields = answer.split(b"\r\n\r\n")[0].decode().split("\r\n")
+        assert status.startswith("HTTP/1.1 101 "), (lines, answer)
+        chosen = [f.split(":", 1)[1].strip() for f in fields
+                  if f.lower().startswith("sec-websocket-protocol:")]  # fmt: skip
+        selected.append(chosen)
+    assert selected == [["bearer"], ["bearer"]]
+
+
 async def test_auth_by_first_message(ws_server: WsServer) -> None:
     async with ws_server.connect(additional_headers={}) as ws:
         await ws.send(json.dumps({"type": "auth", "token": ws_server.token(), "id": 1}))
