@@ -17,10 +17,12 @@ the connection:
 
 Each request's upstream handshake carries the client's upgrade fields as the relay's
 does (`websocket.handshake`: cookies, `Origin`, `X-Forwarded-*`, `X-Request-Id`,
-`Via`...), and the `hash` strategy hashes the client's key under the service's
-`hash_on` (`common.balancing.sticky`: `X-Balance-Key`, a header, a cookie or the
-client's address), as on `/ws/proxy/`. An instance that refuses the upgrade with a
-4xx is no failure of its own (`websocket.upstreams`): "model unavailable".
+`Via`...), built once for the connection (they are the upgrade's: every request of
+a connection carries the same `X-Request-Id`), and the `hash` strategy hashes the
+client's key under the service's `hash_on` (`common.balancing.sticky`:
+`X-Balance-Key`, a header, a cookie or the client's address), as on `/ws/proxy/`. An
+instance that refuses the upgrade with a 4xx is no failure of its own
+(`websocket.upstreams`): "model unavailable".
 
 A client that leaves mid-stream (a close frame, its socket closed, or Sanic
 cancelling the handler) ends that stream: the upstream gets a close 1001 "client
@@ -37,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sanic.server.websockets.impl import WebsocketImplProtocol
@@ -69,6 +72,7 @@ async def stream_endpoint(request: WsRequest, ws: WebsocketImplProtocol) -> None
     """Serve envelope requests, one after the other, until the client leaves."""
     upstreams = request.app.ctx.upstreams
     refusals = RefusalLog(request.path)
+    headers = upstream_headers(request)  # the upgrade's: the same for every request
     try:
         while True:
             message = await ws.recv()
@@ -88,7 +92,7 @@ async def stream_endpoint(request: WsRequest, ws: WebsocketImplProtocol) -> None
             elif not request.ctx.principal.allows(target[0], None):
                 await _refuse(refusals, ws, NOT_ALLOWED)
             else:
-                await serve_one(request, ws, target, text)
+                await serve_one(request, ws, target, text, headers)
     finally:
         refusals.flush()
 
@@ -108,9 +112,14 @@ def route(upstreams: Upstreams, name: Any) -> tuple[str, str | None] | None:
 
 
 async def serve_one(
-    request: WsRequest, ws: WebsocketImplProtocol, target: tuple[str, str | None], text: str
+    request: WsRequest,
+    ws: WebsocketImplProtocol,
+    target: tuple[str, str | None],
+    text: str,
+    headers: Sequence[tuple[str, str]],
 ) -> None:
-    """Relay one request's stream from an instance of `target` (service, version) to the client."""
+    """Relay one request's stream from an instance of `target` (service, version) to the
+    client; `headers` are the upstream handshake's fields (`upstream_headers`)."""
     upstreams = request.app.ctx.upstreams
     service, version = target
     try:
@@ -119,7 +128,7 @@ async def serve_one(
             "/ws",
             version=version,
             key=client_key(request, service),
-            headers=upstream_headers(request),
+            headers=headers,
         )
     except (NoUpstream, UpstreamRefused):
         await ws.send(failure(UNAVAILABLE))

@@ -286,6 +286,21 @@ async def test_envelope_requests_carry_the_clients_fields_and_hash_on_its_key(
     assert not [line for line in seen["headers"] if key in line[1]], seen
 
 
+async def test_an_envelope_connections_requests_carry_its_upgrades_fields(
+    ws_server: WsServer, backends: Backends
+) -> None:
+    # Built once for the connection: they were built again for every request, so a
+    # client that sent no `X-Request-Id` got a new one on each.
+    backends.start("a")
+    await wait_reachable(ws_server, backends.service, {"a"})
+    async with ws_server.connect("/ws/stream") as ws:
+        ids = []
+        for _ in range(2):
+            await ws.send(json.dumps({"service_name": backends.service, "handshake": True}))
+            ids.append(values((await recv_json(ws))["result"], "x-request-id"))
+    assert len(ids[0]) == 1 and ids[0] == ids[1], ids
+
+
 async def test_a_client_gone_during_the_upstreams_handshake_leaves_no_upstream_open(
     ws_server: WsServer, backends: Backends
 ) -> None:
