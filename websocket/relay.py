@@ -159,12 +159,12 @@ def drop_untaken(request: WsRequest) -> None:
 async def proxy_endpoint(
     request: WsRequest, ws: WebsocketImplProtocol, service: str, path: str = ""
 ) -> None:
-    """Relay one client connection to an instance of `service`."""
+    """Relay one client connection to an instance of `service`, connected before the
+    upgrade (`connect_first`: `websocket.protocol.BearerProtocol` calls it for every
+    upgrade to a route of this handler, all under `RELAYED`)."""
     upstreams = request.app.ctx.upstreams
-    opened = getattr(request.ctx, "upstream", None)
+    opened: Connected | NoUpstream = request.ctx.upstream
     request.ctx.upstream = None  # taken
-    if opened is None:  # not connected before the upgrade (`connect_first`): now, then
-        opened = await open_upstream(request)
     if not isinstance(opened, Connected):
         untap(ws)
         await ws.close(BAD_GATEWAY, f"upstream unavailable: {opened}"[:120])
