@@ -49,7 +49,8 @@ from common.http_errors import (
 )
 from common.log import get_logger
 from websocket.connections import GOING_AWAY, NORMAL_CLOSURE
-from websocket.refusals import UpstreamRefusedUpgrade, refused_answer
+from websocket.refusals import refused_answer
+from websocket.upstreams import UpstreamRefused
 
 log = get_logger("websocket.errors")
 
@@ -138,10 +139,10 @@ class JsonErrorHandler(ErrorHandler):
             # nothing can be sent; a client going away is no error (the gateway's 499).
             log.debug("client left before its answer", extra={"fields": {"path": request.path}})
             return json_response(error_body("client_closed", "the client left"), 499)
-        if isinstance(exception, UpstreamRefusedUpgrade):  # the instance's answer, passed on
+        if isinstance(exception, UpstreamRefused):  # the instance's answer, passed on
             log_refusal(log, request.method, request.path, exception.status_code,
                         exception.code, str(exception))  # fmt: skip
-            return refused_answer(exception.refused)
+            return refused_answer(exception)
         if isinstance(exception, SanicException) and exception.status_code < 500:
             code = error_code(exception)
             response = refusal(request, exception.status_code, code, error_message(exception, code))

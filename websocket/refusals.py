@@ -1,6 +1,7 @@
 """A relayed upgrade that the upstream refused (a 3xx or 4xx:
-`websocket.upstreams.UpstreamRefused`), answered to the client as the gateway's proxy
-answers a backend's response (`webapi.blueprints.proxy`):
+`websocket.upstreams.UpstreamRefused`, raised by `websocket.relay.connect_first`),
+answered to the client as the gateway's proxy answers a backend's response
+(`webapi.blueprints.proxy`):
 
 * the instance's status and fields, less the hop-by-hop ones
   (`common.forwarding.strip_hop_by_hop`), byte for byte: `WWW-Authenticate` (401),
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 from sanic import HTTPResponse
 from sanic.compat import Header
-from sanic.exceptions import SanicException
 from sanic.response import json as json_response
 
 from common.forwarding import strip_hop_by_hop
@@ -38,28 +38,17 @@ from websocket.upstreams import UpstreamRefused
 MAX_RELAYED_BODY = 64 * 1024  # the largest body of an instance's refusal passed on (bytes)
 
 
-class UpstreamRefusedUpgrade(SanicException):
-    """The client's upgrade refused with the 3xx or 4xx the upstream answered its own
-    with; `refused_answer` is the client's response (module docstring)."""
-
-    code = "upstream_refused"
-
-    def __init__(self, refused: UpstreamRefused) -> None:
-        super().__init__(str(refused), status_code=refused.status)
-        self.refused = refused
-
-
 def refused_answer(refused: UpstreamRefused) -> HTTPResponse:
     """The client's response to an upgrade that the instance answered as `refused` says."""
-    fields = [(name, sanic_value(value)) for name, value in strip_hop_by_hop(refused.headers)
+    fields = [(name, sanic_value(value)) for name, value in strip_hop_by_hop(refused.fields)
               if name.lower() != "content-length"]  # fmt: skip  # (Sanic writes the body's)
     body = refused.body
     if body and len(body) <= MAX_RELAYED_BODY:
-        return RelayedResponse(body, status=refused.status, headers=Header(fields))
+        return RelayedResponse(body, status=refused.status_code, headers=Header(fields))
     message = str(refused)
     if body:
         message += f" (its body of {len(body)} bytes is over {MAX_RELAYED_BODY}: not passed on)"
-    response = json_response(error_body(UpstreamRefusedUpgrade.code, message), refused.status)
+    response = json_response(error_body(refused.code, message), refused.status_code)
     for name, value in fields:
         if not name.lower().startswith("content-"):
             response.headers.add(name, value)

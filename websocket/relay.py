@@ -75,10 +75,9 @@ from websocket.auth import offered_subprotocols
 from websocket.connections import BAD_GATEWAY, GOING_AWAY, MESSAGE_TOO_BIG
 from websocket.errors import log_close, refusal
 from websocket.handshake import client_key, subprotocols_passed_on, upstream_headers
-from websocket.refusals import UpstreamRefusedUpgrade
 from websocket.splice import CLIENT_STALLED, GONE, UPSTREAM_LOST, UPSTREAM_STALLED, Splice
 from websocket.tap import RELAYED, untap
-from websocket.upstreams import Connected, NoUpstream, UpstreamRefused
+from websocket.upstreams import Connected, NoUpstream
 
 if TYPE_CHECKING:
     from websocket.app import WsRequest
@@ -88,7 +87,7 @@ ABNORMAL_CLOSURE = 1006
 # Codes a peer may not put in a close frame (RFC 6455 §7.4.1): passed on as 1000.
 _RESERVED = frozenset({1005, 1006, 1015})
 
-Opened = Connected | NoUpstream | UpstreamRefused  # how connecting the upstream went
+Opened = Connected | NoUpstream  # how connecting the upstream went, unless refused
 
 
 def admit_relay(request: WsRequest, service: str) -> HTTPResponse | None:
@@ -109,17 +108,14 @@ def admit_relay(request: WsRequest, service: str) -> HTTPResponse | None:
 
 async def connect_first(request: WsRequest) -> str | None:
     """Connect the upstream of relay `request` before its upgrade is answered; the
-    subprotocol the upstream chose (None: none). Raises `UpstreamRefusedUpgrade` when
-    the upstream refused with a 3xx or 4xx.
+    subprotocol the upstream chose (None: none). Raises `UpstreamRefused` when the
+    upstream refused with a 3xx or 4xx: the client's answer (`websocket.refusals`).
 
     The connection waits in `request.ctx.upstream` for `proxy_endpoint`; should the
     upgrade fail (`drop_untaken`, by the caller) or the handler never take it (the
     client left, or the connection cap refused it), it is aborted: at the latest when
     the client's connection ends."""
     opened = request.ctx.upstream = await open_upstream(request)
-    if isinstance(opened, UpstreamRefused):
-        request.ctx.upstream = None
-        raise UpstreamRefusedUpgrade(opened)
     if isinstance(opened, NoUpstream):
         return None  # the client is upgraded, then closed with the reason (`proxy_endpoint`)
     task = asyncio.current_task()  # the client connection's: it outlives the handler
@@ -130,7 +126,7 @@ async def connect_first(request: WsRequest) -> str | None:
 
 async def open_upstream(request: WsRequest) -> Opened:
     """A connection to an instance of the relay's service, with the client's fields and
-    subprotocols (`websocket.handshake`), or why there is none."""
+    subprotocols (`websocket.handshake`), or why there is none; raises `UpstreamRefused`."""
     upstreams = request.app.ctx.upstreams
     service = request.match_info["service"]
     try:
@@ -143,7 +139,7 @@ async def open_upstream(request: WsRequest) -> Opened:
             key=client_key(request, service),
             version=request.headers.get("x-service-version"),
         )
-    except (NoUpstream, UpstreamRefused) as exc:
+    except NoUpstream as exc:
         return exc
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
+from sanic.exceptions import SanicException
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.typing import Subprotocol
@@ -72,23 +73,28 @@ class NoUpstream(Exception):
     before: `websocket.relay.admit_relay`)."""
 
 
-class UpstreamRefused(Exception):
-    """The instance answered the upgrade with a 3xx or 4xx `status`: the client's request is
-    refused (a path the backend does not serve, an `Origin` or a cookie it refuses),
-    which is no failure of the instance (module docstring). `headers` are its answer's
-    field lines as `websockets` read them (values ISO-8859-1), `body` its body (read by
-    `websockets`, at most its `WEBSOCKETS_MAX_BODY_SIZE`, 1 MiB)."""
+class UpstreamRefused(SanicException):
+    """The instance answered the upgrade with a 3xx or 4xx (`status_code`): the client's
+    request is refused (a path the backend does not serve, an `Origin` or a cookie it
+    refuses), which is no failure of the instance (module docstring). `fields` are its
+    answer's field lines as `websockets` read them (values ISO-8859-1), `body` its body
+    (read by `websockets`, at most its `WEBSOCKETS_MAX_BODY_SIZE`, 1 MiB). Raised before a
+    relay's upgrade (`websocket.relay.connect_first`), it refuses the client's with the
+    instance's answer (`websocket.refusals.refused_answer`); on `/ws/stream` it is
+    "model unavailable". (Not `headers`: a `SanicException`'s are fields Sanic adds to
+    its answer.)"""
+
+    code = "upstream_refused"
 
     def __init__(
         self,
         message: str,
         status: int,
-        headers: Iterable[tuple[str, str]] = (),
+        fields: Iterable[tuple[str, str]] = (),
         body: bytes = b"",
     ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = list(headers)
+        super().__init__(message, status_code=status)
+        self.fields = list(fields)
         self.body = body
 
 
