@@ -23,10 +23,18 @@ never closes a session (`websocket.session`), and answering one costs no more th
 answering a ping, which is not logged at all. (Closing such a client with 1008
 would bound the log too, but would end a buggy client's good work with its bad,
 and the client would reconnect and start again.)
+
+The warnings for messages the service failed to serve (`RefusalLog.failed`: a
+JSON-RPC call that failed in or on the way to its service, `rpc error`; a message
+that needs Redis while Redis is down, `message failed`) are bounded the same way, on
+a budget of their own (a client's mistakes do not silence them), then counted by one
+`message failures not logged` warning: a client calling a dead service, or
+subscribing while Redis is down, in a loop wrote one warning per message.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -73,50 +81,77 @@ LOGGED_REFUSALS = 10
 REFUSAL_WINDOW = 60.0
 
 
-class RefusalLog:
-    """The refused messages of one connection, logged with a bound (module docstring)."""
+class _Budget:
+    """One connection's lines of one kind: `LOGGED_REFUSALS` per `REFUSAL_WINDOW`, the
+    rest counted and told by one `summary` line (module docstring)."""
 
-    __slots__ = ("logged", "path", "suppressed", "window_end")
+    __slots__ = ("level", "logged", "path", "summary", "suppressed", "window_end")
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, path: str, summary: str, level: int) -> None:
+        self.path, self.summary, self.level = path, summary, level
         self.logged = 0  # lines written in this window
-        self.suppressed = 0  # refusals not logged since the last line saying so
+        self.suppressed = 0  # lines not written since the last summary
         self.window_end = time.monotonic() + REFUSAL_WINDOW
 
-    def refused(self, code: str | int, message: str) -> None:
-        """Log a refused message (`log_refused_message`), unless this window's lines
-        are spent: then count it."""
+    def spend(self) -> bool:
+        """Whether the next line may be written; counted when not."""
         now = time.monotonic()
         if now >= self.window_end:
             self.flush()
             self.logged, self.window_end = 0, now + REFUSAL_WINDOW
         if self.logged < LOGGED_REFUSALS:
             self.logged += 1
-            log_refused_message(self.path, code, message)
-        else:
-            self.suppressed += 1
+            return True
+        self.suppressed += 1
+        return False
 
     def flush(self) -> None:
-        """Log how many refusals went unlogged, if any (the window ended, or the connection)."""
+        """Log how many lines went unwritten, if any (the window ended, or the connection)."""
         if self.suppressed:
             fields = {"path": self.path, "count": self.suppressed,
                       "limit": f"{LOGGED_REFUSALS} per {REFUSAL_WINDOW:g} s"}  # fmt: skip
-            log.info("message refusals not logged", extra={"fields": fields})
+            log.log(self.level, self.summary, extra={"fields": fields})
             self.suppressed = 0
+
+
+class RefusalLog:
+    """The refused messages of one connection, and those it failed to serve, logged with
+    a bound each (module docstring)."""
+
+    __slots__ = ("failures", "path", "refusals")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.refusals = _Budget(path, "message refusals not logged", logging.INFO)
+        self.failures = _Budget(path, "message failures not logged", logging.WARNING)
+
+    def refused(self, code: str | int, message: str) -> None:
+        """Log a refused message (`log_refused_message`), unless this window's lines
+        are spent: then count it."""
+        if self.refusals.spend():
+            log_refused_message(self.path, code, message)
+
+    def failed(self, what: str, fields: dict[str, Any]) -> None:
+        """Log the warning `what` (with the path and `fields`) for a message the service
+        failed to serve, unless this window's lines are spent: then count it."""
+        if self.failures.spend():
+            log.warning(what, extra={"fields": {"path": self.path, **fields}})
+
+    def flush(self) -> None:
+        """Log how many lines went unwritten, if any (the window ended, or the connection)."""
+        self.refusals.flush()
+        self.failures.flush()
 
 
 def log_failed_call(refusals: RefusalLog, method: str, exc: RpcError) -> None:
     """Log a JSON-RPC call that failed: a caller's mistake (what the gateway answers
     with a 4xx: an unknown method, invalid params, `not_found`...) as a refused
-    message (of the connection's `refusals`), a service's failure as a warning, as the
-    gateway logs them."""
+    message, a service's failure as a warning, as the gateway logs them; both within
+    the connection's bounds (`refusals`)."""
     if status_for(exc) < 500:
         refusals.refused(exc.code, exc.message or exc.code)
     else:
-        fields = {"path": refusals.path, "method": method, "code": exc.code,
-                  **error_detail(exc)}  # fmt: skip
-        log.warning("rpc error", extra={"fields": fields})
+        refusals.failed("rpc error", {"method": method, "code": exc.code, **error_detail(exc)})
 
 
 def log_close(path: str, code: int, reason: str) -> None:

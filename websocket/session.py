@@ -14,7 +14,8 @@ subscribed channel. An `auth` message on an open session replaces its token
 (a client renews before `exp`). Mistakes are answered with
 `{"type": "error", "error": {"code", "message"}}` and never close the session (each
 is logged, at most 10 a minute a connection: `websocket.errors.RefusalLog`), as
-is a message that cannot be served while Redis is down (code `service_unavailable`:
+is a message that cannot be served while Redis is down (code `service_unavailable`,
+a warning, as bounded:
 a `subscribe`, an `auth` with an API key not cached here; a first `auth` that cannot
 be checked closes the connection with 1013, try again later);
 anything that is not JSON (a lone surrogate escape such as `"\\ud800"` included:
@@ -316,8 +317,9 @@ class Session:
         self.send(_with_id({"type": "error", "error": {"code": code, "message": message}}, id_))
 
     def _unavailable(self, message: str, id_: Any) -> None:
-        """Answer a message the service cannot serve now (Redis is down) with an error."""
-        log.warning("message failed", extra={"fields": {"path": "/ws", "message": message}})
+        """Answer a message the service cannot serve now (Redis is down) with an error,
+        logged (within the connection's bound: `RefusalLog`)."""
+        self._refusal_log().failed("message failed", {"message": message})
         error = {"code": "service_unavailable", "message": message}
         self.send(_with_id({"type": "error", "error": error}, id_))
 

@@ -19,7 +19,8 @@ import websockets
 from common import constants
 from common.embedded_redis import EmbeddedRedis
 from tests.helpers import issue_api_key, wait_for, wait_for_async
-from tests.websocket.conftest import recv_json, start_ws_server
+from tests.websocket.conftest import LogWatch, recv_json, start_ws_server
+from websocket.errors import LOGGED_REFUSALS
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -29,6 +30,8 @@ async def test_push_channels_and_credentials_through_a_redis_restart(tmp_path: P
     port, url = server.port, server.url
     ws_server = start_ws_server(url)
     uncached = issue_api_key(url, ["*"])  # never shown to the service before the outage
+    failed = LogWatch(ws_server, "message failed")
+    summary = LogWatch(ws_server, "message failures not logged")
     try:
         async with ws_server.connect() as ws, ws_server.connect() as other:
             for conn, channel in ((ws, "kept"), (other, "left")):
@@ -43,6 +46,12 @@ async def test_push_channels_and_credentials_through_a_redis_restart(tmp_path: P
             await ws.send(json.dumps({"type": "subscribe", "channel": "new", "id": 1}))
             answer = await recv_json(ws)
             assert (answer["id"], answer["error"]["code"]) == (1, "service_unavailable")
+            # Each is a warning, within the connection's bound: a client retrying in a
+            # loop wrote one line per subscribe (`websocket.errors.RefusalLog.failed`).
+            for _ in range(LOGGED_REFUSALS + 5):
+                await ws.send(json.dumps({"type": "subscribe", "channel": "new", "id": 1}))
+                assert (await recv_json(ws))["error"]["code"] == "service_unavailable"
+            assert len(failed.new()) == LOGGED_REFUSALS
             # Leaving works locally (the UNSUBSCRIBE cannot reach Redis).
             await other.send(json.dumps({"type": "unsubscribe", "channel": "left"}))
             assert (await recv_json(other))["type"] == "unsubscribed"
@@ -87,6 +96,9 @@ async def test_push_channels_and_credentials_through_a_redis_restart(tmp_path: P
                 await redis.aclose()
         assert ws_server.proc.log_records("unhandled error") == []
         assert len(ws_server.proc.log_records("push channel connection lost")) == 1
+        [counted] = await summary.wait(1)  # at the connection's end
+        assert (counted["path"], counted["count"]) == ("/ws", 6)
+        assert len(failed.new()) == LOGGED_REFUSALS
     finally:
         ws_server.proc.stop()
         server.stop()

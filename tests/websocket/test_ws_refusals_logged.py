@@ -9,12 +9,15 @@ The malformed HTTP requests' log lines are checked with their answers, in test_w
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 import websockets
 
+from common.registry import Registry
 from tests.support.ws_relay import one_instance
 from tests.websocket.conftest import Backends, LogWatch, WsServer, recv_json
 from websocket.errors import LOGGED_REFUSALS
@@ -219,3 +222,25 @@ async def test_a_connections_refusals_are_logged_with_a_bound(
     [counted] = await summary.wait(1)
     assert (counted["path"], counted["count"]) == (path, sent - LOGGED_REFUSALS)
     assert len(refused.new()) == LOGGED_REFUSALS
+
+
+async def test_a_connections_failed_calls_are_logged_with_a_bound(
+    ws_server: WsServer, redis_client: aioredis.Redis
+) -> None:
+    # Each call to a service with no live instance wrote an `rpc error` warning: a client
+    # calling it in a loop grew the log without bound. Now the first `LOGGED_REFUSALS` a
+    # window, then one warning counting the rest; every call is still answered.
+    service = f"dead{uuid.uuid4().hex[:6]}"
+    await Registry(redis_client).publish_catalog(service, {"m": {}})  # known, nobody running
+    failed = LogWatch(ws_server, "rpc error")
+    summary = LogWatch(ws_server, "message failures not logged")
+    sent = LOGGED_REFUSALS + 20
+    async with ws_server.connect() as ws:
+        for i in range(sent):
+            await ws.send(json.dumps({"jsonrpc": "2.0", "id": i, "method": f"{service}.m"}))
+            assert (await recv_json(ws))["error"]["code"] == -32001  # service unavailable
+    [counted] = await summary.wait(1)
+    assert (counted["path"], counted["count"], counted["level"]) == ("/ws", 20, "warning")
+    logged = failed.new()
+    assert len(logged) == LOGGED_REFUSALS
+    assert all(r["method"] == f"{service}.m" for r in logged)
