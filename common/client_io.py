@@ -152,8 +152,8 @@ class ClientIO(ClientRefusals):
                 enqueue = pack_commands([("EVALSHA", _SHAS["call"], *item.args)])
                 await self._receiver.send_packed(enqueue + self._blpop)
                 sent = True
-            except REDIS_DOWN_OR_REFUSING as exc:
-                self._touch.failed(exc)  # the writer tries again on its own connection
+            except REDIS_DOWN_OR_REFUSING:
+                pass  # (noted by the connection) the writer tries again on its own
             finally:
                 if sent:
                     self._direct = item
@@ -187,7 +187,6 @@ class ClientIO(ClientRefusals):
             try:
                 results = await self._send_enqueues(batch) if batch else []
             except REDIS_DOWN_OR_REFUSING as exc:  # never ends the writer: later calls need it
-                self._touch.failed(exc)
                 if isinstance(exc, REDIS_DOWN_ERRORS) and await self._enqueuer.answers():
                     # Redis refused the write: it is not down (or no longer: the reader,
                     # which may be waiting out the outage, reads the replies now).
@@ -248,12 +247,11 @@ class ClientIO(ClientRefusals):
         commands = [("EVALSHA", _SHAS[item.script], *item.args) for item in batch]
         try:
             results = await self._enqueuer.execute(commands)
-        except REDIS_DOWN_ERRORS as exc:
+        except REDIS_DOWN_ERRORS:
             # The connection may have died idle (a Redis restart): one retry on a
             # fresh one, as redis-py's own retry would. At-least-once: a batch
             # that did get in before the connection broke is enqueued twice.
             results = await self._enqueuer.execute(commands)
-            self._touch.failed(exc)  # the connection had died: Redis went away meanwhile?
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
             # Redis restarted (its script cache is empty): EVAL loads the script.
@@ -312,7 +310,8 @@ class ClientIO(ClientRefusals):
                 # A refused LPOP leaves its BLPOP's reply due: read later, it would be
                 # taken for the answer to the next command (an enqueue's, say).
                 await conn.discard()
-                self._touch.failed(exc)
+                if isinstance(exc, ResponseError):
+                    self._touch.failed()  # an error reply (the connection notes its failures)
                 outage.failed(exc)
                 drain = True
                 await backoff.wait()

@@ -27,7 +27,7 @@ from hiredis import pack_command as _hiredis_pack
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse
+from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as SyncRetry
 
@@ -48,6 +48,9 @@ class RedisClosedConnection(RedisConnectionError):
 REDIS_DOWN_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 # The same, plus an `asyncio.timeout()` around a Redis call expiring.
 REDIS_DOWN_OR_SLOW: tuple[type[Exception], ...] = (TimeoutError, *REDIS_DOWN_ERRORS)
+# What a Redis call raises when Redis is down, slow or refusing; and for any other
+# error reply too: `common.redis_failures.redis_failure` tells them apart.
+REDIS_DOWN_OR_REFUSING: tuple[type[Exception], ...] = (*REDIS_DOWN_OR_SLOW, ResponseError)
 
 
 def connect(
@@ -199,12 +202,13 @@ class RawConnection:
         self._expired = False
         self._watchdog: asyncio.TimerHandle | None = None
         # When (time.monotonic) the connection was last found closed by Redis in order
-        # (`RedisClosedConnection`: a restart, a client kill, an idle timeout), and last found
-        # broken (a reset, a keepalive timeout, a protocol error), by a read (which raises)
-        # or by a write (which makes a new connection and succeeds: the one loss nobody is
-        # told of). Every other failure is raised to the caller.
+        # (`RedisClosedConnection`: a restart, a client kill, an idle timeout), and when
+        # Redis last failed it otherwise: a read or a write that raised (Redis down, slow,
+        # refusing the handshake; not a cancellation), or the connection found broken (a
+        # reset, a keepalive timeout, a protocol error) by a write, which makes a new
+        # connection and succeeds: the one loss nobody is told of. (`common.lost_touch`.)
         self.found_closed_at = -math.inf
-        self.found_broken_at = -math.inf
+        self.failed_at = -math.inf
 
     async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send `commands` in one write and return their replies in order."""
@@ -232,6 +236,7 @@ class RawConnection:
                 await proto.writable
         except BaseException as exc:
             await self._drop()
+            self._failed(exc)
             if isinstance(exc, TimeoutError):
                 raise RedisTimeoutError("timeout connecting to redis") from exc
             raise
@@ -293,7 +298,9 @@ class RawConnection:
             self._reading = None
             await self._drop()
             if timed_out:
+                self.failed_at = time.monotonic()
                 raise RedisTimeoutError("timeout reading from redis") from None
+            self._failed(exc)
             raise
         finally:
             self._reading = None
@@ -331,13 +338,19 @@ class RawConnection:
         reading midway); the next write makes a new one."""
         await self._drop()
 
+    def _failed(self, exc: BaseException) -> None:
+        """Note `exc`, raised by a read or a write, in `failed_at` if it is Redis failing
+        (not a close in order, which `_drop` notes, nor a cancellation or a bug)."""
+        if isinstance(exc, REDIS_DOWN_OR_REFUSING) and not isinstance(exc, RedisClosedConnection):
+            self.failed_at = time.monotonic()
+
     async def _drop(self) -> None:
         proto, self._proto = self._proto, None
         if proto is not None and proto.lost is not None:
             if isinstance(proto.lost, RedisClosedConnection):
                 self.found_closed_at = time.monotonic()
             else:
-                self.found_broken_at = time.monotonic()
+                self.failed_at = time.monotonic()
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.abort()  # unread replies are not worth a graceful close

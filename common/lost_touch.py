@@ -2,14 +2,15 @@
 measured from.
 
 Lost touch is anything the client saw of an outage: a Redis call that failed or was
-refused (`failed`), one of its connections found broken (a reset, a keepalive
-timeout: `RawConnection.found_broken_at`, by a read or by a write), or Redis
-restarted. A connection Redis closed in order (`RedisClosedConnection`: a restart, a
-client kill, an idle timeout, a proxy's) says nothing by itself, so when a call is
-refused for "no live instance" within one grace of such a close, the client asks
-Redis its uptime (`check_closes`: one check at a time, shared by the calls refused
-meanwhile) and counts itself out of touch until Redis started only if that was less
-than one grace ago: a restart, whose workers may not have renewed their leases yet.
+refused (each of the client's connections notes its own failures,
+`RawConnection.failed_at`, including a connection found broken by a write that then
+succeeded; an error reply is noted here, `failed`), or Redis restarted. A connection
+Redis closed in order (`RedisClosedConnection`: a restart, a client kill, an idle
+timeout, a proxy's) says nothing by itself, so when a call is refused for "no live
+instance" within one grace of such a close, the client asks Redis its uptime
+(`check_closes`: one check at a time, shared by the calls refused meanwhile) and
+counts itself out of touch until Redis started only if that was less than one grace
+ago: a restart, whose workers may not have renewed their leases yet.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 import redis.asyncio as aioredis
 
 from common.aio import SingleFlight
-from common.connection import RawConnection, RedisClosedConnection
+from common.connection import RawConnection
 
 
 class LostTouch:
@@ -39,17 +40,18 @@ class LostTouch:
         self._checks: SingleFlight[None] = SingleFlight()  # one check at a time
 
     def at(self) -> float:
-        """When (time.monotonic) this client last saw Redis fail it, or break one of its
-        connections (a reset, noticed by the next read or write on it), or restart
+        """When (time.monotonic) this client last saw Redis fail it (on one of its
+        connections, which note it, or with an error reply: `failed`), or break one of
+        its connections (a reset, noticed by the next read or write on it), or restart
         (`check_closes`)."""
-        broken_at = max(conn.found_broken_at for conn in self._connections)
-        return max(self._failed_at, broken_at)
+        failed_at = max(conn.failed_at for conn in self._connections)
+        return max(self._failed_at, failed_at)
 
-    def failed(self, exc: BaseException | None = None) -> None:
-        """Redis failed one of our commands (with `exc`): the client lost touch with it.
-        Not so when Redis merely closed the connection in order: `check_closes` tells."""
-        if not isinstance(exc, RedisClosedConnection):
-            self._failed_at = time.monotonic()
+    def failed(self) -> None:
+        """Redis failed the client where its connections did not see it: an error reply
+        (a refused enqueue or BLPOP), or the restart check's own call. (A connection
+        Redis merely closed in order is no failure: `check_closes` tells.)"""
+        self._failed_at = time.monotonic()
 
     def closes_unchecked(self) -> bool:
         """Redis closed a connection of ours in order, within the grace, since the last

@@ -39,7 +39,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import constants
-from common.connection import REDIS_DOWN_OR_SLOW
+from common.connection import REDIS_DOWN_OR_REFUSING as REDIS_DOWN_OR_REFUSING
 from common.errors import ServiceUnavailable
 
 _MESSAGES = {
@@ -54,9 +54,9 @@ _MESSAGES = {
 }
 # Kinds that are Redis answering "no", not Redis out of reach.
 REFUSALS = frozenset(_MESSAGES) - {"unreachable", "timeout"}
-# What a Redis call raises when Redis is down, slow or refusing; and for any other
-# error reply too: `redis_failure` tells them apart.
-REDIS_DOWN_OR_REFUSING: tuple[type[Exception], ...] = (*REDIS_DOWN_OR_SLOW, ResponseError)
+# REDIS_DOWN_OR_REFUSING (imported from `common.connection`, whose connections note
+# these failures): what a Redis call raises when Redis is down, slow or refusing; and
+# for any other error reply too: `redis_failure` tells them apart.
 
 # The error code of a refusal, at the start of an error reply, where Redis 6 quotes
 # it inside a script's error ("Error running script ...: @user_script: 18: -OOM ..."),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
@@ -19,7 +21,12 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import RpcClient, Service, constants
-from common.connection import RawConnection, pack_commands
+from common.connection import (
+    REDIS_DOWN_ERRORS,
+    RawConnection,
+    RedisClosedConnection,
+    pack_commands,
+)
 from common.embedded_redis import EmbeddedRedis
 from common.errors import RemoteError, ServiceUnavailable
 from common.log import request_id_var
@@ -139,6 +146,47 @@ async def test_raw_connection_times_out_a_read_and_recovers(redis_client: aiored
         assert await conn.execute([("PING",)]) == [b"PONG"]
     finally:
         await conn.aclose()
+
+
+async def test_raw_connection_notes_when_redis_failed_it(redis_client: aioredis.Redis) -> None:
+    # What `common.lost_touch` reads: a timeout or Redis out of reach is a failure; a
+    # close in order (a client kill) or a cancellation is none.
+    conn = RawConnection(redis_client, timeout=5.0)
+    try:
+        (own_id,) = await conn.execute([("CLIENT", "ID")])
+        key = f"never:{uuid.uuid4().hex}"
+        await conn.send([("BLPOP", key, 0)])
+        reader = asyncio.create_task(conn.read(1))
+        await asyncio.sleep(0.05)
+        await redis_client.client_kill_filter(_id=own_id)
+        with pytest.raises(RedisClosedConnection):
+            await reader
+        assert conn.found_closed_at > -math.inf
+        await conn.send([("BLPOP", key, 0)])
+        reader = asyncio.create_task(conn.read(1, timeout=60))
+        await asyncio.sleep(0.05)
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        assert conn.failed_at == -math.inf
+        await conn.send([("BLPOP", key, 0)])
+        with pytest.raises(RedisTimeoutError):
+            await conn.read(1, timeout=0.3)
+        assert conn.failed_at > -math.inf
+    finally:
+        await conn.aclose()
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nobody = aioredis.Redis(host="127.0.0.1", port=port)
+    conn = RawConnection(nobody, timeout=2.0)
+    try:
+        with pytest.raises(REDIS_DOWN_ERRORS):
+            await conn.execute([("PING",)])
+        assert conn.failed_at > -math.inf and conn.found_closed_at == -math.inf
+    finally:
+        await conn.aclose()
+        await nobody.aclose()
 
 
 async def test_handlers_that_finish_at_once_or_suspend(
