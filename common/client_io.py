@@ -31,7 +31,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from common import codec, constants
 from common.aio import Backoff, cancelling
 from common.client_refusals import ClientRefusals, redis_failed
-from common.connection import REDIS_DOWN_ERRORS, RawConnection, pack_commands
+from common.connection import REDIS_DOWN_ERRORS, RawConnection, WriteRefused, pack_commands
 from common.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
@@ -186,14 +186,14 @@ class ClientIO(ClientRefusals):
             batch = [item for item in batch if not item.future.done()]
             try:
                 results = await self._send_enqueues(batch) if batch else []
+            except WriteRefused:
+                # Redis refused the write: it is not down (or no longer: the reader,
+                # which may be waiting out the outage, reads the replies now).
+                self._inbox_backoff.wake()
+                await self._send_apart(batch)
+                continue
             except REDIS_DOWN_OR_REFUSING as exc:  # never ends the writer: later calls need it
-                if isinstance(exc, REDIS_DOWN_ERRORS) and await self._enqueuer.answers():
-                    # Redis refused the write: it is not down (or no longer: the reader,
-                    # which may be waiting out the outage, reads the replies now).
-                    self._inbox_backoff.wake()
-                    await self._send_apart(batch)
-                else:
-                    _fail(batch, redis_failed(exc))
+                _fail(batch, redis_failed(exc))
                 continue
             finally:
                 self._writes += 1
@@ -205,20 +205,21 @@ class ClientIO(ClientRefusals):
                 self._enqueued(item, result)
 
     async def _send_apart(self, batch: list[Enqueue]) -> None:
-        """Send the enqueues of a write Redis dropped the connection of while it answers
-        a PING, one by one: Redis drops the connection of a command holding a value over
-        its own limit (`proto-max-bulk-len`, set lower than `RPC_MAX_PAYLOAD_BYTES`), and
-        the other calls of that write must not fail with it. One that fails alone (twice:
-        `_send_enqueues` tries again), Redis still answering, is `PayloadTooLarge`."""
+        """Send the enqueues of a write Redis refused (`WriteRefused`) one by one: Redis
+        drops the connection of a command holding a value over its own limit
+        (`proto-max-bulk-len`, set lower than `RPC_MAX_PAYLOAD_BYTES`), and the other
+        calls of that write must not fail with it. One refused alone (twice:
+        `_send_enqueues` tries again) is `PayloadTooLarge`; once Redis no longer answers,
+        the rest fail as in an outage."""
         for i, item in enumerate(batch):
             try:
                 (result,) = await self._send_enqueues([item])
-            except REDIS_DOWN_OR_REFUSING as exc:
-                if not (isinstance(exc, REDIS_DOWN_ERRORS) and await self._enqueuer.answers()):
-                    _fail(batch[i:], redis_failed(exc))
-                    return
+            except WriteRefused:
                 _fail([item], _refused_by_redis(item))
                 continue
+            except REDIS_DOWN_OR_REFUSING as exc:
+                _fail(batch[i:], redis_failed(exc))
+                return
             self._enqueued(item, result)
 
     def _enqueued(self, item: Enqueue, result: Any) -> None:
@@ -243,7 +244,8 @@ class ClientIO(ClientRefusals):
             self._reached.add(item.service)
 
     async def _send_enqueues(self, batch: list[Enqueue]) -> list[Any]:
-        """The enqueue scripts' results (a `ResponseError` in the slot of a refused one)."""
+        """The enqueue scripts' results (a `ResponseError` in the slot of a refused one);
+        `WriteRefused` when Redis, still answering, will not take the write."""
         commands = [("EVALSHA", _SHAS[item.script], *item.args) for item in batch]
         try:
             results = await self._enqueuer.execute(commands)
@@ -251,12 +253,13 @@ class ClientIO(ClientRefusals):
             # The connection may have died idle (a Redis restart): one retry on a
             # fresh one, as redis-py's own retry would. At-least-once: a batch
             # that did get in before the connection broke is enqueued twice.
-            results = await self._enqueuer.execute(commands)
+            results = await self._enqueuer.execute_refusable(commands)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
             # Redis restarted (its script cache is empty): EVAL loads the script.
             again = [("EVAL", _SCRIPTS[batch[i].script], *batch[i].args) for i in missing]
-            for i, result in zip(missing, await self._enqueuer.execute(again), strict=True):
+            loaded = await self._enqueuer.execute_refusable(again)
+            for i, result in zip(missing, loaded, strict=True):
                 results[i] = result
         return results
 

@@ -44,6 +44,19 @@ class RedisClosedConnection(RedisConnectionError):
     websockets' `ConnectionClosed`, which the WebSocket service catches throughout.)"""
 
 
+class WriteRefused(Exception):
+    """A write failed while Redis still answers a PING (`RawConnection.write_failure`):
+    Redis refused that write, it is not down. It drops the connection of a command
+    holding a value over its `proto-max-bulk-len`, so the same write would fail again
+    forever, and the other commands of the write with it: the caller writes its parts
+    apart. `error`: the write's own error (also its `__cause__`)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(f"redis refused the write: {error}")
+        self.error = error
+        self.__cause__ = error
+
+
 # Errors that mean "Redis is not reachable right now" as opposed to "Redis said no".
 REDIS_DOWN_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 # The same, plus an `asyncio.timeout()` around a Redis call expiring.
@@ -307,15 +320,24 @@ class RawConnection:
         replies = proto.replies
         return [replies.popleft() for _ in range(n)]
 
-    async def answers(self) -> bool:
-        """Whether Redis answers a PING here (reconnecting if the connection was dropped):
-        after a write failed, tells Redis refusing that write (it drops the connection
-        of a command holding a value over its `proto-max-bulk-len`) from Redis down."""
+    async def execute_refusable(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """`execute`; if it fails with Redis down, `WriteRefused` when Redis still answers
+        a PING (`write_failure`), else that failure."""
+        try:
+            return await self.execute(commands)
+        except REDIS_DOWN_ERRORS as exc:
+            failure = exc
+        raise await self.write_failure(failure)
+
+    async def write_failure(self, exc: Exception) -> Exception:
+        """What a write that failed with `exc` tells: `WriteRefused` when Redis answers a
+        PING here (reconnecting: the write's connection was dropped), so it refused that
+        write rather than being down; `exc` itself when it does not."""
         try:
             (pong,) = await self.execute([("PING",)])
         except Exception:  # any: down, slow, or refusing the connection
-            return False
-        return not isinstance(pong, Exception)
+            return exc
+        return exc if isinstance(pong, Exception) else WriteRefused(exc)
 
     def _watch(self) -> None:
         """Cancel a read whose replies are overdue, as `asyncio.timeout` would.

@@ -20,7 +20,7 @@ What Redis does not take is not dropped:
   (logged) and its entry acked only. A task's writes (its retry or dead letter), which
   no caller waits for, are held `TASK_HOLD_SECONDS` at most, then dropped the same way.
 - Redis refusing one entry for good (a value over its `proto-max-bulk-len`: it drops
-  the connection and still answers a PING): `ReplyWrites.write_apart`.
+  the connection and still answers a PING, `WriteRefused`): `ReplyWrites.write_apart`.
 
 Each outage is logged once as it starts and once as it ends (`common.outage`).
 Out of memory, Redis still takes the acks (XACK and XDEL free memory) of a batch whose
@@ -37,7 +37,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from common.aio import Backoff, cancelling
-from common.connection import RawConnection
+from common.connection import RawConnection, WriteRefused
 from common.log import get_logger
 from common.outage import Outage
 from common.protocol import DEFAULT_SEND_TTL
@@ -131,9 +131,10 @@ class Outbox:
     async def _write(self, batch: list[Finished]) -> list[Finished]:
         """Write `batch`; what is left to write again (after a backoff, if Redis failed)."""
         try:
+            # `ReplyWrites.write` inlined: one coroutine less per flush (a hot path).
             replies = await self.conn.execute(self.writes.commands(batch))
         except Exception as exc:  # any: a flusher that ends leaves replies unwritten
-            if not await self.conn.answers():
+            if not isinstance(await self.conn.write_failure(exc), WriteRefused):
                 return await self._again(batch, exc)  # down: delivered once Redis is back
             # Redis answers: it refused this write for good (a value over its limit?)
             replies, left, refused = await self.writes.write_apart(self.conn, batch)

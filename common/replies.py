@@ -13,9 +13,10 @@ A batch Redis will not take (`write_apart`): Redis drops the connection of a wri
 holding a value over its own limit (`proto-max-bulk-len`, set lower than
 `RPC_MAX_PAYLOAD_BYTES`), and writing the same batch again would fail forever, the
 other calls of the batch never answered. A write that fails while Redis answers a
-PING is therefore written again entry by entry; an entry that fails alone twice,
-Redis still answering, is answered with `ResultTooLarge` instead (its retry or dead
-letter, if a task's, left out), or failing that only acked, and logged once.
+PING (`common.connection.WriteRefused`) is therefore written again entry by entry; an
+entry that fails alone twice, Redis still answering, is answered with `ResultTooLarge`
+instead (its retry or dead letter, if a task's, left out), or failing that only acked,
+and logged once.
 
 A write Redis refuses for now (`refusal`: out of memory, a read-only replica after a
 failover, a failed save, a script running too long, ...: `common.redis_failures`)
@@ -33,7 +34,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from common import constants
-from common.connection import RawConnection
+from common.connection import RawConnection, WriteRefused
 from common.errors import ResultTooLarge
 from common.log import get_logger
 from common.protocol import error_reply
@@ -127,25 +128,34 @@ class ReplyWrites:
         self._expiry_set[key] = now
         return True
 
+    async def write(self, conn: RawConnection, batch: list[Finished]) -> list[Any]:
+        """Write `batch` in one write on `conn` and return its replies. `WriteRefused`
+        when it fails while Redis still answers a PING (`RawConnection.write_failure`):
+        Redis will not take it (see the module docstring)."""
+        try:
+            return await conn.execute(self.commands(batch))
+        except Exception as exc:  # any: a bug building the commands is poison too
+            raise await conn.write_failure(exc)  # noqa: B904 (exc, or caused by it)
+
     async def write_apart(
         self, conn: RawConnection, batch: list[Finished]
     ) -> tuple[list[Any], list[Finished], ResponseError | None]:
-        """Write `batch`, which Redis refused whole while it answered a PING, entry by
-        entry (see the module docstring). The replies of what was written, the entries
-        left unwritten, and why: Redis stopped answering (None), or it refuses writes
-        for now (`refusal`). The caller writes those again as it does during an outage."""
+        """Write `batch`, which Redis refused whole (`WriteRefused`), entry by entry (see
+        the module docstring). The replies of what was written, the entries left
+        unwritten, and why: Redis stopped answering (None), or it refuses writes for now
+        (`refusal`). The caller writes those again as it does during an outage."""
         replies: list[Any] = []
         for i, done in enumerate(batch):
             failure: BaseException | None = None
             instead = _answered_instead(done, self.service)
             for attempt in (done, done, instead, acked_only(done)):
                 try:
-                    written = await conn.execute(self.commands([attempt]))
-                except Exception as exc:  # any: a bug building the commands is poison too
-                    if not await conn.answers():
-                        return replies, batch[i:], None
-                    failure = exc
+                    written = await self.write(conn, [attempt])
+                except WriteRefused as exc:
+                    failure = exc.error
                     continue
+                except Exception:  # Redis no longer answers
+                    return replies, batch[i:], None
                 refused = refusal(written)
                 if refused is not None:  # not this entry's fault: it is written again
                     return replies, batch[i:], refused

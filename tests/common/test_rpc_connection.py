@@ -8,6 +8,7 @@ and handlers that suspend.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import math
 import socket
@@ -25,6 +26,7 @@ from common.connection import (
     REDIS_DOWN_ERRORS,
     RawConnection,
     RedisClosedConnection,
+    WriteRefused,
     pack_commands,
 )
 from common.embedded_redis import EmbeddedRedis
@@ -148,6 +150,21 @@ async def test_raw_connection_times_out_a_read_and_recovers(redis_client: aiored
         await conn.aclose()
 
 
+@contextlib.asynccontextmanager
+async def _unreachable() -> AsyncIterator[RawConnection]:
+    """A `RawConnection` to a port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nobody = aioredis.Redis(host="127.0.0.1", port=port)
+    conn = RawConnection(nobody, timeout=2.0)
+    try:
+        yield conn
+    finally:
+        await conn.aclose()
+        await nobody.aclose()
+
+
 async def test_raw_connection_notes_when_redis_failed_it(redis_client: aioredis.Redis) -> None:
     # What `common.lost_touch` reads: a timeout or Redis out of reach is a failure; a
     # close in order (a client kill) or a cancellation is none.
@@ -175,18 +192,36 @@ async def test_raw_connection_notes_when_redis_failed_it(redis_client: aioredis.
         assert conn.failed_at > -math.inf
     finally:
         await conn.aclose()
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    nobody = aioredis.Redis(host="127.0.0.1", port=port)
-    conn = RawConnection(nobody, timeout=2.0)
-    try:
+    async with _unreachable() as conn:
         with pytest.raises(REDIS_DOWN_ERRORS):
             await conn.execute([("PING",)])
         assert conn.failed_at > -math.inf and conn.found_closed_at == -math.inf
+
+
+async def test_a_write_whose_connection_redis_drops_while_it_answers_is_refused(
+    redis_client: aioredis.Redis,
+) -> None:
+    # What the RPC client and the worker write apart, entry by entry (Redis drops the
+    # connection of a value over its `proto-max-bulk-len`; a client kill stands in for
+    # it here): `WriteRefused`, with the write's own error; Redis down is not.
+    conn = RawConnection(redis_client, timeout=5.0)
+    try:
+        (own_id,) = await conn.execute([("CLIENT", "ID")])
+        key = f"never:{uuid.uuid4().hex}"
+        write = asyncio.create_task(conn.execute_refusable([("BLPOP", key, 0)]))
+        await asyncio.sleep(0.05)
+        await redis_client.client_kill_filter(_id=own_id)
+        with pytest.raises(WriteRefused) as refused:
+            await write
+        assert isinstance(refused.value.error, RedisClosedConnection)
+        assert refused.value.__cause__ is refused.value.error
+        assert await conn.execute_refusable([("PING",)]) == [b"PONG"]
     finally:
         await conn.aclose()
-        await nobody.aclose()
+    async with _unreachable() as conn:
+        with pytest.raises(REDIS_DOWN_ERRORS) as down:
+            await conn.execute_refusable([("PING",)])
+        assert not isinstance(down.value, WriteRefused)
 
 
 async def test_handlers_that_finish_at_once_or_suspend(
