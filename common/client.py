@@ -114,11 +114,10 @@ class RpcClient(ClientIO):
         self._catalog_lookups: SingleFlight[bool] = SingleFlight()
         registry = Registry(self.redis)
         self._rejoin = Rejoin(
-            lost_touch_at=self._touch.at,
+            holding=self._touch.within_grace,
             live_ids=registry.live_ids,
             retry=self._outbox.put_nowait,
             give_up=self._give_up,
-            grace=settings.heartbeat_ttl,
         )
 
     async def __aenter__(self) -> RpcClient:

@@ -30,8 +30,9 @@ class LostTouch:
     def __init__(
         self, redis: aioredis.Redis, connections: tuple[RawConnection, ...], *, grace: float
     ) -> None:
-        """`connections`: the client's own, whose closes and breaks count; `grace`: how
-        long after a close a refused call asks whether it was a restart (one lease)."""
+        """`connections`: the client's own, whose closes and failures count; `grace`:
+        how long after losing touch a refused call is held (`within_grace`), and after
+        a close asks whether it was a restart (one heartbeat lease)."""
         self._redis = redis
         self._connections = connections
         self.grace = grace
@@ -46,6 +47,11 @@ class LostTouch:
         (`check_closes`)."""
         failed_at = max(conn.failed_at for conn in self._connections)
         return max(self._failed_at, failed_at)
+
+    def within_grace(self) -> bool:
+        """Within one grace after this client last lost touch with Redis (`at`): when
+        `common.rejoin` holds a call refused for "no live instance"."""
+        return time.monotonic() < self.at() + self.grace
 
     def failed(self) -> None:
         """Redis failed the client where its connections did not see it: an error reply

@@ -8,26 +8,26 @@ fraction of a second of Redis answering). The enqueue script, which checks liven
 in Redis, would answer "no live instance" meanwhile, and a caller that came back
 from the outage with the workers would get a 503 for a service that never stopped.
 
-So a client that has itself lost touch with Redis in the last `grace` seconds (one
-heartbeat lease: a live worker has renewed by then) does not fail a call (or task)
-refused for "no live instance" at once: it parks it, and one probe per service (or
-per instance, for a call addressed to one) asks Redis every `step` whether a live
-instance is back. When one is, the parked calls are enqueued again; when the grace
-ends first, each fails as it would have at once (503, or 404 for a service nobody
-knows); a call whose deadline comes first fails with 503 just before it, not with a
-timeout. Outside the grace nothing changes: a dead service's callers get their 503
-at once. "Lost touch" is anything the client saw of the outage: a Redis call that
-failed or was refused, a connection found broken (reset), or Redis restarted: a
-connection Redis closed meanwhile, found at the client's first call after it (which
-covers a client that was idle throughout), if Redis started less than one lease
-before (its uptime, asked once, only when such a close is followed by "no live
-instance": `common.lost_touch`). The grace is measured from the last such failure
-(from Redis's start after a restart), so an outage that goes on keeps it. A
-connection closed by a Redis up for longer (an idle timeout, a client kill, a
-proxy's) is no loss: every live worker has renewed its lease since, and a dead
-service's 503 comes at once. (Not told apart: a failover to a replica up for longer
-that lost the newest leases. Comparing Redis's `run_id` would tell; a single Redis,
-as today, cannot fail over.)
+So a client that has itself lost touch with Redis within the last grace (one
+heartbeat lease, held by `common.lost_touch`: a live worker has renewed by then)
+does not fail a call (or task) refused for "no live instance" at once: it parks it,
+and one probe per service (or per instance, for a call addressed to one) asks Redis
+every `step` whether a live instance is back. When one is, the parked calls are
+enqueued again; when the grace ends first, each fails as it would have at once (503,
+or 404 for a service nobody knows); a call whose deadline comes first fails with 503
+just before it, not with a timeout. Outside the grace nothing changes: a dead
+service's callers get their 503 at once. "Lost touch" is anything the client saw of
+the outage: a Redis call that failed or was refused, a connection found broken
+(reset), or Redis restarted: a connection Redis closed meanwhile, found at the
+client's first call after it (which covers a client that was idle throughout), if
+Redis started less than one lease before (its uptime, asked once, only when such a
+close is followed by "no live instance": `common.lost_touch`). The grace is measured
+from the last such failure (from Redis's start after a restart), so an outage that
+goes on keeps it. A connection closed by a Redis up for longer (an idle timeout, a
+client kill, a proxy's) is no loss: every live worker has renewed its lease since,
+and a dead service's 503 comes at once. (Not told apart: a failover to a replica up
+for longer that lost the newest leases. Comparing Redis's `run_id` would tell; a
+single Redis, as today, cannot fail over.)
 """
 
 from __future__ import annotations
@@ -60,23 +60,21 @@ class Rejoin:
     def __init__(
         self,
         *,
-        lost_touch_at: Callable[[], float],
+        holding: Callable[[], bool],
         live_ids: Callable[[str], Awaitable[list[str]]],
         retry: Callable[[Any], None],
         give_up: Callable[[Any], None],
-        grace: float,
         step: float = 0.05,
     ) -> None:
-        """`lost_touch_at`: the last time (`time.monotonic`) this client saw Redis fail;
-        `live_ids(service)`: the ids of its live instances; `retry(item)`: enqueue it
-        again; `give_up(item)`: fail it as "no live instance" (without waiting: it
-        starts what it needs); `grace`: how long after the last failure a refused
-        call is held (one heartbeat lease)."""
-        self._lost_touch_at = lost_touch_at
+        """`holding()`: whether this client is within the grace after it last lost touch
+        with Redis (`common.lost_touch.LostTouch.within_grace`, which holds the grace:
+        one heartbeat lease); `live_ids(service)`: the ids of its live instances;
+        `retry(item)`: enqueue it again; `give_up(item)`: fail it as "no live instance"
+        (without waiting: it starts what it needs)."""
+        self._holding = holding
         self._live_ids = live_ids
         self._retry = retry
         self._give_up = give_up
-        self.grace = grace
         self.step = step
         self._parked: dict[Key, list[Any]] = {}
         self._probes: dict[Key, asyncio.Task[None]] = {}
@@ -85,7 +83,7 @@ class Rejoin:
 
     def holding(self) -> bool:
         """Within the grace after this client last lost touch with Redis."""
-        return time.monotonic() < self._lost_touch_at() + self.grace
+        return self._holding()
 
     def park(self, item: Parkable) -> bool:
         """Hold `item`, refused for "no live instance", if within the grace (True);
