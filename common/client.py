@@ -94,6 +94,7 @@ class RpcClient(ClientIO):
         self._enqueuer = RawConnection(self.redis)
         self._receiver = RawConnection(self.redis)
         self._ids = itertools.count()
+        self._id_prefix = f"{self.client_id[:12]}-"  # a call's id: this, then a count
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -235,17 +236,10 @@ class RpcClient(ClientIO):
         _check_seconds("timeout", timeout)
         if self._reader is None:
             await self.start()
-        call_id = f"{self.client_id[:12]}-{next(self._ids)}"
-        call = Call(
-            call_id=call_id,
-            method=method,
-            args=list(args),
-            kwargs=dict(kwargs or {}),
-            deadline=time.time() + timeout,
-            reply_to=self.inbox,
-            request_id=request_id or request_id_var.get(),
-            who=None if caller is None else caller.to_wire(),
+        call = self._call(
+            method, args, kwargs, timeout, reply_to=self.inbox, request_id=request_id, caller=caller
         )
+        call_id = call.call_id
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
         try:
@@ -256,6 +250,31 @@ class RpcClient(ClientIO):
             raise RpcTimeout(f"{target} did not answer within {timeout:g}s") from None
         finally:
             self._pending.pop(call_id, None)
+
+    def _call(
+        self,
+        method: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        seconds: float,
+        *,
+        reply_to: str | None,
+        request_id: str | None,
+        caller: Caller | None,
+    ) -> Call:
+        """A call of `method` (a task if `reply_to` is None) due in `seconds`, with a new
+        id of this client's, in the request `request_id` (else the current one), made
+        for `caller`."""
+        return Call(
+            call_id=f"{self._id_prefix}{next(self._ids)}",
+            method=method,
+            args=list(args),
+            kwargs=dict(kwargs or {}),
+            deadline=time.time() + seconds,
+            reply_to=reply_to,
+            request_id=request_id or request_id_var.get(),
+            who=None if caller is None else caller.to_wire(),
+        )
 
     async def send(
         self,
@@ -325,21 +344,11 @@ class RpcClient(ClientIO):
             raise ValueError(f"attempts must be from 1 to {MAX_TASK_ATTEMPTS}")
         _check_seconds("ttl", ttl)
         service, method = split_target(target)
-        settings = self.settings
-        call = Call(
-            call_id=f"{self.client_id[:12]}-{next(self._ids)}",
-            method=method,
-            args=list(args),
-            kwargs=dict(kwargs or {}),
-            deadline=time.time() + ttl,
-            reply_to=None,
-            request_id=request_id or request_id_var.get(),
-            priority=priority,
-            policy=policy,
-            key=coalesce_key,
-            max_attempts=attempts or settings.task_attempts,
-            who=None if caller is None else caller.to_wire(),
+        call = self._call(
+            method, args, kwargs, ttl, reply_to=None, request_id=request_id, caller=caller
         )
+        call.priority, call.policy, call.key = priority, policy, coalesce_key
+        call.max_attempts = attempts or self.settings.task_attempts
         item = Enqueue(
             script="task",
             args=(
