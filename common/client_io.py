@@ -223,10 +223,15 @@ class ClientIO(ClientRefusals):
             self._enqueued(item, result)
 
     def _enqueued(self, item: Enqueue, result: Any) -> None:
-        """Act on the enqueue script's result (an entry id unless refused)."""
+        """Act on the enqueue script's result (an entry id unless refused). Hot path."""
         if item.future.done():
             return  # the caller timed out meanwhile
-        if isinstance(result, Exception):  # e.g. the script's write refused (OOM)
+        if type(result) is bytes:  # an entry id: taken (the common case, tested first)
+            if item.awaits_reply:
+                self._reached.add(item.service)
+            else:
+                item.future.set_result(result)
+        elif isinstance(result, Exception):  # e.g. the script's write refused (OOM)
             if _protocol_error(result):  # read before Redis closed the connection
                 item.future.set_exception(_refused_by_redis(item))
             else:
