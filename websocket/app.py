@@ -80,6 +80,7 @@ class WsContext:
 
 
 WsApp: TypeAlias = Sanic[Config, WsContext]
+MAX_REQUEST_BODY = 1024
 # The handlers that open connections to instances with the client's fields (`_relayed`).
 _RELAYING = frozenset({proxy_endpoint.__name__, stream_endpoint.__name__})
 WsRequest: TypeAlias = Request[WsApp, Any]
@@ -89,6 +90,10 @@ def create_app(settings: Settings | None = None, name: str = "websocket") -> WsA
     settings = settings or get_settings()
     config = Config()
     config.WEBSOCKET_MAX_SIZE = settings.ws_max_message_bytes
+    # No route here takes a body (an upgrade has none, RFC 6455 §4.1; /health is a GET):
+    # a larger one is a 413 at its head, not up to Sanic's 100 MB read into memory
+    # before the credential check. A small one, which some clients send, is read and dropped.
+    config.REQUEST_MAX_SIZE = MAX_REQUEST_BODY
     # Sanic annotates these as int but takes seconds as any number.
     config.WEBSOCKET_PING_INTERVAL = settings.ws_ping_interval  # type: ignore[assignment]
     config.WEBSOCKET_PING_TIMEOUT = settings.ws_ping_timeout  # type: ignore[assignment]

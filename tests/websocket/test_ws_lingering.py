@@ -46,3 +46,26 @@ def test_a_client_still_sending_reads_the_whole_refusal(
         assert sock.recv(1) == b""  # then the service's FIN, not a reset
     assert answer.status == status
     assert json.loads(answer.body)["error"]["code"] == code
+
+
+@pytest.mark.parametrize("credential", [True, False], ids=["credential", "none"])
+@pytest.mark.parametrize("path", ["/ws/stream", "/health"])
+def test_a_body_is_refused_before_it_is_read(
+    ws_server: WsServer, path: str, credential: bool
+) -> None:
+    # No route of the service takes a body (an upgrade has none, RFC 6455 §4.1; /health
+    # is a GET), yet it waited for up to Sanic's 100 MB default of one, read into
+    # memory: a cheap way to make it hold memory. Now the head is answered at once.
+    head = UPGRADE.replace("/ws/stream", path) + f"Content-Length: {SENT}\r\n"
+    if credential:
+        head += f"Authorization: Bearer {ws_server.token()}\r\n"
+    with connect(ws_server.address) as sock:
+        sock.sendall(f"{head}\r\n".encode())  # (no body follows: no answer may wait for it)
+        answer = read_answers(sock, 1)[0]
+    # (a credential is checked first where one is needed: without it, a 401 at once)
+    if path == "/ws/stream" and not credential:
+        assert answer.status == 401
+    else:
+        assert answer.status == 413
+        assert json.loads(answer.body)["error"]["code"] == "payload_too_large"
+    assert answer.headers["connection"] == "close"
