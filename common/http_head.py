@@ -16,6 +16,11 @@ from __future__ import annotations
 
 import re
 
+# The bound of a request head, request line included (nginx's default for a header line
+# is 8 KiB; a browser's cookies and a JWT may need more): more is a 431 (a 414 for a
+# longer request line), on Sanic's path (`common.strict_http`) and the fast path alike.
+MAX_HEAD = 16 * 1024
+
 # A request head as HTTP/1.1 allows it (RFC 9110 §5.1, §5.5; RFC 9112 §2.2, §5.1): a
 # request line with no control character, then lines `name:value` after CRLFs, the name
 # a token directly followed by its colon, the value with no control character but tab.

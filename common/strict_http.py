@@ -84,7 +84,7 @@ from sanic.headers import format_http1_response
 from sanic.helpers import has_message_body
 from sanic.http import Http, Stage
 
-from common.http_head import connection_tokens, well_formed_field
+from common.http_head import MAX_HEAD, connection_tokens, well_formed_field
 
 # `\r\n` (the end of the previous chunk's data, or of the head), then a chunk-size line:
 # hex digits, optionally a chunk extension (`BWS ";" ...`, no control character but
@@ -131,6 +131,10 @@ class StrictHttp(Http):
     """Sanic's `Http` made strict where the module docstring says."""
 
     __slots__ = ("_awaiting_body",)
+    # Fixed here: Sanic sets `Http.HEADER_MAX_SIZE` for the whole process, as the least
+    # of REQUEST_MAX_HEADER_SIZE (8 KiB by default), REQUEST_MAX_SIZE (a body's bound:
+    # the websocket service's 1 KiB made its heads 1 KiB) and others, at each app's config.
+    HEADER_MAX_SIZE = MAX_HEAD
 
     def __init__(self, protocol: Any) -> None:
         super().__init__(protocol)  # type: ignore[no-untyped-call]

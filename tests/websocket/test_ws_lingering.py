@@ -69,3 +69,13 @@ def test_a_body_is_refused_before_it_is_read(
         assert answer.status == 413
         assert json.loads(answer.body)["error"]["code"] == "payload_too_large"
     assert answer.headers["connection"] == "close"
+
+
+def test_an_upgrade_with_a_large_head_is_taken(ws_server: WsServer) -> None:
+    # A browser's upgrade (cookies, user agent, a `bearer` subprotocol and its JWT) is
+    # well over 1 KiB: the body bound (1 KiB) set the head's too, as Sanic derives it.
+    head = (f"{UPGRADE}Authorization: Bearer {ws_server.token()}\r\n"
+            f"Cookie: c={'a' * 8000}\r\n\r\n")  # fmt: skip
+    with connect(ws_server.address) as sock:
+        sock.sendall(head.encode())
+        assert sock.recv(12) == b"HTTP/1.1 101"

@@ -13,12 +13,12 @@ import time
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from common.forwarding import MAX_VIA_HOPS, credential_fault, via_hops
-from common.http_head import connection_tokens_raw, valid_host
+from common.http_head import MAX_HEAD, connection_tokens_raw, valid_host
 from common.proxy_paths import InvalidProxyPath, upstream_target
 from webapi.heartbeats import SERVICE_NAME
 
 MAX_FAST_BODY = 64 * 1024
-MAX_FAST_HEAD = 16 * 1024
+MAX_FAST_HEAD = MAX_HEAD  # (as Sanic's path: `common.strict_http`)
 _METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
 # `/svc/<service>/` and a first path character the route's `<path:path>` accepts.
 _SVC_PATH = re.compile(rb"/svc/(" + SERVICE_NAME.pattern.strip("^$").encode() + rb")/[^/?]")
