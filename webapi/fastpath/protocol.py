@@ -124,7 +124,9 @@ class FastPathProtocol(LingeringHttpProtocol):
             return
         if not self._task:
             return
-        interval = min(self.keep_alive_timeout, self.request_timeout, self.response_timeout)
+        # (the head deadline too: a splice's held head is checked only here)
+        interval = min(self.keep_alive_timeout, self.request_timeout, self.response_timeout,
+                       head_timeout(self))  # fmt: skip
         self._callback_check_timeouts = self.loop.call_later(
             max(0.1, interval / 2), self.check_timeouts
         )
