@@ -122,9 +122,9 @@ class Settings:
     websocket_port: int = field(default=8001, metadata=_env("WEBSOCKET_PORT", _PORT))
 
     log_level: str = field(default="INFO", metadata=_env("LOG_LEVEL"))
-    # How long the gateway and the websocket service wait for the rest of a request's
-    # head, or for its body's next bytes, before a 408 (nginx's client_header_timeout
-    # and client_body_timeout, 60 s; Sanic's REQUEST_TIMEOUT).
+    # How long the gateway and the websocket service wait for a request's next bytes,
+    # of its head or of its body, before a 408 (nginx's client_body_timeout, 60 s;
+    # Sanic's REQUEST_TIMEOUT). The whole head has REQUEST_HEAD_TIMEOUT besides.
     request_timeout: float = field(default=60.0, metadata=_env("REQUEST_TIMEOUT", _SECONDS))
     # The bound on receiving a whole request head, however its bytes are spaced (nginx's
     # client_header_timeout; REQUEST_TIMEOUT alone restarts at every byte). 0: REQUEST_TIMEOUT.

@@ -19,12 +19,12 @@ Sanic. Both Sanic services serve with it (`HTTP_CLASS` of their protocols).
   refused every trailer with a 400.
 - **A stalled request body** (nginx's `client_body_timeout`): a handler waiting for body
   bytes that do not come within the request timeout (`REQUEST_TIMEOUT`, Sanic's
-  `REQUEST_TIMEOUT`, the head's bound too) gets a 408 `request_timeout`, and the
-  connection closes. Sanic counted the wait in its response timeout (a 503, as if the
-  service had failed), then waited for the rest of the body with no bound at all: the
-  socket stayed open for as long as the client kept it. Whenever a connection is to
-  close after a response, the unread rest of the body is not waited for (the
-  gateway's lingering close drops what still comes, for a bounded time).
+  `REQUEST_TIMEOUT`, which bounds each wait for a head's next bytes too) gets a 408
+  `request_timeout`, and the connection closes. Sanic counted the wait in its response
+  timeout (a 503, as if the service had failed), then waited for the rest of the body
+  with no bound at all: the socket stayed open for as long as the client kept it.
+  Whenever a connection is to close after a response, the unread rest of the body is not
+  waited for (the gateway's lingering close drops what still comes, for a bounded time).
 - **A request head that keeps trickling** (slowloris; nginx's `client_header_timeout`):
   the whole head must arrive within `REQUEST_HEAD_TIMEOUT` of the read that began it
   (the app's `REQUEST_HEAD_TIMEOUT` config, by default its `REQUEST_TIMEOUT`), else a
@@ -147,8 +147,9 @@ class StrictHttp(Http):
 
     async def _receive_bounded(self) -> None:
         """Sanic's wait for more bytes; while a handler waits for the request's body,
-        bounded by the request timeout (then 408). The head's wait is bounded by Sanic's
-        own check of the same timeout."""
+        bounded by the request timeout (then 408). A head's waits are bounded by Sanic's
+        own check of the same timeout, and the whole head by its deadline
+        (`http1_request_header`)."""
         if self.stage is not Stage.HANDLER:
             await self.protocol.receive_more()  # type: ignore[no-untyped-call]
             return
