@@ -109,13 +109,23 @@ def connection_tokens(value: str) -> list[str]:
     comma-separated list (RFC 9110 §7.6.1) of the fields it names and of options
     (`close`, `keep-alive`), never one word to compare whole. Every reader of the field
     reads it here (the gateway's and the websocket service's keep-alive and hop-by-hop
-    rules); `connection_tokens_raw` for a value as bytes."""
-    return [token.strip().lower() for token in value.split(",")]
+    rules); `connection_tokens_raw` for a value as bytes, read alike: only HTTP's
+    whitespace (space, tab) is stripped and only ASCII letters lowered (`str.strip`
+    and `str.lower` also take a no-break space, and make `k` of a Kelvin sign)."""
+    return [_ascii_lower(token.strip(_OWS)) for token in value.split(",")]
 
 
 def connection_tokens_raw(value: bytes) -> list[bytes]:
     """`connection_tokens` of a value as bytes (the fast path's and the upstream's)."""
-    return [token.strip().lower() for token in value.split(b",")]
+    return [token.strip(b" \t").lower() for token in value.split(b",")]
+
+
+_OWS = " \t"  # optional whitespace (RFC 9110 §5.6.3)
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _ascii_lower(text: str) -> str:
+    return text.lower() if text.isascii() else text.translate(_ASCII_LOWER)
 
 
 def valid_host(value: bytes) -> bool:

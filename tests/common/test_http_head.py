@@ -92,3 +92,14 @@ def test_connection_tokens_are_the_lists_elements_in_lower_case(
 ) -> None:
     assert connection_tokens(value) == tokens
     assert connection_tokens_raw(value.encode()) == [t.encode() for t in tokens]
+
+
+@pytest.mark.parametrize("value", ["close\u00a0", "X-Foo\u00a0", "\u212aeep-alive", "cl\u0130se"])
+def test_connection_tokens_read_alike_as_text_and_as_bytes(value: str) -> None:
+    # Sanic's path reads the field as text (UTF-8), the fast path as bytes: only HTTP's
+    # whitespace (space, tab) and ASCII case may count, or `close` plus a no-break space
+    # closed the connection on one path and kept it on the other, and a Kelvin sign
+    # made `keep-alive` of a token on one only.
+    raw = value.encode()
+    assert connection_tokens(value) == [t.decode() for t in connection_tokens_raw(raw)]
+    assert not {"close", "keep-alive", "x-foo"} & set(connection_tokens(value))
