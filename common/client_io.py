@@ -259,6 +259,10 @@ class ClientIO(ClientRefusals):
             # fresh one, as redis-py's own retry would. At-least-once: a batch
             # that did get in before the connection broke is enqueued twice.
             results = await self._enqueuer.execute_refusable(commands)
+            # The grace counts from here: the connection noted the failure when it saw
+            # it, maybe a read timeout ago, and a "no instance" among these results is
+            # one of the rejoin's to park (`_enqueued`), not to fail.
+            self._touch.failed()
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
             # Redis restarted (its script cache is empty): EVAL loads the script.

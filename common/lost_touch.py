@@ -55,8 +55,10 @@ class LostTouch:
 
     def failed(self) -> None:
         """Redis failed the client where its connections did not see it: an error reply
-        (a refused enqueue or BLPOP), or the restart check's own call. (A connection
-        Redis merely closed in order is no failure: `check_closes` tells.)"""
+        (a refused enqueue or BLPOP), or the restart check's own call; or the grace is
+        to count from now (an enqueue answered by its retry, after a failure its
+        connection noted earlier). (A connection Redis merely closed in order is no
+        failure: `check_closes` tells.)"""
         self._failed_at = time.monotonic()
 
     def closes_unchecked(self) -> bool:
