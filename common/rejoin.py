@@ -81,14 +81,10 @@ class Rejoin:
         self.parked_total = 0  # calls (and tasks) ever parked: for tests and the curious
         self._closed = False
 
-    def holding(self) -> bool:
-        """Within the grace after this client last lost touch with Redis."""
-        return self._holding()
-
     def park(self, item: Parkable) -> bool:
         """Hold `item`, refused for "no live instance", if within the grace (True);
         False, holding nothing, otherwise (and after `close()`): the caller fails it."""
-        if self._closed or not self.holding():
+        if self._closed or not self._holding():
             return False
         key = (item.service, item.instance)
         self._parked.setdefault(key, []).append(item)
@@ -115,7 +111,7 @@ class Rejoin:
             while not back:
                 await asyncio.sleep(self.step)
                 waiting = self._waiting(key)
-                if not waiting or not self.holding():
+                if not waiting or not self._holding():
                     break
                 try:
                     live = await self._live_ids(service)
