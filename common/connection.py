@@ -49,7 +49,9 @@ class WriteRefused(Exception):
     Redis refused that write, it is not down. It drops the connection of a command
     holding a value over its `proto-max-bulk-len`, so the same write would fail again
     forever, and the other commands of the write with it: the caller writes its parts
-    apart. `error`: the write's own error (also its `__cause__`)."""
+    apart. `error`: the write's own error (also its `__cause__`); for a worker's reply
+    write (`common.replies.ReplyWrites.write`), maybe a local one building the
+    commands, which writing apart finds the same way."""
 
     def __init__(self, error: Exception) -> None:
         super().__init__(f"redis refused the write: {error}")

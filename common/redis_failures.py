@@ -39,8 +39,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import constants
-from common.connection import REDIS_DOWN_OR_REFUSING as REDIS_DOWN_OR_REFUSING
+from common.connection import REDIS_DOWN_OR_REFUSING
 from common.errors import ServiceUnavailable
+
+# (REDIS_DOWN_OR_REFUSING is the connection's: every failure it notes is of these kinds.)
+__all__ = ["REDIS_DOWN_OR_REFUSING", "REFUSALS", "check_writable", "is_refusal", "redis_failure",
+           "redis_failure_message", "store_unavailable"]  # fmt: skip
 
 _MESSAGES = {
     "unreachable": "redis unreachable",
