@@ -220,6 +220,12 @@ class Settings:
     jwt_ttl: int = field(default=900, metadata=_env("JWT_TTL", _TOKEN_TTL))
     # A refresh token is good for this long (seconds); each use replaces it.
     jwt_refresh_ttl: int = field(default=14 * 86400, metadata=_env("JWT_REFRESH_TTL", _TOKEN_TTL))
+    # The most live sessions (logins) a user has: one more ends the least recently used
+    # (microservices.auth.sessions: why 50). Without a cap a client logging in at every
+    # request would keep every session for JWT_REFRESH_TTL.
+    auth_max_sessions_per_user: int = field(
+        default=50, metadata=_env("AUTH_MAX_SESSIONS_PER_USER", _COUNT)
+    )
     # First admin, created at the auth service's start when no admin exists yet
     # (the password is a deployment secret; there is no default password).
     auth_admin_username: str | None = field(default=None, metadata=_env("AUTH_ADMIN_USERNAME"))

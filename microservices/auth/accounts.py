@@ -31,7 +31,7 @@ from common.scopes import covers, parse
 from common.tokens import Keyring
 from microservices.auth.api_keys import ApiKeys
 from microservices.auth.passwords import Passwords
-from microservices.auth.sessions import SESSION_ID, Sessions
+from microservices.auth.sessions import DEFAULT_MAX_SESSIONS, SESSION_ID, Sessions
 from microservices.auth.throttle import LoginThrottle, ThrottleRules
 from microservices.auth.users import User, Users, check_roles, check_user_scopes
 
@@ -53,6 +53,7 @@ class Accounts:
         *,
         ttl: int = 900,
         refresh_ttl: int = 14 * 86400,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
         default_scopes: str = "*",
         configured_secret: str | None = None,
         hasher: PasswordHasher | None = None,
@@ -70,7 +71,11 @@ class Accounts:
         except BadRequest as exc:
             raise ConfigError(f"AUTH_DEFAULT_SCOPES: {exc.message}") from None
         self.sessions = Sessions(
-            redis, refresh_ttl=refresh_ttl, revoke_for=self.revoke_for, clock=clock
+            redis,
+            refresh_ttl=refresh_ttl,
+            revoke_for=self.revoke_for,
+            max_sessions=max_sessions,
+            clock=clock,
         )
         self.api_keys = ApiKeys(redis, revoke_for=self.revoke_for, clock=clock)
         self.throttle = LoginThrottle(redis, throttle or ThrottleRules(), clock=clock)

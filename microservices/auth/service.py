@@ -36,6 +36,7 @@ async def prepare(service: Service) -> None:
         service.redis,
         ttl=settings.jwt_ttl,
         refresh_ttl=settings.jwt_refresh_ttl,
+        max_sessions=settings.auth_max_sessions_per_user,
         default_scopes=settings.auth_default_scopes,
         configured_secret=settings.jwt_secret,
         throttle=ThrottleRules.of(settings),

@@ -25,10 +25,19 @@ sb:{auth}:user_sessions:<uid>    zset  the session ids of one user -> the sessio
 ```
 
 A session lives `JWT_REFRESH_TTL` after its last refresh; its keys expire then.
-Its id stays in `user_sessions` `revoke_for` longer (while an access token of
-it may be valid, so `end_all` still revokes it) and is pruned at the user's
-next login. A `user_sessions` of the old type (a set, from before the zset) is
-turned into the zset the first time it is met.
+Its id leaves `user_sessions` at the user's next login after that: `end_all`
+needs no more, as every access token of a session dies within `revoke_for` of
+its last refresh, so before the session does unless `JWT_REFRESH_TTL` is the
+shorter (then the id stays that much longer: `linger`). A `user_sessions` of the
+old type (a set, from before the zset) is turned into the zset the first time
+it is met.
+
+A user has at most `max_sessions` live sessions (`AUTH_MAX_SESSIONS_PER_USER`):
+the login that opens one more ends the least recently used (opened or
+refreshed: the lowest `expires_at`) in the same script that opens it, as a
+logout ends one: deleted, so its refresh token is an `invalid refresh token`,
+and `sid:` revoked, so its access tokens stop too. Without a cap a client that
+logs in at every request would keep each session (~420 bytes) for 14 days.
 """
 
 from __future__ import annotations
@@ -43,7 +52,6 @@ import uuid
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError, WatchError
 
 from common.connection import as_text
@@ -61,6 +69,45 @@ REUSED = "refresh token reused: session revoked"
 INVALID = "invalid refresh token"
 _NONCE = 16  # random bytes of a secret; an HMAC of them fills the other 16 of its 32
 _UPGRADE_TRIES = 5
+# 50: a user's phones, browsers and private windows each leave a session behind
+# at a login without a logout, and each lives 14 days: 3 devices logging in afresh
+# every day hold 42. The least recently used go first, so a device in use is
+# not the one ended. At ~420 bytes a session, a user holds at most ~21 KB.
+DEFAULT_MAX_SESSIONS = 50
+
+# Open a session (KEYS[1]) in its user's index (KEYS[2]), first ending the user's
+# least recently used live sessions beyond the cap, as a logout does (revoked
+# zset KEYS[3]). Nothing is written while the index is still a set from before
+# the zset ('upgrade'). Returns {'ok', ended session ids...}.
+# ARGV: user id, refresh hash, seal (hex), created_at, expires_at, the session's
+#       expiry (unix seconds), sid, now, pruned up to (score), the index's expiry,
+#       max sessions, session key prefix, revoked until, channel.
+# An ended session's keys are named here from the prefix, not passed: they are
+# known only once the index is read, and share the `{auth}` tag (one Cluster slot).
+_OPEN = """
+if redis.call('TYPE', KEYS[2])['ok'] == 'set' then return {'upgrade'} end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[9])
+local live = '(' .. ARGV[8]
+local over = redis.call('ZCOUNT', KEYS[2], live, '+inf') - tonumber(ARGV[11]) + 1
+local reply = {'ok'}
+if over > 0 then
+  local ended = redis.call('ZRANGEBYSCORE', KEYS[2], live, '+inf', 'LIMIT', 0, over)
+  for _, sid in ipairs(ended) do
+    redis.call('DEL', ARGV[12] .. sid, ARGV[12] .. sid .. ':used')
+    redis.call('ZREM', KEYS[2], sid)
+    redis.call('ZADD', KEYS[3], 'GT', ARGV[13], 'sid:' .. sid)
+    redis.call('PUBLISH', ARGV[14], 'sid:' .. sid)
+    reply[#reply + 1] = sid
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[8])
+end
+redis.call('HSET', KEYS[1], 'user_id', ARGV[1], 'refresh', ARGV[2], 'seal', ARGV[3],
+           'created_at', ARGV[4], 'expires_at', ARGV[5])
+redis.call('EXPIREAT', KEYS[1], ARGV[6])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[7])
+redis.call('EXPIREAT', KEYS[2], ARGV[10])
+return reply
+"""
 
 # Rotate the refresh token of KEYS[1], or revoke the session if a used one is back.
 # KEYS: session, used (old sessions only), user_sessions, revoked zset.
@@ -148,7 +195,9 @@ class Sessions:
     """Opening, refreshing and ending sessions.
 
     `revoke_for`: how long a session's revocation must last, i.e. the longest
-    life of an access token it issued (JWT_TTL plus a margin).
+    life of an access token it issued (JWT_TTL plus a margin). `max_sessions`:
+    the most live sessions a user has; opening one more ends the least recently
+    used.
     """
 
     def __init__(
@@ -157,46 +206,48 @@ class Sessions:
         *,
         refresh_ttl: int,
         revoke_for: float,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
         self.redis = redis
         self.refresh_ttl = refresh_ttl
         self.revoke_for = revoke_for
+        self.max_sessions = max_sessions
+        # How long an expired session's access tokens may outlive it (0 unless
+        # JWT_REFRESH_TTL is shorter than they live): its id stays indexed so long.
+        self.linger = max(0.0, revoke_for - refresh_ttl)
         self.clock = clock
         self._rotate = redis.register_script(_ROTATE)
+        self._open = redis.register_script(_OPEN)
 
     async def open(self, user_id: str) -> tuple[str, str]:
-        """A new session of `user_id`: `(session id, refresh token)`."""
+        """A new session of `user_id`: `(session id, refresh token)`.
+
+        The user's least recently used sessions beyond `max_sessions` end in the
+        same atomic step, and the index drops the sessions whose tokens are all
+        dead: it holds `max_sessions` ids at most (more only while `linger`).
+        """
         sid, seal = uuid.uuid4().hex, secrets.token_bytes(32)
         secret = _sealed_secret(seal)
         now = self.clock()
         expires_at = now + self.refresh_ttl
-        async with self.redis.pipeline(transaction=True) as pipe:
-            record = {"user_id": user_id, "refresh": _hash(secret), "seal": seal.hex()}
-            record.update(created_at=repr(now), expires_at=repr(expires_at))
-            pipe.hset(session_key(sid), mapping=record)  # type: ignore[arg-type]
-            pipe.expireat(session_key(sid), int(expires_at) + 1)
-            self._index(pipe, user_id, sid, expires_at, now)
-            try:
-                await pipe.execute()
-            except ResponseError as exc:
-                # The session's record is written (MULTI goes on past an error):
-                # only its index entry is left, once the old-type index is upgraded.
-                if not _wrong_type(exc):
-                    raise
-                await self._upgrade(user_id)
-                async with self.redis.pipeline(transaction=True) as again:
-                    self._index(again, user_id, sid, expires_at, now)
-                    await again.execute()
+        keys = [session_key(sid), user_sessions_key(user_id), REVOKED]
+        args = [user_id, _hash(secret), seal.hex(), repr(now), repr(expires_at)]
+        args += [str(int(expires_at) + 1), sid, repr(now), repr(now - self.linger)]
+        args += [str(int(expires_at + self.linger) + 1), str(self.max_sessions)]
+        args += [session_key(""), repr(now + self.revoke_for), CHANNEL]
+        reply = await self._open(keys=keys, args=args)
+        if as_text(reply[0]) == "upgrade":
+            await self._upgrade(user_id)
+            reply = await self._open(keys=keys, args=args)
+            if as_text(reply[0]) == "upgrade":  # only a writer from before the zset makes a set
+                raise Conflict("the user's sessions changed during their upgrade: try again")
+        if ended := [as_text(s) for s in reply[1:]]:
+            fields = {"user_id": user_id, "ended": len(ended), "max": self.max_sessions}
+            log.info("sessions over the cap ended", extra={"fields": fields})
         return sid, f"{PREFIX}{sid}_{secret}"
-
-    def _index(self, pipe: Pipeline, user_id: str, sid: str, expires_at: float, now: float) -> None:
-        # Pruned here, at each login, so the index holds the sessions that may still
-        # have valid access tokens, however long a user keeps logging in.
-        key = user_sessions_key(user_id)
-        pipe.zadd(key, {sid: expires_at})
-        pipe.zremrangebyscore(key, "-inf", now - self.revoke_for)
-        pipe.expireat(key, int(expires_at + self.revoke_for) + 1)
 
     async def rotate(self, refresh_token: str) -> tuple[str, str, str]:
         """`(session id, user id, new refresh token)` for a valid refresh token.
@@ -220,7 +271,7 @@ class Sessions:
         args = [_hash(secret), _hash(new_secret), repr(now), repr(now + self.refresh_ttl)]
         args += [repr(now + self.revoke_for), f"sid:{sid}", CHANNEL, sid]
         args += ["1" if sealed else "0", seal.hex()]
-        args += [str(int(now + self.refresh_ttl + self.revoke_for) + 1)]
+        args += [str(int(now + self.refresh_ttl + self.linger) + 1)]
         status, _ = await self._rotate(keys=keys, args=args)
         status = as_text(status)
         if status == "ok":
@@ -263,12 +314,12 @@ class Sessions:
         key = user_sessions_key(user_id)
         now = self.clock()
         try:
-            found = await self.redis.zrangebyscore(key, now - self.revoke_for, "+inf")
+            found = await self.redis.zrangebyscore(key, now - self.linger, "+inf")
         except ResponseError as exc:
             if not _wrong_type(exc):
                 raise
             await self._upgrade(user_id)
-            found = await self.redis.zrangebyscore(key, now - self.revoke_for, "+inf")
+            found = await self.redis.zrangebyscore(key, now - self.linger, "+inf")
         sids = sorted(as_text(s) for s in found if isinstance(s, bytes | str))
         if not sids:
             return []
@@ -305,7 +356,7 @@ class Sessions:
                     tx.delete(key)
                     if live:
                         tx.zadd(key, live)
-                        tx.expireat(key, int(max(live.values()) + self.revoke_for) + 1)
+                        tx.expireat(key, int(max(live.values()) + self.linger) + 1)
                     await tx.execute()
                 except WatchError:
                     continue

@@ -17,7 +17,7 @@ from common.credentials import Authenticator
 from common.errors import BadRequest, NotFound, Unauthorized
 from common.revocation import REVOKED
 from microservices.auth.accounts import Accounts
-from microservices.auth.sessions import session_key, used_key, user_sessions_key
+from microservices.auth.sessions import Sessions, session_key, used_key, user_sessions_key
 from tests.helpers import Clock, eventually_refused
 from tests.microservices.auth_fixtures import (  # noqa: F401 (fixtures)
     PASSWORD,
@@ -185,6 +185,8 @@ async def test_logout_ends_the_session(
 async def test_a_users_session_index_keeps_the_sessions_that_may_be_live(
     redis: aioredis.Redis,
 ) -> None:
+    """A refresh TTL shorter than an access token's life: expired sessions stay indexed
+    while their access tokens may live, so that ending them all revokes those."""
     clock = Clock()
     accounts = make_accounts(redis, refresh_ttl=60, clock=clock)
     user_id, first = await signed_up(accounts, "Uma")
@@ -194,17 +196,72 @@ async def test_a_users_session_index_keeps_the_sessions_that_may_be_live(
     assert await redis.zcard(key) == 2
     clock.offset = 150
     await accounts.refresh(second["refresh_token"])  # the second one now expires at 210
-    clock.offset = 160 + accounts.revoke_for + 10  # past the first one and any of its tokens
+    # Past the first one's tokens (issued at 0), not the second one's (at 150).
+    clock.offset = 100 + accounts.revoke_for
     third = await accounts.login("Uma", PASSWORD)
     sids = [_sid(answer) for answer in (first, second, third)]
     assert sorted(await redis.zrange(key, 0, -1)) == sorted(s.encode() for s in sids[1:])
-    assert 0 < await redis.ttl(key) <= clock.offset + 60 + accounts.revoke_for + 1
+    assert 0 < await redis.ttl(key) <= clock.offset + 60 + accounts.sessions.linger + 1
 
     ended = await accounts.sessions.end_all(user_id)
     assert ended == sorted(sids[1:])
     scores = await redis.zmscore(REVOKED, [f"sid:{s}" for s in sids])
     assert scores[0] is None and None not in scores[1:]
     assert not await redis.exists(key)
+
+
+async def test_a_login_beyond_the_cap_ends_the_least_recently_used_session(
+    redis: aioredis.Redis, gateway: Authenticator
+) -> None:
+    """As a logout does: its refresh token is refused, its access tokens revoked."""
+    accounts = make_accounts(redis, max_sessions=3)
+    user_id, first = await signed_up(accounts, "Wren")
+    others = [await accounts.sessions.open(user_id) for _ in range(2)]
+    key = user_sessions_key(user_id)
+    assert await redis.zcard(key) == 3
+    latest = await accounts.login("Wren", PASSWORD)  # the fourth: the first one ends
+    oldest = claims_of(first["access_token"])["sid"]
+    assert not await redis.exists(session_key(oldest))
+    with pytest.raises(Unauthorized, match="invalid refresh token"):
+        await accounts.refresh(first["refresh_token"])
+    await eventually_refused(gateway, first["access_token"], "token revoked")
+    assert (await gateway.authenticate(latest["access_token"])).name == "Wren"
+    assert (await accounts.refresh(latest["refresh_token"]))["token_type"] == "bearer"
+    for _, refresh_token in others:
+        assert (await accounts.refresh(refresh_token))["token_type"] == "bearer"
+
+    for _ in range(20):  # a client logging in at every request
+        await accounts.sessions.open(user_id)
+    assert await redis.zcard(key) == 3
+    assert len(await redis.keys(session_key("*"))) == 3
+
+
+async def test_the_cap_ends_sessions_by_their_last_use(redis: aioredis.Redis) -> None:
+    sessions = Sessions(redis, refresh_ttl=3600, revoke_for=960, max_sessions=2)
+    (a, a_token), (b, b_token) = [await sessions.open("u1") for _ in range(2)]
+    _, _, a_token = await sessions.rotate(a_token)  # used after b was opened
+    c, c_token = await sessions.open("u1")
+    other, other_token = await sessions.open("u2")  # another user's count
+    with pytest.raises(Unauthorized, match="invalid refresh token"):
+        await sessions.rotate(b_token)
+    for sid, token in ((a, a_token), (c, c_token), (other, other_token)):
+        assert (await sessions.rotate(token))[0] == sid
+    revoked = await redis.zmscore(REVOKED, [f"sid:{s}" for s in (a, b, c, other)])
+    assert [score is not None for score in revoked] == [False, True, False, False]
+
+
+async def test_a_login_drops_the_expired_sessions_from_the_index(redis: aioredis.Redis) -> None:
+    """Their access tokens died before them (JWT_REFRESH_TTL is the longer): nothing of
+    them is left to revoke, and they count for nothing towards the cap."""
+    clock = Clock()
+    sessions = Sessions(redis, refresh_ttl=3600, revoke_for=960, max_sessions=2, clock=clock)
+    for _ in range(2):
+        await sessions.open("u1")
+    clock.offset = 3601
+    sid, _ = await sessions.open("u1")
+    assert await redis.zrange(user_sessions_key("u1"), 0, -1) == [sid.encode()]
+    assert await redis.zcard(REVOKED) == 0  # expired, not ended
+    assert await sessions.end_all("u1") == [sid]
 
 
 @pytest.mark.parametrize("operation", ["login", "logout", "revoke user"])
