@@ -90,9 +90,13 @@ class Accounts:
 
     # -- accounts --------------------------------------------------------------------
 
-    async def register(self, username: str, password: str) -> dict[str, Any]:
-        """A new user: {user_id, username, roles, created_at}."""
+    async def register(
+        self, username: str, password: str, address: str | None = None
+    ) -> dict[str, Any]:
+        """A new user: {user_id, username, roles, created_at}. The client `address` is
+        known as the user's from now on (`throttle`), as after a login from it."""
         user = await self.users.create(username, password)
+        await self.throttle.remember(user.username, address)
         return _registered(user)
 
     async def bootstrap_admin(self, username: str, password: str) -> bool:
@@ -181,12 +185,14 @@ class Accounts:
         log.info("login", extra={"fields": {"user_id": user.user_id, "session_id": sid}})
         return await self._tokens(user, sid, refresh_token)
 
-    async def refresh(self, refresh_token: str) -> dict[str, Any]:
-        """New tokens for a refresh token, which is used up; reuse revokes the session."""
+    async def refresh(self, refresh_token: str, address: str | None = None) -> dict[str, Any]:
+        """New tokens for a refresh token, which is used up; reuse revokes the session.
+        The client `address` of a valid one is known as the user's again (`throttle`)."""
         sid, user_id, new_refresh = await self.sessions.rotate(refresh_token)
         user = await self.users.get(user_id)
         if user is None:
             raise Unauthorized("invalid refresh token")
+        await self.throttle.remember(user.username, address)
         return await self._tokens(user, sid, new_refresh)
 
     async def logout(self, session_id: str) -> dict[str, Any]:

@@ -48,9 +48,10 @@ async def prepare(service: Service) -> None:
 
 
 @svc.method
-async def register(username: str, password: str) -> dict[str, Any]:
-    """Create a user: {user_id, username, roles, created_at} (bad_request, conflict)."""
-    return await ctx.accounts.register(username, password)
+async def register(username: str, password: str, address: str | None = None) -> dict[str, Any]:
+    """Create a user: {user_id, username, roles, created_at} (bad_request, conflict).
+    `address`, the client's as for `login`, is known as the user's (`throttle`)."""
+    return await ctx.accounts.register(username, password, address)
 
 
 @svc.method
@@ -65,9 +66,10 @@ async def login(username: str, password: str, address: str | None = None) -> dic
 
 
 @svc.method
-async def refresh(refresh_token: str) -> dict[str, Any]:
-    """New tokens for a refresh token (used up); a reused one revokes its session."""
-    return await ctx.accounts.refresh(refresh_token)
+async def refresh(refresh_token: str, address: str | None = None) -> dict[str, Any]:
+    """New tokens for a refresh token (used up); a reused one revokes its session.
+    `address`, the client's as for `login`, is known as the user's again (`throttle`)."""
+    return await ctx.accounts.refresh(refresh_token, address)
 
 
 @svc.method

@@ -1,5 +1,7 @@
 """Login throttling per username and client address: growing locks after failed
-logins, never a lockout, and no way for a stranger to lock an owner out.
+logins, never a lockout, and no way for a stranger to lock an owner out at an
+address the owner registered, logged in or refreshed a session from within the
+known period (at a new address the account-wide backstop may hold the owner too).
 
 ```
 sb:{auth}:login_failures:<username>@<address>  hash  failures, locked_until (epoch seconds)
@@ -7,7 +9,7 @@ sb:{auth}:login_pending:<username>@<address>   zset  attempts under way (id -> s
 sb:{auth}:login_failures:<username>@*          hash  the same, for the account (every address)
 sb:{auth}:login_pending:<username>@*           zset
 sb:{auth}:login_addresses:<username>           zset  addresses with failures -> when those expire
-sb:{auth}:login_known:<username>               zset  addresses logged in from -> when (last)
+sb:{auth}:login_known:<username>               zset  addresses the user came from -> when (last)
 sb:{auth}:login_failures:<username>            hash  logins that name no address (as before)
 sb:{auth}:login_pending:<username>             zset
 ```
@@ -31,12 +33,15 @@ one failure per lock. So a login is counted in two tiers:
 - **per username, every address** (`max_account_failures`,
   `AUTH_LOGIN_MAX_FAILURES_ACCOUNT`): the same rules and locks with a larger
   count, a backstop against guessing from many addresses, which no address's
-  count sees. Its lock does not apply at an address the user logged in from
+  count sees. Its lock does not apply at a known address: one the user
+  registered, logged in or refreshed a session from (each shows the owner there)
   within `known_for` (`AUTH_LOGIN_KNOWN_ADDRESS_DAYS`; the `KNOWN_ADDRESSES`
-  most recent are kept): the owner at a usual address gets in whatever strangers
-  do; strangers, and the owner at a new address, wait. Failures from a known
-  address count here too (they are guesses all the same), and a success does
-  not reset this count: it shows the owner is there, not that strangers stopped.
+  most recent are kept). So the owner at such an address gets in whatever
+  strangers do; strangers, and the owner at a new address, wait while strangers
+  keep the backstop locked (one failure per lock, from a few addresses). Failures
+  from a known address count here too (they are guesses all the same), and a
+  success does not reset this count: it shows the owner is there, not that
+  strangers stopped.
 
 An attempt is refused while a tier that applies to it is locked. It is admitted
 by the script that checks the locks, and held as under way in both tiers until
@@ -89,7 +94,7 @@ STALE_SECONDS = 30.0
 # How long an attempt over the number allowed under way waits for a place, polling.
 BUSY_WAIT = 2.0
 _BUSY_POLL = 0.05
-# The addresses a user logged in from that are remembered (the most recent): enough
+# The addresses a user came from that are remembered (the most recent): enough
 # for home, work, a phone's networks; few enough to keep the key small.
 KNOWN_ADDRESSES = 10
 # The account tier's address in key names (no address is keyed so).
@@ -202,7 +207,7 @@ def addresses_key(username: str) -> str:
 
 
 def known_key(username: str) -> str:
-    """The addresses `username` logged in from lately."""
+    """The addresses `username` registered, logged in or refreshed a session from lately."""
     return data_key("auth", "login_known", _name(username))
 
 
@@ -321,6 +326,19 @@ class LoginThrottle:
                 pipe.zrem(addresses_key(username), address)
                 if self.rules.known_for > 0:
                     self._remember(pipe, known_key(username), address)
+            await pipe.execute()
+
+    async def remember(self, username: str, address: str | None) -> None:
+        """Know the client `address` (as the gateway read it; None: none) as the user's
+        from now on, as a login from it would: for a registration or a valid refresh,
+        which show the owner there too. Without them an account never logged in, or
+        kept signed in by refreshes for `known_for`, has no known address, and
+        strangers could hold the account's lock against its owner everywhere."""
+        keyed = login_address(address)
+        if keyed is None or self.rules.known_for <= 0:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self._remember(pipe, known_key(username), keyed)
             await pipe.execute()
 
     def _remember(self, pipe: Pipeline, known: str, address: str) -> None:

@@ -299,6 +299,43 @@ async def test_the_account_lock_spares_only_the_owners_known_addresses(
     await refused(accounts, "Liam", address=OWNER)
 
 
+async def test_the_address_registered_from_is_known(redis: aioredis.Redis) -> None:
+    """An account never logged in has a known address all the same: strangers who
+    lock the account do not lock its owner out there."""
+    accounts = await throttled(redis, account=3, lock_base=1000.0, lock_max=1000.0)
+    await accounts.register("Rosa", PASSWORD, OWNER)
+    await accounts.register("Sam", PASSWORD)  # naming no address: none is known
+    for name in ("Rosa", "Sam"):
+        await fail(accounts, name, 3, STRANGER)  # locks the stranger's address and the account
+    assert await logged_in(accounts, "rosa", OWNER)
+    await refused(accounts, "Sam", address=OWNER)
+
+
+async def test_a_valid_refresh_keeps_its_address_known(redis: aioredis.Redis) -> None:
+    """A user kept signed in by refreshes longer than the known period: the addresses
+    it refreshed from stay known (a new one becomes known), not one whose refresh
+    token was refused, nor any for a refresh naming none."""
+    clock = Clock()
+    accounts = await throttled(
+        redis, account=3, lock_base=1000.0, lock_max=1000.0, known_for=100.0, clock=clock
+    )
+    await accounts.register("Tara", PASSWORD)
+    first = await accounts.login("Tara", PASSWORD, OWNER)
+    clock.offset += 60
+    session = await accounts.refresh(first["refresh_token"], OWNER)
+    session = await accounts.refresh(session["refresh_token"], OTHER)
+    await accounts.refresh(session["refresh_token"])
+    with pytest.raises(Unauthorized, match="reused"):
+        await accounts.refresh(first["refresh_token"], "192.0.2.99")
+    clock.offset += 60  # past the login's period, not the refreshes'
+    known = {a.decode() for a in await redis.zrange(known_key("Tara"), 0, -1)}
+    assert known == {OWNER, OTHER}
+    await fail(accounts, "Tara", 3, STRANGER)  # locks the account
+    assert await logged_in(accounts, "Tara", OWNER)
+    assert await logged_in(accounts, "Tara", OTHER)
+    await refused(accounts, "Tara", address="192.0.2.99")
+
+
 async def test_unknown_usernames_are_throttled_the_same_from_addresses(
     redis: aioredis.Redis,
 ) -> None:

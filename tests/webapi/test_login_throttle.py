@@ -2,7 +2,8 @@
 real auth worker (Redis DB 12): 429 with `Retry-After` and the JSON error body,
 the same answers for unknown usernames, the lock passing (polled, never timed),
 the admin's `DELETE /admin/login-failures/...`, and the client address the gateway
-passes on: a stranger's failures do not lock the owner out.
+passes on: a stranger's failures do not lock the owner out; a registration and a
+refresh make theirs known.
 
 The auth worker locks a username for 2 s after 3 failures from one address, 5
 from all (a lock runs from the start of the attempt that set it: 2 s leave room
@@ -21,6 +22,7 @@ import httpx
 import pytest
 import redis
 
+from microservices.auth.throttle import known_key
 from tests.helpers import ServiceProcess, db_url, issue_api_key, wait_for
 from tests.support.policy import set_document
 from tests.webapi.conftest import running_gateway
@@ -67,10 +69,12 @@ def login(base: str, username: str, password: str, client: str | None = None) ->
     return httpx.post(f"{base}/api/v1/auth/login", json=body, headers=headers, timeout=10)
 
 
-def registered(base: str) -> str:
+def registered(base: str, client: str | None = None) -> str:
+    """A new user's name; registered from `client` if given."""
     username = f"u{uuid.uuid4().hex[:10]}"
     body = {"username": username, "password": PASSWORD}
-    r = httpx.post(f"{base}/api/v1/auth/register", json=body, timeout=10)
+    headers = {"X-Forwarded-For": client} if client else {}
+    r = httpx.post(f"{base}/api/v1/auth/register", json=body, headers=headers, timeout=10)
     assert r.status_code == 201, r.text
     return username
 
@@ -131,3 +135,22 @@ def test_strangers_cannot_lock_the_owner_out_and_many_addresses_meet_the_backsto
         assert login(gateway, username, WRONG, OTHER).status_code == 401
     assert_throttled(login(gateway, username, PASSWORD, NEW))
     assert login(gateway, username, PASSWORD, OWNER).status_code == 200  # but not there
+
+
+def test_register_and_refresh_pass_the_client_address(gateway: str, redis_url: str) -> None:
+    """As with a login: the auth service knows the address as the user's, so the
+    account's lock spares it (tested through `Accounts`)."""
+    username = registered(gateway, OWNER)
+    with redis.Redis.from_url(db_url(redis_url, 12)) as client:
+
+        def known() -> set[str]:
+            return {a.decode() for a in client.zrange(known_key(username), 0, -1)}
+
+        assert known() == {OWNER}
+        r = login(gateway, username, PASSWORD, OWNER)
+        assert r.status_code == 200, r.text
+        body = {"refresh_token": r.json()["refresh_token"]}
+        url = f"{gateway}/api/v1/auth/refresh"
+        r = httpx.post(url, json=body, headers={"X-Forwarded-For": NEW}, timeout=10)
+        assert r.status_code == 200, r.text
+        assert known() == {OWNER, NEW}

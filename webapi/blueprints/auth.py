@@ -1,8 +1,9 @@
 """Accounts over the `auth` service: register, login, refresh, logout, who am I, API keys.
 
 Register, login and refresh are public (the refresh token is its own
-credential) and rate-limited per client IP by the default policy; a login
-passes that IP on to the auth service's throttle. Everything
+credential) and rate-limited per client IP by the default policy; they pass
+that IP on to the auth service's throttle (a login's failures are counted per
+address; the address of a registration or a refresh is known as the user's). Everything
 else acts for the authenticated caller: the gateway passes the caller's user
 id and session id from the verified credential, never from the body.
 """
@@ -37,9 +38,15 @@ def _user_session(request: GatewayRequest) -> Principal:
 
 @bp.post("/register", ctx_access=public("auth", "register"))
 async def register(request: GatewayRequest) -> HTTPResponse:
+    """A new user. The client's address goes with it, as with a login: the auth
+    service knows it as the user's, so the throttle's account-wide lock spares it."""
     body = json_object(request, empty_ok=False)
     result = await _auth(
-        request, "register", username=body.get("username"), password=body.get("password")
+        request,
+        "register",
+        username=body.get("username"),
+        password=body.get("password"),
+        address=request.app.ctx.gate.client_ip(request),
     )
     return json_response(result, status=201)
 
@@ -48,7 +55,8 @@ async def register(request: GatewayRequest) -> HTTPResponse:
 async def login(request: GatewayRequest) -> HTTPResponse:
     """Tokens for a username and password. The client's address (read as the rate
     limits read it) goes with them: the auth service counts failed logins per
-    username and address, so strangers elsewhere cannot lock the owner out."""
+    username and address, so strangers elsewhere do not lock the owner's address (the
+    account-wide backstop spares only the addresses known as the user's)."""
     body = json_object(request, empty_ok=False)
     result = await _auth(
         request,
@@ -62,9 +70,16 @@ async def login(request: GatewayRequest) -> HTTPResponse:
 
 @bp.post("/refresh", ctx_access=public("auth", "refresh"))
 async def refresh(request: GatewayRequest) -> HTTPResponse:
-    """A new access token and a new refresh token for a refresh token (used once)."""
+    """A new access token and a new refresh token for a refresh token (used once). The
+    client's address goes with it: a valid one keeps the address known as the user's."""
     body = json_object(request, empty_ok=False)
-    return json_response(await _auth(request, "refresh", refresh_token=body.get("refresh_token")))
+    result = await _auth(
+        request,
+        "refresh",
+        refresh_token=body.get("refresh_token"),
+        address=request.app.ctx.gate.client_ip(request),
+    )
+    return json_response(result)
 
 
 @bp.post("/logout", ctx_access=own("auth", "logout"))
