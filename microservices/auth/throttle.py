@@ -48,7 +48,9 @@ by the script that checks the locks, and held as under way in both tiers until
 its password is checked: at most as many attempts are under way at once as there
 are failures left before a tier's lock (at least one), so concurrent attempts
 (through any number of gateways and auth instances, from any number of addresses)
-cannot slip in more guesses than the rules allow. One over that waits
+cannot slip in more guesses than the rules allow. An attempt from a known address
+skips the account tier's check, as it skips its lock (its own address's bounds
+it); it is held as under way there all the same. One over that waits
 (`BUSY_WAIT`) for those under way to end, then is admitted or refused: so
 concurrent logins of the right password all get in, without counting as
 failures. The failure that brings a tier's count to its maximum locks it for
@@ -78,7 +80,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
@@ -239,6 +241,15 @@ class ThrottleRules:
         )
 
 
+class Tier(NamedTuple):
+    """One count a login attempt is throttled by."""
+
+    failures: str  # its failures hash's key
+    pending: str  # its attempts under way (zset) key
+    max_failures: int
+    known_escapes: bool  # whether its lock spares a known address
+
+
 @dataclass(frozen=True, slots=True)
 class Attempt:
     """An admitted login attempt: its id, the name, and the address as keyed (None:
@@ -279,13 +290,14 @@ class LoginThrottle:
         """
         attempt = Attempt(uuid.uuid4().hex, username, login_address(address))
         tiers = self._tiers(attempt)
-        keys = [known_key(username)] + [key for tier in tiers for key in tier[:2]]
-        known = attempt.address if self.rules.known_for > 0 else None
-        per_tier = [value for _, _, most, escapes in tiers for value in (most, int(escapes))]
+        keys = _keys(known_key(username), tiers)
+        # The address to look up among the known ones (none while none is kept).
+        lookup = attempt.address if self.rules.known_for > 0 else None
+        per_tier = [value for t in tiers for value in (t.max_failures, int(t.known_escapes))]
         waited_until = time.monotonic() + BUSY_WAIT
         while True:
             now = self.clock()
-            args: list[str | float] = [now, STALE_SECONDS, attempt.id, known or ""]
+            args: list[str | float] = [now, STALE_SECONDS, attempt.id, lookup or ""]
             args += [now - self.rules.known_for, *per_tier]
             refused = await self._admit(keys=keys, args=args)
             if refused is None:
@@ -308,9 +320,9 @@ class LoginThrottle:
         """The password was wrong: count a failure in every tier (which may lock it)."""
         rules = self.rules
         tiers = self._tiers(attempt)
-        keys = [addresses_key(attempt.username)] + [key for tier in tiers for key in tier[:2]]
+        keys = _keys(addresses_key(attempt.username), tiers)
         args: list[str | float] = [self.clock(), rules.lock_base, rules.lock_max, rules.window]
-        args += [attempt.id, attempt.address or "", *(most for _, _, most, _ in tiers)]
+        args += [attempt.id, attempt.address or "", *(t.max_failures for t in tiers)]
         await self._failed(keys=keys, args=args)
 
     async def succeeded(self, attempt: Attempt) -> None:
@@ -319,9 +331,9 @@ class LoginThrottle:
         username, address = attempt.username, attempt.address
         tiers = self._tiers(attempt)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(tiers[0][0])
-            for _, pending, _, _ in tiers:
-                pipe.zrem(pending, attempt.id)
+            pipe.delete(tiers[0].failures)
+            for tier in tiers:
+                pipe.zrem(tier.pending, attempt.id)
             if address is not None:
                 pipe.zrem(addresses_key(username), address)
                 if self.rules.known_for > 0:
@@ -352,8 +364,8 @@ class LoginThrottle:
         """The attempt ended before its password was found right or wrong: it counts
         for nothing (if this cannot be said, it stops counting after `STALE_SECONDS`)."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            for _, pending, _, _ in self._tiers(attempt):
-                pipe.zrem(pending, attempt.id)
+            for tier in self._tiers(attempt):
+                pipe.zrem(tier.pending, attempt.id)
             await pipe.execute()
 
     async def clear(self, username: str) -> bool:
@@ -373,15 +385,19 @@ class LoginThrottle:
             deleted = (await pipe.execute())[0]
         return bool(deleted)
 
-    def _tiers(self, attempt: Attempt) -> list[tuple[str, str, int, bool]]:
-        """The tiers `attempt` counts in, first its address's: failures key, pending
-        key, max failures, whether a known address escapes its lock."""
+    def _tiers(self, attempt: Attempt) -> list[Tier]:
+        """The tiers `attempt` counts in, first its address's."""
         username, address, rules = attempt.username, attempt.address, self.rules
         if address is None:
-            return [(failures_key(username), pending_key(username), rules.max_failures, False)]
+            return [Tier(failures_key(username), pending_key(username), rules.max_failures, False)]
         return [
-            (failures_key(username, address), pending_key(username, address),
-             rules.max_failures, False),
-            (failures_key(username, ACCOUNT), pending_key(username, ACCOUNT),
-             rules.max_account_failures, True),
+            Tier(failures_key(username, address), pending_key(username, address),
+                 rules.max_failures, False),
+            Tier(failures_key(username, ACCOUNT), pending_key(username, ACCOUNT),
+                 rules.max_account_failures, True),
         ]  # fmt: skip
+
+
+def _keys(first: str, tiers: list[Tier]) -> list[str]:
+    """A script's KEYS: `first`, then each tier's failures and pending keys."""
+    return [first] + [key for tier in tiers for key in (tier.failures, tier.pending)]
