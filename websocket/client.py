@@ -126,7 +126,7 @@ class ClientProtocol(asyncio.Protocol):
         if timer is not None:
             timer.cancel()
             sanic._callback_check_timeouts = None
-        sanic.connection_lost(None)  # type: ignore[no-untyped-call]
+        sanic.connection_lost(None)
         return conn, early
 
     # -- incoming -------------------------------------------------------------

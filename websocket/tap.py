@@ -9,11 +9,25 @@ its handshake response (from then until the take-over) without giving it to
 splice will relay. Past `TAP_LIMIT` held bytes the socket is paused until the
 take-over. When there is no splice, `untap` gives each library what it did
 not see, and it reads the socket again.
+
+What Sanic parses of a connection (every route's, a relay's once untapped) it
+handles in a task per read (`WebsocketImplProtocol.async_data_received`), and a
+complete message's task waits, holding the connection's event lock, until the
+handler reads that message. A handler that closes the connection without reading
+to its end (a relay refused with 1014 while the client sends, a relay or an
+envelope stream that ends while frames still come) would leave that task, and
+every later one of the connection, pending for good (with the protocol and the
+request), until a garbage collection destroyed them with an error ("Task was
+destroyed but it is pending!"). `TapServerProtocol` feeds Sanic itself, as Sanic's
+own `data_received` and `eof_received` do, keeps those tasks, and cancels the
+ones still pending once the connection is lost: no reader can come then (Sanic
+cancels the handler), and nothing they would do (send, wake a reader) still can.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from sanic import Request
@@ -37,11 +51,13 @@ class TapServerProtocol(WebSocketProtocol, LingeringHttpProtocol):
     nobody reads, gets its answer instead of a reset."""
 
     HTTP_CLASS = StrictHttp  # (`common.strict_http`)
-    __slots__ = ("tap",)
+    __slots__ = ("parsing", "tap")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tap: bytearray | None = None
+        # Sanic's tasks handling what it parsed, until done (the module docstring).
+        self.parsing: set[asyncio.Task[None]] = set()
 
     async def websocket_handshake(
         self, request: Request[Any, Any], subprotocols: Sequence[str] | None = None
@@ -51,13 +67,43 @@ class TapServerProtocol(WebSocketProtocol, LingeringHttpProtocol):
         return await super().websocket_handshake(request, subprotocols)
 
     def data_received(self, data: bytes) -> None:
-        tap = self.tap
-        if tap is None or self.websocket is None:  # before `websocket`: into `recv_buffer`
+        if self.websocket is None:  # before `websocket`: into `recv_buffer`
             super().data_received(data)  # type: ignore[no-untyped-call]
+            return
+        tap = self.tap
+        if tap is None:
+            self.to_sanic(self.websocket, data)
             return
         tap += data
         if len(tap) > TAP_LIMIT and self.transport is not None:
             self.transport.pause_reading()  # until the splice takes over
+
+    def to_sanic(self, ws: WebsocketImplProtocol, data: bytes) -> None:
+        """Sanic's `ws.data_received` (`ws`: this connection's), its task kept. Hot path."""
+        ws.ws_proto.receive_data(data)
+        to_send, events = ws.ws_proto.data_to_send(), ws.ws_proto.events_received()
+        if to_send or events:
+            self._keep(ws.async_data_received(to_send, events))  # type: ignore[no-untyped-call]
+
+    def eof_received(self) -> bool | None:
+        """Sanic's `WebsocketImplProtocol.eof_received`, its task kept."""
+        ws = self.websocket
+        if ws is None:
+            return super().eof_received()
+        ws.ws_proto.receive_eof()
+        to_send, events = ws.ws_proto.data_to_send(), ws.ws_proto.events_received()
+        self._keep(ws.async_eof_received(to_send, events))  # type: ignore[no-untyped-call]
+        return False
+
+    def _keep(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self.parsing.add(task)
+        task.add_done_callback(self.parsing.discard)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)  # type: ignore[no-untyped-call]
+        for task in self.parsing:
+            task.cancel()  # (its done callback discards it)
 
     def pause_writing(self) -> None:
         super().pause_writing()  # type: ignore[no-untyped-call]
@@ -83,7 +129,7 @@ class TapServerProtocol(WebSocketProtocol, LingeringHttpProtocol):
         """No splice: Sanic gets what was held, and everything after."""
         held = self.release()
         if held and self.websocket is not None and self.websocket.ws_proto.state is not CLOSED:
-            self.websocket.data_received(held)  # type: ignore[no-untyped-call]
+            self.to_sanic(self.websocket, held)
 
 
 class TapClientConnection(ClientConnection):

@@ -65,14 +65,17 @@ class WsServer:
         return connect(self.url(path), compression=None, **kwargs)
 
 
-def start_ws_server(redis_url: str, *, status: str = "ok", **env: str) -> WsServer:
+def start_ws_server(
+    redis_url: str, *, status: str = "ok", main: str = "websocket", **env: str
+) -> WsServer:
     """A websocket service with the test settings plus `env`, once its `/health` says
-    `status` ("degraded": up while Redis is down or refusing)."""
+    `status` ("degraded": up while Redis is down or refusing); `main`: the module run
+    (`tests.support.ws_tasks`: the service with a route listing its pending tasks)."""
     port = free_port()
     full_env = {"REDIS_URL": redis_url, "WEBSOCKET_PORT": str(port), "JWT_SECRET": SECRET,
                 "RPC_TIMEOUT": "1.5", "WS_AUTH_TIMEOUT": "1", "PROXY_CONNECT_TIMEOUT": "1",
                 "WS_MAX_MESSAGE_BYTES": str(64 * 1024), **env}  # fmt: skip
-    proc = ServiceProcess(["python", "-m", "websocket"], env=full_env, name="websocket").start()
+    proc = ServiceProcess(["python", "-m", main], env=full_env, name="websocket").start()
     server = WsServer(f"127.0.0.1:{port}", proc, redis_url)
     try:
         wait_for(lambda: not proc.alive() or server.health()["status"] == status, 30)
