@@ -22,6 +22,12 @@ the same on a channel with no subscriber here (one left as the message was on it
 way), the hub leaves it then. A subscribe while Redis is down raises (the session
 answers `service_unavailable`), and nothing of it is kept.
 
+A subscriber that leaves (`unsubscribe`; `drop`, a closed connection's every
+channel) is removed here first, at once: nothing is delivered to it after, whatever
+the Redis calls that follow do. Unsubscribing in Redis is best effort: should it
+fail, Redis being away or redis-py's connection broken, the reconnect leaves the
+channel (above).
+
 One subscriber never stops delivery to the others: a `deliver` that raises (a bug)
 is logged (`push delivery failed`, with the traceback) and dropped from its channel,
 and the rest of the fan-out goes on. Any other unexpected error of the reader is
@@ -33,10 +39,9 @@ started again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -66,6 +71,10 @@ class ChannelHub:
         self._pubsub = _HubPubSub(redis, self._subscribers)
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
+        self._leaving: set[asyncio.Task[None]] = set()  # `drop`'s unsubscribes in Redis
+        self._unsubscribing = Outage(
+            log, "push channel unsubscribe failed", "push channel unsubscribe back"
+        )
         self._closed = False
 
     def channels(self) -> list[str]:
@@ -83,24 +92,56 @@ class ChannelHub:
             subscribers.add(deliver)
 
     async def unsubscribe(self, channel: str, deliver: Deliver) -> None:
-        """Stop delivering `channel` to `deliver` (unsubscribing in Redis if it was the last)."""
-        async with self._lock:
-            subscribers = self._subscribers.get(channel)
-            if subscribers is None:
-                return
-            subscribers.discard(deliver)
-            if not subscribers:
-                del self._subscribers[channel]
-                await self._leave(channel)
+        """Stop delivering `channel` to `deliver`, at once; then, if it was the last,
+        unsubscribe in Redis (best effort: never raises, see `_unsubscribe_emptied`)."""
+        if self._forget(channel, deliver):
+            await self._unsubscribe_emptied([channel])
 
-    async def _leave(self, channel: str) -> None:
-        """Unsubscribe `channel` in Redis. When Redis is down, redis-py keeps it, and
-        the reconnect does not subscribe it again (`_HubPubSub.on_connect`)."""
-        with contextlib.suppress(*REDIS_DOWN_ERRORS):
-            await self._pubsub.unsubscribe(constants.push_channel(channel))
+    def drop(self, channels: Iterable[str], deliver: Deliver) -> None:
+        """Stop delivering `channels` to `deliver` (a closed connection's), at once and
+        whatever Redis does; those it was the last subscriber of are unsubscribed in
+        Redis by a task of the hub's (best effort, as `unsubscribe`)."""
+        emptied = [channel for channel in channels if self._forget(channel, deliver)]
+        if emptied and not self._closed:
+            task = asyncio.create_task(self._unsubscribe_emptied(emptied), name="push-hub-leave")
+            self._leaving.add(task)  # held: asyncio holds tasks weakly
+            task.add_done_callback(self._leaving.discard)
+
+    def _forget(self, channel: str, deliver: Deliver) -> bool:
+        """Remove `deliver` from `channel`'s subscribers; whether it was the last."""
+        subscribers = self._subscribers.get(channel)
+        if subscribers is None or deliver not in subscribers:
+            return False
+        subscribers.discard(deliver)
+        if subscribers:
+            return False
+        del self._subscribers[channel]
+        return True
+
+    async def _unsubscribe_emptied(self, channels: list[str]) -> None:
+        """Unsubscribe in Redis those of `channels` that still have no subscriber here
+        (one may have subscribed again meanwhile). When that fails, redis-py keeps them
+        and the reconnect does not subscribe them again (`_HubPubSub.on_connect`): any
+        failure is left to it. On a connection an outage broke redis-py raises more
+        than connection errors: an AttributeError from a half-closed one was seen, and
+        Redis refusing the reconnect's handshake raises its reply's error."""
+        async with self._lock:
+            names = [constants.push_channel(c) for c in channels if c not in self._subscribers]
+            if not names:
+                return
+            try:
+                await self._pubsub.unsubscribe(*names)
+            except REDIS_DOWN_ERRORS:
+                pass  # the reader says so (`push channel connection lost`)
+            except Exception as exc:  # said once (a warning) until an unsubscribe works
+                self._unsubscribing.failed(exc)
+            else:
+                self._unsubscribing.recovered()
 
     async def close(self) -> None:
         self._closed = True
+        for task in list(self._leaving):
+            await cancel_and_wait(task)
         await cancel_and_wait(self._reader)
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -138,9 +179,7 @@ class ChannelHub:
     async def _fan_out(self, channel: str, payload: bytes | str) -> None:
         subscribers = self._subscribers.get(channel)
         if not subscribers:  # left as this message was on its way
-            async with self._lock:
-                if channel not in self._subscribers:
-                    await self._leave(channel)
+            await self._unsubscribe_emptied([channel])
             return
         frame = encode(channel, payload)
         failed: list[Deliver] | None = None

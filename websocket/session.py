@@ -69,8 +69,6 @@ log = get_logger("websocket.session")
 
 BACKLOG_LIMIT = 32  # messages waiting behind a slow one past which the socket is not read
 Work = Coroutine[Any, Any, None]
-# Tasks that leave a closed session's channels: held here, as asyncio holds tasks weakly.
-_leaving: set[asyncio.Task[None]] = set()
 
 
 class Session:
@@ -346,15 +344,9 @@ class Session:
         self.backlog = None
         if self.refusals is not None:
             self.refusals.flush()
-        if self.channels:
-            task = asyncio.create_task(self._leave(list(self.channels)))
-            _leaving.add(task)
-            task.add_done_callback(_leaving.discard)
+        if self.channels:  # left here now; in Redis by the hub, after
+            self.ctx.hub.drop(self.channels, self.conn.send)
         self.channels = None
-
-    async def _leave(self, channels: list[str]) -> None:
-        for channel in channels:
-            await self.ctx.hub.unsubscribe(channel, self.conn.send)
 
 
 def _with_id(answer: dict[str, Any], id_: Any) -> str:
