@@ -106,13 +106,7 @@ async def test_channels_left_while_redis_was_away_are_not_subscribed_again(
             await hub.unsubscribe(channel, _ignore)
         server = EmbeddedRedis(port=server.port).start()
 
-        async def delivered() -> bool:  # then the reconnect has subscribed all it does
-            await admin.publish(constants.push_channel("kept"), "back")
-            with contextlib.suppress(TimeoutError):
-                return json.loads(await asyncio.wait_for(kept.get(), 1))["data"] == "back"
-            return False
-
-        await wait_for_async(delivered, timeout=15)
+        await _delivering_again(admin, kept)
         numsub = await admin.pubsub_numsub(*(constants.push_channel(c) for c in left))
         assert [count for _, count in numsub] == [0] * len(left)
         subscribed = await admin.pubsub_channels(constants.push_channel("*"))
@@ -162,13 +156,7 @@ async def test_a_closed_session_leaves_every_channel_even_when_redis_py_raises(
         server.stop()
         server = EmbeddedRedis(port=server.port).start()
 
-        async def delivered() -> bool:  # then the reconnect has subscribed all it does
-            await admin.publish(constants.push_channel("kept"), "back")
-            with contextlib.suppress(TimeoutError):
-                return json.loads(await asyncio.wait_for(kept.get(), 1))["data"] == "back"
-            return False
-
-        await wait_for_async(delivered, timeout=15)
+        await _delivering_again(admin, kept)
         numsub = await admin.pubsub_numsub(*(constants.push_channel(c) for c in channels))
         assert [count for _, count in numsub] == [0] * len(channels)
         for channel in [*channels, "kept"]:  # Redis delivers in order: "kept" comes last
@@ -205,3 +193,16 @@ def _logged(caplog: pytest.LogCaptureFixture, message: str) -> bool:
 
 def _not_json(constant: str) -> None:
     raise AssertionError(f"{constant} is not JSON")
+
+
+async def _delivering_again(admin: aioredis.Redis, kept: asyncio.Queue[str]) -> None:
+    """Until a message published on channel "kept" reaches the hub's subscriber `kept`
+    again: then the reconnect has subscribed all it does."""
+
+    async def delivered() -> bool:
+        await admin.publish(constants.push_channel("kept"), "back")
+        with contextlib.suppress(TimeoutError):
+            return json.loads(await asyncio.wait_for(kept.get(), 1))["data"] == "back"
+        return False
+
+    await wait_for_async(delivered, timeout=15)
