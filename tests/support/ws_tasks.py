@@ -17,10 +17,9 @@ from collections import Counter
 from sanic import HTTPResponse
 from sanic.response import json as json_response
 
-from common.sanic_main import serve
 from common.settings import Settings
+from websocket.__main__ import main
 from websocket.app import WsApp, WsRequest, create_app
-from websocket.protocol import BearerProtocol
 
 
 async def pending_tasks(request: WsRequest) -> HTTPResponse:
@@ -40,10 +39,4 @@ def create_probed_app(settings: Settings) -> WsApp:
 
 
 if __name__ == "__main__":
-    serve(
-        "websocket",
-        create_probed_app,
-        lambda settings: settings.websocket_port,
-        lambda settings: {"protocol": BearerProtocol},
-        port_setting="WEBSOCKET_PORT",
-    )
+    main(create_probed_app)
