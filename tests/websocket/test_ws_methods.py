@@ -13,6 +13,7 @@ import json
 import httpx
 import pytest
 
+from tests.support.methods import assert_head_answers_as_get
 from tests.support.raw_http import connect, read_answers
 from tests.websocket.conftest import WsServer
 
@@ -67,12 +68,7 @@ def test_an_unknown_path_is_a_404_whatever_the_credential(
 
 
 def test_head_health_is_answered_as_get_without_the_body(ws_server: WsServer) -> None:
-    get = httpx.get(f"http://{ws_server.address}/health", timeout=5)
-    head = httpx.head(f"http://{ws_server.address}/health", timeout=5)
-    assert (get.status_code, head.status_code) == (200, 200)
-    assert head.content == b""
-    assert head.headers["content-type"] == get.headers["content-type"]
-    assert int(head.headers["content-length"]) > 0
+    assert_head_answers_as_get(f"http://{ws_server.address}/health")
 
 
 def test_options_asterisk_is_a_405_whatever_the_credential(
