@@ -292,3 +292,24 @@ def forged_admin_jwt() -> str:
     claims = {"sub": "root", "roles": ["admin", "user"], "scope": "* admin",
               "exp": 4102444800, "iss": "switchboard", "aud": "switchboard"}  # fmt: skip
     return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
+
+
+# Forwarding fields a client may write to tell a backend where it came from or how it
+# arrived (`common.forwarding`): the gateway and the relay drop each, or replace it.
+SPOOFED_FORWARDING = [
+    ("Forwarded", "for=6.6.6.6;host=evil.example;proto=https"),
+    ("X-Real-IP", "6.6.6.6"),
+    ("X-Client-IP", "6.6.6.6"),
+    ("True-Client-IP", "6.6.6.6"),
+    ("X-Forwarded-Port", "443"),
+    ("X-Forwarded-Prefix", "/admin"),
+    ("X-Forwarded-Server", "evil.example"),
+    ("x-forwarded-ssl", "on"),
+    ("X-Forwarded-Proto", "https"),
+    ("X-Forwarded-Host", "evil.example"),
+    ("X-Forwarded-For", "6.6.6.6"),
+]
+# The names of those that are dropped (the others are set by the front door itself).
+DROPPED_FORWARDING = frozenset({"forwarded", "x-real-ip", "x-client-ip", "true-client-ip",
+                                "x-forwarded-port", "x-forwarded-prefix", "x-forwarded-server",
+                                "x-forwarded-ssl"})  # fmt: skip
