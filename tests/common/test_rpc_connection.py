@@ -139,15 +139,21 @@ async def test_raw_connection_times_out_a_read_and_recovers(redis_client: aiored
         # The dropped connection is replaced on the next write.
         assert await conn.execute([("PING",)]) == [b"PONG"]
         # A cancellation from outside stays a cancellation.
-        await conn.send([("BLPOP", key, 0)])
-        reader = asyncio.create_task(conn.read(1, timeout=60))
-        await asyncio.sleep(0.05)
-        reader.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await reader
+        await _cancel_a_blocked_read(conn, key)
         assert await conn.execute([("PING",)]) == [b"PONG"]
     finally:
         await conn.aclose()
+
+
+async def _cancel_a_blocked_read(conn: RawConnection, key: str) -> None:
+    """Cancel, from outside, a read of `conn` waiting on a BLPOP of `key`: it stays a
+    cancellation."""
+    await conn.send([("BLPOP", key, 0)])
+    reader = asyncio.create_task(conn.read(1, timeout=60))
+    await asyncio.sleep(0.05)  # (the read under way; the assertion holds either way)
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
 
 
 @contextlib.asynccontextmanager
@@ -179,12 +185,7 @@ async def test_raw_connection_notes_when_redis_failed_it(redis_client: aioredis.
         with pytest.raises(RedisClosedConnection):
             await reader
         assert conn.found_closed_at > -math.inf
-        await conn.send([("BLPOP", key, 0)])
-        reader = asyncio.create_task(conn.read(1, timeout=60))
-        await asyncio.sleep(0.05)
-        reader.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await reader
+        await _cancel_a_blocked_read(conn, key)
         assert conn.failed_at == -math.inf
         await conn.send([("BLPOP", key, 0)])
         with pytest.raises(RedisTimeoutError):
