@@ -250,6 +250,12 @@ class Session:
                     channels.discard(channel)  # not subscribed: a retry must subscribe
                     self._unavailable(f"push channels unavailable: {exc}", id_)
                     return
+                if self.channels is not channels:
+                    # Closed while subscribing, its cancellation swallowed on the way
+                    # (`common.aio`): `close` dropped the channels before this one was
+                    # the hub's, so it leaves it here.
+                    self.ctx.hub.drop([channel], self.conn.send)
+                    return
             self.send(_with_id({"type": "subscribed", "channel": channel}, id_))
         else:
             if channels is not None and channel in channels:
