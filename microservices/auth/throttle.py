@@ -88,8 +88,12 @@ from redis.asyncio.client import Pipeline
 from common.connection import as_text
 from common.constants import data_key
 from common.errors import TooManyAttempts
+from common.log import get_logger
+from common.redis_failures import REDIS_DOWN_OR_REFUSING, redis_failure_message
 from common.settings import Settings
 from microservices.auth.users import USERNAME
+
+log = get_logger(__name__)
 
 # An attempt under way longer than this (its worker died) no longer holds its place.
 STALE_SECONDS = 30.0
@@ -345,13 +349,22 @@ class LoginThrottle:
         from now on, as a login from it would: for a registration or a valid refresh,
         which show the owner there too. Without them an account never logged in, or
         kept signed in by refreshes for `known_for`, has no known address, and
-        strangers could hold the account's lock against its owner everywhere."""
+        strangers could hold the account's lock against its owner everywhere.
+
+        Best effort: it runs after the registration or the refresh took effect (the
+        user made, the refresh token used up), so a Redis failure here is logged, not
+        raised: the client must get the tokens, not a 503 whose retry finds its user
+        taken or its refresh token reused (which ends the session)."""
         keyed = login_address(address)
         if keyed is None or self.rules.known_for <= 0:
             return
-        async with self.redis.pipeline(transaction=True) as pipe:
-            self._remember(pipe, known_key(username), keyed)
-            await pipe.execute()
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                self._remember(pipe, known_key(username), keyed)
+                await pipe.execute()
+        except REDIS_DOWN_OR_REFUSING as exc:
+            log.warning("known address not recorded", extra={"fields": {
+                "error": redis_failure_message(exc)}})  # fmt: skip
 
     def _remember(self, pipe: Pipeline, known: str, address: str) -> None:
         now = self.clock()
