@@ -10,6 +10,8 @@ A background loop hands every failure to its `common.outage.Outage` and goes on;
 that ends anyway (a bug past its guard) must not do so silently: `background()`
 starts a loop with a callback that logs its death (one error line, with the traceback).
 
+`held()` keeps a task in its owner's set until it is done.
+
 Also here: `SingleFlight`, one run of a lookup shared by every caller that asks for
 it meanwhile, and `Backoff`, the delay between a loop's retries.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Callable, Coroutine, Hashable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from typing import Any, Generic, TypeVar
 
 from common.log import get_logger
@@ -55,6 +57,20 @@ def background(coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[No
     worker's do when it stops, or be cancelled: both are quiet)."""
     task = asyncio.create_task(coro, name=name)
     task.add_done_callback(_ended)
+    return task
+
+
+def held(
+    tasks: set[asyncio.Task[Any]], work: Awaitable[Any], *, name: str | None = None
+) -> asyncio.Task[Any]:
+    """`work` run as a task held in `tasks` until it is done (asyncio holds tasks only
+    weakly: one nobody holds may be collected mid-run); the owner cancels what `tasks`
+    still holds when it stops."""
+    task = asyncio.ensure_future(work)
+    if name is not None:
+        task.set_name(name)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
     return task
 
 

@@ -38,6 +38,7 @@ from typing import Protocol
 
 from sanic.server.websockets.impl import WebsocketImplProtocol
 
+from common.aio import held
 from common.credentials import Principal
 from common.log import get_logger
 from common.revocation import RevocationView
@@ -127,9 +128,7 @@ class Connections:
             self._unindex(ws)
             closing = self._close(ws, POLICY_VIOLATION, "credential revoked")
             if closing is not None:
-                task = asyncio.ensure_future(closing)
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+                held(self._closing, closing)
 
     def _unindex(self, ws: Hashable) -> None:
         for member in self._members.pop(ws, ()):

@@ -47,6 +47,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import CLOSED
 
+from common.aio import held
 from common.codec import parse_json
 from websocket.connections import GOING_AWAY, NORMAL_CLOSURE
 from websocket.errors import RefusalLog
@@ -159,10 +160,7 @@ async def close_upstream(upstream: ClientConnection, code: int, reason: str) -> 
     The closing runs on when the caller is cancelled: Sanic cancels the handler as soon
     as its client's connection is lost, often while the close handshake is under way.
     """
-    closing = asyncio.ensure_future(_close(upstream, code, reason))
-    _closing.add(closing)
-    closing.add_done_callback(_closing.discard)
-    await asyncio.shield(closing)
+    await asyncio.shield(held(_closing, _close(upstream, code, reason)))
 
 
 _closing: set[asyncio.Task[None]] = set()  # closes under way (the loop keeps weak references)

@@ -49,7 +49,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.connection import Connection
 
 from common import constants
-from common.aio import cancel_and_wait, cancelling
+from common.aio import cancel_and_wait, cancelling, held
 from common.codec import parse_json
 from common.connection import REDIS_DOWN_ERRORS, as_text
 from common.log import get_logger
@@ -103,9 +103,7 @@ class ChannelHub:
         Redis by a task of the hub's (best effort, as `unsubscribe`)."""
         emptied = [channel for channel in channels if self._forget(channel, deliver)]
         if emptied and not self._closed:
-            task = asyncio.create_task(self._unsubscribe_emptied(emptied), name="push-hub-leave")
-            self._leaving.add(task)  # held: asyncio holds tasks weakly
-            task.add_done_callback(self._leaving.discard)
+            held(self._leaving, self._unsubscribe_emptied(emptied), name="push-hub-leave")
 
     def _forget(self, channel: str, deliver: Deliver) -> bool:
         """Remove `deliver` from `channel`'s subscribers; whether it was the last."""

@@ -49,6 +49,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from common.aio import held
 from common.codec import parse_json
 from common.connection import REDIS_DOWN_ERRORS
 from common.credentials import Principal
@@ -280,9 +281,7 @@ class Session:
             what = "too many calls in flight"
             self._refuse_call(id_, jsonrpc.TOO_MANY_CALLS, what, answer=not notification)
             return
-        task = asyncio.create_task(self._call(id_, method, args, kwargs, notification))
-        self.calls.add(task)
-        task.add_done_callback(self.calls.discard)
+        held(self.calls, self._call(id_, method, args, kwargs, notification))
 
     async def _call(
         self, id_: jsonrpc.Id, method: str, args: list[Any], kwargs: dict[str, Any], quiet: bool

@@ -27,7 +27,7 @@ cancels the handler), and nothing they would do (send, wake a reader) still can.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from sanic import Request
@@ -36,6 +36,7 @@ from sanic.server.websockets.impl import WebsocketImplProtocol
 from websockets.asyncio.client import ClientConnection
 from websockets.protocol import CLOSED, CONNECTING
 
+from common.aio import held
 from common.lingering import LingeringHttpProtocol
 from common.strict_http import StrictHttp
 
@@ -83,7 +84,7 @@ class TapServerProtocol(WebSocketProtocol, LingeringHttpProtocol):
         ws.ws_proto.receive_data(data)
         to_send, events = ws.ws_proto.data_to_send(), ws.ws_proto.events_received()
         if to_send or events:
-            self._keep(ws.async_data_received(to_send, events))  # type: ignore[no-untyped-call]
+            held(self.parsing, ws.async_data_received(to_send, events))  # type: ignore[no-untyped-call]
 
     def eof_received(self) -> bool | None:
         """Sanic's `WebsocketImplProtocol.eof_received`, its task kept."""
@@ -92,13 +93,8 @@ class TapServerProtocol(WebSocketProtocol, LingeringHttpProtocol):
             return super().eof_received()
         ws.ws_proto.receive_eof()
         to_send, events = ws.ws_proto.data_to_send(), ws.ws_proto.events_received()
-        self._keep(ws.async_eof_received(to_send, events))  # type: ignore[no-untyped-call]
+        held(self.parsing, ws.async_eof_received(to_send, events))  # type: ignore[no-untyped-call]
         return False
-
-    def _keep(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self.parsing.add(task)
-        task.add_done_callback(self.parsing.discard)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)  # type: ignore[no-untyped-call]
