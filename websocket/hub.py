@@ -94,7 +94,7 @@ class ChannelHub:
     async def unsubscribe(self, channel: str, deliver: Deliver) -> None:
         """Stop delivering `channel` to `deliver`, at once; then, if it was the last,
         unsubscribe in Redis (best effort: never raises, see `_unsubscribe_emptied`)."""
-        if self._forget(channel, deliver):
+        if self._forget(channel, deliver) and not self._closed:
             await self._unsubscribe_emptied([channel])
 
     def drop(self, channels: Iterable[str], deliver: Deliver) -> None:
@@ -157,7 +157,6 @@ class ChannelHub:
         self._start_reader()
 
     async def _read(self) -> None:
-        prefix = len(constants.push_channel(""))
         outage = Outage(log, "push channel connection lost", "push channel connection back")
         broken = Outage(log, "push channel reader failed", "push channel reader back")
         while not cancelling():
@@ -165,7 +164,7 @@ class ChannelHub:
                 message = await self._pubsub.get_message(timeout=1.0)
                 outage.recovered()
                 if message is not None and message.get("type") == "message":
-                    await self._fan_out(as_text(message["channel"])[prefix:], message["data"])
+                    await self._fan_out(_local(message["channel"]), message["data"])
                 broken.recovered()
             except REDIS_DOWN_ERRORS as exc:
                 outage.failed(exc)
@@ -204,11 +203,10 @@ class _HubPubSub(PubSub):
         # connection that dropped never brings it: the channels the hub left meanwhile
         # are still here. A new connection has no subscription: forgetting them is
         # leaving them (and a late reply to their UNSUBSCRIBE finds nothing to remove).
-        prefix = len(constants.push_channel(""))
         self.channels = {
             name: handler
             for name, handler in self.channels.items()
-            if as_text(name)[prefix:] in self._subscribed
+            if _local(name) in self._subscribed
         }
         await super().on_connect(connection)
 
@@ -222,3 +220,11 @@ def encode(channel: str, payload: bytes | str) -> str:
     except ValueError:
         data = text
     return json.dumps({"type": "message", "channel": channel, "data": data})
+
+
+_PREFIX = len(constants.push_channel(""))
+
+
+def _local(name: bytes | str) -> str:
+    """The hub's name of a Redis push channel (`constants.push_channel`'s inverse)."""
+    return as_text(name)[_PREFIX:]
