@@ -58,7 +58,7 @@ from common.connection import as_text
 from common.constants import data_key
 from common.errors import Conflict, Unauthorized
 from common.log import get_logger
-from common.revocation import CHANNEL, REVOKED, queue_revocations, revoke
+from common.revocation import CHANNEL, REVOKED, member, queue_revocations, revoke
 
 log = get_logger(__name__)
 
@@ -79,33 +79,34 @@ DEFAULT_MAX_SESSIONS = 50
 # least recently used live sessions beyond the cap, as a logout does (revoked
 # zset KEYS[3]). Nothing is written while the index is still a set from before
 # the zset ('upgrade'). Returns {'ok', ended session ids...}.
-# ARGV: user id, refresh hash, seal (hex), created_at, expires_at, the session's
-#       expiry (unix seconds), sid, now, pruned up to (score), the index's expiry,
-#       max sessions, session key prefix, revoked until, channel.
+# ARGV: user id, refresh hash, seal (hex), created_at (now), expires_at, the
+#       session's expiry (unix seconds), sid, pruned up to (score), the index's
+#       expiry, max sessions, session key prefix, revoked until, channel, the
+#       revocation member's prefix (`common.revocation.member`).
 # An ended session's keys are named here from the prefix, not passed: they are
 # known only once the index is read, and share the `{auth}` tag (one Cluster slot).
 _OPEN = """
 if redis.call('TYPE', KEYS[2])['ok'] == 'set' then return {'upgrade'} end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[9])
-local live = '(' .. ARGV[8]
-local over = redis.call('ZCOUNT', KEYS[2], live, '+inf') - tonumber(ARGV[11]) + 1
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[8])
+local live = '(' .. ARGV[4]
+local over = redis.call('ZCOUNT', KEYS[2], live, '+inf') - tonumber(ARGV[10]) + 1
 local reply = {'ok'}
 if over > 0 then
   local ended = redis.call('ZRANGEBYSCORE', KEYS[2], live, '+inf', 'LIMIT', 0, over)
   for _, sid in ipairs(ended) do
-    redis.call('DEL', ARGV[12] .. sid, ARGV[12] .. sid .. ':used')
+    redis.call('DEL', ARGV[11] .. sid, ARGV[11] .. sid .. ':used')
     redis.call('ZREM', KEYS[2], sid)
-    redis.call('ZADD', KEYS[3], 'GT', ARGV[13], 'sid:' .. sid)
-    redis.call('PUBLISH', ARGV[14], 'sid:' .. sid)
+    redis.call('ZADD', KEYS[3], 'GT', ARGV[12], ARGV[14] .. sid)
+    redis.call('PUBLISH', ARGV[13], ARGV[14] .. sid)
     reply[#reply + 1] = sid
   end
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[8])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[4])
 end
 redis.call('HSET', KEYS[1], 'user_id', ARGV[1], 'refresh', ARGV[2], 'seal', ARGV[3],
            'created_at', ARGV[4], 'expires_at', ARGV[5])
 redis.call('EXPIREAT', KEYS[1], ARGV[6])
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[7])
-redis.call('EXPIREAT', KEYS[2], ARGV[10])
+redis.call('EXPIREAT', KEYS[2], ARGV[9])
 return reply
 """
 
@@ -235,9 +236,9 @@ class Sessions:
         expires_at = now + self.refresh_ttl
         keys = [session_key(sid), user_sessions_key(user_id), REVOKED]
         args = [user_id, _hash(secret), seal.hex(), repr(now), repr(expires_at)]
-        args += [str(int(expires_at) + 1), sid, repr(now), repr(now - self.linger)]
+        args += [str(int(expires_at) + 1), sid, repr(now - self.linger)]
         args += [str(int(expires_at + self.linger) + 1), str(self.max_sessions)]
-        args += [session_key(""), repr(now + self.revoke_for), CHANNEL]
+        args += [session_key(""), repr(now + self.revoke_for), CHANNEL, _revoked_sid("")]
         reply = await self._open(keys=keys, args=args)
         if as_text(reply[0]) == "upgrade":
             await self._upgrade(user_id)
@@ -269,7 +270,7 @@ class Sessions:
         now = self.clock()
         keys = [session_key(sid), used_key(sid), user_sessions_key(as_text(user_id)), REVOKED]
         args = [_hash(secret), _hash(new_secret), repr(now), repr(now + self.refresh_ttl)]
-        args += [repr(now + self.revoke_for), f"sid:{sid}", CHANNEL, sid]
+        args += [repr(now + self.revoke_for), _revoked_sid(sid), CHANNEL, sid]
         args += ["1" if sealed else "0", seal.hex()]
         args += [str(int(now + self.refresh_ttl + self.linger) + 1)]
         status, _ = await self._rotate(keys=keys, args=args)
@@ -303,7 +304,7 @@ class Sessions:
                 if user_id is None or not _wrong_type(exc):
                     raise
                 await self._upgrade(user_id)  # leaves out the session just deleted
-        await revoke(self.redis, f"sid:{sid}", self.clock() + self.revoke_for)
+        await revoke(self.redis, _revoked_sid(sid), self.clock() + self.revoke_for)
 
     async def end_all(self, user_id: str) -> list[str]:
         """End every session of a user that may still have valid tokens; their ids.
@@ -328,7 +329,7 @@ class Sessions:
                 pipe.delete(session_key(sid), used_key(sid))
             # The ids read, not the key: a session opened meanwhile stays indexed.
             pipe.zrem(key, *sids)
-            members = [f"sid:{sid}" for sid in sids]
+            members = [_revoked_sid(sid) for sid in sids]
             queue_revocations(pipe, members, now + self.revoke_for)
             await pipe.execute()
         return sids
@@ -364,3 +365,8 @@ class Sessions:
             log.info("session index upgraded to a zset", extra={"fields": fields})
             return
         raise Conflict("the user's sessions changed during their upgrade: try again")
+
+
+def _revoked_sid(sid: str) -> str:
+    """The revocation member of session `sid` (its access tokens' `sid` claim)."""
+    return member("sid", sid)
