@@ -82,7 +82,12 @@ class RpcClient(ClientIO):
         settings = settings or get_settings()
         self._own_redis = redis is None
         self.redis = (
-            redis if redis is not None else connect(redis_url or settings.require_redis_url())
+            redis
+            if redis is not None
+            else connect(
+                redis_url or settings.require_redis_url(),
+                idle_timeout=settings.redis_pool_idle_timeout,
+            )
         )
         self.default_timeout = settings.rpc_timeout if timeout is None else timeout
         _check_seconds("timeout", self.default_timeout)

@@ -5,7 +5,8 @@ blocking twin, for the rare thread that must not depend on the event loop): AUTH
 and TLS come from the URL (`redis://user:pass@host`, `rediss://`;
 `unix:///path.sock` works too), commands are retried with jittered backoff across
 short blips, and dead connections are detected by keepalive and periodic health
-checks instead of hanging a caller.
+checks instead of hanging a caller. The pool shrinks again after a burst: connections
+idle for `idle_timeout` are closed (`common.redis_pool`).
 `RawConnection` is the hot paths' bare connection, built from such a client's
 own settings.
 """
@@ -30,6 +31,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as SyncRetry
+
+from common.redis_pool import TrimmedPool
 
 # How often a `RawConnection` checks whether the read in progress is overdue.
 _WATCH_EVERY = 0.25
@@ -59,6 +62,12 @@ class WriteRefused(Exception):
         self.__cause__ = error
 
 
+# How long a pooled connection stays open unused (REDIS_POOL_IDLE_TIMEOUT's default),
+# and how many idle ones a pool keeps however long they wait: the first command after
+# a quiet spell does not pay for a new connection (a TLS handshake, with rediss://).
+IDLE_TIMEOUT = 60.0
+MIN_IDLE = 1
+
 # Errors that mean "Redis is not reachable right now" as opposed to "Redis said no".
 REDIS_DOWN_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 # The same, plus an `asyncio.timeout()` around a Redis call expiring.
@@ -75,14 +84,20 @@ def connect(
     max_connections: int = 64,
     socket_timeout: float | None = 10.0,
     pool_timeout: float = 10.0,
+    idle_timeout: float = IDLE_TIMEOUT,
+    min_idle: int = MIN_IDLE,
 ) -> aioredis.Redis:
     """An asyncio Redis client for `url` (bytes in, bytes out).
 
     The pool blocks (up to `pool_timeout`) when all `max_connections` are busy
     instead of failing, so a burst of concurrent calls queues for a connection.
+    A connection unused for `idle_timeout` seconds is closed (0: never), but for the
+    `min_idle` most recently used: a burst's connections do not stay open for good.
     """
-    pool = aioredis.BlockingConnectionPool.from_url(
+    pool = TrimmedPool.from_url(
         url,
+        idle_timeout=idle_timeout,
+        min_idle=min_idle,
         max_connections=max_connections,
         timeout=pool_timeout,
         retry=Retry(_backoff(), retries=2),

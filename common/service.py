@@ -187,7 +187,9 @@ class Service:
         """Serve calls until `request_stop()`; then shut down gracefully."""
         self._stop = asyncio.Event()
         url = redis_url or self.settings.require_redis_url()
-        self._redis = connect(url, name=self.instance_id)
+        self._redis = connect(
+            url, name=self.instance_id, idle_timeout=self.settings.redis_pool_idle_timeout
+        )
         lease: LeaseKeeper | None = None
         registry = Registry(self._redis, self.settings.heartbeat_ttl)
         record = InstanceRecord(self.name, self.instance_id, kind="rpc", version=self.version)

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 from redis.connection import parse_url
 
 from common.clientip import parse_networks
+from common.connection import IDLE_TIMEOUT
 from common.errors import ConfigError
 from common.protocol import MAX_TASK_ATTEMPTS
 from common.tokens import check_secret
@@ -115,6 +116,15 @@ class Settings:
     # Redis. Unset means "no Redis configured": `make run` and the test fixtures
     # then start an embedded one and export its URL to every process they start.
     redis_url: str | None = field(default=None, metadata=_env("REDIS_URL"))
+    # A process's pooled Redis connection unused this long is closed (all but the one
+    # used last), so a burst's connections do not stay open for good (common.redis_pool).
+    redis_pool_idle_timeout: float = field(
+        default=IDLE_TIMEOUT,
+        metadata=_env(
+            "REDIS_POOL_IDLE_TIMEOUT",
+            Bounds(0, _DAY, zero="never close an idle connection", unit="seconds"),
+        ),
+    )
 
     # Network. Loopback by default so a laptop exposes nothing; images set 0.0.0.0.
     bind_host: str = field(default="127.0.0.1", metadata=_env("BIND_HOST"))

@@ -78,7 +78,11 @@ def create_app(settings: Settings | None = None, name: str = "webapi") -> Gatewa
 
 async def _open_resources(app: GatewayApp) -> None:
     ctx = app.ctx
-    ctx.redis = connect(ctx.settings.require_redis_url(), name="webapi")
+    ctx.redis = connect(
+        ctx.settings.require_redis_url(),
+        name="webapi",
+        idle_timeout=ctx.settings.redis_pool_idle_timeout,
+    )
     ctx.registry = Registry(ctx.redis, ctx.settings.heartbeat_ttl)
     ctx.rpc = RpcClient(redis=ctx.redis, settings=ctx.settings)
     await ctx.rpc.start()

@@ -140,7 +140,11 @@ def create_app(settings: Settings | None = None, name: str = "websocket") -> WsA
 
 async def _open(app: WsApp) -> None:
     ctx, settings = app.ctx, app.ctx.settings
-    ctx.redis = connect(settings.require_redis_url(), name="websocket")
+    ctx.redis = connect(
+        settings.require_redis_url(),
+        name="websocket",
+        idle_timeout=settings.redis_pool_idle_timeout,
+    )
     ctx.rpc = RpcClient(redis=ctx.redis, settings=settings)
     await ctx.rpc.start()
     ctx.view = RegistryView(ctx.redis, recovery_grace=settings.heartbeat_ttl)

@@ -107,9 +107,11 @@ def test_every_number_declares_its_bounds() -> None:
         assert isinstance(f.metadata.get("bounds"), Bounds), f.metadata["env"]
     # 0 where it means something (none, no bound, no caching, never stale).
     s = Settings.from_env({"RPC_MAX_BACKLOG": "0", "PROXY_TOTAL_TIMEOUT": "0",
-                           "API_KEY_CACHE_TTL": "0", "API_KEY_STALE_IF_ERROR": "0"})  # fmt: skip
+                           "API_KEY_CACHE_TTL": "0", "API_KEY_STALE_IF_ERROR": "0",
+                           "REDIS_POOL_IDLE_TIMEOUT": "0"})  # fmt: skip
     assert (s.rpc_max_backlog, s.proxy_total_timeout, s.api_key_cache_ttl,
             s.api_key_stale_if_error) == (0, 0.0, 0.0, 0.0)  # fmt: skip
+    assert s.redis_pool_idle_timeout == 0.0
 
 
 @pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "NaN", "1e999"])
@@ -143,6 +145,7 @@ COUNTS = ("RPC_CONCURRENCY", "RPC_THREAD_POOL", "TASK_ATTEMPTS", "DEAD_LETTER_CA
         {"RPC_MAX_PAYLOAD_BYTES": str(512 * 1024**2 + 1)},  # over Redis's own default limit
         {"API_KEY_CACHE_TTL": "-1"},
         {"API_KEY_STALE_IF_ERROR": "-1"},
+        {"REDIS_POOL_IDLE_TIMEOUT": "-1"},
         {"HEARTBEAT_INTERVAL": "0.001"},  # a busy loop on Redis all the same
         {"HEARTBEAT_TTL": "1e300"},
         {"RPC_TIMEOUT": "1e300"},
