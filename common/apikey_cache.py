@@ -26,6 +26,15 @@ records answer without another for `STALE_RETRY_INTERVAL`: a read of a Redis out
 reach costs a connection attempt or a timeout, which every request of the key
 waited for (150-160 ms at the median through the gateway with Redis stopped, 20-24 ms
 without those reads).
+
+The cache is bounded (`size` records): a record is kept in order of its last read,
+and the one read longest ago makes room. A record in use is read again at least once
+a TTL (above), so the keys in use are the ones kept. A key id with no record is
+remembered too (a retry of it within the TTL reads nothing), but apart, in a map a
+tenth the size that only such ids share: a stream of made-up ids (`sbk_<random
+id>_<secret>`, well-formed, no such key) pushes out other made-up ids, never a real
+key's record. When one map held both, 10,000 made-up ids (under a second) pushed
+every real key out, and a steady stream of them made every real request read Redis.
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ log = get_logger(__name__)
 REFRESH_AHEAD = 0.8
 # After a key record's read failed, stale records answer without a read for this long.
 STALE_RETRY_INTERVAL = 1.0
+# Key ids with no record are remembered in a map this share of `size` (module docstring).
+UNKNOWN_SHARE = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +93,15 @@ class ApiKeyCache:
         self.stale_if_error = stale_if_error
         self.size = size
         self.clock = clock
-        self._records: dict[str, _KeyEntry] = {}  # key id -> its record, as read at
+        # Key id -> its record, as read at; in order of that read (module docstring).
+        self._records: dict[str, _KeyEntry] = {}
+        # Key id -> an entry saying no such key: apart, so made-up ids push out only
+        # each other (module docstring).
+        self._unknown: dict[str, _KeyEntry] = {}
+        self.unknown_size = max(1, int(size * UNKNOWN_SHARE))
         # Whole API key text -> the cache entry whose secret it matched: a hot request
         # then skips parsing and hashing (valid while that entry is the current one).
+        # Only texts that matched a record get in, so made-up keys cannot crowd it either.
         self._matched: dict[str, _KeyEntry] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}  # key id -> its read ahead
         self._read_failed_at = -math.inf  # (self.clock) when a key record's read last failed
@@ -116,7 +133,7 @@ class ApiKeyCache:
         key_id, secret = parsed
         if self.revocations.is_revoked(f"key:{key_id}"):
             raise Unauthorized("API key revoked")
-        entry = self._records.get(key_id)
+        entry = self._records.get(key_id) or self._unknown.get(key_id)
         if entry is None or not self._fresh(entry, now):
             entry = await self._fetch(key_id, entry, now)
         principal = self._check_key(entry, secret, now)
@@ -177,10 +194,9 @@ class ApiKeyCache:
             self._refreshing.pop(key_id, None)
 
     def _remember(self, text: str, entry: _KeyEntry) -> None:
-        """`text` matched `entry`'s secret (bounded: cleared when full)."""
-        if len(self._matched) >= self.size:
-            self._matched.clear()
-        self._matched[text] = entry
+        """`text` matched `entry`'s secret: bounded like the records, the text matched
+        longest ago making room (a text in use matches again after each read)."""
+        _put(self._matched, text, entry, self.size)
 
     def _check_key(self, entry: _KeyEntry, secret: str, now: float) -> Principal:
         record = entry.record
@@ -244,9 +260,12 @@ class ApiKeyCache:
                 expires_at=record.expires_at,
             )
         entry = _KeyEntry(record, principal, now)
-        if len(self._records) >= self.size:
-            del self._records[next(iter(self._records))]
-        self._records[key_id] = entry
+        if record is None:
+            self._records.pop(key_id, None)
+            _put(self._unknown, key_id, entry, self.unknown_size)
+        else:
+            self._unknown.pop(key_id, None)
+            _put(self._records, key_id, entry, self.size)
         return entry
 
     def _revoked(self, revoked: str) -> None:
@@ -254,9 +273,17 @@ class ApiKeyCache:
         kind, _, ident = revoked.partition(":")
         if kind == "key":
             self._records.pop(ident, None)
+            self._unknown.pop(ident, None)
         elif kind == "user":
             for key_id in [k for k, e in self._records.items() if _owner(e) == ident]:
                 del self._records[key_id]
+
+
+def _put(cache: dict[str, _KeyEntry], key: str, entry: _KeyEntry, size: int) -> None:
+    """`cache[key] = entry`, moved to the end (the newest); the oldest makes room when full."""
+    if cache.pop(key, None) is None and len(cache) >= size:
+        del cache[next(iter(cache))]
+    cache[key] = entry
 
 
 def _owner(entry: _KeyEntry) -> str | None:

@@ -198,6 +198,81 @@ async def test_a_key_record_in_use_is_read_again_before_it_lapses(
         await auth.close()
 
 
+def _counted_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The key ids whose record is read from Redis from now on, in order."""
+    reads: list[str] = []
+    real_read = apikeys.read
+
+    async def counting_read(redis: aioredis.Redis, key_id: str) -> apikeys.ApiKeyRecord | None:
+        reads.append(key_id)
+        return await real_read(redis, key_id)
+
+    monkeypatch.setattr(apikeys, "read", counting_read)
+    return reads
+
+
+async def test_made_up_key_ids_never_push_a_real_keys_record_out(
+    redis: aioredis.Redis, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Well-formed keys with no record are remembered apart, in a smaller map: past the
+    cache's size of them, a real key's record is still cached (no Redis read)."""
+    auth = Authenticator(
+        redis, configured_secret=SECRET, api_key_cache_ttl=3600, cache_size=50, clock=clock
+    )
+    await auth.start()
+    try:
+        text, record = await stored_key(redis)
+        principal = await auth.authenticate(text)
+        reads = _counted_reads(monkeypatch)
+        made_up = [apikeys.new_key(OWNER, "never stored", ["iptv"])[0] for _ in range(60)]
+        for fake in made_up:
+            assert await rejected(auth, fake) == "unknown API key"
+        assert len(reads) == 60
+        assert auth.authenticate_sync_cached(text) == principal  # the gateway's fast path
+        assert await auth.authenticate(text) == principal
+        assert record.key_id not in reads
+        # The latest made-up ids are still remembered: their retry reads nothing ...
+        reads.clear()
+        assert await rejected(auth, made_up[-1]) == "unknown API key"
+        assert reads == []
+        # ... and the oldest made way for them (the map of unknown ids is bounded).
+        assert await rejected(auth, made_up[0]) == "unknown API key"
+        assert len(reads) == 1
+    finally:
+        await auth.close()
+
+
+async def test_the_records_kept_are_the_ones_read_last(
+    redis: aioredis.Redis, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full cache drops the record read longest ago, not the one first stored: a key
+    in use is read again each TTL (the read-ahead), so it outlives keys read once."""
+    auth = Authenticator(
+        redis, configured_secret=SECRET, api_key_cache_ttl=10, cache_size=3, clock=clock
+    )
+    await auth.start()
+    try:
+        (hot, hot_record), (idle, idle_record) = await stored_key(redis), await stored_key(redis)
+        await auth.authenticate(hot)
+        await auth.authenticate(idle)
+        assert auth.authenticate_sync_cached(hot) is not None  # (now in the sync memo)
+        reads = _counted_reads(monkeypatch)
+        clock.offset = 9  # the hot key's use now reads its record again, in the background
+        assert auth.authenticate_sync_cached(hot) is not None
+        await wait_for_async(lambda: reads == [hot_record.key_id], timeout=5)
+        await wait_for_async(lambda: not auth.api_keys.reading_ahead, timeout=5)
+        for _ in range(2):  # two more keys: one record must make room
+            await auth.authenticate((await stored_key(redis))[0])
+        reads.clear()
+        assert auth.authenticate_sync_cached(hot) is not None
+        await auth.authenticate(hot)
+        assert reads == []
+        await auth.authenticate(idle)
+        assert reads == [idle_record.key_id]
+    finally:
+        await auth.close()
+
+
 def _fields(record: apikeys.ApiKeyRecord) -> dict[str, Any]:
     return {name: getattr(record, name) for name in record.__dataclass_fields__}
 
