@@ -8,7 +8,7 @@ parse (`BadRequest` is `bad_request`, `PayloadTooLarge` is `payload_too_large`).
 Every refusal (a 4xx) is logged once, by the process that refused it (design §10):
 `log_refusal`, its message cut to `MAX_LOGGED_MESSAGE` characters (messages quote a
 client's input shortened already, `common.errors.quoted`: this bounds a line whatever
-a message holds).
+a message holds); the gateway's within a budget per client address (`webapi.errors`).
 """
 
 from __future__ import annotations
@@ -59,12 +59,15 @@ def error_message(exception: BaseException, code: str) -> str:
 
 
 def log_refusal(log: logging.Logger, method: str, path: str, status: int, code: str,
-                message: str) -> None:  # fmt: skip
+                message: str, client: str | None = None) -> None:  # fmt: skip
     """Log one refused request, at info: what was wrong, never what was sent (no body,
     no credential, no query string), so a refusal's log line carries no secret. The
-    message and the path are cut (`MAX_LOGGED_MESSAGE`): a line's size is bounded."""
+    message and the path are cut (`MAX_LOGGED_MESSAGE`): a line's size is bounded.
+    `client`: the client's address, when the caller bounds such lines by it."""
     fields = {"method": method, "path": shortened(path, MAX_LOGGED_MESSAGE), "status": status,
               "code": code, "message": shortened(message, MAX_LOGGED_MESSAGE)}  # fmt: skip
+    if client is not None:
+        fields["client"] = client
     log.info("request refused", extra={"fields": fields})
 
 

@@ -37,7 +37,7 @@ from common.strict_http import StrictRequest
 from webapi.access import Gatekeeper, rate_limit_headers
 from webapi.blueprints import api
 from webapi.context import GatewayApp, GatewayContext, GatewayRequest
-from webapi.errors import JsonErrorHandler
+from webapi.errors import REFUSALS, JsonErrorHandler
 from webapi.proxy.forward import Proxy
 from webapi.proxy.health import ActiveChecker
 from webapi.proxy.upstream import UpstreamPool
@@ -121,6 +121,7 @@ async def _open_resources(app: GatewayApp) -> None:
         ctx.policy,
         parse_networks(settings.trusted_proxies),
     )
+    REFUSALS.limit = settings.log_refusals_per_client
     checker = ActiveChecker(ctx.view, ctx.proxy.book)
     ctx.extra["checker"] = checker
     ctx.extra["tasks"] = [
@@ -140,6 +141,7 @@ async def _close_resources(app: GatewayApp) -> None:
     await app.ctx.view.close()
     await app.ctx.rpc.close()
     await app.ctx.redis.aclose()
+    REFUSALS.flush()  # the counts of refusals not logged yet
 
 
 class GatewayRequestClass(StrictRequest):

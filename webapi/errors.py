@@ -4,12 +4,19 @@ Every error response has the body `{"error": {"code": ..., "message": ...}}`
 (plus `details` for invalid parameters). RPC errors map to statuses in one table
 (`common.http_errors.status_for`); bad input is always a 4xx, and only a bug in the
 gateway is a 500.
+
+Each refusal (a 4xx) is logged as `request refused` with its client's address, within
+a budget per address (`REFUSALS`, `common.log_budget`): `LOG_REFUSALS_PER_CLIENT` (10)
+a minute, then one `request refusals not logged` line counting the rest. A client
+sending made-up credentials in a loop made three lines in four of the gateway's log
+in a soak, burying the rest.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sanic import HTTPResponse, Request
 from sanic.exceptions import RequestCancelled, SanicException
@@ -28,10 +35,18 @@ from common.http_errors import (
     translated,
 )
 from common.log import get_logger
+from common.log_budget import LogBudgets
 from common.ratelimit import Decision
 from webapi.responses import NotJson, json_response
 
+if TYPE_CHECKING:
+    from webapi.access import Gatekeeper
+    from webapi.context import GatewayRequest
+
 log = get_logger("webapi.errors")
+# Refusals logged per client address (module docstring); its `limit` is the setting's,
+# set as the gateway starts (`webapi.app`).
+REFUSALS = LogBudgets(log, "request refusals not logged", logging.INFO, "client")
 
 
 class ApiError(SanicException):
@@ -193,7 +208,18 @@ class JsonErrorHandler(ErrorHandler):
 
     def default(self, request: Request, exception: Exception) -> HTTPResponse:
         request_id = getattr(request.ctx, "request_id", None)
-        return error_response(exception, request.method, request.path, request_id)
+        return error_response(
+            exception, request.method, request.path, request_id, client=client_of(request)
+        )
+
+
+def client_of(request: Request[Any, Any]) -> str:
+    """The client's address as the routes read it (`Gatekeeper.client_ip`); the peer's
+    before the gateway is ready."""
+    gate: Gatekeeper | None = getattr(request.app.ctx, "gate", None)
+    if gate is not None:
+        return gate.client_ip(cast("GatewayRequest", request))
+    return request.conn_info.client_ip if request.conn_info else ""
 
 
 def error_response(
@@ -202,10 +228,12 @@ def error_response(
     path: str,
     request_id: str | None,
     *,
+    client: str = "",
     envelope: dict[str, Any] | None = None,
 ) -> HTTPResponse:
     """The JSON error response of `exception`, logged as the gateway logs every error
-    (`JsonErrorHandler`; the proxy's fast path, which has no Sanic request, too).
+    (`JsonErrorHandler`; the proxy's fast path, which has no Sanic request, too): a
+    refusal within `client`'s budget (module docstring).
     `envelope`: fields a route's own answer shape puts beside `error` (`/ai_server/`)."""
     headers: dict[str, str] = {}
     exception = translated(exception)
@@ -240,9 +268,9 @@ def error_response(
         status = 500
         body = error_body("internal_error", "internal error")
         log.error("unhandled error", exc_info=exception, extra={"fields": {"path": path}})
-    if status < 500:  # design §10: every refused input is logged once, here
+    if status < 500 and REFUSALS.spend(client):  # design §10: logged once, here, bounded
         error = body["error"]
-        log_refusal(log, method, path, status, error["code"], error["message"])
+        log_refusal(log, method, path, status, error["code"], error["message"], client)
     if request_id:
         headers["X-Request-Id"] = request_id
     if envelope:

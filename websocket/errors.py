@@ -14,9 +14,9 @@ closing (1000, 1001) is not, nor a close code the relay passes on from an upstre
 nor a client that goes away (mid-request, or by resetting its connection).
 
 Refused messages are logged through their connection's `RefusalLog`, which bounds
-them: at most `LOGGED_REFUSALS` lines a connection per `REFUSAL_WINDOW` seconds,
-then one `message refusals not logged` line with how many were not (when the next
-refusal comes after the window, or when the connection ends). A client sending
+them (`common.log_budget`): at most `LOGGED_PER_WINDOW` (10) lines a connection per
+`WINDOW` (60 s), then one `message refusals not logged` line with how many were not
+(when the next refusal comes after the window, or when the connection ends). A client sending
 mistakes in a loop (5,000 bad messages wrote 5,000 lines in 0.4 s) so costs the log
 a dozen lines a minute, and the connection is still served as before: a mistake
 never closes a session (`websocket.session`), and answering one costs no more than
@@ -35,7 +35,6 @@ subscribing while Redis is down, in a loop wrote one warning per message.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from sanic import HTTPResponse, Request
@@ -56,6 +55,7 @@ from common.http_errors import (
     translated,
 )
 from common.log import get_logger
+from common.log_budget import LogBudget
 from websocket.connections import GOING_AWAY, NORMAL_CLOSURE
 from websocket.refusals import refused_answer
 from websocket.upstreams import UpstreamRefused
@@ -76,44 +76,6 @@ def log_refused_message(path: str, code: str | int, message: str) -> None:
     log.info("message refused", extra={"fields": fields})
 
 
-# A connection's refused messages logged per window; the window (seconds).
-LOGGED_REFUSALS = 10
-REFUSAL_WINDOW = 60.0
-
-
-class _Budget:
-    """One connection's lines of one kind: `LOGGED_REFUSALS` per `REFUSAL_WINDOW`, the
-    rest counted and told by one `summary` line (module docstring)."""
-
-    __slots__ = ("level", "logged", "path", "summary", "suppressed", "window_end")
-
-    def __init__(self, path: str, summary: str, level: int) -> None:
-        self.path, self.summary, self.level = path, summary, level
-        self.logged = 0  # lines written in this window
-        self.suppressed = 0  # lines not written since the last summary
-        self.window_end = time.monotonic() + REFUSAL_WINDOW
-
-    def spend(self) -> bool:
-        """Whether the next line may be written; counted when not."""
-        now = time.monotonic()
-        if now >= self.window_end:
-            self.flush()
-            self.logged, self.window_end = 0, now + REFUSAL_WINDOW
-        if self.logged < LOGGED_REFUSALS:
-            self.logged += 1
-            return True
-        self.suppressed += 1
-        return False
-
-    def flush(self) -> None:
-        """Log how many lines went unwritten, if any (the window ended, or the connection)."""
-        if self.suppressed:
-            fields = {"path": self.path, "count": self.suppressed,
-                      "limit": f"{LOGGED_REFUSALS} per {REFUSAL_WINDOW:g} s"}  # fmt: skip
-            log.log(self.level, self.summary, extra={"fields": fields})
-            self.suppressed = 0
-
-
 class RefusalLog:
     """The refused messages of one connection, and those it failed to serve, logged with
     a bound each (module docstring)."""
@@ -122,8 +84,9 @@ class RefusalLog:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.refusals = _Budget(path, "message refusals not logged", logging.INFO)
-        self.failures = _Budget(path, "message failures not logged", logging.WARNING)
+        fields = {"path": path}
+        self.refusals = LogBudget(log, "message refusals not logged", logging.INFO, fields)
+        self.failures = LogBudget(log, "message failures not logged", logging.WARNING, fields)
 
     def refused(self, code: str | int, message: str) -> None:
         """Log a refused message (`log_refused_message`), unless this window's lines

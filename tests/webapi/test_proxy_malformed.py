@@ -11,6 +11,7 @@ instance's upload counter (`/admin/state`) says whether any of it got through.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,9 +20,23 @@ from tests.helpers import wait_for
 from tests.support.malformed import CASES
 from tests.support.policy import set_document
 from tests.support.raw_http import Answer, connect, read_answers
-from tests.webapi.conftest import Backend, as_admin, gateway_process, policy_version
+from tests.webapi.conftest import (
+    Backend,
+    as_admin,
+    gateway_process,
+    policy_version,
+    running_gateway,
+)
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def gateway(redis_url: str) -> Iterator[str]:
+    """The module's gateway, logging every refusal: each case checks its own line (the
+    bound per client is `test_refusals_logged.py`'s)."""
+    with running_gateway(redis_url, LOG_REFUSALS_PER_CLIENT="0") as base:
+        yield base
 
 
 def _send(gateway: str, data: bytes) -> Answer:

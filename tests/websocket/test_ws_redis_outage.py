@@ -18,9 +18,9 @@ import websockets
 
 from common import constants
 from common.embedded_redis import EmbeddedRedis
+from common.log_budget import LOGGED_PER_WINDOW
 from tests.helpers import issue_api_key, wait_for, wait_for_async
 from tests.websocket.conftest import LogWatch, recv_json, start_ws_server
-from websocket.errors import LOGGED_REFUSALS
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -49,10 +49,10 @@ async def test_push_channels_and_credentials_through_a_redis_restart(tmp_path: P
             assert (answer["id"], answer["error"]["code"]) == (1, "service_unavailable")
             # Each is a warning, within the connection's bound: a client retrying in a
             # loop wrote one line per subscribe (`websocket.errors.RefusalLog.failed`).
-            for _ in range(LOGGED_REFUSALS + 5):
+            for _ in range(LOGGED_PER_WINDOW + 5):
                 await ws.send(json.dumps({"type": "subscribe", "channel": "new", "id": 1}))
                 assert (await recv_json(ws))["error"]["code"] == "service_unavailable"
-            assert len(failed.new()) == LOGGED_REFUSALS
+            assert len(failed.new()) == LOGGED_PER_WINDOW
             # Leaving works locally (the UNSUBSCRIBE cannot reach Redis), and so does
             # closing.
             await other.send(json.dumps({"type": "unsubscribe", "channel": "left"}))
@@ -97,7 +97,7 @@ async def test_push_channels_and_credentials_through_a_redis_restart(tmp_path: P
         assert len(ws_server.proc.log_records("push channel connection lost")) == 1
         [counted] = await summary.wait(1)  # at the connection's end
         assert (counted["path"], counted["count"]) == ("/ws", 6)
-        assert len(failed.new()) == LOGGED_REFUSALS
+        assert len(failed.new()) == LOGGED_PER_WINDOW
     finally:
         ws_server.proc.stop()
         server.stop()

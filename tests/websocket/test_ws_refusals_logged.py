@@ -17,10 +17,10 @@ import pytest
 import redis.asyncio as aioredis
 import websockets
 
+from common.log_budget import LOGGED_PER_WINDOW
 from common.registry import Registry
 from tests.support.ws_relay import one_instance
 from tests.websocket.conftest import Backends, LogWatch, WsServer, recv_json
-from websocket.errors import LOGGED_REFUSALS
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -206,11 +206,11 @@ async def test_a_connections_refusals_are_logged_with_a_bound(
     ws_server: WsServer, path: str
 ) -> None:
     # 5,000 bad messages on one connection wrote 5,000 lines: now the first
-    # `LOGGED_REFUSALS` a window, then one line counting the rest (here, at the
+    # `LOGGED_PER_WINDOW` a window, then one line counting the rest (here, at the
     # connection's end). Every message is still answered and the session goes on.
     refused = LogWatch(ws_server, "message refused")
     summary = LogWatch(ws_server, "message refusals not logged")
-    sent = LOGGED_REFUSALS + 90
+    sent = LOGGED_PER_WINDOW + 90
     async with ws_server.connect(path) as ws:
         for _ in range(sent):
             await ws.send("{not json")
@@ -220,21 +220,21 @@ async def test_a_connections_refusals_are_logged_with_a_bound(
             await ws.send("ping")
             assert await ws.recv() == "pong"
     [counted] = await summary.wait(1)
-    assert (counted["path"], counted["count"]) == (path, sent - LOGGED_REFUSALS)
-    assert len(refused.new()) == LOGGED_REFUSALS
+    assert (counted["path"], counted["count"]) == (path, sent - LOGGED_PER_WINDOW)
+    assert len(refused.new()) == LOGGED_PER_WINDOW
 
 
 async def test_a_connections_failed_calls_are_logged_with_a_bound(
     ws_server: WsServer, redis_client: aioredis.Redis
 ) -> None:
     # Each call to a service with no live instance wrote an `rpc error` warning: a client
-    # calling it in a loop grew the log without bound. Now the first `LOGGED_REFUSALS` a
+    # calling it in a loop grew the log without bound. Now the first `LOGGED_PER_WINDOW` a
     # window, then one warning counting the rest; every call is still answered.
     service = f"dead{uuid.uuid4().hex[:6]}"
     await Registry(redis_client).publish_catalog(service, {"m": {}})  # known, nobody running
     failed = LogWatch(ws_server, "rpc error")
     summary = LogWatch(ws_server, "message failures not logged")
-    sent = LOGGED_REFUSALS + 20
+    sent = LOGGED_PER_WINDOW + 20
     async with ws_server.connect() as ws:
         for i in range(sent):
             await ws.send(json.dumps({"jsonrpc": "2.0", "id": i, "method": f"{service}.m"}))
@@ -242,5 +242,5 @@ async def test_a_connections_failed_calls_are_logged_with_a_bound(
     [counted] = await summary.wait(1)
     assert (counted["path"], counted["count"], counted["level"]) == ("/ws", 20, "warning")
     logged = failed.new()
-    assert len(logged) == LOGGED_REFUSALS
+    assert len(logged) == LOGGED_PER_WINDOW
     assert all(r["method"] == f"{service}.m" for r in logged)

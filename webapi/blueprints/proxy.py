@@ -38,6 +38,7 @@ from webapi.errors import (
     UnknownService,
     UpstreamFailed,
     UpstreamTimedOut,
+    client_of,
     error_response,
 )
 from webapi.proxy.attempts import client_error
@@ -267,7 +268,7 @@ async def ai_server(request: GatewayRequest) -> HTTPResponse:
         envelope = {"server_name": name, "status": exc.status_code, "msg": str(exc),
                     "data": None, "duration": round(time.perf_counter() - received, 6)}  # fmt: skip
         return error_response(exc, request.method, request.path, request.ctx.request_id,
-                              envelope=envelope)  # fmt: skip
+                              client=client_of(request), envelope=envelope)  # fmt: skip
     status = forwarded.response.status
     envelope = {
         "server_name": name,

@@ -186,7 +186,8 @@ class FastPathProtocol(LingeringHttpProtocol):
             self._fast = None
             self._held.clear()
             if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(error_bytes(exc, method, url, request_id_of(None), False))
+                error = error_bytes(exc, method, url, request_id_of(None), False, self._peer())
+                self.transport.write(error)
             self.close()
             return
         self._fast = None
@@ -334,15 +335,19 @@ class FastPathProtocol(LingeringHttpProtocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             error = error_bytes(RequestTimeout(message), method.decode("latin-1"), url,
-                           request_id_of(None), False)  # fmt: skip
+                                request_id_of(None), False, self._peer())  # fmt: skip
             transport.write(error)
         self.close()
+
+    def _peer(self) -> str:
+        """The socket's peer address (no head to read `X-Forwarded-For` from)."""
+        conn_info = self.conn_info
+        return conn_info.client_ip if conn_info else ""
 
     def _client_address(self, req: Parsed) -> str:
         """The client's address as the routes read it (`Gatekeeper.client_ip`)."""
         app: GatewayApp = self.app
-        conn_info = self.conn_info
-        return app.ctx.gate.address(conn_info.client_ip if conn_info else "", req.header_values)
+        return app.ctx.gate.address(self._peer(), req.header_values)
 
     def _start(self, req: Parsed, head: bytes) -> None:
         """Choose the instance; send on one of its idle connections (`DirectExchange`),
@@ -399,7 +404,8 @@ class FastPathProtocol(LingeringHttpProtocol):
 
     def fast_error(self, exc: Exception, req: Parsed, request_id: str, keep_alive: bool) -> None:
         """Answer the fast request with `exc`'s JSON error response."""
-        self.fast_write(error_bytes(exc, req.method, req.url, request_id, keep_alive))
+        client = self._client_address(req)
+        self.fast_write(error_bytes(exc, req.method, req.url, request_id, keep_alive, client))
         self.fast_done(keep_alive)
 
     def fast_retry(self, req: Parsed, head: bytes, attempts: Attempts, stale: bool) -> None:
@@ -447,7 +453,8 @@ class FastPathProtocol(LingeringHttpProtocol):
                 keep_alive = False
             else:
                 keep_alive = keep_alive and not self.signal.stopped
-                self._write(error_bytes(exc, req.method, req.url, request_id, keep_alive))
+                client = self._client_address(req)
+                self._write(error_bytes(exc, req.method, req.url, request_id, keep_alive, client))
         self.fast_done(keep_alive)
 
     async def _relay(

@@ -71,10 +71,12 @@ def client_head(
 
 
 def error_bytes(
-    exc: Exception, method: str, url: bytes, request_id: str, keep_alive: bool
+    exc: Exception, method: str, url: bytes, request_id: str, keep_alive: bool, client: str
 ) -> bytes:
-    """`exc` as the JSON error response Sanic's error handler would write."""
-    response = error_response(exc, method, url.partition(b"?")[0].decode("latin-1"), request_id)
+    """`exc` as the JSON error response Sanic's error handler would write (`client`: the
+    client's address, which bounds the refusals logged)."""
+    path = url.partition(b"?")[0].decode("latin-1")
+    response = error_response(exc, method, path, request_id, client=client)
     body = response.body or b""
     response.headers["content-length"] = str(len(body))
     response.headers["connection"] = "keep-alive" if keep_alive else "close"

@@ -1,0 +1,46 @@
+"""The gateway's refused requests in its log, through a real gateway process: each
+logged in full with its client's address, up to `LOG_REFUSALS_PER_CLIENT` (10) a
+minute per address, then counted in one `request refusals not logged` line
+(`webapi.errors`, `common.log_budget`). A client sending made-up API keys in a loop
+made three lines in four of the gateway's log in a soak."""
+
+from __future__ import annotations
+
+import secrets
+
+import httpx
+import pytest
+
+from common import apikeys
+from tests.helpers import wait_for
+from tests.webapi.conftest import gateway_process, running_gateway
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _made_up_key() -> str:
+    """A well-formed API key that no record has."""
+    return apikeys.format_key(secrets.token_hex(6), secrets.token_urlsafe(32))
+
+
+def test_a_client_refused_in_a_loop_is_logged_ten_times_then_counted(redis_url: str) -> None:
+    with running_gateway(redis_url) as base:
+        process = gateway_process(base)
+        with httpx.Client(base_url=base, timeout=5) as flooding:
+            for _ in range(50):
+                answer = flooding.get("/api/v1/auth/me", headers={"X-Api-Key": _made_up_key()})
+                assert answer.status_code == 401
+        # Another client's refusal is logged in full: the budget is each address's own.
+        other = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(base_url=base, transport=other, timeout=5) as client:
+            assert client.get("/api/v1/auth/me").status_code == 401
+        wait_for(lambda: len(process.log_records("request refused")) >= 11, timeout=5)
+        refused = process.log_records("request refused")
+        assert len(refused) == 11
+        assert [r["client"] for r in refused] == ["127.0.0.1"] * 10 + ["127.0.0.2"]
+        assert {r["code"] for r in refused[:10]} == {"unauthorized"}
+        # The rest are counted: told once the minute is over, or (here) as the gateway stops.
+        assert process.log_records("request refusals not logged") == []
+        process.stop()
+        summaries = process.log_records("request refusals not logged")
+        assert [(s["client"], s["count"]) for s in summaries] == [("127.0.0.1", 40)]
