@@ -181,9 +181,12 @@ class Accounts:
             raise Unauthorized("this user's credentials are revoked: try again later")
         if user.narrowing is not None:  # a narrowing cut short: its clean-up first
             await self._finish_narrowing(user)
-        sid, refresh_token = await self.sessions.open(user.user_id)
-        log.info("login", extra={"fields": {"user_id": user.user_id, "session_id": sid}})
-        return await self._tokens(user, sid, refresh_token)
+        opened = await self.sessions.open(user.user_id)
+        fields: dict[str, Any] = {"user_id": user.user_id, "session_id": opened.session_id}
+        if opened.ended:  # the user was at AUTH_MAX_SESSIONS_PER_USER: the oldest ended
+            fields["sessions_ended"] = opened.ended
+        log.info("login", extra={"fields": fields})
+        return await self._tokens(user, opened.session_id, opened.refresh_token)
 
     async def refresh(self, refresh_token: str, address: str | None = None) -> dict[str, Any]:
         """New tokens for a refresh token, which is used up; reuse revokes the session.

@@ -50,6 +50,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError, WatchError
@@ -192,6 +193,14 @@ def _wrong_type(exc: ResponseError) -> bool:
     return "WRONGTYPE" in str(exc)  # (a pipeline prefixes the command to the message)
 
 
+class OpenedSession(NamedTuple):
+    """What `Sessions.open` made: the session, and how many over the cap it ended."""
+
+    session_id: str
+    refresh_token: str
+    ended: int
+
+
 class Sessions:
     """Opening, refreshing and ending sessions.
 
@@ -223,12 +232,13 @@ class Sessions:
         self._rotate = redis.register_script(_ROTATE)
         self._open = redis.register_script(_OPEN)
 
-    async def open(self, user_id: str) -> tuple[str, str]:
-        """A new session of `user_id`: `(session id, refresh token)`.
+    async def open(self, user_id: str) -> OpenedSession:
+        """A new session of `user_id`.
 
         The user's least recently used sessions beyond `max_sessions` end in the
-        same atomic step, and the index drops the sessions whose tokens are all
-        dead: it holds `max_sessions` ids at most (more only while `linger`).
+        same atomic step (how many: `ended`, for the login's log line), and the index
+        drops the sessions whose tokens are all dead: it holds `max_sessions` ids at
+        most (more only while `linger`).
         """
         sid, seal = uuid.uuid4().hex, secrets.token_bytes(32)
         secret = _sealed_secret(seal)
@@ -245,10 +255,7 @@ class Sessions:
             reply = await self._open(keys=keys, args=args)
             if as_text(reply[0]) == "upgrade":  # only a writer from before the zset makes a set
                 raise Conflict("the user's sessions changed during their upgrade: try again")
-        if ended := [as_text(s) for s in reply[1:]]:
-            fields = {"user_id": user_id, "ended": len(ended), "max": self.max_sessions}
-            log.info("sessions over the cap ended", extra={"fields": fields})
-        return sid, f"{PREFIX}{sid}_{secret}"
+        return OpenedSession(sid, f"{PREFIX}{sid}_{secret}", len(reply) - 1)
 
     async def rotate(self, refresh_token: str) -> tuple[str, str, str]:
         """`(session id, user id, new refresh token)` for a valid refresh token.

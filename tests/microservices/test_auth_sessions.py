@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 import uuid
 from typing import Any
@@ -211,15 +212,22 @@ async def test_a_users_session_index_keeps_the_sessions_that_may_be_live(
 
 
 async def test_a_login_beyond_the_cap_ends_the_least_recently_used_session(
-    redis: aioredis.Redis, gateway: Authenticator
+    redis: aioredis.Redis, gateway: Authenticator, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """As a logout does: its refresh token is refused, its access tokens revoked."""
+    """As a logout does: its refresh token is refused, its access tokens revoked. The
+    login's own log line says how many sessions it ended."""
+    caplog.set_level(logging.INFO, logger="microservices.auth")
     accounts = make_accounts(redis, max_sessions=3)
     user_id, first = await signed_up(accounts, "Wren")
     others = [await accounts.sessions.open(user_id) for _ in range(2)]
     key = user_sessions_key(user_id)
     assert await redis.zcard(key) == 3
+    caplog.clear()
     latest = await accounts.login("Wren", PASSWORD)  # the fourth: the first one ends
+    assert [(r.getMessage(), r.fields) for r in caplog.records] == [  # type: ignore[attr-defined]
+        ("login", {"user_id": user_id, "session_id": claims_of(latest["access_token"])["sid"],
+                   "sessions_ended": 1})
+    ]  # fmt: skip
     oldest = claims_of(first["access_token"])["sid"]
     assert not await redis.exists(session_key(oldest))
     with pytest.raises(Unauthorized, match="invalid refresh token"):
@@ -227,8 +235,8 @@ async def test_a_login_beyond_the_cap_ends_the_least_recently_used_session(
     await eventually_refused(gateway, first["access_token"], "token revoked")
     assert (await gateway.authenticate(latest["access_token"])).name == "Wren"
     assert (await accounts.refresh(latest["refresh_token"]))["token_type"] == "bearer"
-    for _, refresh_token in others:
-        assert (await accounts.refresh(refresh_token))["token_type"] == "bearer"
+    for opened in others:
+        assert (await accounts.refresh(opened.refresh_token))["token_type"] == "bearer"
 
     for _ in range(20):  # a client logging in at every request
         await accounts.sessions.open(user_id)
@@ -238,10 +246,12 @@ async def test_a_login_beyond_the_cap_ends_the_least_recently_used_session(
 
 async def test_the_cap_ends_sessions_by_their_last_use(redis: aioredis.Redis) -> None:
     sessions = Sessions(redis, refresh_ttl=3600, revoke_for=960, max_sessions=2)
-    (a, a_token), (b, b_token) = [await sessions.open("u1") for _ in range(2)]
+    (a, a_token, _), (b, b_token, _) = [await sessions.open("u1") for _ in range(2)]
     _, _, a_token = await sessions.rotate(a_token)  # used after b was opened
-    c, c_token = await sessions.open("u1")
-    other, other_token = await sessions.open("u2")  # another user's count
+    c, c_token, ended = await sessions.open("u1")
+    assert ended == 1
+    other, other_token, ended = await sessions.open("u2")  # another user's count
+    assert ended == 0
     with pytest.raises(Unauthorized, match="invalid refresh token"):
         await sessions.rotate(b_token)
     for sid, token in ((a, a_token), (c, c_token), (other, other_token)):
@@ -258,7 +268,8 @@ async def test_a_login_drops_the_expired_sessions_from_the_index(redis: aioredis
     for _ in range(2):
         await sessions.open("u1")
     clock.offset = 3601
-    sid, _ = await sessions.open("u1")
+    sid, _, ended = await sessions.open("u1")
+    assert ended == 0  # expired, not ended
     assert await redis.zrange(user_sessions_key("u1"), 0, -1) == [sid.encode()]
     assert await redis.zcard(REVOKED) == 0  # expired, not ended
     assert await sessions.end_all("u1") == [sid]
