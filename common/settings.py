@@ -292,8 +292,9 @@ class Settings:
         ),
     )
 
-    # Refused requests (4xx) the gateway logs in full per client address and minute; the
-    # rest are counted in one line per client and minute (`common.log_budget`).
+    # Refused requests (4xx) the gateway and the websocket service log in full per client
+    # address and minute; the rest are counted in one line per client and minute
+    # (`common.log_budget`).
     log_refusals_per_client: int = field(
         default=10, metadata=_env("LOG_REFUSALS_PER_CLIENT", Bounds(0, zero="log every one"))
     )

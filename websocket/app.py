@@ -46,6 +46,7 @@ from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized, shortened
 from common.forwarding import PROXY_LOOP, headers_credential_fault, via_loop
 from common.http_head import head_fault
+from common.log_budget import LogBudgets
 from common.policy import PolicyWatcher, RetryBudgetPolicy
 from common.redis_failures import REDIS_DOWN_OR_REFUSING, check_writable, redis_failure
 from common.registry_view import RegistryView
@@ -56,7 +57,7 @@ from websocket.auth import SUBPROTOCOL, authenticate, presented_token
 from websocket.client import ClientProtocol, keepalive
 from websocket.connections import TRY_AGAIN_LATER, Connections
 from websocket.envelope import stream_endpoint
-from websocket.errors import JsonErrorHandler, log_close, refusal
+from websocket.errors import JsonErrorHandler, http_refusals, log_close, refusal
 from websocket.hub import ChannelHub
 from websocket.relay import admit_relay, proxy_endpoint
 from websocket.session import Session
@@ -76,6 +77,8 @@ class WsContext:
     upstreams: Upstreams = field(init=False)
     hub: ChannelHub = field(init=False)
     authenticator: Authenticator = field(init=False)
+    # Refusal log lines, bounded per client address (`websocket.errors`).
+    refusals: LogBudgets = field(init=False)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -104,6 +107,7 @@ def create_app(settings: Settings | None = None, name: str = "websocket") -> WsA
     config.REQUEST_HEAD_TIMEOUT = settings.request_head_timeout
     ctx = WsContext(settings=settings, trusted_proxies=parse_networks(settings.trusted_proxies))
     ctx.connections = Connections(settings.ws_max_connections)
+    ctx.refusals = http_refusals(settings.log_refusals_per_client)
     app: WsApp = Sanic(
         name,
         config=config,
@@ -178,6 +182,7 @@ async def _drain(app: WsApp) -> None:
 
 
 async def _close(app: WsApp) -> None:
+    app.ctx.refusals.flush()  # the counts of refusals not logged yet
     for task in app.ctx.tasks:
         await cancel_and_wait(task)
     await app.ctx.policy.close()

@@ -4,7 +4,10 @@ HTTP: its own refusals of an upgrade, and Sanic's answers to a request it could 
 parse or route (which would otherwise have Sanic's own shape), get the platform's
 JSON error body (`common.http_errors`) and one log line each, as the gateway's do. A
 relayed upgrade its upstream refused gets the upstream's answer (`websocket.refusals`),
-logged the same way.
+logged the same way. As at the gateway, those lines are bounded per client address
+(`HttpRefusals`, `LOG_REFUSALS_PER_CLIENT` a minute, then one `request refusals not
+logged` line with the count): a client retrying a refused upgrade in a loop (a bad
+token, a full service) would otherwise write a line per attempt.
 
 WebSocket: a message refused with an error frame (`log_refused_message`), a
 JSON-RPC call that failed (`log_failed_call`: refused, or a service's failure) and
@@ -42,6 +45,7 @@ from sanic.exceptions import RequestCancelled, SanicException
 from sanic.handlers import ErrorHandler
 from sanic.response import json as json_response
 
+from common.clientip import request_client_ip
 from common.errors import RpcError, SwitchboardError, shortened
 from common.http_errors import (
     MAX_LOGGED_MESSAGE,
@@ -55,7 +59,7 @@ from common.http_errors import (
     translated,
 )
 from common.log import get_logger
-from common.log_budget import LogBudget
+from common.log_budget import LogBudget, LogBudgets
 from websocket.connections import GOING_AWAY, NORMAL_CLOSURE
 from websocket.refusals import refused_answer
 from websocket.upstreams import UpstreamRefused
@@ -63,10 +67,27 @@ from websocket.upstreams import UpstreamRefused
 log = get_logger("websocket.errors")
 
 
+def http_refusals(limit: int) -> LogBudgets:
+    """The budgets of HTTP refusal lines, one per client address (module docstring);
+    `limit` 0: every one is logged."""
+    return LogBudgets(log, "request refusals not logged", logging.INFO, "client", limit=limit)
+
+
 def refusal(request: Request[Any, Any], status: int, code: str, message: str) -> HTTPResponse:
     """An HTTP answer refusing `request` (an upgrade, most often), logged."""
-    log_refusal(log, request.method, request.path, status, code, message)
+    _log_refusal(request, status, code, message)
     return json_response(error_body(code, message), status)
+
+
+def _log_refusal(request: Request[Any, Any], status: int, code: str, message: str) -> None:
+    """Log a refusal of `request`, within its client address's budget (module docstring).
+    The address is read as the routes read it: `TRUSTED_PROXIES` decide whether
+    `X-Forwarded-For` is believed."""
+    ctx = request.app.ctx
+    peer = request.conn_info.client_ip if request.conn_info else ""
+    client = request_client_ip(peer, request.headers.get_all, ctx.trusted_proxies)
+    if ctx.refusals.spend(client):
+        log_refusal(log, request.method, request.path, status, code, message, client)
 
 
 def log_refused_message(path: str, code: str | int, message: str) -> None:
@@ -138,8 +159,7 @@ class JsonErrorHandler(ErrorHandler):
             log.debug("client left before its answer", extra={"fields": {"path": request.path}})
             return json_response(error_body("client_closed", "the client left"), 499)
         if isinstance(exception, UpstreamRefused):  # the instance's answer, passed on
-            log_refusal(log, request.method, request.path, exception.status_code,
-                        exception.code, str(exception))  # fmt: skip
+            _log_refusal(request, exception.status_code, exception.code, str(exception))
             return refused_answer(exception)
         if isinstance(exception, SanicException) and exception.status_code < 500:
             code = error_code(exception)

@@ -74,7 +74,10 @@ def start_ws_server(
     port = free_port()
     full_env = {"REDIS_URL": redis_url, "WEBSOCKET_PORT": str(port), "JWT_SECRET": SECRET,
                 "RPC_TIMEOUT": "1.5", "WS_AUTH_TIMEOUT": "1", "PROXY_CONNECT_TIMEOUT": "1",
-                "WS_MAX_MESSAGE_BYTES": str(64 * 1024), **env}  # fmt: skip
+                "WS_MAX_MESSAGE_BYTES": str(64 * 1024),
+                # Every refusal's line, unbounded: tests check their own (a module's share
+                # one server); test_ws_refusals_logged checks the bound.
+                "LOG_REFUSALS_PER_CLIENT": "0", **env}  # fmt: skip
     proc = ServiceProcess(["python", "-m", main], env=full_env, name="websocket").start()
     server = WsServer(f"127.0.0.1:{port}", proc, redis_url)
     try:

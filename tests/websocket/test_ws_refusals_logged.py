@@ -13,12 +13,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 import websockets
 
 from common.log_budget import LOGGED_PER_WINDOW
 from common.registry import Registry
+from tests.helpers import wait_for
 from tests.support.ws_relay import one_instance
 from tests.websocket.conftest import Backends, LogWatch, WsServer, recv_json
 
@@ -244,3 +246,30 @@ async def test_a_connections_failed_calls_are_logged_with_a_bound(
     logged = failed.new()
     assert len(logged) == LOGGED_PER_WINDOW
     assert all(r["method"] == f"{service}.m" for r in logged)
+
+
+def test_refused_upgrades_are_logged_within_a_budget_per_client_address(
+    make_ws_server: Callable[..., WsServer],
+) -> None:
+    """A client retrying a refused upgrade in a loop: its first refusals are logged in
+    full with its address, the rest counted in one line (here as the service stops);
+    another address has a budget of its own (`websocket.errors`)."""
+    server = make_ws_server(LOG_REFUSALS_PER_CLIENT="3")
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+               "Authorization": "Bearer not-a-token"}  # fmt: skip
+    with httpx.Client(base_url=f"http://{server.address}", timeout=5) as retrying:
+        for _ in range(8):
+            assert retrying.get("/ws/stream", headers=upgrade).status_code == 401
+    other = httpx.HTTPTransport(local_address="127.0.0.2")
+    with httpx.Client(base_url=f"http://{server.address}", transport=other, timeout=5) as client:
+        assert client.get("/ws/stream", headers=upgrade).status_code == 401
+    wait_for(lambda: len(server.proc.log_records("request refused")) >= 4, timeout=5)
+    refused = server.proc.log_records("request refused")
+    assert [(r["client"], r["status"]) for r in refused] == [("127.0.0.1", 401)] * 3 + [
+        ("127.0.0.2", 401)
+    ]
+    assert server.proc.log_records("request refusals not logged") == []
+    server.proc.stop()
+    summaries = server.proc.log_records("request refusals not logged")
+    assert [(s["client"], s["count"]) for s in summaries] == [("127.0.0.1", 5)]
