@@ -117,8 +117,7 @@ class ClientProtocol(asyncio.Protocol):
         parser = ServerProtocol(max_size=max_size, state=OPEN, logger=PARSER_LOG)
         conn = cls(transport, parser, limit)
         transport.set_protocol(conn)
-        early = bytes(sanic.recv_buffer) + sanic.release()
-        sanic.recv_buffer.clear()
+        early = sanic.release()  # (with what came in the upgrade's read: `TapServerProtocol`)
         sanic.transport = None  # nothing Sanic does from now on reaches the socket
         # Sanic's request-timeout timer would keep its protocol, request and all alive
         # for up to half a timeout more; HttpProtocol.close cancels it the same way.

@@ -331,8 +331,7 @@ class Splice:
         splice = cls(sanic, client, server, max_size, send_timeout)
         client.set_protocol(splice.client)
         server.set_protocol(splice.upstream)
-        early = bytes(sanic.recv_buffer) + sanic.release()
-        sanic.recv_buffer.clear()
+        early = sanic.release()  # (with what came in the upgrade's read: `upgraded`)
         for leg, data in ((splice.client, early), (splice.upstream, upstream.release()[end + 4 :])):
             if data:
                 leg.data_received(data)

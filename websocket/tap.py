@@ -8,7 +8,10 @@ its handshake response (from then until the take-over) without giving it to
 `websockets`: neither library parses a frame the
 splice will relay. Past `TAP_LIMIT` held bytes the socket is paused until the
 take-over. When there is no splice, `untap` gives each library what it did
-not see, and it reads the socket again.
+not see, and it reads the socket again. What a client sends before its upgrade is
+answered (frames in the same read as its request head, as RFC 6455 allows) Sanic
+leaves in its `recv_buffer`, which it reads no more once upgraded: `upgraded` hands
+it on, first, on every route (to the tap, or to Sanic's WebSocket).
 
 What Sanic parses of a connection (every route's, a relay's once untapped) it
 handles in a task per read (`WebsocketImplProtocol.async_data_received`), and a
@@ -65,7 +68,24 @@ class TapServerProtocol(WebSocketProtocol, LingeringHttpProtocol):
     ) -> Any:
         if request.path.startswith(RELAYED) or request.path == CLIENTS:
             self.tap = bytearray()
-        return await super().websocket_handshake(request, subprotocols)
+        ws = await super().websocket_handshake(request, subprotocols)
+        self.upgraded()
+        return ws
+
+    def upgraded(self) -> None:
+        """What the client sent past its upgrade request before `websocket` was set (in
+        the same read as the request head, or while a relay's upstream was connected)
+        waits in Sanic's `recv_buffer`, which nothing reads once upgraded: it goes where
+        later bytes go (the tap, or Sanic's WebSocket), first. Called as soon as
+        `websocket` is set, with nothing awaited since (Sanic's `connection_made`
+        awaits nothing): no later byte can have gone first."""
+        early = bytes(self.recv_buffer)
+        self.recv_buffer.clear()
+        if early:
+            transport = self.transport
+            if transport is not None and not transport.is_reading() and self._can_write.is_set():
+                transport.resume_reading()  # Sanic pauses it when its buffer is full
+            self.data_received(early)
 
     def data_received(self, data: bytes) -> None:
         if self.websocket is None:  # before `websocket`: into `recv_buffer`

@@ -70,15 +70,21 @@ def frame(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
     return Frame(opcode, data, fin=fin).serialize(mask=True)
 
 
-async def open_raw(server: WsServer, path: str) -> RawClient:
-    """A raw WebSocket client of `server`, past the upgrade (authenticated by header)."""
+async def open_raw(
+    server: WsServer, path: str, early: bytes = b"", *, authenticated: bool = True
+) -> RawClient:
+    """A raw WebSocket client of `server`, past the upgrade (authenticated by header
+    unless not `authenticated`); `early`: bytes written with the upgrade request, in the
+    same write (frames sent without waiting for the answer, as RFC 6455 allows)."""
     host, port = server.address.split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     key = base64.b64encode(os.urandom(16)).decode()
+    credential = f"Authorization: Bearer {server.token()}\r\n" if authenticated else ""
     writer.write(
         f"GET {path} HTTP/1.1\r\nHost: {server.address}\r\nUpgrade: websocket\r\n"
         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        f"Authorization: Bearer {server.token()}\r\n\r\n".encode()
+        f"{credential}\r\n".encode()
+        + early
     )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 101 "), head

@@ -1,0 +1,169 @@
+"""Frames sent without waiting for the handshake's answer (RFC 6455 allows a client to send
+them right after its upgrade request): in the same write as the upgrade request, and
+from an upstream in the same write as its 101. None may be lost, on any route."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+import websockets
+from websockets.frames import Close, Frame, Opcode
+
+from common.registry import InstanceRecord, Registry
+from tests.helpers import free_port, wait_for_async
+from tests.support.ws_relay import service_fixture  # noqa: F401 (a fixture)
+from tests.websocket.conftest import WsServer
+from tests.websocket.splice_support import RawClient, frame, handshake_answer, open_raw
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def text(message: str) -> bytes:
+    return frame(Opcode.TEXT, message.encode())
+
+
+async def recv_text(raw: RawClient) -> str:
+    received = await raw.recv()
+    assert received.opcode is Opcode.TEXT, received
+    return received.data.decode()
+
+
+async def test_a_frame_in_the_upgrade_requests_write_reaches_the_envelope_stream(
+    ws_server: WsServer,
+) -> None:
+    raw = await open_raw(ws_server, "/ws/stream", text("not json"))
+    try:
+        answer = json.loads(await recv_text(raw))
+        assert answer == {"ret": 1, "flag": 1, "result": "Invalid JSON format"}
+        # Half a frame with the upgrade, the rest later: read in order, as one frame.
+        second = text("[]")
+        raw2 = await open_raw(ws_server, "/ws/stream", second[:3])
+        try:
+            await raw2.send(second[3:] + text("{"))
+            for _ in range(2):
+                assert json.loads(await recv_text(raw2))["result"] == "Invalid JSON format"
+        finally:
+            raw2.writer.transport.abort()
+    finally:
+        raw.writer.transport.abort()
+
+
+async def test_more_than_sanics_buffer_in_the_upgrade_requests_write_is_all_read(
+    ws_server: WsServer,
+) -> None:
+    # Over 64 KiB past the head (Sanic's REQUEST_BUFFER_SIZE): Sanic stops reading the
+    # socket until it parses its buffer, which it no longer does once upgraded. (Pings,
+    # then part of a message: no complete message, whose reading would resume it.)
+    pings = frame(Opcode.PING, b"") * 11_000  # (pongs under the write mark)
+    message = text("not json")
+    raw = await open_raw(ws_server, "/ws/stream", pings + message[:4])
+    try:
+        await raw.send(message[4:])
+        pongs = 0
+        while (answer := await raw.recv()).opcode is Opcode.PONG:
+            pongs += 1
+        assert json.loads(answer.data)["result"] == "Invalid JSON format"
+        assert pongs == 11_000
+    finally:
+        raw.writer.transport.abort()
+
+
+async def test_a_frame_in_the_upgrade_requests_write_reaches_a_ws_client_session(
+    ws_server: WsServer,
+) -> None:
+    auth = json.dumps({"type": "auth", "token": ws_server.token(), "id": 7})
+    raw = await open_raw(ws_server, "/ws", text(auth), authenticated=False)
+    try:
+        answer = json.loads(await recv_text(raw))
+        assert (answer["type"], answer["id"]) == ("authenticated", 7)
+    finally:
+        raw.writer.transport.abort()
+
+
+async def test_frames_in_the_upgrade_requests_write_reach_a_relays_upstream(
+    ws_server: WsServer, service: str
+) -> None:
+    raw = await open_raw(ws_server, f"/ws/proxy/{service}/echo", text("one") + text("two"))
+    try:
+        assert [await recv_text(raw) for _ in range(2)] == ["one", "two"]
+        await raw.send(text("three"))
+        assert await recv_text(raw) == "three"
+    finally:
+        raw.writer.transport.abort()
+
+
+@pytest_asyncio.fixture
+async def eager_upstream(
+    redis_client: aioredis.Redis,
+) -> AsyncIterator[Callable[[bytes], Awaitable[str]]]:
+    """A hand-written upstream that writes its 101 and the bytes given (frames) in one
+    write, then closes its connection once it reads anything more (the client's close,
+    or the relay's answer to its own); a factory: the bytes -> the service's name."""
+    after_101: list[bytes] = [b""]
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await handshake_answer(reader) + after_101[0])
+        with contextlib.suppress(ConnectionError):
+            await reader.read(65536)
+        writer.close()
+
+    service, port = f"ea{uuid.uuid4().hex[:8]}", free_port()
+    server = await asyncio.start_server(upstream, "127.0.0.1", port)
+    registry = Registry(redis_client, ttl=60)
+    await registry.heartbeat(InstanceRecord(service, "raw", kind="ws", address=f"127.0.0.1:{port}"))
+
+    async def with_frames(data: bytes) -> str:
+        after_101[0] = data
+        return service
+
+    try:
+        yield with_frames
+    finally:
+        await registry.deregister(service, "raw")
+        server.close()
+
+
+def server_frame(opcode: Opcode, data: bytes) -> bytes:
+    return Frame(opcode, data).serialize(mask=False)
+
+
+async def test_a_frame_in_the_upstreams_101_write_reaches_the_client(
+    ws_server: WsServer, eager_upstream: Callable[[bytes], Awaitable[str]]
+) -> None:
+    # Spliced: the frame follows the handshake response in the relay's first read.
+    service = await eager_upstream(server_frame(Opcode.TEXT, b"hello first"))
+
+    async def greeted() -> bool:
+        async with ws_server.connect(f"/ws/proxy/{service}/") as ws:
+            return bool(await asyncio.wait_for(ws.recv(), 5) == "hello first")
+
+    await wait_for_async(greeted, timeout=30)  # once the registry view has it
+    for _ in range(3):
+        assert await greeted()
+
+
+async def test_a_frame_and_a_close_in_the_upstreams_101_write_reach_the_client(
+    ws_server: WsServer, eager_upstream: Callable[[bytes], Awaitable[str]]
+) -> None:
+    # With the close in the same read the relay pumps frames (no splice): the frame first.
+    close = server_frame(Opcode.CLOSE, Close(4005, "bye").serialize())
+    service = await eager_upstream(server_frame(Opcode.TEXT, b"last words") + close)
+
+    async def heard() -> bool:
+        async with ws_server.connect(f"/ws/proxy/{service}/") as ws:
+            first = await asyncio.wait_for(ws.recv(), 5)
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await ws.recv()
+        assert info.value.rcvd is not None and info.value.rcvd.code == 4005
+        return bool(first == "last words")
+
+    await wait_for_async(heard, timeout=30)
+    for _ in range(3):
+        assert await heard()
