@@ -167,3 +167,26 @@ async def test_a_frame_and_a_close_in_the_upstreams_101_write_reach_the_client(
     await wait_for_async(heard, timeout=30)
     for _ in range(3):
         assert await heard()
+
+
+async def test_a_close_in_the_upgrade_requests_write_is_read_when_the_relay_pumps(
+    ws_server: WsServer, eager_upstream: Callable[[bytes], Awaitable[str]]
+) -> None:
+    # An upstream closing in its 101's write makes the relay pump frames (no splice):
+    # what the client sent with its upgrade is then Sanic's to read (`untap`), its
+    # close too, which Sanic answers (with its code) as soon as it reads it.
+    close = server_frame(Opcode.CLOSE, Close(4005, "bye").serialize())
+    service = await eager_upstream(close)
+
+    async def answered() -> int:
+        early = frame(Opcode.CLOSE, Close(1000, "done early").serialize())
+        raw = await open_raw(ws_server, f"/ws/proxy/{service}/", early)
+        try:
+            answer = await raw.recv()
+        finally:
+            raw.writer.transport.abort()
+        assert answer.opcode is Opcode.CLOSE
+        return Close.parse(answer.data).code
+
+    await wait_for_async(answered, timeout=30)  # once the registry view has it
+    assert [await answered() for _ in range(3)] == [1000] * 3
