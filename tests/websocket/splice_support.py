@@ -1,15 +1,16 @@
 """Tools of the splice tests (`websocket.splice`): a raw client that sends exact frames in
 exact pieces, a local upstream that records the pings it gets and can flood or close at
-once, and the handshake answer of a hand-written upstream."""
+once, and a hand-written upstream (`raw_upstream`) with its handshake answer."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import struct
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,6 +170,25 @@ async def reach(server: WsServer, upstream: LocalUpstream) -> None:
             return bool(await ws.recv() == "up?")
 
     await wait_for_async(echoes, timeout=30)
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(
+    redis_client: aioredis.Redis,
+    service: str,
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[None]:
+    """A hand-written upstream (`handler`, as `asyncio.start_server` calls it), the one
+    instance of `service` in the registry until the block ends."""
+    port = free_port()
+    server = await asyncio.start_server(handler, "127.0.0.1", port)
+    registry = Registry(redis_client, ttl=60)
+    await registry.heartbeat(InstanceRecord(service, "raw", kind="ws", address=f"127.0.0.1:{port}"))
+    try:
+        yield
+    finally:
+        await registry.deregister(service, "raw")
+        server.close()
 
 
 async def handshake_answer(reader: asyncio.StreamReader) -> bytes:

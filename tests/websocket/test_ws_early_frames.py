@@ -16,11 +16,16 @@ import redis.asyncio as aioredis
 import websockets
 from websockets.frames import Close, Frame, Opcode
 
-from common.registry import InstanceRecord, Registry
-from tests.helpers import free_port, wait_for_async
+from tests.helpers import wait_for_async
 from tests.support.ws_relay import service_fixture  # noqa: F401 (a fixture)
 from tests.websocket.conftest import WsServer
-from tests.websocket.splice_support import RawClient, frame, handshake_answer, open_raw
+from tests.websocket.splice_support import (
+    RawClient,
+    frame,
+    handshake_answer,
+    open_raw,
+    raw_upstream,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -101,11 +106,12 @@ async def test_frames_in_the_upgrade_requests_write_reach_a_relays_upstream(
 
 @pytest_asyncio.fixture
 async def eager_upstream(
-    redis_client: aioredis.Redis,
+    redis_client: aioredis.Redis, ws_server: WsServer
 ) -> AsyncIterator[Callable[[bytes], Awaitable[str]]]:
     """A hand-written upstream that writes its 101 and the bytes given (frames) in one
     write, then closes its connection once it reads anything more (the client's close,
-    or the relay's answer to its own); a factory: the bytes -> the service's name."""
+    or the relay's answer to its own); a factory: the bytes -> the service's name, once
+    `ws_server` relays to it."""
     after_101: list[bytes] = [b""]
 
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -114,20 +120,20 @@ async def eager_upstream(
             await reader.read(65536)
         writer.close()
 
-    service, port = f"ea{uuid.uuid4().hex[:8]}", free_port()
-    server = await asyncio.start_server(upstream, "127.0.0.1", port)
-    registry = Registry(redis_client, ttl=60)
-    await registry.heartbeat(InstanceRecord(service, "raw", kind="ws", address=f"127.0.0.1:{port}"))
+    service = f"ea{uuid.uuid4().hex[:8]}"
+
+    async def reached() -> bool:
+        raw = await open_raw(ws_server, f"/ws/proxy/{service}/")  # (asserts a 101)
+        raw.writer.transport.abort()
+        return True
 
     async def with_frames(data: bytes) -> str:
         after_101[0] = data
+        await wait_for_async(reached, timeout=30)  # once the registry view has it
         return service
 
-    try:
+    async with raw_upstream(redis_client, service, upstream):
         yield with_frames
-    finally:
-        await registry.deregister(service, "raw")
-        server.close()
 
 
 def server_frame(opcode: Opcode, data: bytes) -> bytes:
@@ -144,7 +150,6 @@ async def test_a_frame_in_the_upstreams_101_write_reaches_the_client(
         async with ws_server.connect(f"/ws/proxy/{service}/") as ws:
             return bool(await asyncio.wait_for(ws.recv(), 5) == "hello first")
 
-    await wait_for_async(greeted, timeout=30)  # once the registry view has it
     for _ in range(3):
         assert await greeted()
 
@@ -164,7 +169,6 @@ async def test_a_frame_and_a_close_in_the_upstreams_101_write_reach_the_client(
         assert info.value.rcvd is not None and info.value.rcvd.code == 4005
         return bool(first == "last words")
 
-    await wait_for_async(heard, timeout=30)
     for _ in range(3):
         assert await heard()
 
@@ -188,5 +192,4 @@ async def test_a_close_in_the_upgrade_requests_write_is_read_when_the_relay_pump
         assert answer.opcode is Opcode.CLOSE
         return Close.parse(answer.data).code
 
-    await wait_for_async(answered, timeout=30)  # once the registry view has it
     assert [await answered() for _ in range(3)] == [1000] * 3

@@ -16,8 +16,7 @@ import redis.asyncio as aioredis
 import websockets
 from websockets.frames import Close, Frame, Opcode
 
-from common.registry import InstanceRecord, Registry
-from tests.helpers import free_port, wait_for_async
+from tests.helpers import wait_for_async
 from tests.support.ws_relay import one_instance
 from tests.websocket.conftest import (
     Backends,
@@ -34,6 +33,7 @@ from tests.websocket.splice_support import (  # noqa: F401 (the *_fixture ones)
     local_upstream_fixture,
     open_raw,
     raw_client_fixture,
+    raw_upstream,
     reach,
 )
 from websocket.splice import CLOSE_TIMEOUT
@@ -250,10 +250,7 @@ async def test_a_close_in_the_same_read_as_the_handshake_response_is_relayed_too
         await reader.read(1024)  # the relay's answering close
         writer.close()
 
-    service, port = f"hs{uuid.uuid4().hex[:8]}", free_port()
-    server = await asyncio.start_server(upstream, "127.0.0.1", port)
-    registry = Registry(redis_client, ttl=60)
-    await registry.heartbeat(InstanceRecord(service, "raw", kind="ws", address=f"127.0.0.1:{port}"))
+    service = f"hs{uuid.uuid4().hex[:8]}"
 
     async def closed_4005() -> bool:
         async with ws_server.connect(f"/ws/proxy/{service}/") as ws:
@@ -261,7 +258,7 @@ async def test_a_close_in_the_same_read_as_the_handshake_response_is_relayed_too
                 await ws.recv()
         return info.value.rcvd is not None and info.value.rcvd.code == 4005
 
-    try:
+    async with raw_upstream(redis_client, service, upstream):
         await wait_for_async(closed_4005, timeout=30)  # once the registry view has it
         closed = LogWatch(ws_server, "connection closed")
         for _ in range(3):
@@ -273,6 +270,3 @@ async def test_a_close_in_the_same_read_as_the_handshake_response_is_relayed_too
             with pytest.raises(websockets.ConnectionClosed):
                 await ws.recv()
         assert [r["code"] for r in await closed.wait(1)] == [1008]
-    finally:
-        await registry.deregister(service, "raw")
-        server.close()

@@ -14,8 +14,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 from websockets.frames import Opcode
 
-from common.registry import InstanceRecord, Registry
-from tests.helpers import free_port, wait_for_async
+from tests.helpers import wait_for_async
 from tests.websocket.conftest import LogWatch
 from tests.websocket.splice_support import (  # noqa: F401 (the *_fixture one)
     LocalUpstream,
@@ -24,6 +23,7 @@ from tests.websocket.splice_support import (  # noqa: F401 (the *_fixture one)
     handshake_answer,
     local_upstream_fixture,
     open_raw,
+    raw_upstream,
     reach,
 )
 
@@ -56,17 +56,11 @@ async def stalled_upstream(redis_client: aioredis.Redis) -> AsyncIterator[Stalle
         upstream.ended += 1
         writer.transport.abort()
 
-    port = free_port()
-    server = await asyncio.start_server(handler, "127.0.0.1", port)
-    registry = Registry(redis_client, ttl=60)
-    record = InstanceRecord(upstream.service, "stalled", kind="ws", address=f"127.0.0.1:{port}")
-    await registry.heartbeat(record)
-    try:
-        yield upstream
-    finally:
-        upstream.read.set()
-        await registry.deregister(upstream.service, "stalled")
-        server.close()
+    async with raw_upstream(redis_client, upstream.service, handler):
+        try:
+            yield upstream
+        finally:
+            upstream.read.set()
 
 
 async def flood_until_stalled(raw: RawClient) -> None:
