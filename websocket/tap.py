@@ -79,13 +79,14 @@ class TapServerProtocol(WebSocketProtocol, LingeringHttpProtocol):
         later bytes go (the tap, or Sanic's WebSocket), first. Called as soon as
         `websocket` is set, with nothing awaited since (Sanic's `connection_made`
         awaits nothing): no later byte can have gone first."""
+        if not self.recv_buffer:  # the usual case
+            return
         early = bytes(self.recv_buffer)
         self.recv_buffer.clear()
-        if early:
-            transport = self.transport
-            if transport is not None and not transport.is_reading() and self._can_write.is_set():
-                transport.resume_reading()  # Sanic pauses it when its buffer is full
-            self.data_received(early)
+        transport = self.transport
+        if transport is not None and not transport.is_reading() and self._can_write.is_set():
+            transport.resume_reading()  # Sanic pauses it when its buffer is full
+        self.data_received(early)
 
     def data_received(self, data: bytes) -> None:
         if self.websocket is None:  # before `websocket`: into `recv_buffer`
