@@ -61,10 +61,18 @@ counts the splice as one request from connect to end (least-connections sees ope
 splices) that took the connect time (what least-time learns).
 Timeouts: Sanic's keep-alive timeout while nothing is outstanding, its response
 timeout while a request is (`FastPathProtocol.check_timeouts`), both counted from
-the last byte; and a request head held incomplete must come whole within
+the last byte (empty lines aside: below); and a request head held incomplete must come whole within
 `REQUEST_HEAD_TIMEOUT` of its first bytes (a client trickling it held both
 connections for good), else a 408 and the connection closes; while requests
-forwarded before it are unanswered, it closes once they are answered, with no 408. Backpressure: a
+forwarded before it are unanswered, it closes once they are answered, with no 408.
+Empty lines (CRLF, or a CR or LF alone) read between requests are dropped, neither
+forwarded nor counted as activity: RFC 9112 §2.2 lets a server ignore them before a
+request line, and a client sending one every little while (each restarted the
+keep-alive timeout, and the instance got them) held both connections for good. Idle,
+such a client is closed at the keep-alive timeout from the last request or response,
+as a silent one is. (nginx does not restart its timer at each either: the first one
+ends its keep-alive wait, and the request line must then come within
+`client_header_timeout`, which closes the connection with no answer.) Backpressure: a
 side whose socket buffer is full stops the other side being read.
 
 A route with `"tunnel": true` as well is spliced by `webapi.tunnel.Tunnel` instead,
@@ -98,6 +106,9 @@ log = get_logger("webapi.passthrough")
 MAX_HEAD = 64 * 1024
 # HEAD is not relayed: its response has no body, which a response parser cannot know.
 PASSTHROUGH_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
+# The bytes of the empty lines a client may send between requests (CR and LF alone too:
+# httptools skips either there, as nginx does).
+_EMPTY_LINE = b"\r\n"
 
 
 def passthrough_rule(policy: PolicyDocument, url: bytes) -> RouteRule | None:
@@ -322,12 +333,20 @@ class PassThrough(SpliceBase):
         found = passthrough_rule(document, url)
         return found is not None and (found is self.rule or found == self.rule)
 
-    def from_client(self, data: bytes) -> None:
+    def from_client(self, data: bytes) -> bool:
         """Forward `data` unless it holds a request that is not the route's; hold it while
-        a request head is incomplete (its path is not known yet). Hot path."""
+        a request head is incomplete (its path is not known yet). False when `data` was
+        nothing but empty lines between requests: dropped, and no activity (the idle
+        timer must not restart: module docstring). Hot path."""
         if self.ending is not None:  # reading is paused; a read already under way
             self.leftover += data
-            return
+            return True
+        if data[0] in _EMPTY_LINE and not self.unsent and self.requests.complete == self.begun:
+            # Between requests (none forwarded is still arriving, no head is held): the
+            # empty lines RFC 9112 §2.2 lets a server ignore before a request line.
+            data = data.lstrip(_EMPTY_LINE)
+            if not data:
+                return False
         calls = self.requests
         if not self.unsent:
             self.unsent_complete = calls.complete
@@ -347,7 +366,7 @@ class PassThrough(SpliceBase):
             # (theirs are forwarded); else the connection ends (see `_end_of_requests`).
             if self.unsent_complete != self.begun:
                 self._end_after(self.unsent_complete, b"", close=True)
-                return
+                return True
             ours = calls.foreign - 1
             if ours:
                 end = _end_of_requests(data, ours)
@@ -356,7 +375,7 @@ class PassThrough(SpliceBase):
                 self.upstream.transport.write(data[:end])  # type: ignore[union-attr]
                 data = data[end:]
             self._end_after(self.begun, data, close=False)
-            return
+            return True
         if calls.in_head:
             if len(data) > MAX_HEAD:
                 self._end_after(self.unsent_complete, b"", close=True)
@@ -364,10 +383,11 @@ class PassThrough(SpliceBase):
                 self.unsent = data
                 if not self.head_began:
                     self.head_began = monotonic()
-            return
+            return True
         self.begun += calls.begun
         self.stats.requests += calls.begun
         self.upstream.transport.write(data)  # type: ignore[union-attr]
+        return True
 
     def from_upstream(self, data: bytes) -> None:
         """Forward the upstream's bytes to the client, counting responses. Hot path."""

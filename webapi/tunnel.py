@@ -74,10 +74,11 @@ class Tunnel(SpliceBase):
         """Always: a tunnel cannot tell that the connection is between requests."""
         return True
 
-    def from_client(self, data: bytes) -> None:
-        """Hot path."""
+    def from_client(self, data: bytes) -> bool:
+        """Relay `data`; True: every read is activity (nothing is read to tell). Hot path."""
         self.awaiting = True
         self.upstream.transport.write(data)  # type: ignore[union-attr]
+        return True
 
     def from_upstream(self, data: bytes) -> None:
         """Hot path."""

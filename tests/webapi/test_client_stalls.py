@@ -123,6 +123,31 @@ def test_a_trickling_head_on_a_passthrough_route_gets_a_408(
         assert spliced == 1  # (it was the splice's, not Sanic's)
 
 
+@pytest.mark.parametrize("line", [b"\r\n", b"\r"], ids=["CRLF", "CR"])
+def test_empty_lines_between_requests_do_not_keep_a_splice_open(
+    backend: Backend, line: bytes
+) -> None:
+    # A client idle on a spliced connection sends an empty line every little while:
+    # each restarted the keep-alive timeout (1 s here) and went to the instance, so
+    # both connections stayed open for good (the instance, Sanic, ends one after two
+    # CRLFs; a CR alone, or an instance that ignores them as RFC 9112 §2.2 lets it,
+    # never). The keep-alive timeout counts from the last answer and closes it.
+    route = {"prefix": "/echo/", "service": backend.service, "public": True,
+             "strip_prefix": False, "passthrough": True}  # fmt: skip
+    with running_gateway(backend.redis_url, SANIC_KEEP_ALIVE_TIMEOUT="1") as gateway:
+        apply_routes(gateway, backend.redis_url, [route])
+        try:
+            with connect(gateway) as sock:
+                sock.sendall(b"GET /echo/a HTTP/1.1\r\nHost: g\r\n\r\n")
+                assert read_answers(sock, 1)[0].status == 200
+                ended = trickle(sock, line * 100, every=0.2, limit=6)
+                assert ended and sock.recv(65536) == b""  # closed, with no answer
+            spliced = as_admin.get(f"{gateway}/admin/proxy/stats", timeout=5).json()
+            assert spliced["passthrough"]["connections"] == 1
+        finally:
+            apply_routes(gateway, backend.redis_url, [])
+
+
 def _assert_head_stalled(answer: Answer) -> None:
     """`answer` is the head deadline's 408 (not the per-silence one: the same code)."""
     assert (answer.status, _code(answer)) == (408, "request_timeout")

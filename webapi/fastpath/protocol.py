@@ -59,9 +59,11 @@ class FastPathProtocol(LingeringHttpProtocol):
     # asyncio.Protocol callbacks
 
     def data_received(self, data: bytes) -> None:
-        if self._passthrough is not None:
-            self._time = current_time()
-            self._passthrough.from_client(data)
+        splice = self._passthrough
+        if splice is not None:
+            # (empty lines between requests are no activity: `PassThrough.from_client`)
+            if splice.from_client(data):
+                self._time = current_time()
             return
         if self._fast is not None or self._held:  # answering, or a body is arriving
             self._time = current_time()
