@@ -22,6 +22,20 @@ the same on a channel with no subscriber here (one left as the message was on it
 way), the hub leaves it then. A subscribe while Redis is down raises (the session
 answers `service_unavailable`), and nothing of it is kept.
 
+A channel's first subscribe waits for Redis's reply to its SUBSCRIBE (read by the
+reader: `_answered`), at most `SUBSCRIBE_TIMEOUT`: an error reply (NOPERM from an ACL
+user whose channel patterns leave the channel out, say) raises it, and nothing of
+that subscribe is kept (the session answers it with an error frame, and goes on).
+redis-py only sends the command: the reply came to the reader, which logged it as a
+failure of its own, while the client had been told `subscribed` and the hub kept a
+channel that never delivered. Subscribes wait under the hub's lock, one at a time,
+so an error reply is taken for the SUBSCRIBE's being answered (one to a reconnect's
+SUBSCRIBE of the other channels, or to an UNSUBSCRIBE, would refuse it wrongly: a
+retry asks again); and the reader never waits on that lock (what it leaves, it
+leaves from a task), or a subscribe waiting for the reader would wait for good. A
+message the reader reads between the reply and the subscriber's being added is not
+delivered: it raced the subscribe, whose `subscribed` answer has not gone yet.
+
 A subscriber that leaves (`unsubscribe`; `drop`, a closed connection's every
 channel) is removed here first, at once: nothing is delivered to it after, whatever
 the Redis calls that follow do. Unsubscribing in Redis is best effort: should it
@@ -47,6 +61,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from common import constants
 from common.aio import cancel_and_wait, cancelling, held
@@ -58,6 +74,8 @@ from common.outage import Outage
 log = get_logger("websocket.hub")
 
 CHANNEL = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+# How long a channel's first subscribe waits for Redis's reply (module docstring).
+SUBSCRIBE_TIMEOUT = 5.0
 
 # What a subscriber is to the hub: a function taking the encoded frame.
 Deliver = Callable[[str], object]
@@ -71,6 +89,8 @@ class ChannelHub:
         self._pubsub = _HubPubSub(redis, self._subscribers)
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
+        # The Redis channel whose SUBSCRIBE awaits its reply, and what the reply settles.
+        self._answer: tuple[str, asyncio.Future[None]] | None = None
         self._leaving: set[asyncio.Task[None]] = set()  # `drop`'s unsubscribes in Redis
         self._unsubscribing = Outage(
             log, "push channel unsubscribe failed", "push channel unsubscribe back"
@@ -81,15 +101,53 @@ class ChannelHub:
         return sorted(self._subscribers)
 
     async def subscribe(self, channel: str, deliver: Deliver) -> None:
-        """Deliver `channel`'s messages to `deliver` (subscribing in Redis if it is the first)."""
+        """Deliver `channel`'s messages to `deliver` (subscribing in Redis if it is the
+        first). Raises what Redis answered when it refuses (a `ResponseError`), or the
+        connection's error (`REDIS_DOWN_ERRORS`; `TimeoutError` when no reply came)."""
         async with self._lock:
             subscribers = self._subscribers.get(channel)
             if subscribers is None:
-                await self._pubsub.subscribe(constants.push_channel(channel))
-                subscribers = self._subscribers[channel] = set()
-                if self._reader is None:
-                    self._start_reader()
+                await self._subscribe(channel)
+                subscribers = self._subscribers[channel]
             subscribers.add(deliver)
+
+    async def _subscribe(self, channel: str) -> None:
+        """SUBSCRIBE `channel` in Redis and wait for the reply (the lock held). Meanwhile
+        the channel is the hub's with no subscriber: nothing is delivered, and a
+        reconnect subscribes it again."""
+        name = constants.push_channel(channel)
+        answer = asyncio.get_running_loop().create_future()
+        self._answer = (name, answer)
+        try:
+            await self._pubsub.subscribe(name)
+            self._subscribers[channel] = set()
+            if self._reader is None:
+                self._start_reader()
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+                await answer
+        except BaseException:
+            self._subscribers.pop(channel, None)
+            # Not subscribed again on a reconnect; should Redis have subscribed it after
+            # all, its first message finds no subscriber, and the hub leaves it then.
+            for key in (name, name.encode()):  # (bytes, unless the client decodes replies)
+                self._pubsub.channels.pop(key, None)
+            raise
+        finally:
+            self._answer = None
+
+    def _answered(self, name: bytes | str | None, error: Exception | None = None) -> bool:
+        """The reader's news for the SUBSCRIBE awaiting its reply: `name` confirmed, or
+        `error` (an error reply, or the connection lost). Whether one was waiting for it."""
+        waiting = self._answer
+        if waiting is None or waiting[1].done():
+            return False
+        if error is not None:
+            waiting[1].set_exception(error)
+        elif name is not None and as_text(name) == waiting[0]:
+            waiting[1].set_result(None)
+        else:
+            return False  # another channel's (a reconnect subscribing its channels again)
+        return True
 
     async def unsubscribe(self, channel: str, deliver: Deliver) -> None:
         """Stop delivering `channel` to `deliver`, at once; then, if it was the last,
@@ -102,8 +160,13 @@ class ChannelHub:
         whatever Redis does; those it was the last subscriber of are unsubscribed in
         Redis by a task of the hub's (best effort, as `unsubscribe`)."""
         emptied = [channel for channel in channels if self._forget(channel, deliver)]
-        if emptied and not self._closed:
-            held(self._leaving, self._unsubscribe_emptied(emptied), name="push-hub-leave")
+        if emptied:
+            self._leave(emptied)
+
+    def _leave(self, channels: list[str]) -> None:
+        """Unsubscribe `channels` in Redis from a task of the hub's (`_unsubscribe_emptied`)."""
+        if not self._closed:
+            held(self._leaving, self._unsubscribe_emptied(channels), name="push-hub-leave")
 
     def _forget(self, channel: str, deliver: Deliver) -> bool:
         """Remove `deliver` from `channel`'s subscribers; whether it was the last."""
@@ -138,6 +201,7 @@ class ChannelHub:
 
     async def close(self) -> None:
         self._closed = True
+        self._answered(None, RedisConnectionError("the push hub is closed"))  # (no reader now)
         for task in list(self._leaving):
             await cancel_and_wait(task)
         await cancel_and_wait(self._reader)
@@ -163,20 +227,31 @@ class ChannelHub:
             try:
                 message = await self._pubsub.get_message(timeout=1.0)
                 outage.recovered()
-                if message is not None and message.get("type") == "message":
-                    await self._fan_out(_local(message["channel"]), message["data"])
+                if message is not None:
+                    kind = message.get("type")
+                    if kind == "message":
+                        self._fan_out(_local(message["channel"]), message["data"])
+                    elif kind == "subscribe":
+                        self._answered(message["channel"])
                 broken.recovered()
             except REDIS_DOWN_ERRORS as exc:
+                self._answered(None, exc)  # (a reconnect may subscribe it: asked again)
                 outage.failed(exc)
                 await asyncio.sleep(0.5)
+            except ResponseError as exc:
+                if not self._answered(None, exc):  # an error reply nothing waited for
+                    broken.failed(exc)
+                    await asyncio.sleep(0.5)
             except Exception as exc:  # a bug: logged once, and the others still get theirs
                 broken.failed(exc)
                 await asyncio.sleep(0.5)
 
-    async def _fan_out(self, channel: str, payload: bytes | str) -> None:
+    def _fan_out(self, channel: str, payload: bytes | str) -> None:
         subscribers = self._subscribers.get(channel)
-        if not subscribers:  # left as this message was on its way
-            await self._unsubscribe_emptied([channel])
+        if subscribers is None:  # left as this message was on its way
+            self._leave([channel])
+            return
+        if not subscribers:  # its subscribe is not answered yet: nobody is told of it
             return
         frame = encode(channel, payload)
         failed: list[Deliver] | None = None
@@ -187,7 +262,7 @@ class ChannelHub:
                 log.exception("push delivery failed", extra={"fields": {"channel": channel}})
                 failed = [*(failed or ()), deliver]
         for deliver in failed or ():
-            await self.unsubscribe(channel, deliver)
+            self.drop([channel], deliver)
 
 
 class _HubPubSub(PubSub):
@@ -195,7 +270,8 @@ class _HubPubSub(PubSub):
     the hub has subscribers for (`subscribed`, the hub's own map, read as it is then)."""
 
     def __init__(self, redis: aioredis.Redis, subscribed: dict[str, set[Deliver]]) -> None:
-        super().__init__(redis.connection_pool, ignore_subscribe_messages=True)
+        # (the reader reads subscribe confirmations: `ChannelHub._answered`)
+        super().__init__(redis.connection_pool)
         self._subscribed = subscribed
 
     async def on_connect(self, connection: Connection) -> None:

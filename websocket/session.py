@@ -29,10 +29,13 @@ methods need `admin`), else it is answered with -32005; it carries the session's
 credential's caller (`common.caller`), which a handler's `Caller` parameter gets.
 A subscribe needs a scope reaching the service its channel's first segment names
 (`iptv:now:7`: `iptv`, as `/svc/iptv/` would; `common.scopes.channel_resource`),
-else it is answered with code `forbidden` and nothing is subscribed; unsubscribing
-needs no scope. An `auth` that renews with a credential not reaching a subscribed
-channel leaves it, with `{"type": "unsubscribed", "channel", "reason": "forbidden"}`
-sent before the `authenticated` answer.
+else it is answered with code `forbidden` and nothing is subscribed; one Redis
+refuses for another reason than an outage (an ACL's NOPERM) with code
+`subscribe_refused`, logged as a warning (`subscribe refused by redis`, within the
+connection's bound), and the session goes on; unsubscribing needs no scope. An
+`auth` that renews with a credential not reaching a subscribed channel leaves it,
+with `{"type": "unsubscribed", "channel", "reason": "forbidden"}` sent before the
+`authenticated` answer.
 Messages are handled in the order they come. Most are answered at once, from
 the connection's `data_received` (`websocket.client`); one that must wait
 (`auth`, `subscribe`, `unsubscribe`) is handled by a task, and the messages
@@ -51,10 +54,11 @@ from typing import TYPE_CHECKING, Any
 
 from common.aio import held
 from common.codec import parse_json
-from common.connection import REDIS_DOWN_ERRORS
+from common.connection import REDIS_DOWN_OR_REFUSING
 from common.credentials import Principal
 from common.errors import RpcError, ServiceUnavailable, Unauthorized, shortened
 from common.log import get_logger
+from common.redis_failures import redis_failure, redis_failure_message
 from websocket import jsonrpc
 from websocket.auth import authenticate, may_call, may_subscribe
 from websocket.client import BACKLOG_FULL
@@ -247,9 +251,9 @@ class Session:
                 channels.add(channel)  # first: `close` leaves it if it closes meanwhile
                 try:
                     await self.ctx.hub.subscribe(channel, self.conn.send)
-                except REDIS_DOWN_ERRORS as exc:
+                except REDIS_DOWN_OR_REFUSING as exc:
                     channels.discard(channel)  # not subscribed: a retry must subscribe
-                    self._unavailable(f"push channels unavailable: {exc}", id_)
+                    self._subscribe_failed(channel, exc, id_)
                     return
                 if self.channels is not channels:
                     # Closed while subscribing, its cancellation swallowed on the way
@@ -263,6 +267,22 @@ class Session:
                 channels.discard(channel)
                 await self.ctx.hub.unsubscribe(channel, self.conn.send)
             self.send(_with_id({"type": "unsubscribed", "channel": channel}, id_))
+
+    def _subscribe_failed(self, channel: str, exc: Exception, id_: Any) -> None:
+        """Answer a subscribe Redis did not take: `service_unavailable` when Redis is down
+        or refusing for now (a retry may work), `subscribe_refused` for any other error
+        reply (an ACL's NOPERM: not this session's to mend). Never redis-py's text,
+        which names Redis's address: that goes to the log."""
+        kind = redis_failure(exc)
+        if kind is not None:
+            self._unavailable(f"push channels unavailable: {redis_failure_message(exc, kind)}",
+                              id_)  # fmt: skip
+            return
+        self._refusal_log().failed("subscribe refused by redis",
+                                   {"channel": channel, "error": str(exc)})  # fmt: skip
+        message = f"redis refused to subscribe the channel {channel}"
+        self.send(_with_id({"type": "error", "error": {"code": "subscribe_refused",
+                                                        "message": message}}, id_))  # fmt: skip
 
     def call(self, message: object) -> None:
         """Start a JSON-RPC call; its answer is sent when it completes (calls run concurrently)."""

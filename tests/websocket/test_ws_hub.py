@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from common import constants
 from common.connection import connect
 from common.embedded_redis import EmbeddedRedis
+from common.principal import Principal
 from tests.helpers import wait_for_async
 from websocket.connections import Connections
 from websocket.hub import ChannelHub
@@ -173,14 +174,46 @@ async def test_a_closed_session_leaves_every_channel_even_when_redis_py_raises(
     assert unretrieved == []
 
 
+async def test_a_subscribe_refused_at_the_connections_handshake_leaves_the_session_open() -> None:
+    """Redis refusing the hub's new pub/sub connection an error reply that is no outage
+    (an ACL user without CLIENT: CLIENT SETNAME is NOPERM) raised from the subscribe
+    itself, and the session closed with 1011 internal error. Now the client gets an
+    error frame for that subscribe, and the session stays open."""
+    refusing = ["--user", "default", "on", "nopass", "~*", "&*", "+@all", "-client"]
+    server = EmbeddedRedis(extra_args=refusing).start()
+    redis = connect(server.url, name="websocket")  # as the service's: CLIENT SETNAME
+    hub = ChannelHub(redis)
+    conn = _Connection()
+    ctx = SimpleNamespace(hub=hub, settings=SimpleNamespace(ws_max_subscriptions=10))
+    session = Session(cast("WsContext", ctx), cast("ClientProtocol", conn))
+    session.principal = Principal("user", "u1", "alice", frozenset(), frozenset({"*"}))
+    try:
+        session.received(json.dumps({"type": "subscribe", "channel": "news:1", "id": 7}))
+        assert session.worker is not None
+        await asyncio.wait_for(session.worker, 10)
+        assert conn.failed == []
+        (frame,) = (json.loads(f) for f in conn.frames)
+        assert (frame["id"], frame["error"]["code"]) == (7, "subscribe_refused")
+        assert "127.0.0.1" not in frame["error"]["message"]  # (redis-py's text names it)
+        assert hub.channels() == [] and session.channels == set()
+    finally:
+        await hub.close()
+        await redis.aclose()
+        server.stop()
+
+
 class _Connection:
     """What a session needs of its connection (`websocket.client.ClientProtocol`) here."""
 
     def __init__(self) -> None:
         self.frames: list[str] = []
+        self.failed: list[tuple[int, str]] = []
 
     def send(self, frame: str) -> None:
         self.frames.append(frame)
+
+    def fail(self, code: int, reason: str) -> None:
+        self.failed.append((code, reason))
 
 
 def _ignore(frame: str) -> None:

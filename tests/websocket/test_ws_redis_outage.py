@@ -47,6 +47,8 @@ async def test_push_channels_and_credentials_through_a_redis_restart(tmp_path: P
             await ws.send(json.dumps({"type": "subscribe", "channel": "new", "id": 1}))
             answer = await recv_json(ws)
             assert (answer["id"], answer["error"]["code"]) == (1, "service_unavailable")
+            # The kind, not redis-py's text (it named Redis's address).
+            assert answer["error"]["message"] == "push channels unavailable: redis unreachable"
             # Each is a warning, within the connection's bound: a client retrying in a
             # loop wrote one line per subscribe (`websocket.errors.RefusalLog.failed`).
             for _ in range(LOGGED_PER_WINDOW + 5):

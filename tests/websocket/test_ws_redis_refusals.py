@@ -12,7 +12,7 @@ import uuid
 import pytest
 import redis
 
-from common import constants
+from common import constants, revocation
 from common.embedded_redis import EmbeddedRedis
 from tests.helpers import wait_for
 from tests.support.redis_states import MESSAGES, STATES
@@ -70,5 +70,39 @@ async def test_the_service_starts_on_a_fresh_redis_out_of_memory() -> None:
     finally:
         if ws_server is not None:
             ws_server.proc.stop()
+        admin.close()
+        server.stop()
+
+
+async def test_a_subscribe_redis_refuses_is_an_error_frame_and_the_session_goes_on() -> None:
+    """A Redis ACL user whose pub/sub channels leave out some push channels: Redis
+    answers their SUBSCRIBE with NOPERM. The client was told `subscribed` and got
+    nothing, ever (the reply reached the hub's reader, logged as a failure of its
+    own), and the hub kept the channel: a later subscriber was told `subscribed` at
+    once. Now that subscribe is refused with an error frame, nothing of it is kept,
+    and the session goes on."""
+    channels = (constants.REGISTRY_EVENTS, constants.POLICY_CHANNEL, revocation.CHANNEL,
+                constants.push_channel("open:*"))  # fmt: skip
+    acl = ["--user", "default", "on", "nopass", "~*", "resetchannels",
+           *(f"&{c}" for c in channels), "+@all"]  # fmt: skip
+    server = EmbeddedRedis(extra_args=acl).start()
+    admin = redis.Redis(port=server.port)
+    ws_server = start_ws_server(server.url)
+    subscribe = {"type": "subscribe", "channel": "closed:1", "id": 1}
+    try:
+        for _ in range(2):  # (the second: nothing of the first was kept)
+            async with ws_server.connect() as ws:
+                await ws.send(json.dumps(subscribe))
+                answer = await recv_json(ws)
+                assert answer["error"]["code"] == "subscribe_refused", answer
+                assert "closed:1" in answer["error"]["message"]
+                await ws.send(json.dumps({"type": "subscribe", "channel": "open:1", "id": 2}))
+                assert await recv_json(ws) == {"type": "subscribed", "channel": "open:1", "id": 2}
+                admin.publish(constants.push_channel("open:1"), "news")
+                assert (await recv_json(ws))["data"] == "news"
+        assert ws_server.proc.log_records("message handling failed") == []
+        assert ws_server.proc.log_records("push channel reader failed") == []
+    finally:
+        ws_server.proc.stop()
         admin.close()
         server.stop()
