@@ -62,11 +62,17 @@ def policy_version(gateway: str) -> int:
     return int(httpx.get(f"{gateway}/health", timeout=5).json()["policy_version"])
 
 
+def wait_applied(gateway: str, version: int, timeout: float = 10.0) -> None:
+    """Wait until the gateway at `gateway` has applied the policy `version` (or a later
+    one); fail after `timeout` seconds. (From a coroutine: `asyncio.to_thread`.)"""
+    wait_for(lambda: policy_version(gateway) >= version, timeout=timeout)
+
+
 def apply_routes(
     gateway: str, redis_url: str, routes: list[dict[str, Any]], **fields: Any
 ) -> PolicyDocument:
     """Set the policy's routes (and other top-level `fields`) and wait until the
     gateway has applied them (that version or a later one)."""
     doc = set_document(redis_url, routes=routes, **fields)
-    wait_for(lambda: policy_version(gateway) >= doc.version, timeout=10)
+    wait_applied(gateway, doc.version)
     return doc

@@ -23,9 +23,9 @@ from tests.helpers import (
     wait_for,
     wait_for_async,
 )
-from tests.support.policy import set_service
+from tests.support.policy import set_service, wait_applied
 from tests.support.registry import dead_instances
-from tests.webapi.conftest import as_admin, gateway_process, policy_version
+from tests.webapi.conftest import as_admin, gateway_process
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -284,7 +284,7 @@ def test_consistent_hash_is_sticky(backends: Backends) -> None:
 def test_hash_on_a_header_the_policy_names(backends: Backends) -> None:
     doc = set_service(backends.redis_url, backends.service, strategy="hash",
                       hash_on="header:X-User-Id")  # fmt: skip
-    wait_for(lambda: policy_version(backends.gateway) >= doc.version)
+    wait_applied(backends.gateway, doc.version)
 
     def owners(user: str) -> set[str]:
         # X-Balance-Key changes with every request: the policy's header is the key now.
@@ -370,7 +370,7 @@ def test_retries_stop_when_the_services_retry_budget_is_spent(gateway: str, redi
     doc = set_service(
         redis_url, service, retries=2, retry_budget={"ratio": 0.0, "min_per_second": 0.0}
     )
-    wait_for(lambda: policy_version(gateway) >= doc.version)
+    wait_applied(gateway, doc.version)
 
     async def scenario() -> list[int]:
         async with dead_instances(redis_url, service, 5):

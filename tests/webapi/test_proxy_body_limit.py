@@ -10,9 +10,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.helpers import wait_for
-from tests.support.policy import set_service
-from tests.webapi.conftest import Backend, as_admin, policy_version, running_backend
+from tests.support.policy import set_service, wait_applied
+from tests.webapi.conftest import Backend, as_admin, running_backend
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,7 +23,7 @@ def limited(gateway: str, redis_url: str) -> Iterator[Backend]:
     """A backend whose service takes bodies of at most `LIMIT` bytes."""
     with running_backend(gateway, redis_url) as b:
         doc = set_service(redis_url, b.service, max_body=LIMIT)
-        wait_for(lambda: policy_version(gateway) >= doc.version, timeout=10)
+        wait_applied(gateway, doc.version)
         yield b
 
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from tests.helpers import issue_api_key, wait_for, wait_for_async
-from tests.support.policy import update_service
+from tests.helpers import issue_api_key, wait_for_async
+from tests.support.policy import update_service, wait_applied
 from tests.support.registry import registered
-from tests.webapi.conftest import fast_path, policy_version
+from tests.webapi.conftest import fast_path
 from tests.webapi.upstream_servers import Peer, Upstream, ok
 
 pytestmark = pytest.mark.timeout(120)
@@ -87,7 +87,7 @@ async def bounded(gateway: str, redis_url: str, auth: dict[str, str]) -> AsyncIt
             return reply.status_code == 200
 
         await wait_for_async(known, timeout=10)
-        await asyncio.to_thread(wait_for, lambda: policy_version(gateway) >= doc.version)
+        await asyncio.to_thread(wait_applied, gateway, doc.version)
         yield Bounded(gateway, redis_url, service, instance, client, auth)
 
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-from tests.support.policy import update_document
+from tests.support.policy import update_document, wait_applied
 from tests.support.raw_http import Answer, closed_by_peer, connect, read_answers
 from tests.support.registry import registered
-from tests.webapi.conftest import as_admin, gateway_process, policy_version
+from tests.webapi.conftest import as_admin, gateway_process
 from tests.webapi.upstream_servers import Peer, Upstream, ok
 
 pytestmark = pytest.mark.timeout(120)
@@ -117,10 +117,7 @@ async def relayed(gateway: str, redis_url: str) -> AsyncIterator[Relayed]:
     ):
         doc = await update_document(redis_url, routes=routes)
         try:
-            for _ in range(200):
-                if await asyncio.to_thread(policy_version, gateway) >= doc.version:
-                    break
-                await asyncio.sleep(0.05)
+            await asyncio.to_thread(wait_applied, gateway, doc.version)
             yield Relayed(gateway, service, instance)
         finally:
             await update_document(redis_url, routes=[])

@@ -16,17 +16,10 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import wait_for
 from tests.support.malformed import CASES
-from tests.support.policy import set_document
+from tests.support.policy import set_document, wait_applied
 from tests.support.raw_http import Answer, connect, read_answers
-from tests.webapi.conftest import (
-    Backend,
-    as_admin,
-    gateway_process,
-    policy_version,
-    running_gateway,
-)
+from tests.webapi.conftest import Backend, as_admin, gateway_process, running_gateway
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -104,7 +97,7 @@ def test_a_fragment_in_a_policy_routes_target_is_refused(backend: Backend) -> No
         {"prefix": "/pub/", "service": backend.service, "strip_prefix": True, "public": True},
     ])  # fmt: skip
     try:
-        wait_for(lambda: policy_version(backend.gateway) >= doc.version, timeout=5)
+        wait_applied(backend.gateway, doc.version, timeout=5)
         uploads = _uploads(backend)
         for target in ("/pub/upload#frag", "/pub/..#", "/pub/x/..#/upload"):
             head = f"POST {target} HTTP/1.1\r\nHost: gateway.test\r\nContent-Length: 0\r\n\r\n"

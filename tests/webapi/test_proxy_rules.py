@@ -17,10 +17,10 @@ import httpx
 import pytest
 
 from common.balancing import HealthBook
-from tests.helpers import issue_api_key, wait_for, wait_for_async
-from tests.support.policy import update_service
+from tests.helpers import issue_api_key, wait_for_async
+from tests.support.policy import update_service, wait_applied
 from tests.support.registry import registered
-from tests.webapi.conftest import Backend, answered, policy_version
+from tests.webapi.conftest import Backend, answered
 from tests.webapi.upstream_servers import Peer, Upstream, keep_alive, ok
 
 pytestmark = pytest.mark.timeout(120)
@@ -136,7 +136,7 @@ async def test_timeouts_are_not_retried_and_a_streak_of_them_ejects(
     pair: Pair, redis_url: str
 ) -> None:
     doc = await update_service(redis_url, pair.service, timeout=0.3)  # not PROXY_TIMEOUT's 1 s
-    await asyncio.to_thread(wait_for, lambda: policy_version(pair.gateway) >= doc.version)
+    await asyncio.to_thread(wait_applied, pair.gateway, doc.version)
     pair.script.mode = "stall"
     replies: dict[str, httpx.Response] = {}
     timeouts = 0

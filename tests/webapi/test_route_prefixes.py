@@ -10,9 +10,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.helpers import wait_for
-from tests.support.policy import set_document
-from tests.webapi.conftest import Backend, as_admin, policy_version
+from tests.support.policy import set_document, wait_applied
+from tests.webapi.conftest import Backend, as_admin
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,7 +25,7 @@ def routed(backend: Backend) -> Iterator[Backend]:
         {"prefix": "/healthz/", "service": service, "public": True},
     ])  # fmt: skip
     try:
-        wait_for(lambda: policy_version(backend.gateway) >= doc.version, timeout=5)
+        wait_applied(backend.gateway, doc.version, timeout=5)
         yield backend
     finally:
         set_document(backend.redis_url, routes=[])

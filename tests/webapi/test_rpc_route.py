@@ -14,8 +14,8 @@ import pytest
 from common.settings import MIN_PAYLOAD_LIMIT, get_settings
 from tests.helpers import serve_until_live, wait_for, wait_for_async
 from tests.support.calc_service import build
-from tests.support.policy import set_document
-from tests.webapi.conftest import Stack, answered, as_admin, policy_version, running_gateway
+from tests.support.policy import set_document, wait_applied
+from tests.webapi.conftest import Stack, answered, as_admin, running_gateway
 
 
 def _error(response: httpx.Response) -> dict[str, str]:
@@ -325,7 +325,7 @@ def test_an_rpc_service_behind_a_proxy_route_is_a_404_naming_its_rpc_route(stack
 
         doc = set_document(stack.redis_url, routes=[{"prefix": "/calc-http/", "service": "calc"}])
         try:
-            wait_for(lambda: policy_version(base) >= doc.version, timeout=5)
+            wait_applied(base, doc.version, timeout=5)
             refused(client.get(f"{base}/calc-http/add"))
         finally:
             set_document(stack.redis_url, routes=[])

@@ -17,12 +17,11 @@ import httpx
 import pytest
 
 from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
-from tests.support.policy import set_document, set_service
+from tests.support.policy import set_document, set_service, wait_applied
 from tests.webapi.conftest import (
     Backend,
     as_admin,
     fast_path,
-    policy_version,
     running_backend,
     running_gateway,
 )
@@ -65,7 +64,7 @@ def test_an_ip_rate_limit_reads_the_proxys_line_not_the_clients(pair: Backend) -
             "rate": 1, "period": 60, "burst": 3}  # fmt: skip
     version = set_document(pair.redis_url, limits=[rule]).version
     try:
-        wait_for(lambda: policy_version(pair.gateway) >= version, timeout=10)
+        wait_applied(pair.gateway, version)
         # One client (the proxy's line) writing a new address in its own line each time.
         answers = [_echo(pair, f"198.51.100.{i}", "203.0.113.8") for i in range(5)]
         assert [r.status_code for r in answers] == [200, 200, 200, 429, 429]
@@ -79,7 +78,7 @@ def test_an_ip_rate_limit_reads_the_proxys_line_not_the_clients(pair: Backend) -
 
 def test_hash_on_client_ip_reads_every_line_on_the_fast_path(pair: Backend) -> None:
     doc = set_service(pair.redis_url, pair.service, strategy="hash", hash_on="client_ip")
-    wait_for(lambda: policy_version(pair.gateway) >= doc.version, timeout=10)
+    wait_applied(pair.gateway, doc.version)
     before = fast_path(pair.gateway)["answered"]
 
     def owners(client: str) -> set[str]:
