@@ -46,6 +46,11 @@ Sanic. Both Sanic services serve with it (`HTTP_CLASS` of their protocols).
   is a 400 as soon as its empty last line arrives, and the connection closes: Sanic
   waited for a CRLF CRLF that never came, until the request timeout (408). (A bare
   LF inside a head that does end in CRLF CRLF is `common.http_head`'s to refuse.)
+- **Empty lines before a request line** (a client's CRLF after the previous request's
+  body, RFC 9112 §2.2) are dropped, as nginx does and as the gateway's pass-through
+  splice does (`webapi.passthrough`): Sanic took them for an empty request line (400).
+  They restart no timer: the head's deadline (`REQUEST_HEAD_TIMEOUT`) runs from the
+  first of them, so a client sending one now and then holds no connection.
 - **A target Sanic cannot make a request of** (a TAB in it, CONNECT's authority form)
   gets the usual 400 JSON error. Sanic builds its error-handling request from the same
   target, fails again, and the client got no answer at all and the log a traceback.
@@ -92,6 +97,9 @@ from common.http_head import MAX_HEAD, connection_tokens, well_formed_field
 _CHUNK_LINE = re.compile(rb"\r\n([0-9A-Fa-f]+)(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?\r\n")
 # The longest chunk-size line taken (Sanic's own bound).
 _MAX_CHUNK_LINE = 64
+# What an empty line before a request line is made of (RFC 9112 §2.2; a bare CR or LF
+# too, as nginx skips them).
+_EMPTY_LINE = b"\r\n"
 # The empty line ending a head whose lines end in a bare LF, looked for only where
 # there is no CRLF CRLF (the `\n\r\n` a CR precedes is the end of a proper head).
 _LF_HEAD_END = re.compile(rb"\n\r?\n")
@@ -109,6 +117,13 @@ def head_timeout(protocol: Any) -> float:
     else (0, unset) its request timeout."""
     deadline: float = protocol.app.config.get("REQUEST_HEAD_TIMEOUT") or protocol.request_timeout
     return deadline
+
+
+def _drop_empty_lines(buf: bytearray) -> None:
+    """Drop the empty lines at the start of `buf`, before a request line (module docstring)."""
+    kept = buf.lstrip(_EMPTY_LINE)
+    if len(kept) != len(buf):
+        del buf[: len(buf) - len(kept)]
 
 
 class HeaderFieldsTooLarge(SanicException):
@@ -231,6 +246,8 @@ class StrictHttp(Http):
 
     async def http1_request_header(self) -> None:
         buf = self.recv_buffer
+        if buf and buf[0] in _EMPTY_LINE:  # (Sanic calls this once bytes have come)
+            _drop_empty_lines(buf)
         end = buf.find(b"\r\n\r\n")
         if end == -1:  # not whole yet: rare, once read
             await self._receive_head_in_time()
@@ -277,7 +294,11 @@ class StrictHttp(Http):
         costs its caller one `find`, and no call of this.)"""
         buf = self.recv_buffer
         start = 0
-        while buf.find(b"\r\n\r\n", start) == -1:
+        while True:
+            if not start:  # nothing of the request line yet: empty lines before it go
+                _drop_empty_lines(buf)
+            if buf.find(b"\r\n\r\n", start) != -1:
+                return
             if _LF_HEAD_END.search(buf, start) is not None:
                 self.keep_alive = False
                 raise BadRequest("the request head's lines must end in CRLF, not a bare LF")

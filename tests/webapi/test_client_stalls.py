@@ -148,6 +148,28 @@ def test_empty_lines_between_requests_do_not_keep_a_splice_open(
             apply_routes(gateway, backend.redis_url, [])
 
 
+def test_empty_lines_before_a_request_line_are_ignored(gateway: str) -> None:
+    # RFC 9112 §2.2 (a client's CRLF after a body, say): Sanic took them for an empty
+    # request line, a 400 that closed the connection. Dropped now, as nginx does.
+    health = b"GET /health HTTP/1.1\r\nHost: g\r\n\r\n"
+    with connect(gateway) as sock:
+        sock.sendall(b"\r\n\r\n" + health + b"\r\n\n" + health)
+        assert [answer.status for answer in read_answers(sock, 2)] == [200, 200]
+
+
+@pytest.mark.parametrize("line", [b"\r\n", b"\r"], ids=["CRLF", "CR"])
+def test_empty_lines_trickled_before_a_request_line_meet_its_deadline(
+    gateway: str, line: bytes
+) -> None:
+    # They restart no timer: the head's deadline runs from the first (0.5 s here).
+    with connect(gateway) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: g\r\n\r\n")
+        assert read_answers(sock, 1)[0].status == 200
+        ended = trickle(sock, line * 100, every=0.1, limit=6)
+        _assert_head_stalled(read_answers(sock, 1)[0])
+        assert ended and closed_by_peer(sock)
+
+
 def _assert_head_stalled(answer: Answer) -> None:
     """`answer` is the head deadline's 408 (not the per-silence one: the same code)."""
     assert (answer.status, _code(answer)) == (408, "request_timeout")
