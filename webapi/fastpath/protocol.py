@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from functools import partial
 from time import monotonic as current_time
-from typing import Any
+from typing import Any, cast
 
 from sanic.exceptions import RequestTimeout
 from sanic.http.constants import Stage
@@ -117,8 +117,14 @@ class FastPathProtocol(LingeringHttpProtocol):
                 self._body_timed_out()
                 return
         elif task is None:
+            before = self._next_check()
             super().check_timeouts()  # type: ignore[no-untyped-call]
-            return
+            sanic_paced = self._next_check()
+            if sanic_paced is None or sanic_paced is before:
+                return  # none set: a timeout ended the connection (or a WebSocket's has none)
+            # Sanic set the next check at its own pace (half the least of its timeouts),
+            # which a splice started meanwhile would keep: its head deadline unseen.
+            sanic_paced.cancel()
         elif current_time() - self._time > self.response_timeout:
             log.info("response timeout: closing the connection")
             task.cancel()
@@ -132,6 +138,10 @@ class FastPathProtocol(LingeringHttpProtocol):
         self._callback_check_timeouts = self.loop.call_later(
             max(0.1, interval / 2), self.check_timeouts
         )
+
+    def _next_check(self) -> asyncio.TimerHandle | None:
+        """The timer of the next `check_timeouts` (Sanic's attribute)."""
+        return cast("asyncio.TimerHandle | None", self._callback_check_timeouts)
 
     def close_if_idle(self) -> bool:
         splice = self._passthrough
