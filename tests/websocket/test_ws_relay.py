@@ -15,7 +15,7 @@ import websockets
 from tests.helpers import wait_for_async
 from tests.support.policy import update_service
 from tests.support.registry import dead_instances
-from tests.support.ws_relay import one_instance
+from tests.support.ws_relay import hashed_pair, one_instance
 from tests.websocket.conftest import (
     Backends,
     WsServer,
@@ -148,16 +148,11 @@ async def test_round_robin_over_ws_and_http_kinds(ws_server: WsServer, backends:
 async def test_hash_on_a_cookie_keeps_a_browser_on_one_instance(
     ws_server: WsServer, backends: Backends
 ) -> None:
-    backends.start("a")
-    backends.start("b")
-    await wait_reachable(ws_server, backends.service, {"a", "b"})
-    doc = await update_service(backends.redis_url, backends.service, strategy="hash",
-                               hash_on="cookie:session")  # fmt: skip
-    await wait_for_async(lambda: ws_server.health()["policy_version"] >= doc.version, timeout=10)
+    service = await hashed_pair(ws_server, backends, hash_on="cookie:session")
 
     async def owners(session: str) -> set[str | None]:
         cookie = {"Cookie": f"theme=dark; session={session}"}
-        return {await whoami(ws_server, backends.service, headers=cookie) for _ in range(4)}
+        return {await whoami(ws_server, service, headers=cookie) for _ in range(4)}
 
     sessions = [await owners(f"s{i}") for i in range(12)]
     assert all(len(owner) == 1 for owner in sessions), sessions

@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import wait_for_async
-from tests.support.policy import update_service
-from tests.websocket.conftest import Backends, WsServer, recv_json, wait_reachable
+from tests.support.ws_relay import hashed_pair
+from tests.websocket.conftest import Backends, WsServer, recv_json
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,16 +35,6 @@ def lines(*values: str) -> list[tuple[str, str]]:
     return [("X-Forwarded-For", value) for value in values]
 
 
-async def hashed_on_client_ip(server: WsServer, backends: Backends) -> None:
-    """Instances `a` and `b`, chosen by the `hash` strategy on the client's address."""
-    backends.start("a")
-    backends.start("b")
-    await wait_reachable(server, backends.service, {"a", "b"})
-    doc = await update_service(backends.redis_url, backends.service, strategy="hash",
-                               hash_on="client_ip")  # fmt: skip
-    await wait_for_async(lambda: server.health()["policy_version"] >= doc.version, timeout=10)
-
-
 # Sanic's own proxy settings (read from SANIC_* variables) make `request.remote_addr`
 # any peer's X-Real-IP or X-Forwarded-For: they must change nothing here.
 SANIC_PROXY_SETTINGS = {"SANIC_REAL_IP_HEADER": "x-real-ip", "SANIC_PROXIES_COUNT": "1"}
@@ -56,7 +45,7 @@ async def test_an_untrusted_peers_forwarded_for_is_passed_on_never_believed(
     make_ws_server: Callable[..., WsServer], backends: Backends, sanic_env: dict[str, str]
 ) -> None:
     server = make_ws_server(**sanic_env)
-    await hashed_on_client_ip(server, backends)
+    await hashed_pair(server, backends, hash_on="client_ip")
     # One client (no trusted proxy: the peer, 127.0.0.1) writing another address each time.
     seen = [await forwarded(server, backends.service,
                             [*lines(f"198.51.100.{i}"), ("X-Real-IP", f"203.0.113.{i}")])
@@ -74,7 +63,7 @@ async def test_behind_a_trusted_proxy_the_client_is_the_right_most_untrusted_hop
     make_ws_server: Callable[..., WsServer], backends: Backends
 ) -> None:
     server = make_ws_server(TRUSTED_PROXIES="127.0.0.1")
-    await hashed_on_client_ip(server, backends)
+    await hashed_pair(server, backends, hash_on="client_ip")
 
     async def owners(client: str) -> set[str]:
         # The client writes a new address in its own line each time; the proxy (the test)

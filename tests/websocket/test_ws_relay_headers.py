@@ -23,8 +23,7 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from tests.helpers import issue_api_key, wait_for_async
-from tests.support.policy import update_service
-from tests.support.ws_relay import one_instance
+from tests.support.ws_relay import hashed_pair, one_instance
 from tests.websocket.conftest import Backends, WsServer, recv_json, wait_reachable, whoami
 
 pytestmark = pytest.mark.timeout(120)
@@ -261,21 +260,17 @@ async def test_an_upstreams_4xx_refuses_the_client_and_ejects_no_instance(
 async def test_envelope_requests_carry_the_clients_fields_and_hash_on_its_key(
     ws_server: WsServer, backends: Backends
 ) -> None:
-    backends.start("a")
-    backends.start("b")
-    await wait_reachable(ws_server, backends.service, {"a", "b"})
-    doc = await update_service(backends.redis_url, backends.service, strategy="hash")
-    await wait_for_async(lambda: ws_server.health()["policy_version"] >= doc.version, timeout=10)
+    service = await hashed_pair(ws_server, backends)
     key = issue_api_key(backends.redis_url, ["*"])
     headers = [("X-Api-Key", key), ("Cookie", "session=1"), ("X-Balance-Key", "client-7")]
     async with ws_server.connect("/ws/stream", additional_headers=headers) as ws:
         owners = set()
         for _ in range(6):
-            await ws.send(json.dumps({"service_name": backends.service, "frames": 1}))
+            await ws.send(json.dumps({"service_name": service, "frames": 1}))
             owners.add((await recv_json(ws))["result"].split(":")[0])
             assert (await recv_json(ws))["flag"] == 1
         assert len(owners) == 1, owners  # one key, one instance
-        await ws.send(json.dumps({"service_name": backends.service, "handshake": True}))
+        await ws.send(json.dumps({"service_name": service, "handshake": True}))
         seen = (await recv_json(ws))["result"]
     assert values(seen, "cookie") == ["session=1"]
     assert values(seen, "x-balance-key") == ["client-7"]
