@@ -150,16 +150,27 @@ def backend(gateway: str, redis_url: str) -> Iterator[Backend]:
         yield b
 
 
+def http_instance(
+    gateway: str, registrar: str, service: str, name: str, **env: str
+) -> ServiceProcess:
+    """A `tests.support.http_backend` process, started: instance `name` of `service`,
+    registering itself with `gateway` by heartbeat with `registrar` (an API key with the
+    `registry` scope); `env`: its other settings (`VERSION`, `HOST`, ...; `PORT`, a free
+    one by default). Not waited for: the caller waits for what it needs to see of it."""
+    env = {"NAME": name, "GATEWAY": gateway, "SERVICE": service, "GATEWAY_API_KEY": registrar,
+           **env}  # fmt: skip
+    env.setdefault("PORT", str(free_port()))
+    return ServiceProcess(["python", "-m", "tests.support.http_backend"], env=env,
+                          name=name).start()  # fmt: skip
+
+
 @contextmanager
 def running_backend(gateway: str, redis_url: str, *, version: str = "0") -> Iterator[Backend]:
     """A `tests.support.http_backend` registered with `gateway` (at `version`), reached
     once through it."""
     api_key = issue_api_key(redis_url, ["registry"], name="fastpath-backend")
     b = Backend(gateway, redis_url, f"fp{uuid.uuid4().hex[:6]}")
-    env = {"PORT": str(free_port()), "NAME": f"{b.service}-a", "GATEWAY": gateway,
-           "SERVICE": b.service, "GATEWAY_API_KEY": api_key, "VERSION": version}  # fmt: skip
-    proc = ServiceProcess(["python", "-m", "tests.support.http_backend"], env=env, name="fp")
-    proc.start()
+    proc = http_instance(gateway, api_key, b.service, f"{b.service}-a", VERSION=version)
     try:
         wait_for(lambda: as_admin.get(f"{b.base}/echo", timeout=5).status_code == 200, timeout=30)
         yield b

@@ -15,14 +15,14 @@ import pytest
 import redis
 
 from common.policy import DEFAULT_POLICY
-from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
+from tests.helpers import ServiceProcess, issue_api_key, wait_for
 from tests.webapi.access_fixtures import (  # noqa: F401 (the `gateways` fixture)
     ADMIN_NAME,
     Gateways,
     bearer,
     gateways_fixture,
 )
-from tests.webapi.conftest import policy_version
+from tests.webapi.conftest import http_instance, policy_version
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -306,11 +306,8 @@ def test_weight_change_applies_on_both_gateways_under_load(gateways: Gateways) -
     registrar = issue_api_key(gateways.redis_url, ["registry"], user_id="backends")
     backends = []
     for version in ("v1", "v2"):
-        env = {"PORT": str(free_port()), "NAME": f"{service}-{version}", "SERVICE": service,
-               "VERSION": version, "GATEWAY": gateways.url,
-               "GATEWAY_API_KEY": registrar}  # fmt: skip
-        backends.append(ServiceProcess(["python", "-m", "tests.support.http_backend"], env=env,
-                                       name=env["NAME"]).start())  # fmt: skip
+        name = f"{service}-{version}"
+        backends.append(http_instance(gateways.url, registrar, service, name, VERSION=version))
     try:
         gateways.put_policy(admin, services={service: {"version_weights": {"v1": 100, "v2": 0}}})
 

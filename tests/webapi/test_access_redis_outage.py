@@ -20,6 +20,7 @@ import pytest
 from common.embedded_redis import EmbeddedRedis
 from tests.helpers import ServiceProcess, free_port, issue_api_key, issue_user_token, wait_for
 from tests.support.policy import update_document
+from tests.webapi.conftest import http_instance
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -38,10 +39,7 @@ def test_proxy_keeps_serving_verified_callers_through_a_redis_restart(tmp_path: 
     base = f"http://127.0.0.1:{gw_port}"
     registrar = issue_api_key(url, ["registry"])
     admin = {"Authorization": f"Bearer {issue_api_key(url, ['admin'])}"}
-    backend_env = {"PORT": str(free_port()), "NAME": f"{service}-a", "SERVICE": service,
-                   "GATEWAY": base, "GATEWAY_API_KEY": registrar}  # fmt: skip
-    backend = ServiceProcess(["python", "-m", "tests.support.http_backend"], env=backend_env,
-                             name="backend").start()  # fmt: skip
+    backend = http_instance(base, registrar, service, f"{service}-a")
     echo = f"{base}/svc/{service}/echo"
     auth = {"Authorization": f"Bearer {token}"}
     try:

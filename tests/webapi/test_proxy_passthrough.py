@@ -20,11 +20,11 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
-from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
+from tests.helpers import free_port, issue_api_key, wait_for
 from tests.support.policy import apply_routes, set_document
 from tests.support.raw_http import connect, raw_request, read_answers
 from tests.support.registry import registered
-from tests.webapi.conftest import Backend, as_admin
+from tests.webapi.conftest import Backend, as_admin, http_instance
 from tests.webapi.upstream_servers import Peer, Upstream
 
 pytestmark = pytest.mark.timeout(120)
@@ -307,10 +307,7 @@ def test_an_instance_registered_at_an_ipv6_address_is_spliced(backend: Backend) 
     """`[::1]:port` (as the heartbeat accepts it) is connected to without its brackets."""
     service = f"v6{uuid.uuid4().hex[:6]}"
     api_key = issue_api_key(backend.redis_url, ["registry"], name="passthrough-v6")
-    env = {"PORT": str(free_port()), "HOST": "::1", "NAME": f"{service}-a",
-           "GATEWAY": backend.gateway, "SERVICE": service, "GATEWAY_API_KEY": api_key}  # fmt: skip
-    proc = ServiceProcess(["python", "-m", "tests.support.http_backend"], env=env, name="v6")
-    proc.start()
+    proc = http_instance(backend.gateway, api_key, service, f"{service}-a", HOST="::1")
     try:
         route = {"prefix": "/echo/", "service": service, "public": True, "strip_prefix": False,
                  "passthrough": True}  # fmt: skip
@@ -366,10 +363,7 @@ def test_least_connections_counts_open_splices(backend: Backend) -> None:
     """A splice is one request to its instance from connect to end: with two instances
     and least_conn, each second splice opened goes where the fewer are open."""
     api_key = issue_api_key(backend.redis_url, ["registry"], name="passthrough-b")
-    env = {"PORT": str(free_port()), "NAME": f"{backend.service}-b", "GATEWAY": backend.gateway,
-           "SERVICE": backend.service, "GATEWAY_API_KEY": api_key}  # fmt: skip
-    second = ServiceProcess(["python", "-m", "tests.support.http_backend"], env=env, name="pt-b")
-    second.start()
+    second = http_instance(backend.gateway, api_key, backend.service, f"{backend.service}-b")
     route = {"prefix": "/echo/", "service": backend.service, "public": True,
              "strip_prefix": False, "passthrough": True}  # fmt: skip
     try:
