@@ -25,7 +25,7 @@ from tests.helpers import (
 )
 from tests.support.policy import set_service, wait_applied
 from tests.support.registry import dead_instances
-from tests.webapi.conftest import as_admin, gateway_process
+from tests.webapi.conftest import as_admin, gateway_process, http_instance
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -44,12 +44,9 @@ class Backends:
     ) -> None:
         port = self.ports.get(name) or free_port()
         self.ports[name] = port
-        env = {"PORT": str(port), "NAME": name, "GATEWAY": self.gateway,
-               "SERVICE": self.service, "VERSION": version, "WEIGHT": str(weight),
-               "GATEWAY_API_KEY": self.api_key, "INSTANCE_ID": instance_id or name}  # fmt: skip
-        self.procs[name] = ServiceProcess(
-            ["python", "-m", "tests.support.http_backend"], env=env, name=name
-        ).start()
+        self.procs[name] = http_instance(self.gateway, self.api_key, self.service, name,
+                                         PORT=str(port), VERSION=version, WEIGHT=str(weight),
+                                         INSTANCE_ID=instance_id or name)  # fmt: skip
 
     def live(self) -> set[str]:
         body = as_admin.get(f"{self.gateway}/health", timeout=5).json()

@@ -16,12 +16,13 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
+from tests.helpers import issue_api_key, wait_for
 from tests.support.policy import set_document, set_service, wait_applied
 from tests.webapi.conftest import (
     Backend,
     as_admin,
     fast_path,
+    http_instance,
     running_backend,
     running_gateway,
 )
@@ -37,10 +38,7 @@ def pair(redis_url: str) -> Iterator[Backend]:
         running_backend(gateway, redis_url) as b,
     ):
         api_key = issue_api_key(redis_url, ["registry"], name="xff-backend")
-        env = {"PORT": str(free_port()), "NAME": f"{b.service}-b", "GATEWAY": gateway,
-               "SERVICE": b.service, "GATEWAY_API_KEY": api_key}  # fmt: skip
-        second = ServiceProcess(["python", "-m", "tests.support.http_backend"], env=env,
-                                name="xff-b").start()  # fmt: skip
+        second = http_instance(gateway, api_key, b.service, f"{b.service}-b")
         try:
             wait_for(lambda: len(_instances(b)) == 2, timeout=30)
             yield b
