@@ -103,7 +103,9 @@ def connect(
         retry=Retry(_backoff(), retries=2),
         **_options(url, name, socket_timeout),
     )
-    return aioredis.Redis(connection_pool=pool)
+    # `from_pool`: the client owns its pool, so its `aclose()` closes the pool's
+    # connections (and its idle check); a client given a pool leaves it open.
+    return aioredis.Redis.from_pool(pool)
 
 
 def connect_sync(

@@ -24,12 +24,14 @@ holds the least recently used connections, and the top stays warm under steady u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.observability.recorder import record_connection_count
+from redis.exceptions import RedisError
 from redis.observability.attributes import ConnectionState, get_pool_name
 
 from common.aio import held
@@ -105,12 +107,15 @@ class TrimmedPool(aioredis.BlockingConnectionPool):
         )
 
     async def aclose(self) -> None:
-        """Close the pool: its connections, and the idle check."""
+        """Close the pool: its connections, and the idle check (the client's `aclose()`
+        calls this: `connect()`). A connection that does not close cleanly (a timeout,
+        an error) is dropped all the same, as a trimmed one is: closing never raises."""
         if self._trim_timer is not None:
             self._trim_timer.cancel()
             self._trim_timer = None
         await asyncio.gather(*self._closing, return_exceptions=True)
-        await super().aclose()
+        with contextlib.suppress(RedisError, OSError):  # every connection was tried first
+            await super().aclose()
 
 
 def _check(ref: weakref.ref[TrimmedPool]) -> None:

@@ -126,3 +126,18 @@ async def test_an_idle_timeout_of_0_never_closes(redis_url: str) -> None:
         assert redis.connection_pool._trim_timer is None  # type: ignore[attr-defined]
     finally:
         await redis.aclose()
+
+
+async def test_closing_the_client_closes_its_pool(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """`aclose()` on a client `connect()` made closes every connection its pool opened,
+    and the idle check with them (no timer left armed on the loop)."""
+    name = f"pool-{uuid.uuid4().hex[:8]}"
+    redis = connect(redis_url, name=name, idle_timeout=60)
+    await _burst(redis, 4)
+    pool = redis.connection_pool
+    assert await _connections(redis_client, name) == 4
+    await redis.aclose()
+    await wait_for_async(lambda: _connections_are(redis_client, name, 0), timeout=10)
+    assert pool._trim_timer is None  # type: ignore[attr-defined]
