@@ -131,6 +131,9 @@ async def _open_resources(app: GatewayApp) -> None:
 
 
 async def _close_resources(app: GatewayApp) -> None:
+    # First, as the websocket service does: no request comes any more, and a close step
+    # below that fails must not lose the counts of refusals not logged yet.
+    REFUSALS.flush()
     for task in app.ctx.extra.get("tasks", []):
         await cancel_and_wait(task)
     await app.ctx.extra["checker"].close()
@@ -141,7 +144,6 @@ async def _close_resources(app: GatewayApp) -> None:
     await app.ctx.view.close()
     await app.ctx.rpc.close()
     await app.ctx.redis.aclose()
-    REFUSALS.flush()  # the counts of refusals not logged yet
 
 
 class GatewayRequestClass(StrictRequest):
