@@ -99,6 +99,23 @@ def forwarded_for(received: Sequence[str], peer: str) -> str:
     return ", ".join([*received, peer]) if received else peer
 
 
+def address_block(address: str) -> str | None:
+    """The block client address `address` counts in where one client may hold many
+    addresses: IPv4 as is, IPv6 by its /64 (one host or household: privacy addresses
+    change within it; IPv4-mapped as IPv4). None for text that is no IP address. What
+    the login throttle (`microservices.auth.throttle`) and the refusal log's budgets
+    (`common.http_errors.log_refusal`) key a client by."""
+    try:
+        ip = ip_address(address)
+    except ValueError:
+        return None
+    if isinstance(ip, IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(IPv6Network((ip.exploded, 64), strict=False))
+    return str(ip)
+
+
 def _is_trusted(address: Address, trusted: Sequence[Network]) -> bool:
     # `in` across IP versions is simply False, so mixed lists need no care here.
     return any(address in network for network in trusted)
@@ -129,6 +146,7 @@ def _parse(text: str) -> Address | None:
 __all__ = [
     "Address",
     "Network",
+    "address_block",
     "client_ip",
     "forwarded_for",
     "parse_networks",

@@ -20,6 +20,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from common.clientip import address_block
 from common.errors import (
     InvalidParams,
     InvalidResult,
@@ -34,6 +35,7 @@ from common.errors import (
     SwitchboardError,
     shortened,
 )
+from common.log_budget import LOGGED_PER_WINDOW, LogBudgets
 from common.redis_failures import redis_failure, redis_failure_message
 
 # The most of a refusal's message a log line carries.
@@ -58,12 +60,25 @@ def error_message(exception: BaseException, code: str) -> str:
     return str(exception) or code.replace("_", " ")
 
 
+def refusal_budgets(log: logging.Logger, limit: int = LOGGED_PER_WINDOW) -> LogBudgets:
+    """Budgets for `log_refusal`'s lines, one per client address block: `limit` lines a
+    minute (`LOG_REFUSALS_PER_CLIENT`; 0: no bound), the rest counted in one `request
+    refusals not logged` line (`common.log_budget`)."""
+    return LogBudgets(log, "request refusals not logged", logging.INFO, "client", limit=limit)
+
+
 def log_refusal(log: logging.Logger, method: str, path: str, status: int, code: str,
-                message: str, client: str | None = None) -> None:  # fmt: skip
+                message: str, client: str | None = None,
+                budgets: LogBudgets | None = None) -> None:  # fmt: skip
     """Log one refused request, at info: what was wrong, never what was sent (no body,
     no credential, no query string), so a refusal's log line carries no secret. The
     message and the path are cut (`MAX_LOGGED_MESSAGE`): a line's size is bounded.
-    `client`: the client's address, when the caller bounds such lines by it."""
+    `client`: the client's address; `budgets` (`refusal_budgets`), when given, bound
+    such lines per client: keyed by its address block (`common.clientip.address_block`:
+    an IPv6 client holds a /64, and would otherwise spread its lines over as many
+    budgets as it has addresses)."""
+    if budgets is not None and not budgets.spend(address_block(client or "") or client or ""):
+        return
     fields = {"method": method, "path": shortened(path, MAX_LOGGED_MESSAGE), "status": status,
               "code": code, "message": shortened(message, MAX_LOGGED_MESSAGE)}  # fmt: skip
     if client is not None:

@@ -6,15 +6,14 @@ Every error response has the body `{"error": {"code": ..., "message": ...}}`
 gateway is a 500.
 
 Each refusal (a 4xx) is logged as `request refused` with its client's address, within
-a budget per address (`REFUSALS`, `common.log_budget`): `LOG_REFUSALS_PER_CLIENT` (10)
-a minute, then one `request refusals not logged` line counting the rest. A client
-sending made-up credentials in a loop made three lines in four of the gateway's log
-in a soak, burying the rest.
+a budget per address block (`REFUSALS`, `common.http_errors.refusal_budgets`; IPv6 by
+its /64): `LOG_REFUSALS_PER_CLIENT` (10) a minute, then one `request refusals not
+logged` line counting the rest. A client sending made-up credentials in a loop made
+three lines in four of the gateway's log in a soak, burying the rest.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import TYPE_CHECKING, Any, cast
 
@@ -30,12 +29,12 @@ from common.http_errors import (
     error_message,
     log_refusal,
     public_error,
+    refusal_budgets,
     retry_after,
     status_for,
     translated,
 )
 from common.log import get_logger
-from common.log_budget import LogBudgets
 from common.ratelimit import Decision
 from webapi.responses import NotJson, json_response
 
@@ -46,7 +45,7 @@ if TYPE_CHECKING:
 log = get_logger("webapi.errors")
 # Refusals logged per client address (module docstring); its `limit` is the setting's,
 # set as the gateway starts (`webapi.app`).
-REFUSALS = LogBudgets(log, "request refusals not logged", logging.INFO, "client")
+REFUSALS = refusal_budgets(log)
 
 
 class ApiError(SanicException):
@@ -268,9 +267,9 @@ def error_response(
         status = 500
         body = error_body("internal_error", "internal error")
         log.error("unhandled error", exc_info=exception, extra={"fields": {"path": path}})
-    if status < 500 and REFUSALS.spend(client):  # design §10: logged once, here, bounded
+    if status < 500:  # design §10: logged once, here, bounded
         error = body["error"]
-        log_refusal(log, method, path, status, error["code"], error["message"], client)
+        log_refusal(log, method, path, status, error["code"], error["message"], client, REFUSALS)
     if request_id:
         headers["X-Request-Id"] = request_id
     if envelope:

@@ -5,9 +5,9 @@ parse or route (which would otherwise have Sanic's own shape), get the platform'
 JSON error body (`common.http_errors`) and one log line each, as the gateway's do. A
 relayed upgrade its upstream refused gets the upstream's answer (`websocket.refusals`),
 logged the same way. As at the gateway, those lines are bounded per client address
-(`HttpRefusals`, `LOG_REFUSALS_PER_CLIENT` a minute, then one `request refusals not
-logged` line with the count): a client retrying a refused upgrade in a loop (a bad
-token, a full service) would otherwise write a line per attempt.
+block (`common.http_errors.refusal_budgets`: `LOG_REFUSALS_PER_CLIENT` a minute, then
+one `request refusals not logged` line with the count): a client retrying a refused
+upgrade in a loop (a bad token, a full service) would otherwise write a line per attempt.
 
 WebSocket: a message refused with an error frame (`log_refused_message`), a
 JSON-RPC call that failed (`log_failed_call`: refused, or a service's failure) and
@@ -55,6 +55,7 @@ from common.http_errors import (
     error_message,
     log_refusal,
     public_error,
+    refusal_budgets,
     status_for,
     translated,
 )
@@ -68,9 +69,8 @@ log = get_logger("websocket.errors")
 
 
 def http_refusals(limit: int) -> LogBudgets:
-    """The budgets of HTTP refusal lines, one per client address (module docstring);
-    `limit` 0: every one is logged."""
-    return LogBudgets(log, "request refusals not logged", logging.INFO, "client", limit=limit)
+    """The budgets of this service's `request refused` lines (module docstring)."""
+    return refusal_budgets(log, limit)
 
 
 def refusal(request: Request[Any, Any], status: int, code: str, message: str) -> HTTPResponse:
@@ -80,14 +80,13 @@ def refusal(request: Request[Any, Any], status: int, code: str, message: str) ->
 
 
 def _log_refusal(request: Request[Any, Any], status: int, code: str, message: str) -> None:
-    """Log a refusal of `request`, within its client address's budget (module docstring).
-    The address is read as the routes read it: `TRUSTED_PROXIES` decide whether
+    """Log a refusal of `request`, within its client's budget (module docstring). The
+    address is read as the routes read it: `TRUSTED_PROXIES` decide whether
     `X-Forwarded-For` is believed."""
     ctx = request.app.ctx
     peer = request.conn_info.client_ip if request.conn_info else ""
     client = request_client_ip(peer, request.headers.get_all, ctx.trusted_proxies)
-    if ctx.refusals.spend(client):
-        log_refusal(log, request.method, request.path, status, code, message, client)
+    log_refusal(log, request.method, request.path, status, code, message, client, ctx.refusals)
 
 
 def log_refused_message(path: str, code: str | int, message: str) -> None:

@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import math
 import time
 import uuid
@@ -85,6 +84,7 @@ from typing import NamedTuple, cast
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
+from common.clientip import address_block
 from common.connection import as_text
 from common.constants import data_key
 from common.errors import TooManyAttempts
@@ -172,19 +172,15 @@ return false
 
 
 def login_address(address: str | None) -> str | None:
-    """How a client address is keyed: IPv4 as is, IPv6 by its /64 (IPv4-mapped as
-    IPv4), other text by its SHA-256; None for none (an empty one included)."""
+    """How a client address is keyed: by its block (`common.clientip.address_block`:
+    IPv4 as is, IPv6 by its /64), other text by its SHA-256; None for none (an empty
+    one included)."""
     if not address:
         return None
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    block = address_block(address)
+    if block is None:
         return "#" + hashlib.sha256(address.encode(errors="replace")).hexdigest()
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip.exploded, 64), strict=False))
-    return str(ip)
+    return block
 
 
 def _name(username: str) -> str:

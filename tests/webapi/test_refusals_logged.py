@@ -44,3 +44,21 @@ def test_a_client_refused_in_a_loop_is_logged_ten_times_then_counted(redis_url: 
         process.stop()
         summaries = process.log_records("request refusals not logged")
         assert [(s["client"], s["count"]) for s in summaries] == [("127.0.0.1", 40)]
+
+
+def test_an_ipv6_client_is_bounded_by_its_64_not_per_address(redis_url: str) -> None:
+    # A client holding a /64 (addresses given by a trusted proxy here) could spread its
+    # refusals over as many budgets as it has addresses (up to the shared one, past
+    # 1,000): ten lines a minute per address. One budget per /64 now.
+    with running_gateway(redis_url, TRUSTED_PROXIES="127.0.0.1") as base:
+        process = gateway_process(base)
+        with httpx.Client(base_url=base, timeout=5) as proxy:
+            for host in range(1, 16):
+                forwarded = {"X-Forwarded-For": f"2001:db8::{host:x}"}
+                assert proxy.get("/api/v1/auth/me", headers=forwarded).status_code == 401
+        wait_for(lambda: len(process.log_records("request refused")) >= 10, timeout=5)
+        refused = process.log_records("request refused")
+        assert [r["client"] for r in refused] == [f"2001:db8::{h:x}" for h in range(1, 11)]
+        process.stop()
+        summaries = process.log_records("request refusals not logged")
+        assert [(s["client"], s["count"]) for s in summaries] == [("2001:db8::/64", 5)]
