@@ -47,7 +47,8 @@ logged as `JsonErrorHandler` logs them. Sanic's bookkeeping is kept: keep-alive
 path; `KEEP_ALIVE`), the keep-alive timeout counted from
 the last write, the response timeout while a fast request runs, graceful shutdown.
 Counters: `app.ctx.fast_path` (`GET /admin/proxy/stats`). `request.py` frames and
-reads a request; `protocol.py` is the protocol.
+reads a request; `admission.py` decides which requests are answered here;
+`protocol.py` is the protocol.
 """
 
 from webapi.fastpath.protocol import FastPathProtocol

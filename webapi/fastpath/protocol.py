@@ -17,13 +17,11 @@ from common.lingering import LingeringHttpProtocol
 from common.log import get_logger, request_id_var
 from common.policy import RouteRule
 from common.request_ids import request_id_of
-from common.scopes import INTERNAL_SERVICES
 from common.strict_http import BODY_STALLED, HEAD_STALLED, head_timeout
-from webapi.access import credential_from
 from webapi.context import GatewayApp
-from webapi.errors import ApiError, NotAuthenticated
+from webapi.errors import ApiError
+from webapi.fastpath.admission import admit, allowed, may_qualify
 from webapi.fastpath.direct import DirectExchange
-from webapi.fastpath.head import upstream_head
 from webapi.fastpath.request import Incomplete, Parsed, parse_request
 from webapi.fastpath.response import CHUNKED, WHOLE, bodiless_framing, client_head, error_bytes
 from webapi.passthrough import PassThrough, passthrough_request
@@ -246,10 +244,10 @@ class FastPathProtocol(LingeringHttpProtocol):
                 self._fast = self.loop.create_task(self._start_passthrough(*route))
                 return
         try:
-            worth = space > 0 and self._may_qualify(space)
+            worth = space > 0 and may_qualify(app.ctx, self._held, space)
             parsed = parse_request(self._held) if worth else None
             if isinstance(parsed, Incomplete):
-                if self._allowed(parsed.head):
+                if allowed(app.ctx, parsed.head):
                     # Wait for the rest of the body (`check_timeouts` bounds the wait).
                     self._awaiting = parsed.needed
                     return
@@ -271,55 +269,12 @@ class FastPathProtocol(LingeringHttpProtocol):
             self.transport.resume_reading()
         self._start(parsed, admitted)
 
-    def _may_qualify(self, space: int) -> bool:
-        """A glance at the request line (`space`: where its method ends), before any
-        parse: `/svc/<service>/` of a service that no rate limit covers. Keeps a request
-        bound for Sanic anyway (a rate-limited service, another route) from being
-        parsed twice. Hot path."""
-        held = self._held
-        if held[space + 1 : space + 6] != b"/svc/":
-            return False
-        start = space + 6
-        end = held.find(b"/", start, start + 64)
-        if end <= start:
-            return False
-        service = held[start:end].decode("latin-1")
-        return service not in INTERNAL_SERVICES and not self.app.ctx.gate.has_limits(service, None)
-
-    def _allowed(self, parsed: Parsed) -> bool:
-        """Whether the request (its head) may be answered here: its credential is cached
-        and reaches the service, its body is within the service's limit. Else Sanic
-        answers it (authenticating, or refusing). Hot path."""
-        if parsed.service in INTERNAL_SERVICES:
-            return False
-        if parsed.length and parsed.length > self.app.ctx.proxy.max_body(parsed.service):
-            return False  # (Sanic's route answers 413)
-        first = parsed.first
-        try:
-            credential = credential_from(first.get(b"authorization"), first.get(b"x-api-key"))
-        except NotAuthenticated:
-            return False
-        if not credential:
-            return False
-        principal = self.app.ctx.gate.authenticator.authenticate_sync_cached(credential)
-        return principal is not None and principal.allows(parsed.service, None)
-
     def _admit(self, parsed: Parsed) -> bytes | None:
-        """The upstream request head when the credential is cached and allowed; None
-        sends the request to Sanic. Only after `_may_qualify` (no rate limit). Hot path."""
-        if not self._allowed(parsed):
-            return None
-        # No rate limit covers the service: `_may_qualify` checked it in this same turn.
-        first = parsed.first
-        request_id = request_id_of(first.get(b"x-request-id"))
-        first[b"x-request-id"] = request_id
+        """`admission.admit` with this connection's client address and scheme. Hot path."""
         conn_info = self.conn_info
-        return upstream_head(
-            parsed,
-            client_ip=conn_info.client_ip if conn_info else "",
-            scheme="https" if conn_info and conn_info.ssl else "http",
-            request_id=request_id,
-        )
+        client_ip = conn_info.client_ip if conn_info else ""
+        scheme = "https" if conn_info and conn_info.ssl else "http"
+        return admit(self.app.ctx, parsed, client_ip, scheme)
 
     def _body_timed_out(self) -> None:
         """The held request's body stalled for the request timeout: a 408, as Sanic's path
