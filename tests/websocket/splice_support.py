@@ -18,7 +18,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.frames import Frame, Opcode
+from websockets.frames import Close, Frame, Opcode
 from websockets.utils import accept_key
 
 from common.registry import InstanceRecord, Registry
@@ -69,6 +69,16 @@ class RawClient:
 
 def frame(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
     return Frame(opcode, data, fin=fin).serialize(mask=True)
+
+
+def server_frame(opcode: Opcode, data: bytes) -> bytes:
+    """A frame as a server (a hand-written upstream) writes it: unmasked."""
+    return Frame(opcode, data).serialize(mask=False)
+
+
+# A hand-written upstream's close, with a code of its own (the client's close code tells
+# whose it is).
+UPSTREAM_CLOSE = server_frame(Opcode.CLOSE, Close(4005, "bye").serialize())
 
 
 async def open_raw(

@@ -14,17 +14,19 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 import websockets
-from websockets.frames import Close, Frame, Opcode
+from websockets.frames import Close, Opcode
 
 from tests.helpers import wait_for_async
 from tests.support.ws_relay import service_fixture  # noqa: F401 (a fixture)
 from tests.websocket.conftest import WsServer
 from tests.websocket.splice_support import (
+    UPSTREAM_CLOSE,
     RawClient,
     frame,
     handshake_answer,
     open_raw,
     raw_upstream,
+    server_frame,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -104,10 +106,12 @@ async def test_frames_in_the_upgrade_requests_write_reach_a_relays_upstream(
         raw.writer.transport.abort()
 
 
+# What `eager_upstream` gives: the frames its 101 is written with -> the service's name.
+Eager = Callable[[bytes], Awaitable[str]]
+
+
 @pytest_asyncio.fixture
-async def eager_upstream(
-    redis_client: aioredis.Redis, ws_server: WsServer
-) -> AsyncIterator[Callable[[bytes], Awaitable[str]]]:
+async def eager_upstream(redis_client: aioredis.Redis, ws_server: WsServer) -> AsyncIterator[Eager]:
     """A hand-written upstream that writes its 101 and the bytes given (frames) in one
     write, then closes its connection once it reads anything more (the client's close,
     or the relay's answer to its own); a factory: the bytes -> the service's name, once
@@ -136,12 +140,8 @@ async def eager_upstream(
         yield with_frames
 
 
-def server_frame(opcode: Opcode, data: bytes) -> bytes:
-    return Frame(opcode, data).serialize(mask=False)
-
-
 async def test_a_frame_in_the_upstreams_101_write_reaches_the_client(
-    ws_server: WsServer, eager_upstream: Callable[[bytes], Awaitable[str]]
+    ws_server: WsServer, eager_upstream: Eager
 ) -> None:
     # Spliced: the frame follows the handshake response in the relay's first read.
     service = await eager_upstream(server_frame(Opcode.TEXT, b"hello first"))
@@ -155,11 +155,10 @@ async def test_a_frame_in_the_upstreams_101_write_reaches_the_client(
 
 
 async def test_a_frame_and_a_close_in_the_upstreams_101_write_reach_the_client(
-    ws_server: WsServer, eager_upstream: Callable[[bytes], Awaitable[str]]
+    ws_server: WsServer, eager_upstream: Eager
 ) -> None:
     # With the close in the same read the relay pumps frames (no splice): the frame first.
-    close = server_frame(Opcode.CLOSE, Close(4005, "bye").serialize())
-    service = await eager_upstream(server_frame(Opcode.TEXT, b"last words") + close)
+    service = await eager_upstream(server_frame(Opcode.TEXT, b"last words") + UPSTREAM_CLOSE)
 
     async def heard() -> bool:
         async with ws_server.connect(f"/ws/proxy/{service}/") as ws:
@@ -174,13 +173,12 @@ async def test_a_frame_and_a_close_in_the_upstreams_101_write_reach_the_client(
 
 
 async def test_a_close_in_the_upgrade_requests_write_is_read_when_the_relay_pumps(
-    ws_server: WsServer, eager_upstream: Callable[[bytes], Awaitable[str]]
+    ws_server: WsServer, eager_upstream: Eager
 ) -> None:
     # An upstream closing in its 101's write makes the relay pump frames (no splice):
     # what the client sent with its upgrade is then Sanic's to read (`untap`), its
     # close too, which Sanic answers (with its code) as soon as it reads it.
-    close = server_frame(Opcode.CLOSE, Close(4005, "bye").serialize())
-    service = await eager_upstream(close)
+    service = await eager_upstream(UPSTREAM_CLOSE)
 
     async def answered() -> int:
         early = frame(Opcode.CLOSE, Close(1000, "done early").serialize())

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import websockets
-from websockets.frames import Close, Frame, Opcode
+from websockets.frames import Close, Opcode
 
 from tests.helpers import wait_for_async
 from tests.support.ws_relay import one_instance
@@ -27,6 +27,7 @@ from tests.websocket.conftest import (
     wait_upstream_closed,
 )
 from tests.websocket.splice_support import (  # noqa: F401 (the *_fixture ones)
+    UPSTREAM_CLOSE,
     LocalUpstream,
     frame,
     handshake_answer,
@@ -242,10 +243,7 @@ async def test_a_close_in_the_same_read_as_the_handshake_response_is_relayed_too
     # One write with the 101 and a close frame: `websockets` parses both before the relay
     # can take over, so the relay pumps frames instead of splicing (`Splice.take_over`).
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(
-            await handshake_answer(reader)
-            + Frame(Opcode.CLOSE, Close(4005, "bye").serialize()).serialize(mask=False)
-        )
+        writer.write(await handshake_answer(reader) + UPSTREAM_CLOSE)
         await writer.drain()
         await reader.read(1024)  # the relay's answering close
         writer.close()
