@@ -281,8 +281,7 @@ class Session:
         self._refusal_log().failed("subscribe refused by redis",
                                    {"channel": channel, "error": str(exc)})  # fmt: skip
         message = f"redis refused to subscribe the channel {channel}"
-        self.send(_with_id({"type": "error", "error": {"code": "subscribe_refused",
-                                                        "message": message}}, id_))  # fmt: skip
+        self._send_error("subscribe_refused", message, id_)
 
     def call(self, message: object) -> None:
         """Start a JSON-RPC call; its answer is sent when it completes (calls run concurrently)."""
@@ -337,14 +336,17 @@ class Session:
         """Answer a message this session does not serve with an error, logged once
         (within the connection's bound: `RefusalLog`)."""
         self._refusal_log().refused(code, message)
-        self.send(_with_id({"type": "error", "error": {"code": code, "message": message}}, id_))
+        self._send_error(code, message, id_)
 
     def _unavailable(self, message: str, id_: Any) -> None:
         """Answer a message the service cannot serve now (Redis is down) with an error,
         logged (within the connection's bound: `RefusalLog`)."""
         self._refusal_log().failed("message failed", {"message": message})
-        error = {"code": "service_unavailable", "message": message}
-        self.send(_with_id({"type": "error", "error": error}, id_))
+        self._send_error("service_unavailable", message, id_)
+
+    def _send_error(self, code: str, message: str, id_: Any) -> None:
+        """Answer a message with `{"type": "error", "error": {"code", "message"}}`."""
+        self.send(_with_id({"type": "error", "error": {"code": code, "message": message}}, id_))
 
     def _refuse_call(
         self, id_: jsonrpc.Id, code: int, message: str, *, answer: bool = True
