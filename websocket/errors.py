@@ -45,7 +45,6 @@ from sanic.exceptions import RequestCancelled, SanicException
 from sanic.handlers import ErrorHandler
 from sanic.response import json as json_response
 
-from common.clientip import request_client_ip
 from common.errors import RpcError, SwitchboardError, shortened
 from common.http_errors import (
     MAX_LOGGED_MESSAGE,
@@ -62,6 +61,7 @@ from common.http_errors import (
 from common.log import get_logger
 from common.log_budget import LogBudget, LogBudgets
 from websocket.connections import GOING_AWAY, NORMAL_CLOSURE
+from websocket.handshake import client_address
 from websocket.refusals import refused_answer
 from websocket.upstreams import UpstreamRefused
 
@@ -83,10 +83,8 @@ def _log_refusal(request: Request[Any, Any], status: int, code: str, message: st
     """Log a refusal of `request`, within its client's budget (module docstring). The
     address is read as the routes read it: `TRUSTED_PROXIES` decide whether
     `X-Forwarded-For` is believed."""
-    ctx = request.app.ctx
-    peer = request.conn_info.client_ip if request.conn_info else ""
-    client = request_client_ip(peer, request.headers.get_all, ctx.trusted_proxies)
-    log_refusal(log, request.method, request.path, status, code, message, client, ctx.refusals)
+    client, budgets = client_address(request), request.app.ctx.refusals
+    log_refusal(log, request.method, request.path, status, code, message, client, budgets)
 
 
 def log_refused_message(path: str, code: str | int, message: str) -> None:

@@ -101,9 +101,15 @@ def client_key(request: WsRequest, service: str) -> str | None:
     wrote, nor Sanic's `remote_addr`, which believes any peer when Sanic's own proxy
     settings (`SANIC_REAL_IP_HEADER`, `SANIC_PROXIES_COUNT`) are set."""
     hash_on = request.app.ctx.upstreams.policy.hash_on(service)
-    return balance_key(hash_on, request.headers.get,
-                       lambda: request_client_ip(request.ip, request.headers.get_all,
-                                                 request.app.ctx.trusted_proxies))  # fmt: skip
+    return balance_key(hash_on, request.headers.get, lambda: client_address(request))
+
+
+def client_address(request: WsRequest) -> str:
+    """The client's address as the gateway reads it (`common.clientip.request_client_ip`):
+    the TCP peer, or behind `TRUSTED_PROXIES` the right-most untrusted hop of
+    `X-Forwarded-For`. The sticky key's (`client_key`) and the refusal log's
+    (`websocket.errors`)."""
+    return request_client_ip(request.ip, request.headers.get_all, request.app.ctx.trusted_proxies)
 
 
 def subprotocols_passed_on(offered: Sequence[str]) -> list[str]:
