@@ -21,6 +21,14 @@ from websocket.upstreams import NoRedirects
 SECRET = "websocket-tests-secret-" + "x" * 32
 
 
+def upgrade_head(path: str) -> str:
+    """A WebSocket upgrade request's head for `path`, as raw tests write it, up to its
+    last field line (the caller adds its own fields, then the blank line)."""
+    return (f"GET {path} HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n")  # fmt: skip
+
+
 def current_key(redis_url: str) -> tokens.SigningKey:
     """The signing key of the keyring in Redis (the server created it at start if none existed)."""
     client = redis.Redis.from_url(redis_url)

@@ -16,7 +16,7 @@ import websockets
 from common import apikeys, constants, revocation
 from tests.helpers import wait_for_async
 from tests.support.raw_http import connect, read_answers
-from tests.websocket.conftest import LogWatch, WsServer, recv_json
+from tests.websocket.conftest import LogWatch, WsServer, recv_json, upgrade_head
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,10 +54,8 @@ def test_bearer_is_selected_on_whichever_line_the_client_offers_it(
     selected = []
     for lines in (["chat, bearer"], ["chat", "bearer"]):
         offer = "".join(f"Sec-WebSocket-Protocol: {line}\r\n" for line in lines)
-        head = (f"GET {path} HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\n"
-                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {ws_server.token()}\r\n"
-                f"{offer}\r\n")  # fmt: skip
+        credential = f"Authorization: Bearer {ws_server.token()}\r\n"
+        head = f"{upgrade_head(path)}{credential}{offer}\r\n"
         with connect(ws_server.address) as sock:
             sock.sendall(head.encode())
             answer = b""
@@ -118,11 +116,8 @@ def test_a_credential_of_undecodable_bytes_is_401(ws_server: WsServer) -> None:
     headers = [b"Authorization: Bearer \xff\xfe.abc.def", b"Authorization: Bearer eyJ\xed\xa0\x80",
                b"X-Api-Key: sbk_\xff", b"Authorization: Bearer sbk_\xc3\xa9"]  # fmt: skip
     for header, path in itertools.product(headers, ["/ws", "/ws/proxy/svc/x"]):
-        head = (f"GET {path} HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\n"
-                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                "Sec-WebSocket-Version: 13\r\n")  # fmt: skip
         with connect(ws_server.address) as sock:
-            sock.sendall(head.encode() + header + b"\r\n\r\n")
+            sock.sendall(upgrade_head(path).encode() + header + b"\r\n\r\n")
             answer = read_answers(sock, 1)[0]
         error = json.loads(answer.body)["error"]
         assert (answer.status, error["code"]) == (401, "unauthorized"), (header, path)

@@ -12,17 +12,14 @@ import json
 import pytest
 
 from tests.support.raw_http import connect, read_answers
-from tests.websocket.conftest import WsServer
+from tests.websocket.conftest import WsServer, upgrade_head
 
 pytestmark = pytest.mark.timeout(60)
 
 # Well past what the sockets' buffers take in while the service reads nothing more:
 # the client's write of it ends only if the service keeps reading.
 SENT = 32 * 1024 * 1024
-UPGRADE = (
-    "GET /ws/stream HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-)
+UPGRADE = upgrade_head("/ws/stream")
 # A head over the 16 KiB bound, refused as soon as the bound is passed.
 HEAD_TOO_LARGE = f"{UPGRADE}X-Big: ".encode() + b"a" * SENT + b"\r\n\r\n"
 # A body that cannot be framed, refused with the head (`common.strict_http`).
@@ -56,7 +53,7 @@ def test_a_body_is_refused_before_it_is_read(
     # No route of the service takes a body (an upgrade has none, RFC 6455 §4.1; /health
     # is a GET), yet it waited for up to Sanic's 100 MB default of one, read into
     # memory: a cheap way to make it hold memory. Now the head is answered at once.
-    head = UPGRADE.replace("/ws/stream", path) + f"Content-Length: {SENT}\r\n"
+    head = upgrade_head(path) + f"Content-Length: {SENT}\r\n"
     if credential:
         head += f"Authorization: Bearer {ws_server.token()}\r\n"
     with connect(ws_server.address) as sock:

@@ -18,7 +18,7 @@ import websockets
 from tests.support.raw_http import connect, read_answers
 from tests.support.registry import dead_instances
 from tests.support.ws_relay import service_fixture  # noqa: F401 (one upstream instance)
-from tests.websocket.conftest import LogWatch, WsServer, recv_json
+from tests.websocket.conftest import LogWatch, WsServer, recv_json, upgrade_head
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,10 +26,7 @@ pytestmark = pytest.mark.timeout(120)
 def upgrade(server: WsServer, target: str) -> tuple[int, dict[str, object]]:
     """The status and JSON body of the answer to a raw upgrade request for `target`
     (bytes as written: no client library normalizes them)."""
-    head = (f"GET {target} HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            "Sec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {server.token()}\r\n\r\n")  # fmt: skip
+    head = f"{upgrade_head(target)}Authorization: Bearer {server.token()}\r\n\r\n"
     with connect(server.address) as sock:
         sock.sendall(head.encode())
         answer = read_answers(sock, 1)[0]
