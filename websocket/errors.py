@@ -9,7 +9,7 @@ block (`common.http_errors.refusal_budgets`: `LOG_REFUSALS_PER_CLIENT` a minute,
 one `request refusals not logged` line with the count): a client retrying a refused
 upgrade in a loop (a bad token, a full service) would otherwise write a line per attempt.
 
-WebSocket: a message refused with an error frame (`log_refused_message`), a
+WebSocket: a message refused with an error frame (`RefusalLog.refused`), a
 JSON-RPC call that failed (`log_failed_call`: refused, or a service's failure) and
 a connection the service closes other than normally (`log_close`: 1002, 1007,
 1008, 1009, 1011 for a missing pong, 1013, 1014) are logged once too; a normal
@@ -87,13 +87,6 @@ def _log_refusal(request: Request[Any, Any], status: int, code: str, message: st
     log_refusal(log, request.method, request.path, status, code, message, client, budgets)
 
 
-def log_refused_message(path: str, code: str | int, message: str) -> None:
-    """Log a client's message answered with an error instead of being served (its
-    message cut to `MAX_LOGGED_MESSAGE`, as the HTTP refusals')."""
-    fields = {"path": path, "code": code, "message": shortened(message, MAX_LOGGED_MESSAGE)}
-    log.info("message refused", extra={"fields": fields})
-
-
 class RefusalLog:
     """The refused messages of one connection, and those it failed to serve, logged with
     a bound each (module docstring)."""
@@ -107,10 +100,13 @@ class RefusalLog:
         self.failures = LogBudget(log, "message failures not logged", logging.WARNING, fields)
 
     def refused(self, code: str | int, message: str) -> None:
-        """Log a refused message (`log_refused_message`), unless this window's lines
-        are spent: then count it."""
+        """Log a client's message answered with an error instead of being served (its
+        message cut to `MAX_LOGGED_MESSAGE`, as the HTTP refusals'), unless this window's
+        lines are spent: then count it."""
         if self.refusals.spend():
-            log_refused_message(self.path, code, message)
+            shown = shortened(message, MAX_LOGGED_MESSAGE)
+            fields = {"path": self.path, "code": code, "message": shown}
+            log.info("message refused", extra={"fields": fields})
 
     def failed(self, what: str, fields: dict[str, Any]) -> None:
         """Log the warning `what` (with the path and `fields`) for a message the service
