@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.timeout(30)
 
+# Redis's default user without the CLIENT command: the service's connections' handshake
+# (CLIENT SETNAME) is refused with NOPERM, an error reply that is no connection error.
+NO_CLIENT_ACL = ["--user", "default", "on", "nopass", "~*", "&*", "+@all", "-client"]
+
 
 @pytest.fixture
 async def hub(redis_url: str) -> AsyncIterator[ChannelHub]:
@@ -148,8 +152,7 @@ async def test_a_closed_session_leaves_every_channel_even_when_redis_py_raises(
         with caplog.at_level(logging.WARNING, logger="websocket.hub"):
             server.stop()
             await wait_for_async(lambda: _logged(caplog, "push channel connection lost"))
-        refusing = ["--user", "default", "on", "nopass", "~*", "&*", "+@all", "-client"]
-        server = EmbeddedRedis(port=server.port, extra_args=refusing).start()
+        server = EmbeddedRedis(port=server.port, extra_args=NO_CLIENT_ACL).start()
 
         session.close()
 
@@ -179,8 +182,7 @@ async def test_a_subscribe_refused_at_the_connections_handshake_leaves_the_sessi
     (an ACL user without CLIENT: CLIENT SETNAME is NOPERM) raised from the subscribe
     itself, and the session closed with 1011 internal error. Now the client gets an
     error frame for that subscribe, and the session stays open."""
-    refusing = ["--user", "default", "on", "nopass", "~*", "&*", "+@all", "-client"]
-    server = EmbeddedRedis(extra_args=refusing).start()
+    server = EmbeddedRedis(extra_args=NO_CLIENT_ACL).start()
     redis = connect(server.url, name="websocket")  # as the service's: CLIENT SETNAME
     hub = ChannelHub(redis)
     conn = _Connection()
