@@ -115,8 +115,13 @@ class ClientRefusals:
         """Run `settle` (what settles `item`'s future, refused by Redis: a rare path which
         may need a Redis lookup first) off the writer's loop, in a task held until it
         ends (or `close()` cancels it, and fails `item`)."""
-        self._settling = {t: i for t, i in self._settling.items() if not t.done()}
-        self._settling[asyncio.create_task(settle)] = item
+        task = asyncio.create_task(settle)
+        self._settling[task] = item
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        # From the dict held now: `close()` may have taken the one `task` went into.
+        self._settling.pop(task, None)
 
     async def _fail_call(self, item: Enqueue, entry: Any) -> None:
         error = await self._error_for(entry, item.service, item.instance)
