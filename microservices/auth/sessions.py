@@ -60,6 +60,7 @@ from common.constants import data_key
 from common.errors import Conflict, Unauthorized
 from common.log import get_logger
 from common.revocation import CHANNEL, REVOKED, member, queue_revocations, revoke
+from common.settings import Settings
 
 log = get_logger(__name__)
 
@@ -70,11 +71,12 @@ REUSED = "refresh token reused: session revoked"
 INVALID = "invalid refresh token"
 _NONCE = 16  # random bytes of a secret; an HMAC of them fills the other 16 of its 32
 _UPGRADE_TRIES = 5
-# 50: a user's phones, browsers and private windows each leave a session behind
-# at a login without a logout, and each lives 14 days: 3 devices logging in afresh
-# every day hold 42. The least recently used go first, so a device in use is
-# not the one ended. At ~420 bytes a session, a user holds at most ~21 KB.
-DEFAULT_MAX_SESSIONS = 50
+# AUTH_MAX_SESSIONS_PER_USER's default, 50 (one number, the setting's): a user's
+# phones, browsers and private windows each leave a session behind at a login
+# without a logout, and each lives 14 days: 3 devices logging in afresh every day
+# hold 42. The least recently used go first, so a device in use is not the one
+# ended. At ~420 bytes a session, a user holds at most ~21 KB.
+DEFAULT_MAX_SESSIONS = Settings().auth_max_sessions_per_user
 
 # Open a session (KEYS[1]) in its user's index (KEYS[2]), first ending the user's
 # least recently used live sessions beyond the cap, as a logout does (revoked
