@@ -18,7 +18,7 @@ import redis
 
 from tests.helpers import ServiceProcess, db_url, free_port, wait_for
 from tests.support.calc_service import start_worker
-from tests.webapi.conftest import policy_version
+from tests.support.policy import policy_version
 
 ADMIN_NAME = "root"
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.helpers import ServiceProcess, free_port, issue_api_key, wait_for
-from tests.support.policy import policy_version, set_document  # noqa: F401 (re-exported)
+from tests.support.policy import set_document
 
 
 @dataclass

@@ -16,13 +16,14 @@ import redis
 
 from common.policy import DEFAULT_POLICY
 from tests.helpers import ServiceProcess, issue_api_key, wait_for
+from tests.support.policy import policy_version
 from tests.webapi.access_fixtures import (  # noqa: F401 (the `gateways` fixture)
     ADMIN_NAME,
     Gateways,
     bearer,
     gateways_fixture,
 )
-from tests.webapi.conftest import http_instance, policy_version
+from tests.webapi.conftest import http_instance
 
 pytestmark = pytest.mark.timeout(240)
 
