@@ -31,6 +31,10 @@ class AsAdmin:
     def post(self, url: str, **kwargs: Any) -> httpx.Response:
         return httpx.post(url, **self._with_key(kwargs))
 
+    def field_lines(self) -> str:
+        """The key's header field lines, each ended by CRLF: for a request written raw."""
+        return "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
+
     def _with_key(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {**kwargs, "headers": {**self.headers, **(kwargs.get("headers") or {})}}
 

@@ -39,10 +39,6 @@ def gateway(redis_url: str) -> Iterator[str]:
         yield base
 
 
-def _credential() -> str:
-    return "".join(f"{k}: {v}\r\n" for k, v in as_admin.headers.items())
-
-
 def _code(answer: Answer) -> str:
     assert answer.headers.get("content-type", "").startswith("application/json"), answer
     return str(json.loads(answer.body)["error"]["code"])
@@ -69,7 +65,7 @@ def test_a_stalled_body_gets_a_408_and_the_connection_closes(backend: Backend, c
     _cache_credential(backend.gateway)
     answered = fast_path(backend.gateway)["answered"]
     head = f"{line.format(s=backend.service)} HTTP/1.1\r\nHost: gateway.test\r\n"
-    head += _credential() if credential else ""
+    head += as_admin.field_lines() if credential else ""
     with connect(backend.gateway) as sock:
         sock.sendall((head + rest).encode())
         answer = read_answers(sock, 1)[0]
@@ -85,7 +81,7 @@ def test_a_trickling_head_gets_a_408_and_the_connection_closes(backend: Backend,
     # from the last byte, so a head that never ends held the connection for good. The
     # head's own deadline (REQUEST_HEAD_TIMEOUT, by default REQUEST_TIMEOUT) ends it.
     _cache_credential(backend.gateway)  # (the fast path hands a partial head to Sanic)
-    head = f"GET {path.format(s=backend.service)} HTTP/1.1\r\n{_credential()}X-Slow: "
+    head = f"GET {path.format(s=backend.service)} HTTP/1.1\r\n{as_admin.field_lines()}X-Slow: "
     with connect(backend.gateway) as sock:
         ended = trickle(sock, head.encode() + b"a" * 1000, every=0.1)
         _assert_head_stalled(read_answers(sock, 1)[0])
@@ -239,7 +235,7 @@ def test_a_head_under_16_kib_is_taken(gateway: str) -> None:
 
 def _chunked(line: str, trailer: str) -> bytes:
     """A chunked request carrying `{}` in two chunks, then trailer fields."""
-    head = f"{line} HTTP/1.1\r\nHost: gateway.test\r\n{_credential()}"
+    head = f"{line} HTTP/1.1\r\nHost: gateway.test\r\n{as_admin.field_lines()}"
     body = f"1\r\n{{\r\n1\r\n}}\r\n0\r\n{trailer}\r\n"
     return f"{head}Transfer-Encoding: chunked\r\n\r\n{body}".encode()
 
@@ -271,7 +267,7 @@ def test_a_connection_header_without_close_keeps_the_connection(
     backend: Backend, connection: str
 ) -> None:
     _cache_credential(backend.gateway)
-    fast = f"GET /svc/{backend.service}/echo HTTP/1.1\r\nHost: g\r\n{_credential()}"
+    fast = f"GET /svc/{backend.service}/echo HTTP/1.1\r\nHost: g\r\n{as_admin.field_lines()}"
     sanic = "GET /health HTTP/1.1\r\nHost: g\r\n"
     answered = fast_path(backend.gateway)["answered"]
     with connect(backend.gateway) as sock:
@@ -285,7 +281,7 @@ def test_a_connection_header_without_close_keeps_the_connection(
 @pytest.mark.parametrize("path", ["/svc/{s}/echo", "/health"])
 def test_a_close_token_among_others_closes_the_connection(backend: Backend, path: str) -> None:
     _cache_credential(backend.gateway)
-    head = f"GET {path.format(s=backend.service)} HTTP/1.1\r\nHost: g\r\n{_credential()}"
+    head = f"GET {path.format(s=backend.service)} HTTP/1.1\r\nHost: g\r\n{as_admin.field_lines()}"
     with connect(backend.gateway) as sock:
         answer = _exchange(sock, head + "Connection: X-Foo\r\nConnection: TE, Close\r\n\r\n")
         assert (answer.status, answer.headers["connection"]) == (200, "close")

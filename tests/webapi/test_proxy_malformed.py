@@ -47,10 +47,6 @@ def _refusals(backend: Backend) -> list[dict[str, Any]]:
     return gateway_process(backend.gateway).log_records("request refused")
 
 
-def _credential() -> str:
-    return "".join(f"{k}: {v}\r\n" for k, v in as_admin.headers.items())
-
-
 def _error(answer: Answer) -> str:
     """The error code of a JSON error answer."""
     assert answer.headers.get("content-type", "").startswith("application/json"), answer
@@ -67,7 +63,7 @@ def test_a_malformed_request_gets_a_json_4xx_and_reaches_nobody(
     uploads = _uploads(backend)
     refusals = len(_refusals(backend))
     head = f"POST /svc/{backend.service}/upload HTTP/1.1\r\nHost: gateway.test\r\n"
-    answer = _send(backend.gateway, (head + _credential() + fields).encode("latin-1"))
+    answer = _send(backend.gateway, (head + as_admin.field_lines() + fields).encode("latin-1"))
     assert (answer.status, _error(answer)) == (status, code), answer.body
     assert _uploads(backend) == uploads  # nothing of it reached the instance
     # Logged once (design §10), before the answer was written; not the credential.
@@ -88,7 +84,7 @@ def test_a_malformed_request_gets_a_json_4xx_and_reaches_nobody(
 )  # fmt: skip
 def test_a_path_that_leaves_the_service_is_refused(backend: Backend, target: str) -> None:
     head = f"GET /svc/{backend.service}{target} HTTP/1.1\r\nHost: gateway.test\r\n"
-    answer = _send(backend.gateway, (head + _credential() + "\r\n").encode())
+    answer = _send(backend.gateway, (head + as_admin.field_lines() + "\r\n").encode())
     assert (answer.status, _error(answer)) == (400, "invalid_path")
 
 
@@ -125,5 +121,6 @@ def test_a_malformed_request_line_gets_a_json_4xx(
     backend: Backend, request_line: str, status: int, code: str
 ) -> None:
     line = request_line.format(s=backend.service)
-    answer = _send(backend.gateway, f"{line}\r\nHost: gateway.test\r\n{_credential()}\r\n".encode())
+    head = f"{line}\r\nHost: gateway.test\r\n{as_admin.field_lines()}\r\n"
+    answer = _send(backend.gateway, head.encode())
     assert (answer.status, _error(answer)) == (status, code)

@@ -178,7 +178,7 @@ def test_a_413_is_readable_while_the_client_is_still_sending(stack: Stack) -> No
     # the client never sees the 413 (a lingering close, as nginx does).
     host, port = stack.base_url.removeprefix("http://").split(":")
     body = b"x" * (4 * 1024 * 1024)
-    auth = "".join(f"{k}: {v}\r\n" for k, v in as_admin.headers.items())
+    auth = as_admin.field_lines()
     head = (f"POST /rpc/calc/add HTTP/1.1\r\nHost: gw\r\n{auth}"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
     with socket.create_connection((host, int(port)), timeout=10) as sock:
