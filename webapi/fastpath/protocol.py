@@ -115,31 +115,24 @@ class FastPathProtocol(LingeringHttpProtocol):
                 self._body_timed_out()
                 return
         elif task is None:
-            before = self._next_check()
             super().check_timeouts()  # type: ignore[no-untyped-call]
-            sanic_paced = self._next_check()
-            if sanic_paced is None or sanic_paced is before:
-                return  # none set: a timeout ended the connection (or a WebSocket's has none)
-            # Sanic set the next check at its own pace (half the least of its timeouts),
-            # which a splice started meanwhile would keep: its head deadline unseen.
-            sanic_paced.cancel()
+            return
         elif current_time() - self._time > self.response_timeout:
             log.info("response timeout: closing the connection")
             task.cancel()
             self.close()
             return
-        if not self._task:
-            return
-        # (the head deadline too: a splice's held head is checked only here)
+        if self._task:
+            self._pace_checks()
+
+    def _pace_checks(self) -> None:
+        """Set the next `check_timeouts` at this protocol's pace: half the least of the
+        timeouts, the head deadline's too (a splice's held head is checked only there)."""
         interval = min(self.keep_alive_timeout, self.request_timeout, self.response_timeout,
                        head_timeout(self))  # fmt: skip
         self._callback_check_timeouts = self.loop.call_later(
             max(0.1, interval / 2), self.check_timeouts
         )
-
-    def _next_check(self) -> asyncio.TimerHandle | None:
-        """The timer of the next `check_timeouts` (Sanic's attribute)."""
-        return cast("asyncio.TimerHandle | None", self._callback_check_timeouts)
 
     def close_if_idle(self) -> bool:
         splice = self._passthrough
@@ -211,6 +204,13 @@ class FastPathProtocol(LingeringHttpProtocol):
         else:
             splice = PassThrough(self, leg, rule, app.ctx.policy, attempts, app.ctx.passthrough)
         self._passthrough = splice
+        # The next check may be at Sanic's pace (set while the connection was Sanic's:
+        # half the least of its timeouts, 30 s by default), which would leave the
+        # splice's head deadline unseen that long.
+        pending = cast("asyncio.TimerHandle | None", self._callback_check_timeouts)
+        if pending is not None:
+            pending.cancel()
+        self._pace_checks()
         held = bytes(self._held)
         self._held.clear()
         self.transport.resume_reading()
