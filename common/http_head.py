@@ -20,6 +20,10 @@ import re
 # is 8 KiB; a browser's cookies and a JWT may need more): more is a 431 (a 414 for a
 # longer request line), on Sanic's path (`common.strict_http`) and the fast path alike.
 MAX_HEAD = 16 * 1024
+# The bytes of the empty lines a client may send before a request line (RFC 9112 §2.2;
+# a bare CR or LF too, as nginx and httptools skip them there): dropped, never taken for
+# activity, by Sanic's path (`common.strict_http`) and the splice (`webapi.passthrough`).
+EMPTY_LINE = b"\r\n"
 
 # A request head as HTTP/1.1 allows it (RFC 9110 §5.1, §5.5; RFC 9112 §2.2, §5.1): a
 # request line with no control character, then lines `name:value` after CRLFs, the name

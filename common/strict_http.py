@@ -89,7 +89,7 @@ from sanic.headers import format_http1_response
 from sanic.helpers import has_message_body
 from sanic.http import Http, Stage
 
-from common.http_head import MAX_HEAD, connection_tokens, well_formed_field
+from common.http_head import EMPTY_LINE, MAX_HEAD, connection_tokens, well_formed_field
 
 # `\r\n` (the end of the previous chunk's data, or of the head), then a chunk-size line:
 # hex digits, optionally a chunk extension (`BWS ";" ...`, no control character but
@@ -97,9 +97,6 @@ from common.http_head import MAX_HEAD, connection_tokens, well_formed_field
 _CHUNK_LINE = re.compile(rb"\r\n([0-9A-Fa-f]+)(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?\r\n")
 # The longest chunk-size line taken (Sanic's own bound).
 _MAX_CHUNK_LINE = 64
-# What an empty line before a request line is made of (RFC 9112 §2.2; a bare CR or LF
-# too, as nginx skips them).
-_EMPTY_LINE = b"\r\n"
 # The empty line ending a head whose lines end in a bare LF, looked for only where
 # there is no CRLF CRLF (the `\n\r\n` a CR precedes is the end of a proper head).
 _LF_HEAD_END = re.compile(rb"\n\r?\n")
@@ -121,7 +118,7 @@ def head_timeout(protocol: Any) -> float:
 
 def _drop_empty_lines(buf: bytearray) -> None:
     """Drop the empty lines at the start of `buf`, before a request line (module docstring)."""
-    kept = buf.lstrip(_EMPTY_LINE)
+    kept = buf.lstrip(EMPTY_LINE)
     if len(kept) != len(buf):
         del buf[: len(buf) - len(kept)]
 
@@ -246,7 +243,7 @@ class StrictHttp(Http):
 
     async def http1_request_header(self) -> None:
         buf = self.recv_buffer
-        if buf and buf[0] in _EMPTY_LINE:  # (Sanic calls this once bytes have come)
+        if buf and buf[0] in EMPTY_LINE:  # (Sanic calls this once bytes have come)
             _drop_empty_lines(buf)
         end = buf.find(b"\r\n\r\n")
         if end == -1:  # not whole yet: rare, once read

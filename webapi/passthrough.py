@@ -90,6 +90,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, HttpResponseParser
 
+from common.http_head import EMPTY_LINE
 from common.log import get_logger
 from common.policy import PolicyDocument, RouteRule
 from common.proxy_paths import InvalidProxyPath, plain_target, upstream_target
@@ -102,13 +103,10 @@ if TYPE_CHECKING:
 
 log = get_logger("webapi.passthrough")
 
-# A request head longer than this is not relayed (Sanic's own limit is 8 KiB by default).
+# A request head longer than this is not relayed (Sanic's path takes 16 KiB: `common.http_head`).
 MAX_HEAD = 64 * 1024
 # HEAD is not relayed: its response has no body, which a response parser cannot know.
 PASSTHROUGH_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
-# The bytes of the empty lines a client may send between requests (CR and LF alone too:
-# httptools skips either there, as nginx does).
-_EMPTY_LINE = b"\r\n"
 
 
 def passthrough_rule(policy: PolicyDocument, url: bytes) -> RouteRule | None:
@@ -341,10 +339,10 @@ class PassThrough(SpliceBase):
         if self.ending is not None:  # reading is paused; a read already under way
             self.leftover += data
             return True
-        if data[0] in _EMPTY_LINE and not self.unsent and self.requests.complete == self.begun:
+        if data[0] in EMPTY_LINE and not self.unsent and self.requests.complete == self.begun:
             # Between requests (none forwarded is still arriving, no head is held): the
             # empty lines RFC 9112 §2.2 lets a server ignore before a request line.
-            data = data.lstrip(_EMPTY_LINE)
+            data = data.lstrip(EMPTY_LINE)
             if not data:
                 return False
         calls = self.requests
