@@ -12,7 +12,7 @@ from common.forwarding import MAX_VIA_HOPS, hop_headers_out, strip_hop_by_hop_ra
 from common.settings import Settings
 from webapi.fastpath import MAX_FAST_BODY, Parsed, parse_request
 from webapi.fastpath.head import upstream_head
-from webapi.fastpath.request import Incomplete
+from webapi.fastpath.request import Incomplete, parse_head
 from webapi.fastpath.response import CHUNKED, KEPT, NONE, WHOLE, client_head
 from webapi.proxy.headers import build_request_head
 
@@ -98,6 +98,18 @@ def test_ambiguous_credential_fields_are_left_to_sanic(fields: bytes) -> None:
     assert parse_request(raw) is None
     same = b"GET /svc/web/a HTTP/1.1\r\nHost: gw\r\nX-Api-Key: k\r\nAuthorization: Bearer k\r\n\r\n"
     assert isinstance(parse_request(same), Parsed)
+
+
+def test_a_refused_requests_fields_are_read_from_any_whole_head_only() -> None:
+    # (`parse_head`: the client's address of a refusal the fast path makes itself)
+    xff = b"X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-For: 10.0.0.1\r\n"
+    upgrade = b"GET /ws/ HTTP/1.1\r\nHost: gw\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+    for head in (b"POST /static/a HTTP/1.1\r\nHost: gw\r\nContent-Length: 9\r\n", upgrade):
+        parsed = parse_head(head + xff + b"\r\n{")
+        assert parsed is not None
+        assert parsed.header_values("x-forwarded-for") == ["203.0.113.7", "10.0.0.1"]
+    assert parse_head(b"GET /static/a HTTP/1.1\r\n" + xff) is None  # not whole yet
+    assert parse_head(b"GET /a HTTP/1.1\r\nBad Name: x\r\n\r\n") is None
 
 
 def test_connection_is_read_as_a_list_of_tokens() -> None:

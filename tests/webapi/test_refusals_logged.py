@@ -7,13 +7,16 @@ made three lines in four of the gateway's log in a soak."""
 from __future__ import annotations
 
 import secrets
+import uuid
 
 import httpx
 import pytest
 
 from common import apikeys
 from tests.helpers import wait_for
-from tests.webapi.conftest import gateway_process, running_gateway
+from tests.support.policy import apply_routes
+from tests.support.raw_http import connect, read_answers
+from tests.webapi.conftest import as_admin, gateway_process, running_gateway
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -62,3 +65,35 @@ def test_an_ipv6_client_is_bounded_by_its_64_not_per_address(redis_url: str) -> 
         process.stop()
         summaries = process.log_records("request refusals not logged")
         assert [(s["client"], s["count"]) for s in summaries] == [("2001:db8::/64", 5)]
+
+
+def test_the_fast_paths_refusals_name_the_client_behind_a_trusted_proxy(redis_url: str) -> None:
+    # The fast path logged the refusals it makes itself (a held body's 408, a
+    # pass-through route's connect failure) under the socket's peer: behind a trusted
+    # proxy, every client shared the proxy's budget and the lines named the proxy.
+    ghost = f"ghost{uuid.uuid4().hex[:6]}"  # a pass-through route's never-registered service
+    with running_gateway(redis_url, TRUSTED_PROXIES="127.0.0.1", REQUEST_TIMEOUT="0.5") as base:
+        process = gateway_process(base)
+        apply_routes(base, redis_url, [{"prefix": "/nowhere/", "service": ghost, "public": True,
+                                        "strip_prefix": False, "passthrough": True}])  # fmt: skip
+        try:
+            # The admin key in the gateway's cache: the fast path holds a request for its body.
+            assert as_admin.get(f"{base}/admin/proxy/stats", timeout=5).status_code == 200
+            with connect(base) as sock:
+                sock.sendall(b"GET /nowhere/x HTTP/1.1\r\nHost: gateway.test\r\n"
+                             b"X-Forwarded-For: 203.0.113.7\r\n\r\n")  # fmt: skip
+                assert read_answers(sock, 1)[0].status == 404  # unknown_service
+            with connect(base) as sock:
+                head = (f"POST /svc/{ghost}/upload HTTP/1.1\r\nHost: gateway.test\r\n"
+                        f"{as_admin.field_lines()}X-Forwarded-For: 203.0.113.8\r\n"
+                        "Content-Length: 100\r\n\r\n{")  # fmt: skip
+                sock.sendall(head.encode())
+                assert read_answers(sock, 1)[0].status == 408  # the body stalled
+        finally:
+            apply_routes(base, redis_url, [])
+        wait_for(lambda: len(process.log_records("request refused")) >= 2, timeout=5)
+        refused = process.log_records("request refused")
+        assert [(r["client"], r["status"]) for r in refused] == [
+            ("203.0.113.7", 404),
+            ("203.0.113.8", 408),
+        ]

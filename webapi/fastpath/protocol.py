@@ -22,7 +22,7 @@ from webapi.context import GatewayApp
 from webapi.errors import ApiError
 from webapi.fastpath.admission import admit, allowed, may_qualify
 from webapi.fastpath.direct import DirectExchange
-from webapi.fastpath.request import Incomplete, Parsed, parse_request
+from webapi.fastpath.request import Incomplete, Parsed, parse_head, parse_request
 from webapi.fastpath.response import CHUNKED, WHOLE, bodiless_framing, client_head, error_bytes
 from webapi.passthrough import PassThrough, passthrough_request
 from webapi.proxy.attempts import Attempts
@@ -187,10 +187,11 @@ class FastPathProtocol(LingeringHttpProtocol):
         except Exception as exc:  # (a cancellation is not an Exception: it goes through)
             app.ctx.passthrough.connect_failures += 1
             self._fast = None
-            self._held.clear()
             if self.transport is not None and not self.transport.is_closing():
-                error = error_bytes(exc, method, url, request_id_of(None), False, self._peer())
+                client = self._held_client(self._held)  # (before the head is whole: the peer)
+                error = error_bytes(exc, method, url, request_id_of(None), False, client)
                 self.transport.write(error)
+            self._held.clear()
             self.close()
             return
         self._fast = None
@@ -281,7 +282,7 @@ class FastPathProtocol(LingeringHttpProtocol):
         answers it (`common.strict_http`), and the connection closes (lingering)."""
         held = bytes(self._held)
         self._held.clear()
-        self._timed_out(held, BODY_STALLED)
+        self._timed_out(held, BODY_STALLED, self._held_client(held))
 
     def _head_timed_out(self, splice: PassThrough | Tunnel) -> None:
         """A pass-through splice's held head has not come whole in time. With every
@@ -290,24 +291,31 @@ class FastPathProtocol(LingeringHttpProtocol):
         if splice.outstanding:
             splice.end_after_answers()
             return
-        held = splice.unsent if isinstance(splice, PassThrough) else b""
+        # Only a `PassThrough` holds a head: a `Tunnel` reads nothing after its first
+        # request, so its `head_overdue` is never true.
+        assert isinstance(splice, PassThrough)
+        held = splice.unsent
         splice.close()
         self._passthrough = None
-        self._timed_out(held, HEAD_STALLED)
+        # The head never came whole: no `X-Forwarded-For` to read, so the refusal is
+        # logged under the socket's peer (behind a trusted proxy, the proxy's address).
+        self._timed_out(held, HEAD_STALLED, self._peer())
 
-    def _timed_out(self, held: bytes, message: str) -> None:
-        """Answer the request at the start of `held` with a 408 saying `message`, and close."""
+    def _timed_out(self, held: bytes, message: str, client: str) -> None:
+        """Answer the request at the start of `held` with a 408 saying `message`, and close
+        (`client`: the client's address, which the refusal is logged under)."""
         method, _, rest = held[: max(0, held.find(b"\r\n"))].partition(b" ")
         url = rest.rpartition(b" ")[0]
         transport = self.transport
         if transport is not None and not transport.is_closing():
             error = error_bytes(RequestTimeout(message), method.decode("latin-1"), url,
-                                request_id_of(None), False, self._peer())  # fmt: skip
+                                request_id_of(None), False, client)  # fmt: skip
             transport.write(error)
         self.close()
 
     def _peer(self) -> str:
-        """The socket's peer address (no head to read `X-Forwarded-For` from)."""
+        """The socket's peer address (for a request whose head has not come whole: no
+        `X-Forwarded-For` to read)."""
         conn_info = self.conn_info
         return conn_info.client_ip if conn_info else ""
 
@@ -315,6 +323,13 @@ class FastPathProtocol(LingeringHttpProtocol):
         """The client's address as the routes read it (`Gatekeeper.client_ip`)."""
         app: GatewayApp = self.app
         return app.ctx.gate.address(self._peer(), req.header_values)
+
+    def _held_client(self, held: bytes | bytearray) -> str:
+        """`_client_address` of the request at the start of `held`, for a refusal the fast
+        path makes before it has a `Parsed` (a held body's 408, a pass-through route's
+        connect failure); the peer's while its head is not whole."""
+        head = parse_head(held)
+        return self._peer() if head is None else self._client_address(head)
 
     def _start(self, req: Parsed, head: bytes) -> None:
         """Choose the instance; send on one of its idle connections (`DirectExchange`),

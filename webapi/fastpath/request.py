@@ -187,6 +187,24 @@ def parse_request(buf: bytes | bytearray) -> Parsed | Incomplete | None:
     return req
 
 
+def parse_head(buf: bytes | bytearray) -> Parsed | None:
+    """The fields of the request head at the start of `buf`, when it is whole and httptools
+    reads it (any path, method or framing), else None: for reading the fields of a request
+    the fast path refuses (its client's address), not for forwarding it. Not on the hot
+    path: only a refusal reads it."""
+    end = buf.find(b"\r\n\r\n", 0, MAX_FAST_HEAD)
+    if end < 0:
+        return None
+    req = Parsed()
+    try:
+        HttpRequestParser(req).feed_data(bytes(buf[: end + 4]))
+    except HttpParserUpgrade:
+        pass  # an upgrade's head: read whole all the same
+    except HttpParserError:
+        return None
+    return req if req.head_done and req.begun == 1 else None
+
+
 _CLOSE = b"close"
 # The credential fields: a second one is refused (`common.forwarding.credential_fault`).
 _CREDENTIAL = frozenset({b"authorization", b"x-api-key"})
