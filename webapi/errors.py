@@ -6,10 +6,11 @@ Every error response has the body `{"error": {"code": ..., "message": ...}}`
 gateway is a 500.
 
 Each refusal (a 4xx) is logged as `request refused` with its client's address, within
-a budget per address block (`REFUSALS`, `common.http_errors.refusal_budgets`; IPv6 by
-its /64): `LOG_REFUSALS_PER_CLIENT` (10) a minute, then one `request refusals not
-logged` line counting the rest. A client sending made-up credentials in a loop made
-three lines in four of the gateway's log in a soak, burying the rest.
+a budget per address block (`refusal_log`, the app's `ctx.refusals`: two gateway apps in
+one process keep their own; IPv6 by its /64): `LOG_REFUSALS_PER_CLIENT` (10) a minute,
+then one `request refusals not logged` line counting the rest. A client sending made-up
+credentials in a loop made three lines in four of the gateway's log in a soak, burying
+the rest.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from common.http_errors import (
     translated,
 )
 from common.log import get_logger
+from common.log_budget import LogBudgets
 from common.ratelimit import Decision
 from webapi.responses import NotJson, json_response
 
@@ -43,9 +45,12 @@ if TYPE_CHECKING:
     from webapi.context import GatewayRequest
 
 log = get_logger("webapi.errors")
-# Refusals logged per client address (module docstring); its `limit` is the setting's,
-# set as the gateway starts (`webapi.app`).
-REFUSALS = refusal_budgets(log)
+
+
+def refusal_log(limit: int) -> LogBudgets:
+    """The budgets of a gateway app's `request refused` lines (`ctx.refusals`, module
+    docstring): `limit` a minute per client, its `LOG_REFUSALS_PER_CLIENT`."""
+    return refusal_budgets(log, limit)
 
 
 class ApiError(SanicException):
@@ -207,9 +212,8 @@ class JsonErrorHandler(ErrorHandler):
 
     def default(self, request: Request, exception: Exception) -> HTTPResponse:
         request_id = getattr(request.ctx, "request_id", None)
-        return error_response(
-            exception, request.method, request.path, request_id, client=client_of(request)
-        )
+        return error_response(exception, request.method, request.path, request_id,
+                              request.app.ctx.refusals, client=client_of(request))  # fmt: skip
 
 
 def client_of(request: Request[Any, Any]) -> str:
@@ -226,13 +230,14 @@ def error_response(
     method: str,
     path: str,
     request_id: str | None,
+    refusals: LogBudgets,
     *,
     client: str = "",
     envelope: dict[str, Any] | None = None,
 ) -> HTTPResponse:
     """The JSON error response of `exception`, logged as the gateway logs every error
     (`JsonErrorHandler`; the proxy's fast path, which has no Sanic request, too): a
-    refusal within `client`'s budget (module docstring).
+    refusal within `client`'s budget of `refusals` (the app's, module docstring).
     `envelope`: fields a route's own answer shape puts beside `error` (`/ai_server/`)."""
     headers: dict[str, str] = {}
     exception = translated(exception)
@@ -269,7 +274,7 @@ def error_response(
         log.error("unhandled error", exc_info=exception, extra={"fields": {"path": path}})
     if status < 500:  # design §10: logged once, here, bounded
         error = body["error"]
-        log_refusal(log, method, path, status, error["code"], error["message"], client, REFUSALS)
+        log_refusal(log, method, path, status, error["code"], error["message"], client, refusals)
     if request_id:
         headers["X-Request-Id"] = request_id
     if envelope:

@@ -6,17 +6,24 @@ made three lines in four of the gateway's log in a soak."""
 
 from __future__ import annotations
 
+import logging
 import secrets
+import socket
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
 
 from common import apikeys
+from common.settings import Settings
 from tests.helpers import wait_for
 from tests.support.policy import apply_routes
 from tests.support.raw_http import connect, read_answers
 from tests.webapi.conftest import as_admin, gateway_process, running_gateway
+from webapi.app import create_app
+from webapi.context import GatewayApp
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -97,3 +104,46 @@ def test_the_fast_paths_refusals_name_the_client_behind_a_trusted_proxy(redis_ur
             ("203.0.113.7", 404),
             ("203.0.113.8", 408),
         ]
+
+
+@asynccontextmanager
+async def _served(app: GatewayApp) -> AsyncIterator[str]:
+    """`app` served in this process (Sanic's `create_server`, its listeners run by hand);
+    its base URL."""
+    # Sanic's touch-up rewrites its `Http` class's methods from their source: once one app
+    # in the process has, the next one's startup cannot read them (KeyError: 'read').
+    app.config.TOUCHUP = False
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = await app.create_server(sock=sock)
+    assert server is not None
+    await server.startup()
+    await server.before_start()
+    await server.after_start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        await server.before_stop()
+        await server.close()
+        await server.after_stop()
+
+
+async def test_two_gateways_in_one_process_keep_their_own_budgets(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The budgets were a module global: two gateway apps in one process shared them, and
+    # the limit of the last one started. Each app's budgets are its own now.
+    caplog.set_level(logging.INFO, logger="webapi.errors")
+    apps = [create_app(Settings(redis_url=redis_url, log_refusals_per_client=limit),
+                       name=f"refusals{limit}_{uuid.uuid4().hex[:6]}")
+            for limit in (2, 5)]  # fmt: skip
+    logged = []
+    async with _served(apps[0]) as first, _served(apps[1]) as second:
+        for base in (first, second):
+            async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+                for _ in range(6):
+                    assert (await client.get("/api/v1/auth/me")).status_code == 401
+            logged.append(sum(r.message == "request refused" for r in caplog.records))
+    assert logged == [2, 2 + 5]  # from one address: each app's limit, in its own budget
+    # Each app told its own count as it stopped (`after_server_stop`).
+    summaries = [r for r in caplog.records if r.message == "request refusals not logged"]
+    assert sorted(r.__dict__["fields"]["count"] for r in summaries) == [6 - 5, 6 - 2]

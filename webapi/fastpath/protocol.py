@@ -189,7 +189,8 @@ class FastPathProtocol(LingeringHttpProtocol):
             self._fast = None
             if self.transport is not None and not self.transport.is_closing():
                 client = self._held_client(self._held)  # (before the head is whole: the peer)
-                error = error_bytes(exc, method, url, request_id_of(None), False, client)
+                error = error_bytes(exc, method, url, request_id_of(None), False, client,
+                                    app.ctx.refusals)  # fmt: skip
                 self.transport.write(error)
             self._held.clear()
             self.close()
@@ -309,7 +310,8 @@ class FastPathProtocol(LingeringHttpProtocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             error = error_bytes(RequestTimeout(message), method.decode("latin-1"), url,
-                                request_id_of(None), False, client)  # fmt: skip
+                                request_id_of(None), False, client,
+                                self.app.ctx.refusals)  # fmt: skip
             transport.write(error)
         self.close()
 
@@ -386,8 +388,9 @@ class FastPathProtocol(LingeringHttpProtocol):
 
     def fast_error(self, exc: Exception, req: Parsed, request_id: str, keep_alive: bool) -> None:
         """Answer the fast request with `exc`'s JSON error response."""
-        client = self._client_address(req)
-        self.fast_write(error_bytes(exc, req.method, req.url, request_id, keep_alive, client))
+        client, refusals = self._client_address(req), self.app.ctx.refusals
+        error = error_bytes(exc, req.method, req.url, request_id, keep_alive, client, refusals)
+        self.fast_write(error)
         self.fast_done(keep_alive)
 
     def fast_retry(self, req: Parsed, head: bytes, attempts: Attempts, stale: bool) -> None:
@@ -435,8 +438,9 @@ class FastPathProtocol(LingeringHttpProtocol):
                 keep_alive = False
             else:
                 keep_alive = keep_alive and not self.signal.stopped
-                client = self._client_address(req)
-                self._write(error_bytes(exc, req.method, req.url, request_id, keep_alive, client))
+                client, refusals = self._client_address(req), app.ctx.refusals
+                self._write(error_bytes(exc, req.method, req.url, request_id, keep_alive,
+                                        client, refusals))  # fmt: skip
         self.fast_done(keep_alive)
 
     async def _relay(

@@ -12,6 +12,7 @@ from sanic.headers import format_http1_response
 from sanic.helpers import STATUS_CODES, has_message_body
 
 from common.forwarding import HOP_BY_HOP_RAW, strip_hop_by_hop_raw
+from common.log_budget import LogBudgets
 from webapi.errors import error_response
 from webapi.proxy.forward import latencies_ms
 
@@ -71,12 +72,18 @@ def client_head(
 
 
 def error_bytes(
-    exc: Exception, method: str, url: bytes, request_id: str, keep_alive: bool, client: str
+    exc: Exception,
+    method: str,
+    url: bytes,
+    request_id: str,
+    keep_alive: bool,
+    client: str,
+    refusals: LogBudgets,
 ) -> bytes:
     """`exc` as the JSON error response Sanic's error handler would write (`client`: the
-    client's address, which bounds the refusals logged)."""
+    client's address, whose budget of `refusals`, the app's, bounds the refusals logged)."""
     path = url.partition(b"?")[0].decode("latin-1")
-    response = error_response(exc, method, path, request_id, client=client)
+    response = error_response(exc, method, path, request_id, refusals, client=client)
     body = response.body or b""
     response.headers["content-length"] = str(len(body))
     response.headers["connection"] = "keep-alive" if keep_alive else "close"
