@@ -20,8 +20,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from typing import TYPE_CHECKING
 
 from common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sanic.models.server_types import ConnInfo
 
 Network = IPv4Network | IPv6Network
 Address = IPv4Address | IPv6Address
@@ -69,6 +73,12 @@ def client_ip(peer: str, forwarded_for: str | None, trusted: Sequence[Network]) 
             return str(hop)
         last_good = hop
     return str(last_good)
+
+
+def peer_ip(conn_info: ConnInfo | None) -> str:
+    """The TCP peer's address of a Sanic connection (`conn_info.client_ip`; "" before it
+    has one): the `peer` `request_client_ip` reads the client from."""
+    return conn_info.client_ip if conn_info else ""
 
 
 def request_client_ip(
@@ -150,5 +160,6 @@ __all__ = [
     "client_ip",
     "forwarded_for",
     "parse_networks",
+    "peer_ip",
     "request_client_ip",
 ]

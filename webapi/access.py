@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
-from common.clientip import request_client_ip
+from common.clientip import peer_ip, request_client_ip
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized, shortened
 from common.policy import LimitRule, PolicyWatcher
@@ -192,8 +192,7 @@ class Gatekeeper:
 
     def client_ip(self, request: GatewayRequest) -> str:
         """The caller's address; `X-Forwarded-For` counts only from trusted proxies."""
-        peer = request.conn_info.client_ip if request.conn_info else ""
-        return self.address(peer, request.headers.get_all)
+        return self.address(peer_ip(request.conn_info), request.headers.get_all)
 
     def address(self, peer: str, values: Callable[[str], Sequence[str]]) -> str:
         """The client's address from the socket's `peer` and `values(name)`, the values of

@@ -22,6 +22,7 @@ from sanic import HTTPResponse, Request
 from sanic.exceptions import RequestCancelled, SanicException
 from sanic.handlers import ErrorHandler
 
+from common.clientip import peer_ip
 from common.errors import Overloaded, SwitchboardError
 from common.http_errors import (
     error_body,
@@ -222,7 +223,7 @@ def client_of(request: Request[Any, Any]) -> str:
     gate: Gatekeeper | None = getattr(request.app.ctx, "gate", None)
     if gate is not None:
         return gate.client_ip(cast("GatewayRequest", request))
-    return request.conn_info.client_ip if request.conn_info else ""
+    return peer_ip(request.conn_info)
 
 
 def error_response(

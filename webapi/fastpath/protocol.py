@@ -13,6 +13,7 @@ from sanic.http.constants import Stage
 
 from common.balancing import Endpoint
 from common.balancing.sticky import balance_key
+from common.clientip import peer_ip
 from common.lingering import LingeringHttpProtocol
 from common.log import get_logger, request_id_var
 from common.policy import RouteRule
@@ -39,7 +40,8 @@ _HOLD_LIMIT = 256 * 1024
 class FastPathProtocol(LingeringHttpProtocol):
     """Sanic's HTTP/1.1 protocol, answering eligible `/svc/` requests itself."""
 
-    __slots__ = ("_awaiting", "_fast", "_fast_ok", "_fast_written", "_held", "_passthrough")
+    __slots__ = ("_awaiting", "_fast", "_fast_ok", "_fast_written", "_held", "_passthrough",
+                 "_peer", "_scheme")  # fmt: skip
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -50,11 +52,22 @@ class FastPathProtocol(LingeringHttpProtocol):
         self._fast_written = False  # some of the current coroutine's response is written
         # Spliced to an upstream (`webapi.passthrough`, `webapi.tunnel`).
         self._passthrough: PassThrough | Tunnel | None = None
+        # The connection's: its socket's peer address (for a request whose head has not
+        # come whole, no `X-Forwarded-For` to read) and scheme, read once per connection
+        # (`connection_made`) rather than from `conn_info` per request.
+        self._peer = ""
+        self._scheme = "http"
         config = self.app.config
         self._fast_ok = not (config.get("SERVER_NAME") or config.FORWARDED_SECRET
                              or config.PROXIES_COUNT or config.REAL_IP_HEADER)  # fmt: skip
 
     # asyncio.Protocol callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[no-untyped-call]
+        conn_info = self.conn_info
+        self._peer = peer_ip(conn_info)
+        self._scheme = "https" if conn_info and conn_info.ssl else "http"
 
     def data_received(self, data: bytes) -> None:
         splice = self._passthrough
@@ -273,10 +286,7 @@ class FastPathProtocol(LingeringHttpProtocol):
 
     def _admit(self, parsed: Parsed) -> bytes | None:
         """`admission.admit` with this connection's client address and scheme. Hot path."""
-        conn_info = self.conn_info
-        client_ip = conn_info.client_ip if conn_info else ""
-        scheme = "https" if conn_info and conn_info.ssl else "http"
-        return admit(self.app.ctx, parsed, client_ip, scheme)
+        return admit(self.app.ctx, parsed, self._peer, self._scheme)
 
     def _body_timed_out(self) -> None:
         """The held request's body stalled for the request timeout: a 408, as Sanic's path
@@ -300,7 +310,7 @@ class FastPathProtocol(LingeringHttpProtocol):
         self._passthrough = None
         # The head never came whole: no `X-Forwarded-For` to read, so the refusal is
         # logged under the socket's peer (behind a trusted proxy, the proxy's address).
-        self._timed_out(held, HEAD_STALLED, self._peer())
+        self._timed_out(held, HEAD_STALLED, self._peer)
 
     def _timed_out(self, held: bytes, message: str, client: str) -> None:
         """Answer the request at the start of `held` with a 408 saying `message`, and close
@@ -315,23 +325,17 @@ class FastPathProtocol(LingeringHttpProtocol):
             transport.write(error)
         self.close()
 
-    def _peer(self) -> str:
-        """The socket's peer address (for a request whose head has not come whole: no
-        `X-Forwarded-For` to read)."""
-        conn_info = self.conn_info
-        return conn_info.client_ip if conn_info else ""
-
     def _client_address(self, req: Parsed) -> str:
         """The client's address as the routes read it (`Gatekeeper.client_ip`)."""
         app: GatewayApp = self.app
-        return app.ctx.gate.address(self._peer(), req.header_values)
+        return app.ctx.gate.address(self._peer, req.header_values)
 
     def _held_client(self, held: bytes | bytearray) -> str:
         """`_client_address` of the request at the start of `held`, for a refusal the fast
         path makes before it has a `Parsed` (a held body's 408, a pass-through route's
         connect failure); the peer's while its head is not whole."""
         head = parse_head(held)
-        return self._peer() if head is None else self._client_address(head)
+        return self._peer if head is None else self._client_address(head)
 
     def _start(self, req: Parsed, head: bytes) -> None:
         """Choose the instance; send on one of its idle connections (`DirectExchange`),
