@@ -252,12 +252,14 @@ class Tier(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    """An admitted login attempt: its id, the name, and the address as keyed (None:
-    the login named none)."""
+    """An admitted login attempt: its id, the name, the address as keyed (None: the
+    login named none), and the tiers it counts in, first its address's (their keys
+    built once, by `admit`, for the call that ends it)."""
 
     id: str
     username: str
     address: str | None
+    tiers: tuple[Tier, ...]
 
 
 class LoginThrottle:
@@ -288,12 +290,12 @@ class LoginThrottle:
         `TooManyAttempts` while a tier that applies is locked, or when the attempts
         it may have under way still are after `BUSY_WAIT`.
         """
-        attempt = Attempt(uuid.uuid4().hex, username, login_address(address))
-        tiers = self._tiers(attempt)
-        keys = _keys(known_key(username), tiers)
+        keyed = login_address(address)
+        attempt = Attempt(uuid.uuid4().hex, username, keyed, self._tiers(username, keyed))
+        keys = _keys(known_key(username), attempt.tiers)
         # The address to look up among the known ones (none while none is kept).
         lookup = attempt.address if self.rules.known_for > 0 else None
-        per_tier = [value for t in tiers for value in (t.max_failures, int(t.known_escapes))]
+        per_tier = [v for t in attempt.tiers for v in (t.max_failures, int(t.known_escapes))]
         waited_until = time.monotonic() + BUSY_WAIT
         while True:
             now = self.clock()
@@ -319,17 +321,15 @@ class LoginThrottle:
     async def failed(self, attempt: Attempt) -> None:
         """The password was wrong: count a failure in every tier (which may lock it)."""
         rules = self.rules
-        tiers = self._tiers(attempt)
-        keys = _keys(addresses_key(attempt.username), tiers)
+        keys = _keys(addresses_key(attempt.username), attempt.tiers)
         args: list[str | float] = [self.clock(), rules.lock_base, rules.lock_max, rules.window]
-        args += [attempt.id, attempt.address or "", *(t.max_failures for t in tiers)]
+        args += [attempt.id, attempt.address or "", *(t.max_failures for t in attempt.tiers)]
         await self._failed(keys=keys, args=args)
 
     async def succeeded(self, attempt: Attempt) -> None:
         """The password was right: forget the failures from its address (not the
         account's), and remember the address as the user's."""
-        username, address = attempt.username, attempt.address
-        tiers = self._tiers(attempt)
+        username, address, tiers = attempt.username, attempt.address, attempt.tiers
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(tiers[0].failures)
             for tier in tiers:
@@ -373,7 +373,7 @@ class LoginThrottle:
         """The attempt ended before its password was found right or wrong: it counts
         for nothing (if this cannot be said, it stops counting after `STALE_SECONDS`)."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            for tier in self._tiers(attempt):
+            for tier in attempt.tiers:
                 pipe.zrem(tier.pending, attempt.id)
             await pipe.execute()
 
@@ -394,19 +394,20 @@ class LoginThrottle:
             deleted = (await pipe.execute())[0]
         return bool(deleted)
 
-    def _tiers(self, attempt: Attempt) -> list[Tier]:
-        """The tiers `attempt` counts in, first its address's."""
-        username, address, rules = attempt.username, attempt.address, self.rules
+    def _tiers(self, username: str, address: str | None) -> tuple[Tier, ...]:
+        """The tiers an attempt of `username` from `address` (as keyed) counts in,
+        first its address's."""
+        rules = self.rules
         if address is None:
-            return [Tier(failures_key(username), pending_key(username), rules.max_failures, False)]
-        return [
+            return (Tier(failures_key(username), pending_key(username), rules.max_failures, False),)
+        return (
             Tier(failures_key(username, address), pending_key(username, address),
                  rules.max_failures, False),
             Tier(failures_key(username, ACCOUNT), pending_key(username, ACCOUNT),
                  rules.max_account_failures, True),
-        ]  # fmt: skip
+        )  # fmt: skip
 
 
-def _keys(first: str, tiers: list[Tier]) -> list[str]:
+def _keys(first: str, tiers: tuple[Tier, ...]) -> list[str]:
     """A script's KEYS: `first`, then each tier's failures and pending keys."""
     return [first] + [key for tier in tiers for key in (tier.failures, tier.pending)]
