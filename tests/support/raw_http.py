@@ -69,6 +69,14 @@ def connect(gateway: str) -> socket.socket:
     return sock
 
 
+def exchange(server: str, raw: bytes) -> Answer:
+    """Send `raw` on a new connection to `server` (as `connect` takes it) and read one
+    answer; the connection is closed after it."""
+    with connect(server) as sock:
+        sock.sendall(raw)
+        return read_answers(sock, 1)[0]
+
+
 def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
     """True once the other end closes (or resets) `sock` within `timeout`; False if it
     keeps it open that long."""

@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from common.tokens import AUDIENCE, ISSUER, SigningKey
-from tests.support.raw_http import connect, read_answers
+from tests.support.raw_http import exchange
 from tests.webapi.access_fixtures import (  # noqa: F401 (the `gateways` fixture)
     ADMIN_NAME,
     Gateways,
@@ -102,10 +102,8 @@ def test_a_credential_of_undecodable_bytes_is_401(gateways: Gateways) -> None:
              ("POST", "/rpc/calc/add"), ("POST", "/heartbeat"),
              ("GET", "/api/v1/categories")]  # fmt: skip
     for header, (method, path) in itertools.product(UNDECODABLE, paths):
-        with connect(gateways.url) as sock:
-            head = f"{method} {path} HTTP/1.1\r\nHost: gateway.test\r\nContent-Length: 0\r\n"
-            sock.sendall(head.encode() + header + b"\r\n\r\n")
-            answer = read_answers(sock, 1)[0]
+        head = f"{method} {path} HTTP/1.1\r\nHost: gateway.test\r\nContent-Length: 0\r\n"
+        answer = exchange(gateways.url, head.encode() + header + b"\r\n\r\n")
         error = json.loads(answer.body)["error"]
         assert (answer.status, error["code"]) == (401, "unauthorized"), (header, path)
     assert len(log.log_records("unhandled error")) == errors

@@ -24,7 +24,7 @@ import pytest
 
 from common.strict_http import HEAD_STALLED
 from tests.support.policy import apply_routes
-from tests.support.raw_http import Answer, closed_by_peer, connect, read_answers, trickle
+from tests.support.raw_http import Answer, closed_by_peer, connect, exchange, read_answers, trickle
 from tests.webapi.conftest import Backend, as_admin, fast_path, running_gateway
 
 pytestmark = pytest.mark.timeout(60)
@@ -218,9 +218,7 @@ def test_a_refused_request_whose_body_has_arrived_keeps_its_connection(gateway: 
     ids=["60 KB field", "2,000 fields", "100 KB request line"],
 )  # fmt: skip
 def test_an_oversized_head_gets_431_or_414(gateway: str, head: str, status: int, code: str) -> None:
-    with connect(gateway) as sock:
-        sock.sendall(head.encode())
-        answer = read_answers(sock, 1)[0]
+    answer = exchange(gateway, head.encode())
     assert (answer.status, _code(answer)) == (status, code)
 
 
@@ -228,9 +226,8 @@ def test_a_head_under_16_kib_is_taken(gateway: str) -> None:
     # The documented bound is 16 KiB; Sanic's path held 8 KiB (its default, which it
     # sets for every app of the process as the least of several settings).
     cookie = "a" * 12_000
-    with connect(gateway) as sock:
-        sock.sendall(f"GET /health HTTP/1.1\r\nHost: g\r\nCookie: c={cookie}\r\n\r\n".encode())
-        assert read_answers(sock, 1)[0].status == 200
+    head = f"GET /health HTTP/1.1\r\nHost: g\r\nCookie: c={cookie}\r\n\r\n"
+    assert exchange(gateway, head.encode()).status == 200
 
 
 def _chunked(line: str, trailer: str) -> bytes:

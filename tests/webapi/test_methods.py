@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import issue_api_key
 from tests.support.methods import assert_head_answers_as_get
-from tests.support.raw_http import connect, read_answers
+from tests.support.raw_http import exchange
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -65,9 +65,8 @@ def test_options_asterisk_is_a_405_whatever_the_credential(
 ) -> None:
     for who, headers in credentials.items():
         fields = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        with connect(gateway) as sock:
-            sock.sendall(f"OPTIONS * HTTP/1.1\r\nHost: gateway.test\r\n{fields}\r\n".encode())
-            answer = read_answers(sock, 1)[0]
+        head = f"OPTIONS * HTTP/1.1\r\nHost: gateway.test\r\n{fields}\r\n"
+        answer = exchange(gateway, head.encode())
         assert answer.status == 405, (who, answer.body)
         assert answer.headers.get("allow") == "", who
         assert json.loads(answer.body)["error"]["code"] == "method_not_allowed"

@@ -38,7 +38,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.support.policy import apply_routes
-from tests.support.raw_http import Answer, connect, read_answers
+from tests.support.raw_http import Answer, exchange
 from tests.support.registry import deregister, register
 from tests.webapi.conftest import answered, as_admin
 
@@ -127,9 +127,7 @@ def send(rec: Recorder, way: str, fields: list[tuple[str, str]], marker: str) ->
     if way == "sanic":  # a chunked body: never the fast path's
         lines.append("Transfer-Encoding: chunked")
         body = b"2\r\n{}\r\n0\r\n\r\n"
-    with connect(rec.gateway) as sock:
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-        return read_answers(sock, 1)[0]
+    return exchange(rec.gateway, ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
 
 
 def values(fields: list[tuple[str, str]], name: str) -> list[str]:
@@ -213,10 +211,8 @@ def test_the_checked_jwt_is_the_one_forwarded(
 
 def test_two_authorization_fields_are_a_400_on_any_route(recorder: Recorder) -> None:
     """Ambiguous credential fields are refused on every route, not only the proxy's."""
-    with connect(recorder.gateway) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer a\r\n"
-                     b"Authorization: Bearer b\r\n\r\n")  # fmt: skip
-        answer = read_answers(sock, 1)[0]
+    answer = exchange(recorder.gateway, b"GET /health HTTP/1.1\r\nHost: gw\r\n"
+                      b"Authorization: Bearer a\r\nAuthorization: Bearer b\r\n\r\n")  # fmt: skip
     assert answer.status == 400, answer
 
 

@@ -19,7 +19,7 @@ import pytest
 from common.forwarding import MAX_VIA_HOPS
 from tests.helpers import issue_user_token, wait_for
 from tests.support.policy import apply_routes
-from tests.support.raw_http import connect, read_answers
+from tests.support.raw_http import exchange
 from tests.support.registry import deregister, register
 from tests.webapi.conftest import Backend, as_admin
 
@@ -74,11 +74,9 @@ def test_a_loop_through_a_public_route_ends_in_508(gateway: str, looping: str) -
 
 @pytest.mark.parametrize("suffix", ["-pt", "-tn"])
 def test_a_splice_to_the_gateway_itself_is_refused(gateway: str, looping: str, suffix: str) -> None:
-    with connect(gateway) as sock:
-        sock.sendall(f"GET /{looping}{suffix}/x HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
-        answers = read_answers(sock, 1)
-    assert answers[0].status == 508, answers
-    assert b"proxy_loop" in answers[0].body
+    answer = exchange(gateway, f"GET /{looping}{suffix}/x HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
+    assert answer.status == 508, answer
+    assert b"proxy_loop" in answer.body
 
 
 def _host_address() -> str | None:
@@ -128,10 +126,9 @@ def test_another_server_on_the_gateways_port_at_another_address_is_no_loop(
         route = {"prefix": f"/{service}{suffix}/", "service": service, "public": True,
                  "strip_prefix": False, "passthrough": True, "tunnel": suffix == "-tn"}  # fmt: skip
         apply_routes(gateway, redis_url, [route])
-        with connect(gateway) as sock:
-            sock.sendall(f"GET /{service}{suffix}/x HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
-            answers = read_answers(sock, 1)
-        assert (answers[0].status, answers[0].body) == (200, b"ok"), answers
+        head = f"GET /{service}{suffix}/x HTTP/1.1\r\nHost: gw\r\n\r\n"
+        answer = exchange(gateway, head.encode())
+        assert (answer.status, answer.body) == (200, b"ok"), answer
     finally:
         server.shutdown()
         server.server_close()

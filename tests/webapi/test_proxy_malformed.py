@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.malformed import CASES
 from tests.support.policy import set_document, wait_applied
-from tests.support.raw_http import Answer, connect, read_answers
+from tests.support.raw_http import Answer, exchange
 from tests.webapi.conftest import Backend, as_admin, gateway_process, running_gateway
 
 pytestmark = pytest.mark.timeout(120)
@@ -30,13 +30,6 @@ def gateway(redis_url: str) -> Iterator[str]:
     bound per client is `test_refusals_logged.py`'s)."""
     with running_gateway(redis_url, LOG_REFUSALS_PER_CLIENT="0") as base:
         yield base
-
-
-def _send(gateway: str, data: bytes) -> Answer:
-    """Send `data` on a new connection; the answer."""
-    with connect(gateway) as sock:
-        sock.sendall(data)
-        return read_answers(sock, 1)[0]
 
 
 def _uploads(backend: Backend) -> int:
@@ -63,7 +56,7 @@ def test_a_malformed_request_gets_a_json_4xx_and_reaches_nobody(
     uploads = _uploads(backend)
     refusals = len(_refusals(backend))
     head = f"POST /svc/{backend.service}/upload HTTP/1.1\r\nHost: gateway.test\r\n"
-    answer = _send(backend.gateway, (head + as_admin.field_lines() + fields).encode("latin-1"))
+    answer = exchange(backend.gateway, (head + as_admin.field_lines() + fields).encode("latin-1"))
     assert (answer.status, _error(answer)) == (status, code), answer.body
     assert _uploads(backend) == uploads  # nothing of it reached the instance
     # Logged once (design §10), before the answer was written; not the credential.
@@ -84,7 +77,7 @@ def test_a_malformed_request_gets_a_json_4xx_and_reaches_nobody(
 )  # fmt: skip
 def test_a_path_that_leaves_the_service_is_refused(backend: Backend, target: str) -> None:
     head = f"GET /svc/{backend.service}{target} HTTP/1.1\r\nHost: gateway.test\r\n"
-    answer = _send(backend.gateway, (head + as_admin.field_lines() + "\r\n").encode())
+    answer = exchange(backend.gateway, (head + as_admin.field_lines() + "\r\n").encode())
     assert (answer.status, _error(answer)) == (400, "invalid_path")
 
 
@@ -97,11 +90,11 @@ def test_a_fragment_in_a_policy_routes_target_is_refused(backend: Backend) -> No
         uploads = _uploads(backend)
         for target in ("/pub/upload#frag", "/pub/..#", "/pub/x/..#/upload"):
             head = f"POST {target} HTTP/1.1\r\nHost: gateway.test\r\nContent-Length: 0\r\n\r\n"
-            answer = _send(backend.gateway, head.encode())
+            answer = exchange(backend.gateway, head.encode())
             assert (answer.status, _error(answer)) == (400, "invalid_path"), target
         assert _uploads(backend) == uploads  # none reached the instance
-        answer = _send(backend.gateway, b"POST /pub/upload HTTP/1.1\r\nHost: gateway.test\r\n"
-                       b"Content-Length: 0\r\n\r\n")  # fmt: skip
+        answer = exchange(backend.gateway, b"POST /pub/upload HTTP/1.1\r\nHost: gateway.test\r\n"
+                          b"Content-Length: 0\r\n\r\n")  # fmt: skip
         assert answer.status == 200 and _uploads(backend) == uploads + 1
     finally:
         set_document(backend.redis_url, routes=[])
@@ -122,5 +115,5 @@ def test_a_malformed_request_line_gets_a_json_4xx(
 ) -> None:
     line = request_line.format(s=backend.service)
     head = f"{line}\r\nHost: gateway.test\r\n{as_admin.field_lines()}\r\n"
-    answer = _send(backend.gateway, head.encode())
+    answer = exchange(backend.gateway, head.encode())
     assert (answer.status, _error(answer)) == (status, code)

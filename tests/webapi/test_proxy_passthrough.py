@@ -22,7 +22,7 @@ import pytest
 
 from tests.helpers import free_port, issue_api_key, wait_for
 from tests.support.policy import apply_routes, set_document
-from tests.support.raw_http import connect, raw_request, read_answers
+from tests.support.raw_http import connect, exchange, raw_request, read_answers
 from tests.support.registry import registered
 from tests.webapi.conftest import Backend, as_admin, http_instance
 from tests.webapi.upstream_servers import Peer, Upstream
@@ -314,9 +314,7 @@ def test_an_instance_registered_at_an_ipv6_address_is_spliced(backend: Backend) 
         apply_routes(backend.gateway, backend.redis_url, [route])
 
         def spliced() -> bool:
-            with connect(backend.gateway) as sock:
-                sock.sendall(get("/echo/six"))
-                (reply,) = read_answers(sock, 1)
+            reply = exchange(backend.gateway, get("/echo/six"))
             return reply.status == 200 and json.loads(reply.body)["instance"] == f"{service}-a"
 
         before = counters(backend.gateway)
@@ -348,9 +346,7 @@ def test_connect_failures_are_retried_within_the_services_attempt_limit(
     try:
         statuses = []
         for i in range(4):
-            with connect(backend.gateway) as sock:
-                sock.sendall(get(f"/dead/{i}"))
-                (reply,) = read_answers(sock, 1)
+            reply = exchange(backend.gateway, get(f"/dead/{i}"))
             statuses.append(reply.status)
             assert "error" in json.loads(reply.body)
         # One instance ejected per request; then none is left.

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.policy import apply_routes, set_document
-from tests.support.raw_http import closed_by_peer, connect, raw_request, read_answers
+from tests.support.raw_http import closed_by_peer, connect, exchange, raw_request, read_answers
 from tests.webapi.conftest import (
     Backend,
     as_admin,
@@ -65,9 +65,8 @@ def test_after_the_first_request_everything_reaches_the_instance_unread(tunnel: 
 
 
 def test_a_new_connection_is_checked_again(tunnel: Backend) -> None:
-    with connect(tunnel.gateway) as sock:
-        sock.sendall(get("/echo/private/x"))  # the first request: not the tunnel's route
-        (reply,) = read_answers(sock, 1)
+    # The first request: not the tunnel's route.
+    reply = exchange(tunnel.gateway, get("/echo/private/x"))
     assert reply.status == 401
 
 
@@ -75,9 +74,7 @@ def test_a_new_connection_is_checked_again(tunnel: Backend) -> None:
 def test_a_first_request_climbing_out_of_the_prefix_is_refused(tunnel: Backend, path: str) -> None:
     # (`..;`: an instance that drops path parameters before dot segments, as Tomcat
     # does, would have served it `/echo/private/x`.)
-    with connect(tunnel.gateway) as sock:
-        sock.sendall(get(path))
-        (reply,) = read_answers(sock, 1)
+    reply = exchange(tunnel.gateway, get(path))
     assert (reply.status, json.loads(reply.body)["error"]["code"]) == (400, "invalid_path")
 
 

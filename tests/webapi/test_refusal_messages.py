@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.helpers import issue_api_key
-from tests.support.raw_http import connect, read_answers
+from tests.support.raw_http import exchange
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,9 +26,9 @@ def test_a_scope_refusal_for_an_internal_services_http_routes_names_no_none(
 
 
 def test_a_header_name_that_is_not_ascii_is_quoted_escaped(gateway: str) -> None:
-    with connect(gateway) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: gateway.test\r\nX-\xc3\xa9: 1\r\n\r\n")
-        answer = read_answers(sock, 1)[0]
+    answer = exchange(
+        gateway, b"GET /health HTTP/1.1\r\nHost: gateway.test\r\nX-\xc3\xa9: 1\r\n\r\n"
+    )
     assert answer.status == 400
     error = json.loads(answer.body)["error"]
     assert error["code"] == "malformed_header"

@@ -10,7 +10,7 @@ import pytest
 import websockets
 
 from tests.support.malformed import BODY_CASES, CASES
-from tests.support.raw_http import closed_by_peer, connect, read_answers, trickle
+from tests.support.raw_http import closed_by_peer, connect, exchange, read_answers, trickle
 from tests.websocket.conftest import WsServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -69,9 +69,8 @@ def test_a_malformed_request_gets_the_gateways_json_4xx(
     # credential is read.
     fields, status, code = CASES[case]
     refusals = len(ws_server.proc.log_records("request refused"))
-    with connect(ws_server.address) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: ws.test\r\n{fields}".encode("latin-1"))
-        answer = read_answers(sock, 1)[0]
+    head = f"GET {path} HTTP/1.1\r\nHost: ws.test\r\n{fields}"
+    answer = exchange(ws_server.address, head.encode("latin-1"))
     assert answer.headers["content-type"].startswith("application/json")
     assert (answer.status, json.loads(answer.body)["error"]["code"]) == (status, code)
     # Logged once (design §10), before the answer was written.
@@ -91,9 +90,7 @@ def test_a_target_sanic_cannot_parse_gets_a_json_400(ws_server: WsServer, line: 
     # failed again, and the client got no answer and the log a traceback.)
     log = ws_server.proc.log_path
     lines = len(log.read_text().splitlines())
-    with connect(ws_server.address) as sock:
-        sock.sendall(f"{line}\r\nHost: ws.test\r\n\r\n".encode())
-        answer = read_answers(sock, 1)[0]
+    answer = exchange(ws_server.address, f"{line}\r\nHost: ws.test\r\n\r\n".encode())
     error = json.loads(answer.body)["error"]
     assert (answer.status, error["code"]) == (400, "bad_request")
     assert "\t" not in error["message"]

@@ -15,7 +15,7 @@ import websockets
 
 from common import apikeys, constants, revocation
 from tests.helpers import wait_for_async
-from tests.support.raw_http import connect, read_answers
+from tests.support.raw_http import connect, exchange
 from tests.websocket.conftest import LogWatch, WsServer, recv_json, upgrade_head
 
 pytestmark = pytest.mark.timeout(120)
@@ -116,9 +116,7 @@ def test_a_credential_of_undecodable_bytes_is_401(ws_server: WsServer) -> None:
     headers = [b"Authorization: Bearer \xff\xfe.abc.def", b"Authorization: Bearer eyJ\xed\xa0\x80",
                b"X-Api-Key: sbk_\xff", b"Authorization: Bearer sbk_\xc3\xa9"]  # fmt: skip
     for header, path in itertools.product(headers, ["/ws", "/ws/proxy/svc/x"]):
-        with connect(ws_server.address) as sock:
-            sock.sendall(upgrade_head(path).encode() + header + b"\r\n\r\n")
-            answer = read_answers(sock, 1)[0]
+        answer = exchange(ws_server.address, upgrade_head(path).encode() + header + b"\r\n\r\n")
         error = json.loads(answer.body)["error"]
         assert (answer.status, error["code"]) == (401, "unauthorized"), (header, path)
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.support.methods import assert_head_answers_as_get
-from tests.support.raw_http import connect, read_answers
+from tests.support.raw_http import exchange
 from tests.websocket.conftest import WsServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -76,9 +76,8 @@ def test_options_asterisk_is_a_405_whatever_the_credential(
 ) -> None:
     for who, headers in credentials.items():
         fields = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        with connect(ws_server.address) as sock:
-            sock.sendall(f"OPTIONS * HTTP/1.1\r\nHost: ws.test\r\n{fields}\r\n".encode())
-            answer = read_answers(sock, 1)[0]
+        head = f"OPTIONS * HTTP/1.1\r\nHost: ws.test\r\n{fields}\r\n"
+        answer = exchange(ws_server.address, head.encode())
         assert answer.status == 405, (who, answer.body)
         assert answer.headers.get("allow") == "", who
         assert json.loads(answer.body)["error"]["code"] == "method_not_allowed"

@@ -15,7 +15,7 @@ import uuid
 import pytest
 import websockets
 
-from tests.support.raw_http import connect, read_answers
+from tests.support.raw_http import exchange
 from tests.support.registry import dead_instances
 from tests.support.ws_relay import service_fixture  # noqa: F401 (one upstream instance)
 from tests.websocket.conftest import LogWatch, WsServer, recv_json, upgrade_head
@@ -27,9 +27,7 @@ def upgrade(server: WsServer, target: str) -> tuple[int, dict[str, object]]:
     """The status and JSON body of the answer to a raw upgrade request for `target`
     (bytes as written: no client library normalizes them)."""
     head = f"{upgrade_head(target)}Authorization: Bearer {server.token()}\r\n\r\n"
-    with connect(server.address) as sock:
-        sock.sendall(head.encode())
-        answer = read_answers(sock, 1)[0]
+    answer = exchange(server.address, head.encode())
     body = json.loads(answer.body) if answer.status != 101 else {}
     return answer.status, body
 
