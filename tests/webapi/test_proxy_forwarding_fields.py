@@ -11,19 +11,16 @@ fast path's) and a policy route.
 * `Via` makes a 508 `proxy_loop` only on a request about to be forwarded, and only
   when the gateway's mark is the whole received-by of an entry.
 
-The instance is a plain HTTP server in this process that records every field line of
-every request it gets (`Recorder`)."""
+The instance is a scripted upstream in this process (`upstream_servers.Upstream`), which
+records every request it gets with its field lines (`Recorder`)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import httpx
 import pytest
@@ -41,6 +38,7 @@ from tests.support.policy import apply_routes
 from tests.support.raw_http import Answer, exchange
 from tests.support.registry import deregister, register
 from tests.webapi.conftest import answered, as_admin
+from tests.webapi.upstream_servers import Peer, Upstream, ok, upstream_in_thread
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,35 +46,10 @@ pytestmark = pytest.mark.timeout(60)
 WAYS = ["fast", "sanic", "route"]
 
 
-class _Recording(BaseHTTPRequestHandler):
-    """Answers 200 `ok` to anything, after recording its path and field lines."""
-
-    protocol_version = "HTTP/1.1"
-    server: _RecordingServer
-
-    def _answer(self) -> None:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            while size := int(self.rfile.readline().split(b";")[0], 16):
-                self.rfile.read(size + 2)
-            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                pass  # trailers
-        else:
-            self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        self.server.seen.append((self.path, list(self.headers.items())))
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    do_GET = do_POST = _answer
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-class _RecordingServer(ThreadingHTTPServer):
-    daemon_threads = True
-    seen: list[tuple[str, list[tuple[str, str]]]]
+async def _answer_ok(peer: Peer) -> None:
+    """Answers 200 `ok` to anything (the `Upstream` records each request)."""
+    async for _ in peer.requests():
+        await peer.send(ok(b"ok"))
 
 
 @dataclass
@@ -85,11 +58,11 @@ class Recorder:
 
     gateway: str
     service: str
-    server: _RecordingServer
+    server: Upstream
 
     def fields(self, marker: str) -> list[list[tuple[str, str]]]:
         """The field lines of each request the instance got whose path holds `marker`."""
-        return [fields for path, fields in list(self.server.seen) if marker in path]
+        return [req.headers for req in list(self.server.requests) if marker in req.target]
 
     def path(self, way: str, marker: str) -> str:
         if way == "route":
@@ -99,24 +72,19 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def recorder(gateway: str, redis_url: str) -> Iterator[Recorder]:
-    server = _RecordingServer(("127.0.0.1", 0), _Recording)
-    server.seen = []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    service = f"rec{uuid.uuid4().hex[:6]}"
-    address = f"127.0.0.1:{server.server_address[1]}"
-    asyncio.run(register(redis_url, service, {f"{service}-1": address}))
-    try:
-        rec = Recorder(gateway, service, server)
-        wait_for(lambda: as_admin.get(f"{gateway}/svc/{service}/up", timeout=5).status_code == 200,
-                 timeout=10)  # fmt: skip
-        route = {"prefix": f"/{service}-r/", "service": service, "strip_prefix": True}
-        apply_routes(gateway, redis_url, [route])
-        yield rec
-    finally:
-        apply_routes(gateway, redis_url, [])
-        asyncio.run(deregister(redis_url, service, f"{service}-1"))
-        server.shutdown()
-        server.server_close()
+    with upstream_in_thread(_answer_ok) as server:
+        service = f"rec{uuid.uuid4().hex[:6]}"
+        asyncio.run(register(redis_url, service, {f"{service}-1": server.address}))
+        try:
+            rec = Recorder(gateway, service, server)
+            wait_for(lambda: as_admin.get(f"{gateway}/svc/{service}/up",
+                                          timeout=5).status_code == 200, timeout=10)  # fmt: skip
+            route = {"prefix": f"/{service}-r/", "service": service, "strip_prefix": True}
+            apply_routes(gateway, redis_url, [route])
+            yield rec
+        finally:
+            apply_routes(gateway, redis_url, [])
+            asyncio.run(deregister(redis_url, service, f"{service}-1"))
 
 
 def send(rec: Recorder, way: str, fields: list[tuple[str, str]], marker: str) -> Answer:

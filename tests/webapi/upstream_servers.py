@@ -9,9 +9,11 @@ httptools on the server side too, so request bodies are counted as they stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import threading
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import httptools
@@ -159,6 +161,26 @@ class Upstream:
             pass
         finally:
             writer.close()
+
+
+@contextlib.contextmanager
+def upstream_in_thread(handler: Handler) -> Iterator[Upstream]:
+    """An `Upstream` serving `handler` on an event loop of its own, in a thread: for
+    synchronous tests, whose blocking calls would hold up a loop shared with them."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    up = Upstream(handler)
+    try:
+        asyncio.run_coroutine_threadsafe(up.__aenter__(), loop).result(10)
+        try:
+            yield up
+        finally:
+            asyncio.run_coroutine_threadsafe(up.__aexit__(), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 def ok(body: bytes = b"hello world", *extra: str) -> bytes:
