@@ -18,7 +18,7 @@ from websockets.frames import Close, Opcode
 
 from tests.helpers import wait_for_async
 from tests.support.ws_relay import service_fixture  # noqa: F401 (a fixture)
-from tests.websocket.conftest import WsServer
+from tests.websocket.conftest import LogWatch, WsServer
 from tests.websocket.splice_support import (
     UPSTREAM_CLOSE,
     RawClient,
@@ -158,7 +158,9 @@ async def test_a_frame_and_a_close_in_the_upstreams_101_write_reach_the_client(
     ws_server: WsServer, eager_upstream: Eager
 ) -> None:
     # With the close in the same read the relay pumps frames (no splice): the frame first.
+    # (`websockets` parses both before the relay can take over: `Splice.take_over`.)
     service = await eager_upstream(server_frame(Opcode.TEXT, b"last words") + UPSTREAM_CLOSE)
+    closed = LogWatch(ws_server, "connection closed")
 
     async def heard() -> bool:
         async with ws_server.connect(f"/ws/proxy/{service}/") as ws:
@@ -170,6 +172,13 @@ async def test_a_frame_and_a_close_in_the_upstreams_101_write_reach_the_client(
 
     for _ in range(3):
         assert await heard()
+    # The upstream's closes are not logged as the service's own: a close of its own
+    # after them (1008, a client that does not authenticate) tells they were not.
+    async with ws_server.connect("/ws", additional_headers={}) as ws:
+        await ws.send("ping")
+        with pytest.raises(websockets.ConnectionClosed):
+            await ws.recv()
+    assert [r["code"] for r in await closed.wait(1)] == [1008]
 
 
 async def test_a_close_in_the_upgrade_requests_write_is_read_when_the_relay_pumps(

@@ -8,11 +8,9 @@ import asyncio
 import os
 import signal
 import time
-import uuid
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 import websockets
 from websockets.frames import Close, Opcode
 
@@ -20,7 +18,6 @@ from tests.helpers import wait_for_async
 from tests.support.ws_relay import one_instance
 from tests.websocket.conftest import (
     Backends,
-    LogWatch,
     WsServer,
     last_close,
     recv_json,
@@ -235,36 +232,3 @@ async def test_an_upstream_that_closes_as_it_opens_passes_its_close_on(
                 await ws.recv()
         assert info.value.rcvd is not None
         assert (info.value.rcvd.code, info.value.rcvd.reason) == (4004, "not today")
-
-
-async def test_a_close_in_the_same_read_as_the_handshake_response_is_relayed_too(
-    ws_server: WsServer, redis_client: aioredis.Redis
-) -> None:
-    # One write with the 101 and a close frame: `websockets` parses both before the relay
-    # can take over, so the relay pumps frames instead of splicing (`Splice.take_over`).
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(await handshake_answer(reader) + UPSTREAM_CLOSE)
-        await writer.drain()
-        await reader.read(1024)  # the relay's answering close
-        writer.close()
-
-    service = f"hs{uuid.uuid4().hex[:8]}"
-
-    async def closed_4005() -> bool:
-        async with ws_server.connect(f"/ws/proxy/{service}/") as ws:
-            with pytest.raises(websockets.ConnectionClosed) as info:
-                await ws.recv()
-        return info.value.rcvd is not None and info.value.rcvd.code == 4005
-
-    async with raw_upstream(redis_client, service, upstream):
-        await wait_for_async(closed_4005, timeout=30)  # once the registry view has it
-        closed = LogWatch(ws_server, "connection closed")
-        for _ in range(3):
-            assert await closed_4005()
-        # The upstream's closes are not logged as the service's own: a close of its own
-        # after them (1008, a client that does not authenticate) tells they were not.
-        async with ws_server.connect("/ws", additional_headers={}) as ws:
-            await ws.send("ping")
-            with pytest.raises(websockets.ConnectionClosed):
-                await ws.recv()
-        assert [r["code"] for r in await closed.wait(1)] == [1008]
