@@ -60,6 +60,7 @@ from websocket.envelope import stream_endpoint
 from websocket.errors import JsonErrorHandler, http_refusals, log_close, refusal
 from websocket.hub import ChannelHub
 from websocket.relay import admit_relay, proxy_endpoint
+from websocket.route_kinds import RouteKind, route_kind
 from websocket.session import Session
 from websocket.upstreams import Upstreams
 
@@ -84,8 +85,8 @@ class WsContext:
 
 WsApp: TypeAlias = Sanic[Config, WsContext]
 MAX_REQUEST_BODY = 1024
-# The handlers that open connections to instances with the client's fields (`_relayed`).
-_RELAYING = frozenset({proxy_endpoint.__name__, stream_endpoint.__name__})
+# The routes that open connections to instances with the client's fields (`_relayed`).
+_RELAYING = frozenset({RouteKind.RELAY, RouteKind.STREAM})
 WsRequest: TypeAlias = Request[WsApp, Any]
 
 
@@ -117,23 +118,23 @@ def create_app(settings: Settings | None = None, name: str = "websocket") -> WsA
         request_class=StrictRequest,
         router=MethodRouter(),  # HEAD where GET is, 405s with `Allow` (`common.router`)
     )
-    app.add_route(health, "/health", methods=["GET"])
+    # Each route declares its kind (`websocket.route_kinds`), which is how the rest
+    # of the service tells them apart.
+    app.add_route(health, "/health", methods=["GET"], ctx_kind=RouteKind.PLAIN)
     # Counted by the connection itself (`websocket.client`): the handler returns at once.
     # Strict: `/ws/` is not `/ws` (the connection take-over and first-message auth are
     # `/ws`'s alone; `/ws/` was upgraded, then closed at once).
-    app.add_websocket_route(client_endpoint, "/ws", subprotocols=[SUBPROTOCOL], strict_slashes=True)
+    app.add_websocket_route(client_endpoint, "/ws", subprotocols=[SUBPROTOCOL],
+                            strict_slashes=True, ctx_kind=RouteKind.CLIENTS)  # fmt: skip
     # Every route takes the `bearer` subprotocol: how a browser presents its credential.
     bearer = [SUBPROTOCOL]
-    app.add_websocket_route(_counted(stream_endpoint), "/ws/stream", subprotocols=bearer)
-    app.add_websocket_route(
-        _counted(proxy_endpoint), "/ws/proxy/<service:str>", subprotocols=bearer
-    )
-    app.add_websocket_route(
-        _counted(proxy_endpoint),
-        "/ws/proxy/<service:str>/<path:path>",
-        name="proxy_path",
-        subprotocols=bearer,
-    )
+    app.add_websocket_route(_counted(stream_endpoint), "/ws/stream", subprotocols=bearer,
+                            ctx_kind=RouteKind.STREAM)  # fmt: skip
+    app.add_websocket_route(_counted(proxy_endpoint), "/ws/proxy/<service:str>",
+                            subprotocols=bearer, ctx_kind=RouteKind.RELAY)  # fmt: skip
+    app.add_websocket_route(_counted(proxy_endpoint), "/ws/proxy/<service:str>/<path:path>",
+                            name="proxy_path", subprotocols=bearer,
+                            ctx_kind=RouteKind.RELAY)  # fmt: skip
     app.register_middleware(_check_head, "request")
     app.register_middleware(_admit, "request")
     app.register_listener(_open, "before_server_start")
@@ -216,8 +217,7 @@ async def _check_head(request: WsRequest) -> HTTPResponse | None:
 def _relayed(request: WsRequest) -> bool:
     """Whether `request` is to a route that opens connections to instances for the
     client, with its fields (`websocket.handshake`): `/ws/proxy/...` and `/ws/stream`."""
-    route = request.route
-    return route is not None and route.handler.__name__ in _RELAYING
+    return route_kind(request) in _RELAYING
 
 
 async def _admit(request: WsRequest) -> HTTPResponse | None:
@@ -229,7 +229,8 @@ async def _admit(request: WsRequest) -> HTTPResponse | None:
     the gateway: a wrong method its 405 (`common.router`), an unknown path its 404,
     a head Sanic could not parse its parse error (400). Sanic runs this middleware
     before those answers too, with no route, and no handler runs for them."""
-    if request.route is None or not request.path.startswith("/ws"):
+    kind = route_kind(request)
+    if request.route is None or kind is RouteKind.PLAIN:
         return None
     ctx = request.app.ctx
     if ctx.connections.full():
@@ -239,7 +240,7 @@ async def _admit(request: WsRequest) -> HTTPResponse | None:
     request.ctx.principal = None
     token = presented_token(request)
     if token is None:
-        if request.path == "/ws":
+        if kind is RouteKind.CLIENTS:
             return None
         return refusal(
             request, 401, "unauthorized", "credentials required: a bearer token or an API key"
@@ -285,7 +286,7 @@ def _counted(handler: Any) -> Any:
             if close is not None and not ws.ws_proto.close_rcvd_then_sent and not relayed:
                 log_close(request.path, close.code, close.reason)
 
-    counted.__name__ = handler.__name__
+    counted.__name__ = handler.__name__  # (Sanic names a route after its handler)
     return counted
 
 

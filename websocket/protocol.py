@@ -14,7 +14,8 @@ from websockets.datastructures import Headers
 from websocket.auth import offers_bearer
 from websocket.handshake import wire_value
 from websocket.relay import connect_first, drop_untaken
-from websocket.tap import RELAYED, TapServerProtocol
+from websocket.route_kinds import RouteKind, route_kind
+from websocket.tap import TapServerProtocol
 
 
 class BearerProtocol(TapServerProtocol):
@@ -40,7 +41,8 @@ class BearerProtocol(TapServerProtocol):
     async def websocket_handshake(
         self, request: Request[Any, Any], subprotocols: Sequence[str] | None = None
     ) -> Any:
-        chosen = await connect_first(request) if request.path.startswith(RELAYED) else None
+        relayed = route_kind(request) is RouteKind.RELAY
+        chosen = await connect_first(request) if relayed else None
         if chosen is not None:
             subprotocols = [chosen]  # (one the client offered: the upstream was offered it)
         elif subprotocols and not offers_bearer(request):

@@ -76,12 +76,13 @@ from websocket.connections import BAD_GATEWAY, GOING_AWAY, MESSAGE_TOO_BIG
 from websocket.errors import log_close, refusal
 from websocket.handshake import client_key, subprotocols_passed_on, upstream_headers
 from websocket.splice import CLIENT_STALLED, GONE, UPSTREAM_LOST, UPSTREAM_STALLED, Splice
-from websocket.tap import RELAYED, untap
+from websocket.tap import untap
 from websocket.upstreams import Connected, NoUpstream
 
 if TYPE_CHECKING:
     from websocket.app import WsRequest
 
+RELAYED = "/ws/proxy/"  # the relay's routes' prefix (`websocket.app`)
 # What a connection ended without a close frame is logged with (RFC 6455 §7.1.5).
 ABNORMAL_CLOSURE = 1006
 # Codes a peer may not put in a close frame (RFC 6455 §7.4.1): passed on as 1000.
@@ -157,7 +158,7 @@ async def proxy_endpoint(
 ) -> None:
     """Relay one client connection to an instance of `service`, connected before the
     upgrade (`connect_first`: `websocket.protocol.BearerProtocol` calls it for every
-    upgrade to a route of this handler, all under `RELAYED`)."""
+    upgrade to a route of this handler: `websocket.route_kinds.RouteKind.RELAY`)."""
     upstreams = request.app.ctx.upstreams
     opened: Connected | NoUpstream = request.ctx.upstream
     request.ctx.upstream = None  # taken

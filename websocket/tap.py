@@ -42,10 +42,11 @@ from websockets.protocol import CLOSED, CONNECTING
 from common.aio import held
 from common.lingering import LingeringHttpProtocol
 from common.strict_http import StrictHttp
+from websocket.route_kinds import RouteKind, route_kind
 
 TAP_LIMIT = 256 * 1024  # bytes held before the take-over past which the socket is paused
-RELAYED = "/ws/proxy/"  # the routes whose client connections are held for a splice
-CLIENTS = "/ws"  # the route whose connections `websocket.client` takes over
+# The routes whose client connections are held: for a splice, or `websocket.client`.
+TAPPED = frozenset({RouteKind.RELAY, RouteKind.CLIENTS})
 
 
 class TapServerProtocol(WebSocketProtocol, LingeringHttpProtocol):
@@ -66,7 +67,7 @@ class TapServerProtocol(WebSocketProtocol, LingeringHttpProtocol):
     async def websocket_handshake(
         self, request: Request[Any, Any], subprotocols: Sequence[str] | None = None
     ) -> Any:
-        if request.path.startswith(RELAYED) or request.path == CLIENTS:
+        if route_kind(request) in TAPPED:
             self.tap = bytearray()
         ws = await super().websocket_handshake(request, subprotocols)
         self.upgraded()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 
 import httpx
@@ -12,8 +13,25 @@ import websockets
 from tests.support.malformed import BODY_CASES, CASES
 from tests.support.raw_http import closed_by_peer, connect, exchange, read_answers, trickle
 from tests.websocket.conftest import WsServer
+from websocket.app import create_app
+from websocket.route_kinds import RouteKind
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def test_every_route_declares_its_kind() -> None:
+    # What the service tells its routes apart by (`websocket.route_kinds`): a route that
+    # declared none would need a credential, and be neither tapped nor relayed.
+    app = create_app(name=f"kinds{uuid.uuid4().hex[:6]}")
+    app.router.finalize()
+    kinds = {route.path: getattr(route.ctx, "kind", None) for route in app.router.routes}
+    assert kinds == {
+        "health": RouteKind.PLAIN,
+        "ws": RouteKind.CLIENTS,
+        "ws/stream": RouteKind.STREAM,
+        "ws/proxy/<service:str>": RouteKind.RELAY,
+        "ws/proxy/<service:str>/<path:path>": RouteKind.RELAY,
+    }
 
 
 def test_health_reports_redis_and_connections(ws_server: WsServer) -> None:
