@@ -58,6 +58,9 @@ class ApiError(SanicException):
     """An error the gateway raises itself; `code` is the stable machine-readable name."""
 
     code = "error"
+    # Expected, never a traceback: a 5xx of ours (502, 503, 504) is logged as a warning
+    # (`JsonErrorHandler.default`), as Sanic's own log would take it (`quiet`).
+    quiet = True
 
 
 class MalformedJson(ApiError):
@@ -65,7 +68,6 @@ class MalformedJson(ApiError):
 
     status_code = 400
     code = "malformed_json"
-    quiet = True
 
 
 class MalformedHeader(ApiError):
@@ -74,7 +76,6 @@ class MalformedHeader(ApiError):
 
     status_code = 400
     code = "malformed_header"
-    quiet = True
 
 
 class InvalidQuery(ApiError):
@@ -82,7 +83,6 @@ class InvalidQuery(ApiError):
 
     status_code = 422
     code = "invalid_params"
-    quiet = True
 
 
 class InvalidHeartbeat(ApiError):
@@ -90,7 +90,6 @@ class InvalidHeartbeat(ApiError):
 
     status_code = 422
     code = "invalid_heartbeat"
-    quiet = True
 
 
 class HeartbeatConflict(ApiError):
@@ -99,7 +98,6 @@ class HeartbeatConflict(ApiError):
 
     status_code = 409
     code = "conflict"
-    quiet = True
 
 
 class UnknownService(ApiError):
@@ -107,7 +105,6 @@ class UnknownService(ApiError):
 
     status_code = 404
     code = "unknown_service"
-    quiet = True
 
 
 class NotAnHttpService(UnknownService):
@@ -124,7 +121,6 @@ class NoRoute(ApiError):
 
     status_code = 404
     code = "not_found"
-    quiet = True
 
 
 class BodyTooLarge(ApiError):
@@ -132,7 +128,6 @@ class BodyTooLarge(ApiError):
 
     status_code = 413
     code = "payload_too_large"  # (the code Sanic's own `PayloadTooLarge` renders as)
-    quiet = True
 
 
 class ProxyLoop(ApiError):
@@ -141,7 +136,6 @@ class ProxyLoop(ApiError):
 
     status_code = 508
     code = "proxy_loop"
-    quiet = True
 
 
 class NoHealthyInstance(ApiError):
@@ -149,7 +143,6 @@ class NoHealthyInstance(ApiError):
 
     status_code = 503
     code = "no_healthy_instance"
-    quiet = True
 
 
 class UpstreamFailed(ApiError):
@@ -157,7 +150,6 @@ class UpstreamFailed(ApiError):
 
     status_code = 502
     code = "upstream_failed"
-    quiet = True
 
 
 class UpstreamTimedOut(ApiError):
@@ -165,7 +157,6 @@ class UpstreamTimedOut(ApiError):
 
     status_code = 504
     code = "upstream_timeout"
-    quiet = True
 
 
 class NotAuthenticated(ApiError):
@@ -173,7 +164,6 @@ class NotAuthenticated(ApiError):
 
     status_code = 401
     code = "unauthorized"
-    quiet = True
 
     def __init__(self, message: str, *, invalid: bool = False) -> None:
         challenge = 'Bearer realm="switchboard"'
@@ -187,7 +177,6 @@ class NotAllowed(ApiError):
 
     status_code = 403
     code = "forbidden"
-    quiet = True
 
 
 class RateLimited(ApiError):
@@ -195,7 +184,6 @@ class RateLimited(ApiError):
 
     status_code = 429
     code = "rate_limited"
-    quiet = True
 
     def __init__(self, decision: Decision) -> None:
         retry_after = max(1, math.ceil(decision.retry_after))
