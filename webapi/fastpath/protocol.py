@@ -222,7 +222,8 @@ class FastPathProtocol(LingeringHttpProtocol):
         # The next check may be at Sanic's pace (set while the connection was Sanic's:
         # half the least of its timeouts, 30 s by default), which would leave the
         # splice's head deadline unseen that long.
-        pending = cast("asyncio.TimerHandle | None", self._callback_check_timeouts)
+        # (read untyped: Sanic's class leaves it typed None, which compiled code checks)
+        pending: asyncio.TimerHandle | None = cast(Any, self)._callback_check_timeouts
         if pending is not None:
             pending.cancel()
         self._pace_checks()
