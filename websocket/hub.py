@@ -11,7 +11,7 @@ payload parsed as JSON when it is JSON, strictly (`common.codec.parse_json`: `Na
 subscriber's connection (`websocket.client`: written at once, or queued, bounded,
 behind a full socket buffer), never waiting on any of them.
 
-If the pub/sub connection drops, redis-py subscribes its channels again when it
+If the pub/sub connection drops, the hub subscribes its channels again when redis-py
 reconnects; messages published meanwhile are lost (pub/sub keeps no history). Only
 the channels that have a subscriber here then are subscribed again (`_HubPubSub`):
 redis-py forgets a channel only at the reply to its UNSUBSCRIBE, so a channel whose
@@ -22,19 +22,33 @@ the same on a channel with no subscriber here (one left as the message was on it
 way), the hub leaves it then. A subscribe while Redis is down raises (the session
 answers `service_unavailable`), and nothing of it is kept.
 
+Each channel is subscribed again with a SUBSCRIBE of its own: Redis refuses a
+SUBSCRIBE of several channels as a whole when its ACL leaves one of them out, and
+redis-py's one SUBSCRIBE of them all, refused for one channel its user lost while the
+hub was subscribed (an ACL changed at runtime, which also drops the connection), left
+every channel silent for good, their clients still believing themselves subscribed.
+Now only the refused channel is: the hub leaves it (a later subscribe asks Redis
+again), logs it (`push channel refused by redis`, with its subscriber count; 10 a
+minute, then a count), and tells each of its subscribers (`Refused`: the session sends
+the client an error frame, `subscribe_refused`, naming the channel).
+
 A channel's first subscribe waits for Redis's reply to its SUBSCRIBE (read by the
 reader: `_answered`), at most `SUBSCRIBE_TIMEOUT`: an error reply (NOPERM from an ACL
 user whose channel patterns leave the channel out, say) raises it, and nothing of
 that subscribe is kept (the session answers it with an error frame, and goes on).
 redis-py only sends the command: the reply came to the reader, which logged it as a
 failure of its own, while the client had been told `subscribed` and the hub kept a
-channel that never delivered. Subscribes wait under the hub's lock, one at a time,
-so an error reply is taken for the SUBSCRIBE's being answered (one to a reconnect's
-SUBSCRIBE of the other channels, or to an UNSUBSCRIBE, would refuse it wrongly: a
-retry asks again); and the reader never waits on that lock (what it leaves, it
-leaves from a task), or a subscribe waiting for the reader would wait for good. A
-message the reader reads between the reply and the subscriber's being added is not
-delivered: it raced the subscribe, whose `subscribed` answer has not gone yet.
+channel that never delivered. An error reply names neither its command nor its
+channel, and others share the connection (a reconnect's SUBSCRIBEs, UNSUBSCRIBEs,
+health-check PINGs, a SUBSCRIBE given up on, whose reply still comes): Redis answers
+a connection's commands in order, so `_HubPubSub` keeps those awaiting a reply, in
+the order sent, and the reader takes each reply for the oldest one's (an error
+was taken for the waiting subscribe's, whatever it answered: a subscribe given up on
+then refused the next channel's). Subscribes wait under the hub's lock, one at a
+time; and the reader never waits on that lock (what it leaves, it leaves from a
+task), or a subscribe waiting for the reader would wait for good. A message the
+reader reads between the reply and the subscriber's being added is not delivered:
+it raced the subscribe, whose `subscribed` answer has not gone yet.
 
 A subscriber that leaves (`unsubscribe`; `drop`, a closed connection's every
 channel) is removed here first, at once: nothing is delivered to it after, whatever
@@ -44,7 +58,8 @@ channel (above).
 
 One subscriber never stops delivery to the others: a `deliver` that raises (a bug)
 is logged (`push delivery failed`, with the traceback) and dropped from its channel,
-and the rest of the fan-out goes on. Any other unexpected error of the reader is
+and the rest of the fan-out goes on (a `Refused` that raises, likewise: `push refusal
+failed`). Any other unexpected error of the reader is
 logged once (`push channel reader failed`) and reading goes on; should the reader
 task end all the same, that is logged (`push channel reader ended`) and it is
 started again.
@@ -54,9 +69,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
@@ -69,6 +86,7 @@ from common.aio import cancel_and_wait, cancelling, held
 from common.codec import parse_json
 from common.connection import REDIS_DOWN_ERRORS, as_text
 from common.log import get_logger
+from common.log_budget import LogBudget
 from common.outage import Outage
 
 log = get_logger("websocket.hub")
@@ -79,13 +97,20 @@ SUBSCRIBE_TIMEOUT = 5.0
 
 # What a subscriber is to the hub: a function taking the encoded frame.
 Deliver = Callable[[str], object]
+# What a subscriber may be told besides: that Redis refused its channel when the hub
+# subscribed it again (a reconnect); called with the channel, then no longer subscribed.
+Refused = Callable[[str], object]
+# The argument of the hub's health-check PINGs: not redis-py's, whose replies its
+# reader swallows; the hub reads them, to match each reply to its command.
+PING_ARGUMENT = "switchboard-push-hub"
 
 
 class ChannelHub:
     """Local subscribers per channel over one Redis pub/sub connection."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
-        self._subscribers: dict[str, set[Deliver]] = {}
+        # Per channel, its subscribers and what each is told if Redis refuses it later.
+        self._subscribers: dict[str, dict[Deliver, Refused | None]] = {}
         self._pubsub = _HubPubSub(redis, self._subscribers)
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
@@ -95,21 +120,26 @@ class ChannelHub:
         self._unsubscribing = Outage(
             log, "push channel unsubscribe failed", "push channel unsubscribe back"
         )
+        self._refusals = LogBudget(log, "push channel refusals not logged", logging.WARNING, {})
         self._closed = False
 
     def channels(self) -> list[str]:
         return sorted(self._subscribers)
 
-    async def subscribe(self, channel: str, deliver: Deliver) -> None:
+    async def subscribe(
+        self, channel: str, deliver: Deliver, refused: Refused | None = None
+    ) -> None:
         """Deliver `channel`'s messages to `deliver` (subscribing in Redis if it is the
         first). Raises what Redis answered when it refuses (a `ResponseError`), or the
-        connection's error (`REDIS_DOWN_ERRORS`; `TimeoutError` when no reply came)."""
+        connection's error (`REDIS_DOWN_ERRORS`; `TimeoutError` when no reply came).
+        Should Redis refuse the channel later (a reconnect's SUBSCRIBE: the ACL changed),
+        `deliver` is no longer subscribed to it, and `refused(channel)` is called."""
         async with self._lock:
             subscribers = self._subscribers.get(channel)
             if subscribers is None:
                 await self._subscribe(channel)
                 subscribers = self._subscribers[channel]
-            subscribers.add(deliver)
+            subscribers[deliver] = refused
 
     async def _subscribe(self, channel: str) -> None:
         """SUBSCRIBE `channel` in Redis and wait for the reply (the lock held). Meanwhile
@@ -120,7 +150,7 @@ class ChannelHub:
         self._answer = (name, answer)
         try:
             await self._pubsub.subscribe(name)
-            self._subscribers[channel] = set()
+            self._subscribers[channel] = {}
             if self._reader is None:
                 self._start_reader()
             async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
@@ -129,25 +159,45 @@ class ChannelHub:
             self._subscribers.pop(channel, None)
             # Not subscribed again on a reconnect; should Redis have subscribed it after
             # all, its first message finds no subscriber, and the hub leaves it then.
-            for key in (name, name.encode()):  # (bytes, unless the client decodes replies)
-                self._pubsub.channels.pop(key, None)
+            self._pubsub.forget(name)
             raise
         finally:
             self._answer = None
 
-    def _answered(self, name: bytes | str | None, error: Exception | None = None) -> bool:
-        """The reader's news for the SUBSCRIBE awaiting its reply: `name` confirmed, or
-        `error` (an error reply, or the connection lost). Whether one was waiting for it."""
+    def _answered(self, name: str | None, error: Exception | None = None) -> bool:
+        """The reader's news for the SUBSCRIBE awaiting its reply: Redis's reply to the
+        SUBSCRIBE of `name`, a confirmation or `error`; or, `name` None, the connection
+        lost (`error`), which no reply follows. Whether that SUBSCRIBE was waiting for it."""
         waiting = self._answer
         if waiting is None or waiting[1].done():
             return False
+        if name is not None and name != waiting[0]:
+            return False  # another channel's (a reconnect's, one given up on)
         if error is not None:
             waiting[1].set_exception(error)
-        elif name is not None and as_text(name) == waiting[0]:
-            waiting[1].set_result(None)
         else:
-            return False  # another channel's (a reconnect subscribing its channels again)
+            waiting[1].set_result(None)
         return True
+
+    def _refused(self, name: str, error: ResponseError) -> None:
+        """Redis refused a SUBSCRIBE of `name` that nothing waits for: a reconnect's (the
+        ACL changed while the channel was subscribed; or one given up on). The channel
+        is left here, so that the next subscribe asks Redis again, and each subscriber
+        is told (`Refused`); the others deliver on."""
+        channel = _local(name)
+        self._pubsub.forget(name)
+        subscribers = self._subscribers.pop(channel, None)
+        if not subscribers:  # left, or its subscribe given up on: nobody to tell
+            return
+        if self._refusals.spend():
+            fields = {"channel": channel, "subscribers": len(subscribers), "error": str(error)}
+            log.warning("push channel refused by redis", extra={"fields": fields})
+        for refused in subscribers.values():
+            try:
+                if refused is not None:
+                    refused(channel)
+            except Exception:  # a bug in one must not keep the others from being told
+                log.exception("push refusal failed", extra={"fields": {"channel": channel}})
 
     async def unsubscribe(self, channel: str, deliver: Deliver) -> None:
         """Stop delivering `channel` to `deliver`, at once; then, if it was the last,
@@ -173,7 +223,7 @@ class ChannelHub:
         subscribers = self._subscribers.get(channel)
         if subscribers is None or deliver not in subscribers:
             return False
-        subscribers.discard(deliver)
+        del subscribers[deliver]
         if subscribers:
             return False
         del self._subscribers[channel]
@@ -206,6 +256,7 @@ class ChannelHub:
             await cancel_and_wait(task)
         await cancel_and_wait(self._reader)
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        self._refusals.flush()
 
     def _start_reader(self) -> None:
         self._reader = asyncio.create_task(self._read(), name="push-hub")
@@ -231,20 +282,41 @@ class ChannelHub:
                     kind = message.get("type")
                     if kind == "message":
                         self._fan_out(_local(message["channel"]), message["data"])
-                    elif kind == "subscribe":
-                        self._answered(message["channel"])
+                    elif kind in _REPLIES:
+                        self._pubsub.replied(kind, message["channel"])
+                        if kind == "subscribe":
+                            self._answered(as_text(message["channel"]))
                 broken.recovered()
             except REDIS_DOWN_ERRORS as exc:
                 self._answered(None, exc)  # (a reconnect may subscribe it: asked again)
                 outage.failed(exc)
                 await asyncio.sleep(0.5)
             except ResponseError as exc:
-                if not self._answered(None, exc):  # an error reply nothing waited for
-                    broken.failed(exc)
+                if self._error_read(exc, broken):
                     await asyncio.sleep(0.5)
             except Exception as exc:  # a bug: logged once, and the others still get theirs
                 broken.failed(exc)
                 await asyncio.sleep(0.5)
+
+    def _error_read(self, exc: ResponseError, broken: Outage) -> bool:
+        """An error the reader's read raised: Redis's reply to the oldest command still
+        unanswered on the connection (Redis answers in order: `_HubPubSub.sent`), or,
+        the connection closed, a reconnect's handshake refused (which no reply follows).
+        Whether the reader pauses: an error that answers no command may come again at
+        once (a handshake refused again)."""
+        connection = self._pubsub.live_connection()
+        if connection is None or not connection.is_connected:
+            self._answered(None, exc)  # (as a connection lost: asked again)
+            broken.failed(exc)
+            return True
+        sent = self._pubsub.error_replied()
+        if sent is not None and sent.kind == "subscribe":
+            for name in sent.names:  # (one: the hub subscribes a channel a command)
+                if not self._answered(name, exc):
+                    self._refused(name, exc)
+            return False
+        broken.failed(exc)  # an UNSUBSCRIBE's refusal, a PING's: said once
+        return sent is None
 
     def _fan_out(self, channel: str, payload: bytes | str) -> None:
         subscribers = self._subscribers.get(channel)
@@ -265,14 +337,75 @@ class ChannelHub:
             self.drop([channel], deliver)
 
 
+class _Sent:
+    """A command sent on the hub's pub/sub connection whose replies have not all come:
+    `kind`, the type of its replies ("subscribe", "unsubscribe", "pong"); `names`, the
+    channels whose replies are still to come (a PING has none, and one reply)."""
+
+    __slots__ = ("kind", "names")
+
+    def __init__(self, kind: str, names: list[str]) -> None:
+        self.kind, self.names = kind, names
+
+
+# The replies to the hub's commands (`_Sent.kind`), by the command.
+_REPLY_KINDS = {"SUBSCRIBE": "subscribe", "UNSUBSCRIBE": "unsubscribe", "PING": "pong"}
+_REPLIES = frozenset(_REPLY_KINDS.values())
+
+
 class _HubPubSub(PubSub):
     """redis-py's pub/sub connection, subscribing again on a reconnect only the channels
-    the hub has subscribers for (`subscribed`, the hub's own map, read as it is then)."""
+    the hub has subscribers for (`subscribed`, the hub's own map, read as it is then),
+    each with a SUBSCRIBE of its own; and keeping, in order, the commands sent on the
+    connection whose replies have not come (`sent`).
 
-    def __init__(self, redis: aioredis.Redis, subscribed: dict[str, set[Deliver]]) -> None:
+    Redis answers a connection's commands in order, but an error reply names neither
+    its command nor its channel: the reader matches each reply to the oldest command
+    awaiting one (`replied`, `error_replied`). A SUBSCRIBE of several channels that
+    one of them is refused (an ACL leaving it out) is refused as a whole, so the
+    reconnect subscribes each channel with a command of its own (sent at once, in one
+    write): Redis refuses only those it refuses, and the reader knows which."""
+
+    def __init__(self, redis: aioredis.Redis, subscribed: dict[str, Any]) -> None:
         # (the reader reads subscribe confirmations: `ChannelHub._answered`)
         super().__init__(redis.connection_pool)
         self._subscribed = subscribed
+        self.sent: deque[_Sent] = deque()
+        # Those being sent now, should their sending make a new connection: they follow
+        # the reconnect's own commands there (`on_connect`).
+        self._sending: list[_Sent] = []
+
+    async def execute_command(self, *args: Any) -> None:
+        """Send a command (SUBSCRIBE, UNSUBSCRIBE), kept in `sent` from before it is
+        sent, so that its reply cannot come before it is there."""
+        await self._send(_Sent(_REPLY_KINDS[as_text(args[0])], [as_text(a) for a in args[1:]]),
+                         super().execute_command(*args))  # fmt: skip
+
+    async def check_health(self) -> None:
+        """redis-py's health check (a PING, once the connection was quiet for its
+        `health_check_interval`), kept in `sent` too, with an argument of the hub's own
+        (`PING_ARGUMENT`): redis-py's reader would swallow the reply to its own."""
+        conn = self.live_connection()
+        if conn is None:
+            await super().check_health()  # type: ignore[no-untyped-call]  # (raises)
+            return
+        now = asyncio.get_running_loop().time()
+        if conn.health_check_interval and now > conn.next_health_check:
+            ping = conn.send_command("PING", PING_ARGUMENT, check_health=False)
+            await self._send(_Sent("pong", []), ping)
+
+    def live_connection(self) -> Connection | None:
+        """The connection (None before the first subscribe, and after `aclose`)."""
+        return cast("Connection | None", self.connection)
+
+    async def _send(self, sent: _Sent, sending: Awaitable[Any]) -> None:
+        """Await `sending`, which sends the command `sent` stands for, kept in `sent`."""
+        self.sent.append(sent)
+        self._sending.append(sent)
+        try:
+            await sending
+        finally:
+            self._sending.remove(sent)
 
     async def on_connect(self, connection: Connection) -> None:
         # redis-py keeps a channel until the reply to its UNSUBSCRIBE comes, and a
@@ -284,7 +417,39 @@ class _HubPubSub(PubSub):
             for name, handler in self.channels.items()
             if _local(name) in self._subscribed
         }
-        await super().on_connect(connection)
+        self.pending_unsubscribe_channels.clear()
+        # A new connection: no reply of the old one's commands comes any more.
+        names = [as_text(name) for name in self.channels]
+        self.sent = deque([*(_Sent("subscribe", [name]) for name in names), *self._sending])
+        if names:
+            commands = [("SUBSCRIBE", name) for name in names]
+            await connection.send_packed_command(connection.pack_commands(commands),
+                                                 check_health=False)  # fmt: skip
+
+    def replied(self, kind: str, name: bytes | str | None) -> None:
+        """A confirmation of `kind` (`_REPLIES`) for the channel `name` (None: a pong) has
+        come: its command is the oldest of that kind awaiting it, and those before it
+        were answered already (in order)."""
+        text = None if name is None or kind == "pong" else as_text(name)
+        for index, sent in enumerate(self.sent):
+            if sent.kind == kind and (text is None or text in sent.names):
+                for _ in range(index):
+                    self.sent.popleft()
+                if text is not None:
+                    sent.names.remove(text)
+                if not sent.names:
+                    self.sent.popleft()
+                return
+
+    def error_replied(self) -> _Sent | None:
+        """An error reply has come: it answers the oldest command awaiting a reply (all of
+        it: a refused command gets one reply, whatever its channels). That command."""
+        return self.sent.popleft() if self.sent else None
+
+    def forget(self, name: str) -> None:
+        """Leave `name` out of the channels the reconnect subscribes again."""
+        for key in (name, name.encode()):  # (bytes, unless the client decodes replies)
+            self.channels.pop(key, None)
 
 
 def encode(channel: str, payload: bytes | str) -> str:

@@ -32,10 +32,14 @@ A subscribe needs a scope reaching the service its channel's first segment names
 else it is answered with code `forbidden` and nothing is subscribed; one Redis
 refuses for another reason than an outage (an ACL's NOPERM) with code
 `subscribe_refused`, logged as a warning (`subscribe refused by redis`, within the
-connection's bound), and the session goes on; unsubscribing needs no scope. An
-`auth` that renews with a credential not reaching a subscribed channel leaves it,
-with `{"type": "unsubscribed", "channel", "reason": "forbidden"}` sent before the
-`authenticated` answer.
+connection's bound), and the session goes on. Should Redis refuse a subscribed
+channel later, as the hub subscribes it again on reconnecting (its ACL changed
+meanwhile: `websocket.hub`), the session leaves it and is told by
+`{"type": "error", "channel", "error": {"code": "subscribe_refused", "message"}}`
+(no `id`: it answers no message); a subscribe asks Redis again. Unsubscribing needs
+no scope. An `auth` that renews with a credential not reaching a subscribed channel
+leaves it, with `{"type": "unsubscribed", "channel", "reason": "forbidden"}` sent
+before the `authenticated` answer.
 Messages are handled in the order they come. Most are answered at once, from
 the connection's `data_received` (`websocket.client`); one that must wait
 (`auth`, `subscribe`, `unsubscribe`) is handled by a task, and the messages
@@ -250,7 +254,7 @@ class Session:
                     return
                 channels.add(channel)  # first: `close` leaves it if it closes meanwhile
                 try:
-                    await self.ctx.hub.subscribe(channel, self.conn.send)
+                    await self.ctx.hub.subscribe(channel, self.conn.send, self._refused_later)
                 except REDIS_DOWN_OR_REFUSING as exc:
                     channels.discard(channel)  # not subscribed: a retry must subscribe
                     self._subscribe_failed(channel, exc, id_)
@@ -282,6 +286,18 @@ class Session:
                                    {"channel": channel, "error": str(exc)})  # fmt: skip
         message = f"redis refused to subscribe the channel {channel}"
         self._send_error("subscribe_refused", message, id_)
+
+    def _refused_later(self, channel: str) -> None:
+        """Redis refused `channel` when the hub subscribed it again (a reconnect, the ACL
+        changed meanwhile): the hub left it (and logged it, once for all its sessions).
+        Forgotten here too, so that a subscribe asks Redis again; the client is told by
+        an error frame naming the channel."""
+        if self.channels is None or channel not in self.channels:
+            return
+        self.channels.discard(channel)
+        message = f"redis refused the channel {channel} on reconnecting: no longer subscribed"
+        error = {"code": "subscribe_refused", "message": message}
+        self.send(json.dumps({"type": "error", "channel": channel, "error": error}))
 
     def call(self, message: object) -> None:
         """Start a JSON-RPC call; its answer is sent when it completes (calls run concurrently)."""

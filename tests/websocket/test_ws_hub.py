@@ -1,6 +1,7 @@
 """The push hub (`websocket.hub.ChannelHub`) on a real Redis: one subscriber never stops
-delivery to the others, what it sends is JSON, and a channel left while Redis was
-away is left in Redis too."""
+delivery to the others, what it sends is JSON, a channel left while Redis was
+away is left in Redis too, and a channel Redis refuses on a reconnect is left here,
+its sessions told."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ pytestmark = pytest.mark.timeout(30)
 # Redis's default user without the CLIENT command: the service's connections' handshake
 # (CLIENT SETNAME) is refused with NOPERM, an error reply that is no connection error.
 NO_CLIENT_ACL = ["--user", "default", "on", "nopass", "~*", "&*", "+@all", "-client"]
+# Redis's default user with every push channel and no other (the hub needs no other).
+PUSH_ACL = ["--user", "default", "on", "nopass", "~*", "resetchannels",
+            f"&{constants.push_channel('*')}", "+@all"]  # fmt: skip
 
 
 @pytest.fixture
@@ -185,10 +189,7 @@ async def test_a_subscribe_refused_at_the_connections_handshake_leaves_the_sessi
     server = EmbeddedRedis(extra_args=NO_CLIENT_ACL).start()
     redis = connect(server.url, name="websocket")  # as the service's: CLIENT SETNAME
     hub = ChannelHub(redis)
-    conn = _Connection()
-    ctx = SimpleNamespace(hub=hub, settings=SimpleNamespace(ws_max_subscriptions=10))
-    session = Session(cast("WsContext", ctx), cast("ClientProtocol", conn))
-    session.principal = Principal("user", "u1", "alice", frozenset(), frozenset({"*"}))
+    session, conn = _session(hub)
     try:
         session.received(json.dumps({"type": "subscribe", "channel": "news:1", "id": 7}))
         assert session.worker is not None
@@ -202,6 +203,113 @@ async def test_a_subscribe_refused_at_the_connections_handshake_leaves_the_sessi
         await hub.close()
         await redis.aclose()
         server.stop()
+
+
+@pytest.fixture
+async def acl_hub() -> AsyncIterator[tuple[ChannelHub, aioredis.Redis]]:
+    """A hub connected as the service's, its Redis user allowed the push channels only
+    (`PUSH_ACL`); and a client of a user of the test's own, that may publish on any
+    channel and change the hub's user (`_narrow`)."""
+    server = EmbeddedRedis(extra_args=PUSH_ACL).start()
+    redis = connect(server.url, name="websocket")
+    hub = ChannelHub(redis)
+    admin = aioredis.Redis(port=server.port, username="admin", password="admin")
+    try:
+        async with aioredis.Redis(port=server.port) as default:
+            await default.execute_command("ACL", "SETUSER", "admin", "on", ">admin", "~*", "&*",
+                                          "+@all")  # fmt: skip
+        yield hub, admin
+    finally:
+        await hub.close()
+        await redis.aclose()
+        await admin.aclose()
+        server.stop()
+
+
+async def test_a_channel_redis_refuses_on_reconnecting_is_left_and_its_sessions_told(
+    acl_hub: tuple[ChannelHub, aioredis.Redis],
+) -> None:
+    """The hub's Redis user loses a channel it is subscribed to, and its connection
+    drops (Redis drops it itself as the ACL changes): the reconnect's SUBSCRIBE of
+    every channel at once was refused as a whole, so no channel delivered again, the
+    sessions still thinking themselves subscribed (0 of 3 channels delivered, 2 of them
+    allowed). Now each channel is subscribed again on its own: the refused one is left
+    here, each of its sessions told with an error frame (and free to subscribe again),
+    and the others deliver."""
+    hub, admin = acl_hub
+    kept: asyncio.Queue[str] = asyncio.Queue()
+    await hub.subscribe("kept", kept.put_nowait)
+    (first, first_conn), (second, second_conn) = _session(hub), _session(hub)
+    for session, channel in [(first, "closed:1"), (first, "open:1"), (second, "closed:1")]:
+        await _ask(session, {"type": "subscribe", "channel": channel})
+    first_conn.frames.clear()
+    second_conn.frames.clear()
+
+    await _narrow(admin, "open:*", "kept")
+
+    await wait_for_async(lambda: first_conn.frames and second_conn.frames, timeout=5)
+    for conn in (first_conn, second_conn):
+        (frame,) = (json.loads(f) for f in conn.frames)
+        assert frame["type"] == "error" and frame["channel"] == "closed:1"
+        assert frame["error"]["code"] == "subscribe_refused"
+    assert (first.channels, second.channels) == ({"open:1"}, set())
+    assert hub.channels() == ["kept", "open:1"]
+    await _delivering_again(admin, kept)
+    await admin.publish(constants.push_channel("open:1"), "news")
+    await wait_for_async(lambda: len(first_conn.frames) == 2, timeout=5)
+    assert json.loads(first_conn.frames[1])["data"] == "news"
+
+    await _narrow(admin, "*")  # allowed again
+    await _delivering_again(admin, kept)  # (reconnected first: a race is no test here)
+    await _ask(second, {"type": "subscribe", "channel": "closed:1", "id": 2})  # asked anew
+    assert json.loads(second_conn.frames[-1]) == {"type": "subscribed", "channel": "closed:1",
+                                                  "id": 2}  # fmt: skip
+    await admin.publish(constants.push_channel("closed:1"), "back")
+    await wait_for_async(lambda: json.loads(second_conn.frames[-1]).get("data") == "back")
+
+
+async def test_a_subscribe_is_not_refused_by_another_channels_refusal(
+    acl_hub: tuple[ChannelHub, aioredis.Redis],
+) -> None:
+    """Redis answers every SUBSCRIBE, in order, even those the hub gave up on (their
+    sessions closed while Redis was slow to answer, busy with a slow command): the
+    refusal of one, read while the next channel's subscribe waited for its reply, was
+    taken for the next one's, which raised NOPERM for an allowed channel. Replies are
+    now matched to the commands they answer, in order."""
+    hub, admin = acl_hub
+    await _narrow(admin, "open:*")
+    await hub.subscribe("open:1", _ignore)  # (the hub's connection is made)
+    await admin.execute_command("CLIENT", "PAUSE", 1000)  # Redis answers nobody for a second
+    # A refused SUBSCRIBE is answered at once, pause or not (Redis checks the ACL
+    # first): one waits behind one Redis holds. Each wait is cancelled, as a closing
+    # session's is.
+    for channel in ("open:3", "closed:1"):
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(hub.subscribe(channel, _ignore), 0.1)
+    received: asyncio.Queue[str] = asyncio.Queue()
+    await hub.subscribe("open:2", received.put_nowait)
+    assert hub.channels() == ["open:1", "open:2"]
+    await admin.publish(constants.push_channel("open:2"), "news")
+    assert json.loads(await asyncio.wait_for(received.get(), 5))["data"] == "news"
+
+
+async def test_a_subscribe_is_not_refused_by_an_unsubscribes_refusal(
+    acl_hub: tuple[ChannelHub, aioredis.Redis], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any error reply read while a subscribe waited was taken for its refusal: one to
+    the UNSUBSCRIBE sent just before (the hub's Redis user lost the command) refused an
+    allowed channel. That one is the reader's to log, once."""
+    hub, admin = acl_hub
+    await hub.subscribe("left:1", _ignore)
+    await admin.execute_command("ACL", "SETUSER", "default", "-unsubscribe")
+    received: asyncio.Queue[str] = asyncio.Queue()
+    with caplog.at_level(logging.WARNING, logger="websocket.hub"):
+        await hub.unsubscribe("left:1", _ignore)  # (sent; its reply read after)
+        await hub.subscribe("open:1", received.put_nowait)
+    await admin.publish(constants.push_channel("open:1"), "news")
+    assert json.loads(await asyncio.wait_for(received.get(), 5))["data"] == "news"
+    (failed,) = [r for r in caplog.records if r.getMessage() == "push channel reader failed"]
+    assert "unsubscribe" in failed.fields["error"]  # type: ignore[attr-defined]
 
 
 class _Connection:
@@ -220,6 +328,32 @@ class _Connection:
 
 def _ignore(frame: str) -> None:
     pass
+
+
+def _session(hub: ChannelHub) -> tuple[Session, _Connection]:
+    """A session of a user whose scopes reach any channel, on a `_Connection`."""
+    conn = _Connection()
+    ctx = SimpleNamespace(hub=hub, settings=SimpleNamespace(ws_max_subscriptions=10),
+                          connections=Connections(10))  # fmt: skip
+    session = Session(cast("WsContext", ctx), cast("ClientProtocol", conn))
+    session.principal = Principal("user", "u1", "alice", frozenset(), frozenset({"*"}))
+    return session, conn
+
+
+async def _ask(session: Session, message: dict[str, Any]) -> None:
+    """Hand `session` a client's `message`; return once it is answered."""
+    session.received(json.dumps(message))
+    if session.worker is not None:
+        await asyncio.wait_for(session.worker, 10)
+
+
+async def _narrow(admin: aioredis.Redis, *channels: str) -> None:
+    """Leave the hub's Redis user (default) only the push `channels` (patterns), and
+    drop its connections (Redis 6.2 and later drop those subscribed to a channel the
+    change leaves out on their own)."""
+    patterns = [f"&{constants.push_channel(c)}" for c in channels]
+    await admin.execute_command("ACL", "SETUSER", "default", "resetchannels", *patterns)
+    await admin.client_kill_filter(_type="pubsub", skipme=True)
 
 
 def _logged(caplog: pytest.LogCaptureFixture, message: str) -> bool:
