@@ -23,9 +23,9 @@ What Redis does not take is not dropped:
   the connection and still answers a PING, `WriteRefused`): `ReplyWrites.write_apart`.
 
 Each outage is logged once as it starts and once as it ends (`common.outage`).
-Out of memory, Redis still takes the acks (XACK and XDEL free memory) of a batch whose
-replies it refuses: a worker killed while it holds such a reply loses it (its caller
-times out) instead of leaving its call to be redelivered.
+A batch's writes and its acks are taken all or nothing (`common.replies`): the entries
+of a batch held stay pending, so a worker killed while it holds them leaves their calls
+to be redelivered (run again: their replies were never stored) as any dead worker's.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from common.log import get_logger
 from common.outage import Outage
 from common.protocol import DEFAULT_SEND_TTL
 from common.redis_failures import is_refusal
-from common.replies import Finished, ReplyWrites, acked_only, refusal
+from common.replies import Finished, ReplyWrites, acked_only, error_replies, refusal
 
 log = get_logger("switchboard.worker")
 
@@ -175,7 +175,7 @@ class Outbox:
         """Count `batch` as written with `replies`, unless Redis refused it for now: then
         that refusal, and nothing counted. An error reply of another kind (a key of
         the wrong type) is logged: a bug or bad data, which writing again cannot fix."""
-        errors = [r for r in replies if isinstance(r, ResponseError)]
+        errors = error_replies(replies)
         if errors:
             refused = refusal(errors)
             if refused is not None:

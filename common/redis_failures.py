@@ -64,8 +64,9 @@ REFUSALS = frozenset(_MESSAGES) - {"unreachable", "timeout"}
 
 # The error code of a refusal, at the start of an error reply, where Redis 6 quotes
 # it inside a script's error ("Error running script ...: @user_script: 18: -OOM ..."),
-# or where redis-py's pipeline quotes it ("Command # 1 (...) of pipeline caused
-# error: ('BUSY ...',)").
+# where redis-py's pipeline quotes it ("Command # 1 (...) of pipeline caused
+# error: ('BUSY ...',)"), or where Redis quotes why it refused a transaction's EXEC
+# ("EXECABORT Transaction discarded because of: OOM ...": the code redis-py strips).
 _REFUSAL_CODES = {
     "OOM": "out_of_memory",
     "READONLY": "read_only",
@@ -75,7 +76,9 @@ _REFUSAL_CODES = {
     "NOAUTH": "auth",
     "WRONGPASS": "auth",
 }
-_CODE = re.compile(r"(?:^|: -|: \(')(OOM|READONLY|MISCONF|LOADING|BUSY|NOAUTH|WRONGPASS) ")
+_CODE = re.compile(
+    r"(?:^|: -|: \('|discarded because of: )(OOM|READONLY|MISCONF|LOADING|BUSY|NOAUTH|WRONGPASS) "
+)
 
 # redis-py's classes for the codes it knows (it strips the code from their text).
 _REFUSAL_CLASSES: tuple[tuple[type[Exception], str], ...] = (

@@ -7,7 +7,16 @@ a crash at any point safe:
 2. the replies onto each caller's inbox (one RPUSH per inbox),
 3. `XACK` + `XDEL` of the entries,
 
-with failed tasks' retries (a zset) and dead letters (a capped list) before the acks.
+with failed tasks' retries (a zset) and dead letters (a capped list) before the acks;
+all in one transaction (MULTI/EXEC), so that Redis takes the acks only with the
+writes they follow. Out of memory, Redis refuses every write but not `XACK` and
+`XDEL` (they free memory): outside a transaction the entries were acked and deleted
+while their replies were refused, and a worker killed while it held those replies
+lost calls that had run (their callers waited out their timeouts) instead of leaving
+them to be redelivered (at-least-once). In a transaction, a command Redis refuses
+discards the whole batch (EXECABORT), entries left pending. A batch of acks alone
+(replies dropped past their deadline, `common.outbox`) is written without one: Redis
+takes those out of memory.
 
 A batch Redis will not take (`write_apart`): Redis drops the connection of a write
 holding a value over its own limit (`proto-max-bulk-len`, set lower than
@@ -44,6 +53,9 @@ log = get_logger("switchboard.worker")
 
 # An inbox whose client went away disappears after this long.
 INBOX_TTL_SECONDS = 60
+
+_MULTI: tuple[Any, ...] = ("MULTI",)
+_EXEC: tuple[Any, ...] = ("EXEC",)
 
 
 @dataclass(slots=True)
@@ -108,10 +120,12 @@ class ReplyWrites:
             # With every push, not once a second: the client's BLPOP deletes the inbox
             # it empties, so a push may have just made it again, without an expiry.
             commands.append(("EXPIRE", inbox, INBOX_TTL_SECONDS))
+        writes = bool(commands)
         for stream, ids in by_stream.items():
             commands.append(("XACK", stream, constants.WORKER_GROUP, *ids))
             commands.append(("XDEL", stream, *ids))
-        return commands
+        # The acks only with what they follow (see the module docstring).
+        return [_MULTI, *commands, _EXEC] if writes else commands
 
     def _expire_due(self, key: str) -> bool:
         """Whether to (re)set `key`'s expiry in this batch: at most once a second per key.
@@ -174,10 +188,19 @@ def refusal(replies: list[Any]) -> ResponseError | None:
     """The first of a write's `replies` that is Redis refusing writes for now (out of
     memory, a read-only replica, ...: `common.redis_failures.REFUSALS`), if any: the
     write is to be made again. Other error replies (a key of the wrong type) are not."""
-    for reply in replies:
-        if isinstance(reply, ResponseError) and is_refusal(reply):
+    for reply in error_replies(replies):
+        if is_refusal(reply):
             return reply
     return None
+
+
+def error_replies(replies: list[Any]) -> list[ResponseError]:
+    """The error replies among a write's `replies`, those of its transaction's commands
+    too (EXEC answers a list of them). Empty for a write Redis took whole. Hot path."""
+    errors = [r for r in replies if isinstance(r, ResponseError)]
+    if replies and type(replies[-1]) is list:  # EXEC's, the last (no other is a list)
+        errors += [r for r in replies[-1] if isinstance(r, ResponseError)]
+    return errors
 
 
 def _answered_instead(done: Finished, service: str) -> Finished:

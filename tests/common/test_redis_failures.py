@@ -30,6 +30,12 @@ _REPLIES = [
      "busy"),
     ("NOAUTH Authentication required.", "auth"),
     ("WRONGPASS invalid username-password pair or user is disabled.", "auth"),
+    # A transaction's EXEC refused (the worker's reply writes: `common.replies`).
+    ("EXECABORT Transaction discarded because of: OOM command not allowed when used "
+     "memory > 'maxmemory'.", "out_of_memory"),
+    ("EXECABORT Transaction discarded because of: READONLY You can't write against a "
+     "read only replica.", "read_only"),
+    ("EXECABORT Transaction discarded because of previous errors.", None),
     ("WRONGTYPE Operation against a key holding the wrong kind of value", None),
     ("ERR Error running script (call to f_9e): @user_script:3: user_script:3: "
      "Script attempted to access nonexistent global variable 'x'", None),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from common.redelivery import Redelivery
 from common.replies import Finished
 from tests.helpers import ServiceProcess, serve_in_task, wait_for, wait_for_async
 from tests.support.calc_service import build, start_worker
+from tests.support.leases import QUICK_LEASES_ENV
 from tests.support.redis_states import (  # noqa: F401 (the *_fixture ones)
     STATES,
     admin_fixture,
@@ -88,6 +90,14 @@ def _pending(admin: redis.Redis, stream: str) -> int:
     return int(admin.xpending(stream, constants.WORKER_GROUP)["pending"])
 
 
+def _leased(admin: redis.Redis, service: str) -> bool:
+    """An instance of `service` holds a lease now: a refusal longer than the lease (its
+    heartbeat refused too) lets it lapse until the heartbeat is taken again."""
+    seconds, micros = admin.time()
+    now_ms = seconds * 1000 + micros // 1000
+    return bool(admin.zrangebyscore(constants.instances_key(service), now_ms, "+inf"))
+
+
 async def _running(admin: redis.Redis, stream: str) -> None:
     """Until the worker has taken the one entry of `stream` (its handler runs)."""
     await wait_for_async(lambda: _pending(admin, stream) == 1)
@@ -140,23 +150,67 @@ async def test_a_failed_task_redis_refuses_for_a_while_is_still_retried(
     assert letter["error"]["message"] == "refused"
 
 
+async def test_a_call_whose_reply_redis_refuses_is_redelivered_if_its_worker_dies(
+    private_redis: EmbeddedRedis, admin: redis.Redis, tmp_path: Path
+) -> None:
+    """Out of memory, Redis refused the reply but took the entry's ack (XACK and XDEL are
+    not refused: they free memory): the worker held the only trace of a call that had
+    run, and killed, lost it; its caller waited for its timeout. Now the reply and the
+    ack are written all or nothing: the entry stays pending, another worker reclaims it
+    once the lease lapses and runs it again (at-least-once), and the caller is answered."""
+    name = f"calc_{uuid.uuid4().hex[:8]}"
+    workers = [start_worker(private_redis.url, name, **QUICK_LEASES_ENV)]
+    try:
+        wait_for(lambda: admin.zcard(constants.instances_key(name)) == 1, timeout=20)
+        async with RpcClient(private_redis.url) as rpc:
+            assert await rpc.call(f"{name}.sleep", 0.01, timeout=10) == 0.01  # (see `rpc`)
+            gate, stream = tmp_path / "gate", constants.call_stream(name)
+            call = asyncio.create_task(rpc.call(f"{name}.gate", str(gate), timeout=30))
+            await _running(admin, stream)
+            with out_of_memory(admin):
+                _open(gate, "done")
+                await wait_for_async(lambda: _flush_failed(workers[0]), timeout=15)
+                assert _pending(admin, stream) == 1  # not acked without its reply
+                workers[0].stop(signal.SIGKILL)
+            workers.append(start_worker(private_redis.url, name, **QUICK_LEASES_ENV))
+            assert await call == "done"
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+@pytest.mark.parametrize(
+    ("state", "acked_meanwhile"),
+    [(read_only, False), (out_of_memory, True)],
+    ids=["read_only", "out_of_memory"],
+)
 async def test_a_reply_held_past_its_deadline_is_dropped_and_its_entry_acked(
-    worker: ServiceProcess, rpc: RpcClient, admin: redis.Redis, tmp_path: Path
+    state: Any,
+    acked_meanwhile: bool,
+    worker: ServiceProcess,
+    rpc: RpcClient,
+    admin: redis.Redis,
+    tmp_path: Path,
 ) -> None:
     """Nobody waits for it any more: it is not written, the entry is acked, it is logged,
-    and the worker takes calls again."""
+    and the worker takes calls again. Its ack alone is written outside a transaction
+    (`common.replies`): out of memory, Redis takes it at once (acks free memory); a
+    read-only replica, once it takes writes."""
     gate, stream = tmp_path / "gate", constants.call_stream(worker.name)
     call = asyncio.create_task(rpc.call(f"{worker.name}.gate", str(gate), timeout=1))
     await _running(admin, stream)
-    with read_only(admin):
+    with state(admin):
         _open(gate, "late")
         with pytest.raises(RpcTimeout):
             await call
         message = "replies dropped: redis refused them past their deadline"
         (dropped,) = await wait_for_async(lambda: worker.log_records(message), timeout=15)
         assert (dropped["n"], dropped["methods"]) == (1, ["gate"])
+        if acked_meanwhile:
+            await wait_for_async(lambda: _pending(admin, stream) == 0)
     await wait_for_async(lambda: admin.xlen(stream) == 0 and _pending(admin, stream) == 0)
     assert admin.llen(rpc.inbox) == 0
+    await wait_for_async(lambda: _leased(admin, worker.name))
     assert await rpc.call(f"{worker.name}.add", 2, timeout=10) == 3
 
 
