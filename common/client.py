@@ -27,7 +27,7 @@ from common import constants
 from common.aio import Backoff, SingleFlight, cancel_and_wait
 from common.caller import Caller
 from common.client_io import ClientIO, Enqueue
-from common.connection import RawConnection, connect, pack_commands
+from common.connection import RawConnection, connect_configured, pack_commands
 from common.errors import (
     MethodNotFound,
     RpcTimeout,
@@ -81,14 +81,7 @@ class RpcClient(ClientIO):
     ) -> None:
         settings = settings or get_settings()
         self._own_redis = redis is None
-        self.redis = (
-            redis
-            if redis is not None
-            else connect(
-                redis_url or settings.require_redis_url(),
-                idle_timeout=settings.redis_pool_idle_timeout,
-            )
-        )
+        self.redis = redis if redis is not None else connect_configured(settings, redis_url)
         self.default_timeout = settings.rpc_timeout if timeout is None else timeout
         _check_seconds("timeout", self.default_timeout)
         # Calls whose arguments encode to more are refused here, before anything is sent.

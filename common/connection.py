@@ -1,7 +1,8 @@
 """Redis connections, configured once for every Switchboard process.
 
-`connect()` is the only place a Redis client is built (`connect_sync()` its
-blocking twin, for the rare thread that must not depend on the event loop): AUTH
+`connect()` is the only place a Redis client is built (`connect_configured()` builds
+it as a process's settings say; `connect_sync()` is its blocking twin, for the rare
+thread that must not depend on the event loop): AUTH
 and TLS come from the URL (`redis://user:pass@host`, `rediss://`;
 `unix:///path.sock` works too), commands are retried with jittered backoff across
 short blips, and dead connections are detected by keepalive and periodic health
@@ -19,7 +20,7 @@ import contextlib
 import math
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hiredis
 import redis
@@ -33,6 +34,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as SyncRetry
 
 from common.redis_pool import TrimmedPool
+
+if TYPE_CHECKING:  # (`common.settings` imports this module)
+    from common.settings import Settings
 
 # How often a `RawConnection` checks whether the read in progress is overdue.
 _WATCH_EVERY = 0.25
@@ -106,6 +110,18 @@ def connect(
     # `from_pool`: the client owns its pool, so its `aclose()` closes the pool's
     # connections (and its idle check); a client given a pool leaves it open.
     return aioredis.Redis.from_pool(pool)
+
+
+def connect_configured(
+    settings: Settings, url: str | None = None, *, name: str | None = None
+) -> aioredis.Redis:
+    """`connect()` as `settings` configure a process's client: to `url`, else their
+    `REDIS_URL`, its pool's idle connections closed after `REDIS_POOL_IDLE_TIMEOUT`."""
+    return connect(
+        url or settings.require_redis_url(),
+        name=name,
+        idle_timeout=settings.redis_pool_idle_timeout,
+    )
 
 
 def connect_sync(

@@ -49,7 +49,7 @@ from redis.exceptions import RedisError
 
 from common import constants
 from common.aio import background, cancel_and_wait
-from common.connection import connect
+from common.connection import connect_configured
 from common.errors import ConfigError
 from common.lease import LeaseKeeper
 from common.log import get_logger, setup_logging
@@ -187,9 +187,7 @@ class Service:
         """Serve calls until `request_stop()`; then shut down gracefully."""
         self._stop = asyncio.Event()
         url = redis_url or self.settings.require_redis_url()
-        self._redis = connect(
-            url, name=self.instance_id, idle_timeout=self.settings.redis_pool_idle_timeout
-        )
+        self._redis = connect_configured(self.settings, url, name=self.instance_id)
         lease: LeaseKeeper | None = None
         registry = Registry(self._redis, self.settings.heartbeat_ttl)
         record = InstanceRecord(self.name, self.instance_id, kind="rpc", version=self.version)

@@ -23,7 +23,7 @@ from sanic.response import BaseHTTPResponse
 from common.aio import cancel_and_wait
 from common.client import RpcClient
 from common.clientip import parse_networks
-from common.connection import connect
+from common.connection import connect_configured
 from common.credentials import Authenticator
 from common.log import request_id_var
 from common.policy import PolicyWatcher, RetryBudgetPolicy
@@ -80,11 +80,7 @@ def create_app(settings: Settings | None = None, name: str = "webapi") -> Gatewa
 
 async def _open_resources(app: GatewayApp) -> None:
     ctx = app.ctx
-    ctx.redis = connect(
-        ctx.settings.require_redis_url(),
-        name="webapi",
-        idle_timeout=ctx.settings.redis_pool_idle_timeout,
-    )
+    ctx.redis = connect_configured(ctx.settings, name="webapi")
     ctx.registry = Registry(ctx.redis, ctx.settings.heartbeat_ttl)
     ctx.rpc = RpcClient(redis=ctx.redis, settings=ctx.settings)
     await ctx.rpc.start()

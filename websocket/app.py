@@ -41,7 +41,7 @@ from sanic.server.websockets.impl import WebsocketImplProtocol
 from common.aio import cancel_and_wait
 from common.client import RpcClient
 from common.clientip import Network, parse_networks
-from common.connection import connect
+from common.connection import connect_configured
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized, shortened
 from common.forwarding import PROXY_LOOP, headers_credential_fault, via_loop
@@ -145,11 +145,7 @@ def create_app(settings: Settings | None = None, name: str = "websocket") -> WsA
 
 async def _open(app: WsApp) -> None:
     ctx, settings = app.ctx, app.ctx.settings
-    ctx.redis = connect(
-        settings.require_redis_url(),
-        name="websocket",
-        idle_timeout=settings.redis_pool_idle_timeout,
-    )
+    ctx.redis = connect_configured(settings, name="websocket")
     ctx.rpc = RpcClient(redis=ctx.redis, settings=settings)
     await ctx.rpc.start()
     ctx.view = RegistryView(ctx.redis, recovery_grace=settings.heartbeat_ttl)

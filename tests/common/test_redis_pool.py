@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from common.connection import as_text, connect
+from common.connection import as_text, connect, connect_configured
+from common.settings import Settings
 from tests.helpers import wait_for_async
 
 pytestmark = pytest.mark.timeout(30)
@@ -141,3 +142,16 @@ async def test_closing_the_client_closes_its_pool(
     await redis.aclose()
     await wait_for_async(lambda: _connections_are(redis_client, name, 0), timeout=10)
     assert pool._trim_timer is None  # type: ignore[attr-defined]
+
+
+async def test_a_process_client_takes_its_pools_idle_timeout_from_its_settings(
+    redis_url: str,
+) -> None:
+    """`connect_configured()`, which the gateway, the WebSocket service, workers and
+    `RpcClient` build their clients with: REDIS_URL and REDIS_POOL_IDLE_TIMEOUT."""
+    redis = connect_configured(Settings(redis_url=redis_url, redis_pool_idle_timeout=5.0))
+    try:
+        assert redis.connection_pool.idle_timeout == 5.0  # type: ignore[attr-defined]
+        assert await redis.ping()
+    finally:
+        await redis.aclose()
