@@ -128,7 +128,10 @@ def connect_sync(
     url: str, *, name: str | None = None, socket_timeout: float | None = 10.0
 ) -> redis.Redis:
     """A blocking Redis client for `url`, configured as `connect()`'s (AUTH, TLS,
-    retries, keepalive), for one thread's use: a few connections at most."""
+    retries, keepalive), for one thread's use. Its pool is not trimmed as `connect()`'s
+    is: one thread's commands, one after the other, all use one connection (a lease's
+    thread held 1, its heartbeat every second), which a `TrimmedPool` keeps anyway (its
+    `min_idle`). `max_connections` only bounds a misuse from more threads."""
     pool = redis.ConnectionPool.from_url(
         url,
         max_connections=4,
