@@ -4,12 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-REQS := requirements-dev.txt common/requirements.txt webapi/requirements.txt \
+REQS := requirements-dev.txt common/requirements.txt common/requirements-compile.txt webapi/requirements.txt \
         websocket/requirements.txt $(wildcard microservices/*/requirements.txt)
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint fmt bench bench-rpc bench-proxy bench-ws up down new-service clean
+.PHONY: help install compile run test lint fmt bench bench-rpc bench-proxy bench-ws up down new-service clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -22,10 +22,13 @@ $(STAMP): $(REQS)
 
 install: $(STAMP) ## Create .venv and install the pinned requirements
 
-run: $(STAMP) ## Start everything (embedded Redis unless REDIS_URL is set); Ctrl-C stops it all
+compile: $(STAMP) ## Compile the gateway's hot path with mypyc (common.compiled); a no-op when up to date
+	@$(BIN)/python -m common.compile
+
+run: $(STAMP) compile ## Start everything (embedded Redis unless REDIS_URL is set); Ctrl-C stops it all
 	@exec $(BIN)/python -m common.devrun
 
-test: $(STAMP) ## Run the whole test suite against a real embedded redis-server
+test: $(STAMP) compile ## Run the whole test suite against a real embedded redis-server
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff (lint + format check) and mypy
@@ -61,5 +64,5 @@ new-service: $(STAMP) ## Scaffold a worker service: make new-service NAME=foo
 	@test -n "$(NAME)" || (echo "usage: make new-service NAME=foo" && exit 2)
 	$(BIN)/python -m common.scaffold $(NAME)
 
-clean: ## Remove the venv and caches
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+clean: ## Remove the venv, caches and the compiled build
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .compiled

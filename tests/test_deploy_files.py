@@ -227,8 +227,9 @@ def test_compose_service_wiring(svc: str) -> None:
 
 def test_dockerfile_base_and_environment(svc: str) -> None:
     dockerfile = dockerfile_of(svc)
-    base = dockerfile.all("FROM")
-    assert base and re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?(@sha256:\w+)?", base[0].args)
+    base = dockerfile.all("FROM")  # (`FROM <image> AS <stage>`: later stages build on it)
+    image = base[0].args.split()[0] if base else ""
+    assert re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?(@sha256:\w+)?", image)
     env = dockerfile.env()
     assert env.get("PYTHONUNBUFFERED") == "1"
     if svc in PUBLISHED:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from common.compiled import build_state
 from common.policy import PolicyStore
 from tests.helpers import free_port, issue_api_key, wait_for
 from tests.support.policy import set_document
@@ -398,3 +400,13 @@ def test_a_large_download_streams_to_a_slow_client(backend: Backend) -> None:
     assert len(reply.body) == len(expected)
     assert hashlib.sha256(reply.body).digest() == hashlib.sha256(expected).digest()
     assert direct(backend.gateway) - before == 1
+
+
+def test_the_gateway_says_whether_its_hot_path_runs_compiled(gateway: str) -> None:
+    # `make test` compiles it first (`make compile`), and a build that no longer matches
+    # its sources is never used (`common.compiled`): the suite tests the compiled path.
+    expected = build_state()
+    stats = as_admin.get(f"{gateway}/admin/proxy/stats", timeout=5).json()
+    assert stats["hot_path"] == {"compiled": expected.used, "state": expected.reason}
+    if os.environ.get("SWITCHBOARD_COMPILED") != "0":
+        assert expected.used, f"the hot path runs interpreted: {expected.reason}"

@@ -38,6 +38,7 @@ from typing import Any
 
 from sanic import Blueprint, HTTPResponse
 
+from common.compiled import hot_path_state
 from common.credentials import Principal
 from common.errors import NotFound, quoted
 from common.policy import PolicyDocument, PolicyStore, validate_document
@@ -224,10 +225,12 @@ async def rotate_signing_key(request: GatewayRequest) -> HTTPResponse:
 
 @bp.get("/proxy/stats", ctx_access=ADMIN)
 async def proxy_stats(request: GatewayRequest) -> HTTPResponse:
-    """This process's fast-path counters (`webapi.fastpath`), upstream pool and the
-    retry budget of each service (`common.balancing.RetryBudget.state`)."""
+    """This process's fast-path counters (`webapi.fastpath`), whether its hot path runs
+    compiled (`common.compiled`), its upstream pool and the retry budget of each service
+    (`common.balancing.RetryBudget.state`)."""
     ctx = request.app.ctx
     fast = ctx.fast_path
+    hot_path = hot_path_state()
     return json_response(
         {
             "fast_path": {
@@ -242,6 +245,7 @@ async def proxy_stats(request: GatewayRequest) -> HTTPResponse:
                 "requests": ctx.passthrough.requests,
                 "connect_failures": ctx.passthrough.connect_failures,
             },
+            "hot_path": {"compiled": hot_path.used, "state": hot_path.reason},
             "upstreams": ctx.proxy.pool.stats(),
             "retry_budgets": {
                 service: budget.state()

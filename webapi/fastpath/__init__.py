@@ -51,7 +51,12 @@ reads a request; `admission.py` decides which requests are answered here;
 `protocol.py` is the protocol.
 """
 
-from webapi.fastpath.protocol import FastPathProtocol
-from webapi.fastpath.request import MAX_FAST_BODY, MAX_FAST_HEAD, Parsed, parse_request
+from common.compiled import prefer_compiled
+
+# Before any submodule is imported: the compiled build, when fresh (`common.compiled`).
+prefer_compiled(__name__, __path__)
+
+from webapi.fastpath.protocol import FastPathProtocol  # noqa: E402
+from webapi.fastpath.request import MAX_FAST_BODY, MAX_FAST_HEAD, Parsed, parse_request  # noqa: E402
 
 __all__ = ["MAX_FAST_BODY", "MAX_FAST_HEAD", "FastPathProtocol", "Parsed", "parse_request"]
