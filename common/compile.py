@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common.compiled import BUILD_DIR, COMPILED_MODULES, MANIFEST, ROOT, build_state, fingerprint
+from common.compiled import BUILD_DIR, COMPILED_MODULES, MANIFEST, ROOT, fingerprint
 
 # Run in a child: setuptools and mypyc keep process-wide state (logging, argv, cwd).
 _SETUP = """
@@ -42,6 +42,16 @@ setup(
 def compiler() -> str | None:
     """The C compiler setuptools would use (`CC`, else `cc`), when there is one."""
     return shutil.which(os.environ.get("CC", "cc").split()[0])
+
+
+def up_to_date(modules: tuple[str, ...] = COMPILED_MODULES, out: Path = BUILD_DIR) -> bool:
+    """Whether the build in `out` is of exactly `modules` as their sources are now
+    (whether or not this process would use it: `SWITCHBOARD_COMPILED`)."""
+    try:
+        built = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(built == fingerprint(modules, out.parent))
 
 
 def build(
@@ -75,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.clean:
         shutil.rmtree(BUILD_DIR, ignore_errors=True)
         return 0
-    up_to_date = build_state(BUILD_DIR).used
-    if up_to_date and json.loads((BUILD_DIR / MANIFEST).read_text()) == fingerprint(
-        COMPILED_MODULES
-    ):
+    if up_to_date():
         print("compiled hot path: up to date")
         return 0
     if compiler() is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from common.compile import build, compiler
+from common.compile import build, compiler, up_to_date
 from common.compiled import MANIFEST, ROOT, build_state
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler")
@@ -73,9 +73,20 @@ def test_a_source_edited_since_the_build_runs_as_source_and_is_warned_of(
         assert answer == "42"
         assert "compiled hot path not used: stale" in stderr
         assert not build_state(checkout / ".compiled").used
+        assert not up_to_date(("toyhot.fast",), checkout / ".compiled")  # make compile builds
     finally:
         source.write_text(_SOURCE)
     assert build_state(checkout / ".compiled").used
+
+
+def test_a_build_is_up_to_date_whether_or_not_it_is_used(
+    checkout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `make compile` under SWITCHBOARD_COMPILED=0 must not rebuild a build that matches.
+    monkeypatch.setenv("SWITCHBOARD_COMPILED", "0")
+    assert not build_state(checkout / ".compiled").used
+    assert up_to_date(("toyhot.fast",), checkout / ".compiled")
+    assert not up_to_date((), checkout / ".compiled")  # a build of another list
 
 
 def test_no_build_runs_the_source_quietly(tmp_path: Path) -> None:
