@@ -20,7 +20,7 @@ from common import apikeys
 from common.settings import Settings
 from tests.helpers import wait_for
 from tests.support.policy import apply_routes
-from tests.support.raw_http import connect, read_answers
+from tests.support.raw_http import exchange
 from tests.webapi.conftest import as_admin, gateway_process, running_gateway
 from webapi.app import create_app
 from webapi.context import GatewayApp
@@ -86,16 +86,13 @@ def test_the_fast_paths_refusals_name_the_client_behind_a_trusted_proxy(redis_ur
         try:
             # The admin key in the gateway's cache: the fast path holds a request for its body.
             assert as_admin.get(f"{base}/admin/proxy/stats", timeout=5).status_code == 200
-            with connect(base) as sock:
-                sock.sendall(b"GET /nowhere/x HTTP/1.1\r\nHost: gateway.test\r\n"
-                             b"X-Forwarded-For: 203.0.113.7\r\n\r\n")  # fmt: skip
-                assert read_answers(sock, 1)[0].status == 404  # unknown_service
-            with connect(base) as sock:
-                head = (f"POST /svc/{ghost}/upload HTTP/1.1\r\nHost: gateway.test\r\n"
-                        f"{as_admin.field_lines()}X-Forwarded-For: 203.0.113.8\r\n"
-                        "Content-Length: 100\r\n\r\n{")  # fmt: skip
-                sock.sendall(head.encode())
-                assert read_answers(sock, 1)[0].status == 408  # the body stalled
+            answer = exchange(base, b"GET /nowhere/x HTTP/1.1\r\nHost: gateway.test\r\n"
+                              b"X-Forwarded-For: 203.0.113.7\r\n\r\n")  # fmt: skip
+            assert answer.status == 404  # unknown_service
+            head = (f"POST /svc/{ghost}/upload HTTP/1.1\r\nHost: gateway.test\r\n"
+                    f"{as_admin.field_lines()}X-Forwarded-For: 203.0.113.8\r\n"
+                    "Content-Length: 100\r\n\r\n{")  # fmt: skip
+            assert exchange(base, head.encode()).status == 408  # the body stalled
         finally:
             apply_routes(base, redis_url, [])
         wait_for(lambda: len(process.log_records("request refused")) >= 2, timeout=5)
