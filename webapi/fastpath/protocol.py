@@ -202,9 +202,8 @@ class FastPathProtocol(LingeringHttpProtocol):
             self._fast = None
             if self.transport is not None and not self.transport.is_closing():
                 client = self._held_client(self._held)  # (before the head is whole: the peer)
-                error = error_bytes(exc, method, url, request_id_of(None), False, client,
-                                    app.ctx.refusals)  # fmt: skip
-                self.transport.write(error)
+                self.transport.write(self._error(exc, method, url, request_id_of(None), False,
+                                                 client))  # fmt: skip
             self._held.clear()
             self.close()
             return
@@ -320,11 +319,16 @@ class FastPathProtocol(LingeringHttpProtocol):
         url = rest.rpartition(b" ")[0]
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            error = error_bytes(RequestTimeout(message), method.decode("latin-1"), url,
-                                request_id_of(None), False, client,
-                                self.app.ctx.refusals)  # fmt: skip
-            transport.write(error)
+            transport.write(self._error(RequestTimeout(message), method.decode("latin-1"), url,
+                                        request_id_of(None), False, client))  # fmt: skip
         self.close()
+
+    def _error(self, exc: Exception, method: str, url: bytes, request_id: str,
+               keep_alive: bool, client: str) -> bytes:  # fmt: skip
+        """`exc`'s JSON error response (`response.error_bytes`), a refusal logged under
+        `client` within the app's budgets (`ctx.refusals`)."""
+        app: GatewayApp = self.app
+        return error_bytes(exc, method, url, request_id, keep_alive, client, app.ctx.refusals)
 
     def _client_address(self, req: Parsed) -> str:
         """The client's address as the routes read it (`Gatekeeper.client_ip`)."""
@@ -393,9 +397,8 @@ class FastPathProtocol(LingeringHttpProtocol):
 
     def fast_error(self, exc: Exception, req: Parsed, request_id: str, keep_alive: bool) -> None:
         """Answer the fast request with `exc`'s JSON error response."""
-        client, refusals = self._client_address(req), self.app.ctx.refusals
-        error = error_bytes(exc, req.method, req.url, request_id, keep_alive, client, refusals)
-        self.fast_write(error)
+        client = self._client_address(req)
+        self.fast_write(self._error(exc, req.method, req.url, request_id, keep_alive, client))
         self.fast_done(keep_alive)
 
     def fast_retry(self, req: Parsed, head: bytes, attempts: Attempts, stale: bool) -> None:
@@ -443,9 +446,8 @@ class FastPathProtocol(LingeringHttpProtocol):
                 keep_alive = False
             else:
                 keep_alive = keep_alive and not self.signal.stopped
-                client, refusals = self._client_address(req), app.ctx.refusals
-                self._write(error_bytes(exc, req.method, req.url, request_id, keep_alive,
-                                        client, refusals))  # fmt: skip
+                client = self._client_address(req)
+                self._write(self._error(exc, req.method, req.url, request_id, keep_alive, client))
         self.fast_done(keep_alive)
 
     async def _relay(
