@@ -221,7 +221,7 @@ def error_response(
     request_id: str | None,
     refusals: LogBudgets,
     *,
-    client: str = "",
+    client: str,
     envelope: dict[str, Any] | None = None,
 ) -> HTTPResponse:
     """The JSON error response of `exception`, logged as the gateway logs every error
