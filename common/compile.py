@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common.compiled import BUILD_DIR, COMPILED_MODULES, MANIFEST, ROOT, fingerprint
+from common.compiled import BUILD_DIR, COMPILED_MODULES, MANIFEST, ROOT, fingerprint, source_path
 
 # Run in a child: setuptools and mypyc keep process-wide state (logging, argv, cwd).
 _SETUP = """
@@ -62,7 +62,7 @@ def build(
     Raises `subprocess.CalledProcessError` when mypyc or the compiler fails (their
     output went to this process's stderr)."""
     manifest = fingerprint(modules, root)  # before compiling: an edit meanwhile is stale
-    paths = [str(Path(*m.split(".")).with_suffix(".py")) for m in modules]
+    paths = [str(source_path(m, Path())) for m in modules]  # relative to `root`, the cwd
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".compiling-", dir=out.parent) as work:
         stage, temp = Path(work) / "build", Path(work) / "temp"
