@@ -195,11 +195,15 @@ def refusal(replies: list[Any]) -> ResponseError | None:
 
 
 def error_replies(replies: list[Any]) -> list[ResponseError]:
-    """The error replies among a write's `replies`, those of its transaction's commands
-    too (EXEC answers a list of them). Empty for a write Redis took whole. Hot path."""
-    errors = [r for r in replies if isinstance(r, ResponseError)]
-    if replies and type(replies[-1]) is list:  # EXEC's, the last (no other is a list)
-        errors += [r for r in replies[-1] if isinstance(r, ResponseError)]
+    """The error replies among a write's `replies`, those of its transactions' commands
+    too (each EXEC answers a list of them: no other reply here is a list; `write_apart`
+    returns one EXEC's per entry). Empty for a write Redis took whole. Hot path."""
+    errors: list[ResponseError] = []
+    for reply in replies:
+        if type(reply) is list:
+            errors += [r for r in reply if isinstance(r, ResponseError)]
+        elif isinstance(reply, ResponseError):
+            errors.append(reply)
     return errors
 
 

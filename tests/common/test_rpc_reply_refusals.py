@@ -22,11 +22,12 @@ import redis
 import redis.asyncio as aioredis
 
 from common import RpcClient, constants
+from common.connection import RawConnection
 from common.deadletters import DeadLetters
 from common.embedded_redis import EmbeddedRedis
 from common.errors import ResultTooLarge, RpcTimeout
 from common.redelivery import Redelivery
-from common.replies import Finished
+from common.replies import Finished, ReplyWrites, error_replies
 from tests.helpers import ServiceProcess, serve_in_task, wait_for, wait_for_async
 from tests.support.calc_service import build, start_worker
 from tests.support.leases import QUICK_LEASES_ENV
@@ -275,3 +276,25 @@ async def test_a_bug_building_a_batchs_writes_does_not_end_the_read_loop(
     finally:
         svc.request_stop()
         await asyncio.wait_for(task, 30)
+
+
+async def test_the_error_replies_of_entries_written_apart_are_all_found(
+    redis_client: aioredis.Redis,
+) -> None:
+    """`write_apart` writes each entry in a transaction of its own, its replies one after
+    the other: an error inside any of those EXECs is found (the flusher logs it, "reply
+    flush: redis refused a command"), not only inside the last one's."""
+    conn = RawConnection(redis_client, timeout=5.0)
+    try:
+        tag = uuid.uuid4().hex[:8]
+        wrong, inbox, stream = f"inbox:wrong:{tag}", f"inbox:{tag}", f"calls:{tag}"
+        await redis_client.set(wrong, b"not a list")
+        batch = [Finished(stream, b"1-1", call_id="a", inbox=wrong, reply=b"ra"),
+                 Finished(stream, b"1-2", call_id="b", inbox=inbox, reply=b"rb")]  # fmt: skip
+        writes = ReplyWrites("errors_apart", 1.0, 10)
+        replies, left, refused = await writes.write_apart(conn, batch)
+        assert (left, refused) == ([], None)
+        assert [str(e).split()[0] for e in error_replies(replies)] == ["WRONGTYPE"]
+        assert await redis_client.lrange(inbox, 0, -1) == [b"rb"]
+    finally:
+        await conn.aclose()
