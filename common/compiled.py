@@ -106,5 +106,5 @@ def prefer_compiled(package: str, path: list[str], build: Path = BUILD_DIR) -> b
 
 
 def hot_path_state() -> BuildState:
-    """How the hot path runs in this process (for the gateway's start-up line)."""
+    """How the hot path runs in this process (`GET /admin/proxy/stats`: `hot_path`)."""
     return _state(BUILD_DIR)
