@@ -296,8 +296,7 @@ class Session:
             return
         self.channels.discard(channel)
         message = f"redis refused the channel {channel} on reconnecting: no longer subscribed"
-        error = {"code": "subscribe_refused", "message": message}
-        self.send(json.dumps({"type": "error", "channel": channel, "error": error}))
+        self._send_error("subscribe_refused", message, None, channel=channel)
 
     def call(self, message: object) -> None:
         """Start a JSON-RPC call; its answer is sent when it completes (calls run concurrently)."""
@@ -360,9 +359,15 @@ class Session:
         self._refusal_log().failed("message failed", {"message": message})
         self._send_error("service_unavailable", message, id_)
 
-    def _send_error(self, code: str, message: str, id_: Any) -> None:
-        """Answer a message with `{"type": "error", "error": {"code", "message"}}`."""
-        self.send(_with_id({"type": "error", "error": {"code": code, "message": message}}, id_))
+    def _send_error(self, code: str, message: str, id_: Any, channel: str | None = None) -> None:
+        """Answer a message with `{"type": "error", "error": {"code", "message"}}`; with
+        `channel` (`_refused_later`: no message answered), the error names that channel
+        (`{"type": "error", "channel", "error"}`)."""
+        answer: dict[str, Any] = {"type": "error"}
+        if channel is not None:
+            answer["channel"] = channel
+        answer["error"] = {"code": code, "message": message}
+        self.send(_with_id(answer, id_))
 
     def _refuse_call(
         self, id_: jsonrpc.Id, code: int, message: str, *, answer: bool = True
