@@ -98,33 +98,25 @@ async def test_channels_left_while_redis_was_away_are_not_subscribed_again(
     again on reconnecting every channel left during an outage: in Redis and in redis-py
     for good, as long as nothing was published on it (a soak run: 41 of 50 channels
     whose clients left while Redis was away, 0 of 50 without the outage)."""
-    server = EmbeddedRedis().start()
-    redis = connect(server.url, name="websocket")  # as the service's
-    hub = ChannelHub(redis)
-    admin = aioredis.Redis(port=server.port)
-    kept: asyncio.Queue[str] = asyncio.Queue()
-    left = [f"left:{n}" for n in range(5)]
-    try:
+    async with _own_redis() as own:
+        hub, admin = own.hub, own.client()
+        kept: asyncio.Queue[str] = asyncio.Queue()
+        left = [f"left:{n}" for n in range(5)]
         await hub.subscribe("kept", kept.put_nowait)
         for channel in left:
             await hub.subscribe(channel, _ignore)
         with caplog.at_level(logging.WARNING, logger="websocket.hub"):
-            server.stop()
+            own.server.stop()
             await wait_for_async(lambda: _logged(caplog, "push channel connection lost"))
         for channel in left:  # the UNSUBSCRIBE cannot be sent
             await hub.unsubscribe(channel, _ignore)
-        server = EmbeddedRedis(port=server.port).start()
+        own.start_again()
 
         await _delivering_again(admin, kept)
         numsub = await admin.pubsub_numsub(*(constants.push_channel(c) for c in left))
         assert [count for _, count in numsub] == [0] * len(left)
         subscribed = await admin.pubsub_channels(constants.push_channel("*"))
         assert subscribed == [constants.push_channel("kept").encode()]
-    finally:
-        await hub.close()
-        await redis.aclose()
-        await admin.aclose()
-        server.stop()
 
 
 async def test_a_closed_session_leaves_every_channel_even_when_redis_py_raises(
@@ -139,30 +131,27 @@ async def test_a_closed_session_leaves_every_channel_even_when_redis_py_raises(
     (CLIENT SETNAME: NOPERM, no connection error either) raises one every time."""
     unretrieved: list[dict[str, Any]] = []
     asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unretrieved.append(ctx))
-    server = EmbeddedRedis().start()
-    redis = connect(server.url, name="websocket")  # as the service's: CLIENT SETNAME
-    hub = ChannelHub(redis)
-    admin = aioredis.Redis(port=server.port)
-    kept: asyncio.Queue[str] = asyncio.Queue()
-    conn = _Connection()
-    session = Session(cast("WsContext", SimpleNamespace(hub=hub, connections=Connections(10))),
-                      cast("ClientProtocol", conn))  # fmt: skip
-    channels = [f"gone:{n}" for n in range(3)]
-    try:
+    async with _own_redis() as own:  # the hub's connection makes a CLIENT SETNAME
+        hub, admin = own.hub, own.client()
+        kept: asyncio.Queue[str] = asyncio.Queue()
+        conn = _Connection()
+        session = Session(cast("WsContext", SimpleNamespace(hub=hub, connections=Connections(10))),
+                          cast("ClientProtocol", conn))  # fmt: skip
+        channels = [f"gone:{n}" for n in range(3)]
         await hub.subscribe("kept", kept.put_nowait)
         for channel in channels:
             await hub.subscribe(channel, conn.send)
         session.channels = set(channels)
         with caplog.at_level(logging.WARNING, logger="websocket.hub"):
-            server.stop()
+            own.server.stop()
             await wait_for_async(lambda: _logged(caplog, "push channel connection lost"))
-        server = EmbeddedRedis(port=server.port, extra_args=NO_CLIENT_ACL).start()
+        own.start_again(*NO_CLIENT_ACL)
 
         session.close()
 
         await wait_for_async(lambda: hub.channels() == ["kept"], timeout=5)
-        server.stop()
-        server = EmbeddedRedis(port=server.port).start()
+        own.server.stop()
+        own.start_again()
 
         await _delivering_again(admin, kept)
         numsub = await admin.pubsub_numsub(*(constants.push_channel(c) for c in channels))
@@ -172,11 +161,6 @@ async def test_a_closed_session_leaves_every_channel_even_when_redis_py_raises(
         while json.loads(await asyncio.wait_for(kept.get(), 5))["data"] != "after":
             pass  # a "back" a slow round of `delivered` gave up on
         assert conn.frames == []  # nothing for the closed connection
-    finally:
-        await hub.close()
-        await redis.aclose()
-        await admin.aclose()
-        server.stop()
     gc.collect()  # a task that ended with an exception nobody retrieved is reported now
     assert unretrieved == []
 
@@ -186,11 +170,9 @@ async def test_a_subscribe_refused_at_the_connections_handshake_leaves_the_sessi
     (an ACL user without CLIENT: CLIENT SETNAME is NOPERM) raised from the subscribe
     itself, and the session closed with 1011 internal error. Now the client gets an
     error frame for that subscribe, and the session stays open."""
-    server = EmbeddedRedis(extra_args=NO_CLIENT_ACL).start()
-    redis = connect(server.url, name="websocket")  # as the service's: CLIENT SETNAME
-    hub = ChannelHub(redis)
-    session, conn = _session(hub)
-    try:
+    async with _own_redis(*NO_CLIENT_ACL) as own:  # the hub's CLIENT SETNAME refused
+        hub = own.hub
+        session, conn = _session(hub)
         session.received(json.dumps({"type": "subscribe", "channel": "news:1", "id": 7}))
         assert session.worker is not None
         await asyncio.wait_for(session.worker, 10)
@@ -199,10 +181,6 @@ async def test_a_subscribe_refused_at_the_connections_handshake_leaves_the_sessi
         assert (frame["id"], frame["error"]["code"]) == (7, "subscribe_refused")
         assert "127.0.0.1" not in frame["error"]["message"]  # (redis-py's text names it)
         assert hub.channels() == [] and session.channels == set()
-    finally:
-        await hub.close()
-        await redis.aclose()
-        server.stop()
 
 
 @pytest.fixture
@@ -210,20 +188,11 @@ async def acl_hub() -> AsyncIterator[tuple[ChannelHub, aioredis.Redis]]:
     """A hub connected as the service's, its Redis user allowed the push channels only
     (`PUSH_ACL`); and a client of a user of the test's own, that may publish on any
     channel and change the hub's user (`_narrow`)."""
-    server = EmbeddedRedis(extra_args=PUSH_ACL).start()
-    redis = connect(server.url, name="websocket")
-    hub = ChannelHub(redis)
-    admin = aioredis.Redis(port=server.port, username="admin", password="admin")
-    try:
-        async with aioredis.Redis(port=server.port) as default:
+    async with _own_redis(*PUSH_ACL) as own:
+        async with aioredis.Redis(port=own.server.port) as default:
             await default.execute_command("ACL", "SETUSER", "admin", "on", ">admin", "~*", "&*",
                                           "+@all")  # fmt: skip
-        yield hub, admin
-    finally:
-        await hub.close()
-        await redis.aclose()
-        await admin.aclose()
-        server.stop()
+        yield own.hub, own.client(username="admin", password="admin")
 
 
 async def test_a_channel_redis_refuses_on_reconnecting_is_left_and_its_sessions_told(
@@ -310,6 +279,42 @@ async def test_a_subscribe_is_not_refused_by_an_unsubscribes_refusal(
     assert json.loads(await asyncio.wait_for(received.get(), 5))["data"] == "news"
     (failed,) = [r for r in caplog.records if r.getMessage() == "push channel reader failed"]
     assert "unsubscribe" in failed.fields["error"]  # type: ignore[attr-defined]
+
+
+class _OwnRedis:
+    """A Redis server of a test's own (`extra_args`: its ACL), which the test may stop and
+    start again on its port (`start_again`), and a hub connected to it as the service's
+    (`common.connection.connect`: its connections' handshake makes a CLIENT SETNAME)."""
+
+    def __init__(self, *extra_args: str) -> None:
+        self.server = EmbeddedRedis(extra_args=list(extra_args)).start()
+        self.redis = connect(self.server.url, name="websocket")
+        self.hub = ChannelHub(self.redis)
+        self.clients: list[aioredis.Redis] = []
+
+    def start_again(self, *extra_args: str) -> None:
+        """Start the server again (stopped by the test) on its port, with `extra_args`."""
+        self.server = EmbeddedRedis(port=self.server.port, extra_args=list(extra_args)).start()
+
+    def client(self, **kwargs: Any) -> aioredis.Redis:
+        """A client of the test's (`kwargs`: `aioredis.Redis`'s), closed at the end."""
+        client = aioredis.Redis(port=self.server.port, **kwargs)
+        self.clients.append(client)
+        return client
+
+
+@contextlib.asynccontextmanager
+async def _own_redis(*extra_args: str) -> AsyncIterator[_OwnRedis]:
+    """An `_OwnRedis`; then its hub closed, its clients, and its server stopped."""
+    own = _OwnRedis(*extra_args)
+    try:
+        yield own
+    finally:
+        await own.hub.close()
+        await own.redis.aclose()
+        for client in own.clients:
+            await client.aclose()
+        own.server.stop()
 
 
 class _Connection:
