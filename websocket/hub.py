@@ -283,9 +283,11 @@ class ChannelHub:
                     if kind == "message":
                         self._fan_out(_local(message["channel"]), message["data"])
                     elif kind in _REPLIES:
-                        self._pubsub.replied(kind, message["channel"])
+                        channel = message["channel"]  # (None: a pong)
+                        name = None if channel is None else as_text(channel)
+                        self._pubsub.replied(kind, name)
                         if kind == "subscribe":
-                            self._answered(as_text(message["channel"]))
+                            self._answered(name)
                 broken.recovered()
             except REDIS_DOWN_ERRORS as exc:
                 self._answered(None, exc)  # (a reconnect may subscribe it: asked again)
@@ -426,17 +428,16 @@ class _HubPubSub(PubSub):
             await connection.send_packed_command(connection.pack_commands(commands),
                                                  check_health=False)  # fmt: skip
 
-    def replied(self, kind: str, name: bytes | str | None) -> None:
+    def replied(self, kind: str, name: str | None) -> None:
         """A confirmation of `kind` (`_REPLIES`) for the channel `name` (None: a pong) has
         come: its command is the oldest of that kind awaiting it, and those before it
         were answered already (in order)."""
-        text = None if name is None or kind == "pong" else as_text(name)
         for index, sent in enumerate(self.sent):
-            if sent.kind == kind and (text is None or text in sent.names):
+            if sent.kind == kind and (name is None or name in sent.names):
                 for _ in range(index):
                     self.sent.popleft()
-                if text is not None:
-                    sent.names.remove(text)
+                if name is not None:
+                    sent.names.remove(name)
                 if not sent.names:
                     self.sent.popleft()
                 return
