@@ -9,11 +9,11 @@ REQS := requirements-dev.txt common/requirements.txt common/requirements-compile
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .DEFAULT_GOAL := help
-.PHONY: help install compile run test lint fmt bench bench-rpc bench-proxy bench-ws up down new-service clean
+.PHONY: help install compile run test lint fmt bench bench-rpc bench-proxy bench-profile bench-ws up down new-service clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
-	  awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	  awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
 $(STAMP): $(REQS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-rpc: $(STAMP) ## RPC benchmark: Switchboard vs asyncredisrpc, FastStream a
 bench-proxy: $(STAMP) ## Proxy benchmark (wrk): the gateway vs nginx, HAProxy and Python proxies
 	$(BIN)/pip install --disable-pip-version-check -q -r bench/requirements.txt
 	$(BIN)/python -m bench.proxy
+
+bench-profile: $(STAMP) ## Where the gateway's CPU per request goes, next to nginx's (needs perf)
+	$(BIN)/python -m bench.profile
 
 bench-ws: $(STAMP) ## WebSocket relay benchmark: /ws/proxy/ vs nginx and Python relays, idle memory
 	$(BIN)/pip install --disable-pip-version-check -q -r bench/requirements.txt

@@ -16,7 +16,7 @@ import sys
 from bench.harness import ROOT
 
 REQUIREMENTS = ROOT / "bench" / "requirements.txt"
-APT_PACKAGE = {"wrk": "wrk", "nginx": "nginx", "haproxy": "haproxy"}
+APT_PACKAGE = {"wrk": "wrk", "nginx": "nginx", "haproxy": "haproxy", "perf": "linux-perf"}
 
 
 def which(tool: str) -> str | None:
