@@ -301,9 +301,19 @@ class PassThrough(SpliceBase):
 
     def head_overdue(self, now: float, limit: float) -> bool:
         """Whether the head held in `unsent` began more than `limit` seconds before `now`
-        (a client trickling it: the timeouts that restart at every byte never end it)."""
-        began = self.head_began
-        return bool(began) and self.ending is None and now - began > limit
+        (but for a splice already ending: it closes once its requests are answered)."""
+        return self.ending is None and super().head_overdue(now, limit)
+
+    def head_timed_out(self) -> bytes | None:
+        """The held head has not come whole in time (`head_overdue`). With every forwarded
+        request answered, the splice closes: the bytes held, for the 408 that answers the
+        request at their start. Else None: the connection closes once they are answered."""
+        if self.outstanding:
+            self.end_after_answers()
+            return None
+        held = self.unsent
+        self.close()
+        return held
 
     def _is_ours(self, url: bytes) -> bool:
         """Whether a request for `url` is the route's: the prefix, no longer route's prefix,

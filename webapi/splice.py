@@ -74,19 +74,24 @@ class UpstreamLeg(asyncio.Protocol):
 
 
 class SpliceBase:
-    """Ending a splice, and its flow control: a side whose socket buffer is full stops
-    the other side being read. Subclasses set `owner`, `upstream` and `attempts`."""
+    """Ending a splice, its head deadline, and its flow control: a side whose socket
+    buffer is full stops the other side being read. Subclasses set `owner`, `upstream`,
+    `attempts` and `head_began`."""
 
     __slots__ = ()
 
     owner: Owner
     upstream: UpstreamLeg
     attempts: Attempts
+    # When the request head not whole yet began (`time.monotonic`); 0: there is none.
+    head_began: float
 
     def head_overdue(self, now: float, limit: float) -> bool:
-        """Whether a request head held unforwarded (incomplete) began more than `limit`
-        seconds before `now` (`time.monotonic`). A tunnel holds none."""
-        return False
+        """Whether a request head not whole yet began more than `limit` seconds before
+        `now` (a client trickling it: the timeouts that restart at every byte never
+        end it)."""
+        began = self.head_began
+        return bool(began) and now - began > limit
 
     def close(self) -> None:
         """The client's connection is gone or timed out: close the upstream's too."""

@@ -4,7 +4,8 @@ been checked, belongs to the upstream instance: both ways, bytes are relayed unr
 A pass-through route with `"tunnel": true` as well (`webapi.passthrough` for what
 they share: public, the prefix kept, the instance chosen per connection, connect
 failures retried) is spliced like any pass-through route, but nothing after the
-first request line is looked at. Every later request of the connection reaches the
+first request line is read (only the end of the first request's head is looked
+for: below). Every later request of the connection reaches the
 same instance whatever its path, method or framing, as behind nginx's `stream`
 module or HAProxy's `mode tcp`: the route's prefix then says where a connection
 starts, not which requests the instance may be sent. Use it only for a service that
@@ -21,6 +22,14 @@ What it gives up, as a TCP proxy does:
 * requests are not counted (`GET /admin/proxy/stats` counts tunnels, not requests);
 * it cannot tell when a request is answered: the connection's idle timeout is
   Sanic's response timeout (silence both ways), not the keep-alive timeout;
+* the first request's head is relayed as it comes (the instance gets its bytes
+  at once), and must end within `REQUEST_HEAD_TIMEOUT` of the tunnel's start, as a
+  head on Sanic's path or one a checked splice holds must (`common.strict_http`): a
+  client trickling it, a byte now and then (each restarted the idle timeout), held
+  both connections for good. Past it, both close, with a 408 when nothing of the
+  instance's has reached the client yet (it has no whole request to answer); else
+  with no answer (only the close can tell the client). What follows the head (a
+  body, an upgraded WebSocket, later requests) is relayed unbounded by it;
 * the instance closing its side closes the client's (a response may have been cut,
   and nothing else can tell the client);
 * at shutdown, reading from the client stops, and the tunnel closes once every byte
@@ -33,8 +42,11 @@ Hot path: `Tunnel.from_client` and `Tunnel.from_upstream`.
 from __future__ import annotations
 
 import asyncio
+import re
+from time import monotonic
 from typing import TYPE_CHECKING
 
+from common.http_head import MAX_HEAD
 from webapi.splice import Owner, SpliceBase, UpstreamLeg
 
 if TYPE_CHECKING:
@@ -43,12 +55,16 @@ if TYPE_CHECKING:
 
 # At shutdown: how long the instance must have been silent before the tunnel closes.
 QUIET_CLOSE = 0.5
+# The end of a head: its empty last line, after a CRLF or a bare LF (which an instance
+# may take for one: the deadline is met once the instance may have a whole head).
+_HEAD_END = re.compile(rb"\n\r?\n")
 
 
 class Tunnel(SpliceBase):
     """One client connection spliced to one upstream connection, unread (module docstring)."""
 
-    __slots__ = ("attempts", "awaiting", "ending", "loop", "owner", "quiet", "upstream")
+    __slots__ = ("answered", "attempts", "awaiting", "ending", "head_began", "head_tail",
+                 "loop", "opening", "owner", "quiet", "upstream")  # fmt: skip
 
     def __init__(
         self,
@@ -65,6 +81,13 @@ class Tunnel(SpliceBase):
         self.awaiting = False  # the client's last bytes have had no answer yet
         self.ending = False  # shutting down: close once quiet
         self.quiet: asyncio.TimerHandle | None = None
+        self.answered = False  # some of the instance's bytes have been written to the client
+        # When the first request's head began to be relayed (`time.monotonic`); 0: it has
+        # ended (module docstring). Its last two bytes so far: an end split across reads.
+        self.head_began = monotonic()
+        self.head_tail = b""
+        # The first request's start, its request line (for the 408 a stalled head gets).
+        self.opening = b""
         upstream.splice = self
         stats.connections += 1
         stats.tunnels += 1
@@ -76,13 +99,39 @@ class Tunnel(SpliceBase):
 
     def from_client(self, data: bytes) -> bool:
         """Relay `data`; True: every read is activity (nothing is read to tell). Hot path."""
+        if self.head_began:  # (the first request's head has not ended: rarely past one read)
+            self._first_head(data)
         self.awaiting = True
         self.upstream.transport.write(data)  # type: ignore[union-attr]
         return True
 
+    def _first_head(self, data: bytes) -> None:
+        """Look for the end of the first request's head in `data`, its next bytes."""
+        seen = self.head_tail + data
+        if _HEAD_END.search(seen) is not None:
+            self.head_began = 0.0
+            self.head_tail = self.opening = b""
+            return
+        self.head_tail = seen[-2:]
+        if not self.opening:
+            self.opening = data[:MAX_HEAD]
+
+    def head_timed_out(self) -> bytes | None:
+        """The first request's head has not ended in time (`head_overdue`): the tunnel
+        closes. The request's start, for the 408 that answers it; None when the instance
+        has written to the client already: then the client's connection closes too, with
+        no answer (module docstring)."""
+        if self.answered:
+            self.upstream_gone()
+            return None
+        opening = self.opening
+        self.close()
+        return opening
+
     def from_upstream(self, data: bytes) -> None:
         """Hot path."""
         self.awaiting = False
+        self.answered = True
         owner = self.owner
         client = owner.transport
         if client is not None:

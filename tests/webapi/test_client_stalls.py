@@ -13,11 +13,14 @@ for minutes, fails on.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -25,7 +28,9 @@ import pytest
 from common.strict_http import HEAD_STALLED
 from tests.support.policy import apply_routes
 from tests.support.raw_http import Answer, closed_by_peer, connect, exchange, read_answers, trickle
+from tests.support.registry import deregister, register
 from tests.webapi.conftest import Backend, as_admin, fast_path, running_gateway
+from tests.webapi.upstream_servers import Peer, ok, upstream_in_thread
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -123,6 +128,73 @@ def test_a_trickling_head_on_a_passthrough_route_gets_a_408(
         after = as_admin.get(f"{gateway}/admin/proxy/stats", timeout=5).json()
         spliced = after["passthrough"]["connections"] - before["passthrough"]["connections"]
         assert spliced == 1  # (it was the splice's, not Sanic's)
+
+
+@contextlib.contextmanager
+def _tunnel(backend: Backend, answer: bytes = b"") -> Iterator[threading.Event]:
+    """A tunnel route `/tun/` (`webapi.tunnel`) to one scripted instance of its own, which
+    answers each request a 200 echoing its body (`upstream_servers`), or, given `answer`,
+    sends it once the first bytes have come and reads on; set once the gateway has closed
+    the instance's connection."""
+    closed = threading.Event()
+
+    async def instance(peer: Peer) -> None:
+        try:
+            if answer:
+                await peer.reader.read(1)
+                await peer.send(answer)
+                await peer.reader.read()  # (to the end)
+            async for request in peer.requests():
+                await peer.send(ok(request.body))
+        finally:
+            closed.set()
+
+    service = f"tun{uuid.uuid4().hex[:6]}"
+    route = {"prefix": "/tun/", "service": service, "public": True, "strip_prefix": False,
+             "passthrough": True, "tunnel": True}  # fmt: skip
+    with upstream_in_thread(instance) as server:
+        asyncio.run(register(backend.redis_url, service, {f"{service}-a": server.address}))
+        try:
+            apply_routes(backend.gateway, backend.redis_url, [route])
+            yield closed
+        finally:
+            apply_routes(backend.gateway, backend.redis_url, [])
+            asyncio.run(deregister(backend.redis_url, service, f"{service}-a"))
+
+
+@pytest.mark.parametrize("answered", [False, True], ids=["408", "instance answered: close"])
+def test_a_trickling_first_head_on_a_tunnel_route_ends_it(backend: Backend, answered: bool) -> None:
+    # A tunnel relays the first request's head as it comes, then reads nothing: a client
+    # trickling that head a byte at a time (each restarting the idle timeout, Sanic's
+    # response timeout) held both connections for good (12 s seen, a 1 s head deadline).
+    # Its deadline ends it now: a 408 (the instance had no whole request to answer), or,
+    # once the instance has written to the client, only the close can tell it.
+    early = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n" if answered else b""
+    with _tunnel(backend, early) as instance_closed, connect(backend.gateway) as sock:
+        sock.sendall(b"GET /tun/slow HTTP/1.1\r\n")
+        ended = trickle(sock, b"Host: g\r\nX-Slow: " + b"a" * 1000, every=0.1)
+        if answered:
+            assert ended and read_answers(sock, 1)[0].status == 400  # the instance's
+            ended = trickle(sock, b"a" * 1000, every=0.1)
+            assert sock.recv(65536) == b""  # closed, with no 408 after the instance's answer
+        else:
+            _assert_head_stalled(read_answers(sock, 1)[0])
+            assert closed_by_peer(sock)
+        assert ended  # (by the gateway, not by the trickle's own limit)
+        assert instance_closed.wait(5)  # the instance's connection too
+
+
+def test_what_follows_a_tunnels_first_head_has_no_head_deadline(backend: Backend) -> None:
+    # The deadline is the first head's: a body trickled past it (1 s, the deadline
+    # 0.5 s), an upgraded connection's frames, later requests are the instance's.
+    with _tunnel(backend) as instance_closed, connect(backend.gateway) as sock:
+        sock.sendall(b"POST /tun/up HTTP/1.1\r\nHost: g\r\nContent-Length: 10\r\n\r\n")
+        assert trickle(sock, b"0123456789", every=0.1)  # ended by the answer
+        first = read_answers(sock, 1)[0]
+        assert (first.status, first.body) == (200, b"0123456789")
+        sock.sendall(b"GET /tun/next HTTP/1.1\r\nHost: g\r\n\r\n")
+        assert read_answers(sock, 1)[0].status == 200
+        assert not instance_closed.is_set()
 
 
 @pytest.mark.parametrize("line", [b"\r\n", b"\r"], ids=["CRLF", "CR"])

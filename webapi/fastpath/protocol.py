@@ -108,8 +108,8 @@ class FastPathProtocol(LingeringHttpProtocol):
         """Sanic's timeouts; while a fast request runs (Sanic sees an idle connection)
         the response timeout applies, counted from the last byte read or written. A
         pass-through splice gets the response timeout while a request is outstanding,
-        the keep-alive timeout otherwise, and a head it holds, the head's deadline
-        (`common.strict_http`)."""
+        the keep-alive timeout otherwise, and a head it holds (a tunnel: its first
+        request's), the head's deadline (`common.strict_http`)."""
         splice, task = self._passthrough, self._fast
         if splice is not None:
             now = current_time()
@@ -140,7 +140,7 @@ class FastPathProtocol(LingeringHttpProtocol):
 
     def _pace_checks(self) -> None:
         """Set the next `check_timeouts` at this protocol's pace: half the least of the
-        timeouts, the head deadline's too (a splice's held head is checked only there)."""
+        timeouts, the head deadline's too (a splice's head deadline is checked only there)."""
         interval = min(self.keep_alive_timeout, self.request_timeout, self.response_timeout,
                        head_timeout(self))  # fmt: skip
         self._callback_check_timeouts = self.loop.call_later(
@@ -296,17 +296,13 @@ class FastPathProtocol(LingeringHttpProtocol):
         self._timed_out(held, BODY_STALLED, self._held_client(held))
 
     def _head_timed_out(self, splice: PassThrough | Tunnel) -> None:
-        """A pass-through splice's held head has not come whole in time. With every
-        forwarded request answered, a 408 as Sanic's path answers a head that late, and
-        the connection closes (lingering); else it closes once they are answered."""
-        if splice.outstanding:
-            splice.end_after_answers()
+        """A splice's request head (a `PassThrough`'s held one, a `Tunnel`'s first) has
+        not come whole in time: a 408, as Sanic's path answers a head that late, and the
+        connection closes (lingering); or, when the splice cannot answer it now (see its
+        `head_timed_out`), it ends as it must."""
+        held = splice.head_timed_out()
+        if held is None:
             return
-        # Only a `PassThrough` holds a head: a `Tunnel` reads nothing after its first
-        # request, so its `head_overdue` is never true.
-        assert isinstance(splice, PassThrough)
-        held = splice.unsent
-        splice.close()
         self._passthrough = None
         # The head never came whole: no `X-Forwarded-For` to read, so the refusal is
         # logged under the socket's peer (behind a trusted proxy, the proxy's address).
@@ -315,7 +311,8 @@ class FastPathProtocol(LingeringHttpProtocol):
     def _timed_out(self, held: bytes, message: str, client: str) -> None:
         """Answer the request at the start of `held` with a 408 saying `message`, and close
         (`client`: the client's address, which the refusal is logged under)."""
-        method, _, rest = held[: max(0, held.find(b"\r\n"))].partition(b" ")
+        end = held.find(b"\r\n")
+        method, _, rest = (held if end < 0 else held[:end]).partition(b" ")
         url = rest.rpartition(b" ")[0]
         transport = self.transport
         if transport is not None and not transport.is_closing():
