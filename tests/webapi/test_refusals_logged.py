@@ -6,6 +6,7 @@ made three lines in four of the gateway's log in a soak."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import socket
@@ -20,7 +21,8 @@ from common import apikeys
 from common.settings import Settings
 from tests.helpers import wait_for
 from tests.support.policy import apply_routes
-from tests.support.raw_http import exchange
+from tests.support.raw_http import connect, exchange, read_answers
+from tests.support.registry import deregister, register
 from tests.webapi.conftest import as_admin, gateway_process, running_gateway
 from webapi.app import create_app
 from webapi.context import GatewayApp
@@ -100,6 +102,42 @@ def test_the_fast_paths_refusals_name_the_client_behind_a_trusted_proxy(redis_ur
         assert [(r["client"], r["status"]) for r in refused] == [
             ("203.0.113.7", 404),
             ("203.0.113.8", 408),
+        ]
+
+
+def test_a_splices_head_408_names_the_client_of_the_request_it_answers(redis_url: str) -> None:
+    # A checked splice's head deadline answers the request at the start of what it holds:
+    # a whole request pipelined before the stalled head is held with it (none is forwarded
+    # before the head is whole), and the 408 names that request, but was logged under the
+    # socket's peer (the trusted proxy here), where a held body's 408 names its request's
+    # client. A head not whole is not read, whatever it holds: the peer (a tunnel's too).
+    service = f"held{uuid.uuid4().hex[:6]}"
+    with (
+        socket.create_server(("127.0.0.1", 0)) as instance,  # (connected to, never read)
+        running_gateway(redis_url, TRUSTED_PROXIES="127.0.0.1", REQUEST_TIMEOUT="0.5") as base,
+    ):
+        process = gateway_process(base)
+        address = f"127.0.0.1:{instance.getsockname()[1]}"
+        asyncio.run(register(redis_url, service, {f"{service}-a": address}))
+        splice = {"service": service, "public": True, "strip_prefix": False, "passthrough": True}
+        apply_routes(base, redis_url, [{"prefix": "/held/", **splice},
+                                       {"prefix": "/tun/", "tunnel": True, **splice}])  # fmt: skip
+        whole = b"GET /held/a HTTP/1.1\r\nHost: g\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n"
+        stalled = b"GET /held/b HTTP/1.1\r\nHost: g\r\nX-Forwarded-For: 203.0.113.10\r\nX-S"
+        try:
+            for sent in (whole + stalled, stalled, stalled.replace(b"/held/", b"/tun/")):
+                with connect(base) as sock:
+                    sock.sendall(sent)
+                    assert read_answers(sock, 1)[0].status == 408
+        finally:
+            apply_routes(base, redis_url, [])
+            asyncio.run(deregister(redis_url, service, f"{service}-a"))
+        wait_for(lambda: len(process.log_records("request refused")) >= 3, timeout=5)
+        refused = process.log_records("request refused")
+        assert [(r["path"], r["client"]) for r in refused] == [
+            ("/held/a", "203.0.113.9"),
+            ("/held/b", "127.0.0.1"),
+            ("/tun/b", "127.0.0.1"),
         ]
 
 

@@ -304,9 +304,11 @@ class FastPathProtocol(LingeringHttpProtocol):
         if held is None:
             return
         self._passthrough = None
-        # The head never came whole: no `X-Forwarded-For` to read, so the refusal is
-        # logged under the socket's peer (behind a trusted proxy, the proxy's address).
-        self._timed_out(held, HEAD_STALLED, self._peer)
+        # Logged as a held body's 408 is (`_held_client`): under the client of the request
+        # it answers, the one at the start of `held`, when its head is whole (a request
+        # pipelined before the stalled head is held with it), else under the socket's
+        # peer (a head not whole is not read, whatever `X-Forwarded-For` line it holds).
+        self._timed_out(held, HEAD_STALLED, self._held_client(held))
 
     def _timed_out(self, held: bytes, message: str, client: str) -> None:
         """Answer the request at the start of `held` with a 408 saying `message`, and close
@@ -334,8 +336,8 @@ class FastPathProtocol(LingeringHttpProtocol):
 
     def _held_client(self, held: bytes | bytearray) -> str:
         """`_client_address` of the request at the start of `held`, for a refusal the fast
-        path makes before it has a `Parsed` (a held body's 408, a pass-through route's
-        connect failure); the peer's while its head is not whole."""
+        path makes before it has a `Parsed` (a held body's or head's 408, a pass-through
+        route's connect failure); the peer's while its head is not whole."""
         head = parse_head(held)
         return self._peer if head is None else self._client_address(head)
 
