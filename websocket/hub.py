@@ -14,13 +14,23 @@ behind a full socket buffer), never waiting on any of them.
 If the pub/sub connection drops, the hub subscribes its channels again when redis-py
 reconnects; messages published meanwhile are lost (pub/sub keeps no history). Only
 the channels that have a subscriber here then are subscribed again (`_HubPubSub`):
-redis-py forgets a channel only at the reply to its UNSUBSCRIBE, so a channel whose
-last subscriber left while Redis was away (its UNSUBSCRIBE could not be sent) would
-be subscribed again, and stay so, in Redis and here, as long as nothing is published
-on it (the names are the clients': any number of them). Should a message come all
-the same on a channel with no subscriber here (one left as the message was on its
-way), the hub leaves it then. A subscribe while Redis is down raises (the session
-answers `service_unavailable`), and nothing of it is kept.
+redis-py's own list of channels forgot one only at the reply to its UNSUBSCRIBE, so a
+channel whose last subscriber left while Redis was away (its UNSUBSCRIBE could not be
+sent) was subscribed again, and stayed so, in Redis and here, as long as nothing was
+published on it (the names are the clients': any number of them). Should a message
+come all the same on a channel with no subscriber here (one left as the message was
+on its way), the hub leaves it then.
+
+Only the reader connects again (redis-py's `get_message`); the hub writes its
+commands itself, at once, on the connection as it is ready (`_HubPubSub.send`), and
+not at all while it is down or being made again: an UNSUBSCRIBE then is the
+reconnect's to do (it leaves what it does not subscribe), a SUBSCRIBE too (the
+channel is the hub's from before its command, so the reconnect subscribes it, and
+its reply answers the subscribe waiting). redis-py's own subscribe connected again
+as well, racing the reader's reconnect: sessions closed with 1011, and allowed
+channels were refused (`_HubPubSub`). A subscribe while Redis is down raises once the
+reader's reconnect fails (the session answers `service_unavailable`), and nothing of
+it is kept.
 
 Each channel is subscribed again with a SUBSCRIBE of its own: Redis refuses a
 SUBSCRIBE of several channels as a whole when its ACL leaves one of them out, and
@@ -45,16 +55,15 @@ a connection's commands in order, so `_HubPubSub` keeps those awaiting a reply, 
 the order sent, and the reader takes each reply for the oldest one's (an error
 was taken for the waiting subscribe's, whatever it answered: a subscribe given up on
 then refused the next channel's). Subscribes wait under the hub's lock, one at a
-time; and the reader never waits on that lock (what it leaves, it leaves from a
-task), or a subscribe waiting for the reader would wait for good. A message the
-reader reads between the reply and the subscriber's being added is not delivered:
-it raced the subscribe, whose `subscribed` answer has not gone yet.
+time; the reader never waits on that lock (what it leaves, it leaves at once: an
+UNSUBSCRIBE waits for nothing), or a subscribe waiting for the reader would wait for
+good. A message the reader reads between the reply and the subscriber's being added
+is not delivered: it raced the subscribe, whose `subscribed` answer has not gone yet.
 
 A subscriber that leaves (`unsubscribe`; `drop`, a closed connection's every
 channel) is removed here first, at once: nothing is delivered to it after, whatever
-the Redis calls that follow do. Unsubscribing in Redis is best effort: should it
-fail, Redis being away or redis-py's connection broken, the reconnect leaves the
-channel (above).
+the Redis calls that follow do. Unsubscribing in Redis is best effort: the connection
+down, the reconnect leaves the channel (above).
 
 One subscriber never stops delivery to the others: a `deliver` that raises (a bug)
 is logged (`push delivery failed`, with the traceback) and dropped from its channel,
@@ -72,7 +81,7 @@ import json
 import logging
 import re
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -82,7 +91,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from common import constants
-from common.aio import cancel_and_wait, cancelling, held
+from common.aio import cancel_and_wait, cancelling
 from common.codec import parse_json
 from common.connection import REDIS_DOWN_ERRORS, as_text
 from common.log import get_logger
@@ -116,10 +125,6 @@ class ChannelHub:
         self._reader: asyncio.Task[None] | None = None
         # The Redis channel whose SUBSCRIBE awaits its reply, and what the reply settles.
         self._answer: tuple[str, asyncio.Future[None]] | None = None
-        self._leaving: set[asyncio.Task[None]] = set()  # `drop`'s unsubscribes in Redis
-        self._unsubscribing = Outage(
-            log, "push channel unsubscribe failed", "push channel unsubscribe back"
-        )
         self._refusals = LogBudget(log, "push channel refusals not logged", logging.WARNING, {})
         self._closed = False
 
@@ -144,22 +149,26 @@ class ChannelHub:
     async def _subscribe(self, channel: str) -> None:
         """SUBSCRIBE `channel` in Redis and wait for the reply (the lock held). Meanwhile
         the channel is the hub's with no subscriber: nothing is delivered, and a
-        reconnect subscribes it again."""
+        reconnect subscribes it (`_HubPubSub.on_connect` reads `_subscribers`); so a
+        connection down or being made again as it is sent, the SUBSCRIBE not written,
+        is subscribed by the reconnect, whose reply answers it (or whose failure)."""
         name = constants.push_channel(channel)
         answer = asyncio.get_running_loop().create_future()
         self._answer = (name, answer)
+        self._subscribers[channel] = {}
         try:
-            await self._pubsub.subscribe(name)
-            self._subscribers[channel] = {}
+            if self._pubsub.live_connection() is None:
+                await self._pubsub.open()  # (which subscribes it)
+            else:
+                self._pubsub.send("SUBSCRIBE", name)
             if self._reader is None:
                 self._start_reader()
             async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
                 await answer
         except BaseException:
-            self._subscribers.pop(channel, None)
             # Not subscribed again on a reconnect; should Redis have subscribed it after
             # all, its first message finds no subscriber, and the hub leaves it then.
-            self._pubsub.forget(name)
+            self._subscribers.pop(channel, None)
             raise
         finally:
             self._answer = None
@@ -185,7 +194,6 @@ class ChannelHub:
         is left here, so that the next subscribe asks Redis again, and each subscriber
         is told (`Refused`); the others deliver on."""
         channel = _local(name)
-        self._pubsub.forget(name)
         subscribers = self._subscribers.pop(channel, None)
         if not subscribers:  # left, or its subscribe given up on: nobody to tell
             return
@@ -201,22 +209,23 @@ class ChannelHub:
 
     async def unsubscribe(self, channel: str, deliver: Deliver) -> None:
         """Stop delivering `channel` to `deliver`, at once; then, if it was the last,
-        unsubscribe in Redis (best effort: never raises, see `_unsubscribe_emptied`)."""
-        if self._forget(channel, deliver) and not self._closed:
-            await self._unsubscribe_emptied([channel])
+        unsubscribe in Redis (best effort, never raises: `_leave`)."""
+        if self._forget(channel, deliver):
+            self._leave([channel])
 
     def drop(self, channels: Iterable[str], deliver: Deliver) -> None:
         """Stop delivering `channels` to `deliver` (a closed connection's), at once and
         whatever Redis does; those it was the last subscriber of are unsubscribed in
-        Redis by a task of the hub's (best effort, as `unsubscribe`)."""
+        Redis (as `unsubscribe`)."""
         emptied = [channel for channel in channels if self._forget(channel, deliver)]
         if emptied:
             self._leave(emptied)
 
     def _leave(self, channels: list[str]) -> None:
-        """Unsubscribe `channels` in Redis from a task of the hub's (`_unsubscribe_emptied`)."""
-        if not self._closed:
-            held(self._leaving, self._unsubscribe_emptied(channels), name="push-hub-leave")
+        """UNSUBSCRIBE `channels` (none has a subscriber here), written at once; not
+        when the connection is down or being made again: the reconnect leaves them,
+        subscribing only the channels of `_subscribers` (`_HubPubSub.send`)."""
+        self._pubsub.send("UNSUBSCRIBE", *(constants.push_channel(c) for c in channels))
 
     def _forget(self, channel: str, deliver: Deliver) -> bool:
         """Remove `deliver` from `channel`'s subscribers; whether it was the last."""
@@ -229,31 +238,9 @@ class ChannelHub:
         del self._subscribers[channel]
         return True
 
-    async def _unsubscribe_emptied(self, channels: list[str]) -> None:
-        """Unsubscribe in Redis those of `channels` that still have no subscriber here
-        (one may have subscribed again meanwhile). When that fails, redis-py keeps them
-        and the reconnect does not subscribe them again (`_HubPubSub.on_connect`): any
-        failure is left to it. On a connection an outage broke redis-py raises more
-        than connection errors: an AttributeError from a half-closed one was seen, and
-        Redis refusing the reconnect's handshake raises its reply's error."""
-        async with self._lock:
-            names = [constants.push_channel(c) for c in channels if c not in self._subscribers]
-            if not names:
-                return
-            try:
-                await self._pubsub.unsubscribe(*names)
-            except REDIS_DOWN_ERRORS:
-                pass  # the reader says so (`push channel connection lost`)
-            except Exception as exc:  # said once (a warning) until an unsubscribe works
-                self._unsubscribing.failed(exc)
-            else:
-                self._unsubscribing.recovered()
-
     async def close(self) -> None:
         self._closed = True
         self._answered(None, RedisConnectionError("the push hub is closed"))  # (no reader now)
-        for task in list(self._leaving):
-            await cancel_and_wait(task)
         await cancel_and_wait(self._reader)
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         self._refusals.flush()
@@ -356,77 +343,97 @@ _REPLIES = frozenset(_REPLY_KINDS.values())
 
 
 class _HubPubSub(PubSub):
-    """redis-py's pub/sub connection, subscribing again on a reconnect only the channels
-    the hub has subscribers for (`subscribed`, the hub's own map, read as it is then),
-    each with a SUBSCRIBE of its own; and keeping, in order, the commands sent on the
-    connection whose replies have not come (`sent`).
+    """redis-py's pub/sub connection, which the hub writes its commands on itself
+    (`send`): at once, on the connection as it is ready, else not at all. Its reader,
+    redis-py's `get_message`, is the one that connects again (and the first subscribe,
+    `open`, the one that connects first); a connection made again subscribes the
+    channels the hub has then (`subscribed`, the hub's own map: `on_connect`), each
+    with a SUBSCRIBE of its own. The commands sent on the connection whose replies
+    have not come are kept, in order (`sent`).
+
+    Why not redis-py's `subscribe`: it reconnects too, when its write fails or finds
+    the connection closed, and a subscribe racing the reader's reconnect (a Redis
+    restart, a CLIENT KILL) made a second handshake on the one connection, and
+    redis-py's two coroutines read each other's replies: sessions closed with 1011 (an
+    AttributeError: the other had closed the connection under the write; a
+    RuntimeError: two reads at once), or told `subscribe_refused` for an allowed
+    channel (the other's handshake's error reply taken for the SUBSCRIBE's): in a run
+    of 20 CLIENT KILLs, each with 10 sessions subscribing, 1 or 2 sessions closed and
+    11 to 13 subscribes refused. A write now is synchronous, on a connection whose
+    handshake and `on_connect` are done: in order with the reconnect's SUBSCRIBEs,
+    never in a handshake.
 
     Redis answers a connection's commands in order, but an error reply names neither
     its command nor its channel: the reader matches each reply to the oldest command
     awaiting one (`replied`, `error_replied`). A SUBSCRIBE of several channels that
     one of them is refused (an ACL leaving it out) is refused as a whole, so the
-    reconnect subscribes each channel with a command of its own (sent at once, in one
-    write): Redis refuses only those it refuses, and the reader knows which."""
+    reconnect subscribes each channel with a command of its own (written at once, in
+    one write): Redis refuses only those it refuses, and the reader knows which."""
 
     def __init__(self, redis: aioredis.Redis, subscribed: dict[str, Any]) -> None:
         # (the reader reads subscribe confirmations: `ChannelHub._answered`)
         super().__init__(redis.connection_pool)
         self._subscribed = subscribed
         self.sent: deque[_Sent] = deque()
-        # Those being sent now, should their sending make a new connection: they follow
-        # the reconnect's own commands there (`on_connect`).
-        self._sending: list[_Sent] = []
+        # The writer of the connection `on_connect` made ready: one of a connection
+        # being made again (its handshake under way) is another, not ready yet.
+        self._ready: asyncio.StreamWriter | None = None
 
-    async def execute_command(self, *args: Any) -> None:
-        """Send a command (SUBSCRIBE, UNSUBSCRIBE), kept in `sent` from before it is
-        sent, so that its reply cannot come before it is there."""
-        await self._send(_Sent(_REPLY_KINDS[as_text(args[0])], [as_text(a) for a in args[1:]]),
-                         super().execute_command(*args))  # fmt: skip
+    async def open(self) -> None:
+        """Connect, the first time, and subscribe the hub's channels (as `on_connect`
+        does on the connections made again: redis-py does not call it on the first)."""
+        await self.connect()  # type: ignore[no-untyped-call]
+        connection = self.live_connection()
+        assert connection is not None  # (`connect` made it)
+        await self.on_connect(connection)
+
+    def send(self, command: str, *args: str) -> None:
+        """Write `command` (SUBSCRIBE, UNSUBSCRIBE or PING) at once, kept in `sent`; or,
+        the connection down or being made again, nothing (the reconnect subscribes the
+        hub's channels, and no other)."""
+        self._write([(command, *args)])
+
+    def _write(self, commands: list[tuple[str, ...]]) -> None:
+        """Write `commands` in one write, on the ready connection only, and keep them
+        in `sent` in that order. Synchronous: nothing is written between the check and
+        the write, and `sent` is in the order of the connection's bytes. A write on a
+        connection that is dropping is lost with it (the reader then reconnects)."""
+        connection = self.live_connection()
+        writer = None if connection is None else connection._writer
+        if not commands or writer is None or writer is not self._ready or writer.is_closing():
+            return
+        assert connection is not None
+        writer.writelines(connection.pack_commands(commands))
+        for command, *args in commands:
+            kind = _REPLY_KINDS[command]
+            self.sent.append(_Sent(kind, [] if kind == "pong" else args))
 
     async def check_health(self) -> None:
         """redis-py's health check (a PING, once the connection was quiet for its
-        `health_check_interval`), kept in `sent` too, with an argument of the hub's own
-        (`PING_ARGUMENT`): redis-py's reader would swallow the reply to its own."""
+        `health_check_interval`), written by `send` as the hub's other commands, with an
+        argument of the hub's own (`PING_ARGUMENT`): redis-py's reader would swallow the
+        reply to its own. None on a connection that is not ready: the reader connects
+        again first (`PubSub.parse_response`)."""
         conn = self.live_connection()
         if conn is None:
             await super().check_health()  # type: ignore[no-untyped-call]  # (raises)
             return
         now = asyncio.get_running_loop().time()
         if conn.health_check_interval and now > conn.next_health_check:
-            ping = conn.send_command("PING", PING_ARGUMENT, check_health=False)
-            await self._send(_Sent("pong", []), ping)
+            self.send("PING", PING_ARGUMENT)
 
     def live_connection(self) -> Connection | None:
         """The connection (None before the first subscribe, and after `aclose`)."""
         return cast("Connection | None", self.connection)
 
-    async def _send(self, sent: _Sent, sending: Awaitable[Any]) -> None:
-        """Await `sending`, which sends the command `sent` stands for, kept in `sent`."""
-        self.sent.append(sent)
-        self._sending.append(sent)
-        try:
-            await sending
-        finally:
-            self._sending.remove(sent)
-
     async def on_connect(self, connection: Connection) -> None:
-        # redis-py keeps a channel until the reply to its UNSUBSCRIBE comes, and a
-        # connection that dropped never brings it: the channels the hub left meanwhile
-        # are still here. A new connection has no subscription: forgetting them is
-        # leaving them (and a late reply to their UNSUBSCRIBE finds nothing to remove).
-        self.channels = {
-            name: handler
-            for name, handler in self.channels.items()
-            if _local(name) in self._subscribed
-        }
-        self.pending_unsubscribe_channels.clear()
-        # A new connection: no reply of the old one's commands comes any more.
-        names = [as_text(name) for name in self.channels]
-        self.sent = deque([*(_Sent("subscribe", [name]) for name in names), *self._sending])
-        if names:
-            commands = [("SUBSCRIBE", name) for name in names]
-            await connection.send_packed_command(connection.pack_commands(commands),
-                                                 check_health=False)  # fmt: skip
+        # A new connection has no subscription, and brings no reply to the old one's
+        # commands. It subscribes the channels the hub has now (one being subscribed
+        # included; none it left meanwhile, whose UNSUBSCRIBE could not be sent): read,
+        # written and made ready at once, with no wait between.
+        self.sent = deque()
+        self._ready = connection._writer
+        self._write([("SUBSCRIBE", constants.push_channel(c)) for c in self._subscribed])
 
     def replied(self, kind: str, name: str | None) -> None:
         """A confirmation of `kind` (`_REPLIES`) for the channel `name` (None: a pong) has
@@ -446,11 +453,6 @@ class _HubPubSub(PubSub):
         """An error reply has come: it answers the oldest command awaiting a reply (all of
         it: a refused command gets one reply, whatever its channels). That command."""
         return self.sent.popleft() if self.sent else None
-
-    def forget(self, name: str) -> None:
-        """Leave `name` out of the channels the reconnect subscribes again."""
-        for key in (name, name.encode()):  # (bytes, unless the client decodes replies)
-            self.channels.pop(key, None)
 
 
 def encode(channel: str, payload: bytes | str) -> str:

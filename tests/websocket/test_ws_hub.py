@@ -183,6 +183,41 @@ async def test_a_subscribe_refused_at_the_connections_handshake_leaves_the_sessi
         assert hub.channels() == [] and session.channels == set()
 
 
+async def test_subscribes_racing_the_hubs_reconnect_are_all_subscribed() -> None:
+    """The hub's connection killed (CLIENT KILL) as sessions subscribe: redis-py's
+    subscribe made a second handshake on the connection the reader was making again,
+    and the two read each other's replies: in 20 such kills with 10 sessions each, 1 or
+    2 sessions closed with 1011 (an AttributeError, a RuntimeError from redis-py) and
+    11 to 13 subscribes were told `subscribe_refused`, Redis having refused none (the
+    other handshake's CLIENT SETINFO's error reply). Now each is subscribed, on the
+    connection or by the reconnect, and delivers."""
+    async with _own_redis() as own:
+        hub, admin = own.hub, own.client()
+        await hub.subscribe("kept", _ignore)  # (the hub's connection is made)
+        sessions = [_session(hub) for _ in range(10)]
+        for round_ in range(20):
+            await admin.client_kill_filter(_type="pubsub")
+            for n, (session, _) in enumerate(sessions):
+                session.received(json.dumps({"type": "subscribe", "channel": f"news:{n}",
+                                             "id": round_}))  # fmt: skip
+            for n, (session, conn) in enumerate(sessions):
+                if session.worker is not None:
+                    await asyncio.wait_for(session.worker, 10)
+                assert conn.failed == []
+                assert [json.loads(f) for f in conn.frames] == [
+                    {"type": "subscribed", "channel": f"news:{n}", "id": round_}
+                ]
+                conn.frames.clear()
+                if round_ < 19:
+                    await _ask(session, {"type": "unsubscribe", "channel": f"news:{n}"})
+                    conn.frames.clear()
+        for n in range(len(sessions)):
+            await admin.publish(constants.push_channel(f"news:{n}"), "news")
+        await wait_for_async(lambda: all(conn.frames for _, conn in sessions), timeout=5)
+        for _, conn in sessions:
+            assert [json.loads(f)["data"] for f in conn.frames] == ["news"]
+
+
 @pytest.fixture
 async def acl_hub() -> AsyncIterator[tuple[ChannelHub, aioredis.Redis]]:
     """A hub connected as the service's, its Redis user allowed the push channels only
