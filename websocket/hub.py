@@ -21,6 +21,14 @@ published on it (the names are the clients': any number of them). Should a messa
 come all the same on a channel with no subscriber here (one left as the message was
 on its way), the hub leaves it then.
 
+A channel whose UNSUBSCRIBE Redis refuses (an error reply: its ACL user lacks the
+command) is left here all the same, and Redis keeps it subscribed, and sends its
+messages on: the hub drops them, and does not answer each with an UNSUBSCRIBE again
+(it did: refused again each time, and logged each time); it logs the refusal once
+(`push channel unsubscribe refused by redis`, with the channels), and the next
+connection leaves the channel. (Redis checks no channel ACL on an UNSUBSCRIBE, seen
+on Redis 6.2: a channel the ACL lost is left all the same.)
+
 Only the reader connects again (redis-py's `get_message`); the hub writes its
 commands itself, at once, on the connection as it is ready (`_HubPubSub.send`), and
 not at all while it is down or being made again: an UNSUBSCRIBE then is the
@@ -304,13 +312,30 @@ class ChannelHub:
                 if not self._answered(name, exc):
                     self._refused(name, exc)
             return False
-        broken.failed(exc)  # an UNSUBSCRIBE's refusal, a PING's: said once
+        if sent is not None and sent.kind == "unsubscribe":
+            self._unsubscribe_refused(sent.names, exc)
+            return False
+        broken.failed(exc)  # a PING's refusal: said once
         return sent is None
+
+    def _unsubscribe_refused(self, names: list[str], error: ResponseError) -> None:
+        """Redis refused the UNSUBSCRIBE of `names` (its ACL user lacks the command, say):
+        it keeps them subscribed, and delivers their messages still. Left here all the
+        same, with no subscriber; their messages are dropped, not each answered with an
+        UNSUBSCRIBE again (Redis refusing each: 20 messages, 20 refusals, each logged).
+        The next connection leaves them (it subscribes only the hub's channels); so does
+        an UNSUBSCRIBE that works (one leaving the channel again, later). Logged once
+        a refusal (10 a minute, then a count)."""
+        self._pubsub.unleft.update(names)
+        if self._refusals.spend():
+            fields = {"channels": [_local(name) for name in names], "error": str(error)}
+            log.warning("push channel unsubscribe refused by redis", extra={"fields": fields})
 
     def _fan_out(self, channel: str, payload: bytes | str) -> None:
         subscribers = self._subscribers.get(channel)
-        if subscribers is None:  # left as this message was on its way
-            self._leave([channel])
+        if subscribers is None:  # left as this message was on its way, or Redis refused to
+            if constants.push_channel(channel) not in self._pubsub.unleft:
+                self._leave([channel])
             return
         if not subscribers:  # its subscribe is not answered yet: nobody is told of it
             return
@@ -375,6 +400,9 @@ class _HubPubSub(PubSub):
         super().__init__(redis.connection_pool)
         self._subscribed = subscribed
         self.sent: deque[_Sent] = deque()
+        # The channels the hub left whose UNSUBSCRIBE Redis refused: still subscribed on
+        # this connection (`ChannelHub._unsubscribe_refused`).
+        self.unleft: set[str] = set()
         # The writer of the connection `on_connect` made ready: one of a connection
         # being made again (its handshake under way) is another, not ready yet.
         self._ready: asyncio.StreamWriter | None = None
@@ -432,6 +460,7 @@ class _HubPubSub(PubSub):
         # included; none it left meanwhile, whose UNSUBSCRIBE could not be sent): read,
         # written and made ready at once, with no wait between.
         self.sent = deque()
+        self.unleft = set()
         self._ready = connection._writer
         self._write([("SUBSCRIBE", constants.push_channel(c)) for c in self._subscribed])
 
@@ -445,6 +474,8 @@ class _HubPubSub(PubSub):
                     self.sent.popleft()
                 if name is not None:
                     sent.names.remove(name)
+                    if kind == "unsubscribe":
+                        self.unleft.discard(name)
                 if not sent.names:
                     self.sent.popleft()
                 return

@@ -312,8 +312,44 @@ async def test_a_subscribe_is_not_refused_by_an_unsubscribes_refusal(
         await hub.subscribe("open:1", received.put_nowait)
     await admin.publish(constants.push_channel("open:1"), "news")
     assert json.loads(await asyncio.wait_for(received.get(), 5))["data"] == "news"
-    (failed,) = [r for r in caplog.records if r.getMessage() == "push channel reader failed"]
-    assert "unsubscribe" in failed.fields["error"]  # type: ignore[attr-defined]
+    (refused,) = _records(caplog, "push channel unsubscribe refused by redis")
+    assert "unsubscribe" in refused.fields["error"]  # type: ignore[attr-defined]
+
+
+async def test_a_channel_redis_refuses_to_unsubscribe_is_not_unsubscribed_at_each_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis refusing the UNSUBSCRIBE of a channel the hub left (its ACL user lost the
+    command) keeps the channel subscribed, and sends its messages on: the hub answered
+    each with an UNSUBSCRIBE again, which Redis refused again (20 messages, 21
+    refusals, and a warning each). Now the channel is left here with the refusal
+    logged once, its messages dropped; the next connection leaves it in Redis."""
+    async with _own_redis() as own:
+        hub, admin = own.hub, own.client()
+        kept: asyncio.Queue[str] = asyncio.Queue()
+        await hub.subscribe("kept", kept.put_nowait)
+        await hub.subscribe("left:1", _ignore)
+        await admin.execute_command("ACL", "SETUSER", "default", "-unsubscribe")
+        with caplog.at_level(logging.WARNING, logger="websocket.hub"):
+            await hub.unsubscribe("left:1", _ignore)
+            for n in range(20):
+                await admin.publish(constants.push_channel("left:1"), str(n))
+            await admin.publish(constants.push_channel("kept"), "after")  # read last
+            assert json.loads(await asyncio.wait_for(kept.get(), 5))["data"] == "after"
+            await hub.subscribe("later", _ignore)  # answered once Redis read what came before
+        (entry,) = await admin.acl_log()
+        assert (entry["object"], entry["count"]) == ("unsubscribe", 1)
+        (refused,) = _records(caplog, "push channel unsubscribe refused by redis")
+        assert refused.fields["channels"] == ["left:1"]  # type: ignore[attr-defined]
+        assert _records(caplog, "push channel reader failed") == []
+        assert hub.channels() == ["kept", "later"]
+        numsub = await admin.pubsub_numsub(constants.push_channel("left:1"))
+        assert numsub == [(constants.push_channel("left:1").encode(), 1)]  # (Redis's way)
+
+        await admin.client_kill_filter(_type="pubsub")  # a new connection leaves it
+        await _delivering_again(admin, kept)
+        numsub = await admin.pubsub_numsub(constants.push_channel("left:1"))
+        assert numsub == [(constants.push_channel("left:1").encode(), 0)]
 
 
 class _OwnRedis:
@@ -397,7 +433,11 @@ async def _narrow(admin: aioredis.Redis, *channels: str) -> None:
 
 
 def _logged(caplog: pytest.LogCaptureFixture, message: str) -> bool:
-    return any(record.getMessage() == message for record in caplog.records)
+    return bool(_records(caplog, message))
+
+
+def _records(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.getMessage() == message]
 
 
 def _not_json(constant: str) -> None:
