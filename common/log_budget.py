@@ -100,8 +100,9 @@ class LogBudgets:
         self._budgets: dict[str, LogBudget] = {}
         self._timer: asyncio.TimerHandle | None = None
 
-    def spend(self, key: str) -> bool:
-        """Whether the next line of `key` may be written; counted when not."""
+    def spend(self, key: str, fields: dict[str, Any] | None = None) -> bool:
+        """Whether the next line of `key` may be written; counted when not. `fields`:
+        what names the key in its summary line, when not `{field: key}` alone."""
         if not self.limit:
             return True
         now = time.monotonic()
@@ -109,10 +110,10 @@ class LogBudgets:
         budget = self._budgets.get(key)
         if budget is None:
             if len(self._budgets) >= self.max_keys:
-                key = OTHERS
+                key, fields = OTHERS, None
                 budget = self._budgets.get(key)
             if budget is None:
-                budget = LogBudget(self.log, self.summary, self.level, {self.field: key},
+                budget = LogBudget(self.log, self.summary, self.level, fields or {self.field: key},
                                    limit=self.limit, window=self.window, now=now)  # fmt: skip
                 self._budgets[key] = budget
         if budget.spend(now):

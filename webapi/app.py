@@ -37,7 +37,7 @@ from common.strict_http import StrictRequest
 from webapi.access import Gatekeeper, rate_limit_headers
 from webapi.blueprints import api
 from webapi.context import GatewayApp, GatewayContext, GatewayRequest
-from webapi.errors import JsonErrorHandler, refusal_log
+from webapi.errors import JsonErrorHandler, error_logs
 from webapi.proxy.forward import Proxy
 from webapi.proxy.health import ActiveChecker
 from webapi.proxy.upstream import UpstreamPool
@@ -59,8 +59,9 @@ def create_app(settings: Settings | None = None, name: str = "webapi") -> Gatewa
     config.FALLBACK_ERROR_FORMAT = "json"
     # How long requests under way may take to finish once SIGTERM arrives (Sanic's 15 s).
     config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.shutdown_grace
-    # The app's own refusal budgets (`webapi.errors`), with its settings' limit.
-    ctx = GatewayContext(settings=settings, refusals=refusal_log(settings.log_refusals_per_client))
+    # The app's own error log budgets (`webapi.errors`), with its settings' limit.
+    ctx = GatewayContext(settings=settings,
+                         error_logs=error_logs(settings.log_refusals_per_client))  # fmt: skip
     app: GatewayApp = Sanic(
         name,
         config=config,
@@ -129,8 +130,8 @@ async def _open_resources(app: GatewayApp) -> None:
 
 async def _close_resources(app: GatewayApp) -> None:
     # First, as the websocket service does: no request comes any more, and a close step
-    # below that fails must not lose the counts of refusals not logged yet.
-    app.ctx.refusals.flush()
+    # below that fails must not lose the counts of error lines not logged yet.
+    app.ctx.error_logs.flush()
     for task in app.ctx.extra.get("tasks", []):
         await cancel_and_wait(task)
     await app.ctx.extra["checker"].close()

@@ -14,11 +14,11 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
     from common.client import RpcClient
-    from common.log_budget import LogBudgets
     from common.policy import PolicyWatcher
     from common.registry import Registry
     from common.registry_view import RegistryView
     from webapi.access import Gatekeeper
+    from webapi.errors import ErrorLogs
     from webapi.proxy.forward import Proxy
 
 
@@ -48,9 +48,9 @@ class GatewayContext:
     """`app.ctx`: opened in `before_server_start`, closed in `after_server_stop`."""
 
     settings: Settings
-    # The budgets of its `request refused` lines (`webapi.errors`): the app's own, with its
+    # The budgets of its error lines (`webapi.errors.ErrorLogs`): the app's own, with its
     # settings' limit, made with the app (refusals come before the server starts too).
-    refusals: LogBudgets
+    error_logs: ErrorLogs
     redis: aioredis.Redis = field(init=False)
     rpc: RpcClient = field(init=False)
     registry: Registry = field(init=False)

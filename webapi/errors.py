@@ -5,17 +5,33 @@ Every error response has the body `{"error": {"code": ..., "message": ...}}`
 (`common.http_errors.status_for`); bad input is always a 4xx, and only a bug in the
 gateway is a 500.
 
-Each refusal (a 4xx) is logged as `request refused` with its client's address, within
-a budget per address block (`refusal_log`, the app's `ctx.refusals`: two gateway apps in
-one process keep their own; IPv6 by its /64): `LOG_REFUSALS_PER_CLIENT` (10) a minute,
-then one `request refusals not logged` line counting the rest. A client sending made-up
-credentials in a loop made three lines in four of the gateway's log in a soak, burying
-the rest.
+Both kinds of error line are bounded (`common.log_budget`), in budgets of the app's own
+(`ErrorLogs`, its `ctx.error_logs`: two gateway apps in one process keep their own):
+
+* each refusal (a 4xx) is logged as `request refused` with its client's address, within
+  a budget per address block (IPv6 by its /64): `LOG_REFUSALS_PER_CLIENT` (10) a minute,
+  then one `request refusals not logged` line counting the rest. A client sending
+  made-up credentials in a loop made three lines in four of the gateway's log in a soak,
+  burying the rest;
+* each of the proxy's own failures (502 `upstream_failed`, 503 `no_healthy_instance`,
+  504 `upstream_timeout`; a 508 `proxy_loop` too) is logged as a `gateway error` warning
+  within a budget per (service, status, code): 10 a minute, then one `gateway errors not
+  logged` warning a minute counting the rest. Unbounded, a service down under load wrote
+  a warning per request: 4,800 lines for 4,800 requests in 9 s. The key is the failure,
+  not the client: the upstream causes it, and every client of a down service gets it,
+  so a per-client budget would still log it once per client. Per service and status,
+  each distinct failure is seen at once (another service failing, or this one failing
+  differently: timing out where it refused), however loud one is; the lines carry the
+  message (the 502's names the instance and how it failed). Nothing a client chooses
+  is in the key (the version asked for is only in the message), so no client can spread
+  the lines over more budgets.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from sanic import HTTPResponse, Request
@@ -23,8 +39,9 @@ from sanic.exceptions import RequestCancelled, SanicException
 from sanic.handlers import ErrorHandler
 
 from common.clientip import peer_ip
-from common.errors import Overloaded, SwitchboardError
+from common.errors import Overloaded, SwitchboardError, shortened
 from common.http_errors import (
+    MAX_LOGGED_MESSAGE,
     error_body,
     error_code,
     error_detail,
@@ -48,10 +65,25 @@ if TYPE_CHECKING:
 log = get_logger("webapi.errors")
 
 
-def refusal_log(limit: int) -> LogBudgets:
-    """The budgets of a gateway app's `request refused` lines (`ctx.refusals`, module
-    docstring): `limit` a minute per client, its `LOG_REFUSALS_PER_CLIENT`."""
-    return refusal_budgets(log, limit)
+@dataclass(frozen=True)
+class ErrorLogs:
+    """The budgets of a gateway app's error lines (its `ctx.error_logs`, module docstring),
+    made with the app (refusals come before the server starts too)."""
+
+    refusals: LogBudgets  # `request refused` (a 4xx), per client address block
+    failures: LogBudgets  # `gateway error` (the proxy's 5xx), per service, status and code
+
+    def flush(self) -> None:
+        """Log every count not logged yet (the app stops)."""
+        self.refusals.flush()
+        self.failures.flush()
+
+
+def error_logs(refusals_per_client: int) -> ErrorLogs:
+    """A gateway app's `ErrorLogs`: `refusals_per_client` refusals a minute per client (its
+    `LOG_REFUSALS_PER_CLIENT`), and the default 10 failures a minute per kind."""
+    failures = LogBudgets(log, "gateway errors not logged", logging.WARNING, "failure")
+    return ErrorLogs(refusal_budgets(log, refusals_per_client), failures)
 
 
 class ApiError(SanicException):
@@ -59,8 +91,10 @@ class ApiError(SanicException):
 
     code = "error"
     # Expected, never a traceback: a 5xx of ours (502, 503, 504) is logged as a warning
-    # (`JsonErrorHandler.default`), as Sanic's own log would take it (`quiet`).
+    # (`error_response`), as Sanic's own log would take it (`quiet`).
     quiet = True
+    # The service a 5xx of ours is about (`UpstreamUnavailable`): its log budget's key.
+    service = ""
 
 
 class MalformedJson(ApiError):
@@ -138,21 +172,30 @@ class ProxyLoop(ApiError):
     code = "proxy_loop"
 
 
-class NoHealthyInstance(ApiError):
+class UpstreamUnavailable(ApiError):
+    """`service` could not answer (the proxy's 502, 503, 504): its `gateway error` lines
+    are bounded per service (module docstring)."""
+
+    def __init__(self, message: str, *, service: str) -> None:
+        super().__init__(message)
+        self.service = service
+
+
+class NoHealthyInstance(UpstreamUnavailable):
     """The service is known but no live, healthy instance can take the request."""
 
     status_code = 503
     code = "no_healthy_instance"
 
 
-class UpstreamFailed(ApiError):
+class UpstreamFailed(UpstreamUnavailable):
     """The chosen instance (and any retry) failed: connect error or broken response."""
 
     status_code = 502
     code = "upstream_failed"
 
 
-class UpstreamTimedOut(ApiError):
+class UpstreamTimedOut(UpstreamUnavailable):
     """The chosen instance did not answer within the proxy timeout."""
 
     status_code = 504
@@ -201,8 +244,9 @@ class JsonErrorHandler(ErrorHandler):
 
     def default(self, request: Request, exception: Exception) -> HTTPResponse:
         request_id = getattr(request.ctx, "request_id", None)
-        return error_response(exception, request.method, request.path, request_id,
-                              request.app.ctx.refusals, client=client_of(request))  # fmt: skip
+        logs = request.app.ctx.error_logs
+        return error_response(exception, request.method, request.path, request_id, logs,
+                              client=client_of(request))  # fmt: skip
 
 
 def client_of(request: Request[Any, Any]) -> str:
@@ -219,15 +263,16 @@ def error_response(
     method: str,
     path: str,
     request_id: str | None,
-    refusals: LogBudgets,
+    logs: ErrorLogs,
     *,
     client: str,
     envelope: dict[str, Any] | None = None,
 ) -> HTTPResponse:
     """The JSON error response of `exception`, logged as the gateway logs every error
-    (`JsonErrorHandler`; the proxy's fast path, which has no Sanic request, too): a
-    refusal within `client`'s budget of `refusals` (the app's, module docstring).
-    `envelope`: fields a route's own answer shape puts beside `error` (`/ai_server/`)."""
+    (`JsonErrorHandler`; the proxy's fast path, which has no Sanic request, too), within
+    the app's budgets (`logs`, module docstring): a refusal within `client`'s (its
+    address), a failure of the proxy's within its service's. `envelope`: fields a route's
+    own answer shape puts beside `error` (`/ai_server/`)."""
     headers: dict[str, str] = {}
     exception = translated(exception)
     if isinstance(exception, RequestCancelled):
@@ -253,8 +298,7 @@ def error_response(
         body = error_body(code, error_message(exception, code))
         headers.update(exception.headers or {})
         if status >= 500 and exception.quiet:  # ours (502, 503, 504): expected, no traceback
-            log.warning("gateway error", extra={"fields": {"path": path, "status": status,
-                                                           "code": code}})  # fmt: skip
+            _log_failure(exception, path, status, code, body["error"]["message"], logs.failures)
         elif status >= 500:
             log.error("gateway error", exc_info=exception)
     else:
@@ -263,7 +307,8 @@ def error_response(
         log.error("unhandled error", exc_info=exception, extra={"fields": {"path": path}})
     if status < 500:  # design §10: logged once, here, bounded
         error = body["error"]
-        log_refusal(log, method, path, status, error["code"], error["message"], client, refusals)
+        log_refusal(log, method, path, status, error["code"], error["message"], client,
+                    logs.refusals)  # fmt: skip
     if request_id:
         headers["X-Request-Id"] = request_id
     if envelope:
@@ -273,3 +318,16 @@ def error_response(
     except NotJson:  # a service's error `details` holding NaN: the rest still says it all
         body["error"] = {k: v for k, v in body["error"].items() if k != "details"}
         return json_response(body, status=status, headers=headers)
+
+
+def _log_failure(exception: SanicException, path: str, status: int, code: str, message: str,
+                 budgets: LogBudgets) -> None:  # fmt: skip
+    """Log a 5xx of ours as a `gateway error` warning, within its service's budget of
+    `budgets` for `status` and `code` (module docstring)."""
+    service = exception.service if isinstance(exception, ApiError) else ""
+    kind: dict[str, Any] = {"service": service} if service else {}
+    kind.update(status=status, code=code)
+    if budgets.spend(f"{status} {code} {service}", kind):
+        fields = {"path": shortened(path, MAX_LOGGED_MESSAGE), **kind,
+                  "message": shortened(message, MAX_LOGGED_MESSAGE)}  # fmt: skip
+        log.warning("gateway error", extra={"fields": fields})

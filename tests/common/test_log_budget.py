@@ -49,3 +49,20 @@ async def test_keys_past_the_bound_share_one_budget(caplog: pytest.LogCaptureFix
 def test_limit_zero_logs_every_line() -> None:
     budgets = LogBudgets(log, "lines not logged", logging.INFO, "client", limit=0)
     assert all(budgets.spend("a") for _ in range(100))
+
+
+def test_a_keys_summary_names_it_by_its_fields_and_the_others_by_theirs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=log.name)
+    budgets = LogBudgets(log, "lines not logged", logging.INFO, "failure", limit=1, max_keys=1)
+    kind = {"service": "pay", "status": 502}
+    assert budgets.spend("502 pay", kind) and not budgets.spend("502 pay", kind)
+    assert budgets.spend("503 pay", {"service": "pay", "status": 503})  # the others'
+    assert not budgets.spend("504 pay", {"service": "pay", "status": 504})
+    budgets.flush()
+    fields = [r.fields for r in caplog.records]  # type: ignore[attr-defined]
+    assert [{k: v for k, v in f.items() if k != "limit"} for f in fields] == [
+        {"service": "pay", "status": 502, "count": 1},
+        {"failure": OTHERS, "count": 1},
+    ]

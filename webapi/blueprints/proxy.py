@@ -268,7 +268,7 @@ async def ai_server(request: GatewayRequest) -> HTTPResponse:
         envelope = {"server_name": name, "status": exc.status_code, "msg": str(exc),
                     "data": None, "duration": round(time.perf_counter() - received, 6)}  # fmt: skip
         return error_response(exc, request.method, request.path, request.ctx.request_id,
-                              request.app.ctx.refusals, client=client_of(request),
+                              request.app.ctx.error_logs, client=client_of(request),
                               envelope=envelope)  # fmt: skip
     status = forwarded.response.status
     envelope = {

@@ -324,10 +324,10 @@ class FastPathProtocol(LingeringHttpProtocol):
 
     def _error(self, exc: Exception, method: str, url: bytes, request_id: str,
                keep_alive: bool, client: str) -> bytes:  # fmt: skip
-        """`exc`'s JSON error response (`response.error_bytes`), a refusal logged under
-        `client` within the app's budgets (`ctx.refusals`)."""
+        """`exc`'s JSON error response (`response.error_bytes`), logged within the app's
+        budgets (`ctx.error_logs`): a refusal under `client`."""
         app: GatewayApp = self.app
-        return error_bytes(exc, method, url, request_id, keep_alive, client, app.ctx.refusals)
+        return error_bytes(exc, method, url, request_id, keep_alive, client, app.ctx.error_logs)
 
     def _client_address(self, req: Parsed) -> str:
         """The client's address as the routes read it (`Gatekeeper.client_ip`)."""

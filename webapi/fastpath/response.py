@@ -12,8 +12,7 @@ from sanic.headers import format_http1_response
 from sanic.helpers import STATUS_CODES, has_message_body
 
 from common.forwarding import HOP_BY_HOP_RAW, strip_hop_by_hop_raw
-from common.log_budget import LogBudgets
-from webapi.errors import error_response
+from webapi.errors import ErrorLogs, error_response
 from webapi.proxy.forward import latencies_ms
 
 # Upstream fields replaced by the gateway's own.
@@ -78,12 +77,12 @@ def error_bytes(
     request_id: str,
     keep_alive: bool,
     client: str,
-    refusals: LogBudgets,
+    logs: ErrorLogs,
 ) -> bytes:
-    """`exc` as the JSON error response Sanic's error handler would write (`client`: the
-    client's address, whose budget of `refusals`, the app's, bounds the refusals logged)."""
+    """`exc` as the JSON error response Sanic's error handler would write, logged within
+    the app's budgets (`logs`; `client`: the client's address, a refusal's budget)."""
     path = url.partition(b"?")[0].decode("latin-1")
-    response = error_response(exc, method, path, request_id, refusals, client=client)
+    response = error_response(exc, method, path, request_id, logs, client=client)
     body = response.body or b""
     response.headers["content-length"] = str(len(body))
     response.headers["connection"] = "keep-alive" if keep_alive else "close"

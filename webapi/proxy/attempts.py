@@ -53,8 +53,8 @@ def client_error(service: str, exc: UpstreamError) -> ApiError:
     """What the client is answered for a failed exchange with `service`: 504 for a
     timeout (`UpstreamTimedOut`), 502 for anything else (`UpstreamFailed`)."""
     if isinstance(exc, UpstreamTimeout):
-        return UpstreamTimedOut(f"{service} did not answer in time")
-    return UpstreamFailed(f"{service}: {exc.message or type(exc).__name__}")
+        return UpstreamTimedOut(f"{service} did not answer in time", service=service)
+    return UpstreamFailed(f"{service}: {exc.message or type(exc).__name__}", service=service)
 
 
 class Attempts(Tries):

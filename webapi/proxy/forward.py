@@ -93,12 +93,12 @@ class Proxy:
                 )
             if not self.view.registered(service):
                 raise UnknownService(f"no service named {quoted(service)} is registered")
-            raise NoHealthyInstance(f"no live instance of {quoted(service)}")
+            raise NoHealthyInstance(f"no live instance of {quoted(service)}", service=service)
         usable = self.book.usable(service, records)
         endpoints = select_version(self.policy.endpoints(service, usable), version)
         if not endpoints:
             raise NoHealthyInstance(f"no healthy instance of {quoted(service)}" + (
-                f" at version {quoted(version)}" if version else ""))  # fmt: skip
+                f" at version {quoted(version)}" if version else ""), service=service)  # fmt: skip
         return endpoints
 
     def max_body(self, service: str) -> int:
