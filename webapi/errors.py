@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from sanic import HTTPResponse, Request
@@ -246,7 +248,7 @@ class JsonErrorHandler(ErrorHandler):
         request_id = getattr(request.ctx, "request_id", None)
         logs = request.app.ctx.error_logs
         return error_response(exception, request.method, request.path, request_id, logs,
-                              client=client_of(request))  # fmt: skip
+                              client=partial(client_of, request))  # fmt: skip
 
 
 def client_of(request: Request[Any, Any]) -> str:
@@ -265,14 +267,15 @@ def error_response(
     request_id: str | None,
     logs: ErrorLogs,
     *,
-    client: str,
+    client: Callable[[], str],
     envelope: dict[str, Any] | None = None,
 ) -> HTTPResponse:
     """The JSON error response of `exception`, logged as the gateway logs every error
     (`JsonErrorHandler`; the proxy's fast path, which has no Sanic request, too), within
-    the app's budgets (`logs`, module docstring): a refusal within `client`'s (its
-    address), a failure of the proxy's within its service's. `envelope`: fields a route's
-    own answer shape puts beside `error` (`/ai_server/`)."""
+    the app's budgets (`logs`, module docstring): a refusal within its client's, a failure
+    of the proxy's within its service's. `client`: the client's address, read only for a
+    refusal (a failure's budget is not the client's). `envelope`: fields a route's own
+    answer shape puts beside `error` (`/ai_server/`)."""
     headers: dict[str, str] = {}
     exception = translated(exception)
     if isinstance(exception, RequestCancelled):
@@ -307,7 +310,7 @@ def error_response(
         log.error("unhandled error", exc_info=exception, extra={"fields": {"path": path}})
     if status < 500:  # design §10: logged once, here, bounded
         error = body["error"]
-        log_refusal(log, method, path, status, error["code"], error["message"], client,
+        log_refusal(log, method, path, status, error["code"], error["message"], client(),
                     logs.refusals)  # fmt: skip
     if request_id:
         headers["X-Request-Id"] = request_id

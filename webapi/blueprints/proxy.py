@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any, cast
 
 from sanic import Blueprint, HTTPResponse
@@ -268,7 +269,7 @@ async def ai_server(request: GatewayRequest) -> HTTPResponse:
         envelope = {"server_name": name, "status": exc.status_code, "msg": str(exc),
                     "data": None, "duration": round(time.perf_counter() - received, 6)}  # fmt: skip
         return error_response(exc, request.method, request.path, request.ctx.request_id,
-                              request.app.ctx.error_logs, client=client_of(request),
+                              request.app.ctx.error_logs, client=partial(client_of, request),
                               envelope=envelope)  # fmt: skip
     status = forwarded.response.status
     envelope = {

@@ -4,6 +4,7 @@ from `data_received` (see the package docstring for what is eligible and why).""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from functools import partial
 from time import monotonic as current_time
 from typing import Any, cast
@@ -201,7 +202,8 @@ class FastPathProtocol(LingeringHttpProtocol):
             app.ctx.passthrough.connect_failures += 1
             self._fast = None
             if self.transport is not None and not self.transport.is_closing():
-                client = self._held_client(self._held)  # (before the head is whole: the peer)
+                # (Before the head is whole: the peer.)
+                client = partial(self._held_client, self._held)
                 self.transport.write(self._error(exc, method, url, request_id_of(None), False,
                                                  client))  # fmt: skip
             self._held.clear()
@@ -293,7 +295,7 @@ class FastPathProtocol(LingeringHttpProtocol):
         answers it (`common.strict_http`), and the connection closes (lingering)."""
         held = bytes(self._held)
         self._held.clear()
-        self._timed_out(held, BODY_STALLED, self._held_client(held))
+        self._timed_out(held, BODY_STALLED)
 
     def _head_timed_out(self, splice: PassThrough | Tunnel) -> None:
         """A splice's request head (a `PassThrough`'s held one, a `Tunnel`'s first) has
@@ -308,24 +310,26 @@ class FastPathProtocol(LingeringHttpProtocol):
         # it answers, the one at the start of `held`, when its head is whole (a request
         # pipelined before the stalled head is held with it), else under the socket's
         # peer (a head not whole is not read, whatever `X-Forwarded-For` line it holds).
-        self._timed_out(held, HEAD_STALLED, self._held_client(held))
+        self._timed_out(held, HEAD_STALLED)
 
-    def _timed_out(self, held: bytes, message: str, client: str) -> None:
-        """Answer the request at the start of `held` with a 408 saying `message`, and close
-        (`client`: the client's address, which the refusal is logged under)."""
+    def _timed_out(self, held: bytes, message: str) -> None:
+        """Answer the request at the start of `held` with a 408 saying `message`, and close;
+        the refusal is logged under `_held_client` (the peer while the head is not whole)."""
         end = held.find(b"\r\n")
         method, _, rest = (held if end < 0 else held[:end]).partition(b" ")
         url = rest.rpartition(b" ")[0]
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(self._error(RequestTimeout(message), method.decode("latin-1"), url,
-                                        request_id_of(None), False, client))  # fmt: skip
+                                        request_id_of(None), False,
+                                        partial(self._held_client, held)))  # fmt: skip
         self.close()
 
     def _error(self, exc: Exception, method: str, url: bytes, request_id: str,
-               keep_alive: bool, client: str) -> bytes:  # fmt: skip
+               keep_alive: bool, client: Callable[[], str]) -> bytes:  # fmt: skip
         """`exc`'s JSON error response (`response.error_bytes`), logged within the app's
-        budgets (`ctx.error_logs`): a refusal under `client`."""
+        budgets (`ctx.error_logs`): a refusal under `client()`, read for a refusal only
+        (a 5xx's budget is its service's, not the client's)."""
         app: GatewayApp = self.app
         return error_bytes(exc, method, url, request_id, keep_alive, client, app.ctx.error_logs)
 
@@ -396,7 +400,7 @@ class FastPathProtocol(LingeringHttpProtocol):
 
     def fast_error(self, exc: Exception, req: Parsed, request_id: str, keep_alive: bool) -> None:
         """Answer the fast request with `exc`'s JSON error response."""
-        client = self._client_address(req)
+        client = partial(self._client_address, req)
         self.fast_write(self._error(exc, req.method, req.url, request_id, keep_alive, client))
         self.fast_done(keep_alive)
 
@@ -445,7 +449,7 @@ class FastPathProtocol(LingeringHttpProtocol):
                 keep_alive = False
             else:
                 keep_alive = keep_alive and not self.signal.stopped
-                client = self._client_address(req)
+                client = partial(self._client_address, req)
                 self._write(self._error(exc, req.method, req.url, request_id, keep_alive, client))
         self.fast_done(keep_alive)
 

@@ -8,6 +8,8 @@ and `Connection`. A HEAD answer keeps the upstream's `Content-Length` (the GET's
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sanic.headers import format_http1_response
 from sanic.helpers import STATUS_CODES, has_message_body
 
@@ -76,11 +78,11 @@ def error_bytes(
     url: bytes,
     request_id: str,
     keep_alive: bool,
-    client: str,
+    client: Callable[[], str],
     logs: ErrorLogs,
 ) -> bytes:
     """`exc` as the JSON error response Sanic's error handler would write, logged within
-    the app's budgets (`logs`; `client`: the client's address, a refusal's budget)."""
+    the app's budgets (`logs`; `client`: the client's address, read for a refusal only)."""
     path = url.partition(b"?")[0].decode("latin-1")
     response = error_response(exc, method, path, request_id, logs, client=client)
     body = response.body or b""
