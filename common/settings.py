@@ -266,6 +266,16 @@ class Settings:
             Bounds(0, 365, zero="no address escapes the account-wide lock", unit="days"),
         ),
     )
+    # A successful login gives the client a device token (microservices.auth.devices)
+    # good for this long: logins presenting it are counted per device, not per address,
+    # so a stranger behind the owner's NAT locks the address, not the owner's device.
+    auth_login_device_days: int = field(
+        default=30,
+        metadata=_env(
+            "AUTH_LOGIN_DEVICE_DAYS",
+            Bounds(0, 365, zero="no device tokens are given", unit="days"),
+        ),
+    )
     auth_login_lock_base: float = field(
         default=1.0, metadata=_env("AUTH_LOGIN_LOCK_BASE", _LOGIN_SECONDS)
     )

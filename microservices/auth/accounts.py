@@ -8,7 +8,8 @@ id, and to allow the admin operations to admins only.
 Revocations last `JWT_TTL` + 60 s (`revoke_for`): by then every access token
 issued before has expired by itself. Logins are throttled per username and
 client address, with an account-wide backstop (`throttle.LoginThrottle`), before
-any password is checked.
+any password is checked; a login with a device token a login gave (`devices`) is
+counted per device instead of per address.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from common.revocation import REVOKED, revoke
 from common.scopes import covers, parse
 from common.tokens import Keyring
 from microservices.auth.api_keys import ApiKeys
+from microservices.auth.devices import DeviceTokens
 from microservices.auth.passwords import Passwords
 from microservices.auth.sessions import DEFAULT_MAX_SESSIONS, SESSION_ID, Sessions
 from microservices.auth.throttle import LoginThrottle, ThrottleRules
@@ -59,6 +61,7 @@ class Accounts:
         hasher: PasswordHasher | None = None,
         hash_concurrency: int | None = None,
         throttle: ThrottleRules | None = None,
+        device_days: float = 30,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
@@ -79,6 +82,7 @@ class Accounts:
         )
         self.api_keys = ApiKeys(redis, revoke_for=self.revoke_for, clock=clock)
         self.throttle = LoginThrottle(redis, throttle or ThrottleRules(), clock=clock)
+        self.devices = DeviceTokens(redis, device_days, clock=clock)
         self.keyring = Keyring(redis, configured_secret=configured_secret, clock=clock)
 
     async def prepare(self) -> None:
@@ -160,13 +164,19 @@ class Accounts:
     # -- sessions --------------------------------------------------------------------
 
     async def login(
-        self, username: str, password: str, address: str | None = None
+        self,
+        username: str,
+        password: str,
+        address: str | None = None,
+        device_token: str | None = None,
     ) -> dict[str, Any]:
-        """An access token and a refresh token for valid credentials, else `Unauthorized`;
-        `TooManyAttempts`, without checking the password, while the username is throttled
-        for the client `address` (None: a caller that names none, throttled as before
-        addresses were: `throttle`)."""
-        attempt = await self.throttle.admit(username, address)
+        """An access token, a refresh token and a new device token for valid credentials,
+        else `Unauthorized`; `TooManyAttempts`, without checking the password, while the
+        username is throttled for the client `address` (None: a caller that names none,
+        throttled as before addresses were: `throttle`), or for the `device_token` of an
+        earlier login of the user, which replaces the address's count (`devices`)."""
+        device = await self.devices.check(username, device_token)
+        attempt = await self.throttle.admit(username, address, device)
         try:
             user = await self.users.check_password(username, password)
         except Unauthorized:
@@ -186,7 +196,12 @@ class Accounts:
         if opened.ended:  # the user was at AUTH_MAX_SESSIONS_PER_USER: the oldest ended
             fields["sessions_ended"] = opened.ended
         log.info("login", extra={"fields": fields})
-        return await self._tokens(user, opened.session_id, opened.refresh_token)
+        answer = await self._tokens(user, opened.session_id, opened.refresh_token)
+        new_device = await self.devices.issue(user.username, replacing=device)
+        if new_device is not None:
+            answer["device_token"] = new_device
+            answer["device_expires_in"] = round(self.devices.lifetime)
+        return answer
 
     async def refresh(self, refresh_token: str, address: str | None = None) -> dict[str, Any]:
         """New tokens for a refresh token, which is used up; reuse revokes the session.
@@ -225,6 +240,7 @@ class Accounts:
             await revoke(self.redis, f"user:{user.user_id}", self.clock() + self.revoke_for)
             await self.sessions.end_all(user.user_id)
             await self.api_keys.delete_all(user.user_id)
+            await self.devices.forget(user.username)
         else:
             raise BadRequest(f"kind must be one of {', '.join(REVOKE_KINDS)}")
         log.info("revoked", extra={"fields": {"kind": kind, "id": id}})

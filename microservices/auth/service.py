@@ -40,6 +40,7 @@ async def prepare(service: Service) -> None:
         default_scopes=settings.auth_default_scopes,
         configured_secret=settings.jwt_secret,
         throttle=ThrottleRules.of(settings),
+        device_days=settings.auth_login_device_days,
     )
     await ctx.accounts.prepare()
     username, password = settings.auth_admin_username, settings.auth_admin_password
@@ -55,14 +56,19 @@ async def register(username: str, password: str, address: str | None = None) -> 
 
 
 @svc.method
-async def login(username: str, password: str, address: str | None = None) -> dict[str, Any]:
-    """{access_token, token_type, expires_in, refresh_token, refresh_expires_in}
-    (unauthorized; too_many_attempts with retry_after while the username is throttled).
+async def login(
+    username: str, password: str, address: str | None = None, device_token: str | None = None
+) -> dict[str, Any]:
+    """{access_token, token_type, expires_in, refresh_token, refresh_expires_in,
+    device_token, device_expires_in} (unauthorized; too_many_attempts with retry_after
+    while the username is throttled).
 
     `address` is the client's, as the gateway read it: failures are counted per
     username and address (`throttle`). Clients cannot call this service, so they
-    cannot name another address; a caller that names none is throttled per username."""
-    return await ctx.accounts.login(username, password, address)
+    cannot name another address; a caller that names none is throttled per username.
+    `device_token`, the one an earlier login of the user gave the client, counts them
+    per device instead (`devices`); any other is ignored."""
+    return await ctx.accounts.login(username, password, address, device_token)
 
 
 @svc.method

@@ -1,14 +1,18 @@
-"""Login throttling per username and client address: growing locks after failed
-logins, never a lockout, and no way for a stranger to lock an owner out at an
-address the owner registered, logged in or refreshed a session from within the
-known period (at a new address the account-wide backstop may hold the owner too).
+"""Login throttling per username and client address, or per device: growing locks
+after failed logins, never a lockout, and no way for a stranger to lock an owner
+out at an address the owner registered, logged in or refreshed a session from
+within the known period (at a new address the account-wide backstop may hold the
+owner too), nor on a device the owner logged in with (its device token: a
+stranger behind the owner's NAT, at the same address, locks the address only).
 
 ```
 sb:{auth}:login_failures:<username>@<address>  hash  failures, locked_until (epoch seconds)
 sb:{auth}:login_pending:<username>@<address>   zset  attempts under way (id -> start)
+sb:{auth}:login_failures:<username>@device:<d> hash  the same, per device token (SHA-256 <d>)
+sb:{auth}:login_pending:<username>@device:<d>  zset
 sb:{auth}:login_failures:<username>@*          hash  the same, for the account (every address)
 sb:{auth}:login_pending:<username>@*           zset
-sb:{auth}:login_addresses:<username>           zset  addresses with failures -> when those expire
+sb:{auth}:login_addresses:<username>           zset  addresses, device:<d>, with failures -> expiry
 sb:{auth}:login_known:<username>               zset  addresses the user came from -> when (last)
 sb:{auth}:login_failures:<username>            hash  logins that name no address (as before)
 sb:{auth}:login_pending:<username>             zset
@@ -43,14 +47,28 @@ one failure per lock. So a login is counted in two tiers:
   success does not reset this count: it shows the owner is there, not that
   strangers stopped.
 
+A per-address count cannot tell the owner from a stranger at the same address (a
+NAT, a shared office): the stranger's failures lock the address for both. So a
+login presenting a live device token of the user (OWASP's "device cookies";
+`devices`: one is given at each successful login, bound to the username, kept
+server-side for `AUTH_LOGIN_DEVICE_DAYS`) is counted **per device** instead of
+per address, with the same rules and `max_failures`: the address's lock does not
+apply to it, nor does its failure or success touch the address's count, and the
+account tier's lock spares it as it spares a known address (counting it all the
+same). A device's own failures lock the device wherever it is used, so a stolen
+token buys no more guesses than an address; any other token (unknown, expired,
+another user's) is no device, and the login is counted by its address. The caller
+checks the token (`DeviceTokens.check`) and passes its digest to `admit`: a token
+replaced or expired between the two is counted as a device once more, harmless.
+
 An attempt is refused while a tier that applies to it is locked. It is admitted
-by the script that checks the locks, and held as under way in both tiers until
+by the script that checks the locks, and held as under way in both its tiers until
 its password is checked: at most as many attempts are under way at once as there
 are failures left before a tier's lock (at least one), so concurrent attempts
 (through any number of gateways and auth instances, from any number of addresses)
 cannot slip in more guesses than the rules allow. An attempt from a known address
-skips the account tier's check, as it skips its lock (its own address's bounds
-it); it is held as under way there all the same. One over that waits
+or with a device skips the account tier's check, as it skips its lock (its own
+address's or device's bounds it); it is held as under way there all the same. One over that waits
 (`BUSY_WAIT`) for those under way to end, then is admitted or refused: so
 concurrent logins of the right password all get in, without counting as
 failures. The failure that brings a tier's count to its maximum locks it for
@@ -58,7 +76,7 @@ failures. The failure that brings a tier's count to its maximum locks it for
 twice as long as the last lock (at most `lock_max`): a guesser gets one try per
 lock, and the owner, once the lock passes, gets in with the right password.
 Attempts refused during a lock are not counted and cost no password check. A
-successful login deletes its address's count; a count expires `window` seconds
+successful login deletes its device's count, or else its address's; a count expires `window` seconds
 after the last failure's lock ends, forgetting it. An attempt whose worker died
 before it ended stops counting as under way after `STALE_SECONDS`.
 
@@ -79,6 +97,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import NamedTuple, cast
 
 import redis.asyncio as aioredis
@@ -105,13 +124,15 @@ _BUSY_POLL = 0.05
 KNOWN_ADDRESSES = 10
 # The account tier's address in key names (no address is keyed so).
 ACCOUNT = "*"
+# A device token's tier is keyed as the address `device:<its SHA-256>` (no address is).
+DEVICE = "device:"
 _DAY = 86400.0
 
 # Admit one attempt (ARGV[3], its id) unless a tier that applies to it is locked or
 # has as many attempts under way as it may; hold it as under way in every tier.
 # KEYS: the known addresses zset, then per tier its failures hash and pending zset.
 # ARGV: now, stale seconds, attempt id, the address ('' none), known since (epoch
-# seconds), then per tier its max failures and 1 if a known address escapes it.
+# seconds), then per tier its max failures and whom its lock spares (`Spared`).
 # Returns nil when admitted, else {"locked", seconds left} or {"busy", "0"}.
 _ADMIT = """
 local now, stale = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -119,7 +140,8 @@ local seen = ARGV[4] ~= '' and redis.call('ZSCORE', KEYS[1], ARGV[4])
 local known = seen and tonumber(seen) >= tonumber(ARGV[5])
 local tiers, applying = (#KEYS - 1) / 2, {}
 for tier = 1, tiers do
-  if not (known and ARGV[5 + 2 * tier] == '1') then applying[#applying + 1] = tier end
+  local spared = ARGV[5 + 2 * tier]
+  if not (spared == '2' or (known and spared == '1')) then applying[#applying + 1] = tier end
 end
 local left = 0
 for _, tier in ipairs(applying) do
@@ -143,10 +165,10 @@ return false
 """
 
 # Count a failed attempt (ARGV[5]) in every tier, locking a tier when its count says
-# so; index the first tier's failures under the address (ARGV[6], '' none) until
-# they expire. KEYS: the addresses zset, then per tier its failures hash and pending
-# zset. ARGV: now, lock base, lock max, window, attempt id, address, then per tier
-# its max failures.
+# so; index the first tier's failures under the address or device it counts
+# (ARGV[6], '' none) until they expire. KEYS: the addresses zset, then per tier its
+# failures hash and pending zset. ARGV: now, lock base, lock max, window, attempt
+# id, address or device, then per tier its max failures.
 _FAILED = """
 local now = tonumber(ARGV[1])
 for tier = 1, (#KEYS - 1) / 2 do
@@ -183,7 +205,9 @@ def login_address(address: str | None) -> str | None:
     return block
 
 
-def _name(username: str) -> str:
+def fold_username(username: str) -> str:
+    """How `username` is keyed: lower-cased, as `Users.find` matches it; by its SHA-256
+    if no user can have it."""
     folded = username.lower()
     if not USERNAME.fullmatch(username):
         folded = "#" + hashlib.sha256(folded.encode(errors="replace")).hexdigest()
@@ -195,7 +219,7 @@ def failures_key(username: str, address: str | None = None) -> str:
     `address` (as `login_address` keys it; `ACCOUNT`: every address; None: logins
     naming no address)."""
     suffix = "" if address is None else f"@{address}"
-    return data_key("auth", "login_failures", _name(username) + suffix)
+    return data_key("auth", "login_failures", fold_username(username) + suffix)
 
 
 def pending_key(username: str, address: str | None = None) -> str:
@@ -205,12 +229,12 @@ def pending_key(username: str, address: str | None = None) -> str:
 
 def addresses_key(username: str) -> str:
     """The addresses with a failure count of `username` (for the admin's clear)."""
-    return data_key("auth", "login_addresses", _name(username))
+    return data_key("auth", "login_addresses", fold_username(username))
 
 
 def known_key(username: str) -> str:
     """The addresses `username` registered, logged in or refreshed a session from lately."""
-    return data_key("auth", "login_known", _name(username))
+    return data_key("auth", "login_known", fold_username(username))
 
 
 _DEFAULTS = Settings()
@@ -241,25 +265,41 @@ class ThrottleRules:
         )
 
 
+class Spared(IntEnum):
+    """Which attempts a tier's lock does not apply to (it counts them all the same)."""
+
+    NONE = 0
+    KNOWN = 1  # those from an address known as the user's
+    ALL = 2  # every one (the account tier of an attempt with a device token)
+
+
 class Tier(NamedTuple):
     """One count a login attempt is throttled by."""
 
     failures: str  # its failures hash's key
     pending: str  # its attempts under way (zset) key
     max_failures: int
-    known_escapes: bool  # whether its lock spares a known address
+    spared: Spared  # which attempts its lock spares
 
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
     """An admitted login attempt: its id, the name, the address as keyed (None: the
-    login named none), and the tiers it counts in, first its address's (their keys
-    built once, by `admit`, for the call that ends it)."""
+    login named none), the digest of its live device token (None: none), and the
+    tiers it counts in, first its device's or address's (their keys built once, by
+    `admit`, for the call that ends it)."""
 
     id: str
     username: str
     address: str | None
+    device: str | None
     tiers: tuple[Tier, ...]
+
+    @property
+    def counted_as(self) -> str | None:
+        """What its first tier counts, as `failures_key` names it: the device or the
+        address."""
+        return self.address if self.device is None else DEVICE + self.device
 
 
 class LoginThrottle:
@@ -283,19 +323,24 @@ class LoginThrottle:
         self._admit = redis.register_script(_ADMIT)
         self._failed = redis.register_script(_FAILED)
 
-    async def admit(self, username: str, address: str | None = None) -> Attempt:
+    async def admit(
+        self, username: str, address: str | None = None, device: str | None = None
+    ) -> Attempt:
         """Admit a login attempt of `username` from the client `address` (None: one
-        that names none), for the call that ends it.
+        that names none) with the device token whose digest is `device` (checked live
+        by the caller, `devices.DeviceTokens.check`; None: none), for the call that
+        ends it.
 
         `TooManyAttempts` while a tier that applies is locked, or when the attempts
         it may have under way still are after `BUSY_WAIT`.
         """
         keyed = login_address(address)
-        attempt = Attempt(uuid.uuid4().hex, username, keyed, self._tiers(username, keyed))
+        tiers = self._tiers(username, keyed, device)
+        attempt = Attempt(uuid.uuid4().hex, username, keyed, device, tiers)
         keys = _keys(known_key(username), attempt.tiers)
         # The address to look up among the known ones (none while none is kept).
         lookup = attempt.address if self.rules.known_for > 0 else None
-        per_tier = [v for t in attempt.tiers for v in (t.max_failures, int(t.known_escapes))]
+        per_tier = [v for t in attempt.tiers for v in (t.max_failures, int(t.spared))]
         waited_until = time.monotonic() + BUSY_WAIT
         while True:
             now = self.clock()
@@ -323,21 +368,22 @@ class LoginThrottle:
         rules = self.rules
         keys = _keys(addresses_key(attempt.username), attempt.tiers)
         args: list[str | float] = [self.clock(), rules.lock_base, rules.lock_max, rules.window]
-        args += [attempt.id, attempt.address or "", *(t.max_failures for t in attempt.tiers)]
+        args += [attempt.id, attempt.counted_as or "", *(t.max_failures for t in attempt.tiers)]
         await self._failed(keys=keys, args=args)
 
     async def succeeded(self, attempt: Attempt) -> None:
-        """The password was right: forget the failures from its address (not the
-        account's), and remember the address as the user's."""
+        """The password was right: forget the failures of its device, or else of its
+        address (not the account's: nor the address's when it came with a device, whose
+        owner may share it with strangers), and remember the address as the user's."""
         username, address, tiers = attempt.username, attempt.address, attempt.tiers
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(tiers[0].failures)
             for tier in tiers:
                 pipe.zrem(tier.pending, attempt.id)
-            if address is not None:
-                pipe.zrem(addresses_key(username), address)
-                if self.rules.known_for > 0:
-                    self._remember(pipe, known_key(username), address)
+            if attempt.counted_as is not None:
+                pipe.zrem(addresses_key(username), attempt.counted_as)
+            if address is not None and self.rules.known_for > 0:
+                self._remember(pipe, known_key(username), address)
             await pipe.execute()
 
     async def remember(self, username: str, address: str | None) -> None:
@@ -394,17 +440,22 @@ class LoginThrottle:
             deleted = (await pipe.execute())[0]
         return bool(deleted)
 
-    def _tiers(self, username: str, address: str | None) -> tuple[Tier, ...]:
-        """The tiers an attempt of `username` from `address` (as keyed) counts in,
-        first its address's."""
+    def _tiers(self, username: str, address: str | None, device: str | None) -> tuple[Tier, ...]:
+        """The tiers an attempt of `username` from `address` (as keyed) with the device
+        token `device` (its digest) counts in, first its device's or else its address's."""
         rules = self.rules
-        if address is None:
-            return (Tier(failures_key(username), pending_key(username), rules.max_failures, False),)
+        if device is not None:  # counted per device, not per address; the account spares it
+            first, spared = DEVICE + device, Spared.ALL
+        elif address is not None:
+            first, spared = address, Spared.KNOWN
+        else:
+            return (Tier(failures_key(username), pending_key(username), rules.max_failures,
+                         Spared.NONE),)  # fmt: skip
         return (
-            Tier(failures_key(username, address), pending_key(username, address),
-                 rules.max_failures, False),
+            Tier(failures_key(username, first), pending_key(username, first),
+                 rules.max_failures, Spared.NONE),
             Tier(failures_key(username, ACCOUNT), pending_key(username, ACCOUNT),
-                 rules.max_account_failures, True),
+                 rules.max_account_failures, spared),
         )  # fmt: skip
 
 

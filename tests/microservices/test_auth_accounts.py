@@ -128,14 +128,15 @@ async def test_default_scopes_come_from_the_setting(redis: aioredis.Redis) -> No
 # -- login ---------------------------------------------------------------------------
 
 
-async def test_login_issues_an_access_and_a_refresh_token(
+async def test_login_issues_an_access_a_refresh_and_a_device_token(
     accounts: Accounts, gateway: Authenticator
 ) -> None:
     user = await accounts.register("Erin", PASSWORD)
     now = int(time.time())
     answer = await accounts.login("erin", PASSWORD)  # usernames match ignoring case
     assert set(answer) == {"access_token", "token_type", "expires_in", "refresh_token",
-                           "refresh_expires_in"}  # fmt: skip
+                           "refresh_expires_in", "device_token", "device_expires_in"}  # fmt: skip
+    assert answer["device_token"].startswith("sbd_") and answer["device_expires_in"] == 30 * 86400
     assert answer["token_type"] == "bearer" and answer["expires_in"] == TTL
     assert answer["refresh_token"].startswith("sbr_") and answer["refresh_expires_in"] == 14 * 86400
     token = answer["access_token"]

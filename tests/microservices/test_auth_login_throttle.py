@@ -61,13 +61,14 @@ async def throttled(
     window: float = 60.0,
     account: int = 20,
     known_for: float = 30 * 86400.0,
+    device_days: float = 30,
     clock: Clock | None = None,
     hasher: CountingHasher | None = None,
 ) -> Accounts:
-    """Accounts whose logins lock after 3 failures from one address, `account` from
-    all (for 10 s by default)."""
+    """Accounts whose logins lock after 3 failures from one address or device,
+    `account` from all (for 10 s by default)."""
     rules = ThrottleRules(3, lock_base, lock_max, window, account, known_for)
-    kwargs: dict[str, Any] = {"throttle": rules}
+    kwargs: dict[str, Any] = {"throttle": rules, "device_days": device_days}
     if clock is not None:
         kwargs["clock"] = clock
     if hasher is not None:
@@ -77,18 +78,29 @@ async def throttled(
     return accounts
 
 
-async def fail(accounts: Accounts, username: str, times: int, address: str | None = None) -> None:
+async def fail(
+    accounts: Accounts,
+    username: str,
+    times: int,
+    address: str | None = None,
+    device_token: str | None = None,
+) -> None:
     for _ in range(times):
         with pytest.raises(Unauthorized, match="invalid username or password"):
-            await accounts.login(username, WRONG, address)
+            await accounts.login(username, WRONG, address, device_token)
 
 
 async def refused(
-    accounts: Accounts, username: str, password: str = PASSWORD, *, address: str | None = None
+    accounts: Accounts,
+    username: str,
+    password: str = PASSWORD,
+    *,
+    address: str | None = None,
+    device_token: str | None = None,
 ) -> float:
     """Log in, expecting the throttle's refusal; its retry_after."""
     with pytest.raises(TooManyAttempts) as caught:
-        await accounts.login(username, password, address)
+        await accounts.login(username, password, address, device_token)
     assert caught.value.code == "too_many_attempts"
     assert caught.value.message.startswith("too many failed logins: try again in ")
     retry_after = caught.value.retry_after

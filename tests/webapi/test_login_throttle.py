@@ -3,7 +3,8 @@ real auth worker: 429 with `Retry-After` and the JSON error body, the same answe
 for unknown usernames, the lock passing (polled, never timed), the admin's
 `DELETE /admin/login-failures/...`, and the client address the gateway passes on:
 a stranger's failures do not lock the owner out; a registration and a refresh
-make theirs known.
+make theirs known; a device token lets the owner in past a stranger at the same
+address (a NAT), and any other token counts by the address.
 
 Two gateways, each with its auth worker, lock a username after 3 failures from
 one address, 5 from all: `gateway` (Redis DB 12) for 2 s, for the test that waits
@@ -81,9 +82,14 @@ def long_locks(redis_url: str) -> Iterator[str]:
         yield base
 
 
-def login(base: str, username: str, password: str, client: str | None = None) -> httpx.Response:
-    """A login; from `client` (the address a trusted proxy reports) if given."""
+def login(
+    base: str, username: str, password: str, client: str | None = None, device: object = None
+) -> httpx.Response:
+    """A login; from `client` (the address a trusted proxy reports) and with the
+    `device_token` `device` if given."""
     body = {"username": username, "password": password}
+    if device is not None:
+        body["device_token"] = device
     headers = {"X-Forwarded-For": client} if client else {}
     return httpx.post(f"{base}/api/v1/auth/login", json=body, headers=headers, timeout=10)
 
@@ -174,3 +180,53 @@ def test_register_and_refresh_pass_the_client_address(long_locks: str, redis_url
         r = httpx.post(url, json=body, headers={"X-Forwarded-For": NEW}, timeout=10)
         assert r.status_code == 200, r.text
         assert known() == {OWNER, NEW}
+
+
+def device_token(r: httpx.Response) -> str | None:
+    """The device token a successful login gave."""
+    assert r.status_code == 200, r.text
+    token = r.json().get("device_token")
+    assert token is None or token.startswith("sbd_")
+    return token
+
+
+def test_the_owners_device_gets_in_after_a_stranger_at_the_same_address_locked_it(
+    long_locks: str,
+) -> None:
+    """Behind one NAT, the owner and a stranger have the same address: the stranger's
+    failures lock it, and the owner's device token still gets in (a new one each time)."""
+    username = registered(long_locks, OWNER)
+    token = device_token(login(long_locks, username, PASSWORD, OWNER))
+    for _ in range(3):
+        assert login(long_locks, username, WRONG, OWNER).status_code == 401
+    assert_throttled(login(long_locks, username, PASSWORD, OWNER))
+    for _ in range(2):
+        r = login(long_locks, username, PASSWORD, OWNER, token)
+        assert r.status_code == 200, r.text
+        assert device_token(r) != token
+        token = device_token(r)
+    assert_throttled(login(long_locks, username, WRONG, OWNER))  # still, without one
+
+
+def test_another_token_counts_by_the_address(long_locks: str) -> None:
+    """Forged, another user's, or not a string (a 422): no way past the address's lock."""
+    username, other = registered(long_locks), registered(long_locks)
+    others = device_token(login(long_locks, other, PASSWORD, OWNER))
+    for _ in range(3):
+        assert login(long_locks, username, WRONG, OWNER).status_code == 401
+    for token in ("sbd_" + "A" * 43, others):
+        assert_throttled(login(long_locks, username, PASSWORD, OWNER, token))
+    r = login(long_locks, username, PASSWORD, OWNER, {"device": 1})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_params", r.text
+
+
+def test_a_devices_own_failures_lock_it(long_locks: str) -> None:
+    """A device token is no way around the limit: its own failures lock it, wherever
+    it is used, and not its address."""
+    username = registered(long_locks)
+    token = device_token(login(long_locks, username, PASSWORD, OWNER))
+    for _ in range(3):
+        assert login(long_locks, username, WRONG, OWNER, token).status_code == 401
+    assert_throttled(login(long_locks, username, PASSWORD, OWNER, token))
+    assert_throttled(login(long_locks, username, PASSWORD, NEW, token))
+    assert login(long_locks, username, PASSWORD, OWNER).status_code == 200

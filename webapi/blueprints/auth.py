@@ -56,14 +56,24 @@ async def login(request: GatewayRequest) -> HTTPResponse:
     """Tokens for a username and password. The client's address (read as the rate
     limits read it) goes with them: the auth service counts failed logins per
     username and address, so strangers elsewhere do not lock the owner's address (the
-    account-wide backstop spares only the addresses known as the user's)."""
+    account-wide backstop spares only the addresses known as the user's).
+
+    The answer's `device_token`, sent back as the body's `device_token` at the
+    user's next login, counts that login per device instead, so strangers at the
+    same address (a NAT) do not lock the owner's device. It travels in the JSON
+    body, as the refresh token does: the gateway sets no cookies (nor knows the
+    scheme a TLS-terminating proxy saw, to mark one `Secure`), and every client
+    (CLI, app, browser script) keeps it as it keeps the refresh token."""
     body = json_object(request, empty_ok=False)
+    # Named only when sent: an auth worker from before device tokens refuses the name.
+    device = {"device_token": body["device_token"]} if "device_token" in body else {}
     result = await _auth(
         request,
         "login",
         username=body.get("username"),
         password=body.get("password"),
         address=request.app.ctx.gate.client_ip(request),
+        **device,
     )
     return json_response(result)
 
