@@ -12,6 +12,7 @@ and waited out by polling; nothing asserts how long anything took.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -51,6 +52,22 @@ OWNER, STRANGER, OTHER = "198.51.100.20", "203.0.113.7", "192.0.2.33"
 
 def counting_hasher() -> CountingHasher:
     return CountingHasher(time_cost=1, memory_cost=8192, parallelism=1)
+
+
+async def concurrent_guesses(
+    instances: tuple[Accounts, Accounts],
+    hasher: CountingHasher,
+    username: str,
+    address: Callable[[int], str | None] = lambda i: None,
+    device_token: str | None = None,
+) -> tuple[list[str], int]:
+    """20 wrong logins at once, alternating between two auth instances (as behind two
+    gateways), the `i`th from `address(i)`: their outcomes' kinds, sorted, and how
+    many passwords were checked."""
+    verified = hasher.verifications
+    calls = [instances[i % 2].login(username, WRONG, address(i), device_token) for i in range(20)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    return sorted(type(r).__name__ for r in results), hasher.verifications - verified
 
 
 async def throttled(
@@ -199,12 +216,9 @@ async def test_concurrent_attempts_cannot_exceed_the_limit(redis: aioredis.Redis
     first = await throttled(redis, hasher=hasher)
     second = await throttled(redis, hasher=hasher)
     await first.register("Frank", PASSWORD)
-    verified = hasher.verifications
-    calls = [(first if i % 2 else second).login("Frank", WRONG) for i in range(20)]
-    results = await asyncio.gather(*calls, return_exceptions=True)
-    kinds = sorted(type(r).__name__ for r in results)
+    kinds, checked = await concurrent_guesses((first, second), hasher, "Frank")
     assert kinds == ["TooManyAttempts"] * 17 + ["Unauthorized"] * 3
-    assert hasher.verifications - verified == 3
+    assert checked == 3
 
 
 async def test_concurrent_logins_with_the_right_password_all_get_in(
@@ -394,12 +408,9 @@ async def test_concurrent_attempts_from_many_addresses_cannot_exceed_the_account
     first = await throttled(redis, account=5, hasher=hasher)
     second = await throttled(redis, account=5, hasher=hasher)
     await first.register("Omar", PASSWORD)
-    verified = hasher.verifications
-    calls = [(first if i % 2 else second).login("Omar", WRONG, f"192.0.2.{i}") for i in range(20)]
-    results = await asyncio.gather(*calls, return_exceptions=True)
-    kinds = sorted(type(r).__name__ for r in results)
+    kinds, checked = await concurrent_guesses((first, second), hasher, "Omar", "192.0.2.{}".format)
     assert kinds == ["TooManyAttempts"] * 15 + ["Unauthorized"] * 5
-    assert hasher.verifications - verified == 5
+    assert checked == 5
 
 
 async def test_an_admin_clears_every_address_and_the_account(redis: aioredis.Redis) -> None:
