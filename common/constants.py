@@ -58,6 +58,12 @@ def leases_key(service: str) -> str:
     return f"{PREFIX}:{{{service}}}:leases"
 
 
+def reaping_key(service: str) -> str:
+    """When the service's reapers last began reclaiming without a break (ms, Redis's
+    clock), expiring after a break: see `common.redelivery`."""
+    return f"{PREFIX}:{{{service}}}:reaping"
+
+
 def limits_key(service: str) -> str:
     """Hash of the service's limits read by the enqueue script (`max_backlog`)."""
     return f"{PREFIX}:{{{service}}}:limits"

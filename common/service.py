@@ -219,6 +219,7 @@ class Service:
                 thread_pool=self.settings.rpc_thread_pool,
                 dedup_window=self.settings.rpc_dedup_window,
                 reap_interval=self.settings.heartbeat_interval,
+                lease_ttl=self.settings.heartbeat_ttl,
                 retry_delay=self.settings.task_retry_delay,
                 dead_letter_cap=self.settings.dead_letter_cap,
                 max_deliveries=self.settings.rpc_max_deliveries,

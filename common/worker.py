@@ -25,7 +25,10 @@ holds back the others, nor the worker's shutdown.
 
 Redelivery (`common.redelivery`): every `reap_interval` a worker runs the
 reclaim script, which moves the pending calls of every consumer without a live
-lease (a SIGKILLed, stopped or partitioned instance) to itself. A reclaimed call whose
+lease (a SIGKILLed, stopped or partitioned instance) to itself, except within a grace
+(one lease and one interval) after the service's reclaims were broken off (a Redis
+outage, which ends the live workers' leases too, or a fresh start): time for every
+live worker to renew before its calls are taken for a dead one's. A reclaimed call whose
 id is in the deduplication window already completed: its stored reply is sent again
 and it does not run twice. The lease is renewed from a thread (`common.lease`), so a
 handler that blocks the event loop does not lose it, unless the loop stays blocked
@@ -77,6 +80,7 @@ class Worker(CallRunner):
         thread_pool: int,
         dedup_window: float = 30.0,
         reap_interval: float = 1.0,
+        lease_ttl: float = 3.0,
         block_ms: int = 1000,
         retry_delay: float = 1.0,
         dead_letter_cap: int = 10_000,
@@ -99,7 +103,14 @@ class Worker(CallRunner):
         self.stats = WorkerStats()
         self._bucket_seconds = max(dedup_window / 2, 1.0)
         self._executor = ThreadPoolExecutor(thread_pool, thread_name_prefix=f"{service}-handler")
-        self.redelivery = Redelivery(redis, service, consumer, self._bucket_seconds)
+        self.redelivery = Redelivery(
+            redis,
+            service,
+            consumer,
+            self._bucket_seconds,
+            lease_ttl=lease_ttl,
+            reap_interval=reap_interval,
+        )
         # The read loop's connection (reads, and the writes that ride along) and
         # the flusher's (writes made while the read loop is blocked in a read).
         self._reader = RawConnection(redis)
@@ -304,10 +315,9 @@ class Worker(CallRunner):
             await asyncio.sleep(self.reap_interval)
             try:
                 await self.redelivery.move_due_retries()
-                free = self._free_slots()
-                if free <= 0:
-                    continue
-                claimed = await self.redelivery.reclaim(free)
+                # Run with no room too (claiming nothing): Redis notes every reclaim, and
+                # one missing for long reads as an outage, after which reclaiming waits.
+                claimed = await self.redelivery.reclaim(max(self._free_slots(), 0))
                 outage.recovered()
             except REDIS_DOWN_ERRORS:
                 continue

@@ -1,19 +1,25 @@
 """A worker's lease (common.lease): a handler blocking the event loop for longer than
 the lease is not taken for a dead worker (its call runs once), while a stopped, killed
-or hung worker (blocked past LOOP_STALL_LIMIT) still has its calls redelivered.
+or hung worker (blocked past LOOP_STALL_LIMIT) still has its calls redelivered; after a
+Redis outage that ended every lease, the first worker back does not take the calls of
+the others before they renew (common.redelivery), a dead one's still are.
 Real redis-server, real worker processes with short leases."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import signal
+import time
 import uuid
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from common import RpcClient
+from common import RpcClient, constants
+from common.embedded_redis import EmbeddedRedis
+from common.redelivery import _RECLAIM
 from common.registry import Registry
 from tests.helpers import ServiceProcess, wait_for, wait_for_async
 from tests.support.leases import QUICK_LEASES_ENV
@@ -137,3 +143,65 @@ async def test_loop_blocked_past_the_stall_limit_has_its_call_redelivered(
         hung.stop(signal.SIGKILL)
         for w in workers:
             w.stop()
+
+
+# Leases of 1.2 s renewed (and reaped) every 0.2 s: the grace after an outage (one lease
+# and one interval, 1.4 s) is seven reaps.
+_OUTAGE_LEASES = {"HEARTBEAT_INTERVAL": "0.2", "HEARTBEAT_TTL": "1.2"}
+
+
+@pytest.mark.parametrize("fate", ["resumed", "killed"])
+async def test_the_first_worker_back_after_an_outage_leaves_the_others_calls(fate: str) -> None:
+    """Redis is away (stopped: it answers nothing, closes nothing) for longer than the
+    lease, so every lease lapses; the worker running a call is itself stopped until the
+    other has run a reclaim once Redis is back, as a live worker whose heartbeat has not
+    got through yet. Before: the other took the call and ran it a second time. Now it
+    waits a grace: the runner, resumed, renews and its call runs once; killed instead,
+    its call runs on the other after the grace."""
+    server = EmbeddedRedis().start()
+    assert server.process is not None
+    name, key = f"stall_{uuid.uuid4().hex[:8]}", f"test:charged:{uuid.uuid4().hex}"
+    workers = [_worker(name, server.url, **_OUTAGE_LEASES) for _ in range(2)]
+    admin = aioredis.Redis.from_url(server.url)
+    try:
+        async with RpcClient(server.url) as rpc:
+            ids = [await _serving(rpc, name, w) for w in workers]
+            call = asyncio.create_task(
+                rpc.call(f"{name}.charge", key=key, seconds=2.0, block=False, timeout=30)
+            )
+            runner = (await wait_for_async(lambda: admin.lrange(key, 0, -1)))[0].decode()
+            other = ids[1 - ids.index(runner)]
+            worker = workers[ids.index(runner)]
+            worker.send_signal(signal.SIGSTOP)  # first: its lease must not lapse with Redis up
+            leases = await admin.zrange(constants.leases_key(name), 0, -1, withscores=True)
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                ended = max(score for _, score in leases) / 1000
+                await wait_for_async(lambda: time.time() > ended + 0.1)
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            await asyncio.wait_for(_reclaim_ran(admin, other), 10)
+            if fate == "killed":
+                worker.stop(signal.SIGKILL)
+            worker.send_signal(signal.SIGCONT)
+            answer = await call
+            ran = [runner, other] if fate == "killed" else [runner]
+            assert [r.decode() for r in await admin.lrange(key, 0, -1)] == ran
+            assert answer == ran[-1]
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGCONT)
+            w.stop()
+        await admin.aclose()
+        server.stop()
+
+
+async def _reclaim_ran(admin: aioredis.Redis, consumer: str) -> None:
+    """Return once Redis has run a reclaim by `consumer` (the script, by its hash or
+    its text), from now on."""
+    sha = hashlib.sha1(_RECLAIM.encode()).hexdigest()
+    async with admin.monitor() as monitor:
+        while True:
+            command = (await monitor.next_command())["command"]
+            if consumer in command and (sha in command or "XCLAIM" in command):
+                return

@@ -17,12 +17,21 @@ from common.protocol import Call, ok_reply
 from common.settings import get_settings
 from tests.helpers import serve_in_task, wait_for_async
 from tests.support.calc_service import build, start_worker
+from tests.support.leases import QUICK_LEASES
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def _name() -> str:
     return f"calc_{uuid.uuid4().hex[:8]}"
+
+
+def _reaping(name: str, **settings: float) -> Service:
+    """`build(name)` with short leases: a new service's first reclaims wait one lease
+    and one interval (`common.redelivery`), 0.8 s rather than 4."""
+    svc = build(name)
+    svc.settings = dataclasses.replace(get_settings(), **QUICK_LEASES, **settings)
+    return svc
 
 
 async def _stop(svc: Service, task: asyncio.Task[None]) -> None:
@@ -102,7 +111,7 @@ def _call(method: str, reply_to: str, **kwargs: object) -> Call:
 async def test_dead_workers_call_is_redelivered_and_run_once(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
-    svc = build(_name())
+    svc = _reaping(_name())
     await redis_client.xgroup_create(
         constants.call_stream(svc.name), constants.WORKER_GROUP, id="0", mkstream=True
     )
@@ -125,7 +134,7 @@ async def test_redelivered_completed_call_returns_stored_reply(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
     """The first run wrote its reply into the dedup window, then died before acking."""
-    svc = build(_name())
+    svc = _reaping(_name())
     await redis_client.xgroup_create(
         constants.call_stream(svc.name), constants.WORKER_GROUP, id="0", mkstream=True
     )
@@ -194,10 +203,8 @@ async def test_directed_calls_reach_only_that_instance(redis_url: str, rpc: RpcC
 
 async def test_shutdown_hands_back_calls_past_the_grace(redis_url: str, rpc: RpcClient) -> None:
     name = _name()
-    quick = dataclasses.replace(get_settings(), shutdown_grace=0.3)
-    leaving = build(name)
-    leaving.settings = quick
-    staying = build(name)
+    leaving = _reaping(name, shutdown_grace=0.3)
+    staying = _reaping(name)
     first = await serve_in_task(leaving, redis_url)
     try:
         call = asyncio.create_task(

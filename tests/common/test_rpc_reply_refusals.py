@@ -242,7 +242,9 @@ async def test_a_stored_reply_looked_up_while_redis_is_busy_is_unknown(
     runs again, as when Redis is down (at-least-once)."""
     client = aioredis.Redis.from_url(private_redis.url)
     try:
-        redelivery = Redelivery(client, "refused_lookup", "consumer", 15.0)
+        redelivery = Redelivery(
+            client, "refused_lookup", "consumer", 15.0, lease_ttl=3.0, reap_interval=1.0
+        )
         with busy(admin):
             assert await redelivery.stored_reply("some-call") is None
     finally:
