@@ -28,6 +28,10 @@ Enqueueing is one Lua script, so "is any instance accepting?", "is the backlog
 under its bound?" and "append the call" are a single atomic round trip: a call
 to a service with no live instance fails at once with `ServiceUnavailable`, and
 one to a saturated service with `Overloaded`, instead of waiting for a timeout.
+While Redis refuses writes (out of memory, a read-only replica, a failed save), the
+workers' heartbeats are refused too and their leases lapse: a call then is told that
+Redis refuses the write, not "no live instance" (a 503 for a running service), the
+scripts trying a write that changes nothing before they answer "no live instance".
 """
 
 from __future__ import annotations
@@ -56,10 +60,26 @@ DEFAULT_SEND_TTL = 300.0
 HIGH_WATERMARK = 0.8
 LOW_WATERMARK = 0.6
 
+# The enqueue scripts' answer "no live instance" (KEYS[3]: the limits hash). If there is
+# none because Redis refuses writes (out of memory, a read-only replica, a failed save),
+# which refused the heartbeats too, the caller is told so: a write that changes nothing
+# (a known service's limits hash holds max_backlog; 0, no bound, is what its absence
+# means) fails then with Redis's error.
+_NONE_LIVE = """
+local function none_live()
+  if redis.call('EXISTS', KEYS[3]) == 1 then
+    redis.call('HSETNX', KEYS[3], 'max_backlog', '0')
+  end
+  return 0
+end
+"""
+
 # KEYS: accepting-instances zset, target task stream, limits hash, calls stream,
 #       priority-1 stream, priority-2 stream, coalesce hash, task stats hash.
 # ARGV: envelope, priority, policy, coalescing key ("" for none), high and low watermarks.
-TASK_SCRIPT = """
+TASK_SCRIPT = (
+    _NONE_LIVE
+    + """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local policy = ARGV[3]
@@ -69,7 +89,7 @@ local function drop()
 end
 if redis.call('ZCOUNT', KEYS[1], '(' .. now_ms, '+inf') == 0 then
   if policy == 'drop' then return drop() end
-  return 0
+  return none_live()
 end
 local bound = tonumber(redis.call('HGET', KEYS[3], 'max_backlog') or '0')
 if bound > 0 then
@@ -101,20 +121,23 @@ if policy == 'last' and ARGV[4] ~= '' then
 end
 return id
 """
+)
 
 # KEYS: accepting-instances zset, target stream (shared, or one instance's), limits hash.
 # ARGV: encoded envelope, target instance id ("" for any).
-ENQUEUE_SCRIPT = """
+ENQUEUE_SCRIPT = (
+    _NONE_LIVE
+    + """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[2] == '' then
   if redis.call('ZCOUNT', KEYS[1], '(' .. now_ms, '+inf') == 0 then
-    return 0
+    return none_live()
   end
 else
   local lease = redis.call('ZSCORE', KEYS[1], ARGV[2])
   if (not lease) or tonumber(lease) <= now_ms then
-    return 0
+    return none_live()
   end
 end
 local bound = tonumber(redis.call('HGET', KEYS[3], 'max_backlog') or '0')
@@ -123,6 +146,7 @@ if bound > 0 and redis.call('XLEN', KEYS[2]) >= bound then
 end
 return redis.call('XADD', KEYS[2], '*', 'c', ARGV[1])
 """
+)
 
 
 @dataclass(slots=True)

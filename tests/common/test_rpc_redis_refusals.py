@@ -7,6 +7,7 @@ password says so, once, never quoting it, and starts once the password is right.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 
 import pytest
@@ -16,8 +17,10 @@ import redis.asyncio as aioredis
 from common import RpcClient, constants
 from common.embedded_redis import EmbeddedRedis
 from common.errors import ServiceUnavailable
-from tests.helpers import ServiceProcess, wait_for, wait_for_async
-from tests.support.calc_service import start_worker
+from common.settings import get_settings
+from tests.helpers import ServiceProcess, serve_until_live, wait_for, wait_for_async
+from tests.support.calc_service import build, start_worker
+from tests.support.leases import QUICK_LEASES
 from tests.support.redis_states import (  # noqa: F401 (the *_fixture ones)
     MESSAGES,
     STATES,
@@ -79,6 +82,40 @@ async def test_calls_refused_by_redis_are_service_unavailable_saying_why(
                 assert all(e.__cause__ is not None for e in errors)  # for the log
         for rpc in (before, during):  # the writer and the reader went on
             await wait_for_async(lambda rpc=rpc: _taken(rpc, service), timeout=15)
+
+
+@pytest.mark.parametrize("kind", ["out_of_memory", "read_only", "persistence_failed"])
+async def test_a_service_whose_leases_lapsed_while_redis_refuses_writes_is_told_why(
+    kind: str, private_redis: EmbeddedRedis, admin: redis.Redis
+) -> None:
+    # Redis refusing writes refuses the worker's heartbeats too, and its lease lapses.
+    # Before: calls were then told "no live instance" (a 503 for a service that runs).
+    svc = build(f"calc_{uuid.uuid4().hex[:8]}")
+    svc.settings = dataclasses.replace(get_settings(), **QUICK_LEASES)
+    task = await serve_until_live(svc, private_redis.url)
+    try:
+        async with RpcClient(private_redis.url) as rpc:
+            assert await rpc.call(f"{svc.name}.add", 1, timeout=5) == 2
+            with STATES[kind](admin):
+                await wait_for_async(lambda: _none_live(admin, svc.name))
+                for refused in (
+                    rpc.call(f"{svc.name}.add", 1, timeout=5),
+                    rpc.send(f"{svc.name}.add", 1),
+                ):
+                    with pytest.raises(ServiceUnavailable) as info:
+                        await refused
+                    assert str(info.value) == MESSAGES[kind]
+            assert await wait_for_async(lambda: rpc.call(f"{svc.name}.add", 2, timeout=5)) == 3
+    finally:
+        svc.request_stop()
+        await asyncio.wait_for(task, 30)
+
+
+def _none_live(admin: redis.Redis, service: str) -> bool:
+    """No lease in `instances` ends after Redis's now."""
+    seconds, micros = admin.time()
+    now_ms = seconds * 1000 + micros // 1000
+    return not admin.zrangebyscore(constants.instances_key(service), f"({now_ms}", "+inf")
 
 
 async def test_a_refused_inbox_read_leaves_no_reply_to_be_misread(
