@@ -360,7 +360,7 @@ def _protocol_error(exc: Exception) -> bool:
 def _refused_by_redis(item: Enqueue) -> PayloadTooLarge:
     """The error of a call Redis refused to take (`_send_apart`), logged."""
     size = max((len(a) for a in item.args if isinstance(a, bytes)), default=0)
-    fields = {"service": item.service, "bytes": size}
+    fields = {"target_service": item.service, "bytes": size}
     log.warning("call refused by redis", extra={"fields": fields})
     return PayloadTooLarge.refused(item.service, size)
 

@@ -4,6 +4,13 @@ Every record carries the time, level, service, logger and message; the request
 id of the current request or RPC call is added when there is one (it travels in
 a context variable, so concurrent requests never mix ids). Extra fields passed
 with `logger.info("...", extra={"fields": {...}})` are merged into the object.
+
+The record's own keys (`RECORD_KEYS`) always win: `service` names the process that
+wrote the line, so logs queried by service find every line of it. A line about
+another service names that one `target_service`; a field that collides all the same
+is kept as `<name>_field` (`service_field`), never dropped and never over the
+record's own. (Merged over them, a proxy failure's `"service": "nlp"` made the
+gateway's line read as nlp's, lost to a query for `webapi`.)
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 _service_name = "switchboard"
+
+# The keys every line's object has of its own (`request_id` and `exc` when there are):
+# a field of the same name cannot replace them (module docstring).
+RECORD_KEYS = frozenset({"ts", "level", "service", "logger", "msg", "request_id", "exc"})
 
 
 class JsonFormatter(logging.Formatter):
@@ -39,7 +50,8 @@ class JsonFormatter(logging.Formatter):
             out["request_id"] = request_id
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            out.update(fields)
+            for name, value in fields.items():
+                out[f"{name}_field" if name in RECORD_KEYS else name] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str, ensure_ascii=False)

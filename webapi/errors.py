@@ -328,7 +328,7 @@ def _log_failure(exception: SanicException, path: str, status: int, code: str, m
     """Log a 5xx of ours as a `gateway error` warning, within its service's budget of
     `budgets` for `status` and `code` (module docstring)."""
     service = exception.service if isinstance(exception, ApiError) else ""
-    kind: dict[str, Any] = {"service": service} if service else {}
+    kind: dict[str, Any] = {"target_service": service} if service else {}
     kind.update(status=status, code=code)
     if budgets.spend(f"{status} {code} {service}", kind):
         fields = {"path": shortened(path, MAX_LOGGED_MESSAGE), **kind,

@@ -158,7 +158,7 @@ class HealthBook:
         state.ejected_until = now + length
         state.backoff = min(length * 2, self.max_ejection)
         state.failures = 0
-        fields = {"service": service, "instance": instance_id, "seconds": length}
+        fields = {"target_service": service, "instance": instance_id, "seconds": length}
         log.warning("upstream ejected", extra={"fields": fields})
 
     def active_result(self, record: InstanceRecord, ok: bool, *, fall: int, rise: int) -> None:

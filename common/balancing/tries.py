@@ -114,7 +114,7 @@ class Tries:
         budget = self._budget
         assert budget is not None  # (set by the first `choose`)
         was_exhausted = budget.exhausted
-        fields = {"service": self.service, **fields}
+        fields = {"target_service": self.service, **fields}
         if budget.try_spend():
             log.info("retrying on another instance", extra={"fields": fields})
             return True

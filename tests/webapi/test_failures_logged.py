@@ -88,7 +88,7 @@ async def test_a_failing_service_is_logged_ten_times_per_kind_then_counted(
         lines = process.log_records("gateway error")
         # Before: one line per request (1,351 here).
         assert len(lines) <= 10 * 5, collections.Counter(r.get("code") for r in lines)
-        logged = collections.Counter((r["service"], r["status"], r["code"]) for r in lines)
+        logged = collections.Counter((r["target_service"], r["status"], r["code"]) for r in lines)
         assert max(logged.values()) <= 10
         assert {(s, st) for s, st, _ in logged} >= {(down, 502), (down, 503), (hung, 504),
                                                    (other, 502)}  # fmt: skip
@@ -97,7 +97,7 @@ async def test_a_failing_service_is_logged_ten_times_per_kind_then_counted(
         process.stop()
         counted: collections.Counter[str] = collections.Counter()
         for summary in process.log_records("gateway errors not logged"):
-            counted[summary["service"]] += summary["count"]
+            counted[summary["target_service"]] += summary["count"]
         for service, statuses in answered.items():
             failures = sum(n for status, n in statuses.items() if status >= 500)
             assert (

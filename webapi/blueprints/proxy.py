@@ -178,7 +178,7 @@ async def _stream(
     except UpstreamError as exc:
         # The head is out: only closing the connection can tell the client that the
         # body is cut (Sanic's error handling would end it as if it were whole).
-        fields = {"service": service, "error": str(exc) or type(exc).__name__}
+        fields = {"target_service": service, "error": str(exc) or type(exc).__name__}
         log.warning("upstream body failed", extra={"fields": fields})
         if request.transport is not None:
             request.transport.close()

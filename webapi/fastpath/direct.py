@@ -167,7 +167,7 @@ class DirectExchange:
         token = request_id_var.set(self._request_id)  # for the logs below
         try:
             if self.head_written:  # only closing the connection can tell the client
-                fields = {"service": req.service, "error": str(exc) or type(exc).__name__}
+                fields = {"target_service": req.service, "error": str(exc) or type(exc).__name__}
                 log.warning("upstream body failed", extra={"fields": fields})
                 owner.fast_done(False)
                 return

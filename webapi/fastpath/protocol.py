@@ -444,7 +444,7 @@ class FastPathProtocol(LingeringHttpProtocol):
                 return  # the client left (`connection_lost` ends the rest)
             if self._fast_written:
                 # Half written: only closing the connection can tell the client.
-                fields = {"service": req.service, "error": str(exc) or type(exc).__name__}
+                fields = {"target_service": req.service, "error": str(exc) or type(exc).__name__}
                 log.warning("upstream body failed", extra={"fields": fields})
                 keep_alive = False
             else:

@@ -97,7 +97,7 @@ class ActiveChecker:
                 ok = False
                 if key not in self._unchecked:
                     self._unchecked.add(key)
-                    fields = {"service": record.service, "instance": record.instance_id,
+                    fields = {"target_service": record.service, "instance": record.instance_id,
                               "error": repr(exc)[:200]}  # fmt: skip
                     log.warning("health check could not be made", extra={"fields": fields})
             else:
