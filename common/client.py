@@ -30,6 +30,7 @@ from common.client_io import ClientIO, Enqueue
 from common.connection import RawConnection, connect_configured, pack_commands
 from common.errors import (
     MethodNotFound,
+    RpcError,
     RpcTimeout,
     ServiceUnavailable,
     quoted,
@@ -245,7 +246,12 @@ class RpcClient(ClientIO):
                 await self._enqueue_call(service, call, instance, future)
                 return await future
         except TimeoutError:
-            raise RpcTimeout(f"{target} did not answer within {timeout:g}s") from None
+            error = RpcTimeout(f"{target} did not answer within {timeout:g}s")
+            error.service = service
+            raise error from None
+        except RpcError as exc:  # the call's own error: which service it is about
+            exc.service = service
+            raise
         finally:
             self._pending.pop(call_id, None)
 

@@ -193,7 +193,7 @@ class ClientIO(ClientRefusals):
                 await self._send_apart(batch)
                 continue
             except REDIS_DOWN_OR_REFUSING as exc:  # never ends the writer: later calls need it
-                _fail(batch, redis_failed(exc))
+                _fail(batch, exc)
                 continue
             finally:
                 self._writes += 1
@@ -215,10 +215,11 @@ class ClientIO(ClientRefusals):
             try:
                 (result,) = await self._send_enqueues([item])
             except WriteRefused:
-                _fail([item], _refused_by_redis(item))
+                if not item.future.done():
+                    item.future.set_exception(_refused_by_redis(item))
                 continue
             except REDIS_DOWN_OR_REFUSING as exc:
-                _fail(batch[i:], redis_failed(exc))
+                _fail(batch[i:], exc)
                 return
             self._enqueued(item, result)
 
@@ -365,8 +366,11 @@ def _refused_by_redis(item: Enqueue) -> PayloadTooLarge:
     return PayloadTooLarge.refused(item.service, size)
 
 
-def _fail(items: list[Enqueue], error: Exception) -> None:
-    """Fail the enqueues of `items` whose caller still waits."""
+def _fail(items: list[Enqueue], cause: Exception) -> None:
+    """Fail the enqueues of `items` whose caller still waits, Redis having failed with
+    `cause` (`redis_failed`): each with an error of its own, which its caller marks
+    with the service it called (`RpcError.service`; items of several services fail
+    together)."""
     for item in items:
         if not item.future.done():
-            item.future.set_exception(error)
+            item.future.set_exception(redis_failed(cause))

@@ -89,9 +89,13 @@ class RedisUnavailable(SwitchboardError):
 
 
 class RpcError(SwitchboardError):
-    """An RPC call did not produce a result."""
+    """An RPC call did not produce a result. `service`: the service the call was to,
+    set by the client that made it (`RpcClient.invoke`); "" when raised elsewhere. Not
+    on the wire: the gateway's log lines of a failed call name it (`target_service`)
+    and are bounded per service."""
 
     code = "rpc_error"
+    service = ""
 
 
 class RpcTimeout(RpcError, TimeoutError):

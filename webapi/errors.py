@@ -24,7 +24,16 @@ Both kinds of error line are bounded (`common.log_budget`), in budgets of the ap
   differently: timing out where it refused), however loud one is; the lines carry the
   message (the 502's names the instance and how it failed). Nothing a client chooses
   is in the key (the version asked for is only in the message), so no client can spread
-  the lines over more budgets.
+  the lines over more budgets;
+* each 5xx of an RPC route (503 `service_unavailable`, 504 `timeout`, 502 `remote_error`
+  for a handler's crash...) is logged as an `rpc error` warning within a budget per
+  (service, status, code) as well (the service the call was to, `RpcError.service`):
+  10 a minute, then one `rpc errors not logged` warning a minute counting the rest. An
+  RPC service down under load wrote a warning per request (200 for 200 in a test). The
+  crashes of two services never share a budget; the service's log has their tracebacks.
+
+Lines about a service name it `target_service` (`service` is the gateway's own,
+`common.log`).
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from sanic.exceptions import RequestCancelled, SanicException
 from sanic.handlers import ErrorHandler
 
 from common.clientip import peer_ip
-from common.errors import Overloaded, SwitchboardError, shortened
+from common.errors import Overloaded, RpcError, SwitchboardError, shortened
 from common.http_errors import (
     MAX_LOGGED_MESSAGE,
     error_body,
@@ -74,18 +83,21 @@ class ErrorLogs:
 
     refusals: LogBudgets  # `request refused` (a 4xx), per client address block
     failures: LogBudgets  # `gateway error` (the proxy's 5xx), per service, status and code
+    rpc_failures: LogBudgets  # `rpc error` (an RPC call's 5xx), per service, status and code
 
     def flush(self) -> None:
         """Log every count not logged yet (the app stops)."""
         self.refusals.flush()
         self.failures.flush()
+        self.rpc_failures.flush()
 
 
 def error_logs(refusals_per_client: int) -> ErrorLogs:
     """A gateway app's `ErrorLogs`: `refusals_per_client` refusals a minute per client (its
     `LOG_REFUSALS_PER_CLIENT`), and the default 10 failures a minute per kind."""
     failures = LogBudgets(log, "gateway errors not logged", logging.WARNING, "failure")
-    return ErrorLogs(refusal_budgets(log, refusals_per_client), failures)
+    rpc_failures = LogBudgets(log, "rpc errors not logged", logging.WARNING, "failure")
+    return ErrorLogs(refusal_budgets(log, refusals_per_client), failures, rpc_failures)
 
 
 class ApiError(SanicException):
@@ -292,16 +304,19 @@ def error_response(
         elif (seconds := retry_after(exception)) is not None:  # too_many_attempts
             headers["Retry-After"] = seconds
         if status >= 500:
-            fields = {"path": path, "status": status, "code": exception.code,
-                      **error_detail(exception)}  # fmt: skip
-            log.warning("rpc error", extra={"fields": fields})
+            service = exception.service if isinstance(exception, RpcError) else ""
+            _log_failure("rpc error", logs.rpc_failures, service, status, exception.code,
+                         path, error_detail(exception))  # fmt: skip
     elif isinstance(exception, SanicException):
         status = exception.status_code
         code = error_code(exception)
         body = error_body(code, error_message(exception, code))
         headers.update(exception.headers or {})
         if status >= 500 and exception.quiet:  # ours (502, 503, 504): expected, no traceback
-            _log_failure(exception, path, status, code, body["error"]["message"], logs.failures)
+            service = exception.service if isinstance(exception, ApiError) else ""
+            message = shortened(body["error"]["message"], MAX_LOGGED_MESSAGE)
+            _log_failure("gateway error", logs.failures, service, status, code, path,
+                         {"message": message})  # fmt: skip
         elif status >= 500:
             log.error("gateway error", exc_info=exception)
     else:
@@ -323,14 +338,13 @@ def error_response(
         return json_response(body, status=status, headers=headers)
 
 
-def _log_failure(exception: SanicException, path: str, status: int, code: str, message: str,
-                 budgets: LogBudgets) -> None:  # fmt: skip
-    """Log a 5xx of ours as a `gateway error` warning, within its service's budget of
-    `budgets` for `status` and `code` (module docstring)."""
-    service = exception.service if isinstance(exception, ApiError) else ""
+def _log_failure(msg: str, budgets: LogBudgets, service: str, status: int, code: str,
+                 path: str, detail: dict[str, str]) -> None:  # fmt: skip
+    """Log a 5xx (`msg`: `gateway error`, the proxy's; `rpc error`, an RPC call's) as a
+    warning, within `service`'s budget of `budgets` for `status` and `code` (module
+    docstring), with `detail` (its message, its cause)."""
     kind: dict[str, Any] = {"target_service": service} if service else {}
     kind.update(status=status, code=code)
     if budgets.spend(f"{status} {code} {service}", kind):
-        fields = {"path": shortened(path, MAX_LOGGED_MESSAGE), **kind,
-                  "message": shortened(message, MAX_LOGGED_MESSAGE)}  # fmt: skip
-        log.warning("gateway error", extra={"fields": fields})
+        fields = {"path": shortened(path, MAX_LOGGED_MESSAGE), **kind, **detail}
+        log.warning(msg, extra={"fields": fields})
