@@ -31,6 +31,11 @@ Both kinds of error line are bounded (`common.log_budget`), in budgets of the ap
   10 a minute, then one `rpc errors not logged` warning a minute counting the rest. An
   RPC service down under load wrote a warning per request (200 for 200 in a test). The
   crashes of two services never share a budget; the service's log has their tracebacks.
+* each response whose upstream body failed after its head was written (the proxy can
+  only close the client's connection) is logged as an `upstream body failed` warning
+  within a budget per service: 10 a minute, then one `upstream body failures not logged`
+  warning a minute counting the rest (`log_cut`). An instance cutting its answers under
+  load wrote one per request.
 
 Lines about a service name it `target_service` (`service` is the gateway's own,
 `common.log`).
@@ -84,12 +89,14 @@ class ErrorLogs:
     refusals: LogBudgets  # `request refused` (a 4xx), per client address block
     failures: LogBudgets  # `gateway error` (the proxy's 5xx), per service, status and code
     rpc_failures: LogBudgets  # `rpc error` (an RPC call's 5xx), per service, status and code
+    cuts: LogBudgets  # `upstream body failed` (a response cut after its head), per service
 
     def flush(self) -> None:
         """Log every count not logged yet (the app stops)."""
         self.refusals.flush()
         self.failures.flush()
         self.rpc_failures.flush()
+        self.cuts.flush()
 
 
 def error_logs(refusals_per_client: int) -> ErrorLogs:
@@ -97,7 +104,19 @@ def error_logs(refusals_per_client: int) -> ErrorLogs:
     `LOG_REFUSALS_PER_CLIENT`), and the default 10 failures a minute per kind."""
     failures = LogBudgets(log, "gateway errors not logged", logging.WARNING, "failure")
     rpc_failures = LogBudgets(log, "rpc errors not logged", logging.WARNING, "failure")
-    return ErrorLogs(refusal_budgets(log, refusals_per_client), failures, rpc_failures)
+    cuts = LogBudgets(log, "upstream body failures not logged", logging.WARNING,
+                      "target_service")  # fmt: skip
+    return ErrorLogs(refusal_budgets(log, refusals_per_client), failures, rpc_failures, cuts)
+
+
+def log_cut(logs: ErrorLogs, service: str, exc: BaseException) -> None:
+    """Log a response of `service` whose body failed after its head was written (only
+    closing the client's connection can tell the client) as an `upstream body failed`
+    warning, within `service`'s budget (`logs.cuts`, module docstring)."""
+    if logs.cuts.spend(service):
+        error = shortened(str(exc) or type(exc).__name__, MAX_LOGGED_MESSAGE)
+        log.warning("upstream body failed", extra={"fields": {"target_service": service,
+                                                               "error": error}})  # fmt: skip
 
 
 class ApiError(SanicException):

@@ -26,7 +26,6 @@ from sanic.http import Http
 from common.balancing.sticky import balance_key
 from common.codec import parse_json
 from common.forwarding import hop_headers_out, strip_hop_by_hop
-from common.log import get_logger
 from common.proxy_paths import upstream_target
 from common.relayed import RelayedResponse
 from webapi.access import FROM_PATH, IN_HANDLER, POLICY_ROUTED
@@ -41,6 +40,7 @@ from webapi.errors import (
     UpstreamTimedOut,
     client_of,
     error_response,
+    log_cut,
 )
 from webapi.proxy.attempts import client_error
 from webapi.proxy.errors import UpstreamError
@@ -50,7 +50,6 @@ from webapi.requests import json_object, refuse_loop
 from webapi.responses import json_response
 
 bp = Blueprint("proxy")
-log = get_logger("webapi.proxy")
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -178,8 +177,7 @@ async def _stream(
     except UpstreamError as exc:
         # The head is out: only closing the connection can tell the client that the
         # body is cut (Sanic's error handling would end it as if it were whole).
-        fields = {"target_service": service, "error": str(exc) or type(exc).__name__}
-        log.warning("upstream body failed", extra={"fields": fields})
+        log_cut(request.app.ctx.error_logs, service, exc)
         if request.transport is not None:
             request.transport.close()
     finally:

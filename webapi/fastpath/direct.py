@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from common.log import get_logger, request_id_var
+from common.log import request_id_var
 from webapi.errors import ApiError
 from webapi.fastpath.request import Parsed
 from webapi.fastpath.response import CHUNKED, KEPT, WHOLE, bodiless_framing, client_head
@@ -31,8 +31,6 @@ from webapi.proxy.upstream import stale_retry_allowed
 if TYPE_CHECKING:
     from webapi.proxy.attempts import Attempts
     from webapi.proxy.connection import Connection
-
-log = get_logger("webapi.fastpath")
 
 
 class Stopping(Protocol):
@@ -53,6 +51,8 @@ class Owner(Protocol):
     ) -> None: ...
 
     def fast_retry(self, req: Parsed, head: bytes, attempts: Attempts, stale: bool) -> None: ...
+
+    def fast_cut(self, req: Parsed, exc: BaseException) -> None: ...
 
 
 class DirectExchange:
@@ -167,8 +167,7 @@ class DirectExchange:
         token = request_id_var.set(self._request_id)  # for the logs below
         try:
             if self.head_written:  # only closing the connection can tell the client
-                fields = {"target_service": req.service, "error": str(exc) or type(exc).__name__}
-                log.warning("upstream body failed", extra={"fields": fields})
+                owner.fast_cut(req, exc)
                 owner.fast_done(False)
                 return
             if self.answered:  # the body failed before any of it was written

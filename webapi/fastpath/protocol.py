@@ -21,7 +21,7 @@ from common.policy import RouteRule
 from common.request_ids import request_id_of
 from common.strict_http import BODY_STALLED, HEAD_STALLED, head_timeout
 from webapi.context import GatewayApp
-from webapi.errors import ApiError
+from webapi.errors import ApiError, log_cut
 from webapi.fastpath.admission import admit, allowed, may_qualify
 from webapi.fastpath.direct import DirectExchange
 from webapi.fastpath.request import Incomplete, Parsed, parse_head, parse_request
@@ -404,6 +404,12 @@ class FastPathProtocol(LingeringHttpProtocol):
         self.fast_write(self._error(exc, req.method, req.url, request_id, keep_alive, client))
         self.fast_done(keep_alive)
 
+    def fast_cut(self, req: Parsed, exc: BaseException) -> None:
+        """The upstream's body failed after some of the response was written: logged
+        within its service's budget (`webapi.errors.log_cut`); the caller closes."""
+        app: GatewayApp = self.app
+        log_cut(app.ctx.error_logs, req.service, exc)
+
     def fast_retry(self, req: Parsed, head: bytes, attempts: Attempts, stale: bool) -> None:
         """Go on with the request from a coroutine: on the same instance over a new
         connection (`stale`: its reused one went stale, the pool's retry rule), else on
@@ -444,8 +450,7 @@ class FastPathProtocol(LingeringHttpProtocol):
                 return  # the client left (`connection_lost` ends the rest)
             if self._fast_written:
                 # Half written: only closing the connection can tell the client.
-                fields = {"target_service": req.service, "error": str(exc) or type(exc).__name__}
-                log.warning("upstream body failed", extra={"fields": fields})
+                self.fast_cut(req, exc)
                 keep_alive = False
             else:
                 keep_alive = keep_alive and not self.signal.stopped

@@ -1,0 +1,111 @@
+"""Responses whose upstream body fails after their head was written (the gateway can only
+close the client's connection) in the gateway's log, through a real gateway process:
+`upstream body failed` 10 times a minute per service, then counted in one `upstream body
+failures not logged` line (`webapi.errors.log_cut`), on each path that relays a body:
+the fast path's coroutine and its direct exchange, and Sanic's `/svc/` route.
+Unbounded, an instance cutting its answers wrote a warning line per request."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import httpx
+import pytest
+
+from tests.support.registry import VIEWS_RESYNCED, registered
+from tests.webapi.conftest import as_admin, gateway_process, running_gateway
+
+pytestmark = pytest.mark.timeout(60)
+
+REQUESTS, AT_ONCE = 60, 10
+WHOLE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+CUT = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10  # then closed
+
+
+@asynccontextmanager
+async def _cutting_instance(whole_first: bool) -> AsyncIterator[str]:
+    """An instance that cuts its answer's body (`CUT`, then closes): on each connection's
+    first request, or (`whole_first`) on its second, the first answered whole, so the
+    gateway sends the second on its idle pooled connection (the fast path's direct
+    exchange). Its address."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for answer in (WHOLE, CUT) if whole_first else (CUT,):
+                head = await reader.readuntil(b"\r\n\r\n")
+                if b"chunked" in head.lower():  # Sanic's route: the body whole first
+                    await reader.readuntil(b"0\r\n\r\n")
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+async def _burst(http: httpx.AsyncClient, service: str, sanic: bool = False) -> int:
+    """`REQUESTS` requests to `service`, `AT_ONCE` at a time: by the fast path, or
+    (`sanic`) with a chunked body, which only Sanic's route takes. How many were cut."""
+    cut = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"x"
+
+    async def loop() -> None:
+        nonlocal cut
+        for _ in range(REQUESTS // AT_ONCE):
+            try:
+                if sanic:
+                    await http.post(f"/svc/{service}/x", content=body())
+                else:
+                    await http.get(f"/svc/{service}/x")
+            except httpx.RemoteProtocolError:
+                cut += 1
+
+    await asyncio.gather(*(loop() for _ in range(AT_ONCE)))
+    return cut
+
+
+async def test_cut_answers_are_logged_ten_times_per_service_then_counted(
+    redis_url: str,
+) -> None:
+    first, second = (f"{name}{uuid.uuid4().hex[:6]}" for name in ("cutfirst", "cutsecond"))
+    with running_gateway(redis_url) as base:
+        process = gateway_process(base)
+        async with AsyncExitStack() as stack:
+            for service, whole_first in ((first, False), (second, True)):
+                address = await stack.enter_async_context(_cutting_instance(whole_first))
+                await stack.enter_async_context(
+                    registered(redis_url, service, {f"{service}-a": address})
+                )
+            await asyncio.sleep(VIEWS_RESYNCED)  # every view knows them
+            async with httpx.AsyncClient(base_url=base, timeout=10,
+                                         headers=as_admin.headers) as http:  # fmt: skip
+                cuts = {
+                    first: await _burst(http, first) + await _burst(http, first, sanic=True),
+                    second: await _burst(http, second),
+                }
+        assert cuts[first] == 2 * REQUESTS and cuts[second] > 0, cuts
+        lines = process.log_records("upstream body failed")
+        # Before: one line per cut answer (150 and more here).
+        logged = collections.Counter(r["target_service"] for r in lines)
+        assert logged == {first: 10, second: 10}, logged
+        assert all(r["service"] == "webapi" and r["error"] for r in lines)
+        # Every cut is logged or counted: the counts are told as the gateway stops.
+        process.stop()
+        counted: collections.Counter[str] = collections.Counter()
+        for summary in process.log_records("upstream body failures not logged"):
+            counted[summary["target_service"]] += summary["count"]
+        # (The whole answer before a cut on the same upstream connection is logged as cut
+        # too, on the fast path: >= for that instance. Seen at the base commit as well.)
+        assert logged[first] + counted[first] == cuts[first]
+        assert logged[second] + counted[second] >= cuts[second]
