@@ -27,15 +27,15 @@ CUT = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10  # then clos
 
 
 @asynccontextmanager
-async def _cutting_instance(whole_first: bool) -> AsyncIterator[str]:
-    """An instance that cuts its answer's body (`CUT`, then closes): on each connection's
+async def _cutting_instance(whole_first: bool, cut: bytes = CUT) -> AsyncIterator[str]:
+    """An instance that cuts its answer's body (`cut`, then closes): on each connection's
     first request, or (`whole_first`) on its second, the first answered whole, so the
     gateway sends the second on its idle pooled connection (the fast path's direct
     exchange). Its address."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            for answer in (WHOLE, CUT) if whole_first else (CUT,):
+            for answer in (WHOLE, cut) if whole_first else (cut,):
                 head = await reader.readuntil(b"\r\n\r\n")
                 if b"chunked" in head.lower():  # Sanic's route: the body whole first
                     await reader.readuntil(b"0\r\n\r\n")
@@ -109,3 +109,30 @@ async def test_cut_answers_are_logged_ten_times_per_service_then_counted(
         # too, on the fast path: >= for that instance. Seen at the base commit as well.)
         assert logged[first] + counted[first] == cuts[first]
         assert logged[second] + counted[second] >= cuts[second]
+
+
+async def test_a_body_failing_before_the_head_is_written_is_answered_as_sanic_answers_it(
+    redis_url: str,
+) -> None:
+    """A body that fails in the read its head came in (a malformed chunk): nothing is
+    written yet, so the fast path answers an error, the proxy's own 502
+    `upstream_failed` (`client_error`), as Sanic's routes answer a failed body; not
+    the raw upstream error (502 `upstream_protocol_error`, logged as an `rpc error`)."""
+    service = f"badchunk{uuid.uuid4().hex[:6]}"
+    bad = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    with running_gateway(redis_url) as base:
+        process = gateway_process(base)
+        async with (
+            _cutting_instance(True, bad) as address,
+            registered(redis_url, service, {f"{service}-a": address}),
+        ):
+            await asyncio.sleep(VIEWS_RESYNCED)  # every view knows it
+            async with httpx.AsyncClient(base_url=base, timeout=10,
+                                         headers=as_admin.headers) as http:  # fmt: skip
+                answers = [await http.get(f"/svc/{service}/x") for _ in range(4)]
+        failed = [a for a in answers if a.status_code != 200]
+        assert failed, [a.text for a in answers]
+        assert {(a.status_code, a.json()["error"]["code"]) for a in failed} == {
+            (502, "upstream_failed")}  # fmt: skip
+        assert process.log_records("rpc error") == []
+        assert {r["target_service"] for r in process.log_records("gateway error")} == {service}

@@ -14,6 +14,10 @@ usual case) is written in one write with a `Content-Length`. Otherwise the head 
 written at the end of the read it arrived in, and the body streams as it comes,
 with the upstream's `Content-Length` when it had one, chunked when not; a client
 slower than the upstream pauses the upstream's socket (`resume` un-pauses it).
+A body that fails before the head is written (in the read the head came in: a
+malformed chunk, a body over the limit) is answered as Sanic's routes answer a failed
+body (`client_error`: 502 `upstream_failed`, 504 `upstream_timeout`); after it, only
+closing the client's connection can tell (`upstream body failed`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from common.log import request_id_var
 from webapi.errors import ApiError
 from webapi.fastpath.request import Parsed
 from webapi.fastpath.response import CHUNKED, KEPT, WHOLE, bodiless_framing, client_head
+from webapi.proxy.attempts import client_error
 from webapi.proxy.connection import StaleConnection
 from webapi.proxy.errors import UpstreamError, UpstreamProtocolError
 from webapi.proxy.upstream import stale_retry_allowed
@@ -172,6 +177,8 @@ class DirectExchange:
                 return
             if self.answered:  # the body failed before any of it was written
                 error = exc if isinstance(exc, Exception) else UpstreamError(str(exc))
+                if isinstance(error, UpstreamError):  # as Sanic's routes answer it
+                    error = client_error(req.service, error)
                 owner.fast_error(error, req, self._request_id, self._keep_alive())
                 return
             if isinstance(exc, StaleConnection):
