@@ -313,3 +313,16 @@ SPOOFED_FORWARDING = [
 DROPPED_FORWARDING = frozenset({"forwarded", "x-real-ip", "x-client-ip", "true-client-ip",
                                 "x-forwarded-port", "x-forwarded-prefix", "x-forwarded-server",
                                 "x-forwarded-ssl"})  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def tcp_instance(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """A TCP server on 127.0.0.1 whose connections `handle` serves (an instance that
+    misbehaves as a test needs); its address, "host:port"."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()

@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import httpx
 import pytest
 
+from tests.helpers import tcp_instance
 from tests.support.registry import VIEWS_RESYNCED, registered
 from tests.webapi.conftest import as_admin, gateway_process, running_gateway
 
@@ -45,11 +46,8 @@ async def _cutting_instance(whole_first: bool, cut: bytes = CUT) -> AsyncIterato
             pass
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
+    async with tcp_instance(serve) as address:
+        yield address
 
 
 async def _burst(http: httpx.AsyncClient, service: str, sanic: bool = False) -> int:

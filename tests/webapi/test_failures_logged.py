@@ -15,7 +15,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import httpx
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import free_port, tcp_instance
 from tests.support.registry import VIEWS_RESYNCED, registered
 from tests.webapi.conftest import as_admin, gateway_process, running_gateway
 
@@ -33,11 +33,8 @@ async def _hung_instance() -> AsyncIterator[str]:
         await reader.read()
         writer.close()
 
-    server = await asyncio.start_server(hang, "127.0.0.1", 0)
-    try:
-        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
+    async with tcp_instance(hang) as address:
+        yield address
 
 
 async def _burst(base: str, send: str, service: str) -> collections.Counter[int]:
