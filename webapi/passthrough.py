@@ -458,8 +458,10 @@ class PassThrough(SpliceBase):
         ended = self.responses.ended
         early = ended > 0 and self.answered_early == ended  # the last answer was early
         closing = self.responses.closing
+        # (Nothing forwarded: the instance closed before the splice started, and its first
+        # request, which the client awaits an answer to, was never sent: `UpstreamLeg`.)
         self._finish(close=cut or mid_request or early or closing or self.close_at_end
-                     or bool(self.unsent))  # fmt: skip
+                     or bool(self.unsent) or not self.begun)  # fmt: skip
 
     def _finish(self, close: bool) -> None:
         if not self._detach():

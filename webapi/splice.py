@@ -39,29 +39,63 @@ class Splice(Protocol):
     def resume_client(self) -> None: ...
 
 
-class UpstreamLeg(asyncio.Protocol):
-    """The upstream connection's protocol: everything goes to the splice."""
+# What an instance may send before its splice has started (`UpstreamLeg.early`): beyond
+# this, its connection stops being read until the splice takes it.
+EARLY_LIMIT = 64 * 1024
 
-    __slots__ = ("splice", "transport")
+
+class UpstreamLeg(asyncio.Protocol):
+    """The upstream connection's protocol: everything goes to the splice.
+
+    What the instance sends before the splice has started (between the connect and
+    `started`: an instance that speaks first, an early error response and its close)
+    is kept for it, up to `EARLY_LIMIT` bytes (then reading pauses), and so is its
+    close: dropped, the client never got those bytes, and a splice to an instance
+    that had closed meanwhile waited for an answer that could not come."""
+
+    __slots__ = ("early", "early_end", "splice", "transport")
 
     def __init__(self) -> None:
         self.splice: Splice | None = None
         self.transport: asyncio.Transport | None = None
+        self.early: bytearray | None = bytearray()  # None once the splice has started
+        self.early_end = False  # the instance closed before the splice started
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
-        if self.splice is not None:
-            self.splice.from_upstream(data)
+        splice = self.splice
+        if splice is not None:
+            splice.from_upstream(data)
+        elif self.early is not None:
+            self.early += data
+            if len(self.early) >= EARLY_LIMIT and self.transport is not None:
+                self.transport.pause_reading()  # (`started` resumes it)
 
     def eof_received(self) -> bool:
-        if self.splice is not None:
-            self.splice.upstream_gone()
+        self._ended()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._ended()
+
+    def _ended(self) -> None:
         if self.splice is not None:
+            self.splice.upstream_gone()
+        elif self.early is not None:
+            self.early_end = True
+
+    def started(self) -> None:
+        """The splice has started (attached as `splice`, the client's first bytes given to
+        it): hand it what the instance sent before, then the instance's close if it came."""
+        early, self.early = self.early, None
+        if early:
+            if len(early) >= EARLY_LIMIT and self.transport is not None and not self.early_end:
+                self.transport.resume_reading()  # (writing to the client may pause it again)
+            if self.splice is not None:
+                self.splice.from_upstream(bytes(early))
+        if self.early_end and self.splice is not None:
             self.splice.upstream_gone()
 
     def pause_writing(self) -> None:

@@ -231,7 +231,9 @@ class FastPathProtocol(LingeringHttpProtocol):
         held = bytes(self._held)
         self._held.clear()
         self.transport.resume_reading()
-        splice.from_client(held)
+        if not leg.early_end:  # (an instance that closed meanwhile takes nothing)
+            splice.from_client(held)
+        leg.started()  # what the instance sent meanwhile: after the request it answers
 
     # The fast path
 
