@@ -139,6 +139,14 @@ class UriTooLong(SanicException):
     quiet = True
 
 
+def oversized_head(buf: bytes | bytearray, limit: int) -> HeaderFieldsTooLarge | UriTooLong:
+    """The refusal of the request head at the start of `buf`, over `limit` bytes: a 414
+    when its request line alone passes `limit`, else a 431 (module docstring)."""
+    if buf.find(b"\r\n", 0, limit) == -1:
+        return UriTooLong("the request line is too long")
+    return HeaderFieldsTooLarge("the request's header fields are too large")
+
+
 class StrictHttp(Http):
     """Sanic's `Http` made strict where the module docstring says."""
 
@@ -251,9 +259,7 @@ class StrictHttp(Http):
             end = buf.find(b"\r\n\r\n")
         if end == -1 or end >= self.HEADER_MAX_SIZE:
             self.keep_alive = False
-            if buf.find(b"\r\n", 0, self.HEADER_MAX_SIZE) == -1:
-                raise UriTooLong("the request line is too long")
-            raise HeaderFieldsTooLarge("the request's header fields are too large")
+            raise oversized_head(buf, self.HEADER_MAX_SIZE)
         try:
             await super().http1_request_header()  # type: ignore[no-untyped-call]
         except BadRequest as exc:

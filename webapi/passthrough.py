@@ -32,7 +32,10 @@ only: they see no header, so they cost a few µs):
   clients retry idempotent requests on a closed keep-alive connection). A read
   that ends inside a request head is held, not forwarded,
   until the head is whole: no byte of a request goes upstream before its path has
-  been checked;
+  been checked. A head held past `MAX_HEAD` (64 KiB) is answered as Sanic's path
+  answers a head over its bound, a 431 (a 414 when its request line alone is that
+  long), and the connection closes; while requests forwarded before it are
+  unanswered, it closes once they are answered, with no answer (as a stalled head);
 * response boundaries are counted, so the splice knows when the upstream has
   answered everything (1xx interim responses are not answers);
 * the upstream closing between responses ends the splice (the next request
@@ -103,7 +106,7 @@ if TYPE_CHECKING:
 
 log = get_logger("webapi.passthrough")
 
-# A request head longer than this is not relayed (Sanic's path takes 16 KiB: `common.http_head`).
+# A request head held longer than this is refused (Sanic's path takes 16 KiB: `common.http_head`).
 MAX_HEAD = 64 * 1024
 # HEAD is not relayed: its response has no body, which a response parser cannot know.
 PASSTHROUGH_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
@@ -315,6 +318,18 @@ class PassThrough(SpliceBase):
         self.close()
         return held
 
+    def _head_too_large(self, held: bytes) -> None:
+        """`held`, the bytes held for a head not whole yet, passed `MAX_HEAD`: the splice
+        ends. With every forwarded request answered and `held` nothing but that head, the
+        owner answers it (431, or 414 for a request line that long: as Sanic's path
+        answers a head over its bound) and closes; else the connection closes once the
+        forwarded requests are answered, with no answer to the head."""
+        if self.outstanding or self.unsent_complete != self.begun or self.requests.begun != 1:
+            self._end_after(self.unsent_complete, b"", close=True)
+            return
+        self.close()
+        self.owner.passthrough_head_too_large(held, MAX_HEAD)
+
     def _is_ours(self, url: bytes) -> bool:
         """Whether a request for `url` is the route's: the prefix, no longer route's prefix,
         nothing to decode or normalise (else the full check). Hot path."""
@@ -386,7 +401,7 @@ class PassThrough(SpliceBase):
             return True
         if calls.in_head:
             if len(data) > MAX_HEAD:
-                self._end_after(self.unsent_complete, b"", close=True)
+                self._head_too_large(data)
             else:
                 self.unsent = data
                 if not self.head_began:

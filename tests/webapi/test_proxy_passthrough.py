@@ -23,7 +23,7 @@ import pytest
 
 from tests.helpers import free_port, issue_api_key, wait_for
 from tests.support.policy import apply_routes, set_document
-from tests.support.raw_http import connect, exchange, raw_request, read_answers
+from tests.support.raw_http import closed_by_peer, connect, exchange, raw_request, read_answers
 from tests.support.registry import registered
 from tests.webapi.conftest import Backend, as_admin, http_instance
 from tests.webapi.upstream_servers import Peer, Upstream
@@ -193,6 +193,27 @@ def test_a_request_of_another_route_after_a_body_tail_closes_after_the_answers(
             while chunk := sock.recv(65536):
                 rest += chunk
     assert rest == b""
+
+
+@pytest.mark.parametrize(
+    ("rest", "status", "code"),
+    [(b"\r\nHost: g\r\nX-Big: " + b"a" * 70_000, 431, "request_header_fields_too_large"),
+     (b"a" * 70_000, 414, "uri_too_long")],
+    ids=["header fields", "request line"],
+)  # fmt: skip
+def test_a_head_held_past_its_bound_gets_431_or_414(
+    passthrough: Backend, rest: bytes, status: int, code: str
+) -> None:
+    # A spliced connection's next head, not whole at 64 KiB (the splice's bound): the
+    # connection closed with no answer, where Sanic's path answers a head over its bound.
+    with connect(passthrough.gateway) as sock:
+        sock.sendall(get("/echo/first"))
+        assert read_answers(sock, 1)[0].status == 200
+        sock.sendall(b"GET /echo/big" + rest)
+        (reply,) = read_answers(sock, 1)
+        assert (reply.status, json.loads(reply.body)["error"]["code"]) == (status, code)
+        assert reply.headers["connection"] == "close"
+        assert closed_by_peer(sock)
 
 
 def test_a_fragment_is_never_relayed(passthrough: Backend) -> None:

@@ -110,7 +110,8 @@ def test_a_splices_head_408_names_the_client_of_the_request_it_answers(redis_url
     # a whole request pipelined before the stalled head is held with it (none is forwarded
     # before the head is whole), and the 408 names that request, but was logged under the
     # socket's peer (the trusted proxy here), where a held body's 408 names its request's
-    # client. A head not whole is not read, whatever it holds: the peer (a tunnel's too).
+    # client. A head not whole is not read, whatever it holds: the peer (a tunnel's too;
+    # and a head held past the splice's bound, refused with a 431).
     service = f"held{uuid.uuid4().hex[:6]}"
     with (
         socket.create_server(("127.0.0.1", 0)) as instance,  # (connected to, never read)
@@ -124,20 +125,24 @@ def test_a_splices_head_408_names_the_client_of_the_request_it_answers(redis_url
                                        {"prefix": "/tun/", "tunnel": True, **splice}])  # fmt: skip
         whole = b"GET /held/a HTTP/1.1\r\nHost: g\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n"
         stalled = b"GET /held/b HTTP/1.1\r\nHost: g\r\nX-Forwarded-For: 203.0.113.10\r\nX-S"
+        oversized = stalled.replace(b"/b", b"/c") + b"a" * 70_000
         try:
-            for sent in (whole + stalled, stalled, stalled.replace(b"/held/", b"/tun/")):
+            for sent, status in ((whole + stalled, 408), (stalled, 408),
+                                 (stalled.replace(b"/held/", b"/tun/"), 408),
+                                 (oversized, 431)):  # fmt: skip
                 with connect(base) as sock:
                     sock.sendall(sent)
-                    assert read_answers(sock, 1)[0].status == 408
+                    assert read_answers(sock, 1)[0].status == status
         finally:
             apply_routes(base, redis_url, [])
             asyncio.run(deregister(redis_url, service, f"{service}-a"))
-        wait_for(lambda: len(process.log_records("request refused")) >= 3, timeout=5)
+        wait_for(lambda: len(process.log_records("request refused")) >= 4, timeout=5)
         refused = process.log_records("request refused")
         assert [(r["path"], r["client"]) for r in refused] == [
             ("/held/a", "203.0.113.9"),
             ("/held/b", "127.0.0.1"),
             ("/tun/b", "127.0.0.1"),
+            ("/held/c", "127.0.0.1"),
         ]
 
 

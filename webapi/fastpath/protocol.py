@@ -19,7 +19,7 @@ from common.lingering import LingeringHttpProtocol
 from common.log import get_logger, request_id_var
 from common.policy import RouteRule
 from common.request_ids import request_id_of
-from common.strict_http import BODY_STALLED, HEAD_STALLED, head_timeout
+from common.strict_http import BODY_STALLED, HEAD_STALLED, head_timeout, oversized_head
 from webapi.context import GatewayApp
 from webapi.errors import ApiError, log_cut
 from webapi.fastpath.admission import admit, allowed, may_qualify
@@ -292,12 +292,19 @@ class FastPathProtocol(LingeringHttpProtocol):
         """`admission.admit` with this connection's client address and scheme. Hot path."""
         return admit(self.app.ctx, parsed, self._peer, self._scheme)
 
+    def passthrough_head_too_large(self, held: bytes, limit: int) -> None:
+        """The checked splice has ended on the request head it held, `held`, over its
+        bound `limit` (`PassThrough`): the 431 (414) Sanic's path answers a head over its
+        own, and the connection closes (lingering)."""
+        self._passthrough = None
+        self._refuse_held(held, oversized_head(held, limit))
+
     def _body_timed_out(self) -> None:
         """The held request's body stalled for the request timeout: a 408, as Sanic's path
         answers it (`common.strict_http`), and the connection closes (lingering)."""
         held = bytes(self._held)
         self._held.clear()
-        self._timed_out(held, BODY_STALLED)
+        self._refuse_held(held, RequestTimeout(BODY_STALLED))
 
     def _head_timed_out(self, splice: PassThrough | Tunnel) -> None:
         """A splice's request head (a `PassThrough`'s held one, a `Tunnel`'s first) has
@@ -312,19 +319,19 @@ class FastPathProtocol(LingeringHttpProtocol):
         # it answers, the one at the start of `held`, when its head is whole (a request
         # pipelined before the stalled head is held with it), else under the socket's
         # peer (a head not whole is not read, whatever `X-Forwarded-For` line it holds).
-        self._timed_out(held, HEAD_STALLED)
+        self._refuse_held(held, RequestTimeout(HEAD_STALLED))
 
-    def _timed_out(self, held: bytes, message: str) -> None:
-        """Answer the request at the start of `held` with a 408 saying `message`, and close;
-        the refusal is logged under `_held_client` (the peer while the head is not whole)."""
+    def _refuse_held(self, held: bytes, exc: Exception) -> None:
+        """Answer the request at the start of `held` with `exc`'s error (a 408, a 431), and
+        close; the refusal is logged under `_held_client` (the peer while the head is not
+        whole)."""
         end = held.find(b"\r\n")
         method, _, rest = (held if end < 0 else held[:end]).partition(b" ")
         url = rest.rpartition(b" ")[0]
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.write(self._error(RequestTimeout(message), method.decode("latin-1"), url,
-                                        request_id_of(None), False,
-                                        partial(self._held_client, held)))  # fmt: skip
+            transport.write(self._error(exc, method.decode("latin-1"), url, request_id_of(None),
+                                        False, partial(self._held_client, held)))  # fmt: skip
         self.close()
 
     def _error(self, exc: Exception, method: str, url: bytes, request_id: str,
