@@ -29,13 +29,16 @@ only: they see no header, so they cost a few µs):
   goes to Sanic's usual handling on the same connection. Only when the read that
   holds it starts inside a route request's body (whose end httptools does not
   tell) is the connection closed once the forwarded requests are answered (HTTP
-  clients retry idempotent requests on a closed keep-alive connection). A read
-  that ends inside a request head is held, not forwarded,
-  until the head is whole: no byte of a request goes upstream before its path has
-  been checked. A head held past `MAX_HEAD` (64 KiB) is answered as Sanic's path
-  answers a head over its bound, a 431 (a 414 when its request line alone is that
-  long), and the connection closes; while requests forwarded before it are
-  unanswered, it closes once they are answered, with no answer (as a stalled head);
+  clients retry idempotent requests on a closed keep-alive connection). A request
+  head a read ends inside is held, not forwarded, until it is whole: no byte of a
+  request goes upstream before its path has been checked. The whole requests
+  before it in the read are forwarded at once (they were held with it, and got the
+  head's 408 when it stalled), but where the bytes held start inside a body (whose
+  end httptools does not tell): those are all held with the head. A head held
+  past `MAX_HEAD` (64 KiB) is answered as Sanic's path answers a head over its
+  bound, a 431 (a 414 when its request line alone is that long), and the
+  connection closes; while requests forwarded before it are unanswered, it closes
+  once they are answered, with no answer (as a stalled head: below);
 * response boundaries are counted, so the splice knows when the upstream has
   answered everything (1xx interim responses are not answers);
 * the upstream closing between responses ends the splice (the next request
@@ -218,9 +221,10 @@ def _end_of_requests(data: bytes, count: int) -> int:
     """Where the first `count` requests of `data` (which starts with a request) end.
 
     httptools tells no offset, so this parses prefixes of `data` afresh, halving the
-    range each time: only for a read that holds a request of another route behind
-    route requests (a pipelining client). A read that starts inside a request's body
-    cannot be parsed afresh: then both connections close instead, that body cut.
+    range each time: only for a read that holds a request of another route, or a head
+    not whole yet, behind route requests (a pipelining client). A read that starts
+    inside a request's body cannot be parsed afresh: then both connections close
+    instead, that body cut (a head not whole yet: all of it is held with the head).
     """
     low, high = 0, len(data)
     while low < high:
@@ -310,8 +314,9 @@ class PassThrough(SpliceBase):
     def head_timed_out(self) -> bytes | None:
         """The held head has not come whole in time (`head_overdue`). With every forwarded
         request answered, the splice closes: the bytes held, for the 408 that answers the
-        request at their start. Else None: the connection closes once they are answered."""
-        if self.outstanding:
+        request at their start, the stalled one. Else None: the connection closes once
+        they are answered (so it does when the bytes held start inside a body)."""
+        if self.outstanding or self.unsent_complete != self.begun:
             self.end_after_answers()
             return None
         held = self.unsent
@@ -357,10 +362,11 @@ class PassThrough(SpliceBase):
         return found is not None and (found is self.rule or found == self.rule)
 
     def from_client(self, data: bytes) -> bool:
-        """Forward `data` unless it holds a request that is not the route's; hold it while
-        a request head is incomplete (its path is not known yet). False when `data` was
-        nothing but empty lines between requests: dropped, and no activity (the idle
-        timer must not restart: module docstring). Hot path."""
+        """Forward `data` unless it holds a request that is not the route's; hold a request
+        head not whole yet (its path is not known yet), the whole requests before it
+        forwarded. False when `data` was nothing but empty lines between requests:
+        dropped, and no activity (the idle timer must not restart: module docstring).
+        Hot path."""
         if self.ending is not None:  # reading is paused; a read already under way
             self.leftover += data
             return True
@@ -392,14 +398,19 @@ class PassThrough(SpliceBase):
                 return True
             ours = calls.foreign - 1
             if ours:
-                end = _end_of_requests(data, ours)
-                self.begun += ours
-                self.stats.requests += ours
-                self.upstream.transport.write(data[:end])  # type: ignore[union-attr]
-                data = data[end:]
+                data = self._forward_first(data, ours)
             self._end_after(self.begun, data, close=False)
             return True
         if calls.in_head:
+            whole = calls.begun - 1
+            if whole and self.unsent_complete == self.begun:
+                # Whole requests (the route's) before the head: forwarded now, the head
+                # alone held, its deadline its own. (Where the bytes held start inside a
+                # body, where its end is not known, they are all held: see the function.)
+                data = self._forward_first(data, whole).lstrip(EMPTY_LINE)  # (RFC 9112 §2.2)
+                self.unsent_complete += whole
+                calls.begun = 1
+                self.head_began = 0.0
             if len(data) > MAX_HEAD:
                 self._head_too_large(data)
             else:
@@ -411,6 +422,15 @@ class PassThrough(SpliceBase):
         self.stats.requests += calls.begun
         self.upstream.transport.write(data)  # type: ignore[union-attr]
         return True
+
+    def _forward_first(self, data: bytes, count: int) -> bytes:
+        """Forward the first `count` requests of `data`, which starts with a request (they
+        have been checked); the bytes after them."""
+        end = _end_of_requests(data, count)
+        self.begun += count
+        self.stats.requests += count
+        self.upstream.transport.write(data[:end])  # type: ignore[union-attr]
+        return data[end:]
 
     def from_upstream(self, data: bytes) -> None:
         """Forward the upstream's bytes to the client, counting responses. Hot path."""

@@ -130,6 +130,34 @@ def test_a_trickling_head_on_a_passthrough_route_gets_a_408(
         assert spliced == 1  # (it was the splice's, not Sanic's)
 
 
+def test_requests_before_a_head_not_whole_on_a_passthrough_route_are_forwarded_at_once(
+    backend: Backend,
+) -> None:
+    # A pipelining client's read: whole route requests, then a head not whole yet. The
+    # splice held them all until that head was whole; when it stalled, the first of them
+    # got its 408 and none was forwarded. Each is forwarded and answered now, in order,
+    # and the 408 answers the stalled head alone.
+    route = {"prefix": "/echo/", "service": backend.service, "public": True,
+             "strip_prefix": False, "passthrough": True}  # fmt: skip
+    apply_routes(backend.gateway, backend.redis_url, [route])
+    try:
+        with connect(backend.gateway) as sock:
+            sock.sendall(b"GET /echo/a HTTP/1.1\r\nHost: g\r\n\r\n")
+            assert read_answers(sock, 1)[0].status == 200  # (spliced: the next reads are its)
+            head = b"GET /echo/d HTTP/1.1\r\nHost: g\r\n"
+            sock.sendall(b"GET /echo/b HTTP/1.1\r\nHost: g\r\n\r\n" * 2 + head)
+            answers = read_answers(sock, 2)  # before the head is whole
+            sock.sendall(b"\r\n" + head)  # the head's end; then another head, which stalls
+            answers += read_answers(sock, 2)
+            assert [json.loads(a.body)["path"] for a in answers[:3]] == ["/echo/b"] * 2 + [
+                "/echo/d"
+            ]
+            _assert_head_stalled(answers[3])
+            assert closed_by_peer(sock)
+    finally:
+        apply_routes(backend.gateway, backend.redis_url, [])
+
+
 @contextlib.contextmanager
 def _tunnel(backend: Backend, answer: bytes = b"") -> Iterator[threading.Event]:
     """A tunnel route `/tun/` (`webapi.tunnel`) to one scripted instance of its own, which

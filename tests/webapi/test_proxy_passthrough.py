@@ -177,6 +177,28 @@ def test_a_request_pipelined_behind_route_requests_goes_to_the_gateway(
         assert json.loads(last.body)["path"] == "/echo/five"
 
 
+@pytest.mark.parametrize("last", ["/echo/four", "/health"])
+def test_route_requests_before_a_head_not_whole_are_answered_before_it_is_whole(
+    passthrough: Backend, last: str
+) -> None:
+    # One read: route requests (one with a body), then the start of a head, the route's
+    # or the gateway's (whose, nobody can tell yet): those before it are forwarded at
+    # once (they were held with it until it was whole), the head once it is whole.
+    post = raw_request("POST", "/echo/three", {"Content-Length": "5"}) + b"hello"
+    head = get(last)
+    with connect(passthrough.gateway) as sock:
+        sock.sendall(get("/echo/one"))
+        assert read_answers(sock, 1)[0].status == 200  # (spliced)
+        sock.sendall(get("/echo/two") + post + head[:15])
+        answers = read_answers(sock, 2)  # before the rest of the head is sent
+        sock.sendall(head[15:])
+        answers += read_answers(sock, 1)
+    bodies = [json.loads(a.body) for a in answers]
+    assert [b.get("path", "gateway") for b in bodies] == [
+        "/echo/two", "/echo/three", "gateway" if last == "/health" else last
+    ]  # fmt: skip
+
+
 def test_a_request_of_another_route_after_a_body_tail_closes_after_the_answers(
     passthrough: Backend,
 ) -> None:
