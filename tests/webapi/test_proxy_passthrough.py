@@ -15,7 +15,7 @@ import select
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 
 import httpx
@@ -26,7 +26,7 @@ from tests.support.policy import apply_routes, set_document
 from tests.support.raw_http import closed_by_peer, connect, exchange, raw_request, read_answers
 from tests.support.registry import registered
 from tests.webapi.conftest import Backend, as_admin, http_instance
-from tests.webapi.upstream_servers import Peer, Upstream
+from tests.webapi.upstream_servers import Handler, Peer, Upstream
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -459,14 +459,7 @@ async def test_an_early_answer_then_close_ends_the_client_connection(
             read.append(await peer.reader.readexactly(len(body)))
         peer.close()
 
-    service = f"early{uuid.uuid4().hex[:6]}"
-    async with (
-        Upstream(early) as instance,
-        registered(backend.redis_url, service, {f"{service}-a": instance.address}),
-    ):
-        route = {"prefix": "/early/", "service": service, "public": True, "passthrough": True,
-                 "strip_prefix": False}  # fmt: skip
-        await asyncio.to_thread(apply_routes, backend.gateway, backend.redis_url, [route])
+    async with _scripted_route(backend, "/early/", early) as instance:
 
         def exchange() -> bytes:
             with connect(backend.gateway) as sock:
@@ -506,22 +499,32 @@ async def test_what_an_instance_sends_before_the_splice_starts_reaches_the_clien
         await peer.send(early)
         peer.close()
 
-    service = f"first{uuid.uuid4().hex[:6]}"
+    replies = []
+    async with _scripted_route(backend, "/first/", speaks_first, tunnel=tunnel):
+        for _ in range(3):  # (one round of 100 lost none, now and then)
+            request = get("/first/x")
+            replies += await asyncio.to_thread(_all_at_once, backend.gateway, request, 100)
+    assert replies == [early] * 300  # each the instance's answer, then the close
+
+
+@contextlib.asynccontextmanager
+async def _scripted_route(
+    backend: Backend, prefix: str, handler: Handler, *, tunnel: bool = False
+) -> AsyncIterator[Upstream]:
+    """A pass-through route `prefix` (a tunnel: `tunnel`) to one scripted instance of a
+    service of its own, serving `handler`; the routes are cleared after."""
+    service = f"script{uuid.uuid4().hex[:6]}"
     async with (
-        Upstream(speaks_first) as instance,
+        Upstream(handler) as instance,
         registered(backend.redis_url, service, {f"{service}-a": instance.address}),
     ):
-        route = {"prefix": "/first/", "service": service, "public": True, "passthrough": True,
+        route = {"prefix": prefix, "service": service, "public": True, "passthrough": True,
                  "strip_prefix": False, "tunnel": tunnel}  # fmt: skip
         await asyncio.to_thread(apply_routes, backend.gateway, backend.redis_url, [route])
         try:
-            replies = []
-            for _ in range(3):  # (one round of 100 lost none, now and then)
-                request = get("/first/x")
-                replies += await asyncio.to_thread(_all_at_once, backend.gateway, request, 100)
+            yield instance
         finally:
             await asyncio.to_thread(apply_routes, backend.gateway, backend.redis_url, [])
-    assert replies == [early] * 300  # each the instance's answer, then the close
 
 
 def _all_at_once(gateway: str, request: bytes, count: int) -> list[bytes]:
