@@ -3,6 +3,7 @@ on a package of its own compiled by mypyc into a temporary checkout."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from common.compile import build, compiler, up_to_date
-from common.compiled import MANIFEST, ROOT, build_state
+from common.compiled import COMPILED_MODULES, MANIFEST, ROOT, build_state, source_path
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler")
 
@@ -97,3 +98,20 @@ def test_no_build_runs_the_source_quietly(tmp_path: Path) -> None:
     assert module_file == str(tmp_path / "toyhot" / "fast.py")
     assert (answer, stderr) == ("42", "")
     assert build_state(tmp_path / ".compiled").reason == "not built (make compile)"
+
+
+def test_no_compiled_coroutine_awaits_in_a_finally() -> None:
+    """mypyc compiles a `finally` that holds an `await` so that, left without an
+    exception, it re-raises whatever `sys.exc_info()` holds, which a compiled coroutine
+    leaves set to the last exception it handled: the fast path's coroutine raised
+    another request's cut answer after writing a whole one (`FastPathProtocol._answer`,
+    tests/webapi/test_cuts_logged.py)."""
+    found = []
+    for module in COMPILED_MODULES:
+        path = source_path(module, ROOT)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Try | ast.TryStar):
+                awaits = [n for part in node.finalbody for n in ast.walk(part)
+                          if isinstance(n, ast.Await | ast.AsyncFor | ast.AsyncWith)]  # fmt: skip
+                found += [f"{module}:{n.lineno}" for n in awaits]
+    assert found == []

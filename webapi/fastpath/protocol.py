@@ -451,7 +451,12 @@ class FastPathProtocol(LingeringHttpProtocol):
             try:
                 await self._relay(req, forwarded, request_id, keep_alive)
             finally:
-                await forwarded.response.aclose()
+                # No `await` in a `finally` here: mypyc compiles one so that, on the way
+                # out without an exception, it re-raises whatever `sys.exc_info()`
+                # holds, and compiled coroutines leave there the exception they last
+                # handled (another request's cut answer, say): a whole answer was then
+                # logged as cut and its client's keep-alive connection closed.
+                forwarded.response.close()
         except asyncio.CancelledError:
             raise  # the connection was lost or timed out: nothing more to write
         except Exception as exc:

@@ -137,6 +137,11 @@ class UpstreamResponse:
 
     async def aclose(self) -> None:
         """Release the response: a connection still receiving it is closed, not reused."""
+        self.close()
+
+    def close(self) -> None:
+        """`aclose()`, for code compiled by mypyc, whose `finally` must not `await`
+        (`FastPathProtocol._answer` says why)."""
         self._closed = True
         self._chunks.clear()
         self._buffered = 0
