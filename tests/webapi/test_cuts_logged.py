@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from functools import partial
 
 import httpx
 import pytest
@@ -28,38 +30,26 @@ WHOLE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 CUT = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10  # then closed
 
 
-@asynccontextmanager
-async def _cutting_instance(whole_first: bool, cut: bytes = CUT) -> AsyncIterator[str]:
+def _cutting_instance(whole_first: bool, cut: bytes = CUT) -> AbstractAsyncContextManager[str]:
     """An instance that cuts its answer's body (`cut`, then closes): on each connection's
     first request, or (`whole_first`) on its second, the first answered whole, so the
     gateway sends the second on its idle pooled connection (the fast path's direct
     exchange). Its address."""
+    return _answering(lambda: (WHOLE, cut) if whole_first else (cut,))
+
+
+@asynccontextmanager
+async def _answering(answers: Callable[[], Iterable[bytes]]) -> AsyncIterator[str]:
+    """An instance giving each connection the `answers()` in turn, one a request, then
+    closing it (never, for an endless `answers()`). Its address."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            for answer in (WHOLE, cut) if whole_first else (cut,):
+            for answer in answers():
                 head = await reader.readuntil(b"\r\n\r\n")
                 if b"chunked" in head.lower():  # Sanic's route: the body whole first
                     await reader.readuntil(b"0\r\n\r\n")
                 writer.write(answer)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        writer.close()
-
-    async with tcp_instance(serve) as address:
-        yield address
-
-
-@asynccontextmanager
-async def _whole_instance() -> AsyncIterator[str]:
-    """An instance that answers every request whole, keeping its connections. Its address."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                writer.write(WHOLE)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -180,7 +170,7 @@ async def test_a_whole_answer_after_a_cut_one_is_not_cut(redis_url: str) -> None
         process = gateway_process(base)
         async with (
             _cutting_instance(False) as cut_address,
-            _whole_instance() as whole_address,
+            _answering(partial(itertools.repeat, WHOLE)) as whole_address,
             registered(redis_url, cutting, {f"{cutting}-a": cut_address}),
             registered(redis_url, whole, {f"{whole}-a": whole_address}),
         ):
