@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
-from common.settings import REPO_ROOT, Settings, check_redis_url, redacted_url, run_path
+from common.redis_url import check_redis_url, redacted_url
+from common.settings import REPO_ROOT, Settings, run_path
 
 __all__ = ["cli_redis_url", "remove_dev_redis_url", "write_dev_redis_url"]
 

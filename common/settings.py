@@ -2,12 +2,11 @@
 
 Every tunable lives here; the rest of the code asks `get_settings()` and never
 reads `os.environ` itself. A malformed value fails start-up with a `ConfigError`
-naming the variable, instead of surfacing later as a strange behaviour: a number
-must be finite (never nan or inf) and within the `Bounds` its field declares
-(durations positive, counts at least 1; 0 only where it means something, said in
-the bounds), and `REDIS_URL` must be a URL redis-py reads as written. An entry
-point runs inside `exit_on_config_error`, which turns such an error into one line
-on stderr and exit status 1. An error quotes a value but never `REDIS_URL`'s
+naming the variable, instead of surfacing later as a strange behaviour: the
+values each field takes (its `Bounds`) and how its text is read are in
+`common.setting_values`, REDIS_URL's check in `common.redis_url`. An entry point
+runs inside `exit_on_config_error`, which turns such an error into one line on
+stderr and exit status 1. An error quotes a value but never `REDIS_URL`'s
 credentials.
 """
 
@@ -15,25 +14,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
-
-from redis.connection import parse_url
+from typing import Any
 
 from common.clientip import parse_networks
 from common.connection import IDLE_TIMEOUT
 from common.errors import ConfigError
 from common.protocol import MAX_TASK_ATTEMPTS
+from common.redis_url import check_redis_url
+from common.setting_values import (
+    COUNT,
+    DAY,
+    HEARTBEAT,
+    PORT,
+    SECONDS,
+    TOKEN_TTL,
+    Bounds,
+    env,
+    parse,
+)
 from common.tokens import check_secret
-
-T = TypeVar("T")
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # The largest body limit the proxy takes (1 TiB): the setting's and the live policy's.
@@ -43,69 +47,10 @@ MAX_TOTAL_TIMEOUT = 86400.0
 # The longest login lock and failure window (AUTH_LOGIN_LOCK_MAX, AUTH_LOGIN_FAILURE_WINDOW):
 # a day. Longer comes close to the permanent lockout the throttle is meant not to be.
 MAX_LOGIN_LOCK = 86400.0
-_DAY = 86400.0
 # The smallest RPC_MAX_PAYLOAD_BYTES: room for any error reply (its message is cut at
 # 2,000 characters, `common.calls.MAX_ERROR_CHARS`).
 MIN_PAYLOAD_LIMIT = 64 * 1024
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
-# The path of a redis:// URL as redis-py reads it: the database number, or nothing.
-_DB_PATH = re.compile(r"/?\d*/?")
 
-
-@dataclass(frozen=True, slots=True)
-class Bounds:
-    """The values a numeric setting takes: from `low` (excluded if `above`) to `high`.
-
-    `zero` says what 0 means where 0 is allowed and is not just the smallest amount
-    ("none", "no bound"); `unit` names the unit in the error message.
-    """
-
-    low: float
-    high: float = math.inf
-    above: bool = False
-    zero: str = ""
-    unit: str = ""
-
-    def admits(self, value: float) -> bool:
-        """Whether `value` is finite and within the bounds."""
-        if not math.isfinite(value) or value > self.high:
-            return False
-        return value > self.low if self.above else value >= self.low
-
-    def __str__(self) -> str:
-        low, high = _number(self.low), _number(self.high)
-        if self.above:
-            text = f"greater than {low}" + (f" and at most {high}" if high else "")
-        elif high:
-            text = f"from {low} to {high}"
-        else:
-            text = f"at least {low}"
-        notes = [note for note in (self.unit, f"0: {self.zero}" if self.zero else "") if note]
-        return f"{text} ({'; '.join(notes)})" if notes else text
-
-
-def _number(value: float) -> str:
-    """`value` as a bound reads: `86400`, `0.1`; "" for no bound."""
-    if math.isinf(value):
-        return ""
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
-def _env(name: str, bounds: Bounds | None = None) -> dict[str, Any]:
-    """A field's metadata: the variable it is read from, and for a number its bounds."""
-    return {"env": name, "bounds": bounds}
-
-
-# 0 (any free port) is refused: a service would listen where no one can find it (`make
-# run` and the health checks ask the configured port); the tests pick free ports.
-_PORT = Bounds(1, 65535)
-_COUNT = Bounds(1)
-# Durations: a day is beyond any sensible timeout or interval here, and far from the
-# values the event loop and Redis's millisecond expiries cannot represent.
-_SECONDS = Bounds(0, _DAY, above=True, unit="seconds")
-# Below 0.1 s a heartbeat is a busy loop on Redis, for every instance.
-_HEARTBEAT = Bounds(0.1, _DAY, unit="seconds")
-_TOKEN_TTL = Bounds(1, 365 * _DAY, unit="seconds")
 _LOGIN_SECONDS = Bounds(0, MAX_LOGIN_LOCK, above=True, unit="seconds")
 
 
@@ -115,80 +60,80 @@ class Settings:
 
     # Redis. Unset means "no Redis configured": `make run` and the test fixtures
     # then start an embedded one and export its URL to every process they start.
-    redis_url: str | None = field(default=None, metadata=_env("REDIS_URL"))
+    redis_url: str | None = field(default=None, metadata=env("REDIS_URL"))
     # A process's pooled Redis connection unused this long is closed (all but the one
     # used last), so a burst's connections do not stay open for good (common.redis_pool).
     redis_pool_idle_timeout: float = field(
         default=IDLE_TIMEOUT,
-        metadata=_env(
+        metadata=env(
             "REDIS_POOL_IDLE_TIMEOUT",
-            Bounds(0, _DAY, zero="never close an idle connection", unit="seconds"),
+            Bounds(0, DAY, zero="never close an idle connection", unit="seconds"),
         ),
     )
 
     # Network. Loopback by default so a laptop exposes nothing; images set 0.0.0.0.
-    bind_host: str = field(default="127.0.0.1", metadata=_env("BIND_HOST"))
-    webapi_port: int = field(default=8000, metadata=_env("WEBAPI_PORT", _PORT))
-    websocket_port: int = field(default=8001, metadata=_env("WEBSOCKET_PORT", _PORT))
+    bind_host: str = field(default="127.0.0.1", metadata=env("BIND_HOST"))
+    webapi_port: int = field(default=8000, metadata=env("WEBAPI_PORT", PORT))
+    websocket_port: int = field(default=8001, metadata=env("WEBSOCKET_PORT", PORT))
 
-    log_level: str = field(default="INFO", metadata=_env("LOG_LEVEL"))
+    log_level: str = field(default="INFO", metadata=env("LOG_LEVEL"))
     # How long the gateway and the websocket service wait for a request's next bytes,
     # of its head or of its body, before a 408 (nginx's client_body_timeout, 60 s;
     # Sanic's REQUEST_TIMEOUT). The whole head has REQUEST_HEAD_TIMEOUT besides.
-    request_timeout: float = field(default=60.0, metadata=_env("REQUEST_TIMEOUT", _SECONDS))
+    request_timeout: float = field(default=60.0, metadata=env("REQUEST_TIMEOUT", SECONDS))
     # The bound on receiving a whole request head, however its bytes are spaced (nginx's
     # client_header_timeout; REQUEST_TIMEOUT alone restarts at every byte). 0: REQUEST_TIMEOUT.
     request_head_timeout: float = field(
         default=0.0,
-        metadata=_env(
-            "REQUEST_HEAD_TIMEOUT", Bounds(0, _DAY, zero="REQUEST_TIMEOUT", unit="seconds")
+        metadata=env(
+            "REQUEST_HEAD_TIMEOUT", Bounds(0, DAY, zero="REQUEST_TIMEOUT", unit="seconds")
         ),
     )
 
     # Reverse proxy: connect timeout, and the read timeout (no progress) / head deadline.
     proxy_connect_timeout: float = field(
-        default=2.0, metadata=_env("PROXY_CONNECT_TIMEOUT", _SECONDS)
+        default=2.0, metadata=env("PROXY_CONNECT_TIMEOUT", SECONDS)
     )
-    proxy_timeout: float = field(default=30.0, metadata=_env("PROXY_TIMEOUT", _SECONDS))
+    proxy_timeout: float = field(default=30.0, metadata=env("PROXY_TIMEOUT", SECONDS))
     # The bound on a whole exchange, from the request's first try to the response's
     # last byte, unless the live policy sets the service's `total_timeout`. 0: none
     # (the default: a 100 MB download and a JSON call need very different bounds).
     proxy_total_timeout: float = field(
         default=0.0,
-        metadata=_env(
+        metadata=env(
             "PROXY_TOTAL_TIMEOUT", Bounds(0, MAX_TOTAL_TIMEOUT, zero="none", unit="seconds")
         ),
     )
     # The largest request body the proxy forwards (bytes), unless the live policy sets
     # the service's own `max_body`; larger is refused with 413 before anything is sent.
     proxy_max_body: int = field(
-        default=1024**3, metadata=_env("PROXY_MAX_BODY", Bounds(1, MAX_BODY_LIMIT, unit="bytes"))
+        default=1024**3, metadata=env("PROXY_MAX_BODY", Bounds(1, MAX_BODY_LIMIT, unit="bytes"))
     )
     # Answer plain `/svc/...` requests from the connection's protocol, before Sanic
     # (webapi.fastpath); off: every request goes through Sanic's handler.
-    proxy_fast_path: bool = field(default=True, metadata=_env("PROXY_FAST_PATH"))
+    proxy_fast_path: bool = field(default=True, metadata=env("PROXY_FAST_PATH"))
     # Retry budget of each service (common.balancing.RetryBudget), unless the live
     # policy sets its own: retries add at most RATIO of the load, plus MIN per second.
     proxy_retry_budget_ratio: float = field(
-        default=0.2, metadata=_env("PROXY_RETRY_BUDGET_RATIO", Bounds(0, 1))
+        default=0.2, metadata=env("PROXY_RETRY_BUDGET_RATIO", Bounds(0, 1))
     )
     proxy_retry_budget_min: float = field(
-        default=10.0, metadata=_env("PROXY_RETRY_BUDGET_MIN", Bounds(0, 1000, unit="per second"))
+        default=10.0, metadata=env("PROXY_RETRY_BUDGET_MIN", Bounds(0, 1000, unit="per second"))
     )
     # least_time: how fast a latency peak is forgotten (seconds, time constant).
-    least_time_decay: float = field(default=10.0, metadata=_env("LEAST_TIME_DECAY", _SECONDS))
+    least_time_decay: float = field(default=10.0, metadata=env("LEAST_TIME_DECAY", SECONDS))
 
     # Where `make run` keeps its embedded Redis data (AOF) between runs.
-    run_dir: str = field(default=".run", metadata=_env("RUN_DIR"))
+    run_dir: str = field(default=".run", metadata=env("RUN_DIR"))
 
     # RPC.
-    rpc_timeout: float = field(default=5.0, metadata=_env("RPC_TIMEOUT", _SECONDS))
-    rpc_concurrency: int = field(default=64, metadata=_env("RPC_CONCURRENCY", _COUNT))
-    rpc_thread_pool: int = field(default=16, metadata=_env("RPC_THREAD_POOL", _COUNT))
-    shutdown_grace: float = field(default=10.0, metadata=_env("SHUTDOWN_GRACE", _SECONDS))
+    rpc_timeout: float = field(default=5.0, metadata=env("RPC_TIMEOUT", SECONDS))
+    rpc_concurrency: int = field(default=64, metadata=env("RPC_CONCURRENCY", COUNT))
+    rpc_thread_pool: int = field(default=16, metadata=env("RPC_THREAD_POOL", COUNT))
+    shutdown_grace: float = field(default=10.0, metadata=env("SHUTDOWN_GRACE", SECONDS))
     # Calls queued (plus in flight) beyond this are refused with `Overloaded`; 0 = no bound.
     rpc_max_backlog: int = field(
-        default=10_000, metadata=_env("RPC_MAX_BACKLOG", Bounds(0, zero="no bound"))
+        default=10_000, metadata=env("RPC_MAX_BACKLOG", Bounds(0, zero="no bound"))
     )
     # The largest encoded call (arguments) or reply (result) that goes through Redis: a
     # call over it is refused by its caller's client (`PayloadTooLarge`), a result over
@@ -198,70 +143,68 @@ class Settings:
     # window) and the caller, several copies each while it is encoded and written.
     rpc_max_payload_bytes: int = field(
         default=64 * 1024**2,
-        metadata=_env(
+        metadata=env(
             "RPC_MAX_PAYLOAD_BYTES", Bounds(MIN_PAYLOAD_LIMIT, 512 * 1024**2, unit="bytes")
         ),
     )
     # How long a completed call's reply is kept to answer a redelivery without re-running.
-    rpc_dedup_window: float = field(default=30.0, metadata=_env("RPC_DEDUP_WINDOW", _SECONDS))
+    rpc_dedup_window: float = field(default=30.0, metadata=env("RPC_DEDUP_WINDOW", SECONDS))
     # A call handed to workers more times than this (each died or was stopped while
     # running it) is not run again: answered with an error, or dead-lettered (a task).
-    rpc_max_deliveries: int = field(default=3, metadata=_env("RPC_MAX_DELIVERIES", _COUNT))
+    rpc_max_deliveries: int = field(default=3, metadata=env("RPC_MAX_DELIVERIES", COUNT))
     # Tasks (fire-and-forget): runs in all before a failing task is dead-lettered,
     # first retry delay (doubled each time), and how many dead letters are kept.
     task_attempts: int = field(
-        default=3, metadata=_env("TASK_ATTEMPTS", Bounds(1, MAX_TASK_ATTEMPTS))
+        default=3, metadata=env("TASK_ATTEMPTS", Bounds(1, MAX_TASK_ATTEMPTS))
     )
-    task_retry_delay: float = field(default=1.0, metadata=_env("TASK_RETRY_DELAY", _SECONDS))
-    dead_letter_cap: int = field(default=10_000, metadata=_env("DEAD_LETTER_CAP", _COUNT))
+    task_retry_delay: float = field(default=1.0, metadata=env("TASK_RETRY_DELAY", SECONDS))
+    dead_letter_cap: int = field(default=10_000, metadata=env("DEAD_LETTER_CAP", COUNT))
 
     # Registry: liveness by heartbeat (design §5 defaults).
-    heartbeat_interval: float = field(default=1.0, metadata=_env("HEARTBEAT_INTERVAL", _HEARTBEAT))
-    heartbeat_ttl: float = field(default=3.0, metadata=_env("HEARTBEAT_TTL", _HEARTBEAT))
+    heartbeat_interval: float = field(default=1.0, metadata=env("HEARTBEAT_INTERVAL", HEARTBEAT))
+    heartbeat_ttl: float = field(default=3.0, metadata=env("HEARTBEAT_TTL", HEARTBEAT))
     # A worker's lease is renewed by a thread of its own (common.lease), so a handler
     # that blocks the event loop (a sync call, a CPU-bound step in an `async def`) does
     # not make the worker look dead and its calls run twice. A loop blocked longer than
     # this is taken for hung: the lease is no longer renewed and its calls go elsewhere.
-    loop_stall_limit: float = field(default=60.0, metadata=_env("LOOP_STALL_LIMIT", _SECONDS))
+    loop_stall_limit: float = field(default=60.0, metadata=env("LOOP_STALL_LIMIT", SECONDS))
 
     # auth. No default secret on purpose: without JWT_SECRET the auth service
     # generates one at first start and keeps it in Redis (never in the repo).
-    jwt_secret: str | None = field(default=None, metadata=_env("JWT_SECRET"))
-    jwt_ttl: int = field(default=900, metadata=_env("JWT_TTL", _TOKEN_TTL))
+    jwt_secret: str | None = field(default=None, metadata=env("JWT_SECRET"))
+    jwt_ttl: int = field(default=900, metadata=env("JWT_TTL", TOKEN_TTL))
     # A refresh token is good for this long (seconds); each use replaces it.
-    jwt_refresh_ttl: int = field(default=14 * 86400, metadata=_env("JWT_REFRESH_TTL", _TOKEN_TTL))
+    jwt_refresh_ttl: int = field(default=14 * 86400, metadata=env("JWT_REFRESH_TTL", TOKEN_TTL))
     # The most live sessions (logins) a user has: one more ends the least recently used
     # (microservices.auth.sessions: why 50). Without a cap a client logging in at every
     # request would keep every session for JWT_REFRESH_TTL.
     auth_max_sessions_per_user: int = field(
-        default=50, metadata=_env("AUTH_MAX_SESSIONS_PER_USER", _COUNT)
+        default=50, metadata=env("AUTH_MAX_SESSIONS_PER_USER", COUNT)
     )
     # First admin, created at the auth service's start when no admin exists yet
     # (the password is a deployment secret; there is no default password).
-    auth_admin_username: str | None = field(default=None, metadata=_env("AUTH_ADMIN_USERNAME"))
-    auth_admin_password: str | None = field(default=None, metadata=_env("AUTH_ADMIN_PASSWORD"))
+    auth_admin_username: str | None = field(default=None, metadata=env("AUTH_ADMIN_USERNAME"))
+    auth_admin_password: str | None = field(default=None, metadata=env("AUTH_ADMIN_PASSWORD"))
     # Scopes a newly registered user gets (space-separated; "*" = every service, not admin).
-    auth_default_scopes: str = field(default="*", metadata=_env("AUTH_DEFAULT_SCOPES"))
+    auth_default_scopes: str = field(default="*", metadata=env("AUTH_DEFAULT_SCOPES"))
     # Login throttling (brute force; never a permanent lockout; microservices.auth.throttle):
     # after AUTH_LOGIN_MAX_FAILURES failures in a row of a username from one client
     # address, its logins from there are refused for AUTH_LOGIN_LOCK_BASE seconds,
     # doubled at each further failure up to AUTH_LOGIN_LOCK_MAX; the count is forgotten
     # AUTH_LOGIN_FAILURE_WINDOW seconds after the last failure (and its lock). A
     # successful login resets it.
-    auth_login_max_failures: int = field(
-        default=5, metadata=_env("AUTH_LOGIN_MAX_FAILURES", _COUNT)
-    )
+    auth_login_max_failures: int = field(default=5, metadata=env("AUTH_LOGIN_MAX_FAILURES", COUNT))
     # The account-wide backstop against guessing from many addresses: past this many
     # failures of a username from all addresses, the same growing locks, except for
     # the addresses its owner logged in from within AUTH_LOGIN_KNOWN_ADDRESS_DAYS.
     # 20: four addresses' worth of the owner's own typos, well under NIST SP 800-63B's
     # ceiling of 100 failures in a row.
     auth_login_max_failures_account: int = field(
-        default=20, metadata=_env("AUTH_LOGIN_MAX_FAILURES_ACCOUNT", _COUNT)
+        default=20, metadata=env("AUTH_LOGIN_MAX_FAILURES_ACCOUNT", COUNT)
     )
     auth_login_known_address_days: int = field(
         default=30,
-        metadata=_env(
+        metadata=env(
             "AUTH_LOGIN_KNOWN_ADDRESS_DAYS",
             Bounds(0, 365, zero="no address escapes the account-wide lock", unit="days"),
         ),
@@ -271,34 +214,34 @@ class Settings:
     # so a stranger behind the owner's NAT locks the address, not the owner's device.
     auth_login_device_days: int = field(
         default=30,
-        metadata=_env(
+        metadata=env(
             "AUTH_LOGIN_DEVICE_DAYS",
             Bounds(0, 365, zero="no device tokens are given", unit="days"),
         ),
     )
     auth_login_lock_base: float = field(
-        default=1.0, metadata=_env("AUTH_LOGIN_LOCK_BASE", _LOGIN_SECONDS)
+        default=1.0, metadata=env("AUTH_LOGIN_LOCK_BASE", _LOGIN_SECONDS)
     )
     auth_login_lock_max: float = field(
-        default=900.0, metadata=_env("AUTH_LOGIN_LOCK_MAX", _LOGIN_SECONDS)
+        default=900.0, metadata=env("AUTH_LOGIN_LOCK_MAX", _LOGIN_SECONDS)
     )
     auth_login_failure_window: float = field(
-        default=900.0, metadata=_env("AUTH_LOGIN_FAILURE_WINDOW", _LOGIN_SECONDS)
+        default=900.0, metadata=env("AUTH_LOGIN_FAILURE_WINDOW", _LOGIN_SECONDS)
     )
     # How long a gateway trusts a cached API key record (revocations are pushed at once).
     api_key_cache_ttl: float = field(
         default=5.0,
-        metadata=_env(
-            "API_KEY_CACHE_TTL", Bounds(0, _DAY, zero="read the record at each use", unit="seconds")
+        metadata=env(
+            "API_KEY_CACHE_TTL", Bounds(0, DAY, zero="read the record at each use", unit="seconds")
         ),
     )
     # How long past API_KEY_CACHE_TTL a cached record still answers while Redis cannot
     # be read (down, or refusing: `common.apikey_cache`); then such a key's request is a 503.
     api_key_stale_if_error: float = field(
         default=300.0,
-        metadata=_env(
+        metadata=env(
             "API_KEY_STALE_IF_ERROR",
-            Bounds(0, _DAY, zero="never answer with a stale record", unit="seconds"),
+            Bounds(0, DAY, zero="never answer with a stale record", unit="seconds"),
         ),
     )
 
@@ -306,18 +249,16 @@ class Settings:
     # address and minute; the rest are counted in one line per client and minute
     # (`common.log_budget`).
     log_refusals_per_client: int = field(
-        default=10, metadata=_env("LOG_REFUSALS_PER_CLIENT", Bounds(0, zero="log every one"))
+        default=10, metadata=env("LOG_REFUSALS_PER_CLIENT", Bounds(0, zero="log every one"))
     )
 
     # The client's address, at the gateway and the websocket relay: X-Forwarded-For is
     # believed only from these peers (comma-separated addresses or CIDRs; empty = trust
     # no one).
-    trusted_proxies: str = field(default="", metadata=_env("TRUSTED_PROXIES"))
+    trusted_proxies: str = field(default="", metadata=env("TRUSTED_PROXIES"))
     # Rate limits when Redis is unreachable: "local" (each process enforces the
     # limits alone), "open" (no limit) or "closed" (refuse with 503).
-    rate_limit_on_redis_down: str = field(
-        default="local", metadata=_env("RATE_LIMIT_ON_REDIS_DOWN")
-    )
+    rate_limit_on_redis_down: str = field(default="local", metadata=env("RATE_LIMIT_ON_REDIS_DOWN"))
 
     # websocket service (design §7). Frames over WS_MAX_MESSAGE_BYTES close with
     # 1009; a client whose WS_SEND_QUEUE pushed messages are not yet written is
@@ -325,42 +266,42 @@ class Settings:
     # WS_PING_INTERVAL) closes with 1011; beyond WS_MAX_CONNECTIONS new
     # connections get HTTP 503; a client has WS_AUTH_TIMEOUT to authenticate.
     ws_max_message_bytes: int = field(
-        default=1024 * 1024, metadata=_env("WS_MAX_MESSAGE_BYTES", Bounds(1, unit="bytes"))
+        default=1024 * 1024, metadata=env("WS_MAX_MESSAGE_BYTES", Bounds(1, unit="bytes"))
     )
-    ws_send_queue: int = field(default=256, metadata=_env("WS_SEND_QUEUE", _COUNT))
-    ws_ping_interval: float = field(default=20.0, metadata=_env("WS_PING_INTERVAL", _SECONDS))
-    ws_ping_timeout: float = field(default=20.0, metadata=_env("WS_PING_TIMEOUT", _SECONDS))
-    ws_max_connections: int = field(default=10_000, metadata=_env("WS_MAX_CONNECTIONS", _COUNT))
-    ws_auth_timeout: float = field(default=5.0, metadata=_env("WS_AUTH_TIMEOUT", _SECONDS))
-    ws_max_subscriptions: int = field(default=100, metadata=_env("WS_MAX_SUBSCRIPTIONS", _COUNT))
+    ws_send_queue: int = field(default=256, metadata=env("WS_SEND_QUEUE", COUNT))
+    ws_ping_interval: float = field(default=20.0, metadata=env("WS_PING_INTERVAL", SECONDS))
+    ws_ping_timeout: float = field(default=20.0, metadata=env("WS_PING_TIMEOUT", SECONDS))
+    ws_max_connections: int = field(default=10_000, metadata=env("WS_MAX_CONNECTIONS", COUNT))
+    ws_auth_timeout: float = field(default=5.0, metadata=env("WS_AUTH_TIMEOUT", SECONDS))
+    ws_max_subscriptions: int = field(default=100, metadata=env("WS_MAX_SUBSCRIPTIONS", COUNT))
     # JSON-RPC calls one connection may have in flight; more are answered with an error.
-    ws_max_calls_in_flight: int = field(default=32, metadata=_env("WS_MAX_CALLS_IN_FLIGHT", _COUNT))
+    ws_max_calls_in_flight: int = field(default=32, metadata=env("WS_MAX_CALLS_IN_FLIGHT", COUNT))
     # How long SIGTERM waits for clients to acknowledge the 1001 close.
-    ws_drain_timeout: float = field(default=5.0, metadata=_env("WS_DRAIN_TIMEOUT", _SECONDS))
+    ws_drain_timeout: float = field(default=5.0, metadata=env("WS_DRAIN_TIMEOUT", SECONDS))
     # A relayed connection (`websocket.splice`) one end of which has read nothing of what
     # it was sent for this long, while the other end waits on it, is cut (nginx's
     # proxy_send_timeout and send_timeout, 60 s by default).
     ws_relay_send_timeout: float = field(
-        default=60.0, metadata=_env("WS_RELAY_SEND_TIMEOUT", _SECONDS)
+        default=60.0, metadata=env("WS_RELAY_SEND_TIMEOUT", SECONDS)
     )
 
     # iptv: how often the worker checks which programme is on air, to publish changes.
-    iptv_now_interval: float = field(default=15.0, metadata=_env("IPTV_NOW_INTERVAL", _SECONDS))
+    iptv_now_interval: float = field(default=15.0, metadata=env("IPTV_NOW_INTERVAL", SECONDS))
 
     # iptv seed size (a few hundred channels, a week of programmes).
-    iptv_channels: int = field(default=300, metadata=_env("IPTV_CHANNELS", _COUNT))
+    iptv_channels: int = field(default=300, metadata=env("IPTV_CHANNELS", COUNT))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from `environ` (default: the process environment)."""
-        env = os.environ if environ is None else environ
+        source = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             name = f.metadata["env"]
-            raw = env.get(name)
+            raw = source.get(name)
             if raw is None or raw == "":
                 continue
-            values[f.name] = _parse(name, raw, _PARSERS[str(f.type)])
+            values[f.name] = parse(name, raw, str(f.type))
         settings = cls(**values)
         settings._validate()
         return settings
@@ -404,51 +345,6 @@ class Settings:
             )
 
 
-def check_redis_url(url: str) -> None:
-    """`ConfigError` naming REDIS_URL unless redis-py reads `url` as written.
-
-    redis-py refuses some URLs with a message quoting part of the password (an
-    unencoded `/`, `#` or `?` in it ends the host part early) and silently misreads
-    others (`redis://:pa/55@host` is localhost, port 0...): both are refused here,
-    quoting the URL with its credentials and query replaced by `***`.
-    """
-    scheme = url.partition("://")[0] if "://" in url else ""
-    if scheme not in _REDIS_SCHEMES:
-        raise ConfigError(
-            f"REDIS_URL={redacted_url(url)} is not valid: it must start with redis://, "
-            "rediss:// (TLS) or unix:// (a socket path)"
-        )
-    options: dict[str, Any] = {}
-    try:
-        options = parse_url(url)  # type: ignore[no-untyped-call]
-        # redis-py ignores a path that is not a database number: read as written,
-        # a Redis URL has none but a number (or an unencoded '/' in the password).
-        path = urlsplit(url).path
-        misread = scheme != "unix" and "db" not in options and not _DB_PATH.fullmatch(path)
-    except ValueError:
-        misread = True
-    if misread:
-        raise ConfigError(
-            f"REDIS_URL={redacted_url(url)} is not a valid Redis URL "
-            "(redis://[[user]:password@]host[:port][/db]): the port and db must be numbers, "
-            "and special characters (/ # ? @ : %) in a user name or password must be "
-            "percent-encoded (urllib.parse.quote(password, safe=''))"
-        )
-    if scheme == "unix" and not options.get("path"):
-        raise ConfigError("REDIS_URL=unix:// needs the socket's path: unix:///path/to/redis.sock")
-
-
-def redacted_url(url: str) -> str:
-    """`url` with whatever may hold a secret replaced by `***`: anything before the
-    last `@` (user and password, even unencoded), and the query."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    _userinfo, at, location = rest.rpartition("@")
-    location, query, _ = location.partition("?")
-    return f"{scheme}{sep}{'***@' if at else ''}{location}{'?***' if query else ''}"
-
-
 # The repository's root: `RUN_DIR` is relative to it, whatever the working directory.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -467,38 +363,6 @@ def exit_on_config_error(program: str) -> Iterator[None]:
         yield
     except ConfigError as exc:
         raise SystemExit(f"{program}: {exc.message}") from None
-
-
-def _parse(name: str, raw: str, parser: Callable[[str], T]) -> T:
-    try:
-        return parser(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name}={raw!r} is not valid: {exc}") from exc
-
-
-def _bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected 1/0, true/false, yes/no or on/off")
-
-
-def _float(raw: str) -> float:
-    value = float(raw)
-    if not math.isfinite(value):  # float() takes "nan" and "inf"; no setting does
-        raise ValueError("expected a finite number")
-    return value
-
-
-_PARSERS: dict[str, Callable[[str], Any]] = {
-    "bool": _bool,
-    "str": str,
-    "str | None": str,
-    "int": int,
-    "float": _float,
-}
 
 
 @cache

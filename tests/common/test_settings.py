@@ -10,7 +10,8 @@ import pytest
 
 from common.dev_redis import cli_redis_url, remove_dev_redis_url, write_dev_redis_url
 from common.errors import ConfigError
-from common.settings import Bounds, Settings
+from common.setting_values import Bounds
+from common.settings import Settings
 from tests.helpers import ROOT
 
 
