@@ -53,6 +53,7 @@ from typing import Any
 import psutil
 
 from bench.harness import (
+    comma_list,
     free_port,
     install_signal_handlers,
     interrupted,
@@ -62,7 +63,7 @@ from bench.harness import (
 from bench.proxy_gateway import Gateway
 from bench.proxy_nginx import start_nginx_backend, start_nginx_proxy
 from bench.proxy_targets import PATH, body_ok, wait_http
-from bench.proxy_tools import apt_install, which
+from bench.proxy_tools import find_tools
 from bench.wrk import metered_wrk, run_wrk
 
 TARGETS = ("nginx", "switchboard")
@@ -286,13 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-install", dest="install", action="store_false",
                         help="never apt-get a missing tool")  # fmt: skip
     args = parser.parse_args(argv)
-    targets = [t for t in args.targets.split(",") if t]
-    if unknown := set(targets) - set(TARGETS):
-        parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
-    found = {tool: which(tool) for tool in ("wrk", "nginx", "perf")}
-    if args.install:
-        apt_install([t for t, path in found.items() if not path], tag="profile")
-        found = {tool: which(tool) for tool in found}
+    targets = comma_list(parser, args.targets, TARGETS, "targets")
+    found = find_tools(["wrk", "nginx", "perf"], args.install, "profile")
     missing = [tool for tool, path in found.items() if not path]
     if missing:
         print(f"[profile] NOT MEASURED: {', '.join(missing)} not installed")

@@ -1,4 +1,5 @@
-"""The tools `bench.proxy` (and `bench.ws`) need: wrk, nginx, haproxy and aiohttp.
+"""The tools `bench.proxy` (and `bench.ws`, `bench.profile`) need: wrk, nginx, haproxy,
+perf and aiohttp.
 
 Each is found on PATH (or /usr/sbin), apt-get installed when running as root,
 or, for aiohttp, pip-installed from its pinned line in bench/requirements.txt,
@@ -82,17 +83,23 @@ def ensure_aiohttp(install: bool, tag: str = "proxy") -> str | None:
     return f"aiohttp is not importable ({how}, or make bench-{tag})"
 
 
+def find_tools(tools: list[str], install: bool, tag: str = "proxy") -> dict[str, str | None]:
+    """The path of each of `tools`, in that order (None = missing), the missing ones
+    apt-get installed first if `install` (`apt_install`, which `tag` prints for)."""
+    missing = [t for t in tools if not which(t)]
+    if install:
+        apt_install(missing, tag)
+    return {t: which(t) for t in tools}
+
+
 def prepare_tools(targets: list[str], backend: str, install: bool) -> dict[str, str | None]:
-    """Each needed tool's path (None = missing after any install)."""
+    """Each tool `bench.proxy` needs, and its path (None = missing after any install)."""
     needed = {"wrk"}
     if backend in ("auto", "nginx") or "nginx" in targets:
         needed.add("nginx")
     if "haproxy" in targets:
         needed.add("haproxy")
-    missing = sorted(t for t in needed if not which(t))
-    if install:
-        apt_install(missing)
-    return {t: which(t) for t in sorted(needed)}
+    return find_tools(sorted(needed), install)
 
 
 def tool_versions(tools: dict[str, str | None]) -> dict[str, str | None]:

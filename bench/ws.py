@@ -70,7 +70,7 @@ from bench.harness import (
     stop_child,
     write_json,
 )
-from bench.proxy_tools import apt_install, ensure_aiohttp, tool_versions, which
+from bench.proxy_tools import ensure_aiohttp, find_tools, tool_versions
 from bench.ws_load import MSG_BYTES, load_main, run_load, wait_ws
 from bench.ws_memory import raise_nofile, run_memory
 from bench.ws_report import derive, goals, print_report
@@ -350,10 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     install_signal_handlers()
     started = time.monotonic()
     args.loop = set_loop(args.loop)  # for the idle connections, held in this process
-    nginx = which("nginx") if "nginx" in args.targets else None
-    if "nginx" in args.targets and not nginx and args.install:
-        apt_install(["nginx"], tag="ws")
-        nginx = which("nginx")
+    nginx = find_tools(["nginx"], args.install, "ws")["nginx"] if "nginx" in args.targets else None
     aiohttp_missing = ensure_aiohttp(args.install, tag="ws")
     args.aiohttp = aiohttp_missing is None
     if not args.aiohttp:
