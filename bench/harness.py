@@ -2,7 +2,8 @@
 
 Used by `bench.rpc`, `bench.proxy` and `bench.ws`:
 
-- processes: `spawn` starts a child in its own session and remembers it;
+- processes: `spawn` starts a child in its own session and remembers it; `embedded_redis`
+  a private redis-server;
   `stop_child` / `stop_all_children` stop only those PIDs (SIGTERM, then
   SIGKILL); `install_signal_handlers` turns SIGTERM and SIGHUP into SystemExit
   so the `finally` blocks that stop children run; `exit_with_parent` makes a
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -213,6 +215,15 @@ def print_error(tag: str, res: dict[str, Any], key: str) -> None:
     print(f"[{tag}]   ERROR: {res['error']}", flush=True)
     if res.get(key):
         print(res[key], flush=True)
+
+
+def embedded_redis(stack: contextlib.ExitStack) -> tuple[str, int | None]:
+    """A private redis-server (`EmbeddedRedis`) stopped when `stack` closes: its URL and
+    its pid (metered with the gateway or the WebSocket service; None if unknown)."""
+    from common.embedded_redis import EmbeddedRedis  # (only the runs that need one)
+
+    redis = stack.enter_context(EmbeddedRedis())
+    return redis.url, redis.process.pid if redis.process else None
 
 
 def free_port() -> int:

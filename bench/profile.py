@@ -54,6 +54,7 @@ import psutil
 
 from bench.harness import (
     comma_list,
+    embedded_redis,
     free_port,
     install_signal_handlers,
     interrupted,
@@ -220,11 +221,8 @@ def run(targets: list[str], tools: dict[str, str], seconds: int, tmp: Path) -> d
                     proc = start_nginx_proxy(tools["nginx"], tmp, port, bport)
                     url, headers = f"http://127.0.0.1:{port}{PATH}", dict[str, str]()
                 else:
-                    from common.embedded_redis import EmbeddedRedis
-
-                    redis = stack.enter_context(EmbeddedRedis())
-                    pid = redis.process.pid if redis.process else None
-                    gateway = Gateway(tmp, redis.url, pid, f"127.0.0.1:{bport}", 20)
+                    redis_url, redis_pid = embedded_redis(stack)
+                    gateway = Gateway(tmp, redis_url, redis_pid, f"127.0.0.1:{bport}", 20)
                     stack.callback(gateway.stop)
                     proc = gateway.start()
                     url, headers = gateway.target("switchboard")

@@ -51,6 +51,7 @@ from bench.harness import (
     apply_defaults,
     comma_list,
     digest,
+    embedded_redis,
     free_port,
     install_signal_handlers,
     interrupted,
@@ -197,11 +198,10 @@ def run_all(args: argparse.Namespace, tools: dict[str, str | None], tmp: Path) -
             if kind != "nginx":
                 print("[proxy] NOTE: not the peers' nginx backend; compare only within this run")
             if any(t in GATEWAY_TARGETS for t in args.targets):
-                from common.embedded_redis import EmbeddedRedis
-
-                redis = stack.enter_context(EmbeddedRedis())
-                pid = redis.process.pid if redis.process else None
-                gateway = Gateway(tmp, redis.url, pid, f"127.0.0.1:{bport}", args.ready_timeout)
+                redis_url, redis_pid = embedded_redis(stack)
+                gateway = Gateway(
+                    tmp, redis_url, redis_pid, f"127.0.0.1:{bport}", args.ready_timeout
+                )
             for i, name in enumerate(args.targets):
                 why = unavailable(name, tools, aiohttp_missing)
                 if why:

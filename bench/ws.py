@@ -54,6 +54,7 @@ from bench.harness import (
     apply_defaults,
     comma_list,
     digest,
+    embedded_redis,
     exit_with_parent,
     free_port,
     install_signal_handlers,
@@ -201,11 +202,8 @@ def run_all(
                 flush=True,
             )
             if "switchboard" in args.targets or "switchboard" in args.memory:
-                from common.embedded_redis import EmbeddedRedis
-
-                redis = stack.enter_context(EmbeddedRedis())
-                pid = redis.process.pid if redis.process else None
-                sb = Switchboard(args.tmp, redis.url, pid, f"127.0.0.1:{uport}")
+                redis_url, redis_pid = embedded_redis(stack)
+                sb = Switchboard(args.tmp, redis_url, redis_pid, f"127.0.0.1:{uport}")
             for name in args.targets:
                 why = unavailable(name, nginx, aiohttp_missing)
                 if why:
