@@ -13,13 +13,10 @@ behind a full socket buffer), never waiting on any of them.
 
 If the pub/sub connection drops, the hub subscribes its channels again when redis-py
 reconnects; messages published meanwhile are lost (pub/sub keeps no history). Only
-the channels that have a subscriber here then are subscribed again (`_HubPubSub`):
-redis-py's own list of channels forgot one only at the reply to its UNSUBSCRIBE, so a
-channel whose last subscriber left while Redis was away (its UNSUBSCRIBE could not be
-sent) was subscribed again, and stayed so, in Redis and here, as long as nothing was
-published on it (the names are the clients': any number of them). Should a message
-come all the same on a channel with no subscriber here (one left as the message was
-on its way), the hub leaves it then.
+the channels that have a subscriber here then are subscribed again, each with a
+SUBSCRIBE of its own (why: `websocket.hub_pubsub`). Should a message come all the
+same on a channel with no subscriber here (one left as the message was on its way),
+the hub leaves it then.
 
 A channel whose UNSUBSCRIBE Redis refuses (an error reply: its ACL user lacks the
 command) is left here all the same, and Redis keeps it subscribed, and sends its
@@ -29,26 +26,20 @@ messages on: the hub drops them, and does not answer each with an UNSUBSCRIBE ag
 connection leaves the channel. (Redis checks no channel ACL on an UNSUBSCRIBE, seen
 on Redis 6.2: a channel the ACL lost is left all the same.)
 
-Only the reader connects again (redis-py's `get_message`); the hub writes its
-commands itself, at once, on the connection as it is ready (`_HubPubSub.send`), and
-not at all while it is down or being made again: an UNSUBSCRIBE then is the
-reconnect's to do (it leaves what it does not subscribe), a SUBSCRIBE too (the
-channel is the hub's from before its command, so the reconnect subscribes it, and
-its reply answers the subscribe waiting). redis-py's own subscribe connected again
-as well, racing the reader's reconnect: sessions closed with 1011, and allowed
-channels were refused (`_HubPubSub`). A subscribe while Redis is down raises once the
-reader's reconnect fails (the session answers `service_unavailable`), and nothing of
-it is kept.
+Only the reader connects again; the hub writes its commands itself, at once, on the
+connection as it is ready, and not at all while it is down or being made again
+(`websocket.hub_pubsub`): an UNSUBSCRIBE then is the reconnect's to do (it leaves
+what it does not subscribe), a SUBSCRIBE too (the channel is the hub's from before
+its command, so the reconnect subscribes it, and its reply answers the subscribe
+waiting). A subscribe while Redis is down raises once the reader's reconnect fails
+(the session answers `service_unavailable`), and nothing of it is kept.
 
-Each channel is subscribed again with a SUBSCRIBE of its own: Redis refuses a
-SUBSCRIBE of several channels as a whole when its ACL leaves one of them out, and
-redis-py's one SUBSCRIBE of them all, refused for one channel its user lost while the
-hub was subscribed (an ACL changed at runtime, which also drops the connection), left
-every channel silent for good, their clients still believing themselves subscribed.
-Now only the refused channel is: the hub leaves it (a later subscribe asks Redis
-again), logs it (`push channel refused by redis`, with its subscriber count; 10 a
-minute, then a count), and tells each of its subscribers (`Refused`: the session sends
-the client an error frame, `subscribe_refused`, naming the channel).
+A channel Redis refuses as the hub subscribes it again (its user lost it while the
+hub was subscribed: an ACL changed at runtime) is the only one silent: the hub leaves
+it (a later subscribe asks Redis again), logs it (`push channel refused by redis`,
+with its subscriber count; 10 a minute, then a count), and tells each of its
+subscribers (`Refused`: the session sends the client an error frame,
+`subscribe_refused`, naming the channel).
 
 A channel's first subscribe waits for Redis's reply to its SUBSCRIBE (read by the
 reader: `_answered`), at most `SUBSCRIBE_TIMEOUT`: an error reply (NOPERM from an ACL
@@ -56,17 +47,13 @@ user whose channel patterns leave the channel out, say) raises it, and nothing o
 that subscribe is kept (the session answers it with an error frame, and goes on).
 redis-py only sends the command: the reply came to the reader, which logged it as a
 failure of its own, while the client had been told `subscribed` and the hub kept a
-channel that never delivered. An error reply names neither its command nor its
-channel, and others share the connection (a reconnect's SUBSCRIBEs, UNSUBSCRIBEs,
-health-check PINGs, a SUBSCRIBE given up on, whose reply still comes): Redis answers
-a connection's commands in order, so `_HubPubSub` keeps those awaiting a reply, in
-the order sent, and the reader takes each reply for the oldest one's (an error
-was taken for the waiting subscribe's, whatever it answered: a subscribe given up on
-then refused the next channel's). Subscribes wait under the hub's lock, one at a
-time; the reader never waits on that lock (what it leaves, it leaves at once: an
-UNSUBSCRIBE waits for nothing), or a subscribe waiting for the reader would wait for
-good. A message the reader reads between the reply and the subscriber's being added
-is not delivered: it raced the subscribe, whose `subscribed` answer has not gone yet.
+channel that never delivered. The reader matches each reply to its command (an
+error reply names neither its command nor its channel: `websocket.hub_pubsub`).
+Subscribes wait under the hub's lock, one at a time; the reader never waits on that
+lock (what it leaves, it leaves at once: an UNSUBSCRIBE waits for nothing), or a
+subscribe waiting for the reader would wait for good. A message the reader reads
+between the reply and the subscriber's being added is not delivered: it raced the
+subscribe, whose `subscribed` answer has not gone yet.
 
 A subscriber that leaves (`unsubscribe`; `drop`, a closed connection's every
 channel) is removed here first, at once: nothing is delivered to it after, whatever
@@ -88,13 +75,10 @@ import asyncio
 import json
 import logging
 import re
-from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
-from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
@@ -105,6 +89,7 @@ from common.connection import REDIS_DOWN_ERRORS, as_text
 from common.log import get_logger
 from common.log_budget import LogBudget
 from common.outage import Outage
+from websocket.hub_pubsub import REPLIES, HubPubSub
 
 log = get_logger("websocket.hub")
 
@@ -117,9 +102,6 @@ Deliver = Callable[[str], object]
 # What a subscriber may be told besides: that Redis refused its channel when the hub
 # subscribed it again (a reconnect); called with the channel, then no longer subscribed.
 Refused = Callable[[str], object]
-# The argument of the hub's health-check PINGs: not redis-py's, whose replies its
-# reader swallows; the hub reads them, to match each reply to its command.
-PING_ARGUMENT = "switchboard-push-hub"
 
 
 class ChannelHub:
@@ -128,7 +110,7 @@ class ChannelHub:
     def __init__(self, redis: aioredis.Redis) -> None:
         # Per channel, its subscribers and what each is told if Redis refuses it later.
         self._subscribers: dict[str, dict[Deliver, Refused | None]] = {}
-        self._pubsub = _HubPubSub(redis, self._subscribers)
+        self._pubsub = HubPubSub(redis, self._subscribers)
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
         # The Redis channel whose SUBSCRIBE awaits its reply, and what the reply settles.
@@ -157,7 +139,7 @@ class ChannelHub:
     async def _subscribe(self, channel: str) -> None:
         """SUBSCRIBE `channel` in Redis and wait for the reply (the lock held). Meanwhile
         the channel is the hub's with no subscriber: nothing is delivered, and a
-        reconnect subscribes it (`_HubPubSub.on_connect` reads `_subscribers`); so a
+        reconnect subscribes it (`HubPubSub.on_connect` reads `_subscribers`); so a
         connection down or being made again as it is sent, the SUBSCRIBE not written,
         is subscribed by the reconnect, whose reply answers it (or whose failure)."""
         name = constants.push_channel(channel)
@@ -232,7 +214,7 @@ class ChannelHub:
     def _leave(self, channels: list[str]) -> None:
         """UNSUBSCRIBE `channels` (none has a subscriber here), written at once; not
         when the connection is down or being made again: the reconnect leaves them,
-        subscribing only the channels of `_subscribers` (`_HubPubSub.send`)."""
+        subscribing only the channels of `_subscribers` (`HubPubSub.send`)."""
         self._pubsub.send("UNSUBSCRIBE", *(constants.push_channel(c) for c in channels))
 
     def _forget(self, channel: str, deliver: Deliver) -> bool:
@@ -277,7 +259,7 @@ class ChannelHub:
                     kind = message.get("type")
                     if kind == "message":
                         self._fan_out(_local(message["channel"]), message["data"])
-                    elif kind in _REPLIES:
+                    elif kind in REPLIES:
                         channel = message["channel"]  # (None: a pong)
                         name = None if channel is None else as_text(channel)
                         self._pubsub.replied(kind, name)
@@ -297,7 +279,7 @@ class ChannelHub:
 
     def _error_read(self, exc: ResponseError, broken: Outage) -> bool:
         """An error the reader's read raised: Redis's reply to the oldest command still
-        unanswered on the connection (Redis answers in order: `_HubPubSub.sent`), or,
+        unanswered on the connection (Redis answers in order: `HubPubSub.sent`), or,
         the connection closed, a reconnect's handshake refused (which no reply follows).
         Whether the reader pauses: an error that answers no command may come again at
         once (a handshake refused again)."""
@@ -349,141 +331,6 @@ class ChannelHub:
                 failed = [*(failed or ()), deliver]
         for deliver in failed or ():
             self.drop([channel], deliver)
-
-
-class _Sent:
-    """A command sent on the hub's pub/sub connection whose replies have not all come:
-    `kind`, the type of its replies ("subscribe", "unsubscribe", "pong"); `names`, the
-    channels whose replies are still to come (a PING has none, and one reply)."""
-
-    __slots__ = ("kind", "names")
-
-    def __init__(self, kind: str, names: list[str]) -> None:
-        self.kind, self.names = kind, names
-
-
-# The replies to the hub's commands (`_Sent.kind`), by the command.
-_REPLY_KINDS = {"SUBSCRIBE": "subscribe", "UNSUBSCRIBE": "unsubscribe", "PING": "pong"}
-_REPLIES = frozenset(_REPLY_KINDS.values())
-
-
-class _HubPubSub(PubSub):
-    """redis-py's pub/sub connection, which the hub writes its commands on itself
-    (`send`): at once, on the connection as it is ready, else not at all. Its reader,
-    redis-py's `get_message`, is the one that connects again (and the first subscribe,
-    `open`, the one that connects first); a connection made again subscribes the
-    channels the hub has then (`subscribed`, the hub's own map: `on_connect`), each
-    with a SUBSCRIBE of its own. The commands sent on the connection whose replies
-    have not come are kept, in order (`sent`).
-
-    Why not redis-py's `subscribe`: it reconnects too, when its write fails or finds
-    the connection closed, and a subscribe racing the reader's reconnect (a Redis
-    restart, a CLIENT KILL) made a second handshake on the one connection, and
-    redis-py's two coroutines read each other's replies: sessions closed with 1011 (an
-    AttributeError: the other had closed the connection under the write; a
-    RuntimeError: two reads at once), or told `subscribe_refused` for an allowed
-    channel (the other's handshake's error reply taken for the SUBSCRIBE's): in a run
-    of 20 CLIENT KILLs, each with 10 sessions subscribing, 1 or 2 sessions closed and
-    11 to 13 subscribes refused. A write now is synchronous, on a connection whose
-    handshake and `on_connect` are done: in order with the reconnect's SUBSCRIBEs,
-    never in a handshake.
-
-    Redis answers a connection's commands in order, but an error reply names neither
-    its command nor its channel: the reader matches each reply to the oldest command
-    awaiting one (`replied`, `error_replied`). A SUBSCRIBE of several channels that
-    one of them is refused (an ACL leaving it out) is refused as a whole, so the
-    reconnect subscribes each channel with a command of its own (written at once, in
-    one write): Redis refuses only those it refuses, and the reader knows which."""
-
-    def __init__(self, redis: aioredis.Redis, subscribed: dict[str, Any]) -> None:
-        # (the reader reads subscribe confirmations: `ChannelHub._answered`)
-        super().__init__(redis.connection_pool)
-        self._subscribed = subscribed
-        self.sent: deque[_Sent] = deque()
-        # The channels the hub left whose UNSUBSCRIBE Redis refused: still subscribed on
-        # this connection (`ChannelHub._unsubscribe_refused`).
-        self.unleft: set[str] = set()
-        # The writer of the connection `on_connect` made ready: one of a connection
-        # being made again (its handshake under way) is another, not ready yet.
-        self._ready: asyncio.StreamWriter | None = None
-
-    async def open(self) -> None:
-        """Connect, the first time, and subscribe the hub's channels (as `on_connect`
-        does on the connections made again: redis-py does not call it on the first)."""
-        await self.connect()  # type: ignore[no-untyped-call]
-        connection = self.live_connection()
-        assert connection is not None  # (`connect` made it)
-        await self.on_connect(connection)
-
-    def send(self, command: str, *args: str) -> None:
-        """Write `command` (SUBSCRIBE, UNSUBSCRIBE or PING) at once, kept in `sent`; or,
-        the connection down or being made again, nothing (the reconnect subscribes the
-        hub's channels, and no other)."""
-        self._write([(command, *args)])
-
-    def _write(self, commands: list[tuple[str, ...]]) -> None:
-        """Write `commands` in one write, on the ready connection only, and keep them
-        in `sent` in that order. Synchronous: nothing is written between the check and
-        the write, and `sent` is in the order of the connection's bytes. A write on a
-        connection that is dropping is lost with it (the reader then reconnects)."""
-        connection = self.live_connection()
-        writer = None if connection is None else connection._writer
-        if not commands or writer is None or writer is not self._ready or writer.is_closing():
-            return
-        assert connection is not None
-        writer.writelines(connection.pack_commands(commands))
-        for command, *args in commands:
-            kind = _REPLY_KINDS[command]
-            self.sent.append(_Sent(kind, [] if kind == "pong" else args))
-
-    async def check_health(self) -> None:
-        """redis-py's health check (a PING, once the connection was quiet for its
-        `health_check_interval`), written by `send` as the hub's other commands, with an
-        argument of the hub's own (`PING_ARGUMENT`): redis-py's reader would swallow the
-        reply to its own. None on a connection that is not ready: the reader connects
-        again first (`PubSub.parse_response`)."""
-        conn = self.live_connection()
-        if conn is None:
-            await super().check_health()  # type: ignore[no-untyped-call]  # (raises)
-            return
-        now = asyncio.get_running_loop().time()
-        if conn.health_check_interval and now > conn.next_health_check:
-            self.send("PING", PING_ARGUMENT)
-
-    def live_connection(self) -> Connection | None:
-        """The connection (None before the first subscribe, and after `aclose`)."""
-        return cast("Connection | None", self.connection)
-
-    async def on_connect(self, connection: Connection) -> None:
-        # A new connection has no subscription, and brings no reply to the old one's
-        # commands. It subscribes the channels the hub has now (one being subscribed
-        # included; none it left meanwhile, whose UNSUBSCRIBE could not be sent): read,
-        # written and made ready at once, with no wait between.
-        self.sent = deque()
-        self.unleft = set()
-        self._ready = connection._writer
-        self._write([("SUBSCRIBE", constants.push_channel(c)) for c in self._subscribed])
-
-    def replied(self, kind: str, name: str | None) -> None:
-        """A confirmation of `kind` (`_REPLIES`) for the channel `name` (None: a pong) has
-        come: its command is the oldest of that kind awaiting it, and those before it
-        were answered already (in order)."""
-        for index, sent in enumerate(self.sent):
-            if sent.kind == kind and (name is None or name in sent.names):
-                for _ in range(index):
-                    self.sent.popleft()
-                if name is not None:
-                    sent.names.remove(name)
-                    if kind == "unsubscribe":
-                        self.unleft.discard(name)
-                if not sent.names:
-                    self.sent.popleft()
-                return
-
-    def error_replied(self) -> _Sent | None:
-        """An error reply has come: it answers the oldest command awaiting a reply (all of
-        it: a refused command gets one reply, whatever its channels). That command."""
-        return self.sent.popleft() if self.sent else None
 
 
 def encode(channel: str, payload: bytes | str) -> str:
