@@ -197,11 +197,10 @@ class ChannelHub:
             except Exception:  # a bug in one must not keep the others from being told
                 log.exception("push refusal failed", extra={"fields": {"channel": channel}})
 
-    async def unsubscribe(self, channel: str, deliver: Deliver) -> None:
+    def unsubscribe(self, channel: str, deliver: Deliver) -> None:
         """Stop delivering `channel` to `deliver`, at once; then, if it was the last,
-        unsubscribe in Redis (best effort, never raises: `_leave`)."""
-        if self._forget(channel, deliver):
-            self._leave([channel])
+        unsubscribe in Redis (best effort, never raises: `_leave`). As `drop`."""
+        self.drop([channel], deliver)
 
     def drop(self, channels: Iterable[str], deliver: Deliver) -> None:
         """Stop delivering `channels` to `deliver` (a closed connection's), at once and

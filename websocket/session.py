@@ -220,17 +220,16 @@ class Session:
         except ServiceUnavailable as exc:  # the session goes on with its credential
             self._unavailable(exc.message, id_)
             return
-        await self._leave_unreachable(principal)
+        self._leave_unreachable(principal)
         self.authenticated(principal, id_)
 
-    async def _leave_unreachable(self, principal: Principal) -> None:
+    def _leave_unreachable(self, principal: Principal) -> None:
         """Leave the channels `principal` (a renewal's credential) does not reach, each
         told with an `unsubscribed` frame giving the reason: before the renewal is
         answered, so nothing from them follows the `authenticated` answer."""
         channels = self.channels or set()
         for channel in sorted(c for c in channels if not may_subscribe(principal, c)):
-            # left before it is forgotten: `close`, if it comes meanwhile, leaves it too
-            await self.ctx.hub.unsubscribe(channel, self.conn.send)
+            self.ctx.hub.unsubscribe(channel, self.conn.send)
             channels.discard(channel)
             answer = {"type": "unsubscribed", "channel": channel, "reason": "forbidden"}
             self.send(_with_id(answer, None))
@@ -269,7 +268,7 @@ class Session:
         else:
             if channels is not None and channel in channels:
                 channels.discard(channel)
-                await self.ctx.hub.unsubscribe(channel, self.conn.send)
+                self.ctx.hub.unsubscribe(channel, self.conn.send)
             self.send(_with_id({"type": "unsubscribed", "channel": channel}, id_))
 
     def _subscribe_failed(self, channel: str, exc: Exception, id_: Any) -> None:

@@ -109,7 +109,7 @@ async def test_channels_left_while_redis_was_away_are_not_subscribed_again(
             own.server.stop()
             await wait_for_async(lambda: _logged(caplog, "push channel connection lost"))
         for channel in left:  # the UNSUBSCRIBE cannot be sent
-            await hub.unsubscribe(channel, _ignore)
+            hub.unsubscribe(channel, _ignore)
         own.start_again()
 
         await _delivering_again(admin, kept)
@@ -308,7 +308,7 @@ async def test_a_subscribe_is_not_refused_by_an_unsubscribes_refusal(
     await admin.execute_command("ACL", "SETUSER", "default", "-unsubscribe")
     received: asyncio.Queue[str] = asyncio.Queue()
     with caplog.at_level(logging.WARNING, logger="websocket.hub"):
-        await hub.unsubscribe("left:1", _ignore)  # (sent; its reply read after)
+        hub.unsubscribe("left:1", _ignore)  # (sent; its reply read after)
         await hub.subscribe("open:1", received.put_nowait)
     await admin.publish(constants.push_channel("open:1"), "news")
     assert json.loads(await asyncio.wait_for(received.get(), 5))["data"] == "news"
@@ -331,7 +331,7 @@ async def test_a_channel_redis_refuses_to_unsubscribe_is_not_unsubscribed_at_eac
         await hub.subscribe("left:1", _ignore)
         await admin.execute_command("ACL", "SETUSER", "default", "-unsubscribe")
         with caplog.at_level(logging.WARNING, logger="websocket.hub"):
-            await hub.unsubscribe("left:1", _ignore)
+            hub.unsubscribe("left:1", _ignore)
             for n in range(20):
                 await admin.publish(constants.push_channel("left:1"), str(n))
             await admin.publish(constants.push_channel("kept"), "after")  # read last
