@@ -38,6 +38,7 @@ COMPILED_MODULES = (
     "webapi.fastpath.protocol",
     "webapi.fastpath.request",
     "webapi.fastpath.response",
+    "webapi.fastpath.splicing",
     "webapi.proxy.connection",
 )
 

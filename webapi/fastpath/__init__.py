@@ -48,7 +48,8 @@ path; `KEEP_ALIVE`), the keep-alive timeout counted from
 the last write, the response timeout while a fast request runs, graceful shutdown.
 Counters: `app.ctx.fast_path` (`GET /admin/proxy/stats`). `request.py` frames and
 reads a request; `admission.py` decides which requests are answered here;
-`protocol.py` is the protocol.
+`protocol.py` is the protocol, and `splicing.py` its base: a pass-through route's
+splice once started, and the refusals made before a request is parsed.
 """
 
 from common.compiled import prefer_compiled

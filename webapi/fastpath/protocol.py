@@ -1,36 +1,35 @@
 """`FastPathProtocol`: Sanic's HTTP/1.1 protocol answering eligible `/svc/` requests
-from `data_received` (see the package docstring for what is eligible and why)."""
+from `data_received` (see the package docstring for what is eligible and why), and
+starting the splice of a pass-through route's request (`splicing.SplicingProtocol`,
+its base, owns the splice once it has started)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from functools import partial
 from time import monotonic as current_time
-from typing import Any, cast
+from typing import Any
 
 from sanic.exceptions import RequestTimeout
 from sanic.http.constants import Stage
 
 from common.balancing import Endpoint
 from common.balancing.sticky import balance_key
-from common.clientip import peer_ip
-from common.lingering import LingeringHttpProtocol
 from common.log import get_logger, request_id_var
 from common.policy import RouteRule
 from common.request_ids import request_id_of
-from common.strict_http import BODY_STALLED, HEAD_STALLED, head_timeout, oversized_head
+from common.strict_http import BODY_STALLED
 from webapi.context import GatewayApp
 from webapi.errors import ApiError, log_cut
 from webapi.fastpath.admission import admit, allowed, may_qualify
 from webapi.fastpath.direct import DirectExchange
-from webapi.fastpath.request import Incomplete, Parsed, parse_head, parse_request
-from webapi.fastpath.response import CHUNKED, WHOLE, bodiless_framing, client_head, error_bytes
-from webapi.passthrough import PassThrough, passthrough_request
+from webapi.fastpath.request import Incomplete, Parsed, parse_request
+from webapi.fastpath.response import CHUNKED, WHOLE, bodiless_framing, client_head
+from webapi.fastpath.splicing import SplicingProtocol
+from webapi.passthrough import passthrough_request
 from webapi.proxy.attempts import Attempts
 from webapi.proxy.forward import Forwarded
 from webapi.splice import connect
-from webapi.tunnel import Tunnel
 
 log = get_logger("webapi.fastpath")
 
@@ -38,11 +37,10 @@ log = get_logger("webapi.fastpath")
 _HOLD_LIMIT = 256 * 1024
 
 
-class FastPathProtocol(LingeringHttpProtocol):
+class FastPathProtocol(SplicingProtocol):
     """Sanic's HTTP/1.1 protocol, answering eligible `/svc/` requests itself."""
 
-    __slots__ = ("_awaiting", "_fast", "_fast_ok", "_fast_written", "_held", "_passthrough",
-                 "_peer", "_scheme")  # fmt: skip
+    __slots__ = ("_awaiting", "_fast", "_fast_ok", "_fast_written", "_held")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -51,24 +49,11 @@ class FastPathProtocol(LingeringHttpProtocol):
         # The fast request being answered: a coroutine's task, or a `DirectExchange`.
         self._fast: asyncio.Task[None] | DirectExchange | None = None
         self._fast_written = False  # some of the current coroutine's response is written
-        # Spliced to an upstream (`webapi.passthrough`, `webapi.tunnel`).
-        self._passthrough: PassThrough | Tunnel | None = None
-        # The connection's: its socket's peer address (for a request whose head has not
-        # come whole, no `X-Forwarded-For` to read) and scheme, read once per connection
-        # (`connection_made`) rather than from `conn_info` per request.
-        self._peer = ""
-        self._scheme = "http"
         config = self.app.config
         self._fast_ok = not (config.get("SERVER_NAME") or config.FORWARDED_SECRET
                              or config.PROXIES_COUNT or config.REAL_IP_HEADER)  # fmt: skip
 
     # asyncio.Protocol callbacks
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # type: ignore[no-untyped-call]
-        conn_info = self.conn_info
-        self._peer = peer_ip(conn_info)
-        self._scheme = "https" if conn_info and conn_info.ssl else "http"
 
     def data_received(self, data: bytes) -> None:
         splice = self._passthrough
@@ -94,42 +79,26 @@ class FastPathProtocol(LingeringHttpProtocol):
         self._pump(idle=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        splice, self._passthrough = self._passthrough, None
-        if splice is not None:
-            splice.close()
         task, self._fast = self._fast, None
         if task is not None:
             task.cancel()
         self._held.clear()
-        super().connection_lost(exc)  # type: ignore[no-untyped-call]
+        super().connection_lost(exc)
 
     # Sanic's connection bookkeeping
 
     def check_timeouts(self) -> None:
-        """Sanic's timeouts; while a fast request runs (Sanic sees an idle connection)
-        the response timeout applies, counted from the last byte read or written. A
-        pass-through splice gets the response timeout while a request is outstanding,
-        the keep-alive timeout otherwise, and a head it holds (a tunnel: its first
-        request's), the head's deadline (`common.strict_http`)."""
-        splice, task = self._passthrough, self._fast
-        if splice is not None:
-            now = current_time()
-            if splice.head_overdue(now, head_timeout(self)):
-                self._head_timed_out(splice)
-                if self._passthrough is None:
-                    return
-            limit = self.response_timeout if splice.outstanding else self.keep_alive_timeout
-            if now - self._time > limit:
-                splice.close()
-                self._passthrough = None
-                self.close()
-                return
-        elif task is None and self._held:  # a request body on its way: the request timeout
+        """Sanic's timeouts (a splice's: `SplicingProtocol.check_timeouts`); while a fast
+        request runs (Sanic sees an idle connection) the response timeout applies,
+        counted from the last byte read or written, and while its body is held, the
+        request timeout."""
+        task = self._fast
+        if task is None and self._held:  # a request body on its way: the request timeout
             if current_time() - self._time > self.request_timeout:
                 self._body_timed_out()
                 return
         elif task is None:
-            super().check_timeouts()  # type: ignore[no-untyped-call]
+            super().check_timeouts()
             return
         elif current_time() - self._time > self.response_timeout:
             log.info("response timeout: closing the connection")
@@ -139,58 +108,18 @@ class FastPathProtocol(LingeringHttpProtocol):
         if self._task:
             self._pace_checks()
 
-    def _pace_checks(self) -> None:
-        """Set the next `check_timeouts` at this protocol's pace: half the least of the
-        timeouts, the head deadline's too (a splice's head deadline is checked only there)."""
-        interval = min(self.keep_alive_timeout, self.request_timeout, self.response_timeout,
-                       head_timeout(self))  # fmt: skip
-        self._callback_check_timeouts = self.loop.call_later(
-            max(0.1, interval / 2), self.check_timeouts
-        )
-
     def close_if_idle(self) -> bool:
-        splice = self._passthrough
-        if splice is not None:
-            if splice.outstanding:  # closed once the upstream has answered
-                splice.end_after_answers()
-                return False
-            splice.close()
-            self._passthrough = None
-            self.close()
-            return True
         if self._fast is not None:
             return False  # closed once its response is written (`signal.stopped`)
         result: bool = super().close_if_idle()
         return result
 
-    def pause_writing(self) -> None:
-        super().pause_writing()  # type: ignore[no-untyped-call]
-        if self._passthrough is not None:
-            self._passthrough.pause_upstream()
-
     def resume_writing(self) -> None:
-        super().resume_writing()  # type: ignore[no-untyped-call]
-        if self._passthrough is not None:
-            self._passthrough.resume_upstream()
-        elif isinstance(self._fast, DirectExchange):
+        super().resume_writing()
+        if isinstance(self._fast, DirectExchange):
             self._fast.resume()
 
     # Pass-through routes (`webapi.passthrough`)
-
-    def touch(self) -> None:
-        self._time = current_time()
-
-    def passthrough_ended(self, leftover: bytes, close: bool) -> None:
-        """The splice has ended: close, or go on as a fresh keep-alive connection."""
-        self._passthrough = None
-        self._time = current_time()
-        if close or self.signal.stopped:
-            self.close()
-        elif leftover:
-            # Straight to Sanic: the splice refused this request, so it must not
-            # be offered to a splice again (a malformed one would go round forever).
-            self.app.ctx.fast_path.handed_over += 1
-            super().data_received(leftover)
 
     async def _start_passthrough(self, rule: RouteRule, method: str, url: bytes) -> None:
         """Connect to an instance of the route's service, then splice (or answer the error)."""
@@ -210,30 +139,14 @@ class FastPathProtocol(LingeringHttpProtocol):
             self.close()
             return
         self._fast = None
-        if self.transport is None or self.transport.is_closing():
+        transport = self.transport
+        if transport is None or transport.is_closing():
             leg.transport.close()  # type: ignore[union-attr]
             attempts.closed()
             return
-        splice: PassThrough | Tunnel
-        if rule.tunnel:
-            splice = Tunnel(self, leg, attempts, app.ctx.passthrough, self.loop)
-        else:
-            splice = PassThrough(self, leg, rule, app.ctx.policy, attempts, app.ctx.passthrough)
-        self._passthrough = splice
-        # The next check may be at Sanic's pace (set while the connection was Sanic's:
-        # half the least of its timeouts, 30 s by default), which would leave the
-        # splice's head deadline unseen that long.
-        # (read untyped: Sanic's class leaves it typed None, which compiled code checks)
-        pending: asyncio.TimerHandle | None = cast(Any, self)._callback_check_timeouts
-        if pending is not None:
-            pending.cancel()
-        self._pace_checks()
         held = bytes(self._held)
         self._held.clear()
-        self.transport.resume_reading()
-        if not leg.early_end:  # (an instance that closed meanwhile takes nothing)
-            splice.from_client(held)
-        leg.started()  # what the instance sent meanwhile: after the request it answers
+        self._splice(transport, rule, leg, attempts, held)
 
     # The fast path
 
@@ -292,67 +205,12 @@ class FastPathProtocol(LingeringHttpProtocol):
         """`admission.admit` with this connection's client address and scheme. Hot path."""
         return admit(self.app.ctx, parsed, self._peer, self._scheme)
 
-    def passthrough_head_too_large(self, held: bytes, limit: int) -> None:
-        """The checked splice has ended on the request head it held, `held`, over its
-        bound `limit` (`PassThrough`): the 431 (414) Sanic's path answers a head over its
-        own, and the connection closes (lingering)."""
-        self._passthrough = None
-        self._refuse_held(held, oversized_head(held, limit))
-
     def _body_timed_out(self) -> None:
         """The held request's body stalled for the request timeout: a 408, as Sanic's path
         answers it (`common.strict_http`), and the connection closes (lingering)."""
         held = bytes(self._held)
         self._held.clear()
         self._refuse_held(held, RequestTimeout(BODY_STALLED))
-
-    def _head_timed_out(self, splice: PassThrough | Tunnel) -> None:
-        """A splice's request head (a `PassThrough`'s held one, a `Tunnel`'s first) has
-        not come whole in time: a 408, as Sanic's path answers a head that late, and the
-        connection closes (lingering); or, when the splice cannot answer it now (see its
-        `head_timed_out`), it ends as it must."""
-        held = splice.head_timed_out()
-        if held is None:
-            return
-        self._passthrough = None
-        # Logged as a held body's 408 is (`_held_client`): under the client of the request
-        # it answers, the one at the start of `held`, when its head is whole (a request
-        # pipelined before the stalled head is held with it), else under the socket's
-        # peer (a head not whole is not read, whatever `X-Forwarded-For` line it holds).
-        self._refuse_held(held, RequestTimeout(HEAD_STALLED))
-
-    def _refuse_held(self, held: bytes, exc: Exception) -> None:
-        """Answer the request at the start of `held` with `exc`'s error (a 408, a 431), and
-        close; the refusal is logged under `_held_client` (the peer while the head is not
-        whole)."""
-        end = held.find(b"\r\n")
-        method, _, rest = (held if end < 0 else held[:end]).partition(b" ")
-        url = rest.rpartition(b" ")[0]
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(self._error(exc, method.decode("latin-1"), url, request_id_of(None),
-                                        False, partial(self._held_client, held)))  # fmt: skip
-        self.close()
-
-    def _error(self, exc: Exception, method: str, url: bytes, request_id: str,
-               keep_alive: bool, client: Callable[[], str]) -> bytes:  # fmt: skip
-        """`exc`'s JSON error response (`response.error_bytes`), logged within the app's
-        budgets (`ctx.error_logs`): a refusal under `client()`, read for a refusal only
-        (a 5xx's budget is its service's, not the client's)."""
-        app: GatewayApp = self.app
-        return error_bytes(exc, method, url, request_id, keep_alive, client, app.ctx.error_logs)
-
-    def _client_address(self, req: Parsed) -> str:
-        """The client's address as the routes read it (`Gatekeeper.client_ip`)."""
-        app: GatewayApp = self.app
-        return app.ctx.gate.address(self._peer, req.header_values)
-
-    def _held_client(self, held: bytes | bytearray) -> str:
-        """`_client_address` of the request at the start of `held`, for a refusal the fast
-        path makes before it has a `Parsed` (a held body's or head's 408, a pass-through
-        route's connect failure); the peer's while its head is not whole."""
-        head = parse_head(held)
-        return self._peer if head is None else self._client_address(head)
 
     def _start(self, req: Parsed, head: bytes) -> None:
         """Choose the instance; send on one of its idle connections (`DirectExchange`),
