@@ -16,7 +16,7 @@ no total timeout. That is the point (design §6: nginx parity needs a route with
 per-request work) and the price: use a normal route when the backend needs those.
 
 What is still done per request, by httptools parsers on both directions (framing
-only: they see no header, so they cost a few µs):
+only: they see no header, so they cost a few µs; `webapi.passthrough_framing`):
 
 * each request's method and path are checked against the live policy: a request
   that is not the route's (another prefix, a HEAD, an upgrade, a dot segment, a
@@ -66,8 +66,9 @@ and the retry budget; a connect to an ejected instance is its trial. The strateg
 counts the splice as one request from connect to end (least-connections sees open
 splices) that took the connect time (what least-time learns).
 Timeouts: Sanic's keep-alive timeout while nothing is outstanding, its response
-timeout while a request is (`FastPathProtocol.check_timeouts`), both counted from
-the last byte (empty lines aside: below); and a request head held incomplete must come whole within
+timeout while a request is (`webapi.fastpath.splicing`: `check_timeouts`), both
+counted from the last byte (empty lines aside: below); and a request head held
+incomplete must come whole within
 `REQUEST_HEAD_TIMEOUT` of its first bytes (a client trickling it held both
 connections for good), else a 408 and the connection closes; while requests
 forwarded before it are unanswered, it closes once they are answered, with no 408.
@@ -89,17 +90,16 @@ Hot path: `PassThrough.from_client` and `PassThrough.from_upstream`.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING, Protocol
 
-from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, HttpResponseParser
+from httptools import HttpParserError, HttpParserUpgrade
 
 from common.http_head import EMPTY_LINE
 from common.log import get_logger
 from common.policy import PolicyDocument, RouteRule
 from common.proxy_paths import InvalidProxyPath, plain_target, upstream_target
+from webapi.passthrough_framing import Requests, Responses, end_of_requests
 from webapi.proxy.paths import match_route
 from webapi.splice import Owner, SpliceBase, UpstreamLeg
 
@@ -168,95 +168,6 @@ class CurrentPolicy(Protocol):
     def current(self) -> PolicyDocument: ...
 
 
-class _Requests:
-    """httptools callbacks of the client's side: where requests start and end, their paths."""
-
-    __slots__ = ("begun", "check", "complete", "foreign", "in_head", "parser", "url")
-
-    def __init__(self, check: Callable[[bytes], bool]) -> None:
-        self.check = check  # is this URL (of a GET, POST, ...) the route's?
-        self.url = b""
-        self.begun = 0  # requests begun in the bytes not forwarded yet
-        self.complete = 0  # requests whose last byte was read, since the splice started
-        self.foreign = 0  # the index among `begun` of the first request not the route's
-        self.in_head = False  # a request's head is being read
-        self.parser = HttpRequestParser(self)
-
-    def on_message_begin(self) -> None:
-        self.begun += 1
-        self.url = b""
-        self.in_head = True
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_headers_complete(self) -> None:
-        self.in_head = False
-        if not self.foreign and not self.check(self.url):
-            self.foreign = self.begun
-
-    def on_chunk_header(self) -> None:
-        # HTTP/1.0 has no transfer codings (RFC 9112 §6.1): an instance may take this
-        # body for requests, none of them checked. (Only chunked bodies pay this.)
-        if not self.foreign and self.parser.get_http_version() == "1.0":
-            self.foreign = max(self.begun, 1)
-
-    def on_message_complete(self) -> None:
-        self.complete += 1
-
-
-class _Ends:
-    """httptools callbacks counting the requests that end."""
-
-    __slots__ = ("complete",)
-
-    def __init__(self) -> None:
-        self.complete = 0
-
-    def on_message_complete(self) -> None:
-        self.complete += 1
-
-
-def _end_of_requests(data: bytes, count: int) -> int:
-    """Where the first `count` requests of `data` (which starts with a request) end.
-
-    httptools tells no offset, so this parses prefixes of `data` afresh, halving the
-    range each time: only for a read that holds a request of another route, or a head
-    not whole yet, behind route requests (a pipelining client). A read that starts
-    inside a request's body cannot be parsed afresh: then both connections close
-    instead, that body cut (a head not whole yet: all of it is held with the head).
-    """
-    low, high = 0, len(data)
-    while low < high:
-        middle = (low + high) // 2
-        ends = _Ends()
-        # An error is in a later request: the ones before it have ended all the same.
-        with contextlib.suppress(HttpParserError, HttpParserUpgrade):
-            HttpRequestParser(ends).feed_data(data[:middle])
-        if ends.complete >= count:
-            high = middle
-        else:
-            low = middle + 1
-    return low
-
-
-class _Responses:
-    """httptools callbacks of the upstream's side: how many responses have ended."""
-
-    __slots__ = ("closing", "ended", "parser")
-
-    def __init__(self) -> None:
-        self.ended = 0
-        self.closing = False  # the last response ends its connection (`Connection: close`)
-        self.parser = HttpResponseParser(self)
-
-    def on_message_complete(self) -> None:
-        parser = self.parser
-        if not 100 <= parser.get_status_code() < 200:  # interim responses answer nothing
-            self.ended += 1
-            self.closing = not parser.should_keep_alive()
-
-
 class PassThrough(SpliceBase):
     """One client connection spliced to one upstream connection (module docstring)."""
 
@@ -282,9 +193,9 @@ class PassThrough(SpliceBase):
         assert attempts.endpoint is not None
         self.instance_id = attempts.endpoint.instance_id
         self.stats = stats
-        self.requests = _Requests(self._is_ours)
+        self.requests = Requests(self._is_ours)
         self.parser = self.requests.parser
-        self.responses = _Responses()
+        self.responses = Responses()
         # `responses.ended` when the last response to end did so before its request's
         # body had all been read from the client (an early answer); 0: none did.
         self.answered_early = 0
@@ -392,7 +303,7 @@ class PassThrough(SpliceBase):
         if calls.foreign:
             # A request that is not the route's: it and what follows go to Sanic, once
             # the requests before it are answered, when this read starts with a request
-            # (theirs are forwarded); else the connection ends (see `_end_of_requests`).
+            # (theirs are forwarded); else the connection ends (see `end_of_requests`).
             if self.unsent_complete != self.begun:
                 self._end_after(self.unsent_complete, b"", close=True)
                 return True
@@ -426,7 +337,7 @@ class PassThrough(SpliceBase):
     def _forward_first(self, data: bytes, count: int) -> bytes:
         """Forward the first `count` requests of `data`, which starts with a request (they
         have been checked); the bytes after them."""
-        end = _end_of_requests(data, count)
+        end = end_of_requests(data, count)
         self.begun += count
         self.stats.requests += count
         self.upstream.transport.write(data[:end])  # type: ignore[union-attr]
