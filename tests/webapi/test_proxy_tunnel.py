@@ -19,7 +19,7 @@ from tests.webapi.conftest import (
     running_backend,
     running_gateway,
 )
-from tests.webapi.test_proxy_passthrough import counters
+from tests.webapi.passthrough_fixtures import counters
 
 pytestmark = pytest.mark.timeout(120)
 
