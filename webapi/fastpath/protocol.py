@@ -186,7 +186,8 @@ class FastPathProtocol(SplicingProtocol):
                 # Sanic's: a credential it must check, or refuse (401) without waiting
                 # for a body nobody will read.
                 parsed = None
-            admitted = self._admit(parsed) if isinstance(parsed, Parsed) else None
+            admitted = (admit(app.ctx, parsed, self._peer, self._scheme)
+                        if isinstance(parsed, Parsed) else None)  # fmt: skip
         except Exception:  # a bug here must not lose the bytes: Sanic still answers them
             log.exception("fast path: parsing or admission failed")
             parsed = admitted = None
@@ -200,10 +201,6 @@ class FastPathProtocol(SplicingProtocol):
         if len(self._held) <= _HOLD_LIMIT and self.transport is not None:
             self.transport.resume_reading()
         self._start(parsed, admitted)
-
-    def _admit(self, parsed: Parsed) -> bytes | None:
-        """`admission.admit` with this connection's client address and scheme. Hot path."""
-        return admit(self.app.ctx, parsed, self._peer, self._scheme)
 
     def _body_timed_out(self) -> None:
         """The held request's body stalled for the request timeout: a 408, as Sanic's path
