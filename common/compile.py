@@ -23,17 +23,30 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common.compiled import BUILD_DIR, COMPILED_MODULES, MANIFEST, ROOT, fingerprint, source_path
+from common.compiled import (
+    BUILD_DIR,
+    C_MODULES,
+    COMPILED_MODULES,
+    MANIFEST,
+    ROOT,
+    c_source_path,
+    fingerprint,
+    source_path,
+)
 
 # Run in a child: setuptools and mypyc keep process-wide state (logging, argv, cwd).
 _SETUP = """
 import json, sys
 from mypyc.build import mypycify
-from setuptools import setup
-paths, lib, temp = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+from setuptools import Extension, setup
+paths, c_modules = json.loads(sys.argv[1]), json.loads(sys.argv[4])
+lib, temp = sys.argv[2], sys.argv[3]
+hand_written = [Extension(name, [source], extra_compile_args=["-O2", "-Wall", "-Wextra"])
+                for name, source in c_modules]
 setup(
     name="switchboard-hot-path", packages=[], py_modules=[],
-    ext_modules=mypycify(paths, group_name="switchboard_hot", target_dir=temp + "/c"),
+    ext_modules=mypycify(paths, group_name="switchboard_hot", target_dir=temp + "/c")
+                + hand_written,
     script_args=["-q", "build_ext", "--build-lib", lib, "--build-temp", temp],
 )
 """
@@ -44,31 +57,42 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc").split()[0])
 
 
-def up_to_date(modules: tuple[str, ...] = COMPILED_MODULES, out: Path = BUILD_DIR) -> bool:
-    """Whether the build in `out` is of exactly `modules` as their sources are now
-    (whether or not this process would use it: `SWITCHBOARD_COMPILED`)."""
+def up_to_date(
+    modules: tuple[str, ...] = COMPILED_MODULES,
+    out: Path = BUILD_DIR,
+    c_modules: tuple[str, ...] = C_MODULES,
+) -> bool:
+    """Whether the build in `out` is of exactly `modules` and `c_modules` as their sources
+    are now (whether or not this process would use it: `SWITCHBOARD_COMPILED`)."""
     try:
         built = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    return bool(built == fingerprint(modules, out.parent))
+    return bool(built == fingerprint(modules, out.parent, c_modules))
 
 
 def build(
-    modules: tuple[str, ...] = COMPILED_MODULES, root: Path = ROOT, out: Path = BUILD_DIR
+    modules: tuple[str, ...] = COMPILED_MODULES,
+    root: Path = ROOT,
+    out: Path = BUILD_DIR,
+    c_modules: tuple[str, ...] = C_MODULES,
 ) -> None:
-    """Compile `modules` (found under `root`) into `out`, replacing what was there.
+    """Compile `modules` with mypyc and the hand-written `c_modules` (found under `root`)
+    into `out`, replacing what was there.
 
     Raises `subprocess.CalledProcessError` when mypyc or the compiler fails (their
     output went to this process's stderr)."""
-    manifest = fingerprint(modules, root)  # before compiling: an edit meanwhile is stale
+    # Before compiling: an edit meanwhile makes the build stale.
+    manifest = fingerprint(modules, root, c_modules)
     paths = [str(source_path(m, Path())) for m in modules]  # relative to `root`, the cwd
+    c_sources = [(m, str(c_source_path(m, Path()))) for m in c_modules]
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".compiling-", dir=out.parent) as work:
         stage, temp = Path(work) / "build", Path(work) / "temp"
         env = {**os.environ, "PYTHONPATH": str(root)}
         subprocess.run(
-            [sys.executable, "-c", _SETUP, json.dumps(paths), str(stage), str(temp)],
+            [sys.executable, "-c", _SETUP, json.dumps(paths), str(stage), str(temp),
+             json.dumps(c_sources)],
             cwd=root, env=env, check=True, stdout=subprocess.DEVNULL,
         )  # fmt: skip
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -91,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     if compiler() is None:
         print("compiled hot path: no C compiler (cc); the gateway runs its Python interpreted")
         return 0
-    print(f"compiled hot path: compiling {len(COMPILED_MODULES)} modules with mypyc ...")
+    print(f"compiled hot path: compiling {len(COMPILED_MODULES)} modules with mypyc"
+          f" and {len(C_MODULES)} C modules ...")  # fmt: skip
     try:
         build()
     except subprocess.CalledProcessError as exc:

@@ -14,11 +14,18 @@ matches every source, the package's directory in the build goes first in its
 `__path__`, so its extension modules are imported in place of the sources. A build
 that no longer matches (a source edited since) is never used: a warning says so and
 the sources run. `SWITCHBOARD_COMPILED=0` runs the sources regardless.
+
+Hand-written C (`C_MODULES`, issue 4's prototype of the request cycle in C) is built
+with the same build, into the same directory, and fingerprinted the same way. Each C
+module does what a Python function of the hot path does, which stays the reference,
+the fallback and the tests' oracle; the hot path calls the C only when the build is
+used and `SWITCHBOARD_C=1` (`c_module`): off by default until it is decided on.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -26,6 +33,7 @@ import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_DIR = ROOT / ".compiled"
@@ -41,6 +49,8 @@ COMPILED_MODULES = (
     "webapi.fastpath.splicing",
     "webapi.proxy.connection",
 )
+# Hand-written C extension modules, each from `<module path>.c` (module docstring).
+C_MODULES: tuple[str, ...] = ()
 
 log = logging.getLogger("switchboard.compiled")
 
@@ -58,10 +68,24 @@ def source_path(module: str, root: Path = ROOT) -> Path:
     return root.joinpath(*module.split(".")).with_suffix(".py")
 
 
-def fingerprint(modules: tuple[str, ...], root: Path = ROOT) -> dict[str, object]:
+def c_source_path(module: str, root: Path = ROOT) -> Path:
+    """The C source of the hand-written module `module` under `root`."""
+    return root.joinpath(*module.split(".")).with_suffix(".c")
+
+
+def fingerprint(
+    modules: tuple[str, ...], root: Path = ROOT, c_modules: tuple[str, ...] = ()
+) -> dict[str, object]:
     """What a build is valid for: the interpreter's ABI and each source's SHA-256."""
-    sources = {m: hashlib.sha256(source_path(m, root).read_bytes()).hexdigest() for m in modules}
-    return {"abi": sys.implementation.cache_tag, "sources": sources}
+    sources = {m: _sha256(source_path(m, root)) for m in modules}
+    built: dict[str, object] = {"abi": sys.implementation.cache_tag, "sources": sources}
+    if c_modules:
+        built["c_sources"] = {m: _sha256(c_source_path(m, root)) for m in c_modules}
+    return built
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def build_state(build: Path = BUILD_DIR) -> BuildState:
@@ -71,7 +95,9 @@ def build_state(build: Path = BUILD_DIR) -> BuildState:
         return BuildState(False, "SWITCHBOARD_COMPILED=0")
     try:
         built = json.loads((build / MANIFEST).read_text())
-        current = fingerprint(tuple(built["sources"]), build.parent)
+        current = fingerprint(
+            tuple(built["sources"]), build.parent, tuple(built.get("c_sources", ()))
+        )
     except FileNotFoundError:
         return BuildState(False, "not built (make compile)")
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -104,6 +130,19 @@ def prefer_compiled(package: str, path: list[str], build: Path = BUILD_DIR) -> b
     if str(build) not in sys.path:
         sys.path.append(str(build))
     return True
+
+
+def c_module(name: str, build: Path = BUILD_DIR) -> ModuleType | None:
+    """The hand-written C module `name` when the hot path runs compiled and
+    `SWITCHBOARD_C=1`, else None (the caller runs its Python). Called at import time by
+    the module that uses it, after its package's `prefer_compiled`."""
+    if os.environ.get("SWITCHBOARD_C", "0") != "1" or not _state(build).used:
+        return None
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:  # a build made before the module was added to C_MODULES
+        log.warning("C module %s not used: %s", name, exc)
+        return None
 
 
 def hot_path_state() -> BuildState:

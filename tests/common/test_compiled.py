@@ -25,6 +25,25 @@ _INIT = (
     "prefer_compiled(__name__, __path__, Path(__file__).parent.parent / '.compiled')\n"
 )
 _PROBE = "import toyhot.fast as f; print(f.__file__); print(f.twice(21))"
+# A hand-written C module (`common.compiled.C_MODULES`), used through `c_module`.
+_C_SOURCE = """
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+static PyObject *thrice(PyObject *self, PyObject *arg) {
+    (void)self;
+    long x = PyLong_AsLong(arg);
+    if (x == -1 && PyErr_Occurred()) return NULL;
+    return PyLong_FromLong(3 * x);
+}
+static PyMethodDef methods[] = {{"thrice", thrice, METH_O, NULL}, {NULL, NULL, 0, NULL}};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cthrice", NULL, -1, methods};
+PyMODINIT_FUNC PyInit__cthrice(void) { return PyModule_Create(&module); }
+"""
+_C_PROBE = (
+    "from pathlib import Path; import toyhot; from common.compiled import c_module; "
+    "m = c_module('toyhot._cthrice', Path(toyhot.__file__).parent.parent / '.compiled'); "
+    "print(m and m.__file__); print(m and m.thrice(14))"
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +52,17 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "toyhot").mkdir()
     (root / "toyhot" / "__init__.py").write_text("")
     (root / "toyhot" / "fast.py").write_text(_SOURCE)
-    build(("toyhot.fast",), root, root / ".compiled")
+    (root / "toyhot" / "_cthrice.c").write_text(_C_SOURCE)
+    build(("toyhot.fast",), root, root / ".compiled", ("toyhot._cthrice",))
     (root / "toyhot" / "__init__.py").write_text(_INIT)
     return root
 
 
-def _import(root: Path, **env: str) -> tuple[str, str, str]:
+def _import(root: Path, probe: str = _PROBE, **env: str) -> tuple[str, str, str]:
     """The module's file and answer, and stderr, in a fresh interpreter."""
     path = os.pathsep.join((str(root), str(ROOT)))
     env = {**os.environ, "PYTHONPATH": path, **env}
-    done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           env=env, check=True, timeout=60)  # fmt: skip
     module_file, answer = done.stdout.split()
     return module_file, answer, done.stderr
@@ -55,6 +75,28 @@ def test_a_fresh_build_is_imported_in_place_of_the_source(checkout: Path) -> Non
     assert answer == "42"
     manifest = json.loads((checkout / ".compiled" / MANIFEST).read_text())
     assert list(manifest["sources"]) == ["toyhot.fast"]
+    assert list(manifest["c_sources"]) == ["toyhot._cthrice"]
+
+
+def test_a_c_module_is_used_only_with_switchboard_c_1(checkout: Path) -> None:
+    module_file, answer, _ = _import(checkout, _C_PROBE, SWITCHBOARD_C="1")
+    assert module_file.startswith(str(checkout / ".compiled" / "toyhot" / "_cthrice"))
+    assert answer == "42"
+    assert _import(checkout, _C_PROBE)[:2] == ("None", "None")  # off by default
+    off = _import(checkout, _C_PROBE, SWITCHBOARD_C="1", SWITCHBOARD_COMPILED="0")
+    assert off[:2] == ("None", "None")
+
+
+def test_a_c_source_edited_since_the_build_makes_it_stale(checkout: Path) -> None:
+    source = checkout / "toyhot" / "_cthrice.c"
+    source.write_text(_C_SOURCE.replace("3 * x", "x + x + x"))
+    try:
+        assert not build_state(checkout / ".compiled").used
+        assert not up_to_date(("toyhot.fast",), checkout / ".compiled", ("toyhot._cthrice",))
+        assert _import(checkout, _C_PROBE, SWITCHBOARD_C="1")[:2] == ("None", "None")
+    finally:
+        source.write_text(_C_SOURCE)
+    assert up_to_date(("toyhot.fast",), checkout / ".compiled", ("toyhot._cthrice",))
 
 
 def test_switchboard_compiled_0_runs_the_source(checkout: Path) -> None:
@@ -74,7 +116,7 @@ def test_a_source_edited_since_the_build_runs_as_source_and_is_warned_of(
         assert answer == "42"
         assert "compiled hot path not used: stale" in stderr
         assert not build_state(checkout / ".compiled").used
-        assert not up_to_date(("toyhot.fast",), checkout / ".compiled")  # make compile builds
+        assert not up_to_date(("toyhot.fast",), checkout / ".compiled", ("toyhot._cthrice",))
     finally:
         source.write_text(_SOURCE)
     assert build_state(checkout / ".compiled").used
@@ -86,8 +128,9 @@ def test_a_build_is_up_to_date_whether_or_not_it_is_used(
     # `make compile` under SWITCHBOARD_COMPILED=0 must not rebuild a build that matches.
     monkeypatch.setenv("SWITCHBOARD_COMPILED", "0")
     assert not build_state(checkout / ".compiled").used
-    assert up_to_date(("toyhot.fast",), checkout / ".compiled")
-    assert not up_to_date((), checkout / ".compiled")  # a build of another list
+    assert up_to_date(("toyhot.fast",), checkout / ".compiled", ("toyhot._cthrice",))
+    assert not up_to_date(("toyhot.fast",), checkout / ".compiled")  # another list
+    assert not up_to_date((), checkout / ".compiled", ("toyhot._cthrice",))
 
 
 def test_no_build_runs_the_source_quietly(tmp_path: Path) -> None:
