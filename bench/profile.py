@@ -61,13 +61,14 @@ from bench.harness import (
     stop_all_children,
     stop_child,
 )
-from bench.proxy_gateway import Gateway
+from bench.proxy_gateway import Gateway, c_unavailable
 from bench.proxy_nginx import start_nginx_backend, start_nginx_proxy
 from bench.proxy_targets import PATH, body_ok, wait_http
 from bench.proxy_tools import find_tools
 from bench.wrk import metered_wrk, run_wrk
 
-TARGETS = ("nginx", "switchboard")
+TARGETS = ("nginx", "switchboard", "switchboard-c")  # the last: SWITCHBOARD_C=1
+DEFAULT_TARGETS = ("nginx", "switchboard")
 CONNECTIONS = 64
 WARMUP_SECONDS = 2
 
@@ -222,11 +223,15 @@ def run(targets: list[str], tools: dict[str, str], seconds: int, tmp: Path) -> d
                     url, headers = f"http://127.0.0.1:{port}{PATH}", dict[str, str]()
                 else:
                     redis_url, redis_pid = embedded_redis(stack)
-                    gateway = Gateway(tmp, redis_url, redis_pid, f"127.0.0.1:{bport}", 20)
+                    why = c_unavailable() if name == "switchboard-c" else None
+                    if why:
+                        raise RuntimeError(f"{name} cannot run: {why}")
+                    gateway = Gateway(tmp, redis_url, redis_pid, f"127.0.0.1:{bport}", 20,
+                                      c=name == "switchboard-c")  # fmt: skip
                     stack.callback(gateway.stop)
                     proc = gateway.start()
-                    url, headers = gateway.target("switchboard")
-                    gateway.check("switchboard", url, headers)
+                    url, headers = gateway.target(name)
+                    gateway.check(name, url, headers)
                 try:
                     results[name] = profile_target(name, url, headers, proc, backend, tools,
                                                    seconds, tmp)  # fmt: skip
@@ -279,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.profile", description="Where a proxy's CPU goes per request."
     )
-    parser.add_argument("--targets", default=",".join(TARGETS),
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                         help="comma list from " + ", ".join(TARGETS))  # fmt: skip
     parser.add_argument("--seconds", type=int, default=5, help="of each wrk run (default 5)")
     parser.add_argument("--no-install", dest="install", action="store_false",

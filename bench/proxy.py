@@ -11,6 +11,9 @@ each target:
   switchboard    `python -m webapi` (1 process) with the backend registered by
                  `POST /heartbeat` as service `echo`, reached at
                  /svc/echo/api/echo with an API key: the gateway's normal path
+  switchboard-c  the switchboard target on a second gateway process started with
+                 SWITCHBOARD_C=1: issue 4's prototype, the hot path's C modules
+                 (`common.compiled.C_MODULES`) in place of their Python
   switchboard-open  the same gateway process, /open/api/echo: a public route of
                  the live policy (no credential, no rate limit): auth off
   switchboard-auth  the same gateway process, /svc/echo/api/echo with a JWT and
@@ -66,12 +69,13 @@ from bench.harness import (
     stop_child,
     write_json,
 )
-from bench.proxy_gateway import Gateway
+from bench.proxy_gateway import Gateway, c_unavailable
 from bench.proxy_nginx import start_haproxy, start_nginx_backend, start_nginx_proxy
 from bench.proxy_peers import LEAN_CREDENTIAL, SERVERS, serve, start_python
 from bench.proxy_report import derive, goals, print_report
 from bench.proxy_targets import (
     BODY,
+    C_TARGETS,
     DESCRIPTIONS,
     GATEWAY_TARGETS,
     PATH,
@@ -128,7 +132,7 @@ def bench_target(
             url = backend_url + PATH
         elif name in GATEWAY_TARGETS:
             assert gateway is not None
-            owned, log = False, tmp / Gateway.LOG
+            owned, log = False, tmp / gateway.log
             proc = gateway.start()
             failures = gateway.heartbeat.failures if gateway.heartbeat else 0
             redis_pid = gateway.redis_pid
@@ -177,6 +181,8 @@ def bench_target(
 
 def unavailable(name: str, tools: dict[str, str | None], aiohttp_missing: str | None) -> str | None:
     """Why `name` cannot be measured here, or None."""
+    if name in C_TARGETS:
+        return c_unavailable()
     if name in ("nginx", "haproxy") and not tools.get(name):
         return f"{name} is not installed (apt-get install {APT_PACKAGE[name]})"
     if name in PYTHON_PEERS and aiohttp_missing:
@@ -190,7 +196,8 @@ def run_all(args: argparse.Namespace, tools: dict[str, str | None], tmp: Path) -
     )
     results: dict[str, Any] = {}
     not_measured: dict[str, str] = {}
-    gateway: Gateway | None = None
+    # The gateway process of each kind (False: the Python hot path, True: with its C).
+    gateways: dict[bool, Gateway] = {}
     with contextlib.ExitStack() as stack:
         try:
             kind, bproc, bport = start_backend(args, tools, tmp)
@@ -199,9 +206,9 @@ def run_all(args: argparse.Namespace, tools: dict[str, str | None], tmp: Path) -
                 print("[proxy] NOTE: not the peers' nginx backend; compare only within this run")
             if any(t in GATEWAY_TARGETS for t in args.targets):
                 redis_url, redis_pid = embedded_redis(stack)
-                gateway = Gateway(
-                    tmp, redis_url, redis_pid, f"127.0.0.1:{bport}", args.ready_timeout
-                )
+                for c in (False, True):
+                    gateways[c] = Gateway(tmp, redis_url, redis_pid, f"127.0.0.1:{bport}",
+                                          args.ready_timeout, c=c)  # fmt: skip
             for i, name in enumerate(args.targets):
                 why = unavailable(name, tools, aiohttp_missing)
                 if why:
@@ -209,9 +216,13 @@ def run_all(args: argparse.Namespace, tools: dict[str, str | None], tmp: Path) -
                     print(f"[proxy] {name}: NOT MEASURED: {why}", flush=True)
                     continue
                 t = time.monotonic()
+                gateway = gateways.get(name in C_TARGETS)
                 r = bench_target(name, args, tools, tmp, (bproc, bport), gateway)
                 r["wall_s"] = round(time.monotonic() - t, 1)
-                if gateway is not None and not set(args.targets[i + 1 :]) & set(GATEWAY_TARGETS):
+                later = args.targets[i + 1 :]
+                if gateway is not None and not any(
+                    t in GATEWAY_TARGETS and (t in C_TARGETS) == gateway.c for t in later
+                ):
                     gateway.stop()  # its last target is done: it must not load the next ones
                 if "not_measured" in r:
                     not_measured[name] = r["not_measured"]
@@ -227,7 +238,7 @@ def run_all(args: argparse.Namespace, tools: dict[str, str | None], tmp: Path) -
                     )
                 results[name] = r
         finally:
-            if gateway is not None:
+            for gateway in gateways.values():
                 gateway.stop()
             stop_all_children()  # before the redis-server goes away
     return {"backend": kind, "targets": results, "not_measured": not_measured}

@@ -20,6 +20,8 @@ from typing import Any
 
 from bench.harness import free_port, issue_token, python_env, signing_key, spawn, stop_child
 from bench.proxy_targets import PATH, SERVICE, body_ok, probe, wait_http
+from common.compile import up_to_date
+from common.compiled import C_MODULES, build_state
 
 OPEN_PREFIX = "/open/"
 # "Auth off": the gateway has no global switch to disable auth (on purpose), so
@@ -129,11 +131,24 @@ class Heartbeat:
             self.thread.join(3)
 
 
-def start_gateway(tmp: Path, port: int, redis_url: str) -> subprocess.Popen[bytes]:
+def c_unavailable() -> str | None:
+    """Why the C prototype's gateway cannot run here (no C module, no fresh build), or None."""
+    if not C_MODULES:
+        return "no C module in common.compiled.C_MODULES"
+    state = build_state()
+    if not state.used or not up_to_date():
+        return f"the compiled build is not used ({state.reason}): make compile"
+    return None
+
+
+def start_gateway(
+    tmp: Path, port: int, redis_url: str, log: str, extra: Mapping[str, str]
+) -> subprocess.Popen[bytes]:
     env = python_env(
-        REDIS_URL=redis_url, WEBAPI_PORT=str(port), BIND_HOST="127.0.0.1", LOG_LEVEL="WARNING"
-    )
-    return spawn([sys.executable, "-m", "webapi"], tmp / "switchboard.log", env=env)
+        REDIS_URL=redis_url, WEBAPI_PORT=str(port), BIND_HOST="127.0.0.1", LOG_LEVEL="WARNING",
+        **extra,
+    )  # fmt: skip
+    return spawn([sys.executable, "-m", "webapi"], tmp / log, env=env)
 
 
 class Gateway:
@@ -145,11 +160,20 @@ class Gateway:
     claims (a credential is required; the rate limiter runs, or does not).
     """
 
-    LOG = "switchboard.log"
-
     def __init__(
-        self, tmp: Path, redis_url: str, redis_pid: int | None, backend: str, ready_timeout: float
+        self,
+        tmp: Path,
+        redis_url: str,
+        redis_pid: int | None,
+        backend: str,
+        ready_timeout: float,
+        *,
+        c: bool = False,
     ) -> None:
+        """`c`: run the hot path's C modules (`SWITCHBOARD_C=1`); else never (`=0`),
+        whatever this process's environment says."""
+        self.c = c
+        self.log = "switchboard-c.log" if c else "switchboard.log"
         self.tmp = tmp
         self.redis_url = redis_url
         self.redis_pid = redis_pid  # metered with the gateway: the limiter works there
@@ -172,7 +196,8 @@ class Gateway:
         try:
             self.api_key, self.token = asyncio.run(_credentials(self.redis_url))
             port = free_port()
-            self.proc = start_gateway(self.tmp, port, self.redis_url)
+            self.proc = start_gateway(self.tmp, port, self.redis_url, self.log,
+                                      {"SWITCHBOARD_C": "1" if self.c else "0"})  # fmt: skip
             self.url = f"http://127.0.0.1:{port}"
             wait_http(f"{self.url}/health", self.ready_timeout, self.proc)
             self.heartbeat = Heartbeat(self.url, self.backend, self.api_key)
@@ -189,6 +214,7 @@ class Gateway:
             return f"{self.url}{OPEN_PREFIX}{PATH.lstrip('/')}", {}
         if name in SPLICED:
             return f"{self.url}{SPLICED[name]}{PATH.lstrip('/')}", {}
+        # (switchboard-c: the switchboard target, on the gateway started with `c`)
         credential = self.token if name == "switchboard-auth" else self.api_key
         return f"{self.url}/svc/{SERVICE}{PATH}", {"Authorization": f"Bearer {credential}"}
 
@@ -230,7 +256,18 @@ class Gateway:
             if without != 401:
                 raise RuntimeError(f"{url} answered {without} without a credential, not 401")
             checks["status_without_credential"] = without
+        checks["c_modules"] = self._c_modules()
+        if bool(checks["c_modules"]) != self.c:
+            raise RuntimeError(f"{url}: C modules in use {checks['c_modules']}, wrongly")
         return checks
+
+    def _c_modules(self) -> list[str]:
+        """The C modules the gateway's hot path calls (`GET /admin/proxy/stats`)."""
+        req = urllib.request.Request(
+            f"{self.url}/admin/proxy/stats", headers={"Authorization": f"Bearer {self.api_key}"}
+        )
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return list(json.load(r)["hot_path"]["c_modules"])
 
     def stop(self) -> None:
         if self.heartbeat is not None:

@@ -41,6 +41,7 @@ TARGETS = (
     "direct",
     "nginx",
     "switchboard",
+    "switchboard-c",
     "switchboard-passthrough",
     "switchboard-tunnel",
     "switchboard-open",
@@ -58,12 +59,16 @@ PYTHON_PEERS = ("aiohttp", "sanic-aiohttp")
 #   switchboard-tunnel  /tun/... : the same route as a tunnel (spliced, unread after the first)
 #   switchboard-open  /open/... : a public policy route to `echo`, no credential, no limit
 #   switchboard-auth  /svc/echo/... with a JWT and the BENCH_LIMIT rate limit
-GATEWAY_TARGETS = ("switchboard", "switchboard-passthrough", "switchboard-tunnel",
-                   "switchboard-open", "switchboard-auth")  # fmt: skip
+# and on a second gateway process started with SWITCHBOARD_C=1 (`common.compiled.c_module`):
+#   switchboard-c     the switchboard target through issue 4's C prototype
+GATEWAY_TARGETS = ("switchboard", "switchboard-c", "switchboard-passthrough",
+                   "switchboard-tunnel", "switchboard-open", "switchboard-auth")  # fmt: skip
+C_TARGETS = ("switchboard-c",)
 DESCRIPTIONS = {
     "direct": "wrk -> backend (the floor)",
     "nginx": "nginx 1 worker, upstream keepalive 64",
     "switchboard": "python -m webapi, 1 process, /svc/echo/... with an API key, no rate limit",
+    "switchboard-c": "the same, on a gateway with SWITCHBOARD_C=1: the C prototype's hot path",
     "switchboard-passthrough": "the same gateway, /raw/... pass-through policy route (a splice)",
     "switchboard-tunnel": "the same gateway, /tun/... the same route as a tunnel (unread splice)",
     "switchboard-open": "the same gateway, /open/... public policy route: no credential, no limit",

@@ -53,6 +53,7 @@ COMPILED_MODULES = (
 C_MODULES: tuple[str, ...] = ()
 
 log = logging.getLogger("switchboard.compiled")
+_c_in_use: list[str] = []  # the C modules `c_module` returned, in order
 
 
 @dataclass(frozen=True)
@@ -139,10 +140,18 @@ def c_module(name: str, build: Path = BUILD_DIR) -> ModuleType | None:
     if os.environ.get("SWITCHBOARD_C", "0") != "1" or not _state(build).used:
         return None
     try:
-        return importlib.import_module(name)
+        module = importlib.import_module(name)
     except ImportError as exc:  # a build made before the module was added to C_MODULES
         log.warning("C module %s not used: %s", name, exc)
         return None
+    if name not in _c_in_use:
+        _c_in_use.append(name)
+    return module
+
+
+def c_modules_in_use() -> tuple[str, ...]:
+    """The hand-written C modules this process's hot path calls (`GET /admin/proxy/stats`)."""
+    return tuple(_c_in_use)
 
 
 def hot_path_state() -> BuildState:

@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from bench.proxy_targets import GATEWAY_TARGETS
+from bench.proxy_gateway import c_unavailable
+from bench.proxy_targets import C_TARGETS, GATEWAY_TARGETS
 from tests.bench_smoke import left_running, run_quick
 
 pytestmark = pytest.mark.timeout(150)
@@ -47,9 +48,10 @@ def test_proxy_bench_quick(tmp_path: Path) -> None:
             assert run["lat_ms"]["p50"] > 0, (name, phase)
     # The gateway is always started, registers the backend (with a credential:
     # heartbeats need one) and proxies to it, for each of its five targets.
-    gateways = {name: doc["targets"][name] for name in GATEWAY_TARGETS}
+    gateways = {name: doc["targets"][name] for name in GATEWAY_TARGETS if name not in C_TARGETS}
     for result in gateways.values():
         assert result["body_ok"]
+        assert result["checks"].pop("c_modules") == []  # SWITCHBOARD_C=0 whatever ours says
     assert gateways["switchboard"]["url"].endswith("/svc/echo/api/echo")
     assert gateways["switchboard-auth"]["url"] == gateways["switchboard"]["url"]
     assert gateways["switchboard-open"]["url"].endswith("/open/api/echo")
@@ -70,11 +72,20 @@ def test_proxy_bench_quick(tmp_path: Path) -> None:
         "spliced": False,
         "status_without_credential": 401,
     }
+    # Issue 4's C prototype, on a gateway of its own, when the build has C modules.
+    why = c_unavailable()
+    if why:
+        assert doc["not_measured"]["switchboard-c"] == why
+    else:
+        c = doc["targets"]["switchboard-c"]
+        assert c["body_ok"] and c["checks"]["c_modules"]
+        assert c["url"].endswith("/svc/echo/api/echo")
+        assert urlsplit(c["url"]).netloc != urlsplit(gateways["switchboard"]["url"]).netloc
     # The credentials sent by wrk are not written out.
     text = out.read_text()
     assert "sbk_" not in text and "Bearer" not in text
     if wrk:
-        for name in GATEWAY_TARGETS:
+        for name in gateways:
             assert name not in doc["not_measured"]
             sent = "-H Authorization: <redacted>" in gateways[name]["loaded"]["cmd"]
             public = ("switchboard-open", "switchboard-passthrough", "switchboard-tunnel")
@@ -106,7 +117,7 @@ def test_proxy_bench_quick(tmp_path: Path) -> None:
                 assert goal["goal"] == 1.0 and isinstance(goal["met"], bool)
                 assert f"{name:<23} >= 1.0x nginx's" in proc.stdout
     else:
-        for name in GATEWAY_TARGETS:
+        for name in gateways:
             assert "wrk is not installed" in doc["not_measured"][name]
         assert not doc["goals"]
     # Nothing is left running: nginx and haproxy name their config under the log dir.

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from common.compiled import build_state
+from common.compiled import build_state, c_modules_in_use
 from common.policy import PolicyStore
 from tests.helpers import free_port, issue_api_key, wait_for
 from tests.support.policy import set_document
@@ -407,6 +407,10 @@ def test_the_gateway_says_whether_its_hot_path_runs_compiled(gateway: str) -> No
     # its sources is never used (`common.compiled`): the suite tests the compiled path.
     expected = build_state()
     stats = as_admin.get(f"{gateway}/admin/proxy/stats", timeout=5).json()
-    assert stats["hot_path"] == {"compiled": expected.used, "state": expected.reason}
+    assert stats["hot_path"] == {
+        "compiled": expected.used,
+        "state": expected.reason,
+        "c_modules": list(c_modules_in_use()),  # (the suite's gateway runs in this process)
+    }
     if os.environ.get("SWITCHBOARD_COMPILED") != "0":
         assert expected.used, f"the hot path runs interpreted: {expected.reason}"

@@ -38,7 +38,7 @@ from typing import Any
 
 from sanic import Blueprint, HTTPResponse
 
-from common.compiled import hot_path_state
+from common.compiled import c_modules_in_use, hot_path_state
 from common.credentials import Principal
 from common.errors import NotFound, quoted
 from common.policy import PolicyDocument, PolicyStore, validate_document
@@ -226,8 +226,8 @@ async def rotate_signing_key(request: GatewayRequest) -> HTTPResponse:
 @bp.get("/proxy/stats", ctx_access=ADMIN)
 async def proxy_stats(request: GatewayRequest) -> HTTPResponse:
     """This process's fast-path counters (`webapi.fastpath`), whether its hot path runs
-    compiled (`common.compiled`), its upstream pool and the retry budget of each service
-    (`common.balancing.RetryBudget.state`)."""
+    compiled (`common.compiled`) and which C modules it calls, its upstream pool and the
+    retry budget of each service (`common.balancing.RetryBudget.state`)."""
     ctx = request.app.ctx
     fast = ctx.fast_path
     hot_path = hot_path_state()
@@ -245,7 +245,11 @@ async def proxy_stats(request: GatewayRequest) -> HTTPResponse:
                 "requests": ctx.passthrough.requests,
                 "connect_failures": ctx.passthrough.connect_failures,
             },
-            "hot_path": {"compiled": hot_path.used, "state": hot_path.reason},
+            "hot_path": {
+                "compiled": hot_path.used,
+                "state": hot_path.reason,
+                "c_modules": list(c_modules_in_use()),  # `SWITCHBOARD_C=1`
+            },
             "upstreams": ctx.proxy.pool.stats(),
             "retry_budgets": {
                 service: budget.state()
