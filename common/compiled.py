@@ -50,7 +50,7 @@ COMPILED_MODULES = (
     "webapi.proxy.connection",
 )
 # Hand-written C extension modules, each from `<module path>.c` (module docstring).
-C_MODULES: tuple[str, ...] = ()
+C_MODULES: tuple[str, ...] = ("webapi.fastpath._creq",)
 
 log = logging.getLogger("switchboard.compiled")
 _c_in_use: list[str] = []  # the C modules `c_module` returned, in order

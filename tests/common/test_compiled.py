@@ -129,7 +129,7 @@ def test_a_build_is_up_to_date_whether_or_not_it_is_used(
     monkeypatch.setenv("SWITCHBOARD_COMPILED", "0")
     assert not build_state(checkout / ".compiled").used
     assert up_to_date(("toyhot.fast",), checkout / ".compiled", ("toyhot._cthrice",))
-    assert not up_to_date(("toyhot.fast",), checkout / ".compiled")  # another list
+    assert not up_to_date(("toyhot.fast",), checkout / ".compiled", ())  # another list
     assert not up_to_date((), checkout / ".compiled", ("toyhot._cthrice",))
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
+from common.compiled import c_module
 from common.forwarding import MAX_VIA_HOPS, credential_fault, via_hops
 from common.http_head import MAX_HEAD, connection_tokens_raw, valid_host
 from common.proxy_paths import InvalidProxyPath, upstream_target
@@ -22,6 +24,10 @@ MAX_FAST_HEAD = MAX_HEAD  # (as Sanic's path: `common.strict_http`)
 _METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
 # `/svc/<service>/` and a first path character the route's `<path:path>` accepts.
 _SVC_PATH = re.compile(rb"/svc/(" + SERVICE_NAME.pattern.strip("^$").encode() + rb")/[^/?]")
+# The same parse in C (`_creq.c`, this module's `parse_request` its reference), or None:
+# only with the compiled build and `SWITCHBOARD_C=1` (`common.compiled.c_module`).
+# Not Final: the tests swap it (mypyc reads a module global from the module's dict).
+_C = c_module("webapi.fastpath._creq")
 _NONE: list[bytes] = []  # shared, never mutated: `connection = [*connection, value]`
 _REFUSED = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
 # Headers whose first value the fast path reads (as Sanic's `headers.get` would).
@@ -132,6 +138,10 @@ def parse_request(buf: bytes | bytearray) -> Parsed | Incomplete | None:
     """The request at the start of `buf` if it is whole and plainly framed and its path
     is a `/svc/` one (see the module docstring), `Incomplete` if only its body is
     missing yet, else None. Hot path."""
+    if _C is not None:
+        read = _C.parse(buf)
+        if read is not None:
+            return _from_c(read)  # (else declined: unusual, read below)
     end = buf.find(b"\r\n\r\n", 0, MAX_FAST_HEAD)
     space = buf.find(b" ", 0, 8)
     if end < 0 or space < 0 or buf[space : space + 6] != b" /svc/":
@@ -183,6 +193,33 @@ def parse_request(buf: bytes | bytearray) -> Parsed | Incomplete | None:
         return None
     req.size = size + length
     req.method = method.decode("ascii")
+    req.received = time.perf_counter()
+    return req
+
+
+def _from_c(read: tuple[Any, ...]) -> Parsed | Incomplete:
+    """`parse_request`'s answer from the C parse's tuple (`_creq.c` says what it holds):
+    every slot as the httptools callbacks above leave it."""
+    (needed, whole, method, url, service, target, headers, first, connection, length,
+     keep_alive, body) = read  # fmt: skip
+    req = Parsed()
+    req.url = url
+    req.service = service
+    req.target = target
+    req.headers = headers
+    req.first = first
+    if connection is not None:
+        req.connection = connection
+    req.length = length
+    req.keep_alive = keep_alive
+    req.begun = 1
+    req.head_done = True
+    if not whole:
+        return Incomplete(needed, req)
+    req.body = body
+    req.done = True
+    req.size = needed
+    req.method = method
     req.received = time.perf_counter()
     return req
 
