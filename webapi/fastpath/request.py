@@ -3,6 +3,10 @@
 httptools parses it (strict: no bare LF, no folding, no duplicate Content-Length),
 and the head must end where httptools says it does, so the fast path and Sanic can
 never frame the same bytes differently.
+
+With `SWITCHBOARD_C=1` and the compiled build, `parse_request` asks `_creq.c` first:
+the same parse in C, for the plain case only (its docstring says what it declines),
+and this Python, its reference, runs whenever it declines.
 """
 
 from __future__ import annotations
