@@ -48,9 +48,10 @@ COMPILED_MODULES = (
     "webapi.fastpath.response",
     "webapi.fastpath.splicing",
     "webapi.proxy.connection",
+    "webapi.proxy.replay",
 )
 # Hand-written C extension modules, each from `<module path>.c` (module docstring).
-C_MODULES: tuple[str, ...] = ("webapi.fastpath._creq",)
+C_MODULES: tuple[str, ...] = ("webapi.fastpath._creq", "webapi.proxy._cresp")
 
 log = logging.getLogger("switchboard.compiled")
 _c_in_use: list[str] = []  # the C modules `c_module` returned, in order

@@ -1,5 +1,6 @@
 """One keep-alive HTTP/1.1 connection to an upstream: an `asyncio.Protocol` that writes a
-request head once and parses the response with httptools. Two ways to run an exchange:
+request head once and parses the response with httptools (a whole simple one in C when
+`SWITCHBOARD_C=1`: `webapi.proxy.replay`). Two ways to run an exchange:
 `exchange()` resolves a future when the head arrives (the caller then reads the body
 from the `UpstreamResponse`); `send()` returns at once and reports the response to a
 `Receiver` from the connection's own callbacks (no future, no task: the fast path).
@@ -17,6 +18,7 @@ from typing import Protocol, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from common.compiled import c_module
 from webapi.proxy.deadlines import Deadlines
 from webapi.proxy.errors import (
     UpstreamBodyTooLarge,
@@ -26,6 +28,7 @@ from webapi.proxy.errors import (
     UpstreamTimeout,
 )
 from webapi.proxy.headers import NO_BODY, RequestBody
+from webapi.proxy.replay import replay
 from webapi.proxy.response import HIGH_WATER, Receiver, UpstreamResponse
 from webapi.proxy.writer import BodyWriter
 
@@ -36,6 +39,8 @@ INLINE_BODY = 64 * 1024
 # exchange fails (502), as nginx's "upstream sent too big header" and Envoy's 60 KiB
 # limit, rather than holding it, and a growing head in memory, until a timeout.
 MAX_RESPONSE_HEAD = 64 * 1024
+# The C's read of a whole simple response (`webapi.proxy.replay`), or None: httptools'.
+_C = c_module("webapi.proxy._cresp")
 
 
 class StaleConnection(Exception):
@@ -311,13 +316,19 @@ class Connection(asyncio.Protocol):
             self._broken = True
             self._abort()
             return
+        fresh = not self._got_data
         self._got_data = True
         self._progress_at = self._loop.time()
         in_head = not self._head_done
         if in_head:
             self._head_bytes += len(data)
+        # The usual response, whole in its exchange's first read, read in C when it is on.
+        whole = _C.parse_response(data, self._head_request) if _C is not None and fresh else None
         try:
-            parser.feed_data(data)
+            if whole is None:
+                parser.feed_data(data)
+            else:
+                replay(self, resp, whole)
         except HttpParserUpgrade as exc:
             self._broken = True
             self._fail_from(UpstreamProtocolError("unexpected protocol switch"), exc)
@@ -414,6 +425,10 @@ class Connection(asyncio.Protocol):
             self._broken = True
             self._fail(UpstreamProtocolError("unsupported transfer coding in the response"))
             return
+        self._head(resp, status, self._head_request and parser.should_keep_alive())
+
+    def _head(self, resp: Receiver, status: int, keep_alive: bool) -> None:
+        """A final head has arrived; `keep_alive` is `should_keep_alive()` (a HEAD's)."""
         resp.status = status
         resp.reason = self._reason.decode("latin-1")
         resp.raw_headers = self._raw_headers
@@ -425,7 +440,7 @@ class Connection(asyncio.Protocol):
         if self._head_request:
             # The head is the whole response; the parser would wait for a body that never
             # comes, so the next exchange gets a fresh one.
-            self._keep_alive = parser.should_keep_alive()
+            self._keep_alive = keep_alive
             self._message_done = True
             self._parser = None
         fut = self._head_fut
