@@ -51,7 +51,11 @@ COMPILED_MODULES = (
     "webapi.proxy.replay",
 )
 # Hand-written C extension modules, each from `<module path>.c` (module docstring).
-C_MODULES: tuple[str, ...] = ("webapi.fastpath._creq", "webapi.proxy._cresp")
+C_MODULES: tuple[str, ...] = (
+    "webapi.fastpath._cheads",
+    "webapi.fastpath._creq",
+    "webapi.proxy._cresp",
+)
 
 log = logging.getLogger("switchboard.compiled")
 _c_in_use: list[str] = []  # the C modules `c_module` returned, in order

@@ -136,78 +136,83 @@ def test_the_switch() -> None:
         Settings.from_env({"PROXY_FAST_PATH": "maybe"})
 
 
-@pytest.mark.parametrize(
-    ("method", "fields", "body"),
-    [
-        ("GET", [], b""),
-        ("GET", ["Authorization: Bearer sbk_abc.def", "Accept: */*"], b""),
-        ("GET", ["X-Api-Key: sbk_x", "Authorization: Bearer sbk_x"], b""),
-        ("GET", ["Authorization: Bearer eyJhbGciOi.jwt.sig"], b""),
-        (
-            "GET",
-            [
-                "X-Secret: s",
-                "Connection: X-Secret, Close",
-                "x-other: o",
-                "connection: X-OTHER",
-                "Close: c",
-                "X-Kept: k",
-            ],
-            b"",
-        ),
-        (
-            "GET",
-            [
-                "Connection: keep-alive, X-Secret",
-                "X-Secret: s",
-                "Keep-Alive: 5",
-                "TE: trailers",
-                "Proxy-Authorization: Basic eA==",
-                "Trailer: x",
-            ],
-            b"",
-        ),
-        (
-            "GET",
-            [
-                "X-Forwarded-For: 10.0.0.1",
-                "X-Forwarded-For: 10.0.0.2, 10.0.0.3",
-                "X-Forwarded-Proto: https",
-                "X-Forwarded-Host: evil",
-                "X-Request-Id: theirs",
-            ],
-            b"",
-        ),
-        (
-            "GET",
-            [
-                "Forwarded: for=6.6.6.6;proto=https",
-                "X-Real-IP: 6.6.6.6",
-                "X-Client-IP: 6.6.6.6",
-                "True-Client-IP: 6.6.6.6",
-                "X-Forwarded-Port: 443",
-                "x-forwarded-prefix: /admin",
-                "X-Forwarded-For: 6.6.6.6",
-                "X-Tenant: acme",
-            ],
-            b"",
-        ),
-        ("GET", ["User-Agent: caf\xc3\xa9/1.0 \xff", "X-Empty: "], b""),
-        ("POST", ["Content-Type: application/json"], b'{"a": 1}'),
-        ("POST", [], b""),
-        ("PUT", ["Content-Length: 0"], b""),
-        ("DELETE", [], b""),
-        ("GET", ["Content-Length: 0"], b""),
-    ],
-)
-def test_the_upstream_head_is_the_routes(method: str, fields: list[str], body: bytes) -> None:
-    """`upstream_head` (bytes, the fast path) builds what the `/svc/` route's builders
-    (`hop_headers_out`, `build_request_head`) build."""
+# Requests whose upstream heads the route's builders make too (also `test_c_heads.py`'s corpus).
+ROUTE_CASES: list[tuple[str, list[str], bytes]] = [
+    ("GET", [], b""),
+    ("GET", ["Authorization: Bearer sbk_abc.def", "Accept: */*"], b""),
+    ("GET", ["X-Api-Key: sbk_x", "Authorization: Bearer sbk_x"], b""),
+    ("GET", ["Authorization: Bearer eyJhbGciOi.jwt.sig"], b""),
+    (
+        "GET",
+        [
+            "X-Secret: s",
+            "Connection: X-Secret, Close",
+            "x-other: o",
+            "connection: X-OTHER",
+            "Close: c",
+            "X-Kept: k",
+        ],
+        b"",
+    ),
+    (
+        "GET",
+        [
+            "Connection: keep-alive, X-Secret",
+            "X-Secret: s",
+            "Keep-Alive: 5",
+            "TE: trailers",
+            "Proxy-Authorization: Basic eA==",
+            "Trailer: x",
+        ],
+        b"",
+    ),
+    (
+        "GET",
+        [
+            "X-Forwarded-For: 10.0.0.1",
+            "X-Forwarded-For: 10.0.0.2, 10.0.0.3",
+            "X-Forwarded-Proto: https",
+            "X-Forwarded-Host: evil",
+            "X-Request-Id: theirs",
+        ],
+        b"",
+    ),
+    (
+        "GET",
+        [
+            "Forwarded: for=6.6.6.6;proto=https",
+            "X-Real-IP: 6.6.6.6",
+            "X-Client-IP: 6.6.6.6",
+            "True-Client-IP: 6.6.6.6",
+            "X-Forwarded-Port: 443",
+            "x-forwarded-prefix: /admin",
+            "X-Forwarded-For: 6.6.6.6",
+            "X-Tenant: acme",
+        ],
+        b"",
+    ),
+    ("GET", ["User-Agent: caf\xc3\xa9/1.0 \xff", "X-Empty: "], b""),
+    ("POST", ["Content-Type: application/json"], b'{"a": 1}'),
+    ("POST", [], b""),
+    ("PUT", ["Content-Length: 0"], b""),
+    ("DELETE", [], b""),
+    ("GET", ["Content-Length: 0"], b""),
+]
+
+
+def case_request(method: str, fields: list[str], body: bytes) -> bytes:
+    """A `ROUTE_CASES` case as the request bytes: `/svc/web/a/b?q=1`, Host `gw.example`."""
     lines = [f"{method} /svc/web/a/b?q=1 HTTP/1.1", "Host: gw.example", *fields]
     if body:
         lines.append(f"Content-Length: {len(body)}")
-    raw = "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body
-    parsed = parse_request(raw)
+    return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body
+
+
+@pytest.mark.parametrize(("method", "fields", "body"), ROUTE_CASES)
+def test_the_upstream_head_is_the_routes(method: str, fields: list[str], body: bytes) -> None:
+    """`upstream_head` (bytes, the fast path) builds what the `/svc/` route's builders
+    (`hop_headers_out`, `build_request_head`) build."""
+    parsed = parse_request(case_request(method, fields, body))
     assert isinstance(parsed, Parsed)
     ours = upstream_head(parsed, client_ip="127.0.0.9", scheme="http", request_id="rid-1")
     as_sanic = [(name.decode(), value.decode("utf-8", "surrogateescape"))
@@ -222,27 +227,28 @@ _UPSTREAM = [(b"Server", b"nginx"), (b"Content-Type", b"application/json"),
              (b"Content-Length", b"64"), (b"Connection", b"keep-alive")]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "fields",
+# Upstream response fields (also `test_c_heads.py`'s corpus).
+UPSTREAM_FIELDS = [
+    _UPSTREAM,
     [
-        _UPSTREAM,
-        [
-            *_UPSTREAM,
-            (b"Connection", b"X-Secret"),
-            (b"x-secret", b"1"),
-            (b"Proxy-Foo", b"1"),
-            (b"X-Request-Id", b"upstream"),
-        ],
-        [
-            (b"Content-Length", b"3"),
-            (b"Keep-Alive", b"timeout=5"),
-            (b"TE", b"x"),
-            (b"connection", b"close"),
-            (b"Trailer", b"x"),
-            (b"Upgrade", b"h2c"),
-        ],
+        *_UPSTREAM,
+        (b"Connection", b"X-Secret"),
+        (b"x-secret", b"1"),
+        (b"Proxy-Foo", b"1"),
+        (b"X-Request-Id", b"upstream"),
     ],
-)
+    [
+        (b"Content-Length", b"3"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"TE", b"x"),
+        (b"connection", b"close"),
+        (b"Trailer", b"x"),
+        (b"Upgrade", b"h2c"),
+    ],
+]
+
+
+@pytest.mark.parametrize("fields", UPSTREAM_FIELDS)
 @pytest.mark.parametrize("framing", [WHOLE, KEPT, CHUNKED, NONE])
 def test_the_client_head_keeps_what_the_general_filter_keeps(
     fields: list[tuple[bytes, bytes]], framing: int

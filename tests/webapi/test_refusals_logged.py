@@ -9,10 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import socket
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import httpx
 import pytest
@@ -23,10 +20,10 @@ from tests.helpers import wait_for
 from tests.support.policy import apply_routes
 from tests.support.raw_http import connect, exchange, read_answers
 from tests.support.registry import deregister, register
+from tests.support.served import served
 from tests.webapi.conftest import as_admin, gateway_process, running_gateway
 from tests.webapi.upstream_servers import keep_alive, upstream_in_thread
 from webapi.app import create_app
-from webapi.context import GatewayApp
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -144,27 +141,6 @@ def test_a_splices_refusals_of_a_held_head_name_the_socket_peer(redis_url: str) 
         ]
 
 
-@asynccontextmanager
-async def _served(app: GatewayApp) -> AsyncIterator[str]:
-    """`app` served in this process (Sanic's `create_server`, its listeners run by hand);
-    its base URL."""
-    # Sanic's touch-up rewrites its `Http` class's methods from their source: once one app
-    # in the process has, the next one's startup cannot read them (KeyError: 'read').
-    app.config.TOUCHUP = False
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = await app.create_server(sock=sock)
-    assert server is not None
-    await server.startup()
-    await server.before_start()
-    await server.after_start()
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        await server.before_stop()
-        await server.close()
-        await server.after_stop()
-
-
 async def test_two_gateways_in_one_process_keep_their_own_budgets(
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -175,7 +151,7 @@ async def test_two_gateways_in_one_process_keep_their_own_budgets(
                        name=f"refusals{limit}_{uuid.uuid4().hex[:6]}")
             for limit in (2, 5)]  # fmt: skip
     logged = []
-    async with _served(apps[0]) as first, _served(apps[1]) as second:
+    async with served(apps[0]) as first, served(apps[1]) as second:
         for base in (first, second):
             async with httpx.AsyncClient(base_url=base, timeout=5) as client:
                 for _ in range(6):

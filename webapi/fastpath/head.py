@@ -17,10 +17,18 @@ Nothing is escaped: httptools has refused CR and LF in every field the client se
 (and the fast path takes only heads that end where httptools says), the target
 comes from `upstream_target`, and the values added here are checked where they are
 made. `tests/webapi/test_fastpath_request.py` compares it with the route's builders.
+
+With `SWITCHBOARD_C=1` (`common.compiled.c_module`), `_cheads.c` builds the same
+bytes in C from the `Parsed` fields read here and this module's constants
+(`init_c`); when it declines (None), the Python below runs: it is the reference
+(`tests/webapi/test_c_heads.py` compares the two).
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
+from common.compiled import c_module
 from common.forwarding import (
     API_KEY_PREFIX,
     FORWARDED_PREFIX_RAW,
@@ -42,6 +50,13 @@ _VIA = b"Via: " + VIA.encode()
 
 def upstream_head(req: Parsed, *, client_ip: str, scheme: str, request_id: str) -> bytes:
     """The request line and header block sent upstream for `req`. Hot path."""
+    if _C is not None:
+        head: bytes | None = _C.upstream_head(
+            req.method, req.target, req.headers, req.connection, req.service,
+            req.first.get(b"host", ""), req.body, client_ip, scheme, request_id,
+        )  # fmt: skip
+        if head is not None:
+            return head
     named: set[bytes] = set()
     for value in req.connection:
         named.update(connection_tokens_raw(value))
@@ -71,3 +86,15 @@ def upstream_head(req: Parsed, *, client_ip: str, scheme: str, request_id: str) 
         out.append(b"Content-Length: 0")
     out.append(b"\r\n")
     return b"\r\n".join(out)
+
+
+def init_c(module: ModuleType) -> ModuleType:
+    """`module` (`webapi.fastpath._cheads`) given what `upstream_head` drops and adds:
+    the C reads these objects, it has no copy of them."""
+    module.init_upstream(_DROPPED, _DROPPED_PREFIXES, _API_KEY, _VIA, BODY_METHODS)
+    return module
+
+
+_C_HEADS = c_module("webapi.fastpath._cheads")
+# The C `upstream_head`, when used (`SWITCHBOARD_C=1`); read at each call (tests set it).
+_C: ModuleType | None = None if _C_HEADS is None else init_c(_C_HEADS)

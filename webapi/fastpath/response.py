@@ -4,19 +4,28 @@ The upstream's status and fields minus hop-by-hop ones, then the gateway's own:
 `X-Upstream-Latency`, `X-Gateway-Latency` (ms), `X-Upstream-Instance`, `X-Request-Id`
 (replacing the upstream's, as the `/svc/` route's middleware does), the body framing
 and `Connection`. A HEAD answer keeps the upstream's `Content-Length` (the GET's length).
+
+With `SWITCHBOARD_C=1` (`common.compiled.c_module`), `_cheads.c` builds the same head
+in C from this module's constants (`init_c`); when it declines (None: an upstream
+`Connection` that names fields, say), the Python below runs: it is the reference
+(`tests/webapi/test_c_heads.py` compares the two).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from time import perf_counter
+from types import ModuleType
 
 from sanic.headers import format_http1_response
 from sanic.helpers import STATUS_CODES, has_message_body
 
+from common.compiled import c_module
 from common.forwarding import HOP_BY_HOP_RAW, strip_hop_by_hop_raw
 from webapi.errors import ErrorLogs, error_response
 from webapi.proxy.forward import latencies_ms
 
+_PROXY = b"proxy-"  # `Proxy-*` fields are hop-by-hop too
 # Upstream fields replaced by the gateway's own.
 _REPLACED = frozenset({b"content-length", b"x-request-id"})
 _REPLACED_HEAD = frozenset({b"x-request-id"})
@@ -43,6 +52,14 @@ def client_head(
     """The response head; `received` is when the request arrived (`perf_counter`), and
     `length` the body's length for `WHOLE`. Hot path: one pass over the upstream's
     fields, a second only when its `Connection` names some (`strip_hop_by_hop_raw`)."""
+    if _C is not None:
+        # (`now`: the clock `latencies_ms` reads, passed so the C reads none.)
+        head: bytes | None = _C.client_head(
+            status, raw_headers, framing, length, upstream_seconds, received, perf_counter(),
+            instance_id, request_id, keep_alive,
+        )  # fmt: skip
+        if head is not None:
+            return head
     replaced = _REPLACED_HEAD if framing == KEPT else _REPLACED
     lines = [
         _STATUS_LINES.get(status)
@@ -50,7 +67,7 @@ def client_head(
     ]
     for name, value in raw_headers:
         lower = name.lower()
-        if lower in HOP_BY_HOP_RAW or lower in replaced or lower.startswith(b"proxy-"):
+        if lower in HOP_BY_HOP_RAW or lower in replaced or lower.startswith(_PROXY):
             if lower == b"connection" and value.lower() not in _PLAIN_CONNECTION:
                 # It names fields to drop too: the general (slower) filter.
                 kept = strip_hop_by_hop_raw(raw_headers, replaced)
@@ -106,3 +123,16 @@ def bodiless_framing(method: str, status: int) -> int | None:
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
 _STATUS_LINES = {status: b"HTTP/1.1 %d %b" % (status, reason)
                  for status, reason in STATUS_CODES.items()}  # fmt: skip
+
+
+def init_c(module: ModuleType) -> ModuleType:
+    """`module` (`webapi.fastpath._cheads`) given what `client_head` drops and adds: the
+    C reads these objects, it has no copy of them."""
+    module.init_client(HOP_BY_HOP_RAW, _REPLACED, _REPLACED_HEAD, _PROXY, _PLAIN_CONNECTION,
+                       _STATUS_LINES, WHOLE, CHUNKED, KEPT)  # fmt: skip
+    return module
+
+
+_C_HEADS = c_module("webapi.fastpath._cheads")
+# The C `client_head`, when used (`SWITCHBOARD_C=1`); read at each call (tests set it).
+_C: ModuleType | None = None if _C_HEADS is None else init_c(_C_HEADS)
