@@ -87,7 +87,22 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
             }
     if "switchboard-open" in by and "switchboard-auth" in by:
         g["auth_vs_open"] = _auth_vs_open(by["switchboard-open"], by["switchboard-auth"])
+    c_path = by.get("switchboard-c")
+    if c_path is not None and "x_nginx" in c_path["derived"]:
+        g["c_prototype"] = _c_prototype(c_path, by.get("switchboard"))
     return g
+
+
+def _c_prototype(c_path: dict[str, Any], python_path: dict[str, Any] | None) -> dict[str, Any]:
+    """The normal path's first goal, through issue 4's C prototype (`switchboard-c`), and
+    its ratio to the same path in Python, when that ran too."""
+    x = c_path["derived"]["x_nginx"]
+    out: dict[str, Any] = {"x_nginx": x, "goal": GOAL_X_NGINX, "met": x >= GOAL_X_NGINX,
+                           "us_per_req": c_path["loaded"]["cpu"]["proxy_us_per_req"]}  # fmt: skip
+    if python_path is not None:
+        out["vs_python_path"] = round(c_path["loaded"]["rps"] / python_path["loaded"]["rps"], 2)
+        out["python_us_per_req"] = python_path["loaded"]["cpu"]["proxy_us_per_req"]
+    return out
 
 
 def _busiest(runs: list[dict[str, Any]]) -> float:
@@ -243,6 +258,17 @@ def print_report(doc: dict[str, Any]) -> None:
               f"   (added p50 at c1: {_f(pt['added_c1_p50_ms'])} ms)")  # fmt: skip
         if pt["disturbed"]:
             print("  (not conclusive: the box was busy while these systems ran)")
+    if "c_prototype" in g:
+        cp = g["c_prototype"]
+        print()
+        print("Issue 4's C prototype (SWITCHBOARD_C=1, common.compiled.C_MODULES), normal path:")
+        label = f"req/s c{c} switchboard-c >= {cp['goal']}x nginx's"
+        print(f"  {label:<57} {_f(cp['x_nginx'], 2):>6}x  {verdict(cp['met'])}")
+        if "vs_python_path" in cp:
+            print(
+                f"  against the Python path (switchboard): {cp['vs_python_path']:.2f}x req/s,"
+                f" {cp['us_per_req']} against {cp['python_us_per_req']} µs a request"
+            )
     if "auth_vs_open" in g:
         _print_auth_vs_open(g["auth_vs_open"], c)
     elif {"switchboard-open", "switchboard-auth"} & set(p["targets"]):

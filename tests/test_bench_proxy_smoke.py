@@ -81,6 +81,10 @@ def test_proxy_bench_quick(tmp_path: Path) -> None:
         assert c["body_ok"] and c["checks"]["c_modules"]
         assert c["url"].endswith("/svc/echo/api/echo")
         assert urlsplit(c["url"]).netloc != urlsplit(gateways["switchboard"]["url"]).netloc
+        if wrk and "x_nginx" in c.get("derived", {}):
+            prototype = doc["goals"]["c_prototype"]
+            assert prototype["x_nginx"] == c["derived"]["x_nginx"]
+            assert "req/s c64 switchboard-c >= 0.5x nginx's" in proc.stdout
     # The credentials sent by wrk are not written out.
     text = out.read_text()
     assert "sbk_" not in text and "Bearer" not in text
