@@ -11,152 +11,29 @@ are compared to the last digit.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import importlib.util
-import json
 import math
 import random
-import re
 import struct
 import sys
 import types
-import uuid
-from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
-import httptools
 import pytest
 
-from common.compiled import build_state
-from common.settings import Settings
-from tests.support.registry import registered
-from tests.support.served import served
-from tests.webapi.conftest import as_admin
+from tests.webapi.cheads_fixtures import (  # noqa: F401  (the fixtures `cheads`, `heads`)
+    Heads,
+    Spy,
+    _same,
+    both_heads,
+    c_heads,
+)
 from tests.webapi.test_fastpath_request import ROUTE_CASES, UPSTREAM_FIELDS, case_request
-from tests.webapi.upstream_servers import Peer, Upstream
-from webapi.app import create_app
-from webapi.fastpath import FastPathProtocol, Parsed, head, parse_request, response
+from webapi.fastpath import Parsed, head, parse_request
 from webapi.fastpath.response import CHUNKED, KEPT, NONE, WHOLE
-from webapi.proxy import forward
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Spy:
-    """A stand-in for the C module in the glue's `_C`: calls the C and records each of
-    its answers (None: declined)."""
-
-    def __init__(self, module: types.ModuleType) -> None:
-        self.module = types.ModuleType("cheads_spy")
-        self.answers: list[tuple[str, bytes | None]] = []
-        for name in ("upstream_head", "client_head"):
-            setattr(self.module, name, self._recording(name, getattr(module, name)))
-
-    def _recording(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: object) -> Any:
-            answer = function(*args)
-            self.answers.append((name, answer))
-            return answer
-
-        return call
-
-    def counts(self) -> Counter[tuple[str, bool]]:
-        """How many heads each function built (True) and declined (False)."""
-        return Counter((name, answer is not None) for name, answer in self.answers)
-
-
-class Clock:
-    """The `time.perf_counter()` that `latencies_ms` and the glue read, fixed."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Heads:
-    """Both answers for one set of arguments: the C's (through the glue) and the Python's."""
-
-    def __init__(self, spy: Spy, clock: Clock) -> None:
-        self.spy = spy
-        self.clock = clock
-
-    def _both(self, module: types.ModuleType, call: Callable[[], bytes]) -> tuple[Any, Any]:
-        module._C = None
-        oracle = _outcome(call)
-        module._C = self.spy.module
-        self.spy.answers.clear()
-        try:
-            through_glue = _outcome(call)
-        finally:
-            module._C = None
-        [(_, answer)] = self.spy.answers
-        # Declined or not, the glue answers as the Python does.
-        assert through_glue == oracle
-        return answer, oracle
-
-    def upstream(self, req: Parsed, ip: str = "127.0.0.9", scheme: str = "http",
-                 rid: str = "rid-1") -> tuple[bytes | None, Any]:  # fmt: skip
-        def call() -> bytes:
-            return head.upstream_head(req, client_ip=ip, scheme=scheme, request_id=rid)
-
-        return self._both(head, call)
-
-    def client(self, status: int, fields: list[tuple[bytes, bytes]], **kw: Any) -> tuple[
-        bytes | None, Any
-    ]:  # fmt: skip
-        kw = {"framing": WHOLE, "length": 7, "upstream_seconds": 0.002, "received": 999.9,
-              "instance_id": "web-1", "request_id": "rid", "keep_alive": True, **kw}  # fmt: skip
-        now = kw.pop("now", 1000.0)
-
-        def call() -> bytes:
-            self.clock.now = now
-            return response.client_head(status, fields, **kw)
-
-        return self._both(response, call)
-
-
-def _outcome(call: Callable[[], bytes]) -> Any:
-    """What `call` returns, or the type of what it raises."""
-    try:
-        return call()
-    except Exception as exc:
-        return type(exc)
-
-
-@pytest.fixture(name="cheads")
-def c_heads(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """The C module given the Python modules' constants; the glue off (`_C` None) until
-    a test sets it."""
-    state = build_state()
-    if not state.used:
-        pytest.skip(f"the compiled build is not used: {state.reason}")
-    module = importlib.import_module("webapi.fastpath._cheads")
-    head.init_c(module)
-    response.init_c(module)
-    monkeypatch.setattr(head, "_C", None)
-    monkeypatch.setattr(response, "_C", None)
-    return module
-
-
-@pytest.fixture(name="heads")
-def both_heads(cheads: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> Heads:
-    clock = Clock()
-    monkeypatch.setattr(forward, "time", types.SimpleNamespace(perf_counter=clock))
-    monkeypatch.setattr(response, "perf_counter", clock)
-    return Heads(Spy(cheads), clock)
-
-
-def _same(answer: bytes | None, oracle: Any, *, must_answer: bool = False) -> bool:
-    """Whether the C answered (its answer checked equal to the Python's)."""
-    if answer is None:
-        assert not must_answer, f"the C declined an ordinary head (the Python's: {oracle!r})"
-        return False
-    assert answer == oracle
-    return True
 
 
 # The corpus: ordinary heads, which the C must build.
@@ -515,147 +392,3 @@ def test_no_reference_or_block_is_leaked(heads: Heads, cheads: types.ModuleType)
         assert all(
             abs(sys.getrefcount(obj) - n) < 100 for obj, n in zip(watched, refs, strict=True)
         )
-
-
-# Through a real gateway, in this process: the same answers with the C as without.
-
-
-def _echo_head(status: int, req_headers: list[tuple[str, str]], method: str, target: str,
-               body: bytes) -> bytes:  # fmt: skip
-    """The instance's answer: what it received, as JSON, with fields the gateway drops."""
-    content = json.dumps({"method": method, "target": target, "headers": req_headers,
-                          "body": body.decode("latin-1")}).encode()  # fmt: skip
-    fields = [("Server", "echo"), ("Content-Type", "application/json"),
-              ("Connection", "keep-alive"), ("Keep-Alive", "timeout=5"), ("Proxy-Foo", "x"),
-              ("X-Request-Id", "the instance's"), ("X-Kept", "k")]  # fmt: skip
-    if target.endswith("/named"):
-        fields += [("Connection", "X-Secret"), ("X-Secret", "1")]  # declined by the C
-    if status in (204, 304):
-        content = b""
-    else:
-        fields.append(("Content-Length", str(len(content))))
-    if method == "HEAD":
-        content = b""
-    lines = [f"HTTP/1.1 {status} Whatever"] + [f"{k}: {v}" for k, v in fields]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + content
-
-
-async def _echo(peer: Peer) -> None:
-    async for req in peer.requests():
-        status = int(req.target.rsplit("/", 1)[1]) if "/s/" in req.target else 200
-        await peer.send(_echo_head(status, req.headers, req.method, req.target, req.body))
-
-
-class _Answer:
-    """httptools callbacks for one response."""
-
-    def __init__(self, head_only: bool) -> None:
-        self.head_only = head_only
-        self.body: list[bytes] = []
-        self.done = False
-
-    def on_headers_complete(self) -> None:
-        self.done = self.done or self.head_only
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        self.done = True
-
-
-_LATENCY = re.compile(rb"\r\n(X-(?:Upstream|Gateway)-Latency): \d+\.\d{3}(?=\r\n)")
-_FRAMING = re.compile(rb"\r\n(?:content-length: \d+|transfer-encoding: chunked)(?=\r\n)")
-
-
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    raw: bytes) -> tuple[bytes, bytes, int]:  # fmt: skip
-    """The answer's head (its latency values and the gateway's framing left out: they
-    depend on time), its body, and how many latency fields it has (2 from the fast path,
-    none from Sanic's)."""
-    writer.write(raw)
-    answer = _Answer(raw.startswith(b"HEAD "))
-    parser = httptools.HttpResponseParser(answer)
-    data = b""
-    while not answer.done:
-        chunk = await asyncio.wait_for(reader.read(65536), 10)
-        assert chunk, "the gateway closed the connection"
-        data += chunk
-        parser.feed_data(chunk)
-    head_bytes = data[: data.index(b"\r\n\r\n") + 4]
-    head_bytes, latencies = _LATENCY.subn(rb"\r\n\1: <ms>", head_bytes)
-    return _FRAMING.sub(b"", head_bytes), b"".join(answer.body), latencies
-
-
-def _requests(service: str) -> list[bytes]:
-    auth = as_admin.field_lines().encode()
-    fields = [
-        b"",
-        b"Accept: */*\r\nUser-Agent: test\r\n",
-        b"X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: https\r\nForwarded: for=x\r\n"
-        b"X-Real-IP: 6.6.6.6\r\n",
-        b"Connection: keep-alive, X-Secret\r\nX-Secret: s\r\nKeep-Alive: 5\r\nTE: trailers\r\n"
-        b"Proxy-Authorization: Basic eA==\r\n",
-    ]
-    requests = []
-    for i, (method, path, body) in enumerate(
-        [("GET", "a?q=1", b""), ("GET", "fwd", b""), ("GET", "conn", b""),
-         ("POST", "post", b'{"a": 1}'), ("PUT", "empty", b""), ("HEAD", "head", b""),
-         ("DELETE", "del", b""), ("GET", "named", b""), ("GET", "s/201", b""),
-         ("GET", "s/204", b""), ("GET", "s/404", b""), ("GET", "s/502", b"")]
-    ):  # fmt: skip
-        length = b"Content-Length: %d\r\n" % len(body) if body or method == "PUT" else b""
-        requests.append(
-            f"{method} /svc/{service}/{path} HTTP/1.1\r\nHost: gw.test\r\n".encode()
-            + auth + fields[i % len(fields)] + b"X-Request-Id: cheads-%d\r\n" % i
-            + length + b"\r\n" + body
-        )  # fmt: skip
-    return requests
-
-
-async def test_a_gateway_with_the_c_heads_answers_as_it_does_without(
-    redis_url: str, cheads: types.ModuleType, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    service = f"ch{uuid.uuid4().hex[:6]}"
-    app = create_app(Settings(redis_url=redis_url), name=f"cheads_{uuid.uuid4().hex[:6]}")
-    requests = _requests(service)
-    async with (
-        Upstream(_echo) as instance,
-        served(app, FastPathProtocol) as base,
-        registered(redis_url, service, {f"{service}-a": instance.address}),
-    ):
-        host, port = base.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        try:
-            # Sanic's path until the registry view has the instance (and the credential
-            # is cached): then the fast path answers.
-            async def fast() -> bool:
-                before = app.ctx.fast_path.answered
-                await _exchange(reader, writer, requests[0])
-                return app.ctx.fast_path.answered > before
-
-            for _ in range(200):
-                if await fast():
-                    break
-                await asyncio.sleep(0.05)
-            spy = Spy(cheads)
-            answers = {}
-            for mode, module in (("python", None), ("c", spy.module)):
-                monkeypatch.setattr(head, "_C", module)
-                monkeypatch.setattr(response, "_C", module)
-                before = app.ctx.fast_path.answered
-                answers[mode] = [await _exchange(reader, writer, raw) for raw in requests]
-                assert app.ctx.fast_path.answered - before == len(requests)
-                assert [latencies for _, _, latencies in answers[mode]] == [2] * len(requests)
-        finally:
-            writer.close()
-    assert answers["c"] == answers["python"]
-    count = len(requests)
-    assert spy.counts() == {("upstream_head", True): count, ("client_head", True): count - 1,
-                            ("client_head", False): 1}  # fmt: skip
-    # What the instance saw: the heads' work, end to end (`_requests`' fields).
-    forwarded, connection = (json.loads(answers["c"][i][1])["headers"] for i in (2, 3))
-    assert dict(forwarded)["X-Forwarded-For"] == "10.0.0.1, 127.0.0.1"
-    names = [name.lower() for name, _ in connection]
-    assert "x-secret" not in names and "authorization" not in names and "te" not in names
-    assert answers["c"][0][0].startswith(b"HTTP/1.1 200 OK\r\nServer: echo\r\n")
