@@ -5,7 +5,6 @@ answered as when the Python reads them (`test_c_creq.py` compares the two parses
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +15,7 @@ import pytest
 
 from common.settings import Settings
 from tests.support.registry import registered
+from tests.support.served import served
 from tests.webapi.test_c_creq import c_set, creq, head
 from tests.webapi.upstream_servers import Peer, Upstream, ok
 from webapi.app import create_app
@@ -41,22 +41,11 @@ class _Spy:
 
 @asynccontextmanager
 async def _gateway(redis_url: str) -> AsyncIterator[tuple[GatewayApp, str]]:
-    """A gateway app with the fast path's protocol, served in this process (as
-    `test_refusals_logged._served`); it and its base URL."""
+    """A gateway app with the fast path's protocol, served in this process; it and its
+    base URL."""
     app = create_app(Settings(redis_url=redis_url), name=f"creq_{uuid.uuid4().hex[:6]}")
-    app.config.TOUCHUP = False  # (another app in the process: `_served` says why)
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = await app.create_server(sock=sock, protocol=FastPathProtocol)
-    assert server is not None
-    await server.startup()
-    await server.before_start()
-    await server.after_start()
-    try:
-        yield app, f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        await server.before_stop()
-        await server.close()
-        await server.after_stop()
+    async with served(app, FastPathProtocol) as base:
+        yield app, base
 
 
 async def _exchange(base: str, raw: bytes) -> tuple[int, bytes, dict[str, str]]:
