@@ -249,6 +249,34 @@ put_bytes(Out *out, PyObject *bytes)
     put(out, PyBytes_AS_STRING(bytes), PyBytes_GET_SIZE(bytes));
 }
 
+/* The fields of `list` (2-tuples of bytes) whose flag is KEEP, as `name: value` lines. */
+static void
+put_kept(Out *out, PyObject *list, const unsigned char *flags, Py_ssize_t count)
+{
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (flags[i] != KEEP)
+            continue;
+        PyObject *item = PyList_GET_ITEM(list, i);
+        put_bytes(out, PyTuple_GET_ITEM(item, 0));
+        PUT_LITERAL(out, ": ");
+        put_bytes(out, PyTuple_GET_ITEM(item, 1));
+        PUT_LITERAL(out, "\r\n");
+    }
+}
+
+/* A flag per field: `stack` (STACK_FIELDS long) when `count` fits, else from the heap
+ * (free it when it is not `stack`); NULL with MemoryError. */
+static unsigned char *
+field_flags(unsigned char *stack, Py_ssize_t count)
+{
+    if (count <= STACK_FIELDS)
+        return stack;
+    unsigned char *flags = PyMem_Malloc((size_t)count);
+    if (flags == NULL)
+        PyErr_NoMemory();
+    return flags;
+}
+
 /* `b"%d" % value` into `buf` (at least 24 bytes); its length. */
 static Py_ssize_t
 decimal(char *buf, long long value)
@@ -319,13 +347,9 @@ upstream_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         done = escaped_of(host, &host_tmp, &host_s, &host_n);
     if (done != 1)
         goto decline_or_fail;
-    if (count > STACK_FIELDS) {
-        flags = PyMem_Malloc((size_t)count);
-        if (flags == NULL) {
-            PyErr_NoMemory();
-            goto fail;
-        }
-    }
+    flags = field_flags(stack_flags, count);
+    if (flags == NULL)
+        goto fail;
 
     /* Which fields pass, and the size of the head. */
     Py_ssize_t size = method_n + 1 + target_n + (Py_ssize_t)sizeof(" HTTP/1.1\r\n") - 1;
@@ -396,15 +420,7 @@ upstream_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PUT_LITERAL(&out, " ");
     put(&out, target_s, target_n);
     PUT_LITERAL(&out, " HTTP/1.1\r\n");
-    for (Py_ssize_t i = 0; i < count; i++) {
-        if (flags[i] != KEEP)
-            continue;
-        PyObject *item = PyList_GET_ITEM(headers, i);
-        put_bytes(&out, PyTuple_GET_ITEM(item, 0));
-        PUT_LITERAL(&out, ": ");
-        put_bytes(&out, PyTuple_GET_ITEM(item, 1));
-        PUT_LITERAL(&out, "\r\n");
-    }
+    put_kept(&out, headers, flags, count);
     PUT_LITERAL(&out, "Host: ");
     put(&out, service_s, service_n);
     PUT_LITERAL(&out, "\r\nX-Forwarded-For: ");
@@ -501,14 +517,9 @@ client_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *result = NULL;
     char *upstream_ms = NULL, *gateway_ms = NULL;
     unsigned char stack_flags[STACK_FIELDS];
-    unsigned char *flags = stack_flags;
-    if (count > STACK_FIELDS) {
-        flags = PyMem_Malloc((size_t)count);
-        if (flags == NULL) {
-            PyErr_NoMemory();
-            goto finish;
-        }
-    }
+    unsigned char *flags = field_flags(stack_flags, count);
+    if (flags == NULL)
+        goto finish;
     Py_ssize_t size = PyBytes_GET_SIZE(status_line) + 2;
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *name, *value;
@@ -565,15 +576,7 @@ client_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Out out = {PyBytes_AS_STRING(result)};
     put_bytes(&out, status_line);
     PUT_LITERAL(&out, "\r\n");
-    for (Py_ssize_t i = 0; i < count; i++) {
-        if (flags[i] != KEEP)
-            continue;
-        PyObject *item = PyList_GET_ITEM(fields, i);
-        put_bytes(&out, PyTuple_GET_ITEM(item, 0));
-        PUT_LITERAL(&out, ": ");
-        put_bytes(&out, PyTuple_GET_ITEM(item, 1));
-        PUT_LITERAL(&out, "\r\n");
-    }
+    put_kept(&out, fields, flags, count);
     PUT_LITERAL(&out, "X-Upstream-Latency: ");
     put(&out, upstream_ms, upstream_n);
     PUT_LITERAL(&out, "\r\nX-Gateway-Latency: ");
