@@ -3,9 +3,14 @@
 The public API is listed in `__all__` (guarded by `tests/common/test_exports.py`).
 """
 
-from common.caller import Caller
-from common.client import RpcClient
-from common.errors import (
+from common.compiled import prefer_compiled
+
+# Before any submodule is imported: the compiled build, when fresh (`common.compiled`).
+prefer_compiled(__name__, __path__)
+
+from common.caller import Caller  # noqa: E402
+from common.client import RpcClient  # noqa: E402
+from common.errors import (  # noqa: E402
     InvalidParams,
     InvalidResult,
     MethodNotFound,
@@ -17,10 +22,10 @@ from common.errors import (
     RpcTimeout,
     ServiceUnavailable,
 )
-from common.log import get_logger, setup_logging
-from common.registry import InstanceRecord, Registry
-from common.service import Service
-from common.settings import Settings, get_settings
+from common.log import get_logger, setup_logging  # noqa: E402
+from common.registry import InstanceRecord, Registry  # noqa: E402
+from common.service import Service  # noqa: E402
+from common.settings import Settings, get_settings  # noqa: E402
 
 __all__ = [
     "Caller",

@@ -50,6 +50,7 @@ import redis.asyncio as aioredis
 from common import apikeys
 from common.aio import cancel_and_wait
 from common.apikeys import ApiKeyRecord
+from common.compiled import caused
 from common.errors import Unauthorized
 from common.log import get_logger
 from common.outage import Outage
@@ -243,7 +244,7 @@ class ApiKeyCache:
             self._read_outage.failed(exc, at=at, key_id=key_id)
             if stale is not None and self._may_answer_stale(stale, now):
                 return stale  # better a few minutes stale than refusing everyone
-            raise store_unavailable(exc) from exc
+            raise caused(store_unavailable(exc), exc)  # noqa: B904 (as `from`)
         except ValueError:
             log.exception("API key record unreadable", extra={"fields": {"key_id": key_id}})
             record = None

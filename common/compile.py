@@ -34,18 +34,20 @@ from common.compiled import (
     source_path,
 )
 
+# The name of mypyc's shared library of the build (`build`'s `group`).
+GROUP = "switchboard_hot"
 # Run in a child: setuptools and mypyc keep process-wide state (logging, argv, cwd).
 _SETUP = """
 import json, sys
 from mypyc.build import mypycify
 from setuptools import Extension, setup
 paths, c_modules = json.loads(sys.argv[1]), json.loads(sys.argv[4])
-lib, temp = sys.argv[2], sys.argv[3]
+lib, temp, group = sys.argv[2], sys.argv[3], sys.argv[5]
 hand_written = [Extension(name, [source], extra_compile_args=["-O2", "-Wall", "-Wextra"])
                 for name, source in c_modules]
 setup(
     name="switchboard-hot-path", packages=[], py_modules=[],
-    ext_modules=mypycify(paths, group_name="switchboard_hot", target_dir=temp + "/c")
+    ext_modules=mypycify(paths, group_name=group, target_dir=temp + "/c")
                 + hand_written,
     script_args=["-q", "build_ext", "--build-lib", lib, "--build-temp", temp],
 )
@@ -76,9 +78,12 @@ def build(
     root: Path = ROOT,
     out: Path = BUILD_DIR,
     c_modules: tuple[str, ...] = C_MODULES,
+    group: str = GROUP,
 ) -> None:
     """Compile `modules` with mypyc and the hand-written `c_modules` (found under `root`)
-    into `out`, replacing what was there.
+    into `out`, replacing what was there. `group` names the build's shared library (a
+    top-level module once the build is used): two builds used in one process need two
+    names (the tests' toy build, whose package imports `common`, which uses this one).
 
     Raises `subprocess.CalledProcessError` when mypyc or the compiler fails (their
     output went to this process's stderr)."""
@@ -92,7 +97,7 @@ def build(
         env = {**os.environ, "PYTHONPATH": str(root)}
         subprocess.run(
             [sys.executable, "-c", _SETUP, json.dumps(paths), str(stage), str(temp),
-             json.dumps(c_sources)],
+             json.dumps(c_sources), group],
             cwd=root, env=env, check=True, stdout=subprocess.DEVNULL,
         )  # fmt: skip
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))

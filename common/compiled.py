@@ -34,12 +34,35 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from types import ModuleType
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_DIR = ROOT / ".compiled"
 MANIFEST = "manifest.json"
-# The request path of the gateway's fast path; `webapi.fastpath` documents it.
+# The request path of the gateway's fast path (`webapi.fastpath` documents it), with
+# the policy it asks per request: the balancing and health bookkeeping, the registry
+# view, the credential caches and scopes, the access checks, the upstream pool. The
+# `common` ones are shared with the websocket service and the RPC workers, which use
+# the same build (each package holding some calls `prefer_compiled`).
 COMPILED_MODULES = (
+    "common.apikey_cache",
+    "common.balancing._base",
+    "common.balancing._budget",
+    "common.balancing._hashing",
+    "common.balancing._health",
+    "common.balancing._load",
+    "common.balancing._rotation",
+    "common.balancing.policy",
+    "common.balancing.tries",
+    "common.credentials",
+    "common.http_head",
+    "common.principal",
+    "common.proxy_paths",
+    "common.registry_view",
+    "common.request_ids",
+    "common.revocation",
+    "common.scopes",
+    "webapi.access",
     "webapi.fastpath.admission",
     "webapi.fastpath.direct",
     "webapi.fastpath.head",
@@ -47,8 +70,12 @@ COMPILED_MODULES = (
     "webapi.fastpath.request",
     "webapi.fastpath.response",
     "webapi.fastpath.splicing",
+    "webapi.proxy.attempts",
     "webapi.proxy.connection",
+    "webapi.proxy.deadlines",
+    "webapi.proxy.forward",
     "webapi.proxy.replay",
+    "webapi.proxy.upstream",
 )
 # Hand-written C extension modules, each from `<module path>.c` (module docstring).
 C_MODULES: tuple[str, ...] = (
@@ -157,6 +184,18 @@ def c_module(name: str, build: Path = BUILD_DIR) -> ModuleType | None:
 def c_modules_in_use() -> tuple[str, ...]:
     """The hand-written C modules this process's hot path calls (`GET /admin/proxy/stats`)."""
     return tuple(_c_in_use)
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def caused(exc: E, cause: BaseException | None) -> E:
+    """`exc` with `cause` as its `__cause__`: `raise caused(exc, cause)` in a compiled
+    module for `raise exc from cause`, which mypyc (2.4.1) compiles as `raise exc`, the
+    `from` dropped (`tests/common/test_compiled.py` checks the sources). Setting
+    `__cause__` also sets `__suppress_context__`, as `raise ... from` does."""
+    exc.__cause__ = cause
+    return exc
 
 
 def hot_path_state() -> BuildState:

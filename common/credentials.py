@@ -39,6 +39,7 @@ import redis.asyncio as aioredis
 from common import apikeys, tokens
 from common.aio import background, cancel_and_wait, cancelling
 from common.apikey_cache import ApiKeyCache
+from common.compiled import caused
 from common.errors import Unauthorized
 from common.log import get_logger
 from common.outage import Outage
@@ -172,7 +173,7 @@ class Authenticator:
         if kid is not None and kid not in self._keys:
             failure = await self._reload_keys_for()
             if failure is not None and kid not in self._keys:
-                raise store_unavailable(failure) from failure
+                raise caused(store_unavailable(failure), failure)
         claims = tokens.verify(token, self._keys, now=now)
         verified = _verified(claims, self._keys[str(kid)])
         if self._token_revoked(verified):

@@ -5,18 +5,24 @@ the other cannot be used to reach."""
 
 from __future__ import annotations
 
+from typing import ClassVar
 from urllib.parse import unquote
 
 from sanic.exceptions import SanicException
+
+from common.compiled import caused
 
 
 class InvalidProxyPath(SanicException):
     """The proxied path tries to leave the service's space or is malformed: 400
     `invalid_path` (the JSON error body of both services' error handlers)."""
 
-    status_code = 400
-    code = "invalid_path"
-    quiet = True
+    # ClassVar: compiled by mypyc, a plain class attribute is a default of each
+    # instance's, not in the class's dict, where Sanic reads it (it answered 500). (Sanic
+    # declares two of them as instance variables, which it sets from these.)
+    status_code: ClassVar[int] = 400  # type: ignore[misc]
+    code: ClassVar[str] = "invalid_path"
+    quiet: ClassVar[bool] = True  # type: ignore[misc]
 
 
 def plain_target(url: bytes) -> bool:
@@ -47,7 +53,8 @@ def upstream_target(raw_url: bytes, prefix: str) -> str:
     try:
         url = raw_url.decode("ascii")
     except UnicodeDecodeError:
-        raise InvalidProxyPath("the URL must be ASCII (percent-encode the rest)") from None
+        refused = InvalidProxyPath("the URL must be ASCII (percent-encode the rest)")
+        raise caused(refused, None)  # noqa: B904 (as `from None`: `common.compiled.caused`)
     if "#" in url:
         # A request target has no fragment (RFC 9112 §3.2). Forwarded, it reached the
         # backend (`GET /x#frag`), and `/pub/..#` passed the dot-segment check below

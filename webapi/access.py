@@ -30,6 +30,7 @@ from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from common.clientip import peer_ip, request_client_ip
+from common.compiled import caused
 from common.credentials import Authenticator, Principal
 from common.errors import Unauthorized, shortened
 from common.policy import LimitRule, PolicyWatcher
@@ -203,7 +204,7 @@ class Gatekeeper:
         try:
             return await self.authenticator.authenticate(credential)
         except Unauthorized as exc:
-            raise NotAuthenticated(exc.message, invalid=True) from None
+            raise caused(NotAuthenticated(exc.message, invalid=True), None)  # noqa: B904 (as `from`)
 
     @staticmethod
     def _resource(request: GatewayRequest, access: Access) -> tuple[str, str | None]:

@@ -29,15 +29,19 @@ leave nothing behind.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
-from common.balancing._base import Endpoint, Strategy, select_version
-from common.balancing._budget import RetryBudget
-from common.balancing._hashing import ConsistentHash
-from common.balancing._health import HealthBook
-from common.balancing._load import LeastConn, LeastTime
-from common.balancing._rotation import RandomChoice, RoundRobin, Weighted
+from common.compiled import prefer_compiled
+
+# Before any submodule is imported: the compiled build, when fresh (`common.compiled`).
+prefer_compiled(__name__, __path__)
+
+from common.balancing._base import Endpoint, Strategy, select_version  # noqa: E402
+from common.balancing._budget import RetryBudget  # noqa: E402
+from common.balancing._hashing import ConsistentHash  # noqa: E402
+from common.balancing._health import HealthBook  # noqa: E402
+from common.balancing._load import LeastConn, LeastTime  # noqa: E402
+from common.balancing._rotation import RandomChoice, RoundRobin, Weighted  # noqa: E402
 
 __all__ = [
     "STRATEGIES",
@@ -66,12 +70,12 @@ def make_strategy(name: str, **options: Any) -> Strategy:
     cls = _CLASSES.get(name)
     if cls is None:
         raise ValueError(f"unknown balancing strategy {name!r}; valid: {', '.join(STRATEGIES)}")
-    accepted = list(inspect.signature(cls).parameters)
-    unknown = sorted(set(options) - set(accepted))
+    unknown = sorted(set(options) - set(cls.options))
     if unknown:
-        valid = ", ".join(accepted) or "none"
+        valid = ", ".join(cls.options) or "none"
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for {name!r}; valid: {valid}")
     try:
         return cls(**options)
-    except TypeError as exc:  # an option of the wrong type
-        raise ValueError(f"bad option for {name!r}: {exc}") from exc
+    except TypeError as exc:  # an option of the wrong type (compiled: mypyc's message)
+        given = ", ".join(sorted(options))
+        raise ValueError(f"bad option for {name!r} ({given}): {exc}") from exc

@@ -37,6 +37,9 @@ class Strategy(ABC):
     """Picks the instance for each request; told when requests start and end."""
 
     name: ClassVar[str]
+    # The keyword options `__init__` takes (`make_strategy` checks them against this:
+    # compiled by mypyc, a class has no signature `inspect` could read).
+    options: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def pick(self, candidates: Sequence[Endpoint], key: str | None = None) -> Endpoint:

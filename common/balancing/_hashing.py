@@ -141,6 +141,7 @@ class ConsistentHash(Strategy):
     """
 
     name = "hash"
+    options = ("slots",)
 
     def __init__(self, *, slots: int = SLOTS) -> None:
         if not isinstance(slots, int) or not 1 <= slots <= 1 << 20:

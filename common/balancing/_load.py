@@ -26,6 +26,7 @@ class LeastConn(Strategy):
     """Fewer requests in flight per unit of weight wins; ties to the heavier, then at random."""
 
     name = "least_conn"
+    options = ("seed",)
 
     def __init__(self, *, seed: int | None = None) -> None:
         self._bits = random.Random(seed).getrandbits
@@ -103,6 +104,7 @@ class LeastTime(Strategy):
     """
 
     name = "least_time"
+    options = ("decay", "failure_penalty", "forget_after", "seed", "clock")
 
     def __init__(
         self,

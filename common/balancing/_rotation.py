@@ -101,6 +101,7 @@ class RandomChoice(Strategy):
     """Random, in proportion to weight (uniform when the weights are equal)."""
 
     name = "random"
+    options = ("seed",)
 
     def __init__(self, *, seed: int | None = None) -> None:
         self._bits = random.Random(seed).getrandbits

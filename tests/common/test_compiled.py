@@ -8,12 +8,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from common.compile import build, compiler, up_to_date
-from common.compiled import COMPILED_MODULES, MANIFEST, ROOT, build_state, source_path
+from common.compiled import COMPILED_MODULES, MANIFEST, ROOT, build_state, caused, source_path
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler")
 
@@ -53,7 +55,8 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "toyhot" / "__init__.py").write_text("")
     (root / "toyhot" / "fast.py").write_text(_SOURCE)
     (root / "toyhot" / "_cthrice.c").write_text(_C_SOURCE)
-    build(("toyhot.fast",), root, root / ".compiled", ("toyhot._cthrice",))
+    # A group of its own: `common`, which the toy package imports, uses the checkout's build.
+    build(("toyhot.fast",), root, root / ".compiled", ("toyhot._cthrice",), group="toyhot_hot")
     (root / "toyhot" / "__init__.py").write_text(_INIT)
     return root
 
@@ -159,3 +162,41 @@ def test_no_compiled_coroutine_awaits_in_a_finally() -> None:
                           if isinstance(n, ast.Await | ast.AsyncFor | ast.AsyncWith)]  # fmt: skip
                 found += [f"{module}:{n.lineno}" for n in awaits]
     assert found == []
+
+
+def test_no_compiled_module_raises_from() -> None:
+    """mypyc compiles `raise exc from cause` as `raise exc`: the cause is lost, and
+    `from None` no longer hides the context (an upstream's refused connect lost its
+    `ConnectionRefusedError`: tests/webapi/test_upstream_errors.py). Compiled modules
+    write `raise caused(exc, cause)` (`common.compiled.caused`)."""
+    found = []
+    for module in COMPILED_MODULES:
+        tree = ast.parse(source_path(module, ROOT).read_text())
+        found += [f"{module}:{node.lineno}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Raise) and node.cause is not None]  # fmt: skip
+    assert found == []
+
+
+def test_caused_is_raise_from() -> None:
+    def raised(make: Callable[[], None]) -> BaseException:
+        with pytest.raises(KeyError) as info:
+            make()
+        return info.value
+
+    def original(cause: BaseException | None) -> None:
+        try:
+            raise ValueError("first")
+        except ValueError:
+            raise KeyError("second") from cause
+
+    def through_caused(cause: BaseException | None) -> None:
+        try:
+            raise ValueError("first")
+        except ValueError:
+            raise caused(KeyError("second"), cause)  # noqa: B904
+
+    for cause in (OSError("why"), None):
+        expected, got = raised(partial(original, cause)), raised(partial(through_caused, cause))
+        assert got.__cause__ is expected.__cause__ is cause
+        assert got.__suppress_context__ is expected.__suppress_context__ is True
+        assert type(got.__context__) is type(expected.__context__) is ValueError

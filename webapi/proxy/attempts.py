@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from common.balancing import Endpoint
 from common.balancing.tries import Tries
+from common.compiled import caused
 from webapi.errors import (
     ApiError,
     NoHealthyInstance,
@@ -103,7 +104,8 @@ class Attempts(Tries):
             candidates = self._proxy.candidates(self.service, self.version, self.kind)
         except (UnknownService, NoHealthyInstance):
             if self.failure is not None:
-                raise self.failure from None  # the failure itself, not "nobody left"
+                # The failure itself, not "nobody left" (`caused`: as `from None`).
+                raise caused(self.failure, None)  # noqa: B904
             raise
         if self.tried:
             fresh = self.untried(candidates)
@@ -142,4 +144,4 @@ class Attempts(Tries):
         )
         if safe and self.spend_retry(instance=endpoint.instance_id, error=str(exc)):
             return
-        raise self.failure from exc
+        raise caused(self.failure, exc)

@@ -48,6 +48,7 @@ import asyncio
 from collections import deque
 from typing import Any
 
+from common.compiled import caused
 from webapi.proxy.connection import Connection, StaleConnection
 from webapi.proxy.deadlines import Deadlines
 from webapi.proxy.errors import (
@@ -223,7 +224,7 @@ class UpstreamPool:
                 return await conn.exchange(head, body, framing, length, head_request, deadline, end)
             except StaleConnection as exc:
                 if not stale_retry_allowed(method, body):
-                    raise UpstreamProtocolError(str(exc)) from exc
+                    raise caused(UpstreamProtocolError(str(exc)), exc)  # noqa: B904 (as `from`)
                 fresh = True
         conn = await self._connect(
             address, loop, deadline, connect_timeout or self.connect_timeout, fresh
@@ -296,14 +297,16 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(timeout):
                 await loop.create_connection(lambda: conn, host.host, host.port)
+        # (`caused`: `raise ... from exc`, which mypyc compiles without its `from`.)
         except TimeoutError as exc:
             if total_bound:
-                raise UpstreamTimeout(f"no response head from {host.address} in time") from exc
-            raise UpstreamConnectError(
-                f"connect to {host.address} timed out after {timeout:g} s"
-            ) from exc
+                late = UpstreamTimeout(f"no response head from {host.address} in time")
+                raise caused(late, exc)  # noqa: B904
+            slow = UpstreamConnectError(f"connect to {host.address} timed out after {timeout:g} s")
+            raise caused(slow, exc)  # noqa: B904
         except OSError as exc:
-            raise UpstreamConnectError(f"cannot connect to {host.address}: {exc}") from exc
+            refused = UpstreamConnectError(f"cannot connect to {host.address}: {exc}")
+            raise caused(refused, exc)  # noqa: B904
         finally:
             host.connecting -= 1
         if self.closed:
