@@ -70,6 +70,7 @@ COMPILED_MODULES = (
     "webapi.fastpath.request",
     "webapi.fastpath.response",
     "webapi.fastpath.splicing",
+    "webapi.passthrough_routes",
     "webapi.proxy.attempts",
     "webapi.proxy.connection",
     "webapi.proxy.deadlines",

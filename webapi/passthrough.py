@@ -85,7 +85,8 @@ side whose socket buffer is full stops the other side being read.
 A route with `"tunnel": true` as well is spliced by `webapi.tunnel.Tunnel` instead,
 which reads nothing after the first request (see there).
 
-Hot path: `PassThrough.from_client` and `PassThrough.from_upstream`.
+Hot path: `PassThrough.from_client` and `PassThrough.from_upstream`. Which requests a
+route relays (the route of a request line, checked per request): `webapi.passthrough_routes`.
 """
 
 from __future__ import annotations
@@ -98,9 +99,9 @@ from httptools import HttpParserError, HttpParserUpgrade
 from common.http_head import EMPTY_LINE
 from common.log import get_logger
 from common.policy import PolicyDocument, RouteRule
-from common.proxy_paths import InvalidProxyPath, plain_target, upstream_target
+from common.proxy_paths import plain_target
 from webapi.passthrough_framing import Requests, Responses, end_of_requests
-from webapi.proxy.paths import match_route
+from webapi.passthrough_routes import PASSTHROUGH_METHODS, passthrough_rule
 from webapi.splice import Owner, SpliceBase, UpstreamLeg
 
 if TYPE_CHECKING:
@@ -111,54 +112,6 @@ log = get_logger("webapi.passthrough")
 
 # A request head held longer than this is refused (Sanic's path takes 16 KiB: `common.http_head`).
 MAX_HEAD = 64 * 1024
-# HEAD is not relayed: its response has no body, which a response parser cannot know.
-PASSTHROUGH_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
-
-
-def passthrough_rule(policy: PolicyDocument, url: bytes) -> RouteRule | None:
-    """The pass-through route `url` belongs to under `policy`, else None. Hot path."""
-    if not policy.passthrough_prefixes:
-        return None
-    path = url.partition(b"?")[0]
-    try:
-        text = path.decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    rule = match_route(policy.routes, text)
-    if rule is None or not rule.passthrough:
-        return None
-    try:  # dot segments, encoded slashes, a fragment: refused as the normal routes do
-        upstream_target(url, "")
-    except InvalidProxyPath:
-        return None
-    return rule
-
-
-class Gate(Protocol):
-    def has_limits(self, service: str, method: str | None) -> bool: ...
-
-
-def passthrough_request(
-    held: bytes | bytearray, space: int, policy: PolicyDocument, gate: Gate
-) -> tuple[RouteRule, str, bytes] | None:
-    """The pass-through route of the request at the start of `held` (and its method and
-    URL), from a glance at its request line (`space`: where its method ends); None when
-    it is not one, or a rate limit applies to its service (then the normal path counts
-    it). Hot path: the fast path asks it of every request it sees."""
-    prefixes = policy.passthrough_prefixes
-    if not prefixes or not held.startswith(prefixes, space + 1):
-        return None
-    end = held.find(b" ", space + 1, space + 8193)
-    if end < 0:
-        return None
-    method = bytes(held[:space])
-    if method not in PASSTHROUGH_METHODS:
-        return None
-    url = bytes(held[space + 1 : end])
-    rule = passthrough_rule(policy, url)
-    if rule is None or gate.has_limits(rule.service, None):
-        return None
-    return rule, method.decode("latin-1"), url
 
 
 class CurrentPolicy(Protocol):

@@ -26,7 +26,7 @@ from webapi.fastpath.direct import DirectExchange
 from webapi.fastpath.request import Incomplete, Parsed, parse_request
 from webapi.fastpath.response import CHUNKED, WHOLE, bodiless_framing, client_head
 from webapi.fastpath.splicing import SplicingProtocol
-from webapi.passthrough import passthrough_request
+from webapi.passthrough_routes import passthrough_request
 from webapi.proxy.attempts import Attempts
 from webapi.proxy.forward import Forwarded
 from webapi.splice import connect
