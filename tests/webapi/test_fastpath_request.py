@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from sanic.helpers import has_message_body
 
 from common.errors import ConfigError
 from common.forwarding import MAX_VIA_HOPS, hop_headers_out, strip_hop_by_hop_raw
@@ -13,7 +14,7 @@ from common.settings import Settings
 from webapi.fastpath import MAX_FAST_BODY, Parsed, parse_request
 from webapi.fastpath.head import upstream_head
 from webapi.fastpath.request import Incomplete, parse_head
-from webapi.fastpath.response import CHUNKED, KEPT, NONE, WHOLE, client_head
+from webapi.fastpath.response import CHUNKED, KEPT, NONE, WHOLE, bodiless_framing, client_head
 from webapi.proxy.headers import build_request_head
 
 pytestmark = pytest.mark.timeout(10)
@@ -268,3 +269,12 @@ def test_the_client_head_keeps_what_the_general_filter_keeps(
     assert lines[-len(ours) - 4][0] == b"X-Upstream-Latency"
     replaced = {b"x-request-id"} if framing == KEPT else {b"content-length", b"x-request-id"}
     assert lines[: -len(ours) - 4] == strip_hop_by_hop_raw(fields, frozenset(replaced))
+
+
+def test_a_response_is_bodiless_exactly_when_sanic_says() -> None:
+    """`bodiless_framing` reads the status as Sanic's `has_message_body` (inlined: that
+    one is a Python call per request in the compiled fast path)."""
+    for status in range(100, 600):
+        expected = None if has_message_body(status) else NONE  # type: ignore[no-untyped-call]
+        assert bodiless_framing("GET", status) == expected
+        assert bodiless_framing("HEAD", status) == KEPT

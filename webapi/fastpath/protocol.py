@@ -151,7 +151,8 @@ class FastPathProtocol(SplicingProtocol):
     # The fast path
 
     def _sanic_idle(self) -> bool:
-        http = self.http
+        # Sanic's `http` property, without its Python call per request (hot path).
+        http = getattr(self, "_http", None)
         if http is None:  # the connection task has not started yet (or has ended)
             return self._task is not None
         return (
@@ -217,7 +218,8 @@ class FastPathProtocol(SplicingProtocol):
         first = req.first
         request_id = first[b"x-request-id"]
         # Whether the connection stays open after it; a coroutine's try (`_answer`) reads it too.
-        keep_alive = req.keep_alive = req.keep_alive and bool(app.config.KEEP_ALIVE)
+        # (The item, not the attribute: Sanic's `Config.__getattr__` is Python, per request.)
+        keep_alive = req.keep_alive = req.keep_alive and bool(app.config["KEEP_ALIVE"])
         hash_on = proxy.policy.hash_on(req.service)
         if hash_on is None:  # the default header, already read by the parse; empty: no key
             key = first.get(b"x-balance-key") or None

@@ -18,7 +18,7 @@ from time import perf_counter
 from types import ModuleType
 
 from sanic.headers import format_http1_response
-from sanic.helpers import STATUS_CODES, has_message_body
+from sanic.helpers import STATUS_CODES
 
 from common.compiled import c_module
 from common.forwarding import HOP_BY_HOP_RAW, strip_hop_by_hop_raw
@@ -114,7 +114,7 @@ def bodiless_framing(method: str, status: int) -> int | None:
     204 or 304), None for a response with one."""
     if method == "HEAD":
         return KEPT
-    if not has_message_body(status):  # type: ignore[no-untyped-call]
+    if status in (204, 304) or 100 <= status < 200:  # Sanic's `has_message_body`, inline
         return NONE
     return None
 
