@@ -73,6 +73,9 @@ class _KeyEntry:
     record: ApiKeyRecord | None  # None: no such key
     principal: Principal | None
     fetched_at: float
+    # The revocation members that end the key (`Principal.revoked_by`): made once, not
+    # formatted again at each request.
+    revoked_by: tuple[str, ...] = ()
 
 
 class ApiKeyCache:
@@ -213,8 +216,9 @@ class ApiKeyCache:
         if record.expired(now):
             raise Unauthorized("API key expired")
         view = self.revocations
-        if view.is_revoked(f"key:{record.key_id}") or view.is_revoked(f"user:{record.user_id}"):
-            raise Unauthorized("API key revoked")
+        for revoked in entry.revoked_by:  # the key's, then its owner's
+            if view.is_revoked(revoked):
+                raise Unauthorized("API key revoked")
         return principal
 
     def _fresh(self, entry: _KeyEntry, now: float) -> bool:
@@ -260,7 +264,7 @@ class ApiKeyCache:
                 key_id=record.key_id,
                 expires_at=record.expires_at,
             )
-        entry = _KeyEntry(record, principal, now)
+        entry = _KeyEntry(record, principal, now, principal.revoked_by() if principal else ())
         if record is None:
             self._records.pop(key_id, None)
             _put(self._unknown, key_id, entry, self.unknown_size)
