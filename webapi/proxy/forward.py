@@ -95,7 +95,9 @@ class Proxy:
                 raise UnknownService(f"no service named {quoted(service)} is registered")
             raise NoHealthyInstance(f"no live instance of {quoted(service)}", service=service)
         usable = self.book.usable(service, records)
-        endpoints = select_version(self.policy.endpoints(service, usable), version)
+        endpoints = self.policy.endpoints(service, usable)  # (a new list: no copy needed)
+        if version is not None:
+            endpoints = select_version(endpoints, version)
         if not endpoints:
             raise NoHealthyInstance(f"no healthy instance of {quoted(service)}" + (
                 f" at version {quoted(version)}" if version else ""), service=service)  # fmt: skip
