@@ -213,7 +213,10 @@ class ApiKeyCache:
         record, principal = entry.record, entry.principal
         if record is None or principal is None:
             raise Unauthorized("unknown API key")
-        if record.expired(now):
+        # `record.expired(now)`, read from the principal (made of the record by `_fetch`):
+        # `common.apikeys` is not compiled, and this runs at every request.
+        expires_at = principal.expires_at
+        if expires_at is not None and expires_at <= now:
             raise Unauthorized("API key expired")
         view = self.revocations
         for revoked in entry.revoked_by:  # the key's, then its owner's
