@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 from httptools import HttpParserCallbackError
 
+from common.compiled import caused
+
 if TYPE_CHECKING:
     from webapi.proxy.connection import Connection
     from webapi.proxy.response import Receiver
@@ -38,13 +40,13 @@ def replay(conn: Connection, resp: Receiver, whole: Whole) -> None:
     conn._content_length = length
     try:  # on_headers_complete (a body over the limit fails there)
         conn._head(resp, status, keep_alive)
-    except Exception as exc:
-        raise HttpParserCallbackError("User callback error") from exc
+    except Exception as exc:  # (`caused`: `from exc`, which mypyc compiles without its `from`)
+        raise caused(HttpParserCallbackError("User callback error"), exc)  # noqa: B904
     if body:
         try:
             conn.on_body(body)
         except Exception as exc:
-            raise HttpParserCallbackError("`on_body` callback error") from exc
+            raise caused(HttpParserCallbackError("`on_body` callback error"), exc)  # noqa: B904
     # on_message_complete (after a HEAD's head, `_head` has ended the message)
     if conn._resp is not None and not conn._message_done and conn._parser is not None:
         conn._keep_alive = keep_alive
