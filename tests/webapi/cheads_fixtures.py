@@ -15,7 +15,6 @@ import pytest
 from common.compiled import build_state
 from webapi.fastpath import Parsed, head, response
 from webapi.fastpath.response import WHOLE
-from webapi.proxy import forward
 
 
 class Spy:
@@ -42,7 +41,7 @@ class Spy:
 
 
 class Clock:
-    """The `time.perf_counter()` that `latencies_ms` and the glue read, fixed."""
+    """The `perf_counter()` that `client_head` reads (for the C and `latencies_ms`), fixed."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -119,7 +118,6 @@ def c_heads(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
 @pytest.fixture(name="heads")
 def both_heads(cheads: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> Heads:
     clock = Clock()
-    monkeypatch.setattr(forward, "time", types.SimpleNamespace(perf_counter=clock))
     monkeypatch.setattr(response, "perf_counter", clock)
     return Heads(Spy(cheads), clock)
 

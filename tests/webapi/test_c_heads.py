@@ -5,7 +5,7 @@ answers every ordinary head (it may decline, None, only what its docstring lists
 
 The C is reached through the glue (`head._C`, `response._C`, set to a spy that records
 what the C answered), so the arguments the glue passes are tested too. The Python's
-clock is fixed (`webapi.proxy.forward.time`, `response.perf_counter`): the latencies
+clock is fixed (`response.perf_counter`, which `client_head` reads): the latencies
 are compared to the last digit.
 """
 

@@ -53,7 +53,7 @@ def client_head(
     `length` the body's length for `WHOLE`. Hot path: one pass over the upstream's
     fields, a second only when its `Connection` names some (`strip_hop_by_hop_raw`)."""
     if _C is not None:
-        # (`now`: the clock `latencies_ms` reads, passed so the C reads none.)
+        # (`now`: passed, as to `latencies_ms`, so the C reads no clock.)
         head: bytes | None = _C.client_head(
             status, raw_headers, framing, length, upstream_seconds, received, perf_counter(),
             instance_id, request_id, keep_alive,
@@ -75,7 +75,7 @@ def client_head(
                 break
             continue
         lines.append(name + b": " + value)
-    upstream_ms, gateway_ms = latencies_ms(upstream_seconds, received)
+    upstream_ms, gateway_ms = latencies_ms(upstream_seconds, received, perf_counter())
     lines.append(b"X-Upstream-Latency: %.3f" % upstream_ms)
     lines.append(b"X-Gateway-Latency: %.3f" % gateway_ms)
     lines.append(b"X-Upstream-Instance: " + instance_id.encode())

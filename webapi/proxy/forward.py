@@ -187,7 +187,9 @@ class Proxy:
 def latency_headers(forwarded: Forwarded, received: float) -> list[tuple[str, str]]:
     """`X-Upstream-Latency`, `X-Gateway-Latency` (ms) and `X-Upstream-Instance` of a
     response; `received` is when the request arrived (`time.perf_counter()`)."""
-    upstream_ms, gateway_ms = latencies_ms(forwarded.upstream_seconds, received)
+    upstream_ms, gateway_ms = latencies_ms(
+        forwarded.upstream_seconds, received, time.perf_counter()
+    )
     return [
         ("X-Upstream-Latency", f"{upstream_ms:.3f}"),
         ("X-Gateway-Latency", f"{gateway_ms:.3f}"),
@@ -195,8 +197,9 @@ def latency_headers(forwarded: Forwarded, received: float) -> list[tuple[str, st
     ]
 
 
-def latencies_ms(upstream_seconds: float, received: float) -> tuple[float, float]:
+def latencies_ms(upstream_seconds: float, received: float, now: float) -> tuple[float, float]:
     """The upstream's and the gateway's share (ms) of a request that arrived at
-    `received` (`time.perf_counter()`) and waited `upstream_seconds` upstream."""
-    total = time.perf_counter() - received
+    `received` and waited `upstream_seconds` upstream, at `now` (`time.perf_counter()`
+    both: the caller reads the clock, so a test can fix it in the caller's module)."""
+    total = now - received
     return upstream_seconds * 1000, max(total - upstream_seconds, 0.0) * 1000
