@@ -39,6 +39,7 @@ issue; this module keeps the Redis layout they will build on.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -51,6 +52,9 @@ import redis.asyncio as aioredis
 
 from common import constants
 from common.connection import as_text
+from common.log_budget import LogBudget
+
+log = logging.getLogger("switchboard.registry")
 
 # True when the record stored for ARGV[1] in the hash KEYS[3] is of the kind `kind`
 # ('': never). A record that is not a JSON object is of no kind.
@@ -260,9 +264,49 @@ class InstanceRecord:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> InstanceRecord:
-        data = json.loads(raw)
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        """The record stored as `raw`; fields it does not know are ignored (a newer
+        version's). Raises `MalformedRecord` for anything but a JSON object whose known
+        fields have their types: a record written into Redis by hand or by a faulty
+        client must not reach the balancer (compiled, it checks the types it is given)."""
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:  # (UnicodeDecodeError is one)
+            raise MalformedRecord(f"not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise MalformedRecord(f"not a JSON object but {type(data).__name__}")
+        known = {k: v for k, v in data.items() if k in _FIELD_TYPES}
+        for name in ("service", "instance_id"):
+            if name not in known:
+                raise MalformedRecord(f"no {name!r}")
+        for name, value in known.items():
+            types = _FIELD_TYPES[name]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise MalformedRecord(f"{name!r} is {type(value).__name__}: {value!r:.80}")
+        if isinstance(known.get("started_at"), int):
+            known["started_at"] = float(known["started_at"])
         return cls(**known)
+
+
+class MalformedRecord(ValueError):
+    """A stored instance record that is not one (`InstanceRecord.from_json`)."""
+
+
+_NONE = type(None)
+# Each field's accepted JSON types (a bool is not an int here, unless listed).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "service": (str,),
+    "instance_id": (str,),
+    "kind": (str,),
+    "address": (str, _NONE),
+    "host": (str,),
+    "pid": (int,),
+    "version": (str,),
+    "weight": (int,),
+    "zone": (str, _NONE),
+    "metadata": (dict,),
+    "started_at": (int, float),
+    "health_path": (str, _NONE),
+}
 
 
 @dataclass(slots=True)
@@ -285,6 +329,9 @@ class Registry:
         self._deregister = redis.register_script(_DEREGISTER)
         self._live = redis.register_script(_LIVE)
         self._snapshot = redis.register_script(_SNAPSHOT)
+        self._malformed_logged = LogBudget(
+            log, "malformed instance records not logged", logging.WARNING, {}
+        )
 
     async def heartbeat(self, record: InstanceRecord, *, accepting: bool = True) -> bool:
         """Extend `record`'s lease by the TTL (and prune instances whose lease ended).
@@ -354,9 +401,9 @@ class Registry:
         for name, (now_ms, is_empty, gone, live, raws) in zip(names, results, strict=True):
             ends = [float(end) / 1000 for end in live[1::2]]
             leases = [
-                (InstanceRecord.from_json(raw), end)
+                (record, end)
                 for raw, end in zip(raws, ends, strict=True)
-                if raw
+                if (record := self._record(name, raw)) is not None
             ]
             out[name] = ServiceSnapshot(int(now_ms) / 1000, leases, bool(is_empty))
             pruned += [(name, as_text(i)) for i in gone]
@@ -435,7 +482,19 @@ class Registry:
         if not ids:
             return []
         raws = await self.redis.hmget(constants.instance_record_key(service), ids)
-        return [InstanceRecord.from_json(raw) for raw in raws if raw]
+        return [record for raw in raws if (record := self._record(service, raw)) is not None]
+
+    def _record(self, service: str, raw: str | bytes | None) -> InstanceRecord | None:
+        """The record stored as `raw`; None, with a warning (a bounded number), for a
+        malformed one: the service's other instances stay routable."""
+        if not raw:
+            return None
+        try:
+            return InstanceRecord.from_json(raw)
+        except MalformedRecord as exc:
+            if self._malformed_logged.spend():
+                log.warning("instance record of %s ignored: %s", service, exc)
+            return None
 
     async def publish_catalog(self, service: str, methods: dict[str, Any]) -> None:
         """Record `service`'s methods in the catalog (kept without expiry)."""
