@@ -56,7 +56,8 @@ class Heartbeat:
 
     async def _loop(self) -> None:
         from common.connection import connect
-        from common.registry import InstanceRecord, Registry
+        from common.instance_record import InstanceRecord
+        from common.registry import Registry
 
         client = connect(self.redis_url, name="bench-heartbeat")
         registry = Registry(client, ttl=3.0)

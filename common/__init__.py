@@ -22,8 +22,9 @@ from common.errors import (  # noqa: E402
     RpcTimeout,
     ServiceUnavailable,
 )
+from common.instance_record import InstanceRecord  # noqa: E402
 from common.log import get_logger, setup_logging  # noqa: E402
-from common.registry import InstanceRecord, Registry  # noqa: E402
+from common.registry import Registry  # noqa: E402
 from common.service import Service  # noqa: E402
 from common.settings import Settings, get_settings  # noqa: E402
 

@@ -52,11 +52,11 @@ from typing import Any
 import redis
 
 from common.connection import connect_sync
+from common.instance_record import InstanceRecord
 from common.log import get_logger
 from common.outage import Outage
 from common.registry import (
     HEARTBEAT_SCRIPT,
-    InstanceRecord,
     heartbeat_events_due,
     heartbeat_request,
     queue_heartbeat_events,

@@ -54,9 +54,10 @@ import redis.asyncio as aioredis
 
 from common import constants
 from common.aio import background, cancel_and_wait, cancelling
+from common.instance_record import InstanceRecord
 from common.log import get_logger
 from common.outage import Outage
-from common.registry import InstanceRecord, Registry, ServiceSnapshot, split_service_tag
+from common.registry import Registry, ServiceSnapshot, split_service_tag
 from common.subscription import follow
 
 log = get_logger("switchboard.registry")

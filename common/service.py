@@ -51,11 +51,12 @@ from common import constants
 from common.aio import background, cancel_and_wait
 from common.connection import connect_configured
 from common.errors import ConfigError
+from common.instance_record import InstanceRecord
 from common.lease import LeaseKeeper
 from common.log import get_logger, setup_logging
 from common.outage import Outage
 from common.params import MethodSpec
-from common.registry import InstanceRecord, Registry, new_instance_id
+from common.registry import Registry, new_instance_id
 from common.scopes import PRIVILEGED
 from common.settings import Settings, exit_on_config_error, get_settings
 from common.worker import Worker

@@ -45,7 +45,8 @@ import json
 import re
 from typing import Any
 
-from common.registry import InstanceRecord, split_service_tag
+from common.instance_record import InstanceRecord
+from common.registry import split_service_tag
 from common.scopes import RESERVED_SERVICES
 from webapi.errors import InvalidHeartbeat
 

@@ -46,9 +46,9 @@ from common.balancing import Endpoint, HealthBook
 from common.balancing.policy import BalancingPolicy
 from common.balancing.tries import Tries
 from common.errors import shortened
+from common.instance_record import InstanceRecord
 from common.log import get_logger
 from common.policy import PolicyWatcher, RetryBudgetPolicy
-from common.registry import InstanceRecord
 from common.registry_view import RegistryView
 from websocket.tap import TapClientConnection
 

@@ -31,8 +31,8 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from common.instance_record import InstanceRecord
 from common.log import get_logger
-from common.registry import InstanceRecord
 
 log = get_logger("switchboard.health")
 

@@ -39,8 +39,8 @@ from common.balancing import (
     make_strategy,
     select_version,
 )
+from common.instance_record import InstanceRecord
 from common.policy import PolicyDocument, PolicyWatcher, RetryBudgetPolicy, ServicePolicy
-from common.registry import InstanceRecord
 from common.registry_view import RegistryView
 
 DEFAULT_STRATEGY = "round_robin"

@@ -13,8 +13,9 @@ import redis.asyncio as aioredis
 
 from common import constants
 from common.balancing.policy import BalancingPolicy
+from common.instance_record import InstanceRecord, MalformedRecord
 from common.policy import PolicyWatcher
-from common.registry import InstanceRecord, MalformedRecord, Registry
+from common.registry import Registry
 from common.registry_view import RegistryView
 
 _GOOD = {"service": "web", "instance_id": "web@1", "kind": "http", "address": "127.0.0.1:1"}

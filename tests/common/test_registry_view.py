@@ -13,7 +13,8 @@ import redis.asyncio as aioredis
 
 from common import constants
 from common.embedded_redis import EmbeddedRedis
-from common.registry import InstanceRecord, Registry
+from common.instance_record import InstanceRecord
+from common.registry import Registry
 from common.registry_view import RegistryView
 from tests.helpers import wait_for_async
 

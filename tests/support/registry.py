@@ -9,7 +9,8 @@ from contextlib import asynccontextmanager
 import pytest
 import redis.asyncio as aioredis
 
-from common.registry import InstanceRecord, Registry
+from common.instance_record import InstanceRecord
+from common.registry import Registry
 from common.registry_view import RegistryView
 from tests.helpers import free_port
 

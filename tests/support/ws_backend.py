@@ -44,7 +44,8 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from common.connection import connect
-from common.registry import InstanceRecord, Registry
+from common.instance_record import InstanceRecord
+from common.registry import Registry
 
 NAME = os.environ.get("NAME", "wsb")
 state: dict[str, object] = {"last_close": None, "slow_done": 0}

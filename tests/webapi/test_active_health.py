@@ -13,7 +13,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.balancing import HealthBook
-from common.registry import InstanceRecord, Registry
+from common.instance_record import InstanceRecord
+from common.registry import Registry
 from common.registry_view import RegistryView
 from tests.helpers import wait_for_async
 from webapi.proxy.health import ActiveChecker

@@ -9,7 +9,8 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from common.registry import InstanceRecord, Registry
+from common.instance_record import InstanceRecord
+from common.registry import Registry
 from tests.helpers import wait_for
 from tests.webapi.conftest import as_admin
 from webapi.heartbeats import MAX_METADATA_BYTES, MAX_METADATA_DEPTH

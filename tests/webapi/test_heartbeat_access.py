@@ -12,7 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from common import constants
-from common.registry import InstanceRecord, Registry, new_instance_id
+from common.instance_record import InstanceRecord
+from common.registry import Registry, new_instance_id
 from tests.helpers import issue_api_key, issue_user_token
 
 pytestmark = pytest.mark.timeout(30)

@@ -16,8 +16,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.balancing import STRATEGIES, Endpoint
+from common.instance_record import InstanceRecord
 from common.policy import PolicyWatcher
-from common.registry import InstanceRecord, Registry
+from common.registry import Registry
 from common.registry_view import RegistryView
 from tests.helpers import wait_for_async
 from tests.support.policy import update_service

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from common.registry import InstanceRecord
+from common.instance_record import InstanceRecord
 from webapi.proxy.health import HealthBook
 
 

@@ -21,7 +21,8 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.frames import Close, Frame, Opcode
 from websockets.utils import accept_key
 
-from common.registry import InstanceRecord, Registry
+from common.instance_record import InstanceRecord
+from common.registry import Registry
 from tests.helpers import free_port, wait_for_async
 from tests.websocket.conftest import WsServer
 

@@ -14,7 +14,8 @@ import redis.asyncio as aioredis
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
 
-from common.registry import InstanceRecord, Registry
+from common.instance_record import InstanceRecord
+from common.registry import Registry
 from tests.helpers import free_port, wait_for_async
 from tests.websocket.conftest import WsServer, recv_json
 from tests.websocket.splice_support import open_raw

@@ -16,7 +16,7 @@ from __future__ import annotations
 from sanic import Blueprint, HTTPResponse
 
 from common.errors import quoted
-from common.registry import InstanceRecord
+from common.instance_record import InstanceRecord
 from webapi.access import requires
 from webapi.context import GatewayRequest
 from webapi.errors import HeartbeatConflict

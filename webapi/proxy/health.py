@@ -29,8 +29,8 @@ import httpx
 
 from common.aio import cancelling
 from common.balancing import HealthBook
+from common.instance_record import InstanceRecord
 from common.log import get_logger
-from common.registry import InstanceRecord
 from common.registry_view import RegistryView
 from webapi.heartbeats import valid_health_path
 
