@@ -68,9 +68,10 @@ def up_to_date(
     are now (whether or not this process would use it: `SWITCHBOARD_COMPILED`)."""
     try:
         built = json.loads((out / MANIFEST).read_text())
+        # (OSError too: a listed source that is gone; `build` then says which.)
+        return bool(built == fingerprint(modules, out.parent, c_modules))
     except (OSError, ValueError):
         return False
-    return bool(built == fingerprint(modules, out.parent, c_modules))
 
 
 def build(

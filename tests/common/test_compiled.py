@@ -135,6 +135,9 @@ def test_a_build_is_up_to_date_whether_or_not_it_is_used(
     assert up_to_date(("toyhot.fast",), checkout / ".compiled", ("toyhot._cthrice",))
     assert not up_to_date(("toyhot.fast",), checkout / ".compiled", ())  # another list
     assert not up_to_date((), checkout / ".compiled", ("toyhot._cthrice",))
+    # A listed source that is gone: not up to date (the build then says what is missing).
+    assert not up_to_date(("toyhot.fast",), checkout / ".compiled", ("toyhot._gone",))
+    assert not up_to_date(("toyhot.gone",), checkout / ".compiled", ("toyhot._cthrice",))
 
 
 def test_no_build_runs_the_source_quietly(tmp_path: Path) -> None:
