@@ -15,11 +15,14 @@ matches every source, the package's directory in the build goes first in its
 that no longer matches (a source edited since) is never used: a warning says so and
 the sources run. `SWITCHBOARD_COMPILED=0` runs the sources regardless.
 
-Hand-written C (`C_MODULES`, issue 4's prototype of the request cycle in C) is built
+Hand-written C (`C_MODULES`: the request cycle's mechanical parts, issue 4) is built
 with the same build, into the same directory, and fingerprinted the same way. Each C
 module does what a Python function of the hot path does, which stays the reference,
-the fallback and the tests' oracle; the hot path calls the C only when the build is
-used and `SWITCHBOARD_C=1` (`c_module`): off by default until it is decided on.
+the fallback and the tests' oracle; the hot path calls the C when the build is used,
+unless `SWITCHBOARD_C=0` (`c_module`). On by default, as aiohttp's, yarl's and
+multidict's C speedups are (`AIOHTTP_NO_EXTENSIONS` turns those off): with the policy
+compiled too, the compiled Python alone brings the normal path to 0.46-0.53x nginx,
+the C to 0.60-0.74x (bench/README.md, 2026-11-23), and issue 4 asks for 0.5x.
 """
 
 from __future__ import annotations
@@ -167,10 +170,10 @@ def prefer_compiled(package: str, path: list[str], build: Path = BUILD_DIR) -> b
 
 
 def c_module(name: str, build: Path = BUILD_DIR) -> ModuleType | None:
-    """The hand-written C module `name` when the hot path runs compiled and
-    `SWITCHBOARD_C=1`, else None (the caller runs its Python). Called at import time by
+    """The hand-written C module `name` when the hot path runs compiled, unless
+    `SWITCHBOARD_C=0`; else None (the caller runs its Python). Called at import time by
     the module that uses it, after its package's `prefer_compiled`."""
-    if os.environ.get("SWITCHBOARD_C", "0") != "1" or not _state(build).used:
+    if os.environ.get("SWITCHBOARD_C", "1") == "0" or not _state(build).used:
         return None
     try:
         module = importlib.import_module(name)

@@ -248,7 +248,7 @@ async def proxy_stats(request: GatewayRequest) -> HTTPResponse:
             "hot_path": {
                 "compiled": hot_path.used,
                 "state": hot_path.reason,
-                "c_modules": list(c_modules_in_use()),  # `SWITCHBOARD_C=1`
+                "c_modules": list(c_modules_in_use()),  # (none with `SWITCHBOARD_C=0`)
             },
             "upstreams": ctx.proxy.pool.stats(),
             "retry_budgets": {

@@ -18,10 +18,10 @@ Nothing is escaped: httptools has refused CR and LF in every field the client se
 comes from `upstream_target`, and the values added here are checked where they are
 made. `tests/webapi/test_fastpath_request.py` compares it with the route's builders.
 
-With `SWITCHBOARD_C=1` (`common.compiled.c_module`), `_cheads.c` builds the same
-bytes in C from the `Parsed` fields read here and this module's constants
-(`init_c`); when it declines (None), the Python below runs: it is the reference
-(`tests/webapi/test_c_heads.py` compares the two).
+With the compiled build (unless `SWITCHBOARD_C=0`: `common.compiled.c_module`),
+`_cheads.c` builds the same bytes in C from the `Parsed` fields read here and this
+module's constants (`init_c`); when it declines (None), the Python below runs: it is
+the reference (`tests/webapi/test_c_heads.py` compares the two).
 """
 
 from __future__ import annotations
@@ -96,5 +96,5 @@ def init_c(module: ModuleType) -> ModuleType:
 
 
 _C_HEADS = c_module("webapi.fastpath._cheads")
-# The C `upstream_head`, when used (`SWITCHBOARD_C=1`); read at each call (tests set it).
+# The C `upstream_head`, when used (`c_module`); read at each call (tests set it).
 _C: ModuleType | None = None if _C_HEADS is None else init_c(_C_HEADS)

@@ -4,7 +4,7 @@ httptools parses it (strict: no bare LF, no folding, no duplicate Content-Length
 and the head must end where httptools says it does, so the fast path and Sanic can
 never frame the same bytes differently.
 
-With `SWITCHBOARD_C=1` and the compiled build, `parse_request` asks `_creq.c` first:
+With the compiled build (unless `SWITCHBOARD_C=0`), `parse_request` asks `_creq.c` first:
 the same parse in C, for the plain case only (its docstring says what it declines),
 and this Python, its reference, runs whenever it declines.
 """
@@ -29,7 +29,7 @@ _METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"O
 # `/svc/<service>/` and a first path character the route's `<path:path>` accepts.
 _SVC_PATH = re.compile(rb"/svc/(" + SERVICE_NAME.pattern.strip("^$").encode() + rb")/[^/?]")
 # The same parse in C (`_creq.c`, this module's `parse_request` its reference), or None:
-# only with the compiled build and `SWITCHBOARD_C=1` (`common.compiled.c_module`).
+# only with the compiled build, unless `SWITCHBOARD_C=0` (`common.compiled.c_module`).
 # Not Final: the tests swap it (mypyc reads a module global from the module's dict).
 _C = c_module("webapi.fastpath._creq")
 _NONE: list[bytes] = []  # shared, never mutated: `connection = [*connection, value]`

@@ -5,10 +5,10 @@ The upstream's status and fields minus hop-by-hop ones, then the gateway's own:
 (replacing the upstream's, as the `/svc/` route's middleware does), the body framing
 and `Connection`. A HEAD answer keeps the upstream's `Content-Length` (the GET's length).
 
-With `SWITCHBOARD_C=1` (`common.compiled.c_module`), `_cheads.c` builds the same head
-in C from this module's constants (`init_c`); when it declines (None: an upstream
-`Connection` that names fields, say), the Python below runs: it is the reference
-(`tests/webapi/test_c_heads.py` compares the two).
+With the compiled build (unless `SWITCHBOARD_C=0`: `common.compiled.c_module`),
+`_cheads.c` builds the same head in C from this module's constants (`init_c`); when it
+declines (None: an upstream `Connection` that names fields, say), the Python below
+runs: it is the reference (`tests/webapi/test_c_heads.py` compares the two).
 """
 
 from __future__ import annotations
@@ -134,5 +134,5 @@ def init_c(module: ModuleType) -> ModuleType:
 
 
 _C_HEADS = c_module("webapi.fastpath._cheads")
-# The C `client_head`, when used (`SWITCHBOARD_C=1`); read at each call (tests set it).
+# The C `client_head`, when used (`c_module`); read at each call (tests set it).
 _C: ModuleType | None = None if _C_HEADS is None else init_c(_C_HEADS)

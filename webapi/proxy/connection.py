@@ -1,6 +1,6 @@
 """One keep-alive HTTP/1.1 connection to an upstream: an `asyncio.Protocol` that writes a
 request head once and parses the response with httptools (a whole simple one in C when
-`SWITCHBOARD_C=1`: `webapi.proxy.replay`). Two ways to run an exchange:
+the compiled build: `webapi.proxy.replay`). Two ways to run an exchange:
 `exchange()` resolves a future when the head arrives (the caller then reads the body
 from the `UpstreamResponse`); `send()` returns at once and reports the response to a
 `Receiver` from the connection's own callbacks (no future, no task: the fast path).

@@ -1,7 +1,7 @@
 """`replay`: a whole simple upstream response, read in C, given to its `Connection` as
 httptools' callbacks would give it (issue 4's prototype; `common.compiled.c_module`).
 
-When `SWITCHBOARD_C=1` and the build is used, `Connection.data_received` hands the
+When the build is used (unless `SWITCHBOARD_C=0`), `Connection.data_received` hands the
 first read of an exchange to `webapi.proxy._cresp.parse_response` (its C source says
 what it answers and what it declines). When that read is one whole response with a
 Content-Length body (or none: HEAD, 204, 304), the C returns what the callbacks would
