@@ -65,7 +65,7 @@ def _import(root: Path, probe: str = _PROBE, **env: str) -> tuple[str, str, str]
     """The module's file and answer, and stderr, in a fresh interpreter."""
     path = os.pathsep.join((str(root), str(ROOT)))
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
-    env = {**inherited, "PYTHONPATH": path, **env}  # (the suite may run with SWITCHBOARD_C=1)
+    env = {**inherited, "PYTHONPATH": path, **env}  # (the suite may run with SWITCHBOARD_C=0)
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           env=env, check=True, timeout=60)  # fmt: skip
     module_file, answer = done.stdout.split()
@@ -82,11 +82,12 @@ def test_a_fresh_build_is_imported_in_place_of_the_source(checkout: Path) -> Non
     assert list(manifest["c_sources"]) == ["toyhot._cthrice"]
 
 
-def test_a_c_module_is_used_only_with_switchboard_c_1(checkout: Path) -> None:
-    module_file, answer, _ = _import(checkout, _C_PROBE, SWITCHBOARD_C="1")
-    assert module_file.startswith(str(checkout / ".compiled" / "toyhot" / "_cthrice"))
-    assert answer == "42"
-    assert _import(checkout, _C_PROBE)[:2] == ("None", "None")  # off by default
+def test_a_c_module_is_used_with_the_build_unless_switchboard_c_0(checkout: Path) -> None:
+    for env in ({}, {"SWITCHBOARD_C": "1"}):  # on by default
+        module_file, answer, _ = _import(checkout, _C_PROBE, **env)
+        assert module_file.startswith(str(checkout / ".compiled" / "toyhot" / "_cthrice"))
+        assert answer == "42"
+    assert _import(checkout, _C_PROBE, SWITCHBOARD_C="0")[:2] == ("None", "None")
     off = _import(checkout, _C_PROBE, SWITCHBOARD_C="1", SWITCHBOARD_COMPILED="0")
     assert off[:2] == ("None", "None")
 
