@@ -63,11 +63,11 @@ from bench.harness import (
 )
 from bench.proxy_gateway import Gateway, c_unavailable
 from bench.proxy_nginx import start_nginx_backend, start_nginx_proxy
-from bench.proxy_targets import PATH, body_ok, wait_http
+from bench.proxy_targets import PATH, PYTHON_PATH_TARGETS, body_ok, wait_http
 from bench.proxy_tools import find_tools
 from bench.wrk import metered_wrk, run_wrk
 
-TARGETS = ("nginx", "switchboard", "switchboard-c")  # the last: SWITCHBOARD_C=1
+TARGETS = ("nginx", "switchboard", "switchboard-py")  # the last: SWITCHBOARD_C=0
 DEFAULT_TARGETS = ("nginx", "switchboard")
 CONNECTIONS = 64
 WARMUP_SECONDS = 2
@@ -223,11 +223,12 @@ def run(targets: list[str], tools: dict[str, str], seconds: int, tmp: Path) -> d
                     url, headers = f"http://127.0.0.1:{port}{PATH}", dict[str, str]()
                 else:
                     redis_url, redis_pid = embedded_redis(stack)
-                    why = c_unavailable() if name == "switchboard-c" else None
+                    python_only = name in PYTHON_PATH_TARGETS
+                    why = c_unavailable() if python_only else None
                     if why:
-                        raise RuntimeError(f"{name} cannot run: {why}")
+                        raise RuntimeError(f"{name} not profiled: {why}")
                     gateway = Gateway(tmp, redis_url, redis_pid, f"127.0.0.1:{bport}", 20,
-                                      c=name == "switchboard-c")  # fmt: skip
+                                      python_only=python_only)  # fmt: skip
                     stack.callback(gateway.stop)
                     proc = gateway.start()
                     url, headers = gateway.target(name)

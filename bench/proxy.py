@@ -8,12 +8,14 @@ each target:
 
   direct         wrk -> backend, no proxy: the floor
   nginx          nginx, 1 worker, proxy_pass to an upstream with keepalive 64
-  switchboard    `python -m webapi` (1 process) with the backend registered by
-                 `POST /heartbeat` as service `echo`, reached at
-                 /svc/echo/api/echo with an API key: the gateway's normal path
-  switchboard-c  the switchboard target on a second gateway process started with
-                 SWITCHBOARD_C=1: issue 4's prototype, the hot path's C modules
-                 (`common.compiled.C_MODULES`) in place of their Python
+  switchboard    `python -m webapi` (1 process) as deployed, with the backend
+                 registered by `POST /heartbeat` as service `echo`, reached at
+                 /svc/echo/api/echo with an API key: the gateway's normal path, with
+                 the hot path's C modules (`common.compiled.C_MODULES`) when the
+                 compiled build is used (the report says which hot path ran)
+  switchboard-py  the switchboard target on a second gateway process started with
+                 SWITCHBOARD_C=0: the compiled Python path alone, for comparison
+                 (not measured when switchboard runs no C module either)
   switchboard-open  the same gateway process, /open/api/echo: a public route of
                  the live policy (no credential, no rate limit): auth off
   switchboard-auth  the same gateway process, /svc/echo/api/echo with a JWT and
@@ -75,10 +77,10 @@ from bench.proxy_peers import LEAN_CREDENTIAL, SERVERS, serve, start_python
 from bench.proxy_report import derive, goals, print_report
 from bench.proxy_targets import (
     BODY,
-    C_TARGETS,
     DESCRIPTIONS,
     GATEWAY_TARGETS,
     PATH,
+    PYTHON_PATH_TARGETS,
     PYTHON_PEERS,
     SERVICE,
     TARGETS,
@@ -181,7 +183,7 @@ def bench_target(
 
 def unavailable(name: str, tools: dict[str, str | None], aiohttp_missing: str | None) -> str | None:
     """Why `name` cannot be measured here, or None."""
-    if name in C_TARGETS:
+    if name in PYTHON_PATH_TARGETS:
         return c_unavailable()
     if name in ("nginx", "haproxy") and not tools.get(name):
         return f"{name} is not installed (apt-get install {APT_PACKAGE[name]})"
@@ -196,7 +198,7 @@ def run_all(args: argparse.Namespace, tools: dict[str, str | None], tmp: Path) -
     )
     results: dict[str, Any] = {}
     not_measured: dict[str, str] = {}
-    # The gateway process of each kind (False: the Python hot path, True: with its C).
+    # The gateway process of each kind (False: as deployed, True: the Python path alone).
     gateways: dict[bool, Gateway] = {}
     with contextlib.ExitStack() as stack:
         try:
@@ -206,9 +208,10 @@ def run_all(args: argparse.Namespace, tools: dict[str, str | None], tmp: Path) -
                 print("[proxy] NOTE: not the peers' nginx backend; compare only within this run")
             if any(t in GATEWAY_TARGETS for t in args.targets):
                 redis_url, redis_pid = embedded_redis(stack)
-                for c in (False, True):
-                    gateways[c] = Gateway(tmp, redis_url, redis_pid, f"127.0.0.1:{bport}",
-                                          args.ready_timeout, c=c)  # fmt: skip
+                for python_only in (False, True):
+                    gateways[python_only] = Gateway(tmp, redis_url, redis_pid,
+                                                    f"127.0.0.1:{bport}", args.ready_timeout,
+                                                    python_only=python_only)  # fmt: skip
             for i, name in enumerate(args.targets):
                 why = unavailable(name, tools, aiohttp_missing)
                 if why:
@@ -216,12 +219,13 @@ def run_all(args: argparse.Namespace, tools: dict[str, str | None], tmp: Path) -
                     print(f"[proxy] {name}: NOT MEASURED: {why}", flush=True)
                     continue
                 t = time.monotonic()
-                gateway = gateways.get(name in C_TARGETS)
+                gateway = gateways.get(name in PYTHON_PATH_TARGETS)
                 r = bench_target(name, args, tools, tmp, (bproc, bport), gateway)
                 r["wall_s"] = round(time.monotonic() - t, 1)
                 later = args.targets[i + 1 :]
                 if gateway is not None and not any(
-                    t in GATEWAY_TARGETS and (t in C_TARGETS) == gateway.c for t in later
+                    t in GATEWAY_TARGETS and (t in PYTHON_PATH_TARGETS) == gateway.python_only
+                    for t in later
                 ):
                     gateway.stop()  # its last target is done: it must not load the next ones
                 if "not_measured" in r:

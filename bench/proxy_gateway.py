@@ -21,7 +21,7 @@ from typing import Any
 from bench.harness import free_port, issue_token, python_env, signing_key, spawn, stop_child
 from bench.proxy_targets import PATH, SERVICE, body_ok, probe, wait_http
 from common.compile import up_to_date
-from common.compiled import C_MODULES, build_state
+from common.compiled import C_MODULES, build_state, c_turned_off
 
 OPEN_PREFIX = "/open/"
 # "Auth off": the gateway has no global switch to disable auth (on purpose), so
@@ -132,13 +132,22 @@ class Heartbeat:
 
 
 def c_unavailable() -> str | None:
-    """Why the C prototype's gateway cannot run here (no C module, no fresh build), or None."""
-    if not C_MODULES:
-        return "no C module in common.compiled.C_MODULES"
+    """Why the gateway started as deployed (`switchboard`) runs no C module here, or None.
+
+    With a reason, `switchboard-py` (the Python path alone) would measure the same path
+    again: the reason is reported as why it is not measured."""
     state = build_state()
-    if not state.used or not up_to_date():
-        return f"the compiled build is not used ({state.reason}): make compile"
-    return None
+    if not C_MODULES:
+        why = "no C module in common.compiled.C_MODULES"
+    elif c_turned_off():
+        why = "SWITCHBOARD_C=0 in this environment"
+    elif not state.used:
+        why = f"the compiled build is not used: {state.reason}"
+    elif not up_to_date():
+        why = "the compiled build predates common.compiled's module lists: make compile"
+    else:
+        return None
+    return f"switchboard runs no C module either ({why}): it is the Python path already"
 
 
 def start_gateway(
@@ -157,7 +166,8 @@ class Gateway:
     Started by the first switchboard target (`start`), stopped once the last
     one is done (`stop`). `target` puts the policy a target needs in force and
     answers its URL and request headers; `check` proves the target runs what it
-    claims (a credential is required; the rate limiter runs, or does not).
+    claims (a credential is required; the rate limiter runs, or does not) and
+    records the hot path the process runs.
     """
 
     def __init__(
@@ -168,12 +178,13 @@ class Gateway:
         backend: str,
         ready_timeout: float,
         *,
-        c: bool = False,
+        python_only: bool = False,
     ) -> None:
-        """`c`: run the hot path's C modules (`SWITCHBOARD_C=1`); else never (`=0`),
-        whatever this process's environment says."""
-        self.c = c
-        self.log = "switchboard-c.log" if c else "switchboard.log"
+        """`python_only`: never run the hot path's C modules (`SWITCHBOARD_C=0`); else
+        start as deployed, in this process's environment (the C modules run whenever
+        the compiled build is used)."""
+        self.python_only = python_only
+        self.log = "switchboard-py.log" if python_only else "switchboard.log"
         self.tmp = tmp
         self.redis_url = redis_url
         self.redis_pid = redis_pid  # metered with the gateway: the limiter works there
@@ -196,8 +207,8 @@ class Gateway:
         try:
             self.api_key, self.token = asyncio.run(_credentials(self.redis_url))
             port = free_port()
-            self.proc = start_gateway(self.tmp, port, self.redis_url, self.log,
-                                      {"SWITCHBOARD_C": "1" if self.c else "0"})  # fmt: skip
+            extra = {"SWITCHBOARD_C": "0"} if self.python_only else {}
+            self.proc = start_gateway(self.tmp, port, self.redis_url, self.log, extra)
             self.url = f"http://127.0.0.1:{port}"
             wait_http(f"{self.url}/health", self.ready_timeout, self.proc)
             self.heartbeat = Heartbeat(self.url, self.backend, self.api_key)
@@ -214,7 +225,7 @@ class Gateway:
             return f"{self.url}{OPEN_PREFIX}{PATH.lstrip('/')}", {}
         if name in SPLICED:
             return f"{self.url}{SPLICED[name]}{PATH.lstrip('/')}", {}
-        # (switchboard-c: the switchboard target, on the gateway started with `c`)
+        # (switchboard-py: the switchboard target, on the gateway started `python_only`)
         credential = self.token if name == "switchboard-auth" else self.api_key
         return f"{self.url}/svc/{SERVICE}{PATH}", {"Authorization": f"Bearer {credential}"}
 
@@ -256,18 +267,21 @@ class Gateway:
             if without != 401:
                 raise RuntimeError(f"{url} answered {without} without a credential, not 401")
             checks["status_without_credential"] = without
-        checks["c_modules"] = self._c_modules()
-        if bool(checks["c_modules"]) != self.c:
-            raise RuntimeError(f"{url}: C modules in use {checks['c_modules']}, wrongly")
+        hot_path = self._hot_path()
+        checks["hot_path"] = hot_path["state"]  # "compiled", or why the sources run
+        checks["c_modules"] = list(hot_path["c_modules"])
+        if self.python_only and checks["c_modules"]:
+            raise RuntimeError(f"{url}: SWITCHBOARD_C=0, yet C in use: {checks['c_modules']}")
         return checks
 
-    def _c_modules(self) -> list[str]:
-        """The C modules the gateway's hot path calls (`GET /admin/proxy/stats`)."""
+    def _hot_path(self) -> dict[str, Any]:
+        """What the gateway's hot path runs (`GET /admin/proxy/stats`, `hot_path`)."""
         req = urllib.request.Request(
             f"{self.url}/admin/proxy/stats", headers={"Authorization": f"Bearer {self.api_key}"}
         )
         with urllib.request.urlopen(req, timeout=5) as r:
-            return list(json.load(r)["hot_path"]["c_modules"])
+            hot_path: dict[str, Any] = json.load(r)["hot_path"]
+        return hot_path
 
     def stop(self) -> None:
         if self.heartbeat is not None:

@@ -17,7 +17,7 @@ from bench.harness import (
 from bench.harness import (
     fmt as _f,
 )
-from bench.proxy_targets import PYTHON_PEERS, TARGETS
+from bench.proxy_targets import PYTHON_PATH_TARGETS, PYTHON_PEERS, TARGETS
 
 W = max(len(t) for t in TARGETS)
 
@@ -87,21 +87,25 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
             }
     if "switchboard-open" in by and "switchboard-auth" in by:
         g["auth_vs_open"] = _auth_vs_open(by["switchboard-open"], by["switchboard-auth"])
-    c_path = by.get("switchboard-c")
-    if c_path is not None and "x_nginx" in c_path["derived"]:
-        g["c_prototype"] = _c_prototype(c_path, by.get("switchboard"))
+    python_path = by.get("switchboard-py")
+    if python_path is not None and "x_nginx" in python_path["derived"]:
+        g["python_path"] = _python_path(python_path, by.get("switchboard"))
     return g
 
 
-def _c_prototype(c_path: dict[str, Any], python_path: dict[str, Any] | None) -> dict[str, Any]:
-    """The normal path's first goal, through issue 4's C prototype (`switchboard-c`), and
-    its ratio to the same path in Python, when that ran too."""
-    x = c_path["derived"]["x_nginx"]
-    out: dict[str, Any] = {"x_nginx": x, "goal": GOAL_X_NGINX, "met": x >= GOAL_X_NGINX,
-                           "us_per_req": c_path["loaded"]["cpu"]["proxy_us_per_req"]}  # fmt: skip
-    if python_path is not None:
-        out["vs_python_path"] = round(c_path["loaded"]["rps"] / python_path["loaded"]["rps"], 2)
-        out["python_us_per_req"] = python_path["loaded"]["cpu"]["proxy_us_per_req"]
+def _python_path(python_path: dict[str, Any], default: dict[str, Any] | None) -> dict[str, Any]:
+    """The normal path's first goal through the compiled Python path alone
+    (`switchboard-py`), and the default path's (`switchboard`) ratio to it, when that ran."""
+    x = python_path["derived"]["x_nginx"]
+    out: dict[str, Any] = {
+        "x_nginx": x,
+        "goal": GOAL_X_NGINX,
+        "met": x >= GOAL_X_NGINX,
+        "us_per_req": python_path["loaded"]["cpu"]["proxy_us_per_req"],
+    }
+    if default is not None:
+        out["switchboard_vs"] = round(default["loaded"]["rps"] / python_path["loaded"]["rps"], 2)
+        out["switchboard_us_per_req"] = default["loaded"]["cpu"]["proxy_us_per_req"]
     return out
 
 
@@ -222,6 +226,7 @@ def print_report(doc: dict[str, Any]) -> None:
         " other% = the rest of the box's CPU;\n errs = non-2xx + socket errors, both runs)"
     )
     warn_disturbed(busiest, "run")
+    _print_hot_paths(p["targets"], results)
     by = _measured(results)
     if "switchboard" in by and len(by) > 1:
         print()
@@ -258,16 +263,17 @@ def print_report(doc: dict[str, Any]) -> None:
               f"   (added p50 at c1: {_f(pt['added_c1_p50_ms'])} ms)")  # fmt: skip
         if pt["disturbed"]:
             print("  (not conclusive: the box was busy while these systems ran)")
-    if "c_prototype" in g:
-        cp = g["c_prototype"]
+    if "python_path" in g:
+        pp = g["python_path"]
         print()
-        print("Issue 4's C prototype (SWITCHBOARD_C=1, common.compiled.C_MODULES), normal path:")
-        label = f"req/s c{c} switchboard-c >= {cp['goal']}x nginx's"
-        print(f"  {label:<57} {_f(cp['x_nginx'], 2):>6}x  {verdict(cp['met'])}")
-        if "vs_python_path" in cp:
+        print("The compiled Python path alone (SWITCHBOARD_C=0, switchboard-py), normal path:")
+        label = f"req/s c{c} switchboard-py >= {pp['goal']}x nginx's"
+        print(f"  {label:<57} {_f(pp['x_nginx'], 2):>6}x  {verdict(pp['met'])}")
+        if "switchboard_vs" in pp:
             print(
-                f"  against the Python path (switchboard): {cp['vs_python_path']:.2f}x req/s,"
-                f" {cp['us_per_req']} against {cp['python_us_per_req']} µs a request"
+                "  the default path (switchboard, with the C modules) against it:"
+                f" {pp['switchboard_vs']:.2f}x req/s, {_f(pp['switchboard_us_per_req'], 1)}"
+                f" against {_f(pp['us_per_req'], 1)} µs a request"
             )
     if "auth_vs_open" in g:
         _print_auth_vs_open(g["auth_vs_open"], c)
@@ -275,6 +281,25 @@ def print_report(doc: dict[str, Any]) -> None:
         print()
         print("Issue 6's goal: not checked (switchboard-open or switchboard-auth was not measured)")
     print_not_measured(skipped)
+
+
+def _print_hot_paths(targets: list[str], results: dict[str, Any]) -> None:
+    """What the hot path of each gateway process ran (its targets' `checks`), once each."""
+    shown: set[bool] = set()
+    rows = []
+    for name in targets:
+        checks = results.get(name, {}).get("checks")
+        process = name in PYTHON_PATH_TARGETS
+        if checks is None or process in shown:
+            continue
+        shown.add(process)
+        state = checks["hot_path"]  # "compiled", or why the sources run
+        how = "compiled" if state == "compiled" else f"interpreted ({state})"
+        c_modules = ", ".join(checks["c_modules"]) or "none"
+        rows.append(f"  {name:<{W}} {how}, C modules: {c_modules}")
+    if rows:
+        print("Hot path (GET /admin/proxy/stats):")
+        print("\n".join(rows))
 
 
 def _print_normal_path_goals(g: dict[str, Any], c: int) -> None:

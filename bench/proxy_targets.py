@@ -5,8 +5,9 @@
   sanic-aiohttp      `python -m bench.proxy --serve KIND` (`bench.proxy_peers`)
   backend            our Python echo backend, the fallback when nginx is missing
   switchboard,       one `python -m webapi` (`Gateway`, `bench.proxy_gateway`) for all
-  switchboard-*      four, the backend registered by heartbeat; each target is a path,
-                     a credential and a live policy (see GATEWAY_TARGETS)
+  switchboard-*      but switchboard-py (a second one), the backend registered by
+                     heartbeat; each target is a path, a credential and a live policy
+                     (see GATEWAY_TARGETS)
 
 `wait_http` polls a target until it answers; `body_ok` checks it answered the
 backend's body.
@@ -41,7 +42,7 @@ TARGETS = (
     "direct",
     "nginx",
     "switchboard",
-    "switchboard-c",
+    "switchboard-py",
     "switchboard-passthrough",
     "switchboard-tunnel",
     "switchboard-open",
@@ -53,22 +54,23 @@ TARGETS = (
     "sanic-aiohttp",
 )
 PYTHON_PEERS = ("aiohttp", "sanic-aiohttp")
-# Measured on one gateway process, one after the other:
+# Measured on one gateway process started as deployed (the C modules on whenever the
+# compiled build is used: `common.compiled.c_module`), one after the other:
 #   switchboard       /svc/echo/... with an API key (Authorization: Bearer sbk_...), no limit
 #   switchboard-passthrough  /raw/... : a pass-through policy route to `echo` (spliced)
 #   switchboard-tunnel  /tun/... : the same route as a tunnel (spliced, unread after the first)
 #   switchboard-open  /open/... : a public policy route to `echo`, no credential, no limit
 #   switchboard-auth  /svc/echo/... with a JWT and the BENCH_LIMIT rate limit
-# and on a second gateway process started with SWITCHBOARD_C=1 (`common.compiled.c_module`):
-#   switchboard-c     the switchboard target through issue 4's C prototype
-GATEWAY_TARGETS = ("switchboard", "switchboard-c", "switchboard-passthrough",
+# and on a second gateway process started with SWITCHBOARD_C=0:
+#   switchboard-py    the switchboard target through the compiled Python path alone
+GATEWAY_TARGETS = ("switchboard", "switchboard-py", "switchboard-passthrough",
                    "switchboard-tunnel", "switchboard-open", "switchboard-auth")  # fmt: skip
-C_TARGETS = ("switchboard-c",)
+PYTHON_PATH_TARGETS = ("switchboard-py",)
 DESCRIPTIONS = {
     "direct": "wrk -> backend (the floor)",
     "nginx": "nginx 1 worker, upstream keepalive 64",
-    "switchboard": "python -m webapi, 1 process, /svc/echo/... with an API key, no rate limit",
-    "switchboard-c": "the same, on a gateway with SWITCHBOARD_C=1: the C prototype's hot path",
+    "switchboard": "python -m webapi as deployed, 1 process, /svc/echo/... with a key, no limit",
+    "switchboard-py": "the same, on a gateway with SWITCHBOARD_C=0: the Python path alone",
     "switchboard-passthrough": "the same gateway, /raw/... pass-through policy route (a splice)",
     "switchboard-tunnel": "the same gateway, /tun/... the same route as a tunnel (unread splice)",
     "switchboard-open": "the same gateway, /open/... public policy route: no credential, no limit",

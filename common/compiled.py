@@ -169,11 +169,16 @@ def prefer_compiled(package: str, path: list[str], build: Path = BUILD_DIR) -> b
     return True
 
 
+def c_turned_off() -> bool:
+    """Whether this process's environment turns the C modules off (`SWITCHBOARD_C=0`)."""
+    return os.environ.get("SWITCHBOARD_C", "1") == "0"
+
+
 def c_module(name: str, build: Path = BUILD_DIR) -> ModuleType | None:
     """The hand-written C module `name` when the hot path runs compiled, unless
     `SWITCHBOARD_C=0`; else None (the caller runs its Python). Called at import time by
     the module that uses it, after its package's `prefer_compiled`."""
-    if os.environ.get("SWITCHBOARD_C", "1") == "0" or not _state(build).used:
+    if c_turned_off() or not _state(build).used:
         return None
     try:
         module = importlib.import_module(name)

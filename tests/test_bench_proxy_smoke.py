@@ -4,10 +4,13 @@ No timing assertions. `--no-install` keeps `make test` away from apt-get and
 pip: a tool that is missing here (wrk, nginx, haproxy, aiohttp) must be
 reported as not measured, never given figures. Every system that can run is
 still started and must answer the backend's body through itself; the gateway
-always can (it needs nothing beyond the dev requirements). Its three targets
-(API key; public route; JWT plus a rate limit) run on one gateway process, and
-each must prove it is what it claims: 401 without its credential, the rate
-limiter's headers exactly where the limit applies.
+always can (it needs nothing beyond the dev requirements). Its five targets
+(API key; pass-through and tunnel routes; public route; JWT plus a rate limit) run
+on one gateway process, started as deployed, and each must prove it is what it
+claims: 401 without its credential, the rate limiter's headers exactly where the
+limit applies, the hot path it runs (the C modules whenever the build is fresh).
+`switchboard-py`, the Python path alone, runs on a second process when the first
+runs C modules, and lists none.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from urllib.parse import urlsplit
 import pytest
 
 from bench.proxy_gateway import c_unavailable
-from bench.proxy_targets import C_TARGETS, GATEWAY_TARGETS
+from bench.proxy_report import W
+from bench.proxy_targets import GATEWAY_TARGETS, PYTHON_PATH_TARGETS
+from common.compiled import C_MODULES
 from tests.bench_smoke import left_running, run_quick
 
 pytestmark = pytest.mark.timeout(150)
@@ -47,11 +52,21 @@ def test_proxy_bench_quick(tmp_path: Path) -> None:
             assert run["non_2xx"] == 0 and not any(run["socket_errors"].values()), (name, phase)
             assert run["lat_ms"]["p50"] > 0, (name, phase)
     # The gateway is always started, registers the backend (with a credential:
-    # heartbeats need one) and proxies to it, for each of its five targets.
-    gateways = {name: doc["targets"][name] for name in GATEWAY_TARGETS if name not in C_TARGETS}
+    # heartbeats need one) and proxies to it, for each of its five targets. It runs
+    # the C modules whenever the build is fresh (and SWITCHBOARD_C is not 0 here).
+    no_c = c_unavailable()
+    gateways = {n: doc["targets"][n] for n in GATEWAY_TARGETS if n not in PYTHON_PATH_TARGETS}
+    state = gateways["switchboard"]["checks"]["hot_path"]
+    c_modules = gateways["switchboard"]["checks"]["c_modules"]
+    if no_c:
+        assert c_modules == [], no_c
+    else:
+        assert state == "compiled" and sorted(c_modules) == sorted(C_MODULES), c_modules
+    assert f"C modules: {', '.join(c_modules) or 'none'}" in proc.stdout
     for result in gateways.values():
         assert result["body_ok"]
-        assert result["checks"].pop("c_modules") == []  # SWITCHBOARD_C=0 whatever ours says
+        checks = result["checks"]
+        assert (checks.pop("hot_path"), checks.pop("c_modules")) == (state, c_modules)
     assert gateways["switchboard"]["url"].endswith("/svc/echo/api/echo")
     assert gateways["switchboard-auth"]["url"] == gateways["switchboard"]["url"]
     assert gateways["switchboard-open"]["url"].endswith("/open/api/echo")
@@ -72,19 +87,22 @@ def test_proxy_bench_quick(tmp_path: Path) -> None:
         "spliced": False,
         "status_without_credential": 401,
     }
-    # Issue 4's C prototype, on a gateway of its own, when the build has C modules.
-    why = c_unavailable()
-    if why:
-        assert doc["not_measured"]["switchboard-c"] == why
+    # The Python path alone, on a gateway of its own, when the first one runs C.
+    if no_c:
+        assert doc["not_measured"]["switchboard-py"] == no_c
+        assert f"NOT MEASURED: switchboard-py: {no_c}" in proc.stdout
     else:
-        c = doc["targets"]["switchboard-c"]
-        assert c["body_ok"] and c["checks"]["c_modules"]
-        assert c["url"].endswith("/svc/echo/api/echo")
-        assert urlsplit(c["url"]).netloc != urlsplit(gateways["switchboard"]["url"]).netloc
-        if wrk and "x_nginx" in c.get("derived", {}):
-            prototype = doc["goals"]["c_prototype"]
-            assert prototype["x_nginx"] == c["derived"]["x_nginx"]
-            assert "req/s c64 switchboard-c >= 0.5x nginx's" in proc.stdout
+        py = doc["targets"]["switchboard-py"]
+        assert py["body_ok"] and py["checks"]["c_modules"] == []
+        assert py["checks"]["hot_path"] == "compiled"
+        assert py["url"].endswith("/svc/echo/api/echo")
+        assert urlsplit(py["url"]).netloc != urlsplit(gateways["switchboard"]["url"]).netloc
+        assert f"{'switchboard-py':<{W}} compiled, C modules: none" in proc.stdout
+        if wrk and "x_nginx" in py.get("derived", {}):
+            python_path = doc["goals"]["python_path"]
+            assert python_path["x_nginx"] == py["derived"]["x_nginx"]
+            assert "req/s c64 switchboard-py >= 0.5x nginx's" in proc.stdout
+            assert "the default path (switchboard, with the C modules) against it" in proc.stdout
     # The credentials sent by wrk are not written out.
     text = out.read_text()
     assert "sbk_" not in text and "Bearer" not in text
