@@ -8,6 +8,7 @@ allow it, and the tool is a benchmark, not part of the product.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,11 @@ from bench.profile import (
     Sample,
     classify,
     parse_perf_script,
+    run,
     shares,
     waking,
 )
+from bench.proxy_gateway import c_unavailable
 
 SAMPLES = Path(__file__).with_name("perf_script_sample.txt")
 
@@ -63,3 +66,16 @@ def test_shares_add_up_to_the_whole_and_count_the_wake_ups_apart(samples: list[S
     assert got[INTERPRETED] == pytest.approx(2 / 6)
     assert got[WAKING] == pytest.approx(1 / 6)
     assert shares([]) == {}
+
+
+def test_a_target_that_cannot_run_is_reported_and_the_others_still_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `switchboard-py` needs the default gateway to run C; with SWITCHBOARD_C=0 it would
+    # profile the same path twice. It used to stop the whole run with a RuntimeError.
+    nginx = shutil.which("nginx")
+    if nginx is None:
+        pytest.skip("nginx is not installed (the profile's backend)")
+    monkeypatch.setenv("SWITCHBOARD_C", "0")
+    assert run(["switchboard-py"], {"nginx": nginx}, 1, tmp_path) == {}
+    assert f"NOT MEASURED: switchboard-py: {c_unavailable()}" in capsys.readouterr().out
