@@ -295,7 +295,8 @@ def _print_hot_paths(targets: list[str], results: dict[str, Any]) -> None:
         shown.add(process)
         state = checks["hot_path"]  # "compiled", or why the sources run
         how = "compiled" if state == "compiled" else f"interpreted ({state})"
-        c_modules = ", ".join(checks["c_modules"]) or "none"
+        # (the module's last part: `_cresp`, not `webapi.proxy._cresp`; the report's width)
+        c_modules = ", ".join(m.rpartition(".")[2] for m in checks["c_modules"]) or "none"
         rows.append(f"  {name:<{W}} {how}, C modules: {c_modules}")
     if rows:
         print("Hot path (GET /admin/proxy/stats):")
