@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from common import constants
 from common.balancing.policy import BalancingPolicy
-from common.instance_record import InstanceRecord, MalformedRecord
+from common.instance_record import _FIELD_TYPES, InstanceRecord, MalformedRecord
 from common.policy import PolicyWatcher
 from common.registry import Registry
 from common.registry_view import RegistryView
@@ -44,6 +44,11 @@ def test_a_malformed_record_is_refused_with_a_reason(raw: bytes) -> None:
     with pytest.raises(MalformedRecord) as refused:
         InstanceRecord.from_json(raw)
     assert str(refused.value)
+
+
+def test_every_field_of_a_record_has_its_accepted_types() -> None:
+    # A field added to `InstanceRecord` without its entry would never be read back.
+    assert set(_FIELD_TYPES) == set(InstanceRecord.__dataclass_fields__)
 
 
 def test_a_record_keeps_its_fields_and_ignores_unknown_ones() -> None:
